@@ -1,0 +1,176 @@
+"""DSA settings: the one place that reads and validates them.
+
+megatron-core already names the core DSA concepts (``dsa_indexer_n_heads``,
+``dsa_indexer_head_dim``, ``dsa_indexer_topk``, ``dsa_indexer_loss_coeff``,
+``dsa_indexer_use_sparse_loss``, ``dsa_indexer_topk_freq``): we reuse those fields, so a user's
+``--dsa-indexer-*`` flags keep their meaning. Our own settings carry the ``mdsa_`` prefix (no
+megatron-core field or flag has it, so Megatron-LM's argument parser never copies them onto
+its own config by accident).
+
+``DSATransformerConfig`` extends megatron-core's ``MLATransformerConfig``; its ``__post_init__``
+validates everything once, before any module is built. Everything below (spec, layer,
+kernels) takes the resolved ``DSASettings``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from megatron.core.transformer.transformer_config import MLATransformerConfig
+
+MODES = ("dense", "warmup", "sparse")
+KERNELS = ("auto", "reference", "triton")
+INDEXER_SHARING = ("per_layer", "shared")
+
+
+class DSAConfigError(ValueError):
+    """A DSA setting is invalid; raised at construction, before any compute."""
+
+
+@dataclass(frozen=True)
+class DSASettings:
+    """Resolved, validated DSA settings handed to the layer (plain values, no megatron types)."""
+
+    mode: str
+    kernel: str
+    indexer_sharing: str
+    fp8_indexer: bool
+    n_heads: int
+    head_dim: int
+    rope_dim: int
+    topk: int
+    loss_coeff: float
+    sparse_loss: bool
+    topk_freq: int
+    rope_base: float
+    k_norm_eps: float
+
+
+@dataclass
+class DSATransformerConfig(MLATransformerConfig):
+    """MLA config with the lightning indexer and our DSA switches.
+
+    The ``dsa_indexer_*`` fields are megatron-core's; the ``mdsa_*`` fields are ours.
+    """
+
+    mdsa_mode: str = "dense"
+    """dense: plain causal attention, no indexer work (pretraining). warmup: dense attention and
+    the indexer KL against the head-summed attention. sparse: top-k attention and the sparse KL."""
+
+    mdsa_kernel: str = "auto"
+    """auto: Triton on CUDA, the PyTorch reference elsewhere. reference | triton force one."""
+
+    mdsa_indexer_sharing: str = "per_layer"
+    """per_layer: one indexer per layer (the report). shared: one indexer's weights serve every
+    layer, each applied to that layer's own input. (Reusing one SELECTION every N layers is
+    megatron-core's ``dsa_indexer_topk_freq``.)"""
+
+    mdsa_fp8_indexer: bool = False
+    """Score the indexer in FP8 (e4m3 after the Hadamard rotation); Triton kernel only."""
+
+    mdsa_indexer_rope_dim: Optional[int] = None
+    """RoPE dims of each indexer head ([rope | nope] layout). Defaults to MLA's rope dims."""
+
+    mdsa_indexer_k_norm_eps: float = 1e-6
+
+    dsa_indexer_use_sparse_loss: bool = True
+    """megatron-core's field; in sparse mode the report's KL runs over the selected set only."""
+
+    def __post_init__(self) -> None:
+        # megatron-core's own checks first (head counts vs TP and the like) ...
+        if self.experimental_attention_variant is None:
+            # Makes megatron-core keep the MLA query norm UNFUSED (the indexer needs the
+            # normalised latent) and scale the indexer loss in its schedules.
+            self.experimental_attention_variant = "dsa"
+        if self.dsa_indexer_loss_coeff is None:
+            self.dsa_indexer_loss_coeff = 1.0
+        super().__post_init__()
+        # ... then ours, all of them, before anything is built.
+        self.dsa = validate(self)
+
+
+def _fail(msg: str) -> None:
+    raise DSAConfigError(f"invalid DSA configuration: {msg}")
+
+
+def validate(cfg: DSATransformerConfig) -> DSASettings:
+    """Check every DSA setting; return the resolved settings or raise one DSAConfigError."""
+    if cfg.experimental_attention_variant != "dsa":
+        _fail(f"experimental_attention_variant must be 'dsa', got {cfg.experimental_attention_variant!r}")
+    if cfg.mdsa_mode not in MODES:
+        _fail(f"mdsa_mode must be one of {MODES}, got {cfg.mdsa_mode!r}")
+    if cfg.mdsa_kernel not in KERNELS:
+        _fail(f"mdsa_kernel must be one of {KERNELS}, got {cfg.mdsa_kernel!r}")
+    if cfg.mdsa_indexer_sharing not in INDEXER_SHARING:
+        _fail(f"mdsa_indexer_sharing must be one of {INDEXER_SHARING}, got {cfg.mdsa_indexer_sharing!r}")
+    if not cfg.multi_latent_attention:
+        _fail("DSA runs on multi-latent attention: multi_latent_attention must be True")
+    if cfg.q_lora_rank is None:
+        _fail("the indexer reads MLA's query latent: q_lora_rank must be set")
+    if not cfg.qk_layernorm:
+        _fail("the indexer reads the NORMALISED query latent: qk_layernorm must be True")
+    if cfg.rope_type != "rope":
+        _fail(f"rope_type {cfg.rope_type!r} is not supported yet; use 'rope'")
+
+    for name in ("dsa_indexer_n_heads", "dsa_indexer_head_dim", "dsa_indexer_topk"):
+        value = getattr(cfg, name)
+        if value is None or int(value) <= 0:
+            _fail(f"{name} must be a positive integer, got {value!r}")
+    head_dim = cfg.dsa_indexer_head_dim
+    rope_dim = cfg.mdsa_indexer_rope_dim
+    if rope_dim is None:
+        rope_dim = cfg.qk_pos_emb_head_dim
+    if head_dim % 2:
+        _fail(f"dsa_indexer_head_dim must be even, got {head_dim}")
+    if head_dim & (head_dim - 1):
+        _fail(f"dsa_indexer_head_dim must be a power of two (Hadamard rotation), got {head_dim}")
+    if rope_dim <= 0 or rope_dim % 2:
+        _fail(f"the indexer rope dims must be positive and even, got {rope_dim}")
+    if head_dim < rope_dim:
+        _fail(f"dsa_indexer_head_dim ({head_dim}) is smaller than its rope dims ({rope_dim})")
+    if cfg.dsa_indexer_loss_coeff < 0:
+        _fail(f"dsa_indexer_loss_coeff must be >= 0, got {cfg.dsa_indexer_loss_coeff}")
+    if cfg.mdsa_mode == "warmup" and cfg.dsa_indexer_loss_coeff == 0:
+        _fail("warmup trains the indexer through its KL alone: dsa_indexer_loss_coeff must be > 0")
+    if cfg.dsa_indexer_topk_freq < 1:
+        _fail(f"dsa_indexer_topk_freq must be >= 1, got {cfg.dsa_indexer_topk_freq}")
+    if cfg.mdsa_indexer_sharing == "shared" and cfg.dsa_indexer_topk_freq > 1:
+        _fail("choose one kind of sharing: a shared indexer or dsa_indexer_topk_freq > 1")
+    if cfg.mdsa_indexer_sharing == "shared" and cfg.pipeline_model_parallel_size > 1:
+        _fail("a shared indexer needs every layer on one pipeline stage (pipeline size 1)")
+    if cfg.mdsa_fp8_indexer and cfg.mdsa_kernel == "reference":
+        _fail("the FP8 indexer is a Triton kernel: mdsa_kernel must be 'auto' or 'triton'")
+    if cfg.num_attention_heads % cfg.tensor_model_parallel_size:
+        _fail(
+            f"num_attention_heads ({cfg.num_attention_heads}) must be divisible by the tensor "
+            f"parallel size ({cfg.tensor_model_parallel_size})"
+        )
+    if cfg.tensor_model_parallel_size > 1 or cfg.context_parallel_size > 1:
+        _fail(
+            "the DSA layer runs with tensor_model_parallel_size == 1 and "
+            "context_parallel_size == 1 in this release"
+        )
+    return DSASettings(
+        mode=cfg.mdsa_mode,
+        kernel=cfg.mdsa_kernel,
+        indexer_sharing=cfg.mdsa_indexer_sharing,
+        fp8_indexer=cfg.mdsa_fp8_indexer,
+        n_heads=int(cfg.dsa_indexer_n_heads),
+        head_dim=int(head_dim),
+        rope_dim=int(rope_dim),
+        topk=int(cfg.dsa_indexer_topk),
+        loss_coeff=float(cfg.dsa_indexer_loss_coeff),
+        sparse_loss=bool(cfg.dsa_indexer_use_sparse_loss),
+        topk_freq=int(cfg.dsa_indexer_topk_freq),
+        rope_base=float(cfg.rotary_base),
+        k_norm_eps=float(cfg.mdsa_indexer_k_norm_eps),
+    )
+
+
+def set_mode(config: DSATransformerConfig, mode: str) -> None:
+    """Switch the training phase of a built model (its layers read the mode every forward)."""
+    if mode not in MODES:
+        _fail(f"mdsa_mode must be one of {MODES}, got {mode!r}")
+    config.mdsa_mode = mode
+    config.dsa = validate(config)

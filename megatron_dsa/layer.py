@@ -1,0 +1,255 @@
+"""DSA core attention for megatron-core's absorbed MLA.
+
+megatron-core's ``AbsorbedMLASelfAttention`` builds this module as its ``core_attention``
+through the layer spec (``megatron_dsa.spec``). Because the class sets
+``requires_dsa_inputs``, MLA hands it the attention input ``x`` and the normalised query latent
+``qr`` besides the absorbed queries and the latent KV entries.
+
+Modes (``config.mdsa_mode``, read at every forward so a trainer can switch phases):
+    dense   plain causal attention; the indexer does no work (pretraining)
+    warmup  dense attention + the indexer KL against the head-summed attention (dense KL)
+    sparse  top-k attention + the KL over the selected set (indexer inputs detached)
+
+The indexer loss reaches the optimizer the way megatron-core's MoE auxiliary loss does: in
+``sparse`` mode it is attached to the attention output by ``DSAIndexerLossAutoScaler``, so the
+language-model backward also runs the KL's backward, scaled by the schedule's loss scale. In
+``warmup`` nothing is attached (the main model is frozen and must see no backward at all): the
+trainer takes the losses from ``pop_indexer_losses`` and backpropagates their sum alone.
+Per-layer values are logged through megatron-core's MoE metrics tracker.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.experimental_attention_variant.dsa import DSAIndexerLossAutoScaler
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.moe.moe_utils import save_to_aux_losses_tracker
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+
+from megatron_dsa import ops
+from megatron_dsa.config import DSATransformerConfig
+from megatron_dsa.reference import indexer_qkw, rope_cos_sin
+
+INDEXER_KL = "indexer_kl"
+TOPK_RECALL = "indexer_topk_recall"
+
+
+@dataclass
+class LightningIndexerSubmodules:
+    wq_b: Union[ModuleSpec, type]
+    wk: Union[ModuleSpec, type]
+    weights_proj: Union[ModuleSpec, type]
+
+
+class LightningIndexer(MegatronModule):
+    """The indexer's parameters: wq_b (query latent -> HI*DI), wk (x -> DI), k_norm (LayerNorm
+    with bias) and weights_proj (x -> HI). Names follow the reference implementation."""
+
+    def __init__(self, config: DSATransformerConfig, submodules: LightningIndexerSubmodules):
+        super().__init__(config=config)
+        s = config.dsa
+        linear = dict(
+            config=config,
+            init_method=config.init_method,
+            bias=False,
+            skip_bias_add=False,
+            gather_output=False,
+            is_expert=False,
+        )
+        self.wq_b = build_module(submodules.wq_b, config.q_lora_rank, s.n_heads * s.head_dim, **linear)
+        self.wk = build_module(submodules.wk, config.hidden_size, s.head_dim, **linear)
+        self.weights_proj = build_module(submodules.weights_proj, config.hidden_size, s.n_heads, **linear)
+        self.k_norm = torch.nn.LayerNorm(s.head_dim, eps=s.k_norm_eps)
+        self._rope_cache: Optional[tuple] = None
+
+    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s = self.config.dsa
+        key = (positions.device, positions.shape[0])
+        if self._rope_cache is None or self._rope_cache[0] != key:
+            self._rope_cache = (key, rope_cos_sin(positions, s.rope_dim, s.rope_base))
+        return self._rope_cache[1]
+
+    def forward(self, x: torch.Tensor, qr: torch.Tensor, positions: torch.Tensor):
+        """x [B, S, hidden], qr [B, S, q_lora_rank] -> q [B,S,HI,DI], k [B,S,DI], w [B,S,HI]."""
+        s = self.config.dsa
+        q_proj, _ = self.wq_b(qr)
+        k_proj, _ = self.wk(x)
+        w_proj, _ = self.weights_proj(x)
+        cos, sin = self._rope(positions)
+        return indexer_qkw(
+            q_proj, k_proj, w_proj, self.k_norm.weight, self.k_norm.bias, cos, sin,
+            n_heads=s.n_heads, eps=s.k_norm_eps,
+        )
+
+
+@dataclass
+class DSACoreAttentionSubmodules:
+    indexer: Union[ModuleSpec, type]
+
+
+class DSACoreAttention(MegatronModule):
+    """Core attention of absorbed MLA with the lightning indexer: dense | warmup | sparse."""
+
+    requires_dsa_inputs = True
+    # AbsorbedMLASelfAttention applies the V up-projection to our latent output.
+    consumes_absorbed_v_up_projection = False
+
+    def __init__(
+        self,
+        config: DSATransformerConfig,
+        submodules: DSACoreAttentionSubmodules,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str,
+        attention_dropout: Optional[float] = None,
+        softmax_scale: Optional[float] = None,
+        k_channels: Optional[int] = None,
+        v_channels: Optional[int] = None,
+        cp_comm_type: Optional[str] = None,
+        pg_collection=None,
+    ):
+        super().__init__(config=config)
+        if attention_type != "self" or attn_mask_type != AttnMaskType.causal:
+            raise ValueError("DSA core attention supports causal self-attention only")
+        # megatron-core's Attention base class first builds its core attention without the
+        # channel sizes, then AbsorbedMLASelfAttention rebuilds it with them: accept both.
+        latent = config.kv_lora_rank + config.qk_pos_emb_head_dim
+        if k_channels not in (None, latent) or v_channels not in (None, config.kv_lora_rank):
+            raise ValueError(
+                "DSA core attention expects the absorbed MLA form (AbsorbedMLASelfAttention): "
+                f"k_channels={k_channels} (want {latent}), v_channels={v_channels} "
+                f"(want {config.kv_lora_rank})"
+            )
+        if softmax_scale is None:
+            softmax_scale = (config.qk_head_dim + config.qk_pos_emb_head_dim) ** -0.5
+        self.layer_number = layer_number
+        self.v_dim = config.kv_lora_rank
+        self.softmax_scale = softmax_scale
+        s = config.dsa
+        # With dsa_indexer_topk_freq = N, layers 1, N+1, 2N+1, ... select; the rest reuse it.
+        self.selects = (layer_number - 1) % s.topk_freq == 0
+        self.indexer = build_module(submodules.indexer, config=config) if self.selects else None
+        self._selection_source: Optional["DSACoreAttention"] = None
+        self._last_topk: Optional[torch.Tensor] = None
+        self._indexer_loss: Optional[torch.Tensor] = None
+
+    # ---- wiring done once by the model builder ---------------------------------------------
+
+    def share_indexer_with(self, owner: "DSACoreAttention") -> None:
+        """Use owner's indexer weights (one indexer for all layers). Not registered here, so
+        the parameters are saved, counted and updated once, under the owner's name."""
+        self.indexer = None
+        self.__dict__["_shared_indexer"] = owner
+
+    def reuse_selection_of(self, source: "DSACoreAttention") -> None:
+        """Take the top-k selection that ``source`` (an earlier layer) made in this forward."""
+        self.__dict__["_selection_source"] = source
+
+    def _get_indexer(self) -> Optional[LightningIndexer]:
+        owner = self.__dict__.get("_shared_indexer")
+        return owner.indexer if owner is not None else self.indexer
+
+    def pop_indexer_loss(self) -> Optional[torch.Tensor]:
+        """The scaled indexer loss of the last forward (with its graph), then forget it."""
+        loss, self._indexer_loss = self._indexer_loss, None
+        return loss
+
+    # ---- forward --------------------------------------------------------------------------
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: Optional[torch.Tensor],
+        attention_mask: Optional[torch.Tensor],
+        x: Optional[torch.Tensor] = None,
+        qr: Optional[torch.Tensor] = None,
+        up_v_weight: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.Tensor] = None,
+        packed_seq_params=None,
+        attn_mask_type: Optional[AttnMaskType] = None,
+        attention_bias: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """query [s, b, H, Dqk], key [s, b, 1, Dqk] (latent KV entries), x [s, b, hidden],
+        qr [s, b, q_lora_rank] -> latent output [s, b, H * v_dim]."""
+        if packed_seq_params is not None:
+            raise NotImplementedError("DSA core attention does not take packed sequences yet")
+        cfg = self.config
+        s = cfg.dsa
+        mode = cfg.mdsa_mode
+        be = ops.backend(s.kernel, query.device)
+        seq, batch, heads, _ = query.shape
+        q = query.permute(1, 0, 2, 3)  # [b, s, H, Dqk]
+        kv = key.squeeze(2).transpose(0, 1)  # [b, s, Dqk]
+        positions = torch.arange(seq, device=query.device)
+
+        kl = recall = None
+        if mode == "dense":
+            out, _ = be.dense_mla_attention(q, kv, self.v_dim, self.softmax_scale)
+        elif mode == "warmup":
+            out, _ = be.dense_mla_attention(q, kv, self.v_dim, self.softmax_scale)
+            indexer = self._get_indexer()
+            if indexer is not None:
+                qi, ki, wi = self._indexer_inputs(indexer, x, qr, positions)
+                kl, recall = be.dense_indexer_kl(q, kv, qi, ki, wi, self.softmax_scale, s.topk)
+        elif mode == "sparse":
+            indexer = self._get_indexer()
+            if indexer is not None:
+                qi, ki, wi = self._indexer_inputs(indexer, x, qr, positions)
+                topk = be.indexer_topk(qi.detach(), ki.detach(), wi.detach(), s.topk, fp8=s.fp8_indexer)
+                self._last_topk = topk
+            else:
+                topk = self._borrowed_selection(batch, seq)
+            out, _ = be.sparse_mla_attention(q, kv, topk, self.v_dim, self.softmax_scale)
+            if indexer is not None and s.loss_coeff > 0:
+                if s.sparse_loss:
+                    kl = be.sparse_indexer_kl(q, kv, qi, ki, wi, topk, self.softmax_scale)
+                else:
+                    kl, recall = be.dense_indexer_kl(q, kv, qi, ki, wi, self.softmax_scale, s.topk)
+        else:  # validated at construction; a mode set by hand bypassing set_mode lands here
+            raise ValueError(f"unknown DSA mode {mode!r}")
+
+        if kl is not None:
+            out = self._attach_indexer_loss(out, kl, recall, mode)
+        return out.transpose(0, 1).reshape(seq, batch, heads * self.v_dim)
+
+    def _indexer_inputs(self, indexer, x, qr, positions):
+        # Detached: the indexer learns only from its KL, the main model never from it.
+        return indexer(x.detach().transpose(0, 1), qr.detach().transpose(0, 1), positions)
+
+    def _borrowed_selection(self, batch: int, seq: int) -> torch.Tensor:
+        source = self.__dict__.get("_selection_source")
+        topk = None if source is None else source._last_topk
+        if topk is None or topk.shape[:2] != (batch, seq):
+            raise RuntimeError(
+                f"layer {self.layer_number} reuses an earlier layer's top-k selection, but none "
+                "was made in this forward (dsa_indexer_topk_freq needs the selecting layer first)"
+            )
+        return topk
+
+    def _attach_indexer_loss(self, out, kl, recall, mode: str) -> torch.Tensor:
+        s = self.config.dsa
+        loss = kl.mean() * s.loss_coeff
+        num_layers = self.config.num_layers
+        save_to_aux_losses_tracker(INDEXER_KL, kl.detach().mean(), self.layer_number, num_layers)
+        if recall is not None:
+            save_to_aux_losses_tracker(TOPK_RECALL, recall.detach().mean(), self.layer_number, num_layers)
+        if mode == "warmup":
+            self._indexer_loss = loss
+            return out
+        return DSAIndexerLossAutoScaler.apply(out, loss)
+
+
+def pop_indexer_losses(model: torch.nn.Module) -> list[torch.Tensor]:
+    """Collect (and clear) the indexer losses of the last forward, one per layer with a loss."""
+    losses = []
+    for module in model.modules():
+        if isinstance(module, DSACoreAttention):
+            loss = module.pop_indexer_loss()
+            if loss is not None:
+                losses.append(loss)
+    return losses

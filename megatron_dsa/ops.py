@@ -1,0 +1,62 @@
+"""One switch between the PyTorch reference and the Triton kernels.
+
+Both expose the same functions with the same signatures (``megatron_dsa.reference`` is the
+spec): ``indexer_topk``, ``dense_mla_attention``, ``sparse_mla_attention``,
+``dense_indexer_kl``, ``sparse_indexer_kl``. ``auto`` takes Triton on CUDA tensors when the
+kernels import, the reference everywhere else.
+"""
+
+from __future__ import annotations
+
+import functools
+from types import SimpleNamespace
+
+import torch
+
+from megatron_dsa import reference
+
+OPS = ("indexer_topk", "dense_mla_attention", "sparse_mla_attention", "dense_indexer_kl", "sparse_indexer_kl")
+
+
+def _reference_indexer_topk(q, k, w, topk, q_pos=None, k_pos=None, fp8=False):
+    if fp8:
+        raise ValueError("the FP8 indexer is a Triton kernel; the reference scores in fp32")
+    return reference.indexer_topk(q, k, w, topk, q_pos=q_pos, k_pos=k_pos)
+
+
+@functools.cache
+def _reference_backend() -> SimpleNamespace:
+    fns = {name: getattr(reference, name) for name in OPS}
+    fns["indexer_topk"] = _reference_indexer_topk
+    return SimpleNamespace(name="reference", **fns)
+
+
+@functools.cache
+def _triton_backend() -> SimpleNamespace:
+    from megatron_dsa import kernels  # imported lazily: Triton is not needed on the CPU path
+
+    return SimpleNamespace(name="triton", **{name: getattr(kernels, name) for name in OPS})
+
+
+@functools.cache
+def triton_available() -> bool:
+    try:
+        from megatron_dsa import kernels
+    except ImportError:
+        return False
+    return kernels.available()
+
+
+def backend(kind: str, device: torch.device) -> SimpleNamespace:
+    """The op namespace for ``kind`` ('auto' | 'reference' | 'triton') on ``device``."""
+    if kind == "reference":
+        return _reference_backend()
+    if kind == "triton":
+        if not triton_available():
+            raise RuntimeError("mdsa_kernel='triton' but the Triton DSA kernels are unavailable here")
+        return _triton_backend()
+    if kind == "auto":
+        if device.type == "cuda" and triton_available():
+            return _triton_backend()
+        return _reference_backend()
+    raise ValueError(f"unknown DSA kernel backend {kind!r}")

@@ -1,0 +1,411 @@
+"""DeepSeek Sparse Attention, the whole algorithm in plain PyTorch.
+
+Read top to bottom: lightning indexer -> causal top-k -> sparse MLA attention in the absorbed
+(MQA) form -> the indexer's KL objectives. Every Triton kernel in ``megatron_dsa.kernels`` is
+tested against the function of the same name here. Nothing here knows about megatron-core:
+plain tensors in, plain tensors out.
+
+Shapes (batch first):
+    B batch, Sq queries, Sk keys, H attention heads, Dqk = kv_lora_rank + rope dims (576 in
+    the 671B model), Dv = kv_lora_rank (512), HI indexer heads, DI indexer head dim, K top-k.
+
+Positions: queries and keys carry absolute token positions (``q_pos`` [Sq], ``k_pos`` [Sk]).
+Key s is eligible for query t iff ``k_pos[s] <= q_pos[t]``. They default to 0..S-1; context
+parallel and decoding pass their own. Returned top-k indices index the key dimension.
+
+Memory never grows as S^2 for the whole sequence: every function that would build a
+[Sq, Sk] matrix walks over query chunks, and under autograd each chunk is checkpointed so its
+probabilities are recomputed in backward instead of kept.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+# Upper bound on elements of one chunk's [chunk, H, Sk] (or [chunk, K, D]) intermediate.
+CHUNK_ELEMENTS = 1 << 24
+
+
+def _up(x: torch.Tensor) -> torch.Tensor:
+    """Accumulate in at least fp32 (bf16/fp16 inputs are upcast; fp64 stays fp64)."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+# Below this a distribution entry contributes nothing to a KL (0 * log 0 = 0).
+KL_EPS = 1e-30
+
+
+# --------------------------------------------------------------------------------------------
+# Building blocks of the lightning indexer
+# --------------------------------------------------------------------------------------------
+
+
+def hadamard_transform(x: torch.Tensor) -> torch.Tensor:
+    """Orthonormal Walsh-Hadamard rotation of the last dim (a power of two): ``x @ H / sqrt(d)``.
+
+    Sylvester ordering, the same matrix as ``fast_hadamard_transform(x, scale=d**-0.5)``.
+    Exact dot products are unchanged (H is orthonormal); it spreads outliers before FP8.
+    """
+    d = x.shape[-1]
+    if d & (d - 1):
+        raise ValueError(f"hadamard_transform needs a power-of-two last dim, got {d}")
+    y = x.reshape(-1, d)
+    h = 1
+    while h < d:
+        # Butterfly on pairs (j, j + h) inside blocks of 2h.
+        y = y.view(-1, d // (2 * h), 2, h)
+        y = torch.stack((y[:, :, 0] + y[:, :, 1], y[:, :, 0] - y[:, :, 1]), dim=2)
+        h *= 2
+    return y.reshape(x.shape) * d**-0.5
+
+
+def rope_cos_sin(
+    positions: torch.Tensor,
+    rope_dim: int,
+    base: float = 10000.0,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables [len(positions), rope_dim // 2] for frequencies base^(-2i/rope_dim)."""
+    inv_freq = base ** (
+        -torch.arange(0, rope_dim, 2, dtype=torch.float64, device=positions.device) / rope_dim
+    )
+    angles = positions.to(torch.float64)[:, None] * inv_freq[None, :]
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope_half_split(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Non-interleaved ("half-split") RoPE on the FIRST ``2 * cos.shape[-1]`` dims of x.
+
+    The indexer's layout is [rope | nope]; dims i and i + rope_dim/2 form a rotating pair.
+    (The interleaved form, pairs (2i, 2i+1), silently hurts long-context retrieval.)
+    x: [B, S, ..., D]; cos/sin: [S, rope_dim // 2].
+    """
+    half = cos.shape[-1]
+    x1, x2, rest = x[..., :half], x[..., half : 2 * half], x[..., 2 * half :]
+    # Broadcast [S, half] over the dims between S and the last one.
+    shape = [1, cos.shape[0]] + [1] * (x.dim() - 3) + [half]
+    c, s = cos.view(shape).to(x.dtype), sin.view(shape).to(x.dtype)
+    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s, rest), dim=-1)
+
+
+def indexer_qkw(
+    q_proj: torch.Tensor,
+    k_proj: torch.Tensor,
+    w_proj: torch.Tensor,
+    k_norm_weight: torch.Tensor,
+    k_norm_bias: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    n_heads: int,
+    eps: float = 1e-6,
+    rotate: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Indexer queries, keys and head weights from the outputs of its three linear layers.
+
+    q_proj = wq_b(qr)          [B, S, HI * DI]  (qr: MLA's normalised query latent)
+    k_proj = wk(x)             [B, S, DI]       (x: the attention input)
+    w_proj = weights_proj(x)   [B, S, HI]
+    Returns q [B, S, HI, DI], k [B, S, DI] (one key per token, shared by all heads) and
+    w [B, S, HI], all fp32, with ``w`` already scaled by HI^-0.5 * DI^-0.5.
+    """
+    head_dim = k_proj.shape[-1]
+    q = _up(q_proj).unflatten(-1, (n_heads, head_dim))
+    # The key LayerNorm (weight and bias) runs in fp32.
+    k = F.layer_norm(_up(k_proj), (head_dim,), _up(k_norm_weight), _up(k_norm_bias), eps)
+    q = apply_rope_half_split(q, cos, sin)
+    k = apply_rope_half_split(k, cos, sin)
+    if rotate:
+        q, k = hadamard_transform(q), hadamard_transform(k)
+    w = _up(w_proj) * (n_heads**-0.5 * head_dim**-0.5)
+    return q, k, w
+
+
+def indexer_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """I[b, t, s] = sum_j w[b, t, j] * ReLU(q[b, t, j] . k[b, s]), fp32, no mask. [B, Sq, Sk]."""
+    return torch.einsum("btjd,bsd->btjs", _up(q), _up(k)).relu_().mul_(
+        _up(w)[..., None]
+    ).sum(dim=2)
+
+
+# --------------------------------------------------------------------------------------------
+# Causal top-k selection
+# --------------------------------------------------------------------------------------------
+
+
+def _positions(pos: Optional[torch.Tensor], n: int, device) -> torch.Tensor:
+    return torch.arange(n, device=device) if pos is None else pos.to(device)
+
+
+def causal_mask(q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+    """[Sq, Sk] bool, True where key s may be attended by query t (k_pos[s] <= q_pos[t])."""
+    return k_pos[None, :] <= q_pos[:, None]
+
+
+def _chunk_size(per_row: int, total_rows: int) -> int:
+    return max(1, min(total_rows, CHUNK_ELEMENTS // max(per_row, 1)))
+
+
+def topk_from_scores(scores: torch.Tensor, mask: torch.Tensor, topk: int) -> torch.Tensor:
+    """Top-k key indices of masked scores [..., Sq, Sk]; -1 fills slots past the eligible count.
+
+    Ties are broken towards the smaller key index (stable sort), so every rank and every kernel
+    that follows this rule selects the same set. Order within a row: score descending.
+    """
+    masked = scores.masked_fill(~mask, float("-inf"))
+    k = min(topk, scores.shape[-1])
+    values, idx = torch.sort(masked, dim=-1, descending=True, stable=True)
+    values, idx = values[..., :k], idx[..., :k]
+    idx = idx.masked_fill(values == float("-inf"), -1)
+    if k < topk:
+        idx = F.pad(idx, (0, topk - k), value=-1)
+    return idx
+
+
+@torch.no_grad()
+def indexer_topk(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    w: torch.Tensor,
+    topk: int,
+    q_pos: Optional[torch.Tensor] = None,
+    k_pos: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Causal top-k of the indexer scores: [B, Sq, topk] int64, -1 padded.
+
+    Row t keeps ``min(topk, #eligible keys)`` entries. Scores are built per query chunk.
+    """
+    B, Sq = q.shape[:2]
+    Sk = k.shape[1]
+    q_pos, k_pos = _positions(q_pos, Sq, q.device), _positions(k_pos, Sk, q.device)
+    out = torch.empty(B, Sq, topk, dtype=torch.long, device=q.device)
+    step = _chunk_size(B * q.shape[2] * Sk, Sq)
+    for t0 in range(0, Sq, step):
+        t1 = min(Sq, t0 + step)
+        scores = indexer_scores(q[:, t0:t1], k, w[:, t0:t1])
+        out[:, t0:t1] = topk_from_scores(scores, causal_mask(q_pos[t0:t1], k_pos), topk)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# MLA attention in the absorbed (MQA) form: one latent KV entry per token, shared by all heads
+# --------------------------------------------------------------------------------------------
+
+
+def _map_query_chunks(
+    fn: Callable[..., tuple[torch.Tensor, ...]],
+    per_query: tuple[torch.Tensor, ...],
+    shared: tuple,
+    step: int,
+) -> list[torch.Tensor]:
+    """Apply fn(*per_query[:, chunk], *shared) over query chunks and concatenate along dim 1.
+
+    Under autograd each chunk is checkpointed: backward recomputes that chunk's [chunk, Sk]
+    intermediates instead of keeping S^2 activations for the whole sequence.
+    """
+    Sq = per_query[0].shape[1]
+    grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in per_query + shared if isinstance(t, torch.Tensor)
+    )
+    pieces = []
+    for t0 in range(0, Sq, step):
+        args = tuple(t[:, t0 : t0 + step] for t in per_query) + shared
+        if grad and Sq > step:
+            pieces.append(checkpoint(fn, *args, use_reentrant=False))
+        else:
+            pieces.append(fn(*args))
+    return [torch.cat(parts, dim=1) for parts in zip(*pieces)]
+
+
+def _attend(scores: torch.Tensor, values: torch.Tensor, einsum: str):
+    """Softmax over the last dim of fp32 scores with an all-masked-row guard; returns (out, lse)."""
+    lse = torch.logsumexp(scores, dim=-1)
+    # Fully masked rows (lse = -inf) get zero output and lse = -inf, never NaN.
+    safe_lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    probs = torch.exp(scores - safe_lse[..., None])
+    out = torch.einsum(einsum, probs, _up(values))
+    return out, lse
+
+
+def _dense_chunk(q, q_pos, kv, k_pos, v_dim: int, scale: float):
+    scores = torch.einsum("bthd,bsd->bths", _up(q), _up(kv)) * scale
+    scores = scores.masked_fill(~causal_mask(q_pos, k_pos)[None, :, None, :], float("-inf"))
+    out, lse = _attend(scores, kv[..., :v_dim], "bths,bsd->bthd")
+    return out.to(q.dtype), lse
+
+
+def dense_mla_attention(
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    v_dim: int,
+    scale: float,
+    q_pos: Optional[torch.Tensor] = None,
+    k_pos: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention of absorbed queries over latent KV entries.
+
+    q [B, Sq, H, Dqk], kv [B, Sk, Dqk] (values are kv[..., :v_dim]).
+    Returns out [B, Sq, H, v_dim] in q's dtype and the log-sum-exp [B, Sq, H] in fp32.
+    """
+    B, Sq, H = q.shape[:3]
+    Sk = kv.shape[1]
+    q_pos, k_pos = _positions(q_pos, Sq, q.device), _positions(k_pos, Sk, q.device)
+    step = _chunk_size(B * H * Sk, Sq)
+    fn = lambda q_, qp, kv_, kp: _dense_chunk(q_, qp[0], kv_, kp, v_dim, scale)  # noqa: E731
+    out, lse = _map_query_chunks(fn, (q, q_pos[None]), (kv, k_pos), step)
+    return out, lse
+
+
+def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x [B, Sk, D], idx [B, Sq, K] (-1 allowed) -> [B, Sq, K, D]; -1 slots read token 0."""
+    B, Sq, K = idx.shape
+    flat = idx.clamp_min(0).reshape(B, Sq * K, 1).expand(-1, -1, x.shape[-1])
+    return torch.gather(x, 1, flat).view(B, Sq, K, x.shape[-1])
+
+
+def _sparse_chunk(q, idx, kv, v_dim: int, scale: float):
+    sel = gather_tokens(kv, idx)  # [B, c, K, Dqk]
+    scores = torch.einsum("bthd,btkd->bthk", _up(q), _up(sel)) * scale
+    scores = scores.masked_fill((idx < 0)[:, :, None, :], float("-inf"))
+    out, lse = _attend(scores, sel[..., :v_dim], "bthk,btkd->bthd")
+    return out.to(q.dtype), lse
+
+
+def sparse_mla_attention(
+    q: torch.Tensor, kv: torch.Tensor, topk_idx: torch.Tensor, v_dim: int, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of absorbed queries over the selected latent KV entries only.
+
+    q [B, Sq, H, Dqk], kv [B, Sk, Dqk], topk_idx [B, Sq, K] (-1 = unused slot, skipped).
+    Equals dense attention with every non-selected key masked out. Returns out [B, Sq, H, v_dim]
+    and lse [B, Sq, H]; a row with no selected key gives zeros and lse = -inf, never NaN.
+    """
+    B, Sq, H, D = q.shape
+    K = topk_idx.shape[-1]
+    step = _chunk_size(B * K * max(H, D), Sq)
+    fn = lambda q_, i_, kv_: _sparse_chunk(q_, i_, kv_, v_dim, scale)  # noqa: E731
+    out, lse = _map_query_chunks(fn, (q, topk_idx), (kv,), step)
+    return out, lse
+
+
+# --------------------------------------------------------------------------------------------
+# Training the indexer: KL(p || softmax(I)) against the head-summed attention distribution
+# --------------------------------------------------------------------------------------------
+#
+# Detach rules (the caller's job, documented here because the math depends on them):
+#   * the target p is built from DETACHED main-attention queries and keys;
+#   * the indexer's inputs (x, qr) are detached, so the KL trains only the indexer's own
+#     parameters and the language-model loss never reaches the indexer (top-k indices carry
+#     no gradient anyway).
+# The gradient of each row's KL w.r.t. the indexer logits is softmax(I) - p over the same set.
+
+
+def kl_rows(p: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-row KL(p || softmax(logits)) over the entries where mask is True.
+
+    p must be a distribution over the masked entries (zero elsewhere). Rows with no entry
+    give 0. Returns [...] (the last dim reduced).
+    """
+    logits = logits.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+    lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    log_q = (logits - lse).masked_fill(~mask, 0.0)
+    log_p = torch.log(p.clamp_min(KL_EPS))
+    return torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(dim=-1)
+
+
+def head_summed_target(probs: torch.Tensor, dim: int = 2) -> torch.Tensor:
+    """Sum attention probabilities over heads, then L1-normalise over keys (the target p)."""
+    p = probs.sum(dim=dim)
+    return p / p.sum(dim=-1, keepdim=True).clamp_min(KL_EPS)
+
+
+def _dense_kl_chunk(q_main, q_pos, kv, k_pos, q_idx, w_idx, k_idx, scale: float, topk: int):
+    mask = causal_mask(q_pos[0], k_pos)[None]  # [1, c, Sk]
+    with torch.no_grad():
+        scores = torch.einsum("bthd,bsd->bths", _up(q_main), _up(kv)) * scale
+        probs = torch.softmax(scores.masked_fill(~mask[:, :, None], float("-inf")), dim=-1)
+        p = head_summed_target(probs.nan_to_num_(0.0))
+    logits = indexer_scores(q_idx, k_idx, w_idx)
+    kl = kl_rows(p, logits, mask)
+    with torch.no_grad():
+        sel = topk_from_scores(logits.detach(), mask, topk)
+        recall = (torch.gather(p, -1, sel.clamp_min(0)) * (sel >= 0)).sum(-1)
+    return kl, recall
+
+
+def dense_indexer_kl(
+    q_main: torch.Tensor,
+    kv: torch.Tensor,
+    q_idx: torch.Tensor,
+    k_idx: torch.Tensor,
+    w_idx: torch.Tensor,
+    scale: float,
+    topk: int,
+    q_pos: Optional[torch.Tensor] = None,
+    k_pos: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Warm-up objective: per-query KL(p || softmax(I)) over all eligible keys.
+
+    p: the main attention's probabilities (q_main over kv, causal) summed over ALL heads and
+    L1-normalised; never differentiated. Gradients flow into q_idx, k_idx, w_idx only.
+    Returns (kl [B, Sq], recall [B, Sq]) where recall is the share of p's mass that the
+    indexer's own top-k captures (a diagnostic, no gradient).
+    """
+    B, Sq, H = q_main.shape[:3]
+    Sk = kv.shape[1]
+    q_pos, k_pos = _positions(q_pos, Sq, q_main.device), _positions(k_pos, Sk, q_main.device)
+    step = _chunk_size(B * max(H, q_idx.shape[2]) * Sk, Sq)
+    fn = lambda qm, qp, qi, wi, kv_, kp, ki: _dense_kl_chunk(  # noqa: E731
+        qm, qp, kv_, kp, qi, wi, ki, scale, topk
+    )
+    kl, recall = _map_query_chunks(
+        fn, (q_main.detach(), q_pos[None], q_idx, w_idx), (kv.detach(), k_pos, k_idx), step
+    )
+    return kl, recall
+
+
+def _sparse_kl_chunk(q_main, idx, q_idx, w_idx, kv, k_idx, scale: float):
+    valid = idx >= 0
+    with torch.no_grad():
+        sel = gather_tokens(kv, idx)
+        scores = torch.einsum("bthd,btkd->bthk", _up(q_main), _up(sel)) * scale
+        probs = torch.softmax(scores.masked_fill(~valid[:, :, None], float("-inf")), dim=-1)
+        p = head_summed_target(probs.nan_to_num_(0.0))  # renormalised over the selected set
+    k_sel = gather_tokens(k_idx, idx)  # [B, c, K, DI]
+    logits = (
+        torch.einsum("btjd,btkd->btjk", _up(q_idx), _up(k_sel)).relu() * w_idx[..., None]
+    ).sum(dim=2)
+    return (kl_rows(p, logits, valid),)
+
+
+def sparse_indexer_kl(
+    q_main: torch.Tensor,
+    kv: torch.Tensor,
+    q_idx: torch.Tensor,
+    k_idx: torch.Tensor,
+    w_idx: torch.Tensor,
+    topk_idx: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Sparse-phase objective: per-query KL(p[S_t] || softmax(I[S_t])) over the selected set.
+
+    p is renormalised over S_t. Returns kl [B, Sq]; gradients reach q_idx, k_idx, w_idx only.
+    """
+    B, Sq, H = q_main.shape[:3]
+    K = topk_idx.shape[-1]
+    step = _chunk_size(B * K * max(H, q_idx.shape[2], kv.shape[-1]), Sq)
+    fn = lambda qm, i_, qi, wi, kv_, ki: _sparse_kl_chunk(qm, i_, qi, wi, kv_, ki, scale)  # noqa
+    (kl,) = _map_query_chunks(
+        fn, (q_main.detach(), topk_idx, q_idx, w_idx), (kv.detach(), k_idx), step
+    )
+    return kl
+
+
+def softmax_scale(qk_head_dim: int, mscale: float = 1.0) -> float:
+    """MLA's softmax scale: mscale^2 / sqrt(qk_head_dim) (qk_head_dim = nope + rope dims)."""
+    return mscale * mscale / math.sqrt(qk_head_dim)

@@ -1,0 +1,127 @@
+"""Run megatron-core 0.19 on CPU under gloo.
+
+megatron-core assumes CUDA in a few places that a CPU run reaches. Each patch below replaces
+exactly one such assumption, and only on a machine without CUDA, where the original call
+could only raise. Nothing here runs when CUDA is present.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+
+from patches.registry import Patch
+
+
+def _rotary_cpu_init() -> None:
+    """RotaryEmbedding builds its frequencies on ``torch.cuda.current_device()`` unless told
+    ``use_cpu_initialization``; absorbed MLA does not pass that flag on."""
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+    original = RotaryEmbedding.__init__
+
+    @functools.wraps(original)
+    def __init__(self, *args, **kwargs):
+        kwargs["use_cpu_initialization"] = True
+        original(self, *args, **kwargs)
+
+    RotaryEmbedding.__init__ = __init__
+
+
+class _NoStream:
+    """Stand-in for torch.cuda.Stream/Event on CPU: work is already ordered on one stream."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, *args) -> None:
+        pass
+
+    def wait_event(self, *args) -> None:
+        pass
+
+    def record(self, *args) -> None:
+        pass
+
+    def record_event(self, *args) -> "_NoStream":
+        return _NoStream()
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+
+def _cuda_streams_events() -> None:
+    """The MoE layer and its all-to-all token dispatcher create CUDA streams and events."""
+    torch.cuda.Stream = _NoStream  # type: ignore[misc]
+    torch.cuda.Event = _NoStream  # type: ignore[misc]
+    torch.cuda.current_stream = lambda *a, **k: _NoStream()  # type: ignore[assignment]
+    torch.cuda.stream = lambda *a, **k: contextlib.nullcontext()  # type: ignore[assignment]
+    torch.cuda.synchronize = lambda *a, **k: None  # type: ignore[assignment]
+
+
+_DEVICE_RNG = torch.Generator()
+
+
+def _cuda_rng_on_cpu() -> None:
+    """megatron's RNG tracker saves, seeds and restores the CUDA generator. On CPU it tracks a
+    private CPU generator instead, so forking never disturbs the default CPU RNG."""
+    from megatron.core.tensor_parallel import random as mp_random
+
+    def get_state(*args, **kwargs) -> torch.Tensor:
+        return _DEVICE_RNG.get_state()
+
+    def set_state(state: torch.Tensor, *args, **kwargs) -> None:
+        _DEVICE_RNG.set_state(state)
+
+    mp_random._get_cuda_rng_state = get_state
+    mp_random._set_cuda_rng_state = set_state
+    torch.cuda.get_rng_state = get_state  # type: ignore[assignment]
+    torch.cuda.set_rng_state = set_state  # type: ignore[assignment]
+    torch.cuda.manual_seed = lambda seed: _DEVICE_RNG.manual_seed(int(seed))  # type: ignore[assignment]
+    torch.cuda.manual_seed_all = torch.cuda.manual_seed  # type: ignore[assignment]
+
+
+def _is_cuda(device) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    # A bare integer device means a CUDA ordinal.
+    return isinstance(device, int) and not isinstance(device, bool)
+
+
+class _CudaToCpu(torch.overrides.TorchFunctionMode):
+    """Route tensors that megatron-core allocates "on the current CUDA device" to the CPU."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if "device" in kwargs and _is_cuda(kwargs["device"]):
+            kwargs = {**kwargs, "device": "cpu"}
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.to and len(args) > 1 and _is_cuda(args[1]):
+            args = (args[0], "cpu") + tuple(args[2:])
+        return func(*args, **kwargs)
+
+
+_CUDA_TO_CPU = _CudaToCpu()
+
+
+def _cuda_device_to_cpu() -> None:
+    """About forty call sites allocate with ``device=torch.cuda.current_device()`` (routers,
+    trackers, buffers): report device 0 and allocate those tensors on the CPU instead."""
+    torch.cuda.current_device = lambda: 0  # type: ignore[assignment]
+    _CUDA_TO_CPU.__enter__()
+
+
+CPU_PATCHES = [
+    Patch("cuda_device_to_cpu", "allocations on torch.cuda.current_device()", _cuda_device_to_cpu),
+    Patch("rotary_cpu_init", "RotaryEmbedding asks torch.cuda.current_device()", _rotary_cpu_init),
+    Patch("cuda_streams_events", "MoE creates CUDA streams and events", _cuda_streams_events),
+    Patch("cuda_rng_on_cpu", "the model-parallel RNG tracker reads CUDA RNG state", _cuda_rng_on_cpu),
+]
