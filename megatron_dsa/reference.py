@@ -127,9 +127,8 @@ def indexer_qkw(
 
 def indexer_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """I[b, t, s] = sum_j w[b, t, j] * ReLU(q[b, t, j] . k[b, s]), fp32, no mask. [B, Sq, Sk]."""
-    return torch.einsum("btjd,bsd->btjs", _up(q), _up(k)).relu_().mul_(
-        _up(w)[..., None]
-    ).sum(dim=2)
+    dots = torch.einsum("btjd,bsd->btjs", _up(q), _up(k))
+    return (dots.relu() * _up(w)[..., None]).sum(dim=2)
 
 
 # --------------------------------------------------------------------------------------------

@@ -8,26 +8,10 @@ could only raise. Nothing here runs when CUDA is present.
 from __future__ import annotations
 
 import contextlib
-import functools
 
 import torch
 
 from patches.registry import Patch
-
-
-def _rotary_cpu_init() -> None:
-    """RotaryEmbedding builds its frequencies on ``torch.cuda.current_device()`` unless told
-    ``use_cpu_initialization``; absorbed MLA does not pass that flag on."""
-    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
-
-    original = RotaryEmbedding.__init__
-
-    @functools.wraps(original)
-    def __init__(self, *args, **kwargs):
-        kwargs["use_cpu_initialization"] = True
-        original(self, *args, **kwargs)
-
-    RotaryEmbedding.__init__ = __init__
 
 
 class _NoStream:
@@ -121,7 +105,6 @@ def _cuda_device_to_cpu() -> None:
 
 CPU_PATCHES = [
     Patch("cuda_device_to_cpu", "allocations on torch.cuda.current_device()", _cuda_device_to_cpu),
-    Patch("rotary_cpu_init", "RotaryEmbedding asks torch.cuda.current_device()", _rotary_cpu_init),
     Patch("cuda_streams_events", "MoE creates CUDA streams and events", _cuda_streams_events),
     Patch("cuda_rng_on_cpu", "the model-parallel RNG tracker reads CUDA RNG state", _cuda_rng_on_cpu),
 ]

@@ -24,9 +24,13 @@ _APPLIED: set[str] = set()
 
 
 def megatron_core_version() -> tuple[int, int, int]:
+    import re
+
     from megatron.core import package_info
 
-    return tuple(int(p) for p in package_info.__version__.split(".")[:3])  # type: ignore[return-value]
+    # Versions look like "0.19.2" or "0.19.2+671cae5" (a local build tag).
+    major, minor, patch = re.match(r"(\d+)\.(\d+)\.(\d+)", package_info.__version__).groups()
+    return int(major), int(minor), int(patch)
 
 
 def applied() -> frozenset[str]:

@@ -1,0 +1,69 @@
+"""CLI: ``python -m megatron_dsa.data build --source DIR --out DIR --vocab-size N``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from megatron_dsa.data.corpus import (
+    DEFAULT_EXTENSIONS,
+    DEFAULT_MAX_BYTES,
+    DEFAULT_VALID_FRACTION,
+    DataError,
+    build_corpus,
+)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m megatron_dsa.data")
+    commands = parser.add_subparsers(dest="command", required=True)
+    build = commands.add_parser(
+        "build", help="train a tokenizer and write train/valid Megatron indexed datasets"
+    )
+    build.add_argument(
+        "--source", help="directory of text/source files (default: this Python's stdlib)"
+    )
+    build.add_argument(
+        "--out", required=True, help="output directory (must not exist unless --overwrite)"
+    )
+    build.add_argument("--vocab-size", type=int, required=True)
+    build.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES,
+                       help="total bytes of source text to read (default: %(default)s)")
+    build.add_argument("--valid-fraction", type=float, default=DEFAULT_VALID_FRACTION,
+                       help="fraction of files held out for validation (default: %(default)s)")
+    build.add_argument("--extensions", default=",".join(DEFAULT_EXTENSIONS),
+                       help="comma-separated file extensions (default: %(default)s)")
+    build.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe")
+    build.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    start = time.perf_counter()
+    try:
+        manifest = build_corpus(
+            args.out,
+            args.source,
+            args.vocab_size,
+            extensions=args.extensions.split(","),
+            max_bytes=args.max_bytes,
+            valid_fraction=args.valid_fraction,
+            model_type=args.model_type,
+            overwrite=args.overwrite,
+        )
+    except DataError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"corpus {args.out} from {manifest['source']} in {time.perf_counter() - start:.1f}s")
+    print(f"  tokenizer {manifest['tokenizer']}: vocab {manifest['vocab_size']}, "
+          f"eod {manifest['eod']}, dtype {manifest['dtype']}")
+    for name, split in manifest["splits"].items():
+        print(f"  {name}: {split['documents']} documents, {split['bytes']} bytes, "
+              f"{split['tokens']} tokens -> {split['prefix']}.bin/.idx")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,36 @@
+"""Process-group set-up for single-process tools and tests (torchrun sets the env for many)."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_single_process(seed: int = 1234) -> None:
+    """torch.distributed (world size 1; gloo on CPU, nccl on CUDA) + megatron parallel state."""
+    import patches
+
+    patches.apply_cpu_patches()
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    if not torch.distributed.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        if torch.cuda.is_available():
+            torch.cuda.set_device(0)
+        torch.distributed.init_process_group(
+            "nccl" if torch.cuda.is_available() else "gloo", rank=0, world_size=1
+        )
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel()
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)

@@ -1,0 +1,46 @@
+"""Shared fixtures: a one-process megatron-core world on CPU (gloo)."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def megatron_world():
+    """torch.distributed (gloo, world size 1) + megatron-core parallel state + RNG tracker."""
+    import patches
+
+    patches.apply_cpu_patches()
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    if not torch.distributed.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ["MASTER_PORT"] = str(free_port())
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend, rank=0, world_size=1)
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel()
+    model_parallel_cuda_manual_seed(1234)
+    yield
+    parallel_state.destroy_model_parallel()
+
+
+@pytest.fixture
+def seed(request) -> int:
+    """A fresh seed per test (printed on failure), so inputs differ from run to run."""
+    value = int.from_bytes(os.urandom(4), "little")
+    torch.manual_seed(value)
+    request.node.user_properties.append(("seed", value))
+    print(f"seed={value}")
+    return value

@@ -1,0 +1,183 @@
+"""The tiny DeepSeek-V3-style MoE through megatron-core's spec, on CPU, in every DSA mode."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron_dsa import reference as R
+from megatron_dsa.config import set_mode
+from megatron_dsa.layer import DSACoreAttention, LightningIndexer, pop_indexer_losses
+from megatron_dsa.model import build_model, dsa_layers, indexer_parameters, model_config
+
+
+def make(megatron_world, seed, **overrides):
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed % 10000)
+    model = build_model("tiny", model_config("tiny", **overrides))
+    return model
+
+
+def batch(b=2, s=48, vocab=512):
+    tokens = torch.randint(0, vocab, (b, s))
+    return tokens, torch.arange(s)[None].expand(b, -1), tokens.roll(-1, dims=1)
+
+
+def lm_loss(model, tokens, positions, labels):
+    return model(tokens, positions, None, labels=labels).float().mean()
+
+
+def set_indexer_loss_scale(value: float) -> None:
+    from megatron.core.transformer.experimental_attention_variant.dsa import DSAIndexerLossAutoScaler
+
+    DSAIndexerLossAutoScaler.set_loss_scale(torch.tensor(value))
+
+
+def non_indexer_parameters(model):
+    idx = {id(p) for p in indexer_parameters(model)}
+    return [(n, p) for n, p in model.named_parameters() if id(p) not in idx]
+
+
+@pytest.mark.parametrize("mode", ["dense", "warmup", "sparse"])
+def test_forward_backward_every_mode(megatron_world, seed, mode):
+    model = make(megatron_world, seed, mdsa_mode=mode)
+    assert len(dsa_layers(model)) == 3 and all(l.indexer is not None for l in dsa_layers(model))
+    tokens, positions, labels = batch()
+    set_indexer_loss_scale(1.0)
+    loss = lm_loss(model, tokens, positions, labels)
+    assert torch.isfinite(loss)
+    kl = pop_indexer_losses(model)
+    if mode == "warmup":
+        assert len(kl) == 3 and all(torch.isfinite(k) and k > 0 for k in kl)
+        sum(kl).backward()
+    else:
+        assert kl == []  # dense: no indexer work; sparse: the loss rides on the output
+        loss.backward()
+    main_grads = [p.grad for _, p in non_indexer_parameters(model)]
+    idx_grads = [p.grad for p in indexer_parameters(model)]
+    if mode == "dense":
+        assert all(g is None or not g.any() for g in idx_grads)
+        assert any(g is not None and g.abs().sum() > 0 for g in main_grads)
+    if mode == "warmup":  # only the KL was backpropagated
+        assert all(g is None for g in main_grads)
+        assert all(g is not None and torch.isfinite(g).all() for g in idx_grads)
+        assert any(g.abs().sum() > 0 for g in idx_grads)
+    if mode == "sparse":
+        assert any(g is not None and g.abs().sum() > 0 for g in main_grads)
+        assert any(g is not None and g.abs().sum() > 0 for g in idx_grads)
+
+
+def test_lm_loss_gives_zero_gradient_to_indexer(megatron_world, seed):
+    model = make(megatron_world, seed, mdsa_mode="sparse")
+    set_indexer_loss_scale(0.0)  # the KL's backward runs with zero weight: only the LM loss
+    try:
+        lm_loss(model, *batch()).backward()
+    finally:
+        set_indexer_loss_scale(1.0)
+    assert all(p.grad is None or not p.grad.any() for p in indexer_parameters(model))
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for _, p in non_indexer_parameters(model))
+
+
+def test_indexer_kl_gives_zero_gradient_to_everything_else(megatron_world, seed):
+    # The MoE balance loss also rides on activations; switch it off to see the KL alone.
+    model = make(
+        megatron_world, seed, mdsa_mode="sparse", moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0
+    )
+    set_indexer_loss_scale(1.0)
+    (0.0 * lm_loss(model, *batch())).backward()  # the LM term contributes exactly zero
+    assert all(p.grad is None or not p.grad.any() for _, p in non_indexer_parameters(model))
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in indexer_parameters(model))
+
+
+def test_sparse_with_topk_covering_the_sequence_equals_dense(megatron_world, seed):
+    model = make(megatron_world, seed, mdsa_mode="dense", dsa_indexer_topk=64)
+    tokens, positions, _ = batch(s=40)
+    with torch.no_grad():
+        dense = model(tokens, positions, None)
+        set_mode(model.config, "sparse")
+        sparse = model(tokens, positions, None)
+    assert torch.allclose(dense, sparse, rtol=1e-5, atol=1e-5)
+
+
+def test_sparse_differs_from_dense_when_topk_is_small(megatron_world, seed):
+    model = make(megatron_world, seed, mdsa_mode="dense", dsa_indexer_topk=4)
+    tokens, positions, _ = batch(s=40)
+    with torch.no_grad():
+        dense = model(tokens, positions, None)
+        set_mode(model.config, "sparse")
+        sparse = model(tokens, positions, None)
+    assert torch.allclose(dense[:, :4], sparse[:, :4], rtol=1e-5, atol=1e-5)  # rows with <= k keys
+    assert not torch.allclose(dense[:, 8:], sparse[:, 8:], rtol=1e-3, atol=1e-3)
+
+
+def test_core_attention_receives_the_normalised_query_latent(megatron_world, seed):
+    model = make(megatron_world, seed, mdsa_mode="sparse")
+    attn = model.decoder.layers[0].self_attention
+    seen = {}
+
+    def grab(module, args, kwargs):
+        seen["x"], seen["qr"] = kwargs["x"], kwargs["qr"]
+
+    handle = attn.core_attention.register_forward_pre_hook(grab, with_kwargs=True)
+    with torch.no_grad():
+        model(*batch()[:2], None)
+    handle.remove()
+    latent, _ = attn.linear_q_down_proj(seen["x"])
+    assert torch.allclose(seen["qr"], attn.q_layernorm(latent), atol=1e-6)
+    assert not torch.allclose(seen["qr"], latent, atol=1e-3)
+
+
+def test_indexer_inside_the_layer_matches_the_reference(megatron_world, seed):
+    """The layer's indexer = reference.indexer_qkw on the same linear outputs."""
+    model = make(megatron_world, seed, mdsa_mode="sparse")
+    indexer = dsa_layers(model)[1].indexer
+    x, qr = torch.randn(2, 10, 64), torch.randn(2, 10, 32)
+    q, k, w = indexer(x, qr, torch.arange(10))
+    cos, sin = R.rope_cos_sin(torch.arange(10), 16)
+    q2, k2, w2 = R.indexer_qkw(
+        qr @ indexer.wq_b.weight.T, x @ indexer.wk.weight.T, x @ indexer.weights_proj.weight.T,
+        indexer.k_norm.weight, indexer.k_norm.bias, cos, sin, n_heads=2,
+    )
+    assert torch.allclose(q, q2, atol=1e-5) and torch.allclose(k, k2, atol=1e-5) and torch.allclose(w, w2)
+    assert {n for n, _ in indexer.named_parameters()} == {
+        "wq_b.weight", "wk.weight", "weights_proj.weight", "k_norm.weight", "k_norm.bias"
+    }
+
+
+def test_shared_indexer_is_one_set_of_weights(megatron_world, seed):
+    model = make(megatron_world, seed, mdsa_mode="warmup", mdsa_indexer_sharing="shared")
+    owners = [m for m in model.modules() if isinstance(m, LightningIndexer)]
+    assert len(owners) == 1
+    tokens, positions, labels = batch()
+    lm_loss(model, tokens, positions, labels)
+    losses = pop_indexer_losses(model)
+    assert len(losses) == 3  # every layer applies the shared indexer to its own input
+    sum(losses).backward()
+    assert all(p.grad is not None for p in owners[0].parameters())
+    names = [n for n, _ in model.named_parameters() if "indexer" in n]
+    assert len(names) == 5 and all(n.startswith("decoder.layers.0.") for n in names)
+
+
+def test_selection_every_n_layers_reuses_the_earlier_topk(megatron_world, seed):
+    model = make(megatron_world, seed, mdsa_mode="sparse", dsa_indexer_topk_freq=2)
+    layers = dsa_layers(model)
+    assert [l.indexer is not None for l in layers] == [True, False, True]
+    with torch.no_grad():
+        model(*batch()[:2], None)
+    assert layers[0]._last_topk is not None and layers[1]._last_topk is None
+
+
+def test_topk_recall_and_kl_are_logged_per_layer(megatron_world, seed):
+    from megatron.core.transformer.moe.moe_utils import get_moe_metrics_tracker
+
+    tracker = get_moe_metrics_tracker()
+    tracker.clear()  # values accumulate until a trainer reports them
+    model = make(megatron_world, seed, mdsa_mode="warmup")
+    lm_loss(model, *batch())
+    pop_indexer_losses(model)
+    values = {name: tracker.metrics[name].values.clone() for name in ("indexer_kl", "indexer_topk_recall")}
+    assert (values["indexer_kl"] > 0).all() and values["indexer_kl"].shape == (3,)
+    assert ((values["indexer_topk_recall"] > 0) & (values["indexer_topk_recall"] <= 1 + 1e-6)).all()
+    tracker.clear()
