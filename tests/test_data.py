@@ -448,17 +448,22 @@ def test_gpt_dataset_default_cache_inside_corpus(corpus_copy: Path) -> None:
     assert not (corpus_copy / "train_text_document").exists()
 
 
-def test_gpt_dataset_under_initialized_distributed(corpus: Path, tmp_path: Path) -> None:
-    if torch.distributed.is_initialized():
-        pytest.skip("another test left torch.distributed initialized")
-    plain, _ = build_gpt_datasets(corpus, SEQ, cache_dir=tmp_path / "plain")
-    torch.distributed.init_process_group(
-        "gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1
+def test_gpt_dataset_same_with_and_without_distributed(corpus: Path, tmp_path: Path, megatron_world) -> None:
+    """Built under an initialised gloo world here, and without torch.distributed in a fresh
+    process: the same samples."""
+    import subprocess
+    import sys
+
+    assert torch.distributed.is_initialized()
+    train, valid = build_gpt_datasets(corpus, SEQ, cache_dir=tmp_path / "dist")
+    code = (
+        "import sys, torch; from megatron_dsa.data import build_gpt_datasets; "
+        "assert not torch.distributed.is_initialized(); "
+        f"t, v = build_gpt_datasets({str(corpus)!r}, {SEQ}, cache_dir={str(tmp_path / 'plain')!r}); "
+        "print(len(t), len(v), t[7]['tokens'].tolist())"
     )
-    try:
-        train, valid = build_gpt_datasets(corpus, SEQ, cache_dir=tmp_path / "dist")
-    finally:
-        torch.distributed.destroy_process_group()
-    assert len(train) == len(plain)
-    assert torch.equal(train[7]["tokens"], plain[7]["tokens"])
-    assert len(valid) > 0
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    n_train, n_valid, tokens = out.stdout.strip().splitlines()[-1].split(" ", 2)
+    assert (int(n_train), int(n_valid)) == (len(train), len(valid))
+    assert tokens == str(train[7]["tokens"].tolist())
