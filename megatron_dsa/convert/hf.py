@@ -1,0 +1,340 @@
+"""megatron-dsa checkpoint <-> Hugging Face ``DeepseekV32ForCausalLM`` directory.
+
+``export_to_hf`` streams: it loads about ``max_shard_size`` of weights from the dist
+checkpoint at a time and writes each safetensors shard as soon as it is full, so host memory
+stays around two shards whatever the model size. ``import_from_hf`` checks everything
+(config, files, names, shapes) before it reads a weight, then holds the model's weights once
+in host memory while dist_checkpointing writes them (a torch_dist save is one collective
+call).
+
+Both write into a temporary directory beside the destination and rename it at the end: an
+error or an interrupt leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from megatron_dsa.convert import checkpoint as C
+from megatron_dsa.convert import mapping as M
+from megatron_dsa.convert.errors import ConversionError
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+
+def parse_size(text: str | int) -> int:
+    """'2GB' / '500MB' / '1.5GiB' / 1000 -> bytes."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?)(I?B)?\s*", str(text).upper())
+    if not m:
+        raise ConversionError(f"cannot read the size {text!r} (e.g. 2GB, 500MB)")
+    value, unit, b = m.groups()
+    base = 1024 if b == "IB" else 1000
+    mult = {"": 1, "K": base, "M": base**2, "G": base**3, "T": base**4}[unit]
+    size = int(float(value) * mult)
+    if size <= 0:
+        raise ConversionError(f"size must be positive, got {text!r}")
+    return size
+
+
+class ShardWriter:
+    """Collect named tensors into safetensors files of at most ``max_bytes`` (a bigger tensor
+    gets a file of its own); ``finish`` names them model-0000i-of-0000n and writes the index."""
+
+    def __init__(self, directory: Path, max_bytes: int):
+        self.dir, self.max = directory, max_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.files: list[tuple[Path, list[str]]] = []
+        self.total = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        n = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + n > self.max:
+            self._flush()
+        self.pending[name] = tensor
+        self.pending_bytes += n
+        self.total += n
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        path = self.dir / f"part-{len(self.files):05d}.safetensors"
+        save_file(self.pending, str(path), metadata={"format": "pt"})
+        self.files.append((path, list(self.pending)))
+        self.pending, self.pending_bytes = {}, 0
+
+    def finish(self) -> None:
+        if self.pending:
+            self._flush()
+        n = len(self.files)
+        weight_map = {}
+        for i, (path, names) in enumerate(self.files):
+            final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            path.rename(self.dir / final)
+            weight_map.update({name: final for name in names})
+        index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+
+
+# --------------------------------------------------------------------------------------------
+# megatron -> HF
+# --------------------------------------------------------------------------------------------
+
+
+def _tokenizer_ids(tokenizer_path: Path) -> dict[str, int]:
+    import sentencepiece
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(tokenizer_path))
+    ids = {"bos_token_id": sp.bos_id(), "eos_token_id": sp.eos_id(), "pad_token_id": sp.pad_id()}
+    return {k: (v if v >= 0 else None) for k, v in ids.items()}
+
+
+def export_to_hf(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str],
+                 size: Optional[str] = None, tokenizer: Optional[str | os.PathLike[str]] = None,
+                 max_shard_size: str | int = "2GB", overrides: Optional[dict[str, Any]] = None,
+                 overwrite: bool = False) -> Path:
+    """Write a from_pretrained-able HF directory for a megatron-dsa dist checkpoint."""
+    budget = parse_size(max_shard_size)
+    C.check_output(out, overwrite)
+    ckpt = C.resolve_checkpoint_dir(checkpoint)
+    C.ensure_world()
+    spec, ov = C.model_spec_for(ckpt, size, overrides or {})
+    config = C.build_config(spec, ov)
+    M.check_exportable(config)
+    metadata = C.tensors_metadata(ckpt)
+    vocab = C.vocab_from_metadata(metadata, ckpt)
+    entries = C.tensor_entries(C.meta_model(spec, config, vocab))
+    dtypes = C.check_against_metadata(entries, metadata, ckpt)
+    for name, _ in entries:
+        M.hf_names(name)  # every tensor has a name on the HF side
+    hf_tok, special = None, {}
+    if tokenizer is not None:
+        from megatron_dsa.convert.tokenizer import build_hf_tokenizer, check_same_ids
+
+        hf_tok = build_hf_tokenizer(tokenizer)
+        check_same_ids(hf_tok, tokenizer)
+        if len(hf_tok) > vocab:
+            raise ConversionError(f"the tokenizer has {len(hf_tok)} ids but the model only {vocab} embeddings")
+        special = _tokenizer_ids(Path(tokenizer))
+    param_dtype = dtypes["embedding.word_embeddings.weight"]
+    hf_config = M.hf_config_dict(config, spec.first_k_dense, vocab, spec.max_seq_len, param_dtype, special)
+
+    with C.staged_output(out, overwrite) as tmp:
+        writer = ShardWriter(tmp, budget)
+        for name, tensor in C.stream_tensors(entries, ckpt, dtypes, budget):
+            for hf_name, t in M.to_hf_tensors(name, tensor).items():
+                writer.add(hf_name, t)
+            del tensor
+        writer.finish()
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+        gen = {k: v for k, v in special.items() if v is not None and k != "pad_token_id"}
+        (tmp / "generation_config.json").write_text(json.dumps({**gen, "do_sample": False}, indent=2) + "\n")
+        if hf_tok is not None:
+            hf_tok.save_pretrained(str(tmp))
+            shutil.copyfile(tokenizer, tmp / "tokenizer.model")
+    return Path(out)
+
+
+# --------------------------------------------------------------------------------------------
+# HF -> megatron
+# --------------------------------------------------------------------------------------------
+
+
+class HFReader:
+    """Names, shapes (from headers, no data read) and tensors of an HF safetensors directory.
+
+    Experts are read in either layout: per expert (``experts.{j}.gate_proj.weight``, what
+    save_pretrained writes) or fused (``experts.gate_up_proj`` [E, 2I, H], ``experts.down_proj``).
+    """
+
+    _EXPERT = re.compile(r"(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+
+    def __init__(self, directory: Path):
+        from safetensors import safe_open
+
+        self.dir = directory
+        index = directory / INDEX_FILE
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as error:
+                raise ConversionError(f"corrupt {index}: {error}") from None
+            files = sorted(set(weight_map.values()))
+        elif (directory / SINGLE_FILE).is_file():
+            files, weight_map = [SINGLE_FILE], None
+        else:
+            raise ConversionError(f"{directory} has neither {INDEX_FILE} nor {SINGLE_FILE}")
+        missing = [f for f in files if not (directory / f).is_file()]
+        if missing:
+            raise ConversionError(f"missing weight files in {directory}: {missing} (listed in {INDEX_FILE})")
+        self.where: dict[str, str] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        for f in files:
+            try:
+                with safe_open(str(directory / f), framework="pt") as h:
+                    for k in h.keys():
+                        self.where[k] = f
+                        self.shapes[k] = tuple(h.get_slice(k).get_shape())
+            except Exception as error:  # noqa: BLE001 - unreadable file
+                raise ConversionError(f"cannot read {directory / f}: {error}") from None
+        if weight_map is not None:
+            absent = sorted(k for k, f in weight_map.items() if self.where.get(k) != f)
+            if absent:
+                raise ConversionError(f"{len(absent)} tensors listed in {INDEX_FILE} are not in their files, e.g. {absent[:3]}")
+        self.used: set[str] = set()
+
+    def _fused(self, name: str):
+        m = self._EXPERT.match(name)
+        if not m:
+            return None
+        prefix, j, part = m.groups()
+        fused = f"{prefix}.gate_up_proj" if part != "down_proj" else f"{prefix}.down_proj"
+        return fused, int(j), part
+
+    def shape(self, name: str) -> Optional[tuple[int, ...]]:
+        if name in self.shapes:
+            return self.shapes[name]
+        f = self._fused(name)
+        if f and f[0] in self.shapes:
+            shape = self.shapes[f[0]]
+            if f[2] == "down_proj":
+                return shape[1:]
+            return (shape[1] // 2, *shape[2:])
+        return None
+
+    def get(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        if name in self.where:
+            self.used.add(name)
+            with safe_open(str(self.dir / self.where[name]), framework="pt") as h:
+                return h.get_tensor(name)
+        fused, j, part = self._fused(name)
+        self.used.add(fused)
+        with safe_open(str(self.dir / self.where[fused]), framework="pt") as h:
+            t = h.get_slice(fused)[j]
+        if part == "down_proj":
+            return t
+        half = t.shape[0] // 2
+        return t[:half] if part == "gate_proj" else t[half:]
+
+    def names_for_check(self, name: str) -> str:
+        f = self._fused(name)
+        return f[0] if (name not in self.shapes and f) else name
+
+
+_SIZE_CHECK_FIELDS = (
+    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "q_lora_rank", "kv_lora_rank",
+    "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim", "num_moe_experts", "moe_ffn_hidden_size",
+    "moe_shared_expert_intermediate_size", "moe_router_topk", "moe_router_num_groups", "moe_router_group_topk",
+    "moe_router_topk_scaling_factor", "dsa_indexer_n_heads", "dsa_indexer_head_dim", "rotary_base",
+)
+
+
+def _size_differences(a, b) -> list[str]:
+    diffs = [f"{f}: {a.transformer.get(f)} vs {b.transformer.get(f)}" for f in _SIZE_CHECK_FIELDS
+             if a.transformer.get(f) != b.transformer.get(f)]
+    if a.first_k_dense != b.first_k_dense:
+        diffs.append(f"first_k_dense: {a.first_k_dense} vs {b.first_k_dense}")
+    return diffs
+
+
+def _json_overrides(spec, named) -> dict[str, Any]:
+    out = {}
+    for k, v in spec.transformer.items():
+        if k in ("params_dtype", "bf16", "transformer_impl") or named.transformer.get(k) == v:
+            continue
+        if isinstance(v, (int, float, str, bool)) or v is None:
+            out[k] = v
+    return out
+
+
+def _choose_spec(hf: dict, size: Optional[str]):
+    from megatron_dsa.model import SIZES, resolve_size
+
+    spec = M.size_from_hf_config(hf)
+    if size is not None:
+        try:
+            named = resolve_size(size)
+        except ValueError as error:
+            raise ConversionError(str(error)) from None
+        diffs = _size_differences(spec, named)
+        if diffs:
+            raise ConversionError(f"the HF model does not have the shape of size {size!r}: " + "; ".join(diffs))
+        return dataclasses.replace(spec, name=named.name), _json_overrides(spec, named)
+    for named in SIZES.values():
+        if not _size_differences(spec, named) and named.vocab_size == spec.vocab_size:
+            return dataclasses.replace(spec, name=named.name), _json_overrides(spec, named)
+    return spec, {}
+
+
+def import_from_hf(hf_dir: str | os.PathLike[str], out: str | os.PathLike[str], size: Optional[str] = None,
+                   overwrite: bool = False) -> Path:
+    """Write a megatron-dsa dist checkpoint (Megatron-LM layout, iteration 0) from an HF directory."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    C.check_output(out, overwrite)
+    src = Path(hf_dir)
+    cfg_path = src / "config.json"
+    if not cfg_path.is_file():
+        raise ConversionError(f"{src} has no config.json: not a Hugging Face model directory")
+    try:
+        hf = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as error:
+        raise ConversionError(f"corrupt {cfg_path}: {error}") from None
+    M.check_hf_config(hf)
+    reader = HFReader(src)
+    spec, overrides = _choose_spec(hf, size)
+    C.ensure_world()
+    config = C.build_config(spec, {})
+    model = C.meta_model(spec, config, hf["vocab_size"])
+    sharded = model.sharded_state_dict()
+    entries = C.tensor_entries(model)
+
+    # Every check before any weight is read.
+    problems, wanted = [], set()
+    L = hf["num_hidden_layers"]
+    for name, entry in entries:
+        names, _ = M.hf_names(name)
+        for hf_name, shape in zip(names, M.hf_shapes(name, tuple(entry.data.shape))):
+            wanted.add(reader.names_for_check(hf_name))
+            got = reader.shape(hf_name)
+            if got is None:
+                problems.append(f"missing tensor {hf_name}")
+            elif tuple(got) != tuple(shape):
+                problems.append(f"{hf_name}: shape {tuple(got)}, expected {tuple(shape)}")
+    extra = []
+    for k in reader.shapes:
+        m = re.match(r"model\.layers\.(\d+)\.", k)
+        if k in wanted or (m and int(m.group(1)) >= L) or k.endswith("rotary_emb.inv_freq"):
+            continue  # MTP layers (>= num_hidden_layers) are skipped, as HF does
+        extra.append(k)
+    if extra:
+        problems.append(f"{len(extra)} unexpected tensors, e.g. {extra[:3]}")
+    if problems:
+        head = "; ".join(problems[:8]) + (f"; ... ({len(problems)} problems)" if len(problems) > 8 else "")
+        raise ConversionError(f"{src} does not match its config.json: {head}")
+
+    with C.staged_output(out, overwrite) as tmp:
+        for name, entry in entries:
+            names, _ = M.hf_names(name)
+            tensor = M.from_hf_tensors(name, [reader.get(n) for n in names], entry.data.dtype)
+            if isinstance(entry, ShardedTensor):
+                sharded[name] = dataclasses.replace(entry, data=tensor)
+            else:
+                sharded[name] = dataclasses.replace(entry, data=tensor)
+        C.save_sharded_checkpoint(sharded, tmp, spec, hf["vocab_size"], overrides)
+        if (src / "tokenizer.model").is_file():
+            shutil.copyfile(src / "tokenizer.model", tmp / "tokenizer.model")
+    return Path(out)

@@ -1,0 +1,72 @@
+"""``python -m megatron_dsa.inference generate``: greedy generation from a checkpoint.
+
+    generate --checkpoint DIR [--size NAME] [--set KEY=VALUE ...] --tokenizer SPM_MODEL
+             --prompt TEXT --max-new-tokens N [--mode sparse|dense] [--show-ids]
+
+Loads a megatron-dsa dist checkpoint (any parallel layout; see megatron_dsa.convert) into a
+TP=1 model on this process (CUDA if available, else CPU), prefills the prompt and decodes
+one token per step with the latent KV cache. Prints the continuation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m megatron_dsa.inference")
+    sub = parser.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="greedy generation")
+    g.add_argument("--checkpoint", required=True)
+    g.add_argument("--size", default=None)
+    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    g.add_argument("--tokenizer", required=True, help="sentencepiece model file")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--mode", choices=("sparse", "dense"), default="sparse")
+    g.add_argument("--show-ids", action="store_true")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from megatron_dsa.convert.__main__ import _overrides
+    from megatron_dsa.convert.checkpoint import load_model
+    from megatron_dsa.convert.errors import ConversionError
+    from megatron_dsa.data import DataError, SentencePieceTokenizer
+    from megatron_dsa.inference.engine import DSAInference
+
+    if args.max_new_tokens < 0:
+        print("error: --max-new-tokens must be >= 0", file=sys.stderr)
+        return 2
+    try:
+        tokenizer = SentencePieceTokenizer(args.tokenizer)
+        model, _ = load_model(args.checkpoint, size=args.size, overrides=_overrides(args.set))
+    except (ConversionError, DataError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = model.to(device)
+    ids = tokenizer.tokenize(args.prompt)
+    if not ids:
+        print("error: the prompt encodes to no tokens", file=sys.stderr)
+        return 2
+    vocab = model.embedding.word_embeddings.weight.shape[0]
+    if max(ids) >= vocab:
+        print(f"error: the tokenizer produces ids >= the model's vocabulary ({vocab})", file=sys.stderr)
+        return 2
+    engine = DSAInference(model, mode=args.mode)
+    t0 = time.perf_counter()
+    new = engine.generate(torch.tensor([ids], device=device), args.max_new_tokens, eos_id=tokenizer.eos)
+    dt = time.perf_counter() - t0
+    new_ids = new[0].tolist()
+    print(tokenizer.detokenize(new_ids))
+    if args.show_ids:
+        print(f"prompt ids: {ids}\nnew ids: {new_ids}", file=sys.stderr)
+    print(f"[{len(ids)} prompt + {len(new_ids)} new tokens, {args.mode}, {dt:.2f}s]", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
