@@ -1,0 +1,50 @@
+"""Compile every kernel for sm_90 on a machine WITHOUT a GPU (Triton AST -> PTX -> cubin with the
+bundled ptxas), to catch compiler-only errors the interpreter accepts, and list atomics / local
+spills.  Not a test.  Usage: python benchmarks/compile_check.py [score select fwd bwd klf klb]"""
+
+import triton, triton.language as tl, torch
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from megatron_dsa.kernels import indexer as I, sparse_attn as A, indexer_kl as L
+tgt = GPUTarget("cuda", 90, 32)
+def comp(fn, sig, const, **opt):
+    src = ASTSource(fn=fn, signature=sig, constexprs=const)
+    k = triton.compile(src, target=tgt, options=opt)
+    md = k.metadata
+    print(fn.fn.__name__ if hasattr(fn,'fn') else fn, 'ok', 'shared', md.shared, 'nregs?', getattr(k,'n_regs',None))
+    import re, collections
+    ptx=k.asm['ptx']; c=collections.Counter(re.findall(r'\b((?:atom|red)\.global\S*)', ptx)); print('   atomics:', dict(c), 'st.local', ptx.count('st.local'))
+    return k
+def sig_of(fn, types):
+    names = fn.arg_names
+    return {n: types.get(n, 'i32') for n in names}
+def run(fn, ptrs, consts, opt):
+    names = fn.arg_names
+    sig = {}
+    for n in names:
+        if n in consts: sig[n] = 'constexpr'
+        elif n in ptrs: sig[n] = ptrs[n]
+        else: sig[n] = 'i32'
+    c = {(names.index(n),): v for n, v in consts.items()}
+    return comp(fn, sig, c, **opt)
+import sys
+which = sys.argv[1:] or ['score','select','fwd','bwd','klf','klb']
+if 'score' in which:
+  for dt, ieee in (('*bf16',False),('*fp8e4nv',False)):
+    run(I._score_kernel, dict(Q=dt,K=dt,W='*fp32',KS='*fp32',OUT='*fp32',BLIM='*i32',QPOS='*i64',KPOS='*i64'),
+        dict(HI=64,DI=128,DIP=128,BM=64,BN=128,HAS_KS=(dt=='*fp8e4nv'),IEEE=ieee,UPCAST=False), dict(num_warps=8,num_stages=3))
+if 'select' in which:
+  run(I._select_kernel, dict(S='*fp32',OUT='*i64',RLIM='*i32'), dict(TOPK=2048,TILE=2048,OTILE=1024), dict(num_warps=8))
+if 'fwd' in which:
+  run(A._sparse_fwd_kernel, dict(Q='*bf16',KV='*bf16',IDX='*i64',O='*bf16',LSE='*fp32',scale_log2='fp32'),
+      dict(H=16,HP=16,DV=512,D1=512,DR=64,D2=64,BK=64,IEEE=False,UPCAST=False), dict(num_warps=4,num_stages=2))
+if 'bwd' in which:
+  for am in (0,):
+    run(A._sparse_bwd_kernel, dict(Q='*bf16',KV='*bf16',IDX='*i64',DO='*bf16',LSE='*fp32',DELTA='*fp32',DQ='*bf16',DKV='*fp32',scale='fp32',scale_log2='fp32'),
+      dict(H=16,HP=16,DV=512,D1=512,DR=64,D2=64,BK=32,IEEE=False,UPCAST=False,ATOMIC=am,DS_3XTF32=False), dict(num_warps=8,num_stages=2))
+if 'klf' in which:
+  run(L._sparse_kl_fwd_kernel, dict(QM='*bf16',KV='*bf16',QI='*bf16',KI='*bf16',WI='*fp32',IDX='*i64',KL='*fp32',P='*fp32',LSEI='*fp32',scale_log2='fp32'),
+      dict(H=16,HP=16,DV=512,D1=512,DR=64,D2=64,HI=64,HIP=64,DI=128,DIP=128,BK=32,IEEE=False,IEEE_I=False,UPCAST=False), dict(num_warps=4,num_stages=2))
+if 'klb' in which:
+  run(L._sparse_kl_bwd_kernel, dict(QI='*bf16',KI='*bf16',WI='*fp32',IDX='*i64',P='*fp32',LSEI='*fp32',GKL='*fp32',DQI='*bf16',DKI='*fp32',DWI='*fp32'),
+      dict(HI=64,HIP=64,DI=128,DIP=128,BK=64,IEEE_I=False,UPCAST=False,ATOMIC=0,DS_3XTF32=False), dict(num_warps=4,num_stages=2))

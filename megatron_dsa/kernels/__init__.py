@@ -1,0 +1,30 @@
+"""Triton kernels for DeepSeek Sparse Attention; each function equals the one of the same name in
+``megatron_dsa.reference`` (same arguments, shapes, dtypes and return values).
+
+* ``indexer_topk(q, k, w, topk, q_pos=None, k_pos=None, fp8=False)`` -> [B, Sq, topk] int64
+* ``sparse_mla_attention(q, kv, topk_idx, v_dim, scale)`` -> (out, lse), autograd
+* ``sparse_indexer_kl(q_main, kv, q_idx, k_idx, w_idx, topk_idx, scale)`` -> kl [B, Sq], autograd
+* ``dense_indexer_kl(q_main, kv, q_idx, k_idx, w_idx, scale, topk, q_pos=None, k_pos=None)``
+  -> (kl, recall), autograd (blockwise PyTorch, analytic backward)
+* ``available()``: Triton importable and CUDA present, or TRITON_INTERPRET=1.
+* ``dsa_flops(...)``, ``dense_attention_flops(...)``: FLOP counts including the indexer's S^2 term.
+
+Set TRITON_INTERPRET=1 before importing triton to run the kernels on CPU tensors.
+"""
+
+from ._common import available
+from .flops import dense_attention_flops, dsa_flops
+from .indexer import fp8_quantize, indexer_topk
+from .indexer_kl import dense_indexer_kl, sparse_indexer_kl
+from .sparse_attn import sparse_mla_attention
+
+__all__ = [
+    "available",
+    "indexer_topk",
+    "fp8_quantize",
+    "sparse_mla_attention",
+    "sparse_indexer_kl",
+    "dense_indexer_kl",
+    "dsa_flops",
+    "dense_attention_flops",
+]

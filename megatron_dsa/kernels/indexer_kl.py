@@ -1,0 +1,353 @@
+"""The indexer's KL objectives without S^2 memory.
+
+* ``sparse_indexer_kl``: fused Triton forward and backward over the selected set.  Forward, one
+  program per (token, batch): pass 1 streams the selected KV rows and builds the main
+  attention's per-head log-sum-exp; pass 2 recomputes the probabilities, sums them over heads
+  (the target p, renormalised over the set), computes the indexer logits for the same rows,
+  and accumulates sum p log p, sum p I and the indexer's online log-sum-exp:
+  KL = sum p log p - sum p I + lse_I * sum p.  p is kept ([B, Sq, K] fp32) for backward, which
+  recomputes the logits and pushes dI = g * (softmax(I) - p) into q_idx, w_idx (per program)
+  and k_idx (fp32 atomic adds).
+* ``dense_indexer_kl``: blockwise PyTorch over query chunks (O(chunk x Sk) memory), as an
+  autograd.Function whose backward recomputes each chunk and uses dI = g * (softmax(I) - p)
+  directly.  Not a fused kernel (yet).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import reference as R
+from .sparse_attn import atomic_mode
+from . import _common as _C
+from ._common import HAS_TRITON, _atomic_add_f32, _dot, _dot_ds, interpreting, is_fp32, next_pow2, triton, tl
+
+DENSE_CHUNK_ELEMENTS = 1 << 26
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _main_scores(q1, q2, rowp, valid, d1, d1m, d2, d2m,
+                     DV: tl.constexpr, DR: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+        kv1 = tl.load(rowp[:, None] + d1[None, :], mask=valid[:, None] & d1m[None, :], other=0.0)
+        s = _dot(q1, tl.trans(kv1), IEEE, UPCAST)
+        if DR > 0:
+            kv2 = tl.load(rowp[:, None] + DV + d2[None, :], mask=valid[:, None] & d2m[None, :], other=0.0)
+            s += _dot(q2, tl.trans(kv2), IEEE, UPCAST)
+        return s
+
+    @triton.jit
+    def _sparse_kl_fwd_kernel(
+        QM, KV, QI, KI, WI, IDX, KL, P, LSEI,
+        Sk, TOPK, scale_log2,
+        s_qmb, s_qms, s_qmh,
+        s_kvb, s_kvs,
+        s_qib, s_qis, s_qih,
+        s_kib, s_kis,
+        s_wib, s_wis, s_wih,
+        s_ib, s_is,
+        s_lb, s_ls,
+        H: tl.constexpr, HP: tl.constexpr,
+        DV: tl.constexpr, D1: tl.constexpr, DR: tl.constexpr, D2: tl.constexpr,
+        HI: tl.constexpr, HIP: tl.constexpr, DI: tl.constexpr, DIP: tl.constexpr,
+        BK: tl.constexpr, IEEE: tl.constexpr, IEEE_I: tl.constexpr, UPCAST: tl.constexpr,
+    ):
+        t = tl.program_id(0)
+        b = tl.program_id(1)
+        h = tl.arange(0, HP)
+        hm = h < H
+        d1 = tl.arange(0, D1)
+        d1m = d1 < DV
+        d2 = tl.arange(0, D2)
+        d2m = d2 < DR
+        qb = QM + b * s_qmb + t * s_qms + h[:, None] * s_qmh
+        q1 = tl.load(qb + d1[None, :], mask=hm[:, None] & d1m[None, :], other=0.0)
+        q2 = tl.load(qb + DV + d2[None, :], mask=hm[:, None] & d2m[None, :], other=0.0)
+        ib = IDX + b * s_ib + t * s_is
+        kvb = KV + b * s_kvb
+        # Pass 1: per-head log-sum-exp of the main scores over the selected set.
+        m_i = tl.full((HP,), float("-inf"), tl.float32)
+        l_i = tl.zeros((HP,), tl.float32)
+        for k0 in range(0, TOPK, BK):
+            kk = k0 + tl.arange(0, BK)
+            idx = tl.load(ib + kk, mask=kk < TOPK, other=-1)
+            valid = (idx >= 0) & (idx < Sk)
+            s = _main_scores(q1, q2, kvb + idx * s_kvs, valid, d1, d1m, d2, d2m, DV, DR, IEEE, UPCAST)
+            s = tl.where(valid[None, :], s * scale_log2, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), axis=1)
+            m_i = m_new
+        has_h = (l_i > 0.0) & hm
+        lse2 = tl.where(has_h, m_i + tl.log2(tl.where(has_h, l_i, 1.0)), float("inf"))
+        n_h = tl.sum(has_h.to(tl.float32), axis=0)
+        inv_h = 1.0 / tl.maximum(n_h, 1.0)
+        # Pass 2: target p, indexer logits, KL terms.
+        j = tl.arange(0, HIP)
+        jm = j < HI
+        di = tl.arange(0, DIP)
+        dim_ = di < DI
+        qi = tl.load(QI + b * s_qib + t * s_qis + j[:, None] * s_qih + di[None, :],
+                     mask=jm[:, None] & dim_[None, :], other=0.0)
+        wi = tl.load(WI + b * s_wib + t * s_wis + j * s_wih, mask=jm, other=0.0).to(tl.float32)
+        kib = KI + b * s_kib
+        mI = float("-inf")
+        lI = 0.0
+        plogp = 0.0
+        pI = 0.0
+        psum = 0.0
+        pb = P + b * s_ib + t * s_is
+        for k0 in range(0, TOPK, BK):
+            kk = k0 + tl.arange(0, BK)
+            idx = tl.load(ib + kk, mask=kk < TOPK, other=-1)
+            valid = (idx >= 0) & (idx < Sk)
+            s = _main_scores(q1, q2, kvb + idx * s_kvs, valid, d1, d1m, d2, d2m, DV, DR, IEEE, UPCAST)
+            ph = tl.exp2(s * scale_log2 - lse2[:, None])
+            p = tl.where(valid, tl.sum(ph, axis=0) * inv_h, 0.0)
+            tl.store(pb + kk, p, mask=kk < TOPK)
+            ki = tl.load(kib + idx[:, None] * s_kis + di[None, :], mask=valid[:, None] & dim_[None, :], other=0.0)
+            si = _dot(qi, tl.trans(ki), IEEE_I, UPCAST)
+            logit = tl.sum(tl.maximum(si, 0.0) * wi[:, None], axis=0)
+            logit = tl.where(valid, logit, float("-inf"))
+            m_new = tl.maximum(mI, tl.max(logit, axis=0))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            lI = lI * tl.exp(mI - m_safe) + tl.sum(tl.exp(logit - m_safe), axis=0)
+            mI = m_new
+            pos = p > 0.0
+            plogp += tl.sum(tl.where(pos, p * tl.log(tl.where(pos, p, 1.0)), 0.0), axis=0)
+            pI += tl.sum(tl.where(pos, p * tl.where(valid, logit, 0.0), 0.0), axis=0)
+            psum += tl.sum(p, axis=0)
+        hasI = lI > 0.0
+        lseI = tl.where(hasI, mI + tl.log(tl.where(hasI, lI, 1.0)), float("-inf"))
+        kl = tl.where(hasI, plogp - pI + tl.where(hasI, lseI, 0.0) * psum, 0.0)
+        tl.store(KL + b * s_lb + t * s_ls, kl)
+        tl.store(LSEI + b * s_lb + t * s_ls, lseI)
+
+    @triton.jit
+    def _sparse_kl_bwd_kernel(
+        QI, KI, WI, IDX, P, LSEI, GKL, DQI, DKI, DWI,
+        Sk, TOPK,
+        s_qib, s_qis, s_qih,
+        s_kib, s_kis,
+        s_wib, s_wis, s_wih,
+        s_ib, s_is,
+        s_lb, s_ls,
+        s_dkb, s_dks,
+        HI: tl.constexpr, HIP: tl.constexpr, DI: tl.constexpr, DIP: tl.constexpr,
+        BK: tl.constexpr, IEEE_I: tl.constexpr, UPCAST: tl.constexpr, ATOMIC: tl.constexpr, DS_3XTF32: tl.constexpr,
+    ):
+        # DQI shares QI's strides, DWI shares WI's strides (both fp32 buffers made contiguous alike).
+        t = tl.program_id(0)
+        b = tl.program_id(1)
+        j = tl.arange(0, HIP)
+        jm = j < HI
+        di = tl.arange(0, DIP)
+        dim_ = di < DI
+        qi = tl.load(QI + b * s_qib + t * s_qis + j[:, None] * s_qih + di[None, :],
+                     mask=jm[:, None] & dim_[None, :], other=0.0)
+        wi = tl.load(WI + b * s_wib + t * s_wis + j * s_wih, mask=jm, other=0.0).to(tl.float32)
+        lseI = tl.load(LSEI + b * s_lb + t * s_ls)
+        g = tl.load(GKL + b * s_lb + t * s_ls)
+        lse_safe = tl.where(lseI == float("-inf"), float("inf"), lseI)
+        ib = IDX + b * s_ib + t * s_is
+        pb = P + b * s_ib + t * s_is
+        kib = KI + b * s_kib
+        dkb = DKI + b * s_dkb
+        dq = tl.zeros((HIP, DIP), tl.float32)
+        dw = tl.zeros((HIP,), tl.float32)
+        for k0 in range(0, TOPK, BK):
+            kk = k0 + tl.arange(0, BK)
+            idx = tl.load(ib + kk, mask=kk < TOPK, other=-1)
+            valid = (idx >= 0) & (idx < Sk)
+            p = tl.load(pb + kk, mask=kk < TOPK, other=0.0)
+            ki = tl.load(kib + idx[:, None] * s_kis + di[None, :], mask=valid[:, None] & dim_[None, :], other=0.0)
+            si = _dot(qi, tl.trans(ki), IEEE_I, UPCAST)
+            r = tl.maximum(si, 0.0)
+            logit = tl.sum(r * wi[:, None], axis=0)
+            sm = tl.exp(logit - lse_safe)
+            dI = tl.where(valid, g * (sm - p), 0.0)
+            dw += tl.sum(r * dI[None, :], axis=1)
+            dS = tl.where(si > 0.0, dI[None, :] * wi[:, None], 0.0)
+            dSc = dS.to(ki.dtype)
+            dq += _dot(dSc, ki, IEEE_I, UPCAST)
+            dk = _dot_ds(tl.trans(dS), qi, IEEE_I, UPCAST, DS_3XTF32)
+            _atomic_add_f32(dkb + idx[:, None] * s_dks + di[None, :], dk, valid[:, None] & dim_[None, :], ATOMIC)
+        tl.store(DQI + b * s_qib + t * s_qis + j[:, None] * s_qih + di[None, :], dq.to(DQI.dtype.element_ty),
+                 mask=jm[:, None] & dim_[None, :])
+        tl.store(DWI + b * s_wib + t * s_wis + j * s_wih, dw.to(DWI.dtype.element_ty), mask=jm)
+
+
+# Optional (BK, num_warps, num_stages) overrides.
+KL_FWD_CFG = None
+KL_BWD_CFG = None
+
+
+def _kl_cfg(on_gpu, bwd=False):
+    if not on_gpu:
+        return (16, 4, 1)
+    # Measured at 128K (H200): forward (32, 4, 2) 197 ms vs (32, 8, 2) 261 ms;
+    # backward (64, 4, 2) 98 ms vs (32, 8, 2) 196 ms.
+    if bwd:
+        return KL_BWD_CFG or (64, 4, 2)
+    return KL_FWD_CFG or (32, 4, 2)
+
+
+class SparseIndexerKL(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q_main, kv, q_idx, k_idx, w_idx, topk_idx, scale):
+        B, Sq, H, D = q_main.shape
+        HI, DI = q_idx.shape[2], q_idx.shape[3]
+        Sk = kv.shape[1]
+        K = topk_idx.shape[-1]
+        # Split D into its largest power-of-two part and the tail (576 = 512 + 64, 192 = 128 + 64).
+        DV = 1 << (D.bit_length() - 1)
+        DR = D - DV
+        D1 = next_pow2(DV, 16)
+        D2 = next_pow2(DR, 16) if DR > 0 else 16
+        qm, kvc = q_main.detach().contiguous(), kv.detach().contiguous()
+        qi, ki, wi = q_idx.detach().contiguous(), k_idx.detach().contiguous(), w_idx.detach().contiguous()
+        idx = topk_idx.contiguous()
+        kl = torch.empty(B, Sq, dtype=torch.float32, device=q_main.device)
+        lseI = torch.empty(B, Sq, dtype=torch.float32, device=q_main.device)
+        P = torch.empty(B, Sq, K, dtype=torch.float32, device=q_main.device)
+        BK, nw, ns = _kl_cfg(q_main.is_cuda)
+        if Sq:
+            _sparse_kl_fwd_kernel[(Sq, B)](
+                qm, kvc, qi, ki, wi, idx, kl, P, lseI,
+                Sk, K, scale * 1.4426950408889634,
+                qm.stride(0), qm.stride(1), qm.stride(2),
+                kvc.stride(0), kvc.stride(1),
+                qi.stride(0), qi.stride(1), qi.stride(2),
+                ki.stride(0), ki.stride(1),
+                wi.stride(0), wi.stride(1), wi.stride(2),
+                idx.stride(0), idx.stride(1),
+                kl.stride(0), kl.stride(1),
+                H=H, HP=next_pow2(H, 16), DV=DV, D1=D1, DR=DR, D2=D2,
+                HI=HI, HIP=next_pow2(HI, 16), DI=DI, DIP=next_pow2(DI, 16),
+                BK=BK, IEEE=is_fp32(qm, kvc), IEEE_I=is_fp32(qi, ki), UPCAST=interpreting(),
+                num_warps=nw, num_stages=ns,
+            )
+        ctx.save_for_backward(qi, ki, wi, idx, P, lseI)
+        ctx.dtypes = (q_idx.dtype, k_idx.dtype, w_idx.dtype)
+        return kl
+
+    @staticmethod
+    def backward(ctx, gkl):
+        qi, ki, wi, idx, P, lseI = ctx.saved_tensors
+        B, Sq, HI, DI = qi.shape
+        Sk = ki.shape[1]
+        K = idx.shape[-1]
+        gkl = gkl.float().contiguous()
+        # The kernel accumulates in fp32 and stores in the inputs' dtypes (no fp32 copies).
+        dqi = torch.empty_like(qi)
+        dwi = torch.empty_like(wi)
+        dki = torch.zeros(ki.shape, dtype=torch.float32, device=qi.device)
+        # DQI/DWI use QI/WI strides: make sure the layouts agree.
+        assert dqi.stride() == qi.stride() and dwi.stride() == wi.stride()
+        BK, nw, ns = _kl_cfg(qi.is_cuda, bwd=True)
+        if Sq:
+            _sparse_kl_bwd_kernel[(Sq, B)](
+                qi, ki, wi, idx, P, lseI, gkl, dqi, dki, dwi,
+                Sk, K,
+                qi.stride(0), qi.stride(1), qi.stride(2),
+                ki.stride(0), ki.stride(1),
+                wi.stride(0), wi.stride(1), wi.stride(2),
+                idx.stride(0), idx.stride(1),
+                lseI.stride(0), lseI.stride(1),
+                dki.stride(0), dki.stride(1),
+                HI=HI, HIP=next_pow2(HI, 16), DI=DI, DIP=next_pow2(DI, 16),
+                BK=BK, IEEE_I=is_fp32(qi, ki), UPCAST=interpreting(), ATOMIC=atomic_mode(), DS_3XTF32=_C.DS_3XTF32,
+                num_warps=nw, num_stages=ns,
+            )
+        dq_t, dk_t, dw_t = ctx.dtypes
+        return None, None, dqi.to(dq_t), dki.to(dk_t), dwi.to(dw_t), None, None
+
+
+def sparse_indexer_kl(q_main, kv, q_idx, k_idx, w_idx, topk_idx, scale):
+    """Same contract as ``reference.sparse_indexer_kl``: kl [B, Sq]; grads reach q_idx, k_idx, w_idx."""
+    return SparseIndexerKL.apply(q_main, kv, q_idx, k_idx, w_idx, topk_idx, scale)
+
+
+# --------------------------------------------------------------------------------------------
+# Dense (warm-up) KL: blockwise PyTorch, analytic backward
+# --------------------------------------------------------------------------------------------
+
+
+def _dense_target(qm, qp, kv, k_pos, scale):
+    mask = R.causal_mask(qp, k_pos)[None]  # [1, c, Sk]
+    scores = torch.einsum("bthd,bsd->bths", R._up(qm), R._up(kv)) * scale
+    probs = torch.softmax(scores.masked_fill(~mask[:, :, None], float("-inf")), dim=-1)
+    return R.head_summed_target(probs.nan_to_num_(0.0)), mask
+
+
+class DenseIndexerKL(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q_main, kv, q_idx, k_idx, w_idx, scale, topk, q_pos, k_pos):
+        B, Sq, H = q_main.shape[:3]
+        Sk = kv.shape[1]
+        step = max(1, min(Sq, DENSE_CHUNK_ELEMENTS // max(B * max(H, q_idx.shape[2]) * Sk, 1)))
+        kl = torch.empty(B, Sq, dtype=torch.float32, device=q_main.device)
+        recall = torch.empty_like(kl)
+        qm, kvd = q_main.detach(), kv.detach()
+        for t0 in range(0, Sq, step):
+            t1 = min(Sq, t0 + step)
+            p, mask = _dense_target(qm[:, t0:t1], q_pos[t0:t1], kvd, k_pos, scale)
+            logits = R.indexer_scores(q_idx[:, t0:t1], k_idx, w_idx[:, t0:t1])
+            kl[:, t0:t1] = R.kl_rows(p, logits, mask)
+            sel = R.topk_from_scores(logits, mask, topk)
+            recall[:, t0:t1] = (torch.gather(p, -1, sel.clamp_min(0)) * (sel >= 0)).sum(-1)
+        ctx.save_for_backward(qm, kvd, q_idx.detach(), k_idx.detach(), w_idx.detach(), q_pos, k_pos)
+        ctx.scale, ctx.step = scale, step
+        ctx.mark_non_differentiable(recall)
+        return kl, recall
+
+    @staticmethod
+    def backward(ctx, gkl, grecall):
+        qm, kvd, qi, ki, wi, q_pos, k_pos = ctx.saved_tensors
+        Sq = qm.shape[1]
+        gkl = torch.zeros(qm.shape[:2], device=qm.device) if gkl is None else gkl.float()
+        dq = torch.zeros_like(qi, dtype=torch.float32)
+        dw = torch.zeros_like(wi, dtype=torch.float32)
+        dk = torch.zeros_like(ki, dtype=torch.float32)
+        for t0 in range(0, Sq, ctx.step):
+            t1 = min(Sq, t0 + ctx.step)
+            with torch.no_grad():
+                p, mask = _dense_target(qm[:, t0:t1], q_pos[t0:t1], kvd, k_pos, ctx.scale)
+            with torch.enable_grad():
+                qc = qi[:, t0:t1].detach().requires_grad_()
+                wc = wi[:, t0:t1].detach().requires_grad_()
+                kc = ki.detach().requires_grad_()
+                # Out of place (reference.indexer_scores works in place, not for autograd).
+                logits = (
+                    torch.einsum("btjd,bsd->btjs", R._up(qc), R._up(kc)).relu()
+                    * R._up(wc)[..., None]
+                ).sum(dim=2)
+                with torch.no_grad():
+                    sm = torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1).nan_to_num_(0.0)
+                    dlog = (gkl[:, t0:t1, None] * (sm - p)).masked_fill_(~mask, 0.0)
+                gq, gk, gw = torch.autograd.grad(logits, (qc, kc, wc), dlog)
+            dq[:, t0:t1] = gq
+            dw[:, t0:t1] = gw
+            dk += gk
+        return None, None, dq.to(qi.dtype), dk.to(ki.dtype), dw.to(wi.dtype), None, None, None, None
+
+
+def dense_indexer_kl(
+    q_main: torch.Tensor,
+    kv: torch.Tensor,
+    q_idx: torch.Tensor,
+    k_idx: torch.Tensor,
+    w_idx: torch.Tensor,
+    scale: float,
+    topk: int,
+    q_pos: Optional[torch.Tensor] = None,
+    k_pos: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same contract as ``reference.dense_indexer_kl``: (kl [B, Sq], recall [B, Sq])."""
+    Sq, Sk = q_main.shape[1], kv.shape[1]
+    q_pos = R._positions(q_pos, Sq, q_main.device)
+    k_pos = R._positions(k_pos, Sk, q_main.device)
+    return DenseIndexerKL.apply(q_main, kv, q_idx, k_idx, w_idx, scale, topk, q_pos, k_pos)

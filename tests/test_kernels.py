@@ -1,0 +1,253 @@
+"""Triton kernels vs the reference, on fresh random inputs.
+
+Without CUDA the kernels run on CPU tensors through Triton's interpreter (TRITON_INTERPRET=1 is
+set below before triton is imported), at small shapes.  With CUDA they run on the GPU.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+triton = pytest.importorskip("triton")
+
+from megatron_dsa import kernels as K  # noqa: E402
+from megatron_dsa import reference as R  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not K.available(), reason="needs Triton with CUDA or TRITON_INTERPRET=1")
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+BIG = DEV == "cuda"  # larger shapes on the GPU
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed():
+    torch.manual_seed(int.from_bytes(os.urandom(4), "little"))
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def _finite(*ts):
+    for t in ts:
+        assert not torch.isnan(t).any(), "NaN in output"
+
+
+def _fp32_leaves(*ts):
+    """fp32 copies (leaves, same requires_grad) for the higher-precision oracle.
+
+    For bf16 inputs the oracle is the reference run in fp32: the reference's own bf16 path
+    accumulates its gather backward (index scatter-add) in bf16, ~1-2e-2 off on dkv / dk_idx,
+    while the kernels accumulate in fp32.
+    """
+    return [t.detach().float().requires_grad_(t.requires_grad) for t in ts]
+
+
+def _check_topk(got, ref, scores, mask, tol):
+    """Same sets per row up to near-ties at the threshold; -1 counts equal; order descending."""
+    assert got.shape == ref.shape and got.dtype == torch.long
+    B, Sq, k = got.shape
+    masked = scores.masked_fill(~mask, float("-inf"))
+    for b in range(B):
+        for t in range(Sq):
+            g, r = got[b, t], ref[b, t]
+            assert int((g < 0).sum()) == int((r < 0).sum()), (b, t)
+            assert bool((g[: int((g >= 0).sum())] >= 0).all()), "-1 must trail"
+            gs, rs = set(g[g >= 0].tolist()), set(r[r >= 0].tolist())
+            assert len(gs) == int((g >= 0).sum()), "duplicate index"
+            if gs != rs:
+                row = masked[b, t]
+                thr = row[r[r >= 0]].min()
+                diff = torch.tensor(sorted(gs ^ rs))
+                assert bool(mask[t, diff].all()), "ineligible key selected"
+                assert float((row[diff] - thr).abs().max()) <= tol * (1 + abs(float(thr))), (b, t)
+            v = masked[b, t, g[g >= 0]]
+            assert bool((v[1:] <= v[:-1] + tol * (1 + v.abs().max())).all()), "not score-descending"
+
+
+TOPK_CASES = [
+    # B, Sq, Sk, HI, DI, topk, dtype, positions
+    (1, 70, 70, 4, 32, 16, torch.float32, "causal"),
+    (2, 45, 45, 3, 16, 64, torch.bfloat16, "causal"),  # every row shorter than topk
+    (1, 50, 90, 2, 64, 24, torch.float32, "offset"),  # queries are the last 50 of 90 keys
+    (1, 33, 40, 2, 32, 12, torch.float32, "shuffled"),  # unsorted key positions
+]
+
+
+@pytest.mark.parametrize("B,Sq,Sk,HI,DI,topk,dtype,pos", TOPK_CASES)
+def test_indexer_topk(B, Sq, Sk, HI, DI, topk, dtype, pos):
+    if BIG:
+        Sq, Sk, topk = Sq * 20, Sk * 20, topk * 8
+    q = torch.randn(B, Sq, HI, DI, device=DEV).to(dtype)
+    k = torch.randn(B, Sk, DI, device=DEV).to(dtype)
+    w = torch.randn(B, Sq, HI, device=DEV)
+    q_pos = k_pos = None
+    if pos == "offset":
+        q_pos = torch.arange(Sk - Sq, Sk, device=DEV)
+    elif pos == "shuffled":
+        k_pos = torch.randperm(Sk, device=DEV)
+        q_pos = torch.randint(0, Sk, (Sq,), device=DEV)
+    got = K.indexer_topk(q, k, w, topk, q_pos, k_pos)
+    ref = R.indexer_topk(q, k, w, topk, q_pos, k_pos)
+    qp = R._positions(q_pos, Sq, DEV)
+    kp = R._positions(k_pos, Sk, DEV)
+    _check_topk(got, ref, R.indexer_scores(q, k, w), R.causal_mask(qp, kp), 1e-4)
+
+
+def test_indexer_topk_ties_go_to_smaller_index():
+    B, S, HI, DI, topk = 1, 60, 2, 16, 10
+    # Small integers and powers of two: every score is exact, so equal keys tie exactly.
+    distinct = torch.randint(-2, 3, (4, DI), device=DEV).float()
+    k = distinct[torch.randint(0, 4, (S,), device=DEV)][None]  # many exactly equal keys
+    q = torch.randint(-2, 3, (B, S, HI, DI), device=DEV).float()
+    w = 2.0 ** torch.randint(-2, 3, (B, S, HI), device=DEV).float()
+    got = K.indexer_topk(q, k, w, topk)
+    ref = R.indexer_topk(q, k, w, topk)
+    for t in range(S):
+        assert set(got[0, t].tolist()) == set(ref[0, t].tolist()), t
+
+
+@pytest.mark.parametrize("B,S,HI,DI,topk", [(1, 150, 4, 64, 32)])
+def test_indexer_topk_fp8(B, S, HI, DI, topk):
+    if BIG:
+        S, topk = 4096, 512
+    q = R.hadamard_transform(torch.randn(B, S, HI, DI, device=DEV))
+    k = R.hadamard_transform(torch.randn(B, S, DI, device=DEV))
+    w = torch.randn(B, S, HI, device=DEV)
+    got = K.indexer_topk(q, k, w, topk, fp8=True)
+    # Exact oracle: the reference on the dequantised fp8 inputs.
+    q8, qs = K.fp8_quantize(q)
+    k8, ks = K.fp8_quantize(k)
+    qd, kd = q8.float() * qs[..., None], k8.float() * ks[..., None]
+    oracle = R.indexer_topk(qd, kd, w, topk)
+    mask = R.causal_mask(torch.arange(S, device=DEV), torch.arange(S, device=DEV))
+    # fp8 tensor-core products accumulate with reduced precision on Hopper (the H200 showed
+    # order swaps beyond 2e-3 of the row max): near-ties within 1e-2 may swap.
+    _check_topk(got, oracle, R.indexer_scores(qd, kd, w), mask, 1e-2)
+    # Overlap with the full-precision top-k (rows with fewer eligible keys than topk count 1).
+    ref = R.indexer_topk(q, k, w, topk)
+    hits = ((got[..., :, None] == ref[..., None, :]) & (ref[..., None, :] >= 0)).any(-1).sum(-1)
+    overlap = (hits.float() / (ref >= 0).sum(-1).clamp_min(1)).mean().item()
+    # e4m3 quantisation alone costs ~2% of the set on Gaussian data (measured 97.8% on the H200
+    # at 8K / top-2048, 98% here); the 99% goal is not met on such data, see benchmarks/NOTES.md.
+    assert overlap >= (0.97 if BIG else 0.95), overlap
+
+
+ATTN_CASES = [
+    # B, S, H, v_dim, rope, topk, dtype
+    (1, 50, 3, 32, 16, 24, torch.float32),
+    (2, 37, 16, 64, 32, 40, torch.bfloat16),  # topk > S: -1 tails
+    (1, 20, 2, 48, 0, 8, torch.float32),  # v_dim not a power of two, no rope part
+    (1, 9, 2, 512, 64, 8, torch.bfloat16),  # the 671B model's 576 / 512 dims
+]
+
+
+def _random_idx(B, S, Sk, topk, holes=True):
+    scores = torch.randn(S, Sk, device=DEV)
+    idx = R.topk_from_scores(scores, R.causal_mask(torch.arange(S, device=DEV), torch.arange(Sk, device=DEV)), topk)
+    idx = idx[None].repeat(B, 1, 1)
+    if holes:  # unused slots in the middle, and one row with no key at all
+        idx[:, :: 3, 0] = -1
+        idx[:, min(4, S - 1)] = -1
+    return idx.contiguous()
+
+
+@pytest.mark.parametrize("B,S,H,v_dim,rope,topk,dtype", ATTN_CASES)
+def test_sparse_mla_attention(B, S, H, v_dim, rope, topk, dtype):
+    if BIG:
+        S, topk = S * 20, topk * 4
+    D = v_dim + rope
+    q = torch.randn(B, S, H, D, device=DEV).to(dtype).requires_grad_()
+    kv = torch.randn(B, S, D, device=DEV).to(dtype).requires_grad_()
+    idx = _random_idx(B, S, S, topk)
+    scale = D**-0.5
+    out, lse = K.sparse_mla_attention(q, kv, idx, v_dim, scale)
+    assert out.dtype == dtype
+    q32, kv32 = _fp32_leaves(q, kv)
+    out_r, lse_r = R.sparse_mla_attention(q32, kv32, idx, v_dim, scale)
+    assert out.shape == out_r.shape
+    assert lse.shape == lse_r.shape and lse.dtype == torch.float32
+    _finite(out, lse)
+    assert torch.equal(torch.isinf(lse), torch.isinf(lse_r))
+    fin = torch.isfinite(lse_r)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert rel(out, out_r) < tol
+    assert (lse[fin] - lse_r[fin]).abs().max().item() < 10 * tol
+    go = torch.randn_like(out)
+    gq, gkv = torch.autograd.grad(out, (q, kv), go)
+    gq_r, gkv_r = torch.autograd.grad(out_r, (q32, kv32), go.float())
+    _finite(gq, gkv)
+    assert gq.dtype == dtype and gkv.dtype == dtype
+    assert rel(gq, gq_r) < tol and rel(gkv, gkv_r) < tol
+
+
+@pytest.mark.parametrize(
+    "B,S,H,D,HI,DI,topk,dtype",
+    [(1, 40, 3, 48, 4, 32, 24, torch.float32), (2, 33, 16, 96, 3, 16, 40, torch.bfloat16)],
+)
+def test_sparse_indexer_kl(B, S, H, D, HI, DI, topk, dtype):
+    if BIG:
+        S, topk = S * 20, topk * 4
+    qm = torch.randn(B, S, H, D, device=DEV).to(dtype)
+    kv = torch.randn(B, S, D, device=DEV).to(dtype)
+    qi = torch.randn(B, S, HI, DI, device=DEV).to(dtype).requires_grad_()
+    ki = torch.randn(B, S, DI, device=DEV).to(dtype).requires_grad_()
+    wi = torch.randn(B, S, HI, device=DEV).requires_grad_()
+    idx = _random_idx(B, S, S, topk)
+    scale = D**-0.5
+    kl = K.sparse_indexer_kl(qm, kv, qi, ki, wi, idx, scale)
+    qm32, kv32, qi32, ki32, wi32 = _fp32_leaves(qm, kv, qi, ki, wi)
+    kl_r = R.sparse_indexer_kl(qm32, kv32, qi32, ki32, wi32, idx, scale)
+    _finite(kl)
+    assert kl.shape == kl_r.shape and kl.dtype == torch.float32
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert rel(kl, kl_r) < tol
+    g = torch.randn_like(kl)
+    grads = torch.autograd.grad(kl, (qi, ki, wi), g)
+    grads_r = torch.autograd.grad(kl_r, (qi32, ki32, wi32), g)
+    for a, b, x in zip(grads, grads_r, (qi, ki, wi)):
+        _finite(a)
+        assert a.dtype == x.dtype and rel(a, b) < tol
+
+
+@pytest.mark.parametrize("pos", ["causal", "offset"])
+def test_dense_indexer_kl(pos):
+    B, Sq, Sk, H, D, HI, DI, topk = 2, 24, 30, 4, 48, 3, 16, 8
+    if BIG:
+        Sq, Sk = 500, 700
+    qm = torch.randn(B, Sq, H, D, device=DEV)
+    kv = torch.randn(B, Sk, D, device=DEV)
+    qi = torch.randn(B, Sq, HI, DI, device=DEV, requires_grad=True)
+    ki = torch.randn(B, Sk, DI, device=DEV, requires_grad=True)
+    wi = torch.randn(B, Sq, HI, device=DEV, requires_grad=True)
+    q_pos = torch.arange(Sk - Sq, Sk, device=DEV) if pos == "offset" else None
+    k_pos = None if pos == "offset" else torch.arange(Sk, device=DEV)
+    if pos == "causal":
+        q_pos = torch.arange(Sq, device=DEV)
+    kl, recall = K.dense_indexer_kl(qm, kv, qi, ki, wi, D**-0.5, topk, q_pos, k_pos)
+    kl_r, recall_r = R.dense_indexer_kl(qm, kv, qi, ki, wi, D**-0.5, topk, q_pos, k_pos)
+    _finite(kl, recall)
+    assert rel(kl, kl_r) < 1e-5 and rel(recall, recall_r) < 1e-5
+    g = torch.randn_like(kl)
+    for a, b in zip(torch.autograd.grad(kl, (qi, ki, wi), g), torch.autograd.grad(kl_r, (qi, ki, wi), g)):
+        _finite(a)
+        assert rel(a, b) < 1e-5
+
+
+def test_dsa_flops_counts_indexer_term():
+    S, HI, DI = 131072, 64, 128
+    f = K.dsa_flops(S, 16, 576, 512, HI, DI, 2048)
+    assert f["indexer_scores"] == pytest.approx(2 * HI * DI * S * (S + 1) / 2)
+    assert f["indexer_scores"] == pytest.approx(1.4e14, rel=0.02)  # the spec's lower bound
+    assert f["total"] > f["indexer_scores"] + f["attn_fwd"] + f["attn_bwd"]
+    nb = K.dsa_flops(S, 16, 576, 512, HI, DI, 2048, backward=False, sparse_kl=False)
+    assert nb["total"] == pytest.approx(nb["indexer_scores"] + nb["attn_fwd"])
+
+
+def test_available():
+    assert K.available()
