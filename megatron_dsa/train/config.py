@@ -1,0 +1,301 @@
+"""Training run configuration: one YAML file per phase and size, ``key=value`` overrides.
+
+A run config is loaded and validated ONCE (``load_config``), before any compute: unknown keys,
+wrong types and bad values raise one ``TrainConfigError`` whose message names the key and
+lists the valid ones. Everything downstream reads the resulting ``RunConfig``.
+
+Layout (every key optional except ``phase``; defaults below)::
+
+    phase: pretrain | warmup | sparse
+    model:       size, overrides (DSATransformerConfig fields, e.g. dsa_indexer_topk)
+    data:        dir (a corpus built by ``python -m megatron_dsa.data build``), seq_length
+    train:       iters, micro_batch_size, global_batch_size, lr, min_lr, lr_warmup_iters,
+                 lr_decay_style, weight_decay, clip_grad, adam_beta1, adam_beta2, seed
+    eval:        interval, iters
+    checkpoint:  save (this phase's torch_dist checkpoints), load_from (previous phase's), interval
+    logging:     interval, tensorboard_dir, progress
+    megatron:    extra Megatron-LM flags, e.g. {use-distributed-optimizer: true}
+
+Overrides: ``train.iters=50``, ``model.overrides.dsa_indexer_topk=8``, ``megatron.bf16=true``.
+Values are parsed as YAML scalars (``1e-3`` -> float, ``true`` -> bool, ``null`` -> None).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PHASES = ("pretrain", "warmup", "sparse")
+# The model mode of each phase and the phase whose checkpoint it starts from.
+PHASE_MODE = {"pretrain": "dense", "warmup": "warmup", "sparse": "sparse"}
+PREVIOUS_PHASE = {"pretrain": None, "warmup": "pretrain", "sparse": "warmup"}
+LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root", "WSD")
+
+
+class TrainConfigError(ValueError):
+    """A bad run configuration or bad run input; one clear message, raised before any compute."""
+
+
+_NOTSET = object()
+
+# key -> (default, allowed python types). None default = optional.
+SCHEMA: dict[str, dict[str, tuple[Any, tuple[type, ...]]]] = {
+    "model": {
+        "size": ("tiny", (str,)),
+        "overrides": ({}, (dict,)),
+    },
+    "data": {
+        "dir": (None, (str,)),
+        "seq_length": (128, (int,)),
+    },
+    "train": {
+        "iters": (100, (int,)),
+        "micro_batch_size": (4, (int,)),
+        "global_batch_size": (None, (int,)),
+        "lr": (None, (float, int)),
+        "min_lr": (None, (float, int)),
+        "lr_warmup_iters": (0, (int,)),
+        "lr_decay_style": ("cosine", (str,)),
+        "weight_decay": (0.1, (float, int)),
+        "clip_grad": (1.0, (float, int)),
+        "adam_beta1": (0.9, (float, int)),
+        "adam_beta2": (0.95, (float, int)),
+        "seed": (1234, (int,)),
+    },
+    "eval": {
+        "interval": (None, (int,)),
+        "iters": (4, (int,)),
+    },
+    "checkpoint": {
+        "save": (None, (str,)),
+        "load_from": (None, (str,)),
+        "interval": (None, (int,)),
+    },
+    "logging": {
+        "interval": (10, (int,)),
+        "tensorboard_dir": (None, (str,)),
+        "progress": (True, (bool,)),
+    },
+    "megatron": {},  # free-form: Megatron-LM flags, checked by Megatron's own parser
+}
+TOP_LEVEL = ("phase", *SCHEMA)
+
+# Reference learning rates of the report (section 3 of docs/dsa-spec.md) for the indexer
+# phases; pretraining of the tiny CPU model uses a larger one.
+DEFAULT_LR = {"pretrain": 3e-3, "warmup": 1e-3, "sparse": 7.3e-6}
+
+
+@dataclass
+class RunConfig:
+    """A validated run config. ``raw`` keeps the nested dict (written next to checkpoints)."""
+
+    phase: str
+    model: dict
+    data: dict
+    train: dict
+    eval: dict
+    checkpoint: dict
+    logging: dict
+    megatron: dict
+    source: str | None = None
+
+    @property
+    def mode(self) -> str:
+        return PHASE_MODE[self.phase]
+
+    def as_dict(self) -> dict:
+        return {k: copy.deepcopy(getattr(self, k)) for k in TOP_LEVEL}
+
+
+def _err(msg: str) -> TrainConfigError:
+    return TrainConfigError(msg)
+
+
+def _yaml_reason(error: yaml.YAMLError) -> str:
+    """One line: the problem and where (PyYAML's own message spans several lines)."""
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    mark = getattr(error, "problem_mark", None)
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+    return f"{problem}{where}"
+
+
+def parse_overrides(items: list[str]) -> list[tuple[list[str], Any]]:
+    """``["train.iters=5", "model.overrides.dsa_indexer_topk=8"]`` -> [(path, value)]."""
+    parsed = []
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise _err(f"bad override {item!r}: expected key=value with a dotted key, e.g. train.iters=50")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as error:
+            raise _err(f"bad value in override {item!r}: {_yaml_reason(error)}") from None
+        parsed.append((key.split("."), value))
+    return parsed
+
+
+def _apply_override(tree: dict, path: list[str], value: Any) -> None:
+    node = tree
+    for i, part in enumerate(path[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise _err(f"override {'.'.join(path)}: {'.'.join(path[: i + 1])} is not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def _check_type(key: str, value: Any, types: tuple[type, ...]) -> Any:
+    if value is None:
+        return None
+    if float in types and isinstance(value, str):
+        # YAML 1.1 reads "1e-3" (no dot) as a string; accept any float literal.
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if isinstance(value, bool) and bool not in types:
+        raise _err(f"{key} must be {'/'.join(t.__name__ for t in types)}, got {value!r}")
+    if not isinstance(value, types):
+        raise _err(f"{key} must be {'/'.join(t.__name__ for t in types)}, got {value!r}")
+    if float in types and isinstance(value, (int, float)):
+        value = float(value)
+        if not math.isfinite(value):
+            raise _err(f"{key} must be finite, got {value!r}")
+    return value
+
+
+def validate_tree(tree: Any, source: str | None = None) -> RunConfig:
+    """Check keys, types and values of a nested config dict; return the RunConfig."""
+    where = f" in {source}" if source else ""
+    if not isinstance(tree, dict):
+        raise _err(f"config{where} must be a mapping of sections, got {type(tree).__name__}")
+    unknown = sorted(set(tree) - set(TOP_LEVEL))
+    if unknown:
+        raise _err(f"unknown config key(s) {unknown}{where}; valid top-level keys: {list(TOP_LEVEL)}")
+    phase = tree.get("phase")
+    if phase not in PHASES:
+        raise _err(f"phase must be one of {list(PHASES)}, got {phase!r}{where}")
+
+    sections: dict[str, dict] = {}
+    for name, fields in SCHEMA.items():
+        given = tree.get(name) or {}
+        if not isinstance(given, dict):
+            raise _err(f"section {name!r}{where} must be a mapping, got {given!r}")
+        if name == "megatron":
+            sections[name] = _check_megatron(given)
+            continue
+        unknown = sorted(set(given) - set(fields))
+        if unknown:
+            raise _err(
+                f"unknown key(s) {[f'{name}.{k}' for k in unknown]}{where}; "
+                f"valid keys of {name!r}: {sorted(fields)}"
+            )
+        section = {}
+        for key, (default, types) in fields.items():
+            value = given.get(key, copy.deepcopy(default))
+            section[key] = _check_type(f"{name}.{key}", value, types)
+        sections[name] = section
+
+    cfg = RunConfig(phase=phase, source=source, **sections)
+    _check_values(cfg)
+    return cfg
+
+
+def _check_megatron(flags: dict) -> dict:
+    out = {}
+    for key, value in flags.items():
+        flag = str(key).replace("_", "-")
+        if flag.startswith("mdsa-"):
+            raise _err(f"megatron.{key}: --mdsa-* flags are set by the trainer, not by hand")
+        if isinstance(value, (dict, list)) and not (isinstance(value, list) and all(
+            isinstance(v, (int, float, str)) for v in value
+        )):
+            raise _err(f"megatron.{key} must be a scalar or a list of scalars, got {value!r}")
+        out[flag] = value
+    return out
+
+
+def _positive(cfg: RunConfig, section: str, key: str, allow_none: bool = False) -> None:
+    value = getattr(cfg, section)[key]
+    if value is None and allow_none:
+        return
+    if value is None or value <= 0:
+        raise _err(f"{section}.{key} must be > 0, got {value!r}")
+
+
+def _check_values(cfg: RunConfig) -> None:
+    from megatron_dsa.model import SIZES
+
+    if cfg.model["size"] not in SIZES:
+        raise _err(f"model.size must be one of {sorted(SIZES)}, got {cfg.model['size']!r}")
+    if cfg.data["dir"] is None:
+        raise _err("data.dir is required: a corpus built by `python -m megatron_dsa.data build`")
+    if cfg.checkpoint["save"] is None:
+        raise _err("checkpoint.save is required: the directory of this phase's checkpoints")
+    for section, key, allow_none in (
+        ("data", "seq_length", False), ("train", "iters", False),
+        ("train", "micro_batch_size", False), ("train", "global_batch_size", True),
+        ("train", "lr", True), ("eval", "interval", True), ("eval", "iters", False),
+        ("checkpoint", "interval", True), ("logging", "interval", False),
+    ):
+        _positive(cfg, section, key, allow_none)
+    t = cfg.train
+    if t["lr"] is None:
+        t["lr"] = DEFAULT_LR[cfg.phase]
+    if t["min_lr"] is None:
+        t["min_lr"] = t["lr"] / 10
+    if not 0 <= t["min_lr"] <= t["lr"]:
+        raise _err(f"train.min_lr must be in [0, train.lr], got {t['min_lr']}")
+    if t["global_batch_size"] is None:
+        t["global_batch_size"] = t["micro_batch_size"]
+    if t["lr_warmup_iters"] < 0 or t["lr_warmup_iters"] >= t["iters"]:
+        raise _err(f"train.lr_warmup_iters must be in [0, train.iters), got {t['lr_warmup_iters']}")
+    if t["lr_decay_style"] not in LR_DECAY_STYLES:
+        raise _err(f"train.lr_decay_style must be one of {list(LR_DECAY_STYLES)}, got {t['lr_decay_style']!r}")
+    for key in ("weight_decay", "clip_grad"):
+        if t[key] < 0:
+            raise _err(f"train.{key} must be >= 0, got {t[key]}")
+    for key in ("adam_beta1", "adam_beta2"):
+        if not 0 <= t[key] < 1:
+            raise _err(f"train.{key} must be in [0, 1), got {t[key]}")
+    if cfg.eval["interval"] is None:
+        cfg.eval["interval"] = t["iters"]
+    if cfg.checkpoint["interval"] is None:
+        cfg.checkpoint["interval"] = t["iters"]
+    if not isinstance(cfg.model["overrides"], dict):
+        raise _err("model.overrides must be a mapping of DSATransformerConfig fields")
+    mode = cfg.model["overrides"].get("mdsa_mode")
+    if mode is not None and mode != cfg.mode:
+        raise _err(f"model.overrides.mdsa_mode is set by the phase ({cfg.phase} -> {cfg.mode}); got {mode!r}")
+
+
+def load_config(path: str | os.PathLike[str] | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML run config, apply ``key=value`` overrides, validate everything once."""
+    tree: Any = {}
+    source = None
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        if not p.is_file():
+            raise _err(f"config file not found: {p}")
+        try:
+            tree = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as error:
+            raise _err(f"config file {p} is not valid YAML: {_yaml_reason(error)}") from None
+        if tree is None:
+            raise _err(f"config file {p} is empty")
+        if not isinstance(tree, dict):
+            raise _err(f"config file {p} must be a mapping of sections, got {type(tree).__name__}")
+    for keys, value in parse_overrides(overrides or []):
+        if keys[0] not in TOP_LEVEL:
+            raise _err(f"unknown config key {'.'.join(keys)!r} (override); valid top-level keys: {list(TOP_LEVEL)}")
+        _apply_override(tree, keys, value)
+    return validate_tree(tree, source)

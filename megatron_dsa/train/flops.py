@@ -1,0 +1,145 @@
+"""FLOP counter for the DSA MoE model, the lightning indexer's O(S^2) term included.
+
+Matmul FLOPs only (2 per multiply-add), per sequence of ``S`` tokens:
+
+* MLA in its absorbed form, per token and layer: ``wq_a`` (h -> q_lora), ``wq_b``
+  (q_lora -> H*(d_qk + d_rope)), ``wkv_a`` (h -> kv_lora + d_rope), the query absorption
+  (H * d_qk * kv_lora), the value up-projection (H * kv_lora * d_v) and ``wo`` (H*d_v -> h).
+* Core attention per attended (query, key) pair: scores ``2*H*(kv_lora + d_rope)`` and
+  values ``2*H*kv_lora``. Dense causal attends ``S(S+1)/2`` pairs, sparse ``sum_t min(k, t+1)``.
+* The indexer per token: ``wq_b`` (q_lora -> HI*DI), ``wk`` (h -> DI), ``weights_proj``
+  (h -> HI); per causal pair (``S(S+1)/2``, i.e. ~S^2/2): ``2*HI*DI`` for the scores plus
+  ``2*HI`` for the head weighting. This is the term FLOP accounting tends to forget.
+* The indexer KL: its target needs the main attention scores again over the pairs it covers
+  (all causal pairs in warm-up, the selected ones in sparse training).
+* MLP: SwiGLU ``2*3*h*ffn``; MoE: router ``2*h*E`` + active experts ``topk*2*3*h*ffn_e`` + shared
+  expert ``2*3*h*ffn_s``. Output layer ``2*h*V``.
+
+Training multipliers: a part that trains costs forward + backward = 3x its forward; a frozen
+part that still runs costs 1x (warm-up runs the whole main model forward only); the indexer's
+top-k selection in sparse training runs without gradient (1x); in dense pretraining the
+indexer does not run at all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The numbers the counter needs (read once from a DSATransformerConfig)."""
+
+    num_layers: int
+    hidden: int
+    ffn: int
+    heads: int
+    q_lora: int
+    kv_lora: int
+    qk_dim: int
+    rope_dim: int
+    v_dim: int
+    moe_layers: int
+    experts: int
+    moe_topk: int
+    moe_ffn: int
+    shared_ffn: int
+    idx_heads: int
+    idx_dim: int
+    topk: int
+    vocab: int
+
+    @classmethod
+    def from_config(cls, cfg, vocab_size: int) -> "Shape":
+        freq = cfg.moe_layer_freq
+        if not cfg.num_moe_experts:
+            moe_layers = 0
+        elif isinstance(freq, list):
+            moe_layers = sum(freq)
+        else:
+            moe_layers = sum(1 for i in range(cfg.num_layers) if i % int(freq or 1) == 0)
+        return cls(
+            num_layers=cfg.num_layers, hidden=cfg.hidden_size, ffn=cfg.ffn_hidden_size,
+            heads=cfg.num_attention_heads, q_lora=cfg.q_lora_rank, kv_lora=cfg.kv_lora_rank,
+            qk_dim=cfg.qk_head_dim, rope_dim=cfg.qk_pos_emb_head_dim, v_dim=cfg.v_head_dim,
+            moe_layers=moe_layers, experts=cfg.num_moe_experts or 0,
+            moe_topk=cfg.moe_router_topk or 0, moe_ffn=cfg.moe_ffn_hidden_size or 0,
+            shared_ffn=cfg.moe_shared_expert_intermediate_size or 0,
+            idx_heads=cfg.dsa_indexer_n_heads, idx_dim=cfg.dsa_indexer_head_dim,
+            topk=cfg.dsa_indexer_topk, vocab=vocab_size,
+        )
+
+
+def causal_pairs(seq: int) -> int:
+    """(query, key) pairs with key <= query: S(S+1)/2."""
+    return seq * (seq + 1) // 2
+
+
+def sparse_pairs(seq: int, topk: int) -> int:
+    """Pairs attended by top-k sparse attention: sum_t min(k, t+1)."""
+    k = min(topk, seq)
+    return k * (k + 1) // 2 + (seq - k) * k
+
+
+def forward_terms(shape: Shape, seq: int, mode: str) -> dict[str, float]:
+    """Forward FLOPs of one sequence, by term, for mode dense | warmup | sparse."""
+    s, h, L = shape, shape.hidden, shape.num_layers
+    dense_pairs = causal_pairs(seq)
+    pairs = sparse_pairs(seq, s.topk) if mode == "sparse" else dense_pairs
+    mla_proj = 2 * seq * (
+        h * s.q_lora + s.q_lora * s.heads * (s.qk_dim + s.rope_dim) + h * (s.kv_lora + s.rope_dim)
+        + s.heads * s.qk_dim * s.kv_lora + s.heads * s.kv_lora * s.v_dim + s.heads * s.v_dim * h
+    )
+    per_pair_attn = 2 * s.heads * (s.kv_lora + s.rope_dim) + 2 * s.heads * s.kv_lora
+    dense_mlp_layers = L - s.moe_layers
+    mlp = 2 * seq * (
+        dense_mlp_layers * 3 * h * s.ffn
+        + s.moe_layers * (h * s.experts + s.moe_topk * 3 * h * s.moe_ffn + 3 * h * s.shared_ffn)
+    )
+    terms = {
+        "mla_projections": L * mla_proj,
+        "attention": L * pairs * per_pair_attn,
+        "mlp_moe": mlp,
+        "output_layer": 2 * seq * h * s.vocab,
+        "indexer_projections": 0,
+        "indexer_scores": 0,
+        "indexer_kl": 0,
+    }
+    if mode in ("warmup", "sparse"):
+        terms["indexer_projections"] = L * 2 * seq * (s.q_lora * s.idx_heads * s.idx_dim + h * s.idx_dim + h * s.idx_heads)
+        # The O(S^2) term: every causal pair, 2 * HI * DI (+ the head weighting).
+        terms["indexer_scores"] = L * dense_pairs * (2 * s.idx_heads * s.idx_dim + 2 * s.idx_heads)
+        kl_pairs = dense_pairs if mode == "warmup" else pairs
+        # Target: the main attention scores again; sparse also rescores the selected keys.
+        rescore = 0 if mode == "warmup" else 2 * s.idx_heads * s.idx_dim
+        terms["indexer_kl"] = L * kl_pairs * (2 * s.heads * (s.kv_lora + s.rope_dim) + rescore)
+    return {k: float(v) for k, v in terms.items()}
+
+
+MAIN = ("mla_projections", "attention", "mlp_moe", "output_layer")
+
+
+def training_terms(shape: Shape, seq: int, phase: str) -> dict[str, float]:
+    """FLOPs of one training sequence (forward + backward), by term, for a phase."""
+    mode = {"pretrain": "dense", "warmup": "warmup", "sparse": "sparse"}[phase]
+    fwd = forward_terms(shape, seq, mode)
+    out = {}
+    for key, value in fwd.items():
+        if key in MAIN:
+            mult = 1 if phase == "warmup" else 3  # warm-up: main model frozen, forward only
+        elif key == "indexer_scores":
+            # warm-up: trained (3x); sparse: the selection runs without gradient (1x), the KL
+            # backward re-scores only the selected pairs (counted in indexer_kl).
+            mult = 3 if phase == "warmup" else 1
+        else:
+            mult = 3  # indexer projections and the KL train the indexer
+        out[key] = value * mult
+    if phase == "sparse":
+        # KL backward through the indexer over the selected pairs (its target has no gradient).
+        out["indexer_kl"] += 2 * shape.num_layers * sparse_pairs(seq, shape.topk) * 2 * shape.idx_heads * shape.idx_dim
+    return out
+
+
+def training_flops_per_iteration(cfg, seq: int, global_batch: int, vocab_size: int, phase: str) -> float:
+    """FLOPs of one optimizer step over ``global_batch`` sequences of ``seq`` tokens."""
+    return global_batch * sum(training_terms(Shape.from_config(cfg, vocab_size), seq, phase).values())

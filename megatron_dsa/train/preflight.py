@@ -1,0 +1,207 @@
+"""Every check that can fail on bad input, run before any compute and before anything is written.
+
+``preflight(cfg)`` validates the model config, the corpus (manifest, tokenizer, indexed
+datasets, vocabulary against the model), the checkpoint directories (this phase's and the
+previous phase's: phase, shape, vocabulary) and Megatron's own flags. It returns the ``plan``
+the trainer runs; every failure is one ``TrainConfigError`` (or the data package's
+``DataError`` / the config's ``DSAConfigError``), each a ``ValueError`` with one clear message.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from megatron_dsa.train.config import PREVIOUS_PHASE, RunConfig, TrainConfigError
+
+RUN_FILE = "mdsa_run.json"
+TRACKER_FILE = "latest_checkpointed_iteration.txt"
+VOCAB_MULTIPLE = 128  # Megatron's default --make-vocab-size-divisible-by
+
+# DSATransformerConfig fields that fix parameter shapes (a checkpoint is loadable iff equal).
+SHAPE_FIELDS = (
+    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "q_lora_rank",
+    "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim", "num_moe_experts",
+    "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size", "moe_router_topk",
+    "dsa_indexer_n_heads", "dsa_indexer_head_dim", "mdsa_indexer_sharing", "dsa_indexer_topk_freq",
+    "add_bias_linear", "gated_linear_unit", "normalization",
+)
+
+
+def _err(msg: str) -> TrainConfigError:
+    return TrainConfigError(msg)
+
+
+def model_fingerprint(cfg: RunConfig, model_cfg, vocab_size: int, tokenizer_sha: str) -> dict:
+    shape = {f: getattr(model_cfg, f, None) for f in SHAPE_FIELDS}
+    shape["first_k_dense"] = _first_k_dense(cfg)
+    return {"size": cfg.model["size"], "shape": shape, "vocab_size": vocab_size,
+            "tokenizer_sha256": tokenizer_sha}
+
+
+def _first_k_dense(cfg: RunConfig) -> int:
+    from megatron_dsa.model import resolve_size
+
+    return resolve_size(cfg.model["size"]).first_k_dense
+
+
+def read_run_file(directory: str | os.PathLike[str]) -> dict | None:
+    path = Path(directory) / RUN_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise _err(f"corrupt run record {path}: {error}") from None
+
+
+def has_checkpoint(directory: str | os.PathLike[str]) -> bool:
+    return (Path(directory) / TRACKER_FILE).is_file()
+
+
+def _checkpoint_iteration(directory: Path) -> int:
+    tracker = directory / TRACKER_FILE
+    text = tracker.read_text().strip()
+    try:
+        iteration = int(text)
+    except ValueError:
+        raise _err(f"checkpoint tracker {tracker} is corrupt (content {text!r})") from None
+    ckpt = directory / f"iter_{iteration:07d}"
+    if not (ckpt / "metadata.json").is_file():
+        raise _err(f"checkpoint {ckpt} named by {tracker} is missing or incomplete")
+    return iteration
+
+
+def _compare(kind: str, directory: Path, record: dict, expected: dict) -> None:
+    for key in ("size", "vocab_size", "tokenizer_sha256"):
+        if record.get(key) != expected[key]:
+            what = "tokenizer" if key == "tokenizer_sha256" else key
+            raise _err(
+                f"{kind} {directory} was written for {what} {record.get(key)!r}, this run has "
+                f"{expected[key]!r}"
+            )
+    theirs, ours = record.get("shape", {}), expected["shape"]
+    diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+    if diff:
+        detail = ", ".join(f"{k}: {theirs.get(k)!r} vs {ours.get(k)!r}" for k in diff)
+        raise _err(f"{kind} {directory} holds a model of another shape ({detail})")
+
+
+def check_megatron_flags(argv: list[str]) -> None:
+    """Parse the Megatron flags the trainer will pass, so a bad one fails here, in one line."""
+    import argparse
+
+    from megatron.training.arguments import add_megatron_arguments
+
+    from megatron_dsa.train.trainer import add_mdsa_args
+
+    class _Parser(argparse.ArgumentParser):
+        def error(self, message):  # noqa: D401 - argparse hook
+            raise _err(f"bad Megatron flag (config section 'megatron'): {message}")
+
+    parser = _Parser(allow_abbrev=False, add_help=False)
+    add_mdsa_args(add_megatron_arguments(parser))
+    parser.parse_args(argv)
+
+
+def preflight(cfg: RunConfig, check_flags: bool = True) -> dict:
+    """Validate everything about a run; return the plan (nothing is written)."""
+    from megatron_dsa.config import DSAConfigError
+    from megatron_dsa.data import DataError, check_tokenizer_matches, load_manifest, load_tokenizer
+    from megatron_dsa.data import validate_indexed_dataset
+    from megatron_dsa.model import model_config, resolve_size
+
+    size = resolve_size(cfg.model["size"])
+    seq = cfg.data["seq_length"]
+    if seq > size.max_seq_len:
+        raise _err(f"data.seq_length {seq} exceeds model size {size.name!r}'s max_seq_len {size.max_seq_len}")
+    try:
+        model_cfg = model_config(size, **{**cfg.model["overrides"], "mdsa_mode": cfg.mode})
+    except (DSAConfigError, TypeError, ValueError, AssertionError) as error:
+        raise _err(f"bad model config (model.size={size.name}, model.overrides): {error}") from None
+
+    # Corpus: manifest, tokenizer, splits, vocabulary against the model.
+    data_dir = Path(cfg.data["dir"]).absolute()
+    if not data_dir.is_dir():
+        raise DataError(f"data.dir {data_dir} does not exist (build it: python -m megatron_dsa.data build --out {data_dir} ...)")
+    manifest = load_manifest(data_dir)
+    tokenizer = load_tokenizer(data_dir)
+    check_tokenizer_matches(tokenizer, size.vocab_size, VOCAB_MULTIPLE)
+    padded = -(-tokenizer.vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+    if padded != size.vocab_size:
+        raise DataError(
+            f"model vocab size {size.vocab_size} ({size.name}) does not match tokenizer "
+            f"{tokenizer.path}: Megatron pads its {tokenizer.vocab_size} tokens to {padded}"
+        )
+    for split in ("train", "valid"):
+        info = validate_indexed_dataset(data_dir / manifest["splits"][split]["prefix"])
+        if info.num_tokens < seq + 1:
+            raise DataError(f"{split} split of {data_dir} has {info.num_tokens} tokens, fewer than one sample of data.seq_length {seq} + 1")
+    expected = model_fingerprint(cfg, model_cfg, size.vocab_size, tokenizer.unique_identifiers["sha256"])
+
+    # This phase's checkpoint directory: resume only a run of the same phase and shape.
+    save = Path(cfg.checkpoint["save"]).absolute()
+    resume = False
+    if save.exists() and not save.is_dir():
+        raise _err(f"checkpoint.save {save} exists and is not a directory")
+    if save.is_dir():
+        record = read_run_file(save)
+        if record is None and any(save.iterdir()):
+            raise _err(f"checkpoint.save {save} is not empty and holds no megatron-dsa run ({RUN_FILE}); choose an empty or new directory")
+        if record is not None:
+            if record.get("phase") != cfg.phase:
+                raise _err(f"checkpoint.save {save} holds a {record.get('phase')!r} run; this is a {cfg.phase!r} run (use another directory)")
+            _compare("checkpoint.save", save, record, expected)
+            if has_checkpoint(save):
+                _checkpoint_iteration(save)
+                resume = True
+
+    # The previous phase's checkpoint (weights only), unless resuming.
+    pretrained = None
+    load_from = cfg.checkpoint["load_from"]
+    if load_from is not None:
+        src = Path(load_from).absolute()
+        if src == save:
+            raise _err("checkpoint.load_from must differ from checkpoint.save (resuming from save is automatic)")
+        if not src.is_dir() or not has_checkpoint(src):
+            raise _err(f"checkpoint.load_from {src} holds no checkpoint ({TRACKER_FILE} missing)")
+        record = read_run_file(src)
+        if record is None:
+            raise _err(f"checkpoint.load_from {src} is not a megatron-dsa run ({RUN_FILE} missing)")
+        want = PREVIOUS_PHASE[cfg.phase]
+        if want is None:
+            raise _err(f"phase 'pretrain' starts from scratch; checkpoint.load_from must be null (got {src})")
+        if record.get("phase") != want:
+            raise _err(f"checkpoint.load_from {src} holds a {record.get('phase')!r} checkpoint; the {cfg.phase!r} phase starts from a {want!r} checkpoint")
+        _compare("checkpoint.load_from", src, record, expected)
+        _checkpoint_iteration(src)
+        pretrained = str(src)
+
+    if cfg.logging["tensorboard_dir"] is not None:
+        tb = Path(cfg.logging["tensorboard_dir"])
+        if tb.exists() and not tb.is_dir():
+            raise _err(f"logging.tensorboard_dir {tb} exists and is not a directory")
+
+    plan = {
+        "data_dir": str(data_dir),
+        "save": str(save),
+        "resume": resume,
+        "pretrained": None if resume else pretrained,
+        "record": {"phase": cfg.phase, **expected, "config": cfg.as_dict()},
+    }
+    cfg.checkpoint["save"] = str(save)
+    if check_flags:
+        from megatron_dsa.train.trainer import megatron_argv
+
+        check_megatron_flags(megatron_argv(cfg, plan))
+    return plan
+
+
+def write_run_file(plan: dict) -> None:
+    """Record phase and shape in the save directory (atomically: temp file + rename)."""
+    save = Path(plan["save"])
+    save.mkdir(parents=True, exist_ok=True)
+    tmp = save / f".{RUN_FILE}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(plan["record"], indent=2, default=str) + "\n")
+    os.replace(tmp, save / RUN_FILE)

@@ -1,0 +1,401 @@
+"""The three DSA training phases on Megatron-LM's own loop (``megatron.training.pretrain``).
+
+Users get Megatron's flags, log line, torch_dist checkpointing, evaluation and TensorBoard.
+This plugin supplies the model provider (our GPTModel + DSA block spec, with the phase's
+freezing), the dataset provider (``megatron_dsa.data``), the forward step (the phase's loss)
+and a few ``--mdsa-*`` flags (names that are no TransformerConfig field, so Megatron never
+copies them onto a config).
+
+Phases (``docs/dsa-spec.md`` section 3):
+
+    pretrain  mdsa_mode=dense; LM loss; the indexer gets no gradient in dense mode, so it is
+              left out of the optimizer (weight decay would otherwise shrink it).
+    warmup    dense attention; every parameter but the indexers frozen (requires_grad False,
+              the optimizer holds only indexer parameters, the router's expert bias frozen);
+              loss = sum of the per-layer indexer KL (``pop_indexer_losses``); the LM loss is
+              computed for logging only and nothing backpropagates through the main model.
+    sparse    top-k attention; all parameters; LM loss, with the sparse indexer KL attached to
+              the attention outputs by megatron-core's DSAIndexerLossAutoScaler.
+
+Each phase saves into its own ``checkpoint.save``. It resumes from there when a checkpoint
+exists (model + optimizer + iteration + RNG); otherwise it starts from ``checkpoint.load_from``
+(the previous phase) with weights only: Megatron's ``--load`` + ``--pretrained-checkpoint``
+(``--finetune`` semantics: fresh optimizer, iteration 0).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from functools import partial
+from typing import Any
+
+import torch
+
+from megatron_dsa.train.config import PHASE_MODE, RunConfig
+
+# Filled by run() / the --mdsa-* flags; read by the providers (Megatron calls them without
+# any context of ours).
+_STATE: dict[str, Any] = {}
+
+
+# --------------------------------------------------------------------------------------------
+# Megatron flags
+
+
+def add_mdsa_args(parser):
+    """Megatron extra_args_provider: our own flags, all ``--mdsa-*``."""
+    group = parser.add_argument_group("megatron-dsa")
+    group.add_argument("--mdsa-phase", choices=tuple(PHASE_MODE), required=True)
+    group.add_argument("--mdsa-size", required=True, help="named model size (megatron_dsa.model.SIZES)")
+    group.add_argument("--mdsa-model-overrides", default="{}",
+                       help="JSON dict of DSATransformerConfig fields over the size's")
+    group.add_argument("--mdsa-data-dir", required=True, help="corpus built by megatron_dsa.data")
+    group.add_argument("--mdsa-progress", type=int, default=1, help="progress line with ETA (0/1)")
+    group.add_argument("--mdsa-metrics-file", default=None,
+                       help="JSON lines of per-iteration metrics (rank 0)")
+    return parser
+
+
+def megatron_argv(cfg: RunConfig, plan: dict) -> list[str]:
+    """Megatron-LM flags for a validated run config (``plan`` from ``preflight``)."""
+    from megatron_dsa.model import resolve_size
+
+    size = resolve_size(cfg.model["size"])
+    tf = {**size.transformer, **cfg.model["overrides"]}
+    t, c, lg = cfg.train, cfg.checkpoint, cfg.logging
+    argv = [
+        # Shape, for Megatron's own checks and logs (the model itself comes from our provider).
+        "--num-layers", tf["num_layers"], "--hidden-size", tf["hidden_size"],
+        "--ffn-hidden-size", tf["ffn_hidden_size"], "--num-attention-heads", tf["num_attention_heads"],
+        "--seq-length", cfg.data["seq_length"], "--max-position-embeddings", cfg.data["seq_length"],
+        "--position-embedding-type", "none", "--transformer-impl", "local",
+        "--tokenizer-type", "SentencePieceTokenizer",
+        "--tokenizer-model", os.path.join(plan["data_dir"], "tokenizer.model"),
+        # Optimisation.
+        "--micro-batch-size", t["micro_batch_size"], "--global-batch-size", t["global_batch_size"],
+        "--train-iters", t["iters"], "--lr", t["lr"], "--min-lr", t["min_lr"],
+        "--lr-decay-style", t["lr_decay_style"], "--lr-warmup-iters", t["lr_warmup_iters"],
+        "--weight-decay", t["weight_decay"], "--clip-grad", t["clip_grad"],
+        "--adam-beta1", t["adam_beta1"], "--adam-beta2", t["adam_beta2"], "--seed", t["seed"],
+        "--hidden-dropout", 0.0, "--attention-dropout", 0.0,
+        # Evaluation.
+        "--eval-interval", cfg.eval["interval"], "--eval-iters", cfg.eval["iters"],
+        # Checkpoints: torch_dist; resume from save, else start from load_from's weights.
+        "--save", c["save"], "--load", c["save"], "--save-interval", c["interval"],
+        "--ckpt-format", "torch_dist",
+        # Logging.
+        "--log-interval", lg["interval"], "--tensorboard-log-interval", 1,
+        "--log-validation-ppl-to-tensorboard", "--log-timers-to-tensorboard",
+        # Our plugin.
+        "--mdsa-phase", cfg.phase, "--mdsa-size", cfg.model["size"],
+        "--mdsa-model-overrides", json.dumps(cfg.model["overrides"]),
+        "--mdsa-data-dir", plan["data_dir"], "--mdsa-progress", int(bool(lg["progress"])),
+    ]
+    if plan.get("pretrained"):
+        argv += ["--pretrained-checkpoint", plan["pretrained"]]
+    if lg["tensorboard_dir"]:
+        argv += ["--tensorboard-dir", lg["tensorboard_dir"]]
+    if plan.get("metrics_file"):
+        argv += ["--mdsa-metrics-file", plan["metrics_file"]]
+    if not torch.cuda.is_available():
+        argv += ["--distributed-backend", "gloo", "--no-gradient-accumulation-fusion",
+                 "--use-cpu-initialization", "--no-masked-softmax-fusion",
+                 "--no-bias-swiglu-fusion", "--no-bias-dropout-fusion", "--no-rope-fusion",
+                 # Data-loader workers would compete with the compute threads for the few cores.
+                 "--num-workers", 0]
+    for flag, value in cfg.megatron.items():
+        if value is True:
+            argv.append(f"--{flag}")
+        elif value is False or value is None:
+            continue
+        elif isinstance(value, list):
+            argv += [f"--{flag}", *map(str, value)]
+        else:
+            argv += [f"--{flag}", value]
+    return [str(a) for a in argv]
+
+
+# --------------------------------------------------------------------------------------------
+# Providers
+
+
+def _args():
+    from megatron.training import get_args
+
+    return get_args()
+
+
+def phase_model_config(args=None):
+    """Our DSATransformerConfig for this run: the size's shape + overrides + the phase's mode,
+    with parallelism and precision taken from Megatron's flags."""
+    from megatron_dsa.model import model_config
+
+    args = args or _args()
+    overrides = dict(json.loads(args.mdsa_model_overrides))
+    overrides.pop("mdsa_mode", None)
+    overrides["mdsa_mode"] = PHASE_MODE[args.mdsa_phase]
+    for field in (
+        "tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size",
+        "expert_model_parallel_size", "expert_tensor_parallel_size", "sequence_parallel",
+        "bf16", "fp16", "params_dtype", "gradient_accumulation_fusion", "calculate_per_token_loss",
+        "virtual_pipeline_model_parallel_size", "recompute_granularity", "recompute_method",
+        "recompute_num_layers", "deterministic_mode",
+    ):
+        if hasattr(args, field) and field not in overrides:
+            overrides[field] = getattr(args, field)
+    if args.bf16:
+        overrides.setdefault("params_dtype", torch.bfloat16)
+    else:
+        overrides["params_dtype"] = torch.float32 if not args.fp16 else torch.float16
+    if not torch.cuda.is_available():
+        overrides.setdefault("use_cpu_initialization", True)
+    return model_config(args.mdsa_size, **overrides)
+
+
+def freeze_for_phase(model: torch.nn.Module, phase: str) -> None:
+    """requires_grad per phase (before DDP wraps the model, so the optimizer sees only these)."""
+    from megatron_dsa.model import indexer_parameters
+
+    indexer = {id(p) for p in indexer_parameters(model)}
+    for param in model.parameters():
+        is_indexer = id(param) in indexer
+        if phase == "pretrain":
+            param.requires_grad_(not is_indexer)
+        elif phase == "warmup":
+            param.requires_grad_(is_indexer)
+        else:
+            param.requires_grad_(True)
+    if phase == "warmup":
+        # The router's expert bias is a buffer that finalize_model_grads updates every step.
+        for module in model.modules():
+            if hasattr(module, "frozen_expert_bias"):
+                module.frozen_expert_bias = True
+
+
+def model_provider(pre_process=True, post_process=True, vp_stage=None, config=None, pg_collection=None):
+    from megatron_dsa.model import build_model
+
+    args = _args()
+    cfg = phase_model_config(args)
+    model = build_model(
+        args.mdsa_size, cfg, vocab_size=args.padded_vocab_size, max_seq_len=args.seq_length,
+        pre_process=pre_process, post_process=post_process, vp_stage=vp_stage,
+    )
+    freeze_for_phase(model, args.mdsa_phase)
+    _STATE["model_config"] = cfg
+    return model
+
+
+def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None):
+    from megatron_dsa.data import build_gpt_datasets, load_tokenizer
+
+    args = _args()
+    tokenizer = load_tokenizer(args.mdsa_data_dir)
+    train, valid = build_gpt_datasets(
+        args.mdsa_data_dir, args.seq_length, tokenizer=tokenizer, random_seed=args.seed,
+        train_samples=train_val_test_num_samples[0], valid_samples=train_val_test_num_samples[1],
+        is_built_on_rank=lambda: True,
+    )
+    return train, valid, None
+
+
+train_valid_test_datasets_provider.is_distributed = True
+
+
+def _batch(data_iterator):
+    batch = next(data_iterator)
+    tokens = batch["tokens"].long()
+    labels = batch["labels"].long()
+    loss_mask = batch["loss_mask"].float()
+    position_ids = batch["position_ids"].long()
+    if torch.cuda.is_available():
+        tokens, labels, loss_mask, position_ids = (
+            t.cuda(non_blocking=True) for t in (tokens, labels, loss_mask, position_ids)
+        )
+    return tokens, labels, loss_mask, position_ids
+
+
+def _pop_layer_metrics() -> dict[str, torch.Tensor]:
+    """Per-layer indexer KL / top-k recall recorded by the layers in the last forward, removed
+    from megatron-core's MoE metrics tracker (its report() would clear them unlogged)."""
+    from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+
+    from megatron_dsa.layer import INDEXER_KL, TOPK_RECALL
+
+    out = {}
+    metrics = get_moe_metrics_tracker().metrics
+    for name in (INDEXER_KL, TOPK_RECALL):
+        entry = metrics.get(name)
+        if entry is None:
+            continue
+        out[name] = entry.values.detach().clone()
+        entry.values.zero_()
+    return out
+
+
+def loss_func(loss_mask: torch.Tensor, model, phase: str, output_tensor: torch.Tensor):
+    """(loss, num_tokens, report) in Megatron's per-token form. ``report`` values are
+    [sum, count] pairs that Megatron averages over microbatches and data-parallel ranks."""
+    from megatron_dsa.layer import pop_indexer_losses
+
+    losses = output_tensor.float().view(-1)
+    mask = loss_mask.view(-1).float()
+    num_tokens = mask.sum()
+    lm_sum = (losses * mask).sum()
+    pair = lambda value: torch.stack([value.detach().float() * num_tokens, num_tokens])  # noqa: E731
+    report = {}
+    if phase == "warmup":
+        indexer_losses = pop_indexer_losses(model)
+        if not indexer_losses:
+            raise RuntimeError("warmup forward produced no indexer loss (is mdsa_mode 'warmup'?)")
+        kl = torch.stack(indexer_losses).sum()
+        loss = kl * num_tokens  # per token: Megatron divides by num_tokens
+        report["indexer loss"] = pair(kl)
+        report["lm loss"] = torch.stack([lm_sum.detach(), num_tokens])
+    else:
+        loss = lm_sum
+        report["lm loss"] = torch.stack([lm_sum.detach(), num_tokens])
+    for name, values in _pop_layer_metrics().items():
+        tag = name.replace("indexer_", "indexer ").replace("_", "-")
+        report[tag] = pair(values.mean())
+        for i, v in enumerate(values.tolist()):
+            report[f"{tag}/layer{i + 1}"] = pair(torch.tensor(v))
+    return loss, num_tokens.int(), report
+
+
+def forward_step(data_iterator, model, return_schedule_plan: bool = False):
+    from megatron.core.utils import get_attr_wrapped_model, unwrap_model
+    from megatron.training import get_timers
+
+    args = _args()
+    if get_attr_wrapped_model(model, "training"):
+        _PROGRESS.tick(args)
+    timers = get_timers()
+    timers("batch-generator", log_level=2).start()
+    tokens, labels, loss_mask, position_ids = _batch(data_iterator)
+    timers("batch-generator").stop()
+    output = model(tokens, position_ids, None, labels=labels)
+    return output, partial(loss_func, loss_mask, unwrap_model(model), args.mdsa_phase)
+
+
+# --------------------------------------------------------------------------------------------
+# Throughput, TFLOP/s (with the indexer term) and a progress line with ETA
+
+
+class Progress:
+    """Measures each training iteration from the first forward of the next one (Megatron's
+    loop calls no hook of ours after the optimizer step); writes tokens/s and TFLOP/s to
+    TensorBoard and prints ``[phase] it/total | tok/s | TFLOP/s | ETA``."""
+
+    def __init__(self):
+        self.last_iter = None
+        self.last_time = None
+        self.start_iter = None
+        self.start_time = None
+        self.flops_per_iter = None
+
+    def tick(self, args) -> None:
+        iteration = args.curr_iteration
+        now = time.perf_counter()
+        if iteration == self.last_iter:
+            return  # a later microbatch of the same iteration
+        if self.flops_per_iter is None:
+            from megatron_dsa.train.flops import training_flops_per_iteration
+
+            self.flops_per_iter = training_flops_per_iteration(
+                _STATE["model_config"], args.seq_length, args.global_batch_size,
+                args.padded_vocab_size, args.mdsa_phase,
+            )
+            self.start_iter, self.start_time = iteration, now
+        if self.last_iter is not None and iteration == self.last_iter + 1:
+            self._report(args, iteration, now - self.last_time)
+        self.last_iter, self.last_time = iteration, now
+
+    def _report(self, args, done: int, seconds: float) -> None:
+        from megatron.training import get_tensorboard_writer
+        from megatron.training.utils import is_last_rank
+
+        tokens = args.global_batch_size * args.seq_length
+        tok_s = tokens / max(seconds, 1e-9)
+        tflops = self.flops_per_iter / max(seconds, 1e-9) / 1e12 / args.world_size
+        writer = get_tensorboard_writer()
+        if writer is not None:
+            writer.add_scalar("tokens-per-sec", tok_s, done)
+            writer.add_scalar("tflops-per-device (with indexer)", tflops, done)
+        if not is_last_rank():
+            return
+        if args.mdsa_metrics_file:
+            with open(args.mdsa_metrics_file, "a") as f:
+                f.write(json.dumps({"iteration": done, "seconds": seconds, "tokens_per_s": tok_s,
+                                    "tflops_per_device": tflops}) + "\n")
+        if args.mdsa_progress and (done % args.log_interval == 0 or done == args.train_iters - 1):
+            rate = (done - self.start_iter) / max(time.perf_counter() - self.start_time, 1e-9)
+            left = (args.train_iters - done) / max(rate, 1e-9)
+            pct = 100.0 * done / args.train_iters
+            bar = "#" * int(pct / 5) + "." * (20 - int(pct / 5))
+            print(f" [{args.mdsa_phase}] [{bar}] {done}/{args.train_iters} ({pct:.0f}%) | "
+                  f"{tok_s:,.0f} tokens/s | {tflops:.4f} TFLOP/s/device (indexer counted) | "
+                  f"ETA {_hms(left)}", flush=True)
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+_PROGRESS = Progress()
+
+
+# --------------------------------------------------------------------------------------------
+# Run
+
+
+def _single_process_env() -> None:
+    """Outside torchrun: a world of one on a free local port."""
+    if "WORLD_SIZE" in os.environ:
+        return
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1",
+                      LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+
+
+def run(cfg: RunConfig, plan: dict, skip_patches: frozenset[str] = frozenset()) -> None:
+    """Run one phase in this process (torchrun gives each process its rank).
+
+    ``skip_patches`` leaves named training patches out (tests show each one is needed)."""
+    import patches
+    from patches.training import TRAINING_CPU_PATCHES, WHEEL_PATCHES, apply_training_cpu_patches
+
+    patches.apply_cpu_patches()
+    apply_training_cpu_patches(only={p.name for p in WHEEL_PATCHES + TRAINING_CPU_PATCHES} - set(skip_patches))
+
+    from megatron.core.enums import ModelType
+    from megatron.training import pretrain
+    from megatron.training.argument_utils import pretrain_cfg_container_from_args
+    from megatron.training.arguments import parse_and_validate_args
+
+    from megatron_dsa.train.preflight import write_run_file
+
+    _single_process_env()
+    if int(os.environ.get("RANK", "0")) == 0:
+        write_run_file(plan)
+    sys.argv = [sys.argv[0], *megatron_argv(cfg, plan)]
+    args = parse_and_validate_args(extra_args_provider=add_mdsa_args)
+    container = pretrain_cfg_container_from_args(args, None)
+    pretrain(
+        container,
+        train_valid_test_datasets_provider,
+        ModelType.encoder_or_decoder,
+        forward_step,
+        model_provider=model_provider,
+    )

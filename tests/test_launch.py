@@ -1,0 +1,314 @@
+"""Configs, the launcher and bad input.
+
+Every bad input (config, override, value, dataset, tokenizer, vocabulary, checkpoint
+directories, Megatron flags) stops with ONE ``error: ...`` line and exit status 2 before any
+compute, and writes nothing. torchrun with two processes (data parallel, gloo) trains and
+checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    from megatron_dsa.data import build_corpus
+
+    out = tmp_path_factory.mktemp("launch-corpus") / "c"
+    build_corpus(out, None, 512, max_bytes=200_000, valid_fraction=0.1)
+    return out
+
+
+@pytest.fixture
+def cli(monkeypatch, capsys, tmp_path):
+    """Run the CLI in-process; the trainer must never be reached."""
+    from megatron_dsa.train import cli as cli_module, trainer
+
+    def no_compute(*args, **kwargs):
+        raise AssertionError("bad input reached the trainer")
+
+    monkeypatch.setattr(trainer, "run", no_compute)
+    monkeypatch.delenv("RANK", raising=False)
+
+    def call(*args: str) -> tuple[int, str, str]:
+        capsys.readouterr()  # drop output of the test's own set-up
+        code = cli_module.main(list(args))
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return call
+
+
+def base(corpus: Path, tmp_path: Path, phase: str = "pretrain") -> list[str]:
+    return ["--config", str(CONFIGS / "tiny" / f"{phase}.yaml"), f"data.dir={corpus}",
+            f"checkpoint.save={tmp_path / 'save'}", f"logging.tensorboard_dir={tmp_path / 'tb'}",
+            "data.seq_length=32"]
+
+
+def expect_error(result, *needles: str) -> str:
+    code, out, err = result
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, (code, out, err)
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+# --------------------------------------------------------------------------------------------
+# Configs
+
+
+@pytest.mark.parametrize("size", ["tiny", "small"])
+@pytest.mark.parametrize("phase", ["pretrain", "warmup", "sparse"])
+def test_shipped_configs_validate(size, phase):
+    from megatron_dsa.train.config import load_config
+
+    cfg = load_config(CONFIGS / size / f"{phase}.yaml")
+    assert cfg.phase == phase and cfg.model["size"] == size
+    lr = {"warmup": 1e-3, "sparse": 7.3e-6}.get(phase)
+    if lr is not None:
+        assert cfg.train["lr"] == lr  # the report's reference learning rates
+    if phase != "pretrain":
+        prev = {"warmup": "pretrain", "sparse": "warmup"}[phase]
+        assert cfg.checkpoint["load_from"].endswith(f"{size}/{prev}/ckpt")
+
+
+def test_overrides_nested_and_typed():
+    from megatron_dsa.train.config import load_config
+
+    cfg = load_config(CONFIGS / "tiny" / "sparse.yaml", [
+        "train.iters=7", "train.lr=1e-3", "model.overrides.dsa_indexer_topk=8",
+        "megatron.use_distributed_optimizer=true", "checkpoint.load_from=null",
+    ])
+    assert cfg.train["iters"] == 7 and cfg.train["lr"] == 1e-3
+    assert cfg.model["overrides"] == {"dsa_indexer_topk": 8}
+    assert cfg.megatron == {"use-distributed-optimizer": True}
+    assert cfg.checkpoint["load_from"] is None
+
+
+def test_megatron_argv_carries_mdsa_flags(corpus, tmp_path):
+    from megatron_dsa.train.config import load_config
+    from megatron_dsa.train.preflight import preflight
+    from megatron_dsa.train.trainer import megatron_argv
+
+    cfg = load_config(CONFIGS / "tiny" / "pretrain.yaml", base(corpus, tmp_path)[2:])
+    argv = megatron_argv(cfg, preflight(cfg))
+    assert argv[argv.index("--mdsa-phase") + 1] == "pretrain"
+    assert argv[argv.index("--ckpt-format") + 1] == "torch_dist"
+    from megatron.core.transformer.transformer_config import TransformerConfig
+    import dataclasses
+
+    fields = {f.name for f in dataclasses.fields(TransformerConfig)}
+    ours = [a[2:].replace("-", "_") for a in argv if a.startswith("--mdsa-")]
+    assert ours and not set(ours) & fields  # never copied onto a config by Megatron
+    assert not (tmp_path / "save").exists()  # preflight writes nothing
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input: one message, no compute, nothing written
+
+
+def test_missing_config(cli, tmp_path):
+    expect_error(cli("--config", str(tmp_path / "nope.yaml")), "config file not found")
+
+
+def test_invalid_yaml(cli, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("phase: [pretrain\n")
+    expect_error(cli("--config", str(bad)), "not valid YAML")
+
+
+def test_unknown_top_level_key_lists_valid_keys(cli, tmp_path, corpus):
+    cfg = yaml.safe_load((CONFIGS / "tiny" / "pretrain.yaml").read_text())
+    cfg["optimiser"] = {"lr": 1}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    expect_error(cli("--config", str(path)), "'optimiser'", "valid top-level keys", "'train'")
+
+
+@pytest.mark.parametrize("override, needles", [
+    ("train.itres=5", ("train.itres", "valid keys of 'train'", "iters")),
+    ("train.iters=0", ("train.iters must be > 0",)),
+    ("train.lr=fast", ("train.lr must be float/int", "fast")),
+    ("train.lr_decay_style=zigzag", ("lr_decay_style",)),
+    ("phase=finetune", ("phase must be one of",)),
+    ("train.iters", ("expected key=value",)),
+    ("model.size=huge", ("model.size must be one of",)),
+    ("model.overrides.dsa_indexer_head_dim=48", ("power of two",)),
+    ("model.overrides.no_such_field=1", ("unknown transformer config fields",)),
+    ("data.seq_length=4096", ("exceeds",)),
+    ("megatron.no_such_flag=1", ("bad Megatron flag", "no-such-flag")),
+    ("megatron.num_layers=abc", ("bad Megatron flag",)),
+])
+def test_bad_values(cli, corpus, tmp_path, override, needles):
+    expect_error(cli(*base(corpus, tmp_path), override), *needles)
+    assert not (tmp_path / "save").exists() and not (tmp_path / "tb").exists()
+
+
+def test_missing_dataset(cli, tmp_path):
+    expect_error(cli(*base(tmp_path / "no-corpus", tmp_path)), "does not exist")
+
+
+def test_missing_tokenizer(cli, corpus, tmp_path):
+    broken = tmp_path / "corpus"
+    shutil.copytree(corpus, broken)
+    (broken / "tokenizer.model").unlink()
+    expect_error(cli(*base(broken, tmp_path)), "tokenizer file not found")
+
+
+def test_truncated_dataset(cli, corpus, tmp_path):
+    broken = tmp_path / "corpus"
+    shutil.copytree(corpus, broken)
+    bin_path = broken / "train_text_document.bin"
+    bin_path.write_bytes(bin_path.read_bytes()[:-10])
+    expect_error(cli(*base(broken, tmp_path)), "truncated")
+
+
+def test_vocab_mismatch(cli, tmp_path):
+    from megatron_dsa.data import build_corpus
+
+    other = tmp_path / "other"
+    build_corpus(other, None, 600, max_bytes=120_000, valid_fraction=0.1)
+    expect_error(cli(*base(other, tmp_path)), "vocab", "does not match")
+
+
+def _fake_checkpoint(directory: Path, record: dict) -> None:
+    (directory / "iter_0000010").mkdir(parents=True)
+    (directory / "iter_0000010" / "metadata.json").write_text("{}")
+    (directory / "latest_checkpointed_iteration.txt").write_text("10")
+    (directory / "mdsa_run.json").write_text(json.dumps(record))
+
+
+def _record(corpus: Path, tmp_path: Path, phase: str) -> dict:
+    from megatron_dsa.train.config import load_config
+    from megatron_dsa.train.preflight import preflight
+
+    cfg = load_config(CONFIGS / "tiny" / f"{phase}.yaml",
+                      base(corpus, tmp_path / "probe")[2:] + ["checkpoint.load_from=null"])
+    return json.loads(json.dumps(preflight(cfg, check_flags=False)["record"], default=str))
+
+
+def test_save_dir_of_another_phase(cli, corpus, tmp_path):
+    save = tmp_path / "save"
+    _fake_checkpoint(save, _record(corpus, tmp_path, "pretrain"))
+    before = sorted(p.name for p in save.iterdir())
+    expect_error(cli(*base(corpus, tmp_path, "warmup"), "checkpoint.load_from=null"),
+                 "holds a 'pretrain' run", "'warmup'")
+    assert sorted(p.name for p in save.iterdir()) == before
+
+
+def test_save_dir_of_another_shape(cli, corpus, tmp_path):
+    record = _record(corpus, tmp_path, "pretrain")
+    record["shape"]["hidden_size"] = 128
+    _fake_checkpoint(tmp_path / "save", record)
+    expect_error(cli(*base(corpus, tmp_path)), "another shape", "hidden_size")
+
+
+def test_save_dir_not_ours(cli, corpus, tmp_path):
+    (tmp_path / "save").mkdir()
+    (tmp_path / "save" / "notes.txt").write_text("mine")
+    expect_error(cli(*base(corpus, tmp_path)), "not empty")
+
+
+def test_load_from_of_another_shape(cli, corpus, tmp_path):
+    record = _record(corpus, tmp_path, "pretrain")
+    record["shape"]["num_layers"] = 4
+    _fake_checkpoint(tmp_path / "prev", record)
+    expect_error(cli(*base(corpus, tmp_path, "warmup"), f"checkpoint.load_from={tmp_path / 'prev'}"),
+                 "another shape", "num_layers")
+    assert not (tmp_path / "save").exists()
+
+
+def test_load_from_of_wrong_phase(cli, corpus, tmp_path):
+    _fake_checkpoint(tmp_path / "prev", _record(corpus, tmp_path, "pretrain"))
+    expect_error(cli(*base(corpus, tmp_path, "sparse"), f"checkpoint.load_from={tmp_path / 'prev'}"),
+                 "starts from a 'warmup' checkpoint")
+
+
+def test_load_from_other_tokenizer(cli, corpus, tmp_path):
+    record = _record(corpus, tmp_path, "pretrain")
+    record["tokenizer_sha256"] = "0" * 64
+    _fake_checkpoint(tmp_path / "prev", record)
+    expect_error(cli(*base(corpus, tmp_path, "warmup"), f"checkpoint.load_from={tmp_path / 'prev'}"),
+                 "tokenizer")
+
+
+def test_load_from_without_checkpoint(cli, corpus, tmp_path):
+    (tmp_path / "prev").mkdir()
+    expect_error(cli(*base(corpus, tmp_path, "warmup"), f"checkpoint.load_from={tmp_path / 'prev'}"),
+                 "holds no checkpoint")
+
+
+def test_load_from_with_missing_iteration(cli, corpus, tmp_path):
+    _fake_checkpoint(tmp_path / "prev", _record(corpus, tmp_path, "pretrain"))
+    shutil.rmtree(tmp_path / "prev" / "iter_0000010")
+    expect_error(cli(*base(corpus, tmp_path, "warmup"), f"checkpoint.load_from={tmp_path / 'prev'}"),
+                 "missing or incomplete")
+
+
+def _env() -> dict:
+    env = dict(os.environ, PYTHONPATH=str(REPO), PYTHON=sys.executable)
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(key, None)
+    return env
+
+
+def test_real_process_prints_one_line(corpus, tmp_path):
+    """The same in a fresh process (library warnings included): exactly one stderr line."""
+    result = subprocess.run(
+        [sys.executable, str(REPO / "launch" / "train.py"), *base(corpus, tmp_path), "train.iters=-1"],
+        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ["error: train.iters must be > 0, got -1"], result.stderr
+    assert not (tmp_path / "save").exists()
+
+
+def test_torchrun_sh_rejects_bad_input_once(corpus, tmp_path):
+    result = subprocess.run(
+        ["bash", str(REPO / "launch" / "torchrun.sh"), *base(corpus, tmp_path), "train.bogus=1"],
+        cwd=tmp_path, env=dict(_env(), NPROC_PER_NODE="2"), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: unknown key(s) ['train.bogus']"), result.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# torchrun, two processes
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_two_processes_data_parallel(corpus, tmp_path):
+    env = dict(_env(), NPROC_PER_NODE="2", MASTER_PORT=str(_free_port()))
+    result = subprocess.run(
+        ["bash", str(REPO / "launch" / "torchrun.sh"), *base(corpus, tmp_path), "train.iters=4", "train.lr_warmup_iters=0",
+         "train.micro_batch_size=2", "train.global_batch_size=4", "eval.interval=4", "eval.iters=1",
+         "checkpoint.interval=4", "logging.interval=1"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-5000:]
+    assert "data-parallel size: 2" in output
+    assert (tmp_path / "save" / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
+    assert (tmp_path / "save" / "mdsa_run.json").is_file()
+    from megatron_dsa.train.main import read_scalars
+
+    loss = read_scalars(tmp_path / "tb")["lm loss"]
+    assert [i for i, _ in loss] == [1, 2, 3, 4] and all(0 < v < 10 for _, v in loss)
