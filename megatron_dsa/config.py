@@ -85,6 +85,22 @@ class DSATransformerConfig(MLATransformerConfig):
             self.experimental_attention_variant = "dsa"
         if self.dsa_indexer_loss_coeff is None:
             self.dsa_indexer_loss_coeff = 1.0
+        tp = self.tensor_model_parallel_size
+        if tp > 1 and self.num_attention_heads % tp:
+            # Before megatron-core's own checks, so the user gets the DSA error type.
+            _fail(
+                f"num_attention_heads ({self.num_attention_heads}) must be divisible by the tensor "
+                f"parallel size ({tp})"
+            )
+        if self.tensor_model_parallel_size > 1 and not self.sequence_parallel:
+            # megatron-core's MoE and AbsorbedMLA both require sequence parallel under TP, and
+            # the TP-sharded indexer works on the sequence-parallel rows: switch it on.
+            self.sequence_parallel = True
+        if self.context_parallel_size > 1:
+            # The DSA core attention does its own context-parallel communication (indexer-key
+            # all-gather + selected-KV fetch, megatron_dsa.parallel) and ignores cp_comm_type;
+            # megatron-core accepts only 'allgather' for its DSA variant.
+            self.cp_comm_type = "all_gather"
         super().__post_init__()
         # ... then ours, all of them, before anything is built.
         self.dsa = validate(self)
@@ -146,10 +162,13 @@ def validate(cfg: DSATransformerConfig) -> DSASettings:
             f"num_attention_heads ({cfg.num_attention_heads}) must be divisible by the tensor "
             f"parallel size ({cfg.tensor_model_parallel_size})"
         )
-    if cfg.tensor_model_parallel_size > 1 or cfg.context_parallel_size > 1:
+    tp, cp = cfg.tensor_model_parallel_size, cfg.context_parallel_size
+    if tp > 1 and not cfg.sequence_parallel:
+        _fail("tensor_model_parallel_size > 1 needs sequence_parallel=True (the indexer is sharded by sequence)")
+    if (tp > 1 or cp > 1) and (cfg.mdsa_fp8_indexer or cfg.mdsa_kernel == "triton"):
         _fail(
-            "the DSA layer runs with tensor_model_parallel_size == 1 and "
-            "context_parallel_size == 1 in this release"
+            "with tensor or context parallelism the DSA layer runs its PyTorch path: "
+            "mdsa_kernel must be 'auto' or 'reference' and mdsa_fp8_indexer False"
         )
     return DSASettings(
         mode=cfg.mdsa_mode,

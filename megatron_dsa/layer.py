@@ -31,11 +31,54 @@ from megatron.core.transformer.moe.moe_utils import save_to_aux_losses_tracker
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
 from megatron_dsa import ops
-from megatron_dsa.config import DSATransformerConfig
+from megatron_dsa.config import DSAConfigError, DSATransformerConfig
+from megatron_dsa.parallel import ParallelContext, cp_positions, own_rows, parallel_dsa_core
 from megatron_dsa.reference import indexer_qkw, rope_cos_sin
 
 INDEXER_KL = "indexer_kl"
 TOPK_RECALL = "indexer_topk_recall"
+
+
+def check_parallel_sequence(config, local_rows: int, sequence_parallel_rows: bool = True) -> int:
+    """The global sequence length from this rank's rows; DSAConfigError when the TP/CP layout
+    cannot hold it (megatron's CP layout needs S divisible by 2 * CP; SP splits S/CP over TP)."""
+    tp, cp = config.tensor_model_parallel_size, config.context_parallel_size
+    seq = local_rows * cp * (tp if sequence_parallel_rows and config.sequence_parallel else 1)
+    if cp > 1 and seq % (2 * cp):
+        raise DSAConfigError(
+            f"invalid DSA configuration: context parallel needs the sequence length ({seq}) "
+            f"divisible by 2 * context_parallel_size ({2 * cp})"
+        )
+    if tp > 1 and (seq // cp) % tp:
+        raise DSAConfigError(
+            f"invalid DSA configuration: {seq // cp} rows per context-parallel rank do not split "
+            f"over tensor_model_parallel_size={tp} (sequence parallel)"
+        )
+    return seq
+
+
+class ReplicatedLinear(torch.nn.Module):
+    """A plain ``y = x W^T`` with megatron's linear signature, replicated on every TP rank.
+
+    The indexer's linears: under TP each rank applies them to its own sequence-parallel rows,
+    so the weight carries ``.sequence_parallel = config.sequence_parallel`` and megatron's
+    ``finalize_model_grads`` sums its gradient over the TP group.
+    """
+
+    def __init__(self, input_size: int, output_size: int, *, config, init_method, bias: bool = False, **_):
+        super().__init__()
+        if bias:
+            raise ValueError("the indexer's linears have no bias")
+        device = "cpu" if config.use_cpu_initialization or not torch.cuda.is_available() else torch.cuda.current_device()
+        self.weight = torch.nn.Parameter(
+            torch.empty(output_size, input_size, dtype=config.params_dtype, device=device)
+        )
+        if config.perform_initialization:
+            init_method(self.weight)
+        self.weight.sequence_parallel = bool(config.sequence_parallel)
+
+    def forward(self, x: torch.Tensor):
+        return torch.nn.functional.linear(x, self.weight), None
 
 
 @dataclass
@@ -64,14 +107,8 @@ class LightningIndexer(MegatronModule):
         self.wk = build_module(submodules.wk, config.hidden_size, s.head_dim, **linear)
         self.weights_proj = build_module(submodules.weights_proj, config.hidden_size, s.n_heads, **linear)
         self.k_norm = torch.nn.LayerNorm(s.head_dim, eps=s.k_norm_eps)
-        self._rope_cache: Optional[tuple] = None
-
-    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        s = self.config.dsa
-        key = (positions.device, positions.shape[0])
-        if self._rope_cache is None or self._rope_cache[0] != key:
-            self._rope_cache = (key, rope_cos_sin(positions, s.rope_dim, s.rope_base))
-        return self._rope_cache[1]
+        for p in self.k_norm.parameters():
+            p.sequence_parallel = bool(config.sequence_parallel)
 
     def forward(self, x: torch.Tensor, qr: torch.Tensor, positions: torch.Tensor):
         """x [B, S, hidden], qr [B, S, q_lora_rank] -> q [B,S,HI,DI], k [B,S,DI], w [B,S,HI]."""
@@ -79,7 +116,8 @@ class LightningIndexer(MegatronModule):
         q_proj, _ = self.wq_b(qr)
         k_proj, _ = self.wk(x)
         w_proj, _ = self.weights_proj(x)
-        cos, sin = self._rope(positions)
+        # Built per call (S x rope/2 values): no cache that could go stale when positions change.
+        cos, sin = rope_cos_sin(positions, s.rope_dim, s.rope_base)
         return indexer_qkw(
             q_proj, k_proj, w_proj, self.k_norm.weight, self.k_norm.bias, cos, sin,
             n_heads=s.n_heads, eps=s.k_norm_eps,
@@ -136,6 +174,10 @@ class DSACoreAttention(MegatronModule):
         self._selection_source: Optional["DSACoreAttention"] = None
         self._last_topk: Optional[torch.Tensor] = None
         self._indexer_loss: Optional[torch.Tensor] = None
+        # TP / CP groups of this layer (sizes 1 = the single-rank path).
+        self.parallel = ParallelContext.from_megatron(pg_collection)
+        # Indexer scoring FLOPs done on THIS rank (rows x keys x HI x DI x 2), cumulative.
+        self.indexer_flops = 0
 
     # ---- wiring done once by the model builder ---------------------------------------------
 
@@ -181,11 +223,15 @@ class DSACoreAttention(MegatronModule):
         cfg = self.config
         s = cfg.dsa
         mode = cfg.mdsa_mode
-        be = ops.backend(s.kernel, query.device)
         seq, batch, heads, _ = query.shape
         q = query.permute(1, 0, 2, 3)  # [b, s, H, Dqk]
         kv = key.squeeze(2).transpose(0, 1)  # [b, s, Dqk]
+        if self.parallel.parallel:
+            out = self._parallel_forward(mode, q, kv, x, qr)
+            return out.transpose(0, 1).reshape(seq, batch, heads * self.v_dim)
+        be = ops.backend(s.kernel, query.device)
         positions = torch.arange(seq, device=query.device)
+        score_flops = batch * seq * seq * s.n_heads * s.head_dim * 2
 
         kl = recall = None
         if mode == "dense":
@@ -196,12 +242,14 @@ class DSACoreAttention(MegatronModule):
             if indexer is not None:
                 qi, ki, wi = self._indexer_inputs(indexer, x, qr, positions)
                 kl, recall = be.dense_indexer_kl(q, kv, qi, ki, wi, self.softmax_scale, s.topk)
+                self.indexer_flops += score_flops
         elif mode == "sparse":
             indexer = self._get_indexer()
             if indexer is not None:
                 qi, ki, wi = self._indexer_inputs(indexer, x, qr, positions)
                 topk = be.indexer_topk(qi.detach(), ki.detach(), wi.detach(), s.topk, fp8=s.fp8_indexer)
                 self._last_topk = topk
+                self.indexer_flops += score_flops
             else:
                 topk = self._borrowed_selection(batch, seq)
             out, _ = be.sparse_mla_attention(q, kv, topk, self.v_dim, self.softmax_scale)
@@ -217,6 +265,42 @@ class DSACoreAttention(MegatronModule):
             out = self._attach_indexer_loss(out, kl, recall, mode)
         return out.transpose(0, 1).reshape(seq, batch, heads * self.v_dim)
 
+    def _parallel_forward(self, mode: str, q, kv, x, qr) -> torch.Tensor:
+        """TP (+SP) and/or CP: megatron_dsa.parallel.parallel_dsa_core on this rank's shards.
+
+        q [b, S_cp, H/TP, Dqk] (all CP-local rows, local heads), kv [b, S_cp, Dqk],
+        x / qr [S_cp/TP, b, ...] (this rank's sequence-parallel rows).
+        """
+        s = self.config.dsa
+        ctx = self.parallel
+        batch, s_cp = q.shape[:2]
+        seq = check_parallel_sequence(self.config, s_cp, sequence_parallel_rows=False)
+        indexer = self._get_indexer() if mode != "dense" else None
+        inputs = selection = None
+        if indexer is not None:
+            rows = own_rows(ctx, s_cp)
+            positions = cp_positions(seq, ctx.cp_size, ctx.cp_rank, q.device)[rows]
+            if x.shape[0] != rows.stop - rows.start or qr.shape[0] != x.shape[0]:
+                raise RuntimeError(
+                    f"DSA under TP expects the sequence-parallel shard of x and qr ({rows.stop - rows.start} "
+                    f"rows), got {tuple(x.shape)} and {tuple(qr.shape)}: is sequence_parallel on?"
+                )
+            inputs = self._indexer_inputs(indexer, x, qr, positions)
+        elif mode == "sparse":
+            selection = self._borrowed_selection(batch, s_cp)
+        res = parallel_dsa_core(
+            ctx, mode, q, kv, self.v_dim, self.softmax_scale, s.topk,
+            indexer=inputs, selection=selection,
+            with_loss=s.loss_coeff > 0, sparse_loss=s.sparse_loss,
+        )
+        self.indexer_flops += res.flops[0]
+        if indexer is not None and mode == "sparse":
+            self._last_topk = res.topk  # GLOBAL positions: a borrowing layer fetches its own KV
+        out = res.out
+        if res.kl is not None:
+            out = self._attach_indexer_loss(out, res.kl, res.recall, mode, total_rows=batch * seq)
+        return out
+
     def _indexer_inputs(self, indexer, x, qr, positions):
         # Detached: the indexer learns only from its KL, the main model never from it.
         return indexer(x.detach().transpose(0, 1), qr.detach().transpose(0, 1), positions)
@@ -231,9 +315,11 @@ class DSACoreAttention(MegatronModule):
             )
         return topk
 
-    def _attach_indexer_loss(self, out, kl, recall, mode: str) -> torch.Tensor:
+    def _attach_indexer_loss(self, out, kl, recall, mode: str, total_rows: Optional[int] = None) -> torch.Tensor:
+        """Under TP/CP ``kl`` holds this rank's own rows: the loss is their sum over ALL rows
+        of the batch, so the sum of the ranks' losses is the one-rank mean."""
         s = self.config.dsa
-        loss = kl.mean() * s.loss_coeff
+        loss = kl.sum() / (total_rows or kl.numel()) * s.loss_coeff
         num_layers = self.config.num_layers
         save_to_aux_losses_tracker(INDEXER_KL, kl.detach().mean(), self.layer_number, num_layers)
         if recall is not None:

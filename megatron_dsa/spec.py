@@ -12,6 +12,7 @@ from typing import Optional
 
 from megatron.core.models.backends import BackendSpecProvider, LocalSpecProvider
 from megatron.core.models.gpt.gpt_layer_specs import get_mlp_module_spec_for_backend
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.experimental_attention_variant.absorbed_mla import (
     AbsorbedMLASelfAttention,
@@ -28,7 +29,65 @@ from megatron_dsa.layer import (
     DSACoreAttentionSubmodules,
     LightningIndexer,
     LightningIndexerSubmodules,
+    ReplicatedLinear,
 )
+
+
+class DSAAbsorbedMLASelfAttention(AbsorbedMLASelfAttention):
+    """megatron-core's absorbed MLA, with two changes for DSA:
+
+    * under TP, the KV down-projection is replicated (as megatron-core's own DSA spec does with
+      Transformer Engine's duplicated linear). megatron-core 0.19.2's column-parallel path
+      gathers the projection over TP and keeps the rope-key part on full sequence rows, so its
+      gradient holds only this rank's heads' share: every input gradient below the attention
+      came out wrong by ~0.1-1% against one rank. The replicated path gathers the rope keys
+      from the sequence-parallel region, whose backward reduce-scatters the full sum.
+    * the DSA parallel layout is checked at the first line of the forward (before megatron
+      splits its rotary table over CP, which would fail with an opaque reshape error).
+    """
+
+    def __init__(self, config, submodules, *args, **kwargs):
+        super().__init__(config, submodules, *args, **kwargs)
+        if config.tensor_model_parallel_size > 1 and submodules.linear_kv_down_proj is ColumnParallelLinear:
+            self.linear_kv_down_proj = ReplicatedLinear(
+                config.hidden_size,
+                config.kv_lora_rank + config.qk_pos_emb_head_dim,
+                config=config,
+                init_method=config.init_method,
+            )
+
+    def forward(self, hidden_states, attention_mask, *args, **kwargs):
+        from megatron_dsa.layer import check_parallel_sequence
+
+        check_parallel_sequence(self.config, hidden_states.shape[0])
+        return super().forward(hidden_states, attention_mask, *args, **kwargs)
+
+
+class SequenceParallelTorchNorm:
+    """megatron-core's local torch norm (``WrappedTorchNorm``) that also runs under sequence
+    parallelism: its parameters carry ``.sequence_parallel = True`` so megatron's
+    ``finalize_model_grads`` sums their gradients over TP (the wrapped norm refuses SP)."""
+
+    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **kwargs):
+        import torch
+        from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+        if not config.sequence_parallel:
+            return WrappedTorchNorm(config, hidden_size, eps, **kwargs)
+        norms = {"LayerNorm": torch.nn.LayerNorm, "RMSNorm": torch.nn.RMSNorm}
+        if config.normalization not in norms:
+            raise ValueError(f"normalization {config.normalization!r} is not supported with sequence parallel")
+        norm = norms[config.normalization](normalized_shape=hidden_size, eps=eps)
+        for p in norm.parameters():
+            p.sequence_parallel = True
+        return norm
+
+
+def _norm(backend: BackendSpecProvider, config: DSATransformerConfig, for_qk: bool):
+    norm = backend.layer_norm(rms_norm=config.normalization == "RMSNorm", for_qk=for_qk)
+    if isinstance(backend, LocalSpecProvider):
+        return SequenceParallelTorchNorm
+    return norm
 
 
 def backend_for(config: DSATransformerConfig) -> BackendSpecProvider:
@@ -54,14 +113,17 @@ def dsa_attention_spec(config: DSATransformerConfig, backend: BackendSpecProvide
         submodules=DSACoreAttentionSubmodules(
             indexer=ModuleSpec(
                 module=LightningIndexer,
-                submodules=LightningIndexerSubmodules(wq_b=linear, wk=linear, weights_proj=linear),
+                # Replicated on every TP rank, applied to that rank's sequence-parallel rows.
+                submodules=LightningIndexerSubmodules(
+                    wq_b=ReplicatedLinear, wk=ReplicatedLinear, weights_proj=ReplicatedLinear
+                ),
             )
         ),
     )
     # Unfused: the indexer needs the normalised query latent outside the up-projection.
-    qk_norm = backend.layer_norm(rms_norm=config.normalization == "RMSNorm", for_qk=True)
+    qk_norm = _norm(backend, config, for_qk=True)
     return ModuleSpec(
-        module=AbsorbedMLASelfAttention,
+        module=DSAAbsorbedMLASelfAttention,
         params={"attn_mask_type": AttnMaskType.causal},
         submodules=AbsorbedMLASelfAttentionSubmodules(
             linear_q_proj=linear,
@@ -81,7 +143,7 @@ def dsa_layer_specs(config: DSATransformerConfig, first_k_dense: int) -> list[Mo
     """One spec per layer: dense SwiGLU MLP for the first ``first_k_dense`` layers, MoE after."""
     backend = backend_for(config)
     attention = dsa_attention_spec(config, backend)
-    norm = backend.layer_norm(rms_norm=config.normalization == "RMSNorm", for_qk=False)
+    norm = _norm(backend, config, for_qk=False)
     dense_mlp = get_mlp_module_spec_for_backend(backend=backend, num_experts=None)
     moe = (
         get_mlp_module_spec_for_backend(
@@ -121,5 +183,5 @@ def dsa_block_spec(
     count = get_num_layers_to_build(config, vp_stage=vp_stage)
     return TransformerBlockSubmodules(
         layer_specs=specs[offset : offset + count],
-        layer_norm=backend.layer_norm(rms_norm=config.normalization == "RMSNorm", for_qk=False),
+        layer_norm=_norm(backend, config, for_qk=False),
     )

@@ -103,8 +103,41 @@ def _cuda_device_to_cpu() -> None:
     _CUDA_TO_CPU.__enter__()
 
 
+def _cuda_device_to_cpu_in_backward() -> None:
+    """Autograd runs backward without the caller's TorchFunctionMode, and megatron's
+    sequence-parallel linear allocates its reduce-scatter output on the current CUDA device in
+    backward: run every custom autograd Function's backward under the same remap."""
+    from torch.autograd.function import BackwardCFunction
+
+    original = BackwardCFunction.apply
+
+    def apply(self, *args):
+        with _CudaToCpu():
+            return original(self, *args)
+
+    BackwardCFunction.apply = apply
+
+
+def _cp_rope_index_on_cpu() -> None:
+    """Under context parallelism megatron picks this rank's rotary rows with an index tensor
+    built with ``pin_memory=True``, which needs a CUDA driver: the same selection, unpinned."""
+    from megatron.core.models.common.embeddings import rope_utils, rotary_pos_embedding
+
+    def get_pos_emb_on_this_cp_rank(pos_emb, seq_dim, cp_group):
+        cp_size, cp_rank = cp_group.size(), cp_group.rank()
+        idx = torch.tensor([cp_rank, 2 * cp_size - cp_rank - 1], device=pos_emb.device)
+        pos_emb = pos_emb.view(*pos_emb.shape[:seq_dim], 2 * cp_size, -1, *pos_emb.shape[seq_dim + 1 :])
+        pos_emb = pos_emb.index_select(seq_dim, idx)
+        return pos_emb.view(*pos_emb.shape[:seq_dim], -1, *pos_emb.shape[seq_dim + 2 :])
+
+    rope_utils.get_pos_emb_on_this_cp_rank = get_pos_emb_on_this_cp_rank
+    rotary_pos_embedding.get_pos_emb_on_this_cp_rank = get_pos_emb_on_this_cp_rank
+
+
 CPU_PATCHES = [
     Patch("cuda_device_to_cpu", "allocations on torch.cuda.current_device()", _cuda_device_to_cpu),
+    Patch("cuda_device_to_cpu_in_backward", "the same allocations inside autograd backward", _cuda_device_to_cpu_in_backward),
+    Patch("cp_rope_index_on_cpu", "context-parallel rotary rows picked with pinned memory", _cp_rope_index_on_cpu),
     Patch("cuda_streams_events", "MoE creates CUDA streams and events", _cuda_streams_events),
     Patch("cuda_rng_on_cpu", "the model-parallel RNG tracker reads CUDA RNG state", _cuda_rng_on_cpu),
 ]

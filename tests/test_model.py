@@ -181,3 +181,19 @@ def test_topk_recall_and_kl_are_logged_per_layer(megatron_world, seed):
     assert (values["indexer_kl"] > 0).all() and values["indexer_kl"].shape == (3,)
     assert ((values["indexer_topk_recall"] > 0) & (values["indexer_topk_recall"] <= 1 + 1e-6)).all()
     tracker.clear()
+
+
+def test_indexer_rope_follows_the_positions_it_is_given(megatron_world, seed):
+    """Same length, other positions (decode, context parallel): no stale rotary tables."""
+    model = make(megatron_world, seed, mdsa_mode="sparse")
+    indexer = dsa_layers(model)[0].indexer
+    x, qr = torch.randn(1, 6, 64), torch.randn(1, 6, 32)
+    indexer(x, qr, torch.arange(6))
+    shifted = torch.arange(6) + 100
+    q, k, _ = indexer(x, qr, shifted)
+    cos, sin = R.rope_cos_sin(shifted, 16)
+    _, k2, _ = R.indexer_qkw(
+        qr @ indexer.wq_b.weight.T, x @ indexer.wk.weight.T, x @ indexer.weights_proj.weight.T,
+        indexer.k_norm.weight, indexer.k_norm.bias, cos, sin, n_heads=2,
+    )
+    assert torch.allclose(k, k2, atol=1e-5)

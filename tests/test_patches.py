@@ -52,8 +52,13 @@ def test_tiny_model_trains_on_cpu_with_all_patches():
     assert "TRAINED" in result.stdout, result.stderr[-3000:]
 
 
+# These two bite only in backward of sequence-parallel layers and under context parallelism;
+# their own tests below (and the TP/CP model tests in test_parallel.py) fail without them.
+NEEDED_ELSEWHERE = {"cuda_device_to_cpu_in_backward", "cp_rope_index_on_cpu"}
+
+
 @needs_cpu
-@pytest.mark.parametrize("patch", [p.name for p in CPU_PATCHES])
+@pytest.mark.parametrize("patch", [p.name for p in CPU_PATCHES if p.name not in NEEDED_ELSEWHERE])
 def test_each_patch_is_needed(patch):
     result = run([patch])
     assert result.returncode != 0 and "TRAINED" not in result.stdout
@@ -75,3 +80,60 @@ def test_version_gate_refuses_other_megatron_core(monkeypatch):
     monkeypatch.setattr(registry, "megatron_core_version", lambda: (0, 21, 0))
     with pytest.raises(RuntimeError, match="outside the versions"):
         registry.apply_patches(CPU_PATCHES)
+
+
+BACKWARD_SCRIPT = textwrap.dedent(
+    """
+    import sys, torch, patches
+    from patches.cpu import CPU_PATCHES
+    patches.apply_cpu_patches(only={p.name for p in CPU_PATCHES} - set(sys.argv[1:]))
+
+    class AllocatesInBackward(torch.autograd.Function):  # as megatron's sequence-parallel linear
+        @staticmethod
+        def forward(ctx, x):
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, grad):
+            out = torch.empty(grad.shape, device=torch.cuda.current_device())
+            return out.copy_(grad * 2)
+
+    x = torch.ones(3, requires_grad=True)
+    AllocatesInBackward.apply(x).sum().backward()
+    print("BACKWARD", x.grad.tolist())
+    """
+)
+
+@needs_cpu
+def test_backward_allocations_need_the_backward_remap():
+    ok = subprocess.run([sys.executable, "-c", BACKWARD_SCRIPT], capture_output=True, text=True, timeout=120)
+    assert "BACKWARD [2.0, 2.0, 2.0]" in ok.stdout, ok.stderr[-2000:]
+    bad = subprocess.run(
+        [sys.executable, "-c", BACKWARD_SCRIPT, "cuda_device_to_cpu_in_backward"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert bad.returncode != 0 and "NVIDIA driver" in bad.stderr
+
+
+@needs_cpu
+def test_cp_rotary_rows_need_the_unpinned_index():
+    code = textwrap.dedent(
+        """
+        import sys, torch, patches
+        from patches.cpu import CPU_PATCHES
+        patches.apply_cpu_patches(only={p.name for p in CPU_PATCHES} - set(sys.argv[1:]))
+        from megatron.core.models.common.embeddings import rope_utils
+
+        class Group:  # rank 1 of a context-parallel group of 2
+            def size(self): return 2
+            def rank(self): return 1
+
+        table = torch.arange(8.0)[:, None, None, None]
+        rows = rope_utils.get_pos_emb_on_this_cp_rank(table, 0, Group())
+        print("ROWS", rows.flatten().tolist())
+        """
+    )
+    ok = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "ROWS [2.0, 3.0, 4.0, 5.0]" in ok.stdout, ok.stderr[-2000:]
+    bad = subprocess.run([sys.executable, "-c", code, "cp_rope_index_on_cpu"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and ("pin" in bad.stderr.lower() or "NVIDIA" in bad.stderr or "CUDA" in bad.stderr)

@@ -1,0 +1,124 @@
+"""DSA under tensor, sequence and context parallelism: design note.
+
+Notation: S sequence, B batch (1 below), H attention heads, HI / DI indexer heads / head dim,
+K top-k, Dqk = kv_lora_rank + rope dims (576 in the 671B model), TP / CP group sizes, S_cp =
+S / CP rows per CP rank. Bytes are what ONE rank receives per layer per step (forward +
+backward), bf16 activations (2 bytes), fp32 partial sums, int32 indices;
+``scripts/comm_volume.py`` prints them for real shapes (table below).
+
+What megatron-core 0.19.2's own DSA does (``experimental_attention_variant/dsa.py``): every TP
+rank runs the WHOLE indexer (scores S x S x HI x DI for all rows, identical on all TP ranks),
+and under CP it all-gathers the K/V latents (S x Dqk) and the indexer keys over CP.
+
+1. TP-sharded indexer (``core.parallel_dsa_core``, ``topk.streaming_topk``)
+   Under TP, megatron's MLA (sequence parallel on) hands the core attention x and the query
+   latent qr for the rank's SP shard (S_cp / TP rows) and q for ALL rows with LOCAL heads.
+   Each rank runs the indexer on its own rows only: qi, wi, ki of S_cp/TP rows. The keys are
+   all-gathered over TP (DI values per token: (TP-1)/TP x S_cp x DI x 2 bytes; backward
+   reduce-scatters their gradient), so each rank scores its rows against all keys:
+   S_cp/TP x S x HI x DI x 2 FLOPs, 1/TP of megatron-core's replicated indexer (counted in
+   ``DSACoreAttention.indexer_flops``, tested). The rows' top-k must reach the sparse
+   attention, which covers every row with local heads. Two ways:
+     (a) all-gather the top-k indices over TP: (TP-1)/TP x S_cp x K x 4 bytes, no backward;
+     (b) re-shard attention by rows (all-to-all q to "own rows, all heads", and the output
+         back): 2 x (TP-1)/TP x S_cp x H/TP x (Dqk + v) x 2 bytes forward, the same again in
+         backward. For the 671B model (H=128, Dqk=576, v=512, K=2048) at TP=8:
+         (a) 7.0 KiB/token vs (b) 2 x 30.5 KiB/token (x2 with backward). We take (a).
+   The sparse KL target p = probabilities summed over ALL heads: each rank sums its local
+   heads' selected-set probabilities for all rows (no grad) and the partial sums [S_cp, K]
+   fp32 are reduce-scattered over TP ((TP-1)/TP x S_cp x K x 4 bytes), so every rank gets the
+   full target for its own rows (``core.tp_sparse_kl``). For the DENSE (warm-up) KL the
+   partial sums would be S_cp x S x 4 bytes (64 GiB per layer at 128K); instead the detached
+   queries are re-sharded "own rows, all heads" with one all-to-all
+   ((TP-1)/TP x S_cp x H/TP x Dqk x 2 bytes, no backward) and the reference KL runs on them.
+   Indexer weights are replicated across TP but see different rows: their parameters carry
+   ``.sequence_parallel = True`` (TP > 1), so megatron's ``finalize_model_grads`` sums their
+   gradients over TP (``allreduce_sequence_parallel_grads`` here does the same without DDP).
+   Each rank's indexer loss is sum(own rows' KL) / (B x S): the sum over ranks is the
+   one-rank loss (mean over rows).
+
+2. Context parallel with an exact distributed top-k (``topk``, ``fetch``)
+   Tokens stay in megatron-core's load-balanced layout (CP rank r holds chunks r and
+   2CP-1-r of 2CP). Global positions of every row are known from the layout. Indexer keys
+   are all-gathered over CP (DI per token: (CP-1)/CP x S x DI x 2 bytes -- 1/4.5 of the
+   latent KV in the 671B model; a ring would move the same bytes). Each rank scores its
+   queries against each key chunk in turn (skipping chunks wholly in its future), keeps
+   top-k CANDIDATES with GLOBAL positions and merges them with the reference's rule (score
+   descending, ties to the smaller global position): the result equals the one-rank top-k
+   exactly (tested with deliberate ties). Then only the selected latent KV rows are fetched
+   from their owners (``fetch.fetch_selected``: unique rows, one all-to-all of row ids and
+   one of rows; backward sends dKV rows back and scatter-adds them on the owner). Bytes:
+   at most min(S x (CP-1)/CP, S_cp x K) x Dqk x 2, x2 with backward, instead of the whole
+   (CP-1)/CP x S x Dqk x 2 KV all-gather (+ its reduce-scatter in backward). Dense mode and
+   warm-up under CP all-gather the KV (acceptable: short phase; the KL target is exact).
+
+3. Sequence parallel is switched on by the config whenever TP > 1 (megatron's MoE and
+   AbsorbedMLA require it); norms of the local spec get ``.sequence_parallel`` params.
+   Expert parallelism is megatron-core's MoE settings, untouched by DSA.
+
+4. Accounting (``python scripts/comm_volume.py``; per rank, per layer, per step, fwd+bwd,
+   sparse phase; TP=8 with CP=1, CP=4 with TP=1; GiB; CP "ours" is the worst case):
+
+   model  seq  | TP ours | TP (b) rows | TP mcore (x+qr gather) | indexer FLOP/rank ours / mcore | CP ours | CP mcore
+   small  32K  |  0.116  |   0.062     |   0.038                |    0.1T /   0.5T              |  0.021  |  0.021
+   small 128K  |  0.465  |   0.246     |   0.150                |    1.1T /   8.8T              |  0.083  |  0.082
+   671b   32K  |  0.451  |   3.719     |   0.465                |    2.2T /  17.6T              |  0.065  |  0.064
+   671b   64K  |  0.902  |   7.438     |   0.930                |    8.8T /  70.4T              |  0.129  |  0.129
+   671b  128K  |  1.805  |  14.875     |   1.859                |   35.2T / 281.5T              |  0.259  |  0.258
+
+   Reading it: under TP the sharded indexer moves about what megatron-core's replicated one
+   does for the 671B shape (its x + qr all-gather vs our key/index/partial-p traffic) and cuts
+   the indexer FLOPs per rank by TP (8x here: 35 TFLOP instead of 281 TFLOP per layer at
+   128K). Option (b) would be 8x more bytes for the 671B model; for the small model (8 heads,
+   K=512) at TP=8 (b) is cheaper in bytes (0.25 vs 0.47 GiB) -- (a) was chosen for the
+   671B shape. Under CP the selected-row fetch is bounded by the KV all-gather: with
+   S/CP x K >= S the union of a rank's selections can cover every remote row, and then it
+   moves as much as megatron-core (ratio 1.00 in the worst case). It saves only when the
+   union is smaller (short shards, concentrated selections); ``STATS`` measures the real
+   bytes. The exact distributed top-k, not the bytes, is the CP win here (megatron-core
+   scores against gathered keys too).
+
+Limits: the parallel path runs the reference (PyTorch) math, not the Triton kernels; every TP
+rank of a CP group fetches the same KV rows (a TP-split fetch + all-gather would cut that by
+TP); packed sequences are not supported.
+"""
+
+from megatron_dsa.parallel.comm import (
+    STATS,
+    ParallelContext,
+    cp_positions,
+    cp_split,
+)
+from megatron_dsa.parallel.core import CoreResult, own_rows, parallel_dsa_core
+from megatron_dsa.parallel.topk import merge_candidates, streaming_topk
+
+
+def allreduce_sequence_parallel_grads(model, tp_group=None) -> None:
+    """Sum over TP the gradients of parameters marked ``.sequence_parallel`` (what megatron's
+    finalize_model_grads does for DDP-wrapped models), for plain modules."""
+    import torch
+    import torch.distributed as dist
+
+    if tp_group is None:
+        from megatron.core import parallel_state as ps
+
+        tp_group = ps.get_tensor_model_parallel_group()
+    if dist.get_world_size(tp_group) == 1:
+        return
+    for p in model.parameters():
+        if getattr(p, "sequence_parallel", False) and p.grad is not None:
+            dist.all_reduce(p.grad, group=tp_group)
+
+
+__all__ = [
+    "STATS",
+    "CoreResult",
+    "ParallelContext",
+    "allreduce_sequence_parallel_grads",
+    "cp_positions",
+    "cp_split",
+    "merge_candidates",
+    "own_rows",
+    "parallel_dsa_core",
+    "streaming_topk",
+]

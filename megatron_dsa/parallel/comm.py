@@ -1,0 +1,239 @@
+"""Process groups, the context-parallel layout and the few collectives DSA needs.
+
+Every collective here works on gloo (CPU) and NCCL. Tensors are batch first ([B, S, ...]);
+"rows" are the sequence dim (dim 1). Byte counters: every function that moves data adds the
+bytes this rank RECEIVES to ``CommStats`` (one global instance, ``STATS``) so tests and the
+accounting script can read real traffic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+
+# --------------------------------------------------------------------------------------------
+# Byte accounting
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CommStats:
+    """Bytes received by this rank, per named collective (forward and backward)."""
+
+    bytes: dict = field(default_factory=dict)
+
+    def add(self, name: str, nbytes: int) -> None:
+        self.bytes[name] = self.bytes.get(name, 0) + int(nbytes)
+
+    def reset(self) -> None:
+        self.bytes.clear()
+
+    def total(self) -> int:
+        return sum(self.bytes.values())
+
+
+STATS = CommStats()
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+# --------------------------------------------------------------------------------------------
+# The parallel context of one DSA layer
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ParallelContext:
+    """TP and CP groups (None = size 1) with this rank's coordinates."""
+
+    tp_group: Optional[dist.ProcessGroup] = None
+    cp_group: Optional[dist.ProcessGroup] = None
+
+    @property
+    def tp_size(self) -> int:
+        return 1 if self.tp_group is None else dist.get_world_size(self.tp_group)
+
+    @property
+    def tp_rank(self) -> int:
+        return 0 if self.tp_group is None else dist.get_rank(self.tp_group)
+
+    @property
+    def cp_size(self) -> int:
+        return 1 if self.cp_group is None else dist.get_world_size(self.cp_group)
+
+    @property
+    def cp_rank(self) -> int:
+        return 0 if self.cp_group is None else dist.get_rank(self.cp_group)
+
+    @property
+    def parallel(self) -> bool:
+        return self.tp_size > 1 or self.cp_size > 1
+
+    @classmethod
+    def from_megatron(cls, pg_collection=None) -> "ParallelContext":
+        """The TP and CP groups megatron-core's parallel state (or a pg_collection) holds."""
+        tp = cp = None
+        if pg_collection is not None:
+            tp, cp = getattr(pg_collection, "tp", None), getattr(pg_collection, "cp", None)
+        if tp is None or cp is None:
+            from megatron.core import parallel_state as ps
+
+            if ps.model_parallel_is_initialized():
+                tp = tp or ps.get_tensor_model_parallel_group()
+                cp = cp or ps.get_context_parallel_group()
+        if tp is not None and dist.get_world_size(tp) == 1:
+            tp = None
+        if cp is not None and dist.get_world_size(cp) == 1:
+            cp = None
+        return cls(tp_group=tp, cp_group=cp)
+
+
+# --------------------------------------------------------------------------------------------
+# megatron-core's load-balanced context-parallel layout
+# --------------------------------------------------------------------------------------------
+#
+# megatron.core.utils._get_batch_on_this_cp_rank_per_sequence_balancing splits the sequence
+# into 2 * CP equal chunks; CP rank r holds chunks r and 2*CP-1-r, in that order (the same
+# split get_pos_emb_on_this_cp_rank applies to the rotary table).
+
+
+def cp_chunk_ids(cp_size: int, cp_rank: int) -> tuple[int, int]:
+    return cp_rank, 2 * cp_size - 1 - cp_rank
+
+
+def cp_positions(seq_len: int, cp_size: int, cp_rank: int, device=None) -> torch.Tensor:
+    """Global positions [seq_len / cp_size] of the tokens CP rank ``cp_rank`` holds."""
+    if cp_size == 1:
+        return torch.arange(seq_len, device=device)
+    if seq_len % (2 * cp_size):
+        raise ValueError(
+            f"context parallel needs the sequence length ({seq_len}) divisible by "
+            f"2 * context_parallel_size ({2 * cp_size})"
+        )
+    c = seq_len // (2 * cp_size)
+    a, b = cp_chunk_ids(cp_size, cp_rank)
+    return torch.cat((torch.arange(a * c, (a + 1) * c), torch.arange(b * c, (b + 1) * c))).to(device)
+
+
+def cp_split(x: torch.Tensor, cp_size: int, cp_rank: int, dim: int = 1) -> torch.Tensor:
+    """This CP rank's part of a full-sequence tensor (megatron's layout), as get_batch does."""
+    if cp_size == 1:
+        return x
+    a, b = cp_chunk_ids(cp_size, cp_rank)
+    chunks = x.chunk(2 * cp_size, dim=dim)
+    return torch.cat((chunks[a], chunks[b]), dim=dim)
+
+
+def cp_owner(pos: torch.Tensor, seq_len: int, cp_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(owner CP rank, row on the owner) of global positions ``pos``."""
+    c = seq_len // (2 * cp_size)
+    chunk = pos // c
+    first = chunk < cp_size
+    owner = torch.where(first, chunk, 2 * cp_size - 1 - chunk)
+    local = torch.where(first, pos - chunk * c, c + pos - chunk * c)
+    return owner, local
+
+
+def to_global_order(x_cat: torch.Tensor, seq_len: int, cp_size: int, dim: int = 1) -> torch.Tensor:
+    """Reorder a CP all-gather (rank 0's rows, rank 1's rows, ...) into global position order."""
+    if cp_size == 1:
+        return x_cat
+    pos = torch.cat([cp_positions(seq_len, cp_size, r) for r in range(cp_size)])
+    inv = torch.argsort(pos).to(x_cat.device)
+    return x_cat.index_select(dim, inv)
+
+
+# --------------------------------------------------------------------------------------------
+# Collectives with autograd
+# --------------------------------------------------------------------------------------------
+
+
+class _AllGatherRows(torch.autograd.Function):
+    """All-gather along ``dim`` (rank order); backward reduce-scatters (sums) the gradient."""
+
+    @staticmethod
+    def forward(ctx, x, group, dim, name):
+        ctx.group, ctx.dim, ctx.name = group, dim, name
+        world = dist.get_world_size(group)
+        parts = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        STATS.add(name, _nbytes(x) * (world - 1))
+        return torch.cat(parts, dim=dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        world = dist.get_world_size(ctx.group)
+        parts = [p.contiguous() for p in grad.chunk(world, dim=ctx.dim)]
+        out = torch.empty_like(parts[0])
+        dist.reduce_scatter(out, parts, group=ctx.group)
+        STATS.add(ctx.name + ".bwd", _nbytes(out) * (world - 1))
+        return out, None, None, None
+
+
+def all_gather_rows(x: torch.Tensor, group, dim: int = 1, name: str = "all_gather") -> torch.Tensor:
+    if group is None or dist.get_world_size(group) == 1:
+        return x
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _AllGatherRows.apply(x, group, dim, name)
+    with torch.no_grad():
+        return _AllGatherRows.forward(_Ctx(), x, group, dim, name)
+
+
+class _Ctx:
+    """A stand-in autograd ctx for calling a Function's forward without autograd."""
+
+
+def reduce_scatter_rows(x: torch.Tensor, group, dim: int = 1, name: str = "reduce_scatter") -> torch.Tensor:
+    """Sum over the group, then keep this rank's equal share of ``dim`` (no autograd)."""
+    if group is None or dist.get_world_size(group) == 1:
+        return x
+    world = dist.get_world_size(group)
+    parts = [p.contiguous() for p in x.chunk(world, dim=dim)]
+    out = torch.empty_like(parts[0])
+    dist.reduce_scatter(out, parts, group=group)
+    STATS.add(name, _nbytes(out) * (world - 1))
+    return out
+
+
+def all_to_all_list(send: list[torch.Tensor], group, name: str, recv_shapes=None) -> list[torch.Tensor]:
+    """Exchange one tensor per peer (variable first-dim sizes); ``send[j]`` goes to rank j."""
+    world = dist.get_world_size(group)
+    rank = dist.get_rank(group)
+    if recv_shapes is None:
+        counts = torch.tensor([t.shape[0] for t in send], dtype=torch.long)
+        recv_counts = torch.empty_like(counts)
+        dist.all_to_all_single(recv_counts, counts, group=group)
+        tail = tuple(send[0].shape[1:])
+        recv_shapes = [(int(n),) + tail for n in recv_counts.tolist()]
+    # One all_to_all_single with split sizes (alltoallv): works on gloo and NCCL alike.
+    flat_in = torch.cat([t.reshape(-1) for t in send])
+    out_sizes = [int(torch.Size(s).numel()) for s in recv_shapes]
+    flat_out = torch.empty(sum(out_sizes), dtype=send[0].dtype, device=send[0].device)
+    dist.all_to_all_single(
+        flat_out, flat_in, output_split_sizes=out_sizes,
+        input_split_sizes=[t.numel() for t in send], group=group,
+    )
+    recv = [r.view(s) for r, s in zip(flat_out.split(out_sizes), recv_shapes)]
+    STATS.add(name, sum(_nbytes(t) for j, t in enumerate(recv) if j != rank))
+    return recv
+
+
+def heads_to_rows(q: torch.Tensor, group, name: str = "tp.q_heads_to_rows") -> torch.Tensor:
+    """[B, S, H/TP, D] (all rows, local heads) -> [B, S/TP, H, D] (own rows, all heads).
+
+    One all-to-all, no autograd (used for the detached KL target only).
+    """
+    if group is None or dist.get_world_size(group) == 1:
+        return q
+    send = [p.contiguous() for p in q.chunk(dist.get_world_size(group), dim=1)]
+    shape = tuple(send[0].shape)
+    recv = all_to_all_list(
+        [s.flatten() for s in send], group, name, recv_shapes=[(send[0].numel(),)] * len(send)
+    )
+    return torch.cat([r.view(shape) for r in recv], dim=2)

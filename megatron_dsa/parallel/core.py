@@ -1,0 +1,193 @@
+"""The DSA core attention under tensor (+ sequence) and context parallelism.
+
+``parallel_dsa_core`` is the whole layer-level computation, plain tensors in and out, built
+from the reference math (``megatron_dsa.reference``) plus the collectives of
+``megatron_dsa.parallel.comm`` / ``fetch``. What each rank holds (batch first):
+
+    q       [B, S_cp, H/TP, Dqk]   absorbed queries: all CP-local rows, LOCAL heads
+    kv      [B, S_cp, Dqk]         latent KV entries of the CP-local rows (MLA gathered them over TP)
+    qi, wi  [B, S_cp/TP, HI, DI], [B, S_cp/TP, HI]   indexer queries / weights of OWN rows
+    ki      [B, S_cp/TP, DI]       indexer keys of OWN rows
+
+S_cp = S / CP rows in megatron's load-balanced layout (chunks r and 2CP-1-r); own rows are the
+sequence-parallel shard tp_rank of those. See the package docstring for the design and bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from megatron_dsa import reference as R
+from megatron_dsa.parallel.comm import (
+    ParallelContext,
+    all_gather_rows,
+    cp_positions,
+    heads_to_rows,
+    reduce_scatter_rows,
+    to_global_order,
+)
+from megatron_dsa.parallel.fetch import fetch_selected
+from megatron_dsa.parallel.topk import streaming_topk
+
+
+@dataclass
+class CoreResult:
+    out: torch.Tensor  # [B, S_cp, H/TP, v_dim]
+    kl: Optional[torch.Tensor] = None  # [B, S_cp/TP] own rows
+    recall: Optional[torch.Tensor] = None  # [B, S_cp/TP] own rows
+    topk: Optional[torch.Tensor] = None  # [B, S_cp, K] GLOBAL positions (-1 padded)
+    flops: list = field(default_factory=lambda: [0])  # indexer scoring FLOPs on this rank
+
+
+def own_rows(ctx: ParallelContext, s_cp: int) -> slice:
+    if s_cp % ctx.tp_size:
+        raise ValueError(f"{s_cp} rows per CP rank do not split over {ctx.tp_size} TP ranks")
+    n = s_cp // ctx.tp_size
+    return slice(ctx.tp_rank * n, (ctx.tp_rank + 1) * n)
+
+
+def gather_indexer_keys(ki: torch.Tensor, ctx: ParallelContext, seq_len: int) -> torch.Tensor:
+    """Own rows' indexer keys -> every key of the sequence [B, S, DI] in global order.
+
+    All-gather over TP (the SP shards), then over CP; backward reduce-scatters (sums) each
+    key's gradient back to the rank that computed it.
+    """
+    k = all_gather_rows(ki, ctx.tp_group, name="tp.indexer_k")
+    k = all_gather_rows(k, ctx.cp_group, name="cp.indexer_k")
+    return to_global_order(k, seq_len, ctx.cp_size)
+
+
+def gather_kv(kv: torch.Tensor, ctx: ParallelContext, seq_len: int) -> torch.Tensor:
+    """The whole latent KV [B, S, Dqk] in global order (dense / warm-up under CP only)."""
+    return to_global_order(all_gather_rows(kv, ctx.cp_group, name="cp.kv_dense"), seq_len, ctx.cp_size)
+
+
+def key_shards(k_global: torch.Tensor, ctx: ParallelContext) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The 2*CP position chunks of the keys (one shard without CP), the order they arrive in
+    a ring starting at this rank's own chunks."""
+    S = k_global.shape[1]
+    n = 2 * ctx.cp_size if ctx.cp_size > 1 else 1
+    c = S // n
+    order = list(range(n))
+    if ctx.cp_size > 1:  # own chunks first, then the others (any order gives the same result)
+        mine = [ctx.cp_rank, 2 * ctx.cp_size - 1 - ctx.cp_rank]
+        order = mine + [i for i in order if i not in mine]
+    pos = torch.arange(S, device=k_global.device)
+    return [(k_global[:, i * c : (i + 1) * c], pos[i * c : (i + 1) * c]) for i in order]
+
+
+def tp_sparse_kl(q, kv_buf, idx, qi, ki_buf, wi, scale: float, ctx: ParallelContext) -> torch.Tensor:
+    """KL(p[S_t] || softmax(I[S_t])) of own rows, p summed over ALL heads across TP ranks.
+
+    Each rank sums its local heads' selected-set probabilities for all rows (no grad), the
+    partial sums [B, S_cp, K] are reduce-scattered over TP (fp32: S_cp x K x 4 bytes), and
+    each rank normalises its own rows' sums and takes the KL against its own indexer logits.
+    """
+    B, S_cp, H, _ = q.shape
+    K = idx.shape[-1]
+    rows = own_rows(ctx, S_cp)
+    with torch.no_grad():
+        partial = torch.empty(B, S_cp, K, dtype=torch.float32, device=q.device)
+        step = R._chunk_size(B * K * max(H, q.shape[-1]), S_cp)
+        qd, kvd = q.detach(), kv_buf.detach()
+        for t0 in range(0, S_cp, step):
+            t1 = min(S_cp, t0 + step)
+            sel = R.gather_tokens(kvd, idx[:, t0:t1])
+            scores = torch.einsum("bthd,btkd->bthk", R._up(qd[:, t0:t1]), R._up(sel)) * scale
+            valid = (idx[:, t0:t1] >= 0)[:, :, None, :]
+            probs = torch.softmax(scores.masked_fill(~valid, float("-inf")), dim=-1)
+            partial[:, t0:t1] = probs.nan_to_num_(0.0).sum(dim=2)
+        summed = reduce_scatter_rows(partial, ctx.tp_group, name="tp.kl_partial_p")
+        p = summed / summed.sum(dim=-1, keepdim=True).clamp_min(R.KL_EPS)
+    idx_own = idx[:, rows]
+
+    def chunk(p_, i_, qi_, wi_, ki_):
+        k_sel = R.gather_tokens(ki_, i_)
+        logits = (torch.einsum("btjd,btkd->btjk", R._up(qi_), R._up(k_sel)).relu() * wi_[..., None]).sum(2)
+        return (R.kl_rows(p_, logits, i_ >= 0),)
+
+    step = R._chunk_size(B * K * max(qi.shape[2], ki_buf.shape[-1]), idx_own.shape[1])
+    (kl,) = R._map_query_chunks(chunk, (p, idx_own, qi, wi), (ki_buf,), step)
+    return kl
+
+
+def parallel_dsa_core(
+    ctx: ParallelContext,
+    mode: str,
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    v_dim: int,
+    scale: float,
+    topk: int,
+    indexer: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
+    selection: Optional[torch.Tensor] = None,
+    with_loss: bool = True,
+    sparse_loss: bool = True,
+) -> CoreResult:
+    """One DSA core attention step on this rank (see the module docstring for shapes).
+
+    ``indexer``: (qi, ki, wi) of own rows (detached inputs; None for a layer that borrows a
+    selection or in dense mode). ``selection``: an earlier layer's top-k (GLOBAL positions,
+    [B, S_cp, K]) when ``indexer`` is None in sparse mode.
+    """
+    B, S_cp = q.shape[:2]
+    S = S_cp * ctx.cp_size
+    q_pos = cp_positions(S, ctx.cp_size, ctx.cp_rank, q.device)
+    rows = own_rows(ctx, S_cp)
+    res = CoreResult(out=None)
+    ki_global = None
+    if indexer is not None:
+        qi, ki, wi = indexer
+        ki_global = gather_indexer_keys(ki, ctx, S)
+
+    if mode in ("dense", "warmup") or (mode == "sparse" and indexer is not None and with_loss and not sparse_loss):
+        kv_full = gather_kv(kv, ctx, S) if ctx.cp_size > 1 else kv
+
+    def dense_kl():
+        q_rows = heads_to_rows(q.detach(), ctx.tp_group)  # own rows, all heads
+        res.flops[0] += B * q_rows.shape[1] * S * qi.shape[2] * qi.shape[3] * 2
+        return R.dense_indexer_kl(
+            q_rows, kv_full.detach(), qi, ki_global, wi, scale, topk, q_pos=q_pos[rows]
+        )
+
+    if mode in ("dense", "warmup"):
+        res.out, _ = R.dense_mla_attention(q, kv_full, v_dim, scale, q_pos=q_pos)
+        if mode == "warmup" and indexer is not None:
+            res.kl, res.recall = dense_kl()
+        return res
+    if mode != "sparse":
+        raise ValueError(f"unknown DSA mode {mode!r}")
+
+    if indexer is not None:
+        own = streaming_topk(
+            qi.detach(), wi.detach(), q_pos[rows], key_shards(ki_global.detach(), ctx), topk, res.flops
+        )
+        # Every TP rank attends all CP-local rows with its local heads: share the selection
+        # (int32 on the wire: S_cp x K x 4 bytes per step, no backward).
+        sel = all_gather_rows(own.to(torch.int32), ctx.tp_group, name="tp.topk_idx").long()
+    else:
+        sel = selection
+        if sel is None or sel.shape[:2] != (B, S_cp):
+            raise RuntimeError("sparse DSA needs a top-k selection for these rows")
+    res.topk = sel
+
+    if ctx.cp_size > 1:
+        kv_buf, idx, gids = fetch_selected(kv, sel, S, ctx.cp_group)
+        kv_buf = kv_buf[None].expand(B, -1, -1)
+    else:
+        kv_buf, idx, gids = kv, sel, None
+    res.out, _ = R.sparse_mla_attention(q, kv_buf, idx, v_dim, scale)
+
+    if indexer is not None and with_loss:
+        if sparse_loss:
+            if gids is not None:
+                ki_buf = ki_global.reshape(B * S, -1)[gids][None].expand(B, -1, -1)
+            else:
+                ki_buf = ki_global
+            res.kl = tp_sparse_kl(q, kv_buf, idx, qi, ki_buf, wi, scale, ctx)
+        else:
+            res.kl, res.recall = dense_kl()
+    return res

@@ -1,0 +1,303 @@
+"""Worker functions for tests/test_parallel.py (run in spawned gloo processes)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+from megatron_dsa import reference as R
+
+
+def init_dist(rank: int, world: int, port: int) -> None:
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    os.environ["CUDA_DEVICE_MAX_CONNECTIONS"] = "1"
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+
+
+def make_groups(tp: int, cp: int):
+    """megatron's rank order: TP fastest, then CP. Returns (tp_group, cp_group) of this rank."""
+    rank = dist.get_rank()
+    tp_group = cp_group = None
+    for c in range(cp):
+        g = dist.new_group([c * tp + t for t in range(tp)])
+        if rank // tp == c:
+            tp_group = g
+    for t in range(tp):
+        g = dist.new_group([c * tp + t for c in range(cp)])
+        if rank % tp == t:
+            cp_group = g
+    return tp_group, cp_group
+
+
+# ---------------------------------------------------------------------------------------------
+# Layer-function level
+# ---------------------------------------------------------------------------------------------
+
+SHAPE = dict(B=2, S=32, H=4, D=12, V=8, HI=2, DI=8, K=6)
+
+
+def tie_inputs(seed: int):
+    """Indexer inputs on a dyadic grid (exact fp32 dot products in any order) with duplicated
+    keys and queries, so many scores tie exactly; random attention inputs."""
+    s = SHAPE
+    g = torch.Generator().manual_seed(seed)
+    qi = torch.randint(-2, 3, (s["B"], s["S"], s["HI"], s["DI"]), generator=g).float() / 2
+    ki = torch.randint(-2, 3, (s["B"], s["S"], s["DI"]), generator=g).float() / 2
+    wi = torch.randint(1, 4, (s["B"], s["S"], s["HI"]), generator=g).float() / 4
+    # Duplicate keys: equal scores at different global positions (across CP chunks, too).
+    ki[:, 9] = ki[:, 2]
+    ki[:, 20] = ki[:, 2]
+    ki[:, 27] = ki[:, 13]
+    ki[:, 30] = ki[:, 5]
+    q = torch.randn(s["B"], s["S"], s["H"], s["D"], generator=g)
+    kv = torch.randn(s["B"], s["S"], s["D"], generator=g)
+    cot = torch.randn(s["B"], s["S"], s["H"], s["V"], generator=g)
+    return dict(q=q, kv=kv, qi=qi, ki=ki, wi=wi, cot=cot)
+
+
+def reference_run(inp, mode: str, sparse_loss: bool = True):
+    s = SHAPE
+    scale = s["D"] ** -0.5
+    t = {k: v.clone().requires_grad_(k != "cot") for k, v in inp.items()}
+    kl = recall = topk = None
+    if mode in ("dense", "warmup"):
+        out, _ = R.dense_mla_attention(t["q"], t["kv"], s["V"], scale)
+        if mode == "warmup":
+            kl, recall = R.dense_indexer_kl(t["q"], t["kv"], t["qi"], t["ki"], t["wi"], scale, s["K"])
+    else:
+        topk = R.indexer_topk(t["qi"], t["ki"], t["wi"], s["K"])
+        out, _ = R.sparse_mla_attention(t["q"], t["kv"], topk, s["V"], scale)
+        if sparse_loss:
+            kl = R.sparse_indexer_kl(t["q"], t["kv"], t["qi"], t["ki"], t["wi"], topk, scale)
+        else:
+            kl, recall = R.dense_indexer_kl(t["q"], t["kv"], t["qi"], t["ki"], t["wi"], scale, s["K"])
+    loss = (out * t["cot"]).sum() + (0 if kl is None else kl.sum())
+    loss.backward()
+    grads = {
+        k: t[k].grad if t[k].grad is not None else torch.zeros_like(t[k])
+        for k in ("q", "kv", "qi", "ki", "wi")
+    }
+    return dict(out=out.detach(), kl=kl, recall=recall, topk=topk, grads=grads)
+
+
+def _close(name, a, b, atol=2e-5, rtol=1e-4):
+    a, b = a.detach(), b.detach()
+    if a.shape != b.shape or not torch.allclose(a, b, atol=atol, rtol=rtol):
+        diff = (a - b).abs().max().item() if a.shape == b.shape else "shape"
+        raise AssertionError(f"rank {dist.get_rank()}: {name} differs (max abs diff {diff}, {a.shape} vs {b.shape})")
+
+
+def layer_function_worker(rank, world, port, tp, cp, seed, modes):
+    if True:
+        init_dist(rank, world, port)
+        from megatron_dsa.parallel import ParallelContext, cp_split, own_rows, parallel_dsa_core
+
+        tp_group, cp_group = make_groups(tp, cp)
+        ctx = ParallelContext(tp_group=tp_group if tp > 1 else None, cp_group=cp_group if cp > 1 else None)
+        assert ctx.tp_size == tp and ctx.cp_size == cp
+        s = SHAPE
+        inp = tie_inputs(seed)
+        heads = slice(ctx.tp_rank * s["H"] // tp, (ctx.tp_rank + 1) * s["H"] // tp)
+        for mode, sparse_loss in modes:
+            ref = reference_run(inp, mode, sparse_loss)
+            loc = {k: cp_split(v, cp, ctx.cp_rank) for k, v in inp.items()}
+            rows = own_rows(ctx, s["S"] // cp)
+            mine = dict(
+                q=loc["q"][:, :, heads].clone().requires_grad_(),
+                kv=loc["kv"].clone().requires_grad_(),
+                qi=loc["qi"][:, rows].clone().requires_grad_(),
+                ki=loc["ki"][:, rows].clone().requires_grad_(),
+                wi=loc["wi"][:, rows].clone().requires_grad_(),
+            )
+            indexer = None if mode == "dense" else (mine["qi"], mine["ki"], mine["wi"])
+            res = parallel_dsa_core(
+                ctx, mode, mine["q"], mine["kv"], s["V"], s["D"] ** -0.5, s["K"],
+                indexer=indexer, sparse_loss=sparse_loss,
+            )
+            tag = f"{mode}(sparse_loss={sparse_loss}) tp={tp} cp={cp}"
+            ref_out = cp_split(ref["out"], cp, ctx.cp_rank)[:, :, heads]
+            _close(tag + " out", res.out, ref_out)
+            if ref["topk"] is not None:
+                want = cp_split(ref["topk"], cp, ctx.cp_rank)
+                if not torch.equal(res.topk, want):
+                    bad = (res.topk != want).nonzero()[:5].tolist()
+                    raise AssertionError(f"rank {rank}: {tag} top-k differs at {bad}")
+            if ref["kl"] is not None:
+                _close(tag + " kl", res.kl, cp_split(ref["kl"], cp, ctx.cp_rank)[:, rows])
+            if ref["recall"] is not None:
+                _close(tag + " recall", res.recall, cp_split(ref["recall"], cp, ctx.cp_rank)[:, rows])
+            cot = cp_split(inp["cot"], cp, ctx.cp_rank)[:, :, heads]
+            loss = (res.out * cot).sum() + (0 if res.kl is None else res.kl.sum())
+            loss.backward()
+            g = {k: v.grad if v.grad is not None else torch.zeros_like(v) for k, v in mine.items()}
+            if tp > 1:  # kv is replicated over TP (MLA gathered it): its gradient is the sum
+                dist.all_reduce(g["kv"], group=tp_group)
+            rg = {k: cp_split(v, cp, ctx.cp_rank) for k, v in ref["grads"].items()}
+            _close(tag + " dq", g["q"], rg["q"][:, :, heads])
+            _close(tag + " dkv", g["kv"], rg["kv"])
+            for k in ("qi", "ki", "wi"):
+                _close(tag + " d" + k, g[k], rg[k][:, rows])
+            if mode == "sparse" and sparse_loss and cp == 1:
+                full = s["B"] * s["S"] * s["S"] * s["HI"] * s["DI"] * 2
+                assert res.flops[0] * tp == full, (res.flops[0], full)
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def spawn(fn, world: int, *args) -> None:
+    """Run fn(rank, world, port, *args) in ``world`` processes; a failure raises here."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.start_processes(fn, args=(world, port) + args, nprocs=world, join=True, start_method="spawn")
+
+
+# ---------------------------------------------------------------------------------------------
+# Model level: a few SGD steps of the tiny MoE, TP/CP vs one rank
+# ---------------------------------------------------------------------------------------------
+
+
+def _build(mode: str, seed: int, overrides: dict):
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    from megatron_dsa.model import build_model, model_config
+
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+    return build_model("tiny", model_config("tiny", mdsa_mode=mode, **overrides))
+
+
+def _shard(name: str, full: torch.Tensor, param, tp: int, tp_rank: int, glu: bool) -> torch.Tensor:
+    """The TP shard of a one-rank parameter (megatron's layout, incl. the [gate; up] GLU split)."""
+    if tp == 1 or not getattr(param, "tensor_model_parallel", False):
+        return full
+    dim = param.partition_dim
+    if glu and name.endswith("linear_fc1.weight"):
+        gate, up = full.chunk(2, dim=0)
+        return torch.cat((gate.chunk(tp, dim=0)[tp_rank], up.chunk(tp, dim=0)[tp_rank]), dim=0)
+    return full.chunk(tp, dim=dim)[tp_rank]
+
+
+def _step_losses(model, mode, tokens, positions, labels, total_tokens, lr, grads_out, after_backward):
+    """One forward/backward/SGD step; returns (this rank's LM loss share, KL share)."""
+    from megatron.core.transformer.experimental_attention_variant.dsa import DSAIndexerLossAutoScaler
+
+    from megatron_dsa.layer import pop_indexer_losses
+    from megatron_dsa.model import indexer_parameters
+
+    DSAIndexerLossAutoScaler.set_loss_scale(torch.tensor(1.0))
+    per_token = model(tokens, positions, None, labels=labels)
+    lm = per_token.float().sum() / total_tokens
+    kl_losses = pop_indexer_losses(model)
+    kl = sum(kl_losses) if kl_losses else torch.zeros(())
+    if mode == "warmup":
+        kl.backward()
+        params = indexer_parameters(model)
+    else:
+        lm.backward()
+        params = [p for p in model.parameters()]
+    after_backward(model)
+    if grads_out is not None:
+        grads_out.update({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
+    with torch.no_grad():
+        for p in params:
+            if p.grad is not None:
+                p -= lr * p.grad
+    model.zero_grad(set_to_none=True)
+    return lm.detach(), kl.detach()
+
+
+def model_worker(rank, world, port, tp, cp, modes, seed, steps, overrides):
+    init_dist(rank, world, port)
+    import patches
+
+    patches.apply_cpu_patches()
+    for mode in modes:
+        _model_run(rank, tp, cp, mode, seed, steps, overrides)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _model_run(rank, tp, cp, mode, seed, steps, overrides):
+    from megatron.core import parallel_state as ps
+
+    from megatron_dsa.model import dsa_layers
+    from megatron_dsa.parallel import allreduce_sequence_parallel_grads, cp_split
+
+    overrides = dict(overrides)
+    B, S, lr = 2, 32, 0.05
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, 512, (B, S), generator=g)
+    labels = tokens.roll(-1, dims=1)
+    positions = torch.arange(S)[None].expand(B, -1)
+
+    # One rank's model and its trajectory (each process computes it alone: DP replicas).
+    ps.initialize_model_parallel()
+    ref = _build(mode, seed, overrides)
+    start = {n: p.detach().clone() for n, p in ref.named_parameters()}
+    ref_losses, ref_grads = [], {}
+    for step in range(steps):
+        grads = ref_grads if step == 0 else None
+        lm, kl = _step_losses(ref, mode, tokens, positions, labels, B * S, lr, grads, lambda m: None)
+        ref_losses.append((lm.item(), kl.item()))
+    ref_final = {n: p.detach().clone() for n, p in ref.named_parameters()}
+    ref_flops = sum(l.indexer_flops for l in dsa_layers(ref))
+    del ref
+    ps.destroy_model_parallel()
+
+    # The same model under TP x CP.
+    ps.initialize_model_parallel(tensor_model_parallel_size=tp, context_parallel_size=cp)
+    tp_group, cp_group = ps.get_tensor_model_parallel_group(), ps.get_context_parallel_group()
+    tp_rank, cp_rank = ps.get_tensor_model_parallel_rank(), ps.get_context_parallel_rank()
+    model = _build(mode, seed, dict(overrides, tensor_model_parallel_size=tp, context_parallel_size=cp))
+    assert model.config.sequence_parallel == (tp > 1)
+    glu = model.config.gated_linear_unit
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(_shard(n, start[n], p, tp, tp_rank, glu))
+
+    def reduce_grads(m):
+        allreduce_sequence_parallel_grads(m, tp_group)  # what finalize_model_grads does over TP
+        if cp > 1:  # every parameter is replicated over CP: sum the shares (DDP over dp x cp)
+            for p in m.parameters():
+                if p.grad is not None:
+                    dist.all_reduce(p.grad, group=cp_group)
+
+    tok, pos, lab = (cp_split(t, cp, cp_rank) for t in (tokens, positions, labels))
+    for step in range(steps):
+        grads = {} if step == 0 else None
+        lm, kl = _step_losses(model, mode, tok, pos, lab, B * S, lr, grads, reduce_grads)
+        if step == 0:  # first-step gradients of every parameter, TP-sliced, vs one rank
+            assert set(grads) == set(ref_grads), (mode, set(grads) ^ set(ref_grads))
+            for n, p in model.named_parameters():
+                if n in grads:
+                    want = _shard(n, ref_grads[n], p, tp, tp_rank, glu)
+                    scale = want.abs().max().item() + 1e-12
+                    err = (grads[n] - want).abs().max().item()
+                    assert err <= 1e-4 * scale + 1e-7, f"rank {rank} {mode}: grad of {n} off by {err:.3g} (max {scale:.3g})"
+        dist.all_reduce(lm, group=cp_group)  # TP ranks hold the same LM loss; CP ranks shares
+        dist.all_reduce(kl)  # the KL is split over every TP x CP rank
+        want_lm, want_kl = ref_losses[step]
+        assert abs(lm.item() - want_lm) <= 1e-5 * max(1.0, abs(want_lm)), (mode, step, lm.item(), want_lm)
+        assert abs(kl.item() - want_kl) <= 1e-5 * max(1.0, abs(want_kl)), (mode, step, kl.item(), want_kl)
+    for n, p in model.named_parameters():
+        want = _shard(n, ref_final[n], p, tp, tp_rank, glu)
+        if not torch.allclose(p.detach(), want, atol=1e-4, rtol=1e-3):
+            raise AssertionError(
+                f"rank {rank} {mode}: parameter {n} differs after {steps} steps "
+                f"(max abs diff {(p.detach() - want).abs().max().item():.3g})"
+            )
+    flops = sum(l.indexer_flops for l in dsa_layers(model))
+    if mode != "dense" and cp == 1:
+        # The TP-sharded indexer: each rank scores 1/TP of the rows against all keys.
+        assert flops * tp == ref_flops and flops > 0, (flops, ref_flops)
+    del model
+    ps.destroy_model_parallel()

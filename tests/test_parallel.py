@@ -1,0 +1,168 @@
+"""DSA under TP (+SP) and CP on CPU/gloo: multi-process runs compared with one rank.
+
+Layer-function level: ``megatron_dsa.parallel.parallel_dsa_core`` fed with the one-rank tensors
+split the way megatron splits them (heads over TP, sequence-parallel rows for the indexer,
+megatron's load-balanced CP chunks) must give the same top-k indices (deliberate exact ties),
+outputs, KL and input gradients as the reference math on one rank, in every phase.
+Model level: SGD steps of the tiny MoE under TP=2 / CP=2 / TP=2 x CP=2 give the one-rank
+losses and parameters. Worker code: tests/parallel_workers.py.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+import parallel_workers as W  # noqa: E402
+
+from megatron_dsa import reference as R  # noqa: E402
+from megatron_dsa.config import DSAConfigError  # noqa: E402
+from megatron_dsa.parallel import cp_positions, cp_split, merge_candidates, streaming_topk  # noqa: E402
+from megatron_dsa.parallel.comm import cp_owner, to_global_order  # noqa: E402
+
+MODES = [("dense", True), ("warmup", True), ("sparse", True), ("sparse", False)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Single-process pieces
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cp", [1, 2, 4])
+def test_cp_layout_matches_megatron(cp):
+    """cp_split / cp_positions / cp_owner agree with megatron-core's own zigzag split."""
+    from megatron.core import utils as mu
+
+    S = 32
+    x = torch.arange(S)[None].expand(2, -1)
+    for r in range(cp):
+        class G:  # the two calls megatron makes on the group
+            def size(self):
+                return cp
+
+            def rank(self):
+                return r
+
+        import torch.distributed as dist
+
+        orig = (dist.get_world_size, dist.get_rank)
+        dist.get_world_size, dist.get_rank = (lambda g=None: cp), (lambda g=None: r)
+        try:
+            want = mu._get_batch_on_this_cp_rank_per_sequence_balancing({"tokens": x.clone()}, G())["tokens"]
+        finally:
+            dist.get_world_size, dist.get_rank = orig
+        assert torch.equal(cp_split(x, cp, r), want)
+        assert torch.equal(cp_positions(S, cp, r), want[0])
+        owner, row = cp_owner(want[0], S, cp)
+        assert (owner == r).all() and torch.equal(row, torch.arange(S // cp))
+    gathered = torch.cat([cp_split(x, cp, r) for r in range(cp)], dim=1)
+    assert torch.equal(to_global_order(gathered, S, cp), x)
+
+
+def test_tie_inputs_really_tie_at_the_selection_boundary():
+    """The layer-function tests are only meaningful if ties decide the selection."""
+    inp = W.tie_inputs(7)
+    K = W.SHAPE["K"]
+    scores = R.indexer_scores(inp["qi"], inp["ki"], inp["wi"])
+    mask = R.causal_mask(torch.arange(W.SHAPE["S"]), torch.arange(W.SHAPE["S"]))
+    vals = torch.sort(scores.masked_fill(~mask, float("-inf")), dim=-1, descending=True).values
+    boundary_ties = (vals[..., K - 1] == vals[..., K]) & torch.isfinite(vals[..., K])
+    assert boundary_ties.sum() >= 10
+
+
+@pytest.mark.parametrize("order", ["forward", "reversed", "shuffled"])
+def test_streaming_topk_equals_reference_in_any_shard_order(order):
+    inp = W.tie_inputs(3)
+    S, K = W.SHAPE["S"], W.SHAPE["K"]
+    want = R.indexer_topk(inp["qi"], inp["ki"], inp["wi"], K)
+    pos = torch.arange(S)
+    shards = [(inp["ki"][:, a : a + 4], pos[a : a + 4]) for a in range(0, S, 4)]
+    if order == "reversed":
+        shards = shards[::-1]
+    if order == "shuffled":
+        shards = [shards[i] for i in torch.randperm(len(shards), generator=torch.Generator().manual_seed(0))]
+    rows = cp_positions(S, 2, 1)  # non-contiguous query rows, as a CP rank holds them
+    got = streaming_topk(inp["qi"][:, rows], inp["wi"][:, rows], rows, shards, K)
+    assert torch.equal(got, want[:, rows])
+
+
+def test_merge_breaks_ties_towards_the_smaller_global_position():
+    v = torch.tensor([[1.0, 1.0]])
+    p = torch.tensor([[9, 4]])
+    vals, pos = merge_candidates(v, p, torch.tensor([[1.0, 2.0]]), torch.tensor([[2, 7]]), 3)
+    assert pos.tolist() == [[7, 2, 4]] and vals.tolist() == [[2.0, 1.0, 1.0]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Layer-function level, multi-process
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tp,cp", [(2, 1), (1, 2), (1, 4), (2, 2)], ids=["tp2", "cp2", "cp4", "tp2xcp2"])
+def test_layer_function_matches_one_rank(tp, cp):
+    """Top-k (exact, ties), outputs, KL, recall and dq/dkv/dqi/dki/dwi vs one rank, all phases;
+    per-rank indexer FLOPs under TP are 1/TP of one rank's."""
+    W.spawn(W.layer_function_worker, tp * cp, tp, cp, 7, MODES)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model level: the tiny MoE through megatron-core, a few SGD steps
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "tp,cp,modes",
+    [(2, 1, ["dense", "warmup", "sparse"]), (1, 2, ["dense", "warmup", "sparse"]), (2, 2, ["sparse"])],
+    ids=["tp2", "cp2", "tp2xcp2"],
+)
+def test_model_training_steps_match_one_rank(tp, cp, modes):
+    W.spawn(W.model_worker, tp * cp, tp, cp, modes, 11, 2, {})
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad parallel configurations fail at start-up with one clear message
+# ---------------------------------------------------------------------------------------------
+
+
+def test_heads_not_divisible_by_tp_is_rejected():
+    from megatron_dsa.model import model_config
+
+    with pytest.raises(DSAConfigError, match="divisible by the tensor parallel size"):
+        model_config("tiny", tensor_model_parallel_size=3)
+
+
+def test_triton_kernel_with_parallelism_is_rejected():
+    from megatron_dsa.model import model_config
+
+    with pytest.raises(DSAConfigError, match="PyTorch path"):
+        model_config("tiny", context_parallel_size=2, mdsa_kernel="triton")
+
+
+def test_tp_switches_sequence_parallel_on_and_cp_comm_type_is_set():
+    from megatron_dsa.model import model_config
+
+    cfg = model_config("tiny", tensor_model_parallel_size=2, context_parallel_size=2)
+    assert cfg.sequence_parallel and cfg.cp_comm_type == "all_gather"
+
+
+def _bad_seq_worker(rank, world, port):
+    W.init_dist(rank, world, port)
+    import patches
+
+    patches.apply_cpu_patches()
+    from megatron.core import parallel_state as ps
+
+    ps.initialize_model_parallel(context_parallel_size=2)
+    model = W._build("sparse", 0, {"context_parallel_size": 2})
+    tokens = torch.zeros(1, 5, dtype=torch.long)  # 5 rows per CP rank: 10 in all, not 4k
+    with pytest.raises(DSAConfigError, match=r"divisible by 2 \* context_parallel_size"):
+        model(tokens, torch.arange(5)[None], None)
+    torch.distributed.destroy_process_group()
+
+
+def test_sequence_not_divisible_by_2cp_fails_before_compute():
+    W.spawn(_bad_seq_worker, 2)
