@@ -6,7 +6,12 @@ import os
 import socket
 
 import pytest
-import torch
+import torch  # (does not import triton)
+
+# Without a GPU the Triton kernels run through Triton's interpreter. Triton reads the switch
+# once, so it is set here, before any test module (or megatron-core) imports triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def free_port() -> int:
