@@ -1,6 +1,7 @@
 """DSA attention core, forward + backward, side by side on one GPU (not a test).
 
     python benchmarks/bench_dsa.py [--seqs 4096,8192,...] [--out DIR] [--quick]
+    python benchmarks/bench_dsa.py --ab [--seqs 32768,65536,131072] [--out DIR]   # old vs new paths
 
 Rows: ours bf16 indexer / ours fp8 indexer (Triton: indexer top-k + sparse MLA attention +
 sparse indexer KL, forward and backward), dense SDPA (MLA-style 192/128 dims, causal, fwd+bwd),
@@ -74,7 +75,7 @@ def make_inputs(S, dev="cuda", seed=0):
     return t
 
 
-def ours_step(t, fp8, stages=None):
+def ours_step(t, fp8, stages=None, reuse_lse=True):
     def mark(name):
         if stages is not None:
             torch.cuda.synchronize()
@@ -85,7 +86,7 @@ def ours_step(t, fp8, stages=None):
     mark("indexer_topk")
     out, lse = KN.sparse_mla_attention(t.q, t.kv, idx, DV, t.scale)
     mark("attn_fwd")
-    kl = KN.sparse_indexer_kl(t.q, t.kv, t.qi, t.ki, t.wi, idx, t.scale)
+    kl = KN.sparse_indexer_kl(t.q, t.kv, t.qi, t.ki, t.wi, idx, t.scale, lse=lse if reuse_lse else None)
     mark("kl_fwd")
     torch.autograd.backward([out], [t.gout])
     mark("attn_bwd")
@@ -152,6 +153,112 @@ def topk_checks(S=8192, rows=256):
             "fp8_overlap_mean": sum(ov) / rows, "fp8_overlap_min": min(ov)}
 
 
+# --ab variants: (name, REDUCE_MODE, KL_REDUCE_MODE, pass the attention's lse to the KL)
+AB_VARIANTS = [
+    ("old", "atomic", None, False),  # v1: fp32 atomics for dkv / dk_idx, KL recomputes lse
+    ("new", "sorted", None, True),  # sorted dkv + dk_idx, KL reuses the attention's lse
+    ("new_klatomic", "sorted", "atomic", True),  # sorted dkv, atomics for dk_idx, lse reused
+]
+
+
+def _set_variant(v):
+    from megatron_dsa.kernels import _common as C
+    from megatron_dsa.kernels import _csr
+
+    C.REDUCE_MODE, C.KL_REDUCE_MODE = v[1], v[2]
+    _csr.clear_cache()
+
+
+def ab_check(S=8192):
+    """GPU equality of the variants (new vs old) on one pipeline: out, kl and every gradient."""
+    t = make_inputs(S, seed=2)
+    res = {}
+    for v in AB_VARIANTS:
+        _set_variant(v)
+        idx = KN.indexer_topk(t.qi.detach(), t.ki.detach(), t.wi.detach(), TOPK, fp8=True)
+        out, lse = KN.sparse_mla_attention(t.q, t.kv, idx, DV, t.scale)
+        kl = KN.sparse_indexer_kl(t.q, t.kv, t.qi, t.ki, t.wi, idx, t.scale, lse=lse if v[3] else None)
+        torch.autograd.backward([out, kl], [t.gout, t.gkl * S])
+        res[v[0]] = [x.detach().float().clone() for x in (out, kl, t.q.grad, t.kv.grad, t.qi.grad, t.ki.grad, t.wi.grad)]
+        zero_grads(t)
+    names = ("out", "kl", "dq", "dkv", "dq_idx", "dk_idx", "dw_idx")
+    rel = lambda a, b: ((a - b).double().norm() / b.double().norm().clamp_min(1e-30)).item()  # noqa: E731
+    out = {}
+    for v in AB_VARIANTS[1:]:
+        out[v[0] + "_vs_old"] = {n: rel(a, b) for n, a, b in zip(names, res[v[0]], res["old"])}
+        out[v[0] + "_vs_old"]["nan"] = any(bool(torch.isnan(a).any()) for a in res[v[0]])
+    _set_variant(AB_VARIANTS[1])
+    return out
+
+
+def ab_main(args):
+    """Time the variants side by side (fp8 indexer), stage times, peak memory; short table last."""
+    os.makedirs(args.out, exist_ok=True)
+    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": [],
+           "variants": [list(v) for v in AB_VARIANTS]}
+    try:
+        import triton
+        res["triton"] = triton.__version__
+    except Exception:
+        pass
+    try:
+        res["equality_8k"] = ab_check()
+        print("equality (rel. diff vs old, 8K):", res["equality_8k"], flush=True)
+    except Exception as e:
+        res["equality_8k"] = {"error": repr(e)[:400]}
+        traceback.print_exc()
+    seqs = [int(s) for s in (args.seqs if args.seqs_given else "32768,65536,131072").split(",") if s]
+    for S in seqs:
+        torch.cuda.empty_cache()
+        t = make_inputs(S)
+        row = {"seq": S}
+        for v in AB_VARIANTS:
+            _set_variant(v)
+            try:
+                def fn():
+                    ours_step(t, True, reuse_lse=v[3])
+                    zero_grads(t)
+                ms, all_ms = cuda_time(fn, reps=args.reps)
+                peak, extra = peak_of(fn)
+                st = []
+                ours_step(t, True, st, reuse_lse=v[3])
+                zero_grads(t)
+                stages = {st[i][0]: 1e3 * (st[i][1] - st[i - 1][1]) for i in range(1, len(st))}
+                row[v[0]] = {"ms": ms, "all_ms": all_ms, "peak_gib": peak, "peak_extra_gib": extra, "stages_ms": stages}
+            except torch.cuda.OutOfMemoryError as e:
+                row[v[0]] = {"oom": True, "error": str(e)[:200]}
+            except Exception as e:
+                row[v[0]] = {"error": repr(e)[:400]}
+                traceback.print_exc()
+            print(S, v[0], row[v[0]], flush=True)
+        del t
+        res["rows"].append(row)
+        with open(os.path.join(args.out, "dsa_ab.json"), "w") as f:
+            json.dump(res, f, indent=1)
+    _set_variant(AB_VARIANTS[1])
+    stages = ("indexer_topk", "attn_fwd", "kl_fwd", "attn_bwd", "kl_bwd")
+    lines = [f"A/B on {res['device']} (torch {res['torch']}, triton {res.get('triton')}), fp8 indexer, "
+             f"median of {args.reps}; stages from one synchronised run (ms).", "",
+             "| seq | variant | total ms | peak GB | " + " | ".join(stages) + " |",
+             "|---|---|---|---|" + "---|" * len(stages)]
+    for row in res["rows"]:
+        for v in AB_VARIANTS:
+            r = row.get(v[0], {})
+            if "ms" not in r:
+                lines.append(f"| {row['seq'] // 1024}K | {v[0]} | {'OOM' if r.get('oom') else 'error'} |  |" + " |" * len(stages))
+                continue
+            lines.append(f"| {row['seq'] // 1024}K | {v[0]} | {r['ms']:.1f} | {r['peak_gib']:.2f} | "
+                         + " | ".join(f"{r['stages_ms'].get(n, float('nan')):.1f}" for n in stages) + " |")
+    eq = res.get("equality_8k", {})
+    lines += ["", "Equality at 8K (rel. L2 diff vs old; NaN flag): " + "; ".join(
+        f"{k}: " + ", ".join(f"{n} {x:.1e}" if isinstance(x, float) else f"{n} {x}" for n, x in d.items())
+        for k, d in eq.items() if isinstance(d, dict)) if "error" not in eq else f"Equality check error: {eq['error']}"]
+    md = "\n".join(lines) + "\n"
+    with open(os.path.join(args.out, "dsa_ab.md"), "w") as f:
+        f.write(md)
+    print(md)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seqs", default="4096,8192,16384,32768,65536,131072")
@@ -159,7 +266,13 @@ def main():
     ap.add_argument("--megatron-seqs", default="1024,2048,4096")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--no-checks", action="store_true")
+    ap.add_argument("--ab", action="store_true",
+                    help="time the old (atomics, lse recomputed) and new (sorted dkv / dk_idx, lse reused) "
+                         "paths side by side at 32K/64K/128K (or --seqs), fp8 indexer; writes dsa_ab.json / .md")
     args = ap.parse_args()
+    args.seqs_given = any(a.startswith("--seqs") for a in sys.argv[1:])
+    if args.ab:
+        return ab_main(args)
     os.makedirs(args.out, exist_ok=True)
     dev = torch.cuda.get_device_name()
     res = {"device": dev, "torch": torch.__version__, "rows": [], "config": dict(

@@ -5,7 +5,7 @@ spills.  Not a test.  Usage: python benchmarks/compile_check.py [score select fw
 import triton, triton.language as tl, torch
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from megatron_dsa.kernels import indexer as I, sparse_attn as A, indexer_kl as L
+from megatron_dsa.kernels import indexer as I, sparse_attn as A, indexer_kl as L, _csr as CS
 tgt = GPUTarget("cuda", 90, 32)
 def comp(fn, sig, const, **opt):
     src = ASTSource(fn=fn, signature=sig, constexprs=const)
@@ -28,7 +28,7 @@ def run(fn, ptrs, consts, opt):
     c = {(names.index(n),): v for n, v in consts.items()}
     return comp(fn, sig, c, **opt)
 import sys
-which = sys.argv[1:] or ['score','select','fwd','bwd','klf','klb']
+which = sys.argv[1:] or ['score','select','fwd','bwd','klf','klb','csr']
 if 'score' in which:
   for dt, ieee in (('*bf16',False),('*fp8e4nv',False)):
     run(I._score_kernel, dict(Q=dt,K=dt,W='*fp32',KS='*fp32',OUT='*fp32',BLIM='*i32',QPOS='*i64',KPOS='*i64'),
@@ -39,12 +39,23 @@ if 'fwd' in which:
   run(A._sparse_fwd_kernel, dict(Q='*bf16',KV='*bf16',IDX='*i64',O='*bf16',LSE='*fp32',scale_log2='fp32'),
       dict(H=16,HP=16,DV=512,D1=512,DR=64,D2=64,BK=64,IEEE=False,UPCAST=False), dict(num_warps=4,num_stages=2))
 if 'bwd' in which:
-  for am in (0,):
-    run(A._sparse_bwd_kernel, dict(Q='*bf16',KV='*bf16',IDX='*i64',DO='*bf16',LSE='*fp32',DELTA='*fp32',DQ='*bf16',DKV='*fp32',scale='fp32',scale_log2='fp32'),
-      dict(H=16,HP=16,DV=512,D1=512,DR=64,D2=64,BK=32,IEEE=False,UPCAST=False,ATOMIC=am,DS_3XTF32=False), dict(num_warps=8,num_stages=2))
+  for srt in (True, False):
+    run(A._sparse_bwd_kernel, dict(Q='*bf16',KV='*bf16',IDX='*i64',DO='*bf16',LSE='*fp32',DELTA='*fp32',DQ='*bf16',DKV='*fp32',
+                                   POS=('*i32' if srt else '*i64'),PART=('*bf16' if srt else '*fp32'),scale='fp32',scale_log2='fp32'),
+      dict(H=16,HP=16,DV=512,D1=512,DR=64,D2=64,BK=32,IEEE=False,UPCAST=False,ATOMIC=0,DS_3XTF32=False,SORTED=srt), dict(num_warps=8,num_stages=2))
 if 'klf' in which:
-  run(L._sparse_kl_fwd_kernel, dict(QM='*bf16',KV='*bf16',QI='*bf16',KI='*bf16',WI='*fp32',IDX='*i64',KL='*fp32',P='*fp32',LSEI='*fp32',scale_log2='fp32'),
-      dict(H=16,HP=16,DV=512,D1=512,DR=64,D2=64,HI=64,HIP=64,DI=128,DIP=128,BK=32,IEEE=False,IEEE_I=False,UPCAST=False), dict(num_warps=4,num_stages=2))
+  for hl in (True, False):
+    run(L._sparse_kl_fwd_kernel, dict(QM='*bf16',KV='*bf16',QI='*bf16',KI='*bf16',WI='*fp32',IDX='*i64',KL='*fp32',P='*fp32',LSEI='*fp32',LSEM='*fp32',scale_log2='fp32'),
+      dict(H=16,HP=16,DV=512,D1=512,DR=64,D2=64,HI=64,HIP=64,DI=128,DIP=128,BK=32,IEEE=False,IEEE_I=False,UPCAST=False,HAS_LSE=hl), dict(num_warps=4,num_stages=2))
 if 'klb' in which:
-  run(L._sparse_kl_bwd_kernel, dict(QI='*bf16',KI='*bf16',WI='*fp32',IDX='*i64',P='*fp32',LSEI='*fp32',GKL='*fp32',DQI='*bf16',DKI='*fp32',DWI='*fp32'),
-      dict(HI=64,HIP=64,DI=128,DIP=128,BK=64,IEEE_I=False,UPCAST=False,ATOMIC=0,DS_3XTF32=False), dict(num_warps=4,num_stages=2))
+  for srt in (True, False):
+    run(L._sparse_kl_bwd_kernel, dict(QI='*bf16',KI='*bf16',WI='*fp32',IDX='*i64',P='*fp32',LSEI='*fp32',GKL='*fp32',DQI='*bf16',DKI='*fp32',DWI='*fp32',
+                                      POS=('*i32' if srt else '*i64'),PART=('*bf16' if srt else '*fp32')),
+      dict(HI=64,HIP=64,DI=128,DIP=128,BK=64,IEEE_I=False,UPCAST=False,ATOMIC=0,DS_3XTF32=False,SORTED=srt), dict(num_warps=4,num_stages=2))
+if 'csr' in which:
+  run(CS._csr_count_kernel, dict(IDX='*i64',CNT='*i32'), dict(BLK=1024), dict(num_warps=4))
+  run(CS._csr_pos_kernel, dict(IDX='*i64',CUR='*i32',OFFS='*i32',POS='*i32'), dict(BLK=1024), dict(num_warps=4))
+  for D in (576, 128):
+    DA, D1, DB, D2 = CS._split(D)
+    run(CS._seg_reduce_kernel, dict(PART='*bf16',OFFS='*i32',OUT='*fp32'),
+        dict(D=D,DA=DA,D1=D1,DB=DB,D2=D2,KB=CS.REDUCE_KB,R=CS.REDUCE_R), dict(num_warps=(4 if D1 + D2 > 128 else 2)))

@@ -87,8 +87,12 @@ def main():
     out, lse = A.sparse_attn_fwd(q, kv, idx, DV, t.scale)
     # ---- attention backward: atomic modes and configs
     ref = None
-    for mode in (0, 2, 1):
-        A.ATOMIC_MODE = mode
+    from megatron_dsa.kernels import _common as C, _csr
+
+    for mode in (0, 2, 1, "sorted"):
+        C.REDUCE_MODE = "sorted" if mode == "sorted" else "atomic"
+        A.ATOMIC_MODE = 0 if mode == "sorted" else mode
+        _csr.clear_cache()  # time the CSR build too (one per bwd call in the pipeline)
         try:
             ms, _ = cuda_time(lambda: A.sparse_attn_bwd(q, kv, idx, out, lse, t.gout, DV, t.scale), reps=a.reps)
             entry = {"ms": ms}
@@ -102,7 +106,8 @@ def main():
             rec(f"attn_bwd_atomic{mode}", entry)
         except Exception as e:
             rec(f"attn_bwd_atomic{mode}", repr(e)[:300])
-    A.ATOMIC_MODE = 2
+    C.REDUCE_MODE = "sorted"
+    A.ATOMIC_MODE = 0
     for cfg in ((16, 8, 2), (32, 4, 2), (64, 8, 2)):
         A.BWD_CFG = cfg
         try:
@@ -117,9 +122,16 @@ def main():
     wi_g = t.wi.detach().requires_grad_()
     ms, _ = cuda_time(lambda: L.sparse_indexer_kl(q, kv, qi_g, ki_g, wi_g, idx, t.scale), reps=a.reps)
     rec("kl_fwd", ms)
+    ms, _ = cuda_time(lambda: L.sparse_indexer_kl(q, kv, qi_g, ki_g, wi_g, idx, t.scale, lse=lse), reps=a.reps)
+    rec("kl_fwd_lse_reused", ms)
     kl = L.sparse_indexer_kl(q, kv, qi_g, ki_g, wi_g, idx, t.scale)
     ms, _ = cuda_time(lambda: torch.autograd.grad(kl, (qi_g, ki_g, wi_g), t.gkl, retain_graph=True), reps=a.reps)
     rec("kl_bwd", ms)
+    for mode in ("atomic", "sorted"):
+        C.KL_REDUCE_MODE = mode
+        ms, _ = cuda_time(lambda: torch.autograd.grad(kl, (qi_g, ki_g, wi_g), t.gkl, retain_graph=True), reps=a.reps)
+        rec(f"kl_bwd_{mode}", ms)
+    C.KL_REDUCE_MODE = None
 
 
 if __name__ == "__main__":

@@ -252,10 +252,10 @@ class DSACoreAttention(MegatronModule):
                 self.indexer_flops += score_flops
             else:
                 topk = self._borrowed_selection(batch, seq)
-            out, _ = be.sparse_mla_attention(q, kv, topk, self.v_dim, self.softmax_scale)
+            out, lse = be.sparse_mla_attention(q, kv, topk, self.v_dim, self.softmax_scale)
             if indexer is not None and s.loss_coeff > 0:
                 if s.sparse_loss:
-                    kl = be.sparse_indexer_kl(q, kv, qi, ki, wi, topk, self.softmax_scale)
+                    kl = be.sparse_indexer_kl(q, kv, qi, ki, wi, topk, self.softmax_scale, lse=lse.detach())
                 else:
                     kl, recall = be.dense_indexer_kl(q, kv, qi, ki, wi, self.softmax_scale, s.topk)
         else:  # validated at construction; a mode set by hand bypassing set_mode lands here

@@ -24,10 +24,17 @@ def _reference_indexer_topk(q, k, w, topk, q_pos=None, k_pos=None, fp8=False):
     return reference.indexer_topk(q, k, w, topk, q_pos=q_pos, k_pos=k_pos)
 
 
+def _reference_sparse_indexer_kl(q_main, kv, q_idx, k_idx, w_idx, topk_idx, scale, lse=None):
+    # ``lse`` (the sparse attention's own log-sum-exp) only saves the kernel a pass; the
+    # reference recomputes the target from q_main and kv.
+    return reference.sparse_indexer_kl(q_main, kv, q_idx, k_idx, w_idx, topk_idx, scale)
+
+
 @functools.cache
 def _reference_backend() -> SimpleNamespace:
     fns = {name: getattr(reference, name) for name in OPS}
     fns["indexer_topk"] = _reference_indexer_topk
+    fns["sparse_indexer_kl"] = _reference_sparse_indexer_kl
     return SimpleNamespace(name="reference", **fns)
 
 

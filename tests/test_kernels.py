@@ -28,6 +28,27 @@ def _fresh_seed():
     torch.manual_seed(int.from_bytes(os.urandom(4), "little"))
 
 
+# Both backward reductions (the atomic-free sorted one and the v1 atomics) and both KL forward
+# paths (lse reused from the attention / recomputed) must equal the reference.
+VARIANTS = ["new", "old"]
+
+
+@pytest.fixture(params=VARIANTS)
+def variant(request):
+    from megatron_dsa.kernels import _common as C
+    from megatron_dsa.kernels import _csr
+    from megatron_dsa.kernels import indexer_kl as L
+
+    saved = (C.REDUCE_MODE, C.KL_REDUCE_MODE, L.REUSE_LSE)
+    C.REDUCE_MODE = "sorted" if request.param == "new" else "atomic"
+    C.KL_REDUCE_MODE = None  # the KL's dk_idx follows REDUCE_MODE: both reductions tested both ways
+    L.REUSE_LSE = request.param == "new"
+    _csr.clear_cache()
+    yield request.param
+    C.REDUCE_MODE, C.KL_REDUCE_MODE, L.REUSE_LSE = saved
+    _csr.clear_cache()
+
+
 def rel(a, b):
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
@@ -158,7 +179,7 @@ def _random_idx(B, S, Sk, topk, holes=True):
 
 
 @pytest.mark.parametrize("B,S,H,v_dim,rope,topk,dtype", ATTN_CASES)
-def test_sparse_mla_attention(B, S, H, v_dim, rope, topk, dtype):
+def test_sparse_mla_attention(B, S, H, v_dim, rope, topk, dtype, variant):
     if BIG:
         S, topk = S * 20, topk * 4
     D = v_dim + rope
@@ -190,7 +211,7 @@ def test_sparse_mla_attention(B, S, H, v_dim, rope, topk, dtype):
     "B,S,H,D,HI,DI,topk,dtype",
     [(1, 40, 3, 48, 4, 32, 24, torch.float32), (2, 33, 16, 96, 3, 16, 40, torch.bfloat16)],
 )
-def test_sparse_indexer_kl(B, S, H, D, HI, DI, topk, dtype):
+def test_sparse_indexer_kl(B, S, H, D, HI, DI, topk, dtype, variant):
     if BIG:
         S, topk = S * 20, topk * 4
     qm = torch.randn(B, S, H, D, device=DEV).to(dtype)
@@ -200,7 +221,9 @@ def test_sparse_indexer_kl(B, S, H, D, HI, DI, topk, dtype):
     wi = torch.randn(B, S, HI, device=DEV).requires_grad_()
     idx = _random_idx(B, S, S, topk)
     scale = D**-0.5
-    kl = K.sparse_indexer_kl(qm, kv, qi, ki, wi, idx, scale)
+    # "new": the target's per-head lse comes from the attention forward (v_dim is irrelevant to it).
+    lse = K.sparse_mla_attention(qm, kv, idx, D - 16, scale)[1] if variant == "new" else None
+    kl = K.sparse_indexer_kl(qm, kv, qi, ki, wi, idx, scale, lse=lse)
     qm32, kv32, qi32, ki32, wi32 = _fp32_leaves(qm, kv, qi, ki, wi)
     kl_r = R.sparse_indexer_kl(qm32, kv32, qi32, ki32, wi32, idx, scale)
     _finite(kl)
@@ -213,6 +236,72 @@ def test_sparse_indexer_kl(B, S, H, D, HI, DI, topk, dtype):
     for a, b, x in zip(grads, grads_r, (qi, ki, wi)):
         _finite(a)
         assert a.dtype == x.dtype and rel(a, b) < tol
+
+
+def _crowded_idx(B, S, Sk, topk, hot):
+    """Every query picks its slots among the same `hot` keys (many queries per key), in a random
+    order, with -1 slots sprinkled in and one row all -1."""
+    rows = torch.stack([torch.randperm(hot, device=DEV)[:topk] for _ in range(B * S)]).view(B, S, topk)
+    idx = rows.clone()
+    idx[torch.rand(B, S, topk, device=DEV) < 0.2] = -1
+    idx[:, min(3, S - 1)] = -1
+    return (idx + torch.where(idx >= 0, Sk - hot, 0)).contiguous()  # the hot keys: the last ones
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sparse_backward_crowded_keys(dtype, variant, monkeypatch):
+    """Duplicate selections across queries: the per-key reduction (dkv, dk_idx) must sum every
+    (query, slot) pair that chose the key (over several chunks, on the GPU too)."""
+    from megatron_dsa.kernels import _csr
+
+    monkeypatch.setattr(_csr, "PAIR_BUDGET", 96)
+    B, S, Sk, H, v_dim, rope, HI, DI, topk, hot = 2, 41, 29, 4, 32, 16, 3, 16, 12, 13
+    D = v_dim + rope
+    q = torch.randn(B, S, H, D, device=DEV).to(dtype).requires_grad_()
+    kv = torch.randn(B, Sk, D, device=DEV).to(dtype).requires_grad_()
+    qi = torch.randn(B, S, HI, DI, device=DEV).to(dtype).requires_grad_()
+    ki = torch.randn(B, Sk, DI, device=DEV).to(dtype).requires_grad_()
+    wi = torch.randn(B, S, HI, device=DEV).requires_grad_()
+    idx = _crowded_idx(B, S, Sk, topk, hot)
+    scale = D**-0.5
+    out, lse = K.sparse_mla_attention(q, kv, idx, v_dim, scale)
+    kl = K.sparse_indexer_kl(q.detach(), kv.detach(), qi, ki, wi, idx, scale, lse=lse if variant == "new" else None)
+    q32, kv32, qi32, ki32, wi32 = _fp32_leaves(q, kv, qi, ki, wi)
+    out_r, _ = R.sparse_mla_attention(q32, kv32, idx, v_dim, scale)
+    kl_r = R.sparse_indexer_kl(q32.detach(), kv32.detach(), qi32, ki32, wi32, idx, scale)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert rel(out, out_r) < tol and rel(kl, kl_r) < tol
+    go, g = torch.randn_like(out), torch.randn_like(kl)
+    got = torch.autograd.grad([out, kl], [q, kv, qi, ki, wi], [go, g])
+    ref = torch.autograd.grad([out_r, kl_r], [q32, kv32, qi32, ki32, wi32], [go.float(), g])
+    for a, b in zip(got, ref):
+        _finite(a)
+        assert rel(a, b) < tol
+
+
+def test_pair_csr_is_a_per_chunk_key_order(monkeypatch):
+    from megatron_dsa.kernels import _csr
+
+    monkeypatch.setattr(_csr, "PAIR_BUDGET", 96)  # several chunks on the GPU too
+    B, S, Sk, topk = 2, 23, 17, 9
+    idx = _crowded_idx(B, S, Sk, topk, 11)
+    _csr.clear_cache()
+    csr = _csr.build_csr(idx, Sk)
+    assert csr.NC > 1  # the interpreter's budget forces several chunks
+    assert _csr.build_csr(idx, Sk) is csr  # cached on the tensor
+    pos, offs = csr.pos.long(), csr.offs.long()
+    for c in range(csr.NC):
+        t0, t1 = c * csr.C, min(S, (c + 1) * csr.C)
+        base = offs[c * B * Sk]
+        for b in range(B):
+            for s in range(Sk):
+                seg = (c * B + b) * Sk + s
+                sel = (idx[b, t0:t1] == s)
+                rows = sorted(pos[b, t0:t1][sel].tolist())
+                assert rows == list(range(offs[seg] - base, offs[seg + 1] - base)), (c, b, s)
+        assert bool((pos[:, t0:t1][idx[:, t0:t1] < 0] == -1).all())
+    idx2 = idx.clone()
+    assert _csr.build_csr(idx2, Sk) is not csr
 
 
 @pytest.mark.parametrize("pos", ["causal", "offset"])

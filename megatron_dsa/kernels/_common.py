@@ -29,6 +29,26 @@ def available() -> bool:
 # Backward kernels: multiply the fp32 score gradients in 3xTF32 instead of bf16 (see _dot_ds).
 DS_3XTF32 = False
 
+# Key-gradient reduction of the sparse backward kernels (attention dkv, KL dk_idx):
+# "sorted" = per-pair rows written in key order + per-key segmented sums (no atomics, _csr.py);
+# "atomic" = fp32 tl.atomic_add per element (the v1 path).  PART_FP32: keep the per-pair rows
+# in fp32 (default: bf16 for bf16/fp8 inputs, fp32 for fp32 inputs).
+REDUCE_MODE = "atomic"  # the sorted reduction measured slower on the H200 (attn_bwd 552 vs 536 ms at 128K)
+# The KL backward's dk_idx only (rows of 128 instead of 576: predicted neutral, see
+# benchmarks/NOTES.md, so the GPU-proven atomics stay the default); None = follow REDUCE_MODE.
+KL_REDUCE_MODE = "atomic"
+PART_FP32 = False
+
+
+def reduce_sorted(kl: bool = False) -> bool:
+    mode = REDUCE_MODE if not kl or KL_REDUCE_MODE is None else KL_REDUCE_MODE
+    assert mode in ("sorted", "atomic"), mode
+    return mode == "sorted"
+
+
+def part_dtype(ieee: bool) -> torch.dtype:
+    return torch.float32 if (ieee or PART_FP32) else torch.bfloat16
+
 
 def next_pow2(n: int, lo: int = 1) -> int:
     n = max(int(n), lo)

@@ -22,9 +22,13 @@ import torch
 from .. import reference as R
 from .sparse_attn import atomic_mode
 from . import _common as _C
+from . import _csr
 from ._common import HAS_TRITON, _atomic_add_f32, _dot, _dot_ds, interpreting, is_fp32, next_pow2, triton, tl
 
 DENSE_CHUNK_ELEMENTS = 1 << 26
+# Use the attention's lse when the caller passes one (sparse_indexer_kl(..., lse=...)); False
+# recomputes it in the kernel's first pass (the v1 path) even when given.
+REUSE_LSE = True
 
 
 if HAS_TRITON:
@@ -41,7 +45,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _sparse_kl_fwd_kernel(
-        QM, KV, QI, KI, WI, IDX, KL, P, LSEI,
+        QM, KV, QI, KI, WI, IDX, KL, P, LSEI, LSEM,
         Sk, TOPK, scale_log2,
         s_qmb, s_qms, s_qmh,
         s_kvb, s_kvs,
@@ -50,11 +54,15 @@ if HAS_TRITON:
         s_wib, s_wis, s_wih,
         s_ib, s_is,
         s_lb, s_ls,
+        s_mb, s_ms,
         H: tl.constexpr, HP: tl.constexpr,
         DV: tl.constexpr, D1: tl.constexpr, DR: tl.constexpr, D2: tl.constexpr,
         HI: tl.constexpr, HIP: tl.constexpr, DI: tl.constexpr, DIP: tl.constexpr,
         BK: tl.constexpr, IEEE: tl.constexpr, IEEE_I: tl.constexpr, UPCAST: tl.constexpr,
+        HAS_LSE: tl.constexpr,
     ):
+        # HAS_LSE: LSEM [B, Sq, H] (heads contiguous) is the main attention's natural-log lse
+        # over the same set (sparse_mla_attention's second output): pass 1 is skipped.
         t = tl.program_id(0)
         b = tl.program_id(1)
         h = tl.arange(0, HP)
@@ -68,21 +76,26 @@ if HAS_TRITON:
         q2 = tl.load(qb + DV + d2[None, :], mask=hm[:, None] & d2m[None, :], other=0.0)
         ib = IDX + b * s_ib + t * s_is
         kvb = KV + b * s_kvb
-        # Pass 1: per-head log-sum-exp of the main scores over the selected set.
-        m_i = tl.full((HP,), float("-inf"), tl.float32)
-        l_i = tl.zeros((HP,), tl.float32)
-        for k0 in range(0, TOPK, BK):
-            kk = k0 + tl.arange(0, BK)
-            idx = tl.load(ib + kk, mask=kk < TOPK, other=-1)
-            valid = (idx >= 0) & (idx < Sk)
-            s = _main_scores(q1, q2, kvb + idx * s_kvs, valid, d1, d1m, d2, d2m, DV, DR, IEEE, UPCAST)
-            s = tl.where(valid[None, :], s * scale_log2, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), axis=1)
-            m_i = m_new
-        has_h = (l_i > 0.0) & hm
-        lse2 = tl.where(has_h, m_i + tl.log2(tl.where(has_h, l_i, 1.0)), float("inf"))
+        if HAS_LSE:
+            lsem = tl.load(LSEM + b * s_mb + t * s_ms + h, mask=hm, other=float("-inf"))
+            has_h = (lsem > float("-inf")) & hm
+            lse2 = tl.where(has_h, lsem * 1.4426950408889634, float("inf"))
+        else:
+            # Pass 1: per-head log-sum-exp of the main scores over the selected set.
+            m_i = tl.full((HP,), float("-inf"), tl.float32)
+            l_i = tl.zeros((HP,), tl.float32)
+            for k0 in range(0, TOPK, BK):
+                kk = k0 + tl.arange(0, BK)
+                idx = tl.load(ib + kk, mask=kk < TOPK, other=-1)
+                valid = (idx >= 0) & (idx < Sk)
+                s = _main_scores(q1, q2, kvb + idx * s_kvs, valid, d1, d1m, d2, d2m, DV, DR, IEEE, UPCAST)
+                s = tl.where(valid[None, :], s * scale_log2, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, axis=1))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), axis=1)
+                m_i = m_new
+            has_h = (l_i > 0.0) & hm
+            lse2 = tl.where(has_h, m_i + tl.log2(tl.where(has_h, l_i, 1.0)), float("inf"))
         n_h = tl.sum(has_h.to(tl.float32), axis=0)
         inv_h = 1.0 / tl.maximum(n_h, 1.0)
         # Pass 2: target p, indexer logits, KL terms.
@@ -128,19 +141,22 @@ if HAS_TRITON:
 
     @triton.jit
     def _sparse_kl_bwd_kernel(
-        QI, KI, WI, IDX, P, LSEI, GKL, DQI, DKI, DWI,
-        Sk, TOPK,
+        QI, KI, WI, IDX, P, LSEI, GKL, DQI, DKI, DWI, POS, PART,
+        Sk, TOPK, t0,
         s_qib, s_qis, s_qih,
         s_kib, s_kis,
         s_wib, s_wis, s_wih,
         s_ib, s_is,
         s_lb, s_ls,
         s_dkb, s_dks,
+        s_pb, s_ps,
         HI: tl.constexpr, HIP: tl.constexpr, DI: tl.constexpr, DIP: tl.constexpr,
         BK: tl.constexpr, IEEE_I: tl.constexpr, UPCAST: tl.constexpr, ATOMIC: tl.constexpr, DS_3XTF32: tl.constexpr,
+        SORTED: tl.constexpr,
     ):
         # DQI shares QI's strides, DWI shares WI's strides (both fp32 buffers made contiguous alike).
-        t = tl.program_id(0)
+        # SORTED: per-pair dk rows to PART at row POS[b, t, slot] (row stride DI), else atomics.
+        t = t0 + tl.program_id(0)
         b = tl.program_id(1)
         j = tl.arange(0, HIP)
         jm = j < HI
@@ -174,7 +190,12 @@ if HAS_TRITON:
             dSc = dS.to(ki.dtype)
             dq += _dot(dSc, ki, IEEE_I, UPCAST)
             dk = _dot_ds(tl.trans(dS), qi, IEEE_I, UPCAST, DS_3XTF32)
-            _atomic_add_f32(dkb + idx[:, None] * s_dks + di[None, :], dk, valid[:, None] & dim_[None, :], ATOMIC)
+            if SORTED:
+                prow = tl.load(POS + b * s_pb + t * s_ps + kk, mask=kk < TOPK, other=0)
+                tl.store(PART + prow.to(tl.int64)[:, None] * DI + di[None, :], dk.to(PART.dtype.element_ty),
+                         mask=valid[:, None] & dim_[None, :])
+            else:
+                _atomic_add_f32(dkb + idx[:, None] * s_dks + di[None, :], dk, valid[:, None] & dim_[None, :], ATOMIC)
         tl.store(DQI + b * s_qib + t * s_qis + j[:, None] * s_qih + di[None, :], dq.to(DQI.dtype.element_ty),
                  mask=jm[:, None] & dim_[None, :])
         tl.store(DWI + b * s_wib + t * s_wis + j * s_wih, dw.to(DWI.dtype.element_ty), mask=jm)
@@ -197,7 +218,7 @@ def _kl_cfg(on_gpu, bwd=False):
 
 class SparseIndexerKL(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q_main, kv, q_idx, k_idx, w_idx, topk_idx, scale):
+    def forward(ctx, q_main, kv, q_idx, k_idx, w_idx, topk_idx, scale, lse=None):
         B, Sq, H, D = q_main.shape
         HI, DI = q_idx.shape[2], q_idx.shape[3]
         Sk = kv.shape[1]
@@ -214,9 +235,15 @@ class SparseIndexerKL(torch.autograd.Function):
         lseI = torch.empty(B, Sq, dtype=torch.float32, device=q_main.device)
         P = torch.empty(B, Sq, K, dtype=torch.float32, device=q_main.device)
         BK, nw, ns = _kl_cfg(q_main.is_cuda)
+        has_lse = lse is not None and REUSE_LSE
+        if has_lse:
+            lsem = lse.detach().float().contiguous()
+            assert lsem.shape == (B, Sq, H), (lsem.shape, (B, Sq, H))
+        else:
+            lsem = kl  # unused
         if Sq:
             _sparse_kl_fwd_kernel[(Sq, B)](
-                qm, kvc, qi, ki, wi, idx, kl, P, lseI,
+                qm, kvc, qi, ki, wi, idx, kl, P, lseI, lsem,
                 Sk, K, scale * 1.4426950408889634,
                 qm.stride(0), qm.stride(1), qm.stride(2),
                 kvc.stride(0), kvc.stride(1),
@@ -225,9 +252,10 @@ class SparseIndexerKL(torch.autograd.Function):
                 wi.stride(0), wi.stride(1), wi.stride(2),
                 idx.stride(0), idx.stride(1),
                 kl.stride(0), kl.stride(1),
+                lsem.stride(0), lsem.stride(1),
                 H=H, HP=next_pow2(H, 16), DV=DV, D1=D1, DR=DR, D2=D2,
                 HI=HI, HIP=next_pow2(HI, 16), DI=DI, DIP=next_pow2(DI, 16),
-                BK=BK, IEEE=is_fp32(qm, kvc), IEEE_I=is_fp32(qi, ki), UPCAST=interpreting(),
+                BK=BK, IEEE=is_fp32(qm, kvc), IEEE_I=is_fp32(qi, ki), UPCAST=interpreting(), HAS_LSE=has_lse,
                 num_warps=nw, num_stages=ns,
             )
         ctx.save_for_backward(qi, ki, wi, idx, P, lseI)
@@ -248,27 +276,45 @@ class SparseIndexerKL(torch.autograd.Function):
         # DQI/DWI use QI/WI strides: make sure the layouts agree.
         assert dqi.stride() == qi.stride() and dwi.stride() == wi.stride()
         BK, nw, ns = _kl_cfg(qi.is_cuda, bwd=True)
-        if Sq:
-            _sparse_kl_bwd_kernel[(Sq, B)](
-                qi, ki, wi, idx, P, lseI, gkl, dqi, dki, dwi,
-                Sk, K,
+        sorted_ = _C.reduce_sorted(kl=True)
+        ieee_i = is_fp32(qi, ki)
+        if sorted_ and Sq:
+            csr = _csr.build_csr(idx, Sk)
+            part = torch.empty(csr.rows, DI, dtype=_C.part_dtype(ieee_i), device=qi.device)
+            pos = csr.pos
+            chunks = [(c * csr.C, min(Sq, (c + 1) * csr.C)) for c in range(csr.NC)]
+        else:
+            part, pos, chunks = dki, idx, ([(0, Sq)] if Sq else [])
+        for c, (t0, t1) in enumerate(chunks):
+            _sparse_kl_bwd_kernel[(t1 - t0, B)](
+                qi, ki, wi, idx, P, lseI, gkl, dqi, dki, dwi, pos, part,
+                Sk, K, t0,
                 qi.stride(0), qi.stride(1), qi.stride(2),
                 ki.stride(0), ki.stride(1),
                 wi.stride(0), wi.stride(1), wi.stride(2),
                 idx.stride(0), idx.stride(1),
                 lseI.stride(0), lseI.stride(1),
                 dki.stride(0), dki.stride(1),
+                pos.stride(0), pos.stride(1),
                 HI=HI, HIP=next_pow2(HI, 16), DI=DI, DIP=next_pow2(DI, 16),
-                BK=BK, IEEE_I=is_fp32(qi, ki), UPCAST=interpreting(), ATOMIC=atomic_mode(), DS_3XTF32=_C.DS_3XTF32,
-                num_warps=nw, num_stages=ns,
+                BK=BK, IEEE_I=ieee_i, UPCAST=interpreting(), ATOMIC=atomic_mode(), DS_3XTF32=_C.DS_3XTF32,
+                SORTED=sorted_, num_warps=nw, num_stages=ns,
             )
+            if sorted_:
+                _csr.seg_reduce(part, csr, c, dki)
         dq_t, dk_t, dw_t = ctx.dtypes
-        return None, None, dqi.to(dq_t), dki.to(dk_t), dwi.to(dw_t), None, None
+        return None, None, dqi.to(dq_t), dki.to(dk_t), dwi.to(dw_t), None, None, None
 
 
-def sparse_indexer_kl(q_main, kv, q_idx, k_idx, w_idx, topk_idx, scale):
-    """Same contract as ``reference.sparse_indexer_kl``: kl [B, Sq]; grads reach q_idx, k_idx, w_idx."""
-    return SparseIndexerKL.apply(q_main, kv, q_idx, k_idx, w_idx, topk_idx, scale)
+def sparse_indexer_kl(q_main, kv, q_idx, k_idx, w_idx, topk_idx, scale, lse=None):
+    """Same contract as ``reference.sparse_indexer_kl``: kl [B, Sq]; grads reach q_idx, k_idx, w_idx.
+
+    Optional ``lse`` [B, Sq, H]: the main attention's lse over the same (q_main, kv, topk_idx,
+    scale), i.e. the second output of ``sparse_mla_attention``.  With it (and ``REUSE_LSE``)
+    the forward skips its own lse pass over the gathered 576-dim rows (one pass instead of
+    two).  Passing an lse of different inputs gives a wrong target: the caller's contract.
+    """
+    return SparseIndexerKL.apply(q_main, kv, q_idx, k_idx, w_idx, topk_idx, scale, lse)
 
 
 # --------------------------------------------------------------------------------------------

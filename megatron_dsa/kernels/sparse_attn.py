@@ -4,8 +4,9 @@ q [B, Sq, H, Dqk], kv [B, Sk, Dqk] (values = kv[..., :v_dim]), topk_idx [B, Sq, 
 One program per (query token, batch): all H heads of the token share the gathered KV rows, so
 each selected row is loaded once per token and used by every head.  Dqk is split into the value
 part (v_dim, padded to a power of two) and the rest (rope dims, padded), so any Dqk/v_dim works
-(576 = 512 + 64, 192 = 128 + 64, 96 = 64 + 32, ...).  Backward: dq per program, dkv by fp32
-atomic adds into a [B, Sk, Dqk] buffer.
+(576 = 512 + 64, 192 = 128 + 64, 96 = 64 + 32, ...).  Backward: dq per program; dkv either by
+fp32 atomic adds into a [B, Sk, Dqk] buffer (``_common.REDUCE_MODE = "atomic"``) or, by default,
+atomic-free: per-pair rows written in key order and summed per key (``_csr``, "sorted").
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import math
 import torch
 
 from . import _common as _C
+from . import _csr
 from ._common import HAS_TRITON, _atomic_add_f32, _dot, _dot_ds, interpreting, is_fp32, next_pow2, triton, tl
 
 LOG2E = 1.4426950408889634
@@ -103,20 +105,24 @@ if HAS_TRITON:
 
     @triton.jit
     def _sparse_bwd_kernel(
-        Q, KV, IDX, DO, LSE, DELTA, DQ, DKV,
-        Sk, TOPK, scale, scale_log2,
+        Q, KV, IDX, DO, LSE, DELTA, DQ, DKV, POS, PART,
+        Sk, TOPK, scale, scale_log2, t0,
         stride_qb, stride_qs, stride_qh,
         stride_kb, stride_ks,
         stride_ib, stride_is,
         stride_ob, stride_os, stride_oh,
         stride_lb, stride_ls,
         stride_dkb, stride_dks,
+        stride_pb, stride_ps,
         H: tl.constexpr, HP: tl.constexpr,
         DV: tl.constexpr, D1: tl.constexpr, DR: tl.constexpr, D2: tl.constexpr,
         BK: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, ATOMIC: tl.constexpr, DS_3XTF32: tl.constexpr,
+        SORTED: tl.constexpr,
     ):
         # Q/DQ share strides; DO uses stride_o*; LSE/DELTA share stride_l*.
-        t = tl.program_id(0)
+        # SORTED: the per-pair dkv rows go to PART at row POS[b, t, slot] (row stride DV + DR),
+        # summed per key by _csr.seg_reduce; otherwise fp32 atomics into DKV.
+        t = t0 + tl.program_id(0)
         b = tl.program_id(1)
         h = tl.arange(0, HP)
         hm = h < H
@@ -157,12 +163,20 @@ if HAS_TRITON:
             dsc = ds.to(kv1.dtype)
             dq1 += _dot(dsc, kv1, IEEE, UPCAST)
             dk1 = _dot_ds(tl.trans(ds), q1, IEEE, UPCAST, DS_3XTF32) + _dot(tl.trans(p.to(do.dtype)), do, IEEE, UPCAST)
-            dkp = dkvb + idx * stride_dks
-            _atomic_add_f32(dkp[:, None] + d1[None, :], dk1, valid[:, None] & d1m[None, :], ATOMIC)
+            if SORTED:
+                prow = tl.load(POS + b * stride_pb + t * stride_ps + kk, mask=kk < TOPK, other=0)
+                dkp = PART + prow.to(tl.int64) * (DV + DR)
+                tl.store(dkp[:, None] + d1[None, :], dk1.to(PART.dtype.element_ty), mask=valid[:, None] & d1m[None, :])
+            else:
+                dkp = dkvb + idx * stride_dks
+                _atomic_add_f32(dkp[:, None] + d1[None, :], dk1, valid[:, None] & d1m[None, :], ATOMIC)
             if DR > 0:
                 dq2 += _dot(dsc, kv2, IEEE, UPCAST)
                 dk2 = _dot_ds(tl.trans(ds), q2, IEEE, UPCAST, DS_3XTF32)
-                _atomic_add_f32(dkp[:, None] + DV + d2[None, :], dk2, valid[:, None] & d2m[None, :], ATOMIC)
+                if SORTED:
+                    tl.store(dkp[:, None] + DV + d2[None, :], dk2.to(PART.dtype.element_ty), mask=valid[:, None] & d2m[None, :])
+                else:
+                    _atomic_add_f32(dkp[:, None] + DV + d2[None, :], dk2, valid[:, None] & d2m[None, :], ATOMIC)
         dqb = DQ + b * stride_qb + t * stride_qs + h[:, None] * stride_qh
         tl.store(dqb + d1[None, :], dq1.to(DQ.dtype.element_ty), mask=hm[:, None] & d1m[None, :])
         if DR > 0:
@@ -215,18 +229,30 @@ def sparse_attn_bwd(q, kv, idx, out, lse, dout, v_dim, scale):
     if Sq:
         BK, nw, ns = BWD_CFG or _cfg(D1, D2 if DR else 0, q.is_cuda, bwd=True)
         HP = next_pow2(H, 16)
-        _sparse_bwd_kernel[(Sq, B)](
-            q, kv, idx, dout, lse, delta, dq, dkv,
-            Sk, K, scale, scale * 1.4426950408889634,
-            q.stride(0), q.stride(1), q.stride(2),
-            kv.stride(0), kv.stride(1),
-            idx.stride(0), idx.stride(1),
-            dout.stride(0), dout.stride(1), dout.stride(2),
-            lse.stride(0), lse.stride(1),
-            dkv.stride(0), dkv.stride(1),
-            H=H, HP=HP, DV=v_dim, D1=D1, DR=DR, D2=D2, BK=BK, IEEE=ieee, UPCAST=interpreting(), ATOMIC=atomic_mode(), DS_3XTF32=_C.DS_3XTF32,
-            num_warps=nw, num_stages=ns,
-        )
+        sorted_ = _C.reduce_sorted()
+        if sorted_:
+            csr = _csr.build_csr(idx, Sk)
+            part = torch.empty(csr.rows, D, dtype=_C.part_dtype(ieee), device=q.device)
+            pos = csr.pos
+            chunks = [(c * csr.C, min(Sq, (c + 1) * csr.C)) for c in range(csr.NC)]
+        else:
+            part, pos, chunks = dkv, idx, [(0, Sq)]
+        for c, (t0, t1) in enumerate(chunks):
+            _sparse_bwd_kernel[(t1 - t0, B)](
+                q, kv, idx, dout, lse, delta, dq, dkv, pos, part,
+                Sk, K, scale, scale * 1.4426950408889634, t0,
+                q.stride(0), q.stride(1), q.stride(2),
+                kv.stride(0), kv.stride(1),
+                idx.stride(0), idx.stride(1),
+                dout.stride(0), dout.stride(1), dout.stride(2),
+                lse.stride(0), lse.stride(1),
+                dkv.stride(0), dkv.stride(1),
+                pos.stride(0), pos.stride(1),
+                H=H, HP=HP, DV=v_dim, D1=D1, DR=DR, D2=D2, BK=BK, IEEE=ieee, UPCAST=interpreting(), ATOMIC=atomic_mode(), DS_3XTF32=_C.DS_3XTF32,
+                SORTED=sorted_, num_warps=nw, num_stages=ns,
+            )
+            if sorted_:
+                _csr.seg_reduce(part, csr, c, dkv)
     return dq, dkv.to(kv.dtype)
 
 
