@@ -1,4 +1,9 @@
-"""Worker functions for tests/test_parallel.py (run in spawned gloo processes)."""
+"""Worker functions for tests/test_parallel.py (run in spawned processes).
+
+On CPU the ranks talk over gloo. With ``MDSA_TEST_DEVICE=cuda`` each rank takes its own GPU and
+NCCL, and every tensor (inputs, the one-rank reference, the models) lives on that GPU: the same
+checks then run on a multi-GPU machine.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +15,24 @@ import torch.distributed as dist
 from megatron_dsa import reference as R
 
 
+ON_GPU = os.environ.get("MDSA_TEST_DEVICE") == "cuda"
+
+
+def device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if ON_GPU else torch.device("cpu")
+
+
 def init_dist(rank: int, world: int, port: int) -> None:
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     os.environ["CUDA_DEVICE_MAX_CONNECTIONS"] = "1"
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    if ON_GPU:
+        torch.cuda.set_device(rank)
+        # fp32 matmuls stay fp32, so one rank and many agree to fp32 rounding.
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    dist.init_process_group("nccl" if ON_GPU else "gloo", rank=rank, world_size=world)
 
 
 def make_groups(tp: int, cp: int):
@@ -56,7 +73,7 @@ def tie_inputs(seed: int):
     q = torch.randn(s["B"], s["S"], s["H"], s["D"], generator=g)
     kv = torch.randn(s["B"], s["S"], s["D"], generator=g)
     cot = torch.randn(s["B"], s["S"], s["H"], s["V"], generator=g)
-    return dict(q=q, kv=kv, qi=qi, ki=ki, wi=wi, cot=cot)
+    return {k: v.to(device()) for k, v in dict(q=q, kv=kv, qi=qi, ki=ki, wi=wi, cot=cot).items()}
 
 
 def reference_run(inp, mode: str, sparse_loss: bool = True):
@@ -172,7 +189,9 @@ def _build(mode: str, seed: int, overrides: dict):
 
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
-    return build_model("tiny", model_config("tiny", mdsa_mode=mode, **overrides))
+    # Built on the CPU (the same initial weights on every rank and device), then moved.
+    config = model_config("tiny", mdsa_mode=mode, mdsa_kernel="reference", use_cpu_initialization=True, **overrides)
+    return build_model("tiny", config).to(device())
 
 
 def _shard(name: str, full: torch.Tensor, param, tp: int, tp_rank: int, glu: bool) -> torch.Tensor:
@@ -197,7 +216,7 @@ def _step_losses(model, mode, tokens, positions, labels, total_tokens, lr, grads
     per_token = model(tokens, positions, None, labels=labels)
     lm = per_token.float().sum() / total_tokens
     kl_losses = pop_indexer_losses(model)
-    kl = sum(kl_losses) if kl_losses else torch.zeros(())
+    kl = sum(kl_losses) if kl_losses else torch.zeros((), device=device())
     if mode == "warmup":
         kl.backward()
         params = indexer_parameters(model)
@@ -235,9 +254,9 @@ def _model_run(rank, tp, cp, mode, seed, steps, overrides):
     overrides = dict(overrides)
     B, S, lr = 2, 32, 0.05
     g = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, 512, (B, S), generator=g)
+    tokens = torch.randint(0, 512, (B, S), generator=g).to(device())
     labels = tokens.roll(-1, dims=1)
-    positions = torch.arange(S)[None].expand(B, -1)
+    positions = torch.arange(S, device=device())[None].expand(B, -1)
 
     # One rank's model and its trajectory (each process computes it alone: DP replicas).
     ps.initialize_model_parallel()

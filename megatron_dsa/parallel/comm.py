@@ -206,7 +206,7 @@ def all_to_all_list(send: list[torch.Tensor], group, name: str, recv_shapes=None
     world = dist.get_world_size(group)
     rank = dist.get_rank(group)
     if recv_shapes is None:
-        counts = torch.tensor([t.shape[0] for t in send], dtype=torch.long)
+        counts = torch.tensor([t.shape[0] for t in send], dtype=torch.long, device=send[0].device)
         recv_counts = torch.empty_like(counts)
         dist.all_to_all_single(recv_counts, counts, group=group)
         tail = tuple(send[0].shape[1:])
