@@ -134,10 +134,28 @@ def _cp_rope_index_on_cpu() -> None:
     rotary_pos_embedding.get_pos_emb_on_this_cp_rank = get_pos_emb_on_this_cp_rank
 
 
+def _moe_splits_on_cpu() -> None:
+    """Under expert parallelism the all-to-all dispatcher moves its split sizes to host memory
+    as numpy arrays only when they are on a GPU; on the CPU they stay tensors, which
+    ``all_to_all_single`` rejects as split sizes. Convert CPU tensors the same way."""
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    original = moe_utils.maybe_move_tensor_to_cpu
+
+    def maybe_move_tensor_to_cpu(tensor, as_numpy: bool = False, record_stream: bool = False):
+        if as_numpy and torch.is_tensor(tensor) and not tensor.is_cuda:
+            return tensor.numpy()
+        return original(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    moe_utils.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+    token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+
+
 CPU_PATCHES = [
     Patch("cuda_device_to_cpu", "allocations on torch.cuda.current_device()", _cuda_device_to_cpu),
     Patch("cuda_device_to_cpu_in_backward", "the same allocations inside autograd backward", _cuda_device_to_cpu_in_backward),
     Patch("cp_rope_index_on_cpu", "context-parallel rotary rows picked with pinned memory", _cp_rope_index_on_cpu),
+    Patch("moe_splits_on_cpu", "expert-parallel all-to-all split sizes stay tensors on CPU", _moe_splits_on_cpu),
     Patch("cuda_streams_events", "MoE creates CUDA streams and events", _cuda_streams_events),
     Patch("cuda_rng_on_cpu", "the model-parallel RNG tracker reads CUDA RNG state", _cuda_rng_on_cpu),
 ]

@@ -320,3 +320,65 @@ def _model_run(rank, tp, cp, mode, seed, steps, overrides):
         assert flops * tp == ref_flops and flops > 0, (flops, ref_flops)
     del model
     ps.destroy_model_parallel()
+
+
+# ---------------------------------------------------------------------------------------------
+# Expert parallel: megatron-core's MoE settings, the DSA model unchanged
+# ---------------------------------------------------------------------------------------------
+
+
+def _expert_global_name(name: str, ep_rank: int, local_experts: int) -> str:
+    """decoder.layers.L.mlp.experts.local_experts.j.* on EP rank r is global expert r*n + j."""
+    marker = ".local_experts."
+    if marker not in name:
+        return name
+    head, tail = name.split(marker)
+    j, rest = tail.split(".", 1)
+    return f"{head}{marker}{ep_rank * local_experts + int(j)}.{rest}"
+
+
+def expert_parallel_worker(rank, world, port, ep, seed):
+    """Every EP rank feeds the same batch: its loss equals one rank's, non-expert gradients
+    equal one rank's, and each expert's gradient is ``ep`` times one rank's (it receives the
+    same tokens from every rank)."""
+    init_dist(rank, world, port)
+    import patches
+
+    patches.apply_cpu_patches()
+    from megatron.core import parallel_state as ps
+
+    B, S = 2, 32
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, 512, (B, S), generator=g).to(device())
+    labels, positions = tokens.roll(-1, dims=1), torch.arange(S, device=device())[None].expand(B, -1)
+
+    def loss_and_grads(model):
+        loss = model(tokens, positions, None, labels=labels).float().mean()
+        loss.backward()
+        return loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    ps.initialize_model_parallel()
+    ref = _build("sparse", seed, {})
+    start = {n: p.detach().clone() for n, p in ref.named_parameters()}
+    ref_loss, ref_grads = loss_and_grads(ref)
+    del ref
+    ps.destroy_model_parallel()
+
+    ps.initialize_model_parallel(expert_model_parallel_size=ep)
+    model = _build("sparse", seed, {"expert_model_parallel_size": ep})
+    local = model.config.num_moe_experts // ep
+    names = {n: _expert_global_name(n, ps.get_expert_model_parallel_rank(), local) for n, _ in model.named_parameters()}
+    assert any(".local_experts." in n for n in names) and len(names) < len(start)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(start[names[n]])
+    loss, grads = loss_and_grads(model)
+    assert abs(loss.item() - ref_loss.item()) <= 1e-5 * max(1.0, abs(ref_loss.item())), (loss.item(), ref_loss.item())
+    for n, grad in grads.items():
+        want = ref_grads[names[n]] * (ep if ".local_experts." in n else 1)
+        err = (grad - want).abs().max().item()
+        assert err <= 1e-4 * want.abs().max().item() + 1e-7, f"rank {rank}: grad of {n} off by {err:.3g}"
+    del model
+    ps.destroy_model_parallel()
+    dist.barrier()
+    dist.destroy_process_group()

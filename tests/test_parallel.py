@@ -166,3 +166,9 @@ def _bad_seq_worker(rank, world, port):
 
 def test_sequence_not_divisible_by_2cp_fails_before_compute():
     W.spawn(_bad_seq_worker, 2)
+
+
+def test_expert_parallel_from_config_matches_one_rank():
+    """EP=2 through megatron-core's MoE settings (expert_model_parallel_size): same loss and
+    gradients as one rank (each expert sees the batch of both EP ranks, so twice the gradient)."""
+    W.spawn(W.expert_parallel_worker, 2, 2, 5)

@@ -52,9 +52,9 @@ def test_tiny_model_trains_on_cpu_with_all_patches():
     assert "TRAINED" in result.stdout, result.stderr[-3000:]
 
 
-# These two bite only in backward of sequence-parallel layers and under context parallelism;
+# These bite only in backward of sequence-parallel layers and under context or expert parallelism;
 # their own tests below (and the TP/CP model tests in test_parallel.py) fail without them.
-NEEDED_ELSEWHERE = {"cuda_device_to_cpu_in_backward", "cp_rope_index_on_cpu"}
+NEEDED_ELSEWHERE = {"cuda_device_to_cpu_in_backward", "cp_rope_index_on_cpu", "moe_splits_on_cpu"}
 
 
 @needs_cpu
@@ -137,3 +137,28 @@ def test_cp_rotary_rows_need_the_unpinned_index():
     assert "ROWS [2.0, 3.0, 4.0, 5.0]" in ok.stdout, ok.stderr[-2000:]
     bad = subprocess.run([sys.executable, "-c", code, "cp_rope_index_on_cpu"], capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and ("pin" in bad.stderr.lower() or "NVIDIA" in bad.stderr or "CUDA" in bad.stderr)
+
+
+@needs_cpu
+def test_expert_parallel_splits_need_the_host_conversion():
+    """The all-to-all that megatron's dispatcher runs, with split sizes from its own
+    maybe_move_tensor_to_cpu (one gloo rank; megatron's wrapper skips the call at world size 1)."""
+    from tests.conftest import free_port
+
+    code = textwrap.dedent(
+        f"""
+        import sys, torch, patches
+        from patches.cpu import CPU_PATCHES
+        patches.apply_cpu_patches(only={{p.name for p in CPU_PATCHES}} - set(sys.argv[1:]))
+        torch.distributed.init_process_group("gloo", init_method="tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+        from megatron.core.transformer.moe import token_dispatcher
+        splits = token_dispatcher.maybe_move_tensor_to_cpu(torch.tensor([3]), as_numpy=True)
+        out = torch.empty(3, 2)
+        torch.distributed.all_to_all_single(out, torch.arange(6.0).view(3, 2), splits, splits)
+        print("A2A", out.flatten().tolist())
+        """
+    )
+    ok = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "A2A [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]" in ok.stdout, ok.stderr[-2000:]
+    bad = subprocess.run([sys.executable, "-c", code, "moe_splits_on_cpu"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "all_to_all_single" in bad.stderr

@@ -54,7 +54,10 @@ and under CP it all-gathers the K/V latents (S x Dqk) and the indexer keys over 
 
 3. Sequence parallel is switched on by the config whenever TP > 1 (megatron's MoE and
    AbsorbedMLA require it); norms of the local spec get ``.sequence_parallel`` params.
-   Expert parallelism is megatron-core's MoE settings, untouched by DSA.
+   Expert parallelism is megatron-core's MoE settings (``expert_model_parallel_size``),
+   untouched by DSA; tested at EP=2 against one rank. Under TP, the MLA KV down-projection is
+   replicated (``spec.DSAAbsorbedMLASelfAttention``): megatron-core 0.19.2's column-parallel
+   variant leaves the rope-key gradient with only this rank's heads' share.
 
 4. Accounting (``python scripts/comm_volume.py``; per rank, per layer, per step, fwd+bwd,
    sparse phase; TP=8 with CP=1, CP=4 with TP=1; GiB; CP "ours" is the worst case):
