@@ -22,6 +22,9 @@ from megatron.core.transformer.transformer_config import MLATransformerConfig
 MODES = ("dense", "warmup", "sparse")
 KERNELS = ("auto", "reference", "triton")
 INDEXER_SHARING = ("per_layer", "shared")
+# The indexer's training objective; the names of ``megatron_dsa.reference.INDEXER_OBJECTIVES``
+# (kept literal here so reading the config imports no tensor code). Only "kl" has Triton kernels.
+INDEXER_OBJECTIVES = ("kl", "reverse_kl", "mse", "listwise")
 
 
 class DSAConfigError(ValueError):
@@ -45,6 +48,7 @@ class DSASettings:
     topk_freq: int
     rope_base: float
     k_norm_eps: float
+    objective: str = "kl"
 
 
 @dataclass
@@ -73,6 +77,14 @@ class DSATransformerConfig(MLATransformerConfig):
     """RoPE dims of each indexer head ([rope | nope] layout). Defaults to MLA's rope dims."""
 
     mdsa_indexer_k_norm_eps: float = 1e-6
+
+    mdsa_indexer_objective: str = "kl"
+    """How the indexer learns the head-summed attention p (softmax(I) = the indexer distribution):
+    kl: KL(p || softmax(I)) (the report). reverse_kl: KL(softmax(I) || p). mse: sum of squared
+    differences. listwise: cross-entropy of p's renormalised top-k against softmax(I) (in the
+    sparse phase the top-k is the selected set: the KL plus a constant). Every objective but
+    "kl" runs the PyTorch reference for the loss (Triton still does top-k and attention), and
+    the tensor/context-parallel path computes only "kl"."""
 
     dsa_indexer_use_sparse_loss: bool = True
     """megatron-core's field; in sparse mode the report's KL runs over the selected set only."""
@@ -120,6 +132,8 @@ def validate(cfg: DSATransformerConfig) -> DSASettings:
         _fail(f"mdsa_kernel must be one of {KERNELS}, got {cfg.mdsa_kernel!r}")
     if cfg.mdsa_indexer_sharing not in INDEXER_SHARING:
         _fail(f"mdsa_indexer_sharing must be one of {INDEXER_SHARING}, got {cfg.mdsa_indexer_sharing!r}")
+    if cfg.mdsa_indexer_objective not in INDEXER_OBJECTIVES:
+        _fail(f"mdsa_indexer_objective must be one of {INDEXER_OBJECTIVES}, got {cfg.mdsa_indexer_objective!r}")
     if not cfg.multi_latent_attention:
         _fail("DSA runs on multi-latent attention: multi_latent_attention must be True")
     if cfg.q_lora_rank is None:
@@ -170,6 +184,11 @@ def validate(cfg: DSATransformerConfig) -> DSASettings:
             "with tensor or context parallelism the DSA layer runs its PyTorch path: "
             "mdsa_kernel must be 'auto' or 'reference' and mdsa_fp8_indexer False"
         )
+    if (tp > 1 or cp > 1) and cfg.mdsa_indexer_objective != "kl":
+        _fail(
+            f"mdsa_indexer_objective {cfg.mdsa_indexer_objective!r} runs on one rank only: the "
+            "tensor/context-parallel indexer loss is the KL (mdsa_indexer_objective='kl')"
+        )
     return DSASettings(
         mode=cfg.mdsa_mode,
         kernel=cfg.mdsa_kernel,
@@ -184,6 +203,7 @@ def validate(cfg: DSATransformerConfig) -> DSASettings:
         topk_freq=int(cfg.dsa_indexer_topk_freq),
         rope_base=float(cfg.rotary_base),
         k_norm_eps=float(cfg.mdsa_indexer_k_norm_eps),
+        objective=cfg.mdsa_indexer_objective,
     )
 
 

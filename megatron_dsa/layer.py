@@ -10,6 +10,9 @@ Modes (``config.mdsa_mode``, read at every forward so a trainer can switch phase
     warmup  dense attention + the indexer KL against the head-summed attention (dense KL)
     sparse  top-k attention + the KL over the selected set (indexer inputs detached)
 
+"The KL" is ``config.mdsa_indexer_objective`` (default "kl", the report's); another objective
+runs the reference loss ops (``ops.indexer_loss_backend``) and is logged under the same name.
+
 The indexer loss reaches the optimizer the way megatron-core's MoE auxiliary loss does: in
 ``sparse`` mode it is attached to the attention output by ``DSAIndexerLossAutoScaler``, so the
 language-model backward also runs the KL's backward, scaled by the schedule's loss scale. In
@@ -230,6 +233,7 @@ class DSACoreAttention(MegatronModule):
             out = self._parallel_forward(mode, q, kv, x, qr)
             return out.transpose(0, 1).reshape(seq, batch, heads * self.v_dim)
         be = ops.backend(s.kernel, query.device)
+        loss_be = ops.indexer_loss_backend(s.kernel, query.device, s.objective)
         positions = torch.arange(seq, device=query.device)
         score_flops = batch * seq * seq * s.n_heads * s.head_dim * 2
 
@@ -241,7 +245,7 @@ class DSACoreAttention(MegatronModule):
             indexer = self._get_indexer()
             if indexer is not None:
                 qi, ki, wi = self._indexer_inputs(indexer, x, qr, positions)
-                kl, recall = be.dense_indexer_kl(q, kv, qi, ki, wi, self.softmax_scale, s.topk)
+                kl, recall = loss_be.dense_indexer_kl(q, kv, qi, ki, wi, self.softmax_scale, s.topk)
                 self.indexer_flops += score_flops
         elif mode == "sparse":
             indexer = self._get_indexer()
@@ -255,9 +259,9 @@ class DSACoreAttention(MegatronModule):
             out, lse = be.sparse_mla_attention(q, kv, topk, self.v_dim, self.softmax_scale)
             if indexer is not None and s.loss_coeff > 0:
                 if s.sparse_loss:
-                    kl = be.sparse_indexer_kl(q, kv, qi, ki, wi, topk, self.softmax_scale, lse=lse.detach())
+                    kl = loss_be.sparse_indexer_kl(q, kv, qi, ki, wi, topk, self.softmax_scale, lse=lse.detach())
                 else:
-                    kl, recall = be.dense_indexer_kl(q, kv, qi, ki, wi, self.softmax_scale, s.topk)
+                    kl, recall = loss_be.dense_indexer_kl(q, kv, qi, ki, wi, self.softmax_scale, s.topk)
         else:  # validated at construction; a mode set by hand bypassing set_mode lands here
             raise ValueError(f"unknown DSA mode {mode!r}")
 
@@ -272,6 +276,11 @@ class DSACoreAttention(MegatronModule):
         x / qr [S_cp/TP, b, ...] (this rank's sequence-parallel rows).
         """
         s = self.config.dsa
+        if s.objective != "kl" and mode != "dense":  # validate() refuses it under TP/CP
+            raise DSAConfigError(
+                f"invalid DSA configuration: the tensor/context-parallel path computes only the KL, "
+                f"not mdsa_indexer_objective={s.objective!r}"
+            )
         ctx = self.parallel
         batch, s_cp = q.shape[:2]
         seq = check_parallel_sequence(self.config, s_cp, sequence_parallel_rows=False)

@@ -4,6 +4,10 @@ Both expose the same functions with the same signatures (``megatron_dsa.referenc
 spec): ``indexer_topk``, ``dense_mla_attention``, ``sparse_mla_attention``,
 ``dense_indexer_kl``, ``sparse_indexer_kl``. ``auto`` takes Triton on CUDA tensors when the
 kernels import, the reference everywhere else.
+
+The Triton kernels implement one indexer objective, the KL. ``indexer_loss_backend`` gives the
+two loss ops for a configured objective: the chosen backend's for "kl", the reference's
+(bound to the objective) for any other, whatever the kernel setting.
 """
 
 from __future__ import annotations
@@ -24,10 +28,10 @@ def _reference_indexer_topk(q, k, w, topk, q_pos=None, k_pos=None, fp8=False):
     return reference.indexer_topk(q, k, w, topk, q_pos=q_pos, k_pos=k_pos)
 
 
-def _reference_sparse_indexer_kl(q_main, kv, q_idx, k_idx, w_idx, topk_idx, scale, lse=None):
+def _reference_sparse_indexer_kl(q_main, kv, q_idx, k_idx, w_idx, topk_idx, scale, lse=None, objective="kl"):
     # ``lse`` (the sparse attention's own log-sum-exp) only saves the kernel a pass; the
     # reference recomputes the target from q_main and kv.
-    return reference.sparse_indexer_kl(q_main, kv, q_idx, k_idx, w_idx, topk_idx, scale)
+    return reference.sparse_indexer_kl(q_main, kv, q_idx, k_idx, w_idx, topk_idx, scale, objective=objective)
 
 
 @functools.cache
@@ -67,3 +71,27 @@ def backend(kind: str, device: torch.device) -> SimpleNamespace:
             return _triton_backend()
         return _reference_backend()
     raise ValueError(f"unknown DSA kernel backend {kind!r}")
+
+
+@functools.cache
+def _reference_loss_backend(objective: str) -> SimpleNamespace:
+    reference.objective_rows(objective)  # unknown names fail here
+    ref = _reference_backend()
+    return SimpleNamespace(
+        name="reference",
+        objective=objective,
+        dense_indexer_kl=functools.partial(ref.dense_indexer_kl, objective=objective),
+        sparse_indexer_kl=functools.partial(ref.sparse_indexer_kl, objective=objective),
+    )
+
+
+def indexer_loss_backend(kind: str, device: torch.device, objective: str = "kl") -> SimpleNamespace:
+    """The op namespace whose ``dense_indexer_kl`` / ``sparse_indexer_kl`` compute ``objective``.
+
+    Same call signatures as ``backend(kind, device)`` (the sparse op takes ``lse=``). "kl" is
+    exactly ``backend(kind, device)``; any other objective runs the PyTorch reference (the
+    Triton kernels implement only the KL), also under ``kind='triton'``.
+    """
+    if objective == "kl":
+        return backend(kind, device)
+    return _reference_loss_backend(objective)

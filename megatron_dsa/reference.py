@@ -301,6 +301,11 @@ def sparse_mla_attention(
 #     parameters and the language-model loss never reaches the indexer (top-k indices carry
 #     no gradient anyway).
 # The gradient of each row's KL w.r.t. the indexer logits is softmax(I) - p over the same set.
+#
+# The KL is the report's objective and the default. Alternatives (``objective=`` of
+# dense_indexer_kl / sparse_indexer_kl, ``mdsa_indexer_objective`` in the config) are one small
+# per-row function each, below kl_rows: ``(p, logits, mask) -> loss per row``, with
+# q = softmax(logits) over the mask. Only "kl" has Triton kernels.
 
 
 def kl_rows(p: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -317,20 +322,107 @@ def kl_rows(p: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor) -> torch.
     return torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(dim=-1)
 
 
+def _masked_log_softmax(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits) over the mask; 0 outside it and on rows with no entry (never NaN)."""
+    logits = logits.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+    lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    return (logits - lse).masked_fill(~mask, 0.0)
+
+
+def reverse_kl_rows(p: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-row KL(softmax(logits) || p) = sum_s q_s (log q_s - log p_s) over the mask.
+
+    Mode-seeking: it punishes indexer mass on keys the attention ignores. log p is clamped at
+    KL_EPS, so a target entry that underflowed to 0 costs a large finite penalty, not inf.
+    Gradient w.r.t. logit j: q_j * (log q_j - log p_j - loss). Rows with no entry give 0.
+    """
+    log_q = _masked_log_softmax(logits, mask)
+    q = torch.exp(log_q) * mask
+    log_p = torch.log(p.clamp_min(KL_EPS))
+    return torch.where(mask, q * (log_q - log_p), torch.zeros_like(q)).sum(dim=-1)
+
+
+def mse_rows(p: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-row sum over the mask of (softmax(logits)_s - p_s)^2.
+
+    Gradient w.r.t. logit j: 2 q_j * ((q_j - p_j) - sum_s q_s (q_s - p_s)). It vanishes as
+    q_j -> 0, so (unlike the KL) it barely pushes up keys the indexer currently ignores.
+    """
+    q = torch.exp(_masked_log_softmax(logits, mask)) * mask
+    return ((q - p) * mask).square().sum(dim=-1)
+
+
+def listwise_rows(
+    p: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor, topk: Optional[int] = None
+) -> torch.Tensor:
+    """Ranking objective: cross-entropy of the attention's own top-k against the indexer.
+
+    T = the top ``min(topk, #eligible)`` keys of p inside the mask (ties towards the smaller
+    key index, as ``topk_from_scores``); ``topk=None`` takes T = the whole mask. The target
+    q_T = p / sum_T p on T (0 elsewhere) and
+
+        loss = -sum_{s in T} q_T[s] * log softmax_mask(logits)[s],
+
+    i.e. the indexer distribution stays over ALL eligible keys, so mass it puts outside the
+    attention's top-k is penalised. Gradient w.r.t. the logits: softmax(logits) - q_T over the
+    mask. With T = the mask (the sparse phase, where the mask IS the selected set and p is
+    already renormalised over it) q_T = p and this equals KL(p || softmax(logits)) + H(p): the
+    KL up to a constant (the target's entropy), with the same gradient.
+    """
+    if topk is not None:
+        sel = topk_from_scores(p, mask, topk)
+        # Unused (-1) slots land in an extra last column, dropped after the scatter.
+        n = p.shape[-1]
+        in_t = torch.zeros(*p.shape[:-1], n + 1, dtype=torch.bool, device=p.device)
+        in_t = in_t.scatter_(-1, torch.where(sel < 0, n, sel), True)[..., :n]
+        target = p * in_t
+        target = target / target.sum(dim=-1, keepdim=True).clamp_min(KL_EPS)
+    else:
+        target = p * mask
+    log_q = _masked_log_softmax(logits, mask)
+    return torch.where(target > 0, -target * log_q, torch.zeros_like(target)).sum(dim=-1)
+
+
+# objective name -> per-row loss (p, logits, mask) -> [...]; listwise also takes topk.
+INDEXER_OBJECTIVES: dict[str, Callable[..., torch.Tensor]] = {
+    "kl": kl_rows,
+    "reverse_kl": reverse_kl_rows,
+    "mse": mse_rows,
+    "listwise": listwise_rows,
+}
+
+
+def objective_rows(objective: str, topk: Optional[int] = None) -> Callable[..., torch.Tensor]:
+    """The per-row loss function ``(p, logits, mask) -> [...]`` of a named objective.
+
+    ``topk`` is the size of the listwise target set T (None: the whole mask); the other
+    objectives ignore it. Unknown names raise ValueError.
+    """
+    if objective not in INDEXER_OBJECTIVES:
+        raise ValueError(f"unknown indexer objective {objective!r}; one of {tuple(INDEXER_OBJECTIVES)}")
+    fn = INDEXER_OBJECTIVES[objective]
+    if objective == "listwise":
+        return lambda p, logits, mask: listwise_rows(p, logits, mask, topk=topk)
+    return fn
+
+
 def head_summed_target(probs: torch.Tensor, dim: int = 2) -> torch.Tensor:
     """Sum attention probabilities over heads, then L1-normalise over keys (the target p)."""
     p = probs.sum(dim=dim)
     return p / p.sum(dim=-1, keepdim=True).clamp_min(KL_EPS)
 
 
-def _dense_kl_chunk(q_main, q_pos, kv, k_pos, q_idx, w_idx, k_idx, scale: float, topk: int):
+def _dense_kl_chunk(
+    q_main, q_pos, kv, k_pos, q_idx, w_idx, k_idx, scale: float, topk: int, objective: str = "kl"
+):
     mask = causal_mask(q_pos[0], k_pos)[None]  # [1, c, Sk]
     with torch.no_grad():
         scores = torch.einsum("bthd,bsd->bths", _up(q_main), _up(kv)) * scale
         probs = torch.softmax(scores.masked_fill(~mask[:, :, None], float("-inf")), dim=-1)
         p = head_summed_target(probs.nan_to_num_(0.0))
     logits = indexer_scores(q_idx, k_idx, w_idx)
-    kl = kl_rows(p, logits, mask)
+    kl = objective_rows(objective, topk)(p, logits, mask)
     with torch.no_grad():
         sel = topk_from_scores(logits.detach(), mask, topk)
         recall = (torch.gather(p, -1, sel.clamp_min(0)) * (sel >= 0)).sum(-1)
@@ -347,6 +439,7 @@ def dense_indexer_kl(
     topk: int,
     q_pos: Optional[torch.Tensor] = None,
     k_pos: Optional[torch.Tensor] = None,
+    objective: str = "kl",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Warm-up objective: per-query KL(p || softmax(I)) over all eligible keys.
 
@@ -354,13 +447,17 @@ def dense_indexer_kl(
     L1-normalised; never differentiated. Gradients flow into q_idx, k_idx, w_idx only.
     Returns (kl [B, Sq], recall [B, Sq]) where recall is the share of p's mass that the
     indexer's own top-k captures (a diagnostic, no gradient).
+
+    ``objective`` swaps the per-row loss (see ``INDEXER_OBJECTIVES``): "kl" (default, the
+    report), "reverse_kl", "mse", or "listwise" with T = the top-``topk`` keys of p.
     """
+    objective_rows(objective)  # an unknown name fails before any compute
     B, Sq, H = q_main.shape[:3]
     Sk = kv.shape[1]
     q_pos, k_pos = _positions(q_pos, Sq, q_main.device), _positions(k_pos, Sk, q_main.device)
     step = _chunk_size(B * max(H, q_idx.shape[2]) * Sk, Sq)
     fn = lambda qm, qp, qi, wi, kv_, kp, ki: _dense_kl_chunk(  # noqa: E731
-        qm, qp, kv_, kp, qi, wi, ki, scale, topk
+        qm, qp, kv_, kp, qi, wi, ki, scale, topk, objective
     )
     kl, recall = _map_query_chunks(
         fn, (q_main.detach(), q_pos[None], q_idx, w_idx), (kv.detach(), k_pos, k_idx), step
@@ -368,7 +465,7 @@ def dense_indexer_kl(
     return kl, recall
 
 
-def _sparse_kl_chunk(q_main, idx, q_idx, w_idx, kv, k_idx, scale: float):
+def _sparse_kl_chunk(q_main, idx, q_idx, w_idx, kv, k_idx, scale: float, objective: str = "kl"):
     valid = idx >= 0
     with torch.no_grad():
         sel = gather_tokens(kv, idx)
@@ -379,7 +476,8 @@ def _sparse_kl_chunk(q_main, idx, q_idx, w_idx, kv, k_idx, scale: float):
     logits = (
         torch.einsum("btjd,btkd->btjk", _up(q_idx), _up(k_sel)).relu() * w_idx[..., None]
     ).sum(dim=2)
-    return (kl_rows(p, logits, valid),)
+    # listwise: T = the selected set itself (topk=None), i.e. the KL plus the target's entropy.
+    return (objective_rows(objective)(p, logits, valid),)
 
 
 def sparse_indexer_kl(
@@ -390,15 +488,20 @@ def sparse_indexer_kl(
     w_idx: torch.Tensor,
     topk_idx: torch.Tensor,
     scale: float,
+    objective: str = "kl",
 ) -> torch.Tensor:
     """Sparse-phase objective: per-query KL(p[S_t] || softmax(I[S_t])) over the selected set.
 
     p is renormalised over S_t. Returns kl [B, Sq]; gradients reach q_idx, k_idx, w_idx only.
+    ``objective`` swaps the per-row loss over S_t (see ``INDEXER_OBJECTIVES``). For
+    "listwise" the target set T is S_t itself, so it equals the KL plus the entropy of p[S_t]
+    (a constant for the indexer): same gradient, a different value.
     """
+    objective_rows(objective)  # an unknown name fails before any compute
     B, Sq, H = q_main.shape[:3]
     K = topk_idx.shape[-1]
     step = _chunk_size(B * K * max(H, q_idx.shape[2], kv.shape[-1]), Sq)
-    fn = lambda qm, i_, qi, wi, kv_, ki: _sparse_kl_chunk(qm, i_, qi, wi, kv_, ki, scale)  # noqa
+    fn = lambda qm, i_, qi, wi, kv_, ki: _sparse_kl_chunk(qm, i_, qi, wi, kv_, ki, scale, objective)  # noqa
     (kl,) = _map_query_chunks(
         fn, (q_main.detach(), topk_idx, q_idx, w_idx), (kv.detach(), k_idx), step
     )
