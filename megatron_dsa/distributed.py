@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import socket
 
 import torch
@@ -23,12 +22,15 @@ def init_single_process(seed: int = 1234) -> None:
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     if not torch.distributed.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
         if torch.cuda.is_available():
             torch.cuda.set_device(0)
+        # A private rendezvous on a free port: a MASTER_PORT inherited from a parent process
+        # (a test runner or launcher holding that port) must not be reused.
         torch.distributed.init_process_group(
-            "nccl" if torch.cuda.is_available() else "gloo", rank=0, world_size=1
+            "nccl" if torch.cuda.is_available() else "gloo",
+            init_method=f"tcp://127.0.0.1:{_free_port()}",
+            rank=0,
+            world_size=1,
         )
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel()
