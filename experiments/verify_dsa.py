@@ -436,6 +436,13 @@ def _plots(res: dict, rdir: Path) -> dict[str, str]:
     import matplotlib.pyplot as plt
 
     files = {}
+
+    def save(name: str, fig) -> None:
+        files[name] = f"verification_{name}.png"
+        fig.tight_layout()
+        fig.savefig(rdir / files[name], dpi=100)
+        plt.close(fig)
+
     # 1. loss curves
     fig, ax = plt.subplots(1, 2, figsize=(13, 4.5))
     pre = res["phases"].get("pretrain", {}).get("lm_loss", [])
@@ -453,10 +460,7 @@ def _plots(res: dict, rdir: Path) -> dict[str, str]:
     ax[1].set(title="arms after pretraining (same data order)", xlabel="iteration in arm", ylabel="loss")
     for a in ax:
         a.legend(fontsize=7)
-    fig.tight_layout()
-    files["loss"] = "verification_loss.png"
-    fig.savefig(rdir / files["loss"], dpi=100)
-    plt.close(fig)
+    save("loss", fig)
     # 2. retrieval vs length + loss vs length
     fig, ax = plt.subplots(1, 2, figsize=(13, 4.5))
     for arm, r in res["eval"].items():
@@ -469,10 +473,7 @@ def _plots(res: dict, rdir: Path) -> dict[str, str]:
     ax[1].set(title="validation loss vs context length", xlabel="context length (tokens)", ylabel="loss", xscale="log")
     for a in ax:
         a.legend(fontsize=7)
-    fig.tight_layout()
-    files["retrieval"] = "verification_retrieval.png"
-    fig.savefig(rdir / files["retrieval"], dpi=100)
-    plt.close(fig)
+    save("retrieval", fig)
     # 3. warm-up KL and recall
     fig, ax = plt.subplots(1, 2, figsize=(13, 4.5))
     for v, w in res["warmup"].items():
@@ -485,19 +486,13 @@ def _plots(res: dict, rdir: Path) -> dict[str, str]:
     ax[1].axhline(TARGETS["recall"], color="grey", ls=":")
     for a in ax:
         a.legend(fontsize=7)
-    fig.tight_layout()
-    files["warmup"] = "verification_warmup.png"
-    fig.savefig(rdir / files["warmup"], dpi=100)
-    plt.close(fig)
+    save("warmup", fig)
     # 4. speed
     fig, ax = plt.subplots(figsize=(9, 4))
     names = [n for n, p in res["phases"].items() if p["tokens_per_s"]]
     ax.barh(names, [res["phases"][n]["tokens_per_s"] for n in names])
     ax.set(title="training throughput (median tokens/s)", xlabel="tokens/s")
-    fig.tight_layout()
-    files["speed"] = "verification_speed.png"
-    fig.savefig(rdir / files["speed"], dpi=100)
-    plt.close(fig)
+    save("speed", fig)
     return files
 
 
