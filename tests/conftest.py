@@ -50,3 +50,11 @@ def seed(request) -> int:
     request.node.user_properties.append(("seed", value))
     print(f"seed={value}")
     return value
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Force many tiny query chunks so the chunked (and checkpointed) paths are exercised."""
+    from megatron_dsa import reference
+
+    monkeypatch.setattr(reference, "CHUNK_ELEMENTS", 97)

@@ -13,26 +13,15 @@ import torch
 
 from megatron_dsa import ops
 from megatron_dsa import reference as R
+from tests.helpers import F64, rand, rel_err
 from megatron_dsa.config import DSAConfigError, INDEXER_OBJECTIVES
 from megatron_dsa.model import model_config
 
-F64 = torch.float64
 OBJECTIVES = ("kl", "reverse_kl", "mse", "listwise")
 
 
-def rand(*shape, requires_grad=False):
-    return torch.randn(*shape, dtype=F64, requires_grad=requires_grad)
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    assert not torch.isnan(a).any() and not torch.isnan(b).any(), "NaN never passes"
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
-@pytest.fixture
-def small_chunks(monkeypatch):
-    """Many tiny query chunks, so the chunked and checkpointed paths run."""
-    monkeypatch.setattr(R, "CHUNK_ELEMENTS", 97)
 
 
 # ---- direct formulas, one row at a time ------------------------------------------------------

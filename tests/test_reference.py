@@ -8,23 +8,12 @@ import pytest
 import torch
 
 from megatron_dsa import reference as R
-
-F64 = torch.float64
-
-
-def rand(*shape, dtype=F64, requires_grad=False):
-    return torch.randn(*shape, dtype=dtype, requires_grad=requires_grad)
+from tests.helpers import F64, rand, rel_err
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    assert not torch.isnan(a).any() and not torch.isnan(b).any(), "NaN never passes"
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-@pytest.fixture
-def small_chunks(monkeypatch):
-    """Force many tiny query chunks so the chunked (and checkpointed) paths are exercised."""
-    monkeypatch.setattr(R, "CHUNK_ELEMENTS", 97)
+
 
 
 # ---- indexer ----------------------------------------------------------------------------------
