@@ -1,0 +1,169 @@
+"""Training-step cost of the small MoE per phase and indexer layout, side by side (not a test).
+
+    python benchmarks/bench_model_step.py [--size small] [--seq 16384] [--batch 1]
+        [--topk 512] [--arms dense,warmup,sparse,warmup_shared,...] [--iters 5] [--out DIR]
+
+One process, one GPU, random weights and tokens (cost does not depend on them). Each arm is a
+(phase, indexer layout) pair and is timed the way the trainer runs it: forward + backward with
+the phase's trainable set (``freeze_for_phase``) and loss (LM loss; the summed indexer KL in
+warm-up). The optimizer step is left out (the same for every arm but warm-up, where it touches
+only the indexers). Median of ``--iters`` after ``--warmup-iters``; peak memory per arm.
+Writes model_step_<size>_<seq>.json / .md to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+LAYOUTS = {
+    "per_layer": {},
+    "shared": {"mdsa_indexer_sharing": "shared"},
+    "freq2": {"dsa_indexer_topk_freq": 2},
+    "freq4": {"dsa_indexer_topk_freq": 4},
+}
+PHASE_MODE = {"pretrain": "dense", "warmup": "warmup", "sparse": "sparse"}
+DEFAULT_ARMS = ("pretrain,warmup,sparse,warmup_shared,sparse_shared,warmup_freq2,sparse_freq2,"
+                "warmup_freq4,sparse_freq4")
+
+
+def parse_arm(arm: str) -> tuple[str, str]:
+    phase, _, layout = arm.partition("_")
+    layout = layout or "per_layer"
+    if phase not in PHASE_MODE or layout not in LAYOUTS:
+        raise SystemExit(f"error: bad arm {arm!r}: phase in {sorted(PHASE_MODE)}, layout in {sorted(LAYOUTS)}")
+    return phase, layout
+
+
+def step_fn(model, phase: str, tokens, labels, positions):
+    from megatron_dsa.layer import pop_indexer_losses
+
+    def step():
+        out = model(tokens, positions, None, labels=labels)
+        if phase == "warmup":
+            loss = torch.stack(pop_indexer_losses(model)).sum()
+            # The LM loss is computed for logging only (as in the trainer).
+            out.float().mean().item()
+        else:
+            loss = out.float().mean()
+        loss.backward()
+        return loss
+
+    return step
+
+
+def run_arm(args, arm: str, device) -> dict:
+    from megatron_dsa.layer import pop_indexer_losses
+    from megatron_dsa.model import build_model, model_config
+    from megatron_dsa.train.trainer import freeze_for_phase
+
+    phase, layout = parse_arm(arm)
+    overrides = dict(params_dtype=torch.bfloat16, bf16=True, mdsa_mode=PHASE_MODE[phase],
+                     dsa_indexer_topk=args.topk, mdsa_kernel=args.kernel, **LAYOUTS[layout])
+    torch.manual_seed(0)
+    model = build_model(args.size, model_config(args.size, **overrides), max_seq_len=args.seq).to(device)
+    freeze_for_phase(model, phase)
+    vocab = model.vocab_size
+    tokens = torch.randint(0, vocab, (args.batch, args.seq), device=device)
+    labels = torch.roll(tokens, -1, dims=1)
+    positions = torch.arange(args.seq, device=device)[None].expand(args.batch, -1)
+    step = step_fn(model, phase, tokens, labels, positions)
+
+    def zero():
+        for p in model.parameters():
+            p.grad = None
+        pop_indexer_losses(model)
+
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for i in range(args.warmup_iters + args.iters):
+        zero()
+        sync()
+        t0 = time.perf_counter()
+        loss = step()
+        sync()
+        if i >= args.warmup_iters:
+            times.append(time.perf_counter() - t0)
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"{arm}: non-finite loss {loss.item()}")
+    ms = statistics.median(times) * 1e3
+    tokens_per_step = args.batch * args.seq
+    res = {"arm": arm, "phase": phase, "layout": layout, "ms": ms, "tokens_per_s": tokens_per_step / ms * 1e3,
+           "peak_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"), "times_ms": [t * 1e3 for t in times]}
+    del model, step
+    if cuda:
+        torch.cuda.empty_cache()
+    return res
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--size", default="small")
+    p.add_argument("--seq", type=int, default=16384)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--topk", type=int, default=512)
+    p.add_argument("--kernel", default="auto", choices=("auto", "triton", "reference"))
+    p.add_argument("--arms", default=DEFAULT_ARMS)
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--warmup-iters", type=int, default=2)
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    args = p.parse_args(argv)
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    for a in arms:
+        parse_arm(a)
+    from megatron_dsa.distributed import init_single_process
+
+    init_single_process()
+    # CPU only for checking the script itself at tiny sizes (--size tiny --seq 64).
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rows = []
+    for arm in arms:
+        try:
+            r = run_arm(args, arm, device)
+        except torch.OutOfMemoryError:
+            r = {"arm": arm, "error": "out of memory"}
+            torch.cuda.empty_cache()
+        except Exception as exc:  # recorded, the sweep goes on
+            traceback.print_exc()
+            r = {"arm": arm, "error": f"{type(exc).__name__}: {exc}"[:300]}
+        rows.append(r)
+        print(json.dumps({k: v for k, v in r.items() if k != "times_ms"}), flush=True)
+    meta = {"size": args.size, "seq": args.seq, "batch": args.batch, "topk": args.topk, "kernel": args.kernel,
+            "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__}
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, f"model_step_{args.size}_{args.seq}")
+    with open(stem + ".json", "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=2)
+    base = next((r["ms"] for r in rows if r.get("arm") == "pretrain" and "ms" in r), None)
+    lines = [f"# Training step (fwd+bwd) of the {args.size} MoE, {args.batch} x {args.seq} tokens, top-k {args.topk}",
+             "", f"`python benchmarks/bench_model_step.py --size {args.size} --seq {args.seq} --batch {args.batch} "
+             f"--topk {args.topk}` on {meta['device']}, torch {meta['torch']}; median of {args.iters}.", "",
+             "| arm | phase | indexer layout | ms / step | tokens/s | vs dense pretrain | peak GB |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['arm']} | | | {r['error']} | | | |")
+            continue
+        rel = f"{base / r['ms']:.2f}x" if base else ""
+        lines.append(f"| {r['arm']} | {r['phase']} | {r['layout']} | {r['ms']:.1f} | {r['tokens_per_s']:,.0f} | "
+                     f"{rel} | {r['peak_gb']:.1f} |")
+    with open(stem + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
