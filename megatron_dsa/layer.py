@@ -239,9 +239,9 @@ class DSACoreAttention(MegatronModule):
 
         kl = recall = None
         if mode == "dense":
-            out, _ = be.dense_mla_attention(q, kv, self.v_dim, self.softmax_scale)
+            out, _ = be.dense_mla_attention(q, kv, self.v_dim, self.softmax_scale, need_lse=False)
         elif mode == "warmup":
-            out, _ = be.dense_mla_attention(q, kv, self.v_dim, self.softmax_scale)
+            out, _ = be.dense_mla_attention(q, kv, self.v_dim, self.softmax_scale, need_lse=False)
             indexer = self._get_indexer()
             if indexer is not None:
                 qi, ki, wi = self._indexer_inputs(indexer, x, qr, positions)

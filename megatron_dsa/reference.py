@@ -244,11 +244,13 @@ def dense_mla_attention(
     scale: float,
     q_pos: Optional[torch.Tensor] = None,
     k_pos: Optional[torch.Tensor] = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    need_lse: bool = True,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Causal attention of absorbed queries over latent KV entries.
 
     q [B, Sq, H, Dqk], kv [B, Sk, Dqk] (values are kv[..., :v_dim]).
-    Returns out [B, Sq, H, v_dim] in q's dtype and the log-sum-exp [B, Sq, H] in fp32.
+    Returns out [B, Sq, H, v_dim] in q's dtype and the log-sum-exp [B, Sq, H] in fp32
+    (None when ``need_lse`` is False: backends that get it only by an extra pass skip it).
     """
     B, Sq, H = q.shape[:3]
     Sk = kv.shape[1]
@@ -256,7 +258,7 @@ def dense_mla_attention(
     step = _chunk_size(B * H * Sk, Sq)
     fn = lambda q_, qp, kv_, kp: _dense_chunk(q_, qp[0], kv_, kp, v_dim, scale)  # noqa: E731
     out, lse = _map_query_chunks(fn, (q, q_pos[None]), (kv, k_pos), step)
-    return out, lse
+    return out, (lse if need_lse else None)
 
 
 def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

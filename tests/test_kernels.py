@@ -328,6 +328,30 @@ def test_dense_indexer_kl(pos):
         assert rel(a, b) < 1e-5
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("pos", ["none", "causal", "offset"])
+def test_dense_mla_attention(dtype, pos):
+    B, S, H, D, v_dim = 2, 37, 3, 40, 32
+    if BIG:
+        S, H, D, v_dim = 1000, 8, 160, 128
+    Sk = S + 5 if pos == "offset" else S
+    q = torch.randn(B, S, H, D, device=DEV, dtype=dtype, requires_grad=True)
+    kv = torch.randn(B, Sk, D, device=DEV, dtype=dtype, requires_grad=True)
+    q_pos = {"none": None, "causal": torch.arange(S, device=DEV), "offset": torch.arange(5, Sk, device=DEV)}[pos]
+    k_pos = None if pos == "none" else torch.arange(Sk, device=DEV)
+    out, lse = K.dense_mla_attention(q, kv, v_dim, D**-0.5, q_pos, k_pos)
+    out_r, lse_r = R.dense_mla_attention(q, kv, v_dim, D**-0.5, q_pos, k_pos)
+    _finite(out, lse)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert out.dtype == dtype and rel(out, out_r) < tol and rel(lse, lse_r) < 1e-5
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, kv), g), torch.autograd.grad(out_r, (q, kv), g)):
+        _finite(a)
+        assert rel(a, b) < tol
+    out2, none = K.dense_mla_attention(q, kv, v_dim, D**-0.5, q_pos, k_pos, need_lse=False)
+    assert none is None and torch.equal(out2, out)
+
+
 def test_dsa_flops_counts_indexer_term():
     S, HI, DI = 131072, 64, 128
     f = K.dsa_flops(S, 16, 576, 512, HI, DI, 2048)

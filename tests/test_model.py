@@ -69,6 +69,36 @@ def test_forward_backward_every_mode(megatron_world, seed, mode):
         assert any(g is not None and g.abs().sum() > 0 for g in idx_grads)
 
 
+@pytest.mark.parametrize("mode", ["dense", "warmup", "sparse"])
+def test_triton_backend_equals_the_reference_in_the_model(megatron_world, seed, mode):
+    """The whole model on the kernels backend (Triton; the interpreter on CPU) equals the
+    reference backend: losses, indexer losses and every gradient. The layer must find every
+    op it calls in both backends (on the GPU 'auto' picks the kernels)."""
+    from megatron_dsa import kernels
+
+    if not kernels.available():
+        pytest.skip("needs Triton with CUDA or TRITON_INTERPRET=1")
+    tokens, positions, labels = batch(s=40)
+    set_indexer_loss_scale(1.0)
+    results = []
+    for kernel in ("reference", "triton"):
+        model = make(megatron_world, seed, mdsa_mode=mode, mdsa_kernel=kernel, dsa_indexer_topk=8)
+        loss = lm_loss(model, tokens, positions, labels)
+        kl = pop_indexer_losses(model)
+        (sum(kl) if mode == "warmup" else loss).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((loss.detach(), [k.detach() for k in kl], grads))
+    (loss_r, kl_r, g_r), (loss_t, kl_t, g_t) = results
+    assert torch.isfinite(loss_t) and abs(loss_t - loss_r) <= 1e-5 * abs(loss_r)
+    assert len(kl_t) == len(kl_r) == (3 if mode == "warmup" else 0)
+    for a, b in zip(kl_t, kl_r):
+        assert abs(a - b) <= 1e-4 * abs(b)
+    assert g_t.keys() == g_r.keys() and g_t
+    for name in g_r:
+        err = (g_t[name] - g_r[name]).norm() / g_r[name].norm().clamp_min(1e-12)
+        assert torch.isfinite(g_t[name]).all() and err < 1e-4, (name, float(err))
+
+
 def test_lm_loss_gives_zero_gradient_to_indexer(megatron_world, seed):
     model = make(megatron_world, seed, mdsa_mode="sparse")
     set_indexer_loss_scale(0.0)  # the KL's backward runs with zero weight: only the LM loss

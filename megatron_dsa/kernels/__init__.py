@@ -2,6 +2,8 @@
 ``megatron_dsa.reference`` (same arguments, shapes, dtypes and return values).
 
 * ``indexer_topk(q, k, w, topk, q_pos=None, k_pos=None, fp8=False)`` -> [B, Sq, topk] int64
+* ``dense_mla_attention(q, kv, v_dim, scale, q_pos=None, k_pos=None, need_lse=True)`` -> (out, lse),
+  autograd (PyTorch's fused SDPA; never the S^2 math path on the GPU)
 * ``sparse_mla_attention(q, kv, topk_idx, v_dim, scale)`` -> (out, lse), autograd
 * ``sparse_indexer_kl(q_main, kv, q_idx, k_idx, w_idx, topk_idx, scale)`` -> kl [B, Sq], autograd
 * ``dense_indexer_kl(q_main, kv, q_idx, k_idx, w_idx, scale, topk, q_pos=None, k_pos=None)``
@@ -13,6 +15,7 @@ Set TRITON_INTERPRET=1 before importing triton to run the kernels on CPU tensors
 """
 
 from ._common import available
+from .dense_attn import dense_mla_attention
 from .flops import dense_attention_flops, dsa_flops
 from .indexer import fp8_quantize, indexer_topk
 from .indexer_kl import dense_indexer_kl, sparse_indexer_kl
@@ -22,6 +25,7 @@ __all__ = [
     "available",
     "indexer_topk",
     "fp8_quantize",
+    "dense_mla_attention",
     "sparse_mla_attention",
     "sparse_indexer_kl",
     "dense_indexer_kl",

@@ -314,7 +314,10 @@ def sparse_indexer_kl(q_main, kv, q_idx, k_idx, w_idx, topk_idx, scale, lse=None
     the forward skips its own lse pass over the gathered 576-dim rows (one pass instead of
     two).  Passing an lse of different inputs gives a wrong target: the caller's contract.
     """
-    return SparseIndexerKL.apply(q_main, kv, q_idx, k_idx, w_idx, topk_idx, scale, lse)
+    # The target never gets a gradient (detach rule). Detached here, not only in backward: an
+    # autograd edge that returns None still lets the engine run the main model's backward
+    # (custom Functions materialise zeros; megatron's MoE aux-loss scaler then injects its own).
+    return SparseIndexerKL.apply(q_main.detach(), kv.detach(), q_idx, k_idx, w_idx, topk_idx, scale, lse)
 
 
 # --------------------------------------------------------------------------------------------
@@ -396,4 +399,5 @@ def dense_indexer_kl(
     Sq, Sk = q_main.shape[1], kv.shape[1]
     q_pos = R._positions(q_pos, Sq, q_main.device)
     k_pos = R._positions(k_pos, Sk, q_main.device)
-    return DenseIndexerKL.apply(q_main, kv, q_idx, k_idx, w_idx, scale, topk, q_pos, k_pos)
+    # Detached target: see sparse_indexer_kl.
+    return DenseIndexerKL.apply(q_main.detach(), kv.detach(), q_idx, k_idx, w_idx, scale, topk, q_pos, k_pos)
