@@ -4,12 +4,19 @@ One transformer layer = input norm -> AbsorbedMLASelfAttention(core_attention=DS
 -> pre-MLP norm -> dense SwiGLU MLP (the first ``first_k_dense`` layers) or MoE. Modules come
 from Transformer Engine when ``config.transformer_impl == "transformer_engine"`` (and TE is
 installed), from megatron-core's local modules otherwise.
+
+Under TE the linears, norms and MoE experts are TE modules (FP8 GEMMs when ``config.fp8`` is
+set), and so are the indexer's ``wq_b`` / ``wk``. The DSA core attention is ours on either
+backend: it runs our kernels on the high-precision (bf16/fp32) outputs of those linears.
 """
 
 from __future__ import annotations
 
+import functools
+from functools import partial
 from typing import Optional
 
+import torch
 from megatron.core.models.backends import BackendSpecProvider, LocalSpecProvider
 from megatron.core.models.gpt.gpt_layer_specs import get_mlp_module_spec_for_backend
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear
@@ -19,11 +26,12 @@ from megatron.core.transformer.experimental_attention_variant.absorbed_mla impor
     AbsorbedMLASelfAttentionSubmodules,
 )
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
-from megatron_dsa.config import DSATransformerConfig
+from megatron_dsa.config import DSAConfigError, DSATransformerConfig
 from megatron_dsa.layer import (
     DSACoreAttention,
     DSACoreAttentionSubmodules,
@@ -34,7 +42,7 @@ from megatron_dsa.layer import (
 
 
 class DSAAbsorbedMLASelfAttention(AbsorbedMLASelfAttention):
-    """megatron-core's absorbed MLA, with two changes for DSA:
+    """megatron-core's absorbed MLA, with three changes for DSA:
 
     * under TP, the KV down-projection is replicated (as megatron-core's own DSA spec does with
       Transformer Engine's duplicated linear). megatron-core 0.19.2's column-parallel path
@@ -44,6 +52,8 @@ class DSAAbsorbedMLASelfAttention(AbsorbedMLASelfAttention):
       from the sequence-parallel region, whose backward reduce-scatters the full sum.
     * the DSA parallel layout is checked at the first line of the forward (before megatron
       splits its rotary table over CP, which would fail with an opaque reshape error).
+    * under FP8 (``config.fp8``, TE's GEMMs) the core attention's inputs are checked to be
+      high-precision tensors (``_refuse_fp8_inputs``).
     """
 
     def __init__(self, config, submodules, *args, **kwargs):
@@ -55,12 +65,64 @@ class DSAAbsorbedMLASelfAttention(AbsorbedMLASelfAttention):
                 config=config,
                 init_method=config.init_method,
             )
+        if config.fp8:
+            self.core_attention.register_forward_pre_hook(_refuse_fp8_inputs, with_kwargs=True)
 
     def forward(self, hidden_states, attention_mask, *args, **kwargs):
         from megatron_dsa.layer import check_parallel_sequence
 
         check_parallel_sequence(self.config, hidden_states.shape[0])
         return super().forward(hidden_states, attention_mask, *args, **kwargs)
+
+
+_FP8_DTYPES = {
+    getattr(torch, name)
+    for name in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
+    if hasattr(torch, name)
+}
+
+
+def _refuse_fp8_inputs(core, args, kwargs):
+    """Under TE FP8 the DSA core must get plain high-precision tensors: TE quantises inside its
+    own GEMMs and returns bf16/fp32, and our kernels (the FP8 indexer included, which quantises
+    q and k with per-vector scales of its own) must never see TE's FP8 tensors or its amax history.
+    A dtype / type check per forward, so a config that makes TE emit FP8 activations (FP8 MHA)
+    fails here instead of silently quantising twice."""
+    named = (("query", args[0] if args else kwargs.get("query")),
+             ("key", args[1] if len(args) > 1 else kwargs.get("key")),
+             ("x", kwargs.get("x")), ("qr", kwargs.get("qr")))
+    for name, t in named:
+        if t is not None and (t.dtype in _FP8_DTYPES or type(t).__module__.startswith("transformer_engine")):
+            raise RuntimeError(
+                f"DSA core attention got an FP8 tensor as {name} ({type(t).__name__}, {t.dtype}); "
+                "it runs on the bf16/fp32 outputs of the TE linears (fp8_multi_head_attention and "
+                "fp8_dot_product_attention are not supported)"
+            )
+
+
+class TEReplicatedLinear:
+    """Transformer Engine's linear in megatron's "duplicated" mode: the weight replicated on
+    every TP rank, its gradient summed over TP under sequence parallel (as ``ReplicatedLinear``).
+    The indexer's ``wq_b`` / ``wk`` under the TE backend, so ``--fp8`` runs them as FP8 GEMMs
+    (their outputs stay bf16; the indexer's own FP8 scoring quantises those itself)."""
+
+    def __new__(cls, input_size: int, output_size: int, *, config, init_method, bias: bool = False, **_):
+        from megatron.core.extensions.transformer_engine import TELinear
+
+        return _contiguous_input(TELinear)(
+            input_size, output_size, parallel_mode="duplicated", config=config, init_method=init_method,
+            bias=bias, skip_bias_add=False, skip_weight_param_allocation=False,
+        )
+
+
+@functools.cache
+def _contiguous_input(te_linear: type) -> type:
+    class IndexerTELinear(te_linear):
+        def forward(self, x):
+            # TE flattens its input with .view(); the indexer hands it batch-first transposes.
+            return super().forward(x.contiguous())
+
+    return IndexerTELinear
 
 
 class SequenceParallelTorchNorm:
@@ -92,32 +154,44 @@ def _norm(backend: BackendSpecProvider, config: DSATransformerConfig, for_qk: bo
 
 def backend_for(config: DSATransformerConfig) -> BackendSpecProvider:
     """TE modules when asked for (and installed), megatron-core's local modules otherwise."""
+    from megatron_dsa import model
+
     if config.transformer_impl == "transformer_engine":
-        try:
-            from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider
-            import transformer_engine  # noqa: F401
-        except ImportError as err:
-            raise RuntimeError(
+        if not model.te_installed():
+            raise DSAConfigError(
                 "transformer_impl='transformer_engine' but Transformer Engine is not installed; "
-                "install the 'te' extra or use transformer_impl='local'"
-            ) from err
+                f"{model.TE_INSTALL_HINT} (or use transformer_impl='local')"
+            )
+        from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider
+
         return TESpecProvider()
+    if config.fp8:
+        # Local linears have no FP8 path: megatron-core would silently train in high precision.
+        raise DSAConfigError(f"fp8={config.fp8!r} needs transformer_impl='transformer_engine'")
     return LocalSpecProvider()
+
+
+def _indexer_linears(backend: BackendSpecProvider) -> LightningIndexerSubmodules:
+    """The indexer's projections, replicated on every TP rank and applied to that rank's
+    sequence-parallel rows. Under TE, wq_b and wk are TE linears (FP8 GEMMs under --fp8);
+    weights_proj stays plain: a [hidden -> indexer heads] GEMM too small to gain from FP8, whose
+    output dimension (2 and 4 heads in tiny / small) TE's FP8 GEMM cannot take (it needs a
+    multiple of 8)."""
+    linear = ReplicatedLinear if isinstance(backend, LocalSpecProvider) else TEReplicatedLinear
+    return LightningIndexerSubmodules(wq_b=linear, wk=linear, weights_proj=ReplicatedLinear)
 
 
 def dsa_attention_spec(config: DSATransformerConfig, backend: BackendSpecProvider) -> ModuleSpec:
     """AbsorbedMLASelfAttention with an unfused query norm and DSA as core attention."""
     linear = backend.column_parallel_linear()
+    # The down-projections: TE's duplicated linear under TE (as megatron-core's own DSA spec;
+    # a column-parallel KV down-projection gets wrong gradients, see DSAAbsorbedMLASelfAttention).
+    down = linear if isinstance(backend, LocalSpecProvider) else backend.linear()
+    # Never backend.core_attention(): the DSA core is ours on every backend (not a TE module).
     core_attention = ModuleSpec(
         module=DSACoreAttention,
         submodules=DSACoreAttentionSubmodules(
-            indexer=ModuleSpec(
-                module=LightningIndexer,
-                # Replicated on every TP rank, applied to that rank's sequence-parallel rows.
-                submodules=LightningIndexerSubmodules(
-                    wq_b=ReplicatedLinear, wk=ReplicatedLinear, weights_proj=ReplicatedLinear
-                ),
-            )
+            indexer=ModuleSpec(module=LightningIndexer, submodules=_indexer_linears(backend))
         ),
     )
     # Unfused: the indexer needs the normalised query latent outside the up-projection.
@@ -127,9 +201,9 @@ def dsa_attention_spec(config: DSATransformerConfig, backend: BackendSpecProvide
         params={"attn_mask_type": AttnMaskType.causal},
         submodules=AbsorbedMLASelfAttentionSubmodules(
             linear_q_proj=linear,
-            linear_q_down_proj=linear,
+            linear_q_down_proj=down,
             linear_q_up_proj=linear,
-            linear_kv_down_proj=linear,
+            linear_kv_down_proj=down,
             linear_kv_up_proj=linear,
             core_attention=core_attention,
             linear_proj=backend.row_parallel_linear(),
@@ -144,7 +218,15 @@ def dsa_layer_specs(config: DSATransformerConfig, first_k_dense: int) -> list[Mo
     backend = backend_for(config)
     attention = dsa_attention_spec(config, backend)
     norm = _norm(backend, config, for_qk=False)
-    dense_mlp = get_mlp_module_spec_for_backend(backend=backend, num_experts=None)
+    # Unfused on every backend (megatron's TE dense MLP fuses the pre-MLP norm into fc1, which
+    # with our separate pre_mlp_layernorm would normalise twice); the parameter names stay the
+    # same as local's, which the converter and the inference engine read.
+    dense_mlp = partial(
+        MLP.as_mlp_submodule,
+        submodules=MLPSubmodules(
+            linear_fc1=backend.column_parallel_linear(), linear_fc2=backend.row_parallel_linear()
+        ),
+    )
     moe = (
         get_mlp_module_spec_for_backend(
             backend=backend, num_experts=config.num_moe_experts, moe_grouped_gemm=config.moe_grouped_gemm

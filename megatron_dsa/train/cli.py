@@ -70,7 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         start = "resume from " + plan["save"] if plan["resume"] else (
             "weights of " + plan["pretrained"] if plan["pretrained"] else "scratch")
-        print(f"ok: {cfg.phase} run of model {cfg.model['size']!r}, starting from {start}")
+        fp8 = f", FP8 {cfg.fp8['format']} ({cfg.fp8['recipe']})" if cfg.fp8["format"] else ""
+        print(f"ok: {cfg.phase} run of model {cfg.model['size']!r} ({plan['transformer_impl']} modules{fp8}), "
+              f"starting from {start}")
         return 0
     from megatron_dsa.train.trainer import run
 

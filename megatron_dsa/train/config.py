@@ -7,16 +7,21 @@ lists the valid ones. Everything downstream reads the resulting ``RunConfig``.
 Layout (every key optional except ``phase``; defaults below)::
 
     phase: pretrain | warmup | sparse
-    model:       size, overrides (DSATransformerConfig fields, e.g. dsa_indexer_topk)
+    model:       size, transformer_impl (auto | local | transformer_engine),
+                 overrides (DSATransformerConfig fields, e.g. dsa_indexer_topk)
     data:        dir (a corpus built by ``python -m megatron_dsa.data build``), seq_length
     train:       iters, micro_batch_size, global_batch_size, lr, min_lr, lr_warmup_iters,
                  lr_decay_style, weight_decay, clip_grad, adam_beta1, adam_beta2, seed
     eval:        interval, iters
     checkpoint:  save (this phase's torch_dist checkpoints), load_from (previous phase's), interval
     logging:     interval, tensorboard_dir, progress
+    fp8:         format (e4m3 | hybrid; null = off), recipe, amax_history_len, amax_compute_algo,
+                 first_last_layers_bf16, num_layers_at_start_in_bf16, num_layers_at_end_in_bf16,
+                 param_gather (Transformer Engine's FP8 for the linears, see FP8_SETTINGS)
     megatron:    extra Megatron-LM flags, e.g. {use-distributed-optimizer: true}
 
-Overrides: ``train.iters=50``, ``model.overrides.dsa_indexer_topk=8``, ``megatron.bf16=true``.
+Overrides: ``train.iters=50``, ``model.overrides.dsa_indexer_topk=8``, ``megatron.bf16=true``,
+``fp8.format=hybrid``.
 Values are parsed as YAML scalars (``1e-3`` -> float, ``true`` -> bool, ``null`` -> None).
 """
 
@@ -48,6 +53,8 @@ _NOTSET = object()
 SCHEMA: dict[str, dict[str, tuple[Any, tuple[type, ...]]]] = {
     "model": {
         "size": ("tiny", (str,)),
+        # auto: Transformer Engine where it is installed and CUDA is up, local elsewhere.
+        "transformer_impl": ("auto", (str,)),
         "overrides": ({}, (dict,)),
     },
     "data": {
@@ -82,9 +89,49 @@ SCHEMA: dict[str, dict[str, tuple[Any, tuple[type, ...]]]] = {
         "tensorboard_dir": (None, (str,)),
         "progress": (True, (bool,)),
     },
+    # All None = FP8 off. With a format, unset keys take Megatron's defaults (FP8_DEFAULTS).
+    "fp8": {
+        "format": (None, (str,)),
+        "recipe": (None, (str,)),
+        "amax_history_len": (None, (int,)),
+        "amax_compute_algo": (None, (str,)),
+        "first_last_layers_bf16": (None, (bool,)),
+        "num_layers_at_start_in_bf16": (None, (int,)),
+        "num_layers_at_end_in_bf16": (None, (int,)),
+        "param_gather": (None, (bool,)),
+    },
     "megatron": {},  # free-form: Megatron-LM flags, checked by Megatron's own parser
 }
 TOP_LEVEL = ("phase", *SCHEMA)
+
+FP8_FORMATS = ("e4m3", "hybrid")
+# Megatron's --fp8-recipe choices but 'custom' (it needs a quantizer factory, not wired here).
+FP8_RECIPES = ("delayed", "tensorwise", "mxfp8", "blockwise")
+FP8_AMAX_ALGOS = ("most_recent", "max")
+# Megatron-core 0.19.2's own defaults for the keys left unset.
+FP8_DEFAULTS = {
+    "recipe": "delayed", "amax_history_len": 1, "amax_compute_algo": "most_recent",
+    "first_last_layers_bf16": False, "num_layers_at_start_in_bf16": 1, "num_layers_at_end_in_bf16": 1,
+    "param_gather": False,
+}
+# fp8 key -> (Megatron flag, TransformerConfig field). The trainer passes each to Megatron's
+# flags AND to our model config, so neither megatron.<flag> nor model.overrides.<field> may set it.
+FP8_SETTINGS = {
+    "format": ("fp8-format", "fp8"),
+    "recipe": ("fp8-recipe", "fp8_recipe"),
+    "amax_history_len": ("fp8-amax-history-len", "fp8_amax_history_len"),
+    "amax_compute_algo": ("fp8-amax-compute-algo", "fp8_amax_compute_algo"),
+    "first_last_layers_bf16": ("first-last-layers-bf16", "first_last_layers_bf16"),
+    "num_layers_at_start_in_bf16": ("num-layers-at-start-in-bf16", "num_layers_at_start_in_bf16"),
+    "num_layers_at_end_in_bf16": ("num-layers-at-end-in-bf16", "num_layers_at_end_in_bf16"),
+    "param_gather": ("fp8-param-gather", "fp8_param"),
+}
+# Set by the trainer (Megatron flag -> config key that sets it).
+TRAINER_FLAGS = {"transformer-impl": "model.transformer_impl",
+                 **{flag: f"fp8.{key}" for key, (flag, _) in FP8_SETTINGS.items()}}
+# Model config fields with one source elsewhere (field -> config key that sets it).
+TRAINER_FIELDS = {"transformer_impl": "model.transformer_impl",
+                  **{field: f"fp8.{key}" for key, (_, field) in FP8_SETTINGS.items()}}
 
 # Reference learning rates of the report (section 3 of docs/dsa-spec.md) for the indexer
 # phases; pretraining of the tiny CPU model uses a larger one.
@@ -102,6 +149,7 @@ class RunConfig:
     eval: dict
     checkpoint: dict
     logging: dict
+    fp8: dict
     megatron: dict
     source: str | None = None
 
@@ -215,6 +263,9 @@ def _check_megatron(flags: dict) -> dict:
         flag = str(key).replace("_", "-")
         if flag.startswith("mdsa-"):
             raise _err(f"megatron.{key}: --mdsa-* flags are set by the trainer, not by hand")
+        if flag in TRAINER_FLAGS:
+            raise _err(f"megatron.{key}: set {TRAINER_FLAGS[flag]} instead (the trainer passes it to "
+                       "Megatron and to the model config alike)")
         if isinstance(value, (dict, list)) and not (isinstance(value, list) and all(
             isinstance(v, (int, float, str)) for v in value
         )):
@@ -232,10 +283,13 @@ def _positive(cfg: RunConfig, section: str, key: str, allow_none: bool = False) 
 
 
 def _check_values(cfg: RunConfig) -> None:
-    from megatron_dsa.model import SIZES
+    from megatron_dsa.model import SIZES, TRANSFORMER_IMPLS
 
     if cfg.model["size"] not in SIZES:
         raise _err(f"model.size must be one of {sorted(SIZES)}, got {cfg.model['size']!r}")
+    if cfg.model["transformer_impl"] not in TRANSFORMER_IMPLS:
+        raise _err(f"model.transformer_impl must be one of {list(TRANSFORMER_IMPLS)}, "
+                   f"got {cfg.model['transformer_impl']!r}")
     if cfg.data["dir"] is None:
         raise _err("data.dir is required: a corpus built by `python -m megatron_dsa.data build`")
     if cfg.checkpoint["save"] is None:
@@ -275,6 +329,50 @@ def _check_values(cfg: RunConfig) -> None:
     mode = cfg.model["overrides"].get("mdsa_mode")
     if mode is not None and mode != cfg.mode:
         raise _err(f"model.overrides.mdsa_mode is set by the phase ({cfg.phase} -> {cfg.mode}); got {mode!r}")
+    for name in cfg.model["overrides"]:
+        if name in TRAINER_FIELDS:
+            raise _err(f"model.overrides.{name}: set {TRAINER_FIELDS[name]} instead")
+        if name in ("fp8_dot_product_attention", "fp8_multi_head_attention"):
+            raise _err(f"model.overrides.{name} is not supported: the DSA core attention runs its own "
+                       "kernels on high-precision inputs (FP8 applies to the linears only)")
+    _check_fp8(cfg)
+
+
+def _check_fp8(cfg: RunConfig) -> None:
+    """Valid FP8 settings (environment checks, TE and CUDA, are preflight's); fills defaults."""
+    f = cfg.fp8
+    explicit = {k for k, v in f.items() if v is not None and k != "format"}
+    if f["format"] is None:
+        stray = sorted(k for k in explicit if f[k] is not False)
+        if stray:
+            raise _err(f"fp8.{stray[0]} is set but fp8.format is null (FP8 off); "
+                       f"set fp8.format to one of {list(FP8_FORMATS)}")
+        return
+    choices = (("format", FP8_FORMATS), ("recipe", FP8_RECIPES), ("amax_compute_algo", FP8_AMAX_ALGOS))
+    for key, valid in choices:
+        if f[key] is not None and f[key] not in valid:
+            raise _err(f"fp8.{key} must be one of {list(valid)}, got {f[key]!r}")
+    for key, value in FP8_DEFAULTS.items():
+        if f[key] is None:
+            f[key] = value
+    amax = sorted(explicit & {"amax_history_len", "amax_compute_algo"})
+    if amax and f["recipe"] != "delayed":
+        raise _err(f"fp8.{amax[0]} applies to fp8.recipe 'delayed' only (got recipe {f['recipe']!r})")
+    if f["amax_history_len"] < 1:
+        raise _err(f"fp8.amax_history_len must be >= 1, got {f['amax_history_len']}")
+    for key in ("num_layers_at_start_in_bf16", "num_layers_at_end_in_bf16"):
+        if key in explicit and not f["first_last_layers_bf16"]:
+            raise _err(f"fp8.{key} needs fp8.first_last_layers_bf16: true")
+        if f[key] < 0:
+            raise _err(f"fp8.{key} must be >= 0, got {f[key]}")
+    if f["first_last_layers_bf16"] and f["recipe"] == "delayed":
+        # megatron-core refuses this pair when it builds the config; say so in our terms.
+        raise _err("fp8.first_last_layers_bf16 does not work with fp8.recipe 'delayed'; "
+                   f"choose one of {[r for r in FP8_RECIPES if r != 'delayed']}")
+    sharded = ("use-distributed-optimizer", "use-torch-fsdp2", "use-megatron-fsdp")
+    if f["param_gather"] and not any(cfg.megatron.get(flag) for flag in sharded):
+        raise _err("fp8.param_gather needs a sharded optimizer: megatron.use_distributed_optimizer: true "
+                   "(or use_torch_fsdp2 / use_megatron_fsdp)")
 
 
 def load_config(path: str | os.PathLike[str] | None, overrides: list[str] | None = None) -> RunConfig:

@@ -1,10 +1,12 @@
 """Every check that can fail on bad input, run before any compute and before anything is written.
 
-``preflight(cfg)`` validates the model config, the corpus (manifest, tokenizer, indexed
-datasets, vocabulary against the model), the checkpoint directories (this phase's and the
-previous phase's: phase, shape, vocabulary) and Megatron's own flags. It returns the ``plan``
-the trainer runs; every failure is one ``TrainConfigError`` (or the data package's
-``DataError`` / the config's ``DSAConfigError``), each a ``ValueError`` with one clear message.
+``preflight(cfg)`` validates the transformer implementation and FP8 settings against this
+machine (Transformer Engine installed, CUDA, the GPU generation), the model config, the corpus
+(manifest, tokenizer, indexed datasets, vocabulary against the model), the checkpoint
+directories (this phase's and the previous phase's: phase, shape, vocabulary) and Megatron's own
+flags. It returns the ``plan`` the trainer runs (with the resolved ``transformer_impl``); every
+failure is one ``TrainConfigError`` (or the data package's ``DataError`` / the config's
+``DSAConfigError``), each a ``ValueError`` with one clear message.
 """
 
 from __future__ import annotations
@@ -88,6 +90,46 @@ def _compare(kind: str, directory: Path, record: dict, expected: dict) -> None:
         raise _err(f"{kind} {directory} holds a model of another shape ({detail})")
 
 
+def resolve_backend(cfg: RunConfig) -> str:
+    """``model.transformer_impl`` resolved for this machine; FP8 needs TE's linears, TE itself
+    and a GPU with FP8 GEMMs. The one value Megatron's flags and the model config both get."""
+    import torch
+
+    from megatron_dsa import model
+    from megatron_dsa.config import DSAConfigError
+
+    requested, fmt = cfg.model["transformer_impl"], cfg.fp8["format"]
+    if fmt is not None:
+        what = f"fp8.format {fmt!r}"
+        if requested == "local":
+            raise _err(f"{what} needs Transformer Engine's linears, but model.transformer_impl is 'local' "
+                       "(use 'auto' or 'transformer_engine')")
+        if not model.te_installed():
+            raise _err(f"{what} needs Transformer Engine, which is not installed; {model.TE_INSTALL_HINT}")
+        if not torch.cuda.is_available():
+            raise _err(f"{what} needs a CUDA GPU (TE's FP8 GEMMs); none is available")
+        # FP8 GEMMs from Ada / Hopper (sm 8.9) on; MXFP8 from Blackwell (sm 10.0) on.
+        need = (10, 0) if cfg.fp8["recipe"] == "mxfp8" else (8, 9)
+        have = torch.cuda.get_device_capability()
+        if tuple(have) < need:
+            raise _err(f"{what} with fp8.recipe {cfg.fp8['recipe']!r} needs a GPU of compute capability "
+                       f"{need[0]}.{need[1]} or newer; this one has {have[0]}.{have[1]}")
+    try:
+        return model.resolve_transformer_impl(requested)
+    except DSAConfigError as error:
+        raise _err(f"model.transformer_impl: {error}") from None
+
+
+def precision_fields(cfg: RunConfig, transformer_impl: str) -> dict:
+    """The model config fields that come from model.transformer_impl and the fp8 section."""
+    from megatron_dsa.train.config import FP8_SETTINGS
+
+    fields = {"transformer_impl": transformer_impl}
+    if cfg.fp8["format"] is not None:
+        fields.update({field: cfg.fp8[key] for key, (_, field) in FP8_SETTINGS.items()})
+    return fields
+
+
 def check_megatron_flags(argv: list[str]) -> None:
     """Parse the Megatron flags the trainer will pass, so a bad one fails here, in one line."""
     import argparse
@@ -116,10 +158,13 @@ def preflight(cfg: RunConfig, check_flags: bool = True) -> dict:
     seq = cfg.data["seq_length"]
     if seq > size.max_seq_len:
         raise _err(f"data.seq_length {seq} exceeds model size {size.name!r}'s max_seq_len {size.max_seq_len}")
+    transformer_impl = resolve_backend(cfg)
+    precision = precision_fields(cfg, transformer_impl)
     try:
-        model_cfg = model_config(size, **{**cfg.model["overrides"], "mdsa_mode": cfg.mode})
+        model_cfg = model_config(size, **{**cfg.model["overrides"], **precision, "mdsa_mode": cfg.mode})
     except (DSAConfigError, TypeError, ValueError, AssertionError) as error:
-        raise _err(f"bad model config (model.size={size.name}, model.overrides): {error}") from None
+        where = "model.overrides, fp8" if cfg.fp8["format"] else "model.overrides"
+        raise _err(f"bad model config (model.size={size.name}, {where}): {error}") from None
 
     # Corpus: manifest, tokenizer, splits, vocabulary against the model.
     data_dir = Path(cfg.data["dir"]).absolute()
@@ -184,6 +229,7 @@ def preflight(cfg: RunConfig, check_flags: bool = True) -> dict:
             raise _err(f"logging.tensorboard_dir {tb} exists and is not a directory")
 
     plan = {
+        "transformer_impl": transformer_impl,
         "data_dir": str(data_dir),
         "save": str(save),
         "resume": resume,
