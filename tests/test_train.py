@@ -243,3 +243,39 @@ def test_resume_and_kill_during_save(corpus, tmp_path):
     # The final checkpoints of both runs hold identical weights.
     a, b = load_weights(ref / "pretrain", tmp_path / "a"), load_weights(ckpt, tmp_path / "b")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_layer_metrics_average_only_the_layers_that_recorded(megatron_world):
+    """With a selection reused between layers (dsa_indexer_topk_freq) the reusing layers record
+    no recall / KL: the logged mean is over the recording layers, not diluted by their zeros."""
+    from megatron.core.transformer.moe.moe_utils import save_to_aux_losses_tracker
+
+    from megatron_dsa.layer import INDEXER_KL, TOPK_RECALL
+    from megatron_dsa.train import trainer
+
+    trainer._pop_layer_metrics()  # values an earlier in-process forward left in the tracker
+    for layer, (kl, recall) in {1: (0.2, 0.5), 3: (0.4, 0.7)}.items():
+        save_to_aux_losses_tracker(INDEXER_KL, torch.tensor(kl), layer, 3)
+        save_to_aux_losses_tracker(TOPK_RECALL, torch.tensor(recall), layer, 3)
+    mask = torch.ones(2, 4)
+    _, n, report = trainer.loss_func(mask, None, "sparse", torch.zeros(2, 4))
+    assert int(n) == 8
+    assert report["indexer topk-recall"].tolist() == pytest.approx([0.6 * 8, 8])
+    assert report["indexer kl"].tolist() == pytest.approx([0.3 * 8, 8])
+    assert "indexer topk-recall/layer1" in report and "indexer topk-recall/layer3" in report
+    assert "indexer topk-recall/layer2" not in report
+
+
+def test_no_apex_weight_gradient_fusion_on_the_gpu(monkeypatch):
+    """On CUDA without Apex's fused weight-gradient extension Megatron's default fusion would
+    fail at model construction: the trainer turns it off."""
+    from megatron_dsa.train import trainer
+    from megatron_dsa.train.config import load_config
+
+    cfg = load_config(CONFIGS / "pretrain.yaml", ["data.dir=/nonexistent"])
+    plan = {"data_dir": "/nonexistent", "transformer_impl": "local"}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(trainer, "_apex_wgrad_fusion_installed", lambda: False)
+    assert "--no-gradient-accumulation-fusion" in trainer.megatron_argv(cfg, plan)
+    monkeypatch.setattr(trainer, "_apex_wgrad_fusion_installed", lambda: True)
+    assert "--no-gradient-accumulation-fusion" not in trainer.megatron_argv(cfg, plan)

@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from megatron_dsa.train.config import PHASE_MODE, RunConfig
+from megatron_dsa.train.config import FP8_SETTINGS, PHASE_MODE, RunConfig
 
 # Filled by run() / the --mdsa-* flags; read by the providers (Megatron calls them without
 # any context of ours).
@@ -72,7 +72,9 @@ def megatron_argv(cfg: RunConfig, plan: dict) -> list[str]:
         "--num-layers", tf["num_layers"], "--hidden-size", tf["hidden_size"],
         "--ffn-hidden-size", tf["ffn_hidden_size"], "--num-attention-heads", tf["num_attention_heads"],
         "--seq-length", cfg.data["seq_length"], "--max-position-embeddings", cfg.data["seq_length"],
-        "--position-embedding-type", "none", "--transformer-impl", "local",
+        "--position-embedding-type", "none",
+        # Resolved once by preflight; phase_model_config hands the same value to our config.
+        "--transformer-impl", plan["transformer_impl"],
         "--tokenizer-type", "SentencePieceTokenizer",
         "--tokenizer-model", os.path.join(plan["data_dir"], "tokenizer.model"),
         # Optimisation.
@@ -95,6 +97,7 @@ def megatron_argv(cfg: RunConfig, plan: dict) -> list[str]:
         "--mdsa-model-overrides", json.dumps(cfg.model["overrides"]),
         "--mdsa-data-dir", plan["data_dir"], "--mdsa-progress", int(bool(lg["progress"])),
     ]
+    argv += fp8_argv(cfg)
     if plan.get("pretrained"):
         argv += ["--pretrained-checkpoint", plan["pretrained"]]
     if lg["tensorboard_dir"]:
@@ -107,6 +110,10 @@ def megatron_argv(cfg: RunConfig, plan: dict) -> list[str]:
                  "--no-bias-swiglu-fusion", "--no-bias-dropout-fusion", "--no-rope-fusion",
                  # Data-loader workers would compete with the compute threads for the few cores.
                  "--num-workers", 0]
+    elif not _apex_wgrad_fusion_installed():
+        # Megatron defaults to fusing the weight-gradient accumulation, an Apex CUDA extension
+        # that a plain PyTorch install lacks (its linears would fail at construction).
+        argv += ["--no-gradient-accumulation-fusion"]
     for flag, value in cfg.megatron.items():
         if value is True:
             argv.append(f"--{flag}")
@@ -117,6 +124,28 @@ def megatron_argv(cfg: RunConfig, plan: dict) -> list[str]:
         else:
             argv += [f"--{flag}", value]
     return [str(a) for a in argv]
+
+
+def fp8_argv(cfg: RunConfig) -> list:
+    """Megatron's FP8 flags from the ``fp8`` section (none while fp8.format is null)."""
+    if cfg.fp8["format"] is None:
+        return []
+    argv = []
+    for key, (flag, _) in FP8_SETTINGS.items():
+        value = cfg.fp8[key]
+        if value is True:
+            argv.append(f"--{flag}")
+        elif key.startswith("num_layers_at_") and not cfg.fp8["first_last_layers_bf16"]:
+            continue
+        elif value is not False:
+            argv += [f"--{flag}", value]
+    return argv
+
+
+def _apex_wgrad_fusion_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is not None
 
 
 # --------------------------------------------------------------------------------------------
@@ -131,7 +160,8 @@ def _args():
 
 def phase_model_config(args=None):
     """Our DSATransformerConfig for this run: the size's shape + overrides + the phase's mode,
-    with parallelism and precision taken from Megatron's flags."""
+    with parallelism and precision (transformer_impl and FP8 included) taken from Megatron's
+    flags."""
     from megatron_dsa.model import model_config
 
     args = args or _args()
@@ -143,10 +173,16 @@ def phase_model_config(args=None):
         "expert_model_parallel_size", "expert_tensor_parallel_size", "sequence_parallel",
         "bf16", "fp16", "params_dtype", "gradient_accumulation_fusion", "calculate_per_token_loss",
         "virtual_pipeline_model_parallel_size", "recompute_granularity", "recompute_method",
-        "recompute_num_layers", "deterministic_mode",
+        "recompute_num_layers", "deterministic_mode", "fp8_margin", "fp8_wgrad",
     ):
         if hasattr(args, field) and field not in overrides:
             overrides[field] = getattr(args, field)
+    # One source each (config validation keeps them out of model.overrides): the backend and
+    # FP8 recipe the model is built with are exactly Megatron's.
+    overrides["transformer_impl"] = args.transformer_impl
+    for _, field in FP8_SETTINGS.values():
+        # Megatron's args call fp8_param fp8_param_gather (its own config builder maps it so).
+        overrides[field] = getattr(args, "fp8_param_gather" if field == "fp8_param" else field)
     if args.bf16:
         overrides.setdefault("params_dtype", torch.bfloat16)
     else:
@@ -261,9 +297,15 @@ def loss_func(loss_mask: torch.Tensor, model, phase: str, output_tensor: torch.T
         report["lm loss"] = torch.stack([lm_sum.detach(), num_tokens])
     for name, values in _pop_layer_metrics().items():
         tag = name.replace("indexer_", "indexer ").replace("_", "-")
-        report[tag] = pair(values.mean())
-        for i, v in enumerate(values.tolist()):
-            report[f"{tag}/layer{i + 1}"] = pair(torch.tensor(v))
+        # Layers that reuse another layer's selection (dsa_indexer_topk_freq) record nothing:
+        # their slots stay 0 and must not dilute the mean (a recorded KL or recall is > 0).
+        recorded = values != 0
+        if not recorded.any():
+            continue
+        report[tag] = pair(values[recorded].mean())
+        for i, (v, r) in enumerate(zip(values.tolist(), recorded.tolist())):
+            if r:
+                report[f"{tag}/layer{i + 1}"] = pair(torch.tensor(v))
     return loss, num_tokens.int(), report
 
 
