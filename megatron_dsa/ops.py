@@ -5,9 +5,10 @@ spec): ``indexer_topk``, ``dense_mla_attention``, ``sparse_mla_attention``,
 ``dense_indexer_kl``, ``sparse_indexer_kl``. ``auto`` takes Triton on CUDA tensors when the
 kernels import, the reference everywhere else.
 
-The Triton kernels implement one indexer objective, the KL. ``indexer_loss_backend`` gives the
-two loss ops for a configured objective: the chosen backend's for "kl", the reference's
-(bound to the objective) for any other, whatever the kernel setting.
+The fused sparse KL kernel implements one indexer objective, the KL. ``indexer_loss_backend``
+gives the two loss ops for a configured objective: the chosen backend's for "kl"; for any other
+the backend's blockwise dense op (bound to the objective: the warm-up's cost does not depend on
+the objective) and the reference's sparse op.
 """
 
 from __future__ import annotations
@@ -89,9 +90,19 @@ def indexer_loss_backend(kind: str, device: torch.device, objective: str = "kl")
     """The op namespace whose ``dense_indexer_kl`` / ``sparse_indexer_kl`` compute ``objective``.
 
     Same call signatures as ``backend(kind, device)`` (the sparse op takes ``lse=``). "kl" is
-    exactly ``backend(kind, device)``; any other objective runs the PyTorch reference (the
-    Triton kernels implement only the KL), also under ``kind='triton'``.
+    exactly ``backend(kind, device)``; any other objective runs the chosen backend's blockwise
+    dense op with that objective and the PyTorch reference's sparse op (the fused sparse KL
+    kernel implements only the KL).
     """
     if objective == "kl":
         return backend(kind, device)
-    return _reference_loss_backend(objective)
+    ref = _reference_loss_backend(objective)
+    chosen = backend(kind, device)
+    if chosen.name == "reference":
+        return ref
+    return SimpleNamespace(
+        name=f"{chosen.name}+reference",
+        objective=objective,
+        dense_indexer_kl=functools.partial(chosen.dense_indexer_kl, objective=objective),
+        sparse_indexer_kl=ref.sparse_indexer_kl,
+    )

@@ -334,7 +334,7 @@ def _dense_target(qm, qp, kv, k_pos, scale):
 
 class DenseIndexerKL(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q_main, kv, q_idx, k_idx, w_idx, scale, topk, q_pos, k_pos):
+    def forward(ctx, q_main, kv, q_idx, k_idx, w_idx, scale, topk, q_pos, k_pos, objective="kl"):
         B, Sq, H = q_main.shape[:3]
         Sk = kv.shape[1]
         step = max(1, min(Sq, DENSE_CHUNK_ELEMENTS // max(B * max(H, q_idx.shape[2]) * Sk, 1)))
@@ -345,11 +345,11 @@ class DenseIndexerKL(torch.autograd.Function):
             t1 = min(Sq, t0 + step)
             p, mask = _dense_target(qm[:, t0:t1], q_pos[t0:t1], kvd, k_pos, scale)
             logits = R.indexer_scores(q_idx[:, t0:t1], k_idx, w_idx[:, t0:t1])
-            kl[:, t0:t1] = R.kl_rows(p, logits, mask)
+            kl[:, t0:t1] = R.objective_rows(objective, topk)(p, logits, mask)
             sel = R.topk_from_scores(logits, mask, topk)
             recall[:, t0:t1] = (torch.gather(p, -1, sel.clamp_min(0)) * (sel >= 0)).sum(-1)
         ctx.save_for_backward(qm, kvd, q_idx.detach(), k_idx.detach(), w_idx.detach(), q_pos, k_pos)
-        ctx.scale, ctx.step = scale, step
+        ctx.scale, ctx.step, ctx.objective, ctx.topk = scale, step, objective, topk
         ctx.mark_non_differentiable(recall)
         return kl, recall
 
@@ -374,14 +374,18 @@ class DenseIndexerKL(torch.autograd.Function):
                     torch.einsum("btjd,bsd->btjs", R._up(qc), R._up(kc)).relu()
                     * R._up(wc)[..., None]
                 ).sum(dim=2)
-                with torch.no_grad():
-                    sm = torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1).nan_to_num_(0.0)
-                    dlog = (gkl[:, t0:t1, None] * (sm - p)).masked_fill_(~mask, 0.0)
-                gq, gk, gw = torch.autograd.grad(logits, (qc, kc, wc), dlog)
+                if ctx.objective == "kl":  # analytic: d KL / d logits = softmax(logits) - p
+                    with torch.no_grad():
+                        sm = torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1).nan_to_num_(0.0)
+                        dlog = (gkl[:, t0:t1, None] * (sm - p)).masked_fill_(~mask, 0.0)
+                    gq, gk, gw = torch.autograd.grad(logits, (qc, kc, wc), dlog)
+                else:  # the other objectives: autograd through their per-row loss, this chunk only
+                    rows = R.objective_rows(ctx.objective, ctx.topk)(p, logits, mask)
+                    gq, gk, gw = torch.autograd.grad(rows, (qc, kc, wc), gkl[:, t0:t1])
             dq[:, t0:t1] = gq
             dw[:, t0:t1] = gw
             dk += gk
-        return None, None, dq.to(qi.dtype), dk.to(ki.dtype), dw.to(wi.dtype), None, None, None, None
+        return None, None, dq.to(qi.dtype), dk.to(ki.dtype), dw.to(wi.dtype), None, None, None, None, None
 
 
 def dense_indexer_kl(
@@ -394,10 +398,13 @@ def dense_indexer_kl(
     topk: int,
     q_pos: Optional[torch.Tensor] = None,
     k_pos: Optional[torch.Tensor] = None,
+    objective: str = "kl",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same contract as ``reference.dense_indexer_kl``: (kl [B, Sq], recall [B, Sq])."""
+    """Same contract as ``reference.dense_indexer_kl``: (kl [B, Sq], recall [B, Sq]); ``objective``
+    as there (the KL's gradient is analytic, the others' come from autograd chunk by chunk)."""
+    R.objective_rows(objective)  # an unknown name fails before any compute
     Sq, Sk = q_main.shape[1], kv.shape[1]
     q_pos = R._positions(q_pos, Sq, q_main.device)
     k_pos = R._positions(k_pos, Sk, q_main.device)
     # Detached target: see sparse_indexer_kl.
-    return DenseIndexerKL.apply(q_main.detach(), kv.detach(), q_idx, k_idx, w_idx, scale, topk, q_pos, k_pos)
+    return DenseIndexerKL.apply(q_main.detach(), kv.detach(), q_idx, k_idx, w_idx, scale, topk, q_pos, k_pos, objective)
