@@ -6,6 +6,7 @@ greedy answer. ``loss``: validation LM loss at several context lengths on the he
 """
 
 from megatron_dsa.eval.loss import read_valid_tokens, validation_loss_at_lengths
+from megatron_dsa.eval.recall import indexer_recall_at_lengths
 from megatron_dsa.eval.retrieval import (
     TASKS,
     RetrievalItem,
@@ -20,6 +21,7 @@ __all__ = [
     "RetrievalItem",
     "build_items",
     "build_suite",
+    "indexer_recall_at_lengths",
     "model_predictor",
     "read_valid_tokens",
     "score_items",

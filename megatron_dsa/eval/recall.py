@@ -1,0 +1,196 @@
+"""Top-k recall of the dense attention mass at several context lengths and top-k sizes.
+
+The warm-up forward of every selecting DSA layer computes, per query row, the share of the
+head-summed dense attention probability (the indexer's target p) that falls in the indexer's
+own top-k set, and records its mean over the rows of the forward in megatron-core's MoE
+metrics tracker (``megatron_dsa.layer.TOPK_RECALL``; the indexer objective, "the KL", under
+``INDEXER_KL``). ``indexer_recall_at_lengths`` runs that forward on the same windows of the
+held-out stream as ``megatron_dsa.eval.loss`` (every length sees the same ``plan_total``
+tokens), once per (length, k), and averages the per-layer values over all query rows.
+
+Rows whose number of eligible (causal) keys is at most k select every key and have recall 1
+by construction: in a window of length L with k < L those are exactly the first k rows. The
+``mean`` counts every row (what training logs); ``mean_nontrivial`` counts only the L - k
+rows that really choose, ``(L * mean - k) / (L - k)``.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Optional, Sequence
+
+import numpy
+
+from megatron_dsa.eval.loss import plan_total
+
+
+def _positive_int(value, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{what} must be a positive integer, got {value!r}")
+    if int(value) < 1:
+        raise ValueError(f"{what} must be >= 1, got {value!r}")
+    return int(value)
+
+
+def topk_for_length(length: int, topk_ratios: Optional[Sequence[float]] = None,
+                    topks: Optional[Sequence[int]] = None) -> list[int]:
+    """The distinct top-k sizes evaluated at ``length``, ascending: max(1, round(r * L)) for
+    each ratio r in (0, 1], or the absolute ``topks`` (k > L selects every key, as k = L)."""
+    if (topk_ratios is None) == (topks is None):
+        raise ValueError("give exactly one of topk_ratios (k = max(1, round(ratio * L))) or topks")
+    if topks is not None:
+        if isinstance(topks, (str, bytes)) or not len(topks):
+            raise ValueError(f"topks must be a non-empty sequence of positive integers, got {topks!r}")
+        return sorted({_positive_int(k, "every top-k") for k in topks})
+    if isinstance(topk_ratios, (str, bytes)) or not len(topk_ratios):
+        raise ValueError(f"topk_ratios must be a non-empty sequence of ratios in (0, 1], got {topk_ratios!r}")
+    ks = set()
+    for r in topk_ratios:
+        if isinstance(r, bool) or not isinstance(r, numbers.Real) or not (0 < float(r) <= 1):
+            raise ValueError(f"every top-k ratio must be a number in (0, 1], got {r!r}")
+        ks.add(max(1, round(float(r) * length)))
+    return sorted(ks)
+
+
+def _check_inputs(model, num_tokens: int, lengths, topk_ratios, topks, max_total, max_batch_tokens):
+    """Every input check, before any compute. Returns (layers, lengths, {L: [k]}, total)."""
+    from megatron_dsa.model import dsa_layers
+
+    if isinstance(lengths, (str, bytes)) or not hasattr(lengths, "__len__") or not len(lengths):
+        raise ValueError(f"lengths must be a non-empty sequence of positive integers, got {lengths!r}")
+    lengths = sorted({_positive_int(L, "every context length") for L in lengths})
+    for L in lengths:
+        if L > num_tokens - 1:
+            raise ValueError(
+                f"context length {L} needs {L + 1} tokens (inputs + next-token targets); "
+                f"the stream has {num_tokens}"
+            )
+    ks = {L: topk_for_length(L, topk_ratios, topks) for L in lengths}
+    _positive_int(max_batch_tokens, "max_batch_tokens")
+    if max_total is not None:
+        _positive_int(max_total, "max_total")
+    total = plan_total(num_tokens, lengths, max_total)  # ValueError when lcm(lengths) does not fit
+    layers = dsa_layers(model)
+    if not layers:
+        raise ValueError("the model has no DSA layers (megatron_dsa.layer.DSACoreAttention)")
+    if any(layer.parallel.parallel for layer in layers):
+        raise ValueError(
+            "indexer_recall_at_lengths reads one rank's recall: tensor/context parallel "
+            "layers (whose recall covers only this rank's rows) are not supported"
+        )
+    return layers, lengths, ks, total
+
+
+def _recording_layers(layers) -> list:
+    """The layers whose warm-up forward computes recall: those with an indexer of their own or
+    a shared one (with dsa_indexer_topk_freq = N the layers that reuse a selection have none)."""
+    return [layer for layer in layers if layer._get_indexer() is not None]
+
+
+def indexer_recall_at_lengths(model, tokens, lengths: Sequence[int], topk_ratios: Optional[Sequence[float]] = None,
+                              topks: Optional[Sequence[int]] = None, max_total: Optional[int] = None,
+                              max_batch_tokens: int = 65536, device=None) -> dict:
+    """Mean top-k recall (and indexer loss) of ``model``'s indexers per context length and k.
+
+    For each length L (windows of the first ``plan_total`` tokens of ``tokens``, as
+    ``validation_loss_at_lengths``) and each k (``max(1, round(ratio * L))`` per ratio in
+    ``topk_ratios``, or each of ``topks``), the model runs in warm-up mode under no_grad with
+    its indexer top-k set to k. Returns::
+
+        {L: {k: {"mean": float,                  # recall over all rows and recording layers
+                 "per_layer": [float, ...],      # one per entry of "layers"
+                 "mean_nontrivial": float|None,  # rows with > k eligible keys (None if k >= L)
+                 "per_layer_nontrivial": [...]|None,
+                 "kl": float, "kl_per_layer": [...],  # the indexer objective's mean per row
+                 "layers": [int, ...],           # layer numbers that compute recall
+                 "k_over_L": float, "rows": int}}}
+
+    The model's mode, top-k, training flags, per-layer FLOP counters and megatron-core's
+    metrics tracker are as before afterwards. Raises ValueError on bad inputs before any compute.
+    """
+    import torch
+    from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+
+    from megatron_dsa.config import set_mode, validate
+    from megatron_dsa.layer import INDEXER_KL, TOPK_RECALL, pop_indexer_losses
+
+    stream = torch.as_tensor(numpy.asarray(tokens), dtype=torch.long).reshape(-1)
+    layers, lengths, ks, total = _check_inputs(model, len(stream), lengths, topk_ratios, topks,
+                                               max_total, max_batch_tokens)
+    device = device or next(model.parameters()).device
+
+    configs = list({id(layer.config): layer.config for layer in layers}.values())
+    saved_configs = [(c, c.mdsa_mode, c.dsa_indexer_topk, c.dsa) for c in configs]
+    saved_flops = [(layer, layer.indexer_flops) for layer in layers]
+    saved_training = [(m, m.training) for m in model.modules()]
+    tracker = get_moe_metrics_tracker()
+    saved_metrics = {name: entry.values.detach().clone() for name, entry in tracker.metrics.items()}
+
+    def take(name: str, num: int) -> torch.Tensor:
+        """This forward's per-layer values of ``name`` (float64, CPU), then zero them."""
+        entry = tracker.metrics.get(name)
+        if entry is None:
+            return torch.zeros(num, dtype=torch.float64)
+        values = entry.values.detach().to("cpu", torch.float64).clone()
+        entry.values.zero_()
+        return values
+
+    out: dict = {}
+    try:
+        for c in configs:
+            set_mode(c, "warmup")  # DSAConfigError (a ValueError) if the config cannot warm up
+        recording = _recording_layers(layers)
+        layer_ids = [layer.layer_number for layer in recording]
+        num_layers = max(c.num_layers for c in configs)
+        for name in (TOPK_RECALL, INDEXER_KL):
+            if name in tracker.metrics:
+                tracker.metrics[name].values.zero_()
+        model.eval()
+        with torch.no_grad():
+            for L in lengths:
+                x = stream[:total].view(-1, L)
+                bs = max(1, max_batch_tokens // L)
+                out[L] = {}
+                for k in ks[L]:
+                    for c in configs:
+                        c.dsa_indexer_topk = min(k, L)  # k > L selects every key, as k = L
+                        c.dsa = validate(c)
+                    recall_sum = torch.zeros(num_layers, dtype=torch.float64)
+                    kl_sum = torch.zeros(num_layers, dtype=torch.float64)
+                    for b in range(0, x.shape[0], bs):
+                        xb = x[b:b + bs].to(device)
+                        pos = torch.arange(L, device=device)[None].expand(xb.shape[0], -1)
+                        model(xb, pos, None)
+                        pop_indexer_losses(model)  # the warm-up loss each layer keeps for backward
+                        rows = xb.shape[0] * L  # each layer recorded its mean over these rows
+                        recall_sum += take(TOPK_RECALL, num_layers) * rows
+                        kl_sum += take(INDEXER_KL, num_layers) * rows
+                    idx = [n - 1 for n in layer_ids]
+                    per_layer = (recall_sum[idx] / total).tolist()
+                    kl_layer = (kl_sum[idx] / total).tolist()
+                    nontrivial = None if k >= L else [(r * L - k) / (L - k) for r in per_layer]
+                    out[L][k] = {
+                        "mean": sum(per_layer) / len(per_layer),
+                        "per_layer": per_layer,
+                        "mean_nontrivial": None if nontrivial is None else sum(nontrivial) / len(nontrivial),
+                        "per_layer_nontrivial": nontrivial,
+                        "kl": sum(kl_layer) / len(kl_layer),
+                        "kl_per_layer": kl_layer,
+                        "layers": list(layer_ids),
+                        "k_over_L": k / L,
+                        "rows": total,
+                    }
+    finally:
+        for c, mode, topk, settings in saved_configs:
+            c.mdsa_mode, c.dsa_indexer_topk, c.dsa = mode, topk, settings
+        for layer, flops in saved_flops:
+            layer.indexer_flops = flops
+        for m, training in saved_training:
+            m.training = training
+        pop_indexer_losses(model)
+        for name in list(tracker.metrics):
+            if name in saved_metrics:
+                tracker.metrics[name].values.copy_(saved_metrics[name])
+            else:  # created by this evaluation (e.g. the first recall ever recorded)
+                del tracker.metrics[name]
+    return out
