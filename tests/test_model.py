@@ -21,8 +21,10 @@ def make(megatron_world, seed, **overrides):
 
 
 def batch(b=2, s=48, vocab=512):
-    tokens = torch.randint(0, vocab, (b, s))
-    return tokens, torch.arange(s)[None].expand(b, -1), tokens.roll(-1, dims=1)
+    # The model's device: CPU here, the GPU when the suite runs on one (MDSA on CUDA).
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    tokens = torch.randint(0, vocab, (b, s), device=dev)
+    return tokens, torch.arange(s, device=dev)[None].expand(b, -1), tokens.roll(-1, dims=1)
 
 
 def lm_loss(model, tokens, positions, labels):
@@ -92,7 +94,9 @@ def test_triton_backend_equals_the_reference_in_the_model(megatron_world, seed, 
     assert torch.isfinite(loss_t) and abs(loss_t - loss_r) <= 1e-5 * abs(loss_r)
     assert len(kl_t) == len(kl_r) == (3 if mode == "warmup" else 0)
     for a, b in zip(kl_t, kl_r):
-        assert abs(a - b) <= 1e-4 * abs(b)
+        # The KL of two close distributions is a small difference of O(log S) terms: fp32
+        # rounding of those terms bounds its absolute error, not its relative one.
+        assert torch.isfinite(a) and abs(a - b) <= 1e-4 * abs(b) + 1e-6
     assert g_t.keys() == g_r.keys() and g_t
     for name in g_r:
         err = (g_t[name] - g_r[name]).norm() / g_r[name].norm().clamp_min(1e-12)
