@@ -30,6 +30,10 @@ LAYOUTS = {
     "shared": {"mdsa_indexer_sharing": "shared"},
     "freq2": {"dsa_indexer_topk_freq": 2},
     "freq4": {"dsa_indexer_topk_freq": 4},
+    # per-layer indexers trained with another warm-up objective (issue 10)
+    "reverse_kl": {"mdsa_indexer_objective": "reverse_kl"},
+    "mse": {"mdsa_indexer_objective": "mse"},
+    "listwise": {"mdsa_indexer_objective": "listwise"},
 }
 PHASE_MODE = {"pretrain": "dense", "warmup": "warmup", "sparse": "sparse"}
 DEFAULT_ARMS = ("pretrain,warmup,sparse,warmup_shared,sparse_shared,warmup_freq2,sparse_freq2,"
@@ -37,7 +41,7 @@ DEFAULT_ARMS = ("pretrain,warmup,sparse,warmup_shared,sparse_shared,warmup_freq2
 
 
 def parse_arm(arm: str) -> tuple[str, str]:
-    phase, _, layout = arm.partition("_")
+    phase, _, layout = arm.partition("_")  # e.g. warmup_reverse_kl
     layout = layout or "per_layer"
     if phase not in PHASE_MODE or layout not in LAYOUTS:
         raise SystemExit(f"error: bad arm {arm!r}: phase in {sorted(PHASE_MODE)}, layout in {sorted(LAYOUTS)}")
