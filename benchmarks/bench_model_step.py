@@ -2,6 +2,7 @@
 
     python benchmarks/bench_model_step.py [--size small] [--seq 16384] [--batch 1]
         [--topk 512] [--arms dense,warmup,sparse,warmup_shared,...] [--iters 5] [--out DIR]
+        [--dense-kl blockwise|fused]
 
 One process, one GPU, random weights and tokens (cost does not depend on them). Each arm is a
 (phase, indexer layout) pair and is timed the way the trainer runs it: forward + backward with
@@ -120,6 +121,8 @@ def main(argv=None) -> int:
     p.add_argument("--topk", type=int, default=512)
     p.add_argument("--kernel", default="auto", choices=("auto", "triton", "reference"))
     p.add_argument("--arms", default=DEFAULT_ARMS)
+    p.add_argument("--dense-kl", default="blockwise", choices=("blockwise", "fused"),
+                   help="the warm-up's dense indexer KL: blockwise PyTorch or the fused Triton kernels")
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--warmup-iters", type=int, default=2)
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
@@ -128,7 +131,9 @@ def main(argv=None) -> int:
     for a in arms:
         parse_arm(a)
     from megatron_dsa.distributed import init_single_process
+    from megatron_dsa.kernels import dense_kl
 
+    dense_kl.FUSED = args.dense_kl == "fused"
     init_single_process()
     # CPU only for checking the script itself at tiny sizes (--size tiny --seq 64).
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -145,6 +150,7 @@ def main(argv=None) -> int:
         rows.append(r)
         print(json.dumps({k: v for k, v in r.items() if k != "times_ms"}), flush=True)
     meta = {"size": args.size, "seq": args.seq, "batch": args.batch, "topk": args.topk, "kernel": args.kernel,
+            "dense_kl": args.dense_kl,
             "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__}
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"model_step_{args.size}_{args.seq}")

@@ -329,6 +329,49 @@ def test_dense_indexer_kl(pos):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("pos", ["none", "offset", "unsorted"])
+def test_fused_dense_indexer_kl(dtype, pos):
+    """The fused warm-up KL kernels equal the reference: KL, recall and the indexer gradients;
+    sizes not multiples of the blocks, a split D (32 + 8), rows with fewer keys than top-k."""
+    from megatron_dsa.kernels import dense_kl
+
+    B, Sq, Sk, H, D, HI, DI, topk = 2, 37, 45, 3, 40, 3, 24, 8
+    if BIG:
+        Sq, Sk, H, D, HI, DI, topk = 700, 900, 8, 160, 4, 64, 64
+    qm = torch.randn(B, Sq, H, D, device=DEV, dtype=dtype)
+    kv = torch.randn(B, Sk, D, device=DEV, dtype=dtype)
+    qi = torch.randn(B, Sq, HI, DI, device=DEV, dtype=dtype, requires_grad=True)
+    ki = torch.randn(B, Sk, DI, device=DEV, dtype=dtype, requires_grad=True)
+    wi = torch.randn(B, Sq, HI, device=DEV, dtype=dtype, requires_grad=True)
+    q_pos = k_pos = None
+    if pos in ("offset", "unsorted"):
+        q_pos, k_pos = torch.arange(Sk - Sq, Sk, device=DEV), torch.arange(Sk, device=DEV)
+    if pos == "unsorted":  # the kernels must not assume ordered positions
+        q_pos, k_pos = q_pos[torch.randperm(Sq, device=DEV)], k_pos[torch.randperm(Sk, device=DEV)]
+    kl, recall = dense_kl.fused_dense_indexer_kl(qm, kv, qi, ki, wi, D**-0.5, topk, q_pos, k_pos)
+    kl_r, recall_r = R.dense_indexer_kl(qm, kv, qi, ki, wi, D**-0.5, topk, q_pos, k_pos)
+    _finite(kl, recall)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert rel(kl, kl_r) < tol and rel(recall, recall_r) < (1e-5 if dtype == torch.float32 else 5e-2)
+    g = torch.rand_like(kl)
+    for a, b in zip(torch.autograd.grad(kl, (qi, ki, wi), g), torch.autograd.grad(kl_r, (qi, ki, wi), g)):
+        _finite(a)
+        assert a.dtype == b.dtype and rel(a, b) < tol
+
+
+def test_fused_dense_indexer_kl_is_taken_when_switched_on(monkeypatch):
+    from megatron_dsa.kernels import dense_kl
+
+    calls = []
+    monkeypatch.setattr(dense_kl, "FUSED", True)
+    monkeypatch.setattr(dense_kl, "fused_dense_indexer_kl", lambda *a, **k: calls.append(1) or ("kl", "recall"))
+    args = [torch.randn(1, 4, 2, 8), torch.randn(1, 4, 8), torch.randn(1, 4, 2, 8), torch.randn(1, 4, 8), torch.randn(1, 4, 2)]
+    assert K.dense_indexer_kl(*args, 0.3, 2) == ("kl", "recall") and calls == [1]
+    K.dense_indexer_kl(*args, 0.3, 2, objective="mse")  # other objectives: the blockwise path
+    assert calls == [1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("pos", ["none", "causal", "offset"])
 def test_dense_mla_attention(dtype, pos):
     B, S, H, D, v_dim = 2, 37, 3, 40, 32

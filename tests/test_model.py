@@ -71,15 +71,19 @@ def test_forward_backward_every_mode(megatron_world, seed, mode):
         assert any(g is not None and g.abs().sum() > 0 for g in idx_grads)
 
 
-@pytest.mark.parametrize("mode", ["dense", "warmup", "sparse"])
-def test_triton_backend_equals_the_reference_in_the_model(megatron_world, seed, mode):
+@pytest.mark.parametrize("mode", ["dense", "warmup", "warmup_fused_kl", "sparse"])
+def test_triton_backend_equals_the_reference_in_the_model(megatron_world, seed, mode, monkeypatch):
     """The whole model on the kernels backend (Triton; the interpreter on CPU) equals the
     reference backend: losses, indexer losses and every gradient. The layer must find every
     op it calls in both backends (on the GPU 'auto' picks the kernels)."""
     from megatron_dsa import kernels
+    from megatron_dsa.kernels import dense_kl
 
     if not kernels.available():
         pytest.skip("needs Triton with CUDA or TRITON_INTERPRET=1")
+    if mode == "warmup_fused_kl":  # the warm-up KL as the fused kernels (dense_kl.FUSED)
+        monkeypatch.setattr(dense_kl, "FUSED", True)
+        mode = "warmup"
     tokens, positions, labels = batch(s=40)
     set_indexer_loss_scale(1.0)
     results = []

@@ -23,6 +23,7 @@ from .. import reference as R
 from .sparse_attn import atomic_mode
 from . import _common as _C
 from . import _csr
+from . import dense_kl as _dense_kl
 from ._common import HAS_TRITON, _atomic_add_f32, _dot, _dot_ds, interpreting, is_fp32, next_pow2, triton, tl
 
 DENSE_CHUNK_ELEMENTS = 1 << 26
@@ -401,8 +402,11 @@ def dense_indexer_kl(
     objective: str = "kl",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as ``reference.dense_indexer_kl``: (kl [B, Sq], recall [B, Sq]); ``objective``
-    as there (the KL's gradient is analytic, the others' come from autograd chunk by chunk)."""
+    as there (the KL's gradient is analytic, the others' come from autograd chunk by chunk).
+    With ``dense_kl.FUSED`` the KL runs as fused Triton kernels (``dense_kl``)."""
     R.objective_rows(objective)  # an unknown name fails before any compute
+    if objective == "kl" and _dense_kl.FUSED:
+        return _dense_kl.fused_dense_indexer_kl(q_main, kv, q_idx, k_idx, w_idx, scale, topk, q_pos, k_pos)
     Sq, Sk = q_main.shape[1], kv.shape[1]
     q_pos = R._positions(q_pos, Sq, q_main.device)
     k_pos = R._positions(k_pos, Sk, q_main.device)
