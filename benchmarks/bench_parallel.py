@@ -1,0 +1,200 @@
+"""DSA training-step cost under tensor and context parallelism (not a test). Launch with torchrun:
+
+    torchrun --nproc-per-node 8 benchmarks/bench_parallel.py --size small \\
+        --layouts tp1,tp2,tp4,tp8,cp2,cp4,cp8,tp2cp2 --seqs 32768,65536,131072 --modes sparse,warmup
+
+For every layout (TP x CP; the ranks left over are data-parallel replicas running the same
+layout), sequence length and phase: forward + backward of the model on one sequence split the
+way megatron-core splits it (CP: load-balanced chunks; TP: sequence parallel), random weights
+and tokens. Per point: the slowest rank's median step time, the largest peak memory, the bytes
+the DSA layers' own collectives received on one rank (``megatron_dsa.parallel.STATS``: the
+indexer keys, top-k indices, partial targets, fetched KV rows; not megatron's linear-layer
+TP/SP traffic) and the indexer FLOPs per rank. Rank 0 writes parallel_<size>_w<world>.json /
+.md to --out. A point that runs out of memory is recorded as such and the sweep goes on.
+Runs on CPU with gloo too (tiny sizes, for checking the script).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import sys
+import time
+import traceback
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+PHASE_MODE = {"pretrain": "dense", "warmup": "warmup", "sparse": "sparse"}
+
+
+def parse_layout(text: str) -> tuple[int, int]:
+    m = re.fullmatch(r"(?:tp(\d+))?(?:cp(\d+))?", text)
+    if not text or not m:
+        raise SystemExit(f"error: bad layout {text!r} (examples: tp2, cp4, tp2cp2)")
+    return int(m.group(1) or 1), int(m.group(2) or 1)
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_point(args, tp: int, cp: int, seq: int, phase: str, device) -> dict:
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    from megatron_dsa.layer import pop_indexer_losses
+    from megatron_dsa.model import build_model, dsa_layers, model_config
+    from megatron_dsa.parallel import STATS, cp_split
+    from megatron_dsa.train.trainer import freeze_for_phase
+
+    ps.initialize_model_parallel(tensor_model_parallel_size=tp, context_parallel_size=cp)
+    try:
+        torch.manual_seed(0)
+        model_parallel_cuda_manual_seed(0)
+        gpu = device.type == "cuda"
+        cfg = model_config(
+            args.size, mdsa_mode=PHASE_MODE[phase], dsa_indexer_topk=args.topk,
+            tensor_model_parallel_size=tp, context_parallel_size=cp,
+            params_dtype=torch.bfloat16 if gpu else torch.float32, bf16=gpu,
+        )
+        model = build_model(args.size, cfg, max_seq_len=seq).to(device)
+        freeze_for_phase(model, phase)
+        g = torch.Generator().manual_seed(1)
+        tokens = torch.randint(0, model.vocab_size, (1, seq), generator=g).to(device)
+        labels = tokens.roll(-1, dims=1)
+        positions = torch.arange(seq, device=device)[None]
+        cp_rank = ps.get_context_parallel_rank()
+        tok, pos, lab = (cp_split(t, cp, cp_rank) for t in (tokens, positions, labels))
+
+        def step():
+            out = model(tok, pos, None, labels=lab)
+            losses = pop_indexer_losses(model)
+            loss = torch.stack(losses).sum() if phase == "warmup" else out.float().mean()
+            loss.backward()
+            for p in model.parameters():
+                p.grad = None
+
+        times, nbytes = [], 0
+        if gpu:
+            torch.cuda.reset_peak_memory_stats()
+        for i in range(args.warmup_iters + args.iters):
+            for layer in dsa_layers(model):
+                layer.indexer_flops = 0
+            STATS.reset()
+            dist.barrier()
+            _sync(device)
+            t0 = time.perf_counter()
+            step()
+            _sync(device)
+            if i >= args.warmup_iters:
+                times.append(time.perf_counter() - t0)
+                nbytes = STATS.total()
+        flops = sum(layer.indexer_flops for layer in dsa_layers(model))
+        res = {"ms": statistics.median(times) * 1e3, "dsa_bytes": nbytes, "indexer_flops": flops,
+               "peak_gb": torch.cuda.max_memory_allocated() / 2**30 if gpu else None}
+        del model
+        return res
+    finally:
+        ps.destroy_model_parallel()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--size", default="small")
+    p.add_argument("--layouts", default="tp1,tp2,cp2")
+    p.add_argument("--seqs", default="32768,65536,131072")
+    p.add_argument("--modes", default="sparse", help="phases: pretrain (dense), warmup, sparse")
+    p.add_argument("--topk", type=int, default=2048)
+    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--warmup-iters", type=int, default=1)
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    args = p.parse_args(argv)
+    layouts = [parse_layout(x) for x in args.layouts.split(",") if x]
+    seqs = [int(s) for s in args.seqs.split(",") if s]
+    phases = [m for m in args.modes.split(",") if m]
+    bad = [m for m in phases if m not in PHASE_MODE]
+    if bad:
+        raise SystemExit(f"error: unknown phase(s) {bad}; one of {sorted(PHASE_MODE)}")
+    if "WORLD_SIZE" not in os.environ:
+        raise SystemExit("error: launch with torchrun (e.g. torchrun --nproc-per-node 2 benchmarks/bench_parallel.py)")
+    world = int(os.environ["WORLD_SIZE"])
+    for tp, cp in layouts:
+        if world % (tp * cp):
+            raise SystemExit(f"error: layout tp{tp}cp{cp} needs a multiple of {tp * cp} ranks, got {world}")
+    for s in seqs:
+        if s % (2 * max(cp for _, cp in layouts)):
+            raise SystemExit(f"error: sequence {s} must split into 2 x CP chunks")
+
+    gpu = torch.cuda.is_available()
+    if gpu:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    else:
+        import patches
+
+        patches.apply_cpu_patches()
+    dist.init_process_group("nccl" if gpu else "gloo")
+    device = torch.device("cuda", torch.cuda.current_device()) if gpu else torch.device("cpu")
+    rank = dist.get_rank()
+    rows = []
+    for phase in phases:
+        for seq in seqs:
+            for tp, cp in layouts:
+                try:
+                    mine = run_point(args, tp, cp, seq, phase, device)
+                except torch.OutOfMemoryError:
+                    mine = {"error": "out of memory"}
+                except Exception as exc:  # recorded, the sweep goes on
+                    traceback.print_exc()
+                    mine = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+                everyone = [None] * world
+                dist.all_gather_object(everyone, mine)
+                errors = [r["error"] for r in everyone if "error" in r]
+                row = {"phase": phase, "seq": seq, "tp": tp, "cp": cp}
+                if errors:
+                    row["error"] = errors[0]
+                else:
+                    row.update(ms=max(r["ms"] for r in everyone), dsa_bytes=max(r["dsa_bytes"] for r in everyone),
+                               indexer_flops=max(r["indexer_flops"] for r in everyone),
+                               peak_gb=max((r["peak_gb"] or 0) for r in everyone) if gpu else None)
+                rows.append(row)
+                if rank == 0:
+                    print(json.dumps(row), flush=True)
+    if rank == 0:
+        meta = {"size": args.size, "world": world, "topk": args.topk, "iters": args.iters,
+                "device": torch.cuda.get_device_name() if gpu else "cpu (gloo)", "torch": torch.__version__}
+        os.makedirs(args.out, exist_ok=True)
+        stem = os.path.join(args.out, f"parallel_{args.size}_w{world}")
+        with open(stem + ".json", "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=2)
+        lines = [f"# DSA step (fwd+bwd) of the {args.size} MoE under TP x CP, {world} ranks, top-k {args.topk}", "",
+                 f"`torchrun --nproc-per-node {world} benchmarks/bench_parallel.py --size {args.size} "
+                 f"--layouts {args.layouts} --seqs {args.seqs} --modes {args.modes} --topk {args.topk}` on {meta['device']}.",
+                 "Slowest rank's median; DSA bytes = what the DSA layers' own collectives received on one rank.", "",
+                 "| phase | seq | TP | CP | ms / step | peak GB | DSA MiB received | indexer GFLOP / rank |",
+                 "|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            if "error" in r:
+                lines.append(f"| {r['phase']} | {r['seq']} | {r['tp']} | {r['cp']} | {r['error']} | | | |")
+            else:
+                peak = "" if r["peak_gb"] is None else f"{r['peak_gb']:.1f}"
+                lines.append(f"| {r['phase']} | {r['seq']} | {r['tp']} | {r['cp']} | {r['ms']:.1f} | {peak} | "
+                             f"{r['dsa_bytes'] / 2**20:.3g} | {r['indexer_flops'] / 1e9:.3g} |")
+        with open(stem + ".md", "w") as f:
+            f.write("\n".join(lines) + "\n")
+        print("\n".join(lines))
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

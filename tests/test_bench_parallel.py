@@ -1,0 +1,32 @@
+"""benchmarks/bench_parallel.py runs under torchrun (2 CPU ranks, gloo) and reports what it
+should: the TP-sharded indexer does 1/TP of the scoring per rank, CP moves DSA bytes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import free_port
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_parallel_benchmark_sweeps_layouts_on_two_ranks(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+           str(REPO / "benchmarks" / "bench_parallel.py"), "--size", "tiny", "--layouts", "tp1,tp2,cp2",
+           "--seqs", "64", "--modes", "sparse,warmup", "--topk", "16", "--iters", "1", "--out", str(tmp_path)]
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "parallel_tiny_w2.json").read_text())["rows"]
+    assert len(rows) == 6 and not [r for r in rows if "error" in r]
+    by = {(r["phase"], r["tp"], r["cp"]): r for r in rows}
+    for phase in ("sparse", "warmup"):
+        one, tp2, cp2 = by[(phase, 1, 1)], by[(phase, 2, 1)], by[(phase, 1, 2)]
+        assert one["indexer_flops"] > 0 and tp2["indexer_flops"] * 2 == one["indexer_flops"]
+        assert one["dsa_bytes"] == 0 and tp2["dsa_bytes"] > 0 and cp2["dsa_bytes"] > 0
+        assert all(r["ms"] > 0 for r in (one, tp2, cp2))
+    assert "| sparse | 64 | 2 | 1 |" in (tmp_path / "parallel_tiny_w2.md").read_text()
