@@ -14,9 +14,10 @@ stage whose outputs exist is skipped, ``--force`` reruns it):
     warmup     every arm's indexer warm-up (indexers only, dense attention, from pretrain)
     sparse     every arm's sparse training (from its warm-up), and arm B: the same tokens of
                continued dense training (same lr, seed, data order)
+    eval       every trained model: validation loss at several lengths, the retrieval suite
+               (arm B and arm A first, at most --eval-jobs at once)
     recall     after warm-up: top-k recall of the dense attention mass at several context
                lengths and k/S ratios, every arm (and the untrained indexer)
-    eval       every trained model: validation loss at several lengths, the retrieval suite
     report     <report-dir>/verification.md + PNGs + verification.json
     bench128k  one measured step of the report's full warm-up batch (16 x 128K) on the small
                MoE (h200 only; extrapolates 1000 steps)
@@ -64,7 +65,8 @@ ARMS = {
 }
 SHARING_ARMS = ("per_layer", "shared", "freq2", "freq4")
 OBJECTIVE_ARMS = {"per_layer": "kl", "obj_reverse_kl": "reverse_kl", "obj_mse": "mse", "obj_listwise": "listwise"}
-STAGES = ("corpus", "speed", "pretrain", "warmup", "sparse", "recall", "eval", "bench128k", "report")
+# eval before recall: if a sitting's GPU time runs out, the comparison with the control is what matters most
+STAGES = ("corpus", "speed", "pretrain", "warmup", "sparse", "eval", "recall", "bench128k", "report")
 ARM_STAGES = ("warmup", "sparse", "recall", "eval")  # run per arm, up to --jobs at once
 
 SCALES = {
@@ -976,7 +978,9 @@ def stage_tasks(e: Exp, stage: str) -> list[str]:
         return ["dense_control", *e.arms]
     if stage == "recall":
         return ["pretrain", *e.arms]
-    return ["pretrain", "dense_control", *e.arms]  # eval
+    # eval, most important first (tasks start in this order): arm B and arm A, then the rest
+    first = [a for a in ("per_layer",) if a in e.arms]
+    return ["dense_control", *first, *(a for a in e.arms if a not in first), "pretrain"]
 
 
 def run_task(e: Exp, stage: str, task: str) -> None:
@@ -1007,7 +1011,10 @@ def run_arm_stage(e: Exp, args, stage: str) -> list[str]:
             print(f"[{task}] {line.rstrip()}"[:240], flush=True)
         return None if proc.wait() == 0 else task
 
-    with ThreadPoolExecutor(args.jobs) as pool:
+    # Evaluation is forward-only and GPU-bound: a few at a time finish the first (most important)
+    # models early instead of all of them late.
+    jobs = min(args.jobs, args.eval_jobs) if stage == "eval" else args.jobs
+    with ThreadPoolExecutor(jobs) as pool:
         failed = [t for t in pool.map(child, tasks) if t]
     for t in failed:
         print(f"[{stage}:{t}] FAILED (see its log above)", flush=True)
@@ -1023,6 +1030,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--speed-arms", default=None,
                    help="arms of the speed stage (benchmarks/bench_model_step.py names; default: every arm's phases)")
     p.add_argument("--jobs", type=int, default=1, help="tasks of a per-arm stage run at once (processes)")
+    p.add_argument("--eval-jobs", type=int, default=3, help="at most this many evaluations at once (of --jobs)")
     p.add_argument("--out", default=None, help="run directory (default runs/verify/<scale>)")
     p.add_argument("--report-dir", default=None, help="where verification.md goes (default reports/)")
     p.add_argument("--force", action="store_true", help="rerun the stage(s) even if done")
