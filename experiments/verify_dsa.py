@@ -120,10 +120,12 @@ class Exp:
             raise SystemExit(f"error: unknown arm(s) {unknown}; known: {', '.join(ARMS)}")
 
     def commands(self) -> dict[str, str]:
-        """Every phase's exact command (one file per phase: arms may run concurrently)."""
+        """Every phase's exact command (one file per phase: arms may run concurrently), written
+        the way a user re-runs it: ``python``, recipes relative to the repository, the run
+        directory as ``$RUN`` (the machine's own paths stay out of the report)."""
         out = {}
         for f in sorted(self.out.glob("*/command.json")):
-            out[f.parent.name] = json.loads(f.read_text())
+            out[f.parent.name] = portable_command(json.loads(f.read_text()))
         return out
 
     def _load_json(self, name, default):
@@ -141,6 +143,15 @@ class Exp:
 
     def done(self, name: str) -> bool:
         return (self.phase_dir(name) / "DONE").is_file() and not self.force
+
+
+def portable_command(cmd: str) -> str:
+    """An echoed command without the paths of the machine it ran on (see Exp.commands)."""
+    run = re.search(r"data\.dir=(\S+)/data(?:\s|$)", cmd)
+    if run:
+        cmd = cmd.replace(run.group(1) + "/", "$RUN/")
+    cmd = re.sub(r"^\S*python\S*(?=\s)", "python", cmd)
+    return re.sub(r"\S*/(configs|benchmarks|experiments)/", r"\1/", cmd)
 
 
 def _echo(cmd: list[str]) -> str:
@@ -472,7 +483,7 @@ def stage_speed(e: Exp) -> None:
         print(f"[speed] failed (exit {proc.returncode}): {proc.stderr[-1500:]}")
         return
     rows = json.loads(next(d.glob("model_step_*.json")).read_text())
-    rows["command"] = _echo(cmd)
+    rows["command"] = portable_command(_echo(cmd).replace(str(e.out), "$RUN"))
     e.save_json("speed.json", rows)
     print(proc.stdout[-2500:], flush=True)
 
@@ -514,7 +525,8 @@ def stage_bench128k(e: Exp) -> None:
     if proc.returncode != 0:
         e.save_json("bench128k.json", {"error": proc.stderr[-2000:]})
         return
-    result = bench128k_from(json.loads(next(d.glob("model_step_*.json")).read_text()), _echo(cmd))
+    result = bench128k_from(json.loads(next(d.glob("model_step_*.json")).read_text()),
+                            portable_command(_echo(cmd).replace(str(e.out), "$RUN")))
     e.save_json("bench128k.json", result)
     print(f"[bench128k] {result}")
 
@@ -546,9 +558,16 @@ def _fmt(x, spec=".4f", none="n/a"):
     return none if x is None else format(x, spec)
 
 
+def _portable_corpus(info: dict) -> dict:
+    """The corpus record without machine paths: which library trees, not where they were."""
+    info = {k: v for k, v in info.items() if k not in ("source", "stdlib", "site_packages")}
+    return {"source": "the interpreter's standard library and site-packages (.py/.txt/.rst)", **info}
+
+
 def collect(e: Exp) -> dict:
     res = {"scale": e.scale, "targets": TARGETS, "commands": e.commands(), "arms": e.arms,
-           "corpus": e._load_json("corpus_info.json", {}), "eval": {}, "phases": {}, "warmup": {}, "recall": {}}
+           "corpus": _portable_corpus(e._load_json("corpus_info.json", {})),
+           "eval": {}, "phases": {}, "warmup": {}, "recall": {}}
     for arm, (phase, _) in eval_arms(e).items():
         p = e.out / "eval" / f"{phase}.json"
         if p.is_file():
@@ -730,11 +749,11 @@ def write_report(e: Exp) -> Path:
                  "pipeline works, they verify nothing about DSA.**\n")
     L.append(f"Re-run: `python experiments/verify_dsa.py --scale {e.scale}"
              f"{' --jobs 8' if e.scale == 'h200' else ''}` (resumes; `--stage a,b` runs some stages). "
-             f"Report written from `{e.out}`; the exact commands below show where each phase ran. "
+             "The exact commands below write the run directory as `$RUN`. "
              f"Training length {s['train_length']}, top-k {s['topk']}.\n")
     c = res["corpus"]
     if c:
-        L.append(f"Data: this machine's Python (stdlib `{c.get('stdlib')}`, site-packages `{c.get('site_packages')}`), "
+        L.append(f"Data: the running interpreter's standard library and site-packages (.py/.txt/.rst), "
                  f"{c['splits']['train']['tokens']:,} train / {c['splits']['valid']['tokens']:,} held-out tokens "
                  f"(split by file hash), BPE vocab {c.get('vocab_size')}.\n")
     # -- main table

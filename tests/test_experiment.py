@@ -61,6 +61,11 @@ def test_smoke_pipeline_end_to_end(tmp_path):
     body = md.split("## One indexer for all layers?")[0]
     assert "n/a" not in body and "not measured" not in md.split("## Conclusions")[1]
     assert "## Why KL? Warm-up objectives" in md
+    # the report speaks of the project, not of the machine it ran on
+    report_json = (rep / "verification.json").read_text()
+    for machine_path in (str(tmp_path), sys.executable, str(REPO)):
+        assert machine_path not in md and machine_path not in report_json, machine_path
+    assert "data.dir=$RUN/data" in md
     res = json.loads((rep / "verification.json").read_text())
     assert len(res["eval"]) == 2 + len(ARMS)
     assert set(res["warmup"]) == set(ARMS)
