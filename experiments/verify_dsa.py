@@ -133,10 +133,19 @@ class Exp:
         return json.loads(p.read_text()) if p.is_file() else default
 
     def save_json(self, name, obj):
-        self.out.mkdir(parents=True, exist_ok=True)
-        tmp = self.out / f".{name}.tmp"
+        """Write <out>/<name> (may hold a sub-directory) atomically: temp file + rename."""
+        path = self.out / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-        os.replace(tmp, self.out / name)
+        os.replace(tmp, path)
+
+    def pending(self, name: str, tag: str) -> bool:
+        """Whether the result <out>/<name> is still to be made (says so when it is skipped)."""
+        if (self.out / name).is_file() and not self.force:
+            print(f"{tag} done, skipped")
+            return False
+        return True
 
     def phase_dir(self, name: str) -> Path:
         return self.out / name
@@ -396,11 +405,7 @@ def stage_eval(e: Exp, task: str) -> None:
     phase = eval_phase(task)
     mode = "dense" if task in ("pretrain", "dense_control") else "sparse"
     label = {v[0]: k for k, v in eval_arms(e).items()}.get(phase, phase)
-    out = e.out / "eval"
-    out.mkdir(exist_ok=True)
-    path = out / f"{phase}.json"
-    if path.is_file() and not e.force:
-        print(f"[eval] {label}: done, skipped")
+    if not e.pending(f"eval/{phase}.json", f"[eval] {label}:"):
         return
     _need(e, phase)
     s = e.s
@@ -412,9 +417,7 @@ def stage_eval(e: Exp, task: str) -> None:
     result = {"arm": label, "phase": phase, "mode": mode, "loss": loss,
               "retrieval": {k: retr[k] for k in ("by_task_length", "by_length")},
               "seconds": time.perf_counter() - t0}
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, path)
+    e.save_json(f"eval/{phase}.json", result)
     print(f"[eval] {label} ({mode}): loss {' '.join(f'{k}:{v:.4f}' for k, v in loss.items())} | retrieval exact "
           f"{' '.join(f'{k}:{v['exact']:.0f}%' for k, v in retr['by_length'].items())} ({result['seconds']:.0f} s)",
           flush=True)
@@ -430,11 +433,7 @@ def stage_recall(e: Exp, task: str) -> None:
     from megatron_dsa.eval.loss import read_valid_tokens
 
     phase = "pretrain" if task == "pretrain" else f"warmup_{task}"
-    out = e.out / "eval"
-    out.mkdir(exist_ok=True)
-    path = out / f"recall_{task}.json"
-    if path.is_file() and not e.force:
-        print(f"[recall] {task}: done, skipped")
+    if not e.pending(f"eval/recall_{task}.json", f"[recall] {task}:"):
         return
     _need(e, phase)
     s = e.s
@@ -445,10 +444,8 @@ def stage_recall(e: Exp, task: str) -> None:
     table = {str(L): {str(k): {"k_over_L": v["k_over_L"], "mean": v["mean"],
                                "mean_nontrivial": v["mean_nontrivial"], "per_layer": v["per_layer"]}
                       for k, v in by_k.items()} for L, by_k in res.items()}
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"task": task, "phase": phase, "recall": table,
-                               "seconds": time.perf_counter() - t0}, indent=2) + "\n")
-    os.replace(tmp, path)
+    e.save_json(f"eval/recall_{task}.json",
+                {"task": task, "phase": phase, "recall": table, "seconds": time.perf_counter() - t0})
     print(f"[recall] {task}: " + " | ".join(
         f"L={L} " + " ".join(f"k/L={v['k_over_L']:.3f}:{v['mean_nontrivial'] if v['mean_nontrivial'] is not None else v['mean']:.3f}"
                              for v in by_k.values()) for L, by_k in res.items()), flush=True)
@@ -458,9 +455,7 @@ def stage_speed(e: Exp) -> None:
     """Every arm's training-step cost, solo and side by side in one process (GPU only)."""
     import torch
 
-    path = e.out / "speed.json"
-    if path.is_file() and not e.force:
-        print("[speed] done, skipped")
+    if not e.pending("speed.json", "[speed]"):
         return
     if e.s["speed_args"] is None or not torch.cuda.is_available():
         print("[speed] needs a GPU and --scale h200, skipped")
@@ -513,8 +508,7 @@ def stage_bench128k(e: Exp) -> None:
     if not e.s["bench"] or not torch.cuda.is_available():
         print("[bench128k] needs a GPU and --scale h200, skipped")
         return
-    if (e.out / "bench128k.json").is_file() and not e.force:
-        print("[bench128k] done, skipped")
+    if not e.pending("bench128k.json", "[bench128k]"):
         return
     d = e.out / "bench128k"
     d.mkdir(exist_ok=True)
