@@ -64,16 +64,51 @@ if HAS_TRITON:
         return p / H
 
     @triton.jit
+    def _index_head(QI, WI, b, rows, rmask, j, k_t, s_qib, s_qis, s_qih, s_wib, s_wis, s_wih, di, dim,
+                    IEEE_I: tl.constexpr, UPCAST: tl.constexpr):
+        """Indexer head j of the query rows: (q_j [BM, DIP], w_j [BM] fp32, q_j . k [BM, BN])."""
+        q_j = tl.load(QI + b * s_qib + rows[:, None] * s_qis + j * s_qih + di[None, :],
+                      mask=rmask[:, None] & dim[None, :], other=0.0)
+        w_j = tl.load(WI + b * s_wib + rows * s_wis + j * s_wih, mask=rmask, other=0.0).to(tl.float32)
+        return q_j, w_j, _dot(q_j, k_t, IEEE_I, UPCAST)
+
+    @triton.jit
     def _index_block(QI, WI, b, rows, rmask, k_t, s_qib, s_qis, s_qih, s_wib, s_wis, s_wih, di, dim,
                      HI: tl.constexpr, IEEE_I: tl.constexpr, UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
         """I [BM, BN] = sum_j w_j ReLU(q_j . k)."""
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for j in range(HI):
-            q_j = tl.load(QI + b * s_qib + rows[:, None] * s_qis + j * s_qih + di[None, :],
-                          mask=rmask[:, None] & dim[None, :], other=0.0)
-            w_j = tl.load(WI + b * s_wib + rows * s_wis + j * s_wih, mask=rmask, other=0.0).to(tl.float32)
-            acc += w_j[:, None] * tl.maximum(_dot(q_j, k_t, IEEE_I, UPCAST), 0.0)
+            _, w_j, s_j = _index_head(QI, WI, b, rows, rmask, j, k_t, s_qib, s_qis, s_qih, s_wib, s_wis, s_wih,
+                                      di, dim, IEEE_I, UPCAST)
+            acc += w_j[:, None] * tl.maximum(s_j, 0.0)
         return acc
+
+    @triton.jit
+    def _key_block(KI, KPOS, b, start, qp, rmask, Sk, s_kib, s_kis, di, dim, BN: tl.constexpr):
+        """Key block at ``start``: (cols, cmask, eligible [BM, BN], indexer keys [BN, DIP])."""
+        cols = start + tl.arange(0, BN)
+        cmask = cols < Sk
+        kp = tl.load(KPOS + cols, mask=cmask, other=0)
+        elig = (kp[None, :] <= qp[:, None]) & cmask[None, :] & rmask[:, None]
+        k_tile = tl.load(KI + b * s_kib + cols[:, None] * s_kis + di[None, :],
+                         mask=cmask[:, None] & dim[None, :], other=0.0)
+        return cols, cmask, elig, k_tile
+
+    @triton.jit
+    def _dlogits_block(QM, QI, WI, b, rows, rmask, kvp, cmask, elig, k_t, LSE, lse_i, g,
+                       s_qmb, s_qms, s_qmh, s_lb, s_ls, s_qib, s_qis, s_qih, s_wib, s_wis, s_wih,
+                       scale_log2, d1, d1m, d2, d2m, di, dim,
+                       H: tl.constexpr, DV: tl.constexpr, DR: tl.constexpr, HI: tl.constexpr,
+                       IEEE: tl.constexpr, IEEE_I: tl.constexpr, UPCAST: tl.constexpr,
+                       BM: tl.constexpr, BN: tl.constexpr):
+        """dKL/dI [BM, BN] = g (softmax(I) - p) on the eligible pairs, 0 elsewhere."""
+        logits = _index_block(QI, WI, b, rows, rmask, k_t, s_qib, s_qis, s_qih,
+                              s_wib, s_wis, s_wih, di, dim, HI, IEEE_I, UPCAST, BM, BN)
+        p = _target_block(QM, b, rows, rmask, kvp, cmask, elig, LSE,
+                          s_qmb, s_qms, s_qmh, s_lb, s_ls, scale_log2, d1, d1m, d2, d2m,
+                          H, DV, DR, IEEE, UPCAST, BM, BN)
+        sm = tl.exp2((logits - lse_i[:, None]) * 1.4426950408889634)
+        return tl.where(elig, g[:, None] * (sm - p), 0.0)
 
     @triton.jit
     def _main_lse_kernel(
@@ -140,12 +175,7 @@ if HAS_TRITON:
         plogp = tl.zeros((BM,), dtype=tl.float32)
         p_i = tl.zeros((BM,), dtype=tl.float32)
         for start in range(0, lim, BN):
-            cols = start + tl.arange(0, BN)
-            cmask = cols < Sk
-            kp = tl.load(KPOS + cols, mask=cmask, other=0)
-            elig = (kp[None, :] <= qp[:, None]) & cmask[None, :] & rmask[:, None]
-            k_tile = tl.load(KI + b * s_kib + cols[:, None] * s_kis + di[None, :],
-                             mask=cmask[:, None] & dim[None, :], other=0.0)
+            cols, cmask, elig, k_tile = _key_block(KI, KPOS, b, start, qp, rmask, Sk, s_kib, s_kis, di, dim, BN)
             logits = _index_block(QI, WI, b, rows, rmask, tl.trans(k_tile), s_qib, s_qis, s_qih,
                                   s_wib, s_wis, s_wih, di, dim, HI, IEEE_I, UPCAST, BM, BN)
             i2 = tl.where(elig, logits * 1.4426950408889634, float("-inf"))
@@ -190,25 +220,15 @@ if HAS_TRITON:
         lse_i = tl.load(LSEI + b * s_ob + rows * s_os, mask=rmask, other=0.0)
         g = tl.load(G + b * s_ob + rows * s_os, mask=rmask, other=0.0)
         for start in range(0, lim, BN):
-            cols = start + tl.arange(0, BN)
-            cmask = cols < Sk
-            kp = tl.load(KPOS + cols, mask=cmask, other=0)
-            elig = (kp[None, :] <= qp[:, None]) & cmask[None, :] & rmask[:, None]
-            k_tile = tl.load(KI + b * s_kib + cols[:, None] * s_kis + di[None, :],
-                             mask=cmask[:, None] & dim[None, :], other=0.0)
+            cols, cmask, elig, k_tile = _key_block(KI, KPOS, b, start, qp, rmask, Sk, s_kib, s_kis, di, dim, BN)
             k_t = tl.trans(k_tile)
-            logits = _index_block(QI, WI, b, rows, rmask, k_t, s_qib, s_qis, s_qih,
-                                  s_wib, s_wis, s_wih, di, dim, HI, IEEE_I, UPCAST, BM, BN)
-            p = _target_block(QM, b, rows, rmask, KV + b * s_kvb + cols * s_kvs, cmask, elig, LSE,
-                              s_qmb, s_qms, s_qmh, s_lb, s_ls, scale_log2, d1, d1m, d2, d2m,
-                              H, DV, DR, IEEE, UPCAST, BM, BN)
-            sm = tl.exp2((logits - lse_i[:, None]) * 1.4426950408889634)
-            d_i = tl.where(elig, g[:, None] * (sm - p), 0.0)
+            d_i = _dlogits_block(QM, QI, WI, b, rows, rmask, KV + b * s_kvb + cols * s_kvs, cmask, elig, k_t,
+                                 LSE, lse_i, g, s_qmb, s_qms, s_qmh, s_lb, s_ls, s_qib, s_qis, s_qih,
+                                 s_wib, s_wis, s_wih, scale_log2, d1, d1m, d2, d2m, di, dim,
+                                 H, DV, DR, HI, IEEE, IEEE_I, UPCAST, BM, BN)
             for j in range(HI):
-                q_j = tl.load(QI + b * s_qib + rows[:, None] * s_qis + j * s_qih + di[None, :],
-                              mask=rmask[:, None] & dim[None, :], other=0.0)
-                w_j = tl.load(WI + b * s_wib + rows * s_wis + j * s_wih, mask=rmask, other=0.0).to(tl.float32)
-                s_j = _dot(q_j, k_t, IEEE_I, UPCAST)
+                _, w_j, s_j = _index_head(QI, WI, b, rows, rmask, j, k_t, s_qib, s_qis, s_qih, s_wib, s_wis, s_wih,
+                                          di, dim, IEEE_I, UPCAST)
                 dw_p = DW + b * s_dwb + rows * s_dws + j * s_dwh
                 tl.store(dw_p, tl.load(dw_p, mask=rmask, other=0.0)
                          + tl.sum(d_i * tl.maximum(s_j, 0.0), axis=1), mask=rmask)
@@ -253,18 +273,13 @@ if HAS_TRITON:
             elig = (kp[None, :] <= qp[:, None]) & cmask[None, :] & rmask[:, None]
             lse_i = tl.load(LSEI + b * s_ob + rows * s_os, mask=rmask, other=0.0)
             g = tl.load(G + b * s_ob + rows * s_os, mask=rmask, other=0.0)
-            logits = _index_block(QI, WI, b, rows, rmask, k_t, s_qib, s_qis, s_qih,
-                                  s_wib, s_wis, s_wih, di, dim, HI, IEEE_I, UPCAST, BM, BN)
-            p = _target_block(QM, b, rows, rmask, kvp, cmask, elig, LSE,
-                              s_qmb, s_qms, s_qmh, s_lb, s_ls, scale_log2, d1, d1m, d2, d2m,
-                              H, DV, DR, IEEE, UPCAST, BM, BN)
-            sm = tl.exp2((logits - lse_i[:, None]) * 1.4426950408889634)
-            d_i = tl.where(elig, g[:, None] * (sm - p), 0.0)
+            d_i = _dlogits_block(QM, QI, WI, b, rows, rmask, kvp, cmask, elig, k_t,
+                                 LSE, lse_i, g, s_qmb, s_qms, s_qmh, s_lb, s_ls, s_qib, s_qis, s_qih,
+                                 s_wib, s_wis, s_wih, scale_log2, d1, d1m, d2, d2m, di, dim,
+                                 H, DV, DR, HI, IEEE, IEEE_I, UPCAST, BM, BN)
             for j in range(HI):
-                q_j = tl.load(QI + b * s_qib + rows[:, None] * s_qis + j * s_qih + di[None, :],
-                              mask=rmask[:, None] & dim[None, :], other=0.0)
-                w_j = tl.load(WI + b * s_wib + rows * s_wis + j * s_wih, mask=rmask, other=0.0).to(tl.float32)
-                s_j = _dot(q_j, k_t, IEEE_I, UPCAST)
+                q_j, w_j, s_j = _index_head(QI, WI, b, rows, rmask, j, k_t, s_qib, s_qis, s_qih, s_wib, s_wis,
+                                            s_wih, di, dim, IEEE_I, UPCAST)
                 ds = tl.where(s_j > 0, d_i * w_j[:, None], 0.0)
                 dk += _dot_ds(tl.trans(ds), q_j, IEEE_I, UPCAST, False)
         tl.store(DK + b * s_dkb + cols[:, None] * s_dks + di[None, :], dk, mask=cmask[:, None] & dim[None, :])
