@@ -9,7 +9,8 @@ import torch
 
 from megatron_dsa import reference as R
 from megatron_dsa.eval import indexer_recall_at_lengths
-from megatron_dsa.eval.recall import topk_for_length
+from megatron_dsa.eval import recall as recall_mod
+from megatron_dsa.eval.recall import oracle_topk_mass, topk_for_length
 from megatron_dsa.layer import INDEXER_KL, TOPK_RECALL, DSACoreAttention, pop_indexer_losses
 from megatron_dsa.model import build_model, dsa_layers, model_config
 
@@ -53,6 +54,54 @@ class Capture:
             h.remove()
 
 
+def direct_p(query, key, scale):
+    """The head-summed, L1-normalised causal dense attention probability [B, S, S], float64,
+    from a DSA core attention's query [S, B, H, D] and key [S, B, 1, D]."""
+    q = query.permute(1, 0, 2, 3).double()  # [B, S, H, D]
+    kv = key.squeeze(2).transpose(0, 1).double()  # [B, S, D]
+    S = q.shape[1]
+    mask = torch.ones(S, S, dtype=torch.bool).tril()
+    scores = torch.einsum("bthd,bsd->bths", q, kv) * scale
+    probs = scores.masked_fill(~mask[None, :, None, :], float("-inf")).softmax(-1)
+    p = probs.sum(2)
+    return p / p.sum(-1, keepdim=True)
+
+
+def direct_oracle(layer, calls, k):
+    """Oracle recall, float64: the sum of the k largest entries of p per row, averaged over
+    every row of every call and over the rows with more than k eligible keys (None if none)."""
+    all_sum = nontrivial_sum = 0.0
+    rows = nontrivial_rows = 0
+    for query, key, _, _ in calls:
+        p = direct_p(query, key, layer.softmax_scale)
+        B, S = p.shape[:2]
+        best = p.topk(min(k, S), dim=-1).values.sum(-1)  # [B, S]
+        all_sum += float(best.sum())
+        nontrivial_sum += float(best[:, k:].sum())  # row t has t + 1 eligible keys
+        rows += B * S
+        nontrivial_rows += B * max(0, S - k)
+    return all_sum / rows, (nontrivial_sum / nontrivial_rows if nontrivial_rows else None)
+
+
+def check_oracle(model, res, cap, k, calls_per_k):
+    """res (one (L, k) entry) against direct_oracle on the first k's captured layer inputs."""
+    layers = {l.layer_number: l for l in dsa_layers(model)}
+    nontrivial = res["oracle_per_layer_nontrivial"] or [None] * len(res["layers"])
+    assert len(res["oracle_per_layer"]) == len(res["layers"]) == len(nontrivial)
+    for n, got, got_nt in zip(res["layers"], res["oracle_per_layer"], nontrivial):
+        want, want_nt = direct_oracle(layers[n], cap.calls[n][:calls_per_k], k)
+        assert got == pytest.approx(want, abs=2e-5), (n, k)
+        if want_nt is None:
+            assert got_nt is None
+        else:
+            assert got_nt == pytest.approx(want_nt, abs=2e-5), (n, k)
+    assert res["oracle_mean"] == pytest.approx(sum(res["oracle_per_layer"]) / len(res["layers"]))
+    if res["oracle_per_layer_nontrivial"] is None:
+        assert res["oracle_mean_nontrivial"] is None
+    else:
+        assert res["oracle_mean_nontrivial"] == pytest.approx(sum(nontrivial) / len(nontrivial))
+
+
 def direct_recall_kl(layer, calls, k):
     """Mean over every query row of every call: recall of the head-summed dense attention mass
     in the indexer's top-k, and KL(p || softmax(I)); computed here from the layer's inputs."""
@@ -60,14 +109,9 @@ def direct_recall_kl(layer, calls, k):
     recall_sum = kl_sum = 0.0
     rows = 0
     for query, key, x, qr in calls:
-        q = query.permute(1, 0, 2, 3).double()  # [B, S, H, D]
-        kv = key.squeeze(2).transpose(0, 1).double()  # [B, S, D]
-        B, S = q.shape[:2]
+        p = direct_p(query, key, layer.softmax_scale)
+        B, S = p.shape[:2]
         mask = torch.ones(S, S, dtype=torch.bool).tril()
-        scores = torch.einsum("bthd,bsd->bths", q, kv) * layer.softmax_scale
-        probs = scores.masked_fill(~mask[None, :, None, :], float("-inf")).softmax(-1)
-        p = probs.sum(2)
-        p = p / p.sum(-1, keepdim=True)
         with torch.no_grad():
             qi, ki, wi = indexer(x.transpose(0, 1), qr.transpose(0, 1), torch.arange(S))
         logits = R.indexer_scores(qi, ki, wi)  # [B, S, S] fp32
@@ -115,6 +159,70 @@ def test_recall_matches_direct_computation(megatron_world, seed, variant, expect
             assert (k + (L - k) * nontriv) / L == pytest.approx(got, abs=1e-9)
         assert res["mean"] == pytest.approx(sum(res["per_layer"]) / len(expect_layers))
         assert 0 < res["mean"] < 1  # random indexer, k < L: some mass is missed
+        # the oracle: p's own top-k mass, measured in the first k's forwards (no extra forward)
+        check_oracle(model, res, cap, k, calls_per_k=3)
+        for got, best in zip(res["per_layer"] + res["per_layer_nontrivial"],
+                             res["oracle_per_layer"] + res["oracle_per_layer_nontrivial"]):
+            assert best >= got - 1e-6  # no selection of k keys beats p's own top-k
+        assert res["oracle_mean"] < 1 - 1e-4  # k < L: even the best k keys miss some mass
+
+
+def test_oracle_topk_mass_chunks_match_float64(monkeypatch):
+    from megatron_dsa import reference as R
+
+    g = torch.Generator().manual_seed(0)
+    S, B, H, D = 40, 2, 3, 8
+    query, key = torch.randn(S, B, H, D, generator=g), torch.randn(S, B, 1, D, generator=g)
+    ks = [1, 5, 39, 40, 64]
+    p = direct_p(query, key, 0.7)
+    want = torch.stack([p.topk(min(k, S), dim=-1).values.sum(-1) for k in ks], -1)
+    for chunk in (R.CHUNK_ELEMENTS, B * H * S * 7, 1):  # one chunk, 7 rows, 1 row per chunk
+        monkeypatch.setattr(R, "CHUNK_ELEMENTS", chunk)
+        got = oracle_topk_mass(query, key, 0.7, ks)
+        assert got.shape == (B, S, len(ks)) and got.dtype == torch.float64
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    assert torch.allclose(got[..., 3:], torch.ones(B, S, 2, dtype=torch.float64), atol=1e-6)  # k >= S
+    assert (got[..., 0] < 1 - 1e-3).any()
+
+
+def _smallest_k(p, ks):
+    kmax = min(max(ks), p.shape[-1])
+    top = torch.topk(p, kmax, dim=-1, largest=False, sorted=True).values.double().cumsum(-1)
+    return top[..., [min(k, kmax) - 1 for k in ks]]
+
+
+def _one_more(p, ks):
+    return recall_mod_topk_mass(p, [k + 1 for k in ks])
+
+
+recall_mod_topk_mass = recall_mod._topk_mass
+
+
+@pytest.mark.parametrize("broken", [None, _smallest_k, _one_more], ids=["intact", "k_smallest", "k_plus_1_largest"])
+def test_oracle_check_catches_breakage(megatron_world, seed, monkeypatch, broken):
+    model = make(seed, mdsa_mode="warmup")
+    L, ks = 32, [4, 12]
+    cap = Capture(model)
+    if broken is not None:
+        monkeypatch.setattr(recall_mod, "_topk_mass", broken)
+    try:
+        out = indexer_recall_at_lengths(model, stream(2 * L + 1, seed), [L], topks=ks)
+    finally:
+        cap.remove()
+    for k in ks:
+        if broken is None:  # the same check passes on the intact code: the failures are real
+            check_oracle(model, out[L][k], cap, k, calls_per_k=1)
+        else:
+            with pytest.raises(AssertionError):
+                check_oracle(model, out[L][k], cap, k, calls_per_k=1)
+
+
+def test_oracle_can_be_skipped(megatron_world, seed):
+    model = make(seed, mdsa_mode="warmup")
+    out = indexer_recall_at_lengths(model, stream(2 * 32 + 1, seed), [32], topks=[4], oracle=False)[32][4]
+    assert 0 < out["mean"] < 1
+    assert all(out[key] is None for key in ("oracle_mean", "oracle_per_layer", "oracle_mean_nontrivial",
+                                            "oracle_per_layer_nontrivial"))
 
 
 def test_recall_is_one_when_k_covers_the_window(megatron_world, seed):
@@ -126,8 +234,12 @@ def test_recall_is_one_when_k_covers_the_window(megatron_world, seed):
             assert res["mean"] == pytest.approx(1.0, abs=1e-5), (L, k)
             assert all(r == pytest.approx(1.0, abs=1e-5) for r in res["per_layer"])
             assert res["mean_nontrivial"] is None and res["per_layer_nontrivial"] is None
+            assert res["oracle_mean"] == pytest.approx(1.0, abs=1e-5), (L, k)
+            assert all(r == pytest.approx(1.0, abs=1e-5) for r in res["oracle_per_layer"])
+            assert res["oracle_mean_nontrivial"] is None and res["oracle_per_layer_nontrivial"] is None
         if L == 64:
             assert by_k[32]["mean"] < 1 - 1e-4  # k = L/2 really misses mass: the test can fail
+            assert by_k[32]["mean"] <= by_k[32]["oracle_mean"] < 1 - 1e-4
 
 
 def test_recall_grows_with_k(megatron_world, seed):
@@ -139,6 +251,12 @@ def test_recall_grows_with_k(megatron_world, seed):
         series = [out[k]["per_layer"][i] for k in ks]
         assert all(b >= a - 1e-6 for a, b in zip(series, series[1:])), series
         assert series[0] < series[-1] - 1e-3
+        best = [out[k]["oracle_per_layer"][i] for k in ks]
+        assert all(b >= a - 1e-9 for a, b in zip(best, best[1:])), best
+        assert all(o >= r - 1e-6 for o, r in zip(best, series)), (best, series)
+        best_nt = [out[k]["oracle_per_layer_nontrivial"][i] for k in ks if k < 32]
+        got_nt = [out[k]["per_layer_nontrivial"][i] for k in ks if k < 32]
+        assert all(o >= r - 1e-6 for o, r in zip(best_nt, got_nt)), (best_nt, got_nt)
     # KL does not depend on k (objective "kl"); only the selection does
     kls = [out[k]["kl"] for k in ks]
     assert max(kls) - min(kls) < 1e-5 * max(1.0, abs(kls[0]))
@@ -162,6 +280,7 @@ def test_state_restored_afterwards(megatron_world, seed):
     cfg = model.config
     settings, topk = cfg.dsa, cfg.dsa_indexer_topk
     flops = [l.indexer_flops for l in dsa_layers(model)]
+    hooks = [len(l._forward_pre_hooks) for l in dsa_layers(model)]
     tracker = get_moe_metrics_tracker()
     tracker.clear()
     # a trainer's not-yet-logged values: the evaluation must leave them alone
@@ -172,6 +291,7 @@ def test_state_restored_afterwards(megatron_world, seed):
     assert cfg.mdsa_mode == "sparse" and cfg.dsa is settings and cfg.dsa_indexer_topk == topk == 16
     assert cfg.dsa.topk == 16 and cfg.dsa.mode == "sparse"
     assert all(m.training for m in model.modules())
+    assert [len(l._forward_pre_hooks) for l in dsa_layers(model)] == hooks  # the oracle's are gone
     assert [l.indexer_flops for l in dsa_layers(model)] == flops
     assert pop_indexer_losses(model) == []
     after = {name: e.values for name, e in tracker.metrics.items()}
@@ -191,6 +311,7 @@ def test_state_restored_afterwards(megatron_world, seed):
         handle.remove()
     assert cfg.mdsa_mode == "sparse" and cfg.dsa is settings and cfg.dsa_indexer_topk == 16
     assert all(m.training for m in model.modules())
+    assert [len(l._forward_pre_hooks) for l in dsa_layers(model)] == hooks
     assert all(torch.equal(tracker.metrics[n].values, before[n]) for n in before)
     tracker.clear()
 

@@ -12,10 +12,19 @@ Rows whose number of eligible (causal) keys is at most k select every key and ha
 by construction: in a window of length L with k < L those are exactly the first k rows. The
 ``mean`` counts every row (what training logs); ``mean_nontrivial`` counts only the L - k
 rows that really choose, ``(L * mean - k) / (L - k)``.
+
+The ORACLE recall is the ceiling of any indexer: the share of p in the best possible k keys,
+i.e. the sum of the k largest entries of p per row (p's own top-k; ties do not matter). It is
+computed here, not in the layer: a forward pre-hook on every recording layer takes the
+layer's query / latent-KV inputs and recomputes p with the reference math
+(``megatron_dsa.reference``, fp32, in query-row chunks of bounded size), during the first k's
+forwards of each length only and for every k of that length at once (in warm-up mode the main
+model is dense, so a layer's inputs do not depend on k). No extra model forward.
 """
 
 from __future__ import annotations
 
+import inspect
 import numbers
 from typing import Optional, Sequence
 
@@ -81,6 +90,88 @@ def _check_inputs(model, num_tokens: int, lengths, topk_ratios, topks, max_total
     return layers, lengths, ks, total
 
 
+def _topk_mass(p, ks: Sequence[int]):
+    """[..., Sk] probabilities -> [..., len(ks)] float64: the sum of the k largest entries of
+    each row for every k in ``ks`` (k >= Sk sums the whole row)."""
+    import torch
+
+    kmax = min(max(ks), p.shape[-1])
+    top = torch.topk(p, kmax, dim=-1, largest=True, sorted=True).values.double().cumsum(-1)
+    pick = torch.tensor([min(k, kmax) - 1 for k in ks], device=p.device)
+    return top.index_select(-1, pick)
+
+
+def oracle_topk_mass(query, key, scale: float, ks: Sequence[int]):
+    """Oracle recall per query row: the sum of the k largest entries of the head-summed,
+    L1-normalised causal dense attention probability p (the indexer's target), for each k.
+
+    ``query`` [S, B, H, Dqk] and ``key`` [S, B, 1, Dqk] as a DSA core attention receives them
+    (positions 0..S-1). Returns [B, S, len(ks)] float64. Rows are taken in chunks of at most
+    ``reference.CHUNK_ELEMENTS`` scores, each against only the keys it can see.
+    """
+    import torch
+
+    from megatron_dsa import reference as R
+
+    q = query.permute(1, 0, 2, 3)  # [B, S, H, D]
+    kv = key.squeeze(2).transpose(0, 1)  # [B, S, D]
+    B, S, H = q.shape[:3]
+    out = torch.empty(B, S, len(ks), dtype=torch.float64, device=q.device)
+    pos = torch.arange(S, device=q.device)
+    step = R._chunk_size(B * H * S, S)
+    with torch.no_grad():
+        for t0 in range(0, S, step):
+            t1 = min(S, t0 + step)  # rows t0..t1-1 see keys 0..t1-1 at most
+            scores = torch.einsum("bthd,bsd->bths", R._up(q[:, t0:t1]), R._up(kv[:, :t1])) * scale
+            mask = R.causal_mask(pos[t0:t1], pos[:t1])
+            probs = torch.softmax(scores.masked_fill(~mask[None, :, None, :], float("-inf")), dim=-1)
+            p = R.head_summed_target(probs.nan_to_num_(0.0))  # [B, c, t1]
+            del scores, probs
+            out[:, t0:t1] = _topk_mass(p, ks)
+    return out
+
+
+class _OracleHook:
+    """Forward pre-hooks that add each recording layer's per-row oracle mass to running sums:
+    over all rows and over the rows with more than k eligible keys, per (layer, k)."""
+
+    def __init__(self, layers, num_layers: int):
+        from megatron_dsa.layer import DSACoreAttention
+
+        self.signature = inspect.signature(DSACoreAttention.forward)
+        self.ids = {layer.layer_number for layer in layers}
+        self.num_layers = num_layers
+        self.ks: Optional[list[int]] = None  # None: the hooks do nothing
+        self.handles = [layer.register_forward_pre_hook(self._hook, with_kwargs=True) for layer in layers]
+
+    def start(self, ks: Sequence[int]) -> None:
+        import torch
+
+        self.ks = list(ks)
+        self.sum_all = torch.zeros(self.num_layers, len(ks), dtype=torch.float64)
+        self.sum_nontrivial = torch.zeros(self.num_layers, len(ks), dtype=torch.float64)
+
+    def stop(self) -> None:
+        self.ks = None
+
+    def _hook(self, module, args, kwargs):
+        if self.ks is None or module.layer_number not in self.ids:
+            return None
+        a = self.signature.bind(module, *args, **kwargs).arguments
+        mass = oracle_topk_mass(a["query"], a["key"], module.softmax_scale, self.ks)  # [B, S, nk]
+        S = mass.shape[1]
+        n = module.layer_number - 1
+        self.sum_all[n] += mass.sum((0, 1)).cpu()
+        for j, k in enumerate(self.ks):
+            if k < S:  # rows t >= k have t + 1 > k eligible keys
+                self.sum_nontrivial[n, j] += mass[:, k:, j].sum().cpu()
+        return None
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
 def _recording_layers(layers) -> list:
     """The layers whose warm-up forward computes recall: those with an indexer of their own or
     a shared one (with dsa_indexer_topk_freq = N the layers that reuse a selection have none)."""
@@ -89,7 +180,7 @@ def _recording_layers(layers) -> list:
 
 def indexer_recall_at_lengths(model, tokens, lengths: Sequence[int], topk_ratios: Optional[Sequence[float]] = None,
                               topks: Optional[Sequence[int]] = None, max_total: Optional[int] = None,
-                              max_batch_tokens: int = 65536, device=None) -> dict:
+                              max_batch_tokens: int = 65536, device=None, oracle: bool = True) -> dict:
     """Mean top-k recall (and indexer loss) of ``model``'s indexers per context length and k.
 
     For each length L (windows of the first ``plan_total`` tokens of ``tokens``, as
@@ -102,8 +193,16 @@ def indexer_recall_at_lengths(model, tokens, lengths: Sequence[int], topk_ratios
                  "mean_nontrivial": float|None,  # rows with > k eligible keys (None if k >= L)
                  "per_layer_nontrivial": [...]|None,
                  "kl": float, "kl_per_layer": [...],  # the indexer objective's mean per row
+                 # the ceiling of any indexer: share of p in p's own k largest entries,
+                 # same averaging as the four recall keys above (all None if not ``oracle``)
+                 "oracle_mean": float, "oracle_per_layer": [float, ...],
+                 "oracle_mean_nontrivial": float|None, "oracle_per_layer_nontrivial": [...]|None,
                  "layers": [int, ...],           # layer numbers that compute recall
                  "k_over_L": float, "rows": int}}}
+
+    The oracle depends only on the main model (not on the indexer) and costs one extra
+    reference computation of p per recording layer and window per length (``oracle=False``
+    skips it).
 
     The model's mode, top-k, training flags, per-layer FLOP counters and megatron-core's
     metrics tracker are as before afterwards. Raises ValueError on bad inputs before any compute.
@@ -136,6 +235,7 @@ def indexer_recall_at_lengths(model, tokens, lengths: Sequence[int], topk_ratios
         return values
 
     out: dict = {}
+    hook = None
     try:
         for c in configs:
             set_mode(c, "warmup")  # DSAConfigError (a ValueError) if the config cannot warm up
@@ -145,13 +245,19 @@ def indexer_recall_at_lengths(model, tokens, lengths: Sequence[int], topk_ratios
         for name in (TOPK_RECALL, INDEXER_KL):
             if name in tracker.metrics:
                 tracker.metrics[name].values.zero_()
+        if oracle:
+            hook = _OracleHook(recording, num_layers)
         model.eval()
         with torch.no_grad():
             for L in lengths:
                 x = stream[:total].view(-1, L)
                 bs = max(1, max_batch_tokens // L)
                 out[L] = {}
-                for k in ks[L]:
+                for i, k in enumerate(ks[L]):
+                    if hook is not None and i == 0:  # the first k's forwards: the oracle for every k
+                        hook.start(ks[L])
+                    elif hook is not None:
+                        hook.stop()
                     for c in configs:
                         c.dsa_indexer_topk = min(k, L)  # k > L selects every key, as k = L
                         c.dsa = validate(c)
@@ -169,6 +275,12 @@ def indexer_recall_at_lengths(model, tokens, lengths: Sequence[int], topk_ratios
                     per_layer = (recall_sum[idx] / total).tolist()
                     kl_layer = (kl_sum[idx] / total).tolist()
                     nontrivial = None if k >= L else [(r * L - k) / (L - k) for r in per_layer]
+                    oracle_layer = oracle_nontrivial = None
+                    if hook is not None:
+                        j = ks[L].index(k)
+                        oracle_layer = (hook.sum_all[idx, j] / total).tolist()
+                        if k < L:
+                            oracle_nontrivial = (hook.sum_nontrivial[idx, j] / (total // L * (L - k))).tolist()
                     out[L][k] = {
                         "mean": sum(per_layer) / len(per_layer),
                         "per_layer": per_layer,
@@ -176,11 +288,18 @@ def indexer_recall_at_lengths(model, tokens, lengths: Sequence[int], topk_ratios
                         "per_layer_nontrivial": nontrivial,
                         "kl": sum(kl_layer) / len(kl_layer),
                         "kl_per_layer": kl_layer,
+                        "oracle_mean": None if oracle_layer is None else sum(oracle_layer) / len(oracle_layer),
+                        "oracle_per_layer": oracle_layer,
+                        "oracle_mean_nontrivial": (None if oracle_nontrivial is None
+                                                   else sum(oracle_nontrivial) / len(oracle_nontrivial)),
+                        "oracle_per_layer_nontrivial": oracle_nontrivial,
                         "layers": list(layer_ids),
                         "k_over_L": k / L,
                         "rows": total,
                     }
     finally:
+        if hook is not None:
+            hook.remove()
         for c, mode, topk, settings in saved_configs:
             c.mdsa_mode, c.dsa_indexer_topk, c.dsa = mode, topk, settings
         for layer, flops in saved_flops:
