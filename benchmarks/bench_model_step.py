@@ -2,14 +2,19 @@
 
     python benchmarks/bench_model_step.py [--size small] [--seq 16384] [--batch 1]
         [--topk 512] [--arms dense,warmup,sparse,warmup_shared,...] [--iters 5] [--out DIR]
-        [--dense-kl blockwise|fused]
+        [--dense-kl blockwise,fused]
 
 One process, one GPU, random weights and tokens (cost does not depend on them). Each arm is a
 (phase, indexer layout) pair and is timed the way the trainer runs it: forward + backward with
 the phase's trainable set (``freeze_for_phase``) and loss (LM loss; the summed indexer KL in
 warm-up). The optimizer step is left out (the same for every arm but warm-up, where it touches
 only the indexers). Median of ``--iters`` after ``--warmup-iters``; peak memory per arm.
-Writes model_step_<size>_<seq>.json / .md to --out.
+``--precision bf16,fp8`` times every arm once per precision, labelled ``arm[fp8]``: fp8 is
+Transformer Engine's FP8 for the linears (hybrid format, delayed scaling; the DSA core stays in
+bf16), so it needs ``--transformer-impl transformer_engine`` (or auto with TE installed).
+``--dense-kl`` lists the warm-up KL implementations to time (default: the process's,
+``MDSA_DENSE_KL``); with more than one, each warm-up arm runs once per implementation, labelled
+``warmup[fused]`` etc. Writes model_step_<size>_<seq>.json / .md to --out.
 """
 
 from __future__ import annotations
@@ -37,6 +42,11 @@ LAYOUTS = {
     "listwise": {"mdsa_indexer_objective": "listwise"},
 }
 PHASE_MODE = {"pretrain": "dense", "warmup": "warmup", "sparse": "sparse"}
+# --precision name -> config fields (the trainer's fp8 section maps to the same fields)
+PRECISIONS = {
+    "bf16": {},
+    "fp8": {"fp8": "hybrid", "fp8_recipe": "delayed", "fp8_amax_history_len": 16, "fp8_amax_compute_algo": "max"},
+}
 DEFAULT_ARMS = ("pretrain,warmup,sparse,warmup_shared,sparse_shared,warmup_freq2,sparse_freq2,"
                 "warmup_freq4,sparse_freq4")
 
@@ -66,14 +76,15 @@ def step_fn(model, phase: str, tokens, labels, positions):
     return step
 
 
-def run_arm(args, arm: str, device) -> dict:
+def run_arm(args, arm: str, device, precision: str = "bf16") -> dict:
     from megatron_dsa.layer import pop_indexer_losses
     from megatron_dsa.model import build_model, model_config
     from megatron_dsa.train.trainer import freeze_for_phase
 
     phase, layout = parse_arm(arm)
     overrides = dict(params_dtype=torch.bfloat16, bf16=True, mdsa_mode=PHASE_MODE[phase],
-                     dsa_indexer_topk=args.topk, mdsa_kernel=args.kernel, **LAYOUTS[layout])
+                     dsa_indexer_topk=args.topk, mdsa_kernel=args.kernel, transformer_impl=args.transformer_impl,
+                     **LAYOUTS[layout], **PRECISIONS[precision])
     torch.manual_seed(0)
     model = build_model(args.size, model_config(args.size, **overrides), max_seq_len=args.seq).to(device)
     freeze_for_phase(model, phase)
@@ -121,8 +132,11 @@ def main(argv=None) -> int:
     p.add_argument("--topk", type=int, default=512)
     p.add_argument("--kernel", default="auto", choices=("auto", "triton", "reference"))
     p.add_argument("--arms", default=DEFAULT_ARMS)
-    p.add_argument("--dense-kl", default="blockwise", choices=("blockwise", "fused"),
-                   help="the warm-up's dense indexer KL: blockwise PyTorch or the fused Triton kernels")
+    p.add_argument("--dense-kl", default=None,
+                   help="comma list of the warm-up's dense indexer KL implementations to time: blockwise "
+                        "(PyTorch) and/or fused (Triton); default: MDSA_DENSE_KL's")
+    p.add_argument("--transformer-impl", default="auto", choices=("auto", "local", "transformer_engine"))
+    p.add_argument("--precision", default="bf16", help=f"comma list of {list(PRECISIONS)} (fp8: TE's FP8 linears)")
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--warmup-iters", type=int, default=2)
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
@@ -133,24 +147,43 @@ def main(argv=None) -> int:
     from megatron_dsa.distributed import init_single_process
     from megatron_dsa.kernels import dense_kl
 
-    dense_kl.FUSED = args.dense_kl == "fused"
+    default_kl = "fused" if dense_kl.FUSED else "blockwise"
+    kls = [k.strip() for k in (args.dense_kl or default_kl).split(",") if k.strip()]
+    bad = [k for k in kls if k not in dense_kl.DENSE_KL_CHOICES]
+    if bad or not kls:
+        raise SystemExit(f"error: --dense-kl takes a comma list of {list(dense_kl.DENSE_KL_CHOICES)}, got {args.dense_kl!r}")
+    precisions = [x.strip() for x in args.precision.split(",") if x.strip()]
+    if not precisions or any(x not in PRECISIONS for x in precisions):
+        raise SystemExit(f"error: --precision takes a comma list of {list(PRECISIONS)}, got {args.precision!r}")
+    # (arm, dense KL, precision) runs: only the warm-up's KL objective has two implementations.
+    runs = []
+    for arm in arms:
+        phase, layout = parse_arm(arm)
+        has_kl = phase == "warmup" and layout not in ("reverse_kl", "mse", "listwise")
+        for prec in precisions:
+            for k in (kls if has_kl else kls[:1]):
+                tags = ([k] if has_kl and len(kls) > 1 else []) + ([prec] if len(precisions) > 1 else [])
+                runs.append((arm, k, prec, f"{arm}[{','.join(tags)}]" if tags else arm))
     init_single_process()
     # CPU only for checking the script itself at tiny sizes (--size tiny --seq 64).
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rows = []
-    for arm in arms:
+    for arm, kl, prec, name in runs:
+        dense_kl.FUSED = kl == "fused"
         try:
-            r = run_arm(args, arm, device)
+            r = run_arm(args, arm, device, prec)
+            r.update(arm=name, dense_kl=kl, precision=prec)
         except torch.OutOfMemoryError:
-            r = {"arm": arm, "error": "out of memory"}
+            r = {"arm": name, "error": "out of memory"}
             torch.cuda.empty_cache()
         except Exception as exc:  # recorded, the sweep goes on
             traceback.print_exc()
-            r = {"arm": arm, "error": f"{type(exc).__name__}: {exc}"[:300]}
+            r = {"arm": name, "error": f"{type(exc).__name__}: {exc}"[:300]}
         rows.append(r)
         print(json.dumps({k: v for k, v in r.items() if k != "times_ms"}), flush=True)
     meta = {"size": args.size, "seq": args.seq, "batch": args.batch, "topk": args.topk, "kernel": args.kernel,
-            "dense_kl": args.dense_kl,
+            "dense_kl": ",".join(kls), "precision": ",".join(precisions),
+            "transformer_impl": args.transformer_impl,
             "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__}
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"model_step_{args.size}_{args.seq}")
@@ -159,7 +192,7 @@ def main(argv=None) -> int:
     base = next((r["ms"] for r in rows if r.get("arm") == "pretrain" and "ms" in r), None)
     lines = [f"# Training step (fwd+bwd) of the {args.size} MoE, {args.batch} x {args.seq} tokens, top-k {args.topk}",
              "", f"`python benchmarks/bench_model_step.py --size {args.size} --seq {args.seq} --batch {args.batch} "
-             f"--topk {args.topk}` on {meta['device']}, torch {meta['torch']}; median of {args.iters}.", "",
+             f"--topk {args.topk} --dense-kl {meta['dense_kl']} --precision {meta['precision']} --transformer-impl {args.transformer_impl}` on {meta['device']}, torch {meta['torch']}; median of {args.iters}.", "",
              "| arm | phase | indexer layout | ms / step | tokens/s | vs dense pretrain | peak GB |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -15,12 +15,15 @@ dI = g (softmax(I) - p): one program per query block streams the keys for dq_idx
 (a diagnostic, no gradient) uses the indexer top-k kernel and gathers p at the selected keys.
 
 Status: equal to the reference on fresh random inputs (tests/test_kernels.py, Triton's
-interpreter in CI); not yet measured on the H200, so ``FUSED`` stays off there until it is
-(the blockwise PyTorch path in ``indexer_kl.DenseIndexerKL`` is the measured one).
+interpreter in CI, and on the H200). Measured in the small MoE's warm-up step on the H200 it is
+no faster than the blockwise PyTorch op in ``indexer_kl.DenseIndexerKL`` (1291 vs 1272 ms per
+16K sequence, benchmarks/results/model_step_small_16384_dense_kl.md), so ``FUSED`` stays off.
+``MDSA_DENSE_KL=fused|blockwise`` picks one for a process and the processes it starts.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -28,8 +31,19 @@ import torch
 from .. import reference as R
 from ._common import HAS_TRITON, _dot, _dot_ds, interpreting, is_fp32, next_pow2, triton, tl
 
+DENSE_KL_CHOICES = ("blockwise", "fused")
+
+
+def _fused_from_env(default: str = "blockwise") -> bool:
+    """``MDSA_DENSE_KL`` (blockwise | fused), so a launcher can choose for the trainer's phases."""
+    choice = os.environ.get("MDSA_DENSE_KL", default)
+    if choice not in DENSE_KL_CHOICES:
+        raise ValueError(f"MDSA_DENSE_KL must be one of {list(DENSE_KL_CHOICES)}, got {choice!r}")
+    return choice == "fused"
+
+
 # Take the fused kernels for the KL objective (see the module docstring).
-FUSED = False
+FUSED = _fused_from_env()
 LOG2E = 1.4426950408889634
 RECALL_CHUNK_ELEMENTS = 1 << 24
 

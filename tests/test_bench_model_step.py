@@ -1,0 +1,54 @@
+"""benchmarks/bench_model_step.py on CPU at tiny sizes: variant labels, errors, and MDSA_DENSE_KL."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _bench(tmp_path, *args):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_model_step.py"), "--size", "tiny",
+                           "--seq", "64", "--topk", "8", "--iters", "1", "--warmup-iters", "0",
+                           "--out", str(tmp_path), *args], capture_output=True, text=True, env=env, cwd=REPO)
+
+
+def test_dense_kl_and_precision_variants_are_labelled(tmp_path):
+    proc = _bench(tmp_path, "--arms", "warmup,sparse,warmup_mse", "--dense-kl", "blockwise,fused",
+                  "--precision", "bf16,fp8", "--transformer-impl", "local")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {r["arm"]: r for r in json.loads((tmp_path / "model_step_tiny_64.json").read_text())["rows"]}
+    # The KL's two implementations only for the KL warm-up; every arm once per precision.
+    assert set(rows) == {"warmup[blockwise,bf16]", "warmup[fused,bf16]", "warmup[blockwise,fp8]",
+                         "warmup[fused,fp8]", "sparse[bf16]", "sparse[fp8]", "warmup_mse[bf16]", "warmup_mse[fp8]"}
+    for name, r in rows.items():
+        if name.endswith("bf16]"):
+            assert r["ms"] > 0 and r["dense_kl"] in ("blockwise", "fused"), r
+        else:  # local linears have no FP8: recorded as that row's error, the sweep goes on
+            assert "needs transformer_impl 'transformer_engine'" in r["error"], r
+    assert "warmup[fused,bf16]" in (tmp_path / "model_step_tiny_64.md").read_text()
+
+
+@pytest.mark.parametrize("flag", [["--dense-kl", "fast"], ["--precision", "fp4"], ["--arms", "warmup_bogus"]])
+def test_bad_variants_fail_before_any_run(tmp_path, flag):
+    proc = _bench(tmp_path, *flag)
+    assert proc.returncode != 0 and "error:" in proc.stderr + proc.stdout
+    assert not list(tmp_path.iterdir())
+
+
+def test_dense_kl_environment_switch():
+    code = "from megatron_dsa.kernels import dense_kl; print(dense_kl.FUSED)"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    run = lambda value: subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,  # noqa: E731
+                                       env={**env, "MDSA_DENSE_KL": value}, cwd=REPO)
+    assert run("fused").stdout.strip() == "True"
+    assert run("blockwise").stdout.strip() == "False"
+    bad = run("fast")
+    assert bad.returncode != 0 and "MDSA_DENSE_KL must be one of" in bad.stderr
