@@ -74,10 +74,13 @@ def test_smoke_pipeline_end_to_end(tmp_path):
         assert set(map(int, table)) == {64, 128}
         for by_k in table.values():
             assert all(0 < v["mean"] <= 1 for v in by_k.values())
+            # the oracle (the attention's own top-k) bounds every indexer's recall
+            assert all(v["mean"] <= v["oracle_mean"] + 1e-6 <= 1 + 1e-6 for v in by_k.values())
+    assert "**oracle** (the attention's own top-k)" in md
     for arm, r in res["eval"].items():
         assert set(map(int, r["loss"])) == {64, 128, 256}
         assert set(r["retrieval"]["by_task_length"]) == {"single", "multikey", "kvrecall"}
-    assert set(res["verdict"]) == {"loss", "retrieval", "warmup", "shared"}
+    assert set(res["verdict"]) == {"loss", "retrieval", "warmup", "shared", "recall_oracle"}
     for phase in ("pretrain", "dense_control", *(f"sparse_{a}" for a in ARMS)):
         assert res["phases"][phase]["tokens_per_s"] > 0
     # reused selections do not dilute the logged recall: every 2 layers selects in layers 1
@@ -90,3 +93,28 @@ def test_smoke_pipeline_end_to_end(tmp_path):
     # resumable: a second call skips finished phases
     again = subprocess.run([*cmd, "--stage", "sparse"], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert again.returncode == 0 and again.stdout.count("done, skipped") == 1 + len(ARMS)
+
+
+def test_step128k_reads_megatrons_step_time_and_peak_memory():
+    sys.path.insert(0, str(REPO / "experiments"))
+    from verify_dsa import step128k_from_log
+
+    log = (" [2026-11-29] iteration        1/       1 | consumed samples:           16 | "
+           "elapsed time per iteration (ms): 80000.0 | learning rate: 1.000000E-03 |\n"
+           "[Rank 0] (after 1 iterations) memory (MB) | allocated: 900.5 | max allocated: 11264.0 | reserved: 12000.0\n")
+    out = step128k_from_log(log)
+    assert out["step_seconds"] == pytest.approx(80.0)
+    assert out["tokens_per_s"] == pytest.approx(16 * 131072 / 80.0)
+    assert out["extrapolated_1000_steps_hours"] == pytest.approx(80000 / 3600)
+    assert out["peak_gb"] == pytest.approx(11.0)
+    assert step128k_from_log("no iteration finished") == {}
+
+
+def test_step128k_overrides_are_valid_config():
+    # the overrides stage_step128k adds to the report's recipe and to the one-step pretrain
+    cfg = load_config(REPO / "configs" / "recipes" / "report_warmup.yaml",
+                      ["train.iters=1", "eval.iters=0", "checkpoint.interval=1", "logging.interval=1"])
+    assert (cfg.train["iters"], cfg.train["global_batch_size"], cfg.data["seq_length"]) == (1, 16, 131072)
+    cfg = load_config(REPO / "configs" / "recipes" / "h200_pretrain.yaml",
+                      ["train.iters=1", "train.lr_warmup_iters=0", "eval.iters=0", "checkpoint.interval=1"])
+    assert cfg.train["iters"] == 1
