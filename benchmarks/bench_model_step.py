@@ -12,6 +12,7 @@ only the indexers). Median of ``--iters`` after ``--warmup-iters``; peak memory 
 ``--precision bf16,fp8`` times every arm once per precision, labelled ``arm[fp8]``: fp8 is
 Transformer Engine's FP8 for the linears (hybrid format, delayed scaling; the DSA core stays in
 bf16), so it needs ``--transformer-impl transformer_engine`` (or auto with TE installed).
+``--profile N`` adds, per arm, one profiled step's N most expensive operators (where the time goes).
 ``--dense-kl`` lists the warm-up KL implementations to time (default: the process's,
 ``MDSA_DENSE_KL``); with more than one, each warm-up arm runs once per implementation, labelled
 ``warmup[fused]`` etc. Writes model_step_<size>_<seq>.json / .md to --out.
@@ -76,6 +77,23 @@ def step_fn(model, phase: str, tokens, labels, positions):
     return step
 
 
+def profile_step(step, cuda: bool, top: int) -> list[dict]:
+    """One more step under torch.profiler: the ``top`` operators by their own (self) time on the
+    device (CPU time without CUDA), i.e. where the step's time goes, kernel by kernel."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+    attr = "self_device_time_total" if cuda else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, attr), reverse=True)
+    total = sum(getattr(e, attr) for e in events) or 1.0
+    return [{"op": e.key[:90], "ms": getattr(e, attr) / 1e3, "share": getattr(e, attr) / total, "calls": e.count}
+            for e in events[:top] if getattr(e, attr) > 0]
+
+
 def run_arm(args, arm: str, device, precision: str = "bf16") -> dict:
     from megatron_dsa.layer import pop_indexer_losses
     from megatron_dsa.model import build_model, model_config
@@ -118,6 +136,9 @@ def run_arm(args, arm: str, device, precision: str = "bf16") -> dict:
     tokens_per_step = args.batch * args.seq
     res = {"arm": arm, "phase": phase, "layout": layout, "ms": ms, "tokens_per_s": tokens_per_step / ms * 1e3,
            "peak_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"), "times_ms": [t * 1e3 for t in times]}
+    if args.profile:
+        zero()
+        res["profile"] = profile_step(step, cuda, args.profile)
     del model, step
     if cuda:
         torch.cuda.empty_cache()
@@ -138,6 +159,8 @@ def main(argv=None) -> int:
     p.add_argument("--transformer-impl", default="auto", choices=("auto", "local", "transformer_engine"))
     p.add_argument("--precision", default="bf16", help=f"comma list of {list(PRECISIONS)} (fp8: TE's FP8 linears)")
     p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="after timing, profile one more step per arm and list its N most expensive operators")
     p.add_argument("--warmup-iters", type=int, default=2)
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = p.parse_args(argv)
@@ -202,6 +225,12 @@ def main(argv=None) -> int:
         rel = f"{base / r['ms']:.2f}x" if base else ""
         lines.append(f"| {r['arm']} | {r['phase']} | {r['layout']} | {r['ms']:.1f} | {r['tokens_per_s']:,.0f} | "
                      f"{rel} | {r['peak_gb']:.1f} |")
+    for r in rows:
+        if r.get("profile"):
+            lines += ["", f"Where the time of one `{r['arm']}` step goes (torch.profiler, self time per operator, "
+                          f"{'device' if device.type == 'cuda' else 'CPU'}):", "",
+                      "| operator | ms | share | calls |", "|---|---|---|---|"]
+            lines += [f"| `{x['op']}` | {x['ms']:.2f} | {x['share']:.0%} | {x['calls']} |" for x in r["profile"]]
     with open(stem + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -52,3 +52,13 @@ def test_dense_kl_environment_switch():
     assert run("blockwise").stdout.strip() == "False"
     bad = run("fast")
     assert bad.returncode != 0 and "MDSA_DENSE_KL must be one of" in bad.stderr
+
+
+def test_profile_lists_where_the_step_time_goes(tmp_path):
+    proc = _bench(tmp_path, "--arms", "warmup", "--profile", "3")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    row = json.loads((tmp_path / "model_step_tiny_64.json").read_text())["rows"][0]
+    prof = row["profile"]
+    assert 1 <= len(prof) <= 3 and all(x["ms"] > 0 and 0 < x["share"] <= 1 for x in prof)
+    assert [x["ms"] for x in prof] == sorted((x["ms"] for x in prof), reverse=True)
+    assert "Where the time of one `warmup` step goes" in (tmp_path / "model_step_tiny_64.md").read_text()
