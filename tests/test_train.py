@@ -279,3 +279,11 @@ def test_no_apex_weight_gradient_fusion_on_the_gpu(monkeypatch):
     assert "--no-gradient-accumulation-fusion" in trainer.megatron_argv(cfg, plan)
     monkeypatch.setattr(trainer, "_apex_wgrad_fusion_installed", lambda: True)
     assert "--no-gradient-accumulation-fusion" not in trainer.megatron_argv(cfg, plan)
+
+
+def test_eval_iters_zero_trains_without_validation(corpus, tmp_path):
+    # eval.iters=0 skips Megatron's validation (the one-step 16 x 128K measurement needs that)
+    result = run_cli(phase_args("pretrain", corpus, tmp_path, 2, "eval.iters=0", "train.lr_warmup_iters=0"))
+    ok(result)
+    assert "validation loss" not in result.stdout + result.stderr
+    assert (tmp_path / "pretrain" / "latest_checkpointed_iteration.txt").read_text().strip() == "2"

@@ -12,7 +12,7 @@ Layout (every key optional except ``phase``; defaults below)::
     data:        dir (a corpus built by ``python -m megatron_dsa.data build``), seq_length
     train:       iters, micro_batch_size, global_batch_size, lr, min_lr, lr_warmup_iters,
                  lr_decay_style, weight_decay, clip_grad, adam_beta1, adam_beta2, seed
-    eval:        interval, iters
+    eval:        interval, iters (0: no validation)
     checkpoint:  save (this phase's torch_dist checkpoints), load_from (previous phase's), interval
     logging:     interval, tensorboard_dir, progress
     fp8:         format (e4m3 | hybrid; null = off), recipe, amax_history_len, amax_compute_algo,
@@ -297,10 +297,12 @@ def _check_values(cfg: RunConfig) -> None:
     for section, key, allow_none in (
         ("data", "seq_length", False), ("train", "iters", False),
         ("train", "micro_batch_size", False), ("train", "global_batch_size", True),
-        ("train", "lr", True), ("eval", "interval", True), ("eval", "iters", False),
+        ("train", "lr", True), ("eval", "interval", True),
         ("checkpoint", "interval", True), ("logging", "interval", False),
     ):
         _positive(cfg, section, key, allow_none)
+    if cfg.eval["iters"] is None or cfg.eval["iters"] < 0:
+        raise _err(f"eval.iters must be >= 0 (0: no validation), got {cfg.eval['iters']!r}")
     t = cfg.train
     if t["lr"] is None:
         t["lr"] = DEFAULT_LR[cfg.phase]
