@@ -94,3 +94,15 @@ def test_generate_cli(megatron_world, tmp_path, capsys):
     want = DSAInference(m, "sparse").generate(ids, 12, eos_id=tok.eos)[0].tolist()
     assert f"new ids: {want}" in out.err
     assert out.out == tok.detokenize(want) + "\n"
+
+
+@pytest.mark.parametrize("mode", ["sparse", "dense"])
+def test_triton_kernels_in_the_engine_equal_the_full_forward(model, seed, mode):
+    # The engine's ops with absolute positions (new queries against cached keys) on the Triton
+    # backend, through the interpreter on CPU: what `bench_inference.py --kernel auto` runs on a GPU.
+    tokens = torch.randint(0, 512, (2, 20))
+    full = full_forward_logits(model, tokens, mode)
+    engine = DSAInference(model, mode, kernel="triton")
+    logits, cache = engine.prefill(tokens[:, :5])
+    steps = [logits] + [engine.step(tokens[:, t : t + 1], cache) for t in range(5, tokens.shape[1])]
+    assert (torch.cat(steps, dim=1) - full).abs().max().item() < 1e-5
