@@ -421,7 +421,9 @@ def stage_eval(e: Exp, task: str) -> None:
               "seconds": time.perf_counter() - t0}
     e.save_json(f"eval/{phase}.json", result)
     print(f"[eval] {label} ({mode}): loss {' '.join(f'{k}:{v:.4f}' for k, v in loss.items())} | retrieval exact "
-          f"{' '.join(f'{k}:{v['exact']:.0f}%' for k, v in retr['by_length'].items())} ({result['seconds']:.0f} s)",
+          f"{' '.join(f'{k}:{v['exact']:.0f}%' for k, v in retr['by_length'].items())} | answer NLL "
+          f"{' '.join(f'{k}:{v['nll']:.3f}' for k, v in retr['by_length'].items() if v['nll'] is not None)} "
+          f"({result['seconds']:.0f} s)",
           flush=True)
     del model
     if torch.cuda.is_available():
@@ -881,9 +883,18 @@ def write_report(e: Exp) -> Path:
         L.append(f"| {arm} | **all** (token acc.) | " + " | ".join(
             f"{_fmt(_get(_get(bl, x) or {}, 'exact'), '.0f')} ({_fmt(_get(_get(bl, x) or {}, 'token'), '.0f')})"
             for x in rl) + " |")
+        if any((_get(bl, x) or {}).get("nll") is not None for x in rl):
+            L.append(f"| {arm} | answer NLL (nats/token) | " + " | ".join(
+                _fmt((_get(bl, x) or {}).get("nll"), ".3f") for x in rl) + " |")
     if A and B:
         diffs = {x: _get(A["retrieval"]["by_length"], x)["exact"] - _get(B["retrieval"]["by_length"], x)["exact"]
                  for x in rl}
+        nll = {x: ((_get(A["retrieval"]["by_length"], x) or {}).get("nll"),
+                   (_get(B["retrieval"]["by_length"], x) or {}).get("nll")) for x in rl}
+        if all(a is not None and b is not None for a, b in nll.values()):
+            L.append("\nAnswer NLL, A minus dense control (nats per answer token; lower is better): "
+                     + ", ".join(f"{x}: {a - b:+.3f}" for x, (a, b) in nll.items())
+                     + ". The log-likelihood of the right answer ranks models even where none answers exactly.")
         verdict["retrieval"] = all(abs(d) <= TARGETS["retrieval_points"] for d in diffs.values())
         L.append(f"\nA minus dense control (points): {', '.join(f'{x}: {d:+.1f}' for x, d in diffs.items())} -> "
                  f"target (within 2 points at every length) **{'met' if verdict['retrieval'] else 'missed'}**.\n")
@@ -891,7 +902,8 @@ def write_report(e: Exp) -> Path:
     if scores and max(scores) == 0:
         verdict["retrieval"] = "not informative (every model at 0%)"
         L.append("Every evaluated model, dense ones included, scores 0% here: at this training budget the suite does "
-                 "not separate the arms (a 'within 2 points' verdict on it means nothing).\n")
+                 "not separate the arms by exact match (a 'within 2 points' verdict on it means nothing; the answer "
+                 "NLL, where measured, still compares them).\n")
     # -- warm-up
     L.append("## Warm-up: indexer KL and top-k recall of the dense attention mass\n")
     L.append("| indexer layout | KL start | KL end | drop | recall start | recall end | targets (drop >= 5x, recall >= 90%) |")

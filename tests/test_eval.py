@@ -116,3 +116,35 @@ def test_loss_at_lengths_on_tiny_model(megatron_world):
     assert abs(out[64] - math.log(512)) < 1.0
     sparse = validation_loss_at_lengths(model, stream, [256], "sparse", max_total=1024)
     assert math.isfinite(sparse[256]) and model.config.mdsa_mode == "dense"
+
+
+def test_answer_log_likelihood_reads_the_answer_positions():
+    items = build_suite(TOK, [512], 2, seed=5)
+    # log-prob of next token at position t = -t / 1000: the answer's mean NLL is the mean of
+    # (p - 1 .. p + n - 2) / 1000, which tells an off-by-one apart
+    res = score_items(items, lambda seqs: (_oracle(seqs), [[-t / 1000 for t in range(len(s) - 1)] for s in seqs]))
+    for item, r in zip(items, res["items"]):
+        p, n = len(item.prompt), len(item.answer)
+        assert r["answer_nll"] == pytest.approx(sum(range(p - 1, p - 1 + n)) / n / 1000)
+    mean = sum(r["answer_nll"] for r in res["items"]) / len(items)
+    assert res["by_length"][512]["nll"] == pytest.approx(mean)
+    # a predictor without log-probabilities: no NLL, never a made-up number
+    assert score_items(items, _oracle)["by_length"][512]["nll"] is None
+
+
+def test_model_predictor_log_probs_equal_a_direct_log_softmax(megatron_world, monkeypatch):
+    from megatron_dsa.eval import model_predictor
+    from megatron_dsa.eval import retrieval
+    from megatron_dsa.model import build_model
+
+    torch.manual_seed(0)
+    model = build_model("tiny").eval()
+    seqs = torch.randint(0, 512, (2, 11))
+    monkeypatch.setattr(retrieval, "LOGPROB_CHUNK", 3)  # several slices, the last one short
+    argmax, logp = model_predictor(model, "dense")(seqs.tolist())
+    with torch.no_grad():
+        logits = model(seqs, torch.arange(11)[None].expand(2, -1), None).float()
+    want = torch.log_softmax(logits, -1)[:, :-1].gather(-1, seqs[:, 1:, None]).squeeze(-1)
+    assert torch.tensor(logp).shape == (2, 10)
+    assert torch.allclose(torch.tensor(logp), want, atol=1e-5)
+    assert argmax == logits.argmax(-1).tolist()

@@ -80,6 +80,8 @@ def test_smoke_pipeline_end_to_end(tmp_path):
     for arm, r in res["eval"].items():
         assert set(map(int, r["loss"])) == {64, 128, 256}
         assert set(r["retrieval"]["by_task_length"]) == {"single", "multikey", "kvrecall"}
+        assert all(v["nll"] > 0 for v in r["retrieval"]["by_length"].values())  # the answer's NLL, nats
+    assert "answer NLL (nats/token)" in md and "Answer NLL, A minus dense control" in md
     assert set(res["verdict"]) == {"loss", "retrieval", "warmup", "shared", "recall_oracle"}
     for phase in ("pretrain", "dense_control", *(f"sparse_{a}" for a in ARMS)):
         assert res["phases"][phase]["tokens_per_s"] > 0

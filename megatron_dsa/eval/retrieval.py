@@ -19,7 +19,8 @@ reproduces the answer iff the argmax at every answer position (given the correct
 is the answer token, so ONE forward pass of prompt + answer decides it exactly, in the
 model's own forward (the training kernels, dense or sparse) with no KV cache. This is
 cheaper than ranking the value against distractors (one forward per candidate) and stricter
-(chance is vocab^-len, i.e. 0; the per-token accuracy, chance 1/vocab, is reported too).
+(chance is vocab^-len, i.e. 0; the per-token accuracy, chance 1/vocab, is reported too, and
+the answer's mean negative log-likelihood, which still ranks models that never answer exactly).
 """
 
 from __future__ import annotations
@@ -29,13 +30,14 @@ import random
 import string
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Protocol, Sequence
+from typing import Any, Callable, Iterable, Protocol, Sequence
 
 TASKS = ("single", "multikey", "kvrecall")
 _WORDS = ("alpha", "bravo", "cobalt", "delta", "ember", "falcon", "garnet", "harbor", "indigo",
           "juniper", "kepler", "lumen", "marble", "nimbus", "onyx", "pepper", "quartz", "raven",
           "sierra", "tundra", "umber", "violet", "willow", "xenon", "yonder", "zephyr")
 _VALUE_CHARS = string.ascii_lowercase + string.digits
+LOGPROB_CHUNK = 4096  # positions per fp32 log-softmax in model_predictor (bounds its memory)
 
 
 class Tokenizer(Protocol):
@@ -239,8 +241,10 @@ def build_suite(tokenizer: Tokenizer, lengths: Sequence[int], n_per: int, texts:
 # Scoring
 
 
-Predictor = Callable[[list[list[int]]], Sequence[Sequence[int]]]
-"""Given equal-length token sequences, the argmax next-token id at every position."""
+Predictor = Callable[[list[list[int]]], Any]
+"""Given equal-length token sequences, the argmax next-token id at every position; or a pair
+(argmax ids, log-probabilities of the sequence's own next token at every position but the
+last), which adds the answer's log-likelihood to the scores."""
 
 
 def score_items(items: Sequence[RetrievalItem], predict: Predictor, max_batch_tokens: int = 65536) -> dict:
@@ -256,14 +260,17 @@ def score_items(items: Sequence[RetrievalItem], predict: Predictor, max_batch_to
         bs = max(1, max_batch_tokens // length)
         for b in range(0, len(idx), bs):
             chunk = idx[b:b + bs]
-            preds = predict([items[i].tokens for i in chunk])
-            for i, pred in zip(chunk, preds):
+            out = predict([items[i].tokens for i in chunk])
+            preds, logps = out if isinstance(out, tuple) else (out, None)
+            for j, (i, pred) in enumerate(zip(chunk, preds)):
                 item = items[i]
-                p = len(item.prompt)
-                got = [int(t) for t in pred[p - 1:p - 1 + len(item.answer)]]
+                p, n = len(item.prompt), len(item.answer)
+                got = [int(t) for t in pred[p - 1:p - 1 + n]]
                 hits = [g == a for g, a in zip(got, item.answer)]
                 per_item[i] = {"task": item.task, "length": item.length, "depth": item.depth,
                                "exact": all(hits), "token_acc": sum(hits) / len(hits)}
+                if logps is not None:  # position t scores token t + 1: the answer is p .. p + n - 1
+                    per_item[i]["answer_nll"] = -sum(float(x) for x in logps[j][p - 1:p - 1 + n]) / n
     table: dict = defaultdict(dict)
     groups: dict = defaultdict(list)
     for r in per_item:
@@ -275,12 +282,17 @@ def score_items(items: Sequence[RetrievalItem], predict: Predictor, max_batch_to
 
 
 def _agg(rs: list[dict]) -> dict:
+    nll = [r["answer_nll"] for r in rs if "answer_nll" in r]
     return {"exact": 100.0 * sum(r["exact"] for r in rs) / len(rs),
-            "token": 100.0 * sum(r["token_acc"] for r in rs) / len(rs), "n": len(rs)}
+            "token": 100.0 * sum(r["token_acc"] for r in rs) / len(rs), "n": len(rs),
+            # mean negative log-likelihood of the answer tokens (nats): it still ranks models
+            # that never get an answer exactly right
+            "nll": sum(nll) / len(nll) if nll and len(nll) == len(rs) else None}
 
 
 def model_predictor(model, mode: str, device=None) -> Predictor:
-    """Argmax next tokens from the model's own full forward in ``mode`` ('dense' | 'sparse')."""
+    """Argmax next tokens and the log-probability of each actual next token, from the model's
+    own full forward in ``mode`` ('dense' | 'sparse')."""
     import torch
 
     from megatron_dsa.config import set_mode
@@ -295,7 +307,14 @@ def model_predictor(model, mode: str, device=None) -> Predictor:
         try:
             positions = torch.arange(tokens.shape[1], device=device)[None].expand(tokens.shape[0], -1)
             logits = model(tokens, positions, None)
-            return logits.argmax(-1).tolist()
+            logp = []
+            for t0 in range(0, tokens.shape[1] - 1, LOGPROB_CHUNK):  # fp32 log-softmax a slice at a time
+                t1 = min(tokens.shape[1] - 1, t0 + LOGPROB_CHUNK)
+                chunk = logits[:, t0:t1].float()
+                nxt = tokens[:, t0 + 1:t1 + 1, None]
+                logp.append(chunk.gather(-1, nxt).squeeze(-1) - torch.logsumexp(chunk, dim=-1))
+            logp = torch.cat(logp, dim=1) if logp else logits.new_zeros(tokens.shape[0], 0)
+            return logits.argmax(-1).tolist(), logp.tolist()
         finally:
             set_mode(model.config, old)
 
