@@ -106,3 +106,27 @@ def test_triton_kernels_in_the_engine_equal_the_full_forward(model, seed, mode):
     logits, cache = engine.prefill(tokens[:, :5])
     steps = [logits] + [engine.step(tokens[:, t : t + 1], cache) for t in range(5, tokens.shape[1])]
     assert (torch.cat(steps, dim=1) - full).abs().max().item() < 1e-5
+
+
+def test_moe_runs_only_the_routed_experts(model, seed, monkeypatch):
+    # megatron-core's SequentialMLP runs all experts; the engine runs the ones the router picked
+    # (the same router, expert modules and combine) and still equals the full forward.
+    from megatron.core.transformer.moe.experts import SequentialMLP
+
+    tokens = torch.randint(0, 512, (1, 12))
+    full = full_forward_logits(model, tokens, "sparse")
+    calls = []
+    for layer in model.decoder.layers:
+        experts = getattr(layer.mlp, "experts", None)
+        if isinstance(experts, SequentialMLP):
+            for e, expert in enumerate(experts.local_experts):
+                monkeypatch.setattr(expert, "forward", (lambda f, e: lambda *a, **k: calls.append(e) or f(*a, **k))(
+                    expert.forward, e))
+    monkeypatch.setattr(SequentialMLP, "forward", lambda *a, **k: pytest.fail("SequentialMLP.forward ran"))
+    engine = DSAInference(model, "sparse")
+    logits, cache = engine.prefill(tokens[:, :11])
+    calls.clear()
+    step = engine.step(tokens[:, 11:], cache)  # one token: top-4 of 8 experts per MoE layer
+    n_moe = sum(isinstance(getattr(layer.mlp, "experts", None), SequentialMLP) for layer in model.decoder.layers)
+    assert n_moe > 0 and len(calls) == 4 * n_moe
+    assert (torch.cat([logits, step], dim=1) - full).abs().max().item() < 1e-5

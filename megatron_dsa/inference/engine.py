@@ -14,7 +14,8 @@ A step with T new tokens (prefill: the prompt; decode: one token):
             (``reference.indexer_topk``), attention over the selected latent entries only
             (``reference.sparse_mla_attention``);
     dense:  causal attention over every cached entry (``reference.dense_mla_attention``);
-    then the V up-projection, ``linear_proj``, the residual, the layer's MLP/MoE module.
+    then the V up-projection, ``linear_proj``, the residual, the layer's MLP / MoE (a MoE layer
+    runs only the experts its router picked: see ``DSAInference._mlp``).
 
 This equals the model's full forward over the whole sequence (the test checks it) in fp32.
 Memory per token and layer: (kv_lora_rank + rope + DI) values, 576 + 128 for the 671B shape.
@@ -23,7 +24,7 @@ Memory per token and layer: (kv_lora_rank + rope + DI) values, 576 + 128 for the
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -92,6 +93,16 @@ def _mla_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Te
     return R.apply_rope_half_split(x, cos, sin)
 
 
+class _StepPositions(NamedTuple):
+    """Positions of one step's new tokens (``q_pos``) and of every cached token (``k_pos``), with
+    their RoPE tables for MLA and for the indexer."""
+
+    q_pos: torch.Tensor
+    k_pos: torch.Tensor
+    mla_rope: tuple[torch.Tensor, torch.Tensor]
+    indexer_rope: Optional[tuple[torch.Tensor, torch.Tensor]]
+
+
 class DSAInference:
     """Inference over a built megatron-dsa GPTModel (TP=1, one process)."""
 
@@ -119,13 +130,12 @@ class DSAInference:
 
     # ---- one layer ----------------------------------------------------------------------
 
-    def _attention(self, attn, core, h: torch.Tensor, positions: torch.Tensor, cache: LayerCache,
-                   k_pos: torch.Tensor) -> torch.Tensor:
+    def _attention(self, attn, core, h: torch.Tensor, at: "_StepPositions", cache: LayerCache) -> torch.Tensor:
         cfg = self.config
         B, T, _ = h.shape
         n, dn, dr, dv, r = (cfg.num_attention_heads, cfg.qk_head_dim, cfg.qk_pos_emb_head_dim,
                             cfg.v_head_dim, cfg.kv_lora_rank)
-        cos, sin = R.rope_cos_sin(positions, dr, cfg.rotary_base)
+        cos, sin = at.mla_rope
         qr = attn.q_layernorm(_linear(attn.linear_q_down_proj, h))            # [B, T, q_lora]
         q = _linear(attn.linear_q_up_proj, qr).view(B, T, n, dn + dr)
         q_nope, q_pe = q.split([dn, dr], dim=-1)
@@ -140,30 +150,59 @@ class DSAInference:
         indexer = core._get_indexer()
         if self.mode == "sparse":
             s = cfg.dsa
-            icos, isin = R.rope_cos_sin(positions, s.rope_dim, s.rope_base)
+            icos, isin = at.indexer_rope
             qi, ik, wi = R.indexer_qkw(
                 _linear(indexer.wq_b, qr), _linear(indexer.wk, h), _linear(indexer.weights_proj, h),
                 indexer.k_norm.weight, indexer.k_norm.bias, icos, isin, n_heads=s.n_heads, eps=s.k_norm_eps,
             )
         kv_all, ik_all = cache.append(latent, ik)
         if self.mode == "sparse":
-            topk = self.ops.indexer_topk(qi, ik_all, wi, cfg.dsa.topk, q_pos=positions, k_pos=k_pos)
+            topk = self.ops.indexer_topk(qi, ik_all, wi, cfg.dsa.topk, q_pos=at.q_pos, k_pos=at.k_pos)
             out, _ = self.ops.sparse_mla_attention(query, kv_all, topk, r, core.softmax_scale)
         else:
-            out, _ = self.ops.dense_mla_attention(query, kv_all, r, core.softmax_scale, q_pos=positions, k_pos=k_pos)
+            out, _ = self.ops.dense_mla_attention(query, kv_all, r, core.softmax_scale, q_pos=at.q_pos, k_pos=at.k_pos)
         o = torch.einsum("btnk,nvk->btnv", out.to(v_up.dtype), v_up).reshape(B, T, n * dv)
         return _linear(attn.linear_proj, o)
 
-    def _layer(self, i: int, x: torch.Tensor, positions: torch.Tensor, cache: KVCache,
-               k_pos: torch.Tensor) -> torch.Tensor:
+    def _layer(self, i: int, x: torch.Tensor, at: "_StepPositions", cache: KVCache) -> torch.Tensor:
         layer = self.layers[i]
         h = layer.input_layernorm(x)
-        x = x + self._attention(layer.self_attention, self.cores[i], h, positions, cache.layers[i], k_pos)
+        x = x + self._attention(layer.self_attention, self.cores[i], h, at, cache.layers[i])
         h = layer.pre_mlp_layernorm(x)
-        mlp_out, bias = layer.mlp(h.transpose(0, 1).contiguous())             # megatron: [s, b, h]
+        mlp_out, bias = self._mlp(layer.mlp, h.transpose(0, 1).contiguous())   # megatron: [s, b, h]
         if bias is not None:
             mlp_out = mlp_out + bias
         return x + mlp_out.transpose(0, 1)
+
+    @staticmethod
+    def _routed_experts_only(mlp) -> bool:
+        """Whether ``_mlp`` may run ``mlp`` itself: a one-rank MoE layer of per-expert MLPs
+        (SequentialMLP) with the probabilities applied after the experts, no latent projection."""
+        from megatron.core.transformer.moe.experts import SequentialMLP
+        from megatron.core.transformer.moe.moe_layer import MoELayer
+
+        cfg = mlp.config
+        return (isinstance(mlp, MoELayer) and isinstance(mlp.experts, SequentialMLP)
+                and mlp.experts.num_local_experts == cfg.num_moe_experts
+                and not cfg.moe_apply_probs_on_input and not getattr(cfg, "moe_latent_size", None)
+                and not cfg.fp8 and not getattr(cfg, "fp4", None))
+
+    def _mlp(self, mlp, h: torch.Tensor):
+        """The layer's MLP / MoE on ``h`` [s, b, hidden]. A MoE layer runs only the experts its
+        router picked (megatron-core's SequentialMLP runs every expert, also those with no token:
+        most of a batch-1 decode step's operators); same router, expert modules and combine."""
+        if not self._routed_experts_only(mlp):
+            return mlp(h)
+        shared = mlp.shared_experts(h) if mlp.shared_experts is not None else None
+        probs, routing_map = mlp.router(h)                                      # [tokens, experts]
+        x = h.reshape(-1, h.shape[-1])
+        out = torch.zeros_like(x)
+        for e in routing_map.any(dim=0).nonzero().flatten().tolist():
+            rows = routing_map[:, e].nonzero().flatten()
+            y, _ = mlp.experts.local_experts[e](x[rows], probs[rows, e])
+            out.index_add_(0, rows, y.to(out.dtype))
+        out = out.view_as(h)
+        return (out if shared is None else out + shared), None
 
     # ---- steps -----------------------------------------------------------------------------
 
@@ -173,10 +212,15 @@ class DSAInference:
         B, T = tokens.shape
         start = cache.length
         positions = torch.arange(start, start + T, device=tokens.device)
-        k_pos = torch.arange(start + T, device=tokens.device)
+        cfg = self.config
+        at = _StepPositions(  # the same for every layer: computed once per step
+            q_pos=positions, k_pos=torch.arange(start + T, device=tokens.device),
+            mla_rope=R.rope_cos_sin(positions, cfg.qk_pos_emb_head_dim, cfg.rotary_base),
+            indexer_rope=(R.rope_cos_sin(positions, cfg.dsa.rope_dim, cfg.dsa.rope_base)
+                          if self.mode == "sparse" else None))
         x = self.model.embedding.word_embeddings(tokens)                         # [B, T, H]
         for i in range(len(self.layers)):
-            x = self._layer(i, x, positions, cache, k_pos)
+            x = self._layer(i, x, at, cache)
         cache.length += T
         x = self.model.decoder.final_layernorm(x)
         logits, _ = self.model.output_layer(x.transpose(0, 1).contiguous())
