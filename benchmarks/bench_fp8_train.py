@@ -811,7 +811,10 @@ class Bench:
         except OSError as exc:  # could not start at all
             code, wall = -1, 0.0
             log.write_text(f"could not start: {exc}\n")
-        fields = {"exit_code": code, "wall_s": wall, "command": cmd, "start": start,
+        # recorded the way a user re-runs it: `python`, the repository's files relative to it
+        portable = ["python", *(str(Path(c).relative_to(REPO)) if c.startswith(str(REPO) + os.sep) else c
+                                for c in cmd[1:])]
+        fields = {"exit_code": code, "wall_s": wall, "command": portable, "start": start,
                   "load_from": str(plan.work / size / step.source / "ckpt") if step.source and not lost else None}
         metrics = {}
         try:

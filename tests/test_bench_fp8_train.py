@@ -278,6 +278,9 @@ def test_end_to_end_tiny_cpu(capsys, corpus, tmp_path):
         assert math.isfinite(m["loss"]) and m["ms_per_iter"] > 0 and m["tokens_per_s"] > 0
         assert len(m["loss_series"]) == r["iters"]
         assert not (Path(r["run_dir"]) / "ckpt").exists()  # checkpoints removed at the end
+        # recorded as a user re-runs it: `python`, the config relative to the repository
+        assert r["command"][:4] == ["python", "-m", "megatron_dsa.train.cli", "--config"]
+        assert r["command"][4] == f"configs/tiny/{r['phase']}.yaml"
     assert runs[("pretrain", "bench")]["metrics"]["loss"] > 4.0  # an LM loss (vocabulary 512)
     assert runs[("sparse", "bench")]["metrics"]["indexer_kl"] > 0  # the DSA core ran
     meta = data["meta"]
