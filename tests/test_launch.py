@@ -312,3 +312,20 @@ def test_torchrun_two_processes_data_parallel(corpus, tmp_path):
 
     loss = read_scalars(tmp_path / "tb")["lm loss"]
     assert [i for i, _ in loss] == [1, 2, 3, 4] and all(0 < v < 10 for _, v in loss)
+
+
+def test_resume_with_another_module_backend(cli, corpus, tmp_path):
+    record = _record(corpus, tmp_path, "pretrain")
+    assert record["transformer_impl"] == "local"  # no Transformer Engine here
+    record["transformer_impl"] = "transformer_engine"
+    _fake_checkpoint(tmp_path / "save", record)
+    expect_error(cli(*base(corpus, tmp_path)), "trained with transformer_impl 'transformer_engine'",
+                 "resume with model.transformer_impl=transformer_engine")
+    # a record written before the backend was kept resumes as before (no check possible)
+    del record["transformer_impl"]
+    (tmp_path / "save" / "mdsa_run.json").write_text(json.dumps(record))
+    from megatron_dsa.train.config import load_config
+    from megatron_dsa.train.preflight import preflight
+
+    plan = preflight(load_config(CONFIGS / "tiny" / "pretrain.yaml", base(corpus, tmp_path)[2:]), check_flags=False)
+    assert plan["resume"] is True

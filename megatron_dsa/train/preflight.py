@@ -198,6 +198,13 @@ def preflight(cfg: RunConfig, check_flags: bool = True) -> dict:
             if record.get("phase") != cfg.phase:
                 raise _err(f"checkpoint.save {save} holds a {record.get('phase')!r} run; this is a {cfg.phase!r} run (use another directory)")
             _compare("checkpoint.save", save, record, expected)
+            theirs = record.get("transformer_impl")  # absent in records written before it was kept
+            if theirs is not None and theirs != transformer_impl and has_checkpoint(save):
+                # TE and local modules name and fuse their parameters differently: a resumed run
+                # must rebuild the modules it saved.
+                raise _err(f"checkpoint.save {save} was trained with transformer_impl {theirs!r}; this run "
+                           f"resolves model.transformer_impl={cfg.model['transformer_impl']!r} to "
+                           f"{transformer_impl!r}: resume with model.transformer_impl={theirs}")
             if has_checkpoint(save):
                 _checkpoint_iteration(save)
                 resume = True
@@ -234,7 +241,7 @@ def preflight(cfg: RunConfig, check_flags: bool = True) -> dict:
         "save": str(save),
         "resume": resume,
         "pretrained": None if resume else pretrained,
-        "record": {"phase": cfg.phase, **expected, "config": cfg.as_dict()},
+        "record": {"phase": cfg.phase, **expected, "transformer_impl": transformer_impl, "config": cfg.as_dict()},
     }
     cfg.checkpoint["save"] = str(save)
     if check_flags:
