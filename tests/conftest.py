@@ -14,6 +14,17 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """A small corpus (~200 KB of this interpreter's stdlib, vocab 512, the tiny model's) shared
+    by the tests that only need some valid data; test_train.py builds a larger one of its own."""
+    from megatron_dsa.data import build_corpus
+
+    out = tmp_path_factory.mktemp("corpus") / "c"
+    build_corpus(out, None, 512, max_bytes=200_000, valid_fraction=0.1)
+    return out
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -35,14 +35,6 @@ def _load():
 bench = _load()
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    from megatron_dsa.data import build_corpus
-
-    out = tmp_path_factory.mktemp("fp8-bench-corpus") / "c"
-    build_corpus(out, None, 512, max_bytes=200_000, valid_fraction=0.1)
-    return out
-
 
 @pytest.fixture
 def no_runs(monkeypatch):

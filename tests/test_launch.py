@@ -23,14 +23,6 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    from megatron_dsa.data import build_corpus
-
-    out = tmp_path_factory.mktemp("launch-corpus") / "c"
-    build_corpus(out, None, 512, max_bytes=200_000, valid_fraction=0.1)
-    return out
-
 
 @pytest.fixture
 def cli(monkeypatch, capsys, tmp_path):

@@ -26,14 +26,6 @@ if __name__ == "__main__":
 """
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    from megatron_dsa.data import build_corpus
-
-    out = tmp_path_factory.mktemp("patch-corpus") / "c"
-    build_corpus(out, None, 512, max_bytes=200_000, valid_fraction=0.1)
-    return out
-
 
 def run_without(patch: str, corpus: Path, tmp_path: Path):
     script = tmp_path / "run_without.py"
