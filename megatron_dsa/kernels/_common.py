@@ -62,6 +62,12 @@ def is_fp32(*ts: torch.Tensor) -> bool:
 if HAS_TRITON:
 
     @triton.jit
+    def _span(N, NP: tl.constexpr):
+        """Offsets 0..NP-1 of a dimension of size N padded to the power of two NP, and their mask."""
+        r = tl.arange(0, NP)
+        return r, r < N
+
+    @triton.jit
     def _dot(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
         """tl.dot with fp32 'ieee' precision when IEEE; UPCAST (interpreter only) computes low
         precision operands in fp32, working around the interpreter's broken bf16 dot."""
@@ -119,6 +125,7 @@ if HAS_TRITON:
                 pack=2,
             )
 else:  # pragma: no cover
+    _span = None
     _dot = None
     _dot_ds = None
     _atomic_add_f32 = None

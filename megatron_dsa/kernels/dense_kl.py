@@ -29,7 +29,7 @@ from typing import Optional
 import torch
 
 from .. import reference as R
-from ._common import HAS_TRITON, _dot, _dot_ds, interpreting, is_fp32, next_pow2, triton, tl
+from ._common import HAS_TRITON, _dot, _dot_ds, _span, interpreting, is_fp32, next_pow2, triton, tl
 
 DENSE_KL_CHOICES = ("blockwise", "fused")
 
@@ -98,6 +98,13 @@ if HAS_TRITON:
         return acc
 
     @triton.jit
+    def _query_block(QPOS, KLIM, pid_m, Sq, BM: tl.constexpr):
+        """Query block ``pid_m``: (rows, row mask, positions, end of its causal key range)."""
+        rows = pid_m * BM + tl.arange(0, BM)
+        rmask = rows < Sq
+        return rows, rmask, tl.load(QPOS + rows, mask=rmask, other=-1), tl.load(KLIM + pid_m)
+
+    @triton.jit
     def _key_block(KI, KPOS, b, start, qp, rmask, Sk, s_kib, s_kis, di, dim, BN: tl.constexpr):
         """Key block at ``start``: (cols, cmask, eligible [BM, BN], indexer keys [BN, DIP])."""
         cols = start + tl.arange(0, BN)
@@ -136,14 +143,9 @@ if HAS_TRITON:
         bh = tl.program_id(1)
         b = bh // H
         h = bh % H
-        rows = pid_m * BM + tl.arange(0, BM)
-        rmask = rows < Sq
-        d1 = tl.arange(0, D1)
-        d1m = d1 < DV
-        d2 = tl.arange(0, D2)
-        d2m = d2 < DR
-        qp = tl.load(QPOS + rows, mask=rmask, other=-1)
-        lim = tl.load(KLIM + pid_m)
+        rows, rmask, qp, lim = _query_block(QPOS, KLIM, pid_m, Sq, BM)
+        d1, d1m = _span(DV, D1)
+        d2, d2m = _span(DR, D2)
         qb = QM + b * s_qmb + rows * s_qms + h * s_qmh
         m = tl.full((BM,), float("-inf"), tl.float32)
         l = tl.zeros((BM,), dtype=tl.float32)
@@ -174,16 +176,10 @@ if HAS_TRITON:
     ):
         pid_m = tl.program_id(0)
         b = tl.program_id(1)
-        rows = pid_m * BM + tl.arange(0, BM)
-        rmask = rows < Sq
-        d1 = tl.arange(0, D1)
-        d1m = d1 < DV
-        d2 = tl.arange(0, D2)
-        d2m = d2 < DR
-        di = tl.arange(0, DIP)
-        dim = di < DI
-        qp = tl.load(QPOS + rows, mask=rmask, other=-1)
-        lim = tl.load(KLIM + pid_m)
+        rows, rmask, qp, lim = _query_block(QPOS, KLIM, pid_m, Sq, BM)
+        d1, d1m = _span(DV, D1)
+        d2, d2m = _span(DR, D2)
+        di, dim = _span(DI, DIP)
         m_i = tl.full((BM,), float("-inf"), tl.float32)  # I's online log2-sum-exp
         l_i = tl.zeros((BM,), dtype=tl.float32)
         plogp = tl.zeros((BM,), dtype=tl.float32)
@@ -221,16 +217,10 @@ if HAS_TRITON:
     ):
         pid_m = tl.program_id(0)
         b = tl.program_id(1)
-        rows = pid_m * BM + tl.arange(0, BM)
-        rmask = rows < Sq
-        d1 = tl.arange(0, D1)
-        d1m = d1 < DV
-        d2 = tl.arange(0, D2)
-        d2m = d2 < DR
-        di = tl.arange(0, DIP)
-        dim = di < DI
-        qp = tl.load(QPOS + rows, mask=rmask, other=-1)
-        lim = tl.load(KLIM + pid_m)
+        rows, rmask, qp, lim = _query_block(QPOS, KLIM, pid_m, Sq, BM)
+        d1, d1m = _span(DV, D1)
+        d2, d2m = _span(DR, D2)
+        di, dim = _span(DI, DIP)
         lse_i = tl.load(LSEI + b * s_ob + rows * s_os, mask=rmask, other=0.0)
         g = tl.load(G + b * s_ob + rows * s_os, mask=rmask, other=0.0)
         for start in range(0, lim, BN):
@@ -267,12 +257,9 @@ if HAS_TRITON:
         b = tl.program_id(1)
         cols = pid_n * BN + tl.arange(0, BN)
         cmask = cols < Sk
-        d1 = tl.arange(0, D1)
-        d1m = d1 < DV
-        d2 = tl.arange(0, D2)
-        d2m = d2 < DR
-        di = tl.arange(0, DIP)
-        dim = di < DI
+        d1, d1m = _span(DV, D1)
+        d2, d2m = _span(DR, D2)
+        di, dim = _span(DI, DIP)
         kp = tl.load(KPOS + cols, mask=cmask, other=0)
         k_tile = tl.load(KI + b * s_kib + cols[:, None] * s_kis + di[None, :],
                          mask=cmask[:, None] & dim[None, :], other=0.0)

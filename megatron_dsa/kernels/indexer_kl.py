@@ -24,7 +24,7 @@ from .sparse_attn import atomic_mode
 from . import _common as _C
 from . import _csr
 from . import dense_kl as _dense_kl
-from ._common import HAS_TRITON, _atomic_add_f32, _dot, _dot_ds, interpreting, is_fp32, next_pow2, triton, tl
+from ._common import HAS_TRITON, _atomic_add_f32, _dot, _dot_ds, _span, interpreting, is_fp32, next_pow2, triton, tl
 
 DENSE_CHUNK_ELEMENTS = 1 << 26
 # Use the attention's lse when the caller passes one (sparse_indexer_kl(..., lse=...)); False
@@ -66,12 +66,9 @@ if HAS_TRITON:
         # over the same set (sparse_mla_attention's second output): pass 1 is skipped.
         t = tl.program_id(0)
         b = tl.program_id(1)
-        h = tl.arange(0, HP)
-        hm = h < H
-        d1 = tl.arange(0, D1)
-        d1m = d1 < DV
-        d2 = tl.arange(0, D2)
-        d2m = d2 < DR
+        h, hm = _span(H, HP)
+        d1, d1m = _span(DV, D1)
+        d2, d2m = _span(DR, D2)
         qb = QM + b * s_qmb + t * s_qms + h[:, None] * s_qmh
         q1 = tl.load(qb + d1[None, :], mask=hm[:, None] & d1m[None, :], other=0.0)
         q2 = tl.load(qb + DV + d2[None, :], mask=hm[:, None] & d2m[None, :], other=0.0)
@@ -100,10 +97,8 @@ if HAS_TRITON:
         n_h = tl.sum(has_h.to(tl.float32), axis=0)
         inv_h = 1.0 / tl.maximum(n_h, 1.0)
         # Pass 2: target p, indexer logits, KL terms.
-        j = tl.arange(0, HIP)
-        jm = j < HI
-        di = tl.arange(0, DIP)
-        dim_ = di < DI
+        j, jm = _span(HI, HIP)
+        di, dim_ = _span(DI, DIP)
         qi = tl.load(QI + b * s_qib + t * s_qis + j[:, None] * s_qih + di[None, :],
                      mask=jm[:, None] & dim_[None, :], other=0.0)
         wi = tl.load(WI + b * s_wib + t * s_wis + j * s_wih, mask=jm, other=0.0).to(tl.float32)
@@ -159,10 +154,8 @@ if HAS_TRITON:
         # SORTED: per-pair dk rows to PART at row POS[b, t, slot] (row stride DI), else atomics.
         t = t0 + tl.program_id(0)
         b = tl.program_id(1)
-        j = tl.arange(0, HIP)
-        jm = j < HI
-        di = tl.arange(0, DIP)
-        dim_ = di < DI
+        j, jm = _span(HI, HIP)
+        di, dim_ = _span(DI, DIP)
         qi = tl.load(QI + b * s_qib + t * s_qis + j[:, None] * s_qih + di[None, :],
                      mask=jm[:, None] & dim_[None, :], other=0.0)
         wi = tl.load(WI + b * s_wib + t * s_wis + j * s_wih, mask=jm, other=0.0).to(tl.float32)

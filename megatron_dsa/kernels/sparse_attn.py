@@ -17,7 +17,7 @@ import torch
 
 from . import _common as _C
 from . import _csr
-from ._common import HAS_TRITON, _atomic_add_f32, _dot, _dot_ds, interpreting, is_fp32, next_pow2, triton, tl
+from ._common import HAS_TRITON, _atomic_add_f32, _dot, _dot_ds, _span, interpreting, is_fp32, next_pow2, triton, tl
 
 LOG2E = 1.4426950408889634
 
@@ -63,15 +63,12 @@ if HAS_TRITON:
     ):
         t = tl.program_id(0)
         b = tl.program_id(1)
-        h = tl.arange(0, HP)
-        hm = h < H
-        d1 = tl.arange(0, D1)
-        d1m = d1 < DV
+        h, hm = _span(H, HP)
+        d1, d1m = _span(DV, D1)
         qb = Q + b * stride_qb + t * stride_qs + h[:, None] * stride_qh
         q1 = tl.load(qb + d1[None, :], mask=hm[:, None] & d1m[None, :], other=0.0)
         if DR > 0:
-            d2 = tl.arange(0, D2)
-            d2m = d2 < DR
+            d2, d2m = _span(DR, D2)
             q2 = tl.load(qb + DV + d2[None, :], mask=hm[:, None] & d2m[None, :], other=0.0)
         m_i = tl.full((HP,), float("-inf"), tl.float32)
         l_i = tl.zeros((HP,), tl.float32)
@@ -124,10 +121,8 @@ if HAS_TRITON:
         # summed per key by _csr.seg_reduce; otherwise fp32 atomics into DKV.
         t = t0 + tl.program_id(0)
         b = tl.program_id(1)
-        h = tl.arange(0, HP)
-        hm = h < H
-        d1 = tl.arange(0, D1)
-        d1m = d1 < DV
+        h, hm = _span(H, HP)
+        d1, d1m = _span(DV, D1)
         qb = Q + b * stride_qb + t * stride_qs + h[:, None] * stride_qh
         q1 = tl.load(qb + d1[None, :], mask=hm[:, None] & d1m[None, :], other=0.0)
         do = tl.load(
@@ -139,8 +134,7 @@ if HAS_TRITON:
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
         dq1 = tl.zeros((HP, D1), tl.float32)
         if DR > 0:
-            d2 = tl.arange(0, D2)
-            d2m = d2 < DR
+            d2, d2m = _span(DR, D2)
             q2 = tl.load(qb + DV + d2[None, :], mask=hm[:, None] & d2m[None, :], other=0.0)
             dq2 = tl.zeros((HP, D2), tl.float32)
         ib = IDX + b * stride_ib + t * stride_is
