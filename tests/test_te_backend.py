@@ -17,7 +17,7 @@ import argparse
 import pytest
 import torch
 
-from tests.test_launch import CONFIGS, base, cli, corpus, expect_error  # noqa: F401 (fixtures)
+from tests.test_launch import CONFIGS, base, cli, expect_error  # noqa: F401 (fixtures; corpus: conftest)
 
 
 def load(corpus, tmp_path, *overrides: str):
