@@ -770,9 +770,8 @@ def _recall_at(recall: dict, task: str, length: int, k: int, key: str):
 def _oracle_row(recall: dict, cols) -> list | None:
     """The oracle recall (rows with more than k causal keys) per (length, k/L) column, from the
     first task that recorded it (the same main model for every task)."""
-    for r in recall.values():
-        vals = [r.get(str(L_), {}).get(str(max(1, round(ratio * L_))), {}).get("oracle_mean_nontrivial")
-                for L_, ratio in cols]
+    for task in recall:
+        vals = [_recall_at(recall, task, L_, max(1, round(ratio * L_)), "oracle_mean_nontrivial") for L_, ratio in cols]
         if any(v is not None for v in vals):
             return vals
     return None

@@ -15,7 +15,7 @@ A step with T new tokens (prefill: the prompt; decode: one token):
             (``reference.sparse_mla_attention``);
     dense:  causal attention over every cached entry (``reference.dense_mla_attention``);
     then the V up-projection, ``linear_proj``, the residual, the layer's MLP / MoE (a MoE layer
-    runs only the experts its router picked: see ``DSAInference._mlp``).
+    runs only the experts its router picked: see ``DSAInference._routed_moe``).
 
 This equals the model's full forward over the whole sequence (the test checks it) in fp32.
 Memory per token and layer: (kv_lora_rank + rope + DI) values, 576 + 128 for the 671B shape.
@@ -121,6 +121,7 @@ class DSAInference:
         self.cores = dsa_layers(model)
         device = next(model.parameters()).device
         self.ops = ops.backend(kernel, device)
+        self.routed = [self._routed_experts_only(layer.mlp) for layer in self.layers]  # see _routed_moe
         s = self.config.dsa
         if s.topk_freq != 1 or s.indexer_sharing != "per_layer":
             raise ValueError("inference supports one indexer per layer selecting in every layer")
@@ -169,14 +170,15 @@ class DSAInference:
         h = layer.input_layernorm(x)
         x = x + self._attention(layer.self_attention, self.cores[i], h, at, cache.layers[i])
         h = layer.pre_mlp_layernorm(x)
-        mlp_out, bias = self._mlp(layer.mlp, h.transpose(0, 1).contiguous())   # megatron: [s, b, h]
+        h = h.transpose(0, 1).contiguous()                                      # megatron: [s, b, h]
+        mlp_out, bias = self._routed_moe(layer.mlp, h) if self.routed[i] else layer.mlp(h)
         if bias is not None:
             mlp_out = mlp_out + bias
         return x + mlp_out.transpose(0, 1)
 
     @staticmethod
     def _routed_experts_only(mlp) -> bool:
-        """Whether ``_mlp`` may run ``mlp`` itself: a one-rank MoE layer of per-expert MLPs
+        """Whether ``_routed_moe`` may run ``mlp`` itself: a one-rank MoE layer of per-expert MLPs
         (SequentialMLP) with the probabilities applied after the experts, no latent projection."""
         from megatron.core.transformer.moe.experts import SequentialMLP
         from megatron.core.transformer.moe.moe_layer import MoELayer
@@ -187,12 +189,11 @@ class DSAInference:
                 and not cfg.moe_apply_probs_on_input and not getattr(cfg, "moe_latent_size", None)
                 and not cfg.fp8 and not getattr(cfg, "fp4", None))
 
-    def _mlp(self, mlp, h: torch.Tensor):
-        """The layer's MLP / MoE on ``h`` [s, b, hidden]. A MoE layer runs only the experts its
-        router picked (megatron-core's SequentialMLP runs every expert, also those with no token:
-        most of a batch-1 decode step's operators); same router, expert modules and combine."""
-        if not self._routed_experts_only(mlp):
-            return mlp(h)
+    @staticmethod
+    def _routed_moe(mlp, h: torch.Tensor):
+        """A MoE layer on ``h`` [s, b, hidden] running only the experts its router picked
+        (megatron-core's SequentialMLP runs every expert, also those with no token: most of a
+        batch-1 decode step's operators); same router, expert modules and combine."""
         shared = mlp.shared_experts(h) if mlp.shared_experts is not None else None
         probs, routing_map = mlp.router(h)                                      # [tokens, experts]
         x = h.reshape(-1, h.shape[-1])
