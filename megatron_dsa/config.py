@@ -22,6 +22,7 @@ from megatron.core.transformer.transformer_config import MLATransformerConfig
 MODES = ("dense", "warmup", "sparse")
 KERNELS = ("auto", "reference", "triton")
 INDEXER_SHARING = ("per_layer", "shared")
+INDEXER_DTYPES = ("activation", "fp32")
 # The indexer's training objective; the names of ``megatron_dsa.reference.INDEXER_OBJECTIVES``
 # (kept literal here so reading the config imports no tensor code). Only "kl" has Triton kernels.
 INDEXER_OBJECTIVES = ("kl", "reverse_kl", "mse", "listwise")
@@ -49,6 +50,8 @@ class DSASettings:
     rope_base: float
     k_norm_eps: float
     objective: str = "kl"
+    indexer_dtype: str = "activation"
+    recall_rows: int = 4096
 
 
 @dataclass
@@ -77,6 +80,15 @@ class DSATransformerConfig(MLATransformerConfig):
     """RoPE dims of each indexer head ([rope | nope] layout). Defaults to MLA's rope dims."""
 
     mdsa_indexer_k_norm_eps: float = 1e-6
+
+    mdsa_indexer_dtype: str = "activation"
+    """Dtype of the indexer's queries and keys as they enter scoring, top-k and the KL.
+    activation: the attention's own dtype (bf16 in bf16 training: tensor-core dots with fp32
+    accumulation); fp32: keep them fp32. The head weights w stay fp32 either way."""
+
+    mdsa_recall_rows: int = 4096
+    """The warm-up's top-k recall (a logged diagnostic, no gradient) is measured on at most this
+    many evenly spaced query rows of each sequence; 0 measures every row."""
 
     mdsa_indexer_objective: str = "kl"
     """How the indexer learns the head-summed attention p (softmax(I) = the indexer distribution):
@@ -163,6 +175,10 @@ def validate(cfg: DSATransformerConfig) -> DSASettings:
         _fail(f"dsa_indexer_loss_coeff must be >= 0, got {cfg.dsa_indexer_loss_coeff}")
     if cfg.mdsa_mode == "warmup" and cfg.dsa_indexer_loss_coeff == 0:
         _fail("warmup trains the indexer through its KL alone: dsa_indexer_loss_coeff must be > 0")
+    if cfg.mdsa_indexer_dtype not in INDEXER_DTYPES:
+        _fail(f"mdsa_indexer_dtype must be one of {INDEXER_DTYPES}, got {cfg.mdsa_indexer_dtype!r}")
+    if cfg.mdsa_recall_rows < 0:
+        _fail(f"mdsa_recall_rows must be >= 0 (0: every row), got {cfg.mdsa_recall_rows}")
     if cfg.dsa_indexer_topk_freq < 1:
         _fail(f"dsa_indexer_topk_freq must be >= 1, got {cfg.dsa_indexer_topk_freq}")
     if cfg.mdsa_indexer_sharing == "shared" and cfg.dsa_indexer_topk_freq > 1:
@@ -204,6 +220,8 @@ def validate(cfg: DSATransformerConfig) -> DSASettings:
         rope_base=float(cfg.rotary_base),
         k_norm_eps=float(cfg.mdsa_indexer_k_norm_eps),
         objective=cfg.mdsa_indexer_objective,
+        indexer_dtype=cfg.mdsa_indexer_dtype,
+        recall_rows=int(cfg.mdsa_recall_rows),
     )
 
 

@@ -36,7 +36,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron_dsa import ops
 from megatron_dsa.config import DSAConfigError, DSATransformerConfig
 from megatron_dsa.parallel import ParallelContext, cp_positions, own_rows, parallel_dsa_core
-from megatron_dsa.reference import indexer_qkw, rope_cos_sin
+from megatron_dsa.reference import indexer_qkw, recall_sample_rows, rope_cos_sin
 
 INDEXER_KL = "indexer_kl"
 TOPK_RECALL = "indexer_topk_recall"
@@ -245,7 +245,8 @@ class DSACoreAttention(MegatronModule):
             indexer = self._get_indexer()
             if indexer is not None:
                 qi, ki, wi = self._indexer_inputs(indexer, x, qr, positions)
-                kl, recall = loss_be.dense_indexer_kl(q, kv, qi, ki, wi, self.softmax_scale, s.topk)
+                rows = recall_sample_rows(seq, s.recall_rows, query.device)
+                kl, recall = loss_be.dense_indexer_kl(q, kv, qi, ki, wi, self.softmax_scale, s.topk, recall_rows=rows)
                 self.indexer_flops += score_flops
         elif mode == "sparse":
             indexer = self._get_indexer()
@@ -261,7 +262,9 @@ class DSACoreAttention(MegatronModule):
                 if s.sparse_loss:
                     kl = loss_be.sparse_indexer_kl(q, kv, qi, ki, wi, topk, self.softmax_scale, lse=lse.detach())
                 else:
-                    kl, recall = loss_be.dense_indexer_kl(q, kv, qi, ki, wi, self.softmax_scale, s.topk)
+                    rows = recall_sample_rows(seq, s.recall_rows, query.device)
+                    kl, recall = loss_be.dense_indexer_kl(q, kv, qi, ki, wi, self.softmax_scale, s.topk,
+                                                          recall_rows=rows)
         else:  # validated at construction; a mode set by hand bypassing set_mode lands here
             raise ValueError(f"unknown DSA mode {mode!r}")
 
@@ -312,7 +315,12 @@ class DSACoreAttention(MegatronModule):
 
     def _indexer_inputs(self, indexer, x, qr, positions):
         # Detached: the indexer learns only from its KL, the main model never from it.
-        return indexer(x.detach().transpose(0, 1), qr.detach().transpose(0, 1), positions)
+        q, k, w = indexer(x.detach().transpose(0, 1), qr.detach().transpose(0, 1), positions)
+        if self.config.dsa.indexer_dtype == "activation" and q.dtype != x.dtype:
+            # Score in the activations' dtype (bf16: tensor-core dots, fp32 accumulation);
+            # the fp32 head weights keep the sum over heads exact.
+            q, k = q.to(x.dtype), k.to(x.dtype)
+        return q, k, w
 
     def _borrowed_selection(self, batch: int, seq: int) -> torch.Tensor:
         source = self.__dict__.get("_selection_source")

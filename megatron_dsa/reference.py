@@ -447,13 +447,15 @@ def dense_indexer_kl(
     q_pos: Optional[torch.Tensor] = None,
     k_pos: Optional[torch.Tensor] = None,
     objective: str = "kl",
+    recall_rows: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Warm-up objective: per-query KL(p || softmax(I)) over all eligible keys.
 
     p: the main attention's probabilities (q_main over kv, causal) summed over ALL heads and
     L1-normalised; never differentiated. Gradients flow into q_idx, k_idx, w_idx only.
     Returns (kl [B, Sq], recall [B, Sq]) where recall is the share of p's mass that the
-    indexer's own top-k captures (a diagnostic, no gradient).
+    indexer's own top-k captures (a diagnostic, no gradient); with ``recall_rows`` (query row
+    numbers, see ``recall_sample_rows``) recall is [B, len(recall_rows)] for those rows only.
 
     ``objective`` swaps the per-row loss (see ``INDEXER_OBJECTIVES``): "kl" (default, the
     report), "reverse_kl", "mse", or "listwise" with T = the top-``topk`` keys of p.
@@ -469,7 +471,17 @@ def dense_indexer_kl(
     kl, recall = _map_query_chunks(
         fn, (q_main.detach(), q_pos[None], q_idx, w_idx), (kv.detach(), k_pos, k_idx), step
     )
-    return kl, recall
+    return kl, (recall if recall_rows is None else recall[:, recall_rows])
+
+
+def recall_sample_rows(seq: int, limit: int, device=None) -> Optional[torch.Tensor]:
+    """The query rows the warm-up's top-k recall (a diagnostic) is measured on: at most
+    ``limit`` evenly spaced rows ending at the last, longest-context one; None (every row) when
+    ``limit`` <= 0 or the sequence has no more rows than that."""
+    if limit <= 0 or seq <= limit:
+        return None
+    stride = -(-seq // limit)
+    return torch.arange(seq - 1, -1, -stride, device=device).flip(0)
 
 
 def _sparse_kl_chunk(q_main, idx, q_idx, w_idx, kv, k_idx, scale: float, objective: str = "kl"):

@@ -50,6 +50,9 @@ def test_dense_kl_environment_switch():
                                        env={**env, "MDSA_DENSE_KL": value}, cwd=REPO)
     assert run("fused").stdout.strip() == "True"
     assert run("blockwise").stdout.strip() == "False"
+    default = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                             env={k: v for k, v in env.items() if k != "MDSA_DENSE_KL"})
+    assert default.stdout.strip() == "True"  # the fused kernels unless told otherwise
     bad = run("fast")
     assert bad.returncode != 0 and "MDSA_DENSE_KL must be one of" in bad.stderr
 

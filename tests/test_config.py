@@ -24,6 +24,8 @@ from megatron_dsa.model import SIZES, model_config
         (dict(mdsa_mode="warmup", dsa_indexer_loss_coeff=0.0), "warmup trains the indexer through its KL"),
         (dict(mdsa_indexer_sharing="shared", dsa_indexer_topk_freq=2), "choose one kind of sharing"),
         (dict(mdsa_fp8_indexer=True, mdsa_kernel="reference"), "FP8 indexer is a Triton kernel"),
+        (dict(mdsa_indexer_dtype="fp16"), "mdsa_indexer_dtype must be one of"),
+        (dict(mdsa_recall_rows=-1), "mdsa_recall_rows must be >= 0"),
         (dict(qk_layernorm=False), "NORMALISED query latent"),
         (dict(q_lora_rank=None), "q_lora_rank must be set"),
         (dict(not_a_field=1), "unknown transformer config fields"),

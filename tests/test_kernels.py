@@ -330,14 +330,21 @@ def test_dense_indexer_kl(pos):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("pos", ["none", "offset", "unsorted"])
-def test_fused_dense_indexer_kl(dtype, pos):
+@pytest.mark.parametrize("fold", ["one_group", "two_groups"])
+def test_fused_dense_indexer_kl(dtype, pos, fold, monkeypatch):
     """The fused warm-up KL kernels equal the reference: KL, recall and the indexer gradients;
-    sizes not multiples of the blocks, a split D (32 + 8), rows with fewer keys than top-k."""
+    sizes not multiples of the blocks, a split D (32 + 8), rows with fewer keys than top-k,
+    several key spans per query block, the indexer heads folded into one dot or two groups."""
     from megatron_dsa.kernels import dense_kl
 
     B, Sq, Sk, H, D, HI, DI, topk = 2, 37, 45, 3, 40, 3, 24, 8
     if BIG:
         Sq, Sk, H, D, HI, DI, topk = 700, 900, 8, 160, 4, 64, 64
+    rows = 16 * 4 if fold == "one_group" else 16 * 2  # 16-row query blocks, 4 or 2 of the 4 (padded) heads per dot
+    monkeypatch.setattr(dense_kl, "FOLD_ROWS", {True: rows, False: rows})
+    monkeypatch.setattr(dense_kl, "SPAN", {True: 256, False: 32})
+    blk = dense_kl._kl_blocks(HI, BIG)
+    assert blk["NG"] == (1 if fold == "one_group" else 2) and blk["SPAN"] < Sk
     qm = torch.randn(B, Sq, H, D, device=DEV, dtype=dtype)
     kv = torch.randn(B, Sk, D, device=DEV, dtype=dtype)
     qi = torch.randn(B, Sq, HI, DI, device=DEV, dtype=dtype, requires_grad=True)
@@ -359,6 +366,25 @@ def test_fused_dense_indexer_kl(dtype, pos):
         assert a.dtype == b.dtype and rel(a, b) < tol
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_dense_indexer_kl_recall_rows(fused, monkeypatch):
+    """Recall measured on sampled rows only equals the reference's recall at those rows (the
+    fused op scores the recall's top-k for those rows alone); the KL is unchanged."""
+    from megatron_dsa.kernels import dense_kl
+
+    monkeypatch.setattr(dense_kl, "FUSED", fused)
+    B, S, H, D, HI, DI, topk = 2, 40, 3, 40, 3, 24, 8
+    qm, kv = torch.randn(B, S, H, D, device=DEV), torch.randn(B, S, D, device=DEV)
+    qi, ki = torch.randn(B, S, HI, DI, device=DEV), torch.randn(B, S, DI, device=DEV)
+    wi = torch.randn(B, S, HI, device=DEV)
+    rows = R.recall_sample_rows(S, 7, DEV)
+    kl, recall = K.dense_indexer_kl(qm, kv, qi, ki, wi, D**-0.5, topk, recall_rows=rows)
+    kl_r, recall_r = R.dense_indexer_kl(qm, kv, qi, ki, wi, D**-0.5, topk)
+    _finite(kl, recall)
+    assert recall.shape == (B, rows.numel()) and rel(recall, recall_r[:, rows]) < 1e-5
+    assert rel(kl, kl_r) < 1e-5
+
+
 def test_fused_dense_indexer_kl_is_taken_when_switched_on(monkeypatch):
     from megatron_dsa.kernels import dense_kl
 
@@ -372,15 +398,18 @@ def test_fused_dense_indexer_kl_is_taken_when_switched_on(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("pos", ["none", "causal", "offset"])
+@pytest.mark.parametrize("pos", ["none", "causal", "offset", "decode"])
 def test_dense_mla_attention(dtype, pos):
     B, S, H, D, v_dim = 2, 37, 3, 40, 32
     if BIG:
         S, H, D, v_dim = 1000, 8, 160, 128
+    # offset: a prefill chunk after 5 cached keys; decode: one query after all of them
     Sk = S + 5 if pos == "offset" else S
-    q = torch.randn(B, S, H, D, device=DEV, dtype=dtype, requires_grad=True)
+    Sq = 1 if pos == "decode" else S
+    q = torch.randn(B, Sq, H, D, device=DEV, dtype=dtype, requires_grad=True)
     kv = torch.randn(B, Sk, D, device=DEV, dtype=dtype, requires_grad=True)
-    q_pos = {"none": None, "causal": torch.arange(S, device=DEV), "offset": torch.arange(5, Sk, device=DEV)}[pos]
+    q_pos = {"none": None, "causal": torch.arange(S, device=DEV), "offset": torch.arange(5, Sk, device=DEV),
+             "decode": torch.arange(Sk - 1, Sk, device=DEV)}[pos]
     k_pos = None if pos == "none" else torch.arange(Sk, device=DEV)
     out, lse = K.dense_mla_attention(q, kv, v_dim, D**-0.5, q_pos, k_pos)
     out_r, lse_r = R.dense_mla_attention(q, kv, v_dim, D**-0.5, q_pos, k_pos)

@@ -71,7 +71,7 @@ def test_forward_backward_every_mode(megatron_world, seed, mode):
         assert any(g is not None and g.abs().sum() > 0 for g in idx_grads)
 
 
-@pytest.mark.parametrize("mode", ["dense", "warmup", "warmup_fused_kl", "sparse"])
+@pytest.mark.parametrize("mode", ["dense", "warmup", "warmup_blockwise_kl", "sparse"])
 def test_triton_backend_equals_the_reference_in_the_model(megatron_world, seed, mode, monkeypatch):
     """The whole model on the kernels backend (Triton; the interpreter on CPU) equals the
     reference backend: losses, indexer losses and every gradient. The layer must find every
@@ -81,8 +81,8 @@ def test_triton_backend_equals_the_reference_in_the_model(megatron_world, seed, 
 
     if not kernels.available():
         pytest.skip("needs Triton with CUDA or TRITON_INTERPRET=1")
-    if mode == "warmup_fused_kl":  # the warm-up KL as the fused kernels (dense_kl.FUSED)
-        monkeypatch.setattr(dense_kl, "FUSED", True)
+    monkeypatch.setattr(dense_kl, "FUSED", mode != "warmup_blockwise_kl")  # fused: the default
+    if mode == "warmup_blockwise_kl":  # the warm-up KL as the blockwise PyTorch op
         mode = "warmup"
     tokens, positions, labels = batch(s=40)
     set_indexer_loss_scale(1.0)
@@ -235,3 +235,52 @@ def test_indexer_rope_follows_the_positions_it_is_given(megatron_world, seed):
         indexer.k_norm.weight, indexer.k_norm.bias, cos, sin, n_heads=2,
     )
     assert torch.allclose(k, k2, atol=1e-5)
+
+
+@pytest.mark.parametrize("setting", ["activation", "fp32"])
+def test_indexer_scores_in_the_activation_dtype(megatron_world, seed, setting, monkeypatch):
+    """mdsa_indexer_dtype: 'activation' hands the loss and top-k ops the indexer's q and k in
+    the attention's dtype (bf16 under bf16), 'fp32' keeps them fp32; w stays fp32 either way."""
+    model = make(megatron_world, seed, mdsa_mode="warmup", mdsa_indexer_dtype=setting).to(torch.bfloat16)
+    seen = []
+    real = R.dense_indexer_kl
+
+    def spy(q_main, kv, q_idx, k_idx, w_idx, *args, **kwargs):
+        seen.append((q_main.dtype, q_idx.dtype, k_idx.dtype, w_idx.dtype))
+        return real(q_main, kv, q_idx, k_idx, w_idx, *args, **kwargs)
+
+    monkeypatch.setattr(R, "dense_indexer_kl", spy)
+    from megatron_dsa import ops
+
+    ops._reference_backend.cache_clear()
+    try:
+        tokens, positions, labels = batch(s=16)
+        lm_loss(model, tokens, positions, labels)
+    finally:
+        ops._reference_backend.cache_clear()
+    want = torch.bfloat16 if setting == "activation" else torch.float32
+    assert len(seen) == 3 and all(s == (torch.bfloat16, want, want, torch.float32) for s in seen)
+    kl = pop_indexer_losses(model)
+    assert all(torch.isfinite(k) and k > 0 for k in kl)
+
+
+def test_warmup_recall_is_measured_on_sampled_rows(megatron_world, seed, monkeypatch):
+    """mdsa_recall_rows caps the rows the warm-up's recall diagnostic scores (0: all rows)."""
+    seen = []
+    real = R.dense_indexer_kl
+
+    def spy(*args, recall_rows=None, **kwargs):
+        seen.append(None if recall_rows is None else recall_rows.tolist())
+        return real(*args, recall_rows=recall_rows, **kwargs)
+
+    monkeypatch.setattr(R, "dense_indexer_kl", spy)
+    from megatron_dsa import ops
+
+    for rows, want in ((4, [3, 7, 11, 15]), (0, None), (16, None)):
+        ops._reference_backend.cache_clear()
+        seen.clear()
+        model = make(megatron_world, seed, mdsa_mode="warmup", mdsa_kernel="reference", mdsa_recall_rows=rows)
+        lm_loss(model, *batch(s=16))
+        assert seen == [want] * 3, (rows, seen)
+        assert all(torch.isfinite(k) for k in pop_indexer_losses(model))
+    ops._reference_backend.cache_clear()

@@ -316,3 +316,22 @@ def test_long_sequence_runs_in_chunks_without_s2_memory():
     grown_mb, full_mb = float(grown), 8192 * 8192 * 2 * 4 / 2**20  # one S^2 x H fp32 matrix: 512 MB
     assert ok == "True"
     assert grown_mb < full_mb / 2, f"peak grew {grown_mb:.0f} MB; one S^2 matrix is {full_mb:.0f} MB"
+
+
+def test_recall_sample_rows():
+    assert R.recall_sample_rows(10, 0) is None and R.recall_sample_rows(10, 10) is None
+    assert R.recall_sample_rows(10, 4).tolist() == [0, 3, 6, 9]  # evenly spaced, ending at the last row
+    assert R.recall_sample_rows(17, 4).tolist() == [1, 6, 11, 16]
+    rows = R.recall_sample_rows(131072, 4096)
+    assert rows.numel() == 4096 and rows[-1] == 131071 and bool((rows.diff() == 32).all())
+
+
+def test_dense_indexer_kl_recall_rows_are_the_full_recall_at_those_rows():
+    B, S, H, D, HI, DI = 2, 20, 3, 16, 2, 8
+    qm, kv = torch.randn(B, S, H, D), torch.randn(B, S, D)
+    qi, ki, wi = torch.randn(B, S, HI, DI), torch.randn(B, S, DI), torch.randn(B, S, HI)
+    kl, recall = R.dense_indexer_kl(qm, kv, qi, ki, wi, D**-0.5, 4)
+    rows = R.recall_sample_rows(S, 6)
+    kl2, recall2 = R.dense_indexer_kl(qm, kv, qi, ki, wi, D**-0.5, 4, recall_rows=rows)
+    assert torch.equal(kl2, kl) and recall2.shape == (B, rows.numel())
+    assert torch.equal(recall2, recall[:, rows])

@@ -7,17 +7,24 @@ sum to 1), I[t, s] = sum_j w[t, j] ReLU(q_idx[t, j] . k_idx[s]).
     KL[t] = sum_s p log p - sum_s p I + logsumexp_s I
 
 Forward, two kernels: (1) one program per (query block, head) streams the keys for the main
-attention's log-sum-exp of that head; (2) one program per query block streams the keys again,
-recomputes every head's probabilities from (1), sums them into p, computes I for the same
-block and accumulates sum p log p, sum p I and I's online log-sum-exp. Backward,
-dI = g (softmax(I) - p): one program per query block streams the keys for dq_idx and dw_idx
-(rows it owns, no atomics), one per key block streams the queries for dk_idx. The top-k recall
-(a diagnostic, no gradient) uses the indexer top-k kernel and gathers p at the selected keys.
+attention's log-sum-exp of that head; (2) one program per (query block, span of keys) streams its
+span again, recomputes every head's probabilities from (1), sums them into p, computes I for the
+same tiles and accumulates sum p log p, sum p I and I's online log-sum-exp; the spans' partial
+sums are combined afterwards (the log-sum-exps by their maximum). Splitting the keys into spans
+gives the GPU enough programs at every length. The indexer heads of a query block are folded into
+the rows of one dot (row = query x head; k_idx is shared by the heads), so all heads score a key
+tile in one tensor-core dot.
+
+Backward, one kernel, one program per (query block, span): dI = g (softmax(I) - p) is built once
+per tile and feeds dq_idx, dw_idx (accumulated over the span, then added atomically) and dk_idx
+(added atomically per tile). With more heads than one dot holds (HG heads per group, NG groups)
+the groups are scored again and their dq/dw are added per tile. The top-k recall (a diagnostic,
+no gradient) uses the indexer top-k kernel on the sampled rows and gathers p at the selected keys.
 
 Status: equal to the reference on fresh random inputs (tests/test_kernels.py, Triton's
-interpreter in CI, and on the H200). Measured in the small MoE's warm-up step on the H200 it is
-no faster than the blockwise PyTorch op in ``indexer_kl.DenseIndexerKL`` (1291 vs 1272 ms per
-16K sequence, benchmarks/results/model_step_small_16384_dense_kl.md), so ``FUSED`` stays off.
+interpreter in CI, and on the H200). In the small MoE's warm-up step on the H200 it is 4.8x
+faster than the blockwise PyTorch op in ``indexer_kl.DenseIndexerKL`` (246 vs 1182 ms per 16K
+sequence, benchmarks/results/model_step_small_16384_dense_kl.md), so ``FUSED`` is the default.
 ``MDSA_DENSE_KL=fused|blockwise`` picks one for a process and the processes it starts.
 """
 
@@ -29,12 +36,12 @@ from typing import Optional
 import torch
 
 from .. import reference as R
-from ._common import HAS_TRITON, _dot, _dot_ds, _span, interpreting, is_fp32, next_pow2, triton, tl
+from ._common import HAS_TRITON, _atomic_add_f32, _dot, _dot_ds, _span, interpreting, is_fp32, next_pow2, triton, tl
 
 DENSE_KL_CHOICES = ("blockwise", "fused")
 
 
-def _fused_from_env(default: str = "blockwise") -> bool:
+def _fused_from_env(default: str = "fused") -> bool:
     """``MDSA_DENSE_KL`` (blockwise | fused), so a launcher can choose for the trainer's phases."""
     choice = os.environ.get("MDSA_DENSE_KL", default)
     if choice not in DENSE_KL_CHOICES:
@@ -78,23 +85,40 @@ if HAS_TRITON:
         return p / H
 
     @triton.jit
-    def _index_head(QI, WI, b, rows, rmask, j, k_t, s_qib, s_qis, s_qih, s_wib, s_wis, s_wih, di, dim,
-                    IEEE_I: tl.constexpr, UPCAST: tl.constexpr):
-        """Indexer head j of the query rows: (q_j [BM, DIP], w_j [BM] fp32, q_j . k [BM, BN])."""
-        q_j = tl.load(QI + b * s_qib + rows[:, None] * s_qis + j * s_qih + di[None, :],
-                      mask=rmask[:, None] & dim[None, :], other=0.0)
-        w_j = tl.load(WI + b * s_wib + rows * s_wis + j * s_wih, mask=rmask, other=0.0).to(tl.float32)
-        return q_j, w_j, _dot(q_j, k_t, IEEE_I, UPCAST)
+    def _folded_queries(QI, WI, b, pid_m, Sq, grp, s_qib, s_qis, s_qih, s_wib, s_wis, s_wih, di, dim,
+                        HI: tl.constexpr, HG: tl.constexpr, BM: tl.constexpr):
+        """Indexer heads grp*HG .. grp*HG+HG-1 of query block ``pid_m`` folded into rows r = t*HG + j,
+        so one dot scores them all against a key block: (q [BM*HG, DIP], w [BM*HG] fp32, row
+        offsets t, head numbers j, row mask)."""
+        r = tl.arange(0, BM * HG)
+        t = pid_m * BM + r // HG
+        j = grp * HG + r % HG
+        rm = (t < Sq) & (j < HI)
+        q = tl.load(QI + b * s_qib + t[:, None] * s_qis + j[:, None] * s_qih + di[None, :],
+                    mask=rm[:, None] & dim[None, :], other=0.0)
+        w = tl.load(WI + b * s_wib + t * s_wis + j * s_wih, mask=rm, other=0.0).to(tl.float32)
+        return q, w, t, j, rm
 
     @triton.jit
-    def _index_block(QI, WI, b, rows, rmask, k_t, s_qib, s_qis, s_qih, s_wib, s_wis, s_wih, di, dim,
-                     HI: tl.constexpr, IEEE_I: tl.constexpr, UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
-        """I [BM, BN] = sum_j w_j ReLU(q_j . k)."""
+    def _fold_sum(x, BM: tl.constexpr, HG: tl.constexpr, BN: tl.constexpr):
+        """[BM*HG, BN] folded rows -> [BM, BN], summed over each query's HG heads."""
+        return tl.sum(tl.reshape(x, (BM, HG, BN)), axis=1)
+
+    @triton.jit
+    def _unfold(x, BM: tl.constexpr, HG: tl.constexpr, BN: tl.constexpr):
+        """[BM, BN] -> [BM*HG, BN]: each query's row repeated for its HG folded heads."""
+        return tl.reshape(tl.broadcast_to(x[:, None, :], (BM, HG, BN)), (BM * HG, BN))
+
+    @triton.jit
+    def _index_logits(QI, WI, b, pid_m, Sq, k_t, s_qib, s_qis, s_qih, s_wib, s_wis, s_wih, di, dim,
+                      HI: tl.constexpr, HG: tl.constexpr, NG: tl.constexpr, IEEE_I: tl.constexpr,
+                      UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+        """I [BM, BN] = sum_j w_j ReLU(q_j . k), one dot per group of HG heads."""
         acc = tl.zeros((BM, BN), dtype=tl.float32)
-        for j in range(HI):
-            _, w_j, s_j = _index_head(QI, WI, b, rows, rmask, j, k_t, s_qib, s_qis, s_qih, s_wib, s_wis, s_wih,
-                                      di, dim, IEEE_I, UPCAST)
-            acc += w_j[:, None] * tl.maximum(s_j, 0.0)
+        for grp in tl.static_range(NG):
+            q, w, _t, _j, _rm = _folded_queries(QI, WI, b, pid_m, Sq, grp, s_qib, s_qis, s_qih,
+                                                s_wib, s_wis, s_wih, di, dim, HI, HG, BM)
+            acc += _fold_sum(tl.maximum(_dot(q, k_t, IEEE_I, UPCAST), 0.0) * w[:, None], BM, HG, BN)
         return acc
 
     @triton.jit
@@ -114,22 +138,6 @@ if HAS_TRITON:
         k_tile = tl.load(KI + b * s_kib + cols[:, None] * s_kis + di[None, :],
                          mask=cmask[:, None] & dim[None, :], other=0.0)
         return cols, cmask, elig, k_tile
-
-    @triton.jit
-    def _dlogits_block(QM, QI, WI, b, rows, rmask, kvp, cmask, elig, k_t, LSE, lse_i, g,
-                       s_qmb, s_qms, s_qmh, s_lb, s_ls, s_qib, s_qis, s_qih, s_wib, s_wis, s_wih,
-                       scale_log2, d1, d1m, d2, d2m, di, dim,
-                       H: tl.constexpr, DV: tl.constexpr, DR: tl.constexpr, HI: tl.constexpr,
-                       IEEE: tl.constexpr, IEEE_I: tl.constexpr, UPCAST: tl.constexpr,
-                       BM: tl.constexpr, BN: tl.constexpr):
-        """dKL/dI [BM, BN] = g (softmax(I) - p) on the eligible pairs, 0 elsewhere."""
-        logits = _index_block(QI, WI, b, rows, rmask, k_t, s_qib, s_qis, s_qih,
-                              s_wib, s_wis, s_wih, di, dim, HI, IEEE_I, UPCAST, BM, BN)
-        p = _target_block(QM, b, rows, rmask, kvp, cmask, elig, LSE,
-                          s_qmb, s_qms, s_qmh, s_lb, s_ls, scale_log2, d1, d1m, d2, d2m,
-                          H, DV, DR, IEEE, UPCAST, BM, BN)
-        sm = tl.exp2((logits - lse_i[:, None]) * 1.4426950408889634)
-        return tl.where(elig, g[:, None] * (sm - p), 0.0)
 
     @triton.jit
     def _main_lse_kernel(
@@ -166,28 +174,33 @@ if HAS_TRITON:
 
     @triton.jit
     def _dense_kl_fwd_kernel(
-        QM, KV, QI, KI, WI, QPOS, KPOS, KLIM, LSE, KL, LSEI,
+        QM, KV, QI, KI, WI, QPOS, KPOS, KLIM, LSE, PART,
         Sq, Sk, scale_log2,
         s_qmb, s_qms, s_qmh, s_kvb, s_kvs, s_lb, s_ls,
-        s_qib, s_qis, s_qih, s_kib, s_kis, s_wib, s_wis, s_wih, s_ob, s_os,
+        s_qib, s_qis, s_qih, s_kib, s_kis, s_wib, s_wis, s_wih,
+        s_pc, s_pb, s_ps,
         H: tl.constexpr, DV: tl.constexpr, D1: tl.constexpr, DR: tl.constexpr, D2: tl.constexpr,
-        HI: tl.constexpr, DI: tl.constexpr, DIP: tl.constexpr,
-        BM: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr, IEEE_I: tl.constexpr, UPCAST: tl.constexpr,
+        HI: tl.constexpr, HG: tl.constexpr, NG: tl.constexpr, DI: tl.constexpr, DIP: tl.constexpr,
+        BM: tl.constexpr, BN: tl.constexpr, SPAN: tl.constexpr,
+        IEEE: tl.constexpr, IEEE_I: tl.constexpr, UPCAST: tl.constexpr,
     ):
+        # One program per (query block, span of SPAN keys, batch): the span's share of I's
+        # log2-sum-exp (max, sum), of sum p log p and of sum p I, into PART [4, B, NS, Sq].
         pid_m = tl.program_id(0)
-        b = tl.program_id(1)
+        sp = tl.program_id(1)
+        b = tl.program_id(2)
         rows, rmask, qp, lim = _query_block(QPOS, KLIM, pid_m, Sq, BM)
         d1, d1m = _span(DV, D1)
         d2, d2m = _span(DR, D2)
         di, dim = _span(DI, DIP)
-        m_i = tl.full((BM,), float("-inf"), tl.float32)  # I's online log2-sum-exp
+        m_i = tl.full((BM,), float("-inf"), tl.float32)
         l_i = tl.zeros((BM,), dtype=tl.float32)
         plogp = tl.zeros((BM,), dtype=tl.float32)
         p_i = tl.zeros((BM,), dtype=tl.float32)
-        for start in range(0, lim, BN):
+        for start in range(sp * SPAN, tl.minimum(sp * SPAN + SPAN, lim), BN):
             cols, cmask, elig, k_tile = _key_block(KI, KPOS, b, start, qp, rmask, Sk, s_kib, s_kis, di, dim, BN)
-            logits = _index_block(QI, WI, b, rows, rmask, tl.trans(k_tile), s_qib, s_qis, s_qih,
-                                  s_wib, s_wis, s_wih, di, dim, HI, IEEE_I, UPCAST, BM, BN)
+            logits = _index_logits(QI, WI, b, pid_m, Sq, tl.trans(k_tile), s_qib, s_qis, s_qih, s_wib, s_wis, s_wih,
+                                   di, dim, HI, HG, NG, IEEE_I, UPCAST, BM, BN)
             i2 = tl.where(elig, logits * 1.4426950408889634, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(i2, axis=1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -198,97 +211,104 @@ if HAS_TRITON:
                               H, DV, DR, IEEE, UPCAST, BM, BN)
             plogp += tl.sum(tl.where(p > 0, p * tl.log(tl.where(p > 0, p, 1.0)), 0.0), axis=1)
             p_i += tl.sum(tl.where(elig, p * logits, 0.0), axis=1)
-        has = l_i > 0
-        lse_i = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) / 1.4426950408889634, 0.0)
-        kl = tl.where(has, plogp - p_i + lse_i, 0.0)
-        tl.store(KL + b * s_ob + rows * s_os, kl, mask=rmask)
-        tl.store(LSEI + b * s_ob + rows * s_os, lse_i, mask=rmask)
+        base = PART + b * s_pb + sp * s_ps + rows
+        tl.store(base, m_i, mask=rmask)
+        tl.store(base + s_pc, l_i, mask=rmask)
+        tl.store(base + 2 * s_pc, plogp, mask=rmask)
+        tl.store(base + 3 * s_pc, p_i, mask=rmask)
 
     @triton.jit
-    def _dense_kl_bwd_q_kernel(
-        QM, KV, QI, KI, WI, QPOS, KPOS, KLIM, LSE, LSEI, G, DQ, DW,
+    def _dense_kl_bwd_kernel(
+        QM, KV, QI, KI, WI, QPOS, KPOS, KLIM, LSE, LSEI, G, DQ, DW, DK,
         Sq, Sk, scale_log2,
         s_qmb, s_qms, s_qmh, s_kvb, s_kvs, s_lb, s_ls,
         s_qib, s_qis, s_qih, s_kib, s_kis, s_wib, s_wis, s_wih, s_ob, s_os,
-        s_dqb, s_dqs, s_dqh, s_dwb, s_dws, s_dwh,
+        s_dqb, s_dqs, s_dqh, s_dwb, s_dws, s_dwh, s_dkb, s_dks,
         H: tl.constexpr, DV: tl.constexpr, D1: tl.constexpr, DR: tl.constexpr, D2: tl.constexpr,
-        HI: tl.constexpr, DI: tl.constexpr, DIP: tl.constexpr,
-        BM: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr, IEEE_I: tl.constexpr, UPCAST: tl.constexpr,
+        HI: tl.constexpr, HG: tl.constexpr, NG: tl.constexpr, DI: tl.constexpr, DIP: tl.constexpr,
+        BM: tl.constexpr, BN: tl.constexpr, SPAN: tl.constexpr,
+        IEEE: tl.constexpr, IEEE_I: tl.constexpr, UPCAST: tl.constexpr, ATOMIC: tl.constexpr,
     ):
+        # One program per (query block, span of keys, batch). dI = g (softmax(I) - p) is built
+        # once per tile and feeds all three gradients: dk_idx per tile and (one head group)
+        # dq_idx / dw_idx per span, all added atomically (fp32) since spans share rows.
         pid_m = tl.program_id(0)
-        b = tl.program_id(1)
+        sp = tl.program_id(1)
+        b = tl.program_id(2)
         rows, rmask, qp, lim = _query_block(QPOS, KLIM, pid_m, Sq, BM)
         d1, d1m = _span(DV, D1)
         d2, d2m = _span(DR, D2)
         di, dim = _span(DI, DIP)
         lse_i = tl.load(LSEI + b * s_ob + rows * s_os, mask=rmask, other=0.0)
         g = tl.load(G + b * s_ob + rows * s_os, mask=rmask, other=0.0)
-        for start in range(0, lim, BN):
+        dq_acc = tl.zeros((BM * HG, DIP), dtype=tl.float32)
+        dw_acc = tl.zeros((BM * HG,), dtype=tl.float32)
+        hi = tl.minimum(sp * SPAN + SPAN, lim)
+        for start in range(sp * SPAN, hi, BN):
             cols, cmask, elig, k_tile = _key_block(KI, KPOS, b, start, qp, rmask, Sk, s_kib, s_kis, di, dim, BN)
             k_t = tl.trans(k_tile)
-            d_i = _dlogits_block(QM, QI, WI, b, rows, rmask, KV + b * s_kvb + cols * s_kvs, cmask, elig, k_t,
-                                 LSE, lse_i, g, s_qmb, s_qms, s_qmh, s_lb, s_ls, s_qib, s_qis, s_qih,
-                                 s_wib, s_wis, s_wih, scale_log2, d1, d1m, d2, d2m, di, dim,
-                                 H, DV, DR, HI, IEEE, IEEE_I, UPCAST, BM, BN)
-            for j in range(HI):
-                _, w_j, s_j = _index_head(QI, WI, b, rows, rmask, j, k_t, s_qib, s_qis, s_qih, s_wib, s_wis, s_wih,
-                                          di, dim, IEEE_I, UPCAST)
-                dw_p = DW + b * s_dwb + rows * s_dws + j * s_dwh
-                tl.store(dw_p, tl.load(dw_p, mask=rmask, other=0.0)
-                         + tl.sum(d_i * tl.maximum(s_j, 0.0), axis=1), mask=rmask)
-                ds = tl.where(s_j > 0, d_i * w_j[:, None], 0.0)
-                dq_p = DQ + b * s_dqb + rows[:, None] * s_dqs + j * s_dqh + di[None, :]
-                qmask = rmask[:, None] & dim[None, :]
-                tl.store(dq_p, tl.load(dq_p, mask=qmask, other=0.0)
-                         + _dot_ds(ds, k_tile, IEEE_I, UPCAST, False), mask=qmask)
-
-    @triton.jit
-    def _dense_kl_bwd_k_kernel(
-        QM, KV, QI, KI, WI, QPOS, KPOS, QSTART, LSE, LSEI, G, DK,
-        Sq, Sk, scale_log2,
-        s_qmb, s_qms, s_qmh, s_kvb, s_kvs, s_lb, s_ls,
-        s_qib, s_qis, s_qih, s_kib, s_kis, s_wib, s_wis, s_wih, s_ob, s_os,
-        s_dkb, s_dks,
-        H: tl.constexpr, DV: tl.constexpr, D1: tl.constexpr, DR: tl.constexpr, D2: tl.constexpr,
-        HI: tl.constexpr, DI: tl.constexpr, DIP: tl.constexpr,
-        BM: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr, IEEE_I: tl.constexpr, UPCAST: tl.constexpr,
-    ):
-        pid_n = tl.program_id(0)
-        b = tl.program_id(1)
-        cols = pid_n * BN + tl.arange(0, BN)
-        cmask = cols < Sk
-        d1, d1m = _span(DV, D1)
-        d2, d2m = _span(DR, D2)
-        di, dim = _span(DI, DIP)
-        kp = tl.load(KPOS + cols, mask=cmask, other=0)
-        k_tile = tl.load(KI + b * s_kib + cols[:, None] * s_kis + di[None, :],
-                         mask=cmask[:, None] & dim[None, :], other=0.0)
-        k_t = tl.trans(k_tile)
-        kvp = KV + b * s_kvb + cols * s_kvs
-        dk = tl.zeros((BN, DIP), dtype=tl.float32)
-        first = tl.load(QSTART + pid_n)
-        for m0 in range(first * BM, Sq, BM):
-            rows = m0 + tl.arange(0, BM)
-            rmask = rows < Sq
-            qp = tl.load(QPOS + rows, mask=rmask, other=-1)
-            elig = (kp[None, :] <= qp[:, None]) & cmask[None, :] & rmask[:, None]
-            lse_i = tl.load(LSEI + b * s_ob + rows * s_os, mask=rmask, other=0.0)
-            g = tl.load(G + b * s_ob + rows * s_os, mask=rmask, other=0.0)
-            d_i = _dlogits_block(QM, QI, WI, b, rows, rmask, kvp, cmask, elig, k_t,
-                                 LSE, lse_i, g, s_qmb, s_qms, s_qmh, s_lb, s_ls, s_qib, s_qis, s_qih,
-                                 s_wib, s_wis, s_wih, scale_log2, d1, d1m, d2, d2m, di, dim,
-                                 H, DV, DR, HI, IEEE, IEEE_I, UPCAST, BM, BN)
-            for j in range(HI):
-                q_j, w_j, s_j = _index_head(QI, WI, b, rows, rmask, j, k_t, s_qib, s_qis, s_qih, s_wib, s_wis,
-                                            s_wih, di, dim, IEEE_I, UPCAST)
-                ds = tl.where(s_j > 0, d_i * w_j[:, None], 0.0)
-                dk += _dot_ds(tl.trans(ds), q_j, IEEE_I, UPCAST, False)
-        tl.store(DK + b * s_dkb + cols[:, None] * s_dks + di[None, :], dk, mask=cmask[:, None] & dim[None, :])
+            p = _target_block(QM, b, rows, rmask, KV + b * s_kvb + cols * s_kvs, cmask, elig, LSE,
+                              s_qmb, s_qms, s_qmh, s_lb, s_ls, scale_log2, d1, d1m, d2, d2m,
+                              H, DV, DR, IEEE, UPCAST, BM, BN)
+            if NG == 1:  # one group: its scores serve the logits and the gradients
+                q, w, t, j, rm = _folded_queries(QI, WI, b, pid_m, Sq, 0, s_qib, s_qis, s_qih,
+                                                 s_wib, s_wis, s_wih, di, dim, HI, HG, BM)
+                s = _dot(q, k_t, IEEE_I, UPCAST)
+                logits = _fold_sum(tl.maximum(s, 0.0) * w[:, None], BM, HG, BN)
+            else:
+                logits = _index_logits(QI, WI, b, pid_m, Sq, k_t, s_qib, s_qis, s_qih, s_wib, s_wis, s_wih,
+                                       di, dim, HI, HG, NG, IEEE_I, UPCAST, BM, BN)
+            sm = tl.exp2((logits - lse_i[:, None]) * 1.4426950408889634)
+            d_rep = _unfold(tl.where(elig, g[:, None] * (sm - p), 0.0), BM, HG, BN)
+            dk = tl.zeros((BN, DIP), dtype=tl.float32)
+            if NG == 1:
+                ds = tl.where(s > 0, d_rep * w[:, None], 0.0)
+                dq_acc += _dot_ds(ds, k_tile, IEEE_I, UPCAST, False)
+                dw_acc += tl.sum(d_rep * tl.maximum(s, 0.0), axis=1)
+                dk += _dot_ds(tl.trans(ds), q, IEEE_I, UPCAST, False)
+            else:  # many indexer heads: score each group again, add its dq/dw per tile
+                for grp in tl.static_range(NG):
+                    q, w, t, j, rm = _folded_queries(QI, WI, b, pid_m, Sq, grp, s_qib, s_qis, s_qih,
+                                                     s_wib, s_wis, s_wih, di, dim, HI, HG, BM)
+                    s = _dot(q, k_t, IEEE_I, UPCAST)
+                    ds = tl.where(s > 0, d_rep * w[:, None], 0.0)
+                    _atomic_add_f32(DQ + b * s_dqb + t[:, None] * s_dqs + j[:, None] * s_dqh + di[None, :],
+                                    _dot_ds(ds, k_tile, IEEE_I, UPCAST, False), rm[:, None] & dim[None, :], ATOMIC)
+                    _atomic_add_f32(DW + b * s_dwb + t * s_dws + j * s_dwh,
+                                    tl.sum(d_rep * tl.maximum(s, 0.0), axis=1), rm, ATOMIC)
+                    dk += _dot_ds(tl.trans(ds), q, IEEE_I, UPCAST, False)
+            _atomic_add_f32(DK + b * s_dkb + cols[:, None] * s_dks + di[None, :], dk,
+                            cmask[:, None] & dim[None, :], ATOMIC)
+        if NG == 1:
+            if sp * SPAN < hi:
+                q, w, t, j, rm = _folded_queries(QI, WI, b, pid_m, Sq, 0, s_qib, s_qis, s_qih,
+                                                 s_wib, s_wis, s_wih, di, dim, HI, HG, BM)
+                _atomic_add_f32(DQ + b * s_dqb + t[:, None] * s_dqs + j[:, None] * s_dqh + di[None, :],
+                                dq_acc, rm[:, None] & dim[None, :], ATOMIC)
+                _atomic_add_f32(DW + b * s_dwb + t * s_dws + j * s_dwh, dw_acc, rm, ATOMIC)
 
 
-def _blocks(on_gpu: bool) -> tuple[int, int, int]:
-    """(BM, BN, num_warps). Not tuned: the kernels have not run on a GPU yet."""
-    return (64, 64, 4) if on_gpu else (16, 16, 1)
+# Rows of one folded indexer dot (query rows x indexer heads), the key-span length of one
+# program, and the (BM, BN, num_warps) of the per-head log-sum-exp kernel. Module-level so
+# tests can force several head groups and spans at small shapes.
+FOLD_ROWS = {True: 128, False: 32}
+SPAN = {True: 4096, False: 32}
+KEY_BLOCK = {True: 64, False: 16}
+WARPS = {True: 4, False: 1}
+LSE_BLOCKS = {True: (64, 64, 4), False: (16, 16, 1)}
+
+
+def _kl_blocks(HI: int, on_gpu: bool) -> dict:
+    """Block sizes of the KL kernels: BM query rows per program with their indexer heads folded
+    into HG * BM <= FOLD_ROWS dot rows (NG groups of HG heads), BN keys per tile, SPAN keys per
+    program (a multiple of BN)."""
+    HIP = next_pow2(HI)
+    rows = FOLD_ROWS[on_gpu]
+    BM = min(64, max(16, rows // HIP))
+    HG = max(1, min(HIP, rows // BM))
+    BN = KEY_BLOCK[on_gpu]
+    span = max(BN, SPAN[on_gpu] // BN * BN)
+    return dict(BM=BM, HG=HG, NG=HIP // HG, BN=BN, SPAN=span, num_warps=WARPS[on_gpu])
 
 
 def _key_limits(q_pos: torch.Tensor, k_pos: torch.Tensor, BM: int) -> torch.Tensor:
@@ -301,19 +321,6 @@ def _key_limits(q_pos: torch.Tensor, k_pos: torch.Tensor, BM: int) -> torch.Tens
     pad = torch.full((nqb * BM - Sq,), torch.iinfo(torch.int64).min, dtype=q_pos.dtype, device=q_pos.device)
     qmax = torch.cat([q_pos, pad]).view(nqb, BM).amax(dim=1)
     return torch.searchsorted(k_pos.contiguous(), qmax, right=True).to(torch.int32)
-
-
-def _query_starts(q_pos: torch.Tensor, k_pos: torch.Tensor, BM: int, BN: int) -> torch.Tensor:
-    """Per key block, the first query block that can see any of its keys (0 unless q_pos is
-    ascending)."""
-    Sq, Sk = q_pos.numel(), k_pos.numel()
-    nkb = triton.cdiv(Sk, BN)
-    if Sq > 1 and not bool((q_pos[1:] >= q_pos[:-1]).all()):
-        return torch.zeros((nkb,), dtype=torch.int32, device=q_pos.device)
-    pad = torch.full((nkb * BN - Sk,), torch.iinfo(torch.int64).max, dtype=k_pos.dtype, device=k_pos.device)
-    kmin = torch.cat([k_pos, pad]).view(nkb, BN).amin(dim=1)
-    first_row = torch.searchsorted(q_pos.contiguous(), kmin, right=False)
-    return (first_row // BM).to(torch.int32)
 
 
 def _split(D: int) -> tuple[int, int, int, int]:
@@ -339,15 +346,20 @@ def _recall(qm, kv, lse2, idx, scale) -> torch.Tensor:
     return out
 
 
-def _strides(qm, kvc, lse2, qi, ki, wi, kl):
+def _strides(qm, kvc, lse2, qi, ki, wi):
     return (qm.stride(0), qm.stride(1), qm.stride(2), kvc.stride(0), kvc.stride(1), lse2.stride(0), lse2.stride(1),
             qi.stride(0), qi.stride(1), qi.stride(2), ki.stride(0), ki.stride(1),
-            wi.stride(0), wi.stride(1), wi.stride(2), kl.stride(0), kl.stride(1))
+            wi.stride(0), wi.stride(1), wi.stride(2))
+
+
+def _spans(klim: torch.Tensor, span: int) -> int:
+    """Programs per query block along the keys: enough spans for the longest causal range."""
+    return max(1, triton.cdiv(int(klim.max()), span)) if klim.numel() else 1
 
 
 class FusedDenseIndexerKL(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q_main, kv, q_idx, k_idx, w_idx, scale, topk, q_pos, k_pos):
+    def forward(ctx, q_main, kv, q_idx, k_idx, w_idx, scale, topk, q_pos, k_pos, recall_rows):
         from .indexer import indexer_topk
 
         B, Sq, H, D = q_main.shape
@@ -356,30 +368,45 @@ class FusedDenseIndexerKL(torch.autograd.Function):
         qm, kvc = q_main.detach().contiguous(), kv.detach().contiguous()
         qi, ki, wi = q_idx.detach().contiguous(), k_idx.detach().contiguous(), w_idx.detach().contiguous()
         q_pos, k_pos = q_pos.contiguous(), k_pos.contiguous()
-        dev = q_main.device
-        BM, BN, nw = _blocks(q_main.is_cuda)
+        dev, gpu = q_main.device, q_main.is_cuda
         DV, D1, DR, D2 = _split(D)
         kl = torch.zeros(B, Sq, dtype=torch.float32, device=dev)
         lse_i = torch.zeros(B, Sq, dtype=torch.float32, device=dev)
         lse2 = torch.empty(B, Sq, H, dtype=torch.float32, device=dev)  # log2 units of scale * q.kv
-        klim = _key_limits(q_pos, k_pos, BM)
-        consts = dict(DV=DV, D1=D1, DR=DR, D2=D2, BM=BM, BN=BN, IEEE=is_fp32(qm, kvc), UPCAST=interpreting())
+        blk = _kl_blocks(HI, gpu)
+        klim = _key_limits(q_pos, k_pos, blk["BM"])
+        mains = dict(DV=DV, D1=D1, DR=DR, D2=D2, IEEE=is_fp32(qm, kvc), UPCAST=interpreting())
         if Sq and Sk:
-            nqb = triton.cdiv(Sq, BM)
-            _main_lse_kernel[(nqb, B * H)](
-                qm, kvc, q_pos, k_pos, klim, lse2, Sq, Sk, scale * LOG2E,
+            LBM, LBN, lnw = LSE_BLOCKS[gpu]
+            _main_lse_kernel[(triton.cdiv(Sq, LBM), B * H)](
+                qm, kvc, q_pos, k_pos, _key_limits(q_pos, k_pos, LBM), lse2, Sq, Sk, scale * LOG2E,
                 qm.stride(0), qm.stride(1), qm.stride(2), kvc.stride(0), kvc.stride(1), lse2.stride(0), lse2.stride(1),
-                H=H, num_warps=nw, **consts,
+                H=H, BM=LBM, BN=LBN, num_warps=lnw, **mains,
             )
-            _dense_kl_fwd_kernel[(nqb, B)](
-                qm, kvc, qi, ki, wi, q_pos, k_pos, klim, lse2, kl, lse_i, Sq, Sk, scale * LOG2E,
-                *_strides(qm, kvc, lse2, qi, ki, wi, kl),
-                H=H, HI=HI, DI=DI, DIP=next_pow2(DI, 16), IEEE_I=is_fp32(qi, ki), num_warps=nw, **consts,
+            ns = _spans(klim, blk["SPAN"])
+            part = torch.empty(4, B, ns, Sq, dtype=torch.float32, device=dev)
+            _dense_kl_fwd_kernel[(triton.cdiv(Sq, blk["BM"]), ns, B)](
+                qm, kvc, qi, ki, wi, q_pos, k_pos, klim, lse2, part, Sq, Sk, scale * LOG2E,
+                *_strides(qm, kvc, lse2, qi, ki, wi), part.stride(0), part.stride(1), part.stride(2),
+                H=H, HI=HI, DI=DI, DIP=next_pow2(DI, 16), IEEE_I=is_fp32(qi, ki), **blk, **mains,
             )
-            idx = indexer_topk(qi, ki, wi, topk, q_pos=q_pos, k_pos=k_pos)
-            recall = _recall(qm, kvc, lse2, idx, scale)
+            # Combine the spans: I's log-sum-exp over all of them; the p sums add up.
+            m2, l2, plogp, p_i = part
+            top = m2.amax(dim=1, keepdim=True)
+            top = torch.where(torch.isinf(top), torch.zeros_like(top), top)
+            total = (l2 * torch.exp2(m2 - top)).sum(dim=1)
+            has = total > 0
+            lse_i = torch.where(has, (top.squeeze(1) + torch.log2(torch.where(has, total, 1.0))) / LOG2E, 0.0)
+            kl = torch.where(has, plogp.sum(dim=1) - p_i.sum(dim=1) + lse_i, 0.0)
+            if recall_rows is None:
+                idx = indexer_topk(qi, ki, wi, topk, q_pos=q_pos, k_pos=k_pos)
+                recall = _recall(qm, kvc, lse2, idx, scale)
+            else:  # the diagnostic's top-k scored for the sampled rows only
+                r = recall_rows
+                idx = indexer_topk(qi[:, r], ki, wi[:, r], topk, q_pos=q_pos[r], k_pos=k_pos)
+                recall = _recall(qm[:, r], kvc, lse2[:, r], idx, scale)
         else:
-            recall = torch.zeros_like(kl)
+            recall = torch.zeros(B, Sq if recall_rows is None else recall_rows.numel(), device=dev)
         ctx.save_for_backward(qm, kvc, qi, ki, wi, q_pos, k_pos, lse2, lse_i, klim)
         ctx.scale = scale
         ctx.mark_non_differentiable(recall)
@@ -387,6 +414,8 @@ class FusedDenseIndexerKL(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gkl, grecall):
+        from .sparse_attn import atomic_mode
+
         qm, kvc, qi, ki, wi, q_pos, k_pos, lse2, lse_i, klim = ctx.saved_tensors
         B, Sq, H, D = qm.shape
         Sk = kvc.shape[1]
@@ -397,28 +426,26 @@ class FusedDenseIndexerKL(torch.autograd.Function):
         dk = torch.zeros(B, Sk, DI, dtype=torch.float32, device=dev)
         if gkl is not None and Sq and Sk:
             g = gkl.float().contiguous()
-            BM, BN, nw = _blocks(qm.is_cuda)
-            DV, D1, DR, D2 = _split(D)
-            consts = dict(H=H, DV=DV, D1=D1, DR=DR, D2=D2, HI=HI, DI=DI, DIP=next_pow2(DI, 16), BM=BM, BN=BN,
-                          IEEE=is_fp32(qm, kvc), IEEE_I=is_fp32(qi, ki), UPCAST=interpreting(), num_warps=nw)
-            strides = _strides(qm, kvc, lse2, qi, ki, wi, g)
             assert lse_i.stride() == g.stride()
-            _dense_kl_bwd_q_kernel[(triton.cdiv(Sq, BM), B)](
-                qm, kvc, qi, ki, wi, q_pos, k_pos, klim, lse2, lse_i, g, dq, dw, Sq, Sk, ctx.scale * LOG2E,
-                *strides, dq.stride(0), dq.stride(1), dq.stride(2), dw.stride(0), dw.stride(1), dw.stride(2),
-                **consts,
+            DV, D1, DR, D2 = _split(D)
+            blk = _kl_blocks(HI, qm.is_cuda)
+            _dense_kl_bwd_kernel[(triton.cdiv(Sq, blk["BM"]), _spans(klim, blk["SPAN"]), B)](
+                qm, kvc, qi, ki, wi, q_pos, k_pos, klim, lse2, lse_i, g, dq, dw, dk, Sq, Sk, ctx.scale * LOG2E,
+                *_strides(qm, kvc, lse2, qi, ki, wi), g.stride(0), g.stride(1),
+                dq.stride(0), dq.stride(1), dq.stride(2), dw.stride(0), dw.stride(1), dw.stride(2),
+                dk.stride(0), dk.stride(1),
+                H=H, DV=DV, D1=D1, DR=DR, D2=D2, HI=HI, DI=DI, DIP=next_pow2(DI, 16),
+                IEEE=is_fp32(qm, kvc), IEEE_I=is_fp32(qi, ki), UPCAST=interpreting(), ATOMIC=atomic_mode(), **blk,
             )
-            _dense_kl_bwd_k_kernel[(triton.cdiv(Sk, BN), B)](
-                qm, kvc, qi, ki, wi, q_pos, k_pos, _query_starts(q_pos, k_pos, BM, BN), lse2, lse_i, g, dk,
-                Sq, Sk, ctx.scale * LOG2E, *strides, dk.stride(0), dk.stride(1), **consts,
-            )
-        return None, None, dq.to(qi.dtype), dk.to(ki.dtype), dw.to(wi.dtype), None, None, None, None
+        return None, None, dq.to(qi.dtype), dk.to(ki.dtype), dw.to(wi.dtype), None, None, None, None, None
 
 
 def fused_dense_indexer_kl(q_main, kv, q_idx, k_idx, w_idx, scale: float, topk: int,
-                           q_pos: Optional[torch.Tensor] = None, k_pos: Optional[torch.Tensor] = None):
+                           q_pos: Optional[torch.Tensor] = None, k_pos: Optional[torch.Tensor] = None,
+                           recall_rows: Optional[torch.Tensor] = None):
     """Same contract as ``reference.dense_indexer_kl`` (objective "kl"): (kl [B, Sq], recall)."""
     Sq, Sk = q_main.shape[1], kv.shape[1]
     q_pos = R._positions(q_pos, Sq, q_main.device)
     k_pos = R._positions(k_pos, Sk, q_main.device)
-    return FusedDenseIndexerKL.apply(q_main.detach(), kv.detach(), q_idx, k_idx, w_idx, scale, topk, q_pos, k_pos)
+    return FusedDenseIndexerKL.apply(q_main.detach(), kv.detach(), q_idx, k_idx, w_idx, scale, topk, q_pos, k_pos,
+                                     recall_rows)

@@ -8,9 +8,10 @@
   KL = sum p log p - sum p I + lse_I * sum p.  p is kept ([B, Sq, K] fp32) for backward, which
   recomputes the logits and pushes dI = g * (softmax(I) - p) into q_idx, w_idx (per program)
   and k_idx (fp32 atomic adds).
-* ``dense_indexer_kl``: blockwise PyTorch over query chunks (O(chunk x Sk) memory), as an
-  autograd.Function whose backward recomputes each chunk and uses dI = g * (softmax(I) - p)
-  directly.  Not a fused kernel (yet).
+* ``dense_indexer_kl``: the fused Triton kernels of ``dense_kl`` for the KL (the default), or
+  blockwise PyTorch over query chunks (O(chunk x Sk) memory; ``MDSA_DENSE_KL=blockwise`` and the
+  other objectives), as an autograd.Function whose backward recomputes each chunk and uses
+  dI = g * (softmax(I) - p) directly.
 """
 
 from __future__ import annotations
@@ -393,15 +394,20 @@ def dense_indexer_kl(
     q_pos: Optional[torch.Tensor] = None,
     k_pos: Optional[torch.Tensor] = None,
     objective: str = "kl",
+    recall_rows: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same contract as ``reference.dense_indexer_kl``: (kl [B, Sq], recall [B, Sq]); ``objective``
-    as there (the KL's gradient is analytic, the others' come from autograd chunk by chunk).
-    With ``dense_kl.FUSED`` the KL runs as fused Triton kernels (``dense_kl``)."""
+    """Same contract as ``reference.dense_indexer_kl``: (kl [B, Sq], recall [B, Sq], or [B, n]
+    at ``recall_rows``); ``objective`` as there (the KL's gradient is analytic, the others'
+    come from autograd chunk by chunk). With ``dense_kl.FUSED`` the KL runs as fused Triton
+    kernels (``dense_kl``), which score the recall's top-k on ``recall_rows`` only."""
     R.objective_rows(objective)  # an unknown name fails before any compute
     if objective == "kl" and _dense_kl.FUSED:
-        return _dense_kl.fused_dense_indexer_kl(q_main, kv, q_idx, k_idx, w_idx, scale, topk, q_pos, k_pos)
+        return _dense_kl.fused_dense_indexer_kl(q_main, kv, q_idx, k_idx, w_idx, scale, topk, q_pos, k_pos,
+                                                recall_rows=recall_rows)
     Sq, Sk = q_main.shape[1], kv.shape[1]
     q_pos = R._positions(q_pos, Sq, q_main.device)
     k_pos = R._positions(k_pos, Sk, q_main.device)
     # Detached target: see sparse_indexer_kl.
-    return DenseIndexerKL.apply(q_main.detach(), kv.detach(), q_idx, k_idx, w_idx, scale, topk, q_pos, k_pos, objective)
+    kl, recall = DenseIndexerKL.apply(q_main.detach(), kv.detach(), q_idx, k_idx, w_idx, scale, topk, q_pos, k_pos,
+                                      objective)
+    return kl, (recall if recall_rows is None else recall[:, recall_rows])
