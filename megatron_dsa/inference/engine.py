@@ -119,7 +119,7 @@ class DSAInference:
         self.config = model.config
         self.layers = list(model.decoder.layers)
         self.cores = dsa_layers(model)
-        device = next(model.parameters()).device
+        self.device = device = next(model.parameters()).device
         self.ops = ops.backend(kernel, device)
         self.routed = [self._routed_experts_only(layer.mlp) for layer in self.layers]  # see _routed_moe
         s = self.config.dsa
@@ -156,12 +156,15 @@ class DSAInference:
                 _linear(indexer.wq_b, qr), _linear(indexer.wk, h), _linear(indexer.weights_proj, h),
                 indexer.k_norm.weight, indexer.k_norm.bias, icos, isin, n_heads=s.n_heads, eps=s.k_norm_eps,
             )
+            if s.indexer_dtype == "activation":  # as the layer scores them (DSACoreAttention._indexer_inputs)
+                qi, ik = qi.to(h.dtype), ik.to(h.dtype)
         kv_all, ik_all = cache.append(latent, ik)
         if self.mode == "sparse":
             topk = self.ops.indexer_topk(qi, ik_all, wi, cfg.dsa.topk, q_pos=at.q_pos, k_pos=at.k_pos)
             out, _ = self.ops.sparse_mla_attention(query, kv_all, topk, r, core.softmax_scale)
         else:
-            out, _ = self.ops.dense_mla_attention(query, kv_all, r, core.softmax_scale, q_pos=at.q_pos, k_pos=at.k_pos)
+            out, _ = self.ops.dense_mla_attention(query, kv_all, r, core.softmax_scale, q_pos=at.q_pos, k_pos=at.k_pos,
+                                                  need_lse=False)
         o = torch.einsum("btnk,nvk->btnv", out.to(v_up.dtype), v_up).reshape(B, T, n * dv)
         return _linear(attn.linear_proj, o)
 
@@ -209,7 +212,9 @@ class DSAInference:
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Feed ``tokens`` [B, T] after the cached ones; returns logits [B, T, V] (fp32)."""
+        """Feed ``tokens`` [B, T] after the cached ones; returns logits [B, T, V] (fp32) on the
+        model's device (tokens are moved there)."""
+        tokens = tokens.to(self.device)
         B, T = tokens.shape
         start = cache.length
         positions = torch.arange(start, start + T, device=tokens.device)
@@ -235,6 +240,7 @@ class DSAInference:
     def generate(self, tokens: torch.Tensor, max_new_tokens: int, eos_id: Optional[int] = None) -> torch.Tensor:
         """Greedy continuation of ``tokens`` [B, T]: prefill, then one token per decode step.
         Returns the new tokens [B, <= max_new_tokens] (stops early when every row hit eos)."""
+        tokens = tokens.to(self.device)
         logits, cache = self.prefill(tokens, capacity=tokens.shape[1] + max_new_tokens)
         out = []
         done = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
@@ -258,6 +264,7 @@ def full_forward_logits(model: torch.nn.Module, tokens: torch.Tensor, mode: str)
     old = model.config.mdsa_mode
     set_mode(model.config, mode)
     try:
+        tokens = tokens.to(next(model.parameters()).device)
         B, T = tokens.shape
         positions = torch.arange(T, device=tokens.device)[None].expand(B, -1)
         return model(tokens, positions, None).float()

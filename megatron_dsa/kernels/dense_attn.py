@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.bias import causal_lower_right
 
 from megatron_dsa import reference
 
@@ -20,14 +21,18 @@ _FUSED = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend
 
 
 def _plain_causal(q_pos: Optional[torch.Tensor], k_pos: Optional[torch.Tensor], sq: int, sk: int) -> bool:
-    """True when the mask is the ordinary causal one SDPA's is_causal builds (same length,
-    positions 0..S-1, or none given)."""
-    if sq != sk:
+    """True when the mask is causal aligned at the last key, as SDPA builds it: keys at
+    positions 0..Sk-1 and the queries the last Sq of them (the whole sequence when Sq == Sk, a
+    prefill chunk after a cache otherwise), or no positions given. One query row (a decode
+    step) is left to the reference: a single row is cheap there, and a fused backend would
+    plan anew for every new key count."""
+    if sq > sk or (sq == 1 and sk > 1):
         return False
-    for pos in (q_pos, k_pos):
-        if pos is not None and not torch.equal(pos.reshape(-1), torch.arange(sq, device=pos.device)):
-            return False
-    return True
+    if k_pos is not None and not torch.equal(k_pos.reshape(-1), torch.arange(sk, device=k_pos.device)):
+        return False
+    if q_pos is not None and not torch.equal(q_pos.reshape(-1), torch.arange(sk - sq, sk, device=q_pos.device)):
+        return False
+    return q_pos is not None or sq == sk
 
 
 def _lse(q: torch.Tensor, kv: torch.Tensor, scale: float, q_pos, k_pos) -> torch.Tensor:
@@ -59,9 +64,11 @@ def dense_mla_attention(
     k = kv[:, None].expand(B, H, Sk, kv.shape[-1]).contiguous()
     v = kv[:, None, :, :v_dim].expand(B, H, Sk, v_dim).contiguous()
     backends = _FUSED if q.is_cuda else _FUSED + [SDPBackend.MATH]
+    # The whole sequence, or its last Sq positions (causal aligned at the bottom-right).
+    mask = dict(is_causal=True) if Sq == Sk else dict(attn_mask=causal_lower_right(Sq, Sk))
     try:
         with sdpa_kernel(backends):
-            out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, is_causal=True, scale=scale)
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, scale=scale, **mask)
     except RuntimeError as err:  # no fused backend takes these shapes / dtypes
         if "No available kernel" not in str(err):
             raise
