@@ -21,8 +21,9 @@ stage whose outputs exist is skipped, ``--force`` reruns it):
     report     <report-dir>/verification.md + PNGs + verification.json
     bench128k  one measured micro-batch (1 x 128K) of the report's warm-up on the small MoE,
                warm-up and sparse (h200 only; extrapolates the 16 x 128K step and 1000 steps)
-    step128k   one real trainer step of the report's warm-up recipe (configs/recipes/
-               report_warmup.yaml: 16 x 131072 tokens) from the pretrain checkpoint (h200 only)
+    step128k   real trainer steps of the report's warm-up recipe (configs/recipes/
+               report_warmup.yaml: 16 x 131072 tokens) from the pretrain checkpoint; the second
+               of two steps is the measurement (h200 only)
 
 Arms (``ARMS``; ``--arms a,b`` restricts): per_layer (arm A, the report), shared (one indexer
 for all layers), freq2 / freq4 (one selection every 2 / 4 layers, reused between), and the
@@ -546,7 +547,7 @@ def step128k_from_log(log: str) -> dict:
 
 
 def stage_step128k(e: Exp) -> None:
-    """One step of the report's warm-up recipe, exactly (16 sequences of 131072 tokens, micro-batch
+    """A step of the report's warm-up recipe, exactly (16 sequences of 131072 tokens, micro-batch
     1, lr 1e-3, indexers only), through the trainer, from this run's pretrain checkpoint (or, when
     the run has none, from a one-step pretrain: ``--stage corpus,step128k`` is a sitting of its own)."""
     import torch
@@ -566,8 +567,9 @@ def stage_step128k(e: Exp) -> None:
             _run_phase(e, start, _phase_cmd(e, start, "h200_pretrain.yaml", "pretrain",
                                             ["train.iters=1", "train.lr_warmup_iters=0", "eval.iters=0",
                                              "checkpoint.interval=1"]))
-        extra = [f"checkpoint.load_from={e.phase_dir(start) / 'ckpt'}", "train.iters=1", "eval.iters=0",
-                 "checkpoint.interval=1", "logging.interval=1"]
+        # Two steps, logged one by one: the second is the measurement (the first compiles Triton).
+        extra = [f"checkpoint.load_from={e.phase_dir(start) / 'ckpt'}", "train.iters=2", "eval.iters=0",
+                 "checkpoint.interval=2", "logging.interval=1"]
         cmd = [e.python, "-m", "megatron_dsa.train.cli", "--config", str(RECIPES / "report_warmup.yaml"),
                f"data.dir={e.data}", f"checkpoint.save={e.phase_dir(name) / 'ckpt'}",
                f"logging.tensorboard_dir={e.phase_dir(name) / 'tb'}", *extra]
@@ -1058,8 +1060,8 @@ def write_report(e: Exp) -> Path:
         L.append(f"**The whole step, measured** through the trainer (`{st['command']}`): Megatron's iteration time "
                  f"{_fmt(st.get('step_seconds'), ',.1f')} s for 16 x 131072 tokens ({_fmt(st.get('tokens_per_s'), ',.0f')} "
                  f"tokens/s), peak memory {_fmt(st.get('peak_gb'), '.1f')} GB; the report's 1000 steps: "
-                 f"{_fmt(st.get('extrapolated_1000_steps_hours'), ',.1f')} h on one H200. (A first step: it includes "
-                 "the one-time Triton compilation.)\n")
+                 f"{_fmt(st.get('extrapolated_1000_steps_hours'), ',.1f')} h on one H200. (The second of two steps: "
+                 "the first includes the one-time Triton compilation.)\n")
     # -- plots, commands, configs
     L.append("## Plots\n")
     for k, f in files.items():

@@ -115,8 +115,8 @@ def test_step128k_reads_megatrons_step_time_and_peak_memory():
 def test_step128k_overrides_are_valid_config():
     # the overrides stage_step128k adds to the report's recipe and to the one-step pretrain
     cfg = load_config(REPO / "configs" / "recipes" / "report_warmup.yaml",
-                      ["train.iters=1", "eval.iters=0", "checkpoint.interval=1", "logging.interval=1"])
-    assert (cfg.train["iters"], cfg.train["global_batch_size"], cfg.data["seq_length"]) == (1, 16, 131072)
+                      ["train.iters=2", "eval.iters=0", "checkpoint.interval=2", "logging.interval=1"])
+    assert (cfg.train["iters"], cfg.train["global_batch_size"], cfg.data["seq_length"]) == (2, 16, 131072)
     cfg = load_config(REPO / "configs" / "recipes" / "h200_pretrain.yaml",
                       ["train.iters=1", "train.lr_warmup_iters=0", "eval.iters=0", "checkpoint.interval=1"])
     assert cfg.train["iters"] == 1
