@@ -195,11 +195,6 @@ def validate(cfg: DSATransformerConfig) -> DSASettings:
     tp, cp = cfg.tensor_model_parallel_size, cfg.context_parallel_size
     if tp > 1 and not cfg.sequence_parallel:
         _fail("tensor_model_parallel_size > 1 needs sequence_parallel=True (the indexer is sharded by sequence)")
-    if (tp > 1 or cp > 1) and (cfg.mdsa_fp8_indexer or cfg.mdsa_kernel == "triton"):
-        _fail(
-            "with tensor or context parallelism the DSA layer runs its PyTorch path: "
-            "mdsa_kernel must be 'auto' or 'reference' and mdsa_fp8_indexer False"
-        )
     if (tp > 1 or cp > 1) and cfg.mdsa_indexer_objective != "kl":
         _fail(
             f"mdsa_indexer_objective {cfg.mdsa_indexer_objective!r} runs on one rank only: the "

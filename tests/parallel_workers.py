@@ -108,10 +108,16 @@ def _close(name, a, b, atol=2e-5, rtol=1e-4):
         raise AssertionError(f"rank {dist.get_rank()}: {name} differs (max abs diff {diff}, {a.shape} vs {b.shape})")
 
 
-def layer_function_worker(rank, world, port, tp, cp, seed, modes):
+def layer_function_worker(rank, world, port, tp, cp, seed, modes, kernel="reference"):
     if True:
+        if kernel != "reference" and not ON_GPU:  # the kernels through Triton's interpreter
+            os.environ["TRITON_INTERPRET"] = "1"
         init_dist(rank, world, port)
+        from megatron_dsa import ops
         from megatron_dsa.parallel import ParallelContext, cp_split, own_rows, parallel_dsa_core
+
+        backend = ops.backend(kernel, device())
+        assert backend.name == kernel
 
         tp_group, cp_group = make_groups(tp, cp)
         ctx = ParallelContext(tp_group=tp_group if tp > 1 else None, cp_group=cp_group if cp > 1 else None)
@@ -133,9 +139,9 @@ def layer_function_worker(rank, world, port, tp, cp, seed, modes):
             indexer = None if mode == "dense" else (mine["qi"], mine["ki"], mine["wi"])
             res = parallel_dsa_core(
                 ctx, mode, mine["q"], mine["kv"], s["V"], s["D"] ** -0.5, s["K"],
-                indexer=indexer, sparse_loss=sparse_loss,
+                indexer=indexer, sparse_loss=sparse_loss, ops=backend,
             )
-            tag = f"{mode}(sparse_loss={sparse_loss}) tp={tp} cp={cp}"
+            tag = f"{mode}(sparse_loss={sparse_loss}) tp={tp} cp={cp} {kernel}"
             ref_out = cp_split(ref["out"], cp, ctx.cp_rank)[:, :, heads]
             _close(tag + " out", res.out, ref_out)
             if ref["topk"] is not None:

@@ -109,6 +109,13 @@ def test_layer_function_matches_one_rank(tp, cp):
     W.spawn(W.layer_function_worker, tp * cp, tp, cp, 7, MODES)
 
 
+@pytest.mark.parametrize("tp,cp", [(2, 1), (1, 2)], ids=["tp2", "cp2"])
+def test_layer_function_on_the_kernels_matches_one_rank(tp, cp):
+    """The same checks with the Triton kernels doing the rank's work (Triton's interpreter on
+    CPU): top-k on the gathered keys, sparse / dense attention and the dense KL."""
+    W.spawn(W.layer_function_worker, tp * cp, tp, cp, 7, MODES, "triton")
+
+
 # ---------------------------------------------------------------------------------------------
 # Model level: the tiny MoE through megatron-core, a few SGD steps
 # ---------------------------------------------------------------------------------------------
@@ -135,11 +142,11 @@ def test_heads_not_divisible_by_tp_is_rejected():
         model_config("tiny", tensor_model_parallel_size=3)
 
 
-def test_triton_kernel_with_parallelism_is_rejected():
+def test_triton_kernels_are_allowed_with_parallelism():
     from megatron_dsa.model import model_config
 
-    with pytest.raises(DSAConfigError, match="PyTorch path"):
-        model_config("tiny", context_parallel_size=2, mdsa_kernel="triton")
+    cfg = model_config("tiny", context_parallel_size=2, mdsa_kernel="triton", mdsa_fp8_indexer=True)
+    assert cfg.dsa.kernel == "triton" and cfg.dsa.fp8_indexer
 
 
 def test_tp_switches_sequence_parallel_on_and_cp_comm_type_is_set():

@@ -81,9 +81,13 @@ and under CP it all-gathers the K/V latents (S x Dqk) and the indexer keys over 
    bytes. The exact distributed top-k, not the bytes, is the CP win here (megatron-core
    scores against gathered keys too).
 
-Limits: the parallel path runs the reference (PyTorch) math, not the Triton kernels; every TP
-rank of a CP group fetches the same KV rows (a TP-split fetch + all-gather would cut that by
-TP); packed sequences are not supported.
+Kernels: each rank's own work runs on the ops of ``megatron_dsa.ops`` (``mdsa_kernel``: the
+Triton kernels on CUDA under ``auto``). With the kernels the top-k scores the gathered keys in
+one streaming pass (optionally FP8) instead of shard by shard, with the same exact result and tie
+rule. Dense attention under CP (load-balanced positions) and the TP sparse KL stay PyTorch.
+
+Limits: every TP rank of a CP group fetches the same KV rows (a TP-split fetch + all-gather
+would cut that by TP); packed sequences are not supported.
 """
 
 from megatron_dsa.parallel.comm import (

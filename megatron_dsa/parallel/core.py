@@ -1,8 +1,9 @@
 """The DSA core attention under tensor (+ sequence) and context parallelism.
 
 ``parallel_dsa_core`` is the whole layer-level computation, plain tensors in and out, built
-from the reference math (``megatron_dsa.reference``) plus the collectives of
-``megatron_dsa.parallel.comm`` / ``fetch``. What each rank holds (batch first):
+from the ops of ``megatron_dsa.ops`` (the PyTorch reference, or the Triton kernels on CUDA: the
+same functions with the same signatures) plus the collectives of ``megatron_dsa.parallel.comm`` /
+``fetch``. What each rank holds (batch first):
 
     q       [B, S_cp, H/TP, Dqk]   absorbed queries: all CP-local rows, LOCAL heads
     kv      [B, S_cp, Dqk]         latent KV entries of the CP-local rows (MLA gathered them over TP)
@@ -126,13 +127,25 @@ def parallel_dsa_core(
     selection: Optional[torch.Tensor] = None,
     with_loss: bool = True,
     sparse_loss: bool = True,
+    ops=None,
+    fp8_indexer: bool = False,
 ) -> CoreResult:
     """One DSA core attention step on this rank (see the module docstring for shapes).
 
     ``indexer``: (qi, ki, wi) of own rows (detached inputs; None for a layer that borrows a
     selection or in dense mode). ``selection``: an earlier layer's top-k (GLOBAL positions,
-    [B, S_cp, K]) when ``indexer`` is None in sparse mode.
+    [B, S_cp, K]) when ``indexer`` is None in sparse mode. ``ops``: an op namespace of
+    ``megatron_dsa.ops.backend`` (default: the reference). With the kernels, the top-k runs on
+    the gathered keys in one streaming pass (their own top-k never holds S^2 scores), and
+    ``fp8_indexer`` scores it in FP8; the reference streams the key shards instead.
     """
+    if ops is None:
+        from megatron_dsa import ops as _ops
+
+        ops = _ops.backend("reference", q.device)
+    kernels = ops.name != "reference"
+    if fp8_indexer and not kernels:
+        raise ValueError("the FP8 indexer is a Triton kernel; the reference path scores in fp32")
     B, S_cp = q.shape[:2]
     S = S_cp * ctx.cp_size
     q_pos = cp_positions(S, ctx.cp_size, ctx.cp_rank, q.device)
@@ -149,12 +162,12 @@ def parallel_dsa_core(
     def dense_kl():
         q_rows = heads_to_rows(q.detach(), ctx.tp_group)  # own rows, all heads
         res.flops[0] += B * q_rows.shape[1] * S * qi.shape[2] * qi.shape[3] * 2
-        return R.dense_indexer_kl(
+        return ops.dense_indexer_kl(
             q_rows, kv_full.detach(), qi, ki_global, wi, scale, topk, q_pos=q_pos[rows]
         )
 
     if mode in ("dense", "warmup"):
-        res.out, _ = R.dense_mla_attention(q, kv_full, v_dim, scale, q_pos=q_pos)
+        res.out, _ = ops.dense_mla_attention(q, kv_full, v_dim, scale, q_pos=q_pos, need_lse=False)
         if mode == "warmup" and indexer is not None:
             res.kl, res.recall = dense_kl()
         return res
@@ -162,9 +175,14 @@ def parallel_dsa_core(
         raise ValueError(f"unknown DSA mode {mode!r}")
 
     if indexer is not None:
-        own = streaming_topk(
-            qi.detach(), wi.detach(), q_pos[rows], key_shards(ki_global.detach(), ctx), topk, res.flops
-        )
+        if kernels:  # every key is here already (gathered for the KL): one streaming kernel
+            own = ops.indexer_topk(qi.detach(), ki_global.detach(), wi.detach(), topk, q_pos=q_pos[rows],
+                                   fp8=fp8_indexer)
+            res.flops[0] += B * qi.shape[1] * S * qi.shape[2] * qi.shape[3] * 2
+        else:
+            own = streaming_topk(
+                qi.detach(), wi.detach(), q_pos[rows], key_shards(ki_global.detach(), ctx), topk, res.flops
+            )
         # Every TP rank attends all CP-local rows with its local heads: share the selection
         # (int32 on the wire: S_cp x K x 4 bytes per step, no backward).
         sel = all_gather_rows(own.to(torch.int32), ctx.tp_group, name="tp.topk_idx").long()
@@ -179,7 +197,7 @@ def parallel_dsa_core(
         kv_buf = kv_buf[None].expand(B, -1, -1)
     else:
         kv_buf, idx, gids = kv, sel, None
-    res.out, _ = R.sparse_mla_attention(q, kv_buf, idx, v_dim, scale)
+    res.out, _ = ops.sparse_mla_attention(q, kv_buf, idx, v_dim, scale)
 
     if indexer is not None and with_loss:
         if sparse_loss:
