@@ -1,11 +1,11 @@
 """Compile every kernel for sm_90 on a machine WITHOUT a GPU (Triton AST -> PTX -> cubin with the
 bundled ptxas), to catch compiler-only errors the interpreter accepts, and list atomics / local
-spills.  Not a test.  Usage: python benchmarks/compile_check.py [score select fwd bwd klf klb]"""
+spills.  Not a test.  Usage: python benchmarks/compile_check.py [score select fwd bwd klf klb csr dkl]"""
 
 import triton, triton.language as tl, torch
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from megatron_dsa.kernels import indexer as I, sparse_attn as A, indexer_kl as L, _csr as CS
+from megatron_dsa.kernels import indexer as I, sparse_attn as A, indexer_kl as L, _csr as CS, dense_kl as DK
 tgt = GPUTarget("cuda", 90, 32)
 def comp(fn, sig, const, **opt):
     src = ASTSource(fn=fn, signature=sig, constexprs=const)
@@ -28,7 +28,7 @@ def run(fn, ptrs, consts, opt):
     c = {(names.index(n),): v for n, v in consts.items()}
     return comp(fn, sig, c, **opt)
 import sys
-which = sys.argv[1:] or ['score','select','fwd','bwd','klf','klb','csr']
+which = sys.argv[1:] or ['score','select','fwd','bwd','klf','klb','csr','dkl']
 if 'score' in which:
   for dt, ieee in (('*bf16',False),('*fp8e4nv',False)):
     run(I._score_kernel, dict(Q=dt,K=dt,W='*fp32',KS='*fp32',OUT='*fp32',BLIM='*i32',QPOS='*i64',KPOS='*i64'),
@@ -59,3 +59,20 @@ if 'csr' in which:
     DA, D1, DB, D2 = CS._split(D)
     run(CS._seg_reduce_kernel, dict(PART='*bf16',OFFS='*i32',OUT='*fp32'),
         dict(D=D,DA=DA,D1=D1,DB=DB,D2=D2,KB=CS.REDUCE_KB,R=CS.REDUCE_R), dict(num_warps=(4 if D1 + D2 > 128 else 2)))
+if 'dkl' in which:
+  # The warm-up's fused dense KL at the small model's shapes (H=8, D=128+32, indexer 4 x 64: one
+  # folded group) and at the 671B shapes (H=128 per rank at TP=1, D=512+64, indexer 64 x 128:
+  # several groups), with the GPU block sizes of dense_kl._kl_blocks.
+  ptr = dict(QM='*bf16',KV='*bf16',QI='*bf16',KI='*bf16',WI='*fp32',QPOS='*i64',KPOS='*i64',KLIM='*i32',LSE='*fp32',
+             PART='*fp32',LSEI='*fp32',G='*fp32',DQ='*fp32',DW='*fp32',DK='*fp32',scale_log2='fp32')
+  for H, D, HI, DI in ((8, 160, 4, 64), (128, 576, 64, 128)):
+    DV, D1, DR, D2 = DK._split(D)
+    lblk = DK._lse_blocks(True)
+    lopt = {k: lblk.pop(k) for k in ('num_warps', 'num_stages') if k in lblk}
+    run(DK._main_lse_kernel, ptr, dict(H=H,DV=DV,D1=D1,DR=DR,D2=D2,IEEE=False,UPCAST=False,**lblk), lopt)
+    blk = DK._kl_blocks(HI, True)
+    opt = {k: blk.pop(k) for k in ('num_warps', 'num_stages') if k in blk}
+    print('   blocks', blk, opt)
+    c = dict(H=H,DV=DV,D1=D1,DR=DR,D2=D2,HI=HI,DI=DI,DIP=DI,IEEE=False,IEEE_I=False,UPCAST=False,**blk)
+    run(DK._dense_kl_fwd_kernel, ptr, c, opt)
+    run(DK._dense_kl_bwd_kernel, ptr, dict(c, ATOMIC=2), opt)

@@ -115,7 +115,7 @@ if HAS_TRITON:
                       UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
         """I [BM, BN] = sum_j w_j ReLU(q_j . k), one dot per group of HG heads."""
         acc = tl.zeros((BM, BN), dtype=tl.float32)
-        for grp in tl.static_range(NG):
+        for grp in range(NG):  # a loop, not unrolled: one group's tiles in shared memory at a time
             q, w, _t, _j, _rm = _folded_queries(QI, WI, b, pid_m, Sq, grp, s_qib, s_qis, s_qih,
                                                 s_wib, s_wis, s_wih, di, dim, HI, HG, BM)
             acc += _fold_sum(tl.maximum(_dot(q, k_t, IEEE_I, UPCAST), 0.0) * w[:, None], BM, HG, BN)
@@ -267,7 +267,7 @@ if HAS_TRITON:
                 dw_acc += tl.sum(d_rep * tl.maximum(s, 0.0), axis=1)
                 dk += _dot_ds(tl.trans(ds), q, IEEE_I, UPCAST, False)
             else:  # many indexer heads: score each group again, add its dq/dw per tile
-                for grp in tl.static_range(NG):
+                for grp in range(NG):  # a loop, not unrolled: one group's tiles in shared memory at a time
                     q, w, t, j, rm = _folded_queries(QI, WI, b, pid_m, Sq, grp, s_qib, s_qis, s_qih,
                                                      s_wib, s_wis, s_wih, di, dim, HI, HG, BM)
                     s = _dot(q, k_t, IEEE_I, UPCAST)
@@ -296,6 +296,14 @@ SPAN = {True: 4096, False: 32}
 KEY_BLOCK = {True: 64, False: 16}
 WARPS = {True: 4, False: 1}
 LSE_BLOCKS = {True: (64, 64, 4), False: (16, 16, 1)}
+# sm_90 shared memory at these blocks (benchmarks/compile_check.py dkl): at most 45 KB for the
+# small MoE's shapes, 139 KB for the 671B shapes (latent 512 + 64, 128 heads, indexer 64 x 128);
+# the limit is 227 KB.
+
+
+def _lse_blocks(on_gpu: bool) -> dict:
+    BM, BN, nw = LSE_BLOCKS[on_gpu]
+    return dict(BM=BM, BN=BN, num_warps=nw)
 
 
 def _kl_blocks(HI: int, on_gpu: bool) -> dict:
@@ -377,11 +385,11 @@ class FusedDenseIndexerKL(torch.autograd.Function):
         klim = _key_limits(q_pos, k_pos, blk["BM"])
         mains = dict(DV=DV, D1=D1, DR=DR, D2=D2, IEEE=is_fp32(qm, kvc), UPCAST=interpreting())
         if Sq and Sk:
-            LBM, LBN, lnw = LSE_BLOCKS[gpu]
-            _main_lse_kernel[(triton.cdiv(Sq, LBM), B * H)](
-                qm, kvc, q_pos, k_pos, _key_limits(q_pos, k_pos, LBM), lse2, Sq, Sk, scale * LOG2E,
+            lblk = _lse_blocks(gpu)
+            _main_lse_kernel[(triton.cdiv(Sq, lblk["BM"]), B * H)](
+                qm, kvc, q_pos, k_pos, _key_limits(q_pos, k_pos, lblk["BM"]), lse2, Sq, Sk, scale * LOG2E,
                 qm.stride(0), qm.stride(1), qm.stride(2), kvc.stride(0), kvc.stride(1), lse2.stride(0), lse2.stride(1),
-                H=H, BM=LBM, BN=LBN, num_warps=lnw, **mains,
+                H=H, **lblk, **mains,
             )
             ns = _spans(klim, blk["SPAN"])
             part = torch.empty(4, B, ns, Sq, dtype=torch.float32, device=dev)

@@ -1,0 +1,69 @@
+"""The warm-up's fused KL kernels compile for the H200 (sm_90) and fit its shared memory, at the
+small MoE's shapes and at DeepSeek-V3.2's (latent 512 + 64, 128 heads, indexer 64 x 128).
+
+No GPU needed: Triton lowers to PTX and assembles it with its bundled ptxas. The interpreter tests
+check the math; this catches what only the compiler sees (an unrolled loop once put 315 KB of
+shared memory into a kernel at the 671B shapes: it would not have launched).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+triton = pytest.importorskip("triton")
+
+from megatron_dsa.kernels import dense_kl as DK  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SM90_SHARED_BYTES = 227 * 1024
+POINTERS = dict(QM="*bf16", KV="*bf16", QI="*bf16", KI="*bf16", WI="*fp32", QPOS="*i64", KPOS="*i64", KLIM="*i32",
+                LSE="*fp32", PART="*fp32", LSEI="*fp32", G="*fp32", DQ="*fp32", DW="*fp32", DK="*fp32",
+                scale_log2="fp32")
+
+
+def _compile_sm90(fn, consts: dict, options: dict):
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = fn.arg_names
+    sig = {n: "constexpr" if n in consts else POINTERS.get(n, "i32") for n in names}
+    src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(n),): v for n, v in consts.items()})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def check_fits(H: int, D: int, HI: int, DI: int) -> None:
+    DV, D1, DR, D2 = DK._split(D)
+    mains = dict(H=H, DV=DV, D1=D1, DR=DR, D2=D2, IEEE=False, UPCAST=False)
+    lse = DK._lse_blocks(True)
+    blk = DK._kl_blocks(HI, True)
+    kl = dict(mains, HI=HI, DI=DI, DIP=DI, IEEE_I=False, **{k: v for k, v in blk.items() if k != "num_warps"})
+    kernels = [
+        (DK._main_lse_kernel, dict(mains, BM=lse["BM"], BN=lse["BN"]), lse["num_warps"]),
+        (DK._dense_kl_fwd_kernel, kl, blk["num_warps"]),
+        (DK._dense_kl_bwd_kernel, dict(kl, ATOMIC=2), blk["num_warps"]),
+    ]
+    for fn, consts, warps in kernels:
+        k = _compile_sm90(fn, consts, dict(num_warps=warps))
+        name = fn.fn.__name__
+        assert 0 < k.metadata.shared <= SM90_SHARED_BYTES, (name, k.metadata.shared)
+        assert "st.local" not in k.asm["ptx"], f"{name} spills registers to local memory"
+        if name == "_dense_kl_bwd_kernel":  # the sm_90 vector reduction, not a CAS loop
+            assert re.search(r"red\.global\.add\.v2\.f32", k.asm["ptx"])
+        print(name, k.metadata.shared)
+
+
+@pytest.mark.parametrize("H,D,HI,DI", [(8, 160, 4, 64), (128, 576, 64, 128)], ids=["small", "671b"])
+def test_dense_kl_kernels_fit_an_h200(H, D, HI, DI):
+    # A fresh process: the compiler needs the kernels as JIT functions, and this test session may
+    # have them as interpreter functions (TRITON_INTERPRET=1, set for the CPU kernel tests).
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = f"import sys; sys.path.insert(0, 'tests'); import test_compile_sm90 as t; t.check_fits({H}, {D}, {HI}, {DI})"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("\n") == 3, proc.stdout
