@@ -107,6 +107,37 @@ def run_point(args, tp: int, cp: int, seq: int, phase: str, device) -> dict:
             torch.cuda.empty_cache()
 
 
+def write_tables(args, rows: list, world: int, gpu: bool, final: bool) -> str:
+    """parallel_<size>_w<world>.json / .md under --out with the points so far (each file written
+    whole, then renamed into place); returns the markdown."""
+    meta = {"size": args.size, "world": world, "topk": args.topk, "iters": args.iters,
+            "device": torch.cuda.get_device_name() if gpu else "cpu (gloo)", "torch": torch.__version__,
+            "complete": final}
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, f"parallel_{args.size}_w{world}")
+    lines = [f"# DSA step (fwd+bwd) of the {args.size} MoE under TP x CP, {world} ranks, top-k {args.topk}", "",
+             f"`torchrun --nproc-per-node {world} benchmarks/bench_parallel.py --size {args.size} "
+             f"--layouts {args.layouts} --seqs {args.seqs} --modes {args.modes} --topk {args.topk}` on {meta['device']}.",
+             "Slowest rank's median; DSA bytes = what the DSA layers' own collectives received on one rank.", "",
+             "| phase | seq | TP | CP | ms / step | peak GB | DSA MiB received | indexer GFLOP / rank |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['phase']} | {r['seq']} | {r['tp']} | {r['cp']} | {r['error']} | | | |")
+        else:
+            peak = "" if r["peak_gb"] is None else f"{r['peak_gb']:.1f}"
+            lines.append(f"| {r['phase']} | {r['seq']} | {r['tp']} | {r['cp']} | {r['ms']:.1f} | {peak} | "
+                         f"{r['dsa_bytes'] / 2**20:.3g} | {r['indexer_flops'] / 1e9:.3g} |")
+    if not final:
+        lines += ["", "(Sweep in progress or cut short: the rows above are the finished points.)"]
+    md = "\n".join(lines) + "\n"
+    for path, text in ((stem + ".json", json.dumps({"meta": meta, "rows": rows}, indent=2)), (stem + ".md", md)):
+        with open(path + ".tmp", "w") as f:
+            f.write(text)
+        os.replace(path + ".tmp", path)
+    return md
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size", default="small")
@@ -166,31 +197,11 @@ def main(argv=None) -> int:
                                indexer_flops=max(r["indexer_flops"] for r in everyone),
                                peak_gb=max((r["peak_gb"] or 0) for r in everyone) if gpu else None)
                 rows.append(row)
-                if rank == 0:
+                if rank == 0:  # the tables so far: a sweep cut short keeps its finished points
                     print(json.dumps(row), flush=True)
+                    write_tables(args, rows, world, gpu, final=False)
     if rank == 0:
-        meta = {"size": args.size, "world": world, "topk": args.topk, "iters": args.iters,
-                "device": torch.cuda.get_device_name() if gpu else "cpu (gloo)", "torch": torch.__version__}
-        os.makedirs(args.out, exist_ok=True)
-        stem = os.path.join(args.out, f"parallel_{args.size}_w{world}")
-        with open(stem + ".json", "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=2)
-        lines = [f"# DSA step (fwd+bwd) of the {args.size} MoE under TP x CP, {world} ranks, top-k {args.topk}", "",
-                 f"`torchrun --nproc-per-node {world} benchmarks/bench_parallel.py --size {args.size} "
-                 f"--layouts {args.layouts} --seqs {args.seqs} --modes {args.modes} --topk {args.topk}` on {meta['device']}.",
-                 "Slowest rank's median; DSA bytes = what the DSA layers' own collectives received on one rank.", "",
-                 "| phase | seq | TP | CP | ms / step | peak GB | DSA MiB received | indexer GFLOP / rank |",
-                 "|---|---|---|---|---|---|---|---|"]
-        for r in rows:
-            if "error" in r:
-                lines.append(f"| {r['phase']} | {r['seq']} | {r['tp']} | {r['cp']} | {r['error']} | | | |")
-            else:
-                peak = "" if r["peak_gb"] is None else f"{r['peak_gb']:.1f}"
-                lines.append(f"| {r['phase']} | {r['seq']} | {r['tp']} | {r['cp']} | {r['ms']:.1f} | {peak} | "
-                             f"{r['dsa_bytes'] / 2**20:.3g} | {r['indexer_flops'] / 1e9:.3g} |")
-        with open(stem + ".md", "w") as f:
-            f.write("\n".join(lines) + "\n")
-        print("\n".join(lines))
+        print(write_tables(args, rows, world, gpu, final=True))
     dist.barrier()
     dist.destroy_process_group()
     return 0

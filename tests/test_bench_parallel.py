@@ -21,7 +21,10 @@ def test_parallel_benchmark_sweeps_layouts_on_two_ranks(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    rows = json.loads((tmp_path / "parallel_tiny_w2.json").read_text())["rows"]
+    table = json.loads((tmp_path / "parallel_tiny_w2.json").read_text())
+    rows = table["rows"]
+    assert table["meta"]["complete"] is True and not list(tmp_path.glob("*.tmp"))
+    assert "cut short" not in (tmp_path / "parallel_tiny_w2.md").read_text()
     assert len(rows) == 6 and not [r for r in rows if "error" in r]
     by = {(r["phase"], r["tp"], r["cp"]): r for r in rows}
     for phase in ("sparse", "warmup"):
