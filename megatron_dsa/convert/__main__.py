@@ -2,7 +2,7 @@
 
     to-hf   --checkpoint DIR [--size NAME] [--set KEY=VALUE ...] [--tokenizer SPM_MODEL]
             --out HFDIR [--max-shard-size 2GB] [--overwrite]
-    from-hf --hf HFDIR --out CKPTDIR [--size NAME] [--overwrite]
+    from-hf --hf HFDIR --out CKPTDIR [--size NAME] [--max-shard-size 2GB] [--overwrite]
 
 ``--checkpoint`` is a Megatron-LM save directory (``latest_checkpointed_iteration.txt`` +
 ``iter_NNNNNNN/``) or a bare torch_dist checkpoint directory, written with any
@@ -52,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     frm.add_argument("--hf", required=True)
     frm.add_argument("--out", required=True)
     frm.add_argument("--size", default=None, help="named size the model must match (default: inferred)")
+    frm.add_argument("--max-shard-size", default="2GB",
+                     help="converted weights held in memory at a time (parked on disk beside --out)")
     frm.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
 
@@ -73,7 +75,8 @@ def _run(args, export_to_hf, import_from_hf):
         return export_to_hf(args.checkpoint, args.out, size=args.size, tokenizer=args.tokenizer,
                             max_shard_size=args.max_shard_size, overrides=_overrides(args.set),
                             overwrite=args.overwrite)
-    return import_from_hf(args.hf, args.out, size=args.size, overwrite=args.overwrite)
+    return import_from_hf(args.hf, args.out, size=args.size, overwrite=args.overwrite,
+                          max_shard_size=args.max_shard_size)
 
 
 if __name__ == "__main__":

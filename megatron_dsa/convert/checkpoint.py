@@ -306,6 +306,53 @@ def check_output(out: str | os.PathLike[str], overwrite: bool = False) -> None:
         raise ConversionError(f"parent directory of the output does not exist: {dest.parent}")
 
 
+class DiskBackedTensors:
+    """Tensors parked on disk and mapped back: a converter builds a whole model's state dict
+    while holding about ``budget_bytes`` of new weights in memory at a time.
+
+    ``add`` collects tensors and writes each ``budget_bytes`` batch to ``directory`` with
+    ``torch.save``; ``load`` maps every batch back (``torch.load(mmap=True)``). The returned
+    tensors are backed by the files' pages, which the checkpoint writer reads as it writes them
+    and the OS can drop again. Each tensor is stored compact (its own storage), so the writer
+    never has to clone a view. ``close`` drops the files.
+    """
+
+    def __init__(self, directory: Path, budget_bytes: int):
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True)
+        self.budget = max(1, int(budget_bytes))
+        self._batch: dict[str, torch.Tensor] = {}
+        self._size = 0
+        self._files: list[Path] = []
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        t = tensor.detach().contiguous()
+        if t.untyped_storage().nbytes() != t.numel() * t.element_size():
+            t = t.clone()  # a view of a larger storage would save (and map) all of it
+        self._batch[name] = t
+        self._size += t.numel() * t.element_size()
+        if self._size >= self.budget:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._batch:
+            path = self.directory / f"batch{len(self._files):05d}.pt"
+            torch.save(self._batch, path)
+            self._files.append(path)
+            self._batch, self._size = {}, 0
+
+    def load(self) -> dict[str, torch.Tensor]:
+        self._flush()
+        out: dict[str, torch.Tensor] = {}
+        for path in self._files:
+            out.update(torch.load(path, mmap=True, weights_only=True))
+        return out
+
+    def close(self) -> None:
+        self._batch = {}
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
 @contextmanager
 def staged_output(out: str | os.PathLike[str], overwrite: bool = False):
     """Yield a temp dir beside ``out``; on success it is renamed to ``out``, on error removed."""

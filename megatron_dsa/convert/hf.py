@@ -3,9 +3,12 @@
 ``export_to_hf`` streams: it loads about ``max_shard_size`` of weights from the dist
 checkpoint at a time and writes each safetensors shard as soon as it is full, so host memory
 stays around two shards whatever the model size. ``import_from_hf`` checks everything
-(config, files, names, shapes) before it reads a weight, then holds the model's weights once
-in host memory while dist_checkpointing writes them (a torch_dist save is one collective
-call).
+(config, files, names, shapes) before it reads a weight, then converts the weights tensor by
+tensor and parks each ``max_shard_size`` batch on disk beside the output
+(``checkpoint.DiskBackedTensors``), mapped back for dist_checkpointing's one save call: host
+memory stays around one shard, not the model. The save would copy every tensor that is a view
+(megatron-core's sharded state dict splits the SwiGLU fc1 weights into views): the import
+builds those pieces itself, per tensor, and parks them compact.
 
 Both write into a temporary directory beside the destination and rename it at the end: an
 error or an interrupt leaves nothing behind.
@@ -280,10 +283,13 @@ def _choose_spec(hf: dict, size: Optional[str]):
 
 
 def import_from_hf(hf_dir: str | os.PathLike[str], out: str | os.PathLike[str], size: Optional[str] = None,
-                   overwrite: bool = False) -> Path:
-    """Write a megatron-dsa dist checkpoint (Megatron-LM layout, iteration 0) from an HF directory."""
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+                   overwrite: bool = False, max_shard_size: str | int = "2GB") -> Path:
+    """Write a megatron-dsa dist checkpoint (Megatron-LM layout, iteration 0) from an HF directory;
+    about ``max_shard_size`` of converted weights is held in memory at a time."""
+    from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
 
+    budget = parse_size(max_shard_size)
     C.check_output(out, overwrite)
     src = Path(hf_dir)
     cfg_path = src / "config.json"
@@ -327,14 +333,31 @@ def import_from_hf(hf_dir: str | os.PathLike[str], out: str | os.PathLike[str], 
         raise ConversionError(f"{src} does not match its config.json: {head}")
 
     with C.staged_output(out, overwrite) as tmp:
-        for name, entry in entries:
-            names, _ = M.hf_names(name)
-            tensor = M.from_hf_tensors(name, [reader.get(n) for n in names], entry.data.dtype)
-            if isinstance(entry, ShardedTensor):
-                sharded[name] = dataclasses.replace(entry, data=tensor)
-            else:
-                sharded[name] = dataclasses.replace(entry, data=tensor)
-        C.save_sharded_checkpoint(sharded, tmp, spec, hf["vocab_size"], overrides)
+        parked = C.DiskBackedTensors(tmp / "converting", budget)
+        pieces: list[ShardedTensor] = []
+
+        def park(x):
+            if isinstance(x, ShardedTensor):
+                parked.add(str(len(pieces)), x.data)
+                pieces.append(x)
+                x.data = None  # the parked copy replaces it below
+            return x
+
+        try:
+            for name, entry in entries:
+                names, _ = M.hf_names(name)
+                item = {name: dataclasses.replace(
+                    entry, data=M.from_hf_tensors(name, [reader.get(n) for n in names], entry.data.dtype))}
+                apply_factories(item)  # what the save would do, one tensor at a time
+                dict_list_map_inplace(park, item)
+                sharded[name] = item[name]
+            weights = parked.load()
+            for i, piece in enumerate(pieces):
+                piece.data = weights.pop(str(i))
+            C.save_sharded_checkpoint(sharded, tmp, spec, hf["vocab_size"], overrides)
+        finally:
+            pieces = weights = None
+            parked.close()
         if (src / "tokenizer.model").is_file():
             shutil.copyfile(src / "tokenizer.model", tmp / "tokenizer.model")
     return Path(out)
