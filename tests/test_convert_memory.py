@@ -1,4 +1,5 @@
-"""from-hf holds about --max-shard-size of weights in host memory, not the model.
+"""from-hf holds about --max-shard-size of weights in host memory, not the model; to-hf about
+one checkpoint key (a layer's stacked experts) more.
 
 A DeepSeek-V3.2-shaped HF model of about 250 MB (fp32) is imported in a fresh process while a
 thread samples the process's anonymous resident memory (RssAnon; parked weights and the HF
@@ -57,6 +58,13 @@ def main() -> None:
     from megatron_dsa.convert import checkpoint as C
 
     C.ensure_world()
+    if budget.startswith("export:"):  # out is a checkpoint: export it, measuring the same way
+        from megatron_dsa.convert import export_to_hf
+
+        budget = budget.split(":", 1)[1]
+        run = lambda: export_to_hf(out, out.with_name(out.name + "_hf"), max_shard_size=budget)  # noqa: E731
+    else:
+        run = lambda: import_from_hf(hf, out, max_shard_size=budget)  # noqa: E731
     base = rss_anon()
     peak, done = [base], [False]
 
@@ -67,7 +75,7 @@ def main() -> None:
 
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
-    import_from_hf(hf, out, max_shard_size=budget)
+    run()
     done[0] = True
     thread.join()
     weights = sum(p.stat().st_size for p in out.rglob("*.distcp"))
@@ -104,3 +112,9 @@ def test_from_hf_holds_about_one_shard_of_weights(tmp_path):
     # The probe sees held weights: with one batch for everything, every tensor the conversion
     # changes (all but those that pass through as file pages) is in memory at once.
     assert whole["growth"] >= 2 * small["growth"] and whole["growth"] >= 0.4 * model, (whole, small, model)
+    # The export streams by checkpoint key: a layer's experts are one stacked key in megatron-core's
+    # sharded state dict and load together, so its bound is that key (here 32 experts' fc1, 64 MiB;
+    # held once as loaded and once split into gate/up) plus the shard being written.
+    export = _run(script, hf, tmp_path / "ckpt_small", "export:8MB")
+    stacked_fc1 = 32 * 2 * 512 * 512 * 4
+    assert export["growth"] <= 2 * stacked_fc1 + 2 * 8 * 2**20 + 32 * 2**20, (export, model)
