@@ -2,7 +2,8 @@
 
 ``export_to_hf`` streams: it loads about ``max_shard_size`` of weights from the dist
 checkpoint at a time and writes each safetensors shard as soon as it is full, so host memory
-stays around two shards whatever the model size. ``import_from_hf`` checks everything
+stays around two shards, or one checkpoint key when that is larger (a layer's stacked experts
+load together, and are held once more while split into the HF tensors). ``import_from_hf`` checks everything
 (config, files, names, shapes) before it reads a weight, then converts the weights tensor by
 tensor and parks each ``max_shard_size`` batch on disk beside the output
 (``checkpoint.DiskBackedTensors``), mapped back for dist_checkpointing's one save call: host
