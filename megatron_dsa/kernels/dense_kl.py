@@ -129,6 +129,15 @@ if HAS_TRITON:
         return rows, rmask, tl.load(QPOS + rows, mask=rmask, other=-1), tl.load(KLIM + pid_m)
 
     @triton.jit
+    def _span_program(QPOS, KLIM, Sq, BM: tl.constexpr, SPAN: tl.constexpr):
+        """This (query block, key span, batch) program: (batch, query block, rows, row mask,
+        positions, first key, end of its keys: the span cut at the block's causal range)."""
+        pid_m = tl.program_id(0)
+        sp = tl.program_id(1)
+        rows, rmask, qp, lim = _query_block(QPOS, KLIM, pid_m, Sq, BM)
+        return tl.program_id(2), pid_m, rows, rmask, qp, sp * SPAN, tl.minimum(sp * SPAN + SPAN, lim)
+
+    @triton.jit
     def _key_block(KI, KPOS, b, start, qp, rmask, Sk, s_kib, s_kis, di, dim, BN: tl.constexpr):
         """Key block at ``start``: (cols, cmask, eligible [BM, BN], indexer keys [BN, DIP])."""
         cols = start + tl.arange(0, BN)
@@ -186,10 +195,7 @@ if HAS_TRITON:
     ):
         # One program per (query block, span of SPAN keys, batch): the span's share of I's
         # log2-sum-exp (max, sum), of sum p log p and of sum p I, into PART [4, B, NS, Sq].
-        pid_m = tl.program_id(0)
-        sp = tl.program_id(1)
-        b = tl.program_id(2)
-        rows, rmask, qp, lim = _query_block(QPOS, KLIM, pid_m, Sq, BM)
+        b, pid_m, rows, rmask, qp, lo, hi = _span_program(QPOS, KLIM, Sq, BM, SPAN)
         d1, d1m = _span(DV, D1)
         d2, d2m = _span(DR, D2)
         di, dim = _span(DI, DIP)
@@ -197,7 +203,7 @@ if HAS_TRITON:
         l_i = tl.zeros((BM,), dtype=tl.float32)
         plogp = tl.zeros((BM,), dtype=tl.float32)
         p_i = tl.zeros((BM,), dtype=tl.float32)
-        for start in range(sp * SPAN, tl.minimum(sp * SPAN + SPAN, lim), BN):
+        for start in range(lo, hi, BN):
             cols, cmask, elig, k_tile = _key_block(KI, KPOS, b, start, qp, rmask, Sk, s_kib, s_kis, di, dim, BN)
             logits = _index_logits(QI, WI, b, pid_m, Sq, tl.trans(k_tile), s_qib, s_qis, s_qih, s_wib, s_wis, s_wih,
                                    di, dim, HI, HG, NG, IEEE_I, UPCAST, BM, BN)
@@ -211,7 +217,7 @@ if HAS_TRITON:
                               H, DV, DR, IEEE, UPCAST, BM, BN)
             plogp += tl.sum(tl.where(p > 0, p * tl.log(tl.where(p > 0, p, 1.0)), 0.0), axis=1)
             p_i += tl.sum(tl.where(elig, p * logits, 0.0), axis=1)
-        base = PART + b * s_pb + sp * s_ps + rows
+        base = PART + b * s_pb + tl.program_id(1) * s_ps + rows
         tl.store(base, m_i, mask=rmask)
         tl.store(base + s_pc, l_i, mask=rmask)
         tl.store(base + 2 * s_pc, plogp, mask=rmask)
@@ -232,10 +238,7 @@ if HAS_TRITON:
         # One program per (query block, span of keys, batch). dI = g (softmax(I) - p) is built
         # once per tile and feeds all three gradients: dk_idx per tile and (one head group)
         # dq_idx / dw_idx per span, all added atomically (fp32) since spans share rows.
-        pid_m = tl.program_id(0)
-        sp = tl.program_id(1)
-        b = tl.program_id(2)
-        rows, rmask, qp, lim = _query_block(QPOS, KLIM, pid_m, Sq, BM)
+        b, pid_m, rows, rmask, qp, lo, hi = _span_program(QPOS, KLIM, Sq, BM, SPAN)
         d1, d1m = _span(DV, D1)
         d2, d2m = _span(DR, D2)
         di, dim = _span(DI, DIP)
@@ -243,8 +246,7 @@ if HAS_TRITON:
         g = tl.load(G + b * s_ob + rows * s_os, mask=rmask, other=0.0)
         dq_acc = tl.zeros((BM * HG, DIP), dtype=tl.float32)
         dw_acc = tl.zeros((BM * HG,), dtype=tl.float32)
-        hi = tl.minimum(sp * SPAN + SPAN, lim)
-        for start in range(sp * SPAN, hi, BN):
+        for start in range(lo, hi, BN):
             cols, cmask, elig, k_tile = _key_block(KI, KPOS, b, start, qp, rmask, Sk, s_kib, s_kis, di, dim, BN)
             k_t = tl.trans(k_tile)
             p = _target_block(QM, b, rows, rmask, KV + b * s_kvb + cols * s_kvs, cmask, elig, LSE,
@@ -280,7 +282,7 @@ if HAS_TRITON:
             _atomic_add_f32(DK + b * s_dkb + cols[:, None] * s_dks + di[None, :], dk,
                             cmask[:, None] & dim[None, :], ATOMIC)
         if NG == 1:
-            if sp * SPAN < hi:
+            if lo < hi:
                 q, w, t, j, rm = _folded_queries(QI, WI, b, pid_m, Sq, 0, s_qib, s_qis, s_qih,
                                                  s_wib, s_wis, s_wih, di, dim, HI, HG, BM)
                 _atomic_add_f32(DQ + b * s_dqb + t[:, None] * s_dqs + j[:, None] * s_dqh + di[None, :],
