@@ -32,9 +32,10 @@ which = sys.argv[1:] or ['score','select','fwd','bwd','klf','klb','csr','dkl']
 if 'score' in which:
   for dt, ieee in (('*bf16',False),('*fp8e4nv',False)):
     run(I._score_kernel, dict(Q=dt,K=dt,W='*fp32',KS='*fp32',OUT='*fp32',BLIM='*i32',QPOS='*i64',KPOS='*i64'),
-        dict(HI=64,DI=128,DIP=128,BM=64,BN=128,HAS_KS=(dt=='*fp8e4nv'),IEEE=ieee,UPCAST=False), dict(num_warps=8,num_stages=3))
+        dict(HI=64,DI=128,DIP=128,BM=64,BN=256,HAS_KS=(dt=='*fp8e4nv'),IEEE=ieee,UPCAST=False), dict(num_warps=8,num_stages=3))
+  run(I._fp8_quantize_kernel, dict(X='*bf16',Y='*fp8e4nv',SC='*fp32'), dict(D=128,DP=128,R=32,AMAX_MIN=1e-4,FMAX=448.0,INV_FMAX=1/448), dict(num_warps=4))
 if 'select' in which:
-  run(I._select_kernel, dict(S='*fp32',OUT='*i64',RLIM='*i32'), dict(TOPK=2048,TILE=2048,OTILE=1024), dict(num_warps=8))
+  run(I._select_kernel, dict(S='*fp32',OUT='*i64',RLIM='*i32',CAND='*i32'), dict(TOPK=2048,TILE=2048,OTILE=1024,CAP=4096), dict(num_warps=8))
 if 'fwd' in which:
   run(A._sparse_fwd_kernel, dict(Q='*bf16',KV='*bf16',IDX='*i64',O='*bf16',LSE='*fp32',scale_log2='fp32'),
       dict(H=16,HP=16,DV=512,D1=512,DR=64,D2=64,BK=64,IEEE=False,UPCAST=False), dict(num_warps=4,num_stages=2))

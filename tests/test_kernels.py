@@ -133,6 +133,53 @@ def test_indexer_topk_ties_go_to_smaller_index():
         assert set(got[0, t].tolist()) == set(ref[0, t].tolist()), t
 
 
+def test_fp8_quantize_is_bit_identical_to_the_reference():
+    """The one-pass Triton quantiser equals the PyTorch one bit for bit: random vectors (bf16 and
+    fp32, all-zero vectors at the amax floor) and every e4m3 value, every midpoint between two
+    neighbours (ties to even) and the floats just either side of each midpoint."""
+    from megatron_dsa.kernels import indexer as I
+
+    def same(x):
+        a, sa = I.fp8_quantize(x)
+        b, sb = I.fp8_quantize_reference(x)
+        assert torch.equal(sa, sb)
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+    for shape, dtype in (((2, 37, 3, 64), torch.float32), ((1, 50, 128), torch.bfloat16), ((1, 9, 2, 48), torch.bfloat16)):
+        x = (torch.randn(*shape, device=DEV) * 3).to(dtype)
+        x[:, 0] = 0
+        same(x)
+    grid = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    grid = grid[torch.isfinite(grid)].unique()
+    mid = (grid[1:] + grid[:-1]) / 2
+    v = torch.cat([grid, mid, mid.nextafter(mid + 1), mid.nextafter(mid - 1), torch.tensor([-0.0])])
+    # A second column of 448 fixes each row's scale at exactly 1: the values are quantised as they are.
+    same(torch.stack([v, torch.full_like(v, 448.0)], -1)[None].to(DEV))
+
+
+@pytest.mark.parametrize("cap", [0, 2, 4096])
+def test_indexer_topk_selection_paths(cap, monkeypatch):
+    """Every selection path equals the reference: the threshold's last two digits resolved from
+    the spilled candidate list (cap large), from two more row passes (cap 0), or per row either
+    way (cap 2: random rows fit, rows with crowded ties do not).  ``ordered=False`` returns the
+    same sets."""
+    from megatron_dsa.kernels import indexer as I
+
+    monkeypatch.setattr(I, "SELECT_CAP_INTERPRETER", cap)
+    monkeypatch.setitem(I.SELECT_CFG, "CAP", cap)
+    S, HI, DI, topk = (2000, 8, 64, 256) if BIG else (90, 3, 16, 24)
+    q = torch.randn(2, S, HI, DI, device=DEV)
+    k = torch.randn(2, S, DI, device=DEV)
+    k[1, S // 3 :] = k[1, : S - S // 3].clone()  # batch 1: keys repeat: exact ties at the threshold
+    w = torch.randn(2, S, HI, device=DEV)
+    got = K.indexer_topk(q, k, w, topk)
+    ref = R.indexer_topk(q, k, w, topk)
+    mask = R.causal_mask(torch.arange(S, device=DEV), torch.arange(S, device=DEV))
+    _check_topk(got, ref, R.indexer_scores(q, k, w), mask, 1e-4)
+    unordered = K.indexer_topk(q, k, w, topk, ordered=False)
+    assert torch.equal(unordered.sort(-1).values, got.sort(-1).values)
+
+
 @pytest.mark.parametrize("B,S,HI,DI,topk", [(1, 150, 4, 64, 32)])
 def test_indexer_topk_fp8(B, S, HI, DI, topk):
     if BIG:

@@ -1,7 +1,7 @@
 """Triton kernels for DeepSeek Sparse Attention; each function equals the one of the same name in
 ``megatron_dsa.reference`` (same arguments, shapes, dtypes and return values).
 
-* ``indexer_topk(q, k, w, topk, q_pos=None, k_pos=None, fp8=False)`` -> [B, Sq, topk] int64
+* ``indexer_topk(q, k, w, topk, q_pos=None, k_pos=None, fp8=False, ordered=True)`` -> [B, Sq, topk] int64
 * ``dense_mla_attention(q, kv, v_dim, scale, q_pos=None, k_pos=None, need_lse=True)`` -> (out, lse),
   autograd (PyTorch's fused SDPA; never the S^2 math path on the GPU)
 * ``sparse_mla_attention(q, kv, topk_idx, v_dim, scale)`` -> (out, lse), autograd

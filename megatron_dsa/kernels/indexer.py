@@ -7,10 +7,13 @@ Design (chosen for correctness first, then measured, see benchmarks/NOTES.md):
   -inf and writes the fp32 tile into a buffer that holds ONE QUERY CHUNK x Sk (never S x S).
   Key blocks past the query block's last eligible key are skipped (causal).
 * ``_select_kernel``: one program per row, exact radix select on the order-preserving uint32 key
-  of the fp32 score (4 passes of 8 bits, ``tl.histogram``), then one collecting pass that keeps
-  every score > threshold and the first ``want`` scores == threshold in key-index order (ties
-  toward the smaller key index, as the reference's stable sort), -1 padding past the eligible
-  count.  The selected indices are then sorted by score descending (stable), as the reference.
+  of the fp32 score, 8 bits per digit (``tl.histogram``).  Two histogram passes over the row
+  fix the threshold's top 16 bits; a third stores every key above them and lists the few that
+  share them (tens per row at 128K), whose last two digits are resolved from that list, not
+  from two more passes over the row (5 row passes -> 3).  Keys equal to the threshold are taken
+  in key-index order (ties toward the smaller index, as the reference's stable sort); -1 pads
+  past the eligible count.  The selected indices are then sorted by score descending (stable),
+  as the reference, unless the caller asks for the set only (``ordered=False``).
 
 The scoring is compute bound (HI * DI * 2 = 16K FLOP per score against 4 bytes written and
 read back), so writing a chunk of scores costs a few percent of the scoring time.
@@ -29,12 +32,18 @@ FP8_AMAX_MIN = 1e-4
 # Elements of one query chunk's fp32 score buffer (B * chunk * Sk).
 SCORE_CHUNK_ELEMENTS = 1 << 29  # 2 GiB of fp32
 # Scoring-kernel launch configs per operand type (GPU); benchmarks/tune_dsa.py measures others.
+# Measured at 128K (benchmarks/results/tune_indexer.json), scoring alone: one warpgroup on a
+# 64 x 128 tile lets several programs share an SM, so one's relu * w overlaps another's
+# products: bf16 274 ms vs 285 (64 x 256, 8 warps), fp8 159 vs 183.
 SCORE_CFG = {
-    "bf16": dict(BM=64, BN=256, num_warps=8, num_stages=3),  # 277 ms vs 317 (BN=128) at 128K
-    "fp8": dict(BM=64, BN=256, num_warps=8, num_stages=3),
+    "bf16": dict(BM=64, BN=128, num_warps=4, num_stages=3),
+    "fp8": dict(BM=64, BN=128, num_warps=4, num_stages=3),
     "fp32": dict(BM=64, BN=64, num_warps=8, num_stages=2),
 }
-SELECT_CFG = dict(TILE=2048, num_warps=8)
+# CAP: candidates sharing the threshold's top 16 bits that the selection resolves from a
+# per-row list instead of two more passes over the row (0 = always the two passes).
+SELECT_CFG = dict(TILE=2048, num_warps=8, CAP=4096)
+SELECT_CAP_INTERPRETER = 8  # small, so CPU tests take both paths
 _TIMING_SKIP_SELECT = False  # timing experiments only: score, do not select
 
 
@@ -74,8 +83,9 @@ if HAS_TRITON:
             q_base = Q + b * stride_qb + (q_off + rows)[:, None] * stride_qs + d[None, :]
             w_base = W + b * stride_wb + (q_off + rows) * stride_ws
             acc = tl.zeros((BM, BN), dtype=tl.float32)
+            qmask = rmask[:, None] & dmask[None, :]
             for j in range(HI):
-                q_j = tl.load(q_base + j * stride_qh, mask=rmask[:, None] & dmask[None, :], other=0.0)
+                q_j = tl.load(q_base + j * stride_qh, mask=qmask, other=0.0)
                 s = _dot(q_j, k_t, IEEE, UPCAST)
                 w_j = tl.load(w_base + j * stride_wh, mask=rmask, other=0.0).to(tl.float32)
                 acc += w_j[:, None] * tl.maximum(s, 0.0)
@@ -101,81 +111,186 @@ if HAS_TRITON:
         return key.to(tl.int64) + 2147483648
 
     @triton.jit
-    def _select_kernel(
-        S, OUT, RLIM,
-        stride_sb, stride_sr, stride_ob, stride_or, stride_rb, r_off,
-        TOPK: tl.constexpr, TILE: tl.constexpr, OTILE: tl.constexpr,
+    def _load_keys(srow, cand, start, n, INDIRECT: tl.constexpr, TILE: tl.constexpr):
+        """One tile of a row's scores: the row itself, or (INDIRECT) the key indices listed in
+        ``cand``.  Returns (order key, key index, valid)."""
+        offs = start + tl.arange(0, TILE)
+        inb = offs < n
+        if INDIRECT:
+            kidx = tl.load(cand + offs, mask=inb, other=0)
+        else:
+            kidx = offs
+        x = tl.load(srow + kidx, mask=inb, other=float("-inf"))
+        return _order_key(x), kidx, inb & (x != float("-inf"))
+
+    @triton.jit
+    def _digit_hist(srow, cand, n, prefix, SHIFT: tl.constexpr, INDIRECT: tl.constexpr, TILE: tl.constexpr):
+        """256-bin histogram of the digit (u >> SHIFT) & 255 over the valid scores whose bits
+        above the digit equal ``prefix``'s (all valid scores for the top digit)."""
+        bins = tl.arange(0, 256)
+        hist = tl.zeros((256,), dtype=tl.int32)
+        for start in range(0, n, TILE):
+            u, _, valid = _load_keys(srow, cand, start, n, INDIRECT, TILE)
+            if SHIFT < 24:
+                valid = valid & ((u >> (SHIFT + 8)) == (prefix >> (SHIFT + 8)))
+            dig = tl.where(valid, (u >> SHIFT) & 255, 0).to(tl.int32)
+            # Invalid elements were counted in bin 0 (no mask argument in Triton 3.6's histogram).
+            nbad = TILE - tl.sum(valid.to(tl.int32), axis=0)
+            hist += tl.histogram(dig, 256) - tl.where(bins == 0, nbad, 0)
+        return hist
+
+    @triton.jit
+    def _threshold_digit(hist, want):
+        """The digit holding the want-th largest score, how many lie above it, and in it."""
+        bins = tl.arange(0, 256)
+        total = tl.sum(hist, axis=0)
+        ge = total - tl.cumsum(hist, axis=0) + hist  # count with digit >= bin
+        digit = tl.max(tl.where(ge >= want, bins, 0), axis=0)
+        above = tl.sum(tl.where(bins == digit, ge - hist, 0), axis=0)
+        inside = tl.sum(tl.where(bins == digit, hist, 0), axis=0)
+        return digit, above, inside, total
+
+    @triton.jit
+    def _collect(
+        srow, cand, n, orow, cnt, spill, prefix, want,
+        SHIFT: tl.constexpr, INDIRECT: tl.constexpr, SPILL: tl.constexpr, TOPK: tl.constexpr, TILE: tl.constexpr,
     ):
+        """Store, in key-index order, the keys whose u >> SHIFT is above prefix's to ``orow`` from
+        position ``cnt``; those equal to it either go to ``spill`` (SPILL: all of them, as
+        candidates for a later pass) or join the output while fewer than ``want`` were seen
+        (ties toward the smaller key index).  Returns (output count, equal count)."""
+        seen = tl.zeros((), dtype=tl.int32)
+        for start in range(0, n, TILE):
+            u, kidx, valid = _load_keys(srow, cand, start, n, INDIRECT, TILE)
+            gt_m = valid & ((u >> SHIFT) > (prefix >> SHIFT))
+            eq_m = valid & ((u >> SHIFT) == (prefix >> SHIFT))
+            eq_i = eq_m.to(tl.int32)
+            eq_rank = seen + tl.cumsum(eq_i, axis=0) - eq_i
+            if SPILL:
+                take = gt_m
+                tl.store(spill + eq_rank, kidx.to(tl.int32), mask=eq_m)
+            else:
+                take = gt_m | (eq_m & (eq_rank < want))
+            take_i = take.to(tl.int32)
+            pos = cnt + tl.cumsum(take_i, axis=0) - take_i
+            tl.store(orow + pos, kidx.to(tl.int64), mask=take & (pos < TOPK))
+            cnt += tl.sum(take_i, axis=0)
+            seen += tl.sum(eq_i, axis=0)
+        return cnt, seen
+
+    @triton.jit
+    def _select_kernel(
+        S, OUT, RLIM, CAND,
+        stride_sb, stride_sr, stride_ob, stride_or, stride_rb, stride_cb, stride_cr, r_off,
+        TOPK: tl.constexpr, TILE: tl.constexpr, OTILE: tl.constexpr, CAP: tl.constexpr,
+    ):
+        # Exact radix select on the 32-bit order key, 8 bits per digit.  Two histogram passes
+        # over the row fix the top 16 bits of the threshold; a third pass stores every key
+        # above them and spills the few sharing them (tens at 128K) to CAND, where the last two
+        # digits are resolved.  More than CAP sharing them (heavy ties): two more row passes.
         r = tl.program_id(0)
         b = tl.program_id(1)
         lim = tl.load(RLIM + b * stride_rb + r_off + r)
         srow = S + b * stride_sb + r * stride_sr
         orow = OUT + b * stride_ob + r * stride_or
-        bins = tl.arange(0, 256)
-        prefix = tl.zeros((), dtype=tl.int64)
+        crow = CAND + b * stride_cb + r * stride_cr
         want = tl.zeros((), dtype=tl.int32) + TOPK
-        nvalid = tl.zeros((), dtype=tl.int32)
-        for p in tl.static_range(4):
-            shift = 24 - 8 * p
-            hist = tl.zeros((256,), dtype=tl.int32)
-            for start in range(0, lim, TILE):
-                offs = start + tl.arange(0, TILE)
-                inb = offs < lim
-                x = tl.load(srow + offs, mask=inb, other=float("-inf"))
-                u = _order_key(x)
-                valid = inb & (x != float("-inf"))
-                if p > 0:
-                    valid = valid & ((u >> (shift + 8)) == (prefix >> (shift + 8)))
-                dig = tl.where(valid, (u >> shift) & 255, 0).to(tl.int32)
-                h = tl.histogram(dig, 256)
-                nbad = TILE - tl.sum(valid.to(tl.int32), axis=0)
-                hist += h - tl.where(bins == 0, nbad, 0)
-            total = tl.sum(hist, axis=0)
-            if p == 0:
-                nvalid = total
-            ge = total - tl.cumsum(hist, axis=0) + hist  # count with digit >= bin
-            bstar = tl.max(tl.where(ge >= want, bins, 0), axis=0)
-            gt = tl.sum(tl.where(bins == bstar, ge - hist, 0), axis=0)
-            want = want - gt
-            prefix = prefix | (bstar.to(tl.int64) << shift)
-        take_all = nvalid <= TOPK
-        prefix = tl.where(take_all, -1, prefix)
         cnt = tl.zeros((), dtype=tl.int32)
-        eq_seen = tl.zeros((), dtype=tl.int32)
-        for start in range(0, lim, TILE):
-            offs = start + tl.arange(0, TILE)
-            inb = offs < lim
-            x = tl.load(srow + offs, mask=inb, other=float("-inf"))
-            u = _order_key(x)
-            valid = inb & (x != float("-inf"))
-            gt_m = valid & (u > prefix)
-            eq_m = valid & (u == prefix)
-            eq_i = eq_m.to(tl.int32)
-            eq_rank = eq_seen + tl.cumsum(eq_i, axis=0) - eq_i
-            take = gt_m | (eq_m & (eq_rank < want))
-            take_i = take.to(tl.int32)
-            pos = cnt + tl.cumsum(take_i, axis=0) - take_i
-            tl.store(orow + pos, offs.to(tl.int64), mask=take & (pos < TOPK))
-            cnt += tl.sum(take_i, axis=0)
-            eq_seen += tl.sum(eq_i, axis=0)
+        d, above, inside, nvalid = _threshold_digit(_digit_hist(srow, crow, lim, 0, 24, False, TILE), want)
+        prefix = d.to(tl.int64) << 24
+        want -= above
+        d, above, inside, _ = _threshold_digit(_digit_hist(srow, crow, lim, prefix, 16, False, TILE), want)
+        prefix = prefix | (d.to(tl.int64) << 16)
+        want -= above
+        # At most TOPK eligible keys: take them all (nothing is above or equal to prefix -1).
+        prefix = tl.where(nvalid <= TOPK, -1, prefix)
+        inside = tl.where(nvalid <= TOPK, 0, inside)
+        if inside <= CAP:
+            cnt, ncand = _collect(srow, crow, lim, orow, cnt, crow, prefix, want, 16, False, True, TOPK, TILE)
+            d, above, inside, _ = _threshold_digit(_digit_hist(srow, crow, ncand, prefix, 8, True, TILE), want)
+            prefix = prefix | (d.to(tl.int64) << 8)
+            want -= above
+            d, above, inside, _ = _threshold_digit(_digit_hist(srow, crow, ncand, prefix, 0, True, TILE), want)
+            prefix = prefix | d.to(tl.int64)
+            want -= above
+            cnt, _ = _collect(srow, crow, ncand, orow, cnt, crow, prefix, want, 0, True, False, TOPK, TILE)
+        else:
+            d, above, inside, _ = _threshold_digit(_digit_hist(srow, crow, lim, prefix, 8, False, TILE), want)
+            prefix = prefix | (d.to(tl.int64) << 8)
+            want -= above
+            d, above, inside, _ = _threshold_digit(_digit_hist(srow, crow, lim, prefix, 0, False, TILE), want)
+            prefix = prefix | d.to(tl.int64)
+            want -= above
+            cnt, _ = _collect(srow, crow, lim, orow, cnt, crow, prefix, want, 0, False, False, TOPK, TILE)
         for start in range(0, TOPK, OTILE):
             offs = start + tl.arange(0, OTILE)
             tl.store(orow + offs, tl.full((OTILE,), -1, tl.int64), mask=(offs >= cnt) & (offs < TOPK))
 
 
+    @triton.jit
+    def _round_to_e4m3(y):
+        """Round fp32 (|y| <= 448) to the nearest e4m3 value, ties to even, staying in fp32: the
+        cast that follows is then exact everywhere (Triton's CPU interpreter mis-rounds values
+        whose rounding carries into the exponent, e.g. 127.4 -> 64)."""
+        a = tl.abs(y)
+        bits = a.to(tl.int32, bitcast=True)
+        # Normal range (>= 2^-6): keep 3 mantissa bits, ties to even.
+        bits = (bits + 0x7FFFF + ((bits >> 20) & 1)) & ~0xFFFFF
+        normal = bits.to(tl.float32, bitcast=True)
+        sub = (a + 16384.0) - 16384.0  # subnormals: a multiple of 2^-9 (fp32 add rounds to even)
+        r = tl.where(a < 0.015625, sub, normal).to(tl.int32, bitcast=True)
+        sign = y.to(tl.int32, bitcast=True) & -2147483648  # keeps -0.0
+        return (r | sign).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _fp8_quantize_kernel(X, Y, SC, n_rows, D: tl.constexpr, DP: tl.constexpr, R: tl.constexpr,
+                             AMAX_MIN: tl.constexpr, FMAX: tl.constexpr, INV_FMAX: tl.constexpr):
+        rows = tl.program_id(0) * R + tl.arange(0, R)
+        d = tl.arange(0, DP)
+        msk = (rows < n_rows)[:, None] & (d < D)[None, :]
+        offs = rows.to(tl.int64)[:, None] * D + d[None, :]
+        x = tl.load(X + offs, mask=msk, other=0.0).to(tl.float32)
+        scale = tl.maximum(tl.max(tl.abs(x), axis=1), AMAX_MIN) * INV_FMAX
+        y = tl.math.div_rn(x, scale[:, None])  # IEEE division, as PyTorch's
+        y = tl.minimum(tl.maximum(y, -FMAX), FMAX)
+        tl.store(Y + offs, _round_to_e4m3(y).to(tl.float8e4nv), mask=msk)
+        tl.store(SC + rows, scale, mask=rows < n_rows)
+
 def _positions(pos: Optional[torch.Tensor], n: int, device) -> torch.Tensor:
     return torch.arange(n, device=device) if pos is None else pos.to(device)
 
 
-def fp8_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-vector (last dim) e4m3 quantisation: scale = max(amax, 1e-4) / 448. Returns (x8, scale)."""
-    scale = x.abs().amax(dim=-1).float().clamp_min(FP8_AMAX_MIN) / FP8_MAX
+def fp8_quantize_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-vector (last dim) e4m3 quantisation in PyTorch: scale = max(amax, 1e-4) * (1 / 448).
+
+    The scale multiplies by the fp32 reciprocal rather than dividing: PyTorch divides by a
+    scalar that way on CUDA and exactly on the CPU, so a division would differ by an ulp
+    between devices; a multiplication is the same everywhere."""
+    scale = x.abs().amax(dim=-1).float().clamp_min(FP8_AMAX_MIN) * (1.0 / FP8_MAX)
     x8 = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
     # Chunked over dim 1 so the fp32 temporary stays small.
     step = max(1, (1 << 26) // max(1, x[:, :1].numel())) if x.dim() > 2 else x.shape[1]
     for t0 in range(0, x.shape[1], step):
         xs = x[:, t0 : t0 + step].float() / scale[:, t0 : t0 + step, ..., None]
         x8[:, t0 : t0 + step] = xs.clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return x8, scale
+
+
+def fp8_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-vector (last dim) e4m3 quantisation: scale = max(amax, 1e-4) * (1 / 448). Returns (x8, scale).
+
+    One Triton pass (read x once, write e4m3 and the scales), bit-identical to
+    ``fp8_quantize_reference``, which made several fp32 passes over x."""
+    D = x.shape[-1]
+    xc = x.contiguous()
+    x8 = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
+    scale = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
+    n = scale.numel()
+    if n:
+        R = 32
+        _fp8_quantize_kernel[(triton.cdiv(n, R),)](
+            xc, x8, scale, n, D=D, DP=next_pow2(D), R=R, AMAX_MIN=FP8_AMAX_MIN, FMAX=FP8_MAX, INV_FMAX=1.0 / FP8_MAX, num_warps=4,
+        )
     return x8, scale
 
 
@@ -196,8 +311,12 @@ def indexer_topk(
     q_pos: Optional[torch.Tensor] = None,
     k_pos: Optional[torch.Tensor] = None,
     fp8: bool = False,
+    ordered: bool = True,
 ) -> torch.Tensor:
     """Causal top-k of the indexer scores: [B, Sq, topk] int64, -1 padded (as the reference).
+
+    ``ordered=False`` skips sorting each row by score (the selected set is the same, in key
+    order, -1 padding last): the sparse attention and the KL do not depend on the order.
 
     q [B, Sq, HI, DI], k [B, Sk, DI], w [B, Sq, HI]. ``fp8=True`` quantises q (per head vector)
     and k (per token) to e4m3 (the caller has Hadamard-rotated them) and folds the q scales into
@@ -238,6 +357,8 @@ def indexer_topk(
     chunk = min(chunk, triton.cdiv(Sq, BM) * BM)
     buf = torch.empty(B, chunk, Sk, dtype=torch.float32, device=dev)
     TILE = SELECT_CFG["TILE"] if on_gpu else 256
+    CAP = SELECT_CFG["CAP"] if on_gpu else SELECT_CAP_INTERPRETER
+    cand = torch.empty(B, chunk, max(CAP, 1), dtype=torch.int32, device=dev)
     OTILE = min(next_pow2(topk), 1024)
     for t0 in range(0, Sq, chunk):
         t1 = min(Sq, t0 + chunk)
@@ -267,10 +388,13 @@ def indexer_topk(
         o = out[:, t0:t1]
         rl_b = rlim.expand(B, Sq)
         _select_kernel[(n, B)](
-            buf, o, rl_b,
-            buf.stride(0), buf.stride(1), o.stride(0), o.stride(1), rl_b.stride(0), t0,
-            TOPK=topk, TILE=TILE, OTILE=OTILE, num_warps=SELECT_CFG["num_warps"] if on_gpu else 4,
+            buf, o, rl_b, cand,
+            buf.stride(0), buf.stride(1), o.stride(0), o.stride(1), rl_b.stride(0),
+            cand.stride(0), cand.stride(1), t0,
+            TOPK=topk, TILE=TILE, OTILE=OTILE, CAP=CAP, num_warps=SELECT_CFG["num_warps"] if on_gpu else 4,
         )
+        if not ordered:
+            continue
         # Order within a row: score descending, ties toward the smaller key index (the
         # collected list is in key order, so a stable sort keeps that tie rule).
         vals = torch.gather(buf[:, :n], 2, o.clamp_min(0))
