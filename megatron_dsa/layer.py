@@ -252,7 +252,8 @@ class DSACoreAttention(MegatronModule):
             indexer = self._get_indexer()
             if indexer is not None:
                 qi, ki, wi = self._indexer_inputs(indexer, x, qr, positions)
-                topk = be.indexer_topk(qi.detach(), ki.detach(), wi.detach(), s.topk, fp8=s.fp8_indexer)
+                # The attention and the KL need the selected set, not its score order.
+                topk = be.indexer_topk(qi.detach(), ki.detach(), wi.detach(), s.topk, fp8=s.fp8_indexer, ordered=False)
                 self._last_topk = topk
                 self.indexer_flops += score_flops
             else:

@@ -23,7 +23,9 @@ from megatron_dsa import reference
 OPS = ("indexer_topk", "dense_mla_attention", "sparse_mla_attention", "dense_indexer_kl", "sparse_indexer_kl")
 
 
-def _reference_indexer_topk(q, k, w, topk, q_pos=None, k_pos=None, fp8=False):
+def _reference_indexer_topk(q, k, w, topk, q_pos=None, k_pos=None, fp8=False, ordered=True):
+    # ``ordered=False`` lets a backend skip ordering each row by score; the reference's rows
+    # are ordered either way (the same sets).
     if fp8:
         raise ValueError("the FP8 indexer is a Triton kernel; the reference scores in fp32")
     return reference.indexer_topk(q, k, w, topk, q_pos=q_pos, k_pos=k_pos)

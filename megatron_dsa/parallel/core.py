@@ -177,7 +177,7 @@ def parallel_dsa_core(
     if indexer is not None:
         if kernels:  # every key is here already (gathered for the KL): one streaming kernel
             own = ops.indexer_topk(qi.detach(), ki_global.detach(), wi.detach(), topk, q_pos=q_pos[rows],
-                                   fp8=fp8_indexer)
+                                   fp8=fp8_indexer, ordered=False)
             res.flops[0] += B * qi.shape[1] * S * qi.shape[2] * qi.shape[3] * 2
         else:
             own = streaming_topk(
