@@ -25,12 +25,72 @@ from megatron_dsa.kernels import indexer_kl as L  # noqa: E402
 from megatron_dsa.kernels import sparse_attn as A  # noqa: E402
 
 
+def indexer_ab(seqs, out, reps):
+    """The indexer top-k's variants side by side: the previous selection (5 passes over each
+    row), the spilled candidates (3 passes), and without the final score sort; then the scoring
+    kernel alone in several launch configs.  Checks that every variant returns the previous
+    path's indices."""
+    res = {}
+    path = os.path.join(out, "tune_indexer.json")
+    variants = [("previous", 0, True), ("spill", 4096, True), ("spill+unordered", 4096, False)]  # name, CAP, ordered
+    score_cfgs = [
+        dict(BM=64, BN=256, num_warps=8, num_stages=3),
+        dict(BM=64, BN=128, num_warps=4, num_stages=3),
+        dict(BM=64, BN=64, num_warps=4, num_stages=3),
+        dict(BM=128, BN=128, num_warps=8, num_stages=3),
+        dict(BM=64, BN=128, num_warps=8, num_stages=3),
+    ]
+    for S in seqs:
+        t = make_inputs(S)
+        qi, ki, wi = t.qi.detach(), t.ki.detach(), t.wi.detach()
+        for kind, fp8 in (("bf16", False), ("fp8", True)):
+            r = {}
+            base = None
+            for name, cap, ordered in variants:
+                I.SELECT_CFG["CAP"] = cap
+                run = lambda: I.indexer_topk(qi, ki, wi, TOPK, fp8=fp8, ordered=ordered)  # noqa: E731
+                r[name + "_ms"], _ = cuda_time(run, reps=reps)
+                got = run()
+                if base is None:
+                    base = got
+                elif ordered:
+                    r[name + "_equal"] = bool(torch.equal(got, base))
+                else:
+                    r[name + "_equal_sets"] = bool(torch.equal(got.sort(-1).values, base.sort(-1).values))
+                del got
+            del base
+            I.SELECT_CFG["CAP"] = 4096
+            default = dict(I.SCORE_CFG[kind])
+            I._TIMING_SKIP_SELECT = True
+            for cfg in score_cfgs:
+                I.SCORE_CFG[kind] = cfg
+                key = "score_only_BM{BM}_BN{BN}_w{num_warps}_s{num_stages}_ms".format(**cfg)
+                try:
+                    r[key], _ = cuda_time(lambda: I.indexer_topk(qi, ki, wi, TOPK, fp8=fp8), reps=reps)
+                except Exception as e:  # e.g. out of shared memory
+                    r[key] = repr(e)[:200]
+            I._TIMING_SKIP_SELECT = False
+            I.SCORE_CFG[kind] = default
+            res[f"{S}_{kind}"] = r
+            print(S, kind, r, flush=True)
+            with open(path, "w") as f:
+                json.dump(res, f, indent=1)
+        del t, qi, ki, wi
+        torch.cuda.empty_cache()
+    return res
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seq", type=int, default=131072)
     ap.add_argument("--out", default=".")
     ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--indexer-ab", default=None, metavar="SEQS",
+                    help="only the indexer variants at these lengths (comma list); writes tune_indexer.json")
     a = ap.parse_args()
+    if a.indexer_ab:
+        indexer_ab([int(s) for s in a.indexer_ab.split(",")], a.out, a.reps)
+        return
     S = a.seq
     res = {"seq": S}
     t = make_inputs(S)
@@ -65,13 +125,13 @@ def main():
                 rec(name, {"error": repr(e)[:300]})
         I.SCORE_CFG[kind] = variants[0]
     for tile, nw in ((2048, 8), (4096, 8), (1024, 4)):
-        I.SELECT_CFG = dict(TILE=tile, num_warps=nw)
+        I.SELECT_CFG = dict(TILE=tile, num_warps=nw, CAP=4096)
         try:
             ms_f, _ = cuda_time(lambda: I.indexer_topk(qi, ki, wi, TOPK), reps=a.reps)
             rec(f"select_TILE{tile}_w{nw}", {"full_ms": ms_f})
         except Exception as e:
             rec(f"select_TILE{tile}_w{nw}", {"error": repr(e)[:300]})
-    I.SELECT_CFG = dict(TILE=2048, num_warps=8)
+    I.SELECT_CFG = dict(TILE=2048, num_warps=8, CAP=4096)
 
     idx = I.indexer_topk(qi, ki, wi, TOPK)
     q, kv = t.q.detach(), t.kv.detach()
