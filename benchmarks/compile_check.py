@@ -45,9 +45,9 @@ if 'bwd' in which:
                                    POS=('*i32' if srt else '*i64'),PART=('*bf16' if srt else '*fp32'),scale='fp32',scale_log2='fp32'),
       dict(H=16,HP=16,DV=512,D1=512,DR=64,D2=64,BK=32,IEEE=False,UPCAST=False,ATOMIC=0,DS_3XTF32=False,SORTED=srt), dict(num_warps=8,num_stages=2))
 if 'klf' in which:
-  for hl in (True, False):
+  for hl, mode in ((True, 0), (False, 0), (True, 1), (False, 2)):
     run(L._sparse_kl_fwd_kernel, dict(QM='*bf16',KV='*bf16',QI='*bf16',KI='*bf16',WI='*fp32',IDX='*i64',KL='*fp32',P='*fp32',LSEI='*fp32',LSEM='*fp32',scale_log2='fp32'),
-      dict(H=16,HP=16,DV=512,D1=512,DR=64,D2=64,HI=64,HIP=64,DI=128,DIP=128,BK=32,IEEE=False,IEEE_I=False,UPCAST=False,HAS_LSE=hl), dict(num_warps=4,num_stages=2))
+      dict(H=16,HP=16,DV=512,D1=512,DR=64,D2=64,HI=64,HIP=64,DI=128,DIP=128,BK=32,IEEE=False,IEEE_I=False,UPCAST=False,HAS_LSE=hl,MODE=mode), dict(num_warps=4,num_stages=2))
 if 'klb' in which:
   for srt in (True, False):
     run(L._sparse_kl_bwd_kernel, dict(QI='*bf16',KI='*bf16',WI='*fp32',IDX='*i64',P='*fp32',LSEI='*fp32',GKL='*fp32',DQI='*bf16',DKI='*fp32',DWI='*fp32',

@@ -20,7 +20,9 @@ import torch
 
 from megatron_dsa import reference
 
-OPS = ("indexer_topk", "dense_mla_attention", "sparse_mla_attention", "dense_indexer_kl", "sparse_indexer_kl")
+OPS = ("indexer_topk", "dense_mla_attention", "sparse_mla_attention", "dense_indexer_kl", "sparse_indexer_kl",
+       # the sparse KL in two steps, for a target summed over the heads of several TP ranks
+       "sparse_target_head_sum", "sparse_indexer_kl_from_target")
 
 
 def _reference_indexer_topk(q, k, w, topk, q_pos=None, k_pos=None, fp8=False, ordered=True):

@@ -527,6 +527,50 @@ def sparse_indexer_kl(
     return kl
 
 
+def sparse_target_head_sum(
+    q_main: torch.Tensor, kv: torch.Tensor, topk_idx: torch.Tensor, scale: float, lse: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """The main attention's probabilities over each row's selected set, summed over the heads
+    of ``q_main``: [B, Sq, K] fp32, no gradient (0 at -1 slots; a head with no valid key adds 0).
+
+    The sparse KL's target before it is normalised: under tensor parallelism each rank sums its
+    own heads and the ranks' sums are added. ``lse`` (the sparse attention's, [B, Sq, H]) only
+    saves the kernel a pass; the reference recomputes it.
+    """
+    B, Sq, H = q_main.shape[:3]
+    K = topk_idx.shape[-1]
+    out = torch.empty(B, Sq, K, dtype=torch.float32, device=q_main.device)
+    step = _chunk_size(B * K * max(H, q_main.shape[-1]), Sq)
+    with torch.no_grad():
+        for t0 in range(0, Sq, step):
+            idx = topk_idx[:, t0 : t0 + step]
+            scores = torch.einsum("bthd,btkd->bthk", _up(q_main[:, t0 : t0 + step]), _up(gather_tokens(kv, idx))) * scale
+            probs = torch.softmax(scores.masked_fill(~(idx >= 0)[:, :, None], float("-inf")), dim=-1)
+            out[:, t0 : t0 + step] = probs.nan_to_num_(0.0).sum(dim=2)
+    return out
+
+
+def _kl_from_target_chunk(p, idx, q_idx, w_idx, k_idx):
+    k_sel = gather_tokens(k_idx, idx)
+    logits = (torch.einsum("btjd,btkd->btjk", _up(q_idx), _up(k_sel)).relu() * w_idx[..., None]).sum(dim=2)
+    return (kl_rows(p, logits, idx >= 0),)
+
+
+def sparse_indexer_kl_from_target(
+    q_idx: torch.Tensor, k_idx: torch.Tensor, w_idx: torch.Tensor, topk_idx: torch.Tensor, p: torch.Tensor
+) -> torch.Tensor:
+    """KL(p || softmax(I)) over each row's selected set for a given target p [B, Sq, K] (rows
+    summing to 1, or all 0): kl [B, Sq]; gradients reach q_idx, k_idx, w_idx only.
+
+    ``sparse_indexer_kl`` is this with p = the normalised ``sparse_target_head_sum``.
+    """
+    B, Sq, HI = q_idx.shape[:3]
+    K = topk_idx.shape[-1]
+    step = _chunk_size(B * K * max(HI, k_idx.shape[-1]), Sq)
+    (kl,) = _map_query_chunks(_kl_from_target_chunk, (p.detach(), topk_idx, q_idx, w_idx), (k_idx,), step)
+    return kl
+
+
 def softmax_scale(qk_head_dim: int, mscale: float = 1.0) -> float:
     """MLA's softmax scale: mscale^2 / sqrt(qk_head_dim) (qk_head_dim = nope + rope dims)."""
     return mscale * mscale / math.sqrt(qk_head_dim)

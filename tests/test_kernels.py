@@ -285,6 +285,50 @@ def test_sparse_indexer_kl(B, S, H, D, HI, DI, topk, dtype, variant):
         assert a.dtype == x.dtype and rel(a, b) < tol
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_lse", [True, False])
+def test_sparse_kl_in_two_steps(dtype, with_lse):
+    """The TP path's two ops equal the reference's: the target's head sum (per rank's heads),
+    then the KL against a given target (values and indexer gradients); and the two steps over
+    two halves of the heads, summed, equal the one-step KL."""
+    B, S, H, D, HI, DI, topk = 2, 33, 4, 48, 3, 16, 24
+    if BIG:
+        S, topk = S * 20, topk * 4
+    qm = torch.randn(B, S, H, D, device=DEV).to(dtype)
+    kv = torch.randn(B, S, D, device=DEV).to(dtype)
+    qi = torch.randn(B, S, HI, DI, device=DEV).to(dtype).requires_grad_()
+    ki = torch.randn(B, S, DI, device=DEV).to(dtype).requires_grad_()
+    wi = torch.randn(B, S, HI, device=DEV).requires_grad_()
+    idx = _random_idx(B, S, S, topk)
+    idx[0, 5] = -1  # a row with no key: target 0, KL 0
+    scale = D**-0.5
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    qm32, kv32, qi32, ki32, wi32 = _fp32_leaves(qm, kv, qi, ki, wi)
+    halves = (slice(0, H // 2), slice(H // 2, H))
+    parts = []
+    for h in halves:  # two "TP ranks", each with half of the heads
+        lse = K.sparse_mla_attention(qm[:, :, h], kv, idx, D - 16, scale)[1] if with_lse else None
+        part = K.sparse_target_head_sum(qm[:, :, h], kv, idx, scale, lse=lse)
+        _finite(part)
+        assert part.shape == idx.shape and part.dtype == torch.float32
+        assert rel(part, R.sparse_target_head_sum(qm32[:, :, h], kv32, idx, scale)) < tol
+        parts.append(part)
+    summed = parts[0] + parts[1]
+    p = summed / summed.sum(-1, keepdim=True).clamp_min(R.KL_EPS)
+    kl = K.sparse_indexer_kl_from_target(qi, ki, wi, idx, p)
+    kl_r = R.sparse_indexer_kl_from_target(qi32, ki32, wi32, idx, p)
+    kl_one = R.sparse_indexer_kl(qm32, kv32, qi32, ki32, wi32, idx, scale)
+    _finite(kl)
+    assert float(kl[0, 5]) == 0.0
+    assert rel(kl, kl_r) < tol and rel(kl, kl_one) < tol
+    g = torch.randn_like(kl)
+    grads = torch.autograd.grad(kl, (qi, ki, wi), g)
+    grads_r = torch.autograd.grad(kl_r, (qi32, ki32, wi32), g)
+    for a, b, x in zip(grads, grads_r, (qi, ki, wi)):
+        _finite(a)
+        assert a.dtype == x.dtype and rel(a, b) < tol
+
+
 def _crowded_idx(B, S, Sk, topk, hot):
     """Every query picks its slots among the same `hot` keys (many queries per key), in a random
     order, with -1 slots sprinkled in and one row all -1."""
@@ -445,18 +489,21 @@ def test_fused_dense_indexer_kl_is_taken_when_switched_on(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("pos", ["none", "causal", "offset", "decode"])
-def test_dense_mla_attention(dtype, pos):
+@pytest.mark.parametrize("pos", ["none", "causal", "offset", "decode", "cp"])
+def test_dense_mla_attention(dtype, pos, monkeypatch):
     B, S, H, D, v_dim = 2, 37, 3, 40, 32
     if BIG:
         S, H, D, v_dim = 1000, 8, 160, 128
-    # offset: a prefill chunk after 5 cached keys; decode: one query after all of them
-    Sk = S + 5 if pos == "offset" else S
-    Sq = 1 if pos == "decode" else S
+    # offset: a prefill chunk after 5 cached keys; decode: one query after all of them;
+    # cp: context-parallel rank 0 of 2, which owns chunks 0 and 3 of 4 (megatron's layout)
+    c = S // 2
+    Sk = {"offset": S + 5, "cp": 4 * c}.get(pos, S)
+    Sq = {"decode": 1, "cp": 2 * c}.get(pos, S)
     q = torch.randn(B, Sq, H, D, device=DEV, dtype=dtype, requires_grad=True)
     kv = torch.randn(B, Sk, D, device=DEV, dtype=dtype, requires_grad=True)
     q_pos = {"none": None, "causal": torch.arange(S, device=DEV), "offset": torch.arange(5, Sk, device=DEV),
-             "decode": torch.arange(Sk - 1, Sk, device=DEV)}[pos]
+             "decode": torch.arange(Sk - 1, Sk, device=DEV),
+             "cp": torch.cat([torch.arange(c, device=DEV), torch.arange(3 * c, 4 * c, device=DEV)])}[pos]
     k_pos = None if pos == "none" else torch.arange(Sk, device=DEV)
     out, lse = K.dense_mla_attention(q, kv, v_dim, D**-0.5, q_pos, k_pos)
     out_r, lse_r = R.dense_mla_attention(q, kv, v_dim, D**-0.5, q_pos, k_pos)
@@ -467,6 +514,8 @@ def test_dense_mla_attention(dtype, pos):
     for a, b in zip(torch.autograd.grad(out, (q, kv), g), torch.autograd.grad(out_r, (q, kv), g)):
         _finite(a)
         assert rel(a, b) < tol
+    if pos != "decode":  # these masks run on the fused attention, never the chunked reference
+        monkeypatch.setattr(R, "dense_mla_attention", lambda *a, **k: pytest.fail("fell back to the reference"))
     out2, none = K.dense_mla_attention(q, kv, v_dim, D**-0.5, q_pos, k_pos, need_lse=False)
     assert none is None and torch.equal(out2, out)
 

@@ -6,6 +6,9 @@
   autograd (PyTorch's fused SDPA; never the S^2 math path on the GPU)
 * ``sparse_mla_attention(q, kv, topk_idx, v_dim, scale)`` -> (out, lse), autograd
 * ``sparse_indexer_kl(q_main, kv, q_idx, k_idx, w_idx, topk_idx, scale)`` -> kl [B, Sq], autograd
+* ``sparse_target_head_sum(q_main, kv, topk_idx, scale, lse=None)`` -> [B, Sq, K] and
+  ``sparse_indexer_kl_from_target(q_idx, k_idx, w_idx, topk_idx, p)`` -> kl [B, Sq], autograd:
+  the same KL in two steps, for a target summed over several TP ranks' heads
 * ``dense_indexer_kl(q_main, kv, q_idx, k_idx, w_idx, scale, topk, q_pos=None, k_pos=None)``
   -> (kl, recall), autograd (blockwise PyTorch, analytic backward)
 * ``available()``: Triton importable and CUDA present, or TRITON_INTERPRET=1.
@@ -18,7 +21,7 @@ from ._common import available
 from .dense_attn import dense_mla_attention
 from .flops import dense_attention_flops, dsa_flops
 from .indexer import fp8_quantize, indexer_topk
-from .indexer_kl import dense_indexer_kl, sparse_indexer_kl
+from .indexer_kl import dense_indexer_kl, sparse_indexer_kl, sparse_indexer_kl_from_target, sparse_target_head_sum
 from .sparse_attn import sparse_mla_attention
 
 __all__ = [
@@ -28,6 +31,8 @@ __all__ = [
     "dense_mla_attention",
     "sparse_mla_attention",
     "sparse_indexer_kl",
+    "sparse_target_head_sum",
+    "sparse_indexer_kl_from_target",
     "dense_indexer_kl",
     "dsa_flops",
     "dense_attention_flops",

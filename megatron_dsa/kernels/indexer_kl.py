@@ -61,80 +61,96 @@ if HAS_TRITON:
         DV: tl.constexpr, D1: tl.constexpr, DR: tl.constexpr, D2: tl.constexpr,
         HI: tl.constexpr, HIP: tl.constexpr, DI: tl.constexpr, DIP: tl.constexpr,
         BK: tl.constexpr, IEEE: tl.constexpr, IEEE_I: tl.constexpr, UPCAST: tl.constexpr,
-        HAS_LSE: tl.constexpr,
+        HAS_LSE: tl.constexpr, MODE: tl.constexpr,
     ):
         # HAS_LSE: LSEM [B, Sq, H] (heads contiguous) is the main attention's natural-log lse
         # over the same set (sparse_mla_attention's second output): pass 1 is skipped.
+        # MODE 0: the whole KL (target = head average, written to P).  MODE 1: only the
+        # target's head SUM, written to P (summed over TP ranks by the caller).  MODE 2: the KL
+        # against the target read from P (QM, KV, LSEM unused).
         t = tl.program_id(0)
         b = tl.program_id(1)
-        h, hm = _span(H, HP)
-        d1, d1m = _span(DV, D1)
-        d2, d2m = _span(DR, D2)
-        qb = QM + b * s_qmb + t * s_qms + h[:, None] * s_qmh
-        q1 = tl.load(qb + d1[None, :], mask=hm[:, None] & d1m[None, :], other=0.0)
-        q2 = tl.load(qb + DV + d2[None, :], mask=hm[:, None] & d2m[None, :], other=0.0)
         ib = IDX + b * s_ib + t * s_is
-        kvb = KV + b * s_kvb
-        if HAS_LSE:
-            lsem = tl.load(LSEM + b * s_mb + t * s_ms + h, mask=hm, other=float("-inf"))
-            has_h = (lsem > float("-inf")) & hm
-            lse2 = tl.where(has_h, lsem * 1.4426950408889634, float("inf"))
-        else:
-            # Pass 1: per-head log-sum-exp of the main scores over the selected set.
-            m_i = tl.full((HP,), float("-inf"), tl.float32)
-            l_i = tl.zeros((HP,), tl.float32)
+        pb = P + b * s_ib + t * s_is
+        if MODE != 2:
+            h, hm = _span(H, HP)
+            d1, d1m = _span(DV, D1)
+            d2, d2m = _span(DR, D2)
+            qb = QM + b * s_qmb + t * s_qms + h[:, None] * s_qmh
+            q1 = tl.load(qb + d1[None, :], mask=hm[:, None] & d1m[None, :], other=0.0)
+            q2 = tl.load(qb + DV + d2[None, :], mask=hm[:, None] & d2m[None, :], other=0.0)
+            kvb = KV + b * s_kvb
+            if HAS_LSE:
+                lsem = tl.load(LSEM + b * s_mb + t * s_ms + h, mask=hm, other=float("-inf"))
+                has_h = (lsem > float("-inf")) & hm
+                lse2 = tl.where(has_h, lsem * 1.4426950408889634, float("inf"))
+            else:
+                # Pass 1: per-head log-sum-exp of the main scores over the selected set.
+                m_i = tl.full((HP,), float("-inf"), tl.float32)
+                l_i = tl.zeros((HP,), tl.float32)
+                for k0 in range(0, TOPK, BK):
+                    kk = k0 + tl.arange(0, BK)
+                    idx = tl.load(ib + kk, mask=kk < TOPK, other=-1)
+                    valid = (idx >= 0) & (idx < Sk)
+                    s = _main_scores(q1, q2, kvb + idx * s_kvs, valid, d1, d1m, d2, d2m, DV, DR, IEEE, UPCAST)
+                    s = tl.where(valid[None, :], s * scale_log2, float("-inf"))
+                    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+                    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                    l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), axis=1)
+                    m_i = m_new
+                has_h = (l_i > 0.0) & hm
+                lse2 = tl.where(has_h, m_i + tl.log2(tl.where(has_h, l_i, 1.0)), float("inf"))
+            if MODE == 0:
+                inv_h = 1.0 / tl.maximum(tl.sum(has_h.to(tl.float32), axis=0), 1.0)
+        if MODE == 1:
             for k0 in range(0, TOPK, BK):
                 kk = k0 + tl.arange(0, BK)
                 idx = tl.load(ib + kk, mask=kk < TOPK, other=-1)
                 valid = (idx >= 0) & (idx < Sk)
                 s = _main_scores(q1, q2, kvb + idx * s_kvs, valid, d1, d1m, d2, d2m, DV, DR, IEEE, UPCAST)
-                s = tl.where(valid[None, :], s * scale_log2, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, axis=1))
+                ph = tl.exp2(s * scale_log2 - lse2[:, None])
+                tl.store(pb + kk, tl.where(valid, tl.sum(ph, axis=0), 0.0), mask=kk < TOPK)
+        else:
+            # Pass 2: target p, indexer logits, KL terms.
+            j, jm = _span(HI, HIP)
+            di, dim_ = _span(DI, DIP)
+            qi = tl.load(QI + b * s_qib + t * s_qis + j[:, None] * s_qih + di[None, :],
+                         mask=jm[:, None] & dim_[None, :], other=0.0)
+            wi = tl.load(WI + b * s_wib + t * s_wis + j * s_wih, mask=jm, other=0.0).to(tl.float32)
+            kib = KI + b * s_kib
+            mI = float("-inf")
+            lI = 0.0
+            plogp = 0.0
+            pI = 0.0
+            psum = 0.0
+            for k0 in range(0, TOPK, BK):
+                kk = k0 + tl.arange(0, BK)
+                idx = tl.load(ib + kk, mask=kk < TOPK, other=-1)
+                valid = (idx >= 0) & (idx < Sk)
+                if MODE == 2:
+                    p = tl.where(valid, tl.load(pb + kk, mask=kk < TOPK, other=0.0), 0.0)
+                else:
+                    s = _main_scores(q1, q2, kvb + idx * s_kvs, valid, d1, d1m, d2, d2m, DV, DR, IEEE, UPCAST)
+                    ph = tl.exp2(s * scale_log2 - lse2[:, None])
+                    p = tl.where(valid, tl.sum(ph, axis=0) * inv_h, 0.0)
+                    tl.store(pb + kk, p, mask=kk < TOPK)
+                ki = tl.load(kib + idx[:, None] * s_kis + di[None, :], mask=valid[:, None] & dim_[None, :], other=0.0)
+                si = _dot(qi, tl.trans(ki), IEEE_I, UPCAST)
+                logit = tl.sum(tl.maximum(si, 0.0) * wi[:, None], axis=0)
+                logit = tl.where(valid, logit, float("-inf"))
+                m_new = tl.maximum(mI, tl.max(logit, axis=0))
                 m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), axis=1)
-                m_i = m_new
-            has_h = (l_i > 0.0) & hm
-            lse2 = tl.where(has_h, m_i + tl.log2(tl.where(has_h, l_i, 1.0)), float("inf"))
-        n_h = tl.sum(has_h.to(tl.float32), axis=0)
-        inv_h = 1.0 / tl.maximum(n_h, 1.0)
-        # Pass 2: target p, indexer logits, KL terms.
-        j, jm = _span(HI, HIP)
-        di, dim_ = _span(DI, DIP)
-        qi = tl.load(QI + b * s_qib + t * s_qis + j[:, None] * s_qih + di[None, :],
-                     mask=jm[:, None] & dim_[None, :], other=0.0)
-        wi = tl.load(WI + b * s_wib + t * s_wis + j * s_wih, mask=jm, other=0.0).to(tl.float32)
-        kib = KI + b * s_kib
-        mI = float("-inf")
-        lI = 0.0
-        plogp = 0.0
-        pI = 0.0
-        psum = 0.0
-        pb = P + b * s_ib + t * s_is
-        for k0 in range(0, TOPK, BK):
-            kk = k0 + tl.arange(0, BK)
-            idx = tl.load(ib + kk, mask=kk < TOPK, other=-1)
-            valid = (idx >= 0) & (idx < Sk)
-            s = _main_scores(q1, q2, kvb + idx * s_kvs, valid, d1, d1m, d2, d2m, DV, DR, IEEE, UPCAST)
-            ph = tl.exp2(s * scale_log2 - lse2[:, None])
-            p = tl.where(valid, tl.sum(ph, axis=0) * inv_h, 0.0)
-            tl.store(pb + kk, p, mask=kk < TOPK)
-            ki = tl.load(kib + idx[:, None] * s_kis + di[None, :], mask=valid[:, None] & dim_[None, :], other=0.0)
-            si = _dot(qi, tl.trans(ki), IEEE_I, UPCAST)
-            logit = tl.sum(tl.maximum(si, 0.0) * wi[:, None], axis=0)
-            logit = tl.where(valid, logit, float("-inf"))
-            m_new = tl.maximum(mI, tl.max(logit, axis=0))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            lI = lI * tl.exp(mI - m_safe) + tl.sum(tl.exp(logit - m_safe), axis=0)
-            mI = m_new
-            pos = p > 0.0
-            plogp += tl.sum(tl.where(pos, p * tl.log(tl.where(pos, p, 1.0)), 0.0), axis=0)
-            pI += tl.sum(tl.where(pos, p * tl.where(valid, logit, 0.0), 0.0), axis=0)
-            psum += tl.sum(p, axis=0)
-        hasI = lI > 0.0
-        lseI = tl.where(hasI, mI + tl.log(tl.where(hasI, lI, 1.0)), float("-inf"))
-        kl = tl.where(hasI, plogp - pI + tl.where(hasI, lseI, 0.0) * psum, 0.0)
-        tl.store(KL + b * s_lb + t * s_ls, kl)
-        tl.store(LSEI + b * s_lb + t * s_ls, lseI)
+                lI = lI * tl.exp(mI - m_safe) + tl.sum(tl.exp(logit - m_safe), axis=0)
+                mI = m_new
+                pos = p > 0.0
+                plogp += tl.sum(tl.where(pos, p * tl.log(tl.where(pos, p, 1.0)), 0.0), axis=0)
+                pI += tl.sum(tl.where(pos, p * tl.where(valid, logit, 0.0), 0.0), axis=0)
+                psum += tl.sum(p, axis=0)
+            hasI = lI > 0.0
+            lseI = tl.where(hasI, mI + tl.log(tl.where(hasI, lI, 1.0)), float("-inf"))
+            kl = tl.where(hasI, plogp - pI + tl.where(hasI, lseI, 0.0) * psum, 0.0)
+            tl.store(KL + b * s_lb + t * s_ls, kl)
+            tl.store(LSEI + b * s_lb + t * s_ls, lseI)
 
     @triton.jit
     def _sparse_kl_bwd_kernel(
@@ -211,48 +227,77 @@ def _kl_cfg(on_gpu, bwd=False):
     return KL_FWD_CFG or (32, 4, 2)
 
 
+def _split_main_dims(D: int):
+    # D as its largest power-of-two part and the tail (576 = 512 + 64, 192 = 128 + 64).
+    DV = 1 << (D.bit_length() - 1)
+    DR = D - DV
+    return DV, next_pow2(DV, 16), DR, (next_pow2(DR, 16) if DR > 0 else 16)
+
+
+def _kl_forward(mode, idx, P, qm=None, kv=None, lse=None, scale=1.0, qi=None, ki=None, wi=None):
+    """Launch ``_sparse_kl_fwd_kernel`` in ``mode`` (0: whole KL, 1: target head sum, 2: KL
+    against the target in P). Returns (kl, lse of the indexer logits) for modes 0 and 2."""
+    B, Sq, K = idx.shape
+    dev = idx.device
+    kl = torch.empty(B, Sq, dtype=torch.float32, device=dev)
+    lseI = torch.empty(B, Sq, dtype=torch.float32, device=dev)
+    if not Sq:
+        return kl, lseI
+    if mode == 2:  # the main attention's tensors are not read
+        qm, kv = P[..., None, None], P[..., None]
+        H, DV, D1, DR, D2 = 1, 16, 16, 0, 16
+    else:
+        H = qm.shape[2]
+        DV, D1, DR, D2 = _split_main_dims(qm.shape[-1])
+    if mode == 1:  # the indexer's tensors are not read
+        qi, ki, wi = P[..., None, None], P[..., None], P[..., None]
+        HI, DI = 1, 16
+    else:
+        HI, DI = qi.shape[2], qi.shape[3]
+    has_lse = mode != 2 and lse is not None and REUSE_LSE
+    if has_lse:
+        lsem = lse.detach().float().contiguous()
+        assert lsem.shape == (B, Sq, H), (lsem.shape, (B, Sq, H))
+    else:
+        lsem = kl  # unused
+    BK, nw, ns = _kl_cfg(dev.type == "cuda")
+    _sparse_kl_fwd_kernel[(Sq, B)](
+        qm, kv, qi, ki, wi, idx, kl, P, lseI, lsem,
+        (ki if mode == 2 else kv).shape[1], K, scale * 1.4426950408889634,
+        qm.stride(0), qm.stride(1), qm.stride(2),
+        kv.stride(0), kv.stride(1),
+        qi.stride(0), qi.stride(1), qi.stride(2),
+        ki.stride(0), ki.stride(1),
+        wi.stride(0), wi.stride(1), wi.stride(2),
+        idx.stride(0), idx.stride(1),
+        kl.stride(0), kl.stride(1),
+        lsem.stride(0), lsem.stride(1),
+        H=H, HP=next_pow2(H, 16), DV=DV, D1=D1, DR=DR, D2=D2,
+        HI=HI, HIP=next_pow2(HI, 16), DI=DI, DIP=next_pow2(DI, 16),
+        BK=BK, IEEE=mode != 2 and is_fp32(qm, kv), IEEE_I=mode != 1 and is_fp32(qi, ki), UPCAST=interpreting(),
+        HAS_LSE=has_lse, MODE=mode, num_warps=nw, num_stages=ns,
+    )
+    return kl, lseI
+
+
 class SparseIndexerKL(torch.autograd.Function):
+    """The fused sparse KL. ``target`` None: p is the head average of the main attention over
+    the set (q_main, kv, scale; ``lse`` optional); else p = target [B, Sq, K] as given."""
+
     @staticmethod
-    def forward(ctx, q_main, kv, q_idx, k_idx, w_idx, topk_idx, scale, lse=None):
-        B, Sq, H, D = q_main.shape
-        HI, DI = q_idx.shape[2], q_idx.shape[3]
-        Sk = kv.shape[1]
+    def forward(ctx, q_main, kv, q_idx, k_idx, w_idx, topk_idx, scale, lse=None, target=None):
+        B, Sq = topk_idx.shape[:2]
         K = topk_idx.shape[-1]
-        # Split D into its largest power-of-two part and the tail (576 = 512 + 64, 192 = 128 + 64).
-        DV = 1 << (D.bit_length() - 1)
-        DR = D - DV
-        D1 = next_pow2(DV, 16)
-        D2 = next_pow2(DR, 16) if DR > 0 else 16
-        qm, kvc = q_main.detach().contiguous(), kv.detach().contiguous()
         qi, ki, wi = q_idx.detach().contiguous(), k_idx.detach().contiguous(), w_idx.detach().contiguous()
         idx = topk_idx.contiguous()
-        kl = torch.empty(B, Sq, dtype=torch.float32, device=q_main.device)
-        lseI = torch.empty(B, Sq, dtype=torch.float32, device=q_main.device)
-        P = torch.empty(B, Sq, K, dtype=torch.float32, device=q_main.device)
-        BK, nw, ns = _kl_cfg(q_main.is_cuda)
-        has_lse = lse is not None and REUSE_LSE
-        if has_lse:
-            lsem = lse.detach().float().contiguous()
-            assert lsem.shape == (B, Sq, H), (lsem.shape, (B, Sq, H))
+        if target is None:
+            P = torch.empty(B, Sq, K, dtype=torch.float32, device=idx.device)
+            kl, lseI = _kl_forward(0, idx, P, q_main.detach().contiguous(), kv.detach().contiguous(), lse, scale,
+                                   qi, ki, wi)
         else:
-            lsem = kl  # unused
-        if Sq:
-            _sparse_kl_fwd_kernel[(Sq, B)](
-                qm, kvc, qi, ki, wi, idx, kl, P, lseI, lsem,
-                Sk, K, scale * 1.4426950408889634,
-                qm.stride(0), qm.stride(1), qm.stride(2),
-                kvc.stride(0), kvc.stride(1),
-                qi.stride(0), qi.stride(1), qi.stride(2),
-                ki.stride(0), ki.stride(1),
-                wi.stride(0), wi.stride(1), wi.stride(2),
-                idx.stride(0), idx.stride(1),
-                kl.stride(0), kl.stride(1),
-                lsem.stride(0), lsem.stride(1),
-                H=H, HP=next_pow2(H, 16), DV=DV, D1=D1, DR=DR, D2=D2,
-                HI=HI, HIP=next_pow2(HI, 16), DI=DI, DIP=next_pow2(DI, 16),
-                BK=BK, IEEE=is_fp32(qm, kvc), IEEE_I=is_fp32(qi, ki), UPCAST=interpreting(), HAS_LSE=has_lse,
-                num_warps=nw, num_stages=ns,
-            )
+            P = target.detach().float().contiguous()
+            assert P.shape == (B, Sq, K), (P.shape, (B, Sq, K))
+            kl, lseI = _kl_forward(2, idx, P, qi=qi, ki=ki, wi=wi)
         ctx.save_for_backward(qi, ki, wi, idx, P, lseI)
         ctx.dtypes = (q_idx.dtype, k_idx.dtype, w_idx.dtype)
         return kl
@@ -298,7 +343,7 @@ class SparseIndexerKL(torch.autograd.Function):
             if sorted_:
                 _csr.seg_reduce(part, csr, c, dki)
         dq_t, dk_t, dw_t = ctx.dtypes
-        return None, None, dqi.to(dq_t), dki.to(dk_t), dwi.to(dw_t), None, None, None
+        return None, None, dqi.to(dq_t), dki.to(dk_t), dwi.to(dw_t), None, None, None, None
 
 
 def sparse_indexer_kl(q_main, kv, q_idx, k_idx, w_idx, topk_idx, scale, lse=None):
@@ -313,6 +358,23 @@ def sparse_indexer_kl(q_main, kv, q_idx, k_idx, w_idx, topk_idx, scale, lse=None
     # autograd edge that returns None still lets the engine run the main model's backward
     # (custom Functions materialise zeros; megatron's MoE aux-loss scaler then injects its own).
     return SparseIndexerKL.apply(q_main.detach(), kv.detach(), q_idx, k_idx, w_idx, topk_idx, scale, lse)
+
+
+@torch.no_grad()
+def sparse_target_head_sum(q_main, kv, topk_idx, scale, lse=None):
+    """Same contract as ``reference.sparse_target_head_sum``: [B, Sq, K] fp32, the main
+    attention's selected-set probabilities summed over q_main's heads (one pass over the
+    gathered rows with ``lse``, the sparse attention's; two without)."""
+    idx = topk_idx.contiguous()
+    P = torch.empty(idx.shape, dtype=torch.float32, device=idx.device)
+    _kl_forward(1, idx, P, q_main.detach().contiguous(), kv.detach().contiguous(), lse, scale)
+    return P
+
+
+def sparse_indexer_kl_from_target(q_idx, k_idx, w_idx, topk_idx, p):
+    """Same contract as ``reference.sparse_indexer_kl_from_target``: kl [B, Sq] against the
+    given target p [B, Sq, K]; grads reach q_idx, k_idx, w_idx (the fused backward)."""
+    return SparseIndexerKL.apply(None, None, q_idx, k_idx, w_idx, topk_idx, 1.0, None, p.detach())
 
 
 # --------------------------------------------------------------------------------------------

@@ -80,39 +80,20 @@ def key_shards(k_global: torch.Tensor, ctx: ParallelContext) -> list[tuple[torch
     return [(k_global[:, i * c : (i + 1) * c], pos[i * c : (i + 1) * c]) for i in order]
 
 
-def tp_sparse_kl(q, kv_buf, idx, qi, ki_buf, wi, scale: float, ctx: ParallelContext) -> torch.Tensor:
+def tp_sparse_kl(ops, q, kv_buf, idx, lse, qi, ki_buf, wi, scale: float, ctx: ParallelContext) -> torch.Tensor:
     """KL(p[S_t] || softmax(I[S_t])) of own rows, p summed over ALL heads across TP ranks.
 
-    Each rank sums its local heads' selected-set probabilities for all rows (no grad), the
-    partial sums [B, S_cp, K] are reduce-scattered over TP (fp32: S_cp x K x 4 bytes), and
-    each rank normalises its own rows' sums and takes the KL against its own indexer logits.
+    Each rank sums its local heads' selected-set probabilities for all rows (no grad; ``lse`` is
+    the sparse attention's, which saves the kernel a pass), the partial sums [B, S_cp, K] are
+    reduce-scattered over TP (fp32: S_cp x K x 4 bytes), and each rank normalises its own rows'
+    sums and takes the KL against its own indexer logits.
     """
-    B, S_cp, H, _ = q.shape
-    K = idx.shape[-1]
-    rows = own_rows(ctx, S_cp)
+    rows = own_rows(ctx, q.shape[1])
     with torch.no_grad():
-        partial = torch.empty(B, S_cp, K, dtype=torch.float32, device=q.device)
-        step = R._chunk_size(B * K * max(H, q.shape[-1]), S_cp)
-        qd, kvd = q.detach(), kv_buf.detach()
-        for t0 in range(0, S_cp, step):
-            t1 = min(S_cp, t0 + step)
-            sel = R.gather_tokens(kvd, idx[:, t0:t1])
-            scores = torch.einsum("bthd,btkd->bthk", R._up(qd[:, t0:t1]), R._up(sel)) * scale
-            valid = (idx[:, t0:t1] >= 0)[:, :, None, :]
-            probs = torch.softmax(scores.masked_fill(~valid, float("-inf")), dim=-1)
-            partial[:, t0:t1] = probs.nan_to_num_(0.0).sum(dim=2)
+        partial = ops.sparse_target_head_sum(q.detach(), kv_buf.detach(), idx, scale, lse=lse)
         summed = reduce_scatter_rows(partial, ctx.tp_group, name="tp.kl_partial_p")
         p = summed / summed.sum(dim=-1, keepdim=True).clamp_min(R.KL_EPS)
-    idx_own = idx[:, rows]
-
-    def chunk(p_, i_, qi_, wi_, ki_):
-        k_sel = R.gather_tokens(ki_, i_)
-        logits = (torch.einsum("btjd,btkd->btjk", R._up(qi_), R._up(k_sel)).relu() * wi_[..., None]).sum(2)
-        return (R.kl_rows(p_, logits, i_ >= 0),)
-
-    step = R._chunk_size(B * K * max(qi.shape[2], ki_buf.shape[-1]), idx_own.shape[1])
-    (kl,) = R._map_query_chunks(chunk, (p, idx_own, qi, wi), (ki_buf,), step)
-    return kl
+    return ops.sparse_indexer_kl_from_target(qi, ki_buf, wi, idx[:, rows], p)
 
 
 def parallel_dsa_core(
@@ -197,7 +178,7 @@ def parallel_dsa_core(
         kv_buf = kv_buf[None].expand(B, -1, -1)
     else:
         kv_buf, idx, gids = kv, sel, None
-    res.out, _ = ops.sparse_mla_attention(q, kv_buf, idx, v_dim, scale)
+    res.out, lse = ops.sparse_mla_attention(q, kv_buf, idx, v_dim, scale)
 
     if indexer is not None and with_loss:
         if sparse_loss:
@@ -205,7 +186,7 @@ def parallel_dsa_core(
                 ki_buf = ki_global.reshape(B * S, -1)[gids][None].expand(B, -1, -1)
             else:
                 ki_buf = ki_global
-            res.kl = tp_sparse_kl(q, kv_buf, idx, qi, ki_buf, wi, scale, ctx)
+            res.kl = tp_sparse_kl(ops, q, kv_buf, idx, lse, qi, ki_buf, wi, scale, ctx)
         else:
             res.kl, res.recall = dense_kl()
     return res
