@@ -305,7 +305,7 @@ class DSACoreAttention(MegatronModule):
             ctx, mode, q, kv, self.v_dim, self.softmax_scale, s.topk,
             indexer=inputs, selection=selection,
             with_loss=s.loss_coeff > 0, sparse_loss=s.sparse_loss,
-            ops=ops.backend(s.kernel, q.device), fp8_indexer=s.fp8_indexer,
+            ops=ops.backend(s.kernel, q.device), fp8_indexer=s.fp8_indexer, recall_rows=s.recall_rows,
         )
         self.indexer_flops += res.flops[0]
         if indexer is not None and mode == "sparse":

@@ -154,6 +154,15 @@ def layer_function_worker(rank, world, port, tp, cp, seed, modes, kernel="refere
                 _close(tag + " kl", res.kl, cp_split(ref["kl"], cp, ctx.cp_rank)[:, rows])
             if ref["recall"] is not None:
                 _close(tag + " recall", res.recall, cp_split(ref["recall"], cp, ctx.cp_rank)[:, rows])
+                # The diagnostic on sampled rows (mdsa_recall_rows): 2 per rank, the last own one included.
+                sampled = parallel_dsa_core(
+                    ctx, mode, mine["q"].detach(), mine["kv"].detach(), s["V"], s["D"] ** -0.5, s["K"],
+                    indexer=tuple(t.detach() for t in indexer), sparse_loss=sparse_loss, ops=backend,
+                    recall_rows=2 * tp * cp,
+                ).recall
+                want = cp_split(ref["recall"], cp, ctx.cp_rank)[:, rows]
+                picked = R.recall_sample_rows(want.shape[1], 2, sampled.device)
+                _close(tag + " sampled recall", sampled, want if picked is None else want[:, picked])
             cot = cp_split(inp["cot"], cp, ctx.cp_rank)[:, :, heads]
             loss = (res.out * cot).sum() + (0 if res.kl is None else res.kl.sum())
             loss.backward()

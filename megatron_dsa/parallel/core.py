@@ -110,6 +110,7 @@ def parallel_dsa_core(
     sparse_loss: bool = True,
     ops=None,
     fp8_indexer: bool = False,
+    recall_rows: int = 0,
 ) -> CoreResult:
     """One DSA core attention step on this rank (see the module docstring for shapes).
 
@@ -119,6 +120,8 @@ def parallel_dsa_core(
     ``megatron_dsa.ops.backend`` (default: the reference). With the kernels, the top-k runs on
     the gathered keys in one streaming pass (their own top-k never holds S^2 scores), and
     ``fp8_indexer`` scores it in FP8; the reference streams the key shards instead.
+    ``recall_rows``: the dense KL's recall diagnostic on at most this many rows per sequence,
+    split evenly over the TP x CP ranks (0: every row), as ``mdsa_recall_rows`` on one rank.
     """
     if ops is None:
         from megatron_dsa import ops as _ops
@@ -143,8 +146,11 @@ def parallel_dsa_core(
     def dense_kl():
         q_rows = heads_to_rows(q.detach(), ctx.tp_group)  # own rows, all heads
         res.flops[0] += B * q_rows.shape[1] * S * qi.shape[2] * qi.shape[3] * 2
+        sample = None
+        if recall_rows > 0:
+            sample = R.recall_sample_rows(qi.shape[1], max(1, recall_rows // (ctx.tp_size * ctx.cp_size)), q.device)
         return ops.dense_indexer_kl(
-            q_rows, kv_full.detach(), qi, ki_global, wi, scale, topk, q_pos=q_pos[rows]
+            q_rows, kv_full.detach(), qi, ki_global, wi, scale, topk, q_pos=q_pos[rows], recall_rows=sample
         )
 
     if mode in ("dense", "warmup"):
