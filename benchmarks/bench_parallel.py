@@ -3,6 +3,10 @@
     torchrun --nproc-per-node 8 benchmarks/bench_parallel.py --size small \\
         --layouts tp1,tp2,tp4,tp8,cp2,cp4,cp8,tp2cp2 --seqs 32768,65536,131072 --modes sparse,warmup
 
+``--layer`` times the DSA layer's parallel parts instead, against the alternatives: the
+TP-sharded indexer against a replicated one, and under CP the fetched KV rows against
+all-gathering the KV (megatron-core's way); see ``run_layer_point``.
+
 For every layout (TP x CP; the ranks left over are data-parallel replicas running the same
 layout), sequence length and phase: forward + backward of the model on one sequence split the
 way megatron-core splits it (CP: load-balanced chunks; TP: sequence parallel), random weights
@@ -107,6 +111,128 @@ def run_point(args, tp: int, cp: int, seq: int, phase: str, device) -> dict:
             torch.cuda.empty_cache()
 
 
+def _median_ms(fn, device, iters: int, warmup: int) -> float:
+    times = []
+    for i in range(warmup + iters):
+        dist.barrier()
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def run_layer_point(args, tp: int, cp: int, seq: int, device) -> dict:
+    """The DSA layer's parallel parts alone, on random tensors of --layer-dims, against the
+    alternatives: the indexer top-k of the sequence-parallel shard (ours) vs of all CP-local
+    rows (a replicated indexer); under CP, the sparse attention (fwd+bwd) on the selected KV rows
+    fetched from their owners (ours) vs on the all-gathered KV (megatron-core's way), with the
+    bytes each receives and a check that both give the same output."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_dsa import ops as OPS
+    from megatron_dsa.parallel import STATS, cp_positions
+    from megatron_dsa.parallel.comm import ParallelContext
+    from megatron_dsa.parallel.core import gather_indexer_keys, gather_kv, own_rows
+    from megatron_dsa.parallel.fetch import fetch_selected
+
+    H, DQK, DV, HI, DI = args.layer_dims
+    ps.initialize_model_parallel(tensor_model_parallel_size=tp, context_parallel_size=cp)
+    try:
+        ctx = ParallelContext(tp_group=ps.get_tensor_model_parallel_group() if tp > 1 else None,
+                              cp_group=ps.get_context_parallel_group() if cp > 1 else None)
+        gpu = device.type == "cuda"
+        dt = torch.bfloat16 if gpu else torch.float32
+        g = torch.Generator(device=device).manual_seed(1 + dist.get_rank())
+        rnd = lambda *s: torch.randn(*s, device=device, generator=g)  # noqa: E731
+        s_cp = seq // cp
+        rows = own_rows(ctx, s_cp)
+        qi, wi = rnd(1, s_cp, HI, DI).to(dt), rnd(1, s_cp, HI) * (HI * DI) ** -0.5
+        ki = gather_indexer_keys(rnd(1, rows.stop - rows.start, DI).to(dt), ctx, seq)
+        q_pos = cp_positions(seq, cp, ctx.cp_rank, device)
+        ops = OPS.backend("auto", device)
+
+        def topk(r):
+            return ops.indexer_topk(qi[:, r], ki, wi[:, r], args.topk, q_pos=q_pos[r], ordered=False)
+
+        it, wu = args.iters, args.warmup_iters
+        res = {"rows_sharded": rows.stop - rows.start, "rows_replicated": s_cp,
+               "indexer_sharded_ms": _median_ms(lambda: topk(rows), device, it, wu),
+               "indexer_replicated_ms": _median_ms(lambda: topk(slice(None)), device, it, wu)}
+        if cp > 1:
+            sel = topk(slice(None))
+            q = rnd(1, s_cp, H // tp, DQK).to(dt).requires_grad_()
+            kv = rnd(1, s_cp, DQK).to(dt).requires_grad_()
+            gout = rnd(1, s_cp, H // tp, DV).to(dt)
+            scale = DQK**-0.5
+
+            def fetched():
+                buf, idx, _ = fetch_selected(kv, sel, seq, ctx.cp_group)
+                out, _ = ops.sparse_mla_attention(q, buf[None], idx, DV, scale)
+                out.backward(gout)
+                return out.detach()
+
+            def allgathered():
+                out, _ = ops.sparse_mla_attention(q, gather_kv(kv, ctx, seq), sel, DV, scale)
+                out.backward(gout)
+                return out.detach()
+
+            outs = {}
+            for name, fn in (("fetch", fetched), ("allgather", allgathered)):
+                STATS.reset()
+                outs[name] = fn().float()
+                res[name + "_bytes"] = STATS.total()
+                res[name + "_ms"] = _median_ms(fn, device, it, wu)
+            tol = 1e-2 if gpu else 1e-5
+            res["same_output"] = bool(torch.allclose(outs["fetch"], outs["allgather"], atol=tol, rtol=tol))
+        return res
+    finally:
+        ps.destroy_model_parallel()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def write_layer_tables(args, rows: list, world: int, gpu: bool, final: bool) -> str:
+    meta = {"layer_dims": args.layer_dims, "world": world, "topk": args.topk, "iters": args.iters,
+            "device": torch.cuda.get_device_name() if gpu else "cpu (gloo)", "torch": torch.__version__,
+            "complete": final}
+    H, DQK, DV, HI, DI = args.layer_dims
+    lines = [f"# The DSA layer's parallel parts against the alternatives, {world} ranks, top-k {args.topk}", "",
+             f"`torchrun --nproc-per-node {world} benchmarks/bench_parallel.py --layer --layer-dims "
+             f"{','.join(map(str, args.layer_dims))} --layouts {args.layouts} --seqs {args.seqs} --topk {args.topk}` "
+             f"on {meta['device']}: {H} heads (split over TP), latent {DQK}/{DV}, indexer {HI} x {DI}; slowest rank's "
+             "median. Indexer: the top-k of this rank's sequence-parallel rows (ours) against all CP-local rows "
+             "(replicated). KV under CP: the sparse attention fwd+bwd on the fetched selected rows (ours) against "
+             "the all-gathered KV; MiB received by one rank.", "",
+             "| seq | TP | CP | indexer ms: ours (rows) / replicated (rows) | sparse attention + KV ms: fetched / all-gathered | "
+             "MiB received: fetched / all-gathered | same output |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['seq']} | {r['tp']} | {r['cp']} | {r['error']} | | | |")
+            continue
+        ix = (f"{r['indexer_sharded_ms']:.1f} ({r['rows_sharded']}) / "
+              f"{r['indexer_replicated_ms']:.1f} ({r['rows_replicated']})")
+        kv = mb = same = "-"
+        if "fetch_ms" in r:
+            kv = f"{r['fetch_ms']:.1f} / {r['allgather_ms']:.1f}"
+            mb = f"{r['fetch_bytes'] / 2**20:.3g} / {r['allgather_bytes'] / 2**20:.3g}"
+            same = "yes" if r["same_output"] else "NO"
+        lines.append(f"| {r['seq']} | {r['tp']} | {r['cp']} | {ix} | {kv} | {mb} | {same} |")
+    if not final:
+        lines += ["", "(Sweep in progress or cut short: the rows above are the finished points.)"]
+    md = "\n".join(lines) + "\n"
+    stem = os.path.join(args.out, f"parallel_layer_w{world}")
+    os.makedirs(args.out, exist_ok=True)
+    for path, text in ((stem + ".json", json.dumps({"meta": meta, "rows": rows}, indent=2)), (stem + ".md", md)):
+        with open(path + ".tmp", "w") as f:
+            f.write(text)
+        os.replace(path + ".tmp", path)
+    return md
+
+
 def write_tables(args, rows: list, world: int, gpu: bool, final: bool) -> str:
     """parallel_<size>_w<world>.json / .md under --out with the points so far (each file written
     whole, then renamed into place); returns the markdown."""
@@ -148,7 +274,17 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--warmup-iters", type=int, default=1)
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    p.add_argument("--layer", action="store_true",
+                   help="time the DSA layer's parallel parts against the alternatives (replicated indexer, "
+                        "all-gathered KV) instead of model steps; writes parallel_layer_w<world>.json / .md")
+    p.add_argument("--layer-dims", default="16,576,512,64,128", metavar="H,DQK,DV,HI,DI",
+                   help="--layer's shapes: heads, latent dims (keys, values), indexer heads and dim")
     args = p.parse_args(argv)
+    try:
+        args.layer_dims = [int(x) for x in args.layer_dims.split(",")]
+        assert len(args.layer_dims) == 5
+    except (ValueError, AssertionError):
+        raise SystemExit(f"error: --layer-dims takes five integers H,DQK,DV,HI,DI, got {args.layer_dims!r}")
     layouts = [parse_layout(x) for x in args.layouts.split(",") if x]
     seqs = [int(s) for s in args.seqs.split(",") if s]
     phases = [m for m in args.modes.split(",") if m]
@@ -176,6 +312,34 @@ def main(argv=None) -> int:
     device = torch.device("cuda", torch.cuda.current_device()) if gpu else torch.device("cpu")
     rank = dist.get_rank()
     rows = []
+    if args.layer:
+        for seq in seqs:
+            for tp, cp in layouts:
+                try:
+                    mine = run_layer_point(args, tp, cp, seq, device)
+                except torch.OutOfMemoryError:
+                    mine = {"error": "out of memory"}
+                except Exception as exc:  # recorded, the sweep goes on
+                    traceback.print_exc()
+                    mine = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+                everyone = [None] * world
+                dist.all_gather_object(everyone, mine)
+                errors = [r["error"] for r in everyone if "error" in r]
+                row = {"seq": seq, "tp": tp, "cp": cp}
+                if errors:
+                    row["error"] = errors[0]
+                else:  # slowest rank's times, largest bytes, every rank's output check
+                    row.update({k: (all(r[k] for r in everyone) if k == "same_output" else max(r[k] for r in everyone))
+                                for k in mine})
+                rows.append(row)
+                if rank == 0:
+                    print(json.dumps(row), flush=True)
+                    write_layer_tables(args, rows, world, gpu, final=False)
+        if rank == 0:
+            print(write_layer_tables(args, rows, world, gpu, final=True))
+        dist.barrier()
+        dist.destroy_process_group()
+        return 0
     for phase in phases:
         for seq in seqs:
             for tp, cp in layouts:
