@@ -2,8 +2,9 @@
 
 Both expose the same functions with the same signatures (``megatron_dsa.reference`` is the
 spec): ``indexer_topk``, ``dense_mla_attention``, ``sparse_mla_attention``,
-``dense_indexer_kl``, ``sparse_indexer_kl``. ``auto`` takes Triton on CUDA tensors when the
-kernels import, the reference everywhere else.
+``dense_indexer_kl``, ``sparse_indexer_kl``, and the sparse KL in two steps for tensor
+parallelism (``sparse_target_head_sum``, ``sparse_indexer_kl_from_target``). ``auto`` takes
+Triton on CUDA tensors when the kernels import, the reference everywhere else.
 
 The fused sparse KL kernel implements one indexer objective, the KL. ``indexer_loss_backend``
 gives the two loss ops for a configured objective: the chosen backend's for "kl"; for any other
