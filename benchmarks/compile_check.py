@@ -6,6 +6,7 @@ import triton, triton.language as tl, torch
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from megatron_dsa.kernels import indexer as I, sparse_attn as A, indexer_kl as L, _csr as CS, dense_kl as DK
+from megatron_dsa.kernels._common import split_pow2
 tgt = GPUTarget("cuda", 90, 32)
 def comp(fn, sig, const, **opt):
     src = ASTSource(fn=fn, signature=sig, constexprs=const)
@@ -57,7 +58,7 @@ if 'csr' in which:
   run(CS._csr_count_kernel, dict(IDX='*i64',CNT='*i32'), dict(BLK=1024), dict(num_warps=4))
   run(CS._csr_pos_kernel, dict(IDX='*i64',CUR='*i32',OFFS='*i32',POS='*i32'), dict(BLK=1024), dict(num_warps=4))
   for D in (576, 128):
-    DA, D1, DB, D2 = CS._split(D)
+    DA, D1, DB, D2 = split_pow2(D)
     run(CS._seg_reduce_kernel, dict(PART='*bf16',OFFS='*i32',OUT='*fp32'),
         dict(D=D,DA=DA,D1=D1,DB=DB,D2=D2,KB=CS.REDUCE_KB,R=CS.REDUCE_R), dict(num_warps=(4 if D1 + D2 > 128 else 2)))
 if 'dkl' in which:
@@ -67,7 +68,7 @@ if 'dkl' in which:
   ptr = dict(QM='*bf16',KV='*bf16',QI='*bf16',KI='*bf16',WI='*fp32',QPOS='*i64',KPOS='*i64',KLIM='*i32',LSE='*fp32',
              PART='*fp32',LSEI='*fp32',G='*fp32',DQ='*fp32',DW='*fp32',DK='*fp32',scale_log2='fp32')
   for H, D, HI, DI in ((8, 160, 4, 64), (128, 576, 64, 128)):
-    DV, D1, DR, D2 = DK._split(D)
+    DV, D1, DR, D2 = split_pow2(D)
     lblk = DK._lse_blocks(True)
     lopt = {k: lblk.pop(k) for k in ('num_warps', 'num_stages') if k in lblk}
     run(DK._main_lse_kernel, ptr, dict(H=H,DV=DV,D1=D1,DR=DR,D2=D2,IEEE=False,UPCAST=False,**lblk), lopt)

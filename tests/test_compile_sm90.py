@@ -19,6 +19,7 @@ import pytest
 triton = pytest.importorskip("triton")
 
 from megatron_dsa.kernels import dense_kl as DK  # noqa: E402
+from megatron_dsa.kernels._common import split_pow2  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SM90_SHARED_BYTES = 227 * 1024
@@ -38,7 +39,7 @@ def _compile_sm90(fn, consts: dict, options: dict):
 
 
 def check_fits(H: int, D: int, HI: int, DI: int) -> None:
-    DV, D1, DR, D2 = DK._split(D)
+    DV, D1, DR, D2 = split_pow2(D)
     mains = dict(H=H, DV=DV, D1=D1, DR=DR, D2=D2, IEEE=False, UPCAST=False)
     lse = DK._lse_blocks(True)
     blk = DK._kl_blocks(HI, True)

@@ -55,6 +55,14 @@ def next_pow2(n: int, lo: int = 1) -> int:
     return 1 << (n - 1).bit_length()
 
 
+def split_pow2(D: int) -> tuple[int, int, int, int]:
+    """D as its largest power of two plus the rest (576 = 512 + 64, 160 = 128 + 32), each padded
+    to a tile width: (DV, DV padded, DR, DR padded; 16 when DR is 0)."""
+    DV = 1 << (D.bit_length() - 1)
+    DR = D - DV
+    return DV, next_pow2(DV, 16), DR, (next_pow2(DR, 16) if DR > 0 else 16)
+
+
 def is_fp32(*ts: torch.Tensor) -> bool:
     return any(t.dtype in (torch.float32, torch.float64) for t in ts)
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._common import HAS_TRITON, interpreting, next_pow2, triton, tl
+from ._common import HAS_TRITON, interpreting, next_pow2, split_pow2, triton, tl
 
 # Pairs (query, slot) per chunk for all batches together.  The partial buffer holds this many
 # rows (x 576 bf16 = 1.2 GB for the attention at 2^20); smaller -> less memory, more launches.
@@ -174,16 +174,10 @@ def clear_cache():
     _CACHE.clear()
 
 
-def _split(D: int):
-    DA = 1 << (D.bit_length() - 1)
-    DB = D - DA
-    return DA, next_pow2(DA, 16), DB, (next_pow2(DB, 16) if DB > 0 else 16)
-
-
 def seg_reduce(part: torch.Tensor, csr: PairCSR, c: int, out: torch.Tensor):
     """out [B, Sk, D] fp32 (contiguous rows) += per-key sums of chunk c's partial rows."""
     B, Sk, D = out.shape
-    DA, D1, DB, D2 = _split(D)
+    DA, D1, DB, D2 = split_pow2(D)
     KB = 4 if interpreting() else REDUCE_KB
     R = 8 if interpreting() else REDUCE_R
     nw = 4 if D1 + D2 > 128 else 2

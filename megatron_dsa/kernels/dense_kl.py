@@ -36,7 +36,7 @@ from typing import Optional
 import torch
 
 from .. import reference as R
-from ._common import HAS_TRITON, _atomic_add_f32, _dot, _dot_ds, _span, interpreting, is_fp32, next_pow2, triton, tl
+from ._common import HAS_TRITON, _atomic_add_f32, _dot, _dot_ds, _span, interpreting, is_fp32, next_pow2, split_pow2, triton, tl
 
 DENSE_KL_CHOICES = ("blockwise", "fused")
 
@@ -333,13 +333,6 @@ def _key_limits(q_pos: torch.Tensor, k_pos: torch.Tensor, BM: int) -> torch.Tens
     return torch.searchsorted(k_pos.contiguous(), qmax, right=True).to(torch.int32)
 
 
-def _split(D: int) -> tuple[int, int, int, int]:
-    """D = DV (its largest power of two) + DR (the rest: 576 = 512 + 64, 160 = 128 + 32)."""
-    DV = 1 << (D.bit_length() - 1)
-    DR = D - DV
-    return DV, next_pow2(DV, 16), DR, (next_pow2(DR, 16) if DR > 0 else 16)
-
-
 @torch.no_grad()
 def _recall(qm, kv, lse2, idx, scale) -> torch.Tensor:
     """Share of p inside the selected keys idx [B, Sq, K] (-1 = unused), query chunk by chunk."""
@@ -379,7 +372,7 @@ class FusedDenseIndexerKL(torch.autograd.Function):
         qi, ki, wi = q_idx.detach().contiguous(), k_idx.detach().contiguous(), w_idx.detach().contiguous()
         q_pos, k_pos = q_pos.contiguous(), k_pos.contiguous()
         dev, gpu = q_main.device, q_main.is_cuda
-        DV, D1, DR, D2 = _split(D)
+        DV, D1, DR, D2 = split_pow2(D)
         kl = torch.zeros(B, Sq, dtype=torch.float32, device=dev)
         lse_i = torch.zeros(B, Sq, dtype=torch.float32, device=dev)
         lse2 = torch.empty(B, Sq, H, dtype=torch.float32, device=dev)  # log2 units of scale * q.kv
@@ -437,7 +430,7 @@ class FusedDenseIndexerKL(torch.autograd.Function):
         if gkl is not None and Sq and Sk:
             g = gkl.float().contiguous()
             assert lse_i.stride() == g.stride()
-            DV, D1, DR, D2 = _split(D)
+            DV, D1, DR, D2 = split_pow2(D)
             blk = _kl_blocks(HI, qm.is_cuda)
             _dense_kl_bwd_kernel[(triton.cdiv(Sq, blk["BM"]), _spans(klim, blk["SPAN"]), B)](
                 qm, kvc, qi, ki, wi, q_pos, k_pos, klim, lse2, lse_i, g, dq, dw, dk, Sq, Sk, ctx.scale * LOG2E,

@@ -25,7 +25,7 @@ from .sparse_attn import atomic_mode
 from . import _common as _C
 from . import _csr
 from . import dense_kl as _dense_kl
-from ._common import HAS_TRITON, _atomic_add_f32, _dot, _dot_ds, _span, interpreting, is_fp32, next_pow2, triton, tl
+from ._common import HAS_TRITON, _atomic_add_f32, _dot, _dot_ds, _span, interpreting, is_fp32, next_pow2, split_pow2, triton, tl
 
 DENSE_CHUNK_ELEMENTS = 1 << 26
 # Use the attention's lse when the caller passes one (sparse_indexer_kl(..., lse=...)); False
@@ -227,13 +227,6 @@ def _kl_cfg(on_gpu, bwd=False):
     return KL_FWD_CFG or (32, 4, 2)
 
 
-def _split_main_dims(D: int):
-    # D as its largest power-of-two part and the tail (576 = 512 + 64, 192 = 128 + 64).
-    DV = 1 << (D.bit_length() - 1)
-    DR = D - DV
-    return DV, next_pow2(DV, 16), DR, (next_pow2(DR, 16) if DR > 0 else 16)
-
-
 def _kl_forward(mode, idx, P, qm=None, kv=None, lse=None, scale=1.0, qi=None, ki=None, wi=None):
     """Launch ``_sparse_kl_fwd_kernel`` in ``mode`` (0: whole KL, 1: target head sum, 2: KL
     against the target in P). Returns (kl, lse of the indexer logits) for modes 0 and 2."""
@@ -248,7 +241,7 @@ def _kl_forward(mode, idx, P, qm=None, kv=None, lse=None, scale=1.0, qi=None, ki
         H, DV, D1, DR, D2 = 1, 16, 16, 0, 16
     else:
         H = qm.shape[2]
-        DV, D1, DR, D2 = _split_main_dims(qm.shape[-1])
+        DV, D1, DR, D2 = split_pow2(qm.shape[-1])
     if mode == 1:  # the indexer's tensors are not read
         qi, ki, wi = P[..., None, None], P[..., None], P[..., None]
         HI, DI = 1, 16
