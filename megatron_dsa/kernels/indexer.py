@@ -151,6 +151,23 @@ if HAS_TRITON:
         return digit, above, inside, total
 
     @triton.jit
+    def _next_digit(srow, cand, n, prefix, want, SHIFT: tl.constexpr, INDIRECT: tl.constexpr, TILE: tl.constexpr):
+        """Fix the threshold's digit at SHIFT: returns the prefix with it set, the rank still
+        wanted among the scores sharing the prefix, how many share it, and the valid count."""
+        d, above, inside, total = _threshold_digit(_digit_hist(srow, cand, n, prefix, SHIFT, INDIRECT, TILE), want)
+        return prefix | (d.to(tl.int64) << SHIFT), want - above, inside, total
+
+    @triton.jit
+    def _last_digits(srow, cand, n, orow, cnt, prefix, want,
+                     INDIRECT: tl.constexpr, TOPK: tl.constexpr, TILE: tl.constexpr):
+        """The threshold's last two digits over n scores (the row, or INDIRECT the keys listed in
+        ``cand``), then the keys above the threshold and the first ``want`` equal to it."""
+        prefix, want, _, _ = _next_digit(srow, cand, n, prefix, want, 8, INDIRECT, TILE)
+        prefix, want, _, _ = _next_digit(srow, cand, n, prefix, want, 0, INDIRECT, TILE)
+        cnt, _ = _collect(srow, cand, n, orow, cnt, cand, prefix, want, 0, INDIRECT, False, TOPK, TILE)
+        return cnt
+
+    @triton.jit
     def _collect(
         srow, cand, n, orow, cnt, spill, prefix, want,
         SHIFT: tl.constexpr, INDIRECT: tl.constexpr, SPILL: tl.constexpr, TOPK: tl.constexpr, TILE: tl.constexpr,
@@ -196,32 +213,17 @@ if HAS_TRITON:
         crow = CAND + b * stride_cb + r * stride_cr
         want = tl.zeros((), dtype=tl.int32) + TOPK
         cnt = tl.zeros((), dtype=tl.int32)
-        d, above, inside, nvalid = _threshold_digit(_digit_hist(srow, crow, lim, 0, 24, False, TILE), want)
-        prefix = d.to(tl.int64) << 24
-        want -= above
-        d, above, inside, _ = _threshold_digit(_digit_hist(srow, crow, lim, prefix, 16, False, TILE), want)
-        prefix = prefix | (d.to(tl.int64) << 16)
-        want -= above
+        prefix = tl.zeros((), dtype=tl.int64)
+        prefix, want, _, nvalid = _next_digit(srow, crow, lim, prefix, want, 24, False, TILE)
+        prefix, want, inside, _ = _next_digit(srow, crow, lim, prefix, want, 16, False, TILE)
         # At most TOPK eligible keys: take them all (nothing is above or equal to prefix -1).
         prefix = tl.where(nvalid <= TOPK, -1, prefix)
         inside = tl.where(nvalid <= TOPK, 0, inside)
         if inside <= CAP:
             cnt, ncand = _collect(srow, crow, lim, orow, cnt, crow, prefix, want, 16, False, True, TOPK, TILE)
-            d, above, inside, _ = _threshold_digit(_digit_hist(srow, crow, ncand, prefix, 8, True, TILE), want)
-            prefix = prefix | (d.to(tl.int64) << 8)
-            want -= above
-            d, above, inside, _ = _threshold_digit(_digit_hist(srow, crow, ncand, prefix, 0, True, TILE), want)
-            prefix = prefix | d.to(tl.int64)
-            want -= above
-            cnt, _ = _collect(srow, crow, ncand, orow, cnt, crow, prefix, want, 0, True, False, TOPK, TILE)
+            cnt = _last_digits(srow, crow, ncand, orow, cnt, prefix, want, True, TOPK, TILE)
         else:
-            d, above, inside, _ = _threshold_digit(_digit_hist(srow, crow, lim, prefix, 8, False, TILE), want)
-            prefix = prefix | (d.to(tl.int64) << 8)
-            want -= above
-            d, above, inside, _ = _threshold_digit(_digit_hist(srow, crow, lim, prefix, 0, False, TILE), want)
-            prefix = prefix | d.to(tl.int64)
-            want -= above
-            cnt, _ = _collect(srow, crow, lim, orow, cnt, crow, prefix, want, 0, False, False, TOPK, TILE)
+            cnt = _last_digits(srow, crow, lim, orow, cnt, prefix, want, False, TOPK, TILE)
         for start in range(0, TOPK, OTILE):
             offs = start + tl.arange(0, OTILE)
             tl.store(orow + offs, tl.full((OTILE,), -1, tl.int64), mask=(offs >= cnt) & (offs < TOPK))
