@@ -111,6 +111,21 @@ def run_point(args, tp: int, cp: int, seq: int, phase: str, device) -> dict:
             torch.cuda.empty_cache()
 
 
+def _run_everywhere(point, world: int) -> tuple[list, str]:
+    """Run one sweep point on this rank and gather every rank's result: (results, the first
+    rank's error or ""). A point that fails is recorded and the sweep goes on."""
+    try:
+        mine = point()
+    except torch.OutOfMemoryError:
+        mine = {"error": "out of memory"}
+    except Exception as exc:
+        traceback.print_exc()
+        mine = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+    everyone = [None] * world
+    dist.all_gather_object(everyone, mine)
+    return everyone, next((r["error"] for r in everyone if "error" in r), "")
+
+
 def _median_ms(fn, device, iters: int, warmup: int) -> float:
     times = []
     for i in range(warmup + iters):
@@ -315,22 +330,13 @@ def main(argv=None) -> int:
     if args.layer:
         for seq in seqs:
             for tp, cp in layouts:
-                try:
-                    mine = run_layer_point(args, tp, cp, seq, device)
-                except torch.OutOfMemoryError:
-                    mine = {"error": "out of memory"}
-                except Exception as exc:  # recorded, the sweep goes on
-                    traceback.print_exc()
-                    mine = {"error": f"{type(exc).__name__}: {exc}"[:300]}
-                everyone = [None] * world
-                dist.all_gather_object(everyone, mine)
-                errors = [r["error"] for r in everyone if "error" in r]
+                everyone, error = _run_everywhere(lambda: run_layer_point(args, tp, cp, seq, device), world)
                 row = {"seq": seq, "tp": tp, "cp": cp}
-                if errors:
-                    row["error"] = errors[0]
+                if error:
+                    row["error"] = error
                 else:  # slowest rank's times, largest bytes, every rank's output check
                     row.update({k: (all(r[k] for r in everyone) if k == "same_output" else max(r[k] for r in everyone))
-                                for k in mine})
+                                for k in everyone[0]})
                 rows.append(row)
                 if rank == 0:
                     print(json.dumps(row), flush=True)
@@ -343,19 +349,10 @@ def main(argv=None) -> int:
     for phase in phases:
         for seq in seqs:
             for tp, cp in layouts:
-                try:
-                    mine = run_point(args, tp, cp, seq, phase, device)
-                except torch.OutOfMemoryError:
-                    mine = {"error": "out of memory"}
-                except Exception as exc:  # recorded, the sweep goes on
-                    traceback.print_exc()
-                    mine = {"error": f"{type(exc).__name__}: {exc}"[:300]}
-                everyone = [None] * world
-                dist.all_gather_object(everyone, mine)
-                errors = [r["error"] for r in everyone if "error" in r]
+                everyone, error = _run_everywhere(lambda: run_point(args, tp, cp, seq, phase, device), world)
                 row = {"phase": phase, "seq": seq, "tp": tp, "cp": cp}
-                if errors:
-                    row["error"] = errors[0]
+                if error:
+                    row["error"] = error
                 else:
                     row.update(ms=max(r["ms"] for r in everyone), dsa_bytes=max(r["dsa_bytes"] for r in everyone),
                                indexer_flops=max(r["indexer_flops"] for r in everyone),

@@ -254,6 +254,16 @@ def test_sparse_mla_attention(B, S, H, v_dim, rope, topk, dtype, variant):
     assert rel(gq, gq_r) < tol and rel(gkv, gkv_r) < tol
 
 
+def _sparse_kl_inputs(B, S, H, D, HI, DI, topk, dtype):
+    """Main queries and latent KV (no grad), indexer q/k/w (leaves), a causal selection with holes."""
+    qm = torch.randn(B, S, H, D, device=DEV).to(dtype)
+    kv = torch.randn(B, S, D, device=DEV).to(dtype)
+    qi = torch.randn(B, S, HI, DI, device=DEV).to(dtype).requires_grad_()
+    ki = torch.randn(B, S, DI, device=DEV).to(dtype).requires_grad_()
+    wi = torch.randn(B, S, HI, device=DEV).requires_grad_()
+    return qm, kv, qi, ki, wi, _random_idx(B, S, S, topk)
+
+
 @pytest.mark.parametrize(
     "B,S,H,D,HI,DI,topk,dtype",
     [(1, 40, 3, 48, 4, 32, 24, torch.float32), (2, 33, 16, 96, 3, 16, 40, torch.bfloat16)],
@@ -261,12 +271,7 @@ def test_sparse_mla_attention(B, S, H, v_dim, rope, topk, dtype, variant):
 def test_sparse_indexer_kl(B, S, H, D, HI, DI, topk, dtype, variant):
     if BIG:
         S, topk = S * 20, topk * 4
-    qm = torch.randn(B, S, H, D, device=DEV).to(dtype)
-    kv = torch.randn(B, S, D, device=DEV).to(dtype)
-    qi = torch.randn(B, S, HI, DI, device=DEV).to(dtype).requires_grad_()
-    ki = torch.randn(B, S, DI, device=DEV).to(dtype).requires_grad_()
-    wi = torch.randn(B, S, HI, device=DEV).requires_grad_()
-    idx = _random_idx(B, S, S, topk)
+    qm, kv, qi, ki, wi, idx = _sparse_kl_inputs(B, S, H, D, HI, DI, topk, dtype)
     scale = D**-0.5
     # "new": the target's per-head lse comes from the attention forward (v_dim is irrelevant to it).
     lse = K.sparse_mla_attention(qm, kv, idx, D - 16, scale)[1] if variant == "new" else None
@@ -294,12 +299,7 @@ def test_sparse_kl_in_two_steps(dtype, with_lse):
     B, S, H, D, HI, DI, topk = 2, 33, 4, 48, 3, 16, 24
     if BIG:
         S, topk = S * 20, topk * 4
-    qm = torch.randn(B, S, H, D, device=DEV).to(dtype)
-    kv = torch.randn(B, S, D, device=DEV).to(dtype)
-    qi = torch.randn(B, S, HI, DI, device=DEV).to(dtype).requires_grad_()
-    ki = torch.randn(B, S, DI, device=DEV).to(dtype).requires_grad_()
-    wi = torch.randn(B, S, HI, device=DEV).requires_grad_()
-    idx = _random_idx(B, S, S, topk)
+    qm, kv, qi, ki, wi, idx = _sparse_kl_inputs(B, S, H, D, HI, DI, topk, dtype)
     idx[0, 5] = -1  # a row with no key: target 0, KL 0
     scale = D**-0.5
     tol = 1e-5 if dtype == torch.float32 else 1e-2
