@@ -6,7 +6,8 @@
 Rows: ours bf16 indexer / ours fp8 indexer (Triton: indexer top-k + sparse MLA attention +
 sparse indexer KL, forward and backward), dense SDPA (MLA-style 192/128 dims, causal, fwd+bwd),
 megatron-core 0.19.2's DSA core with its default kernels ("none": naive indexer + loss,
-unfused sparse attention; OOM is caught and recorded).
+unfused sparse attention; OOM is caught and recorded), and with its TileLang kernels (fused
+indexer top-k + streaming sparse KL, SparseMLA forward/backward) where TileLang is installed.
 Batch 1, 16 heads, top-k 2048, indexer 64 heads x 128 dims, Dqk 576 / Dv 512, bf16.
 Writes dsa_h200.json, dsa_h200.md and dsa_h200.png to --out (default benchmarks/results).
 """
@@ -130,6 +131,58 @@ def megatron_step(t):
     )
     out = M.unfused_dsa_fn(query, key, value, topk_idx, t.scale, mask=mask)
     torch.autograd.backward([out, loss], [torch.randn_like(out), torch.ones_like(loss)])
+
+
+def _tilelang_ops():
+    """megatron-core's TileLang DSA ops, or one clear error naming what failed to import."""
+    from megatron.core.transformer.experimental_attention_variant.ops import tilelang_dsa as TL
+
+    if TL.SparseMLA is None or TL.lighting_indexer is None or TL.SparseIndexerKLLoss is None:
+        import importlib
+
+        for mod in ("indexer", "sparse_mla", "tilelang_indexer_loss"):  # re-raise the real cause
+            importlib.import_module(f"megatron.core.transformer.experimental_attention_variant.ops.{mod}")
+        raise RuntimeError("megatron-core's TileLang DSA ops did not load")
+    return TL
+
+
+def megatron_tilelang_step(t):
+    """megatron-core 0.19.2 DSA core with dsa_kernel_backend='tilelang': the two hooks dsa.py calls
+    in the sparse phase (fused indexer top-k + streaming sparse KL, then absorbed SparseMLA), with
+    the same inputs as ours; returns the top-k indices [1, S, k]."""
+    TL = _tilelang_ops()
+    from megatron.core.transformer.experimental_attention_variant import dsa_masking
+
+    S = t.q.shape[1]
+    starts, ends = dsa_masking.build_fused_indexer_varlen_bounds(
+        sq=S, skv=S, device=t.q.device, mask=None, varlen_starts=None, varlen_ends=None, key_positions=None)
+    query = t.q.transpose(0, 1)  # [s, b, np, hn]
+    key = t.kv.transpose(0, 1)[:, :, None, :]  # [s, b, 1, hn]: the shared latent
+    res = TL.run_fused_qk_topk_with_loss(
+        t.qi.transpose(0, 1), t.ki.transpose(0, 1), t.wi.transpose(0, 1), TOPK, starts, ends, 8192,
+        query.detach(), key.detach(), t.scale, 1.0, SimpleNamespace(tp=None))
+    if res is None:
+        raise RuntimeError("TileLang indexer+loss hook declined these shapes")
+    idx, loss = res
+    out = TL.run_fused_absorbed_sparse_attention(query, key, idx, t.scale, DV)
+    if out is None:
+        raise RuntimeError("TileLang SparseMLA hook declined these shapes")
+    torch.autograd.backward([out, loss], [t.gout.transpose(0, 1), torch.ones_like(loss)])
+    return idx
+
+
+def tilelang_topk_overlap(S=4096):
+    """Same computation check: TileLang's selected sets vs ours (bf16 scoring) on one input."""
+    t = make_inputs(S)
+    theirs = megatron_tilelang_step(t)
+    ours = KN.indexer_topk(t.qi.detach(), t.ki.detach(), t.wi.detach(), TOPK, fp8=False)
+    hits = total = 0
+    for r in range(0, S, max(1, S // 256)):
+        a = set(ours[0, r][ours[0, r] >= 0].tolist())
+        b = set(theirs[0, r][theirs[0, r] >= 0].tolist())
+        hits += len(a & b)
+        total += max(len(a), 1)
+    return {"seq": S, "rows": len(range(0, S, max(1, S // 256))), "overlap": hits / total}
 
 
 def topk_checks(S=8192, rows=256):
@@ -264,6 +317,8 @@ def main():
     ap.add_argument("--seqs", default="4096,8192,16384,32768,65536,131072")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     ap.add_argument("--megatron-seqs", default="1024,2048,4096")
+    ap.add_argument("--tilelang-seqs", default="",
+                    help="also time megatron-core's DSA with its TileLang kernels at these lengths (needs tilelang)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--no-checks", action="store_true")
     ap.add_argument("--ab", action="store_true",
@@ -292,7 +347,18 @@ def main():
 
     seqs = [int(s) for s in args.seqs.split(",") if s]
     mseqs = [int(s) for s in args.megatron_seqs.split(",") if s]
-    for S in sorted(set(seqs) | set(mseqs)):
+    tseqs = [int(s) for s in args.tilelang_seqs.split(",") if s]
+    if tseqs:
+        try:
+            import tilelang
+
+            res["tilelang"] = tilelang.__version__
+            res["tilelang_topk_check"] = tilelang_topk_overlap()
+            print("tilelang top-k vs ours:", res["tilelang_topk_check"], flush=True)
+        except Exception as e:
+            res["tilelang_topk_check"] = {"error": repr(e)[:400]}
+            traceback.print_exc()
+    for S in sorted(set(seqs) | set(mseqs) | set(tseqs)):
         fl = KN.dsa_flops(S, H, DQK, DV, HI, DI, TOPK)
         row = {"seq": S, "flops": fl}
         torch.cuda.empty_cache()
@@ -360,6 +426,20 @@ def main():
             t = None
             torch.cuda.empty_cache()
             print(S, "megatron", row["megatron"], flush=True)
+        if S in tseqs:
+            try:
+                t = make_inputs(S)
+                ms, all_ms = cuda_time(lambda: (megatron_tilelang_step(t), zero_grads(t)), reps=args.reps)
+                peak, extra = peak_of(lambda: (megatron_tilelang_step(t), zero_grads(t)))
+                row["tilelang"] = {"ms": ms, "all_ms": all_ms, "peak_gib": peak}
+            except torch.cuda.OutOfMemoryError as e:
+                row["tilelang"] = {"oom": True, "error": str(e)[:160]}
+            except Exception as e:
+                row["tilelang"] = {"error": repr(e)[:400]}
+                traceback.print_exc()
+            t = None
+            torch.cuda.empty_cache()
+            print(S, "tilelang", row["tilelang"], flush=True)
         res["rows"].append(row)
         with open(os.path.join(args.out, "dsa_h200.json"), "w") as f:
             json.dump(res, f, indent=1)
@@ -385,7 +465,7 @@ def _cell(r):
 
 
 # megatron-core 0.19.2's DSA with its TileLang kernels on the same H200 model (../shared/docs/dsa-spec.md
-# section 6): TileLang is not installed on the benchmark machine, so its times are the spec's anchors.
+# section 6): the table uses these only where a run had no TileLang (--tilelang-seqs not given).
 TILELANG_ANCHOR_MS = {4096: 46, 16384: 207, 32768: 484, 65536: 1255, 131072: 3638}
 TILELANG_TARGET = {16384: 10, 131072: 12}
 
@@ -393,8 +473,8 @@ TILELANG_TARGET = {16384: 10, 131072: 12}
 def to_markdown(res):
     lines = [f"DSA attention core fwd+bwd on {res['device']} (torch {res.get('torch')}, triton {res.get('triton')}), "
              "batch 1, 16 heads, top-k 2048, indexer 64x128, Dqk 576 / Dv 512, bf16. Median of 3.", "",
-             "| seq | ours bf16 | ours fp8 | TFLOP/s bf16 / fp8 | indexer top-k bf16 / fp8 (ms) | fp8 scoring speed-up (scoring kernel alone, ms) | dense SDPA 192/128 | megatron-core 0.19.2 (none) | megatron-core TileLang (spec anchor): ours fp8 faster by | target 128K <=300 ms, <=12 GB |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| seq | ours bf16 | ours fp8 | TFLOP/s bf16 / fp8 | indexer top-k bf16 / fp8 (ms) | fp8 scoring speed-up (scoring kernel alone, ms) | dense SDPA 192/128 | megatron-core 0.19.2 (none) | megatron-core 0.19.2 TileLang (measured here; else the spec anchor) | ours fp8 faster than TileLang by | target 128K <=300 ms, <=12 GB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in res["rows"]:
         S = row["seq"]
         a, b = row.get("ours_bf16"), row.get("ours_fp8")
@@ -409,9 +489,12 @@ def to_markdown(res):
                 r = a["score_only_ms"] / b["score_only_ms"]
                 sp = (f"{r:.2f}x ({a['score_only_ms']:.1f} / {b['score_only_ms']:.1f}); "
                       f"{'met' if r >= 1.6 else 'missed'} (target 1.6x)")
-        if b and "ms" in b and S in TILELANG_ANCHOR_MS:
-            r = TILELANG_ANCHOR_MS[S] / b["ms"]
-            tla = f"{TILELANG_ANCHOR_MS[S]} ms: {r:.1f}x"
+        tl = row.get("tilelang")
+        tlc = _cell(tl) if tl else (f"{TILELANG_ANCHOR_MS[S]} ms (spec anchor)" if S in TILELANG_ANCHOR_MS else "-")
+        tl_ms = tl["ms"] if tl and "ms" in tl else (None if tl else TILELANG_ANCHOR_MS.get(S))
+        if b and "ms" in b and tl_ms:
+            r = tl_ms / b["ms"]
+            tla = f"{r:.1f}x"
             if S in TILELANG_TARGET:
                 tla += f" ({'met' if r >= TILELANG_TARGET[S] else 'missed'}, target {TILELANG_TARGET[S]}x)"
         tgt = "-"
@@ -422,7 +505,10 @@ def to_markdown(res):
         sd = row.get("sdpa")
         if S >= 65536 and sd and "ms" in sd and b and "ms" in b:
             tgt += f"; ours fp8 takes {b['ms'] / sd['ms']:.2f}x dense SDPA's time"
-        lines.append(f"| {S // 1024}K | {_cell(a)} | {_cell(b)} | {tf} | {ix} | {sp} | {_cell(sd)} | {_cell(row.get('megatron'))} | {tla} | {tgt} |")
+        lines.append(f"| {S // 1024}K | {_cell(a)} | {_cell(b)} | {tf} | {ix} | {sp} | {_cell(sd)} | {_cell(row.get('megatron'))} | {tlc} | {tla} | {tgt} |")
+    if "tilelang_topk_check" in res:
+        lines += ["", f"TileLang {res.get('tilelang', '')} top-k sets vs ours (bf16 scoring, same inputs): "
+                      f"{res['tilelang_topk_check']}"]
     if "topk_checks" in res:
         lines += ["", f"Top-k checks (8K, last 256 rows): {res['topk_checks']}"]
     lines.append("")
@@ -439,7 +525,8 @@ def plot(res, path):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(1, 2, figsize=(11, 4))
-    for key, lab in (("ours_bf16", "ours bf16"), ("ours_fp8", "ours fp8"), ("sdpa", "dense SDPA"), ("megatron", "megatron-core none")):
+    for key, lab in (("ours_bf16", "ours bf16"), ("ours_fp8", "ours fp8"), ("sdpa", "dense SDPA"), ("megatron", "megatron-core none"),
+                     ("tilelang", "megatron-core TileLang")):
         xs = [r["seq"] for r in res["rows"] if r.get(key, {}).get("ms")]
         if not xs:
             continue
