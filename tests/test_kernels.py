@@ -457,6 +457,23 @@ def test_fused_dense_indexer_kl(dtype, pos, fold, monkeypatch):
         assert a.dtype == b.dtype and rel(a, b) < tol
 
 
+def test_fused_dense_indexer_kl_takes_any_gradient_layout():
+    """Batch 1 with the KL's gradient a transposed view (strides (1, 1), as after a row
+    exchange between TP ranks): the same indexer gradients as a contiguous one."""
+    from megatron_dsa.kernels import dense_kl
+
+    S, H, D, HI, DI, topk = 20, 2, 32, 2, 16, 4
+    qm, kv = torch.randn(1, S, H, D, device=DEV), torch.randn(1, S, D, device=DEV)
+    qi = torch.randn(1, S, HI, DI, device=DEV, requires_grad=True)
+    ki, wi = torch.randn(1, S, DI, device=DEV), torch.randn(1, S, HI, device=DEV)
+    kl, _ = dense_kl.fused_dense_indexer_kl(qm, kv, qi, ki, wi, D**-0.5, topk)
+    g = torch.rand(S, 1, device=DEV)
+    (a,) = torch.autograd.grad(kl, qi, g.t(), retain_graph=True)
+    (b,) = torch.autograd.grad(kl, qi, g.flatten()[None].clone())  # strides (S, 1)
+    _finite(a)
+    assert g.t().stride() == (1, 1) and rel(a, b) < 1e-6
+
+
 @pytest.mark.parametrize("fused", [True, False])
 def test_dense_indexer_kl_recall_rows(fused, monkeypatch):
     """Recall measured on sampled rows only equals the reference's recall at those rows (the

@@ -428,8 +428,9 @@ class FusedDenseIndexerKL(torch.autograd.Function):
         dw = torch.zeros(B, Sq, HI, dtype=torch.float32, device=dev)
         dk = torch.zeros(B, Sk, DI, dtype=torch.float32, device=dev)
         if gkl is not None and Sq and Sk:
-            g = gkl.float().contiguous()
-            assert lse_i.stride() == g.stride()
+            # The kernel reads lse_i with g's strides: give g lse_i's layout whatever the
+            # incoming gradient's (a [1, S] view of a transposed [S, 1] has strides (1, 1)).
+            g = torch.empty_like(lse_i).copy_(gkl)
             DV, D1, DR, D2 = split_pow2(D)
             blk = _kl_blocks(HI, qm.is_cuda)
             _dense_kl_bwd_kernel[(triton.cdiv(Sq, blk["BM"]), _spans(klim, blk["SPAN"]), B)](

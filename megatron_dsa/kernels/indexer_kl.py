@@ -301,7 +301,7 @@ class SparseIndexerKL(torch.autograd.Function):
         B, Sq, HI, DI = qi.shape
         Sk = ki.shape[1]
         K = idx.shape[-1]
-        gkl = gkl.float().contiguous()
+        gkl = torch.empty_like(lseI).copy_(gkl)  # the kernel reads it with lseI's strides
         # The kernel accumulates in fp32 and stores in the inputs' dtypes (no fp32 copies).
         dqi = torch.empty_like(qi)
         dwi = torch.empty_like(wi)
