@@ -115,6 +115,7 @@ def layer_function_worker(rank, world, port, tp, cp, seed, modes, kernel="refere
         init_dist(rank, world, port)
         from megatron_dsa import ops
         from megatron_dsa.parallel import ParallelContext, cp_split, own_rows, parallel_dsa_core
+        from megatron_dsa.parallel.core import balanced_blocks, can_balance
 
         backend = ops.backend(kernel, device())
         assert backend.name == kernel
@@ -160,7 +161,13 @@ def layer_function_worker(rank, world, port, tp, cp, seed, modes, kernel="refere
                     indexer=tuple(t.detach() for t in indexer), sparse_loss=sparse_loss, ops=backend,
                     recall_rows=2 * tp * cp,
                 ).recall
-                want = cp_split(ref["recall"], cp, ctx.cp_rank)[:, rows]
+                # Sampled on the rows this rank scores: its causally balanced blocks under TP.
+                want = cp_split(ref["recall"], cp, ctx.cp_rank)
+                if can_balance(ctx, rows.stop - rows.start):
+                    h = (rows.stop - rows.start) // 2
+                    want = torch.cat([want[:, b * h:(b + 1) * h] for b in balanced_blocks(tp, ctx.tp_rank)], dim=1)
+                else:
+                    want = want[:, rows]
                 picked = R.recall_sample_rows(want.shape[1], 2, sampled.device)
                 _close(tag + " sampled recall", sampled, want if picked is None else want[:, picked])
             cot = cp_split(inp["cot"], cp, ctx.cp_rank)[:, :, heads]
@@ -179,6 +186,50 @@ def layer_function_worker(rank, world, port, tp, cp, seed, modes, kernel="refere
                 assert res.flops[0] * tp == full, (res.flops[0], full)
         dist.barrier()
         dist.destroy_process_group()
+
+
+def balanced_topk_worker(rank, world, port, seed):
+    """TP = world: the balanced row exchange, the rows' order after the all-gather, equal causal
+    work per rank, and tp_indexer_topk == the one-rank top-k (balanced and fallback shapes)."""
+    init_dist(rank, world, port)
+    from megatron_dsa.parallel import STATS, ParallelContext, own_rows
+    from megatron_dsa.parallel.core import balanced_blocks, balanced_to_rows, rows_to_balanced, tp_indexer_topk
+
+    ctx = ParallelContext(tp_group=dist.group.WORLD)
+    dev = device()
+    for S in (8 * world, 8 * world + world):  # n even: balanced; n odd: SP rows
+        ids = torch.arange(S, device=dev)[None, :, None].float().expand(2, -1, 3)  # [B, S, 3]
+        rows = own_rows(ctx, S)
+        n = rows.stop - rows.start
+        if n % 2 == 0:
+            got = rows_to_balanced(ids[:, rows], ctx, "test")
+            h = n // 2
+            a, b = balanced_blocks(world, rank)
+            want = torch.cat((ids[:, a * h:(a + 1) * h], ids[:, b * h:(b + 1) * h]), dim=1)
+            assert torch.equal(got, want), (rank, got[0, :, 0], want[0, :, 0])
+            # Causal pairs per rank (sum of (position + 1)) are equal on every rank.
+            work = torch.tensor([float((got[0, :, 0] + 1).sum())], device=dev)
+            works = [torch.empty_like(work) for _ in range(world)]
+            dist.all_gather(works, work)
+            assert len({float(w) for w in works}) == 1, works
+            parts = [torch.empty_like(got) for _ in range(world)]
+            dist.all_gather(parts, got.contiguous())
+            assert torch.equal(balanced_to_rows(torch.cat(parts, dim=1), world), ids)
+
+        g = torch.Generator().manual_seed(seed + S)
+        qi, ki = torch.randn(1, S, 4, 8, generator=g), torch.randn(1, S, 8, generator=g)
+        wi = torch.randn(1, S, 4, generator=g)
+        ki[:, 1::5] = ki[:, 0:1]  # exact ties: duplicated keys
+        want = R.indexer_topk(qi, ki, wi, 6)
+        from megatron_dsa import ops as OPS
+
+        STATS.reset()
+        got = tp_indexer_topk(OPS.backend("reference", dev), qi[:, rows].to(dev), ki.to(dev), wi[:, rows].to(dev),
+                              torch.arange(S, device=dev), 6, ctx, [0])
+        assert torch.equal(got.cpu(), want), (rank, S)
+        assert ("tp.indexer_q_balance" in STATS.bytes) == (n % 2 == 0), STATS.bytes
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def spawn(fn, world: int, *args) -> None:

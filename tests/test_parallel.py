@@ -109,6 +109,13 @@ def test_layer_function_matches_one_rank(tp, cp):
     W.spawn(W.layer_function_worker, tp * cp, tp, cp, 7, MODES)
 
 
+@pytest.mark.parametrize("tp", [2, 4])
+def test_tp_indexer_rows_are_causally_balanced(tp):
+    """Each TP rank scores blocks r and 2TP-1-r (equal causal work), and the gathered top-k is
+    the one-rank top-k in row order (odd shard sizes fall back to the SP rows)."""
+    W.spawn(W.balanced_topk_worker, tp, 5)
+
+
 @pytest.mark.parametrize("tp,cp", [(2, 1), (1, 2)], ids=["tp2", "cp2"])
 def test_layer_function_on_the_kernels_matches_one_rank(tp, cp):
     """The same checks with the Triton kernels doing the rank's work (Triton's interpreter on

@@ -81,10 +81,18 @@ and under CP it all-gathers the K/V latents (S x Dqk) and the indexer keys over 
    bytes. The exact distributed top-k, not the bytes, is the CP win here (megatron-core
    scores against gathered keys too).
 
+Causal balance under TP: a row's indexer work (top-k scoring, dense KL) grows with its
+position, so the SP shard would give the last of TP ranks (2TP-1)/TP^2 of it (3/4 at TP=2).
+Each rank instead scores row blocks r and 2TP-1-r of 2TP (``core.balanced_blocks``): its
+detached indexer queries / weights go there in one all-to-all (S_cp/(2TP) x HI x (DI + 1) x 2
+bytes each way, a fraction of the top-k all-gather) and, for the dense KL, the KL and the
+gradients come back; the top-k all-gather is reordered into row order. Tested against one rank.
+
 Kernels: each rank's own work runs on the ops of ``megatron_dsa.ops`` (``mdsa_kernel``: the
 Triton kernels on CUDA under ``auto``). With the kernels the top-k scores the gathered keys in
 one streaming pass (optionally FP8) instead of shard by shard, with the same exact result and tie
-rule. Dense attention under CP (load-balanced positions) and the TP sparse KL stay PyTorch.
+rule; dense attention under CP runs SDPA per run of consecutive positions, and the TP sparse
+KL target and KL are kernels too (``sparse_target_head_sum``, ``sparse_indexer_kl_from_target``).
 
 Limits: every TP rank of a CP group fetches the same KV rows (a TP-split fetch + all-gather
 would cut that by TP); packed sequences are not supported.

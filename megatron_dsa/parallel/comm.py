@@ -224,14 +224,62 @@ def all_to_all_list(send: list[torch.Tensor], group, name: str, recv_shapes=None
     return recv
 
 
-def heads_to_rows(q: torch.Tensor, group, name: str = "tp.q_heads_to_rows") -> torch.Tensor:
+def _move_blocks(x: torch.Tensor, have, want, group, name: str) -> torch.Tensor:
+    """Row blocks between ranks. Rows (dim 1) are numbered blocks of equal size; ``x`` holds
+    blocks ``have(rank)`` in that order, and each rank j ends with ``want(j)`` in that order.
+    One all-to-all; peers send their blocks in ascending block number."""
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    mine = list(have(rank))
+    h = x.shape[1] // len(mine)
+    rows_first = x.transpose(0, 1)  # [rows, B, ...]: all_to_all_list splits dim 0
+    block = {b: rows_first[i * h:(i + 1) * h] for i, b in enumerate(mine)}
+    send = [torch.cat([block[b] for b in sorted(mine) if b in want(j)] or [rows_first[:0]]).contiguous()
+            for j in range(world)]
+    wanted = list(want(rank))
+    tail = tuple(rows_first.shape[1:])
+    from_peer = [[b for b in sorted(wanted) if b in have(j)] for j in range(world)]
+    recv = all_to_all_list(send, group, name, recv_shapes=[(h * len(f),) + tail for f in from_peer])
+    got = {b: t[i * h:(i + 1) * h] for f, t in zip(from_peer, recv) for i, b in enumerate(f)}
+    return torch.cat([got[b] for b in wanted]).transpose(0, 1).contiguous()
+
+
+class _MoveBlocks(torch.autograd.Function):
+    """``_move_blocks`` with autograd: the gradient goes back the same way reversed."""
+
+    @staticmethod
+    def forward(ctx, x, have, want, group, name):
+        ctx.args = (have, want, group, name)
+        return _move_blocks(x, have, want, group, name)
+
+    @staticmethod
+    def backward(ctx, grad):
+        have, want, group, name = ctx.args
+        return _move_blocks(grad.contiguous(), want, have, group, name + ".bwd"), None, None, None, None
+
+
+def move_blocks(x: torch.Tensor, have, want, group, name: str) -> torch.Tensor:
+    """Re-distribute row blocks over ``group`` (see ``_move_blocks``); differentiable."""
+    if group is None or dist.get_world_size(group) == 1:
+        return x
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _MoveBlocks.apply(x, have, want, group, name)
+    return _move_blocks(x, have, want, group, name)
+
+
+def heads_to_rows(q: torch.Tensor, group, name: str = "tp.q_heads_to_rows", blocks=None) -> torch.Tensor:
     """[B, S, H/TP, D] (all rows, local heads) -> [B, S/TP, H, D] (own rows, all heads).
 
-    One all-to-all, no autograd (used for the detached KL target only).
+    ``blocks(j)``: rank j's rows as block numbers of 2*TP equal blocks (None: the contiguous
+    shard j). One all-to-all, no autograd (used for the detached KL target only).
     """
     if group is None or dist.get_world_size(group) == 1:
         return q
-    send = [p.contiguous() for p in q.chunk(dist.get_world_size(group), dim=1)]
+    world = dist.get_world_size(group)
+    if blocks is None:
+        send = [p.contiguous() for p in q.chunk(world, dim=1)]
+    else:
+        parts = q.chunk(2 * world, dim=1)
+        send = [torch.cat([parts[b] for b in blocks(j)], dim=1).contiguous() for j in range(world)]
     shape = tuple(send[0].shape)
     recv = all_to_all_list(
         [s.flatten() for s in send], group, name, recv_shapes=[(send[0].numel(),)] * len(send)

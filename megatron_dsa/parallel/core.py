@@ -25,6 +25,7 @@ from megatron_dsa import reference as R
 from megatron_dsa.parallel.comm import (
     ParallelContext,
     all_gather_rows,
+    move_blocks,
     cp_positions,
     heads_to_rows,
     reduce_scatter_rows,
@@ -48,6 +49,83 @@ def own_rows(ctx: ParallelContext, s_cp: int) -> slice:
         raise ValueError(f"{s_cp} rows per CP rank do not split over {ctx.tp_size} TP ranks")
     n = s_cp // ctx.tp_size
     return slice(ctx.tp_rank * n, (ctx.tp_rank + 1) * n)
+
+
+def balanced_blocks(tp_size: int, tp_rank: int) -> tuple[int, int]:
+    """The two of 2*TP equal row blocks whose indexer work (top-k, dense KL) this TP rank does:
+    r and 2TP-1-r.
+
+    Causal scoring costs a row time in proportion to its position, so the SP shard (blocks
+    2r and 2r+1) would leave the last rank (2TP-1)/TP^2 of the work (3/4 at TP=2). Pairing an
+    early block with a late one gives every rank the same share, as CP's chunk layout does.
+    The rows' queries and weights move there and back in one all-to-all each.
+    """
+    return tp_rank, 2 * tp_size - 1 - tp_rank
+
+
+def sp_blocks(tp_rank: int) -> tuple[int, int]:
+    return 2 * tp_rank, 2 * tp_rank + 1  # the sequence-parallel shard, as blocks of 2*TP
+
+
+def can_balance(ctx: ParallelContext, own_row_count: int) -> bool:
+    return ctx.tp_size > 1 and own_row_count % 2 == 0
+
+
+def rows_to_balanced(x: torch.Tensor, ctx: ParallelContext, name: str) -> torch.Tensor:
+    """Own SP rows [B, n, ...] -> this rank's balanced rows (blocks r, 2TP-1-r); differentiable."""
+    tp = ctx.tp_size
+    return move_blocks(x, sp_blocks, lambda j: balanced_blocks(tp, j), ctx.tp_group, name)
+
+
+def balanced_to_own(x: torch.Tensor, ctx: ParallelContext, name: str) -> torch.Tensor:
+    """The inverse of ``rows_to_balanced``; differentiable."""
+    tp = ctx.tp_size
+    return move_blocks(x, lambda j: balanced_blocks(tp, j), sp_blocks, ctx.tp_group, name)
+
+
+def balanced_positions(q_pos: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
+    """Positions of this rank's balanced rows, from those of all CP-local rows."""
+    h = q_pos.shape[0] // (2 * ctx.tp_size)
+    return torch.cat([q_pos[b * h:(b + 1) * h] for b in balanced_blocks(ctx.tp_size, ctx.tp_rank)])
+
+
+def balanced_to_rows(x: torch.Tensor, tp_size: int) -> torch.Tensor:
+    """A TP all-gather of balanced rows (rank order: blocks 0, 2TP-1, 1, 2TP-2, ...) [B, S_cp, ...]
+    -> the rows in order."""
+    B, n = x.shape[:2]
+    v = x.reshape(B, tp_size, 2, n // (2 * tp_size), *x.shape[2:])
+    return torch.cat((v[:, :, 0], v[:, :, 1].flip(1)), dim=1).reshape(x.shape)
+
+
+def tp_indexer_topk(ops, qi, ki_global, wi, q_pos, topk: int, ctx: ParallelContext, flops: list,
+                    fp8: bool = False, shards=None) -> torch.Tensor:
+    """The top-k of every CP-local row [B, S_cp, K] (GLOBAL positions), each TP rank scoring a
+    causally balanced half-and-half of the rows (``balanced_blocks``); ``qi``/``wi`` are own
+    SP rows, ``ki_global`` every key, ``q_pos`` the global positions of the CP-local rows.
+    Indices are identical to a one-rank top-k; ``flops`` (one-element list) accumulates the
+    scoring FLOPs.
+
+    ``shards``: the reference path's key chunks (``key_shards``); None runs ``ops.indexer_topk``
+    on the gathered keys in one streaming kernel (FP8 allowed).
+    """
+    B, n = qi.shape[:2]
+    S = ki_global.shape[1]
+    balance = can_balance(ctx, n)
+    if balance:
+        qi = rows_to_balanced(qi, ctx, "tp.indexer_q_balance")
+        wi = rows_to_balanced(wi, ctx, "tp.indexer_w_balance")
+        pos = balanced_positions(q_pos, ctx)
+    else:
+        pos = q_pos[own_rows(ctx, n * ctx.tp_size)]
+    if shards is None:
+        own = ops.indexer_topk(qi, ki_global, wi, topk, q_pos=pos, fp8=fp8, ordered=False)
+        flops[0] += B * n * S * qi.shape[2] * qi.shape[3] * 2
+    else:  # counts the pairs it scores (whole key chunks in a row's future are skipped)
+        own = streaming_topk(qi, wi, pos, shards, topk, flops)
+    # Every TP rank attends all CP-local rows with its local heads: share the selection
+    # (int32 on the wire: S_cp x K x 4 bytes per step, no backward).
+    sel = all_gather_rows(own.to(torch.int32), ctx.tp_group, name="tp.topk_idx").long()
+    return balanced_to_rows(sel, ctx.tp_size) if balance else sel
 
 
 def gather_indexer_keys(ki: torch.Tensor, ctx: ParallelContext, seq_len: int) -> torch.Tensor:
@@ -144,14 +222,28 @@ def parallel_dsa_core(
         kv_full = gather_kv(kv, ctx, S) if ctx.cp_size > 1 else kv
 
     def dense_kl():
-        q_rows = heads_to_rows(q.detach(), ctx.tp_group)  # own rows, all heads
+        # Each TP rank takes a causally balanced half-and-half of the rows (``balanced_blocks``):
+        # the detached queries with all heads, and its indexer queries / weights (differentiable).
+        # The KL comes back to the own SP rows; a sampled recall stays on the rows it was taken on.
+        balance = can_balance(ctx, qi.shape[1])
+        if balance:
+            q_rows = heads_to_rows(q.detach(), ctx.tp_group, blocks=lambda j: balanced_blocks(ctx.tp_size, j))
+            qi_, wi_ = rows_to_balanced(qi, ctx, "tp.indexer_q_balance"), rows_to_balanced(wi, ctx, "tp.indexer_w_balance")
+            pos = balanced_positions(q_pos, ctx)
+        else:
+            q_rows, qi_, wi_, pos = heads_to_rows(q.detach(), ctx.tp_group), qi, wi, q_pos[rows]
         res.flops[0] += B * q_rows.shape[1] * S * qi.shape[2] * qi.shape[3] * 2
         sample = None
         if recall_rows > 0:
             sample = R.recall_sample_rows(qi.shape[1], max(1, recall_rows // (ctx.tp_size * ctx.cp_size)), q.device)
-        return ops.dense_indexer_kl(
-            q_rows, kv_full.detach(), qi, ki_global, wi, scale, topk, q_pos=q_pos[rows], recall_rows=sample
+        kl, recall = ops.dense_indexer_kl(
+            q_rows, kv_full.detach(), qi_, ki_global, wi_, scale, topk, q_pos=pos, recall_rows=sample
         )
+        if balance:
+            kl = balanced_to_own(kl, ctx, "tp.indexer_kl_balance")
+            if sample is None:
+                recall = balanced_to_own(recall, ctx, "tp.indexer_recall_balance")
+        return kl, recall
 
     if mode in ("dense", "warmup"):
         res.out, _ = ops.dense_mla_attention(q, kv_full, v_dim, scale, q_pos=q_pos, need_lse=False)
@@ -162,17 +254,11 @@ def parallel_dsa_core(
         raise ValueError(f"unknown DSA mode {mode!r}")
 
     if indexer is not None:
-        if kernels:  # every key is here already (gathered for the KL): one streaming kernel
-            own = ops.indexer_topk(qi.detach(), ki_global.detach(), wi.detach(), topk, q_pos=q_pos[rows],
-                                   fp8=fp8_indexer, ordered=False)
-            res.flops[0] += B * qi.shape[1] * S * qi.shape[2] * qi.shape[3] * 2
-        else:
-            own = streaming_topk(
-                qi.detach(), wi.detach(), q_pos[rows], key_shards(ki_global.detach(), ctx), topk, res.flops
-            )
-        # Every TP rank attends all CP-local rows with its local heads: share the selection
-        # (int32 on the wire: S_cp x K x 4 bytes per step, no backward).
-        sel = all_gather_rows(own.to(torch.int32), ctx.tp_group, name="tp.topk_idx").long()
+        # Kernels: every key is here already (gathered for the KL), one streaming kernel;
+        # the reference streams the key shards.
+        shards = None if kernels else key_shards(ki_global.detach(), ctx)
+        sel = tp_indexer_topk(ops, qi.detach(), ki_global.detach(), wi.detach(), q_pos, topk, ctx, res.flops,
+                              fp8=fp8_indexer, shards=shards)
     else:
         sel = selection
         if sel is None or sel.shape[:2] != (B, S_cp):
