@@ -150,7 +150,7 @@ def run_layer_point(args, tp: int, cp: int, seq: int, device) -> dict:
     from megatron_dsa import ops as OPS
     from megatron_dsa.parallel import STATS, cp_positions
     from megatron_dsa.parallel.comm import ParallelContext
-    from megatron_dsa.parallel.core import gather_indexer_keys, gather_kv, own_rows
+    from megatron_dsa.parallel.core import gather_indexer_keys, gather_kv, own_rows, tp_indexer_topk
     from megatron_dsa.parallel.fetch import fetch_selected
 
     H, DQK, DV, HI, DI = args.layer_dims
@@ -160,24 +160,31 @@ def run_layer_point(args, tp: int, cp: int, seq: int, device) -> dict:
                               cp_group=ps.get_context_parallel_group() if cp > 1 else None)
         gpu = device.type == "cuda"
         dt = torch.bfloat16 if gpu else torch.float32
-        g = torch.Generator(device=device).manual_seed(1 + dist.get_rank())
-        rnd = lambda *s: torch.randn(*s, device=device, generator=g)  # noqa: E731
+        # The CP-local rows' tensors are the same on every TP rank (each takes its rows of them);
+        # the indexer keys of own rows differ from rank to rank.
+        g = torch.Generator(device=device).manual_seed(1 + ctx.cp_rank)
+        g_own = torch.Generator(device=device).manual_seed(1000 + dist.get_rank())
+        rnd = lambda *s, gen=g: torch.randn(*s, device=device, generator=gen)  # noqa: E731
         s_cp = seq // cp
         rows = own_rows(ctx, s_cp)
         qi, wi = rnd(1, s_cp, HI, DI).to(dt), rnd(1, s_cp, HI) * (HI * DI) ** -0.5
-        ki = gather_indexer_keys(rnd(1, rows.stop - rows.start, DI).to(dt), ctx, seq)
+        ki = gather_indexer_keys(rnd(1, rows.stop - rows.start, DI, gen=g_own).to(dt), ctx, seq)
         q_pos = cp_positions(seq, cp, ctx.cp_rank, device)
         ops = OPS.backend("auto", device)
 
-        def topk(r):
-            return ops.indexer_topk(qi[:, r], ki, wi[:, r], args.topk, q_pos=q_pos[r], ordered=False)
+        def replicated():
+            return ops.indexer_topk(qi, ki, wi, args.topk, q_pos=q_pos, ordered=False)
+
+        def sharded():  # the layer's path: balanced row exchange, own rows' top-k, all-gather
+            return tp_indexer_topk(ops, qi[:, rows], ki, wi[:, rows], q_pos, args.topk, ctx, [0])
 
         it, wu = args.iters, args.warmup_iters
         res = {"rows_sharded": rows.stop - rows.start, "rows_replicated": s_cp,
-               "indexer_sharded_ms": _median_ms(lambda: topk(rows), device, it, wu),
-               "indexer_replicated_ms": _median_ms(lambda: topk(slice(None)), device, it, wu)}
+               "indexer_sharded_ms": _median_ms(sharded, device, it, wu),
+               "indexer_replicated_ms": _median_ms(replicated, device, it, wu)}
+        sel = replicated()
+        res["same_topk"] = bool(torch.equal(sharded().sort(-1).values, sel.sort(-1).values))
         if cp > 1:
-            sel = topk(slice(None))
             q = rnd(1, s_cp, H // tp, DQK).to(dt).requires_grad_()
             kv = rnd(1, s_cp, DQK).to(dt).requires_grad_()
             gout = rnd(1, s_cp, H // tp, DV).to(dt)
@@ -218,24 +225,27 @@ def write_layer_tables(args, rows: list, world: int, gpu: bool, final: bool) -> 
              f"`torchrun --nproc-per-node {world} benchmarks/bench_parallel.py --layer --layer-dims "
              f"{','.join(map(str, args.layer_dims))} --layouts {args.layouts} --seqs {args.seqs} --topk {args.topk}` "
              f"on {meta['device']}: {H} heads (split over TP), latent {DQK}/{DV}, indexer {HI} x {DI}; slowest rank's "
-             "median. Indexer: the top-k of this rank's sequence-parallel rows (ours) against all CP-local rows "
-             "(replicated). KV under CP: the sparse attention fwd+bwd on the fetched selected rows (ours) against "
+             "median. Indexer: the top-k of this rank's half of the rows, causally balanced (blocks r and 2TP-1-r of "
+             "2TP), with the row exchange and the index all-gather (ours), against all CP-local rows (replicated); "
+             "same sets checked. KV under CP: the sparse attention fwd+bwd on the fetched selected rows (ours) against "
              "the all-gathered KV; MiB received by one rank.", "",
-             "| seq | TP | CP | indexer ms: ours (rows) / replicated (rows) | sparse attention + KV ms: fetched / all-gathered | "
-             "MiB received: fetched / all-gathered | same output |",
-             "|---|---|---|---|---|---|---|"]
+             "| seq | TP | CP | indexer ms: ours (rows) / replicated (rows) | ours / replicated | same top-k | "
+             "sparse attention + KV ms: fetched / all-gathered | MiB received: fetched / all-gathered | same output |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['seq']} | {r['tp']} | {r['cp']} | {r['error']} | | | |")
+            lines.append(f"| {r['seq']} | {r['tp']} | {r['cp']} | {r['error']} | | | | | |")
             continue
         ix = (f"{r['indexer_sharded_ms']:.1f} ({r['rows_sharded']}) / "
               f"{r['indexer_replicated_ms']:.1f} ({r['rows_replicated']})")
+        ratio = f"{r['indexer_sharded_ms'] / r['indexer_replicated_ms']:.2f}"
+        same_k = "yes" if r.get("same_topk") else "NO"
         kv = mb = same = "-"
         if "fetch_ms" in r:
             kv = f"{r['fetch_ms']:.1f} / {r['allgather_ms']:.1f}"
             mb = f"{r['fetch_bytes'] / 2**20:.3g} / {r['allgather_bytes'] / 2**20:.3g}"
             same = "yes" if r["same_output"] else "NO"
-        lines.append(f"| {r['seq']} | {r['tp']} | {r['cp']} | {ix} | {kv} | {mb} | {same} |")
+        lines.append(f"| {r['seq']} | {r['tp']} | {r['cp']} | {ix} | {ratio} | {same_k} | {kv} | {mb} | {same} |")
     if not final:
         lines += ["", "(Sweep in progress or cut short: the rows above are the finished points.)"]
     md = "\n".join(lines) + "\n"
@@ -277,6 +287,29 @@ def write_tables(args, rows: list, world: int, gpu: bool, final: bool) -> str:
             f.write(text)
         os.replace(path + ".tmp", path)
     return md
+
+
+def plot_steps(rows: list, path: str) -> None:
+    """Step time per layout, one panel per phase, against the sequence length."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    phases = sorted({r["phase"] for r in rows})
+    fig, axes = plt.subplots(1, len(phases), figsize=(5 * len(phases), 4), squeeze=False)
+    for ax, phase in zip(axes[0], phases):
+        for tp, cp in sorted({(r["tp"], r["cp"]) for r in rows if r["phase"] == phase}):
+            pts = sorted((r["seq"], r["ms"]) for r in rows
+                         if r["phase"] == phase and (r["tp"], r["cp"]) == (tp, cp) and "ms" in r)
+            if pts:
+                ax.plot(*zip(*pts), "o-", label="one rank" if tp * cp == 1 else f"TP={tp} CP={cp}")
+        ax.set(xscale="log", yscale="log", xlabel="sequence", ylabel="ms / step", title=phase)
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main(argv=None) -> int:
@@ -335,8 +368,8 @@ def main(argv=None) -> int:
                 if error:
                     row["error"] = error
                 else:  # slowest rank's times, largest bytes, every rank's output check
-                    row.update({k: (all(r[k] for r in everyone) if k == "same_output" else max(r[k] for r in everyone))
-                                for k in everyone[0]})
+                    row.update({k: (all(r[k] for r in everyone) if isinstance(everyone[0][k], bool)
+                                    else max(r[k] for r in everyone)) for k in everyone[0]})
                 rows.append(row)
                 if rank == 0:
                     print(json.dumps(row), flush=True)
@@ -363,6 +396,7 @@ def main(argv=None) -> int:
                     write_tables(args, rows, world, gpu, final=False)
     if rank == 0:
         print(write_tables(args, rows, world, gpu, final=True))
+        plot_steps(rows, os.path.join(args.out, f"parallel_{args.size}_w{world}.png"))
     dist.barrier()
     dist.destroy_process_group()
     return 0

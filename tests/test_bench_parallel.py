@@ -33,6 +33,7 @@ def test_parallel_benchmark_sweeps_layouts_on_two_ranks(tmp_path):
         assert one["dsa_bytes"] == 0 and tp2["dsa_bytes"] > 0 and cp2["dsa_bytes"] > 0
         assert all(r["ms"] > 0 for r in (one, tp2, cp2))
     assert "| sparse | 64 | 2 | 1 |" in (tmp_path / "parallel_tiny_w2.md").read_text()
+    assert (tmp_path / "parallel_tiny_w2.png").stat().st_size > 0
 
 
 def test_parallel_layer_benchmark_compares_the_alternatives(tmp_path):
@@ -50,6 +51,7 @@ def test_parallel_layer_benchmark_compares_the_alternatives(tmp_path):
     assert set(by) == {(2, 1), (1, 2)} and not [r for r in by.values() if "error" in r]
     tp2, cp2 = by[(2, 1)], by[(1, 2)]
     assert tp2["rows_sharded"] * 2 == tp2["rows_replicated"] == 64 and "fetch_ms" not in tp2
+    assert tp2["same_topk"] is True and cp2["same_topk"] is True
     assert cp2["same_output"] is True and cp2["fetch_bytes"] > 0 and cp2["allgather_bytes"] > 0
     assert cp2["fetch_ms"] > 0 and cp2["allgather_ms"] > 0
     assert "| 64 | 1 | 2 |" in (tmp_path / "parallel_layer_w2.md").read_text()
