@@ -210,6 +210,22 @@ def sparse_attn_fwd(q, kv, idx, v_dim, scale):
     return out, lse
 
 
+DELTA_CHUNK_ELEMENTS = 1 << 26  # fp32 temporaries per chunk: 256 MiB each
+
+
+def _rowwise_dot(dout: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """sum(dout * out, -1) in fp32 [B, Sq, H], a chunk of rows at a time: in one piece the fp32
+    copies of dout and out and their product were 12 GiB of temporaries at 128K (16 heads x 512),
+    more than the backward's own outputs."""
+    B, Sq, H, V = out.shape
+    delta = torch.empty(B, Sq, H, dtype=torch.float32, device=out.device)
+    step = max(1, DELTA_CHUNK_ELEMENTS // max(1, B * H * V))
+    for t0 in range(0, Sq, step):
+        t1 = min(Sq, t0 + step)
+        delta[:, t0:t1] = (dout[:, t0:t1].float() * out[:, t0:t1].float()).sum(-1)
+    return delta
+
+
 def sparse_attn_bwd(q, kv, idx, out, lse, dout, v_dim, scale):
     B, Sq, H, D = q.shape
     Sk = kv.shape[1]
@@ -217,7 +233,7 @@ def sparse_attn_bwd(q, kv, idx, out, lse, dout, v_dim, scale):
     DR, D1, D2 = _dims(D, v_dim)
     ieee = is_fp32(q, kv)
     dout = dout.contiguous()
-    delta = (dout.float() * out.float()).sum(-1).contiguous()  # [B, Sq, H]
+    delta = _rowwise_dot(dout, out)  # [B, Sq, H]
     dq = torch.empty_like(q)
     dkv = torch.zeros(B, Sk, D, dtype=torch.float32, device=q.device)
     if Sq:
