@@ -25,9 +25,9 @@ from megatron_dsa import reference as R
 from megatron_dsa.parallel.comm import (
     ParallelContext,
     all_gather_rows,
-    move_blocks,
     cp_positions,
     heads_to_rows,
+    move_blocks,
     reduce_scatter_rows,
     to_global_order,
 )
@@ -89,6 +89,16 @@ def balanced_positions(q_pos: torch.Tensor, ctx: ParallelContext) -> torch.Tenso
     return torch.cat([q_pos[b * h:(b + 1) * h] for b in balanced_blocks(ctx.tp_size, ctx.tp_rank)])
 
 
+def indexer_rows(qi, wi, q_pos, ctx: ParallelContext, rows: slice):
+    """The indexer queries, weights and positions of the rows this TP rank scores:
+    (qi, wi, positions, balanced). Balanced blocks where the own row count splits in two
+    (``rows_to_balanced``: differentiable), else the own SP ``rows`` as they are."""
+    if not can_balance(ctx, qi.shape[1]):
+        return qi, wi, q_pos[rows], False
+    return (rows_to_balanced(qi, ctx, "tp.indexer_q_balance"), rows_to_balanced(wi, ctx, "tp.indexer_w_balance"),
+            balanced_positions(q_pos, ctx), True)
+
+
 def balanced_to_rows(x: torch.Tensor, tp_size: int) -> torch.Tensor:
     """A TP all-gather of balanced rows (rank order: blocks 0, 2TP-1, 1, 2TP-2, ...) [B, S_cp, ...]
     -> the rows in order."""
@@ -110,13 +120,7 @@ def tp_indexer_topk(ops, qi, ki_global, wi, q_pos, topk: int, ctx: ParallelConte
     """
     B, n = qi.shape[:2]
     S = ki_global.shape[1]
-    balance = can_balance(ctx, n)
-    if balance:
-        qi = rows_to_balanced(qi, ctx, "tp.indexer_q_balance")
-        wi = rows_to_balanced(wi, ctx, "tp.indexer_w_balance")
-        pos = balanced_positions(q_pos, ctx)
-    else:
-        pos = q_pos[own_rows(ctx, n * ctx.tp_size)]
+    qi, wi, pos, balance = indexer_rows(qi, wi, q_pos, ctx, own_rows(ctx, n * ctx.tp_size))
     if shards is None:
         own = ops.indexer_topk(qi, ki_global, wi, topk, q_pos=pos, fp8=fp8, ordered=False)
         flops[0] += B * n * S * qi.shape[2] * qi.shape[3] * 2
@@ -225,13 +229,9 @@ def parallel_dsa_core(
         # Each TP rank takes a causally balanced half-and-half of the rows (``balanced_blocks``):
         # the detached queries with all heads, and its indexer queries / weights (differentiable).
         # The KL comes back to the own SP rows; a sampled recall stays on the rows it was taken on.
-        balance = can_balance(ctx, qi.shape[1])
-        if balance:
-            q_rows = heads_to_rows(q.detach(), ctx.tp_group, blocks=lambda j: balanced_blocks(ctx.tp_size, j))
-            qi_, wi_ = rows_to_balanced(qi, ctx, "tp.indexer_q_balance"), rows_to_balanced(wi, ctx, "tp.indexer_w_balance")
-            pos = balanced_positions(q_pos, ctx)
-        else:
-            q_rows, qi_, wi_, pos = heads_to_rows(q.detach(), ctx.tp_group), qi, wi, q_pos[rows]
+        qi_, wi_, pos, balance = indexer_rows(qi, wi, q_pos, ctx, rows)
+        blocks = (lambda j: balanced_blocks(ctx.tp_size, j)) if balance else None
+        q_rows = heads_to_rows(q.detach(), ctx.tp_group, blocks=blocks)
         res.flops[0] += B * q_rows.shape[1] * S * qi.shape[2] * qi.shape[3] * 2
         sample = None
         if recall_rows > 0:
