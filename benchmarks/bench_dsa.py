@@ -177,12 +177,30 @@ def tilelang_topk_overlap(S=4096):
     theirs = megatron_tilelang_step(t)
     ours = KN.indexer_topk(t.qi.detach(), t.ki.detach(), t.wi.detach(), TOPK, fp8=False)
     hits = total = 0
-    for r in range(0, S, max(1, S // 256)):
+    rows = range(0, S, max(1, S // 256))
+    for r in rows:
         a = set(ours[0, r][ours[0, r] >= 0].tolist())
         b = set(theirs[0, r][theirs[0, r] >= 0].tolist())
         hits += len(a & b)
         total += max(len(a), 1)
-    return {"seq": S, "rows": len(range(0, S, max(1, S // 256))), "overlap": hits / total}
+    return {"seq": S, "rows": len(rows), "overlap": hits / total}
+
+
+def time_baseline(step, S, reps):
+    """Time and peak of a megatron-core step on fresh inputs; OOM and errors are recorded."""
+    try:
+        t = make_inputs(S)
+        ms, all_ms = cuda_time(lambda: (step(t), zero_grads(t)), reps=reps)
+        peak, _ = peak_of(lambda: (step(t), zero_grads(t)))
+        return {"ms": ms, "all_ms": all_ms, "peak_gib": peak}
+    except torch.cuda.OutOfMemoryError as e:
+        return {"oom": True, "error": str(e)[:160]}
+    except Exception as e:
+        traceback.print_exc()
+        return {"error": repr(e)[:400]}
+    finally:
+        t = None
+        torch.cuda.empty_cache()
 
 
 def topk_checks(S=8192, rows=256):
@@ -412,34 +430,10 @@ def main():
             print(S, "sdpa", row["sdpa"], flush=True)
             fn = None
             torch.cuda.empty_cache()
-        if S in mseqs:
-            try:
-                t = make_inputs(S)
-                ms, all_ms = cuda_time(lambda: (megatron_step(t), zero_grads(t)), reps=args.reps)
-                peak, extra = peak_of(lambda: (megatron_step(t), zero_grads(t)))
-                row["megatron"] = {"ms": ms, "all_ms": all_ms, "peak_gib": peak}
-            except torch.cuda.OutOfMemoryError as e:
-                row["megatron"] = {"oom": True, "error": str(e)[:160]}
-            except Exception as e:
-                row["megatron"] = {"error": repr(e)[:400]}
-                traceback.print_exc()
-            t = None
-            torch.cuda.empty_cache()
-            print(S, "megatron", row["megatron"], flush=True)
-        if S in tseqs:
-            try:
-                t = make_inputs(S)
-                ms, all_ms = cuda_time(lambda: (megatron_tilelang_step(t), zero_grads(t)), reps=args.reps)
-                peak, extra = peak_of(lambda: (megatron_tilelang_step(t), zero_grads(t)))
-                row["tilelang"] = {"ms": ms, "all_ms": all_ms, "peak_gib": peak}
-            except torch.cuda.OutOfMemoryError as e:
-                row["tilelang"] = {"oom": True, "error": str(e)[:160]}
-            except Exception as e:
-                row["tilelang"] = {"error": repr(e)[:400]}
-                traceback.print_exc()
-            t = None
-            torch.cuda.empty_cache()
-            print(S, "tilelang", row["tilelang"], flush=True)
+        for key, step, wanted in (("megatron", megatron_step, mseqs), ("tilelang", megatron_tilelang_step, tseqs)):
+            if S in wanted:
+                row[key] = time_baseline(step, S, args.reps)
+                print(S, key, row[key], flush=True)
         res["rows"].append(row)
         with open(os.path.join(args.out, "dsa_h200.json"), "w") as f:
             json.dump(res, f, indent=1)
