@@ -1,14 +1,20 @@
-"""DSA attention core, forward + backward, side by side on one GPU (not a test).
+"""The DSA attention core, forward + backward, side by side on one GPU (not a test).
 
-    python benchmarks/bench_dsa.py [--seqs 4096,8192,...] [--out DIR] [--quick]
-    python benchmarks/bench_dsa.py --ab [--seqs 32768,65536,131072] [--out DIR]   # old vs new paths
+    python benchmarks/bench_dsa.py --heads 16,32,64,128 --seqs 4096,16384,32768,65536,131072
+        [--tp8] [--pattern] [--megatron-seqs 1024] [--tilelang-seqs ...] [--out DIR]
 
-Rows: ours bf16 indexer / ours fp8 indexer (Triton: indexer top-k + sparse MLA attention +
-sparse indexer KL, forward and backward), dense SDPA (MLA-style 192/128 dims, causal, fwd+bwd),
-megatron-core 0.19.2's DSA core with its default kernels ("none": naive indexer + loss,
-unfused sparse attention; OOM is caught and recorded), and with its TileLang kernels (fused
-indexer top-k + streaming sparse KL, SparseMLA forward/backward) where TileLang is installed.
-Batch 1, 16 heads, top-k 2048, indexer 64 heads x 128 dims, Dqk 576 / Dv 512, bf16.
+One row per (query heads, length): ours with the FP8 and the bf16 indexer (indexer top-k +
+sparse MLA attention + sparse indexer KL, forward and backward), dense causal SDPA with the same
+heads (MLA's 192 / 128 dims, fused flash attention), and megatron-core 0.19.2's DSA with its
+default or TileLang kernels where asked for and installed. Batch 1, top-k 2048, indexer 64 heads x
+128, Dqk 576 / Dv 512 (DeepSeek-V3.2's latent; GLM-5 shares it), bf16, random inputs.
+Each row gives the time of every stage against its bound at the card's measured ceilings
+(``ceilings.json``: FLOPs at the GEMM rate, gathered bytes at the gather rate, dkv adds at the
+atomic rate), TFLOP/s and the peak memory beyond the step's inputs, outputs and gradients.
+``--tp8``: also the per-rank case of TP=8 at 16 heads (the indexer scores the rows one of 8 ranks
+scores under the causally balanced split; attention and KL as the rank runs them).
+``--pattern``: also the attention stages on a selection shaped like a trained indexer's
+(a local window, the first tokens and the rest spread), against random selections.
 Writes dsa_h200.json, dsa_h200.md and dsa_h200.png to --out (default benchmarks/results).
 """
 
@@ -16,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import sys
@@ -31,8 +36,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from megatron_dsa import kernels as KN  # noqa: E402
 
-H, DQK, DV, HI, DI, TOPK = 16, 576, 512, 64, 128, 2048
-CEIL = {"bf16": 798e12, "fp8": 1455e12, "bw": 4.18e12}
+DQK, DV, HI, DI, TOPK = 576, 512, 64, 128, 2048
+STAGES = ("indexer_topk", "attn_fwd", "kl_fwd", "attn_bwd", "kl_bwd")
+# Measured on the H200 by benchmarks/ceilings.py (results/ceilings.json); used when that file is absent.
+CEILINGS = {"bf16_tflops": 792.0, "fp8_tflops": 1445.0, "hbm_tb_s": 4.29, "gather_tb_s": 5.7, "atomic_adds_per_s": 3.9e11}
 
 
 def cuda_time(fn, reps=3, warmup=1):
@@ -50,7 +57,8 @@ def cuda_time(fn, reps=3, warmup=1):
     return statistics.median(ts), ts
 
 
-def peak_of(fn):
+def peak_beyond(fn):
+    """(process peak GiB, peak GiB above what was allocated before the call)."""
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     base = torch.cuda.memory_allocated()
@@ -60,10 +68,10 @@ def peak_of(fn):
     return torch.cuda.max_memory_allocated() / 2**30, (torch.cuda.max_memory_allocated() - base) / 2**30
 
 
-def make_inputs(S, dev="cuda", seed=0):
+def make_inputs(S, H, dev="cuda", seed=0):
     g = torch.Generator(device=dev).manual_seed(seed)
     r = lambda *s: torch.randn(*s, device=dev, generator=g)  # noqa: E731
-    t = SimpleNamespace()
+    t = SimpleNamespace(H=H)
     t.q = r(1, S, H, DQK).bfloat16().requires_grad_()
     t.kv = r(1, S, DQK).bfloat16().requires_grad_()
     # Indexer q/k as the model makes them: Hadamard-rotated, unit-ish scale.
@@ -76,22 +84,50 @@ def make_inputs(S, dev="cuda", seed=0):
     return t
 
 
-def ours_step(t, fp8, stages=None, reuse_lse=True):
+def pattern_idx(S, dev="cuda", window=1024, sinks=64):
+    """A selection shaped like a trained indexer's: the last ``window`` keys, the first ``sinks``
+    and the rest of the top-k evenly spread over the keys between (distinct keys; rows shorter
+    than the top-k take every earlier key, -1 padded)."""
+    t = torch.arange(S, device=dev)[:, None]
+    j = torch.arange(TOPK, device=dev)[None, :]
+    spread = TOPK - window - sinks
+    far = sinks + (j - window - sinks) * (t - window - sinks).clamp(min=0) // spread
+    idx = torch.where(j < window, t - j, torch.where(j < window + sinks, j - window, far))
+    idx = torch.where(t < TOPK, torch.where(j <= t, j, -1), idx)
+    return idx[None].contiguous()
+
+
+def ours_step(t, fp8, stages=None, idx=None, rows=None):
+    """One forward + backward of our DSA core; ``rows`` (a slice of query rows, for the TP=8
+    rank case) limits the indexer and the KL to those rows."""
+
     def mark(name):
         if stages is not None:
             torch.cuda.synchronize()
             stages.append((name, time.perf_counter()))
 
     mark("start")
-    idx = KN.indexer_topk(t.qi.detach(), t.ki.detach(), t.wi.detach(), TOPK, fp8=fp8, ordered=False)  # as the layer
+    if idx is None:
+        if rows is None:
+            idx = KN.indexer_topk(t.qi.detach(), t.ki.detach(), t.wi.detach(), TOPK, fp8=fp8, ordered=False)
+        else:  # the rank scores its rows against every key; the selection is all-gathered
+            own = KN.indexer_topk(t.qi.detach()[:, rows], t.ki.detach(), t.wi.detach()[:, rows], TOPK,
+                                  q_pos=t.q_pos[rows], fp8=fp8, ordered=False)
+            idx = t.idx_rest
+            idx[:, rows] = own
     mark("indexer_topk")
     out, lse = KN.sparse_mla_attention(t.q, t.kv, idx, DV, t.scale)
     mark("attn_fwd")
-    kl = KN.sparse_indexer_kl(t.q, t.kv, t.qi, t.ki, t.wi, idx, t.scale, lse=lse if reuse_lse else None)
+    if rows is None:
+        kl = KN.sparse_indexer_kl(t.q, t.kv, t.qi, t.ki, t.wi, idx, t.scale, lse=lse)
+    else:  # the rank's heads' share of the target for all rows, then its own rows' KL
+        p = KN.sparse_target_head_sum(t.q, t.kv, idx, t.scale, lse=lse)[:, rows]
+        p = p / p.sum(-1, keepdim=True).clamp_min(1e-30)
+        kl = KN.sparse_indexer_kl_from_target(t.qi[:, rows], t.ki, t.wi[:, rows], idx[:, rows], p)
     mark("kl_fwd")
     torch.autograd.backward([out], [t.gout])
     mark("attn_bwd")
-    torch.autograd.backward([kl], [t.gkl])
+    torch.autograd.backward([kl], [t.gkl[:, : kl.shape[1]]])
     mark("kl_bwd")
     return idx
 
@@ -101,7 +137,7 @@ def zero_grads(t):
         x.grad = None
 
 
-def sdpa_step(S, dev="cuda"):
+def sdpa_step(S, H, dev="cuda"):
     q = torch.randn(1, H, S, 192, device=dev, dtype=torch.bfloat16, requires_grad=True)
     k = torch.randn(1, H, S, 192, device=dev, dtype=torch.bfloat16, requires_grad=True)
     v = torch.randn(1, H, S, 128, device=dev, dtype=torch.bfloat16, requires_grad=True)
@@ -127,7 +163,7 @@ def megatron_step(t):
     pg = SimpleNamespace(tp=SimpleNamespace(size=lambda: 1), cp=None)
     topk_idx, loss = M.FusedDSAIndexerLoss.apply(
         t.qi.transpose(0, 1), t.wi.transpose(0, 1), t.ki.transpose(0, 1),
-        query.detach(), key.detach().expand(-1, -1, H, -1), t.scale, TOPK, 1.0, mask, True, pg,
+        query.detach(), key.detach().expand(-1, -1, t.H, -1), t.scale, TOPK, 1.0, mask, True, pg,
     )
     out = M.unfused_dsa_fn(query, key, value, topk_idx, t.scale, mask=mask)
     torch.autograd.backward([out, loss], [torch.randn_like(out), torch.ones_like(loss)])
@@ -173,7 +209,7 @@ def megatron_tilelang_step(t):
 
 def tilelang_topk_overlap(S=4096):
     """Same computation check: TileLang's selected sets vs ours (bf16 scoring) on one input."""
-    t = make_inputs(S)
+    t = make_inputs(S, 16)
     theirs = megatron_tilelang_step(t)
     ours = KN.indexer_topk(t.qi.detach(), t.ki.detach(), t.wi.detach(), TOPK, fp8=False)
     hits = total = 0
@@ -186,12 +222,12 @@ def tilelang_topk_overlap(S=4096):
     return {"seq": S, "rows": len(rows), "overlap": hits / total}
 
 
-def time_baseline(step, S, reps):
+def time_baseline(step, S, H, reps):
     """Time and peak of a megatron-core step on fresh inputs; OOM and errors are recorded."""
     try:
-        t = make_inputs(S)
+        t = make_inputs(S, H)
         ms, all_ms = cuda_time(lambda: (step(t), zero_grads(t)), reps=reps)
-        peak, _ = peak_of(lambda: (step(t), zero_grads(t)))
+        peak, _ = peak_beyond(lambda: (step(t), zero_grads(t)))
         return {"ms": ms, "all_ms": all_ms, "peak_gib": peak}
     except torch.cuda.OutOfMemoryError as e:
         return {"oom": True, "error": str(e)[:160]}
@@ -207,7 +243,7 @@ def topk_checks(S=8192, rows=256):
     """bf16 kernel vs reference sets, and fp8 overlap, on the last `rows` queries of S."""
     from megatron_dsa import reference as R
 
-    t = make_inputs(S, seed=1)
+    t = make_inputs(S, 16, seed=1)
     qi, ki, wi = t.qi.detach(), t.ki.detach(), t.wi.detach()
     got = KN.indexer_topk(qi, ki, wi, TOPK)[:, -rows:]
     got8 = KN.indexer_topk(qi, ki, wi, TOPK, fp8=True)[:, -rows:]
@@ -224,136 +260,150 @@ def topk_checks(S=8192, rows=256):
             "fp8_overlap_mean": sum(ov) / rows, "fp8_overlap_min": min(ov)}
 
 
-# --ab variants: (name, REDUCE_MODE, KL_REDUCE_MODE, pass the attention's lse to the KL)
-AB_VARIANTS = [
-    ("old", "atomic", None, False),  # v1: fp32 atomics for dkv / dk_idx, KL recomputes lse
-    ("new", "sorted", None, True),  # sorted dkv + dk_idx, KL reuses the attention's lse
-    ("new_klatomic", "sorted", "atomic", True),  # sorted dkv, atomics for dk_idx, lse reused
-]
-
-
-def _set_variant(v):
-    from megatron_dsa.kernels import _common as C
-    from megatron_dsa.kernels import _csr
-
-    C.REDUCE_MODE, C.KL_REDUCE_MODE = v[1], v[2]
-    _csr.clear_cache()
-
-
-def ab_check(S=8192):
-    """GPU equality of the variants (new vs old) on one pipeline: out, kl and every gradient."""
-    t = make_inputs(S, seed=2)
-    res = {}
-    for v in AB_VARIANTS:
-        _set_variant(v)
-        idx = KN.indexer_topk(t.qi.detach(), t.ki.detach(), t.wi.detach(), TOPK, fp8=True)
-        out, lse = KN.sparse_mla_attention(t.q, t.kv, idx, DV, t.scale)
-        kl = KN.sparse_indexer_kl(t.q, t.kv, t.qi, t.ki, t.wi, idx, t.scale, lse=lse if v[3] else None)
-        torch.autograd.backward([out, kl], [t.gout, t.gkl * S])
-        res[v[0]] = [x.detach().float().clone() for x in (out, kl, t.q.grad, t.kv.grad, t.qi.grad, t.ki.grad, t.wi.grad)]
-        zero_grads(t)
-    names = ("out", "kl", "dq", "dkv", "dq_idx", "dk_idx", "dw_idx")
-    rel = lambda a, b: ((a - b).double().norm() / b.double().norm().clamp_min(1e-30)).item()  # noqa: E731
-    out = {}
-    for v in AB_VARIANTS[1:]:
-        out[v[0] + "_vs_old"] = {n: rel(a, b) for n, a, b in zip(names, res[v[0]], res["old"])}
-        out[v[0] + "_vs_old"]["nan"] = any(bool(torch.isnan(a).any()) for a in res[v[0]])
-    _set_variant(AB_VARIANTS[1])
-    return out
-
-
-def ab_main(args):
-    """Time the variants side by side (fp8 indexer), stage times, peak memory; short table last."""
-    os.makedirs(args.out, exist_ok=True)
-    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": [],
-           "variants": [list(v) for v in AB_VARIANTS]}
+def load_ceilings(out_dir):
+    path = os.path.join(out_dir, "ceilings.json")
+    c = dict(CEILINGS)
     try:
-        import triton
-        res["triton"] = triton.__version__
-    except Exception:
+        with open(path) as f:
+            m = json.load(f)
+        c["bf16_tflops"] = round(m.get("bf16_gemm_tflops", c["bf16_tflops"]))
+        c["fp8_tflops"] = round(m.get("fp8_gemm_tflops", c["fp8_tflops"]))
+        c["hbm_tb_s"] = round(m.get("hbm_copy_tbps", c["hbm_tb_s"]), 2)
+        c["gather_tb_s"] = round(m.get("gather_1KB_rows_tbps", c["gather_tb_s"]), 2)
+        c["atomic_adds_per_s"] = m.get("fp32_atomic_adds_per_s", c["atomic_adds_per_s"])
+    except (OSError, ValueError):
         pass
-    try:
-        res["equality_8k"] = ab_check()
-        print("equality (rel. diff vs old, 8K):", res["equality_8k"], flush=True)
-    except Exception as e:
-        res["equality_8k"] = {"error": repr(e)[:400]}
-        traceback.print_exc()
-    seqs = [int(s) for s in (args.seqs if args.seqs_given else "32768,65536,131072").split(",") if s]
-    for S in seqs:
+    return c
+
+
+def stage_bounds(S, H, c, rows_frac=1.0):
+    """Each stage's floor (ms) at the ceilings, with what sets it: max(FLOPs / rate, bytes or adds
+    / rate). ``rows_frac``: the share of rows whose indexer and KL this rank computes."""
+    fl = KN.dsa_flops(S, H, DQK, DV, HI, DI, TOPK)
+    pairs = fl["attn_fwd"] / (2.0 * H * (DQK + DV))
+    nhb = max(1, -(-H // 64))  # 64-head blocks: each gathers the rows and adds its dkv share
+    b = {}
+    sel_bytes = rows_frac * S * S / 2 * 4 * 2  # fp32 scores written once, read once
+    b["indexer_topk"] = max(rows_frac * fl["indexer_scores"] / (c["fp8_tflops"] * 1e12), sel_bytes / (c["hbm_tb_s"] * 1e12))
+    b["attn_fwd"] = max(fl["attn_fwd"] / (c["bf16_tflops"] * 1e12), pairs * DQK * 2 / (c["gather_tb_s"] * 1e12))
+    b["kl_fwd"] = max(2.0 * H * DQK * pairs / (c["bf16_tflops"] * 1e12),
+                      pairs * (DQK + rows_frac * DI) * 2 / (c["gather_tb_s"] * 1e12))
+    b["attn_bwd"] = max(fl["attn_bwd"] / (c["bf16_tflops"] * 1e12), nhb * pairs * DQK / c["atomic_adds_per_s"])
+    b["kl_bwd"] = max(rows_frac * fl["kl_bwd"] / (c["bf16_tflops"] * 1e12), rows_frac * pairs * DI / c["atomic_adds_per_s"])
+    return {k: 1e3 * v for k, v in b.items()}, fl
+
+
+def io_gib(S, H):
+    """The step's outputs and gradients (what any implementation must hold): out, dq, dkv, dqi, dki, dwi."""
+    n = S * H * DV * 2 + S * H * DQK * 2 + S * DQK * 2 + S * HI * DI * 2 + S * DI * 2 + S * HI * 4
+    return n / 2**30
+
+
+def time_ours(t, fp8, reps, idx=None, rows=None):
+    def fn():
+        ours_step(t, fp8, idx=idx, rows=rows)
+        zero_grads(t)
+
+    ms, all_ms = cuda_time(fn, reps=reps)
+    peak, extra = peak_beyond(fn)
+    st = []
+    ours_step(t, fp8, st, idx=idx, rows=rows)
+    zero_grads(t)
+    stages = {st[i][0]: 1e3 * (st[i][1] - st[i - 1][1]) for i in range(1, len(st))}
+    return {"ms": ms, "all_ms": all_ms, "peak_gib": peak, "peak_extra_gib": extra, "stages_ms": stages}
+
+
+def tp8_rank_rows(S):
+    """The rows one TP=8 rank's indexer scores under the causally balanced split (rank 3 of 8:
+    blocks 3 and 12 of 16), as a boolean row mask."""
+    n = S // 16
+    m = torch.zeros(S, dtype=torch.bool, device="cuda")
+    m[3 * n:4 * n] = True
+    m[12 * n:13 * n] = True
+    return m
+
+
+def bench_row(S, H, args, c, label=None, tp8=False):
+    row = {"heads": H, "seq": S, "case": label or f"{H} heads"}
+    t = make_inputs(S, H)
+    rows = None
+    frac = 1.0
+    if tp8:
+        rows = tp8_rank_rows(S)
+        frac = 1 / 8
+        t.q_pos = torch.arange(S, device="cuda")
+        t.idx_rest = KN.indexer_topk(t.qi.detach(), t.ki.detach(), t.wi.detach(), TOPK, fp8=True, ordered=False)
+    bounds, fl = stage_bounds(S, H, c, frac)
+    row["bounds_ms"] = bounds
+    row["flops"] = {k: (v * frac if k in ("indexer_scores", "kl_bwd") else v) for k, v in fl.items()}
+    io = io_gib(S, H)
+    for name, fp8 in (("ours_fp8", True), ("ours_bf16", False)):
+        if name == "ours_bf16" and not args.bf16:
+            continue
+        try:
+            r = time_ours(t, fp8, args.reps, rows=rows)
+            r["tflops"] = sum(row["flops"][k] for k in ("indexer_scores", "attn_fwd", "attn_bwd", "kl_fwd", "kl_bwd")) / r["ms"] / 1e9
+            r["beyond_io_gib"] = r["peak_extra_gib"] - io
+            row[name] = r
+        except torch.cuda.OutOfMemoryError as e:
+            row[name] = {"oom": True, "error": str(e)[:200]}
+        except Exception as e:
+            row[name] = {"error": repr(e)[:400]}
+            traceback.print_exc()
         torch.cuda.empty_cache()
-        t = make_inputs(S)
-        row = {"seq": S}
-        for v in AB_VARIANTS:
-            _set_variant(v)
-            try:
-                def fn():
-                    ours_step(t, True, reuse_lse=v[3])
-                    zero_grads(t)
-                ms, all_ms = cuda_time(fn, reps=args.reps)
-                peak, extra = peak_of(fn)
-                st = []
-                ours_step(t, True, st, reuse_lse=v[3])
-                zero_grads(t)
-                stages = {st[i][0]: 1e3 * (st[i][1] - st[i - 1][1]) for i in range(1, len(st))}
-                row[v[0]] = {"ms": ms, "all_ms": all_ms, "peak_gib": peak, "peak_extra_gib": extra, "stages_ms": stages}
-            except torch.cuda.OutOfMemoryError as e:
-                row[v[0]] = {"oom": True, "error": str(e)[:200]}
-            except Exception as e:
-                row[v[0]] = {"error": repr(e)[:400]}
-                traceback.print_exc()
-            print(S, v[0], row[v[0]], flush=True)
-        del t
-        res["rows"].append(row)
-        with open(os.path.join(args.out, "dsa_ab.json"), "w") as f:
-            json.dump(res, f, indent=1)
-    _set_variant(AB_VARIANTS[1])
-    stages = ("indexer_topk", "attn_fwd", "kl_fwd", "attn_bwd", "kl_bwd")
-    lines = [f"A/B on {res['device']} (torch {res['torch']}, triton {res.get('triton')}), fp8 indexer, "
-             f"median of {args.reps}; stages from one synchronised run (ms).", "",
-             "| seq | variant | total ms | peak GB | " + " | ".join(stages) + " |",
-             "|---|---|---|---|" + "---|" * len(stages)]
-    for row in res["rows"]:
-        for v in AB_VARIANTS:
-            r = row.get(v[0], {})
-            if "ms" not in r:
-                lines.append(f"| {row['seq'] // 1024}K | {v[0]} | {'OOM' if r.get('oom') else 'error'} |  |" + " |" * len(stages))
-                continue
-            lines.append(f"| {row['seq'] // 1024}K | {v[0]} | {r['ms']:.1f} | {r['peak_gib']:.2f} | "
-                         + " | ".join(f"{r['stages_ms'].get(n, float('nan')):.1f}" for n in stages) + " |")
-    eq = res.get("equality_8k", {})
-    lines += ["", "Equality at 8K (rel. L2 diff vs old; NaN flag): " + "; ".join(
-        f"{k}: " + ", ".join(f"{n} {x:.1e}" if isinstance(x, float) else f"{n} {x}" for n, x in d.items())
-        for k, d in eq.items() if isinstance(d, dict)) if "error" not in eq else f"Equality check error: {eq['error']}"]
-    md = "\n".join(lines) + "\n"
-    with open(os.path.join(args.out, "dsa_ab.md"), "w") as f:
-        f.write(md)
-    print(md)
+        print(S, H, name, {k: v for k, v in row[name].items() if k != "all_ms"}, flush=True)
+    if args.pattern and not tp8:
+        try:
+            idx = pattern_idx(S)
+            row["ours_fp8_pattern"] = time_ours(t, True, args.reps, idx=idx)
+            del idx
+        except Exception as e:
+            row["ours_fp8_pattern"] = {"error": repr(e)[:400]}
+        print(S, H, "pattern", row["ours_fp8_pattern"].get("stages_ms"), flush=True)
+    del t
+    torch.cuda.empty_cache()
+    if not tp8:
+        try:
+            fn = sdpa_step(S, H)
+            ms, all_ms = cuda_time(fn, reps=args.reps)
+            peak, extra = peak_beyond(fn)
+            row["sdpa"] = {"ms": ms, "all_ms": all_ms, "peak_gib": peak,
+                           "tflops": KN.dense_attention_flops(S, H, 192, 128) / ms / 1e9}
+        except torch.cuda.OutOfMemoryError:
+            row["sdpa"] = {"oom": True}
+        except Exception as e:
+            row["sdpa"] = {"error": repr(e)[:400]}
+        fn = None
+        torch.cuda.empty_cache()
+        print(S, H, "sdpa", row["sdpa"], flush=True)
+    return row
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--seqs", default="4096,8192,16384,32768,65536,131072")
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--heads", default="16,32,64,128")
+    ap.add_argument("--seqs", default="4096,16384,32768,65536,131072")
+    ap.add_argument("--max-seq-for", default="", help="per-head length caps, e.g. 128:65536")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-    ap.add_argument("--megatron-seqs", default="1024,2048,4096")
-    ap.add_argument("--tilelang-seqs", default="",
-                    help="also time megatron-core's DSA with its TileLang kernels at these lengths (needs tilelang)")
+    ap.add_argument("--megatron-seqs", default="", help="megatron-core's DSA with its default kernels at these lengths (16 heads)")
+    ap.add_argument("--tilelang-seqs", default="", help="megatron-core's DSA with TileLang kernels at these lengths (needs tilelang)")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--no-bf16", dest="bf16", action="store_false", help="time the FP8 indexer only")
+    ap.add_argument("--tp8", action="store_true", help="also the TP=8 rank case (16 heads)")
+    ap.add_argument("--pattern", action="store_true", help="also a trained-indexer-shaped selection")
     ap.add_argument("--no-checks", action="store_true")
-    ap.add_argument("--ab", action="store_true",
-                    help="time the old (atomics, lse recomputed) and new (sorted dkv / dk_idx, lse reused) "
-                         "paths side by side at 32K/64K/128K (or --seqs), fp8 indexer; writes dsa_ab.json / .md")
     args = ap.parse_args()
-    args.seqs_given = any(a.startswith("--seqs") for a in sys.argv[1:])
-    if args.ab:
-        return ab_main(args)
+    if not torch.cuda.is_available():
+        sys.exit("error: bench_dsa.py times GPU kernels; no CUDA device here")
     os.makedirs(args.out, exist_ok=True)
-    dev = torch.cuda.get_device_name()
-    res = {"device": dev, "torch": torch.__version__, "rows": [], "config": dict(
-        batch=1, heads=H, dqk=DQK, dv=DV, idx_heads=HI, idx_dim=DI, topk=TOPK, dtype="bf16")}
+    c = load_ceilings(args.out)
+    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "ceilings": c, "rows": [],
+           "config": dict(batch=1, dqk=DQK, dv=DV, idx_heads=HI, idx_dim=DI, topk=TOPK, dtype="bf16")}
     try:
         import triton
+
         res["triton"] = triton.__version__
-    except Exception:
+    except ImportError:
         pass
     if not args.no_checks:
         try:
@@ -362,82 +412,26 @@ def main():
         except Exception as e:
             res["topk_checks"] = {"error": repr(e)}
             traceback.print_exc()
-
+    caps = dict(tuple(int(x) for x in kv.split(":")) for kv in args.max_seq_for.split(",") if kv)
     seqs = [int(s) for s in args.seqs.split(",") if s]
-    mseqs = [int(s) for s in args.megatron_seqs.split(",") if s]
-    tseqs = [int(s) for s in args.tilelang_seqs.split(",") if s]
-    if tseqs:
-        try:
-            import tilelang
-
-            res["tilelang"] = tilelang.__version__
-            res["tilelang_topk_check"] = tilelang_topk_overlap()
-            print("tilelang top-k vs ours:", res["tilelang_topk_check"], flush=True)
-        except Exception as e:
-            res["tilelang_topk_check"] = {"error": repr(e)[:400]}
-            traceback.print_exc()
-    for S in sorted(set(seqs) | set(mseqs) | set(tseqs)):
-        fl = KN.dsa_flops(S, H, DQK, DV, HI, DI, TOPK)
-        row = {"seq": S, "flops": fl}
-        torch.cuda.empty_cache()
-        if S in seqs:
-            t = make_inputs(S)
-            for name, fp8 in (("ours_bf16", False), ("ours_fp8", True)):
-                try:
-                    def fn():
-                        ours_step(t, fp8)
-                        zero_grads(t)
-                    ms, all_ms = cuda_time(fn, reps=args.reps)
-                    peak, extra = peak_of(fn)
-                    st = []
-                    ours_step(t, fp8, st)
-                    zero_grads(t)
-                    stages = {st[i][0]: 1e3 * (st[i][1] - st[i - 1][1]) for i in range(1, len(st))}
-                    # indexer top-k alone (median of reps)
-                    idx_ms, _ = cuda_time(lambda: KN.indexer_topk(t.qi.detach(), t.ki.detach(), t.wi.detach(), TOPK, fp8=fp8,
-                                                                  ordered=False), reps=args.reps)
-                    # the scoring kernel alone (selection skipped): the FP8 target compares these
-                    from megatron_dsa.kernels import indexer as KI
-
-                    KI._TIMING_SKIP_SELECT = True
-                    try:
-                        score_ms, _ = cuda_time(lambda: KN.indexer_topk(t.qi.detach(), t.ki.detach(), t.wi.detach(), TOPK,
-                                                                        fp8=fp8), reps=args.reps)
-                    finally:
-                        KI._TIMING_SKIP_SELECT = False
-                    row[name] = {"ms": ms, "all_ms": all_ms, "peak_gib": peak, "peak_extra_gib": extra,
-                                 "tflops": fl["total"] / ms / 1e9, "stages_ms": stages, "indexer_topk_ms": idx_ms,
-                                 "indexer_tflops": fl["indexer_scores"] / idx_ms / 1e9, "score_only_ms": score_ms,
-                                 "score_tflops": fl["indexer_scores"] / score_ms / 1e9}
-                except torch.cuda.OutOfMemoryError as e:
-                    row[name] = {"oom": True, "error": str(e)[:200]}
-                except Exception as e:
-                    row[name] = {"error": repr(e)[:400]}
-                    traceback.print_exc()
-                print(S, name, row[name], flush=True)
-            del t
-            torch.cuda.empty_cache()
-            try:
-                fn = sdpa_step(S)
-                ms, all_ms = cuda_time(fn, reps=args.reps)
-                peak, extra = peak_of(fn)
-                dfl = KN.dense_attention_flops(S, H, 192, 128)
-                row["sdpa"] = {"ms": ms, "all_ms": all_ms, "peak_gib": peak, "tflops": dfl / ms / 1e9}
-            except torch.cuda.OutOfMemoryError as e:
-                row["sdpa"] = {"oom": True}
-            except Exception as e:
-                row["sdpa"] = {"error": repr(e)[:400]}
-            print(S, "sdpa", row["sdpa"], flush=True)
-            fn = None
-            torch.cuda.empty_cache()
-        for key, step, wanted in (("megatron", megatron_step, mseqs), ("tilelang", megatron_tilelang_step, tseqs)):
-            if S in wanted:
-                row[key] = time_baseline(step, S, args.reps)
-                print(S, key, row[key], flush=True)
-        res["rows"].append(row)
-        with open(os.path.join(args.out, "dsa_h200.json"), "w") as f:
-            json.dump(res, f, indent=1)
-
+    for H in [int(h) for h in args.heads.split(",")]:
+        for S in seqs:
+            if S > caps.get(H, S):
+                continue
+            res["rows"].append(bench_row(S, H, args, c))
+            with open(os.path.join(args.out, "dsa_h200.json"), "w") as f:
+                json.dump(res, f, indent=1)
+    if args.tp8:
+        for S in seqs:
+            if S >= 32768:
+                res["rows"].append(bench_row(S, 16, args, c, label="16 heads, TP=8 rank", tp8=True))
+    for key, step, wanted in (("megatron", megatron_step, args.megatron_seqs), ("tilelang", megatron_tilelang_step,
+                                                                                 args.tilelang_seqs)):
+        for S in [int(s) for s in wanted.split(",") if s]:
+            res.setdefault(key, []).append(dict(seq=S, heads=16, **time_baseline(step, S, 16, args.reps)))
+            print(S, key, res[key][-1], flush=True)
+    with open(os.path.join(args.out, "dsa_h200.json"), "w") as f:
+        json.dump(res, f, indent=1)
     md = to_markdown(res)
     with open(os.path.join(args.out, "dsa_h200.md"), "w") as f:
         f.write(md)
@@ -448,67 +442,54 @@ def main():
     print(md)
 
 
-def _cell(r):
-    if r is None:
+def _ms(r):
+    if not r:
         return "-"
     if r.get("oom"):
         return "OOM"
-    if "error" in r:
+    if "ms" not in r:
         return "error"
-    return f"{r['ms']:.1f} ms, {r['peak_gib']:.2f} GB"
-
-
-# megatron-core 0.19.2's DSA with its TileLang kernels on the same H200 model (../shared/docs/dsa-spec.md
-# section 6): the table uses these only where a run had no TileLang (--tilelang-seqs not given).
-TILELANG_ANCHOR_MS = {4096: 46, 16384: 207, 32768: 484, 65536: 1255, 131072: 3638}
-TILELANG_TARGET = {16384: 10, 131072: 12}
+    return f"{r['ms']:.0f}"
 
 
 def to_markdown(res):
-    lines = [f"DSA attention core fwd+bwd on {res['device']} (torch {res.get('torch')}, triton {res.get('triton')}), "
-             "batch 1, 16 heads, top-k 2048, indexer 64x128, Dqk 576 / Dv 512, bf16. Median of 3.", "",
-             "| seq | ours bf16 | ours fp8 | TFLOP/s bf16 / fp8 | indexer top-k bf16 / fp8 (ms) | fp8 scoring speed-up (scoring kernel alone, ms) | dense SDPA 192/128 | megatron-core 0.19.2 (none) | megatron-core 0.19.2 TileLang (measured here; else the spec anchor) | ours fp8 faster than TileLang by | target 128K <=300 ms, <=12 GB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for row in res["rows"]:
-        S = row["seq"]
-        a, b = row.get("ours_bf16"), row.get("ours_fp8")
-        tf = "-"
-        ix = "-"
-        sp = "-"
-        tla = "-"
-        if a and "ms" in a and b and "ms" in b:
-            tf = f"{a['tflops']:.0f} / {b['tflops']:.0f}"
-            ix = f"{a['indexer_topk_ms']:.1f} / {b['indexer_topk_ms']:.1f}"
-            if "score_only_ms" in a:
-                r = a["score_only_ms"] / b["score_only_ms"]
-                sp = (f"{r:.2f}x ({a['score_only_ms']:.1f} / {b['score_only_ms']:.1f}); "
-                      f"{'met' if r >= 1.6 else 'missed'} (target 1.6x)")
-        tl = row.get("tilelang")
-        tlc = _cell(tl) if tl else (f"{TILELANG_ANCHOR_MS[S]} ms (spec anchor)" if S in TILELANG_ANCHOR_MS else "-")
-        tl_ms = tl["ms"] if tl and "ms" in tl else (None if tl else TILELANG_ANCHOR_MS.get(S))
-        if b and "ms" in b and tl_ms:
-            r = tl_ms / b["ms"]
-            tla = f"{r:.1f}x"
-            if S in TILELANG_TARGET:
-                tla += f" ({'met' if r >= TILELANG_TARGET[S] else 'missed'}, target {TILELANG_TARGET[S]}x)"
-        tgt = "-"
-        if S == 131072 and b and "ms" in b:
-            best = min(a["ms"], b["ms"]) if a and "ms" in a else b["ms"]
-            tgt = (f"time {best:.0f} ms ({'met' if best <= 300 else f'missed by {best - 300:.0f} ms'}), "
-                   f"mem {b['peak_gib']:.1f} GB ({'met' if b['peak_gib'] <= 12 else f'missed by {b['peak_gib'] - 12:.1f} GB'})")
-        sd = row.get("sdpa")
-        if S >= 65536 and sd and "ms" in sd and b and "ms" in b:
-            tgt += f"; ours fp8 takes {b['ms'] / sd['ms']:.2f}x dense SDPA's time"
-        lines.append(f"| {S // 1024}K | {_cell(a)} | {_cell(b)} | {tf} | {ix} | {sp} | {_cell(sd)} | {_cell(row.get('megatron'))} | {tlc} | {tla} | {tgt} |")
-    if "tilelang_topk_check" in res:
-        lines += ["", f"TileLang {res.get('tilelang', '')} top-k sets vs ours (bf16 scoring, same inputs): "
-                      f"{res['tilelang_topk_check']}"]
+    c = res["ceilings"]
+    lines = [
+        f"DSA attention core, forward + backward, on {res['device']} (torch {res.get('torch')}, triton "
+        f"{res.get('triton')}): batch 1, top-k 2048, indexer 64 x 128, Dqk 576 / Dv 512, bf16, random inputs; "
+        f"median of 3. Dense: causal SDPA (flash) with the same heads, MLA's 192 / 128 dims. Ceilings: bf16 "
+        f"{c['bf16_tflops']:.0f} / fp8 {c['fp8_tflops']:.0f} TFLOP/s, HBM {c['hbm_tb_s']} TB/s, row gathers "
+        f"{c['gather_tb_s']} TB/s, fp32 atomic adds {c['atomic_adds_per_s']:.2g}/s.", "",
+        "| case | seq | ours fp8 ms | ours bf16 ms | dense SDPA ms | dense / ours | ours TFLOP/s | peak GiB (beyond in/out/grads) |",
+        "|---|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        a, b, d = r.get("ours_fp8"), r.get("ours_bf16"), r.get("sdpa")
+        ratio = f"{d['ms'] / a['ms']:.2f}x" if a and "ms" in a and d and "ms" in d else "-"
+        tf = f"{a['tflops']:.0f}" if a and "tflops" in a else "-"
+        pk = f"{a['peak_gib']:.1f} ({a['beyond_io_gib']:.1f})" if a and "peak_gib" in a else "-"
+        lines.append(f"| {r['case']} | {r['seq'] // 1024}K | {_ms(a)} | {_ms(b)} | {_ms(d)} | {ratio} | {tf} | {pk} |")
+    lines += ["", "Stages of ours (FP8 indexer), ms measured / ms bound at the ceilings (share of the bound reached):", "",
+              "| case | seq | " + " | ".join(STAGES) + " |", "|---|---|" + "---|" * len(STAGES)]
+    for r in res["rows"]:
+        a = r.get("ours_fp8")
+        if not a or "stages_ms" not in a:
+            continue
+        cells = [f"{a['stages_ms'][s]:.1f} / {r['bounds_ms'][s]:.1f} ({r['bounds_ms'][s] / a['stages_ms'][s]:.0%})" for s in STAGES]
+        lines.append(f"| {r['case']} | {r['seq'] // 1024}K | " + " | ".join(cells) + " |")
+    pats = [r for r in res["rows"] if r.get("ours_fp8_pattern", {}).get("stages_ms")]
+    if pats:
+        lines += ["", "Random selections vs a trained-indexer-shaped one (last 1024 keys, first 64, the rest spread), ms:",
+                  "", "| case | seq | selection | " + " | ".join(STAGES[1:]) + " |", "|---|---|---|" + "---|" * 4]
+        for r in pats:
+            for lab, k in (("random", "ours_fp8"), ("window + sinks + spread", "ours_fp8_pattern")):
+                st = r[k]["stages_ms"]
+                lines.append(f"| {r['case']} | {r['seq'] // 1024}K | {lab} | " + " | ".join(f"{st[s]:.1f}" for s in STAGES[1:]) + " |")
+    for key in ("megatron", "tilelang"):
+        for m in res.get(key, []):
+            lines.append(f"\nmegatron-core 0.19.2 DSA ({key}) at {m['seq'] // 1024}K, 16 heads: "
+                         + (f"{m['ms']:.0f} ms, {m['peak_gib']:.1f} GiB" if "ms" in m else ("OOM" if m.get("oom") else m.get("error", "?"))))
     if "topk_checks" in res:
         lines += ["", f"Top-k checks (8K, last 256 rows): {res['topk_checks']}"]
-    lines.append("")
-    lines.append("Stage times (ms, synchronised, one run): " + "; ".join(
-        f"{row['seq'] // 1024}K {k}: " + ", ".join(f"{n} {v:.1f}" for n, v in row[k]["stages_ms"].items())
-        for row in res["rows"] for k in ("ours_bf16", "ours_fp8") if row.get(k, {}).get("stages_ms")))
     return "\n".join(lines) + "\n"
 
 
@@ -518,22 +499,28 @@ def plot(res, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
-    for key, lab in (("ours_bf16", "ours bf16"), ("ours_fp8", "ours fp8"), ("sdpa", "dense SDPA"), ("megatron", "megatron-core none"),
-                     ("tilelang", "megatron-core TileLang")):
-        xs = [r["seq"] for r in res["rows"] if r.get(key, {}).get("ms")]
-        if not xs:
-            continue
-        ax[0].plot(xs, [r[key]["ms"] for r in res["rows"] if r.get(key, {}).get("ms")], "o-", label=lab)
-        ax[1].plot(xs, [r[key]["peak_gib"] for r in res["rows"] if r.get(key, {}).get("ms")], "o-", label=lab)
-    for a, yl in zip(ax, ("fwd+bwd time (ms)", "peak memory (GiB)")):
+    heads = sorted({r["heads"] for r in res["rows"] if "TP" not in r["case"]})
+    fig, ax = plt.subplots(1, 2, figsize=(12, 4.5))
+    for i, H in enumerate(heads):
+        rs = [r for r in res["rows"] if r["heads"] == H and "TP" not in r["case"]]
+        col = f"C{i}"
+        for key, style in (("ours_fp8", "o-"), ("sdpa", "s--")):
+            xs = [r["seq"] for r in rs if r.get(key, {}).get("ms")]
+            ys = [r[key]["ms"] for r in rs if r.get(key, {}).get("ms")]
+            if xs:
+                ax[0].plot(xs, ys, style, color=col, label=f"{'DSA' if key == 'ours_fp8' else 'dense'} {H}h")
+        xs = [r["seq"] for r in rs if r.get("ours_fp8", {}).get("ms") and r.get("sdpa", {}).get("ms")]
+        ax[1].plot(xs, [r["sdpa"]["ms"] / r["ours_fp8"]["ms"] for r in rs if r["seq"] in xs], "o-", color=col, label=f"{H} heads")
+    ax[0].set_ylabel("fwd + bwd ms")
+    ax[0].set_yscale("log")
+    ax[1].axhline(1.0, color="k", lw=0.8)
+    ax[1].set_ylabel("dense time / DSA time")
+    for a in ax:
         a.set_xscale("log", base=2)
-        a.set_yscale("log")
         a.set_xlabel("sequence")
-        a.set_ylabel(yl)
         a.grid(True, alpha=0.3)
-        a.legend()
-    fig.suptitle(f"DSA core on {res['device']}")
+        a.legend(fontsize=7)
+    fig.suptitle(f"DSA core vs dense attention on {res['device']}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

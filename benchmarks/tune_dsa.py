@@ -1,10 +1,14 @@
-"""Per-kernel timings and launch-config variants at one sequence length (not a test).
+"""Per-kernel timings of the DSA core's stages under several kernel options, side by side in one
+process (not a test).
 
-    python benchmarks/tune_dsa.py [--seq 131072] [--out DIR]
+    python benchmarks/tune_dsa.py --heads 16,64,128 --seqs 32768 [--stages fwd,bwd,kl] [--out DIR]
 
-Times: indexer scoring alone vs scoring + selection (bf16 / fp8, several tile configs),
-sparse attention forward / backward (dkv by tl.atomic_add, by paired red.v2 PTX, or skipped),
-sparse KL forward / backward.  Checks the red.v2 path against tl.atomic_add.  Writes tune.json.
+For each head count and length: the sparse attention forward and backward and the sparse KL
+forward and backward, each under the option variants listed below (launch tiles, one backward
+kernel or two, the number of key ranges the gradient adds are split into). Every variant's
+outputs are compared with the first variant's (same inputs and indices), so a variant that is
+fast but wrong shows as such. The selections are the indexer's top-k of random inputs.
+Writes tune_dsa.json (one row per stage, variant, heads and length) to --out.
 """
 
 from __future__ import annotations
@@ -12,186 +16,167 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_dsa import DV, TOPK, cuda_time, make_inputs  # noqa: E402
-from megatron_dsa.kernels import indexer as I  # noqa: E402
-from megatron_dsa.kernels import indexer_kl as L  # noqa: E402
-from megatron_dsa.kernels import sparse_attn as A  # noqa: E402
+from megatron_dsa import kernels as KN  # noqa: E402
+from megatron_dsa.kernel_options import KernelOptions, Tiles  # noqa: E402
+
+DQK, DV, HI, DI, TOPK = 576, 512, 64, 128, 2048
 
 
-def indexer_ab(seqs, out, reps):
-    """The indexer top-k's variants side by side: the previous selection (5 passes over each
-    row), the spilled candidates (3 passes), and without the final score sort; then the scoring
-    kernel alone in several launch configs.  Checks that every variant returns the previous
-    path's indices."""
-    res = {}
-    path = os.path.join(out, "tune_indexer.json")
-    variants = [("previous", 0, True), ("spill", 4096, True), ("spill+unordered", 4096, False)]  # name, CAP, ordered
-    score_cfgs = [
-        dict(BM=64, BN=256, num_warps=8, num_stages=3),
-        dict(BM=64, BN=128, num_warps=4, num_stages=3),
-        dict(BM=64, BN=64, num_warps=4, num_stages=3),
-        dict(BM=128, BN=128, num_warps=8, num_stages=3),
-        dict(BM=64, BN=128, num_warps=8, num_stages=3),
-    ]
+def cuda_ms(fn, reps=3):
+    fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        ts.append(a.elapsed_time(b))
+    return statistics.median(ts)
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def variants(stage: str, heads: int) -> list[tuple[str, KernelOptions]]:
+    big = heads >= 64
+    if stage == "fwd":
+        tiles = [(64, 8, 2), (32, 8, 2)] if big else [(64, 4, 2), (64, 8, 2), (32, 4, 3)]
+        return [(f"fwd{t}", KernelOptions(attn_fwd=Tiles(*t))) for t in tiles]
+    if stage == "bwd":
+        if big:
+            out = [("split p1 dq(16,8,2) dkv(64,8,1)", KernelOptions(key_passes=1))]
+            out += [(f"split p{p}", KernelOptions(key_passes=p)) for p in (4, 10)]
+            out += [(f"split dq{t}", KernelOptions(key_passes=1, attn_bwd=Tiles(*t))) for t in ((32, 8, 2), (16, 8, 3))]
+            out += [(f"split dkv{t}", KernelOptions(key_passes=1, attn_dkv=Tiles(*t))) for t in ((64, 4, 1),)]
+            return out
+        out = [("fused p1 (32,8,2)", KernelOptions(key_passes=1, attn_bwd_split=False))]
+        out += [(f"fused p{p}", KernelOptions(key_passes=p, attn_bwd_split=False)) for p in (4, 10, 20)]
+        out += [(f"split p{p}", KernelOptions(key_passes=p, attn_bwd_split=True)) for p in (1, 10)]
+        out += [(f"fused p10 {t}", KernelOptions(key_passes=10, attn_bwd_split=False, attn_bwd=Tiles(*t)))
+                for t in ((16, 8, 2), (32, 8, 3))]
+        return out
+    if stage == "base":
+        return [("indexer_topk fp8", KernelOptions()), ("dense_sdpa 192/128", KernelOptions())]
+    if stage == "kl":
+        return [(f"kl target{t}", KernelOptions(kl_target=Tiles(*t)))
+                for t in ((64, 8, 2), (32, 8, 2), (64, 4, 2), (32, 4, 2))]
+    raise ValueError(stage)
+
+
+def sdpa_step(S: int, H: int):
+    """Dense causal attention fwd + bwd with the same heads (MLA's 192 / 128 dims), fused SDPA."""
+    import torch.nn.functional as F
+
+    q, k = (torch.randn(1, H, S, 192, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    v = torch.randn(1, H, S, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    go = torch.randn(1, H, S, 128, device="cuda", dtype=torch.bfloat16)
+
+    def fn():
+        F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(go)
+        q.grad = k.grad = v.grad = None
+
+    return fn
+
+
+def inputs(S: int, H: int, seed: int = 0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    r = lambda *s: torch.randn(*s, device="cuda", generator=g)  # noqa: E731
+    q = r(1, S, H, DQK).bfloat16()
+    kv = r(1, S, DQK).bfloat16()
+    qi = r(1, S, HI, DI).bfloat16()
+    ki = r(1, S, DI).bfloat16()
+    wi = r(1, S, HI) * (HI**-0.5 * DI**-0.5)
+    idx = KN.indexer_topk(qi, ki, wi, TOPK, fp8=True, ordered=False)
+    return q, kv, qi, ki, wi, idx
+
+
+def run(heads, seqs, stages, reps, out_dir):
+    rows = []
+    scale = DQK**-0.5
     for S in seqs:
-        t = make_inputs(S)
-        qi, ki, wi = t.qi.detach(), t.ki.detach(), t.wi.detach()
-        for kind, fp8 in (("bf16", False), ("fp8", True)):
-            r = {}
-            base = None
-            for name, cap, ordered in variants:
-                I.SELECT_CFG["CAP"] = cap
-                run = lambda: I.indexer_topk(qi, ki, wi, TOPK, fp8=fp8, ordered=ordered)  # noqa: E731
-                r[name + "_ms"], _ = cuda_time(run, reps=reps)
-                got = run()
-                if base is None:
-                    base = got
-                elif ordered:
-                    r[name + "_equal"] = bool(torch.equal(got, base))
-                else:
-                    r[name + "_equal_sets"] = bool(torch.equal(got.sort(-1).values, base.sort(-1).values))
-                del got
-            del base
-            I.SELECT_CFG["CAP"] = 4096
-            default = dict(I.SCORE_CFG[kind])
-            I._TIMING_SKIP_SELECT = True
-            for cfg in score_cfgs:
-                I.SCORE_CFG[kind] = cfg
-                key = "score_only_BM{BM}_BN{BN}_w{num_warps}_s{num_stages}_ms".format(**cfg)
-                try:
-                    r[key], _ = cuda_time(lambda: I.indexer_topk(qi, ki, wi, TOPK, fp8=fp8), reps=reps)
-                except Exception as e:  # e.g. out of shared memory
-                    r[key] = repr(e)[:200]
-            I._TIMING_SKIP_SELECT = False
-            I.SCORE_CFG[kind] = default
-            res[f"{S}_{kind}"] = r
-            print(S, kind, r, flush=True)
-            with open(path, "w") as f:
-                json.dump(res, f, indent=1)
-        del t, qi, ki, wi
-        torch.cuda.empty_cache()
-    return res
+        for H in heads:
+            torch.cuda.empty_cache()
+            q, kv, qi, ki, wi, idx = inputs(S, H)
+            gout = torch.randn(1, S, H, DV, device="cuda").bfloat16()
+            gkl = torch.full((1, S), 1.0 / S, device="cuda")
+            for stage in stages:
+                ref = None
+                for name, opt in variants(stage, H):
+                    row = dict(stage=stage, variant=name, heads=H, seq=S)
+                    try:
+                        if stage == "base":
+                            if name.startswith("indexer"):
+                                fn = lambda: KN.indexer_topk(qi, ki, wi, TOPK, fp8=True, ordered=False)  # noqa: E731
+                            else:
+                                fn = sdpa_step(S, H)
+                            row["ms"] = cuda_ms(fn, reps)
+                            rows.append(row)
+                            print(json.dumps(row), flush=True)
+                            continue
+                        if stage == "fwd":
+                            fn = lambda: KN.sparse_mla_attention(q, kv, idx, DV, scale, options=opt)  # noqa: E731
+                            row["ms"] = cuda_ms(fn, reps)
+                            got = fn()[0]
+                        elif stage == "bwd":
+                            qq, kk = q.clone().requires_grad_(), kv.clone().requires_grad_()
+                            o, _ = KN.sparse_mla_attention(qq, kk, idx, DV, scale, options=opt)
+
+                            def fn():
+                                return torch.autograd.grad(o, (qq, kk), gout, retain_graph=True)
+
+                            row["ms"] = cuda_ms(fn, reps)
+                            got = torch.cat([x.float().flatten() for x in fn()])
+                            del o, qq, kk
+                        else:
+                            a, b, c = (x.clone().requires_grad_() for x in (qi, ki, wi))
+                            lse = KN.sparse_mla_attention(q, kv, idx, DV, scale, options=opt)[1]
+                            fwd = lambda: KN.sparse_indexer_kl(q, kv, a, b, c, idx, scale, lse=lse, options=opt)  # noqa
+                            row["fwd_ms"] = cuda_ms(fwd, reps)
+                            kl = fwd()
+                            bwd = lambda: torch.autograd.grad(kl, (a, b, c), gkl, retain_graph=True)  # noqa: E731
+                            row["bwd_ms"] = cuda_ms(bwd, reps)
+                            row["ms"] = row["fwd_ms"] + row["bwd_ms"]
+                            got = torch.cat([kl.flatten()] + [x.float().flatten() for x in bwd()])
+                        if ref is None:
+                            ref = got
+                        else:
+                            row["rel_to_first"] = rel(got, ref)
+                        row["finite"] = bool(torch.isfinite(got).all())
+                        del got
+                    except Exception as e:  # a variant that does not launch is a result too
+                        row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                    torch.cuda.empty_cache()
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+            del q, kv, qi, ki, wi, idx, gout
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "tune_dsa.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    return rows
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--seq", type=int, default=131072)
-    ap.add_argument("--out", default=".")
-    ap.add_argument("--reps", type=int, default=2)
-    ap.add_argument("--indexer-ab", default=None, metavar="SEQS",
-                    help="only the indexer variants at these lengths (comma list); writes tune_indexer.json")
-    a = ap.parse_args()
-    if a.indexer_ab:
-        indexer_ab([int(s) for s in a.indexer_ab.split(",")], a.out, a.reps)
-        return
-    S = a.seq
-    res = {"seq": S}
-    t = make_inputs(S)
-    qi, ki, wi = t.qi.detach(), t.ki.detach(), t.wi.detach()
-
-    def rec(k, v):
-        res[k] = v
-        print(k, v, flush=True)
-        with open(os.path.join(a.out, "tune.json"), "w") as f:
-            json.dump(res, f, indent=1)
-
-    # ---- indexer
-    variants = [
-        dict(BM=64, BN=128, num_warps=8, num_stages=3),
-        dict(BM=128, BN=128, num_warps=8, num_stages=3),
-        dict(BM=64, BN=256, num_warps=8, num_stages=3),
-        dict(BM=128, BN=64, num_warps=4, num_stages=4),
-        dict(BM=128, BN=256, num_warps=8, num_stages=2),
-    ]
-    for kind, fp8 in (("bf16", False), ("fp8", True)):
-        for v in variants:
-            I.SCORE_CFG[kind] = v
-            name = f"idx_{kind}_BM{v['BM']}_BN{v['BN']}_w{v['num_warps']}_s{v['num_stages']}"
-            try:
-                I._TIMING_SKIP_SELECT = True
-                ms_s, _ = cuda_time(lambda: I.indexer_topk(qi, ki, wi, TOPK, fp8=fp8), reps=a.reps)
-                I._TIMING_SKIP_SELECT = False
-                ms_f, _ = cuda_time(lambda: I.indexer_topk(qi, ki, wi, TOPK, fp8=fp8), reps=a.reps)
-                rec(name, {"score_ms": ms_s, "full_ms": ms_f})
-            except Exception as e:
-                I._TIMING_SKIP_SELECT = False
-                rec(name, {"error": repr(e)[:300]})
-        I.SCORE_CFG[kind] = variants[0]
-    for tile, nw in ((2048, 8), (4096, 8), (1024, 4)):
-        I.SELECT_CFG = dict(TILE=tile, num_warps=nw, CAP=4096)
-        try:
-            ms_f, _ = cuda_time(lambda: I.indexer_topk(qi, ki, wi, TOPK), reps=a.reps)
-            rec(f"select_TILE{tile}_w{nw}", {"full_ms": ms_f})
-        except Exception as e:
-            rec(f"select_TILE{tile}_w{nw}", {"error": repr(e)[:300]})
-    I.SELECT_CFG = dict(TILE=2048, num_warps=8, CAP=4096)
-
-    idx = I.indexer_topk(qi, ki, wi, TOPK)
-    q, kv = t.q.detach(), t.kv.detach()
-    # ---- attention forward configs
-    for cfg in (None, (64, 4, 2), (32, 4, 2), (16, 4, 2)):
-        A.FWD_CFG = cfg
-        try:
-            ms, _ = cuda_time(lambda: A.sparse_attn_fwd(q, kv, idx, DV, t.scale), reps=a.reps)
-            rec(f"attn_fwd_{cfg}", ms)
-        except Exception as e:
-            rec(f"attn_fwd_{cfg}", repr(e)[:300])
-    A.FWD_CFG = None
-    out, lse = A.sparse_attn_fwd(q, kv, idx, DV, t.scale)
-    # ---- attention backward: atomic modes and configs
-    ref = None
-    from megatron_dsa.kernels import _common as C, _csr
-
-    for mode in (0, 2, 1, "sorted"):
-        C.REDUCE_MODE = "sorted" if mode == "sorted" else "atomic"
-        A.ATOMIC_MODE = 0 if mode == "sorted" else mode
-        _csr.clear_cache()  # time the CSR build too (one per bwd call in the pipeline)
-        try:
-            ms, _ = cuda_time(lambda: A.sparse_attn_bwd(q, kv, idx, out, lse, t.gout, DV, t.scale), reps=a.reps)
-            entry = {"ms": ms}
-            if mode != 1:
-                dq, dkv = A.sparse_attn_bwd(q, kv, idx, out, lse, t.gout, DV, t.scale)
-                if ref is None:
-                    ref = (dq.float(), dkv.float())
-                else:
-                    entry["dq_rel"] = ((dq.float() - ref[0]).norm() / ref[0].norm()).item()
-                    entry["dkv_rel"] = ((dkv.float() - ref[1]).norm() / ref[1].norm()).item()
-            rec(f"attn_bwd_atomic{mode}", entry)
-        except Exception as e:
-            rec(f"attn_bwd_atomic{mode}", repr(e)[:300])
-    C.REDUCE_MODE = "sorted"
-    A.ATOMIC_MODE = 0
-    for cfg in ((16, 8, 2), (32, 4, 2), (64, 8, 2)):
-        A.BWD_CFG = cfg
-        try:
-            ms, _ = cuda_time(lambda: A.sparse_attn_bwd(q, kv, idx, out, lse, t.gout, DV, t.scale), reps=a.reps)
-            rec(f"attn_bwd_cfg{cfg}", ms)
-        except Exception as e:
-            rec(f"attn_bwd_cfg{cfg}", repr(e)[:300])
-    A.BWD_CFG = None
-    # ---- sparse KL
-    qi_g = t.qi.detach().requires_grad_()
-    ki_g = t.ki.detach().requires_grad_()
-    wi_g = t.wi.detach().requires_grad_()
-    ms, _ = cuda_time(lambda: L.sparse_indexer_kl(q, kv, qi_g, ki_g, wi_g, idx, t.scale), reps=a.reps)
-    rec("kl_fwd", ms)
-    ms, _ = cuda_time(lambda: L.sparse_indexer_kl(q, kv, qi_g, ki_g, wi_g, idx, t.scale, lse=lse), reps=a.reps)
-    rec("kl_fwd_lse_reused", ms)
-    kl = L.sparse_indexer_kl(q, kv, qi_g, ki_g, wi_g, idx, t.scale)
-    ms, _ = cuda_time(lambda: torch.autograd.grad(kl, (qi_g, ki_g, wi_g), t.gkl, retain_graph=True), reps=a.reps)
-    rec("kl_bwd", ms)
-    for mode in ("atomic", "sorted"):
-        C.KL_REDUCE_MODE = mode
-        ms, _ = cuda_time(lambda: torch.autograd.grad(kl, (qi_g, ki_g, wi_g), t.gkl, retain_graph=True), reps=a.reps)
-        rec(f"kl_bwd_{mode}", ms)
-    C.KL_REDUCE_MODE = None
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--heads", default="16,64,128")
+    p.add_argument("--seqs", default="32768")
+    p.add_argument("--stages", default="base,fwd,bwd,kl")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    a = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("error: tune_dsa.py times GPU kernels; no CUDA device here")
+    run([int(x) for x in a.heads.split(",")], [int(x) for x in a.seqs.split(",")], a.stages.split(","), a.reps, a.out)
 
 
 if __name__ == "__main__":

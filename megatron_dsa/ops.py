@@ -4,7 +4,8 @@ Both expose the same functions with the same signatures (``megatron_dsa.referenc
 spec): ``indexer_topk``, ``dense_mla_attention``, ``sparse_mla_attention``,
 ``dense_indexer_kl``, ``sparse_indexer_kl``, and the sparse KL in two steps for tensor
 parallelism (``sparse_target_head_sum``, ``sparse_indexer_kl_from_target``). ``auto`` takes
-Triton on CUDA tensors when the kernels import, the reference everywhere else.
+Triton on CUDA tensors when the kernels import, the reference everywhere else. The Triton ops
+are bound to one ``KernelOptions`` (the layer config's ``mdsa_kernel_options``).
 
 The fused sparse KL kernel implements one indexer objective, the KL. ``indexer_loss_backend``
 gives the two loss ops for a configured objective: the chosen backend's for "kl"; for any other
@@ -15,11 +16,13 @@ the objective) and the reference's sparse op.
 from __future__ import annotations
 
 import functools
+import inspect
 from types import SimpleNamespace
 
 import torch
 
 from megatron_dsa import reference
+from megatron_dsa.kernel_options import DEFAULT_OPTIONS, KernelOptions
 
 OPS = ("indexer_topk", "dense_mla_attention", "sparse_mla_attention", "dense_indexer_kl", "sparse_indexer_kl",
        # the sparse KL in two steps, for a target summed over the heads of several TP ranks
@@ -49,10 +52,14 @@ def _reference_backend() -> SimpleNamespace:
 
 
 @functools.cache
-def _triton_backend() -> SimpleNamespace:
+def _triton_backend(options: KernelOptions) -> SimpleNamespace:
     from megatron_dsa import kernels  # imported lazily: Triton is not needed on the CPU path
 
-    return SimpleNamespace(name="triton", **{name: getattr(kernels, name) for name in OPS})
+    def bind(fn):
+        takes = "options" in inspect.signature(fn).parameters
+        return functools.partial(fn, options=options) if takes else fn
+
+    return SimpleNamespace(name="triton", options=options, **{name: bind(getattr(kernels, name)) for name in OPS})
 
 
 @functools.cache
@@ -64,17 +71,18 @@ def triton_available() -> bool:
     return kernels.available()
 
 
-def backend(kind: str, device: torch.device) -> SimpleNamespace:
-    """The op namespace for ``kind`` ('auto' | 'reference' | 'triton') on ``device``."""
+def backend(kind: str, device: torch.device, options: KernelOptions = DEFAULT_OPTIONS) -> SimpleNamespace:
+    """The op namespace for ``kind`` ('auto' | 'reference' | 'triton') on ``device``; the Triton
+    ops run with ``options``."""
     if kind == "reference":
         return _reference_backend()
     if kind == "triton":
         if not triton_available():
             raise RuntimeError("mdsa_kernel='triton' but the Triton DSA kernels are unavailable here")
-        return _triton_backend()
+        return _triton_backend(options)
     if kind == "auto":
         if device.type == "cuda" and triton_available():
-            return _triton_backend()
+            return _triton_backend(options)
         return _reference_backend()
     raise ValueError(f"unknown DSA kernel backend {kind!r}")
 
@@ -91,7 +99,8 @@ def _reference_loss_backend(objective: str) -> SimpleNamespace:
     )
 
 
-def indexer_loss_backend(kind: str, device: torch.device, objective: str = "kl") -> SimpleNamespace:
+def indexer_loss_backend(kind: str, device: torch.device, objective: str = "kl",
+                         options: KernelOptions = DEFAULT_OPTIONS) -> SimpleNamespace:
     """The op namespace whose ``dense_indexer_kl`` / ``sparse_indexer_kl`` compute ``objective``.
 
     Same call signatures as ``backend(kind, device)`` (the sparse op takes ``lse=``). "kl" is
@@ -100,9 +109,9 @@ def indexer_loss_backend(kind: str, device: torch.device, objective: str = "kl")
     kernel implements only the KL).
     """
     if objective == "kl":
-        return backend(kind, device)
+        return backend(kind, device, options)
     ref = _reference_loss_backend(objective)
-    chosen = backend(kind, device)
+    chosen = backend(kind, device, options)
     if chosen.name == "reference":
         return ref
     return SimpleNamespace(

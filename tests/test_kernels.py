@@ -16,6 +16,7 @@ triton = pytest.importorskip("triton")
 
 from megatron_dsa import kernels as K  # noqa: E402
 from megatron_dsa import reference as R  # noqa: E402
+from megatron_dsa.kernel_options import KernelOptions  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not K.available(), reason="needs Triton with CUDA or TRITON_INTERPRET=1")
 
@@ -28,25 +29,19 @@ def _fresh_seed():
     torch.manual_seed(int.from_bytes(os.urandom(4), "little"))
 
 
-# Both backward reductions (the atomic-free sorted one and the v1 atomics) and both KL forward
-# paths (lse reused from the attention / recomputed) must equal the reference.
-VARIANTS = ["new", "old"]
+# The sparse backwards: one pass or several key ranges (the L2-resident adds), and the
+# attention's backward as one kernel or two (dq, then dkv with the keys as the products' rows).
+VARIANTS = {
+    "one_pass": KernelOptions(key_passes=1, attn_bwd_split=False),
+    "key_ranges": KernelOptions(key_passes=3, attn_bwd_split=False),
+    "split": KernelOptions(key_passes=1, attn_bwd_split=True),
+    "split_key_ranges": KernelOptions(key_passes=4, attn_bwd_split=True),
+}
 
 
-@pytest.fixture(params=VARIANTS)
+@pytest.fixture(params=list(VARIANTS))
 def variant(request):
-    from megatron_dsa.kernels import _common as C
-    from megatron_dsa.kernels import _csr
-    from megatron_dsa.kernels import indexer_kl as L
-
-    saved = (C.REDUCE_MODE, C.KL_REDUCE_MODE, L.REUSE_LSE)
-    C.REDUCE_MODE = "sorted" if request.param == "new" else "atomic"
-    C.KL_REDUCE_MODE = None  # the KL's dk_idx follows REDUCE_MODE: both reductions tested both ways
-    L.REUSE_LSE = request.param == "new"
-    _csr.clear_cache()
-    yield request.param
-    C.REDUCE_MODE, C.KL_REDUCE_MODE, L.REUSE_LSE = saved
-    _csr.clear_cache()
+    return VARIANTS[request.param]
 
 
 def rel(a, b):
@@ -212,6 +207,9 @@ ATTN_CASES = [
     (2, 37, 16, 64, 32, 40, torch.bfloat16),  # topk > S: -1 tails
     (1, 20, 2, 48, 0, 8, torch.float32),  # v_dim not a power of two, no rope part
     (1, 9, 2, 512, 64, 8, torch.bfloat16),  # the 671B model's 576 / 512 dims
+    (1, 19, 64, 32, 16, 8, torch.float32),  # one 64-head block (GLM-5's heads per GPU)
+    (1, 13, 128, 32, 16, 8, torch.bfloat16),  # two blocks (DeepSeek-V3.2 at TP=1)
+    (2, 11, 70, 48, 16, 8, torch.float32),  # a partial second block, v_dim not a power of two
 ]
 
 
@@ -234,7 +232,7 @@ def test_sparse_mla_attention(B, S, H, v_dim, rope, topk, dtype, variant):
     kv = torch.randn(B, S, D, device=DEV).to(dtype).requires_grad_()
     idx = _random_idx(B, S, S, topk)
     scale = D**-0.5
-    out, lse = K.sparse_mla_attention(q, kv, idx, v_dim, scale)
+    out, lse = K.sparse_mla_attention(q, kv, idx, v_dim, scale, options=variant)
     assert out.dtype == dtype
     q32, kv32 = _fp32_leaves(q, kv)
     out_r, lse_r = R.sparse_mla_attention(q32, kv32, idx, v_dim, scale)
@@ -251,7 +249,10 @@ def test_sparse_mla_attention(B, S, H, v_dim, rope, topk, dtype, variant):
     gq_r, gkv_r = torch.autograd.grad(out_r, (q32, kv32), go.float())
     _finite(gq, gkv)
     assert gq.dtype == dtype and gkv.dtype == dtype
-    assert rel(gq, gq_r) < tol and rel(gkv, gkv_r) < tol
+    # bf16: the score gradients enter the tensor cores rounded to bf16; with few keys per row
+    # that alone puts dq up to ~1e-2 off the fp32 reference (measured 0.94e-2 over 40 seeds).
+    gtol = 1e-5 if dtype == torch.float32 else 1.5e-2
+    assert rel(gq, gq_r) < gtol and rel(gkv, gkv_r) < gtol
 
 
 def _check_indexer_grads(kl, kl_r, leaves, leaves_r, tol):
@@ -276,16 +277,19 @@ def _sparse_kl_inputs(B, S, H, D, HI, DI, topk, dtype):
 
 @pytest.mark.parametrize(
     "B,S,H,D,HI,DI,topk,dtype",
-    [(1, 40, 3, 48, 4, 32, 24, torch.float32), (2, 33, 16, 96, 3, 16, 40, torch.bfloat16)],
+    [(1, 40, 3, 48, 4, 32, 24, torch.float32), (2, 33, 16, 96, 3, 16, 40, torch.bfloat16),
+     (1, 17, 128, 48, 2, 16, 8, torch.bfloat16), (1, 15, 70, 48, 3, 16, 8, torch.float32)],
 )
-def test_sparse_indexer_kl(B, S, H, D, HI, DI, topk, dtype, variant):
+@pytest.mark.parametrize("with_lse", [True, False])
+def test_sparse_indexer_kl(B, S, H, D, HI, DI, topk, dtype, with_lse):
     if BIG:
         S, topk = S * 20, topk * 4
     qm, kv, qi, ki, wi, idx = _sparse_kl_inputs(B, S, H, D, HI, DI, topk, dtype)
     scale = D**-0.5
-    # "new": the target's per-head lse comes from the attention forward (v_dim is irrelevant to it).
-    lse = K.sparse_mla_attention(qm, kv, idx, D - 16, scale)[1] if variant == "new" else None
-    kl = K.sparse_indexer_kl(qm, kv, qi, ki, wi, idx, scale, lse=lse)
+    options = KernelOptions()
+    # The target's per-head lse from the attention forward (v_dim is irrelevant to it), or built.
+    lse = K.sparse_mla_attention(qm, kv, idx, D - 16, scale)[1] if with_lse else None
+    kl = K.sparse_indexer_kl(qm, kv, qi, ki, wi, idx, scale, lse=lse, options=options)
     qm32, kv32, qi32, ki32, wi32 = _fp32_leaves(qm, kv, qi, ki, wi)
     kl_r = R.sparse_indexer_kl(qm32, kv32, qi32, ki32, wi32, idx, scale)
     _finite(kl)
@@ -340,12 +344,9 @@ def _crowded_idx(B, S, Sk, topk, hot):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_sparse_backward_crowded_keys(dtype, variant, monkeypatch):
+def test_sparse_backward_crowded_keys(dtype, variant):
     """Duplicate selections across queries: the per-key reduction (dkv, dk_idx) must sum every
-    (query, slot) pair that chose the key (over several chunks, on the GPU too)."""
-    from megatron_dsa.kernels import _csr
-
-    monkeypatch.setattr(_csr, "PAIR_BUDGET", 96)
+    (query, slot) pair that chose the key, in every key range."""
     B, S, Sk, H, v_dim, rope, HI, DI, topk, hot = 2, 41, 29, 4, 32, 16, 3, 16, 12, 13
     D = v_dim + rope
     q = torch.randn(B, S, H, D, device=DEV).to(dtype).requires_grad_()
@@ -355,8 +356,8 @@ def test_sparse_backward_crowded_keys(dtype, variant, monkeypatch):
     wi = torch.randn(B, S, HI, device=DEV).requires_grad_()
     idx = _crowded_idx(B, S, Sk, topk, hot)
     scale = D**-0.5
-    out, lse = K.sparse_mla_attention(q, kv, idx, v_dim, scale)
-    kl = K.sparse_indexer_kl(q.detach(), kv.detach(), qi, ki, wi, idx, scale, lse=lse if variant == "new" else None)
+    out, lse = K.sparse_mla_attention(q, kv, idx, v_dim, scale, options=variant)
+    kl = K.sparse_indexer_kl(q.detach(), kv.detach(), qi, ki, wi, idx, scale, lse=lse, options=variant)
     q32, kv32, qi32, ki32, wi32 = _fp32_leaves(q, kv, qi, ki, wi)
     out_r, _ = R.sparse_mla_attention(q32, kv32, idx, v_dim, scale)
     kl_r = R.sparse_indexer_kl(q32.detach(), kv32.detach(), qi32, ki32, wi32, idx, scale)
@@ -370,29 +371,24 @@ def test_sparse_backward_crowded_keys(dtype, variant, monkeypatch):
         assert rel(a, b) < tol
 
 
-def test_pair_csr_is_a_per_chunk_key_order(monkeypatch):
-    from megatron_dsa.kernels import _csr
+def test_key_segments_split_each_row_by_key_range():
+    """The backward's key ranges: rows sorted by key (-1 last), the permutation that sorts them,
+    and per range the first slot at or after its start."""
+    from megatron_dsa.kernels.sparse_attn import key_segments
 
-    monkeypatch.setattr(_csr, "PAIR_BUDGET", 96)  # several chunks on the GPU too
-    B, S, Sk, topk = 2, 23, 17, 9
-    idx = _crowded_idx(B, S, Sk, topk, 11)
-    _csr.clear_cache()
-    csr = _csr.build_csr(idx, Sk)
-    assert csr.NC > 1  # the interpreter's budget forces several chunks
-    assert _csr.build_csr(idx, Sk) is csr  # cached on the tensor
-    pos, offs = csr.pos.long(), csr.offs.long()
-    for c in range(csr.NC):
-        t0, t1 = c * csr.C, min(S, (c + 1) * csr.C)
-        base = offs[c * B * Sk]
-        for b in range(B):
-            for s in range(Sk):
-                seg = (c * B + b) * Sk + s
-                sel = (idx[b, t0:t1] == s)
-                rows = sorted(pos[b, t0:t1][sel].tolist())
-                assert rows == list(range(offs[seg] - base, offs[seg + 1] - base)), (c, b, s)
-        assert bool((pos[:, t0:t1][idx[:, t0:t1] < 0] == -1).all())
-    idx2 = idx.clone()
-    assert _csr.build_csr(idx2, Sk) is not csr
+    B, S, Sk, topk, passes = 2, 23, 40, 9, 4
+    idx = _crowded_idx(B, S, Sk, topk, 30)
+    keys, order, seg = key_segments(idx, Sk, passes)
+    assert torch.equal(torch.gather(idx, -1, order), keys)
+    bounds = [p * Sk // passes for p in range(passes + 1)]
+    for b in range(B):
+        for t in range(S):
+            row = keys[b, t]
+            n = int((row >= 0).sum())
+            assert bool((row[n:] == -1).all()) and bool((row[:n] >= 0).all())
+            assert row[:n].tolist() == sorted(idx[b, t][idx[b, t] >= 0].tolist())
+            for p, lo in enumerate(bounds):
+                assert int(seg[b, t, p]) == int((row[:n] < lo).sum()), (b, t, p)
 
 
 @pytest.mark.parametrize("pos", ["causal", "offset"])
@@ -501,13 +497,13 @@ def test_dense_indexer_kl_recall_rows(fused, monkeypatch):
     fused op scores the recall's top-k for those rows alone); the KL is unchanged."""
     from megatron_dsa.kernels import dense_kl
 
-    monkeypatch.setattr(dense_kl, "FUSED", fused)
+    options = KernelOptions(dense_kl="fused" if fused else "blockwise")
     B, S, H, D, HI, DI, topk = 2, 40, 3, 40, 3, 24, 8
     qm, kv = torch.randn(B, S, H, D, device=DEV), torch.randn(B, S, D, device=DEV)
     qi, ki = torch.randn(B, S, HI, DI, device=DEV), torch.randn(B, S, DI, device=DEV)
     wi = torch.randn(B, S, HI, device=DEV)
     rows = R.recall_sample_rows(S, 7, DEV)
-    kl, recall = K.dense_indexer_kl(qm, kv, qi, ki, wi, D**-0.5, topk, recall_rows=rows)
+    kl, recall = K.dense_indexer_kl(qm, kv, qi, ki, wi, D**-0.5, topk, recall_rows=rows, options=options)
     kl_r, recall_r = R.dense_indexer_kl(qm, kv, qi, ki, wi, D**-0.5, topk)
     _finite(kl, recall)
     assert recall.shape == (B, rows.numel()) and rel(recall, recall_r[:, rows]) < 1e-5
@@ -518,11 +514,11 @@ def test_fused_dense_indexer_kl_is_taken_when_switched_on(monkeypatch):
     from megatron_dsa.kernels import dense_kl
 
     calls = []
-    monkeypatch.setattr(dense_kl, "FUSED", True)
     monkeypatch.setattr(dense_kl, "fused_dense_indexer_kl", lambda *a, **k: calls.append(1) or ("kl", "recall"))
     args = [torch.randn(1, 4, 2, 8), torch.randn(1, 4, 8), torch.randn(1, 4, 2, 8), torch.randn(1, 4, 8), torch.randn(1, 4, 2)]
-    assert K.dense_indexer_kl(*args, 0.3, 2) == ("kl", "recall") and calls == [1]
+    assert K.dense_indexer_kl(*args, 0.3, 2) == ("kl", "recall") and calls == [1]  # the default
     K.dense_indexer_kl(*args, 0.3, 2, objective="mse")  # other objectives: the blockwise path
+    K.dense_indexer_kl(*args, 0.3, 2, options=KernelOptions(dense_kl="blockwise"))
     assert calls == [1]
 
 

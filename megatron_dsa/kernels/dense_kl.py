@@ -24,33 +24,19 @@ no gradient) uses the indexer top-k kernel on the sampled rows and gathers p at 
 Status: equal to the reference on fresh random inputs (tests/test_kernels.py, Triton's
 interpreter in CI, and on the H200). In the small MoE's warm-up step on the H200 it is 4.8x
 faster than the blockwise PyTorch op in ``indexer_kl.DenseIndexerKL`` (246 vs 1182 ms per 16K
-sequence, benchmarks/results/model_step_small_16384_dense_kl.md), so ``FUSED`` is the default.
-``MDSA_DENSE_KL=fused|blockwise`` picks one for a process and the processes it starts.
+sequence, benchmarks/results/model_step_small_16384_dense_kl.md), so it is the default
+(``KernelOptions.dense_kl``).
 """
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 
 from .. import reference as R
-from ._common import HAS_TRITON, _atomic_add_f32, _dot, _dot_ds, _span, interpreting, is_fp32, next_pow2, split_pow2, triton, tl
+from ._common import HAS_TRITON, _dot, _dot_ds, _span, interpreting, is_fp32, next_pow2, split_pow2, triton, tl
 
-DENSE_KL_CHOICES = ("blockwise", "fused")
-
-
-def _fused_from_env(default: str = "fused") -> bool:
-    """``MDSA_DENSE_KL`` (blockwise | fused), so a launcher can choose for the trainer's phases."""
-    choice = os.environ.get("MDSA_DENSE_KL", default)
-    if choice not in DENSE_KL_CHOICES:
-        raise ValueError(f"MDSA_DENSE_KL must be one of {list(DENSE_KL_CHOICES)}, got {choice!r}")
-    return choice == "fused"
-
-
-# Take the fused kernels for the KL objective (see the module docstring).
-FUSED = _fused_from_env()
 LOG2E = 1.4426950408889634
 RECALL_CHUNK_ELEMENTS = 1 << 24
 
@@ -233,7 +219,7 @@ if HAS_TRITON:
         H: tl.constexpr, DV: tl.constexpr, D1: tl.constexpr, DR: tl.constexpr, D2: tl.constexpr,
         HI: tl.constexpr, HG: tl.constexpr, NG: tl.constexpr, DI: tl.constexpr, DIP: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, SPAN: tl.constexpr,
-        IEEE: tl.constexpr, IEEE_I: tl.constexpr, UPCAST: tl.constexpr, ATOMIC: tl.constexpr,
+        IEEE: tl.constexpr, IEEE_I: tl.constexpr, UPCAST: tl.constexpr,
     ):
         # One program per (query block, span of keys, batch). dI = g (softmax(I) - p) is built
         # once per tile and feeds all three gradients: dk_idx per tile and (one head group)
@@ -265,29 +251,28 @@ if HAS_TRITON:
             dk = tl.zeros((BN, DIP), dtype=tl.float32)
             if NG == 1:
                 ds = tl.where(s > 0, d_rep * w[:, None], 0.0)
-                dq_acc += _dot_ds(ds, k_tile, IEEE_I, UPCAST, False)
+                dq_acc += _dot_ds(ds, k_tile, IEEE_I, UPCAST)
                 dw_acc += tl.sum(d_rep * tl.maximum(s, 0.0), axis=1)
-                dk += _dot_ds(tl.trans(ds), q, IEEE_I, UPCAST, False)
+                dk += _dot_ds(tl.trans(ds), q, IEEE_I, UPCAST)
             else:  # many indexer heads: score each group again, add its dq/dw per tile
                 for grp in range(NG):  # a loop, not unrolled: one group's tiles in shared memory at a time
                     q, w, t, j, rm = _folded_queries(QI, WI, b, pid_m, Sq, grp, s_qib, s_qis, s_qih,
                                                      s_wib, s_wis, s_wih, di, dim, HI, HG, BM)
                     s = _dot(q, k_t, IEEE_I, UPCAST)
                     ds = tl.where(s > 0, d_rep * w[:, None], 0.0)
-                    _atomic_add_f32(DQ + b * s_dqb + t[:, None] * s_dqs + j[:, None] * s_dqh + di[None, :],
-                                    _dot_ds(ds, k_tile, IEEE_I, UPCAST, False), rm[:, None] & dim[None, :], ATOMIC)
-                    _atomic_add_f32(DW + b * s_dwb + t * s_dws + j * s_dwh,
-                                    tl.sum(d_rep * tl.maximum(s, 0.0), axis=1), rm, ATOMIC)
-                    dk += _dot_ds(tl.trans(ds), q, IEEE_I, UPCAST, False)
-            _atomic_add_f32(DK + b * s_dkb + cols[:, None] * s_dks + di[None, :], dk,
-                            cmask[:, None] & dim[None, :], ATOMIC)
+                    tl.atomic_add(DQ + b * s_dqb + t[:, None] * s_dqs + j[:, None] * s_dqh + di[None, :],
+                                    _dot_ds(ds, k_tile, IEEE_I, UPCAST), mask=rm[:, None] & dim[None, :], sem="relaxed")
+                    tl.atomic_add(DW + b * s_dwb + t * s_dws + j * s_dwh,
+                                    tl.sum(d_rep * tl.maximum(s, 0.0), axis=1), mask=rm, sem="relaxed")
+                    dk += _dot_ds(tl.trans(ds), q, IEEE_I, UPCAST)
+            tl.atomic_add(DK + b * s_dkb + cols[:, None] * s_dks + di[None, :], dk, mask=cmask[:, None] & dim[None, :], sem="relaxed")
         if NG == 1:
             if lo < hi:
                 q, w, t, j, rm = _folded_queries(QI, WI, b, pid_m, Sq, 0, s_qib, s_qis, s_qih,
                                                  s_wib, s_wis, s_wih, di, dim, HI, HG, BM)
-                _atomic_add_f32(DQ + b * s_dqb + t[:, None] * s_dqs + j[:, None] * s_dqh + di[None, :],
-                                dq_acc, rm[:, None] & dim[None, :], ATOMIC)
-                _atomic_add_f32(DW + b * s_dwb + t * s_dws + j * s_dwh, dw_acc, rm, ATOMIC)
+                tl.atomic_add(DQ + b * s_dqb + t[:, None] * s_dqs + j[:, None] * s_dqh + di[None, :],
+                                dq_acc, mask=rm[:, None] & dim[None, :], sem="relaxed")
+                tl.atomic_add(DW + b * s_dwb + t * s_dws + j * s_dwh, dw_acc, mask=rm, sem="relaxed")
 
 
 # Rows of one folded indexer dot (query rows x indexer heads), the key-span length of one
@@ -417,8 +402,6 @@ class FusedDenseIndexerKL(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gkl, grecall):
-        from .sparse_attn import atomic_mode
-
         qm, kvc, qi, ki, wi, q_pos, k_pos, lse2, lse_i, klim = ctx.saved_tensors
         B, Sq, H, D = qm.shape
         Sk = kvc.shape[1]
@@ -439,7 +422,7 @@ class FusedDenseIndexerKL(torch.autograd.Function):
                 dq.stride(0), dq.stride(1), dq.stride(2), dw.stride(0), dw.stride(1), dw.stride(2),
                 dk.stride(0), dk.stride(1),
                 H=H, DV=DV, D1=D1, DR=DR, D2=D2, HI=HI, DI=DI, DIP=next_pow2(DI, 16),
-                IEEE=is_fp32(qm, kvc), IEEE_I=is_fp32(qi, ki), UPCAST=interpreting(), ATOMIC=atomic_mode(), **blk,
+                IEEE=is_fp32(qm, kvc), IEEE_I=is_fp32(qi, ki), UPCAST=interpreting(), **blk,
             )
         return None, None, dq.to(qi.dtype), dk.to(ki.dtype), dw.to(wi.dtype), None, None, None, None, None
 

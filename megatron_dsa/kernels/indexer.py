@@ -44,7 +44,6 @@ SCORE_CFG = {
 # per-row list instead of two more passes over the row (0 = always the two passes).
 SELECT_CFG = dict(TILE=2048, num_warps=8, CAP=4096)
 SELECT_CAP_INTERPRETER = 8  # small, so CPU tests take both paths
-_TIMING_SKIP_SELECT = False  # timing experiments only: score, do not select
 
 
 if HAS_TRITON:
@@ -385,8 +384,6 @@ def indexer_topk(
             HI=HI, DI=DI, DIP=DIP, BM=BM, BN=BN, HAS_KS=ks is not None, IEEE=ieee, UPCAST=interpreting(),
             **cfg,
         )
-        if _TIMING_SKIP_SELECT:
-            continue
         o = out[:, t0:t1]
         rl_b = rlim.expand(B, Sq)
         _select_kernel[(n, B)](

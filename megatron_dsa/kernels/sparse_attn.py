@@ -1,90 +1,100 @@
 """Sparse MLA attention over top-k indices, absorbed (MQA) form, forward + backward in Triton.
 
 q [B, Sq, H, Dqk], kv [B, Sk, Dqk] (values = kv[..., :v_dim]), topk_idx [B, Sq, K] (-1 skipped).
-One program per (query token, batch): all H heads of the token share the gathered KV rows, so
-each selected row is loaded once per token and used by every head.  Dqk is split into the value
-part (v_dim, padded to a power of two) and the rest (rope dims, padded), so any Dqk/v_dim works
-(576 = 512 + 64, 192 = 128 + 64, 96 = 64 + 32, ...).  Backward: dq per program; dkv either by
-fp32 atomic adds into a [B, Sk, Dqk] buffer (``_common.REDUCE_MODE = "atomic"``) or, by default,
-atomic-free: per-pair rows written in key order and summed per key (``_csr``, "sorted").
+
+One program per (query token, block of heads, batch). The heads of a token are the rows of the
+matrix products: every selected latent row is gathered once per head block and used by all of
+its heads, so from 64 heads up a program's products are 64-row tiles (the tensor cores' M
+dimension) and the kernel is bound by arithmetic, not by the gathers. Below 64 heads one block
+holds every head (16 or 32 rows). The head blocks of a token are neighbouring programs, so the
+second block's gathers find the rows in L2. Dqk is split into the value part (v_dim, padded to a
+power of two) and the rest (rope dims, padded), so any Dqk/v_dim works (576 = 512 + 64,
+192 = 128 + 64, 96 = 64 + 32, ...).
+
+Backward: dq per program (fp32 in registers); the latent rows' gradient dkv by fp32 atomic adds,
+one 576-wide row per (token, head block, selected key). Those adds are the backward's bound at
+few heads (1.55e11 of them at 128K): HBM-resident targets take ~3.9e11 adds/s, L2-resident ones
+~2.5x that. So with ``passes`` > 1 the backward runs once per range of keys whose dkv rows fit in
+L2: each row's selected keys are sorted, every program handles its keys in the pass's range and
+adds its dq share to an fp32 buffer. The queries' tensors are re-read once per pass.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from . import _common as _C
-from . import _csr
-from ._common import HAS_TRITON, _atomic_add_f32, _dot, _dot_ds, _span, interpreting, is_fp32, next_pow2, triton, tl
+from ._common import HAS_TRITON, _dot, interpreting, is_fp32, next_pow2, triton, tl
+from ..kernel_options import DEFAULT_OPTIONS, KernelOptions, Tiles
 
 LOG2E = 1.4426950408889634
+MAX_HEAD_BLOCK = 64  # rows of one program's products: the tensor cores' M at 64 and above
 
 
-# dkv accumulation: 0 = tl.atomic_add (relaxed), 2 = paired red.global.add.v2.f32 (GPU only;
-# only 3% faster at 128K and WRONG where the register layout replicates elements, e.g. 16-wide
-# tiles: it double-counts, see benchmarks/NOTES.md), 1 = skip (timing experiments only).
-ATOMIC_MODE = 0
-# Optional (BK, num_warps, num_stages) overrides for the forward / backward kernels.
-FWD_CFG = None
-BWD_CFG = None
-
-
-def atomic_mode():
-    return 0 if interpreting() else ATOMIC_MODE
-
-
-def _cfg(D1, D2, on_gpu, bwd=False):
-    # Measured at 128K, H=16, 576/512: forward (64, 4, 2) 71 ms vs (32, 8, 2) 123 ms;
-    # backward (32, 8, 2) 518 ms vs (16, 8, 2) 717 and (32, 4, 2) 834.
-    if not on_gpu:
-        return 16, 4, 1
-    big = D1 + D2 > 256
-    if bwd:
-        return (32 if big else 64), (8 if big else 4), (2 if big else 3)
-    return 64, 4, 2
+def head_block(H: int) -> int:
+    """Heads per program: every head up to 64 (padded to 16 or 32), else blocks of 64."""
+    return min(next_pow2(H, 16), MAX_HEAD_BLOCK)
 
 
 if HAS_TRITON:
 
     @triton.jit
+    def _program_coords(NHB, HB: tl.constexpr, H):
+        """(token, heads of this program, their mask, batch); head blocks of one token are
+        consecutive program ids, so they run side by side and share the gathered rows in L2."""
+        pid = tl.program_id(0)
+        t = pid // NHB
+        h = (pid % NHB) * HB + tl.arange(0, HB)
+        return t.to(tl.int64), h, h < H, tl.program_id(1).to(tl.int64)
+
+    @triton.jit
+    def _tile_mask(rows_ok, d, D: tl.constexpr, DP: tl.constexpr):
+        """The mask of a [rows, DP] tile whose last DP - D columns are padding. Without padding it
+        is the row mask alone, constant along each row, so the loads stay 16-byte vectors (a
+        column mask Triton cannot prove constant makes them 2-byte scalar loads)."""
+        if D == DP:
+            return rows_ok[:, None]
+        else:
+            return rows_ok[:, None] & (d < D)[None, :]
+
+    @triton.jit
+    def _gather(base, rowoff, valid, d, D: tl.constexpr, DP: tl.constexpr):
+        """Rows of a [rows, D] tile at int32 element offsets ``rowoff`` from one base pointer: the
+        [BK, D] address tile stays 32-bit (64-bit pointers per element cost twice the registers)."""
+        return tl.load(base + (rowoff[:, None] + d[None, :]), mask=_tile_mask(valid, d, D, DP), other=0.0)
+
+    @triton.jit
     def _sparse_fwd_kernel(
         Q, KV, IDX, O, LSE,
-        Sk, TOPK, scale_log2,
+        Sk, TOPK, NHB, H, scale_log2,
         stride_qb, stride_qs, stride_qh,
         stride_kb, stride_ks,
         stride_ib, stride_is,
         stride_ob, stride_os, stride_oh,
         stride_lb, stride_ls,
-        H: tl.constexpr, HP: tl.constexpr,
-        DV: tl.constexpr, D1: tl.constexpr, DR: tl.constexpr, D2: tl.constexpr,
+        HB: tl.constexpr, DV: tl.constexpr, D1: tl.constexpr, DR: tl.constexpr, D2: tl.constexpr,
         BK: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     ):
-        t = tl.program_id(0)
-        b = tl.program_id(1)
-        h, hm = _span(H, HP)
-        d1, d1m = _span(DV, D1)
+        t, h, hm, b = _program_coords(NHB, HB, H)
+        d1 = tl.arange(0, D1)
+        d2 = tl.arange(0, D2)
         qb = Q + b * stride_qb + t * stride_qs + h[:, None] * stride_qh
-        q1 = tl.load(qb + d1[None, :], mask=hm[:, None] & d1m[None, :], other=0.0)
+        q1 = tl.load(qb + d1[None, :], mask=_tile_mask(hm, d1, DV, D1), other=0.0)
         if DR > 0:
-            d2, d2m = _span(DR, D2)
-            q2 = tl.load(qb + DV + d2[None, :], mask=hm[:, None] & d2m[None, :], other=0.0)
-        m_i = tl.full((HP,), float("-inf"), tl.float32)
-        l_i = tl.zeros((HP,), tl.float32)
-        acc = tl.zeros((HP, D1), tl.float32)
+            q2 = tl.load(qb + DV + d2[None, :], mask=_tile_mask(hm, d2, DR, D2), other=0.0)
+        m_i = tl.full((HB,), float("-inf"), tl.float32)
+        l_i = tl.zeros((HB,), tl.float32)
+        acc = tl.zeros((HB, D1), tl.float32)
         ib = IDX + b * stride_ib + t * stride_is
         kvb = KV + b * stride_kb
         for k0 in range(0, TOPK, BK):
             kk = k0 + tl.arange(0, BK)
             idx = tl.load(ib + kk, mask=kk < TOPK, other=-1)
             valid = (idx >= 0) & (idx < Sk)
-            rowp = kvb + idx * stride_ks
-            kv1 = tl.load(rowp[:, None] + d1[None, :], mask=valid[:, None] & d1m[None, :], other=0.0)
+            rowoff = idx.to(tl.int32) * stride_ks
+            kv1 = _gather(kvb, rowoff, valid, d1, DV, D1)
             s = _dot(q1, tl.trans(kv1), IEEE, UPCAST)
             if DR > 0:
-                kv2 = tl.load(rowp[:, None] + DV + d2[None, :], mask=valid[:, None] & d2m[None, :], other=0.0)
-                s += _dot(q2, tl.trans(kv2), IEEE, UPCAST)
+                s += _dot(q2, tl.trans(_gather(kvb + DV, rowoff, valid, d2, DR, D2)), IEEE, UPCAST)
             s = tl.where(valid[None, :], s * scale_log2, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -97,84 +107,172 @@ if HAS_TRITON:
         out = acc / tl.where(has, l_i, 1.0)[:, None]
         lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
         ob = O + b * stride_ob + t * stride_os + h[:, None] * stride_oh + d1[None, :]
-        tl.store(ob, out.to(O.dtype.element_ty), mask=hm[:, None] & d1m[None, :])
+        tl.store(ob, out.to(O.dtype.element_ty), mask=_tile_mask(hm, d1, DV, D1))
         tl.store(LSE + b * stride_lb + t * stride_ls + h, lse, mask=hm)
 
     @triton.jit
     def _sparse_bwd_kernel(
-        Q, KV, IDX, DO, LSE, DELTA, DQ, DKV, POS, PART,
-        Sk, TOPK, scale, scale_log2, t0,
+        Q, KV, IDX, SEG, DO, LSE, DELTA, DQ, DKV,
+        Sk, TOPK, NHB, H, scale, scale_log2, pass_id,
         stride_qb, stride_qs, stride_qh,
         stride_kb, stride_ks,
         stride_ib, stride_is,
+        stride_sb, stride_ss,
+        stride_ob, stride_os, stride_oh,
+        stride_lb, stride_ls,
+        stride_db, stride_ds, stride_dh,
+        stride_dkb, stride_dks,
+        HB: tl.constexpr, DV: tl.constexpr, D1: tl.constexpr, DR: tl.constexpr, D2: tl.constexpr,
+        BK: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+        DQ_ON: tl.constexpr, DKV_ON: tl.constexpr, PASSES: tl.constexpr, FIRST: tl.constexpr,
+    ):
+        # One program per (token, head block): recompute the probabilities p and the score
+        # gradients ds of the selected keys, then dq (DQ_ON) and/or the rows' gradient dkv
+        # (DKV_ON, fp32 atomic adds). Q/DO/LSE/DELTA strides as named; DQ has its own (an fp32
+        # buffer when passes add to it). PASSES > 1: this launch takes the slots
+        # SEG[b, t, pass_id] .. SEG[b, t, pass_id + 1] of a key-sorted IDX, and dq is added to
+        # DQ (FIRST: written).
+        t, h, hm, b = _program_coords(NHB, HB, H)
+        if PASSES > 1:
+            sp = SEG + b * stride_sb + t * stride_ss + pass_id
+            lo = tl.load(sp)
+            hi = tl.load(sp + 1)
+        else:
+            lo = 0
+            hi = TOPK
+        if (DQ_ON and FIRST) or hi > lo:
+            d1 = tl.arange(0, D1)
+            d2 = tl.arange(0, D2)
+            qb = Q + b * stride_qb + t * stride_qs + h[:, None] * stride_qh
+            q1 = tl.load(qb + d1[None, :], mask=_tile_mask(hm, d1, DV, D1), other=0.0)
+            do = tl.load(DO + b * stride_ob + t * stride_os + h[:, None] * stride_oh + d1[None, :],
+                         mask=_tile_mask(hm, d1, DV, D1), other=0.0)
+            lse = tl.load(LSE + b * stride_lb + t * stride_ls + h, mask=hm, other=float("-inf"))
+            delta = tl.load(DELTA + b * stride_lb + t * stride_ls + h, mask=hm, other=0.0)
+            lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+            dq1 = tl.zeros((HB, D1), tl.float32)
+            dq2 = tl.zeros((HB, D2), tl.float32)
+            if DR > 0:
+                q2 = tl.load(qb + DV + d2[None, :], mask=_tile_mask(hm, d2, DR, D2), other=0.0)
+            ib = IDX + b * stride_ib + t * stride_is
+            kvb = KV + b * stride_kb
+            dkvb = DKV + b * stride_dkb
+            for k0 in range(lo, hi, BK):
+                kk = k0 + tl.arange(0, BK)
+                idx = tl.load(ib + kk, mask=kk < hi, other=-1)
+                valid = (idx >= 0) & (idx < Sk)
+                rowoff = idx.to(tl.int32) * stride_ks
+                kv1 = _gather(kvb, rowoff, valid, d1, DV, D1)
+                s = _dot(q1, tl.trans(kv1), IEEE, UPCAST)
+                if DR > 0:
+                    kv2 = _gather(kvb + DV, rowoff, valid, d2, DR, D2)
+                    s += _dot(q2, tl.trans(kv2), IEEE, UPCAST)
+                p = tl.exp2(s * scale_log2 - lse2[:, None])
+                p = tl.where(valid[None, :], p, 0.0)
+                dp = _dot(do, tl.trans(kv1), IEEE, UPCAST)
+                dsc = (p * (dp - delta[:, None]) * scale).to(kv1.dtype)  # d loss / d (q . k)
+                if DQ_ON:
+                    dq1 += _dot(dsc, kv1, IEEE, UPCAST)
+                    if DR > 0:
+                        dq2 += _dot(dsc, kv2, IEEE, UPCAST)
+                if DKV_ON:
+                    dk1 = _dot(tl.trans(dsc), q1, IEEE, UPCAST) + _dot(tl.trans(p.to(do.dtype)), do, IEEE, UPCAST)
+                    dkoff = idx.to(tl.int32) * stride_dks
+                    tl.atomic_add(dkvb + (dkoff[:, None] + d1[None, :]), dk1, mask=_tile_mask(valid, d1, DV, D1),
+                                  sem="relaxed")
+                    if DR > 0:
+                        dk2 = _dot(tl.trans(dsc), q2, IEEE, UPCAST)
+                        tl.atomic_add(dkvb + DV + (dkoff[:, None] + d2[None, :]), dk2,
+                                      mask=_tile_mask(valid, d2, DR, D2), sem="relaxed")
+            if DQ_ON:
+                dqb = DQ + b * stride_db + t * stride_ds + h[:, None] * stride_dh
+                m1 = _tile_mask(hm, d1, DV, D1)
+                if not FIRST:
+                    dq1 += tl.load(dqb + d1[None, :], mask=m1, other=0.0)
+                tl.store(dqb + d1[None, :], dq1.to(DQ.dtype.element_ty), mask=m1)
+                if DR > 0:
+                    m2 = _tile_mask(hm, d2, DR, D2)
+                    if not FIRST:
+                        dq2 += tl.load(dqb + DV + d2[None, :], mask=m2, other=0.0)
+                    tl.store(dqb + DV + d2[None, :], dq2.to(DQ.dtype.element_ty), mask=m2)
+
+
+    @triton.jit
+    def _sparse_dkv_kernel(
+        Q, KV, IDX, SEG, DO, LSE, DELTA, DKV,
+        Sk, TOPK, NHB, H, scale, scale_log2, pass_id,
+        stride_qb, stride_qs, stride_qh,
+        stride_kb, stride_ks,
+        stride_ib, stride_is,
+        stride_sb, stride_ss,
         stride_ob, stride_os, stride_oh,
         stride_lb, stride_ls,
         stride_dkb, stride_dks,
-        stride_pb, stride_ps,
-        H: tl.constexpr, HP: tl.constexpr,
-        DV: tl.constexpr, D1: tl.constexpr, DR: tl.constexpr, D2: tl.constexpr,
-        BK: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, ATOMIC: tl.constexpr, DS_3XTF32: tl.constexpr,
-        SORTED: tl.constexpr,
+        HB: tl.constexpr, DV: tl.constexpr, D1: tl.constexpr, DR: tl.constexpr, D2: tl.constexpr,
+        BK: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, PASSES: tl.constexpr,
     ):
-        # Q/DQ share strides; DO uses stride_o*; LSE/DELTA share stride_l*.
-        # SORTED: the per-pair dkv rows go to PART at row POS[b, t, slot] (row stride DV + DR),
-        # summed per key by _csr.seg_reduce; otherwise fp32 atomics into DKV.
-        t = t0 + tl.program_id(0)
-        b = tl.program_id(1)
-        h, hm = _span(H, HP)
-        d1, d1m = _span(DV, D1)
-        qb = Q + b * stride_qb + t * stride_qs + h[:, None] * stride_qh
-        q1 = tl.load(qb + d1[None, :], mask=hm[:, None] & d1m[None, :], other=0.0)
-        do = tl.load(
-            DO + b * stride_ob + t * stride_os + h[:, None] * stride_oh + d1[None, :],
-            mask=hm[:, None] & d1m[None, :], other=0.0,
-        )
-        lse = tl.load(LSE + b * stride_lb + t * stride_ls + h, mask=hm, other=float("-inf"))
-        delta = tl.load(DELTA + b * stride_lb + t * stride_ls + h, mask=hm, other=0.0)
-        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-        dq1 = tl.zeros((HP, D1), tl.float32)
-        if DR > 0:
-            d2, d2m = _span(DR, D2)
-            q2 = tl.load(qb + DV + d2[None, :], mask=hm[:, None] & d2m[None, :], other=0.0)
-            dq2 = tl.zeros((HP, D2), tl.float32)
-        ib = IDX + b * stride_ib + t * stride_is
-        kvb = KV + b * stride_kb
-        dkvb = DKV + b * stride_dkb
-        for k0 in range(0, TOPK, BK):
-            kk = k0 + tl.arange(0, BK)
-            idx = tl.load(ib + kk, mask=kk < TOPK, other=-1)
-            valid = (idx >= 0) & (idx < Sk)
-            rowp = kvb + idx * stride_ks
-            kv1 = tl.load(rowp[:, None] + d1[None, :], mask=valid[:, None] & d1m[None, :], other=0.0)
-            s = _dot(q1, tl.trans(kv1), IEEE, UPCAST)
+        # dkv alone for 64-head blocks, with the selected keys as the products' rows: s^T = kv q^T
+        # [BK, HB], then dkv = ds^T q + p^T do. Every product reads q and do as its second
+        # operand (plain or transposed), so one shared-memory copy of each serves all of them;
+        # the latent dims go in two halves to bound the accumulators' registers.
+        t, h, hm, b = _program_coords(NHB, HB, H)
+        if PASSES > 1:
+            sp = SEG + b * stride_sb + t * stride_ss + pass_id
+            lo = tl.load(sp)
+            hi = tl.load(sp + 1)
+        else:
+            lo = 0
+            hi = TOPK
+        if hi > lo:
+            DH: tl.constexpr = D1 // 2
+            da = tl.arange(0, DH)
+            db = DH + tl.arange(0, DH)
+            d2 = tl.arange(0, D2)
+            qb = Q + b * stride_qb + t * stride_qs + h[:, None] * stride_qh
+            ob = DO + b * stride_ob + t * stride_os + h[:, None] * stride_oh
+            ma = hm[:, None] & (da < DV)[None, :]
+            mb = hm[:, None] & (db < DV)[None, :]
+            qa = tl.load(qb + da[None, :], mask=ma, other=0.0)
+            qh = tl.load(qb + db[None, :], mask=mb, other=0.0)
+            doa = tl.load(ob + da[None, :], mask=ma, other=0.0)
+            doh = tl.load(ob + db[None, :], mask=mb, other=0.0)
             if DR > 0:
-                kv2 = tl.load(rowp[:, None] + DV + d2[None, :], mask=valid[:, None] & d2m[None, :], other=0.0)
-                s += _dot(q2, tl.trans(kv2), IEEE, UPCAST)
-            p = tl.exp2(s * scale_log2 - lse2[:, None])
-            p = tl.where(valid[None, :], p, 0.0)
-            dp = _dot(do, tl.trans(kv1), IEEE, UPCAST)
-            ds = p * (dp - delta[:, None]) * scale  # d loss / d (q . k)
-            dsc = ds.to(kv1.dtype)
-            dq1 += _dot(dsc, kv1, IEEE, UPCAST)
-            dk1 = _dot_ds(tl.trans(ds), q1, IEEE, UPCAST, DS_3XTF32) + _dot(tl.trans(p.to(do.dtype)), do, IEEE, UPCAST)
-            if SORTED:
-                prow = tl.load(POS + b * stride_pb + t * stride_ps + kk, mask=kk < TOPK, other=0)
-                dkp = PART + prow.to(tl.int64) * (DV + DR)
-                tl.store(dkp[:, None] + d1[None, :], dk1.to(PART.dtype.element_ty), mask=valid[:, None] & d1m[None, :])
-            else:
-                dkp = dkvb + idx * stride_dks
-                _atomic_add_f32(dkp[:, None] + d1[None, :], dk1, valid[:, None] & d1m[None, :], ATOMIC)
-            if DR > 0:
-                dq2 += _dot(dsc, kv2, IEEE, UPCAST)
-                dk2 = _dot_ds(tl.trans(ds), q2, IEEE, UPCAST, DS_3XTF32)
-                if SORTED:
-                    tl.store(dkp[:, None] + DV + d2[None, :], dk2.to(PART.dtype.element_ty), mask=valid[:, None] & d2m[None, :])
-                else:
-                    _atomic_add_f32(dkp[:, None] + DV + d2[None, :], dk2, valid[:, None] & d2m[None, :], ATOMIC)
-        dqb = DQ + b * stride_qb + t * stride_qs + h[:, None] * stride_qh
-        tl.store(dqb + d1[None, :], dq1.to(DQ.dtype.element_ty), mask=hm[:, None] & d1m[None, :])
-        if DR > 0:
-            tl.store(dqb + DV + d2[None, :], dq2.to(DQ.dtype.element_ty), mask=hm[:, None] & d2m[None, :])
+                q2 = tl.load(qb + DV + d2[None, :], mask=_tile_mask(hm, d2, DR, D2), other=0.0)
+            lse = tl.load(LSE + b * stride_lb + t * stride_ls + h, mask=hm, other=float("-inf"))
+            delta = tl.load(DELTA + b * stride_lb + t * stride_ls + h, mask=hm, other=0.0)
+            lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+            ib = IDX + b * stride_ib + t * stride_is
+            kvb = KV + b * stride_kb
+            dkvb = DKV + b * stride_dkb
+            for k0 in range(lo, hi, BK):
+                kk = k0 + tl.arange(0, BK)
+                idx = tl.load(ib + kk, mask=kk < hi, other=-1)
+                valid = (idx >= 0) & (idx < Sk)
+                rowoff = idx.to(tl.int32) * stride_ks
+                kva = tl.load(kvb + (rowoff[:, None] + da[None, :]), mask=valid[:, None] & (da < DV)[None, :],
+                              other=0.0)
+                kvh = tl.load(kvb + (rowoff[:, None] + db[None, :]), mask=valid[:, None] & (db < DV)[None, :],
+                              other=0.0)
+                st = _dot(kva, tl.trans(qa), IEEE, UPCAST) + _dot(kvh, tl.trans(qh), IEEE, UPCAST)
+                if DR > 0:
+                    kv2 = _gather(kvb + DV, rowoff, valid, d2, DR, D2)
+                    st += _dot(kv2, tl.trans(q2), IEEE, UPCAST)
+                pt = tl.exp2(st * scale_log2 - lse2[None, :])
+                pt = tl.where(valid[:, None], pt, 0.0)
+                dpt = _dot(kva, tl.trans(doa), IEEE, UPCAST) + _dot(kvh, tl.trans(doh), IEEE, UPCAST)
+                dst = (pt * (dpt - delta[None, :]) * scale).to(kva.dtype)
+                ptc = pt.to(kva.dtype)
+                dkoff = idx.to(tl.int32) * stride_dks
+                dka = _dot(dst, qa, IEEE, UPCAST) + _dot(ptc, doa, IEEE, UPCAST)
+                tl.atomic_add(dkvb + (dkoff[:, None] + da[None, :]), dka,
+                              mask=valid[:, None] & (da < DV)[None, :], sem="relaxed")
+                dkh = _dot(dst, qh, IEEE, UPCAST) + _dot(ptc, doh, IEEE, UPCAST)
+                tl.atomic_add(dkvb + (dkoff[:, None] + db[None, :]), dkh,
+                              mask=valid[:, None] & (db < DV)[None, :], sem="relaxed")
+                if DR > 0:
+                    dk2 = _dot(dst, q2, IEEE, UPCAST)
+                    tl.atomic_add(dkvb + DV + (dkoff[:, None] + d2[None, :]), dk2,
+                                  mask=_tile_mask(valid, d2, DR, D2), sem="relaxed")
 
 
 def _dims(D, v_dim):
@@ -184,33 +282,51 @@ def _dims(D, v_dim):
     return DR, D1, D2
 
 
-def sparse_attn_fwd(q, kv, idx, v_dim, scale):
+def _tiles(chosen, on_gpu: bool, HB: int, kernel: str) -> Tiles:
+    """The launch tiles: the options' choice, else measured defaults per kernel and head block."""
+    if chosen is not None:
+        return chosen
+    if not on_gpu:
+        return Tiles(16, 4, 1)
+    # Measured on the H200 (benchmarks/results/tune_dsa_*.json; 576 / 512 dims, top-k 2048).
+    if kernel == "fwd":  # 32K x 64 heads: 36 ms vs (32, 8, 2) 51; 128K x 16 heads: 74 ms vs (64, 4, 2) 99
+        return Tiles(64, 8, 2)
+    if kernel == "dkv":  # keys are the products' rows, 64 for the tensor cores; 32K x 64 heads:
+        return Tiles(64, 4, 1)  # 321 ms with the dq kernel, (64, 8, 1) 401
+    if HB >= MAX_HEAD_BLOCK:  # the dq kernel, 32K x 64 heads: 334 ms with the dkv kernel, (16, 8, 2) 401
+        return Tiles(32, 8, 2)
+    # one kernel, 128K x 16 heads with 10 key ranges: 414 ms vs (32, 8, 2) 432, (16, 8, 2) 572
+    return Tiles(32, 8, 3)
+
+
+def sparse_attn_fwd(q, kv, idx, v_dim, scale, options: KernelOptions = DEFAULT_OPTIONS):
     B, Sq, H, D = q.shape
     Sk = kv.shape[1]
     K = idx.shape[-1]
     DR, D1, D2 = _dims(D, v_dim)
-    ieee = is_fp32(q, kv)
     out = torch.empty(B, Sq, H, v_dim, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, Sq, H, dtype=torch.float32, device=q.device)
-    if Sq == 0:
+    if Sq == 0 or H == 0:
         return out, lse
-    BK, nw, ns = FWD_CFG or _cfg(D1, D2 if DR else 0, q.is_cuda)
-    HP = next_pow2(H, 16)
-    _sparse_fwd_kernel[(Sq, B)](
+    HB = head_block(H)
+    NHB = triton.cdiv(H, HB)
+    tiles = _tiles(options.attn_fwd, q.is_cuda, HB, "fwd")
+    _sparse_fwd_kernel[(Sq * NHB, B)](
         q, kv, idx, out, lse,
-        Sk, K, scale * 1.4426950408889634,
+        Sk, K, NHB, H, scale * LOG2E,
         q.stride(0), q.stride(1), q.stride(2),
         kv.stride(0), kv.stride(1),
         idx.stride(0), idx.stride(1),
         out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1),
-        H=H, HP=HP, DV=v_dim, D1=D1, DR=DR, D2=D2, BK=BK, IEEE=ieee, UPCAST=interpreting(),
-        num_warps=nw, num_stages=ns,
+        HB=HB, DV=v_dim, D1=D1, DR=DR, D2=D2, BK=tiles.BK, IEEE=is_fp32(q, kv), UPCAST=interpreting(),
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     return out, lse
 
 
 DELTA_CHUNK_ELEMENTS = 1 << 26  # fp32 temporaries per chunk: 256 MiB each
+L2_TARGET_BYTES = 32 << 20  # dkv bytes one pass keeps in L2 (the H200 has 60 MB in two halves)
 
 
 def _rowwise_dot(dout: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -226,53 +342,109 @@ def _rowwise_dot(dout: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return delta
 
 
-def sparse_attn_bwd(q, kv, idx, out, lse, dout, v_dim, scale):
+def key_passes(options: KernelOptions, B: int, Sk: int, D: int, HB: int, on_gpu: bool) -> int:
+    """How many key ranges the attention backward's dkv adds are split into (1 = one pass).
+
+    ``options.key_passes`` when set; else, on the GPU, enough passes for each range's fp32
+    gradient rows to fit ``L2_TARGET_BYTES``, for head blocks below 64, where the adds, not the
+    products, bound the backward (128K x 16 heads: 10 ranges 414 ms, one 466; at 64 and 128
+    heads they measured no faster)."""
+    if options.key_passes:
+        return max(1, min(options.key_passes, Sk))
+    if not on_gpu or HB >= MAX_HEAD_BLOCK:
+        return 1
+    return max(1, min(-(-B * Sk * D * 4 // L2_TARGET_BYTES), 64, Sk))
+
+
+def key_segments(idx: torch.Tensor, Sk: int, passes: int):
+    """Each row's selected keys sorted ascending (-1 slots last), the slot permutation that did it,
+    and per row the slot where each of ``passes`` equal key ranges starts:
+    (sorted idx, order, seg [B, Sq, passes + 1] int32)."""
+    big = torch.iinfo(idx.dtype).max
+    keys, order = torch.sort(torch.where(idx >= 0, idx, big), dim=-1)
+    bounds = torch.div(torch.arange(passes + 1, device=idx.device) * Sk, passes, rounding_mode="floor")
+    bounds = bounds.to(keys.dtype).expand(*keys.shape[:2], passes + 1).contiguous()
+    seg = torch.searchsorted(keys, bounds).to(torch.int32)
+    return torch.where(keys == big, -1, keys).contiguous(), order, seg
+
+
+def split_backward(options: KernelOptions, HB: int) -> bool:
+    """dq and dkv in two kernels (always from 64-head blocks, whose fused backward does not fit
+    an SM's shared memory and registers), or one."""
+    return HB >= MAX_HEAD_BLOCK if options.attn_bwd_split is None else options.attn_bwd_split
+
+
+def sparse_attn_bwd(q, kv, idx, out, lse, dout, v_dim, scale, options: KernelOptions = DEFAULT_OPTIONS):
     B, Sq, H, D = q.shape
     Sk = kv.shape[1]
     K = idx.shape[-1]
     DR, D1, D2 = _dims(D, v_dim)
-    ieee = is_fp32(q, kv)
     dout = dout.contiguous()
-    delta = _rowwise_dot(dout, out)  # [B, Sq, H]
-    dq = torch.empty_like(q)
     dkv = torch.zeros(B, Sk, D, dtype=torch.float32, device=q.device)
-    if Sq:
-        BK, nw, ns = BWD_CFG or _cfg(D1, D2 if DR else 0, q.is_cuda, bwd=True)
-        HP = next_pow2(H, 16)
-        sorted_ = _C.reduce_sorted()
-        if sorted_:
-            csr = _csr.build_csr(idx, Sk)
-            part = torch.empty(csr.rows, D, dtype=_C.part_dtype(ieee), device=q.device)
-            pos = csr.pos
-            chunks = [(c * csr.C, min(Sq, (c + 1) * csr.C)) for c in range(csr.NC)]
-        else:
-            part, pos, chunks = dkv, idx, [(0, Sq)]
-        for c, (t0, t1) in enumerate(chunks):
-            _sparse_bwd_kernel[(t1 - t0, B)](
-                q, kv, idx, dout, lse, delta, dq, dkv, pos, part,
-                Sk, K, scale, scale * 1.4426950408889634, t0,
+    if Sq == 0 or H == 0:
+        return torch.zeros_like(q), dkv.to(kv.dtype)
+    delta = _rowwise_dot(dout, out)  # [B, Sq, H]
+    HB = head_block(H)
+    NHB = triton.cdiv(H, HB)
+    split = split_backward(options, HB)
+    passes = key_passes(options, B, Sk, D, HB, q.is_cuda)
+    full_idx = idx
+    if passes > 1:
+        idx, _, seg = key_segments(idx, Sk, passes)
+    else:
+        seg = idx
+    common = dict(HB=HB, DV=v_dim, D1=D1, DR=DR, D2=D2, IEEE=is_fp32(q, kv), UPCAST=interpreting())
+    grid = (Sq * NHB, B)
+
+    def bwd(idx_, seg_, dq, p, n_passes, dq_on, dkv_on):
+        tiles = _tiles(options.attn_bwd, q.is_cuda, HB, "bwd")
+        _sparse_bwd_kernel[grid](
+            q, kv, idx_, seg_, dout, lse, delta, dq, dkv,
+            Sk, K, NHB, H, scale, scale * LOG2E, p,
+            q.stride(0), q.stride(1), q.stride(2),
+            kv.stride(0), kv.stride(1),
+            idx_.stride(0), idx_.stride(1),
+            seg_.stride(0), seg_.stride(1),
+            dout.stride(0), dout.stride(1), dout.stride(2),
+            lse.stride(0), lse.stride(1),
+            dq.stride(0), dq.stride(1), dq.stride(2),
+            dkv.stride(0), dkv.stride(1),
+            BK=tiles.BK, DQ_ON=dq_on, DKV_ON=dkv_on, PASSES=n_passes, FIRST=p == 0,
+            num_warps=tiles.num_warps, num_stages=tiles.num_stages, **common,
+        )
+
+    if split:
+        dq = torch.empty_like(q)
+        bwd(full_idx, full_idx, dq, 0, 1, True, False)
+        tiles = _tiles(options.attn_dkv, q.is_cuda, HB, "dkv")
+        for p in range(passes):
+            _sparse_dkv_kernel[grid](
+                q, kv, idx, seg, dout, lse, delta, dkv,
+                Sk, K, NHB, H, scale, scale * LOG2E, p,
                 q.stride(0), q.stride(1), q.stride(2),
                 kv.stride(0), kv.stride(1),
                 idx.stride(0), idx.stride(1),
+                seg.stride(0), seg.stride(1),
                 dout.stride(0), dout.stride(1), dout.stride(2),
                 lse.stride(0), lse.stride(1),
                 dkv.stride(0), dkv.stride(1),
-                pos.stride(0), pos.stride(1),
-                H=H, HP=HP, DV=v_dim, D1=D1, DR=DR, D2=D2, BK=BK, IEEE=ieee, UPCAST=interpreting(), ATOMIC=atomic_mode(), DS_3XTF32=_C.DS_3XTF32,
-                SORTED=sorted_, num_warps=nw, num_stages=ns,
+                BK=tiles.BK, PASSES=passes, num_warps=tiles.num_warps, num_stages=tiles.num_stages, **common,
             )
-            if sorted_:
-                _csr.seg_reduce(part, csr, c, dkv)
-    return dq, dkv.to(kv.dtype)
+        return dq, dkv.to(kv.dtype)
+    # One kernel; with passes its dq share of each pass is added to an fp32 buffer.
+    dq = torch.empty(q.shape, dtype=torch.float32, device=q.device) if passes > 1 else torch.empty_like(q)
+    for p in range(passes):
+        bwd(idx, seg, dq, p, passes, True, True)
+    return dq.to(q.dtype), dkv.to(kv.dtype)
 
 
 class SparseMLAAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, kv, topk_idx, v_dim, scale):
+    def forward(ctx, q, kv, topk_idx, v_dim, scale, options):
         q_c, kv_c, idx_c = q.contiguous(), kv.contiguous(), topk_idx.contiguous()
-        out, lse = sparse_attn_fwd(q_c, kv_c, idx_c, v_dim, scale)
+        out, lse = sparse_attn_fwd(q_c, kv_c, idx_c, v_dim, scale, options)
         ctx.save_for_backward(q_c, kv_c, idx_c, out, lse)
-        ctx.v_dim, ctx.scale = v_dim, scale
+        ctx.v_dim, ctx.scale, ctx.options = v_dim, scale, options
         ctx.mark_non_differentiable(lse)
         return out, lse
 
@@ -281,10 +453,10 @@ class SparseMLAAttention(torch.autograd.Function):
         q, kv, idx, out, lse = ctx.saved_tensors
         if dout is None:
             dout = torch.zeros_like(out)
-        dq, dkv = sparse_attn_bwd(q, kv, idx, out, lse, dout, ctx.v_dim, ctx.scale)
-        return dq, dkv, None, None, None
+        dq, dkv = sparse_attn_bwd(q, kv, idx, out, lse, dout, ctx.v_dim, ctx.scale, ctx.options)
+        return dq, dkv, None, None, None, None
 
 
-def sparse_mla_attention(q, kv, topk_idx, v_dim, scale):
+def sparse_mla_attention(q, kv, topk_idx, v_dim, scale, options: KernelOptions = DEFAULT_OPTIONS):
     """Same contract as ``reference.sparse_mla_attention``: returns (out [B,Sq,H,v_dim], lse [B,Sq,H])."""
-    return SparseMLAAttention.apply(q, kv, topk_idx, v_dim, scale)
+    return SparseMLAAttention.apply(q, kv, topk_idx, v_dim, scale, options)

@@ -1,0 +1,97 @@
+"""Kernel options: the one object that carries every choice the Triton kernels leave open.
+
+The layer's config holds one ``KernelOptions`` (``mdsa_kernel_options``, validated once) and
+passes it down through ``megatron_dsa.ops``; the kernels read nothing else (no module globals, no
+environment). ``None`` fields take the measured defaults of the kernel that reads them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, Optional
+
+DENSE_KL = ("fused", "blockwise")
+TILE_FIELDS = ("attn_fwd", "attn_bwd", "attn_dkv", "kl_target", "kl_fwd", "kl_bwd")
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """One launch shape: keys per block (BK), warps, software-pipelining stages."""
+
+    BK: int
+    num_warps: int
+    num_stages: int
+
+    def __post_init__(self):
+        for name in ("BK", "num_warps", "num_stages"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"tiles.{name} must be a positive integer, got {v!r}")
+        if self.BK & (self.BK - 1) or self.BK < 16:
+            raise ValueError(f"tiles.BK must be a power of two >= 16, got {self.BK}")
+        if self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"tiles.num_warps must be 1, 2, 4, 8 or 16, got {self.num_warps}")
+
+
+@dataclass(frozen=True)
+class KernelOptions:
+    """dense_kl: the warm-up KL as fused Triton kernels ("fused", measured 4.8x faster) or
+    blockwise PyTorch ("blockwise"; the other indexer objectives always run it).
+    key_passes: how many key ranges the sparse attention's backward splits its fp32 dkv adds
+    into, so each range's targets stay in L2 (0: chosen from the sizes, see
+    ``sparse_attn.key_passes``; 1: one pass).
+    attn_bwd_split: the sparse attention's backward as two kernels (dq, then dkv with the keys as
+    the products' rows) or one (None: two from 64-head blocks, where one does not fit an SM).
+    attn_fwd / attn_bwd / attn_dkv / kl_target / kl_fwd / kl_bwd: launch tiles of those kernels
+    (None: measured defaults).
+    """
+
+    dense_kl: str = "fused"
+    key_passes: int = 0
+    attn_bwd_split: Optional[bool] = None
+    attn_fwd: Optional[Tiles] = None
+    attn_bwd: Optional[Tiles] = None
+    attn_dkv: Optional[Tiles] = None
+    kl_target: Optional[Tiles] = None
+    kl_fwd: Optional[Tiles] = None
+    kl_bwd: Optional[Tiles] = None
+
+    def __post_init__(self):
+        if self.dense_kl not in DENSE_KL:
+            raise ValueError(f"dense_kl must be one of {list(DENSE_KL)}, got {self.dense_kl!r}")
+        if not isinstance(self.key_passes, int) or isinstance(self.key_passes, bool) or self.key_passes < 0:
+            raise ValueError(f"key_passes must be an integer >= 0, got {self.key_passes!r}")
+        if self.attn_bwd_split not in (None, True, False):
+            raise ValueError(f"attn_bwd_split must be true, false or null, got {self.attn_bwd_split!r}")
+        for name in TILE_FIELDS:
+            v = getattr(self, name)
+            if v is not None and not isinstance(v, Tiles):
+                raise ValueError(f"{name} must be Tiles or None, got {v!r}")
+
+    @classmethod
+    def from_dict(cls, d: Optional[dict[str, Any]]) -> "KernelOptions":
+        """From plain values (a YAML mapping): tiles as [BK, num_warps, num_stages] or a mapping.
+        Unknown keys and bad values raise ValueError naming the key."""
+        if d is None:
+            return cls()
+        if isinstance(d, KernelOptions):
+            return d
+        if not isinstance(d, dict):
+            raise ValueError(f"kernel options must be a mapping, got {type(d).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown kernel options {unknown}; known: {sorted(known)}")
+        kw = dict(d)
+        for name in TILE_FIELDS:
+            v = kw.get(name)
+            if isinstance(v, (list, tuple)):
+                if len(v) != 3:
+                    raise ValueError(f"{name} must be [BK, num_warps, num_stages], got {v!r}")
+                kw[name] = Tiles(*v)
+            elif isinstance(v, dict):
+                kw[name] = Tiles(**v)
+        return cls(**kw)
+
+
+DEFAULT_OPTIONS = KernelOptions()
