@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from megatron_dsa import backends
 from megatron_dsa.config import DSAConfigError, DSATransformerConfig
 
 
@@ -33,34 +34,6 @@ class ModelSize:
     max_seq_len: int
     first_k_dense: int
     transformer: dict[str, Any] = field(default_factory=dict)
-
-
-TRANSFORMER_IMPLS = ("auto", "local", "transformer_engine")
-TE_INSTALL_HINT = "install the 'te' extra: pip install -e .[te]"
-
-
-def te_installed() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("transformer_engine") is not None
-
-
-def resolve_transformer_impl(requested: str = "auto") -> str:
-    """``auto`` -> Transformer Engine where it is installed and CUDA is up, local elsewhere.
-
-    The trainer resolves ``model.transformer_impl`` once with this and hands the result to both
-    Megatron's ``--transformer-impl`` and ``model_config``, so the two never disagree.
-    """
-    if requested not in TRANSFORMER_IMPLS:
-        raise DSAConfigError(f"transformer_impl must be one of {list(TRANSFORMER_IMPLS)}, got {requested!r}")
-    if requested == "auto":
-        return "transformer_engine" if te_installed() and torch.cuda.is_available() else "local"
-    if requested == "transformer_engine" and not te_installed():
-        raise DSAConfigError(
-            f"transformer_impl 'transformer_engine' but Transformer Engine is not installed; "
-            f"{TE_INSTALL_HINT} (or use transformer_impl 'local')"
-        )
-    return requested
 
 
 def _deepseek_v3_style(**overrides: Any) -> dict[str, Any]:
@@ -215,10 +188,8 @@ def model_config(size: str | ModelSize, **overrides: Any) -> DSATransformerConfi
         fields.setdefault("moe_layer_freq", [0] * spec.first_k_dense + [1] * (n - spec.first_k_dense))
     if not torch.cuda.is_available():
         fields.setdefault("use_cpu_initialization", True)
-    fields["transformer_impl"] = resolve_transformer_impl(fields.get("transformer_impl", "auto"))
-    if fields.get("fp8") and fields["transformer_impl"] != "transformer_engine":
-        # Local linears have no FP8 path: megatron-core would silently train in high precision.
-        raise DSAConfigError(f"fp8={fields['fp8']!r} needs transformer_impl 'transformer_engine' (TE's FP8 GEMMs)")
+    fields["transformer_impl"] = backends.resolve_transformer_impl(fields.get("transformer_impl", "auto"))
+    backends.check_fp8(fields.get("fp8"), fields["transformer_impl"])
     return DSATransformerConfig(**fields)
 
 

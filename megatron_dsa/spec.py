@@ -28,10 +28,16 @@ from megatron.core.transformer.experimental_attention_variant.absorbed_mla impor
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
-from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+from megatron.core.transformer.transformer_layer import (
+    TransformerLayer,
+    TransformerLayerSubmodules,
+    get_transformer_layer_offset,
+)
 
-from megatron_dsa.config import DSAConfigError, DSATransformerConfig
+from megatron_dsa import backends
+from megatron_dsa.config import DSATransformerConfig
 from megatron_dsa.layer import (
     DSACoreAttention,
     DSACoreAttentionSubmodules,
@@ -107,9 +113,7 @@ class TEReplicatedLinear:
     (their outputs stay bf16; the indexer's own FP8 scoring quantises those itself)."""
 
     def __new__(cls, input_size: int, output_size: int, *, config, init_method, bias: bool = False, **_):
-        from megatron.core.extensions.transformer_engine import TELinear
-
-        return _contiguous_input(TELinear)(
+        return _contiguous_input(backends.te_linear())(
             input_size, output_size, parallel_mode="duplicated", config=config, init_method=init_method,
             bias=bias, skip_bias_add=False, skip_weight_param_allocation=False,
         )
@@ -131,9 +135,6 @@ class SequenceParallelTorchNorm:
     ``finalize_model_grads`` sums their gradients over TP (the wrapped norm refuses SP)."""
 
     def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **kwargs):
-        import torch
-        from megatron.core.transformer.torch_norm import WrappedTorchNorm
-
         if not config.sequence_parallel:
             return WrappedTorchNorm(config, hidden_size, eps, **kwargs)
         norms = {"LayerNorm": torch.nn.LayerNorm, "RMSNorm": torch.nn.RMSNorm}
@@ -153,21 +154,11 @@ def _norm(backend: BackendSpecProvider, config: DSATransformerConfig, for_qk: bo
 
 
 def backend_for(config: DSATransformerConfig) -> BackendSpecProvider:
-    """TE modules when asked for (and installed), megatron-core's local modules otherwise."""
-    from megatron_dsa import model
-
+    """TE modules when asked for (and installed here), megatron-core's local modules otherwise."""
+    backends.check_fp8(config.fp8, config.transformer_impl)
     if config.transformer_impl == "transformer_engine":
-        if not model.te_installed():
-            raise DSAConfigError(
-                "transformer_impl='transformer_engine' but Transformer Engine is not installed; "
-                f"{model.TE_INSTALL_HINT} (or use transformer_impl='local')"
-            )
-        from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider
-
-        return TESpecProvider()
-    if config.fp8:
-        # Local linears have no FP8 path: megatron-core would silently train in high precision.
-        raise DSAConfigError(f"fp8={config.fp8!r} needs transformer_impl='transformer_engine'")
+        backends.require_transformer_engine()
+        return backends.te_spec_provider()
     return LocalSpecProvider()
 
 
@@ -256,9 +247,6 @@ def dsa_block_spec(
     config: DSATransformerConfig, first_k_dense: int, vp_stage: Optional[int] = None
 ) -> TransformerBlockSubmodules:
     """The decoder block spec megatron-core's GPTModel takes (this pipeline stage's layers)."""
-    from megatron.core.transformer.transformer_block import get_num_layers_to_build
-    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
-
     backend = backend_for(config)
     specs = dsa_layer_specs(config, first_k_dense)
     offset = get_transformer_layer_offset(config, vp_stage=vp_stage)

@@ -45,9 +45,9 @@ def fake_fp8_gpu(monkeypatch):
     """TE "installed" and an FP8-capable GPU "present" (Hopper), for the checks that read them."""
     import megatron.core.transformer.transformer_config as transformer_config
 
-    from megatron_dsa import model
+    from megatron_dsa import backends
 
-    monkeypatch.setattr(model, "te_installed", lambda: True)
+    monkeypatch.setattr(backends, "te_installed", lambda: True)
     monkeypatch.setattr(transformer_config, "is_te_min_version", lambda *a, **k: True)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
@@ -62,16 +62,17 @@ def fake_fp8_gpu(monkeypatch):
     (True, True, "transformer_engine"),
 ])
 def test_auto_resolution(monkeypatch, te, cuda, expected):
-    from megatron_dsa import model
+    from megatron_dsa import backends
 
-    monkeypatch.setattr(model, "te_installed", lambda: te)
+    monkeypatch.setattr(backends, "te_installed", lambda: te)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
-    assert model.resolve_transformer_impl("auto") == expected
-    assert model.resolve_transformer_impl("local") == "local"
+    assert backends.resolve_transformer_impl("auto") == expected
+    assert backends.resolve_transformer_impl("local") == "local"
 
 
 def test_auto_is_local_on_this_machine():
-    from megatron_dsa.model import model_config, resolve_transformer_impl, te_installed
+    from megatron_dsa.backends import resolve_transformer_impl, te_installed
+    from megatron_dsa.model import model_config
 
     assert not te_installed() and not torch.cuda.is_available()
     assert resolve_transformer_impl() == "local"
@@ -80,7 +81,8 @@ def test_auto_is_local_on_this_machine():
 
 def test_transformer_engine_without_te_is_a_clear_error():
     from megatron_dsa.config import DSAConfigError
-    from megatron_dsa.model import model_config, resolve_transformer_impl
+    from megatron_dsa.backends import resolve_transformer_impl
+    from megatron_dsa.model import model_config
 
     for call in (lambda: resolve_transformer_impl("transformer_engine"),
                  lambda: model_config("tiny", transformer_impl="transformer_engine")):
@@ -93,13 +95,13 @@ def test_transformer_engine_without_te_is_a_clear_error():
 
 def test_spec_refuses_te_when_it_disappears(monkeypatch):
     """A config made where TE was present, built where it is not: the spec says so."""
-    from megatron_dsa import model
+    from megatron_dsa import backends, model
     from megatron_dsa.config import DSAConfigError
     from megatron_dsa.spec import backend_for
 
-    monkeypatch.setattr(model, "te_installed", lambda: True)
+    monkeypatch.setattr(backends, "te_installed", lambda: True)
     cfg = model.model_config("tiny", transformer_impl="transformer_engine")
-    monkeypatch.setattr(model, "te_installed", lambda: False)
+    monkeypatch.setattr(backends, "te_installed", lambda: False)
     with pytest.raises(DSAConfigError, match=r"pip install -e \.\[te\]"):
         backend_for(cfg)
 
@@ -216,9 +218,9 @@ def test_bad_backend_and_fp8_settings(cli, corpus, tmp_path, overrides, needles)
 
 
 def test_fp8_without_cuda(cli, corpus, tmp_path, monkeypatch):
-    from megatron_dsa import model
+    from megatron_dsa import backends
 
-    monkeypatch.setattr(model, "te_installed", lambda: True)
+    monkeypatch.setattr(backends, "te_installed", lambda: True)
     expect_error(cli(*base(corpus, tmp_path), "fp8.format=hybrid"), "needs a CUDA GPU")
     assert not (tmp_path / "save").exists()
 
@@ -277,11 +279,11 @@ def test_te_spec_uses_te_modules(megatron_world, monkeypatch):
     import megatron.core.extensions.transformer_engine as te_ext
     import megatron.core.extensions.transformer_engine_spec_provider as provider
 
-    from megatron_dsa import model
+    from megatron_dsa import backends, model
     from megatron_dsa.layer import DSACoreAttention, ReplicatedLinear
     from megatron_dsa.spec import TEReplicatedLinear, dsa_block_spec, dsa_layer_specs
 
-    monkeypatch.setattr(model, "te_installed", lambda: True)
+    monkeypatch.setattr(backends, "te_installed", lambda: True)
     monkeypatch.setattr(provider, "is_te_min_version", lambda *a, **k: True)
     cfg = model.model_config("tiny", transformer_impl="transformer_engine")
     dense, moe = dsa_layer_specs(cfg, first_k_dense=1)[:2]
@@ -326,11 +328,11 @@ def test_te_indexer_linears_are_duplicated_and_take_transposed_inputs(monkeypatc
     from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider
     from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
-    from megatron_dsa import model
+    from megatron_dsa import backends, model
     from megatron_dsa.layer import LightningIndexer
     from megatron_dsa.spec import _indexer_linears
 
-    monkeypatch.setattr(model, "te_installed", lambda: True)
+    monkeypatch.setattr(backends, "te_installed", lambda: True)
     monkeypatch.setattr(te_ext, "TELinear", FakeTELinear)
     FakeTELinear.built.clear()
     cfg = model.model_config("tiny", transformer_impl="transformer_engine")

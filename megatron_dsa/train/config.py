@@ -283,7 +283,8 @@ def _positive(cfg: RunConfig, section: str, key: str, allow_none: bool = False) 
 
 
 def _check_values(cfg: RunConfig) -> None:
-    from megatron_dsa.model import SIZES, TRANSFORMER_IMPLS
+    from megatron_dsa.backends import TRANSFORMER_IMPLS
+    from megatron_dsa.model import SIZES
 
     if cfg.model["size"] not in SIZES:
         raise _err(f"model.size must be one of {sorted(SIZES)}, got {cfg.model['size']!r}")

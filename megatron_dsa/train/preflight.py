@@ -93,29 +93,16 @@ def _compare(kind: str, directory: Path, record: dict, expected: dict) -> None:
 def resolve_backend(cfg: RunConfig) -> str:
     """``model.transformer_impl`` resolved for this machine; FP8 needs TE's linears, TE itself
     and a GPU with FP8 GEMMs. The one value Megatron's flags and the model config both get."""
-    import torch
-
-    from megatron_dsa import model
+    from megatron_dsa import backends
     from megatron_dsa.config import DSAConfigError
 
     requested, fmt = cfg.model["transformer_impl"], cfg.fp8["format"]
     if fmt is not None:
-        what = f"fp8.format {fmt!r}"
-        if requested == "local":
-            raise _err(f"{what} needs Transformer Engine's linears, but model.transformer_impl is 'local' "
-                       "(use 'auto' or 'transformer_engine')")
-        if not model.te_installed():
-            raise _err(f"{what} needs Transformer Engine, which is not installed; {model.TE_INSTALL_HINT}")
-        if not torch.cuda.is_available():
-            raise _err(f"{what} needs a CUDA GPU (TE's FP8 GEMMs); none is available")
-        # FP8 GEMMs from Ada / Hopper (sm 8.9) on; MXFP8 from Blackwell (sm 10.0) on.
-        need = (10, 0) if cfg.fp8["recipe"] == "mxfp8" else (8, 9)
-        have = torch.cuda.get_device_capability()
-        if tuple(have) < need:
-            raise _err(f"{what} with fp8.recipe {cfg.fp8['recipe']!r} needs a GPU of compute capability "
-                       f"{need[0]}.{need[1]} or newer; this one has {have[0]}.{have[1]}")
+        problem = backends.fp8_problem(requested, cfg.fp8["recipe"], on_this_machine=True)
+        if problem:
+            raise _err(f"fp8.format {fmt!r} {problem}")
     try:
-        return model.resolve_transformer_impl(requested)
+        return backends.resolve_transformer_impl(requested)
     except DSAConfigError as error:
         raise _err(f"model.transformer_impl: {error}") from None
 
