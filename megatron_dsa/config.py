@@ -102,7 +102,7 @@ class DSATransformerConfig(MLATransformerConfig):
     """megatron-core's field; in sparse mode the report's KL runs over the selected set only."""
 
     def __post_init__(self) -> None:
-        # megatron-core's own checks first (head counts vs TP and the like) ...
+        # Our defaults and the fields megatron-core's own checks depend on first ...
         if self.experimental_attention_variant is None:
             # Makes megatron-core keep the MLA query norm UNFUSED (the indexer needs the
             # normalised latent) and scale the indexer loss in its schedules.
@@ -110,7 +110,7 @@ class DSATransformerConfig(MLATransformerConfig):
         if self.dsa_indexer_loss_coeff is None:
             self.dsa_indexer_loss_coeff = 1.0
         tp = self.tensor_model_parallel_size
-        if tp > 1 and self.num_attention_heads % tp:
+        if self.num_attention_heads % tp:
             # Before megatron-core's own checks, so the user gets the DSA error type.
             _fail(
                 f"num_attention_heads ({self.num_attention_heads}) must be divisible by the tensor "
@@ -187,11 +187,6 @@ def validate(cfg: DSATransformerConfig) -> DSASettings:
         _fail("a shared indexer needs every layer on one pipeline stage (pipeline size 1)")
     if cfg.mdsa_fp8_indexer and cfg.mdsa_kernel == "reference":
         _fail("the FP8 indexer is a Triton kernel: mdsa_kernel must be 'auto' or 'triton'")
-    if cfg.num_attention_heads % cfg.tensor_model_parallel_size:
-        _fail(
-            f"num_attention_heads ({cfg.num_attention_heads}) must be divisible by the tensor "
-            f"parallel size ({cfg.tensor_model_parallel_size})"
-        )
     tp, cp = cfg.tensor_model_parallel_size, cfg.context_parallel_size
     if tp > 1 and not cfg.sequence_parallel:
         _fail("tensor_model_parallel_size > 1 needs sequence_parallel=True (the indexer is sharded by sequence)")

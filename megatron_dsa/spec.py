@@ -45,6 +45,7 @@ from megatron_dsa.layer import (
     LightningIndexerSubmodules,
     ReplicatedLinear,
 )
+from megatron_dsa.parallel import global_sequence_length
 
 
 class DSAAbsorbedMLASelfAttention(AbsorbedMLASelfAttention):
@@ -75,9 +76,9 @@ class DSAAbsorbedMLASelfAttention(AbsorbedMLASelfAttention):
             self.core_attention.register_forward_pre_hook(_refuse_fp8_inputs, with_kwargs=True)
 
     def forward(self, hidden_states, attention_mask, *args, **kwargs):
-        from megatron_dsa.layer import check_parallel_sequence
-
-        check_parallel_sequence(self.config, hidden_states.shape[0])
+        cfg = self.config
+        global_sequence_length(hidden_states.shape[0], cfg.tensor_model_parallel_size, cfg.context_parallel_size,
+                               sequence_parallel_rows=cfg.sequence_parallel)
         return super().forward(hidden_states, attention_mask, *args, **kwargs)
 
 

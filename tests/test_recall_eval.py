@@ -105,7 +105,7 @@ def check_oracle(model, res, cap, k, calls_per_k):
 def direct_recall_kl(layer, calls, k):
     """Mean over every query row of every call: recall of the head-summed dense attention mass
     in the indexer's top-k, and KL(p || softmax(I)); computed here from the layer's inputs."""
-    indexer = layer._get_indexer()
+    indexer = layer.indexer_module()
     recall_sum = kl_sum = 0.0
     rows = 0
     for query, key, x, qr in calls:

@@ -175,7 +175,7 @@ class _OracleHook:
 def _recording_layers(layers) -> list:
     """The layers whose warm-up forward computes recall: those with an indexer of their own or
     a shared one (with dsa_indexer_topk_freq = N the layers that reuse a selection have none)."""
-    return [layer for layer in layers if layer._get_indexer() is not None]
+    return [layer for layer in layers if layer.indexer_module() is not None]
 
 
 def indexer_recall_at_lengths(model, tokens, lengths: Sequence[int], topk_ratios: Optional[Sequence[float]] = None,
