@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 from functools import partial
+from types import SimpleNamespace
 from typing import Optional
 
 import torch
@@ -24,6 +25,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.experimental_attention_variant.absorbed_mla import (
     AbsorbedMLASelfAttention,
     AbsorbedMLASelfAttentionSubmodules,
+    _apply_absorbed_v_up_projection,
 )
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
@@ -61,6 +63,9 @@ class DSAAbsorbedMLASelfAttention(AbsorbedMLASelfAttention):
       splits its rotary table over CP, which would fail with an opaque reshape error).
     * under FP8 (``config.fp8``, TE's GEMMs) the core attention's inputs are checked to be
       high-precision tensors (``_refuse_fp8_inputs``).
+
+    For inference (one rank, a KV cache), ``absorbed_inputs`` and ``project_output`` are the
+    two halves of ``forward`` around the core attention, by megatron-core's own code.
     """
 
     def __init__(self, config, submodules, *args, **kwargs):
@@ -74,6 +79,24 @@ class DSAAbsorbedMLASelfAttention(AbsorbedMLASelfAttention):
             )
         if config.fp8:
             self.core_attention.register_forward_pre_hook(_refuse_fp8_inputs, with_kwargs=True)
+
+    def absorbed_inputs(self, hidden_states: torch.Tensor, first_position: int = 0):
+        """The core attention's inputs for tokens at positions ``first_position``, ... (one
+        rank): absorbed queries [s, b, H, Dqk], latent KV entries [s, b, 1, Dqk] and the
+        normalised query latent qr [s, b, q_lora_rank] of hidden_states [s, b, hidden]."""
+        # megatron-core offsets its rotary table by an inference context's sequence_len_offset.
+        at = SimpleNamespace(sequence_len_offset=first_position,
+                             max_sequence_length=first_position + hidden_states.shape[0])
+        return self.get_query_key_value_tensors(hidden_states, inference_context=at)
+
+    def project_output(self, latent_output: torch.Tensor):
+        """The core attention's latent output [s, b, H * kv_lora_rank] -> (output [s, b, hidden],
+        bias): the V up-projection, then ``linear_proj``, as ``forward`` applies them."""
+        cfg = self.config
+        out = _apply_absorbed_v_up_projection(latent_output, self._get_v_up_weight(),
+                                              self.num_attention_heads_per_partition, cfg.kv_lora_rank,
+                                              cfg.v_head_dim, core_consumed_v_up_projection=False)
+        return self.linear_proj(out)
 
     def forward(self, hidden_states, attention_mask, *args, **kwargs):
         cfg = self.config
