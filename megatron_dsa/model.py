@@ -1,4 +1,10 @@
-"""A scaled-down DeepSeek-V3-style MoE with DSA, built from megatron-core pieces.
+"""The model: its shapes (the one owner of them) and its build from megatron-core pieces.
+
+Sizes (``SIZES``: ``tiny``, ``small``, the 671B shape) are ``ModelSize`` records on top of the
+DeepSeek-V3 conventions (``deepseek_v3_style``). The trainer, its preflight and the converter
+all read shapes from here: ``model_config`` for a size's config, ``SHAPE_FIELDS`` /
+``parameter_shape`` for what a checkpoint must agree on, ``ModelSize.to_json`` /
+``from_json`` for the size a checkpoint records.
 
 Architecture (one-to-one with Hugging Face's ``DeepseekV32ForCausalLM``): token embedding ->
 layers of [RMSNorm -> MLA (query latent, absorbed form, DSA core attention) -> RMSNorm ->
@@ -35,8 +41,52 @@ class ModelSize:
     first_k_dense: int
     transformer: dict[str, Any] = field(default_factory=dict)
 
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-able record of this size (checkpoints carry it); ``from_json`` reads it back."""
+        fields = {}
+        for key, value in self.transformer.items():
+            if isinstance(value, torch.dtype):
+                value = {"dtype": str(value).removeprefix("torch.")}
+            elif callable(value):
+                value = {"callable": getattr(value, "__name__", str(value))}
+            fields[key] = value
+        return dict(name=self.name, vocab_size=self.vocab_size, max_seq_len=self.max_seq_len,
+                    first_k_dense=self.first_k_dense, transformer=fields)
 
-def _deepseek_v3_style(**overrides: Any) -> dict[str, Any]:
+    @classmethod
+    def from_json(cls, record: dict[str, Any]) -> "ModelSize":
+        fields = {}
+        for key, value in record["transformer"].items():
+            if isinstance(value, dict) and "dtype" in value:
+                value = getattr(torch, value["dtype"])
+            elif isinstance(value, dict) and "callable" in value:
+                continue  # the activation: fixed by the DeepSeek style (silu)
+            elif key == "transformer_impl":
+                continue  # TE where installed, local elsewhere (decided by the reader, not the writer)
+            fields[key] = value
+        return cls(name=record["name"], vocab_size=record["vocab_size"], max_seq_len=record["max_seq_len"],
+                   first_k_dense=record["first_k_dense"], transformer=deepseek_v3_style(**fields))
+
+
+# DSATransformerConfig fields that fix parameter shapes: a checkpoint loads into a model iff
+# these and first_k_dense agree.
+SHAPE_FIELDS = (
+    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "q_lora_rank",
+    "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim", "num_moe_experts",
+    "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size", "moe_router_topk",
+    "dsa_indexer_n_heads", "dsa_indexer_head_dim", "mdsa_indexer_sharing", "dsa_indexer_topk_freq",
+    "add_bias_linear", "gated_linear_unit", "normalization",
+)
+
+
+def parameter_shape(config: DSATransformerConfig, first_k_dense: int) -> dict[str, Any]:
+    """What fixes the parameters' shapes in a built model (``SHAPE_FIELDS`` + first_k_dense)."""
+    shape = {name: getattr(config, name, None) for name in SHAPE_FIELDS}
+    shape["first_k_dense"] = first_k_dense
+    return shape
+
+
+def deepseek_v3_style(**overrides: Any) -> dict[str, Any]:
     """DeepSeek-V3 conventions shared by every size; each size sets the numbers."""
     base = dict(
         # Resolved by model_config (resolve_transformer_impl): TE where usable, local elsewhere.
@@ -76,7 +126,7 @@ SIZES: dict[str, ModelSize] = {
         vocab_size=512,
         max_seq_len=512,
         first_k_dense=1,
-        transformer=_deepseek_v3_style(
+        transformer=deepseek_v3_style(
             num_layers=3,
             hidden_size=64,
             ffn_hidden_size=128,
@@ -105,7 +155,7 @@ SIZES: dict[str, ModelSize] = {
         vocab_size=8192,
         max_seq_len=131072,
         first_k_dense=1,
-        transformer=_deepseek_v3_style(
+        transformer=deepseek_v3_style(
             num_layers=6,
             hidden_size=512,
             ffn_hidden_size=1536,
@@ -135,7 +185,7 @@ SIZES: dict[str, ModelSize] = {
         vocab_size=129280,
         max_seq_len=163840,
         first_k_dense=3,
-        transformer=_deepseek_v3_style(
+        transformer=deepseek_v3_style(
             num_layers=61,
             hidden_size=7168,
             ffn_hidden_size=18432,

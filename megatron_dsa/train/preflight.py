@@ -21,31 +21,17 @@ RUN_FILE = "mdsa_run.json"
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 VOCAB_MULTIPLE = 128  # Megatron's default --make-vocab-size-divisible-by
 
-# DSATransformerConfig fields that fix parameter shapes (a checkpoint is loadable iff equal).
-SHAPE_FIELDS = (
-    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "q_lora_rank",
-    "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim", "num_moe_experts",
-    "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size", "moe_router_topk",
-    "dsa_indexer_n_heads", "dsa_indexer_head_dim", "mdsa_indexer_sharing", "dsa_indexer_topk_freq",
-    "add_bias_linear", "gated_linear_unit", "normalization",
-)
-
 
 def _err(msg: str) -> TrainConfigError:
     return TrainConfigError(msg)
 
 
 def model_fingerprint(cfg: RunConfig, model_cfg, vocab_size: int, tokenizer_sha: str) -> dict:
-    shape = {f: getattr(model_cfg, f, None) for f in SHAPE_FIELDS}
-    shape["first_k_dense"] = _first_k_dense(cfg)
+    from megatron_dsa.model import parameter_shape, resolve_size
+
+    shape = parameter_shape(model_cfg, resolve_size(cfg.model["size"]).first_k_dense)
     return {"size": cfg.model["size"], "shape": shape, "vocab_size": vocab_size,
             "tokenizer_sha256": tokenizer_sha}
-
-
-def _first_k_dense(cfg: RunConfig) -> int:
-    from megatron_dsa.model import resolve_size
-
-    return resolve_size(cfg.model["size"]).first_k_dense
 
 
 def read_run_file(directory: str | os.PathLike[str]) -> dict | None:
