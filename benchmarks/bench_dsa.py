@@ -30,6 +30,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from megatron_dsa import kernels as KN  # noqa: E402
+from megatron_dsa.flops import dense_attention_flops, dsa_flops  # noqa: E402
 
 H, DQK, DV, HI, DI, TOPK = 16, 576, 512, 64, 128, 2048
 CEIL = {"bf16": 798e12, "fp8": 1455e12, "bw": 4.18e12}
@@ -377,7 +378,7 @@ def main():
             res["tilelang_topk_check"] = {"error": repr(e)[:400]}
             traceback.print_exc()
     for S in sorted(set(seqs) | set(mseqs) | set(tseqs)):
-        fl = KN.dsa_flops(S, H, DQK, DV, HI, DI, TOPK)
+        fl = dsa_flops(S, H, DQK, DV, HI, DI, TOPK)
         row = {"seq": S, "flops": fl}
         torch.cuda.empty_cache()
         if S in seqs:
@@ -421,7 +422,7 @@ def main():
                 fn = sdpa_step(S)
                 ms, all_ms = cuda_time(fn, reps=args.reps)
                 peak, extra = peak_of(fn)
-                dfl = KN.dense_attention_flops(S, H, 192, 128)
+                dfl = dense_attention_flops(S, H, 192, 128)
                 row["sdpa"] = {"ms": ms, "all_ms": all_ms, "peak_gib": peak, "tflops": dfl / ms / 1e9}
             except torch.cuda.OutOfMemoryError as e:
                 row["sdpa"] = {"oom": True}

@@ -346,7 +346,7 @@ class Progress:
         if iteration == self.last_iter:
             return  # a later microbatch of the same iteration
         if self.flops_per_iter is None:
-            from megatron_dsa.train.flops import training_flops_per_iteration
+            from megatron_dsa.flops import training_flops_per_iteration
 
             self.flops_per_iter = training_flops_per_iteration(
                 _STATE["model_config"], args.seq_length, args.global_batch_size,
