@@ -95,7 +95,7 @@ def test_overrides_nested_and_typed():
 def test_megatron_argv_carries_mdsa_flags(corpus, tmp_path):
     from megatron_dsa.train.config import load_config
     from megatron_dsa.train.preflight import preflight
-    from megatron_dsa.train.trainer import megatron_argv
+    from megatron_dsa.train.flags import megatron_argv
 
     cfg = load_config(CONFIGS / "tiny" / "pretrain.yaml", base(corpus, tmp_path)[2:])
     argv = megatron_argv(cfg, preflight(cfg))

@@ -109,7 +109,7 @@ def check_megatron_flags(argv: list[str]) -> None:
 
     from megatron.training.arguments import add_megatron_arguments
 
-    from megatron_dsa.train.trainer import add_mdsa_args
+    from megatron_dsa.train.flags import add_mdsa_args
 
     class _Parser(argparse.ArgumentParser):
         def error(self, message):  # noqa: D401 - argparse hook
@@ -218,7 +218,7 @@ def preflight(cfg: RunConfig, check_flags: bool = True) -> dict:
     }
     cfg.checkpoint["save"] = str(save)
     if check_flags:
-        from megatron_dsa.train.trainer import megatron_argv
+        from megatron_dsa.train.flags import megatron_argv
 
         check_megatron_flags(megatron_argv(cfg, plan))
     return plan
