@@ -64,7 +64,7 @@ def ok(result) -> None:
 
 
 def scalars(tb_dir: Path, tag: str) -> list[tuple[int, float]]:
-    from megatron_dsa.train.main import read_scalars
+    from megatron_dsa.train.runner import read_scalars
 
     return read_scalars(tb_dir)[tag]
 
@@ -122,7 +122,7 @@ def test_warmup_kl_falls_and_only_indexers_move(phases, tmp_path):
     recall = [v for _, v in scalars(phases / "warmup_tb", "indexer topk-recall")]
     assert all(0.0 < r <= 1.0 for r in recall)
     # Per-layer KL is logged for every layer.
-    tags = {t for t in __import__("megatron_dsa.train.main", fromlist=["x"]).read_scalars(phases / "warmup_tb")}
+    tags = {t for t in __import__("megatron_dsa.train.runner", fromlist=["x"]).read_scalars(phases / "warmup_tb")}
     assert {"indexer kl/layer1", "indexer kl/layer2", "indexer kl/layer3", "tokens-per-sec"} <= tags
 
     before = load_weights(phases / "pretrain", tmp_path)
