@@ -28,7 +28,7 @@ def _fresh_seed():
     torch.manual_seed(int.from_bytes(os.urandom(4), "little"))
 
 
-# Both backward reductions (the atomic-free sorted one and the v1 atomics) and both KL forward
+# Both backward reductions (the atomic-free sorted one and the fp32 atomics) and both KL forward
 # paths (lse reused from the attention / recomputed) must equal the reference.
 VARIANTS = ["new", "old"]
 
@@ -212,6 +212,7 @@ ATTN_CASES = [
     (2, 37, 16, 64, 32, 40, torch.bfloat16),  # topk > S: -1 tails
     (1, 20, 2, 48, 0, 8, torch.float32),  # v_dim not a power of two, no rope part
     (1, 9, 2, 512, 64, 8, torch.bfloat16),  # the 671B model's 576 / 512 dims
+    (1, 9, 2, 512, 64, 8, torch.float32),
 ]
 
 
@@ -276,7 +277,8 @@ def _sparse_kl_inputs(B, S, H, D, HI, DI, topk, dtype):
 
 @pytest.mark.parametrize(
     "B,S,H,D,HI,DI,topk,dtype",
-    [(1, 40, 3, 48, 4, 32, 24, torch.float32), (2, 33, 16, 96, 3, 16, 40, torch.bfloat16)],
+    [(1, 40, 3, 48, 4, 32, 24, torch.float32), (2, 33, 16, 96, 3, 16, 40, torch.bfloat16),
+     (1, 9, 2, 576, 64, 128, 8, torch.bfloat16)],  # the 671B model's 576 latent dims, 64 x 128 indexer
 )
 def test_sparse_indexer_kl(B, S, H, D, HI, DI, topk, dtype, variant):
     if BIG:
