@@ -1,7 +1,7 @@
 """DSA attention core, forward + backward, side by side on one GPU (not a test).
 
     python benchmarks/bench_dsa.py [--seqs 4096,8192,...] [--out DIR] [--quick]
-    python benchmarks/bench_dsa.py --ab [--seqs 32768,65536,131072] [--out DIR]   # old vs new paths
+    python benchmarks/bench_dsa.py --ab [--seqs 32768,65536,131072] [--out DIR]   # atomic vs sorted reductions
 
 Rows: ours bf16 indexer / ours fp8 indexer (Triton: indexer top-k + sparse MLA attention +
 sparse indexer KL, forward and backward), dense SDPA (MLA-style 192/128 dims, causal, fwd+bwd),
@@ -227,7 +227,7 @@ def topk_checks(S=8192, rows=256):
 
 # --ab variants: (name, REDUCE_MODE, KL_REDUCE_MODE, pass the attention's lse to the KL)
 AB_VARIANTS = [
-    ("old", "atomic", None, False),  # v1: fp32 atomics for dkv / dk_idx, KL recomputes lse
+    ("old", "atomic", None, False),  # fp32 atomics for dkv / dk_idx, KL recomputes lse
     ("new", "sorted", None, True),  # sorted dkv + dk_idx, KL reuses the attention's lse
     ("new_klatomic", "sorted", "atomic", True),  # sorted dkv, atomics for dk_idx, lse reused
 ]
@@ -459,8 +459,8 @@ def _cell(r):
     return f"{r['ms']:.1f} ms, {r['peak_gib']:.2f} GB"
 
 
-# megatron-core 0.19.2's DSA with its TileLang kernels on the same H200 model (../shared/docs/dsa-spec.md
-# section 6): the table uses these only where a run had no TileLang (--tilelang-seqs not given).
+# megatron-core 0.19.2's DSA with its TileLang kernels, measured on an H200 with the same model: the
+# table uses these only where a run had no TileLang (--tilelang-seqs not given).
 TILELANG_ANCHOR_MS = {4096: 46, 16384: 207, 32768: 484, 65536: 1255, 131072: 3638}
 TILELANG_TARGET = {16384: 10, 131072: 12}
 

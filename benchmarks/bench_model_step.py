@@ -37,7 +37,7 @@ LAYOUTS = {
     "shared": {"mdsa_indexer_sharing": "shared"},
     "freq2": {"dsa_indexer_topk_freq": 2},
     "freq4": {"dsa_indexer_topk_freq": 4},
-    # per-layer indexers trained with another warm-up objective (issue 10)
+    # per-layer indexers trained with another warm-up objective
     "reverse_kl": {"mdsa_indexer_objective": "reverse_kl"},
     "mse": {"mdsa_indexer_objective": "mse"},
     "listwise": {"mdsa_indexer_objective": "listwise"},

@@ -146,7 +146,7 @@ def test_layer_function_on_the_kernels_matches_one_rank(tp, cp):
     ids=["tp2", "cp2", "tp2xcp2"],
 )
 def test_model_training_steps_match_one_rank(tp, cp, modes):
-    # Issue-length runs on GPUs: MDSA_PARALLEL_STEPS=20 (same per-step tolerances).
+    # Longer runs on GPUs: MDSA_PARALLEL_STEPS=20 (same per-step tolerances).
     W.spawn(W.model_worker, tp * cp, tp, cp, modes, 11, int(os.environ.get("MDSA_PARALLEL_STEPS", "2")), {})
 
 

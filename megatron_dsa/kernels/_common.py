@@ -31,7 +31,7 @@ DS_3XTF32 = False
 
 # Key-gradient reduction of the sparse backward kernels (attention dkv, KL dk_idx):
 # "sorted" = per-pair rows written in key order + per-key segmented sums (no atomics, _csr.py);
-# "atomic" = fp32 tl.atomic_add per element (the v1 path).  PART_FP32: keep the per-pair rows
+# "atomic" = fp32 tl.atomic_add per element.  PART_FP32: keep the per-pair rows
 # in fp32 (default: bf16 for bf16/fp8 inputs, fp32 for fp32 inputs).
 REDUCE_MODE = "atomic"  # the sorted reduction measured slower on the H200 (attn_bwd 552 vs 536 ms at 128K)
 # The KL backward's dk_idx only (rows of 128 instead of 576: predicted neutral, see

@@ -29,7 +29,7 @@ from ._common import HAS_TRITON, _atomic_add_f32, _dot, _dot_ds, _span, interpre
 
 DENSE_CHUNK_ELEMENTS = 1 << 26
 # Use the attention's lse when the caller passes one (sparse_indexer_kl(..., lse=...)); False
-# recomputes it in the kernel's first pass (the v1 path) even when given.
+# recomputes it in the kernel's first pass even when given.
 REUSE_LSE = True
 
 

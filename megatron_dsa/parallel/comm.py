@@ -237,7 +237,6 @@ def reduce_scatter_rows(x: torch.Tensor, group, dim: int = 1, name: str = "reduc
 
 def all_to_all_list(send: list[torch.Tensor], group, name: str, recv_shapes=None) -> list[torch.Tensor]:
     """Exchange one tensor per peer (variable first-dim sizes); ``send[j]`` goes to rank j."""
-    world = dist.get_world_size(group)
     rank = dist.get_rank(group)
     if recv_shapes is None:
         counts = torch.tensor([t.shape[0] for t in send], dtype=torch.long, device=send[0].device)

@@ -5,7 +5,7 @@ This plugin supplies the model provider (our GPTModel + DSA block spec, with the
 freezing), the dataset provider (``megatron_dsa.data``), the forward step (the phase's loss)
 and Megatron's argv with a few ``--mdsa-*`` flags (``megatron_dsa.train.flags``).
 
-Phases (``docs/dsa-spec.md`` section 3):
+Phases (the DeepSeek-V3.2-Exp report's dense warm-up and sparse training, after pretraining):
 
     pretrain  mdsa_mode=dense; LM loss; the indexer gets no gradient in dense mode, so it is
               left out of the optimizer (weight decay would otherwise shrink it).
@@ -25,7 +25,6 @@ exists (model + optimizer + iteration + RNG); otherwise it starts from ``checkpo
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time
