@@ -26,9 +26,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from megatron.core.models.gpt.gpt_model import GPTModel
 
 from megatron_dsa import backends
 from megatron_dsa.config import DSAConfigError, DSATransformerConfig
+from megatron_dsa.layer import DSACoreAttention, LightningIndexer
+from megatron_dsa.spec import dsa_block_spec
 
 
 @dataclass(frozen=True)
@@ -253,10 +256,6 @@ def build_model(
     vp_stage: int | None = None,
 ):
     """Build the GPTModel for a named size (parallel state must be initialised)."""
-    from megatron.core.models.gpt.gpt_model import GPTModel
-
-    from megatron_dsa.spec import dsa_block_spec
-
     spec = resolve_size(size)
     config = config if config is not None else model_config(spec)
     model = GPTModel(
@@ -276,8 +275,6 @@ def build_model(
 
 def dsa_layers(model: torch.nn.Module) -> list:
     """The DSA core attention modules of a model, in layer order."""
-    from megatron_dsa.layer import DSACoreAttention
-
     layers = [m for m in model.modules() if isinstance(m, DSACoreAttention)]
     return sorted(layers, key=lambda m: m.layer_number)
 
@@ -301,8 +298,6 @@ def wire_indexer_sharing(model: torch.nn.Module) -> None:
 
 def indexer_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     """Parameters of every lightning indexer (each shared parameter once)."""
-    from megatron_dsa.layer import LightningIndexer
-
     seen, params = set(), []
     for module in model.modules():
         if isinstance(module, LightningIndexer):

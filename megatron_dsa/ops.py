@@ -49,19 +49,24 @@ def _reference_backend() -> SimpleNamespace:
 
 
 @functools.cache
-def _triton_backend() -> SimpleNamespace:
-    from megatron_dsa import kernels  # imported lazily: Triton is not needed on the CPU path
+def _kernels():
+    """The Triton kernels package, imported on first use (None where it cannot be): Triton is
+    optional, the CPU path never needs it, and Triton reads TRITON_INTERPRET when first imported."""
+    try:
+        from megatron_dsa import kernels
+    except ImportError:
+        return None
+    return kernels
 
-    return SimpleNamespace(name="triton", **{name: getattr(kernels, name) for name in OPS})
+
+@functools.cache
+def _triton_backend() -> SimpleNamespace:
+    return SimpleNamespace(name="triton", **{name: getattr(_kernels(), name) for name in OPS})
 
 
 @functools.cache
 def triton_available() -> bool:
-    try:
-        from megatron_dsa import kernels
-    except ImportError:
-        return False
-    return kernels.available()
+    return _kernels() is not None and _kernels().available()
 
 
 def backend(kind: str, device: torch.device) -> SimpleNamespace:

@@ -22,9 +22,11 @@ import sys
 import warnings
 
 from megatron_dsa.convert.errors import ConversionError
+from megatron_dsa.convert.hf import export_to_hf, import_from_hf
 
 
-def _overrides(pairs: list[str]) -> dict:
+def parse_set_options(pairs: list[str]) -> dict:
+    """``--set KEY=VALUE`` options -> model config overrides (values read as JSON where they parse)."""
     out = {}
     for pair in pairs or []:
         if "=" not in pair:
@@ -56,9 +58,6 @@ def main(argv: list[str] | None = None) -> int:
                      help="converted weights held in memory at a time (parked on disk beside --out)")
     frm.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
-
-    from megatron_dsa.convert.hf import export_to_hf, import_from_hf
-
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # megatron-core's deprecation chatter
@@ -73,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args, export_to_hf, import_from_hf):
     if args.command == "to-hf":
         return export_to_hf(args.checkpoint, args.out, size=args.size, tokenizer=args.tokenizer,
-                            max_shard_size=args.max_shard_size, overrides=_overrides(args.set),
+                            max_shard_size=args.max_shard_size, overrides=parse_set_options(args.set),
                             overwrite=args.overwrite)
     return import_from_hf(args.hf, args.out, size=args.size, overwrite=args.overwrite,
                           max_shard_size=args.max_shard_size)
