@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from megatron_dsa.convert.__main__ import parse_set_options
+from megatron_dsa.convert.cli import add_checkpoint_arguments, parse_set_options
 from megatron_dsa.convert.checkpoint import load_model
 from megatron_dsa.convert.errors import ConversionError
 from megatron_dsa.data import DataError, SentencePieceTokenizer
@@ -27,9 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m megatron_dsa.inference")
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="greedy generation")
-    g.add_argument("--checkpoint", required=True)
-    g.add_argument("--size", default=None)
-    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    add_checkpoint_arguments(g)
     g.add_argument("--tokenizer", required=True, help="sentencepiece model file")
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-new-tokens", type=int, default=32)

@@ -46,6 +46,14 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+def _size(group) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def _rank(group) -> int:
+    return 0 if group is None else dist.get_rank(group)
+
+
 # --------------------------------------------------------------------------------------------
 # The parallel context of one DSA layer
 # --------------------------------------------------------------------------------------------
@@ -59,21 +67,10 @@ class ParallelContext:
     tp_group: Optional[dist.ProcessGroup] = None
     cp_group: Optional[dist.ProcessGroup] = None
 
-    @property
-    def tp_size(self) -> int:
-        return 1 if self.tp_group is None else dist.get_world_size(self.tp_group)
-
-    @property
-    def tp_rank(self) -> int:
-        return 0 if self.tp_group is None else dist.get_rank(self.tp_group)
-
-    @property
-    def cp_size(self) -> int:
-        return 1 if self.cp_group is None else dist.get_world_size(self.cp_group)
-
-    @property
-    def cp_rank(self) -> int:
-        return 0 if self.cp_group is None else dist.get_rank(self.cp_group)
+    tp_size = property(lambda self: _size(self.tp_group))
+    tp_rank = property(lambda self: _rank(self.tp_group))
+    cp_size = property(lambda self: _size(self.cp_group))
+    cp_rank = property(lambda self: _rank(self.cp_group))
 
     @property
     def parallel(self) -> bool:
