@@ -106,6 +106,8 @@ def tp_indexer_topk(ops, qi, ki_global, wi, q_pos, topk: int, ctx: ParallelConte
         flops[0] += B * n * S * qi.shape[2] * qi.shape[3] * 2
     else:  # counts the pairs it scores (whole key chunks in a row's future are skipped)
         own = streaming_topk(qi, wi, pos, shards, topk, flops)
+    if ctx.tp_size == 1:
+        return own
     # Every TP rank attends all CP-local rows with its local heads: share the selection
     # (int32 on the wire: S_cp x K x 4 bytes per step, no backward).
     sel = all_gather_rows(own.to(torch.int32), ctx.tp_group, name="tp.topk_idx").long()
