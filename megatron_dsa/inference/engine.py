@@ -115,9 +115,10 @@ class DSAInference:
     # ---- one layer ----------------------------------------------------------------------
 
     def _attention(self, attn, core, h: torch.Tensor, positions: torch.Tensor, cache: LayerCache) -> torch.Tensor:
-        """h [T, B, hidden] at ``positions`` [T] -> the attention's output [T, B, hidden]."""
+        """h [T, B, hidden] at ``positions`` [T] (after the cached tokens) -> the attention's
+        output [T, B, hidden]."""
         T, B, _ = h.shape
-        query, latent, qr = attn.absorbed_inputs(h, first_position=int(positions[0]))
+        query, latent, qr = attn.absorbed_inputs(h, first_position=cache.n)
         q = query.transpose(0, 1)  # [B, T, H, Dqk]
         qi = ik = wi = None
         if self.mode == "sparse":

@@ -102,6 +102,7 @@ def tp_indexer_topk(ops, qi, ki_global, wi, q_pos, topk: int, ctx: ParallelConte
     S = ki_global.shape[1]
     qi, wi, pos, balance = indexer_rows(qi, wi, q_pos, ctx, own_rows(ctx, n * ctx.tp_size))
     if shards is None:
+        # ordered=False: the attention and the KL need the selected set, not its score order.
         own = ops.indexer_topk(qi, ki_global, wi, topk, q_pos=pos, fp8=fp8, ordered=False)
         flops[0] += B * n * S * qi.shape[2] * qi.shape[3] * 2
     else:  # counts the pairs it scores (whole key chunks in a row's future are skipped)
