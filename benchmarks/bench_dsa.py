@@ -35,6 +35,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from megatron_dsa import kernels as KN  # noqa: E402
+from megatron_dsa.flops import dense_attention_flops, dsa_flops  # noqa: E402
 
 DQK, DV, HI, DI, TOPK = 576, 512, 64, 128, 2048
 STAGES = ("indexer_topk", "attn_fwd", "kl_fwd", "attn_bwd", "kl_bwd")
@@ -279,7 +280,7 @@ def load_ceilings(out_dir):
 def stage_bounds(S, H, c, rows_frac=1.0):
     """Each stage's floor (ms) at the ceilings, with what sets it: max(FLOPs / rate, bytes or adds
     / rate). ``rows_frac``: the share of rows whose indexer and KL this rank computes."""
-    fl = KN.dsa_flops(S, H, DQK, DV, HI, DI, TOPK)
+    fl = dsa_flops(S, H, DQK, DV, HI, DI, TOPK)
     pairs = fl["attn_fwd"] / (2.0 * H * (DQK + DV))
     nhb = max(1, -(-H // 64))  # 64-head blocks: each gathers the rows and adds its dkv share
     b = {}
@@ -368,7 +369,7 @@ def bench_row(S, H, args, c, label=None, tp8=False):
             ms, all_ms = cuda_time(fn, reps=args.reps)
             peak, extra = peak_beyond(fn)
             row["sdpa"] = {"ms": ms, "all_ms": all_ms, "peak_gib": peak,
-                           "tflops": KN.dense_attention_flops(S, H, 192, 128) / ms / 1e9}
+                           "tflops": dense_attention_flops(S, H, 192, 128) / ms / 1e9}
         except torch.cuda.OutOfMemoryError:
             row["sdpa"] = {"oom": True}
         except Exception as e:

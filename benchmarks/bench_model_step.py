@@ -13,8 +13,8 @@ only the indexers). Median of ``--iters`` after ``--warmup-iters``; peak memory 
 Transformer Engine's FP8 for the linears (hybrid format, delayed scaling; the DSA core stays in
 bf16), so it needs ``--transformer-impl transformer_engine`` (or auto with TE installed).
 ``--profile N`` adds, per arm, one profiled step's N most expensive operators (where the time goes).
-``--dense-kl`` lists the warm-up KL implementations to time (default: the process's,
-``MDSA_DENSE_KL``); with more than one, each warm-up arm runs once per implementation, labelled
+``--dense-kl`` lists the warm-up KL implementations to time (``mdsa_kernel_options.dense_kl``;
+default: fused); with more than one, each warm-up arm runs once per implementation, labelled
 ``warmup[fused]`` etc. Writes model_step_<size>_<seq>.json / .md to --out.
 """
 
@@ -37,7 +37,7 @@ LAYOUTS = {
     "shared": {"mdsa_indexer_sharing": "shared"},
     "freq2": {"dsa_indexer_topk_freq": 2},
     "freq4": {"dsa_indexer_topk_freq": 4},
-    # per-layer indexers trained with another warm-up objective (issue 10)
+    # per-layer indexers trained with another warm-up objective
     "reverse_kl": {"mdsa_indexer_objective": "reverse_kl"},
     "mse": {"mdsa_indexer_objective": "mse"},
     "listwise": {"mdsa_indexer_objective": "listwise"},
@@ -94,7 +94,7 @@ def profile_step(step, cuda: bool, top: int) -> list[dict]:
             for e in events[:top] if getattr(e, attr) > 0]
 
 
-def run_arm(args, arm: str, device, precision: str = "bf16") -> dict:
+def run_arm(args, arm: str, device, precision: str = "bf16", kernel_options: dict | None = None) -> dict:
     from megatron_dsa.layer import pop_indexer_losses
     from megatron_dsa.model import build_model, model_config
     from megatron_dsa.train.trainer import freeze_for_phase
@@ -102,7 +102,7 @@ def run_arm(args, arm: str, device, precision: str = "bf16") -> dict:
     phase, layout = parse_arm(arm)
     overrides = dict(params_dtype=torch.bfloat16, bf16=True, mdsa_mode=PHASE_MODE[phase],
                      dsa_indexer_topk=args.topk, mdsa_kernel=args.kernel, transformer_impl=args.transformer_impl,
-                     **LAYOUTS[layout], **PRECISIONS[precision])
+                     mdsa_kernel_options=kernel_options, **LAYOUTS[layout], **PRECISIONS[precision])
     torch.manual_seed(0)
     model = build_model(args.size, model_config(args.size, **overrides), max_seq_len=args.seq).to(device)
     freeze_for_phase(model, phase)
@@ -155,7 +155,7 @@ def main(argv=None) -> int:
     p.add_argument("--arms", default=DEFAULT_ARMS)
     p.add_argument("--dense-kl", default=None,
                    help="comma list of the warm-up's dense indexer KL implementations to time: blockwise "
-                        "(PyTorch) and/or fused (Triton); default: MDSA_DENSE_KL's")
+                        "(PyTorch) and/or fused (Triton); default: fused")
     p.add_argument("--transformer-impl", default="auto", choices=("auto", "local", "transformer_engine"))
     p.add_argument("--precision", default="bf16", help=f"comma list of {list(PRECISIONS)} (fp8: TE's FP8 linears)")
     p.add_argument("--iters", type=int, default=5)
@@ -168,13 +168,12 @@ def main(argv=None) -> int:
     for a in arms:
         parse_arm(a)
     from megatron_dsa.distributed import init_single_process
-    from megatron_dsa.kernels import dense_kl
+    from megatron_dsa.kernel_options import DENSE_KL, KernelOptions
 
-    default_kl = "fused" if dense_kl.FUSED else "blockwise"
-    kls = [k.strip() for k in (args.dense_kl or default_kl).split(",") if k.strip()]
-    bad = [k for k in kls if k not in dense_kl.DENSE_KL_CHOICES]
+    kls = [k.strip() for k in (args.dense_kl or KernelOptions().dense_kl).split(",") if k.strip()]
+    bad = [k for k in kls if k not in DENSE_KL]
     if bad or not kls:
-        raise SystemExit(f"error: --dense-kl takes a comma list of {list(dense_kl.DENSE_KL_CHOICES)}, got {args.dense_kl!r}")
+        raise SystemExit(f"error: --dense-kl takes a comma list of {list(DENSE_KL)}, got {args.dense_kl!r}")
     precisions = [x.strip() for x in args.precision.split(",") if x.strip()]
     if not precisions or any(x not in PRECISIONS for x in precisions):
         raise SystemExit(f"error: --precision takes a comma list of {list(PRECISIONS)}, got {args.precision!r}")
@@ -192,9 +191,8 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rows = []
     for arm, kl, prec, name in runs:
-        dense_kl.FUSED = kl == "fused"
         try:
-            r = run_arm(args, arm, device, prec)
+            r = run_arm(args, arm, device, prec, {"dense_kl": kl})
             r.update(arm=name, dense_kl=kl, precision=prec)
         except torch.OutOfMemoryError:
             r = {"arm": name, "error": "out of memory"}

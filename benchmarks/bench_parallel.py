@@ -150,7 +150,7 @@ def run_layer_point(args, tp: int, cp: int, seq: int, device) -> dict:
     from megatron_dsa import ops as OPS
     from megatron_dsa.parallel import STATS, cp_positions
     from megatron_dsa.parallel.comm import ParallelContext
-    from megatron_dsa.parallel.core import gather_indexer_keys, gather_kv, own_rows, tp_indexer_topk
+    from megatron_dsa.parallel.sharded import gather_indexer_keys, gather_kv, own_rows, tp_indexer_topk
     from megatron_dsa.parallel.fetch import fetch_selected
 
     H, DQK, DV, HI, DI = args.layer_dims

@@ -19,6 +19,8 @@ from typing import Optional
 
 from megatron.core.transformer.transformer_config import MLATransformerConfig
 
+from megatron_dsa.kernel_options import DEFAULT_OPTIONS, KernelOptions
+
 MODES = ("dense", "warmup", "sparse")
 KERNELS = ("auto", "reference", "triton")
 INDEXER_SHARING = ("per_layer", "shared")
@@ -52,6 +54,7 @@ class DSASettings:
     objective: str = "kl"
     indexer_dtype: str = "activation"
     recall_rows: int = 4096
+    kernel_options: KernelOptions = DEFAULT_OPTIONS
 
 
 @dataclass
@@ -90,6 +93,11 @@ class DSATransformerConfig(MLATransformerConfig):
     """The warm-up's top-k recall (a logged diagnostic, no gradient) is measured on at most this
     many evenly spaced query rows of each sequence; 0 measures every row."""
 
+    mdsa_kernel_options: Optional[dict] = None
+    """Choices the Triton kernels leave open (``megatron_dsa.kernel_options.KernelOptions``): e.g.
+    ``{dense_kl: blockwise}``, ``{key_passes: 1}`` or launch tiles ``{attn_fwd: [64, 8, 2]}``.
+    None: the measured defaults."""
+
     mdsa_indexer_objective: str = "kl"
     """How the indexer learns the head-summed attention p (softmax(I) = the indexer distribution):
     kl: KL(p || softmax(I)) (the report). reverse_kl: KL(softmax(I) || p). mse: sum of squared
@@ -102,7 +110,7 @@ class DSATransformerConfig(MLATransformerConfig):
     """megatron-core's field; in sparse mode the report's KL runs over the selected set only."""
 
     def __post_init__(self) -> None:
-        # megatron-core's own checks first (head counts vs TP and the like) ...
+        # Our defaults and the fields megatron-core's own checks depend on first ...
         if self.experimental_attention_variant is None:
             # Makes megatron-core keep the MLA query norm UNFUSED (the indexer needs the
             # normalised latent) and scale the indexer loss in its schedules.
@@ -110,7 +118,7 @@ class DSATransformerConfig(MLATransformerConfig):
         if self.dsa_indexer_loss_coeff is None:
             self.dsa_indexer_loss_coeff = 1.0
         tp = self.tensor_model_parallel_size
-        if tp > 1 and self.num_attention_heads % tp:
+        if self.num_attention_heads % tp:
             # Before megatron-core's own checks, so the user gets the DSA error type.
             _fail(
                 f"num_attention_heads ({self.num_attention_heads}) must be divisible by the tensor "
@@ -187,11 +195,6 @@ def validate(cfg: DSATransformerConfig) -> DSASettings:
         _fail("a shared indexer needs every layer on one pipeline stage (pipeline size 1)")
     if cfg.mdsa_fp8_indexer and cfg.mdsa_kernel == "reference":
         _fail("the FP8 indexer is a Triton kernel: mdsa_kernel must be 'auto' or 'triton'")
-    if cfg.num_attention_heads % cfg.tensor_model_parallel_size:
-        _fail(
-            f"num_attention_heads ({cfg.num_attention_heads}) must be divisible by the tensor "
-            f"parallel size ({cfg.tensor_model_parallel_size})"
-        )
     tp, cp = cfg.tensor_model_parallel_size, cfg.context_parallel_size
     if tp > 1 and not cfg.sequence_parallel:
         _fail("tensor_model_parallel_size > 1 needs sequence_parallel=True (the indexer is sharded by sequence)")
@@ -200,6 +203,10 @@ def validate(cfg: DSATransformerConfig) -> DSASettings:
             f"mdsa_indexer_objective {cfg.mdsa_indexer_objective!r} runs on one rank only: the "
             "tensor/context-parallel indexer loss is the KL (mdsa_indexer_objective='kl')"
         )
+    try:
+        kernel_options = KernelOptions.from_dict(cfg.mdsa_kernel_options)
+    except (TypeError, ValueError) as e:
+        _fail(f"mdsa_kernel_options: {e}")
     return DSASettings(
         mode=cfg.mdsa_mode,
         kernel=cfg.mdsa_kernel,
@@ -217,6 +224,7 @@ def validate(cfg: DSATransformerConfig) -> DSASettings:
         objective=cfg.mdsa_indexer_objective,
         indexer_dtype=cfg.mdsa_indexer_dtype,
         recall_rows=int(cfg.mdsa_recall_rows),
+        kernel_options=kernel_options,
     )
 
 

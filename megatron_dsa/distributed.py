@@ -5,6 +5,10 @@ from __future__ import annotations
 import socket
 
 import torch
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+import patches
 
 
 def _free_port() -> int:
@@ -15,12 +19,7 @@ def _free_port() -> int:
 
 def init_single_process(seed: int = 1234) -> None:
     """torch.distributed (world size 1; gloo on CPU, nccl on CUDA) + megatron parallel state."""
-    import patches
-
     patches.apply_cpu_patches()
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-
     if not torch.distributed.is_initialized():
         if torch.cuda.is_available():
             torch.cuda.set_device(0)

@@ -1,17 +1,20 @@
-"""DSA core attention for megatron-core's absorbed MLA.
+"""DSA core attention for megatron-core's absorbed MLA: the module around ``core.dsa_core``.
 
 megatron-core's ``AbsorbedMLASelfAttention`` builds this module as its ``core_attention``
 through the layer spec (``megatron_dsa.spec``). Because the class sets
 ``requires_dsa_inputs``, MLA hands it the attention input ``x`` and the normalised query latent
-``qr`` besides the absorbed queries and the latent KV entries.
+``qr`` besides the absorbed queries and the latent KV entries. The module reads the settings
+(``config.dsa``), runs the indexer on its own rows, and calls ``megatron_dsa.core.dsa_core``
+with its TP/CP context (size 1 on one rank); what each mode computes is written there.
 
-Modes (``config.mdsa_mode``, read at every forward so a trainer can switch phases):
+Modes (``config.dsa.mode``, read at every forward so a trainer can switch phases with
+``config.set_mode``):
     dense   plain causal attention; the indexer does no work (pretraining)
     warmup  dense attention + the indexer KL against the head-summed attention (dense KL)
     sparse  top-k attention + the KL over the selected set (indexer inputs detached)
 
 "The KL" is ``config.mdsa_indexer_objective`` (default "kl", the report's); another objective
-runs the reference loss ops (``ops.indexer_loss_backend``) and is logged under the same name.
+is logged under the same name.
 
 The indexer loss reaches the optimizer the way megatron-core's MoE auxiliary loss does: in
 ``sparse`` mode it is attached to the attention output by ``DSAIndexerLossAutoScaler``, so the
@@ -34,30 +37,14 @@ from megatron.core.transformer.moe.moe_utils import save_to_aux_losses_tracker
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
 from megatron_dsa import ops
-from megatron_dsa.config import DSAConfigError, DSATransformerConfig
-from megatron_dsa.parallel import ParallelContext, cp_positions, own_rows, parallel_dsa_core
-from megatron_dsa.reference import indexer_qkw, recall_sample_rows, rope_cos_sin
+from megatron_dsa.config import DSATransformerConfig
+from megatron_dsa.core import dsa_core
+from megatron_dsa.parallel import ParallelContext, cp_positions, global_sequence_length, own_rows
+from megatron_dsa.reference import indexer_qkw, rope_cos_sin
 
+# Names of the per-layer values in megatron-core's MoE metrics tracker (the trainer logs them).
 INDEXER_KL = "indexer_kl"
 TOPK_RECALL = "indexer_topk_recall"
-
-
-def check_parallel_sequence(config, local_rows: int, sequence_parallel_rows: bool = True) -> int:
-    """The global sequence length from this rank's rows; DSAConfigError when the TP/CP layout
-    cannot hold it (megatron's CP layout needs S divisible by 2 * CP; SP splits S/CP over TP)."""
-    tp, cp = config.tensor_model_parallel_size, config.context_parallel_size
-    seq = local_rows * cp * (tp if sequence_parallel_rows and config.sequence_parallel else 1)
-    if cp > 1 and seq % (2 * cp):
-        raise DSAConfigError(
-            f"invalid DSA configuration: context parallel needs the sequence length ({seq}) "
-            f"divisible by 2 * context_parallel_size ({2 * cp})"
-        )
-    if tp > 1 and (seq // cp) % tp:
-        raise DSAConfigError(
-            f"invalid DSA configuration: {seq // cp} rows per context-parallel rank do not split "
-            f"over tensor_model_parallel_size={tp} (sequence parallel)"
-        )
-    return seq
 
 
 class ReplicatedLinear(torch.nn.Module):
@@ -177,7 +164,7 @@ class DSACoreAttention(MegatronModule):
         self._selection_source: Optional["DSACoreAttention"] = None
         self._last_topk: Optional[torch.Tensor] = None
         self._indexer_loss: Optional[torch.Tensor] = None
-        # TP / CP groups of this layer (sizes 1 = the single-rank path).
+        # TP / CP groups of this layer (sizes 1 on one rank).
         self.parallel = ParallelContext.from_megatron(pg_collection)
         # Indexer scoring FLOPs done on THIS rank (rows x keys x HI x DI x 2), cumulative.
         self.indexer_flops = 0
@@ -194,7 +181,9 @@ class DSACoreAttention(MegatronModule):
         """Take the top-k selection that ``source`` (an earlier layer) made in this forward."""
         self.__dict__["_selection_source"] = source
 
-    def _get_indexer(self) -> Optional[LightningIndexer]:
+    def indexer_module(self) -> Optional[LightningIndexer]:
+        """The indexer whose weights this layer scores with: its own, the shared one, or None
+        (a layer that reuses an earlier layer's selection)."""
         owner = self.__dict__.get("_shared_indexer")
         return owner.indexer if owner is not None else self.indexer
 
@@ -219,105 +208,52 @@ class DSACoreAttention(MegatronModule):
         attn_mask_type: Optional[AttnMaskType] = None,
         attention_bias: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """query [s, b, H, Dqk], key [s, b, 1, Dqk] (latent KV entries), x [s, b, hidden],
-        qr [s, b, q_lora_rank] -> latent output [s, b, H * v_dim]."""
+        """query [s, b, H, Dqk], key [s, b, 1, Dqk] (latent KV entries), x [s', b, hidden],
+        qr [s', b, q_lora_rank] -> latent output [s, b, H * v_dim].
+
+        s: this CP rank's rows (all of them on one rank); s': the rows this rank's indexer
+        runs on (its sequence-parallel shard under TP, s otherwise); H: this TP rank's heads.
+        """
         if packed_seq_params is not None:
             raise NotImplementedError("DSA core attention does not take packed sequences yet")
-        cfg = self.config
-        s = cfg.dsa
-        mode = cfg.mdsa_mode
-        seq, batch, heads, _ = query.shape
+        s = self.config.dsa
+        ctx = self.parallel
+        rows, batch, heads, _ = query.shape
         q = query.permute(1, 0, 2, 3)  # [b, s, H, Dqk]
         kv = key.squeeze(2).transpose(0, 1)  # [b, s, Dqk]
-        if self.parallel.parallel:
-            out = self._parallel_forward(mode, q, kv, x, qr)
-            return out.transpose(0, 1).reshape(seq, batch, heads * self.v_dim)
-        be = ops.backend(s.kernel, query.device)
-        loss_be = ops.indexer_loss_backend(s.kernel, query.device, s.objective)
-        positions = torch.arange(seq, device=query.device)
-        score_flops = batch * seq * seq * s.n_heads * s.head_dim * 2
-
-        kl = recall = None
-        if mode == "dense":
-            out, _ = be.dense_mla_attention(q, kv, self.v_dim, self.softmax_scale, need_lse=False)
-        elif mode == "warmup":
-            out, _ = be.dense_mla_attention(q, kv, self.v_dim, self.softmax_scale, need_lse=False)
-            indexer = self._get_indexer()
-            if indexer is not None:
-                qi, ki, wi = self._indexer_inputs(indexer, x, qr, positions)
-                rows = recall_sample_rows(seq, s.recall_rows, query.device)
-                kl, recall = loss_be.dense_indexer_kl(q, kv, qi, ki, wi, self.softmax_scale, s.topk, recall_rows=rows)
-                self.indexer_flops += score_flops
-        elif mode == "sparse":
-            indexer = self._get_indexer()
-            if indexer is not None:
-                qi, ki, wi = self._indexer_inputs(indexer, x, qr, positions)
-                # The attention and the KL need the selected set, not its score order.
-                topk = be.indexer_topk(qi.detach(), ki.detach(), wi.detach(), s.topk, fp8=s.fp8_indexer, ordered=False)
-                self._last_topk = topk
-                self.indexer_flops += score_flops
-            else:
-                topk = self._borrowed_selection(batch, seq)
-            out, lse = be.sparse_mla_attention(q, kv, topk, self.v_dim, self.softmax_scale)
-            if indexer is not None and s.loss_coeff > 0:
-                if s.sparse_loss:
-                    kl = loss_be.sparse_indexer_kl(q, kv, qi, ki, wi, topk, self.softmax_scale, lse=lse.detach())
-                else:
-                    rows = recall_sample_rows(seq, s.recall_rows, query.device)
-                    kl, recall = loss_be.dense_indexer_kl(q, kv, qi, ki, wi, self.softmax_scale, s.topk,
-                                                          recall_rows=rows)
-        else:  # validated at construction; a mode set by hand bypassing set_mode lands here
-            raise ValueError(f"unknown DSA mode {mode!r}")
-
-        if kl is not None:
-            out = self._attach_indexer_loss(out, kl, recall, mode)
-        return out.transpose(0, 1).reshape(seq, batch, heads * self.v_dim)
-
-    def _parallel_forward(self, mode: str, q, kv, x, qr) -> torch.Tensor:
-        """TP (+SP) and/or CP: megatron_dsa.parallel.parallel_dsa_core on this rank's shards.
-
-        q [b, S_cp, H/TP, Dqk] (all CP-local rows, local heads), kv [b, S_cp, Dqk],
-        x / qr [S_cp/TP, b, ...] (this rank's sequence-parallel rows).
-        """
-        s = self.config.dsa
-        if s.objective != "kl" and mode != "dense":  # validate() refuses it under TP/CP
-            raise DSAConfigError(
-                f"invalid DSA configuration: the tensor/context-parallel path computes only the KL, "
-                f"not mdsa_indexer_objective={s.objective!r}"
-            )
-        ctx = self.parallel
-        batch, s_cp = q.shape[:2]
-        seq = check_parallel_sequence(self.config, s_cp, sequence_parallel_rows=False)
-        indexer = self._get_indexer() if mode != "dense" else None
+        seq = global_sequence_length(rows, ctx.tp_size, ctx.cp_size, sequence_parallel_rows=False)
+        indexer = self.indexer_module() if s.mode != "dense" else None
         inputs = selection = None
         if indexer is not None:
-            rows = own_rows(ctx, s_cp)
-            positions = cp_positions(seq, ctx.cp_size, ctx.cp_rank, q.device)[rows]
-            if x.shape[0] != rows.stop - rows.start or qr.shape[0] != x.shape[0]:
+            own = own_rows(ctx, rows)
+            if x.shape[0] != own.stop - own.start or qr.shape[0] != x.shape[0]:
                 raise RuntimeError(
-                    f"DSA under TP expects the sequence-parallel shard of x and qr ({rows.stop - rows.start} "
+                    f"DSA under TP expects the sequence-parallel shard of x and qr ({own.stop - own.start} "
                     f"rows), got {tuple(x.shape)} and {tuple(qr.shape)}: is sequence_parallel on?"
                 )
-            inputs = self._indexer_inputs(indexer, x, qr, positions)
-        elif mode == "sparse":
-            selection = self._borrowed_selection(batch, s_cp)
-        res = parallel_dsa_core(
-            ctx, mode, q, kv, self.v_dim, self.softmax_scale, s.topk,
-            indexer=inputs, selection=selection,
-            with_loss=s.loss_coeff > 0, sparse_loss=s.sparse_loss,
-            ops=ops.backend(s.kernel, q.device), fp8_indexer=s.fp8_indexer, recall_rows=s.recall_rows,
+            positions = cp_positions(seq, ctx.cp_size, ctx.cp_rank, q.device)[own]
+            inputs = self.indexer_inputs(x, qr, positions)
+        elif s.mode == "sparse":
+            selection = self._borrowed_selection(batch, rows)
+        res = dsa_core(
+            ctx, s.mode, q, kv, self.v_dim, self.softmax_scale, s.topk,
+            indexer=inputs, selection=selection, with_loss=s.loss_coeff > 0, sparse_loss=s.sparse_loss,
+            objective=s.objective, backend=ops.backend(s.kernel, q.device, s.kernel_options), fp8_indexer=s.fp8_indexer,
+            recall_rows=s.recall_rows,
         )
-        self.indexer_flops += res.flops[0]
-        if indexer is not None and mode == "sparse":
-            self._last_topk = res.topk  # GLOBAL positions: a borrowing layer fetches its own KV
+        self.indexer_flops += res.indexer_flops
+        if indexer is not None and s.mode == "sparse":
+            self._last_topk = res.topk  # global positions: a borrowing layer fetches its own KV
         out = res.out
         if res.kl is not None:
-            out = self._attach_indexer_loss(out, res.kl, res.recall, mode, total_rows=batch * seq)
-        return out
+            out = self._attach_indexer_loss(out, res.kl, res.recall, s.mode, total_rows=batch * seq)
+        return out.transpose(0, 1).reshape(rows, batch, heads * self.v_dim)
 
-    def _indexer_inputs(self, indexer, x, qr, positions):
+    def indexer_inputs(self, x: torch.Tensor, qr: torch.Tensor, positions: torch.Tensor):
+        """The indexer's (q [b, s, HI, DI], k [b, s, DI], w [b, s, HI]) for x [s, b, hidden] and
+        qr [s, b, q_lora_rank] at ``positions`` [s], as the core scores them."""
         # Detached: the indexer learns only from its KL, the main model never from it.
-        q, k, w = indexer(x.detach().transpose(0, 1), qr.detach().transpose(0, 1), positions)
+        q, k, w = self.indexer_module()(x.detach().transpose(0, 1), qr.detach().transpose(0, 1), positions)
         if self.config.dsa.indexer_dtype == "activation" and q.dtype != x.dtype:
             # Score in the activations' dtype (bf16: tensor-core dots, fp32 accumulation);
             # the fp32 head weights keep the sum over heads exact.
@@ -334,11 +270,11 @@ class DSACoreAttention(MegatronModule):
             )
         return topk
 
-    def _attach_indexer_loss(self, out, kl, recall, mode: str, total_rows: Optional[int] = None) -> torch.Tensor:
-        """Under TP/CP ``kl`` holds this rank's own rows: the loss is their sum over ALL rows
-        of the batch, so the sum of the ranks' losses is the one-rank mean."""
+    def _attach_indexer_loss(self, out, kl, recall, mode: str, total_rows: int) -> torch.Tensor:
+        """``kl`` holds this rank's own rows: the loss is their sum over ALL ``total_rows`` rows
+        of the batch, so under TP/CP the sum of the ranks' losses is the one-rank mean."""
         s = self.config.dsa
-        loss = kl.sum() / (total_rows or kl.numel()) * s.loss_coeff
+        loss = kl.sum() / total_rows * s.loss_coeff
         num_layers = self.config.num_layers
         save_to_aux_losses_tracker(INDEXER_KL, kl.detach().mean(), self.layer_number, num_layers)
         if recall is not None:

@@ -1,4 +1,10 @@
-"""A scaled-down DeepSeek-V3-style MoE with DSA, built from megatron-core pieces.
+"""The model: its shapes (the one owner of them) and its build from megatron-core pieces.
+
+Sizes (``SIZES``: ``tiny``, ``small``, the 671B shape) are ``ModelSize`` records on top of the
+DeepSeek-V3 conventions (``deepseek_v3_style``). The trainer, its preflight and the converter
+all read shapes from here: ``model_config`` for a size's config, ``SHAPE_FIELDS`` /
+``parameter_shape`` for what a checkpoint must agree on, ``ModelSize.to_json`` /
+``from_json`` for the size a checkpoint records.
 
 Architecture (one-to-one with Hugging Face's ``DeepseekV32ForCausalLM``): token embedding ->
 layers of [RMSNorm -> MLA (query latent, absorbed form, DSA core attention) -> RMSNorm ->
@@ -20,8 +26,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from megatron.core.models.gpt.gpt_model import GPTModel
 
+from megatron_dsa import backends
 from megatron_dsa.config import DSAConfigError, DSATransformerConfig
+from megatron_dsa.layer import DSACoreAttention, LightningIndexer
+from megatron_dsa.spec import dsa_block_spec
 
 
 @dataclass(frozen=True)
@@ -34,36 +44,52 @@ class ModelSize:
     first_k_dense: int
     transformer: dict[str, Any] = field(default_factory=dict)
 
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-able record of this size (checkpoints carry it); ``from_json`` reads it back."""
+        fields = {}
+        for key, value in self.transformer.items():
+            if isinstance(value, torch.dtype):
+                value = {"dtype": str(value).removeprefix("torch.")}
+            elif callable(value):
+                value = {"callable": getattr(value, "__name__", str(value))}
+            fields[key] = value
+        return dict(name=self.name, vocab_size=self.vocab_size, max_seq_len=self.max_seq_len,
+                    first_k_dense=self.first_k_dense, transformer=fields)
 
-TRANSFORMER_IMPLS = ("auto", "local", "transformer_engine")
-TE_INSTALL_HINT = "install the 'te' extra: pip install -e .[te]"
-
-
-def te_installed() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("transformer_engine") is not None
-
-
-def resolve_transformer_impl(requested: str = "auto") -> str:
-    """``auto`` -> Transformer Engine where it is installed and CUDA is up, local elsewhere.
-
-    The trainer resolves ``model.transformer_impl`` once with this and hands the result to both
-    Megatron's ``--transformer-impl`` and ``model_config``, so the two never disagree.
-    """
-    if requested not in TRANSFORMER_IMPLS:
-        raise DSAConfigError(f"transformer_impl must be one of {list(TRANSFORMER_IMPLS)}, got {requested!r}")
-    if requested == "auto":
-        return "transformer_engine" if te_installed() and torch.cuda.is_available() else "local"
-    if requested == "transformer_engine" and not te_installed():
-        raise DSAConfigError(
-            f"transformer_impl 'transformer_engine' but Transformer Engine is not installed; "
-            f"{TE_INSTALL_HINT} (or use transformer_impl 'local')"
-        )
-    return requested
+    @classmethod
+    def from_json(cls, record: dict[str, Any]) -> "ModelSize":
+        fields = {}
+        for key, value in record["transformer"].items():
+            if isinstance(value, dict) and "dtype" in value:
+                value = getattr(torch, value["dtype"])
+            elif isinstance(value, dict) and "callable" in value:
+                continue  # the activation: fixed by the DeepSeek style (silu)
+            elif key == "transformer_impl":
+                continue  # TE where installed, local elsewhere (decided by the reader, not the writer)
+            fields[key] = value
+        return cls(name=record["name"], vocab_size=record["vocab_size"], max_seq_len=record["max_seq_len"],
+                   first_k_dense=record["first_k_dense"], transformer=deepseek_v3_style(**fields))
 
 
-def _deepseek_v3_style(**overrides: Any) -> dict[str, Any]:
+# DSATransformerConfig fields that fix parameter shapes: a checkpoint loads into a model iff
+# these and first_k_dense agree.
+SHAPE_FIELDS = (
+    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "q_lora_rank",
+    "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim", "num_moe_experts",
+    "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size", "moe_router_topk",
+    "dsa_indexer_n_heads", "dsa_indexer_head_dim", "mdsa_indexer_sharing", "dsa_indexer_topk_freq",
+    "add_bias_linear", "gated_linear_unit", "normalization",
+)
+
+
+def parameter_shape(config: DSATransformerConfig, first_k_dense: int) -> dict[str, Any]:
+    """What fixes the parameters' shapes in a built model (``SHAPE_FIELDS`` + first_k_dense)."""
+    shape = {name: getattr(config, name, None) for name in SHAPE_FIELDS}
+    shape["first_k_dense"] = first_k_dense
+    return shape
+
+
+def deepseek_v3_style(**overrides: Any) -> dict[str, Any]:
     """DeepSeek-V3 conventions shared by every size; each size sets the numbers."""
     base = dict(
         # Resolved by model_config (resolve_transformer_impl): TE where usable, local elsewhere.
@@ -81,6 +107,7 @@ def _deepseek_v3_style(**overrides: Any) -> dict[str, Any]:
         rotary_base=10000,
         # MoE: sigmoid scores, expert-bias balancer, group-limited routing, scaled top-k.
         moe_router_score_function="sigmoid",
+        moe_router_topk_scaling_factor=2.5,
         moe_router_enable_expert_bias=True,
         moe_router_bias_update_rate=1e-3,
         moe_router_load_balancing_type="seq_aux_loss",
@@ -103,7 +130,7 @@ SIZES: dict[str, ModelSize] = {
         vocab_size=512,
         max_seq_len=512,
         first_k_dense=1,
-        transformer=_deepseek_v3_style(
+        transformer=deepseek_v3_style(
             num_layers=3,
             hidden_size=64,
             ffn_hidden_size=128,
@@ -120,7 +147,6 @@ SIZES: dict[str, ModelSize] = {
             moe_shared_expert_intermediate_size=32,
             moe_router_num_groups=4,
             moe_router_group_topk=2,
-            moe_router_topk_scaling_factor=2.5,
             dsa_indexer_n_heads=2,
             dsa_indexer_head_dim=32,
             dsa_indexer_topk=16,
@@ -132,7 +158,7 @@ SIZES: dict[str, ModelSize] = {
         vocab_size=8192,
         max_seq_len=131072,
         first_k_dense=1,
-        transformer=_deepseek_v3_style(
+        transformer=deepseek_v3_style(
             num_layers=6,
             hidden_size=512,
             ffn_hidden_size=1536,
@@ -148,7 +174,6 @@ SIZES: dict[str, ModelSize] = {
             moe_shared_expert_intermediate_size=256,
             moe_router_num_groups=4,
             moe_router_group_topk=2,
-            moe_router_topk_scaling_factor=2.5,
             dsa_indexer_n_heads=4,
             dsa_indexer_head_dim=64,
             dsa_indexer_topk=512,
@@ -162,7 +187,7 @@ SIZES: dict[str, ModelSize] = {
         vocab_size=129280,
         max_seq_len=163840,
         first_k_dense=3,
-        transformer=_deepseek_v3_style(
+        transformer=deepseek_v3_style(
             num_layers=61,
             hidden_size=7168,
             ffn_hidden_size=18432,
@@ -178,7 +203,6 @@ SIZES: dict[str, ModelSize] = {
             moe_shared_expert_intermediate_size=2048,
             moe_router_num_groups=8,
             moe_router_group_topk=4,
-            moe_router_topk_scaling_factor=2.5,
             dsa_indexer_n_heads=64,
             dsa_indexer_head_dim=128,
             dsa_indexer_topk=2048,
@@ -215,10 +239,8 @@ def model_config(size: str | ModelSize, **overrides: Any) -> DSATransformerConfi
         fields.setdefault("moe_layer_freq", [0] * spec.first_k_dense + [1] * (n - spec.first_k_dense))
     if not torch.cuda.is_available():
         fields.setdefault("use_cpu_initialization", True)
-    fields["transformer_impl"] = resolve_transformer_impl(fields.get("transformer_impl", "auto"))
-    if fields.get("fp8") and fields["transformer_impl"] != "transformer_engine":
-        # Local linears have no FP8 path: megatron-core would silently train in high precision.
-        raise DSAConfigError(f"fp8={fields['fp8']!r} needs transformer_impl 'transformer_engine' (TE's FP8 GEMMs)")
+    fields["transformer_impl"] = backends.resolve_transformer_impl(fields.get("transformer_impl", "auto"))
+    backends.check_fp8(fields.get("fp8"), fields["transformer_impl"])
     return DSATransformerConfig(**fields)
 
 
@@ -232,10 +254,6 @@ def build_model(
     vp_stage: int | None = None,
 ):
     """Build the GPTModel for a named size (parallel state must be initialised)."""
-    from megatron.core.models.gpt.gpt_model import GPTModel
-
-    from megatron_dsa.spec import dsa_block_spec
-
     spec = resolve_size(size)
     config = config if config is not None else model_config(spec)
     model = GPTModel(
@@ -255,8 +273,6 @@ def build_model(
 
 def dsa_layers(model: torch.nn.Module) -> list:
     """The DSA core attention modules of a model, in layer order."""
-    from megatron_dsa.layer import DSACoreAttention
-
     layers = [m for m in model.modules() if isinstance(m, DSACoreAttention)]
     return sorted(layers, key=lambda m: m.layer_number)
 
@@ -280,8 +296,6 @@ def wire_indexer_sharing(model: torch.nn.Module) -> None:
 
 def indexer_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     """Parameters of every lightning indexer (each shared parameter once)."""
-    from megatron_dsa.layer import LightningIndexer
-
     seen, params = set(), []
     for module in model.modules():
         if isinstance(module, LightningIndexer):

@@ -48,27 +48,33 @@ def _reference_backend() -> SimpleNamespace:
     fns = {name: getattr(reference, name) for name in OPS}
     fns["indexer_topk"] = _reference_indexer_topk
     fns["sparse_indexer_kl"] = _reference_sparse_indexer_kl
-    return SimpleNamespace(name="reference", **fns)
+    return SimpleNamespace(name="reference", options=DEFAULT_OPTIONS, **fns)
+
+
+@functools.cache
+def _kernels():
+    """The Triton kernels package, imported on first use (None where it cannot be): Triton is
+    optional, the CPU path never needs it, and Triton reads TRITON_INTERPRET when first imported."""
+    try:
+        from megatron_dsa import kernels
+    except ImportError:
+        return None
+    return kernels
 
 
 @functools.cache
 def _triton_backend(options: KernelOptions) -> SimpleNamespace:
-    from megatron_dsa import kernels  # imported lazily: Triton is not needed on the CPU path
-
     def bind(fn):
         takes = "options" in inspect.signature(fn).parameters
         return functools.partial(fn, options=options) if takes else fn
 
-    return SimpleNamespace(name="triton", options=options, **{name: bind(getattr(kernels, name)) for name in OPS})
+    return SimpleNamespace(name="triton", options=options,
+                           **{name: bind(getattr(_kernels(), name)) for name in OPS})
 
 
 @functools.cache
 def triton_available() -> bool:
-    try:
-        from megatron_dsa import kernels
-    except ImportError:
-        return False
-    return kernels.available()
+    return _kernels() is not None and _kernels().available()
 
 
 def backend(kind: str, device: torch.device, options: KernelOptions = DEFAULT_OPTIONS) -> SimpleNamespace:

@@ -21,7 +21,6 @@ probabilities are recomputed in backward instead of kept.
 from __future__ import annotations
 
 import functools
-import math
 from typing import Callable, Optional
 
 import torch
@@ -569,8 +568,3 @@ def sparse_indexer_kl_from_target(
     step = _chunk_size(B * K * max(HI, k_idx.shape[-1]), Sq)
     (kl,) = _map_query_chunks(_kl_from_target_chunk, (p.detach(), topk_idx, q_idx, w_idx), (k_idx,), step)
     return kl
-
-
-def softmax_scale(qk_head_dim: int, mscale: float = 1.0) -> float:
-    """MLA's softmax scale: mscale^2 / sqrt(qk_head_dim) (qk_head_dim = nope + rope dims)."""
-    return mscale * mscale / math.sqrt(qk_head_dim)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 from functools import partial
+from types import SimpleNamespace
 from typing import Optional
 
 import torch
@@ -24,14 +25,21 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.experimental_attention_variant.absorbed_mla import (
     AbsorbedMLASelfAttention,
     AbsorbedMLASelfAttentionSubmodules,
+    _apply_absorbed_v_up_projection,
 )
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
-from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+from megatron.core.transformer.transformer_layer import (
+    TransformerLayer,
+    TransformerLayerSubmodules,
+    get_transformer_layer_offset,
+)
 
-from megatron_dsa.config import DSAConfigError, DSATransformerConfig
+from megatron_dsa import backends
+from megatron_dsa.config import DSATransformerConfig
 from megatron_dsa.layer import (
     DSACoreAttention,
     DSACoreAttentionSubmodules,
@@ -39,6 +47,7 @@ from megatron_dsa.layer import (
     LightningIndexerSubmodules,
     ReplicatedLinear,
 )
+from megatron_dsa.parallel import global_sequence_length
 
 
 class DSAAbsorbedMLASelfAttention(AbsorbedMLASelfAttention):
@@ -54,6 +63,9 @@ class DSAAbsorbedMLASelfAttention(AbsorbedMLASelfAttention):
       splits its rotary table over CP, which would fail with an opaque reshape error).
     * under FP8 (``config.fp8``, TE's GEMMs) the core attention's inputs are checked to be
       high-precision tensors (``_refuse_fp8_inputs``).
+
+    For inference (one rank, a KV cache), ``absorbed_inputs`` and ``project_output`` are the
+    two halves of ``forward`` around the core attention, by megatron-core's own code.
     """
 
     def __init__(self, config, submodules, *args, **kwargs):
@@ -68,10 +80,28 @@ class DSAAbsorbedMLASelfAttention(AbsorbedMLASelfAttention):
         if config.fp8:
             self.core_attention.register_forward_pre_hook(_refuse_fp8_inputs, with_kwargs=True)
 
-    def forward(self, hidden_states, attention_mask, *args, **kwargs):
-        from megatron_dsa.layer import check_parallel_sequence
+    def absorbed_inputs(self, hidden_states: torch.Tensor, first_position: int = 0):
+        """The core attention's inputs for tokens at positions ``first_position``, ... (one
+        rank): absorbed queries [s, b, H, Dqk], latent KV entries [s, b, 1, Dqk] and the
+        normalised query latent qr [s, b, q_lora_rank] of hidden_states [s, b, hidden]."""
+        # megatron-core offsets its rotary table by an inference context's sequence_len_offset.
+        at = SimpleNamespace(sequence_len_offset=first_position,
+                             max_sequence_length=first_position + hidden_states.shape[0])
+        return self.get_query_key_value_tensors(hidden_states, inference_context=at)
 
-        check_parallel_sequence(self.config, hidden_states.shape[0])
+    def project_output(self, latent_output: torch.Tensor):
+        """The core attention's latent output [s, b, H * kv_lora_rank] -> (output [s, b, hidden],
+        bias): the V up-projection, then ``linear_proj``, as ``forward`` applies them."""
+        cfg = self.config
+        out = _apply_absorbed_v_up_projection(latent_output, self._get_v_up_weight(),
+                                              self.num_attention_heads_per_partition, cfg.kv_lora_rank,
+                                              cfg.v_head_dim, core_consumed_v_up_projection=False)
+        return self.linear_proj(out)
+
+    def forward(self, hidden_states, attention_mask, *args, **kwargs):
+        cfg = self.config
+        global_sequence_length(hidden_states.shape[0], cfg.tensor_model_parallel_size, cfg.context_parallel_size,
+                               sequence_parallel_rows=cfg.sequence_parallel)
         return super().forward(hidden_states, attention_mask, *args, **kwargs)
 
 
@@ -107,9 +137,7 @@ class TEReplicatedLinear:
     (their outputs stay bf16; the indexer's own FP8 scoring quantises those itself)."""
 
     def __new__(cls, input_size: int, output_size: int, *, config, init_method, bias: bool = False, **_):
-        from megatron.core.extensions.transformer_engine import TELinear
-
-        return _contiguous_input(TELinear)(
+        return _contiguous_input(backends.te_linear())(
             input_size, output_size, parallel_mode="duplicated", config=config, init_method=init_method,
             bias=bias, skip_bias_add=False, skip_weight_param_allocation=False,
         )
@@ -131,9 +159,6 @@ class SequenceParallelTorchNorm:
     ``finalize_model_grads`` sums their gradients over TP (the wrapped norm refuses SP)."""
 
     def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **kwargs):
-        import torch
-        from megatron.core.transformer.torch_norm import WrappedTorchNorm
-
         if not config.sequence_parallel:
             return WrappedTorchNorm(config, hidden_size, eps, **kwargs)
         norms = {"LayerNorm": torch.nn.LayerNorm, "RMSNorm": torch.nn.RMSNorm}
@@ -153,21 +178,11 @@ def _norm(backend: BackendSpecProvider, config: DSATransformerConfig, for_qk: bo
 
 
 def backend_for(config: DSATransformerConfig) -> BackendSpecProvider:
-    """TE modules when asked for (and installed), megatron-core's local modules otherwise."""
-    from megatron_dsa import model
-
+    """TE modules when asked for (and installed here), megatron-core's local modules otherwise."""
+    backends.check_fp8(config.fp8, config.transformer_impl)
     if config.transformer_impl == "transformer_engine":
-        if not model.te_installed():
-            raise DSAConfigError(
-                "transformer_impl='transformer_engine' but Transformer Engine is not installed; "
-                f"{model.TE_INSTALL_HINT} (or use transformer_impl='local')"
-            )
-        from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider
-
-        return TESpecProvider()
-    if config.fp8:
-        # Local linears have no FP8 path: megatron-core would silently train in high precision.
-        raise DSAConfigError(f"fp8={config.fp8!r} needs transformer_impl='transformer_engine'")
+        backends.require_transformer_engine()
+        return backends.te_spec_provider()
     return LocalSpecProvider()
 
 
@@ -256,9 +271,6 @@ def dsa_block_spec(
     config: DSATransformerConfig, first_k_dense: int, vp_stage: Optional[int] = None
 ) -> TransformerBlockSubmodules:
     """The decoder block spec megatron-core's GPTModel takes (this pipeline stage's layers)."""
-    from megatron.core.transformer.transformer_block import get_num_layers_to_build
-    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
-
     backend = backend_for(config)
     specs = dsa_layer_specs(config, first_k_dense)
     offset = get_transformer_layer_offset(config, vp_stage=vp_stage)

@@ -6,7 +6,8 @@ has a test that fails without it: ``tests/test_patches.py`` (model-level CPU pat
 ``tests/test_training_patches.py`` (Megatron-LM training-loop patches).
 """
 
-from patches.registry import Patch, applied, apply_cpu_patches, megatron_core_version
+from patches.cpu import apply_cpu_patches
+from patches.registry import Patch, applied, megatron_core_version
 from patches.training import apply_training_cpu_patches
 
 __all__ = ["Patch", "applied", "apply_cpu_patches", "apply_training_cpu_patches", "megatron_core_version"]

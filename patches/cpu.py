@@ -11,7 +11,7 @@ import contextlib
 
 import torch
 
-from patches.registry import Patch
+from patches.registry import Patch, apply_patches
 
 
 class _NoStream:
@@ -159,3 +159,10 @@ CPU_PATCHES = [
     Patch("cuda_streams_events", "MoE creates CUDA streams and events", _cuda_streams_events),
     Patch("cuda_rng_on_cpu", "the model-parallel RNG tracker reads CUDA RNG state", _cuda_rng_on_cpu),
 ]
+
+
+def apply_cpu_patches(only: set[str] | None = None, force: bool = False) -> list[str]:
+    """Let megatron-core run on CPU under gloo. No-op when CUDA is available (unless forced)."""
+    if torch.cuda.is_available() and not force:
+        return []
+    return apply_patches(CPU_PATCHES, only)

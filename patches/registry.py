@@ -1,12 +1,17 @@
-"""Registry of megatron-core patches with a version gate."""
+"""What a patch is and how patches are applied: once each, behind a megatron-core version gate.
+
+The patch lists live in ``patches.cpu`` and ``patches.training``; each of those modules offers
+its own ``apply_*`` entry point built on ``apply_patches`` here. Importing ``patches`` imports
+no megatron-core: each patch imports what it patches when it is applied, so nothing of
+megatron-core is loaded before the CPU patches are in place.
+"""
 
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from typing import Callable
-
-import torch
 
 log = logging.getLogger(__name__)
 
@@ -24,8 +29,6 @@ _APPLIED: set[str] = set()
 
 
 def megatron_core_version() -> tuple[int, int, int]:
-    import re
-
     from megatron.core import package_info
 
     # Versions look like "0.19.2" or "0.19.2+671cae5" (a local build tag).
@@ -58,11 +61,3 @@ def apply_patches(patches: list[Patch], only: set[str] | None = None) -> list[st
             log.debug("applied megatron-core patch %s: %s", patch.name, patch.why)
     return done
 
-
-def apply_cpu_patches(only: set[str] | None = None, force: bool = False) -> list[str]:
-    """Let megatron-core run on CPU under gloo. No-op when CUDA is available (unless forced)."""
-    if torch.cuda.is_available() and not force:
-        return []
-    from patches.cpu import CPU_PATCHES
-
-    return apply_patches(CPU_PATCHES, only)

@@ -101,99 +101,112 @@ def reference_run(inp, mode: str, sparse_loss: bool = True):
     return dict(out=out.detach(), kl=kl, recall=recall, topk=topk, grads=grads)
 
 
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
 def _close(name, a, b, atol=2e-5, rtol=1e-4):
     a, b = a.detach(), b.detach()
     if a.shape != b.shape or not torch.allclose(a, b, atol=atol, rtol=rtol):
         diff = (a - b).abs().max().item() if a.shape == b.shape else "shape"
-        raise AssertionError(f"rank {dist.get_rank()}: {name} differs (max abs diff {diff}, {a.shape} vs {b.shape})")
+        raise AssertionError(f"rank {_rank()}: {name} differs (max abs diff {diff}, {a.shape} vs {b.shape})")
 
 
 def layer_function_worker(rank, world, port, tp, cp, seed, modes, kernel="reference"):
-    if True:
-        if kernel != "reference" and not ON_GPU:  # the kernels through Triton's interpreter
-            os.environ["TRITON_INTERPRET"] = "1"
-        init_dist(rank, world, port)
-        from megatron_dsa import ops
-        from megatron_dsa.parallel import ParallelContext, cp_split, own_rows, parallel_dsa_core
-        from megatron_dsa.parallel.core import balanced_blocks, can_balance
+    if kernel != "reference" and not ON_GPU:  # the kernels through Triton's interpreter
+        os.environ["TRITON_INTERPRET"] = "1"
+    init_dist(rank, world, port)
+    from megatron_dsa.parallel import ParallelContext
 
-        backend = ops.backend(kernel, device())
-        assert backend.name == kernel
+    tp_group, cp_group = make_groups(tp, cp)
+    ctx = ParallelContext(tp_group=tp_group if tp > 1 else None, cp_group=cp_group if cp > 1 else None)
+    check_core_against_reference(ctx, seed, modes, kernel)
+    dist.barrier()
+    dist.destroy_process_group()
 
-        tp_group, cp_group = make_groups(tp, cp)
-        ctx = ParallelContext(tp_group=tp_group if tp > 1 else None, cp_group=cp_group if cp > 1 else None)
-        assert ctx.tp_size == tp and ctx.cp_size == cp
-        s = SHAPE
-        inp = tie_inputs(seed)
-        heads = slice(ctx.tp_rank * s["H"] // tp, (ctx.tp_rank + 1) * s["H"] // tp)
-        for mode, sparse_loss in modes:
-            ref = reference_run(inp, mode, sparse_loss)
-            loc = {k: cp_split(v, cp, ctx.cp_rank) for k, v in inp.items()}
-            rows = own_rows(ctx, s["S"] // cp)
-            mine = dict(
-                q=loc["q"][:, :, heads].clone().requires_grad_(),
-                kv=loc["kv"].clone().requires_grad_(),
-                qi=loc["qi"][:, rows].clone().requires_grad_(),
-                ki=loc["ki"][:, rows].clone().requires_grad_(),
-                wi=loc["wi"][:, rows].clone().requires_grad_(),
-            )
-            indexer = None if mode == "dense" else (mine["qi"], mine["ki"], mine["wi"])
-            res = parallel_dsa_core(
-                ctx, mode, mine["q"], mine["kv"], s["V"], s["D"] ** -0.5, s["K"],
-                indexer=indexer, sparse_loss=sparse_loss, ops=backend,
-            )
-            tag = f"{mode}(sparse_loss={sparse_loss}) tp={tp} cp={cp} {kernel}"
-            ref_out = cp_split(ref["out"], cp, ctx.cp_rank)[:, :, heads]
-            _close(tag + " out", res.out, ref_out)
-            if ref["topk"] is not None:
-                # Same sets per row (the kernels skip ordering each row by score).
-                want = cp_split(ref["topk"], cp, ctx.cp_rank).sort(-1).values
-                if not torch.equal(res.topk.sort(-1).values, want):
-                    bad = (res.topk.sort(-1).values != want).nonzero()[:5].tolist()
-                    raise AssertionError(f"rank {rank}: {tag} top-k differs at {bad}")
-            if ref["kl"] is not None:
-                _close(tag + " kl", res.kl, cp_split(ref["kl"], cp, ctx.cp_rank)[:, rows])
-            if ref["recall"] is not None:
-                _close(tag + " recall", res.recall, cp_split(ref["recall"], cp, ctx.cp_rank)[:, rows])
-                # The diagnostic on sampled rows (mdsa_recall_rows): 2 per rank, the last own one included.
-                sampled = parallel_dsa_core(
-                    ctx, mode, mine["q"].detach(), mine["kv"].detach(), s["V"], s["D"] ** -0.5, s["K"],
-                    indexer=tuple(t.detach() for t in indexer), sparse_loss=sparse_loss, ops=backend,
-                    recall_rows=2 * tp * cp,
-                ).recall
-                # Sampled on the rows this rank scores: its causally balanced blocks under TP.
-                want = cp_split(ref["recall"], cp, ctx.cp_rank)
-                if can_balance(ctx, rows.stop - rows.start):
-                    h = (rows.stop - rows.start) // 2
-                    want = torch.cat([want[:, b * h:(b + 1) * h] for b in balanced_blocks(tp, ctx.tp_rank)], dim=1)
-                else:
-                    want = want[:, rows]
-                picked = R.recall_sample_rows(want.shape[1], 2, sampled.device)
-                _close(tag + " sampled recall", sampled, want if picked is None else want[:, picked])
-            cot = cp_split(inp["cot"], cp, ctx.cp_rank)[:, :, heads]
-            loss = (res.out * cot).sum() + (0 if res.kl is None else res.kl.sum())
-            loss.backward()
-            g = {k: v.grad if v.grad is not None else torch.zeros_like(v) for k, v in mine.items()}
-            if tp > 1:  # kv is replicated over TP (MLA gathered it): its gradient is the sum
-                dist.all_reduce(g["kv"], group=tp_group)
-            rg = {k: cp_split(v, cp, ctx.cp_rank) for k, v in ref["grads"].items()}
-            _close(tag + " dq", g["q"], rg["q"][:, :, heads])
-            _close(tag + " dkv", g["kv"], rg["kv"])
-            for k in ("qi", "ki", "wi"):
-                _close(tag + " d" + k, g[k], rg[k][:, rows])
-            if mode == "sparse" and sparse_loss and cp == 1:
-                full = s["B"] * s["S"] * s["S"] * s["HI"] * s["DI"] * 2
-                assert res.flops[0] * tp == full, (res.flops[0], full)
-        dist.barrier()
-        dist.destroy_process_group()
+
+def check_core_against_reference(ctx, seed, modes, kernel="reference"):
+    """``core.dsa_core`` on this rank's share of the one-rank tensors (heads over TP, own SP
+    rows for the indexer, megatron's CP chunks) equals the reference math on one rank: top-k
+    sets (with exact ties), outputs, KL, recall (every row and sampled), gradients, and the
+    indexer FLOPs (1/TP of one rank's). ``ctx`` of size 1 is the one-rank path itself."""
+    from megatron_dsa import ops
+    from megatron_dsa.core import dsa_core
+    from megatron_dsa.parallel import balanced_blocks, cp_split, own_rows
+    from megatron_dsa.parallel.sharded import can_balance
+
+    backend = ops.backend(kernel, device())
+    assert backend.name == kernel
+    tp, cp = ctx.tp_size, ctx.cp_size
+    s = SHAPE
+    inp = tie_inputs(seed)
+    heads = slice(ctx.tp_rank * s["H"] // tp, (ctx.tp_rank + 1) * s["H"] // tp)
+    for mode, sparse_loss in modes:
+        ref = reference_run(inp, mode, sparse_loss)
+        loc = {k: cp_split(v, cp, ctx.cp_rank) for k, v in inp.items()}
+        rows = own_rows(ctx, s["S"] // cp)
+        mine = dict(
+            q=loc["q"][:, :, heads].clone().requires_grad_(),
+            kv=loc["kv"].clone().requires_grad_(),
+            qi=loc["qi"][:, rows].clone().requires_grad_(),
+            ki=loc["ki"][:, rows].clone().requires_grad_(),
+            wi=loc["wi"][:, rows].clone().requires_grad_(),
+        )
+        indexer = None if mode == "dense" else (mine["qi"], mine["ki"], mine["wi"])
+        res = dsa_core(
+            ctx, mode, mine["q"], mine["kv"], s["V"], s["D"] ** -0.5, s["K"],
+            indexer=indexer, sparse_loss=sparse_loss, backend=backend,
+        )
+        tag = f"{mode}(sparse_loss={sparse_loss}) tp={tp} cp={cp} {kernel}"
+        ref_out = cp_split(ref["out"], cp, ctx.cp_rank)[:, :, heads]
+        _close(tag + " out", res.out, ref_out)
+        if ref["topk"] is not None:
+            # Same sets per row (the kernels skip ordering each row by score).
+            want = cp_split(ref["topk"], cp, ctx.cp_rank).sort(-1).values
+            if not torch.equal(res.topk.sort(-1).values, want):
+                bad = (res.topk.sort(-1).values != want).nonzero()[:5].tolist()
+                raise AssertionError(f"rank {_rank()}: {tag} top-k differs at {bad}")
+        if ref["kl"] is not None:
+            _close(tag + " kl", res.kl, cp_split(ref["kl"], cp, ctx.cp_rank)[:, rows])
+        if ref["recall"] is not None:
+            _close(tag + " recall", res.recall, cp_split(ref["recall"], cp, ctx.cp_rank)[:, rows])
+            # The diagnostic on sampled rows (mdsa_recall_rows): 2 per rank, the last own one included.
+            sampled = dsa_core(
+                ctx, mode, mine["q"].detach(), mine["kv"].detach(), s["V"], s["D"] ** -0.5, s["K"],
+                indexer=tuple(t.detach() for t in indexer), sparse_loss=sparse_loss, backend=backend,
+                recall_rows=2 * tp * cp,
+            ).recall
+            # Sampled on the rows this rank scores: its causally balanced blocks under TP.
+            want = cp_split(ref["recall"], cp, ctx.cp_rank)
+            if can_balance(ctx, rows.stop - rows.start):
+                h = (rows.stop - rows.start) // 2
+                want = torch.cat([want[:, b * h:(b + 1) * h] for b in balanced_blocks(tp, ctx.tp_rank)], dim=1)
+            else:
+                want = want[:, rows]
+            picked = R.recall_sample_rows(want.shape[1], 2, sampled.device)
+            _close(tag + " sampled recall", sampled, want if picked is None else want[:, picked])
+        cot = cp_split(inp["cot"], cp, ctx.cp_rank)[:, :, heads]
+        loss = (res.out * cot).sum() + (0 if res.kl is None else res.kl.sum())
+        loss.backward()
+        g = {k: v.grad if v.grad is not None else torch.zeros_like(v) for k, v in mine.items()}
+        if tp > 1:  # kv is replicated over TP (MLA gathered it): its gradient is the sum
+            dist.all_reduce(g["kv"], group=ctx.tp_group)
+        rg = {k: cp_split(v, cp, ctx.cp_rank) for k, v in ref["grads"].items()}
+        _close(tag + " dq", g["q"], rg["q"][:, :, heads])
+        _close(tag + " dkv", g["kv"], rg["kv"])
+        for k in ("qi", "ki", "wi"):
+            _close(tag + " d" + k, g[k], rg[k][:, rows])
+        if mode == "sparse" and sparse_loss and cp == 1:
+            full = s["B"] * s["S"] * s["S"] * s["HI"] * s["DI"] * 2
+            assert res.indexer_flops * tp == full, (res.indexer_flops, full)
 
 
 def balanced_topk_worker(rank, world, port, seed):
     """TP = world: the balanced row exchange, the rows' order after the all-gather, equal causal
     work per rank, and tp_indexer_topk == the one-rank top-k (balanced and fallback shapes)."""
     init_dist(rank, world, port)
-    from megatron_dsa.parallel import STATS, ParallelContext, own_rows
-    from megatron_dsa.parallel.core import balanced_blocks, balanced_to_rows, rows_to_balanced, tp_indexer_topk
+    from megatron_dsa.parallel import STATS, ParallelContext, balanced_blocks, own_rows
+    from megatron_dsa.parallel.sharded import balanced_to_rows, rows_to_balanced, tp_indexer_topk
 
     ctx = ParallelContext(tp_group=dist.group.WORLD)
     dev = device()

@@ -1,4 +1,4 @@
-"""benchmarks/bench_fp8_train.py (issue 8) on a CPU machine without Transformer Engine:
+"""benchmarks/bench_fp8_train.py on a CPU machine without Transformer Engine:
 
 - bad input (unknown size / variant / phase, te_* without TE, FP8 without CUDA, a missing or
   mismatched corpus, a reserved --extra key) is one ``error:`` line and exit 2, before any run;

@@ -1,4 +1,4 @@
-"""benchmarks/bench_model_step.py on CPU at tiny sizes: variant labels, errors, and MDSA_DENSE_KL."""
+"""benchmarks/bench_model_step.py on CPU at tiny sizes: variant labels, errors, and the dense-KL choice."""
 
 from __future__ import annotations
 
@@ -43,18 +43,18 @@ def test_bad_variants_fail_before_any_run(tmp_path, flag):
     assert not list(tmp_path.iterdir())
 
 
-def test_dense_kl_environment_switch():
-    code = "from megatron_dsa.kernels import dense_kl; print(dense_kl.FUSED)"
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    run = lambda value: subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,  # noqa: E731
-                                       env={**env, "MDSA_DENSE_KL": value}, cwd=REPO)
-    assert run("fused").stdout.strip() == "True"
-    assert run("blockwise").stdout.strip() == "False"
-    default = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
-                             env={k: v for k, v in env.items() if k != "MDSA_DENSE_KL"})
-    assert default.stdout.strip() == "True"  # the fused kernels unless told otherwise
-    bad = run("fast")
-    assert bad.returncode != 0 and "MDSA_DENSE_KL must be one of" in bad.stderr
+def test_dense_kl_choice_travels_in_the_config():
+    """The warm-up KL implementation is a kernel option of the model config (no process-wide
+    switch); a bad value stops with one error naming the setting, before any module is built."""
+    from megatron_dsa.config import DSAConfigError
+    from megatron_dsa.model import model_config
+
+    assert model_config("tiny").dsa.kernel_options.dense_kl == "fused"
+    cfg = model_config("tiny", mdsa_kernel_options={"dense_kl": "blockwise", "attn_fwd": [64, 8, 2]})
+    assert cfg.dsa.kernel_options.dense_kl == "blockwise" and cfg.dsa.kernel_options.attn_fwd.BK == 64
+    for bad in ({"dense_kl": "fast"}, {"attn_fwd": [48, 8, 2]}, {"nope": 1}, {"key_passes": -1}):
+        with pytest.raises(DSAConfigError, match="mdsa_kernel_options"):
+            model_config("tiny", mdsa_kernel_options=bad)
 
 
 def test_profile_lists_where_the_step_time_goes(tmp_path):

@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 
 from megatron_dsa.convert import ConversionError, export_to_hf, import_from_hf, load_model, save_model_checkpoint
-from megatron_dsa.convert.__main__ import main as convert_main
+from megatron_dsa.convert.cli import main as convert_main
 from megatron_dsa.model import build_model, model_config, resolve_size
 
 TOPK = 8

@@ -1,4 +1,4 @@
-"""The retrieval suite and the loss-at-lengths helper (megatron_dsa.eval)."""
+"""The retrieval suite and the loss-at-lengths helper (experiments.verify.suites)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import random
 import pytest
 import torch
 
-from megatron_dsa.eval import build_items, build_suite, score_items
-from megatron_dsa.eval.loss import plan_total
-from megatron_dsa.eval.retrieval import TASKS, FillerPool, synthetic_python
+from experiments.verify.suites import build_items, build_suite, score_items
+from experiments.verify.suites.loss import plan_total
+from experiments.verify.suites.retrieval import TASKS, FillerPool, synthetic_python
 
 
 class ByteTokenizer:
@@ -98,7 +98,7 @@ def test_plan_total_is_common_multiple():
 
 
 def test_loss_at_lengths_on_tiny_model(megatron_world):
-    from megatron_dsa.eval import validation_loss_at_lengths
+    from experiments.verify.suites import validation_loss_at_lengths
     from megatron_dsa.model import build_model
 
     torch.manual_seed(0)
@@ -133,8 +133,8 @@ def test_answer_log_likelihood_reads_the_answer_positions():
 
 
 def test_model_predictor_log_probs_equal_a_direct_log_softmax(megatron_world, monkeypatch):
-    from megatron_dsa.eval import model_predictor
-    from megatron_dsa.eval import retrieval
+    from experiments.verify.suites import model_predictor
+    from experiments.verify.suites import retrieval
     from megatron_dsa.model import build_model
 
     torch.manual_seed(0)

@@ -95,7 +95,7 @@ def test_overrides_nested_and_typed():
 def test_megatron_argv_carries_mdsa_flags(corpus, tmp_path):
     from megatron_dsa.train.config import load_config
     from megatron_dsa.train.preflight import preflight
-    from megatron_dsa.train.trainer import megatron_argv
+    from megatron_dsa.train.flags import megatron_argv
 
     cfg = load_config(CONFIGS / "tiny" / "pretrain.yaml", base(corpus, tmp_path)[2:])
     argv = megatron_argv(cfg, preflight(cfg))
@@ -300,7 +300,7 @@ def test_torchrun_two_processes_data_parallel(corpus, tmp_path):
     assert "data-parallel size: 2" in output
     assert (tmp_path / "save" / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
     assert (tmp_path / "save" / "mdsa_run.json").is_file()
-    from megatron_dsa.train.main import read_scalars
+    from megatron_dsa.train.runner import read_scalars
 
     loss = read_scalars(tmp_path / "tb")["lm loss"]
     assert [i for i, _ in loss] == [1, 2, 3, 4] and all(0 < v < 10 for _, v in loss)

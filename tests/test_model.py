@@ -77,18 +77,18 @@ def test_triton_backend_equals_the_reference_in_the_model(megatron_world, seed, 
     reference backend: losses, indexer losses and every gradient. The layer must find every
     op it calls in both backends (on the GPU 'auto' picks the kernels)."""
     from megatron_dsa import kernels
-    from megatron_dsa.kernels import dense_kl
 
     if not kernels.available():
         pytest.skip("needs Triton with CUDA or TRITON_INTERPRET=1")
-    monkeypatch.setattr(dense_kl, "FUSED", mode != "warmup_blockwise_kl")  # fused: the default
+    options = None  # fused warm-up KL: the default
     if mode == "warmup_blockwise_kl":  # the warm-up KL as the blockwise PyTorch op
-        mode = "warmup"
+        mode, options = "warmup", {"dense_kl": "blockwise"}
     tokens, positions, labels = batch(s=40)
     set_indexer_loss_scale(1.0)
     results = []
     for kernel in ("reference", "triton"):
-        model = make(megatron_world, seed, mdsa_mode=mode, mdsa_kernel=kernel, dsa_indexer_topk=8)
+        model = make(megatron_world, seed, mdsa_mode=mode, mdsa_kernel=kernel, dsa_indexer_topk=8,
+                     mdsa_kernel_options=options)
         loss = lm_loss(model, tokens, positions, labels)
         kl = pop_indexer_losses(model)
         (sum(kl) if mode == "warmup" else loss).backward()

@@ -1,9 +1,10 @@
 """DSA under TP (+SP) and CP on CPU/gloo: multi-process runs compared with one rank.
 
-Layer-function level: ``megatron_dsa.parallel.parallel_dsa_core`` fed with the one-rank tensors
-split the way megatron splits them (heads over TP, sequence-parallel rows for the indexer,
-megatron's load-balanced CP chunks) must give the same top-k indices (deliberate exact ties),
-outputs, KL and input gradients as the reference math on one rank, in every phase.
+Layer-function level: the one DSA core (``megatron_dsa.core.dsa_core``) fed with the one-rank
+tensors split the way megatron splits them (heads over TP, sequence-parallel rows for the
+indexer, megatron's load-balanced CP chunks) must give the same top-k indices (deliberate exact
+ties), outputs, KL and input gradients as the reference math on one rank, in every phase; and
+on one rank (a context of size 1) it is that math.
 Model level: SGD steps of the tiny MoE under TP=2 / CP=2 / TP=2 x CP=2 give the one-rank
 losses and parameters. Worker code: tests/parallel_workers.py.
 """
@@ -102,6 +103,17 @@ def test_merge_breaks_ties_towards_the_smaller_global_position():
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("kernel", ["reference", "triton"])
+def test_layer_function_on_one_rank_is_the_reference_math(kernel):
+    """The same core with a size-1 context (no process group): what the one-rank layer runs."""
+    from megatron_dsa import kernels
+    from megatron_dsa.parallel import ParallelContext
+
+    if kernel == "triton" and not kernels.available():
+        pytest.skip("needs Triton with CUDA or TRITON_INTERPRET=1")
+    W.check_core_against_reference(ParallelContext(), 7, MODES, kernel)
+
+
 @pytest.mark.parametrize("tp,cp", [(2, 1), (1, 2), (1, 4), (2, 2)], ids=["tp2", "cp2", "cp4", "tp2xcp2"])
 def test_layer_function_matches_one_rank(tp, cp):
     """Top-k (exact, ties), outputs, KL, recall and dq/dkv/dqi/dki/dwi vs one rank, all phases;
@@ -134,7 +146,7 @@ def test_layer_function_on_the_kernels_matches_one_rank(tp, cp):
     ids=["tp2", "cp2", "tp2xcp2"],
 )
 def test_model_training_steps_match_one_rank(tp, cp, modes):
-    # Issue-length runs on GPUs: MDSA_PARALLEL_STEPS=20 (same per-step tolerances).
+    # Longer runs on GPUs: MDSA_PARALLEL_STEPS=20 (same per-step tolerances).
     W.spawn(W.model_worker, tp * cp, tp, cp, modes, 11, int(os.environ.get("MDSA_PARALLEL_STEPS", "2")), {})
 
 

@@ -1,4 +1,4 @@
-"""Top-k recall of the dense attention mass at lengths and k (megatron_dsa.eval.recall)."""
+"""Top-k recall of the dense attention mass at lengths and k (experiments.verify.suites.recall)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from megatron_dsa import reference as R
-from megatron_dsa.eval import indexer_recall_at_lengths
-from megatron_dsa.eval import recall as recall_mod
-from megatron_dsa.eval.recall import oracle_topk_mass, topk_for_length
+from experiments.verify.suites import indexer_recall_at_lengths
+from experiments.verify.suites import recall as recall_mod
+from experiments.verify.suites.recall import oracle_topk_mass, topk_for_length
 from megatron_dsa.layer import INDEXER_KL, TOPK_RECALL, DSACoreAttention, pop_indexer_losses
 from megatron_dsa.model import build_model, dsa_layers, model_config
 
@@ -105,7 +105,7 @@ def check_oracle(model, res, cap, k, calls_per_k):
 def direct_recall_kl(layer, calls, k):
     """Mean over every query row of every call: recall of the head-summed dense attention mass
     in the indexer's top-k, and KL(p || softmax(I)); computed here from the layer's inputs."""
-    indexer = layer._get_indexer()
+    indexer = layer.indexer_module()
     recall_sum = kl_sum = 0.0
     rows = 0
     for query, key, x, qr in calls:

@@ -30,7 +30,7 @@ def megatron_args(argv: list[str]) -> argparse.Namespace:
     """Megatron's own parser over the trainer's flags (what ``run`` hands to Megatron)."""
     from megatron.training.arguments import add_megatron_arguments
 
-    from megatron_dsa.train.trainer import add_mdsa_args
+    from megatron_dsa.train.flags import add_mdsa_args
 
     parser = argparse.ArgumentParser(allow_abbrev=False, add_help=False)
     return add_mdsa_args(add_megatron_arguments(parser)).parse_args(argv)
@@ -45,9 +45,9 @@ def fake_fp8_gpu(monkeypatch):
     """TE "installed" and an FP8-capable GPU "present" (Hopper), for the checks that read them."""
     import megatron.core.transformer.transformer_config as transformer_config
 
-    from megatron_dsa import model
+    from megatron_dsa import backends
 
-    monkeypatch.setattr(model, "te_installed", lambda: True)
+    monkeypatch.setattr(backends, "te_installed", lambda: True)
     monkeypatch.setattr(transformer_config, "is_te_min_version", lambda *a, **k: True)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
@@ -62,16 +62,17 @@ def fake_fp8_gpu(monkeypatch):
     (True, True, "transformer_engine"),
 ])
 def test_auto_resolution(monkeypatch, te, cuda, expected):
-    from megatron_dsa import model
+    from megatron_dsa import backends
 
-    monkeypatch.setattr(model, "te_installed", lambda: te)
+    monkeypatch.setattr(backends, "te_installed", lambda: te)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
-    assert model.resolve_transformer_impl("auto") == expected
-    assert model.resolve_transformer_impl("local") == "local"
+    assert backends.resolve_transformer_impl("auto") == expected
+    assert backends.resolve_transformer_impl("local") == "local"
 
 
 def test_auto_is_local_on_this_machine():
-    from megatron_dsa.model import model_config, resolve_transformer_impl, te_installed
+    from megatron_dsa.backends import resolve_transformer_impl, te_installed
+    from megatron_dsa.model import model_config
 
     assert not te_installed() and not torch.cuda.is_available()
     assert resolve_transformer_impl() == "local"
@@ -80,7 +81,8 @@ def test_auto_is_local_on_this_machine():
 
 def test_transformer_engine_without_te_is_a_clear_error():
     from megatron_dsa.config import DSAConfigError
-    from megatron_dsa.model import model_config, resolve_transformer_impl
+    from megatron_dsa.backends import resolve_transformer_impl
+    from megatron_dsa.model import model_config
 
     for call in (lambda: resolve_transformer_impl("transformer_engine"),
                  lambda: model_config("tiny", transformer_impl="transformer_engine")):
@@ -93,13 +95,13 @@ def test_transformer_engine_without_te_is_a_clear_error():
 
 def test_spec_refuses_te_when_it_disappears(monkeypatch):
     """A config made where TE was present, built where it is not: the spec says so."""
-    from megatron_dsa import model
+    from megatron_dsa import backends, model
     from megatron_dsa.config import DSAConfigError
     from megatron_dsa.spec import backend_for
 
-    monkeypatch.setattr(model, "te_installed", lambda: True)
+    monkeypatch.setattr(backends, "te_installed", lambda: True)
     cfg = model.model_config("tiny", transformer_impl="transformer_engine")
-    monkeypatch.setattr(model, "te_installed", lambda: False)
+    monkeypatch.setattr(backends, "te_installed", lambda: False)
     with pytest.raises(DSAConfigError, match=r"pip install -e \.\[te\]"):
         backend_for(cfg)
 
@@ -119,7 +121,8 @@ def test_model_config_refuses_fp8_on_local_linears():
 @pytest.mark.parametrize("impl", [None, "auto", "local"])
 def test_local_backend_reaches_megatron_and_model_config(corpus, tmp_path, impl):
     from megatron_dsa.train.preflight import preflight
-    from megatron_dsa.train.trainer import megatron_argv, phase_model_config
+    from megatron_dsa.train.flags import megatron_argv
+    from megatron_dsa.train.trainer import phase_model_config
 
     cfg = load(corpus, tmp_path, *([f"model.transformer_impl={impl}"] if impl else []))
     plan = preflight(cfg)
@@ -137,7 +140,8 @@ def test_local_backend_reaches_megatron_and_model_config(corpus, tmp_path, impl)
 def test_explicit_local_on_a_te_gpu_stays_local_in_both(corpus, tmp_path, fake_fp8_gpu):
     """Where auto would pick TE, an explicit local must reach Megatron and the model alike."""
     from megatron_dsa.train.preflight import preflight
-    from megatron_dsa.train.trainer import megatron_argv, phase_model_config
+    from megatron_dsa.train.flags import megatron_argv
+    from megatron_dsa.train.trainer import phase_model_config
 
     cfg = load(corpus, tmp_path, "model.transformer_impl=local")
     argv = megatron_argv(cfg, preflight(cfg))
@@ -149,7 +153,8 @@ def test_explicit_local_on_a_te_gpu_stays_local_in_both(corpus, tmp_path, fake_f
 
 def test_fp8_settings_reach_megatron_and_model_config(corpus, tmp_path, fake_fp8_gpu):
     from megatron_dsa.train.preflight import preflight
-    from megatron_dsa.train.trainer import megatron_argv, phase_model_config
+    from megatron_dsa.train.flags import megatron_argv
+    from megatron_dsa.train.trainer import phase_model_config
 
     cfg = load(corpus, tmp_path, "fp8.format=hybrid", "fp8.recipe=tensorwise",
                "fp8.first_last_layers_bf16=true", "fp8.num_layers_at_end_in_bf16=2",
@@ -173,7 +178,8 @@ def test_fp8_settings_reach_megatron_and_model_config(corpus, tmp_path, fake_fp8
 
 def test_fp8_delayed_recipe_defaults_and_amax_flags(corpus, tmp_path, fake_fp8_gpu):
     from megatron_dsa.train.preflight import preflight
-    from megatron_dsa.train.trainer import megatron_argv, phase_model_config
+    from megatron_dsa.train.flags import megatron_argv
+    from megatron_dsa.train.trainer import phase_model_config
 
     cfg = load(corpus, tmp_path, "fp8.format=e4m3", "fp8.amax_history_len=1024", "fp8.amax_compute_algo=max")
     assert cfg.fp8["recipe"] == "delayed"
@@ -216,9 +222,9 @@ def test_bad_backend_and_fp8_settings(cli, corpus, tmp_path, overrides, needles)
 
 
 def test_fp8_without_cuda(cli, corpus, tmp_path, monkeypatch):
-    from megatron_dsa import model
+    from megatron_dsa import backends
 
-    monkeypatch.setattr(model, "te_installed", lambda: True)
+    monkeypatch.setattr(backends, "te_installed", lambda: True)
     expect_error(cli(*base(corpus, tmp_path), "fp8.format=hybrid"), "needs a CUDA GPU")
     assert not (tmp_path / "save").exists()
 
@@ -277,11 +283,11 @@ def test_te_spec_uses_te_modules(megatron_world, monkeypatch):
     import megatron.core.extensions.transformer_engine as te_ext
     import megatron.core.extensions.transformer_engine_spec_provider as provider
 
-    from megatron_dsa import model
+    from megatron_dsa import backends, model
     from megatron_dsa.layer import DSACoreAttention, ReplicatedLinear
     from megatron_dsa.spec import TEReplicatedLinear, dsa_block_spec, dsa_layer_specs
 
-    monkeypatch.setattr(model, "te_installed", lambda: True)
+    monkeypatch.setattr(backends, "te_installed", lambda: True)
     monkeypatch.setattr(provider, "is_te_min_version", lambda *a, **k: True)
     cfg = model.model_config("tiny", transformer_impl="transformer_engine")
     dense, moe = dsa_layer_specs(cfg, first_k_dense=1)[:2]
@@ -326,11 +332,11 @@ def test_te_indexer_linears_are_duplicated_and_take_transposed_inputs(monkeypatc
     from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider
     from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
-    from megatron_dsa import model
+    from megatron_dsa import backends, model
     from megatron_dsa.layer import LightningIndexer
     from megatron_dsa.spec import _indexer_linears
 
-    monkeypatch.setattr(model, "te_installed", lambda: True)
+    monkeypatch.setattr(backends, "te_installed", lambda: True)
     monkeypatch.setattr(te_ext, "TELinear", FakeTELinear)
     FakeTELinear.built.clear()
     cfg = model.model_config("tiny", transformer_impl="transformer_engine")

@@ -64,7 +64,7 @@ def ok(result) -> None:
 
 
 def scalars(tb_dir: Path, tag: str) -> list[tuple[int, float]]:
-    from megatron_dsa.train.main import read_scalars
+    from megatron_dsa.train.runner import read_scalars
 
     return read_scalars(tb_dir)[tag]
 
@@ -122,7 +122,7 @@ def test_warmup_kl_falls_and_only_indexers_move(phases, tmp_path):
     recall = [v for _, v in scalars(phases / "warmup_tb", "indexer topk-recall")]
     assert all(0.0 < r <= 1.0 for r in recall)
     # Per-layer KL is logged for every layer.
-    tags = {t for t in __import__("megatron_dsa.train.main", fromlist=["x"]).read_scalars(phases / "warmup_tb")}
+    tags = {t for t in __import__("megatron_dsa.train.runner", fromlist=["x"]).read_scalars(phases / "warmup_tb")}
     assert {"indexer kl/layer1", "indexer kl/layer2", "indexer kl/layer3", "tokens-per-sec"} <= tags
 
     before = load_weights(phases / "pretrain", tmp_path)
@@ -269,16 +269,16 @@ def test_layer_metrics_average_only_the_layers_that_recorded(megatron_world):
 def test_no_apex_weight_gradient_fusion_on_the_gpu(monkeypatch):
     """On CUDA without Apex's fused weight-gradient extension Megatron's default fusion would
     fail at model construction: the trainer turns it off."""
-    from megatron_dsa.train import trainer
+    from megatron_dsa.train import flags
     from megatron_dsa.train.config import load_config
 
     cfg = load_config(CONFIGS / "pretrain.yaml", ["data.dir=/nonexistent"])
     plan = {"data_dir": "/nonexistent", "transformer_impl": "local"}
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(trainer, "_apex_wgrad_fusion_installed", lambda: False)
-    assert "--no-gradient-accumulation-fusion" in trainer.megatron_argv(cfg, plan)
-    monkeypatch.setattr(trainer, "_apex_wgrad_fusion_installed", lambda: True)
-    assert "--no-gradient-accumulation-fusion" not in trainer.megatron_argv(cfg, plan)
+    monkeypatch.setattr(flags, "_apex_wgrad_fusion_installed", lambda: False)
+    assert "--no-gradient-accumulation-fusion" in flags.megatron_argv(cfg, plan)
+    monkeypatch.setattr(flags, "_apex_wgrad_fusion_installed", lambda: True)
+    assert "--no-gradient-accumulation-fusion" not in flags.megatron_argv(cfg, plan)
 
 
 def test_eval_iters_zero_trains_without_validation(corpus, tmp_path):

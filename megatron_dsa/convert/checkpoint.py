@@ -111,8 +111,7 @@ def model_spec_for(ckpt: Path, size: Optional[str], overrides: dict[str, Any]):
     Order: an explicit ``size`` name; else the spec we stored (from-hf writes it); else the
     trainer's Megatron args (``mdsa_size`` + ``mdsa_model_overrides``).
     """
-    from megatron_dsa.convert.mapping import size_from_fields
-    from megatron_dsa.model import resolve_size
+    from megatron_dsa.model import ModelSize, resolve_size
 
     common = common_state(ckpt)
     if size is not None:
@@ -121,7 +120,7 @@ def model_spec_for(ckpt: Path, size: Optional[str], overrides: dict[str, Any]):
         except ValueError as error:
             raise ConversionError(str(error)) from None
     if isinstance(common.get(SPEC_KEY), dict):
-        return size_from_fields(common[SPEC_KEY]), dict(overrides)
+        return ModelSize.from_json(common[SPEC_KEY]), dict(overrides)
     args = common.get("args")
     if args is not None and getattr(args, "mdsa_size", None):
         stored = dict(json.loads(getattr(args, "mdsa_model_overrides", "{}") or "{}"))
@@ -386,15 +385,13 @@ def save_sharded_checkpoint(sharded: dict, out_dir: Path, spec, vocab_size: int,
     Megatron-style args (``mdsa_size``, ``mdsa_model_overrides``, ``padded_vocab_size``)."""
     from megatron.core import dist_checkpointing
 
-    from megatron_dsa.convert.mapping import size_fields
-
     sub = Path(out_dir) / f"iter_{iteration:07d}"
     sub.mkdir(parents=True)
     state = {
         "model": sharded,
         "iteration": iteration,
         "checkpoint_version": 3.0,
-        SPEC_KEY: size_fields(spec),
+        SPEC_KEY: spec.to_json(),
         "args": argparse.Namespace(
             mdsa_size=spec.name, mdsa_model_overrides=json.dumps(overrides or {}),
             padded_vocab_size=vocab_size,

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from megatron_dsa.convert.errors import ConversionError
+from megatron_dsa.model import ModelSize, deepseek_v3_style
 
 # One our-name -> one or more HF names. kind: "copy" | "glu" (split rows in two halves) | "fp32".
 _LAYER_RULES = [
@@ -182,12 +183,10 @@ def hf_config_dict(cfg, first_k_dense: int, vocab_size: int, max_seq_len: int,
     return d
 
 
-# Our transformer fields that an HF config determines (the rest come from _deepseek_v3_style).
-def size_from_hf_config(hf: dict[str, Any], name: str = "hf"):
+def size_from_hf_config(hf: dict[str, Any], name: str = "hf") -> ModelSize:
     """A ModelSize equivalent to an HF DeepseekV32 config.json dict; ConversionError if the
-    HF model uses something our model cannot reproduce exactly."""
-    from megatron_dsa.model import ModelSize, _deepseek_v3_style
-
+    HF model uses something our model cannot reproduce exactly. The HF config sets the
+    numbers; the conventions are ``model.deepseek_v3_style``'s."""
     check_hf_config(hf)
     L = hf["num_hidden_layers"]
     k_dense = _first_k_dense(hf)
@@ -229,7 +228,7 @@ def size_from_hf_config(hf: dict[str, Any], name: str = "hf"):
         vocab_size=hf["vocab_size"],
         max_seq_len=hf.get("max_position_embeddings", 163840),
         first_k_dense=k_dense,
-        transformer=_deepseek_v3_style(**fields),
+        transformer=deepseek_v3_style(**fields),
     )
 
 
@@ -311,33 +310,3 @@ def check_hf_config(hf: dict[str, Any]) -> None:
         problems.append(f"index_head_dim={d} must be a power of two >= qk_rope_head_dim ({r})")
     if problems:
         raise ConversionError("unsupported DeepSeek-V3.2 settings: " + "; ".join(problems))
-
-
-def size_fields(size) -> dict[str, Any]:
-    """A JSON-able description of a ModelSize (stored in checkpoints we write)."""
-    t = {}
-    for k, v in size.transformer.items():
-        if isinstance(v, torch.dtype):
-            v = {"dtype": dtype_name(v)}
-        elif callable(v):
-            v = {"callable": getattr(v, "__name__", str(v))}
-        t[k] = v
-    return dict(name=size.name, vocab_size=size.vocab_size, max_seq_len=size.max_seq_len,
-                first_k_dense=size.first_k_dense, transformer=t)
-
-
-def size_from_fields(d: dict[str, Any]):
-    from megatron_dsa.model import ModelSize, _deepseek_v3_style
-
-    t = {}
-    for k, v in d["transformer"].items():
-        if isinstance(v, dict) and "dtype" in v:
-            v = DTYPES[v["dtype"]]
-        elif isinstance(v, dict) and "callable" in v:
-            continue  # activation: fixed by the DeepSeek style (silu)
-        elif k == "transformer_impl":
-            continue  # TE where installed, local elsewhere (decided here, not by the writer)
-        t[k] = v
-    return ModelSize(name=d["name"], vocab_size=d["vocab_size"], max_seq_len=d["max_seq_len"],
-                     first_k_dense=d["first_k_dense"], transformer=_deepseek_v3_style(**t))
-

@@ -14,35 +14,32 @@ import argparse
 import sys
 import time
 
+import torch
+
+from megatron_dsa.convert.cli import add_checkpoint_arguments, parse_set_options
+from megatron_dsa.convert.checkpoint import load_model
+from megatron_dsa.convert.errors import ConversionError
+from megatron_dsa.data import DataError, SentencePieceTokenizer
+from megatron_dsa.inference.engine import DSAInference
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m megatron_dsa.inference")
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="greedy generation")
-    g.add_argument("--checkpoint", required=True)
-    g.add_argument("--size", default=None)
-    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    add_checkpoint_arguments(g)
     g.add_argument("--tokenizer", required=True, help="sentencepiece model file")
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-new-tokens", type=int, default=32)
     g.add_argument("--mode", choices=("sparse", "dense"), default="sparse")
     g.add_argument("--show-ids", action="store_true")
     args = parser.parse_args(argv)
-
-    import torch
-
-    from megatron_dsa.convert.__main__ import _overrides
-    from megatron_dsa.convert.checkpoint import load_model
-    from megatron_dsa.convert.errors import ConversionError
-    from megatron_dsa.data import DataError, SentencePieceTokenizer
-    from megatron_dsa.inference.engine import DSAInference
-
     if args.max_new_tokens < 0:
         print("error: --max-new-tokens must be >= 0", file=sys.stderr)
         return 2
     try:
         tokenizer = SentencePieceTokenizer(args.tokenizer)
-        model, _ = load_model(args.checkpoint, size=args.size, overrides=_overrides(args.set))
+        model, _ = load_model(args.checkpoint, size=args.size, overrides=parse_set_options(args.set))
     except (ConversionError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

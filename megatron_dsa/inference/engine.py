@@ -1,21 +1,21 @@
 """Prefill and token-by-token decode for our DSA model, with a latent KV cache.
 
-The engine runs the model's own modules and weights (embedding, norms, linear layers, MLP/MoE,
-output layer) and does the attention math of one layer in plain PyTorch with
-``megatron_dsa.reference`` (absolute ``q_pos``/``k_pos``, so new queries attend to cached
-keys). Per layer it caches, for every token seen:
+The engine runs the model's own modules and weights layer by layer, and the attention through
+the same DSA core as training (``megatron_dsa.core.dsa_core``, on one rank), with the new
+tokens' positions as the queries' and the whole cache as the keys. Per layer it caches, for
+every token seen:
 
     latent KV entry  [B, T, kv_lora_rank + rope]  (normalised latent | roped key rope part)
     indexer key      [B, T, DI]                   (LayerNorm, half-split RoPE, Hadamard)
 
-A step with T new tokens (prefill: the prompt; decode: one token):
-    MLA absorbed query  q = [q_nope @ W_UK | rope(q_pe)]                        [B, T, H, Dqk]
-    sparse: indexer scores of the new queries against ALL cached keys, causal top-min(k, n)
-            (``reference.indexer_topk``), attention over the selected latent entries only
-            (``reference.sparse_mla_attention``);
-    dense:  causal attention over every cached entry (``reference.dense_mla_attention``);
-    then the V up-projection, ``linear_proj``, the residual, the layer's MLP / MoE (a MoE layer
-    runs only the experts its router picked: see ``DSAInference._routed_moe``).
+A step with T new tokens (prefill: the prompt; decode: one token), in each layer:
+    the MLA absorbed queries, latent entries and query latent of the new tokens at their
+    positions (``DSAAbsorbedMLASelfAttention.absorbed_inputs``), the indexer's q / k / w
+    (``DSACoreAttention.indexer_inputs``, sparse only); append the latent entries and indexer
+    keys to the cache; the DSA core over the cache (sparse: causal top-min(k, n) of ALL cached
+    keys, attention over the selected entries only; dense: every cached entry); the V
+    up-projection and ``linear_proj`` (``project_output``); the residual and the layer's MLP /
+    MoE (a MoE layer runs only the experts its router picked: see ``DSAInference._routed_moe``).
 
 This equals the model's full forward over the whole sequence (the test checks it) in fp32.
 Memory per token and layer: (kv_lora_rank + rope + DI) values, 576 + 128 for the 671B shape.
@@ -24,12 +24,17 @@ Memory per token and layer: (kv_lora_rank + rope + DI) values, 576 + 128 for the
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
-import torch.nn.functional as F
+from megatron.core.transformer.moe.experts import SequentialMLP
+from megatron.core.transformer.moe.moe_layer import MoELayer
 
-from megatron_dsa import reference as R
+from megatron_dsa import ops
+from megatron_dsa.config import set_mode
+from megatron_dsa.core import dsa_core
+from megatron_dsa.model import dsa_layers
+from megatron_dsa.parallel import ParallelContext
 
 MODES = ("sparse", "dense")
 
@@ -83,35 +88,12 @@ class KVCache:
         return sum(t.numel() * t.element_size() for c in self.layers for t in (c.kv, c.ik) if t is not None)
 
 
-def _linear(module, x: torch.Tensor) -> torch.Tensor:
-    return F.linear(x, module.weight, getattr(module, "bias", None))
-
-
-def _mla_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """megatron-core's MLA RoPE (mla_rotary_interleaved=True): de-interleave, then half-split."""
-    x = torch.cat([x[..., 0::2], x[..., 1::2]], dim=-1)
-    return R.apply_rope_half_split(x, cos, sin)
-
-
-class _StepPositions(NamedTuple):
-    """Positions of one step's new tokens (``q_pos``) and of every cached token (``k_pos``), with
-    their RoPE tables for MLA and for the indexer."""
-
-    q_pos: torch.Tensor
-    k_pos: torch.Tensor
-    mla_rope: tuple[torch.Tensor, torch.Tensor]
-    indexer_rope: Optional[tuple[torch.Tensor, torch.Tensor]]
-
-
 class DSAInference:
     """Inference over a built megatron-dsa GPTModel (TP=1, one process)."""
 
     def __init__(self, model: torch.nn.Module, mode: str = "sparse", kernel: str = "reference"):
         """kernel: 'reference' (plain PyTorch, default) or 'auto'/'triton' (megatron_dsa.ops:
-        the Triton kernels on CUDA, if they take ``q_pos``/``k_pos`` like the reference)."""
-        from megatron_dsa import ops
-        from megatron_dsa.model import dsa_layers
-
+        the Triton kernels on CUDA; they take the queries' positions like the reference)."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.model = model.eval()
@@ -120,7 +102,8 @@ class DSAInference:
         self.layers = list(model.decoder.layers)
         self.cores = dsa_layers(model)
         self.device = device = next(model.parameters()).device
-        self.ops = ops.backend(kernel, device)
+        self.backend = ops.backend(kernel, device, model.config.dsa.kernel_options)
+        self.parallel = ParallelContext()  # one rank
         self.routed = [self._routed_experts_only(layer.mlp) for layer in self.layers]  # see _routed_moe
         s = self.config.dsa
         if s.topk_freq != 1 or s.indexer_sharing != "per_layer":
@@ -131,61 +114,39 @@ class DSAInference:
 
     # ---- one layer ----------------------------------------------------------------------
 
-    def _attention(self, attn, core, h: torch.Tensor, at: "_StepPositions", cache: LayerCache) -> torch.Tensor:
-        cfg = self.config
-        B, T, _ = h.shape
-        n, dn, dr, dv, r = (cfg.num_attention_heads, cfg.qk_head_dim, cfg.qk_pos_emb_head_dim,
-                            cfg.v_head_dim, cfg.kv_lora_rank)
-        cos, sin = at.mla_rope
-        qr = attn.q_layernorm(_linear(attn.linear_q_down_proj, h))            # [B, T, q_lora]
-        q = _linear(attn.linear_q_up_proj, qr).view(B, T, n, dn + dr)
-        q_nope, q_pe = q.split([dn, dr], dim=-1)
-        k_up, v_up = attn._get_kv_up_weights()                                  # [n, dn, r], [n, dv, r]
-        q_abs = torch.einsum("btnd,ndk->btnk", q_nope, k_up)
-        query = torch.cat([q_abs, _mla_rope(q_pe, cos, sin)], dim=-1)           # [B, T, n, r + dr]
-        kv = _linear(attn.linear_kv_down_proj, h)
-        c, k_pe = kv.split([r, dr], dim=-1)
-        latent = torch.cat([attn.kv_layernorm(c), _mla_rope(k_pe, cos, sin)], dim=-1)  # [B, T, r + dr]
-
-        ik = None
-        indexer = core._get_indexer()
+    def _attention(self, attn, core, h: torch.Tensor, positions: torch.Tensor, cache: LayerCache) -> torch.Tensor:
+        """h [T, B, hidden] at ``positions`` [T] (after the cached tokens) -> the attention's
+        output [T, B, hidden]."""
+        T, B, _ = h.shape
+        query, latent, qr = attn.absorbed_inputs(h, first_position=cache.n)
+        q = query.transpose(0, 1)  # [B, T, H, Dqk]
+        qi = ik = wi = None
         if self.mode == "sparse":
-            s = cfg.dsa
-            icos, isin = at.indexer_rope
-            qi, ik, wi = R.indexer_qkw(
-                _linear(indexer.wq_b, qr), _linear(indexer.wk, h), _linear(indexer.weights_proj, h),
-                indexer.k_norm.weight, indexer.k_norm.bias, icos, isin, n_heads=s.n_heads, eps=s.k_norm_eps,
-            )
-            if s.indexer_dtype == "activation":  # as the layer scores them (DSACoreAttention._indexer_inputs)
-                qi, ik = qi.to(h.dtype), ik.to(h.dtype)
-        kv_all, ik_all = cache.append(latent, ik)
-        if self.mode == "sparse":
-            topk = self.ops.indexer_topk(qi, ik_all, wi, cfg.dsa.topk, q_pos=at.q_pos, k_pos=at.k_pos)
-            out, _ = self.ops.sparse_mla_attention(query, kv_all, topk, r, core.softmax_scale)
-        else:
-            out, _ = self.ops.dense_mla_attention(query, kv_all, r, core.softmax_scale, q_pos=at.q_pos, k_pos=at.k_pos,
-                                                  need_lse=False)
-        o = torch.einsum("btnk,nvk->btnv", out.to(v_up.dtype), v_up).reshape(B, T, n * dv)
-        return _linear(attn.linear_proj, o)
+            qi, ik, wi = core.indexer_inputs(h, qr, positions)
+        kv_all, ik_all = cache.append(latent.squeeze(2).transpose(0, 1), ik)
+        res = dsa_core(
+            self.parallel, self.mode, q, kv_all, core.v_dim, core.softmax_scale, self.config.dsa.topk,
+            indexer=(qi, ik_all, wi) if self.mode == "sparse" else None, q_pos=positions, with_loss=False,
+            backend=self.backend,
+        )
+        out, bias = attn.project_output(res.out.transpose(0, 1).reshape(T, B, -1))
+        return out if bias is None else out + bias
 
-    def _layer(self, i: int, x: torch.Tensor, at: "_StepPositions", cache: KVCache) -> torch.Tensor:
+    def _layer(self, i: int, x: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """x [T, B, hidden] (megatron's layout) through layer i."""
         layer = self.layers[i]
-        h = layer.input_layernorm(x)
-        x = x + self._attention(layer.self_attention, self.cores[i], h, at, cache.layers[i])
+        x = x + self._attention(layer.self_attention, self.cores[i], layer.input_layernorm(x), positions,
+                                cache.layers[i])
         h = layer.pre_mlp_layernorm(x)
-        h = h.transpose(0, 1).contiguous()                                      # megatron: [s, b, h]
         mlp_out, bias = self._routed_moe(layer.mlp, h) if self.routed[i] else layer.mlp(h)
         if bias is not None:
             mlp_out = mlp_out + bias
-        return x + mlp_out.transpose(0, 1)
+        return x + mlp_out
 
     @staticmethod
     def _routed_experts_only(mlp) -> bool:
         """Whether ``_routed_moe`` may run ``mlp`` itself: a one-rank MoE layer of per-expert MLPs
         (SequentialMLP) with the probabilities applied after the experts, no latent projection."""
-        from megatron.core.transformer.moe.experts import SequentialMLP
-        from megatron.core.transformer.moe.moe_layer import MoELayer
-
         cfg = mlp.config
         return (isinstance(mlp, MoELayer) and isinstance(mlp.experts, SequentialMLP)
                 and mlp.experts.num_local_experts == cfg.num_moe_experts
@@ -215,21 +176,13 @@ class DSAInference:
         """Feed ``tokens`` [B, T] after the cached ones; returns logits [B, T, V] (fp32) on the
         model's device (tokens are moved there)."""
         tokens = tokens.to(self.device)
-        B, T = tokens.shape
-        start = cache.length
-        positions = torch.arange(start, start + T, device=tokens.device)
-        cfg = self.config
-        at = _StepPositions(  # the same for every layer: computed once per step
-            q_pos=positions, k_pos=torch.arange(start + T, device=tokens.device),
-            mla_rope=R.rope_cos_sin(positions, cfg.qk_pos_emb_head_dim, cfg.rotary_base),
-            indexer_rope=(R.rope_cos_sin(positions, cfg.dsa.rope_dim, cfg.dsa.rope_base)
-                          if self.mode == "sparse" else None))
-        x = self.model.embedding.word_embeddings(tokens)                         # [B, T, H]
+        T = tokens.shape[1]
+        positions = torch.arange(cache.length, cache.length + T, device=tokens.device)
+        x = self.model.embedding.word_embeddings(tokens).transpose(0, 1)  # [T, B, hidden]
         for i in range(len(self.layers)):
-            x = self._layer(i, x, at, cache)
+            x = self._layer(i, x, positions, cache)
         cache.length += T
-        x = self.model.decoder.final_layernorm(x)
-        logits, _ = self.model.output_layer(x.transpose(0, 1).contiguous())
+        logits, _ = self.model.output_layer(self.model.decoder.final_layernorm(x))
         return logits.transpose(0, 1).float()
 
     def prefill(self, tokens: torch.Tensor, capacity: Optional[int] = None) -> tuple[torch.Tensor, KVCache]:
@@ -259,8 +212,6 @@ class DSAInference:
 @torch.no_grad()
 def full_forward_logits(model: torch.nn.Module, tokens: torch.Tensor, mode: str) -> torch.Tensor:
     """The model's own forward over a whole sequence in ``mode`` (for comparison), [B, T, V]."""
-    from megatron_dsa.config import set_mode
-
     old = model.config.mdsa_mode
     set_mode(model.config, mode)
     try:

@@ -12,14 +12,12 @@
 * ``dense_indexer_kl(q_main, kv, q_idx, k_idx, w_idx, scale, topk, q_pos=None, k_pos=None)``
   -> (kl, recall), autograd (blockwise PyTorch, analytic backward)
 * ``available()``: Triton importable and CUDA present, or TRITON_INTERPRET=1.
-* ``dsa_flops(...)``, ``dense_attention_flops(...)``: FLOP counts including the indexer's S^2 term.
 
 Set TRITON_INTERPRET=1 before importing triton to run the kernels on CPU tensors.
 """
 
 from ._common import available
 from .dense_attn import dense_mla_attention
-from .flops import dense_attention_flops, dsa_flops
 from .indexer import fp8_quantize, indexer_topk
 from .indexer_kl import dense_indexer_kl, sparse_indexer_kl, sparse_indexer_kl_from_target, sparse_target_head_sum
 from .sparse_attn import sparse_mla_attention
@@ -34,6 +32,4 @@ __all__ = [
     "sparse_target_head_sum",
     "sparse_indexer_kl_from_target",
     "dense_indexer_kl",
-    "dsa_flops",
-    "dense_attention_flops",
 ]

@@ -10,7 +10,7 @@ What megatron-core 0.19.2's own DSA does (``experimental_attention_variant/dsa.p
 rank runs the WHOLE indexer (scores S x S x HI x DI for all rows, identical on all TP ranks),
 and under CP it all-gathers the K/V latents (S x Dqk) and the indexer keys over CP.
 
-1. TP-sharded indexer (``core.parallel_dsa_core``, ``topk.streaming_topk``)
+1. TP-sharded indexer (``megatron_dsa.core.dsa_core`` with ``sharded.tp_indexer_topk``)
    Under TP, megatron's MLA (sequence parallel on) hands the core attention x and the query
    latent qr for the rank's SP shard (S_cp / TP rows) and q for ALL rows with LOCAL heads.
    Each rank runs the indexer on its own rows only: qi, wi, ki of S_cp/TP rows. The keys are
@@ -27,7 +27,7 @@ and under CP it all-gathers the K/V latents (S x Dqk) and the indexer keys over 
    The sparse KL target p = probabilities summed over ALL heads: each rank sums its local
    heads' selected-set probabilities for all rows (no grad) and the partial sums [S_cp, K]
    fp32 are reduce-scattered over TP ((TP-1)/TP x S_cp x K x 4 bytes), so every rank gets the
-   full target for its own rows (``core.tp_sparse_kl``). For the DENSE (warm-up) KL the
+   full target for its own rows (``sharded.tp_sparse_kl``). For the DENSE (warm-up) KL the
    partial sums would be S_cp x S x 4 bytes (64 GiB per layer at 128K); instead the detached
    queries are re-sharded "own rows, all heads" with one all-to-all
    ((TP-1)/TP x S_cp x H/TP x Dqk x 2 bytes, no backward) and the reference KL runs on them.
@@ -83,7 +83,7 @@ and under CP it all-gathers the K/V latents (S x Dqk) and the indexer keys over 
 
 Causal balance under TP: a row's indexer work (top-k scoring, dense KL) grows with its
 position, so the SP shard would give the last of TP ranks (2TP-1)/TP^2 of it (3/4 at TP=2).
-Each rank instead scores row blocks r and 2TP-1-r of 2TP (``core.balanced_blocks``): its
+Each rank instead scores row blocks r and 2TP-1-r of 2TP (``comm.balanced_blocks``): its
 detached indexer queries / weights go there in one all-to-all (S_cp/(2TP) x HI x (DI + 1) x 2
 bytes each way, a fraction of the top-k all-gather) and, for the dense KL, the KL and the
 gradients come back; the top-k all-gather is reordered into row order. Tested against one rank.
@@ -98,26 +98,26 @@ Limits: every TP rank of a CP group fetches the same KV rows (a TP-split fetch +
 would cut that by TP); packed sequences are not supported.
 """
 
+import torch.distributed as dist
+from megatron.core import parallel_state
+
 from megatron_dsa.parallel.comm import (
     STATS,
     ParallelContext,
+    balanced_blocks,
     cp_positions,
     cp_split,
+    global_sequence_length,
 )
-from megatron_dsa.parallel.core import CoreResult, own_rows, parallel_dsa_core
+from megatron_dsa.parallel.sharded import own_rows
 from megatron_dsa.parallel.topk import merge_candidates, streaming_topk
 
 
 def allreduce_sequence_parallel_grads(model, tp_group=None) -> None:
     """Sum over TP the gradients of parameters marked ``.sequence_parallel`` (what megatron's
     finalize_model_grads does for DDP-wrapped models), for plain modules."""
-    import torch
-    import torch.distributed as dist
-
     if tp_group is None:
-        from megatron.core import parallel_state as ps
-
-        tp_group = ps.get_tensor_model_parallel_group()
+        tp_group = parallel_state.get_tensor_model_parallel_group()
     if dist.get_world_size(tp_group) == 1:
         return
     for p in model.parameters():
@@ -127,13 +127,13 @@ def allreduce_sequence_parallel_grads(model, tp_group=None) -> None:
 
 __all__ = [
     "STATS",
-    "CoreResult",
     "ParallelContext",
     "allreduce_sequence_parallel_grads",
+    "balanced_blocks",
     "cp_positions",
     "cp_split",
+    "global_sequence_length",
     "merge_candidates",
     "own_rows",
-    "parallel_dsa_core",
     "streaming_topk",
 ]

@@ -1,4 +1,4 @@
-"""Process groups, the context-parallel layout and the few collectives DSA needs.
+"""Process groups, the TP/CP row layouts and the few collectives DSA needs.
 
 Every collective here works on gloo (CPU) and NCCL. Tensors are batch first ([B, S, ...]);
 "rows" are the sequence dim (dim 1). Byte counters: every function that moves data adds the
@@ -13,6 +13,9 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
+
+from megatron_dsa.config import DSAConfigError
 
 
 # --------------------------------------------------------------------------------------------
@@ -43,6 +46,14 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+def _size(group) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def _rank(group) -> int:
+    return 0 if group is None else dist.get_rank(group)
+
+
 # --------------------------------------------------------------------------------------------
 # The parallel context of one DSA layer
 # --------------------------------------------------------------------------------------------
@@ -50,26 +61,16 @@ def _nbytes(t: torch.Tensor) -> int:
 
 @dataclass
 class ParallelContext:
-    """TP and CP groups (None = size 1) with this rank's coordinates."""
+    """TP and CP groups (None = size 1) with this rank's coordinates. ``ParallelContext()`` is
+    one rank: sizes 1, and every collective below returns its input (no torch.distributed)."""
 
     tp_group: Optional[dist.ProcessGroup] = None
     cp_group: Optional[dist.ProcessGroup] = None
 
-    @property
-    def tp_size(self) -> int:
-        return 1 if self.tp_group is None else dist.get_world_size(self.tp_group)
-
-    @property
-    def tp_rank(self) -> int:
-        return 0 if self.tp_group is None else dist.get_rank(self.tp_group)
-
-    @property
-    def cp_size(self) -> int:
-        return 1 if self.cp_group is None else dist.get_world_size(self.cp_group)
-
-    @property
-    def cp_rank(self) -> int:
-        return 0 if self.cp_group is None else dist.get_rank(self.cp_group)
+    tp_size = property(lambda self: _size(self.tp_group))
+    tp_rank = property(lambda self: _rank(self.tp_group))
+    cp_size = property(lambda self: _size(self.cp_group))
+    cp_rank = property(lambda self: _rank(self.cp_group))
 
     @property
     def parallel(self) -> bool:
@@ -81,12 +82,9 @@ class ParallelContext:
         tp = cp = None
         if pg_collection is not None:
             tp, cp = getattr(pg_collection, "tp", None), getattr(pg_collection, "cp", None)
-        if tp is None or cp is None:
-            from megatron.core import parallel_state as ps
-
-            if ps.model_parallel_is_initialized():
-                tp = tp or ps.get_tensor_model_parallel_group()
-                cp = cp or ps.get_context_parallel_group()
+        if (tp is None or cp is None) and parallel_state.model_parallel_is_initialized():
+            tp = tp or parallel_state.get_tensor_model_parallel_group()
+            cp = cp or parallel_state.get_context_parallel_group()
         if tp is not None and dist.get_world_size(tp) == 1:
             tp = None
         if cp is not None and dist.get_world_size(cp) == 1:
@@ -95,29 +93,62 @@ class ParallelContext:
 
 
 # --------------------------------------------------------------------------------------------
-# megatron-core's load-balanced context-parallel layout
+# Layouts: megatron-core's load-balanced CP chunks and the causally balanced TP row blocks
 # --------------------------------------------------------------------------------------------
 #
 # megatron.core.utils._get_batch_on_this_cp_rank_per_sequence_balancing splits the sequence
 # into 2 * CP equal chunks; CP rank r holds chunks r and 2*CP-1-r, in that order (the same
-# split get_pos_emb_on_this_cp_rank applies to the rotary table).
+# split get_pos_emb_on_this_cp_rank applies to the rotary table). The TP-sharded indexer uses
+# the same pairing for its row blocks (``parallel.sharded.indexer_rows``).
 
 
-def cp_chunk_ids(cp_size: int, cp_rank: int) -> tuple[int, int]:
-    return cp_rank, 2 * cp_size - 1 - cp_rank
+def balanced_blocks(size: int, rank: int) -> tuple[int, int]:
+    """The two of 2*size equal blocks that rank ``rank`` of ``size`` takes: r and 2*size-1-r.
+
+    Causal work grows with a row's position, so pairing an early block with a late one gives
+    every rank the same share: megatron's CP chunks, and the rows each TP rank's indexer scores
+    (the sequence-parallel shard, blocks 2r and 2r+1, would leave the last of TP ranks
+    (2TP-1)/TP^2 of the work, 3/4 at TP=2).
+    """
+    return rank, 2 * size - 1 - rank
+
+
+def check_cp_length(seq_len: int, cp_size: int) -> None:
+    """megatron's CP layout cuts the sequence into 2 * CP equal chunks."""
+    if cp_size > 1 and seq_len % (2 * cp_size):
+        raise DSAConfigError(
+            f"invalid DSA configuration: context parallel needs the sequence length ({seq_len}) "
+            f"divisible by 2 * context_parallel_size ({2 * cp_size})"
+        )
+
+
+def check_tp_rows(rows: int, tp_size: int) -> None:
+    """Sequence parallel splits a CP rank's rows evenly over the TP ranks."""
+    if tp_size > 1 and rows % tp_size:
+        raise DSAConfigError(
+            f"invalid DSA configuration: {rows} rows per context-parallel rank do not split over "
+            f"tensor_model_parallel_size={tp_size} (sequence parallel)"
+        )
+
+
+def global_sequence_length(local_rows: int, tp_size: int, cp_size: int, sequence_parallel_rows: bool) -> int:
+    """The whole sequence's length from this rank's rows (``sequence_parallel_rows``: the rows
+    are one TP rank's sequence-parallel shard); DSAConfigError when the TP/CP layout cannot
+    hold it. Checked before megatron splits its rotary table over CP, which would fail with an
+    opaque reshape error."""
+    seq = local_rows * cp_size * (tp_size if sequence_parallel_rows else 1)
+    check_cp_length(seq, cp_size)
+    check_tp_rows(seq // cp_size, tp_size)
+    return seq
 
 
 def cp_positions(seq_len: int, cp_size: int, cp_rank: int, device=None) -> torch.Tensor:
     """Global positions [seq_len / cp_size] of the tokens CP rank ``cp_rank`` holds."""
     if cp_size == 1:
         return torch.arange(seq_len, device=device)
-    if seq_len % (2 * cp_size):
-        raise ValueError(
-            f"context parallel needs the sequence length ({seq_len}) divisible by "
-            f"2 * context_parallel_size ({2 * cp_size})"
-        )
+    check_cp_length(seq_len, cp_size)
     c = seq_len // (2 * cp_size)
-    a, b = cp_chunk_ids(cp_size, cp_rank)
+    a, b = balanced_blocks(cp_size, cp_rank)
     return torch.cat((torch.arange(a * c, (a + 1) * c), torch.arange(b * c, (b + 1) * c))).to(device)
 
 
@@ -125,7 +156,7 @@ def cp_split(x: torch.Tensor, cp_size: int, cp_rank: int, dim: int = 1) -> torch
     """This CP rank's part of a full-sequence tensor (megatron's layout), as get_batch does."""
     if cp_size == 1:
         return x
-    a, b = cp_chunk_ids(cp_size, cp_rank)
+    a, b = balanced_blocks(cp_size, cp_rank)
     chunks = x.chunk(2 * cp_size, dim=dim)
     return torch.cat((chunks[a], chunks[b]), dim=dim)
 
@@ -203,7 +234,6 @@ def reduce_scatter_rows(x: torch.Tensor, group, dim: int = 1, name: str = "reduc
 
 def all_to_all_list(send: list[torch.Tensor], group, name: str, recv_shapes=None) -> list[torch.Tensor]:
     """Exchange one tensor per peer (variable first-dim sizes); ``send[j]`` goes to rank j."""
-    world = dist.get_world_size(group)
     rank = dist.get_rank(group)
     if recv_shapes is None:
         counts = torch.tensor([t.shape[0] for t in send], dtype=torch.long, device=send[0].device)

@@ -36,6 +36,9 @@ from typing import Any
 
 import yaml
 
+from megatron_dsa.backends import TRANSFORMER_IMPLS
+from megatron_dsa.model import SIZES
+
 PHASES = ("pretrain", "warmup", "sparse")
 # The model mode of each phase and the phase whose checkpoint it starts from.
 PHASE_MODE = {"pretrain": "dense", "warmup": "warmup", "sparse": "sparse"}
@@ -133,7 +136,7 @@ TRAINER_FLAGS = {"transformer-impl": "model.transformer_impl",
 TRAINER_FIELDS = {"transformer_impl": "model.transformer_impl",
                   **{field: f"fp8.{key}" for key, (_, field) in FP8_SETTINGS.items()}}
 
-# Reference learning rates of the report (section 3 of docs/dsa-spec.md) for the indexer
+# Reference learning rates of the DeepSeek-V3.2-Exp report's training phases for the indexer
 # phases; pretraining of the tiny CPU model uses a larger one.
 DEFAULT_LR = {"pretrain": 3e-3, "warmup": 1e-3, "sparse": 7.3e-6}
 
@@ -283,8 +286,6 @@ def _positive(cfg: RunConfig, section: str, key: str, allow_none: bool = False) 
 
 
 def _check_values(cfg: RunConfig) -> None:
-    from megatron_dsa.model import SIZES, TRANSFORMER_IMPLS
-
     if cfg.model["size"] not in SIZES:
         raise _err(f"model.size must be one of {sorted(SIZES)}, got {cfg.model['size']!r}")
     if cfg.model["transformer_impl"] not in TRANSFORMER_IMPLS:

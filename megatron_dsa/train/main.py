@@ -14,15 +14,19 @@ with ``configs/tiny/<phase>.yaml`` plus overrides; its full log is ``<out>/<phas
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-PHASES = ("pretrain", "warmup", "sparse")
+import matplotlib
+
+matplotlib.use("Agg")  # files only, never a window
+import matplotlib.pyplot as plt  # noqa: E402
+
+from megatron_dsa.data import DataError, build_corpus, load_manifest  # noqa: E402
+from megatron_dsa.train.config import PHASES  # noqa: E402
+from megatron_dsa.train.runner import REPO, first_last, phase_command, read_scalars, run_phase  # noqa: E402
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -57,52 +61,7 @@ def _phase_cmd(args, phase: str, out: Path, data: Path) -> list[str]:
         overrides.append(f"checkpoint.load_from={out / prev / 'ckpt'}")
     if phase == "sparse":
         overrides += [f"train.lr={args.sparse_lr}", f"train.min_lr={args.sparse_lr}"]
-    entry = ["-m", "megatron_dsa.train.cli"]
-    if args.nproc > 1:
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
-                    str(REPO / "launch" / "train.py")]
-    else:
-        launcher = [sys.executable, *entry]
-    return [*launcher, "--config", str(Path(args.configs) / f"{phase}.yaml"), *overrides]
-
-
-def _run_phase(cmd: list[str], log_path: Path, phase: str) -> float:
-    """Run one phase, keep its full log, echo the progress/log/validation lines."""
-    start = time.perf_counter()
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
-        for line in proc.stdout:
-            log.write(line)
-            if (f"[{phase}]" in line or "validation loss at" in line or line.startswith("error:")
-                    or "successfully saved checkpoint" in line):
-                print(line.rstrip()[:240], flush=True)
-        code = proc.wait()
-    if code != 0:
-        tail = log_path.read_text().splitlines()[-25:]
-        raise SystemExit(f"error: phase {phase} failed (exit {code}); last lines of {log_path}:\n" + "\n".join(tail))
-    return time.perf_counter() - start
-
-
-def read_scalars(tb_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """All scalars of a TensorBoard directory: tag -> [(step, value)] (last write per step wins)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0})
-    acc.Reload()
-    out = {}
-    for tag in acc.Tags().get("scalars", []):
-        by_step = {}
-        for event in acc.Scalars(tag):
-            by_step[event.step] = event.value
-        out[tag] = sorted(by_step.items())
-    return out
-
-
-def _first_last(series, n: int = 5) -> tuple[float, float]:
-    values = [v for _, v in series]
-    k = max(1, min(n, len(values) // 4 or 1))
-    return sum(values[:k]) / k, sum(values[-k:]) / k
+    return phase_command(Path(args.configs) / f"{phase}.yaml", overrides, nproc=args.nproc)
 
 
 def _table(rows: list[tuple[str, str]]) -> str:
@@ -113,11 +72,6 @@ def _table(rows: list[tuple[str, str]]) -> str:
 
 
 def _plot(scalars: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     offset = 0
     for phase in PHASES:
@@ -153,9 +107,6 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out).absolute()
     out.mkdir(parents=True, exist_ok=True)
     data = out / "data"
-
-    from megatron_dsa.data import DataError, build_corpus, load_manifest
-
     try:
         load_manifest(data)
         print(f"corpus: reusing {data}")
@@ -173,25 +124,25 @@ def main(argv: list[str] | None = None) -> int:
     for phase in PHASES:
         (out / phase).mkdir(parents=True)
         print(f"\n=== {phase}: {' '.join(cmds[phase][1:])}", flush=True)
-        seconds[phase] = _run_phase(cmds[phase], out / phase / "train.log", phase)
+        seconds[phase] = run_phase(cmds[phase], out / phase / "train.log", phase)
 
     scalars = {phase: read_scalars(out / phase / "tb") for phase in PHASES}
     rows = []
     for phase in PHASES:
         val = scalars[phase].get("lm loss validation", [])
         rows.append((f"validation LM loss after {phase}", f"{val[-1][1]:.4f}" if val else "n/a"))
-    start_lm, _ = _first_last(scalars["pretrain"]["lm loss"])
+    start_lm, _ = first_last(scalars["pretrain"]["lm loss"], 5)
     rows.insert(0, ("train LM loss at start of pretrain", f"{start_lm:.4f}"))
     w = scalars["warmup"]
-    kl0, kl1 = _first_last(w["indexer kl"])
-    r0, r1 = _first_last(w["indexer topk-recall"])
+    kl0, kl1 = first_last(w["indexer kl"], 5)
+    r0, r1 = first_last(w["indexer topk-recall"], 5)
     rows += [
         ("indexer KL, start of warm-up", f"{kl0:.4e}"),
         ("indexer KL, end of warm-up", f"{kl1:.4e}"),
         ("top-k recall, start of warm-up", f"{r0:.4f}"),
         ("top-k recall, end of warm-up", f"{r1:.4f}"),
     ]
-    s_kl0, s_kl1 = _first_last(scalars["sparse"]["indexer kl"])
+    s_kl0, s_kl1 = first_last(scalars["sparse"]["indexer kl"], 5)
     rows += [("sparse KL (selected set), start", f"{s_kl0:.4e}"), ("sparse KL (selected set), end", f"{s_kl1:.4e}")]
     for phase in PHASES:
         tps = [v for _, v in scalars[phase].get("tokens-per-sec", [])]

@@ -21,31 +21,17 @@ RUN_FILE = "mdsa_run.json"
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 VOCAB_MULTIPLE = 128  # Megatron's default --make-vocab-size-divisible-by
 
-# DSATransformerConfig fields that fix parameter shapes (a checkpoint is loadable iff equal).
-SHAPE_FIELDS = (
-    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "q_lora_rank",
-    "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim", "num_moe_experts",
-    "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size", "moe_router_topk",
-    "dsa_indexer_n_heads", "dsa_indexer_head_dim", "mdsa_indexer_sharing", "dsa_indexer_topk_freq",
-    "add_bias_linear", "gated_linear_unit", "normalization",
-)
-
 
 def _err(msg: str) -> TrainConfigError:
     return TrainConfigError(msg)
 
 
 def model_fingerprint(cfg: RunConfig, model_cfg, vocab_size: int, tokenizer_sha: str) -> dict:
-    shape = {f: getattr(model_cfg, f, None) for f in SHAPE_FIELDS}
-    shape["first_k_dense"] = _first_k_dense(cfg)
+    from megatron_dsa.model import parameter_shape, resolve_size
+
+    shape = parameter_shape(model_cfg, resolve_size(cfg.model["size"]).first_k_dense)
     return {"size": cfg.model["size"], "shape": shape, "vocab_size": vocab_size,
             "tokenizer_sha256": tokenizer_sha}
-
-
-def _first_k_dense(cfg: RunConfig) -> int:
-    from megatron_dsa.model import resolve_size
-
-    return resolve_size(cfg.model["size"]).first_k_dense
 
 
 def read_run_file(directory: str | os.PathLike[str]) -> dict | None:
@@ -93,29 +79,16 @@ def _compare(kind: str, directory: Path, record: dict, expected: dict) -> None:
 def resolve_backend(cfg: RunConfig) -> str:
     """``model.transformer_impl`` resolved for this machine; FP8 needs TE's linears, TE itself
     and a GPU with FP8 GEMMs. The one value Megatron's flags and the model config both get."""
-    import torch
-
-    from megatron_dsa import model
+    from megatron_dsa import backends
     from megatron_dsa.config import DSAConfigError
 
     requested, fmt = cfg.model["transformer_impl"], cfg.fp8["format"]
     if fmt is not None:
-        what = f"fp8.format {fmt!r}"
-        if requested == "local":
-            raise _err(f"{what} needs Transformer Engine's linears, but model.transformer_impl is 'local' "
-                       "(use 'auto' or 'transformer_engine')")
-        if not model.te_installed():
-            raise _err(f"{what} needs Transformer Engine, which is not installed; {model.TE_INSTALL_HINT}")
-        if not torch.cuda.is_available():
-            raise _err(f"{what} needs a CUDA GPU (TE's FP8 GEMMs); none is available")
-        # FP8 GEMMs from Ada / Hopper (sm 8.9) on; MXFP8 from Blackwell (sm 10.0) on.
-        need = (10, 0) if cfg.fp8["recipe"] == "mxfp8" else (8, 9)
-        have = torch.cuda.get_device_capability()
-        if tuple(have) < need:
-            raise _err(f"{what} with fp8.recipe {cfg.fp8['recipe']!r} needs a GPU of compute capability "
-                       f"{need[0]}.{need[1]} or newer; this one has {have[0]}.{have[1]}")
+        problem = backends.fp8_problem(requested, cfg.fp8["recipe"], on_this_machine=True)
+        if problem:
+            raise _err(f"fp8.format {fmt!r} {problem}")
     try:
-        return model.resolve_transformer_impl(requested)
+        return backends.resolve_transformer_impl(requested)
     except DSAConfigError as error:
         raise _err(f"model.transformer_impl: {error}") from None
 
@@ -136,7 +109,7 @@ def check_megatron_flags(argv: list[str]) -> None:
 
     from megatron.training.arguments import add_megatron_arguments
 
-    from megatron_dsa.train.trainer import add_mdsa_args
+    from megatron_dsa.train.flags import add_mdsa_args
 
     class _Parser(argparse.ArgumentParser):
         def error(self, message):  # noqa: D401 - argparse hook
@@ -245,7 +218,7 @@ def preflight(cfg: RunConfig, check_flags: bool = True) -> dict:
     }
     cfg.checkpoint["save"] = str(save)
     if check_flags:
-        from megatron_dsa.train.trainer import megatron_argv
+        from megatron_dsa.train.flags import megatron_argv
 
         check_megatron_flags(megatron_argv(cfg, plan))
     return plan

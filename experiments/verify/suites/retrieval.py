@@ -32,6 +32,10 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Protocol, Sequence
 
+import torch
+
+from megatron_dsa.config import set_mode
+
 TASKS = ("single", "multikey", "kvrecall")
 _WORDS = ("alpha", "bravo", "cobalt", "delta", "ember", "falcon", "garnet", "harbor", "indigo",
           "juniper", "kepler", "lumen", "marble", "nimbus", "onyx", "pepper", "quartz", "raven",
@@ -293,10 +297,6 @@ def _agg(rs: list[dict]) -> dict:
 def model_predictor(model, mode: str, device=None) -> Predictor:
     """Argmax next tokens and the log-probability of each actual next token, from the model's
     own full forward in ``mode`` ('dense' | 'sparse')."""
-    import torch
-
-    from megatron_dsa.config import set_mode
-
     device = device or next(model.parameters()).device
 
     @torch.no_grad()

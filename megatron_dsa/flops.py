@@ -1,29 +1,53 @@
-"""FLOP counter for the DSA MoE model, the lightning indexer's O(S^2) term included.
+"""FLOP counting, the lightning indexer's O(S^2) term included: the one counter.
 
-Matmul FLOPs only (2 per multiply-add), per sequence of ``S`` tokens:
+Matmul FLOPs only (2 per multiply-add). Causal attention and the indexer see ``S(S+1)/2``
+(query, key) pairs (``causal_pairs``), top-k sparse attention ``sum_t min(k, t+1)``
+(``sparse_pairs``). Two readers, one set of pair counts:
+
+The whole model per training sequence (``training_terms``: the trainer's TFLOP/s, MFU
+convention: each algorithmic FLOP once):
 
 * MLA in its absorbed form, per token and layer: ``wq_a`` (h -> q_lora), ``wq_b``
   (q_lora -> H*(d_qk + d_rope)), ``wkv_a`` (h -> kv_lora + d_rope), the query absorption
   (H * d_qk * kv_lora), the value up-projection (H * kv_lora * d_v) and ``wo`` (H*d_v -> h).
-* Core attention per attended (query, key) pair: scores ``2*H*(kv_lora + d_rope)`` and
-  values ``2*H*kv_lora``. Dense causal attends ``S(S+1)/2`` pairs, sparse ``sum_t min(k, t+1)``.
+* Core attention per attended pair: scores ``2*H*(kv_lora + d_rope)`` and values ``2*H*kv_lora``.
 * The indexer per token: ``wq_b`` (q_lora -> HI*DI), ``wk`` (h -> DI), ``weights_proj``
-  (h -> HI); per causal pair (``S(S+1)/2``, i.e. ~S^2/2): ``2*HI*DI`` for the scores plus
-  ``2*HI`` for the head weighting. This is the term FLOP accounting tends to forget.
+  (h -> HI); per causal pair ``2*HI*DI`` for the scores plus ``2*HI`` for the head weighting.
+  This is the term FLOP accounting tends to forget.
 * The indexer KL: its target needs the main attention scores again over the pairs it covers
   (all causal pairs in warm-up, the selected ones in sparse training).
 * MLP: SwiGLU ``2*3*h*ffn``; MoE: router ``2*h*E`` + active experts ``topk*2*3*h*ffn_e`` + shared
   expert ``2*3*h*ffn_s``. Output layer ``2*h*V``.
 
-Training multipliers: a part that trains costs forward + backward = 3x its forward; a frozen
-part that still runs costs 1x (warm-up runs the whole main model forward only); the indexer's
-top-k selection in sparse training runs without gradient (1x); in dense pretraining the
-indexer does not run at all.
+  Training multipliers: a part that trains costs forward + backward = 3x its forward; a frozen
+  part that still runs costs 1x (warm-up runs the whole main model forward only); the
+  indexer's top-k selection in sparse training runs without gradient (1x); in dense
+  pretraining the indexer does not run at all.
+
+One DSA attention core as the kernels execute it (``dsa_flops``, ``dense_attention_flops``:
+the benchmarks' TFLOP/s), counting the passes the kernels really make (the sparse KL's target
+scores the main attention twice: once for its log-sum-exp, once for p).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+
+def causal_pairs(seq: int) -> int:
+    """(query, key) pairs with key <= query: S(S+1)/2."""
+    return seq * (seq + 1) // 2
+
+
+def sparse_pairs(seq: int, topk: int) -> int:
+    """Pairs attended by top-k sparse attention: sum_t min(k, t+1)."""
+    k = min(topk, seq)
+    return k * (k + 1) // 2 + (seq - k) * k
+
+
+# --------------------------------------------------------------------------------------------
+# The whole model, per training sequence (the trainer's TFLOP/s)
+# --------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -68,17 +92,6 @@ class Shape:
             idx_heads=cfg.dsa_indexer_n_heads, idx_dim=cfg.dsa_indexer_head_dim,
             topk=cfg.dsa_indexer_topk, vocab=vocab_size,
         )
-
-
-def causal_pairs(seq: int) -> int:
-    """(query, key) pairs with key <= query: S(S+1)/2."""
-    return seq * (seq + 1) // 2
-
-
-def sparse_pairs(seq: int, topk: int) -> int:
-    """Pairs attended by top-k sparse attention: sum_t min(k, t+1)."""
-    k = min(topk, seq)
-    return k * (k + 1) // 2 + (seq - k) * k
 
 
 def forward_terms(shape: Shape, seq: int, mode: str) -> dict[str, float]:
@@ -143,3 +156,56 @@ def training_terms(shape: Shape, seq: int, phase: str) -> dict[str, float]:
 def training_flops_per_iteration(cfg, seq: int, global_batch: int, vocab_size: int, phase: str) -> float:
     """FLOPs of one optimizer step over ``global_batch`` sequences of ``seq`` tokens."""
     return global_batch * sum(training_terms(Shape.from_config(cfg, vocab_size), seq, phase).values())
+
+
+# --------------------------------------------------------------------------------------------
+# One attention core, as the kernels run it (benchmarks: TFLOP/s of a measured step)
+# --------------------------------------------------------------------------------------------
+
+
+def dsa_flops(
+    seq: int,
+    heads: int,
+    dqk: int,
+    dv: int,
+    idx_heads: int,
+    idx_dim: int,
+    topk: int,
+    batch: int = 1,
+    causal: bool = True,
+    backward: bool = True,
+    sparse_kl: bool = True,
+    indexer_backward: bool = False,
+) -> dict:
+    """FLOPs of one DSA attention core (indexer top-k + sparse MLA attention + sparse KL).
+
+    Returns a dict with the parts and ``total``.  ``indexer_backward`` counts the O(S^2)
+    backward of a DENSE indexer KL (warm-up); the sparse phase's indexer backward is inside
+    ``sparse_kl``.  Forward attention: QK^T (dqk) + PV (dv) per pair and head; backward:
+    2.5x forward (dQ, dK, dV, dP recompute of S).
+    """
+    pairs_dense = float(causal_pairs(seq)) if causal else float(seq) * seq
+    pairs_sparse = float(sparse_pairs(seq, topk)) if causal else float(seq) * min(topk, seq)
+    out = {}
+    out["indexer_scores"] = batch * 2.0 * idx_heads * idx_dim * pairs_dense
+    attn_fwd = batch * 2.0 * heads * (dqk + dv) * pairs_sparse
+    out["attn_fwd"] = attn_fwd
+    # backward: recompute S (dqk), dP = dO V^T (dv), dQ (dqk), dK (dqk), dV (dv)
+    out["attn_bwd"] = batch * 2.0 * heads * (3 * dqk + 2 * dv) * pairs_sparse if backward else 0.0
+    if sparse_kl:
+        # forward: the kernel's two passes of main scores (lse, then p) + indexer logits over the set
+        out["kl_fwd"] = batch * pairs_sparse * (2 * 2.0 * heads * dqk + 2.0 * idx_heads * idx_dim)
+        # backward: logits recompute, dq_idx, dk_idx
+        out["kl_bwd"] = batch * pairs_sparse * 3 * 2.0 * idx_heads * idx_dim if backward else 0.0
+    if indexer_backward:
+        out["indexer_dense_bwd"] = 2 * out["indexer_scores"]
+    out["total"] = sum(out.values())
+    return out
+
+
+def dense_attention_flops(seq: int, heads: int, dqk: int, dv: int, batch: int = 1,
+                          causal: bool = True, backward: bool = True) -> float:
+    """FLOPs of dense (flash) attention, causal pairs ~S^2/2; backward 2.5x forward."""
+    pairs = float(causal_pairs(seq)) if causal else float(seq) * seq
+    fwd = batch * 2.0 * heads * (dqk + dv) * pairs
+    return fwd * (3.5 if backward else 1.0)

@@ -5,7 +5,7 @@ head-summed dense attention probability (the indexer's target p) that falls in t
 own top-k set, and records its mean over the rows of the forward in megatron-core's MoE
 metrics tracker (``megatron_dsa.layer.TOPK_RECALL``; the indexer objective, "the KL", under
 ``INDEXER_KL``). ``indexer_recall_at_lengths`` runs that forward on the same windows of the
-held-out stream as ``megatron_dsa.eval.loss`` (every length sees the same ``plan_total``
+held-out stream as ``suites.loss`` (every length sees the same ``plan_total``
 tokens), once per (length, k), and averages the per-layer values over all query rows.
 
 Rows whose number of eligible (causal) keys is at most k select every key and have recall 1
@@ -29,8 +29,14 @@ import numbers
 from typing import Optional, Sequence
 
 import numpy
+import torch
+from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
 
-from megatron_dsa.eval.loss import plan_total
+from experiments.verify.suites.loss import plan_total
+from megatron_dsa import reference as R
+from megatron_dsa.config import set_mode, validate
+from megatron_dsa.layer import INDEXER_KL, TOPK_RECALL, DSACoreAttention, pop_indexer_losses
+from megatron_dsa.model import dsa_layers
 
 
 def _positive_int(value, what: str) -> int:
@@ -63,8 +69,6 @@ def topk_for_length(length: int, topk_ratios: Optional[Sequence[float]] = None,
 
 def _check_inputs(model, num_tokens: int, lengths, topk_ratios, topks, max_total, max_batch_tokens):
     """Every input check, before any compute. Returns (layers, lengths, {L: [k]}, total)."""
-    from megatron_dsa.model import dsa_layers
-
     if isinstance(lengths, (str, bytes)) or not hasattr(lengths, "__len__") or not len(lengths):
         raise ValueError(f"lengths must be a non-empty sequence of positive integers, got {lengths!r}")
     lengths = sorted({_positive_int(L, "every context length") for L in lengths})
@@ -93,8 +97,6 @@ def _check_inputs(model, num_tokens: int, lengths, topk_ratios, topks, max_total
 def _topk_mass(p, ks: Sequence[int]):
     """[..., Sk] probabilities -> [..., len(ks)] float64: the sum of the k largest entries of
     each row for every k in ``ks`` (k >= Sk sums the whole row)."""
-    import torch
-
     kmax = min(max(ks), p.shape[-1])
     top = torch.topk(p, kmax, dim=-1, largest=True, sorted=True).values.double().cumsum(-1)
     pick = torch.tensor([min(k, kmax) - 1 for k in ks], device=p.device)
@@ -109,10 +111,6 @@ def oracle_topk_mass(query, key, scale: float, ks: Sequence[int]):
     (positions 0..S-1). Returns [B, S, len(ks)] float64. Rows are taken in chunks of at most
     ``reference.CHUNK_ELEMENTS`` scores, each against only the keys it can see.
     """
-    import torch
-
-    from megatron_dsa import reference as R
-
     q = query.permute(1, 0, 2, 3)  # [B, S, H, D]
     kv = key.squeeze(2).transpose(0, 1)  # [B, S, D]
     B, S, H = q.shape[:3]
@@ -136,8 +134,6 @@ class _OracleHook:
     over all rows and over the rows with more than k eligible keys, per (layer, k)."""
 
     def __init__(self, layers, num_layers: int):
-        from megatron_dsa.layer import DSACoreAttention
-
         self.signature = inspect.signature(DSACoreAttention.forward)
         self.ids = {layer.layer_number for layer in layers}
         self.num_layers = num_layers
@@ -145,8 +141,6 @@ class _OracleHook:
         self.handles = [layer.register_forward_pre_hook(self._hook, with_kwargs=True) for layer in layers]
 
     def start(self, ks: Sequence[int]) -> None:
-        import torch
-
         self.ks = list(ks)
         self.sum_all = torch.zeros(self.num_layers, len(ks), dtype=torch.float64)
         self.sum_nontrivial = torch.zeros(self.num_layers, len(ks), dtype=torch.float64)
@@ -175,7 +169,7 @@ class _OracleHook:
 def _recording_layers(layers) -> list:
     """The layers whose warm-up forward computes recall: those with an indexer of their own or
     a shared one (with dsa_indexer_topk_freq = N the layers that reuse a selection have none)."""
-    return [layer for layer in layers if layer._get_indexer() is not None]
+    return [layer for layer in layers if layer.indexer_module() is not None]
 
 
 def indexer_recall_at_lengths(model, tokens, lengths: Sequence[int], topk_ratios: Optional[Sequence[float]] = None,
@@ -207,12 +201,6 @@ def indexer_recall_at_lengths(model, tokens, lengths: Sequence[int], topk_ratios
     The model's mode, top-k, training flags, per-layer FLOP counters and megatron-core's
     metrics tracker are as before afterwards. Raises ValueError on bad inputs before any compute.
     """
-    import torch
-    from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
-
-    from megatron_dsa.config import set_mode, validate
-    from megatron_dsa.layer import INDEXER_KL, TOPK_RECALL, pop_indexer_losses
-
     stream = torch.as_tensor(numpy.asarray(tokens), dtype=torch.long).reshape(-1)
     layers, lengths, ks, total = _check_inputs(model, len(stream), lengths, topk_ratios, topks,
                                                max_total, max_batch_tokens)

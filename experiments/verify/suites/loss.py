@@ -14,12 +14,14 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy
+import torch
+
+from megatron_dsa.config import set_mode
+from megatron_dsa.data import load_manifest, validate_indexed_dataset
 
 
 def read_valid_tokens(data_dir: str | Path, split: str = "valid") -> numpy.ndarray:
     """The token stream of one split of a corpus built by ``megatron_dsa.data`` (int64)."""
-    from megatron_dsa.data import load_manifest, validate_indexed_dataset
-
     manifest = load_manifest(data_dir)
     info = validate_indexed_dataset(Path(data_dir) / manifest["splits"][split]["prefix"])
     return numpy.fromfile(info.prefix + ".bin", dtype=info.dtype).astype(numpy.int64)
@@ -39,10 +41,6 @@ def validation_loss_at_lengths(model, tokens, lengths: Sequence[int], mode: str,
                                max_batch_tokens: int = 65536, device=None) -> dict[int, float]:
     """{length: mean next-token loss} of ``model`` in ``mode`` ('dense' | 'sparse') over the
     same ``plan_total`` target tokens for every length."""
-    import torch
-
-    from megatron_dsa.config import set_mode
-
     device = device or next(model.parameters()).device
     stream = torch.as_tensor(numpy.asarray(tokens), dtype=torch.long)
     total = plan_total(len(stream), lengths, max_total)

@@ -1,0 +1,172 @@
+"""The study's training stages: corpus, dense pretraining, each arm's warm-up and sparse phase.
+
+Every training phase is ``python -m megatron_dsa.train.cli --config <recipe> key=value ...``
+run by the library's phase runner (``megatron_dsa.train.runner``), printed before it runs and
+recorded beside its output so the report can show it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sysconfig
+import time
+from pathlib import Path
+
+from experiments.verify.settings import ARMS, RECIPES, SHARING_ARMS
+from experiments.verify.study import Study, echo, link_copy
+from megatron_dsa.data import DataError, build_corpus, load_manifest
+from megatron_dsa.train import runner
+from megatron_dsa.train.config import load_config
+from megatron_dsa.train.preflight import preflight, write_run_file
+
+
+def stage_corpus(e: Study) -> None:
+    try:
+        if not e.force:
+            load_manifest(e.data)
+            print(f"corpus: reusing {e.data}")
+            return
+    except DataError:
+        pass
+    src = e.out / "corpus_source"
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    site = Path(sysconfig.get_paths()["purelib"])
+    budget = e.s["max_bytes"]
+    print(f"corpus: gathering up to {budget:,} bytes of .py/.txt/.rst from {stdlib} and {site}", flush=True)
+    shutil.rmtree(src, ignore_errors=True)
+    n_bytes = 0
+    # Half the budget from each (stdlib first), linked into one source tree.
+    for tag, root, cap in (("stdlib", stdlib, budget // 2), ("site_packages", site, budget - budget // 2)):
+        got = 0
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = sorted(d for d in dirnames if d not in {"site-packages", "dist-packages", "__pycache__"}
+                                 and not d.startswith("."))
+            for name in sorted(filenames):
+                if not name.endswith((".py", ".txt", ".rst")):
+                    continue
+                p = Path(dirpath, name)
+                try:
+                    size = p.stat().st_size
+                except OSError:
+                    continue
+                if size == 0 or size > 1_000_000 or got + size > cap:
+                    continue
+                dst = src / tag / p.relative_to(root)
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.link(p, dst)
+                except OSError:
+                    shutil.copyfile(p, dst)
+                got += size
+        n_bytes += got
+        print(f"corpus:   {tag}: {got:,} bytes", flush=True)
+    t0 = time.perf_counter()
+    manifest = build_corpus(e.data, src, e.s["vocab_size"], max_bytes=n_bytes + 1,
+                            valid_fraction=e.s["valid_fraction"], overwrite=True)
+    shutil.rmtree(src, ignore_errors=True)
+    print(f"corpus: {manifest['splits']['train']['tokens']:,} train / {manifest['splits']['valid']['tokens']:,} "
+          f"held-out tokens, vocab {manifest['vocab_size']} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    e.save_json("corpus_info.json", {"stdlib": str(stdlib), "site_packages": str(site), **manifest})
+
+
+def phase_overrides(e: Study, name: str, kind: str, extra: list[str]) -> list[str]:
+    """A phase's overrides: where it reads and writes, the scale's settings, then ``extra``."""
+    d = e.phase_dir(name)
+    overrides = [f"data.dir={e.data}", f"checkpoint.save={d / 'ckpt'}", f"logging.tensorboard_dir={d / 'tb'}"]
+    return overrides + e.s["overrides"].get("all", []) + e.s["overrides"].get(kind, []) + extra
+
+
+def phase_cmd(e: Study, name: str, recipe: str, kind: str, extra: list[str]) -> list[str]:
+    return runner.phase_command(RECIPES / recipe, phase_overrides(e, name, kind, extra))
+
+
+def run_phase(e: Study, name: str, cmd: list[str], prepare=None) -> None:
+    """Run one phase into its directory (``prepare`` first), unless it is done already."""
+    d = e.phase_dir(name)
+    if e.done(name):
+        print(f"[{name}] done, skipped ({d})")
+        return
+    shutil.rmtree(d, ignore_errors=True)
+    d.mkdir(parents=True)
+    if prepare is not None:
+        prepare()
+    (d / "command.json").write_text(json.dumps(echo(cmd)) + "\n")
+    print(f"\n=== {name}: {echo(cmd)}", flush=True)
+    seconds = runner.run_phase(cmd, d / "train.log", name)
+    (d / "DONE").write_text(json.dumps({"seconds": seconds}) + "\n")
+    print(f"[{name}] finished in {seconds:.0f} s", flush=True)
+
+
+def need(e: Study, phase: str) -> None:
+    if not (e.phase_dir(phase) / "DONE").is_file():
+        raise SystemExit(f"error: {phase} has not finished (run its stage first): {e.phase_dir(phase)}")
+
+
+def _overrides(fields: dict) -> list[str]:
+    return [f"model.overrides.{k}={v}" for k, v in fields.items()]
+
+
+def _layout(arm: str) -> dict:
+    return ARMS[arm][1]
+
+
+def _layout_name(arm: str) -> str:
+    """Arms with the same indexer layout share the relabelled pretrain checkpoint."""
+    return next(a for a in SHARING_ARMS if ARMS[a][1] == _layout(arm))
+
+
+def stage_pretrain(e: Study) -> None:
+    run_phase(e, "pretrain", phase_cmd(e, "pretrain", "h200_pretrain.yaml", "pretrain", []))
+
+
+def _relabelled_pretrain(e: Study, arm: str) -> Path:
+    """The pretrain checkpoint, labelled for a model with another indexer layout.
+
+    Pretraining runs dense: the indexers get no gradient and keep their initialisation, so the
+    non-indexer weights are all the arms share. Loading the per-layer checkpoint into a shared /
+    every-N-layers model reads a subset of its tensors (dist checkpointing ignores the unused
+    indexer tensors); only the run record (phase + shape, checked by the trainer's preflight)
+    must name the new layout."""
+    base = e.phase_dir("pretrain") / "ckpt"
+    variant = _layout_name(arm)
+    if variant == "per_layer":
+        return base
+    dst = e.phase_dir(f"pretrain_{variant}") / "ckpt"
+    marker = dst.parent / "DONE"
+    if marker.is_file() and not e.force:
+        return dst
+    shutil.rmtree(dst.parent, ignore_errors=True)
+    overrides = phase_overrides(e, f"pretrain_{variant}", "pretrain", _overrides(_layout(arm)))
+    cfg = load_config(RECIPES / "h200_pretrain.yaml", overrides)
+    plan = preflight(cfg, check_flags=False)  # dst does not exist yet
+    link_copy(base, dst)
+    write_run_file(plan)
+    marker.write_text("relabelled copy of pretrain/ckpt\n")
+    print(f"[pretrain_{variant}] pretrain checkpoint relabelled for {_layout(arm)} -> {dst}")
+    return dst
+
+
+def stage_warmup(e: Study, arm: str) -> None:
+    need(e, "pretrain")
+    src = _relabelled_pretrain(e, arm)
+    warm = f"warmup_{arm}"
+    extra = _overrides({**_layout(arm), **ARMS[arm][2]}) + [f"checkpoint.load_from={src}"]
+    run_phase(e, warm, phase_cmd(e, warm, "h200_warmup.yaml", "warmup", extra))
+
+
+def stage_sparse(e: Study, arm: str) -> None:
+    if arm == "dense_control":  # arm B
+        need(e, "pretrain")
+        name = "dense_control"
+        cmd = phase_cmd(e, name, "h200_dense_control.yaml", "dense_control", [])
+        run_phase(e, name, cmd,
+                  prepare=lambda: link_copy(e.phase_dir("pretrain") / "ckpt", e.phase_dir(name) / "ckpt"))
+        return
+    warm = f"warmup_{arm}"
+    need(e, warm)
+    sparse = f"sparse_{arm}"
+    extra = _overrides(_layout(arm)) + [f"checkpoint.load_from={e.phase_dir(warm) / 'ckpt'}"]
+    run_phase(e, sparse, phase_cmd(e, sparse, "h200_sparse.yaml", "sparse", extra))
+

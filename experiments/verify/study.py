@@ -1,0 +1,98 @@
+"""One run of the verification study: its scale, arms, run directory and what it holds.
+
+Every stage reads and writes under the run directory (``--out``, default runs/verify/<scale>):
+one directory per training phase (its checkpoint, TensorBoard scalars, log, exact command and
+a ``DONE`` marker), the corpus under ``data``, measurements as JSON. A stage whose result is
+there is skipped unless ``--force``, so a run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+from experiments.verify.settings import ARMS, REPO, SCALES
+
+
+class Study:
+    """The run's settings (from the command line) and its directory."""
+
+    def __init__(self, args):
+        self.scale = args.scale
+        self.s = SCALES[args.scale]
+        self.out = Path(args.out or REPO / "runs" / "verify" / args.scale).absolute()
+        self.report_dir = Path(args.report_dir or REPO / "reports").absolute()
+        self.force = args.force
+        self.data = self.out / "data"
+        self.arms = list(args.arms.split(",")) if getattr(args, "arms", None) else list(ARMS)
+        self.speed_arms = args.speed_arms.split(",") if getattr(args, "speed_arms", None) else None
+        unknown = [a for a in self.arms if a not in ARMS]
+        if unknown:
+            raise SystemExit(f"error: unknown arm(s) {unknown}; known: {', '.join(ARMS)}")
+
+    def commands(self) -> dict[str, str]:
+        """Every phase's exact command (one file per phase: arms may run concurrently), written
+        the way a user re-runs it: ``python``, recipes relative to the repository, the run
+        directory as ``$RUN`` (the machine's own paths stay out of the report)."""
+        out = {}
+        for f in sorted(self.out.glob("*/command.json")):
+            out[f.parent.name] = portable_command(json.loads(f.read_text()))
+        return out
+
+    def load_json(self, name, default):
+        p = self.out / name
+        return json.loads(p.read_text()) if p.is_file() else default
+
+    def save_json(self, name, obj):
+        """Write <out>/<name> (may hold a sub-directory) atomically: temp file + rename."""
+        path = self.out / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+        os.replace(tmp, path)
+
+    def pending(self, name: str, tag: str) -> bool:
+        """Whether the result <out>/<name> is still to be made (says so when it is skipped)."""
+        if (self.out / name).is_file() and not self.force:
+            print(f"{tag} done, skipped")
+            return False
+        return True
+
+    def phase_dir(self, name: str) -> Path:
+        return self.out / name
+
+    def done(self, name: str) -> bool:
+        return (self.phase_dir(name) / "DONE").is_file() and not self.force
+
+
+def portable_command(cmd: str) -> str:
+    """An echoed command without the paths of the machine it ran on (see Study.commands)."""
+    run = re.search(r"data\.dir=(\S+)/data(?:\s|$)", cmd)
+    if run:
+        cmd = cmd.replace(run.group(1) + "/", "$RUN/")
+    cmd = re.sub(r"^\S*python\S*(?=\s)", "python", cmd)
+    return re.sub(r"\S*/(configs|benchmarks|experiments)/", r"\1/", cmd)
+
+
+def echo(cmd: list[str]) -> str:
+    """A command as one shell-readable line."""
+    return " ".join(str(c) if re.fullmatch(r"[\w./=:,+@-]+", str(c)) else repr(str(c)) for c in cmd)
+
+
+def link_copy(src: Path, dst: Path) -> None:
+    """Copy a checkpoint directory: files under iter_* are hard-linked (never rewritten), the
+    small top-level files (tracker, run record) are real copies (Megatron rewrites the tracker)."""
+    def copy(s, d):
+        if "/iter_" in s:
+            try:
+                os.link(s, d)
+                return d
+            except OSError:
+                pass
+        return shutil.copy2(s, d)
+
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(src, dst, copy_function=copy)

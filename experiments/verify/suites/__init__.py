@@ -1,0 +1,31 @@
+"""The verification study's evaluation suites, run on trained models.
+
+``loss``: validation LM loss at several context lengths on the held-out split. ``recall``: the
+indexer's top-k recall of the dense attention mass at several lengths and k, with the oracle
+(the attention's own top-k). ``retrieval``: a built-in long-context retrieval suite on
+code-like haystacks (single needle, multi-key needle, key-value recall in a long dict literal),
+scored by exact match of the greedy answer and the answer's log-likelihood.
+"""
+
+from experiments.verify.suites.loss import read_valid_tokens, validation_loss_at_lengths
+from experiments.verify.suites.recall import indexer_recall_at_lengths
+from experiments.verify.suites.retrieval import (
+    TASKS,
+    RetrievalItem,
+    build_items,
+    build_suite,
+    model_predictor,
+    score_items,
+)
+
+__all__ = [
+    "TASKS",
+    "RetrievalItem",
+    "build_items",
+    "build_suite",
+    "indexer_recall_at_lengths",
+    "model_predictor",
+    "read_valid_tokens",
+    "score_items",
+    "validation_loss_at_lengths",
+]

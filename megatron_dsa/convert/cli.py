@@ -1,0 +1,84 @@
+"""``python -m megatron_dsa.convert``: to-hf and from-hf.
+
+    to-hf   --checkpoint DIR [--size NAME] [--set KEY=VALUE ...] [--tokenizer SPM_MODEL]
+            --out HFDIR [--max-shard-size 2GB] [--overwrite]
+    from-hf --hf HFDIR --out CKPTDIR [--size NAME] [--max-shard-size 2GB] [--overwrite]
+
+``--checkpoint`` is a Megatron-LM save directory (``latest_checkpointed_iteration.txt`` +
+``iter_NNNNNNN/``) or a bare torch_dist checkpoint directory, written with any
+tensor/expert/pipeline parallel layout (dist_checkpointing reshards on load). Without
+``--size`` the size is read from the checkpoint (the spec from-hf records, or the trainer's
+``mdsa_size`` argument). ``--set`` overrides a model config field (JSON value), e.g.
+``--set dsa_indexer_topk=8``.
+
+Exit status 2 with one line on stderr for bad input; nothing is left half-written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+
+from megatron_dsa.convert.errors import ConversionError
+from megatron_dsa.convert.hf import export_to_hf, import_from_hf
+
+
+def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options that name a model in a checkpoint (the converter's and the inference CLI's)."""
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--size", default=None, help="named model size (default: the checkpoint's)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a model config field (JSON value), e.g. dsa_indexer_topk=8")
+
+
+def parse_set_options(pairs: list[str]) -> dict:
+    """``--set KEY=VALUE`` options -> model config overrides (values read as JSON where they parse)."""
+    out = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise ConversionError(f"--set expects KEY=VALUE, got {pair!r}")
+        key, value = pair.split("=", 1)
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m megatron_dsa.convert", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    to = sub.add_parser("to-hf", help="megatron-dsa dist checkpoint -> Hugging Face directory")
+    add_checkpoint_arguments(to)
+    to.add_argument("--tokenizer", default=None, help="sentencepiece model file to export with the weights")
+    to.add_argument("--out", required=True)
+    to.add_argument("--max-shard-size", default="2GB")
+    to.add_argument("--overwrite", action="store_true")
+    frm = sub.add_parser("from-hf", help="Hugging Face DeepseekV32 directory -> megatron-dsa dist checkpoint")
+    frm.add_argument("--hf", required=True)
+    frm.add_argument("--out", required=True)
+    frm.add_argument("--size", default=None, help="named size the model must match (default: inferred)")
+    frm.add_argument("--max-shard-size", default="2GB",
+                     help="converted weights held in memory at a time (parked on disk beside --out)")
+    frm.add_argument("--overwrite", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # megatron-core's deprecation chatter
+            out = _run(args, export_to_hf, import_from_hf)
+    except ConversionError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+def _run(args, export_to_hf, import_from_hf):
+    if args.command == "to-hf":
+        return export_to_hf(args.checkpoint, args.out, size=args.size, tokenizer=args.tokenizer,
+                            max_shard_size=args.max_shard_size, overrides=parse_set_options(args.set),
+                            overwrite=args.overwrite)
+    return import_from_hf(args.hf, args.out, size=args.size, overwrite=args.overwrite,
+                          max_shard_size=args.max_shard_size)

@@ -1,0 +1,179 @@
+"""The DSA core: one attention step in dense, warm-up or sparse mode, written once.
+
+Every caller runs this function: the layer in training, on one rank or under TP/CP, and the
+inference engine (new queries against a KV cache). They differ only in what they pass: a
+``ParallelContext`` (size 1 on one rank, where every sharded step of ``megatron_dsa.parallel``
+is the plain computation and no collective runs), the query positions, and the tensors.
+
+    dense   causal attention over every key; the indexer does no work
+    warmup  dense attention + the indexer objective against the head-summed attention over
+            every eligible key (the dense KL); nothing reaches the main model
+    sparse  the indexer's causal top-k (``min(k, eligible)``, -1 padded), attention over the
+            selected keys only, and the objective over the selected set (``sparse_loss``;
+            over every eligible key otherwise)
+
+Shapes (batch first; what a rank holds under TP/CP is in ``parallel.sharded``):
+    q        [B, Sq, H, Dqk]    absorbed queries (H: this rank's heads)
+    kv       [B, Sk, Dqk]       latent KV entries (Sk = Sq in training; the whole cache when
+                                decoding, the new queries at ``q_pos``)
+    indexer  (qi [B, Sq', HI, DI], ki [B, Sk', DI], wi [B, Sq', HI]): this rank's own rows
+             (Sq' = Sq / TP), with detached inputs: the indexer learns only from its objective
+
+The objective is the KL unless ``objective`` names another (``reference.INDEXER_OBJECTIVES``:
+those run the PyTorch loss ops of ``ops.indexer_loss_backend``, one rank only).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from megatron_dsa import ops
+from megatron_dsa import reference as R
+from megatron_dsa.parallel.comm import ParallelContext, balanced_blocks, cp_positions, heads_to_rows
+from megatron_dsa.parallel.fetch import fetch_selected
+from megatron_dsa.parallel.sharded import (
+    balanced_to_own,
+    gather_indexer_keys,
+    gather_kv,
+    indexer_rows,
+    key_shards,
+    own_rows,
+    tp_indexer_topk,
+    tp_sparse_kl,
+)
+
+MODES = ("dense", "warmup", "sparse")
+
+
+@dataclass
+class CoreResult:
+    out: torch.Tensor  # [B, Sq, H, v_dim]
+    kl: Optional[torch.Tensor] = None  # [B, Sq'] the indexer objective of each own row
+    recall: Optional[torch.Tensor] = None  # [B, Sq'] (or the sampled rows) top-k recall, no grad
+    topk: Optional[torch.Tensor] = None  # [B, Sq, K] selected key positions, -1 padded (sparse)
+    indexer_flops: int = 0  # indexer scoring FLOPs done on this rank (rows x keys x HI x DI x 2)
+
+
+def dsa_core(
+    ctx: ParallelContext,
+    mode: str,
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    v_dim: int,
+    scale: float,
+    topk: int,
+    *,
+    indexer: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
+    selection: Optional[torch.Tensor] = None,
+    q_pos: Optional[torch.Tensor] = None,
+    with_loss: bool = True,
+    sparse_loss: bool = True,
+    objective: str = "kl",
+    backend=None,
+    fp8_indexer: bool = False,
+    recall_rows: int = 0,
+) -> CoreResult:
+    """One DSA core attention step on this rank (shapes in the module docstring).
+
+    ``indexer``: (qi, ki, wi), or None for a layer that reuses another's ``selection`` (sparse)
+    or does no indexer work. ``q_pos``: the queries' positions when they are not the rows of
+    the sequence (decoding; default: 0..S-1, or this CP rank's chunks); keys are always the
+    positions 0..Sk-1. ``backend``: an op namespace of ``ops.backend`` (default: the
+    reference); with the kernels the top-k scores every key in one streaming pass and
+    ``fp8_indexer`` scores in FP8. ``recall_rows``: the dense objective's recall diagnostic on
+    at most this many rows per sequence, split evenly over the TP x CP ranks (0: every row).
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown DSA mode {mode!r}; one of {MODES}")
+    backend = backend or ops.backend("reference", q.device)
+    if fp8_indexer and backend.name == "reference":
+        raise ValueError("the FP8 indexer is a Triton kernel; the reference path scores in fp32")
+    loss_ops = ops.indexer_loss_backend(backend.name, q.device, objective, backend.options)
+    B, Sq = q.shape[:2]
+    seq = kv.shape[1] * ctx.cp_size
+    positions = q_pos if q_pos is not None else cp_positions(seq, ctx.cp_size, ctx.cp_rank, q.device)
+    # The ops' default positions are 0..S-1: passing None there spares a kernel the bookkeeping.
+    attention_pos = None if q_pos is None and ctx.cp_size == 1 else positions
+    rows = own_rows(ctx, Sq)
+    flops = [0]
+    qi = ki = wi = ki_all = None
+    if indexer is not None:
+        qi, ki, wi = indexer
+        ki_all = gather_indexer_keys(ki, ctx, seq)
+
+    def dense_objective(kv_all):
+        return _dense_objective(loss_ops, ctx, q, kv_all, qi, ki_all, wi, positions, rows, scale, topk,
+                                recall_rows, flops)
+
+    if mode in ("dense", "warmup"):
+        kv_all = gather_kv(kv, ctx, seq)  # every key (an all-gather under CP)
+        out, _ = backend.dense_mla_attention(q, kv_all, v_dim, scale, q_pos=attention_pos, need_lse=False)
+        res = CoreResult(out)
+        if mode == "warmup" and indexer is not None:
+            res.kl, res.recall = dense_objective(kv_all)
+        res.indexer_flops = flops[0]
+        return res
+
+    if indexer is not None:
+        # The reference emulates the CP ring: it streams the key chunks, skipping future ones.
+        shards = key_shards(ki_all.detach(), ctx) if backend.name == "reference" and ctx.cp_size > 1 else None
+        sel = tp_indexer_topk(backend, qi.detach(), ki_all.detach(), wi.detach(), positions, topk, ctx, flops,
+                              fp8=fp8_indexer, shards=shards)
+    else:
+        sel = selection
+        if sel is None or sel.shape[:2] != (B, Sq):
+            raise RuntimeError("sparse DSA needs a top-k selection for these rows")
+
+    if ctx.cp_size > 1:  # only the selected KV rows travel, from the CP ranks that own them
+        kv_buf, idx, gids = fetch_selected(kv, sel, seq, ctx.cp_group)
+        kv_buf = kv_buf[None].expand(B, -1, -1)
+    else:
+        kv_buf, idx, gids = kv, sel, None
+    out, lse = backend.sparse_mla_attention(q, kv_buf, idx, v_dim, scale)
+    res = CoreResult(out, topk=sel)
+
+    if indexer is not None and with_loss:
+        if sparse_loss:
+            ki_buf = ki_all if gids is None else ki_all.reshape(B * seq, -1)[gids][None].expand(B, -1, -1)
+            res.kl = _selected_set_objective(loss_ops, backend, ctx, q, kv_buf, idx, lse, qi, ki_buf, wi, scale)
+        else:
+            res.kl, res.recall = dense_objective(gather_kv(kv, ctx, seq))
+    res.indexer_flops = flops[0]
+    return res
+
+
+def _dense_objective(loss_ops, ctx: ParallelContext, q, kv_all, qi, ki_all, wi, positions, rows: slice,
+                     scale: float, topk: int, recall_rows: int, flops: list):
+    """The objective over every eligible key of each own row, with its top-k recall.
+
+    The target sums the attention over ALL heads, so each TP rank takes whole rows: a causally
+    balanced half-and-half of them (``balanced_blocks``) with every head's detached query. The
+    objective comes back to the own rows; a sampled recall stays on the rows it was taken on.
+    """
+    qi_rows, wi_rows, pos, balanced = indexer_rows(qi, wi, positions, ctx, rows)
+    blocks = (lambda j: balanced_blocks(ctx.tp_size, j)) if balanced else None
+    q_rows = heads_to_rows(q.detach(), ctx.tp_group, blocks=blocks)
+    flops[0] += q.shape[0] * q_rows.shape[1] * ki_all.shape[1] * qi.shape[2] * qi.shape[3] * 2
+    sample = None
+    if recall_rows > 0:
+        sample = R.recall_sample_rows(qi.shape[1], max(1, recall_rows // (ctx.tp_size * ctx.cp_size)), q.device)
+    kl, recall = loss_ops.dense_indexer_kl(q_rows, kv_all.detach(), qi_rows, ki_all, wi_rows, scale, topk, q_pos=pos,
+                                           recall_rows=sample)
+    if balanced:
+        kl = balanced_to_own(kl, ctx, "tp.indexer_kl_balance")
+        if sample is None:
+            recall = balanced_to_own(recall, ctx, "tp.indexer_recall_balance")
+    return kl, recall
+
+
+def _selected_set_objective(loss_ops, backend, ctx: ParallelContext, q, kv_buf, idx, lse, qi, ki_buf, wi,
+                            scale: float) -> torch.Tensor:
+    """The objective over each own row's selected set, p renormalised over that set."""
+    if ctx.tp_size == 1:
+        # Every head is here: the one-step op, which reuses the attention's log-sum-exp.
+        return loss_ops.sparse_indexer_kl(q, kv_buf, qi, ki_buf, wi, idx, scale, lse=lse.detach())
+    # The target sums the heads of every TP rank: two steps, a reduce-scatter between them.
+    return tp_sparse_kl(backend, q, kv_buf, idx, lse, qi, ki_buf, wi, scale, ctx)

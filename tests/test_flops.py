@@ -1,0 +1,36 @@
+"""The FLOP counter (megatron_dsa.flops): the indexer's O(S^2) term is counted, for one
+attention core (the benchmarks) and for the whole model (the trainer's TFLOP/s)."""
+
+from __future__ import annotations
+
+import pytest
+
+from megatron_dsa.flops import Shape, causal_pairs, dsa_flops, sparse_pairs, training_terms
+from megatron_dsa.model import model_config
+
+
+def test_dsa_flops_counts_indexer_term():
+    S, HI, DI = 131072, 64, 128
+    f = dsa_flops(S, 16, 576, 512, HI, DI, 2048)
+    assert f["indexer_scores"] == pytest.approx(2 * HI * DI * S * (S + 1) / 2)
+    assert f["indexer_scores"] == pytest.approx(1.4e14, rel=0.02)  # the spec's lower bound
+    assert f["total"] > f["indexer_scores"] + f["attn_fwd"] + f["attn_bwd"]
+    nb = dsa_flops(S, 16, 576, 512, HI, DI, 2048, backward=False, sparse_kl=False)
+    assert nb["total"] == pytest.approx(nb["indexer_scores"] + nb["attn_fwd"])
+
+
+def test_pair_counts():
+    assert causal_pairs(5) == 15
+    assert sparse_pairs(5, 2) == 1 + 2 * 4  # row 0 sees one key, the others two
+    assert sparse_pairs(5, 10) == causal_pairs(5)
+
+
+def test_the_model_counts_the_indexer_only_where_it_runs():
+    shape = Shape.from_config(model_config("tiny"), vocab_size=512)
+    seq = 128
+    dense, warmup, sparse = (training_terms(shape, seq, phase) for phase in ("pretrain", "warmup", "sparse"))
+    assert dense["indexer_scores"] == 0 and dense["indexer_kl"] == 0
+    # warm-up trains the O(S^2) scoring (3x); sparse selects without gradient (1x)
+    pair_cost = 2 * shape.idx_heads * shape.idx_dim + 2 * shape.idx_heads
+    assert warmup["indexer_scores"] == 3 * shape.num_layers * causal_pairs(seq) * pair_cost
+    assert sparse["indexer_scores"] == shape.num_layers * causal_pairs(seq) * pair_cost
