@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from megatron_dsa.config import DSAConfigError, DSATransformerConfig
+from megatron_dsa.config import DSAConfigError, DSATransformerConfig, check_field_types
 
 
 @dataclass(frozen=True)
@@ -219,7 +219,7 @@ def model_config(size: str | ModelSize, **overrides: Any) -> DSATransformerConfi
     if fields.get("fp8") and fields["transformer_impl"] != "transformer_engine":
         # Local linears have no FP8 path: megatron-core would silently train in high precision.
         raise DSAConfigError(f"fp8={fields['fp8']!r} needs transformer_impl 'transformer_engine' (TE's FP8 GEMMs)")
-    return DSATransformerConfig(**fields)
+    return DSATransformerConfig(**check_field_types(fields))
 
 
 def build_model(

@@ -140,7 +140,18 @@ def test_unknown_top_level_key_lists_valid_keys(cli, tmp_path, corpus):
     ("phase=finetune", ("phase must be one of",)),
     ("train.iters", ("expected key=value",)),
     ("model.size=huge", ("model.size must be one of",)),
-    ("model.overrides.dsa_indexer_head_dim=48", ("power of two",)),
+    ("model.overrides.dsa_indexer_head_dim=33", ("dsa_indexer_head_dim must be even",)),
+    ("model.overrides.dsa_indexer_topk=2.5", ("model.overrides.dsa_indexer_topk must be an integer, got 2.5",)),
+    ("model.overrides.dsa_indexer_topk=true", ("model.overrides.dsa_indexer_topk must be an integer, got True",)),
+    ("model.overrides.dsa_indexer_topk=16.9", ("model.overrides.dsa_indexer_topk must be an integer, got 16.9",)),
+    ("model.overrides.dsa_indexer_topk=abc", ("model.overrides.dsa_indexer_topk must be an integer, got 'abc'",)),
+    # Parallel layout and precision have one source, Megatron's flags.
+    ("model.overrides.tensor_model_parallel_size=2", ("model.overrides.tensor_model_parallel_size",
+                                                      "set megatron.tensor_model_parallel_size instead")),
+    ("model.overrides.context_parallel_size=2", ("set megatron.context_parallel_size instead",)),
+    ("model.overrides.sequence_parallel=true", ("set megatron.sequence_parallel instead",)),
+    # Megatron's own argument validation runs in preflight.
+    ("megatron.tensor_model_parallel_size=2", ("Megatron rejects these settings", "world size (1)")),
     ("model.overrides.no_such_field=1", ("unknown transformer config fields",)),
     ("data.seq_length=4096", ("exceeds",)),
     ("megatron.no_such_flag=1", ("bad Megatron flag", "no-such-flag")),
@@ -149,6 +160,24 @@ def test_unknown_top_level_key_lists_valid_keys(cli, tmp_path, corpus):
 def test_bad_values(cli, corpus, tmp_path, override, needles):
     expect_error(cli(*base(corpus, tmp_path), override), *needles)
     assert not (tmp_path / "save").exists() and not (tmp_path / "tb").exists()
+
+
+@pytest.mark.parametrize("world, override, needles", [
+    (3, "megatron.tensor_model_parallel_size=3", ("num_attention_heads (4) must be divisible by the tensor parallel size (3)",)),
+    (2, "megatron.context_parallel_size=2", None),  # valid: ok
+    (2, "megatron.tensor_model_parallel_size=2", None),
+])
+def test_parallel_settings_checked_for_the_world_size(cli, corpus, tmp_path, monkeypatch, world, override, needles):
+    """Parallel sizes against the launch's world size and the model's heads and experts, as
+    Megatron and the trainer will build them, in preflight (torchrun.sh passes WORLD_SIZE)."""
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+    result = cli(*base(corpus, tmp_path), *override.split(), "--check")
+    if needles is None:
+        assert result[0] == 0 and result[1].startswith("ok: "), result
+    else:
+        expect_error(result, *needles)
+    assert not (tmp_path / "save").exists()
 
 
 def test_missing_dataset(cli, tmp_path):

@@ -132,6 +132,16 @@ TRAINER_FLAGS = {"transformer-impl": "model.transformer_impl",
 # Model config fields with one source elsewhere (field -> config key that sets it).
 TRAINER_FIELDS = {"transformer_impl": "model.transformer_impl",
                   **{field: f"fp8.{key}" for key, (_, field) in FP8_SETTINGS.items()}}
+# Model config fields the trainer copies from Megatron's parsed flags (parallel layout and
+# precision): Megatron builds its process groups, optimizer and schedule from the same flags,
+# so a different value on the model config alone would disagree with them at run time.
+MEGATRON_FIELDS = (
+    "tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size",
+    "expert_model_parallel_size", "expert_tensor_parallel_size", "sequence_parallel",
+    "bf16", "fp16", "params_dtype", "gradient_accumulation_fusion", "calculate_per_token_loss",
+    "virtual_pipeline_model_parallel_size", "recompute_granularity", "recompute_method",
+    "recompute_num_layers", "deterministic_mode", "fp8_margin", "fp8_wgrad",
+)
 
 # Reference learning rates of the report (section 3 of docs/dsa-spec.md) for the indexer
 # phases; pretraining of the tiny CPU model uses a larger one.
@@ -334,10 +344,26 @@ def _check_values(cfg: RunConfig) -> None:
     for name in cfg.model["overrides"]:
         if name in TRAINER_FIELDS:
             raise _err(f"model.overrides.{name}: set {TRAINER_FIELDS[name]} instead")
+        if name in MEGATRON_FIELDS:
+            flag = "megatron.bf16 or megatron.fp16" if name == "params_dtype" else f"megatron.{name}"
+            raise _err(f"model.overrides.{name} comes from Megatron's flags (its process groups and "
+                       f"optimizer use the same value): set {flag} instead")
         if name in ("fp8_dot_product_attention", "fp8_multi_head_attention"):
             raise _err(f"model.overrides.{name} is not supported: the DSA core attention runs its own "
                        "kernels on high-precision inputs (FP8 applies to the linears only)")
+    _check_override_types(cfg)
     _check_fp8(cfg)
+
+
+def _check_override_types(cfg: RunConfig) -> None:
+    """model.overrides values of the type their config field declares (an integer stays an
+    integer: 2.5 is refused, not truncated when the layer reads it)."""
+    from megatron_dsa.config import DSAConfigError, check_field_types
+
+    try:
+        cfg.model["overrides"] = check_field_types(cfg.model["overrides"])
+    except DSAConfigError as error:
+        raise _err(f"model.overrides.{error}") from None
 
 
 def _check_fp8(cfg: RunConfig) -> None:

@@ -130,8 +130,9 @@ def precision_fields(cfg: RunConfig, transformer_impl: str) -> dict:
     return fields
 
 
-def check_megatron_flags(argv: list[str]) -> None:
-    """Parse the Megatron flags the trainer will pass, so a bad one fails here, in one line."""
+def check_megatron_flags(argv: list[str]):
+    """Parse the Megatron flags the trainer will pass, so a bad one fails here, in one line;
+    returns the parsed namespace."""
     import argparse
 
     from megatron.training.arguments import add_megatron_arguments
@@ -144,7 +145,46 @@ def check_megatron_flags(argv: list[str]) -> None:
 
     parser = _Parser(allow_abbrev=False, add_help=False)
     add_mdsa_args(add_megatron_arguments(parser))
-    parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def check_megatron_settings(argv: list[str]) -> None:
+    """Everything Megatron will check of its flags, run here: its argument validation (world
+    size against TP x PP x CP, precision pairs, ...) for this launch's world size, then our model
+    config with the parallel layout and precision taken from those flags, as the trainer builds
+    it (heads and experts against TP and EP, sequence parallel, ...). Otherwise such settings
+    pass ``--check`` and stop inside Megatron with a traceback."""
+    import contextlib
+    import io
+    import traceback
+
+    from patches.training import apply_training_cpu_patches
+
+    from megatron_dsa.config import DSAConfigError
+    from megatron_dsa.train.trainer import phase_model_config
+
+    args = check_megatron_flags(argv)
+    # What Megatron's parse_args adds before validating.
+    args.rank = int(os.environ.get("RANK", "0"))
+    args.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    # The run applies this one before Megatron validates its flags (a no-op where CUDA exists).
+    apply_training_cpu_patches(only={"device_arch_on_cpu"})
+    from megatron.training.arguments import validate_args
+
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints every argument
+            validate_args(args, {})
+    except Exception as error:  # noqa: BLE001 - any refusal, reported in one line
+        frame = traceback.extract_tb(error.__traceback__)[-1]
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else f"`{frame.line}` failed"
+        where = f"{Path(frame.filename).name}:{frame.lineno}"
+        raise _err(f"Megatron rejects these settings (config section 'megatron', world size "
+                   f"{args.world_size}): {reason} ({where})") from None
+    try:
+        phase_model_config(args)
+    except (DSAConfigError, TypeError, ValueError, AssertionError) as error:
+        raise _err(f"bad model config under the Megatron flags (world size {args.world_size}, "
+                   f"config section 'megatron'): {error}") from None
 
 
 def preflight(cfg: RunConfig, check_flags: bool = True) -> dict:
@@ -247,7 +287,7 @@ def preflight(cfg: RunConfig, check_flags: bool = True) -> dict:
     if check_flags:
         from megatron_dsa.train.trainer import megatron_argv
 
-        check_megatron_flags(megatron_argv(cfg, plan))
+        check_megatron_settings(megatron_argv(cfg, plan))
     return plan
 
 

@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from megatron_dsa.train.config import FP8_SETTINGS, PHASE_MODE, RunConfig
+from megatron_dsa.train.config import FP8_SETTINGS, MEGATRON_FIELDS, PHASE_MODE, RunConfig
 
 # Filled by run() / the --mdsa-* flags; read by the providers (Megatron calls them without
 # any context of ours).
@@ -168,14 +168,9 @@ def phase_model_config(args=None):
     overrides = dict(json.loads(args.mdsa_model_overrides))
     overrides.pop("mdsa_mode", None)
     overrides["mdsa_mode"] = PHASE_MODE[args.mdsa_phase]
-    for field in (
-        "tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size",
-        "expert_model_parallel_size", "expert_tensor_parallel_size", "sequence_parallel",
-        "bf16", "fp16", "params_dtype", "gradient_accumulation_fusion", "calculate_per_token_loss",
-        "virtual_pipeline_model_parallel_size", "recompute_granularity", "recompute_method",
-        "recompute_num_layers", "deterministic_mode", "fp8_margin", "fp8_wgrad",
-    ):
-        if hasattr(args, field) and field not in overrides:
+    # Megatron's values win: config validation keeps these fields out of model.overrides.
+    for field in MEGATRON_FIELDS:
+        if hasattr(args, field):
             overrides[field] = getattr(args, field)
     # One source each (config validation keeps them out of model.overrides): the backend and
     # FP8 recipe the model is built with are exactly Megatron's.
