@@ -207,11 +207,70 @@ def test_vocab_mismatch(cli, tmp_path):
     expect_error(cli(*base(other, tmp_path)), "vocab", "does not match")
 
 
-def _fake_checkpoint(directory: Path, record: dict) -> None:
-    (directory / "iter_0000010").mkdir(parents=True)
-    (directory / "iter_0000010" / "metadata.json").write_text("{}")
+def _fake_checkpoint(directory: Path, record: dict) -> Path:
+    """A run directory whose checkpoint is a real (tiny) torch_dist one: .metadata + shard."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    ckpt = directory / "iter_0000010"
+    ckpt.mkdir(parents=True)
+    dcp.save({"w": torch.arange(64.0), "note": "x"}, checkpoint_id=str(ckpt), no_dist=True)
+    (ckpt / "metadata.json").write_text("{}")
     (directory / "latest_checkpointed_iteration.txt").write_text("10")
     (directory / "mdsa_run.json").write_text(json.dumps(record))
+    return ckpt
+
+
+class _Payload:
+    """Unpickling this creates ``path`` (what a crafted checkpoint could do instead)."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def _corrupt(ckpt: Path, how: str, payload: Path) -> None:
+    import pickle
+
+    meta = ckpt / ".metadata"
+    shard = next(ckpt.glob("*.distcp"))
+    if how == "truncated .metadata":
+        meta.write_bytes(meta.read_bytes()[:40])
+    elif how == "truncated .distcp":
+        shard.write_bytes(shard.read_bytes()[:-10])
+    elif how == "missing .distcp":
+        shard.unlink()
+    elif how == "crafted .metadata":
+        meta.write_bytes(pickle.dumps({"state": _Payload(payload)}))
+
+
+_CORRUPT = [
+    ("truncated .metadata", ("is corrupt", ".metadata")),
+    ("truncated .distcp", ("is truncated", ".distcp")),
+    ("missing .distcp", ("is missing", ".distcp")),
+    ("crafted .metadata", ("refusing to open checkpoint", "names _io.open")),
+]
+
+
+@pytest.mark.parametrize("how, needles", _CORRUPT)
+def test_resume_from_a_corrupt_checkpoint(cli, corpus, tmp_path, how, needles):
+    """A corrupt or crafted checkpoint in checkpoint.save stops preflight with one line naming
+    the file; a crafted .metadata's payload does not run."""
+    ckpt = _fake_checkpoint(tmp_path / "save", _record(corpus, tmp_path, "pretrain"))
+    _corrupt(ckpt, how, tmp_path / "payload-ran")
+    expect_error(cli(*base(corpus, tmp_path), "--check"), *needles)
+    assert not (tmp_path / "payload-ran").exists()
+
+
+@pytest.mark.parametrize("how, needles", _CORRUPT[::3])
+def test_load_from_a_corrupt_checkpoint(cli, corpus, tmp_path, how, needles):
+    ckpt = _fake_checkpoint(tmp_path / "pre", _record(corpus, tmp_path, "pretrain"))
+    _corrupt(ckpt, how, tmp_path / "payload-ran")
+    expect_error(cli(*base(corpus, tmp_path, "warmup"), f"checkpoint.load_from={tmp_path / 'pre'}", "--check"),
+                 *needles)
+    assert not (tmp_path / "payload-ran").exists() and not (tmp_path / "save").exists()
 
 
 def _record(corpus: Path, tmp_path: Path, phase: str) -> dict:

@@ -11,7 +11,8 @@ Layout (every key optional except ``phase``; defaults below)::
                  overrides (DSATransformerConfig fields, e.g. dsa_indexer_topk)
     data:        dir (a corpus built by ``python -m megatron_dsa.data build``), seq_length
     train:       iters, micro_batch_size, global_batch_size, lr, min_lr, lr_warmup_iters,
-                 lr_decay_style, weight_decay, clip_grad, adam_beta1, adam_beta2, seed
+                 lr_decay_style, weight_decay, clip_grad, adam_beta1, adam_beta2, seed,
+                 skip_iterations (batches a resumed run steps over)
     eval:        interval, iters (0: no validation)
     checkpoint:  save (this phase's torch_dist checkpoints), load_from (previous phase's), interval
     logging:     interval, tensorboard_dir, progress
@@ -74,6 +75,9 @@ SCHEMA: dict[str, dict[str, tuple[Any, tuple[type, ...]]]] = {
         "adam_beta1": (0.9, (float, int)),
         "adam_beta2": (0.95, (float, int)),
         "seed": (1234, (int,)),
+        # Iterations (1-based, as Megatron logs them) whose batch is consumed without a step,
+        # e.g. the one a run stopped at with non-finite values.
+        "skip_iterations": ([], (list, int)),
     },
     "eval": {
         "interval": (None, (int,)),
@@ -332,6 +336,12 @@ def _check_values(cfg: RunConfig) -> None:
     for key in ("adam_beta1", "adam_beta2"):
         if not 0 <= t[key] < 1:
             raise _err(f"train.{key} must be in [0, 1), got {t[key]}")
+    skip = t["skip_iterations"]
+    skip = [skip] if isinstance(skip, int) and not isinstance(skip, bool) else list(skip)
+    if any(isinstance(i, bool) or not isinstance(i, int) or not 1 <= i <= t["iters"] for i in skip):
+        raise _err(f"train.skip_iterations must be a list of iterations in [1, train.iters={t['iters']}], "
+                   f"got {t['skip_iterations']!r}")
+    t["skip_iterations"] = sorted(set(skip))
     if cfg.eval["interval"] is None:
         cfg.eval["interval"] = t["iters"]
     if cfg.checkpoint["interval"] is None:

@@ -72,6 +72,12 @@ def _checkpoint_iteration(directory: Path) -> int:
     ckpt = directory / f"iter_{iteration:07d}"
     if not (ckpt / "metadata.json").is_file():
         raise _err(f"checkpoint {ckpt} named by {tracker} is missing or incomplete")
+    from megatron_dsa import safe_load
+
+    try:
+        safe_load.verify(ckpt)  # readable through the allow-list, no storage file truncated
+    except safe_load.CheckpointError as error:
+        raise _err(f"{error} (named by {tracker})") from None
     return iteration
 
 
@@ -291,10 +297,28 @@ def preflight(cfg: RunConfig, check_flags: bool = True) -> dict:
     return plan
 
 
-def write_run_file(plan: dict) -> None:
-    """Record phase and shape in the save directory (atomically: temp file + rename)."""
+def write_run_file(plan: dict) -> list[Path]:
+    """Record phase and shape in the save directory (atomically: temp file + rename); returns
+    the directories this created (for ``remove_run_file``)."""
     save = Path(plan["save"])
+    created = []
+    for parent in (save, *save.parents):
+        if parent.exists():
+            break
+        created.append(parent)
     save.mkdir(parents=True, exist_ok=True)
     tmp = save / f".{RUN_FILE}.{os.getpid()}.tmp"
     tmp.write_text(json.dumps(plan["record"], indent=2, default=str) + "\n")
     os.replace(tmp, save / RUN_FILE)
+    return created
+
+
+def remove_run_file(plan: dict, created: list[Path] | None = None) -> None:
+    """Undo ``write_run_file`` for a run that saved no checkpoint: the record, and the
+    directories it created if they are empty now."""
+    (Path(plan["save"]) / RUN_FILE).unlink(missing_ok=True)
+    for directory in created or []:
+        try:
+            directory.rmdir()
+        except OSError:  # not empty: something else lives there now
+            break
