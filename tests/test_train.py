@@ -446,11 +446,16 @@ def test_loss_terms_named_when_non_finite(megatron_world):
 def test_a_run_that_fails_leaves_no_run_record(tmp_path, monkeypatch, corpus):
     """The run record (mdsa_run.json) is written only once Megatron accepted its flags, and
     removed again with the directory it created when the run stops before any checkpoint:
-    otherwise the next run with other settings is refused that directory."""
+    otherwise the next run with other settings is refused that directory. (And the run reads
+    checkpoints through the allow-list from before Megatron's first load.)"""
     import megatron.training
     import megatron.training.arguments as arguments
 
+    from megatron_dsa import safe_load
     from megatron_dsa.train import trainer
+
+    installed = []
+    monkeypatch.setattr(safe_load, "install", lambda: installed.append(True))
     from megatron_dsa.train.config import load_config
     from megatron_dsa.train.preflight import preflight
 
@@ -463,6 +468,7 @@ def test_a_run_that_fails_leaves_no_run_record(tmp_path, monkeypatch, corpus):
     plan = preflight(cfg, check_flags=False)
 
     def refused(*args, **kwargs):
+        assert installed  # before Megatron parses (and later loads) anything
         raise AssertionError("Megatron refuses a flag")
 
     monkeypatch.setattr(arguments, "parse_and_validate_args", refused)

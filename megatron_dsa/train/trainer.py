@@ -312,21 +312,30 @@ def _where(training: bool | None = None) -> str:
         args = _args()
     except AssertionError:  # Megatron's globals are not set up (a forward outside its loop)
         return "this step"
-    step = getattr(args, "curr_iteration", 0) + 1  # Megatron's 1-based numbering (its log, --iterations-to-skip)
-    if training is False:
-        return f"validation after iteration {step - 1}"
-    return f"iteration {step}"
+    # Megatron's 1-based numbering (its log, --iterations-to-skip); evaluation runs after the
+    # iteration's step, before the next one sets curr_iteration.
+    step = getattr(args, "curr_iteration", 0) + 1
+    return f"validation after iteration {step}" if training is False else f"iteration {step}"
+
+
+def _label(name: str, values: torch.Tensor) -> str:
+    """``name``, or for a per-layer vector ``name of layer N`` with N its first non-finite slot."""
+    if values.dim() == 0:
+        return name
+    bad = (~torch.isfinite(values)).nonzero()
+    return f"{name} of layer {int(bad[0]) + 1}" if len(bad) else name
 
 
 def check_finite(terms: list[tuple[str, torch.Tensor]], training: bool | None = None) -> None:
-    """One sync for all loss terms; on a non-finite one, raise NonFiniteError naming the
-    iteration and the first decoder layer whose output was non-finite, else the term."""
+    """One sync for all loss terms (a 1-d term holds one value per layer); on a non-finite one,
+    raise NonFiniteError naming the iteration and the first decoder layer whose output was
+    non-finite, else the term."""
     if not terms:
         return
     if bool(torch.stack([torch.isfinite(t.detach()).all() for _, t in terms]).all()):
         return
     first_layer = next((n for n, ok in sorted(_LAYER_FINITE, key=lambda x: x[0]) if not bool(ok)), None)
-    bad = [name for name, t in terms if not bool(torch.isfinite(t.detach()).all())]
+    bad = [_label(name, t.detach()) for name, t in terms if not bool(torch.isfinite(t.detach()).all())]
     where = _where(training)
     if first_layer is not None:
         what = f"the output of decoder layer {first_layer} went non-finite first ({', '.join(bad)} non-finite)"
@@ -348,14 +357,6 @@ def _moe_aux_terms() -> list[tuple[str, torch.Tensor]]:
     return terms
 
 
-def _first_nonfinite(name: str, values: torch.Tensor) -> tuple[str, torch.Tensor]:
-    """A per-layer value vector as one term named after its first non-finite layer (the name
-    is only read when something is non-finite)."""
-    bad = (~torch.isfinite(values)).nonzero()
-    label = f"{name} of layer {int(bad[0]) + 1}" if len(bad) else name
-    return label, values
-
-
 def loss_func(loss_mask: torch.Tensor, model, phase: str, output_tensor: torch.Tensor):
     """(loss, num_tokens, report) in Megatron's per-token form. ``report`` values are
     [sum, count] pairs that Megatron averages over microbatches and data-parallel ranks."""
@@ -373,7 +374,7 @@ def loss_func(loss_mask: torch.Tensor, model, phase: str, output_tensor: torch.T
         if not indexer_losses:
             raise RuntimeError("warmup forward produced no indexer loss (is mdsa_mode 'warmup'?)")
         kl = torch.stack(indexer_losses).sum()
-        terms.append(_first_nonfinite("the indexer KL", torch.stack(indexer_losses).detach()))
+        terms.append(("the indexer KL", torch.stack(indexer_losses).detach()))
         loss = kl * num_tokens  # per token: Megatron divides by num_tokens
         report["indexer loss"] = pair(kl)
         report["lm loss"] = torch.stack([lm_sum.detach(), num_tokens])
@@ -384,8 +385,8 @@ def loss_func(loss_mask: torch.Tensor, model, phase: str, output_tensor: torch.T
     from megatron_dsa.layer import INDEXER_KL
 
     if INDEXER_KL in metrics:
-        terms.append(_first_nonfinite("the indexer KL", metrics[INDEXER_KL]))
-    terms += [_first_nonfinite(name, values) for name, values in _moe_aux_terms()]
+        terms.append(("the indexer KL", metrics[INDEXER_KL]))
+    terms += _moe_aux_terms()
     check_finite(terms, training=getattr(model, "training", None))
     for name, values in metrics.items():
         tag = name.replace("indexer_", "indexer ").replace("_", "-")
