@@ -159,7 +159,7 @@ def run(heads, seqs, stages, reps, out_dir):
                     torch.cuda.empty_cache()
                     rows.append(row)
                     print(json.dumps(row), flush=True)
-            del q, kv, qi, ki, wi, idx, gout
+            q = kv = qi = ki = wi = idx = gout = None
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "tune_dsa.json"), "w") as f:
         json.dump(rows, f, indent=1)

@@ -26,11 +26,13 @@ NODE_RANK="${NODE_RANK:-0}"
 MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"
 MASTER_PORT="${MASTER_PORT:-29500}"
 
-# Validate before any worker starts (RANK unset: this process reports the error).
-env -u RANK -u WORLD_SIZE "$PYTHON" "$HERE/train.py" --check "$@" >/dev/null
-
-# torch 2.x no longer needs CUDA_DEVICE_MAX_CONNECTIONS for TP=1, but TP > 1 does.
+# torch 2.x no longer needs CUDA_DEVICE_MAX_CONNECTIONS for TP=1, but TP > 1 does (and
+# Megatron's argument validation, run by the check below, asserts it).
 export CUDA_DEVICE_MAX_CONNECTIONS="${CUDA_DEVICE_MAX_CONNECTIONS:-1}"
+
+# Validate before any worker starts (RANK unset: this process reports the error), for the
+# world size the workers will have (parallel sizes must divide it).
+env -u RANK WORLD_SIZE="$((NPROC_PER_NODE * NNODES))" "$PYTHON" "$HERE/train.py" --check "$@" >/dev/null
 exec "$PYTHON" -m torch.distributed.run \
     --nproc-per-node "$NPROC_PER_NODE" \
     --nnodes "$NNODES" \

@@ -14,8 +14,10 @@ kernels) takes the resolved ``DSASettings``.
 
 from __future__ import annotations
 
+import functools
+import typing
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 from megatron.core.transformer.transformer_config import MLATransformerConfig
 
@@ -77,7 +79,8 @@ class DSATransformerConfig(MLATransformerConfig):
     megatron-core's ``dsa_indexer_topk_freq``.)"""
 
     mdsa_fp8_indexer: bool = False
-    """Score the indexer in FP8 (e4m3 after the Hadamard rotation); Triton kernel only."""
+    """Score the indexer in FP8 (e4m3 after the Hadamard rotation); Triton kernel only, and a
+    power-of-two ``dsa_indexer_head_dim`` (the rotation's size)."""
 
     mdsa_indexer_rope_dim: Optional[int] = None
     """RoPE dims of each indexer head ([rope | nope] layout). Defaults to MLA's rope dims."""
@@ -138,6 +141,57 @@ class DSATransformerConfig(MLATransformerConfig):
         self.dsa = validate(self)
 
 
+@functools.lru_cache(maxsize=1)
+def _scalar_field_types() -> dict[str, type | tuple]:
+    """field -> int | float | bool | str | a tuple of Literal choices, for every config field of
+    one scalar type (Optional or not); fields of other types (callables, lists, unions) are
+    left to megatron-core."""
+    out = {}
+    for name, hint in typing.get_type_hints(DSATransformerConfig).items():
+        if typing.get_origin(hint) is typing.Union:
+            args = [a for a in typing.get_args(hint) if a is not type(None)]
+            if len(args) != 1:
+                continue
+            hint = args[0]
+        if typing.get_origin(hint) is typing.Literal:
+            out[name] = tuple(typing.get_args(hint))
+        elif hint in (int, float, bool, str):
+            out[name] = hint
+    return out
+
+
+def check_field_types(fields: dict[str, Any]) -> dict[str, Any]:
+    """The config fields with their declared scalar types enforced: one DSAConfigError naming
+    the field otherwise. A dataclass does not check types, and the settings are later read with
+    ``int()``, so 2.5, ``true`` or 16.9 for an integer would silently become 2, 1 or 16. Numeric
+    strings are accepted for float fields (YAML 1.1 reads ``1e-3`` as a string)."""
+    types = _scalar_field_types()
+    out = dict(fields)
+    for name, value in fields.items():
+        # None is megatron-core's "unset" even where the annotation omits Optional
+        # (q_lora_rank: int = 512 means "no query latent" when None); its own checks judge it.
+        if name not in types or value is None:
+            continue
+        kind = types[name]
+        if isinstance(kind, tuple):
+            if value not in kind or isinstance(value, bool) != any(isinstance(c, bool) for c in kind):
+                raise DSAConfigError(f"{name} must be one of {list(kind)}, got {value!r}")
+        elif kind is int:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise DSAConfigError(f"{name} must be an integer, got {value!r}")
+        elif kind is float:
+            if isinstance(value, str):
+                try:
+                    value = out[name] = float(value)
+                except ValueError:
+                    pass
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise DSAConfigError(f"{name} must be a number, got {value!r}")
+        elif not isinstance(value, kind):
+            raise DSAConfigError(f"{name} must be {'true or false' if kind is bool else 'a string'}, got {value!r}")
+    return out
+
+
 def _fail(msg: str) -> None:
     raise DSAConfigError(f"invalid DSA configuration: {msg}")
 
@@ -173,8 +227,11 @@ def validate(cfg: DSATransformerConfig) -> DSASettings:
         rope_dim = cfg.qk_pos_emb_head_dim
     if head_dim % 2:
         _fail(f"dsa_indexer_head_dim must be even, got {head_dim}")
-    if head_dim & (head_dim - 1):
-        _fail(f"dsa_indexer_head_dim must be a power of two (Hadamard rotation), got {head_dim}")
+    if cfg.mdsa_fp8_indexer and head_dim & (head_dim - 1):
+        # Only the FP8 path depends on the rotation (it spreads outliers before e4m3); the
+        # other paths score the same dot products unrotated.
+        _fail(f"the FP8 indexer quantises after a Hadamard rotation, which needs a power-of-two "
+              f"dsa_indexer_head_dim; got {head_dim} (turn mdsa_fp8_indexer off or use a power of two)")
     if rope_dim <= 0 or rope_dim % 2:
         _fail(f"the indexer rope dims must be positive and even, got {rope_dim}")
     if head_dim < rope_dim:

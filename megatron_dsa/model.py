@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from megatron.core.models.gpt.gpt_model import GPTModel
 
 from megatron_dsa import backends
-from megatron_dsa.config import DSAConfigError, DSATransformerConfig
+from megatron_dsa.config import DSAConfigError, DSATransformerConfig, check_field_types
 from megatron_dsa.layer import DSACoreAttention, LightningIndexer
 from megatron_dsa.spec import dsa_block_spec
 
@@ -241,7 +241,7 @@ def model_config(size: str | ModelSize, **overrides: Any) -> DSATransformerConfi
         fields.setdefault("use_cpu_initialization", True)
     fields["transformer_impl"] = backends.resolve_transformer_impl(fields.get("transformer_impl", "auto"))
     backends.check_fp8(fields.get("fp8"), fields["transformer_impl"])
-    return DSATransformerConfig(**fields)
+    return DSATransformerConfig(**check_field_types(fields))
 
 
 def build_model(

@@ -107,7 +107,7 @@ def indexer_qkw(
     sin: torch.Tensor,
     n_heads: int,
     eps: float = 1e-6,
-    rotate: bool = True,
+    rotate: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Indexer queries, keys and head weights from the outputs of its three linear layers.
 
@@ -116,8 +116,14 @@ def indexer_qkw(
     w_proj = weights_proj(x)   [B, S, HI]
     Returns q [B, S, HI, DI], k [B, S, DI] (one key per token, shared by all heads) and
     w [B, S, HI], all fp32, with ``w`` already scaled by HI^-0.5 * DI^-0.5.
+
+    ``rotate`` (default: when DI is a power of two) applies the Hadamard rotation to q and k.
+    It leaves the scores unchanged up to rounding, so a DI that is not a power of two (which
+    Hugging Face's model accepts) scores unrotated; only the FP8 indexer needs the rotation.
     """
     head_dim = k_proj.shape[-1]
+    if rotate is None:
+        rotate = head_dim & (head_dim - 1) == 0
     q = _up(q_proj).unflatten(-1, (n_heads, head_dim))
     # The key LayerNorm (weight and bias) runs in fp32.
     k = F.layer_norm(_up(k_proj), (head_dim,), _up(k_norm_weight), _up(k_norm_bias), eps)

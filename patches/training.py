@@ -95,6 +95,16 @@ def _clip_grads_on_cpu() -> None:
     optimizer.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
 
 
+def _device_arch_on_cpu() -> None:
+    """Megatron's argument validation asks the GPU for its architecture whenever tensor or
+    context parallelism is on (``training/arguments.py:1414``, ``get_device_arch_version``),
+    which raises "Found no NVIDIA driver" on CPU. Report a pre-Blackwell device (0): the
+    branches it gates only choose CUDA stream priorities."""
+    from megatron.training import arguments
+
+    arguments.get_device_arch_version = lambda: 0
+
+
 WHEEL_PATCHES: list[Patch] = [
     Patch("prebuilt_dataset_helpers", "the wheel has helpers_cpp but no Makefile to `make`",
           _prebuilt_dataset_helpers),
@@ -105,6 +115,8 @@ TRAINING_CPU_PATCHES: list[Patch] = [
           "device_count", _initialize_megatron_on_cpu),
     Patch("clip_grads_on_cpu", "gradient clipping asserts torch.cuda.FloatTensor grads",
           _clip_grads_on_cpu),
+    Patch("device_arch_on_cpu", "argument validation queries the GPU architecture under TP or CP",
+          _device_arch_on_cpu),
 ]
 
 

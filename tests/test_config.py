@@ -15,7 +15,7 @@ from megatron_dsa.model import SIZES, model_config
         (dict(dsa_indexer_topk=-4), "dsa_indexer_topk must be a positive integer"),
         (dict(dsa_indexer_n_heads=0), "dsa_indexer_n_heads must be a positive integer"),
         (dict(dsa_indexer_head_dim=33), "dsa_indexer_head_dim must be even"),
-        (dict(dsa_indexer_head_dim=48), "must be a power of two"),
+        (dict(dsa_indexer_head_dim=48, mdsa_fp8_indexer=True), "needs a power-of-two dsa_indexer_head_dim"),
         (dict(dsa_indexer_head_dim=8), r"dsa_indexer_head_dim \(8\) is smaller than its rope dims \(16\)"),
         (dict(mdsa_indexer_rope_dim=7), "rope dims must be positive and even"),
         (dict(mdsa_mode="sparce"), "mdsa_mode must be one of"),
@@ -29,11 +29,44 @@ from megatron_dsa.model import SIZES, model_config
         (dict(qk_layernorm=False), "NORMALISED query latent"),
         (dict(q_lora_rank=None), "q_lora_rank must be set"),
         (dict(not_a_field=1), "unknown transformer config fields"),
+        # Refused, not truncated by the int() that reads them.
+        (dict(dsa_indexer_topk=2.5), "dsa_indexer_topk must be an integer, got 2.5"),
+        (dict(dsa_indexer_topk=True), "dsa_indexer_topk must be an integer, got True"),
+        (dict(dsa_indexer_topk=16.9), "dsa_indexer_topk must be an integer, got 16.9"),
+        (dict(dsa_indexer_topk="abc"), "dsa_indexer_topk must be an integer, got 'abc'"),
+        (dict(dsa_indexer_n_heads=2.0), "dsa_indexer_n_heads must be an integer"),
+        (dict(dsa_indexer_loss_coeff="high"), "dsa_indexer_loss_coeff must be a number"),
+        (dict(mdsa_fp8_indexer=1), "mdsa_fp8_indexer must be true or false"),
     ],
 )
 def test_bad_settings_fail_at_construction(overrides, message):
     with pytest.raises(DSAConfigError, match=message):
         model_config("tiny", **overrides)
+
+
+def test_numeric_strings_for_float_fields():
+    # YAML 1.1 reads 1e-3 (no dot) as a string; a float field takes it as the number.
+    assert model_config("tiny", dsa_indexer_loss_coeff="1e-3").dsa_indexer_loss_coeff == 1e-3
+
+
+def test_indexer_head_dim_that_is_not_a_power_of_two():
+    """Only the Hadamard rotation (and so the FP8 indexer) needs a power of two; Hugging Face's
+    model accepts e.g. 48, and scoring is the same dot products unrotated."""
+    import torch
+
+    from megatron_dsa.reference import indexer_qkw, indexer_scores, rope_cos_sin
+
+    config = model_config("tiny", dsa_indexer_head_dim=48)
+    assert config.dsa.head_dim == 48
+    torch.manual_seed(0)
+    B, S, HI, D = 1, 5, 2, 32
+    cos, sin = rope_cos_sin(torch.arange(S), 16)
+    args = (torch.randn(B, S, HI * D), torch.randn(B, S, D), torch.randn(B, S, HI), torch.ones(D), torch.zeros(D), cos, sin)
+    rotated = indexer_scores(*indexer_qkw(*args, n_heads=HI))
+    plain = indexer_scores(*indexer_qkw(*args, n_heads=HI, rotate=False))
+    torch.testing.assert_close(rotated, plain, rtol=1e-5, atol=1e-5)
+    args48 = (torch.randn(B, S, HI * 48), torch.randn(B, S, 48), torch.randn(B, S, HI), torch.ones(48), torch.zeros(48), cos, sin)
+    assert torch.isfinite(indexer_scores(*indexer_qkw(*args48, n_heads=HI))).all()
 
 
 def test_sizes_that_do_not_divide_fail_at_construction():

@@ -140,7 +140,18 @@ def test_unknown_top_level_key_lists_valid_keys(cli, tmp_path, corpus):
     ("phase=finetune", ("phase must be one of",)),
     ("train.iters", ("expected key=value",)),
     ("model.size=huge", ("model.size must be one of",)),
-    ("model.overrides.dsa_indexer_head_dim=48", ("power of two",)),
+    ("model.overrides.dsa_indexer_head_dim=33", ("dsa_indexer_head_dim must be even",)),
+    ("model.overrides.dsa_indexer_topk=2.5", ("model.overrides.dsa_indexer_topk must be an integer, got 2.5",)),
+    ("model.overrides.dsa_indexer_topk=true", ("model.overrides.dsa_indexer_topk must be an integer, got True",)),
+    ("model.overrides.dsa_indexer_topk=16.9", ("model.overrides.dsa_indexer_topk must be an integer, got 16.9",)),
+    ("model.overrides.dsa_indexer_topk=abc", ("model.overrides.dsa_indexer_topk must be an integer, got 'abc'",)),
+    # Parallel layout and precision have one source, Megatron's flags.
+    ("model.overrides.tensor_model_parallel_size=2", ("model.overrides.tensor_model_parallel_size",
+                                                      "set megatron.tensor_model_parallel_size instead")),
+    ("model.overrides.context_parallel_size=2", ("set megatron.context_parallel_size instead",)),
+    ("model.overrides.sequence_parallel=true", ("set megatron.sequence_parallel instead",)),
+    # Megatron's own argument validation runs in preflight.
+    ("megatron.tensor_model_parallel_size=2", ("Megatron rejects these settings", "world size (1)")),
     ("model.overrides.no_such_field=1", ("unknown transformer config fields",)),
     ("data.seq_length=4096", ("exceeds",)),
     ("megatron.no_such_flag=1", ("bad Megatron flag", "no-such-flag")),
@@ -149,6 +160,24 @@ def test_unknown_top_level_key_lists_valid_keys(cli, tmp_path, corpus):
 def test_bad_values(cli, corpus, tmp_path, override, needles):
     expect_error(cli(*base(corpus, tmp_path), override), *needles)
     assert not (tmp_path / "save").exists() and not (tmp_path / "tb").exists()
+
+
+@pytest.mark.parametrize("world, override, needles", [
+    (3, "megatron.tensor_model_parallel_size=3", ("num_attention_heads (4) must be divisible by the tensor parallel size (3)",)),
+    (2, "megatron.context_parallel_size=2", None),  # valid: ok
+    (2, "megatron.tensor_model_parallel_size=2", None),
+])
+def test_parallel_settings_checked_for_the_world_size(cli, corpus, tmp_path, monkeypatch, world, override, needles):
+    """Parallel sizes against the launch's world size and the model's heads and experts, as
+    Megatron and the trainer will build them, in preflight (torchrun.sh passes WORLD_SIZE)."""
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+    result = cli(*base(corpus, tmp_path), *override.split(), "--check")
+    if needles is None:
+        assert result[0] == 0 and result[1].startswith("ok: "), result
+    else:
+        expect_error(result, *needles)
+    assert not (tmp_path / "save").exists()
 
 
 def test_missing_dataset(cli, tmp_path):
@@ -178,11 +207,70 @@ def test_vocab_mismatch(cli, tmp_path):
     expect_error(cli(*base(other, tmp_path)), "vocab", "does not match")
 
 
-def _fake_checkpoint(directory: Path, record: dict) -> None:
-    (directory / "iter_0000010").mkdir(parents=True)
-    (directory / "iter_0000010" / "metadata.json").write_text("{}")
+def _fake_checkpoint(directory: Path, record: dict) -> Path:
+    """A run directory whose checkpoint is a real (tiny) torch_dist one: .metadata + shard."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    ckpt = directory / "iter_0000010"
+    ckpt.mkdir(parents=True)
+    dcp.save({"w": torch.arange(64.0), "note": "x"}, checkpoint_id=str(ckpt), no_dist=True)
+    (ckpt / "metadata.json").write_text("{}")
     (directory / "latest_checkpointed_iteration.txt").write_text("10")
     (directory / "mdsa_run.json").write_text(json.dumps(record))
+    return ckpt
+
+
+class _Payload:
+    """Unpickling this creates ``path`` (what a crafted checkpoint could do instead)."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def _corrupt(ckpt: Path, how: str, payload: Path) -> None:
+    import pickle
+
+    meta = ckpt / ".metadata"
+    shard = next(ckpt.glob("*.distcp"))
+    if how == "truncated .metadata":
+        meta.write_bytes(meta.read_bytes()[:40])
+    elif how == "truncated .distcp":
+        shard.write_bytes(shard.read_bytes()[:-10])
+    elif how == "missing .distcp":
+        shard.unlink()
+    elif how == "crafted .metadata":
+        meta.write_bytes(pickle.dumps({"state": _Payload(payload)}))
+
+
+_CORRUPT = [
+    ("truncated .metadata", ("is corrupt", ".metadata")),
+    ("truncated .distcp", ("is truncated", ".distcp")),
+    ("missing .distcp", ("is missing", ".distcp")),
+    ("crafted .metadata", ("refusing to open checkpoint", "names _io.open")),
+]
+
+
+@pytest.mark.parametrize("how, needles", _CORRUPT)
+def test_resume_from_a_corrupt_checkpoint(cli, corpus, tmp_path, how, needles):
+    """A corrupt or crafted checkpoint in checkpoint.save stops preflight with one line naming
+    the file; a crafted .metadata's payload does not run."""
+    ckpt = _fake_checkpoint(tmp_path / "save", _record(corpus, tmp_path, "pretrain"))
+    _corrupt(ckpt, how, tmp_path / "payload-ran")
+    expect_error(cli(*base(corpus, tmp_path), "--check"), *needles)
+    assert not (tmp_path / "payload-ran").exists()
+
+
+@pytest.mark.parametrize("how, needles", _CORRUPT[::3])
+def test_load_from_a_corrupt_checkpoint(cli, corpus, tmp_path, how, needles):
+    ckpt = _fake_checkpoint(tmp_path / "pre", _record(corpus, tmp_path, "pretrain"))
+    _corrupt(ckpt, how, tmp_path / "payload-ran")
+    expect_error(cli(*base(corpus, tmp_path, "warmup"), f"checkpoint.load_from={tmp_path / 'pre'}", "--check"),
+                 *needles)
+    assert not (tmp_path / "payload-ran").exists() and not (tmp_path / "save").exists()
 
 
 def _record(corpus: Path, tmp_path: Path, phase: str) -> dict:

@@ -122,7 +122,7 @@ def test_model_config_refuses_fp8_on_local_linears():
 def test_local_backend_reaches_megatron_and_model_config(corpus, tmp_path, impl):
     from megatron_dsa.train.preflight import preflight
     from megatron_dsa.train.flags import megatron_argv
-    from megatron_dsa.train.trainer import phase_model_config
+    from megatron_dsa.train.flags import phase_model_config
 
     cfg = load(corpus, tmp_path, *([f"model.transformer_impl={impl}"] if impl else []))
     plan = preflight(cfg)
@@ -141,7 +141,7 @@ def test_explicit_local_on_a_te_gpu_stays_local_in_both(corpus, tmp_path, fake_f
     """Where auto would pick TE, an explicit local must reach Megatron and the model alike."""
     from megatron_dsa.train.preflight import preflight
     from megatron_dsa.train.flags import megatron_argv
-    from megatron_dsa.train.trainer import phase_model_config
+    from megatron_dsa.train.flags import phase_model_config
 
     cfg = load(corpus, tmp_path, "model.transformer_impl=local")
     argv = megatron_argv(cfg, preflight(cfg))
@@ -154,7 +154,7 @@ def test_explicit_local_on_a_te_gpu_stays_local_in_both(corpus, tmp_path, fake_f
 def test_fp8_settings_reach_megatron_and_model_config(corpus, tmp_path, fake_fp8_gpu):
     from megatron_dsa.train.preflight import preflight
     from megatron_dsa.train.flags import megatron_argv
-    from megatron_dsa.train.trainer import phase_model_config
+    from megatron_dsa.train.flags import phase_model_config
 
     cfg = load(corpus, tmp_path, "fp8.format=hybrid", "fp8.recipe=tensorwise",
                "fp8.first_last_layers_bf16=true", "fp8.num_layers_at_end_in_bf16=2",
@@ -179,7 +179,7 @@ def test_fp8_settings_reach_megatron_and_model_config(corpus, tmp_path, fake_fp8
 def test_fp8_delayed_recipe_defaults_and_amax_flags(corpus, tmp_path, fake_fp8_gpu):
     from megatron_dsa.train.preflight import preflight
     from megatron_dsa.train.flags import megatron_argv
-    from megatron_dsa.train.trainer import phase_model_config
+    from megatron_dsa.train.flags import phase_model_config
 
     cfg = load(corpus, tmp_path, "fp8.format=e4m3", "fp8.amax_history_len=1024", "fp8.amax_compute_algo=max")
     assert cfg.fp8["recipe"] == "delayed"

@@ -4,18 +4,22 @@
 - warm-up leaves every non-indexer weight bit-identical and moves the indexers;
 - in sparse training the indexer moves only through its KL (an LM-loss-only backward gives it
   exactly zero gradient);
-- save -> resume reproduces the uninterrupted run's per-iteration losses exactly, also after a
-  process was SIGKILLed in the middle of a save (the previous checkpoint stays loadable).
+- SIGKILL at random points of a run (inside a shard write too), each time resumed, ends with
+  weights bit-identical to an uninterrupted run's;
+- a non-finite loss or gradient stops the run naming the iteration and where, saves nothing of
+  it, and a resume that skips the bad batch finishes.
 """
 
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import subprocess
 import signal
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -192,57 +196,297 @@ def test_sparse_indexer_moves_only_through_kl(megatron_world):
         DSAIndexerLossAutoScaler.set_loss_scale(torch.tensor(1.0))
 
 
-KILL_IN_SAVE = r"""
-import os, signal, sys
-import megatron.core.dist_checkpointing as dc
-original = dc.save
-def save(sharded_state_dict, checkpoint_dir, *args, **kwargs):
-    result = original(sharded_state_dict, checkpoint_dir, *args, **kwargs)
-    if checkpoint_dir.rstrip('/').endswith(os.environ['KILL_AT']):
-        print('SIGKILL in the middle of saving', checkpoint_dir, flush=True)
-        os.kill(os.getpid(), signal.SIGKILL)  # shards written, tracker not yet updated
-    return result
-dc.save = save
+# A training run with one fault point. FAULT names where the process blocks (writing MARKER
+# first) so the test can SIGKILL it there from outside:
+#   train:N      in the forward of training iteration N
+#   shard:N:J    inside the .distcp write of the checkpoint of iteration N, after its J-th item
+#   metadata:N   the shards of iteration N written, its .metadata not yet
+#   tracker:N    iteration N's checkpoint complete, the tracker not yet pointing at it
+FAULT_RUN = r"""
+import functools, os, sys, time
+from pathlib import Path
+kind, *where = os.environ["FAULT"].split(":")
+at = int(where[0])
+marker = Path(os.environ["MARKER"])
+saving = []
+
+def block(what):
+    marker.write_text(what)
+    while True:
+        time.sleep(60)
+
+from megatron.training import checkpointing
+save_checkpoint = checkpointing.save_checkpoint
+def saving_checkpoint(iteration, *args, **kwargs):
+    saving.append(iteration)
+    try:
+        return save_checkpoint(iteration, *args, **kwargs)
+    finally:
+        saving.pop()
+checkpointing.save_checkpoint = saving_checkpoint
+import megatron.training.training as training_loop
+training_loop.save_checkpoint = saving_checkpoint
+
+if kind == "train":
+    from megatron_dsa.train import trainer
+    forward_step = trainer.forward_step
+    def blocking_forward_step(data_iterator, model, *args, **kwargs):
+        from megatron.training import get_args
+        if model.training and get_args().curr_iteration + 1 == at:
+            block(f"forward of iteration {at}")
+        return forward_step(data_iterator, model, *args, **kwargs)
+    trainer.forward_step = blocking_forward_step
+elif kind == "shard":
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+    write_item = filesystem_async._write_item
+    written = [0]
+    @functools.wraps(write_item)
+    def blocking_write_item(*args, **kwargs):
+        result = write_item(*args, **kwargs)
+        if saving and saving[-1] == at:
+            written[0] += 1
+            if written[0] == int(where[1]):
+                stream = next(a for a in args if hasattr(a, "flush"))
+                stream.flush()
+                block(f"after item {written[0]} of a shard of iteration {at}")
+        return result
+    filesystem_async._write_item = blocking_write_item
+elif kind == "metadata":
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
+    finish = FileSystemWriterAsync.finish
+    def blocking_finish(self, *args, **kwargs):
+        if saving and saving[-1] == at:
+            block(f"before the .metadata of iteration {at}")
+        return finish(self, *args, **kwargs)
+    FileSystemWriterAsync.finish = blocking_finish
+elif kind == "tracker":
+    import megatron.core.dist_checkpointing as dc
+    dist_save = dc.save
+    def blocking_save(*args, **kwargs):
+        result = dist_save(*args, **kwargs)
+        if saving and saving[-1] == at:
+            block(f"before the tracker names iteration {at}")
+        return result
+    dc.save = blocking_save
+
 from megatron_dsa.train.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_resume_and_kill_during_save(corpus, tmp_path):
-    """Uninterrupted 8 iterations vs. a run SIGKILLed while saving iteration 8, then resumed
-    from iteration 4: the resumed iterations reproduce the uninterrupted losses exactly."""
-    common = ["checkpoint.interval=4", "eval.interval=100", "train.lr_warmup_iters=2"]
+def run_until_blocked(args: list[str], fault: str, marker: Path, timeout: int = 240) -> str:
+    """Start a run with FAULT_RUN, SIGKILL its process group once it blocks at the fault."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), FAULT=fault, MARKER=str(marker))
+    env.pop("WORLD_SIZE", None)
+    with tempfile.TemporaryFile("w+") as out:
+        proc = subprocess.Popen([sys.executable, "-c", FAULT_RUN, *args], cwd=REPO, env=env, stdout=out,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        try:
+            deadline = time.monotonic() + timeout
+            while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        out.seek(0)
+        log = out.read()
+    assert marker.exists(), f"the run never reached {fault}:\n{log[-3000:]}"
+    assert proc.returncode == -signal.SIGKILL
+    return marker.read_text()
+
+
+def fault_points(rng: random.Random, iters: int, interval: int, trials: int) -> list[str]:
+    """``trials`` kill points in increasing order of progress, at least one inside a shard
+    write (each resumed run must reach the next one)."""
+    saves = list(range(interval, iters + 1, interval))
+    points = {(n, 0, f"train:{n}") for n in range(1, iters + 1)}
+    points |= {(n, 1, f"shard:{n}:{rng.randint(1, 40)}") for n in saves}
+    points |= {(n, 2, f"metadata:{n}") for n in saves}
+    points |= {(n, 3, f"tracker:{n}") for n in saves}
+    while True:
+        chosen = sorted(rng.sample(sorted(points), trials))
+        if any(p[2].startswith("shard") for p in chosen):
+            return [p[2] for p in chosen]
+
+
+def test_kill_at_random_points_resumes_bit_identical(corpus, tmp_path):
+    """SIGKILL at random points of a short run (a forward, inside a shard file's write, between
+    the shards and the metadata, between a complete checkpoint and its tracker), each time
+    resuming the run: the final weights are bit-identical to an uninterrupted run's. The
+    points are seeded (MDSA_FAULT_SEED to replay) and printed."""
+    iters, interval, trials = 8, 2, 3
+    seed = int(os.environ.get("MDSA_FAULT_SEED", int.from_bytes(os.urandom(4), "little")))
+    points = fault_points(random.Random(seed), iters, interval, trials)
+    print(f"MDSA_FAULT_SEED={seed}: kill points {points}")
+    common = [f"checkpoint.interval={interval}", "eval.interval=100", "eval.iters=1", "train.lr_warmup_iters=2"]
 
     ref = tmp_path / "ref"
-    ok(run_cli(phase_args("pretrain", corpus, ref, 8) + common))
-    ref_loss = dict(scalars(ref / "pretrain_tb", "lm loss"))
-    assert sorted(ref_loss) == list(range(1, 9))
+    ok(run_cli(phase_args("pretrain", corpus, ref, iters) + common))
 
     run = tmp_path / "run"
-    killed = run_cli(phase_args("pretrain", corpus, run, 8) + common, code=KILL_IN_SAVE,
-                     env_extra={"KILL_AT": "iter_0000008"})
-    assert killed.returncode == -9, killed.stdout[-3000:] + killed.stderr[-3000:]
-    assert "SIGKILL in the middle of saving" in killed.stdout
-    ckpt = run / "pretrain"
-    assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
-    assert (ckpt / "iter_0000008").exists()  # the interrupted save's leftovers
-
-    # The previous checkpoint is loadable: preflight plans a resume and the run finishes.
-    check = run_cli(phase_args("pretrain", corpus, run, 8) + common + ["--check"])
-    ok(check)
-    assert "resume from" in check.stdout
-    shutil.rmtree(run / "pretrain_tb")
-    resumed = run_cli(phase_args("pretrain", corpus, run, 8) + common)
+    args = phase_args("pretrain", corpus, run, iters) + common
+    for i, point in enumerate(points):
+        where = run_until_blocked(args, point, tmp_path / f"marker{i}")
+        print(f"killed: {where}")
+    resumed = run_cli(args)
     ok(resumed)
-    assert "loading distributed checkpoint from" in resumed.stdout and "at iteration 4" in resumed.stdout
-    assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "8"
-    got = dict(scalars(run / "pretrain_tb", "lm loss"))
-    assert sorted(got) == [5, 6, 7, 8]
-    for it in got:
-        assert got[it] == ref_loss[it], (it, got[it], ref_loss[it])
-    # The final checkpoints of both runs hold identical weights.
+    ckpt = run / "pretrain"
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == str(iters)
     a, b = load_weights(ref / "pretrain", tmp_path / "a"), load_weights(ckpt, tmp_path / "b")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, (f"MDSA_FAULT_SEED={seed} {points}", different[:5])
+
+
+# Non-finite values injected into the tiny model: NAN_AT="N:forward" makes layer 2's MoE output
+# NaN in training iteration N; "N:grad" makes a gradient inf in the backward of iteration N.
+NAN_RUN = r"""
+import os, sys
+from megatron_dsa.train import trainer
+inner = trainer.model_provider
+def model_provider(*args, **kwargs):
+    from megatron.training import get_args
+    model = inner(*args, **kwargs)
+    layer = model.decoder.layers[1]
+    step = lambda: get_args().curr_iteration + 1
+    for fault in os.environ["NAN_AT"].split(","):
+        at, kind = fault.split(":")
+        if kind == "forward":
+            def poison(module, inputs, output, at=int(at)):
+                if module.training and step() == at:
+                    return (output[0] * float("nan"), *output[1:])
+            layer.mlp.register_forward_hook(poison)
+        else:
+            layer.mlp.shared_experts.linear_fc2.weight.register_hook(
+                lambda g, at=int(at): g * float("inf") if step() == at else g)
+    return model
+trainer.model_provider = model_provider
+from megatron_dsa.train.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def stopped_with(result, *needles: str) -> str:
+    """Exit status 1, one ``error:`` line (the last one on stderr), no traceback."""
+    assert result.returncode == 1, f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and result.stderr.strip().splitlines()[-1] == errors[0], result.stderr[-3000:]
+    assert "Traceback" not in result.stderr + result.stdout, result.stderr[-3000:]
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+    return errors[0]
+
+
+def test_non_finite_stops_before_saving_and_resume_can_skip_the_batch(corpus, tmp_path):
+    """A NaN forward in iteration 3, then an inf gradient in iteration 5: each run stops with one
+    line naming the iteration and where (decoder layer 2; the parameter) and saves nothing of
+    that iteration (the last good checkpoint stays the latest); the second run resumes from the
+    last good checkpoint and steps over iteration 3's batch (train.skip_iterations)."""
+    ckpt = tmp_path / "pretrain"
+    args = phase_args("pretrain", corpus, tmp_path, 6, "checkpoint.interval=2", "eval.interval=100",
+                      "eval.iters=1", "train.lr_warmup_iters=1")
+    faults = {"NAN_AT": "3:forward,5:grad"}
+    tracker = ckpt / "latest_checkpointed_iteration.txt"
+
+    first = run_cli(args, code=NAN_RUN, env_extra=faults)
+    stopped_with(first, "iteration 3: the output of decoder layer 2 went non-finite first", "the LM loss",
+                 "last good checkpoint is iteration 2", "train.skip_iterations=[3]")
+    assert tracker.read_text().strip() == "2" and not (ckpt / "iter_0000003").exists()
+
+    second = run_cli(args + ["train.skip_iterations=[3]"], code=NAN_RUN, env_extra=faults)
+    stopped_with(second, "iteration 5: a gradient is non-finite",
+                 "decoder.layers.1.mlp.shared_experts.linear_fc2.weight", "last good checkpoint is iteration 4")
+    # The second run resumed from the last good checkpoint, stepped over iteration 3's batch
+    # and saved iteration 4 before it stopped.
+    assert "at iteration 2" in second.stdout
+    assert tracker.read_text().strip() == "4" and not (ckpt / "iter_0000005").exists()
+
+
+def test_loss_terms_named_when_non_finite(megatron_world):
+    """The first non-finite term is named: a decoder layer's output before the LM loss, a
+    layer's indexer KL, a MoE auxiliary loss; finite terms pass."""
+    from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+    from megatron.core.transformer.moe.moe_utils import save_to_aux_losses_tracker
+
+    from megatron_dsa.layer import INDEXER_KL
+    from megatron_dsa.train import trainer
+
+    nan = float("nan")
+    mask = torch.ones(2, 4)
+    tracker = get_moe_metrics_tracker().metrics
+
+    def clear():
+        trainer._pop_layer_metrics()
+        trainer._LAYER_FINITE.clear()
+        for entry in tracker.values():
+            entry.values.zero_()
+
+    try:
+        clear()
+        trainer.loss_func(mask, None, "sparse", torch.ones(2, 4))  # all finite: no error
+        with pytest.raises(trainer.NonFiniteError, match="the LM loss is non-finite"):
+            trainer.loss_func(mask, None, "sparse", torch.full((2, 4), nan))
+        clear()
+        trainer._LAYER_FINITE.extend([(1, torch.tensor(True)), (2, torch.tensor(False)), (3, torch.tensor(False))])
+        with pytest.raises(trainer.NonFiniteError, match="the output of decoder layer 2 went non-finite first"):
+            trainer.loss_func(mask, None, "sparse", torch.full((2, 4), nan))
+        clear()
+        save_to_aux_losses_tracker(INDEXER_KL, torch.tensor(0.3), 1, 3)
+        save_to_aux_losses_tracker(INDEXER_KL, torch.tensor(nan), 3, 3)
+        with pytest.raises(trainer.NonFiniteError, match="the indexer KL of layer 3 is non-finite"):
+            trainer.loss_func(mask, None, "sparse", torch.ones(2, 4))
+        clear()
+        save_to_aux_losses_tracker("seq_load_balancing_loss", torch.tensor(float("inf")), 2, 3)
+        with pytest.raises(trainer.NonFiniteError, match="MoE seq_load_balancing_loss of layer 2 is non-finite"):
+            trainer.loss_func(mask, None, "sparse", torch.ones(2, 4))
+    finally:
+        clear()
+
+
+def test_a_run_that_fails_leaves_no_run_record(tmp_path, monkeypatch, corpus):
+    """The run record (mdsa_run.json) is written only once Megatron accepted its flags, and
+    removed again with the directory it created when the run stops before any checkpoint:
+    otherwise the next run with other settings is refused that directory. (And the run reads
+    checkpoints through the allow-list from before Megatron's first load.)"""
+    import megatron.training
+    import megatron.training.arguments as arguments
+
+    from megatron_dsa import safe_load
+    from megatron_dsa.train import trainer
+
+    installed = []
+    monkeypatch.setattr(safe_load, "install", lambda: installed.append(True))
+    from megatron_dsa.train.config import load_config
+    from megatron_dsa.train.preflight import preflight
+
+    for name in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    save = tmp_path / "runs" / "save"
+    cfg = load_config(CONFIGS / "pretrain.yaml", [f"data.dir={corpus}", f"checkpoint.save={save}",
+                                                  "data.seq_length=32"])
+    plan = preflight(cfg, check_flags=False)
+
+    def refused(*args, **kwargs):
+        assert installed  # before Megatron parses (and later loads) anything
+        raise AssertionError("Megatron refuses a flag")
+
+    monkeypatch.setattr(arguments, "parse_and_validate_args", refused)
+    with pytest.raises(AssertionError, match="refuses"):
+        trainer.run(cfg, plan)
+    assert not save.exists()
+
+    monkeypatch.setattr(arguments, "parse_and_validate_args", lambda **kwargs: object())
+    monkeypatch.setattr("megatron.training.argument_utils.pretrain_cfg_container_from_args", lambda *a: None)
+
+    def crashes(*args, **kwargs):
+        assert (save / "mdsa_run.json").is_file()  # written before the loop starts
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(megatron.training, "pretrain", crashes)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        trainer.run(cfg, plan)
+    assert not (tmp_path / "runs").exists()
 
 
 def test_layer_metrics_average_only_the_layers_that_recorded(megatron_world):

@@ -43,7 +43,8 @@ def test_patch_list_is_complete():
     from patches.training import TRAINING_CPU_PATCHES, WHEEL_PATCHES
 
     names = {p.name for p in TRAINING_CPU_PATCHES + WHEEL_PATCHES}
-    assert names == {"initialize_megatron_on_cpu", "clip_grads_on_cpu", "prebuilt_dataset_helpers"}
+    assert names == {"initialize_megatron_on_cpu", "clip_grads_on_cpu", "prebuilt_dataset_helpers",
+                     "device_arch_on_cpu"}
     assert all(p.why for p in TRAINING_CPU_PATCHES + WHEEL_PATCHES)
 
 
@@ -65,3 +66,26 @@ def test_training_fails_without_patch(patch, failure, corpus, tmp_path):
     assert any(f in output for f in failures), output[-3000:]
     # Nothing was trained to completion.
     assert not (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU patches do nothing where CUDA exists")
+def test_tensor_parallel_flags_validate_only_with_the_device_arch_patch(monkeypatch):
+    """Megatron's argument validation asks CUDA for the GPU architecture under TP > 1: without
+    the patch it raises "Found no NVIDIA driver"; with it, TP=2 on two processes validates."""
+    from megatron.training import arguments
+    from megatron.training.utils.common_utils import get_device_arch_version
+
+    from patches.training import apply_training_cpu_patches
+    from megatron_dsa.train.preflight import check_megatron_settings
+
+    with pytest.raises(RuntimeError, match="NVIDIA driver"):
+        get_device_arch_version()  # what arguments.py calls unpatched
+    apply_training_cpu_patches(only={"device_arch_on_cpu"})
+    assert arguments.get_device_arch_version() == 0
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+    argv = ["--num-layers", "3", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32",
+            "--max-position-embeddings", "32", "--micro-batch-size", "1", "--train-iters", "1",
+            "--tensor-model-parallel-size", "2", "--mdsa-phase", "pretrain", "--mdsa-size", "tiny",
+            "--mdsa-data-dir", "/nonexistent", "--transformer-impl", "local"]
+    check_megatron_settings(argv)

@@ -42,19 +42,27 @@ from typing import Any, Iterator, Optional
 
 import torch
 
+from megatron_dsa import safe_load
 from megatron_dsa.convert.errors import ConversionError
 
 TRACKER = "latest_checkpointed_iteration.txt"
 SPEC_KEY = "mdsa_model"
+# bos/eos/pad ids of the model's tokenizer, recorded by from-hf (from the HF config) so that
+# to-hf can write them back without a --tokenizer.
+SPECIAL_IDS_KEY = "mdsa_special_ids"
+SPECIAL_ID_NAMES = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 
 def resolve_checkpoint_dir(path: str | os.PathLike[str]) -> Path:
-    """The dist-checkpoint directory of a Megatron-LM save dir (tracker) or a bare one."""
+    """The dist-checkpoint directory of a Megatron-LM save dir (tracker) or a bare one, checked
+    (``safe_load.verify``: metadata through the allow-list, storage files complete) before any
+    of it is loaded."""
+    safe_load.install()
     p = Path(path)
     if not p.is_dir():
         raise ConversionError(f"checkpoint directory not found: {p}")
     if (p / "metadata.json").is_file():
-        return p
+        return _verified(p)
     tracker = p / TRACKER
     if not tracker.is_file():
         raise ConversionError(
@@ -73,7 +81,33 @@ def resolve_checkpoint_dir(path: str | os.PathLike[str]) -> Path:
             f"checkpoint {sub} (named by {tracker}) is missing or not a torch_dist checkpoint "
             "(only the torch_dist format is supported)"
         )
-    return sub
+    return _verified(sub)
+
+
+def _verified(ckpt: Path) -> Path:
+    try:
+        safe_load.verify(ckpt)
+    except safe_load.CheckpointError as error:
+        raise ConversionError(str(error)) from None
+    return ckpt
+
+
+# torch.distributed.checkpoint wraps load failures in CheckpointException, a BaseException.
+def _load_errors() -> tuple[type[BaseException], ...]:
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    return (Exception, CheckpointException)
+
+
+@contextmanager
+def _loading(ckpt: Path, what: str):
+    """Any failure while loading ``ckpt`` as one ConversionError line."""
+    try:
+        yield
+    except ConversionError:
+        raise
+    except _load_errors() as error:
+        raise ConversionError(f"cannot read {what} of checkpoint {ckpt}: {safe_load.describe(error)}") from None
 
 
 def ensure_world() -> None:
@@ -90,19 +124,37 @@ def ensure_world() -> None:
 def common_state(ckpt: Path) -> dict:
     from megatron.core import dist_checkpointing
 
-    try:
+    with _loading(ckpt, "the common state"):
         return dist_checkpointing.load_common_state_dict(str(ckpt))
-    except Exception as error:  # noqa: BLE001 - any unreadable common state
-        raise ConversionError(f"cannot read the common state of checkpoint {ckpt}: {error}") from None
 
 
 def tensors_metadata(ckpt: Path) -> dict:
     from megatron.core import dist_checkpointing
 
-    try:
+    with _loading(ckpt, "the tensor metadata"):
         return dist_checkpointing.load_tensors_metadata(str(ckpt))
-    except Exception as error:  # noqa: BLE001
-        raise ConversionError(f"cannot read the tensor metadata of checkpoint {ckpt}: {error}") from None
+
+
+def special_ids_for(ckpt: Path) -> dict[str, int]:
+    """bos/eos/pad ids of the checkpoint's tokenizer: those from-hf recorded, else those of the
+    tokenizer file a training run names (Megatron's ``args.tokenizer_model``) if it still
+    exists; {} when the checkpoint says nothing."""
+    common = common_state(ckpt)
+    recorded = common.get(SPECIAL_IDS_KEY)
+    if isinstance(recorded, dict):
+        return {k: v for k, v in recorded.items() if k in SPECIAL_ID_NAMES and isinstance(v, int)}
+    path = getattr(common.get("args"), "tokenizer_model", None)
+    if isinstance(path, str) and Path(path).is_file():
+        return tokenizer_special_ids(Path(path))
+    return {}
+
+
+def tokenizer_special_ids(tokenizer_path: Path) -> dict[str, int]:
+    import sentencepiece
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(tokenizer_path))
+    ids = {"bos_token_id": sp.bos_id(), "eos_token_id": sp.eos_id(), "pad_token_id": sp.pad_id()}
+    return {k: v for k, v in ids.items() if v >= 0}
 
 
 def model_spec_for(ckpt: Path, size: Optional[str], overrides: dict[str, Any]):
@@ -237,7 +289,7 @@ def stream_tensors(entries, ckpt: Path, dtypes: dict[str, torch.dtype], budget_b
             else:
                 entry = dataclasses.replace(entry, data=data)
             request[name] = entry
-        with _quiet():
+        with _quiet(), _loading(ckpt, "the weights"):
             # Part of a key at a time (some experts of a stacked tensor): skip the check that
             # every shard of a key is requested.
             loaded = dist_checkpointing.load(request, str(ckpt), validate_access_integrity=False)
@@ -291,14 +343,22 @@ def load_model(checkpoint: str | os.PathLike[str], size: Optional[str] = None,
     with _quiet():
         model = build_model(spec, config, vocab_size=vocab)
         sd = model.sharded_state_dict()
-        loaded = dist_checkpointing.load(sd, str(ckpt))
+        with _loading(ckpt, "the weights"):
+            loaded = dist_checkpointing.load(sd, str(ckpt))
         model.load_state_dict(loaded, strict=False)
     return model, spec
 
 
-def check_output(out: str | os.PathLike[str], overwrite: bool = False) -> None:
-    """Fail early (before any work) if the destination cannot be written."""
+def check_output(out: str | os.PathLike[str], overwrite: bool = False,
+                 source: str | os.PathLike[str] | None = None, source_flag: str = "--checkpoint") -> None:
+    """Fail early (before any work) if the destination cannot be written, or is (or holds) the
+    conversion's own input: ``--overwrite`` would replace it, destroying the source."""
     dest = Path(out).absolute()
+    if source is not None:
+        src, resolved = Path(source).resolve(), dest.resolve()
+        if resolved == src or resolved in src.parents:
+            raise ConversionError(f"--out {dest} {'is' if resolved == src else 'holds'} the input {source_flag} "
+                                  f"{src}: writing there would replace it; choose another --out")
     if dest.exists() and not overwrite and not (dest.is_dir() and not any(dest.iterdir())):
         raise ConversionError(f"output {dest} already exists (pass --overwrite to replace it)")
     if not dest.parent.is_dir():
@@ -379,10 +439,12 @@ def staged_output(out: str | os.PathLike[str], overwrite: bool = False):
 
 
 def save_sharded_checkpoint(sharded: dict, out_dir: Path, spec, vocab_size: int,
-                            overrides: Optional[dict[str, Any]] = None, iteration: int = 0) -> Path:
+                            overrides: Optional[dict[str, Any]] = None, iteration: int = 0,
+                            special_ids: Optional[dict[str, int]] = None) -> Path:
     """Write a model sharded state dict as Megatron-LM does: tracker + iter_NNNNNNN/ with the
-    model under 'model'. The common state also records the model spec (``mdsa_model``) and
-    Megatron-style args (``mdsa_size``, ``mdsa_model_overrides``, ``padded_vocab_size``)."""
+    model under 'model'. The common state also records the model spec (``mdsa_model``),
+    Megatron-style args (``mdsa_size``, ``mdsa_model_overrides``, ``padded_vocab_size``) and
+    the tokenizer's special ids when known (``mdsa_special_ids``)."""
     from megatron.core import dist_checkpointing
 
     sub = Path(out_dir) / f"iter_{iteration:07d}"
@@ -397,6 +459,8 @@ def save_sharded_checkpoint(sharded: dict, out_dir: Path, spec, vocab_size: int,
             padded_vocab_size=vocab_size,
         ),
     }
+    if special_ids:
+        state[SPECIAL_IDS_KEY] = {k: int(v) for k, v in special_ids.items() if k in SPECIAL_ID_NAMES and v is not None}
     with _quiet():
         dist_checkpointing.save(state, str(sub))
     (Path(out_dir) / TRACKER).write_text(str(iteration))

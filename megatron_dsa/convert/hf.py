@@ -96,21 +96,13 @@ class ShardWriter:
 # --------------------------------------------------------------------------------------------
 
 
-def _tokenizer_ids(tokenizer_path: Path) -> dict[str, int]:
-    import sentencepiece
-
-    sp = sentencepiece.SentencePieceProcessor(model_file=str(tokenizer_path))
-    ids = {"bos_token_id": sp.bos_id(), "eos_token_id": sp.eos_id(), "pad_token_id": sp.pad_id()}
-    return {k: (v if v >= 0 else None) for k, v in ids.items()}
-
-
 def export_to_hf(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str],
                  size: Optional[str] = None, tokenizer: Optional[str | os.PathLike[str]] = None,
                  max_shard_size: str | int = "2GB", overrides: Optional[dict[str, Any]] = None,
                  overwrite: bool = False) -> Path:
     """Write a from_pretrained-able HF directory for a megatron-dsa dist checkpoint."""
     budget = parse_size(max_shard_size)
-    C.check_output(out, overwrite)
+    C.check_output(out, overwrite, source=checkpoint, source_flag="--checkpoint")
     ckpt = C.resolve_checkpoint_dir(checkpoint)
     C.ensure_world()
     spec, ov = C.model_spec_for(ckpt, size, overrides or {})
@@ -122,7 +114,7 @@ def export_to_hf(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str]
     dtypes = C.check_against_metadata(entries, metadata, ckpt)
     for name, _ in entries:
         M.hf_names(name)  # every tensor has a name on the HF side
-    hf_tok, special = None, {}
+    hf_tok = None
     if tokenizer is not None:
         from megatron_dsa.convert.tokenizer import build_hf_tokenizer, check_same_ids
 
@@ -130,7 +122,11 @@ def export_to_hf(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str]
         check_same_ids(hf_tok, tokenizer)
         if len(hf_tok) > vocab:
             raise ConversionError(f"the tokenizer has {len(hf_tok)} ids but the model only {vocab} embeddings")
-        special = _tokenizer_ids(Path(tokenizer))
+        special = C.tokenizer_special_ids(Path(tokenizer))
+    else:
+        # Without --tokenizer: the ids the checkpoint records (from-hf) or its training
+        # tokenizer's; generation needs at least eos.
+        special = C.special_ids_for(ckpt)
     param_dtype = dtypes["embedding.word_embeddings.weight"]
     hf_config = M.hf_config_dict(config, spec.first_k_dense, vocab, spec.max_seq_len, param_dtype, special)
 
@@ -142,8 +138,9 @@ def export_to_hf(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str]
             del tensor
         writer.finish()
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-        gen = {k: v for k, v in special.items() if v is not None and k != "pad_token_id"}
-        (tmp / "generation_config.json").write_text(json.dumps({**gen, "do_sample": False}, indent=2) + "\n")
+        if special:  # without any id the file would say nothing transformers does not default to
+            gen = {k: v for k, v in special.items() if k != "pad_token_id"}
+            (tmp / "generation_config.json").write_text(json.dumps({**gen, "do_sample": False}, indent=2) + "\n")
         if hf_tok is not None:
             hf_tok.save_pretrained(str(tmp))
             shutil.copyfile(tokenizer, tmp / "tokenizer.model")
@@ -291,7 +288,7 @@ def import_from_hf(hf_dir: str | os.PathLike[str], out: str | os.PathLike[str], 
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
 
     budget = parse_size(max_shard_size)
-    C.check_output(out, overwrite)
+    C.check_output(out, overwrite, source=hf_dir, source_flag="--hf")
     src = Path(hf_dir)
     cfg_path = src / "config.json"
     if not cfg_path.is_file():
@@ -355,7 +352,8 @@ def import_from_hf(hf_dir: str | os.PathLike[str], out: str | os.PathLike[str], 
             weights = parked.load()
             for i, piece in enumerate(pieces):
                 piece.data = weights.pop(str(i))
-            C.save_sharded_checkpoint(sharded, tmp, spec, hf["vocab_size"], overrides)
+            special = {k: hf[k] for k in C.SPECIAL_ID_NAMES if isinstance(hf.get(k), int)}
+            C.save_sharded_checkpoint(sharded, tmp, spec, hf["vocab_size"], overrides, special_ids=special)
         finally:
             pieces = weights = None
             parked.close()

@@ -306,7 +306,7 @@ def check_hf_config(hf: dict[str, Any]) -> None:
     if hf.get("rms_norm_eps", 1e-6) != 1e-6:
         problems.append(f"rms_norm_eps={hf.get('rms_norm_eps')} (HF's q/kv norms use 1e-6; megatron one eps for all)")
     d, r = hf["index_head_dim"], hf["qk_rope_head_dim"]
-    if d & (d - 1) or d < r:
-        problems.append(f"index_head_dim={d} must be a power of two >= qk_rope_head_dim ({r})")
+    if d % 2 or d < r:
+        problems.append(f"index_head_dim={d} must be even and >= qk_rope_head_dim ({r})")
     if problems:
         raise ConversionError("unsupported DeepSeek-V3.2 settings: " + "; ".join(problems))

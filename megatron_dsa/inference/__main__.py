@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 
 import torch
 
@@ -39,7 +40,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         tokenizer = SentencePieceTokenizer(args.tokenizer)
-        model, _ = load_model(args.checkpoint, size=args.size, overrides=parse_set_options(args.set))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's and megatron-core's chatter: bad input is one line
+            model, _ = load_model(args.checkpoint, size=args.size, overrides=parse_set_options(args.set))
     except (ConversionError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

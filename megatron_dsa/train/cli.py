@@ -3,7 +3,8 @@
     torchrun --nproc-per-node N launch/train.py --config configs/tiny/pretrain.yaml train.iters=50
 
 Bad input stops with one ``error: ...`` line (from rank 0) and exit status 2, before any
-compute and before anything is written. ``--check`` validates and exits.
+compute and before anything is written. ``--check`` validates and exits. A run that stops on
+non-finite values or an unreadable checkpoint prints one ``error: ...`` line and exits with 1.
 """
 
 from __future__ import annotations
@@ -74,9 +75,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ok: {cfg.phase} run of model {cfg.model['size']!r} ({plan['transformer_impl']} modules{fp8}), "
               f"starting from {start}")
         return 0
-    from megatron_dsa.train.trainer import run
+    from megatron_dsa.train.trainer import TrainRunError, run
 
-    run(cfg, plan)
+    try:
+        run(cfg, plan)
+    except TrainRunError as stopped:
+        # Printed by the rank that stopped (a non-finite value may show on any one of them).
+        print(f"error: {stopped}", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 

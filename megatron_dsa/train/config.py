@@ -11,7 +11,8 @@ Layout (every key optional except ``phase``; defaults below)::
                  overrides (DSATransformerConfig fields, e.g. dsa_indexer_topk)
     data:        dir (a corpus built by ``python -m megatron_dsa.data build``), seq_length
     train:       iters, micro_batch_size, global_batch_size, lr, min_lr, lr_warmup_iters,
-                 lr_decay_style, weight_decay, clip_grad, adam_beta1, adam_beta2, seed
+                 lr_decay_style, weight_decay, clip_grad, adam_beta1, adam_beta2, seed,
+                 skip_iterations (batches a resumed run steps over)
     eval:        interval, iters (0: no validation)
     checkpoint:  save (this phase's torch_dist checkpoints), load_from (previous phase's), interval
     logging:     interval, tensorboard_dir, progress
@@ -77,6 +78,9 @@ SCHEMA: dict[str, dict[str, tuple[Any, tuple[type, ...]]]] = {
         "adam_beta1": (0.9, (float, int)),
         "adam_beta2": (0.95, (float, int)),
         "seed": (1234, (int,)),
+        # Iterations (1-based, as Megatron logs them) whose batch is consumed without a step,
+        # e.g. the one a run stopped at with non-finite values.
+        "skip_iterations": ([], (list, int)),
     },
     "eval": {
         "interval": (None, (int,)),
@@ -135,6 +139,16 @@ TRAINER_FLAGS = {"transformer-impl": "model.transformer_impl",
 # Model config fields with one source elsewhere (field -> config key that sets it).
 TRAINER_FIELDS = {"transformer_impl": "model.transformer_impl",
                   **{field: f"fp8.{key}" for key, (_, field) in FP8_SETTINGS.items()}}
+# Model config fields the trainer copies from Megatron's parsed flags (parallel layout and
+# precision): Megatron builds its process groups, optimizer and schedule from the same flags,
+# so a different value on the model config alone would disagree with them at run time.
+MEGATRON_FIELDS = (
+    "tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size",
+    "expert_model_parallel_size", "expert_tensor_parallel_size", "sequence_parallel",
+    "bf16", "fp16", "params_dtype", "gradient_accumulation_fusion", "calculate_per_token_loss",
+    "virtual_pipeline_model_parallel_size", "recompute_granularity", "recompute_method",
+    "recompute_num_layers", "deterministic_mode", "fp8_margin", "fp8_wgrad",
+)
 
 # Reference learning rates of the DeepSeek-V3.2-Exp report's training phases for the indexer
 # phases; pretraining of the tiny CPU model uses a larger one.
@@ -323,6 +337,12 @@ def _check_values(cfg: RunConfig) -> None:
     for key in ("adam_beta1", "adam_beta2"):
         if not 0 <= t[key] < 1:
             raise _err(f"train.{key} must be in [0, 1), got {t[key]}")
+    skip = t["skip_iterations"]
+    skip = [skip] if isinstance(skip, int) and not isinstance(skip, bool) else list(skip)
+    if any(isinstance(i, bool) or not isinstance(i, int) or not 1 <= i <= t["iters"] for i in skip):
+        raise _err(f"train.skip_iterations must be a list of iterations in [1, train.iters={t['iters']}], "
+                   f"got {t['skip_iterations']!r}")
+    t["skip_iterations"] = sorted(set(skip))
     if cfg.eval["interval"] is None:
         cfg.eval["interval"] = t["iters"]
     if cfg.checkpoint["interval"] is None:
@@ -335,10 +355,26 @@ def _check_values(cfg: RunConfig) -> None:
     for name in cfg.model["overrides"]:
         if name in TRAINER_FIELDS:
             raise _err(f"model.overrides.{name}: set {TRAINER_FIELDS[name]} instead")
+        if name in MEGATRON_FIELDS:
+            flag = "megatron.bf16 or megatron.fp16" if name == "params_dtype" else f"megatron.{name}"
+            raise _err(f"model.overrides.{name} comes from Megatron's flags (its process groups and "
+                       f"optimizer use the same value): set {flag} instead")
         if name in ("fp8_dot_product_attention", "fp8_multi_head_attention"):
             raise _err(f"model.overrides.{name} is not supported: the DSA core attention runs its own "
                        "kernels on high-precision inputs (FP8 applies to the linears only)")
+    _check_override_types(cfg)
     _check_fp8(cfg)
+
+
+def _check_override_types(cfg: RunConfig) -> None:
+    """model.overrides values of the type their config field declares (an integer stays an
+    integer: 2.5 is refused, not truncated when the layer reads it)."""
+    from megatron_dsa.config import DSAConfigError, check_field_types
+
+    try:
+        cfg.model["overrides"] = check_field_types(cfg.model["overrides"])
+    except DSAConfigError as error:
+        raise _err(f"model.overrides.{error}") from None
 
 
 def _check_fp8(cfg: RunConfig) -> None:

@@ -1,4 +1,5 @@
-"""Megatron-LM's flags for a validated run config: the argv the trainer hands to ``pretrain``.
+"""Megatron-LM's flags for a validated run config (the argv the trainer hands to ``pretrain``),
+and back: the model config a run's parsed flags describe (``phase_model_config``).
 
 Preflight parses them with Megatron's own parser before any compute (a bad ``megatron:`` flag
 fails there, in one line); the trainer passes them to Megatron. Our own flags are all
@@ -14,8 +15,8 @@ import os
 
 import torch
 
-from megatron_dsa.model import resolve_size
-from megatron_dsa.train.config import FP8_SETTINGS, PHASE_MODE, RunConfig
+from megatron_dsa.model import model_config, resolve_size
+from megatron_dsa.train.config import FP8_SETTINGS, MEGATRON_FIELDS, PHASE_MODE, RunConfig
 
 
 def add_mdsa_args(parser):
@@ -59,6 +60,9 @@ def megatron_argv(cfg: RunConfig, plan: dict) -> list[str]:
         # Checkpoints: torch_dist; resume from save, else start from load_from's weights.
         "--save", c["save"], "--load", c["save"], "--save-interval", c["interval"],
         "--ckpt-format", "torch_dist",
+        # A non-finite gradient stops the run before the optimizer step (loss_func checks the
+        # loss terms); the rerun machine's default would save the poisoned iteration and exit 16.
+        "--rerun-mode", "disabled",
         # Logging.
         "--log-interval", lg["interval"], "--tensorboard-log-interval", 1,
         "--log-validation-ppl-to-tensorboard", "--log-timers-to-tensorboard",
@@ -68,6 +72,9 @@ def megatron_argv(cfg: RunConfig, plan: dict) -> list[str]:
         "--mdsa-data-dir", plan["data_dir"], "--mdsa-progress", int(bool(lg["progress"])),
     ]
     argv += fp8_argv(cfg)
+    if t["skip_iterations"]:
+        # Megatron consumes these iterations' batches without a step (1-based, as it logs them).
+        argv += ["--iterations-to-skip", *t["skip_iterations"]]
     if plan.get("pretrained"):
         argv += ["--pretrained-checkpoint", plan["pretrained"]]
     if lg["tensorboard_dir"]:
@@ -114,3 +121,33 @@ def fp8_argv(cfg: RunConfig) -> list:
 
 def _apex_wgrad_fusion_installed() -> bool:
     return importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is not None
+
+
+def phase_model_config(args=None):
+    """Our DSATransformerConfig for this run: the size's shape + overrides + the phase's mode,
+    with parallelism and precision (transformer_impl and FP8 included) taken from Megatron's
+    flags."""
+    if args is None:
+        from megatron.training import get_args
+
+        args = get_args()
+    overrides = dict(json.loads(args.mdsa_model_overrides))
+    overrides.pop("mdsa_mode", None)
+    overrides["mdsa_mode"] = PHASE_MODE[args.mdsa_phase]
+    # Megatron's values win: config validation keeps these fields out of model.overrides.
+    for field in MEGATRON_FIELDS:
+        if hasattr(args, field):
+            overrides[field] = getattr(args, field)
+    # One source each (config validation keeps them out of model.overrides): the backend and
+    # FP8 recipe the model is built with are exactly Megatron's.
+    overrides["transformer_impl"] = args.transformer_impl
+    for _, field in FP8_SETTINGS.values():
+        # Megatron's args call fp8_param fp8_param_gather (its own config builder maps it so).
+        overrides[field] = getattr(args, "fp8_param_gather" if field == "fp8_param" else field)
+    if args.bf16:
+        overrides.setdefault("params_dtype", torch.bfloat16)
+    else:
+        overrides["params_dtype"] = torch.float32 if not args.fp16 else torch.float16
+    if not torch.cuda.is_available():
+        overrides.setdefault("use_cpu_initialization", True)
+    return model_config(args.mdsa_size, **overrides)

@@ -58,6 +58,12 @@ def _checkpoint_iteration(directory: Path) -> int:
     ckpt = directory / f"iter_{iteration:07d}"
     if not (ckpt / "metadata.json").is_file():
         raise _err(f"checkpoint {ckpt} named by {tracker} is missing or incomplete")
+    from megatron_dsa import safe_load
+
+    try:
+        safe_load.verify(ckpt)  # readable through the allow-list, no storage file truncated
+    except safe_load.CheckpointError as error:
+        raise _err(f"{error} (named by {tracker})") from None
     return iteration
 
 
@@ -103,8 +109,9 @@ def precision_fields(cfg: RunConfig, transformer_impl: str) -> dict:
     return fields
 
 
-def check_megatron_flags(argv: list[str]) -> None:
-    """Parse the Megatron flags the trainer will pass, so a bad one fails here, in one line."""
+def check_megatron_flags(argv: list[str]):
+    """Parse the Megatron flags the trainer will pass, so a bad one fails here, in one line;
+    returns the parsed namespace."""
     import argparse
 
     from megatron.training.arguments import add_megatron_arguments
@@ -117,7 +124,46 @@ def check_megatron_flags(argv: list[str]) -> None:
 
     parser = _Parser(allow_abbrev=False, add_help=False)
     add_mdsa_args(add_megatron_arguments(parser))
-    parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def check_megatron_settings(argv: list[str]) -> None:
+    """Everything Megatron will check of its flags, run here: its argument validation (world
+    size against TP x PP x CP, precision pairs, ...) for this launch's world size, then our model
+    config with the parallel layout and precision taken from those flags, as the trainer builds
+    it (heads and experts against TP and EP, sequence parallel, ...). Otherwise such settings
+    pass ``--check`` and stop inside Megatron with a traceback."""
+    import contextlib
+    import io
+    import traceback
+
+    from patches.training import apply_training_cpu_patches
+
+    from megatron_dsa.config import DSAConfigError
+    from megatron_dsa.train.flags import phase_model_config
+
+    args = check_megatron_flags(argv)
+    # What Megatron's parse_args adds before validating.
+    args.rank = int(os.environ.get("RANK", "0"))
+    args.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    # The run applies this one before Megatron validates its flags (a no-op where CUDA exists).
+    apply_training_cpu_patches(only={"device_arch_on_cpu"})
+    from megatron.training.arguments import validate_args
+
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints every argument
+            validate_args(args, {})
+    except Exception as error:  # noqa: BLE001 - any refusal, reported in one line
+        frame = traceback.extract_tb(error.__traceback__)[-1]
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else f"`{frame.line}` failed"
+        where = f"{Path(frame.filename).name}:{frame.lineno}"
+        raise _err(f"Megatron rejects these settings (config section 'megatron', world size "
+                   f"{args.world_size}): {reason} ({where})") from None
+    try:
+        phase_model_config(args)
+    except (DSAConfigError, TypeError, ValueError, AssertionError) as error:
+        raise _err(f"bad model config under the Megatron flags (world size {args.world_size}, "
+                   f"config section 'megatron'): {error}") from None
 
 
 def preflight(cfg: RunConfig, check_flags: bool = True) -> dict:
@@ -220,14 +266,32 @@ def preflight(cfg: RunConfig, check_flags: bool = True) -> dict:
     if check_flags:
         from megatron_dsa.train.flags import megatron_argv
 
-        check_megatron_flags(megatron_argv(cfg, plan))
+        check_megatron_settings(megatron_argv(cfg, plan))
     return plan
 
 
-def write_run_file(plan: dict) -> None:
-    """Record phase and shape in the save directory (atomically: temp file + rename)."""
+def write_run_file(plan: dict) -> list[Path]:
+    """Record phase and shape in the save directory (atomically: temp file + rename); returns
+    the directories this created (for ``remove_run_file``)."""
     save = Path(plan["save"])
+    created = []
+    for parent in (save, *save.parents):
+        if parent.exists():
+            break
+        created.append(parent)
     save.mkdir(parents=True, exist_ok=True)
     tmp = save / f".{RUN_FILE}.{os.getpid()}.tmp"
     tmp.write_text(json.dumps(plan["record"], indent=2, default=str) + "\n")
     os.replace(tmp, save / RUN_FILE)
+    return created
+
+
+def remove_run_file(plan: dict, created: list[Path] | None = None) -> None:
+    """Undo ``write_run_file`` for a run that saved no checkpoint: the record, and the
+    directories it created if they are empty now."""
+    (Path(plan["save"]) / RUN_FILE).unlink(missing_ok=True)
+    for directory in created or []:
+        try:
+            directory.rmdir()
+        except OSError:  # not empty: something else lives there now
+            break

@@ -20,6 +20,14 @@ Each phase saves into its own ``checkpoint.save``. It resumes from there when a 
 exists (model + optimizer + iteration + RNG); otherwise it starts from ``checkpoint.load_from``
 (the previous phase) with weights only: Megatron's ``--load`` + ``--pretrained-checkpoint``
 (``--finetune`` semantics: fresh optimizer, iteration 0).
+
+Non-finite values: every microbatch's loss terms (LM loss, each layer's indexer KL, MoE
+auxiliary losses) are checked before the backward; the first non-finite one stops the run
+with ``NonFiniteError`` naming the iteration and the first decoder layer whose output went
+non-finite (or the loss term). Megatron's own gradient check runs with its rerun machine
+disabled, so a non-finite gradient also stops before the optimizer step. Nothing of the bad
+iteration is saved; the last checkpoint stays the latest, and ``train.skip_iterations`` makes
+a resumed run step over the bad batch.
 """
 
 from __future__ import annotations
@@ -33,8 +41,8 @@ from typing import Any
 
 import torch
 
-from megatron_dsa.train.config import FP8_SETTINGS, PHASE_MODE, RunConfig
-from megatron_dsa.train.flags import add_mdsa_args, megatron_argv
+from megatron_dsa.train.config import RunConfig
+from megatron_dsa.train.flags import add_mdsa_args, megatron_argv, phase_model_config
 
 # Filled by run() / the --mdsa-* flags; read by the providers (Megatron calls them without
 # any context of ours).
@@ -49,40 +57,6 @@ def _args():
     from megatron.training import get_args
 
     return get_args()
-
-
-def phase_model_config(args=None):
-    """Our DSATransformerConfig for this run: the size's shape + overrides + the phase's mode,
-    with parallelism and precision (transformer_impl and FP8 included) taken from Megatron's
-    flags."""
-    from megatron_dsa.model import model_config
-
-    args = args or _args()
-    overrides = dict(json.loads(args.mdsa_model_overrides))
-    overrides.pop("mdsa_mode", None)
-    overrides["mdsa_mode"] = PHASE_MODE[args.mdsa_phase]
-    for field in (
-        "tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size",
-        "expert_model_parallel_size", "expert_tensor_parallel_size", "sequence_parallel",
-        "bf16", "fp16", "params_dtype", "gradient_accumulation_fusion", "calculate_per_token_loss",
-        "virtual_pipeline_model_parallel_size", "recompute_granularity", "recompute_method",
-        "recompute_num_layers", "deterministic_mode", "fp8_margin", "fp8_wgrad",
-    ):
-        if hasattr(args, field) and field not in overrides:
-            overrides[field] = getattr(args, field)
-    # One source each (config validation keeps them out of model.overrides): the backend and
-    # FP8 recipe the model is built with are exactly Megatron's.
-    overrides["transformer_impl"] = args.transformer_impl
-    for _, field in FP8_SETTINGS.values():
-        # Megatron's args call fp8_param fp8_param_gather (its own config builder maps it so).
-        overrides[field] = getattr(args, "fp8_param_gather" if field == "fp8_param" else field)
-    if args.bf16:
-        overrides.setdefault("params_dtype", torch.bfloat16)
-    else:
-        overrides["params_dtype"] = torch.float32 if not args.fp16 else torch.float16
-    if not torch.cuda.is_available():
-        overrides.setdefault("use_cpu_initialization", True)
-    return model_config(args.mdsa_size, **overrides)
 
 
 def freeze_for_phase(model: torch.nn.Module, phase: str) -> None:
@@ -115,7 +89,9 @@ def model_provider(pre_process=True, post_process=True, vp_stage=None, config=No
         pre_process=pre_process, post_process=post_process, vp_stage=vp_stage,
     )
     freeze_for_phase(model, args.mdsa_phase)
+    watch_finite_outputs(model)
     _STATE["model_config"] = cfg
+    _STATE["model"] = model
     return model
 
 
@@ -166,6 +142,79 @@ def _pop_layer_metrics() -> dict[str, torch.Tensor]:
     return out
 
 
+class NonFiniteError(RuntimeError):
+    """A loss term, an activation or a gradient went NaN/inf; raised before the step."""
+
+
+# (layer number, isfinite(output).all()) of each decoder layer in the current forward: reduced
+# on the device without a sync, read only when a loss term is non-finite.
+_LAYER_FINITE: list[tuple[int, torch.Tensor]] = []
+
+
+def watch_finite_outputs(model: torch.nn.Module) -> None:
+    """Record whether each decoder layer's output is finite (forward hooks, no sync)."""
+    from megatron.core.transformer.transformer_layer import TransformerLayer
+
+    def hook(module, _inputs, output):
+        out = output[0] if isinstance(output, tuple) else output
+        if isinstance(out, torch.Tensor):
+            _LAYER_FINITE.append((module.layer_number, torch.isfinite(out.detach()).all()))
+
+    for module in model.modules():
+        if isinstance(module, TransformerLayer):
+            module.register_forward_hook(hook)
+
+
+def _where(training: bool | None = None) -> str:
+    try:
+        args = _args()
+    except AssertionError:  # Megatron's globals are not set up (a forward outside its loop)
+        return "this step"
+    # Megatron's 1-based numbering (its log, --iterations-to-skip); evaluation runs after the
+    # iteration's step, before the next one sets curr_iteration.
+    step = getattr(args, "curr_iteration", 0) + 1
+    return f"validation after iteration {step}" if training is False else f"iteration {step}"
+
+
+def _label(name: str, values: torch.Tensor) -> str:
+    """``name``, or for a per-layer vector ``name of layer N`` with N its first non-finite slot."""
+    if values.dim() == 0:
+        return name
+    bad = (~torch.isfinite(values)).nonzero()
+    return f"{name} of layer {int(bad[0]) + 1}" if len(bad) else name
+
+
+def check_finite(terms: list[tuple[str, torch.Tensor]], training: bool | None = None) -> None:
+    """One sync for all loss terms (a 1-d term holds one value per layer); on a non-finite one,
+    raise NonFiniteError naming the iteration and the first decoder layer whose output was
+    non-finite, else the term."""
+    if not terms:
+        return
+    if bool(torch.stack([torch.isfinite(t.detach()).all() for _, t in terms]).all()):
+        return
+    first_layer = next((n for n, ok in sorted(_LAYER_FINITE, key=lambda x: x[0]) if not bool(ok)), None)
+    bad = [_label(name, t.detach()) for name, t in terms if not bool(torch.isfinite(t.detach()).all())]
+    where = _where(training)
+    if first_layer is not None:
+        what = f"the output of decoder layer {first_layer} went non-finite first ({', '.join(bad)} non-finite)"
+    else:
+        what = f"{bad[0]} is non-finite" + (f" (also {', '.join(bad[1:])})" if len(bad) > 1 else "")
+    raise NonFiniteError(f"{where}: {what}")
+
+
+def _moe_aux_terms() -> list[tuple[str, torch.Tensor]]:
+    """Per-layer values megatron-core's MoE metrics tracker holds (the routers' auxiliary
+    losses; the indexer's entries are popped by _pop_layer_metrics)."""
+    from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+
+    terms = []
+    for name, entry in get_moe_metrics_tracker().metrics.items():
+        values = getattr(entry, "values", None)
+        if isinstance(values, torch.Tensor):
+            terms.append((f"MoE {name}", values))
+    return terms
+
+
 def loss_func(loss_mask: torch.Tensor, model, phase: str, output_tensor: torch.Tensor):
     """(loss, num_tokens, report) in Megatron's per-token form. ``report`` values are
     [sum, count] pairs that Megatron averages over microbatches and data-parallel ranks."""
@@ -177,18 +226,27 @@ def loss_func(loss_mask: torch.Tensor, model, phase: str, output_tensor: torch.T
     lm_sum = (losses * mask).sum()
     pair = lambda value: torch.stack([value.detach().float() * num_tokens, num_tokens])  # noqa: E731
     report = {}
+    terms = [("the LM loss", lm_sum)]
     if phase == "warmup":
         indexer_losses = pop_indexer_losses(model)
         if not indexer_losses:
             raise RuntimeError("warmup forward produced no indexer loss (is mdsa_mode 'warmup'?)")
         kl = torch.stack(indexer_losses).sum()
+        terms.append(("the indexer KL", torch.stack(indexer_losses).detach()))
         loss = kl * num_tokens  # per token: Megatron divides by num_tokens
         report["indexer loss"] = pair(kl)
         report["lm loss"] = torch.stack([lm_sum.detach(), num_tokens])
     else:
         loss = lm_sum
         report["lm loss"] = torch.stack([lm_sum.detach(), num_tokens])
-    for name, values in _pop_layer_metrics().items():
+    metrics = _pop_layer_metrics()
+    from megatron_dsa.layer import INDEXER_KL
+
+    if INDEXER_KL in metrics:
+        terms.append(("the indexer KL", metrics[INDEXER_KL]))
+    terms += _moe_aux_terms()
+    check_finite(terms, training=getattr(model, "training", None))
+    for name, values in metrics.items():
         tag = name.replace("indexer_", "indexer ").replace("_", "-")
         # Layers that reuse another layer's selection (dsa_indexer_topk_freq) record nothing:
         # their slots stay 0 and must not dilute the mean (a recorded KL or recall is > 0).
@@ -209,6 +267,7 @@ def forward_step(data_iterator, model, return_schedule_plan: bool = False):
     args = _args()
     if get_attr_wrapped_model(model, "training"):
         _PROGRESS.tick(args)
+    _LAYER_FINITE.clear()
     timers = get_timers()
     timers("batch-generator", log_level=2).start()
     tokens, labels, loss_mask, position_ids = _batch(data_iterator)
@@ -304,10 +363,63 @@ def _single_process_env() -> None:
                       LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
 
 
+class TrainRunError(RuntimeError):
+    """A run that stopped on a known failure (non-finite values, an unreadable checkpoint);
+    the message is one line."""
+
+
+def _grad_failure(error: RuntimeError) -> str | None:
+    """Megatron's gradient check (rerun machine disabled) raises RuntimeError("Rank r, ...,
+    iteration N: Unexpected result nan (message='found NaN in local grad norm ...')"). Name the
+    iteration (ours: its N is one ahead of the iteration it logs) and the first parameter whose
+    gradient is non-finite."""
+    import re
+
+    found = re.search(r"Unexpected result \S+ \(message='found (NaN|Inf) in local grad norm", str(error))
+    if found is None:
+        return None
+    first = None
+    model = _STATE.get("model")
+    if model is not None:
+        for name, param in model.named_parameters():
+            grad = getattr(param, "main_grad", None)
+            grad = param.grad if grad is None else grad
+            if grad is not None and not bool(torch.isfinite(grad).all()):
+                first = name
+                break
+    where = f"; first parameter with a non-finite gradient: {first}" if first else ""
+    return f"{_where(True)}: a gradient is non-finite ({found.group(1)} in the gradient norm{where})"
+
+
+def _stop_message(error: BaseException, plan: dict) -> str | None:
+    """The one-line account of a known failure, with where the run can resume from."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from megatron_dsa import safe_load
+    from megatron_dsa.train.preflight import TRACKER_FILE
+
+    if isinstance(error, NonFiniteError):
+        what = str(error)
+    elif isinstance(error, RuntimeError) and _grad_failure(error):
+        what = _grad_failure(error)
+    elif isinstance(error, (CheckpointException, safe_load.CheckpointError)):
+        return f"cannot load the checkpoint: {safe_load.describe(error)}"
+    else:
+        return None
+    tracker = os.path.join(plan["save"], TRACKER_FILE)
+    last = open(tracker).read().strip() if os.path.isfile(tracker) else None
+    kept = (f"nothing of it was saved; the last good checkpoint is iteration {last} in {plan['save']}"
+            if last else "nothing of it was saved (no checkpoint yet)")
+    step = what.split(":", 1)[0]
+    skip = f"; to step over its batch on resume: train.skip_iterations=[{step.split()[-1]}]" if step.startswith("iteration") else ""
+    return f"{what}; {kept}{skip}"
+
+
 def run(cfg: RunConfig, plan: dict, skip_patches: frozenset[str] = frozenset()) -> None:
     """Run one phase in this process (torchrun gives each process its rank).
 
-    ``skip_patches`` leaves named training patches out (tests show each one is needed)."""
+    ``skip_patches`` leaves named training patches out (tests show each one is needed).
+    Known failures (non-finite values, unreadable checkpoints) raise TrainRunError."""
     import patches
     from patches.training import TRAINING_CPU_PATCHES, WHEEL_PATCHES, apply_training_cpu_patches
 
@@ -319,18 +431,32 @@ def run(cfg: RunConfig, plan: dict, skip_patches: frozenset[str] = frozenset()) 
     from megatron.training.argument_utils import pretrain_cfg_container_from_args
     from megatron.training.arguments import parse_and_validate_args
 
-    from megatron_dsa.train.preflight import write_run_file
+    from megatron_dsa import safe_load
+    from megatron_dsa.train.preflight import has_checkpoint, remove_run_file, write_run_file
 
+    # Resume and load_from read checkpoints through the allow-list (no code runs from them).
+    safe_load.install()
     _single_process_env()
-    if int(os.environ.get("RANK", "0")) == 0:
-        write_run_file(plan)
     sys.argv = [sys.argv[0], *megatron_argv(cfg, plan)]
     args = parse_and_validate_args(extra_args_provider=add_mdsa_args)
-    container = pretrain_cfg_container_from_args(args, None)
-    pretrain(
-        container,
-        train_valid_test_datasets_provider,
-        ModelType.encoder_or_decoder,
-        forward_step,
-        model_provider=model_provider,
-    )
+    # Only once Megatron has accepted its flags: a run refused there leaves nothing behind.
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    created = write_run_file(plan) if rank0 else None
+    try:
+        container = pretrain_cfg_container_from_args(args, None)
+        pretrain(
+            container,
+            train_valid_test_datasets_provider,
+            ModelType.encoder_or_decoder,
+            forward_step,
+            model_provider=model_provider,
+        )
+    except BaseException as error:
+        if rank0 and not has_checkpoint(plan["save"]):
+            # Nothing to resume: the record (and the directory this run made) would only make
+            # the next run with other settings refuse the directory.
+            remove_run_file(plan, created)
+        message = _stop_message(error, plan)
+        if message is not None:
+            raise TrainRunError(message) from None
+        raise
