@@ -38,11 +38,12 @@ def head_block(H: int) -> int:
 if HAS_TRITON:
 
     @triton.jit
-    def _program_coords(NHB, HB: tl.constexpr, H):
-        """(token, heads of this program, their mask, batch); head blocks of one token are
-        consecutive program ids, so they run side by side and share the gathered rows in L2."""
+    def _program_coords(NHB, HB: tl.constexpr, H, t0=0):
+        """(token, heads of this program, their mask, batch) for a launch over the tokens from
+        ``t0``; head blocks of one token are consecutive program ids, so they run side by side
+        and share the gathered rows in L2."""
         pid = tl.program_id(0)
-        t = pid // NHB
+        t = t0 + pid // NHB
         h = (pid % NHB) * HB + tl.arange(0, HB)
         return t.to(tl.int64), h, h < H, tl.program_id(1).to(tl.int64)
 
@@ -113,7 +114,7 @@ if HAS_TRITON:
     @triton.jit
     def _sparse_bwd_kernel(
         Q, KV, IDX, SEG, DO, LSE, DELTA, DQ, DKV,
-        Sk, TOPK, NHB, H, scale, scale_log2, pass_id,
+        Sk, TOPK, NHB, H, scale, scale_log2, pass_id, t0,
         stride_qb, stride_qs, stride_qh,
         stride_kb, stride_ks,
         stride_ib, stride_is,
@@ -131,8 +132,8 @@ if HAS_TRITON:
         # (DKV_ON, fp32 atomic adds). Q/DO/LSE/DELTA strides as named; DQ has its own (an fp32
         # buffer when passes add to it). PASSES > 1: this launch takes the slots
         # SEG[b, t, pass_id] .. SEG[b, t, pass_id + 1] of a key-sorted IDX, and dq is added to
-        # DQ (FIRST: written).
-        t, h, hm, b = _program_coords(NHB, HB, H)
+        # DQ (FIRST: written). The launch covers the tokens from t0; DQ holds rows from t0.
+        t, h, hm, b = _program_coords(NHB, HB, H, t0)
         if PASSES > 1:
             sp = SEG + b * stride_sb + t * stride_ss + pass_id
             lo = tl.load(sp)
@@ -185,7 +186,7 @@ if HAS_TRITON:
                         tl.atomic_add(dkvb + DV + (dkoff[:, None] + d2[None, :]), dk2,
                                       mask=_tile_mask(valid, d2, DR, D2), sem="relaxed")
             if DQ_ON:
-                dqb = DQ + b * stride_db + t * stride_ds + h[:, None] * stride_dh
+                dqb = DQ + b * stride_db + (t - t0) * stride_ds + h[:, None] * stride_dh
                 m1 = _tile_mask(hm, d1, DV, D1)
                 if not FIRST:
                     dq1 += tl.load(dqb + d1[None, :], mask=m1, other=0.0)
@@ -326,7 +327,8 @@ def sparse_attn_fwd(q, kv, idx, v_dim, scale, options: KernelOptions = DEFAULT_O
 
 
 DELTA_CHUNK_ELEMENTS = 1 << 26  # fp32 temporaries per chunk: 256 MiB each
-L2_TARGET_BYTES = 32 << 20  # dkv bytes one pass keeps in L2 (the H200 has 60 MB in two halves)
+L2_TARGET_BYTES = 32 << 20
+DQ_CHUNK_BYTES = 1 << 30  # the fp32 dq rows one chunk of the key-range passes holds  # dkv bytes one pass keeps in L2 (the H200 has 60 MB in two halves)
 
 
 def _rowwise_dot(dout: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -396,11 +398,11 @@ def sparse_attn_bwd(q, kv, idx, out, lse, dout, v_dim, scale, options: KernelOpt
     common = dict(HB=HB, DV=v_dim, D1=D1, DR=DR, D2=D2, IEEE=is_fp32(q, kv), UPCAST=interpreting())
     grid = (Sq * NHB, B)
 
-    def bwd(idx_, seg_, dq, p, n_passes, dq_on, dkv_on):
+    def bwd(idx_, seg_, dq, p, n_passes, dq_on, dkv_on, t0=0, t1=Sq):
         tiles = _tiles(options.attn_bwd, q.is_cuda, HB, "bwd")
-        _sparse_bwd_kernel[grid](
+        _sparse_bwd_kernel[((t1 - t0) * NHB, B)](
             q, kv, idx_, seg_, dout, lse, delta, dq, dkv,
-            Sk, K, NHB, H, scale, scale * LOG2E, p,
+            Sk, K, NHB, H, scale, scale * LOG2E, p, t0,
             q.stride(0), q.stride(1), q.stride(2),
             kv.stride(0), kv.stride(1),
             idx_.stride(0), idx_.stride(1),
@@ -431,11 +433,21 @@ def sparse_attn_bwd(q, kv, idx, out, lse, dout, v_dim, scale, options: KernelOpt
                 BK=tiles.BK, PASSES=passes, num_warps=tiles.num_warps, num_stages=tiles.num_stages, **common,
             )
         return dq, dkv.to(kv.dtype)
-    # One kernel; with passes its dq share of each pass is added to an fp32 buffer.
-    dq = torch.empty(q.shape, dtype=torch.float32, device=q.device) if passes > 1 else torch.empty_like(q)
-    for p in range(passes):
-        bwd(idx, seg, dq, p, passes, True, True)
-    return dq.to(q.dtype), dkv.to(kv.dtype)
+    if passes == 1:
+        dq = torch.empty_like(q)
+        bwd(idx, seg, dq, 0, 1, True, True)
+        return dq, dkv.to(kv.dtype)
+    # One kernel over the key ranges; each pass adds its dq share to an fp32 buffer, which holds
+    # a chunk of rows at a time (for every row it would be 2x dq, 9.7 GB at 128K x 32 heads).
+    dq = torch.empty_like(q)
+    step = max(1, DQ_CHUNK_BYTES // (B * H * D * 4))
+    dq32 = torch.empty(B, min(step, Sq), H, D, dtype=torch.float32, device=q.device)
+    for t0 in range(0, Sq, step):
+        t1 = min(Sq, t0 + step)
+        for p in range(passes):
+            bwd(idx, seg, dq32, p, passes, True, True, t0, t1)
+        dq[:, t0:t1] = dq32[:, : t1 - t0]
+    return dq, dkv.to(kv.dtype)
 
 
 class SparseMLAAttention(torch.autograd.Function):
