@@ -1,5 +1,7 @@
-"""The warm-up's fused KL kernels compile for the H200 (sm_90) and fit its shared memory, at the
-small MoE's shapes and at DeepSeek-V3.2's (latent 512 + 64, 128 heads, indexer 64 x 128).
+"""The kernels compile for the H200 (sm_90) and fit its shared memory: the warm-up's fused KL at
+the small MoE's shapes and at DeepSeek-V3.2's (latent 512 + 64, 128 heads, indexer 64 x 128), and
+the sparse attention / KL target kernels with their default tiles at 16 heads and at 64-head
+blocks, their row gathers as 16-byte asynchronous copies.
 
 No GPU needed: Triton lowers to PTX and assembles it with its bundled ptxas. The interpreter tests
 check the math; this catches what only the compiler sees (an unrolled loop once put 315 KB of
@@ -25,16 +27,23 @@ REPO = Path(__file__).resolve().parents[1]
 SM90_SHARED_BYTES = 227 * 1024
 POINTERS = dict(QM="*bf16", KV="*bf16", QI="*bf16", KI="*bf16", WI="*fp32", QPOS="*i64", KPOS="*i64", KLIM="*i32",
                 LSE="*fp32", PART="*fp32", LSEI="*fp32", G="*fp32", DQ="*fp32", DW="*fp32", DK="*fp32",
-                scale_log2="fp32")
+                scale_log2="fp32", scale="fp32", Q="*bf16", IDX="*i64", O="*bf16", SEG="*i32", DO="*bf16",
+                DELTA="*fp32", DKV="*fp32", LSEM="*fp32", P="*fp32")
 
 
-def _compile_sm90(fn, consts: dict, options: dict):
+def _compile_sm90(fn, consts: dict, options: dict, hints: bool = False):
+    """``hints``: tell the compiler what a launch on contiguous tensors tells it at run time (the
+    pointers and strides divisible by 16); without them it cannot vectorise the row gathers."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     names = fn.arg_names
     sig = {n: "constexpr" if n in consts else POINTERS.get(n, "i32") for n in names}
-    src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(n),): v for n, v in consts.items()})
+    attrs = {}
+    if hints:
+        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+                 if n not in consts and (sig[n].startswith("*") or n.startswith("stride") or n.startswith("s_"))}
+    src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(n),): v for n, v in consts.items()}, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
@@ -47,15 +56,16 @@ def check_fits(H: int, D: int, HI: int, DI: int) -> None:
     kernels = [
         (DK._main_lse_kernel, dict(mains, BM=lse["BM"], BN=lse["BN"]), lse["num_warps"]),
         (DK._dense_kl_fwd_kernel, kl, blk["num_warps"]),
-        (DK._dense_kl_bwd_kernel, dict(kl, ATOMIC=2), blk["num_warps"]),
+        (DK._dense_kl_bwd_kernel, kl, blk["num_warps"]),
     ]
     for fn, consts, warps in kernels:
         k = _compile_sm90(fn, consts, dict(num_warps=warps))
         name = fn.fn.__name__
         assert 0 < k.metadata.shared <= SM90_SHARED_BYTES, (name, k.metadata.shared)
         assert "st.local" not in k.asm["ptx"], f"{name} spills registers to local memory"
-        if name == "_dense_kl_bwd_kernel":  # the sm_90 vector reduction, not a CAS loop
-            assert re.search(r"red\.global\.add\.v2\.f32", k.asm["ptx"])
+        if name == "_dense_kl_bwd_kernel":  # hardware fp32 adds, not a compare-and-swap loop
+            assert re.search(r"(red|atom)\.global\.[a-z.]*add[a-z0-9.]*f32", k.asm["ptx"])
+            assert "atom.global.cas" not in k.asm["ptx"]
         print(name, k.metadata.shared)
 
 
@@ -68,3 +78,36 @@ def test_dense_kl_kernels_fit_an_h200(H, D, HI, DI):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("\n") == 3, proc.stdout
+
+
+def check_sparse(HB: int) -> None:
+    """The sparse kernels at one head block with their GPU default tiles, 576 / 512 dims."""
+    from megatron_dsa.kernels import indexer_kl as L
+    from megatron_dsa.kernels import sparse_attn as A
+
+    dims = dict(HB=HB, DV=512, D1=512, DR=64, D2=64, IEEE=False, UPCAST=False)
+    split = HB >= A.MAX_HEAD_BLOCK
+    kernels = [(A._sparse_fwd_kernel, dims, A._tiles(None, True, HB, "fwd")),
+               (A._sparse_bwd_kernel, dict(dims, DQ_ON=True, DKV_ON=not split, PASSES=1 if split else 8, FIRST=False),
+                A._tiles(None, True, HB, "bwd")),
+               (L._target_kernel, dict(dims, HAS_LSE=True), L._target_tiles(None, True, HB))]
+    if split:
+        kernels.append((A._sparse_dkv_kernel, dict(dims, PASSES=1), A._tiles(None, True, HB, "dkv")))
+    for fn, consts, tiles in kernels:
+        k = _compile_sm90(fn, dict(consts, BK=tiles.BK), dict(num_warps=tiles.num_warps, num_stages=tiles.num_stages),
+                          hints=True)
+        name = fn.fn.__name__
+        ptx = k.asm["ptx"]
+        assert 0 < k.metadata.shared <= SM90_SHARED_BYTES, (name, k.metadata.shared)
+        if tiles.num_stages > 1:  # the gathered rows are pipelined as 16-byte asynchronous copies
+            assert re.search(r"cp\.async\.cg\.shared\.global \[[^]]+\], \[[^]]+\], 0x10", ptx), name
+        print(name, k.metadata.shared)
+
+
+@pytest.mark.parametrize("HB", [16, 64], ids=["16_heads", "64_head_blocks"])
+def test_sparse_kernels_fit_an_h200(HB):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = f"import sys; sys.path.insert(0, 'tests'); import test_compile_sm90 as t; t.check_sparse({HB})"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("\n") == (4 if HB >= 64 else 3), proc.stdout
