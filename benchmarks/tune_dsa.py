@@ -16,31 +16,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from megatron_dsa import kernels as KN  # noqa: E402
 from megatron_dsa.kernel_options import KernelOptions, Tiles  # noqa: E402
+from bench_dsa import cuda_time  # noqa: E402
 
 DQK, DV, HI, DI, TOPK = 576, 512, 64, 128, 2048
 
 
 def cuda_ms(fn, reps=3):
-    fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        ts.append(a.elapsed_time(b))
-    return statistics.median(ts)
+    return cuda_time(fn, reps=reps)[0]
 
 
 def rel(a, b):

@@ -103,6 +103,34 @@ if HAS_TRITON:
                 tl.store(pb + kk, ph, mask=km)
 
     @triton.jit
+    def _indexer_row(QI, WI, b, t, s_qib, s_qis, s_qih, s_wib, s_wis, s_wih,
+                     HI: tl.constexpr, HIP: tl.constexpr, DI: tl.constexpr, DIP: tl.constexpr):
+        """One token's indexer queries [HIP, DIP] and fp32 head weights [HIP], with their offsets
+        and masks (the gradients are stored at the same offsets)."""
+        j = tl.arange(0, HIP)
+        jm = j < HI
+        di = tl.arange(0, DIP)
+        qm = jm[:, None] & (di < DI)[None, :]
+        qoff = b * s_qib + t * s_qis + j[:, None] * s_qih + di[None, :]
+        woff = b * s_wib + t * s_wis + j * s_wih
+        qi = tl.load(QI + qoff, mask=qm, other=0.0)
+        wi = tl.load(WI + woff, mask=jm, other=0.0).to(tl.float32)
+        return qi, wi, qoff, qm, woff, jm, di
+
+    @triton.jit
+    def _selected_scores(ib, pb, k0, TOPK, Sk, kib, s_kis, qi, di, p_scale,
+                         DI: tl.constexpr, BK: tl.constexpr, IEEE_I: tl.constexpr, UPCAST: tl.constexpr):
+        """One block of selected keys: (key index, valid, target p, indexer keys, per-head dots
+        q_j . k [HIP, BK])."""
+        kk = k0 + tl.arange(0, BK)
+        km = kk < TOPK
+        idx = tl.load(ib + kk, mask=km, other=-1)
+        valid = (idx >= 0) & (idx < Sk)
+        p = tl.where(valid, tl.load(pb + kk, mask=km, other=0.0) * p_scale, 0.0)
+        ki = tl.load(kib + idx[:, None] * s_kis + di[None, :], mask=valid[:, None] & (di < DI)[None, :], other=0.0)
+        return idx, valid, p, ki, _dot(qi, tl.trans(ki), IEEE_I, UPCAST)
+
+    @triton.jit
     def _kl_fwd_kernel(
         QI, KI, WI, IDX, P, KL, LSEI,
         Sk, TOPK, p_scale,
@@ -119,13 +147,7 @@ if HAS_TRITON:
         b = tl.program_id(1).to(tl.int64)
         ib = IDX + b * s_ib + t * s_is
         pb = P + b * s_ib + t * s_is
-        j = tl.arange(0, HIP)
-        jm = j < HI
-        di = tl.arange(0, DIP)
-        dim_ = di < DI
-        qi = tl.load(QI + b * s_qib + t * s_qis + j[:, None] * s_qih + di[None, :],
-                     mask=jm[:, None] & dim_[None, :], other=0.0)
-        wi = tl.load(WI + b * s_wib + t * s_wis + j * s_wih, mask=jm, other=0.0).to(tl.float32)
+        qi, wi, _, _, _, _, di = _indexer_row(QI, WI, b, t, s_qib, s_qis, s_qih, s_wib, s_wis, s_wih, HI, HIP, DI, DIP)
         kib = KI + b * s_kib
         mI = float("-inf")
         lI = 0.0
@@ -133,12 +155,8 @@ if HAS_TRITON:
         pI = 0.0
         psum = 0.0
         for k0 in range(0, TOPK, BK):
-            kk = k0 + tl.arange(0, BK)
-            idx = tl.load(ib + kk, mask=kk < TOPK, other=-1)
-            valid = (idx >= 0) & (idx < Sk)
-            p = tl.where(valid, tl.load(pb + kk, mask=kk < TOPK, other=0.0) * p_scale, 0.0)
-            ki = tl.load(kib + idx[:, None] * s_kis + di[None, :], mask=valid[:, None] & dim_[None, :], other=0.0)
-            si = _dot(qi, tl.trans(ki), IEEE_I, UPCAST)
+            idx, valid, p, ki, si = _selected_scores(ib, pb, k0, TOPK, Sk, kib, s_kis, qi, di, p_scale,
+                                                     DI, BK, IEEE_I, UPCAST)
             logit = tl.sum(tl.maximum(si, 0.0) * wi[:, None], axis=0)
             logit = tl.where(valid, logit, float("-inf"))
             m_new = tl.maximum(mI, tl.max(logit, axis=0))
@@ -171,15 +189,8 @@ if HAS_TRITON:
         # DQI/DWI: fp32 buffers with QI/WI's strides; P has IDX's strides.
         t = tl.program_id(0).to(tl.int64)
         b = tl.program_id(1).to(tl.int64)
-        j = tl.arange(0, HIP)
-        jm = j < HI
-        di = tl.arange(0, DIP)
-        dim_ = di < DI
-        qm = jm[:, None] & dim_[None, :]
-        qoff = b * s_qib + t * s_qis + j[:, None] * s_qih + di[None, :]
-        woff = b * s_wib + t * s_wis + j * s_wih
-        qi = tl.load(QI + qoff, mask=qm, other=0.0)
-        wi = tl.load(WI + woff, mask=jm, other=0.0).to(tl.float32)
+        qi, wi, qoff, qm, woff, jm, di = _indexer_row(QI, WI, b, t, s_qib, s_qis, s_qih, s_wib, s_wis, s_wih,
+                                                      HI, HIP, DI, DIP)
         lseI = tl.load(LSEI + b * s_lb + t * s_ls)
         g = tl.load(GKL + b * s_lb + t * s_ls)
         lse_safe = tl.where(lseI == float("-inf"), float("inf"), lseI)
@@ -190,13 +201,8 @@ if HAS_TRITON:
         dq = tl.zeros((HIP, DIP), tl.float32)
         dw = tl.zeros((HIP,), tl.float32)
         for k0 in range(0, TOPK, BK):
-            kk = k0 + tl.arange(0, BK)
-            km = kk < TOPK
-            idx = tl.load(ib + kk, mask=km, other=-1)
-            valid = (idx >= 0) & (idx < Sk)
-            p = tl.load(pb + kk, mask=km, other=0.0) * p_scale
-            ki = tl.load(kib + idx[:, None] * s_kis + di[None, :], mask=valid[:, None] & dim_[None, :], other=0.0)
-            si = _dot(qi, tl.trans(ki), IEEE_I, UPCAST)
+            idx, valid, p, ki, si = _selected_scores(ib, pb, k0, TOPK, Sk, kib, s_kis, qi, di, p_scale,
+                                                     DI, BK, IEEE_I, UPCAST)
             r = tl.maximum(si, 0.0)
             logit = tl.sum(r * wi[:, None], axis=0)
             sm = tl.exp(logit - lse_safe)
@@ -205,7 +211,7 @@ if HAS_TRITON:
             dS = tl.where(si > 0.0, dI[None, :] * wi[:, None], 0.0).to(ki.dtype)
             dq += _dot(dS, ki, IEEE_I, UPCAST)
             dk = _dot(tl.trans(dS), qi, IEEE_I, UPCAST)
-            tl.atomic_add(dkb + idx[:, None] * s_dks + di[None, :], dk, mask=valid[:, None] & dim_[None, :],
+            tl.atomic_add(dkb + idx[:, None] * s_dks + di[None, :], dk, mask=valid[:, None] & (di < DI)[None, :],
                           sem="relaxed")
         tl.store(DQI + qoff, dq, mask=qm)
         tl.store(DWI + woff, dw, mask=jm)

@@ -64,6 +64,32 @@ if HAS_TRITON:
         return tl.load(base + (rowoff[:, None] + d[None, :]), mask=_tile_mask(valid, d, D, DP), other=0.0)
 
     @triton.jit
+    def _key_slots(SEG, b, t, pass_id, stride_sb, stride_ss, TOPK, PASSES: tl.constexpr):
+        """The slots [lo, hi) of this row that the launch handles: this pass's key range of the
+        key-sorted row (PASSES > 1), else all of them."""
+        if PASSES > 1:
+            sp = SEG + b * stride_sb + t * stride_ss + pass_id
+            return tl.load(sp), tl.load(sp + 1)
+        else:
+            return 0, TOPK
+
+    @triton.jit
+    def _selected(ib, k0, hi, Sk, stride_ks, BK: tl.constexpr):
+        """One block of selected keys: (key index, valid, int32 row offset into KV)."""
+        kk = k0 + tl.arange(0, BK)
+        idx = tl.load(ib + kk, mask=kk < hi, other=-1)
+        valid = (idx >= 0) & (idx < Sk)
+        return idx, valid, idx.to(tl.int32) * stride_ks
+
+    @triton.jit
+    def _softmax_stats(LSE, DELTA, b, t, h, hm, stride_lb, stride_ls):
+        """Per head: the forward's log-sum-exp in log2 units (+inf for a row without keys, so its
+        probabilities are 0) and delta = sum(dO * O)."""
+        lse = tl.load(LSE + b * stride_lb + t * stride_ls + h, mask=hm, other=float("-inf"))
+        delta = tl.load(DELTA + b * stride_lb + t * stride_ls + h, mask=hm, other=0.0)
+        return tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634), delta
+
+    @triton.jit
     def _sparse_fwd_kernel(
         Q, KV, IDX, O, LSE,
         Sk, TOPK, NHB, H, scale_log2,
@@ -88,10 +114,7 @@ if HAS_TRITON:
         ib = IDX + b * stride_ib + t * stride_is
         kvb = KV + b * stride_kb
         for k0 in range(0, TOPK, BK):
-            kk = k0 + tl.arange(0, BK)
-            idx = tl.load(ib + kk, mask=kk < TOPK, other=-1)
-            valid = (idx >= 0) & (idx < Sk)
-            rowoff = idx.to(tl.int32) * stride_ks
+            idx, valid, rowoff = _selected(ib, k0, TOPK, Sk, stride_ks, BK)
             kv1 = _gather(kvb, rowoff, valid, d1, DV, D1)
             s = _dot(q1, tl.trans(kv1), IEEE, UPCAST)
             if DR > 0:
@@ -134,13 +157,7 @@ if HAS_TRITON:
         # SEG[b, t, pass_id] .. SEG[b, t, pass_id + 1] of a key-sorted IDX, and dq is added to
         # DQ (FIRST: written). The launch covers the tokens from t0; DQ holds rows from t0.
         t, h, hm, b = _program_coords(NHB, HB, H, t0)
-        if PASSES > 1:
-            sp = SEG + b * stride_sb + t * stride_ss + pass_id
-            lo = tl.load(sp)
-            hi = tl.load(sp + 1)
-        else:
-            lo = 0
-            hi = TOPK
+        lo, hi = _key_slots(SEG, b, t, pass_id, stride_sb, stride_ss, TOPK, PASSES)
         if (DQ_ON and FIRST) or hi > lo:
             d1 = tl.arange(0, D1)
             d2 = tl.arange(0, D2)
@@ -148,9 +165,7 @@ if HAS_TRITON:
             q1 = tl.load(qb + d1[None, :], mask=_tile_mask(hm, d1, DV, D1), other=0.0)
             do = tl.load(DO + b * stride_ob + t * stride_os + h[:, None] * stride_oh + d1[None, :],
                          mask=_tile_mask(hm, d1, DV, D1), other=0.0)
-            lse = tl.load(LSE + b * stride_lb + t * stride_ls + h, mask=hm, other=float("-inf"))
-            delta = tl.load(DELTA + b * stride_lb + t * stride_ls + h, mask=hm, other=0.0)
-            lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+            lse2, delta = _softmax_stats(LSE, DELTA, b, t, h, hm, stride_lb, stride_ls)
             dq1 = tl.zeros((HB, D1), tl.float32)
             dq2 = tl.zeros((HB, D2), tl.float32)
             if DR > 0:
@@ -159,10 +174,7 @@ if HAS_TRITON:
             kvb = KV + b * stride_kb
             dkvb = DKV + b * stride_dkb
             for k0 in range(lo, hi, BK):
-                kk = k0 + tl.arange(0, BK)
-                idx = tl.load(ib + kk, mask=kk < hi, other=-1)
-                valid = (idx >= 0) & (idx < Sk)
-                rowoff = idx.to(tl.int32) * stride_ks
+                idx, valid, rowoff = _selected(ib, k0, hi, Sk, stride_ks, BK)
                 kv1 = _gather(kvb, rowoff, valid, d1, DV, D1)
                 s = _dot(q1, tl.trans(kv1), IEEE, UPCAST)
                 if DR > 0:
@@ -217,13 +229,7 @@ if HAS_TRITON:
         # operand (plain or transposed), so one shared-memory copy of each serves all of them;
         # the latent dims go in two halves to bound the accumulators' registers.
         t, h, hm, b = _program_coords(NHB, HB, H)
-        if PASSES > 1:
-            sp = SEG + b * stride_sb + t * stride_ss + pass_id
-            lo = tl.load(sp)
-            hi = tl.load(sp + 1)
-        else:
-            lo = 0
-            hi = TOPK
+        lo, hi = _key_slots(SEG, b, t, pass_id, stride_sb, stride_ss, TOPK, PASSES)
         if hi > lo:
             DH: tl.constexpr = D1 // 2
             da = tl.arange(0, DH)
@@ -239,17 +245,12 @@ if HAS_TRITON:
             doh = tl.load(ob + db[None, :], mask=mb, other=0.0)
             if DR > 0:
                 q2 = tl.load(qb + DV + d2[None, :], mask=_tile_mask(hm, d2, DR, D2), other=0.0)
-            lse = tl.load(LSE + b * stride_lb + t * stride_ls + h, mask=hm, other=float("-inf"))
-            delta = tl.load(DELTA + b * stride_lb + t * stride_ls + h, mask=hm, other=0.0)
-            lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+            lse2, delta = _softmax_stats(LSE, DELTA, b, t, h, hm, stride_lb, stride_ls)
             ib = IDX + b * stride_ib + t * stride_is
             kvb = KV + b * stride_kb
             dkvb = DKV + b * stride_dkb
             for k0 in range(lo, hi, BK):
-                kk = k0 + tl.arange(0, BK)
-                idx = tl.load(ib + kk, mask=kk < hi, other=-1)
-                valid = (idx >= 0) & (idx < Sk)
-                rowoff = idx.to(tl.int32) * stride_ks
+                idx, valid, rowoff = _selected(ib, k0, hi, Sk, stride_ks, BK)
                 kva = tl.load(kvb + (rowoff[:, None] + da[None, :]), mask=valid[:, None] & (da < DV)[None, :],
                               other=0.0)
                 kvh = tl.load(kvb + (rowoff[:, None] + db[None, :]), mask=valid[:, None] & (db < DV)[None, :],
