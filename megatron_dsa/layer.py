@@ -107,7 +107,7 @@ class LightningIndexer(MegatronModule):
         k_proj, _ = self.wk(x)
         w_proj, _ = self.weights_proj(x)
         # Built per call (S x rope/2 values): no cache that could go stale when positions change.
-        cos, sin = rope_cos_sin(positions, s.rope_dim, s.rope_base)
+        cos, sin = rope_cos_sin(positions, s.rope_dim, s.rope_base, yarn=s.yarn)
         return indexer_qkw(
             q_proj, k_proj, w_proj, self.k_norm.weight, self.k_norm.bias, cos, sin,
             n_heads=s.n_heads, eps=s.k_norm_eps,
@@ -158,8 +158,9 @@ class DSACoreAttention(MegatronModule):
         self.v_dim = config.kv_lora_rank
         self.softmax_scale = softmax_scale
         s = config.dsa
-        # With dsa_indexer_topk_freq = N, layers 1, N+1, 2N+1, ... select; the rest reuse it.
-        self.selects = (layer_number - 1) % s.topk_freq == 0
+        # With dsa_indexer_topk_freq = N, layers 1, N+1, 2N+1, ... select (or those that
+        # mdsa_indexer_types names "full"); the rest reuse the last selection.
+        self.selects = s.selects(layer_number)
         self.indexer = build_module(submodules.indexer, config=config) if self.selects else None
         self._selection_source: Optional["DSACoreAttention"] = None
         self._last_topk: Optional[torch.Tensor] = None
