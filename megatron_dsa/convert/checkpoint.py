@@ -201,11 +201,20 @@ def build_config(spec, overrides: dict[str, Any], **extra):
 
 @contextmanager
 def _quiet():
+    """No warnings and no megatron-core log lines (its GPTModel deprecation notice would be a
+    second stderr line beside a converter's one error line)."""
+    import logging
     import warnings
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+    megatron_log = logging.getLogger("megatron.core")
+    level = megatron_log.level
+    megatron_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        megatron_log.setLevel(level)
 
 
 def meta_model(spec, config, vocab_size: int):
