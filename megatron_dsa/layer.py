@@ -60,6 +60,8 @@ class ReplicatedLinear(torch.nn.Module):
         if bias:
             raise ValueError("the indexer's linears have no bias")
         device = "cpu" if config.use_cpu_initialization or not torch.cuda.is_available() else torch.cuda.current_device()
+        if torch.get_default_device().type == "meta":
+            device = "meta"  # a model built for its shapes only (the converter's) allocates nothing
         self.weight = torch.nn.Parameter(
             torch.empty(output_size, input_size, dtype=config.params_dtype, device=device)
         )

@@ -296,3 +296,46 @@ def test_from_hf_truncated_shard(fp8_dir, tmp_path, capsys):
     shard.write_bytes(shard.read_bytes()[:-64])
     _fails(capsys, ["from-hf", "--hf", str(fp8_dir), "--out", str(tmp_path / "out")],
            f"cannot read {shard}", "incomplete metadata")
+
+
+# ---- the full shapes, on the meta device -------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", ["deepseek-v3.2-671b", "glm-5"])
+def test_full_size_key_maps_one_to_one(megatron_world, size):
+    """Our model and transformers' of each family's full shape, both on the meta device (no
+    weights): every tensor of ours has its HF tensors with its shape, every HF tensor is one of
+    ours, and every weight the release quantises is tiled by its 128 x 128 blocks."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    from megatron_dsa.convert import checkpoint as C
+    from megatron_dsa.convert import mapping as M
+    from megatron_dsa.convert.hf import HFReader
+    from megatron_dsa.model import count_parameters, resolve_size
+
+    spec = resolve_size(size)
+    config = C.build_config(spec, {})
+    ours = C.meta_model(spec, config, spec.vocab_size)
+    family = M.family_named(spec.family)
+    hf_config = M.hf_config_dict(config, family, spec.first_k_dense, spec.vocab_size, spec.max_seq_len, torch.bfloat16)
+    with torch.device("meta"), no_init_weights():
+        theirs = AutoModelForCausalLM.from_config(AutoConfig.for_model(**hf_config))
+    assert type(theirs).__name__ == family.architecture
+    shapes = {k: tuple(v.shape) for k, v in theirs.state_dict().items()}
+    reader = HFReader.of_shapes(shapes)
+    assert reader.mismatches(C.tensor_entries(ours), spec.transformer["num_layers"]) == []
+    # ... and back: the spec read from the HF config is the named size's.
+    again = M.size_from_hf_config(hf_config, name=size)
+    assert {k: again.transformer.get(k) for k in spec.transformer if k != "transformer_impl"} == {
+        k: v for k, v in spec.transformer.items() if k != "transformer_impl"}
+    assert (again.first_k_dense, again.vocab_size, again.max_seq_len, again.family) == (
+        spec.first_k_dense, spec.vocab_size, spec.max_seq_len, spec.family)
+    assert count_parameters(ours) == sum(p.numel() for p in theirs.parameters())
+    print(f"{size}: {count_parameters(ours) / 1e9:.1f}B parameters, {len(shapes)} transformers tensors")
+    # The release's FP8 layout of the same names: every quantised weight has its 128 x 128 grid.
+    scaling = BlockScaling()
+    per_expert = [n for name, entry in C.tensor_entries(ours) for n, shape in
+                  zip(M.hf_names(name)[0], M.hf_shapes(name, tuple(entry.data.shape))) if quantized_in_release(n)
+                  and scaling.check(n, shape, scaling.grid(shape)) is None]
+    assert len(per_expert) > 0.9 * len(C.tensor_entries(ours))

@@ -222,8 +222,12 @@ def meta_model(spec, config, vocab_size: int):
     from megatron_dsa.model import build_model
 
     ensure_world()
-    with _quiet(), torch.device("meta"):
-        return build_model(spec, config, vocab_size=vocab_size)
+    initialize, config.perform_initialization = config.perform_initialization, False  # nothing to fill
+    try:
+        with _quiet(), torch.device("meta"):
+            return build_model(spec, config, vocab_size=vocab_size)
+    finally:
+        config.perform_initialization = initialize
 
 
 def tensor_entries(model) -> list[tuple[str, Any]]:

@@ -223,6 +223,39 @@ class HFReader:
                 raise ConversionError(f"{len(absent)} tensors listed in {INDEX_FILE} are not in their files, e.g. {absent[:3]}")
         self.used: set[str] = set()
 
+    @classmethod
+    def of_shapes(cls, shapes: dict[str, tuple[int, ...]]) -> "HFReader":
+        """A reader of names and shapes only (e.g. a transformers model built on the meta device)."""
+        reader = cls.__new__(cls)
+        reader.dir, reader.scaling, reader.where, reader.fp8, reader.used = None, None, {}, set(), set()
+        reader.shapes = {k: tuple(v) for k, v in shapes.items()}
+        return reader
+
+    def mismatches(self, entries, num_layers: int) -> list[str]:
+        """Where our model's tensors (``checkpoint.tensor_entries``) and this directory's differ:
+        a tensor of ours without its HF tensors or with another shape, an HF tensor that is none
+        of ours (MTP layers, numbered from ``num_layers``, and FP8 scales aside)."""
+        problems, wanted = [], set()
+        for name, entry in entries:
+            names, _ = M.hf_names(name)
+            for hf_name, shape in zip(names, M.hf_shapes(name, tuple(entry.data.shape))):
+                wanted.add(self.names_for_check(hf_name))
+                got = self.shape(hf_name)
+                if got is None:
+                    problems.append(f"missing tensor {hf_name}")
+                elif tuple(got) != tuple(shape):
+                    problems.append(f"{hf_name}: shape {tuple(got)}, expected {tuple(shape)}")
+        extra = []
+        for k in self.shapes:
+            m = re.match(r"model\.layers\.(\d+)\.", k)
+            if (k in wanted or (m and int(m.group(1)) >= num_layers) or k.endswith("rotary_emb.inv_freq")
+                    or self.is_scale_of_fp8(k)):
+                continue
+            extra.append(k)
+        if extra:
+            problems.append(f"{len(extra)} unexpected tensors, e.g. {extra[:3]}")
+        return problems
+
     def fp8_problems(self) -> list[str]:
         """What stops the FP8 weights from being dequantised (checked before any is read)."""
         if not self.fp8:
@@ -359,26 +392,7 @@ def import_from_hf(hf_dir: str | os.PathLike[str], out: str | os.PathLike[str], 
     entries = C.tensor_entries(model)
 
     # Every check before any weight is read.
-    problems, wanted = [], set()
-    L = hf["num_hidden_layers"]
-    for name, entry in entries:
-        names, _ = M.hf_names(name)
-        for hf_name, shape in zip(names, M.hf_shapes(name, tuple(entry.data.shape))):
-            wanted.add(reader.names_for_check(hf_name))
-            got = reader.shape(hf_name)
-            if got is None:
-                problems.append(f"missing tensor {hf_name}")
-            elif tuple(got) != tuple(shape):
-                problems.append(f"{hf_name}: shape {tuple(got)}, expected {tuple(shape)}")
-    extra = []
-    for k in reader.shapes:
-        m = re.match(r"model\.layers\.(\d+)\.", k)
-        if (k in wanted or (m and int(m.group(1)) >= L) or k.endswith("rotary_emb.inv_freq")
-                or reader.is_scale_of_fp8(k)):
-            continue  # MTP layers (>= num_hidden_layers) are skipped, as HF does
-        extra.append(k)
-    if extra:
-        problems.append(f"{len(extra)} unexpected tensors, e.g. {extra[:3]}")
+    problems = reader.mismatches(entries, hf["num_hidden_layers"])
     problems += reader.fp8_problems()
     if problems:
         head = "; ".join(problems[:8]) + (f"; ... ({len(problems)} problems)" if len(problems) > 8 else "")
