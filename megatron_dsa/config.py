@@ -22,6 +22,7 @@ from typing import Any, Optional
 from megatron.core.transformer.transformer_config import MLATransformerConfig
 
 from megatron_dsa.kernel_options import DEFAULT_OPTIONS, KernelOptions
+from megatron_dsa.reference import YaRN
 
 MODES = ("dense", "warmup", "sparse")
 KERNELS = ("auto", "reference", "triton")
@@ -57,6 +58,16 @@ class DSASettings:
     indexer_dtype: str = "activation"
     recall_rows: int = 4096
     kernel_options: KernelOptions = DEFAULT_OPTIONS
+    yarn: Optional[YaRN] = None
+    """YaRN scaling of the indexer's RoPE (the same as MLA's), None for plain RoPE."""
+    indexer_types: Optional[tuple[str, ...]] = None
+    """Per layer "full" (runs its indexer) or "shared" (reuses the last full layer's top-k)."""
+
+    def selects(self, layer_number: int) -> bool:
+        """Whether layer ``layer_number`` (1-based) runs its own indexer and top-k."""
+        if self.indexer_types is not None:
+            return self.indexer_types[layer_number - 1] == "full"
+        return (layer_number - 1) % self.topk_freq == 0
 
 
 @dataclass
@@ -86,6 +97,15 @@ class DSATransformerConfig(MLATransformerConfig):
     """RoPE dims of each indexer head ([rope | nope] layout). Defaults to MLA's rope dims."""
 
     mdsa_indexer_k_norm_eps: float = 1e-6
+
+    mdsa_indexer_types: Optional[list] = None
+    """Per layer "full" (the layer runs its indexer and selects) or "shared" (it has no indexer
+    and reuses the top-k of the last "full" layer before it): GLM-5's ``indexer_types``. None:
+    every layer selects, or one in ``dsa_indexer_topk_freq``."""
+
+    mdsa_latent_norm_eps: Optional[float] = None
+    """Epsilon of MLA's query and KV latent norms (default: ``layernorm_epsilon``). DeepSeek-V3.2
+    and GLM-5 fix it at 1e-6 while GLM-5's other norms use 1e-5."""
 
     mdsa_indexer_dtype: str = "activation"
     """Dtype of the indexer's queries and keys as they enter scoring, top-k and the KL.
@@ -214,8 +234,17 @@ def validate(cfg: DSATransformerConfig) -> DSASettings:
         _fail("the indexer reads MLA's query latent: q_lora_rank must be set")
     if not cfg.qk_layernorm:
         _fail("the indexer reads the NORMALISED query latent: qk_layernorm must be True")
-    if cfg.rope_type != "rope":
-        _fail(f"rope_type {cfg.rope_type!r} is not supported yet; use 'rope'")
+    yarn = None
+    if cfg.rope_type == "yarn":
+        # MLA's rotary embedding is megatron-core's YarnRotaryEmbedding; the indexer's tables
+        # come from the same fields (reference.rope_cos_sin).
+        if cfg.rotary_scaling_factor < 1 or cfg.original_max_position_embeddings <= 0:
+            _fail(f"YaRN needs rotary_scaling_factor >= 1 and original_max_position_embeddings > 0, got "
+                  f"{cfg.rotary_scaling_factor} and {cfg.original_max_position_embeddings}")
+        yarn = YaRN(float(cfg.rotary_scaling_factor), int(cfg.original_max_position_embeddings),
+                    float(cfg.beta_fast), float(cfg.beta_slow), float(cfg.mscale), float(cfg.mscale_all_dim))
+    elif cfg.rope_type != "rope":
+        _fail(f"rope_type must be 'rope' or 'yarn', got {cfg.rope_type!r}")
 
     for name in ("dsa_indexer_n_heads", "dsa_indexer_head_dim", "dsa_indexer_topk"):
         value = getattr(cfg, name)
@@ -246,6 +275,19 @@ def validate(cfg: DSATransformerConfig) -> DSASettings:
         _fail(f"mdsa_recall_rows must be >= 0 (0: every row), got {cfg.mdsa_recall_rows}")
     if cfg.dsa_indexer_topk_freq < 1:
         _fail(f"dsa_indexer_topk_freq must be >= 1, got {cfg.dsa_indexer_topk_freq}")
+    indexer_types = None
+    if cfg.mdsa_indexer_types is not None:
+        indexer_types = tuple(cfg.mdsa_indexer_types)
+        if len(indexer_types) != cfg.num_layers or any(t not in ("full", "shared") for t in indexer_types):
+            _fail(f"mdsa_indexer_types must name 'full' or 'shared' for each of the {cfg.num_layers} layers, "
+                  f"got {cfg.mdsa_indexer_types!r}")
+        if indexer_types[0] != "full":
+            _fail("mdsa_indexer_types: the first layer must be 'full' (a 'shared' layer reuses an earlier one)")
+        if cfg.dsa_indexer_topk_freq != 1 or cfg.mdsa_indexer_sharing != "per_layer":
+            _fail("mdsa_indexer_types names each layer's indexer: leave dsa_indexer_topk_freq at 1 and "
+                  "mdsa_indexer_sharing at 'per_layer'")
+    if cfg.mdsa_latent_norm_eps is not None and cfg.mdsa_latent_norm_eps <= 0:
+        _fail(f"mdsa_latent_norm_eps must be positive, got {cfg.mdsa_latent_norm_eps}")
     if cfg.mdsa_indexer_sharing == "shared" and cfg.dsa_indexer_topk_freq > 1:
         _fail("choose one kind of sharing: a shared indexer or dsa_indexer_topk_freq > 1")
     if cfg.mdsa_indexer_sharing == "shared" and cfg.pipeline_model_parallel_size > 1:
@@ -282,6 +324,8 @@ def validate(cfg: DSATransformerConfig) -> DSASettings:
         indexer_dtype=cfg.mdsa_indexer_dtype,
         recall_rows=int(cfg.mdsa_recall_rows),
         kernel_options=kernel_options,
+        yarn=yarn,
+        indexer_types=indexer_types,
     )
 
 

@@ -60,6 +60,8 @@ class ReplicatedLinear(torch.nn.Module):
         if bias:
             raise ValueError("the indexer's linears have no bias")
         device = "cpu" if config.use_cpu_initialization or not torch.cuda.is_available() else torch.cuda.current_device()
+        if torch.get_default_device().type == "meta":
+            device = "meta"  # a model built for its shapes only (the converter's) allocates nothing
         self.weight = torch.nn.Parameter(
             torch.empty(output_size, input_size, dtype=config.params_dtype, device=device)
         )
@@ -107,7 +109,7 @@ class LightningIndexer(MegatronModule):
         k_proj, _ = self.wk(x)
         w_proj, _ = self.weights_proj(x)
         # Built per call (S x rope/2 values): no cache that could go stale when positions change.
-        cos, sin = rope_cos_sin(positions, s.rope_dim, s.rope_base)
+        cos, sin = rope_cos_sin(positions, s.rope_dim, s.rope_base, yarn=s.yarn)
         return indexer_qkw(
             q_proj, k_proj, w_proj, self.k_norm.weight, self.k_norm.bias, cos, sin,
             n_heads=s.n_heads, eps=s.k_norm_eps,
@@ -158,8 +160,9 @@ class DSACoreAttention(MegatronModule):
         self.v_dim = config.kv_lora_rank
         self.softmax_scale = softmax_scale
         s = config.dsa
-        # With dsa_indexer_topk_freq = N, layers 1, N+1, 2N+1, ... select; the rest reuse it.
-        self.selects = (layer_number - 1) % s.topk_freq == 0
+        # With dsa_indexer_topk_freq = N, layers 1, N+1, 2N+1, ... select (or those that
+        # mdsa_indexer_types names "full"); the rest reuse the last selection.
+        self.selects = s.selects(layer_number)
         self.indexer = build_module(submodules.indexer, config=config) if self.selects else None
         self._selection_source: Optional["DSACoreAttention"] = None
         self._last_topk: Optional[torch.Tensor] = None

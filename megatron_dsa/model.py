@@ -43,6 +43,9 @@ class ModelSize:
     max_seq_len: int
     first_k_dense: int
     transformer: dict[str, Any] = field(default_factory=dict)
+    # The transformers model type it maps onto one-to-one: "deepseek_v32" (DeepSeek-V3.2) or
+    # "glm_moe_dsa" (GLM-5). Shapes and layers are the same kind; only the export differs.
+    family: str = "deepseek_v32"
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-able record of this size (checkpoints carry it); ``from_json`` reads it back."""
@@ -54,7 +57,7 @@ class ModelSize:
                 value = {"callable": getattr(value, "__name__", str(value))}
             fields[key] = value
         return dict(name=self.name, vocab_size=self.vocab_size, max_seq_len=self.max_seq_len,
-                    first_k_dense=self.first_k_dense, transformer=fields)
+                    first_k_dense=self.first_k_dense, transformer=fields, family=self.family)
 
     @classmethod
     def from_json(cls, record: dict[str, Any]) -> "ModelSize":
@@ -68,7 +71,8 @@ class ModelSize:
                 continue  # TE where installed, local elsewhere (decided by the reader, not the writer)
             fields[key] = value
         return cls(name=record["name"], vocab_size=record["vocab_size"], max_seq_len=record["max_seq_len"],
-                   first_k_dense=record["first_k_dense"], transformer=deepseek_v3_style(**fields))
+                   first_k_dense=record["first_k_dense"], transformer=deepseek_v3_style(**fields),
+                   family=record.get("family", "deepseek_v32"))
 
 
 # DSATransformerConfig fields that fix parameter shapes: a checkpoint loads into a model iff
@@ -78,6 +82,7 @@ SHAPE_FIELDS = (
     "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim", "num_moe_experts",
     "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size", "moe_router_topk",
     "dsa_indexer_n_heads", "dsa_indexer_head_dim", "mdsa_indexer_sharing", "dsa_indexer_topk_freq",
+    "mdsa_indexer_types",
     "add_bias_linear", "gated_linear_unit", "normalization",
 )
 
@@ -179,9 +184,8 @@ SIZES: dict[str, ModelSize] = {
             dsa_indexer_topk=512,
         ),
     ),
-    # The DeepSeek-V3.2 shape, for validation and planning only; never instantiated in tests.
-    # (The released checkpoint scales RoPE with YaRN, factor 40; this release supports plain
-    # RoPE, so the shape is exact and the rotary scaling is not.)
+    # The DeepSeek-V3.2 release's shape and RoPE (YaRN, factor 40 over 4096 positions), for
+    # validation and planning; built on the meta device only (tests/test_convert_release.py).
     "deepseek-v3.2-671b": ModelSize(
         name="deepseek-v3.2-671b",
         vocab_size=129280,
@@ -206,6 +210,47 @@ SIZES: dict[str, ModelSize] = {
             dsa_indexer_n_heads=64,
             dsa_indexer_head_dim=128,
             dsa_indexer_topk=2048,
+            rope_type="yarn",
+            rotary_scaling_factor=40.0,
+            original_max_position_embeddings=4096,
+            beta_fast=32.0,
+            beta_slow=1.0,
+            mscale=1.0,
+            mscale_all_dim=1.0,
+            bf16=True,
+            params_dtype=torch.bfloat16,
+        ),
+    ),
+    # GLM-5 (transformers' GlmMoeDsaForCausalLM, zai-org/GLM-5): 744B, 64 heads of 192 + 64 dims,
+    # 256-dim values, 32 indexer heads, one routing group, norms at 1e-5 but its latent norms at
+    # 1e-6, plain RoPE base 1e6. Every layer runs its indexer (transformers' default
+    # indexer_types); a release that shares top-k sets mdsa_indexer_types. Meta device only.
+    "glm-5": ModelSize(
+        name="glm-5",
+        vocab_size=154880,
+        max_seq_len=202752,
+        first_k_dense=3,
+        family="glm_moe_dsa",
+        transformer=deepseek_v3_style(
+            num_layers=78,
+            hidden_size=6144,
+            ffn_hidden_size=12288,
+            num_attention_heads=64,
+            q_lora_rank=2048,
+            kv_lora_rank=512,
+            qk_head_dim=192,
+            qk_pos_emb_head_dim=64,
+            v_head_dim=256,
+            num_moe_experts=256,
+            moe_router_topk=8,
+            moe_ffn_hidden_size=2048,
+            moe_shared_expert_intermediate_size=2048,
+            dsa_indexer_n_heads=32,
+            dsa_indexer_head_dim=128,
+            dsa_indexer_topk=2048,
+            rotary_base=1000000.0,
+            layernorm_epsilon=1e-5,
+            mdsa_latent_norm_eps=1e-6,
             bf16=True,
             params_dtype=torch.bfloat16,
         ),

@@ -21,6 +21,8 @@ probabilities are recomputed in backward instead of kept.
 from __future__ import annotations
 
 import functools
+import math
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -68,18 +70,75 @@ def _hadamard_matrix(d: int, dtype: torch.dtype, device: torch.device) -> torch.
     return h
 
 
+@dataclass(frozen=True)
+class YaRN:
+    """YaRN RoPE scaling (DeepSeek-V3's: factor 40 over 4096 original positions, mscale 1, 1).
+
+    The frequencies: dims that rotate fewer than ``beta_slow`` times over the original context
+    are interpolated (divided by ``factor``), dims that rotate more than ``beta_fast`` times
+    keep theirs, with a linear ramp between. cos and sin are multiplied by
+    ``attention_factor``; MLA's softmax scale by ``softmax_factor`` (megatron-core's and
+    transformers' conventions, which agree).
+    """
+
+    factor: float
+    original_max_position_embeddings: int
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 0.0
+
+    @staticmethod
+    def _mscale(factor: float, mscale: float = 1.0) -> float:
+        return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+    @property
+    def attention_factor(self) -> float:
+        return self._mscale(self.factor, self.mscale) / self._mscale(self.factor, self.mscale_all_dim)
+
+    @property
+    def softmax_factor(self) -> float:
+        return self._mscale(self.factor, self.mscale_all_dim) ** 2
+
+
+def rope_inv_freq(rope_dim: int, base: float = 10000.0, yarn: Optional[YaRN] = None,
+                  device=None) -> torch.Tensor:
+    """The rotation frequencies [rope_dim // 2]: base^(-2i/rope_dim), YaRN-scaled when given
+    (computed in float32, as megatron-core's and transformers' tables are)."""
+    pos_freqs = base ** (torch.arange(0, rope_dim, 2, dtype=torch.float32, device=device) / rope_dim)
+    if yarn is None:
+        return 1.0 / pos_freqs
+
+    def dim_of(rotations: float) -> float:  # the dim that turns ``rotations`` times over the original context
+        return rope_dim * math.log(yarn.original_max_position_embeddings / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low = max(math.floor(dim_of(yarn.beta_fast)), 0)
+    high = min(math.ceil(dim_of(yarn.beta_slow)), rope_dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(rope_dim // 2, dtype=torch.float32, device=device) - low) / (high - low)).clamp(0, 1)
+    keep = 1.0 - ramp  # 1: the original frequency (fast dims), 0: interpolated
+    return 1.0 / (yarn.factor * pos_freqs) * (1 - keep) + 1.0 / pos_freqs * keep
+
+
 def rope_cos_sin(
     positions: torch.Tensor,
     rope_dim: int,
     base: float = 10000.0,
     dtype: torch.dtype = torch.float32,
+    yarn: Optional[YaRN] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables [len(positions), rope_dim // 2] for frequencies base^(-2i/rope_dim)."""
-    inv_freq = base ** (
-        -torch.arange(0, rope_dim, 2, dtype=torch.float64, device=positions.device) / rope_dim
-    )
-    angles = positions.to(torch.float64)[:, None] * inv_freq[None, :]
-    return angles.cos().to(dtype), angles.sin().to(dtype)
+    """cos/sin tables [len(positions), rope_dim // 2] for frequencies base^(-2i/rope_dim),
+    YaRN-scaled (frequencies and ``attention_factor``) when ``yarn`` is given."""
+    if yarn is None:
+        inv_freq = base ** (
+            -torch.arange(0, rope_dim, 2, dtype=torch.float64, device=positions.device) / rope_dim
+        )
+        angles = positions.to(torch.float64)[:, None] * inv_freq[None, :]
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+    angles = positions.float()[:, None] * rope_inv_freq(rope_dim, base, yarn, positions.device)[None, :]
+    factor = yarn.attention_factor
+    return (angles.cos() * factor).to(dtype), (angles.sin() * factor).to(dtype)
 
 
 def apply_rope_half_split(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

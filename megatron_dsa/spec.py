@@ -29,7 +29,7 @@ from megatron.core.transformer.experimental_attention_variant.absorbed_mla impor
 )
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
-from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_layer import (
@@ -170,6 +170,18 @@ class SequenceParallelTorchNorm:
         return norm
 
 
+def _with_eps(norm, eps: float) -> type:
+    """``norm`` built with ``eps`` whatever epsilon its builder passes (MLA passes
+    ``layernorm_epsilon`` to its latent norms; ``mdsa_latent_norm_eps`` sets theirs)."""
+
+    class FixedEpsNorm:
+        def __new__(cls, *args, **kwargs):
+            kwargs["eps"] = eps
+            return build_module(norm, *args, **kwargs)
+
+    return FixedEpsNorm
+
+
 def _norm(backend: BackendSpecProvider, config: DSATransformerConfig, for_qk: bool):
     norm = backend.layer_norm(rms_norm=config.normalization == "RMSNorm", for_qk=for_qk)
     if isinstance(backend, LocalSpecProvider):
@@ -211,6 +223,8 @@ def dsa_attention_spec(config: DSATransformerConfig, backend: BackendSpecProvide
     )
     # Unfused: the indexer needs the normalised query latent outside the up-projection.
     qk_norm = _norm(backend, config, for_qk=True)
+    if config.mdsa_latent_norm_eps is not None:
+        qk_norm = _with_eps(qk_norm, config.mdsa_latent_norm_eps)
     return ModuleSpec(
         module=DSAAbsorbedMLASelfAttention,
         params={"attn_mask_type": AttnMaskType.causal},

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from megatron_dsa.config import DSAConfigError, set_mode
@@ -99,6 +101,32 @@ def test_reference_671b_shape_validates_without_building():
     assert (config.num_layers, config.hidden_size, config.num_attention_heads) == (61, 7168, 128)
     assert (config.q_lora_rank, config.kv_lora_rank, config.num_moe_experts, config.moe_router_topk) == (1536, 512, 256, 8)
     assert config.moe_layer_freq == [0, 0, 0] + [1] * 58
+    # The release's YaRN: factor 40 over 4096 positions, mscale = mscale_all_dim = 1.
+    assert config.rope_type == "yarn" and s.yarn.factor == 40 and s.yarn.original_max_position_embeddings == 4096
+    assert s.yarn.attention_factor == 1.0 and abs(s.yarn.softmax_factor - (0.1 * math.log(40) + 1) ** 2) < 1e-12
+
+
+def test_glm5_shape_validates_without_building():
+    config = model_config("glm-5")
+    s = config.dsa
+    assert (s.n_heads, s.head_dim, s.topk, s.rope_dim, s.yarn) == (32, 128, 2048, 64, None)
+    assert (config.num_layers, config.hidden_size, config.num_attention_heads) == (78, 6144, 64)
+    assert (config.qk_head_dim, config.qk_pos_emb_head_dim, config.v_head_dim) == (192, 64, 256)
+    assert (config.layernorm_epsilon, config.mdsa_latent_norm_eps, config.rotary_base) == (1e-5, 1e-6, 1e6)
+    assert config.moe_layer_freq == [0, 0, 0] + [1] * 75 and SIZES["glm-5"].family == "glm_moe_dsa"
+
+
+def test_yarn_and_indexer_types_are_validated():
+    with pytest.raises(DSAConfigError, match="rotary_scaling_factor >= 1"):
+        model_config("tiny", rope_type="yarn", rotary_scaling_factor=0.5)
+    with pytest.raises(DSAConfigError, match="rope_type must be 'rope' or 'yarn'"):
+        model_config("tiny", rope_type="ntk")
+    with pytest.raises(DSAConfigError, match="first layer must be 'full'"):
+        model_config("tiny", mdsa_indexer_types=["shared", "full", "full"])
+    with pytest.raises(DSAConfigError, match="for each of the 3 layers"):
+        model_config("tiny", mdsa_indexer_types=["full", "full"])
+    config = model_config("tiny", mdsa_indexer_types=["full", "shared", "full"])
+    assert [config.dsa.selects(i) for i in (1, 2, 3)] == [True, False, True]
 
 
 def test_named_sizes_are_in_their_parameter_ranges(megatron_world):
@@ -107,4 +135,4 @@ def test_named_sizes_are_in_their_parameter_ranges(megatron_world):
 
     small = count_parameters(build_model("small"))
     assert 20e6 <= small <= 60e6, small
-    assert set(SIZES) == {"tiny", "small", "deepseek-v3.2-671b"}
+    assert set(SIZES) == {"tiny", "small", "deepseek-v3.2-671b", "glm-5"}

@@ -379,8 +379,10 @@ def _fails(capsys, argv, *fragments):
 @pytest.mark.parametrize(
     "changes, fragment",
     [
-        (dict(model_type="llama", architectures=["LlamaForCausalLM"]), "not a DeepSeek-V3.2 checkpoint"),
-        (dict(rope_parameters={"rope_type": "yarn", "factor": 40.0, "rope_theta": 10000.0}), "yarn"),
+        (dict(model_type="llama", architectures=["LlamaForCausalLM"]), "unsupported model: model_type='llama'"),
+        (dict(rope_parameters={"rope_type": "yarn", "factor": 40.0, "rope_theta": 10000.0}),
+         "YaRN rope_parameters without original_max_position_embeddings"),
+        (dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}), "'linear'"),
         (dict(norm_topk_prob=False), "norm_topk_prob"),
         (dict(num_experts_per_tok=6), "2 * topk_group"),
         (dict(q_lora_rank=None), "q_lora_rank"),
@@ -509,11 +511,11 @@ def test_failure_mid_write_leaves_nothing(tiny, tmp_path, monkeypatch):
     calls = {"n": 0}
     real = mapping.to_hf_tensors
 
-    def flaky(name, tensor):
+    def flaky(name, tensor, *args):
         calls["n"] += 1
         if calls["n"] == 20:
             raise RuntimeError("disk on fire")
-        return real(name, tensor)
+        return real(name, tensor, *args)
 
     monkeypatch.setattr(mapping, "to_hf_tensors", flaky)
     with pytest.raises(RuntimeError, match="disk on fire"):

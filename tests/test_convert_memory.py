@@ -46,7 +46,28 @@ def build(hf: Path) -> None:
         q_lora_rank=96, qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32, index_n_heads=4,
         index_head_dim=32, index_topk=6, first_k_dense_replace=1, max_position_embeddings=256, rope_theta=5000.0,
     )
-    DeepseekV32ForCausalLM(cfg).save_pretrained(str(hf))
+    DeepseekV32ForCausalLM(cfg).save_pretrained(str(hf), max_shard_size="50MB")
+
+
+def quantize(hf: Path, out: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from megatron_dsa.convert.fp8 import BlockScaling, quantized_in_release, scale_name
+
+    out.mkdir()
+    index = json.loads((hf / "model.safetensors.index.json").read_text())
+    scaling, weight_map = BlockScaling(), {}
+    for f in sorted(set(index["weight_map"].values())):
+        tensors = {}
+        for name, t in load_file(str(hf / f)).items():
+            if quantized_in_release(name):
+                t, tensors[scale_name(name)] = scaling.quantize(t)
+            tensors[name] = t
+        save_file(tensors, str(out / f), metadata={"format": "pt"})
+        weight_map.update({name: f for name in tensors})
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    config = json.loads((hf / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "quantization_config": scaling.to_hf_config()}))
 
 
 def main() -> None:
@@ -54,15 +75,20 @@ def main() -> None:
     if budget == "build":
         build(hf)
         return
+    if budget == "quantize":  # out: the FP8 copy of hf (the release's layout, 128 x 128 blocks)
+        quantize(hf, out)
+        return
     from megatron_dsa.convert import import_from_hf
     from megatron_dsa.convert import checkpoint as C
 
     C.ensure_world()
-    if budget.startswith("export:"):  # out is a checkpoint: export it, measuring the same way
+    if budget.startswith("export"):  # out is a checkpoint: export it, measuring the same way
         from megatron_dsa.convert import export_to_hf
 
-        budget = budget.split(":", 1)[1]
-        run = lambda: export_to_hf(out, out.with_name(out.name + "_hf"), max_shard_size=budget)  # noqa: E731
+        kind, budget = budget.split(":", 1)
+        fp8 = (128, 128) if kind == "export-fp8" else None
+        run = lambda: export_to_hf(out, out.with_name(out.name + "_" + kind), max_shard_size=budget,  # noqa: E731
+                                   fp8_block=fp8)
     else:
         run = lambda: import_from_hf(hf, out, max_shard_size=budget)  # noqa: E731
     base = rss_anon()
@@ -118,3 +144,15 @@ def test_from_hf_holds_about_one_shard_of_weights(tmp_path):
     export = _run(script, hf, tmp_path / "ckpt_small", "export:8MB")
     stacked_fc1 = 32 * 2 * 512 * 512 * 4
     assert export["growth"] <= 2 * stacked_fc1 + 2 * 8 * 2**20 + 32 * 2**20, (export, model)
+    # The release's FP8 layout both ways: the import dequantises one weight at a time, the
+    # export quantises one tensor at a time (its bound is the same stacked key).
+    _run(script, hf, tmp_path / "hf_fp8", "quantize")
+    fp8_import = _run(script, tmp_path / "hf_fp8", tmp_path / "ckpt_fp8", "8MB")
+    assert fp8_import["checkpoint_bytes"] == model and fp8_import["growth"] <= 0.2 * model, (fp8_import, model)
+    fp8_export = _run(script, hf, tmp_path / "ckpt_fp8", "export-fp8:8MB")
+    assert fp8_export["growth"] <= 2 * stacked_fc1 + 2 * 8 * 2**20 + 32 * 2**20, (fp8_export, model)
+    hf_bytes = sum(p.stat().st_size for p in hf.glob("*.safetensors"))
+    print(f"HF shards {hf_bytes / 2**20:.0f} MiB in {len(list(hf.glob('*.safetensors')))} files, checkpoint "
+          f"{model / 2**20:.0f} MiB; peak growth (MiB): import {small['growth'] / 2**20:.0f} (8 MB budget), "
+          f"{whole['growth'] / 2**20:.0f} (one batch); export {export['growth'] / 2**20:.0f}; FP8 import "
+          f"{fp8_import['growth'] / 2**20:.0f}, FP8 export {fp8_export['growth'] / 2**20:.0f}")

@@ -57,6 +57,35 @@ def test_indexer_rope_is_half_split_on_first_dims(seed):
     assert rel_err(wrong, want_rope) > 0.1, "interleaved rope must not pass for half-split"
 
 
+@pytest.mark.parametrize("mscale, mscale_all_dim", [(1.0, 1.0), (1.0, 0.8), (1.0, 0.0)])
+def test_yarn_tables_equal_transformers_and_megatron_core(megatron_world, mscale, mscale_all_dim):
+    """The indexer's YaRN cos/sin (frequencies and attention factor) are those transformers'
+    DeepSeek-V3.2 applies to MLA and its indexer, and megatron-core's YarnRotaryEmbedding to MLA;
+    the softmax factor is transformers' (megatron-core computes the same in AbsorbedMLA)."""
+    from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import YarnRotaryEmbedding
+    from transformers import DeepseekV32Config
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    from transformers.models.deepseek_v32.modeling_deepseek_v32 import yarn_apply_mscale
+
+    yarn = R.YaRN(40.0, 4096, 32.0, 1.0, mscale, mscale_all_dim)
+    rope = dict(rope_type="yarn", factor=40.0, original_max_position_embeddings=4096, beta_fast=32, beta_slow=1,
+                mscale=mscale, mscale_all_dim=mscale_all_dim, rope_theta=10000.0)
+    hf_freq, hf_factor = ROPE_INIT_FUNCTIONS["yarn"](DeepseekV32Config(rope_parameters=rope,
+                                                                        max_position_embeddings=163840))
+    assert torch.equal(R.rope_inv_freq(64, 10000.0, yarn), hf_freq)
+    assert yarn.attention_factor == pytest.approx(hf_factor, rel=1e-15)
+    assert yarn.softmax_factor == pytest.approx(yarn_apply_mscale(rope, 1.0), rel=1e-15)
+    positions = torch.tensor([0, 1, 5, 4095, 4096, 100000])
+    cos, sin = R.rope_cos_sin(positions, 64, 10000.0, yarn=yarn)
+    angles = positions.float()[:, None] * hf_freq[None]
+    assert torch.allclose(cos, angles.cos() * hf_factor, rtol=0, atol=1e-6)
+    mc = YarnRotaryEmbedding(64, rotary_base=10000.0, scaling_factor=40.0, original_max_position_embeddings=4096,
+                             mscale=mscale, mscale_all_dim=mscale_all_dim, use_cpu_initialization=True)
+    emb, mc_factor = mc(100001)
+    assert torch.equal(emb[positions, 0, 0, :32].cpu(), angles) and mc_factor == pytest.approx(yarn.attention_factor)
+    assert torch.equal(R.rope_cos_sin(positions, 64, 10000.0)[0], R.rope_cos_sin(positions, 64)[0])
+
+
 def test_rope_preserves_relative_position(seed):
     """q.k after rope depends only on the distance between positions (checks the rotation)."""
     d = 8

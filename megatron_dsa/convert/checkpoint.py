@@ -201,11 +201,20 @@ def build_config(spec, overrides: dict[str, Any], **extra):
 
 @contextmanager
 def _quiet():
+    """No warnings and no megatron-core log lines (its GPTModel deprecation notice would be a
+    second stderr line beside a converter's one error line)."""
+    import logging
     import warnings
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+    megatron_log = logging.getLogger("megatron.core")
+    level = megatron_log.level
+    megatron_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        megatron_log.setLevel(level)
 
 
 def meta_model(spec, config, vocab_size: int):
@@ -213,8 +222,12 @@ def meta_model(spec, config, vocab_size: int):
     from megatron_dsa.model import build_model
 
     ensure_world()
-    with _quiet(), torch.device("meta"):
-        return build_model(spec, config, vocab_size=vocab_size)
+    initialize, config.perform_initialization = config.perform_initialization, False  # nothing to fill
+    try:
+        with _quiet(), torch.device("meta"):
+            return build_model(spec, config, vocab_size=vocab_size)
+    finally:
+        config.perform_initialization = initialize
 
 
 def tensor_entries(model) -> list[tuple[str, Any]]:

@@ -1,7 +1,8 @@
 """``python -m megatron_dsa.convert``: to-hf and from-hf.
 
     to-hf   --checkpoint DIR [--size NAME] [--set KEY=VALUE ...] [--tokenizer SPM_MODEL]
-            --out HFDIR [--max-shard-size 2GB] [--overwrite]
+            --out HFDIR [--max-shard-size 2GB] [--dtype bfloat16] [--fp8 [--fp8-block 128x128]]
+            [--overwrite]
     from-hf --hf HFDIR --out CKPTDIR [--size NAME] [--max-shard-size 2GB] [--overwrite]
 
 ``--checkpoint`` is a Megatron-LM save directory (``latest_checkpointed_iteration.txt`` +
@@ -9,7 +10,10 @@
 tensor/expert/pipeline parallel layout (dist_checkpointing reshards on load). Without
 ``--size`` the size is read from the checkpoint (the spec from-hf records, or the trainer's
 ``mdsa_size`` argument). ``--set`` overrides a model config field (JSON value), e.g.
-``--set dsa_indexer_topk=8``.
+``--set dsa_indexer_topk=8``. ``--dtype`` casts the weights (default: the checkpoint's);
+``--fp8`` writes the release's FP8 layout (e4m3 weights with ``weight_scale_inv`` block
+scales, ``quantization_config`` in config.json). from-hf reads either, dequantising FP8
+weights one at a time.
 
 Exit status 2 with one line on stderr for bad input; nothing is left half-written.
 """
@@ -47,6 +51,18 @@ def parse_set_options(pairs: list[str]) -> dict:
     return out
 
 
+def parse_block(text: str) -> tuple[int, int]:
+    """'128x128' (or '128') -> (128, 128)."""
+    parts = text.lower().split("x")
+    try:
+        block = tuple(int(p) for p in parts) * (2 if len(parts) == 1 else 1)
+    except ValueError:
+        block = ()
+    if len(block) != 2 or min(block) <= 0:
+        raise ConversionError(f"--fp8-block expects ROWSxCOLS, e.g. 128x128, got {text!r}")
+    return block
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m megatron_dsa.convert", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -55,6 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     to.add_argument("--tokenizer", default=None, help="sentencepiece model file to export with the weights")
     to.add_argument("--out", required=True)
     to.add_argument("--max-shard-size", default="2GB")
+    to.add_argument("--dtype", default=None, help="weights' dtype in the export (default: the checkpoint's)")
+    to.add_argument("--fp8", action="store_true",
+                    help="store the weights the releases quantise as e4m3 with block scales")
+    to.add_argument("--fp8-block", default="128x128", metavar="ROWSxCOLS", help="FP8 scale block (default 128x128)")
     to.add_argument("--overwrite", action="store_true")
     frm = sub.add_parser("from-hf", help="Hugging Face DeepseekV32 directory -> megatron-dsa dist checkpoint")
     frm.add_argument("--hf", required=True)
@@ -79,6 +99,7 @@ def _run(args, export_to_hf, import_from_hf):
     if args.command == "to-hf":
         return export_to_hf(args.checkpoint, args.out, size=args.size, tokenizer=args.tokenizer,
                             max_shard_size=args.max_shard_size, overrides=parse_set_options(args.set),
-                            overwrite=args.overwrite)
+                            overwrite=args.overwrite, dtype=args.dtype,
+                            fp8_block=parse_block(args.fp8_block) if args.fp8 else None)
     return import_from_hf(args.hf, args.out, size=args.size, overwrite=args.overwrite,
                           max_shard_size=args.max_shard_size)

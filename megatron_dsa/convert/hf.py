@@ -1,4 +1,5 @@
-"""megatron-dsa checkpoint <-> Hugging Face ``DeepseekV32ForCausalLM`` directory.
+"""megatron-dsa checkpoint <-> Hugging Face directory (``DeepseekV32ForCausalLM`` or
+``GlmMoeDsaForCausalLM``; bf16/fp32 weights or the releases' FP8 block-scaled ones).
 
 ``export_to_hf`` streams: it loads about ``max_shard_size`` of weights from the dist
 checkpoint at a time and writes each safetensors shard as soon as it is full, so host memory
@@ -30,6 +31,7 @@ import torch
 from megatron_dsa.convert import checkpoint as C
 from megatron_dsa.convert import mapping as M
 from megatron_dsa.convert.errors import ConversionError
+from megatron_dsa.convert.fp8 import FLOAT8_NAMES, SCALE_SUFFIX, BlockScaling, quantized_in_release, scale_name
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -99,15 +101,29 @@ class ShardWriter:
 def export_to_hf(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str],
                  size: Optional[str] = None, tokenizer: Optional[str | os.PathLike[str]] = None,
                  max_shard_size: str | int = "2GB", overrides: Optional[dict[str, Any]] = None,
-                 overwrite: bool = False) -> Path:
-    """Write a from_pretrained-able HF directory for a megatron-dsa dist checkpoint."""
+                 overwrite: bool = False, dtype: Optional[str] = None,
+                 fp8_block: Optional[tuple[int, int]] = None) -> Path:
+    """Write a from_pretrained-able HF directory for a megatron-dsa dist checkpoint.
+
+    ``dtype`` ('bfloat16', 'float32', ...; default: the checkpoint's) is the weights' dtype on
+    the HF side (the router stays float32). With ``fp8_block`` (rows, cols) the weights the
+    releases quantise are written as e4m3 with block scales (``megatron_dsa.convert.fp8``)
+    and config.json gets the release's ``quantization_config``."""
     budget = parse_size(max_shard_size)
+    if dtype is not None and dtype not in M.DTYPES:
+        raise ConversionError(f"--dtype must be one of {sorted(M.DTYPES)}, got {dtype!r}")
+    scaling = None
+    if fp8_block is not None:
+        scaling = BlockScaling.from_hf_config({"quantization_config": {"quant_method": "fp8",
+                                                                       "weight_block_size": list(fp8_block)}})
     C.check_output(out, overwrite, source=checkpoint, source_flag="--checkpoint")
     ckpt = C.resolve_checkpoint_dir(checkpoint)
     C.ensure_world()
     spec, ov = C.model_spec_for(ckpt, size, overrides or {})
     config = C.build_config(spec, ov)
-    M.check_exportable(config)
+    family = M.family_named(spec.family)
+    M.check_exportable(config, family)
+    indexer_rope = M.indexer_rope_of(config, family)
     metadata = C.tensors_metadata(ckpt)
     vocab = C.vocab_from_metadata(metadata, ckpt)
     entries = C.tensor_entries(C.meta_model(spec, config, vocab))
@@ -127,13 +143,18 @@ def export_to_hf(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str]
         # Without --tokenizer: the ids the checkpoint records (from-hf) or its training
         # tokenizer's; generation needs at least eos.
         special = C.special_ids_for(ckpt)
-    param_dtype = dtypes["embedding.word_embeddings.weight"]
-    hf_config = M.hf_config_dict(config, spec.first_k_dense, vocab, spec.max_seq_len, param_dtype, special)
+    param_dtype = M.DTYPES[dtype] if dtype is not None else dtypes["embedding.word_embeddings.weight"]
+    hf_config = M.hf_config_dict(config, family, spec.first_k_dense, vocab, spec.max_seq_len, param_dtype, special)
+    if scaling is not None:
+        hf_config["quantization_config"] = scaling.to_hf_config()
 
     with C.staged_output(out, overwrite) as tmp:
         writer = ShardWriter(tmp, budget)
         for name, tensor in C.stream_tensors(entries, ckpt, dtypes, budget):
-            for hf_name, t in M.to_hf_tensors(name, tensor).items():
+            for hf_name, t in M.to_hf_tensors(name, tensor, param_dtype, indexer_rope).items():
+                if scaling is not None and quantized_in_release(hf_name):
+                    t, scale_inv = scaling.quantize(t)
+                    writer.add(scale_name(hf_name), scale_inv)
                 writer.add(hf_name, t)
             del tensor
         writer.finish()
@@ -153,18 +174,21 @@ def export_to_hf(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str]
 
 
 class HFReader:
-    """Names, shapes (from headers, no data read) and tensors of an HF safetensors directory.
+    """Names, shapes and dtypes (from headers, no data read) and tensors of an HF safetensors
+    directory.
 
     Experts are read in either layout: per expert (``experts.{j}.gate_proj.weight``, what
     save_pretrained writes) or fused (``experts.gate_up_proj`` [E, 2I, H], ``experts.down_proj``).
+    FP8 block-scaled weights (``scaling``: the checkpoint's ``quantization_config``) are
+    dequantised to float32 as each is read, so memory holds one weight at a time.
     """
 
     _EXPERT = re.compile(r"(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, scaling: Optional[BlockScaling] = None):
         from safetensors import safe_open
 
-        self.dir = directory
+        self.dir, self.scaling = directory, scaling
         index = directory / INDEX_FILE
         if index.is_file():
             try:
@@ -181,12 +205,16 @@ class HFReader:
             raise ConversionError(f"missing weight files in {directory}: {missing} (listed in {INDEX_FILE})")
         self.where: dict[str, str] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
+        self.fp8: set[str] = set()
         for f in files:
             try:
                 with safe_open(str(directory / f), framework="pt") as h:
                     for k in h.keys():
                         self.where[k] = f
-                        self.shapes[k] = tuple(h.get_slice(k).get_shape())
+                        info = h.get_slice(k)
+                        self.shapes[k] = tuple(info.get_shape())
+                        if info.get_dtype() in FLOAT8_NAMES:
+                            self.fp8.add(k)
             except Exception as error:  # noqa: BLE001 - unreadable file
                 raise ConversionError(f"cannot read {directory / f}: {error}") from None
         if weight_map is not None:
@@ -194,6 +222,59 @@ class HFReader:
             if absent:
                 raise ConversionError(f"{len(absent)} tensors listed in {INDEX_FILE} are not in their files, e.g. {absent[:3]}")
         self.used: set[str] = set()
+
+    @classmethod
+    def of_shapes(cls, shapes: dict[str, tuple[int, ...]]) -> "HFReader":
+        """A reader of names and shapes only (e.g. a transformers model built on the meta device)."""
+        reader = cls.__new__(cls)
+        reader.dir, reader.scaling, reader.where, reader.fp8, reader.used = None, None, {}, set(), set()
+        reader.shapes = {k: tuple(v) for k, v in shapes.items()}
+        return reader
+
+    def mismatches(self, entries, num_layers: int) -> list[str]:
+        """Where our model's tensors (``checkpoint.tensor_entries``) and this directory's differ:
+        a tensor of ours without its HF tensors or with another shape, an HF tensor that is none
+        of ours (MTP layers, numbered from ``num_layers``, and FP8 scales aside)."""
+        problems, wanted = [], set()
+        for name, entry in entries:
+            names, _ = M.hf_names(name)
+            for hf_name, shape in zip(names, M.hf_shapes(name, tuple(entry.data.shape))):
+                wanted.add(self.names_for_check(hf_name))
+                got = self.shape(hf_name)
+                if got is None:
+                    problems.append(f"missing tensor {hf_name}")
+                elif tuple(got) != tuple(shape):
+                    problems.append(f"{hf_name}: shape {tuple(got)}, expected {tuple(shape)}")
+        extra = []
+        for k in self.shapes:
+            m = re.match(r"model\.layers\.(\d+)\.", k)
+            if (k in wanted or (m and int(m.group(1)) >= num_layers) or k.endswith("rotary_emb.inv_freq")
+                    or self.is_scale_of_fp8(k)):
+                continue
+            extra.append(k)
+        if extra:
+            problems.append(f"{len(extra)} unexpected tensors, e.g. {extra[:3]}")
+        return problems
+
+    def fp8_problems(self) -> list[str]:
+        """What stops the FP8 weights from being dequantised (checked before any is read)."""
+        if not self.fp8:
+            return []
+        if self.scaling is None:
+            return [f"{len(self.fp8)} FP8 weights (e.g. {min(self.fp8)}) but config.json has no quantization_config "
+                    "(their block size is unknown)"]
+        problems = [self.scaling.check(k, self.shapes[k], self.shapes.get(scale_name(k))) for k in sorted(self.fp8)]
+        return [p for p in problems if p]
+
+    def is_scale_of_fp8(self, name: str) -> bool:
+        return name.endswith(SCALE_SUFFIX) and name.removesuffix(SCALE_SUFFIX) in self.fp8
+
+    def _read(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        self.used.add(name)
+        with safe_open(str(self.dir / self.where[name]), framework="pt") as h:
+            return h.get_tensor(name)
 
     def _fused(self, name: str):
         m = self._EXPERT.match(name)
@@ -217,10 +298,10 @@ class HFReader:
     def get(self, name: str) -> torch.Tensor:
         from safetensors import safe_open
 
+        if name in self.fp8:
+            return self.scaling.dequantize(self._read(name), self._read(scale_name(name)))
         if name in self.where:
-            self.used.add(name)
-            with safe_open(str(self.dir / self.where[name]), framework="pt") as h:
-                return h.get_tensor(name)
+            return self._read(name)
         fused, j, part = self._fused(name)
         self.used.add(fused)
         with safe_open(str(self.dir / self.where[fused]), framework="pt") as h:
@@ -240,6 +321,7 @@ _SIZE_CHECK_FIELDS = (
     "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim", "num_moe_experts", "moe_ffn_hidden_size",
     "moe_shared_expert_intermediate_size", "moe_router_topk", "moe_router_num_groups", "moe_router_group_topk",
     "moe_router_topk_scaling_factor", "dsa_indexer_n_heads", "dsa_indexer_head_dim", "rotary_base",
+    "mdsa_indexer_types",
 )
 
 
@@ -248,6 +330,8 @@ def _size_differences(a, b) -> list[str]:
              if a.transformer.get(f) != b.transformer.get(f)]
     if a.first_k_dense != b.first_k_dense:
         diffs.append(f"first_k_dense: {a.first_k_dense} vs {b.first_k_dense}")
+    if a.family != b.family:
+        diffs.append(f"family: {a.family} vs {b.family}")
     return diffs
 
 
@@ -256,7 +340,7 @@ def _json_overrides(spec, named) -> dict[str, Any]:
     for k, v in spec.transformer.items():
         if k in ("params_dtype", "bf16", "transformer_impl") or named.transformer.get(k) == v:
             continue
-        if isinstance(v, (int, float, str, bool)) or v is None:
+        if isinstance(v, (int, float, str, bool, list)) or v is None:
             out[k] = v
     return out
 
@@ -297,35 +381,19 @@ def import_from_hf(hf_dir: str | os.PathLike[str], out: str | os.PathLike[str], 
         hf = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as error:
         raise ConversionError(f"corrupt {cfg_path}: {error}") from None
-    M.check_hf_config(hf)
-    reader = HFReader(src)
+    family = M.check_hf_config(hf)
+    reader = HFReader(src, BlockScaling.from_hf_config(hf))
     spec, overrides = _choose_spec(hf, size)
     C.ensure_world()
     config = C.build_config(spec, {})
+    indexer_rope = M.indexer_rope_of(config, family)
     model = C.meta_model(spec, config, hf["vocab_size"])
     sharded = model.sharded_state_dict()
     entries = C.tensor_entries(model)
 
     # Every check before any weight is read.
-    problems, wanted = [], set()
-    L = hf["num_hidden_layers"]
-    for name, entry in entries:
-        names, _ = M.hf_names(name)
-        for hf_name, shape in zip(names, M.hf_shapes(name, tuple(entry.data.shape))):
-            wanted.add(reader.names_for_check(hf_name))
-            got = reader.shape(hf_name)
-            if got is None:
-                problems.append(f"missing tensor {hf_name}")
-            elif tuple(got) != tuple(shape):
-                problems.append(f"{hf_name}: shape {tuple(got)}, expected {tuple(shape)}")
-    extra = []
-    for k in reader.shapes:
-        m = re.match(r"model\.layers\.(\d+)\.", k)
-        if k in wanted or (m and int(m.group(1)) >= L) or k.endswith("rotary_emb.inv_freq"):
-            continue  # MTP layers (>= num_hidden_layers) are skipped, as HF does
-        extra.append(k)
-    if extra:
-        problems.append(f"{len(extra)} unexpected tensors, e.g. {extra[:3]}")
+    problems = reader.mismatches(entries, hf["num_hidden_layers"])
+    problems += reader.fp8_problems()
     if problems:
         head = "; ".join(problems[:8]) + (f"; ... ({len(problems)} problems)" if len(problems) > 8 else "")
         raise ConversionError(f"{src} does not match its config.json: {head}")
@@ -344,8 +412,8 @@ def import_from_hf(hf_dir: str | os.PathLike[str], out: str | os.PathLike[str], 
         try:
             for name, entry in entries:
                 names, _ = M.hf_names(name)
-                item = {name: dataclasses.replace(
-                    entry, data=M.from_hf_tensors(name, [reader.get(n) for n in names], entry.data.dtype))}
+                item = {name: dataclasses.replace(entry, data=M.from_hf_tensors(
+                    name, [reader.get(n) for n in names], entry.data.dtype, indexer_rope))}
                 apply_factories(item)  # what the save would do, one tensor at a time
                 dict_list_map_inplace(park, item)
                 sharded[name] = item[name]

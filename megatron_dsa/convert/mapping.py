@@ -1,19 +1,69 @@
-"""Names, shapes and configs: our megatron-core model <-> HF ``DeepseekV32ForCausalLM``.
+"""Names, shapes and configs: our megatron-core model <-> transformers' DSA models.
 
-Every tensor is copied as-is (no permutation: see docs/hf-deepseek-v32-notes.md, section 3);
-the only reshaping is SwiGLU's ``linear_fc1 = cat(gate_proj, up_proj)`` (dense MLP, routed
-and shared experts). The router weight and its expert bias are fp32 in HF.
+Two families, one model: ``DeepseekV32ForCausalLM`` (DeepSeek-V3.2) and
+``GlmMoeDsaForCausalLM`` (GLM-5) have the same parameter names. Every tensor is copied as-is
+(no permutation: see docs/hf-deepseek-v32-notes.md, section 3) except
+
+* SwiGLU's ``linear_fc1 = cat(gate_proj, up_proj)`` (dense MLP, routed and shared experts);
+* GLM-5's indexer RoPE, which rotates interleaved pairs (x0, x1), (x2, x3), ... where ours
+  (and DeepSeek-V3.2's) rotates half-split pairs (x_i, x_i+r/2): the rope rows of the
+  indexer's ``wq_b`` (per head), ``wk`` and ``k_norm`` are reordered evens-then-odds on
+  import (and back on export), which makes the two rotations the same function;
+* the router weight and its expert bias, fp32 in HF.
+
+GLM-5's ``indexer_types`` ("full" runs the indexer, "shared" reuses the previous full
+layer's top-k) is ``mdsa_indexer_types``; DeepSeek-V3.2 selects in every layer.
 """
 
 from __future__ import annotations
 
+import math
 import re
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 
 from megatron_dsa.convert.errors import ConversionError
 from megatron_dsa.model import ModelSize, deepseek_v3_style
+
+
+@dataclass(frozen=True)
+class Family:
+    """A transformers model class our model maps onto one-to-one."""
+
+    model_type: str
+    architecture: str
+    name: str
+    indexer_rope_interleaved: bool  # GLM-5's indexer rotates interleaved pairs
+    indexer_types: bool  # the config has per-layer "full" / "shared" indexers
+
+
+FAMILIES = {
+    f.model_type: f
+    for f in (
+        Family("deepseek_v32", "DeepseekV32ForCausalLM", "DeepSeek-V3.2", False, False),
+        Family("glm_moe_dsa", "GlmMoeDsaForCausalLM", "GLM-5", True, True),
+    )
+}
+
+
+def family_of(hf: dict[str, Any]) -> Family:
+    """The family of an HF config.json dict; ConversionError for any other model."""
+    family = FAMILIES.get(hf.get("model_type"))
+    archs = hf.get("architectures")
+    if family is None or (archs is not None and family.architecture not in archs):
+        known = ", ".join(f"{f.model_type!r} ({f.architecture}, {f.name})" for f in FAMILIES.values())
+        raise ConversionError(f"unsupported model: model_type={hf.get('model_type')!r}, architectures={archs!r}; "
+                              f"known: {known}")
+    return family
+
+
+def family_named(model_type: str) -> Family:
+    if model_type not in FAMILIES:
+        raise ConversionError(f"unknown model family {model_type!r}; known: {sorted(FAMILIES)}")
+    return FAMILIES[model_type]
+
 
 # One our-name -> one or more HF names. kind: "copy" | "glu" (split rows in two halves) | "fp32".
 _LAYER_RULES = [
@@ -26,10 +76,11 @@ _LAYER_RULES = [
     (r"self_attention\.kv_layernorm\.weight", ["self_attn.kv_a_layernorm.weight"], "copy"),
     (r"self_attention\.linear_kv_up_proj\.weight", ["self_attn.kv_b_proj.weight"], "copy"),
     (r"self_attention\.linear_proj\.weight", ["self_attn.o_proj.weight"], "copy"),
-    (r"self_attention\.core_attention\.indexer\.(wq_b|wk|weights_proj)\.weight",
-     ["self_attn.indexer.{0}.weight"], "copy"),
-    (r"self_attention\.core_attention\.indexer\.k_norm\.(weight|bias)",
-     ["self_attn.indexer.k_norm.{0}"], "copy"),
+    (r"self_attention\.core_attention\.indexer\.wq_b\.weight", ["self_attn.indexer.wq_b.weight"], "indexer_q"),
+    (r"self_attention\.core_attention\.indexer\.(wk\.weight|k_norm\.weight|k_norm\.bias)",
+     ["self_attn.indexer.{0}"], "indexer_k"),
+    (r"self_attention\.core_attention\.indexer\.weights_proj\.weight",
+     ["self_attn.indexer.weights_proj.weight"], "copy"),
     (r"mlp\.linear_fc1\.weight", ["mlp.gate_proj.weight", "mlp.up_proj.weight"], "glu"),
     (r"mlp\.linear_fc2\.weight", ["mlp.down_proj.weight"], "copy"),
     (r"mlp\.router\.weight", ["mlp.gate.weight"], "fp32"),
@@ -51,7 +102,8 @@ _LAYER = re.compile(r"decoder\.layers\.(\d+)\.(.+)$")
 
 
 def hf_names(name: str) -> tuple[list[str], str]:
-    """HF tensor names for one of our state-dict names, and how to convert ('copy'|'glu'|'fp32')."""
+    """HF tensor names for one of our state-dict names, and how to convert
+    ('copy' | 'glu' | 'fp32' | 'indexer_q' | 'indexer_k')."""
     if name in _TOP:
         return _TOP[name]
     m = _LAYER.match(name)
@@ -64,20 +116,53 @@ def hf_names(name: str) -> tuple[list[str], str]:
     raise ConversionError(f"no Hugging Face name for the megatron tensor {name!r}")
 
 
-def to_hf_tensors(name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+@dataclass(frozen=True)
+class IndexerRope:
+    """Where the indexer's rope dims are, for families whose indexer rotates interleaved pairs."""
+
+    n_heads: int
+    head_dim: int
+    rope_dim: int
+
+    def rows(self, kind: str, n_rows: int) -> torch.Tensor:
+        """Our row j is HF's row ``rows[j]``: in each head (one key head for 'indexer_k'),
+        the rope dims evens first, then odds; the other dims stay."""
+        head = torch.arange(self.head_dim)
+        head[: self.rope_dim] = torch.cat([torch.arange(0, self.rope_dim, 2), torch.arange(1, self.rope_dim, 2)])
+        heads = self.n_heads if kind == "indexer_q" else 1
+        order = (torch.arange(heads)[:, None] * self.head_dim + head[None]).flatten()
+        if order.numel() != n_rows:
+            raise ConversionError(f"indexer tensor with {n_rows} rows, expected {order.numel()}")
+        return order
+
+
+def indexer_rope_of(cfg, family: Family) -> Optional[IndexerRope]:
+    s = cfg.dsa
+    return IndexerRope(s.n_heads, s.head_dim, s.rope_dim) if family.indexer_rope_interleaved else None
+
+
+def to_hf_tensors(name: str, tensor: torch.Tensor, dtype: torch.dtype | None = None,
+                  indexer_rope: Optional[IndexerRope] = None) -> dict[str, torch.Tensor]:
+    """HF tensors for one of ours, in ``dtype`` (default: as stored; the router's stay fp32)."""
     names, kind = hf_names(name)
+    if kind == "fp32":
+        return {names[0]: tensor.float().contiguous()}
+    tensor = tensor.to(dtype or tensor.dtype)
     if kind == "glu":
         gate, up = tensor.chunk(2, dim=0)
         return {names[0]: gate.contiguous(), names[1]: up.contiguous()}
-    if kind == "fp32":
-        return {names[0]: tensor.float().contiguous()}
+    if kind.startswith("indexer_") and indexer_rope is not None:
+        tensor = tensor[torch.argsort(indexer_rope.rows(kind, tensor.shape[0]))]
     return {names[0]: tensor.contiguous()}
 
 
-def from_hf_tensors(name: str, tensors: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+def from_hf_tensors(name: str, tensors: list[torch.Tensor], dtype: torch.dtype,
+                    indexer_rope: Optional[IndexerRope] = None) -> torch.Tensor:
     _, kind = hf_names(name)
     if kind == "glu":
         return torch.cat(tensors, dim=0).to(dtype)
+    if kind.startswith("indexer_") and indexer_rope is not None:
+        return tensors[0][indexer_rope.rows(kind, tensors[0].shape[0])].to(dtype)
     return tensors[0].to(dtype)
 
 
@@ -102,20 +187,33 @@ def dtype_name(dtype: torch.dtype) -> str:
     raise ConversionError(f"unsupported parameter dtype {dtype}")
 
 
-def check_exportable(cfg) -> None:
-    """Settings HF's DeepseekV32 cannot express: one ConversionError."""
+# transformers hard-codes these epsilons: the MLA latent norms (q_a / kv_a) and the indexer's
+# key LayerNorm; the decoder norms use the config's rms_norm_eps.
+HF_LATENT_NORM_EPS = 1e-6
+
+
+def latent_norm_eps(cfg) -> float:
+    return cfg.mdsa_latent_norm_eps if cfg.mdsa_latent_norm_eps is not None else cfg.layernorm_epsilon
+
+
+def check_exportable(cfg, family: Family) -> None:
+    """Settings the family's HF model cannot express: one ConversionError."""
     s = cfg.dsa
     problems = []
-    if s.topk_freq != 1:
-        problems.append(f"dsa_indexer_topk_freq={s.topk_freq} (HF selects in every layer)")
+    selects = [s.selects(i + 1) for i in range(cfg.num_layers)]
+    if not family.indexer_types and not all(selects):
+        problems.append(f"dsa_indexer_topk_freq={s.topk_freq} / mdsa_indexer_types "
+                        f"({family.name} selects in every layer)")
     if s.indexer_sharing != "per_layer":
         problems.append(f"mdsa_indexer_sharing={s.indexer_sharing!r} (HF has one indexer per layer)")
     if s.rope_dim != cfg.qk_pos_emb_head_dim:
         problems.append(f"indexer rope dims {s.rope_dim} != MLA rope dims {cfg.qk_pos_emb_head_dim}")
-    if s.k_norm_eps != 1e-6 or cfg.layernorm_epsilon != 1e-6:
-        problems.append("norm epsilons must be 1e-6 (HF hard-codes it for q/kv/indexer norms)")
-    if cfg.rope_type != "rope" or cfg.mscale_all_dim:
-        problems.append("only plain RoPE without mscale is exported")
+    if s.k_norm_eps != HF_LATENT_NORM_EPS or latent_norm_eps(cfg) != HF_LATENT_NORM_EPS:
+        problems.append("the q/kv latent norms and the indexer's key norm need epsilon 1e-6 (HF hard-codes it)")
+    if cfg.rope_type == "rope" and cfg.mscale_all_dim:
+        problems.append("plain RoPE with mscale_all_dim (a softmax scale HF's default RoPE does not apply)")
+    if cfg.rope_type == "yarn" and not cfg.mscale_all_dim and cfg.mscale != 1:
+        problems.append("YaRN with mscale != 1 but no mscale_all_dim (HF then ignores mscale)")
     if cfg.num_moe_experts:
         topk, groups, gtopk = cfg.moe_router_topk, cfg.moe_router_num_groups, cfg.moe_router_group_topk
         if cfg.moe_router_score_function != "sigmoid" or not cfg.moe_router_enable_expert_bias:
@@ -129,20 +227,29 @@ def check_exportable(cfg) -> None:
         if cfg.moe_shared_expert_gate:
             problems.append("gated shared experts do not exist in HF")
     if problems:
-        raise ConversionError("cannot export to DeepseekV32ForCausalLM: " + "; ".join(problems))
+        raise ConversionError(f"cannot export to {family.architecture}: " + "; ".join(problems))
 
 
-def hf_config_dict(cfg, first_k_dense: int, vocab_size: int, max_seq_len: int,
+def hf_rope_parameters(cfg) -> dict[str, Any]:
+    rope = {"rope_theta": float(cfg.rotary_base), "rope_type": "default"}
+    if cfg.rope_type == "yarn":
+        y = cfg.dsa.yarn
+        rope.update(rope_type="yarn", factor=y.factor, original_max_position_embeddings=y.original_max_position_embeddings,
+                    beta_fast=y.beta_fast, beta_slow=y.beta_slow, mscale=y.mscale, mscale_all_dim=y.mscale_all_dim)
+    return rope
+
+
+def hf_config_dict(cfg, family: Family, first_k_dense: int, vocab_size: int, max_seq_len: int,
                    dtype: torch.dtype, special_ids: dict | None = None) -> dict[str, Any]:
-    """config.json content of DeepseekV32ForCausalLM for our transformer config."""
-    check_exportable(cfg)
+    """config.json content of the family's HF model for our transformer config."""
+    check_exportable(cfg, family)
     s = cfg.dsa
     L = cfg.num_layers
     moe = bool(cfg.num_moe_experts)
     k_dense = first_k_dense if moe else L
     d = dict(
-        architectures=["DeepseekV32ForCausalLM"],
-        model_type="deepseek_v32",
+        architectures=[family.architecture],
+        model_type=family.model_type,
         vocab_size=vocab_size,
         hidden_size=cfg.hidden_size,
         intermediate_size=cfg.ffn_hidden_size,
@@ -170,7 +277,7 @@ def hf_config_dict(cfg, first_k_dense: int, vocab_size: int, max_seq_len: int,
         hidden_act="silu",
         rms_norm_eps=cfg.layernorm_epsilon,
         max_position_embeddings=max_seq_len,
-        rope_parameters={"rope_theta": float(cfg.rotary_base), "rope_type": "default"},
+        rope_parameters=hf_rope_parameters(cfg),
         attention_bias=False,
         attention_dropout=0.0,
         tie_word_embeddings=False,
@@ -178,21 +285,24 @@ def hf_config_dict(cfg, first_k_dense: int, vocab_size: int, max_seq_len: int,
         use_cache=True,
         dtype=dtype_name(dtype),
     )
+    if family.indexer_types:
+        d["indexer_types"] = ["full" if s.selects(i + 1) else "shared" for i in range(L)]
     if special_ids:
         d.update(special_ids)
     return d
 
 
 def size_from_hf_config(hf: dict[str, Any], name: str = "hf") -> ModelSize:
-    """A ModelSize equivalent to an HF DeepseekV32 config.json dict; ConversionError if the
-    HF model uses something our model cannot reproduce exactly. The HF config sets the
+    """A ModelSize equivalent to an HF config.json dict of a known family; ConversionError if
+    the HF model uses something our model cannot reproduce exactly. The HF config sets the
     numbers; the conventions are ``model.deepseek_v3_style``'s."""
-    check_hf_config(hf)
+    family = check_hf_config(hf)
     L = hf["num_hidden_layers"]
     k_dense = _first_k_dense(hf)
     rope = _rope_parameters(hf)
     dtype = DTYPES.get(str(hf.get("dtype") or hf.get("torch_dtype") or "float32").replace("torch.", ""), torch.float32)
     moe = k_dense < L
+    eps = hf.get("rms_norm_eps", 1e-6)
     fields = dict(
         num_layers=L,
         hidden_size=hf["hidden_size"],
@@ -204,13 +314,19 @@ def size_from_hf_config(hf: dict[str, Any], name: str = "hf") -> ModelSize:
         qk_pos_emb_head_dim=hf["qk_rope_head_dim"],
         v_head_dim=hf["v_head_dim"],
         rotary_base=rope.get("rope_theta", 10000.0),
-        layernorm_epsilon=hf.get("rms_norm_eps", 1e-6),
+        layernorm_epsilon=eps,
         dsa_indexer_n_heads=hf["index_n_heads"],
         dsa_indexer_head_dim=hf["index_head_dim"],
         dsa_indexer_topk=hf["index_topk"],
         bf16=dtype == torch.bfloat16,
         params_dtype=dtype,
     )
+    if eps != HF_LATENT_NORM_EPS:
+        fields["mdsa_latent_norm_eps"] = HF_LATENT_NORM_EPS
+    fields.update(_yarn_fields(hf, rope))
+    types = _indexer_types(hf, family)
+    if types is not None and "shared" in types:
+        fields["mdsa_indexer_types"] = types
     if moe:
         n_group = hf.get("n_group") or 1
         fields.update(
@@ -229,6 +345,7 @@ def size_from_hf_config(hf: dict[str, Any], name: str = "hf") -> ModelSize:
         max_seq_len=hf.get("max_position_embeddings", 163840),
         first_k_dense=k_dense,
         transformer=deepseek_v3_style(**fields),
+        family=family.model_type,
     )
 
 
@@ -238,8 +355,60 @@ def _rope_parameters(hf: dict) -> dict:
         rope = {"rope_theta": hf.get("rope_theta", 10000.0), "rope_type": "default"}
         if hf.get("rope_scaling"):
             rope.update(hf["rope_scaling"])
-            rope.setdefault("rope_type", rope.get("type", "default"))
+            rope["rope_type"] = rope.get("rope_type", rope.get("type", "default"))
     return rope
+
+
+def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def _yarn_problems(hf: dict, rope: dict) -> list[str]:
+    """What of an HF YaRN setting megatron-core's YarnRotaryEmbedding cannot reproduce."""
+    if rope.get("rope_type") != "yarn":
+        return []
+    problems = []
+    if rope.get("original_max_position_embeddings") is None:
+        problems.append("YaRN rope_parameters without original_max_position_embeddings")
+    if rope.get("truncate", True) is not True:
+        problems.append("YaRN with truncate=false (megatron-core rounds the correction range)")
+    if rope.get("mscale_all_dim") and not rope.get("mscale"):
+        problems.append("YaRN with mscale_all_dim but no mscale")
+    fields = _yarn_fields(hf, rope) if not problems else {}
+    if fields and rope.get("attention_factor") is not None:
+        f, m, mad = fields["rotary_scaling_factor"], fields["mscale"], fields["mscale_all_dim"]
+        if not math.isclose(rope["attention_factor"], _yarn_mscale(f, m) / _yarn_mscale(f, mad), rel_tol=1e-12):
+            problems.append(f"YaRN attention_factor {rope['attention_factor']} is not the one its mscale values give")
+    return problems
+
+
+def _yarn_fields(hf: dict, rope: dict) -> dict[str, Any]:
+    """megatron-core's YaRN fields for an HF rope_parameters dict ({} for plain RoPE).
+
+    HF scales cos/sin by mscale(factor, mscale) / mscale(factor, mscale_all_dim) when both are
+    set, by mscale(factor) otherwise; megatron-core always by the ratio, so a missing
+    mscale_all_dim becomes 0 (mscale(factor, 0) = 1) with mscale 1."""
+    if rope.get("rope_type") != "yarn":
+        return {}
+    original = rope["original_max_position_embeddings"]
+    factor = rope.get("factor") or hf.get("max_position_embeddings", original) / original
+    both = bool(rope.get("mscale")) and bool(rope.get("mscale_all_dim"))
+    return dict(
+        rope_type="yarn",
+        rotary_scaling_factor=float(factor),
+        original_max_position_embeddings=int(original),
+        beta_fast=float(rope.get("beta_fast") or 32),
+        beta_slow=float(rope.get("beta_slow") or 1),
+        mscale=float(rope["mscale"]) if both else 1.0,
+        mscale_all_dim=float(rope["mscale_all_dim"]) if both else 0.0,
+    )
+
+
+def _indexer_types(hf: dict, family: Family) -> Optional[list[str]]:
+    if not family.indexer_types:
+        return None
+    types = hf.get("indexer_types")
+    return list(types) if types is not None else ["full"] * hf["num_hidden_layers"]
 
 
 def _first_k_dense(hf: dict) -> int:
@@ -254,26 +423,25 @@ def _first_k_dense(hf: dict) -> int:
     return k
 
 
-def check_hf_config(hf: dict[str, Any]) -> None:
-    """Everything that makes an HF config unimportable, in one ConversionError."""
-    if hf.get("model_type") != "deepseek_v32" or "DeepseekV32ForCausalLM" not in (hf.get("architectures") or ["DeepseekV32ForCausalLM"]):
-        raise ConversionError(
-            f"not a DeepSeek-V3.2 checkpoint: model_type={hf.get('model_type')!r}, "
-            f"architectures={hf.get('architectures')!r} (want 'deepseek_v32' / DeepseekV32ForCausalLM)"
-        )
+def check_hf_config(hf: dict[str, Any]) -> Family:
+    """The config's family; everything that makes it unimportable in one ConversionError."""
+    family = family_of(hf)
     problems = []
     required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim",
                 "index_n_heads", "index_head_dim", "index_topk")
     missing = [k for k in required if hf.get(k) is None]
     if missing:
-        raise ConversionError(f"config.json lacks required DeepSeek-V3.2 keys: {missing}")
+        raise ConversionError(f"config.json lacks required {family.name} keys: {missing}")
     if hf.get("q_lora_rank") is None:
         problems.append("q_lora_rank is None (the indexer needs the query latent)")
     rope = _rope_parameters(hf)
-    rtype = rope.get("rope_type", rope.get("type", "default"))
-    if rtype != "default" or rope.get("factor") not in (None, 1, 1.0):
-        problems.append(f"rope scaling {rtype!r} (yarn and other scaled RoPE are not supported; plain RoPE only)")
+    rtype = rope.get("rope_type", "default")
+    if rtype == "default" and rope.get("factor") not in (None, 1, 1.0):
+        problems.append(f"default RoPE with factor {rope.get('factor')}")
+    elif rtype not in ("default", "yarn"):
+        problems.append(f"rope scaling {rtype!r} (plain RoPE and YaRN are supported)")
+    problems += _yarn_problems(hf, rope)
     if hf.get("norm_topk_prob", True) is not True:
         problems.append("norm_topk_prob is False (megatron always normalises sigmoid top-k weights)")
     L = hf["num_hidden_layers"]
@@ -284,6 +452,12 @@ def check_hf_config(hf: dict[str, Any]) -> None:
     layer_types = hf.get("layer_types")
     if layer_types is not None and any(t != "indexed_attention" for t in layer_types):
         problems.append("every layer must be 'indexed_attention'")
+    indexer_types = _indexer_types(hf, family)
+    if indexer_types is not None:
+        if len(indexer_types) != L or any(t not in ("full", "shared") for t in indexer_types):
+            problems.append(f"indexer_types must name 'full' or 'shared' for each of the {L} layers")
+        elif indexer_types[0] != "full":
+            problems.append("indexer_types: the first layer must be 'full' (a 'shared' layer reuses an earlier one)")
     if k_dense < L:
         topk, n_group, topk_group = hf.get("num_experts_per_tok"), hf.get("n_group") or 1, hf.get("topk_group") or 1
         if topk is None or topk < 2:
@@ -303,10 +477,12 @@ def check_hf_config(hf: dict[str, Any]) -> None:
         problems.append("attention_bias=True is not supported")
     if hf.get("tie_word_embeddings"):
         problems.append("tied embeddings are not supported")
-    if hf.get("rms_norm_eps", 1e-6) != 1e-6:
-        problems.append(f"rms_norm_eps={hf.get('rms_norm_eps')} (HF's q/kv norms use 1e-6; megatron one eps for all)")
+    eps = hf.get("rms_norm_eps", 1e-6)
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or eps <= 0:
+        problems.append(f"rms_norm_eps={eps!r} must be a positive number")
     d, r = hf["index_head_dim"], hf["qk_rope_head_dim"]
     if d % 2 or d < r:
         problems.append(f"index_head_dim={d} must be even and >= qk_rope_head_dim ({r})")
     if problems:
-        raise ConversionError("unsupported DeepSeek-V3.2 settings: " + "; ".join(problems))
+        raise ConversionError(f"unsupported {family.name} settings: " + "; ".join(problems))
+    return family

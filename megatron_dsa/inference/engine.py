@@ -6,7 +6,9 @@ tokens' positions as the queries' and the whole cache as the keys. Per layer it 
 every token seen:
 
     latent KV entry  [B, T, kv_lora_rank + rope]  (normalised latent | roped key rope part)
-    indexer key      [B, T, DI]                   (LayerNorm, half-split RoPE, Hadamard)
+    indexer key      [B, T, DI]                   (LayerNorm, half-split RoPE, Hadamard; only
+                                                  layers that run their indexer: one that reuses
+                                                  an earlier layer's top-k takes that layer's)
 
 A step with T new tokens (prefill: the prompt; decode: one token), in each layer:
     the MLA absorbed queries, latent entries and query latent of the new tokens at their
@@ -105,9 +107,7 @@ class DSAInference:
         self.backend = ops.backend(kernel, device, model.config.dsa.kernel_options)
         self.parallel = ParallelContext()  # one rank
         self.routed = [self._routed_experts_only(layer.mlp) for layer in self.layers]  # see _routed_moe
-        s = self.config.dsa
-        if s.topk_freq != 1 or s.indexer_sharing != "per_layer":
-            raise ValueError("inference supports one indexer per layer selecting in every layer")
+        self._selection: Optional[torch.Tensor] = None  # the last selecting layer's top-k, this step
 
     def new_cache(self, capacity: Optional[int] = None) -> KVCache:
         return KVCache.empty(len(self.layers), capacity)
@@ -121,14 +121,17 @@ class DSAInference:
         query, latent, qr = attn.absorbed_inputs(h, first_position=cache.n)
         q = query.transpose(0, 1)  # [B, T, H, Dqk]
         qi = ik = wi = None
-        if self.mode == "sparse":
+        selects = self.mode == "sparse" and core.selects
+        if selects:
             qi, ik, wi = core.indexer_inputs(h, qr, positions)
         kv_all, ik_all = cache.append(latent.squeeze(2).transpose(0, 1), ik)
         res = dsa_core(
             self.parallel, self.mode, q, kv_all, core.v_dim, core.softmax_scale, self.config.dsa.topk,
-            indexer=(qi, ik_all, wi) if self.mode == "sparse" else None, q_pos=positions, with_loss=False,
-            backend=self.backend,
+            indexer=(qi, ik_all, wi) if selects else None, q_pos=positions, with_loss=False,
+            backend=self.backend, selection=None if selects else self._selection,
         )
+        if selects:
+            self._selection = res.topk  # the layers after it that have no indexer reuse it
         out, bias = attn.project_output(res.out.transpose(0, 1).reshape(T, B, -1))
         return out if bias is None else out + bias
 
@@ -211,13 +214,19 @@ class DSAInference:
 
 @torch.no_grad()
 def full_forward_logits(model: torch.nn.Module, tokens: torch.Tensor, mode: str) -> torch.Tensor:
-    """The model's own forward over a whole sequence in ``mode`` (for comparison), [B, T, V]."""
-    old = model.config.mdsa_mode
+    """The model's own forward over a whole sequence in ``mode`` (for comparison), [B, T, V].
+    The per-layer metrics it records (indexer KL, MoE losses) go to a tracker of its own, so a
+    training run's are untouched and models of other depths can be compared in one process."""
+    from megatron.core.transformer.moe import moe_logging
+
+    old, tracker = model.config.mdsa_mode, moe_logging.get_moe_metrics_tracker()
     set_mode(model.config, mode)
+    moe_logging.set_moe_metrics_tracker(moe_logging.MoEMetricsTracker())
     try:
         tokens = tokens.to(next(model.parameters()).device)
         B, T = tokens.shape
         positions = torch.arange(T, device=tokens.device)[None].expand(B, -1)
         return model(tokens, positions, None).float()
     finally:
+        moe_logging.set_moe_metrics_tracker(tracker)
         set_mode(model.config, old)

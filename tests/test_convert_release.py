@@ -1,0 +1,382 @@
+"""The released checkpoints' features, on tiny models transformers writes itself: YaRN RoPE
+(MLA and indexer, with its mscale), FP8 e4m3 weights with block scales (``weight_scale_inv``,
+quantised by transformers' own ``Fp8Quantize``, the release's scheme), and both families:
+DeepSeek-V3.2 (``DeepseekV32ForCausalLM``) and GLM-5 (``GlmMoeDsaForCausalLM``: interleaved
+indexer RoPE, layers that reuse an earlier layer's top-k, 1e-5 norms with 1e-6 latent norms).
+
+The FP8 sources also carry the release's MTP layer (added in its names: transformers writes
+none), which the import skips as transformers' loader does.
+
+Each imported model gives transformers' logits (fp32, sparse, sequences longer than the top-k)
+and greedy tokens; an FP8 source exports back to FP8 within e4m3 precision, a bf16 one
+bit-exact; bad input stops with one line and writes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from megatron_dsa.convert import export_to_hf, import_from_hf, load_model
+from megatron_dsa.convert.fp8 import SCALE_SUFFIX as SCALE
+from megatron_dsa.convert.fp8 import BlockScaling, quantized_in_release, scale_name
+from test_convert import _fails, _hf_tensors, hf_model, our_logits, untie_indexer_
+
+TOPK = 6
+BLOCK = (8, 8)
+YARN = dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=64, beta_fast=32, beta_slow=1,
+            mscale=1.0, mscale_all_dim=0.8, rope_theta=5000.0)
+TINY = dict(
+    vocab_size=300, hidden_size=48, intermediate_size=96, moe_intermediate_size=24, num_attention_heads=4,
+    num_key_value_heads=4, n_shared_experts=1, n_routed_experts=8, num_experts_per_tok=4, routed_scaling_factor=1.5,
+    kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=24, index_n_heads=4,
+    index_head_dim=16, index_topk=TOPK, first_k_dense_replace=1, max_position_embeddings=256, initializer_range=0.1,
+)
+FAMILIES = {
+    "deepseek_v32": dict(num_hidden_layers=3, n_group=2, topk_group=2),
+    # GLM-5's pattern: layers 2 and 3 reuse layer 1's top-k; 1e-5 decoder norms (its latents: 1e-6).
+    "glm_moe_dsa": dict(num_hidden_layers=4, n_group=1, topk_group=1, rms_norm_eps=1e-5,
+                        indexer_types=["full", "shared", "shared", "full"]),
+}
+
+
+def transformers_model(family: str, path: Path, dtype=torch.float32, **changes):
+    """A tiny model of ``family`` with YaRN, random (transformers' init, norms and biases
+    randomised, the indexer tie-free), saved by transformers."""
+    from transformers import DeepseekV32Config, DeepseekV32ForCausalLM, GlmMoeDsaConfig, GlmMoeDsaForCausalLM
+
+    config_cls, model_cls = {"deepseek_v32": (DeepseekV32Config, DeepseekV32ForCausalLM),
+                             "glm_moe_dsa": (GlmMoeDsaConfig, GlmMoeDsaForCausalLM)}[family]
+    torch.manual_seed(7)
+    cfg = config_cls(**{**TINY, **FAMILIES[family], "rope_parameters": dict(YARN), **changes})
+    model = model_cls(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(1.0 if name.endswith("weight") else 0.0, 0.2)
+            if name.endswith("indexer.wq_b.weight"):
+                untie_indexer_(p, cfg.index_n_heads)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.normal_(0.0, 0.1)
+    model.save_pretrained(str(path), max_shard_size="200KB")
+    if dtype != torch.float32:  # as transformers keeps it: the router in fp32 (_keep_in_fp32_modules_strict)
+        model = model_cls.from_pretrained(str(path), dtype=dtype)
+        shutil.rmtree(path)
+        model.save_pretrained(str(path), max_shard_size="200KB")
+    return model
+
+
+def add_mtp_layer(path: Path) -> list[str]:
+    """Append the release's MTP layer (numbered num_hidden_layers) in the release's names: a
+    decoder layer (a copy of the last one) plus enorm, hnorm, eh_proj and the shared head.
+    transformers neither builds nor writes it; the import skips it as transformers' loader does."""
+    cfg = json.loads((path / "config.json").read_text())
+    L, H, V = cfg["num_hidden_layers"], cfg["hidden_size"], cfg["vocab_size"]
+    last = {k: t for k, t in _hf_tensors(path).items() if k.startswith(f"model.layers.{L - 1}.")}
+    mtp = {k.replace(f"model.layers.{L - 1}.", f"model.layers.{L}."): t.clone() for k, t in last.items()}
+    dtype = next(iter(last.values())).dtype
+    for name, shape in (("enorm.weight", (H,)), ("hnorm.weight", (H,)), ("eh_proj.weight", (H, 2 * H)),
+                        ("shared_head.norm.weight", (H,)), ("shared_head.head.weight", (V, H)),
+                        ("embed_tokens.weight", (V, H))):
+        mtp[f"model.layers.{L}.{name}"] = torch.randn(shape, generator=torch.Generator().manual_seed(L)).to(dtype)
+    save_file(mtp, str(path / "model-mtp.safetensors"), metadata={"format": "pt"})
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    index["weight_map"].update({k: "model-mtp.safetensors" for k in mtp})
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    return sorted(mtp)
+
+
+def quantize_as_release(src: Path, dst: Path, block=BLOCK) -> Path:
+    """``src`` with the weights the releases quantise stored as e4m3 + ``weight_scale_inv``,
+    by transformers' own quantiser, and the release's ``quantization_config``."""
+    from transformers.integrations.finegrained_fp8 import Fp8Quantize
+
+    quantizer = Fp8Quantize(SimpleNamespace(quantization_config=SimpleNamespace(
+        weight_block_size=list(block), scale_fmt=None)))
+    dst.mkdir()
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    weight_map = {}
+    for f in sorted(set(index["weight_map"].values())):
+        out = {}
+        for name, tensor in load_file(str(src / f)).items():
+            out.update(quantizer._quantize_one(name, tensor) if quantized_in_release(name) else {name: tensor})
+        assert any(t.dtype == torch.float8_e4m3fn for t in out.values()) or "layers" not in f
+        save_file(out, str(dst / f), metadata={"format": "pt"})
+        weight_map.update({name: f for name in out})
+    (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["quantization_config"] = BlockScaling(block).to_hf_config()
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def dequantized_by_transformers(src: Path, dst: Path) -> Path:
+    """An FP8 directory's weights as transformers dequantises them (``Fp8Dequantize``), saved plain."""
+    from transformers.integrations.finegrained_fp8 import Fp8Dequantize
+
+    dst.mkdir()
+    tensors = _hf_tensors(src)
+    cfg = json.loads((src / "config.json").read_text())
+    mtp = f"model.layers.{cfg['num_hidden_layers']}."  # transformers ignores only the full models' MTP index
+    plain = {n: t for n, t in tensors.items() if not n.endswith("_scale_inv") and not n.startswith(mtp)}
+    for name, t in plain.items():
+        if t.dtype == torch.float8_e4m3fn:
+            plain[name] = Fp8Dequantize(None)._dequantize_one(t, tensors[scale_name(name)], torch.float32)
+    save_file(plain, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((src / "config.json").read_text())
+    del cfg["quantization_config"]
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def release(request, megatron_world, tmp_path_factory):
+    """A transformers-written YaRN model of one family, quantised to FP8 as the release is,
+    imported; and the transformers model of the same (dequantised) weights."""
+    family = request.param
+    root = tmp_path_factory.mktemp(family)
+    transformers_model(family, root / "hf")
+    mtp = add_mtp_layer(root / "hf")
+    fp8 = quantize_as_release(root / "hf", root / "fp8")
+    import_from_hf(fp8, root / "ckpt", max_shard_size="100KB")
+    model, spec = load_model(root / "ckpt", mdsa_mode="sparse")
+    hf = hf_model(dequantized_by_transformers(fp8, root / "dequantized"))
+    return SimpleNamespace(family=family, root=root, fp8=fp8, ckpt=root / "ckpt", model=model.eval(), spec=spec, hf=hf,
+                           mtp=mtp)
+
+
+def test_import_records_the_release_settings(release):
+    cfg = release.model.config
+    assert release.spec.family == release.family
+    assert cfg.rope_type == "yarn" and cfg.dsa.yarn.factor == 4.0 and cfg.dsa.yarn.mscale_all_dim == 0.8
+    assert cfg.dsa.yarn.attention_factor != 1.0 and cfg.dsa.yarn.softmax_factor != 1.0  # both scales tested
+    if release.family == "glm_moe_dsa":
+        assert [c.selects for c in _cores(release.model)] == [True, False, False, True]
+        assert cfg.layernorm_epsilon == 1e-5 and cfg.mdsa_latent_norm_eps == 1e-6
+
+
+def _cores(model):
+    from megatron_dsa.model import dsa_layers
+
+    return dsa_layers(model)
+
+
+def test_logits_equal_transformers(release):
+    tokens = torch.randint(0, 300, (2, 29), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        theirs = release.hf(tokens).logits.float()
+    ours = our_logits(release.model, tokens, "sparse")
+    assert (ours - theirs).abs().max().item() < 1e-4
+    assert (our_logits(release.model, tokens, "dense") - theirs).abs().max().item() > 1e-3  # top-k did select
+
+
+def test_greedy_tokens_equal_transformers(release):
+    from transformers import GenerationConfig
+
+    from megatron_dsa.inference import DSAInference
+
+    prompt = torch.randint(0, 300, (1, 5), generator=torch.Generator().manual_seed(4))
+    n = 16  # 21 tokens: decode steps past top-k 6
+    gen = GenerationConfig(do_sample=False, max_new_tokens=n, min_new_tokens=n, eos_token_id=None, pad_token_id=0)
+    with torch.no_grad():
+        theirs = release.hf.generate(prompt, generation_config=gen)[0, prompt.shape[1]:]
+    ours = DSAInference(release.model, "sparse").generate(prompt, n)[0]
+    assert theirs.tolist() == ours.tolist()
+
+
+def test_fp8_round_trip_within_e4m3_precision(release):
+    out = release.root / "fp8_again"
+    export_to_hf(release.ckpt, out, fp8_block=BLOCK)
+    source, again = _hf_tensors(release.fp8), _hf_tensors(out)
+    # The MTP layer is not converted (megatron-dsa builds no MTP block yet): the rest round-trips.
+    assert any(t.dtype == torch.float8_e4m3fn for k, t in source.items() if k in release.mtp)
+    source = {k: t for k, t in source.items() if k.removesuffix(SCALE) not in release.mtp}
+    assert source.keys() == again.keys()
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"] == json.loads((release.fp8 / "config.json").read_text())["quantization_config"]
+    scaling = BlockScaling(BLOCK)
+    differ = total = 0
+    scale_error = 0.0
+    for name, a in source.items():
+        b = again[name]
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        if a.dtype != torch.float8_e4m3fn:
+            if name.endswith("_scale_inv"):
+                scale_error = max(scale_error, ((a - b).abs() / a).max().item())
+            else:
+                assert torch.equal(a, b), name
+            continue
+        differ += int((a.view(torch.uint8) != b.view(torch.uint8)).sum())
+        total += a.numel()
+        wa, wb = (scaling.dequantize(t, s[scale_name(name)]) for t, s in ((a, source), (b, again)))
+        # e4m3 keeps 3 mantissa bits: a value re-quantised may move by at most one step (2^-3 relative).
+        step = 2.0 ** -3 * wa.abs() + 2.0 ** -9 * source[scale_name(name)].max()
+        assert ((wa - wb).abs() <= step).all(), name
+    print(f"{release.family}: {differ} of {total} e4m3 values differ after the round trip, "
+          f"scales by {scale_error:.1e} at most")
+    # Imported in fp32, the dequantised weights re-quantise to the same bytes.
+    assert differ == 0 and scale_error < 1e-6
+
+
+def test_bf16_round_trip_is_bit_exact(megatron_world, tmp_path):
+    transformers_model("glm_moe_dsa", tmp_path / "hf", dtype=torch.bfloat16)
+    import_from_hf(tmp_path / "hf", tmp_path / "ckpt")
+    export_to_hf(tmp_path / "ckpt", tmp_path / "hf2")
+    a, b = _hf_tensors(tmp_path / "hf"), _hf_tensors(tmp_path / "hf2")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key].dtype == b[key].dtype, key
+        if key.endswith("mlp.gate.weight"):
+            # transformers keeps the router weight fp32; megatron-core holds it in params_dtype.
+            assert a[key].dtype == torch.float32 and torch.equal(a[key].bfloat16().float(), b[key]), key
+        else:
+            assert torch.equal(a[key], b[key]), key
+    cfg = json.loads((tmp_path / "hf2" / "config.json").read_text())
+    assert cfg["model_type"] == "glm_moe_dsa" and cfg["indexer_types"] == FAMILIES["glm_moe_dsa"]["indexer_types"]
+    assert cfg["rope_parameters"]["rope_type"] == "yarn" and cfg["dtype"] == "bfloat16"
+
+
+# ---- FP8 block scales -------------------------------------------------------------------------
+
+
+def test_quantize_is_transformers_scheme_and_partial_blocks_dequantize():
+    from transformers.integrations.finegrained_fp8 import Fp8Quantize
+
+    torch.manual_seed(0)
+    w = torch.randn(32, 48) * torch.logspace(-3, 1, 48)
+    w[:16, :16] = 0  # an all-zero block keeps scale 1
+    ours, scale = BlockScaling((16, 16)).quantize(w)
+    theirs = Fp8Quantize(SimpleNamespace(quantization_config=SimpleNamespace(weight_block_size=[16, 16],
+                                                                             scale_fmt=None)))._quantize_one("x.weight", w)
+    assert torch.equal(ours.view(torch.uint8), theirs["x.weight"].view(torch.uint8))
+    assert torch.equal(scale, theirs["x.weight_scale_inv"]) and scale[0, 0] == 1
+    # A partial last block (the release's 576-row kv_a_proj_with_mqa: 4.5 blocks of 128).
+    scaling = BlockScaling((16, 16))
+    w = torch.randn(40, 20)
+    q, s = scaling.quantize(w)
+    assert s.shape == (3, 2) and q.shape == w.shape
+    back = scaling.dequantize(q, s)
+    assert ((back - w).abs() <= 2.0 ** -4 * w.abs() + 2.0 ** -9 * s.max()).all()
+    assert scaling.check("x.weight", (40, 20), (3, 2)) is None
+    assert "does not fit" in scaling.check("x.weight", (40, 20), (2, 2))
+
+
+@pytest.fixture
+def fp8_dir(release, tmp_path):
+    return shutil.copytree(release.fp8, tmp_path / "bad")
+
+
+# Bad input: one family is enough.
+bad_input = pytest.mark.parametrize("release", ["deepseek_v32"], indirect=True)
+
+
+def _rewrite_shard_without(directory: Path, victim: str) -> None:
+    index_path = directory / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    f = index["weight_map"].pop(victim)
+    tensors = load_file(str(directory / f))
+    del tensors[victim]
+    save_file(tensors, str(directory / f), metadata={"format": "pt"})
+    index_path.write_text(json.dumps(index))
+
+
+def _edit_config(directory: Path, **changes) -> None:
+    cfg = json.loads((directory / "config.json").read_text())
+    for key, value in changes.items():
+        if value is None:
+            cfg.pop(key, None)
+        else:
+            cfg[key] = value
+    (directory / "config.json").write_text(json.dumps(cfg))
+
+
+@bad_input
+def test_from_hf_missing_scale(fp8_dir, tmp_path, capsys):
+    victim = "model.layers.1.self_attn.kv_b_proj.weight"
+    _rewrite_shard_without(fp8_dir, scale_name(victim))
+    _fails(capsys, ["from-hf", "--hf", str(fp8_dir), "--out", str(tmp_path / "out")],
+           f"the FP8 weight {victim} has no scale tensor {scale_name(victim)}")
+
+
+@bad_input
+def test_from_hf_block_size_that_does_not_fit(fp8_dir, tmp_path, capsys):
+    _edit_config(fp8_dir, quantization_config=BlockScaling((12, 12)).to_hf_config())
+    _fails(capsys, ["from-hf", "--hf", str(fp8_dir), "--out", str(tmp_path / "out")],
+           "the block size does not fit the weight")
+    _edit_config(fp8_dir, quantization_config={**BlockScaling().to_hf_config(), "weight_block_size": [128]})
+    _fails(capsys, ["from-hf", "--hf", str(fp8_dir), "--out", str(tmp_path / "out")],
+           "weight_block_size must be two positive integers")
+
+
+@bad_input
+def test_from_hf_fp8_without_quantization_config(fp8_dir, tmp_path, capsys):
+    _edit_config(fp8_dir, quantization_config=None)
+    _fails(capsys, ["from-hf", "--hf", str(fp8_dir), "--out", str(tmp_path / "out")],
+           "FP8 weights", "no quantization_config")
+
+
+@bad_input
+def test_from_hf_unknown_model_type(fp8_dir, tmp_path, capsys):
+    _edit_config(fp8_dir, model_type="deepseek_v4", architectures=["DeepseekV4ForCausalLM"])
+    _fails(capsys, ["from-hf", "--hf", str(fp8_dir), "--out", str(tmp_path / "out")],
+           "unsupported model: model_type='deepseek_v4'", "'glm_moe_dsa'")
+
+
+@bad_input
+def test_from_hf_truncated_shard(fp8_dir, tmp_path, capsys):
+    index = json.loads((fp8_dir / "model.safetensors.index.json").read_text())
+    shard = fp8_dir / sorted(set(index["weight_map"].values()))[-1]
+    shard.write_bytes(shard.read_bytes()[:-64])
+    _fails(capsys, ["from-hf", "--hf", str(fp8_dir), "--out", str(tmp_path / "out")],
+           f"cannot read {shard}", "incomplete metadata")
+
+
+# ---- the full shapes, on the meta device -------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", ["deepseek-v3.2-671b", "glm-5"])
+def test_full_size_key_maps_one_to_one(megatron_world, size):
+    """Our model and transformers' of each family's full shape, both on the meta device (no
+    weights): every tensor of ours has its HF tensors with its shape, every HF tensor is one of
+    ours, and every weight the release quantises is tiled by its 128 x 128 blocks."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    from megatron_dsa.convert import checkpoint as C
+    from megatron_dsa.convert import mapping as M
+    from megatron_dsa.convert.hf import HFReader
+    from megatron_dsa.model import count_parameters, resolve_size
+
+    spec = resolve_size(size)
+    config = C.build_config(spec, {})
+    ours = C.meta_model(spec, config, spec.vocab_size)
+    family = M.family_named(spec.family)
+    hf_config = M.hf_config_dict(config, family, spec.first_k_dense, spec.vocab_size, spec.max_seq_len, torch.bfloat16)
+    with torch.device("meta"), no_init_weights():
+        theirs = AutoModelForCausalLM.from_config(AutoConfig.for_model(**hf_config))
+    assert type(theirs).__name__ == family.architecture
+    shapes = {k: tuple(v.shape) for k, v in theirs.state_dict().items()}
+    reader = HFReader.of_shapes(shapes)
+    assert reader.mismatches(C.tensor_entries(ours), spec.transformer["num_layers"]) == []
+    # ... and back: the spec read from the HF config is the named size's.
+    again = M.size_from_hf_config(hf_config, name=size)
+    assert {k: again.transformer.get(k) for k in spec.transformer if k != "transformer_impl"} == {
+        k: v for k, v in spec.transformer.items() if k != "transformer_impl"}
+    assert (again.first_k_dense, again.vocab_size, again.max_seq_len, again.family) == (
+        spec.first_k_dense, spec.vocab_size, spec.max_seq_len, spec.family)
+    assert count_parameters(ours) == sum(p.numel() for p in theirs.parameters())
+    print(f"{size}: {count_parameters(ours) / 1e9:.1f}B parameters, {len(shapes)} transformers tensors")
+    # The release's FP8 layout of the same names: every quantised weight has its 128 x 128 grid.
+    scaling = BlockScaling()
+    per_expert = [n for name, entry in C.tensor_entries(ours) for n, shape in
+                  zip(M.hf_names(name)[0], M.hf_shapes(name, tuple(entry.data.shape))) if quantized_in_release(n)
+                  and scaling.check(n, shape, scaling.grid(shape)) is None]
+    assert len(per_expert) > 0.9 * len(C.tensor_entries(ours))
