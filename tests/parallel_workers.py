@@ -101,6 +101,21 @@ def reference_run(inp, mode: str, sparse_loss: bool = True):
     return dict(out=out.detach(), kl=kl, recall=recall, topk=topk, grads=grads)
 
 
+def documents_run(inp, mode: str, sparse_loss: bool, cu_seqlens: torch.Tensor):
+    """``reference_run`` on each document of a packed sequence ALONE, put back in packed order:
+    top-k indices shifted to packed rows, gradients of each document's own rows."""
+    bounds = cu_seqlens.tolist()
+    runs = [(a, reference_run({k: v[:, a:b] for k, v in inp.items()}, mode, sparse_loss))
+            for a, b in zip(bounds[:-1], bounds[1:])]
+    cat = lambda parts: None if parts[0] is None else torch.cat(parts, dim=1)  # noqa: E731
+    topk = [None if r["topk"] is None else torch.where(r["topk"] >= 0, r["topk"] + a, -1) for a, r in runs]
+    return dict(
+        out=cat([r["out"] for _, r in runs]), kl=cat([r["kl"] for _, r in runs]),
+        recall=cat([r["recall"] for _, r in runs]), topk=cat(topk),
+        grads={k: cat([r["grads"][k] for _, r in runs]) for k in runs[0][1]["grads"]},
+    )
+
+
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
@@ -112,7 +127,7 @@ def _close(name, a, b, atol=2e-5, rtol=1e-4):
         raise AssertionError(f"rank {_rank()}: {name} differs (max abs diff {diff}, {a.shape} vs {b.shape})")
 
 
-def layer_function_worker(rank, world, port, tp, cp, seed, modes, kernel="reference"):
+def layer_function_worker(rank, world, port, tp, cp, seed, modes, kernel="reference", cu_seqlens=None):
     if kernel != "reference" and not ON_GPU:  # the kernels through Triton's interpreter
         os.environ["TRITON_INTERPRET"] = "1"
     init_dist(rank, world, port)
@@ -120,16 +135,20 @@ def layer_function_worker(rank, world, port, tp, cp, seed, modes, kernel="refere
 
     tp_group, cp_group = make_groups(tp, cp)
     ctx = ParallelContext(tp_group=tp_group if tp > 1 else None, cp_group=cp_group if cp > 1 else None)
-    check_core_against_reference(ctx, seed, modes, kernel)
+    check_core_against_reference(ctx, seed, modes, kernel, cu_seqlens)
     dist.barrier()
     dist.destroy_process_group()
 
 
-def check_core_against_reference(ctx, seed, modes, kernel="reference"):
+def check_core_against_reference(ctx, seed, modes, kernel="reference", cu_seqlens=None):
     """``core.dsa_core`` on this rank's share of the one-rank tensors (heads over TP, own SP
     rows for the indexer, megatron's CP chunks) equals the reference math on one rank: top-k
     sets (with exact ties), outputs, KL, recall (every row and sampled), gradients, and the
-    indexer FLOPs (1/TP of one rank's). ``ctx`` of size 1 is the one-rank path itself."""
+    indexer FLOPs (1/TP of one rank's). ``ctx`` of size 1 is the one-rank path itself.
+
+    ``cu_seqlens``: the inputs are a packed sequence with these document boundaries (megatron's
+    packed CP layout: each document in 2 * CP chunks), and the expected values are each
+    document run alone (``documents_run``)."""
     from megatron_dsa import ops
     from megatron_dsa.core import dsa_core
     from megatron_dsa.parallel import balanced_blocks, cp_split, own_rows
@@ -141,9 +160,13 @@ def check_core_against_reference(ctx, seed, modes, kernel="reference"):
     s = SHAPE
     inp = tie_inputs(seed)
     heads = slice(ctx.tp_rank * s["H"] // tp, (ctx.tp_rank + 1) * s["H"] // tp)
+    cp_split_ = lambda x: cp_split(x, cp, ctx.cp_rank, cu_seqlens=cu_seqlens)  # noqa: E731
     for mode, sparse_loss in modes:
-        ref = reference_run(inp, mode, sparse_loss)
-        loc = {k: cp_split(v, cp, ctx.cp_rank) for k, v in inp.items()}
+        if cu_seqlens is None:
+            ref = reference_run(inp, mode, sparse_loss)
+        else:
+            ref = documents_run(inp, mode, sparse_loss, cu_seqlens)
+        loc = {k: cp_split_(v) for k, v in inp.items()}
         rows = own_rows(ctx, s["S"] // cp)
         mine = dict(
             q=loc["q"][:, :, heads].clone().requires_grad_(),
@@ -155,29 +178,29 @@ def check_core_against_reference(ctx, seed, modes, kernel="reference"):
         indexer = None if mode == "dense" else (mine["qi"], mine["ki"], mine["wi"])
         res = dsa_core(
             ctx, mode, mine["q"], mine["kv"], s["V"], s["D"] ** -0.5, s["K"],
-            indexer=indexer, sparse_loss=sparse_loss, backend=backend,
+            indexer=indexer, sparse_loss=sparse_loss, backend=backend, cu_seqlens=cu_seqlens,
         )
-        tag = f"{mode}(sparse_loss={sparse_loss}) tp={tp} cp={cp} {kernel}"
-        ref_out = cp_split(ref["out"], cp, ctx.cp_rank)[:, :, heads]
+        tag = f"{mode}(sparse_loss={sparse_loss}) tp={tp} cp={cp} {kernel}" + (" packed" if cu_seqlens is not None else "")
+        ref_out = cp_split_(ref["out"])[:, :, heads]
         _close(tag + " out", res.out, ref_out)
         if ref["topk"] is not None:
             # Same sets per row (the kernels skip ordering each row by score).
-            want = cp_split(ref["topk"], cp, ctx.cp_rank).sort(-1).values
+            want = cp_split_(ref["topk"]).sort(-1).values
             if not torch.equal(res.topk.sort(-1).values, want):
                 bad = (res.topk.sort(-1).values != want).nonzero()[:5].tolist()
                 raise AssertionError(f"rank {_rank()}: {tag} top-k differs at {bad}")
         if ref["kl"] is not None:
-            _close(tag + " kl", res.kl, cp_split(ref["kl"], cp, ctx.cp_rank)[:, rows])
+            _close(tag + " kl", res.kl, cp_split_(ref["kl"])[:, rows])
         if ref["recall"] is not None:
-            _close(tag + " recall", res.recall, cp_split(ref["recall"], cp, ctx.cp_rank)[:, rows])
+            _close(tag + " recall", res.recall, cp_split_(ref["recall"])[:, rows])
             # The diagnostic on sampled rows (mdsa_recall_rows): 2 per rank, the last own one included.
             sampled = dsa_core(
                 ctx, mode, mine["q"].detach(), mine["kv"].detach(), s["V"], s["D"] ** -0.5, s["K"],
                 indexer=tuple(t.detach() for t in indexer), sparse_loss=sparse_loss, backend=backend,
-                recall_rows=2 * tp * cp,
+                recall_rows=2 * tp * cp, cu_seqlens=cu_seqlens,
             ).recall
             # Sampled on the rows this rank scores: its causally balanced blocks under TP.
-            want = cp_split(ref["recall"], cp, ctx.cp_rank)
+            want = cp_split_(ref["recall"])
             if can_balance(ctx, rows.stop - rows.start):
                 h = (rows.stop - rows.start) // 2
                 want = torch.cat([want[:, b * h:(b + 1) * h] for b in balanced_blocks(tp, ctx.tp_rank)], dim=1)
@@ -185,13 +208,13 @@ def check_core_against_reference(ctx, seed, modes, kernel="reference"):
                 want = want[:, rows]
             picked = R.recall_sample_rows(want.shape[1], 2, sampled.device)
             _close(tag + " sampled recall", sampled, want if picked is None else want[:, picked])
-        cot = cp_split(inp["cot"], cp, ctx.cp_rank)[:, :, heads]
+        cot = cp_split_(inp["cot"])[:, :, heads]
         loss = (res.out * cot).sum() + (0 if res.kl is None else res.kl.sum())
         loss.backward()
         g = {k: v.grad if v.grad is not None else torch.zeros_like(v) for k, v in mine.items()}
         if tp > 1:  # kv is replicated over TP (MLA gathered it): its gradient is the sum
             dist.all_reduce(g["kv"], group=ctx.tp_group)
-        rg = {k: cp_split(v, cp, ctx.cp_rank) for k, v in ref["grads"].items()}
+        rg = {k: cp_split_(v) for k, v in ref["grads"].items()}
         _close(tag + " dq", g["q"], rg["q"][:, :, heads])
         _close(tag + " dkv", g["kv"], rg["kv"])
         for k in ("qi", "ki", "wi"):
