@@ -101,3 +101,64 @@ def test_packed_core_refuses_the_triton_kernels():
 @pytest.mark.parametrize("tp,cp", [(1, 2)], ids=["cp2"])
 def test_packed_core_under_cp_equals_documents_alone(tp, cp):
     W.spawn(W.layer_function_worker, tp * cp, tp, cp, 7, MODES, "reference", DOCS)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model level: megatron-core's THD packing through the tiny model
+# ---------------------------------------------------------------------------------------------
+
+
+def _model_losses(model, mode, tokens, labels, packed_seq_params, kl_weight):
+    """Per-token LM losses [S] and the loss this test backpropagates: the LM sum plus the
+    indexer KL weighted by ``kl_weight`` (a document's share of the packed rows, so the
+    documents' gradients add up to the packed one's)."""
+    from megatron.core.transformer.experimental_attention_variant.dsa import DSAIndexerLossAutoScaler
+
+    from megatron_dsa.layer import pop_indexer_losses
+
+    DSAIndexerLossAutoScaler.set_loss_scale(torch.tensor(kl_weight))
+    S = tokens.shape[0]
+    per_token = model(tokens[None], torch.arange(S)[None], None, labels=labels[None],
+                      packed_seq_params=packed_seq_params)[0]
+    kl = pop_indexer_losses(model)
+    if mode == "warmup":
+        return per_token, sum(kl) * kl_weight
+    return per_token, per_token.sum()
+
+
+@pytest.mark.parametrize("mode", ["dense", "warmup", "sparse"])
+def test_packed_model_equals_documents_alone(megatron_world, mode):
+    """The tiny model on three packed documents (two shorter than top-k 16) through
+    megatron-core's THD format: per-token losses and every parameter's gradient equal the
+    documents run alone (the MoE's sequence-level auxiliary loss is off: it is defined per
+    sequence, not per document)."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    from megatron_dsa.model import build_model, model_config
+
+    lengths = [5, 20, 7]
+    S = sum(lengths)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    torch.manual_seed(3)
+    config = model_config("tiny", mdsa_mode=mode, mdsa_kernel="reference", moe_aux_loss_coeff=0.0)
+    model = build_model("tiny", config)
+    tokens = torch.randint(0, 512, (S,))
+    labels = torch.randint(0, 512, (S,))
+
+    packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                             max_seqlen_q=max(lengths), max_seqlen_kv=max(lengths))
+    per_token, loss = _model_losses(model, mode, tokens, labels, packed, 1.0)
+    loss.backward()
+    want_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+
+    alone, grads = [], {}
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        doc_losses, doc_loss = _model_losses(model, mode, tokens[a:b], labels[a:b], None, (b - a) / S)
+        doc_loss.backward()
+        alone.append(doc_losses)
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    torch.testing.assert_close(per_token.detach(), torch.cat(alone).detach(), rtol=1e-5, atol=1e-5)
+    assert set(grads) == set(want_grads) and grads
+    for n, g in grads.items():
+        torch.testing.assert_close(g, want_grads[n], rtol=1e-4, atol=1e-6, msg=lambda m: f"{mode} {n}: {m}")
