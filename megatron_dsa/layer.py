@@ -19,8 +19,11 @@ is logged under the same name.
 The indexer loss reaches the optimizer the way megatron-core's MoE auxiliary loss does: in
 ``sparse`` mode it is attached to the attention output by ``DSAIndexerLossAutoScaler``, so the
 language-model backward also runs the KL's backward, scaled by the schedule's loss scale. In
-``warmup`` nothing is attached (the main model is frozen and must see no backward at all): the
-trainer takes the losses from ``pop_indexer_losses`` and backpropagates their sum alone.
+``warmup`` on one pipeline stage nothing is attached (the main model is frozen and must see no
+backward at all): the trainer takes the losses from ``pop_indexer_losses`` and backpropagates
+their sum alone. Under pipeline parallelism the last stage's loss cannot reach the other
+stages' layers, so there the warm-up attaches the KL too, and the schedule's backward (of a
+zero LM term through the frozen stages) runs every stage's KL backward.
 Per-layer values are logged through megatron-core's MoE metrics tracker.
 """
 
@@ -308,7 +311,7 @@ class DSACoreAttention(MegatronModule):
         save_to_aux_losses_tracker(INDEXER_KL, kl.detach().mean(), self.layer_number, num_layers)
         if recall is not None:
             save_to_aux_losses_tracker(TOPK_RECALL, recall.detach().mean(), self.layer_number, num_layers)
-        if mode == "warmup":
+        if mode == "warmup" and self.config.pipeline_model_parallel_size == 1:
             self._indexer_loss = loss
             return out
         return DSAIndexerLossAutoScaler.apply(out, loss)

@@ -489,3 +489,155 @@ def expert_parallel_worker(rank, world, port, ep, seed):
     ps.destroy_model_parallel()
     dist.barrier()
     dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------
+# Pipeline parallel: megatron-core's schedules over DSA layers
+# ---------------------------------------------------------------------------------------------
+
+
+def _pipeline_loss(model, mode, loss_mask, output_tensor):
+    """The trainer's loss in Megatron's form (sum, tokens, report): LM loss; in warm-up the
+    indexer KL, popped from this stage's layers (one stage) or attached to every stage's layer
+    outputs (pipeline parallel: the zero LM term carries the backward through the stages)."""
+    from megatron_dsa.layer import pop_indexer_losses
+
+    losses = output_tensor.float().view(-1)
+    num_tokens = loss_mask.sum()
+    lm = (losses * loss_mask.view(-1)).sum()
+    loss = lm
+    if mode == "warmup":
+        popped = pop_indexer_losses(model)
+        loss = lm * 0.0 + (sum(popped) * num_tokens if popped else 0.0)
+    return loss, num_tokens.int(), {"lm loss": torch.stack([lm.detach(), num_tokens])}
+
+
+def _pipeline_steps(chunks, mode, batches, steps, lr, reduce_grads):
+    """``steps`` SGD steps of Megatron's forward-backward schedule over ``chunks`` (one model
+    chunk per virtual stage), one microbatch per batch row. Returns the LM losses the last
+    stage saw per step (None elsewhere) and the first step's gradients by parameter object."""
+    from functools import partial
+
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    def forward_step(data_iterator, model):
+        tokens, positions, labels = next(data_iterator)
+        return model(tokens, positions, None, labels=labels), partial(_pipeline_loss, model, mode,
+                                                                      torch.ones_like(labels, dtype=torch.float))
+
+    tokens, positions, labels = batches
+    micro = [(tokens[i:i + 1], positions[i:i + 1], labels[i:i + 1]) for i in range(tokens.shape[0])]
+    losses, first_grads = [], {}
+    schedule = get_forward_backward_func()
+    for step in range(steps):
+        iters = [iter(micro) for _ in chunks]
+        out = schedule(forward_step_func=forward_step, data_iterator=iters if len(chunks) > 1 else iters[0],
+                       model=chunks if len(chunks) > 1 else chunks[0], num_microbatches=len(micro),
+                       seq_length=tokens.shape[1], micro_batch_size=1, forward_only=False)
+        for c in chunks:
+            reduce_grads(c)
+        if out:  # the last stage: one report per microbatch
+            losses.append(sum(float(r["lm loss"][0] / r["lm loss"][1]) for r in out) / len(out))
+        if step == 0:
+            first_grads = {p: p.grad.detach().clone() for c in chunks for p in c.parameters() if p.grad is not None}
+        with torch.no_grad():
+            for c in chunks:
+                for p in c.parameters():
+                    if p.grad is not None:
+                        p -= lr * p.grad
+                c.zero_grad(set_to_none=True)
+    return losses, first_grads
+
+
+def _global_names(chunk):
+    """Parameter name -> the one-rank model's name (a stage numbers its layers from 0)."""
+    names = {}
+    for name, _ in chunk.named_parameters():
+        if name.startswith("decoder.layers."):
+            local, rest = name[len("decoder.layers."):].split(".", 1)
+            number = chunk.decoder.layers[int(local)].layer_number
+            name_global = f"decoder.layers.{number - 1}.{rest}"
+        else:
+            name_global = name
+        names[name] = name_global
+    return names
+
+
+def _pipeline_chunks(mode, seed, overrides, vpp):
+    """This rank's model chunks (one per virtual stage) of the tiny model under PP."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    from megatron_dsa.model import build_model, model_config
+
+    chunks = []
+    for vp_stage in (range(vpp) if vpp else [None]):
+        torch.manual_seed(seed)
+        model_parallel_cuda_manual_seed(seed)
+        config = model_config("tiny", mdsa_mode=mode, mdsa_kernel="reference", use_cpu_initialization=True, **overrides)
+        first = ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+        last = ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+        chunks.append(build_model("tiny", config, vp_stage=vp_stage, pre_process=first, post_process=last).to(device()))
+    return chunks
+
+
+def pipeline_worker(rank, world, port, layouts, modes, seed, steps):
+    """The tiny model (4 layers) under each TP x PP (x virtual PP) layout of ``layouts``
+    through megatron-core's pipeline schedules vs one rank through the same loss: per-step LM
+    loss (the last stage's), every parameter's first-step gradient (TP-sliced) and the
+    parameters after ``steps`` SGD steps, in each phase."""
+    init_dist(rank, world, port)
+    import patches
+
+    patches.apply_cpu_patches()
+    from megatron.core import parallel_state as ps
+
+    from megatron_dsa.parallel import allreduce_sequence_parallel_grads
+
+    B, S, lr = 2, 32, 0.05
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, 512, (B, S), generator=g).to(device())
+    batches = (tokens, torch.arange(S, device=device())[None].expand(B, -1), tokens.roll(-1, dims=1))
+    base = dict(num_layers=4, pipeline_dtype=torch.float32)
+    for mode in modes:
+        ps.initialize_model_parallel()
+        ref = _build(mode, seed, base)
+        start = {n: p.detach().clone() for n, p in ref.named_parameters()}
+        ref_losses, ref_grads = _pipeline_steps([ref], mode, batches, steps, lr, lambda m: None)
+        ref_grads = {n: ref_grads[p] for n, p in ref.named_parameters() if p in ref_grads}
+        ref_final = {n: p.detach().clone() for n, p in ref.named_parameters()}
+        del ref
+        ps.destroy_model_parallel()
+        for tp, pp, vpp in layouts:
+            ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                         virtual_pipeline_model_parallel_size=vpp)
+            chunks = _pipeline_chunks(mode, seed, dict(base, tensor_model_parallel_size=tp,
+                                                       pipeline_model_parallel_size=pp,
+                                                       virtual_pipeline_model_parallel_size=vpp), vpp)
+            tp_rank, glu = ps.get_tensor_model_parallel_rank(), chunks[0].config.gated_linear_unit
+            names = {p: _global_names(c)[n] for c in chunks for n, p in c.named_parameters()}
+            with torch.no_grad():
+                for p, n in names.items():
+                    p.copy_(_shard(n, start[n], p, tp, tp_rank, glu))
+            tp_group = ps.get_tensor_model_parallel_group()
+            losses, grads = _pipeline_steps(chunks, mode, batches, steps, lr,
+                                            lambda m: allreduce_sequence_parallel_grads(m, tp_group))
+            tag = f"rank {rank} {mode} tp={tp} pp={pp} vpp={vpp}"
+            if ps.is_pipeline_last_stage():
+                assert len(losses) == steps, (tag, losses)
+                for got, want in zip(losses, ref_losses):
+                    assert abs(got - want) <= 1e-5 * max(1.0, abs(want)), (tag, losses, ref_losses)
+            # Every parameter of this rank's stages that gets a gradient on one rank gets it here.
+            assert {names[p] for p in grads} == set(ref_grads) & set(names.values()), tag
+            for p, grad in grads.items():
+                want = _shard(names[p], ref_grads[names[p]], p, tp, tp_rank, glu)
+                err = (grad - want).abs().max().item()
+                assert err <= 1e-4 * (want.abs().max().item() + 1e-12) + 1e-7, f"{tag}: grad of {names[p]} off by {err:.3g}"
+            for p, n in names.items():
+                want = _shard(n, ref_final[n], p, tp, tp_rank, glu)
+                if not torch.allclose(p.detach(), want, atol=1e-4, rtol=1e-3):
+                    raise AssertionError(f"{tag}: {n} differs after {steps} steps")
+            del chunks
+            ps.destroy_model_parallel()
+    dist.barrier()
+    dist.destroy_process_group()

@@ -116,7 +116,7 @@ def _model_losses(model, mode, tokens, labels, packed_seq_params, kl_weight):
 
     from megatron_dsa.layer import pop_indexer_losses
 
-    DSAIndexerLossAutoScaler.set_loss_scale(torch.tensor(kl_weight))
+    DSAIndexerLossAutoScaler.set_loss_scale(torch.tensor([kl_weight]))
     S = tokens.shape[0]
     per_token = model(tokens[None], torch.arange(S)[None], None, labels=labels[None],
                       packed_seq_params=packed_seq_params)[0]

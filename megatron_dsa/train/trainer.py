@@ -227,7 +227,12 @@ def loss_func(loss_mask: torch.Tensor, model, phase: str, output_tensor: torch.T
     pair = lambda value: torch.stack([value.detach().float() * num_tokens, num_tokens])  # noqa: E731
     report = {}
     terms = [("the LM loss", lm_sum)]
-    if phase == "warmup":
+    if phase == "warmup" and model.config.pipeline_model_parallel_size > 1:
+        # Every stage's KL is attached to its layers' outputs (the last stage's loss cannot
+        # reach the others): a zero LM term carries the schedule's backward through them.
+        loss = lm_sum * 0.0
+        report["lm loss"] = torch.stack([lm_sum.detach(), num_tokens])
+    elif phase == "warmup":
         indexer_losses = pop_indexer_losses(model)
         if not indexer_losses:
             raise RuntimeError("warmup forward produced no indexer loss (is mdsa_mode 'warmup'?)")
