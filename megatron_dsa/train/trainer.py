@@ -330,7 +330,7 @@ class Progress:
         if args.mdsa_metrics_file:
             with open(args.mdsa_metrics_file, "a") as f:
                 f.write(json.dumps({"iteration": done, "seconds": seconds, "tokens_per_s": tok_s,
-                                    "tflops_per_device": tflops}) + "\n")
+                                    "tflops_per_device": tflops, "peak_memory_gb": _peak_memory_gb()}) + "\n")
         if args.mdsa_progress and (done % args.log_interval == 0 or done == args.train_iters - 1):
             rate = (done - self.start_iter) / max(time.perf_counter() - self.start_time, 1e-9)
             left = (args.train_iters - done) / max(rate, 1e-9)
@@ -339,6 +339,15 @@ class Progress:
             print(f" [{args.mdsa_phase}] [{bar}] {done}/{args.train_iters} ({pct:.0f}%) | "
                   f"{tok_s:,.0f} tokens/s | {tflops:.4f} TFLOP/s/device (indexer counted) | "
                   f"ETA {_hms(left)}", flush=True)
+
+
+def _peak_memory_gb() -> float:
+    """This process's peak: CUDA memory allocated on a GPU, the resident set on CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def _hms(seconds: float) -> str:
