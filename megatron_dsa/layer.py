@@ -73,6 +73,15 @@ class ReplicatedLinear(torch.nn.Module):
     def forward(self, x: torch.Tensor):
         return torch.nn.functional.linear(x, self.weight), None
 
+    # megatron's linears keep an (empty) ``_extra_state`` entry in their checkpoints. MLA's KV
+    # down-projection is megatron's linear at TP=1 and this one under TP: with the same entry,
+    # a checkpoint written at one TP size loads at another.
+    def get_extra_state(self) -> None:
+        return None
+
+    def set_extra_state(self, state) -> None:
+        pass
+
 
 @dataclass
 class LightningIndexerSubmodules:
