@@ -254,6 +254,12 @@ def validate(cfg: DSATransformerConfig) -> DSASettings:
         _fail("a shared indexer needs every layer on one pipeline stage (pipeline size 1); "
               "under pipeline parallelism use mdsa_indexer_sharing='per_layer'")
     _check_selection_within_stages(cfg)
+    if cfg.mdsa_mode == "warmup" and cfg.recompute_granularity is not None and cfg.pipeline_model_parallel_size == 1:
+        # The frozen model keeps no activations for a backward in warm-up (its indexer KL is
+        # backpropagated alone), so there is nothing to recompute; and a recomputed forward
+        # would hand the trainer a KL without its graph.
+        _fail(f"recompute_granularity={cfg.recompute_granularity!r} in warmup recomputes nothing (only the "
+              "indexers train, on detached inputs); leave recomputation off for the warm-up phase")
     if cfg.mdsa_fp8_indexer and cfg.mdsa_kernel == "reference":
         _fail("the FP8 indexer is a Triton kernel: mdsa_kernel must be 'auto' or 'triton'")
     tp, cp = cfg.tensor_model_parallel_size, cfg.context_parallel_size
