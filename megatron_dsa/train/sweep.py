@@ -109,7 +109,7 @@ def _layout(value: Any) -> dict:
     for key, size in value.items():
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise SweepError(f"grid.layout entry {value!r}: {key} must be a positive integer, got {size!r}")
-    return {k: v for k, v in value.items() if not (v == 1 and k != "vpp")}
+    return {k: v for k, v in value.items() if v != 1}
 
 
 def load_sweep(path: str | os.PathLike[str], out: str | None = None) -> Sweep:
