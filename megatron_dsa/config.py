@@ -291,7 +291,17 @@ def validate(cfg: DSATransformerConfig) -> DSASettings:
     if cfg.mdsa_indexer_sharing == "shared" and cfg.dsa_indexer_topk_freq > 1:
         _fail("choose one kind of sharing: a shared indexer or dsa_indexer_topk_freq > 1")
     if cfg.mdsa_indexer_sharing == "shared" and cfg.pipeline_model_parallel_size > 1:
-        _fail("a shared indexer needs every layer on one pipeline stage (pipeline size 1)")
+        # Its weights would live on the first stage while later stages score with them: that
+        # needs a weight tie across stages (an embedding-group-like all-reduce), not built here.
+        _fail("a shared indexer needs every layer on one pipeline stage (pipeline size 1); "
+              "under pipeline parallelism use mdsa_indexer_sharing='per_layer'")
+    _check_selection_within_stages(cfg)
+    if cfg.mdsa_mode == "warmup" and cfg.recompute_granularity is not None and cfg.pipeline_model_parallel_size == 1:
+        # The frozen model keeps no activations for a backward in warm-up (its indexer KL is
+        # backpropagated alone), so there is nothing to recompute; and a recomputed forward
+        # would hand the trainer a KL without its graph.
+        _fail(f"recompute_granularity={cfg.recompute_granularity!r} in warmup recomputes nothing (only the "
+              "indexers train, on detached inputs); leave recomputation off for the warm-up phase")
     if cfg.mdsa_fp8_indexer and cfg.mdsa_kernel == "reference":
         _fail("the FP8 indexer is a Triton kernel: mdsa_kernel must be 'auto' or 'triton'")
     tp, cp = cfg.tensor_model_parallel_size, cfg.context_parallel_size
@@ -327,6 +337,23 @@ def validate(cfg: DSATransformerConfig) -> DSASettings:
         yarn=yarn,
         indexer_types=indexer_types,
     )
+
+
+def _check_selection_within_stages(cfg: DSATransformerConfig) -> None:
+    """With dsa_indexer_topk_freq = N a layer reuses the selection of the layer N-1 before it
+    at most: every pipeline stage (and virtual stage) must start with a selecting layer, i.e.
+    hold a multiple of N layers. Checked here for an even split; the model build checks any
+    split (``model.wire_indexer_sharing``)."""
+    n, pp = cfg.dsa_indexer_topk_freq, cfg.pipeline_model_parallel_size
+    uneven = cfg.num_layers_in_first_pipeline_stage is not None or cfg.num_layers_in_last_pipeline_stage is not None
+    if n <= 1 or pp <= 1 or uneven or cfg.pipeline_model_parallel_layout is not None:
+        return
+    chunks = pp * (cfg.virtual_pipeline_model_parallel_size or 1)
+    per_chunk = cfg.num_layers // chunks
+    if per_chunk % n:
+        _fail(f"dsa_indexer_topk_freq={n} reuses one layer's top-k selection in the next {n - 1} layers, "
+              f"but each of the {chunks} pipeline stages holds {per_chunk} layers: a stage would reuse a "
+              f"selection made on another stage (give each stage a multiple of {n} layers)")
 
 
 def set_mode(config: DSATransformerConfig, mode: str) -> None:

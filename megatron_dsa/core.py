@@ -19,6 +19,14 @@ Shapes (batch first; what a rank holds under TP/CP is in ``parallel.sharded``):
     indexer  (qi [B, Sq', HI, DI], ki [B, Sk', DI], wi [B, Sq', HI]): this rank's own rows
              (Sq' = Sq / TP), with detached inputs: the indexer learns only from its objective
 
+Packed sequences (``cu_seqlens``: the document boundaries of the whole sequence, megatron's
+THD layout under CP) add one rule, ``reference.causal_mask``'s: a key is eligible only in its
+query's document. The dense attention, the top-k and the dense objective apply it; the sparse
+attention and the selected-set KL read only the selected indices, which already obey it. The
+rule is a document-id input of the reference ops; the Triton kernels take positions only, and a
+document mask cannot be written as positions (each document's keys would have to come before
+every query of every later document), so packed sequences run on the reference ops.
+
 The objective is the KL unless ``objective`` names another (``reference.INDEXER_OBJECTIVES``:
 those run the PyTorch loss ops of ``ops.indexer_loss_backend``, one rank only).
 """
@@ -46,6 +54,10 @@ from megatron_dsa.parallel.sharded import (
 )
 
 MODES = ("dense", "warmup", "sparse")
+PACKED_NEEDS_REFERENCE = (
+    "packed sequences (document boundaries) run on the reference DSA ops: the Triton kernels take "
+    "positions only; set mdsa_kernel='reference'"
+)
 
 
 @dataclass
@@ -75,6 +87,7 @@ def dsa_core(
     backend=None,
     fp8_indexer: bool = False,
     recall_rows: int = 0,
+    cu_seqlens: Optional[torch.Tensor] = None,
 ) -> CoreResult:
     """One DSA core attention step on this rank (shapes in the module docstring).
 
@@ -85,32 +98,39 @@ def dsa_core(
     reference); with the kernels the top-k scores every key in one streaming pass and
     ``fp8_indexer`` scores in FP8. ``recall_rows``: the dense objective's recall diagnostic on
     at most this many rows per sequence, split evenly over the TP x CP ranks (0: every row).
+    ``cu_seqlens``: document boundaries of a packed sequence (global rows, [0, ..., S]; each
+    document a multiple of 2 * CP under CP); None: one document.
     """
     if mode not in MODES:
         raise ValueError(f"unknown DSA mode {mode!r}; one of {MODES}")
     backend = backend or ops.backend("reference", q.device)
     if fp8_indexer and backend.name == "reference":
         raise ValueError("the FP8 indexer is a Triton kernel; the reference path scores in fp32")
+    if cu_seqlens is not None and backend.name != "reference":
+        raise ValueError(PACKED_NEEDS_REFERENCE)
     loss_ops = ops.indexer_loss_backend(backend.name, q.device, objective, backend.options)
     B, Sq = q.shape[:2]
     seq = kv.shape[1] * ctx.cp_size
-    positions = q_pos if q_pos is not None else cp_positions(seq, ctx.cp_size, ctx.cp_rank, q.device)
+    positions = q_pos if q_pos is not None else cp_positions(seq, ctx.cp_size, ctx.cp_rank, q.device, cu_seqlens)
     # The ops' default positions are 0..S-1: passing None there spares a kernel the bookkeeping.
     attention_pos = None if q_pos is None and ctx.cp_size == 1 else positions
+    doc = None if cu_seqlens is None else R.document_ids(cu_seqlens.to(q.device), seq)
+    documents = {} if doc is None else dict(q_doc=doc[positions], k_doc=doc)
     rows = own_rows(ctx, Sq)
     flops = [0]
     qi = ki = wi = ki_all = None
     if indexer is not None:
         qi, ki, wi = indexer
-        ki_all = gather_indexer_keys(ki, ctx, seq)
+        ki_all = gather_indexer_keys(ki, ctx, seq, cu_seqlens)
 
     def dense_objective(kv_all):
         return _dense_objective(loss_ops, ctx, q, kv_all, qi, ki_all, wi, positions, rows, scale, topk,
-                                recall_rows, flops)
+                                recall_rows, flops, doc)
 
     if mode in ("dense", "warmup"):
-        kv_all = gather_kv(kv, ctx, seq)  # every key (an all-gather under CP)
-        out, _ = backend.dense_mla_attention(q, kv_all, v_dim, scale, q_pos=attention_pos, need_lse=False)
+        kv_all = gather_kv(kv, ctx, seq, cu_seqlens)  # every key (an all-gather under CP)
+        out, _ = backend.dense_mla_attention(q, kv_all, v_dim, scale, q_pos=attention_pos, need_lse=False,
+                                             **documents)
         res = CoreResult(out)
         if mode == "warmup" and indexer is not None:
             res.kl, res.recall = dense_objective(kv_all)
@@ -121,14 +141,14 @@ def dsa_core(
         # The reference emulates the CP ring: it streams the key chunks, skipping future ones.
         shards = key_shards(ki_all.detach(), ctx) if backend.name == "reference" and ctx.cp_size > 1 else None
         sel = tp_indexer_topk(backend, qi.detach(), ki_all.detach(), wi.detach(), positions, topk, ctx, flops,
-                              fp8=fp8_indexer, shards=shards)
+                              fp8=fp8_indexer, shards=shards, doc=doc)
     else:
         sel = selection
         if sel is None or sel.shape[:2] != (B, Sq):
             raise RuntimeError("sparse DSA needs a top-k selection for these rows")
 
     if ctx.cp_size > 1:  # only the selected KV rows travel, from the CP ranks that own them
-        kv_buf, idx, gids = fetch_selected(kv, sel, seq, ctx.cp_group)
+        kv_buf, idx, gids = fetch_selected(kv, sel, seq, ctx.cp_group, cu_seqlens)
         kv_buf = kv_buf[None].expand(B, -1, -1)
     else:
         kv_buf, idx, gids = kv, sel, None
@@ -140,13 +160,13 @@ def dsa_core(
             ki_buf = ki_all if gids is None else ki_all.reshape(B * seq, -1)[gids][None].expand(B, -1, -1)
             res.kl = _selected_set_objective(loss_ops, backend, ctx, q, kv_buf, idx, lse, qi, ki_buf, wi, scale)
         else:
-            res.kl, res.recall = dense_objective(gather_kv(kv, ctx, seq))
+            res.kl, res.recall = dense_objective(gather_kv(kv, ctx, seq, cu_seqlens))
     res.indexer_flops = flops[0]
     return res
 
 
 def _dense_objective(loss_ops, ctx: ParallelContext, q, kv_all, qi, ki_all, wi, positions, rows: slice,
-                     scale: float, topk: int, recall_rows: int, flops: list):
+                     scale: float, topk: int, recall_rows: int, flops: list, doc=None):
     """The objective over every eligible key of each own row, with its top-k recall.
 
     The target sums the attention over ALL heads, so each TP rank takes whole rows: a causally
@@ -160,8 +180,9 @@ def _dense_objective(loss_ops, ctx: ParallelContext, q, kv_all, qi, ki_all, wi, 
     sample = None
     if recall_rows > 0:
         sample = R.recall_sample_rows(qi.shape[1], max(1, recall_rows // (ctx.tp_size * ctx.cp_size)), q.device)
+    documents = {} if doc is None else dict(q_doc=doc[pos], k_doc=doc)
     kl, recall = loss_ops.dense_indexer_kl(q_rows, kv_all.detach(), qi_rows, ki_all, wi_rows, scale, topk, q_pos=pos,
-                                           recall_rows=sample)
+                                           recall_rows=sample, **documents)
     if balanced:
         kl = balanced_to_own(kl, ctx, "tp.indexer_kl_balance")
         if sample is None:

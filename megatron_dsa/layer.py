@@ -19,8 +19,11 @@ is logged under the same name.
 The indexer loss reaches the optimizer the way megatron-core's MoE auxiliary loss does: in
 ``sparse`` mode it is attached to the attention output by ``DSAIndexerLossAutoScaler``, so the
 language-model backward also runs the KL's backward, scaled by the schedule's loss scale. In
-``warmup`` nothing is attached (the main model is frozen and must see no backward at all): the
-trainer takes the losses from ``pop_indexer_losses`` and backpropagates their sum alone.
+``warmup`` on one pipeline stage nothing is attached (the main model is frozen and must see no
+backward at all): the trainer takes the losses from ``pop_indexer_losses`` and backpropagates
+their sum alone. Under pipeline parallelism the last stage's loss cannot reach the other
+stages' layers, so there the warm-up attaches the KL too, and the schedule's backward (of a
+zero LM term through the frozen stages) runs every stage's KL backward.
 Per-layer values are logged through megatron-core's MoE metrics tracker.
 """
 
@@ -40,7 +43,7 @@ from megatron_dsa import ops
 from megatron_dsa.config import DSATransformerConfig
 from megatron_dsa.core import dsa_core
 from megatron_dsa.parallel import ParallelContext, cp_positions, global_sequence_length, own_rows
-from megatron_dsa.reference import indexer_qkw, rope_cos_sin
+from megatron_dsa.reference import document_ids, indexer_qkw, rope_cos_sin
 
 # Names of the per-layer values in megatron-core's MoE metrics tracker (the trainer logs them).
 INDEXER_KL = "indexer_kl"
@@ -71,6 +74,15 @@ class ReplicatedLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor):
         return torch.nn.functional.linear(x, self.weight), None
+
+    # megatron's linears keep an (empty) ``_extra_state`` entry in their checkpoints. MLA's KV
+    # down-projection is megatron's linear at TP=1 and this one under TP: with the same entry,
+    # a checkpoint written at one TP size loads at another.
+    def get_extra_state(self) -> None:
+        return None
+
+    def set_extra_state(self, state) -> None:
+        pass
 
 
 @dataclass
@@ -216,9 +228,15 @@ class DSACoreAttention(MegatronModule):
 
         s: this CP rank's rows (all of them on one rank); s': the rows this rank's indexer
         runs on (its sequence-parallel shard under TP, s otherwise); H: this TP rank's heads.
+
+        Packed sequences (megatron's THD format, ``packed_seq_params.qkv_format == "thd"``):
+        one row of documents, query [s, H, Dqk], key [s, 1, Dqk], qr [s', q_lora_rank]; the
+        documents' boundaries are ``cu_seqlens_q_padded`` (else ``cu_seqlens_q``), and the
+        indexer's RoPE restarts at each document, as megatron's MLA RoPE does.
         """
+        cu_seqlens = None
         if packed_seq_params is not None:
-            raise NotImplementedError("DSA core attention does not take packed sequences yet")
+            query, key, x, qr, cu_seqlens = self._unpack_thd(query, key, x, qr, packed_seq_params)
         s = self.config.dsa
         ctx = self.parallel
         rows, batch, heads, _ = query.shape
@@ -234,7 +252,10 @@ class DSACoreAttention(MegatronModule):
                     f"DSA under TP expects the sequence-parallel shard of x and qr ({own.stop - own.start} "
                     f"rows), got {tuple(x.shape)} and {tuple(qr.shape)}: is sequence_parallel on?"
                 )
-            positions = cp_positions(seq, ctx.cp_size, ctx.cp_rank, q.device)[own]
+            positions = cp_positions(seq, ctx.cp_size, ctx.cp_rank, q.device, cu_seqlens)[own]
+            if cu_seqlens is not None:  # the position inside its own document
+                starts = cu_seqlens.to(q.device)[document_ids(cu_seqlens.to(q.device), seq)]
+                positions = positions - starts[positions]
             inputs = self.indexer_inputs(x, qr, positions)
         elif s.mode == "sparse":
             selection = self._borrowed_selection(batch, rows)
@@ -242,7 +263,7 @@ class DSACoreAttention(MegatronModule):
             ctx, s.mode, q, kv, self.v_dim, self.softmax_scale, s.topk,
             indexer=inputs, selection=selection, with_loss=s.loss_coeff > 0, sparse_loss=s.sparse_loss,
             objective=s.objective, backend=ops.backend(s.kernel, q.device, s.kernel_options), fp8_indexer=s.fp8_indexer,
-            recall_rows=s.recall_rows,
+            recall_rows=s.recall_rows, cu_seqlens=cu_seqlens,
         )
         self.indexer_flops += res.indexer_flops
         if indexer is not None and s.mode == "sparse":
@@ -251,6 +272,26 @@ class DSACoreAttention(MegatronModule):
         if res.kl is not None:
             out = self._attach_indexer_loss(out, res.kl, res.recall, s.mode, total_rows=batch * seq)
         return out.transpose(0, 1).reshape(rows, batch, heads * self.v_dim)
+
+    @staticmethod
+    def _unpack_thd(query, key, x, qr, packed_seq_params):
+        """megatron's THD tensors -> the batch-of-one layout forward reads, and the documents'
+        boundaries."""
+        if packed_seq_params.qkv_format != "thd":
+            raise ValueError(
+                f"DSA core attention takes packed sequences in megatron's THD format, got "
+                f"qkv_format={packed_seq_params.qkv_format!r}"
+            )
+        cu_seqlens = packed_seq_params.cu_seqlens_q_padded
+        if cu_seqlens is None:
+            cu_seqlens = packed_seq_params.cu_seqlens_q
+        kv_bounds = packed_seq_params.cu_seqlens_kv_padded
+        if kv_bounds is None:
+            kv_bounds = packed_seq_params.cu_seqlens_kv
+        if kv_bounds is not None and not torch.equal(kv_bounds.cpu(), cu_seqlens.cpu()):
+            raise ValueError("DSA self-attention needs the same document boundaries for queries and keys")
+        # x keeps megatron's [t, 1, hidden]; qr arrives squeezed to [t, q_lora_rank].
+        return query.unsqueeze(1), key.unsqueeze(1), x, None if qr is None else qr.unsqueeze(1), cu_seqlens
 
     def indexer_inputs(self, x: torch.Tensor, qr: torch.Tensor, positions: torch.Tensor):
         """The indexer's (q [b, s, HI, DI], k [b, s, DI], w [b, s, HI]) for x [s, b, hidden] and
@@ -282,7 +323,7 @@ class DSACoreAttention(MegatronModule):
         save_to_aux_losses_tracker(INDEXER_KL, kl.detach().mean(), self.layer_number, num_layers)
         if recall is not None:
             save_to_aux_losses_tracker(TOPK_RECALL, recall.detach().mean(), self.layer_number, num_layers)
-        if mode == "warmup":
+        if mode == "warmup" and self.config.pipeline_model_parallel_size == 1:
             self._indexer_loss = loss
             return out
         return DSAIndexerLossAutoScaler.apply(out, loss)

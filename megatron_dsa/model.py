@@ -331,6 +331,12 @@ def wire_indexer_sharing(model: torch.nn.Module) -> None:
     if settings.indexer_sharing == "shared":
         for layer in layers[1:]:
             layer.share_indexer_with(layers[0])
+    if not layers[0].selects:
+        raise DSAConfigError(
+            f"invalid DSA configuration: layer {layers[0].layer_number} begins a pipeline stage but "
+            f"would reuse the top-k selection of a layer on another stage (dsa_indexer_topk_freq="
+            f"{settings.topk_freq}); give each stage a multiple of {settings.topk_freq} layers"
+        )
     source = None
     for layer in layers:
         if layer.selects:

@@ -29,12 +29,12 @@ OPS = ("indexer_topk", "dense_mla_attention", "sparse_mla_attention", "dense_ind
        "sparse_target_head_sum", "sparse_indexer_kl_from_target")
 
 
-def _reference_indexer_topk(q, k, w, topk, q_pos=None, k_pos=None, fp8=False, ordered=True):
+def _reference_indexer_topk(q, k, w, topk, q_pos=None, k_pos=None, fp8=False, ordered=True, q_doc=None, k_doc=None):
     # ``ordered=False`` lets a backend skip ordering each row by score; the reference's rows
     # are ordered either way (the same sets).
     if fp8:
         raise ValueError("the FP8 indexer is a Triton kernel; the reference scores in fp32")
-    return reference.indexer_topk(q, k, w, topk, q_pos=q_pos, k_pos=k_pos)
+    return reference.indexer_topk(q, k, w, topk, q_pos=q_pos, k_pos=k_pos, q_doc=q_doc, k_doc=k_doc)
 
 
 def _reference_sparse_indexer_kl(q_main, kv, q_idx, k_idx, w_idx, topk_idx, scale, lse=None, objective="kl"):

@@ -13,6 +13,12 @@ Positions: queries and keys carry absolute token positions (``q_pos`` [Sq], ``k_
 Key s is eligible for query t iff ``k_pos[s] <= q_pos[t]``. They default to 0..S-1; context
 parallel and decoding pass their own. Returned top-k indices index the key dimension.
 
+Packed sequences (several documents in one sequence) add document ids (``q_doc`` [Sq],
+``k_doc`` [Sk], ``document_ids``): key s is eligible for query t iff it is in the same document
+AND ``k_pos[s] <= q_pos[t]``. That one rule is the only place documents enter: the top-k
+selects inside the query's document, so the sparse attention and the sparse KL (which read only
+the selected indices) follow it, and a document shorter than top-k attends densely to itself.
+
 Memory never grows as S^2 for the whole sequence: every function that would build a
 [Sq, Sk] matrix walks over query chunks, and under autograd each chunk is checkpointed so its
 probabilities are recomputed in backward instead of kept.
@@ -209,9 +215,35 @@ def _positions(pos: Optional[torch.Tensor], n: int, device) -> torch.Tensor:
     return torch.arange(n, device=device) if pos is None else pos.to(device)
 
 
-def causal_mask(q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
-    """[Sq, Sk] bool, True where key s may be attended by query t (k_pos[s] <= q_pos[t])."""
-    return k_pos[None, :] <= q_pos[:, None]
+def _documents(doc: Optional[torch.Tensor], n: int, device) -> torch.Tensor:
+    """Document ids; None = one document (an unpacked sequence)."""
+    return torch.zeros(n, dtype=torch.long, device=device) if doc is None else doc.to(device)
+
+
+def document_ids(cu_seqlens: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Document id of every row [seq_len] of a packed sequence from its document boundaries
+    (megatron's ``cu_seqlens``: [0, end of doc 0, end of doc 1, ..., seq_len])."""
+    cu = cu_seqlens.to(torch.long)
+    if cu.dim() != 1 or cu.numel() < 2 or int(cu[0]) != 0 or int(cu[-1]) != seq_len or bool((cu[1:] < cu[:-1]).any()):
+        raise ValueError(f"document boundaries must rise from 0 to the sequence length {seq_len}, got {cu.tolist()}")
+    rows = torch.arange(seq_len, device=cu.device)
+    return torch.searchsorted(cu[1:], rows, right=True)
+
+
+def causal_mask(
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    q_doc: Optional[torch.Tensor] = None,
+    k_doc: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """[Sq, Sk] bool, True where key s may be attended by query t: k_pos[s] <= q_pos[t] and, in a
+    packed sequence, the same document (q_doc[t] == k_doc[s])."""
+    mask = k_pos[None, :] <= q_pos[:, None]
+    if q_doc is not None or k_doc is not None:
+        q_doc = _documents(q_doc, q_pos.shape[0], q_pos.device)
+        k_doc = _documents(k_doc, k_pos.shape[0], k_pos.device)
+        mask = mask & (k_doc[None, :] == q_doc[:, None])
+    return mask
 
 
 def _chunk_size(per_row: int, total_rows: int) -> int:
@@ -242,20 +274,24 @@ def indexer_topk(
     topk: int,
     q_pos: Optional[torch.Tensor] = None,
     k_pos: Optional[torch.Tensor] = None,
+    q_doc: Optional[torch.Tensor] = None,
+    k_doc: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Causal top-k of the indexer scores: [B, Sq, topk] int64, -1 padded.
 
-    Row t keeps ``min(topk, #eligible keys)`` entries. Scores are built per query chunk.
+    Row t keeps ``min(topk, #eligible keys)`` entries (``q_doc``/``k_doc``: only keys of its
+    own document are eligible). Scores are built per query chunk.
     """
     B, Sq = q.shape[:2]
     Sk = k.shape[1]
     q_pos, k_pos = _positions(q_pos, Sq, q.device), _positions(k_pos, Sk, q.device)
+    q_doc, k_doc = _documents(q_doc, Sq, q.device), _documents(k_doc, Sk, q.device)
     out = torch.empty(B, Sq, topk, dtype=torch.long, device=q.device)
     step = _chunk_size(B * q.shape[2] * Sk, Sq)
     for t0 in range(0, Sq, step):
         t1 = min(Sq, t0 + step)
         scores = indexer_scores(q[:, t0:t1], k, w[:, t0:t1])
-        out[:, t0:t1] = topk_from_scores(scores, causal_mask(q_pos[t0:t1], k_pos), topk)
+        out[:, t0:t1] = topk_from_scores(scores, causal_mask(q_pos[t0:t1], k_pos, q_doc[t0:t1], k_doc), topk)
     return out
 
 
@@ -299,9 +335,9 @@ def _attend(scores: torch.Tensor, values: torch.Tensor, einsum: str):
     return out, lse
 
 
-def _dense_chunk(q, q_pos, kv, k_pos, v_dim: int, scale: float):
+def _dense_chunk(q, q_pos, q_doc, kv, k_pos, k_doc, v_dim: int, scale: float):
     scores = torch.einsum("bthd,bsd->bths", _up(q), _up(kv)) * scale
-    scores = scores.masked_fill(~causal_mask(q_pos, k_pos)[None, :, None, :], float("-inf"))
+    scores = scores.masked_fill(~causal_mask(q_pos, k_pos, q_doc, k_doc)[None, :, None, :], float("-inf"))
     out, lse = _attend(scores, kv[..., :v_dim], "bths,bsd->bthd")
     return out.to(q.dtype), lse
 
@@ -314,8 +350,11 @@ def dense_mla_attention(
     q_pos: Optional[torch.Tensor] = None,
     k_pos: Optional[torch.Tensor] = None,
     need_lse: bool = True,
+    q_doc: Optional[torch.Tensor] = None,
+    k_doc: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Causal attention of absorbed queries over latent KV entries.
+    """Causal attention of absorbed queries over latent KV entries (``q_doc``/``k_doc``: within
+    each query's document only).
 
     q [B, Sq, H, Dqk], kv [B, Sk, Dqk] (values are kv[..., :v_dim]).
     Returns out [B, Sq, H, v_dim] in q's dtype and the log-sum-exp [B, Sq, H] in fp32
@@ -324,9 +363,10 @@ def dense_mla_attention(
     B, Sq, H = q.shape[:3]
     Sk = kv.shape[1]
     q_pos, k_pos = _positions(q_pos, Sq, q.device), _positions(k_pos, Sk, q.device)
+    q_doc, k_doc = _documents(q_doc, Sq, q.device), _documents(k_doc, Sk, q.device)
     step = _chunk_size(B * H * Sk, Sq)
-    fn = lambda q_, qp, kv_, kp: _dense_chunk(q_, qp[0], kv_, kp, v_dim, scale)  # noqa: E731
-    out, lse = _map_query_chunks(fn, (q, q_pos[None]), (kv, k_pos), step)
+    fn = lambda q_, qp, qd, kv_, kp, kd: _dense_chunk(q_, qp[0], qd[0], kv_, kp, kd, v_dim, scale)  # noqa: E731
+    out, lse = _map_query_chunks(fn, (q, q_pos[None], q_doc[None]), (kv, k_pos, k_doc), step)
     return out, (lse if need_lse else None)
 
 
@@ -485,9 +525,9 @@ def head_summed_target(probs: torch.Tensor, dim: int = 2) -> torch.Tensor:
 
 
 def _dense_kl_chunk(
-    q_main, q_pos, kv, k_pos, q_idx, w_idx, k_idx, scale: float, topk: int, objective: str = "kl"
+    q_main, q_pos, q_doc, kv, k_pos, k_doc, q_idx, w_idx, k_idx, scale: float, topk: int, objective: str = "kl"
 ):
-    mask = causal_mask(q_pos[0], k_pos)[None]  # [1, c, Sk]
+    mask = causal_mask(q_pos[0], k_pos, q_doc[0], k_doc)[None]  # [1, c, Sk]
     with torch.no_grad():
         scores = torch.einsum("bthd,bsd->bths", _up(q_main), _up(kv)) * scale
         probs = torch.softmax(scores.masked_fill(~mask[:, :, None], float("-inf")), dim=-1)
@@ -512,8 +552,11 @@ def dense_indexer_kl(
     k_pos: Optional[torch.Tensor] = None,
     objective: str = "kl",
     recall_rows: Optional[torch.Tensor] = None,
+    q_doc: Optional[torch.Tensor] = None,
+    k_doc: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Warm-up objective: per-query KL(p || softmax(I)) over all eligible keys.
+    """Warm-up objective: per-query KL(p || softmax(I)) over all eligible keys (``q_doc`` /
+    ``k_doc``: those of the query's own document).
 
     p: the main attention's probabilities (q_main over kv, causal) summed over ALL heads and
     L1-normalised; never differentiated. Gradients flow into q_idx, k_idx, w_idx only.
@@ -528,12 +571,13 @@ def dense_indexer_kl(
     B, Sq, H = q_main.shape[:3]
     Sk = kv.shape[1]
     q_pos, k_pos = _positions(q_pos, Sq, q_main.device), _positions(k_pos, Sk, q_main.device)
+    q_doc, k_doc = _documents(q_doc, Sq, q_main.device), _documents(k_doc, Sk, q_main.device)
     step = _chunk_size(B * max(H, q_idx.shape[2]) * Sk, Sq)
-    fn = lambda qm, qp, qi, wi, kv_, kp, ki: _dense_kl_chunk(  # noqa: E731
-        qm, qp, kv_, kp, qi, wi, ki, scale, topk, objective
+    fn = lambda qm, qp, qd, qi, wi, kv_, kp, kd, ki: _dense_kl_chunk(  # noqa: E731
+        qm, qp, qd, kv_, kp, kd, qi, wi, ki, scale, topk, objective
     )
     kl, recall = _map_query_chunks(
-        fn, (q_main.detach(), q_pos[None], q_idx, w_idx), (kv.detach(), k_pos, k_idx), step
+        fn, (q_main.detach(), q_pos[None], q_doc[None], q_idx, w_idx), (kv.detach(), k_pos, k_doc, k_idx), step
     )
     return kl, (recall if recall_rows is None else recall[:, recall_rows])
 

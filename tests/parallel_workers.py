@@ -101,6 +101,21 @@ def reference_run(inp, mode: str, sparse_loss: bool = True):
     return dict(out=out.detach(), kl=kl, recall=recall, topk=topk, grads=grads)
 
 
+def documents_run(inp, mode: str, sparse_loss: bool, cu_seqlens: torch.Tensor):
+    """``reference_run`` on each document of a packed sequence ALONE, put back in packed order:
+    top-k indices shifted to packed rows, gradients of each document's own rows."""
+    bounds = cu_seqlens.tolist()
+    runs = [(a, reference_run({k: v[:, a:b] for k, v in inp.items()}, mode, sparse_loss))
+            for a, b in zip(bounds[:-1], bounds[1:])]
+    cat = lambda parts: None if parts[0] is None else torch.cat(parts, dim=1)  # noqa: E731
+    topk = [None if r["topk"] is None else torch.where(r["topk"] >= 0, r["topk"] + a, -1) for a, r in runs]
+    return dict(
+        out=cat([r["out"] for _, r in runs]), kl=cat([r["kl"] for _, r in runs]),
+        recall=cat([r["recall"] for _, r in runs]), topk=cat(topk),
+        grads={k: cat([r["grads"][k] for _, r in runs]) for k in runs[0][1]["grads"]},
+    )
+
+
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
@@ -112,7 +127,7 @@ def _close(name, a, b, atol=2e-5, rtol=1e-4):
         raise AssertionError(f"rank {_rank()}: {name} differs (max abs diff {diff}, {a.shape} vs {b.shape})")
 
 
-def layer_function_worker(rank, world, port, tp, cp, seed, modes, kernel="reference"):
+def layer_function_worker(rank, world, port, tp, cp, seed, modes, kernel="reference", cu_seqlens=None):
     if kernel != "reference" and not ON_GPU:  # the kernels through Triton's interpreter
         os.environ["TRITON_INTERPRET"] = "1"
     init_dist(rank, world, port)
@@ -120,16 +135,20 @@ def layer_function_worker(rank, world, port, tp, cp, seed, modes, kernel="refere
 
     tp_group, cp_group = make_groups(tp, cp)
     ctx = ParallelContext(tp_group=tp_group if tp > 1 else None, cp_group=cp_group if cp > 1 else None)
-    check_core_against_reference(ctx, seed, modes, kernel)
+    check_core_against_reference(ctx, seed, modes, kernel, cu_seqlens)
     dist.barrier()
     dist.destroy_process_group()
 
 
-def check_core_against_reference(ctx, seed, modes, kernel="reference"):
+def check_core_against_reference(ctx, seed, modes, kernel="reference", cu_seqlens=None):
     """``core.dsa_core`` on this rank's share of the one-rank tensors (heads over TP, own SP
     rows for the indexer, megatron's CP chunks) equals the reference math on one rank: top-k
     sets (with exact ties), outputs, KL, recall (every row and sampled), gradients, and the
-    indexer FLOPs (1/TP of one rank's). ``ctx`` of size 1 is the one-rank path itself."""
+    indexer FLOPs (1/TP of one rank's). ``ctx`` of size 1 is the one-rank path itself.
+
+    ``cu_seqlens``: the inputs are a packed sequence with these document boundaries (megatron's
+    packed CP layout: each document in 2 * CP chunks), and the expected values are each
+    document run alone (``documents_run``)."""
     from megatron_dsa import ops
     from megatron_dsa.core import dsa_core
     from megatron_dsa.parallel import balanced_blocks, cp_split, own_rows
@@ -141,9 +160,13 @@ def check_core_against_reference(ctx, seed, modes, kernel="reference"):
     s = SHAPE
     inp = tie_inputs(seed)
     heads = slice(ctx.tp_rank * s["H"] // tp, (ctx.tp_rank + 1) * s["H"] // tp)
+    cp_split_ = lambda x: cp_split(x, cp, ctx.cp_rank, cu_seqlens=cu_seqlens)  # noqa: E731
     for mode, sparse_loss in modes:
-        ref = reference_run(inp, mode, sparse_loss)
-        loc = {k: cp_split(v, cp, ctx.cp_rank) for k, v in inp.items()}
+        if cu_seqlens is None:
+            ref = reference_run(inp, mode, sparse_loss)
+        else:
+            ref = documents_run(inp, mode, sparse_loss, cu_seqlens)
+        loc = {k: cp_split_(v) for k, v in inp.items()}
         rows = own_rows(ctx, s["S"] // cp)
         mine = dict(
             q=loc["q"][:, :, heads].clone().requires_grad_(),
@@ -155,29 +178,29 @@ def check_core_against_reference(ctx, seed, modes, kernel="reference"):
         indexer = None if mode == "dense" else (mine["qi"], mine["ki"], mine["wi"])
         res = dsa_core(
             ctx, mode, mine["q"], mine["kv"], s["V"], s["D"] ** -0.5, s["K"],
-            indexer=indexer, sparse_loss=sparse_loss, backend=backend,
+            indexer=indexer, sparse_loss=sparse_loss, backend=backend, cu_seqlens=cu_seqlens,
         )
-        tag = f"{mode}(sparse_loss={sparse_loss}) tp={tp} cp={cp} {kernel}"
-        ref_out = cp_split(ref["out"], cp, ctx.cp_rank)[:, :, heads]
+        tag = f"{mode}(sparse_loss={sparse_loss}) tp={tp} cp={cp} {kernel}" + (" packed" if cu_seqlens is not None else "")
+        ref_out = cp_split_(ref["out"])[:, :, heads]
         _close(tag + " out", res.out, ref_out)
         if ref["topk"] is not None:
             # Same sets per row (the kernels skip ordering each row by score).
-            want = cp_split(ref["topk"], cp, ctx.cp_rank).sort(-1).values
+            want = cp_split_(ref["topk"]).sort(-1).values
             if not torch.equal(res.topk.sort(-1).values, want):
                 bad = (res.topk.sort(-1).values != want).nonzero()[:5].tolist()
                 raise AssertionError(f"rank {_rank()}: {tag} top-k differs at {bad}")
         if ref["kl"] is not None:
-            _close(tag + " kl", res.kl, cp_split(ref["kl"], cp, ctx.cp_rank)[:, rows])
+            _close(tag + " kl", res.kl, cp_split_(ref["kl"])[:, rows])
         if ref["recall"] is not None:
-            _close(tag + " recall", res.recall, cp_split(ref["recall"], cp, ctx.cp_rank)[:, rows])
+            _close(tag + " recall", res.recall, cp_split_(ref["recall"])[:, rows])
             # The diagnostic on sampled rows (mdsa_recall_rows): 2 per rank, the last own one included.
             sampled = dsa_core(
                 ctx, mode, mine["q"].detach(), mine["kv"].detach(), s["V"], s["D"] ** -0.5, s["K"],
                 indexer=tuple(t.detach() for t in indexer), sparse_loss=sparse_loss, backend=backend,
-                recall_rows=2 * tp * cp,
+                recall_rows=2 * tp * cp, cu_seqlens=cu_seqlens,
             ).recall
             # Sampled on the rows this rank scores: its causally balanced blocks under TP.
-            want = cp_split(ref["recall"], cp, ctx.cp_rank)
+            want = cp_split_(ref["recall"])
             if can_balance(ctx, rows.stop - rows.start):
                 h = (rows.stop - rows.start) // 2
                 want = torch.cat([want[:, b * h:(b + 1) * h] for b in balanced_blocks(tp, ctx.tp_rank)], dim=1)
@@ -185,13 +208,13 @@ def check_core_against_reference(ctx, seed, modes, kernel="reference"):
                 want = want[:, rows]
             picked = R.recall_sample_rows(want.shape[1], 2, sampled.device)
             _close(tag + " sampled recall", sampled, want if picked is None else want[:, picked])
-        cot = cp_split(inp["cot"], cp, ctx.cp_rank)[:, :, heads]
+        cot = cp_split_(inp["cot"])[:, :, heads]
         loss = (res.out * cot).sum() + (0 if res.kl is None else res.kl.sum())
         loss.backward()
         g = {k: v.grad if v.grad is not None else torch.zeros_like(v) for k, v in mine.items()}
         if tp > 1:  # kv is replicated over TP (MLA gathered it): its gradient is the sum
             dist.all_reduce(g["kv"], group=ctx.tp_group)
-        rg = {k: cp_split(v, cp, ctx.cp_rank) for k, v in ref["grads"].items()}
+        rg = {k: cp_split_(v) for k, v in ref["grads"].items()}
         _close(tag + " dq", g["q"], rg["q"][:, :, heads])
         _close(tag + " dkv", g["kv"], rg["kv"])
         for k in ("qi", "ki", "wi"):
@@ -464,5 +487,157 @@ def expert_parallel_worker(rank, world, port, ep, seed):
         assert err <= 1e-4 * want.abs().max().item() + 1e-7, f"rank {rank}: grad of {n} off by {err:.3g}"
     del model
     ps.destroy_model_parallel()
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------
+# Pipeline parallel: megatron-core's schedules over DSA layers
+# ---------------------------------------------------------------------------------------------
+
+
+def _pipeline_loss(model, mode, loss_mask, output_tensor):
+    """The trainer's loss in Megatron's form (sum, tokens, report): LM loss; in warm-up the
+    indexer KL, popped from this stage's layers (one stage) or attached to every stage's layer
+    outputs (pipeline parallel: the zero LM term carries the backward through the stages)."""
+    from megatron_dsa.layer import pop_indexer_losses
+
+    losses = output_tensor.float().view(-1)
+    num_tokens = loss_mask.sum()
+    lm = (losses * loss_mask.view(-1)).sum()
+    loss = lm
+    if mode == "warmup":
+        popped = pop_indexer_losses(model)
+        loss = lm * 0.0 + (sum(popped) * num_tokens if popped else 0.0)
+    return loss, num_tokens.int(), {"lm loss": torch.stack([lm.detach(), num_tokens])}
+
+
+def _pipeline_steps(chunks, mode, batches, steps, lr, reduce_grads):
+    """``steps`` SGD steps of Megatron's forward-backward schedule over ``chunks`` (one model
+    chunk per virtual stage), one microbatch per batch row. Returns the LM losses the last
+    stage saw per step (None elsewhere) and the first step's gradients by parameter object."""
+    from functools import partial
+
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    def forward_step(data_iterator, model):
+        tokens, positions, labels = next(data_iterator)
+        return model(tokens, positions, None, labels=labels), partial(_pipeline_loss, model, mode,
+                                                                      torch.ones_like(labels, dtype=torch.float))
+
+    tokens, positions, labels = batches
+    micro = [(tokens[i:i + 1], positions[i:i + 1], labels[i:i + 1]) for i in range(tokens.shape[0])]
+    losses, first_grads = [], {}
+    schedule = get_forward_backward_func()
+    for step in range(steps):
+        iters = [iter(micro) for _ in chunks]
+        out = schedule(forward_step_func=forward_step, data_iterator=iters if len(chunks) > 1 else iters[0],
+                       model=chunks if len(chunks) > 1 else chunks[0], num_microbatches=len(micro),
+                       seq_length=tokens.shape[1], micro_batch_size=1, forward_only=False)
+        for c in chunks:
+            reduce_grads(c)
+        if out:  # the last stage: one report per microbatch
+            losses.append(sum(float(r["lm loss"][0] / r["lm loss"][1]) for r in out) / len(out))
+        if step == 0:
+            first_grads = {p: p.grad.detach().clone() for c in chunks for p in c.parameters() if p.grad is not None}
+        with torch.no_grad():
+            for c in chunks:
+                for p in c.parameters():
+                    if p.grad is not None:
+                        p -= lr * p.grad
+                c.zero_grad(set_to_none=True)
+    return losses, first_grads
+
+
+def _global_names(chunk):
+    """Parameter name -> the one-rank model's name (a stage numbers its layers from 0)."""
+    names = {}
+    for name, _ in chunk.named_parameters():
+        if name.startswith("decoder.layers."):
+            local, rest = name[len("decoder.layers."):].split(".", 1)
+            number = chunk.decoder.layers[int(local)].layer_number
+            name_global = f"decoder.layers.{number - 1}.{rest}"
+        else:
+            name_global = name
+        names[name] = name_global
+    return names
+
+
+def _pipeline_chunks(mode, seed, overrides, vpp):
+    """This rank's model chunks (one per virtual stage) of the tiny model under PP."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    from megatron_dsa.model import build_model, model_config
+
+    chunks = []
+    for vp_stage in (range(vpp) if vpp else [None]):
+        torch.manual_seed(seed)
+        model_parallel_cuda_manual_seed(seed)
+        config = model_config("tiny", mdsa_mode=mode, mdsa_kernel="reference", use_cpu_initialization=True, **overrides)
+        first = ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+        last = ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+        chunks.append(build_model("tiny", config, vp_stage=vp_stage, pre_process=first, post_process=last).to(device()))
+    return chunks
+
+
+def pipeline_worker(rank, world, port, layouts, modes, seed, steps):
+    """The tiny model (4 layers) under each TP x PP (x virtual PP) layout of ``layouts``
+    through megatron-core's pipeline schedules vs one rank through the same loss: per-step LM
+    loss (the last stage's), every parameter's first-step gradient (TP-sliced) and the
+    parameters after ``steps`` SGD steps, in each phase."""
+    init_dist(rank, world, port)
+    import patches
+
+    patches.apply_cpu_patches()
+    from megatron.core import parallel_state as ps
+
+    from megatron_dsa.parallel import allreduce_sequence_parallel_grads
+
+    B, S, lr = 2, 32, 0.05
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, 512, (B, S), generator=g).to(device())
+    batches = (tokens, torch.arange(S, device=device())[None].expand(B, -1), tokens.roll(-1, dims=1))
+    base = dict(num_layers=4, pipeline_dtype=torch.float32)
+    for mode in modes:
+        ps.initialize_model_parallel()
+        ref = _build(mode, seed, base)
+        start = {n: p.detach().clone() for n, p in ref.named_parameters()}
+        ref_losses, ref_grads = _pipeline_steps([ref], mode, batches, steps, lr, lambda m: None)
+        ref_grads = {n: ref_grads[p] for n, p in ref.named_parameters() if p in ref_grads}
+        ref_final = {n: p.detach().clone() for n, p in ref.named_parameters()}
+        del ref
+        ps.destroy_model_parallel()
+        for tp, pp, vpp in layouts:
+            ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                         virtual_pipeline_model_parallel_size=vpp)
+            chunks = _pipeline_chunks(mode, seed, dict(base, tensor_model_parallel_size=tp,
+                                                       pipeline_model_parallel_size=pp,
+                                                       virtual_pipeline_model_parallel_size=vpp), vpp)
+            tp_rank, glu = ps.get_tensor_model_parallel_rank(), chunks[0].config.gated_linear_unit
+            names = {p: _global_names(c)[n] for c in chunks for n, p in c.named_parameters()}
+            with torch.no_grad():
+                for p, n in names.items():
+                    p.copy_(_shard(n, start[n], p, tp, tp_rank, glu))
+            tp_group = ps.get_tensor_model_parallel_group()
+            losses, grads = _pipeline_steps(chunks, mode, batches, steps, lr,
+                                            lambda m: allreduce_sequence_parallel_grads(m, tp_group))
+            tag = f"rank {rank} {mode} tp={tp} pp={pp} vpp={vpp}"
+            if ps.is_pipeline_last_stage():
+                assert len(losses) == steps, (tag, losses)
+                for got, want in zip(losses, ref_losses):
+                    assert abs(got - want) <= 1e-5 * max(1.0, abs(want)), (tag, losses, ref_losses)
+            # Every parameter of this rank's stages that gets a gradient on one rank gets it here.
+            assert {names[p] for p in grads} == set(ref_grads) & set(names.values()), tag
+            for p, grad in grads.items():
+                want = _shard(names[p], ref_grads[names[p]], p, tp, tp_rank, glu)
+                err = (grad - want).abs().max().item()
+                assert err <= 1e-4 * (want.abs().max().item() + 1e-12) + 1e-7, f"{tag}: grad of {names[p]} off by {err:.3g}"
+            for p, n in names.items():
+                want = _shard(n, ref_final[n], p, tp, tp_rank, glu)
+                if not torch.allclose(p.detach(), want, atol=1e-4, rtol=1e-3):
+                    raise AssertionError(f"{tag}: {n} differs after {steps} steps")
+            del chunks
+            ps.destroy_model_parallel()
     dist.barrier()
     dist.destroy_process_group()

@@ -409,3 +409,41 @@ def test_resume_with_another_module_backend(cli, corpus, tmp_path):
 
     plan = preflight(load_config(CONFIGS / "tiny" / "pretrain.yaml", base(corpus, tmp_path)[2:]), check_flags=False)
     assert plan["resume"] is True
+
+
+def test_two_nodes_train_checkpoint_and_resume_on_one_node(corpus, tmp_path):
+    """Two "nodes" on this machine (two launch/torchrun.sh with NNODES=2, NODE_RANK 0 and 1, one
+    process each) train the tiny MoE at TP=2 (a tensor-parallel group across the nodes) and
+    checkpoint at iteration 4; the run goes on to iteration 5. One node (TP=1) resumes from the
+    iteration-4 checkpoint through megatron-core's resharding and logs the same loss at 5."""
+    run = [*base(corpus, tmp_path), "train.iters=5", "train.lr_warmup_iters=0", "train.micro_batch_size=2",
+           "train.global_batch_size=2", "eval.iters=0", "checkpoint.interval=4", "logging.interval=1"]
+    two = ["megatron.tensor-model-parallel-size=2", "megatron.sequence-parallel=true"]
+    port = str(_free_port())
+    nodes = [subprocess.Popen(["bash", str(REPO / "launch" / "torchrun.sh"), *run, *two],
+                              cwd=tmp_path, env=dict(_env(), NNODES="2", NODE_RANK=str(rank), NPROC_PER_NODE="1",
+                                                     MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for rank in (0, 1)]
+    outputs = [node.communicate(timeout=400)[0] for node in nodes]
+    for node, output in zip(nodes, outputs):
+        assert node.returncode == 0, output[-5000:]
+    assert "tensor-model-parallel size: 2" in outputs[0] or "tensor model parallel size: 2" in outputs[0].lower()
+    from megatron_dsa.train.runner import read_scalars
+
+    two_nodes = dict(read_scalars(tmp_path / "tb")["lm loss"])
+    assert sorted(two_nodes) == [1, 2, 3, 4, 5]
+
+    # The same checkpoint at iteration 4, resumed by one node with one process.
+    save = tmp_path / "save"
+    shutil.rmtree(save / "iter_0000005")
+    (save / "latest_checkpointed_iteration.txt").write_text("4")
+    shutil.rmtree(tmp_path / "tb")
+    env = dict(_env(), NNODES="1", NODE_RANK="0", NPROC_PER_NODE="1", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(_free_port()))
+    result = subprocess.run(["bash", str(REPO / "launch" / "torchrun.sh"), *run], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
+    one_node = dict(read_scalars(tmp_path / "tb")["lm loss"])
+    assert sorted(one_node) == [5], one_node
+    assert abs(one_node[5] - two_nodes[5]) <= 1e-4 * abs(two_nodes[5]), (one_node, two_nodes)

@@ -199,3 +199,38 @@ def test_expert_parallel_from_config_matches_one_rank():
     """EP=2 through megatron-core's MoE settings (expert_model_parallel_size): same loss and
     gradients as one rank (each expert sees the batch of both EP ranks, so twice the gradient)."""
     W.spawn(W.expert_parallel_worker, 2, 2, 5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pipeline parallel: megatron-core's schedules over DSA layers
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "world,layouts", [(2, [(1, 2, None), (1, 2, 2)]), (4, [(2, 2, None)])], ids=["pp2+vpp2", "tp2xpp2"],
+)
+def test_pipeline_training_steps_match_one_rank(world, layouts):
+    """Two SGD steps of the 4-layer tiny model through megatron-core's pipeline schedule (1F1B,
+    and interleaved with two virtual stages per rank), two microbatches, in all three phases:
+    the last stage's LM loss, every parameter's gradient and the stepped parameters equal one
+    rank's. The warm-up's KL reaches every stage (attached to the layer outputs under PP)."""
+    W.spawn(W.pipeline_worker, world, layouts, ["dense", "warmup", "sparse"], 13, 2)
+
+
+def test_shared_indexer_across_pipeline_stages_is_refused():
+    from megatron_dsa.model import model_config
+
+    with pytest.raises(DSAConfigError, match="shared indexer needs every layer on one pipeline stage"):
+        model_config("tiny", num_layers=4, pipeline_model_parallel_size=2, pipeline_dtype=torch.float32,
+                     mdsa_indexer_sharing="shared")
+
+
+def test_selection_reused_across_pipeline_stages_is_refused():
+    from megatron_dsa.model import model_config
+
+    ok = model_config("tiny", num_layers=4, pipeline_model_parallel_size=2, pipeline_dtype=torch.float32,
+                      dsa_indexer_topk_freq=2)
+    assert ok.dsa.topk_freq == 2
+    with pytest.raises(DSAConfigError, match="a stage would reuse a selection made on another stage"):
+        model_config("tiny", num_layers=4, pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2,
+                     pipeline_dtype=torch.float32, dsa_indexer_topk_freq=2)

@@ -95,7 +95,13 @@ rule; dense attention under CP runs SDPA per run of consecutive positions, and t
 KL target and KL are kernels too (``sparse_target_head_sum``, ``sparse_indexer_kl_from_target``).
 
 Limits: every TP rank of a CP group fetches the same KV rows (a TP-split fetch + all-gather
-would cut that by TP); packed sequences are not supported.
+would cut that by TP).
+
+Packed sequences: the layout is megatron's THD one (each document padded to a multiple of 2CP
+and split into 2CP chunks, rank r holding chunks r and 2CP-1-r of every document); the
+positions, the gathers' global order and the fetch's owners follow it (``cu_seqlens`` in
+``comm``), and the document ids join the eligibility rule of the top-k, the dense attention
+and the dense KL.
 """
 
 import torch.distributed as dist

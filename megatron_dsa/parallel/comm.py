@@ -142,27 +142,71 @@ def global_sequence_length(local_rows: int, tp_size: int, cp_size: int, sequence
     return seq
 
 
-def cp_positions(seq_len: int, cp_size: int, cp_rank: int, device=None) -> torch.Tensor:
-    """Global positions [seq_len / cp_size] of the tokens CP rank ``cp_rank`` holds."""
+def _documents_of(seq_len: int, cu_seqlens: Optional[torch.Tensor]) -> list[tuple[int, int]]:
+    """[start, end) of each document; an unpacked sequence is one document."""
+    if cu_seqlens is None:
+        return [(0, seq_len)]
+    bounds = [int(b) for b in cu_seqlens.tolist()]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def check_cp_documents(seq_len: int, cp_size: int, cu_seqlens: Optional[torch.Tensor]) -> None:
+    """megatron's packed (THD) CP layout cuts every document into 2 * CP equal chunks."""
+    if cu_seqlens is None or cp_size == 1:
+        return
+    for start, end in _documents_of(seq_len, cu_seqlens):
+        if (end - start) % (2 * cp_size):
+            raise DSAConfigError(
+                f"invalid DSA configuration: context parallel over packed sequences needs every "
+                f"document padded to a multiple of 2 * context_parallel_size ({2 * cp_size}); "
+                f"rows {start}..{end} hold {end - start} (pass megatron's cu_seqlens_q_padded)"
+            )
+
+
+def cp_positions(seq_len: int, cp_size: int, cp_rank: int, device=None,
+                 cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Global positions [seq_len / cp_size] of the tokens CP rank ``cp_rank`` holds.
+
+    ``cu_seqlens``: the document boundaries of a packed sequence, whose CP layout (megatron's
+    THD one) splits each document into 2 * CP chunks and gives rank r chunks r and 2CP-1-r of
+    every document; without it the whole sequence is one document.
+    """
     if cp_size == 1:
         return torch.arange(seq_len, device=device)
-    check_cp_length(seq_len, cp_size)
-    c = seq_len // (2 * cp_size)
+    if cu_seqlens is None:
+        check_cp_length(seq_len, cp_size)
+    check_cp_documents(seq_len, cp_size, cu_seqlens)
     a, b = balanced_blocks(cp_size, cp_rank)
-    return torch.cat((torch.arange(a * c, (a + 1) * c), torch.arange(b * c, (b + 1) * c))).to(device)
+    parts = []
+    for start, end in _documents_of(seq_len, cu_seqlens):
+        c = (end - start) // (2 * cp_size)
+        parts += [torch.arange(start + a * c, start + (a + 1) * c), torch.arange(start + b * c, start + (b + 1) * c)]
+    return torch.cat(parts).to(device)
 
 
-def cp_split(x: torch.Tensor, cp_size: int, cp_rank: int, dim: int = 1) -> torch.Tensor:
+def cp_split(x: torch.Tensor, cp_size: int, cp_rank: int, dim: int = 1,
+             cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
     """This CP rank's part of a full-sequence tensor (megatron's layout), as get_batch does."""
     if cp_size == 1:
         return x
+    if cu_seqlens is not None:
+        return x.index_select(dim, cp_positions(x.shape[dim], cp_size, cp_rank, x.device, cu_seqlens))
     a, b = balanced_blocks(cp_size, cp_rank)
     chunks = x.chunk(2 * cp_size, dim=dim)
     return torch.cat((chunks[a], chunks[b]), dim=dim)
 
 
-def cp_owner(pos: torch.Tensor, seq_len: int, cp_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def cp_owner(pos: torch.Tensor, seq_len: int, cp_size: int,
+             cu_seqlens: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(owner CP rank, row on the owner) of global positions ``pos``."""
+    if cu_seqlens is not None:
+        owner = torch.empty(seq_len, dtype=torch.long, device=pos.device)
+        local = torch.empty(seq_len, dtype=torch.long, device=pos.device)
+        for r in range(cp_size):
+            held = cp_positions(seq_len, cp_size, r, pos.device, cu_seqlens)
+            owner[held] = r
+            local[held] = torch.arange(held.numel(), device=pos.device)
+        return owner[pos], local[pos]
     c = seq_len // (2 * cp_size)
     chunk = pos // c
     first = chunk < cp_size
@@ -171,11 +215,12 @@ def cp_owner(pos: torch.Tensor, seq_len: int, cp_size: int) -> tuple[torch.Tenso
     return owner, local
 
 
-def to_global_order(x_cat: torch.Tensor, seq_len: int, cp_size: int, dim: int = 1) -> torch.Tensor:
+def to_global_order(x_cat: torch.Tensor, seq_len: int, cp_size: int, dim: int = 1,
+                    cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Reorder a CP all-gather (rank 0's rows, rank 1's rows, ...) into global position order."""
     if cp_size == 1:
         return x_cat
-    pos = torch.cat([cp_positions(seq_len, cp_size, r) for r in range(cp_size)])
+    pos = torch.cat([cp_positions(seq_len, cp_size, r, cu_seqlens=cu_seqlens) for r in range(cp_size)])
     inv = torch.argsort(pos).to(x_cat.device)
     return x_cat.index_select(dim, inv)
 

@@ -17,11 +17,11 @@ from megatron_dsa.parallel.comm import all_to_all_list, cp_owner
 
 class _FetchRows(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, kv_local, gids, seq_len, group):
+    def forward(ctx, kv_local, gids, seq_len, group, cu_seqlens):
         B, S_local, D = kv_local.shape
         world = dist.get_world_size(group)
         b, pos = gids // seq_len, gids % seq_len
-        owner, row = cp_owner(pos, seq_len, world)
+        owner, row = cp_owner(pos, seq_len, world, cu_seqlens)
         flat = b * S_local + row  # row id in the owner's [B * S_local] KV
         order = torch.argsort(owner, stable=True)
         counts = torch.bincount(owner, minlength=world).tolist()
@@ -50,14 +50,15 @@ class _FetchRows(torch.autograd.Function):
         dkv = torch.zeros(B * S_local, D, dtype=grad.dtype, device=grad.device)
         for a, g in zip(asked, back):
             dkv.index_add_(0, a, g)
-        return dkv.view(B, S_local, D), None, None, None
+        return dkv.view(B, S_local, D), None, None, None, None
 
 
 def fetch_selected(
-    kv_local: torch.Tensor, topk_pos: torch.Tensor, seq_len: int, group
+    kv_local: torch.Tensor, topk_pos: torch.Tensor, seq_len: int, group, cu_seqlens=None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rows of the CP-sharded KV that ``topk_pos`` [B, Sq, K] (global positions, -1 = none)
-    selects. kv_local [B, S/CP, D] is this rank's shard (megatron's layout).
+    selects. kv_local [B, S/CP, D] is this rank's shard (megatron's layout; its packed one
+    when ``cu_seqlens`` gives the document boundaries).
 
     Returns (buffer [N, D] with autograd to kv_local on the owners, compact indices
     [B, Sq, K] into the buffer (-1 kept), gids [N] = b * seq_len + position of each row).
@@ -70,5 +71,5 @@ def fetch_selected(
     compact = torch.searchsorted(gids, g).masked_fill(~valid, -1)
     if gids.numel() == 0:  # nothing selected anywhere on this rank: still join the exchange
         gids = torch.zeros(0, dtype=torch.long, device=topk_pos.device)
-    buf = _FetchRows.apply(kv_local, gids, seq_len, group)
+    buf = _FetchRows.apply(kv_local, gids, seq_len, group, cu_seqlens)
     return buf, compact, gids

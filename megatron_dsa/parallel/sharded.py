@@ -88,7 +88,7 @@ def balanced_to_rows(x: torch.Tensor, tp_size: int) -> torch.Tensor:
 
 
 def tp_indexer_topk(ops, qi, ki_global, wi, q_pos, topk: int, ctx: ParallelContext, flops: list,
-                    fp8: bool = False, shards=None) -> torch.Tensor:
+                    fp8: bool = False, shards=None, doc=None) -> torch.Tensor:
     """The top-k of every CP-local row [B, S_cp, K] (GLOBAL positions), each TP rank scoring a
     causally balanced half-and-half of the rows (``balanced_blocks``); ``qi``/``wi`` are own
     SP rows, ``ki_global`` every key, ``q_pos`` the global positions of the CP-local rows.
@@ -96,17 +96,19 @@ def tp_indexer_topk(ops, qi, ki_global, wi, q_pos, topk: int, ctx: ParallelConte
     scoring FLOPs.
 
     ``shards``: the reference path's key chunks (``key_shards``); None runs ``ops.indexer_topk``
-    on the gathered keys in one streaming kernel (FP8 allowed).
+    on the gathered keys in one streaming kernel (FP8 allowed). ``doc``: the document id of
+    every global position of a packed sequence (keys of other documents are not eligible).
     """
     B, n = qi.shape[:2]
     S = ki_global.shape[1]
     qi, wi, pos, balance = indexer_rows(qi, wi, q_pos, ctx, own_rows(ctx, n * ctx.tp_size))
     if shards is None:
         # ordered=False: the attention and the KL need the selected set, not its score order.
-        own = ops.indexer_topk(qi, ki_global, wi, topk, q_pos=pos, fp8=fp8, ordered=False)
+        documents = {} if doc is None else dict(q_doc=doc[pos], k_doc=doc)
+        own = ops.indexer_topk(qi, ki_global, wi, topk, q_pos=pos, fp8=fp8, ordered=False, **documents)
         flops[0] += B * n * S * qi.shape[2] * qi.shape[3] * 2
     else:  # counts the pairs it scores (whole key chunks in a row's future are skipped)
-        own = streaming_topk(qi, wi, pos, shards, topk, flops)
+        own = streaming_topk(qi, wi, pos, shards, topk, flops, doc=doc)
     if ctx.tp_size == 1:
         return own
     # Every TP rank attends all CP-local rows with its local heads: share the selection
@@ -132,7 +134,7 @@ def key_shards(k_global: torch.Tensor, ctx: ParallelContext) -> list[tuple[torch
 # ---- gathers over the TP / CP groups --------------------------------------------------------
 
 
-def gather_indexer_keys(ki: torch.Tensor, ctx: ParallelContext, seq_len: int) -> torch.Tensor:
+def gather_indexer_keys(ki: torch.Tensor, ctx: ParallelContext, seq_len: int, cu_seqlens=None) -> torch.Tensor:
     """Own rows' indexer keys -> every key of the sequence [B, S, DI] in global order.
 
     All-gather over TP (the SP shards), then over CP; backward reduce-scatters (sums) each
@@ -140,12 +142,13 @@ def gather_indexer_keys(ki: torch.Tensor, ctx: ParallelContext, seq_len: int) ->
     """
     k = all_gather_rows(ki, ctx.tp_group, name="tp.indexer_k")
     k = all_gather_rows(k, ctx.cp_group, name="cp.indexer_k")
-    return to_global_order(k, seq_len, ctx.cp_size)
+    return to_global_order(k, seq_len, ctx.cp_size, cu_seqlens=cu_seqlens)
 
 
-def gather_kv(kv: torch.Tensor, ctx: ParallelContext, seq_len: int) -> torch.Tensor:
+def gather_kv(kv: torch.Tensor, ctx: ParallelContext, seq_len: int, cu_seqlens=None) -> torch.Tensor:
     """The whole latent KV [B, S, Dqk] in global order (dense / warm-up under CP only)."""
-    return to_global_order(all_gather_rows(kv, ctx.cp_group, name="cp.kv_dense"), seq_len, ctx.cp_size)
+    kv = all_gather_rows(kv, ctx.cp_group, name="cp.kv_dense")
+    return to_global_order(kv, seq_len, ctx.cp_size, cu_seqlens=cu_seqlens)
 
 
 # ---- the sparse KL's target summed over the heads of every TP rank --------------------------

@@ -48,6 +48,7 @@ def streaming_topk(
     shards: Iterable[tuple[torch.Tensor, torch.Tensor]],
     topk: int,
     flops: Optional[list] = None,
+    doc: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Causal top-k of the indexer scores of queries q [B, Sq, HI, DI] (weights w [B, Sq, HI],
     global positions q_pos [Sq]) over key shards ``(k [B, Sk_j, DI], k_pos [Sk_j])``.
@@ -55,6 +56,8 @@ def streaming_topk(
     Returns [B, Sq, topk] int64 GLOBAL key positions, -1 padded. A (query run, shard) pair
     whose keys all lie after the run's last query is skipped (causal skip, no FLOPs).
     ``flops`` (a one-element list) accumulates the scoring FLOPs: rows x keys x HI x DI x 2.
+    ``doc``: the document id of every global position (packed sequences: a key of another
+    document is not eligible).
     """
     B, Sq, HI, DI = q.shape
     vals = torch.full((B, Sq, topk), float("-inf"), device=q.device)
@@ -73,7 +76,10 @@ def streaming_topk(
                 scores = indexer_scores(q[:, t0:t1], k, w[:, t0:t1])
                 if flops is not None:
                     flops[0] += B * (t1 - t0) * k.shape[1] * HI * DI * 2
-                mask = causal_mask(q_pos[t0:t1], k_pos)
+                if doc is None:
+                    mask = causal_mask(q_pos[t0:t1], k_pos)
+                else:
+                    mask = causal_mask(q_pos[t0:t1], k_pos, doc[q_pos[t0:t1]], doc[k_pos])
                 scores = scores.masked_fill(~mask, float("-inf"))
                 new_pos = k_pos.expand(B, t1 - t0, -1)
                 vals[:, t0:t1], pos[:, t0:t1] = merge_candidates(

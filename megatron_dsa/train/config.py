@@ -15,7 +15,7 @@ Layout (every key optional except ``phase``; defaults below)::
                  skip_iterations (batches a resumed run steps over)
     eval:        interval, iters (0: no validation)
     checkpoint:  save (this phase's torch_dist checkpoints), load_from (previous phase's), interval
-    logging:     interval, tensorboard_dir, progress
+    logging:     interval, tensorboard_dir, progress, metrics_file
     fp8:         format (e4m3 | hybrid; null = off), recipe, amax_history_len, amax_compute_algo,
                  first_last_layers_bf16, num_layers_at_start_in_bf16, num_layers_at_end_in_bf16,
                  param_gather (Transformer Engine's FP8 for the linears, see FP8_SETTINGS)
@@ -95,6 +95,8 @@ SCHEMA: dict[str, dict[str, tuple[Any, tuple[type, ...]]]] = {
         "interval": (10, (int,)),
         "tensorboard_dir": (None, (str,)),
         "progress": (True, (bool,)),
+        # JSON lines of per-iteration tokens/s, TFLOP/s and peak memory (the last rank's).
+        "metrics_file": (None, (str,)),
     },
     # All None = FP8 off. With a format, unset keys take Megatron's defaults (FP8_DEFAULTS).
     "fp8": {

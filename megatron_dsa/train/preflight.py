@@ -261,6 +261,7 @@ def preflight(cfg: RunConfig, check_flags: bool = True) -> dict:
         "resume": resume,
         "pretrained": None if resume else pretrained,
         "record": {"phase": cfg.phase, **expected, "transformer_impl": transformer_impl, "config": cfg.as_dict()},
+        "metrics_file": None if cfg.logging["metrics_file"] is None else str(Path(cfg.logging["metrics_file"]).absolute()),
     }
     cfg.checkpoint["save"] = str(save)
     if check_flags:

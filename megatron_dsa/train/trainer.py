@@ -227,7 +227,12 @@ def loss_func(loss_mask: torch.Tensor, model, phase: str, output_tensor: torch.T
     pair = lambda value: torch.stack([value.detach().float() * num_tokens, num_tokens])  # noqa: E731
     report = {}
     terms = [("the LM loss", lm_sum)]
-    if phase == "warmup":
+    if phase == "warmup" and model.config.pipeline_model_parallel_size > 1:
+        # Every stage's KL is attached to its layers' outputs (the last stage's loss cannot
+        # reach the others): a zero LM term carries the schedule's backward through them.
+        loss = lm_sum * 0.0
+        report["lm loss"] = torch.stack([lm_sum.detach(), num_tokens])
+    elif phase == "warmup":
         indexer_losses = pop_indexer_losses(model)
         if not indexer_losses:
             raise RuntimeError("warmup forward produced no indexer loss (is mdsa_mode 'warmup'?)")
@@ -325,7 +330,7 @@ class Progress:
         if args.mdsa_metrics_file:
             with open(args.mdsa_metrics_file, "a") as f:
                 f.write(json.dumps({"iteration": done, "seconds": seconds, "tokens_per_s": tok_s,
-                                    "tflops_per_device": tflops}) + "\n")
+                                    "tflops_per_device": tflops, "peak_memory_gb": _peak_memory_gb()}) + "\n")
         if args.mdsa_progress and (done % args.log_interval == 0 or done == args.train_iters - 1):
             rate = (done - self.start_iter) / max(time.perf_counter() - self.start_time, 1e-9)
             left = (args.train_iters - done) / max(rate, 1e-9)
@@ -334,6 +339,15 @@ class Progress:
             print(f" [{args.mdsa_phase}] [{bar}] {done}/{args.train_iters} ({pct:.0f}%) | "
                   f"{tok_s:,.0f} tokens/s | {tflops:.4f} TFLOP/s/device (indexer counted) | "
                   f"ETA {_hms(left)}", flush=True)
+
+
+def _peak_memory_gb() -> float:
+    """This process's peak: CUDA memory allocated on a GPU, the resident set on CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def _hms(seconds: float) -> str:
