@@ -35,6 +35,20 @@ def untie_indexer_(weight: torch.Tensor, n_heads: int) -> None:
 
 
 @torch.no_grad()
+def randomize_hf_(model) -> None:
+    """A transformers model's norms, biases and router bias random (its init leaves them at 1 / 0,
+    where a mapping mistake would not show) and its indexer tie-free."""
+    for name, p in model.named_parameters():
+        if "norm" in name:
+            p.normal_(1.0 if name.endswith("weight") else 0.0, 0.2)
+        if name.endswith("indexer.wq_b.weight"):
+            untie_indexer_(p, model.config.index_n_heads)
+    for name, b in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):
+            b.normal_(0.0, 0.1)
+
+
+@torch.no_grad()
 def randomize_tiny(model, untie: bool = True) -> None:
     for name, p in model.named_parameters():
         if "norm" in name and name.endswith("weight"):
@@ -303,15 +317,7 @@ def foreign_hf_model(path: Path, **changes):
         rope_theta=5000.0, initializer_range=0.1,
     ), **changes})
     model = DeepseekV32ForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.normal_(1.0 if name.endswith("weight") else 0.0, 0.2)
-            if name.endswith("indexer.wq_b.weight"):
-                untie_indexer_(p, cfg.index_n_heads)
-        for name, b in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                b.normal_(0.0, 0.1)
+    randomize_hf_(model)
     model.save_pretrained(str(path))
     return model
 

@@ -21,13 +21,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from megatron_dsa.convert import export_to_hf, import_from_hf, load_model
 from megatron_dsa.convert.fp8 import SCALE_SUFFIX as SCALE
 from megatron_dsa.convert.fp8 import BlockScaling, quantized_in_release, scale_name
-from test_convert import _fails, _hf_tensors, hf_model, our_logits, untie_indexer_
+from test_convert import _fails, _hf_tensors, hf_model, our_logits, randomize_hf_
 
 TOPK = 6
 BLOCK = (8, 8)
@@ -57,15 +56,7 @@ def transformers_model(family: str, path: Path, dtype=torch.float32, **changes):
     torch.manual_seed(7)
     cfg = config_cls(**{**TINY, **FAMILIES[family], "rope_parameters": dict(YARN), **changes})
     model = model_cls(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.normal_(1.0 if name.endswith("weight") else 0.0, 0.2)
-            if name.endswith("indexer.wq_b.weight"):
-                untie_indexer_(p, cfg.index_n_heads)
-        for name, b in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                b.normal_(0.0, 0.1)
+    randomize_hf_(model)
     model.save_pretrained(str(path), max_shard_size="200KB")
     if dtype != torch.float32:  # as transformers keeps it: the router in fp32 (_keep_in_fp32_modules_strict)
         model = model_cls.from_pretrained(str(path), dtype=dtype)
