@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_dsa import reference as R
+from helpers import set_indexer_loss_scale  # tests/ is on the path (the workers' modules are imported from it)
 
 
 ON_GPU = os.environ.get("MDSA_TEST_DEVICE") == "cuda"
@@ -314,12 +315,10 @@ def _shard(name: str, full: torch.Tensor, param, tp: int, tp_rank: int, glu: boo
 
 def _step_losses(model, mode, tokens, positions, labels, total_tokens, lr, grads_out, after_backward):
     """One forward/backward/SGD step; returns (this rank's LM loss share, KL share)."""
-    from megatron.core.transformer.experimental_attention_variant.dsa import DSAIndexerLossAutoScaler
-
     from megatron_dsa.layer import pop_indexer_losses
     from megatron_dsa.model import indexer_parameters
 
-    DSAIndexerLossAutoScaler.set_loss_scale(torch.tensor(1.0))
+    set_indexer_loss_scale(1.0)
     per_token = model(tokens, positions, None, labels=labels)
     lm = per_token.float().sum() / total_tokens
     kl_losses = pop_indexer_losses(model)

@@ -9,6 +9,7 @@ from megatron_dsa import reference as R
 from megatron_dsa.config import set_mode
 from megatron_dsa.layer import DSACoreAttention, LightningIndexer, pop_indexer_losses
 from megatron_dsa.model import build_model, dsa_layers, indexer_parameters, model_config
+from tests.helpers import set_indexer_loss_scale
 
 
 def make(megatron_world, seed, **overrides):
@@ -29,12 +30,6 @@ def batch(b=2, s=48, vocab=512):
 
 def lm_loss(model, tokens, positions, labels):
     return model(tokens, positions, None, labels=labels).float().mean()
-
-
-def set_indexer_loss_scale(value: float) -> None:
-    from megatron.core.transformer.experimental_attention_variant.dsa import DSAIndexerLossAutoScaler
-
-    DSAIndexerLossAutoScaler.set_loss_scale(torch.tensor(value))
 
 
 def non_indexer_parameters(model):

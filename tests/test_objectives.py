@@ -13,7 +13,7 @@ import torch
 
 from megatron_dsa import ops
 from megatron_dsa import reference as R
-from tests.helpers import F64, rand, rel_err
+from tests.helpers import F64, rand, rel_err, set_indexer_loss_scale
 from megatron_dsa.config import DSAConfigError, INDEXER_OBJECTIVES
 from megatron_dsa.model import model_config
 
@@ -403,14 +403,12 @@ def test_tiny_model_warmup_with_each_objective(megatron_world, seed, name):
 def test_tiny_model_sparse_phase_with_other_objectives(megatron_world, seed, name):
     """The sparse loss rides on the attention output: one LM backward trains both."""
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-    from megatron.core.transformer.experimental_attention_variant.dsa import DSAIndexerLossAutoScaler
-
     from megatron_dsa.model import build_model, indexer_parameters
 
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed % 10000)
     model = build_model("tiny", model_config("tiny", mdsa_mode="sparse", dsa_indexer_topk=8, mdsa_indexer_objective=name))
-    DSAIndexerLossAutoScaler.set_loss_scale(torch.tensor(1.0))
+    set_indexer_loss_scale(1.0)
     tokens = torch.randint(0, 512, (2, 32))
     loss = model(tokens, torch.arange(32)[None].expand(2, -1), None, labels=tokens.roll(-1, dims=1)).float().mean()
     loss.backward()

@@ -24,6 +24,7 @@ from megatron_dsa import reference as R  # noqa: E402
 from megatron_dsa.config import DSAConfigError  # noqa: E402
 from megatron_dsa.parallel import ParallelContext, cp_positions  # noqa: E402
 from megatron_dsa.parallel.comm import cp_owner, to_global_order  # noqa: E402
+from tests.helpers import set_indexer_loss_scale  # noqa: E402
 
 MODES = [("dense", True), ("warmup", True), ("sparse", True), ("sparse", False)]
 # S = 32, top-k 6: the first document (4 rows) is shorter than top-k. Every length is a
@@ -112,11 +113,9 @@ def _model_losses(model, mode, tokens, labels, packed_seq_params, kl_weight):
     """Per-token LM losses [S] and the loss this test backpropagates: the LM sum plus the
     indexer KL weighted by ``kl_weight`` (a document's share of the packed rows, so the
     documents' gradients add up to the packed one's)."""
-    from megatron.core.transformer.experimental_attention_variant.dsa import DSAIndexerLossAutoScaler
-
     from megatron_dsa.layer import pop_indexer_losses
 
-    DSAIndexerLossAutoScaler.set_loss_scale(torch.tensor([kl_weight]))
+    set_indexer_loss_scale(kl_weight)
     S = tokens.shape[0]
     per_token = model(tokens[None], torch.arange(S)[None], None, labels=labels[None],
                       packed_seq_params=packed_seq_params)[0]

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from megatron_dsa.config import DSAConfigError
+from tests.helpers import set_indexer_loss_scale
 
 RECOMPUTE = {
     "core_attn": dict(recompute_granularity="selective", recompute_modules=["core_attn"]),
@@ -18,11 +19,9 @@ RECOMPUTE = {
 
 def _loss_and_grads(mode: str, **overrides):
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-    from megatron.core.transformer.experimental_attention_variant.dsa import DSAIndexerLossAutoScaler
-
     from megatron_dsa.model import build_model, model_config
 
-    DSAIndexerLossAutoScaler.set_loss_scale(torch.tensor([1.0]))
+    set_indexer_loss_scale(1.0)
     torch.manual_seed(5)
     model_parallel_cuda_manual_seed(5)
     model = build_model("tiny", model_config("tiny", mdsa_mode=mode, mdsa_kernel="reference", **overrides))

@@ -25,6 +25,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers import set_indexer_loss_scale
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs" / "tiny"
 SEQ = 64
@@ -159,8 +161,6 @@ def test_sparse_phase_learns_all_parameters(phases, tmp_path):
 def test_sparse_indexer_moves_only_through_kl(megatron_world):
     """LM-loss-only backward (the KL scaled to zero) leaves every indexer gradient exactly zero,
     while the main model gets gradients; with the KL scale on, the indexer gets gradients."""
-    from megatron.core.transformer.experimental_attention_variant.dsa import DSAIndexerLossAutoScaler
-
     from megatron_dsa.model import build_model, indexer_parameters, model_config
     from megatron_dsa.train.trainer import freeze_for_phase
 
@@ -174,7 +174,7 @@ def test_sparse_indexer_moves_only_through_kl(megatron_world):
 
     def grads(kl_scale: float):
         model.zero_grad(set_to_none=True)
-        DSAIndexerLossAutoScaler.set_loss_scale(torch.tensor(kl_scale))
+        set_indexer_loss_scale(kl_scale)
         loss = model(tokens, positions, None, labels=tokens).float().mean()
         loss.backward()
         idx = [p.grad for p in indexer_parameters(model)]
@@ -193,7 +193,7 @@ def test_sparse_indexer_moves_only_through_kl(megatron_world):
         for a, b in zip(main_lm_only, main):
             assert (a is None and b is None) or torch.equal(a, b)
     finally:
-        DSAIndexerLossAutoScaler.set_loss_scale(torch.tensor(1.0))
+        set_indexer_loss_scale(1.0)
 
 
 # A training run with one fault point. FAULT names where the process blocks (writing MARKER
