@@ -1,23 +1,35 @@
-"""Inference cost per token vs position: prefill and decode, DSA (sparse) vs dense (not a test).
+"""Inference cost per token vs position for one attention layer at DeepSeek-V3.2's shape: DSA
+(FP8 indexer over the paged keys, top-k, sparse absorbed-MLA decode) vs dense absorbed-MLA
+decode over every cached row, decode and prefill (not a test).
 
-    python benchmarks/bench_inference.py [--size small] [--positions 1024,4096,...,131072]
-        [--modes sparse,dense] [--decode-steps 8] [--kernel reference|auto] [--dtype bf16]
-        [--checkpoint DIR] [--out benchmarks/results] [--quick]
+    python benchmarks/bench_inference.py [--heads 128,16] [--batches 1,8,32,64]
+        [--positions 1024,...,131072] [--prefill-chunk 2048] [--hbm-gbps 4800]
+        [--out benchmarks/results] [--name h200] [--quick]
 
-For each position P and mode: prefill P tokens (time, and time per token), then decode
-``--decode-steps`` tokens one at a time from position P with the latent KV cache (median time
-per step). The model is ``--size`` with random weights unless ``--checkpoint`` is given
-(weights do not change the cost). Batch 1, one GPU (CPU fallback: use --quick at tiny sizes).
-Writes inference_<size>.json and inference_<size>.png to --out. An out-of-memory point is
-recorded as such and the sweep goes on.
+Shape: kv_lora_rank 512 + rope 64 latent rows (bf16), indexer 64 heads x 128 dims (keys FP8
+with a per-token scale), top-k 2048; 128 heads, and 16 for one rank of TP=8.
+
+decode   a paged cache of ``batch`` sequences each ``position`` tokens long (block size 64);
+         one step: dsa = ``paged_indexer_topk`` + ``sparse_mla_decode``, dense =
+         ``dense_mla_decode`` (ours, ``megatron_dsa.kernels.decode``). ms per token = step / batch.
+prefill  one chunk of ``--prefill-chunk`` queries ending at ``position`` through the training
+         kernels: dsa = ``indexer_topk`` + ``sparse_mla_attention``, dense =
+         ``dense_mla_attention`` (PyTorch's fused attention). ms per token = chunk / its tokens.
+
+Each row carries its HBM-bytes bound per token: the latent rows read (dsa: top-k rows; dense:
+every cached row) plus the indexer keys read (dsa: every cached key, FP8 + scale), divided by
+``--hbm-gbps``. Other engines' DSA kernels (FlashInfer, sgl-kernel) are listed in the meta with
+the reason they were not measured. Writes inference_<name>.json/.md/.png to --out; an
+out-of-memory point is recorded as such and the sweep goes on. ``--quick``: tiny dims on the CPU
+(the reference ops), to check the script itself.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
-import statistics
 import sys
 import time
 import traceback
@@ -27,6 +39,8 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 DEFAULT_POSITIONS = "1024,2048,4096,8192,16384,32768,65536,131072"
+V32 = dict(kv_lora_rank=512, rope=64, indexer_heads=64, indexer_dim=128, topk=2048, block_size=64)
+QUICK = dict(kv_lora_rank=32, rope=16, indexer_heads=4, indexer_dim=32, topk=16, block_size=8)
 
 
 def sync():
@@ -34,45 +48,111 @@ def sync():
         torch.cuda.synchronize()
 
 
-def timed(fn):
+def time_ms(fn, repeats: int) -> float:
+    fn()  # compile / warm up
     sync()
-    t0 = time.perf_counter()
-    out = fn()
-    sync()
-    return out, time.perf_counter() - t0
-
-
-def build(args, device, dtype):
-    from megatron_dsa.distributed import init_single_process
-    from megatron_dsa.model import build_model, model_config
-
-    init_single_process()
-    overrides = dict(params_dtype=dtype, bf16=dtype == torch.bfloat16, mdsa_mode="sparse")
-    if args.topk:
-        overrides["dsa_indexer_topk"] = args.topk
-    if args.checkpoint:
-        from megatron_dsa.convert import load_model
-
-        model, _ = load_model(args.checkpoint, size=args.size, overrides={"dsa_indexer_topk": args.topk} if args.topk else {})
-        model = model.to(dtype)
-    else:
-        model = build_model(args.size, model_config(args.size, **overrides), max_seq_len=max(args.positions) + 64)
-    return model.to(device).eval()
-
-
-def run_point(engine, vocab, pos, steps, device):
-    gen = torch.Generator(device="cpu").manual_seed(pos)
-    prompt = torch.randint(0, vocab, (1, pos), generator=gen).to(device)
-    (logits, cache), t_prefill = timed(lambda: engine.prefill(prompt, capacity=pos + steps + 1))
-    nxt = logits[:, -1:].argmax(-1)
     times = []
-    for _ in range(steps):
-        logits, dt = timed(lambda: engine.step(nxt, cache))
-        nxt = logits[:, -1:].argmax(-1)
-        times.append(dt)
-    return dict(prefill_s=t_prefill, prefill_ms_per_token=1e3 * t_prefill / pos,
-                decode_ms_per_token=1e3 * statistics.median(times), decode_ms_all=[1e3 * t for t in times],
-                cache_mb=cache.nbytes() / 2**20)
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * sorted(times)[len(times) // 2]
+
+
+def bound_bytes_per_token(phase: str, impl: str, position: int, shape: dict, chunk: int) -> float:
+    """Latent rows read + indexer keys read, per token."""
+    row = (shape["kv_lora_rank"] + shape["rope"]) * 2  # bf16
+    key = shape["indexer_dim"] + 4  # e4m3 + fp32 scale
+    if phase == "decode":
+        return min(shape["topk"], position) * row + position * key if impl == "dsa" else position * row
+    # A prefill chunk reads the cached rows and keys once for all of its queries.
+    rows = position * row
+    return (rows + position * key) / chunk if impl == "dsa" else rows / chunk
+
+
+def paged_setup(batch, position, heads, shape, device, dtype):
+    from megatron_dsa import ops
+
+    bs = shape["block_size"]
+    per_seq = -(-position // bs)
+    D = shape["kv_lora_rank"] + shape["rope"]
+    kv = torch.randn(batch * per_seq, bs, D, device=device, dtype=dtype)
+    keys, scales = ops.fp8_quantize(torch.randn(1, batch * per_seq * bs, shape["indexer_dim"], device=device))
+    keys, scales = keys.view(batch * per_seq, bs, -1), scales.view(batch * per_seq, bs)
+    table = torch.randperm(batch * per_seq, device=device).view(batch, per_seq).to(torch.int32)
+    lengths = torch.full((batch,), position, dtype=torch.int32, device=device)
+    q = torch.randn(batch, heads, D, device=device, dtype=dtype)
+    qi = torch.randn(batch, shape["indexer_heads"], shape["indexer_dim"], device=device, dtype=dtype)
+    wi = torch.randn(batch, shape["indexer_heads"], device=device)
+    return kv, keys, scales, table, lengths, q, qi, wi
+
+
+def decode_point(impl, batch, position, heads, shape, device, dtype, dec, repeats):
+    kv, keys, scales, table, lengths, q, qi, wi = paged_setup(batch, position, heads, shape, device, dtype)
+    D, v = kv.shape[-1], shape["kv_lora_rank"]
+    scale = D**-0.5
+    if impl == "dsa":
+        def step():
+            sel = dec.paged_indexer_topk(qi, wi, keys, scales, table, lengths, shape["topk"])
+            return dec.sparse_mla_decode(q, kv, table, sel, v, scale)
+    else:
+        def step():
+            return dec.dense_mla_decode(q, kv, table, lengths, v, scale)
+    return time_ms(step, repeats) / batch
+
+
+def prefill_point(impl, position, heads, shape, device, dtype, backend, chunk, repeats):
+    chunk = min(chunk, position)
+    D, v = shape["kv_lora_rank"] + shape["rope"], shape["kv_lora_rank"]
+    kv = torch.randn(1, position, D, device=device, dtype=dtype)
+    q = torch.randn(1, chunk, heads, D, device=device, dtype=dtype)
+    q_pos = torch.arange(position - chunk, position, device=device)
+    qi = torch.randn(1, chunk, shape["indexer_heads"], shape["indexer_dim"], device=device, dtype=dtype)
+    ki = torch.randn(1, position, shape["indexer_dim"], device=device, dtype=dtype)
+    wi = torch.randn(1, chunk, shape["indexer_heads"], device=device)
+    fp8 = backend.name != "reference"
+    if impl == "dsa":
+        def run():
+            sel = backend.indexer_topk(qi, ki, wi, shape["topk"], q_pos=q_pos, fp8=fp8)
+            return backend.sparse_mla_attention(q, kv, sel, v, D**-0.5)
+    else:
+        def run():
+            return backend.dense_mla_attention(q, kv, v, D**-0.5, q_pos=q_pos, need_lse=False)
+    with torch.no_grad():
+        return time_ms(run, repeats) / chunk
+
+
+def other_engines() -> dict:
+    """Other engines' DSA kernels: why they were not measured."""
+    found = {}
+    for name, module in (("flashinfer", "flashinfer"), ("sgl-kernel", "sgl_kernel")):
+        if importlib.util.find_spec(module) is None:
+            found[name] = "not installed on this machine (no network on the GPU machine)"
+        else:
+            found[name] = "installed; no row: its sparse MLA API is not wired into this benchmark yet"
+    return found
+
+
+def write_markdown(path, meta, records):
+    lines = [f"# Inference cost per token, one attention layer ({meta['device']})", "",
+             f"Shape: {meta['shape']}; HBM bound at {meta['hbm_gbps']} GB/s. Other engines: {meta['other_engines']}.", "",
+             "| heads | phase | batch | position | dsa ms/token | dense ms/token | dense / dsa | dsa / its bound | dense / its bound |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    keyed = {(r["heads"], r["phase"], r["batch"], r["position"], r["impl"]): r for r in records}
+    for (heads, phase, batch, pos, impl), r in sorted(keyed.items()):
+        if impl != "dsa":
+            continue
+        d = keyed.get((heads, phase, batch, pos, "dense"), {})
+        if "ms_per_token" not in r or "ms_per_token" not in d:
+            lines.append(f"| {heads} | {phase} | {batch} | {pos} | {r.get('error', r.get('ms_per_token'))} | "
+                         f"{d.get('error', d.get('ms_per_token'))} | | | |")
+            continue
+        lines.append(f"| {heads} | {phase} | {batch} | {pos} | {r['ms_per_token']:.4f} | {d['ms_per_token']:.4f} | "
+                     f"{d['ms_per_token'] / r['ms_per_token']:.2f}x | {r['ms_per_token'] / r['bound_ms_per_token']:.2f}x | "
+                     f"{d['ms_per_token'] / d['bound_ms_per_token']:.2f}x |")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
 
 
 def plot(records, path, title):
@@ -81,20 +161,25 @@ def plot(records, path, title):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for ax, key, label in ((axes[0], "prefill_ms_per_token", "prefill: ms per prompt token"),
-                           (axes[1], "decode_ms_per_token", "decode: ms per generated token")):
-        for mode in sorted({r["mode"] for r in records}):
-            pts = [(r["position"], r[key]) for r in records if r["mode"] == mode and key in r]
-            if pts:
-                xs, ys = zip(*pts)
-                ax.plot(xs, ys, marker="o", label="DSA (sparse)" if mode == "sparse" else "dense")
+    panels = sorted({(r["heads"], r["phase"]) for r in records})
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.5), squeeze=False)
+    for ax, (heads, phase) in zip(axes[0], panels):
+        for impl in ("dsa", "dense"):
+            for batch in sorted({r["batch"] for r in records if r["phase"] == phase}):
+                pts = [(r["position"], 1e6 * r["ms_per_token"] / 1e3) for r in records
+                       if (r["heads"], r["phase"], r["impl"], r["batch"]) == (heads, phase, impl, batch)
+                       and "ms_per_token" in r]
+                if pts:
+                    xs, ys = zip(*pts)
+                    ax.plot(xs, ys, marker="o", linestyle="-" if impl == "dsa" else "--",
+                            label=f"{'DSA' if impl == 'dsa' else 'dense'} batch {batch}")
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("position (tokens in context)")
-        ax.set_ylabel("ms")
-        ax.set_title(label)
+        ax.set_yscale("log")
+        ax.set_xlabel("token position")
+        ax.set_ylabel("GPU seconds per million tokens")
+        ax.set_title(f"{phase}, {heads} heads")
         ax.grid(True, alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -102,59 +187,78 @@ def plot(records, path, title):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--size", default="small")
+    p.add_argument("--heads", default="128,16")
+    p.add_argument("--batches", default="1,8,32,64")
     p.add_argument("--positions", default=DEFAULT_POSITIONS)
-    p.add_argument("--modes", default="sparse,dense")
-    p.add_argument("--decode-steps", type=int, default=8)
-    p.add_argument("--kernel", default="reference", choices=("reference", "auto", "triton"))
-    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"))
-    p.add_argument("--topk", type=int, default=None)
-    p.add_argument("--checkpoint", default=None)
+    p.add_argument("--phases", default="decode,prefill")
+    p.add_argument("--prefill-chunk", type=int, default=2048)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--hbm-gbps", type=float, default=4800.0, help="HBM bandwidth for the bound (H200: 4800)")
+    p.add_argument("--name", default=None, help="results stem: inference_<name> (default: the device)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-    p.add_argument("--quick", action="store_true", help="CPU smoke run: tiny size, short positions")
+    p.add_argument("--quick", action="store_true", help="CPU smoke run: tiny dims, short positions, the reference ops")
     args = p.parse_args(argv)
+    try:
+        heads = [int(x) for x in args.heads.split(",")]
+        batches = [int(x) for x in args.batches.split(",")]
+        positions = [int(x) for x in args.positions.split(",")]
+    except ValueError:
+        p.error("--heads, --batches and --positions take comma-separated integers")
+    phases = args.phases.split(",")
+    if any(x < 1 for x in heads + batches + positions) or args.prefill_chunk < 1 or args.repeats < 1:
+        p.error("heads, batches, positions, --prefill-chunk and --repeats must be >= 1")
+    if not set(phases) <= {"decode", "prefill"}:
+        p.error("--phases takes decode and/or prefill")
+    shape = dict(QUICK if args.quick else V32)
     if args.quick:
-        args.size, args.positions, args.decode_steps, args.dtype = "tiny", "16,64,256", 3, "fp32"
-        args.topk = args.topk or 16
-    args.positions = [int(x) for x in args.positions.split(",")]
-    modes = args.modes.split(",")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+        heads, batches, positions, args.prefill_chunk, args.repeats = [8], [1, 2], [16, 48], 8, 1
+    device = "cuda" if torch.cuda.is_available() and not args.quick else "cpu"
+    if device == "cpu" and not args.quick:
+        p.error("the benchmark needs a GPU; --quick runs a tiny CPU check of the script")
+    from megatron_dsa import ops
 
-    from megatron_dsa.inference import DSAInference
-
-    model = build(args, device, dtype)
-    vocab = model.embedding.word_embeddings.weight.shape[0]
-    cfg = model.config
-    meta = dict(size=args.size, device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
-                dtype=args.dtype, kernel=args.kernel, topk=cfg.dsa.topk, layers=cfg.num_layers,
-                heads=cfg.num_attention_heads, kv_lora_rank=cfg.kv_lora_rank,
-                indexer=f"{cfg.dsa.n_heads}x{cfg.dsa.head_dim}", decode_steps=args.decode_steps, batch=1)
+    kind = "reference" if args.quick else "triton"
+    dec, backend = ops.decode_backend(kind, torch.device(device)), ops.backend(kind, torch.device(device))
+    dtype = torch.bfloat16
+    meta = dict(device=torch.cuda.get_device_name() if device == "cuda" else "cpu", shape=shape, dtype="bf16",
+                decode_impl=f"{dec.name}: megatron_dsa.kernels.decode (dense: ours, absorbed)",
+                prefill_impl=f"{backend.name}: training kernels (dense: PyTorch fused attention)",
+                hbm_gbps=args.hbm_gbps, other_engines=other_engines(), prefill_chunk=args.prefill_chunk)
     records = []
-    for mode in modes:
-        engine = DSAInference(model, mode, kernel=args.kernel)
-        run_point(engine, vocab, min(args.positions), 1, device)  # warm-up
-        for pos in args.positions:
-            rec = dict(mode=mode, position=pos)
-            try:
-                rec.update(run_point(engine, vocab, pos, args.decode_steps, device))
-            except torch.OutOfMemoryError:
-                rec["error"] = "out of memory"
-            except Exception as error:  # noqa: BLE001 - record and go on
-                rec["error"] = f"{type(error).__name__}: {error}"
-                traceback.print_exc()
-            if device == "cuda":
-                rec["peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
-                torch.cuda.reset_peak_memory_stats()
-                torch.cuda.empty_cache()
-            records.append(rec)
-            print(json.dumps({k: v for k, v in rec.items() if k != "decode_ms_all"}), flush=True)
+    for h in heads:
+        for phase in phases:
+            for batch in (batches if phase == "decode" else [1]):
+                for pos in positions:
+                    for impl in ("dsa", "dense"):
+                        rec = dict(heads=h, batch=batch, position=pos, phase=phase, impl=impl)
+                        chunk = min(args.prefill_chunk, pos)
+                        rec["bound_ms_per_token"] = 1e3 * bound_bytes_per_token(phase, impl, pos, shape, chunk) / (
+                            args.hbm_gbps * 1e9)
+                        try:
+                            if phase == "decode":
+                                rec["ms_per_token"] = decode_point(impl, batch, pos, h, shape, device, dtype, dec,
+                                                                   args.repeats)
+                            else:
+                                rec["ms_per_token"] = prefill_point(impl, pos, h, shape, device, dtype, backend,
+                                                                    args.prefill_chunk, args.repeats)
+                            rec["s_per_million_tokens"] = rec["ms_per_token"] * 1e3
+                        except torch.OutOfMemoryError:
+                            rec["error"] = "out of memory"
+                        except Exception as error:  # noqa: BLE001 - record and go on
+                            rec["error"] = f"{type(error).__name__}: {error}"
+                            traceback.print_exc()
+                        if device == "cuda":
+                            torch.cuda.empty_cache()
+                        records.append(rec)
+                        print(json.dumps(rec), flush=True)
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"inference_{args.size}")
-    with open(stem + ".json", "w") as f:
+    stem = os.path.join(args.out, f"inference_{args.name or ('quick' if args.quick else 'gpu')}")
+    with open(stem + ".json.tmp", "w") as f:
         json.dump(dict(meta=meta, records=records), f, indent=2)
-    plot(records, stem + ".png", f"{args.size} model, batch 1, {meta['device']}, {args.dtype}, top-k {cfg.dsa.topk}")
-    print(f"wrote {stem}.json and {stem}.png")
+    os.replace(stem + ".json.tmp", stem + ".json")
+    write_markdown(stem + ".md", meta, records)
+    plot(records, stem + ".png", f"one DSA layer at DeepSeek-V3.2's shape, {meta['device']}")
+    print(f"wrote {stem}.json, .md and .png")
     return 0
 
 

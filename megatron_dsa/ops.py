@@ -126,3 +126,25 @@ def indexer_loss_backend(kind: str, device: torch.device, objective: str = "kl",
         dense_indexer_kl=functools.partial(chosen.dense_indexer_kl, objective=objective),
         sparse_indexer_kl=ref.sparse_indexer_kl,
     )
+
+
+# Decoding over a paged cache (see reference's "Decoding over a paged cache").
+DECODE_OPS = ("paged_indexer_topk", "sparse_mla_decode", "dense_mla_decode")
+
+
+def fp8_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-vector e4m3 quantisation (x8, fp32 scale): the Triton pass on CUDA, else its PyTorch
+    twin (bit-identical), so a cache written on either device holds the same bytes."""
+    if x.is_cuda and triton_available():
+        return _kernels().fp8_quantize(x)
+    from megatron_dsa.kernels.indexer import fp8_quantize_reference
+
+    return fp8_quantize_reference(x)
+
+
+def decode_backend(kind: str, device: torch.device) -> SimpleNamespace:
+    """The paged-cache decode ops (``DECODE_OPS``) for ``kind`` ('auto' | 'reference' | 'triton')
+    on ``device``, chosen as ``backend`` chooses."""
+    name = backend(kind, device).name
+    source = reference if name == "reference" else _kernels().decode
+    return SimpleNamespace(name=name, **{op: getattr(source, op) for op in DECODE_OPS})

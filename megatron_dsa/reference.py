@@ -677,3 +677,77 @@ def sparse_indexer_kl_from_target(
     step = _chunk_size(B * K * max(HI, k_idx.shape[-1]), Sq)
     (kl,) = _map_query_chunks(_kl_from_target_chunk, (p.detach(), topk_idx, q_idx, w_idx), (k_idx,), step)
     return kl
+
+
+# --------------------------------------------------------------------------------------------
+# Decoding over a paged cache
+# --------------------------------------------------------------------------------------------
+#
+# The cache holds each layer's rows in a pool of fixed-size blocks, [num_blocks, block_size, D];
+# sequence b's token s lives in block ``block_table[b, s // block_size]`` at row
+# ``s % block_size``. ``lengths[b]`` rows are cached for sequence b; the decoding token of
+# sequence b is its last cached row (position ``lengths[b] - 1``) and may see every cached row.
+# Indexer keys may be cached in FP8 (e4m3) with one fp32 scale per token: key = k8 * scale.
+
+
+def paged_rows(pool: torch.Tensor, block_table: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Rows of a paged pool [NB, bs, ...] at token ``positions`` [B, N] (-1 allowed: reads the
+    sequence's first row) of each sequence of ``block_table`` [B, max_blocks] -> [B, N, ...]."""
+    bs = pool.shape[1]
+    pos = positions.clamp_min(0).long()
+    blocks = torch.gather(block_table.long(), 1, pos // bs)
+    return pool[blocks, pos % bs]
+
+
+def dequantize_keys(keys: torch.Tensor, scales: Optional[torch.Tensor]) -> torch.Tensor:
+    """Cached indexer keys in fp32: FP8 keys times their per-token scale, others upcast."""
+    return _up(keys) if scales is None else keys.float() * scales[..., None]
+
+
+def paged_indexer_topk(
+    q: torch.Tensor,
+    w: torch.Tensor,
+    key_pool: torch.Tensor,
+    key_scales: Optional[torch.Tensor],
+    block_table: torch.Tensor,
+    lengths: torch.Tensor,
+    topk: int,
+) -> torch.Tensor:
+    """Top-k of the decoding tokens' indexer scores over each sequence's cached keys.
+
+    q [B, HI, DI], w [B, HI], key_pool [NB, bs, DI] (``key_scales`` [NB, bs] for FP8 keys),
+    lengths [B]. Returns token positions [B, topk] int64, -1 padded: ``min(topk, lengths[b])``
+    entries, ordered and tie-broken as ``topk_from_scores``.
+    """
+    n = int(lengths.max())
+    pos = torch.arange(n, device=q.device)[None].expand(q.shape[0], -1)
+    keys = dequantize_keys(paged_rows(key_pool, block_table, pos),
+                           None if key_scales is None else paged_rows(key_scales, block_table, pos))
+    scores = indexer_scores(q[:, None], keys, w[:, None])[:, 0]  # [B, n]
+    return topk_from_scores(scores, pos < lengths[:, None].to(q.device), topk)
+
+
+def _decode_attend(q: torch.Tensor, rows: torch.Tensor, valid: torch.Tensor, v_dim: int, scale: float):
+    scores = torch.einsum("bhd,bkd->bhk", _up(q), _up(rows)) * scale
+    scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
+    out, lse = _attend(scores, rows[..., :v_dim], "bhk,bkd->bhd")
+    return out.to(q.dtype), lse
+
+
+def sparse_mla_decode(
+    q: torch.Tensor, kv_pool: torch.Tensor, block_table: torch.Tensor, topk_idx: torch.Tensor, v_dim: int, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Absorbed-MLA decode over the selected cached latent rows: every head of a token attends to
+    the same gathered rows. q [B, H, Dqk], kv_pool [NB, bs, Dqk], topk_idx [B, K] token
+    positions (-1 skipped). Returns out [B, H, v_dim] and lse [B, H] (no selected row: zeros
+    and -inf, never NaN)."""
+    return _decode_attend(q, paged_rows(kv_pool, block_table, topk_idx), topk_idx >= 0, v_dim, scale)
+
+
+def dense_mla_decode(
+    q: torch.Tensor, kv_pool: torch.Tensor, block_table: torch.Tensor, lengths: torch.Tensor, v_dim: int, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Absorbed-MLA decode over every cached latent row of each sequence (the dense baseline):
+    q [B, H, Dqk], lengths [B]. Returns out [B, H, v_dim] and lse [B, H]."""
+    pos = torch.arange(int(lengths.max()), device=q.device)[None].expand(q.shape[0], -1)
+    return _decode_attend(q, paged_rows(kv_pool, block_table, pos), pos < lengths[:, None].to(q.device), v_dim, scale)

@@ -32,23 +32,24 @@ def model(megatron_world):
 def test_decode_equals_full_forward(model, seed, mode):
     tokens = torch.randint(0, 512, (2, 26))
     full = full_forward_logits(model, tokens, mode)
-    engine = DSAInference(model, mode)
-    logits, cache = engine.prefill(tokens[:, :5])  # prompt shorter than top-k, decode past it
+    engine = DSAInference(model, mode, indexer_keys="fp32", block_size=4, prefill_chunk=3)
+    logits, cache = engine.prefill(tokens[:, :5])  # prompt shorter than top-k (two chunks), decode past it
     steps = [logits]
     for t in range(5, tokens.shape[1]):
         steps.append(engine.step(tokens[:, t : t + 1], cache))
     decoded = torch.cat(steps, dim=1)
-    assert cache.length == tokens.shape[1]
-    assert cache.layers[0].kv.shape == (2, 26, 32 + 16)
-    assert (cache.layers[0].ik is not None) == (mode == "sparse")
+    assert cache.host_lengths == [26, 26]
+    assert cache.kv[0].shape[1:] == (4, 32 + 16)
+    assert (cache.keys[0] is not None) == (mode == "sparse")
     assert (decoded - full).abs().max().item() < 1e-5
+    assert torch.equal(decoded.argmax(-1), full.argmax(-1))
     prefill_all, _ = engine.prefill(tokens)  # a long prefill (past top-k) too
     assert (prefill_all - full).abs().max().item() < 1e-5
 
 
 def test_sparse_decode_differs_from_dense_past_topk(model):
     tokens = torch.randint(0, 512, (1, 30), generator=torch.Generator().manual_seed(0))
-    sparse, _ = DSAInference(model, "sparse").prefill(tokens)
+    sparse, _ = DSAInference(model, "sparse", indexer_keys="fp32").prefill(tokens)
     dense, _ = DSAInference(model, "dense").prefill(tokens)
     diff = (sparse - dense).abs().amax(dim=(0, 2))
     assert diff[:TOPK].max() < 1e-5  # fewer cached keys than k: every key is selected
@@ -64,11 +65,19 @@ def test_each_decode_step_selects_min_k_cached(model, monkeypatch):
         seen.append((k.shape[1], int((out[:, -1] >= 0).sum(-1).max())))
         return out
 
+    def paged_spy(q, w, key_pool, key_scales, block_table, lengths, topk):
+        out = real_paged(q, w, key_pool, key_scales, block_table, lengths, topk)
+        seen.append((int(lengths.max()), int((out >= 0).sum(-1).max())))
+        return out
+
+    real_paged = R.paged_indexer_topk
     monkeypatch.setattr(R, "indexer_topk", spy)
+    monkeypatch.setattr(R, "paged_indexer_topk", paged_spy)
     engine = DSAInference(model, "sparse")
     engine.generate(torch.randint(0, 512, (1, 3)), 12)
-    layers = len(engine.layers)
-    assert [n for n, _ in seen[::layers]] == list(range(3, 3 + 12))
+    selecting = sum(core.selects for core in engine.cores)
+    # the prefill scores its 3 keys, then each of the 11 decode steps one more
+    assert [n for n, _ in seen[::selecting]] == list(range(3, 3 + 12))
     assert all(sel == min(TOPK, n) for n, sel in seen)
 
 
@@ -100,9 +109,9 @@ def test_generate_cli(megatron_world, tmp_path, capsys):
 def test_triton_kernels_in_the_engine_equal_the_full_forward(model, seed, mode):
     # The engine's ops with absolute positions (new queries against cached keys) on the Triton
     # backend, through the interpreter on CPU: what `bench_inference.py --kernel auto` runs on a GPU.
-    tokens = torch.randint(0, 512, (2, 20))
+    tokens = torch.randint(0, 512, (2, 14))
     full = full_forward_logits(model, tokens, mode)
-    engine = DSAInference(model, mode, kernel="triton")
+    engine = DSAInference(model, mode, kernel="triton", indexer_keys="fp32", block_size=8)
     logits, cache = engine.prefill(tokens[:, :5])
     steps = [logits] + [engine.step(tokens[:, t : t + 1], cache) for t in range(5, tokens.shape[1])]
     assert (torch.cat(steps, dim=1) - full).abs().max().item() < 1e-5
@@ -123,7 +132,7 @@ def test_moe_runs_only_the_routed_experts(model, seed, monkeypatch):
                 monkeypatch.setattr(expert, "forward", (lambda f, e: lambda *a, **k: calls.append(e) or f(*a, **k))(
                     expert.forward, e))
     monkeypatch.setattr(SequentialMLP, "forward", lambda *a, **k: pytest.fail("SequentialMLP.forward ran"))
-    engine = DSAInference(model, "sparse")
+    engine = DSAInference(model, "sparse", indexer_keys="fp32")
     logits, cache = engine.prefill(tokens[:, :11])
     calls.clear()
     step = engine.step(tokens[:, 11:], cache)  # one token: top-4 of 8 experts per MoE layer

@@ -2,10 +2,12 @@
 
     generate --checkpoint DIR [--size NAME] [--set KEY=VALUE ...] --tokenizer SPM_MODEL
              --prompt TEXT --max-new-tokens N [--mode sparse|dense] [--show-ids]
+             [--kernel reference|auto|triton] [--indexer-keys fp8|bf16|fp32] [--cuda-graphs]
 
 Loads a megatron-dsa dist checkpoint (any parallel layout; see megatron_dsa.convert) into a
 TP=1 model on this process (CUDA if available, else CPU), prefills the prompt and decodes
-one token per step with the latent KV cache. Prints the continuation.
+one token per step over the paged cache (FP8 indexer keys by default; CUDA graphs on a GPU with
+--cuda-graphs). Prints the continuation.
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--max-new-tokens", type=int, default=32)
     g.add_argument("--mode", choices=("sparse", "dense"), default="sparse")
     g.add_argument("--show-ids", action="store_true")
+    g.add_argument("--kernel", choices=("reference", "auto", "triton"), default="auto")
+    g.add_argument("--indexer-keys", choices=("fp8", "bf16", "fp32"), default="fp8")
+    g.add_argument("--cuda-graphs", action="store_true", help="replay the decode step as CUDA graphs (GPU only)")
     args = parser.parse_args(argv)
     if args.max_new_tokens < 0:
         print("error: --max-new-tokens must be >= 0", file=sys.stderr)
@@ -56,7 +61,12 @@ def main(argv: list[str] | None = None) -> int:
     if max(ids) >= vocab:
         print(f"error: the tokenizer produces ids >= the model's vocabulary ({vocab})", file=sys.stderr)
         return 2
-    engine = DSAInference(model, mode=args.mode)
+    try:
+        engine = DSAInference(model, mode=args.mode, kernel=args.kernel, indexer_keys=args.indexer_keys,
+                              cuda_graphs=args.cuda_graphs)
+    except RuntimeError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     t0 = time.perf_counter()
     new = engine.generate(torch.tensor([ids], device=device), args.max_new_tokens, eos_id=tokenizer.eos)
     dt = time.perf_counter() - t0

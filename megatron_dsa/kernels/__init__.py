@@ -11,11 +11,14 @@
   the same KL in two steps, for a target summed over several TP ranks' heads
 * ``dense_indexer_kl(q_main, kv, q_idx, k_idx, w_idx, scale, topk, q_pos=None, k_pos=None)``
   -> (kl, recall), autograd (blockwise PyTorch, analytic backward)
+* ``decode``: decoding over a paged cache (``paged_indexer_topk``, ``sparse_mla_decode``,
+  ``dense_mla_decode``, as the reference's functions of those names)
 * ``available()``: Triton importable and CUDA present, or TRITON_INTERPRET=1.
 
 Set TRITON_INTERPRET=1 before importing triton to run the kernels on CPU tensors.
 """
 
+from . import decode
 from ._common import available
 from .dense_attn import dense_mla_attention
 from .indexer import fp8_quantize, indexer_topk

@@ -1,0 +1,273 @@
+"""Decoding over a paged cache: the indexer's scores, the top-k and the absorbed-MLA attention
+(sparse over the selected rows, dense over every cached row), in Triton.
+
+Each function equals the one of its name in ``megatron_dsa.reference`` (the paged layout is
+described there): ``paged_indexer_topk``, ``sparse_mla_decode``, ``dense_mla_decode``.
+
+Every row of the cache is found through the block table: token s of sequence b is row
+``s % block_size`` of block ``block_table[b, s // block_size]``.
+
+Attention: one program per (block of heads, sequence, key split). The heads of the decoding
+token are the rows of the matrix products, so every gathered latent row is read once per head
+block and used by all of its heads: from 64 heads up a program's products are 64-row tiles
+(the tensor cores' M dimension); below, one block holds every head (padded to 16 or 32). A
+sequence's keys are split over ``splits`` programs (flash-decoding) so that a batch of one long
+sequence still fills the GPU; each writes its partial output and log-sum-exp and the splits are
+combined by their log-sum-exps. The split count is fixed by the cache's capacity, not by the
+lengths, and each program reads its sequence's length on the device: a step's launches do not
+change from one step to the next, as a CUDA graph needs.
+
+Indexer: one program per (block of keys, sequence) scores its keys against every indexer head
+of the decoding token; FP8 keys are widened to the query's dtype (exact for e4m3) and their
+per-token scale multiplies the products (ReLU commutes with a positive scale). The top-k over
+the scores is ``select_topk``: torch.topk for the k-th score, then the reference's tie rule
+(ties towards the smaller position) and order, without a full sort of each row.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ._common import HAS_TRITON, _dot, interpreting, is_fp32, next_pow2, split_pow2, triton, tl
+from .sparse_attn import _tile_mask, head_block
+
+DECODE_BK = 64  # cached rows per block of one attention program
+INDEXER_BN = 64  # keys per indexer program
+SPLIT_ROWS = 512  # at least this many cached rows per key split
+TARGET_PROGRAMS = 264  # about two programs per SM of an H100/H200
+
+
+def key_splits(capacity: int, batch: int, head_blocks: int) -> int:
+    """Programs per sequence over its keys: enough to give the GPU ~TARGET_PROGRAMS programs,
+    each with at least SPLIT_ROWS rows of the cache's capacity."""
+    want = max(1, TARGET_PROGRAMS // max(1, batch * head_blocks))
+    return max(1, min(want, -(-capacity // SPLIT_ROWS)))
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _decode_attn_kernel(
+        Q, KV, BT, LEN, IDX, O, LSE,
+        NHB, H, TOPK, SPLITS, block_size, scale_log2,
+        stride_qb, stride_qh,
+        stride_kv_block, stride_kv_row,
+        stride_bt,
+        stride_ib,
+        stride_ob, stride_os, stride_oh,
+        stride_lb, stride_ls,
+        SPARSE: tl.constexpr, HB: tl.constexpr, DV: tl.constexpr, D1: tl.constexpr, DR: tl.constexpr,
+        D2: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    ):
+        hb = tl.program_id(0)
+        b = tl.program_id(1).to(tl.int64)
+        split = tl.program_id(2)
+        h = hb * HB + tl.arange(0, HB)
+        hm = h < H
+        n = tl.load(LEN + b)
+        items = TOPK if SPARSE else n
+        per_split = tl.cdiv(tl.cdiv(items, SPLITS), BK) * BK
+        lo = split * per_split
+        hi = tl.minimum(lo + per_split, items)
+        d1 = tl.arange(0, D1)
+        d2 = tl.arange(0, D2)
+        qb = Q + b * stride_qb + h[:, None] * stride_qh
+        q1 = tl.load(qb + d1[None, :], mask=_tile_mask(hm, d1, DV, D1), other=0.0)
+        if DR > 0:
+            q2 = tl.load(qb + DV + d2[None, :], mask=_tile_mask(hm, d2, DR, D2), other=0.0)
+        m_i = tl.full((HB,), float("-inf"), tl.float32)
+        l_i = tl.zeros((HB,), tl.float32)
+        acc = tl.zeros((HB, D1), tl.float32)
+        for k0 in range(lo, hi, BK):
+            kk = k0 + tl.arange(0, BK)
+            if SPARSE:
+                pos = tl.load(IDX + b * stride_ib + kk, mask=kk < hi, other=-1)
+                valid = (pos >= 0) & (pos < n)
+            else:
+                pos = kk
+                valid = kk < hi
+            pos = tl.where(valid, pos, 0)
+            block = tl.load(BT + b * stride_bt + pos // block_size, mask=valid, other=0).to(tl.int64)
+            rows = KV + block * stride_kv_block + (pos % block_size).to(tl.int64) * stride_kv_row
+            kv1 = tl.load(rows[:, None] + d1[None, :], mask=_tile_mask(valid, d1, DV, D1), other=0.0)
+            s = _dot(q1, tl.trans(kv1), IEEE, UPCAST)
+            if DR > 0:
+                kv2 = tl.load(rows[:, None] + DV + d2[None, :], mask=_tile_mask(valid, d2, DR, D2), other=0.0)
+                s += _dot(q2, tl.trans(kv2), IEEE, UPCAST)
+            s = tl.where(valid[None, :], s * scale_log2, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + _dot(p.to(kv1.dtype), kv1, IEEE, UPCAST)
+            m_i = m_new
+        has = l_i > 0.0
+        out = acc / tl.where(has, l_i, 1.0)[:, None]
+        lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
+        ob = O + b * stride_ob + split * stride_os + h[:, None] * stride_oh + d1[None, :]
+        tl.store(ob, out, mask=_tile_mask(hm, d1, DV, D1))
+        tl.store(LSE + b * stride_lb + split * stride_ls + h, lse, mask=hm)
+
+    @triton.jit
+    def _paged_indexer_scores_kernel(
+        Q, W, K, KS, BT, LEN, S,
+        HI, block_size,
+        stride_qb, stride_qh, stride_wb,
+        stride_k_block, stride_k_row, stride_ks_block,
+        stride_bt, stride_sb, width,
+        HIP: tl.constexpr, DI: tl.constexpr, DIP: tl.constexpr, BN: tl.constexpr, SCALED: tl.constexpr,
+        IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    ):
+        b = tl.program_id(1).to(tl.int64)
+        pos = tl.program_id(0) * BN + tl.arange(0, BN)
+        n = tl.load(LEN + b)
+        valid = pos < n
+        j = tl.arange(0, HIP)
+        jm = j < HI
+        d = tl.arange(0, DIP)
+        q = tl.load(Q + b * stride_qb + j[:, None] * stride_qh + d[None, :], mask=jm[:, None] & (d < DI)[None, :],
+                    other=0.0)
+        w = tl.load(W + b * stride_wb + j, mask=jm, other=0.0).to(tl.float32)
+        safe = tl.where(valid, pos, 0)
+        block = tl.load(BT + b * stride_bt + safe // block_size, mask=valid, other=0).to(tl.int64)
+        row = (safe % block_size).to(tl.int64)
+        k = tl.load(K + block[:, None] * stride_k_block + row[:, None] * stride_k_row + d[None, :],
+                    mask=valid[:, None] & (d < DI)[None, :], other=0.0)
+        dots = _dot(q, tl.trans(k.to(q.dtype)), IEEE, UPCAST)  # [HIP, BN]
+        if SCALED:
+            dots = dots * tl.load(KS + block * stride_ks_block + row, mask=valid, other=0.0)[None, :]
+        score = tl.sum(tl.maximum(dots, 0.0) * w[:, None], axis=0)
+        tl.store(S + b * stride_sb + pos, tl.where(valid, score, float("-inf")), mask=pos < width)
+
+
+def _check_paged(name: str, pool: torch.Tensor, block_table: torch.Tensor, lengths: torch.Tensor):
+    if pool.dim() < 3 or block_table.dim() != 2 or lengths.dim() != 1 or lengths.shape[0] != block_table.shape[0]:
+        raise ValueError(f"{name}: pool [NB, bs, D], block_table [B, max_blocks] and lengths [B] expected, got "
+                         f"{tuple(pool.shape)}, {tuple(block_table.shape)}, {tuple(lengths.shape)}")
+
+
+def _int32(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.int32 and t.is_contiguous() else t.to(torch.int32).contiguous()
+
+
+def paged_indexer_scores(q, w, key_pool, key_scales, block_table, lengths, width: Optional[int] = None):
+    """Indexer scores [B, width] fp32 of the decoding tokens (q [B, HI, DI], w [B, HI]) over each
+    sequence's cached keys; -inf past a sequence's length. ``width``: the columns (default: the
+    block table's capacity; a fixed width keeps a graphed step's shapes)."""
+    _check_paged("paged_indexer_scores", key_pool, block_table, lengths)
+    block_table, lengths = _int32(block_table), _int32(lengths)
+    B, HI, DI = q.shape
+    bs = key_pool.shape[1]
+    width = width or block_table.shape[1] * bs
+    scores = torch.empty(B, width, dtype=torch.float32, device=q.device)
+    if B == 0 or width == 0:
+        return scores
+    fp8 = key_scales is not None
+    qd = q if (fp8 or q.dtype == key_pool.dtype) else q.to(key_pool.dtype)
+    if fp8 and qd.dtype == torch.float32 and not interpreting():
+        qd = qd.to(torch.bfloat16)  # e4m3 keys are exact in bf16: bf16 tensor cores
+    qd, wc = qd.contiguous(), w.float().contiguous()
+    ks = key_scales if fp8 else scores
+    ieee = is_fp32(qd)
+    _paged_indexer_scores_kernel[(triton.cdiv(width, INDEXER_BN), B)](
+        qd, wc, key_pool, ks, block_table, lengths, scores,
+        HI, bs,
+        qd.stride(0), qd.stride(1), wc.stride(0),
+        key_pool.stride(0), key_pool.stride(1), ks.stride(0),
+        block_table.stride(0), scores.stride(0), width,
+        HIP=next_pow2(HI, 16), DI=DI, DIP=next_pow2(DI, 16), BN=INDEXER_BN, SCALED=fp8,
+        IEEE=ieee, UPCAST=interpreting() and not ieee, num_warps=4,
+    )
+    return scores
+
+
+def select_topk(scores: torch.Tensor, topk: int) -> torch.Tensor:
+    """``reference.topk_from_scores`` for rows whose ineligible entries are already -inf: the same
+    set (ties towards the smaller position), order (score descending, ties by position) and -1
+    padding, from one torch.topk and an ordering of the k winners instead of a sort of each row.
+    No host synchronisation (a CUDA graph can hold it)."""
+    B, n = scores.shape
+    k = min(topk, n)
+    if k == 0:
+        return torch.full((B, topk), -1, dtype=torch.long, device=scores.device)
+    kth = torch.topk(scores, k, dim=-1, sorted=True).values[:, -1:]
+    above = scores > kth
+    ties = scores == kth
+    room = k - above.sum(-1, keepdim=True)
+    chosen = above | (ties & (ties.cumsum(-1) <= room))
+    # The k chosen positions, smallest first (a distinct key per position), then by score.
+    rank = torch.arange(n, 0, -1, device=scores.device, dtype=torch.float32)
+    idx = torch.topk(chosen * rank, k, dim=-1, sorted=True).indices
+    order = torch.sort(scores.gather(-1, idx), dim=-1, descending=True, stable=True)
+    idx = idx.gather(-1, order.indices).masked_fill(order.values == float("-inf"), -1)
+    if k < topk:
+        idx = torch.nn.functional.pad(idx, (0, topk - k), value=-1)
+    return idx
+
+
+def paged_indexer_topk(q, w, key_pool, key_scales, block_table, lengths, topk: int) -> torch.Tensor:
+    """reference.paged_indexer_topk: token positions [B, topk] int64, -1 padded (scored over the
+    block table's whole capacity, so the shapes do not depend on the lengths)."""
+    return select_topk(paged_indexer_scores(q, w, key_pool, key_scales, block_table, lengths), topk)
+
+
+def combine_splits(out: torch.Tensor, lse: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Partial outputs [B, S, H, Dv] and log-sum-exps [B, S, H] of S key splits -> (out [B, H, Dv]
+    in ``dtype``, lse [B, H]); a split without keys has lse -inf and weighs nothing."""
+    total = torch.logsumexp(lse, dim=1)  # [B, H]
+    safe = torch.where(torch.isfinite(total), total, torch.zeros_like(total))
+    weight = torch.exp(lse - safe[:, None])  # exp(-inf) = 0
+    return (weight[..., None] * out).sum(1).to(dtype), total
+
+
+def _decode(q, kv_pool, block_table, lengths, topk_idx, v_dim: int, scale: float, splits: Optional[int]):
+    _check_paged("MLA decode", kv_pool, block_table, lengths)
+    block_table, lengths = _int32(block_table), _int32(lengths)
+    B, H, D = q.shape
+    if kv_pool.shape[-1] != D or not 0 < v_dim <= D:
+        raise ValueError(f"MLA decode: q's dim {D}, the cache's {kv_pool.shape[-1]}, v_dim {v_dim}")
+    if 1 << (v_dim.bit_length() - 1) != v_dim or split_pow2(D)[0] != v_dim:
+        raise ValueError(f"MLA decode: v_dim must be the largest power of two in Dqk, got {v_dim} of {D}")
+    HB = head_block(H)
+    NHB = triton.cdiv(H, HB)
+    capacity = topk_idx.shape[1] if topk_idx is not None else block_table.shape[1] * kv_pool.shape[1]
+    splits = splits or key_splits(capacity, B, NHB)
+    out = torch.empty(B, splits, H, v_dim, dtype=torch.float32, device=q.device)
+    lse = torch.empty(B, splits, H, dtype=torch.float32, device=q.device)
+    if B == 0:
+        return combine_splits(out, lse, q.dtype)
+    DV, D1, DR, D2 = split_pow2(D)
+    qc = q.contiguous() if q.dtype == kv_pool.dtype else q.to(kv_pool.dtype).contiguous()
+    sparse = topk_idx is not None
+    idx = topk_idx.contiguous() if sparse else lengths
+    ieee = is_fp32(qc)
+    _decode_attn_kernel[(NHB, B, splits)](
+        qc, kv_pool, block_table, lengths, idx, out, lse,
+        NHB, H, topk_idx.shape[1] if sparse else 0, splits, kv_pool.shape[1], scale * 1.4426950408889634,
+        qc.stride(0), qc.stride(1),
+        kv_pool.stride(0), kv_pool.stride(1),
+        block_table.stride(0),
+        idx.stride(0),
+        out.stride(0), out.stride(1), out.stride(2),
+        lse.stride(0), lse.stride(1),
+        SPARSE=sparse, HB=HB, DV=DV, D1=D1, DR=DR, D2=D2, BK=DECODE_BK, IEEE=ieee,
+        UPCAST=interpreting() and not ieee, num_warps=4 if HB <= 32 else 8,
+    )
+    return combine_splits(out, lse, q.dtype)
+
+
+def sparse_mla_decode(q, kv_pool, block_table, topk_idx, v_dim: int, scale: float, lengths=None,
+                      splits: Optional[int] = None):
+    """reference.sparse_mla_decode. ``lengths`` [B] (optional) bounds the selected positions."""
+    if lengths is None:
+        lengths = torch.full((q.shape[0],), block_table.shape[1] * kv_pool.shape[1], dtype=torch.int32,
+                             device=q.device)
+    return _decode(q, kv_pool, block_table, lengths, topk_idx, v_dim, scale, splits)
+
+
+def dense_mla_decode(q, kv_pool, block_table, lengths, v_dim: int, scale: float, splits: Optional[int] = None):
+    """reference.dense_mla_decode."""
+    return _decode(q, kv_pool, block_table, lengths, None, v_dim, scale, splits)
