@@ -328,8 +328,8 @@ def sparse_attn_fwd(q, kv, idx, v_dim, scale, options: KernelOptions = DEFAULT_O
 
 
 DELTA_CHUNK_ELEMENTS = 1 << 26  # fp32 temporaries per chunk: 256 MiB each
-L2_TARGET_BYTES = 32 << 20
-DQ_CHUNK_BYTES = 1 << 30  # the fp32 dq rows one chunk of the key-range passes holds  # dkv bytes one pass keeps in L2 (the H200 has 60 MB in two halves)
+L2_TARGET_BYTES = 32 << 20  # dkv bytes one pass keeps in L2 (the H200 has 60 MB in two halves)
+DQ_CHUNK_BYTES = 1 << 30  # the fp32 dq rows one chunk of the key-range passes holds
 
 
 def _rowwise_dot(dout: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
