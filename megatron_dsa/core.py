@@ -1,7 +1,9 @@
 """The DSA core: one attention step in dense, warm-up or sparse mode, written once.
 
 Every caller runs this function: the layer in training, on one rank or under TP/CP, and the
-inference engine (new queries against a KV cache). They differ only in what they pass: a
+inference engine's prefill (new queries against the cached rows). Decoding one token per
+sequence over a paged cache runs ``dsa_decode`` below, the same modes on the decode ops.
+The callers of ``dsa_core`` differ only in what they pass: a
 ``ParallelContext`` (size 1 on one rank, where every sharded step of ``megatron_dsa.parallel``
 is the plain computation and no collective runs), the query positions, and the tensors.
 
@@ -163,6 +165,46 @@ def dsa_core(
             res.kl, res.recall = dense_objective(gather_kv(kv, ctx, seq, cu_seqlens))
     res.indexer_flops = flops[0]
     return res
+
+
+def dsa_decode(
+    mode: str,
+    decode_ops,
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    lengths: torch.Tensor,
+    v_dim: int,
+    scale: float,
+    topk: int,
+    *,
+    indexer: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]] = None,
+    selection: Optional[torch.Tensor] = None,
+) -> CoreResult:
+    """``dsa_core``'s dense and sparse modes for one new token of each of B sequences, over a
+    paged cache (inference; the layout is ``reference.paged_rows``'s). The token is the last
+    of its sequence (``lengths`` [B] count it), so every cached row is eligible.
+
+    q [B, H, Dqk] absorbed queries; kv_cache [blocks, block_size, Dqk]; block_table [B, n];
+    ``decode_ops``: ``ops.decode_backend``'s namespace. ``indexer``: (qi [B, HI, DI],
+    wi [B, HI], the cached indexer keys, their per-token scales or None), or None for a layer
+    that reuses another's ``selection`` [B, K]. Returns the output [B, H, v_dim] and, sparse,
+    the selection.
+    """
+    if mode not in ("dense", "sparse"):
+        raise ValueError(f"decoding runs the dense or sparse mode, got {mode!r}")
+    if mode == "dense":
+        out, _ = decode_ops.dense_mla_decode(q, kv_cache, block_table, lengths, v_dim, scale)
+        return CoreResult(out)
+    if indexer is not None:
+        qi, wi, keys, key_scales = indexer
+        sel = decode_ops.paged_indexer_topk(qi, wi, keys, key_scales, block_table, lengths, topk)
+    else:
+        sel = selection
+        if sel is None or sel.shape[0] != q.shape[0]:
+            raise RuntimeError("sparse DSA needs a top-k selection for these rows")
+    out, _ = decode_ops.sparse_mla_decode(q, kv_cache, block_table, sel, v_dim, scale)
+    return CoreResult(out, topk=sel)
 
 
 def _dense_objective(loss_ops, ctx: ParallelContext, q, kv_all, qi, ki_all, wi, positions, rows: slice,

@@ -38,7 +38,7 @@ from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron_dsa import ops
 from megatron_dsa import reference as R
 from megatron_dsa.config import set_mode
-from megatron_dsa.core import dsa_core
+from megatron_dsa.core import dsa_core, dsa_decode
 from megatron_dsa.inference.paged import KEY_FORMATS, CacheError, PagedCache
 from megatron_dsa.model import dsa_layers
 from megatron_dsa.parallel import ParallelContext
@@ -159,19 +159,15 @@ class DSAInference:
         if selects:  # the B tokens as one sequence of B positions: the indexer's RoPE per token
             qi, ik, wi = core.indexer_inputs(h.transpose(0, 1), qr.transpose(0, 1), positions)
         cache.write(i, cache.slots(seqs, positions[:, None])[:, 0], latent, None if ik is None else ik[0])
-        table = cache.block_table[seqs]
-        ops_ = self.decode_ops
-        if self.mode == "dense":
-            out, _ = ops_.dense_mla_decode(query, cache.kv[i], table, lengths, core.v_dim, core.softmax_scale)
-        else:
-            if selects:
-                self._selection = ops_.paged_indexer_topk(qi[0], wi[0], cache.keys[i], cache.key_scales[i], table,
-                                                          lengths, self.config.dsa.topk)
-            if self._selection is None or self._selection.shape[0] != B:
-                raise RuntimeError("sparse DSA needs a top-k selection for these rows")
-            out, _ = ops_.sparse_mla_decode(query, cache.kv[i], table, self._selection, core.v_dim,
-                                            core.softmax_scale)
-        out, bias = attn.project_output(out.reshape(1, B, -1))
+        res = dsa_decode(
+            self.mode, self.decode_ops, query, cache.kv[i], cache.block_table[seqs], lengths, core.v_dim,
+            core.softmax_scale, self.config.dsa.topk,
+            indexer=(qi[0], wi[0], cache.keys[i], cache.key_scales[i]) if selects else None,
+            selection=None if selects else self._selection,
+        )
+        if selects:
+            self._selection = res.topk  # the layers after it that have no indexer reuse it
+        out, bias = attn.project_output(res.out.reshape(1, B, -1))
         return out if bias is None else out + bias
 
     def _mlp(self, i: int, x: torch.Tensor, graphed: bool) -> torch.Tensor:
