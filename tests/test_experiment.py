@@ -33,6 +33,7 @@ def test_h200_recipes_same_structure_scaled_down():
     for c in cfgs.values():
         seq = c.data["seq_length"]
         assert seq >= 16384 and c.model["size"] == "small"
+        assert c.data["corpus"] == "tasks"  # every phase trains on the task mixture
         assert c.model["overrides"]["dsa_indexer_topk"] * 32 == seq  # k = S/32
     w, sp, b = cfgs["warmup"], cfgs["sparse"], cfgs["dense_control"]
     assert w.train["lr"] == 1e-3
@@ -40,6 +41,28 @@ def test_h200_recipes_same_structure_scaled_down():
     for key in ("iters", "global_batch_size", "micro_batch_size", "lr", "min_lr", "lr_decay_style", "seed"):
         assert b.train[key] == sp.train[key], key
     assert b.megatron.get("finetune") is True
+
+
+def test_128k_batch1_recipes_resume_in_pieces():
+    """The report's recipe at batch 1 for one GPU: warm-up 1000 x 1 x 128K (lr 1e-3, indexers
+    only), then sparse (lr 7.3e-6, k 2048); each saves and exits after about 20 minutes and
+    continues from its own checkpoint when run again."""
+    from megatron_dsa.train.flags import megatron_argv
+
+    w = load_config(RECIPES / "report_warmup_b1.yaml")
+    assert (w.phase, w.model["size"], w.train["iters"], w.data["seq_length"]) == ("warmup", "small", 1000, 131072)
+    assert (w.train["global_batch_size"], w.train["micro_batch_size"]) == (1, 1)
+    assert w.train["lr"] == w.train["min_lr"] == 1e-3 and w.model["overrides"]["dsa_indexer_topk"] == 2048
+    s = load_config(RECIPES / "report_sparse_b1.yaml")
+    assert (s.phase, s.data["seq_length"], s.train["global_batch_size"]) == ("sparse", 131072, 1)
+    assert s.train["lr"] == s.train["min_lr"] == 7.3e-6 and s.model["overrides"]["dsa_indexer_topk"] == 2048
+    assert s.checkpoint["load_from"] == w.checkpoint["save"]
+    for c in (w, s):
+        assert c.data["corpus"] == "text" and c.checkpoint["interval"] <= 100
+        argv = megatron_argv(c, {"transformer_impl": "local", "data_dir": c.data["dir"]})
+        # Megatron resumes from --load = --save, and stops (saving) after the piece's minutes
+        assert argv[argv.index("--load") + 1] == argv[argv.index("--save") + 1] == c.checkpoint["save"]
+        assert 0 < float(argv[argv.index("--exit-duration-in-mins") + 1]) <= 20
 
 
 ARMS = ["per_layer", "shared", "freq2", "freq4", "obj_listwise"]  # one objective arm: the same code path
@@ -79,10 +102,21 @@ def test_smoke_pipeline_end_to_end(tmp_path):
     assert "**oracle** (the attention's own top-k)" in md
     for arm, r in res["eval"].items():
         assert set(map(int, r["loss"])) == {64, 128, 256}
-        assert set(r["retrieval"]["by_task_length"]) == {"single", "multikey", "kvrecall"}
+        assert set(r["retrieval"]["by_task_length"]) == {"passkey", "multikey", "multivalue", "varchain", "copy"}
+        assert [v["extrapolation"] for v in r["retrieval"]["by_length"].values()] == [False, True]
         assert all(v["nll"] > 0 for v in r["retrieval"]["by_length"].values())  # the answer's NLL, nats
     assert "answer NLL (nats/token)" in md and "Answer NLL, A minus dense control" in md
     assert set(res["verdict"]) == {"loss", "retrieval", "warmup", "shared", "recall_oracle"}
+    # the headline numbers: per arm, held-out loss at the training length, exact match per length
+    head = json.loads((rep / "verification_summary.json").read_text())
+    assert head["train_length"] == 256 and head["extrapolation_lengths"] == [512]
+    assert set(head["arms"]) == set(res["eval"])
+    for arm in head["arms"].values():
+        assert arm["heldout_loss_at_train_length"] > 0
+        assert set(arm["retrieval_exact_pct"]) == {"256", "512"}
+        assert all(0 <= v <= 100 for v in arm["retrieval_exact_pct"].values())
+    assert "512 *extrap.*" in md and "held-out formats" in md
+    assert "Training mixture (every phase)" in md
     for phase in ("pretrain", "dense_control", *(f"sparse_{a}" for a in ARMS)):
         assert res["phases"][phase]["tokens_per_s"] > 0
     # reused selections do not dilute the logged recall: every 2 layers selects in layers 1

@@ -30,6 +30,7 @@ def _portable_corpus(info: dict) -> dict:
 def collect(e: Study) -> dict:
     res = {"scale": e.scale, "targets": TARGETS, "commands": e.commands(), "arms": e.arms,
            "corpus": _portable_corpus(e.load_json("corpus_info.json", {})),
+           "tasks": e.load_json("tasks_info.json", {}),
            "eval": {}, "phases": {}, "warmup": {}, "recall": {}}
     for arm, (phase, _) in eval_arms(e).items():
         p = e.out / "eval" / f"{phase}.json"

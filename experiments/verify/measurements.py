@@ -1,6 +1,7 @@
 """The study's measurements: evaluation of trained models, speed and the report's 128K step.
 
-    eval       validation loss at several lengths and the retrieval suite, per trained model
+    eval       held-out loss at several lengths (natural text) and the held-out retrieval items
+               (suites.heldout: the training mixture's tasks in formats it never shows), per model
     recall     after warm-up: top-k recall of the dense attention mass at several lengths and
                k/S, every arm (and the untrained indexer), with the oracle
     speed      training-step cost of every arm side by side (benchmarks/bench_model_step.py;
@@ -25,7 +26,7 @@ from experiments.verify.settings import ARMS, BENCH128K_ARGS, RECIPES, REPO
 from experiments.verify.stages import need, phase_cmd, run_phase
 from experiments.verify.study import Study, echo, portable_command
 from experiments.verify.suites import (
-    build_suite,
+    build_heldout_suite,
     indexer_recall_at_lengths,
     model_predictor,
     read_valid_tokens,
@@ -33,7 +34,7 @@ from experiments.verify.suites import (
     validation_loss_at_lengths,
 )
 from megatron_dsa.convert.checkpoint import load_model
-from megatron_dsa.data import load_manifest, load_tokenizer
+from megatron_dsa.data import load_manifest, load_tokenizer, read_split_tokens
 from megatron_dsa.train import runner
 
 
@@ -55,20 +56,15 @@ def _load_for_eval(e: Study, phase: str):
 
 
 def _eval_suite(e: Study):
+    """The held-out natural text (for the loss) and the held-out retrieval items, whose text is
+    cut from the same held-out split (document ends written as newlines, as in the mixture)."""
     s = e.s
-    tokenizer = load_tokenizer(e.data)
-    valid = read_valid_tokens(e.data)
-    # Haystacks from the held-out documents (EOD-separated stream, decoded back to text).
-    eod = load_manifest(e.data)["eod"]
-    docs, cur = [], []
-    for t in valid[: 4 * max(s["retrieval_lengths"]) + 1].tolist():
-        if t == eod:
-            docs.append(cur)
-            cur = []
-        else:
-            cur.append(t)
-    texts = [tokenizer.detokenize(d) for d in docs if d] or None
-    items = build_suite(tokenizer, s["retrieval_lengths"], s["retrieval_n"], texts=texts, num_keys=s["num_keys"])
+    tokenizer = load_tokenizer(e.text_data)
+    valid = read_valid_tokens(e.text_data)
+    eod, newline = load_manifest(e.text_data)["eod"], tokenizer.tokenize("\n")
+    filler = [t for tok in read_split_tokens(e.text_data, "valid").tolist() for t in (newline if tok == eod else [tok])]
+    items = build_heldout_suite(tokenizer, filler, s["retrieval_lengths"], s["retrieval_n"], s["train_length"],
+                                seed=s["tasks"]["seed"])
     return valid, items
 
 
@@ -115,7 +111,7 @@ def stage_recall(e: Study, task: str) -> None:
     s = e.s
     t0 = time.perf_counter()
     model = _load_for_eval(e, phase)
-    res = indexer_recall_at_lengths(model, read_valid_tokens(e.data), s["recall_lengths"],
+    res = indexer_recall_at_lengths(model, read_valid_tokens(e.text_data), s["recall_lengths"],
                                     topk_ratios=s["recall_ratios"], max_total=s["recall_max_total"])
     keep = ("k_over_L", "mean", "mean_nontrivial", "per_layer",
             "oracle_mean", "oracle_mean_nontrivial", "oracle_per_layer")  # oracle: the best any top-k can do
@@ -232,7 +228,7 @@ def stage_step128k(e: Study) -> None:
         extra = [f"checkpoint.load_from={e.phase_dir(start) / 'ckpt'}", "train.iters=2", "eval.iters=0",
                  "checkpoint.interval=2", "logging.interval=1"]
         cmd = runner.phase_command(RECIPES / "report_warmup.yaml", [
-            f"data.dir={e.data}", f"checkpoint.save={e.phase_dir(name) / 'ckpt'}",
+            f"data.dir={e.text_data}", f"checkpoint.save={e.phase_dir(name) / 'ckpt'}",
             f"logging.tensorboard_dir={e.phase_dir(name) / 'tb'}", *extra])
         run_phase(e, name, cmd)
     except SystemExit as err:

@@ -1,5 +1,8 @@
 """The study's report: ``<report-dir>/verification.md`` with its plots and the results JSON.
 
+``verification_summary.json`` holds the headline numbers: per arm, the held-out loss at the
+training length and the retrieval exact match (%) per context length on the held-out items.
+
 ``write_report`` gathers the run's results (``collect``), draws the plots (``plots``) and writes
 the markdown one section after another; each section reads the results and adds its lines and,
 where the study sets a target, its verdict.
@@ -16,6 +19,7 @@ from experiments.verify.measurements import eval_arms
 from experiments.verify.plots import plots
 from experiments.verify.settings import ARMS, OBJECTIVE_ARMS, RECIPES, SHARING_ARMS, TARGETS
 from experiments.verify.study import Study
+from megatron_dsa.data.tasks import HELDOUT, TASKS, TRAIN
 
 NOTES = Path(__file__).resolve().parent  # notes_<scale>.md: the discussion written after a run
 
@@ -113,6 +117,14 @@ def _header(report: Report) -> None:
         L.append(f"Data: the running interpreter's standard library and site-packages (.py/.txt/.rst), "
                  f"{c['splits']['train']['tokens']:,} train / {c['splits']['valid']['tokens']:,} held-out tokens "
                  f"(split by file hash), BPE vocab {c.get('vocab_size')}.\n")
+    t = res.get("tasks")
+    if t:
+        train = t["splits"]["train"]
+        L.append(f"Training mixture (every phase): that text cut into documents of {t['seq_length']} tokens, "
+                 f"{sum(train['task_documents'].values()):,} of {train['documents']:,} (ratio {t['ratio']}, seed "
+                 f"{t['seed']}) with one of the tasks {', '.join(t['tasks'])} embedded in the training formats, "
+                 f"{t['queries_per_document']} queries per document ({train['answer_tokens']:,} answer tokens); "
+                 "held-out loss and retrieval are measured on the held-out natural text.\n")
 
 
 def _loss_at_lengths(report: Report) -> None:
@@ -166,14 +178,19 @@ def _retrieval(report: Report) -> None:
     """The retrieval suite per arm, task and length; arm A against the dense control."""
     s, ev, A, B, L, verdict = report.s, report.ev, report.A, report.B, report.lines, report.verdict
     rl = list(s["retrieval_lengths"])
-    L.append("## Retrieval suite (exact match of the greedy answer, %; single / multi-key / key-value recall)\n")
-    L.append(f"{s['retrieval_n']} items per task and length, needle depths spread over 10-90%; "
-             "lengths above the training length are extrapolation (plain RoPE) for every arm.\n")
-    L.append("| arm | task | " + " | ".join(str(x) for x in rl) + " |")
+    L.append("## Retrieval on held-out formats (exact match of the greedy answer, %)\n")
+    L.append(f"The training mixture's tasks ({', '.join(TASKS)}) in formats it never shows: other wordings, keys of "
+             f"another alphabet, distractor densities {'/'.join(map(str, HELDOUT.densities))} per 4096 tokens "
+             f"(training: {'/'.join(map(str, TRAIN.densities))}), {HELDOUT.values_per_key[0]} values per key and "
+             f"{HELDOUT.hops[0]}-hop chains (training: {'/'.join(map(str, TRAIN.values_per_key))} and "
+             f"{'/'.join(map(str, TRAIN.hops))}). {s['retrieval_n']} items per task and length in held-out text, the "
+             "asked fact at depths spread over 10-90%. Columns marked *extrap.* are longer than the training length "
+             f"({s['train_length']}): extrapolation (plain RoPE) for every arm.\n")
+    L.append("| arm | task | " + " | ".join(_length_label(x, s) for x in rl) + " |")
     L.append("|---|---|" + "---|" * len(rl))
     for arm, r in ev.items():
         bt = r["retrieval"]["by_task_length"]
-        for task in ("single", "multikey", "kvrecall"):
+        for task in TASKS:
             if task in bt:
                 L.append(f"| {arm} | {task} | " + " | ".join(_fmt(_get(_get(bt[task], x) or {}, 'exact'), '.0f')
                                                            for x in rl) + " |")
@@ -202,6 +219,29 @@ def _retrieval(report: Report) -> None:
         L.append("Every evaluated model, dense ones included, scores 0% here: at this training budget the suite does "
                  "not separate the arms by exact match (a 'within 2 points' verdict on it means nothing; the answer "
                  "NLL, where measured, still compares them).\n")
+
+
+def _length_label(length: int, s: dict) -> str:
+    return f"{length} *extrap.*" if length > s["train_length"] else str(length)
+
+
+def retrieval_summary(report: "Report") -> dict:
+    """The headline numbers: per arm, held-out loss at the training length and retrieval exact
+    match (%) per context length on the held-out items (lengths beyond training listed)."""
+    s, res = report.s, report.res
+    arms = {}
+    for label, r in report.ev.items():
+        arms[label] = {
+            "phase": r["phase"], "mode": r["mode"],
+            "heldout_loss_at_train_length": _get(r["loss"], s["train_length"]),
+            "retrieval_exact_pct": {str(x): (_get(r["retrieval"]["by_length"], x) or {}).get("exact")
+                                    for x in s["retrieval_lengths"]},
+        }
+    return {"scale": res["scale"], "train_length": s["train_length"],
+            "retrieval_lengths": list(s["retrieval_lengths"]),
+            "extrapolation_lengths": [x for x in s["retrieval_lengths"] if x > s["train_length"]],
+            "retrieval_items": f"{s['retrieval_n']} per task and length, tasks {', '.join(TASKS)}, held-out formats",
+            "arms": arms, "verdict": report.verdict}
 
 
 def _warmup(report: Report) -> None:
@@ -398,7 +438,8 @@ def _appendix(report: Report) -> None:
     L += [f"# {k}\n{v}" for k, v in res["commands"].items()]
     L.append("```\n")
     L.append("## Configs\n")
-    for name in ("h200_pretrain", "h200_warmup", "h200_sparse", "h200_dense_control", "report_warmup", "report_sparse"):
+    for name in ("h200_pretrain", "h200_warmup", "h200_sparse", "h200_dense_control", "report_warmup", "report_sparse",
+                 "report_warmup_b1", "report_sparse_b1"):
         L.append(f"<details><summary>configs/recipes/{name}.yaml</summary>\n\n```yaml\n"
                  f"{(RECIPES / (name + '.yaml')).read_text()}```\n</details>\n")
     if e.scale == "smoke":
@@ -430,7 +471,8 @@ SECTIONS = (_header, _loss_at_lengths, _trainer_validation, _retrieval, _warmup,
 
 
 def write_report(e: Study) -> Path:
-    """verification.md + PNGs + verification.json (the summary) in the report directory; the
+    """verification.md + PNGs + verification.json (the summary) + verification_summary.json (the
+    headline numbers) in the report directory; the
     whole results (per-step series too) as results.json in the run directory."""
     res = collect(e)
     rdir = e.report_dir
@@ -442,6 +484,7 @@ def write_report(e: Study) -> Path:
     res["verdict"] = report.verdict
     (rdir / "verification.md").write_text("\n".join(report.lines) + "\n")
     (rdir / "verification.json").write_text(to_json(summary(res)) + "\n")
+    (rdir / "verification_summary.json").write_text(to_json(retrieval_summary(report)) + "\n")
     e.save_json("results.json", res)
     print(f"report: {rdir / 'verification.md'}")
     return rdir / "verification.md"

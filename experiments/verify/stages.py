@@ -1,5 +1,10 @@
 """The study's training stages: corpus, dense pretraining, each arm's warm-up and sparse phase.
 
+The corpus stage builds the natural-text corpus (``data_text``) and from it the training
+mixture every phase reads (``data``: the text with the long-range tasks of
+``megatron_dsa.data.tasks`` embedded, built for the training length; the recipes select it
+with ``data.corpus: tasks``).
+
 Every training phase is ``python -m megatron_dsa.train.cli --config <recipe> key=value ...``
 run by the library's phase runner (``megatron_dsa.train.runner``), printed before it runs and
 recorded beside its output so the report can show it.
@@ -16,17 +21,36 @@ from pathlib import Path
 
 from experiments.verify.settings import ARMS, RECIPES, SHARING_ARMS
 from experiments.verify.study import Study, echo, link_copy
-from megatron_dsa.data import DataError, build_corpus, load_manifest
+from megatron_dsa.data import DataError, build_corpus, build_task_corpus, check_corpus_for_run, load_manifest
 from megatron_dsa.train import runner
 from megatron_dsa.train.config import load_config
 from megatron_dsa.train.preflight import preflight, write_run_file
 
 
 def stage_corpus(e: Study) -> None:
+    _text_corpus(e)
     try:
         if not e.force:
-            load_manifest(e.data)
-            print(f"corpus: reusing {e.data}")
+            manifest = check_corpus_for_run(e.data, "tasks", e.s["train_length"])
+            if all(manifest[k] == v for k, v in e.s["tasks"].items()):
+                print(f"corpus: reusing the task mixture {e.data}")
+                return
+    except DataError:
+        pass
+    t0 = time.perf_counter()
+    manifest = build_task_corpus(e.data, e.text_data, e.s["train_length"], overwrite=True, **e.s["tasks"])
+    train = manifest["splits"]["train"]
+    print(f"corpus: task mixture of {train['documents']:,} training documents of {e.s['train_length']} tokens, "
+          f"{sum(train['task_documents'].values()):,} with tasks ({train['answer_tokens']:,} answer tokens) "
+          f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    e.save_json("tasks_info.json", {k: v for k, v in manifest.items() if k != "base"})
+
+
+def _text_corpus(e: Study) -> None:
+    try:
+        if not e.force:
+            load_manifest(e.text_data)
+            print(f"corpus: reusing {e.text_data}")
             return
     except DataError:
         pass
@@ -63,7 +87,7 @@ def stage_corpus(e: Study) -> None:
         n_bytes += got
         print(f"corpus:   {tag}: {got:,} bytes", flush=True)
     t0 = time.perf_counter()
-    manifest = build_corpus(e.data, src, e.s["vocab_size"], max_bytes=n_bytes + 1,
+    manifest = build_corpus(e.text_data, src, e.s["vocab_size"], max_bytes=n_bytes + 1,
                             valid_fraction=e.s["valid_fraction"], overwrite=True)
     shutil.rmtree(src, ignore_errors=True)
     print(f"corpus: {manifest['splits']['train']['tokens']:,} train / {manifest['splits']['valid']['tokens']:,} "

@@ -2,7 +2,8 @@
 
 Every stage reads and writes under the run directory (``--out``, default runs/verify/<scale>):
 one directory per training phase (its checkpoint, TensorBoard scalars, log, exact command and
-a ``DONE`` marker), the corpus under ``data``, measurements as JSON. A stage whose result is
+a ``DONE`` marker), the natural-text corpus under ``data_text`` and the training mixture built
+from it (its text with the long-range tasks embedded) under ``data``, measurements as JSON. A stage whose result is
 there is skipped unless ``--force``, so a run resumes where it stopped.
 """
 
@@ -26,7 +27,8 @@ class Study:
         self.out = Path(args.out or REPO / "runs" / "verify" / args.scale).absolute()
         self.report_dir = Path(args.report_dir or REPO / "reports").absolute()
         self.force = args.force
-        self.data = self.out / "data"
+        self.data = self.out / "data"  # the task mixture every phase trains on
+        self.text_data = self.out / "data_text"  # natural text: held-out loss, recall, retrieval haystacks
         self.arms = list(args.arms.split(",")) if getattr(args, "arms", None) else list(ARMS)
         self.speed_arms = args.speed_arms.split(",") if getattr(args, "speed_arms", None) else None
         unknown = [a for a in self.arms if a not in ARMS]
@@ -70,7 +72,7 @@ class Study:
 
 def portable_command(cmd: str) -> str:
     """An echoed command without the paths of the machine it ran on (see Study.commands)."""
-    run = re.search(r"data\.dir=(\S+)/data(?:\s|$)", cmd)
+    run = re.search(r"data\.dir=(\S+)/data(?:_text)?(?:\s|$)", cmd)
     if run:
         cmd = cmd.replace(run.group(1) + "/", "$RUN/")
     cmd = re.sub(r"^\S*python\S*(?=\s)", "python", cmd)

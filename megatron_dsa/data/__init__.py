@@ -1,5 +1,7 @@
 """Real-data pipeline: text files -> sentencepiece tokenizer -> Megatron indexed datasets ->
-megatron-core GPTDataset. See ``corpus.py``; CLI: ``python -m megatron_dsa.data build``."""
+megatron-core GPTDataset. See ``corpus.py``; CLI: ``python -m megatron_dsa.data build``.
+The task mixture (natural text with synthetic long-range tasks, ``data.corpus: tasks``):
+``tasks.py`` (the tasks, their format families, the solver) and ``mixture.py`` (the corpus)."""
 
 from megatron_dsa.data.corpus import (
     DEFAULT_EXTENSIONS,
@@ -19,8 +21,20 @@ from megatron_dsa.data.corpus import (
     validate_indexed_dataset,
     write_indexed_dataset,
 )
+from megatron_dsa.data.mixture import (
+    CORPUS_KINDS,
+    build_task_corpus,
+    check_corpus_for_run,
+    read_answer_mask,
+    read_split_tokens,
+)
 
 __all__ = [
+    "CORPUS_KINDS",
+    "build_task_corpus",
+    "check_corpus_for_run",
+    "read_answer_mask",
+    "read_split_tokens",
     "DEFAULT_EXTENSIONS",
     "DataError",
     "Document",

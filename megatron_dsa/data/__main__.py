@@ -1,4 +1,5 @@
-"""CLI: ``python -m megatron_dsa.data build --source DIR --out DIR --vocab-size N``."""
+"""CLI: ``python -m megatron_dsa.data build --source DIR --out DIR --vocab-size N``;
+``python -m megatron_dsa.data build-tasks --base DIR --out DIR --seq-length N`` (the task mixture)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from megatron_dsa.data.corpus import (
     DataError,
     build_corpus,
 )
+from megatron_dsa.data.mixture import build_task_corpus
+from megatron_dsa.data.tasks import TASKS
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -36,11 +39,39 @@ def _parser() -> argparse.ArgumentParser:
                        help="comma-separated file extensions (default: %(default)s)")
     build.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe")
     build.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    tasks = commands.add_parser(
+        "build-tasks", help="embed synthetic long-range tasks in a built corpus (megatron_dsa.data.mixture)"
+    )
+    tasks.add_argument("--base", required=True, help="a corpus built by `build`")
+    tasks.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
+    tasks.add_argument("--seq-length", type=int, required=True, help="the training length: one document each")
+    tasks.add_argument("--ratio", type=float, default=0.5, help="share of documents with a task (default: %(default)s)")
+    tasks.add_argument("--seed", type=int, default=0)
+    tasks.add_argument("--tasks", default=",".join(TASKS), help="comma-separated (default: %(default)s)")
+    tasks.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     return parser
+
+
+def _build_tasks(args) -> int:
+    start = time.perf_counter()
+    try:
+        manifest = build_task_corpus(args.out, args.base, args.seq_length, ratio=args.ratio, seed=args.seed,
+                                     tasks=args.tasks.split(","), overwrite=args.overwrite)
+    except DataError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"task corpus {args.out} from {args.base} in {time.perf_counter() - start:.1f}s: "
+          f"seq_length {manifest['seq_length']}, ratio {manifest['ratio']}, seed {manifest['seed']}")
+    for name, split in manifest["splits"].items():
+        print(f"  {name}: {split['documents']} documents ({split['task_documents']} with tasks), "
+              f"{split['answer_tokens']} answer tokens")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "build-tasks":
+        return _build_tasks(args)
     start = time.perf_counter()
     try:
         manifest = build_corpus(

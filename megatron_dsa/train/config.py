@@ -9,7 +9,8 @@ Layout (every key optional except ``phase``; defaults below)::
     phase: pretrain | warmup | sparse
     model:       size, transformer_impl (auto | local | transformer_engine),
                  overrides (DSATransformerConfig fields, e.g. dsa_indexer_topk)
-    data:        dir (a corpus built by ``python -m megatron_dsa.data build``), seq_length
+    data:        dir (a corpus built by ``python -m megatron_dsa.data build``), seq_length,
+                 corpus (text | tasks: the task mixture of ``build-tasks``, built for seq_length)
     train:       iters, micro_batch_size, global_batch_size, lr, min_lr, lr_warmup_iters,
                  lr_decay_style, weight_decay, clip_grad, adam_beta1, adam_beta2, seed,
                  skip_iterations (batches a resumed run steps over)
@@ -64,6 +65,7 @@ SCHEMA: dict[str, dict[str, tuple[Any, tuple[type, ...]]]] = {
     "data": {
         "dir": (None, (str,)),
         "seq_length": (128, (int,)),
+        "corpus": ("text", (str,)),
     },
     "train": {
         "iters": (100, (int,)),
@@ -309,6 +311,10 @@ def _check_values(cfg: RunConfig) -> None:
                    f"got {cfg.model['transformer_impl']!r}")
     if cfg.data["dir"] is None:
         raise _err("data.dir is required: a corpus built by `python -m megatron_dsa.data build`")
+    from megatron_dsa.data.mixture import CORPUS_KINDS
+
+    if cfg.data["corpus"] not in CORPUS_KINDS:
+        raise _err(f"data.corpus must be one of {list(CORPUS_KINDS)}, got {cfg.data['corpus']!r}")
     if cfg.checkpoint["save"] is None:
         raise _err("checkpoint.save is required: the directory of this phase's checkpoints")
     for section, key, allow_none in (

@@ -169,7 +169,7 @@ def check_megatron_settings(argv: list[str]) -> None:
 def preflight(cfg: RunConfig, check_flags: bool = True) -> dict:
     """Validate everything about a run; return the plan (nothing is written)."""
     from megatron_dsa.config import DSAConfigError
-    from megatron_dsa.data import DataError, check_tokenizer_matches, load_manifest, load_tokenizer
+    from megatron_dsa.data import DataError, check_corpus_for_run, check_tokenizer_matches, load_tokenizer
     from megatron_dsa.data import validate_indexed_dataset
     from megatron_dsa.model import model_config, resolve_size
 
@@ -189,7 +189,7 @@ def preflight(cfg: RunConfig, check_flags: bool = True) -> dict:
     data_dir = Path(cfg.data["dir"]).absolute()
     if not data_dir.is_dir():
         raise DataError(f"data.dir {data_dir} does not exist (build it: python -m megatron_dsa.data build --out {data_dir} ...)")
-    manifest = load_manifest(data_dir)
+    manifest = check_corpus_for_run(data_dir, cfg.data["corpus"], seq)
     tokenizer = load_tokenizer(data_dir)
     check_tokenizer_matches(tokenizer, size.vocab_size, VOCAB_MULTIPLE)
     padded = -(-tokenizer.vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE

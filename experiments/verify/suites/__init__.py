@@ -4,9 +4,12 @@
 indexer's top-k recall of the dense attention mass at several lengths and k, with the oracle
 (the attention's own top-k). ``retrieval``: a built-in long-context retrieval suite on
 code-like haystacks (single needle, multi-key needle, key-value recall in a long dict literal),
-scored by exact match of the greedy answer and the answer's log-likelihood.
+scored by exact match of the greedy answer and the answer's log-likelihood. ``heldout``: the
+training mixture's tasks in held-out formats (``megatron_dsa.data.tasks.HELDOUT``), the items
+the study scores.
 """
 
+from experiments.verify.suites.heldout import build_heldout_suite
 from experiments.verify.suites.loss import read_valid_tokens, validation_loss_at_lengths
 from experiments.verify.suites.recall import indexer_recall_at_lengths
 from experiments.verify.suites.retrieval import (
@@ -21,6 +24,7 @@ from experiments.verify.suites.retrieval import (
 __all__ = [
     "TASKS",
     "RetrievalItem",
+    "build_heldout_suite",
     "build_items",
     "build_suite",
     "indexer_recall_at_lengths",

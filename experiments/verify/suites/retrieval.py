@@ -62,6 +62,7 @@ class RetrievalItem:
     # [start, end) token spans of the needles in ``prompt``; the asked one first.
     needle_spans: list[tuple[int, int]] = field(default_factory=list)
     distractors: list[str] = field(default_factory=list)
+    extrapolation: bool = False  # longer than the training length
 
     @property
     def tokens(self) -> list[int]:
@@ -272,7 +273,8 @@ def score_items(items: Sequence[RetrievalItem], predict: Predictor, max_batch_to
                 got = [int(t) for t in pred[p - 1:p - 1 + n]]
                 hits = [g == a for g, a in zip(got, item.answer)]
                 per_item[i] = {"task": item.task, "length": item.length, "depth": item.depth,
-                               "exact": all(hits), "token_acc": sum(hits) / len(hits)}
+                               "exact": all(hits), "token_acc": sum(hits) / len(hits),
+                               "extrapolation": item.extrapolation}
                 if logps is not None:  # position t scores token t + 1: the answer is p .. p + n - 1
                     per_item[i]["answer_nll"] = -sum(float(x) for x in logps[j][p - 1:p - 1 + n]) / n
     table: dict = defaultdict(dict)
@@ -288,6 +290,7 @@ def score_items(items: Sequence[RetrievalItem], predict: Predictor, max_batch_to
 def _agg(rs: list[dict]) -> dict:
     nll = [r["answer_nll"] for r in rs if "answer_nll" in r]
     return {"exact": 100.0 * sum(r["exact"] for r in rs) / len(rs),
+            "extrapolation": any(r.get("extrapolation", False) for r in rs),
             "token": 100.0 * sum(r["token_acc"] for r in rs) / len(rs), "n": len(rs),
             # mean negative log-likelihood of the answer tokens (nats): it still ranks models
             # that never get an answer exactly right

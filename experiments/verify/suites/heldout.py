@@ -1,0 +1,41 @@
+"""Held-out retrieval items: the training mixture's tasks in formats it never shows.
+
+Every item is one task of ``megatron_dsa.data.tasks`` in the ``HELDOUT`` family (wordings, key
+alphabet, distractor densities, values per key and chain lengths disjoint from the training
+mixture's), hidden in held-out natural text: its first fact at a depth spread over 10-90% of
+the context, distractor facts of the same task at the family's densities, the query last and
+the answer the item's last tokens. Lengths above the training length are extrapolation and
+are marked so (``RetrievalItem.extrapolation``). Scored by ``retrieval.score_items``.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Sequence
+
+from experiments.verify.suites.retrieval import RetrievalItem, Tokenizer
+from megatron_dsa.data.tasks import HELDOUT, TASKS, task_text
+
+
+def build_heldout_suite(tokenizer: Tokenizer, filler: Sequence[int], lengths: Sequence[int], n_per: int,
+                        train_length: int, seed: int = 0, tasks: Sequence[str] = TASKS) -> list[RetrievalItem]:
+    """``n_per`` items of every task at every length, their text cut from ``filler`` (held-out
+    natural text, at least the longest length)."""
+    if n_per < 1:
+        raise ValueError(f"n_per must be >= 1, got {n_per}")
+    if len(filler) < max(lengths):
+        raise ValueError(f"{len(filler)} filler tokens are too few for length {max(lengths)}")
+    items = []
+    for length in lengths:
+        for task in tasks:
+            for i in range(n_per):
+                rng = random.Random(f"heldout:{seed}:{task}:{length}:{i}")
+                depth = 0.5 if n_per == 1 else 0.1 + 0.8 * i / (n_per - 1)
+                start = rng.randrange(0, len(filler) - length + 1)
+                text = task_text(task, HELDOUT, length, filler[start:start + length], tokenizer, rng,
+                                 density=HELDOUT.densities[i % len(HELDOUT.densities)], depth=depth)
+                (q,) = text.queries
+                items.append(RetrievalItem(
+                    task, length, depth, text.tokens[:q.start], text.tokens[q.start:q.end], q.key, q.answer,
+                    [q.needle], text.distractor_answers, extrapolation=length > train_length))
+    return items

@@ -1,0 +1,230 @@
+"""The task mixture: synthetic long-range tasks in natural text (megatron_dsa.data.tasks,
+megatron_dsa.data.mixture), the solver that reads them back, and the trainer's corpus option."""
+
+from __future__ import annotations
+
+import random
+import re
+
+import numpy
+import pytest
+
+from megatron_dsa.data import (
+    DataError,
+    build_gpt_datasets,
+    build_task_corpus,
+    check_corpus_for_run,
+    load_tokenizer,
+    read_answer_mask,
+    read_split_tokens,
+)
+from megatron_dsa.data.tasks import FAMILIES, HELDOUT, TASKS, TRAIN, TaskError, solve, task_text
+from megatron_dsa.train.config import TrainConfigError, load_config
+
+SEQ = 512
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A text corpus whose held-out split holds a few documents of SEQ tokens."""
+    from megatron_dsa.data import build_corpus
+
+    out = tmp_path_factory.mktemp("text") / "c"
+    build_corpus(out, None, 512, max_bytes=200_000, valid_fraction=0.3)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tok(corpus):
+    return load_tokenizer(corpus)
+
+
+@pytest.fixture(scope="module")
+def text(corpus):
+    """Natural text tokens (the corpus's train split), repeated up to 40K tokens."""
+    stream = read_split_tokens(corpus, "train").tolist()
+    return (stream * (1 + 40_000 // len(stream)))[:40_000]
+
+
+@pytest.fixture(scope="module")
+def mixture(corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tasks") / "mix"
+    build_task_corpus(out, corpus, SEQ, ratio=0.6, seed=3)
+    return out
+
+
+def _solve_all(tok, t):
+    """Every query of a task text, solved from the decoded text before its answer."""
+    for q in t.queries:
+        assert solve(tok.detokenize(t.tokens[:q.start])) == (t.task, q.answer)
+        assert tok.detokenize(t.tokens[q.start:q.end]) == q.answer
+
+
+@pytest.mark.parametrize("family", [TRAIN, HELDOUT], ids=lambda f: f.name)
+@pytest.mark.parametrize("task", TASKS)
+def test_every_text_is_solvable_from_the_text_alone(tok, text, family, task):
+    rng = random.Random(f"{family.name}{task}{random.random()}")
+    for length, queries in ((1024, 1), (16384, 8)):  # a training document at long context
+        start = rng.randrange(0, len(text) - length)
+        t = task_text(task, family, length, text[start:start + length], tok, rng, queries=queries)
+        assert len(t.tokens) == len(t.answer_mask) == length and len(t.queries) == queries
+        _solve_all(tok, t)
+        # the mask marks the answers' tokens, nothing else
+        marked = {i for i, m in enumerate(t.answer_mask) if m}
+        assert marked == {i for q in t.queries for i in range(q.start, q.end)}
+    for depth in (0.1, 0.5, 0.9):  # an evaluation item: the answer ends the text
+        t = task_text(task, family, 4096, text[:4096], tok, rng, depth=depth)
+        (q,) = t.queries
+        assert q.end == 4096 and abs(q.needle[0] / 4096 - depth) < 0.15
+        _solve_all(tok, t)
+
+
+def test_solver_reads_the_facts_not_the_record(tok, text):
+    """Changing the fact in the text changes what the solver answers: it finds the answer in the
+    text (off by one in the value, or the key's fact removed, and it no longer agrees)."""
+    t = task_text("multikey", TRAIN, 2048, text, tok, random.Random(1), depth=0.4)
+    (q,) = t.queries
+    context = tok.detokenize(t.tokens[:q.start])
+    wrong = str(int(q.answer) + 1)
+    assert solve(context.replace(q.answer, wrong)) == ("multikey", wrong)
+    assert solve(re.sub(rf"(?m)^.*{q.key}.*{q.answer}.*$", "", context)) is None
+    assert solve(context + "unrelated tail") is None
+
+
+def test_training_and_heldout_formats_are_disjoint(tok, text):
+    """Template wordings, key alphabets, densities, values per key and chain lengths never overlap;
+    no training text holds a held-out wording, and every key of a family is of its alphabet."""
+    def literals(family):
+        return {re.sub(r"\{\w+\}", "\0", getattr(w, part)) for ws in family.wordings.values()
+                for w in ws for part in ("define", "query", "hop") if getattr(w, part)}
+
+    assert set(FAMILIES) == {"train", "heldout"}
+    assert not literals(TRAIN) & literals(HELDOUT)
+    assert not set(TRAIN.key_alphabet) & set(HELDOUT.key_alphabet)
+    assert not set(TRAIN.densities) & set(HELDOUT.densities)
+    assert not set(TRAIN.values_per_key) & set(HELDOUT.values_per_key)
+    assert not set(TRAIN.hops) & set(HELDOUT.hops)
+    heldout_pieces = {p for lit in literals(HELDOUT) for p in lit.split("\0") if len(p.strip()) > 4}
+    rng = random.Random(7)
+    for task in TASKS:
+        for family, other in ((TRAIN, HELDOUT), (HELDOUT, TRAIN)):
+            t = task_text(task, family, 8192, text, tok, rng, queries=4)
+            decoded = tok.detokenize(t.tokens)
+            assert all(set(q.key) <= set(family.key_alphabet) for q in t.queries)
+            assert not any(set(q.key) & set(other.key_alphabet) for q in t.queries)
+            if family is TRAIN:
+                assert not [p for p in heldout_pieces if p in decoded]
+            assert t.density in family.densities
+
+
+def test_bad_task_settings_raise(tok, text):
+    rng = random.Random(0)
+    with pytest.raises(TaskError, match="unknown task"):
+        task_text("sorting", TRAIN, 1024, text, tok, rng)
+    with pytest.raises(TaskError, match="too short"):
+        task_text("multivalue", HELDOUT, 64, text, tok, rng)
+    with pytest.raises(TaskError, match="exactly one query"):
+        task_text("copy", TRAIN, 1024, text, tok, rng, queries=2, depth=0.5)
+
+
+def test_mixture_samples_are_whole_documents_with_their_answer_mask(mixture, tok, tmp_path):
+    """Every GPTDataset sample (what the trainer reads) is one whole document, and the answer mask
+    beside it marks answers the solver finds in the sample's own text."""
+    tokens, mask = read_split_tokens(mixture, "train"), read_answer_mask(mixture, "train")
+    assert len(tokens) == len(mask) and len(tokens) % SEQ == 0
+    docs, masks = tokens.reshape(-1, SEQ), mask.reshape(-1, SEQ)
+    train, _ = build_gpt_datasets(mixture, SEQ, cache_dir=tmp_path / "cache")
+    starts = {tuple(d[:16]): i for i, d in enumerate(docs)}
+    solved = 0
+    for i in range(0, len(train), max(1, len(train) // 12)):
+        sample = train[i]["tokens"].numpy()
+        doc = starts[tuple(sample[:16])]
+        assert numpy.array_equal(sample, docs[doc])
+        m = masks[doc]
+        for start in numpy.flatnonzero(numpy.diff(numpy.concatenate([[0], m])) == 1):
+            end = start + int(numpy.argmin(m[start:])) if m[start:].min() == 0 else SEQ
+            found = solve(tok.detokenize(docs[doc][:start].tolist()))
+            assert found is not None and found[1] == tok.detokenize(docs[doc][start:end].tolist())
+            solved += 1
+    assert solved > 0
+
+
+def test_mixture_manifest_ratio_and_seed(mixture, corpus, tmp_path):
+    from megatron_dsa.data import load_manifest
+
+    m = load_manifest(mixture)
+    assert (m["kind"], m["seq_length"], m["seed"], m["ratio"], m["family"]) == ("tasks", SEQ, 3, 0.6, "train")
+    train = m["splits"]["train"]
+    share = sum(train["task_documents"].values()) / train["documents"]
+    assert 0.35 < share < 0.85 and set(train["task_documents"]) <= set(TASKS)
+    assert train["answer_tokens"] == int(read_answer_mask(mixture, "train").sum()) > 0
+    # one seed, one corpus; another seed, another
+    again = build_task_corpus(tmp_path / "again", corpus, SEQ, ratio=0.6, seed=3)
+    assert numpy.array_equal(read_split_tokens(tmp_path / "again", "train"), read_split_tokens(mixture, "train"))
+    assert again["splits"] == m["splits"]
+    build_task_corpus(tmp_path / "other", corpus, SEQ, ratio=0.6, seed=4)
+    assert not numpy.array_equal(read_split_tokens(tmp_path / "other", "train"), read_split_tokens(mixture, "train"))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(seq_length=SEQ, ratio=0.0), "ratio"),
+    (dict(seq_length=SEQ, ratio=1.5), "ratio"),
+    (dict(seq_length=SEQ, tasks=["passkey", "sorting"]), "tasks must be"),
+    (dict(seq_length=48), "too short"),
+    (dict(seq_length=10**7), "fewer than two documents"),
+])
+def test_bad_mixture_input_raises_and_leaves_nothing(corpus, tmp_path, kwargs, message):
+    out = tmp_path / "mix"
+    seq = kwargs.pop("seq_length")
+    with pytest.raises(DataError, match=message):
+        build_task_corpus(out, corpus, seq, **kwargs)
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_mixture_refuses_a_task_corpus_as_base_and_an_existing_out(mixture, corpus, tmp_path):
+    with pytest.raises(DataError, match="must be a text corpus"):
+        build_task_corpus(tmp_path / "x", mixture, SEQ)
+    with pytest.raises(DataError, match="already exists"):
+        build_task_corpus(mixture, corpus, SEQ)
+
+
+def test_run_selects_the_corpus_kind(mixture, corpus, tmp_path):
+    """data.corpus in the run YAML: the trainer's preflight reads the corpus only if it is that
+    kind and, for the mixture, built for the run's length."""
+    assert check_corpus_for_run(mixture, "tasks", SEQ)["kind"] == "tasks"
+    assert check_corpus_for_run(corpus, "text", SEQ).get("kind", "text") == "text"
+    with pytest.raises(DataError, match="holds a 'text' corpus"):
+        check_corpus_for_run(corpus, "tasks", SEQ)
+    with pytest.raises(DataError, match="built for seq_length 512"):
+        check_corpus_for_run(mixture, "tasks", 256)
+    cfg_path = tmp_path / "run.yaml"
+    cfg_path.write_text(f"phase: pretrain\ndata:\n  dir: {mixture}\n  seq_length: {SEQ}\n  corpus: tasks\n"
+                        f"checkpoint:\n  save: {tmp_path / 'ckpt'}\n")
+    assert load_config(cfg_path).data["corpus"] == "tasks"
+    assert load_config(cfg_path, ["data.corpus=text"]).data["corpus"] == "text"
+    with pytest.raises(TrainConfigError, match="data.corpus must be one of"):
+        load_config(cfg_path, ["data.corpus=mixture"])
+
+
+def test_preflight_checks_the_corpus_kind(mixture, tmp_path):
+    from megatron_dsa.train.preflight import preflight
+
+    cfg_path = tmp_path / "run.yaml"
+    cfg_path.write_text(f"phase: pretrain\ndata:\n  dir: {mixture}\n  seq_length: {SEQ}\n  corpus: tasks\n"
+                        f"checkpoint:\n  save: {tmp_path / 'ckpt'}\n")
+    assert preflight(load_config(cfg_path), check_flags=False)["data_dir"] == str(mixture)
+    with pytest.raises(DataError, match="holds a 'tasks' corpus"):
+        preflight(load_config(cfg_path, ["data.corpus=text"]), check_flags=False)
+    with pytest.raises(DataError, match="built for seq_length"):
+        preflight(load_config(cfg_path, ["data.seq_length=256"]), check_flags=False)
+
+
+def test_cli_build_tasks(corpus, tmp_path, capsys):
+    from megatron_dsa.data.__main__ import main
+
+    assert main(["build-tasks", "--base", str(corpus), "--out", str(tmp_path / "m"), "--seq-length", str(SEQ)]) == 0
+    assert "with tasks" in capsys.readouterr().out
+    assert main(["build-tasks", "--base", str(corpus), "--out", str(tmp_path / "n"), "--seq-length", "48"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "too short" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "n").exists()
