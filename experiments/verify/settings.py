@@ -46,7 +46,7 @@ SCALES = {
         vocab_size=512, max_bytes=800_000, valid_fraction=0.05,
         overrides={
             "all": ["model.size=tiny", "data.seq_length=256", "model.overrides.dsa_indexer_topk=16",
-                    "megatron.bf16=false", "train.micro_batch_size=4", "train.global_batch_size=4",
+                    "megatron.bf16=false", "train.micro_batch_size=2", "train.global_batch_size=2",
                     "eval.iters=1", "logging.interval=2"],
             "pretrain": ["train.iters=16", "train.lr_warmup_iters=2", "train.lr=3e-3", "train.min_lr=3e-4",
                          "eval.interval=16", "checkpoint.interval=16"],
