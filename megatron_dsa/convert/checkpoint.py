@@ -487,6 +487,9 @@ def save_sharded_checkpoint(sharded: dict, out_dir: Path, spec, vocab_size: int,
         "args": argparse.Namespace(
             mdsa_size=spec.name, mdsa_model_overrides=json.dumps(overrides or {}),
             padded_vocab_size=vocab_size,
+            # Written by one process as one TP=1 / PP=1 model: Megatron's loader reads these
+            # (and warns when they are absent) before it reshards to the run's layout.
+            tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
         ),
     }
     if special_ids:

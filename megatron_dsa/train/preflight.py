@@ -3,8 +3,8 @@
 ``preflight(cfg)`` validates the transformer implementation and FP8 settings against this
 machine (Transformer Engine installed, CUDA, the GPU generation), the model config, the corpus
 (manifest, tokenizer, indexed datasets, vocabulary against the model), the checkpoint
-directories (this phase's and the previous phase's: phase, shape, vocabulary) and Megatron's own
-flags. It returns the ``plan`` the trainer runs (with the resolved ``transformer_impl``); every
+directories (this phase's and the previous phase's: phase, shape, vocabulary; or, for a
+checkpoint ``from-hf`` imported, the model it records) and Megatron's own flags. It returns the ``plan`` the trainer runs (with the resolved ``transformer_impl``); every
 failure is one ``TrainConfigError`` (or the data package's ``DataError`` / the config's
 ``DSAConfigError``), each a ``ValueError`` with one clear message.
 """
