@@ -131,7 +131,9 @@ def test_sparse_run_starts_from_the_imported_weights(imported, corpus, tmp_path,
 
 
 def test_warmup_starts_from_the_imported_checkpoint(cli, corpus, tmp_path, imported):
-    code, out, err = cli(*base(corpus, tmp_path, "warmup"), *run_settings(imported["ckpt"]), "--check")
+    # the DSA kernels are the run's own choice, not the model's
+    code, out, err = cli(*base(corpus, tmp_path, "warmup"), *run_settings(imported["ckpt"]),
+                         "model.overrides.mdsa_kernel=reference", "--check")
     assert code == 0, err
     assert f"starting from weights of {imported['ckpt']}" in out
 
@@ -142,6 +144,9 @@ def test_warmup_starts_from_the_imported_checkpoint(cli, corpus, tmp_path, impor
     # a shape the checkpoint's tensors do not have
     ([f"model.overrides.dsa_indexer_topk={TOPK}", "model.overrides.moe_ffn_hidden_size=64"],
      ["moe_ffn_hidden_size: checkpoint 32, run 64"]),
+    # a setting the import left at its default that changes what the weights compute
+    ([f"model.overrides.dsa_indexer_topk={TOPK}", "model.overrides.mdsa_indexer_rope_dim=8"],
+     ["mdsa_indexer_rope_dim: checkpoint None, run 8", "model.overrides.mdsa_indexer_rope_dim=null"]),
 ])
 def test_a_run_of_another_model_stops_in_preflight(cli, corpus, tmp_path, imported, changes, needles):
     args = [*base(corpus, tmp_path, "sparse"), f"checkpoint.load_from={imported['ckpt']}", *changes]

@@ -82,24 +82,27 @@ def _compare(kind: str, directory: Path, record: dict, expected: dict) -> None:
         raise _err(f"{kind} {directory} holds a model of another shape ({detail})")
 
 
-# Fields of an imported model's record that are a run's own choice (module backend, precision,
-# dropout, the MoE balancer's training settings); every other field it records defines the
-# function its weights compute and must be the run's too.
+# Model config fields that are a run's own choice (module backend, precision, dropout, the MoE
+# balancer's and the indexer's training settings, the DSA kernels); every other field an imported
+# model records, or a run sets, defines the function the weights compute and must agree.
 RUN_CHOSEN_FIELDS = frozenset({
     "transformer_impl", "activation_func", "bf16", "params_dtype", "hidden_dropout", "attention_dropout",
     "moe_router_bias_update_rate", "moe_router_load_balancing_type", "moe_aux_loss_coeff", "moe_router_dtype",
     "moe_token_dispatcher_type", "moe_grouped_gemm", "moe_shared_expert_overlap",
+    "mdsa_mode", "mdsa_kernel", "mdsa_kernel_options", "mdsa_fp8_indexer", "mdsa_indexer_objective",
+    "mdsa_indexer_dtype", "mdsa_recall_rows", "dsa_indexer_loss_coeff", "dsa_indexer_use_sparse_loss",
 })
 
 
 def _check_imported(src: Path, cfg: RunConfig, model_cfg, size, tokenizer) -> None:
     """A checkpoint ``python -m megatron_dsa.convert from-hf`` wrote (weights only, no run
     record) starts the warm-up or the sparse phase when it holds the run's model: every field
-    it records but the run's own choices (``RUN_CHOSEN_FIELDS``), first_k_dense, the
-    vocabulary, and the tokenizer where the import kept one."""
+    it records, every shape field and every field the run's model.overrides set, but the run's
+    own choices (``RUN_CHOSEN_FIELDS``); first_k_dense, the vocabulary, and the tokenizer where
+    the import kept one."""
     from megatron_dsa.convert.checkpoint import imported_model
     from megatron_dsa.convert.errors import ConversionError
-    from megatron_dsa.model import model_config
+    from megatron_dsa.model import SHAPE_FIELDS, model_config
 
     try:
         imported = imported_model(src)
@@ -114,7 +117,7 @@ def _check_imported(src: Path, cfg: RunConfig, model_cfg, size, tokenizer) -> No
         theirs = model_config(spec, mdsa_mode=model_cfg.mdsa_mode)
     except (ValueError, TypeError, AssertionError) as error:
         raise _err(f"{what} records a model this version cannot build: {error}") from None
-    fields = sorted(set(spec.transformer) - RUN_CHOSEN_FIELDS)
+    fields = sorted((set(spec.transformer) | set(SHAPE_FIELDS) | set(cfg.model["overrides"])) - RUN_CHOSEN_FIELDS)
     diff = [(f, getattr(theirs, f, None), getattr(model_cfg, f, None)) for f in fields
             if getattr(theirs, f, None) != getattr(model_cfg, f, None)]
     if spec.first_k_dense != size.first_k_dense:
@@ -123,7 +126,7 @@ def _check_imported(src: Path, cfg: RunConfig, model_cfg, size, tokenizer) -> No
                    f"{size.first_k_dense}: choose a size with first_k_dense {spec.first_k_dense}")
     if diff:
         detail = ", ".join(f"{f}: checkpoint {a!r}, run {b!r}" for f, a, b in diff)
-        fix = " ".join(f"model.overrides.{f}={json.dumps(a)}" for f, a, _ in diff)
+        fix = " ".join(f"model.overrides.{f}={json.dumps(a, default=str)}" for f, a, _ in diff)
         raise _err(f"{what} holds another model than this run (model.size={size.name}, model.overrides): "
                    f"{detail}; run with the checkpoint's settings: {fix}")
     if vocab != size.vocab_size:
