@@ -114,7 +114,7 @@ def training_settings(out) -> str:
                 "to megatron_dsa.model.SIZES (no named size has them)")
     overrides = json.loads(args.mdsa_model_overrides or "{}")
     settings = [f"checkpoint.load_from={out}", f"model.size={args.mdsa_size}",
-                *(f"model.overrides.{k}={json.dumps(v)}" for k, v in sorted(overrides.items()))]
+                *(f"model.overrides.{k}={json.dumps(v, separators=(',', ':'))}" for k, v in sorted(overrides.items()))]
     return ("train it (phase warmup or sparse; any TP/PP/EP: the weights reshard on load) with: "
             + " ".join(settings))
 

@@ -126,7 +126,7 @@ def _check_imported(src: Path, cfg: RunConfig, model_cfg, size, tokenizer) -> No
                    f"{size.first_k_dense}: choose a size with first_k_dense {spec.first_k_dense}")
     if diff:
         detail = ", ".join(f"{f}: checkpoint {a!r}, run {b!r}" for f, a, b in diff)
-        fix = " ".join(f"model.overrides.{f}={json.dumps(a, default=str)}" for f, a, _ in diff)
+        fix = " ".join(f"model.overrides.{f}={json.dumps(a, default=str, separators=(',', ':'))}" for f, a, _ in diff)
         raise _err(f"{what} holds another model than this run (model.size={size.name}, model.overrides): "
                    f"{detail}; run with the checkpoint's settings: {fix}")
     if vocab != size.vocab_size:
