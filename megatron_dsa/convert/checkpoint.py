@@ -327,6 +327,23 @@ def stream_tensors(entries, ckpt: Path, dtypes: dict[str, torch.dtype], budget_b
         yield from flush(batch)
 
 
+def imported_model(directory: str | os.PathLike[str]):
+    """(ModelSize, embedding rows) of a checkpoint ``from-hf`` wrote, read from its record
+    (``mdsa_model``) and tensor metadata without loading a weight; None for a checkpoint
+    without that record (a training run's)."""
+    from megatron_dsa.model import ModelSize
+
+    ckpt = resolve_checkpoint_dir(directory)
+    record = common_state(ckpt).get(SPEC_KEY)
+    if not isinstance(record, dict):
+        return None
+    try:
+        spec = ModelSize.from_json(record)
+    except (KeyError, TypeError, ValueError) as error:
+        raise ConversionError(f"checkpoint {ckpt} has a corrupt model record ({SPEC_KEY}): {error!r}") from None
+    return spec, vocab_from_metadata(tensors_metadata(ckpt), ckpt)
+
+
 def vocab_from_metadata(metadata: dict, ckpt: Path) -> int:
     key = "embedding.word_embeddings.weight"
     if key not in metadata:
@@ -470,6 +487,9 @@ def save_sharded_checkpoint(sharded: dict, out_dir: Path, spec, vocab_size: int,
         "args": argparse.Namespace(
             mdsa_size=spec.name, mdsa_model_overrides=json.dumps(overrides or {}),
             padded_vocab_size=vocab_size,
+            # Written by one process as one TP=1 / PP=1 model: Megatron's loader reads these
+            # (and warns when they are absent) before it reshards to the run's layout.
+            tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
         ),
     }
     if special_ids:

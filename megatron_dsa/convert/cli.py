@@ -15,6 +15,11 @@ tensor/expert/pipeline parallel layout (dist_checkpointing reshards on load). Wi
 scales, ``quantization_config`` in config.json). from-hf reads either, dequantising FP8
 weights one at a time.
 
+from-hf writes the weights of one TP=1 / PP=1 / EP=1 model (iteration 0, no optimizer state)
+and prints the run-config overrides a warm-up or sparse run starts from it with
+(``checkpoint.load_from``, ``model.size``, ``model.overrides``); the run chooses its parallel
+layout, and dist_checkpointing reshards the weights on load.
+
 Exit status 2 with one line on stderr for bad input; nothing is left half-written.
 """
 
@@ -92,7 +97,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"wrote {out}")
+    if args.command == "from-hf":
+        print(training_settings(out))
     return 0
+
+
+def training_settings(out) -> str:
+    """How a training run starts from an imported checkpoint: the run-config overrides that give
+    the trainer this model (the trainer's preflight refuses any other)."""
+    from megatron_dsa.convert.checkpoint import common_state, resolve_checkpoint_dir
+    from megatron_dsa.model import SIZES
+
+    args = common_state(resolve_checkpoint_dir(out)).get("args")
+    if args.mdsa_size not in SIZES:
+        return ("to train it, add a size with its vocabulary, leading dense layers and maximum length "
+                "to megatron_dsa.model.SIZES (no named size has them)")
+    overrides = json.loads(args.mdsa_model_overrides or "{}")
+    settings = [f"checkpoint.load_from={out}", f"model.size={args.mdsa_size}",
+                *(f"model.overrides.{k}={json.dumps(v, separators=(',', ':'))}" for k, v in sorted(overrides.items()))]
+    return ("train it (phase warmup or sparse; any TP/PP/EP: the weights reshard on load) with: "
+            + " ".join(settings))
 
 
 def _run(args, export_to_hf, import_from_hf):

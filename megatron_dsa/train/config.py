@@ -15,7 +15,8 @@ Layout (every key optional except ``phase``; defaults below)::
                  lr_decay_style, weight_decay, clip_grad, adam_beta1, adam_beta2, seed,
                  skip_iterations (batches a resumed run steps over)
     eval:        interval, iters (0: no validation)
-    checkpoint:  save (this phase's torch_dist checkpoints), load_from (previous phase's), interval
+    checkpoint:  save (this phase's torch_dist checkpoints), load_from (previous phase's, or one
+                 ``python -m megatron_dsa.convert from-hf`` wrote), interval
     logging:     interval, tensorboard_dir, progress, metrics_file
     fp8:         format (e4m3 | hybrid; null = off), recipe, amax_history_len, amax_compute_algo,
                  first_last_layers_bf16, num_layers_at_start_in_bf16, num_layers_at_end_in_bf16,

@@ -71,6 +71,12 @@ def megatron_argv(cfg: RunConfig, plan: dict) -> list[str]:
         "--mdsa-model-overrides", json.dumps(cfg.model["overrides"]),
         "--mdsa-data-dir", plan["data_dir"], "--mdsa-progress", int(bool(lg["progress"])),
     ]
+    if tf.get("num_moe_experts"):
+        # Megatron validates expert parallelism against these (it refuses EP > 1 without
+        # --num-experts) and logs the routers' balancing loss by its type.
+        argv += ["--num-experts", tf["num_moe_experts"], "--moe-ffn-hidden-size", tf["moe_ffn_hidden_size"],
+                 "--moe-router-topk", tf["moe_router_topk"],
+                 "--moe-router-load-balancing-type", tf["moe_router_load_balancing_type"]]
     argv += fp8_argv(cfg)
     if t["skip_iterations"]:
         # Megatron consumes these iterations' batches without a step (1-based, as it logs them).

@@ -3,8 +3,8 @@
 ``preflight(cfg)`` validates the transformer implementation and FP8 settings against this
 machine (Transformer Engine installed, CUDA, the GPU generation), the model config, the corpus
 (manifest, tokenizer, indexed datasets, vocabulary against the model), the checkpoint
-directories (this phase's and the previous phase's: phase, shape, vocabulary) and Megatron's own
-flags. It returns the ``plan`` the trainer runs (with the resolved ``transformer_impl``); every
+directories (this phase's and the previous phase's: phase, shape, vocabulary; or, for a
+checkpoint ``from-hf`` imported, the model it records) and Megatron's own flags. It returns the ``plan`` the trainer runs (with the resolved ``transformer_impl``); every
 failure is one ``TrainConfigError`` (or the data package's ``DataError`` / the config's
 ``DSAConfigError``), each a ``ValueError`` with one clear message.
 """
@@ -80,6 +80,64 @@ def _compare(kind: str, directory: Path, record: dict, expected: dict) -> None:
     if diff:
         detail = ", ".join(f"{k}: {theirs.get(k)!r} vs {ours.get(k)!r}" for k in diff)
         raise _err(f"{kind} {directory} holds a model of another shape ({detail})")
+
+
+# Model config fields that are a run's own choice (module backend, precision, dropout, the MoE
+# balancer's and the indexer's training settings, the DSA kernels); every other field an imported
+# model records, or a run sets, defines the function the weights compute and must agree.
+RUN_CHOSEN_FIELDS = frozenset({
+    "transformer_impl", "activation_func", "bf16", "params_dtype", "hidden_dropout", "attention_dropout",
+    "moe_router_bias_update_rate", "moe_router_load_balancing_type", "moe_aux_loss_coeff", "moe_router_dtype",
+    "moe_token_dispatcher_type", "moe_grouped_gemm", "moe_shared_expert_overlap",
+    "mdsa_mode", "mdsa_kernel", "mdsa_kernel_options", "mdsa_fp8_indexer", "mdsa_indexer_objective",
+    "mdsa_indexer_dtype", "mdsa_recall_rows", "dsa_indexer_loss_coeff", "dsa_indexer_use_sparse_loss",
+})
+
+
+def _check_imported(src: Path, cfg: RunConfig, model_cfg, size, tokenizer) -> None:
+    """A checkpoint ``python -m megatron_dsa.convert from-hf`` wrote (weights only, no run
+    record) starts the warm-up or the sparse phase when it holds the run's model: every field
+    it records, every shape field and every field the run's model.overrides set, but the run's
+    own choices (``RUN_CHOSEN_FIELDS``); first_k_dense, the vocabulary, and the tokenizer where
+    the import kept one."""
+    from megatron_dsa.convert.checkpoint import imported_model
+    from megatron_dsa.convert.errors import ConversionError
+    from megatron_dsa.model import SHAPE_FIELDS, model_config
+
+    try:
+        imported = imported_model(src)
+    except ConversionError as error:
+        raise _err(f"checkpoint.load_from: {error}") from None
+    if imported is None:
+        raise _err(f"checkpoint.load_from {src} is neither a megatron-dsa run ({RUN_FILE} missing) nor a "
+                   "checkpoint converted by `python -m megatron_dsa.convert from-hf`")
+    spec, vocab = imported
+    what = f"checkpoint.load_from {src} (imported from Hugging Face)"
+    try:
+        theirs = model_config(spec, mdsa_mode=model_cfg.mdsa_mode)
+    except (ValueError, TypeError, AssertionError) as error:
+        raise _err(f"{what} records a model this version cannot build: {error}") from None
+    fields = sorted((set(spec.transformer) | set(SHAPE_FIELDS) | set(cfg.model["overrides"])) - RUN_CHOSEN_FIELDS)
+    diff = [(f, getattr(theirs, f, None), getattr(model_cfg, f, None)) for f in fields
+            if getattr(theirs, f, None) != getattr(model_cfg, f, None)]
+    if spec.first_k_dense != size.first_k_dense:
+        # A property of the named size: only model.size can change it.
+        raise _err(f"{what} has {spec.first_k_dense} leading dense layers, model.size={size.name} has "
+                   f"{size.first_k_dense}: choose a size with first_k_dense {spec.first_k_dense}")
+    if diff:
+        detail = ", ".join(f"{f}: checkpoint {a!r}, run {b!r}" for f, a, b in diff)
+        fix = " ".join(f"model.overrides.{f}={json.dumps(a, default=str, separators=(',', ':'))}" for f, a, _ in diff)
+        raise _err(f"{what} holds another model than this run (model.size={size.name}, model.overrides): "
+                   f"{detail}; run with the checkpoint's settings: {fix}")
+    if vocab != size.vocab_size:
+        raise _err(f"{what} has {vocab} embedding rows (vocab_size), model.size={size.name} has {size.vocab_size}")
+    kept = src / "tokenizer.model"
+    if kept.is_file():
+        import hashlib
+
+        if hashlib.sha256(kept.read_bytes()).hexdigest() != tokenizer.unique_identifiers["sha256"]:
+            raise _err(f"{what} came with the tokenizer {kept}, data.dir's is another ({tokenizer.path}): "
+                       "tokenize the corpus with the model's tokenizer")
 
 
 def resolve_backend(cfg: RunConfig) -> str:
@@ -237,15 +295,16 @@ def preflight(cfg: RunConfig, check_flags: bool = True) -> dict:
             raise _err("checkpoint.load_from must differ from checkpoint.save (resuming from save is automatic)")
         if not src.is_dir() or not has_checkpoint(src):
             raise _err(f"checkpoint.load_from {src} holds no checkpoint ({TRACKER_FILE} missing)")
-        record = read_run_file(src)
-        if record is None:
-            raise _err(f"checkpoint.load_from {src} is not a megatron-dsa run ({RUN_FILE} missing)")
         want = PREVIOUS_PHASE[cfg.phase]
         if want is None:
             raise _err(f"phase 'pretrain' starts from scratch; checkpoint.load_from must be null (got {src})")
-        if record.get("phase") != want:
-            raise _err(f"checkpoint.load_from {src} holds a {record.get('phase')!r} checkpoint; the {cfg.phase!r} phase starts from a {want!r} checkpoint")
-        _compare("checkpoint.load_from", src, record, expected)
+        record = read_run_file(src)
+        if record is None:
+            _check_imported(src, cfg, model_cfg, size, tokenizer)
+        else:
+            if record.get("phase") != want:
+                raise _err(f"checkpoint.load_from {src} holds a {record.get('phase')!r} checkpoint; the {cfg.phase!r} phase starts from a {want!r} checkpoint")
+            _compare("checkpoint.load_from", src, record, expected)
         _checkpoint_iteration(src)
         pretrained = str(src)
 

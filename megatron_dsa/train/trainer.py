@@ -18,7 +18,7 @@ Phases (the DeepSeek-V3.2-Exp report's dense warm-up and sparse training, after 
 
 Each phase saves into its own ``checkpoint.save``. It resumes from there when a checkpoint
 exists (model + optimizer + iteration + RNG); otherwise it starts from ``checkpoint.load_from``
-(the previous phase) with weights only: Megatron's ``--load`` + ``--pretrained-checkpoint``
+(the previous phase, or a checkpoint ``from-hf`` imported) with weights only: Megatron's ``--load`` + ``--pretrained-checkpoint``
 (``--finetune`` semantics: fresh optimizer, iteration 0).
 
 Non-finite values: every microbatch's loss terms (LM loss, each layer's indexer KL, MoE
