@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from megatron_dsa.convert import export_to_hf, import_from_hf, load_model
+from megatron_dsa.convert.cli import main as convert_main
 from megatron_dsa.convert.fp8 import BlockScaling, quantized_in_release, scale_name
 from test_convert import _fails, _hf_tensors, hf_model, our_logits, randomize_hf_, untie_indexer_
 
@@ -303,12 +304,16 @@ def test_fp8_round_trip_within_e4m3_precision(release):
     assert differ == 0 and scale_error < 1e-6
 
 
-def test_bf16_round_trip_is_bit_exact(megatron_world, tmp_path):
-    transformers_model("glm_moe_dsa", tmp_path / "hf", dtype=torch.bfloat16)
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_bf16_round_trip_is_bit_exact(megatron_world, tmp_path, family):
+    """transformers' bf16 checkpoint with the release's MTP layer -> ours -> bf16: every tensor,
+    the MTP layer's (and its copies of the embedding and output head) included."""
+    transformers_model(family, tmp_path / "hf", dtype=torch.bfloat16)
+    mtp = add_mtp_layer(tmp_path / "hf")
     import_from_hf(tmp_path / "hf", tmp_path / "ckpt")
     export_to_hf(tmp_path / "ckpt", tmp_path / "hf2")
     a, b = _hf_tensors(tmp_path / "hf"), _hf_tensors(tmp_path / "hf2")
-    assert a.keys() == b.keys()
+    assert set(mtp) <= a.keys() and a.keys() == b.keys()
     for key in a:
         assert a[key].dtype == b[key].dtype, key
         if key.endswith("mlp.gate.weight"):
@@ -317,8 +322,9 @@ def test_bf16_round_trip_is_bit_exact(megatron_world, tmp_path):
         else:
             assert torch.equal(a[key], b[key]), key
     cfg = json.loads((tmp_path / "hf2" / "config.json").read_text())
-    assert cfg["model_type"] == "glm_moe_dsa" and cfg["indexer_types"] == FAMILIES["glm_moe_dsa"]["indexer_types"]
+    assert cfg["model_type"] == family and cfg.get("indexer_types") == FAMILIES[family].get("indexer_types")
     assert cfg["rope_parameters"]["rope_type"] == "yarn" and cfg["dtype"] == "bfloat16"
+    assert cfg["num_nextn_predict_layers"] == 1
 
 
 # ---- FP8 block scales -------------------------------------------------------------------------
@@ -414,6 +420,57 @@ def test_from_hf_truncated_shard(fp8_dir, tmp_path, capsys):
     shard.write_bytes(shard.read_bytes()[:-64])
     _fails(capsys, ["from-hf", "--hf", str(fp8_dir), "--out", str(tmp_path / "out")],
            f"cannot read {shard}", "incomplete metadata")
+
+
+# ---- the MTP layer: config.json and the weights must agree ------------------------------------
+
+
+@bad_input
+def test_from_hf_mtp_config_without_weights(fp8_dir, release, tmp_path, capsys):
+    """transformers' save_pretrained drops the MTP layer but keeps num_nextn_predict_layers: one
+    error naming --drop-mtp; with it, the model without MTP (and an export without it)."""
+    for name in release.mtp:
+        for victim in (name, scale_name(name)):
+            if victim in json.loads((fp8_dir / "model.safetensors.index.json").read_text())["weight_map"]:
+                _rewrite_shard_without(fp8_dir, victim)
+    _fails(capsys, ["from-hf", "--hf", str(fp8_dir), "--out", str(tmp_path / "out")],
+           "num_nextn_predict_layers", "no model.layers.3.*", "--drop-mtp")
+    assert convert_main(["from-hf", "--hf", str(fp8_dir), "--out", str(tmp_path / "out"), "--drop-mtp"]) == 0
+    model, _ = load_model(tmp_path / "out", mdsa_mode="sparse")
+    assert not hasattr(model, "mtp") and not model.config.mtp_num_layers
+    tokens = torch.randint(0, 300, (1, 17), generator=torch.Generator().manual_seed(6))
+    assert torch.equal(our_logits(model.eval(), tokens, "sparse"), our_logits(release.model, tokens, "sparse"))
+    export_to_hf(tmp_path / "out", tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["num_nextn_predict_layers"] == 0
+    assert not [k for k in _hf_tensors(tmp_path / "hf") if k.startswith("model.layers.3.")]
+
+
+@bad_input
+def test_from_hf_mtp_weights_without_config(fp8_dir, tmp_path, capsys):
+    _edit_config(fp8_dir, num_nextn_predict_layers=None)
+    _fails(capsys, ["from-hf", "--hf", str(fp8_dir), "--out", str(tmp_path / "out")],
+           "the weights hold layers [3] after the 3 decoder layers", "num_nextn_predict_layers=0", "--drop-mtp")
+    _edit_config(fp8_dir, num_nextn_predict_layers=2)
+    _fails(capsys, ["from-hf", "--hf", str(fp8_dir), "--out", str(tmp_path / "out")],
+           "the weights hold layers [3]", "num_nextn_predict_layers=2")
+    _edit_config(fp8_dir, num_nextn_predict_layers=None)
+    assert convert_main(["from-hf", "--hf", str(fp8_dir), "--out", str(tmp_path / "out"), "--drop-mtp"]) == 0
+
+
+@bad_input
+def test_from_hf_mtp_copy_of_the_embedding_that_differs(fp8_dir, tmp_path, capsys):
+    """megatron-core's MTP layer shares the model's embedding: a release whose MTP copy differs
+    cannot be represented, and says so before anything is written."""
+    index = json.loads((fp8_dir / "model.safetensors.index.json").read_text())
+    victim = "model.layers.3.embed_tokens.weight"
+    f = fp8_dir / index["weight_map"][victim]
+    tensors = load_file(str(f))
+    tensors[victim] = tensors[victim].clone()
+    tensors[victim][7, 0] += 1.0
+    save_file(tensors, str(f), metadata={"format": "pt"})
+    _fails(capsys, ["from-hf", "--hf", str(fp8_dir), "--out", str(tmp_path / "out")],
+           f"{victim} differs from model.embed_tokens.weight", "--drop-mtp")
 
 
 # ---- the full shapes, on the meta device -------------------------------------------------------
