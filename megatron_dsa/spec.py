@@ -311,10 +311,11 @@ def dsa_mtp_block_spec(
 
     Each depth is DeepSeek-V3's MTP module: ``eh_proj(cat(enorm(embed(t_i+1)), hnorm(h_i)))``
     -> a decoder layer of the kind the next decoder layer would be (MoE past ``first_k_dense``)
-    -> ``final_layernorm`` -> the model's shared output layer. megatron-core's
-    ``get_gpt_mtp_block_spec`` derives the layer from ``get_gpt_decoder_layer_specs``, which
-    refuses ``experimental_attention_variant="dsa"``; this spec hands it our layer instead,
-    with the norms of the decoder (``_norm``: sequence parallel on the local backend too).
+    -> ``final_layernorm`` -> the model's shared output layer. Megatron-LM's GPT builder
+    derives the MTP layer from megatron-core's ``get_gpt_decoder_layer_specs``, which asserts
+    ``experimental_attention_variant is None`` (so ``dsa`` with ``--mtp-num-layers`` stops
+    there); this block takes our layer spec directly, and the decoder's norms (``_norm``:
+    sequence parallel on the local backend too), so no patch of megatron-core is needed.
     """
     if not config.mtp_num_layers or get_mtp_num_layers_to_build(config, vp_stage=vp_stage) == 0:
         return None
