@@ -13,6 +13,12 @@ Two families, one model: ``DeepseekV32ForCausalLM`` (DeepSeek-V3.2) and
 
 GLM-5's ``indexer_types`` ("full" runs the indexer, "shared" reuses the previous full
 layer's top-k) is ``mdsa_indexer_types``; DeepSeek-V3.2 selects in every layer.
+
+The releases' multi-token-prediction layer (``num_nextn_predict_layers``, stored as layer
+``num_hidden_layers``) is megatron-core's MTP block (``mtp.layers.{d}``): its decoder layer
+by the decoder's rules, ``enorm`` / ``hnorm`` / ``eh_proj`` as they are, ``shared_head.norm``
+its ``final_layernorm``; the release's ``embed_tokens`` / ``shared_head.head`` in that layer
+are copies of the model's embedding and output layer (``mtp_shared_copies``).
 """
 
 from __future__ import annotations
