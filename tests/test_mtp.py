@@ -180,3 +180,18 @@ def test_trainer_passes_the_mtp_settings_to_megatron(tmp_path):
     assert "--mtp-num-layers" not in megatron_argv(load_config(None, base), plan)
     with pytest.raises(TrainConfigError, match="set model.overrides.mtp_num_layers instead"):
         load_config(None, base + ["megatron.mtp_num_layers=1"])
+
+
+def test_finite_watch_numbers_the_mtp_layer_after_the_decoder(megatron_world, seed):
+    """The trainer's non-finite report names layers by the per-layer metrics' numbers: the MTP
+    layer's output is watched as layer num_layers + 1, not as megatron-core's MTP-local 1."""
+    from megatron_dsa.train import trainer
+
+    model = make(seed, mtp_num_layers=1, mdsa_mode="dense")
+    trainer.watch_finite_outputs(model)
+    trainer._LAYER_FINITE.clear()
+    tokens, positions, labels = batch(seed)
+    with torch.no_grad():
+        model(tokens, positions, None, labels=labels)
+    assert sorted(n for n, _ in trainer._LAYER_FINITE) == [1, 2, 3, 4]
+    trainer._LAYER_FINITE.clear()
