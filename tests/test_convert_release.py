@@ -471,6 +471,12 @@ def test_from_hf_mtp_copy_of_the_embedding_that_differs(fp8_dir, tmp_path, capsy
     save_file(tensors, str(f), metadata={"format": "pt"})
     _fails(capsys, ["from-hf", "--hf", str(fp8_dir), "--out", str(tmp_path / "out")],
            f"{victim} differs from model.embed_tokens.weight", "--drop-mtp")
+    # The comparison reads a block of rows at a time: the changed row is in a later block.
+    from megatron_dsa.convert.hf import HFReader
+
+    reader = HFReader(fp8_dir, BlockScaling(BLOCK))
+    assert not reader.same_values("model.embed_tokens.weight", victim, block_bytes=4 * 48 * 3)
+    assert reader.same_values("lm_head.weight", "model.layers.3.shared_head.head.weight", block_bytes=4 * 48 * 3)
 
 
 # ---- the full shapes, on the meta device -------------------------------------------------------

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 import shutil
@@ -321,6 +322,27 @@ class HFReader:
         half = t.shape[0] // 2
         return t[:half] if part == "gate_proj" else t[half:]
 
+    def same_values(self, name: str, other: str, block_bytes: int = 64 << 20) -> bool:
+        """Whether two stored tensors hold the same values (``other`` read in ``name``'s dtype),
+        compared about ``block_bytes`` of rows at a time (an embedding need not fit twice)."""
+        from safetensors import safe_open
+
+        if self.shapes[name] != self.shapes[other]:
+            return False
+        if name in self.fp8 or other in self.fp8:
+            return torch.equal(self.get(name), self.get(other))
+        rows = self.shapes[name][0] if self.shapes[name] else 1
+        row_bytes = 4 * max(1, math.prod(self.shapes[name][1:]))
+        step = max(1, block_bytes // row_bytes)
+        with safe_open(str(self.dir / self.where[name]), framework="pt") as a, \
+                safe_open(str(self.dir / self.where[other]), framework="pt") as b:
+            x, y = a.get_slice(name), b.get_slice(other)
+            for start in range(0, rows, step):
+                first = x[start:start + step]
+                if not torch.equal(first, y[start:start + step].to(first.dtype)):
+                    return False
+        return True
+
     def names_for_check(self, name: str) -> str:
         f = self._fused(name)
         return f[0] if (name not in self.shapes and f) else name
@@ -402,9 +424,8 @@ def _mtp_copy_problems(reader: HFReader, entries, num_layers: int, mtp_num_layer
         if not copies:
             continue
         main_name = M.hf_names(name, num_layers)[0][0]
-        main = reader.get(main_name)
         for copy in copies:
-            if not torch.equal(reader.get(copy).to(main.dtype), main):
+            if not reader.same_values(main_name, copy):
                 problems.append(f"{copy} differs from {main_name} (megatron-core's MTP layer shares it with "
                                 "the model): pass --drop-mtp to import without the MTP layer")
     return problems
