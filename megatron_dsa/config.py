@@ -286,6 +286,11 @@ def validate(cfg: DSATransformerConfig) -> DSASettings:
         if cfg.dsa_indexer_topk_freq != 1 or cfg.mdsa_indexer_sharing != "per_layer":
             _fail("mdsa_indexer_types names each layer's indexer: leave dsa_indexer_topk_freq at 1 and "
                   "mdsa_indexer_sharing at 'per_layer'")
+    if cfg.mtp_num_layers is not None and cfg.mtp_num_layers < 0:
+        _fail(f"mtp_num_layers must be >= 0 (None or 0: no multi-token prediction), got {cfg.mtp_num_layers}")
+    if cfg.mtp_num_layers and cfg.mtp_use_repeated_layer:
+        # One DSA layer at every depth would keep only the last depth's indexer loss.
+        _fail("mtp_use_repeated_layer is not supported with DSA layers: each MTP depth has its own layer")
     if cfg.mdsa_latent_norm_eps is not None and cfg.mdsa_latent_norm_eps <= 0:
         _fail(f"mdsa_latent_norm_eps must be positive, got {cfg.mdsa_latent_norm_eps}")
     if cfg.mdsa_indexer_sharing == "shared" and cfg.dsa_indexer_topk_freq > 1:

@@ -153,6 +153,7 @@ class DSACoreAttention(MegatronModule):
         v_channels: Optional[int] = None,
         cp_comm_type: Optional[str] = None,
         pg_collection=None,
+        is_mtp_layer: bool = False,
     ):
         super().__init__(config=config)
         if attention_type != "self" or attn_mask_type != AttnMaskType.causal:
@@ -168,13 +169,18 @@ class DSACoreAttention(MegatronModule):
             )
         if softmax_scale is None:
             softmax_scale = (config.qk_head_dim + config.qk_pos_emb_head_dim) ** -0.5
-        self.layer_number = layer_number
+        # megatron-core numbers a multi-token-prediction layer from 1 within the MTP block; its
+        # number here follows the decoder's (num_layers + 1, ...), as the MoE router counts it
+        # in the metrics tracker, so its values and its place in ``model.dsa_layers`` are its own.
+        self.is_mtp_layer = is_mtp_layer
+        self.layer_number = config.num_layers + layer_number if is_mtp_layer else layer_number
         self.v_dim = config.kv_lora_rank
         self.softmax_scale = softmax_scale
         s = config.dsa
         # With dsa_indexer_topk_freq = N, layers 1, N+1, 2N+1, ... select (or those that
-        # mdsa_indexer_types names "full"); the rest reuse the last selection.
-        self.selects = s.selects(layer_number)
+        # mdsa_indexer_types names "full"); the rest reuse the last selection. An MTP layer
+        # runs on its own hidden states and always selects with its own indexer.
+        self.selects = is_mtp_layer or s.selects(layer_number)
         self.indexer = build_module(submodules.indexer, config=config) if self.selects else None
         self._selection_source: Optional["DSACoreAttention"] = None
         self._last_topk: Optional[torch.Tensor] = None
@@ -319,7 +325,7 @@ class DSACoreAttention(MegatronModule):
         of the batch, so under TP/CP the sum of the ranks' losses is the one-rank mean."""
         s = self.config.dsa
         loss = kl.sum() / total_rows * s.loss_coeff
-        num_layers = self.config.num_layers
+        num_layers = self.config.num_layers + (self.config.mtp_num_layers or 0)
         save_to_aux_losses_tracker(INDEXER_KL, kl.detach().mean(), self.layer_number, num_layers)
         if recall is not None:
             save_to_aux_losses_tracker(TOPK_RECALL, recall.detach().mean(), self.layer_number, num_layers)

@@ -10,7 +10,9 @@ Architecture (one-to-one with Hugging Face's ``DeepseekV32ForCausalLM``): token 
 layers of [RMSNorm -> MLA (query latent, absorbed form, DSA core attention) -> RMSNorm ->
 SwiGLU MLP (first ``first_k_dense`` layers) or MoE (one shared expert + routed experts,
 sigmoid routing with the expert-bias balancer, group-limited routing, top-k scaling factor)]
--> RMSNorm -> untied output layer.
+-> RMSNorm -> untied output layer. With ``mtp_num_layers`` (the releases have one): megatron-core's
+multi-token-prediction block after the decoder, each depth a DSA layer of its own
+(``spec.dsa_mtp_block_spec``), sharing the embedding and the output layer.
 
 The model class is megatron-core's ``GPTModel`` with a per-layer block spec. (megatron-core
 0.19 points new work at ``HybridModel``; without Transformer Engine its block hard-codes a TE
@@ -31,7 +33,7 @@ from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron_dsa import backends
 from megatron_dsa.config import DSAConfigError, DSATransformerConfig, check_field_types
 from megatron_dsa.layer import DSACoreAttention, LightningIndexer
-from megatron_dsa.spec import dsa_block_spec
+from megatron_dsa.spec import dsa_block_spec, dsa_mtp_block_spec
 
 
 @dataclass(frozen=True)
@@ -83,13 +85,14 @@ SHAPE_FIELDS = (
     "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size", "moe_router_topk",
     "dsa_indexer_n_heads", "dsa_indexer_head_dim", "mdsa_indexer_sharing", "dsa_indexer_topk_freq",
     "mdsa_indexer_types",
-    "add_bias_linear", "gated_linear_unit", "normalization",
+    "add_bias_linear", "gated_linear_unit", "normalization", "mtp_num_layers",
 )
 
 
 def parameter_shape(config: DSATransformerConfig, first_k_dense: int) -> dict[str, Any]:
     """What fixes the parameters' shapes in a built model (``SHAPE_FIELDS`` + first_k_dense)."""
     shape = {name: getattr(config, name, None) for name in SHAPE_FIELDS}
+    shape["mtp_num_layers"] = shape["mtp_num_layers"] or None  # 0 and None: no MTP block
     shape["first_k_dense"] = first_k_dense
     return shape
 
@@ -210,6 +213,7 @@ SIZES: dict[str, ModelSize] = {
             dsa_indexer_n_heads=64,
             dsa_indexer_head_dim=128,
             dsa_indexer_topk=2048,
+            mtp_num_layers=1,  # the release's layer 61 (num_nextn_predict_layers)
             rope_type="yarn",
             rotary_scaling_factor=40.0,
             original_max_position_embeddings=4096,
@@ -248,6 +252,7 @@ SIZES: dict[str, ModelSize] = {
             dsa_indexer_n_heads=32,
             dsa_indexer_head_dim=128,
             dsa_indexer_topk=2048,
+            mtp_num_layers=1,  # the release's layer 78 (num_nextn_predict_layers)
             rotary_base=1000000.0,
             layernorm_epsilon=1e-5,
             mdsa_latent_norm_eps=1e-6,
@@ -304,6 +309,7 @@ def build_model(
     model = GPTModel(
         config=config,
         transformer_layer_spec=dsa_block_spec(config, spec.first_k_dense, vp_stage=vp_stage),
+        mtp_block_spec=dsa_mtp_block_spec(config, spec.first_k_dense, vp_stage=vp_stage),
         vocab_size=vocab_size or spec.vocab_size,
         max_sequence_length=max_seq_len or spec.max_seq_len,
         pre_process=pre_process,
@@ -317,7 +323,8 @@ def build_model(
 
 
 def dsa_layers(model: torch.nn.Module) -> list:
-    """The DSA core attention modules of a model, in layer order."""
+    """The DSA core attention modules of a model, in layer order (the decoder's, then those of
+    the multi-token-prediction layers, numbered on from ``num_layers``)."""
     layers = [m for m in model.modules() if isinstance(m, DSACoreAttention)]
     return sorted(layers, key=lambda m: m.layer_number)
 

@@ -29,6 +29,12 @@ from megatron.core.transformer.experimental_attention_variant.absorbed_mla impor
 )
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.multi_token_prediction import (
+    MultiTokenPredictionBlockSubmodules,
+    MultiTokenPredictionLayer,
+    MultiTokenPredictionLayerSubmodules,
+    get_mtp_num_layers_to_build,
+)
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
@@ -208,8 +214,10 @@ def _indexer_linears(backend: BackendSpecProvider) -> LightningIndexerSubmodules
     return LightningIndexerSubmodules(wq_b=linear, wk=linear, weights_proj=ReplicatedLinear)
 
 
-def dsa_attention_spec(config: DSATransformerConfig, backend: BackendSpecProvider) -> ModuleSpec:
-    """AbsorbedMLASelfAttention with an unfused query norm and DSA as core attention."""
+def dsa_attention_spec(config: DSATransformerConfig, backend: BackendSpecProvider,
+                       is_mtp_layer: bool = False) -> ModuleSpec:
+    """AbsorbedMLASelfAttention with an unfused query norm and DSA as core attention (told
+    whether it sits in a multi-token-prediction layer: megatron-core does not pass that down)."""
     linear = backend.column_parallel_linear()
     # The down-projections: TE's duplicated linear under TE (as megatron-core's own DSA spec;
     # a column-parallel KV down-projection gets wrong gradients, see DSAAbsorbedMLASelfAttention).
@@ -217,6 +225,7 @@ def dsa_attention_spec(config: DSATransformerConfig, backend: BackendSpecProvide
     # Never backend.core_attention(): the DSA core is ours on every backend (not a TE module).
     core_attention = ModuleSpec(
         module=DSACoreAttention,
+        params={"is_mtp_layer": is_mtp_layer},
         submodules=DSACoreAttentionSubmodules(
             indexer=ModuleSpec(module=LightningIndexer, submodules=_indexer_linears(backend))
         ),
@@ -242,10 +251,9 @@ def dsa_attention_spec(config: DSATransformerConfig, backend: BackendSpecProvide
     )
 
 
-def dsa_layer_specs(config: DSATransformerConfig, first_k_dense: int) -> list[ModuleSpec]:
-    """One spec per layer: dense SwiGLU MLP for the first ``first_k_dense`` layers, MoE after."""
-    backend = backend_for(config)
-    attention = dsa_attention_spec(config, backend)
+def _layer_spec(config: DSATransformerConfig, backend: BackendSpecProvider, dense: bool,
+                is_mtp_layer: bool = False) -> ModuleSpec:
+    """One transformer layer: DSA attention, then a dense SwiGLU MLP or the MoE."""
     norm = _norm(backend, config, for_qk=False)
     # Unfused on every backend (megatron's TE dense MLP fuses the pre-MLP norm into fc1, which
     # with our separate pre_mlp_layernorm would normalise twice); the parameter names stay the
@@ -256,29 +264,29 @@ def dsa_layer_specs(config: DSATransformerConfig, first_k_dense: int) -> list[Mo
             linear_fc1=backend.column_parallel_linear(), linear_fc2=backend.row_parallel_linear()
         ),
     )
-    moe = (
-        get_mlp_module_spec_for_backend(
+    if dense or not config.num_moe_experts:
+        mlp = dense_mlp
+    else:
+        mlp = get_mlp_module_spec_for_backend(
             backend=backend, num_experts=config.num_moe_experts, moe_grouped_gemm=config.moe_grouped_gemm
         )
-        if config.num_moe_experts
-        else dense_mlp
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=norm,
+            self_attention=dsa_attention_spec(config, backend, is_mtp_layer=is_mtp_layer),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=norm,
+            mlp=mlp,
+            mlp_bda=get_bias_dropout_add,
+        ),
     )
-    specs = []
-    for i in range(config.num_layers):
-        specs.append(
-            ModuleSpec(
-                module=TransformerLayer,
-                submodules=TransformerLayerSubmodules(
-                    input_layernorm=norm,
-                    self_attention=attention,
-                    self_attn_bda=get_bias_dropout_add,
-                    pre_mlp_layernorm=norm,
-                    mlp=dense_mlp if i < first_k_dense else moe,
-                    mlp_bda=get_bias_dropout_add,
-                ),
-            )
-        )
-    return specs
+
+
+def dsa_layer_specs(config: DSATransformerConfig, first_k_dense: int) -> list[ModuleSpec]:
+    """One spec per layer: dense SwiGLU MLP for the first ``first_k_dense`` layers, MoE after."""
+    backend = backend_for(config)
+    return [_layer_spec(config, backend, dense=i < first_k_dense) for i in range(config.num_layers)]
 
 
 def dsa_block_spec(
@@ -293,3 +301,34 @@ def dsa_block_spec(
         layer_specs=specs[offset : offset + count],
         layer_norm=_norm(backend, config, for_qk=False),
     )
+
+
+def dsa_mtp_block_spec(
+    config: DSATransformerConfig, first_k_dense: int, vp_stage: Optional[int] = None
+) -> Optional[MultiTokenPredictionBlockSubmodules]:
+    """megatron-core's multi-token-prediction block (``config.mtp_num_layers`` depths) whose
+    transformer layer is our DSA layer, or None where this pipeline stage builds none.
+
+    Each depth is DeepSeek-V3's MTP module: ``eh_proj(cat(enorm(embed(t_i+1)), hnorm(h_i)))``
+    -> a decoder layer of the kind the next decoder layer would be (MoE past ``first_k_dense``)
+    -> ``final_layernorm`` -> the model's shared output layer. Megatron-LM's GPT builder
+    derives the MTP layer from megatron-core's ``get_gpt_decoder_layer_specs``, which asserts
+    ``experimental_attention_variant is None`` (so ``dsa`` with ``--mtp-num-layers`` stops
+    there); this block takes our layer spec directly, and the decoder's norms (``_norm``:
+    sequence parallel on the local backend too), so no patch of megatron-core is needed.
+    """
+    if not config.mtp_num_layers or get_mtp_num_layers_to_build(config, vp_stage=vp_stage) == 0:
+        return None
+    backend = backend_for(config)
+    norm = _norm(backend, config, for_qk=False)
+    layer = ModuleSpec(
+        module=MultiTokenPredictionLayer,
+        submodules=MultiTokenPredictionLayerSubmodules(
+            enorm=norm,
+            hnorm=norm,
+            eh_proj=backend.column_parallel_linear(),
+            mtp_model_layer=_layer_spec(config, backend, dense=config.num_layers < first_k_dense, is_mtp_layer=True),
+            layer_norm=norm,
+        ),
+    )
+    return MultiTokenPredictionBlockSubmodules(layer_specs=[layer] * config.mtp_num_layers)

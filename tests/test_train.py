@@ -80,12 +80,14 @@ def mean(values) -> float:
     return sum(values) / len(values)
 
 
-def load_weights(ckpt_dir: Path, tmp: Path) -> dict[str, torch.Tensor]:
-    """The model tensors of the latest torch_dist checkpoint in ``ckpt_dir`` (no optimizer)."""
+def load_weights(ckpt_dir: Path, tmp: Path, iteration: int | None = None) -> dict[str, torch.Tensor]:
+    """The model tensors of the latest (or the given iteration's) torch_dist checkpoint in
+    ``ckpt_dir`` (no optimizer)."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     tmp.mkdir(parents=True, exist_ok=True)
-    iteration = int((ckpt_dir / "latest_checkpointed_iteration.txt").read_text())
+    if iteration is None:
+        iteration = int((ckpt_dir / "latest_checkpointed_iteration.txt").read_text())
     out = tmp / f"{ckpt_dir.name}-{iteration}.pt"
     dcp_to_torch_save(str(ckpt_dir / f"iter_{iteration:07d}"), str(out))
     state = torch.load(out, weights_only=False)
@@ -531,3 +533,23 @@ def test_eval_iters_zero_trains_without_validation(corpus, tmp_path):
     ok(result)
     assert "validation loss" not in result.stdout + result.stderr
     assert (tmp_path / "pretrain" / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
+
+
+def test_mtp_loss_trains_the_mtp_layer(corpus, tmp_path):
+    """model.overrides.mtp_num_layers=1 through the trainer (one short pretraining run, a
+    checkpoint per iteration): Megatron logs the MTP loss, and the step between the two
+    checkpoints moves the MTP layer's weights but not its indexer (pretraining leaves every
+    indexer out). The warm-up's freezing and KL of the MTP indexer: tests/test_mtp.py."""
+    ok(run_cli(phase_args("pretrain", corpus, tmp_path, 2, "model.overrides.mtp_num_layers=1",
+                          "train.lr_warmup_iters=0", "eval.iters=0", "checkpoint.interval=1")))
+    losses = [v for _, v in scalars(tmp_path / "pretrain_tb", "mtp_1 loss")]
+    assert len(losses) == 2 and all(0 < v < 20 for v in losses), losses
+    first, second = (load_weights(tmp_path / "pretrain", tmp_path / "w", i) for i in (1, 2))
+    # megatron-core stores the MTP layer's decoder layer as mtp.layers.0.transformer_layer.*
+    mtp = [k for k in first if k.startswith("mtp.layers.0.")]
+    indexer = {k for k in mtp if ".indexer." in k}
+    assert indexer and len(mtp) > len(indexer) + 10
+    moved = {k for k in mtp if not torch.equal(first[k], second[k])}
+    assert not moved & indexer
+    for part in ("eh_proj", "enorm", "hnorm", "final_layernorm", "self_attention.linear_q_down_proj", "mlp.router"):
+        assert any(part in k for k in moved), (part, sorted(moved))

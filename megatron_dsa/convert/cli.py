@@ -3,7 +3,7 @@
     to-hf   --checkpoint DIR [--size NAME] [--set KEY=VALUE ...] [--tokenizer SPM_MODEL]
             --out HFDIR [--max-shard-size 2GB] [--dtype bfloat16] [--fp8 [--fp8-block 128x128]]
             [--overwrite]
-    from-hf --hf HFDIR --out CKPTDIR [--size NAME] [--max-shard-size 2GB] [--overwrite]
+    from-hf --hf HFDIR --out CKPTDIR [--size NAME] [--max-shard-size 2GB] [--drop-mtp] [--overwrite]
 
 ``--checkpoint`` is a Megatron-LM save directory (``latest_checkpointed_iteration.txt`` +
 ``iter_NNNNNNN/``) or a bare torch_dist checkpoint directory, written with any
@@ -13,7 +13,8 @@ tensor/expert/pipeline parallel layout (dist_checkpointing reshards on load). Wi
 ``--set dsa_indexer_topk=8``. ``--dtype`` casts the weights (default: the checkpoint's);
 ``--fp8`` writes the release's FP8 layout (e4m3 weights with ``weight_scale_inv`` block
 scales, ``quantization_config`` in config.json). from-hf reads either, dequantising FP8
-weights one at a time.
+weights one at a time. The multi-token-prediction layers the HF config names
+(``num_nextn_predict_layers``) convert both ways; ``--drop-mtp`` imports the model without them.
 
 from-hf writes the weights of one TP=1 / PP=1 / EP=1 model (iteration 0, no optimizer state)
 and prints the run-config overrides a warm-up or sparse run starts from it with
@@ -87,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     frm.add_argument("--size", default=None, help="named size the model must match (default: inferred)")
     frm.add_argument("--max-shard-size", default="2GB",
                      help="converted weights held in memory at a time (parked on disk beside --out)")
+    frm.add_argument("--drop-mtp", action="store_true",
+                     help="import without the multi-token-prediction layers (num_nextn_predict_layers)")
     frm.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
     try:
@@ -126,4 +129,4 @@ def _run(args, export_to_hf, import_from_hf):
                             overwrite=args.overwrite, dtype=args.dtype,
                             fp8_block=parse_block(args.fp8_block) if args.fp8 else None)
     return import_from_hf(args.hf, args.out, size=args.size, overwrite=args.overwrite,
-                          max_shard_size=args.max_shard_size)
+                          max_shard_size=args.max_shard_size, drop_mtp=args.drop_mtp)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 import shutil
@@ -128,8 +129,9 @@ def export_to_hf(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str]
     vocab = C.vocab_from_metadata(metadata, ckpt)
     entries = C.tensor_entries(C.meta_model(spec, config, vocab))
     dtypes = C.check_against_metadata(entries, metadata, ckpt)
+    num_layers, mtp_layers = config.num_layers, config.mtp_num_layers
     for name, _ in entries:
-        M.hf_names(name)  # every tensor has a name on the HF side
+        M.hf_names(name, num_layers)  # every tensor has a name on the HF side
     hf_tok = None
     if tokenizer is not None:
         from megatron_dsa.convert.tokenizer import build_hf_tokenizer, check_same_ids
@@ -151,7 +153,7 @@ def export_to_hf(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str]
     with C.staged_output(out, overwrite) as tmp:
         writer = ShardWriter(tmp, budget)
         for name, tensor in C.stream_tensors(entries, ckpt, dtypes, budget):
-            for hf_name, t in M.to_hf_tensors(name, tensor, param_dtype, indexer_rope).items():
+            for hf_name, t in M.to_hf_tensors(name, tensor, param_dtype, indexer_rope, num_layers, mtp_layers).items():
                 if scaling is not None and quantized_in_release(hf_name):
                     t, scale_inv = scaling.quantize(t)
                     writer.add(scale_name(hf_name), scale_inv)
@@ -231,14 +233,22 @@ class HFReader:
         reader.shapes = {k: tuple(v) for k, v in shapes.items()}
         return reader
 
-    def mismatches(self, entries, num_layers: int) -> list[str]:
+    def mismatches(self, entries, num_layers: int, mtp_num_layers: Optional[int] = None,
+                   skip_from_layer: Optional[int] = None) -> list[str]:
         """Where our model's tensors (``checkpoint.tensor_entries``) and this directory's differ:
         a tensor of ours without its HF tensors or with another shape, an HF tensor that is none
-        of ours (MTP layers, numbered from ``num_layers``, and FP8 scales aside)."""
+        of ours (FP8 scales aside, and the layers from ``skip_from_layer`` on: MTP layers that
+        are not imported). The release's copies of the embedding and output head in each MTP
+        layer (``mapping.mtp_shared_copies``) may be absent; present, they need our shape."""
         problems, wanted = [], set()
         for name, entry in entries:
-            names, _ = M.hf_names(name)
-            for hf_name, shape in zip(names, M.hf_shapes(name, tuple(entry.data.shape))):
+            names, _ = M.hf_names(name, num_layers)
+            for copy in M.mtp_shared_copies(name, num_layers, mtp_num_layers):
+                wanted.add(copy)
+                got = self.shape(copy)
+                if got is not None and tuple(got) != tuple(entry.data.shape):
+                    problems.append(f"{copy}: shape {tuple(got)}, expected {tuple(entry.data.shape)}")
+            for hf_name, shape in zip(names, M.hf_shapes(name, tuple(entry.data.shape), num_layers)):
                 wanted.add(self.names_for_check(hf_name))
                 got = self.shape(hf_name)
                 if got is None:
@@ -248,7 +258,8 @@ class HFReader:
         extra = []
         for k in self.shapes:
             m = re.match(r"model\.layers\.(\d+)\.", k)
-            if (k in wanted or (m and int(m.group(1)) >= num_layers) or k.endswith("rotary_emb.inv_freq")
+            skipped = skip_from_layer is not None and m is not None and int(m.group(1)) >= skip_from_layer
+            if (k in wanted or skipped or k.endswith("rotary_emb.inv_freq")
                     or self.is_scale_of_fp8(k)):
                 continue
             extra.append(k)
@@ -311,6 +322,27 @@ class HFReader:
         half = t.shape[0] // 2
         return t[:half] if part == "gate_proj" else t[half:]
 
+    def same_values(self, name: str, other: str, block_bytes: int = 64 << 20) -> bool:
+        """Whether two stored tensors hold the same values (``other`` read in ``name``'s dtype),
+        compared about ``block_bytes`` of rows at a time (an embedding need not fit twice)."""
+        from safetensors import safe_open
+
+        if self.shapes[name] != self.shapes[other]:
+            return False
+        if name in self.fp8 or other in self.fp8:
+            return torch.equal(self.get(name), self.get(other))
+        rows = self.shapes[name][0] if self.shapes[name] else 1
+        row_bytes = 4 * max(1, math.prod(self.shapes[name][1:]))
+        step = max(1, block_bytes // row_bytes)
+        with safe_open(str(self.dir / self.where[name]), framework="pt") as a, \
+                safe_open(str(self.dir / self.where[other]), framework="pt") as b:
+            x, y = a.get_slice(name), b.get_slice(other)
+            for start in range(0, rows, step):
+                first = x[start:start + step]
+                if not torch.equal(first, y[start:start + step].to(first.dtype)):
+                    return False
+        return True
+
     def names_for_check(self, name: str) -> str:
         f = self._fused(name)
         return f[0] if (name not in self.shapes and f) else name
@@ -345,10 +377,10 @@ def _json_overrides(spec, named) -> dict[str, Any]:
     return out
 
 
-def _choose_spec(hf: dict, size: Optional[str]):
+def _choose_spec(hf: dict, size: Optional[str], drop_mtp: bool = False):
     from megatron_dsa.model import SIZES, resolve_size
 
-    spec = M.size_from_hf_config(hf)
+    spec = M.size_from_hf_config(hf, drop_mtp=drop_mtp)
     if size is not None:
         try:
             named = resolve_size(size)
@@ -364,10 +396,51 @@ def _choose_spec(hf: dict, size: Optional[str]):
     return spec, {}
 
 
+def _mtp_problems(reader: HFReader, hf: dict, drop_mtp: bool) -> list[str]:
+    """The multi-token-prediction layers config.json names against those the weights hold
+    (layers from ``num_hidden_layers`` on). ``drop_mtp`` imports none of them, whatever is there."""
+    if drop_mtp:
+        return []
+    L, n = hf["num_hidden_layers"], M.mtp_layers_of(hf)
+    held = sorted({int(m.group(1)) for k in reader.shapes if (m := re.match(r"model\.layers\.(\d+)\.", k))
+                   and int(m.group(1)) >= L})
+    if n and not held:
+        return [f"config.json names {n} multi-token-prediction layer(s) (num_nextn_predict_layers) but the "
+                f"weights hold no model.layers.{L}.* (transformers' save_pretrained drops them): pass "
+                "--drop-mtp to import the model without them"]
+    if held and held != list(range(L, L + n)):
+        return [f"the weights hold layers {held} after the {L} decoder layers but config.json names "
+                f"num_nextn_predict_layers={n}: fix config.json, or pass --drop-mtp to import without them"]
+    return []
+
+
+def _mtp_copy_problems(reader: HFReader, entries, num_layers: int, mtp_num_layers: Optional[int]) -> list[str]:
+    """The release's copies of the embedding and output head in its MTP layers must equal the
+    model's: megatron-core's MTP block uses the model's own (read and compared before any
+    conversion)."""
+    problems = []
+    for name, _ in entries:
+        copies = [c for c in M.mtp_shared_copies(name, num_layers, mtp_num_layers) if reader.shape(c) is not None]
+        if not copies:
+            continue
+        main_name = M.hf_names(name, num_layers)[0][0]
+        for copy in copies:
+            if not reader.same_values(main_name, copy):
+                problems.append(f"{copy} differs from {main_name} (megatron-core's MTP layer shares it with "
+                                "the model): pass --drop-mtp to import without the MTP layer")
+    return problems
+
+
 def import_from_hf(hf_dir: str | os.PathLike[str], out: str | os.PathLike[str], size: Optional[str] = None,
-                   overwrite: bool = False, max_shard_size: str | int = "2GB") -> Path:
+                   overwrite: bool = False, max_shard_size: str | int = "2GB", drop_mtp: bool = False) -> Path:
     """Write a megatron-dsa dist checkpoint (Megatron-LM layout, iteration 0) from an HF directory;
-    about ``max_shard_size`` of converted weights is held in memory at a time."""
+    about ``max_shard_size`` of converted weights is held in memory at a time.
+
+    The multi-token-prediction layers that config.json names (``num_nextn_predict_layers``:
+    the releases' layer ``num_hidden_layers``) become megatron-core's MTP block; a config that
+    names them without their weights, or weights without the config, stop with one error.
+    ``drop_mtp`` imports the model without them (e.g. a checkpoint re-saved by transformers,
+    which drops them but keeps the config key)."""
     from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
 
@@ -383,7 +456,7 @@ def import_from_hf(hf_dir: str | os.PathLike[str], out: str | os.PathLike[str], 
         raise ConversionError(f"corrupt {cfg_path}: {error}") from None
     family = M.check_hf_config(hf)
     reader = HFReader(src, BlockScaling.from_hf_config(hf))
-    spec, overrides = _choose_spec(hf, size)
+    spec, overrides = _choose_spec(hf, size, drop_mtp)
     C.ensure_world()
     config = C.build_config(spec, {})
     indexer_rope = M.indexer_rope_of(config, family)
@@ -391,9 +464,14 @@ def import_from_hf(hf_dir: str | os.PathLike[str], out: str | os.PathLike[str], 
     sharded = model.sharded_state_dict()
     entries = C.tensor_entries(model)
 
-    # Every check before any weight is read.
-    problems = reader.mismatches(entries, hf["num_hidden_layers"])
-    problems += reader.fp8_problems()
+    # Every check before any weight is converted.
+    num_layers, mtp_layers = config.num_layers, config.mtp_num_layers
+    problems = _mtp_problems(reader, hf, drop_mtp)
+    if not problems:
+        problems = reader.mismatches(entries, num_layers, mtp_layers, skip_from_layer=num_layers + (mtp_layers or 0))
+        problems += reader.fp8_problems()
+    if not problems:
+        problems = _mtp_copy_problems(reader, entries, num_layers, mtp_layers)
     if problems:
         head = "; ".join(problems[:8]) + (f"; ... ({len(problems)} problems)" if len(problems) > 8 else "")
         raise ConversionError(f"{src} does not match its config.json: {head}")
@@ -411,9 +489,9 @@ def import_from_hf(hf_dir: str | os.PathLike[str], out: str | os.PathLike[str], 
 
         try:
             for name, entry in entries:
-                names, _ = M.hf_names(name)
+                names, _ = M.hf_names(name, num_layers)
                 item = {name: dataclasses.replace(entry, data=M.from_hf_tensors(
-                    name, [reader.get(n) for n in names], entry.data.dtype, indexer_rope))}
+                    name, [reader.get(n) for n in names], entry.data.dtype, indexer_rope, num_layers))}
                 apply_factories(item)  # what the save would do, one tensor at a time
                 dict_list_map_inplace(park, item)
                 sharded[name] = item[name]

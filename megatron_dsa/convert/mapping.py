@@ -13,6 +13,12 @@ Two families, one model: ``DeepseekV32ForCausalLM`` (DeepSeek-V3.2) and
 
 GLM-5's ``indexer_types`` ("full" runs the indexer, "shared" reuses the previous full
 layer's top-k) is ``mdsa_indexer_types``; DeepSeek-V3.2 selects in every layer.
+
+The releases' multi-token-prediction layer (``num_nextn_predict_layers``, stored as layer
+``num_hidden_layers``) is megatron-core's MTP block (``mtp.layers.{d}``): its decoder layer
+by the decoder's rules, ``enorm`` / ``hnorm`` / ``eh_proj`` as they are, ``shared_head.norm``
+its ``final_layernorm``; the release's ``embed_tokens`` / ``shared_head.head`` in that layer
+are copies of the model's embedding and output layer (``mtp_shared_copies``).
 """
 
 from __future__ import annotations
@@ -99,21 +105,61 @@ _TOP = {
     "output_layer.weight": (["lm_head.weight"], "copy"),
 }
 _LAYER = re.compile(r"decoder\.layers\.(\d+)\.(.+)$")
+# Multi-token prediction: depth d is the release's layer num_hidden_layers + d. Its own tensors
+# besides a decoder layer's; the concatenation order of eh_proj's input is the same on both
+# sides (embedding first, then hidden state), so it is copied as-is.
+_MTP = re.compile(r"mtp\.layers\.(\d+)\.(.+)$")
+_MTP_OWN = {
+    "enorm.weight": "enorm.weight",
+    "hnorm.weight": "hnorm.weight",
+    "eh_proj.weight": "eh_proj.weight",
+    "final_layernorm.weight": "shared_head.norm.weight",
+}
+# The release stores the MTP layer's embedding and output head again beside its other tensors;
+# megatron-core's MTP block uses the model's own (one parameter each), so these are copies.
+_MTP_SHARED = {
+    "embedding.word_embeddings.weight": "embed_tokens.weight",
+    "output_layer.weight": "shared_head.head.weight",
+}
 
 
-def hf_names(name: str) -> tuple[list[str], str]:
+def _layer_names(prefix: str, rest: str, name: str) -> tuple[list[str], str]:
+    for pattern, names, kind in _LAYER_RULES:
+        r = pattern.match(rest)
+        if r:
+            return [prefix + n.format(*r.groups()) for n in names], kind
+    raise ConversionError(f"no Hugging Face name for the megatron tensor {name!r}")
+
+
+def hf_names(name: str, num_layers: Optional[int] = None) -> tuple[list[str], str]:
     """HF tensor names for one of our state-dict names, and how to convert
-    ('copy' | 'glu' | 'fp32' | 'indexer_q' | 'indexer_k')."""
+    ('copy' | 'glu' | 'fp32' | 'indexer_q' | 'indexer_k'). ``num_layers`` (the decoder's)
+    numbers the multi-token-prediction layers that follow it."""
     if name in _TOP:
         return _TOP[name]
     m = _LAYER.match(name)
     if m:
         layer, rest = m.groups()
-        for pattern, names, kind in _LAYER_RULES:
-            r = pattern.match(rest)
-            if r:
-                return [f"model.layers.{layer}." + n.format(*r.groups()) for n in names], kind
+        return _layer_names(f"model.layers.{layer}.", rest, name)
+    m = _MTP.match(name)
+    if m:
+        if num_layers is None:
+            raise ConversionError(f"{name!r} is a multi-token-prediction tensor: its HF name needs num_layers")
+        depth, rest = m.groups()
+        prefix = f"model.layers.{num_layers + int(depth)}."
+        if rest in _MTP_OWN:
+            return [prefix + _MTP_OWN[rest]], "copy"
+        if rest.startswith("mtp_model_layer."):
+            return _layer_names(prefix, rest.removeprefix("mtp_model_layer."), name)
     raise ConversionError(f"no Hugging Face name for the megatron tensor {name!r}")
+
+
+def mtp_shared_copies(name: str, num_layers: int, mtp_num_layers: Optional[int]) -> list[str]:
+    """The HF names under which the release repeats one of our shared tensors (the embedding,
+    the output layer) for each multi-token-prediction layer; [] for any other tensor."""
+    if name not in _MTP_SHARED:
+        return []
+    return [f"model.layers.{num_layers + d}.{_MTP_SHARED[name]}" for d in range(mtp_num_layers or 0)]
 
 
 @dataclass(frozen=True)
@@ -142,9 +188,11 @@ def indexer_rope_of(cfg, family: Family) -> Optional[IndexerRope]:
 
 
 def to_hf_tensors(name: str, tensor: torch.Tensor, dtype: torch.dtype | None = None,
-                  indexer_rope: Optional[IndexerRope] = None) -> dict[str, torch.Tensor]:
-    """HF tensors for one of ours, in ``dtype`` (default: as stored; the router's stay fp32)."""
-    names, kind = hf_names(name)
+                  indexer_rope: Optional[IndexerRope] = None, num_layers: Optional[int] = None,
+                  mtp_num_layers: Optional[int] = None) -> dict[str, torch.Tensor]:
+    """HF tensors for one of ours, in ``dtype`` (default: as stored; the router's stay fp32),
+    with the release's copies for its multi-token-prediction layers (``mtp_shared_copies``)."""
+    names, kind = hf_names(name, num_layers)
     if kind == "fp32":
         return {names[0]: tensor.float().contiguous()}
     tensor = tensor.to(dtype or tensor.dtype)
@@ -153,12 +201,15 @@ def to_hf_tensors(name: str, tensor: torch.Tensor, dtype: torch.dtype | None = N
         return {names[0]: gate.contiguous(), names[1]: up.contiguous()}
     if kind.startswith("indexer_") and indexer_rope is not None:
         tensor = tensor[torch.argsort(indexer_rope.rows(kind, tensor.shape[0]))]
-    return {names[0]: tensor.contiguous()}
+    tensor = tensor.contiguous()
+    copies = mtp_shared_copies(name, num_layers, mtp_num_layers) if mtp_num_layers else []
+    # Each copy its own storage: safetensors refuses tensors that share memory.
+    return {names[0]: tensor, **{n: tensor.clone() for n in copies}}
 
 
 def from_hf_tensors(name: str, tensors: list[torch.Tensor], dtype: torch.dtype,
-                    indexer_rope: Optional[IndexerRope] = None) -> torch.Tensor:
-    _, kind = hf_names(name)
+                    indexer_rope: Optional[IndexerRope] = None, num_layers: Optional[int] = None) -> torch.Tensor:
+    _, kind = hf_names(name, num_layers)
     if kind == "glu":
         return torch.cat(tensors, dim=0).to(dtype)
     if kind.startswith("indexer_") and indexer_rope is not None:
@@ -166,8 +217,8 @@ def from_hf_tensors(name: str, tensors: list[torch.Tensor], dtype: torch.dtype,
     return tensors[0].to(dtype)
 
 
-def hf_shapes(name: str, shape: tuple[int, ...]) -> list[tuple[int, ...]]:
-    names, kind = hf_names(name)
+def hf_shapes(name: str, shape: tuple[int, ...], num_layers: Optional[int] = None) -> list[tuple[int, ...]]:
+    names, kind = hf_names(name, num_layers)
     if kind == "glu":
         return [(shape[0] // 2, *shape[1:])] * 2
     return [tuple(shape)]
@@ -281,6 +332,7 @@ def hf_config_dict(cfg, family: Family, first_k_dense: int, vocab_size: int, max
         attention_bias=False,
         attention_dropout=0.0,
         tie_word_embeddings=False,
+        num_nextn_predict_layers=cfg.mtp_num_layers or 0,
         initializer_range=cfg.init_method_std,
         use_cache=True,
         dtype=dtype_name(dtype),
@@ -292,10 +344,16 @@ def hf_config_dict(cfg, family: Family, first_k_dense: int, vocab_size: int, max
     return d
 
 
-def size_from_hf_config(hf: dict[str, Any], name: str = "hf") -> ModelSize:
+def mtp_layers_of(hf: dict[str, Any]) -> int:
+    """The multi-token-prediction layers an HF config names (the releases' ``num_nextn_predict_layers``)."""
+    return int(hf.get("num_nextn_predict_layers") or 0)
+
+
+def size_from_hf_config(hf: dict[str, Any], name: str = "hf", drop_mtp: bool = False) -> ModelSize:
     """A ModelSize equivalent to an HF config.json dict of a known family; ConversionError if
     the HF model uses something our model cannot reproduce exactly. The HF config sets the
-    numbers; the conventions are ``model.deepseek_v3_style``'s."""
+    numbers; the conventions are ``model.deepseek_v3_style``'s. ``drop_mtp``: without the
+    multi-token-prediction layers the config names."""
     family = check_hf_config(hf)
     L = hf["num_hidden_layers"]
     k_dense = _first_k_dense(hf)
@@ -320,6 +378,7 @@ def size_from_hf_config(hf: dict[str, Any], name: str = "hf") -> ModelSize:
         dsa_indexer_topk=hf["index_topk"],
         bf16=dtype == torch.bfloat16,
         params_dtype=dtype,
+        mtp_num_layers=None if drop_mtp else (mtp_layers_of(hf) or None),
     )
     if eps != HF_LATENT_NORM_EPS:
         fields["mdsa_latent_norm_eps"] = HF_LATENT_NORM_EPS
@@ -477,6 +536,9 @@ def check_hf_config(hf: dict[str, Any]) -> Family:
         problems.append("attention_bias=True is not supported")
     if hf.get("tie_word_embeddings"):
         problems.append("tied embeddings are not supported")
+    mtp = hf.get("num_nextn_predict_layers") or 0
+    if not isinstance(mtp, int) or isinstance(mtp, bool) or mtp < 0:
+        problems.append(f"num_nextn_predict_layers={mtp!r} must be an integer >= 0")
     eps = hf.get("rms_norm_eps", 1e-6)
     if not isinstance(eps, (int, float)) or isinstance(eps, bool) or eps <= 0:
         problems.append(f"rms_norm_eps={eps!r} must be a positive number")

@@ -8,7 +8,8 @@ Layout (every key optional except ``phase``; defaults below)::
 
     phase: pretrain | warmup | sparse
     model:       size, transformer_impl (auto | local | transformer_engine),
-                 overrides (DSATransformerConfig fields, e.g. dsa_indexer_topk)
+                 overrides (DSATransformerConfig fields, e.g. dsa_indexer_topk, or
+                 mtp_num_layers / mtp_loss_scaling_factor for the multi-token-prediction loss)
     data:        dir (a corpus built by ``python -m megatron_dsa.data build``), seq_length,
                  corpus (text | tasks: the task mixture of ``build-tasks``, built for seq_length)
     train:       iters, micro_batch_size, global_batch_size, lr, min_lr, lr_warmup_iters,
@@ -138,8 +139,11 @@ FP8_SETTINGS = {
     "num_layers_at_end_in_bf16": ("num-layers-at-end-in-bf16", "num_layers_at_end_in_bf16"),
     "param_gather": ("fp8-param-gather", "fp8_param"),
 }
-# Set by the trainer (Megatron flag -> config key that sets it).
+# Set by the trainer (Megatron flag -> config key that sets it). The MTP flags follow the
+# model's mtp_num_layers / mtp_loss_scaling_factor (its size or model.overrides).
 TRAINER_FLAGS = {"transformer-impl": "model.transformer_impl",
+                 "mtp-num-layers": "model.overrides.mtp_num_layers",
+                 "mtp-loss-scaling-factor": "model.overrides.mtp_loss_scaling_factor",
                  **{flag: f"fp8.{key}" for key, (flag, _) in FP8_SETTINGS.items()}}
 # Model config fields with one source elsewhere (field -> config key that sets it).
 TRAINER_FIELDS = {"transformer_impl": "model.transformer_impl",

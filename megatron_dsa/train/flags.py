@@ -78,6 +78,7 @@ def megatron_argv(cfg: RunConfig, plan: dict) -> list[str]:
                  "--moe-router-topk", tf["moe_router_topk"],
                  "--moe-router-load-balancing-type", tf["moe_router_load_balancing_type"]]
     argv += fp8_argv(cfg)
+    argv += mtp_argv(tf)
     if t["skip_iterations"]:
         # Megatron consumes these iterations' batches without a step (1-based, as it logs them).
         argv += ["--iterations-to-skip", *t["skip_iterations"]]
@@ -107,6 +108,18 @@ def megatron_argv(cfg: RunConfig, plan: dict) -> list[str]:
         else:
             argv += [f"--{flag}", value]
     return [str(a) for a in argv]
+
+
+def mtp_argv(transformer: dict) -> list:
+    """Megatron's multi-token-prediction flags for a model with MTP layers (the size's
+    ``mtp_num_layers`` or model.overrides'): the model is built from our config, but Megatron's
+    loop reads its own args to scale and log the MTP loss."""
+    if not transformer.get("mtp_num_layers"):
+        return []
+    argv = ["--mtp-num-layers", transformer["mtp_num_layers"]]
+    if transformer.get("mtp_loss_scaling_factor") is not None:
+        argv += ["--mtp-loss-scaling-factor", transformer["mtp_loss_scaling_factor"]]
+    return argv
 
 
 def fp8_argv(cfg: RunConfig) -> list:

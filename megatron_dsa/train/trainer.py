@@ -157,8 +157,10 @@ def watch_finite_outputs(model: torch.nn.Module) -> None:
 
     def hook(module, _inputs, output):
         out = output[0] if isinstance(output, tuple) else output
+        # megatron-core numbers an MTP layer from 1 within its block: it comes after the decoder.
+        number = module.layer_number + (module.config.num_layers if module.is_mtp_layer else 0)
         if isinstance(out, torch.Tensor):
-            _LAYER_FINITE.append((module.layer_number, torch.isfinite(out.detach()).all()))
+            _LAYER_FINITE.append((number, torch.isfinite(out.detach()).all()))
 
     for module in model.modules():
         if isinstance(module, TransformerLayer):
