@@ -229,7 +229,8 @@ def indexer_recall_at_lengths(model, tokens, lengths: Sequence[int], topk_ratios
             set_mode(c, "warmup")  # DSAConfigError (a ValueError) if the config cannot warm up
         recording = _recording_layers(layers)
         layer_ids = [layer.layer_number for layer in recording]
-        num_layers = max(c.num_layers for c in configs)
+        # an MTP layer is numbered after the decoder's (megatron-core's MTP block)
+        num_layers = max(c.num_layers + (getattr(c, "mtp_num_layers", None) or 0) for c in configs)
         for name in (TOPK_RECALL, INDEXER_KL):
             if name in tracker.metrics:
                 tracker.metrics[name].values.zero_()
