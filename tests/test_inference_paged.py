@@ -119,3 +119,11 @@ def test_graphed_decode_equals_eager(model, mode):
         a, b = eager.decode(nxt, c1), graphed.decode(nxt, c2)
         assert (a - b).abs().max().item() < 1e-4
         nxt = a.argmax(-1)
+
+
+def test_indexer_keys_default_to_how_the_model_scores(model):
+    """Without a choice the cache keeps indexer keys as the model was trained to score them:
+    the fp32 tiny model (no FP8 indexer) caches fp32 keys, so decoding matches transformers."""
+    assert not model.config.dsa.fp8_indexer
+    assert DSAInference(model, "sparse").indexer_keys == "fp32"
+    assert DSAInference(model, "sparse", indexer_keys="fp8").indexer_keys == "fp8"

@@ -37,7 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--mode", choices=("sparse", "dense"), default="sparse")
     g.add_argument("--show-ids", action="store_true")
     g.add_argument("--kernel", choices=("reference", "auto", "triton"), default="auto")
-    g.add_argument("--indexer-keys", choices=("fp8", "bf16", "fp32"), default="fp8")
+    g.add_argument("--indexer-keys", choices=("fp8", "bf16", "fp32"), default=None,
+                   help="how the cache stores indexer keys (default: FP8 when the model scores in FP8, "
+                        "mdsa_fp8_indexer; else the weights' dtype)")
     g.add_argument("--cuda-graphs", action="store_true", help="replay the decode step as CUDA graphs (GPU only)")
     args = parser.parse_args(argv)
     if args.max_new_tokens < 0:

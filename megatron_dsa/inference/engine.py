@@ -50,15 +50,19 @@ class DSAInference:
     """Inference over a built megatron-dsa GPTModel (TP=1, one process)."""
 
     def __init__(self, model: torch.nn.Module, mode: str = "sparse", kernel: str = "reference",
-                 indexer_keys: str = "fp8", block_size: int = 64, prefill_chunk: int = 4096,
+                 indexer_keys: Optional[str] = None, block_size: int = 64, prefill_chunk: int = 4096,
                  cuda_graphs: bool = False):
         """kernel: 'reference' (plain PyTorch, default) or 'auto'/'triton' (the Triton kernels:
         the training kernels for prefill, ``kernels.decode`` for decode). indexer_keys: how the
-        cache stores indexer keys ('fp8' e4m3 + per-token scale, 'bf16', 'fp32').
+        cache stores indexer keys ('fp8' e4m3 + per-token scale, 'bf16', 'fp32'; default: as the
+        model was trained to score them, FP8 with ``mdsa_fp8_indexer``, else the weights' dtype).
         cuda_graphs: replay the decode step as CUDA graphs, one per batch-size bucket (CUDA and
         the Triton decode kernels only)."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if indexer_keys is None:
+            weights = next(model.parameters()).dtype
+            indexer_keys = "fp8" if model.config.dsa.fp8_indexer else ("bf16" if weights == torch.bfloat16 else "fp32")
         if indexer_keys not in KEY_FORMATS:
             raise ValueError(f"indexer_keys must be one of {KEY_FORMATS}, got {indexer_keys!r}")
         if block_size < 1 or prefill_chunk < 1:
