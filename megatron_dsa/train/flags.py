@@ -28,6 +28,8 @@ def add_mdsa_args(parser):
                        help="JSON dict of DSATransformerConfig fields over the size's")
     group.add_argument("--mdsa-data-dir", required=True, help="corpus built by megatron_dsa.data")
     group.add_argument("--mdsa-progress", type=int, default=1, help="progress line with ETA (0/1)")
+    group.add_argument("--mdsa-packed", type=int, default=0,
+                       help="feed documents as packed sequences (megatron-core THD), 0/1")
     group.add_argument("--mdsa-metrics-file", default=None,
                        help="JSON lines of per-iteration metrics (rank 0)")
     return parser
@@ -70,6 +72,7 @@ def megatron_argv(cfg: RunConfig, plan: dict) -> list[str]:
         "--mdsa-phase", cfg.phase, "--mdsa-size", cfg.model["size"],
         "--mdsa-model-overrides", json.dumps(cfg.model["overrides"]),
         "--mdsa-data-dir", plan["data_dir"], "--mdsa-progress", int(bool(lg["progress"])),
+        "--mdsa-packed", int(bool(cfg.data["packed"])),
     ]
     argv += fp8_argv(cfg)
     if t["skip_iterations"]:

@@ -276,9 +276,47 @@ def forward_step(data_iterator, model, return_schedule_plan: bool = False):
     timers = get_timers()
     timers("batch-generator", log_level=2).start()
     tokens, labels, loss_mask, position_ids = _batch(data_iterator)
+    packed_seq_params = None
+    if args.mdsa_packed:
+        tokens, labels, loss_mask, position_ids, packed_seq_params = packed_inputs(tokens, labels, loss_mask)
     timers("batch-generator").stop()
-    output = model(tokens, position_ids, None, labels=labels)
+    output = model(tokens, position_ids, None, labels=labels, packed_seq_params=packed_seq_params)
     return output, partial(loss_func, loss_mask, unwrap_model(model), args.mdsa_phase)
+
+
+def packed_inputs(tokens, labels, loss_mask, eod: int | None = None, cp_size: int | None = None,
+                  cp_rank: int | None = None):
+    """A micro-batch [B, S] as megatron-core's THD input: one row of documents
+    (``data.packing``), this CP rank's share of it in megatron's packed CP layout (each
+    document in 2 * CP chunks), and the ``PackedSeqParams`` with the global boundaries.
+    Returns (tokens, labels, loss_mask, position_ids, packed_seq_params)."""
+    from megatron.core import parallel_state
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    from megatron_dsa.data.packing import pack_batch
+    from megatron_dsa.parallel.comm import cp_split
+
+    if eod is None:
+        eod = _corpus_eod()
+    if cp_size is None:
+        cp_size = parallel_state.get_context_parallel_world_size()
+        cp_rank = parallel_state.get_context_parallel_rank()
+    batch = pack_batch(tokens, labels, loss_mask, eod)
+    cu = batch.cu_seqlens
+    local = [cp_split(t, cp_size, cp_rank, dim=1, cu_seqlens=cu)
+             for t in (batch.tokens, batch.labels, batch.loss_mask, batch.position_ids)]
+    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu,
+                             cu_seqlens_kv_padded=cu, max_seqlen_q=batch.max_seqlen, max_seqlen_kv=batch.max_seqlen)
+    return (*local, params)
+
+
+def _corpus_eod() -> int:
+    """The corpus's end-of-document token (the one its documents end with)."""
+    if "eod" not in _STATE:
+        from megatron_dsa.data import load_tokenizer
+
+        _STATE["eod"] = load_tokenizer(_args().mdsa_data_dir).eod
+    return _STATE["eod"]
 
 
 # --------------------------------------------------------------------------------------------
