@@ -5,8 +5,8 @@
   EOD's prediction of the next document; under CP each rank holds megatron's THD chunks;
 - a trainer run with packing trains, and its second step's logged LM loss equals the loss of
   each document of that batch run alone through the model at the first step's weights;
-- packing with the Triton kernels, or under CP with documents that do not split into 2 * CP
-  chunks, stops in preflight with one error.
+- packing under CP with documents that do not split into 2 * CP chunks stops in preflight
+  with one error (the Triton kernels take packed sequences: tests/test_packed_kernels.py).
 """
 
 from __future__ import annotations
@@ -141,15 +141,14 @@ def _preflight(corpus, tmp_path, *overrides):
                      check_flags=False)
 
 
-def test_packing_preflight_refuses_what_cannot_run(corpus, tmp_path):
+def test_packing_preflight_refuses_documents_that_do_not_split_over_cp(corpus, tmp_path):
     from megatron_dsa.data.packing import unsplittable_documents
     from megatron_dsa.train.config import TrainConfigError
 
-    assert _preflight(corpus, tmp_path, "model.overrides.mdsa_kernel=reference")["data_dir"]
-    with pytest.raises(TrainConfigError, match="packed sequences run on the reference DSA ops"):
-        _preflight(corpus, tmp_path, "model.overrides.mdsa_kernel=triton")
+    assert _preflight(corpus, tmp_path)["data_dir"]
+    assert _preflight(corpus, tmp_path, "model.overrides.mdsa_kernel=triton")["data_dir"]  # packing runs on both
     bad, total, first = unsplittable_documents(corpus / "train_text_document", 4)
     assert 0 < bad <= total and first % 4
     with pytest.raises(TrainConfigError, match=f"{bad} of the {total} documents of the train split .* do not "
                                                f"\\(the first holds {first} tokens\\)"):
-        _preflight(corpus, tmp_path, "model.overrides.mdsa_kernel=reference", "megatron.context_parallel_size=2")
+        _preflight(corpus, tmp_path, "megatron.context_parallel_size=2")

@@ -50,7 +50,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _score_kernel(
-        Q, K, W, KS, OUT, BLIM, QPOS, KPOS,
+        Q, K, W, KS, OUT, BLIM, QPOS, KPOS, QDOC, KDOC,
         Sk, n_rows, q_off,
         stride_qb, stride_qs, stride_qh,
         stride_kb, stride_ks,
@@ -60,7 +60,7 @@ if HAS_TRITON:
         n_mblocks,
         HI: tl.constexpr, DI: tl.constexpr, DIP: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr,
-        HAS_KS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+        HAS_KS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, HAS_DOC: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
@@ -94,6 +94,10 @@ if HAS_TRITON:
             qp = tl.load(QPOS + q_off + rows, mask=rmask, other=0)
             kp = tl.load(KPOS + cols, mask=cmask, other=0)
             elig = (kp[None, :] <= qp[:, None]) & cmask[None, :]
+            if HAS_DOC:  # packed sequences: only keys of the query's own document
+                qd = tl.load(QDOC + q_off + rows, mask=rmask, other=-1)
+                kd = tl.load(KDOC + cols, mask=cmask, other=-2)
+                elig = elig & (kd[None, :] == qd[:, None])
             acc = tl.where(elig, acc, float("-inf"))
             tl.store(
                 OUT + b * stride_ob + rows[:, None] * stride_or + cols[None, :],
@@ -261,6 +265,13 @@ def _positions(pos: Optional[torch.Tensor], n: int, device) -> torch.Tensor:
     return torch.arange(n, device=device) if pos is None else pos.to(device)
 
 
+def _documents(doc: Optional[torch.Tensor], n: int, device) -> torch.Tensor:
+    """Document ids as a contiguous int64 vector (zeros, unread, for an unpacked sequence)."""
+    if doc is None:
+        return torch.zeros(n, dtype=torch.int64, device=device)
+    return doc.to(device=device, dtype=torch.int64).contiguous()
+
+
 def fp8_quantize_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-vector (last dim) e4m3 quantisation in PyTorch: scale = max(amax, 1e-4) * (1 / 448).
 
@@ -313,8 +324,13 @@ def indexer_topk(
     k_pos: Optional[torch.Tensor] = None,
     fp8: bool = False,
     ordered: bool = True,
+    q_doc: Optional[torch.Tensor] = None,
+    k_doc: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Causal top-k of the indexer scores: [B, Sq, topk] int64, -1 padded (as the reference).
+
+    ``q_doc`` / ``k_doc`` (packed sequences): document ids [Sq] / [Sk]; a key is eligible only
+    in its query's document (``reference.causal_mask``), one more comparison in the scoring tile.
 
     ``ordered=False`` skips sorting each row by score (the selected set is the same, in key
     order, -1 padding last): the sparse attention and the KL do not depend on the order.
@@ -348,6 +364,9 @@ def indexer_topk(
     q_pos32 = q_pos.to(torch.int64).contiguous()
     k_pos32 = k_pos.to(torch.int64).contiguous()
     rlim = _row_limits(q_pos32, k_pos32).contiguous()  # [Sq]
+    has_doc = q_doc is not None or k_doc is not None
+    q_doc32 = _documents(q_doc, Sq, dev)
+    k_doc32 = _documents(k_doc, Sk, dev)
 
     on_gpu = q.is_cuda
     kind = "fp8" if fp8 else ("fp32" if ieee else "bf16")
@@ -373,7 +392,7 @@ def indexer_topk(
         blim = rl.view(nmb, BM).amax(dim=1).to(torch.int32).expand(B, nmb).contiguous()
         grid = (nmb, triton.cdiv(Sk, BN), B)
         _score_kernel[grid](
-            q_in, k_in, w_in, ks if ks is not None else w_in, buf, blim, q_pos32, k_pos32,
+            q_in, k_in, w_in, ks if ks is not None else w_in, buf, blim, q_pos32, k_pos32, q_doc32, k_doc32,
             Sk, n, t0,
             q_in.stride(0), q_in.stride(1), q_in.stride(2),
             k_in.stride(0), k_in.stride(1),
@@ -382,6 +401,7 @@ def indexer_topk(
             buf.stride(0), buf.stride(1),
             nmb,
             HI=HI, DI=DI, DIP=DIP, BM=BM, BN=BN, HAS_KS=ks is not None, IEEE=ieee, UPCAST=interpreting(),
+            HAS_DOC=has_doc,
             **cfg,
         )
         o = out[:, t0:t1]

@@ -166,17 +166,11 @@ def check_megatron_settings(argv: list[str]) -> None:
                    f"config section 'megatron'): {error}") from None
 
 
-def check_packing(cfg: RunConfig, model_cfg, data_dir: Path, manifest: dict) -> None:
-    """Packed sequences (data.packed) run here: the kernels that keep a document's keys to it,
-    and under context parallelism documents that split into 2 * CP equal chunks."""
-    import torch
-
+def check_packing(cfg: RunConfig, data_dir: Path, manifest: dict) -> None:
+    """Packed sequences (data.packed) under context parallelism: every document must split
+    into 2 * CP equal chunks (megatron's packed CP layout)."""
     from megatron_dsa.data.packing import unsplittable_documents
 
-    kernel = model_cfg.dsa.kernel
-    if kernel == "triton" or (kernel == "auto" and torch.cuda.is_available()):
-        raise _err("data.packed: packed sequences run on the reference DSA ops (the Triton kernels take "
-                   f"positions only, mdsa_kernel resolves to 'triton' here); set model.overrides.mdsa_kernel=reference")
     cp = int(cfg.megatron.get("context-parallel-size") or 1)
     if cp == 1:
         return
@@ -230,7 +224,7 @@ def preflight(cfg: RunConfig, check_flags: bool = True) -> dict:
         if info.num_tokens < seq + 1:
             raise DataError(f"{split} split of {data_dir} has {info.num_tokens} tokens, fewer than one sample of data.seq_length {seq} + 1")
     if cfg.data["packed"]:
-        check_packing(cfg, model_cfg, data_dir, manifest)
+        check_packing(cfg, data_dir, manifest)
     expected = model_fingerprint(cfg, model_cfg, size.vocab_size, tokenizer.unique_identifiers["sha256"])
 
     # This phase's checkpoint directory: resume only a run of the same phase and shape.
