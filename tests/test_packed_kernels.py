@@ -44,15 +44,16 @@ def _docs(S=41, cu=CU):
 @pytest.mark.parametrize("layout", ["whole", "cp_chunks"])
 def test_indexer_topk_packed(layout):
     """The kernel's top-k equals the reference's with the document rule (scores on a dyadic grid
-    tie exactly, so the sets must be identical) and never leaves the query's document."""
-    S, HI, DI, topk = 41, 2, 16, 8
-    doc = _docs(S)
+    tie exactly, so the sets must be identical) and never leaves the query's document. 100 rows:
+    the last document's query blocks skip the key blocks wholly before it."""
+    S, HI, DI, topk = 100, 2, 16, 8
+    doc = _docs(S, torch.tensor([0, 3, 40, 41, 100]))
     q = (torch.randint(-2, 3, (2, S, HI, DI), device=DEV) / 2).float()
     k = (torch.randint(-2, 3, (2, S, DI), device=DEV) / 2).float()
     w = (torch.randint(1, 4, (2, S, HI), device=DEV) / 4).float()
     q_pos = None
     if layout == "cp_chunks":  # a CP rank's rows: two runs of positions, keys the whole sequence
-        q_pos = torch.cat([torch.arange(5, 15), torch.arange(28, 38)]).to(DEV)
+        q_pos = torch.cat([torch.arange(5, 30), torch.arange(70, 95)]).to(DEV)
         q = q[:, q_pos]
         w = w[:, q_pos]
     qp = R._positions(q_pos, q.shape[1], DEV)
