@@ -153,4 +153,7 @@ def phase_model_config(args=None):
         overrides["params_dtype"] = torch.float32 if not args.fp16 else torch.float16
     if not torch.cuda.is_available():
         overrides.setdefault("use_cpu_initialization", True)
+    if args.pipeline_model_parallel_size > 1:
+        # The dtype of the activations sent between stages (Megatron's own config builder sets it so).
+        overrides["pipeline_dtype"] = overrides["params_dtype"]
     return model_config(args.mdsa_size, **overrides)
