@@ -25,9 +25,8 @@ Packed sequences (``cu_seqlens``: the document boundaries of the whole sequence,
 THD layout under CP) add one rule, ``reference.causal_mask``'s: a key is eligible only in its
 query's document. The dense attention, the top-k and the dense objective apply it; the sparse
 attention and the selected-set KL read only the selected indices, which already obey it. The
-rule is a document-id input of the reference ops; the Triton kernels take positions only, and a
-document mask cannot be written as positions (each document's keys would have to come before
-every query of every later document), so packed sequences run on the reference ops.
+rule is a document-id input (``q_doc``, ``k_doc``) of the reference ops and of the Triton
+kernels alike.
 
 The objective is the KL unless ``objective`` names another (``reference.INDEXER_OBJECTIVES``:
 those run the PyTorch loss ops of ``ops.indexer_loss_backend``, one rank only).
@@ -56,10 +55,6 @@ from megatron_dsa.parallel.sharded import (
 )
 
 MODES = ("dense", "warmup", "sparse")
-PACKED_NEEDS_REFERENCE = (
-    "packed sequences (document boundaries) run on the reference DSA ops: the Triton kernels take "
-    "positions only; set mdsa_kernel='reference'"
-)
 
 
 @dataclass
@@ -108,8 +103,6 @@ def dsa_core(
     backend = backend or ops.backend("reference", q.device)
     if fp8_indexer and backend.name == "reference":
         raise ValueError("the FP8 indexer is a Triton kernel; the reference path scores in fp32")
-    if cu_seqlens is not None and backend.name != "reference":
-        raise ValueError(PACKED_NEEDS_REFERENCE)
     loss_ops = ops.indexer_loss_backend(backend.name, q.device, objective, backend.options)
     B, Sq = q.shape[:2]
     seq = kv.shape[1] * ctx.cp_size

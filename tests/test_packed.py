@@ -87,18 +87,6 @@ def test_packed_documents_must_split_over_cp():
         cp_positions(32, 2, 0, cu_seqlens=torch.tensor([0, 6, 32]))
 
 
-def test_packed_core_refuses_the_triton_kernels():
-    from megatron_dsa import kernels, ops
-    from megatron_dsa.core import dsa_core
-
-    if not kernels.available():
-        pytest.skip("needs Triton with CUDA or TRITON_INTERPRET=1")
-    q, kv = torch.randn(1, 8, 2, 12), torch.randn(1, 8, 12)
-    with pytest.raises(ValueError, match="packed sequences .* reference"):
-        dsa_core(ParallelContext(), "dense", q, kv, 8, 0.3, 4, backend=ops.backend("triton", q.device),
-                 cu_seqlens=torch.tensor([0, 3, 8]))
-
-
 @pytest.mark.parametrize("tp,cp", [(1, 2)], ids=["cp2"])
 def test_packed_core_under_cp_equals_documents_alone(tp, cp):
     W.spawn(W.layer_function_worker, tp * cp, tp, cp, 7, MODES, "reference", DOCS)

@@ -1,18 +1,22 @@
 """Triton kernels for DeepSeek Sparse Attention; each function equals the one of the same name in
 ``megatron_dsa.reference`` (same arguments, shapes, dtypes and return values).
 
-* ``indexer_topk(q, k, w, topk, q_pos=None, k_pos=None, fp8=False, ordered=True)`` -> [B, Sq, topk] int64
-* ``dense_mla_attention(q, kv, v_dim, scale, q_pos=None, k_pos=None, need_lse=True)`` -> (out, lse),
+* ``indexer_topk(q, k, w, topk, q_pos=None, k_pos=None, fp8=False, ordered=True, q_doc=None, k_doc=None)``
+  -> [B, Sq, topk] int64
+* ``dense_mla_attention(q, kv, v_dim, scale, q_pos=None, k_pos=None, need_lse=True, q_doc=None, k_doc=None)``
+  -> (out, lse),
   autograd (PyTorch's fused SDPA; never the S^2 math path on the GPU)
 * ``sparse_mla_attention(q, kv, topk_idx, v_dim, scale)`` -> (out, lse), autograd
 * ``sparse_indexer_kl(q_main, kv, q_idx, k_idx, w_idx, topk_idx, scale)`` -> kl [B, Sq], autograd
 * ``sparse_target_head_sum(q_main, kv, topk_idx, scale, lse=None)`` -> [B, Sq, K] and
   ``sparse_indexer_kl_from_target(q_idx, k_idx, w_idx, topk_idx, p)`` -> kl [B, Sq], autograd:
   the same KL in two steps, for a target summed over several TP ranks' heads
-* ``dense_indexer_kl(q_main, kv, q_idx, k_idx, w_idx, scale, topk, q_pos=None, k_pos=None)``
+* ``dense_indexer_kl(q_main, kv, q_idx, k_idx, w_idx, scale, topk, q_pos=None, k_pos=None, ..., q_doc=None,
+  k_doc=None)``
   -> (kl, recall), autograd (blockwise PyTorch, analytic backward)
 * ``decode``: decoding over a paged cache (``paged_indexer_topk``, ``sparse_mla_decode``,
   ``dense_mla_decode``, as the reference's functions of those names)
+* ``q_doc`` / ``k_doc``: document ids of a packed sequence (``reference.causal_mask``'s rule)
 * ``available()``: Triton importable and CUDA present, or TRITON_INTERPRET=1.
 
 Set TRITON_INTERPRET=1 before importing triton to run the kernels on CPU tensors.

@@ -23,39 +23,51 @@ _FUSED = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend
 MAX_RUNS = 8  # more runs of consecutive query positions than this: the reference
 
 
-def _causal_runs(q_pos: Optional[torch.Tensor], k_pos: Optional[torch.Tensor], sq: int, sk: int):
-    """The query rows as runs [(r0, r1, end)] of consecutive positions, each attending keys
-    0..end-1 causally aligned at its last key, as SDPA builds the mask: the whole sequence, a
+def _causal_runs(q_pos: Optional[torch.Tensor], k_pos: Optional[torch.Tensor], sq: int, sk: int,
+                 q_doc: Optional[torch.Tensor] = None, k_doc: Optional[torch.Tensor] = None):
+    """The query rows as runs [(r0, r1, lo, end)] of consecutive positions, each attending keys
+    lo..end-1 causally aligned at its last key, as SDPA builds the mask: the whole sequence, a
     prefill chunk after a cache, or a context-parallel rank's chunks (megatron's load-balanced
-    layout gives each rank two). None when the mask is not of that form: keys not at positions
-    0..Sk-1, more than MAX_RUNS runs, or one query row (a decode step: cheap on the reference,
-    and a fused backend would plan anew for every new key count)."""
-    if sq > sk or (sq == 1 and sk > 1):
+    layout gives each rank two). Packed sequences (``q_doc`` / ``k_doc``, documents contiguous
+    in the keys) cut the runs at document starts, lo being the run's document's first key. None
+    when the mask is not of that form: keys not at positions 0..Sk-1, more than MAX_RUNS runs,
+    or one query row (a decode step: cheap on the reference, and a fused backend would plan
+    anew for every new key count)."""
+    if sq > sk or (sq == 1 and sk > 1) or sq == 0:
         return None
     if k_pos is not None and not torch.equal(k_pos.reshape(-1), torch.arange(sk, device=k_pos.device)):
         return None
-    if q_pos is None:
-        return [(0, sq, sk)] if sq == sk else None
-    pos = q_pos.reshape(-1)
-    if sq == 0:
-        return None
-    breaks = ((pos[1:] - pos[:-1]) != 1).nonzero().reshape(-1).add(1).tolist()
+    packed = q_doc is not None or k_doc is not None
+    if q_pos is None and not packed:
+        return [(0, sq, 0, sk)] if sq == sk else None
+    pos = torch.arange(sq) if q_pos is None else q_pos.reshape(-1)
+    cut = (pos[1:] - pos[:-1]) != 1
+    first_key = None
+    if packed:
+        q_doc = torch.zeros(sq, dtype=torch.long, device=pos.device) if q_doc is None else q_doc.reshape(-1).to(pos.device)
+        k_doc = torch.zeros(sk, dtype=torch.long, device=pos.device) if k_doc is None else k_doc.reshape(-1).to(pos.device)
+        if sk > 1 and bool((k_doc[1:] < k_doc[:-1]).any()):
+            return None  # a document's keys are not one contiguous range
+        cut = cut | (q_doc[1:] != q_doc[:-1])
+        first_key = torch.searchsorted(k_doc.contiguous(), q_doc.contiguous())  # each row's document's first key
+    breaks = cut.nonzero().reshape(-1).add(1).tolist()
     if len(breaks) >= MAX_RUNS:
         return None
     starts = [0] + breaks
     ends = breaks + [sq]
     firsts = pos[starts].tolist()
-    runs = [(r0, r1, p0 + (r1 - r0)) for r0, r1, p0 in zip(starts, ends, firsts)]
-    if any(p0 < 0 or end > sk for (r0, r1, end), p0 in zip(runs, firsts)):
+    los = [0] * len(starts) if first_key is None else first_key[starts].tolist()
+    runs = [(r0, r1, lo, p0 + (r1 - r0)) for r0, r1, p0, lo in zip(starts, ends, firsts, los)]
+    if any(p0 < 0 or end > sk or lo > p0 for (r0, r1, lo, end), p0 in zip(runs, firsts)):
         return None
     return runs
 
 
-def _lse(q: torch.Tensor, kv: torch.Tensor, scale: float, q_pos, k_pos) -> torch.Tensor:
+def _lse(q: torch.Tensor, kv: torch.Tensor, scale: float, q_pos, k_pos, documents: dict) -> torch.Tensor:
     """Log-sum-exp [B, Sq, H] of the causal scores in fp32, without autograd (only callers
     that ask for it pay: the layer does not)."""
     with torch.no_grad():
-        _, lse = reference.dense_mla_attention(q, kv, 1, scale, q_pos=q_pos, k_pos=k_pos)
+        _, lse = reference.dense_mla_attention(q, kv, 1, scale, q_pos=q_pos, k_pos=k_pos, **documents)
     return lse
 
 
@@ -67,15 +79,20 @@ def dense_mla_attention(
     q_pos: Optional[torch.Tensor] = None,
     k_pos: Optional[torch.Tensor] = None,
     need_lse: bool = True,
+    q_doc: Optional[torch.Tensor] = None,
+    k_doc: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Same as ``reference.dense_mla_attention``: q [B, Sq, H, Dqk], kv [B, Sk, Dqk] ->
     (out [B, Sq, H, v_dim], lse [B, Sq, H] fp32). ``need_lse=False`` returns (out, None) and
-    skips the extra pass over the keys the log-sum-exp costs here."""
+    skips the extra pass over the keys the log-sum-exp costs here. ``q_doc`` / ``k_doc``:
+    document ids of a packed sequence (each run of rows attends its own document's keys)."""
     B, Sq, H, _ = q.shape
     Sk = kv.shape[1]
-    runs = _causal_runs(q_pos, k_pos, Sq, Sk)
+    documents = {} if q_doc is None and k_doc is None else dict(q_doc=q_doc, k_doc=k_doc)
+    runs = _causal_runs(q_pos, k_pos, Sq, Sk, q_doc, k_doc)
     if runs is None:
-        return reference.dense_mla_attention(q, kv, v_dim, scale, q_pos=q_pos, k_pos=k_pos, need_lse=need_lse)
+        return reference.dense_mla_attention(q, kv, v_dim, scale, q_pos=q_pos, k_pos=k_pos, need_lse=need_lse,
+                                             **documents)
     # One latent entry per token shared by all heads (MQA): expand to H heads. A copy of the
     # keys per head is S x H x Dqk, far below the S^2 scores it replaces.
     k = kv[:, None].expand(B, H, Sk, kv.shape[-1]).contiguous()
@@ -84,16 +101,17 @@ def dense_mla_attention(
     outs = []
     try:
         with sdpa_kernel(backends):
-            for r0, r1, end in runs:
+            for r0, r1, lo, end in runs:
                 n = r1 - r0
                 # A run of n rows ending at key end-1: causal aligned at the bottom-right.
-                mask = dict(is_causal=True) if n == end else dict(attn_mask=causal_lower_right(n, end))
-                o = F.scaled_dot_product_attention(q[:, r0:r1].transpose(1, 2), k[:, :, :end], v[:, :, :end],
+                mask = dict(is_causal=True) if n == end - lo else dict(attn_mask=causal_lower_right(n, end - lo))
+                o = F.scaled_dot_product_attention(q[:, r0:r1].transpose(1, 2), k[:, :, lo:end], v[:, :, lo:end],
                                                    scale=scale, **mask)
                 outs.append(o.transpose(1, 2))
     except RuntimeError as err:  # no fused backend takes these shapes / dtypes
         if "No available kernel" not in str(err):
             raise
-        return reference.dense_mla_attention(q, kv, v_dim, scale, q_pos=q_pos, k_pos=k_pos, need_lse=need_lse)
+        return reference.dense_mla_attention(q, kv, v_dim, scale, q_pos=q_pos, k_pos=k_pos, need_lse=need_lse,
+                                             **documents)
     out = (torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]).contiguous()
-    return out, (_lse(q, kv, scale, q_pos, k_pos) if need_lse else None)
+    return out, (_lse(q, kv, scale, q_pos, k_pos, documents) if need_lse else None)

@@ -108,45 +108,61 @@ if HAS_TRITON:
         return acc
 
     @triton.jit
-    def _query_block(QPOS, KLIM, pid_m, Sq, BM: tl.constexpr):
-        """Query block ``pid_m``: (rows, row mask, positions, end of its causal key range)."""
+    def _query_block(QPOS, QDOC, KLIM, pid_m, Sq, BM: tl.constexpr, HAS_DOC: tl.constexpr):
+        """Query block ``pid_m``: (rows, row mask, positions, end of its causal key range,
+        document ids: zeros for an unpacked sequence)."""
         rows = pid_m * BM + tl.arange(0, BM)
         rmask = rows < Sq
-        return rows, rmask, tl.load(QPOS + rows, mask=rmask, other=-1), tl.load(KLIM + pid_m)
+        if HAS_DOC:
+            qd = tl.load(QDOC + rows, mask=rmask, other=-1)
+        else:
+            qd = tl.zeros((BM,), dtype=tl.int64)
+        return rows, rmask, tl.load(QPOS + rows, mask=rmask, other=-1), tl.load(KLIM + pid_m), qd
 
     @triton.jit
-    def _span_program(QPOS, KLIM, Sq, BM: tl.constexpr, SPAN: tl.constexpr):
+    def _eligible(KPOS, KDOC, cols, cmask, qp, qd, rmask, HAS_DOC: tl.constexpr):
+        """[BM, BN]: key before or at the query and (packed sequences) in its document."""
+        kp = tl.load(KPOS + cols, mask=cmask, other=0)
+        elig = (kp[None, :] <= qp[:, None]) & cmask[None, :] & rmask[:, None]
+        if HAS_DOC:
+            kd = tl.load(KDOC + cols, mask=cmask, other=-2)
+            elig = elig & (kd[None, :] == qd[:, None])
+        return elig
+
+    @triton.jit
+    def _span_program(QPOS, QDOC, KLIM, Sq, BM: tl.constexpr, SPAN: tl.constexpr, HAS_DOC: tl.constexpr):
         """This (query block, key span, batch) program: (batch, query block, rows, row mask,
-        positions, first key, end of its keys: the span cut at the block's causal range)."""
+        positions, first key, end of its keys: the span cut at the block's causal range,
+        document ids)."""
         pid_m = tl.program_id(0)
         sp = tl.program_id(1)
-        rows, rmask, qp, lim = _query_block(QPOS, KLIM, pid_m, Sq, BM)
-        return tl.program_id(2), pid_m, rows, rmask, qp, sp * SPAN, tl.minimum(sp * SPAN + SPAN, lim)
+        rows, rmask, qp, lim, qd = _query_block(QPOS, QDOC, KLIM, pid_m, Sq, BM, HAS_DOC)
+        return tl.program_id(2), pid_m, rows, rmask, qp, sp * SPAN, tl.minimum(sp * SPAN + SPAN, lim), qd
 
     @triton.jit
-    def _key_block(KI, KPOS, b, start, qp, rmask, Sk, s_kib, s_kis, di, dim, BN: tl.constexpr):
+    def _key_block(KI, KPOS, KDOC, b, start, qp, qd, rmask, Sk, s_kib, s_kis, di, dim, BN: tl.constexpr,
+                   HAS_DOC: tl.constexpr):
         """Key block at ``start``: (cols, cmask, eligible [BM, BN], indexer keys [BN, DIP])."""
         cols = start + tl.arange(0, BN)
         cmask = cols < Sk
-        kp = tl.load(KPOS + cols, mask=cmask, other=0)
-        elig = (kp[None, :] <= qp[:, None]) & cmask[None, :] & rmask[:, None]
+        elig = _eligible(KPOS, KDOC, cols, cmask, qp, qd, rmask, HAS_DOC)
         k_tile = tl.load(KI + b * s_kib + cols[:, None] * s_kis + di[None, :],
                          mask=cmask[:, None] & dim[None, :], other=0.0)
         return cols, cmask, elig, k_tile
 
     @triton.jit
     def _main_lse_kernel(
-        QM, KV, QPOS, KPOS, KLIM, LSE,
+        QM, KV, QPOS, KPOS, QDOC, KDOC, KLIM, LSE,
         Sq, Sk, scale_log2,
         s_qmb, s_qms, s_qmh, s_kvb, s_kvs, s_lb, s_ls,
         H: tl.constexpr, DV: tl.constexpr, D1: tl.constexpr, DR: tl.constexpr, D2: tl.constexpr,
-        BM: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+        BM: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, HAS_DOC: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
         bh = tl.program_id(1)
         b = bh // H
         h = bh % H
-        rows, rmask, qp, lim = _query_block(QPOS, KLIM, pid_m, Sq, BM)
+        rows, rmask, qp, lim, qd = _query_block(QPOS, QDOC, KLIM, pid_m, Sq, BM, HAS_DOC)
         d1, d1m = _span(DV, D1)
         d2, d2m = _span(DR, D2)
         qb = QM + b * s_qmb + rows * s_qms + h * s_qmh
@@ -155,8 +171,7 @@ if HAS_TRITON:
         for start in range(0, lim, BN):
             cols = start + tl.arange(0, BN)
             cmask = cols < Sk
-            kp = tl.load(KPOS + cols, mask=cmask, other=0)
-            elig = (kp[None, :] <= qp[:, None]) & cmask[None, :] & rmask[:, None]
+            elig = _eligible(KPOS, KDOC, cols, cmask, qp, qd, rmask, HAS_DOC)
             s = _main_block_scores(qb, rmask, KV + b * s_kvb + cols * s_kvs, cmask, d1, d1m, d2, d2m,
                                    DV, DR, IEEE, UPCAST) * scale_log2
             s = tl.where(elig, s, float("-inf"))
@@ -169,7 +184,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _dense_kl_fwd_kernel(
-        QM, KV, QI, KI, WI, QPOS, KPOS, KLIM, LSE, PART,
+        QM, KV, QI, KI, WI, QPOS, KPOS, QDOC, KDOC, KLIM, LSE, PART,
         Sq, Sk, scale_log2,
         s_qmb, s_qms, s_qmh, s_kvb, s_kvs, s_lb, s_ls,
         s_qib, s_qis, s_qih, s_kib, s_kis, s_wib, s_wis, s_wih,
@@ -177,11 +192,11 @@ if HAS_TRITON:
         H: tl.constexpr, DV: tl.constexpr, D1: tl.constexpr, DR: tl.constexpr, D2: tl.constexpr,
         HI: tl.constexpr, HG: tl.constexpr, NG: tl.constexpr, DI: tl.constexpr, DIP: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, SPAN: tl.constexpr,
-        IEEE: tl.constexpr, IEEE_I: tl.constexpr, UPCAST: tl.constexpr,
+        IEEE: tl.constexpr, IEEE_I: tl.constexpr, UPCAST: tl.constexpr, HAS_DOC: tl.constexpr,
     ):
         # One program per (query block, span of SPAN keys, batch): the span's share of I's
         # log2-sum-exp (max, sum), of sum p log p and of sum p I, into PART [4, B, NS, Sq].
-        b, pid_m, rows, rmask, qp, lo, hi = _span_program(QPOS, KLIM, Sq, BM, SPAN)
+        b, pid_m, rows, rmask, qp, lo, hi, qd = _span_program(QPOS, QDOC, KLIM, Sq, BM, SPAN, HAS_DOC)
         d1, d1m = _span(DV, D1)
         d2, d2m = _span(DR, D2)
         di, dim = _span(DI, DIP)
@@ -190,7 +205,8 @@ if HAS_TRITON:
         plogp = tl.zeros((BM,), dtype=tl.float32)
         p_i = tl.zeros((BM,), dtype=tl.float32)
         for start in range(lo, hi, BN):
-            cols, cmask, elig, k_tile = _key_block(KI, KPOS, b, start, qp, rmask, Sk, s_kib, s_kis, di, dim, BN)
+            cols, cmask, elig, k_tile = _key_block(KI, KPOS, KDOC, b, start, qp, qd, rmask, Sk, s_kib, s_kis, di, dim,
+                                                   BN, HAS_DOC)
             logits = _index_logits(QI, WI, b, pid_m, Sq, tl.trans(k_tile), s_qib, s_qis, s_qih, s_wib, s_wis, s_wih,
                                    di, dim, HI, HG, NG, IEEE_I, UPCAST, BM, BN)
             i2 = tl.where(elig, logits * 1.4426950408889634, float("-inf"))
@@ -211,7 +227,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _dense_kl_bwd_kernel(
-        QM, KV, QI, KI, WI, QPOS, KPOS, KLIM, LSE, LSEI, G, DQ, DW, DK,
+        QM, KV, QI, KI, WI, QPOS, KPOS, QDOC, KDOC, KLIM, LSE, LSEI, G, DQ, DW, DK,
         Sq, Sk, scale_log2,
         s_qmb, s_qms, s_qmh, s_kvb, s_kvs, s_lb, s_ls,
         s_qib, s_qis, s_qih, s_kib, s_kis, s_wib, s_wis, s_wih, s_ob, s_os,
@@ -219,12 +235,12 @@ if HAS_TRITON:
         H: tl.constexpr, DV: tl.constexpr, D1: tl.constexpr, DR: tl.constexpr, D2: tl.constexpr,
         HI: tl.constexpr, HG: tl.constexpr, NG: tl.constexpr, DI: tl.constexpr, DIP: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, SPAN: tl.constexpr,
-        IEEE: tl.constexpr, IEEE_I: tl.constexpr, UPCAST: tl.constexpr,
+        IEEE: tl.constexpr, IEEE_I: tl.constexpr, UPCAST: tl.constexpr, HAS_DOC: tl.constexpr,
     ):
         # One program per (query block, span of keys, batch). dI = g (softmax(I) - p) is built
         # once per tile and feeds all three gradients: dk_idx per tile and (one head group)
         # dq_idx / dw_idx per span, all added atomically (fp32) since spans share rows.
-        b, pid_m, rows, rmask, qp, lo, hi = _span_program(QPOS, KLIM, Sq, BM, SPAN)
+        b, pid_m, rows, rmask, qp, lo, hi, qd = _span_program(QPOS, QDOC, KLIM, Sq, BM, SPAN, HAS_DOC)
         d1, d1m = _span(DV, D1)
         d2, d2m = _span(DR, D2)
         di, dim = _span(DI, DIP)
@@ -233,7 +249,8 @@ if HAS_TRITON:
         dq_acc = tl.zeros((BM * HG, DIP), dtype=tl.float32)
         dw_acc = tl.zeros((BM * HG,), dtype=tl.float32)
         for start in range(lo, hi, BN):
-            cols, cmask, elig, k_tile = _key_block(KI, KPOS, b, start, qp, rmask, Sk, s_kib, s_kis, di, dim, BN)
+            cols, cmask, elig, k_tile = _key_block(KI, KPOS, KDOC, b, start, qp, qd, rmask, Sk, s_kib, s_kis, di, dim,
+                                                   BN, HAS_DOC)
             k_t = tl.trans(k_tile)
             p = _target_block(QM, b, rows, rmask, KV + b * s_kvb + cols * s_kvs, cmask, elig, LSE,
                               s_qmb, s_qms, s_qmh, s_lb, s_ls, scale_log2, d1, d1m, d2, d2m,
@@ -347,7 +364,7 @@ def _spans(klim: torch.Tensor, span: int) -> int:
 
 class FusedDenseIndexerKL(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q_main, kv, q_idx, k_idx, w_idx, scale, topk, q_pos, k_pos, recall_rows):
+    def forward(ctx, q_main, kv, q_idx, k_idx, w_idx, scale, topk, q_pos, k_pos, recall_rows, q_doc, k_doc):
         from .indexer import indexer_topk
 
         B, Sq, H, D = q_main.shape
@@ -356,6 +373,11 @@ class FusedDenseIndexerKL(torch.autograd.Function):
         qm, kvc = q_main.detach().contiguous(), kv.detach().contiguous()
         qi, ki, wi = q_idx.detach().contiguous(), k_idx.detach().contiguous(), w_idx.detach().contiguous()
         q_pos, k_pos = q_pos.contiguous(), k_pos.contiguous()
+        # Packed sequences: document ids (q_doc / k_doc None: one document, never read).
+        has_doc = q_doc is not None
+        q_doc = q_doc.contiguous() if has_doc else q_pos
+        k_doc = k_doc.contiguous() if has_doc else k_pos
+        documents = dict(q_doc=q_doc, k_doc=k_doc) if has_doc else {}
         dev, gpu = q_main.device, q_main.is_cuda
         DV, D1, DR, D2 = split_pow2(D)
         kl = torch.zeros(B, Sq, dtype=torch.float32, device=dev)
@@ -367,16 +389,16 @@ class FusedDenseIndexerKL(torch.autograd.Function):
         if Sq and Sk:
             lblk = _lse_blocks(gpu)
             _main_lse_kernel[(triton.cdiv(Sq, lblk["BM"]), B * H)](
-                qm, kvc, q_pos, k_pos, _key_limits(q_pos, k_pos, lblk["BM"]), lse2, Sq, Sk, scale * LOG2E,
+                qm, kvc, q_pos, k_pos, q_doc, k_doc, _key_limits(q_pos, k_pos, lblk["BM"]), lse2, Sq, Sk, scale * LOG2E,
                 qm.stride(0), qm.stride(1), qm.stride(2), kvc.stride(0), kvc.stride(1), lse2.stride(0), lse2.stride(1),
-                H=H, **lblk, **mains,
+                H=H, HAS_DOC=has_doc, **lblk, **mains,
             )
             ns = _spans(klim, blk["SPAN"])
             part = torch.empty(4, B, ns, Sq, dtype=torch.float32, device=dev)
             _dense_kl_fwd_kernel[(triton.cdiv(Sq, blk["BM"]), ns, B)](
-                qm, kvc, qi, ki, wi, q_pos, k_pos, klim, lse2, part, Sq, Sk, scale * LOG2E,
+                qm, kvc, qi, ki, wi, q_pos, k_pos, q_doc, k_doc, klim, lse2, part, Sq, Sk, scale * LOG2E,
                 *_strides(qm, kvc, lse2, qi, ki, wi), part.stride(0), part.stride(1), part.stride(2),
-                H=H, HI=HI, DI=DI, DIP=next_pow2(DI, 16), IEEE_I=is_fp32(qi, ki), **blk, **mains,
+                H=H, HI=HI, DI=DI, DIP=next_pow2(DI, 16), IEEE_I=is_fp32(qi, ki), HAS_DOC=has_doc, **blk, **mains,
             )
             # Combine the spans: I's log-sum-exp over all of them; the p sums add up.
             m2, l2, plogp, p_i = part
@@ -387,22 +409,23 @@ class FusedDenseIndexerKL(torch.autograd.Function):
             lse_i = torch.where(has, (top.squeeze(1) + torch.log2(torch.where(has, total, 1.0))) / LOG2E, 0.0)
             kl = torch.where(has, plogp.sum(dim=1) - p_i.sum(dim=1) + lse_i, 0.0)
             if recall_rows is None:
-                idx = indexer_topk(qi, ki, wi, topk, q_pos=q_pos, k_pos=k_pos)
+                idx = indexer_topk(qi, ki, wi, topk, q_pos=q_pos, k_pos=k_pos, **documents)
                 recall = _recall(qm, kvc, lse2, idx, scale)
             else:  # the diagnostic's top-k scored for the sampled rows only
                 r = recall_rows
-                idx = indexer_topk(qi[:, r], ki, wi[:, r], topk, q_pos=q_pos[r], k_pos=k_pos)
+                idx = indexer_topk(qi[:, r], ki, wi[:, r], topk, q_pos=q_pos[r], k_pos=k_pos,
+                                   **({} if not has_doc else dict(q_doc=q_doc[r], k_doc=k_doc)))
                 recall = _recall(qm[:, r], kvc, lse2[:, r], idx, scale)
         else:
             recall = torch.zeros(B, Sq if recall_rows is None else recall_rows.numel(), device=dev)
-        ctx.save_for_backward(qm, kvc, qi, ki, wi, q_pos, k_pos, lse2, lse_i, klim)
-        ctx.scale = scale
+        ctx.save_for_backward(qm, kvc, qi, ki, wi, q_pos, k_pos, q_doc, k_doc, lse2, lse_i, klim)
+        ctx.scale, ctx.has_doc = scale, has_doc
         ctx.mark_non_differentiable(recall)
         return kl, recall
 
     @staticmethod
     def backward(ctx, gkl, grecall):
-        qm, kvc, qi, ki, wi, q_pos, k_pos, lse2, lse_i, klim = ctx.saved_tensors
+        qm, kvc, qi, ki, wi, q_pos, k_pos, q_doc, k_doc, lse2, lse_i, klim = ctx.saved_tensors
         B, Sq, H, D = qm.shape
         Sk = kvc.shape[1]
         HI, DI = qi.shape[2], qi.shape[3]
@@ -417,22 +440,27 @@ class FusedDenseIndexerKL(torch.autograd.Function):
             DV, D1, DR, D2 = split_pow2(D)
             blk = _kl_blocks(HI, qm.is_cuda)
             _dense_kl_bwd_kernel[(triton.cdiv(Sq, blk["BM"]), _spans(klim, blk["SPAN"]), B)](
-                qm, kvc, qi, ki, wi, q_pos, k_pos, klim, lse2, lse_i, g, dq, dw, dk, Sq, Sk, ctx.scale * LOG2E,
+                qm, kvc, qi, ki, wi, q_pos, k_pos, q_doc, k_doc, klim, lse2, lse_i, g, dq, dw, dk, Sq, Sk, ctx.scale * LOG2E,
                 *_strides(qm, kvc, lse2, qi, ki, wi), g.stride(0), g.stride(1),
                 dq.stride(0), dq.stride(1), dq.stride(2), dw.stride(0), dw.stride(1), dw.stride(2),
                 dk.stride(0), dk.stride(1),
                 H=H, DV=DV, D1=D1, DR=DR, D2=D2, HI=HI, DI=DI, DIP=next_pow2(DI, 16),
-                IEEE=is_fp32(qm, kvc), IEEE_I=is_fp32(qi, ki), UPCAST=interpreting(), **blk,
+                IEEE=is_fp32(qm, kvc), IEEE_I=is_fp32(qi, ki), UPCAST=interpreting(), HAS_DOC=ctx.has_doc, **blk,
             )
-        return None, None, dq.to(qi.dtype), dk.to(ki.dtype), dw.to(wi.dtype), None, None, None, None, None
+        return None, None, dq.to(qi.dtype), dk.to(ki.dtype), dw.to(wi.dtype), None, None, None, None, None, None, None
 
 
 def fused_dense_indexer_kl(q_main, kv, q_idx, k_idx, w_idx, scale: float, topk: int,
                            q_pos: Optional[torch.Tensor] = None, k_pos: Optional[torch.Tensor] = None,
-                           recall_rows: Optional[torch.Tensor] = None):
-    """Same contract as ``reference.dense_indexer_kl`` (objective "kl"): (kl [B, Sq], recall)."""
+                           recall_rows: Optional[torch.Tensor] = None, q_doc: Optional[torch.Tensor] = None,
+                           k_doc: Optional[torch.Tensor] = None):
+    """Same contract as ``reference.dense_indexer_kl`` (objective "kl"): (kl [B, Sq], recall);
+    ``q_doc`` / ``k_doc``: document ids of a packed sequence."""
     Sq, Sk = q_main.shape[1], kv.shape[1]
     q_pos = R._positions(q_pos, Sq, q_main.device)
     k_pos = R._positions(k_pos, Sk, q_main.device)
+    if q_doc is not None or k_doc is not None:
+        q_doc = R._documents(q_doc, Sq, q_main.device).to(torch.int64)
+        k_doc = R._documents(k_doc, Sk, q_main.device).to(torch.int64)
     return FusedDenseIndexerKL.apply(q_main.detach(), kv.detach(), q_idx, k_idx, w_idx, scale, topk, q_pos, k_pos,
-                                     recall_rows)
+                                     recall_rows, q_doc, k_doc)

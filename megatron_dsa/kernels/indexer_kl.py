@@ -383,8 +383,8 @@ def sparse_indexer_kl_from_target(q_idx, k_idx, w_idx, topk_idx, p, options: Ker
 # --------------------------------------------------------------------------------------------
 
 
-def _dense_target(qm, qp, kv, k_pos, scale):
-    mask = R.causal_mask(qp, k_pos)[None]  # [1, c, Sk]
+def _dense_target(qm, qp, kv, k_pos, scale, qd, k_doc):
+    mask = R.causal_mask(qp, k_pos, qd, k_doc)[None]  # [1, c, Sk]
     scores = torch.einsum("bthd,bsd->bths", R._up(qm), R._up(kv)) * scale
     probs = torch.softmax(scores.masked_fill(~mask[:, :, None], float("-inf")), dim=-1)
     return R.head_summed_target(probs.nan_to_num_(0.0)), mask
@@ -392,7 +392,7 @@ def _dense_target(qm, qp, kv, k_pos, scale):
 
 class DenseIndexerKL(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q_main, kv, q_idx, k_idx, w_idx, scale, topk, q_pos, k_pos, objective="kl"):
+    def forward(ctx, q_main, kv, q_idx, k_idx, w_idx, scale, topk, q_pos, k_pos, q_doc, k_doc, objective="kl"):
         B, Sq, H = q_main.shape[:3]
         Sk = kv.shape[1]
         step = max(1, min(Sq, DENSE_CHUNK_ELEMENTS // max(B * max(H, q_idx.shape[2]) * Sk, 1)))
@@ -401,19 +401,19 @@ class DenseIndexerKL(torch.autograd.Function):
         qm, kvd = q_main.detach(), kv.detach()
         for t0 in range(0, Sq, step):
             t1 = min(Sq, t0 + step)
-            p, mask = _dense_target(qm[:, t0:t1], q_pos[t0:t1], kvd, k_pos, scale)
+            p, mask = _dense_target(qm[:, t0:t1], q_pos[t0:t1], kvd, k_pos, scale, q_doc[t0:t1], k_doc)
             logits = R.indexer_scores(q_idx[:, t0:t1], k_idx, w_idx[:, t0:t1])
             kl[:, t0:t1] = R.objective_rows(objective, topk)(p, logits, mask)
             sel = R.topk_from_scores(logits, mask, topk)
             recall[:, t0:t1] = (torch.gather(p, -1, sel.clamp_min(0)) * (sel >= 0)).sum(-1)
-        ctx.save_for_backward(qm, kvd, q_idx.detach(), k_idx.detach(), w_idx.detach(), q_pos, k_pos)
+        ctx.save_for_backward(qm, kvd, q_idx.detach(), k_idx.detach(), w_idx.detach(), q_pos, k_pos, q_doc, k_doc)
         ctx.scale, ctx.step, ctx.objective, ctx.topk = scale, step, objective, topk
         ctx.mark_non_differentiable(recall)
         return kl, recall
 
     @staticmethod
     def backward(ctx, gkl, grecall):
-        qm, kvd, qi, ki, wi, q_pos, k_pos = ctx.saved_tensors
+        qm, kvd, qi, ki, wi, q_pos, k_pos, q_doc, k_doc = ctx.saved_tensors
         Sq = qm.shape[1]
         gkl = torch.zeros(qm.shape[:2], device=qm.device) if gkl is None else gkl.float()
         dq = torch.zeros_like(qi, dtype=torch.float32)
@@ -422,7 +422,7 @@ class DenseIndexerKL(torch.autograd.Function):
         for t0 in range(0, Sq, ctx.step):
             t1 = min(Sq, t0 + ctx.step)
             with torch.no_grad():
-                p, mask = _dense_target(qm[:, t0:t1], q_pos[t0:t1], kvd, k_pos, ctx.scale)
+                p, mask = _dense_target(qm[:, t0:t1], q_pos[t0:t1], kvd, k_pos, ctx.scale, q_doc[t0:t1], k_doc)
             with torch.enable_grad():
                 qc = qi[:, t0:t1].detach().requires_grad_()
                 wc = wi[:, t0:t1].detach().requires_grad_()
@@ -443,7 +443,7 @@ class DenseIndexerKL(torch.autograd.Function):
             dq[:, t0:t1] = gq
             dw[:, t0:t1] = gw
             dk += gk
-        return None, None, dq.to(qi.dtype), dk.to(ki.dtype), dw.to(wi.dtype), None, None, None, None, None
+        return None, None, dq.to(qi.dtype), dk.to(ki.dtype), dw.to(wi.dtype), None, None, None, None, None, None, None
 
 
 def dense_indexer_kl(
@@ -458,21 +458,24 @@ def dense_indexer_kl(
     k_pos: Optional[torch.Tensor] = None,
     objective: str = "kl",
     recall_rows: Optional[torch.Tensor] = None,
+    q_doc: Optional[torch.Tensor] = None,
+    k_doc: Optional[torch.Tensor] = None,
     options: KernelOptions = DEFAULT_OPTIONS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as ``reference.dense_indexer_kl``: (kl [B, Sq], recall [B, Sq], or [B, n]
     at ``recall_rows``); ``objective`` as there (the KL's gradient is analytic, the others'
     come from autograd chunk by chunk). With ``options.dense_kl == "fused"`` (the default) the
     KL runs as fused Triton kernels (``dense_kl``), which score the recall's top-k on
-    ``recall_rows`` only."""
+    ``recall_rows`` only. ``q_doc`` / ``k_doc``: document ids of a packed sequence, as there."""
     R.objective_rows(objective)  # an unknown name fails before any compute
     if objective == "kl" and options.dense_kl == "fused":
         return _dense_kl.fused_dense_indexer_kl(q_main, kv, q_idx, k_idx, w_idx, scale, topk, q_pos, k_pos,
-                                                recall_rows=recall_rows)
+                                                recall_rows=recall_rows, q_doc=q_doc, k_doc=k_doc)
     Sq, Sk = q_main.shape[1], kv.shape[1]
     q_pos = R._positions(q_pos, Sq, q_main.device)
     k_pos = R._positions(k_pos, Sk, q_main.device)
+    q_doc, k_doc = R._documents(q_doc, Sq, q_main.device), R._documents(k_doc, Sk, q_main.device)
     # Detached target: see sparse_indexer_kl.
     kl, recall = DenseIndexerKL.apply(q_main.detach(), kv.detach(), q_idx, k_idx, w_idx, scale, topk, q_pos, k_pos,
-                                      objective)
+                                      q_doc, k_doc, objective)
     return kl, (recall if recall_rows is None else recall[:, recall_rows])

@@ -11,7 +11,8 @@ Layout (every key optional except ``phase``; defaults below)::
                  overrides (DSATransformerConfig fields, e.g. dsa_indexer_topk, or
                  mtp_num_layers / mtp_loss_scaling_factor for the multi-token-prediction loss)
     data:        dir (a corpus built by ``python -m megatron_dsa.data build``), seq_length,
-                 corpus (text | tasks: the task mixture of ``build-tasks``, built for seq_length)
+                 corpus (text | tasks: the task mixture of ``build-tasks``, built for seq_length),
+                 packed (documents as packed sequences, megatron-core's THD)
     train:       iters, micro_batch_size, global_batch_size, lr, min_lr, lr_warmup_iters,
                  lr_decay_style, weight_decay, clip_grad, adam_beta1, adam_beta2, seed,
                  skip_iterations (batches a resumed run steps over)
@@ -68,6 +69,9 @@ SCHEMA: dict[str, dict[str, tuple[Any, tuple[type, ...]]]] = {
         "dir": (None, (str,)),
         "seq_length": (128, (int,)),
         "corpus": ("text", (str,)),
+        # Documents (EOD-delimited) as packed sequences: attention, RoPE and the indexer stay
+        # inside each document, and the loss skips the EOD -> next-document predictions.
+        "packed": (False, (bool,)),
     },
     "train": {
         "iters": (100, (int,)),

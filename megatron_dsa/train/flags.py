@@ -28,6 +28,8 @@ def add_mdsa_args(parser):
                        help="JSON dict of DSATransformerConfig fields over the size's")
     group.add_argument("--mdsa-data-dir", required=True, help="corpus built by megatron_dsa.data")
     group.add_argument("--mdsa-progress", type=int, default=1, help="progress line with ETA (0/1)")
+    group.add_argument("--mdsa-packed", type=int, default=0,
+                       help="feed documents as packed sequences (megatron-core THD), 0/1")
     group.add_argument("--mdsa-metrics-file", default=None,
                        help="JSON lines of per-iteration metrics (rank 0)")
     return parser
@@ -70,6 +72,7 @@ def megatron_argv(cfg: RunConfig, plan: dict) -> list[str]:
         "--mdsa-phase", cfg.phase, "--mdsa-size", cfg.model["size"],
         "--mdsa-model-overrides", json.dumps(cfg.model["overrides"]),
         "--mdsa-data-dir", plan["data_dir"], "--mdsa-progress", int(bool(lg["progress"])),
+        "--mdsa-packed", int(bool(cfg.data["packed"])),
     ]
     if tf.get("num_moe_experts"):
         # Megatron validates expert parallelism against these (it refuses EP > 1 without
@@ -169,4 +172,7 @@ def phase_model_config(args=None):
         overrides["params_dtype"] = torch.float32 if not args.fp16 else torch.float16
     if not torch.cuda.is_available():
         overrides.setdefault("use_cpu_initialization", True)
+    if args.pipeline_model_parallel_size > 1:
+        # The dtype of the activations sent between stages (Megatron's own config builder sets it so).
+        overrides["pipeline_dtype"] = overrides["params_dtype"]
     return model_config(args.mdsa_size, **overrides)

@@ -224,6 +224,27 @@ def check_megatron_settings(argv: list[str]) -> None:
                    f"config section 'megatron'): {error}") from None
 
 
+def check_packing(cfg: RunConfig, data_dir: Path, manifest: dict) -> None:
+    """Packed sequences (data.packed) under context parallelism: every document must split
+    into 2 * CP equal chunks (megatron's packed CP layout)."""
+    from megatron_dsa.data.packing import unsplittable_documents
+
+    cp = int(cfg.megatron.get("context-parallel-size") or 1)
+    if cp == 1:
+        return
+    multiple = 2 * cp
+    if cfg.data["seq_length"] % multiple:
+        raise _err(f"data.packed with context_parallel_size {cp}: data.seq_length {cfg.data['seq_length']} "
+                   f"must be a multiple of 2 * CP = {multiple} (each document is cut into 2 * CP chunks)")
+    for split in ("train", "valid"):
+        bad, total, first = unsplittable_documents(data_dir / manifest["splits"][split]["prefix"], multiple)
+        if bad:
+            raise _err(f"data.packed with context_parallel_size {cp}: every document must split into 2 * CP = "
+                       f"{multiple} equal chunks, but {bad} of the {total} documents of the {split} split of "
+                       f"{data_dir} do not (the first holds {first} tokens); pad the corpus's documents to a "
+                       f"multiple of {multiple} or set data.packed=false")
+
+
 def preflight(cfg: RunConfig, check_flags: bool = True) -> dict:
     """Validate everything about a run; return the plan (nothing is written)."""
     from megatron_dsa.config import DSAConfigError
@@ -260,6 +281,8 @@ def preflight(cfg: RunConfig, check_flags: bool = True) -> dict:
         info = validate_indexed_dataset(data_dir / manifest["splits"][split]["prefix"])
         if info.num_tokens < seq + 1:
             raise DataError(f"{split} split of {data_dir} has {info.num_tokens} tokens, fewer than one sample of data.seq_length {seq} + 1")
+    if cfg.data["packed"]:
+        check_packing(cfg, data_dir, manifest)
     expected = model_fingerprint(cfg, model_cfg, size.vocab_size, tokenizer.unique_identifiers["sha256"])
 
     # This phase's checkpoint directory: resume only a run of the same phase and shape.

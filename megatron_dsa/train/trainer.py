@@ -124,9 +124,10 @@ def _batch(data_iterator):
     return tokens, labels, loss_mask, position_ids
 
 
-def _pop_layer_metrics() -> dict[str, torch.Tensor]:
+def _pop_layer_metrics(keep: bool = False) -> dict[str, torch.Tensor]:
     """Per-layer indexer KL / top-k recall recorded by the layers in the last forward, removed
-    from megatron-core's MoE metrics tracker (its report() would clear them unlogged)."""
+    from megatron-core's MoE metrics tracker (its report() would clear them unlogged); ``keep``
+    leaves them there (under pipeline parallelism ``pipeline_layer_metrics`` reports them)."""
     from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
 
     from megatron_dsa.layer import INDEXER_KL, TOPK_RECALL
@@ -138,8 +139,66 @@ def _pop_layer_metrics() -> dict[str, torch.Tensor]:
         if entry is None:
             continue
         out[name] = entry.values.detach().clone()
-        entry.values.zero_()
+        if not keep:
+            entry.values.zero_()
     return out
+
+
+def _layer_report(metrics: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Log entries of per-layer metrics: the mean over the layers that recorded and each of
+    them ("indexer kl", "indexer kl/layer3", ...)."""
+    report = {}
+    for name, values in metrics.items():
+        tag = name.replace("indexer_", "indexer ").replace("_", "-")
+        # Layers that reuse another layer's selection (dsa_indexer_topk_freq) record nothing:
+        # their slots stay 0 and must not dilute the mean (a recorded KL or recall is > 0).
+        recorded = values != 0
+        if not recorded.any():
+            continue
+        report[tag] = values[recorded].mean()
+        for i in recorded.nonzero().reshape(-1).tolist():
+            report[f"{tag}/layer{i + 1}"] = values[i]
+    return report
+
+
+def pipeline_layer_metrics() -> dict[str, torch.Tensor]:
+    """Under pipeline parallelism, the indexer metrics of EVERY stage's layers for the log.
+
+    Each stage's layers record into that stage's tracker, and only the last stage runs the
+    loss function: the per-layer sums (over the iteration's microbatches) are added over the
+    pipeline group, as megatron-core reduces its MoE metrics, then averaged over microbatches
+    and data-parallel ranks. Every pipeline rank calls this once per logged iteration."""
+    from megatron.core import parallel_state
+    from megatron.core.num_microbatches_calculator import get_num_microbatches
+    from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+
+    from megatron_dsa.layer import INDEXER_KL, TOPK_RECALL
+
+    tracker = get_moe_metrics_tracker()
+    metrics = {}
+    for name in (INDEXER_KL, TOPK_RECALL):
+        # A stage that recorded nothing still joins the collective with zeros of the same size.
+        tracker.ensure_initialized(name, _args().num_layers)
+        values = tracker.metrics[name].values
+        torch.distributed.all_reduce(values, group=parallel_state.get_pipeline_model_parallel_group())
+        values /= get_num_microbatches()
+        torch.distributed.all_reduce(values, group=parallel_state.get_data_parallel_group(),
+                                     op=torch.distributed.ReduceOp.AVG)
+        metrics[name] = values.clone()
+        values.zero_()
+    return _layer_report(metrics)
+
+
+def _log_every_stage(training_log):
+    """Megatron's training_log (called by every rank after each step), with the indexer
+    metrics of every pipeline stage in its loss dict."""
+
+    def log(loss_dict, *args, **kwargs):
+        if _args().pipeline_model_parallel_size > 1:
+            loss_dict = {**loss_dict, **pipeline_layer_metrics()}
+        return training_log(loss_dict, *args, **kwargs)
+
+    return log
 
 
 class NonFiniteError(RuntimeError):
@@ -246,24 +305,18 @@ def loss_func(loss_mask: torch.Tensor, model, phase: str, output_tensor: torch.T
     else:
         loss = lm_sum
         report["lm loss"] = torch.stack([lm_sum.detach(), num_tokens])
-    metrics = _pop_layer_metrics()
+    # Under pipeline parallelism the tracker keeps them: every stage's are logged together
+    # after the step (pipeline_layer_metrics), not only this last stage's.
+    pipelined = getattr(getattr(model, "config", None), "pipeline_model_parallel_size", 1) > 1
+    metrics = _pop_layer_metrics(keep=pipelined)
     from megatron_dsa.layer import INDEXER_KL
 
     if INDEXER_KL in metrics:
         terms.append(("the indexer KL", metrics[INDEXER_KL]))
     terms += _moe_aux_terms()
     check_finite(terms, training=getattr(model, "training", None))
-    for name, values in metrics.items():
-        tag = name.replace("indexer_", "indexer ").replace("_", "-")
-        # Layers that reuse another layer's selection (dsa_indexer_topk_freq) record nothing:
-        # their slots stay 0 and must not dilute the mean (a recorded KL or recall is > 0).
-        recorded = values != 0
-        if not recorded.any():
-            continue
-        report[tag] = pair(values[recorded].mean())
-        for i, (v, r) in enumerate(zip(values.tolist(), recorded.tolist())):
-            if r:
-                report[f"{tag}/layer{i + 1}"] = pair(torch.tensor(v))
+    if not pipelined:
+        report.update({tag: pair(value) for tag, value in _layer_report(metrics).items()})
     return loss, num_tokens.int(), report
 
 
@@ -278,9 +331,47 @@ def forward_step(data_iterator, model, return_schedule_plan: bool = False):
     timers = get_timers()
     timers("batch-generator", log_level=2).start()
     tokens, labels, loss_mask, position_ids = _batch(data_iterator)
+    packed_seq_params = None
+    if args.mdsa_packed:
+        tokens, labels, loss_mask, position_ids, packed_seq_params = packed_inputs(tokens, labels, loss_mask)
     timers("batch-generator").stop()
-    output = model(tokens, position_ids, None, labels=labels)
+    output = model(tokens, position_ids, None, labels=labels, packed_seq_params=packed_seq_params)
     return output, partial(loss_func, loss_mask, unwrap_model(model), args.mdsa_phase)
+
+
+def packed_inputs(tokens, labels, loss_mask, eod: int | None = None, cp_size: int | None = None,
+                  cp_rank: int | None = None):
+    """A micro-batch [B, S] as megatron-core's THD input: one row of documents
+    (``data.packing``), this CP rank's share of it in megatron's packed CP layout (each
+    document in 2 * CP chunks), and the ``PackedSeqParams`` with the global boundaries.
+    Returns (tokens, labels, loss_mask, position_ids, packed_seq_params)."""
+    from megatron.core import parallel_state
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    from megatron_dsa.data.packing import pack_batch
+    from megatron_dsa.parallel.comm import cp_split
+
+    if eod is None:
+        eod = _corpus_eod()
+    if cp_size is None:
+        cp_size = parallel_state.get_context_parallel_world_size()
+        cp_rank = parallel_state.get_context_parallel_rank()
+    batch = pack_batch(tokens, labels, loss_mask, eod)
+    cu = batch.cu_seqlens
+    local = [cp_split(t, cp_size, cp_rank, dim=1, cu_seqlens=cu)
+             for t in (batch.tokens, batch.labels, batch.loss_mask, batch.position_ids)]
+    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu,
+                             cu_seqlens_kv_padded=cu, max_seqlen_q=batch.max_seqlen, max_seqlen_kv=batch.max_seqlen)
+    return (*local, params)
+
+
+def _corpus_eod() -> int:
+    """The corpus's end-of-document token (the one its documents end with)."""
+    if "eod" not in _STATE:
+        from megatron_dsa.data import load_tokenizer
+
+        _STATE["eod"] = load_tokenizer(_args().mdsa_data_dir).eod
+    return _STATE["eod"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -442,6 +533,7 @@ def run(cfg: RunConfig, plan: dict, skip_patches: frozenset[str] = frozenset()) 
     patches.apply_cpu_patches()
     apply_training_cpu_patches(only={p.name for p in WHEEL_PATCHES + TRAINING_CPU_PATCHES} - set(skip_patches))
 
+    import megatron.training.training as megatron_training
     from megatron.core.enums import ModelType
     from megatron.training import pretrain
     from megatron.training.argument_utils import pretrain_cfg_container_from_args
@@ -458,6 +550,7 @@ def run(cfg: RunConfig, plan: dict, skip_patches: frozenset[str] = frozenset()) 
     # Only once Megatron has accepted its flags: a run refused there leaves nothing behind.
     rank0 = int(os.environ.get("RANK", "0")) == 0
     created = write_run_file(plan) if rank0 else None
+    megatron_training.training_log = _log_every_stage(megatron_training.training_log)
     try:
         container = pretrain_cfg_container_from_args(args, None)
         pretrain(
