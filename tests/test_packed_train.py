@@ -96,6 +96,25 @@ def test_packed_batch_under_cp_holds_megatrons_thd_chunks():
     assert held[0].tolist() == sum(want[:5], []) and held[1].tolist() == sum(want[5:], [])
 
 
+@pytest.mark.parametrize("cp", [2, 4])
+def test_unpacked_batch_under_cp_is_megatrons_split(monkeypatch, cp):
+    """Without packing each CP rank gets what Megatron-LM's get_batch_on_this_cp_rank hands it
+    (the layout megatron-core's attention and RoPE under CP assume), every tensor alike."""
+    import torch.distributed as dist
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
+    from megatron_dsa.train.trainer import this_cp_rank
+
+    batch = {name: torch.randint(0, 512, (2, 8 * cp)) for name in ("tokens", "labels", "loss_mask", "position_ids")}
+    for rank in range(cp):
+        monkeypatch.setattr(dist, "get_world_size", lambda group=None: cp)
+        monkeypatch.setattr(dist, "get_rank", lambda group=None: rank)
+        theirs = get_batch_on_this_cp_rank({**batch, "cu_seqlens": None}, is_hybrid_cp=False, cp_group=object())
+        ours = this_cp_rank(*batch.values(), cp_size=cp, cp_rank=rank)
+        for name, mine in zip(batch, ours):
+            assert torch.equal(mine, theirs[name]), (name, rank)
+
+
 def _train_args(corpus, root, *extra):
     return ["--config", str(CONFIGS / "pretrain.yaml"), f"data.dir={corpus}", f"data.seq_length={SEQ}",
             "data.packed=true", f"checkpoint.save={root / 'ckpt'}", f"logging.tensorboard_dir={root / 'tb'}",

@@ -334,6 +334,8 @@ def forward_step(data_iterator, model, return_schedule_plan: bool = False):
     packed_seq_params = None
     if args.mdsa_packed:
         tokens, labels, loss_mask, position_ids, packed_seq_params = packed_inputs(tokens, labels, loss_mask)
+    else:
+        tokens, labels, loss_mask, position_ids = this_cp_rank(tokens, labels, loss_mask, position_ids)
     timers("batch-generator").stop()
     output = model(tokens, position_ids, None, labels=labels, packed_seq_params=packed_seq_params)
     return output, partial(loss_func, loss_mask, unwrap_model(model), args.mdsa_phase)
@@ -345,24 +347,33 @@ def packed_inputs(tokens, labels, loss_mask, eod: int | None = None, cp_size: in
     (``data.packing``), this CP rank's share of it in megatron's packed CP layout (each
     document in 2 * CP chunks), and the ``PackedSeqParams`` with the global boundaries.
     Returns (tokens, labels, loss_mask, position_ids, packed_seq_params)."""
-    from megatron.core import parallel_state
     from megatron.core.packed_seq_params import PackedSeqParams
 
     from megatron_dsa.data.packing import pack_batch
-    from megatron_dsa.parallel.comm import cp_split
 
     if eod is None:
         eod = _corpus_eod()
-    if cp_size is None:
-        cp_size = parallel_state.get_context_parallel_world_size()
-        cp_rank = parallel_state.get_context_parallel_rank()
     batch = pack_batch(tokens, labels, loss_mask, eod)
     cu = batch.cu_seqlens
-    local = [cp_split(t, cp_size, cp_rank, dim=1, cu_seqlens=cu)
-             for t in (batch.tokens, batch.labels, batch.loss_mask, batch.position_ids)]
+    local = this_cp_rank(batch.tokens, batch.labels, batch.loss_mask, batch.position_ids, cu_seqlens=cu,
+                         cp_size=cp_size, cp_rank=cp_rank)
     params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu,
                              cu_seqlens_kv_padded=cu, max_seqlen_q=batch.max_seqlen, max_seqlen_kv=batch.max_seqlen)
     return (*local, params)
+
+
+def this_cp_rank(*tensors, cu_seqlens=None, cp_size: int | None = None, cp_rank: int | None = None):
+    """This CP rank's share of full-sequence [B, S] tensors, in megatron's layout (what
+    Megatron-LM's get_batch_on_this_cp_rank hands each rank: chunks r and 2CP-1-r of 2 * CP, of
+    every document when packed), which the DSA layer's positions and key gathers assume."""
+    from megatron.core import parallel_state
+
+    from megatron_dsa.parallel.comm import cp_split
+
+    if cp_size is None:
+        cp_size = parallel_state.get_context_parallel_world_size()
+        cp_rank = parallel_state.get_context_parallel_rank()
+    return [cp_split(t, cp_size, cp_rank, dim=1, cu_seqlens=cu_seqlens) for t in tensors]
 
 
 def _corpus_eod() -> int:
