@@ -69,3 +69,16 @@ def small_chunks(monkeypatch):
     from megatron_dsa import reference
 
     monkeypatch.setattr(reference, "CHUNK_ELEMENTS", 97)
+
+
+@pytest.fixture(autouse=True)
+def fresh_metrics_tracker():
+    """Each test gets its own megatron-core metrics tracker: it is process-global and sizes each
+    metric by the first model's layer count, so a test of another depth (an MTP layer, another
+    size) would otherwise fail on whichever test ran first."""
+    import sys
+
+    moe_logging = sys.modules.get("megatron.core.transformer.moe.moe_logging")
+    if moe_logging is not None:
+        moe_logging.set_moe_metrics_tracker(moe_logging.MoEMetricsTracker())
+    yield
