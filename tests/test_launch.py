@@ -394,6 +394,36 @@ def test_torchrun_two_processes_data_parallel(corpus, tmp_path):
     assert [i for i, _ in loss] == [1, 2, 3, 4] and all(0 < v < 10 for _, v in loss)
 
 
+def test_context_parallel_warmup_equals_one_process(corpus, tmp_path):
+    """The warm-up at CP=2 (two processes, each given its share of every sequence in megatron's
+    chunk layout: dense attention and the dense KL over keys of both ranks) logs the LM loss and
+    the indexer loss of one process, at the first step and after an optimizer step on the CP
+    gradients. Both start from one checkpoint (Megatron's initialisation depends on the layout)."""
+    from megatron_dsa.train.runner import read_scalars
+
+    def run(name: str, phase: str, nproc: int, *extra: str) -> Path:
+        env = dict(_env(), NPROC_PER_NODE=str(nproc), MASTER_PORT=str(_free_port()))
+        out = tmp_path / name
+        result = subprocess.run(
+            ["bash", str(REPO / "launch" / "torchrun.sh"), "--config", str(CONFIGS / "tiny" / f"{phase}.yaml"),
+             f"data.dir={corpus}", "data.seq_length=32", f"checkpoint.save={out / 'save'}",
+             f"logging.tensorboard_dir={out / 'tb'}", "train.lr=1e-3", "train.min_lr=1e-3",
+             "train.lr_warmup_iters=0", "train.micro_batch_size=2", "train.global_batch_size=2", "eval.iters=0",
+             "logging.interval=1", *extra],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+        assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
+        return out
+
+    start = run("pretrain", "pretrain", 1, "train.iters=1", "checkpoint.interval=1") / "save"
+    warmup = ["train.iters=2", "checkpoint.interval=100", f"checkpoint.load_from={start}"]
+    one = read_scalars(run("one", "warmup", 1, *warmup) / "tb")
+    cp = read_scalars(run("cp2", "warmup", 2, *warmup, "megatron.context_parallel_size=2") / "tb")
+    for tag in ("lm loss", "indexer loss"):
+        assert [i for i, _ in cp[tag]] == [1, 2], tag
+        assert [v for _, v in cp[tag]] == pytest.approx([v for _, v in one[tag]], rel=1e-4), tag
+    assert cp["indexer loss"][1][1] != pytest.approx(cp["indexer loss"][0][1], rel=1e-6)  # the step moved it
+
+
 def test_resume_with_another_module_backend(cli, corpus, tmp_path):
     record = _record(corpus, tmp_path, "pretrain")
     assert record["transformer_impl"] == "local"  # no Transformer Engine here

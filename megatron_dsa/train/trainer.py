@@ -279,6 +279,8 @@ def _moe_aux_terms() -> list[tuple[str, torch.Tensor]]:
 def loss_func(loss_mask: torch.Tensor, model, phase: str, output_tensor: torch.Tensor):
     """(loss, num_tokens, report) in Megatron's per-token form. ``report`` values are
     [sum, count] pairs that Megatron averages over microbatches and data-parallel ranks."""
+    from megatron.core import parallel_state
+
     from megatron_dsa.layer import pop_indexer_losses
 
     losses = output_tensor.float().view(-1)
@@ -297,10 +299,18 @@ def loss_func(loss_mask: torch.Tensor, model, phase: str, output_tensor: torch.T
         indexer_losses = pop_indexer_losses(model)
         if not indexer_losses:
             raise RuntimeError("warmup forward produced no indexer loss (is mdsa_mode 'warmup'?)")
+        # Each TP x CP rank holds its share of the KL (its own rows; the shares add up to the
+        # one-rank value). Megatron averages gradients and this report over DP x CP, so the share
+        # is scaled by CP (as its schedule scales the indexer loss it routes); the report adds
+        # the TP ranks' shares.
         kl = torch.stack(indexer_losses).sum()
         terms.append(("the indexer KL", torch.stack(indexer_losses).detach()))
-        loss = kl * num_tokens  # per token: Megatron divides by num_tokens
-        report["indexer loss"] = pair(kl)
+        cp = parallel_state.get_context_parallel_world_size()
+        loss = kl * cp * num_tokens  # per token: Megatron divides by num_tokens
+        kl_report = kl.detach() * cp
+        if parallel_state.get_tensor_model_parallel_world_size() > 1:
+            torch.distributed.all_reduce(kl_report, group=parallel_state.get_tensor_model_parallel_group())
+        report["indexer loss"] = pair(kl_report)
         report["lm loss"] = torch.stack([lm_sum.detach(), num_tokens])
     else:
         loss = lm_sum
