@@ -94,7 +94,7 @@ def test_smoke_pipeline_end_to_end(tmp_path):
     assert set(res["warmup"]) == set(ARMS)
     assert set(res["recall"]) == {"pretrain", *ARMS}
     for task, table in res["recall"].items():
-        assert set(map(int, table)) == {64, 128}
+        assert set(map(int, table)) == {128, 256}
         for by_k in table.values():
             assert all(0 < v["mean"] <= 1 for v in by_k.values())
             # the oracle (the attention's own top-k) bounds every indexer's recall

@@ -58,7 +58,7 @@ SCALES = {
         },
         loss_lengths=(64, 128, 256), loss_max_total=1024,
         retrieval_lengths=(256, 512), retrieval_n=2, tasks=dict(ratio=0.5, seed=0),
-        recall_lengths=(64, 128), recall_ratios=(1 / 8, 1 / 4), recall_max_total=256,
+        recall_lengths=(128, 256), recall_ratios=(1 / 16, 1 / 8), recall_max_total=512,
         train_length=256, topk=16, bench=False, speed_args=None,
     ),
 }
