@@ -26,6 +26,7 @@ from megatron_dsa.kernels._common import split_pow2  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 SM90_SHARED_BYTES = 227 * 1024
 POINTERS = dict(QM="*bf16", KV="*bf16", QI="*bf16", KI="*bf16", WI="*fp32", QPOS="*i64", KPOS="*i64", KLIM="*i32",
+                QDOC="*i64", KDOC="*i64",
                 LSE="*fp32", PART="*fp32", LSEI="*fp32", G="*fp32", DQ="*fp32", DW="*fp32", DK="*fp32",
                 scale_log2="fp32", scale="fp32", Q="*bf16", IDX="*i64", O="*bf16", SEG="*i32", DO="*bf16",
                 DELTA="*fp32", DKV="*fp32", LSEM="*fp32", P="*fp32")
@@ -49,7 +50,7 @@ def _compile_sm90(fn, consts: dict, options: dict, hints: bool = False):
 
 def check_fits(H: int, D: int, HI: int, DI: int) -> None:
     DV, D1, DR, D2 = split_pow2(D)
-    mains = dict(H=H, DV=DV, D1=D1, DR=DR, D2=D2, IEEE=False, UPCAST=False)
+    mains = dict(H=H, DV=DV, D1=D1, DR=DR, D2=D2, IEEE=False, UPCAST=False, HAS_DOC=False)
     lse = DK._lse_blocks(True)
     blk = DK._kl_blocks(HI, True)
     kl = dict(mains, HI=HI, DI=DI, DIP=DI, IEEE_I=False, **{k: v for k, v in blk.items() if k != "num_warps"})

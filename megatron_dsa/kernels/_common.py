@@ -71,7 +71,31 @@ if HAS_TRITON:
         else:
             return tl.dot(a.to(b.dtype), b)
 
+    @triton.jit
+    def _softmax_step(s, v, valid, scale_log2, m_i, l_i, acc, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+        """One block of keys into a running (flash) softmax: logits ``s`` [M, N] (masked by
+        ``valid`` [N], scaled to base 2), values ``v`` [N, D]; returns the new (max, sum, acc)."""
+        s = tl.where(valid[None, :], s * scale_log2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet stays empty
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE, UPCAST)
+        return m_new, l_i, acc
+
+    @triton.jit
+    def _softmax_finish(m_i, l_i, acc):
+        """The output and natural-log log-sum-exp of a running softmax; a row that saw no key
+        gives 0 and -inf (no NaN)."""
+        has = l_i > 0.0
+        out = acc / tl.where(has, l_i, 1.0)[:, None]
+        lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
+        return out, lse
+
 else:  # pragma: no cover
     _span = None
     _dot = None
     _dot_ds = None
+    _softmax_step = None
+    _softmax_finish = None

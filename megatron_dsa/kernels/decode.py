@@ -30,7 +30,7 @@ from typing import Optional
 
 import torch
 
-from ._common import HAS_TRITON, _dot, interpreting, is_fp32, next_pow2, split_pow2, triton, tl
+from ._common import HAS_TRITON, _dot, _softmax_finish, _softmax_step, interpreting, is_fp32, next_pow2, split_pow2, triton, tl
 from .sparse_attn import _tile_mask, head_block
 
 DECODE_BK = 64  # cached rows per block of one attention program
@@ -96,17 +96,8 @@ if HAS_TRITON:
             if DR > 0:
                 kv2 = tl.load(rows[:, None] + DV + d2[None, :], mask=_tile_mask(valid, d2, DR, D2), other=0.0)
                 s += _dot(q2, tl.trans(kv2), IEEE, UPCAST)
-            s = tl.where(valid[None, :], s * scale_log2, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_safe)
-            p = tl.exp2(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + _dot(p.to(kv1.dtype), kv1, IEEE, UPCAST)
-            m_i = m_new
-        has = l_i > 0.0
-        out = acc / tl.where(has, l_i, 1.0)[:, None]
-        lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
+            m_i, l_i, acc = _softmax_step(s, kv1, valid, scale_log2, m_i, l_i, acc, IEEE, UPCAST)
+        out, lse = _softmax_finish(m_i, l_i, acc)
         ob = O + b * stride_ob + split * stride_os + h[:, None] * stride_oh + d1[None, :]
         tl.store(ob, out, mask=_tile_mask(hm, d1, DV, D1))
         tl.store(LSE + b * stride_lb + split * stride_ls + h, lse, mask=hm)

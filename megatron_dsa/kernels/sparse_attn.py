@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import HAS_TRITON, _dot, interpreting, is_fp32, next_pow2, triton, tl
+from ._common import HAS_TRITON, _dot, _softmax_finish, _softmax_step, interpreting, is_fp32, next_pow2, triton, tl
 from ..kernel_options import DEFAULT_OPTIONS, KernelOptions, Tiles
 
 LOG2E = 1.4426950408889634
@@ -119,17 +119,8 @@ if HAS_TRITON:
             s = _dot(q1, tl.trans(kv1), IEEE, UPCAST)
             if DR > 0:
                 s += _dot(q2, tl.trans(_gather(kvb + DV, rowoff, valid, d2, DR, D2)), IEEE, UPCAST)
-            s = tl.where(valid[None, :], s * scale_log2, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_safe)
-            p = tl.exp2(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + _dot(p.to(kv1.dtype), kv1, IEEE, UPCAST)
-            m_i = m_new
-        has = l_i > 0.0
-        out = acc / tl.where(has, l_i, 1.0)[:, None]
-        lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
+            m_i, l_i, acc = _softmax_step(s, kv1, valid, scale_log2, m_i, l_i, acc, IEEE, UPCAST)
+        out, lse = _softmax_finish(m_i, l_i, acc)
         ob = O + b * stride_ob + t * stride_os + h[:, None] * stride_oh + d1[None, :]
         tl.store(ob, out.to(O.dtype.element_ty), mask=_tile_mask(hm, d1, DV, D1))
         tl.store(LSE + b * stride_lb + t * stride_ls + h, lse, mask=hm)
