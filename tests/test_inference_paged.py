@@ -52,7 +52,7 @@ def test_fp8_indexer_keys_decode_equals_prefill_over_the_same_keys(model, seed):
     # from fp32 keys); the decode path and the prefill through the core read the same stored
     # keys and must agree. The stored keys are the fp32 keys within e4m3's rounding.
     tokens = torch.randint(0, 512, (1, 16))
-    engine = DSAInference(model, "sparse", block_size=4)  # FP8 keys, the default
+    engine = DSAInference(model, "sparse", indexer_keys="fp8", block_size=4)
     whole, cache = engine.prefill(tokens)
     logits, cache_steps = engine.prefill(tokens[:, :5])
     steps = [logits]
