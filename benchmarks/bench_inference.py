@@ -60,6 +60,28 @@ def time_ms(fn, repeats: int) -> float:
     return 1e3 * sorted(times)[len(times) // 2]
 
 
+def graphed(fn):
+    """``fn`` captured as a CUDA graph (after a warm-up on a side stream), so a decode step is
+    timed as the GPU runs it, not as Python launches it; eager where capture fails."""
+    if not torch.cuda.is_available():
+        return fn, False
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            fn()
+    except Exception as error:  # noqa: BLE001 - recorded in the row
+        print(f"CUDA graph capture failed, timing eagerly: {error}", flush=True)
+        torch.cuda.synchronize()
+        return fn, False
+    return graph.replay, True
+
+
 def bound_bytes_per_token(phase: str, impl: str, position: int, shape: dict, chunk: int) -> float:
     """Latent rows read + indexer keys read, per token."""
     row = (shape["kv_lora_rank"] + shape["rope"]) * 2  # bf16
@@ -99,7 +121,8 @@ def decode_point(impl, batch, position, heads, shape, device, dtype, dec, repeat
     else:
         def step():
             return dec.dense_mla_decode(q, kv, table, lengths, v, scale)
-    return time_ms(step, repeats) / batch
+    step, is_graphed = graphed(step)
+    return time_ms(step, repeats) / batch, is_graphed
 
 
 def prefill_point(impl, position, heads, shape, device, dtype, backend, chunk, repeats):
@@ -123,6 +146,48 @@ def prefill_point(impl, position, heads, shape, device, dtype, backend, chunk, r
         return time_ms(run, repeats) / chunk
 
 
+def model_decode_rows(size: str, positions: list[int], device: str, repeats: int) -> list[dict]:
+    """The whole model's decode step at batch 1 through the engine (paged cache, Triton decode
+    kernels, CUDA graphs on a GPU), DSA vs dense, after a prefill of ``position`` random tokens."""
+    from megatron_dsa.distributed import init_single_process
+    from megatron_dsa.inference import DSAInference
+    from megatron_dsa.model import build_model, model_config
+
+    init_single_process()
+    cuda = device == "cuda"
+    overrides = dict(params_dtype=torch.bfloat16, bf16=True, mdsa_mode="sparse") if cuda else dict(mdsa_mode="sparse")
+    torch.manual_seed(0)
+    model = build_model(size, model_config(size, **overrides), max_seq_len=max(positions) + repeats + 8).to(device)
+    rows = []
+    for pos in positions:
+        for impl in ("dsa", "dense"):
+            rec = dict(heads=model.config.num_attention_heads, batch=1, position=pos, phase="decode", impl=impl,
+                       model=size, graphed=cuda)
+            try:
+                engine = DSAInference(model, "sparse" if impl == "dsa" else "dense",
+                                      kernel="triton" if cuda else "reference", cuda_graphs=cuda)
+                tokens = torch.randint(0, model.vocab_size, (1, pos), device=device)
+                logits, cache = engine.prefill(tokens, capacity=pos + repeats + 2)
+                nxt = logits[:, -1].argmax(-1)
+
+                def step():
+                    return engine.decode(nxt, cache)
+
+                rec["ms_per_token"] = time_ms(step, repeats)
+                rec["s_per_million_tokens"] = rec["ms_per_token"] * 1e3
+                del engine, cache, logits
+            except torch.OutOfMemoryError:
+                rec["error"] = "out of memory"
+            except Exception as error:  # noqa: BLE001 - record and go on
+                rec["error"] = f"{type(error).__name__}: {error}"
+                traceback.print_exc()
+            if cuda:
+                torch.cuda.empty_cache()
+            rows.append(rec)
+            print(json.dumps(rec), flush=True)
+    return rows
+
+
 def other_engines() -> dict:
     """Other engines' DSA kernels: why they were not measured."""
     found = {}
@@ -137,20 +202,22 @@ def other_engines() -> dict:
 def write_markdown(path, meta, records):
     lines = [f"# Inference cost per token, one attention layer ({meta['device']})", "",
              f"Shape: {meta['shape']}; HBM bound at {meta['hbm_gbps']} GB/s. Other engines: {meta['other_engines']}.", "",
-             "| heads | phase | batch | position | dsa ms/token | dense ms/token | dense / dsa | dsa / its bound | dense / its bound |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    keyed = {(r["heads"], r["phase"], r["batch"], r["position"], r["impl"]): r for r in records}
-    for (heads, phase, batch, pos, impl), r in sorted(keyed.items()):
+             "| what | heads | phase | batch | position | dsa ms/token | dense ms/token | dense / dsa | dsa / its bound | dense / its bound |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    keyed = {(r.get("model", "one layer"), r["heads"], r["phase"], r["batch"], r["position"], r["impl"]): r
+             for r in records}
+    for (what, heads, phase, batch, pos, impl), r in sorted(keyed.items()):
         if impl != "dsa":
             continue
-        d = keyed.get((heads, phase, batch, pos, "dense"), {})
+        d = keyed.get((what, heads, phase, batch, pos, "dense"), {})
+        head = f"| {what} | {heads} | {phase} | {batch} | {pos} |"
         if "ms_per_token" not in r or "ms_per_token" not in d:
-            lines.append(f"| {heads} | {phase} | {batch} | {pos} | {r.get('error', r.get('ms_per_token'))} | "
-                         f"{d.get('error', d.get('ms_per_token'))} | | | |")
+            lines.append(f"{head} {r.get('error', r.get('ms_per_token'))} | {d.get('error', d.get('ms_per_token'))} | | | |")
             continue
-        lines.append(f"| {heads} | {phase} | {batch} | {pos} | {r['ms_per_token']:.4f} | {d['ms_per_token']:.4f} | "
-                     f"{d['ms_per_token'] / r['ms_per_token']:.2f}x | {r['ms_per_token'] / r['bound_ms_per_token']:.2f}x | "
-                     f"{d['ms_per_token'] / d['bound_ms_per_token']:.2f}x |")
+        ratio = d["ms_per_token"] / r["ms_per_token"]
+        bounds = (f"{r['ms_per_token'] / r['bound_ms_per_token']:.2f}x | {d['ms_per_token'] / d['bound_ms_per_token']:.2f}x"
+                  if "bound_ms_per_token" in r else " | ")
+        lines.append(f"{head} {r['ms_per_token']:.4f} | {d['ms_per_token']:.4f} | {ratio:.2f}x | {bounds} |")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -161,7 +228,10 @@ def plot(records, path, title):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    records = [r for r in records if "model" not in r]  # the plot is the one-layer sweep
     panels = sorted({(r["heads"], r["phase"]) for r in records})
+    if not panels:
+        return
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.5), squeeze=False)
     for ax, (heads, phase) in zip(axes[0], panels):
         for impl in ("dsa", "dense"):
@@ -196,6 +266,11 @@ def main(argv=None) -> int:
     p.add_argument("--hbm-gbps", type=float, default=4800.0, help="HBM bandwidth for the bound (H200: 4800)")
     p.add_argument("--name", default=None, help="results stem: inference_<name> (default: the device)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    p.add_argument("--model", default=None, help="also time this model size's whole decode step at batch 1 "
+                   "(engine, paged cache, CUDA graphs), e.g. small")
+    p.add_argument("--model-positions", default="1024,16384,131072")
+    p.add_argument("--layer", dest="layer", action="store_true", default=True)
+    p.add_argument("--no-layer", dest="layer", action="store_false", help="skip the one-layer sweep")
     p.add_argument("--quick", action="store_true", help="CPU smoke run: tiny dims, short positions, the reference ops")
     args = p.parse_args(argv)
     try:
@@ -225,7 +300,7 @@ def main(argv=None) -> int:
                 prefill_impl=f"{backend.name}: training kernels (dense: PyTorch fused attention)",
                 hbm_gbps=args.hbm_gbps, other_engines=other_engines(), prefill_chunk=args.prefill_chunk)
     records = []
-    for h in heads:
+    for h in (heads if args.layer else []):
         for phase in phases:
             for batch in (batches if phase == "decode" else [1]):
                 for pos in positions:
@@ -236,7 +311,7 @@ def main(argv=None) -> int:
                             args.hbm_gbps * 1e9)
                         try:
                             if phase == "decode":
-                                rec["ms_per_token"] = decode_point(impl, batch, pos, h, shape, device, dtype, dec,
+                                rec["ms_per_token"], rec["graphed"] = decode_point(impl, batch, pos, h, shape, device, dtype, dec,
                                                                    args.repeats)
                             else:
                                 rec["ms_per_token"] = prefill_point(impl, pos, h, shape, device, dtype, backend,
@@ -251,6 +326,9 @@ def main(argv=None) -> int:
                             torch.cuda.empty_cache()
                         records.append(rec)
                         print(json.dumps(rec), flush=True)
+    if args.model:
+        model_positions = [16, 40] if args.quick else [int(x) for x in args.model_positions.split(",")]
+        records += model_decode_rows(args.model, model_positions, device, args.repeats)
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"inference_{args.name or ('quick' if args.quick else 'gpu')}")
     with open(stem + ".json.tmp", "w") as f:
