@@ -12,13 +12,14 @@ with a per-token scale), top-k 2048; 128 heads, and 16 for one rank of TP=8.
 decode   a paged cache of ``batch`` sequences each ``position`` tokens long (block size 64);
          one step: dsa = ``paged_indexer_topk`` + ``sparse_mla_decode``, dense =
          ``dense_mla_decode`` (ours, ``megatron_dsa.kernels.decode``). ms per token = step / batch.
-prefill  one chunk of ``--prefill-chunk`` queries ending at ``position`` through the training
-         kernels: dsa = ``indexer_topk`` + ``sparse_mla_attention``, dense =
-         ``dense_mla_attention`` (PyTorch's fused attention). ms per token = chunk / its tokens.
+prefill  one chunk of ``--prefill-chunk`` queries ending at ``position``: dsa = the training
+         kernels' ``indexer_topk`` + ``sparse_mla_attention`` over the latent rows, dense =
+         PyTorch's fused attention over per-head keys and values (192 / 128 dims, as MLA
+         prefill runs; the latent's up-projection not counted). ms per token = chunk / its tokens.
 
-Each row carries its HBM-bytes bound per token: the latent rows read (dsa: top-k rows; dense:
-every cached row) plus the indexer keys read (dsa: every cached key, FP8 + scale), divided by
-``--hbm-gbps``. Other engines' DSA kernels (FlashInfer, sgl-kernel) are listed in the meta with
+Each row carries its bound per token (``bound_ms_per_token``): the larger of its HBM bytes (the
+latent rows read, dsa: top-k rows, dense: every cached row; plus dsa's indexer keys, FP8 + scale)
+over ``--hbm-gbps`` and its FLOPs over the measured matrix ceilings. Other engines' DSA kernels (FlashInfer, sgl-kernel) are listed in the meta with
 the reason they were not measured. Writes inference_<name>.json/.md/.png to --out; an
 out-of-memory point is recorded as such and the sweep goes on. ``--quick``: tiny dims on the CPU
 (the reference ops), to check the script itself.
@@ -39,8 +40,9 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 DEFAULT_POSITIONS = "1024,2048,4096,8192,16384,32768,65536,131072"
-V32 = dict(kv_lora_rank=512, rope=64, indexer_heads=64, indexer_dim=128, topk=2048, block_size=64)
-QUICK = dict(kv_lora_rank=32, rope=16, indexer_heads=4, indexer_dim=32, topk=16, block_size=8)
+V32 = dict(kv_lora_rank=512, rope=64, indexer_heads=64, indexer_dim=128, topk=2048, block_size=64, head_qk=192,
+           head_v=128)
+QUICK = dict(kv_lora_rank=32, rope=16, indexer_heads=4, indexer_dim=32, topk=16, block_size=8, head_qk=24, head_v=16)
 
 
 def sync():
@@ -82,15 +84,34 @@ def graphed(fn):
     return graph.replay, True
 
 
-def bound_bytes_per_token(phase: str, impl: str, position: int, shape: dict, chunk: int) -> float:
-    """Latent rows read + indexer keys read, per token."""
-    row = (shape["kv_lora_rank"] + shape["rope"]) * 2  # bf16
+def bound_ms_per_token(phase: str, impl: str, position: int, heads: int, shape: dict, chunk: int,
+                       hbm_gbps: float, bf16_tflops: float, fp8_tflops: float) -> float:
+    """The larger of the HBM-bytes and the FLOPs bound per token, in ms.
+
+    decode  bytes: the latent rows read (dsa: the top-k rows; dense: every cached row) + the
+            indexer keys read (dsa: every cached key, FP8 + scale).
+    prefill FLOPs: dsa = FP8 indexer scoring over the cached keys + attention over the top-k latent
+            rows (576 / 512 dims); dense = attention over every cached row (192 / 128 dims per
+            head). Bytes: the cached rows and keys read once per chunk."""
+    D, v = shape["kv_lora_rank"] + shape["rope"], shape["kv_lora_rank"]
+    row = D * 2  # bf16
     key = shape["indexer_dim"] + 4  # e4m3 + fp32 scale
+    selected = min(shape["topk"], position)
     if phase == "decode":
-        return min(shape["topk"], position) * row + position * key if impl == "dsa" else position * row
-    # A prefill chunk reads the cached rows and keys once for all of its queries.
-    rows = position * row
-    return (rows + position * key) / chunk if impl == "dsa" else rows / chunk
+        nbytes = selected * row + position * key if impl == "dsa" else position * row
+        flops = 2 * heads * (D + v) * (selected if impl == "dsa" else position)
+        index_flops = 2 * shape["indexer_heads"] * shape["indexer_dim"] * position if impl == "dsa" else 0
+    else:
+        if impl == "dsa":
+            nbytes = (position * row + position * key) / chunk
+            flops = 2 * heads * (D + v) * selected
+            index_flops = 2 * shape["indexer_heads"] * shape["indexer_dim"] * position
+        else:
+            nbytes = position * heads * (shape["head_qk"] + shape["head_v"]) * 2 / chunk
+            flops = 2 * heads * (shape["head_qk"] + shape["head_v"]) * position
+            index_flops = 0
+    seconds = max(nbytes / (hbm_gbps * 1e9), flops / (bf16_tflops * 1e12) + index_flops / (fp8_tflops * 1e12))
+    return 1e3 * seconds
 
 
 def paged_setup(batch, position, heads, shape, device, dtype):
@@ -128,20 +149,32 @@ def decode_point(impl, batch, position, heads, shape, device, dtype, dec, repeat
 def prefill_point(impl, position, heads, shape, device, dtype, backend, chunk, repeats):
     chunk = min(chunk, position)
     D, v = shape["kv_lora_rank"] + shape["rope"], shape["kv_lora_rank"]
-    kv = torch.randn(1, position, D, device=device, dtype=dtype)
-    q = torch.randn(1, chunk, heads, D, device=device, dtype=dtype)
-    q_pos = torch.arange(position - chunk, position, device=device)
-    qi = torch.randn(1, chunk, shape["indexer_heads"], shape["indexer_dim"], device=device, dtype=dtype)
-    ki = torch.randn(1, position, shape["indexer_dim"], device=device, dtype=dtype)
-    wi = torch.randn(1, chunk, shape["indexer_heads"], device=device)
-    fp8 = backend.name != "reference"
     if impl == "dsa":
+        kv = torch.randn(1, position, D, device=device, dtype=dtype)
+        q = torch.randn(1, chunk, heads, D, device=device, dtype=dtype)
+        q_pos = torch.arange(position - chunk, position, device=device)
+        qi = torch.randn(1, chunk, shape["indexer_heads"], shape["indexer_dim"], device=device, dtype=dtype)
+        ki = torch.randn(1, position, shape["indexer_dim"], device=device, dtype=dtype)
+        wi = torch.randn(1, chunk, shape["indexer_heads"], device=device)
+        fp8 = backend.name != "reference"
+
         def run():
             sel = backend.indexer_topk(qi, ki, wi, shape["topk"], q_pos=q_pos, fp8=fp8)
             return backend.sparse_mla_attention(q, kv, sel, v, D**-0.5)
     else:
+        # Dense MLA prefill as engines run it: per-head keys and values (nope + rope, value dims)
+        # through PyTorch's fused attention, causal with the chunk's queries at the end. The
+        # up-projection of the cached latent rows is not counted (in dense's favour).
+        from torch.nn.attention.bias import causal_lower_right
+
+        dqk, dv = shape["head_qk"], shape["head_v"]
+        q = torch.randn(1, heads, chunk, dqk, device=device, dtype=dtype)
+        k = torch.randn(1, heads, position, dqk, device=device, dtype=dtype)
+        vv = torch.randn(1, heads, position, dv, device=device, dtype=dtype)
+        bias = causal_lower_right(chunk, position)
+
         def run():
-            return backend.dense_mla_attention(q, kv, v, D**-0.5, q_pos=q_pos, need_lse=False)
+            return torch.nn.functional.scaled_dot_product_attention(q, k, vv, attn_mask=bias)
     with torch.no_grad():
         return time_ms(run, repeats) / chunk
 
@@ -201,7 +234,8 @@ def other_engines() -> dict:
 
 def write_markdown(path, meta, records):
     lines = [f"# Inference cost per token, one attention layer ({meta['device']})", "",
-             f"Shape: {meta['shape']}; HBM bound at {meta['hbm_gbps']} GB/s. Other engines: {meta['other_engines']}.", "",
+             f"Shape: {meta['shape']}; bounds at HBM {meta['hbm_gbps']} GB/s, bf16 {meta['bf16_tflops']} / fp8 "
+             f"{meta['fp8_tflops']} TFLOP/s. Decode: {meta['decode_impl']}. Prefill: {meta['prefill_impl']}. Other engines: {meta['other_engines']}.", "",
              "| what | heads | phase | batch | position | dsa ms/token | dense ms/token | dense / dsa | dsa / its bound | dense / its bound |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     keyed = {(r.get("model", "one layer"), r["heads"], r["phase"], r["batch"], r["position"], r["impl"]): r
@@ -263,7 +297,10 @@ def main(argv=None) -> int:
     p.add_argument("--phases", default="decode,prefill")
     p.add_argument("--prefill-chunk", type=int, default=2048)
     p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--hbm-gbps", type=float, default=4800.0, help="HBM bandwidth for the bound (H200: 4800)")
+    p.add_argument("--hbm-gbps", type=float, default=4290.0,
+                   help="HBM bandwidth for the bound (H200, measured by benchmarks/ceilings.py: 4290)")
+    p.add_argument("--bf16-tflops", type=float, default=791.0, help="bf16 matrix ceiling (H200 measured: 791)")
+    p.add_argument("--fp8-tflops", type=float, default=1445.0, help="fp8 matrix ceiling (H200 measured: 1445)")
     p.add_argument("--name", default=None, help="results stem: inference_<name> (default: the device)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     p.add_argument("--model", default=None, help="also time this model size's whole decode step at batch 1 "
@@ -297,8 +334,10 @@ def main(argv=None) -> int:
     dtype = torch.bfloat16
     meta = dict(device=torch.cuda.get_device_name() if device == "cuda" else "cpu", shape=shape, dtype="bf16",
                 decode_impl=f"{dec.name}: megatron_dsa.kernels.decode (dense: ours, absorbed)",
-                prefill_impl=f"{backend.name}: training kernels (dense: PyTorch fused attention)",
-                hbm_gbps=args.hbm_gbps, other_engines=other_engines(), prefill_chunk=args.prefill_chunk)
+                prefill_impl=f"{backend.name}: training kernels (dense: PyTorch SDPA, per-head 192/128 dims, "
+                                 "latent up-projection not counted)",
+                hbm_gbps=args.hbm_gbps, bf16_tflops=args.bf16_tflops, fp8_tflops=args.fp8_tflops,
+                other_engines=other_engines(), prefill_chunk=args.prefill_chunk)
     records = []
     for h in (heads if args.layer else []):
         for phase in phases:
@@ -307,8 +346,9 @@ def main(argv=None) -> int:
                     for impl in ("dsa", "dense"):
                         rec = dict(heads=h, batch=batch, position=pos, phase=phase, impl=impl)
                         chunk = min(args.prefill_chunk, pos)
-                        rec["bound_ms_per_token"] = 1e3 * bound_bytes_per_token(phase, impl, pos, shape, chunk) / (
-                            args.hbm_gbps * 1e9)
+                        rec["bound_ms_per_token"] = bound_ms_per_token(phase, impl, pos, h, shape, chunk,
+                                                                       args.hbm_gbps, args.bf16_tflops,
+                                                                       args.fp8_tflops)
                         try:
                             if phase == "decode":
                                 rec["ms_per_token"], rec["graphed"] = decode_point(impl, batch, pos, h, shape, device, dtype, dec,

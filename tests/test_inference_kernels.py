@@ -112,16 +112,21 @@ def test_paged_indexer_topk_equals_the_reference(keys):
     want = R.indexer_scores(q[:, None], keys_f, w[:, None])[:, 0].masked_fill(pos >= lens[:, None], float("-inf"))
     assert torch.equal(torch.isinf(scores), torch.isinf(want))
     finite = torch.isfinite(want)
-    assert_close(scores[finite], want[finite], 1e-5 if keys != "bf16" else 1e-2)
+    # On a GPU an fp32 query meets FP8 keys on the bf16 tensor cores (e4m3 is exact in bf16; the
+    # query's rounding is the error); the interpreter computes that product in fp32.
+    tol = 1e-2 if keys == "bf16" or (keys == "fp8" and DEV == "cuda") else 1e-5
+    assert_close(scores[finite], want[finite], tol)
     got = D.paged_indexer_topk(q, w, pool, scales, table, lens, topk)
     ref = R.paged_indexer_topk(q, w, pool, scales, table, lens, topk)
     assert torch.equal((got >= 0).sum(-1), torch.tensor([10, 7, 10], device=DEV))
     # The same sets up to rounding: the selected scores agree.
     picked = lambda idx: torch.where(idx >= 0, want.gather(1, idx.clamp_min(0)), 0.0)  # noqa: E731
-    assert_close(picked(got).sum(-1), picked(ref).sum(-1), 1e-4)
+    assert_close(picked(got).sum(-1), picked(ref).sum(-1), max(tol, 1e-4))
 
 
-def test_select_topk_keeps_the_reference_tie_rule_and_order():
+@pytest.mark.parametrize("piece", [1024, 7])  # one piece of the running count, or several
+def test_select_topk_keeps_the_reference_tie_rule_and_order(piece, monkeypatch):
+    monkeypatch.setattr(D, "SCAN_PIECE", piece)
     scores = torch.randint(0, 4, (6, 40), device=DEV).float()  # many ties
     scores[0, 3:] = float("-inf")  # fewer eligible keys than k
     scores[1] = float("-inf")  # none

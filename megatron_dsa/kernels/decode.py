@@ -35,6 +35,7 @@ from .sparse_attn import _tile_mask, head_block
 
 DECODE_BK = 64  # cached rows per block of one attention program
 INDEXER_BN = 64  # keys per indexer program
+INDEXER_WARPS = 4
 SPLIT_ROWS = 512  # at least this many cached rows per key split
 TARGET_PROGRAMS = 264  # about two programs per SM of an H100/H200
 
@@ -170,28 +171,44 @@ def paged_indexer_scores(q, w, key_pool, key_scales, block_table, lengths, width
         key_pool.stride(0), key_pool.stride(1), ks.stride(0),
         block_table.stride(0), scores.stride(0), width,
         HIP=next_pow2(HI, 16), DI=DI, DIP=next_pow2(DI, 16), BN=INDEXER_BN, SCALED=fp8,
-        IEEE=ieee, UPCAST=interpreting() and not ieee, num_warps=4,
+        IEEE=ieee, UPCAST=interpreting() and not ieee, num_warps=INDEXER_WARPS,
     )
     return scores
+
+
+SCAN_PIECE = 1024  # elements per piece of select_topk's two-level running count
+
+
+def _running_count(mask: torch.Tensor) -> torch.Tensor:
+    """Inclusive running count of ``mask`` [B, n] along each row, int32. In two levels (within
+    pieces of SCAN_PIECE, then over the pieces' totals) so that a few long rows still spread over
+    the GPU: a scan of one long row per program is latency-bound."""
+    B, n = mask.shape
+    pieces = -(-n // SCAN_PIECE)
+    x = torch.nn.functional.pad(mask.to(torch.int32), (0, pieces * SCAN_PIECE - n)).view(B, pieces, SCAN_PIECE)
+    inner = x.cumsum(-1, dtype=torch.int32)
+    before = inner[..., -1].cumsum(-1, dtype=torch.int32) - inner[..., -1]
+    return (inner + before[..., None]).view(B, -1)[:, :n]
 
 
 def select_topk(scores: torch.Tensor, topk: int) -> torch.Tensor:
     """``reference.topk_from_scores`` for rows whose ineligible entries are already -inf: the same
     set (ties towards the smaller position), order (score descending, ties by position) and -1
-    padding, from one torch.topk and an ordering of the k winners instead of a sort of each row.
-    No host synchronisation (a CUDA graph can hold it)."""
+    padding, without a full sort of each row: one torch.topk finds the k-th score, the k chosen
+    positions are scattered to their rank among the chosen (a running count, in position order),
+    and only those k are sorted. No host synchronisation (a CUDA graph can hold it)."""
     B, n = scores.shape
     k = min(topk, n)
     if k == 0:
         return torch.full((B, topk), -1, dtype=torch.long, device=scores.device)
-    kth = torch.topk(scores, k, dim=-1, sorted=True).values[:, -1:]
+    kth = torch.topk(scores, k, dim=-1, sorted=False).values.amin(-1, keepdim=True)
     above = scores > kth
     ties = scores == kth
-    room = k - above.sum(-1, keepdim=True)
-    chosen = above | (ties & (ties.cumsum(-1) <= room))
-    # The k chosen positions, smallest first (a distinct key per position), then by score.
-    rank = torch.arange(n, 0, -1, device=scores.device, dtype=torch.float32)
-    idx = torch.topk(chosen * rank, k, dim=-1, sorted=True).indices
+    room = k - above.sum(-1, keepdim=True, dtype=torch.int32)
+    chosen = above | (ties & (_running_count(ties) <= room))  # exactly k per row (n >= k)
+    slot = torch.where(chosen, _running_count(chosen) - 1, k).long()  # rank among the chosen; k: not chosen
+    positions = torch.arange(n, device=scores.device).expand(B, n)
+    idx = torch.empty(B, k + 1, dtype=torch.long, device=scores.device).scatter_(1, slot, positions)[:, :k]
     order = torch.sort(scores.gather(-1, idx), dim=-1, descending=True, stable=True)
     idx = idx.gather(-1, order.indices).masked_fill(order.values == float("-inf"), -1)
     if k < topk:
