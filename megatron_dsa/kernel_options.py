@@ -11,7 +11,7 @@ from dataclasses import dataclass, fields
 from typing import Any, Optional
 
 DENSE_KL = ("fused", "blockwise")
-TILE_FIELDS = ("attn_fwd", "attn_bwd", "attn_dkv", "kl_target", "kl_fwd", "kl_bwd")
+TILE_FIELDS = ("attn_fwd", "attn_bwd", "attn_dkv", "kl_target", "kl_fwd", "kl_bwd", "decode_attn", "decode_index")
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,8 @@ class KernelOptions:
     the products' rows) or one (None: two from 64-head blocks, where one does not fit an SM).
     attn_fwd / attn_bwd / attn_dkv / kl_target / kl_fwd / kl_bwd: launch tiles of those kernels
     (None: measured defaults).
+    decode_attn / decode_index: the paged decode's attention (cached rows per block) and indexer
+    scoring (keys per program) launches (None: measured defaults, ``kernels.decode``).
     """
 
     dense_kl: str = "fused"
@@ -55,6 +57,8 @@ class KernelOptions:
     kl_target: Optional[Tiles] = None
     kl_fwd: Optional[Tiles] = None
     kl_bwd: Optional[Tiles] = None
+    decode_attn: Optional[Tiles] = None
+    decode_index: Optional[Tiles] = None
 
     def __post_init__(self):
         if self.dense_kl not in DENSE_KL:

@@ -142,9 +142,12 @@ def fp8_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return fp8_quantize_reference(x)
 
 
-def decode_backend(kind: str, device: torch.device) -> SimpleNamespace:
+def decode_backend(kind: str, device: torch.device, options: KernelOptions = DEFAULT_OPTIONS) -> SimpleNamespace:
     """The paged-cache decode ops (``DECODE_OPS``) for ``kind`` ('auto' | 'reference' | 'triton')
-    on ``device``, chosen as ``backend`` chooses."""
+    on ``device``, chosen as ``backend`` chooses; the Triton ops launch with ``options``."""
     name = backend(kind, device).name
-    source = reference if name == "reference" else _kernels().decode
-    return SimpleNamespace(name=name, **{op: getattr(source, op) for op in DECODE_OPS})
+    if name == "reference":
+        return SimpleNamespace(name=name, **{op: getattr(reference, op) for op in DECODE_OPS})
+    source = _kernels().decode
+    return SimpleNamespace(name=name, **{op: functools.partial(getattr(source, op), options=options)
+                                         for op in DECODE_OPS})

@@ -19,6 +19,7 @@ from megatron_dsa import reference as R  # noqa: E402
 from megatron_dsa.kernels import available  # noqa: E402
 from megatron_dsa.kernels import decode as D  # noqa: E402
 from megatron_dsa.kernels.indexer import fp8_quantize_reference  # noqa: E402
+from megatron_dsa.kernel_options import KernelOptions, Tiles  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not available(), reason="needs Triton with CUDA or TRITON_INTERPRET=1")
 
@@ -69,13 +70,14 @@ def test_sparse_and_dense_decode_equal_the_reference(heads, dtype):
     sel = torch.stack([torch.cat([torch.randperm(n, device=DEV)[:topk],
                                   torch.full((max(0, topk - n),), -1, device=DEV, dtype=torch.long)]) for n in lengths])
     tol = 1e-5 if dtype == torch.float32 else 2e-2
-    for splits in (1, 3):
-        out, lse = D.sparse_mla_decode(q, pool, table, sel, v_dim, scale, lengths=lens, splits=splits)
+    # Default launches, then small blocks from the options (many blocks per split).
+    for splits, options in ((1, KernelOptions()), (3, KernelOptions(decode_attn=Tiles(16, 4, 1)))):
+        out, lse = D.sparse_mla_decode(q, pool, table, sel, v_dim, scale, lengths=lens, splits=splits, options=options)
         ref_out, ref_lse = R.sparse_mla_decode(q, pool, table, sel, v_dim, scale)
         assert out.dtype == dtype and out.shape == (3, heads, v_dim)
         assert_close(out, ref_out, tol)
         assert_close(lse, ref_lse, 1e-5 if dtype == torch.float32 else 1e-2)
-        out, lse = D.dense_mla_decode(q, pool, table, lens, v_dim, scale, splits=splits)
+        out, lse = D.dense_mla_decode(q, pool, table, lens, v_dim, scale, splits=splits, options=options)
         ref_out, ref_lse = R.dense_mla_decode(q, pool, table, lens, v_dim, scale)
         assert_close(out, ref_out, tol)
         assert_close(lse, ref_lse, 1e-5 if dtype == torch.float32 else 1e-2)
@@ -112,6 +114,10 @@ def test_paged_indexer_topk_equals_the_reference(keys):
     want = R.indexer_scores(q[:, None], keys_f, w[:, None])[:, 0].masked_fill(pos >= lens[:, None], float("-inf"))
     assert torch.equal(torch.isinf(scores), torch.isinf(want))
     finite = torch.isfinite(want)
+    # Fewer keys per program (the options' launch) scores the same.
+    small = D.paged_indexer_scores(q, w, pool, scales, table, lens, options=KernelOptions(decode_index=Tiles(16, 2, 1)))
+    assert torch.equal(torch.isinf(small), torch.isinf(want))
+    assert_close(small[finite], scores[finite], 1e-5)
     # On a GPU an fp32 query meets FP8 keys on the bf16 tensor cores (e4m3 is exact in bf16; the
     # query's rounding is the error); the interpreter computes that product in fp32.
     tol = 1e-2 if keys == "bf16" or (keys == "fp8" and DEV == "cuda") else 1e-5
@@ -125,11 +131,10 @@ def test_paged_indexer_topk_equals_the_reference(keys):
 
 
 @pytest.mark.parametrize("piece", [1024, 7])  # one piece of the running count, or several
-def test_select_topk_keeps_the_reference_tie_rule_and_order(piece, monkeypatch):
-    monkeypatch.setattr(D, "SCAN_PIECE", piece)
+def test_select_topk_keeps_the_reference_tie_rule_and_order(piece):
     scores = torch.randint(0, 4, (6, 40), device=DEV).float()  # many ties
     scores[0, 3:] = float("-inf")  # fewer eligible keys than k
     scores[1] = float("-inf")  # none
     mask = torch.isfinite(scores)
     for k in (1, 7, 40, 45):
-        assert torch.equal(D.select_topk(scores, k), R.topk_from_scores(scores, mask, k))
+        assert torch.equal(D.select_topk(scores, k, piece), R.topk_from_scores(scores, mask, k))

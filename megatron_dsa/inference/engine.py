@@ -77,7 +77,7 @@ class DSAInference:
         self.layers = list(model.decoder.layers)
         self.cores = dsa_layers(model)
         self.backend = ops.backend(kernel, device, cfg.dsa.kernel_options)
-        self.decode_ops = ops.decode_backend(kernel, device)
+        self.decode_ops = ops.decode_backend(kernel, device, cfg.dsa.kernel_options)
         if cuda_graphs and self.decode_ops.name == "reference":
             raise RuntimeError("cuda_graphs=True needs the Triton decode kernels (kernel='auto' or 'triton'); the "
                                "reference decode reads the lengths on the host")

@@ -32,10 +32,12 @@ import torch
 
 from ._common import HAS_TRITON, _dot, _softmax_finish, _softmax_step, interpreting, is_fp32, next_pow2, split_pow2, triton, tl
 from .sparse_attn import _tile_mask, head_block
+from ..kernel_options import DEFAULT_OPTIONS, KernelOptions, Tiles
 
-DECODE_BK = 64  # cached rows per block of one attention program
-INDEXER_BN = 64  # keys per indexer program
-INDEXER_WARPS = 4
+# Launch defaults (KernelOptions.decode_attn / decode_index override them): cached rows per block
+# of one attention program, warps by head block; keys per indexer program.
+DECODE_ATTN = dict(BK=64, num_stages=3)
+DECODE_INDEX = Tiles(BK=64, num_warps=4, num_stages=3)
 SPLIT_ROWS = 512  # at least this many cached rows per key split
 TARGET_PROGRAMS = 264  # about two programs per SM of an H100/H200
 
@@ -145,7 +147,8 @@ def _int32(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.int32 and t.is_contiguous() else t.to(torch.int32).contiguous()
 
 
-def paged_indexer_scores(q, w, key_pool, key_scales, block_table, lengths, width: Optional[int] = None):
+def paged_indexer_scores(q, w, key_pool, key_scales, block_table, lengths, width: Optional[int] = None,
+                         options: KernelOptions = DEFAULT_OPTIONS):
     """Indexer scores [B, width] fp32 of the decoding tokens (q [B, HI, DI], w [B, HI]) over each
     sequence's cached keys; -inf past a sequence's length. ``width``: the columns (default: the
     block table's capacity; a fixed width keeps a graphed step's shapes)."""
@@ -164,34 +167,32 @@ def paged_indexer_scores(q, w, key_pool, key_scales, block_table, lengths, width
     qd, wc = qd.contiguous(), w.float().contiguous()
     ks = key_scales if fp8 else scores
     ieee = is_fp32(qd)
-    _paged_indexer_scores_kernel[(triton.cdiv(width, INDEXER_BN), B)](
+    tiles = options.decode_index or DECODE_INDEX
+    _paged_indexer_scores_kernel[(triton.cdiv(width, tiles.BK), B)](
         qd, wc, key_pool, ks, block_table, lengths, scores,
         HI, bs,
         qd.stride(0), qd.stride(1), wc.stride(0),
         key_pool.stride(0), key_pool.stride(1), ks.stride(0),
         block_table.stride(0), scores.stride(0), width,
-        HIP=next_pow2(HI, 16), DI=DI, DIP=next_pow2(DI, 16), BN=INDEXER_BN, SCALED=fp8,
-        IEEE=ieee, UPCAST=interpreting() and not ieee, num_warps=INDEXER_WARPS,
+        HIP=next_pow2(HI, 16), DI=DI, DIP=next_pow2(DI, 16), BN=tiles.BK, SCALED=fp8,
+        IEEE=ieee, UPCAST=interpreting() and not ieee, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     return scores
 
 
-SCAN_PIECE = 1024  # elements per piece of select_topk's two-level running count
-
-
-def _running_count(mask: torch.Tensor) -> torch.Tensor:
+def _running_count(mask: torch.Tensor, piece: int) -> torch.Tensor:
     """Inclusive running count of ``mask`` [B, n] along each row, int32. In two levels (within
-    pieces of SCAN_PIECE, then over the pieces' totals) so that a few long rows still spread over
-    the GPU: a scan of one long row per program is latency-bound."""
+    pieces of ``piece`` elements, then over the pieces' totals) so that a few long rows still
+    spread over the GPU: a scan of one long row per program is latency-bound."""
     B, n = mask.shape
-    pieces = -(-n // SCAN_PIECE)
-    x = torch.nn.functional.pad(mask.to(torch.int32), (0, pieces * SCAN_PIECE - n)).view(B, pieces, SCAN_PIECE)
+    pieces = -(-n // piece)
+    x = torch.nn.functional.pad(mask.to(torch.int32), (0, pieces * piece - n)).view(B, pieces, piece)
     inner = x.cumsum(-1, dtype=torch.int32)
     before = inner[..., -1].cumsum(-1, dtype=torch.int32) - inner[..., -1]
     return (inner + before[..., None]).view(B, -1)[:, :n]
 
 
-def select_topk(scores: torch.Tensor, topk: int) -> torch.Tensor:
+def select_topk(scores: torch.Tensor, topk: int, piece: int = 1024) -> torch.Tensor:
     """``reference.topk_from_scores`` for rows whose ineligible entries are already -inf: the same
     set (ties towards the smaller position), order (score descending, ties by position) and -1
     padding, without a full sort of each row: one torch.topk finds the k-th score, the k chosen
@@ -205,8 +206,8 @@ def select_topk(scores: torch.Tensor, topk: int) -> torch.Tensor:
     above = scores > kth
     ties = scores == kth
     room = k - above.sum(-1, keepdim=True, dtype=torch.int32)
-    chosen = above | (ties & (_running_count(ties) <= room))  # exactly k per row (n >= k)
-    slot = torch.where(chosen, _running_count(chosen) - 1, k).long()  # rank among the chosen; k: not chosen
+    chosen = above | (ties & (_running_count(ties, piece) <= room))  # exactly k per row (n >= k)
+    slot = torch.where(chosen, _running_count(chosen, piece) - 1, k).long()  # rank among the chosen; k: not chosen
     positions = torch.arange(n, device=scores.device).expand(B, n)
     idx = torch.empty(B, k + 1, dtype=torch.long, device=scores.device).scatter_(1, slot, positions)[:, :k]
     order = torch.sort(scores.gather(-1, idx), dim=-1, descending=True, stable=True)
@@ -216,10 +217,11 @@ def select_topk(scores: torch.Tensor, topk: int) -> torch.Tensor:
     return idx
 
 
-def paged_indexer_topk(q, w, key_pool, key_scales, block_table, lengths, topk: int) -> torch.Tensor:
+def paged_indexer_topk(q, w, key_pool, key_scales, block_table, lengths, topk: int,
+                       options: KernelOptions = DEFAULT_OPTIONS) -> torch.Tensor:
     """reference.paged_indexer_topk: token positions [B, topk] int64, -1 padded (scored over the
     block table's whole capacity, so the shapes do not depend on the lengths)."""
-    return select_topk(paged_indexer_scores(q, w, key_pool, key_scales, block_table, lengths), topk)
+    return select_topk(paged_indexer_scores(q, w, key_pool, key_scales, block_table, lengths, options=options), topk)
 
 
 def combine_splits(out: torch.Tensor, lse: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -231,7 +233,8 @@ def combine_splits(out: torch.Tensor, lse: torch.Tensor, dtype: torch.dtype) -> 
     return (weight[..., None] * out).sum(1).to(dtype), total
 
 
-def _decode(q, kv_pool, block_table, lengths, topk_idx, v_dim: int, scale: float, splits: Optional[int]):
+def _decode(q, kv_pool, block_table, lengths, topk_idx, v_dim: int, scale: float, splits: Optional[int],
+            options: KernelOptions):
     _check_paged("MLA decode", kv_pool, block_table, lengths)
     block_table, lengths = _int32(block_table), _int32(lengths)
     B, H, D = q.shape
@@ -248,6 +251,7 @@ def _decode(q, kv_pool, block_table, lengths, topk_idx, v_dim: int, scale: float
     if B == 0:
         return combine_splits(out, lse, q.dtype)
     DV, D1, DR, D2 = split_pow2(D)
+    tiles = options.decode_attn or Tiles(num_warps=4 if HB <= 32 else 8, **DECODE_ATTN)
     qc = q.contiguous() if q.dtype == kv_pool.dtype else q.to(kv_pool.dtype).contiguous()
     sparse = topk_idx is not None
     idx = topk_idx.contiguous() if sparse else lengths
@@ -261,21 +265,22 @@ def _decode(q, kv_pool, block_table, lengths, topk_idx, v_dim: int, scale: float
         idx.stride(0),
         out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1),
-        SPARSE=sparse, HB=HB, DV=DV, D1=D1, DR=DR, D2=D2, BK=DECODE_BK, IEEE=ieee,
-        UPCAST=interpreting() and not ieee, num_warps=4 if HB <= 32 else 8,
+        SPARSE=sparse, HB=HB, DV=DV, D1=D1, DR=DR, D2=D2, BK=tiles.BK, IEEE=ieee,
+        UPCAST=interpreting() and not ieee, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     return combine_splits(out, lse, q.dtype)
 
 
 def sparse_mla_decode(q, kv_pool, block_table, topk_idx, v_dim: int, scale: float, lengths=None,
-                      splits: Optional[int] = None):
+                      splits: Optional[int] = None, options: KernelOptions = DEFAULT_OPTIONS):
     """reference.sparse_mla_decode. ``lengths`` [B] (optional) bounds the selected positions."""
     if lengths is None:
         lengths = torch.full((q.shape[0],), block_table.shape[1] * kv_pool.shape[1], dtype=torch.int32,
                              device=q.device)
-    return _decode(q, kv_pool, block_table, lengths, topk_idx, v_dim, scale, splits)
+    return _decode(q, kv_pool, block_table, lengths, topk_idx, v_dim, scale, splits, options)
 
 
-def dense_mla_decode(q, kv_pool, block_table, lengths, v_dim: int, scale: float, splits: Optional[int] = None):
+def dense_mla_decode(q, kv_pool, block_table, lengths, v_dim: int, scale: float, splits: Optional[int] = None,
+                     options: KernelOptions = DEFAULT_OPTIONS):
     """reference.dense_mla_decode."""
-    return _decode(q, kv_pool, block_table, lengths, None, v_dim, scale, splits)
+    return _decode(q, kv_pool, block_table, lengths, None, v_dim, scale, splits, options)
