@@ -98,6 +98,26 @@ def test_beyond_the_models_max_length_stops_before_any_compute(model, monkeypatc
         engine.prefill(torch.randint(0, 512, (1, 13)), capacity=12)
 
 
+@pytest.mark.parametrize("mode", ["sparse", "dense"])
+def test_graph_safe_step_equals_the_eager_step(model, mode):
+    """The step a CUDA graph captures (every expert as two products over the stacked expert
+    weights, no host reads) equals the eager step (only the routed experts), on any device."""
+    engine = DSAInference(model, mode, indexer_keys="fp32", block_size=4)
+    tokens = torch.randint(0, 512, (3, 9))
+    _, cache = engine.prefill(tokens)
+    for _ in range(3):
+        seqs = torch.arange(3, device=engine.device)
+        nxt = torch.randint(0, 512, (3,), device=engine.device)
+        cache.reserve([0, 1, 2], [1, 1, 1])
+        cache.advance([0, 1, 2], [1, 1, 1])
+        with torch.no_grad():
+            eager = engine.decode_step(nxt, seqs, cache, graphed=False)
+            safe = engine.decode_step(nxt, seqs, cache, graphed=True)
+        assert torch.isfinite(safe).all()
+        assert (safe - eager).abs().max().item() <= 1e-5 * max(1.0, eager.abs().max().item())
+    assert engine._expert_stacks  # the MoE layers ran the stacked path
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 def test_cuda_graphs_are_refused_without_cuda(model):
     with pytest.raises(RuntimeError, match="cuda_graphs=True needs the model on a CUDA device; it is on cpu"):

@@ -84,6 +84,7 @@ class DSAInference:
         self.indexer_keys, self.block_size, self.prefill_chunk = indexer_keys, block_size, prefill_chunk
         self.parallel = ParallelContext()  # one rank
         self.routed = [self._routed_experts_only(layer.mlp) for layer in self.layers]  # see _routed_moe
+        self._expert_stacks: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # see _stacked_moe
         self._selection: Optional[torch.Tensor] = None  # the last selecting layer's top-k, this step
         self.max_length = int(getattr(model, "max_sequence_length", None) or 1 << 62)
         self._rope_inv_freq = R.rope_inv_freq(cfg.qk_pos_emb_head_dim, float(cfg.rotary_base), cfg.dsa.yarn, device)
@@ -178,20 +179,24 @@ class DSAInference:
         layer = self.layers[i]
         h = layer.pre_mlp_layernorm(x)
         if self.routed[i]:
-            mlp_out, bias = (self._all_experts_moe if graphed else self._routed_moe)(layer.mlp, h)
+            mlp_out, bias = self._stacked_moe(i, layer.mlp, h) if graphed else self._routed_moe(layer.mlp, h)
         else:
             mlp_out, bias = layer.mlp(h)
         return x + (mlp_out if bias is None else mlp_out + bias)
 
     @staticmethod
     def _routed_experts_only(mlp) -> bool:
-        """Whether ``_routed_moe`` may run ``mlp`` itself: a one-rank MoE layer of per-expert MLPs
-        (SequentialMLP) with the probabilities applied after the experts, no latent projection."""
+        """Whether ``_routed_moe`` / ``_stacked_moe`` may run ``mlp`` themselves: a one-rank MoE
+        layer of per-expert MLPs (SequentialMLP) without biases, the probabilities applied after
+        the experts, no latent projection, an activation megatron-core applies as written (GLU
+        without clamp or offset, or a plain one)."""
         cfg = mlp.config
         return (isinstance(mlp, MoELayer) and isinstance(mlp.experts, SequentialMLP)
                 and mlp.experts.num_local_experts == cfg.num_moe_experts
                 and not cfg.moe_apply_probs_on_input and not getattr(cfg, "moe_latent_size", None)
-                and not cfg.fp8 and not getattr(cfg, "fp4", None))
+                and not cfg.fp8 and not getattr(cfg, "fp4", None) and not cfg.add_bias_linear
+                and getattr(cfg, "activation_func_clamp_value", None) is None
+                and not getattr(cfg, "glu_linear_offset", 0.0))
 
     @staticmethod
     def _routed_moe(mlp, h: torch.Tensor):
@@ -209,19 +214,31 @@ class DSAInference:
         out = out.view_as(h)
         return (out if shared is None else out + shared), None
 
-    @staticmethod
-    def _all_experts_moe(mlp, h: torch.Tensor):
+    def _stacked_moe(self, i: int, mlp, h: torch.Tensor):
         """``_routed_moe`` without reading the routing on the host (a CUDA graph cannot): every
-        expert over every token, weighted by its probability where the router picked it, 0 else."""
+        expert over every token as two batched products over the experts' stacked weights,
+        weighted by the router's probability where it picked the expert, 0 else. The stacks are
+        copied from the weights on first use (inference does not change them)."""
         shared = mlp.shared_experts(h) if mlp.shared_experts is not None else None
         probs, routing_map = mlp.router(h)
+        if i not in self._expert_stacks:
+            experts = mlp.experts.local_experts
+            w1 = torch.cat([e.linear_fc1.weight for e in experts])                     # [E*F(x2), H]
+            w2 = torch.cat([e.linear_fc2.weight.t() for e in experts])                 # [E*F, H]
+            self._expert_stacks[i] = (w1, w2)
+        w1, w2 = self._expert_stacks[i]
+        cfg = mlp.config
+        E = mlp.experts.num_local_experts
         x = h.reshape(-1, h.shape[-1])
-        weights = probs * routing_map
-        out = torch.zeros_like(x)
-        for e, expert in enumerate(mlp.experts.local_experts):
-            y, _ = expert(x, weights[:, e])
-            out = out + y.to(out.dtype)
-        out = out.view_as(h)
+        inner = (x @ w1.t()).view(x.shape[0], E, -1)                                   # [T, E, F(x2)]
+        if cfg.gated_linear_unit:
+            gate, linear = inner.chunk(2, dim=-1)
+            inner = cfg.activation_func(gate) * linear
+        else:
+            inner = cfg.activation_func(inner)
+        weights = (probs * routing_map)[..., None]                                     # [T, E, 1]
+        inner = (inner * weights).to(x.dtype)  # scaled as megatron-core's MLP scales per token
+        out = (inner.reshape(x.shape[0], -1) @ w2).view_as(h)
         return (out if shared is None else out + shared), None
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:

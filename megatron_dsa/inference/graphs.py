@@ -4,7 +4,7 @@ GPU's, not the launcher's.
 A graph replays fixed launches on fixed addresses. The decode step qualifies: the paged cache's
 pools, block table and lengths are allocated once and read on the device, the Triton decode
 kernels' grids depend on the cache's capacity, not the lengths, and the MoE runs without
-reading its routing on the host (``DSAInference._all_experts_moe``). A batch of B sequences runs
+reading its routing on the host (``DSAInference._stacked_moe``). A batch of B sequences runs
 the smallest bucket >= B; the extra rows repeat the first sequence's token (the same row written
 twice with the same values) and their logits are dropped. A graph is captured on a bucket's
 first use, for one cache.
