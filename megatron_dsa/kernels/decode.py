@@ -37,7 +37,7 @@ from ..kernel_options import DEFAULT_OPTIONS, KernelOptions, Tiles
 # Launch defaults (KernelOptions.decode_attn / decode_index override them): cached rows per block
 # of one attention program, warps by head block; keys per indexer program.
 DECODE_ATTN = dict(BK=64, num_stages=3)
-DECODE_INDEX = Tiles(BK=64, num_warps=4, num_stages=3)
+DECODE_INDEX = Tiles(BK=128, num_warps=4, num_stages=1)  # H200: 0.39 ms vs 0.68 at 64 keys (128K x 32)
 SPLIT_ROWS = 512  # at least this many cached rows per key split
 TARGET_PROGRAMS = 264  # about two programs per SM of an H100/H200
 
@@ -192,7 +192,7 @@ def _running_count(mask: torch.Tensor, piece: int) -> torch.Tensor:
     return (inner + before[..., None]).view(B, -1)[:, :n]
 
 
-def select_topk(scores: torch.Tensor, topk: int, piece: int = 1024) -> torch.Tensor:
+def select_topk(scores: torch.Tensor, topk: int, piece: int = 256) -> torch.Tensor:
     """``reference.topk_from_scores`` for rows whose ineligible entries are already -inf: the same
     set (ties towards the smaller position), order (score descending, ties by position) and -1
     padding, without a full sort of each row: one torch.topk finds the k-th score, the k chosen
