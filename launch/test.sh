@@ -4,4 +4,5 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$root/launch/env.sh"
 cd "$root"
-exec python -m pytest -q --durations=25 "$@"
+# Two workers (CI has two cores); pass -n 0 to run in one process.
+exec python -m pytest -q -n 2 --durations=25 "$@"

@@ -65,14 +65,15 @@ def test_128k_batch1_recipes_resume_in_pieces():
         assert 0 < float(argv[argv.index("--exit-duration-in-mins") + 1]) <= 20
 
 
-ARMS = ["per_layer", "shared", "freq2", "freq4", "obj_listwise"]  # one objective arm: the same code path
+# One reuse arm and one objective arm: the others of each kind run the same code path.
+ARMS = ["per_layer", "shared", "freq2", "obj_listwise"]
 
 
 def test_smoke_pipeline_end_to_end(tmp_path):
     out, rep = tmp_path / "run", tmp_path / "reports"
     cmd = [sys.executable, str(REPO / "experiments" / "verify_dsa.py"), "--scale", "smoke",
            "--out", str(out), "--report-dir", str(rep), "--arms", ",".join(ARMS), "--jobs", "2"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     # the exact commands are printed
     assert "-m megatron_dsa.train.cli --config" in proc.stdout
