@@ -18,6 +18,9 @@ convention: each algorithmic FLOP once):
   (all causal pairs in warm-up, the selected ones in sparse training).
 * MLP: SwiGLU ``2*3*h*ffn``; MoE: router ``2*h*E`` + active experts ``topk*2*3*h*ffn_e`` + shared
   expert ``2*3*h*ffn_s``. Output layer ``2*h*V``.
+* Multi-token prediction (``mtp_num_layers`` depths): each depth is one more decoder layer of the
+  kind past the dense ones (DSA attention, MoE), its ``eh_proj`` (2h -> h) and one more pass of
+  the shared output layer.
 
   Training multipliers: a part that trains costs forward + backward = 3x its forward; a frozen
   part that still runs costs 1x (warm-up runs the whole main model forward only); the
@@ -72,6 +75,7 @@ class Shape:
     idx_dim: int
     topk: int
     vocab: int
+    mtp_layers: int = 0
 
     @classmethod
     def from_config(cls, cfg, vocab_size: int) -> "Shape":
@@ -90,13 +94,16 @@ class Shape:
             moe_topk=cfg.moe_router_topk or 0, moe_ffn=cfg.moe_ffn_hidden_size or 0,
             shared_ffn=cfg.moe_shared_expert_intermediate_size or 0,
             idx_heads=cfg.dsa_indexer_n_heads, idx_dim=cfg.dsa_indexer_head_dim,
-            topk=cfg.dsa_indexer_topk, vocab=vocab_size,
+            topk=cfg.dsa_indexer_topk, vocab=vocab_size, mtp_layers=cfg.mtp_num_layers or 0,
         )
 
 
 def forward_terms(shape: Shape, seq: int, mode: str) -> dict[str, float]:
     """Forward FLOPs of one sequence, by term, for mode dense | warmup | sparse."""
-    s, h, L = shape, shape.hidden, shape.num_layers
+    s, h = shape, shape.hidden
+    # Each MTP depth is one more decoder layer of the kind past the dense ones (MoE if any).
+    L = shape.num_layers + shape.mtp_layers
+    moe_layers = shape.moe_layers + (shape.mtp_layers if shape.moe_layers else 0)
     dense_pairs = causal_pairs(seq)
     pairs = sparse_pairs(seq, s.topk) if mode == "sparse" else dense_pairs
     mla_proj = 2 * seq * (
@@ -104,16 +111,17 @@ def forward_terms(shape: Shape, seq: int, mode: str) -> dict[str, float]:
         + s.heads * s.qk_dim * s.kv_lora + s.heads * s.kv_lora * s.v_dim + s.heads * s.v_dim * h
     )
     per_pair_attn = 2 * s.heads * (s.kv_lora + s.rope_dim) + 2 * s.heads * s.kv_lora
-    dense_mlp_layers = L - s.moe_layers
+    dense_mlp_layers = L - moe_layers
     mlp = 2 * seq * (
         dense_mlp_layers * 3 * h * s.ffn
-        + s.moe_layers * (h * s.experts + s.moe_topk * 3 * h * s.moe_ffn + 3 * h * s.shared_ffn)
+        + moe_layers * (h * s.experts + s.moe_topk * 3 * h * s.moe_ffn + 3 * h * s.shared_ffn)
     )
     terms = {
         "mla_projections": L * mla_proj,
         "attention": L * pairs * per_pair_attn,
         "mlp_moe": mlp,
-        "output_layer": 2 * seq * h * s.vocab,
+        "output_layer": (1 + s.mtp_layers) * 2 * seq * h * s.vocab,
+        "mtp_projections": s.mtp_layers * 2 * seq * 2 * h * h,
         "indexer_projections": 0,
         "indexer_scores": 0,
         "indexer_kl": 0,
@@ -129,7 +137,7 @@ def forward_terms(shape: Shape, seq: int, mode: str) -> dict[str, float]:
     return {k: float(v) for k, v in terms.items()}
 
 
-MAIN = ("mla_projections", "attention", "mlp_moe", "output_layer")
+MAIN = ("mla_projections", "attention", "mlp_moe", "output_layer", "mtp_projections")
 
 
 def training_terms(shape: Shape, seq: int, phase: str) -> dict[str, float]:
@@ -149,7 +157,8 @@ def training_terms(shape: Shape, seq: int, phase: str) -> dict[str, float]:
         out[key] = value * mult
     if phase == "sparse":
         # KL backward through the indexer over the selected pairs (its target has no gradient).
-        out["indexer_kl"] += 2 * shape.num_layers * sparse_pairs(seq, shape.topk) * 2 * shape.idx_heads * shape.idx_dim
+        layers = shape.num_layers + shape.mtp_layers
+        out["indexer_kl"] += 2 * layers * sparse_pairs(seq, shape.topk) * 2 * shape.idx_heads * shape.idx_dim
     return out
 
 

@@ -34,3 +34,20 @@ def test_the_model_counts_the_indexer_only_where_it_runs():
     pair_cost = 2 * shape.idx_heads * shape.idx_dim + 2 * shape.idx_heads
     assert warmup["indexer_scores"] == 3 * shape.num_layers * causal_pairs(seq) * pair_cost
     assert sparse["indexer_scores"] == shape.num_layers * causal_pairs(seq) * pair_cost
+
+
+def test_each_mtp_depth_counts_one_more_moe_layer_its_projection_and_an_output_pass():
+    seq = 128
+    plain = Shape.from_config(model_config("tiny"), vocab_size=512)
+    mtp = Shape.from_config(model_config("tiny", mtp_num_layers=1), vocab_size=512)
+    assert (plain.mtp_layers, mtp.mtp_layers) == (0, 1)
+    for phase in ("pretrain", "warmup", "sparse"):
+        a, b = training_terms(plain, seq, phase), training_terms(mtp, seq, phase)
+        L = plain.num_layers
+        for per_layer in ("mla_projections", "attention", "indexer_projections", "indexer_scores", "indexer_kl"):
+            assert b[per_layer] == pytest.approx(a[per_layer] * (L + 1) / L), (phase, per_layer)
+        mult = 1 if phase == "warmup" else 3  # the main model is frozen in warm-up
+        moe = 2 * seq * plain.hidden * (plain.experts + 3 * plain.moe_topk * plain.moe_ffn + 3 * plain.shared_ffn)
+        assert b["mlp_moe"] - a["mlp_moe"] == pytest.approx(mult * moe)
+        assert b["output_layer"] == pytest.approx(2 * a["output_layer"])
+        assert b["mtp_projections"] == pytest.approx(mult * 2 * seq * 2 * plain.hidden ** 2)
