@@ -17,6 +17,7 @@ subset of lines.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -518,22 +519,31 @@ def build_corpus(
     documents, skipped = collect_documents(source_dir, suffixes, max_bytes)
     train_docs, valid_docs = split_documents(documents, valid_fraction)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    # A sibling, so the final rename stays on one filesystem (atomic); mkdir honours the umask.
-    staging = _sibling(out_dir, "partial")
-    staging.mkdir()
-    try:
+    with staged_directory(out_dir) as staging:
         manifest = _build_into(
             staging, source_dir, train_docs, valid_docs, skipped,
             vocab_size=vocab_size, extensions=suffixes, max_bytes=max_bytes,
             valid_fraction=valid_fraction, model_type=model_type, max_sentences=max_sentences,
         )
+    return manifest
+
+
+@contextlib.contextmanager
+def staged_directory(out_dir: Path):
+    """Yield an empty sibling of ``out_dir`` to build in; when the body succeeds its files are
+    synced and it replaces ``out_dir`` in one rename, else it is removed: a failed or interrupted
+    build leaves nothing half-written."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    # A sibling, so the final rename stays on one filesystem (atomic); mkdir honours the umask.
+    staging = _sibling(out_dir, "partial")
+    staging.mkdir()
+    try:
+        yield staging
         _sync_files(staging)
         _replace_dir(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return manifest
 
 
 def _build_into(

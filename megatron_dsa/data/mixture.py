@@ -36,11 +36,9 @@ from megatron_dsa.data.corpus import (
     MANIFEST_FILE,
     MANIFEST_VERSION,
     DataError,
-    _replace_dir,
-    _sibling,
-    _sync_files,
     load_manifest,
     load_tokenizer,
+    staged_directory,
     validate_indexed_dataset,
     write_indexed_dataset,
 )
@@ -158,10 +156,7 @@ def build_task_corpus(out, base, seq_length: int, *, ratio: float = 0.5, seed: i
         _task_text(task, seq_length - 1, streams["valid"][:seq_length - 1], tokenizer, probe,
                    max(1, seq_length // QUERY_TOKENS))
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = _sibling(out_dir, "partial")
-    staging.mkdir()
-    try:
+    with staged_directory(out_dir) as staging:
         shutil.copyfile(base_dir / base_manifest["tokenizer"], staging / base_manifest["tokenizer"])
         splits = {}
         for split, prefix in (("train", "train_text_document"), ("valid", "valid_text_document")):
@@ -180,9 +175,4 @@ def build_task_corpus(out, base, seq_length: int, *, ratio: float = 0.5, seed: i
             "queries_per_document": max(1, seq_length // QUERY_TOKENS), "splits": splits,
         }
         (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-        _sync_files(staging)
-        _replace_dir(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return manifest
