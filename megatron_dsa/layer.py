@@ -326,9 +326,12 @@ class DSACoreAttention(MegatronModule):
         s = self.config.dsa
         loss = kl.sum() / total_rows * s.loss_coeff
         num_layers = self.config.num_layers + (self.config.mtp_num_layers or 0)
-        save_to_aux_losses_tracker(INDEXER_KL, kl.detach().mean(), self.layer_number, num_layers)
-        if recall is not None:
-            save_to_aux_losses_tracker(TOPK_RECALL, recall.detach().mean(), self.layer_number, num_layers)
+        # A training forward without gradients is recomputation's first pass: the pass it reruns
+        # in the backward records, so a step records once (as megatron-core's MoE aux losses).
+        if not (self.training and not torch.is_grad_enabled()):
+            save_to_aux_losses_tracker(INDEXER_KL, kl.detach().mean(), self.layer_number, num_layers)
+            if recall is not None:
+                save_to_aux_losses_tracker(TOPK_RECALL, recall.detach().mean(), self.layer_number, num_layers)
         if mode == "warmup" and self.config.pipeline_model_parallel_size == 1:
             self._indexer_loss = loss
             return out

@@ -33,6 +33,15 @@ def _loss_and_grads(mode: str, **overrides):
     return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
 
+def _recorded_kl_after_a_step(mode: str, **overrides) -> torch.Tensor:
+    from megatron_dsa.layer import INDEXER_KL
+    from megatron_dsa.train.trainer import _pop_layer_metrics
+
+    _pop_layer_metrics()  # nothing left from earlier tests
+    _loss_and_grads(mode, **overrides)
+    return _pop_layer_metrics()[INDEXER_KL]
+
+
 @pytest.mark.parametrize("mode", ["dense", "sparse"])
 @pytest.mark.parametrize("how", list(RECOMPUTE))
 def test_recomputation_gives_the_same_gradients(megatron_world, mode, how):
@@ -48,3 +57,12 @@ def test_recomputation_in_warmup_is_refused():
 
     with pytest.raises(DSAConfigError, match="in warmup recomputes nothing"):
         model_config("tiny", mdsa_mode="warmup", **RECOMPUTE["core_attn"])
+
+
+@pytest.mark.parametrize("how", list(RECOMPUTE))
+def test_recomputation_records_each_layers_kl_once(megatron_world, how):
+    """The recomputed pass must not add a second record of the indexer KL to the logged metrics."""
+    want = _recorded_kl_after_a_step("sparse")
+    got = _recorded_kl_after_a_step("sparse", **RECOMPUTE[how])
+    assert (want > 0).any()
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
