@@ -67,16 +67,10 @@ def graphed(fn):
     timed as the GPU runs it, not as Python launches it; eager where capture fails."""
     if not torch.cuda.is_available():
         return fn, False
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
+    from megatron_dsa.inference.graphs import capture
+
     try:
-        with torch.cuda.graph(graph):
-            fn()
+        graph, _ = capture(fn)
     except Exception as error:  # noqa: BLE001 - recorded in the row
         print(f"CUDA graph capture failed, timing eagerly: {error}", flush=True)
         torch.cuda.synchronize()
@@ -306,7 +300,6 @@ def main(argv=None) -> int:
     p.add_argument("--model", default=None, help="also time this model size's whole decode step at batch 1 "
                    "(engine, paged cache, CUDA graphs), e.g. small")
     p.add_argument("--model-positions", default="1024,16384,131072")
-    p.add_argument("--layer", dest="layer", action="store_true", default=True)
     p.add_argument("--no-layer", dest="layer", action="store_false", help="skip the one-layer sweep")
     p.add_argument("--quick", action="store_true", help="CPU smoke run: tiny dims, short positions, the reference ops")
     args = p.parse_args(argv)

@@ -77,6 +77,11 @@ class Shape:
     vocab: int
     mtp_layers: int = 0
 
+    @property
+    def all_layers(self) -> int:
+        """Decoder layers plus MTP depths (each depth is one more decoder layer)."""
+        return self.num_layers + self.mtp_layers
+
     @classmethod
     def from_config(cls, cfg, vocab_size: int) -> "Shape":
         freq = cfg.moe_layer_freq
@@ -100,9 +105,8 @@ class Shape:
 
 def forward_terms(shape: Shape, seq: int, mode: str) -> dict[str, float]:
     """Forward FLOPs of one sequence, by term, for mode dense | warmup | sparse."""
-    s, h = shape, shape.hidden
+    s, h, L = shape, shape.hidden, shape.all_layers
     # Each MTP depth is one more decoder layer of the kind past the dense ones (MoE if any).
-    L = shape.num_layers + shape.mtp_layers
     moe_layers = shape.moe_layers + (shape.mtp_layers if shape.moe_layers else 0)
     dense_pairs = causal_pairs(seq)
     pairs = sparse_pairs(seq, s.topk) if mode == "sparse" else dense_pairs
@@ -157,8 +161,7 @@ def training_terms(shape: Shape, seq: int, phase: str) -> dict[str, float]:
         out[key] = value * mult
     if phase == "sparse":
         # KL backward through the indexer over the selected pairs (its target has no gradient).
-        layers = shape.num_layers + shape.mtp_layers
-        out["indexer_kl"] += 2 * layers * sparse_pairs(seq, shape.topk) * 2 * shape.idx_heads * shape.idx_dim
+        out["indexer_kl"] += 2 * shape.all_layers * sparse_pairs(seq, shape.topk) * 2 * shape.idx_heads * shape.idx_dim
     return out
 
 

@@ -17,6 +17,21 @@ import torch
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
+def capture(fn):
+    """(graph, output) of ``fn`` captured as a CUDA graph, after two warm-up calls on a side stream
+    (the kernels compile and allocate outside the graph)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
 class DecodeGraphs:
     def __init__(self, engine, buckets=BUCKETS):
         if not torch.cuda.is_available():
@@ -35,15 +50,7 @@ class DecodeGraphs:
     def _capture(self, size: int, cache):
         tokens = torch.zeros(size, dtype=torch.long, device=self.engine.device)
         seqs = torch.zeros(size, dtype=torch.long, device=self.engine.device)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up: the kernels compile and allocate outside the graph
-            for _ in range(2):
-                self.engine.decode_step(tokens, seqs, cache, graphed=True)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            logits = self.engine.decode_step(tokens, seqs, cache, graphed=True)
+        graph, logits = capture(lambda: self.engine.decode_step(tokens, seqs, cache, graphed=True))
         return graph, tokens, seqs, logits
 
     def run(self, tokens: torch.Tensor, seqs: torch.Tensor, cache) -> torch.Tensor:
