@@ -204,6 +204,11 @@ def test_run_selects_the_corpus_kind(mixture, corpus, tmp_path):
     assert load_config(cfg_path, ["data.corpus=text"]).data["corpus"] == "text"
     with pytest.raises(TrainConfigError, match="data.corpus must be one of"):
         load_config(cfg_path, ["data.corpus=mixture"])
+    assert load_config(cfg_path, ["data.answer_loss_weight=5"]).data["answer_loss_weight"] == 5
+    with pytest.raises(TrainConfigError, match="needs data.corpus: tasks"):
+        load_config(cfg_path, ["data.corpus=text", "data.answer_loss_weight=5"])
+    with pytest.raises(TrainConfigError, match="answer_loss_weight must be a positive number"):
+        load_config(cfg_path, ["data.answer_loss_weight=0"])
 
 
 def test_preflight_checks_the_corpus_kind(mixture, tmp_path):
@@ -228,3 +233,35 @@ def test_cli_build_tasks(corpus, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "too short" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "n").exists()
+
+
+def test_answer_loss_weight_marks_exactly_the_answer_labels(mixture, tmp_path):
+    """With answer_loss_weight w the loss mask is w on the labels that are answer tokens and 1
+    elsewhere, for the sample's own document whatever the shuffle; 1 leaves GPTDataset as is."""
+    tokens, mask = read_split_tokens(mixture, "train"), read_answer_mask(mixture, "train")
+    stream_start = {tuple(tokens[i:i + 16]): i for i in range(0, len(tokens), SEQ)}
+    plain, _ = build_gpt_datasets(mixture, SEQ, cache_dir=tmp_path / "plain")
+    weighted, valid = build_gpt_datasets(mixture, SEQ, answer_loss_weight=4.0, cache_dir=tmp_path / "w")
+    assert type(plain).__name__ == "GPTDataset" and len(weighted) == len(plain)
+    answers = 0
+    for i in range(len(weighted)):
+        item, base = weighted[i], plain[i]
+        assert numpy.array_equal(item["tokens"].numpy(), base["tokens"].numpy())
+        start = stream_start[tuple(item["tokens"][:16].tolist())]
+        # labels = tokens shifted by one; the last label opens the next document (never an answer)
+        labels_are_answers = numpy.zeros(SEQ, bool)
+        labels_are_answers[:SEQ - 1] = mask[start + 1:start + SEQ] == 1
+        expected = numpy.where(labels_are_answers, 4.0, 1.0) * base["loss_mask"].numpy()
+        assert numpy.array_equal(item["loss_mask"].numpy(), expected)
+        answers += int(labels_are_answers.sum())
+    assert answers > 0
+    assert read_answer_mask(mixture, "valid").sum() > 0  # the held-out split is weighted too
+    assert any(valid[i]["loss_mask"].max() == 4.0 for i in range(len(valid)))
+
+
+def test_answer_loss_weight_needs_a_task_mixture_and_a_positive_weight(mixture, corpus, tmp_path):
+    with pytest.raises(DataError, match="needs a task mixture"):
+        build_gpt_datasets(corpus, SEQ, answer_loss_weight=2.0, cache_dir=tmp_path / "a")
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(DataError, match="answer_loss_weight must be a positive number"):
+            build_gpt_datasets(mixture, SEQ, answer_loss_weight=bad, cache_dir=tmp_path / "b")

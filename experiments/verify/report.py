@@ -17,7 +17,7 @@ from typing import Optional
 from experiments.verify.collect import collect, summary, to_json
 from experiments.verify.measurements import eval_arms
 from experiments.verify.plots import plots
-from experiments.verify.settings import ARMS, OBJECTIVE_ARMS, RECIPES, SHARING_ARMS, TARGETS
+from experiments.verify.settings import ANSWER_LOSS_WEIGHT, ARMS, OBJECTIVE_ARMS, RECIPES, SHARING_ARMS, TARGETS
 from experiments.verify.study import Study
 from megatron_dsa.data.tasks import HELDOUT, TASKS, TRAIN
 
@@ -123,7 +123,8 @@ def _header(report: Report) -> None:
         L.append(f"Training mixture (every phase): that text cut into documents of {t['seq_length']} tokens, "
                  f"{sum(train['task_documents'].values()):,} of {train['documents']:,} (ratio {t['ratio']}, seed "
                  f"{t['seed']}) with one of the tasks {', '.join(t['tasks'])} embedded in the training formats, "
-                 f"{t['queries_per_document']} queries per document ({train['answer_tokens']:,} answer tokens); "
+                 f"{t['queries_per_document']} queries per document ({train['answer_tokens']:,} answer tokens, "
+                 f"weighted {ANSWER_LOSS_WEIGHT:g} in the LM loss); "
                  "held-out loss and retrieval are measured on the held-out natural text.\n")
 
 
@@ -442,8 +443,8 @@ def _appendix(report: Report) -> None:
                  "report_warmup_b1", "report_sparse_b1"):
         L.append(f"<details><summary>configs/recipes/{name}.yaml</summary>\n\n```yaml\n"
                  f"{(RECIPES / (name + '.yaml')).read_text()}```\n</details>\n")
-    if e.scale == "smoke":
-        L.append("Smoke overrides applied to every phase: `" + " ".join(s["overrides"]["all"]) + "`\n")
+    if s["overrides"].get("all"):
+        L.append("Overrides applied to every phase: `" + " ".join(s["overrides"]["all"]) + "`\n")
     notes = NOTES / f"notes_{e.scale}.md"
     if notes.is_file():
         L.append("## Discussion (written after the run)\n")

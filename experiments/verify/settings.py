@@ -34,9 +34,14 @@ OBJECTIVE_ARMS = {"per_layer": "kl", "obj_reverse_kl": "reverse_kl", "obj_mse": 
 STAGES = ("corpus", "speed", "pretrain", "warmup", "sparse", "eval", "recall", "bench128k", "step128k", "report")
 ARM_STAGES = ("warmup", "sparse", "recall", "eval")  # run per arm, up to --jobs at once
 
+# The mixture's answer tokens weigh this much in the LM loss: a few thousand answer tokens among
+# millions of text tokens would otherwise barely steer a 20-minute pretraining toward retrieval.
+ANSWER_LOSS_WEIGHT = 4.0
+
 SCALES = {
     "h200": dict(
-        vocab_size=8192, max_bytes=48 * 1024 * 1024, valid_fraction=0.05, overrides={},
+        vocab_size=8192, max_bytes=48 * 1024 * 1024, valid_fraction=0.05,
+        overrides={"all": [f"data.answer_loss_weight={ANSWER_LOSS_WEIGHT}"]},
         loss_lengths=(4096, 8192, 16384, 32768), loss_max_total=65536,
         retrieval_lengths=(4096, 8192, 16384, 32768), retrieval_n=6, tasks=dict(ratio=0.5, seed=0),
         recall_lengths=(4096, 16384), recall_ratios=(1 / 64, 1 / 32, 1 / 16), recall_max_total=32768,
@@ -46,6 +51,7 @@ SCALES = {
         vocab_size=512, max_bytes=800_000, valid_fraction=0.05,
         overrides={
             "all": ["model.size=tiny", "data.seq_length=256", "model.overrides.dsa_indexer_topk=16",
+                    f"data.answer_loss_weight={ANSWER_LOSS_WEIGHT}",
                     "megatron.bf16=false", "train.micro_batch_size=2", "train.global_batch_size=2",
                     "eval.iters=1", "logging.interval=2"],
             "pretrain": ["train.iters=16", "train.lr_warmup_iters=2", "train.lr=3e-3", "train.min_lr=3e-4",

@@ -34,11 +34,13 @@ from pathlib import Path
 
 import numpy
 import sentencepiece
+import torch
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import (
     _INDEX_HEADER,
     DType,
+    IndexedDataset,
     IndexedDatasetBuilder,
     get_bin_path,
     get_idx_path,
@@ -654,10 +656,58 @@ def load_tokenizer(data_dir: str | os.PathLike[str]) -> SentencePieceTokenizer:
     return tokenizer
 
 
+@dataclass
+class AnswerWeightedGPTDatasetConfig(GPTDatasetConfig):
+    """GPTDatasetConfig plus each split's answer mask (text prefix -> mask prefix) and the loss
+    weight of the answer tokens."""
+
+    answer_masks: dict[str, str] | None = None
+    answer_loss_weight: float = 1.0
+
+
+class _SameSamples:
+    """A GPTDataset's sample lookup (its document, sample and shuffle indices) over another
+    low-level dataset with the same document lengths."""
+
+    def __init__(self, dataset: GPTDataset, low_level):
+        self._of, self.dataset = dataset, low_level
+
+    def __getattr__(self, name):
+        return getattr(self._of, name)
+
+
+class AnswerWeightedGPTDataset(GPTDataset):
+    """megatron-core's GPTDataset over a task mixture, whose loss mask weighs the tasks' answer
+    tokens by ``answer_loss_weight`` (the other tokens keep 1). The answer mask is read with the
+    same document, sample and shuffle indices as the tokens, so it covers exactly the sample's
+    tokens whatever the shuffle; the weight multiplies megatron-core's own mask (padding and
+    batch-padding samples stay 0), so it reaches the loss through every path that carries the
+    mask (context-parallel slices, packed sequences)."""
+
+    def __init__(self, indexed_dataset, dataset_path, indexed_indices, num_samples, index_split, config):
+        super().__init__(indexed_dataset, dataset_path, indexed_indices, num_samples, index_split, config)
+        mask_prefix = config.answer_masks[dataset_path]
+        self.answer_mask = IndexedDataset(mask_prefix, multimodal=False, mmap=config.mmap_bin_files)
+        if not numpy.array_equal(self.answer_mask.sequence_lengths, indexed_dataset.sequence_lengths):
+            raise DataError(f"the answer mask {mask_prefix} does not have the documents of {dataset_path}")
+
+    def __getitem__(self, idx):
+        item = super().__getitem__(idx)
+        if idx is None:
+            return item
+        marks, _, _ = GPTDataset._query_document_sample_shuffle_indices(_SameSamples(self, self.answer_mask), idx)
+        marks = torch.from_numpy(marks == 1)
+        answers = marks[1:] if self.config.add_extra_token_to_sequence else marks
+        weight = torch.where(answers, float(self.config.answer_loss_weight), 1.0)
+        item["loss_mask"] = item["loss_mask"] * weight.to(item["loss_mask"].dtype)
+        return item
+
+
 def build_gpt_datasets(
     data_dir: str | os.PathLike[str],
     sequence_length: int,
     *,
+    answer_loss_weight: float = 1.0,
     tokenizer: SentencePieceTokenizer | None = None,
     random_seed: int = 1234,
     train_samples: int | None = None,
@@ -672,6 +722,8 @@ def build_gpt_datasets(
     Samples are ``sequence_length`` tokens cut from the shuffled concatenation of documents
     (EOD-separated), with no position/attention reset and loss on every token, including EOD.
     ``*_samples=None`` means one epoch; a number repeats epochs as needed.
+    ``answer_loss_weight`` != 1 (a task mixture only): the loss mask weighs the tasks' answer
+    tokens by it (``AnswerWeightedGPTDataset``).
 
     ``create_attention_mask`` is off by default: megatron-core would materialize a dense
     [S, S] mask per sample, which is prohibitive at long context.
@@ -692,9 +744,18 @@ def build_gpt_datasets(
     else:
         _check_tokenizer_for_corpus(tokenizer, manifest)
 
-    prefixes = []
+    if not (isinstance(answer_loss_weight, (int, float)) and math.isfinite(answer_loss_weight)
+            and answer_loss_weight > 0):
+        raise DataError(f"answer_loss_weight must be a positive number, got {answer_loss_weight!r}")
+    weighted = answer_loss_weight != 1
+    if weighted and manifest.get("kind", "text") != "tasks":
+        raise DataError(f"answer_loss_weight {answer_loss_weight} needs a task mixture; {data_path} is a text corpus")
+    prefixes, answer_masks = [], {}
     for split, samples in (("train", train_samples), ("valid", valid_samples)):
         info = validate_indexed_dataset(data_path / manifest["splits"][split]["prefix"])
+        if weighted:
+            answer_masks[info.prefix] = validate_indexed_dataset(
+                data_path / manifest["splits"][split]["answer_mask"]).prefix
         # With add_extra_token_to_sequence a sample needs sequence_length + 1 tokens; one epoch
         # shorter than that yields an empty dataset.
         if samples is None and info.num_tokens < sequence_length + 1:
@@ -704,7 +765,11 @@ def build_gpt_datasets(
             )
         prefixes.append(info.prefix)
 
-    config = GPTDatasetConfig(
+    config_cls, extra = (AnswerWeightedGPTDatasetConfig, dict(answer_masks=answer_masks,
+                                                              answer_loss_weight=float(answer_loss_weight))) \
+        if weighted else (GPTDatasetConfig, {})
+    config = config_cls(
+        **extra,
         random_seed=random_seed,
         sequence_length=sequence_length,
         blend_per_split=[([prefixes[0]], None), ([prefixes[1]], None), None],
@@ -717,6 +782,7 @@ def build_gpt_datasets(
         create_attention_mask=create_attention_mask,
     )
     train, valid, _ = BlendedMegatronDatasetBuilder(
-        GPTDataset, [train_samples, valid_samples, None], is_built_on_rank, config
+        AnswerWeightedGPTDataset if weighted else GPTDataset, [train_samples, valid_samples, None],
+        is_built_on_rank, config
     ).build()
     return train, valid

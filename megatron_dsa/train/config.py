@@ -12,7 +12,9 @@ Layout (every key optional except ``phase``; defaults below)::
                  mtp_num_layers / mtp_loss_scaling_factor for the multi-token-prediction loss)
     data:        dir (a corpus built by ``python -m megatron_dsa.data build``), seq_length,
                  corpus (text | tasks: the task mixture of ``build-tasks``, built for seq_length),
-                 packed (documents as packed sequences, megatron-core's THD)
+                 packed (documents as packed sequences, megatron-core's THD),
+                 answer_loss_weight (tasks only: the loss weight of the answer tokens; the
+                 logged LM loss is then the weighted mean)
     train:       iters, micro_batch_size, global_batch_size, lr, min_lr, lr_warmup_iters,
                  lr_decay_style, weight_decay, clip_grad, adam_beta1, adam_beta2, seed,
                  skip_iterations (batches a resumed run steps over)
@@ -72,6 +74,8 @@ SCHEMA: dict[str, dict[str, tuple[Any, tuple[type, ...]]]] = {
         # Documents (EOD-delimited) as packed sequences: attention, RoPE and the indexer stay
         # inside each document, and the loss skips the EOD -> next-document predictions.
         "packed": (False, (bool,)),
+        # The loss weight of a task mixture's answer tokens (1: the plain LM loss).
+        "answer_loss_weight": (1.0, (float, int)),
     },
     "train": {
         "iters": (100, (int,)),
@@ -324,6 +328,11 @@ def _check_values(cfg: RunConfig) -> None:
 
     if cfg.data["corpus"] not in CORPUS_KINDS:
         raise _err(f"data.corpus must be one of {list(CORPUS_KINDS)}, got {cfg.data['corpus']!r}")
+    weight = cfg.data["answer_loss_weight"]
+    if not (math.isfinite(weight) and weight > 0):
+        raise _err(f"data.answer_loss_weight must be a positive number, got {weight!r}")
+    if weight != 1 and cfg.data["corpus"] != "tasks":
+        raise _err(f"data.answer_loss_weight {weight} needs data.corpus: tasks (only a task mixture has answers)")
     if cfg.checkpoint["save"] is None:
         raise _err("checkpoint.save is required: the directory of this phase's checkpoints")
     for section, key, allow_none in (

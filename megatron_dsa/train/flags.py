@@ -30,6 +30,8 @@ def add_mdsa_args(parser):
     group.add_argument("--mdsa-progress", type=int, default=1, help="progress line with ETA (0/1)")
     group.add_argument("--mdsa-packed", type=int, default=0,
                        help="feed documents as packed sequences (megatron-core THD), 0/1")
+    group.add_argument("--mdsa-answer-loss-weight", type=float, default=1.0,
+                       help="loss weight of a task mixture's answer tokens (1: plain LM loss)")
     group.add_argument("--mdsa-metrics-file", default=None,
                        help="JSON lines of per-iteration metrics (rank 0)")
     return parser
@@ -73,6 +75,7 @@ def megatron_argv(cfg: RunConfig, plan: dict) -> list[str]:
         "--mdsa-model-overrides", json.dumps(cfg.model["overrides"]),
         "--mdsa-data-dir", plan["data_dir"], "--mdsa-progress", int(bool(lg["progress"])),
         "--mdsa-packed", int(bool(cfg.data["packed"])),
+        "--mdsa-answer-loss-weight", float(cfg.data["answer_loss_weight"]),
     ]
     if tf.get("num_moe_experts"):
         # Megatron validates expert parallelism against these (it refuses EP > 1 without

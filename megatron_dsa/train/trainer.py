@@ -101,7 +101,8 @@ def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None
     args = _args()
     tokenizer = load_tokenizer(args.mdsa_data_dir)
     train, valid = build_gpt_datasets(
-        args.mdsa_data_dir, args.seq_length, tokenizer=tokenizer, random_seed=args.seed,
+        args.mdsa_data_dir, args.seq_length, answer_loss_weight=args.mdsa_answer_loss_weight,
+        tokenizer=tokenizer, random_seed=args.seed,
         train_samples=train_val_test_num_samples[0], valid_samples=train_val_test_num_samples[1],
         is_built_on_rank=lambda: True,
     )
