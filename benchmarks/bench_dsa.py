@@ -393,6 +393,10 @@ def main():
     ap.add_argument("--tp8", action="store_true", help="also the TP=8 rank case (16 heads)")
     ap.add_argument("--pattern", action="store_true", help="also a trained-indexer-shaped selection")
     ap.add_argument("--no-checks", action="store_true")
+    ap.add_argument("--update", action="store_true",
+                    help="keep the rows of --out's dsa_h200.json that this run does not measure (same case and "
+                         "length are replaced), so the table can be measured in pieces; the device, versions and "
+                         "ceilings must match")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("error: bench_dsa.py times GPU kernels; no CUDA device here")
@@ -406,6 +410,7 @@ def main():
         res["triton"] = triton.__version__
     except ImportError:
         pass
+    kept = previous_rows(os.path.join(args.out, "dsa_h200.json"), res) if args.update else []
     if not args.no_checks:
         try:
             res["topk_checks"] = topk_checks()
@@ -420,8 +425,8 @@ def main():
             if S > caps.get(H, S):
                 continue
             res["rows"].append(bench_row(S, H, args, c))
-            with open(os.path.join(args.out, "dsa_h200.json"), "w") as f:
-                json.dump(res, f, indent=1)
+            with open(os.path.join(args.out, "dsa_h200.json"), "w") as f:  # a killed run keeps its rows
+                json.dump({**res, "rows": merge_rows(kept, res["rows"])}, f, indent=1)
     if args.tp8:
         for S in seqs:
             if S >= 32768:
@@ -431,6 +436,7 @@ def main():
         for S in [int(s) for s in wanted.split(",") if s]:
             res.setdefault(key, []).append(dict(seq=S, heads=16, **time_baseline(step, S, 16, args.reps)))
             print(S, key, res[key][-1], flush=True)
+    res["rows"] = merge_rows(kept, res["rows"])
     with open(os.path.join(args.out, "dsa_h200.json"), "w") as f:
         json.dump(res, f, indent=1)
     md = to_markdown(res)
@@ -441,6 +447,32 @@ def main():
     except Exception as e:
         print("plot failed:", e)
     print(md)
+
+
+def previous_rows(path: str, res: dict) -> list[dict]:
+    """The rows of an earlier run's json for --update; refuses one measured on another device,
+    torch or triton, or at other ceilings (its rows would not be comparable)."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        old = json.load(f)
+    for key in ("device", "torch", "triton", "ceilings", "config"):
+        if old.get(key) != res.get(key):
+            sys.exit(f"error: --update: {path} was measured with {key} {old.get(key)!r}, this run has "
+                     f"{res.get(key)!r}; measure the whole table again")
+    if "topk_checks" in old:
+        res.setdefault("topk_checks", old["topk_checks"])
+    return old["rows"]
+
+
+def merge_rows(kept: list[dict], new: list[dict]) -> list[dict]:
+    """``kept`` with the rows of ``new`` in place of those of the same case and length, then the
+    rest of ``new``; heads descending, then length, as a full run orders them."""
+    fresh = {(r["case"], r["seq"]): r for r in new}
+    rows = [fresh.pop((r["case"], r["seq"]), r) for r in kept] + list(fresh.values())
+    tp8 = [r for r in rows if "TP=8" in r["case"]]
+    rest = sorted((r for r in rows if "TP=8" not in r["case"]), key=lambda r: (-r["heads"], r["seq"]))
+    return rest + sorted(tp8, key=lambda r: r["seq"])
 
 
 def _ms(r):

@@ -1,0 +1,39 @@
+"""benchmarks/bench_dsa.py's table in pieces (--update): which rows a partial run keeps, replaces
+and refuses to mix."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+from bench_dsa import merge_rows, previous_rows  # noqa: E402
+
+
+def _row(case, heads, seq, ms):
+    return {"case": case, "heads": heads, "seq": seq, "ours_fp8": {"ms": ms}}
+
+
+def test_update_replaces_measured_rows_and_keeps_the_rest_in_table_order():
+    kept = [_row("128 heads", 128, 4096, 1), _row("16 heads", 16, 4096, 1), _row("16 heads, TP=8 rank", 16, 32768, 1)]
+    new = [_row("16 heads", 16, 4096, 2), _row("64 heads", 64, 131072, 2), _row("64 heads", 64, 4096, 2)]
+    rows = merge_rows(kept, new)
+    assert [(r["case"], r["seq"], r["ours_fp8"]["ms"]) for r in rows] == [
+        ("128 heads", 4096, 1), ("64 heads", 4096, 2), ("64 heads", 131072, 2), ("16 heads", 4096, 2),
+        ("16 heads, TP=8 rank", 32768, 1)]
+
+
+def test_update_refuses_rows_from_another_setup(tmp_path):
+    res = {"device": "H200", "torch": "2.11", "triton": "3.6", "ceilings": {"a": 1}, "config": {"topk": 2048}}
+    path = tmp_path / "dsa_h200.json"
+    assert previous_rows(str(path), dict(res)) == []  # nothing measured yet
+    path.write_text(json.dumps({**res, "rows": [_row("16 heads", 16, 4096, 1)], "topk_checks": {"rows": 3}}))
+    fresh = dict(res)
+    assert previous_rows(str(path), fresh) == [_row("16 heads", 16, 4096, 1)]
+    assert fresh["topk_checks"] == {"rows": 3}
+    with pytest.raises(SystemExit, match="measured with triton '3.6'"):
+        previous_rows(str(path), {**res, "triton": "3.7"})
