@@ -46,10 +46,10 @@ def variants(stage: str, heads: int) -> list[tuple[str, KernelOptions]]:
         return [(f"fwd{t}", KernelOptions(attn_fwd=Tiles(*t))) for t in tiles]
     if stage == "bwd":
         if big:
-            out = [("split p1 dq(16,8,2) dkv(64,8,1)", KernelOptions(key_passes=1))]
-            out += [(f"split p{p}", KernelOptions(key_passes=p)) for p in (4, 10)]
-            out += [(f"split dq{t}", KernelOptions(key_passes=1, attn_bwd=Tiles(*t))) for t in ((32, 8, 2), (16, 8, 3))]
-            out += [(f"split dkv{t}", KernelOptions(key_passes=1, attn_dkv=Tiles(*t))) for t in ((64, 4, 1),)]
+            out = [("split p1 dq(64,8,1) dkv(64,4,1)", KernelOptions(key_passes=1))]
+            out += [(f"split p{p}", KernelOptions(key_passes=p)) for p in (4,)]
+            out += [(f"split dq{t}", KernelOptions(key_passes=1, attn_bwd=Tiles(*t))) for t in ((32, 8, 2), (32, 8, 1))]
+            out += [(f"split dkv{t}", KernelOptions(key_passes=1, attn_dkv=Tiles(*t))) for t in ((64, 8, 1),)]
             return out
         out = [("fused p1 (32,8,2)", KernelOptions(key_passes=1, attn_bwd_split=False))]
         out += [(f"fused p{p}", KernelOptions(key_passes=p, attn_bwd_split=False)) for p in (4, 10, 20)]
@@ -59,9 +59,11 @@ def variants(stage: str, heads: int) -> list[tuple[str, KernelOptions]]:
         return out
     if stage == "base":
         return [("indexer_topk fp8", KernelOptions()), ("dense_sdpa 192/128", KernelOptions())]
-    if stage == "kl":
-        return [(f"kl target{t}", KernelOptions(kl_target=Tiles(*t)))
-                for t in ((64, 8, 2), (32, 8, 2), (64, 4, 2), (32, 4, 2))]
+    if stage == "kl":  # the target kernel with the heads or the selected keys as the products' rows
+        return [(f"kl target {'keys' if rows else 'heads'} as rows {t}",
+                 KernelOptions(kl_target_keys_rows=rows, kl_target=Tiles(*t)))
+                for rows, t in ((False, (32, 4, 2)), (False, (64, 4, 2)), (True, (64, 4, 1)), (True, (32, 4, 2)),
+                                (True, (64, 8, 1)), (True, (128, 8, 1)))]
     raise ValueError(stage)
 
 

@@ -42,8 +42,12 @@ class KernelOptions:
     ``sparse_attn.key_passes``; 1: one pass).
     attn_bwd_split: the sparse attention's backward as two kernels (dq, then dkv with the keys as
     the products' rows) or one (None: two from 64-head blocks, where one does not fit an SM).
+    kl_target_keys_rows: the sparse KL's target kernel with the selected keys as the products'
+    rows and the heads as columns (each gathered row read once per token) or the heads as rows
+    (once per 64-head block); None: keys as rows above one 64-head block.
     attn_fwd / attn_bwd / attn_dkv / kl_target / kl_fwd / kl_bwd: launch tiles of those kernels
-    (None: measured defaults).
+    (attn_bwd: the one-kernel backward, or the split backward's dq kernel; None: measured
+    defaults).
     decode_attn / decode_index: the paged decode's attention (cached rows per block) and indexer
     scoring (keys per program) launches (None: measured defaults, ``kernels.decode``).
     """
@@ -51,6 +55,7 @@ class KernelOptions:
     dense_kl: str = "fused"
     key_passes: int = 0
     attn_bwd_split: Optional[bool] = None
+    kl_target_keys_rows: Optional[bool] = None
     attn_fwd: Optional[Tiles] = None
     attn_bwd: Optional[Tiles] = None
     attn_dkv: Optional[Tiles] = None
@@ -65,8 +70,9 @@ class KernelOptions:
             raise ValueError(f"dense_kl must be one of {list(DENSE_KL)}, got {self.dense_kl!r}")
         if not isinstance(self.key_passes, int) or isinstance(self.key_passes, bool) or self.key_passes < 0:
             raise ValueError(f"key_passes must be an integer >= 0, got {self.key_passes!r}")
-        if self.attn_bwd_split not in (None, True, False):
-            raise ValueError(f"attn_bwd_split must be true, false or null, got {self.attn_bwd_split!r}")
+        for name in ("attn_bwd_split", "kl_target_keys_rows"):
+            if getattr(self, name) not in (None, True, False):
+                raise ValueError(f"{name} must be true, false or null, got {getattr(self, name)!r}")
         for name in TILE_FIELDS:
             v = getattr(self, name)
             if v is not None and not isinstance(v, Tiles):

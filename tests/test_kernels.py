@@ -345,6 +345,28 @@ def _crowded_idx(B, S, Sk, topk, hot):
     return (idx + torch.where(idx >= 0, Sk - hot, 0)).contiguous()  # the hot keys: the last ones
 
 
+@pytest.mark.parametrize("H", [3, 70, 150])
+@pytest.mark.parametrize("keys_rows", [True, False])
+def test_kl_target_either_layout_equals_the_reference(H, keys_rows):
+    """The KL target's two kernels (heads or selected keys as the products' rows) give the
+    reference's head sum at any head count, with the attention's lse or building it, and a row
+    without keys sums to 0."""
+    B, S, D, topk = 1, 19, 48, 8
+    if BIG:
+        S, topk = S * 20, topk * 4
+    qm = torch.randn(B, S, H, D, device=DEV)
+    kv = torch.randn(B, S, D, device=DEV)
+    idx = _random_idx(B, S, S, topk)
+    scale = D**-0.5
+    options = KernelOptions(kl_target_keys_rows=keys_rows)
+    ref = R.sparse_target_head_sum(qm, kv, idx, scale)
+    for lse in (None, K.sparse_mla_attention(qm, kv, idx, D - 16, scale)[1]):
+        got = K.sparse_target_head_sum(qm, kv, idx, scale, lse=lse, options=options)
+        _finite(got)
+        assert rel(got, ref) < 1e-5
+        assert float(got[0, min(4, S - 1)].abs().sum()) == 0.0
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_sparse_backward_crowded_keys(dtype, variant):
     """Duplicate selections across queries: the per-key reduction (dkv, dk_idx) must sum every

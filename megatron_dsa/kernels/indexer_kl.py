@@ -2,7 +2,8 @@
 
 * ``sparse_indexer_kl``: Triton forward and backward over the selected set, in two kernels.
   The target kernel (one program per token) sums the main attention's probabilities over its
-  heads, a block of up to 64 heads at a time (the rows of one product), into p [B, Sq, K] fp32;
+  heads into p [B, Sq, K] fp32: up to 64 heads as the rows of the products, above that the
+  selected keys as the rows and up to 128 heads as the columns (each gathered row read once);
   it takes each head's log-sum-exp from the sparse attention's forward when given (one pass
   over the gathered latent rows) or builds it first (two). The KL kernel then computes the
   indexer logits over the same keys and KL = sum p log p - sum p I + lse_I * sum p, with p
@@ -101,6 +102,76 @@ if HAS_TRITON:
                 if hb > 0:
                     ph += tl.load(pb + kk, mask=km, other=0.0)
                 tl.store(pb + kk, ph, mask=km)
+
+    @triton.jit
+    def _target_keys_kernel(
+        QM, KV, IDX, LSEM, P,
+        Sk, TOPK, H, NHC, scale_log2,
+        s_qmb, s_qms, s_qmh,
+        s_kvb, s_kvs,
+        s_ib, s_is,
+        s_mb, s_ms,
+        HN: tl.constexpr, DV: tl.constexpr, D1: tl.constexpr, DR: tl.constexpr, D2: tl.constexpr,
+        BK: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, HAS_LSE: tl.constexpr,
+    ):
+        # The target with the selected keys as the products' rows and the heads (HN at a time,
+        # NHC chunks) as the columns: s^T = kv q^T [BK, HN], so each gathered row is read once
+        # per token up to HN heads, and the head sum is a row sum. Same contract as
+        # _target_kernel, which reads the rows once per 64-head block.
+        t = tl.program_id(0).to(tl.int64)
+        b = tl.program_id(1).to(tl.int64)
+        ib = IDX + b * s_ib + t * s_is
+        pb = P + b * s_ib + t * s_is
+        kvb = KV + b * s_kvb
+        d1 = tl.arange(0, D1)
+        d1m = d1 < DV
+        d2 = tl.arange(0, D2)
+        d2m = d2 < DR
+        for hc in range(NHC):
+            h = hc * HN + tl.arange(0, HN)
+            hm = h < H
+            qb = QM + b * s_qmb + t * s_qms + h[:, None] * s_qmh
+            q1 = tl.load(qb + d1[None, :], mask=hm[:, None] & d1m[None, :], other=0.0)
+            q2 = tl.load(qb + DV + d2[None, :], mask=hm[:, None] & d2m[None, :], other=0.0)
+            if HAS_LSE:
+                lsem = tl.load(LSEM + b * s_mb + t * s_ms + h, mask=hm, other=float("-inf"))
+                lse2 = tl.where(lsem > float("-inf"), lsem * 1.4426950408889634, float("inf"))
+            else:
+                m_i = tl.full((HN,), float("-inf"), tl.float32)
+                l_i = tl.zeros((HN,), tl.float32)
+                for k0 in range(0, TOPK, BK):
+                    kk = k0 + tl.arange(0, BK)
+                    idx = tl.load(ib + kk, mask=kk < TOPK, other=-1)
+                    valid = (idx >= 0) & (idx < Sk)
+                    st = _main_scores_t(q1, q2, kvb + idx * s_kvs, valid, d1, d1m, d2, d2m, DV, DR, IEEE, UPCAST)
+                    st = tl.where(valid[:, None], st * scale_log2, float("-inf"))
+                    m_new = tl.maximum(m_i, tl.max(st, axis=0))
+                    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                    l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(st - m_safe[None, :]), axis=0)
+                    m_i = m_new
+                has_h = (l_i > 0.0) & hm
+                lse2 = tl.where(has_h, m_i + tl.log2(tl.where(has_h, l_i, 1.0)), float("inf"))
+            for k0 in range(0, TOPK, BK):
+                kk = k0 + tl.arange(0, BK)
+                km = kk < TOPK
+                idx = tl.load(ib + kk, mask=km, other=-1)
+                valid = (idx >= 0) & (idx < Sk)
+                st = _main_scores_t(q1, q2, kvb + idx * s_kvs, valid, d1, d1m, d2, d2m, DV, DR, IEEE, UPCAST)
+                ph = tl.where(valid, tl.sum(tl.exp2(st * scale_log2 - lse2[None, :]), axis=1), 0.0)
+                if hc > 0:
+                    ph += tl.load(pb + kk, mask=km, other=0.0)
+                tl.store(pb + kk, ph, mask=km)
+
+    @triton.jit
+    def _main_scores_t(q1, q2, rowp, valid, d1, d1m, d2, d2m,
+                       DV: tl.constexpr, DR: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+        """_main_scores transposed: the gathered rows [BK, D] times the heads' q^T -> [BK, heads]."""
+        kv1 = tl.load(rowp[:, None] + d1[None, :], mask=valid[:, None] & d1m[None, :], other=0.0)
+        s = _dot(kv1, tl.trans(q1), IEEE, UPCAST)
+        if DR > 0:
+            kv2 = tl.load(rowp[:, None] + DV + d2[None, :], mask=valid[:, None] & d2m[None, :], other=0.0)
+            s += _dot(kv2, tl.trans(q2), IEEE, UPCAST)
+        return s
 
     @triton.jit
     def _indexer_row(QI, WI, b, t, s_qib, s_qis, s_qih, s_wib, s_wis, s_wih,
@@ -227,17 +298,24 @@ def _kl_tiles(chosen: Optional[Tiles], on_gpu: bool, bwd: bool) -> Tiles:
     return Tiles(64, 4, 2) if bwd else Tiles(32, 4, 2)
 
 
-def _target_tiles(chosen: Optional[Tiles], on_gpu: bool, HB: int) -> Tiles:
+KEYS_ROWS_HEADS = 128  # heads per chunk of the keys-as-rows target kernel (the products' N)
+
+
+def _target_tiles(chosen: Optional[Tiles], on_gpu: bool, keys_rows: bool) -> Tiles:
     if chosen is not None:
         return chosen
     if not on_gpu:
         return Tiles(16, 4, 1)
-    # 64-head blocks, 32K x 128 heads: (64, 4, 2) 67 ms vs (64, 8, 2) 76, (32, 8, 2) 107
-    return Tiles(64, 4, 2) if HB >= 64 else Tiles(32, 4, 2)
+    # Measured on the H200 at 128K (benchmarks/results/tune_dsa_bwd_kl_target.json): keys as rows at
+    # 128 heads (64, 4, 1) 152 ms vs (64, 8, 1) 189, (32, 4, 2) 196, heads as rows 260; heads as
+    # rows at 64 heads 99 ms (keys as rows 101-162), 16 heads 55 ms (keys as rows 64-138).
+    return Tiles(64, 4, 1) if keys_rows else Tiles(32, 4, 2)
 
 
 def _head_sum(qm, kv, idx, scale, lse, options: KernelOptions) -> torch.Tensor:
-    """[B, Sq, K] fp32: the main attention's selected-set probabilities summed over qm's heads."""
+    """[B, Sq, K] fp32: the main attention's selected-set probabilities summed over qm's heads.
+    Up to one 64-head block the heads are the products' rows; above it (or as the options say)
+    the selected keys are, so each gathered row is read once per token, not once per block."""
     B, Sq, K = idx.shape
     H = qm.shape[2]
     P = torch.empty(B, Sq, K, dtype=torch.float32, device=idx.device)
@@ -247,21 +325,24 @@ def _head_sum(qm, kv, idx, scale, lse, options: KernelOptions) -> torch.Tensor:
         return P.zero_()
     DV, D1, DR, D2 = split_pow2(qm.shape[-1])
     HB = head_block(H)
+    keys_rows = H > HB if options.kl_target_keys_rows is None else options.kl_target_keys_rows
     if lse is not None:
         lsem = lse.detach().float().contiguous()
         assert lsem.shape == (B, Sq, H), (lsem.shape, (B, Sq, H))
     else:
         lsem = P  # unused
-    tiles = _target_tiles(options.kl_target, idx.is_cuda, HB)
-    _target_kernel[(Sq, B)](
+    tiles = _target_tiles(options.kl_target, idx.is_cuda, keys_rows)
+    kernel, HN = (_target_keys_kernel, min(next_pow2(H, 16), KEYS_ROWS_HEADS)) if keys_rows else (_target_kernel, HB)
+    kw = dict(HN=HN) if keys_rows else dict(HB=HB)
+    kernel[(Sq, B)](
         qm, kv, idx, lsem, P,
-        kv.shape[1], K, H, triton.cdiv(H, HB), scale * LOG2E,
+        kv.shape[1], K, H, triton.cdiv(H, HN), scale * LOG2E,
         qm.stride(0), qm.stride(1), qm.stride(2),
         kv.stride(0), kv.stride(1),
         idx.stride(0), idx.stride(1),
         lsem.stride(0), lsem.stride(1),
-        HB=HB, DV=DV, D1=D1, DR=DR, D2=D2, BK=tiles.BK, IEEE=is_fp32(qm, kv), UPCAST=interpreting(),
-        HAS_LSE=lse is not None, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        DV=DV, D1=D1, DR=DR, D2=D2, BK=tiles.BK, IEEE=is_fp32(qm, kv), UPCAST=interpreting(),
+        HAS_LSE=lse is not None, num_warps=tiles.num_warps, num_stages=tiles.num_stages, **kw,
     )
     return P
 

@@ -17,6 +17,11 @@ few heads (1.55e11 of them at 128K): HBM-resident targets take ~3.9e11 adds/s, L
 ~2.5x that. So with ``passes`` > 1 the backward runs once per range of keys whose dkv rows fit in
 L2: each row's selected keys are sorted, every program handles its keys in the pass's range and
 adds its dq share to an fp32 buffer. The queries' tensors are re-read once per pass.
+
+From 64-head blocks the backward is two kernels (one does not fit an SM): dq per (token, head
+block), then dkv with the selected keys as the products' rows, its value dims in four quarters
+whose gradients are added as soon as they are made (one [BK, D/4] fp32 accumulator live at a
+time; the whole [BK, 576] row spilled registers: 553 ms against 197 at 32K x 128 heads).
 """
 
 from __future__ import annotations
@@ -139,17 +144,17 @@ if HAS_TRITON:
         stride_dkb, stride_dks,
         HB: tl.constexpr, DV: tl.constexpr, D1: tl.constexpr, DR: tl.constexpr, D2: tl.constexpr,
         BK: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-        DQ_ON: tl.constexpr, DKV_ON: tl.constexpr, PASSES: tl.constexpr, FIRST: tl.constexpr,
+        PASSES: tl.constexpr, FIRST: tl.constexpr,
     ):
-        # One program per (token, head block): recompute the probabilities p and the score
-        # gradients ds of the selected keys, then dq (DQ_ON) and/or the rows' gradient dkv
-        # (DKV_ON, fp32 atomic adds). Q/DO/LSE/DELTA strides as named; DQ has its own (an fp32
-        # buffer when passes add to it). PASSES > 1: this launch takes the slots
+        # The backward in one kernel (below 64 heads), one program per (token, head block):
+        # recompute the probabilities p and the score gradients ds of the selected keys, then dq
+        # and the rows' gradient dkv (fp32 atomic adds). Q/DO/LSE/DELTA strides as named; DQ has
+        # its own (an fp32 buffer when passes add to it). PASSES > 1: this launch takes the slots
         # SEG[b, t, pass_id] .. SEG[b, t, pass_id + 1] of a key-sorted IDX, and dq is added to
         # DQ (FIRST: written). The launch covers the tokens from t0; DQ holds rows from t0.
         t, h, hm, b = _program_coords(NHB, HB, H, t0)
         lo, hi = _key_slots(SEG, b, t, pass_id, stride_sb, stride_ss, TOPK, PASSES)
-        if (DQ_ON and FIRST) or hi > lo:
+        if FIRST or hi > lo:
             d1 = tl.arange(0, D1)
             d2 = tl.arange(0, D2)
             qb = Q + b * stride_qb + t * stride_qs + h[:, None] * stride_qh
@@ -175,31 +180,84 @@ if HAS_TRITON:
                 p = tl.where(valid[None, :], p, 0.0)
                 dp = _dot(do, tl.trans(kv1), IEEE, UPCAST)
                 dsc = (p * (dp - delta[:, None]) * scale).to(kv1.dtype)  # d loss / d (q . k)
-                if DQ_ON:
-                    dq1 += _dot(dsc, kv1, IEEE, UPCAST)
-                    if DR > 0:
-                        dq2 += _dot(dsc, kv2, IEEE, UPCAST)
-                if DKV_ON:
-                    dk1 = _dot(tl.trans(dsc), q1, IEEE, UPCAST) + _dot(tl.trans(p.to(do.dtype)), do, IEEE, UPCAST)
-                    dkoff = idx.to(tl.int32) * stride_dks
-                    tl.atomic_add(dkvb + (dkoff[:, None] + d1[None, :]), dk1, mask=_tile_mask(valid, d1, DV, D1),
-                                  sem="relaxed")
-                    if DR > 0:
-                        dk2 = _dot(tl.trans(dsc), q2, IEEE, UPCAST)
-                        tl.atomic_add(dkvb + DV + (dkoff[:, None] + d2[None, :]), dk2,
-                                      mask=_tile_mask(valid, d2, DR, D2), sem="relaxed")
-            if DQ_ON:
-                dqb = DQ + b * stride_db + (t - t0) * stride_ds + h[:, None] * stride_dh
-                m1 = _tile_mask(hm, d1, DV, D1)
-                if not FIRST:
-                    dq1 += tl.load(dqb + d1[None, :], mask=m1, other=0.0)
-                tl.store(dqb + d1[None, :], dq1.to(DQ.dtype.element_ty), mask=m1)
+                dq1 += _dot(dsc, kv1, IEEE, UPCAST)
                 if DR > 0:
-                    m2 = _tile_mask(hm, d2, DR, D2)
-                    if not FIRST:
-                        dq2 += tl.load(dqb + DV + d2[None, :], mask=m2, other=0.0)
-                    tl.store(dqb + DV + d2[None, :], dq2.to(DQ.dtype.element_ty), mask=m2)
+                    dq2 += _dot(dsc, kv2, IEEE, UPCAST)
+                dk1 = _dot(tl.trans(dsc), q1, IEEE, UPCAST) + _dot(tl.trans(p.to(do.dtype)), do, IEEE, UPCAST)
+                dkoff = idx.to(tl.int32) * stride_dks
+                tl.atomic_add(dkvb + (dkoff[:, None] + d1[None, :]), dk1, mask=_tile_mask(valid, d1, DV, D1),
+                              sem="relaxed")
+                if DR > 0:
+                    dk2 = _dot(tl.trans(dsc), q2, IEEE, UPCAST)
+                    tl.atomic_add(dkvb + DV + (dkoff[:, None] + d2[None, :]), dk2,
+                                  mask=_tile_mask(valid, d2, DR, D2), sem="relaxed")
+            dqb = DQ + b * stride_db + (t - t0) * stride_ds + h[:, None] * stride_dh
+            m1 = _tile_mask(hm, d1, DV, D1)
+            if not FIRST:
+                dq1 += tl.load(dqb + d1[None, :], mask=m1, other=0.0)
+            tl.store(dqb + d1[None, :], dq1.to(DQ.dtype.element_ty), mask=m1)
+            if DR > 0:
+                m2 = _tile_mask(hm, d2, DR, D2)
+                if not FIRST:
+                    dq2 += tl.load(dqb + DV + d2[None, :], mask=m2, other=0.0)
+                tl.store(dqb + DV + d2[None, :], dq2.to(DQ.dtype.element_ty), mask=m2)
 
+
+    @triton.jit
+    def _sparse_dq_kernel(
+        Q, KV, IDX, DO, LSE, DELTA, DQ,
+        Sk, TOPK, NHB, H, scale, scale_log2,
+        stride_qb, stride_qs, stride_qh,
+        stride_kb, stride_ks,
+        stride_ib, stride_is,
+        stride_ob, stride_os, stride_oh,
+        stride_lb, stride_ls,
+        HB: tl.constexpr, DV: tl.constexpr, D1: tl.constexpr, DR: tl.constexpr, D2: tl.constexpr,
+        BK: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    ):
+        # dq alone (the split backward's first kernel), one program per (token, head block):
+        # recompute p and ds of the selected keys, dq = ds kv. DQ has Q's strides.
+        t, h, hm, b = _program_coords(NHB, HB, H)
+        d1 = tl.arange(0, D1)
+        d2 = tl.arange(0, D2)
+        qb = Q + b * stride_qb + t * stride_qs + h[:, None] * stride_qh
+        q1 = tl.load(qb + d1[None, :], mask=_tile_mask(hm, d1, DV, D1), other=0.0)
+        do = tl.load(DO + b * stride_ob + t * stride_os + h[:, None] * stride_oh + d1[None, :],
+                     mask=_tile_mask(hm, d1, DV, D1), other=0.0)
+        if DR > 0:
+            q2 = tl.load(qb + DV + d2[None, :], mask=_tile_mask(hm, d2, DR, D2), other=0.0)
+        lse2, delta = _softmax_stats(LSE, DELTA, b, t, h, hm, stride_lb, stride_ls)
+        dq1 = tl.zeros((HB, D1), tl.float32)
+        dq2 = tl.zeros((HB, D2), tl.float32)
+        ib = IDX + b * stride_ib + t * stride_is
+        kvb = KV + b * stride_kb
+        for k0 in range(0, TOPK, BK):
+            idx, valid, rowoff = _selected(ib, k0, TOPK, Sk, stride_ks, BK)
+            kv1 = _gather(kvb, rowoff, valid, d1, DV, D1)
+            s = _dot(q1, tl.trans(kv1), IEEE, UPCAST)
+            if DR > 0:
+                kv2 = _gather(kvb + DV, rowoff, valid, d2, DR, D2)
+                s += _dot(q2, tl.trans(kv2), IEEE, UPCAST)
+            p = tl.exp2(s * scale_log2 - lse2[:, None])
+            p = tl.where(valid[None, :], p, 0.0)
+            dp = _dot(do, tl.trans(kv1), IEEE, UPCAST)
+            dsc = (p * (dp - delta[:, None]) * scale).to(kv1.dtype)
+            dq1 += _dot(dsc, kv1, IEEE, UPCAST)
+            if DR > 0:
+                dq2 += _dot(dsc, kv2, IEEE, UPCAST)
+        dqb = DQ + b * stride_qb + t * stride_qs + h[:, None] * stride_qh
+        tl.store(dqb + d1[None, :], dq1.to(DQ.dtype.element_ty), mask=_tile_mask(hm, d1, DV, D1))
+        if DR > 0:
+            tl.store(dqb + DV + d2[None, :], dq2.to(DQ.dtype.element_ty), mask=_tile_mask(hm, d2, DR, D2))
+
+    @triton.jit
+    def _cols(rows_ok, d, DV: tl.constexpr, EXACT: tl.constexpr):
+        """The mask of a [rows, columns d] tile of the value dims: the row mask alone when the
+        quarters cover exactly DV (16-byte vector accesses), else also d < DV."""
+        if EXACT:
+            return rows_ok[:, None]
+        else:
+            return rows_ok[:, None] & (d < DV)[None, :]
 
     @triton.jit
     def _sparse_dkv_kernel(
@@ -212,59 +270,66 @@ if HAS_TRITON:
         stride_ob, stride_os, stride_oh,
         stride_lb, stride_ls,
         stride_dkb, stride_dks,
-        HB: tl.constexpr, DV: tl.constexpr, D1: tl.constexpr, DR: tl.constexpr, D2: tl.constexpr,
-        BK: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, PASSES: tl.constexpr,
+        HB: tl.constexpr, DV: tl.constexpr, DQ4: tl.constexpr, EXACT: tl.constexpr, DR: tl.constexpr,
+        D2: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, PASSES: tl.constexpr,
     ):
         # dkv alone for 64-head blocks, with the selected keys as the products' rows: s^T = kv q^T
         # [BK, HB], then dkv = ds^T q + p^T do. Every product reads q and do as its second
-        # operand (plain or transposed), so one shared-memory copy of each serves all of them;
-        # the latent dims go in two halves to bound the accumulators' registers.
+        # operand (plain or transposed), so one shared-memory copy of each serves all of them.
+        # The value dims go in four quarters of DQ4 and each quarter's gradient is added as soon
+        # as it is made: one [BK, DQ4] fp32 accumulator is live at a time, not the whole row.
         t, h, hm, b = _program_coords(NHB, HB, H)
         lo, hi = _key_slots(SEG, b, t, pass_id, stride_sb, stride_ss, TOPK, PASSES)
         if hi > lo:
-            DH: tl.constexpr = D1 // 2
-            da = tl.arange(0, DH)
-            db = DH + tl.arange(0, DH)
+            c0 = tl.arange(0, DQ4)
+            c1 = DQ4 + c0
+            c2 = 2 * DQ4 + c0
+            c3 = 3 * DQ4 + c0
             d2 = tl.arange(0, D2)
             qb = Q + b * stride_qb + t * stride_qs + h[:, None] * stride_qh
             ob = DO + b * stride_ob + t * stride_os + h[:, None] * stride_oh
-            ma = hm[:, None] & (da < DV)[None, :]
-            mb = hm[:, None] & (db < DV)[None, :]
-            qa = tl.load(qb + da[None, :], mask=ma, other=0.0)
-            qh = tl.load(qb + db[None, :], mask=mb, other=0.0)
-            doa = tl.load(ob + da[None, :], mask=ma, other=0.0)
-            doh = tl.load(ob + db[None, :], mask=mb, other=0.0)
+            q0 = tl.load(qb + c0[None, :], mask=_cols(hm, c0, DV, EXACT), other=0.0)
+            q1 = tl.load(qb + c1[None, :], mask=_cols(hm, c1, DV, EXACT), other=0.0)
+            q2 = tl.load(qb + c2[None, :], mask=_cols(hm, c2, DV, EXACT), other=0.0)
+            q3 = tl.load(qb + c3[None, :], mask=_cols(hm, c3, DV, EXACT), other=0.0)
+            o0 = tl.load(ob + c0[None, :], mask=_cols(hm, c0, DV, EXACT), other=0.0)
+            o1 = tl.load(ob + c1[None, :], mask=_cols(hm, c1, DV, EXACT), other=0.0)
+            o2 = tl.load(ob + c2[None, :], mask=_cols(hm, c2, DV, EXACT), other=0.0)
+            o3 = tl.load(ob + c3[None, :], mask=_cols(hm, c3, DV, EXACT), other=0.0)
             if DR > 0:
-                q2 = tl.load(qb + DV + d2[None, :], mask=_tile_mask(hm, d2, DR, D2), other=0.0)
+                qr = tl.load(qb + DV + d2[None, :], mask=_tile_mask(hm, d2, DR, D2), other=0.0)
             lse2, delta = _softmax_stats(LSE, DELTA, b, t, h, hm, stride_lb, stride_ls)
             ib = IDX + b * stride_ib + t * stride_is
             kvb = KV + b * stride_kb
             dkvb = DKV + b * stride_dkb
             for k0 in range(lo, hi, BK):
                 idx, valid, rowoff = _selected(ib, k0, hi, Sk, stride_ks, BK)
-                kva = tl.load(kvb + (rowoff[:, None] + da[None, :]), mask=valid[:, None] & (da < DV)[None, :],
-                              other=0.0)
-                kvh = tl.load(kvb + (rowoff[:, None] + db[None, :]), mask=valid[:, None] & (db < DV)[None, :],
-                              other=0.0)
-                st = _dot(kva, tl.trans(qa), IEEE, UPCAST) + _dot(kvh, tl.trans(qh), IEEE, UPCAST)
+                rp = kvb + rowoff[:, None]
+                k0_ = tl.load(rp + c0[None, :], mask=_cols(valid, c0, DV, EXACT), other=0.0)
+                k1_ = tl.load(rp + c1[None, :], mask=_cols(valid, c1, DV, EXACT), other=0.0)
+                k2_ = tl.load(rp + c2[None, :], mask=_cols(valid, c2, DV, EXACT), other=0.0)
+                k3_ = tl.load(rp + c3[None, :], mask=_cols(valid, c3, DV, EXACT), other=0.0)
+                st = _dot(k0_, tl.trans(q0), IEEE, UPCAST) + _dot(k1_, tl.trans(q1), IEEE, UPCAST)
+                st += _dot(k2_, tl.trans(q2), IEEE, UPCAST) + _dot(k3_, tl.trans(q3), IEEE, UPCAST)
                 if DR > 0:
-                    kv2 = _gather(kvb + DV, rowoff, valid, d2, DR, D2)
-                    st += _dot(kv2, tl.trans(q2), IEEE, UPCAST)
+                    st += _dot(_gather(kvb + DV, rowoff, valid, d2, DR, D2), tl.trans(qr), IEEE, UPCAST)
                 pt = tl.exp2(st * scale_log2 - lse2[None, :])
                 pt = tl.where(valid[:, None], pt, 0.0)
-                dpt = _dot(kva, tl.trans(doa), IEEE, UPCAST) + _dot(kvh, tl.trans(doh), IEEE, UPCAST)
-                dst = (pt * (dpt - delta[None, :]) * scale).to(kva.dtype)
-                ptc = pt.to(kva.dtype)
-                dkoff = idx.to(tl.int32) * stride_dks
-                dka = _dot(dst, qa, IEEE, UPCAST) + _dot(ptc, doa, IEEE, UPCAST)
-                tl.atomic_add(dkvb + (dkoff[:, None] + da[None, :]), dka,
-                              mask=valid[:, None] & (da < DV)[None, :], sem="relaxed")
-                dkh = _dot(dst, qh, IEEE, UPCAST) + _dot(ptc, doh, IEEE, UPCAST)
-                tl.atomic_add(dkvb + (dkoff[:, None] + db[None, :]), dkh,
-                              mask=valid[:, None] & (db < DV)[None, :], sem="relaxed")
+                dpt = _dot(k0_, tl.trans(o0), IEEE, UPCAST) + _dot(k1_, tl.trans(o1), IEEE, UPCAST)
+                dpt += _dot(k2_, tl.trans(o2), IEEE, UPCAST) + _dot(k3_, tl.trans(o3), IEEE, UPCAST)
+                dst = (pt * (dpt - delta[None, :]) * scale).to(k0_.dtype)
+                ptc = pt.to(k0_.dtype)
+                gp = dkvb + idx.to(tl.int32)[:, None] * stride_dks
+                tl.atomic_add(gp + c0[None, :], _dot(dst, q0, IEEE, UPCAST) + _dot(ptc, o0, IEEE, UPCAST),
+                              mask=_cols(valid, c0, DV, EXACT), sem="relaxed")
+                tl.atomic_add(gp + c1[None, :], _dot(dst, q1, IEEE, UPCAST) + _dot(ptc, o1, IEEE, UPCAST),
+                              mask=_cols(valid, c1, DV, EXACT), sem="relaxed")
+                tl.atomic_add(gp + c2[None, :], _dot(dst, q2, IEEE, UPCAST) + _dot(ptc, o2, IEEE, UPCAST),
+                              mask=_cols(valid, c2, DV, EXACT), sem="relaxed")
+                tl.atomic_add(gp + c3[None, :], _dot(dst, q3, IEEE, UPCAST) + _dot(ptc, o3, IEEE, UPCAST),
+                              mask=_cols(valid, c3, DV, EXACT), sem="relaxed")
                 if DR > 0:
-                    dk2 = _dot(dst, q2, IEEE, UPCAST)
-                    tl.atomic_add(dkvb + DV + (dkoff[:, None] + d2[None, :]), dk2,
+                    tl.atomic_add(gp + DV + d2[None, :], _dot(dst, qr, IEEE, UPCAST),
                                   mask=_tile_mask(valid, d2, DR, D2), sem="relaxed")
 
 
@@ -284,10 +349,10 @@ def _tiles(chosen, on_gpu: bool, HB: int, kernel: str) -> Tiles:
     # Measured on the H200 (benchmarks/results/tune_dsa_*.json; 576 / 512 dims, top-k 2048).
     if kernel == "fwd":  # 32K x 64 heads: 36 ms vs (32, 8, 2) 51; 128K x 16 heads: 74 ms vs (64, 4, 2) 99
         return Tiles(64, 8, 2)
-    if kernel == "dkv":  # keys are the products' rows, 64 for the tensor cores; 32K x 64 heads:
-        return Tiles(64, 4, 1)  # 321 ms with the dq kernel, (64, 8, 1) 401
-    if HB >= MAX_HEAD_BLOCK:  # the dq kernel, 32K x 64 heads: 334 ms with the dkv kernel, (16, 8, 2) 401
-        return Tiles(32, 8, 2)
+    if kernel == "dkv":  # keys are the products' rows, 64 for the tensor cores; 128K x 128 heads:
+        return Tiles(64, 4, 1)  # 912 ms, (64, 8, 1) 1338
+    if kernel == "dq" and HB >= MAX_HEAD_BLOCK:  # 32K x 128 heads: 133 ms, (32, 8, 2) 226, (32, 8, 1) 176
+        return Tiles(64, 8, 1)
     # one kernel, 128K x 16 heads with 10 key ranges: 414 ms vs (32, 8, 2) 432, (16, 8, 2) 572
     return Tiles(32, 8, 3)
 
@@ -390,7 +455,7 @@ def sparse_attn_bwd(q, kv, idx, out, lse, dout, v_dim, scale, options: KernelOpt
     common = dict(HB=HB, DV=v_dim, D1=D1, DR=DR, D2=D2, IEEE=is_fp32(q, kv), UPCAST=interpreting())
     grid = (Sq * NHB, B)
 
-    def bwd(idx_, seg_, dq, p, n_passes, dq_on, dkv_on, t0=0, t1=Sq):
+    def bwd(idx_, seg_, dq, p, n_passes, t0=0, t1=Sq):
         tiles = _tiles(options.attn_bwd, q.is_cuda, HB, "bwd")
         _sparse_bwd_kernel[((t1 - t0) * NHB, B)](
             q, kv, idx_, seg_, dout, lse, delta, dq, dkv,
@@ -403,14 +468,25 @@ def sparse_attn_bwd(q, kv, idx, out, lse, dout, v_dim, scale, options: KernelOpt
             lse.stride(0), lse.stride(1),
             dq.stride(0), dq.stride(1), dq.stride(2),
             dkv.stride(0), dkv.stride(1),
-            BK=tiles.BK, DQ_ON=dq_on, DKV_ON=dkv_on, PASSES=n_passes, FIRST=p == 0,
+            BK=tiles.BK, PASSES=n_passes, FIRST=p == 0,
             num_warps=tiles.num_warps, num_stages=tiles.num_stages, **common,
         )
 
     if split:
         dq = torch.empty_like(q)
-        bwd(full_idx, full_idx, dq, 0, 1, True, False)
+        tiles = _tiles(options.attn_bwd, q.is_cuda, HB, "dq")
+        _sparse_dq_kernel[grid](
+            q, kv, full_idx, dout, lse, delta, dq,
+            Sk, K, NHB, H, scale, scale * LOG2E,
+            q.stride(0), q.stride(1), q.stride(2),
+            kv.stride(0), kv.stride(1),
+            full_idx.stride(0), full_idx.stride(1),
+            dout.stride(0), dout.stride(1), dout.stride(2),
+            lse.stride(0), lse.stride(1),
+            BK=tiles.BK, num_warps=tiles.num_warps, num_stages=tiles.num_stages, **common,
+        )
         tiles = _tiles(options.attn_dkv, q.is_cuda, HB, "dkv")
+        DQ4 = max(D1 // 4, 16)
         for p in range(passes):
             _sparse_dkv_kernel[grid](
                 q, kv, idx, seg, dout, lse, delta, dkv,
@@ -422,12 +498,14 @@ def sparse_attn_bwd(q, kv, idx, out, lse, dout, v_dim, scale, options: KernelOpt
                 dout.stride(0), dout.stride(1), dout.stride(2),
                 lse.stride(0), lse.stride(1),
                 dkv.stride(0), dkv.stride(1),
-                BK=tiles.BK, PASSES=passes, num_warps=tiles.num_warps, num_stages=tiles.num_stages, **common,
+                HB=HB, DV=v_dim, DQ4=DQ4, EXACT=4 * DQ4 == v_dim, DR=DR, D2=D2, IEEE=common["IEEE"],
+                UPCAST=common["UPCAST"], BK=tiles.BK, PASSES=passes, num_warps=tiles.num_warps,
+                num_stages=tiles.num_stages,
             )
         return dq, dkv.to(kv.dtype)
     if passes == 1:
         dq = torch.empty_like(q)
-        bwd(idx, seg, dq, 0, 1, True, True)
+        bwd(idx, seg, dq, 0, 1)
         return dq, dkv.to(kv.dtype)
     # One kernel over the key ranges; each pass adds its dq share to an fp32 buffer, which holds
     # a chunk of rows at a time (for every row it would be 2x dq, 9.7 GB at 128K x 32 heads).
@@ -437,7 +515,7 @@ def sparse_attn_bwd(q, kv, idx, out, lse, dout, v_dim, scale, options: KernelOpt
     for t0 in range(0, Sq, step):
         t1 = min(Sq, t0 + step)
         for p in range(passes):
-            bwd(idx, seg, dq32, p, passes, True, True, t0, t1)
+            bwd(idx, seg, dq32, p, passes, t0, t1)
         dq[:, t0:t1] = dq32[:, : t1 - t0]
     return dq, dkv.to(kv.dtype)
 
