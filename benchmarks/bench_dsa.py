@@ -397,7 +397,14 @@ def main():
                     help="keep the rows of --out's dsa_h200.json that this run does not measure (same case and "
                          "length are replaced), so the table can be measured in pieces; the device, versions and "
                          "ceilings must match")
+    ap.add_argument("--render", action="store_true",
+                    help="only re-write dsa_h200.md and .png from --out's dsa_h200.json (no GPU needed)")
     args = ap.parse_args()
+    if args.render:
+        with open(os.path.join(args.out, "dsa_h200.json")) as f:
+            res = json.load(f)
+        write_table(res, args.out)
+        return
     if not torch.cuda.is_available():
         sys.exit("error: bench_dsa.py times GPU kernels; no CUDA device here")
     os.makedirs(args.out, exist_ok=True)
@@ -439,14 +446,19 @@ def main():
     res["rows"] = merge_rows(kept, res["rows"])
     with open(os.path.join(args.out, "dsa_h200.json"), "w") as f:
         json.dump(res, f, indent=1)
+    print(write_table(res, args.out))
+
+
+def write_table(res: dict, out: str) -> str:
+    """dsa_h200.md and dsa_h200.png in ``out`` from the results; returns the markdown."""
     md = to_markdown(res)
-    with open(os.path.join(args.out, "dsa_h200.md"), "w") as f:
+    with open(os.path.join(out, "dsa_h200.md"), "w") as f:
         f.write(md)
     try:
-        plot(res, os.path.join(args.out, "dsa_h200.png"))
+        plot(res, os.path.join(out, "dsa_h200.png"))
     except Exception as e:
         print("plot failed:", e)
-    print(md)
+    return md
 
 
 def previous_rows(path: str, res: dict) -> list[dict]:

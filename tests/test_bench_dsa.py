@@ -37,3 +37,17 @@ def test_update_refuses_rows_from_another_setup(tmp_path):
     assert fresh["topk_checks"] == {"rows": 3}
     with pytest.raises(SystemExit, match="measured with triton '3.6'"):
         previous_rows(str(path), {**res, "triton": "3.7"})
+
+
+def test_render_rewrites_the_committed_table_from_its_json(tmp_path):
+    """--render (no GPU) turns the committed json back into the committed markdown table."""
+    import shutil
+    import subprocess
+
+    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+    shutil.copy(results / "dsa_h200.json", tmp_path)
+    proc = subprocess.run([sys.executable, str(results.parent / "bench_dsa.py"), "--render", "--out", str(tmp_path)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "dsa_h200.md").read_text() == (results / "dsa_h200.md").read_text()
+    assert (tmp_path / "dsa_h200.png").stat().st_size > 0
