@@ -325,7 +325,7 @@ def tp8_rank_rows(S):
 
 
 def bench_row(S, H, args, c, label=None, tp8=False):
-    row = {"heads": H, "seq": S, "case": label or f"{H} heads"}
+    row = {"heads": H, "seq": S, "case": label or f"{H} heads", "measured": time.strftime("%Y-%m-%d")}
     t = make_inputs(S, H)
     rows = None
     frac = 1.0
@@ -507,6 +507,13 @@ def to_markdown(res):
         f"{c['gather_tb_s']} TB/s, fp32 atomic adds {c['atomic_adds_per_s']:.2g}/s.", "",
         "| case | seq | ours fp8 ms | ours bf16 ms | dense SDPA ms | dense / ours | ours TFLOP/s | peak GiB (beyond in/out/grads) |",
         "|---|---|---|---|---|---|---|---|"]
+    dates = {}
+    for r in res["rows"]:
+        dates.setdefault(r.get("measured", "an earlier run"), []).append(r["case"])
+    if len(dates) > 1:  # a table measured in pieces (--update) says which rows came from which run
+        lines.insert(1, "Rows measured " + "; ".join(
+            f"{day}: {' / '.join(dict.fromkeys(cases))}" for day, cases in sorted(dates.items(), reverse=True)) + ".")
+        lines.insert(1, "")
     for r in res["rows"]:
         a, b, d = r.get("ours_fp8"), r.get("ours_bf16"), r.get("sdpa")
         ratio = f"{d['ms'] / a['ms']:.2f}x" if a and "ms" in a and d and "ms" in d else "-"
