@@ -52,48 +52,46 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _build_tasks(args) -> int:
+def _run(build, report) -> int:
+    """``build()`` -> manifest, then ``report(manifest, seconds)``; a DataError is one line on
+    stderr and exit status 2."""
     start = time.perf_counter()
     try:
-        manifest = build_task_corpus(args.out, args.base, args.seq_length, ratio=args.ratio, seed=args.seed,
-                                     tasks=args.tasks.split(","), overwrite=args.overwrite)
+        manifest = build()
     except DataError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(f"task corpus {args.out} from {args.base} in {time.perf_counter() - start:.1f}s: "
+    report(manifest, time.perf_counter() - start)
+    return 0
+
+
+def _report_tasks(args, manifest, seconds) -> None:
+    print(f"task corpus {args.out} from {args.base} in {seconds:.1f}s: "
           f"seq_length {manifest['seq_length']}, ratio {manifest['ratio']}, seed {manifest['seed']}")
     for name, split in manifest["splits"].items():
         print(f"  {name}: {split['documents']} documents ({split['task_documents']} with tasks), "
               f"{split['answer_tokens']} answer tokens")
-    return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    if args.command == "build-tasks":
-        return _build_tasks(args)
-    start = time.perf_counter()
-    try:
-        manifest = build_corpus(
-            args.out,
-            args.source,
-            args.vocab_size,
-            extensions=args.extensions.split(","),
-            max_bytes=args.max_bytes,
-            valid_fraction=args.valid_fraction,
-            model_type=args.model_type,
-            overwrite=args.overwrite,
-        )
-    except DataError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(f"corpus {args.out} from {manifest['source']} in {time.perf_counter() - start:.1f}s")
+def _report_corpus(args, manifest, seconds) -> None:
+    print(f"corpus {args.out} from {manifest['source']} in {seconds:.1f}s")
     print(f"  tokenizer {manifest['tokenizer']}: vocab {manifest['vocab_size']}, "
           f"eod {manifest['eod']}, dtype {manifest['dtype']}")
     for name, split in manifest["splits"].items():
         print(f"  {name}: {split['documents']} documents, {split['bytes']} bytes, "
               f"{split['tokens']} tokens -> {split['prefix']}.bin/.idx")
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "build-tasks":
+        return _run(lambda: build_task_corpus(args.out, args.base, args.seq_length, ratio=args.ratio, seed=args.seed,
+                                              tasks=args.tasks.split(","), overwrite=args.overwrite),
+                    lambda manifest, seconds: _report_tasks(args, manifest, seconds))
+    return _run(lambda: build_corpus(args.out, args.source, args.vocab_size, extensions=args.extensions.split(","),
+                                     max_bytes=args.max_bytes, valid_fraction=args.valid_fraction,
+                                     model_type=args.model_type, overwrite=args.overwrite),
+                lambda manifest, seconds: _report_corpus(args, manifest, seconds))
 
 
 if __name__ == "__main__":
