@@ -1,8 +1,8 @@
 """The model: its shapes (the one owner of them) and its build from megatron-core pieces.
 
-Sizes (``SIZES``: ``tiny``, ``small``, the 671B shape) are ``ModelSize`` records on top of the
-DeepSeek-V3 conventions (``deepseek_v3_style``). The trainer, its preflight and the converter
-all read shapes from here: ``model_config`` for a size's config, ``SHAPE_FIELDS`` /
+Sizes (``SIZES``: ``tiny``, ``small``, ``v32-slice``, the 671B shape, GLM-5) are ``ModelSize``
+records on top of the DeepSeek-V3 conventions (``deepseek_v3_style``). The trainer, its
+preflight and the converter all read shapes from here: ``model_config`` for a size's config, ``SHAPE_FIELDS`` /
 ``parameter_shape`` for what a checkpoint must agree on, ``ModelSize.to_json`` /
 ``from_json`` for the size a checkpoint records.
 
@@ -185,6 +185,37 @@ SIZES: dict[str, ModelSize] = {
             dsa_indexer_n_heads=4,
             dsa_indexer_head_dim=64,
             dsa_indexer_topk=512,
+        ),
+    ),
+    # Two DeepSeek-V3.2-shaped layers for one GPU's model step (benchmarks/bench_model_step.py):
+    # the release's hidden size, 128 heads, MLA and indexer dims, with 8 small routed experts per
+    # layer and a small vocabulary in place of its 256 experts and 129K tokens (~0.7B parameters).
+    "v32-slice": ModelSize(
+        name="v32-slice",
+        vocab_size=8192,
+        max_seq_len=131072,
+        first_k_dense=0,
+        transformer=deepseek_v3_style(
+            num_layers=2,
+            hidden_size=7168,
+            ffn_hidden_size=2048,
+            num_attention_heads=128,
+            q_lora_rank=1536,
+            kv_lora_rank=512,
+            qk_head_dim=128,
+            qk_pos_emb_head_dim=64,
+            v_head_dim=128,
+            num_moe_experts=8,
+            moe_router_topk=4,
+            moe_ffn_hidden_size=512,
+            moe_shared_expert_intermediate_size=512,
+            moe_router_num_groups=4,
+            moe_router_group_topk=2,
+            dsa_indexer_n_heads=64,
+            dsa_indexer_head_dim=128,
+            dsa_indexer_topk=2048,
+            bf16=True,
+            params_dtype=torch.bfloat16,
         ),
     ),
     # The DeepSeek-V3.2 release's shape and RoPE (YaRN, factor 40 over 4096 positions), for

@@ -279,3 +279,20 @@ def test_warmup_recall_is_measured_on_sampled_rows(megatron_world, seed, monkeyp
         assert seen == [want] * 3, (rows, seen)
         assert all(torch.isfinite(k) for k in pop_indexer_losses(model))
     ops._reference_backend.cache_clear()
+
+
+def test_v32_slice_has_the_release_attention_and_indexer(megatron_world):
+    """The v32-slice size (the model step benchmark's) keeps DeepSeek-V3.2's hidden size, heads,
+    MLA and indexer dims exactly; only the layer count, experts and vocabulary shrink. Built on
+    the meta device: its shapes and its size (~0.7B parameters), no memory."""
+    from megatron_dsa.convert import checkpoint as C
+    from megatron_dsa.model import count_parameters, dsa_layers, resolve_size
+
+    slice_, release = resolve_size("v32-slice"), resolve_size("deepseek-v3.2-671b")
+    same = ("hidden_size", "num_attention_heads", "q_lora_rank", "kv_lora_rank", "qk_head_dim",
+            "qk_pos_emb_head_dim", "v_head_dim", "dsa_indexer_n_heads", "dsa_indexer_head_dim", "dsa_indexer_topk")
+    assert {k: slice_.transformer[k] for k in same} == {k: release.transformer[k] for k in same}
+    config = C.build_config(slice_, {})
+    model = C.meta_model(slice_, config, slice_.vocab_size)
+    assert len(dsa_layers(model)) == 2
+    assert 0.5e9 < count_parameters(model) < 1.0e9
