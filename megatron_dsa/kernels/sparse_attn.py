@@ -95,6 +95,43 @@ if HAS_TRITON:
         return tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634), delta
 
     @triton.jit
+    def _query_rows(Q, b, t, h, hm, stride_qb, stride_qs, stride_qh,
+                    DV: tl.constexpr, D1: tl.constexpr, DR: tl.constexpr, D2: tl.constexpr):
+        """A head block's q: its value dims [HB, D1] and rope dims [HB, D2] (q1 again without rope)."""
+        qb = Q + b * stride_qb + t * stride_qs + h[:, None] * stride_qh
+        d1 = tl.arange(0, D1)
+        q1 = tl.load(qb + d1[None, :], mask=_tile_mask(hm, d1, DV, D1), other=0.0)
+        if DR > 0:
+            d2 = tl.arange(0, D2)
+            q2 = tl.load(qb + DV + d2[None, :], mask=_tile_mask(hm, d2, DR, D2), other=0.0)
+        else:
+            q2 = q1
+        return q1, q2
+
+    @triton.jit
+    def _latent_rows(kvb, rowoff, valid, DV: tl.constexpr, D1: tl.constexpr, DR: tl.constexpr, D2: tl.constexpr):
+        """The gathered latent rows: value dims [BK, D1] and rope dims [BK, D2] (kv1 again without rope)."""
+        kv1 = _gather(kvb, rowoff, valid, tl.arange(0, D1), DV, D1)
+        if DR > 0:
+            kv2 = _gather(kvb + DV, rowoff, valid, tl.arange(0, D2), DR, D2)
+        else:
+            kv2 = kv1
+        return kv1, kv2
+
+    @triton.jit
+    def _probs_and_score_grads(q1, q2, do, kv1, kv2, valid, lse2, delta, scale, scale_log2,
+                               DR: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+        """The backward's recomputation for one block of selected keys, heads as rows: the
+        probabilities p and the score gradients ds = p (dO . v - delta) scale, in kv's dtype."""
+        s = _dot(q1, tl.trans(kv1), IEEE, UPCAST)
+        if DR > 0:
+            s += _dot(q2, tl.trans(kv2), IEEE, UPCAST)
+        p = tl.exp2(s * scale_log2 - lse2[:, None])
+        p = tl.where(valid[None, :], p, 0.0)
+        dp = _dot(do, tl.trans(kv1), IEEE, UPCAST)
+        return p, (p * (dp - delta[:, None]) * scale).to(kv1.dtype)
+
+    @triton.jit
     def _sparse_fwd_kernel(
         Q, KV, IDX, O, LSE,
         Sk, TOPK, NHB, H, scale_log2,
@@ -108,11 +145,7 @@ if HAS_TRITON:
     ):
         t, h, hm, b = _program_coords(NHB, HB, H)
         d1 = tl.arange(0, D1)
-        d2 = tl.arange(0, D2)
-        qb = Q + b * stride_qb + t * stride_qs + h[:, None] * stride_qh
-        q1 = tl.load(qb + d1[None, :], mask=_tile_mask(hm, d1, DV, D1), other=0.0)
-        if DR > 0:
-            q2 = tl.load(qb + DV + d2[None, :], mask=_tile_mask(hm, d2, DR, D2), other=0.0)
+        q1, q2 = _query_rows(Q, b, t, h, hm, stride_qb, stride_qs, stride_qh, DV, D1, DR, D2)
         m_i = tl.full((HB,), float("-inf"), tl.float32)
         l_i = tl.zeros((HB,), tl.float32)
         acc = tl.zeros((HB, D1), tl.float32)
@@ -120,10 +153,10 @@ if HAS_TRITON:
         kvb = KV + b * stride_kb
         for k0 in range(0, TOPK, BK):
             idx, valid, rowoff = _selected(ib, k0, TOPK, Sk, stride_ks, BK)
-            kv1 = _gather(kvb, rowoff, valid, d1, DV, D1)
+            kv1, kv2 = _latent_rows(kvb, rowoff, valid, DV, D1, DR, D2)
             s = _dot(q1, tl.trans(kv1), IEEE, UPCAST)
             if DR > 0:
-                s += _dot(q2, tl.trans(_gather(kvb + DV, rowoff, valid, d2, DR, D2)), IEEE, UPCAST)
+                s += _dot(q2, tl.trans(kv2), IEEE, UPCAST)
             m_i, l_i, acc = _softmax_step(s, kv1, valid, scale_log2, m_i, l_i, acc, IEEE, UPCAST)
         out, lse = _softmax_finish(m_i, l_i, acc)
         ob = O + b * stride_ob + t * stride_os + h[:, None] * stride_oh + d1[None, :]
@@ -157,29 +190,20 @@ if HAS_TRITON:
         if FIRST or hi > lo:
             d1 = tl.arange(0, D1)
             d2 = tl.arange(0, D2)
-            qb = Q + b * stride_qb + t * stride_qs + h[:, None] * stride_qh
-            q1 = tl.load(qb + d1[None, :], mask=_tile_mask(hm, d1, DV, D1), other=0.0)
+            q1, q2 = _query_rows(Q, b, t, h, hm, stride_qb, stride_qs, stride_qh, DV, D1, DR, D2)
             do = tl.load(DO + b * stride_ob + t * stride_os + h[:, None] * stride_oh + d1[None, :],
                          mask=_tile_mask(hm, d1, DV, D1), other=0.0)
             lse2, delta = _softmax_stats(LSE, DELTA, b, t, h, hm, stride_lb, stride_ls)
             dq1 = tl.zeros((HB, D1), tl.float32)
             dq2 = tl.zeros((HB, D2), tl.float32)
-            if DR > 0:
-                q2 = tl.load(qb + DV + d2[None, :], mask=_tile_mask(hm, d2, DR, D2), other=0.0)
             ib = IDX + b * stride_ib + t * stride_is
             kvb = KV + b * stride_kb
             dkvb = DKV + b * stride_dkb
             for k0 in range(lo, hi, BK):
                 idx, valid, rowoff = _selected(ib, k0, hi, Sk, stride_ks, BK)
-                kv1 = _gather(kvb, rowoff, valid, d1, DV, D1)
-                s = _dot(q1, tl.trans(kv1), IEEE, UPCAST)
-                if DR > 0:
-                    kv2 = _gather(kvb + DV, rowoff, valid, d2, DR, D2)
-                    s += _dot(q2, tl.trans(kv2), IEEE, UPCAST)
-                p = tl.exp2(s * scale_log2 - lse2[:, None])
-                p = tl.where(valid[None, :], p, 0.0)
-                dp = _dot(do, tl.trans(kv1), IEEE, UPCAST)
-                dsc = (p * (dp - delta[:, None]) * scale).to(kv1.dtype)  # d loss / d (q . k)
+                kv1, kv2 = _latent_rows(kvb, rowoff, valid, DV, D1, DR, D2)
+                p, dsc = _probs_and_score_grads(q1, q2, do, kv1, kv2, valid, lse2, delta, scale, scale_log2,
+                                                DR, IEEE, UPCAST)
                 dq1 += _dot(dsc, kv1, IEEE, UPCAST)
                 if DR > 0:
                     dq2 += _dot(dsc, kv2, IEEE, UPCAST)
@@ -220,12 +244,9 @@ if HAS_TRITON:
         t, h, hm, b = _program_coords(NHB, HB, H)
         d1 = tl.arange(0, D1)
         d2 = tl.arange(0, D2)
-        qb = Q + b * stride_qb + t * stride_qs + h[:, None] * stride_qh
-        q1 = tl.load(qb + d1[None, :], mask=_tile_mask(hm, d1, DV, D1), other=0.0)
+        q1, q2 = _query_rows(Q, b, t, h, hm, stride_qb, stride_qs, stride_qh, DV, D1, DR, D2)
         do = tl.load(DO + b * stride_ob + t * stride_os + h[:, None] * stride_oh + d1[None, :],
                      mask=_tile_mask(hm, d1, DV, D1), other=0.0)
-        if DR > 0:
-            q2 = tl.load(qb + DV + d2[None, :], mask=_tile_mask(hm, d2, DR, D2), other=0.0)
         lse2, delta = _softmax_stats(LSE, DELTA, b, t, h, hm, stride_lb, stride_ls)
         dq1 = tl.zeros((HB, D1), tl.float32)
         dq2 = tl.zeros((HB, D2), tl.float32)
@@ -233,15 +254,9 @@ if HAS_TRITON:
         kvb = KV + b * stride_kb
         for k0 in range(0, TOPK, BK):
             idx, valid, rowoff = _selected(ib, k0, TOPK, Sk, stride_ks, BK)
-            kv1 = _gather(kvb, rowoff, valid, d1, DV, D1)
-            s = _dot(q1, tl.trans(kv1), IEEE, UPCAST)
-            if DR > 0:
-                kv2 = _gather(kvb + DV, rowoff, valid, d2, DR, D2)
-                s += _dot(q2, tl.trans(kv2), IEEE, UPCAST)
-            p = tl.exp2(s * scale_log2 - lse2[:, None])
-            p = tl.where(valid[None, :], p, 0.0)
-            dp = _dot(do, tl.trans(kv1), IEEE, UPCAST)
-            dsc = (p * (dp - delta[:, None]) * scale).to(kv1.dtype)
+            kv1, kv2 = _latent_rows(kvb, rowoff, valid, DV, D1, DR, D2)
+            _, dsc = _probs_and_score_grads(q1, q2, do, kv1, kv2, valid, lse2, delta, scale, scale_log2,
+                                            DR, IEEE, UPCAST)
             dq1 += _dot(dsc, kv1, IEEE, UPCAST)
             if DR > 0:
                 dq2 += _dot(dsc, kv2, IEEE, UPCAST)
