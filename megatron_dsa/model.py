@@ -187,37 +187,6 @@ SIZES: dict[str, ModelSize] = {
             dsa_indexer_topk=512,
         ),
     ),
-    # Two DeepSeek-V3.2-shaped layers for one GPU's model step (benchmarks/bench_model_step.py):
-    # the release's hidden size, 128 heads, MLA and indexer dims, with 8 small routed experts per
-    # layer and a small vocabulary in place of its 256 experts and 129K tokens (~0.7B parameters).
-    "v32-slice": ModelSize(
-        name="v32-slice",
-        vocab_size=8192,
-        max_seq_len=131072,
-        first_k_dense=0,
-        transformer=deepseek_v3_style(
-            num_layers=2,
-            hidden_size=7168,
-            ffn_hidden_size=2048,
-            num_attention_heads=128,
-            q_lora_rank=1536,
-            kv_lora_rank=512,
-            qk_head_dim=128,
-            qk_pos_emb_head_dim=64,
-            v_head_dim=128,
-            num_moe_experts=8,
-            moe_router_topk=4,
-            moe_ffn_hidden_size=512,
-            moe_shared_expert_intermediate_size=512,
-            moe_router_num_groups=4,
-            moe_router_group_topk=2,
-            dsa_indexer_n_heads=64,
-            dsa_indexer_head_dim=128,
-            dsa_indexer_topk=2048,
-            bf16=True,
-            params_dtype=torch.bfloat16,
-        ),
-    ),
     # The DeepSeek-V3.2 release's shape and RoPE (YaRN, factor 40 over 4096 positions), for
     # validation and planning; built on the meta device only (tests/test_convert_release.py).
     "deepseek-v3.2-671b": ModelSize(
@@ -292,6 +261,20 @@ SIZES: dict[str, ModelSize] = {
         ),
     ),
 }
+
+# Two DeepSeek-V3.2-shaped layers for one GPU's model step (benchmarks/bench_model_step.py): the
+# release's hidden size, heads, MLA and indexer dims and RoPE, with 8 small routed experts per layer,
+# no MTP and a small vocabulary in place of its 256 experts and 129K tokens (~0.7B parameters).
+SIZES["v32-slice"] = ModelSize(
+    name="v32-slice",
+    vocab_size=8192,
+    max_seq_len=131072,
+    first_k_dense=0,
+    transformer={**SIZES["deepseek-v3.2-671b"].transformer,
+                 **dict(num_layers=2, ffn_hidden_size=2048, num_moe_experts=8, moe_router_topk=4,
+                        moe_ffn_hidden_size=512, moe_shared_expert_intermediate_size=512,
+                        moe_router_num_groups=4, moe_router_group_topk=2, mtp_num_layers=None)},
+)
 
 
 def resolve_size(size: str | ModelSize) -> ModelSize:

@@ -135,4 +135,4 @@ def test_named_sizes_are_in_their_parameter_ranges(megatron_world):
 
     small = count_parameters(build_model("small"))
     assert 20e6 <= small <= 60e6, small
-    assert set(SIZES) == {"tiny", "small", "deepseek-v3.2-671b", "glm-5"}
+    assert set(SIZES) == {"tiny", "small", "v32-slice", "deepseek-v3.2-671b", "glm-5"}
