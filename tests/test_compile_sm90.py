@@ -91,13 +91,13 @@ def check_sparse(HB: int) -> None:
     split = HB >= A.MAX_HEAD_BLOCK
     target = dict(dims, HAS_LSE=True)
     kernels = [(A._sparse_fwd_kernel, dims, A._tiles(None, True, HB, "fwd")),
-               (L._target_kernel, target, L._target_tiles(None, True, keys_rows=False))]
+               (L._target_kernel, target, L._target_tiles(None, True, False, HB))]
     if split:  # dq, then dkv in value quarters; the KL target with the keys as rows above 64 heads
         quarters = dict(HB=HB, DV=512, DQ4=128, EXACT=True, DR=64, D2=64, IEEE=False, UPCAST=False, PASSES=1)
         keys_rows = {k: v for k, v in target.items() if k != "HB"}
         kernels += [(A._sparse_dq_kernel, dims, A._tiles(None, True, HB, "dq")),
                     (A._sparse_dkv_kernel, quarters, A._tiles(None, True, HB, "dkv")),
-                    (L._target_keys_kernel, dict(keys_rows, HN=L.KEYS_ROWS_HEADS), L._target_tiles(None, True, True))]
+                    (L._target_keys_kernel, dict(keys_rows, HN=L.KEYS_ROWS_HEADS), L._target_tiles(None, True, True, HB))]
     else:
         kernels.append((A._sparse_bwd_kernel, dict(dims, PASSES=8, FIRST=False), A._tiles(None, True, HB, "bwd")))
     for fn, consts, tiles in kernels:

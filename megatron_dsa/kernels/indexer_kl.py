@@ -301,7 +301,7 @@ def _kl_tiles(chosen: Optional[Tiles], on_gpu: bool, bwd: bool) -> Tiles:
 KEYS_ROWS_HEADS = 128  # heads per chunk of the keys-as-rows target kernel (the products' N)
 
 
-def _target_tiles(chosen: Optional[Tiles], on_gpu: bool, keys_rows: bool) -> Tiles:
+def _target_tiles(chosen: Optional[Tiles], on_gpu: bool, keys_rows: bool, HB: int) -> Tiles:
     if chosen is not None:
         return chosen
     if not on_gpu:
@@ -309,7 +309,10 @@ def _target_tiles(chosen: Optional[Tiles], on_gpu: bool, keys_rows: bool) -> Til
     # Measured on the H200 at 128K (benchmarks/results/tune_dsa_bwd_kl_target.json): keys as rows at
     # 128 heads (64, 4, 1) 152 ms vs (64, 8, 1) 189, (32, 4, 2) 196, heads as rows 260; heads as
     # rows at 64 heads 99 ms (keys as rows 101-162), 16 heads 55 ms (keys as rows 64-138).
-    return Tiles(64, 4, 1) if keys_rows else Tiles(32, 4, 2)
+    if keys_rows:
+        return Tiles(64, 4, 1)
+    # heads as rows, 64-head blocks, 32K x 128 heads: (64, 4, 2) 67 ms vs (64, 8, 2) 76, (32, 8, 2) 107
+    return Tiles(64, 4, 2) if HB >= 64 else Tiles(32, 4, 2)
 
 
 def _head_sum(qm, kv, idx, scale, lse, options: KernelOptions) -> torch.Tensor:
@@ -331,7 +334,7 @@ def _head_sum(qm, kv, idx, scale, lse, options: KernelOptions) -> torch.Tensor:
         assert lsem.shape == (B, Sq, H), (lsem.shape, (B, Sq, H))
     else:
         lsem = P  # unused
-    tiles = _target_tiles(options.kl_target, idx.is_cuda, keys_rows)
+    tiles = _target_tiles(options.kl_target, idx.is_cuda, keys_rows, HB)
     kernel, HN = (_target_keys_kernel, min(next_pow2(H, 16), KEYS_ROWS_HEADS)) if keys_rows else (_target_kernel, HB)
     kw = dict(HN=HN) if keys_rows else dict(HB=HB)
     kernel[(Sq, B)](
