@@ -656,6 +656,22 @@ def load_tokenizer(data_dir: str | os.PathLike[str]) -> SentencePieceTokenizer:
     return tokenizer
 
 
+def corpus_kind(manifest: dict) -> str:
+    """"text" (``build_corpus``) or "tasks" (the task mixture, ``mixture.build_task_corpus``)."""
+    return manifest.get("kind", "text")
+
+
+def answer_weight_problem(weight, kind: str) -> str | None:
+    """Why ``weight`` cannot be a run's answer-token loss weight over a corpus of ``kind``, or None."""
+    if not (isinstance(weight, (int, float)) and not isinstance(weight, bool) and math.isfinite(weight)
+            and weight > 0):
+        return f"answer_loss_weight must be a positive number, got {weight!r}"
+    if weight != 1 and kind != "tasks":
+        return (f"answer_loss_weight {weight} needs a task mixture (a run needs data.corpus: tasks); "
+                f"a {kind!r} corpus has no answers")
+    return None
+
+
 @dataclass
 class AnswerWeightedGPTDatasetConfig(GPTDatasetConfig):
     """GPTDatasetConfig plus each split's answer mask (text prefix -> mask prefix) and the loss
@@ -744,12 +760,10 @@ def build_gpt_datasets(
     else:
         _check_tokenizer_for_corpus(tokenizer, manifest)
 
-    if not (isinstance(answer_loss_weight, (int, float)) and math.isfinite(answer_loss_weight)
-            and answer_loss_weight > 0):
-        raise DataError(f"answer_loss_weight must be a positive number, got {answer_loss_weight!r}")
+    problem = answer_weight_problem(answer_loss_weight, corpus_kind(manifest))
+    if problem:
+        raise DataError(f"{data_path}: {problem}")
     weighted = answer_loss_weight != 1
-    if weighted and manifest.get("kind", "text") != "tasks":
-        raise DataError(f"answer_loss_weight {answer_loss_weight} needs a task mixture; {data_path} is a text corpus")
     prefixes, answer_masks = [], {}
     for split, samples in (("train", train_samples), ("valid", valid_samples)):
         info = validate_indexed_dataset(data_path / manifest["splits"][split]["prefix"])

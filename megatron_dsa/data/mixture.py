@@ -36,6 +36,7 @@ from megatron_dsa.data.corpus import (
     MANIFEST_FILE,
     MANIFEST_VERSION,
     DataError,
+    corpus_kind,
     load_manifest,
     load_tokenizer,
     staged_directory,
@@ -47,10 +48,6 @@ from megatron_dsa.data.tasks import TASKS, TRAIN, TaskError, task_text
 CORPUS_KINDS = ("text", "tasks")
 QUERY_TOKENS = 2048  # one query per this many tokens of a task document
 MASK_PREFIX = {"train": "train_answer_mask", "valid": "valid_answer_mask"}
-
-
-def corpus_kind(manifest: dict) -> str:
-    return manifest.get("kind", "text")
 
 
 def check_corpus_for_run(data_dir, corpus: str, seq_length: int) -> dict:

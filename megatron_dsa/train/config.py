@@ -328,11 +328,11 @@ def _check_values(cfg: RunConfig) -> None:
 
     if cfg.data["corpus"] not in CORPUS_KINDS:
         raise _err(f"data.corpus must be one of {list(CORPUS_KINDS)}, got {cfg.data['corpus']!r}")
-    weight = cfg.data["answer_loss_weight"]
-    if not (math.isfinite(weight) and weight > 0):
-        raise _err(f"data.answer_loss_weight must be a positive number, got {weight!r}")
-    if weight != 1 and cfg.data["corpus"] != "tasks":
-        raise _err(f"data.answer_loss_weight {weight} needs data.corpus: tasks (only a task mixture has answers)")
+    from megatron_dsa.data.corpus import answer_weight_problem
+
+    problem = answer_weight_problem(cfg.data["answer_loss_weight"], cfg.data["corpus"])
+    if problem:
+        raise _err(f"data.{problem}")
     if cfg.checkpoint["save"] is None:
         raise _err("checkpoint.save is required: the directory of this phase's checkpoints")
     for section, key, allow_none in (
