@@ -15,7 +15,8 @@ is the plain computation and no collective runs), the query positions, and the t
             over every eligible key otherwise)
 
 Shapes (batch first; what a rank holds under TP/CP is in ``parallel.sharded``):
-    q        [B, Sq, H, Dqk]    absorbed queries (H: this rank's heads)
+    q        [B, Sq, H, Dqk]    absorbed queries (H: this rank's heads); with ``up_proj`` in
+                                the dense modes, unabsorbed (``reference.mha_form``'s input)
     kv       [B, Sk, Dqk]       latent KV entries (Sk = Sq in training; the whole cache when
                                 decoding, the new queries at ``q_pos``)
     indexer  (qi [B, Sq', HI, DI], ki [B, Sk', DI], wi [B, Sq', HI]): this rank's own rows
@@ -59,7 +60,7 @@ MODES = ("dense", "warmup", "sparse")
 
 @dataclass
 class CoreResult:
-    out: torch.Tensor  # [B, Sq, H, v_dim]
+    out: torch.Tensor  # [B, Sq, H, v_dim] (the MHA form's dv with ``up_proj``)
     kl: Optional[torch.Tensor] = None  # [B, Sq'] the indexer objective of each own row
     recall: Optional[torch.Tensor] = None  # [B, Sq'] (or the sampled rows) top-k recall, no grad
     topk: Optional[torch.Tensor] = None  # [B, Sq, K] selected key positions, -1 padded (sparse)
@@ -85,6 +86,7 @@ def dsa_core(
     fp8_indexer: bool = False,
     recall_rows: int = 0,
     cu_seqlens: Optional[torch.Tensor] = None,
+    up_proj: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> CoreResult:
     """One DSA core attention step on this rank (shapes in the module docstring).
 
@@ -97,9 +99,15 @@ def dsa_core(
     at most this many rows per sequence, split evenly over the TP x CP ranks (0: every row).
     ``cu_seqlens``: document boundaries of a packed sequence (global rows, [0, ..., S]; each
     document a multiple of 2 * CP under CP); None: one document.
+    ``up_proj``: (k_up [H, dk, L], v_up [H, dv, L]) in the dense modes: the attention runs in
+    MLA's MHA form (the gathered latents expanded per head, 192 / 128 dims a head at
+    DeepSeek-V3.2's shape against 576 / 512 absorbed) and ``out`` is [B, Sq, H, dv], already
+    through the V up-projection; the warm-up's target absorbs the query itself.
     """
     if mode not in MODES:
         raise ValueError(f"unknown DSA mode {mode!r}; one of {MODES}")
+    if up_proj is not None and mode == "sparse":
+        raise ValueError("sparse DSA attends in the absorbed form: up_proj is for the dense modes")
     backend = backend or ops.backend("reference", q.device)
     if fp8_indexer and backend.name == "reference":
         raise ValueError("the FP8 indexer is a Triton kernel; the reference path scores in fp32")
@@ -118,17 +126,23 @@ def dsa_core(
         qi, ki, wi = indexer
         ki_all = gather_indexer_keys(ki, ctx, seq, cu_seqlens)
 
-    def dense_objective(kv_all):
-        return _dense_objective(loss_ops, ctx, q, kv_all, qi, ki_all, wi, positions, rows, scale, topk,
+    def dense_objective(kv_all, q_absorbed=q):
+        return _dense_objective(loss_ops, ctx, q_absorbed, kv_all, qi, ki_all, wi, positions, rows, scale, topk,
                                 recall_rows, flops, doc)
 
     if mode in ("dense", "warmup"):
         kv_all = gather_kv(kv, ctx, seq, cu_seqlens)  # every key (an all-gather under CP)
-        out, _ = backend.dense_mla_attention(q, kv_all, v_dim, scale, q_pos=attention_pos, need_lse=False,
-                                             **documents)
+        if up_proj is None:
+            out, _ = backend.dense_mla_attention(q, kv_all, v_dim, scale, q_pos=attention_pos, need_lse=False,
+                                                 **documents)
+        else:
+            out, _ = backend.dense_attention(*R.mha_form(q, kv_all, *up_proj), scale, q_pos=attention_pos,
+                                             need_lse=False, **documents)
         res = CoreResult(out)
         if mode == "warmup" and indexer is not None:
-            res.kl, res.recall = dense_objective(kv_all)
+            # The target is built from detached queries either way (nothing reaches the main model).
+            q_absorbed = q if up_proj is None else R.absorb_query(q.detach(), up_proj[0].detach())
+            res.kl, res.recall = dense_objective(kv_all, q_absorbed)
         res.indexer_flops = flops[0]
         return res
 

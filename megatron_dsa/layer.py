@@ -137,8 +137,6 @@ class DSACoreAttention(MegatronModule):
     """Core attention of absorbed MLA with the lightning indexer: dense | warmup | sparse."""
 
     requires_dsa_inputs = True
-    # AbsorbedMLASelfAttention applies the V up-projection to our latent output.
-    consumes_absorbed_v_up_projection = False
 
     def __init__(
         self,
@@ -189,6 +187,27 @@ class DSACoreAttention(MegatronModule):
         self.parallel = ParallelContext.from_megatron(pg_collection)
         # Indexer scoring FLOPs done on THIS rank (rows x keys x HI x DI x 2), cumulative.
         self.indexer_flops = 0
+        self.__dict__["_up_projections"] = None
+
+    def bind_up_projections(self, up_projections) -> None:
+        """Called by the attention module that builds this core: ``up_projections()`` returns its
+        (k_up [H, dk, L], v_up [H, dv, L]); from then on the dense modes attend in MLA's MHA form
+        and that module hands over the unabsorbed query (``dense_in_mha_form``)."""
+        self.__dict__["_up_projections"] = up_projections
+
+    @property
+    def dense_in_mha_form(self) -> bool:
+        """This forward attends over every key in MLA's MHA form: per head, 192 / 128 dims at
+        DeepSeek-V3.2's shape instead of the absorbed 576 / 512 (3.4x fewer FLOPs, and the
+        fused SDPA kernels take it). Sparse attention stays absorbed: one gathered latent row
+        serves every head."""
+        return self.config.dsa.mode in ("dense", "warmup") and self.__dict__["_up_projections"] is not None
+
+    @property
+    def consumes_absorbed_v_up_projection(self) -> bool:
+        """Read by AbsorbedMLASelfAttention after the core: the MHA form's output has been through
+        the V up-projection; the absorbed form's latent output has not."""
+        return self.dense_in_mha_form
 
     # ---- wiring done once by the model builder ---------------------------------------------
 
@@ -230,7 +249,8 @@ class DSACoreAttention(MegatronModule):
         attention_bias: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """query [s, b, H, Dqk], key [s, b, 1, Dqk] (latent KV entries), x [s', b, hidden],
-        qr [s', b, q_lora_rank] -> latent output [s, b, H * v_dim].
+        qr [s', b, q_lora_rank] -> latent output [s, b, H * v_dim] (``dense_in_mha_form``:
+        query unabsorbed, output [s, b, H * v_head_dim]).
 
         s: this CP rank's rows (all of them on one rank); s': the rows this rank's indexer
         runs on (its sequence-parallel shard under TP, s otherwise); H: this TP rank's heads.
@@ -270,6 +290,7 @@ class DSACoreAttention(MegatronModule):
             indexer=inputs, selection=selection, with_loss=s.loss_coeff > 0, sparse_loss=s.sparse_loss,
             objective=s.objective, backend=ops.backend(s.kernel, q.device, s.kernel_options), fp8_indexer=s.fp8_indexer,
             recall_rows=s.recall_rows, cu_seqlens=cu_seqlens,
+            up_proj=self.__dict__["_up_projections"]() if self.dense_in_mha_form else None,
         )
         self.indexer_flops += res.indexer_flops
         if indexer is not None and s.mode == "sparse":
@@ -277,7 +298,7 @@ class DSACoreAttention(MegatronModule):
         out = res.out
         if res.kl is not None:
             out = self._attach_indexer_loss(out, res.kl, res.recall, s.mode, total_rows=batch * seq)
-        return out.transpose(0, 1).reshape(rows, batch, heads * self.v_dim)
+        return out.transpose(0, 1).reshape(rows, batch, heads * out.shape[-1])
 
     @staticmethod
     def _unpack_thd(query, key, x, qr, packed_seq_params):

@@ -1,7 +1,7 @@
 """One switch between the PyTorch reference and the Triton kernels.
 
 Both expose the same functions with the same signatures (``megatron_dsa.reference`` is the
-spec): ``indexer_topk``, ``dense_mla_attention``, ``sparse_mla_attention``,
+spec): ``indexer_topk``, ``dense_attention`` (MLA's MHA form), ``dense_mla_attention``, ``sparse_mla_attention``,
 ``dense_indexer_kl``, ``sparse_indexer_kl``, and the sparse KL in two steps for tensor
 parallelism (``sparse_target_head_sum``, ``sparse_indexer_kl_from_target``). ``auto`` takes
 Triton on CUDA tensors when the kernels import, the reference everywhere else. The Triton ops
@@ -24,7 +24,7 @@ import torch
 from megatron_dsa import reference
 from megatron_dsa.kernel_options import DEFAULT_OPTIONS, KernelOptions
 
-OPS = ("indexer_topk", "dense_mla_attention", "sparse_mla_attention", "dense_indexer_kl", "sparse_indexer_kl",
+OPS = ("indexer_topk", "dense_attention", "dense_mla_attention", "sparse_mla_attention", "dense_indexer_kl", "sparse_indexer_kl",
        # the sparse KL in two steps, for a target summed over the heads of several TP ranks
        "sparse_target_head_sum", "sparse_indexer_kl_from_target")
 

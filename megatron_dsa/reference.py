@@ -370,6 +370,68 @@ def dense_mla_attention(
     return out, (lse if need_lse else None)
 
 
+# MLA's MHA form. The absorbed form above shares one latent entry [L + R] among all heads, which
+# decoding and sparse attention need (a gathered row serves every head). Dense attention over
+# every key is cheaper per head in the MHA form: the latent expanded by the K and V
+# up-projections into per-head keys [dk + R] and values [dv] (DeepSeek-V3.2's 192 / 128
+# against 576 / 512), the same scores and outputs by associativity.
+
+
+def mha_form(q: torch.Tensor, kv: torch.Tensor, k_up: torch.Tensor, v_up: torch.Tensor):
+    """Unabsorbed queries and latent entries in MLA's MHA form.
+
+    q [B, Sq, H, L + R] holds each head's q_nope in its first dk columns and its rope part in
+    the last R (what the layer's attention hands the core in the dense phases), kv [B, Sk, L + R]
+    the latent entries, k_up [H, dk, L] and v_up [H, dv, L] the up-projections. Returns
+    q [B, Sq, H, dk + R], k [B, Sk, H, dk + R] = [W_UK c, k_rope] and v [B, Sk, H, dv] = W_UV c.
+    """
+    H, dk, L = k_up.shape
+    if q.shape[-1] != kv.shape[-1] or kv.shape[-1] <= L or q.shape[2] != H or v_up.shape[::2] != (H, L):
+        raise ValueError(f"MHA form: q {tuple(q.shape)}, kv {tuple(kv.shape)}, k_up {tuple(k_up.shape)}, "
+                         f"v_up {tuple(v_up.shape)} do not fit together")
+    c, k_rope = kv[..., :L], kv[..., L:]
+    k = torch.cat((torch.einsum("bsl,hdl->bshd", c, k_up), k_rope[:, :, None].expand(-1, -1, H, -1)), dim=-1)
+    v = torch.einsum("bsl,hdl->bshd", c, v_up)
+    return torch.cat((q[..., :dk], q[..., L:]), dim=-1), k, v
+
+
+def absorb_query(q: torch.Tensor, k_up: torch.Tensor) -> torch.Tensor:
+    """The absorbed queries [B, Sq, H, L + R] of ``mha_form``'s input q: q_nope W_UK and the rope part."""
+    H, dk, L = k_up.shape
+    return torch.cat((torch.einsum("bthd,hdl->bthl", q[..., :dk], k_up), q[..., L:]), dim=-1)
+
+
+def _dense_mha_chunk(q, q_pos, q_doc, k, v, k_pos, k_doc, scale: float):
+    scores = torch.einsum("bthd,bshd->bths", _up(q), _up(k)) * scale
+    scores = scores.masked_fill(~causal_mask(q_pos, k_pos, q_doc, k_doc)[None, :, None, :], float("-inf"))
+    out, lse = _attend(scores, v, "bths,bshd->bthd")
+    return out.to(q.dtype), lse
+
+
+def dense_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    q_pos: Optional[torch.Tensor] = None,
+    k_pos: Optional[torch.Tensor] = None,
+    need_lse: bool = True,
+    q_doc: Optional[torch.Tensor] = None,
+    k_doc: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Causal attention with per-head keys and values (``mha_form``), masked as
+    ``dense_mla_attention``: q [B, Sq, H, Dqk], k [B, Sk, H, Dqk], v [B, Sk, H, Dv] ->
+    (out [B, Sq, H, Dv] in q's dtype, lse [B, Sq, H] fp32 or None)."""
+    B, Sq, H = q.shape[:3]
+    Sk = k.shape[1]
+    q_pos, k_pos = _positions(q_pos, Sq, q.device), _positions(k_pos, Sk, q.device)
+    q_doc, k_doc = _documents(q_doc, Sq, q.device), _documents(k_doc, Sk, q.device)
+    step = _chunk_size(B * H * Sk, Sq)
+    fn = lambda q_, qp, qd, k_, v_, kp, kd: _dense_mha_chunk(q_, qp[0], qd[0], k_, v_, kp, kd, scale)  # noqa: E731
+    out, lse = _map_query_chunks(fn, (q, q_pos[None], q_doc[None]), (k, v, k_pos, k_doc), step)
+    return out, (lse if need_lse else None)
+
+
 def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """x [B, Sk, D], idx [B, Sq, K] (-1 allowed) -> [B, Sq, K, D]; -1 slots read token 0."""
     B, Sq, K = idx.shape

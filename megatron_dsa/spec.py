@@ -69,6 +69,9 @@ class DSAAbsorbedMLASelfAttention(AbsorbedMLASelfAttention):
       splits its rotary table over CP, which would fail with an opaque reshape error).
     * under FP8 (``config.fp8``, TE's GEMMs) the core attention's inputs are checked to be
       high-precision tensors (``_refuse_fp8_inputs``).
+    * in the dense phases (the core's ``dense_in_mha_form``) the query stays unabsorbed and the
+      core attends in MLA's MHA form with the up-projections it is bound to
+      (``_get_kv_up_weights``).
 
     For inference (one rank, a KV cache), ``absorbed_inputs`` and ``project_output`` are the
     two halves of ``forward`` around the core attention, by megatron-core's own code.
@@ -85,6 +88,21 @@ class DSAAbsorbedMLASelfAttention(AbsorbedMLASelfAttention):
             )
         if config.fp8:
             self.core_attention.register_forward_pre_hook(_refuse_fp8_inputs, with_kwargs=True)
+        self._unabsorbed_query = False
+        if config.qk_head_dim <= config.kv_lora_rank:  # q_nope fits the "absorbed" query's columns
+            self.core_attention.bind_up_projections(super()._get_kv_up_weights)
+
+    def _get_kv_up_weights(self):
+        """megatron-core absorbs q_nope into the latent with the K up-projection inside
+        ``get_query_key_value_tensors``. For an unabsorbed query that weight becomes a selector
+        [I | 0]: the "absorbed" query then holds q_nope in its first qk_head_dim columns and its
+        rope part where it was (``reference.mha_form``'s input); the rest of megatron's path
+        (norms, RoPE, TP/SP gathers, packed sequences, recomputation) runs unchanged."""
+        k_up, v_up = super()._get_kv_up_weights()
+        if getattr(self, "_unabsorbed_query", False):  # (unset while megatron's __init__ runs)
+            H, dk, L = k_up.shape
+            k_up = torch.eye(dk, L, dtype=k_up.dtype, device=k_up.device).expand(H, dk, L)
+        return k_up, v_up
 
     def absorbed_inputs(self, hidden_states: torch.Tensor, first_position: int = 0):
         """The core attention's inputs for tokens at positions ``first_position``, ... (one
@@ -93,6 +111,7 @@ class DSAAbsorbedMLASelfAttention(AbsorbedMLASelfAttention):
         # megatron-core offsets its rotary table by an inference context's sequence_len_offset.
         at = SimpleNamespace(sequence_len_offset=first_position,
                              max_sequence_length=first_position + hidden_states.shape[0])
+        self._unabsorbed_query = False
         return self.get_query_key_value_tensors(hidden_states, inference_context=at)
 
     def project_output(self, latent_output: torch.Tensor):
@@ -108,6 +127,9 @@ class DSAAbsorbedMLASelfAttention(AbsorbedMLASelfAttention):
         cfg = self.config
         global_sequence_length(hidden_states.shape[0], cfg.tensor_model_parallel_size, cfg.context_parallel_size,
                                sequence_parallel_rows=cfg.sequence_parallel)
+        # Set for the whole step (not reset after): a recomputation in the backward rebuilds the
+        # query in the form this forward used.
+        self._unabsorbed_query = self.core_attention.dense_in_mha_form
         return super().forward(hidden_states, attention_mask, *args, **kwargs)
 
 

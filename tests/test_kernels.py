@@ -598,5 +598,35 @@ def test_dense_mla_attention(dtype, pos, monkeypatch):
     assert none is None and torch.equal(out2, out)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("pos", ["none", "offset", "cp"])
+def test_dense_attention_mha_form(dtype, pos, monkeypatch):
+    """Per-head keys and values (MLA's MHA form, qk and v dims differing) on the fused SDPA."""
+    B, S, H, Dqk, Dv = 2, 37, 3, 24, 16
+    if BIG:
+        S, H, Dqk, Dv = 1000, 16, 192, 128
+    c = S // 2
+    Sk = {"offset": S + 5, "cp": 4 * c}.get(pos, S)
+    Sq = {"cp": 2 * c}.get(pos, S)
+    q = torch.randn(B, Sq, H, Dqk, device=DEV, dtype=dtype, requires_grad=True)
+    k = torch.randn(B, Sk, H, Dqk, device=DEV, dtype=dtype, requires_grad=True)
+    v = torch.randn(B, Sk, H, Dv, device=DEV, dtype=dtype, requires_grad=True)
+    q_pos = {"none": None, "offset": torch.arange(5, Sk, device=DEV),
+             "cp": torch.cat([torch.arange(c, device=DEV), torch.arange(3 * c, 4 * c, device=DEV)])}[pos]
+    k_pos = None if pos == "none" else torch.arange(Sk, device=DEV)
+    out, lse = K.dense_attention(q, k, v, Dqk**-0.5, q_pos, k_pos)
+    out_r, lse_r = R.dense_attention(q, k, v, Dqk**-0.5, q_pos, k_pos)
+    _finite(out, lse)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert out.shape == (B, Sq, H, Dv) and out.dtype == dtype and rel(out, out_r) < tol and rel(lse, lse_r) < 1e-5
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(out_r, (q, k, v), g)):
+        _finite(a)
+        assert rel(a, b) < tol
+    monkeypatch.setattr(R, "dense_attention", lambda *a, **k: pytest.fail("fell back to the reference"))
+    out2, none = K.dense_attention(q, k, v, Dqk**-0.5, q_pos, k_pos, need_lse=False)
+    assert none is None and torch.equal(out2, out)
+
+
 def test_available():
     assert K.available()

@@ -134,6 +134,48 @@ def test_sparse_with_topk_covering_the_sequence_equals_dense(megatron_world, see
     assert torch.allclose(dense, sparse, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["dense", "warmup"])
+def test_dense_modes_attend_in_the_mha_form_with_the_absorbed_gradients(megatron_world, seed, mode):
+    """The dense phases hand the core an unabsorbed query and attend per head (MLA's MHA form);
+    the loss and every gradient equal the absorbed form's (the core unbound from the
+    up-projections), the K up-projection's included."""
+    model = make(megatron_world, seed, mdsa_mode=mode)
+    cores = [m for m in model.modules() if isinstance(m, DSACoreAttention)]
+    tokens, positions, labels = batch()
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        set_indexer_loss_scale(1.0)
+        loss = lm_loss(model, tokens, positions, labels)
+        if mode == "warmup":
+            loss = sum(pop_indexer_losses(model))
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    assert cores and all(c.dense_in_mha_form and c.consumes_absorbed_v_up_projection for c in cores)
+    mha_loss, mha = loss_and_grads()
+    bound = [c.__dict__["_up_projections"] for c in cores]
+    for c in cores:
+        c.bind_up_projections(None)
+    assert not any(c.dense_in_mha_form for c in cores)
+    absorbed_loss, absorbed = loss_and_grads()
+    # fp32 rounding differs between the forms (the warm-up's small KL: ~3e-5 of itself)
+    assert torch.allclose(mha_loss, absorbed_loss, rtol=1e-4, atol=0)
+    assert mha.keys() == absorbed.keys() and mha
+    if mode == "dense":
+        assert any("linear_kv_up_proj" in n for n in mha)
+    for n in mha:
+        assert R_rel(mha[n], absorbed[n]) < 1e-4, n
+    for c, fn in zip(cores, bound):
+        c.bind_up_projections(fn)
+    set_mode(model.config, "sparse")  # sparse attention stays absorbed
+    assert not any(c.dense_in_mha_form or c.consumes_absorbed_v_up_projection for c in cores)
+
+
+def R_rel(a, b):
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
 def test_sparse_differs_from_dense_when_topk_is_small(megatron_world, seed):
     model = make(megatron_world, seed, mdsa_mode="dense", dsa_indexer_topk=4)
     tokens, positions, _ = batch(s=40)

@@ -208,6 +208,29 @@ def test_rows_shorter_than_k_equal_dense_causal(seed, small_chunks):
     assert rel_err(out, dense) < 1e-12 and rel_err(lse, dense_lse) < 1e-12
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_mha_form_equals_the_absorbed_attention(seed, small_chunks, packed):
+    """MLA's MHA form (latents expanded per head by the up-projections) gives the absorbed
+    form's output after the V up-projection, its lse, and the same gradients, W_UK's included."""
+    B, S, H, dk, R_, L, dv = 2, 23, 3, 8, 4, 16, 6
+    q_nope, q_rope = rand(B, S, H, dk, dtype=F64, requires_grad=True), rand(B, S, H, R_, dtype=F64, requires_grad=True)
+    kv = rand(B, S, L + R_, dtype=F64, requires_grad=True)
+    k_up, v_up = rand(H, dk, L, dtype=F64, requires_grad=True), rand(H, dv, L, dtype=F64, requires_grad=True)
+    docs = dict(q_doc=torch.tensor([0] * 9 + [1] * 14), k_doc=torch.tensor([0] * 9 + [1] * 14)) if packed else {}
+    # The layer's unabsorbed query: q_nope in the first dk columns, the rope part in the last R.
+    q = torch.cat((q_nope, torch.zeros(B, S, H, L - dk, dtype=F64), q_rope), dim=-1)
+    out, lse = R.dense_attention(*R.mha_form(q, kv, k_up, v_up), 0.3, **docs)
+    latent, lse_abs = R.dense_mla_attention(R.absorb_query(q, k_up), kv, L, 0.3, **docs)
+    want = torch.einsum("bthl,hdl->bthd", latent, v_up)
+    assert out.shape == (B, S, H, dv) and rel_err(out, want) < 1e-12 and rel_err(lse, lse_abs) < 1e-12
+    g = torch.randn_like(out)
+    leaves = (q_nope, q_rope, kv, k_up, v_up)
+    for a, b in zip(torch.autograd.grad(out, leaves, g), torch.autograd.grad(want, leaves, g)):
+        assert rel_err(a, b) < 1e-12
+    with pytest.raises(ValueError, match="MHA form"):
+        R.mha_form(q[..., :-1], kv, k_up, v_up)
+
+
 def test_fully_masked_rows_give_zeros_not_nan(seed):
     B, S, H, D, V, K = 1, 6, 2, 8, 4, 3
     q, kv = rand(B, S, H, D, requires_grad=True), rand(B, S, D, requires_grad=True)

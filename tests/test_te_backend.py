@@ -379,4 +379,5 @@ def test_dsa_core_refuses_fp8_inputs(megatron_world, monkeypatch):
     with pytest.raises(RuntimeError, match="FP8 tensor as x"):
         attn.core_attention(query, key, value=None, attention_mask=None, x=x.to(torch.float8_e5m2), qr=qr)
     out = attn.core_attention(query, key, value=None, attention_mask=None, x=x, qr=qr)
-    assert out.shape == (s, b, h * fp8.kv_lora_rank) and torch.isfinite(out).all()
+    width = fp8.v_head_dim if attn.core_attention.dense_in_mha_form else fp8.kv_lora_rank  # dense: MHA form
+    assert out.shape == (s, b, h * width) and torch.isfinite(out).all()

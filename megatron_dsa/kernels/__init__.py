@@ -6,6 +6,8 @@
 * ``dense_mla_attention(q, kv, v_dim, scale, q_pos=None, k_pos=None, need_lse=True, q_doc=None, k_doc=None)``
   -> (out, lse),
   autograd (PyTorch's fused SDPA; never the S^2 math path on the GPU)
+* ``dense_attention(q, k, v, scale, q_pos=None, k_pos=None, need_lse=True, q_doc=None, k_doc=None)``
+  -> (out, lse), autograd: the same in MLA's MHA form (per-head keys and values)
 * ``sparse_mla_attention(q, kv, topk_idx, v_dim, scale)`` -> (out, lse), autograd
 * ``sparse_indexer_kl(q_main, kv, q_idx, k_idx, w_idx, topk_idx, scale)`` -> kl [B, Sq], autograd
 * ``sparse_target_head_sum(q_main, kv, topk_idx, scale, lse=None)`` -> [B, Sq, K] and
@@ -24,7 +26,7 @@ Set TRITON_INTERPRET=1 before importing triton to run the kernels on CPU tensors
 
 from . import decode
 from ._common import available
-from .dense_attn import dense_mla_attention
+from .dense_attn import dense_attention, dense_mla_attention
 from .indexer import fp8_quantize, indexer_topk
 from .indexer_kl import dense_indexer_kl, sparse_indexer_kl, sparse_indexer_kl_from_target, sparse_target_head_sum
 from .sparse_attn import sparse_mla_attention
@@ -33,6 +35,7 @@ __all__ = [
     "available",
     "indexer_topk",
     "fp8_quantize",
+    "dense_attention",
     "dense_mla_attention",
     "sparse_mla_attention",
     "sparse_indexer_kl",

@@ -1,4 +1,6 @@
-"""Dense causal MLA attention (absorbed form) for the dense and warm-up phases on the GPU.
+"""Dense causal attention for the dense and warm-up phases on the GPU: in MLA's MHA form (per-head
+keys and values, ``dense_attention``, what the layer trains with) and in the absorbed form
+(``dense_mla_attention``: one latent entry shared by all heads, what prefill over a cache uses).
 
 No Triton kernel of our own: PyTorch's fused scaled-dot-product attention (flash, memory-
 efficient or cuDNN, whichever takes the shapes) already streams the keys without S^2 memory.
@@ -63,12 +65,51 @@ def _causal_runs(q_pos: Optional[torch.Tensor], k_pos: Optional[torch.Tensor], s
     return runs
 
 
-def _lse(q: torch.Tensor, kv: torch.Tensor, scale: float, q_pos, k_pos, documents: dict) -> torch.Tensor:
-    """Log-sum-exp [B, Sq, H] of the causal scores in fp32, without autograd (only callers
-    that ask for it pay: the layer does not)."""
+def _sdpa_runs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, runs) -> Optional[torch.Tensor]:
+    """Fused SDPA over the causal runs: q [B, Sq, H, Dqk], per-head k [B, Sk, H, Dqk] and
+    v [B, Sk, H, Dv] -> out [B, Sq, H, Dv]; None when no fused backend takes the shapes."""
+    kt, vt = k.transpose(1, 2), v.transpose(1, 2)
+    backends = _FUSED if q.is_cuda else _FUSED + [SDPBackend.MATH]
+    outs = []
+    try:
+        with sdpa_kernel(backends):
+            for r0, r1, lo, end in runs:
+                n = r1 - r0
+                # A run of n rows ending at key end-1: causal aligned at the bottom-right.
+                mask = dict(is_causal=True) if n == end - lo else dict(attn_mask=causal_lower_right(n, end - lo))
+                o = F.scaled_dot_product_attention(q[:, r0:r1].transpose(1, 2), kt[:, :, lo:end], vt[:, :, lo:end],
+                                                   scale=scale, **mask)
+                outs.append(o.transpose(1, 2))
+    except RuntimeError as err:  # no fused backend takes these shapes / dtypes
+        if "No available kernel" not in str(err):
+            raise
+        return None
+    return (torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]).contiguous()
+
+
+def dense_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    q_pos: Optional[torch.Tensor] = None,
+    k_pos: Optional[torch.Tensor] = None,
+    need_lse: bool = True,
+    q_doc: Optional[torch.Tensor] = None,
+    k_doc: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Same as ``reference.dense_attention`` (MLA's MHA form: per-head keys and values):
+    q [B, Sq, H, Dqk], k [B, Sk, H, Dqk], v [B, Sk, H, Dv] -> (out [B, Sq, H, Dv], lse or None)."""
+    documents = {} if q_doc is None and k_doc is None else dict(q_doc=q_doc, k_doc=k_doc)
+    runs = _causal_runs(q_pos, k_pos, q.shape[1], k.shape[1], q_doc, k_doc)
+    out = None if runs is None else _sdpa_runs(q, k, v, scale, runs)
+    if out is None:
+        return reference.dense_attention(q, k, v, scale, q_pos=q_pos, k_pos=k_pos, need_lse=need_lse, **documents)
+    if not need_lse:
+        return out, None
     with torch.no_grad():
-        _, lse = reference.dense_mla_attention(q, kv, 1, scale, q_pos=q_pos, k_pos=k_pos, **documents)
-    return lse
+        _, lse = reference.dense_attention(q, k, v[..., :1], scale, q_pos=q_pos, k_pos=k_pos, **documents)
+    return out, lse
 
 
 def dense_mla_attention(
@@ -90,28 +131,17 @@ def dense_mla_attention(
     Sk = kv.shape[1]
     documents = {} if q_doc is None and k_doc is None else dict(q_doc=q_doc, k_doc=k_doc)
     runs = _causal_runs(q_pos, k_pos, Sq, Sk, q_doc, k_doc)
-    if runs is None:
+    out = None
+    if runs is not None:
+        # One latent entry per token shared by all heads (MQA): expand to H heads. A copy of the
+        # keys per head is S x H x Dqk, far below the S^2 scores it replaces.
+        k = kv[:, :, None].expand(B, Sk, H, kv.shape[-1]).contiguous()
+        out = _sdpa_runs(q, k, k[..., :v_dim], scale, runs)
+    if out is None:
         return reference.dense_mla_attention(q, kv, v_dim, scale, q_pos=q_pos, k_pos=k_pos, need_lse=need_lse,
                                              **documents)
-    # One latent entry per token shared by all heads (MQA): expand to H heads. A copy of the
-    # keys per head is S x H x Dqk, far below the S^2 scores it replaces.
-    k = kv[:, None].expand(B, H, Sk, kv.shape[-1]).contiguous()
-    v = kv[:, None, :, :v_dim].expand(B, H, Sk, v_dim).contiguous()
-    backends = _FUSED if q.is_cuda else _FUSED + [SDPBackend.MATH]
-    outs = []
-    try:
-        with sdpa_kernel(backends):
-            for r0, r1, lo, end in runs:
-                n = r1 - r0
-                # A run of n rows ending at key end-1: causal aligned at the bottom-right.
-                mask = dict(is_causal=True) if n == end - lo else dict(attn_mask=causal_lower_right(n, end - lo))
-                o = F.scaled_dot_product_attention(q[:, r0:r1].transpose(1, 2), k[:, :, lo:end], v[:, :, lo:end],
-                                                   scale=scale, **mask)
-                outs.append(o.transpose(1, 2))
-    except RuntimeError as err:  # no fused backend takes these shapes / dtypes
-        if "No available kernel" not in str(err):
-            raise
-        return reference.dense_mla_attention(q, kv, v_dim, scale, q_pos=q_pos, k_pos=k_pos, need_lse=need_lse,
-                                             **documents)
-    out = (torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]).contiguous()
-    return out, (_lse(q, kv, scale, q_pos, k_pos, documents) if need_lse else None)
+    if not need_lse:
+        return out, None
+    with torch.no_grad():
+        _, lse = reference.dense_mla_attention(q, kv, 1, scale, q_pos=q_pos, k_pos=k_pos, **documents)
+    return out, lse
