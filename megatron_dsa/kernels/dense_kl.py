@@ -300,14 +300,20 @@ SPAN = {True: 4096, False: 32}
 KEY_BLOCK = {True: 64, False: 16}
 WARPS = {True: 4, False: 1}
 LSE_BLOCKS = {True: (64, 64, 4), False: (16, 16, 1)}
-# sm_90 shared memory at these blocks (benchmarks/compile_check.py dkl): at most 45 KB for the
-# small MoE's shapes, 139 KB for the 671B shapes (latent 512 + 64, 128 heads, indexer 64 x 128);
-# the limit is 227 KB.
+SHARED_BYTES = 227 * 1024  # an H100 / H200 SM's shared memory for one program
+# sm_90 shared memory at these blocks (tests/test_compile_sm90.py, with the runtime's alignment
+# hints): the fused KL's two kernels at most 148 KB at the 671B shapes (latent 512 + 64, 128
+# heads, indexer 64 x 128); the log-sum-exp kernel holds its query tile plus one KV tile per
+# pipeline stage, 288 KB at three stages there, so its stages are chosen from the sizes.
 
 
-def _lse_blocks(on_gpu: bool) -> dict:
+def _lse_blocks(on_gpu: bool, D1: int = 0, D2: int = 0, itemsize: int = 2) -> dict:
+    """(BM, BN, num_warps, num_stages) of the per-head log-sum-exp kernel: up to three pipeline
+    stages of [BN, D1 + D2] KV tiles beside the [BM, D1 + D2] query tile in shared memory."""
     BM, BN, nw = LSE_BLOCKS[on_gpu]
-    return dict(BM=BM, BN=BN, num_warps=nw)
+    row = (D1 + D2) * itemsize
+    stages = max(1, min(3, (SHARED_BYTES - BM * row) // max(1, BN * row))) if on_gpu else 1
+    return dict(BM=BM, BN=BN, num_warps=nw, num_stages=stages)
 
 
 def _kl_blocks(HI: int, on_gpu: bool) -> dict:
@@ -387,7 +393,7 @@ class FusedDenseIndexerKL(torch.autograd.Function):
         klim = _key_limits(q_pos, k_pos, blk["BM"])
         mains = dict(DV=DV, D1=D1, DR=DR, D2=D2, IEEE=is_fp32(qm, kvc), UPCAST=interpreting())
         if Sq and Sk:
-            lblk = _lse_blocks(gpu)
+            lblk = _lse_blocks(gpu, D1, D2, qm.element_size())
             _main_lse_kernel[(triton.cdiv(Sq, lblk["BM"]), B * H)](
                 qm, kvc, q_pos, k_pos, q_doc, k_doc, _key_limits(q_pos, k_pos, lblk["BM"]), lse2, Sq, Sk, scale * LOG2E,
                 qm.stride(0), qm.stride(1), qm.stride(2), kvc.stride(0), kvc.stride(1), lse2.stride(0), lse2.stride(1),
