@@ -439,6 +439,32 @@ def test_dense_indexer_kl(pos):
         assert rel(a, b) < 1e-5
 
 
+@pytest.mark.skipif(DEV != "cuda", reason="needs a query tensor of more than 2^31 elements (4.4 GB): GPU only")
+def test_fused_dense_indexer_kl_rows_past_2_31_elements():
+    """At 128 heads x 576 a row's offset in q passes 2^31 elements from 29K rows on (the
+    warm-up at DeepSeek-V3.2's shape, 32K): the last rows' KL and gradients equal the same rows
+    computed alone, at small offsets (their keys are the first Sk - n rows)."""
+    from megatron_dsa.kernels.dense_kl import fused_dense_indexer_kl
+
+    S, H, D, HI, DI, n = 30000, 128, 576, 64, 128, 64
+    qm = torch.randn(1, S, H, D, device=DEV, dtype=torch.bfloat16)
+    kv = torch.randn(1, S, D, device=DEV, dtype=torch.bfloat16)
+    qi = torch.randn(1, S, HI, DI, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+    ki = torch.randn(1, S, DI, device=DEV, dtype=torch.bfloat16)
+    wi = torch.randn(1, S, HI, device=DEV, requires_grad=True)
+    kl, _ = fused_dense_indexer_kl(qm, kv, qi, ki, wi, D**-0.5, 2048)
+    g = torch.zeros_like(kl)
+    g[:, -n:] = 1.0
+    dqi, dwi = torch.autograd.grad(kl, (qi, wi), g)
+    tail_q, tail_i, tail_w = (x[:, -n:].detach().clone().requires_grad_(x.requires_grad) for x in (qm, qi, wi))
+    pos = torch.arange(S - n, S, device=DEV)
+    kl_t, _ = fused_dense_indexer_kl(tail_q, kv, tail_i, ki, tail_w, D**-0.5, 2048, q_pos=pos)
+    dqi_t, dwi_t = torch.autograd.grad(kl_t.sum(), (tail_i, tail_w))
+    _finite(kl, dqi, dwi)
+    assert rel(kl[:, -n:], kl_t) < 1e-5
+    assert rel(dqi[:, -n:].float(), dqi_t.float()) < 1e-2 and rel(dwi[:, -n:], dwi_t) < 1e-5
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("pos", ["none", "offset", "unsorted"])
 @pytest.mark.parametrize("fold", ["one_group", "two_groups"])

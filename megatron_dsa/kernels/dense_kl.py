@@ -77,7 +77,7 @@ if HAS_TRITON:
         so one dot scores them all against a key block: (q [BM*HG, DIP], w [BM*HG] fp32, row
         offsets t, head numbers j, row mask)."""
         r = tl.arange(0, BM * HG)
-        t = pid_m * BM + r // HG
+        t = (pid_m * BM + r // HG).to(tl.int64)
         j = grp * HG + r % HG
         rm = (t < Sq) & (j < HI)
         q = tl.load(QI + b * s_qib + t[:, None] * s_qis + j[:, None] * s_qih + di[None, :],
@@ -111,7 +111,8 @@ if HAS_TRITON:
     def _query_block(QPOS, QDOC, KLIM, pid_m, Sq, BM: tl.constexpr, HAS_DOC: tl.constexpr):
         """Query block ``pid_m``: (rows, row mask, positions, end of its causal key range,
         document ids: zeros for an unpacked sequence)."""
-        rows = pid_m * BM + tl.arange(0, BM)
+        # int64: a row's offset in q [B, S, H, D] passes 2^31 elements (128 heads x 576 at 32K).
+        rows = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
         rmask = rows < Sq
         if HAS_DOC:
             qd = tl.load(QDOC + rows, mask=rmask, other=-1)
@@ -137,7 +138,7 @@ if HAS_TRITON:
         pid_m = tl.program_id(0)
         sp = tl.program_id(1)
         rows, rmask, qp, lim, qd = _query_block(QPOS, QDOC, KLIM, pid_m, Sq, BM, HAS_DOC)
-        return tl.program_id(2), pid_m, rows, rmask, qp, sp * SPAN, tl.minimum(sp * SPAN + SPAN, lim), qd
+        return tl.program_id(2).to(tl.int64), pid_m, rows, rmask, qp, sp * SPAN, tl.minimum(sp * SPAN + SPAN, lim), qd
 
     @triton.jit
     def _key_block(KI, KPOS, KDOC, b, start, qp, qd, rmask, Sk, s_kib, s_kis, di, dim, BN: tl.constexpr,
@@ -159,7 +160,7 @@ if HAS_TRITON:
         BM: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, HAS_DOC: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
-        bh = tl.program_id(1)
+        bh = tl.program_id(1).to(tl.int64)
         b = bh // H
         h = bh % H
         rows, rmask, qp, lim, qd = _query_block(QPOS, QDOC, KLIM, pid_m, Sq, BM, HAS_DOC)

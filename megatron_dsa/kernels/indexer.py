@@ -64,12 +64,12 @@ if HAS_TRITON:
     ):
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
-        b = tl.program_id(2)
+        b = tl.program_id(2).to(tl.int64)
         kstart = pid_n * BN
         blim = tl.load(BLIM + b * n_mblocks + pid_m)
         blo = tl.load(BLO + b * n_mblocks + pid_m)
         if kstart < blim:
-            rows = pid_m * BM + tl.arange(0, BM)  # chunk-relative
+            rows = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)  # chunk-relative; int64 offsets past 2^31
             rmask = rows < n_rows
             cols = kstart + tl.arange(0, BN)
             cmask = cols < Sk
