@@ -95,7 +95,7 @@ def test_sparse_decode_of_a_row_without_selection_is_zero_not_nan():
 
 
 @pytest.mark.parametrize("keys", ["fp8", "fp32", "bf16"])
-def test_paged_indexer_topk_equals_the_reference(keys):
+def test_paged_indexer_topk_equals_the_reference(keys, monkeypatch):
     HI, DI, topk = 4, 32, 10
     lengths = [31, 7, 18]  # the second shorter than top-k
     B = len(lengths)
@@ -118,6 +118,11 @@ def test_paged_indexer_topk_equals_the_reference(keys):
     small = D.paged_indexer_scores(q, w, pool, scales, table, lens, options=KernelOptions(decode_index=Tiles(16, 2, 1)))
     assert torch.equal(torch.isinf(small), torch.isinf(want))
     assert_close(small[finite], scores[finite], 1e-5)
+    # Several blocks of keys per program (a loop, pipelined on the GPU) score the same too.
+    monkeypatch.setattr(D, "DECODE_INDEX_BLOCK", 16)
+    looped = D.paged_indexer_scores(q, w, pool, scales, table, lens, options=KernelOptions(decode_index=Tiles(64, 2, 2)))
+    assert torch.equal(torch.isinf(looped), torch.isinf(want))
+    assert_close(looped[finite], scores[finite], 1e-5)
     # On a GPU an fp32 query meets FP8 keys on the bf16 tensor cores (e4m3 is exact in bf16; the
     # query's rounding is the error); the interpreter computes that product in fp32.
     tol = 1e-2 if keys == "bf16" or (keys == "fp8" and DEV == "cuda") else 1e-5
@@ -130,11 +135,18 @@ def test_paged_indexer_topk_equals_the_reference(keys):
     assert_close(picked(got).sum(-1), picked(ref).sum(-1), max(tol, 1e-4))
 
 
-@pytest.mark.parametrize("piece", [256, 7])  # one piece of the running count, or several
+@pytest.mark.parametrize("piece", [64, 8])  # one piece of each row, or several (the last one short)
 def test_select_topk_keeps_the_reference_tie_rule_and_order(piece):
-    scores = torch.randint(0, 4, (6, 40), device=DEV).float()  # many ties
+    scores = torch.randint(0, 4, (7, 40), device=DEV).float()  # many ties
     scores[0, 3:] = float("-inf")  # fewer eligible keys than k
     scores[1] = float("-inf")  # none
+    scores[2] = torch.randn(40, device=DEV) * 1e30  # every digit of the order keys matters
+    scores[3, ::3] = -0.0  # signed zeros, negatives and ties across pieces
+    scores[3, 1::3] = torch.randn(14, device=DEV)[:len(range(1, 40, 3))]
     mask = torch.isfinite(scores)
-    for k in (1, 7, 40, 45):
-        assert torch.equal(D.select_topk(scores, k, piece), R.topk_from_scores(scores, mask, k))
+    for k in (1, 7, 13, 40, 45):
+        assert torch.equal(D.select_topk(scores, k, piece), R.topk_from_scores(scores, mask, k)), k
+    wide = torch.randn(3, 1000, device=DEV).half().float()  # fp16-rounded: ties among random scores
+    wide[1, 600:] = float("-inf")
+    for k in (1, 100, 700):
+        assert torch.equal(D.select_topk(wide, k, 128), R.topk_from_scores(wide, torch.isfinite(wide), k)), k

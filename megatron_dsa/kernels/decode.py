@@ -19,9 +19,16 @@ change from one step to the next, as a CUDA graph needs.
 
 Indexer: one program per (block of keys, sequence) scores its keys against every indexer head
 of the decoding token; FP8 keys are widened to the query's dtype (exact for e4m3) and their
-per-token scale multiplies the products (ReLU commutes with a positive scale). The top-k over
-the scores is ``select_topk``: torch.topk for the k-th score, then the reference's tie rule
-(ties towards the smaller position) and order, without a full sort of each row.
+per-token scale multiplies the products (ReLU commutes with a positive scale).
+
+Top-k (``select_topk``): an exact radix select on the scores' 32-bit order keys, 8 bits a round,
+spread over pieces of each row so that a batch of a few long rows fills the GPU: per round one
+program per (piece, sequence) counts the digit under the prefix fixed so far (``tl.histogram``),
+and one program per sequence sums the pieces' counts and fixes the next digit. After four rounds
+the threshold is exact; each piece knows how many of its keys lie above it and how many of the
+keys equal to it it takes (ties towards the smaller position, the reference's rule), so one more
+launch writes the chosen positions, in position order, at their offsets. Then only those k are
+sorted by score. Everything stays on the device: a CUDA graph holds the whole step.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from typing import Optional
 import torch
 
 from ._common import HAS_TRITON, _dot, _softmax_finish, _softmax_step, interpreting, is_fp32, next_pow2, split_pow2, triton, tl
+from .indexer import _digit_hist, _order_key, _threshold_digit
 from .sparse_attn import _tile_mask, head_block
 from ..kernel_options import DEFAULT_OPTIONS, KernelOptions, Tiles
 
@@ -38,7 +46,13 @@ from ..kernel_options import DEFAULT_OPTIONS, KernelOptions, Tiles
 # of one attention program, warps by head block; keys per indexer program.
 DECODE_ATTN = dict(BK=64, num_stages=3)
 DECODE_INDEX = Tiles(BK=128, num_warps=4, num_stages=1)  # H200: 0.39 ms vs 0.68 at 64 keys (128K x 32)
+DECODE_INDEX_BLOCK = 128  # keys per product of the indexer program (it loops over BK / this blocks)
 SPLIT_ROWS = 512  # at least this many cached rows per key split
+# Top-k: scores per piece of a row (at least; more for rows over SELECT_PIECES pieces) and per
+# tile of a piece's loops.
+SELECT_PIECE = 4096
+SELECT_PIECES = 64
+SELECT_TILE = 1024
 TARGET_PROGRAMS = 264  # about two programs per SM of an H100/H200
 
 
@@ -112,29 +126,123 @@ if HAS_TRITON:
         stride_qb, stride_qh, stride_wb,
         stride_k_block, stride_k_row, stride_ks_block,
         stride_bt, stride_sb, width,
-        HIP: tl.constexpr, DI: tl.constexpr, DIP: tl.constexpr, BN: tl.constexpr, SCALED: tl.constexpr,
-        IEEE: tl.constexpr, UPCAST: tl.constexpr,
+        HIP: tl.constexpr, DI: tl.constexpr, DIP: tl.constexpr, BN: tl.constexpr, TILES: tl.constexpr,
+        SCALED: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, NUM_STAGES: tl.constexpr,
     ):
+        # TILES blocks of BN keys per program: the query and weights are loaded once and the
+        # key loads of the next blocks overlap this block's products.
         b = tl.program_id(1).to(tl.int64)
-        pos = tl.program_id(0) * BN + tl.arange(0, BN)
         n = tl.load(LEN + b)
-        valid = pos < n
         j = tl.arange(0, HIP)
         jm = j < HI
         d = tl.arange(0, DIP)
         q = tl.load(Q + b * stride_qb + j[:, None] * stride_qh + d[None, :], mask=jm[:, None] & (d < DI)[None, :],
                     other=0.0)
         w = tl.load(W + b * stride_wb + j, mask=jm, other=0.0).to(tl.float32)
-        safe = tl.where(valid, pos, 0)
-        block = tl.load(BT + b * stride_bt + safe // block_size, mask=valid, other=0).to(tl.int64)
-        row = (safe % block_size).to(tl.int64)
-        k = tl.load(K + block[:, None] * stride_k_block + row[:, None] * stride_k_row + d[None, :],
-                    mask=valid[:, None] & (d < DI)[None, :], other=0.0)
-        dots = _dot(q, tl.trans(k.to(q.dtype)), IEEE, UPCAST)  # [HIP, BN]
-        if SCALED:
-            dots = dots * tl.load(KS + block * stride_ks_block + row, mask=valid, other=0.0)[None, :]
-        score = tl.sum(tl.maximum(dots, 0.0) * w[:, None], axis=0)
-        tl.store(S + b * stride_sb + pos, tl.where(valid, score, float("-inf")), mask=pos < width)
+        for t in tl.range(0, TILES, num_stages=NUM_STAGES):
+            pos = (tl.program_id(0) * TILES + t) * BN + tl.arange(0, BN)
+            valid = pos < n
+            safe = tl.where(valid, pos, 0)
+            block = tl.load(BT + b * stride_bt + safe // block_size, mask=valid, other=0).to(tl.int64)
+            row = (safe % block_size).to(tl.int64)
+            k = tl.load(K + block[:, None] * stride_k_block + row[:, None] * stride_k_row + d[None, :],
+                        mask=valid[:, None] & (d < DI)[None, :], other=0.0)
+            dots = _dot(q, tl.trans(k.to(q.dtype)), IEEE, UPCAST)  # [HIP, BN]
+            if SCALED:
+                dots = dots * tl.load(KS + block * stride_ks_block + row, mask=valid, other=0.0)[None, :]
+            score = tl.sum(tl.maximum(dots, 0.0) * w[:, None], axis=0)
+            tl.store(S + b * stride_sb + pos, tl.where(valid, score, float("-inf")), mask=pos < width)
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _radix_count_kernel(S, PREFIX, HIST, width, stride_sb, PIECE: tl.constexpr, NP: tl.constexpr,
+                            SHIFT: tl.constexpr, TILE: tl.constexpr):
+        # The 256-bin count of the digit at SHIFT over this piece's valid scores whose higher
+        # digits equal the row's prefix: HIST[b, piece, :].
+        piece = tl.program_id(0)
+        b = tl.program_id(1).to(tl.int64)
+        start = piece * PIECE
+        n = tl.minimum(width - start, PIECE)
+        hist = _digit_hist(S + b * stride_sb + start, S, n, tl.load(PREFIX + b), SHIFT, False, TILE)
+        tl.store(HIST + (b * NP + piece) * 256 + tl.arange(0, 256), hist)
+
+    @triton.jit
+    def _radix_pick_kernel(HIST, PREFIX, WANT, ABOVE, TAKE_ALL, OFFSET, TIES, n_pieces, topk,
+                           NP: tl.constexpr, SHIFT: tl.constexpr):
+        # One program per row: sum the pieces' counts, fix the digit at SHIFT (the one holding
+        # the want-th largest score) and add each piece's count above it to ABOVE[b, piece].
+        # After the last digit: each piece's share of the keys equal to the threshold (in piece
+        # order, while the row still wants some) and the offset of its chosen keys. (Every value
+        # is read before this program writes it: no location is read back.)
+        b = tl.program_id(0).to(tl.int64)
+        pieces = tl.arange(0, NP)
+        bins = tl.arange(0, 256)
+        pm = pieces < n_pieces
+        h = tl.load(HIST + (b * NP + pieces[:, None]) * 256 + bins[None, :], mask=pm[:, None], other=0)
+        if SHIFT == 24:  # first digit: a row with at most top-k valid scores takes them all
+            take_all = tl.sum(tl.sum(h, axis=1), axis=0) <= topk
+            tl.store(TAKE_ALL + b, take_all.to(tl.int32))
+            above_p = tl.zeros((NP,), tl.int32)
+            want = topk + tl.zeros((), tl.int32)
+        else:
+            take_all = tl.load(TAKE_ALL + b) != 0
+            above_p = tl.load(ABOVE + b * NP + pieces, mask=pm, other=0)
+            want = tl.load(WANT + b)
+        digit, above, _, _ = _threshold_digit(tl.sum(h, axis=0), want)
+        want = want - above
+        tl.store(PREFIX + b, tl.load(PREFIX + b) | (digit.to(tl.int64) << SHIFT))
+        tl.store(WANT + b, want)
+        above_p += tl.sum(tl.where(bins[None, :] > digit, h, 0), axis=1)
+        tl.store(ABOVE + b * NP + pieces, above_p, mask=pm)
+        if SHIFT == 0:
+            ties = tl.sum(tl.where(bins[None, :] == digit, h, 0), axis=1)
+            take = tl.minimum(tl.maximum(want - (tl.cumsum(ties, axis=0) - ties), 0), ties)
+            valid_p = tl.load(TIES + b * NP + pieces, mask=pm, other=0)  # valid scores per piece
+            chosen = tl.where(take_all, valid_p, above_p + take)
+            tl.store(TIES + b * NP + pieces, tl.where(take_all, 0, take), mask=pm)
+            tl.store(OFFSET + b * NP + pieces, tl.cumsum(chosen, axis=0) - chosen, mask=pm)
+
+    @triton.jit
+    def _radix_valid_kernel(HIST, TIES, n_pieces, NP: tl.constexpr):
+        # After the first round: each piece's valid count (the sum of its first-digit counts),
+        # kept for rows that take every valid score.
+        b = tl.program_id(0).to(tl.int64)
+        pieces = tl.arange(0, NP)
+        pm = pieces < n_pieces
+        h = tl.load(HIST + (b * NP + pieces[:, None]) * 256 + tl.arange(0, 256)[None, :], mask=pm[:, None], other=0)
+        tl.store(TIES + b * NP + pieces, tl.sum(h, axis=1), mask=pm)
+
+    @triton.jit
+    def _radix_collect_kernel(S, PREFIX, TAKE_ALL, OFFSET, TIES, OUT, width, stride_sb, stride_ob,
+                              PIECE: tl.constexpr, NP: tl.constexpr, TILE: tl.constexpr):
+        # Write this piece's chosen positions, in position order, from its offset: the valid
+        # scores above the threshold (all valid ones for a row that takes them all) and its
+        # share of those equal to it, the first ones.
+        piece = tl.program_id(0)
+        b = tl.program_id(1).to(tl.int64)
+        start = piece * PIECE
+        n = tl.minimum(width - start, PIECE)
+        thr = tl.load(PREFIX + b)
+        take_all = tl.load(TAKE_ALL + b) != 0
+        ties = tl.load(TIES + b * NP + piece)
+        pos = tl.load(OFFSET + b * NP + piece)
+        seen = tl.zeros((), tl.int32)
+        srow = S + b * stride_sb + start
+        for t0 in range(0, n, TILE):
+            offs = t0 + tl.arange(0, TILE)
+            x = tl.load(srow + offs, mask=offs < n, other=float("-inf"))
+            u = _order_key(x)
+            valid = (offs < n) & (x != float("-inf"))
+            eq = (valid & (u == thr)).to(tl.int32)
+            rank = seen + tl.cumsum(eq, axis=0) - eq
+            take = valid & (take_all | (u > thr) | ((eq != 0) & (rank < ties)))
+            ti = take.to(tl.int32)
+            slot = pos + tl.cumsum(ti, axis=0) - ti
+            tl.store(OUT + b * stride_ob + slot, (start + offs).to(tl.int64), mask=take)
+            pos += tl.sum(ti, axis=0)
+            seen += tl.sum(eq, axis=0)
 
 
 def _check_paged(name: str, pool: torch.Tensor, block_table: torch.Tensor, lengths: torch.Tensor):
@@ -168,53 +276,56 @@ def paged_indexer_scores(q, w, key_pool, key_scales, block_table, lengths, width
     ks = key_scales if fp8 else scores
     ieee = is_fp32(qd)
     tiles = options.decode_index or DECODE_INDEX
+    BN = min(tiles.BK, DECODE_INDEX_BLOCK)  # keys per product; the program loops over BK of them
     _paged_indexer_scores_kernel[(triton.cdiv(width, tiles.BK), B)](
         qd, wc, key_pool, ks, block_table, lengths, scores,
         HI, bs,
         qd.stride(0), qd.stride(1), wc.stride(0),
         key_pool.stride(0), key_pool.stride(1), ks.stride(0),
         block_table.stride(0), scores.stride(0), width,
-        HIP=next_pow2(HI, 16), DI=DI, DIP=next_pow2(DI, 16), BN=tiles.BK, SCALED=fp8,
-        IEEE=ieee, UPCAST=interpreting() and not ieee, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        HIP=next_pow2(HI, 16), DI=DI, DIP=next_pow2(DI, 16), BN=BN, TILES=tiles.BK // BN, SCALED=fp8,
+        IEEE=ieee, UPCAST=interpreting() and not ieee, NUM_STAGES=tiles.num_stages, num_warps=tiles.num_warps,
     )
     return scores
 
 
-def _running_count(mask: torch.Tensor, piece: int) -> torch.Tensor:
-    """Inclusive running count of ``mask`` [B, n] along each row, int32. In two levels (within
-    pieces of ``piece`` elements, then over the pieces' totals) so that a few long rows still
-    spread over the GPU: a scan of one long row per program is latency-bound."""
-    B, n = mask.shape
-    pieces = -(-n // piece)
-    x = torch.nn.functional.pad(mask.to(torch.int32), (0, pieces * piece - n)).view(B, pieces, piece)
-    inner = x.cumsum(-1, dtype=torch.int32)
-    before = inner[..., -1].cumsum(-1, dtype=torch.int32) - inner[..., -1]
-    return (inner + before[..., None]).view(B, -1)[:, :n]
-
-
-def select_topk(scores: torch.Tensor, topk: int, piece: int = 256) -> torch.Tensor:
+def select_topk(scores: torch.Tensor, topk: int, piece: Optional[int] = None) -> torch.Tensor:
     """``reference.topk_from_scores`` for rows whose ineligible entries are already -inf: the same
     set (ties towards the smaller position), order (score descending, ties by position) and -1
-    padding, without a full sort of each row: one torch.topk finds the k-th score, the k chosen
-    positions are scattered to their rank among the chosen (a running count, in position order),
-    and only those k are sorted. No host synchronisation (a CUDA graph can hold it)."""
+    padding. The set by the radix select of the module docstring over pieces of ``piece`` scores
+    (default: ``SELECT_PIECE``, more for rows over ``SELECT_PIECES`` pieces), then only the k
+    chosen are sorted. No host synchronisation (a CUDA graph can hold it)."""
     B, n = scores.shape
     k = min(topk, n)
-    if k == 0:
-        return torch.full((B, topk), -1, dtype=torch.long, device=scores.device)
-    kth = torch.topk(scores, k, dim=-1, sorted=False).values.amin(-1, keepdim=True)
-    above = scores > kth
-    ties = scores == kth
-    room = k - above.sum(-1, keepdim=True, dtype=torch.int32)
-    chosen = above | (ties & (_running_count(ties, piece) <= room))  # exactly k per row (n >= k)
-    slot = torch.where(chosen, _running_count(chosen, piece) - 1, k).long()  # rank among the chosen; k: not chosen
-    positions = torch.arange(n, device=scores.device).expand(B, n)
-    idx = torch.empty(B, k + 1, dtype=torch.long, device=scores.device).scatter_(1, slot, positions)[:, :k]
-    order = torch.sort(scores.gather(-1, idx), dim=-1, descending=True, stable=True)
-    idx = idx.gather(-1, order.indices).masked_fill(order.values == float("-inf"), -1)
-    if k < topk:
-        idx = torch.nn.functional.pad(idx, (0, topk - k), value=-1)
-    return idx
+    out = torch.full((B, topk), -1, dtype=torch.long, device=scores.device)
+    if k == 0 or B == 0:
+        return out
+    s = scores.float().contiguous()
+    piece = piece or max(SELECT_PIECE, next_pow2(-(-n // SELECT_PIECES)))
+    n_pieces = -(-n // piece)
+    NP = next_pow2(n_pieces)
+    tile = min(SELECT_TILE, next_pow2(piece))
+    dev = s.device
+    hist = torch.empty(B, NP, 256, dtype=torch.int32, device=dev)
+    prefix = torch.zeros(B, dtype=torch.int64, device=dev)
+    want = torch.empty(B, dtype=torch.int32, device=dev)
+    above, offset, ties = (torch.zeros(B, NP, dtype=torch.int32, device=dev) for _ in range(3))
+    take_all = torch.zeros(B, dtype=torch.int32, device=dev)
+    for shift in (24, 16, 8, 0):
+        _radix_count_kernel[(n_pieces, B)](s, prefix, hist, n, s.stride(0), PIECE=piece, NP=NP, SHIFT=shift,
+                                           TILE=tile, num_warps=4)
+        if shift == 24:
+            _radix_valid_kernel[(B,)](hist, ties, n_pieces, NP=NP, num_warps=4)
+        _radix_pick_kernel[(B,)](hist, prefix, want, above, take_all, offset, ties, n_pieces, k, NP=NP, SHIFT=shift,
+                                 num_warps=8)
+    _radix_collect_kernel[(n_pieces, B)](s, prefix, take_all, offset, ties, out, n, s.stride(0), out.stride(0),
+                                         PIECE=piece, NP=NP, TILE=tile, num_warps=4)
+    # Order: score descending, ties by position (the chosen are in position order: a stable sort).
+    idx = out[:, :k]
+    order = torch.sort(s.gather(-1, idx.clamp_min(0)).masked_fill(idx < 0, float("-inf")), dim=-1,
+                       descending=True, stable=True).indices
+    out[:, :k] = idx.gather(-1, order)
+    return out
 
 
 def paged_indexer_topk(q, w, key_pool, key_scales, block_table, lengths, topk: int,
