@@ -2,7 +2,7 @@
 
     python benchmarks/bench_model_step.py [--size small] [--seq 16384] [--batch 1]
         [--topk 512] [--arms dense,warmup,sparse,warmup_shared,...] [--iters 5] [--out DIR]
-        [--dense-kl blockwise,fused]
+        [--dense-kl blockwise,fused] [--recompute none|core_attn|full]
 
 One process, one GPU, random weights and tokens (cost does not depend on them). Each arm is a
 (phase, indexer layout) pair and is timed the way the trainer runs it: forward + backward with
@@ -31,6 +31,7 @@ import traceback
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from bench_recompute import RECOMPUTE  # noqa: E402  (the same recomputation settings)
 
 LAYOUTS = {
     "per_layer": {},
@@ -103,6 +104,8 @@ def run_arm(args, arm: str, device, precision: str = "bf16", kernel_options: dic
     overrides = dict(params_dtype=torch.bfloat16, bf16=True, mdsa_mode=PHASE_MODE[phase],
                      dsa_indexer_topk=args.topk, mdsa_kernel=args.kernel, transformer_impl=args.transformer_impl,
                      mdsa_kernel_options=kernel_options, **LAYOUTS[layout], **PRECISIONS[precision])
+    if phase != "warmup":  # the warm-up keeps no activations to recompute (the config refuses it)
+        overrides.update(RECOMPUTE[args.recompute])
     torch.manual_seed(0)
     model = build_model(args.size, model_config(args.size, **overrides), max_seq_len=args.seq).to(device)
     freeze_for_phase(model, phase)
@@ -162,6 +165,12 @@ def main(argv=None) -> int:
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="after timing, profile one more step per arm and list its N most expensive operators")
     p.add_argument("--warmup-iters", type=int, default=2)
+    p.add_argument("--update", action="store_true",
+                   help="keep the existing json's rows of the arms this run does not measure (same settings): "
+                        "a table measured in pieces; every row carries the date it was measured")
+    p.add_argument("--recompute", default="none", choices=tuple(RECOMPUTE),
+                   help="megatron-core's activation recomputation for the pretrain and sparse arms "
+                        "(as bench_recompute.py: core_attn = selective, full = every layer)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = p.parse_args(argv)
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
@@ -203,19 +212,64 @@ def main(argv=None) -> int:
         rows.append(r)
         print(json.dumps({k: v for k, v in r.items() if k != "times_ms"}), flush=True)
     meta = {"size": args.size, "seq": args.seq, "batch": args.batch, "topk": args.topk, "kernel": args.kernel,
+            "recompute": args.recompute, "iters": args.iters,
             "dense_kl": ",".join(kls), "precision": ",".join(precisions),
             "transformer_impl": args.transformer_impl,
             "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__}
+    today = time.strftime("%Y-%m-%d")
+    for r in rows:
+        r["measured"] = today
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"model_step_{args.size}_{args.seq}")
+    if args.update and os.path.exists(stem + ".json"):
+        rows = kept_rows(stem + ".json", meta, rows) + rows
     with open(stem + ".json", "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=2)
+    text = render_markdown(meta, rows)
+    with open(stem + ".md", "w") as f:
+        f.write(text)
+    print(text)
+    return 0
+
+
+UPDATE_SAME = ("size", "seq", "batch", "topk", "recompute", "device", "transformer_impl")
+
+
+def kept_rows(path: str, meta: dict, new: list[dict]) -> list[dict]:
+    """The rows of the json at ``path`` whose arms this run does not measure again; refuses a
+    table measured with other settings (its rows would not compare)."""
+    with open(path) as f:
+        old = json.load(f)
+    for field in UPDATE_SAME:
+        if old["meta"].get(field) != meta[field]:
+            raise SystemExit(f"error: --update: {path} has {field} {old['meta'].get(field)!r}, this run {meta[field]!r}")
+    fresh = {r["arm"] for r in new}
+    return [r for r in old["rows"] if r["arm"] not in fresh]
+
+
+def _step_counts(meta: dict, rows: list[dict]) -> str:
+    """How many timed steps each arm's median is over: one number, or per arm where they differ."""
+    counts = {r["arm"]: len(r["times_ms"]) for r in rows if r.get("times_ms")}
+    if len(set(counts.values())) > 1:
+        return ", ".join(f"{n} ({arm})" for arm, n in counts.items())
+    return str(next(iter(counts.values()), meta.get("iters", "?")))
+
+
+def render_markdown(meta: dict, rows: list[dict]) -> str:
     base = next((r["ms"] for r in rows if r.get("arm") == "pretrain" and "ms" in r), None)
-    lines = [f"# Training step (fwd+bwd) of the {args.size} MoE, {args.batch} x {args.seq} tokens, top-k {args.topk}",
-             "", f"`python benchmarks/bench_model_step.py --size {args.size} --seq {args.seq} --batch {args.batch} "
-             f"--topk {args.topk} --dense-kl {meta['dense_kl']} --precision {meta['precision']} --transformer-impl {args.transformer_impl}` on {meta['device']}, torch {meta['torch']}; median of {args.iters}.", "",
-             "| arm | phase | indexer layout | ms / step | tokens/s | vs dense pretrain | peak GB |",
-             "|---|---|---|---|---|---|---|"]
+    recompute = meta.get("recompute", "none")
+    lines = [f"# Training step (fwd+bwd) of the {meta['size']} MoE, {meta['batch']} x {meta['seq']} tokens, top-k {meta['topk']}",
+             "", f"`python benchmarks/bench_model_step.py --size {meta['size']} --seq {meta['seq']} --batch {meta['batch']} "
+             f"--topk {meta['topk']} --dense-kl {meta['dense_kl']} --precision {meta['precision']} --transformer-impl {meta['transformer_impl']}"
+             f"{' --recompute ' + recompute if recompute != 'none' else ''}` on {meta['device']}, torch {meta['torch']}; "
+             f"median of {_step_counts(meta, rows)}" + (" (the recomputation applies to the pretrain and sparse arms)"
+                                                       if recompute != "none" else "") + ".", ""]
+    dates = sorted({r["measured"] for r in rows if "measured" in r}, reverse=True)
+    if len(dates) > 1:
+        lines += ["Measured " + "; ".join(f"{d}: {', '.join(r['arm'] for r in rows if r.get('measured') == d)}"
+                                          for d in dates) + ".", ""]
+    lines += ["| arm | phase | indexer layout | ms / step | tokens/s | vs dense pretrain | peak GB |",
+              "|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['arm']} | | | {r['error']} | | | |")
@@ -226,13 +280,10 @@ def main(argv=None) -> int:
     for r in rows:
         if r.get("profile"):
             lines += ["", f"Where the time of one `{r['arm']}` step goes (torch.profiler, self time per operator, "
-                          f"{'device' if device.type == 'cuda' else 'CPU'}):", "",
+                          f"{'device' if meta['device'] != 'cpu' else 'CPU'}):", "",
                       "| operator | ms | share | calls |", "|---|---|---|---|"]
             lines += [f"| `{x['op']}` | {x['ms']:.2f} | {x['share']:.0%} | {x['calls']} |" for x in r["profile"]]
-    with open(stem + ".md", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return 0
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

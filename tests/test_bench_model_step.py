@@ -65,3 +65,22 @@ def test_profile_lists_where_the_step_time_goes(tmp_path):
     assert 1 <= len(prof) <= 3 and all(x["ms"] > 0 and 0 < x["share"] <= 1 for x in prof)
     assert [x["ms"] for x in prof] == sorted((x["ms"] for x in prof), reverse=True)
     assert "Where the time of one `warmup` step goes" in (tmp_path / "model_step_tiny_64.md").read_text()
+
+
+def test_recompute_applies_to_the_pretrain_and_sparse_arms(tmp_path):
+    proc = _bench(tmp_path, "--arms", "pretrain,warmup,sparse", "--recompute", "full", "--transformer-impl", "local")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads((tmp_path / "model_step_tiny_64.json").read_text())
+    assert out["meta"]["recompute"] == "full"
+    assert [r["arm"] for r in out["rows"]] == ["pretrain", "warmup", "sparse"] and all("ms" in r for r in out["rows"])
+    assert "--recompute full" in (tmp_path / "model_step_tiny_64.md").read_text()
+
+
+def test_update_keeps_the_arms_not_measured_again(tmp_path):
+    assert _bench(tmp_path, "--arms", "pretrain,sparse", "--transformer-impl", "local").returncode == 0
+    proc = _bench(tmp_path, "--arms", "warmup,sparse", "--transformer-impl", "local", "--update")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads((tmp_path / "model_step_tiny_64.json").read_text())["rows"]
+    assert [r["arm"] for r in rows] == ["pretrain", "warmup", "sparse"] and all(r["measured"] for r in rows)
+    proc = _bench(tmp_path, "--arms", "warmup", "--transformer-impl", "local", "--update", "--recompute", "full")
+    assert proc.returncode != 0 and "recompute" in proc.stderr
