@@ -226,14 +226,35 @@ def other_engines() -> dict:
     return found
 
 
+def record_key(r: dict) -> tuple:
+    return (r.get("model", "one layer"), r["heads"], r["phase"], r["batch"], r["position"], r["impl"])
+
+
+def kept_records(path: str, meta: dict, new: list[dict]) -> list[dict]:
+    """The records of the json at ``path`` that ``new`` does not measure again; refuses a table
+    from another device or shape (its rows would not compare)."""
+    with open(path) as f:
+        old = json.load(f)
+    for field in ("device", "shape"):
+        if old["meta"].get(field) != meta[field]:
+            raise SystemExit(f"error: --update: {path} was measured with {field} {old['meta'].get(field)!r}, "
+                             f"this run with {meta[field]!r}")
+    fresh = {record_key(r) for r in new}
+    return [r for r in old["records"] if record_key(r) not in fresh]
+
+
 def write_markdown(path, meta, records):
     lines = [f"# Inference cost per token, one attention layer ({meta['device']})", "",
              f"Shape: {meta['shape']}; bounds at HBM {meta['hbm_gbps']} GB/s, bf16 {meta['bf16_tflops']} / fp8 "
              f"{meta['fp8_tflops']} TFLOP/s. Decode: {meta['decode_impl']}. Prefill: {meta['prefill_impl']}. Other engines: {meta['other_engines']}.", "",
              "| what | heads | phase | batch | position | dsa ms/token | dense ms/token | dense / dsa | dsa / its bound | dense / its bound |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    keyed = {(r.get("model", "one layer"), r["heads"], r["phase"], r["batch"], r["position"], r["impl"]): r
-             for r in records}
+    keyed = {record_key(r): r for r in records}
+    dates = sorted({r["measured"] for r in records if "measured" in r}, reverse=True)
+    if len(dates) > 1:
+        runs = {d: sorted({f"{r['phase']} {r.get('model', str(r['heads']) + ' heads')}" for r in records
+                           if r.get("measured") == d}) for d in dates}
+        lines[-2:-2] = ["Measured " + "; ".join(f"{d}: {', '.join(w)}" for d, w in runs.items()) + ".", ""]
     for (what, heads, phase, batch, pos, impl), r in sorted(keyed.items()):
         if impl != "dsa":
             continue
@@ -302,6 +323,11 @@ def main(argv=None) -> int:
     p.add_argument("--model-positions", default="1024,16384,131072")
     p.add_argument("--no-layer", dest="layer", action="store_false", help="skip the one-layer sweep")
     p.add_argument("--quick", action="store_true", help="CPU smoke run: tiny dims, short positions, the reference ops")
+    p.add_argument("--kernel-options", default=None, metavar="JSON",
+                   help="KernelOptions of the one-layer sweep as a JSON mapping, e.g. {\"decode_index\": [512, 8, 2]} (default: the measured defaults)")
+    p.add_argument("--update", action="store_true",
+                   help="keep the existing json's records this run does not measure (same device and shape): "
+                        "a table measured in pieces; every record carries the date it was measured")
     args = p.parse_args(argv)
     try:
         heads = [int(x) for x in args.heads.split(",")]
@@ -321,16 +347,23 @@ def main(argv=None) -> int:
     if device == "cpu" and not args.quick:
         p.error("the benchmark needs a GPU; --quick runs a tiny CPU check of the script")
     from megatron_dsa import ops
+    from megatron_dsa.kernel_options import KernelOptions
 
+    try:
+        options = KernelOptions.from_dict(json.loads(args.kernel_options) if args.kernel_options else None)
+    except ValueError as error:  # json.JSONDecodeError is one
+        p.error(f"--kernel-options: {error}")
     kind = "reference" if args.quick else "triton"
-    dec, backend = ops.decode_backend(kind, torch.device(device)), ops.backend(kind, torch.device(device))
+    dec = ops.decode_backend(kind, torch.device(device), options)
+    backend = ops.backend(kind, torch.device(device), options)
     dtype = torch.bfloat16
     meta = dict(device=torch.cuda.get_device_name() if device == "cuda" else "cpu", shape=shape, dtype="bf16",
                 decode_impl=f"{dec.name}: megatron_dsa.kernels.decode (dense: ours, absorbed)",
                 prefill_impl=f"{backend.name}: training kernels (dense: PyTorch SDPA, per-head 192/128 dims, "
                                  "latent up-projection not counted)",
                 hbm_gbps=args.hbm_gbps, bf16_tflops=args.bf16_tflops, fp8_tflops=args.fp8_tflops,
-                other_engines=other_engines(), prefill_chunk=args.prefill_chunk)
+                other_engines=other_engines(), prefill_chunk=args.prefill_chunk,
+                kernel_options=json.loads(args.kernel_options) if args.kernel_options else {})
     records = []
     for h in (heads if args.layer else []):
         for phase in phases:
@@ -362,8 +395,13 @@ def main(argv=None) -> int:
     if args.model:
         model_positions = [16, 40] if args.quick else [int(x) for x in args.model_positions.split(",")]
         records += model_decode_rows(args.model, model_positions, device, args.repeats)
+    today = time.strftime("%Y-%m-%d")
+    for r in records:
+        r.setdefault("measured", today)
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"inference_{args.name or ('quick' if args.quick else 'gpu')}")
+    if args.update and os.path.exists(stem + ".json"):
+        records = kept_records(stem + ".json", meta, records) + records
     with open(stem + ".json.tmp", "w") as f:
         json.dump(dict(meta=meta, records=records), f, indent=2)
     os.replace(stem + ".json.tmp", stem + ".json")

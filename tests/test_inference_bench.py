@@ -34,3 +34,19 @@ def test_bad_arguments_stop_with_one_error(tmp_path, capsys):
     with pytest.raises(SystemExit):
         bench_inference.main(["--positions", "0", "--quick", "--out", str(tmp_path)])
     assert not list(tmp_path.iterdir())
+
+
+def test_update_measures_a_table_in_pieces(tmp_path):
+    out = ["--quick", "--out", str(tmp_path)]
+    assert bench_inference.main(out + ["--phases", "decode"]) == 0
+    assert bench_inference.main(out + ["--phases", "prefill", "--update"]) == 0
+    rows = json.loads((tmp_path / "inference_quick.json").read_text())["records"]
+    assert sorted({r["phase"] for r in rows}) == ["decode", "prefill"] and len(rows) == 12
+    assert all(r["measured"] for r in rows)
+    assert bench_inference.main(out + ["--phases", "prefill", "--update"]) == 0  # measured again: replaced
+    assert len(json.loads((tmp_path / "inference_quick.json").read_text())["records"]) == 12
+    data = json.loads((tmp_path / "inference_quick.json").read_text())
+    data["meta"]["device"] = "another GPU"
+    (tmp_path / "inference_quick.json").write_text(json.dumps(data))
+    with pytest.raises(SystemExit, match="device"):
+        bench_inference.main(out + ["--phases", "decode", "--update"])
