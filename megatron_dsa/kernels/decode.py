@@ -46,7 +46,6 @@ from ..kernel_options import DEFAULT_OPTIONS, KernelOptions, Tiles
 # of one attention program, warps by head block; keys per indexer program.
 DECODE_ATTN = dict(BK=64, num_stages=3)
 DECODE_INDEX = Tiles(BK=128, num_warps=4, num_stages=1)  # H200: 0.39 ms vs 0.68 at 64 keys (128K x 32)
-DECODE_INDEX_BLOCK = 128  # keys per product of the indexer program (it loops over BK / this blocks)
 SPLIT_ROWS = 512  # at least this many cached rows per key split
 # Top-k: scores per piece of a row (at least; more for rows over SELECT_PIECES pieces) and per
 # tile of a piece's loops.
@@ -126,33 +125,29 @@ if HAS_TRITON:
         stride_qb, stride_qh, stride_wb,
         stride_k_block, stride_k_row, stride_ks_block,
         stride_bt, stride_sb, width,
-        HIP: tl.constexpr, DI: tl.constexpr, DIP: tl.constexpr, BN: tl.constexpr, TILES: tl.constexpr,
-        SCALED: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, NUM_STAGES: tl.constexpr,
+        HIP: tl.constexpr, DI: tl.constexpr, DIP: tl.constexpr, BN: tl.constexpr, SCALED: tl.constexpr,
+        IEEE: tl.constexpr, UPCAST: tl.constexpr,
     ):
-        # TILES blocks of BN keys per program: the query and weights are loaded once and the
-        # key loads of the next blocks overlap this block's products.
         b = tl.program_id(1).to(tl.int64)
+        pos = tl.program_id(0) * BN + tl.arange(0, BN)
         n = tl.load(LEN + b)
+        valid = pos < n
         j = tl.arange(0, HIP)
         jm = j < HI
         d = tl.arange(0, DIP)
         q = tl.load(Q + b * stride_qb + j[:, None] * stride_qh + d[None, :], mask=jm[:, None] & (d < DI)[None, :],
                     other=0.0)
         w = tl.load(W + b * stride_wb + j, mask=jm, other=0.0).to(tl.float32)
-        for t in tl.range(0, TILES, num_stages=NUM_STAGES):
-            pos = (tl.program_id(0) * TILES + t) * BN + tl.arange(0, BN)
-            valid = pos < n
-            safe = tl.where(valid, pos, 0)
-            block = tl.load(BT + b * stride_bt + safe // block_size, mask=valid, other=0).to(tl.int64)
-            row = (safe % block_size).to(tl.int64)
-            k = tl.load(K + block[:, None] * stride_k_block + row[:, None] * stride_k_row + d[None, :],
-                        mask=valid[:, None] & (d < DI)[None, :], other=0.0)
-            dots = _dot(q, tl.trans(k.to(q.dtype)), IEEE, UPCAST)  # [HIP, BN]
-            if SCALED:
-                dots = dots * tl.load(KS + block * stride_ks_block + row, mask=valid, other=0.0)[None, :]
-            score = tl.sum(tl.maximum(dots, 0.0) * w[:, None], axis=0)
-            tl.store(S + b * stride_sb + pos, tl.where(valid, score, float("-inf")), mask=pos < width)
-
+        safe = tl.where(valid, pos, 0)
+        block = tl.load(BT + b * stride_bt + safe // block_size, mask=valid, other=0).to(tl.int64)
+        row = (safe % block_size).to(tl.int64)
+        k = tl.load(K + block[:, None] * stride_k_block + row[:, None] * stride_k_row + d[None, :],
+                    mask=valid[:, None] & (d < DI)[None, :], other=0.0)
+        dots = _dot(q, tl.trans(k.to(q.dtype)), IEEE, UPCAST)  # [HIP, BN]
+        if SCALED:
+            dots = dots * tl.load(KS + block * stride_ks_block + row, mask=valid, other=0.0)[None, :]
+        score = tl.sum(tl.maximum(dots, 0.0) * w[:, None], axis=0)
+        tl.store(S + b * stride_sb + pos, tl.where(valid, score, float("-inf")), mask=pos < width)
 
 if HAS_TRITON:
 
@@ -276,15 +271,14 @@ def paged_indexer_scores(q, w, key_pool, key_scales, block_table, lengths, width
     ks = key_scales if fp8 else scores
     ieee = is_fp32(qd)
     tiles = options.decode_index or DECODE_INDEX
-    BN = min(tiles.BK, DECODE_INDEX_BLOCK)  # keys per product; the program loops over BK of them
     _paged_indexer_scores_kernel[(triton.cdiv(width, tiles.BK), B)](
         qd, wc, key_pool, ks, block_table, lengths, scores,
         HI, bs,
         qd.stride(0), qd.stride(1), wc.stride(0),
         key_pool.stride(0), key_pool.stride(1), ks.stride(0),
         block_table.stride(0), scores.stride(0), width,
-        HIP=next_pow2(HI, 16), DI=DI, DIP=next_pow2(DI, 16), BN=BN, TILES=tiles.BK // BN, SCALED=fp8,
-        IEEE=ieee, UPCAST=interpreting() and not ieee, NUM_STAGES=tiles.num_stages, num_warps=tiles.num_warps,
+        HIP=next_pow2(HI, 16), DI=DI, DIP=next_pow2(DI, 16), BN=tiles.BK, SCALED=fp8,
+        IEEE=ieee, UPCAST=interpreting() and not ieee, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     return scores
 
