@@ -44,7 +44,9 @@ from ..kernel_options import DEFAULT_OPTIONS, KernelOptions, Tiles
 
 # Launch defaults (KernelOptions.decode_attn / decode_index override them): cached rows per block
 # of one attention program, warps by head block; keys per indexer program.
-DECODE_ATTN = dict(BK=64, num_stages=3)
+# H200, 128 heads, 128K (results/tune_decode_attn_h200.json): 2 stages 0.30 / 0.45 ms at batch 32 / 64
+# against 3 stages 0.32 / 0.53; more key splits than the rule's were slower.
+DECODE_ATTN = dict(BK=64, num_stages=2)
 DECODE_INDEX = Tiles(BK=128, num_warps=4, num_stages=1)  # H200: 0.39 ms vs 0.68 at 64 keys (128K x 32)
 SPLIT_ROWS = 512  # at least this many cached rows per key split
 # Top-k: scores per piece of a row (at least; more for rows over SELECT_PIECES pieces) and per
