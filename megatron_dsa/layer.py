@@ -43,6 +43,7 @@ from megatron_dsa import ops
 from megatron_dsa.config import DSATransformerConfig
 from megatron_dsa.core import dsa_core
 from megatron_dsa.parallel import ParallelContext, cp_positions, global_sequence_length, own_rows
+from megatron_dsa import reference as R
 from megatron_dsa.reference import document_ids, indexer_qkw, rope_cos_sin
 
 # Names of the per-layer values in megatron-core's MoE metrics tracker (the trainer logs them).
@@ -202,6 +203,15 @@ class DSACoreAttention(MegatronModule):
         fused SDPA kernels take it). Sparse attention stays absorbed: one gathered latent row
         serves every head."""
         return self.config.dsa.mode in ("dense", "warmup") and self.__dict__["_up_projections"] is not None
+
+    def absorbed_query(self, query: torch.Tensor) -> torch.Tensor:
+        """The absorbed form [s, b, H, L + R] of a query this core receives in this forward (the
+        dense modes' unabsorbed one goes through W_UK; an absorbed one comes back as is): what
+        a hook that recomputes the attention from the core's inputs reads."""
+        if not self.dense_in_mha_form:
+            return query
+        k_up = self.__dict__["_up_projections"]()[0]
+        return R.absorb_query(query.transpose(0, 1), k_up).transpose(0, 1)
 
     @property
     def consumes_absorbed_v_up_projection(self) -> bool:

@@ -41,7 +41,8 @@ class Capture:
 
     def _hook(self, module, args, kwargs):
         bound = FORWARD_SIG.bind(module, *args, **kwargs)
-        a = bound.arguments
+        a = dict(bound.arguments)
+        a["query"] = module.absorbed_query(a["query"])  # the dense modes' query is unabsorbed
         self.calls.setdefault(module.layer_number, []).append(
             tuple(a[n].detach().clone() for n in ("query", "key", "x", "qr"))
         )

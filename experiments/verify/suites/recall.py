@@ -152,7 +152,8 @@ class _OracleHook:
         if self.ks is None or module.layer_number not in self.ids:
             return None
         a = self.signature.bind(module, *args, **kwargs).arguments
-        mass = oracle_topk_mass(a["query"], a["key"], module.softmax_scale, self.ks)  # [B, S, nk]
+        query = module.absorbed_query(a["query"])  # the dense modes hand the core an unabsorbed one
+        mass = oracle_topk_mass(query, a["key"], module.softmax_scale, self.ks)  # [B, S, nk]
         S = mass.shape[1]
         n = module.layer_number - 1
         self.sum_all[n] += mass.sum((0, 1)).cpu()
