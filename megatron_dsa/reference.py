@@ -335,13 +335,6 @@ def _attend(scores: torch.Tensor, values: torch.Tensor, einsum: str):
     return out, lse
 
 
-def _dense_chunk(q, q_pos, q_doc, kv, k_pos, k_doc, v_dim: int, scale: float):
-    scores = torch.einsum("bthd,bsd->bths", _up(q), _up(kv)) * scale
-    scores = scores.masked_fill(~causal_mask(q_pos, k_pos, q_doc, k_doc)[None, :, None, :], float("-inf"))
-    out, lse = _attend(scores, kv[..., :v_dim], "bths,bsd->bthd")
-    return out.to(q.dtype), lse
-
-
 def dense_mla_attention(
     q: torch.Tensor,
     kv: torch.Tensor,
@@ -360,14 +353,9 @@ def dense_mla_attention(
     Returns out [B, Sq, H, v_dim] in q's dtype and the log-sum-exp [B, Sq, H] in fp32
     (None when ``need_lse`` is False: backends that get it only by an extra pass skip it).
     """
-    B, Sq, H = q.shape[:3]
-    Sk = kv.shape[1]
-    q_pos, k_pos = _positions(q_pos, Sq, q.device), _positions(k_pos, Sk, q.device)
-    q_doc, k_doc = _documents(q_doc, Sq, q.device), _documents(k_doc, Sk, q.device)
-    step = _chunk_size(B * H * Sk, Sq)
-    fn = lambda q_, qp, qd, kv_, kp, kd: _dense_chunk(q_, qp[0], qd[0], kv_, kp, kd, v_dim, scale)  # noqa: E731
-    out, lse = _map_query_chunks(fn, (q, q_pos[None], q_doc[None]), (kv, k_pos, k_doc), step)
-    return out, (lse if need_lse else None)
+    # One key / value head that every query head shares (MQA): ``dense_attention`` broadcasts it.
+    return dense_attention(q, kv[:, :, None], kv[:, :, None, :v_dim], scale, q_pos=q_pos, k_pos=k_pos,
+                           need_lse=need_lse, q_doc=q_doc, k_doc=k_doc)
 
 
 # MLA's MHA form. The absorbed form above shares one latent entry [L + R] among all heads, which
@@ -419,8 +407,9 @@ def dense_attention(
     q_doc: Optional[torch.Tensor] = None,
     k_doc: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Causal attention with per-head keys and values (``mha_form``), masked as
-    ``dense_mla_attention``: q [B, Sq, H, Dqk], k [B, Sk, H, Dqk], v [B, Sk, H, Dv] ->
+    """Causal attention with per-head keys and values (``mha_form``; one head of them, shared by
+    every query head, for ``dense_mla_attention``), within each query's document for ``q_doc`` /
+    ``k_doc``: q [B, Sq, H, Dqk], k [B, Sk, H or 1, Dqk], v [B, Sk, H or 1, Dv] ->
     (out [B, Sq, H, Dv] in q's dtype, lse [B, Sq, H] fp32 or None)."""
     B, Sq, H = q.shape[:3]
     Sk = k.shape[1]
