@@ -151,8 +151,6 @@ if HAS_TRITON:
         score = tl.sum(tl.maximum(dots, 0.0) * w[:, None], axis=0)
         tl.store(S + b * stride_sb + pos, tl.where(valid, score, float("-inf")), mask=pos < width)
 
-if HAS_TRITON:
-
     @triton.jit
     def _radix_count_kernel(S, PREFIX, HIST, width, stride_sb, PIECE: tl.constexpr, NP: tl.constexpr,
                             SHIFT: tl.constexpr, TILE: tl.constexpr):
@@ -179,8 +177,10 @@ if HAS_TRITON:
         pm = pieces < n_pieces
         h = tl.load(HIST + (b * NP + pieces[:, None]) * 256 + bins[None, :], mask=pm[:, None], other=0)
         if SHIFT == 24:  # first digit: a row with at most top-k valid scores takes them all
-            take_all = tl.sum(tl.sum(h, axis=1), axis=0) <= topk
+            valid_p = tl.sum(h, axis=1)  # each piece's valid scores, kept in TIES until the last digit
+            take_all = tl.sum(valid_p, axis=0) <= topk
             tl.store(TAKE_ALL + b, take_all.to(tl.int32))
+            tl.store(TIES + b * NP + pieces, valid_p, mask=pm)
             above_p = tl.zeros((NP,), tl.int32)
             want = topk + tl.zeros((), tl.int32)
         else:
@@ -196,20 +196,10 @@ if HAS_TRITON:
         if SHIFT == 0:
             ties = tl.sum(tl.where(bins[None, :] == digit, h, 0), axis=1)
             take = tl.minimum(tl.maximum(want - (tl.cumsum(ties, axis=0) - ties), 0), ties)
-            valid_p = tl.load(TIES + b * NP + pieces, mask=pm, other=0)  # valid scores per piece
+            valid_p = tl.load(TIES + b * NP + pieces, mask=pm, other=0)  # stored at the first digit
             chosen = tl.where(take_all, valid_p, above_p + take)
             tl.store(TIES + b * NP + pieces, tl.where(take_all, 0, take), mask=pm)
             tl.store(OFFSET + b * NP + pieces, tl.cumsum(chosen, axis=0) - chosen, mask=pm)
-
-    @triton.jit
-    def _radix_valid_kernel(HIST, TIES, n_pieces, NP: tl.constexpr):
-        # After the first round: each piece's valid count (the sum of its first-digit counts),
-        # kept for rows that take every valid score.
-        b = tl.program_id(0).to(tl.int64)
-        pieces = tl.arange(0, NP)
-        pm = pieces < n_pieces
-        h = tl.load(HIST + (b * NP + pieces[:, None]) * 256 + tl.arange(0, 256)[None, :], mask=pm[:, None], other=0)
-        tl.store(TIES + b * NP + pieces, tl.sum(h, axis=1), mask=pm)
 
     @triton.jit
     def _radix_collect_kernel(S, PREFIX, TAKE_ALL, OFFSET, TIES, OUT, width, stride_sb, stride_ob,
@@ -305,13 +295,12 @@ def select_topk(scores: torch.Tensor, topk: int, piece: Optional[int] = None) ->
     hist = torch.empty(B, NP, 256, dtype=torch.int32, device=dev)
     prefix = torch.zeros(B, dtype=torch.int64, device=dev)
     want = torch.empty(B, dtype=torch.int32, device=dev)
-    above, offset, ties = (torch.zeros(B, NP, dtype=torch.int32, device=dev) for _ in range(3))
-    take_all = torch.zeros(B, dtype=torch.int32, device=dev)
+    # Written by the first pick before anything reads them.
+    above, offset, ties = (torch.empty(B, NP, dtype=torch.int32, device=dev) for _ in range(3))
+    take_all = torch.empty(B, dtype=torch.int32, device=dev)
     for shift in (24, 16, 8, 0):
         _radix_count_kernel[(n_pieces, B)](s, prefix, hist, n, s.stride(0), PIECE=piece, NP=NP, SHIFT=shift,
                                            TILE=tile, num_warps=4)
-        if shift == 24:
-            _radix_valid_kernel[(B,)](hist, ties, n_pieces, NP=NP, num_warps=4)
         _radix_pick_kernel[(B,)](hist, prefix, want, above, take_all, offset, ties, n_pieces, k, NP=NP, SHIFT=shift,
                                  num_warps=8)
     _radix_collect_kernel[(n_pieces, B)](s, prefix, take_all, offset, ties, out, n, s.stride(0), out.stride(0),
