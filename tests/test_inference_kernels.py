@@ -118,6 +118,13 @@ def test_paged_indexer_topk_equals_the_reference(keys):
     small = D.paged_indexer_scores(q, w, pool, scales, table, lens, options=KernelOptions(decode_index=Tiles(16, 2, 1)))
     assert torch.equal(torch.isinf(small), torch.isinf(want))
     assert_close(small[finite], scores[finite], 1e-5)
+    # A program looping over several key blocks (one per sequence; and uneven runs whose last
+    # program passes the width) scores the same.
+    for programs in (B, 2 * B + 1):
+        looped = D.paged_indexer_scores(q, w, pool, scales, table, lens, programs=programs,
+                                        options=KernelOptions(decode_index=Tiles(16, 2, 2)))
+        assert torch.equal(torch.isinf(looped), torch.isinf(want))
+        assert_close(looped[finite], scores[finite], 1e-5)
     # On a GPU an fp32 query meets FP8 keys on the bf16 tensor cores (e4m3 is exact in bf16; the
     # query's rounding is the error); the interpreter computes that product in fp32.
     tol = 1e-2 if keys == "bf16" or (keys == "fp8" and DEV == "cuda") else 1e-5

@@ -17,9 +17,10 @@ combined by their log-sum-exps. The split count is fixed by the cache's capacity
 lengths, and each program reads its sequence's length on the device: a step's launches do not
 change from one step to the next, as a CUDA graph needs.
 
-Indexer: one program per (block of keys, sequence) scores its keys against every indexer head
-of the decoding token; FP8 keys are widened to the query's dtype (exact for e4m3) and their
-per-token scale multiplies the products (ReLU commutes with a positive scale).
+Indexer: each program scores a run of consecutive blocks of a sequence's keys against every
+indexer head of the decoding token, with the keys as the product's rows so that the weighted
+sum over heads stays within each row's threads. FP8 keys are widened to the query's dtype (exact
+for e4m3) and their per-token scale multiplies the head sum (ReLU commutes with a positive scale).
 
 Top-k (``select_topk``): an exact radix select on the scores' 32-bit order keys, 8 bits a round,
 spread over pieces of each row so that a batch of a few long rows fills the GPU: per round one
@@ -47,14 +48,21 @@ from ..kernel_options import DEFAULT_OPTIONS, KernelOptions, Tiles
 # H200, 128 heads, 128K (results/tune_decode_attn_h200.json): 2 stages 0.30 / 0.45 ms at batch 32 / 64
 # against 3 stages 0.32 / 0.53; more key splits than the rule's were slower.
 DECODE_ATTN = dict(BK=64, num_stages=2)
-DECODE_INDEX = Tiles(BK=128, num_warps=4, num_stages=1)  # H200: 0.39 ms vs 0.68 at 64 keys (128K x 32)
+# Indexer scoring, H200 at 128K (results/tune_decode_h200.json): 64 keys a block over ~2112
+# programs, 0.35 / 0.66 ms at batch 32 / 64 against one program per 128-key block 0.37 / 0.75;
+# pipelining stages were slower.
+DECODE_INDEX = Tiles(BK=64, num_warps=4, num_stages=1)
 SPLIT_ROWS = 512  # at least this many cached rows per key split
 # Top-k: scores per piece of a row (at least; more for rows over SELECT_PIECES pieces) and per
 # tile of a piece's loops.
 SELECT_PIECE = 4096
 SELECT_PIECES = 64
 SELECT_TILE = 1024
-TARGET_PROGRAMS = 264  # about two programs per SM of an H100/H200
+# About one program per SM of an H100/H200: at 128 heads, batch 32, two key splits of the
+# sparse decode took 0.245 ms against four 0.279 (results/tune_decode_h200.json).
+TARGET_PROGRAMS = 132
+# Indexer scoring: about this many programs in all (each scores a run of consecutive key blocks).
+INDEX_PROGRAMS = 2112
 
 
 def key_splits(capacity: int, batch: int, head_blocks: int) -> int:
@@ -123,33 +131,40 @@ if HAS_TRITON:
     @triton.jit
     def _paged_indexer_scores_kernel(
         Q, W, K, KS, BT, LEN, S,
-        HI, block_size,
+        HI, block_size, per_program,
         stride_qb, stride_qh, stride_wb,
         stride_k_block, stride_k_row, stride_ks_block,
         stride_bt, stride_sb, width,
         HIP: tl.constexpr, DI: tl.constexpr, DIP: tl.constexpr, BN: tl.constexpr, SCALED: tl.constexpr,
         IEEE: tl.constexpr, UPCAST: tl.constexpr,
     ):
+        # One program scores ``per_program`` consecutive blocks of BN keys: the query and weights
+        # are loaded once, and the loop's key loads are pipelined across blocks.
         b = tl.program_id(1).to(tl.int64)
-        pos = tl.program_id(0) * BN + tl.arange(0, BN)
         n = tl.load(LEN + b)
-        valid = pos < n
         j = tl.arange(0, HIP)
         jm = j < HI
         d = tl.arange(0, DIP)
         q = tl.load(Q + b * stride_qb + j[:, None] * stride_qh + d[None, :], mask=jm[:, None] & (d < DI)[None, :],
                     other=0.0)
+        qt = tl.trans(q)
         w = tl.load(W + b * stride_wb + j, mask=jm, other=0.0).to(tl.float32)
-        safe = tl.where(valid, pos, 0)
-        block = tl.load(BT + b * stride_bt + safe // block_size, mask=valid, other=0).to(tl.int64)
-        row = (safe % block_size).to(tl.int64)
-        k = tl.load(K + block[:, None] * stride_k_block + row[:, None] * stride_k_row + d[None, :],
-                    mask=valid[:, None] & (d < DI)[None, :], other=0.0)
-        dots = _dot(q, tl.trans(k.to(q.dtype)), IEEE, UPCAST)  # [HIP, BN]
-        if SCALED:
-            dots = dots * tl.load(KS + block * stride_ks_block + row, mask=valid, other=0.0)[None, :]
-        score = tl.sum(tl.maximum(dots, 0.0) * w[:, None], axis=0)
-        tl.store(S + b * stride_sb + pos, tl.where(valid, score, float("-inf")), mask=pos < width)
+        first = tl.program_id(0) * per_program
+        for i in range(0, per_program):
+            pos = (first + i) * BN + tl.arange(0, BN)
+            valid = pos < n
+            safe = tl.where(valid, pos, 0)
+            block = tl.load(BT + b * stride_bt + safe // block_size, mask=valid, other=0).to(tl.int64)
+            row = (safe % block_size).to(tl.int64)
+            k = tl.load(K + block[:, None] * stride_k_block + row[:, None] * stride_k_row + d[None, :],
+                        mask=valid[:, None] & (d < DI)[None, :], other=0.0)
+            # Keys as the product's rows: the sum over heads stays within a row's threads
+            # (heads as rows would reduce across warps through shared memory every block).
+            dots = _dot(k.to(q.dtype), qt, IEEE, UPCAST)  # [BN, HIP]
+            score = tl.sum(tl.maximum(dots, 0.0) * w[None, :], axis=1)
+            if SCALED:  # ReLU commutes with the positive per-key scale
+                score = score * tl.load(KS + block * stride_ks_block + row, mask=valid, other=0.0)
+            tl.store(S + b * stride_sb + pos, tl.where(valid, score, float("-inf")), mask=pos < width)
 
     @triton.jit
     def _radix_count_kernel(S, PREFIX, HIST, width, stride_sb, PIECE: tl.constexpr, NP: tl.constexpr,
@@ -243,10 +258,12 @@ def _int32(t: torch.Tensor) -> torch.Tensor:
 
 
 def paged_indexer_scores(q, w, key_pool, key_scales, block_table, lengths, width: Optional[int] = None,
-                         options: KernelOptions = DEFAULT_OPTIONS):
+                         options: KernelOptions = DEFAULT_OPTIONS, programs: Optional[int] = None):
     """Indexer scores [B, width] fp32 of the decoding tokens (q [B, HI, DI], w [B, HI]) over each
     sequence's cached keys; -inf past a sequence's length. ``width``: the columns (default: the
-    block table's capacity; a fixed width keeps a graphed step's shapes)."""
+    block table's capacity; a fixed width keeps a graphed step's shapes). ``programs``: about
+    how many programs share the work (default ``INDEX_PROGRAMS``); each scores a run of
+    consecutive key blocks."""
     _check_paged("paged_indexer_scores", key_pool, block_table, lengths)
     block_table, lengths = _int32(block_table), _int32(lengths)
     B, HI, DI = q.shape
@@ -263,9 +280,11 @@ def paged_indexer_scores(q, w, key_pool, key_scales, block_table, lengths, width
     ks = key_scales if fp8 else scores
     ieee = is_fp32(qd)
     tiles = options.decode_index or DECODE_INDEX
-    _paged_indexer_scores_kernel[(triton.cdiv(width, tiles.BK), B)](
+    n_blocks = triton.cdiv(width, tiles.BK)
+    per_program = triton.cdiv(n_blocks, max(1, min(n_blocks, (programs or INDEX_PROGRAMS) // B)))
+    _paged_indexer_scores_kernel[(triton.cdiv(n_blocks, per_program), B)](
         qd, wc, key_pool, ks, block_table, lengths, scores,
-        HI, bs,
+        HI, bs, per_program,
         qd.stride(0), qd.stride(1), wc.stride(0),
         key_pool.stride(0), key_pool.stride(1), ks.stride(0),
         block_table.stride(0), scores.stride(0), width,
