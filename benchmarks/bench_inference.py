@@ -10,7 +10,8 @@ Shape: kv_lora_rank 512 + rope 64 latent rows (bf16), indexer 64 heads x 128 dim
 with a per-token scale), top-k 2048; 128 heads, and 16 for one rank of TP=8.
 
 decode   a paged cache of ``batch`` sequences each ``position`` tokens long (block size 64);
-         one step: dsa = ``paged_indexer_topk`` + ``sparse_mla_decode``, dense =
+         one step: dsa = ``paged_indexer_topk`` (unordered, as the engine's decode asks) +
+         ``sparse_mla_decode``, dense =
          ``dense_mla_decode`` (ours, ``megatron_dsa.kernels.decode``). ms per token = step / batch.
 prefill  one chunk of ``--prefill-chunk`` queries ending at ``position``: dsa = the training
          kernels' ``indexer_topk`` + ``sparse_mla_attention`` over the latent rows, dense =
@@ -131,7 +132,7 @@ def decode_point(impl, batch, position, heads, shape, device, dtype, dec, repeat
     scale = D**-0.5
     if impl == "dsa":
         def step():
-            sel = dec.paged_indexer_topk(qi, wi, keys, scales, table, lengths, shape["topk"])
+            sel = dec.paged_indexer_topk(qi, wi, keys, scales, table, lengths, shape["topk"], ordered=False)
             return dec.sparse_mla_decode(q, kv, table, sel, v, scale)
     else:
         def step():

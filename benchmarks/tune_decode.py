@@ -10,7 +10,8 @@ replayed as a CUDA graph:
 
 index  ``paged_indexer_scores`` under the variants of ``INDEX_VARIANTS`` (keys per block, warps,
        pipelining stages, programs in all); every variant's scores are compared with the first's.
-topk   ``select_topk`` of those scores (the set checked against ``torch.topk``'s k-th value).
+topk   ``select_topk`` of those scores, ordered by score and in position order (the set checked
+       against ``torch.topk``'s k-th value).
 attn   ``sparse_mla_decode`` over the selection under ``ATTN_VARIANTS`` (launch tiles, key
        splits), outputs compared with the first variant's.
 dense  ``dense_mla_decode`` (the baseline, same attention kernel) at several key splits.
@@ -37,21 +38,21 @@ from megatron_dsa.kernel_options import KernelOptions, Tiles  # noqa: E402
 ONE_BLOCK_EACH = 1 << 30  # programs: as many as key blocks (one block per program)
 # (label, decode_index tiles, programs)
 INDEX_VARIANTS = [
-    ("one block each (128,4,1)", (128, 4, 1), ONE_BLOCK_EACH),
-    ("(128,4,1) 1056", (128, 4, 1), 1056),
-    ("(128,4,1) 2112", (128, 4, 1), 2112),
-    ("(128,4,2) 1056", (128, 4, 2), 1056),
-    ("(128,8,1) 1056", (128, 8, 1), 1056),
-    ("(256,8,1) 1056", (256, 8, 1), 1056),
-    ("(256,8,2) 1056", (256, 8, 2), 1056),
     ("(64,4,1) 2112", (64, 4, 1), 2112),
+    ("(64,4,1) one block each", (64, 4, 1), ONE_BLOCK_EACH),
+    ("(64,4,1) 1056", (64, 4, 1), 1056),
+    ("(64,4,1) 4224", (64, 4, 1), 4224),
+    ("(64,8,1) 2112", (64, 8, 1), 2112),
+    ("(32,4,1) 4224", (32, 4, 1), 4224),
+    ("(128,4,1) one block each", (128, 4, 1), ONE_BLOCK_EACH),
 ]
-# (label, decode_attn tiles or None for the default, key splits or None for the rule)
+# (label, decode_attn tiles or None for the default, key splits or None for the rule, the
+# selection's row order: position (as the engine's decode asks) or score)
 ATTN_VARIANTS = [
-    ("default", None, None),
-    ("splits 2", None, 2),
-    ("splits 8", None, 8),
-    ("(64,8,3)", (64, 8, 3), None),
+    ("default", None, None, "position"),
+    ("splits 2", None, 2, "position"),
+    ("splits 4", None, 4, "position"),
+    ("(64,8,3)", (64, 8, 3), None, "position"),
 ]
 
 
@@ -88,24 +89,29 @@ def run(batches, positions, heads, stages, hbm_gbps, repeats):
                                  bytes=key_bytes, bound_ms=1e3 * key_bytes / (hbm_gbps * 1e9)))
                 print(json.dumps(rows[-1]), flush=True)
             scores = first
-            sel = dec.select_topk(scores, V32["topk"])
+            by_score = dec.select_topk(scores, V32["topk"])
+            sel = dec.select_topk(scores, V32["topk"], ordered=False)  # as the engine's decode asks
             if "topk" in stages:
                 kth = torch.topk(scores, V32["topk"], dim=-1).values[:, -1]
-                picked = scores.gather(1, sel.clamp_min(0))
-                same = bool((picked >= kth[:, None]).all()) and bool((sel >= 0).all())
-                step, ok = graphed(lambda: dec.select_topk(scores, V32["topk"]))
+                picked = scores.gather(1, by_score.clamp_min(0))
+                same = bool((picked >= kth[:, None]).all()) and bool((by_score >= 0).all()) and torch.equal(
+                    by_score.sort(-1).values, sel)
                 score_bytes = scores.numel() * 4
-                rows.append(dict(base, stage="topk", variant="radix", ms=time_ms(step, repeats), graphed=ok,
-                                 above_kth=same, bytes=score_bytes, bound_ms=1e3 * score_bytes / (hbm_gbps * 1e9)))
-                print(json.dumps(rows[-1]), flush=True)
+                for ordered in (True, False):
+                    step, ok = graphed(lambda: dec.select_topk(scores, V32["topk"], ordered=ordered))
+                    rows.append(dict(base, stage="topk", variant="radix, " + ("by score" if ordered else "position order"),
+                                     ms=time_ms(step, repeats), graphed=ok, above_kth=same, bytes=score_bytes,
+                                     bound_ms=1e3 * score_bytes / (hbm_gbps * 1e9)))
+                    print(json.dumps(rows[-1]), flush=True)
             if "attn" in stages:
                 ref = None
                 row_bytes = batch * min(V32["topk"], position) * D * 2
-                for label, t, splits in ATTN_VARIANTS:
+                for label, t, splits, rows_in in ATTN_VARIANTS + [("default, rows by score", None, None, "score")]:
                     opts = KernelOptions(decode_attn=None if t is None else Tiles(*t))
+                    idx = by_score if rows_in == "score" else sel
 
                     def fn():
-                        return dec.sparse_mla_decode(q, kv, table, sel, v, D**-0.5, lengths=lengths, splits=splits,
+                        return dec.sparse_mla_decode(q, kv, table, idx, v, D**-0.5, lengths=lengths, splits=splits,
                                                      options=opts)[0]
                     out = fn()
                     ref = out if ref is None else ref
@@ -127,7 +133,7 @@ def run(batches, positions, heads, stages, hbm_gbps, repeats):
                                      ms=time_ms(step, repeats), graphed=ok, rel_err=rel(out.float(), ref.float()),
                                      bytes=row_bytes, bound_ms=1e3 * row_bytes / (hbm_gbps * 1e9)))
                     print(json.dumps(rows[-1]), flush=True)
-            del kv, keys, scales, table, q, qi, wi, scores, sel
+            del kv, keys, scales, table, q, qi, wi, scores, sel, by_score
             torch.cuda.empty_cache()
     return rows
 

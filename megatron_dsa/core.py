@@ -205,7 +205,9 @@ def dsa_decode(
         return CoreResult(out)
     if indexer is not None:
         qi, wi, keys, key_scales = indexer
-        sel = decode_ops.paged_indexer_topk(qi, wi, keys, key_scales, block_table, lengths, topk)
+        # The attention takes the selection as a set: unordered rows skip the sort by score (and
+        # list the positions in cache order).
+        sel = decode_ops.paged_indexer_topk(qi, wi, keys, key_scales, block_table, lengths, topk, ordered=False)
     else:
         sel = selection
         if sel is None or sel.shape[0] != q.shape[0]:

@@ -763,12 +763,14 @@ def paged_indexer_topk(
     block_table: torch.Tensor,
     lengths: torch.Tensor,
     topk: int,
+    ordered: bool = True,
 ) -> torch.Tensor:
     """Top-k of the decoding tokens' indexer scores over each sequence's cached keys.
 
     q [B, HI, DI], w [B, HI], key_pool [NB, bs, DI] (``key_scales`` [NB, bs] for FP8 keys),
     lengths [B]. Returns token positions [B, topk] int64, -1 padded: ``min(topk, lengths[b])``
-    entries, ordered and tie-broken as ``topk_from_scores``.
+    entries, ordered and tie-broken as ``topk_from_scores``. ``ordered=False`` lets a backend
+    skip ordering each row by score (the same set); these rows are ordered either way.
     """
     n = int(lengths.max())
     pos = torch.arange(n, device=q.device)[None].expand(q.shape[0], -1)

@@ -65,8 +65,8 @@ def test_each_decode_step_selects_min_k_cached(model, monkeypatch):
         seen.append((k.shape[1], int((out[:, -1] >= 0).sum(-1).max())))
         return out
 
-    def paged_spy(q, w, key_pool, key_scales, block_table, lengths, topk):
-        out = real_paged(q, w, key_pool, key_scales, block_table, lengths, topk)
+    def paged_spy(q, w, key_pool, key_scales, block_table, lengths, topk, **kwargs):
+        out = real_paged(q, w, key_pool, key_scales, block_table, lengths, topk, **kwargs)
         seen.append((int(lengths.max()), int((out >= 0).sum(-1).max())))
         return out
 

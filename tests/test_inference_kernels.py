@@ -147,7 +147,12 @@ def test_select_topk_keeps_the_reference_tie_rule_and_order(piece):
     scores[3, 1::3] = torch.randn(14, device=DEV)[:len(range(1, 40, 3))]
     mask = torch.isfinite(scores)
     for k in (1, 7, 13, 40, 45):
-        assert torch.equal(D.select_topk(scores, k, piece), R.topk_from_scores(scores, mask, k)), k
+        want = R.topk_from_scores(scores, mask, k)
+        assert torch.equal(D.select_topk(scores, k, piece), want), k
+        # Unordered: the same set in position order, the padding last.
+        last = scores.shape[1]
+        in_order = torch.where(want >= 0, want, last).sort(-1).values
+        assert torch.equal(D.select_topk(scores, k, piece, ordered=False), in_order.masked_fill(in_order == last, -1)), k
     wide = torch.randn(3, 1000, device=DEV).half().float()  # fp16-rounded: ties among random scores
     wide[1, 600:] = float("-inf")
     for k in (1, 100, 700):

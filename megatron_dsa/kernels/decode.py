@@ -294,12 +294,13 @@ def paged_indexer_scores(q, w, key_pool, key_scales, block_table, lengths, width
     return scores
 
 
-def select_topk(scores: torch.Tensor, topk: int, piece: Optional[int] = None) -> torch.Tensor:
+def select_topk(scores: torch.Tensor, topk: int, piece: Optional[int] = None, ordered: bool = True) -> torch.Tensor:
     """``reference.topk_from_scores`` for rows whose ineligible entries are already -inf: the same
     set (ties towards the smaller position), order (score descending, ties by position) and -1
     padding. The set by the radix select of the module docstring over pieces of ``piece`` scores
     (default: ``SELECT_PIECE``, more for rows over ``SELECT_PIECES`` pieces), then only the k
-    chosen are sorted. No host synchronisation (a CUDA graph can hold it)."""
+    chosen are sorted (``ordered=False``: not sorted, in position order). No host
+    synchronisation (a CUDA graph can hold it)."""
     B, n = scores.shape
     k = min(topk, n)
     out = torch.full((B, topk), -1, dtype=torch.long, device=scores.device)
@@ -324,6 +325,8 @@ def select_topk(scores: torch.Tensor, topk: int, piece: Optional[int] = None) ->
                                  num_warps=8)
     _radix_collect_kernel[(n_pieces, B)](s, prefix, take_all, offset, ties, out, n, s.stride(0), out.stride(0),
                                          PIECE=piece, NP=NP, TILE=tile, num_warps=4)
+    if not ordered:
+        return out
     # Order: score descending, ties by position (the chosen are in position order: a stable sort).
     idx = out[:, :k]
     order = torch.sort(s.gather(-1, idx.clamp_min(0)).masked_fill(idx < 0, float("-inf")), dim=-1,
@@ -332,11 +335,13 @@ def select_topk(scores: torch.Tensor, topk: int, piece: Optional[int] = None) ->
     return out
 
 
-def paged_indexer_topk(q, w, key_pool, key_scales, block_table, lengths, topk: int,
+def paged_indexer_topk(q, w, key_pool, key_scales, block_table, lengths, topk: int, ordered: bool = True,
                        options: KernelOptions = DEFAULT_OPTIONS) -> torch.Tensor:
     """reference.paged_indexer_topk: token positions [B, topk] int64, -1 padded (scored over the
-    block table's whole capacity, so the shapes do not depend on the lengths)."""
-    return select_topk(paged_indexer_scores(q, w, key_pool, key_scales, block_table, lengths, options=options), topk)
+    block table's whole capacity, so the shapes do not depend on the lengths). ``ordered=False``:
+    the same set in position order, not sorted by score."""
+    scores = paged_indexer_scores(q, w, key_pool, key_scales, block_table, lengths, options=options)
+    return select_topk(scores, topk, ordered=ordered)
 
 
 def combine_splits(out: torch.Tensor, lse: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
