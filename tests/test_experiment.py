@@ -65,8 +65,45 @@ def test_128k_batch1_recipes_resume_in_pieces():
         assert 0 < float(argv[argv.index("--exit-duration-in-mins") + 1]) <= 20
 
 
-# One reuse arm and one objective arm: the others of each kind run the same code path.
-ARMS = ["per_layer", "shared", "freq2", "obj_listwise"]
+def test_glm52_pattern_is_the_releases_schedule_cut_to_the_models_layers():
+    from experiments.verify.settings import glm52_indexer_types
+
+    full = [i + 1 for i, t in enumerate(glm52_indexer_types(78)) if t == "full"]
+    assert full == [1, 2, 3, *range(7, 76, 4)] and len(full) == 21  # GLM-5.2's 78 layers
+    assert glm52_indexer_types(6) == ["full"] * 3 + ["shared"] * 3  # the small MoE
+    assert glm52_indexer_types(3) == ["full", "shared", "shared"]  # the tiny model keeps a shared layer
+
+
+@pytest.mark.parametrize("scale", ["smoke", "h200"])
+def test_every_arm_gives_a_valid_model_config(scale, tmp_path):
+    """The overrides each arm's warm-up and sparse phases add (stages.stage_warmup / stage_sparse)
+    load as a run config and build a valid model config at the scale's model size."""
+    from argparse import Namespace
+
+    from experiments.verify.settings import ARMS
+    from experiments.verify.stages import _overrides, phase_overrides
+    from experiments.verify.study import Study
+    from megatron_dsa.model import model_config
+
+    e = Study(Namespace(scale=scale, out=str(tmp_path), report_dir=None, force=False))
+    assert e.num_layers == {"smoke": 3, "h200": 6}[scale]
+    for arm, (_, _, warmup_only) in ARMS.items():
+        for recipe, kind, extra in (("h200_warmup.yaml", "warmup", warmup_only), ("h200_sparse.yaml", "sparse", {})):
+            cfg = load_config(RECIPES / recipe, phase_overrides(e, f"{kind}_{arm}", kind,
+                                                                _overrides({**e.layout(arm), **extra})))
+            config = model_config(cfg.model["size"], **cfg.model["overrides"])
+            selects = [config.dsa.selects(i + 1) for i in range(config.num_layers)]
+            if arm == "pattern":
+                # some layers reuse an earlier selection; the first one selects
+                assert selects[0] and not all(selects)
+                assert config.mdsa_indexer_types == e.layout(arm)["mdsa_indexer_types"]
+            elif arm in ("per_layer", "shared") or arm.startswith("obj_"):
+                assert all(selects)
+
+
+# One reuse arm of each kind (every N layers, GLM-5.2's pattern) and one objective arm: the
+# others of each kind run the same code path.
+ARMS = ["per_layer", "shared", "freq2", "pattern", "obj_listwise"]
 
 
 def test_smoke_pipeline_end_to_end(tmp_path):
@@ -107,7 +144,8 @@ def test_smoke_pipeline_end_to_end(tmp_path):
         assert [v["extrapolation"] for v in r["retrieval"]["by_length"].values()] == [False, True]
         assert all(v["nll"] > 0 for v in r["retrieval"]["by_length"].values())  # the answer's NLL, nats
     assert "answer NLL (nats/token)" in md and "Answer NLL, A minus dense control" in md
-    assert set(res["verdict"]) == {"loss", "retrieval", "warmup", "shared", "recall_oracle"}
+    assert set(res["verdict"]) == {"loss", "retrieval", "warmup", "shared", "pattern", "recall_oracle"}
+    assert "GLM-5.2 pattern: per layer 1 full, 2 shared, 3 shared" in md
     # the headline numbers: per arm, held-out loss at the training length, exact match per length
     head = json.loads((rep / "verification_summary.json").read_text())
     assert head["train_length"] == 256 and head["extrapolation_lengths"] == [512]

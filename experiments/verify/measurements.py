@@ -134,6 +134,9 @@ def stage_speed(e: Study) -> None:
     layout = {"per_layer": "", "shared": "_shared", "freq2": "_freq2", "freq4": "_freq4"}
     arms = ["pretrain"]
     for arm in e.arms:
+        if arm not in layout and not arm.startswith("obj_"):
+            print(f"[speed] benchmarks/bench_model_step.py has no arm {arm!r}: not measured")
+            continue
         suffix = layout.get(arm, "_" + arm[len("obj_"):] if arm.startswith("obj_") else "")
         arms += [f"warmup{suffix}"] + ([f"sparse{suffix}"] if arm in layout else [])
     if e.speed_arms:

@@ -314,6 +314,7 @@ def _sharing(report: Report) -> None:
              "warm-up KL end | recall end | warm-up step ms | sparse step ms |")
     L.append("|---|---|---|---|---|---|---|---|")
     rows = {}
+    # benchmarks/bench_model_step.py's arm of each layout (it has none for the GLM-5.2 pattern)
     suffix = {"per_layer": "", "shared": "_shared", "freq2": "_freq2", "freq4": "_freq4"}
     # Validation loss: the evaluation stage's at the training length where every arm of the table
     # has it, else the trainer's end-of-arm validation (same batches for all arms).
@@ -330,21 +331,32 @@ def _sharing(report: Report) -> None:
         ref = trainer_val.get("dense_control") if loss_src.get("shared") else (_get(B["loss"], s["train_length"]) if B else None)
         vs = f"{100 * (loss - ref) / ref:+.2f}%" if loss is not None and ref else "n/a"
         L.append(f"| {arm} | {_fmt(loss)} | {vs} | {_fmt(ret, '.1f')} | {_fmt(w.get('kl_end'), '.4g')} | "
-                 f"{_fmt(w.get('recall_end'), '.3f')} | {_fmt(speed.get('warmup' + suffix[v], {}).get('ms'), '.0f')} | "
-                 f"{_fmt(speed.get('sparse' + suffix[v], {}).get('ms'), '.0f')} |")
+                 f"{_fmt(w.get('recall_end'), '.3f')} | {_fmt(_bench_ms(speed, 'warmup', suffix.get(v)), '.0f')} | "
+                 f"{_fmt(_bench_ms(speed, 'sparse', suffix.get(v)), '.0f')} |")
     if loss_src.get("shared"):
         L.append("\nValidation loss here: the trainer's end-of-arm validation (the evaluation stage did not cover "
                  "every arm).\n")
-    if rows.get("per_layer", (None,))[0] and rows.get("shared", (None,))[0]:
-        (lp, rp), (ls, rs) = rows["per_layer"], rows["shared"]
+    if "pattern" in rows:
+        types = e.layout("pattern")["mdsa_indexer_types"]
+        L.append("\nGLM-5.2 pattern: per layer " + ", ".join(f"{i + 1} {t}" for i, t in enumerate(types))
+                 + " (`mdsa_indexer_types`; a shared layer has no indexer and attends to the last full layer's "
+                 "top-k).")
+    for v, what in (("shared", "one shared indexer"), ("pattern", "the GLM-5.2 pattern")):
+        if not (rows.get("per_layer", (None,))[0] and rows.get(v, (None,))[0]):
+            continue
+        (lp, rp), (ls, rs) = rows["per_layer"], rows[v]
         drel = (ls - lp) / lp
         ret_ok = rp is None or rs is None or abs(rs - rp) <= TARGETS["retrieval_points"]
         same = abs(drel) <= TARGETS["loss_rel"] and ret_ok
-        verdict["shared"] = same
+        verdict[v] = same
         ret_txt = f"retrieval {rs - rp:+.1f} points" if rp is not None and rs is not None else "retrieval not measured"
-        L.append(f"\n**Answer:** one shared indexer vs one per layer: validation loss {100 * drel:+.2f}%, {ret_txt} -> "
+        L.append(f"\n**Answer:** {what} vs one indexer per layer: validation loss {100 * drel:+.2f}%, {ret_txt} -> "
                  f"{'as good, within the 1% / 2-point margins' if same else 'not as good'} "
                  f"at this scale and budget" + (" (smoke run: no conclusion)." if e.scale == "smoke" else ".") + "\n")
+
+
+def _bench_ms(speed: dict, phase: str, suffix: str | None):
+    return None if suffix is None else speed.get(phase + suffix, {}).get("ms")
 
 
 def _objectives(report: Report) -> None:
@@ -456,7 +468,8 @@ def _conclusions(report: Report) -> None:
     L, verdict = report.lines, report.verdict
     L.append("## Conclusions\n")
     names = {"loss": "validation loss A vs B within 1%", "retrieval": "retrieval within 2 points of dense",
-             "warmup": "warm-up KL drop >= 5x and recall >= 90% (per-layer)", "shared": "shared indexer as good as per-layer"}
+             "warmup": "warm-up KL drop >= 5x and recall >= 90% (per-layer)", "shared": "shared indexer as good as per-layer",
+             "pattern": "GLM-5.2 pattern as good as per-layer"}
     for k, text in names.items():
         line = f"- {text}: **{ {True: 'yes', False: 'no', None: 'not measured'}.get(verdict.get(k), verdict.get(k)) }**"
         if k == "warmup" and verdict.get("recall_oracle") is not None and verdict["recall_oracle"] < TARGETS["recall"]:

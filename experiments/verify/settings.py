@@ -1,8 +1,9 @@
 """What the verification study runs: its arms, stages, scales and targets, and where things are.
 
 Arms after the common dense pretraining (``ARMS``): per_layer (arm A, the report), shared (one
-indexer for all layers), freq2 / freq4 (one selection every 2 / 4 layers, reused between), and
-the warm-up objective arms obj_reverse_kl / obj_mse / obj_listwise (per-layer indexers; only
+indexer for all layers), freq2 / freq4 (one selection every 2 / 4 layers, reused between),
+pattern (GLM-5.2's per-layer schedule of selecting and reusing layers, ``glm52_indexer_types``),
+and the warm-up objective arms obj_reverse_kl / obj_mse / obj_listwise (per-layer indexers; only
 the warm-up loss differs, the sparse phase is arm A's). Arm B, the dense control, trains the
 same tokens dense. All arms start from one pretrain checkpoint with one seed, so they read the
 same data in the same order.
@@ -11,24 +12,50 @@ same data in the same order.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable, Union
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPES = REPO / "configs" / "recipes"
 RESULTS = REPO / "benchmarks" / "results"
 
-# Arms after the common dense pretraining: name -> (label, indexer layout overrides (every
-# phase of the arm), warm-up-only overrides). Layout overrides change which parameters exist;
-# the objective changes only the warm-up loss.
-ARMS = {
+
+def glm52_indexer_types(num_layers: int, freq: int = 4, offset: int = 3) -> list[str]:
+    """GLM-5.2's IndexShare schedule as ``mdsa_indexer_types``: layer i (0-based) runs its
+    indexer ("full") iff max(i - offset + 1, 0) % freq == 0; the others ("shared") reuse the last
+    full layer's top-k. With the release's index_topk_freq 4 and index_skip_topk_offset 3 (as
+    public serving code reads its config) its 78 layers select in layers 1-3 and every 4th after
+    (7, 11, ..., 75: 21 of 78). The offset is capped at half the layers so that a shallow model
+    still has layers that reuse: the small MoE's 6 layers select in 1-3 and reuse layer 3's
+    top-k in 4-6; the tiny model's 3 select in layer 1 only."""
+    offset = max(1, min(offset, num_layers // 2))
+    return ["full" if max(i - offset + 1, 0) % freq == 0 else "shared" for i in range(num_layers)]
+
+
+# An arm's indexer layout: overrides, or a function of the model's layer count giving them.
+Layout = Union[dict, Callable[[int], dict]]
+
+# Arms after the common dense pretraining: name -> (label, indexer layout (every phase of the
+# arm), warm-up-only overrides). Layout overrides change which parameters exist; the objective
+# changes only the warm-up loss.
+ARMS: dict[str, tuple[str, Layout, dict]] = {
     "per_layer": ("A: DSA per-layer", {}, {}),
     "shared": ("shared indexer", {"mdsa_indexer_sharing": "shared"}, {}),
     "freq2": ("selection every 2 layers", {"dsa_indexer_topk_freq": 2}, {}),
     "freq4": ("selection every 4 layers", {"dsa_indexer_topk_freq": 4}, {}),
+    "pattern": ("GLM-5.2 pattern", lambda num_layers: {"mdsa_indexer_types": glm52_indexer_types(num_layers)}, {}),
     "obj_reverse_kl": ("warm-up objective: reverse KL", {}, {"mdsa_indexer_objective": "reverse_kl"}),
     "obj_mse": ("warm-up objective: MSE", {}, {"mdsa_indexer_objective": "mse"}),
     "obj_listwise": ("warm-up objective: listwise top-k", {}, {"mdsa_indexer_objective": "listwise"}),
 }
-SHARING_ARMS = ("per_layer", "shared", "freq2", "freq4")
+SHARING_ARMS = ("per_layer", "shared", "freq2", "freq4", "pattern")
+
+
+def arm_layout(arm: str, num_layers: int) -> dict:
+    """The model overrides that give ``arm`` its indexer layout on a model of ``num_layers``."""
+    layout = ARMS[arm][1]
+    return layout(num_layers) if callable(layout) else dict(layout)
+
+
 OBJECTIVE_ARMS = {"per_layer": "kl", "obj_reverse_kl": "reverse_kl", "obj_mse": "mse", "obj_listwise": "listwise"}
 # eval before recall: if the GPU time runs out, the comparison with the control is what matters most
 STAGES = ("corpus", "speed", "pretrain", "warmup", "sparse", "eval", "recall", "bench128k", "step128k", "report")

@@ -129,16 +129,16 @@ def need(e: Study, phase: str) -> None:
 
 
 def _overrides(fields: dict) -> list[str]:
-    return [f"model.overrides.{k}={v}" for k, v in fields.items()]
+    """``model.overrides.<field>=<value>``; a list in YAML's flow form without quotes or spaces
+    (``[full,shared]``), so the echoed command stays one plain word per override."""
+    def value(v):
+        return "[" + ",".join(map(str, v)) + "]" if isinstance(v, (list, tuple)) else v
+    return [f"model.overrides.{k}={value(v)}" for k, v in fields.items()]
 
 
-def _layout(arm: str) -> dict:
-    return ARMS[arm][1]
-
-
-def _layout_name(arm: str) -> str:
+def _layout_name(e: Study, arm: str) -> str:
     """Arms with the same indexer layout share the relabelled pretrain checkpoint."""
-    return next(a for a in SHARING_ARMS if ARMS[a][1] == _layout(arm))
+    return next(a for a in SHARING_ARMS if e.layout(a) == e.layout(arm))
 
 
 def stage_pretrain(e: Study) -> None:
@@ -154,7 +154,7 @@ def _relabelled_pretrain(e: Study, arm: str) -> Path:
     indexer tensors); only the run record (phase + shape, checked by the trainer's preflight)
     must name the new layout."""
     base = e.phase_dir("pretrain") / "ckpt"
-    variant = _layout_name(arm)
+    variant = _layout_name(e, arm)
     if variant == "per_layer":
         return base
     dst = e.phase_dir(f"pretrain_{variant}") / "ckpt"
@@ -162,13 +162,13 @@ def _relabelled_pretrain(e: Study, arm: str) -> Path:
     if marker.is_file() and not e.force:
         return dst
     shutil.rmtree(dst.parent, ignore_errors=True)
-    overrides = phase_overrides(e, f"pretrain_{variant}", "pretrain", _overrides(_layout(arm)))
+    overrides = phase_overrides(e, f"pretrain_{variant}", "pretrain", _overrides(e.layout(arm)))
     cfg = load_config(RECIPES / "h200_pretrain.yaml", overrides)
     plan = preflight(cfg, check_flags=False)  # dst does not exist yet
     link_copy(base, dst)
     write_run_file(plan)
     marker.write_text("relabelled copy of pretrain/ckpt\n")
-    print(f"[pretrain_{variant}] pretrain checkpoint relabelled for {_layout(arm)} -> {dst}")
+    print(f"[pretrain_{variant}] pretrain checkpoint relabelled for {e.layout(arm)} -> {dst}")
     return dst
 
 
@@ -176,7 +176,7 @@ def stage_warmup(e: Study, arm: str) -> None:
     need(e, "pretrain")
     src = _relabelled_pretrain(e, arm)
     warm = f"warmup_{arm}"
-    extra = _overrides({**_layout(arm), **ARMS[arm][2]}) + [f"checkpoint.load_from={src}"]
+    extra = _overrides({**e.layout(arm), **ARMS[arm][2]}) + [f"checkpoint.load_from={src}"]
     run_phase(e, warm, phase_cmd(e, warm, "h200_warmup.yaml", "warmup", extra))
 
 
@@ -191,6 +191,6 @@ def stage_sparse(e: Study, arm: str) -> None:
     warm = f"warmup_{arm}"
     need(e, warm)
     sparse = f"sparse_{arm}"
-    extra = _overrides(_layout(arm)) + [f"checkpoint.load_from={e.phase_dir(warm) / 'ckpt'}"]
+    extra = _overrides(e.layout(arm)) + [f"checkpoint.load_from={e.phase_dir(warm) / 'ckpt'}"]
     run_phase(e, sparse, phase_cmd(e, sparse, "h200_sparse.yaml", "sparse", extra))
 

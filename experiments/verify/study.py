@@ -9,13 +9,14 @@ there is skipped unless ``--force``, so a run resumes where it stopped.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
 import shutil
 from pathlib import Path
 
-from experiments.verify.settings import ARMS, REPO, SCALES
+from experiments.verify.settings import ARMS, RECIPES, REPO, SCALES, arm_layout
 
 
 class Study:
@@ -34,6 +35,20 @@ class Study:
         unknown = [a for a in self.arms if a not in ARMS]
         if unknown:
             raise SystemExit(f"error: unknown arm(s) {unknown}; known: {', '.join(ARMS)}")
+
+    @functools.cached_property
+    def num_layers(self) -> int:
+        """Decoder layers of the study's model: the pretrain recipe's size with this scale's
+        overrides (every phase trains the same shape)."""
+        from megatron_dsa.model import resolve_size
+        from megatron_dsa.train.config import load_config
+
+        model = load_config(RECIPES / "h200_pretrain.yaml", self.s["overrides"].get("all", [])).model
+        return int(model["overrides"].get("num_layers") or resolve_size(model["size"]).transformer["num_layers"])
+
+    def layout(self, arm: str) -> dict:
+        """The model overrides that give ``arm`` its indexer layout in this study."""
+        return arm_layout(arm, self.num_layers)
 
     def commands(self) -> dict[str, str]:
         """Every phase's exact command (one file per phase: arms may run concurrently), written
