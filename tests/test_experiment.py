@@ -143,9 +143,12 @@ def test_smoke_pipeline_end_to_end(tmp_path):
         assert set(r["retrieval"]["by_task_length"]) == {"passkey", "multikey", "multivalue", "varchain", "copy"}
         assert [v["extrapolation"] for v in r["retrieval"]["by_length"].values()] == [False, True]
         assert all(v["nll"] > 0 for v in r["retrieval"]["by_length"].values())  # the answer's NLL, nats
+        # beside them, the same tasks in the training formats, at the same lengths
+        assert set(r["retrieval_train_formats"]["by_task_length"]) == set(r["retrieval"]["by_task_length"])
+        assert set(r["retrieval_train_formats"]["by_length"]) == set(r["retrieval"]["by_length"])
     assert "answer NLL (nats/token)" in md and "Answer NLL, A minus dense control" in md
     assert set(res["verdict"]) == {"loss", "retrieval", "warmup", "shared", "pattern", "recall_oracle"}
-    assert "GLM-5.2 pattern: per layer 1 full, 2 shared, 3 shared" in md
+    assert "in-distribution formats" in md and "GLM-5.2 pattern: per layer 1 full, 2 shared, 3 shared" in md
     # the headline numbers: per arm, held-out loss at the training length, exact match per length
     head = json.loads((rep / "verification_summary.json").read_text())
     assert head["train_length"] == 256 and head["extrapolation_lengths"] == [512]
@@ -154,6 +157,7 @@ def test_smoke_pipeline_end_to_end(tmp_path):
         assert arm["heldout_loss_at_train_length"] > 0
         assert set(arm["retrieval_exact_pct"]) == {"256", "512"}
         assert all(0 <= v <= 100 for v in arm["retrieval_exact_pct"].values())
+        assert set(arm["retrieval_train_formats_exact_pct"]) == {"256", "512"}
     assert "512 *extrap.*" in md and "held-out formats" in md
     assert "Training mixture (every phase)" in md
     for phase in ("pretrain", "dense_control", *(f"sparse_{a}" for a in ARMS)):

@@ -1,5 +1,6 @@
-"""Held-out retrieval items (experiments.verify.suites.heldout) and the exact-match scorer
-(retrieval.score_items) checked against hand-made cases."""
+"""Retrieval items of the mixture's tasks (experiments.verify.suites.heldout: held-out formats
+and training formats) and the exact-match scorer (retrieval.score_items) checked against
+hand-made cases."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import re
 
 import pytest
 
-from experiments.verify.suites import build_heldout_suite, score_items
+from experiments.verify.suites import build_heldout_suite, build_task_suite, score_items
 from experiments.verify.suites.retrieval import RetrievalItem
 from megatron_dsa.data.tasks import HELDOUT, TASKS, TRAIN, solve
 
@@ -55,6 +56,25 @@ def test_heldout_items_at_every_length_are_solvable_and_heldout():
         # the asked fact starts near its depth; the distractors are other answers
         assert abs(item.needle_spans[0][0] / item.length - item.depth) < 0.1
         assert item.value not in item.distractors
+
+
+def test_training_format_items_are_solvable_in_the_training_formats():
+    lengths = (4096, 16384)
+    seed = random.randrange(1000)
+    items = build_task_suite(TOK, FILLER, lengths, 2, train_length=16384, family=TRAIN, seed=seed)
+    assert len(items) == len(lengths) * len(TASKS) * 2
+    for item in items:
+        assert len(item.tokens) == item.length
+        text = TOK.detokenize(item.prompt)
+        assert solve(text) == (item.task, item.value) == (item.task, TOK.detokenize(item.answer))
+        assert _query_family(text) == "train"
+        assert set(item.key) <= set(TRAIN.key_alphabet)
+        assert abs(item.needle_spans[0][0] / item.length - item.depth) < 0.1
+    # the held-out suite is the same builder with the held-out family: the same items as before
+    heldout = build_heldout_suite(TOK, FILLER, lengths, 2, train_length=16384, seed=seed)
+    assert [i.tokens for i in heldout] == [
+        i.tokens for i in build_task_suite(TOK, FILLER, lengths, 2, train_length=16384, family=HELDOUT, seed=seed)]
+    assert all(_query_family(TOK.detokenize(i.prompt)) == "heldout" for i in heldout)
 
 
 def test_heldout_suite_rejects_bad_input():

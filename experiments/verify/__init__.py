@@ -15,8 +15,9 @@ stage whose outputs exist is skipped, ``--force`` reruns it):
     warmup     every arm's indexer warm-up (indexers only, dense attention, from pretrain)
     sparse     every arm's sparse training (from its warm-up), and arm B: the same tokens of
                continued dense training (same lr, seed, data order)
-    eval       every trained model: validation loss at several lengths, the retrieval suite
-               (arm B and arm A first, at most --eval-jobs at once)
+    eval       every trained model: validation loss at several lengths, the retrieval items in
+               held-out formats and, beside them, in the training formats (arm B and arm A
+               first, at most --eval-jobs at once)
     recall     after warm-up: top-k recall of the dense attention mass at several context
                lengths and k/S ratios, every arm (and the untrained indexer)
     report     <report-dir>/verification.md + PNGs + verification.json

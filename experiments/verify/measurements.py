@@ -1,7 +1,8 @@
 """The study's measurements: evaluation of trained models, speed and the report's 128K step.
 
     eval       held-out loss at several lengths (natural text) and the held-out retrieval items
-               (suites.heldout: the training mixture's tasks in formats it never shows), per model
+               (suites.heldout: the training mixture's tasks in formats it never shows), per model;
+               beside them, fewer items of the same tasks in the training formats
     recall     after warm-up: top-k recall of the dense attention mass at several lengths and
                k/S, every arm (and the untrained indexer), with the oracle
     speed      training-step cost of every arm side by side (benchmarks/bench_model_step.py;
@@ -27,6 +28,7 @@ from experiments.verify.stages import need, phase_cmd, run_phase
 from experiments.verify.study import Study, echo, portable_command
 from experiments.verify.suites import (
     build_heldout_suite,
+    build_task_suite,
     indexer_recall_at_lengths,
     model_predictor,
     read_valid_tokens,
@@ -35,6 +37,7 @@ from experiments.verify.suites import (
 )
 from megatron_dsa.convert.checkpoint import load_model
 from megatron_dsa.data import load_manifest, load_tokenizer, read_split_tokens
+from megatron_dsa.data.tasks import TRAIN
 from megatron_dsa.train import runner
 
 
@@ -56,8 +59,9 @@ def _load_for_eval(e: Study, phase: str):
 
 
 def _eval_suite(e: Study):
-    """The held-out natural text (for the loss) and the held-out retrieval items, whose text is
-    cut from the same held-out split (document ends written as newlines, as in the mixture)."""
+    """The held-out natural text (for the loss), the held-out-format retrieval items and the
+    training-format ones, whose text is cut from the same held-out split (document ends written
+    as newlines, as in the mixture)."""
     s = e.s
     tokenizer = load_tokenizer(e.text_data)
     valid = read_valid_tokens(e.text_data)
@@ -65,7 +69,13 @@ def _eval_suite(e: Study):
     filler = [t for tok in read_split_tokens(e.text_data, "valid").tolist() for t in (newline if tok == eod else [tok])]
     items = build_heldout_suite(tokenizer, filler, s["retrieval_lengths"], s["retrieval_n"], s["train_length"],
                                 seed=s["tasks"]["seed"])
-    return valid, items
+    train_items = build_task_suite(tokenizer, filler, s["retrieval_lengths"], s["retrieval_train_n"],
+                                   s["train_length"], TRAIN, seed=s["tasks"]["seed"])
+    return valid, items, train_items
+
+
+def _exact_by_length(retr: dict) -> str:
+    return " ".join(f"{k}:{v['exact']:.0f}%" for k, v in retr["by_length"].items())
 
 
 def eval_phase(task: str) -> str:
@@ -83,18 +93,23 @@ def stage_eval(e: Study, task: str) -> None:
     need(e, phase)
     s = e.s
     t0 = time.perf_counter()
-    valid, items = _eval_suite(e)
+    valid, items, train_items = _eval_suite(e)
     model = _load_for_eval(e, phase)
     loss = validation_loss_at_lengths(model, valid, s["loss_lengths"], mode, max_total=s["loss_max_total"])
-    retr = score_items(items, model_predictor(model, mode))
+    predict = model_predictor(model, mode)
+    retr = score_items(items, predict)
+    # the training formats: does the model retrieve at all, whatever it makes of new formats
+    in_dist = score_items(train_items, predict)
+    keep = ("by_task_length", "by_length")
     result = {"arm": label, "phase": phase, "mode": mode, "loss": loss,
-              "retrieval": {k: retr[k] for k in ("by_task_length", "by_length")},
+              "retrieval": {k: retr[k] for k in keep},
+              "retrieval_train_formats": {k: in_dist[k] for k in keep},
               "seconds": time.perf_counter() - t0}
     e.save_json(f"eval/{phase}.json", result)
-    print(f"[eval] {label} ({mode}): loss {' '.join(f'{k}:{v:.4f}' for k, v in loss.items())} | retrieval exact "
-          f"{' '.join(f'{k}:{v['exact']:.0f}%' for k, v in retr['by_length'].items())} | answer NLL "
-          f"{' '.join(f'{k}:{v['nll']:.3f}' for k, v in retr['by_length'].items() if v['nll'] is not None)} "
-          f"({result['seconds']:.0f} s)",
+    print(f"[eval] {label} ({mode}): loss {' '.join(f'{k}:{v:.4f}' for k, v in loss.items())} | retrieval exact, "
+          f"held-out formats {_exact_by_length(retr)} | answer NLL "
+          f"{' '.join(f'{k}:{v['nll']:.3f}' for k, v in retr['by_length'].items() if v['nll'] is not None)} | "
+          f"training formats {_exact_by_length(in_dist)} ({result['seconds']:.0f} s)",
           flush=True)
     del model
     if torch.cuda.is_available():

@@ -49,10 +49,16 @@ def plots(res: dict, rdir: Path) -> dict[str, str]:
     for arm, r in res["eval"].items():
         bl = r["retrieval"]["by_length"]
         xs = sorted(int(k) for k in bl)
-        ax[0].plot(xs, [bl[str(x)]["exact"] if str(x) in bl else bl[x]["exact"] for x in xs], "o-", label=arm)
+        line, = ax[0].plot(xs, [bl[str(x)]["exact"] if str(x) in bl else bl[x]["exact"] for x in xs], "o-", label=arm)
+        if "retrieval_train_formats" in r:  # the same arm's colour, dashed: the training formats
+            bt = r["retrieval_train_formats"]["by_length"]
+            xt = sorted(int(k) for k in bt)
+            ax[0].plot(xt, [bt[str(x)]["exact"] if str(x) in bt else bt[x]["exact"] for x in xt], "x--",
+                       color=line.get_color(), alpha=0.6)
         ls = sorted(int(k) for k in r["loss"])
         ax[1].plot(ls, [r["loss"][str(x)] if str(x) in r["loss"] else r["loss"][x] for x in ls], "o-", label=arm)
-    ax[0].set(title="retrieval exact match (all tasks)", xlabel="context length (tokens)", ylabel="%", xscale="log")
+    ax[0].set(title="retrieval exact match, all tasks\n(solid: held-out formats, dashed: training formats)",
+              xlabel="context length (tokens)", ylabel="%", xscale="log")
     ax[1].set(title="validation loss vs context length", xlabel="context length (tokens)", ylabel="loss", xscale="log")
     for a in ax:
         a.legend(fontsize=7)

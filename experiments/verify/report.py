@@ -1,7 +1,8 @@
 """The study's report: ``<report-dir>/verification.md`` with its plots and the results JSON.
 
 ``verification_summary.json`` holds the headline numbers: per arm, the held-out loss at the
-training length and the retrieval exact match (%) per context length on the held-out items.
+training length and the retrieval exact match (%) per context length on the held-out items, and
+beside them the exact match on the same tasks in the training formats.
 
 ``write_report`` gathers the run's results (``collect``), draws the plots (``plots``) and writes
 the markdown one section after another; each section reads the results and adds its lines and,
@@ -175,8 +176,37 @@ def _trainer_validation(report: Report) -> None:
                  f"**{'met' if verdict['loss'] else 'missed'}**.\n")
 
 
+def _retrieval_rows(report: Report, key: str) -> None:
+    """One retrieval table (``key``: the evaluation's "retrieval" or "retrieval_train_formats"):
+    exact match per arm, task and length, then all tasks with token accuracy and answer NLL."""
+    s, ev, L = report.s, report.ev, report.lines
+    rl = list(s["retrieval_lengths"])
+    L.append("| arm | task | " + " | ".join(_length_label(x, s) for x in rl) + " |")
+    L.append("|---|---|" + "---|" * len(rl))
+    for arm, r in ev.items():
+        if key not in r:
+            continue  # evaluated before this table existed
+        bt, bl = r[key]["by_task_length"], r[key]["by_length"]
+        for task in TASKS:
+            if task in bt:
+                L.append(f"| {arm} | {task} | " + " | ".join(_fmt(_get(_get(bt[task], x) or {}, 'exact'), '.0f')
+                                                           for x in rl) + " |")
+        L.append(f"| {arm} | **all** (token acc.) | " + " | ".join(
+            f"{_fmt(_get(_get(bl, x) or {}, 'exact'), '.0f')} ({_fmt(_get(_get(bl, x) or {}, 'token'), '.0f')})"
+            for x in rl) + " |")
+        if any((_get(bl, x) or {}).get("nll") is not None for x in rl):
+            L.append(f"| {arm} | answer NLL (nats/token) | " + " | ".join(
+                _fmt((_get(bl, x) or {}).get("nll"), ".3f") for x in rl) + " |")
+
+
+def _max_exact(ev: dict, key: str) -> float | None:
+    scores = [x["exact"] for r in ev.values() if key in r for x in r[key]["by_length"].values()]
+    return max(scores) if scores else None
+
+
 def _retrieval(report: Report) -> None:
-    """The retrieval suite per arm, task and length; arm A against the dense control."""
+    """The retrieval suite per arm, task and length; arm A against the dense control; then the
+    same tasks in the training formats."""
     s, ev, A, B, L, verdict = report.s, report.ev, report.A, report.B, report.lines, report.verdict
     rl = list(s["retrieval_lengths"])
     L.append("## Retrieval on held-out formats (exact match of the greedy answer, %)\n")
@@ -187,21 +217,7 @@ def _retrieval(report: Report) -> None:
              f"{'/'.join(map(str, TRAIN.hops))}). {s['retrieval_n']} items per task and length in held-out text, the "
              "asked fact at depths spread over 10-90%. Columns marked *extrap.* are longer than the training length "
              f"({s['train_length']}): extrapolation (plain RoPE) for every arm.\n")
-    L.append("| arm | task | " + " | ".join(_length_label(x, s) for x in rl) + " |")
-    L.append("|---|---|" + "---|" * len(rl))
-    for arm, r in ev.items():
-        bt = r["retrieval"]["by_task_length"]
-        for task in TASKS:
-            if task in bt:
-                L.append(f"| {arm} | {task} | " + " | ".join(_fmt(_get(_get(bt[task], x) or {}, 'exact'), '.0f')
-                                                           for x in rl) + " |")
-        bl = r["retrieval"]["by_length"]
-        L.append(f"| {arm} | **all** (token acc.) | " + " | ".join(
-            f"{_fmt(_get(_get(bl, x) or {}, 'exact'), '.0f')} ({_fmt(_get(_get(bl, x) or {}, 'token'), '.0f')})"
-            for x in rl) + " |")
-        if any((_get(bl, x) or {}).get("nll") is not None for x in rl):
-            L.append(f"| {arm} | answer NLL (nats/token) | " + " | ".join(
-                _fmt((_get(bl, x) or {}).get("nll"), ".3f") for x in rl) + " |")
+    _retrieval_rows(report, "retrieval")
     if A and B:
         diffs = {x: _get(A["retrieval"]["by_length"], x)["exact"] - _get(B["retrieval"]["by_length"], x)["exact"]
                  for x in rl}
@@ -214,12 +230,36 @@ def _retrieval(report: Report) -> None:
         verdict["retrieval"] = all(abs(d) <= TARGETS["retrieval_points"] for d in diffs.values())
         L.append(f"\nA minus dense control (points): {', '.join(f'{x}: {d:+.1f}' for x, d in diffs.items())} -> "
                  f"target (within 2 points at every length) **{'met' if verdict['retrieval'] else 'missed'}**.\n")
-    scores = [x["exact"] for r in ev.values() for x in r["retrieval"]["by_length"].values()]
-    if scores and max(scores) == 0:
+        for arm, r in ev.items():
+            if r["mode"] != "sparse" or r is A:
+                continue
+            d = {x: _get(r["retrieval"]["by_length"], x)["exact"] - _get(B["retrieval"]["by_length"], x)["exact"]
+                 for x in rl}
+            L.append(f"- {arm} minus dense control (points): {', '.join(f'{x}: {v:+.1f}' for x, v in d.items())}")
+        L.append("")
+    held, in_dist = _max_exact(ev, "retrieval"), _max_exact(ev, "retrieval_train_formats")
+    if held == 0:
         verdict["retrieval"] = "not informative (every model at 0%)"
         L.append("Every evaluated model, dense ones included, scores 0% here: at this training budget the suite does "
                  "not separate the arms by exact match (a 'within 2 points' verdict on it means nothing; the answer "
-                 "NLL, where measured, still compares them).\n")
+                 "NLL, where measured, still compares them)"
+                 + ("; the training formats below say whether the models retrieve at all" if in_dist is not None
+                    else "") + ".\n")
+    if in_dist is not None:
+        L.append("### The same tasks in the training formats (in-distribution formats, exact match %)\n")
+        L.append(f"New instances of the tasks in the training mixture's own formats (wordings, key alphabet, "
+                 f"densities, values per key, chain lengths), {s['retrieval_train_n']} per task and length, in the "
+                 "same held-out text and at the same lengths. Not the target (the held-out formats above are); it "
+                 "tells a model that retrieves but does not carry it to new formats from one that never learned to "
+                 "retrieve.\n")
+        _retrieval_rows(report, "retrieval_train_formats")
+        if in_dist == 0:
+            L.append("\nEvery model scores 0% on the training formats too: none learned the tasks at this budget.\n")
+        elif held == 0:
+            L.append("\nThe models retrieve in the training formats but not in the held-out ones: they learned the "
+                     "tasks' formats, not a retrieval that carries over.\n")
+        else:
+            L.append("")
 
 
 def _length_label(length: int, s: dict) -> str:
@@ -238,10 +278,16 @@ def retrieval_summary(report: "Report") -> dict:
             "retrieval_exact_pct": {str(x): (_get(r["retrieval"]["by_length"], x) or {}).get("exact")
                                     for x in s["retrieval_lengths"]},
         }
+        if "retrieval_train_formats" in r:  # beside the headline: the training formats
+            arms[label]["retrieval_train_formats_exact_pct"] = {
+                str(x): (_get(r["retrieval_train_formats"]["by_length"], x) or {}).get("exact")
+                for x in s["retrieval_lengths"]}
     return {"scale": res["scale"], "train_length": s["train_length"],
             "retrieval_lengths": list(s["retrieval_lengths"]),
             "extrapolation_lengths": [x for x in s["retrieval_lengths"] if x > s["train_length"]],
             "retrieval_items": f"{s['retrieval_n']} per task and length, tasks {', '.join(TASKS)}, held-out formats",
+            "retrieval_train_formats_items": f"{s['retrieval_train_n']} per task and length, the same tasks in the "
+                                             "training formats (in-distribution; not the target)",
             "arms": arms, "verdict": report.verdict}
 
 

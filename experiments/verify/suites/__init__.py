@@ -6,10 +6,11 @@ indexer's top-k recall of the dense attention mass at several lengths and k, wit
 code-like haystacks (single needle, multi-key needle, key-value recall in a long dict literal),
 scored by exact match of the greedy answer and the answer's log-likelihood. ``heldout``: the
 training mixture's tasks in held-out formats (``megatron_dsa.data.tasks.HELDOUT``), the items
-the study scores.
+the study scores, and the same tasks in the training formats (``build_task_suite`` with
+``TRAIN``), scored beside them.
 """
 
-from experiments.verify.suites.heldout import build_heldout_suite
+from experiments.verify.suites.heldout import build_heldout_suite, build_task_suite
 from experiments.verify.suites.loss import read_valid_tokens, validation_loss_at_lengths
 from experiments.verify.suites.recall import indexer_recall_at_lengths
 from experiments.verify.suites.retrieval import (
@@ -27,6 +28,7 @@ __all__ = [
     "build_heldout_suite",
     "build_items",
     "build_suite",
+    "build_task_suite",
     "indexer_recall_at_lengths",
     "model_predictor",
     "read_valid_tokens",
