@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Entry point of the DSA verification study (the code: ``experiments/verify``).
 
-    python experiments/verify_dsa.py --scale h200 --jobs 4   # one H200, ~25 GPU-minutes
+    python experiments/verify_dsa.py --scale h200 --jobs 4   # one H200, every arm
     python experiments/verify_dsa.py --scale smoke           # CPU, tiny model, a few minutes
 """
 

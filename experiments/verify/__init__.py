@@ -1,7 +1,9 @@
 """The DSA verification study on the small MoE: does sparse training keep the dense model's
 quality, what do sharing the indexer and other warm-up objectives cost, and how fast is it.
 
-    python experiments/verify_dsa.py --scale h200 --jobs 4   # one H200, ~25 GPU-minutes
+    python experiments/verify_dsa.py --scale h200 --jobs 4   # one H200, every arm
+    # the core comparison (dense control, per-layer, GLM-5.2 pattern, shared), ~17 GPU-minutes:
+    python experiments/verify_dsa.py --scale h200 --arms per_layer,pattern,shared --jobs 4 --stage corpus,pretrain,warmup,sparse,eval,report
     python experiments/verify_dsa.py --scale smoke           # CPU, tiny model, a few minutes
 
 Stages (``--stage NAME`` runs one; ``all``, the default, runs every stage not yet done; a

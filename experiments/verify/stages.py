@@ -61,8 +61,10 @@ def _text_corpus(e: Study) -> None:
     print(f"corpus: gathering up to {budget:,} bytes of .py/.txt/.rst from {stdlib} and {site}", flush=True)
     shutil.rmtree(src, ignore_errors=True)
     n_bytes = 0
-    # Half the budget from each (stdlib first), linked into one source tree.
-    for tag, root, cap in (("stdlib", stdlib, budget // 2), ("site_packages", site, budget - budget // 2)):
+    # Up to half the budget from the standard library, the rest from site-packages, linked into
+    # one source tree: a machine whose standard library is small still gets the whole budget.
+    for tag, root in (("stdlib", stdlib), ("site_packages", site)):
+        cap = budget // 2 if tag == "stdlib" else budget - n_bytes
         got = 0
         for dirpath, dirnames, filenames in os.walk(root):
             dirnames[:] = sorted(d for d in dirnames if d not in {"site-packages", "dist-packages", "__pycache__"}
