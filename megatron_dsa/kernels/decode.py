@@ -58,17 +58,21 @@ SPLIT_ROWS = 512  # at least this many cached rows per key split
 SELECT_PIECE = 4096
 SELECT_PIECES = 64
 SELECT_TILE = 1024
-# About one program per SM of an H100/H200: at 128 heads, batch 32, two key splits of the
-# sparse decode took 0.245 ms against four 0.279 (results/tune_decode_h200.json).
-TARGET_PROGRAMS = 132
+# Programs the key splits aim for. A sparse program reads a few hundred selected rows, so its
+# fixed cost (the query, the partial output) weighs: about one per SM (128 heads, batch 32: two
+# splits 0.245 ms against four 0.279, results/tune_decode_h200.json). A dense program streams
+# thousands of rows: two per SM hide the memory latency (16 heads, batch 32 at 128K: 2.4 ms
+# against 3.7 at one per SM).
+SPARSE_PROGRAMS = 132
+DENSE_PROGRAMS = 264
 # Indexer scoring: about this many programs in all (each scores a run of consecutive key blocks).
 INDEX_PROGRAMS = 2112
 
 
-def key_splits(capacity: int, batch: int, head_blocks: int) -> int:
-    """Programs per sequence over its keys: enough to give the GPU ~TARGET_PROGRAMS programs,
+def key_splits(capacity: int, batch: int, head_blocks: int, programs: int) -> int:
+    """Programs per sequence over its keys: enough to give the GPU about ``programs`` programs,
     each with at least SPLIT_ROWS rows of the cache's capacity."""
-    want = max(1, TARGET_PROGRAMS // max(1, batch * head_blocks))
+    want = max(1, programs // max(1, batch * head_blocks))
     return max(1, min(want, -(-capacity // SPLIT_ROWS)))
 
 
@@ -365,7 +369,7 @@ def _decode(q, kv_pool, block_table, lengths, topk_idx, v_dim: int, scale: float
     HB = head_block(H)
     NHB = triton.cdiv(H, HB)
     capacity = topk_idx.shape[1] if topk_idx is not None else block_table.shape[1] * kv_pool.shape[1]
-    splits = splits or key_splits(capacity, B, NHB)
+    splits = splits or key_splits(capacity, B, NHB, SPARSE_PROGRAMS if topk_idx is not None else DENSE_PROGRAMS)
     out = torch.empty(B, splits, H, v_dim, dtype=torch.float32, device=q.device)
     lse = torch.empty(B, splits, H, dtype=torch.float32, device=q.device)
     if B == 0:
