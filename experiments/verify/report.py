@@ -317,7 +317,7 @@ def _warmup(report: Report) -> None:
                     "by any indexer; the attention is that spread out." if ceiling < TARGETS["recall"] else ""))
     L.append("\nRecall is measured on each training batch with the arm's own top-k (k/S = "
              f"{s['topk'] / s['train_length']:.4g}); rows with fewer than k causal keys count as fully recalled, "
-             "as in training. The recall section below excludes them.\n")
+             "as in training." + (" The recall section below excludes them." if res["recall"] else "") + "\n")
 
 
 def _recall_after_warmup(report: Report) -> None:
