@@ -8,6 +8,7 @@ import re
 
 import numpy
 import pytest
+import torch
 
 from megatron_dsa.data import (
     DataError,
@@ -129,11 +130,13 @@ def test_bad_task_settings_raise(tok, text):
 
 def test_mixture_samples_are_whole_documents_with_their_answer_mask(mixture, tok, tmp_path):
     """Every GPTDataset sample (what the trainer reads) is one whole document, and the answer mask
-    beside it marks answers the solver finds in the sample's own text."""
+    beside it marks answers the solver finds in the sample's own text: also past the first epoch,
+    where megatron-core reshuffles the documents (a run longer than the mixture)."""
     tokens, mask = read_split_tokens(mixture, "train"), read_answer_mask(mixture, "train")
     assert len(tokens) == len(mask) and len(tokens) % SEQ == 0
     docs, masks = tokens.reshape(-1, SEQ), mask.reshape(-1, SEQ)
-    train, _ = build_gpt_datasets(mixture, SEQ, cache_dir=tmp_path / "cache")
+    train, _ = build_gpt_datasets(mixture, SEQ, cache_dir=tmp_path / "cache", train_samples=5 * len(docs) // 2)
+    assert len(train) >= 2 * len(docs)
     starts = {tuple(d[:16]): i for i, d in enumerate(docs)}
     solved = 0
     for i in range(0, len(train), max(1, len(train) // 12)):
@@ -164,6 +167,27 @@ def test_mixture_manifest_ratio_and_seed(mixture, corpus, tmp_path):
     assert again["splits"] == m["splits"]
     build_task_corpus(tmp_path / "other", corpus, SEQ, ratio=0.6, seed=4)
     assert not numpy.array_equal(read_split_tokens(tmp_path / "other", "train"), read_split_tokens(mixture, "train"))
+
+
+def _answer_spans(mask_row) -> int:
+    return int((numpy.diff(numpy.concatenate([[0], mask_row])) == 1).sum())
+
+
+def test_query_tokens_sets_the_queries_per_document(mixture, corpus, tmp_path):
+    """One query per ``query_tokens`` tokens of a task document (at least one): every task
+    document holds exactly that many answers, and the manifest says so."""
+    from megatron_dsa.data import load_manifest
+
+    assert load_manifest(mixture)["queries_per_document"] == 1  # the default QUERY_TOKENS > SEQ
+    m = build_task_corpus(tmp_path / "dense", corpus, SEQ, ratio=1.0, seed=3, query_tokens=256,
+                          tasks=["passkey", "multikey"])
+    assert (m["query_tokens"], m["queries_per_document"]) == (256, 2)
+    masks = read_answer_mask(tmp_path / "dense", "train").reshape(-1, SEQ)
+    assert [_answer_spans(row) for row in masks] == [2] * len(masks)
+    for bad in (0, -5, 1.5, True):
+        with pytest.raises(DataError, match="query_tokens"):
+            build_task_corpus(tmp_path / "bad", corpus, SEQ, query_tokens=bad)
+    assert not (tmp_path / "bad").exists()
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -257,6 +281,24 @@ def test_answer_loss_weight_marks_exactly_the_answer_labels(mixture, tmp_path):
     assert answers > 0
     assert read_answer_mask(mixture, "valid").sum() > 0  # the held-out split is weighted too
     assert any(valid[i]["loss_mask"].max() == 4.0 for i in range(len(valid)))
+
+
+def test_answer_weight_reaches_the_trainers_loss(mixture, tmp_path, megatron_world):
+    """The trainer's loss is the loss mask's weighted sum over the per-token losses (label
+    positions), divided by the mask's sum: a weighted sample's answer labels count 4 times."""
+    from megatron_dsa.train import trainer
+
+    weighted, _ = build_gpt_datasets(mixture, SEQ, answer_loss_weight=4.0, cache_dir=tmp_path / "w")
+    item = next(weighted[i] for i in range(len(weighted)) if weighted[i]["loss_mask"].max() == 4.0)
+    mask = item["loss_mask"][None]
+    answers = mask == 4.0
+    losses = torch.where(answers, 2.0, 1.0)  # per-token losses as the model returns them, [b, s]
+    trainer._pop_layer_metrics()
+    loss, num_tokens, report = trainer.loss_func(mask, None, "sparse", losses)
+    n_answers, n_other = int(answers.sum()), int((~answers).sum())
+    assert float(loss) == pytest.approx(4 * 2.0 * n_answers + n_other)
+    assert int(num_tokens) == 4 * n_answers + n_other
+    assert report["lm loss"].tolist() == pytest.approx([float(loss), int(num_tokens)])
 
 
 def test_answer_loss_weight_needs_a_task_mixture_and_a_positive_weight(mixture, corpus, tmp_path):

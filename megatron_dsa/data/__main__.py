@@ -14,7 +14,7 @@ from megatron_dsa.data.corpus import (
     DataError,
     build_corpus,
 )
-from megatron_dsa.data.mixture import build_task_corpus
+from megatron_dsa.data.mixture import QUERY_TOKENS, build_task_corpus
 from megatron_dsa.data.tasks import TASKS
 
 
@@ -48,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     tasks.add_argument("--ratio", type=float, default=0.5, help="share of documents with a task (default: %(default)s)")
     tasks.add_argument("--seed", type=int, default=0)
     tasks.add_argument("--tasks", default=",".join(TASKS), help="comma-separated (default: %(default)s)")
+    tasks.add_argument("--query-tokens", type=int, default=QUERY_TOKENS,
+                       help="one query per this many tokens of a task document (default: %(default)s)")
     tasks.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     return parser
 
@@ -67,7 +69,8 @@ def _run(build, report) -> int:
 
 def _report_tasks(args, manifest, seconds) -> None:
     print(f"task corpus {args.out} from {args.base} in {seconds:.1f}s: "
-          f"seq_length {manifest['seq_length']}, ratio {manifest['ratio']}, seed {manifest['seed']}")
+          f"seq_length {manifest['seq_length']}, ratio {manifest['ratio']}, seed {manifest['seed']}, "
+          f"{manifest['queries_per_document']} queries per task document")
     for name, split in manifest["splits"].items():
         print(f"  {name}: {split['documents']} documents ({split['task_documents']} with tasks), "
               f"{split['answer_tokens']} answer tokens")
@@ -86,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "build-tasks":
         return _run(lambda: build_task_corpus(args.out, args.base, args.seq_length, ratio=args.ratio, seed=args.seed,
-                                              tasks=args.tasks.split(","), overwrite=args.overwrite),
+                                              tasks=args.tasks.split(","), query_tokens=args.query_tokens,
+                                              overwrite=args.overwrite),
                     lambda manifest, seconds: _report_tasks(args, manifest, seconds))
     return _run(lambda: build_corpus(args.out, args.source, args.vocab_size, extensions=args.extensions.split(","),
                                      max_bytes=args.max_bytes, valid_fraction=args.valid_fraction,

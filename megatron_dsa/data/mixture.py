@@ -14,8 +14,9 @@ layout, so the trainer reads it through the same ``GPTDataset`` path::
 Each document is the next ``seq_length - 1`` tokens of the split's natural text (documents
 joined by newlines); a ``ratio`` share of them (chosen per document from ``seed``) carry one
 task of ``tasks`` in the training format family (``tasks.TRAIN``): facts and their queries
-spread over the whole document, ``seq_length // QUERY_TOKENS`` queries each, so the distance
-from a fact to its query ranges over the whole context. Because every document is one
+spread over the whole document, ``seq_length // query_tokens`` queries each (at least one;
+``query_tokens`` defaults to ``QUERY_TOKENS``), so the distance from a fact to its query ranges
+over the whole context. Because every document is one
 training sequence long, megatron-core's GPTDataset cuts each sample out of exactly one document
 (a task never straddles two samples): a run must train at the corpus's ``seq_length``, which
 ``check_corpus_for_run`` (the trainer's preflight) enforces.
@@ -46,7 +47,7 @@ from megatron_dsa.data.corpus import (
 from megatron_dsa.data.tasks import TASKS, TRAIN, TaskError, task_text
 
 CORPUS_KINDS = ("text", "tasks")
-QUERY_TOKENS = 2048  # one query per this many tokens of a task document
+QUERY_TOKENS = 2048  # default: one query per this many tokens of a task document
 MASK_PREFIX = {"train": "train_answer_mask", "valid": "valid_answer_mask"}
 
 
@@ -103,11 +104,14 @@ def _task_text(task: str, length: int, filler: list[int], tokenizer, rng: random
                 raise DataError(f"seq_length {length + 1} is too short for the task mixture: {error}") from None
 
 
+def queries_per_document(seq_length: int, query_tokens: int) -> int:
+    return max(1, seq_length // query_tokens)
+
+
 def _documents(stream: list[int], seq_length: int, ratio: float, seed: int, split: str,
-               tasks: tuple[str, ...], tokenizer, eod: int, stats: dict):
+               tasks: tuple[str, ...], tokenizer, eod: int, stats: dict, queries: int):
     """(tokens, answer mask) of each document of one split."""
     content = seq_length - 1
-    queries = max(1, seq_length // QUERY_TOKENS)
     for i in range(len(stream) // content):
         window = stream[i * content:(i + 1) * content]
         rng = random.Random(f"{seed}:{split}:{i}")
@@ -122,7 +126,7 @@ def _documents(stream: list[int], seq_length: int, ratio: float, seed: int, spli
 
 
 def build_task_corpus(out, base, seq_length: int, *, ratio: float = 0.5, seed: int = 0,
-                      tasks=TASKS, overwrite: bool = False) -> dict:
+                      tasks=TASKS, query_tokens: int = QUERY_TOKENS, overwrite: bool = False) -> dict:
     """Write the task mixture of the corpus at ``base`` to ``out`` (see the module docstring);
     nothing is left at ``out`` when it fails. Returns the manifest."""
     out_dir, base_dir = Path(out).absolute(), Path(base).absolute()
@@ -137,6 +141,10 @@ def build_task_corpus(out, base, seq_length: int, *, ratio: float = 0.5, seed: i
         raise DataError(f"tasks must be a non-empty subset of {list(TASKS)}, got {list(tasks)}")
     if isinstance(seq_length, bool) or not isinstance(seq_length, int) or seq_length < 2:
         raise DataError(f"seq_length must be an integer >= 2, got {seq_length!r}")
+    if isinstance(query_tokens, bool) or not isinstance(query_tokens, int) or query_tokens < 1:
+        raise DataError(f"query_tokens (one query per this many tokens) must be a positive integer, "
+                        f"got {query_tokens!r}")
+    queries = queries_per_document(seq_length, query_tokens)
     base_manifest = load_manifest(base_dir)
     if corpus_kind(base_manifest) != "text":
         raise DataError(f"the base corpus {base_dir} must be a text corpus, not {corpus_kind(base_manifest)!r}")
@@ -150,15 +158,15 @@ def build_task_corpus(out, base, seq_length: int, *, ratio: float = 0.5, seed: i
                             f"documents of seq_length {seq_length}")
     probe = random.Random(seed)  # every task fits the length: one clear error before any file is written
     for task in tasks:
-        _task_text(task, seq_length - 1, streams["valid"][:seq_length - 1], tokenizer, probe,
-                   max(1, seq_length // QUERY_TOKENS))
+        _task_text(task, seq_length - 1, streams["valid"][:seq_length - 1], tokenizer, probe, queries)
 
     with staged_directory(out_dir) as staging:
         shutil.copyfile(base_dir / base_manifest["tokenizer"], staging / base_manifest["tokenizer"])
         splits = {}
         for split, prefix in (("train", "train_text_document"), ("valid", "valid_text_document")):
             stats = {"task_documents": {}, "answer_tokens": 0}
-            docs = list(_documents(streams[split], seq_length, ratio, seed, split, tasks, tokenizer, eod, stats))
+            docs = list(_documents(streams[split], seq_length, ratio, seed, split, tasks, tokenizer, eod, stats,
+                                   queries))
             n_docs, n_tokens = write_indexed_dataset(staging / prefix, (d for d, _ in docs), tokenizer.vocab_size)
             write_indexed_dataset(staging / MASK_PREFIX[split], (m for _, m in docs), 2)
             validate_indexed_dataset(staging / prefix)
@@ -169,7 +177,7 @@ def build_task_corpus(out, base, seq_length: int, *, ratio: float = 0.5, seed: i
             **{k: base_manifest[k] for k in ("tokenizer", "tokenizer_type", "vocab_size", "eod", "pad", "dtype")},
             "version": MANIFEST_VERSION, "kind": "tasks", "base": str(base_dir), "seq_length": seq_length,
             "ratio": ratio, "seed": seed, "tasks": list(tasks), "family": TRAIN.name,
-            "queries_per_document": max(1, seq_length // QUERY_TOKENS), "splits": splits,
+            "query_tokens": query_tokens, "queries_per_document": queries, "splits": splits,
         }
         (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
