@@ -101,6 +101,25 @@ def test_every_arm_gives_a_valid_model_config(scale, tmp_path):
                 assert all(selects)
 
 
+@pytest.mark.parametrize("scale", ["smoke", "pilot", "h200", "h200_2k"])
+def test_every_scale_pretrains_at_its_training_length(scale, tmp_path):
+    """A scale's pretraining overrides load as a run config at the scale's training length and
+    top-k, on a model that holds that length."""
+    from argparse import Namespace
+
+    from experiments.verify.settings import SCALES
+    from experiments.verify.stages import phase_overrides
+    from experiments.verify.study import Study
+    from megatron_dsa.model import model_config, resolve_size
+
+    e = Study(Namespace(scale=scale, out=str(tmp_path), report_dir=None, force=False))
+    cfg = load_config(RECIPES / "h200_pretrain.yaml", phase_overrides(e, "pretrain", "pretrain", []))
+    s = SCALES[scale]
+    assert cfg.data["seq_length"] == s["train_length"] <= resolve_size(cfg.model["size"]).max_seq_len
+    assert cfg.model["overrides"]["dsa_indexer_topk"] == s["topk"] and cfg.data["answer_loss_weight"] == 4.0
+    model_config(cfg.model["size"], **cfg.model["overrides"])
+
+
 # One reuse arm of each kind (every N layers, GLM-5.2's pattern) and one objective arm: the
 # others of each kind run the same code path.
 ARMS = ["per_layer", "shared", "freq2", "pattern", "obj_listwise"]

@@ -190,6 +190,22 @@ def test_query_tokens_sets_the_queries_per_document(mixture, corpus, tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
+@pytest.mark.parametrize("scale", ["h200", "h200_2k", "pilot"])
+def test_the_studys_mixtures_fit_their_training_length(tok, text, scale):
+    """Every task at its densest, with the queries a scale's mixture asks per document, fits the
+    scale's training length (tokenized with this small vocabulary, longer than the study's)."""
+    from experiments.verify.settings import SCALES
+    from megatron_dsa.data.mixture import queries_per_document
+
+    s = SCALES[scale]
+    length, queries = s["train_length"], queries_per_document(s["train_length"], s["tasks"]["query_tokens"])
+    assert queries >= length // 512  # at least one query per 512 tokens: dense enough to learn from
+    rng = random.Random(0)
+    for task in TASKS:
+        t = task_text(task, TRAIN, length - 1, text, tok, rng, queries=queries, density=max(TRAIN.densities))
+        assert len(t.queries) == queries
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(seq_length=SEQ, ratio=0.0), "ratio"),
     (dict(seq_length=SEQ, ratio=1.5), "ratio"),

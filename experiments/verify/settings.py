@@ -71,7 +71,7 @@ SCALES = {
         overrides={"all": [f"data.answer_loss_weight={ANSWER_LOSS_WEIGHT}"]},
         loss_lengths=(4096, 8192, 16384, 32768), loss_max_total=65536,
         retrieval_lengths=(4096, 8192, 16384, 32768), retrieval_n=10, retrieval_train_n=2,
-        tasks=dict(ratio=1.0, seed=0),
+        tasks=dict(ratio=1.0, seed=0, query_tokens=256),
         recall_lengths=(4096, 16384), recall_ratios=(1 / 64, 1 / 32, 1 / 16), recall_max_total=32768,
         train_length=16384, topk=512, bench=True, speed_args=["--seq", "16384", "--topk", "512"],
     ),
@@ -95,16 +95,54 @@ SCALES = {
         recall_lengths=(128, 256), recall_ratios=(1 / 16, 1 / 8), recall_max_total=512,
         train_length=256, topk=16, bench=False, speed_args=None,
     ),
+    # Can the pipeline teach retrieval at all? The tiny model, dense, at 512 tokens on a mixture
+    # with a task in every document and three queries each (one per 160 tokens), on CPU in about 10 minutes;
+    # scored on the training formats (run: --stage corpus,pretrain, then --stage eval --task pretrain).
+    "pilot": dict(
+        vocab_size=512, max_bytes=3_000_000, valid_fraction=0.05,
+        overrides={
+            "all": ["model.size=tiny", "data.seq_length=512", "model.overrides.dsa_indexer_topk=32",
+                    f"data.answer_loss_weight={ANSWER_LOSS_WEIGHT}",
+                    "megatron.bf16=false", "train.micro_batch_size=4", "train.global_batch_size=4",
+                    "eval.iters=4", "logging.interval=25"],
+            "pretrain": ["train.iters=600", "train.lr_warmup_iters=30", "train.lr=3e-3", "train.min_lr=3e-4",
+                         "eval.interval=300", "checkpoint.interval=600"],
+        },
+        loss_lengths=(128, 512), loss_max_total=8192,
+        retrieval_lengths=(512,), retrieval_n=4, retrieval_train_n=20,
+        tasks=dict(ratio=1.0, seed=0, query_tokens=160),
+        recall_lengths=(512,), recall_ratios=(1 / 16,), recall_max_total=2048,
+        train_length=512, topk=32, bench=False, speed_args=None,
+    ),
 }
+# The first question of the next H200 sitting, about 3 GPU-minutes: does the small model learn to
+# retrieve at all when the distances are short and the queries dense (one per 256 tokens, 8 per
+# 2K document; the 16K run saw 12,800 queries in 400 steps, this one sees 77,000 in 600)? Run
+# --stage corpus,pretrain, then --stage eval --task pretrain (training formats at 2K and 4K).
+SCALES["h200_2k"] = dict(
+    SCALES["h200"],
+    overrides={
+        "all": [f"data.answer_loss_weight={ANSWER_LOSS_WEIGHT}", "data.seq_length=2048",
+                "model.overrides.dsa_indexer_topk=64", "train.micro_batch_size=4", "train.global_batch_size=16"],
+        "pretrain": ["train.iters=600", "train.lr_warmup_iters=60", "eval.interval=300", "checkpoint.interval=600"],
+    },
+    loss_lengths=(1024, 2048, 4096), retrieval_lengths=(2048, 4096), retrieval_n=10, retrieval_train_n=10,
+    tasks=dict(ratio=1.0, seed=0, query_tokens=256),
+    recall_lengths=(2048,), recall_ratios=(1 / 32, 1 / 16), train_length=2048, topk=64, bench=False, speed_args=None,
+)
 # The training mixture (megatron_dsa.data.mixture) is built for train_length: ``tasks`` gives the
-# share of its documents that carry a task and the generator's seed; the held-out retrieval items
+# share of its documents that carry a task, the generator's seed and (query_tokens) one query per
+# that many tokens of a task document; the held-out retrieval items
 # (suites.heldout) are scored at retrieval_lengths, those above train_length as extrapolation,
 # retrieval_n per task and length, and retrieval_train_n items in the training formats beside them.
 # At h200: 96 MB of code is about 30M tokens, so the pretraining's 26M see each document (and
 # each task instance) about once, with nothing to memorise from a second pass; a task in every
 # document, because its segments are a few percent of the document's tokens and retrieval must be
 # learned in the pretraining; 10 items per task make one item 2 points of a length's exact match,
-# the width of the target's margin (at 6, one item was 3.3 points).
+# the width of the target's margin (at 6, one item was 3.3 points). A query per 256 tokens (64 per
+# 16K document, answers ~3.5% of the tokens): at one per 2048 (8 per document, 0.45% answer
+# tokens) 26M tokens taught no model to retrieve, not even in the training formats (answer NLL
+# 2.4-2.5 nats, the cost of guessing digits).
 TARGETS = {"loss_rel": 0.01, "retrieval_points": 2.0, "kl_drop": 5.0, "recall": 0.90}
 
 # The report's warm-up step measured as one 131072-token micro-batch (bench_model_step.py).

@@ -32,7 +32,7 @@ def stage_corpus(e: Study) -> None:
     try:
         if not e.force:
             manifest = check_corpus_for_run(e.data, "tasks", e.s["train_length"])
-            if all(manifest[k] == v for k, v in e.s["tasks"].items()):
+            if all(manifest.get(k) == v for k, v in e.s["tasks"].items()):  # older manifests lack some keys
                 print(f"corpus: reusing the task mixture {e.data}")
                 return
     except DataError:
