@@ -171,8 +171,9 @@ def test_indexer_topk_selection_paths(cap, monkeypatch):
     ref = R.indexer_topk(q, k, w, topk)
     mask = R.causal_mask(torch.arange(S, device=DEV), torch.arange(S, device=DEV))
     _check_topk(got, ref, R.indexer_scores(q, k, w), mask, 1e-4)
-    unordered = K.indexer_topk(q, k, w, topk, ordered=False)
-    assert torch.equal(unordered.sort(-1).values, got.sort(-1).values)
+    if cap == 2:  # ordered=False only skips the sort after the selection: one path checks it
+        unordered = K.indexer_topk(q, k, w, topk, ordered=False)
+        assert torch.equal(unordered.sort(-1).values, got.sort(-1).values)
 
 
 @pytest.mark.parametrize("B,S,HI,DI,topk", [(1, 150, 4, 64, 32)])
@@ -204,12 +205,12 @@ def test_indexer_topk_fp8(B, S, HI, DI, topk):
 ATTN_CASES = [
     # B, S, H, v_dim, rope, topk, dtype
     (1, 50, 3, 32, 16, 24, torch.float32),
-    (2, 37, 16, 64, 32, 40, torch.bfloat16),  # topk > S: -1 tails
+    (2, 21, 16, 64, 32, 24, torch.bfloat16),  # topk > S: -1 tails (two partial key tiles of 16)
     (1, 20, 2, 48, 0, 8, torch.float32),  # v_dim not a power of two, no rope part
     (1, 9, 2, 512, 64, 8, torch.bfloat16),  # the 671B model's 576 / 512 dims
     (1, 19, 64, 32, 16, 8, torch.float32),  # one 64-head block (GLM-5's heads per GPU)
     (1, 13, 128, 32, 16, 8, torch.bfloat16),  # two blocks (DeepSeek-V3.2 at TP=1)
-    (2, 11, 70, 48, 16, 8, torch.float32),  # a partial second block, v_dim not a power of two
+    (1, 11, 70, 48, 16, 8, torch.float32),  # a partial second block, v_dim not a power of two
     (1, 9, 2, 512, 64, 8, torch.float32),
 ]
 
@@ -371,7 +372,8 @@ def test_kl_target_either_layout_equals_the_reference(H, keys_rows):
 def test_sparse_backward_crowded_keys(dtype, variant):
     """Duplicate selections across queries: the per-key reduction (dkv, dk_idx) must sum every
     (query, slot) pair that chose the key, in every key range."""
-    B, S, Sk, H, v_dim, rope, HI, DI, topk, hot = 2, 41, 29, 4, 32, 16, 3, 16, 12, 13
+    # More queries than keys, ~20 queries choosing each hot key per batch row.
+    B, S, Sk, H, v_dim, rope, HI, DI, topk, hot = 2, 31, 29, 4, 32, 16, 3, 16, 12, 13
     D = v_dim + rope
     q = torch.randn(B, S, H, D, device=DEV).to(dtype).requires_grad_()
     kv = torch.randn(B, Sk, D, device=DEV).to(dtype).requires_grad_()
