@@ -49,7 +49,7 @@ from ..kernel_options import DEFAULT_OPTIONS, KernelOptions, Tiles
 # against 3 stages 0.32 / 0.53; more key splits than the rule's were slower.
 DECODE_ATTN = dict(BK=64, num_stages=2)
 # Indexer scoring, H200 at 128K (results/tune_decode_h200.json): 64 keys a block over ~2112
-# programs, 0.35 / 0.66 ms at batch 32 / 64 against one program per 128-key block 0.37 / 0.75;
+# programs, 0.35 / 0.68 ms at batch 32 / 64 against one program per 128-key block 0.37 / 0.73;
 # pipelining stages were slower.
 DECODE_INDEX = Tiles(BK=64, num_warps=4, num_stages=1)
 SPLIT_ROWS = 512  # at least this many cached rows per key split
@@ -142,8 +142,8 @@ if HAS_TRITON:
         HIP: tl.constexpr, DI: tl.constexpr, DIP: tl.constexpr, BN: tl.constexpr, SCALED: tl.constexpr,
         IEEE: tl.constexpr, UPCAST: tl.constexpr,
     ):
-        # One program scores ``per_program`` consecutive blocks of BN keys: the query and weights
-        # are loaded once, and the loop's key loads are pipelined across blocks.
+        # One program scores ``per_program`` consecutive blocks of BN keys with the query and
+        # weights loaded once (pipelining the key loads measured slower: one stage by default).
         b = tl.program_id(1).to(tl.int64)
         n = tl.load(LEN + b)
         j = tl.arange(0, HIP)
