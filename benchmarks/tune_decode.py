@@ -42,9 +42,11 @@ INDEX_VARIANTS = [
     ("(64,4,1) one block each", (64, 4, 1), ONE_BLOCK_EACH),
     ("(64,4,1) 1056", (64, 4, 1), 1056),
     ("(64,4,1) 4224", (64, 4, 1), 4224),
+    ("(64,4,2) 2112", (64, 4, 2), 2112),
     ("(64,8,1) 2112", (64, 8, 1), 2112),
     ("(32,4,1) 4224", (32, 4, 1), 4224),
-    ("(128,4,1) one block each", (128, 4, 1), ONE_BLOCK_EACH),
+    ("(128,4,1) 2112", (128, 4, 1), 2112),
+    ("(128,8,1) 2112", (128, 8, 1), 2112),
 ]
 # (label, decode_attn tiles or None for the default, key splits or None for the rule, the
 # selection's row order: position (as the engine's decode asks) or score)

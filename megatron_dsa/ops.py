@@ -137,9 +137,7 @@ def fp8_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     twin (bit-identical), so a cache written on either device holds the same bytes."""
     if x.is_cuda and triton_available():
         return _kernels().fp8_quantize(x)
-    from megatron_dsa.kernels.indexer import fp8_quantize_reference
-
-    return fp8_quantize_reference(x)
+    return reference.fp8_quantize(x)
 
 
 def decode_backend(kind: str, device: torch.device, options: KernelOptions = DEFAULT_OPTIONS) -> SimpleNamespace:

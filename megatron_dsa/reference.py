@@ -750,9 +750,37 @@ def paged_rows(pool: torch.Tensor, block_table: torch.Tensor, positions: torch.T
     return pool[blocks, pos % bs]
 
 
+# FP8 (e4m3) with one scale per vector, as DeepSeek-V3.2's indexer quantises its queries and keys.
+FP8_MAX = 448.0
+FP8_AMAX_MIN = 1e-4
+
+
+def fp8_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-vector (last dim) e4m3 quantisation of x [B, N, ..., D]: scale = max(amax, 1e-4) *
+    (1 / 448). Returns (x8, fp32 scale [B, N, ...]), x ~ x8 * scale.
+
+    The scale multiplies by the fp32 reciprocal rather than dividing: PyTorch divides by a
+    scalar that way on CUDA and exactly on the CPU, so a division would differ by an ulp
+    between devices; a multiplication is the same everywhere."""
+    scale = x.abs().amax(dim=-1).float().clamp_min(FP8_AMAX_MIN) * (1.0 / FP8_MAX)
+    x8 = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
+    # Chunked over dim 1 so the fp32 temporary stays small.
+    step = max(1, (1 << 26) // max(1, x[:, :1].numel())) if x.dim() > 2 else x.shape[1]
+    for t0 in range(0, x.shape[1], step):
+        xs = x[:, t0 : t0 + step].float() / scale[:, t0 : t0 + step, ..., None]
+        x8[:, t0 : t0 + step] = xs.clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return x8, scale
+
+
 def dequantize_keys(keys: torch.Tensor, scales: Optional[torch.Tensor]) -> torch.Tensor:
     """Cached indexer keys in fp32: FP8 keys times their per-token scale, others upcast."""
     return _up(keys) if scales is None else keys.float() * scales[..., None]
+
+
+def fp8_rounded(x: torch.Tensor) -> torch.Tensor:
+    """x [B, N, ..., D] in fp32 as the FP8 indexer sees it: each vector quantised to e4m3 with
+    its own scale (``fp8_quantize``), then scaled back."""
+    return dequantize_keys(*fp8_quantize(x))
 
 
 def paged_indexer_topk(
@@ -771,11 +799,16 @@ def paged_indexer_topk(
     lengths [B]. Returns token positions [B, topk] int64, -1 padded: ``min(topk, lengths[b])``
     entries, ordered and tie-broken as ``topk_from_scores``. ``ordered=False`` lets a backend
     skip ordering each row by score (the same set); these rows are ordered either way.
+
+    With FP8 keys the query is quantised too, per head (``fp8_quantize``), so both operands of
+    the products are e4m3 as in DeepSeek-V3.2's inference code and the training's FP8 indexer.
     """
     n = int(lengths.max())
     pos = torch.arange(n, device=q.device)[None].expand(q.shape[0], -1)
     keys = dequantize_keys(paged_rows(key_pool, block_table, pos),
                            None if key_scales is None else paged_rows(key_scales, block_table, pos))
+    if key_scales is not None:
+        q = fp8_rounded(q)
     scores = indexer_scores(q[:, None], keys, w[:, None])[:, 0]  # [B, n]
     return topk_from_scores(scores, pos < lengths[:, None].to(q.device), topk)
 

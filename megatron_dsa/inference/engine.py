@@ -139,6 +139,8 @@ class DSAInference:
         slots = cache.slots(torch.tensor([seq], device=h.device), positions[None])[0]
         cache.write(i, slots, latent.reshape(T, -1), None if ik is None else ik[0])
         kv_all, ik_all = cache.rows(i, seq, start + T)
+        if selects and cache.key_format == "fp8":  # FP8 keys are scored with an FP8 query, as the decode does
+            qi = R.fp8_rounded(qi).to(qi.dtype)
         res = dsa_core(
             self.parallel, self.mode, query.transpose(0, 1), kv_all, core.v_dim, core.softmax_scale,
             self.config.dsa.topk, indexer=(qi, ik_all.to(qi.dtype), wi) if selects else None, q_pos=positions,

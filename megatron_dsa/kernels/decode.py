@@ -19,8 +19,10 @@ change from one step to the next, as a CUDA graph needs.
 
 Indexer: each program scores a run of consecutive blocks of a sequence's keys against every
 indexer head of the decoding token, with the keys as the product's rows so that the weighted
-sum over heads stays within each row's threads. FP8 keys are widened to the query's dtype (exact
-for e4m3) and their per-token scale multiplies the head sum (ReLU commutes with a positive scale).
+sum over heads stays within each row's threads. With FP8 keys the program quantises the query
+per head (``reference.fp8_quantize``) and multiplies e4m3 by e4m3 on the tensor cores; the
+query's scales fold into the weights and the keys' per-token scale multiplies the head sum
+(ReLU commutes with a positive scale).
 
 Top-k (``select_topk``): an exact radix select on the scores' 32-bit order keys, 8 bits a round,
 spread over pieces of each row so that a batch of a few long rows fills the GPU: per round one
@@ -39,7 +41,7 @@ from typing import Optional
 import torch
 
 from ._common import HAS_TRITON, _dot, _softmax_finish, _softmax_step, interpreting, is_fp32, next_pow2, split_pow2, triton, tl
-from .indexer import _digit_hist, _order_key, _threshold_digit
+from .indexer import _digit_hist, _e4m3_rows, _order_key, _threshold_digit
 from .sparse_attn import _tile_mask, head_block
 from ..kernel_options import DEFAULT_OPTIONS, KernelOptions, Tiles
 
@@ -48,10 +50,13 @@ from ..kernel_options import DEFAULT_OPTIONS, KernelOptions, Tiles
 # H200, 128 heads, 128K (results/tune_decode_attn_h200.json): 2 stages 0.30 / 0.45 ms at batch 32 / 64
 # against 3 stages 0.32 / 0.53; more key splits than the rule's were slower.
 DECODE_ATTN = dict(BK=64, num_stages=2)
-# Indexer scoring, H200 at 128K (results/tune_decode_h200.json): 64 keys a block over ~2112
-# programs, 0.35 / 0.68 ms at batch 32 / 64 against one program per 128-key block 0.37 / 0.73;
-# pipelining stages were slower.
-DECODE_INDEX = Tiles(BK=64, num_warps=4, num_stages=1)
+# Indexer scoring with e4m3 products, H200, 128 heads at 128K (results/tune_decode_h200.json):
+# 128 keys a block over ~2112 programs, 0.283 / 0.528 ms at batch 32 / 64, against 64 keys
+# 0.331 / 0.667, 8 warps 0.293 / 0.552, two pipelining stages (64 keys) 0.342 / 0.651. Below
+# INDEX_PROGRAMS blocks of 128 keys (a batch of one or a few sequences) the half-size block
+# (DECODE_INDEX_SMALL) keeps twice the programs in flight.
+DECODE_INDEX = Tiles(BK=128, num_warps=4, num_stages=1)
+DECODE_INDEX_SMALL = Tiles(BK=64, num_warps=4, num_stages=1)
 SPLIT_ROWS = 512  # at least this many cached rows per key split
 # Top-k: scores per piece of a row (at least; more for rows over SELECT_PIECES pieces) and per
 # tile of a piece's loops.
@@ -151,8 +156,12 @@ if HAS_TRITON:
         d = tl.arange(0, DIP)
         q = tl.load(Q + b * stride_qb + j[:, None] * stride_qh + d[None, :], mask=jm[:, None] & (d < DI)[None, :],
                     other=0.0)
-        qt = tl.trans(q)
         w = tl.load(W + b * stride_wb + j, mask=jm, other=0.0).to(tl.float32)
+        if SCALED:  # FP8 keys: the query quantised per head too, its scale folded into w
+            q8, q_scale = _e4m3_rows(q.to(tl.float32))
+            q = q8.to(tl.float8e4nv)
+            w = w * q_scale
+        qt = tl.trans(q)
         first = tl.program_id(0) * per_program
         for i in range(0, per_program):
             pos = (first + i) * BN + tl.arange(0, BN)
@@ -164,7 +173,7 @@ if HAS_TRITON:
                         mask=valid[:, None] & (d < DI)[None, :], other=0.0)
             # Keys as the product's rows: the sum over heads stays within a row's threads
             # (heads as rows would reduce across warps through shared memory every block).
-            dots = _dot(k.to(q.dtype), qt, IEEE, UPCAST)  # [BN, HIP]
+            dots = _dot(k.to(q.dtype), qt, IEEE, UPCAST)  # [BN, HIP]; FP8 x FP8 with FP8 keys
             score = tl.sum(tl.maximum(dots, 0.0) * w[None, :], axis=1)
             if SCALED:  # ReLU commutes with the positive per-key scale
                 score = score * tl.load(KS + block * stride_ks_block + row, mask=valid, other=0.0)
@@ -276,16 +285,16 @@ def paged_indexer_scores(q, w, key_pool, key_scales, block_table, lengths, width
     scores = torch.empty(B, width, dtype=torch.float32, device=q.device)
     if B == 0 or width == 0:
         return scores
-    fp8 = key_scales is not None
+    fp8 = key_scales is not None  # the kernel quantises the query per head (e4m3 products)
     qd = q if (fp8 or q.dtype == key_pool.dtype) else q.to(key_pool.dtype)
-    if fp8 and qd.dtype == torch.float32 and not interpreting():
-        qd = qd.to(torch.bfloat16)  # e4m3 keys are exact in bf16: bf16 tensor cores
     qd, wc = qd.contiguous(), w.float().contiguous()
     ks = key_scales if fp8 else scores
-    ieee = is_fp32(qd)
-    tiles = options.decode_index or DECODE_INDEX
+    ieee = is_fp32(qd) and not fp8
+    programs = programs or INDEX_PROGRAMS
+    tiles = options.decode_index or (DECODE_INDEX if B * triton.cdiv(width, DECODE_INDEX.BK) >= programs
+                                     else DECODE_INDEX_SMALL)
     n_blocks = triton.cdiv(width, tiles.BK)
-    per_program = triton.cdiv(n_blocks, max(1, min(n_blocks, (programs or INDEX_PROGRAMS) // B)))
+    per_program = triton.cdiv(n_blocks, max(1, min(n_blocks, programs // B)))
     _paged_indexer_scores_kernel[(triton.cdiv(n_blocks, per_program), B)](
         qd, wc, key_pool, ks, block_table, lengths, scores,
         HI, bs, per_program,

@@ -25,10 +25,10 @@ from typing import Optional
 
 import torch
 
+from ..kernel_options import DEFAULT_OPTIONS, KernelOptions
+from ..reference import FP8_AMAX_MIN, FP8_MAX
 from ._common import HAS_TRITON, _dot, interpreting, is_fp32, next_pow2, triton, tl
 
-FP8_MAX = 448.0
-FP8_AMAX_MIN = 1e-4
 # Elements of one query chunk's fp32 score buffer (B * chunk * Sk).
 SCORE_CHUNK_ELEMENTS = 1 << 29  # 2 GiB of fp32
 # Scoring-kernel launch configs per operand type (GPU); benchmarks/tune_dsa.py measures others.
@@ -251,18 +251,27 @@ if HAS_TRITON:
         sign = y.to(tl.int32, bitcast=True) & -2147483648  # keeps -0.0
         return (r | sign).to(tl.float32, bitcast=True)
 
+    _FP8_MAX = tl.constexpr(FP8_MAX)
+    _FP8_INV_MAX = tl.constexpr(1.0 / FP8_MAX)
+    _FP8_AMAX_MIN = tl.constexpr(FP8_AMAX_MIN)
+
     @triton.jit
-    def _fp8_quantize_kernel(X, Y, SC, n_rows, D: tl.constexpr, DP: tl.constexpr, R: tl.constexpr,
-                             AMAX_MIN: tl.constexpr, FMAX: tl.constexpr, INV_FMAX: tl.constexpr):
+    def _e4m3_rows(x):
+        """``reference.fp8_quantize`` of each row of x [R, D] fp32 (zero padding changes no
+        amax): the e4m3 values, still in fp32 (exact), and the per-row scales."""
+        scale = tl.maximum(tl.max(tl.abs(x), axis=1), _FP8_AMAX_MIN) * _FP8_INV_MAX
+        y = tl.math.div_rn(x, scale[:, None])  # IEEE division, as PyTorch's
+        y = tl.minimum(tl.maximum(y, -_FP8_MAX), _FP8_MAX)
+        return _round_to_e4m3(y), scale
+
+    @triton.jit
+    def _fp8_quantize_kernel(X, Y, SC, n_rows, D: tl.constexpr, DP: tl.constexpr, R: tl.constexpr):
         rows = tl.program_id(0) * R + tl.arange(0, R)
         d = tl.arange(0, DP)
         msk = (rows < n_rows)[:, None] & (d < D)[None, :]
         offs = rows.to(tl.int64)[:, None] * D + d[None, :]
-        x = tl.load(X + offs, mask=msk, other=0.0).to(tl.float32)
-        scale = tl.maximum(tl.max(tl.abs(x), axis=1), AMAX_MIN) * INV_FMAX
-        y = tl.math.div_rn(x, scale[:, None])  # IEEE division, as PyTorch's
-        y = tl.minimum(tl.maximum(y, -FMAX), FMAX)
-        tl.store(Y + offs, _round_to_e4m3(y).to(tl.float8e4nv), mask=msk)
+        y, scale = _e4m3_rows(tl.load(X + offs, mask=msk, other=0.0).to(tl.float32))
+        tl.store(Y + offs, y.to(tl.float8e4nv), mask=msk)
         tl.store(SC + rows, scale, mask=rows < n_rows)
 
 def _positions(pos: Optional[torch.Tensor], n: int, device) -> torch.Tensor:
@@ -284,27 +293,11 @@ def _first_keys(q_doc: torch.Tensor, k_doc: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(k_doc, q_doc)
 
 
-def fp8_quantize_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-vector (last dim) e4m3 quantisation in PyTorch: scale = max(amax, 1e-4) * (1 / 448).
-
-    The scale multiplies by the fp32 reciprocal rather than dividing: PyTorch divides by a
-    scalar that way on CUDA and exactly on the CPU, so a division would differ by an ulp
-    between devices; a multiplication is the same everywhere."""
-    scale = x.abs().amax(dim=-1).float().clamp_min(FP8_AMAX_MIN) * (1.0 / FP8_MAX)
-    x8 = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
-    # Chunked over dim 1 so the fp32 temporary stays small.
-    step = max(1, (1 << 26) // max(1, x[:, :1].numel())) if x.dim() > 2 else x.shape[1]
-    for t0 in range(0, x.shape[1], step):
-        xs = x[:, t0 : t0 + step].float() / scale[:, t0 : t0 + step, ..., None]
-        x8[:, t0 : t0 + step] = xs.clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-    return x8, scale
-
-
 def fp8_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-vector (last dim) e4m3 quantisation: scale = max(amax, 1e-4) * (1 / 448). Returns (x8, scale).
 
     One Triton pass (read x once, write e4m3 and the scales), bit-identical to
-    ``fp8_quantize_reference``, which made several fp32 passes over x."""
+    ``reference.fp8_quantize``, which makes several fp32 passes over x."""
     D = x.shape[-1]
     xc = x.contiguous()
     x8 = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
@@ -313,7 +306,7 @@ def fp8_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if n:
         R = 32
         _fp8_quantize_kernel[(triton.cdiv(n, R),)](
-            xc, x8, scale, n, D=D, DP=next_pow2(D), R=R, AMAX_MIN=FP8_AMAX_MIN, FMAX=FP8_MAX, INV_FMAX=1.0 / FP8_MAX, num_warps=4,
+            xc, x8, scale, n, D=D, DP=next_pow2(D), R=R, num_warps=4,
         )
     return x8, scale
 
