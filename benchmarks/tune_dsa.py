@@ -3,8 +3,9 @@ process (not a test).
 
     python benchmarks/tune_dsa.py --heads 16,64,128 --seqs 32768 [--stages fwd,bwd,kl] [--out DIR]
 
-For each head count and length: the sparse attention forward and backward and the sparse KL
-forward and backward, each under the option variants listed below (launch tiles, one backward
+For each head count and length: the indexer's top-k (``topk``, once per length), the sparse
+attention forward and backward and the sparse KL forward and backward, each under the option
+variants listed below (launch tiles, one backward
 kernel or two, the number of key ranges the gradient adds are split into). Every variant's
 outputs are compared with the first variant's (same inputs and indices), so a variant that is
 fast but wrong shows as such. The selections are the indexer's top-k of random inputs.
@@ -59,6 +60,8 @@ def variants(stage: str, heads: int) -> list[tuple[str, KernelOptions]]:
         return out
     if stage == "base":
         return [("indexer_topk fp8", KernelOptions()), ("dense_sdpa 192/128", KernelOptions())]
+    if stage == "topk":  # the FP8 indexer's scoring + selection: the runs' maxima bound or not
+        return [(f"indexer_topk fp8 select_runs={r}", KernelOptions(select_runs=r)) for r in (8, 0, 4, 16)]
     if stage == "kl":  # the target kernel with the heads or the selected keys as the products' rows
         return [(f"kl target {'keys' if rows else 'heads'} as rows {t}",
                  KernelOptions(kl_target_keys_rows=rows, kl_target=Tiles(*t)))
@@ -94,6 +97,18 @@ def inputs(S: int, H: int, seed: int = 0):
     return q, kv, qi, ki, wi, idx
 
 
+def recency_inputs(qi, ki, wi):
+    """Indexer inputs whose scores rise with the key's position (a recency bias: the top-k
+    crowds the recent end, where the runs' bound is loosest): a shared direction added to every
+    query and, ramped from 0 to 3 standard deviations of a product, to the keys; positive weights."""
+    g = torch.Generator(device=qi.device).manual_seed(1)
+    u = torch.nn.functional.normalize(torch.randn(DI, device=qi.device, generator=g), dim=0)
+    ramp = torch.linspace(0.0, 3.0 * DI**0.5, ki.shape[1], device=ki.device)
+    q = (qi.float() + u).to(qi.dtype)
+    k = (ki.float() + ramp[None, :, None] * u).to(ki.dtype)
+    return q, k, wi.abs()
+
+
 def run(heads, seqs, stages, reps, out_dir):
     rows = []
     scale = DQK**-0.5
@@ -117,7 +132,19 @@ def run(heads, seqs, stages, reps, out_dir):
                             rows.append(row)
                             print(json.dumps(row), flush=True)
                             continue
-                        if stage == "fwd":
+                        if stage == "topk":
+                            if H != heads[0]:  # the indexer does not depend on the attention's heads
+                                continue
+                            # Random keys, and keys whose scores rise with position (a recency
+                            # bias: the top-k crowds the recent end, the bound is loosest there).
+                            got = []
+                            for label, (a, b, c) in (("random", (qi, ki, wi)), ("recency", recency_inputs(qi, ki, wi))):
+                                fn = lambda: KN.indexer_topk(a, b, c, TOPK, fp8=True, ordered=False, options=opt)  # noqa
+                                row[f"{label}_ms"] = cuda_ms(fn, reps)
+                                got.append(fn().sort(-1).values.float())
+                            row["ms"] = row["random_ms"]
+                            got = torch.cat(got)
+                        elif stage == "fwd":
                             fn = lambda: KN.sparse_mla_attention(q, kv, idx, DV, scale, options=opt)  # noqa: E731
                             row["ms"] = cuda_ms(fn, reps)
                             got = fn()[0]
@@ -163,7 +190,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--heads", default="16,64,128")
     p.add_argument("--seqs", default="32768")
-    p.add_argument("--stages", default="base,fwd,bwd,kl")
+    p.add_argument("--stages", default="base,topk,fwd,bwd,kl")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     a = p.parse_args(argv)

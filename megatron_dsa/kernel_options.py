@@ -50,6 +50,9 @@ class KernelOptions:
     defaults).
     decode_attn / decode_index: the paged decode's attention (cached rows per block) and indexer
     scoring (keys per program) launches (None: measured defaults, ``kernels.decode``).
+    select_runs: keys per run whose largest score the indexer's scoring keeps, so that the top-k
+    selection bounds its threshold from the runs' maxima and passes over each row once (0: no
+    bound, three passes; None: the measured default, ``kernels.indexer``).
     """
 
     dense_kl: str = "fused"
@@ -64,12 +67,16 @@ class KernelOptions:
     kl_bwd: Optional[Tiles] = None
     decode_attn: Optional[Tiles] = None
     decode_index: Optional[Tiles] = None
+    select_runs: Optional[int] = None
 
     def __post_init__(self):
         if self.dense_kl not in DENSE_KL:
             raise ValueError(f"dense_kl must be one of {list(DENSE_KL)}, got {self.dense_kl!r}")
         if not isinstance(self.key_passes, int) or isinstance(self.key_passes, bool) or self.key_passes < 0:
             raise ValueError(f"key_passes must be an integer >= 0, got {self.key_passes!r}")
+        r = self.select_runs
+        if r is not None and (not isinstance(r, int) or isinstance(r, bool) or r < 0 or r & (r - 1)):
+            raise ValueError(f"select_runs must be 0, a power of two or null, got {r!r}")
         for name in ("attn_bwd_split", "kl_target_keys_rows"):
             if getattr(self, name) not in (None, True, False):
                 raise ValueError(f"{name} must be true, false or null, got {getattr(self, name)!r}")

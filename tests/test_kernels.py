@@ -152,27 +152,30 @@ def test_fp8_quantize_is_bit_identical_to_the_reference():
     same(torch.stack([v, torch.full_like(v, 448.0)], -1)[None].to(DEV))
 
 
-@pytest.mark.parametrize("cap", [0, 2, 4096])
-def test_indexer_topk_selection_paths(cap, monkeypatch):
-    """Every selection path equals the reference: the threshold's last two digits resolved from
-    the spilled candidate list (cap large), from two more row passes (cap 0), or per row either
-    way (cap 2: random rows fit, rows with crowded ties do not).  ``ordered=False`` returns the
-    same sets."""
+@pytest.mark.parametrize("cap,group", [(0, 2), (2, 2), (4096, 0), (4096, 2), (36, 2)])
+def test_indexer_topk_selection_paths(cap, group, monkeypatch):
+    """Every selection path equals the reference: the threshold resolved from the keys at or
+    above the run maxima's bound (group > 0, cap large: long rows; cap 36: the rows whose list
+    fits), from the spilled candidate list sharing its top 16 bits (group 0, or short rows),
+    from two more row passes (cap 0), or per row either way (cap 2: random rows fit, rows with
+    crowded ties do not).  ``ordered=False`` returns the same sets."""
     from megatron_dsa.kernels import indexer as I
 
     monkeypatch.setattr(I, "SELECT_CAP_INTERPRETER", cap)
     monkeypatch.setitem(I.SELECT_CFG, "CAP", cap)
+
     S, HI, DI, topk = (2000, 8, 64, 256) if BIG else (90, 3, 16, 24)
     q = torch.randn(2, S, HI, DI, device=DEV)
     k = torch.randn(2, S, DI, device=DEV)
     k[1, S // 3 :] = k[1, : S - S // 3].clone()  # batch 1: keys repeat: exact ties at the threshold
     w = torch.randn(2, S, HI, device=DEV)
-    got = K.indexer_topk(q, k, w, topk)
+    opts = KernelOptions(select_runs=group)
+    got = K.indexer_topk(q, k, w, topk, options=opts)
     ref = R.indexer_topk(q, k, w, topk)
     mask = R.causal_mask(torch.arange(S, device=DEV), torch.arange(S, device=DEV))
     _check_topk(got, ref, R.indexer_scores(q, k, w), mask, 1e-4)
     if cap == 2:  # ordered=False only skips the sort after the selection: one path checks it
-        unordered = K.indexer_topk(q, k, w, topk, ordered=False)
+        unordered = K.indexer_topk(q, k, w, topk, ordered=False, options=opts)
         assert torch.equal(unordered.sort(-1).values, got.sort(-1).values)
 
 

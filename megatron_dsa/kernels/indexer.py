@@ -7,13 +7,17 @@ Design (chosen for correctness first, then measured, see benchmarks/NOTES.md):
   -inf and writes the fp32 tile into a buffer that holds ONE QUERY CHUNK x Sk (never S x S).
   Key blocks past the query block's last eligible key are skipped (causal).
 * ``_select_kernel``: one program per row, exact radix select on the order-preserving uint32 key
-  of the fp32 score, 8 bits per digit (``tl.histogram``).  Two histogram passes over the row
-  fix the threshold's top 16 bits; a third stores every key above them and lists the few that
-  share them (tens per row at 128K), whose last two digits are resolved from that list, not
-  from two more passes over the row (5 row passes -> 3).  Keys equal to the threshold are taken
-  in key-index order (ties toward the smaller index, as the reference's stable sort); -1 pads
-  past the eligible count.  The selected indices are then sorted by score descending (stable),
-  as the reference, unless the caller asks for the set only (``ordered=False``).
+  of the fp32 score, 8 bits per digit (``tl.histogram``).  The scoring also writes the largest
+  score of every run of GROUP keys; the top-k-th largest of those bounds the threshold from
+  below, so one pass over the row lists the few keys at or above the bound (about top-k on a
+  long row) and the threshold is resolved from that list: one pass over the row and two over
+  its 1/GROUP run maxima.  Short rows, and rows whose list passes CAP, take the general path:
+  two histogram passes over the row fix the threshold's top 16 bits; a third stores every key
+  above them and lists the few that share them, whose last two digits are resolved from that
+  list.  Keys equal to the threshold are taken in key-index order (ties toward the smaller
+  index, as the reference's stable sort); -1 pads past the eligible count.  The selected
+  indices are then sorted by score descending (stable), as the reference, unless the caller
+  asks for the set only (``ordered=False``).
 
 The scoring is compute bound (HI * DI * 2 = 16K FLOP per score against 4 bytes written and
 read back), so writing a chunk of scores costs a few percent of the scoring time.
@@ -40,27 +44,35 @@ SCORE_CFG = {
     "fp8": dict(BM=64, BN=128, num_warps=4, num_stages=3),
     "fp32": dict(BM=64, BN=64, num_warps=8, num_stages=2),
 }
-# CAP: candidates sharing the threshold's top 16 bits that the selection resolves from a
-# per-row list instead of two more passes over the row (0 = always the two passes).
-SELECT_CFG = dict(TILE=2048, num_warps=8, CAP=4096)
-SELECT_CAP_INTERPRETER = 8  # small, so CPU tests take both paths
+# CAP: keys a row's candidate list holds (those at or above the run maxima's bound, or those
+# sharing the threshold's top 16 bits) before the selection takes more passes over the row
+# instead (0 = always the passes).
+SELECT_CFG = dict(TILE=2048, num_warps=8, CAP=8192)
+SELECT_CAP_INTERPRETER = 64  # small, so CPU tests take every path
+# Keys per run whose maximum the scoring keeps for the selection's first bound
+# (KernelOptions.select_runs overrides; a divisor of the scoring tile's BN). Short runs in the
+# interpreter, so that its short rows hold top-k runs.
+SELECT_RUNS = 8
+SELECT_RUNS_INTERPRETER = 2
 
 
 if HAS_TRITON:
 
     @triton.jit
     def _score_kernel(
-        Q, K, W, KS, OUT, BLIM, BLO, QPOS, KPOS, QDOC, KDOC,
+        Q, K, W, KS, OUT, GMAX, BLIM, BLO, QPOS, KPOS, QDOC, KDOC,
         Sk, n_rows, q_off,
         stride_qb, stride_qs, stride_qh,
         stride_kb, stride_ks,
         stride_wb, stride_ws, stride_wh,
         stride_ksb,
         stride_ob, stride_or,
+        stride_gb, stride_gr,
         n_mblocks,
         HI: tl.constexpr, DI: tl.constexpr, DIP: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr,
         HAS_KS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, HAS_DOC: tl.constexpr,
+        G: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
@@ -107,6 +119,11 @@ if HAS_TRITON:
                 OUT + b * stride_ob + rows[:, None] * stride_or + cols[None, :],
                 acc, mask=rmask[:, None] & cmask[None, :],
             )
+            if G > 0:  # each run of G keys' largest score: the selection's first bound
+                gmax = tl.max(tl.reshape(acc, (BM, BN // G, G)), axis=2)
+                gcols = kstart // G + tl.arange(0, BN // G)
+                tl.store(GMAX + b * stride_gb + rows[:, None] * stride_gr + gcols[None, :], gmax,
+                         mask=rmask[:, None] & (gcols < tl.cdiv(Sk, G))[None, :])
 
     @triton.jit
     def _order_key(x):
@@ -203,15 +220,38 @@ if HAS_TRITON:
         return cnt, seen
 
     @triton.jit
+    def _gather_at_least(srow, n, cand, prefix, CAP: tl.constexpr, TILE: tl.constexpr):
+        """List, in key order, the keys whose top 16 bits are at least prefix's in ``cand`` (the
+        first CAP of them); returns how many there are."""
+        cnt = tl.zeros((), dtype=tl.int32)
+        for start in range(0, n, TILE):
+            u, kidx, valid = _load_keys(srow, cand, start, n, False, TILE)
+            take = valid & ((u >> 16) >= (prefix >> 16))
+            take_i = take.to(tl.int32)
+            pos = cnt + tl.cumsum(take_i, axis=0) - take_i
+            tl.store(cand + pos, kidx.to(tl.int32), mask=take & (pos < CAP))
+            cnt += tl.sum(take_i, axis=0)
+        return cnt
+
+    @triton.jit
     def _select_kernel(
-        S, OUT, RLIM, CAND,
-        stride_sb, stride_sr, stride_ob, stride_or, stride_rb, stride_cb, stride_cr, r_off,
-        TOPK: tl.constexpr, TILE: tl.constexpr, OTILE: tl.constexpr, CAP: tl.constexpr,
+        S, OUT, RLIM, CAND, GMAX,
+        stride_sb, stride_sr, stride_ob, stride_or, stride_rb, stride_cb, stride_cr, stride_gb, stride_gr, r_off,
+        TOPK: tl.constexpr, TILE: tl.constexpr, OTILE: tl.constexpr, CAP: tl.constexpr, G: tl.constexpr,
     ):
-        # Exact radix select on the 32-bit order key, 8 bits per digit.  Two histogram passes
-        # over the row fix the top 16 bits of the threshold; a third pass stores every key
-        # above them and spills the few sharing them (tens at 128K) to CAND, where the last two
-        # digits are resolved.  More than CAP sharing them (heavy ties): two more row passes.
+        # Exact radix select on the 32-bit order key, 8 bits per digit.
+        #
+        # With the runs' maxima (G > 0) and at least TOPK runs holding a score: the TOPK-th
+        # largest run maximum is a lower bound of the threshold (TOPK distinct keys reach it).
+        # Its top 16 bits come from two histogram passes over the maxima (1/G of the row); one
+        # pass over the row lists the keys at or above them (about TOPK on long rows), and the
+        # threshold's four digits are resolved from that list. A row whose list passes CAP (or
+        # without runs) takes the path below.
+        #
+        # Otherwise: two histogram passes over the row fix the top 16 bits of the threshold; a
+        # third pass stores every key above them and spills the few sharing them (tens at 128K)
+        # to CAND, where the last two digits are resolved. More than CAP sharing them (heavy
+        # ties): two more row passes.
         r = tl.program_id(0)
         b = tl.program_id(1)
         lim = tl.load(RLIM + b * stride_rb + r_off + r)
@@ -221,16 +261,29 @@ if HAS_TRITON:
         want = tl.zeros((), dtype=tl.int32) + TOPK
         cnt = tl.zeros((), dtype=tl.int32)
         prefix = tl.zeros((), dtype=tl.int64)
-        prefix, want, _, nvalid = _next_digit(srow, crow, lim, prefix, want, 24, False, TILE)
-        prefix, want, inside, _ = _next_digit(srow, crow, lim, prefix, want, 16, False, TILE)
-        # At most TOPK eligible keys: take them all (nothing is above or equal to prefix -1).
-        prefix = tl.where(nvalid <= TOPK, -1, prefix)
-        inside = tl.where(nvalid <= TOPK, 0, inside)
-        if inside <= CAP:
-            cnt, ncand = _collect(srow, crow, lim, orow, cnt, crow, prefix, want, 16, False, True, TOPK, TILE)
-            cnt = _last_digits(srow, crow, ncand, orow, cnt, prefix, want, True, TOPK, TILE)
+        listed = tl.zeros((), dtype=tl.int32) + CAP + 1
+        if G > 0:
+            grow = GMAX + b * stride_gb + r * stride_gr
+            ng = tl.cdiv(lim, G)
+            gp, gwant, _, nruns = _next_digit(grow, crow, ng, prefix, want, 24, False, TILE)
+            gp, gwant, _, _ = _next_digit(grow, crow, ng, gp, gwant, 16, False, TILE)
+            if nruns >= TOPK:
+                listed = _gather_at_least(srow, lim, crow, gp, CAP, TILE)
+        if listed <= CAP:
+            prefix, want, _, _ = _next_digit(srow, crow, listed, prefix, want, 24, True, TILE)
+            prefix, want, _, _ = _next_digit(srow, crow, listed, prefix, want, 16, True, TILE)
+            cnt = _last_digits(srow, crow, listed, orow, cnt, prefix, want, True, TOPK, TILE)
         else:
-            cnt = _last_digits(srow, crow, lim, orow, cnt, prefix, want, False, TOPK, TILE)
+            prefix, want, _, nvalid = _next_digit(srow, crow, lim, prefix, want, 24, False, TILE)
+            prefix, want, inside, _ = _next_digit(srow, crow, lim, prefix, want, 16, False, TILE)
+            # At most TOPK eligible keys: take them all (nothing is above or equal to prefix -1).
+            prefix = tl.where(nvalid <= TOPK, -1, prefix)
+            inside = tl.where(nvalid <= TOPK, 0, inside)
+            if inside <= CAP:
+                cnt, ncand = _collect(srow, crow, lim, orow, cnt, crow, prefix, want, 16, False, True, TOPK, TILE)
+                cnt = _last_digits(srow, crow, ncand, orow, cnt, prefix, want, True, TOPK, TILE)
+            else:
+                cnt = _last_digits(srow, crow, lim, orow, cnt, prefix, want, False, TOPK, TILE)
         for start in range(0, TOPK, OTILE):
             offs = start + tl.arange(0, OTILE)
             tl.store(orow + offs, tl.full((OTILE,), -1, tl.int64), mask=(offs >= cnt) & (offs < TOPK))
@@ -331,6 +384,7 @@ def indexer_topk(
     ordered: bool = True,
     q_doc: Optional[torch.Tensor] = None,
     k_doc: Optional[torch.Tensor] = None,
+    options: KernelOptions = DEFAULT_OPTIONS,
 ) -> torch.Tensor:
     """Causal top-k of the indexer scores: [B, Sq, topk] int64, -1 padded (as the reference).
 
@@ -384,7 +438,11 @@ def indexer_topk(
     buf = torch.empty(B, chunk, Sk, dtype=torch.float32, device=dev)
     TILE = SELECT_CFG["TILE"] if on_gpu else 256
     CAP = SELECT_CFG["CAP"] if on_gpu else SELECT_CAP_INTERPRETER
+    G = options.select_runs if options.select_runs is not None else (SELECT_RUNS if on_gpu else SELECT_RUNS_INTERPRETER)
+    if G and BN % G:
+        raise ValueError(f"select_runs={G} must divide the scoring tile's {BN} keys")
     cand = torch.empty(B, chunk, max(CAP, 1), dtype=torch.int32, device=dev)
+    gmax = torch.empty(B, chunk, triton.cdiv(Sk, G) if G else 1, dtype=torch.float32, device=dev)
     OTILE = min(next_pow2(topk), 1024)
     for t0 in range(0, Sq, chunk):
         t1 = min(Sq, t0 + chunk)
@@ -404,25 +462,26 @@ def indexer_topk(
         blo = lo.view(nmb, BM).amin(dim=1).to(torch.int32).expand(B, nmb).contiguous()
         grid = (nmb, triton.cdiv(Sk, BN), B)
         _score_kernel[grid](
-            q_in, k_in, w_in, ks if ks is not None else w_in, buf, blim, blo, q_pos32, k_pos32, q_doc32, k_doc32,
+            q_in, k_in, w_in, ks if ks is not None else w_in, buf, gmax, blim, blo, q_pos32, k_pos32, q_doc32, k_doc32,
             Sk, n, t0,
             q_in.stride(0), q_in.stride(1), q_in.stride(2),
             k_in.stride(0), k_in.stride(1),
             w_in.stride(0), w_in.stride(1), w_in.stride(2),
             ks.stride(0) if ks is not None else 0,
             buf.stride(0), buf.stride(1),
+            gmax.stride(0), gmax.stride(1),
             nmb,
             HI=HI, DI=DI, DIP=DIP, BM=BM, BN=BN, HAS_KS=ks is not None, IEEE=ieee, UPCAST=interpreting(),
-            HAS_DOC=has_doc,
+            HAS_DOC=has_doc, G=G,
             **cfg,
         )
         o = out[:, t0:t1]
         rl_b = rlim.expand(B, Sq)
         _select_kernel[(n, B)](
-            buf, o, rl_b, cand,
+            buf, o, rl_b, cand, gmax,
             buf.stride(0), buf.stride(1), o.stride(0), o.stride(1), rl_b.stride(0),
-            cand.stride(0), cand.stride(1), t0,
-            TOPK=topk, TILE=TILE, OTILE=OTILE, CAP=CAP, num_warps=SELECT_CFG["num_warps"] if on_gpu else 4,
+            cand.stride(0), cand.stride(1), gmax.stride(0), gmax.stride(1), t0,
+            TOPK=topk, TILE=TILE, OTILE=OTILE, CAP=CAP, G=G, num_warps=SELECT_CFG["num_warps"] if on_gpu else 4,
         )
         if not ordered:
             continue
