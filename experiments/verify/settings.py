@@ -115,16 +115,19 @@ SCALES = {
         train_length=512, topk=32, bench=False, speed_args=None,
     ),
 }
-# The first question of the next H200 sitting, about 3 GPU-minutes: does the small model learn to
-# retrieve at all when the distances are short and the queries dense (one per 256 tokens, 8 per
-# 2K document; the 16K run saw 12,800 queries in 400 steps, this one sees 77,000 in 600)? Run
-# --stage corpus,pretrain, then --stage eval --task pretrain (training formats at 2K and 4K).
+# Does the small model learn to retrieve when the distances are short and the queries dense (one
+# per 256 tokens, 8 per 2K document)? Run --stage corpus,pretrain, then --stage eval --task
+# pretrain (training formats at 2K and 4K). 600 steps of 16 x 2K (77,000 queries, 9.6 GPU-minutes
+# at 4-sequence micro-batches) started copying but retrieved nothing (answer NLL 2.05 on the
+# training formats, copy 1.44) with the validation loss still falling fast: now 1500 steps, in
+# one 16-sequence micro-batch each (the 4-sequence ones ran at 33-52K tokens/s, launch-bound),
+# checkpointed every 500 steps so the run can go in pieces.
 SCALES["h200_2k"] = dict(
     SCALES["h200"],
     overrides={
         "all": [f"data.answer_loss_weight={ANSWER_LOSS_WEIGHT}", "data.seq_length=2048",
-                "model.overrides.dsa_indexer_topk=64", "train.micro_batch_size=4", "train.global_batch_size=16"],
-        "pretrain": ["train.iters=600", "train.lr_warmup_iters=60", "eval.interval=300", "checkpoint.interval=600"],
+                "model.overrides.dsa_indexer_topk=64", "train.micro_batch_size=16", "train.global_batch_size=16"],
+        "pretrain": ["train.iters=1500", "train.lr_warmup_iters=60", "eval.interval=500", "checkpoint.interval=500"],
     },
     loss_lengths=(1024, 2048, 4096), retrieval_lengths=(2048, 4096), retrieval_n=10, retrieval_train_n=10,
     tasks=dict(ratio=1.0, seed=0, query_tokens=256),
