@@ -120,8 +120,7 @@ SCALES = {
 # pretrain (training formats at 2K and 4K). 600 steps of 16 x 2K (77,000 queries, 9.6 GPU-minutes
 # at 4-sequence micro-batches) started copying but retrieved nothing (answer NLL 2.05 on the
 # training formats, copy 1.44) with the validation loss still falling fast: now 1500 steps, in
-# one 16-sequence micro-batch each (the 4-sequence ones ran at 33-52K tokens/s, launch-bound),
-# checkpointed every 500 steps so the run can go in pieces.
+# one 16-sequence micro-batch each (the 4-sequence ones ran at 33-52K tokens/s, launch-bound).
 SCALES["h200_2k"] = dict(
     SCALES["h200"],
     overrides={
