@@ -53,6 +53,9 @@ class KernelOptions:
     select_runs: keys per run whose largest score the indexer's scoring keeps, so that the top-k
     selection bounds its threshold from the runs' maxima and passes over each row once (0: no
     bound, three passes; None: the measured default, ``kernels.indexer``).
+    select_cap: keys a row's candidate list holds (those at or above the runs' bound, or those
+    sharing the threshold's top 16 bits) before the selection passes over the row again instead
+    (0: always the passes; None: the default, ``kernels.indexer``).
     """
 
     dense_kl: str = "fused"
@@ -68,6 +71,7 @@ class KernelOptions:
     decode_attn: Optional[Tiles] = None
     decode_index: Optional[Tiles] = None
     select_runs: Optional[int] = None
+    select_cap: Optional[int] = None
 
     def __post_init__(self):
         if self.dense_kl not in DENSE_KL:
@@ -77,6 +81,9 @@ class KernelOptions:
         r = self.select_runs
         if r is not None and (not isinstance(r, int) or isinstance(r, bool) or r < 0 or r & (r - 1)):
             raise ValueError(f"select_runs must be 0, a power of two or null, got {r!r}")
+        c = self.select_cap
+        if c is not None and (not isinstance(c, int) or isinstance(c, bool) or c < 0):
+            raise ValueError(f"select_cap must be an integer >= 0 or null, got {c!r}")
         for name in ("attn_bwd_split", "kl_target_keys_rows"):
             if getattr(self, name) not in (None, True, False):
                 raise ValueError(f"{name} must be true, false or null, got {getattr(self, name)!r}")

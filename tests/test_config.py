@@ -39,6 +39,8 @@ from megatron_dsa.model import SIZES, model_config
         (dict(dsa_indexer_n_heads=2.0), "dsa_indexer_n_heads must be an integer"),
         (dict(dsa_indexer_loss_coeff="high"), "dsa_indexer_loss_coeff must be a number"),
         (dict(mdsa_fp8_indexer=1), "mdsa_fp8_indexer must be true or false"),
+        (dict(mdsa_kernel_options={"select_runs": 3}), "select_runs must be 0, a power of two or null"),
+        (dict(mdsa_kernel_options={"select_cap": -1}), "select_cap must be an integer >= 0 or null"),
     ],
 )
 def test_bad_settings_fail_at_construction(overrides, message):

@@ -153,23 +153,18 @@ def test_fp8_quantize_is_bit_identical_to_the_reference():
 
 
 @pytest.mark.parametrize("cap,group", [(0, 2), (2, 2), (4096, 0), (4096, 2), (36, 2)])
-def test_indexer_topk_selection_paths(cap, group, monkeypatch):
+def test_indexer_topk_selection_paths(cap, group):
     """Every selection path equals the reference: the threshold resolved from the keys at or
     above the run maxima's bound (group > 0, cap large: long rows; cap 36: the rows whose list
     fits), from the spilled candidate list sharing its top 16 bits (group 0, or short rows),
     from two more row passes (cap 0), or per row either way (cap 2: random rows fit, rows with
     crowded ties do not).  ``ordered=False`` returns the same sets."""
-    from megatron_dsa.kernels import indexer as I
-
-    monkeypatch.setattr(I, "SELECT_CAP_INTERPRETER", cap)
-    monkeypatch.setitem(I.SELECT_CFG, "CAP", cap)
-
     S, HI, DI, topk = (2000, 8, 64, 256) if BIG else (90, 3, 16, 24)
     q = torch.randn(2, S, HI, DI, device=DEV)
     k = torch.randn(2, S, DI, device=DEV)
     k[1, S // 3 :] = k[1, : S - S // 3].clone()  # batch 1: keys repeat: exact ties at the threshold
     w = torch.randn(2, S, HI, device=DEV)
-    opts = KernelOptions(select_runs=group)
+    opts = KernelOptions(select_runs=group, select_cap=cap)
     got = K.indexer_topk(q, k, w, topk, options=opts)
     ref = R.indexer_topk(q, k, w, topk)
     mask = R.causal_mask(torch.arange(S, device=DEV), torch.arange(S, device=DEV))

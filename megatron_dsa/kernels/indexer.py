@@ -46,9 +46,10 @@ SCORE_CFG = {
 }
 # CAP: keys a row's candidate list holds (those at or above the run maxima's bound, or those
 # sharing the threshold's top 16 bits) before the selection takes more passes over the row
-# instead (0 = always the passes).
+# instead (KernelOptions.select_cap overrides; 0 = always the passes). Small in the
+# interpreter, so CPU tests take every path.
 SELECT_CFG = dict(TILE=2048, num_warps=8, CAP=8192)
-SELECT_CAP_INTERPRETER = 64  # small, so CPU tests take every path
+SELECT_CAP_INTERPRETER = 64
 # Keys per run whose maximum the scoring keeps for the selection's first bound
 # (KernelOptions.select_runs overrides; a divisor of the scoring tile's BN). Short runs in the
 # interpreter, so that its short rows hold top-k runs.
@@ -437,7 +438,7 @@ def indexer_topk(
     chunk = min(chunk, triton.cdiv(Sq, BM) * BM)
     buf = torch.empty(B, chunk, Sk, dtype=torch.float32, device=dev)
     TILE = SELECT_CFG["TILE"] if on_gpu else 256
-    CAP = SELECT_CFG["CAP"] if on_gpu else SELECT_CAP_INTERPRETER
+    CAP = options.select_cap if options.select_cap is not None else (SELECT_CFG["CAP"] if on_gpu else SELECT_CAP_INTERPRETER)
     G = options.select_runs if options.select_runs is not None else (SELECT_RUNS if on_gpu else SELECT_RUNS_INTERPRETER)
     if G and BN % G:
         raise ValueError(f"select_runs={G} must divide the scoring tile's {BN} keys")
