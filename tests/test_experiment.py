@@ -101,7 +101,7 @@ def test_every_arm_gives_a_valid_model_config(scale, tmp_path):
                 assert all(selects)
 
 
-@pytest.mark.parametrize("scale", ["smoke", "pilot", "h200", "h200_2k"])
+@pytest.mark.parametrize("scale", ["smoke", "pilot", "h200", "h200_2k", "h200_from_2k"])
 def test_every_scale_pretrains_at_its_training_length(scale, tmp_path):
     """A scale's pretraining overrides load as a run config at the scale's training length and
     top-k, on a model that holds that length."""
@@ -118,6 +118,41 @@ def test_every_scale_pretrains_at_its_training_length(scale, tmp_path):
     assert cfg.data["seq_length"] == s["train_length"] <= resolve_size(cfg.model["size"]).max_seq_len
     assert cfg.model["overrides"]["dsa_indexer_topk"] == s["topk"] and cfg.data["answer_loss_weight"] == 4.0
     model_config(cfg.model["size"], **cfg.model["overrides"])
+
+
+def test_a_scale_continues_another_scales_pretraining(tmp_path, monkeypatch):
+    """h200_from_2k reads the h200_2k run beside it: its natural text (one tokenizer for both
+    mixtures) and its finished pretraining, copied (not linked) into its own pretrain phase and
+    loaded as weights only (--finetune). A source that has not finished stops with one error."""
+    from argparse import Namespace
+
+    from experiments.verify import stages
+    from experiments.verify.study import Study
+
+    e = Study(Namespace(scale="h200_from_2k", out=str(tmp_path / "h200_from_2k"), report_dir=None, force=False))
+    src = tmp_path / "h200_2k"
+    assert e.text_data == src / "data_text" and e.data == tmp_path / "h200_from_2k" / "data"
+    with pytest.raises(SystemExit, match="run its corpus and pretrain stages first"):
+        stages.stage_corpus(e)
+    with pytest.raises(SystemExit, match="has not finished"):
+        stages.stage_pretrain(e)
+    shard = src / "pretrain" / "ckpt" / "iter_0001500" / "shard.distcp"
+    shard.parent.mkdir(parents=True)
+    shard.write_bytes(b"weights")
+    (src / "pretrain" / "ckpt" / "latest_checkpointed_iteration.txt").write_text("1500")
+    (src / "pretrain" / "DONE").write_text("{}")
+    seen = {}
+
+    def launched(cmd, log, name):
+        copied = e.phase_dir("pretrain") / "ckpt" / "iter_0001500" / "shard.distcp"
+        seen.update(cmd=cmd, copied=copied.read_bytes(), linked=copied.stat().st_ino == shard.stat().st_ino)
+        return 1.0
+
+    monkeypatch.setattr(stages.runner, "run_phase", launched)
+    stages.stage_pretrain(e)
+    assert seen["copied"] == b"weights" and not seen["linked"]
+    assert "megatron.finetune=true" in seen["cmd"] and "train.iters=200" in seen["cmd"]
+    assert f"data.dir={e.data}" in seen["cmd"]
 
 
 # One reuse arm of each kind (every N layers, GLM-5.2's pattern) and one objective arm: the

@@ -132,6 +132,13 @@ SCALES["h200_2k"] = dict(
     tasks=dict(ratio=1.0, seed=0, query_tokens=256),
     recall_lengths=(2048,), recall_ratios=(1 / 32, 1 / 16), train_length=2048, topk=64, bench=False, speed_args=None,
 )
+# The h200 protocol after the 2K pretraining (run --scale h200_2k --stage corpus,pretrain first,
+# in the same sitting: a lent machine keeps nothing): the 16K mixture built from h200_2k's text
+# and tokenizer, a shorter dense pretraining that starts from h200_2k's weights, then the arms.
+SCALES["h200_from_2k"] = dict(
+    SCALES["h200"], init_from="h200_2k",
+    overrides={"all": SCALES["h200"]["overrides"]["all"], "pretrain": ["train.iters=200", "train.lr_warmup_iters=20"]},
+)
 # The training mixture (megatron_dsa.data.mixture) is built for train_length: ``tasks`` gives the
 # share of its documents that carry a task, the generator's seed and (query_tokens) one query per
 # that many tokens of a task document; the held-out retrieval items

@@ -47,6 +47,14 @@ def stage_corpus(e: Study) -> None:
 
 
 def _text_corpus(e: Study) -> None:
+    if e.init_dir is not None:  # the text (and tokenizer) of the run this one continues
+        try:
+            load_manifest(e.text_data)
+        except DataError as error:
+            raise SystemExit(f"error: --scale {e.scale} continues --scale {e.s['init_from']}: run its corpus "
+                             f"and pretrain stages first ({error})") from None
+        print(f"corpus: the text and tokenizer of {e.text_data}")
+        return
     try:
         if not e.force:
             load_manifest(e.text_data)
@@ -144,7 +152,18 @@ def _layout_name(e: Study, arm: str) -> str:
 
 
 def stage_pretrain(e: Study) -> None:
-    run_phase(e, "pretrain", phase_cmd(e, "pretrain", "h200_pretrain.yaml", "pretrain", []))
+    if e.init_dir is None:
+        run_phase(e, "pretrain", phase_cmd(e, "pretrain", "h200_pretrain.yaml", "pretrain", []))
+        return
+    # Continue another scale's dense pretraining: its checkpoint copied into this phase's (a real
+    # copy: this run may save an iteration of the same number), loaded by Megatron's --finetune
+    # as weights only (iteration 0, fresh optimizer), as the dense control starts.
+    src = e.init_dir / "pretrain"
+    if not (src / "DONE").is_file():
+        raise SystemExit(f"error: --scale {e.scale} continues the pretraining of --scale {e.s['init_from']}, "
+                         f"which has not finished: {src}")
+    cmd = phase_cmd(e, "pretrain", "h200_pretrain.yaml", "pretrain", ["megatron.finetune=true"])
+    run_phase(e, "pretrain", cmd, prepare=lambda: shutil.copytree(src / "ckpt", e.phase_dir("pretrain") / "ckpt"))
 
 
 def _relabelled_pretrain(e: Study, arm: str) -> Path:

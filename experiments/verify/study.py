@@ -29,7 +29,12 @@ class Study:
         self.report_dir = Path(args.report_dir or REPO / "reports").absolute()
         self.force = args.force
         self.data = self.out / "data"  # the task mixture every phase trains on
-        self.text_data = self.out / "data_text"  # natural text: held-out loss, recall, retrieval haystacks
+        # A scale that continues another's dense pretraining (``init_from``) reads that run's
+        # directory beside this one: its pretrain checkpoint, and its natural text (so both
+        # mixtures share one tokenizer).
+        self.init_dir = self.out.parent / self.s["init_from"] if self.s.get("init_from") else None
+        # natural text: held-out loss, recall, retrieval haystacks
+        self.text_data = (self.init_dir or self.out) / "data_text"
         self.arms = list(args.arms.split(",")) if getattr(args, "arms", None) else list(ARMS)
         self.speed_arms = args.speed_arms.split(",") if getattr(args, "speed_arms", None) else None
         unknown = [a for a in self.arms if a not in ARMS]
