@@ -8,10 +8,11 @@ Design (chosen for correctness first, then measured, see benchmarks/NOTES.md):
   Key blocks past the query block's last eligible key are skipped (causal).
 * ``_select_kernel``: one program per row, exact radix select on the order-preserving uint32 key
   of the fp32 score, 8 bits per digit (``tl.histogram``).  The scoring also writes the largest
-  score of every run of GROUP keys; the top-k-th largest of those bounds the threshold from
-  below, so one pass over the row lists the few keys at or above the bound (about top-k on a
-  long row) and the threshold is resolved from that list: one pass over the row and two over
-  its 1/GROUP run maxima.  Short rows, and rows whose list passes CAP, take the general path:
+  score of every run of ``select_runs`` keys (8); the top-k-th largest of those bounds the
+  threshold from below, so one pass over the row lists the few keys at or above the bound
+  (about top-k on a long row) and the threshold is resolved from that list: one pass over the
+  row and two over its run maxima.  Short rows, and rows whose list passes CAP, take the
+  general path:
   two histogram passes over the row fix the threshold's top 16 bits; a third stores every key
   above them and lists the few that share them, whose last two digits are resolved from that
   list.  Keys equal to the threshold are taken in key-index order (ties toward the smaller
