@@ -135,8 +135,6 @@ def run(heads, seqs, stages, reps, out_dir):
                         if stage == "topk":
                             if H != heads[0]:  # the indexer does not depend on the attention's heads
                                 continue
-                            # Random keys, and keys whose scores rise with position (a recency
-                            # bias: the top-k crowds the recent end, the bound is loosest there).
                             got = []
                             for label, (a, b, c) in (("random", (qi, ki, wi)), ("recency", recency_inputs(qi, ki, wi))):
                                 fn = lambda: KN.indexer_topk(a, b, c, TOPK, fp8=True, ordered=False, options=opt)  # noqa

@@ -14,6 +14,11 @@ DENSE_KL = ("fused", "blockwise")
 TILE_FIELDS = ("attn_fwd", "attn_bwd", "attn_dkv", "kl_target", "kl_fwd", "kl_bwd", "decode_attn", "decode_index")
 
 
+def _count(v: Any) -> bool:
+    """An integer >= 0 (a bool is not one)."""
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
 @dataclass(frozen=True)
 class Tiles:
     """One launch shape: keys per block (BK), warps, software-pipelining stages."""
@@ -76,14 +81,13 @@ class KernelOptions:
     def __post_init__(self):
         if self.dense_kl not in DENSE_KL:
             raise ValueError(f"dense_kl must be one of {list(DENSE_KL)}, got {self.dense_kl!r}")
-        if not isinstance(self.key_passes, int) or isinstance(self.key_passes, bool) or self.key_passes < 0:
+        if not _count(self.key_passes):
             raise ValueError(f"key_passes must be an integer >= 0, got {self.key_passes!r}")
         r = self.select_runs
-        if r is not None and (not isinstance(r, int) or isinstance(r, bool) or r < 0 or r & (r - 1)):
+        if r is not None and (not _count(r) or r & (r - 1)):
             raise ValueError(f"select_runs must be 0, a power of two or null, got {r!r}")
-        c = self.select_cap
-        if c is not None and (not isinstance(c, int) or isinstance(c, bool) or c < 0):
-            raise ValueError(f"select_cap must be an integer >= 0 or null, got {c!r}")
+        if self.select_cap is not None and not _count(self.select_cap):
+            raise ValueError(f"select_cap must be an integer >= 0 or null, got {self.select_cap!r}")
         for name in ("attn_bwd_split", "kl_target_keys_rows"):
             if getattr(self, name) not in (None, True, False):
                 raise ValueError(f"{name} must be true, false or null, got {getattr(self, name)!r}")

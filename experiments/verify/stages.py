@@ -152,18 +152,18 @@ def _layout_name(e: Study, arm: str) -> str:
 
 
 def stage_pretrain(e: Study) -> None:
-    if e.init_dir is None:
-        run_phase(e, "pretrain", phase_cmd(e, "pretrain", "h200_pretrain.yaml", "pretrain", []))
-        return
-    # Continue another scale's dense pretraining: its checkpoint copied into this phase's (a real
-    # copy: this run may save an iteration of the same number), loaded by Megatron's --finetune
-    # as weights only (iteration 0, fresh optimizer), as the dense control starts.
-    src = e.init_dir / "pretrain"
-    if not (src / "DONE").is_file():
-        raise SystemExit(f"error: --scale {e.scale} continues the pretraining of --scale {e.s['init_from']}, "
-                         f"which has not finished: {src}")
-    cmd = phase_cmd(e, "pretrain", "h200_pretrain.yaml", "pretrain", ["megatron.finetune=true"])
-    run_phase(e, "pretrain", cmd, prepare=lambda: shutil.copytree(src / "ckpt", e.phase_dir("pretrain") / "ckpt"))
+    extra, prepare = [], None
+    if e.init_dir is not None:
+        # Continue another scale's dense pretraining: its checkpoint copied into this phase's (a
+        # real copy: this run may save an iteration of the same number), loaded by Megatron's
+        # --finetune as weights only (iteration 0, fresh optimizer), as the dense control starts.
+        src = e.init_dir / "pretrain"
+        if not (src / "DONE").is_file():
+            raise SystemExit(f"error: --scale {e.scale} continues the pretraining of --scale {e.s['init_from']}, "
+                             f"which has not finished: {src}")
+        extra = ["megatron.finetune=true"]
+        prepare = lambda: shutil.copytree(src / "ckpt", e.phase_dir("pretrain") / "ckpt")  # noqa: E731
+    run_phase(e, "pretrain", phase_cmd(e, "pretrain", "h200_pretrain.yaml", "pretrain", extra), prepare=prepare)
 
 
 def _relabelled_pretrain(e: Study, arm: str) -> Path:
