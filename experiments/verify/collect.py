@@ -65,9 +65,9 @@ def collect(e: Study) -> dict:
                 "iter_to_target": first(TARGETS["recall"])}
     res["bench128k"] = e.load_json("bench128k.json", None)
     res["step128k"] = e.load_json("step128k.json", None)
-    # At h200 scale, measurements committed under benchmarks/results stand in for stages this
+    # At the H200 scales, measurements committed under benchmarks/results stand in for stages this
     # run skipped (the same commands, run earlier on the same kind of GPU).
-    if e.scale == "h200":
+    if e.s["bench"]:
         committed = "python benchmarks/bench_model_step.py " + " ".join(BENCH128K_ARGS)
         if res["bench128k"] is None and (RESULTS / "model_step_small_131072.json").is_file():
             res["bench128k"] = bench128k_from(json.loads((RESULTS / "model_step_small_131072.json").read_text()),

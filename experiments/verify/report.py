@@ -110,7 +110,7 @@ def _header(report: Report) -> None:
         L.append("**CPU smoke run of the pipeline with the tiny model and tiny budgets: the numbers show the "
                  "pipeline works, they verify nothing about DSA.**\n")
     L.append(f"Re-run: `python experiments/verify_dsa.py --scale {e.scale}"
-             f"{' --jobs 8' if e.scale == 'h200' else ''}` (resumes; `--stage a,b` runs some stages). "
+             f"{' --jobs 8' if e.s['bench'] else ''}` (resumes; `--stage a,b` runs some stages). "
              "The exact commands below write the run directory as `$RUN`. "
              f"Training length {s['train_length']}, top-k {s['topk']}.\n")
     c = res["corpus"]
