@@ -101,7 +101,8 @@ def test_every_arm_gives_a_valid_model_config(scale, tmp_path):
                 assert all(selects)
 
 
-@pytest.mark.parametrize("scale", ["smoke", "pilot", "h200", "h200_2k", "h200_from_2k"])
+@pytest.mark.parametrize("scale", ["smoke", "pilot", "h200", "h200_2k", "h200_from_2k", "h200_512", "h200_512_w16",
+                                   "h200_2k_dense"])
 def test_every_scale_pretrains_at_its_training_length(scale, tmp_path):
     """A scale's pretraining overrides load as a run config at the scale's training length and
     top-k, on a model that holds that length."""
@@ -116,7 +117,8 @@ def test_every_scale_pretrains_at_its_training_length(scale, tmp_path):
     cfg = load_config(RECIPES / "h200_pretrain.yaml", phase_overrides(e, "pretrain", "pretrain", []))
     s = SCALES[scale]
     assert cfg.data["seq_length"] == s["train_length"] <= resolve_size(cfg.model["size"]).max_seq_len
-    assert cfg.model["overrides"]["dsa_indexer_topk"] == s["topk"] and cfg.data["answer_loss_weight"] == 4.0
+    assert cfg.model["overrides"]["dsa_indexer_topk"] == s["topk"]
+    assert cfg.data["answer_loss_weight"] == (16.0 if scale.endswith("_w16") else 4.0)
     model_config(cfg.model["size"], **cfg.model["overrides"])
 
 

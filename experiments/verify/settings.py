@@ -132,6 +132,33 @@ SCALES["h200_2k"] = dict(
     tasks=dict(ratio=1.0, seed=0, query_tokens=256),
     recall_lengths=(2048,), recall_ratios=(1 / 32, 1 / 16), train_length=2048, topk=64, bench=False, speed_args=None,
 )
+# Where does retrieval start? 1500 steps of h200_2k (49M tokens, 190,000 queries) left the answer
+# NLL on the training formats where 600 steps had (2.04 vs 2.05 nats; digits at ln 10): more of
+# the same does not help. Three mixtures twice as dense in queries (one per 128 tokens), the same
+# tokens and queries each, run side by side: h200_512 (512-token documents, 4 facts asked and a
+# decoy or two), h200_2k_dense (2K documents, 16 facts asked and 1-4 decoys) and h200_512_w16
+# (h200_512 with the answer tokens weighted 16 instead of 4). Run each with --stage
+# corpus,pretrain, then --stage eval --task pretrain.
+_DENSE = dict(
+    tasks=dict(ratio=1.0, seed=0, query_tokens=128),
+    pretrain=["train.iters=1200", "train.lr_warmup_iters=60", "eval.interval=600", "checkpoint.interval=1200"],
+)
+_AT_512 = ["data.seq_length=512", "model.overrides.dsa_indexer_topk=32", "train.micro_batch_size=64",
+           "train.global_batch_size=64"]
+SCALES["h200_512"] = dict(
+    SCALES["h200_2k"],
+    overrides={"all": [f"data.answer_loss_weight={ANSWER_LOSS_WEIGHT}", *_AT_512], "pretrain": _DENSE["pretrain"]},
+    loss_lengths=(512, 1024, 2048), retrieval_lengths=(512, 1024, 2048), tasks=_DENSE["tasks"],
+    recall_lengths=(512,), train_length=512, topk=32,
+)
+SCALES["h200_512_w16"] = dict(
+    SCALES["h200_512"],
+    overrides={"all": ["data.answer_loss_weight=16", *_AT_512], "pretrain": _DENSE["pretrain"]},
+)
+SCALES["h200_2k_dense"] = dict(
+    SCALES["h200_2k"], overrides={"all": SCALES["h200_2k"]["overrides"]["all"], "pretrain": _DENSE["pretrain"]},
+    tasks=_DENSE["tasks"],
+)
 # The h200 protocol after the 2K pretraining (run --scale h200_2k --stage corpus,pretrain first,
 # in the same sitting: a lent machine keeps nothing): the 16K mixture built from h200_2k's text
 # and tokenizer, a shorter dense pretraining that starts from h200_2k's weights, then the arms.
