@@ -102,7 +102,7 @@ def test_every_arm_gives_a_valid_model_config(scale, tmp_path):
 
 
 @pytest.mark.parametrize("scale", ["smoke", "pilot", "h200", "h200_2k", "h200_from_2k", "h200_512", "h200_512_w16",
-                                   "h200_2k_dense"])
+                                   "h200_2k_dense", "h200_2k_from_512"])
 def test_every_scale_pretrains_at_its_training_length(scale, tmp_path):
     """A scale's pretraining overrides load as a run config at the scale's training length and
     top-k, on a model that holds that length."""
@@ -123,30 +123,36 @@ def test_every_scale_pretrains_at_its_training_length(scale, tmp_path):
 
 
 def test_a_scale_continues_another_scales_pretraining(tmp_path, monkeypatch):
-    """h200_from_2k reads the h200_2k run beside it: its natural text (one tokenizer for both
-    mixtures) and its finished pretraining, copied (not linked) into its own pretrain phase and
-    loaded as weights only (--finetune). A source that has not finished stops with one error."""
+    """The curriculum h200_512 -> h200_2k_from_512 -> h200_from_2k: each scale reads the run
+    beside it that it continues, its finished pretraining copied (not linked) into its own
+    pretrain phase and loaded as weights only (--finetune), and the natural text of the chain's
+    first run (one tokenizer for every mixture). A source that has not finished, or text not
+    built yet, stops with one error."""
     from argparse import Namespace
 
     from experiments.verify import stages
     from experiments.verify.study import Study
 
     e = Study(Namespace(scale="h200_from_2k", out=str(tmp_path / "h200_from_2k"), report_dir=None, force=False))
-    src = tmp_path / "h200_2k"
-    assert e.text_data == src / "data_text" and e.data == tmp_path / "h200_from_2k" / "data"
-    with pytest.raises(SystemExit, match="run its corpus and pretrain stages first"):
+    mid = Study(Namespace(scale="h200_2k_from_512", out=str(tmp_path / "h200_2k_from_512"), report_dir=None,
+                          force=False))
+    src = tmp_path / "h200_2k_from_512"
+    assert e.text_data == mid.text_data == tmp_path / "h200_512" / "data_text"
+    assert e.init_dir == src and mid.init_dir == tmp_path / "h200_512"
+    assert e.data == tmp_path / "h200_from_2k" / "data"
+    with pytest.raises(SystemExit, match="reads the text of --scale h200_512: run its corpus stage first"):
         stages.stage_corpus(e)
     with pytest.raises(SystemExit, match="has not finished"):
         stages.stage_pretrain(e)
-    shard = src / "pretrain" / "ckpt" / "iter_0001500" / "shard.distcp"
+    shard = src / "pretrain" / "ckpt" / "iter_0000400" / "shard.distcp"
     shard.parent.mkdir(parents=True)
     shard.write_bytes(b"weights")
-    (src / "pretrain" / "ckpt" / "latest_checkpointed_iteration.txt").write_text("1500")
+    (src / "pretrain" / "ckpt" / "latest_checkpointed_iteration.txt").write_text("400")
     (src / "pretrain" / "DONE").write_text("{}")
     seen = {}
 
     def launched(cmd, log, name):
-        copied = e.phase_dir("pretrain") / "ckpt" / "iter_0001500" / "shard.distcp"
+        copied = e.phase_dir("pretrain") / "ckpt" / "iter_0000400" / "shard.distcp"
         seen.update(cmd=cmd, copied=copied.read_bytes(), linked=copied.stat().st_ino == shard.stat().st_ino)
         return 1.0
 
@@ -155,6 +161,17 @@ def test_a_scale_continues_another_scales_pretraining(tmp_path, monkeypatch):
     assert seen["copied"] == b"weights" and not seen["linked"]
     assert "megatron.finetune=true" in seen["cmd"] and "train.iters=200" in seen["cmd"]
     assert f"data.dir={e.data}" in seen["cmd"]
+
+
+def test_a_cycle_of_init_from_is_one_error(monkeypatch):
+    from experiments.verify import study
+    from experiments.verify.settings import SCALES
+
+    monkeypatch.setitem(SCALES, "loop_a", dict(SCALES["h200"], init_from="loop_b"))
+    monkeypatch.setitem(SCALES, "loop_b", dict(SCALES["h200"], init_from="loop_a"))
+    with pytest.raises(SystemExit, match="cycle: loop_a -> loop_b -> loop_a"):
+        study.chain_start("loop_a")
+    assert study.chain_start("h200_from_2k") == "h200_512" and study.chain_start("h200") == "h200"
 
 
 # One reuse arm of each kind (every N layers, GLM-5.2's pattern) and one objective arm: the

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from experiments.verify.settings import ARMS, RECIPES, SHARING_ARMS
-from experiments.verify.study import Study, echo, link_copy
+from experiments.verify.study import Study, chain_start, echo, link_copy
 from megatron_dsa.data import DataError, build_corpus, build_task_corpus, check_corpus_for_run, load_manifest
 from megatron_dsa.train import runner
 from megatron_dsa.train.config import load_config
@@ -51,8 +51,8 @@ def _text_corpus(e: Study) -> None:
         try:
             load_manifest(e.text_data)
         except DataError as error:
-            raise SystemExit(f"error: --scale {e.scale} continues --scale {e.s['init_from']}: run its corpus "
-                             f"and pretrain stages first ({error})") from None
+            raise SystemExit(f"error: --scale {e.scale} reads the text of --scale {chain_start(e.scale)}: run its "
+                             f"corpus stage first ({error})") from None
         print(f"corpus: the text and tokenizer of {e.text_data}")
         return
     try:

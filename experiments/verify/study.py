@@ -19,6 +19,17 @@ from pathlib import Path
 from experiments.verify.settings import ARMS, RECIPES, REPO, SCALES, arm_layout
 
 
+def chain_start(scale: str) -> str:
+    """The first scale of the pretraining chain ``scale`` continues (``init_from``), or itself."""
+    seen = [scale]
+    while SCALES[scale].get("init_from"):
+        scale = SCALES[scale]["init_from"]
+        if scale in seen:
+            raise SystemExit(f"error: the scales' init_from form a cycle: {' -> '.join(seen + [scale])}")
+        seen.append(scale)
+    return scale
+
+
 class Study:
     """The run's settings (from the command line) and its directory."""
 
@@ -30,11 +41,12 @@ class Study:
         self.force = args.force
         self.data = self.out / "data"  # the task mixture every phase trains on
         # A scale that continues another's dense pretraining (``init_from``) reads that run's
-        # directory beside this one: its pretrain checkpoint, and its natural text (so both
-        # mixtures share one tokenizer).
+        # directory beside this one: its pretrain checkpoint. Every scale of such a chain reads
+        # the natural text of the chain's first run (one tokenizer for all their mixtures).
         self.init_dir = self.out.parent / self.s["init_from"] if self.s.get("init_from") else None
         # natural text: held-out loss, recall, retrieval haystacks
-        self.text_data = (self.init_dir or self.out) / "data_text"
+        first = chain_start(self.scale)
+        self.text_data = (self.out if first == self.scale else self.out.parent / first) / "data_text"
         self.arms = list(args.arms.split(",")) if getattr(args, "arms", None) else list(ARMS)
         self.speed_arms = args.speed_arms.split(",") if getattr(args, "speed_arms", None) else None
         unknown = [a for a in self.arms if a not in ARMS]
