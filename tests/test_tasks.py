@@ -80,6 +80,23 @@ def test_every_text_is_solvable_from_the_text_alone(tok, text, family, task):
         _solve_all(tok, t)
 
 
+@pytest.mark.parametrize("task", TASKS)
+def test_every_wording_is_solvable(tok, text, task):
+    """Each wording of each family alone (the generator draws one per fact group) makes texts
+    the solver reads back, keys of every length included."""
+    from dataclasses import replace
+
+    rng = random.Random(f"{task}{random.random()}")
+    for family in (TRAIN, HELDOUT):
+        for wording in family.wordings[task]:
+            only = replace(family, wordings={**family.wordings, task: (wording,)})
+            t = task_text(task, only, 4096, text, tok, rng, queries=6)
+            literal = max(re.split(r"\{\w+\}", wording.define), key=len)  # its longest fixed text
+            assert literal in tok.detokenize(t.tokens)
+            _solve_all(tok, t)
+            assert {len(q.key) for q in t.queries} <= set(family.key_lengths)
+
+
 def test_solver_reads_the_facts_not_the_record(tok, text):
     """Changing the fact in the text changes what the solver answers: it finds the answer in the
     text (off by one in the value, or the key's fact removed, and it no longer agrees)."""

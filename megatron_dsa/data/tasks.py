@@ -65,7 +65,7 @@ class Family:
     wordings: dict[str, tuple[Wording, ...]]
     key_alphabet: str
     key_first: str  # the key's first character (keys in code must not start with a digit)
-    key_length: int
+    key_lengths: tuple[int, ...]  # a key's length is drawn from these
     densities: tuple[int, ...]
     values_per_key: tuple[int, ...]
     hops: tuple[int, ...]
@@ -76,33 +76,56 @@ _COPY_WORDS = ("amber", "basin", "cedar", "dune", "elm", "fjord", "grove", "heat
                "knoll", "larch", "marsh", "nectar", "oak", "pine", "quill", "reef", "sage", "thorn",
                "upland", "vale", "wheat", "yarrow", "zinnia", "birch", "coral", "delta", "fern", "glen")
 
+# Six wordings per task, keys of four lengths: a small model that sees two wordings learns those
+# two (at 512 tokens it answered 88% of new training-format items and none of the held-out ones),
+# so the training formats vary enough that only "find the key, copy what belongs to it" pays.
 TRAIN = Family(
     name="train",
     wordings={
         "passkey": (
             Wording("The pass key of {key} is {value}. Remember it.", "What is the pass key of {key}? The pass key of {key} is "),
             Wording("Remember this: {key} has the pass key {value}.", "Recall the pass key of {key}: "),
+            Wording("Password for account {key}: {value}", "The password for account {key} is "),
+            Wording("PIN of user {key} = {value}", "user {key} has PIN "),
+            Wording("Keep {value} as the access number of {key}.", "Access number of {key}? It is "),
+            Wording("{key} unlocks with {value}.", "To unlock {key}, enter "),
         ),
         "multikey": (
             Wording("{key} maps to {value};", "Lookup: {key} maps to "),
             Wording("# config {key} = {value}", "# the config value of {key} is "),
+            Wording('"{key}": {value},', 'value of "{key}" -> '),
+            Wording("put {key} {value}", "get {key} -> "),
+            Wording("table[{key}] = {value}", "table[{key}] == "),
+            Wording("{key} => {value}", "where does {key} point? To "),
         ),
         "multivalue": (
             Wording("append {value} to list {key}", "list {key} holds: ", sep=", "),
             Wording("{key} gets another number: {value}.", "All numbers {key} got, in order: ", sep=" and "),
+            Wording("{key}.push({value})", "{key} == [", sep=", "),
+            Wording("add {value} to bucket {key}", "bucket {key} has ", sep=" then "),
+            Wording("record {key}: {value}", "records of {key}: ", sep="; "),
+            Wording("{key} also scored {value}", "scores of {key}, first to last: ", sep=" / "),
         ),
         "varchain": (
             Wording("{key} = {value}", "print({key})  # prints ", hop="{dst} = {src}"),
             Wording("var {key} = {value};", "console.log({key}); // logs ", hop="var {dst} = {src};"),
+            Wording("const {key} = {value};", "alert({key}); // shows ", hop="const {dst} = {src};"),
+            Wording("{key} <- {value}", "cat({key})  # gives ", hop="{dst} <- {src}"),
+            Wording("my ${key} = {value};", "say ${key};  # says ", hop="my ${dst} = ${src};"),
+            Wording("int {key} = {value};", "printf({key}); // writes ", hop="int {dst} = {src};"),
         ),
         "copy": (
             Wording("<<{key}>> {value} <</{key}>>", "Repeat <<{key}>>: "),
             Wording("Span {key} begins: {value} (end of span {key})", "Copy span {key}: "),
+            Wording("BEGIN {key} {value} END {key}", "Say {key} again: "),
+            Wording("({key}) {value} (/{key})", "Write out {key}: "),
+            Wording("line-{key}: {value}.", "Give line-{key} once more: "),
+            Wording("{key} says: {value}", "What did {key} say? "),
         ),
     },
-    key_alphabet="abcdefghijklmnopqrstuvwxyz",
+    key_alphabet="abcdefghijklmnopqrstuvwxyz_",
     key_first="bcdfghjklmnprstvz",
-    key_length=6,
+    key_lengths=(4, 5, 6, 7),
     densities=(2, 4, 8),
     values_per_key=(2, 3),
     hops=(1, 2),
@@ -129,7 +152,7 @@ HELDOUT = Family(
     },
     key_alphabet="ABCDEFGHJKLMNPQRSTUVWXYZ0123456789",
     key_first="ABCDEFGHJKLMNPQRSTUVWXYZ",
-    key_length=5,
+    key_lengths=(5,),
     densities=(3, 6, 12),
     values_per_key=(4,),
     hops=(3,),
@@ -179,7 +202,7 @@ class _Segment:
 def _key(rng: random.Random, family: Family, used: set[str]) -> str:
     while True:
         key = rng.choice(family.key_first) + "".join(
-            rng.choice(family.key_alphabet) for _ in range(family.key_length - 1))
+            rng.choice(family.key_alphabet) for _ in range(rng.choice(family.key_lengths) - 1))
         if key not in used:
             used.add(key)
             return key
@@ -326,7 +349,8 @@ def _pattern(template: str, **groups: str) -> str:
 
 
 def _key_re(family: Family) -> str:
-    return f"[{re.escape(family.key_first)}][{re.escape(family.key_alphabet)}]{{{family.key_length - 1}}}"
+    shortest, longest = min(family.key_lengths), max(family.key_lengths)
+    return f"[{re.escape(family.key_first)}][{re.escape(family.key_alphabet)}]{{{shortest - 1},{longest - 1}}}"
 
 
 def _value_re(task: str) -> str:
