@@ -174,6 +174,27 @@ def test_a_cycle_of_init_from_is_one_error(monkeypatch):
     assert study.chain_start("h200_from_2k") == "h200_512" and study.chain_start("h200") == "h200"
 
 
+def test_a_continued_run_reports_its_chain_and_the_first_runs_text(tmp_path):
+    """The corpus record and the earlier stages' evaluations come from the chain's directories."""
+    from argparse import Namespace
+
+    from experiments.verify.collect import collect
+    from experiments.verify.study import Study
+
+    def study(scale):
+        return Study(Namespace(scale=scale, out=str(tmp_path / scale), report_dir=None, force=False))
+
+    e = study("h200_from_2k")
+    assert collect(e)["corpus"] == {} and collect(e)["chain"][0]["eval"] is None  # nothing run yet
+    study("h200_512").save_json("corpus_info.json", {"stdlib": "/x", "splits": {"train": {"tokens": 7}}})
+    study("h200_2k_from_512").save_json("eval/pretrain.json", {"phase": "pretrain", "loss": {"2048": 1.5}})
+    res = collect(e)
+    assert res["corpus"]["splits"]["train"]["tokens"] == 7 and "stdlib" not in res["corpus"]
+    assert [(st["scale"], st["train_length"]) for st in res["chain"]] == [("h200_512", 512), ("h200_2k_from_512", 2048)]
+    assert res["chain"][0]["eval"] is None and res["chain"][1]["eval"]["loss"] == {"2048": 1.5}
+    assert collect(study("h200_512"))["chain"] == []
+
+
 # One reuse arm of each kind (every N layers, GLM-5.2's pattern) and one objective arm: the
 # others of each kind run the same code path.
 ARMS = ["per_layer", "shared", "freq2", "pattern", "obj_listwise"]

@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 
 from experiments.verify.measurements import bench128k_from, eval_arms
-from experiments.verify.settings import BENCH128K_ARGS, RESULTS, TARGETS
-from experiments.verify.study import Study
+from experiments.verify.settings import BENCH128K_ARGS, RESULTS, SCALES, TARGETS
+from experiments.verify.study import Study, portable_command
 from megatron_dsa.train.runner import first_last, read_scalars
 
 
@@ -23,13 +23,15 @@ def _median(xs):
 
 def _portable_corpus(info: dict) -> dict:
     """The corpus record without machine paths: which library trees, not where they were."""
+    if not info:
+        return {}
     info = {k: v for k, v in info.items() if k not in ("source", "stdlib", "site_packages")}
     return {"source": "the interpreter's standard library and site-packages (.py/.txt/.rst)", **info}
 
 
 def collect(e: Study) -> dict:
     res = {"scale": e.scale, "targets": TARGETS, "commands": e.commands(), "arms": e.arms,
-           "corpus": _portable_corpus(e.load_json("corpus_info.json", {})),
+           "corpus": _portable_corpus(e.corpus_info()),
            "tasks": e.load_json("tasks_info.json", {}),
            "eval": {}, "phases": {}, "warmup": {}, "recall": {}}
     for arm, (phase, _) in eval_arms(e).items():
@@ -41,6 +43,7 @@ def collect(e: Study) -> dict:
         if p.is_file():
             res["recall"][task] = json.loads(p.read_text())["recall"]
     res["speed"] = e.load_json("speed.json", None)
+    res["chain"] = _chain(e)
     for d in sorted(e.out.iterdir()) if e.out.is_dir() else []:
         if not (d / "tb").is_dir():
             continue
@@ -84,6 +87,21 @@ def collect(e: Study) -> dict:
                                 "command": f"{cmd} (arms {', '.join(r['arm'] for r in res['speed']['rows'])} "
                                            "re-measured in this run, the others from benchmarks/results)"}
     return res
+
+def _chain(e: Study) -> list[dict]:
+    """The dense pretraining stages this run continues (``init_from``), first to last: each
+    one's scale, training length, command and evaluation, read from its directory beside this one."""
+    stages, scale = [], e.s.get("init_from")
+    while scale:
+        d = e.out.parent / scale
+        p = d / "eval" / "pretrain.json"
+        cmd = d / "pretrain" / "command.json"
+        stages.insert(0, {"scale": scale, "train_length": SCALES[scale]["train_length"],
+                          "eval": json.loads(p.read_text()) if p.is_file() else None,
+                          "command": portable_command(json.loads(cmd.read_text())) if cmd.is_file() else None})
+        scale = SCALES[scale].get("init_from")
+    return stages
+
 
 # Per-step series: plotted, not tabulated.
 SERIES = {"phases": ("lm_loss",), "warmup": ("kl", "recall")}

@@ -113,6 +113,12 @@ def _header(report: Report) -> None:
              f"{' --jobs 8' if e.s['bench'] else ''}` (resumes; `--stage a,b` runs some stages). "
              "The exact commands below write the run directory as `$RUN`. "
              f"Training length {s['train_length']}, top-k {s['topk']}.\n")
+    chain = [st["scale"] for st in res.get("chain") or []]
+    if chain:
+        L.append("It continues the dense pretraining of "
+                 + " -> ".join(f"`--scale {x} --stage corpus,pretrain`" for x in chain)
+                 + ", run first in that order (each evaluated by `--stage eval --task pretrain`; this scale's "
+                 "corpus stage builds its mixture from the first one's text).\n")
     c = res["corpus"]
     if c:
         L.append(f"Data: the running interpreter's standard library and site-packages (.py/.txt/.rst), "
@@ -127,6 +133,35 @@ def _header(report: Report) -> None:
                  f"{t['queries_per_document']} queries per document ({train['answer_tokens']:,} answer tokens, "
                  f"weighted {ANSWER_LOSS_WEIGHT:g} in the LM loss); "
                  "held-out loss and retrieval are measured on the held-out natural text.\n")
+
+
+def _curriculum(report: Report) -> None:
+    """The dense pretraining stages this run continues, each evaluated at its own length."""
+    chain, L = report.res.get("chain") or [], report.lines
+    if not chain:
+        return
+    L.append("## Pretraining curriculum\n")
+    L.append("The dense pretraining continues the weights of shorter runs (`init_from`), each on its own task "
+             "mixture of the same text and tokenizer; retrieval forms at short context first. Each stage "
+             "evaluated after its training, exact match % (token accuracy %):\n")
+    L.append("| stage | training length | lengths evaluated | training formats | held-out formats |")
+    L.append("|---|---|---|---|---|")
+
+    def cells(r, key):
+        bl = r[key]["by_length"] if r and key in r else {}
+        return ", ".join(f"{x}: {_fmt(v.get('exact'), '.0f')} ({_fmt(v.get('token'), '.0f')})" for x, v in bl.items())
+
+    for st in chain + [{"scale": report.e.scale, "train_length": report.s["train_length"],
+                        "eval": report.ev.get("pretrain (dense)")}]:
+        r = st["eval"]
+        L.append(f"| `{st['scale']}` | {st['train_length']} | {', '.join(map(str, (r or {}).get('loss', {}))) or 'n/a'} "
+                 f"| {cells(r, 'retrieval_train_formats') or 'n/a'} | {cells(r, 'retrieval') or 'n/a'} |")
+    cmds = [st["command"] for st in chain if st.get("command")]
+    if cmds:
+        L.append("\nCommands of the earlier stages (each `$RUN` its own scale's directory):\n\n```\n"
+                 + "\n".join(cmds) + "\n```\n")
+    else:
+        L.append("")
 
 
 def _loss_at_lengths(report: Report) -> None:
@@ -253,6 +288,14 @@ def _retrieval(report: Report) -> None:
                  "tells a model that retrieves but does not carry it to new formats from one that never learned to "
                  "retrieve.\n")
         _retrieval_rows(report, "retrieval_train_formats")
+        if A and B and "retrieval_train_formats" in A and "retrieval_train_formats" in B and in_dist > 0:
+            d = {x: _get(A["retrieval_train_formats"]["by_length"], x)["exact"]
+                 - _get(B["retrieval_train_formats"]["by_length"], x)["exact"] for x in rl if x <= s["train_length"]}
+            verdict["retrieval_train_formats"] = all(abs(v) <= TARGETS["retrieval_points"] for v in d.values())
+            L.append(f"\nIn the training formats, A minus dense control (points, up to the training length): "
+                     f"{', '.join(f'{x}: {v:+.1f}' for x, v in d.items())} -> within 2 points at every length: "
+                     f"**{'yes' if verdict['retrieval_train_formats'] else 'no'}** (not the target; "
+                     f"{s['retrieval_train_n']} items per task and length).")
         if in_dist == 0:
             L.append("\nEvery model scores 0% on the training formats too: none learned the tasks at this budget.\n")
         elif held == 0:
@@ -516,6 +559,9 @@ def _conclusions(report: Report) -> None:
     names = {"loss": "validation loss A vs B within 1%", "retrieval": "retrieval within 2 points of dense",
              "warmup": "warm-up KL drop >= 5x and recall >= 90% (per-layer)", "shared": "shared indexer as good as per-layer",
              "pattern": "GLM-5.2 pattern as good as per-layer"}
+    if "retrieval_train_formats" in verdict:
+        names = {**names, "retrieval_train_formats": "retrieval in the training formats within 2 points of dense "
+                                                     "(not the target)"}
     for k, text in names.items():
         line = f"- {text}: **{ {True: 'yes', False: 'no', None: 'not measured'}.get(verdict.get(k), verdict.get(k)) }**"
         if k == "warmup" and verdict.get("recall_oracle") is not None and verdict["recall_oracle"] < TARGETS["recall"]:
@@ -526,7 +572,7 @@ def _conclusions(report: Report) -> None:
              "this scale only. Retrieval at lengths beyond the training length measures extrapolation.\n")
 
 
-SECTIONS = (_header, _loss_at_lengths, _trainer_validation, _retrieval, _warmup, _recall_after_warmup, _sharing,
+SECTIONS = (_header, _curriculum, _loss_at_lengths, _trainer_validation, _retrieval, _warmup, _recall_after_warmup, _sharing,
             _objectives, _speed, _report_step, _appendix, _conclusions)
 
 

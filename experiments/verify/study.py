@@ -76,6 +76,11 @@ class Study:
             out[f.parent.name] = portable_command(json.loads(f.read_text()))
         return out
 
+    def corpus_info(self) -> dict:
+        """The natural text's record, written by the chain's first run (the text is its)."""
+        p = self.text_data.parent / "corpus_info.json"
+        return json.loads(p.read_text()) if p.is_file() else {}
+
     def load_json(self, name, default):
         p = self.out / name
         return json.loads(p.read_text()) if p.is_file() else default
