@@ -95,7 +95,7 @@ def pattern_idx(S, dev="cuda", window=1024, sinks=64):
     far = sinks + (j - window - sinks) * (t - window - sinks).clamp(min=0) // spread
     idx = torch.where(j < window, t - j, torch.where(j < window + sinks, j - window, far))
     idx = torch.where(t < TOPK, torch.where(j <= t, j, -1), idx)
-    return idx[None].contiguous()
+    return idx[None].to(torch.int32).contiguous()  # the selection's dtype
 
 
 def ours_step(t, fp8, stages=None, idx=None, rows=None):

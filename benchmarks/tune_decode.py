@@ -95,7 +95,7 @@ def run(batches, positions, heads, stages, hbm_gbps, repeats):
             sel = dec.select_topk(scores, V32["topk"], ordered=False)  # as the engine's decode asks
             if "topk" in stages:
                 kth = torch.topk(scores, V32["topk"], dim=-1).values[:, -1]
-                picked = scores.gather(1, by_score.clamp_min(0))
+                picked = scores.gather(1, by_score.clamp_min(0).long())
                 same = bool((picked >= kth[:, None]).all()) and bool((by_score >= 0).all()) and torch.equal(
                     by_score.sort(-1).values, sel)
                 score_bytes = scores.numel() * 4

@@ -63,7 +63,7 @@ class CoreResult:
     out: torch.Tensor  # [B, Sq, H, v_dim] (the MHA form's dv with ``up_proj``)
     kl: Optional[torch.Tensor] = None  # [B, Sq'] the indexer objective of each own row
     recall: Optional[torch.Tensor] = None  # [B, Sq'] (or the sampled rows) top-k recall, no grad
-    topk: Optional[torch.Tensor] = None  # [B, Sq, K] selected key positions, -1 padded (sparse)
+    topk: Optional[torch.Tensor] = None  # [B, Sq, K] int32 selected key positions, -1 padded (sparse)
     indexer_flops: int = 0  # indexer scoring FLOPs done on this rank (rows x keys x HI x DI x 2)
 
 
@@ -195,8 +195,8 @@ def dsa_decode(
     q [B, H, Dqk] absorbed queries; kv_cache [blocks, block_size, Dqk]; block_table [B, n];
     ``decode_ops``: ``ops.decode_backend``'s namespace. ``indexer``: (qi [B, HI, DI],
     wi [B, HI], the cached indexer keys, their per-token scales or None), or None for a layer
-    that reuses another's ``selection`` [B, K]. Returns the output [B, H, v_dim] and, sparse,
-    the selection.
+    that reuses another's ``selection`` [B, K] (int32, -1 padded). Returns the output
+    [B, H, v_dim] and, sparse, the selection.
     """
     if mode not in ("dense", "sparse"):
         raise ValueError(f"decoding runs the dense or sparse mode, got {mode!r}")

@@ -13,6 +13,11 @@ Positions: queries and keys carry absolute token positions (``q_pos`` [Sq], ``k_
 Key s is eligible for query t iff ``k_pos[s] <= q_pos[t]``. They default to 0..S-1; context
 parallel and decoding pass their own. Returned top-k indices index the key dimension.
 
+The selection is one contract everywhere (reference, kernels, TP / CP, decoding): [B, Sq, K]
+(decoding: [B, K]) int32, -1 padded. Positions stay below 2^31; int32 halves the tensor the
+sparse attention and the sparse KL keep for their backward (2 GiB a layer at 128K x 2048 in
+int64). Ops that need int64 indices (``torch.gather``) convert a chunk locally.
+
 Packed sequences (several documents in one sequence) add document ids (``q_doc`` [Sq],
 ``k_doc`` [Sk], ``document_ids``): key s is eligible for query t iff it is in the same document
 AND ``k_pos[s] <= q_pos[t]``. That one rule is the only place documents enter: the top-k
@@ -251,7 +256,8 @@ def _chunk_size(per_row: int, total_rows: int) -> int:
 
 
 def topk_from_scores(scores: torch.Tensor, mask: torch.Tensor, topk: int) -> torch.Tensor:
-    """Top-k key indices of masked scores [..., Sq, Sk]; -1 fills slots past the eligible count.
+    """Top-k key indices of masked scores [..., Sq, Sk], int32; -1 fills slots past the eligible
+    count.
 
     Ties are broken towards the smaller key index (stable sort), so every rank and every kernel
     that follows this rule selects the same set. Order within a row: score descending.
@@ -259,7 +265,8 @@ def topk_from_scores(scores: torch.Tensor, mask: torch.Tensor, topk: int) -> tor
     masked = scores.masked_fill(~mask, float("-inf"))
     k = min(topk, scores.shape[-1])
     values, idx = torch.sort(masked, dim=-1, descending=True, stable=True)
-    values, idx = values[..., :k], idx[..., :k]
+    # int32: the selection's one dtype (positions stay below 2^31).
+    values, idx = values[..., :k], idx[..., :k].to(torch.int32)
     idx = idx.masked_fill(values == float("-inf"), -1)
     if k < topk:
         idx = F.pad(idx, (0, topk - k), value=-1)
@@ -277,7 +284,7 @@ def indexer_topk(
     q_doc: Optional[torch.Tensor] = None,
     k_doc: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Causal top-k of the indexer scores: [B, Sq, topk] int64, -1 padded.
+    """Causal top-k of the indexer scores: [B, Sq, topk] int32, -1 padded.
 
     Row t keeps ``min(topk, #eligible keys)`` entries (``q_doc``/``k_doc``: only keys of its
     own document are eligible). Scores are built per query chunk.
@@ -286,7 +293,7 @@ def indexer_topk(
     Sk = k.shape[1]
     q_pos, k_pos = _positions(q_pos, Sq, q.device), _positions(k_pos, Sk, q.device)
     q_doc, k_doc = _documents(q_doc, Sq, q.device), _documents(k_doc, Sk, q.device)
-    out = torch.empty(B, Sq, topk, dtype=torch.long, device=q.device)
+    out = torch.empty(B, Sq, topk, dtype=torch.int32, device=q.device)
     step = _chunk_size(B * q.shape[2] * Sk, Sq)
     for t0 in range(0, Sq, step):
         t1 = min(Sq, t0 + step)
@@ -424,7 +431,8 @@ def dense_attention(
 def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """x [B, Sk, D], idx [B, Sq, K] (-1 allowed) -> [B, Sq, K, D]; -1 slots read token 0."""
     B, Sq, K = idx.shape
-    flat = idx.clamp_min(0).reshape(B, Sq * K, 1).expand(-1, -1, x.shape[-1])
+    # int64 for torch.gather, a chunk's copy only: the selection itself stays int32.
+    flat = idx.clamp_min(0).long().reshape(B, Sq * K, 1).expand(-1, -1, x.shape[-1])
     return torch.gather(x, 1, flat).view(B, Sq, K, x.shape[-1])
 
 
@@ -441,7 +449,7 @@ def sparse_mla_attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of absorbed queries over the selected latent KV entries only.
 
-    q [B, Sq, H, Dqk], kv [B, Sk, Dqk], topk_idx [B, Sq, K] (-1 = unused slot, skipped).
+    q [B, Sq, H, Dqk], kv [B, Sk, Dqk], topk_idx [B, Sq, K] int32 (-1 = unused slot, skipped).
     Equals dense attention with every non-selected key masked out. Returns out [B, Sq, H, v_dim]
     and lse [B, Sq, H]; a row with no selected key gives zeros and lse = -inf, never NaN.
     """
@@ -537,7 +545,7 @@ def listwise_rows(
         # Unused (-1) slots land in an extra last column, dropped after the scatter.
         n = p.shape[-1]
         in_t = torch.zeros(*p.shape[:-1], n + 1, dtype=torch.bool, device=p.device)
-        in_t = in_t.scatter_(-1, torch.where(sel < 0, n, sel), True)[..., :n]
+        in_t = in_t.scatter_(-1, torch.where(sel < 0, n, sel).long(), True)[..., :n]
         target = p * in_t
         target = target / target.sum(dim=-1, keepdim=True).clamp_min(KL_EPS)
     else:
@@ -587,7 +595,7 @@ def _dense_kl_chunk(
     kl = objective_rows(objective, topk)(p, logits, mask)
     with torch.no_grad():
         sel = topk_from_scores(logits.detach(), mask, topk)
-        recall = (torch.gather(p, -1, sel.clamp_min(0)) * (sel >= 0)).sum(-1)
+        recall = (torch.gather(p, -1, sel.clamp_min(0).long()) * (sel >= 0)).sum(-1)
     return kl, recall
 
 
@@ -796,7 +804,7 @@ def paged_indexer_topk(
     """Top-k of the decoding tokens' indexer scores over each sequence's cached keys.
 
     q [B, HI, DI], w [B, HI], key_pool [NB, bs, DI] (``key_scales`` [NB, bs] for FP8 keys),
-    lengths [B]. Returns token positions [B, topk] int64, -1 padded: ``min(topk, lengths[b])``
+    lengths [B]. Returns token positions [B, topk] int32, -1 padded: ``min(topk, lengths[b])``
     entries, ordered and tie-broken as ``topk_from_scores``. ``ordered=False`` lets a backend
     skip ordering each row by score (the same set); these rows are ordered either way.
 
@@ -824,7 +832,7 @@ def sparse_mla_decode(
     q: torch.Tensor, kv_pool: torch.Tensor, block_table: torch.Tensor, topk_idx: torch.Tensor, v_dim: int, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Absorbed-MLA decode over the selected cached latent rows: every head of a token attends to
-    the same gathered rows. q [B, H, Dqk], kv_pool [NB, bs, Dqk], topk_idx [B, K] token
+    the same gathered rows. q [B, H, Dqk], kv_pool [NB, bs, Dqk], topk_idx [B, K] int32 token
     positions (-1 skipped). Returns out [B, H, v_dim] and lse [B, H] (no selected row: zeros
     and -inf, never NaN)."""
     return _decode_attend(q, paged_rows(kv_pool, block_table, topk_idx), topk_idx >= 0, v_dim, scale)

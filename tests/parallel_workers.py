@@ -185,6 +185,7 @@ def check_core_against_reference(ctx, seed, modes, kernel="reference", cu_seqlen
         ref_out = cp_split_(ref["out"])[:, :, heads]
         _close(tag + " out", res.out, ref_out)
         if ref["topk"] is not None:
+            assert res.topk.dtype == ref["topk"].dtype == torch.int32, (tag, res.topk.dtype)
             # Same sets per row (the kernels skip ordering each row by score).
             want = cp_split_(ref["topk"]).sort(-1).values
             if not torch.equal(res.topk.sort(-1).values, want):
@@ -263,7 +264,7 @@ def balanced_topk_worker(rank, world, port, seed):
         STATS.reset()
         got = tp_indexer_topk(OPS.backend("reference", dev), qi[:, rows].to(dev), ki.to(dev), wi[:, rows].to(dev),
                               torch.arange(S, device=dev), 6, ctx, [0])
-        assert torch.equal(got.cpu(), want), (rank, S)
+        assert got.dtype == want.dtype == torch.int32 and torch.equal(got.cpu(), want), (rank, S, got.dtype)
         assert ("tp.indexer_q_balance" in STATS.bytes) == (n % 2 == 0), STATS.bytes
     dist.barrier()
     dist.destroy_process_group()

@@ -67,7 +67,7 @@ def test_sparse_and_dense_decode_equal_the_reference(heads, dtype):
     q = torch.randn(len(lengths), heads, v_dim + rope, device=DEV).to(dtype)
     scale = (v_dim + rope) ** -0.5
     sel = torch.stack([torch.cat([torch.randperm(n, device=DEV)[:topk],
-                                  torch.full((max(0, topk - n),), -1, device=DEV, dtype=torch.long)]) for n in lengths])
+                                  torch.full((max(0, topk - n),), -1, device=DEV)]) for n in lengths]).to(torch.int32)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     # Default launches, then small blocks from the options (many blocks per split).
     for splits, options in ((1, KernelOptions()), (3, KernelOptions(decode_attn=Tiles(16, 4, 1)))):
@@ -85,7 +85,7 @@ def test_sparse_and_dense_decode_equal_the_reference(heads, dtype):
 def test_sparse_decode_of_a_row_without_selection_is_zero_not_nan():
     pool, table, _, lens = paged([6, 6], 48)
     q = torch.randn(2, 8, 48, device=DEV)
-    sel = torch.full((2, 8), -1, device=DEV, dtype=torch.long)
+    sel = torch.full((2, 8), -1, device=DEV, dtype=torch.int32)
     sel[0, :3] = torch.tensor([5, 0, 2])
     out, lse = D.sparse_mla_decode(q, pool, table, sel, 32, 0.1, lengths=lens, splits=2)
     ref_out, ref_lse = R.sparse_mla_decode(q, pool, table, sel, 32, 0.1)

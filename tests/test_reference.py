@@ -136,7 +136,7 @@ def test_topk_causal_min_k_and_padding(seed, small_chunks):
     B, S, HI, DI, K = 2, 23, 2, 8, 6
     q, k, w = rand(B, S, HI, DI), rand(B, S, DI), rand(B, S, HI)
     idx = R.indexer_topk(q, k, w, K)
-    assert idx.shape == (B, S, K) and idx.dtype == torch.long
+    assert idx.shape == (B, S, K) and idx.dtype == torch.int32
     scores = R.indexer_scores(q, k, w)
     for t in range(S):
         n = min(K, t + 1)

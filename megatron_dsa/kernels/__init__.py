@@ -2,7 +2,8 @@
 ``megatron_dsa.reference`` (same arguments, shapes, dtypes and return values).
 
 * ``indexer_topk(q, k, w, topk, q_pos=None, k_pos=None, fp8=False, ordered=True, q_doc=None, k_doc=None)``
-  -> [B, Sq, topk] int64
+  -> [B, Sq, topk] int32, -1 padded: the selection every op below takes (``topk_idx``; decoding:
+  [B, K]); the ops that read it take int32 only
 * ``dense_mla_attention(q, kv, v_dim, scale, q_pos=None, k_pos=None, need_lse=True, q_doc=None, k_doc=None)``
   -> (out, lse),
   autograd (PyTorch's fused SDPA; never the S^2 math path on the GPU)

@@ -39,8 +39,22 @@ def split_pow2(D: int) -> tuple[int, int, int, int]:
     return DV, next_pow2(DV, 16), DR, (next_pow2(DR, 16) if DR > 0 else 16)
 
 
+# Hopper's e4m3 tensor-core products take a reduction dimension of at least 32: FP8 scoring pads
+# a narrower indexer head dim to it (Triton does not compile a smaller one).
+FP8_MIN_K = 32
+
+
 def is_fp32(*ts: torch.Tensor) -> bool:
     return any(t.dtype in (torch.float32, torch.float64) for t in ts)
+
+
+def selection(idx: torch.Tensor) -> torch.Tensor:
+    """A top-k selection as the kernels read it: int32 (-1 padded), contiguous. One dtype: an
+    int64 selection would compile a second variant of each kernel and double the bytes that the
+    sparse attention and the KL keep for their backward."""
+    if idx.dtype != torch.int32:
+        raise TypeError(f"a top-k selection is int32 (reference.indexer_topk's), got {idx.dtype}")
+    return idx.contiguous()
 
 
 if HAS_TRITON:

@@ -40,7 +40,8 @@ from typing import Optional
 
 import torch
 
-from ._common import HAS_TRITON, _dot, _softmax_finish, _softmax_step, interpreting, is_fp32, next_pow2, split_pow2, triton, tl
+from ._common import (FP8_MIN_K, HAS_TRITON, _dot, _softmax_finish, _softmax_step, interpreting, is_fp32, next_pow2,
+                      selection, split_pow2, triton, tl)
 from .indexer import _digit_hist, _e4m3_rows, _order_key, _threshold_digit
 from .sparse_attn import _tile_mask, head_block
 from ..kernel_options import DEFAULT_OPTIONS, KernelOptions, Tiles
@@ -255,7 +256,7 @@ if HAS_TRITON:
             take = valid & (take_all | (u > thr) | ((eq != 0) & (rank < ties)))
             ti = take.to(tl.int32)
             slot = pos + tl.cumsum(ti, axis=0) - ti
-            tl.store(OUT + b * stride_ob + slot, (start + offs).to(tl.int64), mask=take)
+            tl.store(OUT + b * stride_ob + slot, (start + offs).to(tl.int32), mask=take)
             pos += tl.sum(ti, axis=0)
             seen += tl.sum(eq, axis=0)
 
@@ -301,7 +302,7 @@ def paged_indexer_scores(q, w, key_pool, key_scales, block_table, lengths, width
         qd.stride(0), qd.stride(1), wc.stride(0),
         key_pool.stride(0), key_pool.stride(1), ks.stride(0),
         block_table.stride(0), scores.stride(0), width,
-        HIP=next_pow2(HI, 16), DI=DI, DIP=next_pow2(DI, 16), BN=tiles.BK, SCALED=fp8,
+        HIP=next_pow2(HI, 16), DI=DI, DIP=next_pow2(DI, FP8_MIN_K if fp8 else 16), BN=tiles.BK, SCALED=fp8,
         IEEE=ieee, UPCAST=interpreting() and not ieee, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     return scores
@@ -316,7 +317,7 @@ def select_topk(scores: torch.Tensor, topk: int, piece: Optional[int] = None, or
     synchronisation (a CUDA graph can hold it)."""
     B, n = scores.shape
     k = min(topk, n)
-    out = torch.full((B, topk), -1, dtype=torch.long, device=scores.device)
+    out = torch.full((B, topk), -1, dtype=torch.int32, device=scores.device)
     if k == 0 or B == 0:
         return out
     s = scores.float().contiguous()
@@ -342,7 +343,7 @@ def select_topk(scores: torch.Tensor, topk: int, piece: Optional[int] = None, or
         return out
     # Order: score descending, ties by position (the chosen are in position order: a stable sort).
     idx = out[:, :k]
-    order = torch.sort(s.gather(-1, idx.clamp_min(0)).masked_fill(idx < 0, float("-inf")), dim=-1,
+    order = torch.sort(s.gather(-1, idx.clamp_min(0).long()).masked_fill(idx < 0, float("-inf")), dim=-1,
                        descending=True, stable=True).indices
     out[:, :k] = idx.gather(-1, order)
     return out
@@ -350,7 +351,7 @@ def select_topk(scores: torch.Tensor, topk: int, piece: Optional[int] = None, or
 
 def paged_indexer_topk(q, w, key_pool, key_scales, block_table, lengths, topk: int, ordered: bool = True,
                        options: KernelOptions = DEFAULT_OPTIONS) -> torch.Tensor:
-    """reference.paged_indexer_topk: token positions [B, topk] int64, -1 padded (scored over the
+    """reference.paged_indexer_topk: token positions [B, topk] int32, -1 padded (scored over the
     block table's whole capacity, so the shapes do not depend on the lengths). ``ordered=False``:
     the same set in position order, not sorted by score."""
     scores = paged_indexer_scores(q, w, key_pool, key_scales, block_table, lengths, options=options)
@@ -387,7 +388,7 @@ def _decode(q, kv_pool, block_table, lengths, topk_idx, v_dim: int, scale: float
     tiles = options.decode_attn or Tiles(num_warps=4 if HB <= 32 else 8, **DECODE_ATTN)
     qc = q.contiguous() if q.dtype == kv_pool.dtype else q.to(kv_pool.dtype).contiguous()
     sparse = topk_idx is not None
-    idx = topk_idx.contiguous() if sparse else lengths
+    idx = selection(topk_idx) if sparse else lengths
     ieee = is_fp32(qc)
     _decode_attn_kernel[(NHB, B, splits)](
         qc, kv_pool, block_table, lengths, idx, out, lse,

@@ -32,7 +32,7 @@ import torch
 
 from ..kernel_options import DEFAULT_OPTIONS, KernelOptions
 from ..reference import FP8_AMAX_MIN, FP8_MAX
-from ._common import HAS_TRITON, _dot, interpreting, is_fp32, next_pow2, triton, tl
+from ._common import FP8_MIN_K, HAS_TRITON, _dot, interpreting, is_fp32, next_pow2, triton, tl
 
 # Elements of one query chunk's fp32 score buffer (B * chunk * Sk).
 SCORE_CHUNK_ELEMENTS = 1 << 29  # 2 GiB of fp32
@@ -216,7 +216,7 @@ if HAS_TRITON:
                 take = gt_m | (eq_m & (eq_rank < want))
             take_i = take.to(tl.int32)
             pos = cnt + tl.cumsum(take_i, axis=0) - take_i
-            tl.store(orow + pos, kidx.to(tl.int64), mask=take & (pos < TOPK))
+            tl.store(orow + pos, kidx.to(tl.int32), mask=take & (pos < TOPK))
             cnt += tl.sum(take_i, axis=0)
             seen += tl.sum(eq_i, axis=0)
         return cnt, seen
@@ -255,7 +255,7 @@ if HAS_TRITON:
         # to CAND, where the last two digits are resolved. More than CAP sharing them (heavy
         # ties): two more row passes.
         r = tl.program_id(0)
-        b = tl.program_id(1)
+        b = tl.program_id(1).to(tl.int64)  # b * stride_ob passes 2^31 elements from B * Sq * TOPK
         lim = tl.load(RLIM + b * stride_rb + r_off + r)
         srow = S + b * stride_sb + r * stride_sr
         orow = OUT + b * stride_ob + r * stride_or
@@ -288,7 +288,7 @@ if HAS_TRITON:
                 cnt = _last_digits(srow, crow, lim, orow, cnt, prefix, want, False, TOPK, TILE)
         for start in range(0, TOPK, OTILE):
             offs = start + tl.arange(0, OTILE)
-            tl.store(orow + offs, tl.full((OTILE,), -1, tl.int64), mask=(offs >= cnt) & (offs < TOPK))
+            tl.store(orow + offs, tl.full((OTILE,), -1, tl.int32), mask=(offs >= cnt) & (offs < TOPK))
 
 
     @triton.jit
@@ -388,7 +388,7 @@ def indexer_topk(
     k_doc: Optional[torch.Tensor] = None,
     options: KernelOptions = DEFAULT_OPTIONS,
 ) -> torch.Tensor:
-    """Causal top-k of the indexer scores: [B, Sq, topk] int64, -1 padded (as the reference).
+    """Causal top-k of the indexer scores: [B, Sq, topk] int32, -1 padded (as the reference).
 
     ``q_doc`` / ``k_doc`` (packed sequences): document ids [Sq] / [Sk]; a key is eligible only
     in its query's document (``reference.causal_mask``), one more comparison in the scoring tile.
@@ -404,7 +404,7 @@ def indexer_topk(
     Sk = k.shape[1]
     dev = q.device
     q_pos, k_pos = _positions(q_pos, Sq, dev), _positions(k_pos, Sk, dev)
-    out = torch.empty(B, Sq, topk, dtype=torch.long, device=dev)
+    out = torch.empty(B, Sq, topk, dtype=torch.int32, device=dev)
     if Sq == 0:
         return out
     if Sk == 0 or topk == 0:
@@ -434,7 +434,7 @@ def indexer_topk(
     kind = "fp8" if fp8 else ("fp32" if ieee else "bf16")
     cfg = dict(SCORE_CFG[kind]) if on_gpu else dict(BM=16, BN=32, num_warps=4, num_stages=1)
     BM, BN = cfg.pop("BM"), cfg.pop("BN")
-    DIP = next_pow2(DI, 16)
+    DIP = next_pow2(DI, FP8_MIN_K if fp8 else 16)  # padded columns are masked zeros
     chunk = max(BM, (SCORE_CHUNK_ELEMENTS // max(B * Sk, 1)) // BM * BM)
     chunk = min(chunk, triton.cdiv(Sq, BM) * BM)
     buf = torch.empty(B, chunk, Sk, dtype=torch.float32, device=dev)
@@ -489,7 +489,7 @@ def indexer_topk(
             continue
         # Order within a row: score descending, ties toward the smaller key index (the
         # collected list is in key order, so a stable sort keeps that tie rule).
-        vals = torch.gather(buf[:, :n], 2, o.clamp_min(0))
+        vals = torch.gather(buf[:, :n], 2, o.clamp_min(0).long())  # int64 for gather: this chunk only
         vals.masked_fill_(o < 0, float("-inf"))
         order = torch.sort(vals, dim=-1, descending=True, stable=True).indices
         out[:, t0:t1] = torch.gather(o, 2, order)

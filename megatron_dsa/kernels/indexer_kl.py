@@ -26,7 +26,7 @@ import torch
 
 from .. import reference as R
 from . import dense_kl as _dense_kl
-from ._common import HAS_TRITON, _dot, interpreting, is_fp32, next_pow2, split_pow2, triton, tl
+from ._common import HAS_TRITON, _dot, interpreting, is_fp32, next_pow2, selection, split_pow2, triton, tl
 from ..kernel_options import DEFAULT_OPTIONS, KernelOptions, Tiles
 from .sparse_attn import LOG2E, head_block
 
@@ -34,6 +34,12 @@ DENSE_CHUNK_ELEMENTS = 1 << 26
 
 
 if HAS_TRITON:
+
+    @triton.jit
+    def _load_selected(ib, kk, km):
+        """Selected key indices at slots kk (-1 where not km): int32 in memory, widened so that
+        idx * row stride below is 64-bit address math."""
+        return tl.load(ib + kk, mask=km, other=-1).to(tl.int64)
 
     @triton.jit
     def _main_scores(q1, q2, rowp, valid, d1, d1m, d2, d2m,
@@ -82,7 +88,7 @@ if HAS_TRITON:
                 l_i = tl.zeros((HB,), tl.float32)
                 for k0 in range(0, TOPK, BK):
                     kk = k0 + tl.arange(0, BK)
-                    idx = tl.load(ib + kk, mask=kk < TOPK, other=-1)
+                    idx = _load_selected(ib, kk, kk < TOPK)
                     valid = (idx >= 0) & (idx < Sk)
                     s = _main_scores(q1, q2, kvb + idx * s_kvs, valid, d1, d1m, d2, d2m, DV, DR, IEEE, UPCAST)
                     s = tl.where(valid[None, :], s * scale_log2, float("-inf"))
@@ -95,7 +101,7 @@ if HAS_TRITON:
             for k0 in range(0, TOPK, BK):
                 kk = k0 + tl.arange(0, BK)
                 km = kk < TOPK
-                idx = tl.load(ib + kk, mask=km, other=-1)
+                idx = _load_selected(ib, kk, km)
                 valid = (idx >= 0) & (idx < Sk)
                 s = _main_scores(q1, q2, kvb + idx * s_kvs, valid, d1, d1m, d2, d2m, DV, DR, IEEE, UPCAST)
                 ph = tl.where(valid, tl.sum(tl.exp2(s * scale_log2 - lse2[:, None]), axis=0), 0.0)
@@ -141,7 +147,7 @@ if HAS_TRITON:
                 l_i = tl.zeros((HN,), tl.float32)
                 for k0 in range(0, TOPK, BK):
                     kk = k0 + tl.arange(0, BK)
-                    idx = tl.load(ib + kk, mask=kk < TOPK, other=-1)
+                    idx = _load_selected(ib, kk, kk < TOPK)
                     valid = (idx >= 0) & (idx < Sk)
                     st = _main_scores_t(q1, q2, kvb + idx * s_kvs, valid, d1, d1m, d2, d2m, DV, DR, IEEE, UPCAST)
                     st = tl.where(valid[:, None], st * scale_log2, float("-inf"))
@@ -154,7 +160,7 @@ if HAS_TRITON:
             for k0 in range(0, TOPK, BK):
                 kk = k0 + tl.arange(0, BK)
                 km = kk < TOPK
-                idx = tl.load(ib + kk, mask=km, other=-1)
+                idx = _load_selected(ib, kk, km)
                 valid = (idx >= 0) & (idx < Sk)
                 st = _main_scores_t(q1, q2, kvb + idx * s_kvs, valid, d1, d1m, d2, d2m, DV, DR, IEEE, UPCAST)
                 ph = tl.where(valid, tl.sum(tl.exp2(st * scale_log2 - lse2[None, :]), axis=1), 0.0)
@@ -195,7 +201,7 @@ if HAS_TRITON:
         q_j . k [HIP, BK])."""
         kk = k0 + tl.arange(0, BK)
         km = kk < TOPK
-        idx = tl.load(ib + kk, mask=km, other=-1)
+        idx = _load_selected(ib, kk, km)
         valid = (idx >= 0) & (idx < Sk)
         p = tl.where(valid, tl.load(pb + kk, mask=km, other=0.0) * p_scale, 0.0)
         ki = tl.load(kib + idx[:, None] * s_kis + di[None, :], mask=valid[:, None] & (di < DI)[None, :], other=0.0)
@@ -410,7 +416,7 @@ class SparseIndexerKL(torch.autograd.Function):
         B, Sq = topk_idx.shape[:2]
         K = topk_idx.shape[-1]
         qi, ki, wi = q_idx.detach().contiguous(), k_idx.detach().contiguous(), w_idx.detach().contiguous()
-        idx = topk_idx.contiguous()
+        idx = selection(topk_idx)  # int32: kept for the backward, half of int64's bytes
         if target is None:
             P = _head_sum(q_main.detach().contiguous(), kv.detach().contiguous(), idx, scale, lse, options)
             p_scale = 1.0 / max(q_main.shape[2], 1)
@@ -452,7 +458,7 @@ def sparse_target_head_sum(q_main, kv, topk_idx, scale, lse=None, options: Kerne
     """Same contract as ``reference.sparse_target_head_sum``: [B, Sq, K] fp32, the main
     attention's selected-set probabilities summed over q_main's heads (one pass over the
     gathered rows with ``lse``, the sparse attention's; two without)."""
-    return _head_sum(q_main.detach().contiguous(), kv.detach().contiguous(), topk_idx.contiguous(), scale, lse,
+    return _head_sum(q_main.detach().contiguous(), kv.detach().contiguous(), selection(topk_idx), scale, lse,
                      options)
 
 

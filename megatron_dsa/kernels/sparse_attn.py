@@ -1,6 +1,6 @@
 """Sparse MLA attention over top-k indices, absorbed (MQA) form, forward + backward in Triton.
 
-q [B, Sq, H, Dqk], kv [B, Sk, Dqk] (values = kv[..., :v_dim]), topk_idx [B, Sq, K] (-1 skipped).
+q [B, Sq, H, Dqk], kv [B, Sk, Dqk] (values = kv[..., :v_dim]), topk_idx [B, Sq, K] int32 (-1 skipped).
 
 One program per (query token, block of heads, batch). The heads of a token are the rows of the
 matrix products: every selected latent row is gathered once per head block and used by all of
@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import torch
 
-from ._common import HAS_TRITON, _dot, _softmax_finish, _softmax_step, interpreting, is_fp32, next_pow2, triton, tl
+from ._common import (HAS_TRITON, _dot, _softmax_finish, _softmax_step, interpreting, is_fp32, next_pow2, selection,
+                      triton, tl)
 from ..kernel_options import DEFAULT_OPTIONS, KernelOptions, Tiles
 
 LOG2E = 1.4426950408889634
@@ -80,11 +81,12 @@ if HAS_TRITON:
 
     @triton.jit
     def _selected(ib, k0, hi, Sk, stride_ks, BK: tl.constexpr):
-        """One block of selected keys: (key index, valid, int32 row offset into KV)."""
+        """One block of selected keys: (key index, valid, int32 row offset into KV). The int32
+        index times the row stride stays 32-bit: Sk x Dqk < 2^31 (3.7M rows of 576)."""
         kk = k0 + tl.arange(0, BK)
         idx = tl.load(ib + kk, mask=kk < hi, other=-1)
         valid = (idx >= 0) & (idx < Sk)
-        return idx, valid, idx.to(tl.int32) * stride_ks
+        return idx, valid, idx * stride_ks
 
     @triton.jit
     def _softmax_stats(LSE, DELTA, b, t, h, hm, stride_lb, stride_ls):
@@ -208,7 +210,7 @@ if HAS_TRITON:
                 if DR > 0:
                     dq2 += _dot(dsc, kv2, IEEE, UPCAST)
                 dk1 = _dot(tl.trans(dsc), q1, IEEE, UPCAST) + _dot(tl.trans(p.to(do.dtype)), do, IEEE, UPCAST)
-                dkoff = idx.to(tl.int32) * stride_dks
+                dkoff = idx * stride_dks
                 tl.atomic_add(dkvb + (dkoff[:, None] + d1[None, :]), dk1, mask=_tile_mask(valid, d1, DV, D1),
                               sem="relaxed")
                 if DR > 0:
@@ -334,7 +336,7 @@ if HAS_TRITON:
                 dpt += _dot(k2_, tl.trans(o2), IEEE, UPCAST) + _dot(k3_, tl.trans(o3), IEEE, UPCAST)
                 dst = (pt * (dpt - delta[None, :]) * scale).to(k0_.dtype)
                 ptc = pt.to(k0_.dtype)
-                gp = dkvb + idx.to(tl.int32)[:, None] * stride_dks
+                gp = dkvb + idx[:, None] * stride_dks
                 tl.atomic_add(gp + c0[None, :], _dot(dst, q0, IEEE, UPCAST) + _dot(ptc, o0, IEEE, UPCAST),
                               mask=_cols(valid, c0, DV, EXACT), sem="relaxed")
                 tl.atomic_add(gp + c1[None, :], _dot(dst, q1, IEEE, UPCAST) + _dot(ptc, o1, IEEE, UPCAST),
@@ -538,7 +540,8 @@ def sparse_attn_bwd(q, kv, idx, out, lse, dout, v_dim, scale, options: KernelOpt
 class SparseMLAAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, kv, topk_idx, v_dim, scale, options):
-        q_c, kv_c, idx_c = q.contiguous(), kv.contiguous(), topk_idx.contiguous()
+        # The int32 selection is what this op keeps for the backward (half of int64's bytes).
+        q_c, kv_c, idx_c = q.contiguous(), kv.contiguous(), selection(topk_idx)
         out, lse = sparse_attn_fwd(q_c, kv_c, idx_c, v_dim, scale, options)
         ctx.save_for_backward(q_c, kv_c, idx_c, out, lse)
         ctx.v_dim, ctx.scale, ctx.options = v_dim, scale, options

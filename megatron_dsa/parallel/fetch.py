@@ -61,14 +61,16 @@ def fetch_selected(
     when ``cu_seqlens`` gives the document boundaries).
 
     Returns (buffer [N, D] with autograd to kv_local on the owners, compact indices
-    [B, Sq, K] into the buffer (-1 kept), gids [N] = b * seq_len + position of each row).
+    [B, Sq, K] int32 into the buffer (-1 kept: a selection, as ``topk_pos``), gids [N] int64 =
+    b * seq_len + position of each row).
     """
     B = topk_pos.shape[0]
     valid = topk_pos >= 0
     b_ids = torch.arange(B, device=topk_pos.device).view(B, 1, 1).expand_as(topk_pos)
-    g = b_ids * seq_len + topk_pos.clamp_min(0)
+    g = b_ids * seq_len + topk_pos.clamp_min(0)  # int64 (b_ids): B x seq_len may pass 2^31
     gids = torch.unique(g[valid])  # sorted
-    compact = torch.searchsorted(gids, g).masked_fill(~valid, -1)
+    # int32: the attention and the KL keep these indices for their backward.
+    compact = torch.searchsorted(gids, g, out_int32=True).masked_fill(~valid, -1)
     if gids.numel() == 0:  # nothing selected anywhere on this rank: still join the exchange
         gids = torch.zeros(0, dtype=torch.long, device=topk_pos.device)
     buf = _FetchRows.apply(kv_local, gids, seq_len, group, cu_seqlens)

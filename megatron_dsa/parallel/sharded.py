@@ -112,8 +112,8 @@ def tp_indexer_topk(ops, qi, ki_global, wi, q_pos, topk: int, ctx: ParallelConte
     if ctx.tp_size == 1:
         return own
     # Every TP rank attends all CP-local rows with its local heads: share the selection
-    # (int32 on the wire: S_cp x K x 4 bytes per step, no backward).
-    sel = all_gather_rows(own.to(torch.int32), ctx.tp_group, name="tp.topk_idx").long()
+    # (int32, as everywhere: S_cp x K x 4 bytes on the wire per step, no backward).
+    sel = all_gather_rows(own, ctx.tp_group, name="tp.topk_idx")
     return balanced_to_rows(sel, ctx.tp_size) if balance else sel
 
 

@@ -14,7 +14,7 @@ import torch
 
 from megatron_dsa.reference import _chunk_size, causal_mask, indexer_scores
 
-_NO_POS = torch.iinfo(torch.long).max  # position of an empty candidate slot: sorts last
+_NO_POS = torch.iinfo(torch.int32).max  # position of an empty candidate slot: sorts last
 
 
 def merge_candidates(
@@ -53,7 +53,7 @@ def streaming_topk(
     """Causal top-k of the indexer scores of queries q [B, Sq, HI, DI] (weights w [B, Sq, HI],
     global positions q_pos [Sq]) over key shards ``(k [B, Sk_j, DI], k_pos [Sk_j])``.
 
-    Returns [B, Sq, topk] int64 GLOBAL key positions, -1 padded. A (query run, shard) pair
+    Returns [B, Sq, topk] int32 GLOBAL key positions, -1 padded. A (query run, shard) pair
     whose keys all lie after the run's last query is skipped (causal skip, no FLOPs).
     ``flops`` (a one-element list) accumulates the scoring FLOPs: rows x keys x HI x DI x 2.
     ``doc``: the document id of every global position (packed sequences: a key of another
@@ -61,7 +61,7 @@ def streaming_topk(
     """
     B, Sq, HI, DI = q.shape
     vals = torch.full((B, Sq, topk), float("-inf"), device=q.device)
-    pos = torch.full((B, Sq, topk), _NO_POS, dtype=torch.long, device=q.device)
+    pos = torch.full((B, Sq, topk), _NO_POS, dtype=torch.int32, device=q.device)
     q_pos = q_pos.to(q.device)
     runs = _runs(q_pos)
     for k, k_pos in shards:
@@ -81,7 +81,7 @@ def streaming_topk(
                 else:
                     mask = causal_mask(q_pos[t0:t1], k_pos, doc[q_pos[t0:t1]], doc[k_pos])
                 scores = scores.masked_fill(~mask, float("-inf"))
-                new_pos = k_pos.expand(B, t1 - t0, -1)
+                new_pos = k_pos.to(torch.int32).expand(B, t1 - t0, -1)
                 vals[:, t0:t1], pos[:, t0:t1] = merge_candidates(
                     vals[:, t0:t1], pos[:, t0:t1], scores, new_pos, topk
                 )
