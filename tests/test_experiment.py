@@ -87,7 +87,7 @@ def test_every_arm_gives_a_valid_model_config(scale, tmp_path):
 
     e = Study(Namespace(scale=scale, out=str(tmp_path), report_dir=None, force=False))
     assert e.num_layers == {"smoke": 3, "h200": 6}[scale]
-    for arm, (_, _, warmup_only) in ARMS.items():
+    for arm, (_, _, warmup_only, _) in ARMS.items():
         for recipe, kind, extra in (("h200_warmup.yaml", "warmup", warmup_only), ("h200_sparse.yaml", "sparse", {})):
             cfg = load_config(RECIPES / recipe, phase_overrides(e, f"{kind}_{arm}", kind,
                                                                 _overrides({**e.layout(arm), **extra})))
@@ -172,6 +172,29 @@ def test_a_cycle_of_init_from_is_one_error(monkeypatch):
     with pytest.raises(SystemExit, match="cycle: loop_a -> loop_b -> loop_a"):
         study.chain_start("loop_a")
     assert study.chain_start("h200_from_2k") == "h200_512" and study.chain_start("h200") == "h200"
+
+
+@pytest.mark.parametrize("scale,steps", [("h200", 16), ("smoke", 4)])
+def test_a_longer_warmup_arm_multiplies_the_scales_steps(monkeypatch, tmp_path, scale, steps):
+    from argparse import Namespace
+
+    from experiments.verify import stages
+    from experiments.verify.study import Study
+
+    e = Study(Namespace(scale=scale, out=str(tmp_path), report_dir=None, force=False))
+    assert e.warmup_iters == steps
+    monkeypatch.setattr(stages, "need", lambda e, phase: None)
+    monkeypatch.setattr(stages, "_relabelled_pretrain", lambda e, arm: tmp_path / "pretrain" / "ckpt")
+    seen = {}
+    monkeypatch.setattr(stages, "run_phase", lambda e, name, cmd, **kw: seen.update({name: cmd}))
+    for arm in ("per_layer", "warmup_x4", "warmup_x16"):
+        stages.stage_warmup(e, arm)
+    iters = {name: [x for x in cmd if x.startswith("train.iters=")] for name, cmd in seen.items()}
+    # the last override wins: the arm's after the scale's
+    assert iters["warmup_warmup_x4"][-1] == f"train.iters={4 * steps}"
+    assert iters["warmup_warmup_x16"][-1] == f"train.iters={16 * steps}"
+    assert f"checkpoint.interval={16 * steps}" in seen["warmup_warmup_x16"]
+    assert iters["warmup_per_layer"] in ([], [f"train.iters={steps}"])
 
 
 def test_a_continued_run_reports_its_chain_and_the_first_runs_text(tmp_path):

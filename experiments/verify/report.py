@@ -18,7 +18,8 @@ from typing import Optional
 from experiments.verify.collect import collect, summary, to_json
 from experiments.verify.measurements import eval_arms
 from experiments.verify.plots import plots
-from experiments.verify.settings import ANSWER_LOSS_WEIGHT, ARMS, OBJECTIVE_ARMS, RECIPES, SHARING_ARMS, TARGETS
+from experiments.verify.settings import (ANSWER_LOSS_WEIGHT, ARMS, OBJECTIVE_ARMS, RECIPES, SHARING_ARMS, TARGETS,
+                                        WARMUP_LENGTH_ARMS)
 from experiments.verify.study import Study
 from megatron_dsa.data.tasks import HELDOUT, TASKS, TRAIN
 
@@ -444,6 +445,36 @@ def _sharing(report: Report) -> None:
                  f"at this scale and budget" + (" (smoke run: no conclusion)." if e.scale == "smoke" else ".") + "\n")
 
 
+def _warmup_length(report: Report) -> None:
+    """Per-layer indexers after warm-ups of several lengths: how much of what the dense model
+    retrieves the selection keeps as the indexers match the attention for longer."""
+    e, s, res, ev, B, L = report.e, report.s, report.res, report.ev, report.B, report.lines
+    arms = [a for a in WARMUP_LENGTH_ARMS if a in res["arms"]]
+    if len(arms) < 2:
+        return
+    rl = [x for x in s["retrieval_lengths"] if x <= s["train_length"]]
+    ref = _get(B["loss"], s["train_length"]) if B else None
+    L.append("\n## How long a warm-up?\n")
+    L.append("Per-layer indexers, the same sparse phase after warm-ups of several lengths. Retrieval: exact match % "
+             "on the training formats (held-out formats: token accuracy %), up to the training length.\n")
+    L.append("| arm | warm-up steps | KL end | recall end | held-out loss vs dense control | training formats "
+             + " / ".join(map(str, rl)) + " | held-out formats " + " / ".join(map(str, rl)) + " |")
+    L.append("|---|---|---|---|---|---|---|")
+
+    def at(r, key, field):
+        bl = r[key]["by_length"] if r and key in r else {}
+        return " / ".join(_fmt((_get(bl, x) or {}).get(field), ".0f") for x in rl)
+
+    for label, r, steps, w in ([("B: dense control", B, None, {})] if B else []) + [
+            (ARMS[a][0], ev.get(ARMS[a][0]), e.warmup_iters * ARMS[a][3], res["warmup"].get(a, {})) for a in arms]:
+        loss = _get(r["loss"], s["train_length"]) if r else None
+        vs = f"{100 * (loss - ref) / ref:+.2f}%" if loss is not None and ref and r is not B else ""
+        L.append(f"| {label} | {steps if steps is not None else ''} | {_fmt(w.get('kl_end'), '.4g') if w else ''} | "
+                 f"{_fmt(w.get('recall_end'), '.3f') if w else ''} | {vs} | {at(r, 'retrieval_train_formats', 'exact')} | "
+                 f"{at(r, 'retrieval', 'token')} |")
+    L.append("")
+
+
 def _bench_ms(speed: dict, phase: str, suffix: str | None):
     return None if suffix is None else speed.get(phase + suffix, {}).get("ms")
 
@@ -573,7 +604,7 @@ def _conclusions(report: Report) -> None:
 
 
 SECTIONS = (_header, _curriculum, _loss_at_lengths, _trainer_validation, _retrieval, _warmup, _recall_after_warmup, _sharing,
-            _objectives, _speed, _report_step, _appendix, _conclusions)
+            _warmup_length, _objectives, _speed, _report_step, _appendix, _conclusions)
 
 
 def write_report(e: Study) -> Path:

@@ -35,19 +35,24 @@ def glm52_indexer_types(num_layers: int, freq: int = 4, offset: int = 3) -> list
 Layout = Union[dict, Callable[[int], dict]]
 
 # Arms after the common dense pretraining: name -> (label, indexer layout (every phase of the
-# arm), warm-up-only overrides). Layout overrides change which parameters exist; the objective
-# changes only the warm-up loss.
-ARMS: dict[str, tuple[str, Layout, dict]] = {
-    "per_layer": ("A: DSA per-layer", {}, {}),
-    "shared": ("shared indexer", {"mdsa_indexer_sharing": "shared"}, {}),
-    "freq2": ("selection every 2 layers", {"dsa_indexer_topk_freq": 2}, {}),
-    "freq4": ("selection every 4 layers", {"dsa_indexer_topk_freq": 4}, {}),
-    "pattern": ("GLM-5.2 pattern", lambda num_layers: {"mdsa_indexer_types": glm52_indexer_types(num_layers)}, {}),
-    "obj_reverse_kl": ("warm-up objective: reverse KL", {}, {"mdsa_indexer_objective": "reverse_kl"}),
-    "obj_mse": ("warm-up objective: MSE", {}, {"mdsa_indexer_objective": "mse"}),
-    "obj_listwise": ("warm-up objective: listwise top-k", {}, {"mdsa_indexer_objective": "listwise"}),
+# arm), warm-up-only model overrides, warm-up length as a multiple of the scale's). Layout
+# overrides change which parameters exist; the objective changes only the warm-up loss.
+ARMS: dict[str, tuple[str, Layout, dict, int]] = {
+    "per_layer": ("A: DSA per-layer", {}, {}, 1),
+    "shared": ("shared indexer", {"mdsa_indexer_sharing": "shared"}, {}, 1),
+    "freq2": ("selection every 2 layers", {"dsa_indexer_topk_freq": 2}, {}, 1),
+    "freq4": ("selection every 4 layers", {"dsa_indexer_topk_freq": 4}, {}, 1),
+    "pattern": ("GLM-5.2 pattern", lambda num_layers: {"mdsa_indexer_types": glm52_indexer_types(num_layers)}, {}, 1),
+    "obj_reverse_kl": ("warm-up objective: reverse KL", {}, {"mdsa_indexer_objective": "reverse_kl"}, 1),
+    "obj_mse": ("warm-up objective: MSE", {}, {"mdsa_indexer_objective": "mse"}, 1),
+    "obj_listwise": ("warm-up objective: listwise top-k", {}, {"mdsa_indexer_objective": "listwise"}, 1),
+    # Per-layer indexers with a longer warm-up: does the selection keep what the dense model
+    # retrieves once the indexers have matched the attention for longer?
+    "warmup_x4": ("A with a 4x warm-up", {}, {}, 4),
+    "warmup_x16": ("A with a 16x warm-up", {}, {}, 16),
 }
 SHARING_ARMS = ("per_layer", "shared", "freq2", "freq4", "pattern")
+WARMUP_LENGTH_ARMS = ("per_layer", "warmup_x4", "warmup_x16")
 
 
 def arm_layout(arm: str, num_layers: int) -> dict:

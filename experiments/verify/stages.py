@@ -198,6 +198,9 @@ def stage_warmup(e: Study, arm: str) -> None:
     src = _relabelled_pretrain(e, arm)
     warm = f"warmup_{arm}"
     extra = _overrides({**e.layout(arm), **ARMS[arm][2]}) + [f"checkpoint.load_from={src}"]
+    if ARMS[arm][3] != 1:  # a longer warm-up: the scale's steps times the arm's factor
+        iters = e.warmup_iters * ARMS[arm][3]
+        extra += [f"train.iters={iters}", f"eval.interval={iters}", f"checkpoint.interval={iters}"]
     run_phase(e, warm, phase_cmd(e, warm, "h200_warmup.yaml", "warmup", extra))
 
 

@@ -63,6 +63,14 @@ class Study:
         model = load_config(RECIPES / "h200_pretrain.yaml", self.s["overrides"].get("all", [])).model
         return int(model["overrides"].get("num_layers") or resolve_size(model["size"]).transformer["num_layers"])
 
+    @functools.cached_property
+    def warmup_iters(self) -> int:
+        """The scale's warm-up steps (the recipe's, with this scale's overrides)."""
+        from megatron_dsa.train.config import load_config
+
+        over = self.s["overrides"]
+        return int(load_config(RECIPES / "h200_warmup.yaml", over.get("all", []) + over.get("warmup", [])).train["iters"])
+
     def layout(self, arm: str) -> dict:
         """The model overrides that give ``arm`` its indexer layout in this study."""
         return arm_layout(arm, self.num_layers)
