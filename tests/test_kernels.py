@@ -260,6 +260,16 @@ def test_sparse_ops_take_only_the_int32_selection():
             call(idx.long())
 
 
+def test_sparse_attention_beyond_32_bit_row_offsets_is_one_error():
+    """A sequence whose latent rows pass 2^31 elements stops before any kernel runs (the rows are
+    addressed with 32-bit offsets); the check reads only the shape, so a broadcast view stands in."""
+    q = torch.randn(1, 1, 2, 48, device=DEV)
+    kv = torch.randn(1, 1, 1 << 20, device=DEV).expand(1, 2048, 1 << 20)  # 2^31 elements, 4 MB
+    idx = torch.zeros(1, 1, 4, dtype=torch.int32, device=DEV)
+    with pytest.raises(ValueError, match="32-bit offsets"):
+        K.sparse_mla_attention(q, kv, idx, 32, 0.1)
+
+
 ATTN_CASES = [
     # B, S, H, v_dim, rope, topk, dtype
     (1, 50, 3, 32, 16, 24, torch.float32),

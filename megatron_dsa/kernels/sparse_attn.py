@@ -541,6 +541,9 @@ class SparseMLAAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, kv, topk_idx, v_dim, scale, options):
         # The int32 selection is what this op keeps for the backward (half of int64's bytes).
+        if kv.shape[1] * kv.shape[2] >= 2**31:  # the kernels' row offsets are 32-bit
+            raise ValueError(f"sparse attention over {kv.shape[1]} latent rows of {kv.shape[2]}: the kernels "
+                             "address one sequence's rows with 32-bit offsets (under 2^31 elements)")
         q_c, kv_c, idx_c = q.contiguous(), kv.contiguous(), selection(topk_idx)
         out, lse = sparse_attn_fwd(q_c, kv_c, idx_c, v_dim, scale, options)
         ctx.save_for_backward(q_c, kv_c, idx_c, out, lse)
