@@ -19,7 +19,7 @@ from megatron_dsa.data import (
     read_answer_mask,
     read_split_tokens,
 )
-from megatron_dsa.data.tasks import FAMILIES, HELDOUT, TASKS, TRAIN, TaskError, solve, task_text
+from megatron_dsa.data.tasks import FAMILIES, HELDOUT, TASKS, TRAIN, TRAIN_WIDE, TaskError, _key_re, solve, task_text
 from megatron_dsa.train.config import TrainConfigError, load_config
 
 SEQ = 512
@@ -61,7 +61,7 @@ def _solve_all(tok, t):
         assert tok.detokenize(t.tokens[q.start:q.end]) == q.answer
 
 
-@pytest.mark.parametrize("family", [TRAIN, HELDOUT], ids=lambda f: f.name)
+@pytest.mark.parametrize("family", [TRAIN, HELDOUT, TRAIN_WIDE], ids=lambda f: f.name)
 @pytest.mark.parametrize("task", TASKS)
 def test_every_text_is_solvable_from_the_text_alone(tok, text, family, task):
     rng = random.Random(f"{family.name}{task}{random.random()}")
@@ -87,7 +87,7 @@ def test_every_wording_is_solvable(tok, text, task):
     from dataclasses import replace
 
     rng = random.Random(f"{task}{random.random()}")
-    for family in (TRAIN, HELDOUT):
+    for family in FAMILIES.values():
         for wording in family.wordings[task]:
             only = replace(family, wordings={**family.wordings, task: (wording,)})
             t = task_text(task, only, 4096, text, tok, rng, queries=6)
@@ -116,7 +116,7 @@ def test_training_and_heldout_formats_are_disjoint(tok, text):
         return {re.sub(r"\{\w+\}", "\0", getattr(w, part)) for ws in family.wordings.values()
                 for w in ws for part in ("define", "query", "hop") if getattr(w, part)}
 
-    assert set(FAMILIES) == {"train", "heldout"}
+    assert set(FAMILIES) == {"train", "heldout", "train_wide"}
     assert not literals(TRAIN) & literals(HELDOUT)
     assert not set(TRAIN.key_alphabet) & set(HELDOUT.key_alphabet)
     assert not set(TRAIN.densities) & set(HELDOUT.densities)
@@ -133,6 +133,30 @@ def test_training_and_heldout_formats_are_disjoint(tok, text):
             if family is TRAIN:
                 assert not [p for p in heldout_pieces if p in decoded]
             assert t.density in family.densities
+
+
+def test_the_wide_training_family_stays_disjoint_from_the_heldout_one(tok, text):
+    """The wide family's wordings hold no held-out phrase, none of its keys is of the held-out key
+    type (and the other way round), its sizes are not held-out ones, and the held-out chain length
+    lies between training ones."""
+    def pieces(family):
+        return {p for ws in family.wordings.values() for w in ws for part in (w.define, w.query, w.hop)
+                for p in re.split(r"\{\w+\}", part) if len(p.strip()) > 4}
+
+    assert not pieces(TRAIN_WIDE) & pieces(HELDOUT)
+    assert all(len(TRAIN_WIDE.wordings[t]) >= 25 for t in TASKS)
+    for size in ("densities", "values_per_key", "hops"):
+        assert not set(getattr(TRAIN_WIDE, size)) & set(getattr(HELDOUT, size))
+    assert min(TRAIN_WIDE.hops) < HELDOUT.hops[0] < max(TRAIN_WIDE.hops)  # held-out chains between training ones
+    rng = random.Random(3)
+    for task in TASKS:
+        for family, other in ((TRAIN_WIDE, HELDOUT), (HELDOUT, TRAIN_WIDE)):
+            t = task_text(task, family, 8192, text, tok, rng, queries=8)
+            assert all(re.fullmatch(_key_re(family), q.key) for q in t.queries)
+            assert not any(re.fullmatch(_key_re(other), q.key) for q in t.queries)
+    keys = [q.key for task in TASKS for q in task_text(task, TRAIN_WIDE, 8192, text, tok, rng, queries=12).queries]
+    # every key style is drawn: with '_', with digits, capitalised
+    assert any("_" in k for k in keys) and any(re.search(r"\d", k) for k in keys) and any(k[0].isupper() for k in keys)
 
 
 def test_bad_task_settings_raise(tok, text):
@@ -207,7 +231,7 @@ def test_query_tokens_sets_the_queries_per_document(mixture, corpus, tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
-@pytest.mark.parametrize("scale", ["h200", "h200_2k", "pilot"])
+@pytest.mark.parametrize("scale", ["h200", "h200_2k", "pilot", "h200_512", "h200_512_wide", "h200_from_2k_wide"])
 def test_the_studys_mixtures_fit_their_training_length(tok, text, scale):
     """Every task at its densest, with the queries a scale's mixture asks per document, fits the
     scale's training length (tokenized with this small vocabulary, longer than the study's)."""
@@ -217,9 +241,10 @@ def test_the_studys_mixtures_fit_their_training_length(tok, text, scale):
     s = SCALES[scale]
     length, queries = s["train_length"], queries_per_document(s["train_length"], s["tasks"]["query_tokens"])
     assert queries >= length // 512  # at least one query per 512 tokens: dense enough to learn from
+    family = FAMILIES[s["tasks"].get("family", "train")]
     rng = random.Random(0)
     for task in TASKS:
-        t = task_text(task, TRAIN, length - 1, text, tok, rng, queries=queries, density=max(TRAIN.densities))
+        t = task_text(task, family, length - 1, text, tok, rng, queries=queries, density=max(family.densities))
         assert len(t.queries) == queries
 
 
@@ -290,6 +315,26 @@ def test_cli_build_tasks(corpus, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "too short" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "n").exists()
+    # the wide family through the CLI; the held-out family is no training family
+    assert main(["build-tasks", "--base", str(corpus), "--out", str(tmp_path / "w"), "--seq-length", str(SEQ),
+                 "--family", "train_wide", "--ratio", "1"]) == 0
+    assert "train_wide formats" in capsys.readouterr().out
+    from megatron_dsa.data import load_manifest, read_split_tokens
+    from megatron_dsa.data.corpus import load_tokenizer
+
+    assert load_manifest(tmp_path / "w")["family"] == "train_wide"
+    tokens = read_split_tokens(tmp_path / "w", "train").tolist()
+    assert not numpy.array_equal(tokens, read_split_tokens(tmp_path / "m", "train"))
+    text = load_tokenizer(tmp_path / "w").detokenize(tokens[:20 * SEQ])
+    wide_only = {w.define.split("{")[0] for ws in TRAIN_WIDE.wordings.values() for w in ws} - \
+        {w.define.split("{")[0] for ws in TRAIN.wordings.values() for w in ws}
+    assert any(p.strip() and p in text for p in wide_only)  # wordings only the wide family has
+    with pytest.raises(SystemExit):
+        main(["build-tasks", "--base", str(corpus), "--out", str(tmp_path / "h"), "--seq-length", str(SEQ),
+              "--family", "heldout"])
+    with pytest.raises(DataError, match="training format family"):
+        build_task_corpus(tmp_path / "h", corpus, SEQ, family="heldout")
+    assert not (tmp_path / "h").exists()
 
 
 def test_answer_loss_weight_marks_exactly_the_answer_labels(mixture, tmp_path):

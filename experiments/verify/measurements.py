@@ -37,7 +37,7 @@ from experiments.verify.suites import (
 )
 from megatron_dsa.convert.checkpoint import load_model
 from megatron_dsa.data import load_manifest, load_tokenizer, read_split_tokens
-from megatron_dsa.data.tasks import TRAIN
+from megatron_dsa.data.tasks import FAMILIES
 from megatron_dsa.train import runner
 
 
@@ -70,7 +70,8 @@ def _eval_suite(e: Study):
     items = build_heldout_suite(tokenizer, filler, s["retrieval_lengths"], s["retrieval_n"], s["train_length"],
                                 seed=s["tasks"]["seed"])
     train_items = build_task_suite(tokenizer, filler, s["retrieval_lengths"], s["retrieval_train_n"],
-                                   s["train_length"], TRAIN, seed=s["tasks"]["seed"])
+                                   s["train_length"], FAMILIES[s["tasks"].get("family", "train")],
+                                   seed=s["tasks"]["seed"])
     return valid, items, train_items
 
 

@@ -184,6 +184,14 @@ SCALES["h200_from_2k"] = dict(
     SCALES["h200"], init_from="h200_2k_from_512",
     overrides={"all": SCALES["h200"]["overrides"]["all"], "pretrain": ["train.iters=200", "train.lr_warmup_iters=20"]},
 )
+# The same curriculum on the wide training family (tasks.TRAIN_WIDE: 100+ wordings a task, three
+# key styles, held-out sizes between training ones): the six-wording chain retrieves in its
+# training formats at 4K-16K (70-90%) and answers no held-out item whole (2026-12-04).
+_WIDE = {"h200_512": "h200_512_wide", "h200_2k_from_512": "h200_2k_from_512_wide", "h200_from_2k": "h200_from_2k_wide"}
+for _narrow, _wide in _WIDE.items():
+    SCALES[_wide] = dict(SCALES[_narrow], tasks=dict(SCALES[_narrow]["tasks"], family="train_wide"))
+    if SCALES[_narrow].get("init_from"):
+        SCALES[_wide]["init_from"] = _WIDE[SCALES[_narrow]["init_from"]]
 # The training mixture (megatron_dsa.data.mixture) is built for train_length: ``tasks`` gives the
 # share of its documents that carry a task, the generator's seed and (query_tokens) one query per
 # that many tokens of a task document; the held-out retrieval items

@@ -15,7 +15,7 @@ from megatron_dsa.data.corpus import (
     build_corpus,
 )
 from megatron_dsa.data.mixture import QUERY_TOKENS, build_task_corpus
-from megatron_dsa.data.tasks import TASKS
+from megatron_dsa.data.tasks import TASKS, TRAINING_FAMILIES
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -50,6 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     tasks.add_argument("--tasks", default=",".join(TASKS), help="comma-separated (default: %(default)s)")
     tasks.add_argument("--query-tokens", type=int, default=QUERY_TOKENS,
                        help="one query per this many tokens of a task document (default: %(default)s)")
+    tasks.add_argument("--family", default="train", choices=TRAINING_FAMILIES,
+                       help="the training format family (default: %(default)s; train_wide: many more wordings)")
     tasks.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     return parser
 
@@ -70,7 +72,7 @@ def _run(build, report) -> int:
 def _report_tasks(args, manifest, seconds) -> None:
     print(f"task corpus {args.out} from {args.base} in {seconds:.1f}s: "
           f"seq_length {manifest['seq_length']}, ratio {manifest['ratio']}, seed {manifest['seed']}, "
-          f"{manifest['queries_per_document']} queries per task document")
+          f"{manifest['queries_per_document']} queries per task document, {manifest['family']} formats")
     for name, split in manifest["splits"].items():
         print(f"  {name}: {split['documents']} documents ({split['task_documents']} with tasks), "
               f"{split['answer_tokens']} answer tokens")
@@ -90,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "build-tasks":
         return _run(lambda: build_task_corpus(args.out, args.base, args.seq_length, ratio=args.ratio, seed=args.seed,
                                               tasks=args.tasks.split(","), query_tokens=args.query_tokens,
-                                              overwrite=args.overwrite),
+                                              family=args.family, overwrite=args.overwrite),
                     lambda manifest, seconds: _report_tasks(args, manifest, seconds))
     return _run(lambda: build_corpus(args.out, args.source, args.vocab_size, extensions=args.extensions.split(","),
                                      max_bytes=args.max_bytes, valid_fraction=args.valid_fraction,

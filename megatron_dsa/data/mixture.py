@@ -13,7 +13,8 @@ layout, so the trainer reads it through the same ``GPTDataset`` path::
 
 Each document is the next ``seq_length - 1`` tokens of the split's natural text (documents
 joined by newlines); a ``ratio`` share of them (chosen per document from ``seed``) carry one
-task of ``tasks`` in the training format family (``tasks.TRAIN``): facts and their queries
+task of ``tasks`` in a training format family (``family``: ``tasks.TRAIN`` by default, or the
+``train_wide`` one with many more wordings and key styles): facts and their queries
 spread over the whole document, ``seq_length // query_tokens`` queries each (at least one;
 ``query_tokens`` defaults to ``QUERY_TOKENS``), so the distance from a fact to its query ranges
 over the whole context. Because every document is one
@@ -44,7 +45,7 @@ from megatron_dsa.data.corpus import (
     validate_indexed_dataset,
     write_indexed_dataset,
 )
-from megatron_dsa.data.tasks import TASKS, TRAIN, TaskError, task_text
+from megatron_dsa.data.tasks import FAMILIES, TASKS, TRAINING_FAMILIES, Family, TaskError, task_text
 
 CORPUS_KINDS = ("text", "tasks")
 QUERY_TOKENS = 2048  # default: one query per this many tokens of a task document
@@ -95,10 +96,11 @@ def _natural_text(base, split: str, newline: list[int], eod: int) -> list[int]:
 DRAWS = 8  # a task document's sizes are random: draws before a length counts as too short
 
 
-def _task_text(task: str, length: int, filler: list[int], tokenizer, rng: random.Random, queries: int):
+def _task_text(task: str, family: Family, length: int, filler: list[int], tokenizer, rng: random.Random,
+               queries: int):
     for draw in range(DRAWS):
         try:
-            return task_text(task, TRAIN, length, filler, tokenizer, rng, queries=queries)
+            return task_text(task, family, length, filler, tokenizer, rng, queries=queries)
         except TaskError as error:
             if draw == DRAWS - 1:
                 raise DataError(f"seq_length {length + 1} is too short for the task mixture: {error}") from None
@@ -109,7 +111,7 @@ def queries_per_document(seq_length: int, query_tokens: int) -> int:
 
 
 def _documents(stream: list[int], seq_length: int, ratio: float, seed: int, split: str,
-               tasks: tuple[str, ...], tokenizer, eod: int, stats: dict, queries: int):
+               tasks: tuple[str, ...], family: Family, tokenizer, eod: int, stats: dict, queries: int):
     """(tokens, answer mask) of each document of one split."""
     content = seq_length - 1
     for i in range(len(stream) // content):
@@ -117,7 +119,7 @@ def _documents(stream: list[int], seq_length: int, ratio: float, seed: int, spli
         rng = random.Random(f"{seed}:{split}:{i}")
         if rng.random() < ratio:
             task = rng.choice(tasks)
-            text = _task_text(task, content, window, tokenizer, rng, queries)
+            text = _task_text(task, family, content, window, tokenizer, rng, queries)
             stats["task_documents"][task] = stats["task_documents"].get(task, 0) + 1
             stats["answer_tokens"] += sum(text.answer_mask)
             yield text.tokens + [eod], text.answer_mask + [0]
@@ -126,7 +128,8 @@ def _documents(stream: list[int], seq_length: int, ratio: float, seed: int, spli
 
 
 def build_task_corpus(out, base, seq_length: int, *, ratio: float = 0.5, seed: int = 0,
-                      tasks=TASKS, query_tokens: int = QUERY_TOKENS, overwrite: bool = False) -> dict:
+                      tasks=TASKS, query_tokens: int = QUERY_TOKENS, family: str = "train",
+                      overwrite: bool = False) -> dict:
     """Write the task mixture of the corpus at ``base`` to ``out`` (see the module docstring);
     nothing is left at ``out`` when it fails. Returns the manifest."""
     out_dir, base_dir = Path(out).absolute(), Path(base).absolute()
@@ -144,6 +147,8 @@ def build_task_corpus(out, base, seq_length: int, *, ratio: float = 0.5, seed: i
     if isinstance(query_tokens, bool) or not isinstance(query_tokens, int) or query_tokens < 1:
         raise DataError(f"query_tokens (one query per this many tokens) must be a positive integer, "
                         f"got {query_tokens!r}")
+    if family not in TRAINING_FAMILIES:
+        raise DataError(f"family must be a training format family {list(TRAINING_FAMILIES)}, got {family!r}")
     queries = queries_per_document(seq_length, query_tokens)
     base_manifest = load_manifest(base_dir)
     if corpus_kind(base_manifest) != "text":
@@ -158,15 +163,16 @@ def build_task_corpus(out, base, seq_length: int, *, ratio: float = 0.5, seed: i
                             f"documents of seq_length {seq_length}")
     probe = random.Random(seed)  # every task fits the length: one clear error before any file is written
     for task in tasks:
-        _task_text(task, seq_length - 1, streams["valid"][:seq_length - 1], tokenizer, probe, queries)
+        _task_text(task, FAMILIES[family], seq_length - 1, streams["valid"][:seq_length - 1], tokenizer, probe,
+                   queries)
 
     with staged_directory(out_dir) as staging:
         shutil.copyfile(base_dir / base_manifest["tokenizer"], staging / base_manifest["tokenizer"])
         splits = {}
         for split, prefix in (("train", "train_text_document"), ("valid", "valid_text_document")):
             stats = {"task_documents": {}, "answer_tokens": 0}
-            docs = list(_documents(streams[split], seq_length, ratio, seed, split, tasks, tokenizer, eod, stats,
-                                   queries))
+            docs = list(_documents(streams[split], seq_length, ratio, seed, split, tasks, FAMILIES[family],
+                                   tokenizer, eod, stats, queries))
             n_docs, n_tokens = write_indexed_dataset(staging / prefix, (d for d, _ in docs), tokenizer.vocab_size)
             write_indexed_dataset(staging / MASK_PREFIX[split], (m for _, m in docs), 2)
             validate_indexed_dataset(staging / prefix)
@@ -176,7 +182,7 @@ def build_task_corpus(out, base, seq_length: int, *, ratio: float = 0.5, seed: i
         manifest = {
             **{k: base_manifest[k] for k in ("tokenizer", "tokenizer_type", "vocab_size", "eod", "pad", "dtype")},
             "version": MANIFEST_VERSION, "kind": "tasks", "base": str(base_dir), "seq_length": seq_length,
-            "ratio": ratio, "seed": seed, "tasks": list(tasks), "family": TRAIN.name,
+            "ratio": ratio, "seed": seed, "tasks": list(tasks), "family": family,
             "query_tokens": query_tokens, "queries_per_document": queries, "splits": splits,
         }
         (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")

@@ -9,10 +9,12 @@ them that comes later (anywhere from a few tokens to the whole context later):
     varchain    variable tracking through code: ``a = 41207`` ... ``b = a`` ... ``print(b)  # prints``
     copy        an earlier span of words between tags, repeated on request
 
-Two format families share the tasks and nothing else: ``TRAIN`` (the training mixture) and
+Format families share the tasks and nothing else: ``TRAIN`` (the training mixture) and
 ``HELDOUT`` (the evaluation items). Their template wordings, key alphabets (lowercase letters
 vs upper-case letters and digits), distractor densities (facts per 4096 tokens), values per
 key and chain lengths are disjoint sets, so a held-out item's format never occurs in training.
+``TRAIN_WIDE`` is a second training family, TRAIN's formats and many more (100+ wordings a task
+from combined phrasings, keys with digits or capitalised), as disjoint from HELDOUT.
 
 Everything is built in token space: the filler is a token window of natural text, each task
 segment is tokenized on its own and spliced in, so lengths are exact and the answer tokens are
@@ -20,7 +22,7 @@ known (``answer_mask``). The tokenizer must be lossless on concatenation (the co
 sentencepiece model: no dummy prefix, identity normalization), so the decoded text of the
 tokens is the text ``solve`` reads.
 
-``solve(text)`` is the independent check: plain Python that knows only the two families'
+``solve(text)`` is the independent check: plain Python that knows only the families'
 wordings. Given the text of a context ending in a query, it finds the key in the query, the
 facts about that key in the text and returns the answer; it never sees what the generator
 recorded.
@@ -70,6 +72,12 @@ class Family:
     values_per_key: tuple[int, ...]
     hops: tuple[int, ...]
     value_digits: int = 5
+    # more (first character, alphabet) key styles, each drawn as often as (key_first, key_alphabet)
+    more_key_styles: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def key_styles(self) -> tuple[tuple[str, str], ...]:
+        return ((self.key_first, self.key_alphabet), *self.more_key_styles)
 
 
 _COPY_WORDS = ("amber", "basin", "cedar", "dune", "elm", "fjord", "grove", "heath", "inlet", "jade",
@@ -158,7 +166,67 @@ HELDOUT = Family(
     hops=(3,),
 )
 
-FAMILIES = {f.name: f for f in (TRAIN, HELDOUT)}
+
+
+def _wide_wordings() -> dict[str, tuple[Wording, ...]]:
+    """TRAIN's wordings and, per task, the products of a few phrasings of the fact and of the
+    question (100+ a task): with six wordings a task the small model answers the training
+    formats and none of the held-out ones, so the wide family varies the text around the key
+    and value enough that copying the value that follows the asked key is the only pattern that
+    pays. No phrase of HELDOUT's occurs (tests/test_tasks.py)."""
+    nouns = ("pass key", "PIN", "access number", "unlock number", "login number", "badge number")
+    facts = ("The {n} of {{key}} is {{value}}.", "{{key}} has the {n} {{value}}", "{n} for {{key}}: {{value}}",
+             "Set the {n} of {{key}} to {{value}};", "{{key}} -- {n} {{value}} (remember it)")
+    asks = ("What is the {n} of {{key}}? It is ", "Recall the {n} for {{key}}: ", "{{key}} uses the {n} ",
+            "the {n} of {{key}} was ")
+    passkey = [Wording(f.format(n=n), a.format(n=n)) for n in nouns for f in facts for a in asks]
+    arrows = ("maps to", "->", "=>", "is bound to", "points at", "goes with")
+    containers = ("{{key}} {a} {{value}};", "* {{key}} {a} {{value}}", "entry {{key}} {a} {{value}}",
+                  "({{key}} {a} {{value}})")
+    lookups = ("Lookup: {{key}} {a} ", "so {{key}} {a} ", "Find {{key}}; it {a} ", "check: {{key}} {a} ")
+    multikey = [Wording(c.format(a=a), q.format(a=a)) for a in arrows for c in containers for q in lookups]
+    verbs = ("append {{value}} to", "add {{value}} to", "push {{value}} onto", "store {{value}} in",
+             "write {{value}} into")
+    boxes = ("list", "bucket", "queue", "stack", "tray")
+    reads = (("{b} {{key}} holds: ", ", "), ("everything in {b} {{key}}, in order: ", " and "),
+             ("{b} {{key}} now has ", "; "), ("contents of {b} {{key}}: ", " then "))
+    multivalue = [Wording(f"{v.format()} {b} {{key}}", r.format(b=b), sep=sep)
+                  for v in verbs for b in boxes for r, sep in reads]
+    langs = (("{key} = {value}", "{dst} = {src}"), ("var {key} = {value};", "var {dst} = {src};"),
+             ("set {key} to {value}", "set {dst} to {src}"), ("local {key} = {value}", "local {dst} = {src}"),
+             ("val {key} = {value}", "val {dst} = {src}"), ("auto {key} = {value};", "auto {dst} = {src};"),
+             ("{key}: int = {value}", "{dst}: int = {src}"), ("{key} <- {value}", "{dst} <- {src}"))
+    shows = ("print({key})  # prints ", "log({key}); // logs ", "show {key}  -- shows ", "{key} is now ",
+             "dump({key})  # gives ")
+    varchain = [Wording(d, q, hop=h) for d, h in langs for q in shows]
+    tags = (("<<{key}>> {value} <</{key}>>", "<<{key}>>"), ("BEGIN {key} {value} END {key}", "{key}"),
+            ("({key}) {value} (/{key})", "({key})"), ("--{key}-- {value} --end {key}--", "--{key}--"),
+            ("@{key} {value} @end {key}", "@{key}"), ("{key} says: {value}", "what {key} said"))
+    repeats = ("Repeat {t}: ", "Copy {t} once more: ", "Say {t} again: ", "Write out {t}: ")
+    copy = [Wording(d, r.format(t=t)) for d, t in tags for r in repeats]
+    wide = {"passkey": passkey, "multikey": multikey, "multivalue": multivalue, "varchain": varchain, "copy": copy}
+    return {task: tuple(dict.fromkeys([*TRAIN.wordings[task], *wide[task]])) for task in TASKS}
+
+
+# The wide training family: many wordings, three key styles (lowercase with '_', lowercase with
+# digits, capitalised), and chains of 1, 2 and 4 hops, which put HELDOUT's 3 between training
+# ones. Densities and values per key stay TRAIN's: 16 distractors per 4096 tokens, or five values
+# a key, beside a query per 128-256 tokens leave too little natural text at 512.
+TRAIN_WIDE = Family(
+    name="train_wide",
+    wordings=_wide_wordings(),
+    key_alphabet=TRAIN.key_alphabet,
+    key_first=TRAIN.key_first,
+    more_key_styles=(("bcdfghjklmnprstvz", "abcdefghijklmnopqrstuvwxyz0123456789"),
+                     ("BCDFGHJKLMNPRSTVZ", "abcdefghijklmnopqrstuvwxyz")),
+    key_lengths=(4, 5, 6, 7),
+    densities=(2, 4, 8),
+    values_per_key=(2, 3),
+    hops=(1, 2, 4),
+)
+
+FAMILIES = {f.name: f for f in (TRAIN, HELDOUT, TRAIN_WIDE)}
+TRAINING_FAMILIES = ("train", "train_wide")
 
 
 # --------------------------------------------------------------------------------------------
@@ -201,8 +269,8 @@ class _Segment:
 
 def _key(rng: random.Random, family: Family, used: set[str]) -> str:
     while True:
-        key = rng.choice(family.key_first) + "".join(
-            rng.choice(family.key_alphabet) for _ in range(rng.choice(family.key_lengths) - 1))
+        first, alphabet = rng.choice(family.key_styles)
+        key = rng.choice(first) + "".join(rng.choice(alphabet) for _ in range(rng.choice(family.key_lengths) - 1))
         if key not in used:
             used.add(key)
             return key
@@ -350,7 +418,8 @@ def _pattern(template: str, **groups: str) -> str:
 
 def _key_re(family: Family) -> str:
     shortest, longest = min(family.key_lengths), max(family.key_lengths)
-    return f"[{re.escape(family.key_first)}][{re.escape(family.key_alphabet)}]{{{shortest - 1},{longest - 1}}}"
+    return "(?:" + "|".join(f"[{re.escape(first)}][{re.escape(alphabet)}]{{{shortest - 1},{longest - 1}}}"
+                            for first, alphabet in family.key_styles) + ")"
 
 
 def _value_re(task: str) -> str:
@@ -358,16 +427,19 @@ def _value_re(task: str) -> str:
 
 
 def solve(text: str) -> tuple[str, str] | None:
-    """(task, answer) for a context ending in a query of either family, found from the text
+    """(task, answer) for a context ending in a query of any family, found from the text
     alone; None when the text ends in no known query or the text does not hold the facts."""
+    newline = text.rfind("\n")
+    if newline < 0:
+        return None
+    tail, context = text[newline:], text[:newline]  # a query is the text's last line
     for family in FAMILIES.values():
         key_re = _key_re(family)
         for task, wordings in family.wordings.items():
             for w in wordings:
-                m = re.search(_pattern("\n" + w.query, key=f"(?P<key>{key_re})") + r"\Z", text)
+                m = re.fullmatch(_pattern("\n" + w.query, key=f"(?P<key>{key_re})"), tail)
                 if not m:
                     continue
-                context = text[:m.start()]
                 answer = _answer(task, w, m.group("key"), context)
                 if answer is not None:
                     return task, answer
