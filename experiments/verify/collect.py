@@ -88,6 +88,7 @@ def collect(e: Study) -> dict:
                                            "re-measured in this run, the others from benchmarks/results)"}
     return res
 
+
 def _chain(e: Study) -> list[dict]:
     """The dense pretraining stages this run continues (``init_from``), first to last: each
     one's scale, training length, command and evaluation, read from its directory beside this one."""

@@ -45,6 +45,12 @@ def _oracle_row(recall: dict, cols) -> list | None:
     return None
 
 
+def _by_length(r: Optional[dict], key: str) -> dict:
+    """An evaluation's retrieval results per length (``key``: "retrieval" or
+    "retrieval_train_formats"); empty where the model or the table is missing."""
+    return r[key]["by_length"] if r and key in r else {}
+
+
 def _get(d, k):
     return d.get(str(k), d.get(k)) if isinstance(d, dict) else None
 
@@ -149,8 +155,8 @@ def _curriculum(report: Report) -> None:
     L.append("|---|---|---|---|---|")
 
     def cells(r, key):
-        bl = r[key]["by_length"] if r and key in r else {}
-        return ", ".join(f"{x}: {_fmt(v.get('exact'), '.0f')} ({_fmt(v.get('token'), '.0f')})" for x, v in bl.items())
+        return ", ".join(f"{x}: {_fmt(v.get('exact'), '.0f')} ({_fmt(v.get('token'), '.0f')})"
+                         for x, v in _by_length(r, key).items())
 
     for st in chain + [{"scale": report.e.scale, "train_length": report.s["train_length"],
                         "eval": report.ev.get("pretrain (dense)")}]:
@@ -462,8 +468,7 @@ def _warmup_length(report: Report) -> None:
     L.append("|---|---|---|---|---|---|---|")
 
     def at(r, key, field):
-        bl = r[key]["by_length"] if r and key in r else {}
-        return " / ".join(_fmt((_get(bl, x) or {}).get(field), ".0f") for x in rl)
+        return " / ".join(_fmt((_get(_by_length(r, key), x) or {}).get(field), ".0f") for x in rl)
 
     for label, r, steps, w in ([("B: dense control", B, None, {})] if B else []) + [
             (ARMS[a][0], ev.get(ARMS[a][0]), e.warmup_iters * ARMS[a][3], res["warmup"].get(a, {})) for a in arms]:

@@ -58,18 +58,20 @@ class Study:
         """Decoder layers of the study's model: the pretrain recipe's size with this scale's
         overrides (every phase trains the same shape)."""
         from megatron_dsa.model import resolve_size
-        from megatron_dsa.train.config import load_config
 
-        model = load_config(RECIPES / "h200_pretrain.yaml", self.s["overrides"].get("all", [])).model
+        model = self._recipe("pretrain").model
         return int(model["overrides"].get("num_layers") or resolve_size(model["size"]).transformer["num_layers"])
 
     @functools.cached_property
     def warmup_iters(self) -> int:
         """The scale's warm-up steps (the recipe's, with this scale's overrides)."""
+        return int(self._recipe("warmup", self.s["overrides"].get("warmup", [])).train["iters"])
+
+    def _recipe(self, phase: str, extra: list[str] = ()):
+        """The h200 recipe of ``phase`` with this scale's overrides for every phase, then ``extra``."""
         from megatron_dsa.train.config import load_config
 
-        over = self.s["overrides"]
-        return int(load_config(RECIPES / "h200_warmup.yaml", over.get("all", []) + over.get("warmup", [])).train["iters"])
+        return load_config(RECIPES / f"h200_{phase}.yaml", [*self.s["overrides"].get("all", []), *extra])
 
     def layout(self, arm: str) -> dict:
         """The model overrides that give ``arm`` its indexer layout in this study."""

@@ -149,6 +149,7 @@ def build_task_corpus(out, base, seq_length: int, *, ratio: float = 0.5, seed: i
                         f"got {query_tokens!r}")
     if family not in TRAINING_FAMILIES:
         raise DataError(f"family must be a training format family {list(TRAINING_FAMILIES)}, got {family!r}")
+    formats = FAMILIES[family]
     queries = queries_per_document(seq_length, query_tokens)
     base_manifest = load_manifest(base_dir)
     if corpus_kind(base_manifest) != "text":
@@ -163,16 +164,15 @@ def build_task_corpus(out, base, seq_length: int, *, ratio: float = 0.5, seed: i
                             f"documents of seq_length {seq_length}")
     probe = random.Random(seed)  # every task fits the length: one clear error before any file is written
     for task in tasks:
-        _task_text(task, FAMILIES[family], seq_length - 1, streams["valid"][:seq_length - 1], tokenizer, probe,
-                   queries)
+        _task_text(task, formats, seq_length - 1, streams["valid"][:seq_length - 1], tokenizer, probe, queries)
 
     with staged_directory(out_dir) as staging:
         shutil.copyfile(base_dir / base_manifest["tokenizer"], staging / base_manifest["tokenizer"])
         splits = {}
         for split, prefix in (("train", "train_text_document"), ("valid", "valid_text_document")):
             stats = {"task_documents": {}, "answer_tokens": 0}
-            docs = list(_documents(streams[split], seq_length, ratio, seed, split, tasks, FAMILIES[family],
-                                   tokenizer, eod, stats, queries))
+            docs = list(_documents(streams[split], seq_length, ratio, seed, split, tasks, formats, tokenizer, eod,
+                                   stats, queries))
             n_docs, n_tokens = write_indexed_dataset(staging / prefix, (d for d, _ in docs), tokenizer.vocab_size)
             write_indexed_dataset(staging / MASK_PREFIX[split], (m for _, m in docs), 2)
             validate_indexed_dataset(staging / prefix)
