@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 
 import torch
@@ -17,8 +18,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# Long sequences allocate tensors of many GiB whose sizes differ between the forward and the
+# backward; the caching allocator's fixed segments then fragment. The v32-slice's sparse step at
+# 1 x 128K failed a 16 GiB allocation with 45 GiB reserved but free, and ran (112 GB peak) with
+# segments that grow in place.
+CUDA_ALLOC_CONF = "expandable_segments:True"
+
+
+def prefer_expandable_segments() -> None:
+    """Give the CUDA caching allocator expandable segments unless the user configured it
+    (PYTORCH_CUDA_ALLOC_CONF set, even empty, is kept). Effective before the first CUDA
+    allocation of the process: call it at an entry point."""
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", CUDA_ALLOC_CONF)
+
+
 def init_single_process(seed: int = 1234) -> None:
     """torch.distributed (world size 1; gloo on CPU, nccl on CUDA) + megatron parallel state."""
+    prefer_expandable_segments()
     patches.apply_cpu_patches()
     if not torch.distributed.is_initialized():
         if torch.cuda.is_available():

@@ -477,3 +477,26 @@ def test_two_nodes_train_checkpoint_and_resume_on_one_node(corpus, tmp_path):
     one_node = dict(read_scalars(tmp_path / "tb")["lm loss"])
     assert sorted(one_node) == [5], one_node
     assert abs(one_node[5] - two_nodes[5]) <= 1e-4 * abs(two_nodes[5]), (one_node, two_nodes)
+
+
+@pytest.mark.parametrize("users", [None, "", "max_split_size_mb:512"])
+def test_a_run_starts_with_expandable_segments_unless_configured(corpus, tmp_path, monkeypatch, users):
+    """Long sequences fragment the caching allocator's fixed segments (the v32-slice's sparse
+    step at 128K ran out of memory with 45 GiB reserved but free): a good config reaches the
+    trainer with expandable segments, and a user's own allocator setting is kept."""
+    from megatron_dsa.train import cli as cli_module, trainer
+
+    if users is None:
+        monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    else:
+        monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", users)
+    monkeypatch.delenv("RANK", raising=False)
+    seen = []
+
+    def record(*args, **kwargs):
+        seen.append(os.environ.get("PYTORCH_CUDA_ALLOC_CONF"))
+        return 0
+
+    monkeypatch.setattr(trainer, "run", record)
+    cli_module.main(base(corpus, tmp_path))
+    assert seen == ["expandable_segments:True" if users is None else users]

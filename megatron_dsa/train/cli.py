@@ -75,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ok: {cfg.phase} run of model {cfg.model['size']!r} ({plan['transformer_impl']} modules{fp8}), "
               f"starting from {start}")
         return 0
+    from megatron_dsa.distributed import prefer_expandable_segments
+
+    prefer_expandable_segments()  # before the run's first CUDA allocation
     from megatron_dsa.train.trainer import TrainRunError, run
 
     try:
