@@ -180,8 +180,10 @@ SCALES["h200_2k_from_512"] = dict(
     overrides={"all": SCALES["h200_2k"]["overrides"]["all"],
                "pretrain": ["train.iters=400", "train.lr_warmup_iters=20", "eval.interval=400", "checkpoint.interval=400"]},
 )
+# Six training-format items per task and length (two before): the arms are compared on the formats
+# the model retrieves, and two a task left each length's rate about +-15 points of sampling noise.
 SCALES["h200_from_2k"] = dict(
-    SCALES["h200"], init_from="h200_2k_from_512",
+    SCALES["h200"], init_from="h200_2k_from_512", retrieval_train_n=6,
     overrides={"all": SCALES["h200"]["overrides"]["all"], "pretrain": ["train.iters=200", "train.lr_warmup_iters=20"]},
 )
 # The same curriculum on the wide training family (tasks.TRAIN_WIDE: 100+ wordings a task, three
