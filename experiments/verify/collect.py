@@ -61,6 +61,7 @@ def collect(e: Study) -> dict:
             r0, r1 = first_last(rec, 3)
             first = lambda level: next((i for i, v in rec if v >= level), None)  # noqa: E731
             res["warmup"][d.name[len("warmup_"):]] = {
+                "steps": kl[-1][0] if kl else None,  # what ran (the recipe's steps may have changed since)
                 "kl": kl, "recall": rec, "kl_start": kl0, "kl_end": kl1,
                 "kl_drop": (kl0 / kl1) if kl0 and kl1 else None, "recall_start": r0, "recall_end": r1,
                 # how fast: first iteration at 90% of the arm's own final recall / at the target
