@@ -182,9 +182,14 @@ SCALES["h200_2k_from_512"] = dict(
 )
 # Six training-format items per task and length (two before): the arms are compared on the formats
 # the model retrieves, and two a task left each length's rate about +-15 points of sampling noise.
+# Warm-up 64 steps (the recipe's 16 x 4, 2.1M tokens): after 16 the KL was still falling (2.5x)
+# and the sparse phase lost the retrieval (training formats 27 / 13 / 0% at 4K / 8K / 16K against
+# the dense control's 77 / 83 / 90%); after 64 it kept it (87 / 83 / 83%, held-out loss +0.22%),
+# and 256 added little (notes_h200_from_2k.md, 2026-12-04).
 SCALES["h200_from_2k"] = dict(
     SCALES["h200"], init_from="h200_2k_from_512", retrieval_train_n=6,
-    overrides={"all": SCALES["h200"]["overrides"]["all"], "pretrain": ["train.iters=200", "train.lr_warmup_iters=20"]},
+    overrides={"all": SCALES["h200"]["overrides"]["all"], "pretrain": ["train.iters=200", "train.lr_warmup_iters=20"],
+               "warmup": ["train.iters=64", "eval.interval=64", "checkpoint.interval=64"]},
 )
 # The same curriculum on the wide training family (tasks.TRAIN_WIDE: 100+ wordings a task, three
 # key styles, held-out sizes between training ones): the six-wording chain retrieves in its
