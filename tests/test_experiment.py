@@ -349,3 +349,59 @@ def test_warmup_targets_take_recall_as_a_share_of_the_arms_own_oracle():
     assert got["a"]["recall_share_of_oracle"] == pytest.approx(0.9125) and got["a"]["ok"] is True
     assert got["b"]["ok"] is False and got["c"]["ok"] is False
     assert got["d"]["ok"] is None and got["d"]["recall_share_of_oracle"] is None
+
+
+def test_recipe128k_runs_in_pieces_and_reports_its_curves(monkeypatch, tmp_path):
+    """Each call trains one piece of the report's 1 x 128K recipe from the phase's own checkpoint:
+    the warm-up from this run's pretraining until it saves its 1000 steps, then the sparse phase
+    from the warm-up. A piece that saves nothing is an error. The report tabulates and plots the
+    KL and recall logged so far."""
+    from argparse import Namespace
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    from experiments.verify import stages
+    from experiments.verify.collect import collect
+    from experiments.verify.study import Study
+
+    e = Study(Namespace(scale="h200", out=str(tmp_path / "run"), report_dir=str(tmp_path / "rep"), force=False))
+    (e.phase_dir("pretrain")).mkdir(parents=True)
+    (e.phase_dir("pretrain") / "DONE").write_text("{}\n")
+    saves = iter([400, 1000, 600, 600])
+    calls = []
+
+    def piece(cmd, log, name):  # the trainer: logs every step it runs, saves where it stops
+        ckpt = Path(next(a.split("=", 1)[1] for a in cmd if a.startswith("checkpoint.save=")))
+        start = stages.checkpoint_iteration(ckpt)
+        stop = next(saves)
+        calls.append((name, start, next(a.split("=", 1)[1] for a in cmd if a.startswith("checkpoint.load_from="))))
+        ckpt.mkdir(parents=True, exist_ok=True)
+        (ckpt / "latest_checkpointed_iteration.txt").write_text(f"{stop}\n")
+        tb = SummaryWriter(next(a.split("=", 1)[1] for a in cmd if a.startswith("logging.tensorboard_dir=")))
+        for i in range(start + 1, stop + 1):
+            tb.add_scalar("indexer kl", 4.0 / (1 + i / 100), i)
+            if name.endswith("warmup"):
+                tb.add_scalar("indexer topk-recall", 0.9 - 0.6 / (1 + i / 100), i)
+        tb.close()
+        return 1.0
+
+    monkeypatch.setattr(stages.runner, "run_phase", piece)
+    stages.stage_recipe128k(e)
+    assert not e.done("recipe128k_warmup")
+    stages.stage_recipe128k(e)
+    assert e.done("recipe128k_warmup") and not e.phase_dir("recipe128k_sparse").exists()
+    stages.stage_recipe128k(e)
+    assert [(n, s) for n, s, _ in calls] == [("recipe128k_warmup", 0), ("recipe128k_warmup", 400),
+                                             ("recipe128k_sparse", 0)]
+    assert calls[0][2] == str(e.phase_dir("pretrain") / "ckpt")
+    assert calls[2][2] == str(e.phase_dir("recipe128k_warmup") / "ckpt")
+    with pytest.raises(SystemExit, match="saved no step past 600"):
+        stages.stage_recipe128k(e)
+    cmd = json.loads((e.phase_dir("recipe128k_sparse") / "command.json").read_text())
+    assert "report_sparse_b1.yaml" in cmd and f"data.dir={e.text_data}" in cmd
+
+    r = collect(e)["recipe128k"]
+    w, s = r["recipe128k_warmup"], r["recipe128k_sparse"]
+    assert (w["saved_step"], w["steps"], s["saved_step"]) == (1000, 1000, 600)
+    assert [i for i, _ in w["kl"]] == list(range(1, 1001))  # both pieces' steps, once each
+    assert w["kl_drop"] > 5 and w["recall_end"] > w["recall_start"] and s["recall"] == []

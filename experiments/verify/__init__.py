@@ -28,6 +28,10 @@ stage whose outputs exist is skipped, ``--force`` reruns it):
     step128k   real trainer steps of the report's warm-up recipe (configs/recipes/
                report_warmup.yaml: 16 x 131072 tokens) from the pretrain checkpoint; the second
                of two steps is the measurement (h200 only)
+    recipe128k (only when named) one ~20-minute piece of the report's recipe at 1 x 128K
+               (configs/recipes/report_{warmup,sparse}_b1.yaml: 1000 warm-up steps, then 1000
+               sparse) from this run's pretraining, on its natural text; each call continues
+               from the phase's own checkpoint. The report plots its KL and recall at 128K.
 
 Modules: ``settings`` (arms, scales, targets), ``study`` (the run directory), ``stages``
 (training), ``measurements`` (evaluation and speed, on ``suites``), ``collect`` / ``plots`` /

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from experiments.verify import measurements, stages
 from experiments.verify.report import write_report
-from experiments.verify.settings import ARM_STAGES, ARMS, REPO, SCALES, STAGES
+from experiments.verify.settings import ARM_STAGES, ARMS, EXPLICIT_STAGES, REPO, SCALES, STAGES
 from experiments.verify.study import Study
 
 ENTRY = REPO / "experiments" / "verify_dsa.py"
@@ -72,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python experiments/verify_dsa.py",
                                 description="Verify DSA on the small MoE (experiments/verify).")
     p.add_argument("--scale", choices=tuple(SCALES), default="h200")
-    p.add_argument("--stage", default="all", help=f"'all' or comma-separated stages of: {','.join(STAGES)}")
+    p.add_argument("--stage", default="all", help=f"'all' or comma-separated stages of: {','.join(STAGES)} "
+                                                  f"(and, only when named: {','.join(EXPLICIT_STAGES)})")
     p.add_argument("--arms", default=None, help=f"comma-separated arms (default all: {','.join(ARMS)})")
     p.add_argument("--task", default=None, help="one task of a per-arm stage (an arm, 'pretrain' or 'dense_control')")
     p.add_argument("--speed-arms", default=None,
@@ -86,9 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.jobs < 1:
         p.error("--jobs must be >= 1")
     chosen = STAGES if args.stage == "all" else tuple(args.stage.split(","))
-    bad = [st for st in chosen if st not in STAGES]
+    bad = [st for st in chosen if st not in STAGES + EXPLICIT_STAGES]
     if bad:
-        p.error(f"unknown stage(s) {bad}; stages: {','.join(STAGES)}")
+        p.error(f"unknown stage(s) {bad}; stages: {','.join(STAGES + EXPLICIT_STAGES)}")
     e = Study(args)
     if args.task is not None:
         if len(chosen) != 1 or args.stage not in ARM_STAGES or args.task not in stage_tasks(e, args.stage):
@@ -117,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
             measurements.stage_bench128k(e)
         elif st == "step128k":
             measurements.stage_step128k(e)
+        elif st == "recipe128k":
+            stages.stage_recipe128k(e)
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
     if failed:
         print(f"error: failed tasks: {failed}")

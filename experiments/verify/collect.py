@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 
 from experiments.verify.measurements import bench128k_from, eval_arms
-from experiments.verify.settings import BENCH128K_ARGS, RESULTS, SCALES, TARGETS
+from experiments.verify.settings import BENCH128K_ARGS, RECIPES, RESULTS, SCALES, TARGETS
+from experiments.verify.stages import RECIPE_128K, checkpoint_iteration
 from experiments.verify.study import Study, portable_command
+from megatron_dsa.train.config import load_config
 from megatron_dsa.train.runner import first_last, read_scalars
 
 
@@ -67,6 +69,7 @@ def collect(e: Study) -> dict:
                 # how fast: first iteration at 90% of the arm's own final recall / at the target
                 "iter_to_90pct_of_final": first(0.9 * r1) if r1 else None,
                 "iter_to_target": first(TARGETS["recall"])}
+    res["recipe128k"] = _recipe128k(e)
     res["bench128k"] = e.load_json("bench128k.json", None)
     res["step128k"] = e.load_json("step128k.json", None)
     # At the H200 scales, measurements committed under benchmarks/results stand in for stages this
@@ -105,8 +108,27 @@ def _chain(e: Study) -> list[dict]:
     return stages
 
 
+def _recipe128k(e: Study) -> dict:
+    """The report's recipe at 1 x 128K, as far as it ran: per phase the steps saved of the
+    recipe's, the indexer KL and top-k recall of every logged step and their start and end."""
+    out = {}
+    for name, recipe, _ in RECIPE_128K:
+        d = e.phase_dir(name)
+        if not (d / "tb").is_dir():
+            continue
+        scal = read_scalars(d / "tb")
+        kl, rec = scal.get("indexer kl", []), scal.get("indexer topk-recall", [])
+        (kl0, kl1), (r0, r1) = first_last(kl, 10), first_last(rec, 10)
+        tps = [v for _, v in scal.get("tokens-per-sec", [])]
+        out[name] = {"recipe": recipe, "steps": int(load_config(RECIPES / recipe).train["iters"]),
+                     "saved_step": checkpoint_iteration(d / "ckpt"), "kl": kl, "recall": rec,
+                     "kl_start": kl0, "kl_end": kl1, "kl_drop": (kl0 / kl1) if kl0 and kl1 else None,
+                     "recall_start": r0, "recall_end": r1, "tokens_per_s": _median(tps[1:] or tps)}
+    return out
+
+
 # Per-step series: plotted, not tabulated.
-SERIES = {"phases": ("lm_loss",), "warmup": ("kl", "recall")}
+SERIES = {"phases": ("lm_loss",), "warmup": ("kl", "recall"), "recipe128k": ("kl", "recall")}
 
 
 def summary(res: dict) -> dict:

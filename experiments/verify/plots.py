@@ -106,4 +106,18 @@ def plots(res: dict, rdir: Path) -> dict[str, str]:
             ax[0][j].set(title=f"top-k recall after warm-up, L = {L}", xlabel="k / L", xscale="log", ylim=(0, 1.02))
         ax[0][0].legend(fontsize=7)
         save("recall", fig)
+    # 6. the report's recipe at 1 x 128K: KL and recall per step
+    if res.get("recipe128k"):
+        fig, ax = plt.subplots(1, 2, figsize=(13, 4.5))
+        for name, r in res["recipe128k"].items():
+            phase = name.split("_", 1)[1]
+            if r["kl"]:
+                ax[0].plot([i for i, _ in r["kl"]], [v for _, v in r["kl"]], label=phase)
+            if r["recall"]:
+                ax[1].plot([i for i, _ in r["recall"]], [v for _, v in r["recall"]], label=phase)
+        ax[0].set(title="indexer KL at 128K (sparse: over the selected keys)", xlabel="step in phase", yscale="log")
+        ax[1].set(title="top-k recall of the dense attention mass at 128K, k = 2048", xlabel="step in phase")
+        for a in ax:
+            a.legend(fontsize=7)
+        save("128k", fig)
     return files

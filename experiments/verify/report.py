@@ -525,10 +525,6 @@ def _warmup_length(report: Report) -> None:
         L.append(f"\nThe shortest warm-up here that meets the loss and warm-up targets: "
                  f"{by_arm[enough[0]]['warmup_steps']} steps ({ARMS[enough[0]][0]}).")
     L.append("")
-    notes = NOTES / f"notes_{e.scale}.md"
-    if notes.is_file():
-        L.append("## Discussion (written after the run)\n")
-        L.append(notes.read_text().strip() + "\n")
 
 
 def _bench_ms(speed: dict, phase: str, suffix: str | None):
@@ -616,6 +612,30 @@ def _report_step(report: Report) -> None:
                  "the first includes the one-time Triton compilation.)\n")
 
 
+def _recipe128k(report: Report) -> None:
+    """The report's recipe at 1 x 128K (warm-up, then sparse), as far as its pieces ran."""
+    e, L, runs = report.e, report.lines, report.res.get("recipe128k") or {}
+    L.append("## The report's recipe at 1 x 128K\n")
+    L.append("The report's warm-up (1000 steps, lr 1e-3, indexers only) and sparse phase (1000 steps, lr 7.3e-6, "
+             "k 2048) at batch 1 on one GPU, from this run's dense pretraining on its natural text "
+             "(`configs/recipes/report_{warmup,sparse}_b1.yaml`). Each call of "
+             f"`python experiments/verify_dsa.py --scale {e.scale} --stage recipe128k` trains one piece of about "
+             "20 minutes and the next continues from the phase's checkpoint.\n")
+    if not runs:
+        L.append("Not run yet at this scale.\n")
+        return
+    L.append("| phase | steps saved / recipe | KL start | KL end | drop | recall start | recall end | tokens/s |")
+    L.append("|---|---|---|---|---|---|---|---|")
+    for name, r in runs.items():
+        L.append(f"| {name.split('_', 1)[1]} | {r['saved_step']} / {r['steps']} | {_fmt(r['kl_start'], '.4g')} | "
+                 f"{_fmt(r['kl_end'], '.4g')} | {_fmt(r['kl_drop'], '.1f')}x | {_fmt(r['recall_start'], '.3f')} | "
+                 f"{_fmt(r['recall_end'], '.3f')} | {_fmt(r['tokens_per_s'], ',.0f')} |")
+    L.append("\nStart / end: means of the first and last ten logged steps. The sparse phase's KL is over the "
+             "selected keys; recall is logged in the warm-up only (it needs the dense attention).\n")
+    if "128k" in report.files:
+        L.append(f"Curves: `{report.files['128k']}` (under Plots).\n")
+
+
 def _appendix(report: Report) -> None:
     """Plots, the exact commands, the configs and the discussion written after the run."""
     e, s, res, L, files = report.e, report.s, report.res, report.lines, report.files
@@ -661,7 +681,7 @@ def _conclusions(report: Report) -> None:
 
 
 SECTIONS = (_header, _curriculum, _loss_at_lengths, _trainer_validation, _retrieval, _warmup, _recall_after_warmup, _sharing,
-            _warmup_length, _objectives, _speed, _report_step, _appendix, _conclusions)
+            _warmup_length, _objectives, _speed, _report_step, _recipe128k, _appendix, _conclusions)
 
 
 def write_report(e: Study) -> Path:

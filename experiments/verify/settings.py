@@ -65,6 +65,8 @@ OBJECTIVE_ARMS = {"per_layer": "kl", "obj_reverse_kl": "reverse_kl", "obj_mse": 
 # eval before recall: if the GPU time runs out, the comparison with the control is what matters most
 STAGES = ("corpus", "speed", "pretrain", "warmup", "sparse", "eval", "recall", "bench128k", "step128k", "report")
 ARM_STAGES = ("warmup", "sparse", "recall", "eval")  # run per arm, up to --jobs at once
+# Run only when named: each call trains one ~20-minute piece of the report's recipe at 1 x 128K.
+EXPLICIT_STAGES = ("recipe128k",)
 
 # The mixture's answer tokens weigh this much in the LM loss: a few thousand answer tokens among
 # millions of text tokens would otherwise barely steer a 20-minute pretraining toward retrieval.

@@ -24,7 +24,7 @@ from experiments.verify.study import Study, chain_start, echo, link_copy
 from megatron_dsa.data import DataError, build_corpus, build_task_corpus, check_corpus_for_run, load_manifest
 from megatron_dsa.train import runner
 from megatron_dsa.train.config import load_config
-from megatron_dsa.train.preflight import preflight, write_run_file
+from megatron_dsa.train.preflight import TRACKER_FILE, preflight, write_run_file
 
 
 def stage_corpus(e: Study) -> None:
@@ -218,3 +218,48 @@ def stage_sparse(e: Study, arm: str) -> None:
     extra = _overrides(e.layout(arm)) + [f"checkpoint.load_from={e.phase_dir(warm) / 'ckpt'}"]
     run_phase(e, sparse, phase_cmd(e, sparse, "h200_sparse.yaml", "sparse", extra))
 
+
+
+# The report's recipe at batch 1 on one GPU, each phase resumable in pieces: (phase directory,
+# recipe, the directory whose checkpoint it starts from).
+RECIPE_128K = (("recipe128k_warmup", "report_warmup_b1.yaml", "pretrain"),
+               ("recipe128k_sparse", "report_sparse_b1.yaml", "recipe128k_warmup"))
+
+
+def checkpoint_iteration(ckpt: Path) -> int:
+    """The last iteration saved under a phase's checkpoint directory (0 before its first save)."""
+    tracker = ckpt / TRACKER_FILE
+    return int(tracker.read_text().strip()) if tracker.is_file() else 0
+
+
+def stage_recipe128k(e: Study) -> None:
+    """One piece of the report's recipe at 1 x 128K from this run's dense pretraining: the
+    warm-up (1000 steps, lr 1e-3, indexers only), then the sparse phase (1000 steps, lr 7.3e-6,
+    k 2048), on the natural text. Megatron saves and exits after about 20 minutes (the recipes'
+    exit-duration-in-mins); the next call continues the unfinished phase from its own checkpoint.
+    A phase is done when its checkpoint reaches the recipe's steps."""
+    need(e, "pretrain")
+    for name, recipe, source in RECIPE_128K:
+        if e.done(name):
+            continue
+        if source != "pretrain":
+            need(e, source)
+        d = e.phase_dir(name)
+        steps = int(load_config(RECIPES / recipe).train["iters"])
+        overrides = [f"data.dir={e.text_data}", f"checkpoint.save={d / 'ckpt'}",
+                     f"logging.tensorboard_dir={d / 'tb'}", f"checkpoint.load_from={e.phase_dir(source) / 'ckpt'}"]
+        cmd = runner.phase_command(RECIPES / recipe, overrides)
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "command.json").write_text(json.dumps(echo(cmd)) + "\n")
+        before = checkpoint_iteration(d / "ckpt")
+        print(f"\n=== {name} (from step {before} of {steps}): {echo(cmd)}", flush=True)
+        seconds = runner.run_phase(cmd, d / f"train_from_{before}.log", name)
+        after = checkpoint_iteration(d / "ckpt")
+        if after <= before:
+            raise SystemExit(f"error: {name} saved no step past {before} in {seconds:.0f} s: {d / 'ckpt'}")
+        if after >= steps:
+            (d / "DONE").write_text(json.dumps({"steps": after}) + "\n")
+        print(f"[{name}] steps {before} -> {after} of {steps} in {seconds:.0f} s"
+              + ("; done" if after >= steps else "; run the stage again to continue"), flush=True)
+        return
+    print("[recipe128k] both phases done")
