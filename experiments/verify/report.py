@@ -669,6 +669,10 @@ def _conclusions(report: Report) -> None:
     if "retrieval_train_formats" in verdict:
         names = {**names, "retrieval_train_formats": "retrieval in the training formats within 2 points of dense "
                                                      "(not the target)"}
+    steps_a = verdict.get("warmup_length", {}).get("per_layer", {}).get("warmup_steps")
+    if steps_a:  # beside the longer warm-ups below, say which warm-up arm A had
+        for k in ("loss", "warmup"):
+            names[k] += f" (arm A: {steps_a} warm-up steps)"
     for k, text in names.items():
         L.append(f"- {text}: **{ {True: 'yes', False: 'no', None: 'not measured'}.get(verdict.get(k), verdict.get(k)) }**")
     for a, v in verdict.get("warmup_length", {}).items():
