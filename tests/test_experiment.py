@@ -227,9 +227,9 @@ def test_a_continued_run_reports_its_chain_and_the_first_runs_text(tmp_path):
     assert collect(study("h200_512"))["chain"] == []
 
 
-# One reuse arm of each kind (every N layers, GLM-5.2's pattern), one objective arm and one longer
-# warm-up: the others of each kind run the same code path.
-ARMS = ["per_layer", "shared", "freq2", "pattern", "obj_listwise", "warmup_x4"]
+# One reuse arm of each kind (every N layers, GLM-5.2's pattern) and one objective arm: the
+# others of each kind run the same code path (the longer warm-ups: the section's own test below).
+ARMS = ["per_layer", "shared", "freq2", "pattern", "obj_listwise"]
 
 
 def test_smoke_pipeline_end_to_end(tmp_path):
@@ -273,12 +273,9 @@ def test_smoke_pipeline_end_to_end(tmp_path):
         assert set(r["retrieval_train_formats"]["by_task_length"]) == set(r["retrieval"]["by_task_length"])
         assert set(r["retrieval_train_formats"]["by_length"]) == set(r["retrieval"]["by_length"])
     assert "answer NLL (nats/token)" in md and "Answer NLL, A minus dense control" in md
-    assert set(res["verdict"]) == {"loss", "retrieval", "warmup", "shared", "pattern", "recall_oracle", "warmup_length"}
-    # the warm-up-length arms: the steps that ran, and the recall target as a share of each arm's oracle
-    wl = res["verdict"]["warmup_length"]
-    assert [wl[a]["warmup_steps"] for a in ("per_layer", "warmup_x4")] == [4, 16]
-    assert all(0 < v["recall_share_of_oracle"] <= 1 + 1e-6 and v["warmup"] in (True, False) for v in wl.values())
-    assert "held-out recall / oracle" in md and "## How long a warm-up?" in md
+    assert set(res["verdict"]) == {"loss", "retrieval", "warmup", "shared", "pattern", "recall_oracle"}
+    # the warm-up target's recall as a share of each arm's own oracle, measured for every layout
+    assert "held-out recall / oracle" in md and "| not measured |" not in md.split("## Top-k recall")[0]
     assert "in-distribution formats" in md and "GLM-5.2 pattern: per layer 1 full, 2 shared, 3 shared" in md
     # the headline numbers: per arm, held-out loss at the training length, exact match per length
     head = json.loads((rep / "verification_summary.json").read_text())
@@ -405,3 +402,38 @@ def test_recipe128k_runs_in_pieces_and_reports_its_curves(monkeypatch, tmp_path)
     assert (w["saved_step"], w["steps"], s["saved_step"]) == (1000, 1000, 600)
     assert [i for i, _ in w["kl"]] == list(range(1, 1001))  # both pieces' steps, once each
     assert w["kl_drop"] > 5 and w["recall_end"] > w["recall_start"] and s["recall"] == []
+
+
+def test_warmup_length_section_gives_each_warmup_its_verdicts():
+    """Per-layer indexers after warm-ups of 16 / 64 steps against the dense control: the loss
+    (within 1%), the warm-up targets and the training-format points for each, and the shortest
+    warm-up that meets the loss and warm-up targets; the steps are the ones the warm-up logged."""
+    from types import SimpleNamespace
+
+    from experiments.verify.report import Report, _conclusions, _warmup_length
+
+    def ev(loss, exact):
+        by_len = {"16": {"exact": exact, "token": 90.0}}
+        return {"mode": "sparse", "loss": {"16": loss}, "retrieval": {"by_length": by_len},
+                "retrieval_train_formats": {"by_length": by_len}}
+
+    def recall(got):
+        return {"16": {"2": {"mean_nontrivial": got, "oracle_mean_nontrivial": 0.8}}}
+
+    res = {"arms": ["per_layer", "warmup_x4"],
+           "eval": {"B: dense control": ev(2.0, 80.0), "A: DSA per-layer": ev(2.1, 20.0),
+                    "A with a 4x warm-up": ev(2.01, 90.0)},
+           "warmup": {"per_layer": {"steps": 16, "kl_drop": 2.5}, "warmup_x4": {"steps": 64, "kl_drop": 9.0}},
+           "recall": {"per_layer": recall(0.7), "warmup_x4": recall(0.77)}}
+    e = SimpleNamespace(s={"train_length": 16, "topk": 2, "retrieval_lengths": [16]}, warmup_iters=1, scale="unit")
+    report = Report(e, res, {})
+    _warmup_length(report)
+    _conclusions(report)
+    wl = report.verdict["warmup_length"]
+    assert (wl["per_layer"]["warmup_steps"], wl["warmup_x4"]["warmup_steps"]) == (16, 64)
+    assert (wl["per_layer"]["loss"], wl["per_layer"]["warmup"]) == (False, False)
+    assert (wl["warmup_x4"]["loss"], wl["warmup_x4"]["warmup"]) == (True, True)
+    assert wl["per_layer"]["retrieval_train_formats_points"] == {"16": -60.0}
+    md = "\n".join(report.lines)
+    assert "The shortest warm-up here that meets the loss and warm-up targets: 64 steps" in md
+    assert "A with a 4x warm-up (64 warm-up steps): loss within 1% **yes**, warm-up targets **yes**" in md
