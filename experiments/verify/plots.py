@@ -64,17 +64,8 @@ def plots(res: dict, rdir: Path) -> dict[str, str]:
         a.legend(fontsize=7)
     save("retrieval", fig)
     # 3. warm-up KL and recall
-    fig, ax = plt.subplots(1, 2, figsize=(13, 4.5))
-    for v, w in res["warmup"].items():
-        if w["kl"]:
-            ax[0].plot([i for i, _ in w["kl"]], [x for _, x in w["kl"]], label=v)
-        if w["recall"]:
-            ax[1].plot([i for i, _ in w["recall"]], [x for _, x in w["recall"]], label=v)
-    ax[0].set(title="indexer loss during warm-up (each arm's own objective)", xlabel="iteration", yscale="log")
-    ax[1].set(title="top-k recall of the dense attention mass (warm-up)", xlabel="iteration")
-    for a in ax:
-        a.legend(fontsize=7)
-    save("warmup", fig)
+    save("warmup", _kl_and_recall(res["warmup"], "indexer loss during warm-up (each arm's own objective)",
+                                  "top-k recall of the dense attention mass (warm-up)", "iteration"))
     # 4. speed: the side-by-side step benchmark when it ran, else the trainer's throughput
     fig, ax = plt.subplots(figsize=(9, 4))
     rows = [r for r in (res.get("speed") or {}).get("rows", []) if "ms" in r]
@@ -108,16 +99,21 @@ def plots(res: dict, rdir: Path) -> dict[str, str]:
         save("recall", fig)
     # 6. the report's recipe at 1 x 128K: KL and recall per step
     if res.get("recipe128k"):
-        fig, ax = plt.subplots(1, 2, figsize=(13, 4.5))
-        for name, r in res["recipe128k"].items():
-            phase = name.split("_", 1)[1]
-            if r["kl"]:
-                ax[0].plot([i for i, _ in r["kl"]], [v for _, v in r["kl"]], label=phase)
-            if r["recall"]:
-                ax[1].plot([i for i, _ in r["recall"]], [v for _, v in r["recall"]], label=phase)
-        ax[0].set(title="indexer KL at 128K (sparse: over the selected keys)", xlabel="step in phase", yscale="log")
-        ax[1].set(title="top-k recall of the dense attention mass at 128K, k = 2048", xlabel="step in phase")
-        for a in ax:
-            a.legend(fontsize=7)
-        save("128k", fig)
+        runs = {name.split("_", 1)[1]: r for name, r in res["recipe128k"].items()}
+        save("128k", _kl_and_recall(runs, "indexer KL at 128K (sparse: over the selected keys)",
+                                    "top-k recall of the dense attention mass at 128K, k = 2048", "step in phase"))
     return files
+
+
+def _kl_and_recall(runs: dict, kl_title: str, recall_title: str, xlabel: str):
+    """Two panels: each run's indexer loss (log scale) and top-k recall per step."""
+    fig, ax = plt.subplots(1, 2, figsize=(13, 4.5))
+    for label, r in runs.items():
+        for a, key in ((ax[0], "kl"), (ax[1], "recall")):
+            if r[key]:
+                a.plot([i for i, _ in r[key]], [v for _, v in r[key]], label=label)
+    ax[0].set(title=kl_title, xlabel=xlabel, yscale="log")
+    ax[1].set(title=recall_title, xlabel=xlabel)
+    for a in ax:
+        a.legend(fontsize=7)
+    return fig
