@@ -24,6 +24,8 @@ from experiments.verify.study import Study
 from megatron_dsa.data.tasks import HELDOUT, TASKS, TRAIN
 
 NOTES = Path(__file__).resolve().parent  # notes_<scale>.md: the discussion written after a run
+MET = {True: "met", False: "missed", None: "not measured"}  # a target's verdict in a table
+YES = {True: "yes", False: "no", None: "not measured"}  # ... and in the conclusions
 
 
 def _fmt(x, spec=".4f", none="n/a"):
@@ -379,7 +381,7 @@ def _warmup(report: Report) -> None:
         L.append(f"| {v} | {_warmup_steps(report, v)} | {_fmt(w['kl_start'], '.4g')} | "
                  f"{_fmt(w['kl_end'], '.4g')} | {_fmt(w['kl_drop'], '.1f')}x | {_fmt(w['recall_start'], '.3f')} | "
                  f"{_fmt(w['recall_end'], '.3f')} | {share} | "
-                 f"{ {True: 'met', False: 'missed', None: 'not measured'}[t['ok']] } |")
+                 f"{MET[t['ok']]} |")
     ceiling = _recall_at(res["recall"], "pretrain", s["train_length"], s["topk"], "oracle_mean_nontrivial")
     if ceiling is not None:
         verdict["recall_oracle"] = ceiling
@@ -510,7 +512,7 @@ def _warmup_length(report: Report) -> None:
                      "retrieval_train_formats_points": points}
         L.append(f"| {ARMS[a][0]} | {steps} | {_fmt(w.get('kl_end'), '.4g')} | {_fmt(w.get('recall_end'), '.3f')} | "
                  f"{'' if rel is None else f'{100 * rel:+.2f}%'} | {at(r, 'retrieval_train_formats', 'exact')} | "
-                 f"{at(r, 'retrieval', 'token')} | { {True: 'met', False: 'missed', None: 'not measured'}[t['ok']] } |")
+                 f"{at(r, 'retrieval', 'token')} | {MET[t['ok']]} |")
     verdict["warmup_length"] = by_arm
     L.append("")
     for a, v in by_arm.items():
@@ -519,7 +521,7 @@ def _warmup_length(report: Report) -> None:
                  + ("n/a" if v["loss_rel"] is None else f"{100 * v['loss_rel']:+.2f}% ({'within' if v['loss'] else 'not within'} 1%)")
                  + "; training-format retrieval minus dense control "
                  + ("n/a" if pts is None else ", ".join(f"{x}: {p:+.0f}" for x, p in pts.items()) + " points")
-                 + f"; warm-up targets {({True: 'met', False: 'missed', None: 'not measured'})[v['warmup']]}.")
+                 + f"; warm-up targets {MET[v['warmup']]}.")
     enough = [a for a, v in by_arm.items() if v["loss"] and v["warmup"]]
     if enough:
         L.append(f"\nThe shortest warm-up here that meets the loss and warm-up targets: "
@@ -674,12 +676,12 @@ def _conclusions(report: Report) -> None:
         for k in ("loss", "warmup"):
             names[k] += f" (arm A: {steps_a} warm-up steps)"
     for k, text in names.items():
-        L.append(f"- {text}: **{ {True: 'yes', False: 'no', None: 'not measured'}.get(verdict.get(k), verdict.get(k)) }**")
+        L.append(f"- {text}: **{YES.get(verdict.get(k), verdict.get(k))}**")
     for a, v in verdict.get("warmup_length", {}).items():
         if a != "per_layer":
             L.append(f"- {ARMS[a][0]} ({v['warmup_steps']} warm-up steps): loss within 1% **"
-                     f"{ {True: 'yes', False: 'no', None: 'not measured'}[v['loss']] }**, warm-up targets **"
-                     f"{ {True: 'yes', False: 'no', None: 'not measured'}[v['warmup']] }**")
+                     f"{YES[v['loss']]}**, warm-up targets **"
+                     f"{YES[v['warmup']]}**")
     L.append("\nThe token budgets here are a small fraction of the report's (see the configs); conclusions hold for "
              "this scale only. Retrieval at lengths beyond the training length measures extrapolation.\n")
 
