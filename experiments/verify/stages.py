@@ -219,7 +219,6 @@ def stage_sparse(e: Study, arm: str) -> None:
     run_phase(e, sparse, phase_cmd(e, sparse, "h200_sparse.yaml", "sparse", extra))
 
 
-
 # The report's recipe at batch 1 on one GPU, each phase resumable in pieces: (phase directory,
 # recipe, the directory whose checkpoint it starts from).
 RECIPE_128K = (("recipe128k_warmup", "report_warmup_b1.yaml", "pretrain"),
