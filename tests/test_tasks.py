@@ -3,6 +3,8 @@ megatron_dsa.data.mixture), the solver that reads them back, and the trainer's c
 
 from __future__ import annotations
 
+import dataclasses
+
 import random
 import re
 
@@ -167,6 +169,8 @@ def test_bad_task_settings_raise(tok, text):
         task_text("multivalue", HELDOUT, 64, text, tok, rng)
     with pytest.raises(TaskError, match="exactly one query"):
         task_text("copy", TRAIN, 1024, text, tok, rng, queries=2, depth=0.5)
+    with pytest.raises(TaskError, match="has no wordings for task 'copy'"):
+        task_text("copy", dataclasses.replace(TRAIN, wordings={}), 1024, text, tok, rng)
 
 
 def test_mixture_samples_are_whole_documents_with_their_answer_mask(mixture, tok, tmp_path):

@@ -316,8 +316,8 @@ def _instance(task: str, family: Family, rng: random.Random, tok: Tokenizer, key
 def _check(task: str, family: Family) -> None:
     if task not in TASKS:
         raise TaskError(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")
-    if family.name not in FAMILIES:
-        raise TaskError(f"unknown format family {family.name!r}")
+    if not isinstance(family, Family) or not family.wordings.get(task):
+        raise TaskError(f"format family {getattr(family, 'name', family)!r} has no wordings for task {task!r}")
 
 
 def distractor_count(density: int, length: int) -> int:
@@ -427,14 +427,16 @@ def _value_re(task: str) -> str:
 
 
 def solve(text: str) -> tuple[str, str] | None:
-    """(task, answer) for a context ending in a query of any family, found from the text
-    alone; None when the text ends in no known query or the text does not hold the facts."""
+    """(task, answer) for a context ending in a query of any family's wording with any family's
+    keys, found from the text alone; None when the text ends in no known query or the text does
+    not hold the facts."""
     newline = text.rfind("\n")
     if newline < 0:
         return None
     tail, context = text[newline:], text[:newline]  # a query is the text's last line
+    # any family's wording with any family's keys: the formats between two families mix them
+    key_re = "(?:" + "|".join(_key_re(family) for family in FAMILIES.values()) + ")"
     for family in FAMILIES.values():
-        key_re = _key_re(family)
         for task, wordings in family.wordings.items():
             for w in wordings:
                 m = re.fullmatch(_pattern("\n" + w.query, key=f"(?P<key>{key_re})"), tail)
