@@ -301,8 +301,12 @@ def test_smoke_pipeline_end_to_end(tmp_path):
     a, b = full["phases"]["sparse_per_layer"]["lm_loss"], full["phases"]["dense_control"]["lm_loss"]
     assert a and b and a[0][1] == pytest.approx(b[0][1], rel=0.05)
     # resumable: a second call skips finished phases
-    again = subprocess.run([*cmd, "--stage", "sparse"], capture_output=True, text=True, timeout=120, cwd=REPO)
+    # the held-out formats diagnostic (run only when named) beside it: every family of formats scored
+    again = subprocess.run([*cmd, "--stage", "sparse,formats"], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert again.returncode == 0 and again.stdout.count("done, skipped") == 1 + len(ARMS)
+    formats = json.loads((rep / "formats_smoke.json").read_text())
+    assert len(formats["families"]) == 12 and formats["lengths"] == [256]
+    assert "| only wording |" in (rep / "formats_smoke.md").read_text()
 
 
 def test_step128k_reads_megatrons_step_time_and_peak_memory():
@@ -437,3 +441,30 @@ def test_warmup_length_section_gives_each_warmup_its_verdicts():
     md = "\n".join(report.lines)
     assert "The shortest warm-up here that meets the loss and warm-up targets: 64 steps" in md
     assert "A with a 4x warm-up (64 warm-up steps): loss within 1% **yes**, warm-up targets **yes**" in md
+
+
+def test_formats_diagnostic_names_the_difference_that_breaks_retrieval():
+    """Hand-made results: the training formats at 80%, the held-out ones at 0%; the wording alone
+    costs everything and putting it back alone restores 60 points."""
+    from experiments.verify.report import formats_effects, formats_lines
+    from experiments.verify.suites import HELDOUT_FACTORS
+    from megatron_dsa.data.tasks import TASKS
+
+    def scored(exact):
+        return {"by_task_length": {t: {"512": {"exact": exact}} for t in TASKS},
+                "by_length": {"512": {"exact": exact, "token": 50.0, "nll": 1.0}}}
+
+    only = {"wording": 0.0, "keys": 84.0, "density": 78.0, "values per key": 70.0, "hops": 80.0}
+    put_back = {"wording": 60.0, "keys": 2.0, "density": 0.0, "values per key": 0.0, "hops": 0.0}
+    families = {"training formats": scored(80.0), **{f"only {k}": scored(v) for k, v in only.items()},
+                **{f"all but {k}": scored(v) for k, v in put_back.items()}, "held-out formats": scored(0.0)}
+    assert set(only) == set(HELDOUT_FACTORS)
+    formats = {"training_family": "train_wide", "lengths": [512], "items_per_task_and_length": 10,
+               "families": families}
+    effects = formats_effects(formats)
+    assert effects["only"] == {"wording": -80.0, "keys": 4.0, "density": -2.0, "values per key": -10.0, "hops": 0.0}
+    assert effects["put_back"] == put_back
+    md = "\n".join(formats_lines("unit", formats))
+    assert "| only wording | 0 | 0 | 0 | 0 | 0 | 0 (50) | 1.000 |" in md
+    assert "costs (points against the training formats): wording -80, keys +4" in md
+    assert "each gives back: wording +60, keys +2" in md

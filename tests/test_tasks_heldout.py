@@ -4,15 +4,16 @@ hand-made cases."""
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import random
 import re
 
 import pytest
 
-from experiments.verify.suites import build_heldout_suite, build_task_suite, score_items
+from experiments.verify.suites import HELDOUT_FACTORS, build_heldout_suite, build_task_suite, factor_families, score_items
 from experiments.verify.suites.retrieval import RetrievalItem
-from megatron_dsa.data.tasks import HELDOUT, TASKS, TRAIN, solve
+from megatron_dsa.data.tasks import HELDOUT, TASKS, TRAIN, TRAIN_WIDE, Family, solve
 
 
 class Chars:
@@ -75,6 +76,34 @@ def test_training_format_items_are_solvable_in_the_training_formats():
     assert [i.tokens for i in heldout] == [
         i.tokens for i in build_task_suite(TOK, FILLER, lengths, 2, train_length=16384, family=HELDOUT, seed=seed)]
     assert all(_query_family(TOK.detokenize(i.prompt)) == "heldout" for i in heldout)
+
+
+@pytest.mark.parametrize("train", [TRAIN, TRAIN_WIDE], ids=lambda f: f.name)
+def test_factor_families_change_one_difference_at_a_time(train):
+    """``only <f>``: the training family with HELDOUT's fields of factor f and nothing else;
+    ``all but <f>``: HELDOUT with the training family's fields of f; every field where the two
+    families differ belongs to one factor; and each family's items are solvable from their text."""
+    families = factor_families(train)
+    assert (list(families)[0], list(families)[-1]) == ("training formats", "held-out formats")
+    fields = [f.name for f in dataclasses.fields(Family) if f.name != "name"]
+
+    def differ(a, b):
+        return {f for f in fields if getattr(a, f) != getattr(b, f)}
+
+    apart = differ(train, HELDOUT)
+    assert apart and apart <= set().union(*HELDOUT_FACTORS.values())
+    for factor, fs in HELDOUT_FACTORS.items():
+        assert differ(families[f"only {factor}"], train) == set(fs) & apart, factor
+        assert differ(families[f"all but {factor}"], HELDOUT) == set(fs) & apart, factor
+    seed = random.randrange(1000)
+    for label, family in families.items():
+        items = build_task_suite(TOK, FILLER, (4096,), 1, train_length=4096, family=family, seed=seed)
+        assert [i.task for i in items] == list(TASKS)
+        alphabet = {c for first, rest in family.key_styles for c in first + rest}
+        for item in items:
+            text = TOK.detokenize(item.prompt)
+            assert solve(text) == (item.task, item.value) == (item.task, TOK.detokenize(item.answer)), label
+            assert set(item.key) <= alphabet, label
 
 
 def test_heldout_suite_rejects_bad_input():

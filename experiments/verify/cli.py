@@ -9,7 +9,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from experiments.verify import measurements, stages
-from experiments.verify.report import write_report
+from experiments.verify.report import write_formats, write_report
 from experiments.verify.settings import ARM_STAGES, ARMS, EXPLICIT_STAGES, REPO, SCALES, STAGES
 from experiments.verify.study import Study
 
@@ -118,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
             measurements.stage_bench128k(e)
         elif st == "step128k":
             measurements.stage_step128k(e)
+        elif st == "formats":
+            measurements.stage_formats(e)
+            write_formats(e)
         elif st == "recipe128k":
             stages.stage_recipe128k(e)
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")

@@ -45,6 +45,7 @@ def collect(e: Study) -> dict:
         if p.is_file():
             res["recall"][task] = json.loads(p.read_text())["recall"]
     res["speed"] = e.load_json("speed.json", None)
+    res["formats"] = e.load_json("eval/formats_pretrain.json", None)
     res["chain"] = _chain(e)
     for d in sorted(e.out.iterdir()) if e.out.is_dir() else []:
         if not (d / "tb").is_dir():
@@ -101,8 +102,10 @@ def _chain(e: Study) -> list[dict]:
         d = e.out.parent / scale
         p = d / "eval" / "pretrain.json"
         cmd = d / "pretrain" / "command.json"
+        formats = d / "eval" / "formats_pretrain.json"
         stages.insert(0, {"scale": scale, "train_length": SCALES[scale]["train_length"],
                           "eval": json.loads(p.read_text()) if p.is_file() else None,
+                          "formats": json.loads(formats.read_text()) if formats.is_file() else None,
                           "command": portable_command(json.loads(cmd.read_text())) if cmd.is_file() else None})
         scale = SCALES[scale].get("init_from")
     return stages

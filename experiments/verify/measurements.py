@@ -3,6 +3,8 @@
     eval       held-out loss at several lengths (natural text) and the held-out retrieval items
                (suites.heldout: the training mixture's tasks in formats it never shows), per model;
                beside them, fewer items of the same tasks in the training formats
+    formats    the pretrained model on the formats between the training family and the held-out
+               one (each held-out difference alone, and all but one): which it does not carry over
     recall     after warm-up: top-k recall of the dense attention mass at several lengths and
                k/S, every arm (and the untrained indexer), with the oracle
     speed      training-step cost of every arm side by side (benchmarks/bench_model_step.py;
@@ -29,6 +31,7 @@ from experiments.verify.study import Study, echo, portable_command
 from experiments.verify.suites import (
     build_heldout_suite,
     build_task_suite,
+    factor_families,
     indexer_recall_at_lengths,
     model_predictor,
     read_valid_tokens,
@@ -58,15 +61,21 @@ def _load_for_eval(e: Study, phase: str):
     return model
 
 
-def _eval_suite(e: Study):
-    """The held-out natural text (for the loss), the held-out-format retrieval items and the
-    training-format ones, whose text is cut from the same held-out split (document ends written
-    as newlines, as in the mixture)."""
-    s = e.s
+def _retrieval_text(e: Study):
+    """The tokenizer and the held-out split as the retrieval items' natural text (document ends
+    written as newlines, as in the mixture)."""
     tokenizer = load_tokenizer(e.text_data)
-    valid = read_valid_tokens(e.text_data)
     eod, newline = load_manifest(e.text_data)["eod"], tokenizer.tokenize("\n")
     filler = [t for tok in read_split_tokens(e.text_data, "valid").tolist() for t in (newline if tok == eod else [tok])]
+    return tokenizer, filler
+
+
+def _eval_suite(e: Study):
+    """The held-out natural text (for the loss), the held-out-format retrieval items and the
+    training-format ones, whose text is cut from the same held-out split."""
+    s = e.s
+    tokenizer, filler = _retrieval_text(e)
+    valid = read_valid_tokens(e.text_data)
     items = build_heldout_suite(tokenizer, filler, s["retrieval_lengths"], s["retrieval_n"], s["train_length"],
                                 seed=s["tasks"]["seed"])
     train_items = build_task_suite(tokenizer, filler, s["retrieval_lengths"], s["retrieval_train_n"],
@@ -115,6 +124,33 @@ def stage_eval(e: Study, task: str) -> None:
     del model
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def stage_formats(e: Study) -> None:
+    """Which of the held-out formats' differences the pretrained model does not carry over: its
+    retrieval at the lengths it trained on, in the formats between the training family and the
+    held-out one (suites.factor_families: one difference at a time, and all but one)."""
+    if not e.pending("eval/formats_pretrain.json", "[formats]"):
+        return
+    need(e, "pretrain")
+    s = e.s
+    t0 = time.perf_counter()
+    lengths = [n for n in s["retrieval_lengths"] if n <= s["train_length"]]
+    tokenizer, filler = _retrieval_text(e)
+    predict = model_predictor(_load_for_eval(e, "pretrain"), "dense")
+    keep = ("by_task_length", "by_length")
+    families = {}
+    for label, family in factor_families(FAMILIES[s["tasks"].get("family", "train")]).items():
+        items = build_task_suite(tokenizer, filler, lengths, s["retrieval_n"], s["train_length"], family,
+                                 seed=s["tasks"]["seed"])
+        families[label] = {k: v for k, v in score_items(items, predict).items() if k in keep}
+    result = {"phase": "pretrain", "training_family": s["tasks"].get("family", "train"), "lengths": lengths,
+              "items_per_task_and_length": s["retrieval_n"], "families": families,
+              "seconds": time.perf_counter() - t0}
+    e.save_json("eval/formats_pretrain.json", result)
+    print("[formats] exact match %, training formats -> held-out formats: " + " | ".join(
+        f"{label}: {sum(r['by_length'][n]['exact'] for n in lengths) / len(lengths):.0f}"
+        for label, r in families.items()) + f" ({result['seconds']:.0f} s)", flush=True)
 
 
 def stage_recall(e: Study, task: str) -> None:

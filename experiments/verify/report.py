@@ -21,7 +21,7 @@ from experiments.verify.plots import plots
 from experiments.verify.settings import (ANSWER_LOSS_WEIGHT, ARMS, OBJECTIVE_ARMS, RECIPES, SHARING_ARMS, TARGETS,
                                         WARMUP_LENGTH_ARMS)
 from experiments.verify.study import Study
-from megatron_dsa.data.tasks import HELDOUT, TASKS, TRAIN
+from megatron_dsa.data.tasks import FAMILIES, HELDOUT, TASKS
 
 NOTES = Path(__file__).resolve().parent  # notes_<scale>.md: the discussion written after a run
 MET = {True: "met", False: "missed", None: "not measured"}  # a target's verdict in a table
@@ -253,12 +253,13 @@ def _retrieval(report: Report) -> None:
     same tasks in the training formats."""
     s, ev, A, B, L, verdict = report.s, report.ev, report.A, report.B, report.lines, report.verdict
     rl = list(s["retrieval_lengths"])
+    train = FAMILIES[s["tasks"].get("family", "train")]
     L.append("## Retrieval on held-out formats (exact match of the greedy answer, %)\n")
     L.append(f"The training mixture's tasks ({', '.join(TASKS)}) in formats it never shows: other wordings, keys of "
              f"another alphabet, distractor densities {'/'.join(map(str, HELDOUT.densities))} per 4096 tokens "
-             f"(training: {'/'.join(map(str, TRAIN.densities))}), {HELDOUT.values_per_key[0]} values per key and "
-             f"{HELDOUT.hops[0]}-hop chains (training: {'/'.join(map(str, TRAIN.values_per_key))} and "
-             f"{'/'.join(map(str, TRAIN.hops))}). {s['retrieval_n']} items per task and length in held-out text, the "
+             f"(training: {'/'.join(map(str, train.densities))}), {HELDOUT.values_per_key[0]} values per key and "
+             f"{HELDOUT.hops[0]}-hop chains (training: {'/'.join(map(str, train.values_per_key))} and "
+             f"{'/'.join(map(str, train.hops))}). {s['retrieval_n']} items per task and length in held-out text, the "
              "asked fact at depths spread over 10-90%. Columns marked *extrap.* are longer than the training length "
              f"({s['train_length']}): extrapolation (plain RoPE) for every arm.\n")
     _retrieval_rows(report, "retrieval")
@@ -312,6 +313,91 @@ def _retrieval(report: Report) -> None:
                      "tasks' formats, not a retrieval that carries over.\n")
         else:
             L.append("")
+
+
+def formats_table(formats: dict) -> list[str]:
+    """The pretrained model's retrieval in the formats between the training family and the
+    held-out one (measurements.stage_formats): exact match % per task, all tasks with token
+    accuracy and answer NLL, each the mean over the lengths evaluated."""
+    def mean(xs):
+        xs = [x for x in xs if x is not None]
+        return sum(xs) / len(xs) if xs else None
+
+    lengths = [str(n) for n in formats["lengths"]]
+    rows = ["| formats | " + " | ".join(TASKS) + " | all (token acc.) | answer NLL |",
+            "|---|" + "---|" * (len(TASKS) + 2)]
+    for label, r in formats["families"].items():
+        bt, bl = r["by_task_length"], r["by_length"]
+        cells = [_fmt(mean([(_get(bt.get(t, {}), n) or {}).get("exact") for n in lengths]), ".0f") for t in TASKS]
+        exact = mean([(_get(bl, n) or {}).get("exact") for n in lengths])
+        token = mean([(_get(bl, n) or {}).get("token") for n in lengths])
+        nll = mean([(_get(bl, n) or {}).get("nll") for n in lengths])
+        rows.append(f"| {label} | " + " | ".join(cells) + f" | {_fmt(exact, '.0f')} ({_fmt(token, '.0f')}) "
+                    f"| {_fmt(nll, '.3f')} |")
+    return rows
+
+
+def formats_effects(formats: dict) -> dict[str, dict[str, float]]:
+    """Points of exact match (all tasks, mean over lengths) each held-out difference costs alone
+    (``only``: against the training formats) and gives back when it alone is put back to the
+    training family's (``put_back``: against the held-out formats)."""
+    def exact(label):
+        bl = formats["families"][label]["by_length"]
+        return sum(_get(bl, n)["exact"] for n in formats["lengths"]) / len(formats["lengths"])
+
+    train, held = exact("training formats"), exact("held-out formats")
+    factors = [k[len("only "):] for k in formats["families"] if k.startswith("only ")]
+    return {"only": {f: exact(f"only {f}") - train for f in factors},
+            "put_back": {f: exact(f"all but {f}") - held for f in factors}}
+
+
+FORMATS_INTRO = ("The pretrained dense model on items between its training formats and the held-out ones: its "
+                 "training family with one of the held-out differences (`only ...`), and the held-out formats with "
+                 "one difference put back to the training family's (`all but ...`). Exact match %, each the mean "
+                 "over the retrieval lengths up to the training length (`python experiments/verify_dsa.py --scale "
+                 "SCALE --stage formats`).\n")
+
+
+def formats_lines(scale: str, formats: dict) -> list[str]:
+    """One pretrained stage's formats table and what each difference costs and gives back."""
+    eff = formats_effects(formats)
+    return [f"`{scale}` (training family `{formats['training_family']}`; lengths "
+            f"{', '.join(map(str, formats['lengths']))}; {formats['items_per_task_and_length']} items per task and "
+            "length):\n",
+            *formats_table(formats),
+            "\nAlone, each difference costs (points against the training formats): "
+            + ", ".join(f"{k} {v:+.0f}" for k, v in eff["only"].items())
+            + ". Put back alone into the held-out formats, each gives back: "
+            + ", ".join(f"{k} {v:+.0f}" for k, v in eff["put_back"].items()) + ".\n"]
+
+
+def _formats(report: Report) -> None:
+    """Why the held-out formats fail: each pretrained stage's retrieval with HELDOUT's differences
+    from its training family one at a time."""
+    stages = [(st["scale"], st["formats"]) for st in report.res.get("chain") or [] if st.get("formats")]
+    if report.res.get("formats"):
+        stages.append((report.e.scale, report.res["formats"]))
+    if not stages:
+        return
+    report.lines += ["### Which difference of the held-out formats the model does not carry over\n", FORMATS_INTRO]
+    for scale, formats in stages:
+        report.lines += formats_lines(scale, formats)
+
+
+def write_formats(e: Study) -> Path | None:
+    """The formats stage's result on its own: formats_<scale>.md and .json in the report directory."""
+    formats = e.load_json("eval/formats_pretrain.json", None)
+    if formats is None:
+        return None
+    rdir = e.report_dir
+    rdir.mkdir(parents=True, exist_ok=True)
+    md = rdir / f"formats_{e.scale}.md"
+    lines = [f"# Held-out formats, one difference at a time: `{e.scale}`\n", FORMATS_INTRO,
+             *formats_lines(e.scale, formats)]
+    (rdir / f"formats_{e.scale}.json").write_text(to_json(formats) + "\n")
+    md.write_text("\n".join(lines) + "\n")
+    print(f"report: {md}")
+    return md
 
 
 def _length_label(length: int, s: dict) -> str:
@@ -686,7 +772,7 @@ def _conclusions(report: Report) -> None:
              "this scale only. Retrieval at lengths beyond the training length measures extrapolation.\n")
 
 
-SECTIONS = (_header, _curriculum, _loss_at_lengths, _trainer_validation, _retrieval, _warmup, _recall_after_warmup, _sharing,
+SECTIONS = (_header, _curriculum, _loss_at_lengths, _trainer_validation, _retrieval, _formats, _warmup, _recall_after_warmup, _sharing,
             _warmup_length, _objectives, _speed, _report_step, _recipe128k, _appendix, _conclusions)
 
 

@@ -10,7 +10,7 @@ the study scores, and the same tasks in the training formats (``build_task_suite
 ``TRAIN``), scored beside them.
 """
 
-from experiments.verify.suites.heldout import build_heldout_suite, build_task_suite
+from experiments.verify.suites.heldout import HELDOUT_FACTORS, build_heldout_suite, build_task_suite, factor_families
 from experiments.verify.suites.loss import read_valid_tokens, validation_loss_at_lengths
 from experiments.verify.suites.recall import indexer_recall_at_lengths
 from experiments.verify.suites.retrieval import (
@@ -23,12 +23,14 @@ from experiments.verify.suites.retrieval import (
 )
 
 __all__ = [
+    "HELDOUT_FACTORS",
     "TASKS",
     "RetrievalItem",
     "build_heldout_suite",
     "build_items",
     "build_suite",
     "build_task_suite",
+    "factor_families",
     "indexer_recall_at_lengths",
     "model_predictor",
     "read_valid_tokens",

@@ -10,12 +10,14 @@ Lengths above the training length are extrapolation and are marked so
 values per key and chain lengths disjoint from the training mixture's), the study's headline.
 ``build_task_suite(..., family=TRAIN)``: the same tasks in the training formats (new instances,
 held-out text), which tells a model that retrieves but does not carry it over to new formats
-from one that never learned to retrieve.
+from one that never learned to retrieve. ``factor_families``: the formats between the two, one
+of HELDOUT's differences at a time, which tells which difference a model does not carry over.
 """
 
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from typing import Sequence
 
 from experiments.verify.suites.retrieval import RetrievalItem, Tokenizer
@@ -51,3 +53,28 @@ def build_heldout_suite(tokenizer: Tokenizer, filler: Sequence[int], lengths: Se
                         train_length: int, seed: int = 0, tasks: Sequence[str] = TASKS) -> list[RetrievalItem]:
     """The held-out-format items (``build_task_suite`` with the ``HELDOUT`` family)."""
     return build_task_suite(tokenizer, filler, lengths, n_per, train_length, HELDOUT, seed=seed, tasks=tasks)
+
+
+# How HELDOUT differs from a training family, each difference a set of Family fields.
+HELDOUT_FACTORS: dict[str, tuple[str, ...]] = {
+    "wording": ("wordings",),
+    "keys": ("key_alphabet", "key_first", "key_lengths", "more_key_styles"),
+    "density": ("densities",),
+    "values per key": ("values_per_key",),
+    "hops": ("hops",),
+}
+
+
+def factor_families(train: Family) -> dict[str, Family]:
+    """The formats between ``train`` and HELDOUT: ``train`` with one of HELDOUT's differences
+    (``only <factor>``), HELDOUT with one of them put back to ``train``'s (``all but <factor>``),
+    and the two ends (``training formats``, ``held-out formats``)."""
+    families = {"training formats": train}
+    for factor, fields in HELDOUT_FACTORS.items():
+        families[f"only {factor}"] = replace(train, name=f"{train.name}+{factor}",
+                                             **{f: getattr(HELDOUT, f) for f in fields})
+    for factor, fields in HELDOUT_FACTORS.items():
+        families[f"all but {factor}"] = replace(HELDOUT, name=f"heldout-{factor}",
+                                                **{f: getattr(train, f) for f in fields})
+    families["held-out formats"] = HELDOUT
+    return families
