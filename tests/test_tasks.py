@@ -137,6 +137,14 @@ def test_training_and_heldout_formats_are_disjoint(tok, text):
             assert t.density in family.densities
 
 
+def test_heldout_answers_are_written_in_a_way_the_text_or_the_training_shows():
+    """A multi-value answer joins its values with a separator the context never shows: a held-out
+    one must be one the training formats use, or no model could answer exactly."""
+    for family in (TRAIN, TRAIN_WIDE):
+        taught = {w.sep for w in family.wordings["multivalue"]}
+        assert {w.sep for w in HELDOUT.wordings["multivalue"]} <= taught
+
+
 def test_the_wide_training_family_stays_disjoint_from_the_heldout_one(tok, text):
     """The wide family's wordings hold no held-out phrase, none of its keys is of the held-out key
     type (and the other way round), its sizes are not held-out ones, and the held-out chain length

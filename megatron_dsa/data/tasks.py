@@ -149,7 +149,9 @@ HELDOUT = Family(
             Wording('<entry name="{key}" val="{value}"/>', '<lookup name="{key}"/> yields '),
         ),
         "multivalue": (
-            Wording("LOG {key} += {value}", "REPORT {key} ALL VALUES => ", sep=" | "),
+            # The answer joins the values with a separator the text never shows, which no model
+            # could infer if it were new: it is the most common training one; the wording is new.
+            Wording("LOG {key} += {value}", "REPORT {key} ALL VALUES => ", sep=", "),
         ),
         "varchain": (
             Wording("let {key} := {value};", "echo {key} outputs ", hop="let {dst} := {src};"),
