@@ -172,13 +172,14 @@ def test_a_cycle_of_init_from_is_one_error(monkeypatch):
     with pytest.raises(SystemExit, match="cycle: loop_a -> loop_b -> loop_a"):
         study.chain_start("loop_a")
     assert study.chain_start("h200_from_2k") == "h200_512" and study.chain_start("h200") == "h200"
-    # the wide-format curriculum: the same chain, every stage on the wide training family
-    assert study.chain_start("h200_from_2k_wide") == "h200_512_wide"
-    for narrow in ("h200_512", "h200_2k_from_512", "h200_from_2k"):
-        wide = SCALES[narrow + "_wide"]
-        assert wide["tasks"] == {**SCALES[narrow]["tasks"], "family": "train_wide"}
-        assert {k: v for k, v in wide.items() if k not in ("tasks", "init_from")} == \
-            {k: v for k, v in SCALES[narrow].items() if k not in ("tasks", "init_from")}
+    # the wide- and varied-format curricula: the same chain, every stage on its training family
+    for suffix, family in (("_wide", "train_wide"), ("_varied", "train_varied")):
+        assert study.chain_start("h200_from_2k" + suffix) == "h200_512" + suffix
+        for narrow in ("h200_512", "h200_2k_from_512", "h200_from_2k"):
+            other = SCALES[narrow + suffix]
+            assert other["tasks"] == {**SCALES[narrow]["tasks"], "family": family}
+            assert {k: v for k, v in other.items() if k not in ("tasks", "init_from")} == \
+                {k: v for k, v in SCALES[narrow].items() if k not in ("tasks", "init_from")}
 
 
 @pytest.mark.parametrize("scale,steps", [("h200", 16), ("h200_from_2k", 64), ("h200_from_2k_wide", 64), ("smoke", 4)])

@@ -21,7 +21,8 @@ from megatron_dsa.data import (
     read_answer_mask,
     read_split_tokens,
 )
-from megatron_dsa.data.tasks import FAMILIES, HELDOUT, TASKS, TRAIN, TRAIN_WIDE, TaskError, _key_re, solve, task_text
+from megatron_dsa.data.tasks import (FAMILIES, HELDOUT, TASKS, TRAIN, TRAIN_VARIED, TRAIN_WIDE, TaskError, _key_re, solve,
+                                    task_text)
 from megatron_dsa.train.config import TrainConfigError, load_config
 
 SEQ = 512
@@ -118,7 +119,7 @@ def test_training_and_heldout_formats_are_disjoint(tok, text):
         return {re.sub(r"\{\w+\}", "\0", getattr(w, part)) for ws in family.wordings.values()
                 for w in ws for part in ("define", "query", "hop") if getattr(w, part)}
 
-    assert set(FAMILIES) == {"train", "heldout", "train_wide"}
+    assert set(FAMILIES) == {"train", "heldout", "train_wide", "train_varied"}
     assert not literals(TRAIN) & literals(HELDOUT)
     assert not set(TRAIN.key_alphabet) & set(HELDOUT.key_alphabet)
     assert not set(TRAIN.densities) & set(HELDOUT.densities)
@@ -140,33 +141,51 @@ def test_training_and_heldout_formats_are_disjoint(tok, text):
 def test_heldout_answers_are_written_in_a_way_the_text_or_the_training_shows():
     """A multi-value answer joins its values with a separator the context never shows: a held-out
     one must be one the training formats use, or no model could answer exactly."""
-    for family in (TRAIN, TRAIN_WIDE):
+    for family in (TRAIN, TRAIN_WIDE, TRAIN_VARIED):
         taught = {w.sep for w in family.wordings["multivalue"]}
         assert {w.sep for w in HELDOUT.wordings["multivalue"]} <= taught
 
 
-def test_the_wide_training_family_stays_disjoint_from_the_heldout_one(tok, text):
-    """The wide family's wordings hold no held-out phrase, none of its keys is of the held-out key
-    type (and the other way round), its sizes are not held-out ones, and the held-out chain length
-    lies between training ones."""
+@pytest.mark.parametrize("wide", [TRAIN_WIDE, TRAIN_VARIED], ids=lambda f: f.name)
+def test_the_wider_training_families_stay_disjoint_from_the_heldout_one(tok, text, wide):
+    """A wider family's wordings hold no held-out phrase (nor its text one), none of its keys is
+    of the held-out key type (and the other way round), its sizes are not held-out ones, the
+    held-out chain length lies between training ones, and its items are solved from their text."""
     def pieces(family):
         return {p for ws in family.wordings.values() for w in ws for part in (w.define, w.query, w.hop)
                 for p in re.split(r"\{\w+\}", part) if len(p.strip()) > 4}
 
-    assert not pieces(TRAIN_WIDE) & pieces(HELDOUT)
-    assert all(len(TRAIN_WIDE.wordings[t]) >= 25 for t in TASKS)
+    assert not pieces(wide) & pieces(HELDOUT)
+    assert all(len(wide.wordings[t]) >= 25 for t in TASKS)
     for size in ("densities", "values_per_key", "hops"):
-        assert not set(getattr(TRAIN_WIDE, size)) & set(getattr(HELDOUT, size))
-    assert min(TRAIN_WIDE.hops) < HELDOUT.hops[0] < max(TRAIN_WIDE.hops)  # held-out chains between training ones
+        assert not set(getattr(wide, size)) & set(getattr(HELDOUT, size))
+    assert min(wide.hops) < HELDOUT.hops[0] < max(wide.hops)  # held-out chains between training ones
     rng = random.Random(3)
     for task in TASKS:
-        for family, other in ((TRAIN_WIDE, HELDOUT), (HELDOUT, TRAIN_WIDE)):
+        for family, other in ((wide, HELDOUT), (HELDOUT, wide)):
             t = task_text(task, family, 8192, text, tok, rng, queries=8)
             assert all(re.fullmatch(_key_re(family), q.key) for q in t.queries)
             assert not any(re.fullmatch(_key_re(other), q.key) for q in t.queries)
-    keys = [q.key for task in TASKS for q in task_text(task, TRAIN_WIDE, 8192, text, tok, rng, queries=12).queries]
+            if family is wide:
+                decoded = tok.detokenize(t.tokens)
+                assert not [p for p in pieces(HELDOUT) if p in decoded]
+        item = task_text(task, wide, 4096, text, tok, rng, queries=1, depth=0.5)
+        (q,) = item.queries
+        assert solve(tok.detokenize(item.tokens[:q.start])) == (task, q.answer)
+    keys = [q.key for task in TASKS for q in task_text(task, wide, 8192, text, tok, rng, queries=24).queries]
     # every key style is drawn: with '_', with digits, capitalised
     assert any("_" in k for k in keys) and any(re.search(r"\d", k) for k in keys) and any(k[0].isupper() for k in keys)
+
+
+def test_the_varied_family_has_no_recurring_phrasing():
+    """Every query template of the varied family is its own (none shared by two wordings, nor with
+    another training family), and no phrase of its facts is in more than a few percent of them."""
+    queries = [w.query for ws in TRAIN_VARIED.wordings.values() for w in ws]
+    assert len(queries) == len(set(queries)) == 200 * len(TASKS)
+    assert not set(queries) & {w.query for f in (TRAIN, TRAIN_WIDE) for ws in f.wordings.values() for w in ws}
+    for task in ("passkey", "multikey", "multivalue"):
+        defines = [w.define for w in TRAIN_VARIED.wordings[task]]
+        assert max(defines.count(d) for d in defines) <= 4, task
 
 
 def test_bad_task_settings_raise(tok, text):

@@ -199,11 +199,14 @@ SCALES["h200_from_2k"] = dict(
 # training formats at 4K-16K (70-90%) and answers no held-out item whole (2026-12-04). This one
 # answers 78% / 64% of its training formats after the 512 / 2K stages and still no held-out item;
 # --stage formats puts the whole gap on the held-out wording (notes_h200_wide.md).
-_WIDE = {"h200_512": "h200_512_wide", "h200_2k_from_512": "h200_2k_from_512_wide", "h200_from_2k": "h200_from_2k_wide"}
-for _narrow, _wide in _WIDE.items():
-    SCALES[_wide] = dict(SCALES[_narrow], tasks=dict(SCALES[_narrow]["tasks"], family="train_wide"))
-    if SCALES[_narrow].get("init_from"):
-        SCALES[_wide]["init_from"] = _WIDE[SCALES[_narrow]["init_from"]]
+# And on the varied family (tasks.TRAIN_VARIED: wordings drawn from random phrases, none recurring
+# enough to be the cue; the wide family's keys and sizes): does a retrieval that ignores the
+# wording carry over to the held-out one? Scales <narrow>_varied.
+for _family, _suffix in (("train_wide", "_wide"), ("train_varied", "_varied")):
+    for _narrow in ("h200_512", "h200_2k_from_512", "h200_from_2k"):
+        SCALES[_narrow + _suffix] = dict(SCALES[_narrow], tasks=dict(SCALES[_narrow]["tasks"], family=_family))
+        if SCALES[_narrow].get("init_from"):
+            SCALES[_narrow + _suffix]["init_from"] = SCALES[_narrow]["init_from"] + _suffix
 # The training mixture (megatron_dsa.data.mixture) is built for train_length: ``tasks`` gives the
 # share of its documents that carry a task, the generator's seed and (query_tokens) one query per
 # that many tokens of a task document; the held-out retrieval items

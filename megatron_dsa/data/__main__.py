@@ -51,7 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     tasks.add_argument("--query-tokens", type=int, default=QUERY_TOKENS,
                        help="one query per this many tokens of a task document (default: %(default)s)")
     tasks.add_argument("--family", default="train", choices=TRAINING_FAMILIES,
-                       help="the training format family (default: %(default)s; train_wide: many more wordings)")
+                       help="the training format family (default: %(default)s; train_wide: many more wordings; "
+                            "train_varied: wordings drawn from random phrases)")
     tasks.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     return parser
 

@@ -13,8 +13,9 @@ layout, so the trainer reads it through the same ``GPTDataset`` path::
 
 Each document is the next ``seq_length - 1`` tokens of the split's natural text (documents
 joined by newlines); a ``ratio`` share of them (chosen per document from ``seed``) carry one
-task of ``tasks`` in a training format family (``family``: ``tasks.TRAIN`` by default, or the
-``train_wide`` one with many more wordings and key styles): facts and their queries
+task of ``tasks`` in a training format family (``family``: ``tasks.TRAIN`` by default, the
+``train_wide`` one with many more wordings and key styles, or ``train_varied``, wordings drawn
+from random phrases): facts and their queries
 spread over the whole document, ``seq_length // query_tokens`` queries each (at least one;
 ``query_tokens`` defaults to ``QUERY_TOKENS``), so the distance from a fact to its query ranges
 over the whole context. Because every document is one
