@@ -34,7 +34,7 @@ from __future__ import annotations
 import functools
 import random
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol, Sequence
 
 TASKS = ("passkey", "multikey", "multivalue", "varchain", "copy")
@@ -288,17 +288,7 @@ def _varied_wordings(per_task: int = 200, seed: int = 0) -> dict[str, tuple[Word
 
 # The varied training family: TRAIN_WIDE's keys, densities, values per key and chain lengths, with
 # wordings drawn from random phrases instead of fixed ones.
-TRAIN_VARIED = Family(
-    name="train_varied",
-    wordings=_varied_wordings(),
-    key_alphabet=TRAIN_WIDE.key_alphabet,
-    key_first=TRAIN_WIDE.key_first,
-    more_key_styles=TRAIN_WIDE.more_key_styles,
-    key_lengths=TRAIN_WIDE.key_lengths,
-    densities=TRAIN_WIDE.densities,
-    values_per_key=TRAIN_WIDE.values_per_key,
-    hops=TRAIN_WIDE.hops,
-)
+TRAIN_VARIED = replace(TRAIN_WIDE, name="train_varied", wordings=_varied_wordings())
 
 FAMILIES = {f.name: f for f in (TRAIN, HELDOUT, TRAIN_WIDE, TRAIN_VARIED)}
 TRAINING_FAMILIES = ("train", "train_wide", "train_varied")
