@@ -470,3 +470,22 @@ def test_formats_diagnostic_names_the_difference_that_breaks_retrieval():
     assert "| only wording | 0 | 0 | 0 | 0 | 0 | 0 (50) | 1.000 |" in md
     assert "costs (points against the training formats): wording -80, keys +4" in md
     assert "each gives back: wording +60, keys +2" in md
+
+
+def test_a_pretraining_only_report_leaves_the_arms_sections_out():
+    """A pretraining stage of a chain has no arms: their sections are left out rather than filled
+    with n/a; once one arm has a warm-up, they are written."""
+    from types import SimpleNamespace
+
+    from experiments.verify.report import Report, _objectives, _sharing, _trainer_validation, _warmup, _warmup_length
+    from experiments.verify.settings import ARMS as ALL_ARMS
+
+    e = SimpleNamespace(s={"train_length": 16, "topk": 2, "retrieval_lengths": [16]}, scale="unit", arms=list(ALL_ARMS))
+    res = {"arms": list(ALL_ARMS), "phases": {"pretrain": {"val_loss": 2.0}}, "warmup": {}, "eval": {}, "recall": {}}
+    report = Report(e, res, {})
+    assert report.ran_arms == []
+    for section in (_trainer_validation, _warmup, _sharing, _warmup_length, _objectives):
+        section(report)
+    assert report.lines == []
+    res["phases"]["sparse_shared"] = {"val_loss": 2.1}
+    assert Report(e, res, {}).ran_arms == ["shared"]

@@ -107,6 +107,13 @@ class Report:
         return self.ev.get("B: dense control")
 
     @property
+    def ran_arms(self) -> list[str]:
+        """The arms with a warm-up or sparse phase on disk: none for a pretraining-only stage,
+        whose report then leaves the arms' sections out instead of filling them with n/a."""
+        phases = set(self.res.get("phases", {})) | {f"warmup_{a}" for a in self.res.get("warmup", {})}
+        return [a for a in self.res["arms"] if {f"warmup_{a}", f"sparse_{a}"} & phases]
+
+    @property
     def speed(self) -> dict:  # arm -> the side-by-side step benchmark's row
         return {r["arm"]: r for r in (self.res.get("speed") or {}).get("rows", []) if "ms" in r}
 
@@ -197,6 +204,8 @@ def _loss_at_lengths(report: Report) -> None:
 
 def _trainer_validation(report: Report) -> None:
     """The trainer's validation at the end of every arm (the same batches for all)."""
+    if not report.ran_arms:
+        return
     e, s, res = report.e, report.s, report.res
     L, verdict, trainer_val = report.lines, report.verdict, report.trainer_val
     ctrl = res["phases"].get("dense_control", {}).get("val_loss")
@@ -452,6 +461,8 @@ def warmup_targets(report: Report, arm: str) -> dict:
 
 def _warmup(report: Report) -> None:
     """The warm-up's KL and recall per indexer layout and warm-up length, against the oracle."""
+    if not report.ran_arms:
+        return
     s, res, L, verdict = report.s, report.res, report.lines, report.verdict
     L.append("## Warm-up: indexer KL and top-k recall of the dense attention mass\n")
     L.append("| indexer layout | warm-up steps | KL start | KL end | drop | recall start | recall end | "
@@ -513,6 +524,8 @@ def _recall_after_warmup(report: Report) -> None:
 
 def _sharing(report: Report) -> None:
     """One indexer for all layers (and one selection every N layers) against one per layer."""
+    if not report.ran_arms:
+        return
     e, s, res, ev = report.e, report.s, report.res, report.ev
     B, L, verdict, trainer_val, speed = report.B, report.lines, report.verdict, report.trainer_val, report.speed
     L.append("\n## One indexer for all layers?\n")
@@ -564,6 +577,8 @@ def _sharing(report: Report) -> None:
 def _warmup_length(report: Report) -> None:
     """Per-layer indexers after warm-ups of several lengths: how much of what the dense model
     retrieves the selection keeps as the indexers match the attention for longer."""
+    if not report.ran_arms:
+        return
     e, s, res, ev, B, L, verdict = report.e, report.s, report.res, report.ev, report.B, report.lines, report.verdict
     arms = [a for a in WARMUP_LENGTH_ARMS if a in res["arms"]]
     if len(arms) < 2:
@@ -621,6 +636,8 @@ def _bench_ms(speed: dict, phase: str, suffix: str | None):
 
 def _objectives(report: Report) -> None:
     """The warm-up objectives compared after the same sparse phase."""
+    if not report.ran_arms:
+        return
     s, res, ev = report.s, report.res, report.ev
     L, trainer_val, speed = report.lines, report.trainer_val, report.speed
     objs = [a for a in OBJECTIVE_ARMS if a in res["arms"]]
