@@ -789,8 +789,9 @@ def _conclusions(report: Report) -> None:
              "this scale only. Retrieval at lengths beyond the training length measures extrapolation.\n")
 
 
-SECTIONS = (_header, _curriculum, _loss_at_lengths, _trainer_validation, _retrieval, _formats, _warmup, _recall_after_warmup, _sharing,
-            _warmup_length, _objectives, _speed, _report_step, _recipe128k, _appendix, _conclusions)
+SECTIONS = (_header, _curriculum, _loss_at_lengths, _trainer_validation, _retrieval, _formats, _warmup,
+            _recall_after_warmup, _sharing, _warmup_length, _objectives, _speed, _report_step, _recipe128k, _appendix,
+            _conclusions)
 
 
 def write_report(e: Study) -> Path:

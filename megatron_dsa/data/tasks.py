@@ -230,7 +230,6 @@ TRAIN_WIDE = Family(
 )
 
 
-
 def _varied_wordings(per_task: int = 200, seed: int = 0) -> dict[str, tuple[Wording, ...]]:
     """``per_task`` wordings a task drawn from a grammar of random phrases around the key and the
     value: the wide family's 126 fixed phrasings a task taught a retrieval tied to them (the
@@ -265,6 +264,7 @@ def _varied_wordings(per_task: int = 200, seed: int = 0) -> dict[str, tuple[Word
     ops = ("=", "<-", "is", "gets", "=:", "becomes")
     tags = (("<", ">", "</", ">"), ("[", "]", "[/", "]"), ("#", "#", "#end ", "#"), ("(", ")", "(/", ")"),
             ("*", "*", "*/", "*"), ("|", "|", "|/", "|"), ("@", "", "@end ", ""), ("%", "%", "%/", "%"))
+
     def make(task: str) -> Wording:
         if task == "varchain":
             kw, op, end = rng.choice(keywords), rng.choice(ops), rng.choice(("", ";", "."))
