@@ -40,7 +40,6 @@ from experiments.verify.suites import (
 )
 from megatron_dsa.convert.checkpoint import load_model
 from megatron_dsa.data import load_manifest, load_tokenizer, read_split_tokens
-from megatron_dsa.data.tasks import FAMILIES
 from megatron_dsa.train import runner
 
 
@@ -79,7 +78,7 @@ def _eval_suite(e: Study):
     items = build_heldout_suite(tokenizer, filler, s["retrieval_lengths"], s["retrieval_n"], s["train_length"],
                                 seed=s["tasks"]["seed"])
     train_items = build_task_suite(tokenizer, filler, s["retrieval_lengths"], s["retrieval_train_n"],
-                                   s["train_length"], FAMILIES[s["tasks"].get("family", "train")],
+                                   s["train_length"], e.training_family,
                                    seed=s["tasks"]["seed"])
     return valid, items, train_items
 
@@ -140,11 +139,11 @@ def stage_formats(e: Study) -> None:
     predict = model_predictor(_load_for_eval(e, "pretrain"), "dense")
     keep = ("by_task_length", "by_length")
     families = {}
-    for label, family in factor_families(FAMILIES[s["tasks"].get("family", "train")]).items():
+    for label, family in factor_families(e.training_family).items():
         items = build_task_suite(tokenizer, filler, lengths, s["retrieval_n"], s["train_length"], family,
                                  seed=s["tasks"]["seed"])
         families[label] = {k: v for k, v in score_items(items, predict).items() if k in keep}
-    result = {"phase": "pretrain", "training_family": s["tasks"].get("family", "train"), "lengths": lengths,
+    result = {"phase": "pretrain", "training_family": e.training_family.name, "lengths": lengths,
               "items_per_task_and_length": s["retrieval_n"], "families": families,
               "seconds": time.perf_counter() - t0}
     e.save_json("eval/formats_pretrain.json", result)

@@ -21,7 +21,7 @@ from experiments.verify.plots import plots
 from experiments.verify.settings import (ANSWER_LOSS_WEIGHT, ARMS, OBJECTIVE_ARMS, RECIPES, SHARING_ARMS, TARGETS,
                                         WARMUP_LENGTH_ARMS)
 from experiments.verify.study import Study
-from megatron_dsa.data.tasks import FAMILIES, HELDOUT, TASKS
+from megatron_dsa.data.tasks import HELDOUT, TASKS
 
 NOTES = Path(__file__).resolve().parent  # notes_<scale>.md: the discussion written after a run
 MET = {True: "met", False: "missed", None: "not measured"}  # a target's verdict in a table
@@ -262,7 +262,7 @@ def _retrieval(report: Report) -> None:
     same tasks in the training formats."""
     s, ev, A, B, L, verdict = report.s, report.ev, report.A, report.B, report.lines, report.verdict
     rl = list(s["retrieval_lengths"])
-    train = FAMILIES[s["tasks"].get("family", "train")]
+    train = report.e.training_family
     L.append("## Retrieval on held-out formats (exact match of the greedy answer, %)\n")
     L.append(f"The training mixture's tasks ({', '.join(TASKS)}) in formats it never shows: other wordings, keys of "
              f"another alphabet, distractor densities {'/'.join(map(str, HELDOUT.densities))} per 4096 tokens "

@@ -17,6 +17,7 @@ import shutil
 from pathlib import Path
 
 from experiments.verify.settings import ARMS, RECIPES, REPO, SCALES, arm_layout
+from megatron_dsa.data.tasks import FAMILIES, Family
 
 
 def chain_start(scale: str) -> str:
@@ -61,6 +62,11 @@ class Study:
 
         model = self._recipe("pretrain").model
         return int(model["overrides"].get("num_layers") or resolve_size(model["size"]).transformer["num_layers"])
+
+    @property
+    def training_family(self) -> Family:
+        """The format family of the scale's task mixture (``tasks.TRAIN`` unless it names another)."""
+        return FAMILIES[self.s["tasks"].get("family", "train")]
 
     @functools.cached_property
     def warmup_iters(self) -> int:
