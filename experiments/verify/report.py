@@ -11,6 +11,7 @@ where the study sets a target, its verdict.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -26,6 +27,10 @@ from megatron_dsa.data.tasks import HELDOUT, TASKS
 NOTES = Path(__file__).resolve().parent  # notes_<scale>.md: the discussion written after a run
 MET = {True: "met", False: "missed", None: "not measured"}  # a target's verdict in a table
 YES = {True: "yes", False: "no", None: "not measured"}  # ... and in the conclusions
+# Below this exact match % at every length for every model, dense ones included, "within 2 points of
+# the dense control" on the held-out formats says nothing: it compares answers that are nearly all wrong.
+RETRIEVAL_FLOOR = 10.0
+RETRIEVAL_UNINFORMATIVE = f"not informative (every model below {RETRIEVAL_FLOOR:.0f}%)"
 
 
 def _fmt(x, spec=".4f", none="n/a"):
@@ -292,9 +297,10 @@ def _retrieval(report: Report) -> None:
             L.append(f"- {arm} minus dense control (points): {', '.join(f'{x}: {v:+.1f}' for x, v in d.items())}")
         L.append("")
     held, in_dist = _max_exact(ev, "retrieval"), _max_exact(ev, "retrieval_train_formats")
-    if held == 0:
-        verdict["retrieval"] = "not informative (every model at 0%)"
-        L.append("Every evaluated model, dense ones included, scores 0% here: at this training budget the suite does "
+    if held is not None and held < RETRIEVAL_FLOOR:
+        verdict["retrieval"] = RETRIEVAL_UNINFORMATIVE
+        L.append(f"Every evaluated model, dense ones included, scores below {RETRIEVAL_FLOOR:.0f}% at every length here "
+                 f"(at most {held:.0f}%): at this training budget the suite does "
                  "not separate the arms by exact match (a 'within 2 points' verdict on it means nothing; the answer "
                  "NLL, where measured, still compares them)"
                  + ("; the training formats below say whether the models retrieve at all" if in_dist is not None
@@ -317,7 +323,7 @@ def _retrieval(report: Report) -> None:
                      f"{s['retrieval_train_n']} items per task and length).")
         if in_dist == 0:
             L.append("\nEvery model scores 0% on the training formats too: none learned the tasks at this budget.\n")
-        elif held == 0:
+        elif held < RETRIEVAL_FLOOR:
             L.append("\nThe models retrieve in the training formats but not in the held-out ones: they learned the "
                      "tasks' formats, not a retrieval that carries over.\n")
         else:
@@ -522,6 +528,22 @@ def _recall_after_warmup(report: Report) -> None:
         L.append("")
 
 
+def _mean_exact(r: Optional[dict], key: str, max_length: Optional[int] = None) -> Optional[float]:
+    """Mean exact match % of one evaluation's retrieval table over its lengths (up to
+    ``max_length``); None where the evaluation or the table is missing."""
+    if not r or key not in r:
+        return None
+    xs = [v["exact"] for length, v in r[key]["by_length"].items() if max_length is None or int(length) <= max_length]
+    return sum(xs) / len(xs) if xs else None
+
+
+def _difference_sd(a: float, b: float, items: int) -> float:
+    """Sampling s.d., in points, of the difference of two exact-match rates ``a`` and ``b`` (%),
+    each measured on ``items`` items."""
+    pa, pb = a / 100, b / 100
+    return 100 * math.sqrt((pa * (1 - pa) + pb * (1 - pb)) / max(items, 1))
+
+
 def _sharing(report: Report) -> None:
     """One indexer for all layers (and one selection every N layers) against one per layer."""
     if not report.ran_arms:
@@ -530,8 +552,9 @@ def _sharing(report: Report) -> None:
     B, L, verdict, trainer_val, speed = report.B, report.lines, report.verdict, report.trainer_val, report.speed
     L.append("\n## One indexer for all layers?\n")
     L.append("| arm | val. loss at training length | vs dense control | retrieval exact (mean over lengths) | "
-             "warm-up KL end | recall end | warm-up step ms | sparse step ms |")
-    L.append("|---|---|---|---|---|---|---|---|")
+             "training formats exact (mean up to the training length) | warm-up KL end | recall end | "
+             "warm-up step ms | sparse step ms |")
+    L.append("|---|---|---|---|---|---|---|---|---|")
     rows = {}
     # benchmarks/bench_model_step.py's arm of each layout (it has none for the GLM-5.2 pattern)
     suffix = {"per_layer": "", "shared": "_shared", "freq2": "_freq2", "freq4": "_freq4"}
@@ -545,11 +568,13 @@ def _sharing(report: Report) -> None:
         if loss is None or "shared" in loss_src:  # one source for the whole table
             loss_src["shared"] = "trainer"
             loss = trainer_val.get(f"sparse_{v}")
-        ret = (sum(x["exact"] for x in r["retrieval"]["by_length"].values()) / len(r["retrieval"]["by_length"])) if r else None
-        rows[v] = (loss, ret)
+        ret = _mean_exact(r, "retrieval")
+        ret_train = _mean_exact(r, "retrieval_train_formats", s["train_length"])
+        rows[v] = (loss, ret, ret_train)
         ref = trainer_val.get("dense_control") if loss_src.get("shared") else (_get(B["loss"], s["train_length"]) if B else None)
         vs = f"{100 * (loss - ref) / ref:+.2f}%" if loss is not None and ref else "n/a"
-        L.append(f"| {arm} | {_fmt(loss)} | {vs} | {_fmt(ret, '.1f')} | {_fmt(w.get('kl_end'), '.4g')} | "
+        L.append(f"| {arm} | {_fmt(loss)} | {vs} | {_fmt(ret, '.1f')} | {_fmt(ret_train, '.1f')} | "
+                 f"{_fmt(w.get('kl_end'), '.4g')} | "
                  f"{_fmt(w.get('recall_end'), '.3f')} | {_fmt(_bench_ms(speed, 'warmup', suffix.get(v)), '.0f')} | "
                  f"{_fmt(_bench_ms(speed, 'sparse', suffix.get(v)), '.0f')} |")
     if loss_src.get("shared"):
@@ -560,17 +585,28 @@ def _sharing(report: Report) -> None:
         L.append("\nGLM-5.2 pattern: per layer " + ", ".join(f"{i + 1} {t}" for i, t in enumerate(types))
                  + " (`mdsa_indexer_types`; a shared layer has no indexer and attends to the last full layer's "
                  "top-k).")
+    held_out_uninformative = verdict.get("retrieval") == RETRIEVAL_UNINFORMATIVE
     for v, what in (("shared", "one shared indexer"), ("pattern", "the GLM-5.2 pattern")):
         if not (rows.get("per_layer", (None,))[0] and rows.get(v, (None,))[0]):
             continue
-        (lp, rp), (ls, rs) = rows["per_layer"], rows[v]
+        (lp, rp, tp), (ls, rs, ts) = rows["per_layer"], rows[v]
         drel = (ls - lp) / lp
-        ret_ok = rp is None or rs is None or abs(rs - rp) <= TARGETS["retrieval_points"]
+        what_ret, items = "retrieval", s["retrieval_n"] * len(TASKS) * len(s["retrieval_lengths"])
+        if held_out_uninformative and tp is not None and ts is not None:
+            # no model answers the held-out formats: the training formats are what tells the arms apart
+            rp, rs, what_ret = tp, ts, (f"retrieval in the training formats (on the held-out formats every model "
+                                        f"is below {RETRIEVAL_FLOOR:.0f}%)")
+            items = s["retrieval_train_n"] * len(TASKS) * sum(x <= s["train_length"] for x in s["retrieval_lengths"])
+        ret_ok, ret_txt = True, "retrieval not measured"
+        if rp is not None and rs is not None:
+            # a few hundred items at most: a 2-point margin is below their sampling noise
+            sd = _difference_sd(rp, rs, items)
+            ret_ok = abs(rs - rp) <= max(TARGETS["retrieval_points"], 2 * sd)
+            ret_txt = f"{what_ret} {rs - rp:+.1f} points (sampling s.d. of the difference {sd:.1f}, {items} items each)"
         same = abs(drel) <= TARGETS["loss_rel"] and ret_ok
         verdict[v] = same
-        ret_txt = f"retrieval {rs - rp:+.1f} points" if rp is not None and rs is not None else "retrieval not measured"
         L.append(f"\n**Answer:** {what} vs one indexer per layer: validation loss {100 * drel:+.2f}%, {ret_txt} -> "
-                 f"{'as good, within the 1% / 2-point margins' if same else 'not as good'} "
+                 f"{'as good: loss within 1%, retrieval within 2 points or two s.d.' if same else 'not as good'} "
                  f"at this scale and budget" + (" (smoke run: no conclusion)." if e.scale == "smoke" else ".") + "\n")
 
 
