@@ -345,3 +345,58 @@ def test_bad_inputs_raise_before_compute(megatron_world, seed, kwargs, match):
     finally:
         cap.remove()
     assert cap.count() == 0 and model.config.mdsa_mode == "dense" and model.config.dsa.topk == 16
+
+
+def direct_borrowed(source, source_calls, layer, calls, k):
+    """The share of ``layer``'s own p inside the top-k that ``source``'s indexer selects, per
+    row, from the captured inputs: (mean over every row, over rows with more than k eligible
+    keys, and the layer's own oracle over those rows; the last two None if there are none)."""
+    all_sum = nontrivial_sum = best_sum = 0.0
+    rows = nontrivial_rows = 0
+    for (_, _, x, qr), (query, key, _, _) in zip(source_calls, calls):
+        p = direct_p(query, key, layer.softmax_scale)
+        B, S = p.shape[:2]
+        mask = torch.ones(S, S, dtype=torch.bool).tril()
+        with torch.no_grad():
+            qi, ki, wi = source.indexer_module()(x.transpose(0, 1), qr.transpose(0, 1), torch.arange(S))
+        sel = R.topk_from_scores(R.indexer_scores(qi, ki, wi), mask[None], min(k, S))
+        got = (torch.gather(p, -1, sel.clamp_min(0).long()) * (sel >= 0)).sum(-1)  # [B, S]
+        best = p.topk(min(k, S), dim=-1).values.sum(-1)
+        all_sum += float(got.sum())
+        nontrivial_sum += float(got[:, k:].sum())
+        best_sum += float(best[:, k:].sum())
+        rows += B * S
+        nontrivial_rows += B * max(0, S - k)
+    if not nontrivial_rows:
+        return all_sum / rows, None, None
+    return all_sum / rows, nontrivial_sum / nontrivial_rows, best_sum / nontrivial_rows
+
+
+def test_borrowed_selection_recall_matches_direct_computation(megatron_world, seed):
+    """GLM-5's pattern (layers 2 and 3 reuse layer 1's top-k): the recall of each reusing
+    layer's own attention mass inside the selection it borrows, and its oracle; 1 when k covers
+    the window; no entry for a model whose every layer selects."""
+    model = make(seed, mdsa_mode="dense", mdsa_indexer_types=["full", "shared", "shared"])
+    L, ks = 32, [4, 12, 32]
+    toks = stream(3 * L + 1, seed)  # batches of 2 and 1 windows: the unequal last batch checks row weighting
+    cap = Capture(model)
+    try:
+        out = indexer_recall_at_lengths(model, toks, [L], topks=ks, max_batch_tokens=2 * L)
+    finally:
+        cap.remove()
+    layers = {l.layer_number: l for l in dsa_layers(model)}
+    for i, k in enumerate(ks):
+        b = out[L][k]["borrowed"]
+        assert b["layers"] == [2, 3] and b["sources"] == [1, 1]
+        for j, n in enumerate(b["layers"]):
+            calls = slice(2 * i, 2 * i + 2)  # this k's forwards
+            want_all, want_nt, want_best = direct_borrowed(layers[1], cap.calls[1][calls], layers[n], cap.calls[n][calls], k)
+            assert b["per_layer"][j] == pytest.approx(want_all, abs=2e-5), (n, k)
+            if k < L:
+                assert b["per_layer_nontrivial"][j] == pytest.approx(want_nt, abs=2e-5), (n, k)
+                assert b["oracle_per_layer_nontrivial"][j] == pytest.approx(want_best, abs=2e-5), (n, k)
+                assert want_nt < want_best - 1e-4  # a random indexer's keys miss what the best k hold
+            else:
+                assert b["per_layer_nontrivial"] is None and b["per_layer"][j] == pytest.approx(1.0, abs=1e-6)
+    per_layer = indexer_recall_at_lengths(make(seed, mdsa_mode="dense"), toks, [L], topks=[4], max_batch_tokens=2 * L)
+    assert "borrowed" not in per_layer[L][4]

@@ -517,6 +517,20 @@ def _recall_after_warmup(report: Report) -> None:
                 got, best = v.get("mean_nontrivial", v.get("mean")), v.get("oracle_mean_nontrivial")
                 vals.append(_fmt(got, ".3f") + (f" ({got / best:.0%})" if got is not None and best and task != "pretrain" else ""))
             L.append(f"| {'untrained' if task == 'pretrain' else task} | " + " | ".join(vals) + " |")
+        borrowed_rows = []
+        for task, r in res["recall"].items():
+            entries = [r.get(str(L_), {}).get(str(max(1, round(ratio * L_))), {}).get("borrowed") for L_, ratio in cols]
+            if task == "pretrain" or not any(entries):
+                continue
+            first = next(b for b in entries if b)
+            reusing, sources = first["layers"], sorted(set(first["sources"]))
+            vals = []
+            for b in entries:
+                got, best = (b or {}).get("mean_nontrivial"), (b or {}).get("oracle_mean_nontrivial")
+                vals.append(_fmt(got, ".3f") + (f" ({got / best:.0%})" if got is not None and best else ""))
+            borrowed_rows.append(f"| {task}: layers {', '.join(map(str, reusing))} on the selection of layer "
+                                 f"{', '.join(map(str, sources))} | " + " | ".join(vals) + " |")
+        L += borrowed_rows
         oracle = _oracle_row(res["recall"], cols)
         if oracle:
             L.append("| **oracle** (the attention's own top-k) | " + " | ".join(_fmt(v, ".3f") for v in oracle) + " |")
@@ -525,6 +539,10 @@ def _recall_after_warmup(report: Report) -> None:
                      "one row serves all). In brackets: each arm's recall as a share of its own oracle (the arms that reuse "
                      "a selection every 2 / 4 layers are measured on their selecting layers only, whose oracle is "
                      "lower). A recall target above the oracle cannot be met by any indexer.")
+        if borrowed_rows:
+            L.append("\n`layers ... on the selection of layer ...`: the layers that reuse an earlier layer's top-k, "
+                     "the share of their OWN attention mass inside the selection they borrow; in brackets, as a "
+                     "share of their own oracle.")
         L.append("")
 
 

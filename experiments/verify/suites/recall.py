@@ -103,18 +103,14 @@ def _topk_mass(p, ks: Sequence[int]):
     return top.index_select(-1, pick)
 
 
-def oracle_topk_mass(query, key, scale: float, ks: Sequence[int]):
-    """Oracle recall per query row: the sum of the k largest entries of the head-summed,
-    L1-normalised causal dense attention probability p (the indexer's target), for each k.
-
-    ``query`` [S, B, H, Dqk] and ``key`` [S, B, 1, Dqk] as a DSA core attention receives them
-    (positions 0..S-1). Returns [B, S, len(ks)] float64. Rows are taken in chunks of at most
-    ``reference.CHUNK_ELEMENTS`` scores, each against only the keys it can see.
-    """
+def _attention_target_chunks(query, key, scale: float):
+    """The head-summed, L1-normalised causal dense attention probability p (the indexer's
+    target) of a DSA core attention's ``query`` [S, B, H, Dqk] and ``key`` [S, B, 1, Dqk]
+    (positions 0..S-1), in query-row chunks of at most ``reference.CHUNK_ELEMENTS`` scores:
+    yields (t0, t1, p [B, t1 - t0, t1]), each chunk against only the keys it can see."""
     q = query.permute(1, 0, 2, 3)  # [B, S, H, D]
     kv = key.squeeze(2).transpose(0, 1)  # [B, S, D]
     B, S, H = q.shape[:3]
-    out = torch.empty(B, S, len(ks), dtype=torch.float64, device=q.device)
     pos = torch.arange(S, device=q.device)
     step = R._chunk_size(B * H * S, S)
     with torch.no_grad():
@@ -123,10 +119,36 @@ def oracle_topk_mass(query, key, scale: float, ks: Sequence[int]):
             scores = torch.einsum("bthd,bsd->bths", R._up(q[:, t0:t1]), R._up(kv[:, :t1])) * scale
             mask = R.causal_mask(pos[t0:t1], pos[:t1])
             probs = torch.softmax(scores.masked_fill(~mask[None, :, None, :], float("-inf")), dim=-1)
-            p = R.head_summed_target(probs.nan_to_num_(0.0))  # [B, c, t1]
-            del scores, probs
-            out[:, t0:t1] = _topk_mass(p, ks)
+            del scores
+            yield t0, t1, R.head_summed_target(probs.nan_to_num_(0.0))
+
+
+def oracle_topk_mass(query, key, scale: float, ks: Sequence[int]):
+    """Oracle recall per query row: the sum of the k largest entries of the head-summed,
+    L1-normalised causal dense attention probability p (the indexer's target), for each k.
+
+    ``query`` [S, B, H, Dqk] and ``key`` [S, B, 1, Dqk] as a DSA core attention receives them
+    (positions 0..S-1). Returns [B, S, len(ks)] float64.
+    """
+    B, S = key.shape[1], key.shape[0]
+    out = torch.empty(B, S, len(ks), dtype=torch.float64, device=key.device)
+    for t0, t1, p in _attention_target_chunks(query, key, scale):
+        out[:, t0:t1] = _topk_mass(p, ks)
     return out
+
+
+def selection_mass(query, key, scale: float, selection: torch.Tensor):
+    """Per query row, the share of this attention's p (see ``oracle_topk_mass``) inside
+    ``selection`` [B, S, k] (key positions, -1 = unused slot), and the oracle's share (p's own
+    k largest entries): two [B, S] float64 tensors."""
+    B, S, k = selection.shape
+    got = torch.empty(B, S, dtype=torch.float64, device=key.device)
+    best = torch.empty_like(got)
+    for t0, t1, p in _attention_target_chunks(query, key, scale):
+        idx = selection[:, t0:t1].long()
+        got[:, t0:t1] = (p.gather(-1, idx.clamp_min(0)) * (idx >= 0)).double().sum(-1)
+        best[:, t0:t1] = _topk_mass(p, [k])[..., 0]
+    return got, best
 
 
 class _OracleHook:
@@ -167,10 +189,71 @@ class _OracleHook:
             handle.remove()
 
 
+class _BorrowedSelectionHook:
+    """Forward pre-hooks for the layers that reuse an earlier layer's selection (GLM-5's
+    "shared" layers, dsa_indexer_topk_freq): how much of the reusing layer's OWN attention
+    mass the borrowed top-k holds, beside that layer's oracle. In warm-up mode no layer keeps
+    its selection, so the selecting layer's top-k is recomputed here from its indexer inputs
+    with the reference math (the layer's tie rule; FP8 scoring is not replayed)."""
+
+    def __init__(self, layers, num_layers: int):
+        self.signature = inspect.signature(DSACoreAttention.forward)
+        self.reusing = [layer for layer in layers if layer.__dict__.get("_selection_source") is not None]
+        self.sources = {layer.__dict__["_selection_source"].layer_number: layer.__dict__["_selection_source"]
+                        for layer in self.reusing}
+        self.num_layers = num_layers
+        self.active = False
+        self.selection: dict[int, torch.Tensor] = {}
+        self.handles = [layer.register_forward_pre_hook(self._hook, with_kwargs=True)
+                        for layer in [*self.sources.values(), *self.reusing]]
+
+    def start(self) -> None:
+        self.active = True
+        self.sum_all = torch.zeros(self.num_layers, dtype=torch.float64)
+        self.sum_nontrivial = torch.zeros(self.num_layers, dtype=torch.float64)
+        self.oracle_nontrivial = torch.zeros(self.num_layers, dtype=torch.float64)
+
+    def _hook(self, module, args, kwargs):
+        if not self.active:
+            return None
+        a = self.signature.bind(module, *args, **kwargs).arguments
+        k = module.config.dsa.topk
+        if module.layer_number in self.sources and module.selects:
+            S = a["x"].shape[0]
+            q, key, w = module.indexer_inputs(a["x"], a["qr"], torch.arange(S, device=a["x"].device))
+            self.selection[module.layer_number] = R.indexer_topk(q, key, w, min(k, S))
+        if module.__dict__.get("_selection_source") is not None:
+            selection = self.selection[module.__dict__["_selection_source"].layer_number]
+            got, best = selection_mass(module.absorbed_query(a["query"]), a["key"], module.softmax_scale, selection)
+            n = module.layer_number - 1
+            self.sum_all[n] += got.sum().cpu()
+            self.sum_nontrivial[n] += got[:, k:].sum().cpu()  # rows t >= k choose
+            self.oracle_nontrivial[n] += best[:, k:].sum().cpu()
+        return None
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
 def _recording_layers(layers) -> list:
     """The layers whose warm-up forward computes recall: those with an indexer of their own or
     a shared one (with dsa_indexer_topk_freq = N the layers that reuse a selection have none)."""
     return [layer for layer in layers if layer.indexer_module() is not None]
+
+
+def _borrowed_result(hook: _BorrowedSelectionHook, total: int, L: int, k: int) -> dict:
+    """One (L, k) entry's recall of the borrowed selections, per reusing layer."""
+    idx = [layer.layer_number - 1 for layer in hook.reusing]
+    nontrivial_rows = total // L * (L - k)
+    got = (hook.sum_nontrivial[idx] / nontrivial_rows).tolist() if k < L else None
+    best = (hook.oracle_nontrivial[idx] / nontrivial_rows).tolist() if k < L else None
+    return {"layers": [layer.layer_number for layer in hook.reusing],
+            "sources": [layer.__dict__["_selection_source"].layer_number for layer in hook.reusing],
+            "per_layer": (hook.sum_all[idx] / total).tolist(),
+            "per_layer_nontrivial": got, "oracle_per_layer_nontrivial": best,
+            "mean_nontrivial": None if got is None else sum(got) / len(got),
+            "oracle_mean_nontrivial": None if best is None else sum(best) / len(best)}
 
 
 def indexer_recall_at_lengths(model, tokens, lengths: Sequence[int], topk_ratios: Optional[Sequence[float]] = None,
@@ -193,11 +276,16 @@ def indexer_recall_at_lengths(model, tokens, lengths: Sequence[int], topk_ratios
                  "oracle_mean": float, "oracle_per_layer": [float, ...],
                  "oracle_mean_nontrivial": float|None, "oracle_per_layer_nontrivial": [...]|None,
                  "layers": [int, ...],           # layer numbers that compute recall
-                 "k_over_L": float, "rows": int}}}
+                 "k_over_L": float, "rows": int,
+                 # only where some layers reuse an earlier layer's selection: the share of each
+                 # reusing layer's own p inside the selection it borrows, and its own oracle
+                 "borrowed": {"layers": [...], "sources": [...], "per_layer": [...],
+                              "per_layer_nontrivial": [...]|None, "oracle_per_layer_nontrivial": [...]|None,
+                              "mean_nontrivial": float|None, "oracle_mean_nontrivial": float|None}}}}
 
     The oracle depends only on the main model (not on the indexer) and costs one extra
     reference computation of p per recording layer and window per length (``oracle=False``
-    skips it).
+    skips it, and the borrowed selections' recall with it).
 
     The model's mode, top-k, training flags, per-layer FLOP counters and megatron-core's
     metrics tracker are as before afterwards. Raises ValueError on bad inputs before any compute.
@@ -224,7 +312,7 @@ def indexer_recall_at_lengths(model, tokens, lengths: Sequence[int], topk_ratios
         return values
 
     out: dict = {}
-    hook = None
+    hook = borrowed = None
     try:
         for c in configs:
             set_mode(c, "warmup")  # DSAConfigError (a ValueError) if the config cannot warm up
@@ -237,6 +325,10 @@ def indexer_recall_at_lengths(model, tokens, lengths: Sequence[int], topk_ratios
                 tracker.metrics[name].values.zero_()
         if oracle:
             hook = _OracleHook(recording, num_layers)
+            borrowed = _BorrowedSelectionHook(layers, num_layers)
+            if not borrowed.reusing:
+                borrowed.remove()
+                borrowed = None
         model.eval()
         with torch.no_grad():
             for L in lengths:
@@ -251,6 +343,8 @@ def indexer_recall_at_lengths(model, tokens, lengths: Sequence[int], topk_ratios
                     for c in configs:
                         c.dsa_indexer_topk = min(k, L)  # k > L selects every key, as k = L
                         c.dsa = validate(c)
+                    if borrowed is not None:
+                        borrowed.start()
                     recall_sum = torch.zeros(num_layers, dtype=torch.float64)
                     kl_sum = torch.zeros(num_layers, dtype=torch.float64)
                     for b in range(0, x.shape[0], bs):
@@ -287,9 +381,13 @@ def indexer_recall_at_lengths(model, tokens, lengths: Sequence[int], topk_ratios
                         "k_over_L": k / L,
                         "rows": total,
                     }
+                    if borrowed is not None:
+                        out[L][k]["borrowed"] = _borrowed_result(borrowed, total, L, k)
     finally:
         if hook is not None:
             hook.remove()
+        if borrowed is not None:
+            borrowed.remove()
         for c, mode, topk, settings in saved_configs:
             c.mdsa_mode, c.dsa_indexer_topk, c.dsa = mode, topk, settings
         for layer, flops in saved_flops:
