@@ -23,3 +23,64 @@ def set_indexer_loss_scale(value: float, device=None) -> None:
     from megatron.core.transformer.experimental_attention_variant.dsa import DSAIndexerLossAutoScaler
 
     DSAIndexerLossAutoScaler.set_loss_scale(torch.full((1,), float(value), device=device))
+
+
+def skip_repeated_interpreter_patching() -> None:
+    """Make Triton's interpreter stop re-patching ``triton.language`` at every device-function call.
+
+    Without CUDA the kernels run through Triton's interpreter. Each kernel launch patches the
+    language's builtins once for the whole grid (``GridExecutor.__call__``: ``_patch_lang``,
+    restored when the launch ends), and then every call of a ``@triton.jit`` helper inside the
+    kernel (``InterpretedFunction.__call__``) patches them again: ``inspect.getmembers`` over
+    ``triton.language`` and ``tl.tensor`` each time, half of the time of the top-k tests. That
+    second patching changes nothing: the builtins are already replaced (a replaced member is no
+    longer a builtin, so it is skipped), the rest is set to equal values, and its scope is never
+    restored (the launch's restore brings back the originals). So a helper whose language modules
+    the running launch has patched already skips it; any other case runs Triton's own code.
+    Idempotent; does nothing if this Triton's interpreter is laid out differently, or with
+    MDSA_TRITON_REPATCH=1 in the environment (Triton's own behaviour, to compare)."""
+    import inspect
+    import os
+
+    if os.environ.get("MDSA_TRITON_REPATCH") == "1":
+        return
+
+    try:
+        import triton.language as tl
+        from triton.runtime import interpreter as interp
+    except Exception:  # no Triton, or one whose interpreter cannot be imported
+        return
+    if getattr(interp, "_mdsa_skip_repeated_patching", False):
+        return
+    if not all(hasattr(interp, name) for name in ("_patch_lang", "_LangPatchScope", "GridExecutor")):
+        return
+    patch_lang, launch = interp._patch_lang, interp.GridExecutor.__call__
+    state = {"launches": 0, "patched": set()}  # running launches; the language modules they patched
+    langs = {}  # function -> the language modules its globals hold (as Triton's _patch_lang finds them)
+
+    def langs_of(fn) -> set:
+        if fn not in langs:
+            langs[fn] = {id(v) for v in fn.__globals__.values() if inspect.ismodule(v) and v in (tl, tl.core)}
+        return langs[fn]
+
+    def patch_lang_once(fn):
+        mine = langs_of(fn)
+        if state["launches"] and state["patched"] and mine <= state["patched"]:
+            return interp._LangPatchScope()  # a helper inside a launch: already patched
+        scope = patch_lang(fn)
+        if state["launches"]:
+            state["patched"] |= mine
+        return scope
+
+    def tracked_launch(self, *args, **kwargs):
+        state["launches"] += 1
+        try:
+            return launch(self, *args, **kwargs)
+        finally:
+            state["launches"] -= 1
+            if not state["launches"]:
+                state["patched"].clear()
+
+    interp._patch_lang = patch_lang_once
+    interp.GridExecutor.__call__ = tracked_launch
+    interp._mdsa_skip_repeated_patching = True

@@ -1,4 +1,4 @@
-"""Worker functions for tests/test_parallel.py (run in spawned processes).
+"""Worker functions for tests/test_parallel.py (each rank a process of its own: ``spawn``).
 
 On CPU the ranks talk over gloo. With ``MDSA_TEST_DEVICE=cuda`` each rank takes its own GPU and
 NCCL, and every tensor (inputs, the one-rank reference, the models) lives on that GPU: the same
@@ -131,6 +131,9 @@ def _close(name, a, b, atol=2e-5, rtol=1e-4):
 def layer_function_worker(rank, world, port, tp, cp, seed, modes, kernel="reference", cu_seqlens=None):
     if kernel != "reference" and not ON_GPU:  # the kernels through Triton's interpreter
         os.environ["TRITON_INTERPRET"] = "1"
+        from helpers import skip_repeated_interpreter_patching
+
+        skip_repeated_interpreter_patching()  # what tests/conftest.py does in the test process
     init_dist(rank, world, port)
     from megatron_dsa.parallel import ParallelContext
 
@@ -283,7 +286,21 @@ def spawn(fn, world: int, *args) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    mp.start_processes(fn, args=(world, port) + args, nprocs=world, join=True, start_method="spawn")
+    method = "spawn"
+    if not ON_GPU:
+        # On CPU the ranks fork from a server process that imported torch, megatron-core and this
+        # module once (a fresh interpreter per rank spent seconds on those imports, most of these
+        # tests' time). The first call starts it, with this process's environment of that moment
+        # (the ranks see that one); it never runs a torch op and holds no process group.
+        import multiprocessing
+
+        multiprocessing.set_forkserver_preload(list(FORKSERVER_PRELOAD))
+        method = "forkserver"
+    mp.start_processes(fn, args=(world, port) + args, nprocs=world, join=True, start_method=method)
+
+
+FORKSERVER_PRELOAD = ("torch", "torch.distributed", "megatron.core.parallel_state", "megatron_dsa.model", "patches",
+                      "parallel_workers")
 
 
 # ---------------------------------------------------------------------------------------------

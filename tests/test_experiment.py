@@ -302,9 +302,11 @@ def test_smoke_pipeline_end_to_end(tmp_path):
     # the control and arm A saw the same data: same first-step LM loss of two copies of one model
     a, b = full["phases"]["sparse_per_layer"]["lm_loss"], full["phases"]["dense_control"]["lm_loss"]
     assert a and b and a[0][1] == pytest.approx(b[0][1], rel=0.05)
-    # resumable: a second call skips finished phases
+    # resumable: a second call skips finished phases (this one with --jobs 1, the default: each
+    # task in this process, where the first call ran each in a process of its own)
     # the held-out formats diagnostic (run only when named) beside it: every family of formats scored
-    again = subprocess.run([*cmd, "--stage", "sparse,formats"], capture_output=True, text=True, timeout=120, cwd=REPO)
+    again = subprocess.run([*cmd, "--jobs", "1", "--stage", "sparse,formats"], capture_output=True, text=True,
+                           timeout=120, cwd=REPO)
     assert again.returncode == 0 and again.stdout.count("done, skipped") == 1 + len(ARMS)
     formats = json.loads((rep / "formats_smoke.json").read_text())
     assert len(formats["families"]) == 12 and formats["lengths"] == [256]

@@ -376,29 +376,40 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_torchrun_two_processes_data_parallel(corpus, tmp_path):
+@pytest.fixture(scope="module")
+def data_parallel_run(corpus, tmp_path_factory) -> tuple[str, Path]:
+    """torchrun with two processes (data parallel): 4 iterations of the tiny pretraining, a
+    checkpoint at 4. (Its output, its directory.) Its tests share one xdist worker: GROUPS in
+    tests/conftest.py."""
+    root = tmp_path_factory.mktemp("dp2")
     env = dict(_env(), NPROC_PER_NODE="2", MASTER_PORT=str(_free_port()))
     result = subprocess.run(
-        ["bash", str(REPO / "launch" / "torchrun.sh"), *base(corpus, tmp_path), "train.iters=4", "train.lr_warmup_iters=0",
+        ["bash", str(REPO / "launch" / "torchrun.sh"), *base(corpus, root), "train.iters=4", "train.lr_warmup_iters=0",
          "train.micro_batch_size=2", "train.global_batch_size=4", "eval.interval=4", "eval.iters=1",
          "checkpoint.interval=4", "logging.interval=1"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        cwd=root, env=env, capture_output=True, text=True, timeout=300)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-5000:]
+    return output, root
+
+
+def test_torchrun_two_processes_data_parallel(data_parallel_run):
+    output, root = data_parallel_run
     assert "data-parallel size: 2" in output
-    assert (tmp_path / "save" / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
-    assert (tmp_path / "save" / "mdsa_run.json").is_file()
+    assert (root / "save" / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
+    assert (root / "save" / "mdsa_run.json").is_file()
     from megatron_dsa.train.runner import read_scalars
 
-    loss = read_scalars(tmp_path / "tb")["lm loss"]
+    loss = read_scalars(root / "tb")["lm loss"]
     assert [i for i, _ in loss] == [1, 2, 3, 4] and all(0 < v < 10 for _, v in loss)
 
 
-def test_context_parallel_warmup_equals_one_process(corpus, tmp_path):
+def test_context_parallel_warmup_equals_one_process(corpus, tmp_path, data_parallel_run):
     """The warm-up at CP=2 (two processes, each given its share of every sequence in megatron's
     chunk layout: dense attention and the dense KL over keys of both ranks) logs the LM loss and
     the indexer loss of one process, at the first step and after an optimizer step on the CP
-    gradients. Both start from one checkpoint (Megatron's initialisation depends on the layout)."""
+    gradients. Both start from one checkpoint (Megatron's initialisation depends on the layout):
+    the data-parallel run's pretraining."""
     from megatron_dsa.train.runner import read_scalars
 
     def run(name: str, phase: str, nproc: int, *extra: str) -> Path:
@@ -414,7 +425,7 @@ def test_context_parallel_warmup_equals_one_process(corpus, tmp_path):
         assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
         return out
 
-    start = run("pretrain", "pretrain", 1, "train.iters=1", "checkpoint.interval=1") / "save"
+    start = data_parallel_run[1] / "save"
     warmup = ["train.iters=2", "checkpoint.interval=100", f"checkpoint.load_from={start}"]
     one = read_scalars(run("one", "warmup", 1, *warmup) / "tb")
     cp = read_scalars(run("cp2", "warmup", 2, *warmup, "megatron.context_parallel_size=2") / "tb")

@@ -107,7 +107,8 @@ def corpus(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def phases(corpus, tmp_path_factory) -> Path:
-    """pretrain (40 it) -> warmup (15 it) -> sparse (15 it), each from the previous checkpoint."""
+    """pretrain (40 it) -> warmup (15 it) -> sparse (15 it), each from the previous checkpoint.
+    (Its tests share one xdist worker: GROUPS in tests/conftest.py.)"""
     root = tmp_path_factory.mktemp("phases")
     ok(run_cli(phase_args("pretrain", corpus, root, 40, "train.lr_warmup_iters=4")))
     ok(run_cli(phase_args("warmup", corpus, root, 15, f"checkpoint.load_from={root / 'pretrain'}",
@@ -527,24 +528,34 @@ def test_no_apex_weight_gradient_fusion_on_the_gpu(monkeypatch):
     assert "--no-gradient-accumulation-fusion" not in flags.megatron_argv(cfg, plan)
 
 
-def test_eval_iters_zero_trains_without_validation(corpus, tmp_path):
-    # eval.iters=0 skips Megatron's validation (the one-step 16 x 128K measurement needs that)
-    result = run_cli(phase_args("pretrain", corpus, tmp_path, 2, "eval.iters=0", "train.lr_warmup_iters=0"))
+@pytest.fixture(scope="session")
+def mtp_run(corpus, tmp_path_factory):
+    """One short pretraining run with an MTP layer, without validation (eval.iters=0), saving
+    every iteration: (its result, its directory). (Its tests share one xdist worker: GROUPS in
+    tests/conftest.py.)"""
+    root = tmp_path_factory.mktemp("mtp")
+    result = run_cli(phase_args("pretrain", corpus, root, 2, "model.overrides.mtp_num_layers=1",
+                                "train.lr_warmup_iters=0", "eval.iters=0", "checkpoint.interval=1"))
     ok(result)
+    return result, root
+
+
+def test_eval_iters_zero_trains_without_validation(mtp_run):
+    # eval.iters=0 skips Megatron's validation (the one-step 16 x 128K measurement needs that)
+    result, root = mtp_run
     assert "validation loss" not in result.stdout + result.stderr
-    assert (tmp_path / "pretrain" / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
+    assert (root / "pretrain" / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
 
 
-def test_mtp_loss_trains_the_mtp_layer(corpus, tmp_path):
+def test_mtp_loss_trains_the_mtp_layer(mtp_run, tmp_path):
     """model.overrides.mtp_num_layers=1 through the trainer (one short pretraining run, a
     checkpoint per iteration): Megatron logs the MTP loss, and the step between the two
     checkpoints moves the MTP layer's weights but not its indexer (pretraining leaves every
     indexer out). The warm-up's freezing and KL of the MTP indexer: tests/test_mtp.py."""
-    ok(run_cli(phase_args("pretrain", corpus, tmp_path, 2, "model.overrides.mtp_num_layers=1",
-                          "train.lr_warmup_iters=0", "eval.iters=0", "checkpoint.interval=1")))
-    losses = [v for _, v in scalars(tmp_path / "pretrain_tb", "mtp_1 loss")]
+    _, root = mtp_run
+    losses = [v for _, v in scalars(root / "pretrain_tb", "mtp_1 loss")]
     assert len(losses) == 2 and all(0 < v < 20 for v in losses), losses
-    first, second = (load_weights(tmp_path / "pretrain", tmp_path / "w", i) for i in (1, 2))
+    first, second = (load_weights(root / "pretrain", tmp_path / "w", i) for i in (1, 2))
     # megatron-core stores the MTP layer's decoder layer as mtp.layers.0.transformer_layer.*
     mtp = [k for k in first if k.startswith("mtp.layers.0.")]
     indexer = {k for k in mtp if ".indexer." in k}
