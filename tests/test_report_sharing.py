@@ -54,3 +54,18 @@ def test_held_out_formats_that_discriminate_decide_the_answer():
     assert report.verdict["retrieval"] is True  # A equals the control there
     assert "retrieval +0.0 points" in md and "training formats (on the held-out" not in md
     assert report.verdict["shared"] is True and report.verdict["pattern"] is False
+
+
+def test_recall_table_gives_reusing_layers_their_borrowed_recall():
+    """A row per arm whose layers reuse a selection: their own attention mass inside the borrowed
+    top-k, as a share of their own oracle."""
+    from experiments.verify.report import Report, _recall_after_warmup
+
+    borrowed = {"layers": [4, 5, 6], "sources": [3, 3, 3], "mean_nontrivial": 0.2, "oracle_mean_nontrivial": 0.9}
+    entry = {"mean_nontrivial": 0.5, "oracle_mean_nontrivial": 0.8}
+    res = {"recall": {"per_layer": {"16": {"2": entry}}, "pattern": {"16": {"2": {**entry, "borrowed": borrowed}}}}}
+    report = Report(SimpleNamespace(s={"recall_ratios": [0.125], "recall_lengths": [16]}), res, {})
+    _recall_after_warmup(report)
+    md = "\n".join(report.lines)
+    assert "| pattern: layers 4, 5, 6 on the selection of layer 3 | 0.200 (22%) |" in md
+    assert md.count("on the selection of layer") == 2  # the row and its legend; none for per_layer

@@ -518,8 +518,8 @@ def _recall_after_warmup(report: Report) -> None:
                 vals.append(_fmt(got, ".3f") + (f" ({got / best:.0%})" if got is not None and best and task != "pretrain" else ""))
             L.append(f"| {'untrained' if task == 'pretrain' else task} | " + " | ".join(vals) + " |")
         borrowed_rows = []
-        for task, r in res["recall"].items():
-            entries = [r.get(str(L_), {}).get(str(max(1, round(ratio * L_))), {}).get("borrowed") for L_, ratio in cols]
+        for task in res["recall"]:
+            entries = [_recall_at(res["recall"], task, L_, max(1, round(ratio * L_)), "borrowed") for L_, ratio in cols]
             if task == "pretrain" or not any(entries):
                 continue
             first = next(b for b in entries if b)
@@ -549,9 +549,7 @@ def _recall_after_warmup(report: Report) -> None:
 def _mean_exact(r: Optional[dict], key: str, max_length: Optional[int] = None) -> Optional[float]:
     """Mean exact match % of one evaluation's retrieval table over its lengths (up to
     ``max_length``); None where the evaluation or the table is missing."""
-    if not r or key not in r:
-        return None
-    xs = [v["exact"] for length, v in r[key]["by_length"].items() if max_length is None or int(length) <= max_length]
+    xs = [v["exact"] for length, v in _by_length(r, key).items() if max_length is None or int(length) <= max_length]
     return sum(xs) / len(xs) if xs else None
 
 
