@@ -461,6 +461,24 @@ def sparse_mla_attention(
     return out, lse
 
 
+def sparse_mla_attention_backward(
+    q: torch.Tensor, kv: torch.Tensor, topk_idx: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    dout: torch.Tensor, v_dim: int, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The sparse attention's backward for the output gradient ``dout``, and the probabilities
+    it recomputes summed over the heads: (dq, dkv, ``sparse_target_head_sum`` [B, Sq, K] fp32).
+
+    The sparse KL's target is that head sum, so the training step takes it here instead of
+    from a second pass over the selected rows. ``out`` and ``lse`` are the forward's (the
+    kernels read them; the reference recomputes).
+    """
+    with torch.enable_grad():
+        q_, kv_ = q.detach().requires_grad_(), kv.detach().requires_grad_()
+        o, _ = sparse_mla_attention(q_, kv_, topk_idx, v_dim, scale)
+        dq, dkv = torch.autograd.grad(o, (q_, kv_), dout)
+    return dq, dkv, sparse_target_head_sum(q, kv, topk_idx, scale)
+
+
 # --------------------------------------------------------------------------------------------
 # Training the indexer: KL(p || softmax(I)) against the head-summed attention distribution
 # --------------------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """The kernels compile for the H200 (sm_90) and fit its shared memory: the warm-up's fused KL at
 the small MoE's shapes and at DeepSeek-V3.2's (latent 512 + 64, 128 heads, indexer 64 x 128), and
 the sparse attention / KL target kernels with their default tiles at 16 heads and at 64-head
-blocks (the split backward's dq and dkv kernels, the target with the keys as rows), their row
-gathers as 16-byte asynchronous copies.
+blocks (the split backward's dq and dkv kernels, the target with the keys as rows; the backward
+adding the KL's target as training runs it), their row gathers as 16-byte asynchronous copies.
 
 No GPU needed: Triton lowers to PTX and assembles it with its bundled ptxas. The interpreter tests
 check the math; this catches what only the compiler sees (an unrolled loop once put 315 KB of
@@ -29,8 +29,8 @@ SM90_SHARED_BYTES = 227 * 1024
 POINTERS = dict(QM="*bf16", KV="*bf16", QI="*bf16", KI="*bf16", WI="*fp32", QPOS="*i64", KPOS="*i64", KLIM="*i32",
                 QDOC="*i64", KDOC="*i64",
                 LSE="*fp32", PART="*fp32", LSEI="*fp32", G="*fp32", DQ="*fp32", DW="*fp32", DK="*fp32",
-                scale_log2="fp32", scale="fp32", Q="*bf16", IDX="*i64", O="*bf16", SEG="*i32", DO="*bf16",
-                DELTA="*fp32", DKV="*fp32", LSEM="*fp32", P="*fp32")
+                scale_log2="fp32", scale="fp32", Q="*bf16", IDX="*i32", O="*bf16", SEG="*i32", DO="*bf16",
+                DELTA="*fp32", DKV="*fp32", LSEM="*fp32", P="*fp32", PSUM="*fp32")
 
 
 def _compile_sm90(fn, consts: dict, options: dict, hints: bool = False):
@@ -99,11 +99,13 @@ def check_sparse(HB: int) -> None:
     if split:  # dq, then dkv in value quarters; the KL target with the keys as rows above 64 heads
         quarters = dict(HB=HB, DV=512, DQ4=128, EXACT=True, DR=64, D2=64, IEEE=False, UPCAST=False, PASSES=1)
         keys_rows = {k: v for k, v in target.items() if k != "HB"}
+        # dkv and the one-kernel backward as training launches them: adding the KL's target.
         kernels += [(A._sparse_dq_kernel, dims, A._tiles(None, True, HB, "dq")),
-                    (A._sparse_dkv_kernel, quarters, A._tiles(None, True, HB, "dkv")),
+                    (A._sparse_dkv_kernel, dict(quarters, HEAD_SUM=True), A._tiles(None, True, HB, "dkv")),
                     (L._target_keys_kernel, dict(keys_rows, HN=L.KEYS_ROWS_HEADS), L._target_tiles(None, True, True, HB))]
     else:
-        kernels.append((A._sparse_bwd_kernel, dict(dims, PASSES=8, FIRST=False), A._tiles(None, True, HB, "bwd")))
+        kernels.append((A._sparse_bwd_kernel, dict(dims, PASSES=8, FIRST=False, HEAD_SUM=True),
+                        A._tiles(None, True, HB, "bwd")))
     for fn, consts, tiles in kernels:
         k = _compile_sm90(fn, dict(consts, BK=tiles.BK), dict(num_warps=tiles.num_warps, num_stages=tiles.num_stages),
                           hints=True)

@@ -466,6 +466,37 @@ def test_sparse_backward_crowded_keys(dtype, variant):
         assert rel(a, b) < tol
 
 
+@pytest.mark.parametrize("H,dtype", [(3, torch.float32), (70, torch.float32), (128, torch.bfloat16)])
+def test_sparse_attention_backward_gives_the_kl_target(H, dtype, variant):
+    """The attention's backward with the KL's target from the same pass: dq and dkv equal the
+    autograd op's, and the probabilities summed over the heads equal the reference's head sum
+    (in the selection's slot order after the key ranges' sort; 0 at -1 slots and for a row
+    without keys), at one head block, a partial second block and two 64-head blocks."""
+    B, S, v_dim, rope, topk = 1, 15, 32, 16, 8
+    if BIG:
+        S, topk = S * 20, topk * 4
+    D = v_dim + rope
+    q = torch.randn(B, S, H, D, device=DEV).to(dtype).requires_grad_()
+    kv = torch.randn(B, S, D, device=DEV).to(dtype).requires_grad_()
+    idx = _random_idx(B, S, S, topk)
+    scale = D**-0.5
+    out, lse = K.sparse_mla_attention(q, kv, idx, v_dim, scale, options=variant)
+    go = torch.randn_like(out)
+    dq, dkv, p = K.sparse_mla_attention_backward(q.detach(), kv.detach(), idx, out.detach(), lse, go, v_dim, scale,
+                                                 options=variant)
+    dq_op, dkv_op = torch.autograd.grad(out, (q, kv), go)
+    q32, kv32 = _fp32_leaves(q, kv)
+    p_r = R.sparse_target_head_sum(q32, kv32, idx, scale)
+    _finite(dq, dkv, p)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert p.shape == idx.shape and p.dtype == torch.float32
+    assert rel(p, p_r) < tol
+    assert float(p[idx < 0].abs().sum()) == 0.0 and float(p[0, min(4, S - 1)].abs().sum()) == 0.0
+    # The same kernels as the op's backward: equal up to the order of the fp32 atomic adds
+    # (and, in bf16, the rounding of sums that order changes).
+    assert rel(dq, dq_op) < tol and rel(dkv, dkv_op) < tol
+
+
 def test_key_segments_split_each_row_by_key_range():
     """The backward's key ranges: rows sorted by key (-1 last), the permutation that sorts them,
     and per range the first slot at or after its start."""

@@ -10,6 +10,8 @@
 * ``dense_attention(q, k, v, scale, q_pos=None, k_pos=None, need_lse=True, q_doc=None, k_doc=None)``
   -> (out, lse), autograd: the same in MLA's MHA form (per-head keys and values)
 * ``sparse_mla_attention(q, kv, topk_idx, v_dim, scale)`` -> (out, lse), autograd
+* ``sparse_mla_attention_backward(q, kv, topk_idx, out, lse, dout, v_dim, scale)`` -> (dq, dkv, p_sum):
+  its backward, which also sums the recomputed probabilities over the heads (the sparse KL's target)
 * ``sparse_indexer_kl(q_main, kv, q_idx, k_idx, w_idx, topk_idx, scale)`` -> kl [B, Sq], autograd
 * ``sparse_target_head_sum(q_main, kv, topk_idx, scale, lse=None)`` -> [B, Sq, K] and
   ``sparse_indexer_kl_from_target(q_idx, k_idx, w_idx, topk_idx, p)`` -> kl [B, Sq], autograd:
@@ -30,7 +32,7 @@ from ._common import available
 from .dense_attn import dense_attention, dense_mla_attention
 from .indexer import fp8_quantize, indexer_topk
 from .indexer_kl import dense_indexer_kl, sparse_indexer_kl, sparse_indexer_kl_from_target, sparse_target_head_sum
-from .sparse_attn import sparse_mla_attention
+from .sparse_attn import sparse_mla_attention, sparse_mla_attention_backward
 
 __all__ = [
     "available",
@@ -39,6 +41,7 @@ __all__ = [
     "dense_attention",
     "dense_mla_attention",
     "sparse_mla_attention",
+    "sparse_mla_attention_backward",
     "sparse_indexer_kl",
     "sparse_target_head_sum",
     "sparse_indexer_kl_from_target",

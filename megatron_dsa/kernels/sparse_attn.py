@@ -134,6 +134,14 @@ if HAS_TRITON:
         return p, (p * (dp - delta[:, None]) * scale).to(kv1.dtype)
 
     @triton.jit
+    def _add_head_sum(PSUM, b, t, k0, hi, sums, stride_pb, stride_ps, BK: tl.constexpr):
+        """Adds a block of keys' probabilities summed over a head block ([BK]) to the slots k0..
+        of the row's head sum: fp32 adds, since the head blocks of a token share the row (K adds
+        a program, against the dkv's K x 576)."""
+        kk = k0 + tl.arange(0, BK)
+        tl.atomic_add(PSUM + b * stride_pb + t * stride_ps + kk, sums, mask=kk < hi, sem="relaxed")
+
+    @triton.jit
     def _sparse_fwd_kernel(
         Q, KV, IDX, O, LSE,
         Sk, TOPK, NHB, H, scale_log2,
@@ -167,7 +175,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _sparse_bwd_kernel(
-        Q, KV, IDX, SEG, DO, LSE, DELTA, DQ, DKV,
+        Q, KV, IDX, SEG, DO, LSE, DELTA, DQ, DKV, PSUM,
         Sk, TOPK, NHB, H, scale, scale_log2, pass_id, t0,
         stride_qb, stride_qs, stride_qh,
         stride_kb, stride_ks,
@@ -179,7 +187,7 @@ if HAS_TRITON:
         stride_dkb, stride_dks,
         HB: tl.constexpr, DV: tl.constexpr, D1: tl.constexpr, DR: tl.constexpr, D2: tl.constexpr,
         BK: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-        PASSES: tl.constexpr, FIRST: tl.constexpr,
+        PASSES: tl.constexpr, FIRST: tl.constexpr, HEAD_SUM: tl.constexpr,
     ):
         # The backward in one kernel (below 64 heads), one program per (token, head block):
         # recompute the probabilities p and the score gradients ds of the selected keys, then dq
@@ -187,6 +195,8 @@ if HAS_TRITON:
         # its own (an fp32 buffer when passes add to it). PASSES > 1: this launch takes the slots
         # SEG[b, t, pass_id] .. SEG[b, t, pass_id + 1] of a key-sorted IDX, and dq is added to
         # DQ (FIRST: written). The launch covers the tokens from t0; DQ holds rows from t0.
+        # HEAD_SUM: p summed over the block's heads is added to PSUM (IDX's strides), the sparse
+        # KL's target, which the recomputed p gives for the price of a column sum.
         t, h, hm, b = _program_coords(NHB, HB, H, t0)
         lo, hi = _key_slots(SEG, b, t, pass_id, stride_sb, stride_ss, TOPK, PASSES)
         if FIRST or hi > lo:
@@ -206,6 +216,8 @@ if HAS_TRITON:
                 kv1, kv2 = _latent_rows(kvb, rowoff, valid, DV, D1, DR, D2)
                 p, dsc = _probs_and_score_grads(q1, q2, do, kv1, kv2, valid, lse2, delta, scale, scale_log2,
                                                 DR, IEEE, UPCAST)
+                if HEAD_SUM:
+                    _add_head_sum(PSUM, b, t, k0, hi, tl.sum(p, 0), stride_ib, stride_is, BK)
                 dq1 += _dot(dsc, kv1, IEEE, UPCAST)
                 if DR > 0:
                     dq2 += _dot(dsc, kv2, IEEE, UPCAST)
@@ -278,7 +290,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _sparse_dkv_kernel(
-        Q, KV, IDX, SEG, DO, LSE, DELTA, DKV,
+        Q, KV, IDX, SEG, DO, LSE, DELTA, DKV, PSUM,
         Sk, TOPK, NHB, H, scale, scale_log2, pass_id,
         stride_qb, stride_qs, stride_qh,
         stride_kb, stride_ks,
@@ -289,12 +301,14 @@ if HAS_TRITON:
         stride_dkb, stride_dks,
         HB: tl.constexpr, DV: tl.constexpr, DQ4: tl.constexpr, EXACT: tl.constexpr, DR: tl.constexpr,
         D2: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, PASSES: tl.constexpr,
+        HEAD_SUM: tl.constexpr,
     ):
         # dkv alone for 64-head blocks, with the selected keys as the products' rows: s^T = kv q^T
         # [BK, HB], then dkv = ds^T q + p^T do. Every product reads q and do as its second
         # operand (plain or transposed), so one shared-memory copy of each serves all of them.
         # The value dims go in four quarters of DQ4 and each quarter's gradient is added as soon
         # as it is made: one [BK, DQ4] fp32 accumulator is live at a time, not the whole row.
+        # HEAD_SUM: the block's p summed over its heads is added to PSUM (IDX's strides).
         t, h, hm, b = _program_coords(NHB, HB, H)
         lo, hi = _key_slots(SEG, b, t, pass_id, stride_sb, stride_ss, TOPK, PASSES)
         if hi > lo:
@@ -332,6 +346,8 @@ if HAS_TRITON:
                     st += _dot(_gather(kvb + DV, rowoff, valid, d2, DR, D2), tl.trans(qr), IEEE, UPCAST)
                 pt = tl.exp2(st * scale_log2 - lse2[None, :])
                 pt = tl.where(valid[:, None], pt, 0.0)
+                if HEAD_SUM:  # the heads are the columns here: a sum within each key's row
+                    _add_head_sum(PSUM, b, t, k0, hi, tl.sum(pt, 1), stride_ib, stride_is, BK)
                 dpt = _dot(k0_, tl.trans(o0), IEEE, UPCAST) + _dot(k1_, tl.trans(o1), IEEE, UPCAST)
                 dpt += _dot(k2_, tl.trans(o2), IEEE, UPCAST) + _dot(k3_, tl.trans(o3), IEEE, UPCAST)
                 dst = (pt * (dpt - delta[None, :]) * scale).to(k0_.dtype)
@@ -450,32 +466,47 @@ def split_backward(options: KernelOptions, HB: int) -> bool:
     return HB >= MAX_HEAD_BLOCK if options.attn_bwd_split is None else options.attn_bwd_split
 
 
-def sparse_attn_bwd(q, kv, idx, out, lse, dout, v_dim, scale, options: KernelOptions = DEFAULT_OPTIONS):
+def sparse_attn_bwd(q, kv, idx, out, lse, dout, v_dim, scale, options: KernelOptions = DEFAULT_OPTIONS,
+                    head_sum: bool = False):
+    """(dq, dkv), and with ``head_sum`` also p summed over the heads [B, Sq, K] fp32 in ``idx``'s
+    slot order: the sparse KL's target, from the probabilities the backward recomputes anyway."""
     B, Sq, H, D = q.shape
     Sk = kv.shape[1]
     K = idx.shape[-1]
     DR, D1, D2 = _dims(D, v_dim)
     dout = dout.contiguous()
     dkv = torch.zeros(B, Sk, D, dtype=torch.float32, device=q.device)
+    psum = torch.zeros(B, Sq, K, dtype=torch.float32, device=q.device) if head_sum else dkv
+    extra = (psum,) if head_sum else ()
     if Sq == 0 or H == 0:
-        return torch.zeros_like(q), dkv.to(kv.dtype)
+        return (torch.zeros_like(q), dkv.to(kv.dtype)) + extra
     delta = _rowwise_dot(dout, out)  # [B, Sq, H]
     HB = head_block(H)
     NHB = triton.cdiv(H, HB)
     split = split_backward(options, HB)
     passes = key_passes(options, B, Sk, D, HB, q.is_cuda)
     full_idx = idx
+    order = None
     if passes > 1:
-        idx, _, seg = key_segments(idx, Sk, passes)
+        idx, order, seg = key_segments(idx, Sk, passes)
     else:
         seg = idx
+    if head_sum:
+        assert psum.stride() == idx.stride(), "the head sum is addressed with idx's strides"
+
+    def results(dq):
+        # Key ranges add the head sum in key order: back to the selection's slots.
+        if not head_sum:
+            return dq, dkv.to(kv.dtype)
+        p = psum if order is None else torch.empty_like(psum).scatter_(-1, order, psum)
+        return dq, dkv.to(kv.dtype), p
     common = dict(HB=HB, DV=v_dim, D1=D1, DR=DR, D2=D2, IEEE=is_fp32(q, kv), UPCAST=interpreting())
     grid = (Sq * NHB, B)
 
     def bwd(idx_, seg_, dq, p, n_passes, t0=0, t1=Sq):
         tiles = _tiles(options.attn_bwd, q.is_cuda, HB, "bwd")
         _sparse_bwd_kernel[((t1 - t0) * NHB, B)](
-            q, kv, idx_, seg_, dout, lse, delta, dq, dkv,
+            q, kv, idx_, seg_, dout, lse, delta, dq, dkv, psum,
             Sk, K, NHB, H, scale, scale * LOG2E, p, t0,
             q.stride(0), q.stride(1), q.stride(2),
             kv.stride(0), kv.stride(1),
@@ -485,7 +516,7 @@ def sparse_attn_bwd(q, kv, idx, out, lse, dout, v_dim, scale, options: KernelOpt
             lse.stride(0), lse.stride(1),
             dq.stride(0), dq.stride(1), dq.stride(2),
             dkv.stride(0), dkv.stride(1),
-            BK=tiles.BK, PASSES=n_passes, FIRST=p == 0,
+            BK=tiles.BK, PASSES=n_passes, FIRST=p == 0, HEAD_SUM=head_sum,
             num_warps=tiles.num_warps, num_stages=tiles.num_stages, **common,
         )
 
@@ -506,7 +537,7 @@ def sparse_attn_bwd(q, kv, idx, out, lse, dout, v_dim, scale, options: KernelOpt
         DQ4 = max(D1 // 4, 16)
         for p in range(passes):
             _sparse_dkv_kernel[grid](
-                q, kv, idx, seg, dout, lse, delta, dkv,
+                q, kv, idx, seg, dout, lse, delta, dkv, psum,
                 Sk, K, NHB, H, scale, scale * LOG2E, p,
                 q.stride(0), q.stride(1), q.stride(2),
                 kv.stride(0), kv.stride(1),
@@ -516,14 +547,14 @@ def sparse_attn_bwd(q, kv, idx, out, lse, dout, v_dim, scale, options: KernelOpt
                 lse.stride(0), lse.stride(1),
                 dkv.stride(0), dkv.stride(1),
                 HB=HB, DV=v_dim, DQ4=DQ4, EXACT=4 * DQ4 == v_dim, DR=DR, D2=D2, IEEE=common["IEEE"],
-                UPCAST=common["UPCAST"], BK=tiles.BK, PASSES=passes, num_warps=tiles.num_warps,
+                UPCAST=common["UPCAST"], BK=tiles.BK, PASSES=passes, HEAD_SUM=head_sum, num_warps=tiles.num_warps,
                 num_stages=tiles.num_stages,
             )
-        return dq, dkv.to(kv.dtype)
+        return results(dq)
     if passes == 1:
         dq = torch.empty_like(q)
         bwd(idx, seg, dq, 0, 1)
-        return dq, dkv.to(kv.dtype)
+        return results(dq)
     # One kernel over the key ranges; each pass adds its dq share to an fp32 buffer, which holds
     # a chunk of rows at a time (for every row it would be 2x dq, 9.7 GB at 128K x 32 heads).
     dq = torch.empty_like(q)
@@ -534,7 +565,7 @@ def sparse_attn_bwd(q, kv, idx, out, lse, dout, v_dim, scale, options: KernelOpt
         for p in range(passes):
             bwd(idx, seg, dq32, p, passes, t0, t1)
         dq[:, t0:t1] = dq32[:, : t1 - t0]
-    return dq, dkv.to(kv.dtype)
+    return results(dq)
 
 
 class SparseMLAAttention(torch.autograd.Function):
@@ -563,3 +594,11 @@ class SparseMLAAttention(torch.autograd.Function):
 def sparse_mla_attention(q, kv, topk_idx, v_dim, scale, options: KernelOptions = DEFAULT_OPTIONS):
     """Same contract as ``reference.sparse_mla_attention``: returns (out [B,Sq,H,v_dim], lse [B,Sq,H])."""
     return SparseMLAAttention.apply(q, kv, topk_idx, v_dim, scale, options)
+
+
+def sparse_mla_attention_backward(q, kv, topk_idx, out, lse, dout, v_dim, scale,
+                                  options: KernelOptions = DEFAULT_OPTIONS):
+    """Same contract as ``reference.sparse_mla_attention_backward``: (dq, dkv, the selected-set
+    probabilities summed over q's heads [B, Sq, K] fp32), in the one backward pass."""
+    return sparse_attn_bwd(q.contiguous(), kv.contiguous(), selection(topk_idx), out, lse, dout, v_dim, scale,
+                           options, head_sum=True)
