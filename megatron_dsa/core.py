@@ -36,7 +36,7 @@ those run the PyTorch loss ops of ``ops.indexer_loss_backend``, one rank only).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional, Union
 
 import torch
 
@@ -51,11 +51,23 @@ from megatron_dsa.parallel.sharded import (
     indexer_rows,
     key_shards,
     own_rows,
+    sparse_attention_kl_in_backward,
     tp_indexer_topk,
     tp_sparse_kl,
 )
 
 MODES = ("dense", "warmup", "sparse")
+
+
+@dataclass(frozen=True)
+class KLInBackward:
+    """Where the sparse phase's indexer KL goes when the attention's backward computes it (the
+    training step: its target is the probabilities that backward recomputes, no second pass
+    over the selected rows). ``weight()``: d loss / d (one own row's KL), read in the
+    backward; ``record(kl)``: receives the own rows' KL [B, Sq'] (no grad) once it exists."""
+
+    weight: Callable[[], Union[float, torch.Tensor]]
+    record: Callable[[torch.Tensor], None]
 
 
 @dataclass
@@ -87,6 +99,7 @@ def dsa_core(
     recall_rows: int = 0,
     cu_seqlens: Optional[torch.Tensor] = None,
     up_proj: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+    kl_in_backward: Optional[KLInBackward] = None,
 ) -> CoreResult:
     """One DSA core attention step on this rank (shapes in the module docstring).
 
@@ -103,6 +116,9 @@ def dsa_core(
     MLA's MHA form (the gathered latents expanded per head, 192 / 128 dims a head at
     DeepSeek-V3.2's shape against 576 / 512 absorbed) and ``out`` is [B, Sq, H, dv], already
     through the V up-projection; the warm-up's target absorbs the query itself.
+    ``kl_in_backward``: in the sparse mode with gradients on and the KL objective over the
+    selected set, the KL is computed in the attention's backward and delivered there
+    (``res.kl`` is None); without gradients (evaluation) it is computed here as always.
     """
     if mode not in MODES:
         raise ValueError(f"unknown DSA mode {mode!r}; one of {MODES}")
@@ -161,15 +177,20 @@ def dsa_core(
         kv_buf = kv_buf[None].expand(B, -1, -1)
     else:
         kv_buf, idx, gids = kv, sel, None
+    selected_set_loss = indexer is not None and with_loss and sparse_loss
+    if selected_set_loss:
+        ki_buf = ki_all if gids is None else ki_all.reshape(B * seq, -1)[gids][None].expand(B, -1, -1)
+    if selected_set_loss and kl_in_backward is not None and objective == "kl" and torch.is_grad_enabled():
+        out = sparse_attention_kl_in_backward(backend, q, kv_buf, idx, v_dim, scale, qi, ki_buf, wi, ctx,
+                                              kl_in_backward.weight, kl_in_backward.record)
+        return CoreResult(out, topk=sel, indexer_flops=flops[0])
     out, lse = backend.sparse_mla_attention(q, kv_buf, idx, v_dim, scale)
     res = CoreResult(out, topk=sel)
 
-    if indexer is not None and with_loss:
-        if sparse_loss:
-            ki_buf = ki_all if gids is None else ki_all.reshape(B * seq, -1)[gids][None].expand(B, -1, -1)
-            res.kl = _selected_set_objective(loss_ops, backend, ctx, q, kv_buf, idx, lse, qi, ki_buf, wi, scale)
-        else:
-            res.kl, res.recall = dense_objective(gather_kv(kv, ctx, seq, cu_seqlens))
+    if selected_set_loss:
+        res.kl = _selected_set_objective(loss_ops, backend, ctx, q, kv_buf, idx, lse, qi, ki_buf, wi, scale)
+    elif indexer is not None and with_loss:
+        res.kl, res.recall = dense_objective(gather_kv(kv, ctx, seq, cu_seqlens))
     res.indexer_flops = flops[0]
     return res
 

@@ -28,8 +28,8 @@ convention: each algorithmic FLOP once):
   pretraining the indexer does not run at all.
 
 One DSA attention core as the kernels execute it (``dsa_flops``, ``dense_attention_flops``:
-the benchmarks' TFLOP/s), counting the passes the kernels really make (the sparse KL's target
-scores the main attention twice: once for its log-sum-exp, once for p).
+the benchmarks' TFLOP/s), counting the passes the kernels really make (the sparse KL's target is
+the probabilities the attention's backward recomputes: it adds no products of its own).
 """
 
 from __future__ import annotations
@@ -135,9 +135,12 @@ def forward_terms(shape: Shape, seq: int, mode: str) -> dict[str, float]:
         # The O(S^2) term: every causal pair, 2 * HI * DI (+ the head weighting).
         terms["indexer_scores"] = L * dense_pairs * (2 * s.idx_heads * s.idx_dim + 2 * s.idx_heads)
         kl_pairs = dense_pairs if mode == "warmup" else pairs
-        # Target: the main attention scores again; sparse also rescores the selected keys.
+        # Warm-up: the target scores the main attention again over every pair. Sparse: the
+        # target is the probabilities the attention's backward recomputes (no products of its
+        # own), and the indexer rescores the selected keys.
+        target = 2 * s.heads * (s.kv_lora + s.rope_dim) if mode == "warmup" else 0
         rescore = 0 if mode == "warmup" else 2 * s.idx_heads * s.idx_dim
-        terms["indexer_kl"] = L * kl_pairs * (2 * s.heads * (s.kv_lora + s.rope_dim) + rescore)
+        terms["indexer_kl"] = L * kl_pairs * (target + rescore)
     return {k: float(v) for k, v in terms.items()}
 
 
@@ -160,8 +163,8 @@ def training_terms(shape: Shape, seq: int, phase: str) -> dict[str, float]:
             mult = 3  # indexer projections and the KL train the indexer
         out[key] = value * mult
     if phase == "sparse":
-        # KL backward through the indexer over the selected pairs (its target has no gradient).
-        out["indexer_kl"] += 2 * shape.all_layers * sparse_pairs(seq, shape.topk) * 2 * shape.idx_heads * shape.idx_dim
+        # The KL's backward recomputes the selected pairs' logits before dq_idx and dk_idx.
+        out["indexer_kl"] += shape.all_layers * sparse_pairs(seq, shape.topk) * 2 * shape.idx_heads * shape.idx_dim
     return out
 
 
@@ -205,8 +208,8 @@ def dsa_flops(
     # backward: recompute S (dqk), dP = dO V^T (dv), dQ (dqk), dK (dqk), dV (dv)
     out["attn_bwd"] = batch * 2.0 * heads * (3 * dqk + 2 * dv) * pairs_sparse if backward else 0.0
     if sparse_kl:
-        # forward: the kernel's two passes of main scores (lse, then p) + indexer logits over the set
-        out["kl_fwd"] = batch * pairs_sparse * (2 * 2.0 * heads * dqk + 2.0 * idx_heads * idx_dim)
+        # forward: the indexer logits over the set (the target comes from the attention backward)
+        out["kl_fwd"] = batch * pairs_sparse * 2.0 * idx_heads * idx_dim
         # backward: logits recompute, dq_idx, dk_idx
         out["kl_bwd"] = batch * pairs_sparse * 3 * 2.0 * idx_heads * idx_dim if backward else 0.0
     if indexer_backward:

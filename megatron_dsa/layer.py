@@ -17,8 +17,11 @@ Modes (``config.dsa.mode``, read at every forward so a trainer can switch phases
 is logged under the same name.
 
 The indexer loss reaches the optimizer the way megatron-core's MoE auxiliary loss does: in
-``sparse`` mode it is attached to the attention output by ``DSAIndexerLossAutoScaler``, so the
-language-model backward also runs the KL's backward, scaled by the schedule's loss scale. In
+``sparse`` mode the language-model backward also runs the KL's backward, scaled by the
+schedule's loss scale (``DSAIndexerLossAutoScaler``'s). With gradients on, the KL is computed
+inside the sparse attention's backward (``core.KLInBackward``: its target is the probabilities
+that backward recomputes) and recorded there; without them (evaluation) it is computed in the
+forward and attached to the output by ``DSAIndexerLossAutoScaler``. In
 ``warmup`` on one pipeline stage nothing is attached (the main model is frozen and must see no
 backward at all): the trainer takes the losses from ``pop_indexer_losses`` and backpropagates
 their sum alone. Under pipeline parallelism the last stage's loss cannot reach the other
@@ -41,7 +44,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
 from megatron_dsa import ops
 from megatron_dsa.config import DSATransformerConfig
-from megatron_dsa.core import dsa_core
+from megatron_dsa.core import KLInBackward, dsa_core
 from megatron_dsa.parallel import ParallelContext, cp_positions, global_sequence_length, own_rows
 from megatron_dsa import reference as R
 from megatron_dsa.reference import document_ids, indexer_qkw, rope_cos_sin
@@ -301,6 +304,7 @@ class DSACoreAttention(MegatronModule):
             objective=s.objective, backend=ops.backend(s.kernel, q.device, s.kernel_options), fp8_indexer=s.fp8_indexer,
             recall_rows=s.recall_rows, cu_seqlens=cu_seqlens,
             up_proj=self.__dict__["_up_projections"]() if self.dense_in_mha_form else None,
+            kl_in_backward=self._kl_in_backward(total_rows=batch * seq) if indexer is not None else None,
         )
         self.indexer_flops += res.indexer_flops
         if indexer is not None and s.mode == "sparse":
@@ -351,18 +355,34 @@ class DSACoreAttention(MegatronModule):
             )
         return topk
 
+    def _record(self, name: str, rows: torch.Tensor) -> None:
+        num_layers = self.config.num_layers + (self.config.mtp_num_layers or 0)
+        save_to_aux_losses_tracker(name, rows.detach().mean(), self.layer_number, num_layers)
+
+    def _kl_in_backward(self, total_rows: int) -> KLInBackward:
+        """The sparse phase's KL as the attention's backward computes it: each own row's KL
+        weighs what it would as ``_attach_indexer_loss``'s loss (its share of the mean over ALL
+        ``total_rows`` rows, times the coefficient and the schedule's loss scale) and is
+        recorded once, in that backward (also under recomputation)."""
+        coeff = self.config.dsa.loss_coeff / total_rows
+
+        def weight():
+            scale = DSAIndexerLossAutoScaler.main_loss_backward_scale
+            return coeff if scale is None else scale * coeff
+
+        return KLInBackward(weight, lambda kl: self._record(INDEXER_KL, kl))
+
     def _attach_indexer_loss(self, out, kl, recall, mode: str, total_rows: int) -> torch.Tensor:
         """``kl`` holds this rank's own rows: the loss is their sum over ALL ``total_rows`` rows
         of the batch, so under TP/CP the sum of the ranks' losses is the one-rank mean."""
         s = self.config.dsa
         loss = kl.sum() / total_rows * s.loss_coeff
-        num_layers = self.config.num_layers + (self.config.mtp_num_layers or 0)
         # A training forward without gradients is recomputation's first pass: the pass it reruns
         # in the backward records, so a step records once (as megatron-core's MoE aux losses).
         if not (self.training and not torch.is_grad_enabled()):
-            save_to_aux_losses_tracker(INDEXER_KL, kl.detach().mean(), self.layer_number, num_layers)
+            self._record(INDEXER_KL, kl)
             if recall is not None:
-                save_to_aux_losses_tracker(TOPK_RECALL, recall.detach().mean(), self.layer_number, num_layers)
+                self._record(TOPK_RECALL, recall)
         if mode == "warmup" and self.config.pipeline_model_parallel_size == 1:
             self._indexer_loss = loss
             return out

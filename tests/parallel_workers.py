@@ -154,7 +154,7 @@ def check_core_against_reference(ctx, seed, modes, kernel="reference", cu_seqlen
     packed CP layout: each document in 2 * CP chunks), and the expected values are each
     document run alone (``documents_run``)."""
     from megatron_dsa import ops
-    from megatron_dsa.core import dsa_core
+    from megatron_dsa.core import KLInBackward, dsa_core
     from megatron_dsa.parallel import balanced_blocks, cp_split, own_rows
     from megatron_dsa.parallel.sharded import can_balance
 
@@ -216,17 +216,37 @@ def check_core_against_reference(ctx, seed, modes, kernel="reference", cu_seqlen
         cot = cp_split_(inp["cot"])[:, :, heads]
         loss = (res.out * cot).sum() + (0 if res.kl is None else res.kl.sum())
         loss.backward()
-        g = {k: v.grad if v.grad is not None else torch.zeros_like(v) for k, v in mine.items()}
-        if tp > 1:  # kv is replicated over TP (MLA gathered it): its gradient is the sum
-            dist.all_reduce(g["kv"], group=ctx.tp_group)
         rg = {k: cp_split_(v) for k, v in ref["grads"].items()}
-        _close(tag + " dq", g["q"], rg["q"][:, :, heads])
-        _close(tag + " dkv", g["kv"], rg["kv"])
-        for k in ("qi", "ki", "wi"):
-            _close(tag + " d" + k, g[k], rg[k][:, rows])
+
+        def check_grads(tag, mine):
+            g = {k: v.grad if v.grad is not None else torch.zeros_like(v) for k, v in mine.items()}
+            if tp > 1:  # kv is replicated over TP (MLA gathered it): its gradient is the sum
+                dist.all_reduce(g["kv"], group=ctx.tp_group)
+            _close(tag + " dq", g["q"], rg["q"][:, :, heads])
+            _close(tag + " dkv", g["kv"], rg["kv"])
+            for k in ("qi", "ki", "wi"):
+                _close(tag + " d" + k, g[k], rg[k][:, rows])
+
+        check_grads(tag, mine)
         if mode == "sparse" and sparse_loss and cp == 1:
             full = s["B"] * s["S"] * s["S"] * s["HI"] * s["DI"] * 2
             assert res.indexer_flops * tp == full, (res.indexer_flops, full)
+        if mode == "sparse" and sparse_loss:
+            # The training step's form: the KL computed in the attention's backward from the
+            # probabilities it recomputes, weighted by d loss / d row KL (1 here, as above).
+            again = {k: v.detach().clone().requires_grad_() for k, v in mine.items()}
+            recorded = []
+            res2 = dsa_core(
+                ctx, mode, again["q"], again["kv"], s["V"], s["D"] ** -0.5, s["K"],
+                indexer=(again["qi"], again["ki"], again["wi"]), backend=backend, cu_seqlens=cu_seqlens,
+                kl_in_backward=KLInBackward(lambda: 1.0, recorded.append),
+            )
+            assert res2.kl is None and not recorded, (tag, "the KL belongs to the backward")
+            _close(tag + " out (KL in backward)", res2.out, ref_out)
+            (res2.out * cot).sum().backward()
+            assert len(recorded) == 1, (tag, len(recorded))
+            _close(tag + " kl (KL in backward)", recorded[0], cp_split_(ref["kl"])[:, rows])
+            check_grads(tag + " (KL in backward)", again)
 
 
 def balanced_topk_worker(rank, world, port, seed):

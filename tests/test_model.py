@@ -258,6 +258,31 @@ def test_topk_recall_and_kl_are_logged_per_layer(megatron_world, seed):
     tracker.clear()
 
 
+def test_sparse_kl_is_computed_and_logged_in_the_backward(megatron_world, seed):
+    """Training's sparse KL comes from the attention's backward: nothing is logged by the
+    forward, each layer once by the backward, with the values a forward without gradients
+    (evaluation, where the KL is computed in the forward) gives on the same batch."""
+    from megatron.core.transformer.moe.moe_utils import get_moe_metrics_tracker
+
+    tracker = get_moe_metrics_tracker()
+    tracker.clear()
+    model = make(megatron_world, seed, mdsa_mode="sparse")
+    data = batch()
+    model.eval()
+    with torch.no_grad():
+        lm_loss(model, *data)
+    evaluated = tracker.metrics["indexer_kl"].values.clone()
+    tracker.clear()
+    model.train()
+    loss = lm_loss(model, *data)
+    assert "indexer_kl" not in tracker.metrics or not tracker.metrics["indexer_kl"].values.any()
+    loss.backward()
+    trained = tracker.metrics["indexer_kl"].values.clone()
+    tracker.clear()
+    assert evaluated.shape == (3,) and (evaluated > 0).all()
+    assert torch.allclose(trained, evaluated, rtol=1e-5, atol=0), (trained, evaluated)
+
+
 def test_indexer_rope_follows_the_positions_it_is_given(megatron_world, seed):
     """Same length, other positions (decode, context parallel): no stale rotary tables."""
     model = make(megatron_world, seed, mdsa_mode="sparse")

@@ -513,6 +513,40 @@ def test_layer_metrics_average_only_the_layers_that_recorded(megatron_world):
     assert "indexer topk-recall/layer2" not in report
 
 
+def test_sparse_kl_from_the_backward_is_reported_after_the_step(megatron_world, monkeypatch):
+    """A sparse training step's KL is recorded by the attention's backward, after the loss
+    function: that function leaves the tracker alone, and after the step the log gets the mean
+    over the microbatches; a non-finite KL stops the run there, naming the iteration."""
+    from types import SimpleNamespace
+
+    import megatron.core.num_microbatches_calculator as microbatches
+    from megatron.core.transformer.moe.moe_utils import save_to_aux_losses_tracker
+
+    from megatron_dsa.layer import INDEXER_KL
+    from megatron_dsa.train import trainer
+
+    args = SimpleNamespace(pipeline_model_parallel_size=1, mdsa_phase="sparse", num_layers=3, curr_iteration=4)
+    monkeypatch.setattr(trainer, "_args", lambda: args)
+    monkeypatch.setattr(microbatches, "get_num_microbatches", lambda: 2)
+    trainer._pop_layer_metrics()  # values an earlier in-process forward left in the tracker
+    training = SimpleNamespace(training=True, config=SimpleNamespace(pipeline_model_parallel_size=1))
+    try:
+        assert trainer.metrics_after_step() and not trainer.metrics_after_step(SimpleNamespace(
+            pipeline_model_parallel_size=1, mdsa_phase="warmup"))
+        for microbatch_kl in (0.2, 0.4):  # two microbatches: forward (the loss function), backward
+            _, _, report = trainer.loss_func(torch.ones(2, 4), training, "sparse", torch.zeros(2, 4))
+            assert "indexer kl" not in report
+            save_to_aux_losses_tracker(INDEXER_KL, torch.tensor(microbatch_kl), 2, 3)
+        logged = trainer.layer_metrics_after_step()
+        assert float(logged["indexer kl"]) == pytest.approx(0.3) and set(logged) == {"indexer kl", "indexer kl/layer2"}
+        assert not trainer.layer_metrics_after_step()  # read once
+        save_to_aux_losses_tracker(INDEXER_KL, torch.tensor(float("nan")), 3, 3)
+        with pytest.raises(trainer.NonFiniteError, match="iteration 5: the indexer KL of layer 3 is non-finite"):
+            trainer.layer_metrics_after_step()
+    finally:
+        trainer._pop_layer_metrics()
+
+
 def test_no_apex_weight_gradient_fusion_on_the_gpu(monkeypatch):
     """On CUDA without Apex's fused weight-gradient extension Megatron's default fusion would
     fail at model construction: the trainer turns it off."""

@@ -27,7 +27,10 @@ and under CP it all-gathers the K/V latents (S x Dqk) and the indexer keys over 
    The sparse KL target p = probabilities summed over ALL heads: each rank sums its local
    heads' selected-set probabilities for all rows (no grad) and the partial sums [S_cp, K]
    fp32 are reduce-scattered over TP ((TP-1)/TP x S_cp x K x 4 bytes), so every rank gets the
-   full target for its own rows (``sharded.tp_sparse_kl``). For the DENSE (warm-up) KL the
+   full target for its own rows (``sharded.own_rows_target``). In training the partial sums come
+   from the sparse attention's backward, which recomputes the probabilities anyway, and the KL
+   runs there (``sharded.SparseAttentionKLInBackward``); without gradients a pass of its own
+   makes them (``sharded.tp_sparse_kl``). For the DENSE (warm-up) KL the
    partial sums would be S_cp x S x 4 bytes (64 GiB per layer at 128K); instead the detached
    queries are re-sharded "own rows, all heads" with one all-to-all
    ((TP-1)/TP x S_cp x H/TP x Dqk x 2 bytes, no backward) and the reference KL runs on them.

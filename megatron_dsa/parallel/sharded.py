@@ -164,7 +164,54 @@ def tp_sparse_kl(ops, q, kv_buf, idx, lse, qi, ki_buf, wi, scale: float, ctx: Pa
     """
     rows = own_rows(ctx, q.shape[1])
     with torch.no_grad():
-        partial = ops.sparse_target_head_sum(q.detach(), kv_buf.detach(), idx, scale, lse=lse)
-        summed = reduce_scatter_rows(partial, ctx.tp_group, name="tp.kl_partial_p")
-        p = summed / summed.sum(dim=-1, keepdim=True).clamp_min(R.KL_EPS)
+        p = own_rows_target(ops.sparse_target_head_sum(q.detach(), kv_buf.detach(), idx, scale, lse=lse), ctx)
     return ops.sparse_indexer_kl_from_target(qi, ki_buf, wi, idx[:, rows], p)
+
+
+@torch.no_grad()
+def own_rows_target(head_sum: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
+    """The sparse KL's target p for this rank's own rows, from its heads' probability sums over
+    every row's selected set [B, S_cp, K]: the TP ranks' sums added (reduce-scatter, fp32) and
+    each row normalised over its set (all 0 where no key was selected)."""
+    summed = reduce_scatter_rows(head_sum, ctx.tp_group, name="tp.kl_partial_p")
+    return summed / summed.sum(dim=-1, keepdim=True).clamp_min(R.KL_EPS)
+
+
+class SparseAttentionKLInBackward(torch.autograd.Function):
+    """The sparse attention whose backward also trains the indexer (the KL's target comes from
+    the probabilities that backward recomputes, so no pass over the selected rows is made for
+    it). Forward: ``ops.sparse_mla_attention``'s output. Backward: dq, dkv as that op's, plus
+    the KL's gradients for qi, ki, wi, each own row's KL weighted by ``weight()``, with the rows'
+    KL values handed to ``record`` (no grad)."""
+
+    @staticmethod
+    def forward(ctx, q, kv, qi, ki, wi, idx, v_dim, scale, ops, pctx, weight, record):
+        out, lse = ops.sparse_mla_attention(q, kv, idx, v_dim, scale)
+        ctx.save_for_backward(q, kv, qi, ki, wi, idx, out, lse)
+        ctx.args = (v_dim, scale, ops, pctx, weight, record)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, kv, qi, ki, wi, idx, out, lse = ctx.saved_tensors
+        v_dim, scale, ops, pctx, weight, record = ctx.args
+        dq, dkv, head_sum = ops.sparse_mla_attention_backward(q, kv, idx, out, lse, dout, v_dim, scale)
+        p = own_rows_target(head_sum, pctx)
+        del head_sum
+        rows = own_rows(pctx, q.shape[1])
+        with torch.enable_grad():
+            leaves = [x.detach().requires_grad_() for x in (qi, ki, wi)]
+            kl = ops.sparse_indexer_kl_from_target(*leaves, idx[:, rows], p)
+            w = torch.as_tensor(weight(), dtype=kl.dtype, device=kl.device)
+            dqi, dki, dwi = torch.autograd.grad(kl, leaves, w.expand_as(kl))
+        record(kl.detach())
+        return dq, dkv, dqi, dki, dwi, None, None, None, None, None, None, None
+
+
+def sparse_attention_kl_in_backward(ops, q, kv_buf, idx, v_dim: int, scale: float, qi, ki_buf, wi,
+                                    ctx: ParallelContext, weight, record) -> torch.Tensor:
+    """The sparse attention's output [B, S_cp, H/TP, v_dim]; its backward adds the own rows' KL
+    (``tp_sparse_kl``'s value, weighted by ``weight()``: d loss / d row KL) to the indexer's
+    gradients and passes the values to ``record``. The indexer's inputs are detached (the
+    indexer learns only from the KL), so nothing else changes in the graph."""
+    return SparseAttentionKLInBackward.apply(q, kv_buf, qi, ki_buf, wi, idx, v_dim, scale, ops, ctx, weight, record)

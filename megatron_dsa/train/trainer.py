@@ -128,7 +128,7 @@ def _batch(data_iterator):
 def _pop_layer_metrics(keep: bool = False) -> dict[str, torch.Tensor]:
     """Per-layer indexer KL / top-k recall recorded by the layers in the last forward, removed
     from megatron-core's MoE metrics tracker (its report() would clear them unlogged); ``keep``
-    leaves them there (under pipeline parallelism ``pipeline_layer_metrics`` reports them)."""
+    leaves them there (``layer_metrics_after_step`` reports them after the step)."""
     from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
 
     from megatron_dsa.layer import INDEXER_KL, TOPK_RECALL
@@ -162,11 +162,20 @@ def _layer_report(metrics: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return report
 
 
-def pipeline_layer_metrics() -> dict[str, torch.Tensor]:
-    """Under pipeline parallelism, the indexer metrics of EVERY stage's layers for the log.
+def metrics_after_step(args=None) -> bool:
+    """Whether the indexer's per-layer metrics of a training step are read after it, not by the
+    loss function: under pipeline parallelism (only the last stage runs the loss function) and
+    in the sparse phase (the attention's backward computes and records the KL)."""
+    args = args or _args()
+    return args.pipeline_model_parallel_size > 1 or args.mdsa_phase == "sparse"
 
-    Each stage's layers record into that stage's tracker, and only the last stage runs the
-    loss function: the per-layer sums (over the iteration's microbatches) are added over the
+
+def layer_metrics_after_step() -> dict[str, torch.Tensor]:
+    """The indexer metrics of a training step, of EVERY pipeline stage's layers, for the log
+    (``metrics_after_step``); a non-finite one stops the run before the step is saved.
+
+    Each stage's layers record into that stage's tracker, in their forward or (the sparse KL)
+    their backward: the per-layer sums over the iteration's microbatches are added over the
     pipeline group, as megatron-core reduces its MoE metrics, then averaged over microbatches
     and data-parallel ranks. Every pipeline rank calls this once per logged iteration."""
     from megatron.core import parallel_state
@@ -187,16 +196,18 @@ def pipeline_layer_metrics() -> dict[str, torch.Tensor]:
                                      op=torch.distributed.ReduceOp.AVG)
         metrics[name] = values.clone()
         values.zero_()
+    labels = {INDEXER_KL: "the indexer KL", TOPK_RECALL: "the indexer top-k recall"}
+    check_finite([(labels[name], v) for name, v in metrics.items()], training=True)
     return _layer_report(metrics)
 
 
 def _log_every_stage(training_log):
     """Megatron's training_log (called by every rank after each step), with the indexer
-    metrics of every pipeline stage in its loss dict."""
+    metrics read after the step (``metrics_after_step``) in its loss dict."""
 
     def log(loss_dict, *args, **kwargs):
-        if _args().pipeline_model_parallel_size > 1:
-            loss_dict = {**loss_dict, **pipeline_layer_metrics()}
+        if metrics_after_step():
+            loss_dict = {**loss_dict, **layer_metrics_after_step()}
         return training_log(loss_dict, *args, **kwargs)
 
     return log
@@ -317,16 +328,18 @@ def loss_func(loss_mask: torch.Tensor, model, phase: str, output_tensor: torch.T
         loss = lm_sum
         report["lm loss"] = torch.stack([lm_sum.detach(), num_tokens])
     # Under pipeline parallelism the tracker keeps them: every stage's are logged together
-    # after the step (pipeline_layer_metrics), not only this last stage's.
+    # after the step (layer_metrics_after_step), not only this last stage's. So does a sparse
+    # training step's: its KL is recorded by the backward, after this function.
     pipelined = getattr(getattr(model, "config", None), "pipeline_model_parallel_size", 1) > 1
-    metrics = _pop_layer_metrics(keep=pipelined)
+    after_step = pipelined or (phase == "sparse" and bool(getattr(model, "training", False)))
+    metrics = _pop_layer_metrics(keep=after_step)
     from megatron_dsa.layer import INDEXER_KL
 
     if INDEXER_KL in metrics:
         terms.append(("the indexer KL", metrics[INDEXER_KL]))
     terms += _moe_aux_terms()
     check_finite(terms, training=getattr(model, "training", None))
-    if not pipelined:
+    if not after_step:
         report.update({tag: pair(value) for tag, value in _layer_report(metrics).items()})
     return loss, num_tokens.int(), report
 
