@@ -15,6 +15,8 @@ atomic rate), TFLOP/s and the peak memory beyond the step's inputs, outputs and 
 scores under the causally balanced split; attention and KL as the rank runs them).
 ``--pattern``: also the attention stages on a selection shaped like a trained indexer's
 (a local window, the first tokens and the rest spread), against random selections.
+``--kl-two-pass``: also the step with the sparse KL's target from its own pass over the selected
+rows in the forward (the form before the attention's backward supplied it).
 Writes dsa_h200.json, dsa_h200.md and dsa_h200.png to --out (default benchmarks/results).
 """
 
@@ -98,9 +100,15 @@ def pattern_idx(S, dev="cuda", window=1024, sinks=64):
     return idx[None].to(torch.int32).contiguous()  # the selection's dtype
 
 
-def ours_step(t, fp8, stages=None, idx=None, rows=None):
+def ours_step(t, fp8, stages=None, idx=None, rows=None, kl_two_pass=False):
     """One forward + backward of our DSA core; ``rows`` (a slice of query rows, for the TP=8
-    rank case) limits the indexer and the KL to those rows."""
+    rank case) limits the indexer and the KL to those rows.
+
+    As training runs it (``parallel.sharded.SparseAttentionKLInBackward``): the attention's
+    backward also sums its recomputed probabilities over the heads, and the KL against that
+    target runs after it (forward and backward). The ops are called one by one so that each
+    stage is timed. ``kl_two_pass``: the KL's target from its own pass over the selected rows
+    in the forward instead (what evaluation, without a backward, runs)."""
 
     def mark(name):
         if stages is not None:
@@ -117,6 +125,21 @@ def ours_step(t, fp8, stages=None, idx=None, rows=None):
             idx = t.idx_rest
             idx[:, rows] = own
     mark("indexer_topk")
+    if not kl_two_pass:
+        own = slice(None) if rows is None else rows
+        with torch.no_grad():
+            out, lse = KN.sparse_mla_attention(t.q, t.kv, idx, DV, t.scale)
+        mark("attn_fwd")
+        t.q.grad, t.kv.grad, head_sum = KN.sparse_mla_attention_backward(t.q.detach(), t.kv.detach(), idx, out, lse,
+                                                                         t.gout, DV, t.scale)
+        mark("attn_bwd")
+        p = head_sum[:, own]
+        p = p / p.sum(-1, keepdim=True).clamp_min(1e-30)
+        kl = KN.sparse_indexer_kl_from_target(t.qi[:, own], t.ki, t.wi[:, own], idx[:, own], p)
+        mark("kl_fwd")
+        torch.autograd.backward([kl], [t.gkl[:, : kl.shape[1]]])
+        mark("kl_bwd")
+        return idx
     out, lse = KN.sparse_mla_attention(t.q, t.kv, idx, DV, t.scale)
     mark("attn_fwd")
     if rows is None:
@@ -287,8 +310,10 @@ def stage_bounds(S, H, c, rows_frac=1.0):
     sel_bytes = rows_frac * S * S / 2 * 4 * 2  # fp32 scores written once, read once
     b["indexer_topk"] = max(rows_frac * fl["indexer_scores"] / (c["fp8_tflops"] * 1e12), sel_bytes / (c["hbm_tb_s"] * 1e12))
     b["attn_fwd"] = max(fl["attn_fwd"] / (c["bf16_tflops"] * 1e12), pairs * DQK * 2 / (c["gather_tb_s"] * 1e12))
-    b["kl_fwd"] = max(2.0 * H * DQK * pairs / (c["bf16_tflops"] * 1e12),
-                      pairs * (DQK + rows_frac * DI) * 2 / (c["gather_tb_s"] * 1e12))
+    # The KL's forward: the indexer logits over the set (its target comes from the attention
+    # backward, whose bound does not change: the head sum adds K adds a head block and token).
+    b["kl_fwd"] = max(rows_frac * fl["kl_fwd"] / (c["bf16_tflops"] * 1e12),
+                      rows_frac * pairs * DI * 2 / (c["gather_tb_s"] * 1e12))
     b["attn_bwd"] = max(fl["attn_bwd"] / (c["bf16_tflops"] * 1e12), nhb * pairs * DQK / c["atomic_adds_per_s"])
     b["kl_bwd"] = max(rows_frac * fl["kl_bwd"] / (c["bf16_tflops"] * 1e12), rows_frac * pairs * DI / c["atomic_adds_per_s"])
     return {k: 1e3 * v for k, v in b.items()}, fl
@@ -300,15 +325,15 @@ def io_gib(S, H):
     return n / 2**30
 
 
-def time_ours(t, fp8, reps, idx=None, rows=None):
+def time_ours(t, fp8, reps, idx=None, rows=None, kl_two_pass=False):
     def fn():
-        ours_step(t, fp8, idx=idx, rows=rows)
+        ours_step(t, fp8, idx=idx, rows=rows, kl_two_pass=kl_two_pass)
         zero_grads(t)
 
     ms, all_ms = cuda_time(fn, reps=reps)
     peak, extra = peak_beyond(fn)
     st = []
-    ours_step(t, fp8, st, idx=idx, rows=rows)
+    ours_step(t, fp8, st, idx=idx, rows=rows, kl_two_pass=kl_two_pass)
     zero_grads(t)
     stages = {st[i][0]: 1e3 * (st[i][1] - st[i - 1][1]) for i in range(1, len(st))}
     return {"ms": ms, "all_ms": all_ms, "peak_gib": peak, "peak_extra_gib": extra, "stages_ms": stages}
@@ -336,13 +361,14 @@ def bench_row(S, H, args, c, label=None, tp8=False):
         t.idx_rest = KN.indexer_topk(t.qi.detach(), t.ki.detach(), t.wi.detach(), TOPK, fp8=True, ordered=False)
     bounds, fl = stage_bounds(S, H, c, frac)
     row["bounds_ms"] = bounds
-    row["flops"] = {k: (v * frac if k in ("indexer_scores", "kl_bwd") else v) for k, v in fl.items()}
+    row["flops"] = {k: (v * frac if k in ("indexer_scores", "kl_fwd", "kl_bwd") else v) for k, v in fl.items()}
     io = io_gib(S, H)
-    for name, fp8 in (("ours_fp8", True), ("ours_bf16", False)):
-        if name == "ours_bf16" and not args.bf16:
+    for name, fp8, two_pass in (("ours_fp8", True, False), ("ours_bf16", False, False),
+                                ("ours_fp8_kl_two_pass", True, True)):
+        if (name == "ours_bf16" and not args.bf16) or (two_pass and not args.kl_two_pass):
             continue
         try:
-            r = time_ours(t, fp8, args.reps, rows=rows)
+            r = time_ours(t, fp8, args.reps, rows=rows, kl_two_pass=two_pass)
             r["tflops"] = sum(row["flops"][k] for k in ("indexer_scores", "attn_fwd", "attn_bwd", "kl_fwd", "kl_bwd")) / r["ms"] / 1e9
             r["beyond_io_gib"] = r["peak_extra_gib"] - io
             row[name] = r
@@ -392,6 +418,8 @@ def main():
     ap.add_argument("--no-bf16", dest="bf16", action="store_false", help="time the FP8 indexer only")
     ap.add_argument("--tp8", action="store_true", help="also the TP=8 rank case (16 heads)")
     ap.add_argument("--pattern", action="store_true", help="also a trained-indexer-shaped selection")
+    ap.add_argument("--kl-two-pass", action="store_true",
+                    help="also the sparse KL with its target from a pass of its own in the forward (FP8 indexer)")
     ap.add_argument("--no-checks", action="store_true")
     ap.add_argument("--update", action="store_true",
                     help="keep the rows of --out's dsa_h200.json that this run does not measure (same case and "
@@ -536,6 +564,16 @@ def to_markdown(res):
             for lab, k in (("random", "ours_fp8"), ("window + sinks + spread", "ours_fp8_pattern")):
                 st = r[k]["stages_ms"]
                 lines.append(f"| {r['case']} | {r['seq'] // 1024}K | {lab} | " + " | ".join(f"{st[s]:.1f}" for s in STAGES[1:]) + " |")
+    two = [r for r in res["rows"] if r.get("ours_fp8_kl_two_pass", {}).get("stages_ms") and r.get("ours_fp8", {}).get("stages_ms")]
+    if two:
+        lines += ["", "The sparse KL's target from the attention's backward (the training step) vs from a pass of its own "
+                  "over the selected rows in the forward, FP8 indexer, ms:", "",
+                  "| case | seq | target from | step | " + " | ".join(STAGES) + " | peak GiB |", "|---|---|---|---|" + "---|" * (len(STAGES) + 1)]
+        for r in two:
+            for lab, k in (("the attention backward", "ours_fp8"), ("its own pass", "ours_fp8_kl_two_pass")):
+                a = r[k]
+                lines.append(f"| {r['case']} | {r['seq'] // 1024}K | {lab} | {a['ms']:.0f} | "
+                             + " | ".join(f"{a['stages_ms'][s]:.1f}" for s in STAGES) + f" | {a['peak_gib']:.1f} |")
     for key in ("megatron", "tilelang"):
         for m in res.get(key, []):
             lines.append(f"\nmegatron-core 0.19.2 DSA ({key}) at {m['seq'] // 1024}K, 16 heads: "
