@@ -293,15 +293,19 @@ def _random_idx(B, S, Sk, topk, holes=True):
     return idx.contiguous()
 
 
-@pytest.mark.parametrize("B,S,H,v_dim,rope,topk,dtype", ATTN_CASES)
-def test_sparse_mla_attention(B, S, H, v_dim, rope, topk, dtype, variant):
+def _attention_inputs(B, S, H, v_dim, rope, topk, dtype):
+    """q, kv (leaves), a causal selection with holes and the softmax scale (x20 rows on a GPU)."""
     if BIG:
         S, topk = S * 20, topk * 4
     D = v_dim + rope
     q = torch.randn(B, S, H, D, device=DEV).to(dtype).requires_grad_()
     kv = torch.randn(B, S, D, device=DEV).to(dtype).requires_grad_()
-    idx = _random_idx(B, S, S, topk)
-    scale = D**-0.5
+    return q, kv, _random_idx(B, S, S, topk), D**-0.5
+
+
+@pytest.mark.parametrize("B,S,H,v_dim,rope,topk,dtype", ATTN_CASES)
+def test_sparse_mla_attention(B, S, H, v_dim, rope, topk, dtype, variant):
+    q, kv, idx, scale = _attention_inputs(B, S, H, v_dim, rope, topk, dtype)
     out, lse = K.sparse_mla_attention(q, kv, idx, v_dim, scale, options=variant)
     assert out.dtype == dtype
     q32, kv32 = _fp32_leaves(q, kv)
@@ -472,14 +476,8 @@ def test_sparse_attention_backward_gives_the_kl_target(H, dtype, variant):
     autograd op's, and the probabilities summed over the heads equal the reference's head sum
     (in the selection's slot order after the key ranges' sort; 0 at -1 slots and for a row
     without keys), at one head block, a partial second block and two 64-head blocks."""
-    B, S, v_dim, rope, topk = 1, 15, 32, 16, 8
-    if BIG:
-        S, topk = S * 20, topk * 4
-    D = v_dim + rope
-    q = torch.randn(B, S, H, D, device=DEV).to(dtype).requires_grad_()
-    kv = torch.randn(B, S, D, device=DEV).to(dtype).requires_grad_()
-    idx = _random_idx(B, S, S, topk)
-    scale = D**-0.5
+    q, kv, idx, scale = _attention_inputs(1, 15, H, 32, 16, 8, dtype)
+    S, v_dim = q.shape[1], 32
     out, lse = K.sparse_mla_attention(q, kv, idx, v_dim, scale, options=variant)
     go = torch.randn_like(out)
     dq, dkv, p = K.sparse_mla_attention_backward(q.detach(), kv.detach(), idx, out.detach(), lse, go, v_dim, scale,

@@ -13,8 +13,9 @@ Phases (the DeepSeek-V3.2-Exp report's dense warm-up and sparse training, after 
               the optimizer holds only indexer parameters, the router's expert bias frozen);
               loss = sum of the per-layer indexer KL (``pop_indexer_losses``); the LM loss is
               computed for logging only and nothing backpropagates through the main model.
-    sparse    top-k attention; all parameters; LM loss, with the sparse indexer KL attached to
-              the attention outputs by megatron-core's DSAIndexerLossAutoScaler.
+    sparse    top-k attention; all parameters; LM loss, and the sparse indexer KL computed in
+              the attention's backward, scaled by megatron-core's DSAIndexerLossAutoScaler loss
+              scale (its per-layer values are logged after the step).
 
 Each phase saves into its own ``checkpoint.save``. It resumes from there when a checkpoint
 exists (model + optimizer + iteration + RNG); otherwise it starts from ``checkpoint.load_from``
