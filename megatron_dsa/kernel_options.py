@@ -49,7 +49,9 @@ class KernelOptions:
     the products' rows) or one (None: two from 64-head blocks, where one does not fit an SM).
     kl_target_keys_rows: the sparse KL's target kernel with the selected keys as the products'
     rows and the heads as columns (each gathered row read once per token) or the heads as rows
-    (once per 64-head block); None: keys as rows above one 64-head block.
+    (once per 64-head block); None: keys as rows above one 64-head block. That kernel serves the
+    KL of a forward without gradients (evaluation); training takes the target from the sparse
+    attention's backward.
     attn_fwd / attn_bwd / attn_dkv / kl_target / kl_fwd / kl_bwd: launch tiles of those kernels
     (attn_bwd: the one-kernel backward, or the split backward's dq kernel; None: measured
     defaults).

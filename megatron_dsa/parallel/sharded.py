@@ -171,10 +171,11 @@ def tp_sparse_kl(ops, q, kv_buf, idx, lse, qi, ki_buf, wi, scale: float, ctx: Pa
 @torch.no_grad()
 def own_rows_target(head_sum: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
     """The sparse KL's target p for this rank's own rows, from its heads' probability sums over
-    every row's selected set [B, S_cp, K]: the TP ranks' sums added (reduce-scatter, fp32) and
-    each row normalised over its set (all 0 where no key was selected)."""
+    every row's selected set [B, S_cp, K] (consumed): the TP ranks' sums added (reduce-scatter,
+    fp32) and each row normalised over its set (all 0 where no key was selected)."""
     summed = reduce_scatter_rows(head_sum, ctx.tp_group, name="tp.kl_partial_p")
-    return summed / summed.sum(dim=-1, keepdim=True).clamp_min(R.KL_EPS)
+    # In place: on one rank ``summed`` is ``head_sum`` itself, [B, S, K] fp32 (1 GiB at 128K x 2048).
+    return summed.div_(summed.sum(dim=-1, keepdim=True).clamp_min(R.KL_EPS))
 
 
 class SparseAttentionKLInBackward(torch.autograd.Function):
@@ -197,7 +198,6 @@ class SparseAttentionKLInBackward(torch.autograd.Function):
         v_dim, scale, ops, pctx, weight, record = ctx.args
         dq, dkv, head_sum = ops.sparse_mla_attention_backward(q, kv, idx, out, lse, dout, v_dim, scale)
         p = own_rows_target(head_sum, pctx)
-        del head_sum
         rows = own_rows(pctx, q.shape[1])
         with torch.enable_grad():
             leaves = [x.detach().requires_grad_() for x in (qi, ki, wi)]
