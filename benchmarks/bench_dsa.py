@@ -5,9 +5,11 @@
 
 One row per (query heads, length): ours with the FP8 and the bf16 indexer (indexer top-k +
 sparse MLA attention + sparse indexer KL, forward and backward), dense causal SDPA with the same
-heads (MLA's 192 / 128 dims, fused flash attention), and megatron-core 0.19.2's DSA with its
-default or TileLang kernels where asked for and installed. Batch 1, top-k 2048, indexer 64 heads x
-128, Dqk 576 / Dv 512 (DeepSeek-V3.2's latent; GLM-5 shares it), bf16, random inputs.
+heads (MLA's MHA form, fused flash attention), and megatron-core 0.19.2's DSA with its default or
+TileLang kernels where asked for and installed. Batch 1, bf16, random inputs, at one released
+model's attention shape (``--model``, read from ``megatron_dsa.model.SIZES``): DeepSeek-V3.2 by
+default (latent 576 / 512, indexer 64 x 128, top-k 2048; dense 192 / 128 a head) or GLM-5 (the
+same latent and top-k, indexer 32 x 128; dense 256 / 256 a head).
 Each row gives the time of every stage against its bound at the card's measured ceilings
 (``ceilings.json``: FLOPs at the GEMM rate, gathered bytes at the gather rate, dkv adds at the
 atomic rate), TFLOP/s and the peak memory beyond the step's inputs, outputs and gradients.
@@ -17,7 +19,8 @@ scores under the causally balanced split; attention and KL as the rank runs them
 (a local window, the first tokens and the rest spread), against random selections.
 ``--kl-two-pass``: also the step with the sparse KL's target from its own pass over the selected
 rows in the forward (the form before the attention's backward supplied it).
-Writes dsa_h200.json, dsa_h200.md and dsa_h200.png to --out (default benchmarks/results).
+Writes dsa_h200.json, dsa_h200.md and dsa_h200.png to --out (default benchmarks/results); for
+another model dsa_h200_<model>.*.
 """
 
 from __future__ import annotations
@@ -39,10 +42,27 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from megatron_dsa import kernels as KN  # noqa: E402
 from megatron_dsa.flops import dense_attention_flops, dsa_flops  # noqa: E402
 
+MODELS = {"deepseek-v3.2": "deepseek-v3.2-671b", "glm-5": "glm-5"}  # --model: its megatron_dsa.model size
+DEFAULT_MODEL = "deepseek-v3.2"
+# The attention shape the functions below run at: DeepSeek-V3.2's until use_model() sets another.
 DQK, DV, HI, DI, TOPK = 576, 512, 64, 128, 2048
+DENSE_QK, DENSE_V = 192, 128  # dense SDPA's dims a head (MLA's MHA form)
 STAGES = ("indexer_topk", "attn_fwd", "kl_fwd", "attn_bwd", "kl_bwd")
 # Measured on the H200 by benchmarks/ceilings.py (results/ceilings.json); used when that file is absent.
 CEILINGS = {"bf16_tflops": 792.0, "fp8_tflops": 1445.0, "hbm_tb_s": 4.29, "gather_tb_s": 5.7, "atomic_adds_per_s": 3.9e11}
+
+
+def use_model(name: str) -> str:
+    """Sets the module's attention shape to a released model's (absorbed latent, indexer,
+    top-k, the MHA form's dims for dense SDPA); returns the stem of its result files."""
+    global DQK, DV, HI, DI, TOPK, DENSE_QK, DENSE_V
+    from megatron_dsa.model import SIZES
+
+    t = SIZES[MODELS[name]].transformer
+    DQK, DV = t["kv_lora_rank"] + t["qk_pos_emb_head_dim"], t["kv_lora_rank"]
+    HI, DI, TOPK = t["dsa_indexer_n_heads"], t["dsa_indexer_head_dim"], t["dsa_indexer_topk"]
+    DENSE_QK, DENSE_V = t["qk_head_dim"] + t["qk_pos_emb_head_dim"], t["v_head_dim"]
+    return "dsa_h200" if name == DEFAULT_MODEL else f"dsa_h200_{name}"
 
 
 def cuda_time(fn, reps=3, warmup=1):
@@ -162,10 +182,10 @@ def zero_grads(t):
 
 
 def sdpa_step(S, H, dev="cuda"):
-    q = torch.randn(1, H, S, 192, device=dev, dtype=torch.bfloat16, requires_grad=True)
-    k = torch.randn(1, H, S, 192, device=dev, dtype=torch.bfloat16, requires_grad=True)
-    v = torch.randn(1, H, S, 128, device=dev, dtype=torch.bfloat16, requires_grad=True)
-    go = torch.randn(1, H, S, 128, device=dev, dtype=torch.bfloat16)
+    q = torch.randn(1, H, S, DENSE_QK, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(1, H, S, DENSE_QK, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(1, H, S, DENSE_V, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    go = torch.randn(1, H, S, DENSE_V, device=dev, dtype=torch.bfloat16)
 
     def fn():
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -395,7 +415,7 @@ def bench_row(S, H, args, c, label=None, tp8=False):
             ms, all_ms = cuda_time(fn, reps=args.reps)
             peak, extra = peak_beyond(fn)
             row["sdpa"] = {"ms": ms, "all_ms": all_ms, "peak_gib": peak,
-                           "tflops": dense_attention_flops(S, H, 192, 128) / ms / 1e9}
+                           "tflops": dense_attention_flops(S, H, DENSE_QK, DENSE_V) / ms / 1e9}
         except torch.cuda.OutOfMemoryError:
             row["sdpa"] = {"oom": True}
         except Exception as e:
@@ -408,6 +428,8 @@ def bench_row(S, H, args, c, label=None, tp8=False):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", choices=list(MODELS), default=DEFAULT_MODEL,
+                    help="the released model whose attention shape is benchmarked")
     ap.add_argument("--heads", default="16,32,64,128")
     ap.add_argument("--seqs", default="4096,16384,32768,65536,131072")
     ap.add_argument("--max-seq-for", default="", help="per-head length caps, e.g. 128:65536")
@@ -422,30 +444,33 @@ def main():
                     help="also the sparse KL with its target from a pass of its own in the forward (FP8 indexer)")
     ap.add_argument("--no-checks", action="store_true")
     ap.add_argument("--update", action="store_true",
-                    help="keep the rows of --out's dsa_h200.json that this run does not measure (same case and "
+                    help="keep the rows of --out's json that this run does not measure (same case and "
                          "length are replaced), so the table can be measured in pieces; the device, versions and "
                          "ceilings must match")
     ap.add_argument("--render", action="store_true",
-                    help="only re-write dsa_h200.md and .png from --out's dsa_h200.json (no GPU needed)")
+                    help="only re-write the model's .md and .png from --out's json (no GPU needed)")
     args = ap.parse_args()
+    stem = use_model(args.model)
+    results = os.path.join(args.out, stem + ".json")
     if args.render:
-        with open(os.path.join(args.out, "dsa_h200.json")) as f:
+        with open(results) as f:
             res = json.load(f)
-        write_table(res, args.out)
+        write_table(res, args.out, stem)
         return
     if not torch.cuda.is_available():
         sys.exit("error: bench_dsa.py times GPU kernels; no CUDA device here")
     os.makedirs(args.out, exist_ok=True)
     c = load_ceilings(args.out)
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "ceilings": c, "rows": [],
-           "config": dict(batch=1, dqk=DQK, dv=DV, idx_heads=HI, idx_dim=DI, topk=TOPK, dtype="bf16")}
+           "config": dict(batch=1, dqk=DQK, dv=DV, idx_heads=HI, idx_dim=DI, topk=TOPK, dtype="bf16",
+                          **({} if args.model == DEFAULT_MODEL else dict(model=args.model, dense_dims=[DENSE_QK, DENSE_V])))}
     try:
         import triton
 
         res["triton"] = triton.__version__
     except ImportError:
         pass
-    kept = previous_rows(os.path.join(args.out, "dsa_h200.json"), res) if args.update else []
+    kept = previous_rows(results, res) if args.update else []
     if not args.no_checks:
         try:
             res["topk_checks"] = topk_checks()
@@ -460,7 +485,7 @@ def main():
             if S > caps.get(H, S):
                 continue
             res["rows"].append(bench_row(S, H, args, c))
-            with open(os.path.join(args.out, "dsa_h200.json"), "w") as f:  # a killed run keeps its rows
+            with open(results, "w") as f:  # a killed run keeps its rows
                 json.dump({**res, "rows": merge_rows(kept, res["rows"])}, f, indent=1)
     if args.tp8:
         for S in seqs:
@@ -472,18 +497,18 @@ def main():
             res.setdefault(key, []).append(dict(seq=S, heads=16, **time_baseline(step, S, 16, args.reps)))
             print(S, key, res[key][-1], flush=True)
     res["rows"] = merge_rows(kept, res["rows"])
-    with open(os.path.join(args.out, "dsa_h200.json"), "w") as f:
+    with open(results, "w") as f:
         json.dump(res, f, indent=1)
-    print(write_table(res, args.out))
+    print(write_table(res, args.out, stem))
 
 
-def write_table(res: dict, out: str) -> str:
-    """dsa_h200.md and dsa_h200.png in ``out`` from the results; returns the markdown."""
+def write_table(res: dict, out: str, stem: str = "dsa_h200") -> str:
+    """<stem>.md and <stem>.png in ``out`` from the results; returns the markdown."""
     md = to_markdown(res)
-    with open(os.path.join(out, "dsa_h200.md"), "w") as f:
+    with open(os.path.join(out, stem + ".md"), "w") as f:
         f.write(md)
     try:
-        plot(res, os.path.join(out, "dsa_h200.png"))
+        plot(res, os.path.join(out, stem + ".png"))
     except Exception as e:
         print("plot failed:", e)
     return md
@@ -526,11 +551,14 @@ def _ms(r):
 
 
 def to_markdown(res):
-    c = res["ceilings"]
+    c, g = res["ceilings"], res["config"]
+    dense_qk, dense_v = g.get("dense_dims", (192, 128))
+    model = f"{g['model']}'s shape: " if "model" in g else ""
     lines = [
         f"DSA attention core, forward + backward, on {res['device']} (torch {res.get('torch')}, triton "
-        f"{res.get('triton')}): batch 1, top-k 2048, indexer 64 x 128, Dqk 576 / Dv 512, bf16, random inputs; "
-        f"median of 3. Dense: causal SDPA (flash) with the same heads, MLA's 192 / 128 dims. Ceilings: bf16 "
+        f"{res.get('triton')}): {model}batch 1, top-k {g['topk']}, indexer {g['idx_heads']} x {g['idx_dim']}, Dqk "
+        f"{g['dqk']} / Dv {g['dv']}, bf16, random inputs; median of 3. Dense: causal SDPA (flash) with the same heads, "
+        f"MLA's {dense_qk} / {dense_v} dims. Ceilings: bf16 "
         f"{c['bf16_tflops']:.0f} / fp8 {c['fp8_tflops']:.0f} TFLOP/s, HBM {c['hbm_tb_s']} TB/s, row gathers "
         f"{c['gather_tb_s']} TB/s, fp32 atomic adds {c['atomic_adds_per_s']:.2g}/s.", "",
         "| case | seq | ours fp8 ms | ours bf16 ms | dense SDPA ms | dense / ours | ours TFLOP/s | peak GiB (beyond in/out/grads) |",

@@ -51,3 +51,22 @@ def test_render_rewrites_the_committed_table_from_its_json(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "dsa_h200.md").read_text() == (results / "dsa_h200.md").read_text()
     assert (tmp_path / "dsa_h200.png").stat().st_size > 0
+
+
+def test_model_shapes_come_from_the_model_sizes():
+    """--model takes the attention shape of a released model from megatron_dsa.model (GLM-5: 32
+    indexer heads, dense 256 / 256 a head), and its table says which."""
+    import bench_dsa
+
+    try:
+        assert bench_dsa.use_model("glm-5") == "dsa_h200_glm-5"
+        assert (bench_dsa.DQK, bench_dsa.DV, bench_dsa.HI, bench_dsa.DI, bench_dsa.TOPK) == (576, 512, 32, 128, 2048)
+        assert (bench_dsa.DENSE_QK, bench_dsa.DENSE_V) == (256, 256)
+        res = {"device": "H200", "ceilings": bench_dsa.CEILINGS, "rows": [_row("64 heads", 64, 4096, 1)],
+               "config": dict(batch=1, dqk=576, dv=512, idx_heads=32, idx_dim=128, topk=2048, dtype="bf16",
+                              model="glm-5", dense_dims=[256, 256])}
+        md = bench_dsa.to_markdown(res)
+        assert "glm-5's shape" in md and "indexer 32 x 128" in md and "256 / 256 dims" in md
+    finally:
+        assert bench_dsa.use_model("deepseek-v3.2") == "dsa_h200"
+    assert (bench_dsa.HI, bench_dsa.DENSE_QK, bench_dsa.DENSE_V) == (64, 192, 128)
