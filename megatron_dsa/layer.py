@@ -298,9 +298,14 @@ class DSACoreAttention(MegatronModule):
             inputs = self.indexer_inputs(x, qr, positions)
         elif s.mode == "sparse":
             selection = self._borrowed_selection(batch, rows)
+        # A sparse training forward without gradients is recomputation's first pass: its output
+        # is kept, its graph is not, and the pass the backward reruns trains the indexer. Its
+        # indexer loss would be computed for nothing.
+        recompute_first_pass = s.mode == "sparse" and self.training and not torch.is_grad_enabled()
         res = dsa_core(
             ctx, s.mode, q, kv, self.v_dim, self.softmax_scale, s.topk,
-            indexer=inputs, selection=selection, with_loss=s.loss_coeff > 0, sparse_loss=s.sparse_loss,
+            indexer=inputs, selection=selection, with_loss=s.loss_coeff > 0 and not recompute_first_pass,
+            sparse_loss=s.sparse_loss,
             objective=s.objective, backend=ops.backend(s.kernel, q.device, s.kernel_options), fp8_indexer=s.fp8_indexer,
             recall_rows=s.recall_rows, cu_seqlens=cu_seqlens,
             up_proj=self.__dict__["_up_projections"]() if self.dense_in_mha_form else None,

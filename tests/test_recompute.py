@@ -66,3 +66,25 @@ def test_recomputation_records_each_layers_kl_once(megatron_world, how):
     got = _recorded_kl_after_a_step("sparse", **RECOMPUTE[how])
     assert (want > 0).any()
     torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("how", list(RECOMPUTE))
+def test_recomputation_computes_each_layers_kl_once(megatron_world, monkeypatch, how):
+    """The first, gradient-free pass skips the indexer loss (its graph is dropped); the rerun in
+    the backward takes the KL in the attention's backward: no forward KL at all, one KL a layer."""
+    from megatron_dsa import ops
+
+    backend = ops.backend("reference", torch.device("cpu"))  # the namespace the layers call
+    calls = {"forward": 0, "backward": 0}
+    forward_kl, from_target = backend.sparse_indexer_kl, backend.sparse_indexer_kl_from_target
+
+    def counted(key, fn):
+        def wrapper(*args, **kwargs):
+            calls[key] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(backend, "sparse_indexer_kl", counted("forward", forward_kl))
+    monkeypatch.setattr(backend, "sparse_indexer_kl_from_target", counted("backward", from_target))
+    _loss_and_grads("sparse", **RECOMPUTE[how])
+    assert calls == {"forward": 0, "backward": 3}, calls
