@@ -4,7 +4,8 @@ process (not a test).
     python benchmarks/tune_dsa.py --heads 16,64,128 --seqs 32768 [--stages fwd,bwd,kl] [--out DIR]
 
 For each head count and length: the indexer's top-k (``topk``, once per length), the sparse
-attention forward and backward and the sparse KL forward and backward, each under the option
+attention forward and backward (as training runs it: returning the KL's head-summed target too)
+and the sparse KL forward (with its own target pass, as evaluation runs it) and backward, each under the option
 variants listed below (launch tiles, one backward
 kernel or two, the number of key ranges the gradient adds are split into). Every variant's
 outputs are compared with the first variant's (same inputs and indices), so a variant that is
@@ -146,16 +147,15 @@ def run(heads, seqs, stages, reps, out_dir):
                             fn = lambda: KN.sparse_mla_attention(q, kv, idx, DV, scale, options=opt)  # noqa: E731
                             row["ms"] = cuda_ms(fn, reps)
                             got = fn()[0]
-                        elif stage == "bwd":
-                            qq, kk = q.clone().requires_grad_(), kv.clone().requires_grad_()
-                            o, _ = KN.sparse_mla_attention(qq, kk, idx, DV, scale, options=opt)
+                        elif stage == "bwd":  # as training runs it: with the KL's head-summed target
+                            o, lse = KN.sparse_mla_attention(q, kv, idx, DV, scale, options=opt)
 
                             def fn():
-                                return torch.autograd.grad(o, (qq, kk), gout, retain_graph=True)
+                                return KN.sparse_mla_attention_backward(q, kv, idx, o, lse, gout, DV, scale, options=opt)
 
                             row["ms"] = cuda_ms(fn, reps)
                             got = torch.cat([x.float().flatten() for x in fn()])
-                            del o, qq, kk
+                            del o, lse
                         else:
                             a, b, c = (x.clone().requires_grad_() for x in (qi, ki, wi))
                             lse = KN.sparse_mla_attention(q, kv, idx, DV, scale, options=opt)[1]
