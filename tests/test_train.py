@@ -598,3 +598,29 @@ def test_mtp_loss_trains_the_mtp_layer(mtp_run, tmp_path):
     assert not moved & indexer
     for part in ("eh_proj", "enorm", "hnorm", "final_layernorm", "self_attention.linear_q_down_proj", "mlp.router"):
         assert any(part in k for k in moved), (part, sorted(moved))
+
+
+def test_validation_metrics_do_not_reach_the_next_training_step(megatron_world):
+    """Megatron's evaluate, as the trainer wraps it, drops the indexer metrics its forwards
+    recorded (under pipeline parallelism no loss function pops the other stages'), and a second
+    run in the same process does not wrap it twice."""
+    import types
+
+    from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+    from megatron.core.transformer.moe.moe_utils import save_to_aux_losses_tracker
+
+    from megatron_dsa.layer import INDEXER_KL
+    from megatron_dsa.train import trainer
+
+    def evaluate(*args, **kwargs):  # a validation forward on a stage without the loss function
+        save_to_aux_losses_tracker(INDEXER_KL, torch.tensor(0.5), 2, 3)
+        return "results"
+
+    module = types.SimpleNamespace(evaluate=evaluate)
+    trainer._pop_layer_metrics()
+    trainer._wrap_once(module, "evaluate", trainer._drop_validation_metrics)
+    once = module.evaluate
+    trainer._wrap_once(module, "evaluate", trainer._drop_validation_metrics)
+    assert module.evaluate is once
+    assert module.evaluate() == "results"
+    assert not get_moe_metrics_tracker().metrics[INDEXER_KL].values.any()

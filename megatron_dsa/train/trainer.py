@@ -214,6 +214,29 @@ def _log_every_stage(training_log):
     return log
 
 
+def _wrap_once(module, name: str, wrap) -> None:
+    """module.name = wrap(module.name), unless an earlier run in this process already did."""
+    fn = getattr(module, name)
+    if getattr(fn, "_mdsa_wrapped_by", None) is not wrap:
+        wrapped = wrap(fn)
+        wrapped._mdsa_wrapped_by = wrap
+        setattr(module, name, wrapped)
+
+
+def _drop_validation_metrics(evaluate):
+    """Megatron's evaluate, after which the indexer metrics its forwards recorded are dropped.
+    The last stage's loss function reports what it can; under pipeline parallelism the other
+    stages' records would otherwise be added to the next training step's (the tracker sums)."""
+
+    def run(*args, **kwargs):
+        try:
+            return evaluate(*args, **kwargs)
+        finally:
+            _pop_layer_metrics()
+
+    return run
+
+
 class NonFiniteError(RuntimeError):
     """A loss term, an activation or a gradient went NaN/inf; raised before the step."""
 
@@ -586,7 +609,8 @@ def run(cfg: RunConfig, plan: dict, skip_patches: frozenset[str] = frozenset()) 
     # Only once Megatron has accepted its flags: a run refused there leaves nothing behind.
     rank0 = int(os.environ.get("RANK", "0")) == 0
     created = write_run_file(plan) if rank0 else None
-    megatron_training.training_log = _log_every_stage(megatron_training.training_log)
+    _wrap_once(megatron_training, "training_log", _log_every_stage)
+    _wrap_once(megatron_training, "evaluate", _drop_validation_metrics)
     try:
         container = pretrain_cfg_container_from_args(args, None)
         pretrain(
