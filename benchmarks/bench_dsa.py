@@ -41,6 +41,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from megatron_dsa import kernels as KN  # noqa: E402
 from megatron_dsa.flops import dense_attention_flops, dsa_flops  # noqa: E402
+from megatron_dsa.parallel import ParallelContext  # noqa: E402
+from megatron_dsa.parallel.sharded import own_rows_target  # noqa: E402
 
 MODELS = {"deepseek-v3.2": "deepseek-v3.2-671b", "glm-5": "glm-5"}  # --model: its megatron_dsa.model size
 DEFAULT_MODEL = "deepseek-v3.2"
@@ -153,8 +155,7 @@ def ours_step(t, fp8, stages=None, idx=None, rows=None, kl_two_pass=False):
         t.q.grad, t.kv.grad, head_sum = KN.sparse_mla_attention_backward(t.q.detach(), t.kv.detach(), idx, out, lse,
                                                                          t.gout, DV, t.scale)
         mark("attn_bwd")
-        p = head_sum[:, own]
-        p = p / p.sum(-1, keepdim=True).clamp_min(1e-30)
+        p = own_rows_target(head_sum[:, own], ParallelContext())  # training's normalisation, one rank
         kl = KN.sparse_indexer_kl_from_target(t.qi[:, own], t.ki, t.wi[:, own], idx[:, own], p)
         mark("kl_fwd")
         torch.autograd.backward([kl], [t.gkl[:, : kl.shape[1]]])
@@ -165,8 +166,7 @@ def ours_step(t, fp8, stages=None, idx=None, rows=None, kl_two_pass=False):
     if rows is None:
         kl = KN.sparse_indexer_kl(t.q, t.kv, t.qi, t.ki, t.wi, idx, t.scale, lse=lse)
     else:  # the rank's heads' share of the target for all rows, then its own rows' KL
-        p = KN.sparse_target_head_sum(t.q, t.kv, idx, t.scale, lse=lse)[:, rows]
-        p = p / p.sum(-1, keepdim=True).clamp_min(1e-30)
+        p = own_rows_target(KN.sparse_target_head_sum(t.q, t.kv, idx, t.scale, lse=lse)[:, rows], ParallelContext())
         kl = KN.sparse_indexer_kl_from_target(t.qi[:, rows], t.ki, t.wi[:, rows], idx[:, rows], p)
     mark("kl_fwd")
     torch.autograd.backward([out], [t.gout])

@@ -298,13 +298,12 @@ class DSACoreAttention(MegatronModule):
             inputs = self.indexer_inputs(x, qr, positions)
         elif s.mode == "sparse":
             selection = self._borrowed_selection(batch, rows)
-        # A sparse training forward without gradients is recomputation's first pass: its output
-        # is kept, its graph is not, and the pass the backward reruns trains the indexer. Its
-        # indexer loss would be computed for nothing.
-        recompute_first_pass = s.mode == "sparse" and self.training and not torch.is_grad_enabled()
+        # Recomputation's first pass keeps its output, not its graph: the pass the backward
+        # reruns trains the indexer, so a sparse indexer loss here would be computed for nothing.
+        skip_loss = s.mode == "sparse" and self._recompute_first_pass()
         res = dsa_core(
             ctx, s.mode, q, kv, self.v_dim, self.softmax_scale, s.topk,
-            indexer=inputs, selection=selection, with_loss=s.loss_coeff > 0 and not recompute_first_pass,
+            indexer=inputs, selection=selection, with_loss=s.loss_coeff > 0 and not skip_loss,
             sparse_loss=s.sparse_loss,
             objective=s.objective, backend=ops.backend(s.kernel, q.device, s.kernel_options), fp8_indexer=s.fp8_indexer,
             recall_rows=s.recall_rows, cu_seqlens=cu_seqlens,
@@ -360,6 +359,11 @@ class DSACoreAttention(MegatronModule):
             )
         return topk
 
+    def _recompute_first_pass(self) -> bool:
+        """A training forward without gradients: activation recomputation's first pass (the
+        pass it reruns in the backward is the one that records and trains)."""
+        return self.training and not torch.is_grad_enabled()
+
     def _record(self, name: str, rows: torch.Tensor) -> None:
         num_layers = self.config.num_layers + (self.config.mtp_num_layers or 0)
         save_to_aux_losses_tracker(name, rows.detach().mean(), self.layer_number, num_layers)
@@ -382,9 +386,9 @@ class DSACoreAttention(MegatronModule):
         of the batch, so under TP/CP the sum of the ranks' losses is the one-rank mean."""
         s = self.config.dsa
         loss = kl.sum() / total_rows * s.loss_coeff
-        # A training forward without gradients is recomputation's first pass: the pass it reruns
-        # in the backward records, so a step records once (as megatron-core's MoE aux losses).
-        if not (self.training and not torch.is_grad_enabled()):
+        # The pass recomputation reruns in the backward records, so a step records once (as
+        # megatron-core's MoE aux losses).
+        if not self._recompute_first_pass():
             self._record(INDEXER_KL, kl)
             if recall is not None:
                 self._record(TOPK_RECALL, recall)
