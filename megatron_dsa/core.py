@@ -142,8 +142,8 @@ def dsa_core(
         qi, ki, wi = indexer
         ki_all = gather_indexer_keys(ki, ctx, seq, cu_seqlens)
 
-    def dense_objective(kv_all, q_absorbed=q):
-        return _dense_objective(loss_ops, ctx, q_absorbed, kv_all, qi, ki_all, wi, positions, rows, scale, topk,
+    def dense_objective(keys, q_target=q):
+        return _dense_objective(loss_ops, ctx, q_target, keys, qi, ki_all, wi, positions, rows, scale, topk,
                                 recall_rows, flops, doc)
 
     if mode in ("dense", "warmup"):
@@ -151,14 +151,20 @@ def dsa_core(
         if up_proj is None:
             out, _ = backend.dense_mla_attention(q, kv_all, v_dim, scale, q_pos=attention_pos, need_lse=False,
                                                  **documents)
+            target = (q, kv_all)  # absorbed queries over the latent
         else:
-            out, _ = backend.dense_attention(*R.mha_form(q, kv_all, *up_proj), scale, q_pos=attention_pos,
-                                             need_lse=False, **documents)
+            q_mha, k_mha, v_mha = R.mha_form(q, kv_all, *up_proj)
+            out, _ = backend.dense_attention(q_mha, k_mha, v_mha, scale, q_pos=attention_pos, need_lse=False,
+                                             **documents)
+            # The warm-up's target scores every head again over every key. On one TP rank it
+            # reads the attention's own per-head keys (3x fewer products than the latent at
+            # DeepSeek-V3.2's shape); under TP its rows hold every head, so it reads the latent
+            # every rank has, instead of building all heads' keys on each rank.
+            target = (q_mha, k_mha) if ctx.tp_size == 1 else (R.absorb_query(q.detach(), up_proj[0].detach()), kv_all)
         res = CoreResult(out)
         if mode == "warmup" and indexer is not None:
-            # The target is built from detached queries either way (nothing reaches the main model).
-            q_absorbed = q if up_proj is None else R.absorb_query(q.detach(), up_proj[0].detach())
-            res.kl, res.recall = dense_objective(kv_all, q_absorbed)
+            # Detached inside: nothing reaches the main model.
+            res.kl, res.recall = dense_objective(target[1], q_target=target[0])
         res.indexer_flops = flops[0]
         return res
 
@@ -237,9 +243,10 @@ def dsa_decode(
     return CoreResult(out, topk=sel)
 
 
-def _dense_objective(loss_ops, ctx: ParallelContext, q, kv_all, qi, ki_all, wi, positions, rows: slice,
+def _dense_objective(loss_ops, ctx: ParallelContext, q, keys, qi, ki_all, wi, positions, rows: slice,
                      scale: float, topk: int, recall_rows: int, flops: list, doc=None):
-    """The objective over every eligible key of each own row, with its top-k recall.
+    """The objective over every eligible key of each own row, with its top-k recall. ``keys``:
+    every key row of the main attention, the latent or each head's (``reference.main_scores``).
 
     The target sums the attention over ALL heads, so each TP rank takes whole rows: a causally
     balanced half-and-half of them (``balanced_blocks``) with every head's detached query. The
@@ -253,7 +260,7 @@ def _dense_objective(loss_ops, ctx: ParallelContext, q, kv_all, qi, ki_all, wi, 
     if recall_rows > 0:
         sample = R.recall_sample_rows(qi.shape[1], max(1, recall_rows // (ctx.tp_size * ctx.cp_size)), q.device)
     documents = {} if doc is None else dict(q_doc=doc[pos], k_doc=doc)
-    kl, recall = loss_ops.dense_indexer_kl(q_rows, kv_all.detach(), qi_rows, ki_all, wi_rows, scale, topk, q_pos=pos,
+    kl, recall = loss_ops.dense_indexer_kl(q_rows, keys.detach(), qi_rows, ki_all, wi_rows, scale, topk, q_pos=pos,
                                            recall_rows=sample, **documents)
     if balanced:
         kl = balanced_to_own(kl, ctx, "tp.indexer_kl_balance")

@@ -384,10 +384,16 @@ def mha_form(q: torch.Tensor, kv: torch.Tensor, k_up: torch.Tensor, v_up: torch.
     if q.shape[-1] != kv.shape[-1] or kv.shape[-1] <= L or q.shape[2] != H or v_up.shape[::2] != (H, L):
         raise ValueError(f"MHA form: q {tuple(q.shape)}, kv {tuple(kv.shape)}, k_up {tuple(k_up.shape)}, "
                          f"v_up {tuple(v_up.shape)} do not fit together")
+    v = torch.einsum("bsl,hdl->bshd", kv[..., :L], v_up)
+    return torch.cat((q[..., :dk], q[..., L:]), dim=-1), mha_keys(kv, k_up), v
+
+
+def mha_keys(kv: torch.Tensor, k_up: torch.Tensor) -> torch.Tensor:
+    """Each head's keys in MLA's MHA form: kv [B, Sk, L + R] latent entries, k_up [H, dk, L]
+    -> [B, Sk, H, dk + R] = [W_UK c, k_rope] (the rope part is every head's)."""
+    H, dk, L = k_up.shape
     c, k_rope = kv[..., :L], kv[..., L:]
-    k = torch.cat((torch.einsum("bsl,hdl->bshd", c, k_up), k_rope[:, :, None].expand(-1, -1, H, -1)), dim=-1)
-    v = torch.einsum("bsl,hdl->bshd", c, v_up)
-    return torch.cat((q[..., :dk], q[..., L:]), dim=-1), k, v
+    return torch.cat((torch.einsum("bsl,hdl->bshd", c, k_up), k_rope[:, :, None].expand(-1, -1, H, -1)), dim=-1)
 
 
 def absorb_query(q: torch.Tensor, k_up: torch.Tensor) -> torch.Tensor:
@@ -595,6 +601,22 @@ def objective_rows(objective: str, topk: Optional[int] = None) -> Callable[..., 
     return fn
 
 
+def main_scores(q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """The main attention's unscaled scores [B, Sq, H, Sk] (fp32 on CPU) of q [B, Sq, H, D]
+    over ``keys``: [B, Sk, D], one row every head reads (MLA's absorbed latent), or
+    [B, Sk, H, D], each head's own (MLA's MHA form, ``mha_keys``)."""
+    return torch.einsum("bthd,bsd->bths" if keys.dim() == 3 else "bthd,bshd->bths", _up(q), _up(keys))
+
+
+def check_main_keys(q_main: torch.Tensor, kv: torch.Tensor) -> None:
+    """``main_scores``'s two key layouts, checked against the queries before any compute."""
+    B, _, H, D = q_main.shape
+    heads_ok = kv.dim() == 3 or (kv.dim() == 4 and kv.shape[2] == H)
+    if not heads_ok or kv.shape[0] != B or kv.shape[-1] != D:
+        raise ValueError(f"the main attention's keys {tuple(kv.shape)} fit neither [B, Sk, D] nor [B, Sk, H, D] "
+                         f"for queries {tuple(q_main.shape)}")
+
+
 def head_summed_target(probs: torch.Tensor, dim: int = 2) -> torch.Tensor:
     """Sum attention probabilities over heads, then L1-normalise over keys (the target p)."""
     p = probs.sum(dim=dim)
@@ -606,7 +628,7 @@ def _dense_kl_chunk(
 ):
     mask = causal_mask(q_pos[0], k_pos, q_doc[0], k_doc)[None]  # [1, c, Sk]
     with torch.no_grad():
-        scores = torch.einsum("bthd,bsd->bths", _up(q_main), _up(kv)) * scale
+        scores = main_scores(q_main, kv) * scale
         probs = torch.softmax(scores.masked_fill(~mask[:, :, None], float("-inf")), dim=-1)
         p = head_summed_target(probs.nan_to_num_(0.0))
     logits = indexer_scores(q_idx, k_idx, w_idx)
@@ -636,7 +658,9 @@ def dense_indexer_kl(
     ``k_doc``: those of the query's own document).
 
     p: the main attention's probabilities (q_main over kv, causal) summed over ALL heads and
-    L1-normalised; never differentiated. Gradients flow into q_idx, k_idx, w_idx only.
+    L1-normalised; never differentiated. ``kv``: the latent [B, Sk, D] every head reads
+    (absorbed queries), or each head's keys [B, Sk, H, D] (MLA's MHA form: 192 dims a head
+    against 576 at DeepSeek-V3.2's shape, the same scores in 3x fewer products). Gradients flow into q_idx, k_idx, w_idx only.
     Returns (kl [B, Sq], recall [B, Sq]) where recall is the share of p's mass that the
     indexer's own top-k captures (a diagnostic, no gradient); with ``recall_rows`` (query row
     numbers, see ``recall_sample_rows``) recall is [B, len(recall_rows)] for those rows only.
@@ -645,6 +669,7 @@ def dense_indexer_kl(
     report), "reverse_kl", "mse", or "listwise" with T = the top-``topk`` keys of p.
     """
     objective_rows(objective)  # an unknown name fails before any compute
+    check_main_keys(q_main, kv)
     B, Sq, H = q_main.shape[:3]
     Sk = kv.shape[1]
     q_pos, k_pos = _positions(q_pos, Sq, q_main.device), _positions(k_pos, Sk, q_main.device)

@@ -1,5 +1,6 @@
 """The kernels compile for the H200 (sm_90) and fit its shared memory: the warm-up's fused KL at
-the small MoE's shapes and at DeepSeek-V3.2's (latent 512 + 64, 128 heads, indexer 64 x 128), and
+the small MoE's shapes and at DeepSeek-V3.2's (latent 512 + 64 or the MHA form's 128 + 64 a head,
+128 heads, indexer 64 x 128), and
 the sparse attention / KL target kernels with their default tiles at 16 heads and at 64-head
 blocks (the split backward's dq and dkv kernels, the target with the keys as rows; the backward
 adding the KL's target as training runs it), their row gathers as 16-byte asynchronous copies.
@@ -75,7 +76,8 @@ def check_fits(H: int, D: int, HI: int, DI: int) -> None:
         print(name, k.metadata.shared)
 
 
-@pytest.mark.parametrize("H,D,HI,DI", [(8, 160, 4, 64), (128, 576, 64, 128)], ids=["small", "671b"])
+@pytest.mark.parametrize("H,D,HI,DI", [(8, 160, 4, 64), (128, 576, 64, 128), (128, 192, 64, 128)],
+                         ids=["small", "671b", "671b_mha_form"])
 def test_dense_kl_kernels_fit_an_h200(H, D, HI, DI):
     # A fresh process: the compiler needs the kernels as JIT functions, and this test session may
     # have them as interpreter functions (TRITON_INTERPRET=1, set for the CPU kernel tests).

@@ -565,6 +565,30 @@ def test_fused_dense_indexer_kl_rows_past_2_31_elements():
     assert rel(dqi[:, -n:].float(), dqi_t.float()) < 1e-2 and rel(dwi[:, -n:], dwi_t) < 1e-5
 
 
+@pytest.mark.skipif(DEV != "cuda", reason="needs keys of more than 2^31 elements (4.4 GB): GPU only")
+def test_fused_dense_indexer_kl_over_each_heads_keys_past_2_31_elements():
+    """Each head's keys [1, S, 128, 192] pass 2^31 elements from 87K rows on (the warm-up's
+    target in the MHA form at 128K): the last rows' KL and gradients over 90K keys equal the
+    reference's."""
+    from megatron_dsa.kernels.dense_kl import fused_dense_indexer_kl
+
+    S, n, H, D, HI, DI = 90000, 32, 128, 192, 64, 128
+    keys = torch.randn(1, S, H, D, device=DEV, dtype=torch.bfloat16)
+    assert keys.numel() > 2**31
+    qm = torch.randn(1, n, H, D, device=DEV, dtype=torch.bfloat16)
+    qi = torch.randn(1, n, HI, DI, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+    ki = torch.randn(1, S, DI, device=DEV, dtype=torch.bfloat16)
+    wi = torch.randn(1, n, HI, device=DEV, requires_grad=True)
+    pos = torch.arange(S - n, S, device=DEV)
+    kl, _ = fused_dense_indexer_kl(qm, keys, qi, ki, wi, D**-0.5, 2048, q_pos=pos)
+    kl_r, _ = R.dense_indexer_kl(qm, keys, qi, ki, wi, D**-0.5, 2048, q_pos=pos)
+    _finite(kl)
+    assert rel(kl, kl_r) < 2e-2
+    for a, b in zip(torch.autograd.grad(kl.sum(), (qi, wi)), torch.autograd.grad(kl_r.sum(), (qi, wi))):
+        _finite(a)
+        assert rel(a.float(), b.float()) < 2e-2
+
+
 # Every pair of (heads folded, positions, dtype) values once: 6 of the 12 combinations.
 FUSED_KL_CASES = [("one_group", "none", torch.float32), ("one_group", "offset", torch.bfloat16),
                   ("one_group", "unsorted", torch.float32), ("two_groups", "none", torch.bfloat16),
@@ -605,6 +629,56 @@ def test_fused_dense_indexer_kl(dtype, pos, fold, monkeypatch):
     for a, b in zip(torch.autograd.grad(kl, (qi, ki, wi), g), torch.autograd.grad(kl_r, (qi, ki, wi), g)):
         _finite(a)
         assert a.dtype == b.dtype and rel(a, b) < tol
+
+
+@pytest.mark.parametrize("impl,dtype", [("fused", torch.float32), ("fused", torch.bfloat16),
+                                        ("blockwise", torch.float32)])
+def test_dense_indexer_kl_over_each_heads_keys(impl, dtype, monkeypatch):
+    """The warm-up KL over MLA's MHA form (each head's keys [B, Sk, H, dk + R]) equals the
+    reference there, and in fp32 the absorbed form's KL: the same target from 1/3 the products.
+    Odd sizes, two key spans, sampled recall rows."""
+    from megatron_dsa.kernels import dense_kl
+
+    monkeypatch.setattr(dense_kl, "SPAN", {True: 256, False: 32})
+    B, Sq, H, L, dk, R_, HI, DI, topk = 2, 37, 3, 40, 24, 8, 3, 24, 8
+    if BIG:
+        Sq, H, L, dk, R_, HI, DI, topk = 700, 16, 512, 128, 64, 8, 64, 64
+    scale = (dk + R_) ** -0.5
+    q = torch.randn(B, Sq, H, L + R_, device=DEV)  # unabsorbed: q_nope in the first dk columns
+    kv = torch.randn(B, Sq, L + R_, device=DEV)
+    k_up = torch.randn(H, dk, L, device=DEV) / L**0.5
+    q_mha, k_mha, _ = R.mha_form(q, kv, k_up, torch.randn(H, 4, L, device=DEV))
+    qi = torch.randn(B, Sq, HI, DI, device=DEV, requires_grad=True)
+    ki = torch.randn(B, Sq, DI, device=DEV, requires_grad=True)
+    wi = torch.randn(B, Sq, HI, device=DEV, requires_grad=True)
+    assert k_mha.shape == (B, Sq, H, dk + R_)
+    rows = R.recall_sample_rows(Sq, 9, DEV)
+    kl_r, recall_r = R.dense_indexer_kl(q_mha, k_mha, qi, ki, wi, scale, topk, recall_rows=rows)
+    kl_a, recall_a = R.dense_indexer_kl(R.absorb_query(q, k_up), kv, qi, ki, wi, scale, topk, recall_rows=rows)
+    assert rel(kl_r, kl_a) < 1e-5 and rel(recall_r, recall_a) < 1e-5
+    # The kernels against the reference on the same (cast) inputs.
+    cast = lambda x: x.detach().to(dtype).requires_grad_(x.requires_grad)  # noqa: E731
+    mine, ref = [cast(x) for x in (qi, ki, wi)], [cast(x) for x in (qi, ki, wi)]
+    q_mha, k_mha = cast(q_mha), cast(k_mha)
+    kl, recall = K.dense_indexer_kl(q_mha, k_mha, *mine, scale, topk, recall_rows=rows,
+                                    options=KernelOptions(dense_kl=impl))
+    kl_r, recall_r = R.dense_indexer_kl(q_mha, k_mha, *ref, scale, topk, recall_rows=rows)
+    _finite(kl, recall)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert rel(kl, kl_r) < tol and rel(recall, recall_r) < (1e-5 if dtype == torch.float32 else 5e-2)
+    g = torch.rand_like(kl_r)
+    for a, b in zip(torch.autograd.grad(kl, mine, g), torch.autograd.grad(kl_r, ref, g)):
+        _finite(a)
+        assert a.dtype == b.dtype and rel(a.float(), b.float()) < tol
+
+
+def test_dense_indexer_kl_rejects_keys_of_another_shape():
+    q = torch.randn(1, 6, 3, 16)
+    idx = (torch.randn(1, 6, 2, 8), torch.randn(1, 6, 8), torch.randn(1, 6, 2))
+    for keys in (torch.randn(1, 6, 2, 16), torch.randn(1, 6, 12), torch.randn(1, 6, 3, 16, 1)):
+        for op in (R.dense_indexer_kl, K.dense_indexer_kl):
+            with pytest.raises(ValueError, match="fit neither"):
+                op(q, keys, *idx, 0.25, 2)
 
 
 def test_sparse_attention_backward_delta_in_row_chunks(monkeypatch):

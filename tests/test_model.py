@@ -135,13 +135,22 @@ def test_sparse_with_topk_covering_the_sequence_equals_dense(megatron_world, see
 
 
 @pytest.mark.parametrize("mode", ["dense", "warmup"])
-def test_dense_modes_attend_in_the_mha_form_with_the_absorbed_gradients(megatron_world, seed, mode):
+def test_dense_modes_attend_in_the_mha_form_with_the_absorbed_gradients(megatron_world, seed, mode, monkeypatch,
+                                                                          request):
     """The dense phases hand the core an unabsorbed query and attend per head (MLA's MHA form);
     the loss and every gradient equal the absorbed form's (the core unbound from the
-    up-projections), the K up-projection's included."""
+    up-projections), the K up-projection's included. The warm-up's target reads each head's
+    keys in the MHA form and the latent in the absorbed one."""
+    from megatron_dsa import ops
+
     model = make(megatron_world, seed, mdsa_mode=mode)
     cores = [m for m in model.modules() if isinstance(m, DSACoreAttention)]
     tokens, positions, labels = batch()
+    key_dims = []
+    real = R.dense_indexer_kl
+    monkeypatch.setattr(R, "dense_indexer_kl", lambda q, kv, *a, **k: key_dims.append(kv.dim()) or real(q, kv, *a, **k))
+    ops._reference_backend.cache_clear()
+    request.addfinalizer(ops._reference_backend.cache_clear)
 
     def loss_and_grads():
         model.zero_grad(set_to_none=True)
@@ -154,11 +163,14 @@ def test_dense_modes_attend_in_the_mha_form_with_the_absorbed_gradients(megatron
 
     assert cores and all(c.dense_in_mha_form and c.consumes_absorbed_v_up_projection for c in cores)
     mha_loss, mha = loss_and_grads()
+    assert key_dims == ([4] * len(cores) if mode == "warmup" else [])
+    key_dims.clear()
     bound = [c.__dict__["_up_projections"] for c in cores]
     for c in cores:
         c.bind_up_projections(None)
     assert not any(c.dense_in_mha_form for c in cores)
     absorbed_loss, absorbed = loss_and_grads()
+    assert key_dims == ([3] * len(cores) if mode == "warmup" else [])
     # fp32 rounding differs between the forms (the warm-up's small KL: ~3e-5 of itself)
     assert torch.allclose(mha_loss, absorbed_loss, rtol=1e-4, atol=0)
     assert mha.keys() == absorbed.keys() and mha

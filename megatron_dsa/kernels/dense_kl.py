@@ -2,7 +2,9 @@
 
 KL(p || softmax(I)) per query row t, over the causal keys s (``reference.dense_indexer_kl``):
 p = the main attention's probabilities summed over heads and divided by H (each head's rows
-sum to 1), I[t, s] = sum_j w[t, j] ReLU(q_idx[t, j] . k_idx[s]).
+sum to 1), I[t, s] = sum_j w[t, j] ReLU(q_idx[t, j] . k_idx[s]). The main keys are MLA's latent
+[B, Sk, D] that every head reads (a head stride of 0) or each head's own [B, Sk, H, D] (the MHA
+form, 192 dims a head against the latent's 576 at DeepSeek-V3.2's shape).
 
     KL[t] = sum_s p log p - sum_s p I + logsumexp_s I
 
@@ -57,15 +59,17 @@ if HAS_TRITON:
         return s
 
     @triton.jit
-    def _target_block(QM, b, rows, rmask, kvp, cmask, elig, LSE, s_qmb, s_qms, s_qmh, s_lb, s_ls,
+    def _target_block(QM, b, rows, rmask, kvp, s_kvh, cmask, elig, LSE, s_qmb, s_qms, s_qmh, s_lb, s_ls,
                       scale_log2, d1, d1m, d2, d2m,
                       H: tl.constexpr, DV: tl.constexpr, DR: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
                       BM: tl.constexpr, BN: tl.constexpr):
-        """p [BM, BN]: the heads' probabilities (from their log2-sum-exp) summed and divided by H."""
+        """p [BM, BN]: the heads' probabilities (from their log2-sum-exp) summed and divided by H.
+        Head h reads the key rows at kvp + h * s_kvh (s_kvh 0: the latent every head shares)."""
         p = tl.zeros((BM, BN), dtype=tl.float32)
         for h in range(H):
             qb = QM + b * s_qmb + rows * s_qms + h * s_qmh
-            s = _main_block_scores(qb, rmask, kvp, cmask, d1, d1m, d2, d2m, DV, DR, IEEE, UPCAST) * scale_log2
+            s = _main_block_scores(qb, rmask, kvp + h * s_kvh, cmask, d1, d1m, d2, d2m, DV, DR, IEEE,
+                                   UPCAST) * scale_log2
             lse = tl.load(LSE + b * s_lb + rows * s_ls + h, mask=rmask, other=0.0)
             p += tl.where(elig, tl.exp2(s - lse[:, None]), 0.0)
         return p / H
@@ -111,7 +115,8 @@ if HAS_TRITON:
     def _query_block(QPOS, QDOC, KLIM, pid_m, Sq, BM: tl.constexpr, HAS_DOC: tl.constexpr):
         """Query block ``pid_m``: (rows, row mask, positions, end of its causal key range,
         document ids: zeros for an unpacked sequence)."""
-        # int64: a row's offset in q [B, S, H, D] passes 2^31 elements (128 heads x 576 at 32K).
+        # int64: a row's offset in q [B, S, H, D] passes 2^31 elements (128 heads x 576 at 32K),
+        # as does a key row's in each head's keys [B, S, H, D] (the key rows' int64 casts).
         rows = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
         rmask = rows < Sq
         if HAS_DOC:
@@ -155,7 +160,7 @@ if HAS_TRITON:
     def _main_lse_kernel(
         QM, KV, QPOS, KPOS, QDOC, KDOC, KLIM, LSE,
         Sq, Sk, scale_log2,
-        s_qmb, s_qms, s_qmh, s_kvb, s_kvs, s_lb, s_ls,
+        s_qmb, s_qms, s_qmh, s_kvb, s_kvs, s_kvh, s_lb, s_ls,
         H: tl.constexpr, DV: tl.constexpr, D1: tl.constexpr, DR: tl.constexpr, D2: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, HAS_DOC: tl.constexpr,
     ):
@@ -173,7 +178,7 @@ if HAS_TRITON:
             cols = start + tl.arange(0, BN)
             cmask = cols < Sk
             elig = _eligible(KPOS, KDOC, cols, cmask, qp, qd, rmask, HAS_DOC)
-            s = _main_block_scores(qb, rmask, KV + b * s_kvb + cols * s_kvs, cmask, d1, d1m, d2, d2m,
+            s = _main_block_scores(qb, rmask, KV + b * s_kvb + h * s_kvh + cols.to(tl.int64) * s_kvs, cmask, d1, d1m, d2, d2m,
                                    DV, DR, IEEE, UPCAST) * scale_log2
             s = tl.where(elig, s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, axis=1))
@@ -187,7 +192,7 @@ if HAS_TRITON:
     def _dense_kl_fwd_kernel(
         QM, KV, QI, KI, WI, QPOS, KPOS, QDOC, KDOC, KLIM, LSE, PART,
         Sq, Sk, scale_log2,
-        s_qmb, s_qms, s_qmh, s_kvb, s_kvs, s_lb, s_ls,
+        s_qmb, s_qms, s_qmh, s_kvb, s_kvs, s_kvh, s_lb, s_ls,
         s_qib, s_qis, s_qih, s_kib, s_kis, s_wib, s_wis, s_wih,
         s_pc, s_pb, s_ps,
         H: tl.constexpr, DV: tl.constexpr, D1: tl.constexpr, DR: tl.constexpr, D2: tl.constexpr,
@@ -215,7 +220,7 @@ if HAS_TRITON:
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(i2 - m_safe[:, None]), axis=1)
             m_i = m_new
-            p = _target_block(QM, b, rows, rmask, KV + b * s_kvb + cols * s_kvs, cmask, elig, LSE,
+            p = _target_block(QM, b, rows, rmask, KV + b * s_kvb + cols.to(tl.int64) * s_kvs, s_kvh, cmask, elig, LSE,
                               s_qmb, s_qms, s_qmh, s_lb, s_ls, scale_log2, d1, d1m, d2, d2m,
                               H, DV, DR, IEEE, UPCAST, BM, BN)
             plogp += tl.sum(tl.where(p > 0, p * tl.log(tl.where(p > 0, p, 1.0)), 0.0), axis=1)
@@ -230,7 +235,7 @@ if HAS_TRITON:
     def _dense_kl_bwd_kernel(
         QM, KV, QI, KI, WI, QPOS, KPOS, QDOC, KDOC, KLIM, LSE, LSEI, G, DQ, DW, DK,
         Sq, Sk, scale_log2,
-        s_qmb, s_qms, s_qmh, s_kvb, s_kvs, s_lb, s_ls,
+        s_qmb, s_qms, s_qmh, s_kvb, s_kvs, s_kvh, s_lb, s_ls,
         s_qib, s_qis, s_qih, s_kib, s_kis, s_wib, s_wis, s_wih, s_ob, s_os,
         s_dqb, s_dqs, s_dqh, s_dwb, s_dws, s_dwh, s_dkb, s_dks,
         H: tl.constexpr, DV: tl.constexpr, D1: tl.constexpr, DR: tl.constexpr, D2: tl.constexpr,
@@ -253,7 +258,7 @@ if HAS_TRITON:
             cols, cmask, elig, k_tile = _key_block(KI, KPOS, KDOC, b, start, qp, qd, rmask, Sk, s_kib, s_kis, di, dim,
                                                    BN, HAS_DOC)
             k_t = tl.trans(k_tile)
-            p = _target_block(QM, b, rows, rmask, KV + b * s_kvb + cols * s_kvs, cmask, elig, LSE,
+            p = _target_block(QM, b, rows, rmask, KV + b * s_kvb + cols.to(tl.int64) * s_kvs, s_kvh, cmask, elig, LSE,
                               s_qmb, s_qms, s_qmh, s_lb, s_ls, scale_log2, d1, d1m, d2, d2m,
                               H, DV, DR, IEEE, UPCAST, BM, BN)
             if NG == 1:  # one group: its scores serve the logits and the gradients
@@ -344,22 +349,34 @@ def _key_limits(q_pos: torch.Tensor, k_pos: torch.Tensor, BM: int) -> torch.Tens
 
 @torch.no_grad()
 def _recall(qm, kv, lse2, idx, scale) -> torch.Tensor:
-    """Share of p inside the selected keys idx [B, Sq, K] (-1 = unused), query chunk by chunk."""
+    """Share of p inside the selected keys idx [B, Sq, K] (-1 = unused), query chunk by chunk;
+    kv: the latent [B, Sk, D] or each head's keys [B, Sk, H, D]."""
     B, Sq, H, D = qm.shape
     K = idx.shape[-1]
+    row = kv[0, 0].numel()  # D, or H * D per head keys
     out = torch.empty(B, Sq, dtype=torch.float32, device=qm.device)
-    step = max(1, RECALL_CHUNK_ELEMENTS // max(1, B * K * max(D, H)))
+    step = max(1, RECALL_CHUNK_ELEMENTS // max(1, B * K * max(row, H)))
     for t0 in range(0, Sq, step):
         t1 = min(Sq, t0 + step)
-        sel = R.gather_tokens(kv, idx[:, t0:t1]).float()  # [B, c, K, D]
-        s = torch.einsum("bthd,btkd->bthk", qm[:, t0:t1].float(), sel) * (scale * LOG2E)
+        sel = R.gather_tokens(kv.flatten(2), idx[:, t0:t1]).float()  # [B, c, K, D or H * D]
+        if kv.dim() == 3:
+            s = torch.einsum("bthd,btkd->bthk", qm[:, t0:t1].float(), sel)
+        else:
+            s = torch.einsum("bthd,btkhd->bthk", qm[:, t0:t1].float(), sel.unflatten(-1, (H, D)))
+        s = s * (scale * LOG2E)
         p = torch.exp2(s - lse2[:, t0:t1, :, None]).mean(dim=2)  # [B, c, K]
         out[:, t0:t1] = (p * (idx[:, t0:t1] >= 0)).sum(-1)
     return out
 
 
+def _key_strides(kv) -> tuple[int, int, int]:
+    """(batch, row, head) strides of the main keys: a head stride of 0 for the latent [B, Sk, D]
+    every head reads, each head's rows for the MHA form's [B, Sk, H, D]."""
+    return kv.stride(0), kv.stride(1), (kv.stride(2) if kv.dim() == 4 else 0)
+
+
 def _strides(qm, kvc, lse2, qi, ki, wi):
-    return (qm.stride(0), qm.stride(1), qm.stride(2), kvc.stride(0), kvc.stride(1), lse2.stride(0), lse2.stride(1),
+    return (qm.stride(0), qm.stride(1), qm.stride(2), *_key_strides(kvc), lse2.stride(0), lse2.stride(1),
             qi.stride(0), qi.stride(1), qi.stride(2), ki.stride(0), ki.stride(1),
             wi.stride(0), wi.stride(1), wi.stride(2))
 
@@ -397,7 +414,7 @@ class FusedDenseIndexerKL(torch.autograd.Function):
             lblk = _lse_blocks(gpu, D1, D2, qm.element_size())
             _main_lse_kernel[(triton.cdiv(Sq, lblk["BM"]), B * H)](
                 qm, kvc, q_pos, k_pos, q_doc, k_doc, _key_limits(q_pos, k_pos, lblk["BM"]), lse2, Sq, Sk, scale * LOG2E,
-                qm.stride(0), qm.stride(1), qm.stride(2), kvc.stride(0), kvc.stride(1), lse2.stride(0), lse2.stride(1),
+                qm.stride(0), qm.stride(1), qm.stride(2), *_key_strides(kvc), lse2.stride(0), lse2.stride(1),
                 H=H, HAS_DOC=has_doc, **lblk, **mains,
             )
             ns = _spans(klim, blk["SPAN"])

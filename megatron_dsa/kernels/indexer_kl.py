@@ -475,7 +475,7 @@ def sparse_indexer_kl_from_target(q_idx, k_idx, w_idx, topk_idx, p, options: Ker
 
 def _dense_target(qm, qp, kv, k_pos, scale, qd, k_doc):
     mask = R.causal_mask(qp, k_pos, qd, k_doc)[None]  # [1, c, Sk]
-    scores = torch.einsum("bthd,bsd->bths", R._up(qm), R._up(kv)) * scale
+    scores = R.main_scores(qm, kv) * scale
     probs = torch.softmax(scores.masked_fill(~mask[:, :, None], float("-inf")), dim=-1)
     return R.head_summed_target(probs.nan_to_num_(0.0)), mask
 
@@ -558,6 +558,7 @@ def dense_indexer_kl(
     KL runs as fused Triton kernels (``dense_kl``), which score the recall's top-k on
     ``recall_rows`` only. ``q_doc`` / ``k_doc``: document ids of a packed sequence, as there."""
     R.objective_rows(objective)  # an unknown name fails before any compute
+    R.check_main_keys(q_main, kv)
     if objective == "kl" and options.dense_kl == "fused":
         return _dense_kl.fused_dense_indexer_kl(q_main, kv, q_idx, k_idx, w_idx, scale, topk, q_pos, k_pos,
                                                 recall_rows=recall_rows, q_doc=q_doc, k_doc=k_doc)
