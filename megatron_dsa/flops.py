@@ -7,15 +7,19 @@ Matmul FLOPs only (2 per multiply-add). Causal attention and the indexer see ``S
 The whole model per training sequence (``training_terms``: the trainer's TFLOP/s, MFU
 convention: each algorithmic FLOP once):
 
-* MLA in its absorbed form, per token and layer: ``wq_a`` (h -> q_lora), ``wq_b``
-  (q_lora -> H*(d_qk + d_rope)), ``wkv_a`` (h -> kv_lora + d_rope), the query absorption
-  (H * d_qk * kv_lora), the value up-projection (H * kv_lora * d_v) and ``wo`` (H*d_v -> h).
-* Core attention per attended pair: scores ``2*H*(kv_lora + d_rope)`` and values ``2*H*kv_lora``.
+* MLA per token and layer: ``wq_a`` (h -> q_lora), ``wq_b`` (q_lora -> H*(d_qk + d_rope)),
+  ``wkv_a`` (h -> kv_lora + d_rope), the K and V up-projections (``H * d_qk * kv_lora`` and
+  ``H * kv_lora * d_v``: applied to the query and the output in the absorbed form, to each key
+  row in the MHA form, the same count) and ``wo`` (H*d_v -> h).
+* Core attention per attended pair, in the form each phase attends in: the dense phases in MLA's
+  MHA form, scores ``2*H*(d_qk + d_rope)`` and values ``2*H*d_v``; the sparse phase absorbed,
+  scores ``2*H*(kv_lora + d_rope)`` and values ``2*H*kv_lora``.
 * The indexer per token: ``wq_b`` (q_lora -> HI*DI), ``wk`` (h -> DI), ``weights_proj``
   (h -> HI); per causal pair ``2*HI*DI`` for the scores plus ``2*HI`` for the head weighting.
   This is the term FLOP accounting tends to forget.
 * The indexer KL: its target needs the main attention scores again over the pairs it covers
-  (all causal pairs in warm-up, the selected ones in sparse training).
+  (warm-up: every causal pair, in the MHA form; sparse training: the probabilities the
+  attention's backward recomputes, no products of their own).
 * MLP: SwiGLU ``2*3*h*ffn``; MoE: router ``2*h*E`` + active experts ``topk*2*3*h*ffn_e`` + shared
   expert ``2*3*h*ffn_s``. Output layer ``2*h*V``.
 * Multi-token prediction (``mtp_num_layers`` depths): each depth is one more decoder layer of the
@@ -114,7 +118,11 @@ def forward_terms(shape: Shape, seq: int, mode: str) -> dict[str, float]:
         h * s.q_lora + s.q_lora * s.heads * (s.qk_dim + s.rope_dim) + h * (s.kv_lora + s.rope_dim)
         + s.heads * s.qk_dim * s.kv_lora + s.heads * s.kv_lora * s.v_dim + s.heads * s.v_dim * h
     )
-    per_pair_attn = 2 * s.heads * (s.kv_lora + s.rope_dim) + 2 * s.heads * s.kv_lora
+    mha_scores = 2 * s.heads * (s.qk_dim + s.rope_dim)  # a pair's scores over each head's own key
+    if mode == "sparse":  # absorbed: the one latent row serves every head
+        per_pair_attn = 2 * s.heads * (s.kv_lora + s.rope_dim) + 2 * s.heads * s.kv_lora
+    else:
+        per_pair_attn = mha_scores + 2 * s.heads * s.v_dim
     dense_mlp_layers = L - moe_layers
     mlp = 2 * seq * (
         dense_mlp_layers * 3 * h * s.ffn
@@ -138,7 +146,7 @@ def forward_terms(shape: Shape, seq: int, mode: str) -> dict[str, float]:
         # Warm-up: the target scores the main attention again over every pair. Sparse: the
         # target is the probabilities the attention's backward recomputes (no products of its
         # own), and the indexer rescores the selected keys.
-        target = 2 * s.heads * (s.kv_lora + s.rope_dim) if mode == "warmup" else 0
+        target = mha_scores if mode == "warmup" else 0
         rescore = 0 if mode == "warmup" else 2 * s.idx_heads * s.idx_dim
         terms["indexer_kl"] = L * kl_pairs * (target + rescore)
     return {k: float(v) for k, v in terms.items()}

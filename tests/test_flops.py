@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from megatron_dsa.flops import Shape, causal_pairs, dsa_flops, sparse_pairs, training_terms
+from megatron_dsa.flops import Shape, causal_pairs, dsa_flops, forward_terms, sparse_pairs, training_terms
 from megatron_dsa.model import model_config
 
 
@@ -51,3 +51,17 @@ def test_each_mtp_depth_counts_one_more_moe_layer_its_projection_and_an_output_p
         assert b["mlp_moe"] - a["mlp_moe"] == pytest.approx(mult * moe)
         assert b["output_layer"] == pytest.approx(2 * a["output_layer"])
         assert b["mtp_projections"] == pytest.approx(mult * 2 * seq * 2 * plain.hidden ** 2)
+
+
+def test_each_phase_counts_attention_in_the_form_it_attends_in():
+    """The dense phases attend (and the warm-up's target scores) in MLA's MHA form, per head
+    d_qk + d_rope scores and d_v values a pair; the sparse phase over the absorbed latent."""
+    shape = Shape.from_config(model_config("v32-slice"), vocab_size=512)
+    seq, H, L = 4096, shape.heads, shape.num_layers
+    dense, warmup, sparse = (forward_terms(shape, seq, mode) for mode in ("dense", "warmup", "sparse"))
+    mha = 2 * H * (shape.qk_dim + shape.rope_dim)
+    assert (shape.qk_dim, shape.rope_dim, shape.v_dim, shape.kv_lora) == (128, 64, 128, 512)
+    assert dense["attention"] == warmup["attention"] == L * causal_pairs(seq) * (mha + 2 * H * shape.v_dim)
+    assert sparse["attention"] == L * sparse_pairs(seq, shape.topk) * 2 * H * (2 * shape.kv_lora + shape.rope_dim)
+    assert warmup["indexer_kl"] == L * causal_pairs(seq) * mha
+    assert dense["mla_projections"] == sparse["mla_projections"]
