@@ -46,6 +46,7 @@ from megatron_dsa.parallel.comm import ParallelContext, balanced_blocks, cp_posi
 from megatron_dsa.parallel.fetch import fetch_selected
 from megatron_dsa.parallel.sharded import (
     balanced_to_own,
+    every_heads_keys,
     gather_indexer_keys,
     gather_kv,
     indexer_rows,
@@ -156,11 +157,11 @@ def dsa_core(
             q_mha, k_mha, v_mha = R.mha_form(q, kv_all, *up_proj)
             out, _ = backend.dense_attention(q_mha, k_mha, v_mha, scale, q_pos=attention_pos, need_lse=False,
                                              **documents)
-            # The warm-up's target scores every head again over every key. On one TP rank it
-            # reads the attention's own per-head keys (3x fewer products than the latent at
-            # DeepSeek-V3.2's shape); under TP its rows hold every head, so it reads the latent
-            # every rank has, instead of building all heads' keys on each rank.
-            target = (q_mha, k_mha) if ctx.tp_size == 1 else (R.absorb_query(q.detach(), up_proj[0].detach()), kv_all)
+            # The warm-up's target scores every head again over every key, per head too (3x
+            # fewer products than over the latent at DeepSeek-V3.2's shape). Under TP its rows
+            # hold every head, so it needs every head's keys.
+            k_target = k_mha if ctx.tp_size == 1 else every_heads_keys(kv_all, up_proj[0], ctx)
+            target = (q_mha, k_target)
         res = CoreResult(out)
         if mode == "warmup" and indexer is not None:
             # Detached inside: nothing reaches the main model.

@@ -34,6 +34,11 @@ and under CP it all-gathers the K/V latents (S x Dqk) and the indexer keys over 
    partial sums would be S_cp x S x 4 bytes (64 GiB per layer at 128K); instead the detached
    queries are re-sharded "own rows, all heads" with one all-to-all
    ((TP-1)/TP x S_cp x H/TP x Dqk x 2 bytes, no backward) and the reference KL runs on them.
+   In the MHA form the layer's dense phases attend in, Dqk is 192 and the keys are each
+   head's: every rank builds all heads' keys from the latent it already has and the
+   all-gathered K up-projection (H x 128 x 512 x 2 bytes, ``sharded.every_heads_keys``), which
+   costs S x H x 192 x 2 bytes of memory per layer (6.4 GB at 128K x 128 heads) and saves 2/3
+   of the target's products.
    Indexer weights are replicated across TP but see different rows: their parameters carry
    ``.sequence_parallel = True`` (TP > 1), so megatron's ``finalize_model_grads`` sums their
    gradients over TP (``allreduce_sequence_parallel_grads`` here does the same without DDP).

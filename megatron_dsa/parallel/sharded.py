@@ -151,6 +151,14 @@ def gather_kv(kv: torch.Tensor, ctx: ParallelContext, seq_len: int, cu_seqlens=N
     return to_global_order(kv, seq_len, ctx.cp_size, cu_seqlens=cu_seqlens)
 
 
+def every_heads_keys(kv_all: torch.Tensor, k_up: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
+    """Every head's keys in MLA's MHA form [B, S, H, dk + R] (detached) for the warm-up's target,
+    whose rows hold all heads under TP. The K up-projection's head shards are gathered (a few MB)
+    and the keys built from the latent every rank has, rather than moved between ranks."""
+    k_up = all_gather_rows(k_up.detach(), ctx.tp_group, dim=0, name="tp.k_up_heads")
+    return R.mha_keys(kv_all.detach(), k_up)
+
+
 # ---- the sparse KL's target summed over the heads of every TP rank --------------------------
 
 
