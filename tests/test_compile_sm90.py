@@ -31,17 +31,19 @@ POINTERS = dict(QM="*bf16", KV="*bf16", QI="*bf16", KI="*bf16", WI="*fp32", QPOS
                 QDOC="*i64", KDOC="*i64",
                 LSE="*fp32", PART="*fp32", LSEI="*fp32", G="*fp32", DQ="*fp32", DW="*fp32", DK="*fp32",
                 scale_log2="fp32", scale="fp32", Q="*bf16", IDX="*i32", O="*bf16", SEG="*i32", DO="*bf16",
-                DELTA="*fp32", DKV="*fp32", LSEM="*fp32", P="*fp32", PSUM="*fp32")
+                DELTA="*fp32", DKV="*fp32", LSEM="*fp32", P="*fp32", PSUM="*fp32", DS="*bf16")
 
 
-def _compile_sm90(fn, consts: dict, options: dict, hints: bool = False):
+def _compile_sm90(fn, consts: dict, options: dict, hints: bool = False, pointers: dict = None):
     """``hints``: tell the compiler what a launch on contiguous tensors tells it at run time (the
-    pointers and strides divisible by 16); without them it cannot vectorise the row gathers."""
+    pointers and strides divisible by 16); without them it cannot vectorise the row gathers.
+    ``pointers``: argument types that differ from POINTERS' for this kernel."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     names = fn.arg_names
-    sig = {n: "constexpr" if n in consts else POINTERS.get(n, "i32") for n in names}
+    types = dict(POINTERS, **(pointers or {}))
+    sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in names}
     attrs = {}
     if hints:
         attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
@@ -101,16 +103,23 @@ def check_sparse(HB: int) -> None:
     if split:  # dq, then dkv in value quarters; the KL target with the keys as rows above 64 heads
         quarters = dict(HB=HB, DV=512, DQ4=128, EXACT=True, DR=64, D2=64, IEEE=False, UPCAST=False, PASSES=1)
         keys_rows = {k: v for k, v in target.items() if k != "HB"}
-        # dkv and the one-kernel backward as training launches them: adding the KL's target.
+        product = dict(HB=HB, EVEN_K=True, IEEE=False, UPCAST=False)
+        tiles_product = A._tiles(None, True, HB, "dq_product")
+        # dkv and the one-kernel backward as training launches them: adding the KL's target;
+        # dkv also storing the score gradients for the dq product (split_dq "stored").
         kernels += [(A._sparse_dq_kernel, dims, A._tiles(None, True, HB, "dq")),
-                    (A._sparse_dkv_kernel, dict(quarters, HEAD_SUM=True), A._tiles(None, True, HB, "dkv")),
+                    (A._sparse_dkv_kernel, dict(quarters, HEAD_SUM=True, STORE_DS=False), A._tiles(None, True, HB, "dkv")),
+                    (A._sparse_dkv_kernel, dict(quarters, HEAD_SUM=True, STORE_DS=True), A._tiles(None, True, HB, "dkv")),
+                    (A._sparse_dq_product_kernel, dict(product, COL0=0, NCOL=512, BD=A.DQ_PRODUCT_COLUMNS),
+                     tiles_product),
+                    (A._sparse_dq_product_kernel, dict(product, COL0=512, NCOL=64, BD=64), tiles_product),
                     (L._target_keys_kernel, dict(keys_rows, HN=L.KEYS_ROWS_HEADS), L._target_tiles(None, True, True, HB))]
     else:
         kernels.append((A._sparse_bwd_kernel, dict(dims, PASSES=8, FIRST=False, HEAD_SUM=True),
                         A._tiles(None, True, HB, "bwd")))
     for fn, consts, tiles in kernels:
         k = _compile_sm90(fn, dict(consts, BK=tiles.BK), dict(num_warps=tiles.num_warps, num_stages=tiles.num_stages),
-                          hints=True)
+                          hints=True, pointers=dict(DQ="*bf16") if fn is A._sparse_dq_product_kernel else None)
         name = fn.fn.__name__
         ptx = k.asm["ptx"]
         assert 0 < k.metadata.shared <= SM90_SHARED_BYTES, (name, k.metadata.shared)
@@ -125,4 +134,4 @@ def test_sparse_kernels_fit_an_h200(HB):
     code = f"import sys; sys.path.insert(0, 'tests'); import test_compile_sm90 as t; t.check_sparse({HB})"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("\n") == (5 if HB >= 64 else 3), proc.stdout
+    assert proc.stdout.count("\n") == (8 if HB >= 64 else 3), proc.stdout

@@ -22,6 +22,12 @@ From 64-head blocks the backward is two kernels (one does not fit an SM): dq per
 block), then dkv with the selected keys as the products' rows, its value dims in four quarters
 whose gradients are added as soon as they are made (one [BK, D/4] fp32 accumulator live at a
 time; the whole [BK, 576] row spilled registers: 553 ms against 197 at 32K x 128 heads).
+The dq kernel recomputes the probabilities and score gradients the dkv kernel also makes (1.4x
+the backward's products) and holds a [64, 576] fp32 accumulator, which spills. With
+``KernelOptions.split_dq == "stored"`` the dkv kernel stores its score gradients instead (kv's
+dtype, the same rounding the recomputing kernel's product applies; a chunk of rows at a time,
+``DS_CHUNK_BYTES``) and dq is their product with the gathered rows, in column blocks: no
+recomputation and an [HB, 256] accumulator.
 """
 
 from __future__ import annotations
@@ -290,8 +296,8 @@ if HAS_TRITON:
 
     @triton.jit
     def _sparse_dkv_kernel(
-        Q, KV, IDX, SEG, DO, LSE, DELTA, DKV, PSUM,
-        Sk, TOPK, NHB, H, scale, scale_log2, pass_id,
+        Q, KV, IDX, SEG, DO, LSE, DELTA, DKV, PSUM, DS,
+        Sk, TOPK, NHB, H, scale, scale_log2, pass_id, t0,
         stride_qb, stride_qs, stride_qh,
         stride_kb, stride_ks,
         stride_ib, stride_is,
@@ -299,9 +305,10 @@ if HAS_TRITON:
         stride_ob, stride_os, stride_oh,
         stride_lb, stride_ls,
         stride_dkb, stride_dks,
+        stride_gb, stride_gs, stride_gh,
         HB: tl.constexpr, DV: tl.constexpr, DQ4: tl.constexpr, EXACT: tl.constexpr, DR: tl.constexpr,
         D2: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, PASSES: tl.constexpr,
-        HEAD_SUM: tl.constexpr,
+        HEAD_SUM: tl.constexpr, STORE_DS: tl.constexpr,
     ):
         # dkv alone for 64-head blocks, with the selected keys as the products' rows: s^T = kv q^T
         # [BK, HB], then dkv = ds^T q + p^T do. Every product reads q and do as its second
@@ -309,7 +316,10 @@ if HAS_TRITON:
         # The value dims go in four quarters of DQ4 and each quarter's gradient is added as soon
         # as it is made: one [BK, DQ4] fp32 accumulator is live at a time, not the whole row.
         # HEAD_SUM: the block's p summed over its heads is added to PSUM (IDX's strides).
-        t, h, hm, b = _program_coords(NHB, HB, H)
+        # STORE_DS: the score gradients are also stored, DS [B, rows from t0, H, TOPK] (slots
+        # last, IDX's slot order), for the dq product that replaces the recomputing dq kernel.
+        # The launch covers the tokens from t0.
+        t, h, hm, b = _program_coords(NHB, HB, H, t0)
         lo, hi = _key_slots(SEG, b, t, pass_id, stride_sb, stride_ss, TOPK, PASSES)
         if hi > lo:
             c0 = tl.arange(0, DQ4)
@@ -351,6 +361,10 @@ if HAS_TRITON:
                 dpt = _dot(k0_, tl.trans(o0), IEEE, UPCAST) + _dot(k1_, tl.trans(o1), IEEE, UPCAST)
                 dpt += _dot(k2_, tl.trans(o2), IEEE, UPCAST) + _dot(k3_, tl.trans(o3), IEEE, UPCAST)
                 dst = (pt * (dpt - delta[None, :]) * scale).to(k0_.dtype)
+                if STORE_DS:
+                    kk = k0 + tl.arange(0, BK)
+                    gs = DS + b * stride_gb + (t - t0) * stride_gs + h[None, :] * stride_gh + kk[:, None]
+                    tl.store(gs, dst, mask=(kk < hi)[:, None] & hm[None, :])
                 ptc = pt.to(k0_.dtype)
                 gp = dkvb + idx[:, None] * stride_dks
                 tl.atomic_add(gp + c0[None, :], _dot(dst, q0, IEEE, UPCAST) + _dot(ptc, o0, IEEE, UPCAST),
@@ -364,6 +378,49 @@ if HAS_TRITON:
                 if DR > 0:
                     tl.atomic_add(gp + DV + d2[None, :], _dot(dst, qr, IEEE, UPCAST),
                                   mask=_tile_mask(valid, d2, DR, D2), sem="relaxed")
+
+
+    @triton.jit
+    def _sparse_dq_product_kernel(
+        DS, KV, IDX, DQ,
+        Sk, TOPK, NHB, NCB, H, t0,
+        stride_gb, stride_gs, stride_gh,
+        stride_kb, stride_ks,
+        stride_ib, stride_is,
+        stride_qb, stride_qs, stride_qh,
+        HB: tl.constexpr, COL0: tl.constexpr, NCOL: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr,
+        EVEN_K: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    ):
+        # dq from the stored score gradients, one program per (token, head block, block of BD of
+        # q's NCOL columns from COL0): dq[t, h, c] = sum over the row's slots of ds[t, h, slot] *
+        # kv[idx[t, slot], c]. No recomputation; the accumulator is [HB, BD]. A token's programs
+        # are neighbours, so its gathered rows and score gradients are read from L2 again. Every
+        # slot of DS holds a value (0 where no key), so its tiles need the row mask alone.
+        pid = tl.program_id(0)
+        t = t0 + pid // (NHB * NCB)
+        r = pid % (NHB * NCB)
+        h = (r // NCB) * HB + tl.arange(0, HB)
+        hm = h < H
+        cb = (r % NCB) * BD + tl.arange(0, BD)
+        c = COL0 + cb
+        t = t.to(tl.int64)
+        b = tl.program_id(1).to(tl.int64)
+        ib = IDX + b * stride_ib + t * stride_is
+        gb = DS + b * stride_gb + (t - t0) * stride_gs + h[:, None] * stride_gh
+        kvb = KV + b * stride_kb
+        acc = tl.zeros((HB, BD), tl.float32)
+        for k0 in range(0, TOPK, BK):
+            idx, valid, rowoff = _selected(ib, k0, TOPK, Sk, stride_ks, BK)
+            kk = k0 + tl.arange(0, BK)
+            if EVEN_K:  # the row mask alone: 16-byte loads
+                ds_ok = hm[:, None]
+            else:
+                ds_ok = hm[:, None] & (kk < TOPK)[None, :]
+            ds = tl.load(gb + kk[None, :], mask=ds_ok, other=0.0)
+            rows = tl.load(kvb + (rowoff[:, None] + c[None, :]), mask=_tile_mask(valid, cb, NCOL, BD), other=0.0)
+            acc += _dot(ds, rows, IEEE, UPCAST)
+        qb = DQ + b * stride_qb + t * stride_qs + h[:, None] * stride_qh + c[None, :]
+        tl.store(qb, acc.to(DQ.dtype.element_ty), mask=_tile_mask(hm, cb, NCOL, BD))
 
 
 def _dims(D, v_dim):
@@ -386,6 +443,8 @@ def _tiles(chosen, on_gpu: bool, HB: int, kernel: str) -> Tiles:
         return Tiles(64, 4, 1)  # 912 ms, (64, 8, 1) 1338
     if kernel == "dq" and HB >= MAX_HEAD_BLOCK:  # 32K x 128 heads: 133 ms, (32, 8, 2) 226, (32, 8, 1) 176
         return Tiles(64, 8, 1)
+    if kernel == "dq_product":  # not yet timed: an [HB, 256] fp32 accumulator over 8 warps
+        return Tiles(64, 8, 3)
     # one kernel, 128K x 16 heads with 10 key ranges: 414 ms vs (32, 8, 2) 432, (16, 8, 2) 572
     return Tiles(32, 8, 3)
 
@@ -419,6 +478,8 @@ def sparse_attn_fwd(q, kv, idx, v_dim, scale, options: KernelOptions = DEFAULT_O
 DELTA_CHUNK_ELEMENTS = 1 << 26  # fp32 temporaries per chunk: 256 MiB each
 L2_TARGET_BYTES = 32 << 20  # dkv bytes one pass keeps in L2 (the H200 has 60 MB in two halves)
 DQ_CHUNK_BYTES = 1 << 30  # the fp32 dq rows one chunk of the key-range passes holds
+DS_CHUNK_BYTES = 2 << 30  # the stored score gradients of one chunk of rows (split_dq "stored")
+DQ_PRODUCT_COLUMNS = 256  # q's value columns per program of the dq product
 
 
 def _rowwise_dot(dout: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -458,6 +519,29 @@ def key_segments(idx: torch.Tensor, Sk: int, passes: int):
     bounds = bounds.to(keys.dtype).expand(*keys.shape[:2], passes + 1).contiguous()
     seg = torch.searchsorted(keys, bounds).to(torch.int32)
     return torch.where(keys == big, -1, keys).contiguous(), order, seg
+
+
+def _dq_product(ds, kv, idx, dq, t0: int, t1: int, v_dim: int, HB: int, NHB: int, options: KernelOptions,
+                common: dict) -> None:
+    """dq of rows t0..t1 from their stored score gradients ds (rows from t0): the value columns in
+    blocks of up to DQ_PRODUCT_COLUMNS, then the rope columns."""
+    B, _, H, D = dq.shape
+    DR, D1, D2 = _dims(D, v_dim)
+    tiles = _tiles(options.attn_dq_product, dq.is_cuda, HB, "dq_product")
+    parts = [(0, v_dim, min(D1, DQ_PRODUCT_COLUMNS))] + ([(v_dim, DR, D2)] if DR > 0 else [])
+    for col0, ncol, BD in parts:
+        ncb = triton.cdiv(ncol, BD)
+        _sparse_dq_product_kernel[((t1 - t0) * NHB * ncb, B)](
+            ds, kv, idx, dq,
+            kv.shape[1], idx.shape[-1], NHB, ncb, H, t0,
+            ds.stride(0), ds.stride(1), ds.stride(2),
+            kv.stride(0), kv.stride(1),
+            idx.stride(0), idx.stride(1),
+            dq.stride(0), dq.stride(1), dq.stride(2),
+            HB=HB, COL0=col0, NCOL=ncol, BD=BD, BK=tiles.BK, EVEN_K=idx.shape[-1] % tiles.BK == 0,
+            IEEE=common["IEEE"], UPCAST=common["UPCAST"],
+            num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        )
 
 
 def split_backward(options: KernelOptions, HB: int) -> bool:
@@ -522,34 +606,48 @@ def sparse_attn_bwd(q, kv, idx, out, lse, dout, v_dim, scale, options: KernelOpt
 
     if split:
         dq = torch.empty_like(q)
-        tiles = _tiles(options.attn_bwd, q.is_cuda, HB, "dq")
-        _sparse_dq_kernel[grid](
-            q, kv, full_idx, dout, lse, delta, dq,
-            Sk, K, NHB, H, scale, scale * LOG2E,
-            q.stride(0), q.stride(1), q.stride(2),
-            kv.stride(0), kv.stride(1),
-            full_idx.stride(0), full_idx.stride(1),
-            dout.stride(0), dout.stride(1), dout.stride(2),
-            lse.stride(0), lse.stride(1),
-            BK=tiles.BK, num_warps=tiles.num_warps, num_stages=tiles.num_stages, **common,
-        )
-        tiles = _tiles(options.attn_dkv, q.is_cuda, HB, "dkv")
-        DQ4 = max(D1 // 4, 16)
-        for p in range(passes):
-            _sparse_dkv_kernel[grid](
-                q, kv, idx, seg, dout, lse, delta, dkv, psum,
-                Sk, K, NHB, H, scale, scale * LOG2E, p,
+        stored = options.split_dq == "stored"
+        if not stored:
+            tiles = _tiles(options.attn_bwd, q.is_cuda, HB, "dq")
+            _sparse_dq_kernel[grid](
+                q, kv, full_idx, dout, lse, delta, dq,
+                Sk, K, NHB, H, scale, scale * LOG2E,
                 q.stride(0), q.stride(1), q.stride(2),
                 kv.stride(0), kv.stride(1),
-                idx.stride(0), idx.stride(1),
-                seg.stride(0), seg.stride(1),
+                full_idx.stride(0), full_idx.stride(1),
                 dout.stride(0), dout.stride(1), dout.stride(2),
                 lse.stride(0), lse.stride(1),
-                dkv.stride(0), dkv.stride(1),
-                HB=HB, DV=v_dim, DQ4=DQ4, EXACT=4 * DQ4 == v_dim, DR=DR, D2=D2, IEEE=common["IEEE"],
-                UPCAST=common["UPCAST"], BK=tiles.BK, PASSES=passes, HEAD_SUM=head_sum, num_warps=tiles.num_warps,
-                num_stages=tiles.num_stages,
+                BK=tiles.BK, num_warps=tiles.num_warps, num_stages=tiles.num_stages, **common,
             )
+        # "stored": the dkv kernel stores the score gradients of a chunk of rows, then dq is
+        # their product with the gathered rows (in idx's slot order, key-sorted with ranges).
+        step = max(1, DS_CHUNK_BYTES // (B * H * K * kv.element_size())) if stored else Sq
+        # With key ranges no launch writes a row's slots past its keys: zeros there.
+        new = torch.zeros if passes > 1 else torch.empty
+        ds = new(B, min(step, Sq), H, K, dtype=kv.dtype, device=q.device) if stored else dkv
+        ds_strides = (ds.stride(0), ds.stride(1), ds.stride(2)) if stored else (0, 0, 0)
+        tiles = _tiles(options.attn_dkv, q.is_cuda, HB, "dkv")
+        DQ4 = max(D1 // 4, 16)
+        for t0 in range(0, Sq, step):
+            t1 = min(Sq, t0 + step)
+            for p in range(passes):
+                _sparse_dkv_kernel[((t1 - t0) * NHB, B)](
+                    q, kv, idx, seg, dout, lse, delta, dkv, psum, ds,
+                    Sk, K, NHB, H, scale, scale * LOG2E, p, t0,
+                    q.stride(0), q.stride(1), q.stride(2),
+                    kv.stride(0), kv.stride(1),
+                    idx.stride(0), idx.stride(1),
+                    seg.stride(0), seg.stride(1),
+                    dout.stride(0), dout.stride(1), dout.stride(2),
+                    lse.stride(0), lse.stride(1),
+                    dkv.stride(0), dkv.stride(1),
+                    *ds_strides,
+                    HB=HB, DV=v_dim, DQ4=DQ4, EXACT=4 * DQ4 == v_dim, DR=DR, D2=D2, IEEE=common["IEEE"],
+                    UPCAST=common["UPCAST"], BK=tiles.BK, PASSES=passes, HEAD_SUM=head_sum, STORE_DS=stored,
+                    num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+                )
+            if stored:
+                _dq_product(ds, kv, idx, dq, t0, t1, v_dim, HB, NHB, options, common)
         return results(dq)
     if passes == 1:
         dq = torch.empty_like(q)
