@@ -41,6 +41,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from megatron_dsa import kernels as KN  # noqa: E402
 from megatron_dsa.flops import dense_attention_flops, dsa_flops  # noqa: E402
+from megatron_dsa.kernel_options import DEFAULT_OPTIONS, KernelOptions  # noqa: E402
 from megatron_dsa.parallel import ParallelContext  # noqa: E402
 from megatron_dsa.parallel.sharded import own_rows_target  # noqa: E402
 
@@ -93,10 +94,11 @@ def peak_beyond(fn):
     return torch.cuda.max_memory_allocated() / 2**30, (torch.cuda.max_memory_allocated() - base) / 2**30
 
 
-def make_inputs(S, H, dev="cuda", seed=0):
+def make_inputs(S, H, dev="cuda", seed=0, options: KernelOptions = DEFAULT_OPTIONS):
+    """Random inputs of one case, and the kernel options our step runs them with."""
     g = torch.Generator(device=dev).manual_seed(seed)
     r = lambda *s: torch.randn(*s, device=dev, generator=g)  # noqa: E731
-    t = SimpleNamespace(H=H)
+    t = SimpleNamespace(H=H, options=options)
     t.q = r(1, S, H, DQK).bfloat16().requires_grad_()
     t.kv = r(1, S, DQK).bfloat16().requires_grad_()
     # Indexer q/k as the model makes them: Hadamard-rotated, unit-ish scale.
@@ -140,34 +142,39 @@ def ours_step(t, fp8, stages=None, idx=None, rows=None, kl_two_pass=False):
     mark("start")
     if idx is None:
         if rows is None:
-            idx = KN.indexer_topk(t.qi.detach(), t.ki.detach(), t.wi.detach(), TOPK, fp8=fp8, ordered=False)
+            idx = KN.indexer_topk(t.qi.detach(), t.ki.detach(), t.wi.detach(), TOPK, fp8=fp8, ordered=False,
+                                   options=t.options)
         else:  # the rank scores its rows against every key; the selection is all-gathered
             own = KN.indexer_topk(t.qi.detach()[:, rows], t.ki.detach(), t.wi.detach()[:, rows], TOPK,
-                                  q_pos=t.q_pos[rows], fp8=fp8, ordered=False)
+                                  q_pos=t.q_pos[rows], fp8=fp8, ordered=False, options=t.options)
             idx = t.idx_rest
             idx[:, rows] = own
     mark("indexer_topk")
     if not kl_two_pass:
         own = slice(None) if rows is None else rows
         with torch.no_grad():
-            out, lse = KN.sparse_mla_attention(t.q, t.kv, idx, DV, t.scale)
+            out, lse = KN.sparse_mla_attention(t.q, t.kv, idx, DV, t.scale, options=t.options)
         mark("attn_fwd")
         t.q.grad, t.kv.grad, head_sum = KN.sparse_mla_attention_backward(t.q.detach(), t.kv.detach(), idx, out, lse,
-                                                                         t.gout, DV, t.scale)
+                                                                         t.gout, DV, t.scale, options=t.options)
         mark("attn_bwd")
         p = own_rows_target(head_sum[:, own], ParallelContext())  # training's normalisation, one rank
-        kl = KN.sparse_indexer_kl_from_target(t.qi[:, own], t.ki, t.wi[:, own], idx[:, own], p)
+        kl = KN.sparse_indexer_kl_from_target(t.qi[:, own], t.ki, t.wi[:, own], idx[:, own], p,
+                                              options=t.options)
         mark("kl_fwd")
         torch.autograd.backward([kl], [t.gkl[:, : kl.shape[1]]])
         mark("kl_bwd")
         return idx
-    out, lse = KN.sparse_mla_attention(t.q, t.kv, idx, DV, t.scale)
+    out, lse = KN.sparse_mla_attention(t.q, t.kv, idx, DV, t.scale, options=t.options)
     mark("attn_fwd")
     if rows is None:
-        kl = KN.sparse_indexer_kl(t.q, t.kv, t.qi, t.ki, t.wi, idx, t.scale, lse=lse)
+        kl = KN.sparse_indexer_kl(t.q, t.kv, t.qi, t.ki, t.wi, idx, t.scale, lse=lse,
+                                  options=t.options)
     else:  # the rank's heads' share of the target for all rows, then its own rows' KL
-        p = own_rows_target(KN.sparse_target_head_sum(t.q, t.kv, idx, t.scale, lse=lse)[:, rows], ParallelContext())
-        kl = KN.sparse_indexer_kl_from_target(t.qi[:, rows], t.ki, t.wi[:, rows], idx[:, rows], p)
+        head_sum = KN.sparse_target_head_sum(t.q, t.kv, idx, t.scale, lse=lse, options=t.options)
+        p = own_rows_target(head_sum[:, rows], ParallelContext())
+        kl = KN.sparse_indexer_kl_from_target(t.qi[:, rows], t.ki, t.wi[:, rows], idx[:, rows], p,
+                                              options=t.options)
     mark("kl_fwd")
     torch.autograd.backward([out], [t.gout])
     mark("attn_bwd")
@@ -371,7 +378,7 @@ def tp8_rank_rows(S):
 
 def bench_row(S, H, args, c, label=None, tp8=False):
     row = {"heads": H, "seq": S, "case": label or f"{H} heads", "measured": time.strftime("%Y-%m-%d")}
-    t = make_inputs(S, H)
+    t = make_inputs(S, H, options=args.kernel_options)
     rows = None
     frac = 1.0
     if tp8:
@@ -443,6 +450,8 @@ def main():
     ap.add_argument("--kl-two-pass", action="store_true",
                     help="also the sparse KL with its target from a pass of its own in the forward (FP8 indexer)")
     ap.add_argument("--no-checks", action="store_true")
+    ap.add_argument("--kernel-options", type=json.loads, default=None,
+                    help="our kernels' options as JSON, e.g. '{\"split_dq\": \"stored\"}' (default: the defaults)")
     ap.add_argument("--update", action="store_true",
                     help="keep the rows of --out's json that this run does not measure (same case and "
                          "length are replaced), so the table can be measured in pieces; the device, versions and "
@@ -450,6 +459,11 @@ def main():
     ap.add_argument("--render", action="store_true",
                     help="only re-write the model's .md and .png from --out's json (no GPU needed)")
     args = ap.parse_args()
+    try:
+        given = args.kernel_options
+        args.kernel_options = KernelOptions.from_dict(given)
+    except (TypeError, ValueError) as e:
+        sys.exit(f"error: --kernel-options: {e}")
     stem = use_model(args.model)
     results = os.path.join(args.out, stem + ".json")
     if args.render:
@@ -463,7 +477,8 @@ def main():
     c = load_ceilings(args.out)
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "ceilings": c, "rows": [],
            "config": dict(batch=1, dqk=DQK, dv=DV, idx_heads=HI, idx_dim=DI, topk=TOPK, dtype="bf16",
-                          **({} if args.model == DEFAULT_MODEL else dict(model=args.model, dense_dims=[DENSE_QK, DENSE_V])))}
+                          **({} if args.model == DEFAULT_MODEL else dict(model=args.model, dense_dims=[DENSE_QK, DENSE_V])),
+                          **({} if given is None else dict(kernel_options=given)))}
     try:
         import triton
 
@@ -560,7 +575,8 @@ def to_markdown(res):
         f"{g['dqk']} / Dv {g['dv']}, bf16, random inputs; median of 3. Dense: causal SDPA (flash) with the same heads, "
         f"MLA's {dense_qk} / {dense_v} dims. Ceilings: bf16 "
         f"{c['bf16_tflops']:.0f} / fp8 {c['fp8_tflops']:.0f} TFLOP/s, HBM {c['hbm_tb_s']} TB/s, row gathers "
-        f"{c['gather_tb_s']} TB/s, fp32 atomic adds {c['atomic_adds_per_s']:.2g}/s.", "",
+        f"{c['gather_tb_s']} TB/s, fp32 atomic adds {c['atomic_adds_per_s']:.2g}/s."
+        + (f" Our kernels' options: {json.dumps(g['kernel_options'])}." if "kernel_options" in g else ""), "",
         "| case | seq | ours fp8 ms | ours bf16 ms | dense SDPA ms | dense / ours | ours TFLOP/s | peak GiB (beyond in/out/grads) |",
         "|---|---|---|---|---|---|---|---|"]
     dates = {}

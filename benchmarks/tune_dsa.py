@@ -52,10 +52,14 @@ def variants(stage: str, heads: int) -> list[tuple[str, KernelOptions]]:
             out += [(f"split p{p}", KernelOptions(key_passes=p)) for p in (4,)]
             out += [(f"split dq{t}", KernelOptions(key_passes=1, attn_bwd=Tiles(*t))) for t in ((32, 8, 2), (32, 8, 1))]
             out += [(f"split dkv{t}", KernelOptions(key_passes=1, attn_dkv=Tiles(*t))) for t in ((64, 8, 1),)]
+            # dq as the product of the score gradients the dkv kernel stores, not recomputed
+            out += [(f"split stored dq{t}", KernelOptions(key_passes=1, split_dq="stored", attn_dq_product=Tiles(*t)))
+                    for t in ((64, 8, 3), (64, 8, 2), (32, 8, 3))]
             return out
         out = [("fused p1 (32,8,2)", KernelOptions(key_passes=1, attn_bwd_split=False))]
         out += [(f"fused p{p}", KernelOptions(key_passes=p, attn_bwd_split=False)) for p in (4, 10, 20)]
         out += [(f"split p{p}", KernelOptions(key_passes=p, attn_bwd_split=True)) for p in (1, 10)]
+        out += [("split stored p1", KernelOptions(key_passes=1, attn_bwd_split=True, split_dq="stored"))]
         out += [(f"fused p10 {t}", KernelOptions(key_passes=10, attn_bwd_split=False, attn_bwd=Tiles(*t)))
                 for t in ((16, 8, 2), (32, 8, 3))]
         return out
