@@ -451,7 +451,7 @@ def main():
                     help="also the sparse KL with its target from a pass of its own in the forward (FP8 indexer)")
     ap.add_argument("--no-checks", action="store_true")
     ap.add_argument("--kernel-options", type=json.loads, default=None,
-                    help="our kernels' options as JSON, e.g. '{\"split_dq\": \"stored\"}' (default: the defaults)")
+                    help="our kernels' options as JSON, e.g. '{\"split_bwd\": \"stored_scores\"}' (default: the defaults)")
     ap.add_argument("--update", action="store_true",
                     help="keep the rows of --out's json that this run does not measure (same case and "
                          "length are replaced), so the table can be measured in pieces; the device, versions and "

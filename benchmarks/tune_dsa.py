@@ -52,14 +52,20 @@ def variants(stage: str, heads: int) -> list[tuple[str, KernelOptions]]:
             out += [(f"split p{p}", KernelOptions(key_passes=p)) for p in (4,)]
             out += [(f"split dq{t}", KernelOptions(key_passes=1, attn_bwd=Tiles(*t))) for t in ((32, 8, 2), (32, 8, 1))]
             out += [(f"split dkv{t}", KernelOptions(key_passes=1, attn_dkv=Tiles(*t))) for t in ((64, 8, 1),)]
-            # dq as the product of the score gradients the dkv kernel stores, not recomputed
-            out += [(f"split stored dq{t}", KernelOptions(key_passes=1, split_dq="stored", attn_dq_product=Tiles(*t)))
-                    for t in ((64, 8, 3), (64, 8, 2), (32, 8, 3))]
+            # The kernels sharing stored scores: dq as their product ("stored_ds"); also dkv over
+            # every head at once ("stored_scores"), one add per (token, key, column)
+            out += [(f"split stored_ds dq{t}", KernelOptions(key_passes=1, split_bwd="stored_ds",
+                                                              attn_dq_product=Tiles(*t)))
+                    for t in ((64, 8, 3), (32, 8, 3))]
+            out += [(f"split stored_scores p{p} dkv{t}", KernelOptions(key_passes=p, split_bwd="stored_scores",
+                                                                       attn_dkv_product=Tiles(*t)))
+                    for p, t in ((1, (64, 4, 3)), (1, (64, 8, 2)), (1, (32, 4, 3)), (4, (64, 4, 3)), (10, (64, 4, 3)))]
             return out
         out = [("fused p1 (32,8,2)", KernelOptions(key_passes=1, attn_bwd_split=False))]
         out += [(f"fused p{p}", KernelOptions(key_passes=p, attn_bwd_split=False)) for p in (4, 10, 20)]
         out += [(f"split p{p}", KernelOptions(key_passes=p, attn_bwd_split=True)) for p in (1, 10)]
-        out += [("split stored p1", KernelOptions(key_passes=1, attn_bwd_split=True, split_dq="stored"))]
+        out += [(f"split {form} p1", KernelOptions(key_passes=1, attn_bwd_split=True, split_bwd=form))
+                for form in ("stored_ds", "stored_scores")]
         out += [(f"fused p10 {t}", KernelOptions(key_passes=10, attn_bwd_split=False, attn_bwd=Tiles(*t)))
                 for t in ((16, 8, 2), (32, 8, 3))]
         return out

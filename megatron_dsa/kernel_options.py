@@ -11,9 +11,9 @@ from dataclasses import dataclass, fields
 from typing import Any, Optional
 
 DENSE_KL = ("fused", "blockwise")
-SPLIT_DQ = ("recompute", "stored")
-TILE_FIELDS = ("attn_fwd", "attn_bwd", "attn_dkv", "attn_dq_product", "kl_target", "kl_fwd", "kl_bwd", "decode_attn",
-               "decode_index")
+SPLIT_BWD = ("recompute", "stored_ds", "stored_scores")
+TILE_FIELDS = ("attn_fwd", "attn_bwd", "attn_dkv", "attn_dq_product", "attn_dkv_product", "kl_target", "kl_fwd",
+               "kl_bwd", "decode_attn", "decode_index")
 
 
 def _count(v: Any) -> bool:
@@ -49,19 +49,22 @@ class KernelOptions:
     ``sparse_attn.key_passes``; 1: one pass).
     attn_bwd_split: the sparse attention's backward as two kernels (dq, then dkv with the keys as
     the products' rows) or one (None: two from 64-head blocks, where one does not fit an SM).
-    split_dq: how the split backward makes dq. "recompute": a kernel of its own recomputes the
-    probabilities and score gradients (1.4x the backward's products, and a [64, 576] fp32
-    accumulator a program). "stored": the dkv kernel, which makes the score gradients anyway,
-    stores them (kv's dtype, a chunk of rows at a time) and dq is their product with the
-    gathered rows, in column blocks (``attn_dq_product`` tiles).
+    split_bwd: what the split backward's kernels share. "recompute": a dq kernel and a dkv kernel
+    each recompute the probabilities and score gradients (1.4x the backward's products; the dq
+    kernel's [64, 576] fp32 accumulator spills), and dkv takes one fp32 add per (token, key,
+    column) and head block. "stored_ds": the dkv kernel stores its score gradients (kv's dtype,
+    a chunk of rows at a time) and dq is their product with the gathered rows, in column blocks
+    (``attn_dq_product`` tiles). "stored_scores": one kernel makes and stores the probabilities
+    and score gradients; dkv is their product with every head's q and dO, one add per (token,
+    key, column) for all heads up to 128 (``attn_dkv_product`` tiles), and dq as in "stored_ds".
     kl_target_keys_rows: the sparse KL's target kernel with the selected keys as the products'
     rows and the heads as columns (each gathered row read once per token) or the heads as rows
     (once per 64-head block); None: keys as rows above one 64-head block. That kernel serves the
     KL of a forward without gradients (evaluation); training takes the target from the sparse
     attention's backward.
-    attn_fwd / attn_bwd / attn_dkv / attn_dq_product / kl_target / kl_fwd / kl_bwd: launch tiles
-    of those kernels (attn_bwd: the one-kernel backward, or the split backward's recomputing dq
-    kernel; None: measured defaults).
+    attn_fwd / attn_bwd / attn_dkv / attn_dq_product / attn_dkv_product / kl_target / kl_fwd /
+    kl_bwd: launch tiles of those kernels (attn_bwd: the one-kernel backward, or the split
+    backward's recomputing dq kernel; None: measured defaults).
     decode_attn / decode_index: the paged decode's attention (cached rows per block) and indexer
     scoring (keys per program) launches (None: measured defaults, ``kernels.decode``).
     select_runs: keys per run whose largest score the indexer's scoring keeps, so that the top-k
@@ -75,12 +78,13 @@ class KernelOptions:
     dense_kl: str = "fused"
     key_passes: int = 0
     attn_bwd_split: Optional[bool] = None
-    split_dq: str = "recompute"
+    split_bwd: str = "recompute"
     kl_target_keys_rows: Optional[bool] = None
     attn_fwd: Optional[Tiles] = None
     attn_bwd: Optional[Tiles] = None
     attn_dkv: Optional[Tiles] = None
     attn_dq_product: Optional[Tiles] = None
+    attn_dkv_product: Optional[Tiles] = None
     kl_target: Optional[Tiles] = None
     kl_fwd: Optional[Tiles] = None
     kl_bwd: Optional[Tiles] = None
@@ -92,8 +96,8 @@ class KernelOptions:
     def __post_init__(self):
         if self.dense_kl not in DENSE_KL:
             raise ValueError(f"dense_kl must be one of {list(DENSE_KL)}, got {self.dense_kl!r}")
-        if self.split_dq not in SPLIT_DQ:
-            raise ValueError(f"split_dq must be one of {list(SPLIT_DQ)}, got {self.split_dq!r}")
+        if self.split_bwd not in SPLIT_BWD:
+            raise ValueError(f"split_bwd must be one of {list(SPLIT_BWD)}, got {self.split_bwd!r}")
         if not _count(self.key_passes):
             raise ValueError(f"key_passes must be an integer >= 0, got {self.key_passes!r}")
         r = self.select_runs

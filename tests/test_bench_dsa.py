@@ -72,7 +72,7 @@ def test_model_shapes_come_from_the_model_sizes():
     assert (bench_dsa.HI, bench_dsa.DENSE_QK, bench_dsa.DENSE_V) == (64, 192, 128)
 
 
-@pytest.mark.parametrize("given,message", [('{"split_dq": "nope"}', "split_dq must be one of"),
+@pytest.mark.parametrize("given,message", [('{"split_bwd": "nope"}', "split_bwd must be one of"),
                                            ('{"bogus": 1}', "unknown kernel options"),
                                            ("[1", "invalid loads value")])
 def test_bad_kernel_options_fail_before_any_run(given, message):
@@ -88,7 +88,7 @@ def test_the_table_names_the_kernel_options_it_ran_with():
 
     res = {"device": "H200", "ceilings": bench_dsa.CEILINGS, "rows": [_row("64 heads", 64, 4096, 1)],
            "config": dict(batch=1, dqk=576, dv=512, idx_heads=64, idx_dim=128, topk=2048, dtype="bf16",
-                          kernel_options={"split_dq": "stored"})}
-    assert 'options: {"split_dq": "stored"}' in bench_dsa.to_markdown(res)
+                          kernel_options={"split_bwd": "stored_scores"})}
+    assert 'options: {"split_bwd": "stored_scores"}' in bench_dsa.to_markdown(res)
     del res["config"]["kernel_options"]
     assert "options" not in bench_dsa.to_markdown(res)

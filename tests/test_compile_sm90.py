@@ -32,6 +32,8 @@ POINTERS = dict(QM="*bf16", KV="*bf16", QI="*bf16", KI="*bf16", WI="*fp32", QPOS
                 LSE="*fp32", PART="*fp32", LSEI="*fp32", G="*fp32", DQ="*fp32", DW="*fp32", DK="*fp32",
                 scale_log2="fp32", scale="fp32", Q="*bf16", IDX="*i32", O="*bf16", SEG="*i32", DO="*bf16",
                 DELTA="*fp32", DKV="*fp32", LSEM="*fp32", P="*fp32", PSUM="*fp32", DS="*bf16")
+# The sparse backward's stored probabilities (P) are bf16 like its score gradients.
+STORED_P = ("_sparse_dkv_kernel", "_sparse_dkv_product_kernel")
 
 
 def _compile_sm90(fn, consts: dict, options: dict, hints: bool = False, pointers: dict = None):
@@ -90,6 +92,15 @@ def test_dense_kl_kernels_fit_an_h200(H, D, HI, DI):
     assert proc.stdout.count("\n") == 3, proc.stdout
 
 
+def _pointers(fn) -> dict:
+    """The sparse backward's arguments whose types differ from POINTERS' (bf16 stored tensors)."""
+    from megatron_dsa.kernels import sparse_attn as A
+
+    if fn is A._sparse_dq_product_kernel:
+        return dict(DQ="*bf16")
+    return dict(P="*bf16") if fn.fn.__name__ in STORED_P else {}
+
+
 def check_sparse(HB: int) -> None:
     """The sparse kernels at one head block with their GPU default tiles, 576 / 512 dims."""
     from megatron_dsa.kernels import indexer_kl as L
@@ -105,11 +116,23 @@ def check_sparse(HB: int) -> None:
         keys_rows = {k: v for k, v in target.items() if k != "HB"}
         product = dict(HB=HB, EVEN_K=True, IEEE=False, UPCAST=False)
         tiles_product = A._tiles(None, True, HB, "dq_product")
-        # dkv and the one-kernel backward as training launches them: adding the KL's target;
-        # dkv also storing the score gradients for the dq product (split_dq "stored").
+        dkv_product = dict(HC=A.DKV_PRODUCT_HEADS, PASSES=1, EVEN_K=True, IEEE=False, UPCAST=False)
+        tiles_dkv_product = A._tiles(None, True, HB, "dkv_product")
+        dkv_tiles = A._tiles(None, True, HB, "dkv")
+        # dkv and the one-kernel backward as training launches them: adding the KL's target; the
+        # split backward's stored forms (split_bwd): dkv also storing the score gradients, or
+        # storing them and the probabilities without adding, then the dkv and dq products.
         kernels += [(A._sparse_dq_kernel, dims, A._tiles(None, True, HB, "dq")),
-                    (A._sparse_dkv_kernel, dict(quarters, HEAD_SUM=True, STORE_DS=False), A._tiles(None, True, HB, "dkv")),
-                    (A._sparse_dkv_kernel, dict(quarters, HEAD_SUM=True, STORE_DS=True), A._tiles(None, True, HB, "dkv")),
+                    (A._sparse_dkv_kernel, dict(quarters, HEAD_SUM=True, STORE_DS=False, STORE_P=False, ADD_DKV=True),
+                     dkv_tiles),
+                    (A._sparse_dkv_kernel, dict(quarters, HEAD_SUM=True, STORE_DS=True, STORE_P=False, ADD_DKV=True),
+                     dkv_tiles),
+                    (A._sparse_dkv_kernel, dict(quarters, HEAD_SUM=True, STORE_DS=True, STORE_P=True, ADD_DKV=False),
+                     dkv_tiles),
+                    (A._sparse_dkv_product_kernel,
+                     dict(dkv_product, COL0=0, NCOL=512, BC=A.DKV_PRODUCT_COLUMNS, HAS_DO=True), tiles_dkv_product),
+                    (A._sparse_dkv_product_kernel, dict(dkv_product, COL0=512, NCOL=64, BC=64, HAS_DO=False),
+                     tiles_dkv_product),
                     (A._sparse_dq_product_kernel, dict(product, COL0=0, NCOL=512, BD=A.DQ_PRODUCT_COLUMNS),
                      tiles_product),
                     (A._sparse_dq_product_kernel, dict(product, COL0=512, NCOL=64, BD=64), tiles_product),
@@ -119,7 +142,7 @@ def check_sparse(HB: int) -> None:
                         A._tiles(None, True, HB, "bwd")))
     for fn, consts, tiles in kernels:
         k = _compile_sm90(fn, dict(consts, BK=tiles.BK), dict(num_warps=tiles.num_warps, num_stages=tiles.num_stages),
-                          hints=True, pointers=dict(DQ="*bf16") if fn is A._sparse_dq_product_kernel else None)
+                          hints=True, pointers=_pointers(fn))
         name = fn.fn.__name__
         ptx = k.asm["ptx"]
         assert 0 < k.metadata.shared <= SM90_SHARED_BYTES, (name, k.metadata.shared)
@@ -134,4 +157,4 @@ def test_sparse_kernels_fit_an_h200(HB):
     code = f"import sys; sys.path.insert(0, 'tests'); import test_compile_sm90 as t; t.check_sparse({HB})"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("\n") == (8 if HB >= 64 else 3), proc.stdout
+    assert proc.stdout.count("\n") == (11 if HB >= 64 else 3), proc.stdout

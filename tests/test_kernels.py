@@ -31,13 +31,14 @@ def _fresh_seed():
 
 # The sparse backwards: one pass or several key ranges (the L2-resident adds), and the
 # attention's backward as one kernel or two (dq, then dkv with the keys as the products' rows);
-# the split one's dq recomputed or the product of the score gradients the dkv kernel stored.
+# the split one's kernels recomputing the scores or sharing the stored ones.
 VARIANTS = {
     "one_pass": KernelOptions(key_passes=1, attn_bwd_split=False),
     "key_ranges": KernelOptions(key_passes=3, attn_bwd_split=False),
     "split": KernelOptions(key_passes=1, attn_bwd_split=True),
     "split_key_ranges": KernelOptions(key_passes=4, attn_bwd_split=True),
-    "split_stored_ds": KernelOptions(key_passes=4, attn_bwd_split=True, split_dq="stored"),
+    "split_stored_ds": KernelOptions(key_passes=4, attn_bwd_split=True, split_bwd="stored_ds"),
+    "split_stored_scores": KernelOptions(key_passes=4, attn_bwd_split=True, split_bwd="stored_scores"),
 }
 
 
@@ -704,12 +705,13 @@ def test_sparse_attention_backward_delta_in_row_chunks(monkeypatch):
         assert rel(a, b) < 1e-5
 
 
+@pytest.mark.parametrize("form", ["stored_ds", "stored_scores"])
 @pytest.mark.parametrize("passes", [1, 3])
-def test_stored_score_gradients_in_row_chunks(passes, monkeypatch):
-    """The split backward's stored score gradients, a chunk of rows at a time (ragged last chunk,
-    two head blocks, value columns in two blocks plus the rope's): dq and dkv equal the
-    reference's, with and without key-sorted ranges. Fresh buffers are NaN-filled, so a slot
-    that no launch wrote and the product reads would show."""
+def test_stored_scores_in_row_chunks(passes, form, monkeypatch):
+    """The split backward's stored score gradients (and probabilities), a chunk of rows at a time
+    (ragged last chunk, two head blocks, value columns in two blocks plus the rope's, heads
+    summed in two groups): dq and dkv equal the reference's, with and without key-sorted ranges.
+    Fresh buffers are NaN-filled, so a slot that no launch wrote and a product reads would show."""
     from megatron_dsa.kernels import sparse_attn
 
     class NaNFilledEmpty:
@@ -725,11 +727,13 @@ def test_stored_score_gradients_in_row_chunks(passes, monkeypatch):
     monkeypatch.setattr(sparse_attn, "torch", NaNFilledEmpty())
     monkeypatch.setattr(sparse_attn, "DS_CHUNK_BYTES", 5 * B * H * topk * 4)  # 5 rows per chunk
     monkeypatch.setattr(sparse_attn, "DQ_PRODUCT_COLUMNS", 16)
+    monkeypatch.setattr(sparse_attn, "DKV_PRODUCT_COLUMNS", 16)
+    monkeypatch.setattr(sparse_attn, "DKV_PRODUCT_HEADS", 64)
     q = torch.randn(B, S, H, D, device=DEV, requires_grad=True)
     kv = torch.randn(B, S, D, device=DEV, requires_grad=True)
     idx = _random_idx(B, S, S, topk)
     g = torch.randn(B, S, H, V, device=DEV)
-    options = KernelOptions(key_passes=passes, attn_bwd_split=True, split_dq="stored")
+    options = KernelOptions(key_passes=passes, attn_bwd_split=True, split_bwd=form)
     o, _ = K.sparse_mla_attention(q, kv, idx, V, D**-0.5, options=options)
     o_r, _ = R.sparse_mla_attention(q, kv, idx, V, D**-0.5)
     for a, b in zip(torch.autograd.grad(o, (q, kv), g), torch.autograd.grad(o_r, (q, kv), g)):

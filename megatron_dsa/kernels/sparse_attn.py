@@ -23,11 +23,15 @@ block), then dkv with the selected keys as the products' rows, its value dims in
 whose gradients are added as soon as they are made (one [BK, D/4] fp32 accumulator live at a
 time; the whole [BK, 576] row spilled registers: 553 ms against 197 at 32K x 128 heads).
 The dq kernel recomputes the probabilities and score gradients the dkv kernel also makes (1.4x
-the backward's products) and holds a [64, 576] fp32 accumulator, which spills. With
-``KernelOptions.split_dq == "stored"`` the dkv kernel stores its score gradients instead (kv's
-dtype, the same rounding the recomputing kernel's product applies; a chunk of rows at a time,
-``DS_CHUNK_BYTES``) and dq is their product with the gathered rows, in column blocks: no
-recomputation and an [HB, 256] accumulator.
+the backward's products) and holds a [64, 576] fp32 accumulator, which spills; and at 128 heads
+the dkv kernel adds every (token, key, column) twice, once per head block. The stored forms
+(``KernelOptions.split_bwd``) keep what one kernel made, in kv's dtype (the rounding the products
+apply anyway), a chunk of rows at a time (``DS_CHUNK_BYTES``):
+- "stored_ds": the dkv kernel stores its score gradients and dq is their product with the
+  gathered rows, in column blocks (no recomputation, an [HB, 256] accumulator);
+- "stored_scores": the dkv kernel only makes and stores the probabilities and score gradients;
+  dkv is then their product with q and dO summed over every head (up to 128) before one add per
+  (token, key, column), and dq as above.
 """
 
 from __future__ import annotations
@@ -296,7 +300,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _sparse_dkv_kernel(
-        Q, KV, IDX, SEG, DO, LSE, DELTA, DKV, PSUM, DS,
+        Q, KV, IDX, SEG, DO, LSE, DELTA, DKV, PSUM, DS, P,
         Sk, TOPK, NHB, H, scale, scale_log2, pass_id, t0,
         stride_qb, stride_qs, stride_qh,
         stride_kb, stride_ks,
@@ -308,7 +312,7 @@ if HAS_TRITON:
         stride_gb, stride_gs, stride_gh,
         HB: tl.constexpr, DV: tl.constexpr, DQ4: tl.constexpr, EXACT: tl.constexpr, DR: tl.constexpr,
         D2: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, PASSES: tl.constexpr,
-        HEAD_SUM: tl.constexpr, STORE_DS: tl.constexpr,
+        HEAD_SUM: tl.constexpr, STORE_DS: tl.constexpr, STORE_P: tl.constexpr, ADD_DKV: tl.constexpr,
     ):
         # dkv alone for 64-head blocks, with the selected keys as the products' rows: s^T = kv q^T
         # [BK, HB], then dkv = ds^T q + p^T do. Every product reads q and do as its second
@@ -317,7 +321,9 @@ if HAS_TRITON:
         # as it is made: one [BK, DQ4] fp32 accumulator is live at a time, not the whole row.
         # HEAD_SUM: the block's p summed over its heads is added to PSUM (IDX's strides).
         # STORE_DS: the score gradients are also stored, DS [B, rows from t0, H, TOPK] (slots
-        # last, IDX's slot order), for the dq product that replaces the recomputing dq kernel.
+        # last, IDX's slot order), for the dq product that replaces the recomputing dq kernel;
+        # STORE_P the probabilities likewise (P has DS's strides). Without ADD_DKV the kernel only
+        # makes and stores them (the dkv product adds every head's share at once).
         # The launch covers the tokens from t0.
         t, h, hm, b = _program_coords(NHB, HB, H, t0)
         lo, hi = _key_slots(SEG, b, t, pass_id, stride_sb, stride_ss, TOPK, PASSES)
@@ -361,24 +367,28 @@ if HAS_TRITON:
                 dpt = _dot(k0_, tl.trans(o0), IEEE, UPCAST) + _dot(k1_, tl.trans(o1), IEEE, UPCAST)
                 dpt += _dot(k2_, tl.trans(o2), IEEE, UPCAST) + _dot(k3_, tl.trans(o3), IEEE, UPCAST)
                 dst = (pt * (dpt - delta[None, :]) * scale).to(k0_.dtype)
-                if STORE_DS:
-                    kk = k0 + tl.arange(0, BK)
-                    gs = DS + b * stride_gb + (t - t0) * stride_gs + h[None, :] * stride_gh + kk[:, None]
-                    tl.store(gs, dst, mask=(kk < hi)[:, None] & hm[None, :])
                 ptc = pt.to(k0_.dtype)
-                gp = dkvb + idx[:, None] * stride_dks
-                tl.atomic_add(gp + c0[None, :], _dot(dst, q0, IEEE, UPCAST) + _dot(ptc, o0, IEEE, UPCAST),
-                              mask=_cols(valid, c0, DV, EXACT), sem="relaxed")
-                tl.atomic_add(gp + c1[None, :], _dot(dst, q1, IEEE, UPCAST) + _dot(ptc, o1, IEEE, UPCAST),
-                              mask=_cols(valid, c1, DV, EXACT), sem="relaxed")
-                tl.atomic_add(gp + c2[None, :], _dot(dst, q2, IEEE, UPCAST) + _dot(ptc, o2, IEEE, UPCAST),
-                              mask=_cols(valid, c2, DV, EXACT), sem="relaxed")
-                tl.atomic_add(gp + c3[None, :], _dot(dst, q3, IEEE, UPCAST) + _dot(ptc, o3, IEEE, UPCAST),
-                              mask=_cols(valid, c3, DV, EXACT), sem="relaxed")
-                if DR > 0:
-                    tl.atomic_add(gp + DV + d2[None, :], _dot(dst, qr, IEEE, UPCAST),
-                                  mask=_tile_mask(valid, d2, DR, D2), sem="relaxed")
-
+                if STORE_DS or STORE_P:
+                    kk = k0 + tl.arange(0, BK)
+                    slot = b * stride_gb + (t - t0) * stride_gs + h[None, :] * stride_gh + kk[:, None]
+                    ok = (kk < hi)[:, None] & hm[None, :]
+                    if STORE_DS:
+                        tl.store(DS + slot, dst, mask=ok)
+                    if STORE_P:
+                        tl.store(P + slot, ptc, mask=ok)
+                if ADD_DKV:
+                    gp = dkvb + idx[:, None] * stride_dks
+                    tl.atomic_add(gp + c0[None, :], _dot(dst, q0, IEEE, UPCAST) + _dot(ptc, o0, IEEE, UPCAST),
+                                  mask=_cols(valid, c0, DV, EXACT), sem="relaxed")
+                    tl.atomic_add(gp + c1[None, :], _dot(dst, q1, IEEE, UPCAST) + _dot(ptc, o1, IEEE, UPCAST),
+                                  mask=_cols(valid, c1, DV, EXACT), sem="relaxed")
+                    tl.atomic_add(gp + c2[None, :], _dot(dst, q2, IEEE, UPCAST) + _dot(ptc, o2, IEEE, UPCAST),
+                                  mask=_cols(valid, c2, DV, EXACT), sem="relaxed")
+                    tl.atomic_add(gp + c3[None, :], _dot(dst, q3, IEEE, UPCAST) + _dot(ptc, o3, IEEE, UPCAST),
+                                  mask=_cols(valid, c3, DV, EXACT), sem="relaxed")
+                    if DR > 0:
+                        tl.atomic_add(gp + DV + d2[None, :], _dot(dst, qr, IEEE, UPCAST),
+                                      mask=_tile_mask(valid, d2, DR, D2), sem="relaxed")
 
     @triton.jit
     def _sparse_dq_product_kernel(
@@ -423,6 +433,62 @@ if HAS_TRITON:
         tl.store(qb, acc.to(DQ.dtype.element_ty), mask=_tile_mask(hm, cb, NCOL, BD))
 
 
+    @triton.jit
+    def _sparse_dkv_product_kernel(
+        DS, P, Q, DO, IDX, SEG, DKV,
+        Sk, TOPK, NCB, H, h0, t0, pass_id,
+        stride_gb, stride_gs, stride_gh,
+        stride_qb, stride_qs, stride_qh,
+        stride_ob, stride_os, stride_oh,
+        stride_ib, stride_is,
+        stride_sb, stride_ss,
+        stride_dkb, stride_dks,
+        HC: tl.constexpr, COL0: tl.constexpr, NCOL: tl.constexpr, BC: tl.constexpr, HAS_DO: tl.constexpr,
+        BK: tl.constexpr, PASSES: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    ):
+        # dkv from the stored probabilities and score gradients, one program per (token, block of
+        # BC of the latent's NCOL columns from COL0), over the heads h0.. h0+HC: with the selected
+        # keys as the rows, dkv[key, c] += sum_h ds[t, h, slot] q[t, h, c] + p[t, h, slot] dO[t, h, c]
+        # (dO only where the columns are values, HAS_DO). Every head's share of a (token, key,
+        # column) is summed before its one fp32 add, where the per-head-block dkv kernel adds once
+        # per head block. q's and dO's columns stay in shared memory for the whole row.
+        pid = tl.program_id(0)
+        t = (t0 + pid // NCB).to(tl.int64)
+        cb = (pid % NCB) * BC + tl.arange(0, BC)
+        c = COL0 + cb
+        b = tl.program_id(1).to(tl.int64)
+        h = h0 + tl.arange(0, HC)
+        hm = h < H
+        lo, hi = _key_slots(SEG, b, t, pass_id, stride_sb, stride_ss, TOPK, PASSES)
+        if hi > lo:
+            cols_ok = _tile_mask(hm, cb, NCOL, BC)
+            qc = tl.load(Q + b * stride_qb + t * stride_qs + h[:, None] * stride_qh + c[None, :], mask=cols_ok,
+                         other=0.0)
+            if HAS_DO:
+                oc = tl.load(DO + b * stride_ob + t * stride_os + h[:, None] * stride_oh + c[None, :], mask=cols_ok,
+                             other=0.0)
+            gb = b * stride_gb + (t - t0) * stride_gs + h[:, None] * stride_gh
+            ib = IDX + b * stride_ib + t * stride_is
+            dkvb = DKV + b * stride_dkb
+            # Blocks aligned to BK, so the stored tiles are whole (a key range starts anywhere).
+            for k0 in range(lo // BK * BK, hi, BK):
+                kk = k0 + tl.arange(0, BK)
+                mine = (kk >= lo) & (kk < hi)
+                idx = tl.load(ib + kk, mask=mine, other=-1)
+                valid = (idx >= 0) & (idx < Sk)
+                if EVEN_K:  # the row mask alone: 16-byte loads
+                    tile_ok = hm[:, None]
+                else:
+                    tile_ok = hm[:, None] & (kk < TOPK)[None, :]
+                dst = tl.trans(tl.load(DS + gb + kk[None, :], mask=tile_ok, other=0.0))
+                acc = _dot(dst, qc, IEEE, UPCAST)
+                if HAS_DO:
+                    pt = tl.trans(tl.load(P + gb + kk[None, :], mask=tile_ok, other=0.0))
+                    acc += _dot(pt, oc, IEEE, UPCAST)
+                tl.atomic_add(dkvb + (idx * stride_dks)[:, None] + c[None, :], acc,
+                              mask=_tile_mask(valid, cb, NCOL, BC), sem="relaxed")
+
+
 def _dims(D, v_dim):
     DR = D - v_dim
     D1 = next_pow2(v_dim, 16)
@@ -445,6 +511,8 @@ def _tiles(chosen, on_gpu: bool, HB: int, kernel: str) -> Tiles:
         return Tiles(64, 8, 1)
     if kernel == "dq_product":  # not yet timed: an [HB, 256] fp32 accumulator over 8 warps
         return Tiles(64, 8, 3)
+    if kernel == "dkv_product":  # not yet timed: a [64, 128] fp32 accumulator over 4 warps
+        return Tiles(64, 4, 3)
     # one kernel, 128K x 16 heads with 10 key ranges: 414 ms vs (32, 8, 2) 432, (16, 8, 2) 572
     return Tiles(32, 8, 3)
 
@@ -478,8 +546,10 @@ def sparse_attn_fwd(q, kv, idx, v_dim, scale, options: KernelOptions = DEFAULT_O
 DELTA_CHUNK_ELEMENTS = 1 << 26  # fp32 temporaries per chunk: 256 MiB each
 L2_TARGET_BYTES = 32 << 20  # dkv bytes one pass keeps in L2 (the H200 has 60 MB in two halves)
 DQ_CHUNK_BYTES = 1 << 30  # the fp32 dq rows one chunk of the key-range passes holds
-DS_CHUNK_BYTES = 2 << 30  # the stored score gradients of one chunk of rows (split_dq "stored")
+DS_CHUNK_BYTES = 2 << 30  # the stored score gradients of one chunk of rows (and as much for p)
 DQ_PRODUCT_COLUMNS = 256  # q's value columns per program of the dq product
+DKV_PRODUCT_COLUMNS = 128  # the latent's value columns per program of the dkv product
+DKV_PRODUCT_HEADS = 128  # heads one dkv product program sums before its adds
 
 
 def _rowwise_dot(dout: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -544,6 +614,36 @@ def _dq_product(ds, kv, idx, dq, t0: int, t1: int, v_dim: int, HB: int, NHB: int
         )
 
 
+def _dkv_product(ds, p, q, dout, idx, seg, dkv, t0: int, t1: int, pass_id: int, passes: int, v_dim: int,
+                 options: KernelOptions, common: dict) -> None:
+    """dkv's share of rows t0..t1 from their stored score gradients ds and probabilities p (rows
+    from t0), over key range ``pass_id``: the value columns in blocks of DKV_PRODUCT_COLUMNS with
+    dO's term, then the rope columns; every head at once up to DKV_PRODUCT_HEADS (more: one
+    add per group of that many)."""
+    B, _, H, D = q.shape
+    K = idx.shape[-1]
+    DR, D1, D2 = _dims(D, v_dim)
+    tiles = _tiles(options.attn_dkv_product, q.is_cuda, 0, "dkv_product")
+    HC = min(next_pow2(H, 16), DKV_PRODUCT_HEADS)
+    parts = [(0, v_dim, min(D1, DKV_PRODUCT_COLUMNS), True)] + ([(v_dim, DR, D2, False)] if DR > 0 else [])
+    for h0 in range(0, H, HC):
+        for col0, ncol, BC, has_do in parts:
+            ncb = triton.cdiv(ncol, BC)
+            _sparse_dkv_product_kernel[((t1 - t0) * ncb, B)](
+                ds, p, q, dout, idx, seg, dkv,
+                dkv.shape[1], K, ncb, H, h0, t0, pass_id,
+                ds.stride(0), ds.stride(1), ds.stride(2),
+                q.stride(0), q.stride(1), q.stride(2),
+                dout.stride(0), dout.stride(1), dout.stride(2),
+                idx.stride(0), idx.stride(1),
+                seg.stride(0), seg.stride(1),
+                dkv.stride(0), dkv.stride(1),
+                HC=HC, COL0=col0, NCOL=ncol, BC=BC, HAS_DO=has_do, BK=tiles.BK, PASSES=passes,
+                EVEN_K=K % tiles.BK == 0, IEEE=common["IEEE"], UPCAST=common["UPCAST"],
+                num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+            )
+
+
 def split_backward(options: KernelOptions, HB: int) -> bool:
     """dq and dkv in two kernels (always from 64-head blocks, whose fused backward does not fit
     an SM's shared memory and registers), or one."""
@@ -606,8 +706,8 @@ def sparse_attn_bwd(q, kv, idx, out, lse, dout, v_dim, scale, options: KernelOpt
 
     if split:
         dq = torch.empty_like(q)
-        stored = options.split_dq == "stored"
-        if not stored:
+        form = options.split_bwd
+        if form == "recompute":
             tiles = _tiles(options.attn_bwd, q.is_cuda, HB, "dq")
             _sparse_dq_kernel[grid](
                 q, kv, full_idx, dout, lse, delta, dq,
@@ -619,33 +719,44 @@ def sparse_attn_bwd(q, kv, idx, out, lse, dout, v_dim, scale, options: KernelOpt
                 lse.stride(0), lse.stride(1),
                 BK=tiles.BK, num_warps=tiles.num_warps, num_stages=tiles.num_stages, **common,
             )
-        # "stored": the dkv kernel stores the score gradients of a chunk of rows, then dq is
-        # their product with the gathered rows (in idx's slot order, key-sorted with ranges).
+        # The stored forms keep a chunk of rows' score gradients (and probabilities) in kv's dtype,
+        # in idx's slot order (key-sorted with ranges).
+        stored, scores = form != "recompute", form == "stored_scores"
         step = max(1, DS_CHUNK_BYTES // (B * H * K * kv.element_size())) if stored else Sq
-        # With key ranges no launch writes a row's slots past its keys: zeros there.
-        new = torch.zeros if passes > 1 else torch.empty
+        # "stored_ds" with key ranges writes only the slots of a row's keys: zeros elsewhere.
+        new = torch.zeros if passes > 1 and not scores else torch.empty
         ds = new(B, min(step, Sq), H, K, dtype=kv.dtype, device=q.device) if stored else dkv
+        pbuf = torch.empty_like(ds) if scores else ds
         ds_strides = (ds.stride(0), ds.stride(1), ds.stride(2)) if stored else (0, 0, 0)
         tiles = _tiles(options.attn_dkv, q.is_cuda, HB, "dkv")
         DQ4 = max(D1 // 4, 16)
+
+        def dkv_kernel(t0, t1, p, n_passes, add):
+            _sparse_dkv_kernel[((t1 - t0) * NHB, B)](
+                q, kv, idx, seg, dout, lse, delta, dkv, psum, ds, pbuf,
+                Sk, K, NHB, H, scale, scale * LOG2E, p, t0,
+                q.stride(0), q.stride(1), q.stride(2),
+                kv.stride(0), kv.stride(1),
+                idx.stride(0), idx.stride(1),
+                seg.stride(0), seg.stride(1),
+                dout.stride(0), dout.stride(1), dout.stride(2),
+                lse.stride(0), lse.stride(1),
+                dkv.stride(0), dkv.stride(1),
+                *ds_strides,
+                HB=HB, DV=v_dim, DQ4=DQ4, EXACT=4 * DQ4 == v_dim, DR=DR, D2=D2, IEEE=common["IEEE"],
+                UPCAST=common["UPCAST"], BK=tiles.BK, PASSES=n_passes, HEAD_SUM=head_sum, STORE_DS=stored,
+                STORE_P=scores, ADD_DKV=add, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+            )
+
         for t0 in range(0, Sq, step):
             t1 = min(Sq, t0 + step)
-            for p in range(passes):
-                _sparse_dkv_kernel[((t1 - t0) * NHB, B)](
-                    q, kv, idx, seg, dout, lse, delta, dkv, psum, ds,
-                    Sk, K, NHB, H, scale, scale * LOG2E, p, t0,
-                    q.stride(0), q.stride(1), q.stride(2),
-                    kv.stride(0), kv.stride(1),
-                    idx.stride(0), idx.stride(1),
-                    seg.stride(0), seg.stride(1),
-                    dout.stride(0), dout.stride(1), dout.stride(2),
-                    lse.stride(0), lse.stride(1),
-                    dkv.stride(0), dkv.stride(1),
-                    *ds_strides,
-                    HB=HB, DV=v_dim, DQ4=DQ4, EXACT=4 * DQ4 == v_dim, DR=DR, D2=D2, IEEE=common["IEEE"],
-                    UPCAST=common["UPCAST"], BK=tiles.BK, PASSES=passes, HEAD_SUM=head_sum, STORE_DS=stored,
-                    num_warps=tiles.num_warps, num_stages=tiles.num_stages,
-                )
+            if scores:  # every slot's p and ds once (no adds), then dkv over all heads per range
+                dkv_kernel(t0, t1, 0, 1, False)
+                for p in range(passes):
+                    _dkv_product(ds, pbuf, q, dout, idx, seg, dkv, t0, t1, p, passes, v_dim, options, common)
+            else:
+                for p in range(passes):
+                    dkv_kernel(t0, t1, p, passes, True)
             if stored:
                 _dq_product(ds, kv, idx, dq, t0, t1, v_dim, HB, NHB, options, common)
         return results(dq)
