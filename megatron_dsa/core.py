@@ -149,23 +149,23 @@ def dsa_core(
 
     if mode in ("dense", "warmup"):
         kv_all = gather_kv(kv, ctx, seq, cu_seqlens)  # every key (an all-gather under CP)
+        q_att, keys = q, kv_all  # absorbed queries over the latent
         if up_proj is None:
             out, _ = backend.dense_mla_attention(q, kv_all, v_dim, scale, q_pos=attention_pos, need_lse=False,
                                                  **documents)
-            target = (q, kv_all)  # absorbed queries over the latent
         else:
-            q_mha, k_mha, v_mha = R.mha_form(q, kv_all, *up_proj)
-            out, _ = backend.dense_attention(q_mha, k_mha, v_mha, scale, q_pos=attention_pos, need_lse=False,
+            q_att, keys, values = R.mha_form(q, kv_all, *up_proj)
+            out, _ = backend.dense_attention(q_att, keys, values, scale, q_pos=attention_pos, need_lse=False,
                                              **documents)
-            # The warm-up's target scores every head again over every key, per head too (3x
-            # fewer products than over the latent at DeepSeek-V3.2's shape). Under TP its rows
-            # hold every head, so it needs every head's keys.
-            k_target = k_mha if ctx.tp_size == 1 else every_heads_keys(kv_all, up_proj[0], ctx)
-            target = (q_mha, k_target)
         res = CoreResult(out)
         if mode == "warmup" and indexer is not None:
+            # The target scores every head again over every key, in the attention's form: per
+            # head in the MHA form (3x fewer products than over the latent at DeepSeek-V3.2's
+            # shape). Under TP its rows hold every head, so it needs every head's keys.
             # Detached inside: nothing reaches the main model.
-            res.kl, res.recall = dense_objective(target[1], q_target=target[0])
+            if up_proj is not None and ctx.tp_size > 1:
+                keys = every_heads_keys(kv_all, up_proj[0], ctx)
+            res.kl, res.recall = dense_objective(keys, q_target=q_att)
         res.indexer_flops = flops[0]
         return res
 

@@ -393,7 +393,7 @@ def _model_run(rank, tp, cp, mode, seed, steps, overrides):
     from megatron.core import parallel_state as ps
 
     from megatron_dsa.model import dsa_layers
-    from megatron_dsa.parallel import allreduce_sequence_parallel_grads, cp_split
+    from megatron_dsa.parallel import STATS, allreduce_sequence_parallel_grads, cp_split
 
     overrides = dict(overrides)
     B, S, lr = 2, 32, 0.05
@@ -435,6 +435,7 @@ def _model_run(rank, tp, cp, mode, seed, steps, overrides):
                     dist.all_reduce(p.grad, group=cp_group)
 
     tok, pos, lab = (cp_split(t, cp, cp_rank) for t in (tokens, positions, labels))
+    STATS.reset()
     for step in range(steps):
         grads = {} if step == 0 else None
         lm, kl = _step_losses(model, mode, tok, pos, lab, B * S, lr, grads, reduce_grads)
@@ -458,6 +459,8 @@ def _model_run(rank, tp, cp, mode, seed, steps, overrides):
                 f"rank {rank} {mode}: parameter {n} differs after {steps} steps "
                 f"(max abs diff {(p.detach() - want).abs().max().item():.3g})"
             )
+    # Only the warm-up's target under TP builds every head's keys (from the gathered K up-projection).
+    assert ("tp.k_up_heads" in STATS.bytes) == (mode == "warmup" and tp > 1), (mode, sorted(STATS.bytes))
     flops = sum(l.indexer_flops for l in dsa_layers(model))
     if mode != "dense" and cp == 1:
         # The TP-sharded indexer: each rank scores 1/TP of the rows against all keys.
