@@ -403,7 +403,7 @@ def absorb_query(q: torch.Tensor, k_up: torch.Tensor) -> torch.Tensor:
 
 
 def _dense_mha_chunk(q, q_pos, q_doc, k, v, k_pos, k_doc, scale: float):
-    scores = torch.einsum("bthd,bshd->bths", _up(q), _up(k)) * scale
+    scores = main_scores(q, k) * scale
     scores = scores.masked_fill(~causal_mask(q_pos, k_pos, q_doc, k_doc)[None, :, None, :], float("-inf"))
     out, lse = _attend(scores, v, "bths,bshd->bthd")
     return out.to(q.dtype), lse
@@ -660,7 +660,8 @@ def dense_indexer_kl(
     p: the main attention's probabilities (q_main over kv, causal) summed over ALL heads and
     L1-normalised; never differentiated. ``kv``: the latent [B, Sk, D] every head reads
     (absorbed queries), or each head's keys [B, Sk, H, D] (MLA's MHA form: 192 dims a head
-    against 576 at DeepSeek-V3.2's shape, the same scores in 3x fewer products). Gradients flow into q_idx, k_idx, w_idx only.
+    against 576 at DeepSeek-V3.2's shape, the same scores in 3x fewer products). Gradients
+    flow into q_idx, k_idx, w_idx only.
     Returns (kl [B, Sq], recall [B, Sq]) where recall is the share of p's mass that the
     indexer's own top-k captures (a diagnostic, no gradient); with ``recall_rows`` (query row
     numbers, see ``recall_sample_rows``) recall is [B, len(recall_rows)] for those rows only.

@@ -178,7 +178,8 @@ if HAS_TRITON:
             cols = start + tl.arange(0, BN)
             cmask = cols < Sk
             elig = _eligible(KPOS, KDOC, cols, cmask, qp, qd, rmask, HAS_DOC)
-            s = _main_block_scores(qb, rmask, KV + b * s_kvb + h * s_kvh + cols.to(tl.int64) * s_kvs, cmask, d1, d1m, d2, d2m,
+            kvp = KV + b * s_kvb + h * s_kvh + cols.to(tl.int64) * s_kvs
+            s = _main_block_scores(qb, rmask, kvp, cmask, d1, d1m, d2, d2m,
                                    DV, DR, IEEE, UPCAST) * scale_log2
             s = tl.where(elig, s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, axis=1))
@@ -220,7 +221,8 @@ if HAS_TRITON:
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(i2 - m_safe[:, None]), axis=1)
             m_i = m_new
-            p = _target_block(QM, b, rows, rmask, KV + b * s_kvb + cols.to(tl.int64) * s_kvs, s_kvh, cmask, elig, LSE,
+            kvp = KV + b * s_kvb + cols.to(tl.int64) * s_kvs
+            p = _target_block(QM, b, rows, rmask, kvp, s_kvh, cmask, elig, LSE,
                               s_qmb, s_qms, s_qmh, s_lb, s_ls, scale_log2, d1, d1m, d2, d2m,
                               H, DV, DR, IEEE, UPCAST, BM, BN)
             plogp += tl.sum(tl.where(p > 0, p * tl.log(tl.where(p > 0, p, 1.0)), 0.0), axis=1)
@@ -258,7 +260,8 @@ if HAS_TRITON:
             cols, cmask, elig, k_tile = _key_block(KI, KPOS, KDOC, b, start, qp, qd, rmask, Sk, s_kib, s_kis, di, dim,
                                                    BN, HAS_DOC)
             k_t = tl.trans(k_tile)
-            p = _target_block(QM, b, rows, rmask, KV + b * s_kvb + cols.to(tl.int64) * s_kvs, s_kvh, cmask, elig, LSE,
+            kvp = KV + b * s_kvb + cols.to(tl.int64) * s_kvs
+            p = _target_block(QM, b, rows, rmask, kvp, s_kvh, cmask, elig, LSE,
                               s_qmb, s_qms, s_qmh, s_lb, s_ls, scale_log2, d1, d1m, d2, d2m,
                               H, DV, DR, IEEE, UPCAST, BM, BN)
             if NG == 1:  # one group: its scores serve the logits and the gradients
