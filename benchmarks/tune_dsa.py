@@ -5,9 +5,10 @@ process (not a test).
 
 For each head count and length: the indexer's top-k (``topk``, once per length), the sparse
 attention forward and backward (as training runs it: returning the KL's head-summed target too)
-and the sparse KL forward (with its own target pass, as evaluation runs it) and backward, each under the option
-variants listed below (launch tiles, one backward
-kernel or two, the number of key ranges the gradient adds are split into). Every variant's
+and the sparse KL forward (with its own target pass, as evaluation runs it) and backward, each
+under the option variants listed below (launch tiles, the backward's kernels and what they share,
+the number of key ranges the gradient adds are split into); ``warmup_kl``: the warm-up's dense KL
+with its target over the latent (absorbed queries) or each head's keys (MHA form). Every variant's
 outputs are compared with the first variant's (same inputs and indices), so a variant that is
 fast but wrong shows as such. The selections are the indexer's top-k of random inputs.
 Writes tune_dsa.json (one row per stage, variant, heads and length) to --out.
@@ -30,6 +31,8 @@ from megatron_dsa.kernel_options import KernelOptions, Tiles  # noqa: E402
 from bench_dsa import cuda_time  # noqa: E402
 
 DQK, DV, HI, DI, TOPK = 576, 512, 64, 128, 2048
+QK_NOPE = 128  # DeepSeek-V3.2's per-head key dims beside the rope's (DQK - DV) in the MHA form
+WARMUP_TARGET_FORMS = ("absorbed", "mha")
 
 
 def cuda_ms(fn, reps=3):
@@ -71,6 +74,8 @@ def variants(stage: str, heads: int) -> list[tuple[str, KernelOptions]]:
         return out
     if stage == "base":
         return [("indexer_topk fp8", KernelOptions()), ("dense_sdpa 192/128", KernelOptions())]
+    if stage == "warmup_kl":  # the warm-up's dense KL, its target over the latent or each head's keys
+        return [(f"warmup kl target {form}", KernelOptions()) for form in WARMUP_TARGET_FORMS]
     if stage == "topk":  # the FP8 indexer's scoring + selection: the runs' maxima bound or not
         return [(f"indexer_topk fp8 select_runs={r}", KernelOptions(select_runs=r)) for r in (8, 0, 4, 16)]
     if stage == "kl":  # the target kernel with the heads or the selected keys as the products' rows
@@ -108,6 +113,19 @@ def inputs(S: int, H: int, seed: int = 0):
     return q, kv, qi, ki, wi, idx
 
 
+def warmup_target_inputs(q, kv, seed: int = 2) -> dict:
+    """The warm-up target's queries and keys in both forms from one latent and K up-projection:
+    absorbed queries over the latent [1, S, DQK], and MLA's MHA form (each head's keys, QK_NOPE +
+    rope dims). The same scores, up to bf16 rounding."""
+    from megatron_dsa import reference as R
+
+    g = torch.Generator(device=q.device).manual_seed(seed)
+    H = q.shape[2]
+    k_up = (torch.randn(H, QK_NOPE, DV, device=q.device, generator=g) * DV**-0.5).to(q.dtype)
+    q_mha, k_mha, _ = R.mha_form(q, kv, k_up, k_up[:, :1])
+    return {"absorbed": (R.absorb_query(q, k_up), kv), "mha": (q_mha, k_mha)}
+
+
 def recency_inputs(qi, ki, wi):
     """Indexer inputs whose scores rise with the key's position (a recency bias: the top-k
     crowds the recent end, where the runs' bound is loosest): a shared direction added to every
@@ -143,7 +161,23 @@ def run(heads, seqs, stages, reps, out_dir):
                             rows.append(row)
                             print(json.dumps(row), flush=True)
                             continue
-                        if stage == "topk":
+                        if stage == "warmup_kl":  # forward + backward, the recall on 64 sampled rows
+                            from megatron_dsa import reference as R
+
+                            qm, keys = warmup_target_inputs(q, kv)[name.split()[-1]]
+                            a, b, c = (x.clone().requires_grad_() for x in (qi, ki, wi))
+                            rows_ = R.recall_sample_rows(S, 64, q.device)
+                            warm_scale = (QK_NOPE + DQK - DV) ** -0.5
+
+                            def fn():
+                                kl, _ = KN.dense_indexer_kl(qm, keys, a, b, c, warm_scale, TOPK, recall_rows=rows_,
+                                                            options=opt)
+                                return [kl] + list(torch.autograd.grad(kl, (a, b, c), gkl))
+
+                            row["ms"] = cuda_ms(fn, reps)
+                            got = torch.cat([x.float().flatten() for x in fn()])
+                            del qm, keys
+                        elif stage == "topk":
                             if H != heads[0]:  # the indexer does not depend on the attention's heads
                                 continue
                             got = []
