@@ -66,11 +66,12 @@ def test_forward_backward_every_mode(megatron_world, seed, mode):
         assert any(g is not None and g.abs().sum() > 0 for g in idx_grads)
 
 
-@pytest.mark.parametrize("mode", ["dense", "warmup", "warmup_blockwise_kl", "sparse"])
+@pytest.mark.parametrize("mode", ["dense", "warmup", "warmup_blockwise_kl", "sparse", "sparse_stored_scores"])
 def test_triton_backend_equals_the_reference_in_the_model(megatron_world, seed, mode, monkeypatch):
     """The whole model on the kernels backend (Triton; the interpreter on CPU) equals the
     reference backend: losses, indexer losses and every gradient. The layer must find every
-    op it calls in both backends (on the GPU 'auto' picks the kernels)."""
+    op it calls in both backends (on the GPU 'auto' picks the kernels), and the config's kernel
+    options reach them."""
     from megatron_dsa import kernels
 
     if not kernels.available():
@@ -78,6 +79,12 @@ def test_triton_backend_equals_the_reference_in_the_model(megatron_world, seed, 
     options = None  # fused warm-up KL: the default
     if mode == "warmup_blockwise_kl":  # the warm-up KL as the blockwise PyTorch op
         mode, options = "warmup", {"dense_kl": "blockwise"}
+    if mode == "sparse_stored_scores":  # the split backward sharing its stored scores
+        from megatron_dsa.kernels import sparse_attn
+
+        mode, options = "sparse", {"attn_bwd_split": True, "split_bwd": "stored_scores"}
+        real, launched = sparse_attn._dkv_product, []
+        monkeypatch.setattr(sparse_attn, "_dkv_product", lambda *a, **k: launched.append(1) or real(*a, **k))
     tokens, positions, labels = batch(s=40)
     set_indexer_loss_scale(1.0)
     results = []
@@ -100,6 +107,8 @@ def test_triton_backend_equals_the_reference_in_the_model(megatron_world, seed, 
     for name in g_r:
         err = (g_t[name] - g_r[name]).norm() / g_r[name].norm().clamp_min(1e-12)
         assert torch.isfinite(g_t[name]).all() and err < 1e-4, (name, float(err))
+    if options and options.get("split_bwd"):
+        assert launched, "the config's split_bwd did not reach the sparse backward"
 
 
 def test_lm_loss_gives_zero_gradient_to_indexer(megatron_world, seed):
