@@ -291,8 +291,9 @@ if HAS_TRITON:
 
     @triton.jit
     def _cols(rows_ok, d, DV: tl.constexpr, EXACT: tl.constexpr):
-        """The mask of a [rows, columns d] tile of the value dims: the row mask alone when the
-        quarters cover exactly DV (16-byte vector accesses), else also d < DV."""
+        """The mask of a [rows, columns d] tile whose columns run to DV: the row mask alone when the
+        blocks cover exactly DV (EXACT: 16-byte vector accesses), else also d < DV. The dkv
+        kernel's value quarters, and the stored scores' blocks of slots (DV = TOPK)."""
         if EXACT:
             return rows_ok[:, None]
         else:
@@ -391,15 +392,6 @@ if HAS_TRITON:
                                       mask=_tile_mask(valid, d2, DR, D2), sem="relaxed")
 
     @triton.jit
-    def _stored_tile_mask(hm, kk, TOPK, EVEN_K: tl.constexpr):
-        """The mask of a stored [heads, slots kk] tile: the head mask alone when the blocks of slots
-        divide TOPK (constant along each row: 16-byte loads), else also kk < TOPK."""
-        if EVEN_K:
-            return hm[:, None]
-        else:
-            return hm[:, None] & (kk < TOPK)[None, :]
-
-    @triton.jit
     def _sparse_dq_product_kernel(
         DS, KV, IDX, DQ,
         Sk, TOPK, NHB, NCB, H, t0,
@@ -431,7 +423,7 @@ if HAS_TRITON:
         for k0 in range(0, TOPK, BK):
             idx, valid, rowoff = _selected(ib, k0, TOPK, Sk, stride_ks, BK)
             kk = k0 + tl.arange(0, BK)
-            ds = tl.load(gb + kk[None, :], mask=_stored_tile_mask(hm, kk, TOPK, EVEN_K), other=0.0)
+            ds = tl.load(gb + kk[None, :], mask=_cols(hm, kk, TOPK, EVEN_K), other=0.0)
             rows = tl.load(kvb + (rowoff[:, None] + c[None, :]), mask=_tile_mask(valid, cb, NCOL, BD), other=0.0)
             acc += _dot(ds, rows, IEEE, UPCAST)
         qb = DQ + b * stride_qb + t * stride_qs + h[:, None] * stride_qh + c[None, :]
@@ -481,7 +473,7 @@ if HAS_TRITON:
                 mine = (kk >= lo) & (kk < hi)
                 idx = tl.load(ib + kk, mask=mine, other=-1)
                 valid = (idx >= 0) & (idx < Sk)
-                tile_ok = _stored_tile_mask(hm, kk, TOPK, EVEN_K)
+                tile_ok = _cols(hm, kk, TOPK, EVEN_K)
                 dst = tl.trans(tl.load(DS + gb + kk[None, :], mask=tile_ok, other=0.0))
                 acc = _dot(dst, qc, IEEE, UPCAST)
                 if HAS_DO:
