@@ -1,7 +1,7 @@
 """Per-kernel timings of the DSA core's stages under several kernel options, side by side in one
 process (not a test).
 
-    python benchmarks/tune_dsa.py --heads 16,64,128 --seqs 32768 [--stages fwd,bwd,kl] [--out DIR]
+    python benchmarks/tune_dsa.py --heads 16,64,128 --seqs 32768 [--stages fwd,bwd,kl] [--variants stored] [--out DIR]
 
 For each head count and length: the indexer's top-k (``topk``, once per length), the sparse
 attention forward and backward (as training runs it: returning the KL's head-summed target too)
@@ -39,9 +39,21 @@ def cuda_ms(fn, reps=3):
     return cuda_time(fn, reps=reps)[0]
 
 
-def rel(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+def rel(got, ref, chunk=1 << 26):
+    """||got - ref|| / ||ref|| over lists of tensors, in fp64 chunks: the 128-head gradients would
+    not fit as one fp32 copy."""
+    num = den = 0.0
+    for g, r in zip(got, ref, strict=True):
+        g, r = g.flatten(), r.flatten()
+        for i in range(0, r.numel(), chunk):
+            a, b = g[i:i + chunk].double(), r[i:i + chunk].double()
+            num += (a - b).square().sum().item()
+            den += b.square().sum().item()
+    return (num / max(den, 1e-60)) ** 0.5
+
+
+def all_finite(parts):
+    return all(bool(torch.isfinite(x).all()) for x in parts)
 
 
 def variants(stage: str, heads: int) -> list[tuple[str, KernelOptions]]:
@@ -51,10 +63,13 @@ def variants(stage: str, heads: int) -> list[tuple[str, KernelOptions]]:
         return [(f"fwd{t}", KernelOptions(attn_fwd=Tiles(*t))) for t in tiles]
     if stage == "bwd":
         if big:
-            out = [("split p1 dq(64,8,1) dkv(64,4,1)", KernelOptions(key_passes=1))]
-            out += [(f"split p{p}", KernelOptions(key_passes=p)) for p in (4,)]
-            out += [(f"split dq{t}", KernelOptions(key_passes=1, attn_bwd=Tiles(*t))) for t in ((32, 8, 2), (32, 8, 1))]
-            out += [(f"split dkv{t}", KernelOptions(key_passes=1, attn_dkv=Tiles(*t))) for t in ((64, 8, 1),)]
+            rc = "recompute"
+            out = [("split p1 dq(64,8,1) dkv(64,4,1)", KernelOptions(key_passes=1, split_bwd=rc))]
+            out += [(f"split p{p}", KernelOptions(key_passes=p, split_bwd=rc)) for p in (4,)]
+            out += [(f"split dq{t}", KernelOptions(key_passes=1, split_bwd=rc, attn_bwd=Tiles(*t)))
+                    for t in ((32, 8, 2), (32, 8, 1))]
+            out += [(f"split dkv{t}", KernelOptions(key_passes=1, split_bwd=rc, attn_dkv=Tiles(*t)))
+                    for t in ((64, 8, 1),)]
             # The kernels sharing stored scores: dq as their product ("stored_ds"); also dkv over
             # every head at once ("stored_scores"), one add per (token, key, column)
             out += [(f"split stored_ds dq{t}", KernelOptions(key_passes=1, split_bwd="stored_ds",
@@ -66,7 +81,8 @@ def variants(stage: str, heads: int) -> list[tuple[str, KernelOptions]]:
             return out
         out = [("fused p1 (32,8,2)", KernelOptions(key_passes=1, attn_bwd_split=False))]
         out += [(f"fused p{p}", KernelOptions(key_passes=p, attn_bwd_split=False)) for p in (4, 10, 20)]
-        out += [(f"split p{p}", KernelOptions(key_passes=p, attn_bwd_split=True)) for p in (1, 10)]
+        out += [(f"split p{p}", KernelOptions(key_passes=p, attn_bwd_split=True, split_bwd="recompute"))
+                for p in (1, 10)]
         out += [(f"split {form} p1", KernelOptions(key_passes=1, attn_bwd_split=True, split_bwd=form))
                 for form in ("stored_ds", "stored_scores")]
         out += [(f"fused p10 {t}", KernelOptions(key_passes=10, attn_bwd_split=False, attn_bwd=Tiles(*t)))
@@ -138,7 +154,7 @@ def recency_inputs(qi, ki, wi):
     return q, k, wi.abs()
 
 
-def run(heads, seqs, stages, reps, out_dir):
+def run(heads, seqs, stages, reps, out_dir, only=()):
     rows = []
     scale = DQK**-0.5
     for S in seqs:
@@ -149,7 +165,9 @@ def run(heads, seqs, stages, reps, out_dir):
             gkl = torch.full((1, S), 1.0 / S, device="cuda")
             for stage in stages:
                 ref = None
-                for name, opt in variants(stage, H):
+                for i, (name, opt) in enumerate(variants(stage, H)):
+                    if i and only and not any(o in name for o in only):  # the first is the reference
+                        continue
                     row = dict(stage=stage, variant=name, heads=H, seq=S)
                     try:
                         if stage == "base":
@@ -175,7 +193,7 @@ def run(heads, seqs, stages, reps, out_dir):
                                 return [kl] + list(torch.autograd.grad(kl, (a, b, c), gkl))
 
                             row["ms"] = cuda_ms(fn, reps)
-                            got = torch.cat([x.float().flatten() for x in fn()])
+                            got = [x.detach() for x in fn()]
                             del qm, keys
                         elif stage == "topk":
                             if H != heads[0]:  # the indexer does not depend on the attention's heads
@@ -186,11 +204,10 @@ def run(heads, seqs, stages, reps, out_dir):
                                 row[f"{label}_ms"] = cuda_ms(fn, reps)
                                 got.append(fn().sort(-1).values.float())
                             row["ms"] = row["random_ms"]
-                            got = torch.cat(got)
                         elif stage == "fwd":
                             fn = lambda: KN.sparse_mla_attention(q, kv, idx, DV, scale, options=opt)  # noqa: E731
                             row["ms"] = cuda_ms(fn, reps)
-                            got = fn()[0]
+                            got = [fn()[0]]
                         elif stage == "bwd":  # as training runs it: with the KL's head-summed target
                             o, lse = KN.sparse_mla_attention(q, kv, idx, DV, scale, options=opt)
 
@@ -198,7 +215,7 @@ def run(heads, seqs, stages, reps, out_dir):
                                 return KN.sparse_mla_attention_backward(q, kv, idx, o, lse, gout, DV, scale, options=opt)
 
                             row["ms"] = cuda_ms(fn, reps)
-                            got = torch.cat([x.float().flatten() for x in fn()])
+                            got = [x for x in fn() if x is not None]
                             del o, lse
                         else:
                             a, b, c = (x.clone().requires_grad_() for x in (qi, ki, wi))
@@ -209,12 +226,12 @@ def run(heads, seqs, stages, reps, out_dir):
                             bwd = lambda: torch.autograd.grad(kl, (a, b, c), gkl, retain_graph=True)  # noqa: E731
                             row["bwd_ms"] = cuda_ms(bwd, reps)
                             row["ms"] = row["fwd_ms"] + row["bwd_ms"]
-                            got = torch.cat([kl.flatten()] + [x.float().flatten() for x in bwd()])
+                            got = [kl.detach()] + list(bwd())
                         if ref is None:
                             ref = got
                         else:
                             row["rel_to_first"] = rel(got, ref)
-                        row["finite"] = bool(torch.isfinite(got).all())
+                        row["finite"] = all_finite(got)
                         del got
                     except Exception as e:  # a variant that does not launch is a result too
                         row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
@@ -234,11 +251,14 @@ def main(argv=None):
     p.add_argument("--seqs", default="32768")
     p.add_argument("--stages", default="base,topk,fwd,bwd,kl")
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--variants", default="", help="comma-separated substrings: time only the variants named "
+                   "so (and each stage's first, the reference)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("error: tune_dsa.py times GPU kernels; no CUDA device here")
-    run([int(x) for x in a.heads.split(",")], [int(x) for x in a.seqs.split(",")], a.stages.split(","), a.reps, a.out)
+    run([int(x) for x in a.heads.split(",")], [int(x) for x in a.seqs.split(",")], a.stages.split(","), a.reps, a.out,
+        [v for v in a.variants.split(",") if v])
 
 
 if __name__ == "__main__":
