@@ -57,6 +57,8 @@ class KernelOptions:
     (``attn_dq_product`` tiles). "stored_scores": one kernel makes and stores the probabilities
     and score gradients; dkv is their product with every head's q and dO, one add per (token,
     key, column) for all heads up to 128 (``attn_dkv_product`` tiles), and dq as in "stored_ds".
+    None: "stored_scores" above one 64-head block (984 against 1343 ms at 128K x 128 heads),
+    "recompute" otherwise (the stored forms not yet timed there; ``sparse_attn.split_form``).
     kl_target_keys_rows: the sparse KL's target kernel with the selected keys as the products'
     rows and the heads as columns (each gathered row read once per token) or the heads as rows
     (once per 64-head block); None: keys as rows above one 64-head block. That kernel serves the
@@ -78,7 +80,7 @@ class KernelOptions:
     dense_kl: str = "fused"
     key_passes: int = 0
     attn_bwd_split: Optional[bool] = None
-    split_bwd: str = "recompute"
+    split_bwd: Optional[str] = None
     kl_target_keys_rows: Optional[bool] = None
     attn_fwd: Optional[Tiles] = None
     attn_bwd: Optional[Tiles] = None
@@ -96,8 +98,8 @@ class KernelOptions:
     def __post_init__(self):
         if self.dense_kl not in DENSE_KL:
             raise ValueError(f"dense_kl must be one of {list(DENSE_KL)}, got {self.dense_kl!r}")
-        if self.split_bwd not in SPLIT_BWD:
-            raise ValueError(f"split_bwd must be one of {list(SPLIT_BWD)}, got {self.split_bwd!r}")
+        if self.split_bwd is not None and self.split_bwd not in SPLIT_BWD:
+            raise ValueError(f"split_bwd must be one of {list(SPLIT_BWD)} or null, got {self.split_bwd!r}")
         if not _count(self.key_passes):
             raise ValueError(f"key_passes must be an integer >= 0, got {self.key_passes!r}")
         r = self.select_runs

@@ -35,8 +35,8 @@ def _fresh_seed():
 VARIANTS = {
     "one_pass": KernelOptions(key_passes=1, attn_bwd_split=False),
     "key_ranges": KernelOptions(key_passes=3, attn_bwd_split=False),
-    "split": KernelOptions(key_passes=1, attn_bwd_split=True),
-    "split_key_ranges": KernelOptions(key_passes=4, attn_bwd_split=True),
+    "split": KernelOptions(key_passes=1, attn_bwd_split=True, split_bwd="recompute"),
+    "split_key_ranges": KernelOptions(key_passes=4, attn_bwd_split=True, split_bwd="recompute"),
     "split_stored_ds": KernelOptions(key_passes=4, attn_bwd_split=True, split_bwd="stored_ds"),
     "split_stored_scores": KernelOptions(key_passes=4, attn_bwd_split=True, split_bwd="stored_scores"),
 }
@@ -703,6 +703,22 @@ def test_sparse_attention_backward_delta_in_row_chunks(monkeypatch):
     for a, b in zip(torch.autograd.grad(o, (q, kv), g), torch.autograd.grad(o_r, (q, kv), g)):
         _finite(a)
         assert rel(a, b) < 1e-5
+
+
+def test_split_backward_form_by_default_stores_scores_above_one_head_block():
+    """By default the split backward shares stored scores where dkv sums more than one head block
+    before its adds (measured faster at 128 heads) and recomputes them at one block; a set
+    option always wins."""
+    from megatron_dsa.kernels.sparse_attn import head_block, split_form
+
+    blocks = lambda H: -(-H // head_block(H))  # noqa: E731
+    assert blocks(128) == 2 and blocks(64) == 1
+    assert split_form(KernelOptions(), blocks(128)) == "stored_scores"
+    assert split_form(KernelOptions(), blocks(70)) == "stored_scores"
+    assert split_form(KernelOptions(), blocks(64)) == "recompute"
+    for form in ("recompute", "stored_ds", "stored_scores"):
+        assert split_form(KernelOptions(split_bwd=form), blocks(128)) == form
+        assert split_form(KernelOptions(split_bwd=form), 1) == form
 
 
 @pytest.mark.parametrize("form", ["stored_ds", "stored_scores"])
