@@ -1,7 +1,7 @@
 """Per-kernel timings of the DSA core's stages under several kernel options, side by side in one
 process (not a test).
 
-    python benchmarks/tune_dsa.py --heads 16,64,128 --seqs 32768 [--stages fwd,bwd,kl] [--variants stored] [--out DIR]
+    python benchmarks/tune_dsa.py --heads 16,64,128 --seqs 32768 [--stages fwd,bwd,kl] [--variants stored] [--profile] [--out DIR]
 
 For each head count and length: the indexer's top-k (``topk``, once per length), the sparse
 attention forward and backward (as training runs it: returning the KL's head-summed target too)
@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from megatron_dsa import kernels as KN  # noqa: E402
 from megatron_dsa.kernel_options import KernelOptions, Tiles  # noqa: E402
 from bench_dsa import cuda_time  # noqa: E402
+from bench_model_step import profile_step  # noqa: E402
 
 DQK, DV, HI, DI, TOPK = 576, 512, 64, 128, 2048
 QK_NOPE = 128  # DeepSeek-V3.2's per-head key dims beside the rope's (DQK - DV) in the MHA form
@@ -154,9 +155,14 @@ def recency_inputs(qi, ki, wi):
     return q, k, wi.abs()
 
 
-def run(heads, seqs, stages, reps, out_dir, only=()):
+def run(heads, seqs, stages, reps, out_dir, only=(), profile=False):
     rows = []
     scale = DQK**-0.5
+
+    def timed(row, fn):
+        row["ms"] = cuda_ms(fn, reps)
+        if profile:  # where the variant's time goes, kernel by kernel
+            row["kernels"] = profile_step(fn, True, 8)
     for S in seqs:
         for H in heads:
             torch.cuda.empty_cache()
@@ -192,7 +198,7 @@ def run(heads, seqs, stages, reps, out_dir, only=()):
                                                             options=opt)
                                 return [kl] + list(torch.autograd.grad(kl, (a, b, c), gkl))
 
-                            row["ms"] = cuda_ms(fn, reps)
+                            timed(row, fn)
                             got = [x.detach() for x in fn()]
                             del qm, keys
                         elif stage == "topk":
@@ -206,7 +212,7 @@ def run(heads, seqs, stages, reps, out_dir, only=()):
                             row["ms"] = row["random_ms"]
                         elif stage == "fwd":
                             fn = lambda: KN.sparse_mla_attention(q, kv, idx, DV, scale, options=opt)  # noqa: E731
-                            row["ms"] = cuda_ms(fn, reps)
+                            timed(row, fn)
                             got = [fn()[0]]
                         elif stage == "bwd":  # as training runs it: with the KL's head-summed target
                             o, lse = KN.sparse_mla_attention(q, kv, idx, DV, scale, options=opt)
@@ -214,7 +220,7 @@ def run(heads, seqs, stages, reps, out_dir, only=()):
                             def fn():
                                 return KN.sparse_mla_attention_backward(q, kv, idx, o, lse, gout, DV, scale, options=opt)
 
-                            row["ms"] = cuda_ms(fn, reps)
+                            timed(row, fn)
                             got = [x for x in fn() if x is not None]
                             del o, lse
                         else:
@@ -251,6 +257,7 @@ def main(argv=None):
     p.add_argument("--seqs", default="32768")
     p.add_argument("--stages", default="base,topk,fwd,bwd,kl")
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--profile", action="store_true", help="also each variant's time per kernel (torch.profiler)")
     p.add_argument("--variants", default="", help="comma-separated substrings: time only the variants named "
                    "so (and each stage's first, the reference)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
@@ -258,7 +265,7 @@ def main(argv=None):
     if not torch.cuda.is_available():
         sys.exit("error: tune_dsa.py times GPU kernels; no CUDA device here")
     run([int(x) for x in a.heads.split(",")], [int(x) for x in a.seqs.split(",")], a.stages.split(","), a.reps, a.out,
-        [v for v in a.variants.split(",") if v])
+        [v for v in a.variants.split(",") if v], a.profile)
 
 
 if __name__ == "__main__":
