@@ -503,10 +503,10 @@ def _tiles(chosen, on_gpu: bool, HB: int, kernel: str) -> Tiles:
         return Tiles(64, 4, 1)  # 912 ms, (64, 8, 1) 1338
     if kernel == "dq" and HB >= MAX_HEAD_BLOCK:  # 32K x 128 heads: 133 ms, (32, 8, 2) 226, (32, 8, 1) 176
         return Tiles(64, 8, 1)
-    if kernel == "dq_product":  # not yet timed: an [HB, 256] fp32 accumulator over 8 warps
+    if kernel == "dq_product":  # 128K x 128 heads, stored_ds backward: 1014 ms, (32, 8, 3) 1061
         return Tiles(64, 8, 3)
-    if kernel == "dkv_product":  # not yet timed: a [64, 128] fp32 accumulator over 4 warps
-        return Tiles(64, 4, 3)
+    if kernel == "dkv_product":  # 128K x 128 heads, stored_scores backward: 984 ms, (64, 8, 2) 1055,
+        return Tiles(64, 4, 3)  # (32, 4, 3) 1026
     # one kernel, 128K x 16 heads with 10 key ranges: 414 ms vs (32, 8, 2) 432, (16, 8, 2) 572
     return Tiles(32, 8, 3)
 
