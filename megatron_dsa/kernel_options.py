@@ -75,6 +75,17 @@ class KernelOptions:
     select_cap: keys a row's candidate list holds (those at or above the runs' bound, or those
     sharing the threshold's top 16 bits) before the selection passes over the row again instead
     (0: always the passes; None: the default, ``kernels.indexer``).
+    dq_product_columns / dkv_product_columns: q's value columns one program of the dq product makes,
+    the latent's value columns one program of the dkv product adds (powers of two >= 16; None: 256
+    and 128, which fit an H200 SM's registers and shared memory). dkv_product_heads: the heads one
+    dkv product program sums before its adds (None: 128; more heads are added in groups of it).
+    dense_kl_span / dense_kl_rows: the fused warm-up KL's keys per program (None: 4096 on the GPU)
+    and the dot rows its folded indexer heads fill (a power of two >= 16; None: 128 on the GPU).
+    workspace_bytes: the largest temporary the kernels split into chunks of rows may hold: the
+    indexer's fp32 scores and the attention backward's stored score gradients (as much again for
+    its probabilities) take this much per chunk; the key-range passes' fp32 dq half of it; the
+    backward's fp32 copies for sum(dO * O) and the blockwise dense KL's an eighth; the dense KL's
+    recall gathers a thirty-second. Smaller: a lower peak, more launches.
     """
 
     dense_kl: str = "fused"
@@ -94,6 +105,12 @@ class KernelOptions:
     decode_index: Optional[Tiles] = None
     select_runs: Optional[int] = None
     select_cap: Optional[int] = None
+    dq_product_columns: Optional[int] = None
+    dkv_product_columns: Optional[int] = None
+    dkv_product_heads: Optional[int] = None
+    dense_kl_span: Optional[int] = None
+    dense_kl_rows: Optional[int] = None
+    workspace_bytes: int = 2 << 30
 
     def __post_init__(self):
         if self.dense_kl not in DENSE_KL:
@@ -107,6 +124,14 @@ class KernelOptions:
             raise ValueError(f"select_runs must be 0, a power of two or null, got {r!r}")
         if self.select_cap is not None and not _count(self.select_cap):
             raise ValueError(f"select_cap must be an integer >= 0 or null, got {self.select_cap!r}")
+        for name in ("dq_product_columns", "dkv_product_columns", "dkv_product_heads", "dense_kl_rows"):
+            v = getattr(self, name)
+            if v is not None and not (_count(v) and v >= 16 and not v & (v - 1)):
+                raise ValueError(f"{name} must be a power of two >= 16 or null, got {v!r}")
+        if self.dense_kl_span is not None and not (_count(self.dense_kl_span) and self.dense_kl_span > 0):
+            raise ValueError(f"dense_kl_span must be a positive integer or null, got {self.dense_kl_span!r}")
+        if not (_count(self.workspace_bytes) and self.workspace_bytes > 0):
+            raise ValueError(f"workspace_bytes must be a positive integer, got {self.workspace_bytes!r}")
         for name in ("attn_bwd_split", "kl_target_keys_rows"):
             if getattr(self, name) not in (None, True, False):
                 raise ValueError(f"{name} must be true, false or null, got {getattr(self, name)!r}")

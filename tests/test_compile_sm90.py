@@ -24,6 +24,7 @@ triton = pytest.importorskip("triton")
 
 from megatron_dsa.kernels import dense_kl as DK  # noqa: E402
 from megatron_dsa.kernels._common import split_pow2  # noqa: E402
+from megatron_dsa.kernel_options import KernelOptions  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SM90_SHARED_BYTES = 227 * 1024
@@ -58,7 +59,7 @@ def check_fits(H: int, D: int, HI: int, DI: int) -> None:
     DV, D1, DR, D2 = split_pow2(D)
     mains = dict(H=H, DV=DV, D1=D1, DR=DR, D2=D2, IEEE=False, UPCAST=False, HAS_DOC=False)
     lse = DK._lse_blocks(True, D1, D2, 2)
-    blk = DK._kl_blocks(HI, True)
+    blk = DK._kl_blocks(HI, True, KernelOptions())
     kl = dict(mains, HI=HI, DI=DI, DIP=DI, IEEE_I=False, **{k: v for k, v in blk.items() if k != "num_warps"})
     kernels = [
         (DK._main_lse_kernel, dict(mains, BM=lse["BM"], BN=lse["BN"]), dict(num_warps=lse["num_warps"],

@@ -599,7 +599,7 @@ FUSED_KL_CASES = [("one_group", "none", torch.float32), ("one_group", "offset", 
 
 
 @pytest.mark.parametrize("fold,pos,dtype", FUSED_KL_CASES)
-def test_fused_dense_indexer_kl(dtype, pos, fold, monkeypatch):
+def test_fused_dense_indexer_kl(dtype, pos, fold):
     """The fused warm-up KL kernels equal the reference: KL, recall and the indexer gradients;
     sizes not multiples of the blocks, a split D (32 + 8), rows with fewer keys than top-k,
     several key spans per query block, the indexer heads folded into one dot or two groups."""
@@ -609,9 +609,8 @@ def test_fused_dense_indexer_kl(dtype, pos, fold, monkeypatch):
     if BIG:
         Sq, Sk, H, D, HI, DI, topk = 700, 900, 8, 160, 4, 64, 64
     rows = 16 * 4 if fold == "one_group" else 16 * 2  # 16-row query blocks, 4 or 2 of the 4 (padded) heads per dot
-    monkeypatch.setattr(dense_kl, "FOLD_ROWS", {True: rows, False: rows})
-    monkeypatch.setattr(dense_kl, "SPAN", {True: 256, False: 32})
-    blk = dense_kl._kl_blocks(HI, BIG)
+    options = KernelOptions(dense_kl_rows=rows, dense_kl_span=256 if BIG else 32)
+    blk = dense_kl._kl_blocks(HI, BIG, options)
     assert blk["NG"] == (1 if fold == "one_group" else 2) and blk["SPAN"] < Sk
     qm = torch.randn(B, Sq, H, D, device=DEV, dtype=dtype)
     kv = torch.randn(B, Sk, D, device=DEV, dtype=dtype)
@@ -623,7 +622,7 @@ def test_fused_dense_indexer_kl(dtype, pos, fold, monkeypatch):
         q_pos, k_pos = torch.arange(Sk - Sq, Sk, device=DEV), torch.arange(Sk, device=DEV)
     if pos == "unsorted":  # the kernels must not assume ordered positions
         q_pos, k_pos = q_pos[torch.randperm(Sq, device=DEV)], k_pos[torch.randperm(Sk, device=DEV)]
-    kl, recall = dense_kl.fused_dense_indexer_kl(qm, kv, qi, ki, wi, D**-0.5, topk, q_pos, k_pos)
+    kl, recall = dense_kl.fused_dense_indexer_kl(qm, kv, qi, ki, wi, D**-0.5, topk, q_pos, k_pos, options=options)
     kl_r, recall_r = R.dense_indexer_kl(qm, kv, qi, ki, wi, D**-0.5, topk, q_pos, k_pos)
     _finite(kl, recall)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
@@ -636,13 +635,10 @@ def test_fused_dense_indexer_kl(dtype, pos, fold, monkeypatch):
 
 @pytest.mark.parametrize("impl,dtype", [("fused", torch.float32), ("fused", torch.bfloat16),
                                         ("blockwise", torch.float32)])
-def test_dense_indexer_kl_over_each_heads_keys(impl, dtype, monkeypatch):
+def test_dense_indexer_kl_over_each_heads_keys(impl, dtype):
     """The warm-up KL over MLA's MHA form (each head's keys [B, Sk, H, dk + R]) equals the
     reference there, and in fp32 the absorbed form's KL: the same target from 1/3 the products.
     Odd sizes, two key spans, sampled recall rows."""
-    from megatron_dsa.kernels import dense_kl
-
-    monkeypatch.setattr(dense_kl, "SPAN", {True: 256, False: 32})
     B, Sq, H, L, dk, R_, HI, DI, topk = 2, 37, 3, 40, 24, 8, 3, 24, 8
     if BIG:
         Sq, H, L, dk, R_, HI, DI, topk = 700, 16, 512, 128, 64, 8, 64, 64
@@ -664,7 +660,7 @@ def test_dense_indexer_kl_over_each_heads_keys(impl, dtype, monkeypatch):
     mine, ref = [cast(x) for x in (qi, ki, wi)], [cast(x) for x in (qi, ki, wi)]
     q_mha, k_mha = cast(q_mha), cast(k_mha)
     kl, recall = K.dense_indexer_kl(q_mha, k_mha, *mine, scale, topk, recall_rows=rows,
-                                    options=KernelOptions(dense_kl=impl))
+                                    options=KernelOptions(dense_kl=impl, dense_kl_span=256 if BIG else 32))
     kl_r, recall_r = R.dense_indexer_kl(q_mha, k_mha, *ref, scale, topk, recall_rows=rows)
     _finite(kl, recall)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
@@ -684,7 +680,7 @@ def test_dense_indexer_kl_rejects_keys_of_another_shape():
                 op(q, keys, *idx, 0.25, 2)
 
 
-def test_sparse_attention_backward_delta_in_row_chunks(monkeypatch):
+def test_sparse_attention_backward_delta_in_row_chunks():
     """The backward's sum(dO * O) in row chunks (no whole-tensor fp32 copies) equals the one-piece
     sum exactly, ragged last chunk included, and the gradients match the reference."""
     from megatron_dsa.kernels import sparse_attn
@@ -692,13 +688,14 @@ def test_sparse_attention_backward_delta_in_row_chunks(monkeypatch):
     B, S, H, D, V, topk = 1, 23, 4, 48, 32, 8
     dout = torch.randn(B, S, H, V, device=DEV, dtype=torch.bfloat16)
     out = torch.randn(B, S, H, V, device=DEV, dtype=torch.bfloat16)
-    monkeypatch.setattr(sparse_attn, "DELTA_CHUNK_ELEMENTS", 5 * H * V)  # 5 rows per chunk
-    assert torch.equal(sparse_attn._rowwise_dot(dout, out), (dout.float() * out.float()).sum(-1))
+    five_rows = 5 * H * V * 4  # bytes of 5 rows of one fp32 temporary
+    assert torch.equal(sparse_attn._rowwise_dot(dout, out, five_rows), (dout.float() * out.float()).sum(-1))
+    options = KernelOptions(workspace_bytes=8 * five_rows)  # the backward's delta: 5 rows per chunk
     q = torch.randn(B, S, H, D, device=DEV, requires_grad=True)
     kv = torch.randn(B, S, D, device=DEV, requires_grad=True)
     idx = R.indexer_topk(torch.randn(B, S, 2, 8), torch.randn(B, S, 8), torch.randn(B, S, 2), topk).to(DEV)
     g = torch.randn(B, S, H, V, device=DEV)
-    o, _ = K.sparse_mla_attention(q, kv, idx, V, D**-0.5)
+    o, _ = K.sparse_mla_attention(q, kv, idx, V, D**-0.5, options=options)
     o_r, _ = R.sparse_mla_attention(q, kv, idx, V, D**-0.5)
     for a, b in zip(torch.autograd.grad(o, (q, kv), g), torch.autograd.grad(o_r, (q, kv), g)):
         _finite(a)
@@ -741,15 +738,13 @@ def test_stored_scores_in_row_chunks(passes, form, monkeypatch):
 
     B, S, H, D, V, topk = 2, 23, 70, 48, 32, 8
     monkeypatch.setattr(sparse_attn, "torch", NaNFilledEmpty())
-    monkeypatch.setattr(sparse_attn, "DS_CHUNK_BYTES", 5 * B * H * topk * 4)  # 5 rows per chunk
-    monkeypatch.setattr(sparse_attn, "DQ_PRODUCT_COLUMNS", 16)
-    monkeypatch.setattr(sparse_attn, "DKV_PRODUCT_COLUMNS", 16)
-    monkeypatch.setattr(sparse_attn, "DKV_PRODUCT_HEADS", 64)
     q = torch.randn(B, S, H, D, device=DEV, requires_grad=True)
     kv = torch.randn(B, S, D, device=DEV, requires_grad=True)
     idx = _random_idx(B, S, S, topk)
     g = torch.randn(B, S, H, V, device=DEV)
-    options = KernelOptions(key_passes=passes, attn_bwd_split=True, split_bwd=form)
+    options = KernelOptions(key_passes=passes, attn_bwd_split=True, split_bwd=form,
+                            workspace_bytes=5 * B * H * topk * 4,  # stored rows: 5 per chunk
+                            dq_product_columns=16, dkv_product_columns=16, dkv_product_heads=64)
     o, _ = K.sparse_mla_attention(q, kv, idx, V, D**-0.5, options=options)
     o_r, _ = R.sparse_mla_attention(q, kv, idx, V, D**-0.5)
     for a, b in zip(torch.autograd.grad(o, (q, kv), g), torch.autograd.grad(o_r, (q, kv), g)):
@@ -758,23 +753,69 @@ def test_stored_scores_in_row_chunks(passes, form, monkeypatch):
 
 
 @pytest.mark.parametrize("H", [4, 70])
-def test_key_range_backward_in_row_chunks(H, monkeypatch):
+def test_key_range_backward_in_row_chunks(H):
     """The key-range backward's fp32 dq buffer holds a chunk of rows at a time (ragged last
     chunk, two head blocks): the gradients equal the reference's."""
-    from megatron_dsa.kernels import sparse_attn
-
     B, S, D, V, topk = 2, 23, 48, 32, 8
-    monkeypatch.setattr(sparse_attn, "DQ_CHUNK_BYTES", 5 * B * H * D * 4)  # 5 rows per chunk
     q = torch.randn(B, S, H, D, device=DEV, requires_grad=True)
     kv = torch.randn(B, S, D, device=DEV, requires_grad=True)
     idx = _random_idx(B, S, S, topk)
     g = torch.randn(B, S, H, V, device=DEV)
-    options = KernelOptions(key_passes=3, attn_bwd_split=False)
+    options = KernelOptions(key_passes=3, attn_bwd_split=False, workspace_bytes=2 * 5 * B * H * D * 4)  # dq: 5 rows
     o, _ = K.sparse_mla_attention(q, kv, idx, V, D**-0.5, options=options)
     o_r, _ = R.sparse_mla_attention(q, kv, idx, V, D**-0.5)
     for a, b in zip(torch.autograd.grad(o, (q, kv), g), torch.autograd.grad(o_r, (q, kv), g)):
         _finite(a)
         assert rel(a, b) < 1e-5
+
+
+def test_workspace_bytes_bounds_the_chunks_not_the_results(monkeypatch):
+    """A workspace of a few rows splits the indexer's fp32 score buffer, the warm-up KL's recall
+    gathers and the blockwise KL's temporaries into many chunks of rows (counted): the same
+    top-k, KL, recall and indexer gradients as in one chunk."""
+    from megatron_dsa.kernels import indexer, indexer_kl
+
+    chunks = []
+    B, S, H, D, HI, DI, topk = 2, 50, 3, 24, 2, 16, 8
+
+    class RecordedEmpty:  # the indexer's score buffer: [B, rows, Sk] fp32
+        def __getattr__(self, name):
+            return getattr(torch, name)
+
+        @staticmethod
+        def empty(*args, **kwargs):
+            t = torch.empty(*args, **kwargs)
+            if t.dim() == 3 and t.dtype == torch.float32 and t.shape[-1] == S:
+                chunks.append(("scores", t.shape[1]))
+            return t
+
+    real_target, real_gather = indexer_kl._dense_target, R.gather_tokens
+    monkeypatch.setattr(indexer, "torch", RecordedEmpty())
+    monkeypatch.setattr(R, "gather_tokens", lambda *a: chunks.append(("recall", 1)) or real_gather(*a))
+    monkeypatch.setattr(indexer_kl, "_dense_target", lambda *a: chunks.append(("blockwise", 1)) or real_target(*a))
+    qi = torch.randn(B, S, HI, DI, device=DEV, requires_grad=True)
+    ki = torch.randn(B, S, DI, device=DEV, requires_grad=True)
+    wi = torch.randn(B, S, HI, device=DEV, requires_grad=True)
+    tiny = 16 * B * S * 4  # 16 query rows of fp32 scores; an eighth of it is under one KL row
+    whole = K.indexer_topk(qi, ki, wi, topk)
+    assert chunks == [("scores", 64 if BIG else 16 * 4)]  # one chunk: every (padded) row
+    chunks.clear()
+    assert torch.equal(K.indexer_topk(qi, ki, wi, topk, options=KernelOptions(workspace_bytes=tiny)), whole)
+    assert chunks == [("scores", 64 if BIG else 16)]
+    qm, kv = torch.randn(B, S, H, D, device=DEV), torch.randn(B, S, D, device=DEV)
+    for impl in ("fused", "blockwise"):
+        runs = []
+        for workspace in (2 << 30, tiny):
+            chunks.clear()
+            kl, recall = K.dense_indexer_kl(qm, kv, qi, ki, wi, D**-0.5, topk,
+                                            options=KernelOptions(dense_kl=impl, workspace_bytes=workspace))
+            runs.append([kl, recall, *torch.autograd.grad(kl.sum(), (qi, ki, wi))])
+            # blockwise: forward and backward a chunk of rows each; fused: the recall's gathers
+            kind, n = ("blockwise", 2) if impl == "blockwise" else ("recall", 1)
+            assert sum(c[0] == kind for c in chunks) == (n if workspace > tiny else n * S), chunks
+        for a, b in zip(*runs):
+            _finite(a)
+            assert rel(a, b) < 1e-6
 
 
 def test_fused_dense_indexer_kl_takes_any_gradient_layout():

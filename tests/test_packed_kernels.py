@@ -89,12 +89,9 @@ def test_dense_mla_attention_packed(dtype):
 
 
 @pytest.mark.parametrize("dense_kl", ["fused", "blockwise"])
-def test_dense_indexer_kl_packed(dense_kl, monkeypatch):
+def test_dense_indexer_kl_packed(dense_kl):
     """KL, recall and the indexer gradients against the reference with the document rule; the
     fused kernels at several key spans and head groups (boundaries inside them)."""
-    from megatron_dsa.kernels import dense_kl as DK
-
-    monkeypatch.setattr(DK, "SPAN", {True: DK.SPAN[True], False: 16})
     B, S, H, D, HI, DI, topk = 2, 41, 3, 20, 4, 16, 8
     doc = _docs(S)
     q = torch.randn(B, S, H, D, device=DEV)
@@ -104,7 +101,7 @@ def test_dense_indexer_kl_packed(dense_kl, monkeypatch):
     mine = [t.clone().requires_grad_() for t in leaves]
     ref = [t.clone().requires_grad_() for t in leaves]
     kl, recall = K.dense_indexer_kl(q, kv, *mine, D ** -0.5, topk, q_doc=doc, k_doc=doc,
-                                    options=KernelOptions(dense_kl=dense_kl))
+                                    options=KernelOptions(dense_kl=dense_kl, dense_kl_span=16))
     want, want_recall = R.dense_indexer_kl(q, kv, *ref, D ** -0.5, topk, q_doc=doc, k_doc=doc)
     g = torch.rand_like(want)
     (kl * g).sum().backward()

@@ -44,6 +44,12 @@ def split_pow2(D: int) -> tuple[int, int, int, int]:
 FP8_MIN_K = 32
 
 
+def rows_within(budget_bytes: int, row_bytes: int) -> int:
+    """How many rows of ``row_bytes`` each one chunk of a temporary holds within ``budget_bytes``
+    (at least one): the kernels' row-chunked buffers, sized from ``KernelOptions.workspace_bytes``."""
+    return max(1, budget_bytes // max(1, row_bytes))
+
+
 def is_fp32(*ts: torch.Tensor) -> bool:
     return any(t.dtype in (torch.float32, torch.float64) for t in ts)
 

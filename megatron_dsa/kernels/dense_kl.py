@@ -37,10 +37,11 @@ from typing import Optional
 import torch
 
 from .. import reference as R
-from ._common import HAS_TRITON, _dot, _dot_ds, _span, interpreting, is_fp32, next_pow2, split_pow2, triton, tl
+from ..kernel_options import DEFAULT_OPTIONS, KernelOptions
+from ._common import (HAS_TRITON, _dot, _dot_ds, _span, interpreting, is_fp32, next_pow2, rows_within, split_pow2,
+                      triton, tl)
 
 LOG2E = 1.4426950408889634
-RECALL_CHUNK_ELEMENTS = 1 << 24
 
 
 if HAS_TRITON:
@@ -301,9 +302,9 @@ if HAS_TRITON:
                 tl.atomic_add(DW + b * s_dwb + t * s_dws + j * s_dwh, dw_acc, mask=rm, sem="relaxed")
 
 
-# Rows of one folded indexer dot (query rows x indexer heads), the key-span length of one
-# program, and the (BM, BN, num_warps) of the per-head log-sum-exp kernel. Module-level so
-# tests can force several head groups and spans at small shapes.
+# Defaults (GPU, interpreter) of the rows of one folded indexer dot (query rows x indexer heads)
+# and of the key-span length of one program (``KernelOptions.dense_kl_rows`` / ``dense_kl_span``),
+# and the (BM, BN, num_warps) of the per-head log-sum-exp kernel.
 FOLD_ROWS = {True: 128, False: 32}
 SPAN = {True: 4096, False: 32}
 KEY_BLOCK = {True: 64, False: 16}
@@ -325,16 +326,16 @@ def _lse_blocks(on_gpu: bool, D1: int = 0, D2: int = 0, itemsize: int = 2) -> di
     return dict(BM=BM, BN=BN, num_warps=nw, num_stages=stages)
 
 
-def _kl_blocks(HI: int, on_gpu: bool) -> dict:
+def _kl_blocks(HI: int, on_gpu: bool, options: KernelOptions) -> dict:
     """Block sizes of the KL kernels: BM query rows per program with their indexer heads folded
-    into HG * BM <= FOLD_ROWS dot rows (NG groups of HG heads), BN keys per tile, SPAN keys per
-    program (a multiple of BN)."""
+    into HG * BM <= ``dense_kl_rows`` dot rows (NG groups of HG heads), BN keys per tile,
+    ``dense_kl_span`` keys per program (rounded to a multiple of BN)."""
     HIP = next_pow2(HI)
-    rows = FOLD_ROWS[on_gpu]
+    rows = options.dense_kl_rows or FOLD_ROWS[on_gpu]
     BM = min(64, max(16, rows // HIP))
     HG = max(1, min(HIP, rows // BM))
     BN = KEY_BLOCK[on_gpu]
-    span = max(BN, SPAN[on_gpu] // BN * BN)
+    span = max(BN, (options.dense_kl_span or SPAN[on_gpu]) // BN * BN)
     return dict(BM=BM, HG=HG, NG=HIP // HG, BN=BN, SPAN=span, num_warps=WARPS[on_gpu])
 
 
@@ -351,14 +352,15 @@ def _key_limits(q_pos: torch.Tensor, k_pos: torch.Tensor, BM: int) -> torch.Tens
 
 
 @torch.no_grad()
-def _recall(qm, kv, lse2, idx, scale) -> torch.Tensor:
-    """Share of p inside the selected keys idx [B, Sq, K] (-1 = unused), query chunk by chunk;
-    kv: the latent [B, Sk, D] or each head's keys [B, Sk, H, D]."""
+def _recall(qm, kv, lse2, idx, scale, chunk_bytes: int) -> torch.Tensor:
+    """Share of p inside the selected keys idx [B, Sq, K] (-1 = unused), query chunk by chunk
+    (each chunk's fp32 gathered rows within ``chunk_bytes``); kv: the latent [B, Sk, D] or each
+    head's keys [B, Sk, H, D]."""
     B, Sq, H, D = qm.shape
     K = idx.shape[-1]
     row = kv[0, 0].numel()  # D, or H * D per head keys
     out = torch.empty(B, Sq, dtype=torch.float32, device=qm.device)
-    step = max(1, RECALL_CHUNK_ELEMENTS // max(1, B * K * max(row, H)))
+    step = rows_within(chunk_bytes, B * K * max(row, H) * 4)
     for t0 in range(0, Sq, step):
         t1 = min(Sq, t0 + step)
         sel = R.gather_tokens(kv.flatten(2), idx[:, t0:t1]).float()  # [B, c, K, D or H * D]
@@ -391,7 +393,7 @@ def _spans(klim: torch.Tensor, span: int) -> int:
 
 class FusedDenseIndexerKL(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q_main, kv, q_idx, k_idx, w_idx, scale, topk, q_pos, k_pos, recall_rows, q_doc, k_doc):
+    def forward(ctx, q_main, kv, q_idx, k_idx, w_idx, scale, topk, q_pos, k_pos, recall_rows, q_doc, k_doc, options):
         from .indexer import indexer_topk
 
         B, Sq, H, D = q_main.shape
@@ -410,7 +412,8 @@ class FusedDenseIndexerKL(torch.autograd.Function):
         kl = torch.zeros(B, Sq, dtype=torch.float32, device=dev)
         lse_i = torch.zeros(B, Sq, dtype=torch.float32, device=dev)
         lse2 = torch.empty(B, Sq, H, dtype=torch.float32, device=dev)  # log2 units of scale * q.kv
-        blk = _kl_blocks(HI, gpu)
+        blk = _kl_blocks(HI, gpu, options)
+        recall_bytes = options.workspace_bytes // 32
         klim = _key_limits(q_pos, k_pos, blk["BM"])
         mains = dict(DV=DV, D1=D1, DR=DR, D2=D2, IEEE=is_fp32(qm, kvc), UPCAST=interpreting())
         if Sq and Sk:
@@ -436,17 +439,17 @@ class FusedDenseIndexerKL(torch.autograd.Function):
             lse_i = torch.where(has, (top.squeeze(1) + torch.log2(torch.where(has, total, 1.0))) / LOG2E, 0.0)
             kl = torch.where(has, plogp.sum(dim=1) - p_i.sum(dim=1) + lse_i, 0.0)
             if recall_rows is None:
-                idx = indexer_topk(qi, ki, wi, topk, q_pos=q_pos, k_pos=k_pos, **documents)
-                recall = _recall(qm, kvc, lse2, idx, scale)
+                idx = indexer_topk(qi, ki, wi, topk, q_pos=q_pos, k_pos=k_pos, options=options, **documents)
+                recall = _recall(qm, kvc, lse2, idx, scale, recall_bytes)
             else:  # the diagnostic's top-k scored for the sampled rows only
                 r = recall_rows
-                idx = indexer_topk(qi[:, r], ki, wi[:, r], topk, q_pos=q_pos[r], k_pos=k_pos,
+                idx = indexer_topk(qi[:, r], ki, wi[:, r], topk, q_pos=q_pos[r], k_pos=k_pos, options=options,
                                    **({} if not has_doc else dict(q_doc=q_doc[r], k_doc=k_doc)))
-                recall = _recall(qm[:, r], kvc, lse2[:, r], idx, scale)
+                recall = _recall(qm[:, r], kvc, lse2[:, r], idx, scale, recall_bytes)
         else:
             recall = torch.zeros(B, Sq if recall_rows is None else recall_rows.numel(), device=dev)
         ctx.save_for_backward(qm, kvc, qi, ki, wi, q_pos, k_pos, q_doc, k_doc, lse2, lse_i, klim)
-        ctx.scale, ctx.has_doc = scale, has_doc
+        ctx.scale, ctx.has_doc, ctx.options = scale, has_doc, options
         ctx.mark_non_differentiable(recall)
         return kl, recall
 
@@ -465,7 +468,7 @@ class FusedDenseIndexerKL(torch.autograd.Function):
             # incoming gradient's (a [1, S] view of a transposed [S, 1] has strides (1, 1)).
             g = torch.empty_like(lse_i).copy_(gkl)
             DV, D1, DR, D2 = split_pow2(D)
-            blk = _kl_blocks(HI, qm.is_cuda)
+            blk = _kl_blocks(HI, qm.is_cuda, ctx.options)
             _dense_kl_bwd_kernel[(triton.cdiv(Sq, blk["BM"]), _spans(klim, blk["SPAN"]), B)](
                 qm, kvc, qi, ki, wi, q_pos, k_pos, q_doc, k_doc, klim, lse2, lse_i, g, dq, dw, dk, Sq, Sk, ctx.scale * LOG2E,
                 *_strides(qm, kvc, lse2, qi, ki, wi), g.stride(0), g.stride(1),
@@ -474,13 +477,14 @@ class FusedDenseIndexerKL(torch.autograd.Function):
                 H=H, DV=DV, D1=D1, DR=DR, D2=D2, HI=HI, DI=DI, DIP=next_pow2(DI, 16),
                 IEEE=is_fp32(qm, kvc), IEEE_I=is_fp32(qi, ki), UPCAST=interpreting(), HAS_DOC=ctx.has_doc, **blk,
             )
-        return None, None, dq.to(qi.dtype), dk.to(ki.dtype), dw.to(wi.dtype), None, None, None, None, None, None, None
+        return (None, None, dq.to(qi.dtype), dk.to(ki.dtype), dw.to(wi.dtype), None, None, None, None, None, None, None,
+                None)
 
 
 def fused_dense_indexer_kl(q_main, kv, q_idx, k_idx, w_idx, scale: float, topk: int,
                            q_pos: Optional[torch.Tensor] = None, k_pos: Optional[torch.Tensor] = None,
                            recall_rows: Optional[torch.Tensor] = None, q_doc: Optional[torch.Tensor] = None,
-                           k_doc: Optional[torch.Tensor] = None):
+                           k_doc: Optional[torch.Tensor] = None, options: KernelOptions = DEFAULT_OPTIONS):
     """Same contract as ``reference.dense_indexer_kl`` (objective "kl"): (kl [B, Sq], recall);
     ``q_doc`` / ``k_doc``: document ids of a packed sequence."""
     Sq, Sk = q_main.shape[1], kv.shape[1]
@@ -490,4 +494,4 @@ def fused_dense_indexer_kl(q_main, kv, q_idx, k_idx, w_idx, scale: float, topk: 
         q_doc = R._documents(q_doc, Sq, q_main.device).to(torch.int64)
         k_doc = R._documents(k_doc, Sk, q_main.device).to(torch.int64)
     return FusedDenseIndexerKL.apply(q_main.detach(), kv.detach(), q_idx, k_idx, w_idx, scale, topk, q_pos, k_pos,
-                                     recall_rows, q_doc, k_doc)
+                                     recall_rows, q_doc, k_doc, options)

@@ -32,10 +32,8 @@ import torch
 
 from ..kernel_options import DEFAULT_OPTIONS, KernelOptions
 from ..reference import FP8_AMAX_MIN, FP8_MAX
-from ._common import FP8_MIN_K, HAS_TRITON, _dot, interpreting, is_fp32, next_pow2, triton, tl
+from ._common import FP8_MIN_K, HAS_TRITON, _dot, interpreting, is_fp32, next_pow2, rows_within, triton, tl
 
-# Elements of one query chunk's fp32 score buffer (B * chunk * Sk).
-SCORE_CHUNK_ELEMENTS = 1 << 29  # 2 GiB of fp32
 # Scoring-kernel launch configs per operand type (GPU); benchmarks/tune_dsa.py measures others.
 # Measured at 128K (benchmarks/results/tune_indexer.json), scoring alone: one warpgroup on a
 # 64 x 128 tile lets several programs share an SM, so one's relu * w overlaps another's
@@ -435,7 +433,8 @@ def indexer_topk(
     cfg = dict(SCORE_CFG[kind]) if on_gpu else dict(BM=16, BN=32, num_warps=4, num_stages=1)
     BM, BN = cfg.pop("BM"), cfg.pop("BN")
     DIP = next_pow2(DI, FP8_MIN_K if fp8 else 16)  # padded columns are masked zeros
-    chunk = max(BM, (SCORE_CHUNK_ELEMENTS // max(B * Sk, 1)) // BM * BM)
+    # One query chunk's fp32 scores [B, chunk, Sk] within the options' workspace (2 GiB by default).
+    chunk = max(BM, rows_within(options.workspace_bytes, B * Sk * 4) // BM * BM)
     chunk = min(chunk, triton.cdiv(Sq, BM) * BM)
     buf = torch.empty(B, chunk, Sk, dtype=torch.float32, device=dev)
     TILE = SELECT_CFG["TILE"] if on_gpu else 256

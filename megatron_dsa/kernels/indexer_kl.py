@@ -26,11 +26,9 @@ import torch
 
 from .. import reference as R
 from . import dense_kl as _dense_kl
-from ._common import HAS_TRITON, _dot, interpreting, is_fp32, next_pow2, selection, split_pow2, triton, tl
+from ._common import HAS_TRITON, _dot, interpreting, is_fp32, next_pow2, rows_within, selection, split_pow2, triton, tl
 from ..kernel_options import DEFAULT_OPTIONS, KernelOptions, Tiles
 from .sparse_attn import LOG2E, head_block
-
-DENSE_CHUNK_ELEMENTS = 1 << 26
 
 
 if HAS_TRITON:
@@ -482,10 +480,11 @@ def _dense_target(qm, qp, kv, k_pos, scale, qd, k_doc):
 
 class DenseIndexerKL(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q_main, kv, q_idx, k_idx, w_idx, scale, topk, q_pos, k_pos, q_doc, k_doc, objective="kl"):
+    def forward(ctx, q_main, kv, q_idx, k_idx, w_idx, scale, topk, q_pos, k_pos, q_doc, k_doc, objective, options):
         B, Sq, H = q_main.shape[:3]
         Sk = kv.shape[1]
-        step = max(1, min(Sq, DENSE_CHUNK_ELEMENTS // max(B * max(H, q_idx.shape[2]) * Sk, 1)))
+        # fp32 [B, chunk, heads, Sk] temporaries within an eighth of the workspace each.
+        step = max(1, min(Sq, rows_within(options.workspace_bytes // 8, B * max(H, q_idx.shape[2]) * Sk * 4)))
         kl = torch.empty(B, Sq, dtype=torch.float32, device=q_main.device)
         recall = torch.empty_like(kl)
         qm, kvd = q_main.detach(), kv.detach()
@@ -533,7 +532,8 @@ class DenseIndexerKL(torch.autograd.Function):
             dq[:, t0:t1] = gq
             dw[:, t0:t1] = gw
             dk += gk
-        return None, None, dq.to(qi.dtype), dk.to(ki.dtype), dw.to(wi.dtype), None, None, None, None, None, None, None
+        return (None, None, dq.to(qi.dtype), dk.to(ki.dtype), dw.to(wi.dtype), None, None, None, None, None, None, None,
+                None)
 
 
 def dense_indexer_kl(
@@ -561,12 +561,12 @@ def dense_indexer_kl(
     R.check_main_keys(q_main, kv)
     if objective == "kl" and options.dense_kl == "fused":
         return _dense_kl.fused_dense_indexer_kl(q_main, kv, q_idx, k_idx, w_idx, scale, topk, q_pos, k_pos,
-                                                recall_rows=recall_rows, q_doc=q_doc, k_doc=k_doc)
+                                                recall_rows=recall_rows, q_doc=q_doc, k_doc=k_doc, options=options)
     Sq, Sk = q_main.shape[1], kv.shape[1]
     q_pos = R._positions(q_pos, Sq, q_main.device)
     k_pos = R._positions(k_pos, Sk, q_main.device)
     q_doc, k_doc = R._documents(q_doc, Sq, q_main.device), R._documents(k_doc, Sk, q_main.device)
     # Detached target: see sparse_indexer_kl.
     kl, recall = DenseIndexerKL.apply(q_main.detach(), kv.detach(), q_idx, k_idx, w_idx, scale, topk, q_pos, k_pos,
-                                      q_doc, k_doc, objective)
+                                      q_doc, k_doc, objective, options)
     return kl, (recall if recall_rows is None else recall[:, recall_rows])

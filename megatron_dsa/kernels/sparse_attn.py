@@ -26,7 +26,7 @@ The dq kernel recomputes the probabilities and score gradients the dkv kernel al
 the backward's products) and holds a [64, 576] fp32 accumulator, which spills; and at 128 heads
 the dkv kernel adds every (token, key, column) twice, once per head block. The stored forms
 (``KernelOptions.split_bwd``) keep what one kernel made, in kv's dtype (the rounding the products
-apply anyway), a chunk of rows at a time (``DS_CHUNK_BYTES``):
+apply anyway), a chunk of rows at a time (``KernelOptions.workspace_bytes``):
 - "stored_ds": the dkv kernel stores its score gradients and dq is their product with the
   gathered rows, in column blocks (no recomputation, an [HB, 256] accumulator);
 - "stored_scores": the dkv kernel only makes and stores the probabilities and score gradients;
@@ -38,8 +38,8 @@ from __future__ import annotations
 
 import torch
 
-from ._common import (HAS_TRITON, _dot, _softmax_finish, _softmax_step, interpreting, is_fp32, next_pow2, selection,
-                      triton, tl)
+from ._common import (HAS_TRITON, _dot, _softmax_finish, _softmax_step, interpreting, is_fp32, next_pow2, rows_within,
+                      selection, triton, tl)
 from ..kernel_options import DEFAULT_OPTIONS, KernelOptions, Tiles
 
 LOG2E = 1.4426950408889634
@@ -537,22 +537,21 @@ def sparse_attn_fwd(q, kv, idx, v_dim, scale, options: KernelOptions = DEFAULT_O
     return out, lse
 
 
-DELTA_CHUNK_ELEMENTS = 1 << 26  # fp32 temporaries per chunk: 256 MiB each
 L2_TARGET_BYTES = 32 << 20  # dkv bytes one pass keeps in L2 (the H200 has 60 MB in two halves)
-DQ_CHUNK_BYTES = 1 << 30  # the fp32 dq rows one chunk of the key-range passes holds
-DS_CHUNK_BYTES = 2 << 30  # the stored score gradients of one chunk of rows (and as much for p)
-DQ_PRODUCT_COLUMNS = 256  # q's value columns per program of the dq product
-DKV_PRODUCT_COLUMNS = 128  # the latent's value columns per program of the dkv product
-DKV_PRODUCT_HEADS = 128  # heads one dkv product program sums before its adds
+# Defaults of the product kernels' widths (``KernelOptions``): an [HB, 256] fp32 dq accumulator
+# stays in registers; 128 heads' q and dO columns for 128 latent columns fit shared memory.
+DQ_PRODUCT_COLUMNS = 256
+DKV_PRODUCT_COLUMNS = 128
+DKV_PRODUCT_HEADS = 128
 
 
-def _rowwise_dot(dout: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """sum(dout * out, -1) in fp32 [B, Sq, H], a chunk of rows at a time: in one piece the fp32
-    copies of dout and out and their product were 12 GiB of temporaries at 128K (16 heads x 512),
-    more than the backward's own outputs."""
+def _rowwise_dot(dout: torch.Tensor, out: torch.Tensor, chunk_bytes: int) -> torch.Tensor:
+    """sum(dout * out, -1) in fp32 [B, Sq, H], a chunk of rows at a time, each fp32 temporary
+    within ``chunk_bytes``: in one piece the fp32 copies of dout and out and their product were
+    12 GiB of temporaries at 128K (16 heads x 512), more than the backward's own outputs."""
     B, Sq, H, V = out.shape
     delta = torch.empty(B, Sq, H, dtype=torch.float32, device=out.device)
-    step = max(1, DELTA_CHUNK_ELEMENTS // max(1, B * H * V))
+    step = rows_within(chunk_bytes, B * H * V * 4)
     for t0 in range(0, Sq, step):
         t1 = min(Sq, t0 + step)
         delta[:, t0:t1] = (dout[:, t0:t1].float() * out[:, t0:t1].float()).sum(-1)
@@ -588,11 +587,12 @@ def key_segments(idx: torch.Tensor, Sk: int, passes: int):
 def _dq_product(ds, kv, idx, dq, t0: int, t1: int, v_dim: int, HB: int, NHB: int, options: KernelOptions,
                 common: dict) -> None:
     """dq of rows t0..t1 from their stored score gradients ds (rows from t0): the value columns in
-    blocks of up to DQ_PRODUCT_COLUMNS, then the rope columns."""
+    blocks of up to ``options.dq_product_columns``, then the rope columns."""
     B, _, H, D = dq.shape
     DR, D1, D2 = _dims(D, v_dim)
     tiles = _tiles(options.attn_dq_product, dq.is_cuda, HB, "dq_product")
-    parts = [(0, v_dim, min(D1, DQ_PRODUCT_COLUMNS))] + ([(v_dim, DR, D2)] if DR > 0 else [])
+    columns = options.dq_product_columns or DQ_PRODUCT_COLUMNS
+    parts = [(0, v_dim, min(D1, columns))] + ([(v_dim, DR, D2)] if DR > 0 else [])
     for col0, ncol, BD in parts:
         ncb = triton.cdiv(ncol, BD)
         _sparse_dq_product_kernel[((t1 - t0) * NHB * ncb, B)](
@@ -611,15 +611,16 @@ def _dq_product(ds, kv, idx, dq, t0: int, t1: int, v_dim: int, HB: int, NHB: int
 def _dkv_product(ds, p, q, dout, idx, seg, dkv, t0: int, t1: int, pass_id: int, passes: int, v_dim: int,
                  options: KernelOptions, common: dict) -> None:
     """dkv's share of rows t0..t1 from their stored score gradients ds and probabilities p (rows
-    from t0), over key range ``pass_id``: the value columns in blocks of DKV_PRODUCT_COLUMNS with
-    dO's term, then the rope columns; every head at once up to DKV_PRODUCT_HEADS (more: one
-    add per group of that many)."""
+    from t0), over key range ``pass_id``: the value columns in blocks of
+    ``options.dkv_product_columns`` with dO's term, then the rope columns; every head at once up
+    to ``options.dkv_product_heads`` (more: one add per group of that many)."""
     B, _, H, D = q.shape
     K = idx.shape[-1]
     DR, D1, D2 = _dims(D, v_dim)
     tiles = _tiles(options.attn_dkv_product, q.is_cuda, 0, "dkv_product")
-    HC = min(next_pow2(H, 16), DKV_PRODUCT_HEADS)
-    parts = [(0, v_dim, min(D1, DKV_PRODUCT_COLUMNS), True)] + ([(v_dim, DR, D2, False)] if DR > 0 else [])
+    HC = min(next_pow2(H, 16), options.dkv_product_heads or DKV_PRODUCT_HEADS)
+    columns = options.dkv_product_columns or DKV_PRODUCT_COLUMNS
+    parts = [(0, v_dim, min(D1, columns), True)] + ([(v_dim, DR, D2, False)] if DR > 0 else [])
     for h0 in range(0, H, HC):
         for col0, ncol, BC, has_do in parts:
             ncb = triton.cdiv(ncol, BC)
@@ -667,7 +668,7 @@ def sparse_attn_bwd(q, kv, idx, out, lse, dout, v_dim, scale, options: KernelOpt
     extra = (psum,) if head_sum else ()
     if Sq == 0 or H == 0:
         return (torch.zeros_like(q), dkv.to(kv.dtype)) + extra
-    delta = _rowwise_dot(dout, out)  # [B, Sq, H]
+    delta = _rowwise_dot(dout, out, options.workspace_bytes // 8)  # [B, Sq, H]
     HB = head_block(H)
     NHB = triton.cdiv(H, HB)
     split = split_backward(options, HB)
@@ -725,7 +726,7 @@ def sparse_attn_bwd(q, kv, idx, out, lse, dout, v_dim, scale, options: KernelOpt
         # The stored forms keep a chunk of rows' score gradients (and probabilities) in kv's dtype,
         # in idx's slot order (key-sorted with ranges).
         stored, scores = form != "recompute", form == "stored_scores"
-        step = max(1, DS_CHUNK_BYTES // (B * H * K * kv.element_size())) if stored else Sq
+        step = rows_within(options.workspace_bytes, B * H * K * kv.element_size()) if stored else Sq
         # "stored_ds" with key ranges writes only the slots of a row's keys: zeros elsewhere.
         new = torch.zeros if passes > 1 and not scores else torch.empty
         ds = new(B, min(step, Sq), H, K, dtype=kv.dtype, device=q.device) if stored else dkv
@@ -770,7 +771,7 @@ def sparse_attn_bwd(q, kv, idx, out, lse, dout, v_dim, scale, options: KernelOpt
     # One kernel over the key ranges; each pass adds its dq share to an fp32 buffer, which holds
     # a chunk of rows at a time (for every row it would be 2x dq, 9.7 GB at 128K x 32 heads).
     dq = torch.empty_like(q)
-    step = max(1, DQ_CHUNK_BYTES // (B * H * D * 4))
+    step = rows_within(options.workspace_bytes // 2, B * H * D * 4)
     dq32 = torch.empty(B, min(step, Sq), H, D, dtype=torch.float32, device=q.device)
     for t0 in range(0, Sq, step):
         t1 = min(Sq, t0 + step)
