@@ -34,9 +34,12 @@ def _fresh_seed():
 # the split one's kernels recomputing the scores or sharing the stored ones.
 VARIANTS = {
     "one_pass": KernelOptions(key_passes=1, attn_bwd_split=False),
-    "key_ranges": KernelOptions(key_passes=3, attn_bwd_split=False),
+    # A 1 KB workspace: the key ranges' sort, the head sum's way back to slot order, dq's fp32
+    # rows and sum(dO * O) go a row or two at a time.
+    "key_ranges": KernelOptions(key_passes=3, attn_bwd_split=False, workspace_bytes=1 << 10),
     "split": KernelOptions(key_passes=1, attn_bwd_split=True, split_bwd="recompute"),
-    "split_key_ranges": KernelOptions(key_passes=4, attn_bwd_split=True, split_bwd="recompute"),
+    "split_key_ranges": KernelOptions(key_passes=4, attn_bwd_split=True, split_bwd="recompute",
+                                      workspace_bytes=1 << 10),
     "split_stored_ds": KernelOptions(key_passes=4, attn_bwd_split=True, split_bwd="stored_ds"),
     "split_stored_scores": KernelOptions(key_passes=4, attn_bwd_split=True, split_bwd="stored_scores"),
 }
@@ -498,15 +501,18 @@ def test_sparse_attention_backward_gives_the_kl_target(H, dtype, variant):
     assert rel(dq, dq_op) < tol and rel(dkv, dkv_op) < tol
 
 
-def test_key_segments_split_each_row_by_key_range():
+@pytest.mark.parametrize("chunk_rows", [None, 5])
+def test_key_segments_split_each_row_by_key_range(chunk_rows):
     """The backward's key ranges: rows sorted by key (-1 last), the permutation that sorts them,
-    and per range the first slot at or after its start."""
+    and per range the first slot at or after its start; in one piece or 5 rows at a time."""
     from megatron_dsa.kernels.sparse_attn import key_segments
 
     B, S, Sk, topk, passes = 2, 23, 40, 9, 4
     idx = _crowded_idx(B, S, Sk, topk, 30)
-    keys, order, seg = key_segments(idx, Sk, passes)
-    assert torch.equal(torch.gather(idx, -1, order), keys)
+    chunk = {} if chunk_rows is None else dict(chunk_bytes=chunk_rows * B * topk * 8)
+    keys, order, seg = key_segments(idx, Sk, passes, **chunk)
+    assert keys.dtype == idx.dtype and order.dtype == torch.int16 and seg.dtype == torch.int32
+    assert torch.equal(torch.gather(idx, -1, order.long()), keys)
     bounds = [p * Sk // passes for p in range(passes + 1)]
     for b in range(B):
         for t in range(S):

@@ -572,16 +572,27 @@ def key_passes(options: KernelOptions, B: int, Sk: int, D: int, HB: int, on_gpu:
     return max(1, min(-(-B * Sk * D * 4 // L2_TARGET_BYTES), 64, Sk))
 
 
-def key_segments(idx: torch.Tensor, Sk: int, passes: int):
-    """Each row's selected keys sorted ascending (-1 slots last), the slot permutation that did it,
-    and per row the slot where each of ``passes`` equal key ranges starts:
-    (sorted idx, order, seg [B, Sq, passes + 1] int32)."""
+def key_segments(idx: torch.Tensor, Sk: int, passes: int, chunk_bytes: int = 1 << 28):
+    """Each row's selected keys sorted ascending (-1 slots last), the slot permutation that did it
+    (int16 up to 32768 slots), and per row the slot where each of ``passes`` equal key ranges
+    starts: (sorted idx, order, seg [B, Sq, passes + 1] int32). Sorted a chunk of rows at a time,
+    the sort's int64 permutation within ``chunk_bytes``: in one piece at 128K x 2048 the sort
+    took 4 GiB, and its permutation (2 GiB, now 0.5) stayed for the whole backward."""
+    B, Sq, K = idx.shape
     big = torch.iinfo(idx.dtype).max
-    keys, order = torch.sort(torch.where(idx >= 0, idx, big), dim=-1)
-    bounds = torch.div(torch.arange(passes + 1, device=idx.device) * Sk, passes, rounding_mode="floor")
-    bounds = bounds.to(keys.dtype).expand(*keys.shape[:2], passes + 1).contiguous()
-    seg = torch.searchsorted(keys, bounds).to(torch.int32)
-    return torch.where(keys == big, -1, keys).contiguous(), order, seg
+    keys = torch.empty_like(idx)
+    order = torch.empty(idx.shape, dtype=torch.int16 if K <= 1 << 15 else torch.int32, device=idx.device)
+    seg = torch.empty(B, Sq, passes + 1, dtype=torch.int32, device=idx.device)
+    bounds = torch.div(torch.arange(passes + 1, device=idx.device) * Sk, passes, rounding_mode="floor").to(idx.dtype)
+    step = rows_within(chunk_bytes, B * K * 8)
+    for t0 in range(0, Sq, step):
+        rows = slice(t0, min(Sq, t0 + step))
+        part = idx[:, rows]
+        sorted_part, perm = torch.sort(torch.where(part >= 0, part, big), dim=-1)
+        seg[:, rows] = torch.searchsorted(sorted_part, bounds.expand(*part.shape[:2], passes + 1).contiguous())
+        keys[:, rows] = torch.where(sorted_part == big, -1, sorted_part)
+        order[:, rows] = perm
+    return keys, order, seg
 
 
 def _dq_product(ds, kv, idx, dq, t0: int, t1: int, v_dim: int, HB: int, NHB: int, options: KernelOptions,
@@ -676,17 +687,24 @@ def sparse_attn_bwd(q, kv, idx, out, lse, dout, v_dim, scale, options: KernelOpt
     full_idx = idx
     order = None
     if passes > 1:
-        idx, order, seg = key_segments(idx, Sk, passes)
+        idx, order, seg = key_segments(idx, Sk, passes, options.workspace_bytes // 8)
     else:
         seg = idx
     if head_sum:
         assert psum.stride() == idx.stride(), "the head sum is addressed with idx's strides"
 
     def results(dq):
-        # Key ranges add the head sum in key order: back to the selection's slots.
+        # Key ranges add the head sum in key order: back to the selection's slots, a chunk of
+        # rows at a time (the scatter takes int64 slots).
         if not head_sum:
             return dq, dkv.to(kv.dtype)
-        p = psum if order is None else torch.empty_like(psum).scatter_(-1, order, psum)
+        if order is None:
+            return dq, dkv.to(kv.dtype), psum
+        p = torch.empty_like(psum)
+        step = rows_within(options.workspace_bytes // 8, B * K * 8)
+        for t0 in range(0, Sq, step):
+            rows = slice(t0, min(Sq, t0 + step))
+            p[:, rows].scatter_(-1, order[:, rows].long(), psum[:, rows])
         return dq, dkv.to(kv.dtype), p
     common = dict(HB=HB, DV=v_dim, D1=D1, DR=DR, D2=D2, IEEE=is_fp32(q, kv), UPCAST=interpreting())
     grid = (Sq * NHB, B)
