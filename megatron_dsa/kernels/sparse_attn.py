@@ -694,18 +694,16 @@ def sparse_attn_bwd(q, kv, idx, out, lse, dout, v_dim, scale, options: KernelOpt
         assert psum.stride() == idx.stride(), "the head sum is addressed with idx's strides"
 
     def results(dq):
-        # Key ranges add the head sum in key order: back to the selection's slots, a chunk of
-        # rows at a time (the scatter takes int64 slots).
+        # Key ranges add the head sum in key order: back to the selection's slots in place, a
+        # chunk of rows at a time (the scatter takes int64 slots and a copy of its source).
         if not head_sum:
             return dq, dkv.to(kv.dtype)
-        if order is None:
-            return dq, dkv.to(kv.dtype), psum
-        p = torch.empty_like(psum)
-        step = rows_within(options.workspace_bytes // 8, B * K * 8)
-        for t0 in range(0, Sq, step):
-            rows = slice(t0, min(Sq, t0 + step))
-            p[:, rows].scatter_(-1, order[:, rows].long(), psum[:, rows])
-        return dq, dkv.to(kv.dtype), p
+        if order is not None:
+            step = rows_within(options.workspace_bytes // 8, B * K * 8)
+            for t0 in range(0, Sq, step):
+                rows = slice(t0, min(Sq, t0 + step))
+                psum[:, rows].scatter_(-1, order[:, rows].long(), psum[:, rows].clone())
+        return dq, dkv.to(kv.dtype), psum
     common = dict(HB=HB, DV=v_dim, D1=D1, DR=DR, D2=D2, IEEE=is_fp32(q, kv), UPCAST=interpreting())
     grid = (Sq * NHB, B)
 
