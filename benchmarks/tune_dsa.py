@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 
 import torch
@@ -255,6 +256,21 @@ def run(heads, seqs, stages, reps, out_dir, only=(), profile=False):
     return rows
 
 
+STAGES = ("base", "topk", "fwd", "bwd", "kl", "warmup_kl")
+
+
+def chosen_variants(text: str, stages: list[str], heads: list[int]) -> list[str]:
+    """``--variants``' substrings, split at the commas outside parentheses (names hold tiles such
+    as ``dq(64, 8, 3)``); each must name a variant of the stages and head counts asked for."""
+    only = [v.strip() for v in re.split(r",(?![^()]*\))", text) if v.strip()]
+    names = [name for stage in stages for H in heads for name, _ in variants(stage, H)]
+    unknown = [v for v in only if not any(v in name for name in names)]
+    if unknown:
+        raise SystemExit(f"error: --variants {unknown} name no variant of stages {stages} at heads {heads}; "
+                         f"variants: {sorted(set(names))}")
+    return only
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--heads", default="16,64,128")
@@ -262,14 +278,18 @@ def main(argv=None):
     p.add_argument("--stages", default="base,topk,fwd,bwd,kl")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--profile", action="store_true", help="also each variant's time per kernel (torch.profiler)")
-    p.add_argument("--variants", default="", help="comma-separated substrings: time only the variants named "
-                   "so (and each stage's first, the reference)")
+    p.add_argument("--variants", default="", help="comma-separated substrings (commas inside parentheses "
+                   "belong to a name): time only the variants named so (and each stage's first, the reference)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     a = p.parse_args(argv)
+    heads, stages = [int(x) for x in a.heads.split(",")], a.stages.split(",")
+    bad = [s for s in stages if s not in STAGES]
+    if bad:
+        raise SystemExit(f"error: unknown --stages {bad}; known: {list(STAGES)}")
+    only = chosen_variants(a.variants, stages, heads)
     if not torch.cuda.is_available():
         sys.exit("error: tune_dsa.py times GPU kernels; no CUDA device here")
-    run([int(x) for x in a.heads.split(",")], [int(x) for x in a.seqs.split(",")], a.stages.split(","), a.reps, a.out,
-        [v for v in a.variants.split(",") if v], a.profile)
+    run(heads, [int(x) for x in a.seqs.split(",")], stages, a.reps, a.out, only, a.profile)
 
 
 if __name__ == "__main__":
