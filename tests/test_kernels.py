@@ -509,8 +509,7 @@ def test_key_segments_split_each_row_by_key_range(chunk_rows):
 
     B, S, Sk, topk, passes = 2, 23, 40, 9, 4
     idx = _crowded_idx(B, S, Sk, topk, 30)
-    chunk = {} if chunk_rows is None else dict(chunk_bytes=chunk_rows * B * topk * 8)
-    keys, order, seg = key_segments(idx, Sk, passes, **chunk)
+    keys, order, seg = key_segments(idx, Sk, passes, chunk_rows)
     assert keys.dtype == idx.dtype and order.dtype == torch.int16 and seg.dtype == torch.int32
     assert torch.equal(torch.gather(idx, -1, order.long()), keys)
     bounds = [p * Sk // passes for p in range(passes + 1)]

@@ -36,6 +36,8 @@ apply anyway), a chunk of rows at a time (``KernelOptions.workspace_bytes``):
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from ._common import (HAS_TRITON, _dot, _softmax_finish, _softmax_step, interpreting, is_fp32, next_pow2, rows_within,
@@ -572,19 +574,19 @@ def key_passes(options: KernelOptions, B: int, Sk: int, D: int, HB: int, on_gpu:
     return max(1, min(-(-B * Sk * D * 4 // L2_TARGET_BYTES), 64, Sk))
 
 
-def key_segments(idx: torch.Tensor, Sk: int, passes: int, chunk_bytes: int = 1 << 28):
+def key_segments(idx: torch.Tensor, Sk: int, passes: int, chunk_rows: Optional[int] = None):
     """Each row's selected keys sorted ascending (-1 slots last), the slot permutation that did it
     (int16 up to 32768 slots), and per row the slot where each of ``passes`` equal key ranges
-    starts: (sorted idx, order, seg [B, Sq, passes + 1] int32). Sorted a chunk of rows at a time,
-    the sort's int64 permutation within ``chunk_bytes``: in one piece at 128K x 2048 the sort
-    took 4 GiB, and its permutation (2 GiB, now 0.5) stayed for the whole backward."""
+    starts: (sorted idx, order, seg [B, Sq, passes + 1] int32). Sorted ``chunk_rows`` rows at a
+    time (None: all), which bounds the sort's int64 permutation: in one piece at 128K x 2048 the
+    sort took 4 GiB, and its permutation (2 GiB, now 0.5) stayed for the whole backward."""
     B, Sq, K = idx.shape
     big = torch.iinfo(idx.dtype).max
     keys = torch.empty_like(idx)
     order = torch.empty(idx.shape, dtype=torch.int16 if K <= 1 << 15 else torch.int32, device=idx.device)
     seg = torch.empty(B, Sq, passes + 1, dtype=torch.int32, device=idx.device)
     bounds = torch.div(torch.arange(passes + 1, device=idx.device) * Sk, passes, rounding_mode="floor").to(idx.dtype)
-    step = rows_within(chunk_bytes, B * K * 8)
+    step = chunk_rows or max(Sq, 1)
     for t0 in range(0, Sq, step):
         rows = slice(t0, min(Sq, t0 + step))
         part = idx[:, rows]
@@ -686,8 +688,9 @@ def sparse_attn_bwd(q, kv, idx, out, lse, dout, v_dim, scale, options: KernelOpt
     passes = key_passes(options, B, Sk, D, HB, q.is_cuda)
     full_idx = idx
     order = None
+    slot_rows = rows_within(options.workspace_bytes // 8, B * K * 8)  # rows of int64 slot temporaries
     if passes > 1:
-        idx, order, seg = key_segments(idx, Sk, passes, options.workspace_bytes // 8)
+        idx, order, seg = key_segments(idx, Sk, passes, slot_rows)
     else:
         seg = idx
     if head_sum:
@@ -699,9 +702,8 @@ def sparse_attn_bwd(q, kv, idx, out, lse, dout, v_dim, scale, options: KernelOpt
         if not head_sum:
             return dq, dkv.to(kv.dtype)
         if order is not None:
-            step = rows_within(options.workspace_bytes // 8, B * K * 8)
-            for t0 in range(0, Sq, step):
-                rows = slice(t0, min(Sq, t0 + step))
+            for t0 in range(0, Sq, slot_rows):
+                rows = slice(t0, min(Sq, t0 + slot_rows))
                 psum[:, rows].scatter_(-1, order[:, rows].long(), psum[:, rows].clone())
         return dq, dkv.to(kv.dtype), psum
     common = dict(HB=HB, DV=v_dim, D1=D1, DR=DR, D2=D2, IEEE=is_fp32(q, kv), UPCAST=interpreting())
