@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from megatron_dsa import kernels as KN  # noqa: E402
+from megatron_dsa import reference as R  # noqa: E402
 from megatron_dsa.kernel_options import KernelOptions, Tiles  # noqa: E402
 from bench_dsa import cuda_time  # noqa: E402
 from bench_model_step import profile_step  # noqa: E402
@@ -139,8 +140,6 @@ def warmup_target_inputs(q, kv, seed: int = 2) -> dict:
     """The warm-up target's queries and keys in both forms from one latent and K up-projection:
     absorbed queries over the latent [1, S, DQK], and MLA's MHA form (each head's keys, QK_NOPE +
     rope dims). The same scores, up to bf16 rounding."""
-    from megatron_dsa import reference as R
-
     g = torch.Generator(device=q.device).manual_seed(seed)
     H = q.shape[2]
     k_up = (torch.randn(H, QK_NOPE, DV, device=q.device, generator=g) * DV**-0.5).to(q.dtype)
@@ -191,8 +190,6 @@ def run(heads, seqs, stages, reps, out_dir, only=(), profile=False):
                             print(json.dumps(row), flush=True)
                             continue
                         if stage == "warmup_kl":  # forward + backward, the recall on 64 sampled rows
-                            from megatron_dsa import reference as R
-
                             qm, keys = warmup_target_inputs(q, kv)[name.split()[-1]]
                             a, b, c = (x.clone().requires_grad_() for x in (qi, ki, wi))
                             rows_ = R.recall_sample_rows(S, 64, q.device)
