@@ -8,7 +8,8 @@
 #   NNODES          number of nodes (default 1)
 #   NODE_RANK       this node's rank, 0..NNODES-1 (default 0)
 #   MASTER_ADDR     address of node 0 (default 127.0.0.1)
-#   MASTER_PORT     port on node 0 (default 29500)
+#   MASTER_PORT     port on node 0 (several nodes: default 29500; one node: unset lets
+#                   torchrun bind a free port itself, so jobs side by side never collide)
 #   PYTHON          interpreter (default: python)
 # Backend: nccl on GPU, gloo on CPU (chosen by the trainer).
 #
@@ -24,7 +25,14 @@ fi
 NNODES="${NNODES:-1}"
 NODE_RANK="${NODE_RANK:-0}"
 MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"
-MASTER_PORT="${MASTER_PORT:-29500}"
+if [[ "$NNODES" == 1 && -z "${MASTER_PORT:-}" ]]; then
+    # torchrun's own rendezvous on a port it binds at once (a port picked in advance can be
+    # taken by another job before the workers bind it).
+    RENDEZVOUS=(--standalone)
+else
+    RENDEZVOUS=(--nnodes "$NNODES" --node-rank "$NODE_RANK" --master-addr "$MASTER_ADDR"
+                --master-port "${MASTER_PORT:-29500}")
+fi
 
 # torch 2.x no longer needs CUDA_DEVICE_MAX_CONNECTIONS for TP=1, but TP > 1 does (and
 # Megatron's argument validation, run by the check below, asserts it).
@@ -35,8 +43,5 @@ export CUDA_DEVICE_MAX_CONNECTIONS="${CUDA_DEVICE_MAX_CONNECTIONS:-1}"
 env -u RANK WORLD_SIZE="$((NPROC_PER_NODE * NNODES))" "$PYTHON" "$HERE/train.py" --check "$@" >/dev/null
 exec "$PYTHON" -m torch.distributed.run \
     --nproc-per-node "$NPROC_PER_NODE" \
-    --nnodes "$NNODES" \
-    --node-rank "$NODE_RANK" \
-    --master-addr "$MASTER_ADDR" \
-    --master-port "$MASTER_PORT" \
+    "${RENDEZVOUS[@]}" \
     "$HERE/train.py" "$@"

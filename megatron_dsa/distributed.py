@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import torch
 from megatron.core import parallel_state
@@ -12,10 +11,12 @@ from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 import patches
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def local_store(world_size: int = 1) -> torch.distributed.TCPStore:
+    """A rendezvous store on a local port that the OS picks and this process holds from the
+    start. (Picking a free port, closing it and letting init_process_group bind it later leaves
+    a window in which a concurrent job can take it.) Other ranks connect to its ``port`` as
+    clients; keep the object alive as long as the process group."""
+    return torch.distributed.TCPStore("127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False)
 
 
 # Long sequences allocate tensors of many GiB whose sizes differ between the forward and the
@@ -39,13 +40,10 @@ def init_single_process(seed: int = 1234) -> None:
     if not torch.distributed.is_initialized():
         if torch.cuda.is_available():
             torch.cuda.set_device(0)
-        # A private rendezvous on a free port: a MASTER_PORT inherited from a parent process
-        # (a test runner or launcher holding that port) must not be reused.
+        # A private store, not env://: a MASTER_PORT inherited from a parent process (a test
+        # runner or launcher holding that port) must not be reused.
         torch.distributed.init_process_group(
-            "nccl" if torch.cuda.is_available() else "gloo",
-            init_method=f"tcp://127.0.0.1:{_free_port()}",
-            rank=0,
-            world_size=1,
+            "nccl" if torch.cuda.is_available() else "gloo", store=local_store(), rank=0, world_size=1
         )
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch  # (does not import triton)
@@ -41,12 +40,6 @@ def corpus(tmp_path_factory):
     return out
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def megatron_world():
     """torch.distributed (gloo, world size 1) + megatron-core parallel state + RNG tracker."""
@@ -57,11 +50,12 @@ def megatron_world():
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     if not torch.distributed.is_initialized():
-        # No MASTER_PORT in the environment: subprocesses started by tests would inherit it.
+        # A private store, no MASTER_PORT in the environment: subprocesses started by tests
+        # would inherit it.
+        from megatron_dsa.distributed import local_store
+
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        torch.distributed.init_process_group(
-            backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
-        )
+        torch.distributed.init_process_group(backend, store=local_store(), rank=0, world_size=1)
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel()
     model_parallel_cuda_manual_seed(1234)

@@ -24,6 +24,7 @@ def device() -> torch.device:
 
 
 def init_dist(rank: int, world: int, port: int) -> None:
+    """Join the process group whose store ``spawn``'s process serves on ``port``."""
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     os.environ["CUDA_DEVICE_MAX_CONNECTIONS"] = "1"
@@ -33,7 +34,8 @@ def init_dist(rank: int, world: int, port: int) -> None:
         # fp32 matmuls stay fp32, so one rank and many agree to fp32 rounding.
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
-    dist.init_process_group("nccl" if ON_GPU else "gloo", rank=rank, world_size=world)
+    store = dist.TCPStore("127.0.0.1", port, world, is_master=False)
+    dist.init_process_group("nccl" if ON_GPU else "gloo", store=store, rank=rank, world_size=world)
 
 
 def make_groups(tp: int, cp: int):
@@ -294,18 +296,17 @@ def balanced_topk_worker(rank, world, port, seed):
 
 
 def spawn(fn, world: int, *args) -> None:
-    """Run fn(rank, world, port, *args) in ``world`` processes; a failure raises here."""
-    import socket
-
+    """Run fn(rank, world, port, *args) in ``world`` processes; a failure raises here. This
+    process serves the ranks' rendezvous store on ``port``, bound before any rank starts."""
     import torch.multiprocessing as mp
+
+    from megatron_dsa.distributed import local_store
 
     if ON_GPU and world > torch.cuda.device_count():
         import pytest
 
         pytest.skip(f"needs {world} GPUs, this machine has {torch.cuda.device_count()}")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    store = local_store(world)
     method = "spawn"
     if not ON_GPU:
         # On CPU the ranks fork from a server process that imported torch, megatron-core and this
@@ -316,7 +317,7 @@ def spawn(fn, world: int, *args) -> None:
 
         multiprocessing.set_forkserver_preload(list(FORKSERVER_PRELOAD))
         method = "forkserver"
-    mp.start_processes(fn, args=(world, port) + args, nprocs=world, join=True, start_method=method)
+    mp.start_processes(fn, args=(world, store.port) + args, nprocs=world, join=True, start_method=method)
 
 
 FORKSERVER_PRELOAD = ("torch", "torch.distributed", "megatron.core.parallel_state", "megatron_dsa.model", "patches",

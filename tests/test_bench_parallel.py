@@ -9,13 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import free_port
-
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_parallel_benchmark_sweeps_layouts_on_two_ranks(tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
            str(REPO / "benchmarks" / "bench_parallel.py"), "--size", "tiny", "--layouts", "tp1,tp2,cp2",
            "--seqs", "64", "--modes", "sparse,warmup", "--topk", "16", "--iters", "1", "--out", str(tmp_path)]
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
@@ -39,7 +37,7 @@ def test_parallel_benchmark_sweeps_layouts_on_two_ranks(tmp_path):
 def test_parallel_layer_benchmark_compares_the_alternatives(tmp_path):
     """--layer: the TP-sharded indexer scores 1/TP of the rows a replicated one does; under CP the
     fetched and the all-gathered KV give the same attention output, each with its bytes."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
            str(REPO / "benchmarks" / "bench_parallel.py"), "--layer", "--layer-dims", "4,48,32,4,16",
            "--layouts", "tp2,cp2", "--seqs", "64", "--topk", "16", "--iters", "1", "--out", str(tmp_path)]
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")

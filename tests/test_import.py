@@ -25,7 +25,7 @@ from megatron_dsa.convert.cli import main as convert_main
 from megatron_dsa.convert.cli import training_settings
 from megatron_dsa.model import SIZES
 from test_convert import randomize_hf_
-from test_launch import CONFIGS, REPO, _env, _free_port, base, cli, expect_error  # noqa: F401 (cli: fixture)
+from test_launch import CONFIGS, REPO, _env, base, cli, expect_error  # noqa: F401 (cli: fixture)
 
 SEQ = 32
 TOPK = 8
@@ -114,7 +114,7 @@ def test_sparse_run_starts_from_the_imported_weights(imported, corpus, tmp_path,
            f"train.micro_batch_size={micro_batch}", f"train.global_batch_size={global_batch}", "eval.iters=0",
            "logging.interval=1", *run_settings(imported["ckpt"]), *flags]
     result = subprocess.run(["bash", str(REPO / "launch" / "torchrun.sh"), *run], cwd=tmp_path,
-                            env=dict(_env(), NPROC_PER_NODE="2", MASTER_PORT=str(_free_port())),
+                            env=dict(_env(), NPROC_PER_NODE="2"),
                             capture_output=True, text=True, timeout=400)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-5000:]

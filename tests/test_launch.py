@@ -342,7 +342,8 @@ def test_load_from_with_missing_iteration(cli, corpus, tmp_path):
 
 def _env() -> dict:
     env = dict(os.environ, PYTHONPATH=str(REPO), PYTHON=sys.executable)
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+    # No rendezvous inherited either: a one-node launch lets torchrun bind a free port itself.
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "NNODES", "NODE_RANK"):
         env.pop(key, None)
     return env
 
@@ -371,6 +372,9 @@ def test_torchrun_sh_rejects_bad_input_once(corpus, tmp_path):
 
 
 def _free_port() -> int:
+    """A port for launches that must agree on one in advance (several nodes). One-node launches
+    leave MASTER_PORT unset: torchrun then binds a free port itself, with no window for a
+    concurrent job to take it."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -382,7 +386,7 @@ def data_parallel_run(corpus, tmp_path_factory) -> tuple[str, Path]:
     checkpoint at 4. (Its output, its directory.) Its tests share one xdist worker: GROUPS in
     tests/conftest.py."""
     root = tmp_path_factory.mktemp("dp2")
-    env = dict(_env(), NPROC_PER_NODE="2", MASTER_PORT=str(_free_port()))
+    env = dict(_env(), NPROC_PER_NODE="2")
     result = subprocess.run(
         ["bash", str(REPO / "launch" / "torchrun.sh"), *base(corpus, root), "train.iters=4", "train.lr_warmup_iters=0",
          "train.micro_batch_size=2", "train.global_batch_size=4", "eval.interval=4", "eval.iters=1",
@@ -413,7 +417,7 @@ def test_context_parallel_warmup_equals_one_process(corpus, tmp_path, data_paral
     from megatron_dsa.train.runner import read_scalars
 
     def run(name: str, phase: str, nproc: int, *extra: str) -> Path:
-        env = dict(_env(), NPROC_PER_NODE=str(nproc), MASTER_PORT=str(_free_port()))
+        env = dict(_env(), NPROC_PER_NODE=str(nproc))
         out = tmp_path / name
         result = subprocess.run(
             ["bash", str(REPO / "launch" / "torchrun.sh"), "--config", str(CONFIGS / "tiny" / f"{phase}.yaml"),
@@ -480,8 +484,7 @@ def test_two_nodes_train_checkpoint_and_resume_on_one_node(corpus, tmp_path):
     shutil.rmtree(save / "iter_0000005")
     (save / "latest_checkpointed_iteration.txt").write_text("4")
     shutil.rmtree(tmp_path / "tb")
-    env = dict(_env(), NNODES="1", NODE_RANK="0", NPROC_PER_NODE="1", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(_free_port()))
+    env = dict(_env(), NNODES="1", NODE_RANK="0", NPROC_PER_NODE="1")
     result = subprocess.run(["bash", str(REPO / "launch" / "torchrun.sh"), *run], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]

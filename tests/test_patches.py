@@ -18,8 +18,8 @@ SCRIPT = textwrap.dedent(
     from patches.cpu import CPU_PATCHES
     skip = set(sys.argv[1:])
     patches.apply_cpu_patches(only={p.name for p in CPU_PATCHES} - skip)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["PORT"])
-    torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+    store = torch.distributed.TCPStore("127.0.0.1", 0, 1, is_master=True)
+    torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
     parallel_state.initialize_model_parallel()
@@ -35,9 +35,7 @@ SCRIPT = textwrap.dedent(
 
 
 def run(skip: list[str]) -> subprocess.CompletedProcess:
-    from tests.conftest import free_port
-
-    env = {"PORT": str(free_port()), "PATH": "/usr/bin:/bin", "PYTHONPATH": "."}
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": "."}
     return subprocess.run(
         [sys.executable, "-c", SCRIPT, *skip], capture_output=True, text=True, timeout=300, env=env
     )
@@ -143,14 +141,13 @@ def test_cp_rotary_rows_need_the_unpinned_index():
 def test_expert_parallel_splits_need_the_host_conversion():
     """The all-to-all that megatron's dispatcher runs, with split sizes from its own
     maybe_move_tensor_to_cpu (one gloo rank; megatron's wrapper skips the call at world size 1)."""
-    from tests.conftest import free_port
-
     code = textwrap.dedent(
         f"""
         import sys, torch, patches
         from patches.cpu import CPU_PATCHES
         patches.apply_cpu_patches(only={{p.name for p in CPU_PATCHES}} - set(sys.argv[1:]))
-        torch.distributed.init_process_group("gloo", init_method="tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+        store = torch.distributed.TCPStore("127.0.0.1", 0, 1, is_master=True)
+        torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
         from megatron.core.transformer.moe import token_dispatcher
         splits = token_dispatcher.maybe_move_tensor_to_cpu(torch.tensor([3]), as_numpy=True)
         out = torch.empty(3, 2)

@@ -12,11 +12,11 @@ import subprocess
 
 import pytest
 
-from tests.test_launch import CONFIGS, REPO, _env, _free_port
+from tests.test_launch import CONFIGS, REPO, _env
 
 
 def _warmup_pp2(corpus, save, tb, cwd):
-    env = dict(_env(), NPROC_PER_NODE="2", MASTER_PORT=str(_free_port()))
+    env = dict(_env(), NPROC_PER_NODE="2")
     result = subprocess.run(
         ["bash", str(REPO / "launch" / "torchrun.sh"), "--config", str(CONFIGS / "tiny" / "warmup.yaml"),
          f"data.dir={corpus}", "data.seq_length=32", f"checkpoint.save={save}", "checkpoint.load_from=null",

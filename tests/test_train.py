@@ -492,6 +492,48 @@ def test_a_run_that_fails_leaves_no_run_record(tmp_path, monkeypatch, corpus):
     assert not (tmp_path / "runs").exists()
 
 
+def test_single_process_run_holds_its_rendezvous_port(corpus, tmp_path, monkeypatch):
+    """Outside torchrun the run hands Megatron a store bound to its port before Megatron starts:
+    no window between choosing the port and binding it in which a concurrent job (another test,
+    another run) could take it. Under torchrun Megatron's own env:// rendezvous stays."""
+    import socket
+
+    import megatron.training
+    import megatron.training.arguments as arguments
+
+    from megatron_dsa.train import trainer
+    from megatron_dsa.train.config import load_config
+    from megatron_dsa.train.preflight import preflight
+
+    for name in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    cfg = load_config(CONFIGS / "pretrain.yaml", [f"data.dir={corpus}", f"checkpoint.save={tmp_path / 'save'}",
+                                                  "data.seq_length=32"])
+    plan = preflight(cfg, check_flags=False)
+    monkeypatch.setattr(arguments, "parse_and_validate_args", lambda **kwargs: object())
+    monkeypatch.setattr("megatron.training.argument_utils.pretrain_cfg_container_from_args", lambda *a: None)
+    stores = []
+
+    def starts(*args, store=None, **kwargs):
+        stores.append(store)
+        if store is not None:
+            assert os.environ["MASTER_PORT"] == str(store.port) and os.environ["WORLD_SIZE"] == "1"
+            with socket.socket() as sock, pytest.raises(OSError):  # the port is taken, by the store
+                sock.bind(("127.0.0.1", store.port))
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(megatron.training, "pretrain", starts)
+    with pytest.raises(RuntimeError, match="stop here"):
+        trainer.run(cfg, plan)
+    assert isinstance(stores[0], torch.distributed.TCPStore)
+
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it
+    with pytest.raises(RuntimeError, match="stop here"):
+        trainer.run(cfg, plan)
+    assert stores[1] is None
+
+
 def test_layer_metrics_average_only_the_layers_that_recorded(megatron_world):
     """With a selection reused between layers (dsa_indexer_topk_freq) the reusing layers record
     no recall / KL: the logged mean is over the recording layers, not diluted by their zeros."""

@@ -516,17 +516,18 @@ _PROGRESS = Progress()
 # Run
 
 
-def _single_process_env() -> None:
-    """Outside torchrun: a world of one on a free local port."""
+def _single_process_store():
+    """Outside torchrun: a world of one, whose rendezvous store holds its local port from now
+    until the process group is made (Megatron binds env:// ports only tens of seconds later,
+    and a concurrent job could take a port picked earlier). None under torchrun."""
     if "WORLD_SIZE" in os.environ:
-        return
-    import socket
+        return None
+    from megatron_dsa.distributed import local_store
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1",
+    store = local_store()
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(store.port), RANK="0", WORLD_SIZE="1",
                       LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+    return store
 
 
 class TrainRunError(RuntimeError):
@@ -603,7 +604,7 @@ def run(cfg: RunConfig, plan: dict, skip_patches: frozenset[str] = frozenset()) 
 
     # Resume and load_from read checkpoints through the allow-list (no code runs from them).
     safe_load.install()
-    _single_process_env()
+    store = _single_process_store()
     sys.argv = [sys.argv[0], *megatron_argv(cfg, plan)]
     args = parse_and_validate_args(extra_args_provider=add_mdsa_args)
     # Only once Megatron has accepted its flags: a run refused there leaves nothing behind.
@@ -619,6 +620,7 @@ def run(cfg: RunConfig, plan: dict, skip_patches: frozenset[str] = frozenset()) 
             ModelType.encoder_or_decoder,
             forward_step,
             model_provider=model_provider,
+            store=store,
         )
     except BaseException as error:
         if rank0 and not has_checkpoint(plan["save"]):
