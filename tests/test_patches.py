@@ -13,7 +13,7 @@ from patches.cpu import CPU_PATCHES
 
 SCRIPT = textwrap.dedent(
     """
-    import os, sys, torch
+    import sys, torch
     import patches
     from patches.cpu import CPU_PATCHES
     skip = set(sys.argv[1:])
