@@ -44,6 +44,7 @@ from megatron_dsa.flops import dense_attention_flops, dsa_flops  # noqa: E402
 from megatron_dsa.kernel_options import DEFAULT_OPTIONS, KernelOptions  # noqa: E402
 from megatron_dsa.parallel import ParallelContext  # noqa: E402
 from megatron_dsa.parallel.sharded import own_rows_target  # noqa: E402
+from results_io import measured_by, save_figure, stamp_rows, write_atomic, write_json  # noqa: E402
 
 MODELS = {"deepseek-v3.2": "deepseek-v3.2-671b", "glm-5": "glm-5"}  # --model: its megatron_dsa.model size
 DEFAULT_MODEL = "deepseek-v3.2"
@@ -376,8 +377,10 @@ def tp8_rank_rows(S):
     return m
 
 
-def bench_row(S, H, args, c, label=None, tp8=False):
+def bench_row(S, H, args, c, label=None, tp8=False, run=None):
     row = {"heads": H, "seq": S, "case": label or f"{H} heads", "measured": time.strftime("%Y-%m-%d")}
+    if run is not None:
+        row["run"] = run  # index into the results' "runs": command, commit, sources
     t = make_inputs(S, H, options=args.kernel_options)
     rows = None
     frac = 1.0
@@ -486,6 +489,7 @@ def main():
     except ImportError:
         pass
     kept = previous_rows(results, res) if args.update else []
+    res["runs"] = stamp_rows([], res.get("runs", []))  # this run's record; rows name theirs by index
     if not args.no_checks:
         try:
             res["topk_checks"] = topk_checks()
@@ -499,29 +503,27 @@ def main():
         for S in seqs:
             if S > caps.get(H, S):
                 continue
-            res["rows"].append(bench_row(S, H, args, c))
-            with open(results, "w") as f:  # a killed run keeps its rows
-                json.dump({**res, "rows": merge_rows(kept, res["rows"])}, f, indent=1)
+            res["rows"].append(bench_row(S, H, args, c, run=len(res["runs"]) - 1))
+            write_json(results, {**res, "rows": merge_rows(kept, res["rows"])})  # a killed run keeps its rows
     if args.tp8:
         for S in seqs:
             if S >= 32768:
-                res["rows"].append(bench_row(S, 16, args, c, label="16 heads, TP=8 rank", tp8=True))
+                res["rows"].append(bench_row(S, 16, args, c, label="16 heads, TP=8 rank", tp8=True,
+                                             run=len(res["runs"]) - 1))
     for key, step, wanted in (("megatron", megatron_step, args.megatron_seqs), ("tilelang", megatron_tilelang_step,
                                                                                  args.tilelang_seqs)):
         for S in [int(s) for s in wanted.split(",") if s]:
             res.setdefault(key, []).append(dict(seq=S, heads=16, **time_baseline(step, S, 16, args.reps)))
             print(S, key, res[key][-1], flush=True)
     res["rows"] = merge_rows(kept, res["rows"])
-    with open(results, "w") as f:
-        json.dump(res, f, indent=1)
+    write_json(results, res)
     print(write_table(res, args.out, stem))
 
 
 def write_table(res: dict, out: str, stem: str = "dsa_h200") -> str:
     """<stem>.md and <stem>.png in ``out`` from the results; returns the markdown."""
     md = to_markdown(res)
-    with open(os.path.join(out, stem + ".md"), "w") as f:
-        f.write(md)
+    write_atomic(os.path.join(out, stem + ".md"), md)
     try:
         plot(res, os.path.join(out, stem + ".png"))
     except Exception as e:
@@ -542,6 +544,7 @@ def previous_rows(path: str, res: dict) -> list[dict]:
                      f"{res.get(key)!r}; measure the whole table again")
     if "topk_checks" in old:
         res.setdefault("topk_checks", old["topk_checks"])
+    res["runs"] = old.get("runs", [])
     return old["rows"]
 
 
@@ -586,6 +589,9 @@ def to_markdown(res):
         lines.insert(1, "Rows measured " + "; ".join(
             f"{day}: {' / '.join(dict.fromkeys(cases))}" for day, cases in sorted(dates.items(), reverse=True)) + ".")
         lines.insert(1, "")
+    runs = measured_by(res.get("runs", []), res["rows"])
+    if runs:
+        lines[1:1] = ["", *runs]
     for r in res["rows"]:
         a, b, d = r.get("ours_fp8"), r.get("ours_bf16"), r.get("sdpa")
         ratio = f"{d['ms'] / a['ms']:.2f}x" if a and "ms" in a and d and "ms" in d else "-"
@@ -656,7 +662,7 @@ def plot(res, path):
         a.legend(fontsize=7)
     fig.suptitle(f"DSA core vs dense attention on {res['device']}")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
 
 
 if __name__ == "__main__":

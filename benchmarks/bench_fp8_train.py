@@ -40,7 +40,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import re
 import shlex
 import shutil
@@ -55,6 +54,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+from results_io import run_record, write_atomic  # noqa: E402
 
 PHASES = ("pretrain", "warmup", "sparse")
 # The training objective each phase logs (Megatron's TensorBoard tag).
@@ -578,7 +579,8 @@ def render_markdown(meta: dict, records: list[dict], rows: list[dict]) -> str:
         "# FP8 training with Transformer Engine: DSA model, bf16 vs FP8", "",
         f"`{meta['command']}`", "",
         f"on {meta['device']}, torch {meta['torch']}, Transformer Engine {meta['transformer_engine'] or 'not installed'}, "
-        f"megatron-core {meta['megatron_core']}, commit {meta['commit']}; {meta['started']}.", "",
+        f"megatron-core {meta['megatron_core']}, commit {meta['commit'] or 'not recorded'}"
+        + (f", sources {meta['source']}" if "source" in meta else "") + f"; {meta['started']}.", "",
         f"{meta['iters']} iterations per run; loss = mean training loss of the last {LOSS_WINDOW} iterations "
         "(LM loss; warm-up: indexer loss); ms/iter = median Megatron iteration time after the first "
         f"{TIME_SKIP}; same seed, data and batch for every variant. pretrain: dense MLA from scratch (the DSA "
@@ -653,13 +655,6 @@ def _clean(obj):
     return obj
 
 
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_results(out: Path, tag: str, meta: dict, records: list[dict]) -> tuple[Path, Path]:
     rows = compare(records, meta["variants"])
     js, md = out / f"{tag}.json", out / f"{tag}.md"
@@ -668,20 +663,16 @@ def write_results(out: Path, tag: str, meta: dict, records: list[dict]) -> tuple
     return js, md
 
 
-def environment_meta() -> dict:
+def environment_meta(argv: list[str]) -> dict:
+    """The run's command, code and machine (results_io.run_record) and Transformer Engine's version."""
     import importlib.metadata as md
-
-    import torch
-
-    def version(dist: str) -> str | None:
-        try:
-            return md.version(dist)
-        except md.PackageNotFoundError:
-            return None
 
     te = None
     for dist in ("transformer_engine", "transformer-engine", "transformer_engine_torch"):
-        te = te or version(dist)
+        try:
+            te = te or md.version(dist)
+        except md.PackageNotFoundError:
+            pass
     if te is None:
         try:
             import transformer_engine
@@ -689,22 +680,9 @@ def environment_meta() -> dict:
             te = getattr(transformer_engine, "__version__", None)
         except Exception:
             te = None
-    device = "cpu"
-    if torch.cuda.is_available():
-        cap = torch.cuda.get_device_capability()
-        device = f"{torch.cuda.get_device_name()} (sm {cap[0]}.{cap[1]}, CUDA {torch.version.cuda})"
-    commit = "unknown"
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True, timeout=10)
-        if head.returncode == 0:
-            commit = head.stdout.strip() + (" (modified)" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return {"device": device, "torch": torch.__version__, "transformer_engine": te,
-            "megatron_core": version("megatron-core"), "python": platform.python_version(), "commit": commit}
+    run = run_record([__file__, *argv])
+    run["started"] = run.pop("date")
+    return {**run, "transformer_engine": te}
 
 
 # --------------------------------------------------------------------------------------------
@@ -875,8 +853,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:  # BenchError, the trainer's TrainConfigError / DataError / DSAConfigError
         print(f"error: {error}", file=sys.stderr, flush=True)
         return 2
-    command = "python benchmarks/bench_fp8_train.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-    meta = {"command": command, **environment_meta(), "started": time.strftime("%Y-%m-%d %H:%M"),
+    meta = {**environment_meta(sys.argv[1:] if argv is None else argv),
             "sizes": plan.sizes, "variants": plan.variants, "phases": plan.phases,
             "baseline": baseline_variant(plan.variants), "chain_variant": plan.chain, "iters": args.iters,
             "warmup_iters": args.warmup_iters, "sparse_lr": args.sparse_lr, "eval_iters": args.eval_iters,

@@ -39,6 +39,8 @@ import traceback
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from results_io import invocation, measured_by, run_record, save_figure, stamp_rows, write_atomic, write_json  # noqa: E402
 
 DEFAULT_POSITIONS = "1024,2048,4096,8192,16384,32768,65536,131072"
 V32 = dict(kv_lora_rank=512, rope=64, indexer_heads=64, indexer_dim=128, topk=2048, block_size=64, head_qk=192,
@@ -231,9 +233,10 @@ def record_key(r: dict) -> tuple:
     return (r.get("model", "one layer"), r["heads"], r["phase"], r["batch"], r["position"], r["impl"])
 
 
-def kept_records(path: str, meta: dict, new: list[dict]) -> list[dict]:
-    """The records of the json at ``path`` that ``new`` does not measure again; refuses a table
-    from another device or shape (its rows would not compare)."""
+def kept_records(path: str, meta: dict, new: list[dict]) -> tuple[list[dict], list[dict]]:
+    """The records of the json at ``path`` that ``new`` does not measure again, and the records of
+    the runs that measured them; refuses a table from another device or shape (its rows would not
+    compare)."""
     with open(path) as f:
         old = json.load(f)
     for field in ("device", "shape"):
@@ -241,7 +244,7 @@ def kept_records(path: str, meta: dict, new: list[dict]) -> list[dict]:
             raise SystemExit(f"error: --update: {path} was measured with {field} {old['meta'].get(field)!r}, "
                              f"this run with {meta[field]!r}")
     fresh = {record_key(r) for r in new}
-    return [r for r in old["records"] if record_key(r) not in fresh]
+    return [r for r in old["records"] if record_key(r) not in fresh], old["meta"].get("runs", [])
 
 
 def write_markdown(path, meta, records):
@@ -252,6 +255,9 @@ def write_markdown(path, meta, records):
              "|---|---|---|---|---|---|---|---|---|---|"]
     keyed = {record_key(r): r for r in records}
     dates = sorted({r["measured"] for r in records if "measured" in r}, reverse=True)
+    by = measured_by(meta.get("runs", []), records)
+    if by:
+        lines[-2:-2] = [*by, ""]
     if len(dates) > 1:
         runs = {d: sorted({f"{r['phase']} {r.get('model', str(r['heads']) + ' heads')}" for r in records
                            if r.get("measured") == d}) for d in dates}
@@ -268,8 +274,7 @@ def write_markdown(path, meta, records):
         bounds = (f"{r['ms_per_token'] / r['bound_ms_per_token']:.2f}x | {d['ms_per_token'] / d['bound_ms_per_token']:.2f}x"
                   if "bound_ms_per_token" in r else " | ")
         lines.append(f"{head} {r['ms_per_token']:.4f} | {d['ms_per_token']:.4f} | {ratio:.2f}x | {bounds} |")
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
+    write_atomic(path, "\n".join(lines) + "\n")
 
 
 def plot(records, path, title):
@@ -302,7 +307,7 @@ def plot(records, path, title):
         ax.legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
 
 
 def main(argv=None) -> int:
@@ -401,11 +406,12 @@ def main(argv=None) -> int:
         r.setdefault("measured", today)
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"inference_{args.name or ('quick' if args.quick else 'gpu')}")
+    kept, runs = [], []
     if args.update and os.path.exists(stem + ".json"):
-        records = kept_records(stem + ".json", meta, records) + records
-    with open(stem + ".json.tmp", "w") as f:
-        json.dump(dict(meta=meta, records=records), f, indent=2)
-    os.replace(stem + ".json.tmp", stem + ".json")
+        kept, runs = kept_records(stem + ".json", meta, records)
+    meta["runs"] = stamp_rows(records, runs, run_record(invocation(__file__, argv)))
+    records = kept + records
+    write_json(stem + ".json", dict(meta=meta, records=records), indent=2)
     write_markdown(stem + ".md", meta, records)
     plot(records, stem + ".png", f"one DSA layer at DeepSeek-V3.2's shape, {meta['device']}")
     print(f"wrote {stem}.json, .md and .png")

@@ -32,6 +32,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from bench_recompute import RECOMPUTE  # noqa: E402  (the same recomputation settings)
+from results_io import invocation, measured_by, run_record, stamp_rows, write_atomic, write_json  # noqa: E402
 
 LAYOUTS = {
     "per_layer": {},
@@ -221,13 +222,14 @@ def main(argv=None) -> int:
         r["measured"] = today
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"model_step_{args.size}_{args.seq}")
+    kept, runs = [], []
     if args.update and os.path.exists(stem + ".json"):
-        rows = kept_rows(stem + ".json", meta, rows) + rows
-    with open(stem + ".json", "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=2)
+        kept, runs = kept_rows(stem + ".json", meta, rows)
+    meta["runs"] = stamp_rows(rows, runs, run_record(invocation(__file__, argv)))
+    rows = kept + rows
+    write_json(stem + ".json", {"meta": meta, "rows": rows}, indent=2)
     text = render_markdown(meta, rows)
-    with open(stem + ".md", "w") as f:
-        f.write(text)
+    write_atomic(stem + ".md", text)
     print(text)
     return 0
 
@@ -235,16 +237,17 @@ def main(argv=None) -> int:
 UPDATE_SAME = ("size", "seq", "batch", "topk", "recompute", "device", "transformer_impl")
 
 
-def kept_rows(path: str, meta: dict, new: list[dict]) -> list[dict]:
-    """The rows of the json at ``path`` whose arms this run does not measure again; refuses a
-    table measured with other settings (its rows would not compare)."""
+def kept_rows(path: str, meta: dict, new: list[dict]) -> tuple[list[dict], list[dict]]:
+    """The rows of the json at ``path`` whose arms this run does not measure again, and the
+    records of the runs that measured them; refuses a table measured with other settings (its
+    rows would not compare)."""
     with open(path) as f:
         old = json.load(f)
     for field in UPDATE_SAME:
         if old["meta"].get(field) != meta[field]:
             raise SystemExit(f"error: --update: {path} has {field} {old['meta'].get(field)!r}, this run {meta[field]!r}")
     fresh = {r["arm"] for r in new}
-    return [r for r in old["rows"] if r["arm"] not in fresh]
+    return [r for r in old["rows"] if r["arm"] not in fresh], old["meta"].get("runs", [])
 
 
 def _step_counts(meta: dict, rows: list[dict]) -> str:
@@ -264,6 +267,8 @@ def render_markdown(meta: dict, rows: list[dict]) -> str:
              f"{' --recompute ' + recompute if recompute != 'none' else ''}` on {meta['device']}, torch {meta['torch']}; "
              f"median of {_step_counts(meta, rows)}" + (" (the recomputation applies to the pretrain and sparse arms)"
                                                        if recompute != "none" else "") + ".", ""]
+    by = measured_by(meta.get("runs", []), rows)
+    lines += [*by, ""] if by else []
     dates = sorted({r["measured"] for r in rows if "measured" in r}, reverse=True)
     if len(dates) > 1:
         lines += ["Measured " + "; ".join(f"{d}: {', '.join(r['arm'] for r in rows if r.get('measured') == d)}"

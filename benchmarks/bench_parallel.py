@@ -33,6 +33,8 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from results_io import invocation, run_record, save_figure, write_atomic  # noqa: E402
 
 PHASE_MODE = {"pretrain": "dense", "warmup": "warmup", "sparse": "sparse"}
 
@@ -219,7 +221,7 @@ def run_layer_point(args, tp: int, cp: int, seq: int, device) -> dict:
 def write_layer_tables(args, rows: list, world: int, gpu: bool, final: bool) -> str:
     meta = {"layer_dims": args.layer_dims, "world": world, "topk": args.topk, "iters": args.iters,
             "device": torch.cuda.get_device_name() if gpu else "cpu (gloo)", "torch": torch.__version__,
-            "complete": final}
+            "complete": final, "run": args.run}
     H, DQK, DV, HI, DI = args.layer_dims
     lines = [f"# The DSA layer's parallel parts against the alternatives, {world} ranks, top-k {args.topk}", "",
              f"`torchrun --nproc-per-node {world} benchmarks/bench_parallel.py --layer --layer-dims "
@@ -252,9 +254,7 @@ def write_layer_tables(args, rows: list, world: int, gpu: bool, final: bool) -> 
     stem = os.path.join(args.out, f"parallel_layer_w{world}")
     os.makedirs(args.out, exist_ok=True)
     for path, text in ((stem + ".json", json.dumps({"meta": meta, "rows": rows}, indent=2)), (stem + ".md", md)):
-        with open(path + ".tmp", "w") as f:
-            f.write(text)
-        os.replace(path + ".tmp", path)
+        write_atomic(path, text)
     return md
 
 
@@ -263,7 +263,7 @@ def write_tables(args, rows: list, world: int, gpu: bool, final: bool) -> str:
     whole, then renamed into place); returns the markdown."""
     meta = {"size": args.size, "world": world, "topk": args.topk, "iters": args.iters,
             "device": torch.cuda.get_device_name() if gpu else "cpu (gloo)", "torch": torch.__version__,
-            "complete": final}
+            "complete": final, "run": args.run}
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"parallel_{args.size}_w{world}")
     lines = [f"# DSA step (fwd+bwd) of the {args.size} MoE under TP x CP, {world} ranks, top-k {args.topk}", "",
@@ -283,9 +283,7 @@ def write_tables(args, rows: list, world: int, gpu: bool, final: bool) -> str:
         lines += ["", "(Sweep in progress or cut short: the rows above are the finished points.)"]
     md = "\n".join(lines) + "\n"
     for path, text in ((stem + ".json", json.dumps({"meta": meta, "rows": rows}, indent=2)), (stem + ".md", md)):
-        with open(path + ".tmp", "w") as f:
-            f.write(text)
-        os.replace(path + ".tmp", path)
+        write_atomic(path, text)
     return md
 
 
@@ -308,7 +306,7 @@ def plot_steps(rows: list, path: str) -> None:
         ax.grid(True, alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -328,6 +326,7 @@ def main(argv=None) -> int:
     p.add_argument("--layer-dims", default="16,576,512,64,128", metavar="H,DQK,DV,HI,DI",
                    help="--layer's shapes: heads, latent dims (keys, values), indexer heads and dim")
     args = p.parse_args(argv)
+    args.run = run_record(invocation(__file__, argv))
     try:
         args.layer_dims = [int(x) for x in args.layer_dims.split(",")]
         assert len(args.layer_dims) == 5

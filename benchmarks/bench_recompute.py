@@ -28,6 +28,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from results_io import invocation, run_record, write_atomic, write_json  # noqa: E402
 
 RECOMPUTE = {
     "none": {},
@@ -87,8 +89,7 @@ def write_markdown(path: str, size: str, seq: int, device: str, rows: list[dict]
     for r in rows:
         peak = "-" if r["peak_gb"] is None else f"{r['peak_gb']:.2f}"
         lines.append(f"| {r['phase']} | {r['recompute']} | {r['ms']:.0f} | {peak} | {r['grad_rel_diff']:.2e} |")
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
+    write_atomic(path, "\n".join(lines) + "\n")
 
 
 def main(argv=None) -> int:
@@ -128,8 +129,8 @@ def main(argv=None) -> int:
             print(json.dumps(res), flush=True)
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"recompute_{args.size}_{args.seq}")
-    with open(stem + ".json", "w") as f:
-        json.dump({"size": args.size, "seq": args.seq, "device": device_name(device), "rows": rows}, f, indent=2)
+    write_json(stem + ".json", {"size": args.size, "seq": args.seq, "device": device_name(device), "run": run_record(invocation(__file__, argv)),
+                                "rows": rows}, indent=2)
     write_markdown(stem + ".md", args.size, args.seq, device_name(device), rows)
     print(f"wrote {stem}.md")
     return 0

@@ -12,10 +12,13 @@ Writes ceilings.json and prints a table.
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import sys
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from results_io import run_record, write_json  # noqa: E402
 
 
 def _time(fn, reps=10):
@@ -85,8 +88,7 @@ def main():
     args = ap.parse_args()
     res = measure()
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "ceilings.json"), "w") as f:
-        json.dump(res, f, indent=1)
+    write_json(os.path.join(args.out, "ceilings.json"), {**res, "run": run_record()})
     for k, v in res.items():
         print(f"{k:28s} {v:.4g}" if isinstance(v, float) else f"{k:28s} {v}")
 

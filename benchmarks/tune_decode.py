@@ -33,6 +33,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_inference import V32, graphed, paged_setup, time_ms  # noqa: E402
+from results_io import invocation, run_record, write_json  # noqa: E402
 from megatron_dsa.kernel_options import KernelOptions, Tiles  # noqa: E402
 
 ONE_BLOCK_EACH = 1 << 30  # programs: as many as key blocks (one block per program)
@@ -158,9 +159,9 @@ def main(argv=None) -> int:
                a.hbm_gbps, a.repeats)
     os.makedirs(a.out, exist_ok=True)
     path = os.path.join(a.out, f"tune_decode_{a.name}.json")
-    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, shape=V32, hbm_gbps=a.hbm_gbps)
-    with open(path, "w") as f:
-        json.dump(dict(meta=meta, rows=rows), f, indent=1)
+    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, shape=V32, hbm_gbps=a.hbm_gbps,
+                run=run_record(invocation(__file__, argv)))
+    write_json(path, dict(meta=meta, rows=rows))
     print(f"wrote {path}")
     return 0
 

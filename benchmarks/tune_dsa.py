@@ -11,7 +11,8 @@ the number of key ranges the gradient adds are split into); ``warmup_kl``: the w
 with its target over the latent (absorbed queries) or each head's keys (MHA form). Every variant's
 outputs are compared with the first variant's (same inputs and indices), so a variant that is
 fast but wrong shows as such. The selections are the indexer's top-k of random inputs.
-Writes tune_dsa.json (one row per stage, variant, heads and length) to --out.
+Writes tune_dsa.json to --out after every row (``rows``: one per stage, variant, heads and length;
+``run``: the command and code that measured them), so a run cut short keeps what it timed.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from megatron_dsa import reference as R  # noqa: E402
 from megatron_dsa.kernel_options import KernelOptions, Tiles  # noqa: E402
 from bench_dsa import cuda_time  # noqa: E402
 from bench_model_step import profile_step  # noqa: E402
+from results_io import invocation, run_record, write_json  # noqa: E402
 
 DQK, DV, HI, DI, TOPK = 576, 512, 64, 128, 2048
 QK_NOPE = 128  # DeepSeek-V3.2's per-head key dims beside the rope's (DQK - DV) in the MHA form
@@ -159,9 +161,16 @@ def recency_inputs(qi, ki, wi):
     return q, k, wi.abs()
 
 
-def run(heads, seqs, stages, reps, out_dir, only=(), profile=False):
+def run(heads, seqs, stages, reps, out_dir, only=(), profile=False, record=None):
     rows = []
     scale = DQK**-0.5
+    os.makedirs(out_dir, exist_ok=True)
+    record = record or run_record()
+
+    def keep(row):
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        write_json(os.path.join(out_dir, "tune_dsa.json"), {"run": record, "rows": rows})
 
     def timed(row, fn):
         row["ms"] = cuda_ms(fn, reps)
@@ -186,8 +195,7 @@ def run(heads, seqs, stages, reps, out_dir, only=(), profile=False):
                             else:
                                 fn = sdpa_step(S, H)
                             row["ms"] = cuda_ms(fn, reps)
-                            rows.append(row)
-                            print(json.dumps(row), flush=True)
+                            keep(row)
                             continue
                         if stage == "warmup_kl":  # forward + backward, the recall on 64 sampled rows
                             qm, keys = warmup_target_inputs(q, kv)[name.split()[-1]]
@@ -244,12 +252,8 @@ def run(heads, seqs, stages, reps, out_dir, only=(), profile=False):
                     except Exception as e:  # a variant that does not launch is a result too
                         row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
                     torch.cuda.empty_cache()
-                    rows.append(row)
-                    print(json.dumps(row), flush=True)
+                    keep(row)
             q = kv = qi = ki = wi = idx = gout = None
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "tune_dsa.json"), "w") as f:
-        json.dump(rows, f, indent=1)
     return rows
 
 
@@ -286,7 +290,8 @@ def main(argv=None):
     only = chosen_variants(a.variants, stages, heads)
     if not torch.cuda.is_available():
         sys.exit("error: tune_dsa.py times GPU kernels; no CUDA device here")
-    run(heads, [int(x) for x in a.seqs.split(",")], stages, a.reps, a.out, only, a.profile)
+    run(heads, [int(x) for x in a.seqs.split(",")], stages, a.reps, a.out, only, a.profile,
+        run_record(invocation(__file__, argv)))
 
 
 if __name__ == "__main__":

@@ -92,3 +92,28 @@ def test_the_table_names_the_kernel_options_it_ran_with():
     assert 'options: {"split_bwd": "stored_scores"}' in bench_dsa.to_markdown(res)
     del res["config"]["kernel_options"]
     assert "options" not in bench_dsa.to_markdown(res)
+
+
+def test_the_table_names_the_runs_behind_its_rows(tmp_path):
+    """Each row keeps the index of the run that measured it, through --update: the table then
+    names each run's command and code; a run whose rows were all measured again drops out."""
+    import bench_dsa
+
+    res = {"device": "H200", "torch": "2.11", "triton": "3.6", "ceilings": bench_dsa.CEILINGS,
+           "config": dict(batch=1, dqk=576, dv=512, idx_heads=64, idx_dim=128, topk=2048, dtype="bf16")}
+    run = {"command": "python benchmarks/bench_dsa.py --heads 128,64", "date": "2026-12-04 10:00 UTC",
+           "commit": "abc1234", "source": "0123456789ab"}
+    old = [dict(_row("128 heads", 128, 4096, 1), run=0), dict(_row("64 heads", 64, 4096, 1), run=0)]
+    path = tmp_path / "dsa_h200.json"
+    path.write_text(json.dumps({**res, "runs": [run], "rows": old}))
+    fresh = dict(res)
+    kept = previous_rows(str(path), fresh)
+    assert fresh["runs"] == [run]
+    again = {**run, "command": "python benchmarks/bench_dsa.py --heads 64 --update", "commit": None}
+    fresh["runs"] = fresh["runs"] + [again]
+    fresh["rows"] = merge_rows(kept, [dict(_row("64 heads", 64, 4096, 2), run=1)])
+    md = bench_dsa.to_markdown(fresh)
+    assert "Measured by `python benchmarks/bench_dsa.py --heads 128,64` (2026-12-04 10:00 UTC; commit abc1234" in md
+    assert "Measured by `python benchmarks/bench_dsa.py --heads 64 --update` (2026-12-04 10:00 UTC; commit not recorded" in md
+    fresh["rows"] = [dict(_row("128 heads", 128, 4096, 3), run=1), fresh["rows"][1]]
+    assert "--heads 128,64" not in bench_dsa.to_markdown(fresh)

@@ -80,7 +80,12 @@ def test_update_keeps_the_arms_not_measured_again(tmp_path):
     assert _bench(tmp_path, "--arms", "pretrain,sparse", "--transformer-impl", "local").returncode == 0
     proc = _bench(tmp_path, "--arms", "warmup,sparse", "--transformer-impl", "local", "--update")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    rows = json.loads((tmp_path / "model_step_tiny_64.json").read_text())["rows"]
+    out = json.loads((tmp_path / "model_step_tiny_64.json").read_text())
+    rows = out["rows"]
     assert [r["arm"] for r in rows] == ["pretrain", "warmup", "sparse"] and all(r["measured"] for r in rows)
+    assert [r["run"] for r in rows] == [0, 1, 1] and len(out["meta"]["runs"]) == 2
+    assert "--arms warmup,sparse" in out["meta"]["runs"][1]["command"]
+    md = (tmp_path / "model_step_tiny_64.md").read_text()
+    assert "--arms pretrain,sparse" in md and "--arms warmup,sparse" in md  # each piece's run
     proc = _bench(tmp_path, "--arms", "warmup", "--transformer-impl", "local", "--update", "--recompute", "full")
     assert proc.returncode != 0 and "recompute" in proc.stderr

@@ -22,6 +22,7 @@ def test_parallel_benchmark_sweeps_layouts_on_two_ranks(tmp_path):
     table = json.loads((tmp_path / "parallel_tiny_w2.json").read_text())
     rows = table["rows"]
     assert table["meta"]["complete"] is True and not list(tmp_path.glob("*.tmp"))
+    assert table["meta"]["run"]["command"].startswith("python benchmarks/bench_parallel.py --size tiny --layouts")
     assert "cut short" not in (tmp_path / "parallel_tiny_w2.md").read_text()
     assert len(rows) == 6 and not [r for r in rows if "error" in r]
     by = {(r["phase"], r["tp"], r["cp"]): r for r in rows}

@@ -43,6 +43,12 @@ def test_update_measures_a_table_in_pieces(tmp_path):
     rows = json.loads((tmp_path / "inference_quick.json").read_text())["records"]
     assert sorted({r["phase"] for r in rows}) == ["decode", "prefill"] and len(rows) == 12
     assert all(r["measured"] for r in rows)
+    runs = json.loads((tmp_path / "inference_quick.json").read_text())["meta"]["runs"]
+    assert [run["command"] for run in runs] == [  # each piece's command, named by its rows
+        f"python benchmarks/bench_inference.py --quick --out {tmp_path} --phases decode",
+        f"python benchmarks/bench_inference.py --quick --out {tmp_path} --phases prefill --update"]
+    assert {r["phase"]: r["run"] for r in rows} == {"decode": 0, "prefill": 1}
+    assert "--phases prefill --update` (" in (tmp_path / "inference_quick.md").read_text()
     assert bench_inference.main(out + ["--phases", "prefill", "--update"]) == 0  # measured again: replaced
     assert len(json.loads((tmp_path / "inference_quick.json").read_text())["records"]) == 12
     data = json.loads((tmp_path / "inference_quick.json").read_text())

@@ -1,0 +1,145 @@
+"""Writing benchmark results: each file whole or not at all, stamped with the run that made it.
+
+A run that is killed (a lent machine taken back, a timeout) must leave the previous table or the
+new one, never half a json that the next ``--update`` cannot read. And a number in a table must
+lead back to what measured it: ``run_record`` gives the command, the code (git commit where the
+checkout has one, and a digest of the sources that is the same for the same code on any machine,
+with or without git) and the machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+# What the timings depend on: our package, the benchmarks themselves and megatron-core's patches.
+SOURCE_DIRS = ("megatron_dsa", "benchmarks", "patches")
+
+
+def write_atomic(path: str | os.PathLike, text: str) -> None:
+    """``path`` holds ``text`` whole: written beside it, then renamed into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(path: str | os.PathLike, obj, indent: int = 1) -> None:
+    write_atomic(path, json.dumps(obj, indent=indent) + "\n")
+
+
+def save_figure(fig, path: str | os.PathLike, **kwargs) -> None:
+    """A matplotlib figure as ``path`` (png), renamed into place once complete."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", **kwargs)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def source_digest(root: Path = REPO) -> str:
+    """12 hex digits of sha256 over the .py files under SOURCE_DIRS (paths and contents), so a
+    table measured from a copy without git still names its code."""
+    h = hashlib.sha256()
+    for top in SOURCE_DIRS:
+        for path in sorted((root / top).rglob("*.py")):
+            h.update(path.relative_to(root).as_posix().encode() + b"\0")
+            h.update(path.read_bytes() + b"\0")
+    return h.hexdigest()[:12]
+
+
+def git_commit(root: Path = REPO) -> str | None:
+    """The checkout's short commit, with " (modified)" when tracked files differ from it; None
+    without git (a copied working tree)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=10)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head.stdout.strip() + (" (modified)" if dirty.stdout.strip() else "")
+
+
+def _version(dist: str) -> str | None:
+    import importlib.metadata as md
+
+    try:
+        return md.version(dist)
+    except md.PackageNotFoundError:
+        return None
+
+
+def invocation(script: str, argv: list[str] | None) -> list[str] | None:
+    """The command line of a benchmark's ``main(argv)``: the process's own when argv is None, else
+    the script followed by argv (main called from another program or a test)."""
+    return None if argv is None else [script, *argv]
+
+
+def command_line(argv: list[str] | None = None) -> str:
+    """The command as one would type it from the repository root."""
+    argv = list(sys.argv if argv is None else argv)
+    script = Path(argv[0])
+    if script.suffix == ".py" and script.resolve().is_relative_to(REPO):
+        argv[0] = script.resolve().relative_to(REPO).as_posix()
+        return "python " + shlex.join(argv)
+    return shlex.join(argv)
+
+
+_RECORDS: dict = {}
+
+
+def run_record(argv: list[str] | None = None) -> dict:
+    """Command, code, machine and start time of this run, for a results file's meta (made once
+    per process: a sweep that writes its table after every point stamps one record)."""
+    key = None if argv is None else tuple(argv)
+    if key not in _RECORDS:
+        _RECORDS[key] = _make_record(argv)
+    return dict(_RECORDS[key])
+
+
+def _make_record(argv: list[str] | None) -> dict:
+    import torch
+
+    device = "cpu"
+    if torch.cuda.is_available():
+        cap = torch.cuda.get_device_capability()
+        device = f"{torch.cuda.get_device_name()} (sm {cap[0]}.{cap[1]}, CUDA {torch.version.cuda})"
+    return {"command": command_line(argv), "commit": git_commit(), "source": source_digest(),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "device": device,
+            "torch": torch.__version__, "triton": _version("triton"), "megatron_core": _version("megatron-core"),
+            "python": platform.python_version()}
+
+
+def stamp_rows(rows: list[dict], runs: list[dict], record: dict | None = None) -> list[dict]:
+    """``runs`` (those of the rows a table keeps) with this run's record appended; each of
+    ``rows`` (this run's) names it by index as ``row["run"]``. Tables measured in pieces keep one
+    record per piece."""
+    runs = [*runs, record or run_record()]
+    for row in rows:
+        row["run"] = len(runs) - 1
+    return runs
+
+
+def measured_by(runs: list[dict], rows: list[dict]) -> list[str]:
+    """A markdown line per run that measured some of ``rows``: its command and code."""
+    used = sorted({r["run"] for r in rows if isinstance(r.get("run"), int) and 0 <= r["run"] < len(runs)})
+    return [f"Measured by `{runs[i]['command']}` ({runs[i]['date']}; commit {runs[i]['commit'] or 'not recorded'}, "
+            f"sources {runs[i]['source']})." for i in used]

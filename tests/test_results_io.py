@@ -1,0 +1,98 @@
+"""benchmarks/results_io.py: results files are written whole or not at all, and name the command
+and code that measured them."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import results_io as io  # noqa: E402
+
+
+def test_a_failed_write_leaves_the_previous_file_and_no_temporary(tmp_path):
+    path = tmp_path / "table.json"
+    io.write_json(path, {"rows": [1, 2]})
+    assert path.read_text() == '{\n "rows": [\n  1,\n  2\n ]\n}\n'
+    with pytest.raises(TypeError):
+        io.write_json(path, {"rows": object()})  # fails while serialising
+    with pytest.raises(TypeError):
+        io.write_atomic(path, None)  # fails while writing
+    assert path.read_text().startswith('{\n "rows"') and [p.name for p in tmp_path.iterdir()] == ["table.json"]
+
+
+def test_a_figure_that_fails_to_render_leaves_the_previous_png(tmp_path):
+    class Figure:
+        def __init__(self, fail):
+            self.fail = fail
+
+        def savefig(self, target, format, **kwargs):
+            assert format == "png"
+            Path(target).write_bytes(b"partial" if self.fail else b"whole")
+            if self.fail:
+                raise RuntimeError("renderer died")
+
+    path = tmp_path / "plot.png"
+    io.save_figure(Figure(False), path)
+    with pytest.raises(RuntimeError, match="renderer died"):
+        io.save_figure(Figure(True), path)
+    assert path.read_bytes() == b"whole" and [p.name for p in tmp_path.iterdir()] == ["plot.png"]
+
+
+def test_the_source_digest_follows_the_code_not_the_machine(tmp_path):
+    def tree(root: Path, body: str) -> Path:
+        for top in io.SOURCE_DIRS:
+            (root / top / "sub").mkdir(parents=True)
+            (root / top / "sub" / "mod.py").write_text(f"# {top}\n")
+        (root / "megatron_dsa" / "kernel.py").write_text(body)
+        (root / "megatron_dsa" / "notes.md").write_text("not code")
+        return root
+
+    one, two = tree(tmp_path / "a", "x = 1\n"), tree(tmp_path / "b", "x = 1\n")
+    assert io.source_digest(one) == io.source_digest(two)
+    (two / "megatron_dsa" / "notes.md").write_text("other text")
+    assert io.source_digest(one) == io.source_digest(two)  # only .py files count
+    (two / "megatron_dsa" / "kernel.py").write_text("x = 2\n")
+    assert io.source_digest(one) != io.source_digest(two)
+    (two / "megatron_dsa" / "kernel.py").rename(two / "megatron_dsa" / "kernel2.py")
+    (two / "megatron_dsa" / "kernel2.py").write_text("x = 1\n")
+    assert io.source_digest(one) != io.source_digest(two)  # the path is part of it
+    assert len(io.source_digest(REPO)) == 12
+
+
+def test_the_run_record_names_command_code_and_machine(tmp_path):
+    assert io.git_commit(tmp_path) is None  # a copied tree without git
+    script = str(REPO / "benchmarks" / "bench_dsa.py")
+    assert io.command_line([script, "--heads", "16,32", "--kernel-options", '{"a": 1}']) == (
+        "python benchmarks/bench_dsa.py --heads 16,32 --kernel-options '{\"a\": 1}'")
+    record = io.run_record([script, "--heads", "64"])
+    assert record["command"] == "python benchmarks/bench_dsa.py --heads 64"
+    assert record["source"] == io.source_digest() and record["device"] and record["torch"]
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    if head.returncode == 0:  # a checkout (CI clones one): the commit, marked when files differ from it
+        assert record["commit"].split()[0] == head.stdout.strip()
+    assert io.run_record([script, "--heads", "64"]) == record  # one record per process and command
+
+
+def test_rows_name_the_run_that_measured_them():
+    earlier = {"command": "python benchmarks/bench_dsa.py --heads 128", "date": "2026-12-04 10:00 UTC",
+               "commit": "abc1234", "source": "0123456789ab"}
+    kept = [{"case": "128 heads", "run": 0}]
+    new = [{"case": "16 heads"}, {"case": "32 heads"}]
+    now = dict(earlier, command="python benchmarks/bench_dsa.py --heads 16,32", date="2026-12-05 09:00 UTC",
+               commit=None, source="ba9876543210")
+    runs = io.stamp_rows(new, [earlier], now)
+    assert runs == [earlier, now] and [r["run"] for r in new] == [1, 1]
+    lines = io.measured_by(runs, kept + new)
+    assert lines == [
+        "Measured by `python benchmarks/bench_dsa.py --heads 128` (2026-12-04 10:00 UTC; commit abc1234, "
+        "sources 0123456789ab).",
+        "Measured by `python benchmarks/bench_dsa.py --heads 16,32` (2026-12-05 09:00 UTC; commit not recorded, "
+        "sources ba9876543210)."]
+    assert io.measured_by(runs, new) == lines[1:]  # only the runs whose rows the table shows
+    assert io.measured_by([], [{"case": "x"}, {"case": "y", "run": 3}]) == []  # older tables: no runs
