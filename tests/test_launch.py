@@ -372,12 +372,21 @@ def test_torchrun_sh_rejects_bad_input_once(corpus, tmp_path):
 
 
 def _free_port() -> int:
-    """A port for launches that must agree on one in advance (several nodes). One-node launches
-    leave MASTER_PORT unset: torchrun then binds a free port itself, with no window for a
-    concurrent job to take it."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port for launches that must agree on one in advance (several nodes), free now and below
+    the kernel's ephemeral range: every other rendezvous of the suite binds port 0 and gets an
+    ephemeral port, so none of them can take this one before the launch binds it. (One-node
+    launches leave MASTER_PORT unset: torchrun binds a free port itself.)"""
+    import random
+
+    low = max(int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0]), 10200)
+    for port in random.sample(range(10000, low), 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in 10000-{low - 1}")
 
 
 @pytest.fixture(scope="module")
