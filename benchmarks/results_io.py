@@ -24,16 +24,22 @@ REPO = Path(__file__).resolve().parents[1]
 SOURCE_DIRS = ("megatron_dsa", "benchmarks", "patches")
 
 
-def write_atomic(path: str | os.PathLike, text: str) -> None:
-    """``path`` holds ``text`` whole: written beside it, then renamed into place."""
+def _into_place(path: str | os.PathLike, write) -> None:
+    """``write(tmp)`` to a temporary beside ``path``, then renamed onto it; a write that fails
+    leaves ``path`` as it was and no temporary."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(text)
+        write(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_atomic(path: str | os.PathLike, text: str) -> None:
+    """``path`` holds ``text`` whole."""
+    _into_place(path, lambda tmp: tmp.write_text(text))
 
 
 def write_json(path: str | os.PathLike, obj, indent: int = 1) -> None:
@@ -41,15 +47,8 @@ def write_json(path: str | os.PathLike, obj, indent: int = 1) -> None:
 
 
 def save_figure(fig, path: str | os.PathLike, **kwargs) -> None:
-    """A matplotlib figure as ``path`` (png), renamed into place once complete."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", **kwargs)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """A matplotlib figure as ``path`` (its suffix names the format)."""
+    _into_place(path, lambda tmp: fig.savefig(tmp, format=Path(path).suffix.lstrip(".") or "png", **kwargs))
 
 
 def source_digest(root: Path = REPO) -> str:

@@ -18,8 +18,8 @@ SCRIPT = textwrap.dedent(
     from patches.cpu import CPU_PATCHES
     skip = set(sys.argv[1:])
     patches.apply_cpu_patches(only={p.name for p in CPU_PATCHES} - skip)
-    store = torch.distributed.TCPStore("127.0.0.1", 0, 1, is_master=True)
-    torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
+    from megatron_dsa.distributed import local_store
+    torch.distributed.init_process_group("gloo", store=local_store(), rank=0, world_size=1)
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
     parallel_state.initialize_model_parallel()
@@ -146,8 +146,8 @@ def test_expert_parallel_splits_need_the_host_conversion():
         import sys, torch, patches
         from patches.cpu import CPU_PATCHES
         patches.apply_cpu_patches(only={{p.name for p in CPU_PATCHES}} - set(sys.argv[1:]))
-        store = torch.distributed.TCPStore("127.0.0.1", 0, 1, is_master=True)
-        torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
+        from megatron_dsa.distributed import local_store
+        torch.distributed.init_process_group("gloo", store=local_store(), rank=0, world_size=1)
         from megatron.core.transformer.moe import token_dispatcher
         splits = token_dispatcher.maybe_move_tensor_to_cpu(torch.tensor([3]), as_numpy=True)
         out = torch.empty(3, 2)
