@@ -55,7 +55,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
-from results_io import run_record, write_atomic  # noqa: E402
+from results_io import package_version, run_record, write_atomic  # noqa: E402
 
 PHASES = ("pretrain", "warmup", "sparse")
 # The training objective each phase logs (Megatron's TensorBoard tag).
@@ -665,14 +665,9 @@ def write_results(out: Path, tag: str, meta: dict, records: list[dict]) -> tuple
 
 def environment_meta(argv: list[str]) -> dict:
     """The run's command, code and machine (results_io.run_record) and Transformer Engine's version."""
-    import importlib.metadata as md
-
     te = None
     for dist in ("transformer_engine", "transformer-engine", "transformer_engine_torch"):
-        try:
-            te = te or md.version(dist)
-        except md.PackageNotFoundError:
-            pass
+        te = te or package_version(dist)
     if te is None:
         try:
             import transformer_engine

@@ -77,7 +77,8 @@ def git_commit(root: Path = REPO) -> str | None:
     return head.stdout.strip() + (" (modified)" if dirty.stdout.strip() else "")
 
 
-def _version(dist: str) -> str | None:
+def package_version(dist: str) -> str | None:
+    """An installed distribution's version; None when it is not installed."""
     import importlib.metadata as md
 
     try:
@@ -123,7 +124,7 @@ def _make_record(argv: list[str] | None) -> dict:
         device = f"{torch.cuda.get_device_name()} (sm {cap[0]}.{cap[1]}, CUDA {torch.version.cuda})"
     return {"command": command_line(argv), "commit": git_commit(), "source": source_digest(),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "device": device,
-            "torch": torch.__version__, "triton": _version("triton"), "megatron_core": _version("megatron-core"),
+            "torch": torch.__version__, "triton": package_version("triton"), "megatron_core": package_version("megatron-core"),
             "python": platform.python_version()}
 
 

@@ -142,10 +142,10 @@ def test_expert_parallel_splits_need_the_host_conversion():
     """The all-to-all that megatron's dispatcher runs, with split sizes from its own
     maybe_move_tensor_to_cpu (one gloo rank; megatron's wrapper skips the call at world size 1)."""
     code = textwrap.dedent(
-        f"""
+        """
         import sys, torch, patches
         from patches.cpu import CPU_PATCHES
-        patches.apply_cpu_patches(only={{p.name for p in CPU_PATCHES}} - set(sys.argv[1:]))
+        patches.apply_cpu_patches(only={p.name for p in CPU_PATCHES} - set(sys.argv[1:]))
         from megatron_dsa.distributed import local_store
         torch.distributed.init_process_group("gloo", store=local_store(), rank=0, world_size=1)
         from megatron.core.transformer.moe import token_dispatcher
