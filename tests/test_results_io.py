@@ -96,3 +96,29 @@ def test_rows_name_the_run_that_measured_them():
         "sources ba9876543210)."]
     assert io.measured_by(runs, new) == lines[1:]  # only the runs whose rows the table shows
     assert io.measured_by([], [{"case": "x"}, {"case": "y", "run": 3}]) == []  # older tables: no runs
+
+
+def test_a_new_ceiling_is_added_without_remeasuring_the_table_s(tmp_path):
+    """ceilings.py --update: the committed ceilings stay as measured (bench_dsa refuses to merge
+    rows measured at other ceilings), the new one is added, and each run says what it measured."""
+    import json
+
+    import bench_dsa
+    import ceilings
+
+    old = {"device": "NVIDIA H200", "torch": "2.11", "bf16_gemm_tflops": 791.0, "fp8_gemm_tflops": 1445.0,
+           "hbm_copy_tbps": 4.29, "gather_1KB_rows_tbps": 5.71, "fp32_atomic_adds_per_s": 3.9e11}
+    (tmp_path / "ceilings.json").write_text(json.dumps(old))
+    before = bench_dsa.load_ceilings(str(tmp_path))
+    # a run measures what the json lacks (measure(skip=old's keys)); its own torch is newer
+    measured = {"device": "NVIDIA H200", "torch": "2.12", "fp32_atomic_adds_per_s_by_target_mb": {"16": 9e11}}
+    res = ceilings.merged(old, measured, {"command": "python benchmarks/ceilings.py --update"})
+    assert {k: res[k] for k in old} == old  # kept as measured, the torch of their run included
+    assert res["fp32_atomic_adds_per_s_by_target_mb"] == {"16": 9e11}
+    assert res["runs"] == [{"command": "python benchmarks/ceilings.py --update",
+                            "measured": ["fp32_atomic_adds_per_s_by_target_mb"]}]
+    io.write_json(tmp_path / "ceilings.json", res)
+    assert bench_dsa.load_ceilings(str(tmp_path)) == before
+    # a second run appends its record; a json written by one run had a single "run"
+    again = ceilings.merged({**old, "run": {"command": "first"}}, {"device": "NVIDIA H200", "x": 1.0}, {"command": "2"})
+    assert [r["command"] for r in again["runs"]] == ["first", "2"] and again["runs"][1]["measured"] == ["x"]
