@@ -106,10 +106,12 @@ class BlockScaling:
         rows, cols = weight.shape
         b0, b1 = self.block
         g0, g1 = self.grid(weight.shape)
-        padded = weight.float().new_zeros(g0 * b0, g1 * b1)
-        padded[:rows, :cols] = weight.float()
+        # One float32 copy, scaled in place: the export quantises weights one at a time, and each
+        # full-size temporary (|W|, W * scale, its clamp) was another copy of the weight.
+        padded = weight.new_zeros(g0 * b0, g1 * b1, dtype=torch.float32)
+        padded[:rows, :cols] = weight
         blocks = padded.view(g0, b0, g1, b1)
-        amax = blocks.abs().amax(dim=(1, 3))
+        amax = torch.maximum(blocks.amax(dim=(1, 3)), blocks.amin(dim=(1, 3)).neg())
         scale = torch.where(amax > 0, FP8_MAX / amax.clamp_min(torch.finfo(torch.float32).tiny), torch.ones_like(amax))
-        q = (blocks * scale[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+        q = blocks.mul_(scale[:, None, :, None]).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
         return q.view(g0 * b0, g1 * b1)[:rows, :cols].contiguous(), (1.0 / scale).float()
