@@ -114,7 +114,10 @@ if __name__ == "__main__":  # megatron's save starts helper processes with spawn
 
 
 def _run(script: Path, *args: str) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    # A fixed mmap threshold: by default glibc raises it whenever a large block is freed, then
+    # serves later tensors from its heap, whose freed pages stay resident. RssAnon would count
+    # memory no tensor holds, by an amount that varies from run to run.
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_=str(128 * 1024))
     proc = subprocess.run([sys.executable, str(script), *map(str, args)], capture_output=True, text=True,
                           timeout=600, cwd=REPO, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
