@@ -137,7 +137,7 @@ def main():
                      f"{torch.cuda.get_device_name()!r}; measure them all again")
     res = merged(old, measure(skip=set(old)), run_record())
     os.makedirs(args.out, exist_ok=True)
-    write_json(path, res, indent=1)
+    write_json(path, res)
     for k in res["runs"][-1]["measured"]:
         v = res[k]
         print(f"{k:36s} {v:.4g}" if isinstance(v, float) else f"{k:36s} {v}")

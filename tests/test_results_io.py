@@ -98,7 +98,7 @@ def test_rows_name_the_run_that_measured_them():
     assert io.measured_by([], [{"case": "x"}, {"case": "y", "run": 3}]) == []  # older tables: no runs
 
 
-def test_a_new_ceiling_is_added_without_remeasuring_the_table_s(tmp_path):
+def test_a_new_ceiling_is_added_without_remeasuring_the_others(tmp_path):
     """ceilings.py --update: the committed ceilings stay as measured (bench_dsa refuses to merge
     rows measured at other ceilings), the new one is added, and each run says what it measured."""
     import json
