@@ -19,8 +19,9 @@ scores under the causally balanced split; attention and KL as the rank runs them
 (a local window, the first tokens and the rest spread), against random selections.
 ``--kl-two-pass``: also the step with the sparse KL's target from its own pass over the selected
 rows in the forward (the form before the attention's backward supplied it).
-Writes dsa_h200.json, dsa_h200.md and dsa_h200.png to --out (default benchmarks/results); for
-another model dsa_h200_<model>.*.
+Writes dsa_<gpu>.json, .md and .png to --out (default benchmarks/results), named after the GPU
+(dsa_h200.*; another model's dsa_h200_<model>.*). The stages' bounds use --out's ceilings.json,
+which must come from the same GPU (the H100's table lives in results/h100 beside its own).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from megatron_dsa.flops import dense_attention_flops, dsa_flops  # noqa: E402
 from megatron_dsa.kernel_options import DEFAULT_OPTIONS, KernelOptions  # noqa: E402
 from megatron_dsa.parallel import ParallelContext  # noqa: E402
 from megatron_dsa.parallel.sharded import own_rows_target  # noqa: E402
-from results_io import measured_by, save_figure, stamp_rows, write_atomic, write_json  # noqa: E402
+from results_io import device_tag, measured_by, save_figure, stamp_rows, write_atomic, write_json  # noqa: E402
 
 MODELS = {"deepseek-v3.2": "deepseek-v3.2-671b", "glm-5": "glm-5"}  # --model: its megatron_dsa.model size
 DEFAULT_MODEL = "deepseek-v3.2"
@@ -56,9 +57,10 @@ STAGES = ("indexer_topk", "attn_fwd", "kl_fwd", "attn_bwd", "kl_bwd")
 CEILINGS = {"bf16_tflops": 792.0, "fp8_tflops": 1445.0, "hbm_tb_s": 4.29, "gather_tb_s": 5.7, "atomic_adds_per_s": 3.9e11}
 
 
-def use_model(name: str) -> str:
+def use_model(name: str, device: str = "h200") -> str:
     """Sets the module's attention shape to a released model's (absorbed latent, indexer,
-    top-k, the MHA form's dims for dense SDPA); returns the stem of its result files."""
+    top-k, the MHA form's dims for dense SDPA); returns the stem of its result files on
+    ``device`` (``results_io.device_tag``)."""
     global DQK, DV, HI, DI, TOPK, DENSE_QK, DENSE_V
     from megatron_dsa.model import SIZES
 
@@ -66,7 +68,7 @@ def use_model(name: str) -> str:
     DQK, DV = t["kv_lora_rank"] + t["qk_pos_emb_head_dim"], t["kv_lora_rank"]
     HI, DI, TOPK = t["dsa_indexer_n_heads"], t["dsa_indexer_head_dim"], t["dsa_indexer_topk"]
     DENSE_QK, DENSE_V = t["qk_head_dim"] + t["qk_pos_emb_head_dim"], t["v_head_dim"]
-    return "dsa_h200" if name == DEFAULT_MODEL else f"dsa_h200_{name}"
+    return f"dsa_{device}" if name == DEFAULT_MODEL else f"dsa_{device}_{name}"
 
 
 def cuda_time(fn, reps=3, warmup=1):
@@ -312,12 +314,18 @@ def topk_checks(S=8192, rows=256):
             "fp8_overlap_mean": sum(ov) / rows, "fp8_overlap_min": min(ov)}
 
 
-def load_ceilings(out_dir):
+def load_ceilings(out_dir, device: str | None = None):
+    """The ceilings in ``out_dir``'s ceilings.json (measured by ceilings.py), else the H200's
+    defaults. With ``device``, ceilings measured on another GPU are an error: the bounds would
+    describe the wrong machine."""
     path = os.path.join(out_dir, "ceilings.json")
     c = dict(CEILINGS)
     try:
         with open(path) as f:
             m = json.load(f)
+        if device is not None and m.get("device") != device:
+            sys.exit(f"error: {path} was measured on {m.get('device')!r}, not on {device!r}; run "
+                     f"benchmarks/ceilings.py --out {out_dir} on this GPU first, or give another --out")
         c["bf16_tflops"] = round(m.get("bf16_gemm_tflops", c["bf16_tflops"]))
         c["fp8_tflops"] = round(m.get("fp8_gemm_tflops", c["fp8_tflops"]))
         c["hbm_tb_s"] = round(m.get("hbm_copy_tbps", c["hbm_tb_s"]), 2)
@@ -461,23 +469,26 @@ def main():
                          "ceilings must match")
     ap.add_argument("--render", action="store_true",
                     help="only re-write the model's .md and .png from --out's json (no GPU needed)")
+    ap.add_argument("--device-tag", default="h200",
+                    help="--render: whose table, e.g. h100 for dsa_h100.json (a run names its files after its GPU)")
     args = ap.parse_args()
     try:
         given = args.kernel_options
         args.kernel_options = KernelOptions.from_dict(given)
     except (TypeError, ValueError) as e:
         sys.exit(f"error: --kernel-options: {e}")
-    stem = use_model(args.model)
-    results = os.path.join(args.out, stem + ".json")
     if args.render:
-        with open(results) as f:
+        stem = use_model(args.model, args.device_tag)
+        with open(os.path.join(args.out, stem + ".json")) as f:
             res = json.load(f)
         write_table(res, args.out, stem)
         return
     if not torch.cuda.is_available():
         sys.exit("error: bench_dsa.py times GPU kernels; no CUDA device here")
+    stem = use_model(args.model, device_tag(torch.cuda.get_device_name()))
+    results = os.path.join(args.out, stem + ".json")
     os.makedirs(args.out, exist_ok=True)
-    c = load_ceilings(args.out)
+    c = load_ceilings(args.out, torch.cuda.get_device_name())
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "ceilings": c, "rows": [],
            "config": dict(batch=1, dqk=DQK, dv=DV, idx_heads=HI, idx_dim=DI, topk=TOPK, dtype="bf16",
                           **({} if args.model == DEFAULT_MODEL else dict(model=args.model, dense_dims=[DENSE_QK, DENSE_V])),
@@ -520,7 +531,7 @@ def main():
     print(write_table(res, args.out, stem))
 
 
-def write_table(res: dict, out: str, stem: str = "dsa_h200") -> str:
+def write_table(res: dict, out: str, stem: str) -> str:
     """<stem>.md and <stem>.png in ``out`` from the results; returns the markdown."""
     md = to_markdown(res)
     write_atomic(os.path.join(out, stem + ".md"), md)

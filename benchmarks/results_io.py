@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shlex
 import subprocess
 import sys
@@ -35,6 +36,15 @@ def _into_place(path: str | os.PathLike, write) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def device_tag(device_name: str) -> str:
+    """A short name for result files measured on a GPU: "NVIDIA H200" -> "h200", "NVIDIA H100
+    80GB HBM3" -> "h100", so tables of two devices never share a file."""
+    words = re.findall(r"[A-Za-z0-9]+", device_name)
+    named = [w for w in words if re.search(r"[A-Za-z]", w) and re.search(r"\d", w)]
+    numbered = [w for w in words if re.search(r"\d", w)]
+    return (named or numbered or words or ["gpu"])[0].lower()
 
 
 def write_atomic(path: str | os.PathLike, text: str) -> None:

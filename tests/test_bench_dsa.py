@@ -39,18 +39,20 @@ def test_update_refuses_rows_from_another_setup(tmp_path):
         previous_rows(str(path), {**res, "triton": "3.7"})
 
 
-def test_render_rewrites_the_committed_table_from_its_json(tmp_path):
-    """--render (no GPU) turns the committed json back into the committed markdown table."""
+@pytest.mark.parametrize("folder,tag", [("", "h200"), ("h100", "h100")])
+def test_render_rewrites_the_committed_table_from_its_json(tmp_path, folder, tag):
+    """--render (no GPU) turns each GPU's committed json back into its committed markdown table."""
     import shutil
     import subprocess
 
-    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
-    shutil.copy(results / "dsa_h200.json", tmp_path)
-    proc = subprocess.run([sys.executable, str(results.parent / "bench_dsa.py"), "--render", "--out", str(tmp_path)],
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_dsa.py"
+    results = script.parent / "results" / folder
+    shutil.copy(results / f"dsa_{tag}.json", tmp_path)
+    proc = subprocess.run([sys.executable, str(script), "--render", "--device-tag", tag, "--out", str(tmp_path)],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert (tmp_path / "dsa_h200.md").read_text() == (results / "dsa_h200.md").read_text()
-    assert (tmp_path / "dsa_h200.png").stat().st_size > 0
+    assert (tmp_path / f"dsa_{tag}.md").read_text() == (results / f"dsa_{tag}.md").read_text()
+    assert (tmp_path / f"dsa_{tag}.png").stat().st_size > 0
 
 
 def test_model_shapes_come_from_the_model_sizes():

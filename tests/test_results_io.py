@@ -122,3 +122,22 @@ def test_a_new_ceiling_is_added_without_remeasuring_the_others(tmp_path):
     # a second run appends its record; a json written by one run had a single "run"
     again = ceilings.merged({**old, "run": {"command": "first"}}, {"device": "NVIDIA H200", "x": 1.0}, {"command": "2"})
     assert [r["command"] for r in again["runs"]] == ["first", "2"] and again["runs"][1]["measured"] == ["x"]
+
+
+def test_result_files_are_named_after_the_gpu_and_its_own_ceilings(tmp_path):
+    """Two GPUs' tables never share a file, and a table's bounds never use another GPU's ceilings."""
+    import json
+
+    import bench_dsa
+
+    assert io.device_tag("NVIDIA H200") == "h200"
+    assert io.device_tag("NVIDIA H100 80GB HBM3") == "h100"
+    assert io.device_tag("NVIDIA A100-SXM4-80GB") == "a100"
+    try:
+        assert bench_dsa.use_model("glm-5", io.device_tag("NVIDIA H100 80GB HBM3")) == "dsa_h100_glm-5"
+    finally:
+        bench_dsa.use_model("deepseek-v3.2")
+    (tmp_path / "ceilings.json").write_text(json.dumps({"device": "NVIDIA H200", "fp32_atomic_adds_per_s": 3.9e11}))
+    assert bench_dsa.load_ceilings(str(tmp_path), "NVIDIA H200")["atomic_adds_per_s"] == 3.9e11
+    with pytest.raises(SystemExit, match="measured on 'NVIDIA H200', not on 'NVIDIA H100 80GB HBM3'"):
+        bench_dsa.load_ceilings(str(tmp_path), "NVIDIA H100 80GB HBM3")
