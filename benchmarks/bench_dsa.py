@@ -47,7 +47,9 @@ from megatron_dsa.parallel import ParallelContext  # noqa: E402
 from megatron_dsa.parallel.sharded import own_rows_target  # noqa: E402
 from results_io import device_tag, measured_by, save_figure, stamp_rows, write_atomic, write_json  # noqa: E402
 
-MODELS = {"deepseek-v3.2": "deepseek-v3.2-671b", "glm-5": "glm-5"}  # --model: its megatron_dsa.model size
+# --model: its megatron_dsa.model size. "small": the verification MoE (8 heads, latent 128 + 32,
+# indexer 4 x 64), whose 128K step is a target of its own.
+MODELS = {"deepseek-v3.2": "deepseek-v3.2-671b", "glm-5": "glm-5", "small": "small"}
 DEFAULT_MODEL = "deepseek-v3.2"
 # The attention shape the functions below run at: DeepSeek-V3.2's until use_model() sets another.
 DQK, DV, HI, DI, TOPK = 576, 512, 64, 128, 2048
@@ -57,10 +59,11 @@ STAGES = ("indexer_topk", "attn_fwd", "kl_fwd", "attn_bwd", "kl_bwd")
 CEILINGS = {"bf16_tflops": 792.0, "fp8_tflops": 1445.0, "hbm_tb_s": 4.29, "gather_tb_s": 5.7, "atomic_adds_per_s": 3.9e11}
 
 
-def use_model(name: str, device: str = "h200") -> str:
-    """Sets the module's attention shape to a released model's (absorbed latent, indexer,
-    top-k, the MHA form's dims for dense SDPA); returns the stem of its result files on
-    ``device`` (``results_io.device_tag``)."""
+def use_model(name: str, device: str = "h200", topk: int | None = None) -> str:
+    """Sets the module's attention shape to a model's (absorbed latent, indexer, top-k, the MHA
+    form's dims for dense SDPA); ``topk`` replaces the model's own. Returns the stem of its
+    result files on ``device`` (``results_io.device_tag``); another top-k than the model's is in
+    the name."""
     global DQK, DV, HI, DI, TOPK, DENSE_QK, DENSE_V
     from megatron_dsa.model import SIZES
 
@@ -68,7 +71,10 @@ def use_model(name: str, device: str = "h200") -> str:
     DQK, DV = t["kv_lora_rank"] + t["qk_pos_emb_head_dim"], t["kv_lora_rank"]
     HI, DI, TOPK = t["dsa_indexer_n_heads"], t["dsa_indexer_head_dim"], t["dsa_indexer_topk"]
     DENSE_QK, DENSE_V = t["qk_head_dim"] + t["qk_pos_emb_head_dim"], t["v_head_dim"]
-    return f"dsa_{device}" if name == DEFAULT_MODEL else f"dsa_{device}_{name}"
+    stem = f"dsa_{device}" if name == DEFAULT_MODEL else f"dsa_{device}_{name}"
+    if topk is not None and topk != TOPK:
+        stem, TOPK = f"{stem}_top{topk}", topk
+    return stem
 
 
 def cuda_time(fn, reps=3, warmup=1):
@@ -444,10 +450,18 @@ def bench_row(S, H, args, c, label=None, tp8=False, run=None):
     return row
 
 
+def positive_int(text: str) -> int:
+    v = int(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return v
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", choices=list(MODELS), default=DEFAULT_MODEL,
-                    help="the released model whose attention shape is benchmarked")
+                    help="the model whose attention shape is benchmarked")
+    ap.add_argument("--topk", type=positive_int, default=None, help="keys a query selects (default: the model's)")
     ap.add_argument("--heads", default="16,32,64,128")
     ap.add_argument("--seqs", default="4096,16384,32768,65536,131072")
     ap.add_argument("--max-seq-for", default="", help="per-head length caps, e.g. 128:65536")
@@ -478,14 +492,14 @@ def main():
     except (TypeError, ValueError) as e:
         sys.exit(f"error: --kernel-options: {e}")
     if args.render:
-        stem = use_model(args.model, args.device_tag)
+        stem = use_model(args.model, args.device_tag, args.topk)
         with open(os.path.join(args.out, stem + ".json")) as f:
             res = json.load(f)
         write_table(res, args.out, stem)
         return
     if not torch.cuda.is_available():
         sys.exit("error: bench_dsa.py times GPU kernels; no CUDA device here")
-    stem = use_model(args.model, device_tag(torch.cuda.get_device_name()))
+    stem = use_model(args.model, device_tag(torch.cuda.get_device_name()), args.topk)
     results = os.path.join(args.out, stem + ".json")
     os.makedirs(args.out, exist_ok=True)
     c = load_ceilings(args.out, torch.cuda.get_device_name())

@@ -2,6 +2,7 @@
 process (not a test).
 
     python benchmarks/tune_dsa.py --heads 16,64,128 --seqs 32768 [--stages fwd,bwd,kl] [--variants stored] [--profile] [--out DIR]
+    python benchmarks/tune_dsa.py --model small --topk 2048 --heads 8 --seqs 131072   # the verification MoE's shape
 
 For each head count and length: the indexer's top-k (``topk``, once per length), the sparse
 attention forward and backward (as training runs it: returning the KL's head-summed target too)
@@ -12,7 +13,8 @@ with its target over the latent (absorbed queries) or each head's keys (MHA form
 outputs are compared with the first variant's (same inputs and indices), so a variant that is
 fast but wrong shows as such. The selections are the indexer's top-k of random inputs.
 Writes tune_dsa.json to --out after every row (``rows``: one per stage, variant, heads and length;
-``run``: the command and code that measured them), so a run cut short keeps what it timed.
+``run``: the command and code that measured them; ``shape``: the model's attention dims and
+top-k), so a run cut short keeps what it timed.
 """
 
 from __future__ import annotations
@@ -31,13 +33,26 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from megatron_dsa import kernels as KN  # noqa: E402
 from megatron_dsa import reference as R  # noqa: E402
 from megatron_dsa.kernel_options import KernelOptions, Tiles  # noqa: E402
+import bench_dsa  # noqa: E402
 from bench_dsa import cuda_time  # noqa: E402
 from bench_model_step import profile_step  # noqa: E402
 from results_io import invocation, run_record, write_json  # noqa: E402
 
+# The attention shape (bench_dsa's models): DeepSeek-V3.2's until use_model() sets another.
 DQK, DV, HI, DI, TOPK = 576, 512, 64, 128, 2048
-QK_NOPE = 128  # DeepSeek-V3.2's per-head key dims beside the rope's (DQK - DV) in the MHA form
+DENSE_QK, DENSE_V = 192, 128  # dense SDPA's dims a head (MLA's MHA form)
+QK_NOPE = 128  # the per-head key dims beside the rope's (DQK - DV) in the MHA form
 WARMUP_TARGET_FORMS = ("absorbed", "mha")
+
+
+def use_model(name: str, topk: int | None = None) -> dict:
+    """Takes bench_dsa's shape of ``name`` (``topk`` replacing the model's); returns it."""
+    global DQK, DV, HI, DI, TOPK, DENSE_QK, DENSE_V, QK_NOPE
+    bench_dsa.use_model(name, topk=topk)
+    DQK, DV, HI, DI, TOPK = bench_dsa.DQK, bench_dsa.DV, bench_dsa.HI, bench_dsa.DI, bench_dsa.TOPK
+    DENSE_QK, DENSE_V = bench_dsa.DENSE_QK, bench_dsa.DENSE_V
+    QK_NOPE = DENSE_QK - (DQK - DV)
+    return dict(model=name, dqk=DQK, dv=DV, idx_heads=HI, idx_dim=DI, topk=TOPK, dense_dims=[DENSE_QK, DENSE_V])
 
 
 def cuda_ms(fn, reps=3):
@@ -96,9 +111,12 @@ def variants(stage: str, heads: int) -> list[tuple[str, KernelOptions]]:
                 for form in ("stored_ds", "stored_scores")]
         out += [(f"fused p10 {t}", KernelOptions(key_passes=10, attn_bwd_split=False, attn_bwd=Tiles(*t)))
                 for t in ((16, 8, 2), (32, 8, 3))]
+        # a narrow latent (the small models' 160 = 128 + 32) leaves 8 warps little to share
+        out += [(f"fused auto-passes {t}", KernelOptions(attn_bwd_split=False, attn_bwd=Tiles(*t)))
+                for t in ((32, 4, 2), (64, 4, 2), (16, 4, 2))]
         return out
     if stage == "base":
-        return [("indexer_topk fp8", KernelOptions()), ("dense_sdpa 192/128", KernelOptions())]
+        return [("indexer_topk fp8", KernelOptions()), (f"dense_sdpa {DENSE_QK}/{DENSE_V}", KernelOptions())]
     if stage == "warmup_kl":  # the warm-up's dense KL, its target over the latent or each head's keys
         return [(f"warmup kl target {form}", KernelOptions()) for form in WARMUP_TARGET_FORMS]
     if stage == "topk":  # the FP8 indexer's scoring + selection: the runs' maxima bound or not
@@ -112,12 +130,12 @@ def variants(stage: str, heads: int) -> list[tuple[str, KernelOptions]]:
 
 
 def sdpa_step(S: int, H: int):
-    """Dense causal attention fwd + bwd with the same heads (MLA's 192 / 128 dims), fused SDPA."""
+    """Dense causal attention fwd + bwd with the same heads (MLA's MHA dims), fused SDPA."""
     import torch.nn.functional as F
 
-    q, k = (torch.randn(1, H, S, 192, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
-    v = torch.randn(1, H, S, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    go = torch.randn(1, H, S, 128, device="cuda", dtype=torch.bfloat16)
+    q, k = (torch.randn(1, H, S, DENSE_QK, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    v = torch.randn(1, H, S, DENSE_V, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    go = torch.randn(1, H, S, DENSE_V, device="cuda", dtype=torch.bfloat16)
 
     def fn():
         F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(go)
@@ -161,7 +179,7 @@ def recency_inputs(qi, ki, wi):
     return q, k, wi.abs()
 
 
-def run(heads, seqs, stages, reps, out_dir, only=(), profile=False, record=None):
+def run(heads, seqs, stages, reps, out_dir, only=(), profile=False, record=None, shape=None):
     rows = []
     scale = DQK**-0.5
     os.makedirs(out_dir, exist_ok=True)
@@ -170,7 +188,7 @@ def run(heads, seqs, stages, reps, out_dir, only=(), profile=False, record=None)
     def keep(row):
         rows.append(row)
         print(json.dumps(row), flush=True)
-        write_json(os.path.join(out_dir, "tune_dsa.json"), {"run": record, "rows": rows})
+        write_json(os.path.join(out_dir, "tune_dsa.json"), {"run": record, "shape": shape, "rows": rows})
 
     def timed(row, fn):
         row["ms"] = cuda_ms(fn, reps)
@@ -274,6 +292,9 @@ def chosen_variants(text: str, stages: list[str], heads: list[int]) -> list[str]
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", choices=list(bench_dsa.MODELS), default=bench_dsa.DEFAULT_MODEL,
+                   help="the model whose attention shape is timed (bench_dsa.py's)")
+    p.add_argument("--topk", type=bench_dsa.positive_int, default=None, help="keys a query selects (default: the model's)")
     p.add_argument("--heads", default="16,64,128")
     p.add_argument("--seqs", default="32768")
     p.add_argument("--stages", default="base,topk,fwd,bwd,kl")
@@ -287,11 +308,12 @@ def main(argv=None):
     bad = [s for s in stages if s not in STAGES]
     if bad:
         raise SystemExit(f"error: unknown --stages {bad}; known: {list(STAGES)}")
+    shape = use_model(a.model, a.topk)
     only = chosen_variants(a.variants, stages, heads)
     if not torch.cuda.is_available():
         sys.exit("error: tune_dsa.py times GPU kernels; no CUDA device here")
     run(heads, [int(x) for x in a.seqs.split(",")], stages, a.reps, a.out, only, a.profile,
-        run_record(invocation(__file__, argv)))
+        run_record(invocation(__file__, argv)), shape)
 
 
 if __name__ == "__main__":
