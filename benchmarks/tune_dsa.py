@@ -38,20 +38,26 @@ from bench_dsa import cuda_time  # noqa: E402
 from bench_model_step import profile_step  # noqa: E402
 from results_io import invocation, run_record, write_json  # noqa: E402
 
-# The attention shape (bench_dsa's models): DeepSeek-V3.2's until use_model() sets another.
-DQK, DV, HI, DI, TOPK = 576, 512, 64, 128, 2048
-DENSE_QK, DENSE_V = 192, 128  # dense SDPA's dims a head (MLA's MHA form)
-QK_NOPE = 128  # the per-head key dims beside the rope's (DQK - DV) in the MHA form
 WARMUP_TARGET_FORMS = ("absorbed", "mha")
+
+
+def _take_shape() -> None:
+    """The attention shape the functions below run at: bench_dsa's current one (DeepSeek-V3.2's
+    until ``use_model`` sets another). QK_NOPE: the per-head key dims beside the rope's
+    (DQK - DV) in the MHA form."""
+    global DQK, DV, HI, DI, TOPK, DENSE_QK, DENSE_V, QK_NOPE
+    DQK, DV, HI, DI, TOPK = bench_dsa.DQK, bench_dsa.DV, bench_dsa.HI, bench_dsa.DI, bench_dsa.TOPK
+    DENSE_QK, DENSE_V = bench_dsa.DENSE_QK, bench_dsa.DENSE_V
+    QK_NOPE = DENSE_QK - (DQK - DV)
+
+
+_take_shape()
 
 
 def use_model(name: str, topk: int | None = None) -> dict:
     """Takes bench_dsa's shape of ``name`` (``topk`` replacing the model's); returns it."""
-    global DQK, DV, HI, DI, TOPK, DENSE_QK, DENSE_V, QK_NOPE
     bench_dsa.use_model(name, topk=topk)
-    DQK, DV, HI, DI, TOPK = bench_dsa.DQK, bench_dsa.DV, bench_dsa.HI, bench_dsa.DI, bench_dsa.TOPK
-    DENSE_QK, DENSE_V = bench_dsa.DENSE_QK, bench_dsa.DENSE_V
-    QK_NOPE = DENSE_QK - (DQK - DV)
+    _take_shape()
     return dict(model=name, dqk=DQK, dv=DV, idx_heads=HI, idx_dim=DI, topk=TOPK, dense_dims=[DENSE_QK, DENSE_V])
 
 
