@@ -125,13 +125,20 @@ def variants(stage: str, heads: int) -> list[tuple[str, KernelOptions]]:
         return [("indexer_topk fp8", KernelOptions()), (f"dense_sdpa {DENSE_QK}/{DENSE_V}", KernelOptions())]
     if stage == "warmup_kl":  # the warm-up's dense KL, its target over the latent or each head's keys
         return [(f"warmup kl target {form}", KernelOptions()) for form in WARMUP_TARGET_FORMS]
-    if stage == "topk":  # the FP8 indexer's scoring + selection: the runs' maxima bound or not
-        return [(f"indexer_topk fp8 select_runs={r}", KernelOptions(select_runs=r)) for r in (8, 0, 4, 16)]
+    if stage == "topk":  # the FP8 indexer's scoring + selection: the runs' maxima bound or not; the selection's launch
+        out = [(f"indexer_topk fp8 select_runs={r}", KernelOptions(select_runs=r)) for r in (8, 0, 4, 16)]
+        return out + [(f"indexer_topk fp8 select{t}", KernelOptions(select=Tiles(*t)))
+                      for t in ((1024, 4, 1), (2048, 4, 1), (1024, 8, 1), (4096, 8, 1), (4096, 16, 1), (2048, 8, 2))]
     if stage == "kl":  # the target kernel with the heads or the selected keys as the products' rows
-        return [(f"kl target {'keys' if rows else 'heads'} as rows {t}",
-                 KernelOptions(kl_target_keys_rows=rows, kl_target=Tiles(*t)))
-                for rows, t in ((False, (32, 4, 2)), (False, (64, 4, 2)), (True, (64, 4, 1)), (True, (32, 4, 2)),
-                                (True, (64, 8, 1)), (True, (128, 8, 1)))]
+        out = [(f"kl target {'keys' if rows else 'heads'} as rows {t}",
+                KernelOptions(kl_target_keys_rows=rows, kl_target=Tiles(*t)))
+               for rows, t in ((False, (32, 4, 2)), (False, (64, 4, 2)), (True, (64, 4, 1)), (True, (32, 4, 2)),
+                               (True, (64, 8, 1)), (True, (128, 8, 1)))]
+        # the logits' forward and backward over the set (training takes the target from the
+        # attention's backward and runs only these)
+        return out + [(f"kl fwd{f} bwd{b}", KernelOptions(kl_fwd=Tiles(*f), kl_bwd=Tiles(*b)))
+                      for f, b in (((64, 4, 2), (64, 4, 2)), ((128, 4, 2), (128, 4, 2)), ((64, 2, 2), (64, 2, 2)),
+                                   ((128, 8, 2), (128, 8, 2)))]
     raise ValueError(stage)
 
 

@@ -13,7 +13,7 @@ from typing import Any, Optional
 DENSE_KL = ("fused", "blockwise")
 SPLIT_BWD = ("recompute", "stored_ds", "stored_scores")
 TILE_FIELDS = ("attn_fwd", "attn_bwd", "attn_dkv", "attn_dq_product", "attn_dkv_product", "kl_target", "kl_fwd",
-               "kl_bwd", "decode_attn", "decode_index")
+               "kl_bwd", "decode_attn", "decode_index", "select")
 
 
 def _count(v: Any) -> bool:
@@ -69,6 +69,8 @@ class KernelOptions:
     backward's recomputing dq kernel; None: measured defaults).
     decode_attn / decode_index: the paged decode's attention (cached rows per block) and indexer
     scoring (keys per program) launches (None: measured defaults, ``kernels.decode``).
+    select: the indexer's top-k selection launch: keys a program reads per step (BK), warps and
+    stages (None: the measured default, ``kernels.indexer``).
     select_runs: keys per run whose largest score the indexer's scoring keeps, so that the top-k
     selection bounds its threshold from the runs' maxima and passes over each row once (0: no
     bound, three passes; None: the measured default, ``kernels.indexer``).
@@ -103,6 +105,7 @@ class KernelOptions:
     kl_bwd: Optional[Tiles] = None
     decode_attn: Optional[Tiles] = None
     decode_index: Optional[Tiles] = None
+    select: Optional[Tiles] = None
     select_runs: Optional[int] = None
     select_cap: Optional[int] = None
     dq_product_columns: Optional[int] = None

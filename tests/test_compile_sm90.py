@@ -102,15 +102,16 @@ def _pointers(fn) -> dict:
     return dict(P="*bf16") if fn.fn.__name__ in STORED_P else {}
 
 
-def check_sparse(HB: int) -> None:
-    """The sparse kernels at one head block with their GPU default tiles, 576 / 512 dims."""
+def check_sparse(HB: int, DV: int = 512, DR: int = 64) -> None:
+    """The sparse kernels at one head block with their GPU default tiles, DV + DR / DV dims
+    (576 / 512: DeepSeek's and GLM-5's latent; 160 / 128: the small models')."""
     from megatron_dsa.kernels import indexer_kl as L
     from megatron_dsa.kernels import sparse_attn as A
 
-    dims = dict(HB=HB, DV=512, D1=512, DR=64, D2=64, IEEE=False, UPCAST=False)
+    dims = dict(HB=HB, DV=DV, D1=DV, DR=DR, D2=DR, IEEE=False, UPCAST=False)
     split = HB >= A.MAX_HEAD_BLOCK
     target = dict(dims, HAS_LSE=True)
-    kernels = [(A._sparse_fwd_kernel, dims, A._tiles(None, True, HB, "fwd")),
+    kernels = [(A._sparse_fwd_kernel, dims, A._tiles(None, True, HB, "fwd", DV)),
                (L._target_kernel, target, L._target_tiles(None, True, False, HB))]
     if split:  # dq, then dkv in value quarters; the KL target with the keys as rows above 64 heads
         quarters = dict(HB=HB, DV=512, DQ4=128, EXACT=True, DR=64, D2=64, IEEE=False, UPCAST=False, PASSES=1)
@@ -140,7 +141,7 @@ def check_sparse(HB: int) -> None:
                     (L._target_keys_kernel, dict(keys_rows, HN=L.KEYS_ROWS_HEADS), L._target_tiles(None, True, True, HB))]
     else:
         kernels.append((A._sparse_bwd_kernel, dict(dims, PASSES=8, FIRST=False, HEAD_SUM=True),
-                        A._tiles(None, True, HB, "bwd")))
+                        A._tiles(None, True, HB, "bwd", DV)))
     for fn, consts, tiles in kernels:
         k = _compile_sm90(fn, dict(consts, BK=tiles.BK), dict(num_warps=tiles.num_warps, num_stages=tiles.num_stages),
                           hints=True, pointers=_pointers(fn))
@@ -152,10 +153,11 @@ def check_sparse(HB: int) -> None:
         print(name, k.metadata.shared)
 
 
-@pytest.mark.parametrize("HB", [16, 64], ids=["16_heads", "64_head_blocks"])
-def test_sparse_kernels_fit_an_h200(HB):
+@pytest.mark.parametrize("HB,DV,DR", [(16, 512, 64), (64, 512, 64), (16, 128, 32)],
+                         ids=["16_heads", "64_head_blocks", "16_heads_narrow_latent"])
+def test_sparse_kernels_fit_an_h200(HB, DV, DR):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = f"import sys; sys.path.insert(0, 'tests'); import test_compile_sm90 as t; t.check_sparse({HB})"
+    code = f"import sys; sys.path.insert(0, 'tests'); import test_compile_sm90 as t; t.check_sparse({HB}, {DV}, {DR})"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("\n") == (11 if HB >= 64 else 3), proc.stdout

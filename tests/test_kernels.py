@@ -16,7 +16,7 @@ triton = pytest.importorskip("triton")
 
 from megatron_dsa import kernels as K  # noqa: E402
 from megatron_dsa import reference as R  # noqa: E402
-from megatron_dsa.kernel_options import KernelOptions  # noqa: E402
+from megatron_dsa.kernel_options import KernelOptions, Tiles  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not K.available(), reason="needs Triton with CUDA or TRITON_INTERPRET=1")
 
@@ -156,6 +156,17 @@ def test_fp8_quantize_is_bit_identical_to_the_reference():
     v = torch.cat([grid, mid, mid.nextafter(mid + 1), mid.nextafter(mid - 1), torch.tensor([-0.0])])
     # A second column of 448 fixes each row's scale at exactly 1: the values are quantised as they are.
     same(torch.stack([v, torch.full_like(v, 448.0)], -1)[None].to(DEV))
+
+
+def test_indexer_topk_selection_launch():
+    """The selection's launch (keys per step, warps, stages) changes its loops, not its result:
+    steps shorter than a row equal the reference, ties included."""
+    S, HI, DI, topk = (2000, 8, 64, 256) if BIG else (90, 3, 16, 24)
+    q, k, w = torch.randn(2, S, HI, DI, device=DEV), torch.randn(2, S, DI, device=DEV), torch.randn(2, S, HI, device=DEV)
+    k[1, S // 3 :] = k[1, : S - S // 3].clone()  # exact ties at the threshold
+    got = K.indexer_topk(q, k, w, topk, options=KernelOptions(select=Tiles(32, 2, 2)))
+    mask = R.causal_mask(torch.arange(S, device=DEV), torch.arange(S, device=DEV))
+    _check_topk(got, R.indexer_topk(q, k, w, topk), R.indexer_scores(q, k, w), mask, 1e-4)
 
 
 @pytest.mark.parametrize("cap,group", [(0, 2), (2, 2), (4096, 0), (4096, 2), (36, 2)])

@@ -30,7 +30,7 @@ from typing import Optional
 
 import torch
 
-from ..kernel_options import DEFAULT_OPTIONS, KernelOptions
+from ..kernel_options import DEFAULT_OPTIONS, KernelOptions, Tiles
 from ..reference import FP8_AMAX_MIN, FP8_MAX
 from ._common import FP8_MIN_K, HAS_TRITON, _dot, interpreting, is_fp32, next_pow2, rows_within, triton, tl
 
@@ -43,11 +43,14 @@ SCORE_CFG = {
     "fp8": dict(BM=64, BN=128, num_warps=4, num_stages=3),
     "fp32": dict(BM=64, BN=64, num_warps=8, num_stages=2),
 }
+# The selection's launch on the GPU (KernelOptions.select overrides): keys a program reads per
+# step, warps, stages.
+SELECT_TILES = Tiles(2048, 8, 1)
 # CAP: keys a row's candidate list holds (those at or above the run maxima's bound, or those
 # sharing the threshold's top 16 bits) before the selection takes more passes over the row
 # instead (KernelOptions.select_cap overrides; 0 = always the passes). Small in the
 # interpreter, so CPU tests take every path.
-SELECT_CFG = dict(TILE=2048, num_warps=8, CAP=8192)
+SELECT_CAP = 8192
 SELECT_CAP_INTERPRETER = 64
 # Keys per run whose maximum the scoring keeps for the selection's first bound
 # (KernelOptions.select_runs overrides; a divisor of the scoring tile's BN). Short runs in the
@@ -437,8 +440,8 @@ def indexer_topk(
     chunk = max(BM, rows_within(options.workspace_bytes, B * Sk * 4) // BM * BM)
     chunk = min(chunk, triton.cdiv(Sq, BM) * BM)
     buf = torch.empty(B, chunk, Sk, dtype=torch.float32, device=dev)
-    TILE = SELECT_CFG["TILE"] if on_gpu else 256
-    CAP = options.select_cap if options.select_cap is not None else (SELECT_CFG["CAP"] if on_gpu else SELECT_CAP_INTERPRETER)
+    sel = options.select or (SELECT_TILES if on_gpu else Tiles(256, 4, 1))
+    CAP = options.select_cap if options.select_cap is not None else (SELECT_CAP if on_gpu else SELECT_CAP_INTERPRETER)
     G = options.select_runs if options.select_runs is not None else (SELECT_RUNS if on_gpu else SELECT_RUNS_INTERPRETER)
     if G and BN % G:
         raise ValueError(f"select_runs={G} must divide the scoring tile's {BN} keys")
@@ -482,7 +485,7 @@ def indexer_topk(
             buf, o, rl_b, cand, gmax,
             buf.stride(0), buf.stride(1), o.stride(0), o.stride(1), rl_b.stride(0),
             cand.stride(0), cand.stride(1), gmax.stride(0), gmax.stride(1), t0,
-            TOPK=topk, TILE=TILE, OTILE=OTILE, CAP=CAP, G=G, num_warps=SELECT_CFG["num_warps"] if on_gpu else 4,
+            TOPK=topk, TILE=sel.BK, OTILE=OTILE, CAP=CAP, G=G, num_warps=sel.num_warps, num_stages=sel.num_stages,
         )
         if not ordered:
             continue

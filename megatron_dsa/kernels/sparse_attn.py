@@ -492,12 +492,25 @@ def _dims(D, v_dim):
     return DR, D1, D2
 
 
-def _tiles(chosen, on_gpu: bool, HB: int, kernel: str) -> Tiles:
-    """The launch tiles: the options' choice, else measured defaults per kernel and head block."""
+NARROW_LATENT = 128  # value columns (padded) up to which a latent counts as narrow for the tiles
+
+
+def _tiles(chosen, on_gpu: bool, HB: int, kernel: str, D1: int = 512) -> Tiles:
+    """The launch tiles: the options' choice, else measured defaults per kernel, head block and
+    latent width (D1: the value columns, padded to a power of two)."""
     if chosen is not None:
         return chosen
     if not on_gpu:
         return Tiles(16, 4, 1)
+    if D1 <= NARROW_LATENT:
+        # A narrow latent leaves 8 warps little to share: the small MoE's 160 / 128 dims, 128K x
+        # 8 heads, top-k 2048 on an H100 (results/h100/tune_dsa_small_128k_8heads.json): forward
+        # 17 ms vs (64, 8, 2) 24; one-kernel backward with its 3 key ranges 91 ms vs 208 for
+        # (32, 8, 2) in one pass (and 212 for (32, 8, 3), profiled in the model's step).
+        if kernel == "fwd":
+            return Tiles(64, 4, 2)
+        if kernel == "bwd":
+            return Tiles(32, 4, 2)
     # Measured on the H200 (benchmarks/results/tune_dsa_*.json; 576 / 512 dims, top-k 2048).
     if kernel == "fwd":  # 32K x 64 heads: 36 ms vs (32, 8, 2) 51; 128K x 16 heads: 74 ms vs (64, 4, 2) 99
         return Tiles(64, 8, 2)
@@ -524,7 +537,7 @@ def sparse_attn_fwd(q, kv, idx, v_dim, scale, options: KernelOptions = DEFAULT_O
         return out, lse
     HB = head_block(H)
     NHB = triton.cdiv(H, HB)
-    tiles = _tiles(options.attn_fwd, q.is_cuda, HB, "fwd")
+    tiles = _tiles(options.attn_fwd, q.is_cuda, HB, "fwd", D1)
     _sparse_fwd_kernel[(Sq * NHB, B)](
         q, kv, idx, out, lse,
         Sk, K, NHB, H, scale * LOG2E,
@@ -710,7 +723,7 @@ def sparse_attn_bwd(q, kv, idx, out, lse, dout, v_dim, scale, options: KernelOpt
     grid = (Sq * NHB, B)
 
     def bwd(idx_, seg_, dq, p, n_passes, t0=0, t1=Sq):
-        tiles = _tiles(options.attn_bwd, q.is_cuda, HB, "bwd")
+        tiles = _tiles(options.attn_bwd, q.is_cuda, HB, "bwd", D1)
         _sparse_bwd_kernel[((t1 - t0) * NHB, B)](
             q, kv, idx_, seg_, dout, lse, delta, dq, dkv, psum,
             Sk, K, NHB, H, scale, scale * LOG2E, p, t0,
