@@ -9,10 +9,11 @@ Design (chosen for correctness first, then measured, see benchmarks/NOTES.md):
 * ``_select_kernel``: one program per row, exact radix select on the order-preserving uint32 key
   of the fp32 score, 8 bits per digit (``tl.histogram``).  The scoring also writes the largest
   score of every run of ``select_runs`` keys (8); the top-k-th largest of those bounds the
-  threshold from below, so one pass over the row lists the few keys at or above the bound
-  (about top-k on a long row) and the threshold is resolved from that list: one pass over the
-  row and two over its run maxima.  Short rows, and rows whose list passes CAP, take the
-  general path:
+  threshold from below. Only the runs whose maximum reaches the bound (about top-k of them)
+  can hold a key that does: a pass over the maxima lists those runs, one pass over their keys
+  lists the few keys at or above the bound (about top-k on a long row), and the threshold is
+  resolved from that list: three passes over the run maxima and one over about top-k x G
+  keys, not the row.  Short rows, and rows whose list passes CAP, take the general path:
   two histogram passes over the row fix the threshold's top 16 bits; a third stores every key
   above them and lists the few that share them, whose last two digits are resolved from that
   list.  Keys equal to the threshold are taken in key-index order (ties toward the smaller
@@ -237,19 +238,47 @@ if HAS_TRITON:
         return cnt
 
     @triton.jit
+    def _gather_runs_at_least(srow, grow, ng, n, runs, cand, prefix,
+                              CAP: tl.constexpr, TILE: tl.constexpr, G: tl.constexpr, RT: tl.constexpr):
+        """``_gather_at_least`` reading only the runs of G keys whose maximum reaches prefix's top
+        16 bits (no other run holds such a key): those runs listed in ``runs`` from the maxima
+        ``grow``, then their keys, RT runs a step. The same list in key order, from about
+        TOPK * G keys instead of the whole row; returns its length (CAP + 1: too long)."""
+        nr = _gather_at_least(grow, ng, runs, prefix, CAP, TILE)
+        cnt = tl.zeros((), dtype=tl.int32)
+        if nr > CAP:
+            cnt += CAP + 1
+        else:
+            for start in range(0, nr, RT):
+                slot = start + tl.arange(0, RT)
+                run = tl.load(runs + slot, mask=slot < nr, other=0)
+                kidx = run[:, None] * G + tl.arange(0, G)[None, :]  # [RT, G], in key order row-major
+                inb = (slot < nr)[:, None] & (kidx < n)
+                x = tl.load(srow + kidx, mask=inb, other=float("-inf"))
+                take = inb & (x != float("-inf")) & ((_order_key(x) >> 16) >= (prefix >> 16))
+                t = take.to(tl.int32)
+                per_run = tl.sum(t, axis=1)
+                pos = cnt + (tl.cumsum(per_run, axis=0) - per_run)[:, None] + tl.cumsum(t, axis=1) - t
+                tl.store(cand + pos, kidx.to(tl.int32), mask=take & (pos < CAP))
+                cnt += tl.sum(per_run, axis=0)
+        return cnt
+
+    @triton.jit
     def _select_kernel(
-        S, OUT, RLIM, CAND, GMAX,
+        S, OUT, RLIM, CAND, GMAX, RUNS,
         stride_sb, stride_sr, stride_ob, stride_or, stride_rb, stride_cb, stride_cr, stride_gb, stride_gr, r_off,
         TOPK: tl.constexpr, TILE: tl.constexpr, OTILE: tl.constexpr, CAP: tl.constexpr, G: tl.constexpr,
+        RT: tl.constexpr,
     ):
         # Exact radix select on the 32-bit order key, 8 bits per digit.
         #
         # With the runs' maxima (G > 0) and at least TOPK runs holding a score: the TOPK-th
         # largest run maximum is a lower bound of the threshold (TOPK distinct keys reach it).
-        # Its top 16 bits come from two histogram passes over the maxima (1/G of the row); one
-        # pass over the row lists the keys at or above them (about TOPK on long rows), and the
-        # threshold's four digits are resolved from that list. A row whose list passes CAP (or
-        # without runs) takes the path below.
+        # Its top 16 bits come from two histogram passes over the maxima (1/G of the row); a
+        # third lists the runs whose maximum reaches them (about TOPK), and one pass over those
+        # runs' keys lists the keys at or above them (about TOPK on long rows); the threshold's
+        # four digits are resolved from that list. A row whose list passes CAP (or without
+        # runs) takes the path below.
         #
         # Otherwise: two histogram passes over the row fix the top 16 bits of the threshold; a
         # third pass stores every key above them and spills the few sharing them (tens at 128K)
@@ -271,7 +300,8 @@ if HAS_TRITON:
             gp, gwant, _, nruns = _next_digit(grow, crow, ng, prefix, want, 24, False, TILE)
             gp, gwant, _, _ = _next_digit(grow, crow, ng, gp, gwant, 16, False, TILE)
             if nruns >= TOPK:
-                listed = _gather_at_least(srow, lim, crow, gp, CAP, TILE)
+                rrow = RUNS + b * stride_cb + r * stride_cr
+                listed = _gather_runs_at_least(srow, grow, ng, lim, rrow, crow, gp, CAP, TILE, G, RT)
         if listed <= CAP:
             prefix, want, _, _ = _next_digit(srow, crow, listed, prefix, want, 24, True, TILE)
             prefix, want, _, _ = _next_digit(srow, crow, listed, prefix, want, 16, True, TILE)
@@ -446,6 +476,7 @@ def indexer_topk(
     if G and BN % G:
         raise ValueError(f"select_runs={G} must divide the scoring tile's {BN} keys")
     cand = torch.empty(B, chunk, max(CAP, 1), dtype=torch.int32, device=dev)
+    runs = torch.empty_like(cand) if G else cand  # the runs a row's list is read from
     gmax = torch.empty(B, chunk, triton.cdiv(Sk, G) if G else 1, dtype=torch.float32, device=dev)
     OTILE = min(next_pow2(topk), 1024)
     for t0 in range(0, Sq, chunk):
@@ -482,10 +513,11 @@ def indexer_topk(
         o = out[:, t0:t1]
         rl_b = rlim.expand(B, Sq)
         _select_kernel[(n, B)](
-            buf, o, rl_b, cand, gmax,
+            buf, o, rl_b, cand, gmax, runs,
             buf.stride(0), buf.stride(1), o.stride(0), o.stride(1), rl_b.stride(0),
             cand.stride(0), cand.stride(1), gmax.stride(0), gmax.stride(1), t0,
-            TOPK=topk, TILE=sel.BK, OTILE=OTILE, CAP=CAP, G=G, num_warps=sel.num_warps, num_stages=sel.num_stages,
+            TOPK=topk, TILE=sel.BK, OTILE=OTILE, CAP=CAP, G=G, RT=max(sel.BK // max(G, 1), 1),
+            num_warps=sel.num_warps, num_stages=sel.num_stages,
         )
         if not ordered:
             continue

@@ -292,14 +292,23 @@ if HAS_TRITON:
         tl.store(DWI + woff, dw, mask=jm)
 
 
-def _kl_tiles(chosen: Optional[Tiles], on_gpu: bool, bwd: bool) -> Tiles:
+SMALL_INDEXER = 16 * 64  # indexer heads x dims (padded) up to which the KL's forward takes longer key blocks
+
+
+def _kl_tiles(chosen: Optional[Tiles], on_gpu: bool, bwd: bool, width: int) -> Tiles:
+    """The KL logits kernels' launch; ``width``: the indexer's padded heads x dims."""
     if chosen is not None:
         return chosen
     if not on_gpu:
         return Tiles(16, 4, 1)
-    # Measured at 128K (H200): forward (32, 4, 2) 197 ms vs (32, 8, 2) 261 ms;
-    # backward (64, 4, 2) 98 ms vs (32, 8, 2) 196 ms.
-    return Tiles(64, 4, 2) if bwd else Tiles(32, 4, 2)
+    if bwd:  # 128K, 64 x 128 indexer (H200): 98 ms vs (32, 8, 2) 196; 4 x 64 (H100): 27 ms vs (128, 4, 2) 31
+        return Tiles(64, 4, 2)
+    if width <= SMALL_INDEXER:
+        # 128K, the small MoE's 4 x 64 indexer on an H100 (results/h100/tune_dsa_small_128k_8heads_topk_kl.json):
+        # target + logits 21 ms vs 29 at (32, 4, 2), 25 at (64, 4, 2)
+        return Tiles(128, 4, 2)
+    # 128K, 64 x 128 (H200): (32, 4, 2) 197 ms vs (32, 8, 2) 261
+    return Tiles(32, 4, 2)
 
 
 KEYS_ROWS_HEADS = 128  # heads per chunk of the keys-as-rows target kernel (the products' N)
@@ -362,7 +371,7 @@ def _kl_forward(qi, ki, wi, idx, P, p_scale: float, options: KernelOptions):
     if not Sq:
         return kl, lseI
     HI, DI = qi.shape[2], qi.shape[3]
-    tiles = _kl_tiles(options.kl_fwd, idx.is_cuda, bwd=False)
+    tiles = _kl_tiles(options.kl_fwd, idx.is_cuda, False, next_pow2(HI, 16) * next_pow2(DI, 16))
     _kl_fwd_kernel[(Sq, B)](
         qi, ki, wi, idx, P, kl, lseI,
         ki.shape[1], K, p_scale,
@@ -388,7 +397,7 @@ def _kl_backward(qi, ki, wi, idx, P, p_scale, lseI, gkl, options: KernelOptions)
     assert dqi.stride() == qi.stride() and dwi.stride() == wi.stride()
     if not Sq:
         return dqi, dki, dwi
-    tiles = _kl_tiles(options.kl_bwd, qi.is_cuda, bwd=True)
+    tiles = _kl_tiles(options.kl_bwd, qi.is_cuda, True, next_pow2(HI, 16) * next_pow2(DI, 16))
     _kl_bwd_kernel[(Sq, B)](
         qi, ki, wi, idx, P, lseI, gkl, dqi, dki, dwi,
         ki.shape[1], K, p_scale,
