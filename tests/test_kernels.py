@@ -532,6 +532,32 @@ def test_key_segments_split_each_row_by_key_range(chunk_rows):
             assert row[:n].tolist() == sorted(idx[b, t][idx[b, t] >= 0].tolist())
             for p, lo in enumerate(bounds):
                 assert int(seg[b, t, p]) == int((row[:n] < lo).sum()), (b, t, p)
+    # Rows already in key order (the selection's unordered output) are kept as they are.
+    same, none, seg2 = key_segments(keys, Sk, passes, chunk_rows)
+    assert same is keys and none is None and torch.equal(seg2, seg)
+
+
+def test_sparse_backward_takes_rows_in_key_order_as_they_are():
+    """With key ranges, a selection already in key order (the indexer's unordered rows) skips the
+    sort: dq, dkv and the KL's head sum equal those of the same sets in another slot order
+    (the head sum permuted alike)."""
+    q, kv, idx, scale = _attention_inputs(1, 15, 3, 32, 16, 8, torch.float32)
+    big = torch.iinfo(idx.dtype).max
+    in_order, _ = torch.sort(torch.where(idx >= 0, idx, big), dim=-1)
+    in_order = torch.where(in_order == big, -1, in_order)
+    shuffled = torch.gather(in_order, -1, torch.argsort(torch.rand(in_order.shape, device=DEV), dim=-1))
+    opts = KernelOptions(key_passes=3)
+    got = {}
+    for name, sel in (("in_order", in_order), ("shuffled", shuffled)):
+        out, lse = K.sparse_mla_attention(q.detach(), kv.detach(), sel, 32, scale, options=opts)
+        go = torch.ones_like(out)
+        got[name] = K.sparse_mla_attention_backward(q.detach(), kv.detach(), sel, out, lse, go, 32, scale,
+                                                    options=opts)
+    (dq_a, dkv_a, p_a), (dq_b, dkv_b, p_b) = got["in_order"], got["shuffled"]
+    _finite(dq_a, dkv_a, p_a)
+    assert rel(dq_a, dq_b) < 1e-5 and rel(dkv_a, dkv_b) < 1e-5
+    to_key_order = torch.argsort(torch.where(shuffled >= 0, shuffled, big), dim=-1, stable=True)
+    assert rel(p_a, torch.gather(p_b, -1, to_key_order)) < 1e-5
 
 
 @pytest.mark.parametrize("pos", ["causal", "offset"])

@@ -589,19 +589,27 @@ def key_passes(options: KernelOptions, B: int, Sk: int, D: int, HB: int, on_gpu:
 
 def key_segments(idx: torch.Tensor, Sk: int, passes: int, chunk_rows: Optional[int] = None):
     """Each row's selected keys sorted ascending (-1 slots last), the slot permutation that did it
-    (int16 up to 32768 slots), and per row the slot where each of ``passes`` equal key ranges
-    starts: (sorted idx, order, seg [B, Sq, passes + 1] int32). Sorted ``chunk_rows`` rows at a
-    time (None: all), which bounds the sort's int64 permutation: in one piece at 128K x 2048 the
-    sort took 4 GiB, and its permutation (2 GiB, now 0.5) stayed for the whole backward."""
+    (int16 up to 32768 slots; None when every row already was: the selection's unordered rows
+    are), and per row the slot where each of ``passes`` equal key ranges starts: (sorted idx,
+    order, seg [B, Sq, passes + 1] int32). ``chunk_rows`` rows at a time (None: all), which
+    bounds the sort's int64 permutation: in one piece at 128K x 2048 the sort took 4 GiB, and its
+    permutation (2 GiB, now 0.5) stayed for the whole backward."""
     B, Sq, K = idx.shape
     big = torch.iinfo(idx.dtype).max
-    keys = torch.empty_like(idx)
-    order = torch.empty(idx.shape, dtype=torch.int16 if K <= 1 << 15 else torch.int32, device=idx.device)
     seg = torch.empty(B, Sq, passes + 1, dtype=torch.int32, device=idx.device)
     bounds = torch.div(torch.arange(passes + 1, device=idx.device) * Sk, passes, rounding_mode="floor").to(idx.dtype)
     step = chunk_rows or max(Sq, 1)
-    for t0 in range(0, Sq, step):
-        rows = slice(t0, min(Sq, t0 + step))
+    chunks = [slice(t0, min(Sq, t0 + step)) for t0 in range(0, Sq, step)]
+    in_order = torch.ones((), dtype=torch.bool, device=idx.device)
+    for rows in chunks:  # already in key order? Then the ranges' starts are all that is missing
+        part = torch.where(idx[:, rows] >= 0, idx[:, rows], big)
+        in_order &= (part[..., 1:] >= part[..., :-1]).all()
+        seg[:, rows] = torch.searchsorted(part, bounds.expand(*part.shape[:2], passes + 1).contiguous())
+    if bool(in_order):
+        return idx, None, seg
+    keys = torch.empty_like(idx)
+    order = torch.empty(idx.shape, dtype=torch.int16 if K <= 1 << 15 else torch.int32, device=idx.device)
+    for rows in chunks:
         part = idx[:, rows]
         sorted_part, perm = torch.sort(torch.where(part >= 0, part, big), dim=-1)
         seg[:, rows] = torch.searchsorted(sorted_part, bounds.expand(*part.shape[:2], passes + 1).contiguous())
