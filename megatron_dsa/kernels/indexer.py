@@ -245,6 +245,9 @@ if HAS_TRITON:
         ``grow``, then their keys, RT runs a step. The same list in key order, from about
         TOPK * G keys instead of the whole row; returns its length (CAP + 1: too long)."""
         nr = _gather_at_least(grow, ng, runs, prefix, CAP, TILE)
+        # Other threads of the program read the list back: without a barrier they may read stale
+        # slots (a 32-key tile on 2 warps, where no reduction crosses warps, selected wrong sets).
+        tl.debug_barrier()
         cnt = tl.zeros((), dtype=tl.int32)
         if nr > CAP:
             cnt += CAP + 1
@@ -302,6 +305,7 @@ if HAS_TRITON:
             if nruns >= TOPK:
                 rrow = RUNS + b * stride_cb + r * stride_cr
                 listed = _gather_runs_at_least(srow, grow, ng, lim, rrow, crow, gp, CAP, TILE, G, RT)
+                tl.debug_barrier()  # the candidate list, read back as above
         if listed <= CAP:
             prefix, want, _, _ = _next_digit(srow, crow, listed, prefix, want, 24, True, TILE)
             prefix, want, _, _ = _next_digit(srow, crow, listed, prefix, want, 16, True, TILE)
@@ -314,6 +318,7 @@ if HAS_TRITON:
             inside = tl.where(nvalid <= TOPK, 0, inside)
             if inside <= CAP:
                 cnt, ncand = _collect(srow, crow, lim, orow, cnt, crow, prefix, want, 16, False, True, TOPK, TILE)
+                tl.debug_barrier()  # the spilled candidates, read back as above
                 cnt = _last_digits(srow, crow, ncand, orow, cnt, prefix, want, True, TOPK, TILE)
             else:
                 cnt = _last_digits(srow, crow, lim, orow, cnt, prefix, want, False, TOPK, TILE)
