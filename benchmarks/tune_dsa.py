@@ -128,7 +128,9 @@ def variants(stage: str, heads: int) -> list[tuple[str, KernelOptions]]:
     if stage == "topk":  # the FP8 indexer's scoring + selection: the runs' maxima bound or not; the selection's launch
         out = [(f"indexer_topk fp8 select_runs={r}", KernelOptions(select_runs=r)) for r in (8, 0, 4, 16)]
         return out + [(f"indexer_topk fp8 select{t}", KernelOptions(select=Tiles(*t)))
-                      for t in ((1024, 4, 1), (2048, 4, 1), (1024, 8, 1), (4096, 8, 1), (4096, 16, 1), (2048, 8, 2))]
+                      for t in ((1024, 4, 1), (2048, 4, 1), (1024, 8, 1), (4096, 8, 1), (4096, 16, 1), (2048, 8, 2))] + [
+            (f"indexer_topk fp8 score{t}", KernelOptions(score=Tiles(*t)))
+            for t in ((256, 4, 3), (256, 8, 3), (128, 8, 3), (64, 4, 4), (128, 4, 2))]
     if stage == "kl":  # the target kernel with the heads or the selected keys as the products' rows
         out = [(f"kl target {'keys' if rows else 'heads'} as rows {t}",
                 KernelOptions(kl_target_keys_rows=rows, kl_target=Tiles(*t)))

@@ -13,7 +13,7 @@ from typing import Any, Optional
 DENSE_KL = ("fused", "blockwise")
 SPLIT_BWD = ("recompute", "stored_ds", "stored_scores")
 TILE_FIELDS = ("attn_fwd", "attn_bwd", "attn_dkv", "attn_dq_product", "attn_dkv_product", "kl_target", "kl_fwd",
-               "kl_bwd", "decode_attn", "decode_index", "select")
+               "kl_bwd", "decode_attn", "decode_index", "score", "select")
 
 
 def _count(v: Any) -> bool:
@@ -69,6 +69,9 @@ class KernelOptions:
     backward's recomputing dq kernel; None: measured defaults).
     decode_attn / decode_index: the paged decode's attention (cached rows per block) and indexer
     scoring (keys per program) launches (None: measured defaults, ``kernels.decode``).
+    score: the indexer's scoring launch: keys per tile (BK; a multiple of ``select_runs``), warps
+    and stages, for 64 query rows a tile (None: the measured default per operand type,
+    ``kernels.indexer``).
     select: the indexer's top-k selection launch: keys a program reads per step (BK), warps and
     stages (None: the measured default, ``kernels.indexer``).
     select_runs: keys per run whose largest score the indexer's scoring keeps, so that the top-k
@@ -105,6 +108,7 @@ class KernelOptions:
     kl_bwd: Optional[Tiles] = None
     decode_attn: Optional[Tiles] = None
     decode_index: Optional[Tiles] = None
+    score: Optional[Tiles] = None
     select: Optional[Tiles] = None
     select_runs: Optional[int] = None
     select_cap: Optional[int] = None
@@ -142,6 +146,8 @@ class KernelOptions:
             v = getattr(self, name)
             if v is not None and not isinstance(v, Tiles):
                 raise ValueError(f"{name} must be Tiles or None, got {v!r}")
+        if self.score is not None and r and self.score.BK % r:
+            raise ValueError(f"score's keys per tile ({self.score.BK}) must be a multiple of select_runs ({r})")
 
     @classmethod
     def from_dict(cls, d: Optional[dict[str, Any]]) -> "KernelOptions":

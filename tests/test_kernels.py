@@ -159,12 +159,12 @@ def test_fp8_quantize_is_bit_identical_to_the_reference():
 
 
 def test_indexer_topk_selection_launch():
-    """The selection's launch (keys per step, warps, stages) changes its loops, not its result:
-    steps shorter than a row equal the reference, ties included."""
+    """The scoring's and the selection's launches (keys per tile or step, warps, stages) change
+    their loops, not the result: steps shorter than a row equal the reference, ties included."""
     S, HI, DI, topk = (2000, 8, 64, 256) if BIG else (90, 3, 16, 24)
     q, k, w = torch.randn(2, S, HI, DI, device=DEV), torch.randn(2, S, DI, device=DEV), torch.randn(2, S, HI, device=DEV)
     k[1, S // 3 :] = k[1, : S - S // 3].clone()  # exact ties at the threshold
-    got = K.indexer_topk(q, k, w, topk, options=KernelOptions(select=Tiles(32, 2, 2)))
+    got = K.indexer_topk(q, k, w, topk, options=KernelOptions(select=Tiles(32, 2, 2), score=Tiles(16, 2, 2)))
     mask = R.causal_mask(torch.arange(S, device=DEV), torch.arange(S, device=DEV))
     _check_topk(got, R.indexer_topk(q, k, w, topk), R.indexer_scores(q, k, w), mask, 1e-4)
 

@@ -35,7 +35,8 @@ from ..kernel_options import DEFAULT_OPTIONS, KernelOptions, Tiles
 from ..reference import FP8_AMAX_MIN, FP8_MAX
 from ._common import FP8_MIN_K, HAS_TRITON, _dot, interpreting, is_fp32, next_pow2, rows_within, triton, tl
 
-# Scoring-kernel launch configs per operand type (GPU); benchmarks/tune_dsa.py measures others.
+# Scoring-kernel launch configs per operand type (GPU; KernelOptions.score overrides the keys
+# per tile, warps and stages); benchmarks/tune_dsa.py measures others.
 # Measured at 128K (benchmarks/results/tune_indexer.json), scoring alone: one warpgroup on a
 # 64 x 128 tile lets several programs share an SM, so one's relu * w overlaps another's
 # products: bf16 274 ms vs 285 (64 x 256, 8 warps), fp8 159 vs 183.
@@ -469,6 +470,8 @@ def indexer_topk(
     on_gpu = q.is_cuda
     kind = "fp8" if fp8 else ("fp32" if ieee else "bf16")
     cfg = dict(SCORE_CFG[kind]) if on_gpu else dict(BM=16, BN=32, num_warps=4, num_stages=1)
+    if options.score is not None:  # keys per tile, warps, stages; the tile's query rows stay
+        cfg.update(BN=options.score.BK, num_warps=options.score.num_warps, num_stages=options.score.num_stages)
     BM, BN = cfg.pop("BM"), cfg.pop("BN")
     DIP = next_pow2(DI, FP8_MIN_K if fp8 else 16)  # padded columns are masked zeros
     # One query chunk's fp32 scores [B, chunk, Sk] within the options' workspace (2 GiB by default).
