@@ -878,11 +878,9 @@ def test_fused_dense_indexer_kl_takes_any_gradient_layout():
 
 
 @pytest.mark.parametrize("fused", [True, False])
-def test_dense_indexer_kl_recall_rows(fused, monkeypatch):
+def test_dense_indexer_kl_recall_rows(fused):
     """Recall measured on sampled rows only equals the reference's recall at those rows (the
     fused op scores the recall's top-k for those rows alone); the KL is unchanged."""
-    from megatron_dsa.kernels import dense_kl
-
     options = KernelOptions(dense_kl="fused" if fused else "blockwise")
     B, S, H, D, HI, DI, topk = 2, 40, 3, 40, 3, 24, 8
     qm, kv = torch.randn(B, S, H, D, device=DEV), torch.randn(B, S, D, device=DEV)
