@@ -371,7 +371,8 @@ def _kl_forward(qi, ki, wi, idx, P, p_scale: float, options: KernelOptions):
     if not Sq:
         return kl, lseI
     HI, DI = qi.shape[2], qi.shape[3]
-    tiles = _kl_tiles(options.kl_fwd, idx.is_cuda, False, next_pow2(HI, 16) * next_pow2(DI, 16))
+    HIP, DIP = next_pow2(HI, 16), next_pow2(DI, 16)
+    tiles = _kl_tiles(options.kl_fwd, idx.is_cuda, False, HIP * DIP)
     _kl_fwd_kernel[(Sq, B)](
         qi, ki, wi, idx, P, kl, lseI,
         ki.shape[1], K, p_scale,
@@ -380,7 +381,7 @@ def _kl_forward(qi, ki, wi, idx, P, p_scale: float, options: KernelOptions):
         wi.stride(0), wi.stride(1), wi.stride(2),
         idx.stride(0), idx.stride(1),
         kl.stride(0), kl.stride(1),
-        HI=HI, HIP=next_pow2(HI, 16), DI=DI, DIP=next_pow2(DI, 16),
+        HI=HI, HIP=HIP, DI=DI, DIP=DIP,
         BK=tiles.BK, IEEE_I=is_fp32(qi, ki), UPCAST=interpreting(),
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
@@ -397,7 +398,8 @@ def _kl_backward(qi, ki, wi, idx, P, p_scale, lseI, gkl, options: KernelOptions)
     assert dqi.stride() == qi.stride() and dwi.stride() == wi.stride()
     if not Sq:
         return dqi, dki, dwi
-    tiles = _kl_tiles(options.kl_bwd, qi.is_cuda, True, next_pow2(HI, 16) * next_pow2(DI, 16))
+    HIP, DIP = next_pow2(HI, 16), next_pow2(DI, 16)
+    tiles = _kl_tiles(options.kl_bwd, qi.is_cuda, True, HIP * DIP)
     _kl_bwd_kernel[(Sq, B)](
         qi, ki, wi, idx, P, lseI, gkl, dqi, dki, dwi,
         ki.shape[1], K, p_scale,
@@ -407,7 +409,7 @@ def _kl_backward(qi, ki, wi, idx, P, p_scale, lseI, gkl, options: KernelOptions)
         idx.stride(0), idx.stride(1),
         lseI.stride(0), lseI.stride(1),
         dki.stride(0), dki.stride(1),
-        HI=HI, HIP=next_pow2(HI, 16), DI=DI, DIP=next_pow2(DI, 16),
+        HI=HI, HIP=HIP, DI=DI, DIP=DIP,
         BK=tiles.BK, IEEE_I=is_fp32(qi, ki), UPCAST=interpreting(),
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
