@@ -14,12 +14,13 @@ Design (chosen for correctness first, then measured, see benchmarks/NOTES.md):
   lists the few keys at or above the bound (about top-k on a long row), and the threshold is
   resolved from that list: three passes over the run maxima and one over about top-k x G
   keys, not the row.  Short rows, and rows whose list passes CAP, take the general path:
-  two histogram passes over the row fix the threshold's top 16 bits; a third stores every key
-  above them and lists the few that share them, whose last two digits are resolved from that
-  list.  Keys equal to the threshold are taken in key-index order (ties toward the smaller
-  index, as the reference's stable sort); -1 pads past the eligible count.  The selected
-  indices are then sorted by score descending (stable), as the reference, unless the caller
-  asks for the set only (``ordered=False``).
+  two histogram passes over the row fix the threshold's top 16 bits; a third lists the few keys
+  that share them, whose last two digits are resolved from that list, and a last pass over the
+  row takes the selected keys.  Keys equal to the threshold are taken in key-index order
+  (ties toward the smaller index, as the reference's stable sort); -1 pads past the eligible
+  count.  Either way a row lists its keys in key order, which the attention's backward uses
+  (its key ranges need no sort).  The selected indices are then sorted by score descending
+  (stable), as the reference, unless the caller asks for the set only (``ordered=False``).
 
 The scoring is compute bound (HI * DI * 2 = 16K FLOP per score against 4 bytes written and
 read back), so writing a chunk of scores costs a few percent of the scoring time.
@@ -193,45 +194,37 @@ if HAS_TRITON:
         ``cand``), then the keys above the threshold and the first ``want`` equal to it."""
         prefix, want, _, _ = _next_digit(srow, cand, n, prefix, want, 8, INDIRECT, TILE)
         prefix, want, _, _ = _next_digit(srow, cand, n, prefix, want, 0, INDIRECT, TILE)
-        cnt, _ = _collect(srow, cand, n, orow, cnt, cand, prefix, want, 0, INDIRECT, False, TOPK, TILE)
-        return cnt
+        return _collect(srow, cand, n, orow, cnt, prefix, want, INDIRECT, TOPK, TILE)
 
     @triton.jit
-    def _collect(
-        srow, cand, n, orow, cnt, spill, prefix, want,
-        SHIFT: tl.constexpr, INDIRECT: tl.constexpr, SPILL: tl.constexpr, TOPK: tl.constexpr, TILE: tl.constexpr,
-    ):
-        """Store, in key-index order, the keys whose u >> SHIFT is above prefix's to ``orow`` from
-        position ``cnt``; those equal to it either go to ``spill`` (SPILL: all of them, as
-        candidates for a later pass) or join the output while fewer than ``want`` were seen
-        (ties toward the smaller key index).  Returns (output count, equal count)."""
+    def _collect(srow, cand, n, orow, cnt, prefix, want, INDIRECT: tl.constexpr, TOPK: tl.constexpr, TILE: tl.constexpr):
+        """Store, in key-index order, the keys above the threshold ``prefix`` to ``orow`` from
+        position ``cnt``, and those equal to it while fewer than ``want`` were seen (ties toward the
+        smaller key index). Returns the output count."""
         seen = tl.zeros((), dtype=tl.int32)
         for start in range(0, n, TILE):
             u, kidx, valid = _load_keys(srow, cand, start, n, INDIRECT, TILE)
-            gt_m = valid & ((u >> SHIFT) > (prefix >> SHIFT))
-            eq_m = valid & ((u >> SHIFT) == (prefix >> SHIFT))
-            eq_i = eq_m.to(tl.int32)
+            eq_i = (valid & (u == prefix)).to(tl.int32)
             eq_rank = seen + tl.cumsum(eq_i, axis=0) - eq_i
-            if SPILL:
-                take = gt_m
-                tl.store(spill + eq_rank, kidx.to(tl.int32), mask=eq_m)
-            else:
-                take = gt_m | (eq_m & (eq_rank < want))
+            take = (valid & (u > prefix)) | ((eq_i > 0) & (eq_rank < want))
             take_i = take.to(tl.int32)
             pos = cnt + tl.cumsum(take_i, axis=0) - take_i
             tl.store(orow + pos, kidx.to(tl.int32), mask=take & (pos < TOPK))
             cnt += tl.sum(take_i, axis=0)
             seen += tl.sum(eq_i, axis=0)
-        return cnt, seen
+        return cnt
 
     @triton.jit
-    def _gather_at_least(srow, n, cand, prefix, CAP: tl.constexpr, TILE: tl.constexpr):
-        """List, in key order, the keys whose top 16 bits are at least prefix's in ``cand`` (the
-        first CAP of them); returns how many there are."""
+    def _gather_at_least(srow, n, cand, prefix, CAP: tl.constexpr, TILE: tl.constexpr, EQUAL: tl.constexpr):
+        """List, in key order, the keys whose top 16 bits are at least prefix's (EQUAL: equal to
+        them) in ``cand`` (the first CAP of them); returns how many there are."""
         cnt = tl.zeros((), dtype=tl.int32)
         for start in range(0, n, TILE):
             u, kidx, valid = _load_keys(srow, cand, start, n, False, TILE)
-            take = valid & ((u >> 16) >= (prefix >> 16))
+            if EQUAL:
+                take = valid & ((u >> 16) == (prefix >> 16))
+            else:
+                take = valid & ((u >> 16) >= (prefix >> 16))
             take_i = take.to(tl.int32)
             pos = cnt + tl.cumsum(take_i, axis=0) - take_i
             tl.store(cand + pos, kidx.to(tl.int32), mask=take & (pos < CAP))
@@ -245,7 +238,7 @@ if HAS_TRITON:
         16 bits (no other run holds such a key): those runs listed in ``runs`` from the maxima
         ``grow``, then their keys, RT runs a step. The same list in key order, from about
         TOPK * G keys instead of the whole row; returns its length (CAP + 1: too long)."""
-        nr = _gather_at_least(grow, ng, runs, prefix, CAP, TILE)
+        nr = _gather_at_least(grow, ng, runs, prefix, CAP, TILE, False)
         # Other threads of the program read the list back: without a barrier they may read stale
         # slots (a 32-key tile on 2 warps, where no reduction crosses warps, selected wrong sets).
         tl.debug_barrier()
@@ -285,9 +278,9 @@ if HAS_TRITON:
         # runs) takes the path below.
         #
         # Otherwise: two histogram passes over the row fix the top 16 bits of the threshold; a
-        # third pass stores every key above them and spills the few sharing them (tens at 128K)
-        # to CAND, where the last two digits are resolved. More than CAP sharing them (heavy
-        # ties): two more row passes.
+        # third lists the few keys sharing them (tens at 128K) in CAND, where the last two
+        # digits are resolved (more than CAP sharing them, heavy ties: two more row passes); a
+        # last pass takes the keys above the threshold and its first ties, in key order.
         r = tl.program_id(0)
         b = tl.program_id(1).to(tl.int64)  # b * stride_ob passes 2^31 elements from B * Sq * TOPK
         lim = tl.load(RLIM + b * stride_rb + r_off + r)
@@ -314,15 +307,19 @@ if HAS_TRITON:
         else:
             prefix, want, _, nvalid = _next_digit(srow, crow, lim, prefix, want, 24, False, TILE)
             prefix, want, inside, _ = _next_digit(srow, crow, lim, prefix, want, 16, False, TILE)
-            # At most TOPK eligible keys: take them all (nothing is above or equal to prefix -1).
-            prefix = tl.where(nvalid <= TOPK, -1, prefix)
-            inside = tl.where(nvalid <= TOPK, 0, inside)
-            if inside <= CAP:
-                cnt, ncand = _collect(srow, crow, lim, orow, cnt, crow, prefix, want, 16, False, True, TOPK, TILE)
-                tl.debug_barrier()  # the spilled candidates, read back as above
-                cnt = _last_digits(srow, crow, ncand, orow, cnt, prefix, want, True, TOPK, TILE)
-            else:
-                cnt = _last_digits(srow, crow, lim, orow, cnt, prefix, want, False, TOPK, TILE)
+            if nvalid <= TOPK:  # every eligible key: all of them are above -1
+                prefix = tl.zeros((), dtype=tl.int64) - 1
+            elif inside <= CAP:  # the last two digits from the keys sharing the top 16 bits
+                ncand = _gather_at_least(srow, lim, crow, prefix, CAP, TILE, True)
+                tl.debug_barrier()  # the listed keys, read back as above
+                prefix, want, _, _ = _next_digit(srow, crow, ncand, prefix, want, 8, True, TILE)
+                prefix, want, _, _ = _next_digit(srow, crow, ncand, prefix, want, 0, True, TILE)
+            else:  # heavy ties: from the row
+                prefix, want, _, _ = _next_digit(srow, crow, lim, prefix, want, 8, False, TILE)
+                prefix, want, _, _ = _next_digit(srow, crow, lim, prefix, want, 0, False, TILE)
+            # One pass over the row takes the keys in key order, as the list above does: the
+            # attention's backward then finds its key ranges without sorting the rows.
+            cnt = _collect(srow, crow, lim, orow, cnt, prefix, want, False, TOPK, TILE)
         for start in range(0, TOPK, OTILE):
             offs = start + tl.arange(0, OTILE)
             tl.store(orow + offs, tl.full((OTILE,), -1, tl.int32), mask=(offs >= cnt) & (offs < TOPK))
