@@ -485,6 +485,34 @@ if HAS_TRITON:
                               mask=_tile_mask(valid, cb, NCOL, BC), sem="relaxed")
 
 
+if HAS_TRITON:
+
+    @triton.jit
+    def _key_ranges_kernel(IDX, SEG, ORDERED, Sk, K, stride_ib, stride_is, stride_sb, stride_ss,
+                           PASSES: tl.constexpr, PP: tl.constexpr, BK: tl.constexpr):
+        """One row of ``key_segments``' ranges in one read of the row: per range start p * Sk /
+        PASSES the count of selected keys below it (its slot in a key-ordered row), and whether
+        the row is in key order (ascending, -1 slots last)."""
+        t = tl.program_id(0).to(tl.int64)
+        b = tl.program_id(1).to(tl.int64)
+        row = IDX + b * stride_ib + t * stride_is
+        p = tl.arange(0, PP)
+        bound = (p.to(tl.int64) * Sk // PASSES).to(tl.int32)
+        big = 2147483647  # -1 slots sort last
+        below = tl.zeros((PP,), dtype=tl.int32)
+        bad = tl.zeros((), dtype=tl.int32)
+        for k0 in range(0, K, BK):
+            kk = k0 + tl.arange(0, BK)
+            x = tl.load(row + kk, mask=kk < K, other=-1)
+            key = tl.where(x >= 0, x, big)
+            before = tl.load(row + kk - 1, mask=(kk > 0) & (kk < K), other=-1)  # the previous slot's key
+            prev = tl.where((before >= 0) | (kk == 0), before, big)
+            bad += tl.sum((key < prev).to(tl.int32), axis=0)
+            below += tl.sum((key[None, :] < bound[:, None]).to(tl.int32), axis=1)
+        tl.store(SEG + b * stride_sb + t * stride_ss + p, below, mask=p <= PASSES)
+        tl.store(ORDERED + b * tl.num_programs(0) + t, (bad == 0).to(tl.int8))
+
+
 def _dims(D, v_dim):
     DR = D - v_dim
     D1 = next_pow2(v_dim, 16)
@@ -593,20 +621,22 @@ def key_segments(idx: torch.Tensor, Sk: int, passes: int, chunk_rows: Optional[i
     are), and per row the slot where each of ``passes`` equal key ranges starts: (sorted idx,
     order, seg [B, Sq, passes + 1] int32). ``chunk_rows`` rows at a time (None: all), which
     bounds the sort's int64 permutation: in one piece at 128K x 2048 the sort took 4 GiB, and its
-    permutation (2 GiB, now 0.5) stayed for the whole backward."""
+    permutation (2 GiB, now 0.5) stayed for the whole backward. Rows in key order cost one read
+    of the selection: a kernel finds their ranges' starts and checks the order."""
+    idx = idx.contiguous()
     B, Sq, K = idx.shape
-    big = torch.iinfo(idx.dtype).max
     seg = torch.empty(B, Sq, passes + 1, dtype=torch.int32, device=idx.device)
+    ordered = torch.empty(B, Sq, dtype=torch.int8, device=idx.device)
+    if Sq:  # already in key order? Then the ranges' starts, found in the same read, are all
+        _key_ranges_kernel[(Sq, B)](idx, seg, ordered, Sk, K, idx.stride(0), idx.stride(1), seg.stride(0),
+                                    seg.stride(1), PASSES=passes, PP=next_pow2(passes + 1),
+                                    BK=max(16, min(next_pow2(K), 4096 // next_pow2(passes + 1))), num_warps=4)
+    if bool(ordered.all()):
+        return idx, None, seg
+    big = torch.iinfo(idx.dtype).max
     bounds = torch.div(torch.arange(passes + 1, device=idx.device) * Sk, passes, rounding_mode="floor").to(idx.dtype)
     step = chunk_rows or max(Sq, 1)
     chunks = [slice(t0, min(Sq, t0 + step)) for t0 in range(0, Sq, step)]
-    in_order = torch.ones((), dtype=torch.bool, device=idx.device)
-    for rows in chunks:  # already in key order? Then the ranges' starts are all that is missing
-        part = torch.where(idx[:, rows] >= 0, idx[:, rows], big)
-        in_order &= (part[..., 1:] >= part[..., :-1]).all()
-        seg[:, rows] = torch.searchsorted(part, bounds.expand(*part.shape[:2], passes + 1).contiguous())
-    if bool(in_order):
-        return idx, None, seg
     keys = torch.empty_like(idx)
     order = torch.empty(idx.shape, dtype=torch.int16 if K <= 1 << 15 else torch.int32, device=idx.device)
     for rows in chunks:
