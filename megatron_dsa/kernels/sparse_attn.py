@@ -484,9 +484,6 @@ if HAS_TRITON:
                 tl.atomic_add(dkvb + (idx * stride_dks)[:, None] + c[None, :], acc,
                               mask=_tile_mask(valid, cb, NCOL, BC), sem="relaxed")
 
-
-if HAS_TRITON:
-
     @triton.jit
     def _key_ranges_kernel(IDX, SEG, ORDERED, Sk, K, stride_ib, stride_is, stride_sb, stride_ss,
                            PASSES: tl.constexpr, PP: tl.constexpr, BK: tl.constexpr):
