@@ -44,7 +44,7 @@ from megatron_dsa import kernels as KN  # noqa: E402
 from megatron_dsa.flops import dense_attention_flops, dsa_flops  # noqa: E402
 from megatron_dsa.kernel_options import DEFAULT_OPTIONS, KernelOptions  # noqa: E402
 from megatron_dsa.parallel import ParallelContext  # noqa: E402
-from megatron_dsa.parallel.sharded import own_rows_head_sum, target_scale  # noqa: E402
+from megatron_dsa.parallel.sharded import own_rows_target  # noqa: E402
 from results_io import device_tag, measured_by, save_figure, stamp_rows, write_atomic, write_json  # noqa: E402
 
 # --model: its megatron_dsa.model size. "small": the verification MoE (8 heads, latent 128 + 32,
@@ -167,10 +167,9 @@ def ours_step(t, fp8, stages=None, idx=None, rows=None, kl_two_pass=False):
         t.q.grad, t.kv.grad, head_sum = KN.sparse_mla_attention_backward(t.q.detach(), t.kv.detach(), idx, out, lse,
                                                                          t.gout, DV, t.scale, options=t.options)
         mark("attn_bwd")
-        ctx = ParallelContext()  # training's target, one rank
-        p = own_rows_head_sum(head_sum[:, own], ctx)
+        p = own_rows_target(head_sum[:, own], ParallelContext())  # training's normalisation, one rank
         kl = KN.sparse_indexer_kl_from_target(t.qi[:, own], t.ki, t.wi[:, own], idx[:, own], p,
-                                              target_scale(t.q, ctx), options=t.options)
+                                              options=t.options)
         mark("kl_fwd")
         torch.autograd.backward([kl], [t.gkl[:, : kl.shape[1]]])
         mark("kl_bwd")
@@ -182,10 +181,9 @@ def ours_step(t, fp8, stages=None, idx=None, rows=None, kl_two_pass=False):
                                   options=t.options)
     else:  # the rank's heads' share of the target for all rows, then its own rows' KL
         head_sum = KN.sparse_target_head_sum(t.q, t.kv, idx, t.scale, lse=lse, options=t.options)
-        ctx = ParallelContext()
-        p = own_rows_head_sum(head_sum[:, rows], ctx)
+        p = own_rows_target(head_sum[:, rows], ParallelContext())
         kl = KN.sparse_indexer_kl_from_target(t.qi[:, rows], t.ki, t.wi[:, rows], idx[:, rows], p,
-                                              target_scale(t.q, ctx), options=t.options)
+                                              options=t.options)
     mark("kl_fwd")
     torch.autograd.backward([out], [t.gout])
     mark("attn_bwd")
