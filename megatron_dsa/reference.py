@@ -768,22 +768,17 @@ def _kl_from_target_chunk(p, idx, q_idx, w_idx, k_idx):
 
 
 def sparse_indexer_kl_from_target(
-    q_idx: torch.Tensor, k_idx: torch.Tensor, w_idx: torch.Tensor, topk_idx: torch.Tensor, p: torch.Tensor,
-    p_scale: float = 1.0,
+    q_idx: torch.Tensor, k_idx: torch.Tensor, w_idx: torch.Tensor, topk_idx: torch.Tensor, p: torch.Tensor
 ) -> torch.Tensor:
-    """KL(p * p_scale || softmax(I)) over each row's selected set for a given target p [B, Sq, K]
-    (rows of p * p_scale summing to 1, or all 0): kl [B, Sq]; gradients reach q_idx, k_idx, w_idx
-    only.
+    """KL(p || softmax(I)) over each row's selected set for a given target p [B, Sq, K] (rows
+    summing to 1, or all 0): kl [B, Sq]; gradients reach q_idx, k_idx, w_idx only.
 
-    ``sparse_indexer_kl`` is this with p = the normalised ``sparse_target_head_sum``. That sum's
-    rows add up to the number of heads (each head's probabilities over the set sum to 1), so
-    p_scale = 1 / heads normalises it without a pass over it.
+    ``sparse_indexer_kl`` is this with p = the normalised ``sparse_target_head_sum``.
     """
     B, Sq, HI = q_idx.shape[:3]
     K = topk_idx.shape[-1]
     step = _chunk_size(B * K * max(HI, k_idx.shape[-1]), Sq)
-    p = p.detach() if p_scale == 1.0 else p.detach() * p_scale
-    (kl,) = _map_query_chunks(_kl_from_target_chunk, (p, topk_idx, q_idx, w_idx), (k_idx,), step)
+    (kl,) = _map_query_chunks(_kl_from_target_chunk, (p.detach(), topk_idx, q_idx, w_idx), (k_idx,), step)
     return kl
 
 

@@ -421,7 +421,7 @@ class SparseIndexerKL(torch.autograd.Function):
     (built from q_main, kv, scale, ``lse`` optional; p_scale = 1 / H) or a given target."""
 
     @staticmethod
-    def forward(ctx, q_main, kv, q_idx, k_idx, w_idx, topk_idx, scale, lse, target, target_scale, options):
+    def forward(ctx, q_main, kv, q_idx, k_idx, w_idx, topk_idx, scale, lse, target, options):
         B, Sq = topk_idx.shape[:2]
         K = topk_idx.shape[-1]
         qi, ki, wi = q_idx.detach().contiguous(), k_idx.detach().contiguous(), w_idx.detach().contiguous()
@@ -432,7 +432,7 @@ class SparseIndexerKL(torch.autograd.Function):
         else:
             P = target.detach().float().contiguous()
             assert P.shape == (B, Sq, K), (P.shape, (B, Sq, K))
-            p_scale = target_scale
+            p_scale = 1.0
         kl, lseI = _kl_forward(qi, ki, wi, idx, P, p_scale, options)
         ctx.save_for_backward(qi, ki, wi, idx, P, lseI)
         ctx.p_scale, ctx.options = p_scale, options
@@ -444,7 +444,7 @@ class SparseIndexerKL(torch.autograd.Function):
         qi, ki, wi, idx, P, lseI = ctx.saved_tensors
         dqi, dki, dwi = _kl_backward(qi, ki, wi, idx, P, ctx.p_scale, lseI, gkl, ctx.options)
         dq_t, dk_t, dw_t = ctx.dtypes
-        return None, None, dqi.to(dq_t), dki.to(dk_t), dwi.to(dw_t), None, None, None, None, None, None
+        return None, None, dqi.to(dq_t), dki.to(dk_t), dwi.to(dw_t), None, None, None, None, None
 
 
 def sparse_indexer_kl(q_main, kv, q_idx, k_idx, w_idx, topk_idx, scale, lse=None,
@@ -458,7 +458,7 @@ def sparse_indexer_kl(q_main, kv, q_idx, k_idx, w_idx, topk_idx, scale, lse=None
     # The target never gets a gradient (detach rule). Detached here, not only in backward: an
     # autograd edge that returns None still lets the engine run the main model's backward
     # (custom Functions materialise zeros; megatron's MoE aux-loss scaler then injects its own).
-    return SparseIndexerKL.apply(q_main.detach(), kv.detach(), q_idx, k_idx, w_idx, topk_idx, scale, lse, None, 1.0,
+    return SparseIndexerKL.apply(q_main.detach(), kv.detach(), q_idx, k_idx, w_idx, topk_idx, scale, lse, None,
                                  options)
 
 
@@ -471,12 +471,10 @@ def sparse_target_head_sum(q_main, kv, topk_idx, scale, lse=None, options: Kerne
                      options)
 
 
-def sparse_indexer_kl_from_target(q_idx, k_idx, w_idx, topk_idx, p, p_scale: float = 1.0,
-                                  options: KernelOptions = DEFAULT_OPTIONS):
+def sparse_indexer_kl_from_target(q_idx, k_idx, w_idx, topk_idx, p, options: KernelOptions = DEFAULT_OPTIONS):
     """Same contract as ``reference.sparse_indexer_kl_from_target``: kl [B, Sq] against the
-    given target p [B, Sq, K] times ``p_scale`` (applied in the kernels, no pass over p); grads
-    reach q_idx, k_idx, w_idx (the fused backward)."""
-    return SparseIndexerKL.apply(None, None, q_idx, k_idx, w_idx, topk_idx, 1.0, None, p.detach(), p_scale, options)
+    given target p [B, Sq, K]; grads reach q_idx, k_idx, w_idx (the fused backward)."""
+    return SparseIndexerKL.apply(None, None, q_idx, k_idx, w_idx, topk_idx, 1.0, None, p.detach(), options)
 
 
 # --------------------------------------------------------------------------------------------

@@ -27,8 +27,7 @@ and under CP it all-gathers the K/V latents (S x Dqk) and the indexer keys over 
    The sparse KL target p = probabilities summed over ALL heads: each rank sums its local
    heads' selected-set probabilities for all rows (no grad) and the partial sums [S_cp, K]
    fp32 are reduce-scattered over TP ((TP-1)/TP x S_cp x K x 4 bytes), so every rank gets the
-   full target for its own rows (``sharded.own_rows_head_sum``; each row sums to the heads of
-   every rank, so the KL kernels take 1 / heads as the target's scale). In training the partial sums come
+   full target for its own rows (``sharded.own_rows_target``). In training the partial sums come
    from the sparse attention's backward, which recomputes the probabilities anyway, and the KL
    runs there (``sharded.SparseAttentionKLInBackward``); without gradients a pass of its own
    makes them (``sharded.tp_sparse_kl``). For the DENSE (warm-up) KL the

@@ -172,23 +172,18 @@ def tp_sparse_kl(ops, q, kv_buf, idx, lse, qi, ki_buf, wi, scale: float, ctx: Pa
     """
     rows = own_rows(ctx, q.shape[1])
     with torch.no_grad():
-        summed = own_rows_head_sum(ops.sparse_target_head_sum(q.detach(), kv_buf.detach(), idx, scale, lse=lse), ctx)
-    return ops.sparse_indexer_kl_from_target(qi, ki_buf, wi, idx[:, rows], summed, target_scale(q, ctx))
+        p = own_rows_target(ops.sparse_target_head_sum(q.detach(), kv_buf.detach(), idx, scale, lse=lse), ctx)
+    return ops.sparse_indexer_kl_from_target(qi, ki_buf, wi, idx[:, rows], p)
 
 
 @torch.no_grad()
-def own_rows_head_sum(head_sum: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
-    """The sparse KL's target for this rank's own rows before it is normalised, from its heads'
-    probability sums over every row's selected set [B, S_cp, K] (consumed): the TP ranks' sums
-    added (reduce-scatter, fp32; on one rank ``head_sum`` itself)."""
-    return reduce_scatter_rows(head_sum, ctx.tp_group, name="tp.kl_partial_p")
-
-
-def target_scale(q: torch.Tensor, ctx: ParallelContext) -> float:
-    """1 / the heads of every TP rank: each head's probabilities over a row's set sum to 1, so
-    this normalises the summed target's rows (0 rows stay 0) inside the KL kernels, without the
-    two passes over [B, S, K] fp32 that dividing by each row's sum took."""
-    return 1.0 / max(q.shape[2] * ctx.tp_size, 1)
+def own_rows_target(head_sum: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
+    """The sparse KL's target p for this rank's own rows, from its heads' probability sums over
+    every row's selected set [B, S_cp, K] (consumed): the TP ranks' sums added (reduce-scatter,
+    fp32) and each row normalised over its set (all 0 where no key was selected)."""
+    summed = reduce_scatter_rows(head_sum, ctx.tp_group, name="tp.kl_partial_p")
+    # In place: on one rank ``summed`` is ``head_sum`` itself, [B, S, K] fp32 (1 GiB at 128K x 2048).
+    return summed.div_(summed.sum(dim=-1, keepdim=True).clamp_min(R.KL_EPS))
 
 
 class SparseAttentionKLInBackward(torch.autograd.Function):
@@ -210,11 +205,11 @@ class SparseAttentionKLInBackward(torch.autograd.Function):
         q, kv, qi, ki, wi, idx, out, lse = ctx.saved_tensors
         v_dim, scale, ops, pctx, weight, record = ctx.args
         dq, dkv, head_sum = ops.sparse_mla_attention_backward(q, kv, idx, out, lse, dout, v_dim, scale)
-        summed = own_rows_head_sum(head_sum, pctx)
+        p = own_rows_target(head_sum, pctx)
         rows = own_rows(pctx, q.shape[1])
         with torch.enable_grad():
             leaves = [x.detach().requires_grad_() for x in (qi, ki, wi)]
-            kl = ops.sparse_indexer_kl_from_target(*leaves, idx[:, rows], summed, target_scale(q, pctx))
+            kl = ops.sparse_indexer_kl_from_target(*leaves, idx[:, rows], p)
             w = torch.as_tensor(weight(), dtype=kl.dtype, device=kl.device)
             dqi, dki, dwi = torch.autograd.grad(kl, leaves, w.expand_as(kl))
         record(kl.detach())
