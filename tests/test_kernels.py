@@ -173,7 +173,7 @@ def test_indexer_topk_selection_launch():
 def test_indexer_topk_selection_paths(cap, group):
     """Every selection path equals the reference: the threshold resolved from the keys at or
     above the run maxima's bound (group > 0, cap large: long rows; cap 36: the rows whose list
-    fits), from the spilled candidate list sharing its top 16 bits (group 0, or short rows),
+    fits), from the listed keys sharing its top 16 bits (group 0, or short rows),
     from two more row passes (cap 0), or per row either way (cap 2: random rows fit, rows with
     crowded ties do not).  ``ordered=False`` returns the same sets, each row in key order (-1
     last) on every path: the attention's backward takes such rows without sorting them."""
