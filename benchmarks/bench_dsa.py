@@ -167,7 +167,7 @@ def ours_step(t, fp8, stages=None, idx=None, rows=None, kl_two_pass=False):
         t.q.grad, t.kv.grad, head_sum = KN.sparse_mla_attention_backward(t.q.detach(), t.kv.detach(), idx, out, lse,
                                                                          t.gout, DV, t.scale, options=t.options)
         mark("attn_bwd")
-        p = own_rows_target(head_sum[:, own], ParallelContext())  # training's normalisation, one rank
+        p = own_rows_target(head_sum[:, own], ParallelContext())  # training's target, one rank
         kl = KN.sparse_indexer_kl_from_target(t.qi[:, own], t.ki, t.wi[:, own], idx[:, own], p,
                                               options=t.options)
         mark("kl_fwd")

@@ -617,10 +617,14 @@ def check_main_keys(q_main: torch.Tensor, kv: torch.Tensor) -> None:
                          f"for queries {tuple(q_main.shape)}")
 
 
+def normalised_rows(weights: torch.Tensor) -> torch.Tensor:
+    """Non-negative weights divided by their sum over the last dim (rows of 0 stay 0)."""
+    return weights / weights.sum(dim=-1, keepdim=True).clamp_min(KL_EPS)
+
+
 def head_summed_target(probs: torch.Tensor, dim: int = 2) -> torch.Tensor:
     """Sum attention probabilities over heads, then L1-normalise over keys (the target p)."""
-    p = probs.sum(dim=dim)
-    return p / p.sum(dim=-1, keepdim=True).clamp_min(KL_EPS)
+    return normalised_rows(probs.sum(dim=dim))
 
 
 def _dense_kl_chunk(
@@ -761,24 +765,27 @@ def sparse_target_head_sum(
     return out
 
 
-def _kl_from_target_chunk(p, idx, q_idx, w_idx, k_idx):
+def _kl_from_target_chunk(weights, idx, q_idx, w_idx, k_idx):
+    valid = idx >= 0
     k_sel = gather_tokens(k_idx, idx)
     logits = (torch.einsum("btjd,btkd->btjk", _up(q_idx), _up(k_sel)).relu() * w_idx[..., None]).sum(dim=2)
-    return (kl_rows(p, logits, idx >= 0),)
+    return (kl_rows(normalised_rows(weights.float().masked_fill(~valid, 0.0)), logits, valid),)
 
 
 def sparse_indexer_kl_from_target(
-    q_idx: torch.Tensor, k_idx: torch.Tensor, w_idx: torch.Tensor, topk_idx: torch.Tensor, p: torch.Tensor
+    q_idx: torch.Tensor, k_idx: torch.Tensor, w_idx: torch.Tensor, topk_idx: torch.Tensor, weights: torch.Tensor
 ) -> torch.Tensor:
-    """KL(p || softmax(I)) over each row's selected set for a given target p [B, Sq, K] (rows
-    summing to 1, or all 0): kl [B, Sq]; gradients reach q_idx, k_idx, w_idx only.
+    """KL(p || softmax(I)) over each row's selected set, p = the given non-negative ``weights``
+    [B, Sq, K] divided by their row sum (weights at -1 slots ignored; a row of 0 gives KL 0):
+    kl [B, Sq]; gradients reach q_idx, k_idx, w_idx only.
 
-    ``sparse_indexer_kl`` is this with p = the normalised ``sparse_target_head_sum``.
+    ``sparse_indexer_kl`` is this with weights = ``sparse_target_head_sum`` (under TP, summed
+    over the ranks' heads): the one normalisation is here, where the KL reads the row anyway.
     """
     B, Sq, HI = q_idx.shape[:3]
     K = topk_idx.shape[-1]
     step = _chunk_size(B * K * max(HI, k_idx.shape[-1]), Sq)
-    (kl,) = _map_query_chunks(_kl_from_target_chunk, (p.detach(), topk_idx, q_idx, w_idx), (k_idx,), step)
+    (kl,) = _map_query_chunks(_kl_from_target_chunk, (weights.detach(), topk_idx, q_idx, w_idx), (k_idx,), step)
     return kl
 
 

@@ -416,15 +416,20 @@ def test_sparse_kl_in_two_steps(dtype, with_lse):
         assert part.shape == idx.shape and part.dtype == torch.float32
         assert rel(part, R.sparse_target_head_sum(qm32[:, :, h], kv32, idx, scale)) < tol
         parts.append(part)
-    summed = parts[0] + parts[1]
-    p = summed / summed.sum(-1, keepdim=True).clamp_min(R.KL_EPS)
-    kl = K.sparse_indexer_kl_from_target(qi, ki, wi, idx, p)
-    kl_r = R.sparse_indexer_kl_from_target(qi32, ki32, wi32, idx, p)
+    summed = parts[0] + parts[1]  # the KL normalises each row itself
+    kl = K.sparse_indexer_kl_from_target(qi, ki, wi, idx, summed)
+    kl_r = R.sparse_indexer_kl_from_target(qi32, ki32, wi32, idx, summed)
     kl_one = R.sparse_indexer_kl(qm32, kv32, qi32, ki32, wi32, idx, scale)
     _finite(kl)
     assert float(kl[0, 5]) == 0.0
     assert rel(kl, kl_r) < tol and rel(kl, kl_one) < tol
     _check_indexer_grads(kl, kl_r, (qi, ki, wi), (qi32, ki32, wi32), tol)
+    # a row's target is its weights over their sum: any positive scale per row gives the same KL,
+    # and weights at -1 slots are ignored
+    row_scale = torch.rand(B, S, 1, device=summed.device) * 10 + 0.1
+    scaled = (summed * row_scale).masked_fill(idx < 0, 7.0)
+    assert rel(K.sparse_indexer_kl_from_target(qi, ki, wi, idx, scaled), kl) < 1e-5
+    assert rel(R.sparse_indexer_kl_from_target(qi32, ki32, wi32, idx, scaled), kl_r) < 1e-5
 
 
 def _crowded_idx(B, S, Sk, topk, hot):

@@ -7,7 +7,8 @@
   it takes each head's log-sum-exp from the sparse attention's forward when given (one pass
   over the gathered latent rows) or builds it first (two). The KL kernel then computes the
   indexer logits over the same keys and KL = sum p log p - sum p I + lse_I * sum p, with p
-  renormalised (divided by the head count). The backward recomputes the logits and pushes
+  renormalised (divided by its row sum, which the kernel adds up first from the row it then
+  reads again from cache; the backward takes the forward's sums). The backward recomputes the logits and pushes
   dI = g * (softmax(I) - p) into q_idx, w_idx (per program) and k_idx (fp32 atomic adds; the
   attention's L2-sized key ranges measured slower here: 89 -> 109 ms at 128K).
 * Under tensor parallelism the two kernels run as two ops (``sparse_target_head_sum``, summed
@@ -32,6 +33,7 @@ from .sparse_attn import LOG2E, head_block
 
 
 if HAS_TRITON:
+    _KL_EPS = tl.constexpr(R.KL_EPS)
 
     @triton.jit
     def _load_selected(ib, kk, km):
@@ -193,22 +195,35 @@ if HAS_TRITON:
         return qi, wi, qoff, qm, woff, jm, di
 
     @triton.jit
-    def _selected_scores(ib, pb, k0, TOPK, Sk, kib, s_kis, qi, di, p_scale,
+    def _target_row_sum(ib, pb, TOPK, Sk, BK: tl.constexpr):
+        """The sum of a row's target weights over its valid slots, floored at KL_EPS as the
+        reference's ``normalised_rows`` floors it (read again by the main loop, from cache)."""
+        total = 0.0
+        for k0 in range(0, TOPK, BK):
+            kk = k0 + tl.arange(0, BK)
+            km = kk < TOPK
+            idx = _load_selected(ib, kk, km)
+            valid = (idx >= 0) & (idx < Sk)
+            total += tl.sum(tl.where(valid, tl.load(pb + kk, mask=km, other=0.0), 0.0), axis=0)
+        return tl.maximum(total, _KL_EPS)
+
+    @triton.jit
+    def _selected_scores(ib, pb, k0, TOPK, Sk, kib, s_kis, qi, di, psum,
                          DI: tl.constexpr, BK: tl.constexpr, IEEE_I: tl.constexpr, UPCAST: tl.constexpr):
-        """One block of selected keys: (key index, valid, target p, indexer keys, per-head dots
-        q_j . k [HIP, BK])."""
+        """One block of selected keys: (key index, valid, target p = weight / row sum (an IEEE
+        division, as PyTorch's), indexer keys, per-head dots q_j . k [HIP, BK])."""
         kk = k0 + tl.arange(0, BK)
         km = kk < TOPK
         idx = _load_selected(ib, kk, km)
         valid = (idx >= 0) & (idx < Sk)
-        p = tl.where(valid, tl.load(pb + kk, mask=km, other=0.0) * p_scale, 0.0)
+        p = tl.where(valid, tl.math.div_rn(tl.load(pb + kk, mask=km, other=0.0), psum), 0.0)
         ki = tl.load(kib + idx[:, None] * s_kis + di[None, :], mask=valid[:, None] & (di < DI)[None, :], other=0.0)
         return idx, valid, p, ki, _dot(qi, tl.trans(ki), IEEE_I, UPCAST)
 
     @triton.jit
     def _kl_fwd_kernel(
-        QI, KI, WI, IDX, P, KL, LSEI,
-        Sk, TOPK, p_scale,
+        QI, KI, WI, IDX, P, KL, LSEI, PSUM,
+        Sk, TOPK,
         s_qib, s_qis, s_qih,
         s_kib, s_kis,
         s_wib, s_wis, s_wih,
@@ -217,11 +232,12 @@ if HAS_TRITON:
         HI: tl.constexpr, HIP: tl.constexpr, DI: tl.constexpr, DIP: tl.constexpr,
         BK: tl.constexpr, IEEE_I: tl.constexpr, UPCAST: tl.constexpr,
     ):
-        # KL(p || softmax(I)) over the selected set, p = P * p_scale (P has IDX's strides).
+        # KL(p || softmax(I)) over the selected set, p = P / its row sum (P has IDX's strides).
         t = tl.program_id(0).to(tl.int64)
         b = tl.program_id(1).to(tl.int64)
         ib = IDX + b * s_ib + t * s_is
         pb = P + b * s_ib + t * s_is
+        psum_row = _target_row_sum(ib, pb, TOPK, Sk, BK)
         qi, wi, _, _, _, _, di = _indexer_row(QI, WI, b, t, s_qib, s_qis, s_qih, s_wib, s_wis, s_wih, HI, HIP, DI, DIP)
         kib = KI + b * s_kib
         mI = float("-inf")
@@ -230,7 +246,7 @@ if HAS_TRITON:
         pI = 0.0
         psum = 0.0
         for k0 in range(0, TOPK, BK):
-            idx, valid, p, ki, si = _selected_scores(ib, pb, k0, TOPK, Sk, kib, s_kis, qi, di, p_scale,
+            idx, valid, p, ki, si = _selected_scores(ib, pb, k0, TOPK, Sk, kib, s_kis, qi, di, psum_row,
                                                      DI, BK, IEEE_I, UPCAST)
             logit = tl.sum(tl.maximum(si, 0.0) * wi[:, None], axis=0)
             logit = tl.where(valid, logit, float("-inf"))
@@ -247,11 +263,12 @@ if HAS_TRITON:
         kl = tl.where(hasI, plogp - pI + tl.where(hasI, lseI, 0.0) * psum, 0.0)
         tl.store(KL + b * s_lb + t * s_ls, kl)
         tl.store(LSEI + b * s_lb + t * s_ls, lseI)
+        tl.store(PSUM + b * s_lb + t * s_ls, psum_row)
 
     @triton.jit
     def _kl_bwd_kernel(
-        QI, KI, WI, IDX, P, LSEI, GKL, DQI, DKI, DWI,
-        Sk, TOPK, p_scale,
+        QI, KI, WI, IDX, P, LSEI, PSUM, GKL, DQI, DKI, DWI,
+        Sk, TOPK,
         s_qib, s_qis, s_qih,
         s_kib, s_kis,
         s_wib, s_wis, s_wih,
@@ -261,13 +278,14 @@ if HAS_TRITON:
         HI: tl.constexpr, HIP: tl.constexpr, DI: tl.constexpr, DIP: tl.constexpr,
         BK: tl.constexpr, IEEE_I: tl.constexpr, UPCAST: tl.constexpr,
     ):
-        # DQI/DWI: fp32 buffers with QI/WI's strides; P has IDX's strides.
+        # DQI/DWI: fp32 buffers with QI/WI's strides; P has IDX's strides, PSUM the forward's row sums.
         t = tl.program_id(0).to(tl.int64)
         b = tl.program_id(1).to(tl.int64)
         qi, wi, qoff, qm, woff, jm, di = _indexer_row(QI, WI, b, t, s_qib, s_qis, s_qih, s_wib, s_wis, s_wih,
                                                       HI, HIP, DI, DIP)
         lseI = tl.load(LSEI + b * s_lb + t * s_ls)
         g = tl.load(GKL + b * s_lb + t * s_ls)
+        psum_row = tl.load(PSUM + b * s_lb + t * s_ls)
         lse_safe = tl.where(lseI == float("-inf"), float("inf"), lseI)
         ib = IDX + b * s_ib + t * s_is
         pb = P + b * s_ib + t * s_is
@@ -276,7 +294,7 @@ if HAS_TRITON:
         dq = tl.zeros((HIP, DIP), tl.float32)
         dw = tl.zeros((HIP,), tl.float32)
         for k0 in range(0, TOPK, BK):
-            idx, valid, p, ki, si = _selected_scores(ib, pb, k0, TOPK, Sk, kib, s_kis, qi, di, p_scale,
+            idx, valid, p, ki, si = _selected_scores(ib, pb, k0, TOPK, Sk, kib, s_kis, qi, di, psum_row,
                                                      DI, BK, IEEE_I, UPCAST)
             r = tl.maximum(si, 0.0)
             logit = tl.sum(r * wi[:, None], axis=0)
@@ -363,19 +381,20 @@ def _head_sum(qm, kv, idx, scale, lse, options: KernelOptions) -> torch.Tensor:
     return P
 
 
-def _kl_forward(qi, ki, wi, idx, P, p_scale: float, options: KernelOptions):
-    """(kl, lse of the indexer logits) [B, Sq] against the target P * p_scale."""
+def _kl_forward(qi, ki, wi, idx, P, options: KernelOptions):
+    """(kl, lse of the indexer logits, the target's row sums) [B, Sq] against the target P
+    divided by its row sums."""
     B, Sq, K = idx.shape
     kl = torch.empty(B, Sq, dtype=torch.float32, device=idx.device)
-    lseI = torch.empty_like(kl)
+    lseI, psum = torch.empty_like(kl), torch.empty_like(kl)
     if not Sq:
-        return kl, lseI
+        return kl, lseI, psum
     HI, DI = qi.shape[2], qi.shape[3]
     HIP, DIP = next_pow2(HI, 16), next_pow2(DI, 16)
     tiles = _kl_tiles(options.kl_fwd, idx.is_cuda, False, HIP * DIP)
     _kl_fwd_kernel[(Sq, B)](
-        qi, ki, wi, idx, P, kl, lseI,
-        ki.shape[1], K, p_scale,
+        qi, ki, wi, idx, P, kl, lseI, psum,
+        ki.shape[1], K,
         qi.stride(0), qi.stride(1), qi.stride(2),
         ki.stride(0), ki.stride(1),
         wi.stride(0), wi.stride(1), wi.stride(2),
@@ -385,10 +404,10 @@ def _kl_forward(qi, ki, wi, idx, P, p_scale: float, options: KernelOptions):
         BK=tiles.BK, IEEE_I=is_fp32(qi, ki), UPCAST=interpreting(),
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
-    return kl, lseI
+    return kl, lseI, psum
 
 
-def _kl_backward(qi, ki, wi, idx, P, p_scale, lseI, gkl, options: KernelOptions):
+def _kl_backward(qi, ki, wi, idx, P, lseI, psum, gkl, options: KernelOptions):
     B, Sq, HI, DI = qi.shape
     K = idx.shape[-1]
     gkl = torch.empty_like(lseI).copy_(gkl)  # the kernel reads it with lseI's strides
@@ -401,8 +420,8 @@ def _kl_backward(qi, ki, wi, idx, P, p_scale, lseI, gkl, options: KernelOptions)
     HIP, DIP = next_pow2(HI, 16), next_pow2(DI, 16)
     tiles = _kl_tiles(options.kl_bwd, qi.is_cuda, True, HIP * DIP)
     _kl_bwd_kernel[(Sq, B)](
-        qi, ki, wi, idx, P, lseI, gkl, dqi, dki, dwi,
-        ki.shape[1], K, p_scale,
+        qi, ki, wi, idx, P, lseI, psum, gkl, dqi, dki, dwi,
+        ki.shape[1], K,
         qi.stride(0), qi.stride(1), qi.stride(2),
         ki.stride(0), ki.stride(1),
         wi.stride(0), wi.stride(1), wi.stride(2),
@@ -417,8 +436,8 @@ def _kl_backward(qi, ki, wi, idx, P, p_scale, lseI, gkl, options: KernelOptions)
 
 
 class SparseIndexerKL(torch.autograd.Function):
-    """The sparse KL against p = P * p_scale: P is the head sum of the main attention over the set
-    (built from q_main, kv, scale, ``lse`` optional; p_scale = 1 / H) or a given target."""
+    """The sparse KL against p = P / its row sum: P is the head sum of the main attention over the
+    set (built from q_main, kv, scale, ``lse`` optional) or given target weights."""
 
     @staticmethod
     def forward(ctx, q_main, kv, q_idx, k_idx, w_idx, topk_idx, scale, lse, target, options):
@@ -428,21 +447,19 @@ class SparseIndexerKL(torch.autograd.Function):
         idx = selection(topk_idx)  # int32: kept for the backward, half of int64's bytes
         if target is None:
             P = _head_sum(q_main.detach().contiguous(), kv.detach().contiguous(), idx, scale, lse, options)
-            p_scale = 1.0 / max(q_main.shape[2], 1)
         else:
             P = target.detach().float().contiguous()
             assert P.shape == (B, Sq, K), (P.shape, (B, Sq, K))
-            p_scale = 1.0
-        kl, lseI = _kl_forward(qi, ki, wi, idx, P, p_scale, options)
-        ctx.save_for_backward(qi, ki, wi, idx, P, lseI)
-        ctx.p_scale, ctx.options = p_scale, options
+        kl, lseI, psum = _kl_forward(qi, ki, wi, idx, P, options)
+        ctx.save_for_backward(qi, ki, wi, idx, P, lseI, psum)
+        ctx.options = options
         ctx.dtypes = (q_idx.dtype, k_idx.dtype, w_idx.dtype)
         return kl
 
     @staticmethod
     def backward(ctx, gkl):
-        qi, ki, wi, idx, P, lseI = ctx.saved_tensors
-        dqi, dki, dwi = _kl_backward(qi, ki, wi, idx, P, ctx.p_scale, lseI, gkl, ctx.options)
+        qi, ki, wi, idx, P, lseI, psum = ctx.saved_tensors
+        dqi, dki, dwi = _kl_backward(qi, ki, wi, idx, P, lseI, psum, gkl, ctx.options)
         dq_t, dk_t, dw_t = ctx.dtypes
         return None, None, dqi.to(dq_t), dki.to(dk_t), dwi.to(dw_t), None, None, None, None, None
 
@@ -471,10 +488,12 @@ def sparse_target_head_sum(q_main, kv, topk_idx, scale, lse=None, options: Kerne
                      options)
 
 
-def sparse_indexer_kl_from_target(q_idx, k_idx, w_idx, topk_idx, p, options: KernelOptions = DEFAULT_OPTIONS):
+def sparse_indexer_kl_from_target(q_idx, k_idx, w_idx, topk_idx, weights,
+                                  options: KernelOptions = DEFAULT_OPTIONS):
     """Same contract as ``reference.sparse_indexer_kl_from_target``: kl [B, Sq] against the
-    given target p [B, Sq, K]; grads reach q_idx, k_idx, w_idx (the fused backward)."""
-    return SparseIndexerKL.apply(None, None, q_idx, k_idx, w_idx, topk_idx, 1.0, None, p.detach(), options)
+    given target weights [B, Sq, K], normalised per row in the kernel (no pass of its own over
+    them); grads reach q_idx, k_idx, w_idx (the fused backward)."""
+    return SparseIndexerKL.apply(None, None, q_idx, k_idx, w_idx, topk_idx, 1.0, None, weights.detach(), options)
 
 
 # --------------------------------------------------------------------------------------------

@@ -167,8 +167,8 @@ def tp_sparse_kl(ops, q, kv_buf, idx, lse, qi, ki_buf, wi, scale: float, ctx: Pa
 
     Each rank sums its local heads' selected-set probabilities for all rows (no grad; ``lse`` is
     the sparse attention's, which saves the kernel a pass), the partial sums [B, S_cp, K] are
-    reduce-scattered over TP (fp32: S_cp x K x 4 bytes), and each rank normalises its own rows'
-    sums and takes the KL against its own indexer logits.
+    reduce-scattered over TP (fp32: S_cp x K x 4 bytes), and each rank takes the KL of its own
+    rows (normalised in the KL) against its own indexer logits.
     """
     rows = own_rows(ctx, q.shape[1])
     with torch.no_grad():
@@ -178,12 +178,10 @@ def tp_sparse_kl(ops, q, kv_buf, idx, lse, qi, ki_buf, wi, scale: float, ctx: Pa
 
 @torch.no_grad()
 def own_rows_target(head_sum: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
-    """The sparse KL's target p for this rank's own rows, from its heads' probability sums over
-    every row's selected set [B, S_cp, K] (consumed): the TP ranks' sums added (reduce-scatter,
-    fp32) and each row normalised over its set (all 0 where no key was selected)."""
-    summed = reduce_scatter_rows(head_sum, ctx.tp_group, name="tp.kl_partial_p")
-    # In place: on one rank ``summed`` is ``head_sum`` itself, [B, S, K] fp32 (1 GiB at 128K x 2048).
-    return summed.div_(summed.sum(dim=-1, keepdim=True).clamp_min(R.KL_EPS))
+    """The sparse KL's target weights for this rank's own rows, from its heads' probability sums
+    over every row's selected set [B, S_cp, K]: the TP ranks' sums added (reduce-scatter, fp32;
+    on one rank ``head_sum`` itself). The KL divides each row by its sum as it reads it."""
+    return reduce_scatter_rows(head_sum, ctx.tp_group, name="tp.kl_partial_p")
 
 
 class SparseAttentionKLInBackward(torch.autograd.Function):
