@@ -1,6 +1,6 @@
-"""The kernels compile for the H200 (sm_90) and fit its shared memory: the warm-up's fused KL at
-the small MoE's shapes and at DeepSeek-V3.2's (latent 512 + 64 or the MHA form's 128 + 64 a head,
-128 heads, indexer 64 x 128), and
+"""The kernels compile for the H200 (sm_90) and fit its shared memory: the warm-up's fused KL and
+the sparse KL's logits kernels at the small MoE's shapes and at DeepSeek-V3.2's (latent 512 + 64
+or the MHA form's 128 + 64 a head, 128 heads, indexer 64 x 128), and
 the sparse attention / KL target kernels with their default tiles at 16 heads and at 64-head
 blocks (the split backward's dq and dkv kernels, the target with the keys as rows; the backward
 adding the KL's target as training runs it), their row gathers as 16-byte asynchronous copies.
@@ -23,7 +23,7 @@ import pytest
 triton = pytest.importorskip("triton")
 
 from megatron_dsa.kernels import dense_kl as DK  # noqa: E402
-from megatron_dsa.kernels._common import split_pow2  # noqa: E402
+from megatron_dsa.kernels._common import next_pow2, split_pow2  # noqa: E402
 from megatron_dsa.kernel_options import KernelOptions  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,7 +32,8 @@ POINTERS = dict(QM="*bf16", KV="*bf16", QI="*bf16", KI="*bf16", WI="*fp32", QPOS
                 QDOC="*i64", KDOC="*i64",
                 LSE="*fp32", PART="*fp32", LSEI="*fp32", G="*fp32", DQ="*fp32", DW="*fp32", DK="*fp32",
                 scale_log2="fp32", scale="fp32", Q="*bf16", IDX="*i32", O="*bf16", SEG="*i32", DO="*bf16",
-                DELTA="*fp32", DKV="*fp32", LSEM="*fp32", P="*fp32", PSUM="*fp32", DS="*bf16")
+                DELTA="*fp32", DKV="*fp32", LSEM="*fp32", P="*fp32", PSUM="*fp32", DS="*bf16",
+                KL="*fp32", GKL="*fp32", DQI="*fp32", DKI="*fp32", DWI="*fp32")
 # The sparse backward's stored probabilities (P) are bf16 like its score gradients.
 STORED_P = ("_sparse_dkv_kernel", "_sparse_dkv_product_kernel")
 
@@ -67,6 +68,13 @@ def check_fits(H: int, D: int, HI: int, DI: int) -> None:
         (DK._dense_kl_fwd_kernel, kl, dict(num_warps=blk["num_warps"])),
         (DK._dense_kl_bwd_kernel, kl, dict(num_warps=blk["num_warps"])),
     ]
+    from megatron_dsa.kernels import indexer_kl as L
+
+    HIP, DIP = next_pow2(HI, 16), next_pow2(DI, 16)
+    for fn, bwd in ((L._kl_fwd_kernel, False), (L._kl_bwd_kernel, True)):  # the sparse KL's logits
+        tiles = L._kl_tiles(None, True, bwd, HIP * DIP)
+        kernels.append((fn, dict(HI=HI, HIP=HIP, DI=DI, DIP=DIP, BK=tiles.BK, IEEE_I=False, UPCAST=False),
+                        dict(num_warps=tiles.num_warps, num_stages=tiles.num_stages)))
     for fn, consts, options in kernels:
         # With the runtime's alignment hints: they let the compiler pipeline the KV tiles through
         # shared memory (without them the log-sum-exp kernel compiled to 139 KB at three stages
@@ -90,7 +98,7 @@ def test_dense_kl_kernels_fit_an_h200(H, D, HI, DI):
     code = f"import sys; sys.path.insert(0, 'tests'); import test_compile_sm90 as t; t.check_fits({H}, {D}, {HI}, {DI})"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("\n") == 3, proc.stdout
+    assert proc.stdout.count("\n") == 5, proc.stdout
 
 
 def _pointers(fn) -> dict:
