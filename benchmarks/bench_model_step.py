@@ -13,6 +13,9 @@ only the indexers). Median of ``--iters`` after ``--warmup-iters``; peak memory 
 Transformer Engine's FP8 for the linears (hybrid format, delayed scaling; the DSA core stays in
 bf16), so it needs ``--transformer-impl transformer_engine`` (or auto with TE installed).
 ``--profile N`` adds, per arm, one profiled step's N most expensive operators (where the time goes).
+``--saved N`` adds, per arm, what one step's autograd graph keeps for its backward (the tensors its
+operators saved, each storage once, parameters left out) and the N operators that keep the most:
+where a phase's memory beyond another's goes, on any device.
 ``--dense-kl`` lists the warm-up KL implementations to time (``mdsa_kernel_options.dense_kl``;
 default: fused); with more than one, each warm-up arm runs once per implementation, labelled
 ``warmup[fused]`` etc. Writes model_step_<size>_<seq>.json / .md to --out.
@@ -62,21 +65,70 @@ def parse_arm(arm: str) -> tuple[str, str]:
     return phase, layout
 
 
-def step_fn(model, phase: str, tokens, labels, positions):
+def step_fns(model, phase: str, tokens, labels, positions):
+    """(forward, step): the phase's loss, and the loss after its backward."""
     from megatron_dsa.layer import pop_indexer_losses
 
-    def step():
+    def forward():
         out = model(tokens, positions, None, labels=labels)
         if phase == "warmup":
             loss = torch.stack(pop_indexer_losses(model)).sum()
             # The LM loss is computed for logging only (as in the trainer).
             out.float().mean().item()
-        else:
-            loss = out.float().mean()
+            return loss
+        return out.float().mean()
+
+    def step():
+        loss = forward()
         loss.backward()
         return loss
 
-    return step
+    return forward, step
+
+
+def _saved_by(node) -> list[torch.Tensor]:
+    """The tensors one autograd node keeps for its backward: a custom Function's
+    ``save_for_backward``, a built-in operator's ``_saved_*`` fields."""
+    if hasattr(node, "saved_tensors"):
+        return [t for t in node.saved_tensors if isinstance(t, torch.Tensor)]
+    out = []
+    for name in dir(node):
+        if name.startswith("_saved_"):
+            try:
+                value = getattr(node, name)
+            except RuntimeError:  # a field already released
+                continue
+            values = value if isinstance(value, (tuple, list)) else (value,)
+            out += [v for v in values if isinstance(v, torch.Tensor)]
+    return out
+
+
+def saved_for_backward(loss: torch.Tensor, params, top: int) -> dict:
+    """What the graph behind ``loss`` keeps for its backward: GiB in all, and the ``top``
+    operators by the bytes they keep (each storage counted once, by the first operator found to
+    keep it; parameters left out). What a custom Function keeps as plain attributes is not seen."""
+    param_storages = {p.untyped_storage().data_ptr() for p in params}
+    seen: set[int] = set()
+    by_op: dict[str, list[int]] = {}
+    stack, visited = [loss.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in visited:
+            continue
+        visited.add(id(node))
+        for t in _saved_by(node):
+            storage = t.untyped_storage()
+            key = storage.data_ptr()
+            if not storage.nbytes() or key in param_storages or key in seen:
+                continue
+            seen.add(key)
+            entry = by_op.setdefault(node.name(), [0, 0])
+            entry[0] += storage.nbytes()
+            entry[1] += 1
+        stack.extend(fn for fn, _ in node.next_functions)
+    ranked = sorted(by_op.items(), key=lambda kv: kv[1][0], reverse=True)
+    return {"gib": sum(b for b, _ in by_op.values()) / 2**30,
+            "top": [{"op": op, "gib": b / 2**30, "tensors": n} for op, (b, n) in ranked[:top]]}
 
 
 def profile_step(step, cuda: bool, top: int) -> list[dict]:
@@ -114,7 +166,7 @@ def run_arm(args, arm: str, device, precision: str = "bf16", kernel_options: dic
     tokens = torch.randint(0, vocab, (args.batch, args.seq), device=device)
     labels = torch.roll(tokens, -1, dims=1)
     positions = torch.arange(args.seq, device=device)[None].expand(args.batch, -1)
-    step = step_fn(model, phase, tokens, labels, positions)
+    forward, step = step_fns(model, phase, tokens, labels, positions)
 
     def zero():
         for p in model.parameters():
@@ -143,7 +195,13 @@ def run_arm(args, arm: str, device, precision: str = "bf16", kernel_options: dic
     if args.profile:
         zero()
         res["profile"] = profile_step(step, cuda, args.profile)
-    del model, step
+    if args.saved:
+        zero()
+        loss = forward()
+        res["saved"] = saved_for_backward(loss, list(model.parameters()), args.saved)
+        loss.backward()
+        del loss
+    del model, step, forward
     if cuda:
         torch.cuda.empty_cache()
     return res
@@ -165,6 +223,9 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="after timing, profile one more step per arm and list its N most expensive operators")
+    p.add_argument("--saved", type=int, default=0, metavar="N",
+                   help="after timing, list what one more step keeps for its backward: the total and the N "
+                        "operators that keep the most")
     p.add_argument("--warmup-iters", type=int, default=2)
     p.add_argument("--update", action="store_true",
                    help="keep the existing json's rows of the arms this run does not measure (same settings): "
@@ -174,6 +235,8 @@ def main(argv=None) -> int:
                         "(as bench_recompute.py: core_attn = selective, full = every layer)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = p.parse_args(argv)
+    if args.profile < 0 or args.saved < 0:
+        raise SystemExit("error: --profile and --saved take a count >= 0")
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     for a in arms:
         parse_arm(a)
@@ -288,6 +351,12 @@ def render_markdown(meta: dict, rows: list[dict]) -> str:
                           f"{'device' if meta['device'] != 'cpu' else 'CPU'}):", "",
                       "| operator | ms | share | calls |", "|---|---|---|---|"]
             lines += [f"| `{x['op']}` | {x['ms']:.2f} | {x['share']:.0%} | {x['calls']} |" for x in r["profile"]]
+    for r in rows:
+        if r.get("saved"):
+            lines += ["", f"What one `{r['arm']}` step keeps for its backward: {r['saved']['gib']:.2f} GiB "
+                          "(autograd's saved tensors, each storage once, parameters left out); the operators "
+                          "keeping the most:", "", "| operator | GiB | tensors |", "|---|---|---|"]
+            lines += [f"| `{x['op']}` | {x['gib']:.3f} | {x['tensors']} |" for x in r["saved"]["top"]]
     return "\n".join(lines) + "\n"
 
 

@@ -36,7 +36,8 @@ def test_dense_kl_and_precision_variants_are_labelled(tmp_path):
     assert "warmup[fused,bf16]" in (tmp_path / "model_step_tiny_64.md").read_text()
 
 
-@pytest.mark.parametrize("flag", [["--dense-kl", "fast"], ["--precision", "fp4"], ["--arms", "warmup_bogus"]])
+@pytest.mark.parametrize("flag", [["--dense-kl", "fast"], ["--precision", "fp4"], ["--arms", "warmup_bogus"],
+                                  ["--saved", "-1"]])
 def test_bad_variants_fail_before_any_run(tmp_path, flag):
     proc = _bench(tmp_path, *flag)
     assert proc.returncode != 0 and "error:" in proc.stderr + proc.stdout
@@ -65,6 +66,26 @@ def test_profile_lists_where_the_step_time_goes(tmp_path):
     assert 1 <= len(prof) <= 3 and all(x["ms"] > 0 and 0 < x["share"] <= 1 for x in prof)
     assert [x["ms"] for x in prof] == sorted((x["ms"] for x in prof), reverse=True)
     assert "Where the time of one `warmup` step goes" in (tmp_path / "model_step_tiny_64.md").read_text()
+
+
+def test_saved_lists_what_each_step_keeps_for_its_backward(tmp_path):
+    proc = _bench(tmp_path, "--arms", "pretrain,sparse", "--saved", "100", "--transformer-impl", "local")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {r["arm"]: r for r in json.loads((tmp_path / "model_step_tiny_64.json").read_text())["rows"]}
+    for r in rows.values():
+        saved = r["saved"]
+        assert saved["gib"] > 0 and saved["top"]
+        gib = [x["gib"] for x in saved["top"]]
+        assert gib == sorted(gib, reverse=True) and sum(gib) == pytest.approx(saved["gib"])
+    # the sparse step's attention keeps its queries, latent rows, indexer inputs, the int32
+    # selection (64 tokens x top-k 8 a layer) and its output: a custom Function's saved tensors count
+    ops = {x["op"]: x for x in rows["sparse"]["saved"]["top"]}
+    kl = ops["SparseAttentionKLInBackwardBackward"]
+    layers = 3  # the tiny model
+    assert kl["tensors"] >= 7 * layers and kl["gib"] * 2**30 > layers * 64 * 8 * 4
+    assert not any("Sparse" in op for op in (x["op"] for x in rows["pretrain"]["saved"]["top"]))
+    md = (tmp_path / "model_step_tiny_64.md").read_text()
+    assert "What one `sparse` step keeps for its backward" in md and "| `SparseAttentionKLInBackwardBackward` |" in md
 
 
 def test_recompute_applies_to_the_pretrain_and_sparse_arms(tmp_path):
