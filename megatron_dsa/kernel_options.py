@@ -80,6 +80,10 @@ class KernelOptions:
     select_cap: keys a row's candidate list holds (those at or above the runs' bound, or those
     sharing the threshold's top 16 bits) before the selection passes over the row again instead
     (0: always the passes; None: the default, ``kernels.indexer``).
+    select_max_registers: registers a thread of the selection may hold (the compiler's maxnreg,
+    16-255; it spills above them): fewer let more programs share an SM, which hides the latency
+    of a kernel bound by instructions, not bytes (None: the compiler's choice, 80 at the default
+    launch on sm_90: three programs of 8 warps an SM; 64 fits four).
     dq_product_columns / dkv_product_columns: q's value columns one program of the dq product makes,
     the latent's value columns one program of the dkv product adds (powers of two >= 16; None: 256
     and 128, which fit an H200 SM's registers and shared memory). dkv_product_heads: the heads one
@@ -112,6 +116,7 @@ class KernelOptions:
     select: Optional[Tiles] = None
     select_runs: Optional[int] = None
     select_cap: Optional[int] = None
+    select_max_registers: Optional[int] = None
     dq_product_columns: Optional[int] = None
     dkv_product_columns: Optional[int] = None
     dkv_product_heads: Optional[int] = None
@@ -131,6 +136,9 @@ class KernelOptions:
             raise ValueError(f"select_runs must be 0, a power of two or null, got {r!r}")
         if self.select_cap is not None and not _count(self.select_cap):
             raise ValueError(f"select_cap must be an integer >= 0 or null, got {self.select_cap!r}")
+        m = self.select_max_registers
+        if m is not None and not (_count(m) and 16 <= m <= 255):
+            raise ValueError(f"select_max_registers must be an integer from 16 to 255 or null, got {m!r}")
         for name in ("dq_product_columns", "dkv_product_columns", "dkv_product_heads", "dense_kl_rows"):
             v = getattr(self, name)
             if v is not None and not (_count(v) and v >= 16 and not v & (v - 1)):

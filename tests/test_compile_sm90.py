@@ -3,7 +3,8 @@ the sparse KL's logits kernels at the small MoE's shapes and at DeepSeek-V3.2's 
 or the MHA form's 128 + 64 a head, 128 heads, indexer 64 x 128), and
 the sparse attention / KL target kernels with their default tiles at 16 heads and at 64-head
 blocks (the split backward's dq and dkv kernels, the target with the keys as rows; the backward
-adding the KL's target as training runs it), their row gathers as 16-byte asynchronous copies.
+adding the KL's target as training runs it), their row gathers as 16-byte asynchronous copies;
+and the top-k selection with and without a register cap.
 
 No GPU needed: Triton lowers to PTX and assembles it with its bundled ptxas. The interpreter tests
 check the math; this catches what only the compiler sees (an unrolled loop once put 315 KB of
@@ -169,3 +170,28 @@ def test_sparse_kernels_fit_an_h200(HB, DV, DR):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("\n") == (11 if HB >= 64 else 3), proc.stdout
+
+
+def check_selection() -> None:
+    """The top-k selection at its default launch, with the compiler's registers and with
+    ``select_max_registers`` 64 (the PTX then carries the cap; the kernel spills instead)."""
+    from megatron_dsa.kernels import indexer as I
+
+    sel = I.SELECT_TILES
+    consts = dict(TOPK=2048, TILE=sel.BK, OTILE=1024, CAP=I.SELECT_CAP, G=I.SELECT_RUNS, RT=sel.BK // I.SELECT_RUNS)
+    pointers = dict(S="*fp32", OUT="*i32", RLIM="*i32", CAND="*i32", GMAX="*fp32", RUNS="*i32")
+    for cap in (None, 64):
+        options = dict(num_warps=sel.num_warps, num_stages=sel.num_stages, **({} if cap is None else {"maxnreg": cap}))
+        k = _compile_sm90(I._select_kernel, consts, options, hints=True, pointers=pointers)
+        caps = re.findall(r"\.maxnreg (\d+)", k.asm["ptx"])
+        assert caps == ([] if cap is None else [str(cap)]), caps
+        assert 0 < k.metadata.shared <= SM90_SHARED_BYTES
+        print("_select_kernel", cap, k.metadata.shared)
+
+
+def test_selection_compiles_with_and_without_a_register_cap():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = "import sys; sys.path.insert(0, 'tests'); import test_compile_sm90 as t; t.check_selection()"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("_select_kernel") == 2, proc.stdout

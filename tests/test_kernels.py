@@ -169,6 +169,32 @@ def test_indexer_topk_selection_launch():
     _check_topk(got, R.indexer_topk(q, k, w, topk), R.indexer_scores(q, k, w), mask, 1e-4)
 
 
+def test_selection_register_cap_reaches_its_launch(monkeypatch):
+    """``select_max_registers`` is the selection launch's maxnreg, only when set; with it the
+    selection (spilling on the GPU: 64 registers against the compiler's 80) equals the reference."""
+    from megatron_dsa.kernels import indexer as KI
+
+    real, launches = KI._select_kernel, []
+
+    class Recorded:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append(kwargs.get("maxnreg"))
+                return real[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(KI, "_select_kernel", Recorded())
+    S, HI, DI, topk = (2000, 8, 64, 256) if BIG else (90, 3, 16, 24)
+    q, k, w = torch.randn(2, S, HI, DI, device=DEV), torch.randn(2, S, DI, device=DEV), torch.randn(2, S, HI, device=DEV)
+    k[1, S // 3 :] = k[1, : S - S // 3].clone()  # exact ties at the threshold
+    got = K.indexer_topk(q, k, w, topk, options=KernelOptions(select_max_registers=64))
+    assert launches and set(launches) == {64}
+    mask = R.causal_mask(torch.arange(S, device=DEV), torch.arange(S, device=DEV))
+    _check_topk(got, R.indexer_topk(q, k, w, topk), R.indexer_scores(q, k, w), mask, 1e-4)
+    launches.clear()
+    assert torch.equal(K.indexer_topk(q, k, w, topk), got) and set(launches) == {None}
+
+
 @pytest.mark.parametrize("cap,group", [(0, 2), (2, 2), (4096, 0), (4096, 2), (36, 2)])
 def test_indexer_topk_selection_paths(cap, group):
     """Every selection path equals the reference: the threshold resolved from the keys at or

@@ -480,6 +480,8 @@ def indexer_topk(
     G = options.select_runs if options.select_runs is not None else (SELECT_RUNS if on_gpu else SELECT_RUNS_INTERPRETER)
     if G and BN % G:
         raise ValueError(f"select_runs={G} must divide the scoring tile's {BN} keys")
+    m = options.select_max_registers
+    select_registers = {} if m is None else {"maxnreg": m}
     cand = torch.empty(B, chunk, max(CAP, 1), dtype=torch.int32, device=dev)
     runs = torch.empty_like(cand) if G else cand  # the runs a row's list is read from
     gmax = torch.empty(B, chunk, triton.cdiv(Sk, G) if G else 1, dtype=torch.float32, device=dev)
@@ -522,7 +524,7 @@ def indexer_topk(
             buf.stride(0), buf.stride(1), o.stride(0), o.stride(1), rl_b.stride(0),
             cand.stride(0), cand.stride(1), gmax.stride(0), gmax.stride(1), t0,
             TOPK=topk, TILE=sel.BK, OTILE=OTILE, CAP=CAP, G=G, RT=max(sel.BK // max(G, 1), 1),
-            num_warps=sel.num_warps, num_stages=sel.num_stages,
+            num_warps=sel.num_warps, num_stages=sel.num_stages, **select_registers,
         )
         if not ordered:
             continue
