@@ -8,9 +8,9 @@
   over the gathered latent rows) or builds it first (two). The KL kernel then computes the
   indexer logits over the same keys and KL = sum p log p - sum p I + lse_I * sum p, with p
   renormalised (divided by its row sum, which the kernel adds up first from the row it then
-  reads again from cache; the backward takes the forward's sums). The backward recomputes the logits and pushes
-  dI = g * (softmax(I) - p) into q_idx, w_idx (per program) and k_idx (fp32 atomic adds; the
-  attention's L2-sized key ranges measured slower here: 89 -> 109 ms at 128K).
+  reads again from cache; the backward takes the forward's sums). The backward recomputes the
+  logits and pushes dI = g * (softmax(I) - p) into q_idx, w_idx (per program) and k_idx (fp32
+  atomic adds; the attention's L2-sized key ranges measured slower here: 89 -> 109 ms at 128K).
 * Under tensor parallelism the two kernels run as two ops (``sparse_target_head_sum``, summed
   over the ranks' heads by the caller, then ``sparse_indexer_kl_from_target``).
 * ``dense_indexer_kl``: the fused Triton kernels of ``dense_kl`` for the KL (the default), or
