@@ -92,7 +92,7 @@ def check_fits(H: int, D: int, HI: int, DI: int) -> None:
 
 @pytest.mark.parametrize("H,D,HI,DI", [(8, 160, 4, 64), (128, 576, 64, 128), (128, 192, 64, 128)],
                          ids=["small", "671b", "671b_mha_form"])
-def test_dense_kl_kernels_fit_an_h200(H, D, HI, DI):
+def test_kl_kernels_fit_an_h200(H, D, HI, DI):
     # A fresh process: the compiler needs the kernels as JIT functions, and this test session may
     # have them as interpreter functions (TRITON_INTERPRET=1, set for the CPU kernel tests).
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
