@@ -195,15 +195,20 @@ if HAS_TRITON:
         return qi, wi, qoff, qm, woff, jm, di
 
     @triton.jit
+    def _selected_slots(ib, k0, TOPK, Sk, BK: tl.constexpr):
+        """A block of a row's slots: (slots, in the row, key index, a key is there)."""
+        kk = k0 + tl.arange(0, BK)
+        km = kk < TOPK
+        idx = _load_selected(ib, kk, km)
+        return kk, km, idx, (idx >= 0) & (idx < Sk)
+
+    @triton.jit
     def _target_row_sum(ib, pb, TOPK, Sk, BK: tl.constexpr):
         """The sum of a row's target weights over its valid slots, floored at KL_EPS as the
         reference's ``normalised_rows`` floors it (read again by the main loop, from cache)."""
         total = 0.0
         for k0 in range(0, TOPK, BK):
-            kk = k0 + tl.arange(0, BK)
-            km = kk < TOPK
-            idx = _load_selected(ib, kk, km)
-            valid = (idx >= 0) & (idx < Sk)
+            kk, km, _, valid = _selected_slots(ib, k0, TOPK, Sk, BK)
             total += tl.sum(tl.where(valid, tl.load(pb + kk, mask=km, other=0.0), 0.0), axis=0)
         return tl.maximum(total, _KL_EPS)
 
@@ -212,10 +217,7 @@ if HAS_TRITON:
                          DI: tl.constexpr, BK: tl.constexpr, IEEE_I: tl.constexpr, UPCAST: tl.constexpr):
         """One block of selected keys: (key index, valid, target p = weight / row sum (an IEEE
         division, as PyTorch's), indexer keys, per-head dots q_j . k [HIP, BK])."""
-        kk = k0 + tl.arange(0, BK)
-        km = kk < TOPK
-        idx = _load_selected(ib, kk, km)
-        valid = (idx >= 0) & (idx < Sk)
+        kk, km, idx, valid = _selected_slots(ib, k0, TOPK, Sk, BK)
         p = tl.where(valid, tl.math.div_rn(tl.load(pb + kk, mask=km, other=0.0), psum), 0.0)
         ki = tl.load(kib + idx[:, None] * s_kis + di[None, :], mask=valid[:, None] & (di < DI)[None, :], other=0.0)
         return idx, valid, p, ki, _dot(qi, tl.trans(ki), IEEE_I, UPCAST)
