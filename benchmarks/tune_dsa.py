@@ -131,6 +131,10 @@ def variants(stage: str, heads: int) -> list[tuple[str, KernelOptions]]:
                       for t in ((1024, 4, 1), (2048, 4, 1), (1024, 8, 1), (4096, 8, 1), (4096, 16, 1), (2048, 8, 2))] + [
             (f"indexer_topk fp8 score{t}", KernelOptions(score=Tiles(*t)))
             for t in ((256, 4, 3), (256, 8, 3), (128, 8, 3), (64, 4, 4), (128, 4, 2))]
+    if stage == "select":  # the selection beside the next chunk's scoring or after it; its register cap
+        return [(f"indexer_topk fp8 select_overlap={o} select_max_registers={m}",
+                 KernelOptions(select_overlap=o, select_max_registers=m))
+                for o in (True, False) for m in (None, 64)]
     if stage == "kl":  # the target kernel with the heads or the selected keys as the products' rows
         out = [(f"kl target {'keys' if rows else 'heads'} as rows {t}",
                 KernelOptions(kl_target_keys_rows=rows, kl_target=Tiles(*t)))
@@ -244,7 +248,7 @@ def run(heads, seqs, stages, reps, out_dir, only=(), profile=False, record=None,
                             timed(row, fn)
                             got = [x.detach() for x in fn()]
                             del qm, keys
-                        elif stage == "topk":
+                        elif stage in ("topk", "select"):
                             if H != heads[0]:  # the indexer does not depend on the attention's heads
                                 continue
                             got = []
@@ -290,7 +294,7 @@ def run(heads, seqs, stages, reps, out_dir, only=(), profile=False, record=None,
     return rows
 
 
-STAGES = ("base", "topk", "fwd", "bwd", "kl", "warmup_kl")
+STAGES = ("base", "topk", "select", "fwd", "bwd", "kl", "warmup_kl")
 
 
 def chosen_variants(text: str, stages: list[str], heads: list[int]) -> list[str]:

@@ -84,6 +84,11 @@ class KernelOptions:
     16-255; it spills above them): fewer let more programs share an SM, which hides the latency
     of a kernel bound by instructions, not bytes (None: the compiler's choice, 80 at the default
     launch on sm_90: three programs of 8 warps an SM; 64 fits four).
+    select_overlap: select a chunk of rows on a second, higher-priority CUDA stream while the next
+    chunk is scored, so that the selection (bound by latency) shares the SMs with the scoring
+    (bound by the tensor cores); the scores are then double-buffered, two chunks of half the
+    workspace each (None: on for CUDA tensors; without CUDA the same buffers alternate on one
+    stream).
     dq_product_columns / dkv_product_columns: q's value columns one program of the dq product makes,
     the latent's value columns one program of the dkv product adds (powers of two >= 16; None: 256
     and 128, which fit an H200 SM's registers and shared memory). dkv_product_heads: the heads one
@@ -117,6 +122,7 @@ class KernelOptions:
     select_runs: Optional[int] = None
     select_cap: Optional[int] = None
     select_max_registers: Optional[int] = None
+    select_overlap: Optional[bool] = None
     dq_product_columns: Optional[int] = None
     dkv_product_columns: Optional[int] = None
     dkv_product_heads: Optional[int] = None
@@ -147,7 +153,7 @@ class KernelOptions:
             raise ValueError(f"dense_kl_span must be a positive integer or null, got {self.dense_kl_span!r}")
         if not (_count(self.workspace_bytes) and self.workspace_bytes > 0):
             raise ValueError(f"workspace_bytes must be a positive integer, got {self.workspace_bytes!r}")
-        for name in ("attn_bwd_split", "kl_target_keys_rows"):
+        for name in ("attn_bwd_split", "kl_target_keys_rows", "select_overlap"):
             if getattr(self, name) not in (None, True, False):
                 raise ValueError(f"{name} must be true, false or null, got {getattr(self, name)!r}")
         for name in TILE_FIELDS:

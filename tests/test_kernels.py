@@ -195,6 +195,25 @@ def test_selection_register_cap_reaches_its_launch(monkeypatch):
     assert torch.equal(K.indexer_topk(q, k, w, topk), got) and set(launches) == {None}
 
 
+def test_selection_overlapping_the_next_chunks_scoring_selects_the_same():
+    """With ``select_overlap`` the chunks of rows alternate between two score buffers (on CUDA
+    each chunk is selected on a second stream while the next one is scored): over many chunks,
+    the same top-k as one buffer, ordered or as sets, and as the reference (ties included)."""
+    S, HI, DI, topk = (3000, 8, 64, 256) if BIG else (70, 2, 16, 12)
+    q, k, w = torch.randn(1, S, HI, DI, device=DEV), torch.randn(1, S, DI, device=DEV), torch.randn(1, S, HI, device=DEV)
+    k[0, S // 2 :] = k[0, : S - S // 2].clone()  # exact ties at the threshold
+    rows = 64 if BIG else 16  # the scoring tile's query rows: the smallest chunk
+    few_rows = KernelOptions(workspace_bytes=2 * rows * S * 4, select_overlap=True)  # a chunk a buffer
+    one_buffer = KernelOptions(select_overlap=False)
+    got = K.indexer_topk(q, k, w, topk, options=few_rows)
+    assert torch.equal(got, K.indexer_topk(q, k, w, topk, options=one_buffer))
+    sets = K.indexer_topk(q, k, w, topk, ordered=False, options=few_rows)
+    assert torch.equal(sets, K.indexer_topk(q, k, w, topk, ordered=False, options=one_buffer))
+    assert torch.equal(sets.sort(dim=-1).values, got.sort(dim=-1).values)
+    mask = R.causal_mask(torch.arange(S, device=DEV), torch.arange(S, device=DEV))
+    _check_topk(got, R.indexer_topk(q, k, w, topk), R.indexer_scores(q, k, w), mask, 1e-4)
+
+
 @pytest.mark.parametrize("cap,group", [(0, 2), (2, 2), (4096, 0), (4096, 2), (36, 2)])
 def test_indexer_topk_selection_paths(cap, group):
     """Every selection path equals the reference: the threshold resolved from the keys at or
@@ -873,10 +892,11 @@ def test_workspace_bytes_bounds_the_chunks_not_the_results(monkeypatch):
     wi = torch.randn(B, S, HI, device=DEV, requires_grad=True)
     tiny = 16 * B * S * 4  # 16 query rows of fp32 scores; an eighth of it is under one KL row
     whole = K.indexer_topk(qi, ki, wi, topk)
-    assert chunks == [("scores", 64 if BIG else 16 * 4)]  # one chunk: every (padded) row
+    bufs = 2 if BIG else 1  # on CUDA the selection overlaps the next chunk's scoring: two buffers
+    assert chunks == [("scores", 64 if BIG else 16 * 4)] * bufs  # one chunk: every (padded) row
     chunks.clear()
     assert torch.equal(K.indexer_topk(qi, ki, wi, topk, options=KernelOptions(workspace_bytes=tiny)), whole)
-    assert chunks == [("scores", 64 if BIG else 16)]
+    assert chunks == [("scores", 64 if BIG else 16)] * bufs
     qm, kv = torch.randn(B, S, H, D, device=DEV), torch.randn(B, S, D, device=DEV)
     for impl in ("fused", "blockwise"):
         runs = []

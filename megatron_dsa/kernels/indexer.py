@@ -28,6 +28,7 @@ read back), so writing a chunk of scores costs a few percent of the scoring time
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -408,6 +409,36 @@ def _row_limits(q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(k_pos.contiguous(), q_pos.contiguous(), right=True).to(torch.int32)
 
 
+class _SelectStreams:
+    """Where the selection of a chunk of rows runs: on a second, higher-priority CUDA stream
+    (``device`` given), so that it shares the SMs with the scoring of the next chunk, or (None)
+    on the current stream. With two score buffers, the scoring of a chunk waits only for the
+    selection that last read its buffer."""
+
+    def __init__(self, device: Optional[torch.device]):
+        self.main = torch.cuda.current_stream(device) if device is not None else None
+        self.side = torch.cuda.Stream(device=device, priority=-1) if device is not None else None
+        self.read = {}  # buffer slot -> event after the selection that last read it
+
+    def before_scoring(self, slot: int) -> None:
+        if self.side is not None and slot in self.read:
+            self.main.wait_event(self.read[slot])
+
+    @contextlib.contextmanager
+    def selecting(self, slot: int):
+        if self.side is None:
+            yield
+            return
+        self.side.wait_stream(self.main)  # the chunk's scores (and every input) are written
+        with torch.cuda.stream(self.side):
+            yield
+        self.read[slot] = self.side.record_event()
+
+    def join(self) -> None:
+        if self.side is not None:
+            self.main.wait_stream(self.side)
+
+
 @torch.no_grad()
 def indexer_topk(
     q: torch.Tensor,
@@ -471,10 +502,12 @@ def indexer_topk(
         cfg.update(BN=options.score.BK, num_warps=options.score.num_warps, num_stages=options.score.num_stages)
     BM, BN = cfg.pop("BM"), cfg.pop("BN")
     DIP = next_pow2(DI, FP8_MIN_K if fp8 else 16)  # padded columns are masked zeros
-    # One query chunk's fp32 scores [B, chunk, Sk] within the options' workspace (2 GiB by default).
-    chunk = max(BM, rows_within(options.workspace_bytes, B * Sk * 4) // BM * BM)
+    # The selection of one chunk of rows overlaps the scoring of the next: two score buffers,
+    # each within half the options' workspace (2 GiB by default) of fp32 scores [B, chunk, Sk].
+    overlap = options.select_overlap if options.select_overlap is not None else on_gpu
+    nbuf = 2 if overlap else 1
+    chunk = max(BM, rows_within(options.workspace_bytes // nbuf, B * Sk * 4) // BM * BM)
     chunk = min(chunk, triton.cdiv(Sq, BM) * BM)
-    buf = torch.empty(B, chunk, Sk, dtype=torch.float32, device=dev)
     sel = options.select or (SELECT_TILES if on_gpu else Tiles(256, 4, 1))
     CAP = options.select_cap if options.select_cap is not None else (SELECT_CAP if on_gpu else SELECT_CAP_INTERPRETER)
     G = options.select_runs if options.select_runs is not None else (SELECT_RUNS if on_gpu else SELECT_RUNS_INTERPRETER)
@@ -482,56 +515,64 @@ def indexer_topk(
         raise ValueError(f"select_runs={G} must divide the scoring tile's {BN} keys")
     m = options.select_max_registers
     select_registers = {} if m is None else {"maxnreg": m}
+    bufs = [torch.empty(B, chunk, Sk, dtype=torch.float32, device=dev) for _ in range(nbuf)]
+    gmaxs = [torch.empty(B, chunk, triton.cdiv(Sk, G) if G else 1, dtype=torch.float32, device=dev)
+             for _ in range(nbuf)]
     cand = torch.empty(B, chunk, max(CAP, 1), dtype=torch.int32, device=dev)
     runs = torch.empty_like(cand) if G else cand  # the runs a row's list is read from
-    gmax = torch.empty(B, chunk, triton.cdiv(Sk, G) if G else 1, dtype=torch.float32, device=dev)
     OTILE = min(next_pow2(topk), 1024)
-    for t0 in range(0, Sq, chunk):
-        t1 = min(Sq, t0 + chunk)
-        n = t1 - t0
-        nmb = triton.cdiv(n, BM)
-        # Key limit of each query block: max row limit over its rows.
-        rl = rlim[t0:t1]
-        pad = nmb * BM - n
-        if pad:
-            rl = torch.cat((rl, rl.new_zeros(pad)))
-        blim = rl.view(nmb, BM).amax(dim=1).to(torch.int32).expand(B, nmb).contiguous()
-        # First key of each query block's earliest document: key blocks before it are -inf
-        # without scoring (0 for an unpacked sequence).
-        lo = row_lo[t0:t1]
-        if pad:
-            lo = torch.cat((lo, lo.new_full((pad,), Sk)))
-        blo = lo.view(nmb, BM).amin(dim=1).to(torch.int32).expand(B, nmb).contiguous()
-        grid = (nmb, triton.cdiv(Sk, BN), B)
-        _score_kernel[grid](
-            q_in, k_in, w_in, ks if ks is not None else w_in, buf, gmax, blim, blo, q_pos32, k_pos32, q_doc32, k_doc32,
-            Sk, n, t0,
-            q_in.stride(0), q_in.stride(1), q_in.stride(2),
-            k_in.stride(0), k_in.stride(1),
-            w_in.stride(0), w_in.stride(1), w_in.stride(2),
-            ks.stride(0) if ks is not None else 0,
-            buf.stride(0), buf.stride(1),
-            gmax.stride(0), gmax.stride(1),
-            nmb,
-            HI=HI, DI=DI, DIP=DIP, BM=BM, BN=BN, HAS_KS=ks is not None, IEEE=ieee, UPCAST=interpreting(),
-            HAS_DOC=has_doc, G=G,
-            **cfg,
-        )
-        o = out[:, t0:t1]
-        rl_b = rlim.expand(B, Sq)
-        _select_kernel[(n, B)](
-            buf, o, rl_b, cand, gmax, runs,
-            buf.stride(0), buf.stride(1), o.stride(0), o.stride(1), rl_b.stride(0),
-            cand.stride(0), cand.stride(1), gmax.stride(0), gmax.stride(1), t0,
-            TOPK=topk, TILE=sel.BK, OTILE=OTILE, CAP=CAP, G=G, RT=max(sel.BK // max(G, 1), 1),
-            num_warps=sel.num_warps, num_stages=sel.num_stages, **select_registers,
-        )
-        if not ordered:
-            continue
-        # Order within a row: score descending, ties toward the smaller key index (the
-        # collected list is in key order, so a stable sort keeps that tie rule).
-        vals = torch.gather(buf[:, :n], 2, o.clamp_min(0).long())  # int64 for gather: this chunk only
-        vals.masked_fill_(o < 0, float("-inf"))
-        order = torch.sort(vals, dim=-1, descending=True, stable=True).indices
-        out[:, t0:t1] = torch.gather(o, 2, order)
+    streams = _SelectStreams(dev if overlap and on_gpu else None)
+    try:  # a failed launch still leaves nothing running on the side stream
+        for i, t0 in enumerate(range(0, Sq, chunk)):
+            t1 = min(Sq, t0 + chunk)
+            n = t1 - t0
+            nmb = triton.cdiv(n, BM)
+            buf, gmax = bufs[i % nbuf], gmaxs[i % nbuf]
+            streams.before_scoring(i % nbuf)
+            # Key limit of each query block: max row limit over its rows.
+            rl = rlim[t0:t1]
+            pad = nmb * BM - n
+            if pad:
+                rl = torch.cat((rl, rl.new_zeros(pad)))
+            blim = rl.view(nmb, BM).amax(dim=1).to(torch.int32).expand(B, nmb).contiguous()
+            # First key of each query block's earliest document: key blocks before it are -inf
+            # without scoring (0 for an unpacked sequence).
+            lo = row_lo[t0:t1]
+            if pad:
+                lo = torch.cat((lo, lo.new_full((pad,), Sk)))
+            blo = lo.view(nmb, BM).amin(dim=1).to(torch.int32).expand(B, nmb).contiguous()
+            grid = (nmb, triton.cdiv(Sk, BN), B)
+            _score_kernel[grid](
+                q_in, k_in, w_in, ks if ks is not None else w_in, buf, gmax, blim, blo, q_pos32, k_pos32, q_doc32, k_doc32,
+                Sk, n, t0,
+                q_in.stride(0), q_in.stride(1), q_in.stride(2),
+                k_in.stride(0), k_in.stride(1),
+                w_in.stride(0), w_in.stride(1), w_in.stride(2),
+                ks.stride(0) if ks is not None else 0,
+                buf.stride(0), buf.stride(1),
+                gmax.stride(0), gmax.stride(1),
+                nmb,
+                HI=HI, DI=DI, DIP=DIP, BM=BM, BN=BN, HAS_KS=ks is not None, IEEE=ieee, UPCAST=interpreting(),
+                HAS_DOC=has_doc, G=G,
+                **cfg,
+            )
+            with streams.selecting(i % nbuf):
+                o = out[:, t0:t1]
+                rl_b = rlim.expand(B, Sq)
+                _select_kernel[(n, B)](
+                    buf, o, rl_b, cand, gmax, runs,
+                    buf.stride(0), buf.stride(1), o.stride(0), o.stride(1), rl_b.stride(0),
+                    cand.stride(0), cand.stride(1), gmax.stride(0), gmax.stride(1), t0,
+                    TOPK=topk, TILE=sel.BK, OTILE=OTILE, CAP=CAP, G=G, RT=max(sel.BK // max(G, 1), 1),
+                    num_warps=sel.num_warps, num_stages=sel.num_stages, **select_registers,
+                )
+                if ordered:
+                    # Order within a row: score descending, ties toward the smaller key index (the
+                    # collected list is in key order, so a stable sort keeps that tie rule).
+                    vals = torch.gather(buf[:, :n], 2, o.clamp_min(0).long())  # int64 for gather: this chunk only
+                    vals.masked_fill_(o < 0, float("-inf"))
+                    order = torch.sort(vals, dim=-1, descending=True, stable=True).indices
+                    out[:, t0:t1] = torch.gather(o, 2, order)
+    finally:
+        streams.join()
     return out
