@@ -131,10 +131,13 @@ def variants(stage: str, heads: int) -> list[tuple[str, KernelOptions]]:
                       for t in ((1024, 4, 1), (2048, 4, 1), (1024, 8, 1), (4096, 8, 1), (4096, 16, 1), (2048, 8, 2))] + [
             (f"indexer_topk fp8 score{t}", KernelOptions(score=Tiles(*t)))
             for t in ((256, 4, 3), (256, 8, 3), (128, 8, 3), (64, 4, 4), (128, 4, 2))]
-    if stage == "select":  # the selection beside the next chunk's scoring or after it; its register cap
-        return [(f"indexer_topk fp8 select_overlap={o} select_max_registers={m}",
-                 KernelOptions(select_overlap=o, select_max_registers=m))
-                for o in (True, False) for m in (None, 64)]
+    if stage == "select":  # the selection beside the next chunk's scoring or after it; its registers and warps
+        out = [(f"indexer_topk fp8 select_overlap={o} select_max_registers={m}",
+                KernelOptions(select_overlap=o, select_max_registers=m))
+               for o, m in ((True, None), (False, None), (True, 64))]
+        # fewer warps a row: no barriers across warps, more rows in flight an SM
+        return out + [(f"indexer_topk fp8 select_overlap=True select{t}", KernelOptions(select=Tiles(*t)))
+                      for t in ((256, 1, 1), (512, 1, 1), (512, 2, 1), (1024, 4, 1))]
     if stage == "kl":  # the target kernel with the heads or the selected keys as the products' rows
         out = [(f"kl target {'keys' if rows else 'heads'} as rows {t}",
                 KernelOptions(kl_target_keys_rows=rows, kl_target=Tiles(*t)))
