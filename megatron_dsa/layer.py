@@ -233,6 +233,7 @@ class DSACoreAttention(MegatronModule):
     def reuse_selection_of(self, source: "DSACoreAttention") -> None:
         """Take the top-k selection that ``source`` (an earlier layer) made in this forward."""
         self.__dict__["_selection_source"] = source
+        source.__dict__["_lends_selection"] = True
 
     def indexer_module(self) -> Optional[LightningIndexer]:
         """The indexer whose weights this layer scores with: its own, the shared one, or None
@@ -311,8 +312,11 @@ class DSACoreAttention(MegatronModule):
             kl_in_backward=self._kl_in_backward(total_rows=batch * seq) if indexer is not None else None,
         )
         self.indexer_flops += res.indexer_flops
-        if indexer is not None and s.mode == "sparse":
-            self._last_topk = res.topk  # global positions: a borrowing layer fetches its own KV
+        if indexer is not None and s.mode == "sparse" and self.__dict__.get("_lends_selection"):
+            # Global positions: a borrowing layer fetches its own KV. Kept only where a layer
+            # borrows it: otherwise it would hold the selection (int32, 1 GiB a layer at 128K x
+            # 2048) past the backward, until the next forward.
+            self._last_topk = res.topk
         out = res.out
         if res.kl is not None:
             out = self._attach_indexer_loss(out, res.kl, res.recall, s.mode, total_rows=batch * seq)
