@@ -69,6 +69,9 @@ class KLInBackward:
 
     weight: Callable[[], Union[float, torch.Tensor]]
     record: Callable[[torch.Tensor], None]
+    # Keep the selection for the backward in 16 bits a key (False: a later layer reuses it, so
+    # its int32 form stays alive anyway).
+    compact_selection: bool = True
 
 
 @dataclass
@@ -189,7 +192,8 @@ def dsa_core(
         ki_buf = ki_all if gids is None else ki_all.reshape(B * seq, -1)[gids][None].expand(B, -1, -1)
     if selected_set_loss and kl_in_backward is not None and objective == "kl" and torch.is_grad_enabled():
         out = sparse_attention_kl_in_backward(backend, q, kv_buf, idx, v_dim, scale, qi, ki_buf, wi, ctx,
-                                              kl_in_backward.weight, kl_in_backward.record)
+                                              kl_in_backward.weight, kl_in_backward.record,
+                                              compact=kl_in_backward.compact_selection)
         return CoreResult(out, topk=sel, indexer_flops=flops[0])
     out, lse = backend.sparse_mla_attention(q, kv_buf, idx, v_dim, scale)
     res = CoreResult(out, topk=sel)

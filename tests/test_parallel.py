@@ -33,6 +33,75 @@ MODES = [("dense", True), ("warmup", True), ("sparse", True), ("sparse", False)]
 # ---------------------------------------------------------------------------------------------
 
 
+def _key_ordered_selection(B, S, K, n_keys, gen, causal=False):
+    """Rows of distinct keys < n_keys (causal: <= the row) in ascending order, each a random
+    length (0 .. K) with the -1 padding last, as the indexer's unordered top-k lists them."""
+    idx = torch.full((B, S, K), -1, dtype=torch.int32)
+    for b in range(B):
+        for t in range(S):
+            pool = t + 1 if causal else n_keys
+            n = int(torch.randint(0, min(K, pool) + 1, (), generator=gen))
+            idx[b, t, :n] = torch.randperm(pool, generator=gen)[:n].sort().values.to(torch.int32)
+    return idx
+
+
+@pytest.mark.parametrize("n_keys", [100, 65536, 65537, 300000])
+def test_a_compact_selection_expands_to_the_same_keys(n_keys):
+    """16 bits a key and each row's block ends give back the int32 selection exactly, in key
+    blocks of 2^16 (a block's last key, a key at a block's start, several blocks); a selection
+    whose rows are not in key order with the padding last is refused (None), not stored wrong."""
+    from megatron_dsa.kernels import compact_selection, expand_selection
+
+    gen = torch.Generator().manual_seed(n_keys)
+    idx = _key_ordered_selection(2, 9, 40, n_keys, gen)
+    idx[0, 0] = -1
+    idx[0, 0, :3] = torch.tensor([0, 65535, 65536] if n_keys > 65536 else [0, 1, n_keys - 1], dtype=torch.int32)
+    packed = compact_selection(idx, n_keys)
+    assert packed is not None
+    low, ends = packed
+    assert low.dtype == torch.int16 and low.shape == idx.shape and ends.shape == (2, 9, -(-n_keys // 65536))
+    assert torch.equal(expand_selection(low, ends), idx)
+    swapped = idx.clone()
+    swapped[1, 2, :2] = torch.tensor([5, 3], dtype=torch.int32)  # descending
+    hole = idx.clone()
+    hole[1, 3, :3] = torch.tensor([-1, 4, 7], dtype=torch.int32)  # padding before a key
+    for bad in (swapped, hole):
+        assert compact_selection(bad, n_keys) is None
+
+
+def test_the_kl_in_backward_keeps_a_compact_selection_with_the_same_gradients():
+    """The training step's sparse attention (KL in its backward) keeps a key-ordered selection in
+    16 bits a key: int16 among its saved tensors, no int32 one, and the same output, KL and
+    gradients as keeping it int32; a score-ordered selection is kept int32."""
+    from megatron_dsa import ops
+    from megatron_dsa.parallel import ParallelContext
+    from megatron_dsa.parallel.sharded import sparse_attention_kl_in_backward
+
+    gen = torch.Generator().manual_seed(0)
+    B, S, H, D, V, HI, DI, K = 1, 24, 2, 12, 8, 2, 8, 6
+    idx = _key_ordered_selection(B, S, K, S, gen, causal=True)
+    backend = ops.backend("reference", torch.device("cpu"))
+    inputs = [torch.randn(*shape, generator=gen) for shape in ((B, S, H, D), (B, S, D), (B, S, HI, DI), (B, S, DI),
+                                                                 (B, S, HI))]
+    cot = torch.randn(B, S, H, V, generator=gen)
+    results = {}
+    for compact, sel in ((True, idx), (False, idx), (True, idx.flip(-1))):
+        leaves = [x.clone().requires_grad_() for x in inputs]
+        q, kv, qi, ki, wi = leaves
+        kls, saved = [], []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append((t.dtype, t.shape)) or t, lambda t: t):
+            out = sparse_attention_kl_in_backward(backend, q, kv, sel, V, D ** -0.5, qi, ki, wi, ParallelContext(),
+                                                  lambda: 1.0, kls.append, compact=compact)
+        (out * cot).sum().backward()
+        results[compact, sel is idx] = (out.detach(), kls[0], [x.grad for x in leaves], saved)
+    (o1, kl1, g1, saved1), (o0, kl0, g0, saved0) = results[True, True], results[False, True]
+    kept = lambda dtype, saved: (dtype, idx.shape) in saved  # noqa: E731
+    assert kept(torch.int16, saved1) and not kept(torch.int32, saved1) and kept(torch.int32, saved0)
+    assert torch.equal(o1, o0) and torch.equal(kl1, kl0)
+    assert all(torch.equal(a, b) for a, b in zip(g1, g0))
+    assert kept(torch.int32, results[True, False][3])  # not in key order: kept as it is
+
+
 @pytest.mark.parametrize("cp", [1, 2, 4])
 def test_cp_layout_matches_megatron(cp):
     """cp_split / cp_positions / cp_owner agree with megatron-core's own zigzag split."""

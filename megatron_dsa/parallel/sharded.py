@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from megatron_dsa import reference as R
+from megatron_dsa.kernels import compact_selection, expand_selection
 from megatron_dsa.parallel.comm import (
     ParallelContext,
     all_gather_rows,
@@ -192,15 +193,19 @@ class SparseAttentionKLInBackward(torch.autograd.Function):
     KL values handed to ``record`` (no grad)."""
 
     @staticmethod
-    def forward(ctx, q, kv, qi, ki, wi, idx, v_dim, scale, ops, pctx, weight, record):
+    def forward(ctx, q, kv, qi, ki, wi, idx, v_dim, scale, ops, pctx, weight, record, compact):
         out, lse = ops.sparse_mla_attention(q, kv, idx, v_dim, scale)
-        ctx.save_for_backward(q, kv, qi, ki, wi, idx, out, lse)
+        # The selection kept in half its bytes when nothing else holds it (int32 otherwise)
+        stored = compact_selection(idx, kv.shape[1]) if compact else None
+        ctx.save_for_backward(q, kv, qi, ki, wi, out, lse, *(stored or (idx,)))
         ctx.args = (v_dim, scale, ops, pctx, weight, record)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, kv, qi, ki, wi, idx, out, lse = ctx.saved_tensors
+        q, kv, qi, ki, wi, out, lse, *stored = ctx.saved_tensors
+        idx = expand_selection(*stored) if len(stored) == 2 else stored[0]
+        del stored
         v_dim, scale, ops, pctx, weight, record = ctx.args
         dq, dkv, head_sum = ops.sparse_mla_attention_backward(q, kv, idx, out, lse, dout, v_dim, scale)
         p = own_rows_target(head_sum, pctx)
@@ -211,13 +216,17 @@ class SparseAttentionKLInBackward(torch.autograd.Function):
             w = torch.as_tensor(weight(), dtype=kl.dtype, device=kl.device)
             dqi, dki, dwi = torch.autograd.grad(kl, leaves, w.expand_as(kl))
         record(kl.detach())
-        return dq, dkv, dqi, dki, dwi, None, None, None, None, None, None, None
+        return dq, dkv, dqi, dki, dwi, None, None, None, None, None, None, None, None
 
 
 def sparse_attention_kl_in_backward(ops, q, kv_buf, idx, v_dim: int, scale: float, qi, ki_buf, wi,
-                                    ctx: ParallelContext, weight, record) -> torch.Tensor:
+                                    ctx: ParallelContext, weight, record, compact: bool = True) -> torch.Tensor:
     """The sparse attention's output [B, S_cp, H/TP, v_dim]; its backward adds the own rows' KL
     (``tp_sparse_kl``'s value, weighted by ``weight()``: d loss / d row KL) to the indexer's
     gradients and passes the values to ``record``. The indexer's inputs are detached (the
-    indexer learns only from the KL), so nothing else changes in the graph."""
-    return SparseAttentionKLInBackward.apply(q, kv_buf, qi, ki_buf, wi, idx, v_dim, scale, ops, ctx, weight, record)
+    indexer learns only from the KL), so nothing else changes in the graph. ``compact``: keep
+    the selection for the backward in 16 bits a key (``kernels.compact_selection``; rows in key
+    order), which frees the int32 one when nothing else holds it (a layer that lends its
+    selection to later layers keeps that one, and passes False)."""
+    return SparseAttentionKLInBackward.apply(q, kv_buf, qi, ki_buf, wi, idx, v_dim, scale, ops, ctx, weight, record,
+                                             compact)
