@@ -70,9 +70,10 @@ def test_a_compact_selection_expands_to_the_same_keys(n_keys):
 
 
 def test_the_kl_in_backward_keeps_a_compact_selection_with_the_same_gradients():
-    """The training step's sparse attention (KL in its backward) keeps a key-ordered selection in
-    16 bits a key: int16 among its saved tensors, no int32 one, and the same output, KL and
-    gradients as keeping it int32; a score-ordered selection is kept int32."""
+    """With ``compact_selection`` the training step's sparse attention (KL in its backward) keeps
+    a key-ordered selection in 16 bits a key: int16 among its saved tensors, no int32 one, and
+    the same output, KL and gradients as keeping it int32 (the layer's False, or the option off);
+    a score-ordered selection is kept int32."""
     from megatron_dsa import ops
     from megatron_dsa.parallel import ParallelContext
     from megatron_dsa.parallel.sharded import sparse_attention_kl_in_backward
@@ -80,7 +81,12 @@ def test_the_kl_in_backward_keeps_a_compact_selection_with_the_same_gradients():
     gen = torch.Generator().manual_seed(0)
     B, S, H, D, V, HI, DI, K = 1, 24, 2, 12, 8, 2, 8, 6
     idx = _key_ordered_selection(B, S, K, S, gen, causal=True)
-    backend = ops.backend("reference", torch.device("cpu"))
+    from types import SimpleNamespace
+
+    from megatron_dsa.kernel_options import KernelOptions
+
+    reference = ops.backend("reference", torch.device("cpu"))
+    backend = SimpleNamespace(**dict(vars(reference), options=KernelOptions(compact_selection=True)))
     inputs = [torch.randn(*shape, generator=gen) for shape in ((B, S, H, D), (B, S, D), (B, S, HI, DI), (B, S, DI),
                                                                  (B, S, HI))]
     cot = torch.randn(B, S, H, V, generator=gen)
@@ -100,6 +106,12 @@ def test_the_kl_in_backward_keeps_a_compact_selection_with_the_same_gradients():
     assert torch.equal(o1, o0) and torch.equal(kl1, kl0)
     assert all(torch.equal(a, b) for a, b in zip(g1, g0))
     assert kept(torch.int32, results[True, False][3])  # not in key order: kept as it is
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append((t.dtype, t.shape)) or t, lambda t: t):
+        leaves = [x.clone().requires_grad_() for x in inputs]
+        sparse_attention_kl_in_backward(reference, *leaves[:2], idx, V, D ** -0.5, *leaves[2:], ParallelContext(),
+                                        lambda: 1.0, kls.append, compact=True)
+    assert kept(torch.int32, saved) and not kept(torch.int16, saved)  # the option's default: off
 
 
 @pytest.mark.parametrize("cp", [1, 2, 4])
