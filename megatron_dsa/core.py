@@ -69,8 +69,8 @@ class KLInBackward:
 
     weight: Callable[[], Union[float, torch.Tensor]]
     record: Callable[[torch.Tensor], None]
-    # Keep the selection for the backward in 16 bits a key (False: a later layer reuses it, so
-    # its int32 form stays alive anyway).
+    # The selection may be kept for the backward in 16 bits a key where the kernel options ask
+    # for it (False: a later layer reuses it, so its int32 form stays alive anyway).
     compact_selection: bool = True
 
 
