@@ -69,9 +69,9 @@ class KLInBackward:
 
     weight: Callable[[], Union[float, torch.Tensor]]
     record: Callable[[torch.Tensor], None]
-    # The selection may be kept for the backward in 16 bits a key where the kernel options ask
-    # for it (False: a later layer reuses it, so its int32 form stays alive anyway).
-    compact_selection: bool = True
+    # A later layer reuses the selection: its int32 form stays alive anyway, so the backward
+    # keeps that one (not a 16-bit copy, which ``KernelOptions.compact_selection`` asks for).
+    selection_shared: bool = False
 
 
 @dataclass
@@ -193,7 +193,7 @@ def dsa_core(
     if selected_set_loss and kl_in_backward is not None and objective == "kl" and torch.is_grad_enabled():
         out = sparse_attention_kl_in_backward(backend, q, kv_buf, idx, v_dim, scale, qi, ki_buf, wi, ctx,
                                               kl_in_backward.weight, kl_in_backward.record,
-                                              compact=kl_in_backward.compact_selection)
+                                              selection_shared=kl_in_backward.selection_shared)
         return CoreResult(out, topk=sel, indexer_flops=flops[0])
     out, lse = backend.sparse_mla_attention(q, kv_buf, idx, v_dim, scale)
     res = CoreResult(out, topk=sel)

@@ -384,7 +384,7 @@ class DSACoreAttention(MegatronModule):
             return coeff if scale is None else scale * coeff
 
         return KLInBackward(weight, lambda kl: self._record(INDEXER_KL, kl),
-                            compact_selection=not self.__dict__.get("_lends_selection"))
+                            selection_shared=bool(self.__dict__.get("_lends_selection")))
 
     def _attach_indexer_loss(self, out, kl, recall, mode: str, total_rows: int) -> torch.Tensor:
         """``kl`` holds this rank's own rows: the loss is their sum over ALL ``total_rows`` rows

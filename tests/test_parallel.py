@@ -97,7 +97,7 @@ def test_the_kl_in_backward_keeps_a_compact_selection_with_the_same_gradients():
         kls, saved = [], []
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append((t.dtype, t.shape)) or t, lambda t: t):
             out = sparse_attention_kl_in_backward(backend, q, kv, sel, V, D ** -0.5, qi, ki, wi, ParallelContext(),
-                                                  lambda: 1.0, kls.append, compact=compact)
+                                                  lambda: 1.0, kls.append, selection_shared=not compact)
         (out * cot).sum().backward()
         results[compact, sel is idx] = (out.detach(), kls[0], [x.grad for x in leaves], saved)
     (o1, kl1, g1, saved1), (o0, kl0, g0, saved0) = results[True, True], results[False, True]
@@ -110,7 +110,7 @@ def test_the_kl_in_backward_keeps_a_compact_selection_with_the_same_gradients():
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append((t.dtype, t.shape)) or t, lambda t: t):
         leaves = [x.clone().requires_grad_() for x in inputs]
         sparse_attention_kl_in_backward(reference, *leaves[:2], idx, V, D ** -0.5, *leaves[2:], ParallelContext(),
-                                        lambda: 1.0, kls.append, compact=True)
+                                        lambda: 1.0, kls.append)
     assert kept(torch.int32, saved) and not kept(torch.int16, saved)  # the option's default: off
 
 

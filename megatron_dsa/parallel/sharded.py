@@ -193,10 +193,11 @@ class SparseAttentionKLInBackward(torch.autograd.Function):
     KL values handed to ``record`` (no grad)."""
 
     @staticmethod
-    def forward(ctx, q, kv, qi, ki, wi, idx, v_dim, scale, ops, pctx, weight, record, compact):
+    def forward(ctx, q, kv, qi, ki, wi, idx, v_dim, scale, ops, pctx, weight, record, selection_shared):
         out, lse = ops.sparse_mla_attention(q, kv, idx, v_dim, scale)
         # The selection kept in half its bytes when asked and nothing else holds it (else int32)
-        stored = compact_selection(idx, kv.shape[1]) if compact and ops.options.compact_selection else None
+        compact = ops.options.compact_selection and not selection_shared
+        stored = compact_selection(idx, kv.shape[1]) if compact else None
         ctx.save_for_backward(q, kv, qi, ki, wi, out, lse, *(stored or (idx,)))
         ctx.args = (v_dim, scale, ops, pctx, weight, record)
         return out
@@ -220,13 +221,14 @@ class SparseAttentionKLInBackward(torch.autograd.Function):
 
 
 def sparse_attention_kl_in_backward(ops, q, kv_buf, idx, v_dim: int, scale: float, qi, ki_buf, wi,
-                                    ctx: ParallelContext, weight, record, compact: bool = True) -> torch.Tensor:
+                                    ctx: ParallelContext, weight, record,
+                                    selection_shared: bool = False) -> torch.Tensor:
     """The sparse attention's output [B, S_cp, H/TP, v_dim]; its backward adds the own rows' KL
     (``tp_sparse_kl``'s value, weighted by ``weight()``: d loss / d row KL) to the indexer's
     gradients and passes the values to ``record``. The indexer's inputs are detached (the
-    indexer learns only from the KL), so nothing else changes in the graph. ``compact``: with
-    the ops' ``KernelOptions.compact_selection``, keep the selection for the backward in 16 bits
-    a key (rows in key order), which frees the int32 one when nothing else holds it (a layer
-    that lends its selection to later layers keeps that one, and passes False)."""
+    indexer learns only from the KL), so nothing else changes in the graph. With the ops'
+    ``KernelOptions.compact_selection`` the selection is kept for the backward in 16 bits a key
+    (rows in key order), which frees the int32 one, unless ``selection_shared``: a layer that
+    lends its selection to later layers keeps the int32 one they hold anyway."""
     return SparseAttentionKLInBackward.apply(q, kv_buf, qi, ki_buf, wi, idx, v_dim, scale, ops, ctx, weight, record,
-                                             compact)
+                                             selection_shared)
