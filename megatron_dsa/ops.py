@@ -4,7 +4,8 @@ Both expose the same functions with the same signatures (``megatron_dsa.referenc
 spec): ``indexer_topk``, ``dense_attention`` (MLA's MHA form), ``dense_mla_attention``, ``sparse_mla_attention``,
 ``dense_indexer_kl``, ``sparse_indexer_kl``, the sparse KL in two steps for tensor
 parallelism (``sparse_target_head_sum``, ``sparse_indexer_kl_from_target``), and the sparse
-attention's backward that also returns that target (``sparse_mla_attention_backward``). ``auto`` takes
+attention's backward that also returns that target (``sparse_mla_attention_backward``), and the
+selection kept for it in 16 bits a key (``compact_selection``, ``expand_selection``). ``auto`` takes
 Triton on CUDA tensors when the kernels import, the reference everywhere else. The Triton ops
 are bound to one ``KernelOptions`` (the layer config's ``mdsa_kernel_options``).
 
@@ -29,7 +30,9 @@ OPS = ("indexer_topk", "dense_attention", "dense_mla_attention", "sparse_mla_att
        # the sparse KL in two steps, for a target summed over the heads of several TP ranks
        "sparse_target_head_sum", "sparse_indexer_kl_from_target",
        # the sparse attention's backward with that target from the same pass (training's KL)
-       "sparse_mla_attention_backward")
+       "sparse_mla_attention_backward",
+       # a selection kept for that backward in 16 bits a key, and rebuilt from them
+       "compact_selection", "expand_selection")
 
 
 def _reference_indexer_topk(q, k, w, topk, q_pos=None, k_pos=None, fp8=False, ordered=True, q_doc=None, k_doc=None):

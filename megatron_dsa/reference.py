@@ -302,6 +302,52 @@ def indexer_topk(
     return out
 
 
+# A selection kept for a backward in half its bytes: keys in blocks of 2^16, the low 16 bits of
+# each key (int16) and, per row, how many of its slots hold keys below the end of each block.
+# Exact for rows that list their keys in ascending order with the -1 padding last (what the
+# indexer's unordered top-k returns); nothing shorter is exact for the others.
+SELECTION_KEY_BLOCK_BITS = 16
+
+
+def selection_key_blocks(n_keys: int) -> int:
+    """The blocks of 2^16 keys that keys below ``n_keys`` fall in (at least one)."""
+    return max(1, -(-int(n_keys) >> SELECTION_KEY_BLOCK_BITS))
+
+
+@torch.no_grad()
+def compact_selection(idx: torch.Tensor, n_keys: int) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """``idx`` [B, S, K] int32 (keys < ``n_keys``) as (low [B, S, K] int16, ends [B, S, blocks]
+    int32), or None when a row is not in ascending key order with the padding last, or holds a
+    key outside [0, blocks x 2^16). One host sync for that check."""
+    B, S, K = idx.shape
+    if K == 0 or idx.numel() == 0:
+        return None
+    blocks = selection_key_blocks(n_keys)
+    idx = idx.contiguous()
+    low = idx.to(torch.int16)  # two's-complement truncation: each key's low half
+    ends = torch.empty(B, S, blocks, dtype=torch.int32, device=idx.device)
+    ok = torch.ones((), dtype=torch.bool, device=idx.device)
+    step = _chunk_size(B * K, S)
+    for t0 in range(0, S, step):
+        part = idx[:, t0:t0 + step]
+        cur, nxt = part[..., :-1], part[..., 1:]
+        ok &= ((nxt == -1) | ((cur >= 0) & (nxt > cur))).all() & (part >= -1).all()
+        for j in range(blocks):
+            below = (part >= 0) & (part < (j + 1) << SELECTION_KEY_BLOCK_BITS)
+            ends[:, t0:t0 + step, j] = below.sum(-1, dtype=torch.int32)
+        ok &= (ends[:, t0:t0 + step, -1] == (part >= 0).sum(-1, dtype=torch.int32)).all()
+    return (low, ends) if bool(ok) else None
+
+
+def expand_selection(low: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """The int32 selection ``compact_selection`` stored as (low, ends)."""
+    out = low.to(torch.int32).bitwise_and_(0xFFFF)
+    slot = torch.arange(low.shape[-1], dtype=torch.int32, device=low.device)
+    for j in range(ends.shape[-1] - 1):  # a slot past block j's keys holds a later block's key
+        out += (slot >= ends[..., j:j + 1]).to(torch.int32) << SELECTION_KEY_BLOCK_BITS
+    return out.masked_fill_(slot >= ends[..., -1:], -1)
+
+
 # --------------------------------------------------------------------------------------------
 # MLA attention in the absorbed (MQA) form: one latent KV entry per token, shared by all heads
 # --------------------------------------------------------------------------------------------

@@ -236,6 +236,44 @@ def test_indexer_topk_selection_paths(cap, group):
     assert torch.equal(unordered.sort(-1).values, got.sort(-1).values)
     keys = torch.where(unordered >= 0, unordered, torch.iinfo(unordered.dtype).max)
     assert bool((keys[..., 1:] >= keys[..., :-1]).all()), "unordered rows are not in key order"
+    packed = K.compact_selection(unordered, S)  # what a training step keeps for its backward
+    assert packed is not None and torch.equal(K.expand_selection(*packed), unordered)
+
+
+def _rows_in_key_order(B, S, K, n_keys):
+    """Rows of distinct keys < n_keys in ascending order, -1 padded, of lengths 0..K (an empty
+    row, a full row, one holding the first and last key of a block of 2^16 and the last key)."""
+    idx = torch.full((B, S, K), -1, dtype=torch.int32)
+    for row, n in zip(idx.view(-1, K), torch.randint(0, K + 1, (B * S,)).tolist()):
+        row[:n] = torch.randperm(n_keys)[:n].sort().values.to(torch.int32)
+    idx[0, 0], idx[0, 1] = -1, torch.randperm(n_keys)[:K].sort().values.to(torch.int32)
+    edges = sorted({0, min(65535, n_keys - 1), min(65536, n_keys - 1), n_keys - 1})
+    idx[0, 2] = -1
+    idx[0, 2, :len(edges)] = torch.tensor(edges, dtype=torch.int32)
+    return idx
+
+
+@pytest.mark.parametrize("n_keys,K_", [(100, 37), (65537, 64), (300000, 33)])
+def test_compact_selection_equals_the_reference(n_keys, K_):
+    """The one-pass packing gives the reference's int16 low halves and block ends, unpacking
+    gives the int32 rows back, and a row out of key order, with padding before a key, or with a
+    key past the last block is refused (None) as the reference refuses it."""
+    idx = _rows_in_key_order(2, 5, K_, n_keys)
+    got, want = K.compact_selection(idx.to(DEV), n_keys), R.compact_selection(idx, n_keys)
+    assert got is not None and want is not None
+    assert got[0].dtype == torch.int16 and got[1].dtype == torch.int32
+    assert torch.equal(got[0].cpu(), want[0]) and torch.equal(got[1].cpu(), want[1])
+    assert torch.equal(K.expand_selection(*got).cpu(), idx)
+    assert torch.equal(R.expand_selection(*want), idx)
+    bad = []
+    for slots, keys in (((0, 1), (5, 3)), ((0, 1, 2), (-1, 4, 7)), ((0,), (R.selection_key_blocks(n_keys) << 16,))):
+        b = idx.clone()
+        b[1, 3] = -1
+        b[1, 3, list(slots)] = torch.tensor(keys, dtype=torch.int32)
+        bad.append(b)
+    for b in bad:
+        assert R.compact_selection(b, n_keys) is None
+        assert K.compact_selection(b.to(DEV), n_keys) is None
 
 
 @pytest.mark.parametrize("B,S,HI,DI,topk", [(1, 150, 4, 64, 32)])

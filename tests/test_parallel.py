@@ -50,23 +50,21 @@ def test_a_compact_selection_expands_to_the_same_keys(n_keys):
     """16 bits a key and each row's block ends give back the int32 selection exactly, in key
     blocks of 2^16 (a block's last key, a key at a block's start, several blocks); a selection
     whose rows are not in key order with the padding last is refused (None), not stored wrong."""
-    from megatron_dsa.kernels import compact_selection, expand_selection
-
     gen = torch.Generator().manual_seed(n_keys)
     idx = _key_ordered_selection(2, 9, 40, n_keys, gen)
     idx[0, 0] = -1
     idx[0, 0, :3] = torch.tensor([0, 65535, 65536] if n_keys > 65536 else [0, 1, n_keys - 1], dtype=torch.int32)
-    packed = compact_selection(idx, n_keys)
+    packed = R.compact_selection(idx, n_keys)
     assert packed is not None
     low, ends = packed
     assert low.dtype == torch.int16 and low.shape == idx.shape and ends.shape == (2, 9, -(-n_keys // 65536))
-    assert torch.equal(expand_selection(low, ends), idx)
+    assert torch.equal(R.expand_selection(low, ends), idx)
     swapped = idx.clone()
     swapped[1, 2, :2] = torch.tensor([5, 3], dtype=torch.int32)  # descending
     hole = idx.clone()
     hole[1, 3, :3] = torch.tensor([-1, 4, 7], dtype=torch.int32)  # padding before a key
     for bad in (swapped, hole):
-        assert compact_selection(bad, n_keys) is None
+        assert R.compact_selection(bad, n_keys) is None
 
 
 def test_the_kl_in_backward_keeps_a_compact_selection_with_the_same_gradients():

@@ -23,14 +23,16 @@
   ``dense_mla_decode``, as the reference's functions of those names)
 * ``q_doc`` / ``k_doc``: document ids of a packed sequence (``reference.causal_mask``'s rule)
 * ``available()``: Triton importable and CUDA present, or TRITON_INTERPRET=1.
-* ``compact_selection(idx, n_keys)`` / ``expand_selection(low, ends)``: a selection kept for a
-  backward in 16 bits a key (plain PyTorch; rows in key order, as the unordered top-k lists them)
+* ``compact_selection(idx, n_keys)`` -> (low int16, ends) or None / ``expand_selection(low, ends)``
+  -> int32: a selection kept for a backward in 16 bits a key (rows in key order, as the unordered
+  top-k lists them), one pass each way
 
 Set TRITON_INTERPRET=1 before importing triton to run the kernels on CPU tensors.
 """
 
 from . import decode
-from ._common import available, compact_selection, expand_selection
+from ._common import available
+from .compact import compact_selection, expand_selection
 from .dense_attn import dense_attention, dense_mla_attention
 from .indexer import fp8_quantize, indexer_topk
 from .indexer_kl import dense_indexer_kl, sparse_indexer_kl, sparse_indexer_kl_from_target, sparse_target_head_sum

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-from typing import Optional
-
 import torch
 
 try:  # Triton is optional: the package imports without it, ``available()`` says False.
@@ -62,51 +60,6 @@ def selection(idx: torch.Tensor) -> torch.Tensor:
     if idx.dtype != torch.int32:
         raise TypeError(f"a top-k selection is int32 (reference.indexer_topk's), got {idx.dtype}")
     return idx.contiguous()
-
-
-# A selection kept for the backward in half its bytes: keys in blocks of 2^16, the low 16 bits of
-# each key (int16) and, per row, where each block's keys end. It takes rows that list their keys
-# in ascending order with the -1 padding last (what the indexer's unordered top-k returns).
-_KEY_BLOCK_BITS = 16
-_STORE_CHUNK_BYTES = 256 << 20  # the int32 temporaries of packing or unpacking a chunk of rows
-
-
-def compact_selection(idx: torch.Tensor, n_keys: int) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
-    """``idx`` [B, S, K] int32 (keys < ``n_keys``) as (low [B, S, K] int16, ends [B, S, blocks]
-    int32: how many of a row's slots hold keys below the end of each block of 2^16 keys), or
-    None when a row is not in ascending key order with the -1 padding last (then nothing
-    shorter is exact). One host sync for that check."""
-    B, S, K = idx.shape
-    if K == 0 or idx.numel() == 0:
-        return None
-    blocks = max(1, -(-n_keys >> _KEY_BLOCK_BITS))
-    idx = selection(idx)
-    low = idx.view(torch.int16)[..., 0::2].contiguous()  # little-endian: each key's low half
-    ends = torch.empty(B, S, blocks, dtype=torch.int32, device=idx.device)
-    ok = torch.ones((), dtype=torch.bool, device=idx.device)
-    step = rows_within(_STORE_CHUNK_BYTES, B * K * 4)
-    for t0 in range(0, S, step):
-        part = idx[:, t0:t0 + step]
-        cur, nxt = part[..., :-1], part[..., 1:]
-        ok &= ((nxt == -1) | ((cur >= 0) & (nxt > cur))).all() & (part[..., 0] >= -1).all()
-        for j in range(blocks):
-            ends[:, t0:t0 + step, j] = ((part >= 0) & (part < (j + 1) << _KEY_BLOCK_BITS)).sum(-1, dtype=torch.int32)
-        ok &= (ends[:, t0:t0 + step, -1] == (part >= 0).sum(-1, dtype=torch.int32)).all()
-    return (low, ends) if bool(ok) else None
-
-
-def expand_selection(low: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
-    """The int32 selection ``compact_selection`` stored as (low, ends)."""
-    B, S, K = low.shape
-    out = low.to(torch.int32).bitwise_and_(0xFFFF)
-    slot = torch.arange(K, dtype=torch.int32, device=low.device)
-    step = rows_within(_STORE_CHUNK_BYTES, B * K * 4)
-    for t0 in range(0, S, step):
-        part, e = out[:, t0:t0 + step], ends[:, t0:t0 + step]
-        for j in range(ends.shape[-1] - 1):  # a slot past block j's keys holds a later block's key
-            part.add_((slot >= e[..., j:j + 1]).to(torch.int32).mul_(1 << _KEY_BLOCK_BITS))
-        part.masked_fill_(slot >= e[..., -1:], -1)
-    return out
 
 
 if HAS_TRITON:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import torch
 
 from megatron_dsa import reference as R
-from megatron_dsa.kernels import compact_selection, expand_selection
 from megatron_dsa.parallel.comm import (
     ParallelContext,
     all_gather_rows,
@@ -197,7 +196,7 @@ class SparseAttentionKLInBackward(torch.autograd.Function):
         out, lse = ops.sparse_mla_attention(q, kv, idx, v_dim, scale)
         # The selection kept in half its bytes when asked and nothing else holds it (else int32)
         compact = ops.options.compact_selection and not selection_shared
-        stored = compact_selection(idx, kv.shape[1]) if compact else None
+        stored = ops.compact_selection(idx, kv.shape[1]) if compact else None
         ctx.save_for_backward(q, kv, qi, ki, wi, out, lse, *(stored or (idx,)))
         ctx.args = (v_dim, scale, ops, pctx, weight, record)
         return out
@@ -205,9 +204,9 @@ class SparseAttentionKLInBackward(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         q, kv, qi, ki, wi, out, lse, *stored = ctx.saved_tensors
-        idx = expand_selection(*stored) if len(stored) == 2 else stored[0]
-        del stored
         v_dim, scale, ops, pctx, weight, record = ctx.args
+        idx = ops.expand_selection(*stored) if len(stored) == 2 else stored[0]
+        del stored
         dq, dkv, head_sum = ops.sparse_mla_attention_backward(q, kv, idx, out, lse, dout, v_dim, scale)
         p = own_rows_target(head_sum, pctx)
         rows = own_rows(pctx, q.shape[1])
