@@ -18,7 +18,8 @@ operators saved, each storage once, parameters left out) and the N operators tha
 where a phase's memory beyond another's goes, on any device.
 ``--dense-kl`` lists the warm-up KL implementations to time (``mdsa_kernel_options.dense_kl``;
 default: fused); with more than one, each warm-up arm runs once per implementation, labelled
-``warmup[fused]`` etc. Writes model_step_<size>_<seq>.json / .md to --out.
+``warmup[fused]`` etc. ``--compact-selection off,on`` likewise runs each sparse arm with its
+selection kept int32 and in 16 bits a key (``sparse[int32]``, ``sparse[compact]``). Writes model_step_<size>_<seq>.json / .md to --out.
 """
 
 from __future__ import annotations
@@ -218,6 +219,10 @@ def main(argv=None) -> int:
     p.add_argument("--dense-kl", default=None,
                    help="comma list of the warm-up's dense indexer KL implementations to time: blockwise "
                         "(PyTorch) and/or fused (Triton); default: fused")
+    p.add_argument("--compact-selection", default=None,
+                   help="comma list of off,on: the sparse arms keep their selection for the backward in 16 bits a key "
+                        "or int32 (mdsa_kernel_options.compact_selection; default: the option's default); with both, "
+                        "each sparse arm runs once per value, labelled sparse[compact] etc.")
     p.add_argument("--transformer-impl", default="auto", choices=("auto", "local", "transformer_engine"))
     p.add_argument("--precision", default="bf16", help=f"comma list of {list(PRECISIONS)} (fp8: TE's FP8 linears)")
     p.add_argument("--iters", type=int, default=5)
@@ -250,23 +255,33 @@ def main(argv=None) -> int:
     precisions = [x.strip() for x in args.precision.split(",") if x.strip()]
     if not precisions or any(x not in PRECISIONS for x in precisions):
         raise SystemExit(f"error: --precision takes a comma list of {list(PRECISIONS)}, got {args.precision!r}")
-    # (arm, dense KL, precision) runs: only the warm-up's KL objective has two implementations.
+    compact_names = {"off": False, "on": True}
+    compacts = [x.strip() for x in (args.compact_selection or "").split(",") if x.strip()]
+    if any(x not in compact_names for x in compacts) or (args.compact_selection is not None and not compacts):
+        raise SystemExit(f"error: --compact-selection takes a comma list of off,on, got {args.compact_selection!r}")
+    # (arm, kernel options, precision) runs: only the warm-up's KL objective has two implementations,
+    # only the sparse phase keeps a selection for its backward.
     runs = []
     for arm in arms:
         phase, layout = parse_arm(arm)
         has_kl = phase == "warmup" and layout not in ("reverse_kl", "mse", "listwise")
         for prec in precisions:
             for k in (kls if has_kl else kls[:1]):
-                tags = ([k] if has_kl and len(kls) > 1 else []) + ([prec] if len(precisions) > 1 else [])
-                runs.append((arm, k, prec, f"{arm}[{','.join(tags)}]" if tags else arm))
+                for c in (compacts if phase == "sparse" and compacts else [None]):
+                    opts = {"dense_kl": k, **({} if c is None else {"compact_selection": compact_names[c]})}
+                    tags = (([k] if has_kl and len(kls) > 1 else []) + ([prec] if len(precisions) > 1 else [])
+                            + (["compact" if compact_names[c] else "int32"] if c is not None and len(compacts) > 1
+                               else []))
+                    runs.append((arm, opts, prec, f"{arm}[{','.join(tags)}]" if tags else arm))
     init_single_process()
     # CPU only for checking the script itself at tiny sizes (--size tiny --seq 64).
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rows = []
-    for arm, kl, prec, name in runs:
+    for arm, opts, prec, name in runs:
         try:
-            r = run_arm(args, arm, device, prec, {"dense_kl": kl})
-            r.update(arm=name, dense_kl=kl, precision=prec)
+            r = run_arm(args, arm, device, prec, opts)
+            r.update(arm=name, dense_kl=opts["dense_kl"], precision=prec,
+                     **({"compact_selection": opts["compact_selection"]} if "compact_selection" in opts else {}))
         except torch.OutOfMemoryError:
             r = {"arm": name, "error": "out of memory"}
             torch.cuda.empty_cache()
@@ -278,6 +293,7 @@ def main(argv=None) -> int:
     meta = {"size": args.size, "seq": args.seq, "batch": args.batch, "topk": args.topk, "kernel": args.kernel,
             "recompute": args.recompute, "iters": args.iters,
             "dense_kl": ",".join(kls), "precision": ",".join(precisions),
+            **({"compact_selection": ",".join(compacts)} if compacts else {}),
             "transformer_impl": args.transformer_impl,
             "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__}
     today = time.strftime("%Y-%m-%d")
@@ -327,7 +343,9 @@ def render_markdown(meta: dict, rows: list[dict]) -> str:
     lines = [f"# Training step (fwd+bwd) of the {meta['size']} MoE, {meta['batch']} x {meta['seq']} tokens, top-k {meta['topk']}",
              "", f"`python benchmarks/bench_model_step.py --size {meta['size']} --seq {meta['seq']} --batch {meta['batch']} "
              f"--topk {meta['topk']} --dense-kl {meta['dense_kl']} --precision {meta['precision']} --transformer-impl {meta['transformer_impl']}"
-             f"{' --recompute ' + recompute if recompute != 'none' else ''}` on {meta['device']}, torch {meta['torch']}; "
+             f"{' --recompute ' + recompute if recompute != 'none' else ''}"
+             f"{' --compact-selection ' + meta['compact_selection'] if meta.get('compact_selection') else ''}"
+             f"` on {meta['device']}, torch {meta['torch']}; "
              f"median of {_step_counts(meta, rows)}" + (" (the recomputation applies to the pretrain and sparse arms)"
                                                        if recompute != "none" else "") + ".", ""]
     by = measured_by(meta.get("runs", []), rows)

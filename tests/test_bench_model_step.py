@@ -22,14 +22,18 @@ def _bench(tmp_path, *args):
 
 def test_dense_kl_and_precision_variants_are_labelled(tmp_path):
     proc = _bench(tmp_path, "--arms", "warmup,sparse,warmup_mse", "--dense-kl", "blockwise,fused",
-                  "--precision", "bf16,fp8", "--transformer-impl", "local")
+                  "--precision", "bf16,fp8", "--transformer-impl", "local", "--compact-selection", "off,on")
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = {r["arm"]: r for r in json.loads((tmp_path / "model_step_tiny_64.json").read_text())["rows"]}
-    # The KL's two implementations only for the KL warm-up; every arm once per precision.
+    # The KL's two implementations only for the KL warm-up, the selection's two forms only for the
+    # sparse phase; every arm once per precision.
     assert set(rows) == {"warmup[blockwise,bf16]", "warmup[fused,bf16]", "warmup[blockwise,fp8]",
-                         "warmup[fused,fp8]", "sparse[bf16]", "sparse[fp8]", "warmup_mse[bf16]", "warmup_mse[fp8]"}
+                         "warmup[fused,fp8]", "sparse[bf16,int32]", "sparse[bf16,compact]", "sparse[fp8,int32]",
+                         "sparse[fp8,compact]", "warmup_mse[bf16]", "warmup_mse[fp8]"}
+    assert rows["sparse[bf16,compact]"]["compact_selection"] is True
+    assert rows["sparse[bf16,int32]"]["compact_selection"] is False
     for name, r in rows.items():
-        if name.endswith("bf16]"):
+        if "bf16" in name:
             assert r["ms"] > 0 and r["dense_kl"] in ("blockwise", "fused"), r
         else:  # local linears have no FP8: recorded as that row's error, the sweep goes on
             assert "needs transformer_impl 'transformer_engine'" in r["error"], r
@@ -37,7 +41,7 @@ def test_dense_kl_and_precision_variants_are_labelled(tmp_path):
 
 
 @pytest.mark.parametrize("flag", [["--dense-kl", "fast"], ["--precision", "fp4"], ["--arms", "warmup_bogus"],
-                                  ["--saved", "-1"]])
+                                  ["--saved", "-1"], ["--compact-selection", "yes"]])
 def test_bad_variants_fail_before_any_run(tmp_path, flag):
     proc = _bench(tmp_path, *flag)
     assert proc.returncode != 0 and "error:" in proc.stderr + proc.stdout
