@@ -81,8 +81,8 @@ def test_saved_lists_what_each_step_keeps_for_its_backward(tmp_path):
         assert saved["gib"] > 0 and saved["top"]
         gib = [x["gib"] for x in saved["top"]]
         assert gib == sorted(gib, reverse=True) and sum(gib) == pytest.approx(saved["gib"])
-    # the sparse step's attention keeps its queries, latent rows, indexer inputs, the int32
-    # selection (64 tokens x top-k 8 a layer) and its output: a custom Function's saved tensors count
+    # the sparse step's attention keeps its queries, latent rows, indexer inputs, the selection
+    # (64 tokens x top-k 8 a layer, 16 bits a key) and its output: a custom Function's saved tensors count
     ops = {x["op"]: x for x in rows["sparse"]["saved"]["top"]}
     kl = ops["SparseAttentionKLInBackwardBackward"]
     layers = 3  # the tiny model

@@ -104,12 +104,14 @@ def test_the_kl_in_backward_keeps_a_compact_selection_with_the_same_gradients():
     assert torch.equal(o1, o0) and torch.equal(kl1, kl0)
     assert all(torch.equal(a, b) for a, b in zip(g1, g0))
     assert kept(torch.int32, results[True, False][3])  # not in key order: kept as it is
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append((t.dtype, t.shape)) or t, lambda t: t):
-        leaves = [x.clone().requires_grad_() for x in inputs]
-        sparse_attention_kl_in_backward(reference, *leaves[:2], idx, V, D ** -0.5, *leaves[2:], ParallelContext(),
-                                        lambda: 1.0, kls.append)
-    assert kept(torch.int32, saved) and not kept(torch.int16, saved)  # the option's default: off
+    int32_options = SimpleNamespace(**dict(vars(reference), options=KernelOptions(compact_selection=False)))
+    for ops_, compacted in ((reference, True), (int32_options, False)):  # the option's default: on
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append((t.dtype, t.shape)) or t, lambda t: t):
+            leaves = [x.clone().requires_grad_() for x in inputs]
+            sparse_attention_kl_in_backward(ops_, *leaves[:2], idx, V, D ** -0.5, *leaves[2:], ParallelContext(),
+                                            lambda: 1.0, kls.append)
+        assert kept(torch.int16, saved) == compacted and kept(torch.int32, saved) != compacted
 
 
 @pytest.mark.parametrize("cp", [1, 2, 4])
