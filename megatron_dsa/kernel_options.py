@@ -87,8 +87,8 @@ class KernelOptions:
     compact_selection: keep the sparse training step's selection for its backward in 16 bits a
     key (``kernels.compact_selection``: int16 low halves and each row's block ends, one pass
     each way, rebuilt at the start of the layer's backward): 0.5 GiB a layer less at 128K x
-    2048 for about 1 ms and a host sync a layer (the small MoE's 128K step on an H100: 40.1
-    against 43.0 GB, 1515 against 1511 ms). On by default; rows not in key order stay int32.
+    2048 for about 1 ms and a host sync a layer (the small MoE's 128K step on the H200: 40.1
+    against 43.0 GB, 1471 against 1473 ms). On by default; rows not in key order stay int32.
     select_overlap: select a chunk of rows on a second, higher-priority CUDA stream while the next
     chunk is scored, so that the selection (bound by latency) shares the SMs with the scoring
     (bound by the tensor cores); the scores are then double-buffered, two chunks of half the
