@@ -19,7 +19,8 @@ where a phase's memory beyond another's goes, on any device.
 ``--dense-kl`` lists the warm-up KL implementations to time (``mdsa_kernel_options.dense_kl``;
 default: fused); with more than one, each warm-up arm runs once per implementation, labelled
 ``warmup[fused]`` etc. ``--compact-selection off,on`` likewise runs each sparse arm with its
-selection kept int32 and in 16 bits a key (``sparse[int32]``, ``sparse[compact]``). Writes model_step_<size>_<seq>.json / .md to --out.
+selection kept int32 and in 16 bits a key (``sparse[int32]``, ``sparse[compact]``).
+Writes model_step_<size>_<seq>.json / .md to --out.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+
 import torch
 
 try:  # Triton is optional: the package imports without it, ``available()`` says False.

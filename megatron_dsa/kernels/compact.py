@@ -1,5 +1,6 @@
-"""A selection kept for the backward in 16 bits a key, one pass each way (``reference.compact_selection``'s
-encoding: the keys' low halves and, per row, where each block of 2^16 keys ends).
+"""A selection kept for the backward in 16 bits a key, one pass each way: the encoding of
+``reference.compact_selection`` (the keys' low halves and, per row, where each block of 2^16
+keys ends).
 
 One program a row: packing reads the row once and writes its low halves, its block ends and
 whether it can be packed (ascending keys, the padding last); unpacking reads the low halves and
