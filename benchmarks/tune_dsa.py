@@ -130,7 +130,7 @@ def variants(stage: str, heads: int) -> list[tuple[str, KernelOptions]]:
         return out + [(f"indexer_topk fp8 select{t}", KernelOptions(select=Tiles(*t)))
                       for t in ((1024, 4, 1), (2048, 4, 1), (1024, 8, 1), (4096, 8, 1), (4096, 16, 1), (2048, 8, 2))] + [
             (f"indexer_topk fp8 score{t}", KernelOptions(score=Tiles(*t)))
-            for t in ((256, 4, 3), (256, 8, 3), (128, 8, 3), (64, 4, 4), (128, 4, 2))]
+            for t in ((256, 4, 3), (256, 8, 3), (128, 8, 3), (64, 4, 3), (64, 4, 4), (128, 4, 2))]
     if stage == "select":  # the selection beside the next chunk's scoring or after it; its registers and warps
         out = [(f"indexer_topk fp8 select_overlap={o} select_max_registers={m}",
                 KernelOptions(select_overlap=o, select_max_registers=m))
