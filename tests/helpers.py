@@ -16,6 +16,18 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
+def key_ordered_selection(B, S, K, n_keys, gen, causal=False):
+    """Rows of distinct keys < n_keys (causal: <= the row) in ascending order, each a random
+    length (0 .. K) with the -1 padding last, as the indexer's unordered top-k lists them."""
+    idx = torch.full((B, S, K), -1, dtype=torch.int32)
+    for b in range(B):
+        for t in range(S):
+            pool = t + 1 if causal else n_keys
+            n = int(torch.randint(0, min(K, pool) + 1, (), generator=gen))
+            idx[b, t, :n] = torch.randperm(pool, generator=gen)[:n].sort().values.to(torch.int32)
+    return idx
+
+
 def set_indexer_loss_scale(value: float, device=None) -> None:
     """Set megatron-core's indexer-loss backward scale the way its pipeline schedule does: a
     one-element tensor. The first call fixes the stored tensor's shape for the whole process

@@ -17,6 +17,7 @@ triton = pytest.importorskip("triton")
 from megatron_dsa import kernels as K  # noqa: E402
 from megatron_dsa import reference as R  # noqa: E402
 from megatron_dsa.kernel_options import KernelOptions, Tiles  # noqa: E402
+from helpers import key_ordered_selection  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not K.available(), reason="needs Triton with CUDA or TRITON_INTERPRET=1")
 
@@ -243,9 +244,7 @@ def test_indexer_topk_selection_paths(cap, group):
 def _rows_in_key_order(B, S, K, n_keys):
     """Rows of distinct keys < n_keys in ascending order, -1 padded, of lengths 0..K (an empty
     row, a full row, one holding the first and last key of a block of 2^16 and the last key)."""
-    idx = torch.full((B, S, K), -1, dtype=torch.int32)
-    for row, n in zip(idx.view(-1, K), torch.randint(0, K + 1, (B * S,)).tolist()):
-        row[:n] = torch.randperm(n_keys)[:n].sort().values.to(torch.int32)
+    idx = key_ordered_selection(B, S, K, n_keys, torch.Generator().manual_seed(int(torch.randint(1 << 30, ()))))
     idx[0, 0], idx[0, 1] = -1, torch.randperm(n_keys)[:K].sort().values.to(torch.int32)
     edges = sorted({0, min(65535, n_keys - 1), min(65536, n_keys - 1), n_keys - 1})
     idx[0, 2] = -1

@@ -19,6 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 import parallel_workers as W  # noqa: E402
+from helpers import key_ordered_selection  # noqa: E402
 
 from megatron_dsa import reference as R  # noqa: E402
 from megatron_dsa.config import DSAConfigError  # noqa: E402
@@ -33,25 +34,13 @@ MODES = [("dense", True), ("warmup", True), ("sparse", True), ("sparse", False)]
 # ---------------------------------------------------------------------------------------------
 
 
-def _key_ordered_selection(B, S, K, n_keys, gen, causal=False):
-    """Rows of distinct keys < n_keys (causal: <= the row) in ascending order, each a random
-    length (0 .. K) with the -1 padding last, as the indexer's unordered top-k lists them."""
-    idx = torch.full((B, S, K), -1, dtype=torch.int32)
-    for b in range(B):
-        for t in range(S):
-            pool = t + 1 if causal else n_keys
-            n = int(torch.randint(0, min(K, pool) + 1, (), generator=gen))
-            idx[b, t, :n] = torch.randperm(pool, generator=gen)[:n].sort().values.to(torch.int32)
-    return idx
-
-
 @pytest.mark.parametrize("n_keys", [100, 65536, 65537, 300000])
 def test_a_compact_selection_expands_to_the_same_keys(n_keys):
     """16 bits a key and each row's block ends give back the int32 selection exactly, in key
     blocks of 2^16 (a block's last key, a key at a block's start, several blocks); a selection
     whose rows are not in key order with the padding last is refused (None), not stored wrong."""
     gen = torch.Generator().manual_seed(n_keys)
-    idx = _key_ordered_selection(2, 9, 40, n_keys, gen)
+    idx = key_ordered_selection(2, 9, 40, n_keys, gen)
     idx[0, 0] = -1
     idx[0, 0, :3] = torch.tensor([0, 65535, 65536] if n_keys > 65536 else [0, 1, n_keys - 1], dtype=torch.int32)
     packed = R.compact_selection(idx, n_keys)
@@ -78,7 +67,7 @@ def test_the_kl_in_backward_keeps_a_compact_selection_with_the_same_gradients():
 
     gen = torch.Generator().manual_seed(0)
     B, S, H, D, V, HI, DI, K = 1, 24, 2, 12, 8, 2, 8, 6
-    idx = _key_ordered_selection(B, S, K, S, gen, causal=True)
+    idx = key_ordered_selection(B, S, K, S, gen, causal=True)
     from types import SimpleNamespace
 
     from megatron_dsa.kernel_options import KernelOptions
