@@ -107,7 +107,12 @@ def variants(stage: str, heads: int) -> list[tuple[str, KernelOptions]]:
                     for t in ((64, 8, 3), (32, 8, 3))]
             out += [(f"split stored_scores p{p} dkv{t}", KernelOptions(key_passes=p, split_bwd="stored_scores",
                                                                        attn_dkv_product=Tiles(*t)))
-                    for p, t in ((1, (64, 4, 3)), (1, (64, 8, 2)), (1, (32, 4, 3)), (4, (64, 4, 3)), (10, (64, 4, 3)))]
+                    for p, t in ((1, (64, 4, 3)), (1, (64, 8, 2)), (1, (32, 4, 3)), (4, (64, 4, 3)), (10, (64, 4, 3)),
+                                 (16, (64, 4, 3)))]
+            # The storing kernel as a gathered product over slices of the latent (q and dO streamed
+            # from L2 instead of held whole: pipeline stages, more programs an SM), every head at once
+            out += [(f"split stored_scores scores{t}", KernelOptions(split_bwd="stored_scores", attn_scores=Tiles(*t)))
+                    for t in ((128, 8, 2), (128, 8, 3), (64, 8, 2), (64, 8, 3), (64, 4, 3))]
             return out
         out = [("fused p1 (32,8,2)", KernelOptions(key_passes=1, attn_bwd_split=False))]
         out += [(f"fused p{p}", KernelOptions(key_passes=p, attn_bwd_split=False)) for p in (4, 10, 20)]

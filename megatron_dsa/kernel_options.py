@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 DENSE_KL = ("fused", "blockwise")
 SPLIT_BWD = ("recompute", "stored_ds", "stored_scores")
-TILE_FIELDS = ("attn_fwd", "attn_bwd", "attn_dkv", "attn_dq_product", "attn_dkv_product", "kl_target", "kl_fwd",
+TILE_FIELDS = ("attn_fwd", "attn_bwd", "attn_dkv", "attn_scores", "attn_dq_product", "attn_dkv_product", "kl_target", "kl_fwd",
                "kl_bwd", "decode_attn", "decode_index", "score", "select")
 
 
@@ -55,18 +55,20 @@ class KernelOptions:
     column) and head block. "stored_ds": the dkv kernel stores its score gradients (kv's dtype,
     a chunk of rows at a time) and dq is their product with the gathered rows, in column blocks
     (``attn_dq_product`` tiles). "stored_scores": one kernel makes and stores the probabilities
-    and score gradients; dkv is their product with every head's q and dO, one add per (token,
-    key, column) for all heads up to 128 (``attn_dkv_product`` tiles), and dq as in "stored_ds".
-    None: "stored_scores" above one 64-head block (984 against 1343 ms at 128K x 128 heads),
-    "recompute" otherwise (the stored forms not yet timed there; ``sparse_attn.split_form``).
+    and score gradients, a gathered product over slices of the latent (``attn_scores`` tiles);
+    dkv is their product with every head's q and dO, one add per (token, key, column) for all
+    heads up to 128 (``attn_dkv_product`` tiles), and dq as in "stored_ds". None:
+    "stored_scores" (``sparse_attn.split_form``; 64K on an H100: 449 against 662 ms recomputing
+    at 128 heads).
     kl_target_keys_rows: the sparse KL's target kernel with the selected keys as the products'
     rows and the heads as columns (each gathered row read once per token) or the heads as rows
     (once per 64-head block); None: keys as rows above one 64-head block. That kernel serves the
     KL of a forward without gradients (evaluation); training takes the target from the sparse
     attention's backward.
-    attn_fwd / attn_bwd / attn_dkv / attn_dq_product / attn_dkv_product / kl_target / kl_fwd /
-    kl_bwd: launch tiles of those kernels (attn_bwd: the one-kernel backward, or the split
-    backward's recomputing dq kernel; None: measured defaults).
+    attn_fwd / attn_bwd / attn_dkv / attn_scores / attn_dq_product / attn_dkv_product / kl_target /
+    kl_fwd / kl_bwd: launch tiles of those kernels (attn_bwd: the one-kernel backward, or the split
+    backward's recomputing dq kernel; attn_scores: the "stored_scores" form's kernel that makes
+    and stores the probabilities and score gradients; None: measured defaults).
     decode_attn / decode_index: the paged decode's attention (cached rows per block) and indexer
     scoring (keys per program) launches (None: measured defaults, ``kernels.decode``).
     score: the indexer's scoring launch: keys per tile (BK; a multiple of ``select_runs``), warps
@@ -115,6 +117,7 @@ class KernelOptions:
     attn_fwd: Optional[Tiles] = None
     attn_bwd: Optional[Tiles] = None
     attn_dkv: Optional[Tiles] = None
+    attn_scores: Optional[Tiles] = None
     attn_dq_product: Optional[Tiles] = None
     attn_dkv_product: Optional[Tiles] = None
     kl_target: Optional[Tiles] = None

@@ -36,7 +36,7 @@ POINTERS = dict(QM="*bf16", KV="*bf16", QI="*bf16", KI="*bf16", WI="*fp32", QPOS
                 DELTA="*fp32", DKV="*fp32", LSEM="*fp32", P="*fp32", PSUM="*fp32", DS="*bf16",
                 KL="*fp32", GKL="*fp32", DQI="*fp32", DKI="*fp32", DWI="*fp32")
 # The sparse backward's stored probabilities (P) are bf16 like its score gradients.
-STORED_P = ("_sparse_dkv_kernel", "_sparse_dkv_product_kernel")
+STORED_P = ("_sparse_scores_kernel", "_sparse_dkv_product_kernel")
 
 
 def _compile_sm90(fn, consts: dict, options: dict, hints: bool = False, pointers: dict = None):
@@ -131,15 +131,13 @@ def check_sparse(HB: int, DV: int = 512, DR: int = 64) -> None:
         tiles_dkv_product = A._tiles(None, True, HB, "dkv_product")
         dkv_tiles = A._tiles(None, True, HB, "dkv")
         # dkv and the one-kernel backward as training launches them: adding the KL's target; the
-        # split backward's stored forms (split_bwd): dkv also storing the score gradients, or
-        # storing them and the probabilities without adding, then the dkv and dq products.
+        # split backward's stored forms (split_bwd): dkv also storing the score gradients, or the
+        # kernel storing them and the probabilities, then the dkv and dq products.
         kernels += [(A._sparse_dq_kernel, dims, A._tiles(None, True, HB, "dq")),
-                    (A._sparse_dkv_kernel, dict(quarters, HEAD_SUM=True, STORE_DS=False, STORE_P=False, ADD_DKV=True),
-                     dkv_tiles),
-                    (A._sparse_dkv_kernel, dict(quarters, HEAD_SUM=True, STORE_DS=True, STORE_P=False, ADD_DKV=True),
-                     dkv_tiles),
-                    (A._sparse_dkv_kernel, dict(quarters, HEAD_SUM=True, STORE_DS=True, STORE_P=True, ADD_DKV=False),
-                     dkv_tiles),
+                    (A._sparse_dkv_kernel, dict(quarters, HEAD_SUM=True, STORE_DS=False), dkv_tiles),
+                    (A._sparse_dkv_kernel, dict(quarters, HEAD_SUM=True, STORE_DS=True), dkv_tiles),
+                    (A._sparse_scores_kernel, dict(HN=A.SCORES_HEADS, DV=512, D=576, BD=64, EVEN_D=True, IEEE=False,
+                                                   UPCAST=False, HEAD_SUM=True), A._tiles(None, True, HB, "scores")),
                     (A._sparse_dkv_product_kernel,
                      dict(dkv_product, COL0=0, NCOL=512, BC=A.DKV_PRODUCT_COLUMNS, HAS_DO=True), tiles_dkv_product),
                     (A._sparse_dkv_product_kernel, dict(dkv_product, COL0=512, NCOL=64, BC=64, HAS_DO=False),

@@ -833,20 +833,23 @@ def test_sparse_attention_backward_delta_in_row_chunks():
         assert rel(a, b) < 1e-5
 
 
-def test_split_backward_form_by_default_stores_scores_above_one_head_block():
-    """By default the split backward shares stored scores where dkv sums more than one head block
-    before its adds (measured faster at 128 heads) and recomputes them at one block; a set
-    option always wins."""
-    from megatron_dsa.kernels.sparse_attn import head_block, split_form
+def test_split_backward_form_and_key_ranges_by_default():
+    """By default the split backward shares stored scores (measured faster at 64 and 128 heads);
+    a set option always wins. Key ranges: L2-sized in the one-kernel backward and in the stored
+    scores' dkv product, one pass in the split forms that add per head block and on the CPU."""
+    from megatron_dsa.kernels.sparse_attn import (DKV_PRODUCT_RANGE_BYTES, L2_TARGET_BYTES, key_passes,
+                                                  split_form)
 
-    blocks = lambda H: -(-H // head_block(H))  # noqa: E731
-    assert blocks(128) == 2 and blocks(64) == 1
-    assert split_form(KernelOptions(), blocks(128)) == "stored_scores"
-    assert split_form(KernelOptions(), blocks(70)) == "stored_scores"
-    assert split_form(KernelOptions(), blocks(64)) == "recompute"
+    assert split_form(KernelOptions()) == "stored_scores"
     for form in ("recompute", "stored_ds", "stored_scores"):
-        assert split_form(KernelOptions(split_bwd=form), blocks(128)) == form
-        assert split_form(KernelOptions(split_bwd=form), 1) == form
+        assert split_form(KernelOptions(split_bwd=form)) == form
+    S, D = 1 << 17, 576
+    assert key_passes(KernelOptions(), 1, S, D, "stored_scores", True) == -(-S * D * 4 // DKV_PRODUCT_RANGE_BYTES) == 8
+    assert key_passes(KernelOptions(), 1, S, D, None, True) == -(-S * D * 4 // L2_TARGET_BYTES) == 9
+    for form in ("recompute", "stored_ds"):
+        assert key_passes(KernelOptions(), 1, S, D, form, True) == 1
+    assert key_passes(KernelOptions(), 1, S, D, "stored_scores", False) == 1
+    assert key_passes(KernelOptions(key_passes=3), 1, S, D, "recompute", True) == 3
 
 
 @pytest.mark.parametrize("form", ["stored_ds", "stored_scores"])

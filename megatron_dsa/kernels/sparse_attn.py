@@ -254,6 +254,64 @@ if HAS_TRITON:
 
 
     @triton.jit
+    def _sparse_scores_kernel(
+        Q, KV, IDX, DO, LSE, DELTA, PSUM, DS, P,
+        Sk, TOPK, NKB, NHG, H, scale, scale_log2, t0,
+        stride_qb, stride_qs, stride_qh,
+        stride_kb, stride_ks,
+        stride_ib, stride_is,
+        stride_ob, stride_os, stride_oh,
+        stride_lb, stride_ls,
+        stride_gb, stride_gs, stride_gh,
+        HN: tl.constexpr, DV: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, EVEN_D: tl.constexpr,
+        BK: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, HEAD_SUM: tl.constexpr,
+    ):
+        # The "stored_scores" backward's first kernel as a gathered matrix product, one program
+        # per (token, group of HN heads, block of BK selected keys): s^T = kv q^T and
+        # dp^T = kv[:, :DV] dO^T over BD-wide slices of the latent, every operand streamed
+        # through shared memory (the token's q and dO from L2), then the probabilities and score
+        # gradients stored in kv's dtype (DS and P [B, rows from t0, H, TOPK], 0 where no key).
+        # Holding a head block's q and dO whole (139 KB at 576 / 512 dims) left one program of 4
+        # warps an SM and nothing to overlap the gathers with; slices leave room for pipeline
+        # stages and a second program. HEAD_SUM: as the dkv kernel.
+        pid = tl.program_id(0)
+        t = (t0 + pid // (NHG * NKB)).to(tl.int64)
+        r = pid % (NHG * NKB)
+        h = (r // NKB) * HN + tl.arange(0, HN)
+        hm = h < H
+        k0 = (r % NKB) * BK
+        b = tl.program_id(1).to(tl.int64)
+        ib = IDX + b * stride_ib + t * stride_is
+        idx, valid, rowoff = _selected(ib, k0, TOPK, Sk, stride_ks, BK)
+        kvb = KV + b * stride_kb + rowoff[:, None]
+        qb = Q + b * stride_qb + t * stride_qs + h[:, None] * stride_qh
+        ob = DO + b * stride_ob + t * stride_os + h[:, None] * stride_oh
+        d = tl.arange(0, BD)
+        st = tl.zeros((BK, HN), tl.float32)
+        dpt = tl.zeros((BK, HN), tl.float32)
+        for c in range(0, DV, BD):  # the value dims: both products
+            kvc = tl.load(kvb + (c + d)[None, :], mask=_cols(valid, c + d, DV, EVEN_D), other=0.0)
+            qc = tl.load(qb + (c + d)[None, :], mask=_cols(hm, c + d, DV, EVEN_D), other=0.0)
+            oc = tl.load(ob + (c + d)[None, :], mask=_cols(hm, c + d, DV, EVEN_D), other=0.0)
+            st += _dot(kvc, tl.trans(qc), IEEE, UPCAST)
+            dpt += _dot(kvc, tl.trans(oc), IEEE, UPCAST)
+        for c in range(DV, D, BD):  # the rope dims: the scores only
+            kvc = tl.load(kvb + (c + d)[None, :], mask=_cols(valid, c + d, D, EVEN_D), other=0.0)
+            qc = tl.load(qb + (c + d)[None, :], mask=_cols(hm, c + d, D, EVEN_D), other=0.0)
+            st += _dot(kvc, tl.trans(qc), IEEE, UPCAST)
+        lse2, delta = _softmax_stats(LSE, DELTA, b, t, h, hm, stride_lb, stride_ls)
+        pt = tl.exp2(st * scale_log2 - lse2[None, :])
+        pt = tl.where(valid[:, None], pt, 0.0)
+        if HEAD_SUM:  # the heads are the columns: a sum within each key's row
+            _add_head_sum(PSUM, b, t, k0, TOPK, tl.sum(pt, 1), stride_ib, stride_is, BK)
+        kk = k0 + tl.arange(0, BK)
+        slot = b * stride_gb + (t - t0) * stride_gs + h[None, :] * stride_gh + kk[:, None]
+        ok = (kk < TOPK)[:, None] & hm[None, :]
+        dst = pt * (dpt - delta[None, :]) * scale
+        tl.store(DS + slot, dst.to(DS.dtype.element_ty), mask=ok)
+        tl.store(P + slot, pt.to(P.dtype.element_ty), mask=ok)
+
+    @triton.jit
     def _sparse_dq_kernel(
         Q, KV, IDX, DO, LSE, DELTA, DQ,
         Sk, TOPK, NHB, H, scale, scale_log2,
@@ -303,7 +361,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _sparse_dkv_kernel(
-        Q, KV, IDX, SEG, DO, LSE, DELTA, DKV, PSUM, DS, P,
+        Q, KV, IDX, SEG, DO, LSE, DELTA, DKV, PSUM, DS,
         Sk, TOPK, NHB, H, scale, scale_log2, pass_id, t0,
         stride_qb, stride_qs, stride_qh,
         stride_kb, stride_ks,
@@ -315,7 +373,7 @@ if HAS_TRITON:
         stride_gb, stride_gs, stride_gh,
         HB: tl.constexpr, DV: tl.constexpr, DQ4: tl.constexpr, EXACT: tl.constexpr, DR: tl.constexpr,
         D2: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, PASSES: tl.constexpr,
-        HEAD_SUM: tl.constexpr, STORE_DS: tl.constexpr, STORE_P: tl.constexpr, ADD_DKV: tl.constexpr,
+        HEAD_SUM: tl.constexpr, STORE_DS: tl.constexpr,
     ):
         # dkv alone for 64-head blocks, with the selected keys as the products' rows: s^T = kv q^T
         # [BK, HB], then dkv = ds^T q + p^T do. Every product reads q and do as its second
@@ -324,9 +382,7 @@ if HAS_TRITON:
         # as it is made: one [BK, DQ4] fp32 accumulator is live at a time, not the whole row.
         # HEAD_SUM: the block's p summed over its heads is added to PSUM (IDX's strides).
         # STORE_DS: the score gradients are also stored, DS [B, rows from t0, H, TOPK] (slots
-        # last, IDX's slot order), for the dq product that replaces the recomputing dq kernel;
-        # STORE_P the probabilities likewise (P has DS's strides). Without ADD_DKV the kernel only
-        # makes and stores them (the dkv product adds every head's share at once).
+        # last, IDX's slot order), for the dq product that replaces the recomputing dq kernel.
         # The launch covers the tokens from t0.
         t, h, hm, b = _program_coords(NHB, HB, H, t0)
         lo, hi = _key_slots(SEG, b, t, pass_id, stride_sb, stride_ss, TOPK, PASSES)
@@ -371,27 +427,22 @@ if HAS_TRITON:
                 dpt += _dot(k2_, tl.trans(o2), IEEE, UPCAST) + _dot(k3_, tl.trans(o3), IEEE, UPCAST)
                 dst = (pt * (dpt - delta[None, :]) * scale).to(k0_.dtype)
                 ptc = pt.to(k0_.dtype)
-                if STORE_DS or STORE_P:
+                if STORE_DS:
                     kk = k0 + tl.arange(0, BK)
                     slot = b * stride_gb + (t - t0) * stride_gs + h[None, :] * stride_gh + kk[:, None]
-                    ok = (kk < hi)[:, None] & hm[None, :]
-                    if STORE_DS:
-                        tl.store(DS + slot, dst, mask=ok)
-                    if STORE_P:
-                        tl.store(P + slot, ptc, mask=ok)
-                if ADD_DKV:
-                    gp = dkvb + idx[:, None] * stride_dks
-                    tl.atomic_add(gp + c0[None, :], _dot(dst, q0, IEEE, UPCAST) + _dot(ptc, o0, IEEE, UPCAST),
-                                  mask=_cols(valid, c0, DV, EXACT), sem="relaxed")
-                    tl.atomic_add(gp + c1[None, :], _dot(dst, q1, IEEE, UPCAST) + _dot(ptc, o1, IEEE, UPCAST),
-                                  mask=_cols(valid, c1, DV, EXACT), sem="relaxed")
-                    tl.atomic_add(gp + c2[None, :], _dot(dst, q2, IEEE, UPCAST) + _dot(ptc, o2, IEEE, UPCAST),
-                                  mask=_cols(valid, c2, DV, EXACT), sem="relaxed")
-                    tl.atomic_add(gp + c3[None, :], _dot(dst, q3, IEEE, UPCAST) + _dot(ptc, o3, IEEE, UPCAST),
-                                  mask=_cols(valid, c3, DV, EXACT), sem="relaxed")
-                    if DR > 0:
-                        tl.atomic_add(gp + DV + d2[None, :], _dot(dst, qr, IEEE, UPCAST),
-                                      mask=_tile_mask(valid, d2, DR, D2), sem="relaxed")
+                    tl.store(DS + slot, dst, mask=(kk < hi)[:, None] & hm[None, :])
+                gp = dkvb + idx[:, None] * stride_dks
+                tl.atomic_add(gp + c0[None, :], _dot(dst, q0, IEEE, UPCAST) + _dot(ptc, o0, IEEE, UPCAST),
+                              mask=_cols(valid, c0, DV, EXACT), sem="relaxed")
+                tl.atomic_add(gp + c1[None, :], _dot(dst, q1, IEEE, UPCAST) + _dot(ptc, o1, IEEE, UPCAST),
+                              mask=_cols(valid, c1, DV, EXACT), sem="relaxed")
+                tl.atomic_add(gp + c2[None, :], _dot(dst, q2, IEEE, UPCAST) + _dot(ptc, o2, IEEE, UPCAST),
+                              mask=_cols(valid, c2, DV, EXACT), sem="relaxed")
+                tl.atomic_add(gp + c3[None, :], _dot(dst, q3, IEEE, UPCAST) + _dot(ptc, o3, IEEE, UPCAST),
+                              mask=_cols(valid, c3, DV, EXACT), sem="relaxed")
+                if DR > 0:
+                    tl.atomic_add(gp + DV + d2[None, :], _dot(dst, qr, IEEE, UPCAST),
+                                  mask=_tile_mask(valid, d2, DR, D2), sem="relaxed")
 
     @triton.jit
     def _sparse_dq_product_kernel(
@@ -461,11 +512,14 @@ if HAS_TRITON:
         lo, hi = _key_slots(SEG, b, t, pass_id, stride_sb, stride_ss, TOPK, PASSES)
         if hi > lo:
             cols_ok = _tile_mask(hm, cb, NCOL, BC)
+            # With key ranges, the row's q and dO (read once a pass) go first from L2, so that
+            # the range's dkv rows, the targets of the adds, stay there.
+            hint: tl.constexpr = "evict_first" if PASSES > 1 else ""
             qc = tl.load(Q + b * stride_qb + t * stride_qs + h[:, None] * stride_qh + c[None, :], mask=cols_ok,
-                         other=0.0)
+                         other=0.0, eviction_policy=hint)
             if HAS_DO:
                 oc = tl.load(DO + b * stride_ob + t * stride_os + h[:, None] * stride_oh + c[None, :], mask=cols_ok,
-                             other=0.0)
+                             other=0.0, eviction_policy=hint)
             gb = b * stride_gb + (t - t0) * stride_gs + h[:, None] * stride_gh
             ib = IDX + b * stride_ib + t * stride_is
             dkvb = DKV + b * stride_dkb
@@ -543,6 +597,8 @@ def _tiles(chosen, on_gpu: bool, HB: int, kernel: str, D1: int = 512) -> Tiles:
         return Tiles(64, 4, 1)  # 912 ms, (64, 8, 1) 1338
     if kernel == "dq" and HB >= MAX_HEAD_BLOCK:  # 32K x 128 heads: 133 ms, (32, 8, 2) 226, (32, 8, 1) 176
         return Tiles(64, 8, 1)
+    if kernel == "scores":  # 64K x 128 heads (H100): 108 ms, (64, 8, 2) 122, (128, 8, 2) 137, (64, 4, 3) 140
+        return Tiles(128, 8, 3)
     if kernel == "dq_product":  # 128K x 128 heads, stored_ds backward: 1014 ms, (32, 8, 3) 1061
         return Tiles(64, 8, 3)
     if kernel == "dkv_product":  # 128K x 128 heads, stored_scores backward: 984 ms, (64, 8, 2) 1055,
@@ -578,11 +634,13 @@ def sparse_attn_fwd(q, kv, idx, v_dim, scale, options: KernelOptions = DEFAULT_O
 
 
 L2_TARGET_BYTES = 32 << 20  # dkv bytes one pass keeps in L2 (the H200 has 60 MB in two halves)
+DKV_PRODUCT_RANGE_BYTES = 40 << 20  # the same for the dkv product, whose other operands stream past L2
 # Defaults of the product kernels' widths (``KernelOptions``): an [HB, 256] fp32 dq accumulator
 # stays in registers; 128 heads' q and dO columns for 128 latent columns fit shared memory.
 DQ_PRODUCT_COLUMNS = 256
 DKV_PRODUCT_COLUMNS = 128
 DKV_PRODUCT_HEADS = 128
+SCORES_HEADS = 128  # heads one program of the stored-scores kernel takes as its products' columns
 
 
 def _rowwise_dot(dout: torch.Tensor, out: torch.Tensor, chunk_bytes: int) -> torch.Tensor:
@@ -598,18 +656,22 @@ def _rowwise_dot(dout: torch.Tensor, out: torch.Tensor, chunk_bytes: int) -> tor
     return delta
 
 
-def key_passes(options: KernelOptions, B: int, Sk: int, D: int, HB: int, on_gpu: bool) -> int:
+def key_passes(options: KernelOptions, B: int, Sk: int, D: int, form: Optional[str], on_gpu: bool) -> int:
     """How many key ranges the attention backward's dkv adds are split into (1 = one pass).
+    ``form``: the split backward's (``split_form``), None for the one-kernel backward.
 
     ``options.key_passes`` when set; else, on the GPU, enough passes for each range's fp32
-    gradient rows to fit ``L2_TARGET_BYTES``, for head blocks below 64, where the adds, not the
-    products, bound the backward (128K x 16 heads: 10 ranges 414 ms, one 466; at 64 and 128
-    heads they measured no faster)."""
+    gradient rows to fit ``L2_TARGET_BYTES`` in the one-kernel backward (128K x 16 heads: 10
+    ranges 414 ms, one 466) and ``DKV_PRODUCT_RANGE_BYTES`` in the dkv product of the stored
+    scores (64K on an H100: 128 heads 208 ms at 4 ranges, 230 at one, 227 at 10; 64 heads 133,
+    186, 131). The split backward's per-head-block dkv kernels take one pass (the products, not
+    the adds, bound them)."""
     if options.key_passes:
         return max(1, min(options.key_passes, Sk))
-    if not on_gpu or HB >= MAX_HEAD_BLOCK:
+    if not on_gpu or form in ("recompute", "stored_ds"):
         return 1
-    return max(1, min(-(-B * Sk * D * 4 // L2_TARGET_BYTES), 64, Sk))
+    target = L2_TARGET_BYTES if form is None else DKV_PRODUCT_RANGE_BYTES
+    return max(1, min(-(-B * Sk * D * 4 // target), 64, Sk))
 
 
 def key_segments(idx: torch.Tensor, Sk: int, passes: int, chunk_rows: Optional[int] = None):
@@ -706,13 +768,12 @@ def split_backward(options: KernelOptions, HB: int) -> bool:
     return HB >= MAX_HEAD_BLOCK if options.attn_bwd_split is None else options.attn_bwd_split
 
 
-def split_form(options: KernelOptions, NHB: int) -> str:
+def split_form(options: KernelOptions) -> str:
     """What the split backward's kernels share (``KernelOptions.split_bwd``); by default the stored
-    scores above one head block, where dkv's one add per (token, key, column) for every head halves
-    the adds (128K x 128 heads: 984 ms against 1343 recomputing), recomputation otherwise."""
-    if options.split_bwd is not None:
-        return options.split_bwd
-    return "stored_scores" if NHB > 1 else "recompute"
+    scores: 64K on an H100, 128 heads 449 ms against 662 recomputing, 64 heads ~240 against 331
+    (one add per (token, key, column) for every head, the stored scores' kernel as a gathered
+    product, the dkv product's adds in L2-sized key ranges)."""
+    return options.split_bwd or "stored_scores"
 
 
 def sparse_attn_bwd(q, kv, idx, out, lse, dout, v_dim, scale, options: KernelOptions = DEFAULT_OPTIONS,
@@ -733,7 +794,8 @@ def sparse_attn_bwd(q, kv, idx, out, lse, dout, v_dim, scale, options: KernelOpt
     HB = head_block(H)
     NHB = triton.cdiv(H, HB)
     split = split_backward(options, HB)
-    passes = key_passes(options, B, Sk, D, HB, q.is_cuda)
+    form = split_form(options) if split else None
+    passes = key_passes(options, B, Sk, D, form, q.is_cuda)
     full_idx = idx
     order = None
     slot_rows = rows_within(options.workspace_bytes // 8, B * K * 8)  # rows of int64 slot temporaries
@@ -776,7 +838,6 @@ def sparse_attn_bwd(q, kv, idx, out, lse, dout, v_dim, scale, options: KernelOpt
 
     if split:
         dq = torch.empty_like(q)
-        form = split_form(options, NHB)
         if form == "recompute":
             tiles = _tiles(options.attn_bwd, q.is_cuda, HB, "dq")
             _sparse_dq_kernel[grid](
@@ -801,9 +862,9 @@ def sparse_attn_bwd(q, kv, idx, out, lse, dout, v_dim, scale, options: KernelOpt
         tiles = _tiles(options.attn_dkv, q.is_cuda, HB, "dkv")
         DQ4 = max(D1 // 4, 16)
 
-        def dkv_kernel(t0, t1, p, n_passes, add):
+        def dkv_kernel(t0, t1, p, n_passes):
             _sparse_dkv_kernel[((t1 - t0) * NHB, B)](
-                q, kv, idx, seg, dout, lse, delta, dkv, psum, ds, pbuf,
+                q, kv, idx, seg, dout, lse, delta, dkv, psum, ds,
                 Sk, K, NHB, H, scale, scale * LOG2E, p, t0,
                 q.stride(0), q.stride(1), q.stride(2),
                 kv.stride(0), kv.stride(1),
@@ -815,18 +876,37 @@ def sparse_attn_bwd(q, kv, idx, out, lse, dout, v_dim, scale, options: KernelOpt
                 *ds_strides,
                 HB=HB, DV=v_dim, DQ4=DQ4, EXACT=4 * DQ4 == v_dim, DR=DR, D2=D2, IEEE=common["IEEE"],
                 UPCAST=common["UPCAST"], BK=tiles.BK, PASSES=n_passes, HEAD_SUM=head_sum, STORE_DS=stored,
-                STORE_P=scores, ADD_DKV=add, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+                num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+            )
+
+        def scores_kernel(t0, t1):
+            st = _tiles(options.attn_scores, q.is_cuda, HB, "scores")
+            HN = min(next_pow2(H, 16), SCORES_HEADS)
+            BD = 64 if q.is_cuda else 16
+            nkb, nhg = triton.cdiv(K, st.BK), triton.cdiv(H, HN)
+            _sparse_scores_kernel[((t1 - t0) * nhg * nkb, B)](
+                q, kv, idx, dout, lse, delta, psum, ds, pbuf,
+                Sk, K, nkb, nhg, H, scale, scale * LOG2E, t0,
+                q.stride(0), q.stride(1), q.stride(2),
+                kv.stride(0), kv.stride(1),
+                idx.stride(0), idx.stride(1),
+                dout.stride(0), dout.stride(1), dout.stride(2),
+                lse.stride(0), lse.stride(1),
+                *ds_strides,
+                HN=HN, DV=v_dim, D=D, BD=BD, EVEN_D=v_dim % BD == 0 and D % BD == 0, BK=st.BK,
+                IEEE=common["IEEE"], UPCAST=common["UPCAST"], HEAD_SUM=head_sum,
+                num_warps=st.num_warps, num_stages=st.num_stages,
             )
 
         for t0 in range(0, Sq, step):
             t1 = min(Sq, t0 + step)
             if scores:  # every slot's p and ds once (no adds), then dkv over all heads per range
-                dkv_kernel(t0, t1, 0, 1, False)
+                scores_kernel(t0, t1)
                 for p in range(passes):
                     _dkv_product(ds, pbuf, q, dout, idx, seg, dkv, t0, t1, p, passes, v_dim, options, common)
             else:
                 for p in range(passes):
-                    dkv_kernel(t0, t1, p, passes, True)
+                    dkv_kernel(t0, t1, p, passes)
             if stored:
                 _dq_product(ds, kv, idx, dq, t0, t1, v_dim, HB, NHB, options, common)
         return results(dq)
