@@ -834,12 +834,17 @@ def test_sparse_attention_backward_delta_in_row_chunks():
 
 
 def test_split_backward_form_and_key_ranges_by_default():
-    """By default the split backward shares stored scores (measured faster at 64 and 128 heads);
-    a set option always wins. Key ranges: L2-sized in the one-kernel backward and in the stored
+    """By default the backward is split on a wide latent or from 64-head blocks, and shares stored
+    scores (measured faster at 16 to 128 heads); a set option always wins. Key ranges: L2-sized in the one-kernel backward and in the stored
     scores' dkv product, one pass in the split forms that add per head block and on the CPU."""
-    from megatron_dsa.kernels.sparse_attn import (DKV_PRODUCT_RANGE_BYTES, L2_TARGET_BYTES, key_passes,
-                                                  split_form)
+    from megatron_dsa.kernels.sparse_attn import (DKV_PRODUCT_RANGE_BYTES, L2_TARGET_BYTES, NARROW_LATENT,
+                                                  key_passes, split_backward, split_form)
 
+    # split from 64-head blocks, and on a wide latent at any head count; a set option wins
+    assert split_backward(KernelOptions(), 64, 512) and split_backward(KernelOptions(), 64, 128)
+    assert split_backward(KernelOptions(), 16, 512) and not split_backward(KernelOptions(), 16, NARROW_LATENT)
+    assert not split_backward(KernelOptions(attn_bwd_split=False), 16, 512)
+    assert split_backward(KernelOptions(attn_bwd_split=True), 16, 128)
     assert split_form(KernelOptions()) == "stored_scores"
     for form in ("recompute", "stored_ds", "stored_scores"):
         assert split_form(KernelOptions(split_bwd=form)) == form
