@@ -55,6 +55,29 @@ def test_render_rewrites_the_committed_table_from_its_json(tmp_path, folder, tag
     assert (tmp_path / f"dsa_{tag}.png").stat().st_size > 0
 
 
+def test_rebound_recomputes_the_stored_bounds_at_the_l2_add_rate(tmp_path):
+    """--rebound (no GPU) puts each row's stage bounds back to the formula at --out's ceilings:
+    the dkv adds at the fastest rate of ceilings.json's target sizes (one L2 holds), the TP=8
+    rank's indexer and KL at an eighth of the rows; the measured times stay."""
+    import bench_dsa
+
+    bench_dsa.use_model(bench_dsa.DEFAULT_MODEL, "h200", None)
+    (tmp_path / "ceilings.json").write_text(json.dumps({
+        "device": "H200", "bf16_gemm_tflops": 800.0, "fp8_gemm_tflops": 1400.0, "hbm_copy_tbps": 4.0,
+        "gather_1KB_rows_tbps": 5.0, "fp32_atomic_adds_per_s": 4e11,
+        "fp32_atomic_adds_per_s_by_target_mb": {"8": 9e11, "32": 1e12, "256": 4e11}}))
+    c = bench_dsa.load_ceilings(str(tmp_path), "H200")
+    assert c["atomic_adds_l2_per_s"] == 1e12 and c["atomic_adds_per_s"] == 4e11
+    res = {"ceilings": {"old": 1}, "rows": [dict(_row("16 heads", 16, 1 << 17, 700), bounds_ms={"attn_bwd": 1.0}),
+                                            dict(_row("16 heads, TP=8 rank", 16, 1 << 17, 400), bounds_ms={})]}
+    bench_dsa.rebound(res, c)
+    full, tp8 = (r["bounds_ms"] for r in res["rows"])
+    pairs = bench_dsa.dsa_flops(1 << 17, 16, 576, 512, 64, 128, 2048)["attn_fwd"] / (2.0 * 16 * (576 + 512))
+    assert full["attn_bwd"] == pytest.approx(1e3 * pairs * 576 / 1e12)  # the adds, not the FLOPs, at 16 heads
+    assert tp8["attn_bwd"] == full["attn_bwd"] and tp8["indexer_topk"] == pytest.approx(full["indexer_topk"] / 8)
+    assert res["ceilings"] is c and res["rows"][0]["ours_fp8"] == {"ms": 700}
+
+
 def test_model_shapes_come_from_the_model_sizes():
     """--model takes the attention shape of a released model from megatron_dsa.model (GLM-5: 32
     indexer heads, dense 256 / 256 a head), and its table says which."""
