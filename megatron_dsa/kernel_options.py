@@ -12,8 +12,8 @@ from typing import Any, Optional
 
 DENSE_KL = ("fused", "blockwise")
 SPLIT_BWD = ("recompute", "stored_ds", "stored_scores")
-TILE_FIELDS = ("attn_fwd", "attn_bwd", "attn_dkv", "attn_scores", "attn_dq_product", "attn_dkv_product", "kl_target", "kl_fwd",
-               "kl_bwd", "decode_attn", "decode_index", "score", "select")
+TILE_FIELDS = ("attn_fwd", "attn_bwd", "attn_dkv", "attn_scores", "attn_dq_product", "attn_dkv_product", "kl_target",
+               "kl_fwd", "kl_bwd", "decode_attn", "decode_index", "score", "select")
 
 
 def _count(v: Any) -> bool:
@@ -47,8 +47,9 @@ class KernelOptions:
     key_passes: how many key ranges the sparse attention's backward splits its fp32 dkv adds
     into, so each range's targets stay in L2 (0: chosen from the sizes, see
     ``sparse_attn.key_passes``; 1: one pass).
-    attn_bwd_split: the sparse attention's backward as two kernels (dq, then dkv with the keys as
-    the products' rows) or one (None: two from 64-head blocks, where one does not fit an SM).
+    attn_bwd_split: the sparse attention's backward split into kernels that share stored scores
+    (``split_bwd``) or one kernel (None: split from 64-head blocks, where one does not fit an SM,
+    and at any head count on a latent wider than 128 value columns; ``sparse_attn.split_backward``).
     split_bwd: what the split backward's kernels share. "recompute": a dq kernel and a dkv kernel
     each recompute the probabilities and score gradients (1.4x the backward's products; the dq
     kernel's [64, 576] fp32 accumulator spills), and dkv takes one fp32 add per (token, key,
@@ -58,8 +59,8 @@ class KernelOptions:
     and score gradients, a gathered product over slices of the latent (``attn_scores`` tiles);
     dkv is their product with every head's q and dO, one add per (token, key, column) for all
     heads up to 128 (``attn_dkv_product`` tiles), and dq as in "stored_ds". None:
-    "stored_scores" (``sparse_attn.split_form``; 64K on an H100: 449 against 662 ms recomputing
-    at 128 heads).
+    "stored_scores" (``sparse_attn.split_form``; 64K on the H200: 64 heads 208 ms against 323
+    recomputing; 128 heads 402, 469 before its storing kernel became a gathered product).
     kl_target_keys_rows: the sparse KL's target kernel with the selected keys as the products'
     rows and the heads as columns (each gathered row read once per token) or the heads as rows
     (once per 64-head block); None: keys as rows above one 64-head block. That kernel serves the

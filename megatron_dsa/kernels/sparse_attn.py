@@ -18,7 +18,8 @@ few heads (1.55e11 of them at 128K): HBM-resident targets take ~3.9e11 adds/s, L
 L2: each row's selected keys are sorted, every program handles its keys in the pass's range and
 adds its dq share to an fp32 buffer. The queries' tensors are re-read once per pass.
 
-From 64-head blocks the backward is two kernels (one does not fit an SM): dq per (token, head
+The split backward (from 64-head blocks, where one kernel does not fit an SM, and by default at
+any head count on a wide latent, ``split_backward``): in its "recompute" form dq per (token, head
 block), then dkv with the selected keys as the products' rows, its value dims in four quarters
 whose gradients are added as soon as they are made (one [BK, D/4] fp32 accumulator live at a
 time; the whole [BK, 576] row spilled registers: 553 ms against 197 at 32K x 128 heads).
@@ -29,9 +30,11 @@ the dkv kernel adds every (token, key, column) twice, once per head block. The s
 apply anyway), a chunk of rows at a time (``KernelOptions.workspace_bytes``):
 - "stored_ds": the dkv kernel stores its score gradients and dq is their product with the
   gathered rows, in column blocks (no recomputation, an [HB, 256] accumulator);
-- "stored_scores": the dkv kernel only makes and stores the probabilities and score gradients;
-  dkv is then their product with q and dO summed over every head (up to 128) before one add per
-  (token, key, column), and dq as above.
+- "stored_scores" (the default): a kernel of its own makes and stores the probabilities and
+  score gradients, a gathered product over 64-wide slices of the latent with q and dO streamed
+  from L2 (holding them whole left one program of 4 warps an SM); dkv is then their product with
+  q and dO summed over every head (up to 128) before one add per (token, key, column), in key
+  ranges whose dkv rows L2 holds, and dq as above.
 """
 
 from __future__ import annotations
@@ -775,9 +778,9 @@ def split_backward(options: KernelOptions, HB: int, D1: int) -> bool:
 
 def split_form(options: KernelOptions) -> str:
     """What the split backward's kernels share (``KernelOptions.split_bwd``); by default the stored
-    scores: 64K on an H100, 128 heads 449 ms against 662 recomputing, 64 heads ~240 against 331
-    (one add per (token, key, column) for every head, the stored scores' kernel as a gathered
-    product, the dkv product's adds in L2-sized key ranges)."""
+    scores (one add per (token, key, column) for every head, the stored scores' kernel as a
+    gathered product, the dkv product's adds in L2-sized key ranges): 64K on an H100, 128 heads
+    449 ms against 662 recomputing; on the H200, 64 heads 208 against 323."""
     return options.split_bwd or "stored_scores"
 
 
