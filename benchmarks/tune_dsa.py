@@ -120,6 +120,12 @@ def variants(stage: str, heads: int) -> list[tuple[str, KernelOptions]]:
                 for p in (1, 10)]
         out += [(f"split {form} p1", KernelOptions(key_passes=1, attn_bwd_split=True, split_bwd=form))
                 for form in ("stored_ds", "stored_scores")]
+        # the default on a wide latent: the stored scores with the dkv product's key ranges; the
+        # storing kernel's tiles where its heads (the products' columns) are few
+        out += [("split stored_scores auto-passes", KernelOptions(attn_bwd_split=True, split_bwd="stored_scores"))]
+        out += [(f"split stored_scores scores{t}", KernelOptions(attn_bwd_split=True, split_bwd="stored_scores",
+                                                                  attn_scores=Tiles(*t)))
+                for t in ((64, 4, 3), (128, 4, 3), (64, 8, 3))]
         out += [(f"fused p10 {t}", KernelOptions(key_passes=10, attn_bwd_split=False, attn_bwd=Tiles(*t)))
                 for t in ((16, 8, 2), (32, 8, 3))]
         # a narrow latent (the small models' 160 = 128 + 32) leaves 8 warps little to share
