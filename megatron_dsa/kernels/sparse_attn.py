@@ -644,6 +644,7 @@ DQ_PRODUCT_COLUMNS = 256
 DKV_PRODUCT_COLUMNS = 128
 DKV_PRODUCT_HEADS = 128
 SCORES_HEADS = 128  # heads one program of the stored-scores kernel takes as its products' columns
+SCORES_SLICE = 64  # latent columns a step of its products reads (q, dO and the gathered rows)
 
 
 def _rowwise_dot(dout: torch.Tensor, out: torch.Tensor, chunk_bytes: int) -> torch.Tensor:
@@ -867,10 +868,9 @@ def sparse_attn_bwd(q, kv, idx, out, lse, dout, v_dim, scale, options: KernelOpt
         ds = new(B, min(step, Sq), H, K, dtype=kv.dtype, device=q.device) if stored else dkv
         pbuf = torch.empty_like(ds) if scores else ds
         ds_strides = (ds.stride(0), ds.stride(1), ds.stride(2)) if stored else (0, 0, 0)
-        tiles = _tiles(options.attn_dkv, q.is_cuda, HB, "dkv")
-        DQ4 = max(D1 // 4, 16)
-
         def dkv_kernel(t0, t1, p, n_passes):
+            tiles = _tiles(options.attn_dkv, q.is_cuda, HB, "dkv")
+            DQ4 = max(D1 // 4, 16)
             _sparse_dkv_kernel[((t1 - t0) * NHB, B)](
                 q, kv, idx, seg, dout, lse, delta, dkv, psum, ds,
                 Sk, K, NHB, H, scale, scale * LOG2E, p, t0,
@@ -890,7 +890,7 @@ def sparse_attn_bwd(q, kv, idx, out, lse, dout, v_dim, scale, options: KernelOpt
         def scores_kernel(t0, t1):
             st = _tiles(options.attn_scores, q.is_cuda, HB, "scores")
             HN = min(next_pow2(H, 16), SCORES_HEADS)
-            BD = 64 if q.is_cuda else 16
+            BD = SCORES_SLICE if q.is_cuda else 16  # narrow slices in the interpreter: several per dim
             nkb, nhg = triton.cdiv(K, st.BK), triton.cdiv(H, HN)
             _sparse_scores_kernel[((t1 - t0) * nhg * nkb, B)](
                 q, kv, idx, dout, lse, delta, psum, ds, pbuf,
