@@ -12,7 +12,8 @@ default (latent 576 / 512, indexer 64 x 128, top-k 2048; dense 192 / 128 a head)
 same latent and top-k, indexer 32 x 128; dense 256 / 256 a head).
 Each row gives the time of every stage against its bound at the card's measured ceilings
 (``ceilings.json``: FLOPs at the GEMM rate, gathered bytes at the gather rate, dkv adds at the
-atomic rate into a target that L2 holds), TFLOP/s and the peak memory beyond the step's inputs, outputs and gradients.
+atomic rate into a target that L2 holds), TFLOP/s and the peak memory beyond the step's inputs,
+outputs and gradients.
 ``--tp8``: also the per-rank case of TP=8 at 16 heads (the indexer scores the rows one of 8 ranks
 scores under the causally balanced split; attention and KL as the rank runs them).
 ``--pattern``: also the attention stages on a selection shaped like a trained indexer's
@@ -56,8 +57,8 @@ DQK, DV, HI, DI, TOPK = 576, 512, 64, 128, 2048
 DENSE_QK, DENSE_V = 192, 128  # dense SDPA's dims a head (MLA's MHA form)
 STAGES = ("indexer_topk", "attn_fwd", "kl_fwd", "attn_bwd", "kl_bwd")
 # Measured on the H200 by benchmarks/ceilings.py (results/ceilings.json); used when that file is absent.
-CEILINGS = {"bf16_tflops": 792.0, "fp8_tflops": 1445.0, "hbm_tb_s": 4.29, "gather_tb_s": 5.7, "atomic_adds_per_s": 3.9e11,
-            "atomic_adds_l2_per_s": 9.6e11}
+CEILINGS = {"bf16_tflops": 792.0, "fp8_tflops": 1445.0, "hbm_tb_s": 4.29, "gather_tb_s": 5.7,
+            "atomic_adds_per_s": 3.9e11, "atomic_adds_l2_per_s": 9.6e11}
 
 
 def use_model(name: str, device: str = "h200", topk: int | None = None) -> str:
