@@ -542,6 +542,19 @@ if HAS_TRITON:
                               mask=_tile_mask(valid, cb, NCOL, BC), sem="relaxed")
 
     @triton.jit
+    def _rowwise_dot_kernel(A, B, OUT, N, V: tl.constexpr, VP: tl.constexpr, BR: tl.constexpr):
+        """OUT[r] = sum(A[r] * B[r]) in fp32 over BR rows of V contiguous elements: each input
+        read once, nothing else written."""
+        r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+        c = tl.arange(0, VP)
+        rm = r < N
+        off = r[:, None] * V + c[None, :]
+        m = _tile_mask(rm, c, V, VP)
+        a = tl.load(A + off, mask=m, other=0.0).to(tl.float32)
+        b = tl.load(B + off, mask=m, other=0.0).to(tl.float32)
+        tl.store(OUT + r, tl.sum(a * b, axis=1), mask=rm)
+
+    @triton.jit
     def _key_ranges_kernel(IDX, SEG, ORDERED, Sk, K, stride_ib, stride_is, stride_sb, stride_ss,
                            PASSES: tl.constexpr, PP: tl.constexpr, BK: tl.constexpr):
         """One row of ``key_segments``' ranges in one read of the row: per range start p * Sk /
@@ -647,17 +660,28 @@ SCORES_HEADS = 128  # heads one program of the stored-scores kernel takes as its
 SCORES_SLICE = 64  # latent columns a step of its products reads (q, dO and the gathered rows)
 
 
-def _rowwise_dot(dout: torch.Tensor, out: torch.Tensor, chunk_bytes: int) -> torch.Tensor:
-    """sum(dout * out, -1) in fp32 [B, Sq, H], a chunk of rows at a time, each fp32 temporary
-    within ``chunk_bytes``: in one piece the fp32 copies of dout and out and their product were
-    12 GiB of temporaries at 128K (16 heads x 512), more than the backward's own outputs."""
+ROWWISE_DOT_ELEMENTS = 8192  # elements of each input one program of the rowwise dot reads
+
+
+def _rowwise_dot(dout: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """sum(dout * out, -1) in fp32 [B, Sq, H], one read of each. In PyTorch (fp32 copies of both,
+    their product, its sum) it moved ~6x their bytes: 50 of the 490 ms of the 128-head backward
+    at 64K on an H100."""
     B, Sq, H, V = out.shape
     delta = torch.empty(B, Sq, H, dtype=torch.float32, device=out.device)
-    step = rows_within(chunk_bytes, B * H * V * 4)
-    for t0 in range(0, Sq, step):
-        t1 = min(Sq, t0 + step)
-        delta[:, t0:t1] = (dout[:, t0:t1].float() * out[:, t0:t1].float()).sum(-1)
+    n = B * Sq * H
+    if n:
+        VP = next_pow2(V)
+        BR = max(1, ROWWISE_DOT_ELEMENTS // VP)
+        _rowwise_dot_kernel[(triton.cdiv(n, BR),)](dout.contiguous(), out.contiguous(), delta, n, V=V, VP=VP, BR=BR,
+                                                   num_warps=4)
     return delta
+
+
+def key_passes_within(B: int, Sk: int, row_bytes: int, target_bytes: int) -> int:
+    """Key ranges enough for each range's fp32 gradient rows (``row_bytes`` a key) to fit
+    ``target_bytes``: 1 to 64, at most one a key."""
+    return max(1, min(-(-B * Sk * row_bytes // target_bytes), 64, Sk))
 
 
 def key_passes(options: KernelOptions, B: int, Sk: int, D: int, form: Optional[str], on_gpu: bool) -> int:
@@ -674,8 +698,23 @@ def key_passes(options: KernelOptions, B: int, Sk: int, D: int, form: Optional[s
         return max(1, min(options.key_passes, Sk))
     if not on_gpu or form in ("recompute", "stored_ds"):
         return 1
-    target = L2_TARGET_BYTES if form is None else DKV_PRODUCT_RANGE_BYTES
-    return max(1, min(-(-B * Sk * D * 4 // target), 64, Sk))
+    return key_passes_within(B, Sk, D * 4, L2_TARGET_BYTES if form is None else DKV_PRODUCT_RANGE_BYTES)
+
+
+def key_ranges(idx: torch.Tensor, Sk: int, passes: int) -> tuple[torch.Tensor, bool]:
+    """Per row the slot where each of ``passes`` equal key ranges starts, as if the row were in key
+    order (seg [B, Sq, passes + 1] int32), and whether every row is (ascending, -1 slots last):
+    one read of the selection."""
+    idx = idx.contiguous()
+    B, Sq, K = idx.shape
+    seg = torch.empty(B, Sq, passes + 1, dtype=torch.int32, device=idx.device)
+    ordered = torch.empty(B, Sq, dtype=torch.int8, device=idx.device)
+    if not Sq:
+        return seg, True
+    _key_ranges_kernel[(Sq, B)](idx, seg, ordered, Sk, K, idx.stride(0), idx.stride(1), seg.stride(0),
+                                seg.stride(1), PASSES=passes, PP=next_pow2(passes + 1),
+                                BK=max(16, min(next_pow2(K), 4096 // next_pow2(passes + 1))), num_warps=4)
+    return seg, bool(ordered.all())
 
 
 def key_segments(idx: torch.Tensor, Sk: int, passes: int, chunk_rows: Optional[int] = None):
@@ -685,16 +724,11 @@ def key_segments(idx: torch.Tensor, Sk: int, passes: int, chunk_rows: Optional[i
     order, seg [B, Sq, passes + 1] int32). ``chunk_rows`` rows at a time (None: all), which
     bounds the sort's int64 permutation: in one piece at 128K x 2048 the sort took 4 GiB, and its
     permutation (2 GiB, now 0.5) stayed for the whole backward. Rows in key order cost one read
-    of the selection: a kernel finds their ranges' starts and checks the order."""
+    of the selection (``key_ranges``)."""
     idx = idx.contiguous()
     B, Sq, K = idx.shape
-    seg = torch.empty(B, Sq, passes + 1, dtype=torch.int32, device=idx.device)
-    ordered = torch.empty(B, Sq, dtype=torch.int8, device=idx.device)
-    if Sq:  # already in key order? Then the ranges' starts, found in the same read, are all
-        _key_ranges_kernel[(Sq, B)](idx, seg, ordered, Sk, K, idx.stride(0), idx.stride(1), seg.stride(0),
-                                    seg.stride(1), PASSES=passes, PP=next_pow2(passes + 1),
-                                    BK=max(16, min(next_pow2(K), 4096 // next_pow2(passes + 1))), num_warps=4)
-    if bool(ordered.all()):
+    seg, ordered = key_ranges(idx, Sk, passes)
+    if ordered:
         return idx, None, seg
     big = torch.iinfo(idx.dtype).max
     bounds = torch.div(torch.arange(passes + 1, device=idx.device) * Sk, passes, rounding_mode="floor").to(idx.dtype)
@@ -799,7 +833,7 @@ def sparse_attn_bwd(q, kv, idx, out, lse, dout, v_dim, scale, options: KernelOpt
     extra = (psum,) if head_sum else ()
     if Sq == 0 or H == 0:
         return (torch.zeros_like(q), dkv.to(kv.dtype)) + extra
-    delta = _rowwise_dot(dout, out, options.workspace_bytes // 8)  # [B, Sq, H]
+    delta = _rowwise_dot(dout, out)  # [B, Sq, H]
     HB = head_block(H)
     NHB = triton.cdiv(H, HB)
     split = split_backward(options, HB, D1)
