@@ -328,7 +328,7 @@ if HAS_TRITON:
 
 
 # The KL backward's k_idx gradient rows a key range holds (kl_key_passes; 0: one pass).
-KL_KEY_RANGE_BYTES = 16 << 20
+KL_KEY_RANGE_BYTES = 0
 SMALL_INDEXER = 16 * 64  # indexer heads x dims (padded) up to which the KL's forward takes longer key blocks
 
 
