@@ -156,11 +156,9 @@ def variants(stage: str, heads: int) -> list[tuple[str, KernelOptions]]:
                                (True, (64, 8, 1)), (True, (128, 8, 1)))]
         # the logits' forward and backward over the set (training takes the target from the
         # attention's backward and runs only these)
-        out += [(f"kl fwd{f} bwd{b}", KernelOptions(kl_fwd=Tiles(*f), kl_bwd=Tiles(*b)))
-                for f, b in (((64, 4, 2), (64, 4, 2)), ((128, 4, 2), (128, 4, 2)), ((64, 2, 2), (64, 2, 2)),
-                             ((128, 8, 2), (128, 8, 2)))]
-        # the backward's k_idx adds in key ranges (its row's loads evict-first), from one range up
-        return out + [(f"kl bwd key passes {p}", KernelOptions(kl_key_passes=p)) for p in (1, 2, 4, 8, 16)]
+        return out + [(f"kl fwd{f} bwd{b}", KernelOptions(kl_fwd=Tiles(*f), kl_bwd=Tiles(*b)))
+                      for f, b in (((64, 4, 2), (64, 4, 2)), ((128, 4, 2), (128, 4, 2)), ((64, 2, 2), (64, 2, 2)),
+                                   ((128, 8, 2), (128, 8, 2)))]
     raise ValueError(stage)
 
 

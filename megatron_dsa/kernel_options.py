@@ -46,8 +46,7 @@ class KernelOptions:
     blockwise PyTorch ("blockwise"; the other indexer objectives always run it).
     key_passes: how many key ranges the sparse attention's backward splits its fp32 dkv adds
     into, so each range's targets stay in L2 (0: chosen from the sizes, see
-    ``sparse_attn.key_passes``; 1: one pass). kl_key_passes: the same for the sparse KL
-    backward's fp32 k_idx adds (0: ``indexer_kl.kl_key_passes``), on rows in key order only.
+    ``sparse_attn.key_passes``; 1: one pass).
     attn_bwd_split: the sparse attention's backward split into kernels that share stored scores
     (``split_bwd``) or one kernel (None: split from 64-head blocks, where one does not fit an SM,
     and at any head count on a latent wider than 128 value columns; ``sparse_attn.split_backward``).
@@ -107,12 +106,12 @@ class KernelOptions:
     workspace_bytes: the largest temporary the kernels split into chunks of rows may hold: the
     indexer's fp32 scores and the attention backward's stored score gradients (as much again for
     its probabilities) take this much per chunk; the key-range passes' fp32 dq half of it; the
-    blockwise dense KL's an eighth; the dense KL's recall gathers a thirty-second. Smaller: a lower peak, more launches.
+    blockwise dense KL's an eighth; the dense KL's recall gathers a thirty-second. Smaller: a
+    lower peak, more launches.
     """
 
     dense_kl: str = "fused"
     key_passes: int = 0
-    kl_key_passes: int = 0
     attn_bwd_split: Optional[bool] = None
     split_bwd: Optional[str] = None
     kl_target_keys_rows: Optional[bool] = None
@@ -146,9 +145,8 @@ class KernelOptions:
             raise ValueError(f"dense_kl must be one of {list(DENSE_KL)}, got {self.dense_kl!r}")
         if self.split_bwd is not None and self.split_bwd not in SPLIT_BWD:
             raise ValueError(f"split_bwd must be one of {list(SPLIT_BWD)} or null, got {self.split_bwd!r}")
-        for name in ("key_passes", "kl_key_passes"):
-            if not _count(getattr(self, name)):
-                raise ValueError(f"{name} must be an integer >= 0, got {getattr(self, name)!r}")
+        if not _count(self.key_passes):
+            raise ValueError(f"key_passes must be an integer >= 0, got {self.key_passes!r}")
         r = self.select_runs
         if r is not None and (not _count(r) or r & (r - 1)):
             raise ValueError(f"select_runs must be 0, a power of two or null, got {r!r}")

@@ -514,55 +514,6 @@ def test_sparse_kl_in_two_steps(dtype, with_lse):
     assert rel(R.sparse_indexer_kl_from_target(qi32, ki32, wi32, idx, scaled), kl_r) < 1e-5
 
 
-def _key_ordered(idx):
-    """Each row's keys ascending, -1 slots last: the training selection's order."""
-    big = torch.iinfo(idx.dtype).max
-    keys = torch.sort(torch.where(idx >= 0, idx, big), dim=-1).values
-    return torch.where(keys == big, -1, keys).contiguous()
-
-
-@pytest.mark.parametrize("passes", [2, 3, 7])
-@pytest.mark.parametrize("key_order", [True, False])
-def test_sparse_kl_backward_in_key_ranges(passes, key_order):
-    """The KL backward over key ranges (each launch adds one range's k_idx gradients, the first
-    stores dq / dw and the others add to them; ranges start mid-block and some rows have no key
-    in a range, one none at all) equals the one-pass backward and the reference. Rows not in key
-    order take one pass."""
-    from megatron_dsa.kernels import sparse_attn
-
-    B, S, H, D, HI, DI, topk = 2, 40, 3, 48, 4, 32, 24
-    qm, kv, qi, ki, wi, idx = _sparse_kl_inputs(B, S, H, D, HI, DI, topk, torch.float32)
-    idx[1, 7] = -1
-    if key_order:
-        idx = _key_ordered(idx)
-    assert sparse_attn.key_ranges(idx, S, passes)[1] == key_order  # _random_idx's rows are not
-    scale = D**-0.5
-    qm32, kv32, qi32, ki32, wi32 = _fp32_leaves(qm, kv, qi, ki, wi)
-    kl_r = R.sparse_indexer_kl(qm32, kv32, qi32, ki32, wi32, idx, scale)
-    g = torch.randn_like(kl_r)
-    ref = torch.autograd.grad(kl_r, (qi32, ki32, wi32), g)
-    one_pass = KernelOptions(kl_key_passes=1)
-    one = torch.autograd.grad(K.sparse_indexer_kl(qm, kv, qi, ki, wi, idx, scale, options=one_pass), (qi, ki, wi), g)
-    kl = K.sparse_indexer_kl(qm, kv, qi, ki, wi, idx, scale, options=KernelOptions(kl_key_passes=passes))
-    assert rel(kl, kl_r) < 1e-5
-    for a, b, c in zip(torch.autograd.grad(kl, (qi, ki, wi), g), one, ref):
-        _finite(a)
-        assert rel(a, b) < 1e-6 and rel(a, c) < 1e-5
-
-
-def test_kl_key_passes_default():
-    """By default the KL backward splits its k_idx adds on the GPU only, into ranges whose fp32
-    rows fit KL_KEY_RANGE_BYTES; an option's count wins (at most one range a key)."""
-    from megatron_dsa.kernels import indexer_kl
-
-    per_range = indexer_kl.KL_KEY_RANGE_BYTES // (128 * 4)
-    assert indexer_kl.kl_key_passes(KernelOptions(), 1, 131072, 128, on_gpu=False) == 1
-    assert indexer_kl.kl_key_passes(KernelOptions(), 1, 131072, 128, on_gpu=True) == -(-131072 // per_range)
-    assert indexer_kl.kl_key_passes(KernelOptions(), 1, per_range, 128, on_gpu=True) == 1
-    assert indexer_kl.kl_key_passes(KernelOptions(kl_key_passes=5), 1, 131072, 128, on_gpu=False) == 5
-    assert indexer_kl.kl_key_passes(KernelOptions(kl_key_passes=5), 1, 3, 128, on_gpu=True) == 3
-
-
 def _crowded_idx(B, S, Sk, topk, hot):
     """Every query picks its slots among the same `hot` keys (many queries per key), in a random
     order, with -1 slots sprinkled in and one row all -1."""

@@ -29,12 +29,10 @@ from .. import reference as R
 from . import dense_kl as _dense_kl
 from ._common import HAS_TRITON, _dot, interpreting, is_fp32, next_pow2, rows_within, selection, split_pow2, triton, tl
 from ..kernel_options import DEFAULT_OPTIONS, KernelOptions, Tiles
-from .sparse_attn import LOG2E, head_block, key_passes_within, key_ranges
+from .sparse_attn import LOG2E, head_block
 
 
 if HAS_TRITON:
-    from .sparse_attn import _key_slots
-
     _KL_EPS = tl.constexpr(R.KL_EPS)
 
     @triton.jit
@@ -197,12 +195,11 @@ if HAS_TRITON:
         return qi, wi, qoff, qm, woff, jm, di
 
     @triton.jit
-    def _selected_slots(ib, k0, lo, hi, Sk, BK: tl.constexpr, HINT: tl.constexpr):
-        """A block of a row's slots [lo, hi): (slots, in the row, key index, a key is there).
-        HINT: the loads' eviction policy."""
+    def _selected_slots(ib, k0, TOPK, Sk, BK: tl.constexpr):
+        """A block of a row's slots: (slots, in the row, key index, a key is there)."""
         kk = k0 + tl.arange(0, BK)
-        km = (kk >= lo) & (kk < hi)
-        idx = tl.load(ib + kk, mask=km, other=-1, eviction_policy=HINT).to(tl.int64)
+        km = kk < TOPK
+        idx = _load_selected(ib, kk, km)
         return kk, km, idx, (idx >= 0) & (idx < Sk)
 
     @triton.jit
@@ -211,19 +208,17 @@ if HAS_TRITON:
         reference's ``normalised_rows`` floors it (read again by the main loop, from cache)."""
         total = 0.0
         for k0 in range(0, TOPK, BK):
-            kk, km, _, valid = _selected_slots(ib, k0, 0, TOPK, Sk, BK, "")
+            kk, km, _, valid = _selected_slots(ib, k0, TOPK, Sk, BK)
             total += tl.sum(tl.where(valid, tl.load(pb + kk, mask=km, other=0.0), 0.0), axis=0)
         return tl.maximum(total, _KL_EPS)
 
     @triton.jit
-    def _selected_scores(ib, pb, k0, lo, hi, Sk, kib, s_kis, qi, di, psum,
-                         DI: tl.constexpr, BK: tl.constexpr, IEEE_I: tl.constexpr, UPCAST: tl.constexpr,
-                         HINT: tl.constexpr):
-        """One block of the selected keys in slots [lo, hi): (key index, valid, target p = weight
-        / row sum (an IEEE division, as PyTorch's), indexer keys, per-head dots q_j . k [HIP,
-        BK]); HINT: the eviction policy of the row's loads (the selection and the target)."""
-        kk, km, idx, valid = _selected_slots(ib, k0, lo, hi, Sk, BK, HINT)
-        p = tl.where(valid, tl.math.div_rn(tl.load(pb + kk, mask=km, other=0.0, eviction_policy=HINT), psum), 0.0)
+    def _selected_scores(ib, pb, k0, TOPK, Sk, kib, s_kis, qi, di, psum,
+                         DI: tl.constexpr, BK: tl.constexpr, IEEE_I: tl.constexpr, UPCAST: tl.constexpr):
+        """One block of selected keys: (key index, valid, target p = weight / row sum (an IEEE
+        division, as PyTorch's), indexer keys, per-head dots q_j . k [HIP, BK])."""
+        kk, km, idx, valid = _selected_slots(ib, k0, TOPK, Sk, BK)
+        p = tl.where(valid, tl.math.div_rn(tl.load(pb + kk, mask=km, other=0.0), psum), 0.0)
         ki = tl.load(kib + idx[:, None] * s_kis + di[None, :], mask=valid[:, None] & (di < DI)[None, :], other=0.0)
         return idx, valid, p, ki, _dot(qi, tl.trans(ki), IEEE_I, UPCAST)
 
@@ -253,8 +248,8 @@ if HAS_TRITON:
         pI = 0.0
         psum = 0.0
         for k0 in range(0, TOPK, BK):
-            idx, valid, p, ki, si = _selected_scores(ib, pb, k0, 0, TOPK, Sk, kib, s_kis, qi, di, psum_row,
-                                                     DI, BK, IEEE_I, UPCAST, "")
+            idx, valid, p, ki, si = _selected_scores(ib, pb, k0, TOPK, Sk, kib, s_kis, qi, di, psum_row,
+                                                     DI, BK, IEEE_I, UPCAST)
             logit = tl.sum(tl.maximum(si, 0.0) * wi[:, None], axis=0)
             logit = tl.where(valid, logit, float("-inf"))
             m_new = tl.maximum(mI, tl.max(logit, axis=0))
@@ -274,61 +269,49 @@ if HAS_TRITON:
 
     @triton.jit
     def _kl_bwd_kernel(
-        QI, KI, WI, IDX, SEG, P, LSEI, PSUM, GKL, DQI, DKI, DWI,
-        Sk, TOPK, pass_id,
+        QI, KI, WI, IDX, P, LSEI, PSUM, GKL, DQI, DKI, DWI,
+        Sk, TOPK,
         s_qib, s_qis, s_qih,
         s_kib, s_kis,
         s_wib, s_wis, s_wih,
         s_ib, s_is,
-        s_sb, s_ss,
         s_lb, s_ls,
         s_dkb, s_dks,
         HI: tl.constexpr, HIP: tl.constexpr, DI: tl.constexpr, DIP: tl.constexpr,
-        BK: tl.constexpr, IEEE_I: tl.constexpr, UPCAST: tl.constexpr, PASSES: tl.constexpr,
+        BK: tl.constexpr, IEEE_I: tl.constexpr, UPCAST: tl.constexpr,
     ):
-        # DQI/DWI: fp32 buffers with QI/WI's strides; P has IDX's strides, PSUM the forward's row
-        # sums. PASSES > 1: this launch takes the key range pass_id of key-ordered rows (SEG:
-        # each range's first slot), so that the range's DKI rows, the adds' targets, stay in L2
-        # while the row's loads go first; the first range stores dq and dw, the others add to them.
+        # DQI/DWI: fp32 buffers with QI/WI's strides; P has IDX's strides, PSUM the forward's row sums.
         t = tl.program_id(0).to(tl.int64)
         b = tl.program_id(1).to(tl.int64)
-        lo, hi = _key_slots(SEG, b, t, pass_id, s_sb, s_ss, TOPK, PASSES)
-        hint: tl.constexpr = "evict_first" if PASSES > 1 else ""
-        if (hi > lo) | (pass_id == 0):
-            qi, wi, qoff, qm, woff, jm, di = _indexer_row(QI, WI, b, t, s_qib, s_qis, s_qih, s_wib, s_wis, s_wih,
-                                                          HI, HIP, DI, DIP)
-            lseI = tl.load(LSEI + b * s_lb + t * s_ls)
-            g = tl.load(GKL + b * s_lb + t * s_ls)
-            psum_row = tl.load(PSUM + b * s_lb + t * s_ls)
-            lse_safe = tl.where(lseI == float("-inf"), float("inf"), lseI)
-            ib = IDX + b * s_ib + t * s_is
-            pb = P + b * s_ib + t * s_is
-            kib = KI + b * s_kib
-            dkb = DKI + b * s_dkb
-            dq = tl.zeros((HIP, DIP), tl.float32)
-            dw = tl.zeros((HIP,), tl.float32)
-            for k0 in range(lo // BK * BK, hi, BK):
-                idx, valid, p, ki, si = _selected_scores(ib, pb, k0, lo, hi, Sk, kib, s_kis, qi, di, psum_row,
-                                                         DI, BK, IEEE_I, UPCAST, hint)
-                r = tl.maximum(si, 0.0)
-                logit = tl.sum(r * wi[:, None], axis=0)
-                sm = tl.exp(logit - lse_safe)
-                dI = tl.where(valid, g * (sm - p), 0.0)
-                dw += tl.sum(r * dI[None, :], axis=1)
-                dS = tl.where(si > 0.0, dI[None, :] * wi[:, None], 0.0).to(ki.dtype)
-                dq += _dot(dS, ki, IEEE_I, UPCAST)
-                dk = _dot(tl.trans(dS), qi, IEEE_I, UPCAST)
-                tl.atomic_add(dkb + idx[:, None] * s_dks + di[None, :], dk,
-                              mask=valid[:, None] & (di < DI)[None, :], sem="relaxed")
-            if pass_id > 0:
-                dq += tl.load(DQI + qoff, mask=qm, other=0.0)
-                dw += tl.load(DWI + woff, mask=jm, other=0.0)
-            tl.store(DQI + qoff, dq, mask=qm)
-            tl.store(DWI + woff, dw, mask=jm)
+        qi, wi, qoff, qm, woff, jm, di = _indexer_row(QI, WI, b, t, s_qib, s_qis, s_qih, s_wib, s_wis, s_wih,
+                                                      HI, HIP, DI, DIP)
+        lseI = tl.load(LSEI + b * s_lb + t * s_ls)
+        g = tl.load(GKL + b * s_lb + t * s_ls)
+        psum_row = tl.load(PSUM + b * s_lb + t * s_ls)
+        lse_safe = tl.where(lseI == float("-inf"), float("inf"), lseI)
+        ib = IDX + b * s_ib + t * s_is
+        pb = P + b * s_ib + t * s_is
+        kib = KI + b * s_kib
+        dkb = DKI + b * s_dkb
+        dq = tl.zeros((HIP, DIP), tl.float32)
+        dw = tl.zeros((HIP,), tl.float32)
+        for k0 in range(0, TOPK, BK):
+            idx, valid, p, ki, si = _selected_scores(ib, pb, k0, TOPK, Sk, kib, s_kis, qi, di, psum_row,
+                                                     DI, BK, IEEE_I, UPCAST)
+            r = tl.maximum(si, 0.0)
+            logit = tl.sum(r * wi[:, None], axis=0)
+            sm = tl.exp(logit - lse_safe)
+            dI = tl.where(valid, g * (sm - p), 0.0)
+            dw += tl.sum(r * dI[None, :], axis=1)
+            dS = tl.where(si > 0.0, dI[None, :] * wi[:, None], 0.0).to(ki.dtype)
+            dq += _dot(dS, ki, IEEE_I, UPCAST)
+            dk = _dot(tl.trans(dS), qi, IEEE_I, UPCAST)
+            tl.atomic_add(dkb + idx[:, None] * s_dks + di[None, :], dk, mask=valid[:, None] & (di < DI)[None, :],
+                          sem="relaxed")
+        tl.store(DQI + qoff, dq, mask=qm)
+        tl.store(DWI + woff, dw, mask=jm)
 
 
-# The KL backward's k_idx gradient rows a key range holds (kl_key_passes; 0: one pass).
-KL_KEY_RANGE_BYTES = 0
 SMALL_INDEXER = 16 * 64  # indexer heads x dims (padded) up to which the KL's forward takes longer key blocks
 
 
@@ -426,17 +409,6 @@ def _kl_forward(qi, ki, wi, idx, P, options: KernelOptions):
     return kl, lseI, psum
 
 
-def kl_key_passes(options: KernelOptions, B: int, Sk: int, DI: int, on_gpu: bool) -> int:
-    """How many key ranges the KL backward's k_idx adds are split into (1 = one pass):
-    ``options.kl_key_passes`` when set, else on the GPU enough for each range's fp32 k_idx
-    gradient rows to fit ``KL_KEY_RANGE_BYTES``."""
-    if options.kl_key_passes:
-        return max(1, min(options.kl_key_passes, Sk))
-    if not on_gpu or not KL_KEY_RANGE_BYTES:
-        return 1
-    return key_passes_within(B, Sk, DI * 4, KL_KEY_RANGE_BYTES)
-
-
 def _kl_backward(qi, ki, wi, idx, P, lseI, psum, gkl, options: KernelOptions):
     B, Sq, HI, DI = qi.shape
     K = idx.shape[-1]
@@ -449,27 +421,19 @@ def _kl_backward(qi, ki, wi, idx, P, lseI, psum, gkl, options: KernelOptions):
         return dqi, dki, dwi
     HIP, DIP = next_pow2(HI, 16), next_pow2(DI, 16)
     tiles = _kl_tiles(options.kl_bwd, qi.is_cuda, True, HIP * DIP)
-    passes = kl_key_passes(options, B, ki.shape[1], DI, qi.is_cuda)
-    seg = idx
-    if passes > 1:  # ranges need rows in key order (the training selection's are); else one pass
-        seg, ordered = key_ranges(idx, ki.shape[1], passes)
-        if not ordered:
-            passes, seg = 1, idx
-    for p in range(passes):
-        _kl_bwd_kernel[(Sq, B)](
-            qi, ki, wi, idx, seg, P, lseI, psum, gkl, dqi, dki, dwi,
-            ki.shape[1], K, p,
-            qi.stride(0), qi.stride(1), qi.stride(2),
-            ki.stride(0), ki.stride(1),
-            wi.stride(0), wi.stride(1), wi.stride(2),
-            idx.stride(0), idx.stride(1),
-            seg.stride(0), seg.stride(1),
-            lseI.stride(0), lseI.stride(1),
-            dki.stride(0), dki.stride(1),
-            HI=HI, HIP=HIP, DI=DI, DIP=DIP,
-            BK=tiles.BK, IEEE_I=is_fp32(qi, ki), UPCAST=interpreting(), PASSES=passes,
-            num_warps=tiles.num_warps, num_stages=tiles.num_stages,
-        )
+    _kl_bwd_kernel[(Sq, B)](
+        qi, ki, wi, idx, P, lseI, psum, gkl, dqi, dki, dwi,
+        ki.shape[1], K,
+        qi.stride(0), qi.stride(1), qi.stride(2),
+        ki.stride(0), ki.stride(1),
+        wi.stride(0), wi.stride(1), wi.stride(2),
+        idx.stride(0), idx.stride(1),
+        lseI.stride(0), lseI.stride(1),
+        dki.stride(0), dki.stride(1),
+        HI=HI, HIP=HIP, DI=DI, DIP=DIP,
+        BK=tiles.BK, IEEE_I=is_fp32(qi, ki), UPCAST=interpreting(),
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+    )
     return dqi, dki, dwi
 
 

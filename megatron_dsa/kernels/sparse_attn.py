@@ -680,12 +680,6 @@ def _rowwise_dot(dout: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return delta
 
 
-def key_passes_within(B: int, Sk: int, row_bytes: int, target_bytes: int) -> int:
-    """Key ranges enough for each range's fp32 gradient rows (``row_bytes`` a key) to fit
-    ``target_bytes``: 1 to 64, at most one a key."""
-    return max(1, min(-(-B * Sk * row_bytes // target_bytes), 64, Sk))
-
-
 def key_passes(options: KernelOptions, B: int, Sk: int, D: int, form: Optional[str], on_gpu: bool) -> int:
     """How many key ranges the attention backward's dkv adds are split into (1 = one pass).
     ``form``: the split backward's (``split_form``), None for the one-kernel backward.
@@ -700,23 +694,8 @@ def key_passes(options: KernelOptions, B: int, Sk: int, D: int, form: Optional[s
         return max(1, min(options.key_passes, Sk))
     if not on_gpu or form in ("recompute", "stored_ds"):
         return 1
-    return key_passes_within(B, Sk, D * 4, L2_TARGET_BYTES if form is None else DKV_PRODUCT_RANGE_BYTES)
-
-
-def key_ranges(idx: torch.Tensor, Sk: int, passes: int) -> tuple[torch.Tensor, bool]:
-    """Per row the slot where each of ``passes`` equal key ranges starts, as if the row were in key
-    order (seg [B, Sq, passes + 1] int32), and whether every row is (ascending, -1 slots last):
-    one read of the selection."""
-    idx = idx.contiguous()
-    B, Sq, K = idx.shape
-    seg = torch.empty(B, Sq, passes + 1, dtype=torch.int32, device=idx.device)
-    ordered = torch.empty(B, Sq, dtype=torch.int8, device=idx.device)
-    if not Sq:
-        return seg, True
-    _key_ranges_kernel[(Sq, B)](idx, seg, ordered, Sk, K, idx.stride(0), idx.stride(1), seg.stride(0),
-                                seg.stride(1), PASSES=passes, PP=next_pow2(passes + 1),
-                                BK=max(16, min(next_pow2(K), 4096 // next_pow2(passes + 1))), num_warps=4)
-    return seg, bool(ordered.all())
+    target = L2_TARGET_BYTES if form is None else DKV_PRODUCT_RANGE_BYTES
+    return max(1, min(-(-B * Sk * D * 4 // target), 64, Sk))
 
 
 def key_segments(idx: torch.Tensor, Sk: int, passes: int, chunk_rows: Optional[int] = None):
@@ -726,11 +705,16 @@ def key_segments(idx: torch.Tensor, Sk: int, passes: int, chunk_rows: Optional[i
     order, seg [B, Sq, passes + 1] int32). ``chunk_rows`` rows at a time (None: all), which
     bounds the sort's int64 permutation: in one piece at 128K x 2048 the sort took 4 GiB, and its
     permutation (2 GiB, now 0.5) stayed for the whole backward. Rows in key order cost one read
-    of the selection (``key_ranges``)."""
+    of the selection: a kernel finds their ranges' starts and checks the order."""
     idx = idx.contiguous()
     B, Sq, K = idx.shape
-    seg, ordered = key_ranges(idx, Sk, passes)
-    if ordered:
+    seg = torch.empty(B, Sq, passes + 1, dtype=torch.int32, device=idx.device)
+    ordered = torch.empty(B, Sq, dtype=torch.int8, device=idx.device)
+    if Sq:  # already in key order? Then the ranges' starts, found in the same read, are all
+        _key_ranges_kernel[(Sq, B)](idx, seg, ordered, Sk, K, idx.stride(0), idx.stride(1), seg.stride(0),
+                                    seg.stride(1), PASSES=passes, PP=next_pow2(passes + 1),
+                                    BK=max(16, min(next_pow2(K), 4096 // next_pow2(passes + 1))), num_warps=4)
+    if bool(ordered.all()):
         return idx, None, seg
     big = torch.iinfo(idx.dtype).max
     bounds = torch.div(torch.arange(passes + 1, device=idx.device) * Sk, passes, rounding_mode="floor").to(idx.dtype)
