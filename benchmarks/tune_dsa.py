@@ -9,7 +9,8 @@ attention forward and backward (as training runs it: returning the KL's head-sum
 and the sparse KL forward (with its own target pass, as evaluation runs it) and backward, each
 under the option variants listed below (launch tiles, the backward's kernels and what they share,
 the number of key ranges the gradient adds are split into); ``warmup_kl``: the warm-up's dense KL
-with its target over the latent (absorbed queries) or each head's keys (MHA form). Every variant's
+with its target over the latent (absorbed queries) or each head's keys (MHA form); ``delta``: the
+backward's sum(dO * O) as its kernel and as PyTorch's fp32 copies. Every variant's
 outputs are compared with the first variant's (same inputs and indices), so a variant that is
 fast but wrong shows as such. The selections are the indexer's top-k of random inputs.
 Writes tune_dsa.json to --out after every row (``rows``: one per stage, variant, heads and length;
@@ -32,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from megatron_dsa import kernels as KN  # noqa: E402
 from megatron_dsa import reference as R  # noqa: E402
+from megatron_dsa.kernels import sparse_attn  # noqa: E402
 from megatron_dsa.kernel_options import KernelOptions, Tiles  # noqa: E402
 import bench_dsa  # noqa: E402
 from bench_dsa import cuda_time  # noqa: E402
@@ -134,6 +136,8 @@ def variants(stage: str, heads: int) -> list[tuple[str, KernelOptions]]:
         return out
     if stage == "base":
         return [("indexer_topk fp8", KernelOptions()), (f"dense_sdpa {DENSE_QK}/{DENSE_V}", KernelOptions())]
+    if stage == "delta":  # the backward's sum(dO * O): its kernel, and PyTorch's fp32 copies a chunk at a time
+        return [("delta kernel", KernelOptions()), ("delta pytorch fp32 chunks", KernelOptions())]
     if stage == "warmup_kl":  # the warm-up's dense KL, its target over the latent or each head's keys
         return [(f"warmup kl target {form}", KernelOptions()) for form in WARMUP_TARGET_FORMS]
     if stage == "topk":  # the FP8 indexer's scoring + selection: the runs' maxima bound or not; the selection's launch
@@ -160,6 +164,17 @@ def variants(stage: str, heads: int) -> list[tuple[str, KernelOptions]]:
                       for f, b in (((64, 4, 2), (64, 4, 2)), ((128, 4, 2), (128, 4, 2)), ((64, 2, 2), (64, 2, 2)),
                                    ((128, 8, 2), (128, 8, 2)))]
     raise ValueError(stage)
+
+
+def pytorch_rowwise_dot(dout, out, chunk_bytes=256 << 20):
+    """sum(dout * out, -1) as the backward computed it before its kernel: fp32 copies of a chunk
+    of rows of each (within ``chunk_bytes``), their product, its sum."""
+    B, S, H, V = out.shape
+    delta = torch.empty(B, S, H, dtype=torch.float32, device=out.device)
+    step = max(1, chunk_bytes // (B * H * V * 4))
+    for t0 in range(0, S, step):
+        delta[:, t0:t0 + step] = (dout[:, t0:t0 + step].float() * out[:, t0:t0 + step].float()).sum(-1)
+    return delta
 
 
 def sdpa_step(S: int, H: int):
@@ -262,6 +277,14 @@ def run(heads, seqs, stages, reps, out_dir, only=(), profile=False, record=None,
                             timed(row, fn)
                             got = [x.detach() for x in fn()]
                             del qm, keys
+                        elif stage == "delta":
+                            out = KN.sparse_mla_attention(q, kv, idx, DV, scale)[0]
+                            fn = ((lambda: sparse_attn._rowwise_dot(gout, out)) if name == "delta kernel"
+                                  else (lambda: pytorch_rowwise_dot(gout, out)))
+                            timed(row, fn)
+                            got = [fn()]
+                            row["gbytes_read"] = 2 * out.numel() * out.element_size() / 1e9
+                            del out
                         elif stage in ("topk", "select"):
                             if H != heads[0]:  # the indexer does not depend on the attention's heads
                                 continue
@@ -308,7 +331,7 @@ def run(heads, seqs, stages, reps, out_dir, only=(), profile=False, record=None,
     return rows
 
 
-STAGES = ("base", "topk", "select", "fwd", "bwd", "kl", "warmup_kl")
+STAGES = ("base", "topk", "select", "fwd", "bwd", "kl", "warmup_kl", "delta")
 
 
 def chosen_variants(text: str, stages: list[str], heads: list[int]) -> list[str]:
