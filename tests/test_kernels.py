@@ -814,11 +814,13 @@ def test_dense_indexer_kl_rejects_keys_of_another_shape():
 @pytest.mark.parametrize("V", [32, 40])
 def test_sparse_attention_backward_delta_kernel(V):
     """The backward's sum(dO * O) as one kernel (each input read once) equals the fp32 sum of the
-    products, on a value width that is not a power of two too and a ragged last block of rows;
-    the gradients through it match the reference."""
+    products, on a value width that is not a power of two too, over several programs' blocks of
+    rows and a ragged last one; the gradients through it match the reference."""
     from megatron_dsa.kernels import sparse_attn
 
-    B, S, H, D, topk = 1, 23, 4, V + 16, 8
+    B, S, H, D, topk = 1, 150, 4, V + 16, 8
+    rows_per_program = sparse_attn.ROWWISE_DOT_ELEMENTS // triton.next_power_of_2(V)
+    assert B * S * H > 2 * rows_per_program and B * S * H % rows_per_program
     dout = torch.randn(B, S, H, V, device=DEV, dtype=torch.bfloat16)
     out = torch.randn(B, S, H, V, device=DEV, dtype=torch.bfloat16)
     delta = sparse_attn._rowwise_dot(dout, out)
