@@ -87,6 +87,10 @@ class KernelOptions:
     16-255; it spills above them): fewer let more programs share an SM, which hides the latency
     of a kernel bound by instructions, not bytes (None: the compiler's choice, 80 at the default
     launch on sm_90: three programs of 8 warps an SM; 64 fits four).
+    select_digit_bits: bits of the 32-bit order key the selection fixes per histogram pass (5-8;
+    the last digit takes what is left). Triton's histogram costs about 3 * bits + 2^bits / 4
+    instructions an element a pass, so narrower digits take more, cheaper passes (None: the
+    measured default, ``kernels.indexer``).
     compact_selection: keep the sparse training step's selection for its backward in 16 bits a
     key (``kernels.compact_selection``: int16 low halves and each row's block ends, one pass
     each way, rebuilt at the start of the layer's backward): 0.5 GiB a layer less at 128K x
@@ -131,6 +135,7 @@ class KernelOptions:
     select_runs: Optional[int] = None
     select_cap: Optional[int] = None
     select_max_registers: Optional[int] = None
+    select_digit_bits: Optional[int] = None
     select_overlap: Optional[bool] = None
     compact_selection: bool = True
     dq_product_columns: Optional[int] = None
@@ -155,6 +160,9 @@ class KernelOptions:
         m = self.select_max_registers
         if m is not None and not (_count(m) and 16 <= m <= 255):
             raise ValueError(f"select_max_registers must be an integer from 16 to 255 or null, got {m!r}")
+        d = self.select_digit_bits
+        if d is not None and not (_count(d) and 5 <= d <= 8):
+            raise ValueError(f"select_digit_bits must be an integer from 5 to 8 or null, got {d!r}")
         for name in ("dq_product_columns", "dkv_product_columns", "dkv_product_heads", "dense_kl_rows"):
             v = getattr(self, name)
             if v is not None and not (_count(v) and v >= 16 and not v & (v - 1)):

@@ -174,19 +174,21 @@ def test_sparse_kernels_fit_an_h200(HB, DV, DR):
 
 def check_selection() -> None:
     """The top-k selection at its default launch, with the compiler's registers and with
-    ``select_max_registers`` 64 (the PTX then carries the cap; the kernel spills instead)."""
+    ``select_max_registers`` 64 (the PTX then carries the cap; the kernel spills instead), and with
+    5-bit digits (a last digit of 2 bits)."""
     from megatron_dsa.kernels import indexer as I
 
     sel = I.SELECT_TILES
-    consts = dict(TOPK=2048, TILE=sel.BK, OTILE=1024, CAP=I.SELECT_CAP, G=I.SELECT_RUNS, RT=sel.BK // I.SELECT_RUNS)
     pointers = dict(S="*fp32", OUT="*i32", RLIM="*i32", CAND="*i32", GMAX="*fp32", RUNS="*i32")
-    for cap in (None, 64):
+    for bits, cap in ((I.SELECT_DIGIT_BITS, None), (I.SELECT_DIGIT_BITS, 64), (5, None)):
+        consts = dict(TOPK=2048, TILE=sel.BK, OTILE=1024, CAP=I.SELECT_CAP, G=I.SELECT_RUNS,
+                      RT=sel.BK // I.SELECT_RUNS, BITS=bits, TOPD=I.select_top_digits(bits))
         options = dict(num_warps=sel.num_warps, num_stages=sel.num_stages, **({} if cap is None else {"maxnreg": cap}))
         k = _compile_sm90(I._select_kernel, consts, options, hints=True, pointers=pointers)
         caps = re.findall(r"\.maxnreg (\d+)", k.asm["ptx"])
         assert caps == ([] if cap is None else [str(cap)]), caps
         assert 0 < k.metadata.shared <= SM90_SHARED_BYTES
-        print("_select_kernel", cap, k.metadata.shared)
+        print("_select_kernel", bits, cap, k.metadata.shared)
 
 
 def test_selection_compiles_with_and_without_a_register_cap():
@@ -194,4 +196,4 @@ def test_selection_compiles_with_and_without_a_register_cap():
     code = "import sys; sys.path.insert(0, 'tests'); import test_compile_sm90 as t; t.check_selection()"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("_select_kernel") == 2, proc.stdout
+    assert proc.stdout.count("_select_kernel") == 3, proc.stdout

@@ -61,6 +61,14 @@ SELECT_CAP_INTERPRETER = 64
 # interpreter, so that its short rows hold top-k runs.
 SELECT_RUNS = 8
 SELECT_RUNS_INTERPRETER = 2
+# Bits of the order key the selection fixes per histogram pass (KernelOptions.select_digit_bits
+# overrides): Triton's histogram costs about 3 * BITS + 2^BITS / 4 instructions an element.
+SELECT_DIGIT_BITS = 8
+
+
+def select_top_digits(bits: int) -> int:
+    """How many of the selection's leading digits bound its candidate lists: about 16 bits."""
+    return (16 + bits // 2) // bits
 
 
 if HAS_TRITON:
@@ -155,25 +163,26 @@ if HAS_TRITON:
         return _order_key(x), kidx, inb & (x != float("-inf"))
 
     @triton.jit
-    def _digit_hist(srow, cand, n, prefix, SHIFT: tl.constexpr, INDIRECT: tl.constexpr, TILE: tl.constexpr):
-        """256-bin histogram of the digit (u >> SHIFT) & 255 over the valid scores whose bits
+    def _digit_hist(srow, cand, n, prefix, SHIFT: tl.constexpr, INDIRECT: tl.constexpr, TILE: tl.constexpr,
+                    WIDTH: tl.constexpr = 8, NB: tl.constexpr = 256):
+        """NB-bin histogram of the WIDTH-bit digit (u >> SHIFT) over the valid scores whose bits
         above the digit equal ``prefix``'s (all valid scores for the top digit)."""
-        bins = tl.arange(0, 256)
-        hist = tl.zeros((256,), dtype=tl.int32)
+        bins = tl.arange(0, NB)
+        hist = tl.zeros((NB,), dtype=tl.int32)
         for start in range(0, n, TILE):
             u, _, valid = _load_keys(srow, cand, start, n, INDIRECT, TILE)
-            if SHIFT < 24:
-                valid = valid & ((u >> (SHIFT + 8)) == (prefix >> (SHIFT + 8)))
-            dig = tl.where(valid, (u >> SHIFT) & 255, 0).to(tl.int32)
+            if SHIFT + WIDTH < 32:
+                valid = valid & ((u >> (SHIFT + WIDTH)) == (prefix >> (SHIFT + WIDTH)))
+            dig = tl.where(valid, (u >> SHIFT) & ((1 << WIDTH) - 1), 0).to(tl.int32)
             # Invalid elements were counted in bin 0 (no mask argument in Triton 3.6's histogram).
             nbad = TILE - tl.sum(valid.to(tl.int32), axis=0)
-            hist += tl.histogram(dig, 256) - tl.where(bins == 0, nbad, 0)
+            hist += tl.histogram(dig, NB) - tl.where(bins == 0, nbad, 0)
         return hist
 
     @triton.jit
-    def _threshold_digit(hist, want):
+    def _threshold_digit(hist, want, NB: tl.constexpr = 256):
         """The digit holding the want-th largest score, how many lie above it, and in it."""
-        bins = tl.arange(0, 256)
+        bins = tl.arange(0, NB)
         total = tl.sum(hist, axis=0)
         ge = total - tl.cumsum(hist, axis=0) + hist  # count with digit >= bin
         digit = tl.max(tl.where(ge >= want, bins, 0), axis=0)
@@ -182,19 +191,43 @@ if HAS_TRITON:
         return digit, above, inside, total
 
     @triton.jit
-    def _next_digit(srow, cand, n, prefix, want, SHIFT: tl.constexpr, INDIRECT: tl.constexpr, TILE: tl.constexpr):
-        """Fix the threshold's digit at SHIFT: returns the prefix with it set, the rank still
-        wanted among the scores sharing the prefix, how many share it, and the valid count."""
-        d, above, inside, total = _threshold_digit(_digit_hist(srow, cand, n, prefix, SHIFT, INDIRECT, TILE), want)
+    def _next_digit(srow, cand, n, prefix, want, SHIFT: tl.constexpr, INDIRECT: tl.constexpr, TILE: tl.constexpr,
+                    WIDTH: tl.constexpr = 8, NB: tl.constexpr = 256):
+        """Fix the threshold's WIDTH-bit digit at SHIFT: returns the prefix with it set, the rank
+        still wanted among the scores sharing the prefix, how many share it, and the valid count."""
+        hist = _digit_hist(srow, cand, n, prefix, SHIFT, INDIRECT, TILE, WIDTH, NB)
+        d, above, inside, total = _threshold_digit(hist, want, NB)
         return prefix | (d.to(tl.int64) << SHIFT), want - above, inside, total
 
     @triton.jit
-    def _last_digits(srow, cand, n, orow, cnt, prefix, want,
-                     INDIRECT: tl.constexpr, TOPK: tl.constexpr, TILE: tl.constexpr):
-        """The threshold's last two digits over n scores (the row, or INDIRECT the keys listed in
-        ``cand``), then the keys above the threshold and the first ``want`` equal to it."""
-        prefix, want, _, _ = _next_digit(srow, cand, n, prefix, want, 8, INDIRECT, TILE)
-        prefix, want, _, _ = _next_digit(srow, cand, n, prefix, want, 0, INDIRECT, TILE)
+    def _top_digits(srow, cand, n, prefix, want, INDIRECT: tl.constexpr, TILE: tl.constexpr,
+                    BITS: tl.constexpr, TOPD: tl.constexpr):
+        """The threshold's top TOPD digits of BITS bits (``select_digit_bits``): the prefix, the
+        rank still wanted among the scores sharing it, how many share it, and the valid count."""
+        prefix, want, inside, total = _next_digit(srow, cand, n, prefix, want, 32 - BITS, INDIRECT, TILE,
+                                                  BITS, 1 << BITS)
+        for i in tl.static_range(1, TOPD):
+            prefix, want, inside, _ = _next_digit(srow, cand, n, prefix, want, 32 - (i + 1) * BITS, INDIRECT, TILE,
+                                                  BITS, 1 << BITS)
+        return prefix, want, inside, total
+
+    @triton.jit
+    def _low_digits(srow, cand, n, prefix, want, INDIRECT: tl.constexpr, TILE: tl.constexpr,
+                    BITS: tl.constexpr, TOPD: tl.constexpr):
+        """The threshold's digits below the top TOPD ones; the last is what is left of 32 bits."""
+        for i in tl.static_range(TOPD, 32 // BITS):
+            prefix, want, _, _ = _next_digit(srow, cand, n, prefix, want, 32 - (i + 1) * BITS, INDIRECT, TILE,
+                                             BITS, 1 << BITS)
+        if 32 % BITS > 0:
+            prefix, want, _, _ = _next_digit(srow, cand, n, prefix, want, 0, INDIRECT, TILE, 32 % BITS, 1 << BITS)
+        return prefix, want
+
+    @triton.jit
+    def _last_digits(srow, cand, n, orow, cnt, prefix, want, INDIRECT: tl.constexpr, TOPK: tl.constexpr,
+                     TILE: tl.constexpr, BITS: tl.constexpr, TOPD: tl.constexpr):
+        """The threshold's digits below its top ones over n scores (the row, or INDIRECT the keys
+        listed in ``cand``), then the keys above the threshold and the first ``want`` equal to it."""
+        prefix, want = _low_digits(srow, cand, n, prefix, want, INDIRECT, TILE, BITS, TOPD)
         return _collect(srow, cand, n, orow, cnt, prefix, want, INDIRECT, TOPK, TILE)
 
     @triton.jit
@@ -216,16 +249,17 @@ if HAS_TRITON:
         return cnt
 
     @triton.jit
-    def _gather_at_least(srow, n, cand, prefix, CAP: tl.constexpr, TILE: tl.constexpr, EQUAL: tl.constexpr):
-        """List, in key order, the keys whose top 16 bits are at least prefix's (EQUAL: equal to
-        them) in ``cand`` (the first CAP of them); returns how many there are."""
+    def _gather_at_least(srow, n, cand, prefix, CAP: tl.constexpr, TILE: tl.constexpr, EQUAL: tl.constexpr,
+                         LOW: tl.constexpr):
+        """List, in key order, the keys whose bits above the LOW lowest are at least prefix's
+        (EQUAL: equal to them) in ``cand`` (the first CAP of them); returns how many there are."""
         cnt = tl.zeros((), dtype=tl.int32)
         for start in range(0, n, TILE):
             u, kidx, valid = _load_keys(srow, cand, start, n, False, TILE)
             if EQUAL:
-                take = valid & ((u >> 16) == (prefix >> 16))
+                take = valid & ((u >> LOW) == (prefix >> LOW))
             else:
-                take = valid & ((u >> 16) >= (prefix >> 16))
+                take = valid & ((u >> LOW) >= (prefix >> LOW))
             take_i = take.to(tl.int32)
             pos = cnt + tl.cumsum(take_i, axis=0) - take_i
             tl.store(cand + pos, kidx.to(tl.int32), mask=take & (pos < CAP))
@@ -234,12 +268,13 @@ if HAS_TRITON:
 
     @triton.jit
     def _gather_runs_at_least(srow, grow, ng, n, runs, cand, prefix,
-                              CAP: tl.constexpr, TILE: tl.constexpr, G: tl.constexpr, RT: tl.constexpr):
-        """``_gather_at_least`` reading only the runs of G keys whose maximum reaches prefix's top
-        16 bits (no other run holds such a key): those runs listed in ``runs`` from the maxima
+                              CAP: tl.constexpr, TILE: tl.constexpr, G: tl.constexpr, RT: tl.constexpr,
+                              LOW: tl.constexpr):
+        """``_gather_at_least`` reading only the runs of G keys whose maximum reaches prefix's bits
+        above the LOW lowest (no other run holds such a key): those runs listed in ``runs`` from the maxima
         ``grow``, then their keys, RT runs a step. The same list in key order, from about
         TOPK * G keys instead of the whole row; returns its length (CAP + 1: too long)."""
-        nr = _gather_at_least(grow, ng, runs, prefix, CAP, TILE, False)
+        nr = _gather_at_least(grow, ng, runs, prefix, CAP, TILE, False, LOW)
         # Other threads of the program read the list back: without a barrier they may read stale
         # slots (a 32-key tile on 2 warps, where no reduction crosses warps, selected wrong sets).
         tl.debug_barrier()
@@ -253,7 +288,7 @@ if HAS_TRITON:
                 kidx = run[:, None] * G + tl.arange(0, G)[None, :]  # [RT, G], in key order row-major
                 inb = (slot < nr)[:, None] & (kidx < n)
                 x = tl.load(srow + kidx, mask=inb, other=float("-inf"))
-                take = inb & (x != float("-inf")) & ((_order_key(x) >> 16) >= (prefix >> 16))
+                take = inb & (x != float("-inf")) & ((_order_key(x) >> LOW) >= (prefix >> LOW))
                 t = take.to(tl.int32)
                 per_run = tl.sum(t, axis=1)
                 pos = cnt + (tl.cumsum(per_run, axis=0) - per_run)[:, None] + tl.cumsum(t, axis=1) - t
@@ -266,22 +301,24 @@ if HAS_TRITON:
         S, OUT, RLIM, CAND, GMAX, RUNS,
         stride_sb, stride_sr, stride_ob, stride_or, stride_rb, stride_cb, stride_cr, stride_gb, stride_gr, r_off,
         TOPK: tl.constexpr, TILE: tl.constexpr, OTILE: tl.constexpr, CAP: tl.constexpr, G: tl.constexpr,
-        RT: tl.constexpr,
+        RT: tl.constexpr, BITS: tl.constexpr, TOPD: tl.constexpr,
     ):
-        # Exact radix select on the 32-bit order key, 8 bits per digit.
+        # Exact radix select on the 32-bit order key, BITS bits per digit; the top TOPD digits
+        # (about 16 bits) are "the top bits" below, the 32 - TOPD * BITS others the low bits.
         #
         # With the runs' maxima (G > 0) and at least TOPK runs holding a score: the TOPK-th
         # largest run maximum is a lower bound of the threshold (TOPK distinct keys reach it).
-        # Its top 16 bits come from two histogram passes over the maxima (1/G of the row); a
-        # third lists the runs whose maximum reaches them (about TOPK), and one pass over those
-        # runs' keys lists the keys at or above them (about TOPK on long rows); the threshold's
-        # four digits are resolved from that list. A row whose list passes CAP (or without
-        # runs) takes the path below.
+        # Its top bits come from TOPD histogram passes over the maxima (1/G of the row); a
+        # pass more lists the runs whose maximum reaches them (about TOPK), and one pass over
+        # those runs' keys lists the keys at or above them (about TOPK on long rows); the
+        # threshold's digits are resolved from that list. A row whose list passes CAP (or
+        # without runs) takes the path below.
         #
-        # Otherwise: two histogram passes over the row fix the top 16 bits of the threshold; a
-        # third lists the few keys sharing them (tens at 128K) in CAND, where the last two
-        # digits are resolved (more than CAP sharing them, heavy ties: two more row passes); a
-        # last pass takes the keys above the threshold and its first ties, in key order.
+        # Otherwise: TOPD histogram passes over the row fix the top bits of the threshold; a
+        # pass more lists the few keys sharing them (tens at 128K) in CAND, where the low
+        # digits are resolved (more than CAP sharing them, heavy ties: from the row); a last
+        # pass takes the keys above the threshold and its first ties, in key order.
+        LOW: tl.constexpr = 32 - TOPD * BITS
         r = tl.program_id(0)
         b = tl.program_id(1).to(tl.int64)  # b * stride_ob passes 2^31 elements from B * Sq * TOPK
         lim = tl.load(RLIM + b * stride_rb + r_off + r)
@@ -295,29 +332,24 @@ if HAS_TRITON:
         if G > 0:
             grow = GMAX + b * stride_gb + r * stride_gr
             ng = tl.cdiv(lim, G)
-            gp, gwant, _, nruns = _next_digit(grow, crow, ng, prefix, want, 24, False, TILE)
-            gp, gwant, _, _ = _next_digit(grow, crow, ng, gp, gwant, 16, False, TILE)
+            gp, gwant, _, nruns = _top_digits(grow, crow, ng, prefix, want, False, TILE, BITS, TOPD)
             if nruns >= TOPK:
                 rrow = RUNS + b * stride_cb + r * stride_cr
-                listed = _gather_runs_at_least(srow, grow, ng, lim, rrow, crow, gp, CAP, TILE, G, RT)
+                listed = _gather_runs_at_least(srow, grow, ng, lim, rrow, crow, gp, CAP, TILE, G, RT, LOW)
                 tl.debug_barrier()  # the candidate list, read back as above
         if listed <= CAP:
-            prefix, want, _, _ = _next_digit(srow, crow, listed, prefix, want, 24, True, TILE)
-            prefix, want, _, _ = _next_digit(srow, crow, listed, prefix, want, 16, True, TILE)
-            cnt = _last_digits(srow, crow, listed, orow, cnt, prefix, want, True, TOPK, TILE)
+            prefix, want, _, _ = _top_digits(srow, crow, listed, prefix, want, True, TILE, BITS, TOPD)
+            cnt = _last_digits(srow, crow, listed, orow, cnt, prefix, want, True, TOPK, TILE, BITS, TOPD)
         else:
-            prefix, want, _, nvalid = _next_digit(srow, crow, lim, prefix, want, 24, False, TILE)
-            prefix, want, inside, _ = _next_digit(srow, crow, lim, prefix, want, 16, False, TILE)
+            prefix, want, inside, nvalid = _top_digits(srow, crow, lim, prefix, want, False, TILE, BITS, TOPD)
             if nvalid <= TOPK:  # every eligible key: all of them are above -1
                 prefix = tl.zeros((), dtype=tl.int64) - 1
-            elif inside <= CAP:  # the last two digits from the keys sharing the top 16 bits
-                ncand = _gather_at_least(srow, lim, crow, prefix, CAP, TILE, True)
+            elif inside <= CAP:  # the low digits from the keys sharing the top bits
+                ncand = _gather_at_least(srow, lim, crow, prefix, CAP, TILE, True, LOW)
                 tl.debug_barrier()  # the listed keys, read back as above
-                prefix, want, _, _ = _next_digit(srow, crow, ncand, prefix, want, 8, True, TILE)
-                prefix, want, _, _ = _next_digit(srow, crow, ncand, prefix, want, 0, True, TILE)
+                prefix, want = _low_digits(srow, crow, ncand, prefix, want, True, TILE, BITS, TOPD)
             else:  # heavy ties: from the row
-                prefix, want, _, _ = _next_digit(srow, crow, lim, prefix, want, 8, False, TILE)
-                prefix, want, _, _ = _next_digit(srow, crow, lim, prefix, want, 0, False, TILE)
+                prefix, want = _low_digits(srow, crow, lim, prefix, want, False, TILE, BITS, TOPD)
             # One pass over the row takes the keys in key order, as the list above does: the
             # attention's backward then finds its key ranges without sorting the rows.
             cnt = _collect(srow, crow, lim, orow, cnt, prefix, want, False, TOPK, TILE)
@@ -513,6 +545,7 @@ def indexer_topk(
     G = options.select_runs if options.select_runs is not None else (SELECT_RUNS if on_gpu else SELECT_RUNS_INTERPRETER)
     if G and BN % G:
         raise ValueError(f"select_runs={G} must divide the scoring tile's {BN} keys")
+    bits = options.select_digit_bits or SELECT_DIGIT_BITS
     m = options.select_max_registers
     select_registers = {} if m is None else {"maxnreg": m}
     bufs = [torch.empty(B, chunk, Sk, dtype=torch.float32, device=dev) for _ in range(nbuf)]
@@ -564,6 +597,7 @@ def indexer_topk(
                     buf.stride(0), buf.stride(1), o.stride(0), o.stride(1), rl_b.stride(0),
                     cand.stride(0), cand.stride(1), gmax.stride(0), gmax.stride(1), t0,
                     TOPK=topk, TILE=sel.BK, OTILE=OTILE, CAP=CAP, G=G, RT=max(sel.BK // max(G, 1), 1),
+                    BITS=bits, TOPD=select_top_digits(bits),
                     num_warps=sel.num_warps, num_stages=sel.num_stages, **select_registers,
                 )
                 if ordered:
