@@ -142,12 +142,12 @@ if HAS_TRITON:
 
     @triton.jit
     def _order_key(x):
-        # fp32 -> int64 in [0, 2^32) whose order is the float order (-0.0 folded onto +0.0).
+        # fp32 -> uint32 whose order is the float order (-0.0 folded onto +0.0).
         x = tl.where(x == 0.0, 0.0, x)
         bits = x.to(tl.int32, bitcast=True)
         sgn = bits >> 31  # 0 or -1 (arithmetic shift)
         key = bits ^ (sgn & 0x7FFFFFFF)  # signed int32, float order
-        return key.to(tl.int64) + 2147483648
+        return (key ^ -2147483648).to(tl.uint32, bitcast=True)  # the sign bit flipped: unsigned order
 
     @triton.jit
     def _load_keys(srow, cand, start, n, INDIRECT: tl.constexpr, TILE: tl.constexpr):
@@ -197,7 +197,7 @@ if HAS_TRITON:
         still wanted among the scores sharing the prefix, how many share it, and the valid count."""
         hist = _digit_hist(srow, cand, n, prefix, SHIFT, INDIRECT, TILE, WIDTH, NB)
         d, above, inside, total = _threshold_digit(hist, want, NB)
-        return prefix | (d.to(tl.int64) << SHIFT), want - above, inside, total
+        return prefix | (d.to(tl.uint32) << SHIFT), want - above, inside, total
 
     @triton.jit
     def _top_digits(srow, cand, n, prefix, want, INDIRECT: tl.constexpr, TILE: tl.constexpr,
@@ -327,7 +327,7 @@ if HAS_TRITON:
         crow = CAND + b * stride_cb + r * stride_cr
         want = tl.zeros((), dtype=tl.int32) + TOPK
         cnt = tl.zeros((), dtype=tl.int32)
-        prefix = tl.zeros((), dtype=tl.int64)
+        prefix = tl.zeros((), dtype=tl.uint32)
         listed = tl.zeros((), dtype=tl.int32) + CAP + 1
         if G > 0:
             grow = GMAX + b * stride_gb + r * stride_gr
@@ -342,8 +342,9 @@ if HAS_TRITON:
             cnt = _last_digits(srow, crow, listed, orow, cnt, prefix, want, True, TOPK, TILE, BITS, TOPD)
         else:
             prefix, want, inside, nvalid = _top_digits(srow, crow, lim, prefix, want, False, TILE, BITS, TOPD)
-            if nvalid <= TOPK:  # every eligible key: all of them are above -1
-                prefix = tl.zeros((), dtype=tl.int64) - 1
+            if nvalid <= TOPK:  # every eligible key: those above 0 and up to TOPK equal to it
+                prefix = tl.zeros((), dtype=tl.uint32)
+                want = tl.zeros((), dtype=tl.int32) + TOPK
             elif inside <= CAP:  # the low digits from the keys sharing the top bits
                 ncand = _gather_at_least(srow, lim, crow, prefix, CAP, TILE, True, LOW)
                 tl.debug_barrier()  # the listed keys, read back as above
