@@ -75,7 +75,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _score_kernel(
-        Q, K, W, KS, OUT, GMAX, BLIM, BLO, QPOS, KPOS, QDOC, KDOC,
+        Q, K, W, KS, OUT, GMAX, BLIM, BLO, BFULL, QPOS, KPOS, QDOC, KDOC,
         Sk, n_rows, q_off,
         stride_qb, stride_qs, stride_qh,
         stride_kb, stride_ks,
@@ -122,14 +122,15 @@ if HAS_TRITON:
                 if HAS_KS:
                     ks = tl.load(KS + b * stride_ksb + cols, mask=cmask, other=0.0)
                     acc = acc * ks[None, :]
-                qp = tl.load(QPOS + q_off + rows, mask=rmask, other=0)
-                kp = tl.load(KPOS + cols, mask=cmask, other=0)
-                elig = (kp[None, :] <= qp[:, None]) & cmask[None, :]
-                if HAS_DOC:  # packed sequences: only keys of the query's own document
-                    qd = tl.load(QDOC + q_off + rows, mask=rmask, other=-1)
-                    kd = tl.load(KDOC + cols, mask=cmask, other=-2)
-                    elig = elig & (kd[None, :] == qd[:, None])
-                acc = tl.where(elig, acc, float("-inf"))
+                if kstart + BN > tl.load(BFULL + b * n_mblocks + pid_m):  # not every key eligible for every row
+                    qp = tl.load(QPOS + q_off + rows, mask=rmask, other=0)
+                    kp = tl.load(KPOS + cols, mask=cmask, other=0)
+                    elig = (kp[None, :] <= qp[:, None]) & cmask[None, :]
+                    if HAS_DOC:  # packed sequences: only keys of the query's own document
+                        qd = tl.load(QDOC + q_off + rows, mask=rmask, other=-1)
+                        kd = tl.load(KDOC + cols, mask=cmask, other=-2)
+                        elig = elig & (kd[None, :] == qd[:, None])
+                    acc = tl.where(elig, acc, float("-inf"))
             tl.store(
                 OUT + b * stride_ob + rows[:, None] * stride_or + cols[None, :],
                 acc, mask=rmask[:, None] & cmask[None, :],
@@ -231,7 +232,8 @@ if HAS_TRITON:
         return _collect(srow, cand, n, orow, cnt, prefix, want, INDIRECT, TOPK, TILE)
 
     @triton.jit
-    def _collect(srow, cand, n, orow, cnt, prefix, want, INDIRECT: tl.constexpr, TOPK: tl.constexpr, TILE: tl.constexpr):
+    def _collect(srow, cand, n, orow, cnt, prefix, want, INDIRECT: tl.constexpr, TOPK: tl.constexpr,
+                 TILE: tl.constexpr):
         """Store, in key-index order, the keys above the threshold ``prefix`` to ``orow`` from
         position ``cnt``, and those equal to it while fewer than ``want`` were seen (ties toward the
         smaller key index). Returns the output count."""
@@ -434,12 +436,13 @@ def fp8_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x8, scale
 
 
-def _row_limits(q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
-    """Per query, one past the last key index that can be eligible (Sk if k_pos is unsorted)."""
+def _row_limits(q_pos: torch.Tensor, k_pos: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """Per query, one past the last key index that can be eligible (Sk if k_pos is unsorted), and
+    whether k_pos ascends: then every key below a query's limit is eligible for it."""
     Sk = k_pos.shape[0]
     if Sk > 1 and not bool((k_pos[1:] >= k_pos[:-1]).all()):
-        return torch.full_like(q_pos, Sk, dtype=torch.int32)
-    return torch.searchsorted(k_pos.contiguous(), q_pos.contiguous(), right=True).to(torch.int32)
+        return torch.full_like(q_pos, Sk, dtype=torch.int32), False
+    return torch.searchsorted(k_pos.contiguous(), q_pos.contiguous(), right=True).to(torch.int32), True
 
 
 class _SelectStreams:
@@ -522,7 +525,8 @@ def indexer_topk(
     q_in, k_in = q_in.contiguous(), k_in.contiguous()
     q_pos32 = q_pos.to(torch.int64).contiguous()
     k_pos32 = k_pos.to(torch.int64).contiguous()
-    rlim = _row_limits(q_pos32, k_pos32).contiguous()  # [Sq]
+    rlim, ascending = _row_limits(q_pos32, k_pos32)  # [Sq]
+    rlim = rlim.contiguous()
     has_doc = q_doc is not None or k_doc is not None
     q_doc32 = _documents(q_doc, Sq, dev)
     k_doc32 = _documents(k_doc, Sk, dev)
@@ -569,6 +573,12 @@ def indexer_topk(
             if pad:
                 rl = torch.cat((rl, rl.new_zeros(pad)))
             blim = rl.view(nmb, BM).amax(dim=1).to(torch.int32).expand(B, nmb).contiguous()
+            # Keys below the least row limit are eligible for every row of the block (ascending
+            # key positions, one document): its tiles there skip the mask.
+            if ascending and not has_doc:
+                bfull = rl.view(nmb, BM).amin(dim=1).to(torch.int32).expand(B, nmb).contiguous()
+            else:
+                bfull = torch.zeros_like(blim)
             # First key of each query block's earliest document: key blocks before it are -inf
             # without scoring (0 for an unpacked sequence).
             lo = row_lo[t0:t1]
@@ -577,7 +587,8 @@ def indexer_topk(
             blo = lo.view(nmb, BM).amin(dim=1).to(torch.int32).expand(B, nmb).contiguous()
             grid = (nmb, triton.cdiv(Sk, BN), B)
             _score_kernel[grid](
-                q_in, k_in, w_in, ks if ks is not None else w_in, buf, gmax, blim, blo, q_pos32, k_pos32, q_doc32, k_doc32,
+                q_in, k_in, w_in, ks if ks is not None else w_in, buf, gmax, blim, blo, bfull,
+                q_pos32, k_pos32, q_doc32, k_doc32,
                 Sk, n, t0,
                 q_in.stride(0), q_in.stride(1), q_in.stride(2),
                 k_in.stride(0), k_in.stride(1),
