@@ -63,7 +63,7 @@ SELECT_RUNS = 8
 SELECT_RUNS_INTERPRETER = 2
 # Bits of the order key the selection fixes per histogram pass (KernelOptions.select_digit_bits
 # overrides): Triton's histogram costs about 3 * BITS + 2^BITS / 4 instructions an element.
-SELECT_DIGIT_BITS = 8
+SELECT_DIGIT_BITS = 7
 
 
 def select_top_digits(bits: int) -> int:
