@@ -81,12 +81,13 @@ class KernelOptions:
     selection bounds its threshold from the runs' maxima and passes over each row once (0: no
     bound, three passes; None: the measured default, ``kernels.indexer``).
     select_cap: keys a row's candidate list holds (those at or above the runs' bound, or those
-    sharing the threshold's top 16 bits) before the selection passes over the row again instead
+    sharing the threshold's top bits) before the selection passes over the row again instead
     (0: always the passes; None: the default, ``kernels.indexer``).
     select_max_registers: registers a thread of the selection may hold (the compiler's maxnreg,
     16-255; it spills above them): fewer let more programs share an SM, which hides the latency
     of a kernel bound by instructions, not bytes (None: the compiler's choice, 80 at the default
-    launch on sm_90: three programs of 8 warps an SM; 64 fits four).
+    launch with Triton 3.6 on sm_90: three programs of 8 warps an SM; 64 fits four, and measured
+    slower: 91 against 81 ms for the small MoE's top-k at 128K on an H100 with 5-bit digits).
     select_digit_bits: bits of the 32-bit order key the selection fixes per histogram pass (5-8;
     the last digit takes what is left). Triton's histogram costs about 3 * bits + 2^bits / 4
     instructions an element a pass, so narrower digits take more, cheaper passes (None: the
