@@ -89,8 +89,8 @@ class KernelOptions:
     launch with Triton 3.6 on sm_90: three programs of 8 warps an SM; 64 fits four, and measured
     slower: 91 against 81 ms for the small MoE's top-k at 128K on an H100 with 5-bit digits).
     select_digit_bits: bits of the 32-bit order key the selection fixes per histogram pass (5-8;
-    the last digit takes what is left). Triton's histogram costs about 3 * bits + 2^bits / 4
-    instructions an element a pass, so narrower digits take more, cheaper passes (None: the
+    the last digit takes what is left). Triton 3.6's histogram takes a ballot per bit and a
+    popcount per bin a lane holds, so narrower digits make more, cheaper passes (None: the
     measured default, ``kernels.indexer``).
     compact_selection: keep the sparse training step's selection for its backward in 16 bits a
     key (``kernels.compact_selection``: int16 low halves and each row's block ends, one pass
