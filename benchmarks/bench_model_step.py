@@ -19,7 +19,9 @@ where a phase's memory beyond another's goes, on any device.
 ``--dense-kl`` lists the warm-up KL implementations to time (``mdsa_kernel_options.dense_kl``;
 default: fused); with more than one, each warm-up arm runs once per implementation, labelled
 ``warmup[fused]`` etc. ``--compact-selection off,on`` likewise runs each sparse arm with its
-selection kept int32 and in 16 bits a key (``sparse[int32]``, ``sparse[compact]``).
+selection kept int32 and in 16 bits a key (``sparse[int32]``, ``sparse[compact]``), and
+``--workspace-mib 2048,512`` with each size of the kernels' chunked temporaries (``sparse[ws512]``):
+what a smaller workspace saves of the peak and costs in time.
 Writes model_step_<size>_<seq>.json / .md to --out.
 """
 
@@ -224,6 +226,10 @@ def main(argv=None) -> int:
                    help="comma list of off,on: the sparse arms keep their selection for the backward in 16 bits a key "
                         "or int32 (mdsa_kernel_options.compact_selection; default: the option's default); with both, "
                         "each sparse arm runs once per value, labelled sparse[compact] etc.")
+    p.add_argument("--workspace-mib", default=None,
+                   help="comma list of mdsa_kernel_options.workspace_bytes for the sparse arms, in MiB (the largest "
+                        "temporary the kernels split into chunks of rows: the indexer's scores, the backward's stored "
+                        "scores); with several, each sparse arm runs once per value, labelled sparse[ws512] etc.")
     p.add_argument("--transformer-impl", default="auto", choices=("auto", "local", "transformer_engine"))
     p.add_argument("--precision", default="bf16", help=f"comma list of {list(PRECISIONS)} (fp8: TE's FP8 linears)")
     p.add_argument("--iters", type=int, default=5)
@@ -260,6 +266,9 @@ def main(argv=None) -> int:
     compacts = [x.strip() for x in (args.compact_selection or "").split(",") if x.strip()]
     if any(x not in compact_names for x in compacts) or (args.compact_selection is not None and not compacts):
         raise SystemExit(f"error: --compact-selection takes a comma list of off,on, got {args.compact_selection!r}")
+    workspaces = [x.strip() for x in (args.workspace_mib or "").split(",") if x.strip()]
+    if any(not x.isdigit() or int(x) < 1 for x in workspaces) or (args.workspace_mib is not None and not workspaces):
+        raise SystemExit(f"error: --workspace-mib takes a comma list of sizes >= 1 (MiB), got {args.workspace_mib!r}")
     # (arm, kernel options, precision) runs: only the warm-up's KL objective has two implementations,
     # only the sparse phase keeps a selection for its backward.
     runs = []
@@ -269,11 +278,14 @@ def main(argv=None) -> int:
         for prec in precisions:
             for k in (kls if has_kl else kls[:1]):
                 for c in (compacts if phase == "sparse" and compacts else [None]):
-                    opts = {"dense_kl": k, **({} if c is None else {"compact_selection": compact_names[c]})}
-                    tags = (([k] if has_kl and len(kls) > 1 else []) + ([prec] if len(precisions) > 1 else [])
-                            + (["compact" if compact_names[c] else "int32"] if c is not None and len(compacts) > 1
-                               else []))
-                    runs.append((arm, opts, prec, f"{arm}[{','.join(tags)}]" if tags else arm))
+                    for ws in (workspaces if phase == "sparse" and workspaces else [None]):
+                        opts = {"dense_kl": k, **({} if c is None else {"compact_selection": compact_names[c]}),
+                                **({} if ws is None else {"workspace_bytes": int(ws) << 20})}
+                        tags = (([k] if has_kl and len(kls) > 1 else []) + ([prec] if len(precisions) > 1 else [])
+                                + (["compact" if compact_names[c] else "int32"] if c is not None and len(compacts) > 1
+                                   else [])
+                                + ([f"ws{ws}"] if ws is not None and len(workspaces) > 1 else []))
+                        runs.append((arm, opts, prec, f"{arm}[{','.join(tags)}]" if tags else arm))
     init_single_process()
     # CPU only for checking the script itself at tiny sizes (--size tiny --seq 64).
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -282,7 +294,8 @@ def main(argv=None) -> int:
         try:
             r = run_arm(args, arm, device, prec, opts)
             r.update(arm=name, dense_kl=opts["dense_kl"], precision=prec,
-                     **({"compact_selection": opts["compact_selection"]} if "compact_selection" in opts else {}))
+                     **({"compact_selection": opts["compact_selection"]} if "compact_selection" in opts else {}),
+                     **({"workspace_mib": opts["workspace_bytes"] >> 20} if "workspace_bytes" in opts else {}))
         except torch.OutOfMemoryError:
             r = {"arm": name, "error": "out of memory"}
             torch.cuda.empty_cache()
@@ -295,6 +308,7 @@ def main(argv=None) -> int:
             "recompute": args.recompute, "iters": args.iters,
             "dense_kl": ",".join(kls), "precision": ",".join(precisions),
             **({"compact_selection": ",".join(compacts)} if compacts else {}),
+            **({"workspace_mib": ",".join(workspaces)} if workspaces else {}),
             "transformer_impl": args.transformer_impl,
             "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__}
     today = time.strftime("%Y-%m-%d")
@@ -346,6 +360,7 @@ def render_markdown(meta: dict, rows: list[dict]) -> str:
              f"--topk {meta['topk']} --dense-kl {meta['dense_kl']} --precision {meta['precision']} --transformer-impl {meta['transformer_impl']}"
              f"{' --recompute ' + recompute if recompute != 'none' else ''}"
              f"{' --compact-selection ' + meta['compact_selection'] if meta.get('compact_selection') else ''}"
+             f"{' --workspace-mib ' + meta['workspace_mib'] if meta.get('workspace_mib') else ''}"
              f"` on {meta['device']}, torch {meta['torch']}; "
              f"median of {_step_counts(meta, rows)}" + (" (the recomputation applies to the pretrain and sparse arms)"
                                                        if recompute != "none" else "") + ".", ""]

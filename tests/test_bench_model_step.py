@@ -40,8 +40,22 @@ def test_dense_kl_and_precision_variants_are_labelled(tmp_path):
     assert "warmup[fused,bf16]" in (tmp_path / "model_step_tiny_64.md").read_text()
 
 
+def test_workspace_sizes_label_the_sparse_arms(tmp_path):
+    """``--workspace-mib`` runs each sparse arm once per size of the kernels' chunked temporaries
+    (``workspace_bytes``), labelled and recorded; the other phases once."""
+    proc = _bench(tmp_path, "--arms", "pretrain,sparse", "--workspace-mib", "1,64", "--transformer-impl", "local")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads((tmp_path / "model_step_tiny_64.json").read_text())
+    rows = {r["arm"]: r for r in out["rows"]}
+    assert set(rows) == {"pretrain", "sparse[ws1]", "sparse[ws64]"} and all(r["ms"] > 0 for r in rows.values())
+    assert rows["sparse[ws1]"]["workspace_mib"] == 1 and "workspace_mib" not in rows["pretrain"]
+    assert out["meta"]["workspace_mib"] == "1,64"
+    assert "--workspace-mib 1,64" in (tmp_path / "model_step_tiny_64.md").read_text()
+
+
 @pytest.mark.parametrize("flag", [["--dense-kl", "fast"], ["--precision", "fp4"], ["--arms", "warmup_bogus"],
-                                  ["--saved", "-1"], ["--compact-selection", "yes"]])
+                                  ["--saved", "-1"], ["--compact-selection", "yes"], ["--workspace-mib", "0"],
+                                  ["--workspace-mib", "1.5"]])
 def test_bad_variants_fail_before_any_run(tmp_path, flag):
     proc = _bench(tmp_path, *flag)
     assert proc.returncode != 0 and "error:" in proc.stderr + proc.stdout
