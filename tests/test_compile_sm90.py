@@ -4,7 +4,7 @@ or the MHA form's 128 + 64 a head, 128 heads, indexer 64 x 128), and
 the sparse attention / KL target kernels with their default tiles at 16 heads and at 64-head
 blocks (the split backward's dq and dkv kernels, the target with the keys as rows; the backward
 adding the KL's target as training runs it), their row gathers as 16-byte asynchronous copies;
-and the top-k selection with and without a register cap.
+and the top-k selection with and without a register cap, and the indexer's FP8 scoring.
 
 No GPU needed: Triton lowers to PTX and assembles it with its bundled ptxas. The interpreter tests
 check the math; this catches what only the compiler sees (an unrolled loop once put 315 KB of
@@ -197,3 +197,28 @@ def test_selection_compiles_with_and_without_a_register_cap():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("_select_kernel") == 3, proc.stdout
+
+
+def check_scoring() -> None:
+    """The indexer's FP8 scoring at its default launch for the small MoE's 4 x 64 indexer and
+    DeepSeek-V3.2's 64 x 128, with the per-block bounds of its causal skip and unmasked tiles."""
+    from megatron_dsa.kernels import indexer as I
+
+    cfg = I.SCORE_CFG["fp8"]
+    pointers = dict(Q="*fp8e4nv", K="*fp8e4nv", W="*fp32", KS="*fp32", OUT="*fp32", GMAX="*fp32", BLIM="*i32",
+                    BLO="*i32", BFULL="*i32", QPOS="*i64", KPOS="*i64", QDOC="*i64", KDOC="*i64")
+    for HI, DI in ((4, 64), (64, 128)):
+        consts = dict(HI=HI, DI=DI, DIP=DI, BM=cfg["BM"], BN=cfg["BN"], HAS_KS=True, IEEE=False, UPCAST=False,
+                      HAS_DOC=False, G=I.SELECT_RUNS)
+        k = _compile_sm90(I._score_kernel, consts, dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]),
+                          hints=True, pointers=pointers)
+        assert 0 < k.metadata.shared <= SM90_SHARED_BYTES
+        print("_score_kernel", HI, DI, k.metadata.shared)
+
+
+def test_scoring_compiles_for_both_indexer_shapes():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = "import sys; sys.path.insert(0, 'tests'); import test_compile_sm90 as t; t.check_scoring()"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("_score_kernel") == 2, proc.stdout
