@@ -90,16 +90,23 @@ def check_fits(H: int, D: int, HI: int, DI: int) -> None:
         print(name, k.metadata.shared)
 
 
+def _compiled_in_a_fresh_process(call: str, timeout: int = 600) -> str:
+    """Run ``test_compile_sm90.<call>`` in a fresh process and return what it printed: the compiler
+    needs the kernels as JIT functions, and this test session may have them as interpreter
+    functions (TRITON_INTERPRET=1, set for the CPU kernel tests)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = f"import sys; sys.path.insert(0, 'tests'); import test_compile_sm90 as t; t.{call}"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
 @pytest.mark.parametrize("H,D,HI,DI", [(8, 160, 4, 64), (128, 576, 64, 128), (128, 192, 64, 128)],
                          ids=["small", "671b", "671b_mha_form"])
 def test_kl_kernels_fit_an_h200(H, D, HI, DI):
-    # A fresh process: the compiler needs the kernels as JIT functions, and this test session may
-    # have them as interpreter functions (TRITON_INTERPRET=1, set for the CPU kernel tests).
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = f"import sys; sys.path.insert(0, 'tests'); import test_compile_sm90 as t; t.check_fits({H}, {D}, {HI}, {DI})"
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("\n") == 5, proc.stdout
+    out = _compiled_in_a_fresh_process(f"check_fits({H}, {D}, {HI}, {DI})")
+    assert out.count("\n") == 5, out
 
 
 def _pointers(fn) -> dict:
@@ -165,11 +172,8 @@ def check_sparse(HB: int, DV: int = 512, DR: int = 64) -> None:
 @pytest.mark.parametrize("HB,DV,DR", [(16, 512, 64), (64, 512, 64), (16, 128, 32)],
                          ids=["16_heads", "64_head_blocks", "16_heads_narrow_latent"])
 def test_sparse_kernels_fit_an_h200(HB, DV, DR):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = f"import sys; sys.path.insert(0, 'tests'); import test_compile_sm90 as t; t.check_sparse({HB}, {DV}, {DR})"
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("\n") == {64: 11, 16: 12 if DV > 128 else 3}[HB], proc.stdout
+    out = _compiled_in_a_fresh_process(f"check_sparse({HB}, {DV}, {DR})", timeout=900)
+    assert out.count("\n") == {64: 11, 16: 12 if DV > 128 else 3}[HB], out
 
 
 def check_selection() -> None:
@@ -192,11 +196,7 @@ def check_selection() -> None:
 
 
 def test_selection_compiles_with_and_without_a_register_cap():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = "import sys; sys.path.insert(0, 'tests'); import test_compile_sm90 as t; t.check_selection()"
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("_select_kernel") == 3, proc.stdout
+    assert _compiled_in_a_fresh_process("check_selection()").count("_select_kernel") == 3
 
 
 def check_scoring() -> None:
@@ -217,8 +217,4 @@ def check_scoring() -> None:
 
 
 def test_scoring_compiles_for_both_indexer_shapes():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = "import sys; sys.path.insert(0, 'tests'); import test_compile_sm90 as t; t.check_scoring()"
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("_score_kernel") == 2, proc.stdout
+    assert _compiled_in_a_fresh_process("check_scoring()").count("_score_kernel") == 2
