@@ -155,9 +155,9 @@ def variants(stage: str, heads: int) -> list[tuple[str, KernelOptions]]:
                 for t in ((256, 1, 1), (512, 1, 1), (512, 2, 1), (1024, 4, 1))]
         # narrower digits: more histogram passes, each cheaper (Triton's histogram takes a ballot
         # per bit of the bin and a popcount per bin a thread holds), and fewer registers
-        return out + [(f"indexer_topk fp8 select_digit_bits={d}", KernelOptions(select_digit_bits=d)) for d in (5, 6, 7)] + [
-            ("indexer_topk fp8 select_digit_bits=5 select_max_registers=64",
-             KernelOptions(select_digit_bits=5, select_max_registers=64))]
+        out += [(f"indexer_topk fp8 select_digit_bits={d}", KernelOptions(select_digit_bits=d)) for d in (5, 6, 8)]
+        return out + [("indexer_topk fp8 select_digit_bits=5 select_max_registers=64",
+                       KernelOptions(select_digit_bits=5, select_max_registers=64))]
     if stage == "kl":  # the target kernel with the heads or the selected keys as the products' rows
         out = [(f"kl target {'keys' if rows else 'heads'} as rows {t}",
                 KernelOptions(kl_target_keys_rows=rows, kl_target=Tiles(*t)))

@@ -216,14 +216,14 @@ def test_selection_overlapping_the_next_chunks_scoring_selects_the_same():
 
 
 @pytest.mark.parametrize("cap,group,bits", [(0, 2, None), (2, 2, None), (4096, 0, None), (4096, 2, None), (36, 2, None),
-                                            (0, 2, 5), (2, 2, 6), (4096, 0, 7), (4096, 2, 5), (36, 2, 6)])
+                                            (0, 2, 5), (2, 2, 6), (4096, 0, 8), (4096, 2, 8), (36, 2, 5)])
 def test_indexer_topk_selection_paths(cap, group, bits):
     """Every selection path equals the reference: the threshold resolved from the keys at or
     above the run maxima's bound (group > 0, cap large: long rows; cap 36: the rows whose list
     fits), from the listed keys sharing its top bits (group 0, or short rows),
     from more row passes (cap 0), or per row either way (cap 2: random rows fit, rows with
-    crowded ties do not); with 8-bit digits (the default) and narrower ones, whose last digit
-    is what is left of the 32 bits.  ``ordered=False`` returns the same sets, each row in key
+    crowded ties do not); with the default 7-bit digits and 5-, 6- and 8-bit ones (the last
+    digit is what is left of the 32 bits).  ``ordered=False`` returns the same sets, each row in key
     order (-1 last) on every path: the attention's backward takes such rows without sorting them."""
     S, HI, DI, topk = (2000, 8, 64, 256) if BIG else (90, 3, 16, 24)
     q = torch.randn(2, S, HI, DI, device=DEV)
