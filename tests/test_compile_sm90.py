@@ -206,7 +206,7 @@ def check_scoring() -> None:
 
     cfg = I.SCORE_CFG["fp8"]
     pointers = dict(Q="*fp8e4nv", K="*fp8e4nv", W="*fp32", KS="*fp32", OUT="*fp32", GMAX="*fp32", BLIM="*i32",
-                    BLO="*i32", BFULL="*i32", QPOS="*i64", KPOS="*i64", QDOC="*i64", KDOC="*i64")
+                    BLO="*i32", BFULL="*i32")  # the positions and documents as in POINTERS
     for HI, DI in ((4, 64), (64, 128)):
         consts = dict(HI=HI, DI=DI, DIP=DI, BM=cfg["BM"], BN=cfg["BN"], HAS_KS=True, IEEE=False, UPCAST=False,
                       HAS_DOC=False, G=I.SELECT_RUNS)
