@@ -2,7 +2,7 @@
 
     python benchmarks/bench_model_step.py [--size small] [--seq 16384] [--batch 1]
         [--topk 512] [--arms dense,warmup,sparse,warmup_shared,...] [--iters 5] [--out DIR]
-        [--dense-kl blockwise,fused] [--recompute none|core_attn|full]
+        [--dense-kl blockwise,fused] [--recompute none|core_attn|mla_up_proj|full]
 
 One process, one GPU, random weights and tokens (cost does not depend on them). Each arm is a
 (phase, indexer layout) pair and is timed the way the trainer runs it: forward + backward with
@@ -244,7 +244,7 @@ def main(argv=None) -> int:
                         "a table measured in pieces; every row carries the date it was measured")
     p.add_argument("--recompute", default="none", choices=tuple(RECOMPUTE),
                    help="megatron-core's activation recomputation for the pretrain and sparse arms "
-                        "(as bench_recompute.py: core_attn = selective, full = every layer)")
+                        "(as bench_recompute.py: core_attn / mla_up_proj = selective, full = every layer)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = p.parse_args(argv)
     if args.profile < 0 or args.saved < 0:

@@ -2,13 +2,15 @@
 gradients of each against none (not a test).
 
     python benchmarks/bench_recompute.py --size small --seq 131072 --phases pretrain,sparse \
-        --recompute none,core_attn,full [--out benchmarks/results]
+        --recompute none,core_attn,mla_up_proj,full [--out benchmarks/results]
 
 One process, one GPU (CPU works at small lengths), random weights and tokens, bf16. Each
 (phase, recompute) pair builds the model from the same seed and runs ``--iters`` forward +
 backward steps of the phase's loss (the LM loss; sparse attaches the indexer KL);
 ``core_attn`` is megatron-core's selective recomputation of the core attention (the DSA core:
-indexer top-k, sparse attention, KL), ``full`` recomputes whole layers (uniform, one layer per
+indexer top-k, sparse attention, KL), ``mla_up_proj`` megatron-core's selective recomputation of
+MLA's up-projections and RoPE (the absorbed queries and latent rows are dropped after the forward
+and rebuilt in the backward), ``full`` recomputes whole layers (uniform, one layer per
 checkpoint). Reported: median step time, peak memory (CUDA allocated), and the largest gradient
 difference against ``none`` relative to that gradient's largest entry (with a second ``none`` run
 for the run-to-run floor). Writes
@@ -34,6 +36,9 @@ from results_io import invocation, run_record, write_atomic, write_json  # noqa:
 RECOMPUTE = {
     "none": {},
     "core_attn": dict(recompute_granularity="selective", recompute_modules=["core_attn"]),
+    # MLA's query / latent up-projections and RoPE: the absorbed queries the sparse attention
+    # keeps are dropped after the forward and rebuilt in the backward
+    "mla_up_proj": dict(recompute_granularity="selective", recompute_modules=["mla_up_proj"]),
     "full": dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
 }
 PHASE_MODE = {"pretrain": "dense", "sparse": "sparse"}

@@ -307,6 +307,10 @@ def validate(cfg: DSATransformerConfig) -> DSASettings:
         # would hand the trainer a KL without its graph.
         _fail(f"recompute_granularity={cfg.recompute_granularity!r} in warmup recomputes nothing (only the "
               "indexers train, on detached inputs); leave recomputation off for the warm-up phase")
+    if cfg.fp8 and cfg.recompute_granularity == "selective" and "mla_up_proj" in (cfg.recompute_modules or ()):
+        # megatron-core's absorbed MLA asserts this in its first forward; say it before building.
+        _fail("recompute_modules 'mla_up_proj' is not supported with fp8 by megatron-core's absorbed MLA: "
+              "drop it from recompute_modules or train without fp8")
     if cfg.mdsa_fp8_indexer and cfg.mdsa_kernel == "reference":
         _fail("the FP8 indexer is a Triton kernel: mdsa_kernel must be 'auto' or 'triton'")
     tp, cp = cfg.tensor_model_parallel_size, cfg.context_parallel_size
