@@ -19,7 +19,8 @@ where a phase's memory beyond another's goes, on any device.
 ``--dense-kl`` lists the warm-up KL implementations to time (``mdsa_kernel_options.dense_kl``;
 default: fused); with more than one, each warm-up arm runs once per implementation, labelled
 ``warmup[fused]`` etc. ``--compact-selection off,on`` likewise runs each sparse arm with its
-selection kept int32 and in 16 bits a key (``sparse[int32]``, ``sparse[compact]``), and
+selection kept int32 and in 16 bits a key (``sparse[int32]``, ``sparse[compact]``),
+``--offload-selection off,on`` on the GPU and in pinned host memory (``sparse[gpu]``, ``sparse[host]``), and
 ``--workspace-mib 2048,512`` with each size of the kernels' chunked temporaries (``sparse[ws512]``):
 what a smaller workspace saves of the peak and costs in time.
 Writes model_step_<size>_<seq>.json / .md to --out.
@@ -226,6 +227,10 @@ def main(argv=None) -> int:
                    help="comma list of off,on: the sparse arms keep their selection for the backward in 16 bits a key "
                         "or int32 (mdsa_kernel_options.compact_selection; default: the option's default); with both, "
                         "each sparse arm runs once per value, labelled sparse[compact] etc.")
+    p.add_argument("--offload-selection", default=None,
+                   help="comma list of off,on: the sparse arms keep their selection for the backward in pinned host "
+                        "memory or on the GPU (mdsa_kernel_options.offload_selection; default: the option's default); "
+                        "with both, each sparse arm runs once per value, labelled sparse[host] / sparse[gpu]")
     p.add_argument("--workspace-mib", default=None,
                    help="comma list of mdsa_kernel_options.workspace_bytes for the sparse arms, in MiB (the largest "
                         "temporary the kernels split into chunks of rows: the indexer's scores, the backward's stored "
@@ -262,13 +267,29 @@ def main(argv=None) -> int:
     precisions = [x.strip() for x in args.precision.split(",") if x.strip()]
     if not precisions or any(x not in PRECISIONS for x in precisions):
         raise SystemExit(f"error: --precision takes a comma list of {list(PRECISIONS)}, got {args.precision!r}")
-    compact_names = {"off": False, "on": True}
-    compacts = [x.strip() for x in (args.compact_selection or "").split(",") if x.strip()]
-    if any(x not in compact_names for x in compacts) or (args.compact_selection is not None and not compacts):
-        raise SystemExit(f"error: --compact-selection takes a comma list of off,on, got {args.compact_selection!r}")
+    # The sparse phase's on/off choices of what its backward keeps: (option, flag, labels off / on).
+    switches = [("compact_selection", "compact-selection", ("int32", "compact")),
+                ("offload_selection", "offload-selection", ("gpu", "host"))]
+    chosen = {}
+    for option, flag, _ in switches:
+        given = getattr(args, option)
+        values = [x.strip() for x in (given or "").split(",") if x.strip()]
+        if any(x not in ("off", "on") for x in values) or (given is not None and not values):
+            raise SystemExit(f"error: --{flag} takes a comma list of off,on, got {given!r}")
+        chosen[option] = [x == "on" for x in values]
     workspaces = [x.strip() for x in (args.workspace_mib or "").split(",") if x.strip()]
     if any(not x.isdigit() or int(x) < 1 for x in workspaces) or (args.workspace_mib is not None and not workspaces):
         raise SystemExit(f"error: --workspace-mib takes a comma list of sizes >= 1 (MiB), got {args.workspace_mib!r}")
+    # The sparse arms' kernel options and labels: every combination of the values asked for (a
+    # label only where a choice has several values).
+    sparse_variants = [({}, [])]
+    for option, _, labels in switches:
+        sparse_variants = [({**o, option: v}, t + ([labels[v]] if len(chosen[option]) > 1 else []))
+                           for o, t in sparse_variants for v in (chosen[option] or [None])]
+        sparse_variants = [({k: v for k, v in o.items() if v is not None}, t) for o, t in sparse_variants]
+    sparse_variants = [({**o, **({} if ws is None else {"workspace_bytes": int(ws) << 20})},
+                        t + ([f"ws{ws}"] if ws is not None and len(workspaces) > 1 else []))
+                       for o, t in sparse_variants for ws in (workspaces or [None])]
     # (arm, kernel options, precision) runs: only the warm-up's KL objective has two implementations,
     # only the sparse phase keeps a selection for its backward.
     runs = []
@@ -277,15 +298,10 @@ def main(argv=None) -> int:
         has_kl = phase == "warmup" and layout not in ("reverse_kl", "mse", "listwise")
         for prec in precisions:
             for k in (kls if has_kl else kls[:1]):
-                for c in (compacts if phase == "sparse" and compacts else [None]):
-                    for ws in (workspaces if phase == "sparse" and workspaces else [None]):
-                        opts = {"dense_kl": k, **({} if c is None else {"compact_selection": compact_names[c]}),
-                                **({} if ws is None else {"workspace_bytes": int(ws) << 20})}
-                        tags = (([k] if has_kl and len(kls) > 1 else []) + ([prec] if len(precisions) > 1 else [])
-                                + (["compact" if compact_names[c] else "int32"] if c is not None and len(compacts) > 1
-                                   else [])
-                                + ([f"ws{ws}"] if ws is not None and len(workspaces) > 1 else []))
-                        runs.append((arm, opts, prec, f"{arm}[{','.join(tags)}]" if tags else arm))
+                for sparse_opts, sparse_tags in (sparse_variants if phase == "sparse" else [({}, [])]):
+                    opts = {"dense_kl": k, **sparse_opts}
+                    tags = ([k] if has_kl and len(kls) > 1 else []) + ([prec] if len(precisions) > 1 else []) + sparse_tags
+                    runs.append((arm, opts, prec, f"{arm}[{','.join(tags)}]" if tags else arm))
     init_single_process()
     # CPU only for checking the script itself at tiny sizes (--size tiny --seq 64).
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -294,7 +310,7 @@ def main(argv=None) -> int:
         try:
             r = run_arm(args, arm, device, prec, opts)
             r.update(arm=name, dense_kl=opts["dense_kl"], precision=prec,
-                     **({"compact_selection": opts["compact_selection"]} if "compact_selection" in opts else {}),
+                     **{option: opts[option] for option, _, _ in switches if option in opts},
                      **({"workspace_mib": opts["workspace_bytes"] >> 20} if "workspace_bytes" in opts else {}))
         except torch.OutOfMemoryError:
             r = {"arm": name, "error": "out of memory"}
@@ -307,7 +323,8 @@ def main(argv=None) -> int:
     meta = {"size": args.size, "seq": args.seq, "batch": args.batch, "topk": args.topk, "kernel": args.kernel,
             "recompute": args.recompute, "iters": args.iters,
             "dense_kl": ",".join(kls), "precision": ",".join(precisions),
-            **({"compact_selection": ",".join(compacts)} if compacts else {}),
+            **{option: ",".join("on" if v else "off" for v in chosen[option]) for option, _, _ in switches
+               if chosen[option]},
             **({"workspace_mib": ",".join(workspaces)} if workspaces else {}),
             "transformer_impl": args.transformer_impl,
             "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__}
@@ -360,6 +377,7 @@ def render_markdown(meta: dict, rows: list[dict]) -> str:
              f"--topk {meta['topk']} --dense-kl {meta['dense_kl']} --precision {meta['precision']} --transformer-impl {meta['transformer_impl']}"
              f"{' --recompute ' + recompute if recompute != 'none' else ''}"
              f"{' --compact-selection ' + meta['compact_selection'] if meta.get('compact_selection') else ''}"
+             f"{' --offload-selection ' + meta['offload_selection'] if meta.get('offload_selection') else ''}"
              f"{' --workspace-mib ' + meta['workspace_mib'] if meta.get('workspace_mib') else ''}"
              f"` on {meta['device']}, torch {meta['torch']}; "
              f"median of {_step_counts(meta, rows)}" + (" (the recomputation applies to the pretrain and sparse arms)"

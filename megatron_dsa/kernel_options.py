@@ -97,6 +97,12 @@ class KernelOptions:
     each way, rebuilt at the start of the layer's backward): 0.5 GiB a layer less at 128K x
     2048 for about 1 ms and a host sync a layer (the small MoE's 128K step on the H200: 40.1
     against 43.0 GB, 1471 against 1473 ms). On by default; rows not in key order stay int32.
+    offload_selection: keep that selection in pinned host memory from the layer's forward to its
+    backward (``offload.HostOffload``: copied out on a side stream as soon as it is made, and
+    brought back while the backward of the layer after it runs). Frees the selection's GPU
+    memory (0.5 GiB a layer at 128K x 2048) for PCIe traffic of as much each way; off by
+    default. Under recomputation of the core attention its rerun's backward follows at once, so
+    there it only costs the copies.
     select_overlap: select a chunk of rows on a second, higher-priority CUDA stream while the next
     chunk is scored, so that the selection (bound by latency) shares the SMs with the scoring
     (bound by the tensor cores); the scores are then double-buffered, two chunks of half the
@@ -140,6 +146,7 @@ class KernelOptions:
     select_digit_bits: Optional[int] = None
     select_overlap: Optional[bool] = None
     compact_selection: bool = True
+    offload_selection: bool = False
     dq_product_columns: Optional[int] = None
     dkv_product_columns: Optional[int] = None
     dkv_product_heads: Optional[int] = None
@@ -173,8 +180,9 @@ class KernelOptions:
             raise ValueError(f"dense_kl_span must be a positive integer or null, got {self.dense_kl_span!r}")
         if not (_count(self.workspace_bytes) and self.workspace_bytes > 0):
             raise ValueError(f"workspace_bytes must be a positive integer, got {self.workspace_bytes!r}")
-        if self.compact_selection not in (True, False):
-            raise ValueError(f"compact_selection must be true or false, got {self.compact_selection!r}")
+        for name in ("compact_selection", "offload_selection"):
+            if getattr(self, name) not in (True, False):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         for name in ("attn_bwd_split", "kl_target_keys_rows", "select_overlap"):
             if getattr(self, name) not in (None, True, False):
                 raise ValueError(f"{name} must be true, false or null, got {getattr(self, name)!r}")

@@ -50,11 +50,13 @@ def _reference_sparse_indexer_kl(q_main, kv, q_idx, k_idx, w_idx, topk_idx, scal
 
 
 @functools.cache
-def _reference_backend() -> SimpleNamespace:
+def _reference_backend(options: KernelOptions = DEFAULT_OPTIONS) -> SimpleNamespace:
+    # The ops take no options; the step's own choices (what the backward keeps and where) read
+    # ``options`` on either backend.
     fns = {name: getattr(reference, name) for name in OPS}
     fns["indexer_topk"] = _reference_indexer_topk
     fns["sparse_indexer_kl"] = _reference_sparse_indexer_kl
-    return SimpleNamespace(name="reference", options=DEFAULT_OPTIONS, **fns)
+    return SimpleNamespace(name="reference", options=options, **fns)
 
 
 @functools.cache
@@ -87,7 +89,7 @@ def backend(kind: str, device: torch.device, options: KernelOptions = DEFAULT_OP
     """The op namespace for ``kind`` ('auto' | 'reference' | 'triton') on ``device``; the Triton
     ops run with ``options``."""
     if kind == "reference":
-        return _reference_backend()
+        return _reference_backend(options)
     if kind == "triton":
         if not triton_available():
             raise RuntimeError("mdsa_kernel='triton' but the Triton DSA kernels are unavailable here")
@@ -95,7 +97,7 @@ def backend(kind: str, device: torch.device, options: KernelOptions = DEFAULT_OP
     if kind == "auto":
         if device.type == "cuda" and triton_available():
             return _triton_backend(options)
-        return _reference_backend()
+        return _reference_backend(options)
     raise ValueError(f"unknown DSA kernel backend {kind!r}")
 
 

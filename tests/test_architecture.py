@@ -21,7 +21,8 @@ TOP = ("megatron_dsa", "patches", "experiments", "benchmarks", "launch", "script
 LAYERS = [
     ("megatron_dsa.reference", "megatron_dsa.kernel_options", "megatron_dsa.flops", "megatron_dsa.data", "patches"),
     ("megatron_dsa.config",),
-    ("megatron_dsa.kernels", "megatron_dsa.backends", "megatron_dsa.distributed", "megatron_dsa.safe_load"),
+    ("megatron_dsa.kernels", "megatron_dsa.backends", "megatron_dsa.distributed", "megatron_dsa.safe_load",
+     "megatron_dsa.offload"),
     ("megatron_dsa.ops",),
     ("megatron_dsa.parallel",),
     ("megatron_dsa.core",),

@@ -40,21 +40,27 @@ def test_dense_kl_and_precision_variants_are_labelled(tmp_path):
     assert "warmup[fused,bf16]" in (tmp_path / "model_step_tiny_64.md").read_text()
 
 
-def test_workspace_sizes_label_the_sparse_arms(tmp_path):
+def test_workspace_sizes_and_offload_label_the_sparse_arms(tmp_path):
     """``--workspace-mib`` runs each sparse arm once per size of the kernels' chunked temporaries
-    (``workspace_bytes``), labelled and recorded; the other phases once."""
-    proc = _bench(tmp_path, "--arms", "pretrain,sparse", "--workspace-mib", "1,64", "--transformer-impl", "local")
+    (``workspace_bytes``) and ``--offload-selection`` once per place of its kept selection,
+    labelled and recorded; the other phases once."""
+    proc = _bench(tmp_path, "--arms", "pretrain,sparse", "--workspace-mib", "1,64", "--offload-selection", "off,on",
+                  "--transformer-impl", "local")
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads((tmp_path / "model_step_tiny_64.json").read_text())
     rows = {r["arm"]: r for r in out["rows"]}
-    assert set(rows) == {"pretrain", "sparse[ws1]", "sparse[ws64]"} and all(r["ms"] > 0 for r in rows.values())
-    assert rows["sparse[ws1]"]["workspace_mib"] == 1 and "workspace_mib" not in rows["pretrain"]
-    assert out["meta"]["workspace_mib"] == "1,64"
-    assert "--workspace-mib 1,64" in (tmp_path / "model_step_tiny_64.md").read_text()
+    assert set(rows) == {"pretrain", "sparse[gpu,ws1]", "sparse[gpu,ws64]", "sparse[host,ws1]", "sparse[host,ws64]"}
+    assert all(r["ms"] > 0 for r in rows.values())
+    assert rows["sparse[host,ws1]"]["workspace_mib"] == 1 and "workspace_mib" not in rows["pretrain"]
+    assert rows["sparse[host,ws64]"]["offload_selection"] is True and rows["sparse[gpu,ws1]"]["offload_selection"] is False
+    assert out["meta"]["workspace_mib"] == "1,64" and out["meta"]["offload_selection"] == "off,on"
+    text = (tmp_path / "model_step_tiny_64.md").read_text()
+    assert "--workspace-mib 1,64" in text and "--offload-selection off,on" in text
 
 
 @pytest.mark.parametrize("flag", [["--dense-kl", "fast"], ["--precision", "fp4"], ["--arms", "warmup_bogus"],
-                                  ["--saved", "-1"], ["--compact-selection", "yes"], ["--workspace-mib", "0"],
+                                  ["--saved", "-1"], ["--compact-selection", "yes"], ["--offload-selection", ""],
+                                  ["--workspace-mib", "0"],
                                   ["--workspace-mib", "1.5"]])
 def test_bad_variants_fail_before_any_run(tmp_path, flag):
     proc = _bench(tmp_path, *flag)

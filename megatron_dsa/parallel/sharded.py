@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from megatron_dsa import reference as R
+from megatron_dsa.offload import HostOffload
 from megatron_dsa.parallel.comm import (
     ParallelContext,
     all_gather_rows,
@@ -194,10 +195,13 @@ class SparseAttentionKLInBackward(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, kv, qi, ki, wi, idx, v_dim, scale, ops, pctx, weight, record, selection_shared):
         out, lse = ops.sparse_mla_attention(q, kv, idx, v_dim, scale)
-        # The selection kept in half its bytes when asked and nothing else holds it (else int32)
-        compact = ops.options.compact_selection and not selection_shared
-        stored = ops.compact_selection(idx, kv.shape[1]) if compact else None
-        ctx.save_for_backward(q, kv, qi, ki, wi, out, lse, *(stored or (idx,)))
+        # The selection kept in half its bytes when asked and nothing else holds it (else int32),
+        # and in host memory until the backward when asked (then it leaves the graph's tensors).
+        own = not selection_shared
+        stored = ops.compact_selection(idx, kv.shape[1]) if ops.options.compact_selection and own else None
+        stored = stored or (idx,)
+        ctx.offload = HostOffload(stored) if ops.options.offload_selection and own else None
+        ctx.save_for_backward(q, kv, qi, ki, wi, out, lse, *(() if ctx.offload else stored))
         ctx.args = (v_dim, scale, ops, pctx, weight, record)
         return out
 
@@ -205,6 +209,14 @@ class SparseAttentionKLInBackward(torch.autograd.Function):
     def backward(ctx, dout):
         q, kv, qi, ki, wi, out, lse, *stored = ctx.saved_tensors
         v_dim, scale, ops, pctx, weight, record = ctx.args
+        if ctx.offload is not None:
+            if not ctx.offload.available():
+                raise RuntimeError("the sparse attention's backward ran twice on one graph: its selection went to "
+                                   "host memory for one backward (turn offload_selection off to retain the graph)")
+            stored = ctx.offload.tensors()
+            earlier = ctx.offload.previous()  # the layer whose backward comes next
+            if earlier is not None:
+                earlier.prefetch()
         idx = ops.expand_selection(*stored) if len(stored) == 2 else stored[0]
         del stored
         dq, dkv, head_sum = ops.sparse_mla_attention_backward(q, kv, idx, out, lse, dout, v_dim, scale)
@@ -228,6 +240,9 @@ def sparse_attention_kl_in_backward(ops, q, kv_buf, idx, v_dim: int, scale: floa
     indexer learns only from the KL), so nothing else changes in the graph. With the ops'
     ``KernelOptions.compact_selection`` the selection is kept for the backward in 16 bits a key
     (rows in key order), which frees the int32 one, unless ``selection_shared``: a layer that
-    lends its selection to later layers keeps the int32 one they hold anyway."""
+    lends its selection to later layers keeps the int32 one they hold anyway. With
+    ``KernelOptions.offload_selection`` (and not shared) the kept selection waits for the backward
+    in pinned host memory (``offload.HostOffload``), and each backward starts bringing back the
+    selection of the layer before it."""
     return SparseAttentionKLInBackward.apply(q, kv_buf, qi, ki_buf, wi, idx, v_dim, scale, ops, ctx, weight, record,
                                              selection_shared)
