@@ -49,21 +49,22 @@ def test_host_offload_round_trip_on_the_gpu():
     assert all(torch.equal(x, y) for x, y in zip(got, want))
 
 
-def _sparse_step(offload: bool, saved: list):
+def _sparse_step(offload: bool, saved: list, device: str = "cpu"):
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
     from megatron_dsa.model import build_model, model_config
 
-    set_indexer_loss_scale(1.0)
+    set_indexer_loss_scale(1.0, device=device if device != "cpu" else None)
     torch.manual_seed(5)
     model_parallel_cuda_manual_seed(5)
-    cfg = model_config("tiny", mdsa_mode="sparse", mdsa_kernel="reference",
+    cfg = model_config("tiny", mdsa_mode="sparse", mdsa_kernel="reference" if device == "cpu" else "auto",
                        mdsa_kernel_options={"offload_selection": offload})
-    model = build_model("tiny", cfg)
+    model = build_model("tiny", cfg).to(device)
     model.train()
     S = 64
-    tokens = torch.randint(0, 512, (2, S), generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(0, 512, (2, S), generator=torch.Generator().manual_seed(0)).to(device)
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        loss = model(tokens, torch.arange(S)[None].expand(2, -1), None, labels=tokens.roll(-1, 1)).sum()
+        loss = model(tokens, torch.arange(S, device=device)[None].expand(2, -1), None,
+                     labels=tokens.roll(-1, 1)).sum()
     loss.backward()
     return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
@@ -81,3 +82,18 @@ def test_offloaded_selection_gives_the_same_gradients(megatron_world):
         return sum(t.dtype in (torch.int16, torch.int32) and t.shape == (2, 64, 16) for t in saved)
 
     assert selections(kept) == 3 and selections(offloaded) == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU only: the Triton kernels' step with the copies")
+def test_offloaded_selection_gives_the_same_gradients_on_the_gpu(megatron_world):
+    """The Triton step (its selection packed in 16 bits, so the int16 form travels) with the
+    selection through pinned host memory: the gradients of the step without it, up to the order
+    of the backward's fp32 adds."""
+    kept, offloaded = [], []
+    want = _sparse_step(False, kept, "cuda")
+    got = _sparse_step(True, offloaded, "cuda")
+    assert set(got) == set(want) and got
+    for name, grad in got.items():
+        assert torch.isfinite(grad).all(), name
+        torch.testing.assert_close(grad, want[name], rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    assert sum(t.dtype == torch.int16 for t in kept) == 3 and not any(t.dtype == torch.int16 for t in offloaded)
