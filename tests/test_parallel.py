@@ -220,6 +220,15 @@ def test_model_training_steps_match_one_rank(tp, cp, modes):
     W.spawn(W.model_worker, tp * cp, tp, cp, modes, 11, int(os.environ.get("MDSA_PARALLEL_STEPS", "2")), {})
 
 
+def test_model_steps_with_recomputed_up_projections_and_offloaded_selection_match_one_rank():
+    """megatron-core's mla_up_proj recomputation (the absorbed queries and latent rows dropped
+    after the forward, rebuilt in the backward) and the selection parked in host memory, under
+    TP x CP against one rank with the same settings."""
+    overrides = {"recompute_granularity": "selective", "recompute_modules": ["mla_up_proj"],
+                 "mdsa_kernel_options": {"offload_selection": True}}
+    W.spawn(W.model_worker, 4, 2, 2, ["sparse"], 11, 2, overrides)
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad parallel configurations fail at start-up with one clear message
 # ---------------------------------------------------------------------------------------------
