@@ -284,9 +284,10 @@ def main(argv=None) -> int:
     # label only where a choice has several values).
     sparse_variants = [({}, [])]
     for option, _, labels in switches:
-        sparse_variants = [({**o, option: v}, t + ([labels[v]] if len(chosen[option]) > 1 else []))
-                           for o, t in sparse_variants for v in (chosen[option] or [None])]
-        sparse_variants = [({k: v for k, v in o.items() if v is not None}, t) for o, t in sparse_variants]
+        values = chosen[option]
+        if values:
+            sparse_variants = [({**o, option: v}, t + ([labels[v]] if len(values) > 1 else []))
+                               for o, t in sparse_variants for v in values]
     sparse_variants = [({**o, **({} if ws is None else {"workspace_bytes": int(ws) << 20})},
                         t + ([f"ws{ws}"] if ws is not None and len(workspaces) > 1 else []))
                        for o, t in sparse_variants for ws in (workspaces or [None])]

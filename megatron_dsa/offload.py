@@ -54,10 +54,6 @@ class HostOffload:
         """The offload made on this device just before this one (None if gone)."""
         return self._previous() if self._previous is not None else None
 
-    def available(self) -> bool:
-        """Whether ``tensors()`` can still be taken."""
-        return self._host is not None
-
     def prefetch(self) -> None:
         """Start the copy back to the device (once; nothing after ``tensors()``)."""
         if self.device.type != "cuda" or self._back is not None or self._host is None:
@@ -69,8 +65,9 @@ class HostOffload:
 
     def tensors(self) -> list[torch.Tensor]:
         """The tensors on their device again, ready on the current stream; the host copies go."""
-        if self._host is None:
-            raise RuntimeError("HostOffload.tensors() was already taken")
+        if self._host is None:  # a second backward over one graph (retain_graph)
+            raise RuntimeError("tensors offloaded to host memory were already taken back: a graph whose "
+                               "tensors went to host memory runs one backward (leave the offload off to retain it)")
         if self.device.type != "cuda":
             out, self._host = self._host, None
             return out
