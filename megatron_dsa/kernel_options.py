@@ -101,7 +101,8 @@ class KernelOptions:
     backward (``offload.HostOffload``: copied out on a side stream as soon as it is made, and
     brought back while the backward of the layer after it runs). Frees the selection's GPU
     memory (0.5 GiB a layer at 128K x 2048) for PCIe traffic of as much each way; off by
-    default, and not yet timed on a GPU. Under recomputation of the core attention its rerun's
+    default (the small MoE's 128K step with ``mla_up_proj`` recomputation on an H100: 34.1
+    against 37.0 GB, 1523 against 1505 ms). Under recomputation of the core attention its rerun's
     backward follows at once, so there it only costs the copies.
     select_overlap: select a chunk of rows on a second, higher-priority CUDA stream while the next
     chunk is scored, so that the selection (bound by latency) shares the SMs with the scoring
