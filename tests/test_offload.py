@@ -79,8 +79,9 @@ def test_offloaded_selection_gives_the_same_gradients(megatron_world):
     want = _sparse_step(False, kept, "reference")
     got = _sparse_step(True, offloaded, "reference")
     assert set(got) == set(want) and got
-    # Bit-equal on the CPU; on a GPU the reference's index_add_ adds in no fixed order.
-    tol = dict(rtol=0, atol=0) if DEVICE == "cpu" else dict(rtol=1e-5, atol=1e-7)
+    # Bit-equal on the CPU; on a GPU the atomic adds (index_add_, the embedding's backward) come in
+    # no fixed order.
+    tol = dict(rtol=0, atol=0) if DEVICE == "cpu" else dict(rtol=1e-4, atol=1e-6)
     for name, grad in got.items():
         assert torch.isfinite(grad).all(), name
         torch.testing.assert_close(grad, want[name], **tol, msg=lambda m: f"{name}: {m}")
