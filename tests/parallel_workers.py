@@ -379,13 +379,15 @@ def _step_losses(model, mode, tokens, positions, labels, total_tokens, lr, grads
     return lm.detach(), kl.detach()
 
 
-def model_worker(rank, world, port, tp, cp, modes, seed, steps, overrides):
+def model_worker(rank, world, port, tp, cp, runs, seed, steps, overrides):
+    """runs: modes, or (mode, overrides of that run's own) pairs, one after the other."""
     init_dist(rank, world, port)
     import patches
 
     patches.apply_cpu_patches()
-    for mode in modes:
-        _model_run(rank, tp, cp, mode, seed, steps, overrides)
+    for run in runs:
+        mode, own = (run, {}) if isinstance(run, str) else run
+        _model_run(rank, tp, cp, mode, seed, steps, dict(overrides, **own))
     dist.barrier()
     dist.destroy_process_group()
 

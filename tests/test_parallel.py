@@ -210,23 +210,22 @@ def test_layer_function_on_the_kernels_matches_one_rank(tp, cp):
 # ---------------------------------------------------------------------------------------------
 
 
+# megatron-core's mla_up_proj recomputation (the absorbed queries and latent rows dropped after
+# the forward, rebuilt in the backward) and the selection parked in host memory, under TP x CP
+# against one rank with the same settings (in the same processes as the plain sparse run).
+UP_PROJ_RECOMPUTED_SELECTION_OFFLOADED = {"recompute_granularity": "selective", "recompute_modules": ["mla_up_proj"],
+                                          "mdsa_kernel_options": {"offload_selection": True}}
+
+
 @pytest.mark.parametrize(
-    "tp,cp,modes",
-    [(2, 1, ["dense", "warmup", "sparse"]), (1, 2, ["dense", "warmup", "sparse"]), (2, 2, ["sparse"])],
+    "tp,cp,runs",
+    [(2, 1, ["dense", "warmup", "sparse"]), (1, 2, ["dense", "warmup", "sparse"]),
+     (2, 2, ["sparse", ("sparse", UP_PROJ_RECOMPUTED_SELECTION_OFFLOADED)])],
     ids=["tp2", "cp2", "tp2xcp2"],
 )
-def test_model_training_steps_match_one_rank(tp, cp, modes):
+def test_model_training_steps_match_one_rank(tp, cp, runs):
     # Longer runs on GPUs: MDSA_PARALLEL_STEPS=20 (same per-step tolerances).
-    W.spawn(W.model_worker, tp * cp, tp, cp, modes, 11, int(os.environ.get("MDSA_PARALLEL_STEPS", "2")), {})
-
-
-def test_model_steps_with_recomputed_up_projections_and_offloaded_selection_match_one_rank():
-    """megatron-core's mla_up_proj recomputation (the absorbed queries and latent rows dropped
-    after the forward, rebuilt in the backward) and the selection parked in host memory, under
-    TP x CP against one rank with the same settings."""
-    overrides = {"recompute_granularity": "selective", "recompute_modules": ["mla_up_proj"],
-                 "mdsa_kernel_options": {"offload_selection": True}}
-    W.spawn(W.model_worker, 4, 2, 2, ["sparse"], 11, 2, overrides)
+    W.spawn(W.model_worker, tp * cp, tp, cp, runs, 11, int(os.environ.get("MDSA_PARALLEL_STEPS", "2")), {})
 
 
 # ---------------------------------------------------------------------------------------------
