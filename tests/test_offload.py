@@ -57,18 +57,17 @@ def _sparse_step(offload: bool, saved: list, kernel: str):
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
     from megatron_dsa.model import build_model, model_config
 
-    device = DEVICE
-    set_indexer_loss_scale(1.0, device=device if device != "cpu" else None)
+    set_indexer_loss_scale(1.0, device=DEVICE if DEVICE != "cpu" else None)
     torch.manual_seed(5)
     model_parallel_cuda_manual_seed(5)
     cfg = model_config("tiny", mdsa_mode="sparse", mdsa_kernel=kernel,
                        mdsa_kernel_options={"offload_selection": offload})
-    model = build_model("tiny", cfg).to(device)
+    model = build_model("tiny", cfg).to(DEVICE)
     model.train()
     S = 64
-    tokens = torch.randint(0, 512, (2, S), generator=torch.Generator().manual_seed(0)).to(device)
+    tokens = torch.randint(0, 512, (2, S), generator=torch.Generator().manual_seed(0)).to(DEVICE)
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        loss = model(tokens, torch.arange(S, device=device)[None].expand(2, -1), None,
+        loss = model(tokens, torch.arange(S, device=DEVICE)[None].expand(2, -1), None,
                      labels=tokens.roll(-1, 1)).sum()
     loss.backward()
     return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
