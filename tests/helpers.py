@@ -37,6 +37,25 @@ def set_indexer_loss_scale(value: float, device=None) -> None:
     DSAIndexerLossAutoScaler.set_loss_scale(torch.full((1,), float(value), device=device))
 
 
+def tiny_lm_forward(saved: list, device="cpu", **overrides):
+    """The tiny model (``model_config("tiny", **overrides)``, seed 5) on ``device`` and one LM
+    forward of a fixed [2, 64] batch, every tensor its autograd graph saves appended to ``saved``:
+    (model, summed loss)."""
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+    from megatron_dsa.model import build_model, model_config
+
+    torch.manual_seed(5)
+    model_parallel_cuda_manual_seed(5)
+    model = build_model("tiny", model_config("tiny", **overrides)).to(device)
+    model.train()
+    S = 64
+    tokens = torch.randint(0, 512, (2, S), generator=torch.Generator().manual_seed(0)).to(device)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        loss = model(tokens, torch.arange(S, device=device)[None].expand(2, -1), None,
+                     labels=tokens.roll(-1, 1)).sum()
+    return model, loss
+
+
 def skip_repeated_interpreter_patching() -> None:
     """Make Triton's interpreter stop re-patching ``triton.language`` at every device-function call.
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from megatron_dsa.offload import HostOffload
-from tests.helpers import set_indexer_loss_scale
+from tests.helpers import set_indexer_loss_scale, tiny_lm_forward
 
 
 def test_host_offload_gives_the_tensors_back_once_and_links_the_one_before():
@@ -54,21 +54,9 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _sparse_step(offload: bool, saved: list, kernel: str):
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-    from megatron_dsa.model import build_model, model_config
-
     set_indexer_loss_scale(1.0, device=DEVICE if DEVICE != "cpu" else None)
-    torch.manual_seed(5)
-    model_parallel_cuda_manual_seed(5)
-    cfg = model_config("tiny", mdsa_mode="sparse", mdsa_kernel=kernel,
-                       mdsa_kernel_options={"offload_selection": offload})
-    model = build_model("tiny", cfg).to(DEVICE)
-    model.train()
-    S = 64
-    tokens = torch.randint(0, 512, (2, S), generator=torch.Generator().manual_seed(0)).to(DEVICE)
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        loss = model(tokens, torch.arange(S, device=DEVICE)[None].expand(2, -1), None,
-                     labels=tokens.roll(-1, 1)).sum()
+    model, loss = tiny_lm_forward(saved, DEVICE, mdsa_mode="sparse", mdsa_kernel=kernel,
+                                  mdsa_kernel_options={"offload_selection": offload})
     loss.backward()
     return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 

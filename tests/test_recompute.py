@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from megatron_dsa.config import DSAConfigError
-from tests.helpers import set_indexer_loss_scale
+from tests.helpers import set_indexer_loss_scale, tiny_lm_forward
 
 RECOMPUTE = {
     "core_attn": dict(recompute_granularity="selective", recompute_modules=["core_attn"]),
@@ -39,23 +39,12 @@ def _saved_bytes_after_forward(mode: str, **overrides) -> tuple[int, object]:
     """The bytes the autograd graph of one forward still holds once the forward is done (each
     saved tensor's storage counted once; a storage an output-discarding checkpoint freed counts
     0), and the model's config."""
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-    from megatron_dsa.model import build_model, model_config
-
-    torch.manual_seed(5)
-    model_parallel_cuda_manual_seed(5)
-    cfg = model_config("tiny", mdsa_mode=mode, mdsa_kernel="reference", **overrides)
-    model = build_model("tiny", cfg)
-    model.train()
-    S = 64
-    tokens = torch.randint(0, 512, (2, S), generator=torch.Generator().manual_seed(0))
     saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        loss = model(tokens, torch.arange(S)[None].expand(2, -1), None, labels=tokens.roll(-1, 1)).sum()
+    model, loss = tiny_lm_forward(saved, mdsa_mode=mode, mdsa_kernel="reference", **overrides)
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage() for t in saved}
     held = sum(s.nbytes() for s in storages.values())
     loss.backward()  # the discarded tensors come back for it
-    return held, cfg
+    return held, model.config
 
 
 def test_up_projection_recomputation_drops_the_absorbed_queries(megatron_world):
