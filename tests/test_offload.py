@@ -61,17 +61,21 @@ def _sparse_step(offload: bool, saved: list, kernel: str):
     return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
 
+def _assert_same_gradients(got: dict, want: dict, exact: bool) -> None:
+    """The same parameters have gradients, finite, equal bit for bit (``exact``) or up to the order
+    of fp32 adds on a GPU (atomic adds: index_add_, the embedding's and the kernels' backward)."""
+    assert set(got) == set(want) and got
+    tol = dict(rtol=0, atol=0) if exact else dict(rtol=1e-4, atol=1e-6)
+    for name, grad in got.items():
+        assert torch.isfinite(grad).all(), name
+        torch.testing.assert_close(grad, want[name], **tol, msg=lambda m: f"{name}: {m}")
+
+
 def test_offloaded_selection_gives_the_same_gradients(megatron_world):
     kept, offloaded = [], []
     want = _sparse_step(False, kept, "reference")
     got = _sparse_step(True, offloaded, "reference")
-    assert set(got) == set(want) and got
-    # Bit-equal on the CPU; on a GPU the atomic adds (index_add_, the embedding's backward) come in
-    # no fixed order.
-    tol = dict(rtol=0, atol=0) if DEVICE == "cpu" else dict(rtol=1e-4, atol=1e-6)
-    for name, grad in got.items():
-        assert torch.isfinite(grad).all(), name
-        torch.testing.assert_close(grad, want[name], **tol, msg=lambda m: f"{name}: {m}")
+    _assert_same_gradients(got, want, exact=DEVICE == "cpu")
     # The selection (int32 [B, S, top-k] here: the reference's rows are not in key order, so they
     # are not packed into 16 bits) is among what the graph keeps, each layer's, only without offload.
     def selections(saved):
@@ -88,8 +92,5 @@ def test_offloaded_selection_gives_the_same_gradients_on_the_gpu(megatron_world)
     kept, offloaded = [], []
     want = _sparse_step(False, kept, "auto")
     got = _sparse_step(True, offloaded, "auto")
-    assert set(got) == set(want) and got
-    for name, grad in got.items():
-        assert torch.isfinite(grad).all(), name
-        torch.testing.assert_close(grad, want[name], rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    _assert_same_gradients(got, want, exact=False)
     assert sum(t.dtype == torch.int16 for t in kept) == 3 and not any(t.dtype == torch.int16 for t in offloaded)
