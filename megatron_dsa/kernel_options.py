@@ -12,6 +12,7 @@ from typing import Any, Optional
 
 DENSE_KL = ("fused", "blockwise")
 SPLIT_BWD = ("recompute", "stored_ds", "stored_scores")
+ATTN_FWD_KERNELS = ("auto", "triton", "gluon")
 TILE_FIELDS = ("attn_fwd", "attn_bwd", "attn_dkv", "attn_scores", "attn_dq_product", "attn_dkv_product", "kl_target",
                "kl_fwd", "kl_bwd", "decode_attn", "decode_index", "score", "select")
 
@@ -44,6 +45,10 @@ class Tiles:
 class KernelOptions:
     """dense_kl: the warm-up KL as fused Triton kernels ("fused", measured 4.8x faster) or
     blockwise PyTorch ("blockwise"; the other indexer objectives always run it).
+    attn_fwd_kernel: the sparse attention's forward as the warp-specialised Gluon kernel
+    (``kernels/sparse_attn_ws.py``: Hopper, bf16, heads a multiple of 64, the 512 + 64 latent) or
+    the Triton kernel. "auto": Gluon wherever it can run, else Triton; "gluon": an error where it
+    cannot; "triton": always Triton.
     key_passes: how many key ranges the sparse attention's backward splits its fp32 dkv adds
     into, so each range's targets stay in L2 (0: chosen from the sizes, see
     ``sparse_attn.key_passes``; 1: one pass).
@@ -124,6 +129,7 @@ class KernelOptions:
     """
 
     dense_kl: str = "fused"
+    attn_fwd_kernel: str = "auto"
     key_passes: int = 0
     attn_bwd_split: Optional[bool] = None
     split_bwd: Optional[str] = None
@@ -158,6 +164,8 @@ class KernelOptions:
     def __post_init__(self):
         if self.dense_kl not in DENSE_KL:
             raise ValueError(f"dense_kl must be one of {list(DENSE_KL)}, got {self.dense_kl!r}")
+        if self.attn_fwd_kernel not in ATTN_FWD_KERNELS:
+            raise ValueError(f"attn_fwd_kernel must be one of {list(ATTN_FWD_KERNELS)}, got {self.attn_fwd_kernel!r}")
         if self.split_bwd is not None and self.split_bwd not in SPLIT_BWD:
             raise ValueError(f"split_bwd must be one of {list(SPLIT_BWD)} or null, got {self.split_bwd!r}")
         if not _count(self.key_passes):

@@ -199,6 +199,36 @@ def test_selection_compiles_with_and_without_a_register_cap():
     assert _compiled_in_a_fresh_process("check_selection()").count("_select_kernel") == 3
 
 
+def check_sparse_forward_ws() -> None:
+    """The warp-specialised Gluon forward at DeepSeek-V3.2's latent (576 = 9 tiles of 64): it fits
+    the shared memory, its partitions take their register budgets (setmaxnreg) and its gathers are
+    16-byte copies."""
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental import gluon
+    from megatron_dsa.kernels import sparse_attn_ws as W
+
+    fn = W._sparse_fwd_ws_kernel
+    consts = dict(NT=9, PRODUCER_WARPS=4, WG1_REGS=W.CONSUMER_REGS, PRODUCER_REGS=W.PRODUCER_REGS)
+    names = fn.arg_names
+    sig = {n: "constexpr" if n in consts else POINTERS.get(n, "i32") for n in names}
+    aligned = ("s_qb", "s_qs", "s_qh", "s_kb", "s_ks", "s_ob", "s_os", "s_oh")
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if sig[n].startswith("*") or n in aligned}
+    src = gluon._runtime.GluonASTSource(fn=fn, signature=sig, attrs=attrs,
+                                        constexprs={(names.index(n),): v for n, v in consts.items()})
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=W.LAUNCH_REGS))
+    ptx = k.asm["ptx"]
+    assert 0 < k.metadata.shared <= SM90_SHARED_BYTES
+    regs = set(re.findall(r"setmaxnreg\.(?:inc|dec)\.sync\.aligned\.u32\s+(\d+)", ptx))
+    assert {str(W.CONSUMER_REGS), str(W.PRODUCER_REGS)} <= regs, regs
+    assert "cp.async.cg.shared.global" in ptx and "wgmma.mma_async" in ptx
+    print("_sparse_fwd_ws_kernel", k.metadata.shared, sorted(regs))
+
+
+def test_gluon_sparse_forward_compiles():
+    pytest.importorskip("triton.experimental.gluon")
+    assert _compiled_in_a_fresh_process("check_sparse_forward_ws()").count("_sparse_fwd_ws_kernel") == 1
+
+
 def check_scoring() -> None:
     """The indexer's FP8 scoring at its default launch for the small MoE's 4 x 64 indexer and
     DeepSeek-V3.2's 64 x 128, with the per-block bounds of its causal skip and unmasked tiles."""

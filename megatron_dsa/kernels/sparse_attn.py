@@ -45,6 +45,7 @@ import torch
 
 from ._common import (HAS_TRITON, _dot, _softmax_finish, _softmax_step, interpreting, is_fp32, next_pow2, rows_within,
                       selection, triton, tl)
+from . import sparse_attn_ws
 from ..kernel_options import DEFAULT_OPTIONS, KernelOptions, Tiles
 
 LOG2E = 1.4426950408889634
@@ -626,6 +627,12 @@ def _tiles(chosen, on_gpu: bool, HB: int, kernel: str, D1: int = 512) -> Tiles:
 
 
 def sparse_attn_fwd(q, kv, idx, v_dim, scale, options: KernelOptions = DEFAULT_OPTIONS):
+    if options.attn_fwd_kernel != "triton":
+        why = sparse_attn_ws.supported(q, kv, v_dim)
+        if why is None:
+            return sparse_attn_ws.sparse_attn_fwd_ws(q, kv, idx, v_dim, scale)
+        if options.attn_fwd_kernel == "gluon":
+            raise ValueError(f"attn_fwd_kernel='gluon' cannot run these inputs: {why}")
     B, Sq, H, D = q.shape
     Sk = kv.shape[1]
     K = idx.shape[-1]

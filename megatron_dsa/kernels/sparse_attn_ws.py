@@ -1,0 +1,360 @@
+"""The sparse MLA forward on Hopper as a warp-specialised Gluon kernel, from 64 heads up.
+
+One program per (query token, block of 64 heads): three warpgroups that share one shared-memory
+plan (Q 72 KB, two 64-key buffers of the gathered latent rows, 144 KB; 225 KB in all):
+- a producer gathers the selected rows with ``cp.async`` (16-byte copies, invalid slots
+  zero-filled), even key blocks into buffer 0, odd ones into buffer 1, each buffer in two parts
+  (value columns 0..255; the rest) with their own ready / free barriers, so a part is refilled as
+  soon as the warpgroups that read it are done;
+- two consumer warpgroups take alternate key blocks (ping-pong). Each makes its block's scores
+  as a full 64 x 64 product over the 576-wide latent (both operands from shared memory: 4 KB read
+  per 131 KFLOP, the tensor cores' rate; splitting a block's keys between two warpgroups, as the
+  Triton kernel's 8-warp products do, reads Q twice and runs at two thirds of it). Each keeps the
+  output for half of the value columns (64 x 256 fp32 in registers). The running maximum passes
+  from one to the other through shared memory; each block's probabilities are used in registers
+  by the warpgroup that made them and through shared memory by the other (the even block's in
+  the rope tile of its own buffer, which only its scores read).
+The log-sum-exp and the output follow ``_softmax_finish``'s rules: a row without a valid key gives
+0 and -inf. Needs sm_90 (wgmma, setmaxnreg), bf16, heads a multiple of 64, 512 value columns and
+64-column tiles of the rest (DeepSeek-V3.2's and GLM-5's 512 + 64 latent); ``supported`` says why
+not otherwise, and the Triton kernel (``sparse_attn.sparse_attn_fwd``) is the fallback.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+try:  # Gluon ships with Triton >= 3.5; the package imports without it.
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia import hopper
+    from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
+    from triton.experimental.gluon.language.nvidia.hopper import mbarrier
+
+    # the CTA-wide barrier's name: thread_barrier up to Triton 3.6, barrier after
+    _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
+    HAS_GLUON = True
+except Exception:  # pragma: no cover - depends on the environment
+    HAS_GLUON = False
+
+from ._common import interpreting
+
+LOG2E = 1.4426950408889634
+HEADS = 64  # heads a program: the products' M
+V_DIM = 512  # value columns: two halves of 256, one a consumer
+TILE = 64  # latent columns a shared tile (128-byte rows, the 128-byte swizzle)
+# Registers a thread (setmaxnreg): 168 a thread at launch over 12 warps; the consumers take 232,
+# the producer 40 (ptxas, sm_90a: no spills in the key loop).
+LAUNCH_REGS, CONSUMER_REGS, PRODUCER_REGS = 168, 232, 40
+
+
+def supported(q: torch.Tensor, kv: torch.Tensor, v_dim: int) -> Optional[str]:
+    """None when the kernel can run these inputs, else why not."""
+    if not HAS_GLUON:
+        return "Triton's Gluon is not importable"
+    if interpreting() or not q.is_cuda:
+        return "needs a CUDA device (Triton's interpreter does not run Gluon)"
+    if torch.cuda.get_device_capability(q.device) != (9, 0):
+        return "needs an sm_90 GPU (Hopper's wgmma and setmaxnreg)"
+    if q.dtype != torch.bfloat16 or kv.dtype != torch.bfloat16:
+        return f"needs bf16 q and kv, got {q.dtype} / {kv.dtype}"
+    H, D = q.shape[2], q.shape[3]
+    if H % HEADS:
+        return f"needs a multiple of {HEADS} heads, got {H}"
+    if v_dim != V_DIM or D <= v_dim or (D - v_dim) % TILE:
+        return f"needs {V_DIM} value columns and the rest in {TILE}-column tiles, got Dqk {D} / Dv {v_dim}"
+    if q.stride(-1) != 1 or kv.stride(-1) != 1 or q.stride(2) % 8 or kv.stride(1) % 8:
+        return "needs unit-stride, 16-byte aligned rows"
+    return None
+
+
+if HAS_GLUON:
+    HB = gl.constexpr(HEADS)
+    BK = gl.constexpr(64)  # keys a block; the two consumers take alternate blocks
+    TW = gl.constexpr(TILE)
+
+    @gluon.jit
+    def _score_tiles(q_s, k_s, acc, BUF: gl.constexpr, NT: gl.constexpr, c0, c1):
+        # a runtime loop over the latent's tiles: unrolled, the 36 shared-memory descriptors were
+        # hoisted out of the key loop and spilled
+        for c in range(c0, c1):
+            acc = hopper.warpgroup_mma(q_s.index(c), k_s.index(BUF * NT + c).permute((1, 0)), acc, is_async=True)
+        return acc
+
+
+    @gluon.jit
+    def _key_valid(ib, blk, TOPK, Sk, mma_l: gl.constexpr):
+        kk = blk * BK + gl.arange(0, BK, layout=gl.SliceLayout(0, mma_l))
+        idx = gl.load(ib + kk, mask=kk < TOPK, other=-1)
+        return (idx >= 0) & (idx < Sk)
+
+
+    @gluon.jit
+    def _pv(p, k_s, o0, o1, o2, o3, T0, z):
+        # z is 0 at run time; unknown to the compiler, it keeps the descriptors inside the key loop
+        o0 = hopper.warpgroup_mma(p, k_s.index(T0 + 0 + z), o0, is_async=True)
+        o1 = hopper.warpgroup_mma(p, k_s.index(T0 + 1 + z), o1, is_async=True)
+        o2 = hopper.warpgroup_mma(p, k_s.index(T0 + 2 + z), o2, is_async=True)
+        o3 = hopper.warpgroup_mma(p, k_s.index(T0 + 3 + z), o3, is_async=True)
+        return o0, o1, o2, o3
+
+
+    @gluon.jit
+    def _store_half(O, LSE, ob, lb, s_oh, m, l_own, l_s_own, l_s_other, bar_own, bar_other,
+                    o0, o1, o2, o3, HALF: gl.constexpr, WRITE_LSE: gl.constexpr, mma_l: gl.constexpr):
+        row_l: gl.constexpr = gl.SliceLayout(1, mma_l)
+        l_s_own.store(l_own)
+        mbarrier.arrive(bar_own)
+        mbarrier.wait(bar_other, 0)
+        l = l_own + l_s_other.load(row_l)
+        has = l > 0.0
+        inv = 1.0 / gl.where(has, l, 1.0)
+        rows = gl.arange(0, HB, layout=row_l)
+        cols = gl.arange(0, TW, layout=gl.SliceLayout(0, mma_l))
+        base = O + ob + rows[:, None] * s_oh + (HALF * 4 * TW) + cols[None, :]
+        gl.store(base + 0 * TW, (o0 * inv[:, None]).to(O.dtype.element_ty))
+        gl.store(base + 1 * TW, (o1 * inv[:, None]).to(O.dtype.element_ty))
+        gl.store(base + 2 * TW, (o2 * inv[:, None]).to(O.dtype.element_ty))
+        gl.store(base + 3 * TW, (o3 * inv[:, None]).to(O.dtype.element_ty))
+        if WRITE_LSE:
+            lse = gl.where(has, (m + gl.log2(gl.where(has, l, 1.0))) / 1.4426950408889634, float("-inf"))
+            gl.store(LSE + lb + rows, lse)
+
+
+    @gluon.jit
+    def _consumer0(q_s, k_s, s1_s, m0_s, m1_s, l0_s, l1_s, bars, IDX, ib_off, O, LSE, ob, lb, s_oh,
+                   Sk, TOPK, scale_log2, NT: gl.constexpr):
+        # Even key blocks (buffer 0); owns the left half of the value columns.
+        k_ready, k_free, m0_bar, m1_bar, s0_bar, s1_bar, l0_bar, l1_bar = bars
+        mma_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 64, 16])
+        p_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_l, k_width=2)
+        row_l: gl.constexpr = gl.SliceLayout(1, mma_l)
+        ib = IDX + ib_off
+        o0 = gl.zeros([HB, TW], gl.float32, layout=mma_l)
+        o1 = gl.zeros([HB, TW], gl.float32, layout=mma_l)
+        o2 = gl.zeros([HB, TW], gl.float32, layout=mma_l)
+        o3 = gl.zeros([HB, TW], gl.float32, layout=mma_l)
+        m = gl.full([HB], float("-inf"), gl.float32, layout=row_l)
+        l = gl.zeros([HB], gl.float32, layout=row_l)
+        s0_s = k_s.index(NT - 1)  # buffer 0's last (rope) tile: free once this block's scores are made
+        n_pairs = gl.cdiv(TOPK, 2 * BK)
+        for i in range(n_pairs):
+            ph = i & 1
+            z = (i >> 30) & 1
+            valid = _key_valid(ib, 2 * i, TOPK, Sk, mma_l)  # issued before the wait: off the critical path
+            acc = hopper.warpgroup_mma_init(gl.zeros([HB, BK], gl.float32, layout=mma_l))
+            mbarrier.wait(k_ready.index(0), ph)  # buffer 0, value columns 0..255
+            hopper.fence_async_shared()
+            acc = _score_tiles(q_s, k_s, acc, 0, NT, 0, 4)
+            mbarrier.wait(k_ready.index(1), ph)  # buffer 0, the rest
+            hopper.fence_async_shared()
+            acc = _score_tiles(q_s, k_s, acc, 0, NT, 4, NT)
+            s = hopper.warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+            s = gl.where(valid[None, :], s * scale_log2, float("-inf"))
+            m_new = gl.maximum(m, gl.max(s, axis=1))
+            m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = gl.exp2(m - m_safe)
+            p = gl.exp2(s - m_safe[:, None])
+            l = l * alpha + gl.sum(p, axis=1)
+            m = m_new
+            m0_s.store(m)
+            mbarrier.arrive(m0_bar)
+            o0 = o0 * alpha[:, None]
+            o1 = o1 * alpha[:, None]
+            o2 = o2 * alpha[:, None]
+            o3 = o3 * alpha[:, None]
+            o0, o1, o2, o3 = _pv(gl.convert_layout(p.to(gl.bfloat16), p_l), k_s, o0, o1, o2, o3, 0, z)
+            o0, o1, o2, o3 = hopper.warpgroup_mma_wait(num_outstanding=0, deps=(o0, o1, o2, o3))
+            mbarrier.arrive(k_free.index(0))  # buffer 0's left value columns: only this consumer reads them
+            # the other consumer's maximum after the odd block: rescale to it
+            mbarrier.wait(m1_bar, ph)
+            m1 = m1_s.load(row_l)
+            beta = gl.exp2(m - gl.where(m1 == float("-inf"), 0.0, m1))
+            m = m1
+            s0_s.store((p * beta[:, None]).to(gl.bfloat16))
+            hopper.fence_async_shared()
+            mbarrier.arrive(s0_bar)
+            l = l * beta
+            o0 = o0 * beta[:, None]
+            o1 = o1 * beta[:, None]
+            o2 = o2 * beta[:, None]
+            o3 = o3 * beta[:, None]
+            mbarrier.wait(s1_bar, ph)
+            o0, o1, o2, o3 = _pv(s1_s, k_s, o0, o1, o2, o3, NT, z)
+            o0, o1, o2, o3 = hopper.warpgroup_mma_wait(num_outstanding=0, deps=(o0, o1, o2, o3))
+            mbarrier.arrive(k_free.index(3))  # buffer 1's left value columns
+        _store_half(O, LSE, ob, lb, s_oh, m, l, l0_s, l1_s, l0_bar, l1_bar, o0, o1, o2, o3, 0, False, mma_l)
+
+
+    @gluon.jit
+    def _consumer1(q_s, k_s, s1_s, m0_s, m1_s, l0_s, l1_s, bars, IDX, ib_off, O, LSE, ob, lb, s_oh,
+                   Sk, TOPK, scale_log2, NT: gl.constexpr):
+        # Odd key blocks (buffer 1); owns the right half of the value columns.
+        k_ready, k_free, m0_bar, m1_bar, s0_bar, s1_bar, l0_bar, l1_bar = bars
+        mma_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 64, 16])
+        p_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_l, k_width=2)
+        row_l: gl.constexpr = gl.SliceLayout(1, mma_l)
+        ib = IDX + ib_off
+        o0 = gl.zeros([HB, TW], gl.float32, layout=mma_l)
+        o1 = gl.zeros([HB, TW], gl.float32, layout=mma_l)
+        o2 = gl.zeros([HB, TW], gl.float32, layout=mma_l)
+        o3 = gl.zeros([HB, TW], gl.float32, layout=mma_l)
+        m = gl.full([HB], float("-inf"), gl.float32, layout=row_l)
+        l = gl.zeros([HB], gl.float32, layout=row_l)
+        s0_s = k_s.index(NT - 1)
+        n_pairs = gl.cdiv(TOPK, 2 * BK)
+        for i in range(n_pairs):
+            ph = i & 1
+            z = (i >> 30) & 1
+            valid = _key_valid(ib, 2 * i + 1, TOPK, Sk, mma_l)  # issued before the wait: off the critical path
+            acc = hopper.warpgroup_mma_init(gl.zeros([HB, BK], gl.float32, layout=mma_l))
+            mbarrier.wait(k_ready.index(2), ph)  # buffer 1, value columns 256.. and the rope
+            hopper.fence_async_shared()
+            acc = _score_tiles(q_s, k_s, acc, 1, NT, 4, NT)
+            mbarrier.wait(k_ready.index(3), ph)  # buffer 1, value columns 0..255
+            hopper.fence_async_shared()
+            acc = _score_tiles(q_s, k_s, acc, 1, NT, 0, 4)
+            s = hopper.warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+            s = gl.where(valid[None, :], s * scale_log2, float("-inf"))
+            mbarrier.wait(m0_bar, ph)
+            m0 = m0_s.load(row_l)
+            m_new = gl.maximum(m0, gl.max(s, axis=1))
+            m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = gl.exp2(m - m_safe)
+            p = gl.exp2(s - m_safe[:, None])
+            l = l * alpha + gl.sum(p, axis=1)
+            m = m_new
+            m1_s.store(m)
+            mbarrier.arrive(m1_bar)
+            o0 = o0 * alpha[:, None]
+            o1 = o1 * alpha[:, None]
+            o2 = o2 * alpha[:, None]
+            o3 = o3 * alpha[:, None]
+            pb = p.to(gl.bfloat16)
+            o0, o1, o2, o3 = _pv(gl.convert_layout(pb, p_l), k_s, o0, o1, o2, o3, NT + 4, z)
+            s1_s.store(pb)
+            hopper.fence_async_shared()
+            mbarrier.arrive(s1_bar)
+            mbarrier.wait(s0_bar, ph)
+            o0, o1, o2, o3 = hopper.warpgroup_mma_wait(num_outstanding=0, deps=(o0, o1, o2, o3))
+            mbarrier.arrive(k_free.index(2))  # buffer 1's right part
+            o0, o1, o2, o3 = _pv(s0_s, k_s, o0, o1, o2, o3, 4, z)
+            o0, o1, o2, o3 = hopper.warpgroup_mma_wait(num_outstanding=0, deps=(o0, o1, o2, o3))
+            mbarrier.arrive(k_free.index(1))  # buffer 0's right part (and the probabilities in its rope tile)
+        _store_half(O, LSE, ob, lb, s_oh, m, l, l1_s, l0_s, l1_bar, l0_bar, o0, o1, o2, o3, 1, True, mma_l)
+
+
+    @gluon.jit
+    def _producer(q_s, k_s, s1_s, m0_s, m1_s, l0_s, l1_s, bars, IDX, ib_off, KV, kv_off, s_ks, Sk, TOPK,
+                  NT: gl.constexpr):
+        # Gathers the selected latent rows, block 2i into buffer 0 and 2i + 1 into buffer 1.
+        k_ready, k_free, m0_bar, m1_bar, s0_bar, s1_bar, l0_bar, l1_bar = bars
+        ld: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+        ib = IDX + ib_off
+        kvb = KV + kv_off
+        cols = gl.arange(0, TW, layout=gl.SliceLayout(0, ld))
+        n_pairs = gl.cdiv(TOPK, 2 * BK)
+        for i in range(n_pairs):
+            ph = (i & 1) ^ 1
+            kk0 = (2 * i) * BK + gl.arange(0, BK, layout=gl.SliceLayout(1, ld))
+            idx0 = gl.load(ib + kk0, mask=kk0 < TOPK, other=-1)
+            v0 = (idx0 >= 0) & (idx0 < Sk)
+            r0 = kvb + gl.where(v0, idx0, 0).to(gl.int64) * s_ks
+            kk1 = kk0 + BK
+            idx1 = gl.load(ib + kk1, mask=kk1 < TOPK, other=-1)
+            v1 = (idx1 >= 0) & (idx1 < Sk)
+            r1 = kvb + gl.where(v1, idx1, 0).to(gl.int64) * s_ks
+            # part p: (buffer, first tile, last tile); 0: buffer 0 left, 2: buffer 1 right, 1: buffer 0 right, 3: buffer 1 left
+            mbarrier.wait(k_free.index(0), ph)
+            _gather(k_s, r0, v0, cols, 0, 0, 4, NT)
+            cp.mbarrier_arrive(k_ready.index(0), increment_count=False)
+            mbarrier.wait(k_free.index(2), ph)
+            _gather(k_s, r1, v1, cols, 1, 4, NT, NT)
+            cp.mbarrier_arrive(k_ready.index(2), increment_count=False)
+            mbarrier.wait(k_free.index(1), ph)
+            _gather(k_s, r0, v0, cols, 0, 4, NT, NT)
+            cp.mbarrier_arrive(k_ready.index(1), increment_count=False)
+            mbarrier.wait(k_free.index(3), ph)
+            _gather(k_s, r1, v1, cols, 1, 0, 4, NT)
+            cp.mbarrier_arrive(k_ready.index(3), increment_count=False)
+
+
+    @gluon.jit
+    def _gather(k_s, rows, valid, cols, BUF: gl.constexpr, C0: gl.constexpr, C1: gl.constexpr, NT: gl.constexpr):
+        for c in gl.static_range(C0, C1):
+            cp.async_copy_global_to_shared(k_s.index(BUF * NT + c), rows[:, None] + (c * TW + cols)[None, :],
+                                           mask=valid[:, None])
+
+
+    @gluon.jit
+    def _sparse_fwd_ws_kernel(Q, KV, IDX, O, LSE, Sk, TOPK, NHB, scale_log2,
+                             s_qb, s_qs, s_qh, s_kb, s_ks, s_ib, s_is, s_ob, s_os, s_oh, s_lb, s_ls,
+                             NT: gl.constexpr, PRODUCER_WARPS: gl.constexpr, WG1_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
+        pid = gl.program_id(0)
+        t = (pid // NHB).to(gl.int64)
+        hb = pid % NHB
+        b = gl.program_id(1).to(gl.int64)
+        h0 = hb * HB
+        smem_l: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+        vec_l: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
+        q_s = gl.allocate_shared_memory(gl.bfloat16, [NT, HB, TW], smem_l)
+        k_s = gl.allocate_shared_memory(gl.bfloat16, [2 * NT, BK, TW], smem_l)
+        s1_s = gl.allocate_shared_memory(gl.bfloat16, [HB, BK], smem_l)
+        m0_s = gl.allocate_shared_memory(gl.float32, [HB], vec_l)
+        m1_s = gl.allocate_shared_memory(gl.float32, [HB], vec_l)
+        l0_s = gl.allocate_shared_memory(gl.float32, [HB], vec_l)
+        l1_s = gl.allocate_shared_memory(gl.float32, [HB], vec_l)
+        k_ready = gl.allocate_shared_memory(gl.int64, [4, 1], mbarrier.MBarrierLayout())
+        k_free = gl.allocate_shared_memory(gl.int64, [4, 1], mbarrier.MBarrierLayout())
+        one = gl.allocate_shared_memory(gl.int64, [6, 1], mbarrier.MBarrierLayout())
+        for j in gl.static_range(4):
+            mbarrier.init(k_ready.index(j), count=PRODUCER_WARPS * 32)
+            mbarrier.init(k_free.index(j), count=1)
+        for j in gl.static_range(6):
+            mbarrier.init(one.index(j), count=1)
+        # the query's 64 heads, once
+        ld: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+        rows = gl.arange(0, HB, layout=gl.SliceLayout(1, ld))
+        cols = gl.arange(0, TW, layout=gl.SliceLayout(0, ld))
+        qb = Q + b * s_qb + t * s_qs + (h0 + rows).to(gl.int64)[:, None] * s_qh
+        for c in gl.static_range(NT):
+            cp.async_copy_global_to_shared(q_s.index(c), qb + (c * TW + cols)[None, :])
+        cp.commit_group()
+        cp.wait_group(0)
+        hopper.fence_async_shared()
+        _cta_barrier()
+        bars = (k_ready, k_free, one.index(0), one.index(1), one.index(2), one.index(3), one.index(4), one.index(5))
+        ib_off = b * s_ib + t * s_is
+        ob = b * s_ob + t * s_os + h0.to(gl.int64) * s_oh
+        lb = b * s_lb + t * s_ls + h0
+        gl.warp_specialize([
+            (_consumer0, (q_s, k_s, s1_s, m0_s, m1_s, l0_s, l1_s, bars, IDX, ib_off, O, LSE, ob, lb, s_oh,
+                          Sk, TOPK, scale_log2, NT)),
+            (_consumer1, (q_s, k_s, s1_s, m0_s, m1_s, l0_s, l1_s, bars, IDX, ib_off, O, LSE, ob, lb, s_oh,
+                          Sk, TOPK, scale_log2, NT)),
+            (_producer, (q_s, k_s, s1_s, m0_s, m1_s, l0_s, l1_s, bars, IDX, ib_off, KV, b * s_kb, s_ks, Sk, TOPK, NT)),
+        ], [4, PRODUCER_WARPS], [WG1_REGS, PRODUCER_REGS])
+
+
+def sparse_attn_fwd_ws(q, kv, idx, v_dim, scale):
+    """(out [B, Sq, H, v_dim], lse [B, Sq, H] fp32, natural log) as ``sparse_attn.sparse_attn_fwd``."""
+    why = supported(q, kv, v_dim)
+    if why is not None:
+        raise ValueError(f"the Gluon sparse forward cannot run these inputs: {why}")
+    B, Sq, H, D = q.shape
+    out = torch.empty(B, Sq, H, v_dim, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, Sq, H, dtype=torch.float32, device=q.device)
+    if Sq == 0 or H == 0 or idx.shape[-1] == 0:
+        out.zero_()
+        lse.fill_(float("-inf"))
+        return out, lse
+    NHB = H // HEADS
+    _sparse_fwd_ws_kernel[(Sq * NHB, B)](
+        q, kv, idx, out, lse, kv.shape[1], idx.shape[-1], NHB, scale * LOG2E,
+        q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1), idx.stride(0), idx.stride(1),
+        out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
+        NT=D // TILE, PRODUCER_WARPS=4, WG1_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS,
+        num_warps=4, maxnreg=LAUNCH_REGS)
+    return out, lse

@@ -1,0 +1,103 @@
+"""The warp-specialised Gluon forward (``kernels/sparse_attn_ws.py``) against the reference, and the
+option that chooses it.
+
+The kernel runs only on an sm_90 GPU (Triton's interpreter does not run Gluon): there it is
+compared with the reference in fp32 at 64 and 128 heads, with selections shorter than a key
+block pair, -1 slots inside and at the end of rows, and rows with no valid key. Everywhere, the
+option's values are checked and a forced Gluon forward that cannot run is one clear error.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytest.importorskip("triton")
+
+from megatron_dsa import reference as R  # noqa: E402
+from megatron_dsa.kernel_options import KernelOptions  # noqa: E402
+from megatron_dsa.kernels import sparse_attn as SA  # noqa: E402
+from megatron_dsa.kernels import sparse_attn_ws as W  # noqa: E402
+
+ON_HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed():
+    torch.manual_seed(int.from_bytes(os.urandom(4), "little"))
+
+
+def test_the_option_takes_three_values():
+    assert KernelOptions().attn_fwd_kernel == "auto"
+    assert KernelOptions.from_dict({"attn_fwd_kernel": "triton"}).attn_fwd_kernel == "triton"
+    with pytest.raises(ValueError, match="attn_fwd_kernel must be one of"):
+        KernelOptions(attn_fwd_kernel="cuda")
+
+
+def test_forcing_gluon_where_it_cannot_run_is_one_error():
+    # 16 heads (not a multiple of 64); on a machine without an sm_90 GPU the reason is the device
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    q = torch.randn(1, 8, 16, 576, device=dev, dtype=torch.bfloat16)
+    kv = torch.randn(1, 8, 576, device=dev, dtype=torch.bfloat16)
+    idx = torch.zeros(1, 8, 4, dtype=torch.int32, device=dev)
+    why = W.supported(q, kv, 512)
+    assert why is not None
+    with pytest.raises(ValueError, match="attn_fwd_kernel='gluon' cannot run these inputs"):
+        SA.sparse_attn_fwd(q, kv, idx, 512, 576**-0.5, KernelOptions(attn_fwd_kernel="gluon"))
+
+
+def test_supported_names_each_requirement():
+    if ON_HOPPER:
+        q = torch.randn(1, 2, 64, 576, device="cuda", dtype=torch.bfloat16)
+        kv = torch.randn(1, 2, 576, device="cuda", dtype=torch.bfloat16)
+        assert W.supported(q, kv, 512) is None
+        assert "bf16" in W.supported(q.float(), kv.float(), 512)
+        assert "multiple of 64 heads" in W.supported(q[:, :, :32], kv, 512)
+        assert "value columns" in W.supported(q, kv, 256)
+    else:
+        q = torch.randn(1, 2, 64, 576, dtype=torch.bfloat16)
+        assert W.supported(q, q[:, :, 0], 512) is not None
+
+
+def _selection(S, Sk, K, masked_rows):
+    """Causal top-K of random scores, -1 padded, with a few -1 slots inside rows."""
+    pos = torch.arange(Sk, device="cuda")
+    t = torch.arange(S, device="cuda") + (Sk - S)
+    sc = torch.rand(S, Sk, device="cuda").masked_fill(pos[None, :] > t[:, None], -1.0)
+    v, i = sc.topk(min(K, Sk), dim=1)
+    i = torch.where(v < 0, -1, i).int()
+    idx = torch.full((S, K), -1, dtype=torch.int32, device="cuda")
+    idx[:, :i.shape[1]] = i
+    idx[1::7, 3] = -1  # a skipped slot inside a row
+    idx[:masked_rows] = -1
+    return idx[None]
+
+
+@pytest.mark.skipif(not ON_HOPPER, reason="the Gluon kernel needs an sm_90 GPU (Triton's interpreter does not run Gluon)")
+@pytest.mark.parametrize("H,S,Sk,K,masked_rows", [
+    (64, 67, 300, 130, 2),     # fewer than two key blocks' worth, odd length
+    (128, 301, 1000, 256, 0),  # two head blocks, one block pair
+    (64, 129, 4000, 2048, 3),  # the full selection, rows of fewer valid keys than K
+])
+def test_gluon_forward_equals_the_reference(H, S, Sk, K, masked_rows):
+    q = torch.randn(1, S, H, 576, device="cuda", dtype=torch.bfloat16)
+    kv = torch.randn(1, Sk, 576, device="cuda", dtype=torch.bfloat16)
+    idx = _selection(S, Sk, K, masked_rows)
+    scale = 576**-0.5
+    out, lse = W.sparse_attn_fwd_ws(q, kv, idx, 512, scale)
+    out_r, lse_r = R.sparse_mla_attention(q.float(), kv.float(), idx, 512, scale)
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    err = ((out.double() - out_r.double()).norm() / out_r.double().norm()).item()
+    assert err < 1e-2, err
+    has = torch.isfinite(lse_r)
+    assert torch.equal(has, torch.isfinite(lse))
+    assert (lse[has] - lse_r[has]).abs().max().item() < 1e-2
+    assert (out[~has] == 0).all()
+    # the dispatch picks it by default, and the Triton kernel agrees
+    out_d, _ = SA.sparse_attn_fwd(q, kv, idx, 512, scale)
+    assert torch.equal(out_d, out)
+    out_t, _ = SA.sparse_attn_fwd(q, kv, idx, 512, scale, KernelOptions(attn_fwd_kernel="triton"))
+    assert ((out_t.double() - out.double()).norm() / out_t.double().norm()).item() < 1e-2
