@@ -46,7 +46,7 @@ HEADS = 64  # heads a program: the products' M
 V_DIM = 512  # value columns: two halves of 256, one a consumer
 TILE = 64  # latent columns a shared tile (128-byte rows, the 128-byte swizzle)
 # Registers a thread (setmaxnreg): 168 a thread at launch over 12 warps; the consumers take 232,
-# the producer 40 (ptxas, sm_90a: no spills in the key loop).
+# the producer 40 (ptxas, sm_90a: three values spilled around the key loop, none inside it).
 LAUNCH_REGS, CONSUMER_REGS, PRODUCER_REGS = 168, 232, 40
 
 
@@ -65,8 +65,11 @@ def supported(q: torch.Tensor, kv: torch.Tensor, v_dim: int) -> Optional[str]:
         return f"needs a multiple of {HEADS} heads, got {H}"
     if v_dim != V_DIM or D <= v_dim or (D - v_dim) % TILE:
         return f"needs {V_DIM} value columns and the rest in {TILE}-column tiles, got Dqk {D} / Dv {v_dim}"
-    if q.stride(-1) != 1 or kv.stride(-1) != 1 or q.stride(2) % 8 or kv.stride(1) % 8:
-        return "needs unit-stride, 16-byte aligned rows"
+    # the gathers are 16-byte copies: every row must start 16-byte aligned, and the compiler only
+    # knows it from strides that are multiples of 16 elements (and aligned base pointers)
+    strides = (*q.stride()[:3], *kv.stride()[:2])
+    if q.stride(-1) != 1 or kv.stride(-1) != 1 or any(s % 16 for s in strides) or (q.data_ptr() | kv.data_ptr()) % 16:
+        return "needs unit-stride rows, 16-byte aligned, with strides in multiples of 16 elements"
     return None
 
 
