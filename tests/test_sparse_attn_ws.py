@@ -79,15 +79,15 @@ def _selection(S, Sk, K, masked_rows):
 
 
 @pytest.mark.skipif(not ON_HOPPER, reason="the Gluon kernel needs an sm_90 GPU (Triton's interpreter does not run Gluon)")
-@pytest.mark.parametrize("H,S,Sk,K,masked_rows", [
-    (64, 67, 300, 130, 2),     # fewer than two key blocks' worth, odd length
-    (128, 301, 1000, 256, 0),  # two head blocks, one block pair
-    (64, 129, 4000, 2048, 3),  # the full selection, rows of fewer valid keys than K
+@pytest.mark.parametrize("B,H,S,Sk,K,masked_rows", [
+    (1, 64, 67, 300, 130, 2),     # fewer than two key blocks' worth, odd length
+    (2, 128, 301, 1000, 256, 0),  # two sequences, two head blocks, one block pair
+    (1, 64, 129, 4000, 2048, 3),  # the full selection, rows of fewer valid keys than K
 ])
-def test_gluon_forward_equals_the_reference(H, S, Sk, K, masked_rows):
-    q = torch.randn(1, S, H, 576, device="cuda", dtype=torch.bfloat16)
-    kv = torch.randn(1, Sk, 576, device="cuda", dtype=torch.bfloat16)
-    idx = _selection(S, Sk, K, masked_rows)
+def test_gluon_forward_equals_the_reference(B, H, S, Sk, K, masked_rows):
+    q = torch.randn(B, S, H, 576, device="cuda", dtype=torch.bfloat16)
+    kv = torch.randn(B, Sk, 576, device="cuda", dtype=torch.bfloat16)
+    idx = torch.cat([_selection(S, Sk, K, masked_rows) for _ in range(B)])
     scale = 576**-0.5
     out, lse = W.sparse_attn_fwd_ws(q, kv, idx, 512, scale)
     out_r, lse_r = R.sparse_mla_attention(q.float(), kv.float(), idx, 512, scale)
