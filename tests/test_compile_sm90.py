@@ -220,7 +220,7 @@ def check_sparse_forward_ws() -> None:
     assert 0 < k.metadata.shared <= SM90_SHARED_BYTES
     regs = set(re.findall(r"setmaxnreg\.(?:inc|dec)\.sync\.aligned\.u32\s+(\d+)", ptx))
     assert {str(W.CONSUMER_REGS), str(W.PRODUCER_REGS)} <= regs, regs
-    assert "cp.async.cg.shared.global" in ptx and "wgmma.mma_async" in ptx
+    assert "cp.async.cg.shared.global" in ptx and "wgmma.mma_async.sync.aligned.m64n256k16" in ptx
     print("_sparse_fwd_ws_kernel", k.metadata.shared, sorted(regs))
 
 

@@ -56,7 +56,7 @@ def test_supported_names_each_requirement():
         assert W.supported(q, kv, 512) is None
         assert "bf16" in W.supported(q.float(), kv.float(), 512)
         assert "multiple of 64 heads" in W.supported(q[:, :, :32], kv, 512)
-        assert "value columns" in W.supported(q, kv, 256)
+        assert "512 + 64 latent" in W.supported(q, kv, 256)
         wide = torch.randn(1, 2, 64, 584, device="cuda", dtype=torch.bfloat16)[..., :576]  # rows 584 apart
         assert "multiples of 16 elements" in W.supported(wide, kv, 512)
     else:

@@ -10,14 +10,15 @@ plan (Q 72 KB, two 64-key buffers of the gathered latent rows, 144 KB; 225 KB in
   as a full 64 x 64 product over the 576-wide latent (both operands from shared memory: 4 KB read
   per 131 KFLOP, the tensor cores' rate; splitting a block's keys between two warpgroups, as the
   Triton kernel's 8-warp products do, reads Q twice and runs at two thirds of it). Each keeps the
-  output for half of the value columns (64 x 256 fp32 in registers). The running maximum passes
+  output for half of the value columns (64 x 256 fp32 in registers), added to by one m64n256
+  product a block over four value tiles read as one operand. The running maximum passes
   from one to the other through shared memory; each block's probabilities are used in registers
   by the warpgroup that made them and through shared memory by the other (the even block's in
   the rope tile of its own buffer, which only its scores read).
 The log-sum-exp and the output follow ``_softmax_finish``'s rules: a row without a valid key gives
-0 and -inf. Needs sm_90 (wgmma, setmaxnreg), bf16, heads a multiple of 64, 512 value columns and
-64-column tiles of the rest (DeepSeek-V3.2's and GLM-5's 512 + 64 latent); ``supported`` says why
-not otherwise, and the Triton kernel (``sparse_attn.sparse_attn_fwd``) is the fallback.
+0 and -inf. Needs sm_90 (wgmma, setmaxnreg), bf16, heads a multiple of 64 and the 512 + 64
+latent of DeepSeek-V3.2 and GLM-5; ``supported`` says why not otherwise, and the Triton kernel
+(``sparse_attn.sparse_attn_fwd``) is the fallback.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ HEADS = 64  # heads a program: the products' M
 V_DIM = 512  # value columns: two halves of 256, one a consumer
 TILE = 64  # latent columns a shared tile (128-byte rows, the 128-byte swizzle)
 # Registers a thread (setmaxnreg): 168 a thread at launch over 12 warps; the consumers take 232,
-# the producer 40 (ptxas, sm_90a: three values spilled around the key loop, none inside it).
+# the producer 40 (ptxas, sm_90a: no spills).
 LAUNCH_REGS, CONSUMER_REGS, PRODUCER_REGS = 168, 232, 40
 
 
@@ -63,8 +64,8 @@ def supported(q: torch.Tensor, kv: torch.Tensor, v_dim: int) -> Optional[str]:
     H, D = q.shape[2], q.shape[3]
     if H % HEADS:
         return f"needs a multiple of {HEADS} heads, got {H}"
-    if v_dim != V_DIM or D <= v_dim or (D - v_dim) % TILE:
-        return f"needs {V_DIM} value columns and the rest in {TILE}-column tiles, got Dqk {D} / Dv {v_dim}"
+    if v_dim != V_DIM or D != V_DIM + TILE:
+        return f"needs the {V_DIM} + {TILE} latent (Dqk {V_DIM + TILE} / Dv {V_DIM}), got Dqk {D} / Dv {v_dim}"
     # the gathers are 16-byte copies: every row must start 16-byte aligned, and the compiler only
     # knows it from strides that are multiples of 16 elements (and aligned base pointers)
     strides = (*q.stride()[:3], *kv.stride()[:2])
@@ -79,11 +80,11 @@ if HAS_GLUON:
     TW = gl.constexpr(TILE)
 
     @gluon.jit
-    def _score_tiles(q_s, k_s, acc, BUF: gl.constexpr, NT: gl.constexpr, c0, c1):
-        # a runtime loop over the latent's tiles: unrolled, the 36 shared-memory descriptors were
-        # hoisted out of the key loop and spilled
-        for c in range(c0, c1):
-            acc = hopper.warpgroup_mma(q_s.index(c), k_s.index(BUF * NT + c).permute((1, 0)), acc, is_async=True)
+    def _score_part(q_s, kv_s, acc, PART, Q0: gl.constexpr):
+        # a runtime loop over a part's 4 tiles: unrolled, the descriptors were hoisted out of the
+        # key loop and spilled
+        for c in range(4):
+            acc = hopper.warpgroup_mma(q_s.index(Q0 + c), kv_s.index(PART * 4 + c).permute((1, 0)), acc, is_async=True)
         return acc
 
 
@@ -95,19 +96,18 @@ if HAS_GLUON:
 
 
     @gluon.jit
-    def _pv(p, k_s, o0, o1, o2, o3, T0, z):
-        # z is 0 at run time; unknown to the compiler, it keeps the descriptors inside the key loop
-        o0 = hopper.warpgroup_mma(p, k_s.index(T0 + 0 + z), o0, is_async=True)
-        o1 = hopper.warpgroup_mma(p, k_s.index(T0 + 1 + z), o1, is_async=True)
-        o2 = hopper.warpgroup_mma(p, k_s.index(T0 + 2 + z), o2, is_async=True)
-        o3 = hopper.warpgroup_mma(p, k_s.index(T0 + 3 + z), o3, is_async=True)
-        return o0, o1, o2, o3
+    def _pv(p, kv_s, o, PART: gl.constexpr, smem_l: gl.constexpr):
+        # one m64n256 product over a part's 4 tiles, read as one [64 keys, 256 columns] operand
+        v = kv_s._reinterpret(gl.bfloat16, [4, BK, 4 * TW], smem_l).index(PART)
+        return hopper.warpgroup_mma(p, v, o, is_async=True)
 
 
     @gluon.jit
     def _store_half(O, LSE, ob, lb, s_oh, m, l_own, l_s_own, l_s_other, bar_own, bar_other,
-                    o0, o1, o2, o3, HALF: gl.constexpr, WRITE_LSE: gl.constexpr, mma_l: gl.constexpr):
+                    o, HALF: gl.constexpr, WRITE_LSE: gl.constexpr, mma_l: gl.constexpr):
         row_l: gl.constexpr = gl.SliceLayout(1, mma_l)
+        l_own = gl.convert_layout(l_own, row_l)
+        m = gl.convert_layout(m, row_l)
         l_s_own.store(l_own)
         mbarrier.arrive(bar_own)
         mbarrier.wait(bar_other, 0)
@@ -115,33 +115,29 @@ if HAS_GLUON:
         has = l > 0.0
         inv = 1.0 / gl.where(has, l, 1.0)
         rows = gl.arange(0, HB, layout=row_l)
-        cols = gl.arange(0, TW, layout=gl.SliceLayout(0, mma_l))
-        base = O + ob + rows[:, None] * s_oh + (HALF * 4 * TW) + cols[None, :]
-        gl.store(base + 0 * TW, (o0 * inv[:, None]).to(O.dtype.element_ty))
-        gl.store(base + 1 * TW, (o1 * inv[:, None]).to(O.dtype.element_ty))
-        gl.store(base + 2 * TW, (o2 * inv[:, None]).to(O.dtype.element_ty))
-        gl.store(base + 3 * TW, (o3 * inv[:, None]).to(O.dtype.element_ty))
+        cols = gl.arange(0, 4 * TW, layout=gl.SliceLayout(0, mma_l))
+        gl.store(O + ob + rows[:, None] * s_oh + (HALF * 4 * TW) + cols[None, :], (o * inv[:, None]).to(O.dtype.element_ty))
         if WRITE_LSE:
             lse = gl.where(has, (m + gl.log2(gl.where(has, l, 1.0))) / 1.4426950408889634, float("-inf"))
             gl.store(LSE + lb + rows, lse)
 
 
     @gluon.jit
-    def _consumer0(q_s, k_s, s1_s, m0_s, m1_s, l0_s, l1_s, bars, IDX, ib_off, O, LSE, ob, lb, s_oh,
+    def _consumer0(q_s, kv_s, r_s, s1_s, m0_s, m1_s, l0_s, l1_s, bars, IDX, ib_off, O, LSE, ob, lb, s_oh,
                    Sk, TOPK, scale_log2, NT: gl.constexpr):
         # Even key blocks (buffer 0); owns the left half of the value columns.
         k_ready, k_free, m0_bar, m1_bar, s0_bar, s1_bar, l0_bar, l1_bar = bars
         mma_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 64, 16])
-        p_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_l, k_width=2)
+        o_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 256, 16])
+        p_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_l, k_width=2)
         row_l: gl.constexpr = gl.SliceLayout(1, mma_l)
+        orow_l: gl.constexpr = gl.SliceLayout(1, o_l)
+        smem_l: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
         ib = IDX + ib_off
-        o0 = gl.zeros([HB, TW], gl.float32, layout=mma_l)
-        o1 = gl.zeros([HB, TW], gl.float32, layout=mma_l)
-        o2 = gl.zeros([HB, TW], gl.float32, layout=mma_l)
-        o3 = gl.zeros([HB, TW], gl.float32, layout=mma_l)
+        o = gl.zeros([HB, 4 * TW], gl.float32, layout=o_l)
         m = gl.full([HB], float("-inf"), gl.float32, layout=row_l)
         l = gl.zeros([HB], gl.float32, layout=row_l)
-        s0_s = k_s.index(NT - 1)  # buffer 0's last (rope) tile: free once this block's scores are made
+        s0_s = r_s.index(0)  # buffer 0's rope tile: free once this block's scores are made
         n_pairs = gl.cdiv(TOPK, 2 * BK)
         for i in range(n_pairs):
             ph = i & 1
@@ -150,10 +146,11 @@ if HAS_GLUON:
             acc = hopper.warpgroup_mma_init(gl.zeros([HB, BK], gl.float32, layout=mma_l))
             mbarrier.wait(k_ready.index(0), ph)  # buffer 0, value columns 0..255
             hopper.fence_async_shared()
-            acc = _score_tiles(q_s, k_s, acc, 0, NT, 0, 4)
+            acc = _score_part(q_s, kv_s, acc, 0 + z, 0)
             mbarrier.wait(k_ready.index(1), ph)  # buffer 0, the rest
             hopper.fence_async_shared()
-            acc = _score_tiles(q_s, k_s, acc, 0, NT, 4, NT)
+            acc = _score_part(q_s, kv_s, acc, 1 + z, 4)
+            acc = hopper.warpgroup_mma(q_s.index(NT - 1), r_s.index(0 + z).permute((1, 0)), acc, is_async=True)
             s = hopper.warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
             s = gl.where(valid[None, :], s * scale_log2, float("-inf"))
             m_new = gl.maximum(m, gl.max(s, axis=1))
@@ -164,12 +161,9 @@ if HAS_GLUON:
             m = m_new
             m0_s.store(m)
             mbarrier.arrive(m0_bar)
-            o0 = o0 * alpha[:, None]
-            o1 = o1 * alpha[:, None]
-            o2 = o2 * alpha[:, None]
-            o3 = o3 * alpha[:, None]
-            o0, o1, o2, o3 = _pv(gl.convert_layout(p.to(gl.bfloat16), p_l), k_s, o0, o1, o2, o3, 0, z)
-            o0, o1, o2, o3 = hopper.warpgroup_mma_wait(num_outstanding=0, deps=(o0, o1, o2, o3))
+            o = o * gl.convert_layout(alpha, orow_l)[:, None]
+            o = _pv(gl.convert_layout(p.to(gl.bfloat16), p_l), kv_s, o, 0, smem_l)
+            o = hopper.warpgroup_mma_wait(num_outstanding=0, deps=(o,))
             mbarrier.arrive(k_free.index(0))  # buffer 0's left value columns: only this consumer reads them
             # the other consumer's maximum after the odd block: rescale to it
             mbarrier.wait(m1_bar, ph)
@@ -180,33 +174,30 @@ if HAS_GLUON:
             hopper.fence_async_shared()
             mbarrier.arrive(s0_bar)
             l = l * beta
-            o0 = o0 * beta[:, None]
-            o1 = o1 * beta[:, None]
-            o2 = o2 * beta[:, None]
-            o3 = o3 * beta[:, None]
+            o = o * gl.convert_layout(beta, orow_l)[:, None]
             mbarrier.wait(s1_bar, ph)
-            o0, o1, o2, o3 = _pv(s1_s, k_s, o0, o1, o2, o3, NT, z)
-            o0, o1, o2, o3 = hopper.warpgroup_mma_wait(num_outstanding=0, deps=(o0, o1, o2, o3))
+            o = _pv(s1_s, kv_s, o, 2, smem_l)
+            o = hopper.warpgroup_mma_wait(num_outstanding=0, deps=(o,))
             mbarrier.arrive(k_free.index(3))  # buffer 1's left value columns
-        _store_half(O, LSE, ob, lb, s_oh, m, l, l0_s, l1_s, l0_bar, l1_bar, o0, o1, o2, o3, 0, False, mma_l)
+        _store_half(O, LSE, ob, lb, s_oh, m, l, l0_s, l1_s, l0_bar, l1_bar, o, 0, False, o_l)
 
 
     @gluon.jit
-    def _consumer1(q_s, k_s, s1_s, m0_s, m1_s, l0_s, l1_s, bars, IDX, ib_off, O, LSE, ob, lb, s_oh,
+    def _consumer1(q_s, kv_s, r_s, s1_s, m0_s, m1_s, l0_s, l1_s, bars, IDX, ib_off, O, LSE, ob, lb, s_oh,
                    Sk, TOPK, scale_log2, NT: gl.constexpr):
         # Odd key blocks (buffer 1); owns the right half of the value columns.
         k_ready, k_free, m0_bar, m1_bar, s0_bar, s1_bar, l0_bar, l1_bar = bars
         mma_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 64, 16])
-        p_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_l, k_width=2)
+        o_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 256, 16])
+        p_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_l, k_width=2)
         row_l: gl.constexpr = gl.SliceLayout(1, mma_l)
+        orow_l: gl.constexpr = gl.SliceLayout(1, o_l)
+        smem_l: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
         ib = IDX + ib_off
-        o0 = gl.zeros([HB, TW], gl.float32, layout=mma_l)
-        o1 = gl.zeros([HB, TW], gl.float32, layout=mma_l)
-        o2 = gl.zeros([HB, TW], gl.float32, layout=mma_l)
-        o3 = gl.zeros([HB, TW], gl.float32, layout=mma_l)
+        o = gl.zeros([HB, 4 * TW], gl.float32, layout=o_l)
         m = gl.full([HB], float("-inf"), gl.float32, layout=row_l)
         l = gl.zeros([HB], gl.float32, layout=row_l)
-        s0_s = k_s.index(NT - 1)
+        s0_s = r_s.index(0)
         n_pairs = gl.cdiv(TOPK, 2 * BK)
         for i in range(n_pairs):
             ph = i & 1
@@ -215,10 +206,11 @@ if HAS_GLUON:
             acc = hopper.warpgroup_mma_init(gl.zeros([HB, BK], gl.float32, layout=mma_l))
             mbarrier.wait(k_ready.index(2), ph)  # buffer 1, value columns 256.. and the rope
             hopper.fence_async_shared()
-            acc = _score_tiles(q_s, k_s, acc, 1, NT, 4, NT)
+            acc = _score_part(q_s, kv_s, acc, 3 + z, 4)
+            acc = hopper.warpgroup_mma(q_s.index(NT - 1), r_s.index(1 + z).permute((1, 0)), acc, is_async=True)
             mbarrier.wait(k_ready.index(3), ph)  # buffer 1, value columns 0..255
             hopper.fence_async_shared()
-            acc = _score_tiles(q_s, k_s, acc, 1, NT, 0, 4)
+            acc = _score_part(q_s, kv_s, acc, 2 + z, 0)
             s = hopper.warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
             s = gl.where(valid[None, :], s * scale_log2, float("-inf"))
             mbarrier.wait(m0_bar, ph)
@@ -231,26 +223,23 @@ if HAS_GLUON:
             m = m_new
             m1_s.store(m)
             mbarrier.arrive(m1_bar)
-            o0 = o0 * alpha[:, None]
-            o1 = o1 * alpha[:, None]
-            o2 = o2 * alpha[:, None]
-            o3 = o3 * alpha[:, None]
+            o = o * gl.convert_layout(alpha, orow_l)[:, None]
             pb = p.to(gl.bfloat16)
-            o0, o1, o2, o3 = _pv(gl.convert_layout(pb, p_l), k_s, o0, o1, o2, o3, NT + 4, z)
+            o = _pv(gl.convert_layout(pb, p_l), kv_s, o, 3, smem_l)
             s1_s.store(pb)
             hopper.fence_async_shared()
             mbarrier.arrive(s1_bar)
             mbarrier.wait(s0_bar, ph)
-            o0, o1, o2, o3 = hopper.warpgroup_mma_wait(num_outstanding=0, deps=(o0, o1, o2, o3))
+            o = hopper.warpgroup_mma_wait(num_outstanding=0, deps=(o,))
             mbarrier.arrive(k_free.index(2))  # buffer 1's right part
-            o0, o1, o2, o3 = _pv(s0_s, k_s, o0, o1, o2, o3, 4, z)
-            o0, o1, o2, o3 = hopper.warpgroup_mma_wait(num_outstanding=0, deps=(o0, o1, o2, o3))
+            o = _pv(s0_s, kv_s, o, 1, smem_l)
+            o = hopper.warpgroup_mma_wait(num_outstanding=0, deps=(o,))
             mbarrier.arrive(k_free.index(1))  # buffer 0's right part (and the probabilities in its rope tile)
-        _store_half(O, LSE, ob, lb, s_oh, m, l, l1_s, l0_s, l1_bar, l0_bar, o0, o1, o2, o3, 1, True, mma_l)
+        _store_half(O, LSE, ob, lb, s_oh, m, l, l1_s, l0_s, l1_bar, l0_bar, o, 1, True, o_l)
 
 
     @gluon.jit
-    def _producer(q_s, k_s, s1_s, m0_s, m1_s, l0_s, l1_s, bars, IDX, ib_off, KV, kv_off, s_ks, Sk, TOPK,
+    def _producer(q_s, kv_s, r_s, s1_s, m0_s, m1_s, l0_s, l1_s, bars, IDX, ib_off, KV, kv_off, s_ks, Sk, TOPK,
                   NT: gl.constexpr):
         # Gathers the selected latent rows, block 2i into buffer 0 and 2i + 1 into buffer 1.
         k_ready, k_free, m0_bar, m1_bar, s0_bar, s1_bar, l0_bar, l1_bar = bars
@@ -271,25 +260,25 @@ if HAS_GLUON:
             r1 = kvb + gl.where(v1, idx1, 0).to(gl.int64) * s_ks
             # part p: (buffer, first tile, last tile); 0: buffer 0 left, 2: buffer 1 right, 1: buffer 0 right, 3: buffer 1 left
             mbarrier.wait(k_free.index(0), ph)
-            _gather(k_s, r0, v0, cols, 0, 0, 4, NT)
+            _gather(kv_s, 0, r0, v0, cols, 0)
             cp.mbarrier_arrive(k_ready.index(0), increment_count=False)
             mbarrier.wait(k_free.index(2), ph)
-            _gather(k_s, r1, v1, cols, 1, 4, NT, NT)
+            _gather(kv_s, 3, r1, v1, cols, 4)
+            cp.async_copy_global_to_shared(r_s.index(1), r1[:, None] + (8 * TW + cols)[None, :], mask=v1[:, None])
             cp.mbarrier_arrive(k_ready.index(2), increment_count=False)
             mbarrier.wait(k_free.index(1), ph)
-            _gather(k_s, r0, v0, cols, 0, 4, NT, NT)
+            _gather(kv_s, 1, r0, v0, cols, 4)
+            cp.async_copy_global_to_shared(r_s.index(0), r0[:, None] + (8 * TW + cols)[None, :], mask=v0[:, None])
             cp.mbarrier_arrive(k_ready.index(1), increment_count=False)
             mbarrier.wait(k_free.index(3), ph)
-            _gather(k_s, r1, v1, cols, 1, 0, 4, NT)
+            _gather(kv_s, 2, r1, v1, cols, 0)
             cp.mbarrier_arrive(k_ready.index(3), increment_count=False)
 
-
     @gluon.jit
-    def _gather(k_s, rows, valid, cols, BUF: gl.constexpr, C0: gl.constexpr, C1: gl.constexpr, NT: gl.constexpr):
-        for c in gl.static_range(C0, C1):
-            cp.async_copy_global_to_shared(k_s.index(BUF * NT + c), rows[:, None] + (c * TW + cols)[None, :],
+    def _gather(kv_s, PART: gl.constexpr, rows, valid, cols, C0: gl.constexpr):
+        for c in gl.static_range(4):
+            cp.async_copy_global_to_shared(kv_s.index(PART * 4 + c), rows[:, None] + ((C0 + c) * TW + cols)[None, :],
                                            mask=valid[:, None])
-
 
     @gluon.jit
     def _sparse_fwd_ws_kernel(Q, KV, IDX, O, LSE, Sk, TOPK, NHB, scale_log2,
@@ -303,7 +292,8 @@ if HAS_GLUON:
         smem_l: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
         vec_l: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
         q_s = gl.allocate_shared_memory(gl.bfloat16, [NT, HB, TW], smem_l)
-        k_s = gl.allocate_shared_memory(gl.bfloat16, [2 * NT, BK, TW], smem_l)
+        kv_s = gl.allocate_shared_memory(gl.bfloat16, [16, BK, TW], smem_l)  # (buffer, half) parts of 4 value tiles
+        r_s = gl.allocate_shared_memory(gl.bfloat16, [2, BK, TW], smem_l)  # the buffers' rope tiles
         s1_s = gl.allocate_shared_memory(gl.bfloat16, [HB, BK], smem_l)
         m0_s = gl.allocate_shared_memory(gl.float32, [HB], vec_l)
         m1_s = gl.allocate_shared_memory(gl.float32, [HB], vec_l)
@@ -333,11 +323,11 @@ if HAS_GLUON:
         ob = b * s_ob + t * s_os + h0.to(gl.int64) * s_oh
         lb = b * s_lb + t * s_ls + h0
         gl.warp_specialize([
-            (_consumer0, (q_s, k_s, s1_s, m0_s, m1_s, l0_s, l1_s, bars, IDX, ib_off, O, LSE, ob, lb, s_oh,
+            (_consumer0, (q_s, kv_s, r_s, s1_s, m0_s, m1_s, l0_s, l1_s, bars, IDX, ib_off, O, LSE, ob, lb, s_oh,
                           Sk, TOPK, scale_log2, NT)),
-            (_consumer1, (q_s, k_s, s1_s, m0_s, m1_s, l0_s, l1_s, bars, IDX, ib_off, O, LSE, ob, lb, s_oh,
+            (_consumer1, (q_s, kv_s, r_s, s1_s, m0_s, m1_s, l0_s, l1_s, bars, IDX, ib_off, O, LSE, ob, lb, s_oh,
                           Sk, TOPK, scale_log2, NT)),
-            (_producer, (q_s, k_s, s1_s, m0_s, m1_s, l0_s, l1_s, bars, IDX, ib_off, KV, b * s_kb, s_ks, Sk, TOPK, NT)),
+            (_producer, (q_s, kv_s, r_s, s1_s, m0_s, m1_s, l0_s, l1_s, bars, IDX, ib_off, KV, b * s_kb, s_ks, Sk, TOPK, NT)),
         ], [4, PRODUCER_WARPS], [WG1_REGS, PRODUCER_REGS])
 
 
