@@ -9,7 +9,8 @@
   autograd (PyTorch's fused SDPA; never the S^2 math path on the GPU)
 * ``dense_attention(q, k, v, scale, q_pos=None, k_pos=None, need_lse=True, q_doc=None, k_doc=None)``
   -> (out, lse), autograd: the same in MLA's MHA form (per-head keys and values)
-* ``sparse_mla_attention(q, kv, topk_idx, v_dim, scale)`` -> (out, lse), autograd
+* ``sparse_mla_attention(q, kv, topk_idx, v_dim, scale)`` -> (out, lse), autograd (its forward from
+  64 heads on Hopper: the Gluon kernel of ``sparse_attn_ws``)
 * ``sparse_mla_attention_backward(q, kv, topk_idx, out, lse, dout, v_dim, scale)`` -> (dq, dkv, p_sum):
   its backward, which also sums the recomputed probabilities over the heads (the sparse KL's target)
 * ``sparse_indexer_kl(q_main, kv, q_idx, k_idx, w_idx, topk_idx, scale)`` -> kl [B, Sq], autograd

@@ -87,20 +87,17 @@ if HAS_GLUON:
             acc = hopper.warpgroup_mma(q_s.index(Q0 + c), kv_s.index(PART * 4 + c).permute((1, 0)), acc, is_async=True)
         return acc
 
-
     @gluon.jit
     def _key_valid(ib, blk, TOPK, Sk, mma_l: gl.constexpr):
         kk = blk * BK + gl.arange(0, BK, layout=gl.SliceLayout(0, mma_l))
         idx = gl.load(ib + kk, mask=kk < TOPK, other=-1)
         return (idx >= 0) & (idx < Sk)
 
-
     @gluon.jit
     def _pv(p, kv_s, o, PART: gl.constexpr, smem_l: gl.constexpr):
         # one m64n256 product over a part's 4 tiles, read as one [64 keys, 256 columns] operand
         v = kv_s._reinterpret(gl.bfloat16, [4, BK, 4 * TW], smem_l).index(PART)
         return hopper.warpgroup_mma(p, v, o, is_async=True)
-
 
     @gluon.jit
     def _store_half(O, LSE, ob, lb, s_oh, m, l_own, l_s_own, l_s_other, bar_own, bar_other,
@@ -121,7 +118,6 @@ if HAS_GLUON:
             lse = gl.where(has, (m + gl.log2(gl.where(has, l, 1.0))) / 1.4426950408889634, float("-inf"))
             gl.store(LSE + lb + rows, lse)
 
-
     @gluon.jit
     def _consumer0(q_s, kv_s, r_s, s1_s, m0_s, m1_s, l0_s, l1_s, bars, IDX, ib_off, O, LSE, ob, lb, s_oh,
                    Sk, TOPK, scale_log2, NT: gl.constexpr):
@@ -141,7 +137,7 @@ if HAS_GLUON:
         n_pairs = gl.cdiv(TOPK, 2 * BK)
         for i in range(n_pairs):
             ph = i & 1
-            z = (i >> 30) & 1
+            z = (i >> 30) & 1  # 0; unknown to the compiler, it keeps the descriptors in the loop
             valid = _key_valid(ib, 2 * i, TOPK, Sk, mma_l)  # issued before the wait: off the critical path
             acc = hopper.warpgroup_mma_init(gl.zeros([HB, BK], gl.float32, layout=mma_l))
             mbarrier.wait(k_ready.index(0), ph)  # buffer 0, value columns 0..255
@@ -181,7 +177,6 @@ if HAS_GLUON:
             mbarrier.arrive(k_free.index(3))  # buffer 1's left value columns
         _store_half(O, LSE, ob, lb, s_oh, m, l, l0_s, l1_s, l0_bar, l1_bar, o, 0, False, o_l)
 
-
     @gluon.jit
     def _consumer1(q_s, kv_s, r_s, s1_s, m0_s, m1_s, l0_s, l1_s, bars, IDX, ib_off, O, LSE, ob, lb, s_oh,
                    Sk, TOPK, scale_log2, NT: gl.constexpr):
@@ -201,7 +196,7 @@ if HAS_GLUON:
         n_pairs = gl.cdiv(TOPK, 2 * BK)
         for i in range(n_pairs):
             ph = i & 1
-            z = (i >> 30) & 1
+            z = (i >> 30) & 1  # 0; unknown to the compiler, it keeps the descriptors in the loop
             valid = _key_valid(ib, 2 * i + 1, TOPK, Sk, mma_l)  # issued before the wait: off the critical path
             acc = hopper.warpgroup_mma_init(gl.zeros([HB, BK], gl.float32, layout=mma_l))
             mbarrier.wait(k_ready.index(2), ph)  # buffer 1, value columns 256.. and the rope
@@ -236,7 +231,6 @@ if HAS_GLUON:
             o = hopper.warpgroup_mma_wait(num_outstanding=0, deps=(o,))
             mbarrier.arrive(k_free.index(1))  # buffer 0's right part (and the probabilities in its rope tile)
         _store_half(O, LSE, ob, lb, s_oh, m, l, l1_s, l0_s, l1_bar, l0_bar, o, 1, True, o_l)
-
 
     @gluon.jit
     def _producer(q_s, kv_s, r_s, s1_s, m0_s, m1_s, l0_s, l1_s, bars, IDX, ib_off, KV, kv_off, s_ks, Sk, TOPK,
