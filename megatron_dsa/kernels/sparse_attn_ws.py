@@ -27,7 +27,11 @@ from typing import Optional
 
 import torch
 
-try:  # Gluon ships with Triton >= 3.5; the package imports without it.
+try:  # Gluon's API as written here is Triton 3.6's (run on the GPU) and 3.8's (compiled in CI)
+    import triton
+
+    if tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 6):
+        raise ImportError(f"Triton {triton.__version__}: the Gluon forward needs 3.6 or later")
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia import hopper
@@ -54,7 +58,7 @@ LAUNCH_REGS, CONSUMER_REGS, PRODUCER_REGS = 168, 232, 40
 def supported(q: torch.Tensor, kv: torch.Tensor, v_dim: int) -> Optional[str]:
     """None when the kernel can run these inputs, else why not."""
     if not HAS_GLUON:
-        return "Triton's Gluon is not importable"
+        return "needs Triton 3.6 or later (its Gluon API)"
     if interpreting() or not q.is_cuda:
         return "needs a CUDA device (Triton's interpreter does not run Gluon)"
     if torch.cuda.get_device_capability(q.device) != (9, 0):
