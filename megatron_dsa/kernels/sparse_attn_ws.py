@@ -82,6 +82,20 @@ if HAS_GLUON:
     HB = gl.constexpr(HEADS)
     BK = gl.constexpr(64)  # keys a block; the two consumers take alternate blocks
     TW = gl.constexpr(TILE)
+    # a consumer's products: scores [64 heads, 64 keys], its output half [64, 256] with the
+    # probabilities as its A operand from registers; the 128-byte-swizzled shared tiles
+    SCORES_L = gl.constexpr(gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 64, 16]))
+    OUT_L = gl.constexpr(gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 256, 16]))
+    P_L = gl.constexpr(gl.DotOperandLayout(operand_index=0, parent=OUT_L.value, k_width=2))
+    SMEM_L = gl.constexpr(gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2))
+
+    @gluon.jit
+    def _consumer_state():
+        """A consumer's output half, running maximum (log2 units) and sum."""
+        o = gl.zeros([HB, 4 * TW], gl.float32, layout=OUT_L)
+        m = gl.full([HB], float("-inf"), gl.float32, layout=gl.SliceLayout(1, SCORES_L))
+        l = gl.zeros([HB], gl.float32, layout=gl.SliceLayout(1, SCORES_L))
+        return o, m, l
 
     @gluon.jit
     def _score_part(q_s, kv_s, acc, PART, Q0: gl.constexpr):
@@ -127,16 +141,14 @@ if HAS_GLUON:
                    Sk, TOPK, scale_log2, NT: gl.constexpr):
         # Even key blocks (buffer 0); owns the left half of the value columns.
         k_ready, k_free, m0_bar, m1_bar, s0_bar, s1_bar, l0_bar, l1_bar = bars
-        mma_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 64, 16])
-        o_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 256, 16])
-        p_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_l, k_width=2)
+        mma_l: gl.constexpr = SCORES_L
+        o_l: gl.constexpr = OUT_L
+        p_l: gl.constexpr = P_L
         row_l: gl.constexpr = gl.SliceLayout(1, mma_l)
         orow_l: gl.constexpr = gl.SliceLayout(1, o_l)
-        smem_l: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+        smem_l: gl.constexpr = SMEM_L
         ib = IDX + ib_off
-        o = gl.zeros([HB, 4 * TW], gl.float32, layout=o_l)
-        m = gl.full([HB], float("-inf"), gl.float32, layout=row_l)
-        l = gl.zeros([HB], gl.float32, layout=row_l)
+        o, m, l = _consumer_state()
         s0_s = r_s.index(0)  # buffer 0's rope tile: free once this block's scores are made
         n_pairs = gl.cdiv(TOPK, 2 * BK)
         for i in range(n_pairs):
@@ -186,16 +198,14 @@ if HAS_GLUON:
                    Sk, TOPK, scale_log2, NT: gl.constexpr):
         # Odd key blocks (buffer 1); owns the right half of the value columns.
         k_ready, k_free, m0_bar, m1_bar, s0_bar, s1_bar, l0_bar, l1_bar = bars
-        mma_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 64, 16])
-        o_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 256, 16])
-        p_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_l, k_width=2)
+        mma_l: gl.constexpr = SCORES_L
+        o_l: gl.constexpr = OUT_L
+        p_l: gl.constexpr = P_L
         row_l: gl.constexpr = gl.SliceLayout(1, mma_l)
         orow_l: gl.constexpr = gl.SliceLayout(1, o_l)
-        smem_l: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+        smem_l: gl.constexpr = SMEM_L
         ib = IDX + ib_off
-        o = gl.zeros([HB, 4 * TW], gl.float32, layout=o_l)
-        m = gl.full([HB], float("-inf"), gl.float32, layout=row_l)
-        l = gl.zeros([HB], gl.float32, layout=row_l)
+        o, m, l = _consumer_state()
         s0_s = r_s.index(0)
         n_pairs = gl.cdiv(TOPK, 2 * BK)
         for i in range(n_pairs):
@@ -287,7 +297,7 @@ if HAS_GLUON:
         hb = pid % NHB
         b = gl.program_id(1).to(gl.int64)
         h0 = hb * HB
-        smem_l: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+        smem_l: gl.constexpr = SMEM_L
         vec_l: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
         q_s = gl.allocate_shared_memory(gl.bfloat16, [NT, HB, TW], smem_l)
         kv_s = gl.allocate_shared_memory(gl.bfloat16, [16, BK, TW], smem_l)  # (buffer, half) parts of 4 value tiles
