@@ -88,13 +88,15 @@ if HAS_GLUON:
     OUT_L = gl.constexpr(gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 256, 16]))
     P_L = gl.constexpr(gl.DotOperandLayout(operand_index=0, parent=OUT_L.value, k_width=2))
     SMEM_L = gl.constexpr(gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2))
+    ROW_L = gl.constexpr(gl.SliceLayout(1, SCORES_L.value))  # per head, as the scores hold it
+    OUT_ROW_L = gl.constexpr(gl.SliceLayout(1, OUT_L.value))
 
     @gluon.jit
     def _consumer_state():
         """A consumer's output half, running maximum (log2 units) and sum."""
         o = gl.zeros([HB, 4 * TW], gl.float32, layout=OUT_L)
-        m = gl.full([HB], float("-inf"), gl.float32, layout=gl.SliceLayout(1, SCORES_L))
-        l = gl.zeros([HB], gl.float32, layout=gl.SliceLayout(1, SCORES_L))
+        m = gl.full([HB], float("-inf"), gl.float32, layout=ROW_L)
+        l = gl.zeros([HB], gl.float32, layout=ROW_L)
         return o, m, l
 
     @gluon.jit
@@ -137,16 +139,21 @@ if HAS_GLUON:
             gl.store(LSE + lb + rows, lse)
 
     @gluon.jit
+    def _online_softmax(s, m_run, m_own, l):
+        """A block's probabilities against the running maximum ``m_run`` (log2 units), and the
+        factor that takes this consumer's sum and output from its last maximum ``m_own`` to the
+        new one: (p, new maximum, sum, factor). A row with no key yet stays empty (no NaN)."""
+        m_new = gl.maximum(m_run, gl.max(s, axis=1))
+        m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = gl.exp2(m_own - m_safe)
+        p = gl.exp2(s - m_safe[:, None])
+        return p, m_new, l * alpha + gl.sum(p, axis=1), alpha
+
+    @gluon.jit
     def _consumer0(q_s, kv_s, r_s, s1_s, m0_s, m1_s, l0_s, l1_s, bars, IDX, ib_off, O, LSE, ob, lb, s_oh,
                    Sk, TOPK, scale_log2, NT: gl.constexpr):
         # Even key blocks (buffer 0); owns the left half of the value columns.
         k_ready, k_free, m0_bar, m1_bar, s0_bar, s1_bar, l0_bar, l1_bar = bars
-        mma_l: gl.constexpr = SCORES_L
-        o_l: gl.constexpr = OUT_L
-        p_l: gl.constexpr = P_L
-        row_l: gl.constexpr = gl.SliceLayout(1, mma_l)
-        orow_l: gl.constexpr = gl.SliceLayout(1, o_l)
-        smem_l: gl.constexpr = SMEM_L
         ib = IDX + ib_off
         o, m, l = _consumer_state()
         s0_s = r_s.index(0)  # buffer 0's rope tile: free once this block's scores are made
@@ -154,8 +161,8 @@ if HAS_GLUON:
         for i in range(n_pairs):
             ph = i & 1
             z = (i >> 30) & 1  # 0; unknown to the compiler, it keeps the descriptors in the loop
-            valid = _key_valid(ib, 2 * i, TOPK, Sk, mma_l)  # issued before the wait: off the critical path
-            acc = hopper.warpgroup_mma_init(gl.zeros([HB, BK], gl.float32, layout=mma_l))
+            valid = _key_valid(ib, 2 * i, TOPK, Sk, SCORES_L)  # issued before the wait: off the critical path
+            acc = hopper.warpgroup_mma_init(gl.zeros([HB, BK], gl.float32, layout=SCORES_L))
             mbarrier.wait(k_ready.index(0), ph)  # buffer 0, value columns 0..255
             hopper.fence_async_shared()
             acc = _score_part(q_s, kv_s, acc, 0 + z, 0)
@@ -165,45 +172,34 @@ if HAS_GLUON:
             acc = hopper.warpgroup_mma(q_s.index(NT - 1), r_s.index(0 + z).permute((1, 0)), acc, is_async=True)
             s = hopper.warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
             s = gl.where(valid[None, :], s * scale_log2, float("-inf"))
-            m_new = gl.maximum(m, gl.max(s, axis=1))
-            m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = gl.exp2(m - m_safe)
-            p = gl.exp2(s - m_safe[:, None])
-            l = l * alpha + gl.sum(p, axis=1)
-            m = m_new
+            p, m, l, alpha = _online_softmax(s, m, m, l)
             m0_s.store(m)
             mbarrier.arrive(m0_bar)
-            o = o * gl.convert_layout(alpha, orow_l)[:, None]
-            o = _pv(gl.convert_layout(p.to(gl.bfloat16), p_l), kv_s, o, 0, smem_l)
+            o = o * gl.convert_layout(alpha, OUT_ROW_L)[:, None]
+            o = _pv(gl.convert_layout(p.to(gl.bfloat16), P_L), kv_s, o, 0, SMEM_L)
             o = hopper.warpgroup_mma_wait(num_outstanding=0, deps=(o,))
             mbarrier.arrive(k_free.index(0))  # buffer 0's left value columns: only this consumer reads them
             # the other consumer's maximum after the odd block: rescale to it
             mbarrier.wait(m1_bar, ph)
-            m1 = m1_s.load(row_l)
+            m1 = m1_s.load(ROW_L)
             beta = gl.exp2(m - gl.where(m1 == float("-inf"), 0.0, m1))
             m = m1
             s0_s.store((p * beta[:, None]).to(gl.bfloat16))
             hopper.fence_async_shared()
             mbarrier.arrive(s0_bar)
             l = l * beta
-            o = o * gl.convert_layout(beta, orow_l)[:, None]
+            o = o * gl.convert_layout(beta, OUT_ROW_L)[:, None]
             mbarrier.wait(s1_bar, ph)
-            o = _pv(s1_s, kv_s, o, 2, smem_l)
+            o = _pv(s1_s, kv_s, o, 2, SMEM_L)
             o = hopper.warpgroup_mma_wait(num_outstanding=0, deps=(o,))
             mbarrier.arrive(k_free.index(3))  # buffer 1's left value columns
-        _store_half(O, LSE, ob, lb, s_oh, m, l, l0_s, l1_s, l0_bar, l1_bar, o, 0, False, o_l)
+        _store_half(O, LSE, ob, lb, s_oh, m, l, l0_s, l1_s, l0_bar, l1_bar, o, 0, False, OUT_L)
 
     @gluon.jit
     def _consumer1(q_s, kv_s, r_s, s1_s, m0_s, m1_s, l0_s, l1_s, bars, IDX, ib_off, O, LSE, ob, lb, s_oh,
                    Sk, TOPK, scale_log2, NT: gl.constexpr):
         # Odd key blocks (buffer 1); owns the right half of the value columns.
         k_ready, k_free, m0_bar, m1_bar, s0_bar, s1_bar, l0_bar, l1_bar = bars
-        mma_l: gl.constexpr = SCORES_L
-        o_l: gl.constexpr = OUT_L
-        p_l: gl.constexpr = P_L
-        row_l: gl.constexpr = gl.SliceLayout(1, mma_l)
-        orow_l: gl.constexpr = gl.SliceLayout(1, o_l)
-        smem_l: gl.constexpr = SMEM_L
         ib = IDX + ib_off
         o, m, l = _consumer_state()
         s0_s = r_s.index(0)
@@ -211,8 +207,8 @@ if HAS_GLUON:
         for i in range(n_pairs):
             ph = i & 1
             z = (i >> 30) & 1  # 0; unknown to the compiler, it keeps the descriptors in the loop
-            valid = _key_valid(ib, 2 * i + 1, TOPK, Sk, mma_l)  # issued before the wait: off the critical path
-            acc = hopper.warpgroup_mma_init(gl.zeros([HB, BK], gl.float32, layout=mma_l))
+            valid = _key_valid(ib, 2 * i + 1, TOPK, Sk, SCORES_L)  # issued before the wait: off the critical path
+            acc = hopper.warpgroup_mma_init(gl.zeros([HB, BK], gl.float32, layout=SCORES_L))
             mbarrier.wait(k_ready.index(2), ph)  # buffer 1, value columns 256.. and the rope
             hopper.fence_async_shared()
             acc = _score_part(q_s, kv_s, acc, 3 + z, 4)
@@ -223,28 +219,23 @@ if HAS_GLUON:
             s = hopper.warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
             s = gl.where(valid[None, :], s * scale_log2, float("-inf"))
             mbarrier.wait(m0_bar, ph)
-            m0 = m0_s.load(row_l)
-            m_new = gl.maximum(m0, gl.max(s, axis=1))
-            m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = gl.exp2(m - m_safe)
-            p = gl.exp2(s - m_safe[:, None])
-            l = l * alpha + gl.sum(p, axis=1)
-            m = m_new
+            m0 = m0_s.load(ROW_L)
+            p, m, l, alpha = _online_softmax(s, m0, m, l)
             m1_s.store(m)
             mbarrier.arrive(m1_bar)
-            o = o * gl.convert_layout(alpha, orow_l)[:, None]
+            o = o * gl.convert_layout(alpha, OUT_ROW_L)[:, None]
             pb = p.to(gl.bfloat16)
-            o = _pv(gl.convert_layout(pb, p_l), kv_s, o, 3, smem_l)
+            o = _pv(gl.convert_layout(pb, P_L), kv_s, o, 3, SMEM_L)
             s1_s.store(pb)
             hopper.fence_async_shared()
             mbarrier.arrive(s1_bar)
             mbarrier.wait(s0_bar, ph)
             o = hopper.warpgroup_mma_wait(num_outstanding=0, deps=(o,))
             mbarrier.arrive(k_free.index(2))  # buffer 1's right part
-            o = _pv(s0_s, kv_s, o, 1, smem_l)
+            o = _pv(s0_s, kv_s, o, 1, SMEM_L)
             o = hopper.warpgroup_mma_wait(num_outstanding=0, deps=(o,))
             mbarrier.arrive(k_free.index(1))  # buffer 0's right part (and the probabilities in its rope tile)
-        _store_half(O, LSE, ob, lb, s_oh, m, l, l1_s, l0_s, l1_bar, l0_bar, o, 1, True, o_l)
+        _store_half(O, LSE, ob, lb, s_oh, m, l, l1_s, l0_s, l1_bar, l0_bar, o, 1, True, OUT_L)
 
     @gluon.jit
     def _producer(q_s, kv_s, r_s, s1_s, m0_s, m1_s, l0_s, l1_s, bars, IDX, ib_off, KV, kv_off, s_ks, Sk, TOPK,
