@@ -4,7 +4,8 @@ or the MHA form's 128 + 64 a head, 128 heads, indexer 64 x 128), and
 the sparse attention / KL target kernels with their default tiles at 16 heads and at 64-head
 blocks (the split backward's dq and dkv kernels, the target with the keys as rows; the backward
 adding the KL's target as training runs it), their row gathers as 16-byte asynchronous copies;
-and the top-k selection with and without a register cap, and the indexer's FP8 scoring.
+and the top-k selection with and without a register cap, and the indexer's FP8 scoring; and the
+warp-specialised Gluon forward (its partitions' register budgets, its 16-byte gathers, m64n256 products).
 
 No GPU needed: Triton lowers to PTX and assembles it with its bundled ptxas. The interpreter tests
 check the math; this catches what only the compiler sees (an unrolled loop once put 315 KB of
