@@ -23,6 +23,7 @@ from megatron_dsa.kernels import sparse_attn as SA  # noqa: E402
 from megatron_dsa.kernels import sparse_attn_ws as W  # noqa: E402
 
 ON_HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+NEEDS_HOPPER = "the Gluon kernel needs an sm_90 GPU (Triton's interpreter does not run Gluon)"
 
 
 @pytest.fixture(autouse=True)
@@ -78,7 +79,7 @@ def _selection(S, Sk, K, masked_rows):
     return idx[None]
 
 
-@pytest.mark.skipif(not ON_HOPPER, reason="the Gluon kernel needs an sm_90 GPU (Triton's interpreter does not run Gluon)")
+@pytest.mark.skipif(not ON_HOPPER, reason=NEEDS_HOPPER)
 @pytest.mark.parametrize("B,H,S,Sk,K,masked_rows", [
     (1, 64, 67, 300, 130, 2),     # fewer than two key blocks' worth, odd length
     (2, 128, 301, 1000, 256, 0),  # two sequences, two head blocks, one block pair

@@ -17,6 +17,9 @@ except Exception:  # pragma: no cover - depends on the environment
     HAS_TRITON = False
 
 
+LOG2E = 1.4426950408889634  # the kernels' softmaxes run in base 2: scores times scale * LOG2E
+
+
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 

@@ -38,10 +38,8 @@ import torch
 
 from .. import reference as R
 from ..kernel_options import DEFAULT_OPTIONS, KernelOptions
-from ._common import (HAS_TRITON, _dot, _dot_ds, _span, interpreting, is_fp32, next_pow2, rows_within, split_pow2,
-                      triton, tl)
-
-LOG2E = 1.4426950408889634
+from ._common import (HAS_TRITON, LOG2E, _dot, _dot_ds, _span, interpreting, is_fp32, next_pow2, rows_within,
+                      split_pow2, triton, tl)
 
 
 if HAS_TRITON:

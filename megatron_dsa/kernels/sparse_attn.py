@@ -45,12 +45,11 @@ from typing import Optional
 
 import torch
 
-from ._common import (HAS_TRITON, _dot, _softmax_finish, _softmax_step, interpreting, is_fp32, next_pow2, rows_within,
-                      selection, triton, tl)
+from ._common import (HAS_TRITON, LOG2E, _dot, _softmax_finish, _softmax_step, interpreting, is_fp32, next_pow2,
+                      rows_within, selection, triton, tl)
 from . import sparse_attn_ws
 from ..kernel_options import DEFAULT_OPTIONS, KernelOptions, Tiles
 
-LOG2E = 1.4426950408889634
 MAX_HEAD_BLOCK = 64  # rows of one program's products: the tensor cores' M at 64 and above
 
 

@@ -44,9 +44,8 @@ try:  # Gluon's API as written here is Triton 3.6's (run on the GPU) and 3.8's (
 except Exception:  # pragma: no cover - depends on the environment
     HAS_GLUON = False
 
-from ._common import interpreting
+from ._common import LOG2E, interpreting
 
-LOG2E = 1.4426950408889634
 HEADS = 64  # heads a program: the products' M
 V_DIM = 512  # value columns: two halves of 256, one a consumer
 TILE = 64  # latent columns a shared tile (128-byte rows, the 128-byte swizzle)
@@ -82,6 +81,7 @@ if HAS_GLUON:
     HB = gl.constexpr(HEADS)
     BK = gl.constexpr(64)  # keys a block; the two consumers take alternate blocks
     TW = gl.constexpr(TILE)
+    LOG2E_C = gl.constexpr(LOG2E)
     # a consumer's products: scores [64 heads, 64 keys], its output half [64, 256] with the
     # probabilities as its A operand from registers; the 128-byte-swizzled shared tiles
     SCORES_L = gl.constexpr(gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 64, 16]))
@@ -133,9 +133,10 @@ if HAS_GLUON:
         inv = 1.0 / gl.where(has, l, 1.0)
         rows = gl.arange(0, HB, layout=row_l)
         cols = gl.arange(0, 4 * TW, layout=gl.SliceLayout(0, mma_l))
-        gl.store(O + ob + rows[:, None] * s_oh + (HALF * 4 * TW) + cols[None, :], (o * inv[:, None]).to(O.dtype.element_ty))
+        out = (o * inv[:, None]).to(O.dtype.element_ty)
+        gl.store(O + ob + rows[:, None] * s_oh + (HALF * 4 * TW) + cols[None, :], out)
         if WRITE_LSE:
-            lse = gl.where(has, (m + gl.log2(gl.where(has, l, 1.0))) / 1.4426950408889634, float("-inf"))
+            lse = gl.where(has, (m + gl.log2(gl.where(has, l, 1.0))) / LOG2E_C, float("-inf"))
             gl.store(LSE + lb + rows, lse)
 
     @gluon.jit
@@ -257,7 +258,9 @@ if HAS_GLUON:
             idx1 = gl.load(ib + kk1, mask=kk1 < TOPK, other=-1)
             v1 = (idx1 >= 0) & (idx1 < Sk)
             r1 = kvb + gl.where(v1, idx1, 0).to(gl.int64) * s_ks
-            # part p: (buffer, first tile, last tile); 0: buffer 0 left, 2: buffer 1 right, 1: buffer 0 right, 3: buffer 1 left
+            # in the order the consumers read them, each under its barrier pair: buffer 0's value
+            # columns 0..255 (barriers 0), buffer 1's 256..511 and rope (2), buffer 0's 256..511 and
+            # rope (1), buffer 1's 0..255 (3); the value tiles' part in kv_s is 2 * buffer + half
             mbarrier.wait(k_free.index(0), ph)
             _gather(kv_s, 0, r0, v0, cols, 0)
             cp.mbarrier_arrive(k_ready.index(0), increment_count=False)
@@ -282,7 +285,8 @@ if HAS_GLUON:
     @gluon.jit
     def _sparse_fwd_ws_kernel(Q, KV, IDX, O, LSE, Sk, TOPK, NHB, scale_log2,
                              s_qb, s_qs, s_qh, s_kb, s_ks, s_ib, s_is, s_ob, s_os, s_oh, s_lb, s_ls,
-                             NT: gl.constexpr, PRODUCER_WARPS: gl.constexpr, WG1_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
+                             NT: gl.constexpr, PRODUCER_WARPS: gl.constexpr, WG1_REGS: gl.constexpr,
+                             PRODUCER_REGS: gl.constexpr):
         pid = gl.program_id(0)
         t = (pid // NHB).to(gl.int64)
         hb = pid % NHB
@@ -326,7 +330,8 @@ if HAS_GLUON:
                           Sk, TOPK, scale_log2, NT)),
             (_consumer1, (q_s, kv_s, r_s, s1_s, m0_s, m1_s, l0_s, l1_s, bars, IDX, ib_off, O, LSE, ob, lb, s_oh,
                           Sk, TOPK, scale_log2, NT)),
-            (_producer, (q_s, kv_s, r_s, s1_s, m0_s, m1_s, l0_s, l1_s, bars, IDX, ib_off, KV, b * s_kb, s_ks, Sk, TOPK, NT)),
+            (_producer, (q_s, kv_s, r_s, s1_s, m0_s, m1_s, l0_s, l1_s, bars, IDX, ib_off, KV, b * s_kb, s_ks, Sk, TOPK,
+                         NT)),
         ], [4, PRODUCER_WARPS], [WG1_REGS, PRODUCER_REGS])
 
 
