@@ -108,21 +108,21 @@ if HAS_GLUON:
         return acc
 
     @gluon.jit
-    def _key_valid(ib, blk, TOPK, Sk, mma_l: gl.constexpr):
-        kk = blk * BK + gl.arange(0, BK, layout=gl.SliceLayout(0, mma_l))
+    def _key_valid(ib, blk, TOPK, Sk):
+        kk = blk * BK + gl.arange(0, BK, layout=gl.SliceLayout(0, SCORES_L))
         idx = gl.load(ib + kk, mask=kk < TOPK, other=-1)
         return (idx >= 0) & (idx < Sk)
 
     @gluon.jit
-    def _pv(p, kv_s, o, PART: gl.constexpr, smem_l: gl.constexpr):
+    def _pv(p, kv_s, o, PART: gl.constexpr):
         # one m64n256 product over a part's 4 tiles, read as one [64 keys, 256 columns] operand
-        v = kv_s._reinterpret(gl.bfloat16, [4, BK, 4 * TW], smem_l).index(PART)
+        v = kv_s._reinterpret(gl.bfloat16, [4, BK, 4 * TW], SMEM_L).index(PART)
         return hopper.warpgroup_mma(p, v, o, is_async=True)
 
     @gluon.jit
     def _store_half(O, LSE, ob, lb, s_oh, m, l_own, l_s_own, l_s_other, bar_own, bar_other,
-                    o, HALF: gl.constexpr, WRITE_LSE: gl.constexpr, mma_l: gl.constexpr):
-        row_l: gl.constexpr = gl.SliceLayout(1, mma_l)
+                    o, HALF: gl.constexpr, WRITE_LSE: gl.constexpr):
+        row_l: gl.constexpr = OUT_ROW_L
         l_own = gl.convert_layout(l_own, row_l)
         m = gl.convert_layout(m, row_l)
         l_s_own.store(l_own)
@@ -132,7 +132,7 @@ if HAS_GLUON:
         has = l > 0.0
         inv = 1.0 / gl.where(has, l, 1.0)
         rows = gl.arange(0, HB, layout=row_l)
-        cols = gl.arange(0, 4 * TW, layout=gl.SliceLayout(0, mma_l))
+        cols = gl.arange(0, 4 * TW, layout=gl.SliceLayout(0, OUT_L))
         out = (o * inv[:, None]).to(O.dtype.element_ty)
         gl.store(O + ob + rows[:, None] * s_oh + (HALF * 4 * TW) + cols[None, :], out)
         if WRITE_LSE:
@@ -162,7 +162,7 @@ if HAS_GLUON:
         for i in range(n_pairs):
             ph = i & 1
             z = (i >> 30) & 1  # 0; unknown to the compiler, it keeps the descriptors in the loop
-            valid = _key_valid(ib, 2 * i, TOPK, Sk, SCORES_L)  # issued before the wait: off the critical path
+            valid = _key_valid(ib, 2 * i, TOPK, Sk)  # issued before the wait: off the critical path
             acc = hopper.warpgroup_mma_init(gl.zeros([HB, BK], gl.float32, layout=SCORES_L))
             mbarrier.wait(k_ready.index(0), ph)  # buffer 0, value columns 0..255
             hopper.fence_async_shared()
@@ -177,7 +177,7 @@ if HAS_GLUON:
             m0_s.store(m)
             mbarrier.arrive(m0_bar)
             o = o * gl.convert_layout(alpha, OUT_ROW_L)[:, None]
-            o = _pv(gl.convert_layout(p.to(gl.bfloat16), P_L), kv_s, o, 0, SMEM_L)
+            o = _pv(gl.convert_layout(p.to(gl.bfloat16), P_L), kv_s, o, 0)
             o = hopper.warpgroup_mma_wait(num_outstanding=0, deps=(o,))
             mbarrier.arrive(k_free.index(0))  # buffer 0's left value columns: only this consumer reads them
             # the other consumer's maximum after the odd block: rescale to it
@@ -191,10 +191,10 @@ if HAS_GLUON:
             l = l * beta
             o = o * gl.convert_layout(beta, OUT_ROW_L)[:, None]
             mbarrier.wait(s1_bar, ph)
-            o = _pv(s1_s, kv_s, o, 2, SMEM_L)
+            o = _pv(s1_s, kv_s, o, 2)
             o = hopper.warpgroup_mma_wait(num_outstanding=0, deps=(o,))
             mbarrier.arrive(k_free.index(3))  # buffer 1's left value columns
-        _store_half(O, LSE, ob, lb, s_oh, m, l, l0_s, l1_s, l0_bar, l1_bar, o, 0, False, OUT_L)
+        _store_half(O, LSE, ob, lb, s_oh, m, l, l0_s, l1_s, l0_bar, l1_bar, o, 0, False)
 
     @gluon.jit
     def _consumer1(q_s, kv_s, r_s, s1_s, m0_s, m1_s, l0_s, l1_s, bars, IDX, ib_off, O, LSE, ob, lb, s_oh,
@@ -208,7 +208,7 @@ if HAS_GLUON:
         for i in range(n_pairs):
             ph = i & 1
             z = (i >> 30) & 1  # 0; unknown to the compiler, it keeps the descriptors in the loop
-            valid = _key_valid(ib, 2 * i + 1, TOPK, Sk, SCORES_L)  # issued before the wait: off the critical path
+            valid = _key_valid(ib, 2 * i + 1, TOPK, Sk)  # issued before the wait: off the critical path
             acc = hopper.warpgroup_mma_init(gl.zeros([HB, BK], gl.float32, layout=SCORES_L))
             mbarrier.wait(k_ready.index(2), ph)  # buffer 1, value columns 256.. and the rope
             hopper.fence_async_shared()
@@ -226,17 +226,17 @@ if HAS_GLUON:
             mbarrier.arrive(m1_bar)
             o = o * gl.convert_layout(alpha, OUT_ROW_L)[:, None]
             pb = p.to(gl.bfloat16)
-            o = _pv(gl.convert_layout(pb, P_L), kv_s, o, 3, SMEM_L)
+            o = _pv(gl.convert_layout(pb, P_L), kv_s, o, 3)
             s1_s.store(pb)
             hopper.fence_async_shared()
             mbarrier.arrive(s1_bar)
             mbarrier.wait(s0_bar, ph)
             o = hopper.warpgroup_mma_wait(num_outstanding=0, deps=(o,))
             mbarrier.arrive(k_free.index(2))  # buffer 1's right part
-            o = _pv(s0_s, kv_s, o, 1, SMEM_L)
+            o = _pv(s0_s, kv_s, o, 1)
             o = hopper.warpgroup_mma_wait(num_outstanding=0, deps=(o,))
             mbarrier.arrive(k_free.index(1))  # buffer 0's right part (and the probabilities in its rope tile)
-        _store_half(O, LSE, ob, lb, s_oh, m, l, l1_s, l0_s, l1_bar, l0_bar, o, 1, True, OUT_L)
+        _store_half(O, LSE, ob, lb, s_oh, m, l, l1_s, l0_s, l1_bar, l0_bar, o, 1, True)
 
     @gluon.jit
     def _producer(q_s, kv_s, r_s, s1_s, m0_s, m1_s, l0_s, l1_s, bars, IDX, ib_off, KV, kv_off, s_ks, Sk, TOPK,
@@ -292,12 +292,11 @@ if HAS_GLUON:
         hb = pid % NHB
         b = gl.program_id(1).to(gl.int64)
         h0 = hb * HB
-        smem_l: gl.constexpr = SMEM_L
         vec_l: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
-        q_s = gl.allocate_shared_memory(gl.bfloat16, [NT, HB, TW], smem_l)
-        kv_s = gl.allocate_shared_memory(gl.bfloat16, [16, BK, TW], smem_l)  # (buffer, half) parts of 4 value tiles
-        r_s = gl.allocate_shared_memory(gl.bfloat16, [2, BK, TW], smem_l)  # the buffers' rope tiles
-        s1_s = gl.allocate_shared_memory(gl.bfloat16, [HB, BK], smem_l)
+        q_s = gl.allocate_shared_memory(gl.bfloat16, [NT, HB, TW], SMEM_L)
+        kv_s = gl.allocate_shared_memory(gl.bfloat16, [16, BK, TW], SMEM_L)  # (buffer, half) parts of 4 value tiles
+        r_s = gl.allocate_shared_memory(gl.bfloat16, [2, BK, TW], SMEM_L)  # the buffers' rope tiles
+        s1_s = gl.allocate_shared_memory(gl.bfloat16, [HB, BK], SMEM_L)
         m0_s = gl.allocate_shared_memory(gl.float32, [HB], vec_l)
         m1_s = gl.allocate_shared_memory(gl.float32, [HB], vec_l)
         l0_s = gl.allocate_shared_memory(gl.float32, [HB], vec_l)
