@@ -91,10 +91,11 @@ def variants(stage: str, heads: int) -> list[tuple[str, KernelOptions]]:
         # 3 KB of shared memory (q's tile again) for 64K FLOPs, more than shared memory feeds
         # the tensor cores. 128 keys make them m64n64k16, at one pipeline stage and some spilled
         # registers (sm_90 compile: 221 KB of shared memory, 800 B of spills).
-        # From 64 heads the default is the warp-specialised Gluon kernel (two warpgroups take
-        # alternate 64-key blocks, each a full m64n64 product); the Triton tiles beside it.
+        # The warp-specialised Gluon kernel (two warpgroups take alternate 64-key blocks, each a
+        # full m64n64 product; fewer heads than 64 as zero rows) at every head count, so the head
+        # count "auto" takes it from is measured; the Triton tiles beside it.
         tiles = [(64, 8, 2), (32, 8, 2), (128, 8, 1)] if big else [(64, 4, 2), (64, 8, 2), (32, 4, 3)]
-        gluon = [("fwd gluon", KernelOptions(attn_fwd_kernel="gluon"))] if big else []
+        gluon = [("fwd gluon", KernelOptions(attn_fwd_kernel="gluon"))]
         return gluon + [(f"fwd{t}", KernelOptions(attn_fwd_kernel="triton", attn_fwd=Tiles(*t))) for t in tiles]
     if stage == "bwd":
         if big:

@@ -46,9 +46,10 @@ class KernelOptions:
     """dense_kl: the warm-up KL as fused Triton kernels ("fused", measured 4.8x faster) or
     blockwise PyTorch ("blockwise"; the other indexer objectives always run it).
     attn_fwd_kernel: the sparse attention's forward as the warp-specialised Gluon kernel
-    (``kernels/sparse_attn_ws.py``: Hopper, bf16, heads a multiple of 64, the 512 + 64 latent) or
-    the Triton kernel. "auto": Gluon wherever it can run, else Triton; "gluon": an error where it
-    cannot; "triton": always Triton.
+    (``kernels/sparse_attn_ws.py``: Hopper, bf16, the 512 + 64 latent) or the Triton kernel.
+    "auto": Gluon wherever it can run from ``sparse_attn_ws.AUTO_MIN_HEADS`` heads (where it
+    measured faster), else Triton; "gluon": at any head count, an error where it cannot run;
+    "triton": always Triton.
     key_passes: how many key ranges the sparse attention's backward splits its fp32 dkv adds
     into, so each range's targets stay in L2 (0: chosen from the sizes, see
     ``sparse_attn.key_passes``; 1: one pass).

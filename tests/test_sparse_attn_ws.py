@@ -23,6 +23,7 @@ from megatron_dsa.kernels import sparse_attn as SA  # noqa: E402
 from megatron_dsa.kernels import sparse_attn_ws as W  # noqa: E402
 
 ON_HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
 NEEDS_HOPPER = "the Gluon kernel needs an sm_90 GPU (Triton's interpreter does not run Gluon)"
 
 
@@ -39,10 +40,10 @@ def test_the_option_takes_three_values():
 
 
 def test_forcing_gluon_where_it_cannot_run_is_one_error():
-    # 16 heads (not a multiple of 64); on a machine without an sm_90 GPU the reason is the device
+    # fp32 inputs; on a machine without an sm_90 GPU the reason is the device
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    q = torch.randn(1, 8, 16, 576, device=dev, dtype=torch.bfloat16)
-    kv = torch.randn(1, 8, 576, device=dev, dtype=torch.bfloat16)
+    q = torch.randn(1, 8, 16, 576, device=dev)
+    kv = torch.randn(1, 8, 576, device=dev)
     idx = torch.zeros(1, 8, 4, dtype=torch.int32, device=dev)
     why = W.supported(q, kv, 512)
     assert why is not None
@@ -56,13 +57,30 @@ def test_supported_names_each_requirement():
         kv = torch.randn(1, 2, 576, device="cuda", dtype=torch.bfloat16)
         assert W.supported(q, kv, 512) is None
         assert "bf16" in W.supported(q.float(), kv.float(), 512)
-        assert "multiple of 64 heads" in W.supported(q[:, :, :32], kv, 512)
+        assert W.supported(q[:, :, :32], kv, 512) is None  # a partial head block runs
         assert "512 + 64 latent" in W.supported(q, kv, 256)
         wide = torch.randn(1, 2, 64, 584, device="cuda", dtype=torch.bfloat16)[..., :576]  # rows 584 apart
         assert "multiples of 16 elements" in W.supported(wide, kv, 512)
     else:
         q = torch.randn(1, 2, 64, 576, dtype=torch.bfloat16)
         assert W.supported(q, q[:, :, 0], 512) is not None
+
+
+def test_auto_takes_gluon_from_its_measured_head_count(monkeypatch):
+    # where the kernel could run, "auto" takes it from AUTO_MIN_HEADS heads and the Triton kernel
+    # below; the device's answer is replaced so that the choice is seen on any machine
+    ran = []
+    monkeypatch.setattr(W, "supported", lambda q, kv, v_dim: None)
+    monkeypatch.setattr(W, "sparse_attn_fwd_ws", lambda q, *a: ran.append(q.shape[2]) or ("gluon", None))
+    kv = torch.randn(1, 8, 576, dtype=torch.bfloat16)
+    idx = torch.randint(0, 8, (1, 8, 4), dtype=torch.int32)
+    for H in (W.AUTO_MIN_HEADS - 1, W.AUTO_MIN_HEADS, 128):
+        q = torch.randn(1, 8, H, 576, dtype=torch.bfloat16)
+        out, _ = SA.sparse_attn_fwd(q.to(DEV), kv.to(DEV), idx.to(DEV), 512, 576**-0.5)
+        assert (out == "gluon") == (H >= W.AUTO_MIN_HEADS)
+    assert ran == [W.AUTO_MIN_HEADS, 128]
+    out, _ = SA.sparse_attn_fwd(q, kv, idx, 512, 576**-0.5, KernelOptions(attn_fwd_kernel="gluon"))
+    assert out == "gluon"
 
 
 def _selection(S, Sk, K, masked_rows):
@@ -82,6 +100,9 @@ def _selection(S, Sk, K, masked_rows):
 @pytest.mark.skipif(not ON_HOPPER, reason=NEEDS_HOPPER)
 @pytest.mark.parametrize("B,H,S,Sk,K,masked_rows", [
     (1, 64, 67, 300, 130, 2),     # fewer than two key blocks' worth, odd length
+    (1, 32, 67, 300, 130, 2),     # half a head block (rows 32..63 are zero and not stored)
+    (2, 96, 129, 1000, 512, 1),   # a full head block and a half one
+    (1, 16, 33, 700, 300, 0),     # below the heads "auto" takes it from: forced
     (2, 128, 301, 1000, 256, 0),  # two sequences, two head blocks, one block pair
     (1, 64, 129, 4000, 2048, 3),  # the full selection, rows of fewer valid keys than K
 ])
@@ -99,8 +120,10 @@ def test_gluon_forward_equals_the_reference(B, H, S, Sk, K, masked_rows):
     assert torch.equal(has, torch.isfinite(lse))
     assert (lse[has] - lse_r[has]).abs().max().item() < 1e-2
     assert (out[~has] == 0).all()
-    # the dispatch picks it by default, and the Triton kernel agrees
-    out_d, _ = SA.sparse_attn_fwd(q, kv, idx, 512, scale)
+    # the dispatch picks it by default (from AUTO_MIN_HEADS heads), and the Triton kernel agrees
+    out_d, _ = SA.sparse_attn_fwd(q, kv, idx, 512, scale, KernelOptions(attn_fwd_kernel="gluon"))
     assert torch.equal(out_d, out)
+    if H >= W.AUTO_MIN_HEADS:
+        assert torch.equal(SA.sparse_attn_fwd(q, kv, idx, 512, scale)[0], out)
     out_t, _ = SA.sparse_attn_fwd(q, kv, idx, 512, scale, KernelOptions(attn_fwd_kernel="triton"))
     assert ((out_t.double() - out.double()).norm() / out_t.double().norm()).item() < 1e-2

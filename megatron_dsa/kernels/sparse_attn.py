@@ -9,9 +9,10 @@ dimension) and the kernel is bound by arithmetic, not by the gathers. Below 64 h
 holds every head (16 or 32 rows). The head blocks of a token are neighbouring programs, so the
 second block's gathers find the rows in L2. Dqk is split into the value part (v_dim, padded to a
 power of two) and the rest (rope dims, padded), so any Dqk/v_dim works (576 = 512 + 64,
-192 = 128 + 64, 96 = 64 + 32, ...). From 64 heads on Hopper (bf16, the 512 + 64 latent) the
-forward is ``sparse_attn_ws``'s warp-specialised Gluon kernel instead (1.9x, its products a full
-64-key block per warpgroup); ``KernelOptions.attn_fwd_kernel`` chooses.
+192 = 128 + 64, 96 = 64 + 32, ...). On Hopper (bf16, the 512 + 64 latent) the forward is
+``sparse_attn_ws``'s warp-specialised Gluon kernel instead from ``sparse_attn_ws.AUTO_MIN_HEADS``
+heads (1.9x at 64, its products a full 64-key block per warpgroup); ``KernelOptions.attn_fwd_kernel``
+chooses.
 
 Backward: dq per program (fp32 in registers); the latent rows' gradient dkv by fp32 atomic adds,
 one 576-wide row per (token, head block, selected key). Those adds are the backward's bound at
@@ -628,7 +629,8 @@ def _tiles(chosen, on_gpu: bool, HB: int, kernel: str, D1: int = 512) -> Tiles:
 
 
 def sparse_attn_fwd(q, kv, idx, v_dim, scale, options: KernelOptions = DEFAULT_OPTIONS):
-    if options.attn_fwd_kernel != "triton":
+    if options.attn_fwd_kernel == "gluon" or (options.attn_fwd_kernel == "auto"
+                                              and q.shape[2] >= sparse_attn_ws.AUTO_MIN_HEADS):
         why = sparse_attn_ws.supported(q, kv, v_dim)
         if why is None:
             return sparse_attn_ws.sparse_attn_fwd_ws(q, kv, idx, v_dim, scale)

@@ -1,4 +1,4 @@
-"""The sparse MLA forward on Hopper as a warp-specialised Gluon kernel, from 64 heads up.
+"""The sparse MLA forward on Hopper as a warp-specialised Gluon kernel, 64 heads a program.
 
 One program per (query token, block of 64 heads): three warpgroups that share one shared-memory
 plan (Q 72 KB, two 64-key buffers of the gathered latent rows, 144 KB; 225 KB in all):
@@ -16,9 +16,10 @@ plan (Q 72 KB, two 64-key buffers of the gathered latent rows, 144 KB; 225 KB in
   by the warpgroup that made them and through shared memory by the other (the even block's in
   the rope tile of its own buffer, which only its scores read).
 The log-sum-exp and the output follow ``_softmax_finish``'s rules: a row without a valid key gives
-0 and -inf. Needs sm_90 (wgmma, setmaxnreg), bf16, heads a multiple of 64 and the 512 + 64
-latent of DeepSeek-V3.2 and GLM-5; ``supported`` says why not otherwise, and the Triton kernel
-(``sparse_attn.sparse_attn_fwd``) is the fallback.
+0 and -inf. A last block of fewer than 64 heads runs with zero rows in place of the missing heads.
+Needs sm_90 (wgmma, setmaxnreg), bf16 and the 512 + 64 latent of DeepSeek-V3.2 and GLM-5;
+``supported`` says why not otherwise, and the Triton kernel (``sparse_attn.sparse_attn_fwd``) is
+the fallback.
 """
 
 from __future__ import annotations
@@ -47,6 +48,11 @@ except Exception:  # pragma: no cover - depends on the environment
 from ._common import LOG2E, interpreting
 
 HEADS = 64  # heads a program: the products' M
+# A last block of fewer heads runs with its missing rows zero (their outputs are not stored). The
+# forward reads the same gathered rows whatever the heads, so a half-empty block costs about what
+# a full one does: ``attn_fwd_kernel="auto"`` takes this kernel from AUTO_MIN_HEADS heads, where it
+# measured faster than the Triton kernel.
+AUTO_MIN_HEADS = 32
 V_DIM = 512  # value columns: two halves of 256, one a consumer
 TILE = 64  # latent columns a shared tile (128-byte rows, the 128-byte swizzle)
 # Registers a thread (setmaxnreg): 168 a thread at launch over 12 warps; the consumers take 232,
@@ -64,9 +70,7 @@ def supported(q: torch.Tensor, kv: torch.Tensor, v_dim: int) -> Optional[str]:
         return "needs an sm_90 GPU (Hopper's wgmma and setmaxnreg)"
     if q.dtype != torch.bfloat16 or kv.dtype != torch.bfloat16:
         return f"needs bf16 q and kv, got {q.dtype} / {kv.dtype}"
-    H, D = q.shape[2], q.shape[3]
-    if H % HEADS:
-        return f"needs a multiple of {HEADS} heads, got {H}"
+    D = q.shape[3]
     if v_dim != V_DIM or D != V_DIM + TILE:
         return f"needs the {V_DIM} + {TILE} latent (Dqk {V_DIM + TILE} / Dv {V_DIM}), got Dqk {D} / Dv {v_dim}"
     # the gathers are 16-byte copies: every row must start 16-byte aligned, and the compiler only
@@ -120,7 +124,7 @@ if HAS_GLUON:
         return hopper.warpgroup_mma(p, v, o, is_async=True)
 
     @gluon.jit
-    def _store_half(O, LSE, ob, lb, s_oh, m, l_own, l_s_own, l_s_other, bar_own, bar_other,
+    def _store_half(O, LSE, ob, lb, s_oh, nh, m, l_own, l_s_own, l_s_other, bar_own, bar_other,
                     o, HALF: gl.constexpr, WRITE_LSE: gl.constexpr):
         row_l: gl.constexpr = OUT_ROW_L
         l_own = gl.convert_layout(l_own, row_l)
@@ -134,10 +138,10 @@ if HAS_GLUON:
         rows = gl.arange(0, HB, layout=row_l)
         cols = gl.arange(0, 4 * TW, layout=gl.SliceLayout(0, OUT_L))
         out = (o * inv[:, None]).to(O.dtype.element_ty)
-        gl.store(O + ob + rows[:, None] * s_oh + (HALF * 4 * TW) + cols[None, :], out)
+        gl.store(O + ob + rows[:, None] * s_oh + (HALF * 4 * TW) + cols[None, :], out, mask=(rows < nh)[:, None])
         if WRITE_LSE:
             lse = gl.where(has, (m + gl.log2(gl.where(has, l, 1.0))) / LOG2E_C, float("-inf"))
-            gl.store(LSE + lb + rows, lse)
+            gl.store(LSE + lb + rows, lse, mask=rows < nh)
 
     @gluon.jit
     def _online_softmax(s, m_run, m_own, l):
@@ -152,7 +156,7 @@ if HAS_GLUON:
 
     @gluon.jit
     def _consumer0(q_s, kv_s, r_s, s1_s, m0_s, m1_s, l0_s, l1_s, bars, IDX, ib_off, O, LSE, ob, lb, s_oh,
-                   Sk, TOPK, scale_log2, NT: gl.constexpr):
+                   nh, Sk, TOPK, scale_log2, NT: gl.constexpr):
         # Even key blocks (buffer 0); owns the left half of the value columns.
         k_ready, k_free, m0_bar, m1_bar, s0_bar, s1_bar, l0_bar, l1_bar = bars
         ib = IDX + ib_off
@@ -194,11 +198,11 @@ if HAS_GLUON:
             o = _pv(s1_s, kv_s, o, 2)
             o = hopper.warpgroup_mma_wait(num_outstanding=0, deps=(o,))
             mbarrier.arrive(k_free.index(3))  # buffer 1's left value columns
-        _store_half(O, LSE, ob, lb, s_oh, m, l, l0_s, l1_s, l0_bar, l1_bar, o, 0, False)
+        _store_half(O, LSE, ob, lb, s_oh, nh, m, l, l0_s, l1_s, l0_bar, l1_bar, o, 0, False)
 
     @gluon.jit
     def _consumer1(q_s, kv_s, r_s, s1_s, m0_s, m1_s, l0_s, l1_s, bars, IDX, ib_off, O, LSE, ob, lb, s_oh,
-                   Sk, TOPK, scale_log2, NT: gl.constexpr):
+                   nh, Sk, TOPK, scale_log2, NT: gl.constexpr):
         # Odd key blocks (buffer 1); owns the right half of the value columns.
         k_ready, k_free, m0_bar, m1_bar, s0_bar, s1_bar, l0_bar, l1_bar = bars
         ib = IDX + ib_off
@@ -236,7 +240,7 @@ if HAS_GLUON:
             o = _pv(s0_s, kv_s, o, 1)
             o = hopper.warpgroup_mma_wait(num_outstanding=0, deps=(o,))
             mbarrier.arrive(k_free.index(1))  # buffer 0's right part (and the probabilities in its rope tile)
-        _store_half(O, LSE, ob, lb, s_oh, m, l, l1_s, l0_s, l1_bar, l0_bar, o, 1, True)
+        _store_half(O, LSE, ob, lb, s_oh, nh, m, l, l1_s, l0_s, l1_bar, l0_bar, o, 1, True)
 
     @gluon.jit
     def _producer(q_s, kv_s, r_s, s1_s, m0_s, m1_s, l0_s, l1_s, bars, IDX, ib_off, KV, kv_off, s_ks, Sk, TOPK,
@@ -283,7 +287,7 @@ if HAS_GLUON:
                                            mask=valid[:, None])
 
     @gluon.jit
-    def _sparse_fwd_ws_kernel(Q, KV, IDX, O, LSE, Sk, TOPK, NHB, scale_log2,
+    def _sparse_fwd_ws_kernel(Q, KV, IDX, O, LSE, H, Sk, TOPK, NHB, scale_log2,
                              s_qb, s_qs, s_qh, s_kb, s_ks, s_ib, s_is, s_ob, s_os, s_oh, s_lb, s_ls,
                              NT: gl.constexpr, PRODUCER_WARPS: gl.constexpr, WG1_REGS: gl.constexpr,
                              PRODUCER_REGS: gl.constexpr):
@@ -292,6 +296,7 @@ if HAS_GLUON:
         hb = pid % NHB
         b = gl.program_id(1).to(gl.int64)
         h0 = hb * HB
+        nh = H - h0  # heads of this block that exist (the last block's may be fewer than 64)
         vec_l: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
         q_s = gl.allocate_shared_memory(gl.bfloat16, [NT, HB, TW], SMEM_L)
         kv_s = gl.allocate_shared_memory(gl.bfloat16, [16, BK, TW], SMEM_L)  # (buffer, half) parts of 4 value tiles
@@ -309,13 +314,13 @@ if HAS_GLUON:
             mbarrier.init(k_free.index(j), count=1)
         for j in gl.static_range(6):
             mbarrier.init(one.index(j), count=1)
-        # the query's 64 heads, once
+        # the query's 64 heads, once; missing heads are zero rows
         ld: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
         rows = gl.arange(0, HB, layout=gl.SliceLayout(1, ld))
         cols = gl.arange(0, TW, layout=gl.SliceLayout(0, ld))
         qb = Q + b * s_qb + t * s_qs + (h0 + rows).to(gl.int64)[:, None] * s_qh
         for c in gl.static_range(NT):
-            cp.async_copy_global_to_shared(q_s.index(c), qb + (c * TW + cols)[None, :])
+            cp.async_copy_global_to_shared(q_s.index(c), qb + (c * TW + cols)[None, :], mask=(rows < nh)[:, None])
         cp.commit_group()
         cp.wait_group(0)
         hopper.fence_async_shared()
@@ -326,9 +331,9 @@ if HAS_GLUON:
         lb = b * s_lb + t * s_ls + h0
         gl.warp_specialize([
             (_consumer0, (q_s, kv_s, r_s, s1_s, m0_s, m1_s, l0_s, l1_s, bars, IDX, ib_off, O, LSE, ob, lb, s_oh,
-                          Sk, TOPK, scale_log2, NT)),
+                          nh, Sk, TOPK, scale_log2, NT)),
             (_consumer1, (q_s, kv_s, r_s, s1_s, m0_s, m1_s, l0_s, l1_s, bars, IDX, ib_off, O, LSE, ob, lb, s_oh,
-                          Sk, TOPK, scale_log2, NT)),
+                          nh, Sk, TOPK, scale_log2, NT)),
             (_producer, (q_s, kv_s, r_s, s1_s, m0_s, m1_s, l0_s, l1_s, bars, IDX, ib_off, KV, b * s_kb, s_ks, Sk, TOPK,
                          NT)),
         ], [4, PRODUCER_WARPS], [WG1_REGS, PRODUCER_REGS])
@@ -346,9 +351,9 @@ def sparse_attn_fwd_ws(q, kv, idx, v_dim, scale):
         out.zero_()
         lse.fill_(float("-inf"))
         return out, lse
-    NHB = H // HEADS
+    NHB = triton.cdiv(H, HEADS)
     _sparse_fwd_ws_kernel[(Sq * NHB, B)](
-        q, kv, idx, out, lse, kv.shape[1], idx.shape[-1], NHB, scale * LOG2E,
+        q, kv, idx, out, lse, H, kv.shape[1], idx.shape[-1], NHB, scale * LOG2E,
         q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1), idx.stride(0), idx.stride(1),
         out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
         NT=D // TILE, PRODUCER_WARPS=4, WG1_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS,
