@@ -98,9 +98,13 @@ def variants(stage: str, heads: int) -> list[tuple[str, KernelOptions]]:
         gluon = [("fwd gluon", KernelOptions(attn_fwd_kernel="gluon"))]
         return gluon + [(f"fwd{t}", KernelOptions(attn_fwd_kernel="triton", attn_fwd=Tiles(*t))) for t in tiles]
     if stage == "bwd":
+        # the stored scores' first kernel in Gluon (64 heads a program, q and dO held in shared
+        # memory) and in Triton, the rest of the backward as by default
+        kernels = [(f"stored_scores {k}", KernelOptions(attn_bwd_split=True, split_bwd="stored_scores",
+                                                         attn_scores_kernel=k)) for k in ("gluon", "triton")]
         if big:
             rc = "recompute"
-            out = [("split p1 dq(64,8,1) dkv(64,4,1)", KernelOptions(key_passes=1, split_bwd=rc))]
+            out = kernels + [("split p1 dq(64,8,1) dkv(64,4,1)", KernelOptions(key_passes=1, split_bwd=rc))]
             out += [(f"split p{p}", KernelOptions(key_passes=p, split_bwd=rc)) for p in (4,)]
             out += [(f"split dq{t}", KernelOptions(key_passes=1, split_bwd=rc, attn_bwd=Tiles(*t)))
                     for t in ((32, 8, 2), (32, 8, 1))]
@@ -120,7 +124,7 @@ def variants(stage: str, heads: int) -> list[tuple[str, KernelOptions]]:
             out += [(f"split stored_scores scores{t}", KernelOptions(split_bwd="stored_scores", attn_scores=Tiles(*t)))
                     for t in ((128, 8, 2), (128, 8, 3), (64, 8, 2), (64, 8, 3), (64, 4, 3))]
             return out
-        out = [("fused p1 (32,8,2)", KernelOptions(key_passes=1, attn_bwd_split=False))]
+        out = kernels + [("fused p1 (32,8,2)", KernelOptions(key_passes=1, attn_bwd_split=False))]
         out += [(f"fused p{p}", KernelOptions(key_passes=p, attn_bwd_split=False)) for p in (4, 10, 20)]
         out += [(f"split p{p}", KernelOptions(key_passes=p, attn_bwd_split=True, split_bwd="recompute"))
                 for p in (1, 10)]

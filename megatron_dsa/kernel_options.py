@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 DENSE_KL = ("fused", "blockwise")
 SPLIT_BWD = ("recompute", "stored_ds", "stored_scores")
-ATTN_FWD_KERNELS = ("auto", "triton", "gluon")
+GLUON_CHOICES = ("auto", "triton", "gluon")  # a stage with a Gluon kernel beside its Triton one
 TILE_FIELDS = ("attn_fwd", "attn_bwd", "attn_dkv", "attn_scores", "attn_dq_product", "attn_dkv_product", "kl_target",
                "kl_fwd", "kl_bwd", "decode_attn", "decode_index", "score", "select")
 
@@ -50,6 +50,9 @@ class KernelOptions:
     "auto": Gluon wherever it can run from ``sparse_attn_ws.AUTO_MIN_HEADS`` heads (where it
     measured faster), else Triton; "gluon": at any head count, an error where it cannot run;
     "triton": always Triton.
+    attn_scores_kernel: the same choice for the "stored_scores" backward's first kernel (the
+    probabilities and score gradients; Gluon: ``sparse_attn_ws.sparse_scores_ws``, "auto" from
+    ``sparse_attn_ws.SCORES_AUTO_MIN_HEADS`` heads).
     key_passes: how many key ranges the sparse attention's backward splits its fp32 dkv adds
     into, so each range's targets stay in L2 (0: chosen from the sizes, see
     ``sparse_attn.key_passes``; 1: one pass).
@@ -131,6 +134,7 @@ class KernelOptions:
 
     dense_kl: str = "fused"
     attn_fwd_kernel: str = "auto"
+    attn_scores_kernel: str = "auto"
     key_passes: int = 0
     attn_bwd_split: Optional[bool] = None
     split_bwd: Optional[str] = None
@@ -165,8 +169,9 @@ class KernelOptions:
     def __post_init__(self):
         if self.dense_kl not in DENSE_KL:
             raise ValueError(f"dense_kl must be one of {list(DENSE_KL)}, got {self.dense_kl!r}")
-        if self.attn_fwd_kernel not in ATTN_FWD_KERNELS:
-            raise ValueError(f"attn_fwd_kernel must be one of {list(ATTN_FWD_KERNELS)}, got {self.attn_fwd_kernel!r}")
+        for name in ("attn_fwd_kernel", "attn_scores_kernel"):
+            if getattr(self, name) not in GLUON_CHOICES:
+                raise ValueError(f"{name} must be one of {list(GLUON_CHOICES)}, got {getattr(self, name)!r}")
         if self.split_bwd is not None and self.split_bwd not in SPLIT_BWD:
             raise ValueError(f"split_bwd must be one of {list(SPLIT_BWD)} or null, got {self.split_bwd!r}")
         if not _count(self.key_passes):

@@ -225,6 +225,44 @@ def check_sparse_forward_ws() -> None:
     print("_sparse_fwd_ws_kernel", k.metadata.shared, sorted(regs))
 
 
+def check_sparse_scores_ws() -> None:
+    """The Gluon stored-scores kernel at DeepSeek-V3.2's latent, with and without the head sum: it
+    fits the shared memory (q and dO of 64 heads held, two 32-key buffers), its partitions take
+    their register budgets and its stores of the probabilities and score gradients are 4-byte
+    (two keys a thread)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental import gluon
+    from megatron_dsa.kernels import sparse_attn_ws as W
+
+    fn = W._sparse_scores_ws_kernel
+    names = fn.arg_names
+    pointers = dict(POINTERS, P="*bf16", DS="*bf16", scale="fp32")
+    # what a launch on contiguous tensors with top-k 2048 tells the compiler
+    aligned = ("TOPK", "s_qb", "s_qs", "s_qh", "s_kb", "s_ks", "s_ib", "s_is", "s_ob", "s_os", "s_oh", "s_gb", "s_gs",
+               "s_gh")
+    for head_sum in (False, True):
+        consts = dict(NT=9, HEAD_SUM=head_sum, CONSUMER_REGS=W.SCORES_CONSUMER_REGS,
+                      PRODUCER_REGS=W.SCORES_PRODUCER_REGS)
+        sig = {n: "constexpr" if n in consts else pointers.get(n, "i32") for n in names}
+        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+                 if sig[n].startswith("*") or n in aligned}
+        src = gluon._runtime.GluonASTSource(fn=fn, signature=sig, attrs=attrs,
+                                            constexprs={(names.index(n),): v for n, v in consts.items()})
+        k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=W.LAUNCH_REGS))
+        ptx = k.asm["ptx"]
+        assert 0 < k.metadata.shared <= SM90_SHARED_BYTES
+        regs = set(re.findall(r"setmaxnreg\.(?:inc|dec)\.sync\.aligned\.u32\s+(\d+)", ptx))
+        assert {str(W.SCORES_CONSUMER_REGS), str(W.SCORES_PRODUCER_REGS)} <= regs, regs
+        assert "cp.async.cg.shared.global" in ptx and "wgmma.mma_async.sync.aligned.m64n32k16" in ptx
+        assert "st.global.b32" in ptx and "st.global.b16" not in ptx
+        print("_sparse_scores_ws_kernel", head_sum, k.metadata.shared, sorted(regs))
+
+
+def test_gluon_stored_scores_compile():
+    pytest.importorskip("triton.experimental.gluon")
+    assert _compiled_in_a_fresh_process("check_sparse_scores_ws()").count("_sparse_scores_ws_kernel") == 2
+
+
 def test_gluon_sparse_forward_compiles():
     pytest.importorskip("triton.experimental.gluon")
     assert _compiled_in_a_fresh_process("check_sparse_forward_ws()").count("_sparse_fwd_ws_kernel") == 1

@@ -127,3 +127,49 @@ def test_gluon_forward_equals_the_reference(B, H, S, Sk, K, masked_rows):
         assert torch.equal(SA.sparse_attn_fwd(q, kv, idx, 512, scale)[0], out)
     out_t, _ = SA.sparse_attn_fwd(q, kv, idx, 512, scale, KernelOptions(attn_fwd_kernel="triton"))
     assert ((out_t.double() - out.double()).norm() / out_t.double().norm()).item() < 1e-2
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.skipif(not ON_HOPPER, reason=NEEDS_HOPPER)
+@pytest.mark.parametrize("B,H,S,Sk,K,masked_rows,passes", [
+    (1, 64, 67, 300, 130, 2, 1),     # fewer keys than a block pair, odd length
+    (2, 96, 129, 1000, 512, 1, 3),   # a full head block and a half one, key ranges (sorted slots)
+    (1, 128, 65, 4000, 2048, 3, 1),  # the full selection, two head blocks
+    (1, 32, 33, 700, 300, 0, 1),     # half a head block
+])
+def test_gluon_stored_scores_equal_the_reference(B, H, S, Sk, K, masked_rows, passes):
+    q = torch.randn(B, S, H, 576, device="cuda", dtype=torch.bfloat16)
+    kv = torch.randn(B, Sk, 576, device="cuda", dtype=torch.bfloat16)
+    idx = torch.cat([_selection(S, Sk, K, masked_rows) for _ in range(B)])
+    dout = torch.randn(B, S, H, 512, device="cuda", dtype=torch.bfloat16)
+    scale = 576**-0.5
+    out, lse = SA.sparse_attn_fwd(q, kv, idx, 512, scale)
+    grads = {}
+    for kernel in ("gluon", "triton"):
+        opts = KernelOptions(attn_bwd_split=True, split_bwd="stored_scores", attn_scores_kernel=kernel, key_passes=passes)
+        grads[kernel] = SA.sparse_attn_bwd(q, kv, idx, out, lse, dout, 512, scale, opts, head_sum=True)
+    ref = R.sparse_mla_attention_backward(q.float(), kv.float(), idx, out.float(), lse, dout.float(), 512, scale)
+    for got, want, name in zip(grads["gluon"], ref, ("dq", "dkv", "head sum")):
+        assert torch.isfinite(got).all(), name
+        assert _rel(got, want) < 2e-2, (name, _rel(got, want))
+    for got, want, name in zip(grads["gluon"], grads["triton"], ("dq", "dkv", "head sum")):
+        assert _rel(got, want) < 1e-2, (name, _rel(got, want))
+    # the head sum is fp32 from fp32 probabilities in both kernels
+    assert _rel(grads["gluon"][2], grads["triton"][2]) < 1e-5
+
+
+def test_stored_scores_option():
+    assert KernelOptions().attn_scores_kernel == "auto"
+    with pytest.raises(ValueError, match="attn_scores_kernel must be one of"):
+        KernelOptions(attn_scores_kernel="cuda")
+    # forced where it cannot run (fp32 here; on a machine without an sm_90 GPU, the device)
+    q = torch.randn(1, 8, 16, 576, device=DEV)
+    kv = torch.randn(1, 8, 576, device=DEV)
+    idx = torch.zeros(1, 8, 4, dtype=torch.int32, device=DEV)
+    out, lse = SA.sparse_attn_fwd(q, kv, idx, 512, 576**-0.5)
+    opts = KernelOptions(attn_bwd_split=True, split_bwd="stored_scores", attn_scores_kernel="gluon")
+    with pytest.raises(ValueError, match="attn_scores_kernel='gluon' cannot run these inputs"):
+        SA.sparse_attn_bwd(q, kv, idx, out, lse, torch.randn_like(out), 512, 576**-0.5, opts)
