@@ -258,6 +258,42 @@ def check_sparse_scores_ws() -> None:
         print("_sparse_scores_ws_kernel", head_sum, k.metadata.shared, sorted(regs))
 
 
+def check_dkv_product_ws() -> None:
+    """The Gluon dkv product for DeepSeek-V3.2's latent: the value columns in blocks of 128 with
+    dO's term and key ranges, the rope columns without, and 32 heads: it fits the shared memory,
+    its partitions take their register budgets, and its adds are 16-byte (4 columns a thread)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental import gluon
+    from megatron_dsa.kernels import sparse_attn_ws as W
+
+    fn = W._sparse_dkv_product_ws_kernel
+    names = fn.arg_names
+    pointers = dict(POINTERS, P="*bf16", DS="*bf16", SEG="*i32")
+    aligned = ("TOPK", "s_gb", "s_gs", "s_gh", "s_qb", "s_qs", "s_qh", "s_ob", "s_os", "s_oh", "s_ib", "s_is",
+               "s_dkb", "s_dks")
+    for col0, BC, has_do, HP, passes in ((0, 128, True, 128, 4), (512, 64, False, 128, 1), (0, 128, True, 32, 1)):
+        consts = dict(COL0=col0, BC=BC, HP=HP, HAS_DO=has_do, PASSES=passes, CONSUMER_REGS=W.DKV_CONSUMER_REGS,
+                      PRODUCER_REGS=W.DKV_PRODUCER_REGS)
+        sig = {n: "constexpr" if n in consts else pointers.get(n, "i32") for n in names}
+        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+                 if sig[n].startswith("*") or n in aligned}
+        src = gluon._runtime.GluonASTSource(fn=fn, signature=sig, attrs=attrs,
+                                            constexprs={(names.index(n),): v for n, v in consts.items()})
+        k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=W.LAUNCH_REGS))
+        ptx = k.asm["ptx"]
+        assert 0 < k.metadata.shared <= SM90_SHARED_BYTES
+        regs = set(re.findall(r"setmaxnreg\.(?:inc|dec)\.sync\.aligned\.u32\s+(\d+)", ptx))
+        assert {str(W.DKV_CONSUMER_REGS), str(W.DKV_PRODUCER_REGS)} <= regs, regs
+        assert f"wgmma.mma_async.sync.aligned.m64n{BC}k16" in ptx and "cp.async.cg.shared.global" in ptx
+        assert "atom.global.gpu.relaxed.add.v4.f32" in ptx
+        print("_sparse_dkv_product_ws_kernel", BC, HP, k.metadata.shared, sorted(regs))
+
+
+def test_gluon_dkv_product_compiles():
+    pytest.importorskip("triton.experimental.gluon")
+    assert _compiled_in_a_fresh_process("check_dkv_product_ws()").count("_sparse_dkv_product_ws_kernel") == 3
+
+
 def test_gluon_stored_scores_compile():
     pytest.importorskip("triton.experimental.gluon")
     assert _compiled_in_a_fresh_process("check_sparse_scores_ws()").count("_sparse_scores_ws_kernel") == 2

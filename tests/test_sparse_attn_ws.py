@@ -135,41 +135,48 @@ def _rel(a, b):
 
 @pytest.mark.skipif(not ON_HOPPER, reason=NEEDS_HOPPER)
 @pytest.mark.parametrize("B,H,S,Sk,K,masked_rows,passes", [
-    (1, 64, 67, 300, 130, 2, 1),     # fewer keys than a block pair, odd length
+    (1, 64, 67, 300, 128, 2, 1),     # fewer keys than a block pair, odd length
     (2, 96, 129, 1000, 512, 1, 3),   # a full head block and a half one, key ranges (sorted slots)
     (1, 128, 65, 4000, 2048, 3, 1),  # the full selection, two head blocks
-    (1, 32, 33, 700, 300, 0, 1),     # half a head block
+    (1, 128, 40, 3000, 1024, 0, 4),  # key ranges at 128 heads
+    (1, 32, 33, 700, 304, 0, 1),     # half a head block
 ])
-def test_gluon_stored_scores_equal_the_reference(B, H, S, Sk, K, masked_rows, passes):
+def test_gluon_backward_kernels_equal_the_reference(B, H, S, Sk, K, masked_rows, passes):
+    # the stored scores' two Gluon kernels (the probabilities and score gradients; the dkv
+    # product), each beside the Triton one and both together, against the reference in fp32
     q = torch.randn(B, S, H, 576, device="cuda", dtype=torch.bfloat16)
     kv = torch.randn(B, Sk, 576, device="cuda", dtype=torch.bfloat16)
     idx = torch.cat([_selection(S, Sk, K, masked_rows) for _ in range(B)])
     dout = torch.randn(B, S, H, 512, device="cuda", dtype=torch.bfloat16)
     scale = 576**-0.5
     out, lse = SA.sparse_attn_fwd(q, kv, idx, 512, scale)
-    grads = {}
-    for kernel in ("gluon", "triton"):
-        opts = KernelOptions(attn_bwd_split=True, split_bwd="stored_scores", attn_scores_kernel=kernel, key_passes=passes)
-        grads[kernel] = SA.sparse_attn_bwd(q, kv, idx, out, lse, dout, 512, scale, opts, head_sum=True)
     ref = R.sparse_mla_attention_backward(q.float(), kv.float(), idx, out.float(), lse, dout.float(), 512, scale)
-    for got, want, name in zip(grads["gluon"], ref, ("dq", "dkv", "head sum")):
-        assert torch.isfinite(got).all(), name
-        assert _rel(got, want) < 2e-2, (name, _rel(got, want))
-    for got, want, name in zip(grads["gluon"], grads["triton"], ("dq", "dkv", "head sum")):
-        assert _rel(got, want) < 1e-2, (name, _rel(got, want))
-    # the head sum is fp32 from fp32 probabilities in both kernels
-    assert _rel(grads["gluon"][2], grads["triton"][2]) < 1e-5
+    grads = {}
+    for scores, dkv in (("triton", "triton"), ("gluon", "triton"), ("triton", "gluon"), ("gluon", "gluon")):
+        opts = KernelOptions(attn_bwd_split=True, split_bwd="stored_scores", key_passes=passes,
+                             attn_scores_kernel=scores, attn_dkv_product_kernel=dkv)
+        grads[scores, dkv] = SA.sparse_attn_bwd(q, kv, idx, out, lse, dout, 512, scale, opts, head_sum=True)
+    base = grads["triton", "triton"]
+    for kernels, got in grads.items():
+        for g, want, b, name in zip(got, ref, base, ("dq", "dkv", "head sum")):
+            assert torch.isfinite(g).all(), (kernels, name)
+            assert _rel(g, want) < 2e-2, (kernels, name, _rel(g, want))
+            assert _rel(g, b) < 1e-2, (kernels, name, _rel(g, b))
+        # the head sum is fp32 from fp32 probabilities in both storing kernels
+        assert _rel(got[2], base[2]) < 1e-5, kernels
 
 
-def test_stored_scores_option():
-    assert KernelOptions().attn_scores_kernel == "auto"
-    with pytest.raises(ValueError, match="attn_scores_kernel must be one of"):
-        KernelOptions(attn_scores_kernel="cuda")
+def test_backward_kernel_options():
+    assert KernelOptions().attn_scores_kernel == KernelOptions().attn_dkv_product_kernel == "auto"
+    for name in ("attn_scores_kernel", "attn_dkv_product_kernel"):
+        with pytest.raises(ValueError, match=f"{name} must be one of"):
+            KernelOptions(**{name: "cuda"})
     # forced where it cannot run (fp32 here; on a machine without an sm_90 GPU, the device)
     q = torch.randn(1, 8, 16, 576, device=DEV)
     kv = torch.randn(1, 8, 576, device=DEV)
     idx = torch.zeros(1, 8, 4, dtype=torch.int32, device=DEV)
     out, lse = SA.sparse_attn_fwd(q, kv, idx, 512, 576**-0.5)
-    opts = KernelOptions(attn_bwd_split=True, split_bwd="stored_scores", attn_scores_kernel="gluon")
-    with pytest.raises(ValueError, match="attn_scores_kernel='gluon' cannot run these inputs"):
-        SA.sparse_attn_bwd(q, kv, idx, out, lse, torch.randn_like(out), 512, 576**-0.5, opts)
+    for name in ("attn_scores_kernel", "attn_dkv_product_kernel"):
+        opts = KernelOptions(attn_bwd_split=True, split_bwd="stored_scores", **{name: "gluon"})
+        with pytest.raises(ValueError, match=f"{name}='gluon' cannot run these inputs"):
+            SA.sparse_attn_bwd(q, kv, idx, out, lse, torch.randn_like(out), 512, 576**-0.5, opts)

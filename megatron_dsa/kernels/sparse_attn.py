@@ -768,6 +768,10 @@ def _dkv_product(ds, p, q, dout, idx, seg, dkv, t0: int, t1: int, pass_id: int, 
     ``options.dkv_product_columns`` with dO's term, then the rope columns; every head at once up
     to ``options.dkv_product_heads`` (more: one add per group of that many)."""
     B, _, H, D = q.shape
+    if sparse_attn_ws.chosen(options.attn_dkv_product_kernel, H, sparse_attn_ws.DKV_AUTO_MIN_HEADS,
+                             lambda: sparse_attn_ws.dkv_product_supported(ds, q, dout), "attn_dkv_product_kernel"):
+        sparse_attn_ws.dkv_product_ws(ds, p, q, dout, idx, seg, dkv, t0, t1, pass_id, passes, v_dim)
+        return
     K = idx.shape[-1]
     DR, D1, D2 = _dims(D, v_dim)
     tiles = _tiles(options.attn_dkv_product, q.is_cuda, 0, "dkv_product")

@@ -55,6 +55,7 @@ HEADS = 64  # heads a program: the products' M
 AUTO_MIN_HEADS = 32
 # The stored-scores kernel's: None until it measures faster than the Triton kernel somewhere.
 SCORES_AUTO_MIN_HEADS = None
+DKV_AUTO_MIN_HEADS = None  # the dkv product's, likewise
 V_DIM = 512  # value columns: two halves of 256, one a consumer
 TILE = 64  # latent columns a shared tile (128-byte rows, the 128-byte swizzle)
 # Registers a thread (setmaxnreg): 168 a thread at launch over 12 warps; the consumers take 232,
@@ -62,6 +63,9 @@ TILE = 64  # latent columns a shared tile (128-byte rows, the 128-byte swizzle)
 LAUNCH_REGS, CONSUMER_REGS, PRODUCER_REGS = 168, 232, 40
 # The stored-scores kernel's consumers hold two [64, 32] fp32 products
 SCORES_CONSUMER_REGS, SCORES_PRODUCER_REGS = 160, 56
+# The dkv product's: a [64 keys, 128 columns] fp32 product and its copy in the add layout
+DKV_CONSUMER_REGS, DKV_PRODUCER_REGS = 192, 56
+DKV_HEADS = 128  # heads the dkv product sums in one program (its products' K)
 
 
 def supported(q: torch.Tensor, kv: torch.Tensor, v_dim: int, dout: Optional[torch.Tensor] = None) -> Optional[str]:
@@ -472,6 +476,120 @@ if HAS_GLUON:
         ], [4, 4], [CONSUMER_REGS, PRODUCER_REGS])
 
 
+    # The backward's dkv product: 64-key blocks of the stored scores (two buffers, the consumers
+    # take alternate ones), [64 keys, BC columns] products over every head, added to dkv from a
+    # blocked layout (4 columns a thread: 16-byte atomic adds)
+    DBK = gl.constexpr(64)
+    ADD_L = gl.constexpr(gl.BlockedLayout([1, 4], [2, 16], [4, 1], [1, 0]))
+    PLAIN_L = gl.constexpr(gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0]))
+
+    @gluon.jit
+    def _key_range(SEG, seg_off, pass_id, TOPK, PASSES: gl.constexpr):
+        # this pass's slots [lo, hi) of the key-sorted row, else all of them; as 64-key blocks
+        if PASSES > 1:
+            lo = gl.load(SEG + seg_off + pass_id)
+            hi = gl.load(SEG + seg_off + pass_id + 1)
+        else:
+            lo = 0
+            hi = TOPK
+        return lo, hi, lo // DBK, gl.cdiv(hi, DBK)
+
+    @gluon.jit
+    def _dkv_consumer(q_s, do_s, ds_s, p_s, acc_s, k_ready, k_free, IDX, ib_off, SEG, seg_off, pass_id, DKV, dkv_off,
+                      s_dks, col0, Sk, TOPK, BC: gl.constexpr, HAS_DO: gl.constexpr, C: gl.constexpr,
+                      PASSES: gl.constexpr):
+        acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BC, 16])
+        lo, hi, b0, b1 = _key_range(SEG, seg_off, pass_id, TOPK, PASSES)
+        ib = IDX + ib_off
+        cols = col0 + gl.arange(0, BC, layout=gl.SliceLayout(0, ADD_L))
+        for i in range((b1 - b0 + 1 - C) // 2):
+            ph = i & 1
+            kk = (b0 + 2 * i + C) * DBK + gl.arange(0, DBK, layout=gl.SliceLayout(1, ADD_L))
+            idx = gl.load(ib + kk, mask=(kk >= lo) & (kk < hi), other=-1)
+            valid = (idx >= 0) & (idx < Sk)
+            acc = hopper.warpgroup_mma_init(gl.zeros([DBK, BC], gl.float32, layout=acc_l))
+            mbarrier.wait(k_ready.index(C), ph)
+            hopper.fence_async_shared()
+            # the stored [heads, keys] tiles read as [keys, heads]: the products' A
+            acc = hopper.warpgroup_mma(ds_s.index(C).permute((1, 0)), q_s, acc, is_async=True)
+            if HAS_DO:
+                acc = hopper.warpgroup_mma(p_s.index(C).permute((1, 0)), do_s, acc, is_async=True)
+            acc = hopper.warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+            mbarrier.arrive(k_free.index(C))
+            # to 4 columns a thread through shared memory, then one add per (key, column)
+            acc_s.index(C).store(acc)
+            vals = acc_s.index(C).load(ADD_L)
+            rows = DKV + dkv_off + gl.where(valid, idx, 0).to(gl.int64) * s_dks
+            gl.atomic_add(rows[:, None] + cols[None, :], vals, mask=valid[:, None], sem="relaxed")
+
+    @gluon.jit
+    def _dkv_producer(q_s, do_s, ds_s, p_s, acc_s, k_ready, k_free, DS, P, gb, s_gh, SEG, seg_off, pass_id, H, TOPK,
+                      HP: gl.constexpr, HAS_DO: gl.constexpr, PASSES: gl.constexpr):
+        # Copies the stored score gradients (and probabilities) of block j into buffer j % 2.
+        ld: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+        lo, hi, b0, b1 = _key_range(SEG, seg_off, pass_id, TOPK, PASSES)
+        h = gl.arange(0, HP, layout=gl.SliceLayout(1, ld))
+        slots = gl.arange(0, DBK, layout=gl.SliceLayout(0, ld))
+        base = gb + h.to(gl.int64)[:, None] * s_gh
+        for j in range(b1 - b0):
+            buf = j & 1
+            kk = (b0 + j) * DBK + slots
+            # whole blocks (16-byte copies): slots outside the range are multiplied but not added
+            ok = (h < H)[:, None] & (kk < TOPK)[None, :]
+            mbarrier.wait(k_free.index(buf), ((j >> 1) & 1) ^ 1)
+            cp.async_copy_global_to_shared(ds_s.index(buf), DS + base + kk[None, :], mask=ok)
+            if HAS_DO:
+                cp.async_copy_global_to_shared(p_s.index(buf), P + base + kk[None, :], mask=ok)
+            cp.mbarrier_arrive(k_ready.index(buf), increment_count=False)
+
+    @gluon.jit
+    def _sparse_dkv_product_ws_kernel(DS, P, Q, DO, IDX, SEG, DKV, H, Sk, TOPK, NCB, t0, pass_id,
+                                      s_gb, s_gs, s_gh, s_qb, s_qs, s_qh, s_ob, s_os, s_oh, s_ib, s_is, s_sb, s_ss,
+                                      s_dkb, s_dks, COL0: gl.constexpr, BC: gl.constexpr, HP: gl.constexpr,
+                                      HAS_DO: gl.constexpr, PASSES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                                      PRODUCER_REGS: gl.constexpr):
+        pid = gl.program_id(0)
+        t = (t0 + pid // NCB).to(gl.int64)
+        col0 = COL0 + (pid % NCB) * BC
+        b = gl.program_id(1).to(gl.int64)
+        op_l: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+        q_s = gl.allocate_shared_memory(gl.bfloat16, [HP, BC], op_l)
+        do_s = gl.allocate_shared_memory(gl.bfloat16, [HP if HAS_DO else 16, BC], op_l)
+        ds_s = gl.allocate_shared_memory(gl.bfloat16, [2, HP, DBK], SMEM_L)
+        p_s = gl.allocate_shared_memory(gl.bfloat16, [2 if HAS_DO else 1, HP, DBK], SMEM_L)
+        acc_s = gl.allocate_shared_memory(gl.float32, [2, DBK, BC], PLAIN_L)
+        k_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        k_free = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        for j in gl.static_range(2):
+            mbarrier.init(k_ready.index(j), count=4 * 32)
+            mbarrier.init(k_free.index(j), count=1)
+        # the token's q (and dO) columns col0.. for every head, once; missing heads are zero rows
+        ld: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])
+        h = gl.arange(0, HP, layout=gl.SliceLayout(1, ld))
+        c = col0 + gl.arange(0, BC, layout=gl.SliceLayout(0, ld))
+        hm = (h < H)[:, None]
+        cp.async_copy_global_to_shared(q_s, Q + b * s_qb + t * s_qs + h.to(gl.int64)[:, None] * s_qh + c[None, :],
+                                       mask=hm)
+        if HAS_DO:
+            cp.async_copy_global_to_shared(do_s, DO + b * s_ob + t * s_os + h.to(gl.int64)[:, None] * s_oh
+                                           + c[None, :], mask=hm)
+        cp.commit_group()
+        cp.wait_group(0)
+        hopper.fence_async_shared()
+        _cta_barrier()
+        ib_off = b * s_ib + t * s_is
+        seg_off = b * s_sb + t * s_ss
+        gb = b * s_gb + (t - t0) * s_gs
+        gl.warp_specialize([
+            (_dkv_consumer, (q_s, do_s, ds_s, p_s, acc_s, k_ready, k_free, IDX, ib_off, SEG, seg_off, pass_id, DKV,
+                             b * s_dkb, s_dks, col0, Sk, TOPK, BC, HAS_DO, 0, PASSES)),
+            (_dkv_consumer, (q_s, do_s, ds_s, p_s, acc_s, k_ready, k_free, IDX, ib_off, SEG, seg_off, pass_id, DKV,
+                             b * s_dkb, s_dks, col0, Sk, TOPK, BC, HAS_DO, 1, PASSES)),
+            (_dkv_producer, (q_s, do_s, ds_s, p_s, acc_s, k_ready, k_free, DS, P, gb, s_gh, SEG, seg_off, pass_id,
+                             H, TOPK, HP, HAS_DO, PASSES)),
+        ], [4, 4], [CONSUMER_REGS, PRODUCER_REGS])
+
+
 def sparse_attn_fwd_ws(q, kv, idx, v_dim, scale):
     """(out [B, Sq, H, v_dim], lse [B, Sq, H] fp32, natural log) as ``sparse_attn.sparse_attn_fwd``."""
     why = supported(q, kv, v_dim)
@@ -512,3 +630,35 @@ def sparse_scores_ws(q, kv, idx, dout, lse, delta, psum, ds, p, t0: int, t1: int
         ds.stride(0), ds.stride(1), ds.stride(2),
         NT=D // TILE, HEAD_SUM=head_sum, CONSUMER_REGS=SCORES_CONSUMER_REGS, PRODUCER_REGS=SCORES_PRODUCER_REGS,
         num_warps=4, maxnreg=LAUNCH_REGS)
+
+
+def dkv_product_supported(ds, q, dout) -> Optional[str]:
+    """None when the Gluon dkv product can run (``supported``'s conditions, every head in one
+    program: up to 128, the stored scores' rows 16-byte aligned), else why not."""
+    why = supported(q, q[:, :, 0], dout.shape[-1] if dout is not None else 0, dout)
+    if why is None and q.shape[2] > DKV_HEADS:
+        why = f"sums at most {DKV_HEADS} heads in one program, got {q.shape[2]}"
+    if why is None and (ds.stride(-1) != 1 or any(s % 16 for s in ds.stride()[:3]) or ds.data_ptr() % 16):
+        why = "needs the stored scores' rows 16-byte aligned (top-k a multiple of 16)"
+    return why
+
+
+def dkv_product_ws(ds, p, q, dout, idx, seg, dkv, t0: int, t1: int, pass_id: int, passes: int, v_dim: int):
+    """``sparse_attn._dkv_product``'s contract for rows t0..t1 and key range ``pass_id``: dkv +=
+    (ds^T q + p^T dO) over every head, one fp32 add per (token, selected key, column)."""
+    why = dkv_product_supported(ds, q, dout)
+    if why is not None:
+        raise ValueError(f"the Gluon dkv product cannot run these inputs: {why}")
+    B, _, H, D = q.shape
+    if t1 <= t0 or H == 0 or idx.shape[-1] == 0:
+        return
+    HP = max(16, triton.next_power_of_2(H))
+    for col0, ncol, BC, has_do in ((0, v_dim, 128, True), (v_dim, D - v_dim, TILE, False)):
+        ncb = ncol // BC
+        _sparse_dkv_product_ws_kernel[((t1 - t0) * ncb, B)](
+            ds, p, q, dout, idx, seg, dkv, H, dkv.shape[1], idx.shape[-1], ncb, t0, pass_id,
+            ds.stride(0), ds.stride(1), ds.stride(2), q.stride(0), q.stride(1), q.stride(2),
+            dout.stride(0), dout.stride(1), dout.stride(2), idx.stride(0), idx.stride(1), seg.stride(0), seg.stride(1),
+            dkv.stride(0), dkv.stride(1),
+            COL0=col0, BC=BC, HP=HP, HAS_DO=has_do, PASSES=passes, CONSUMER_REGS=DKV_CONSUMER_REGS,
+            PRODUCER_REGS=DKV_PRODUCER_REGS, num_warps=4, maxnreg=LAUNCH_REGS)
