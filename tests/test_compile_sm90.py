@@ -5,7 +5,8 @@ the sparse attention / KL target kernels with their default tiles at 16 heads an
 blocks (the split backward's dq and dkv kernels, the target with the keys as rows; the backward
 adding the KL's target as training runs it), their row gathers as 16-byte asynchronous copies;
 and the top-k selection with and without a register cap, and the indexer's FP8 scoring; and the
-warp-specialised Gluon forward (its partitions' register budgets, its 16-byte gathers, m64n256 products).
+warp-specialised Gluon kernels (the forward, the stored scores, the dkv product: their partitions'
+register budgets, 16-byte copies and adds, their products' shapes).
 
 No GPU needed: Triton lowers to PTX and assembles it with its bundled ptxas. The interpreter tests
 check the math; this catches what only the compiler sees (an unrolled loop once put 315 KB of
@@ -200,108 +201,82 @@ def test_selection_compiles_with_and_without_a_register_cap():
     assert _compiled_in_a_fresh_process("check_selection()").count("_select_kernel") == 3
 
 
-def check_sparse_forward_ws() -> None:
-    """The warp-specialised Gluon forward at DeepSeek-V3.2's latent (576 = 9 tiles of 64): it fits
-    the shared memory, its partitions take their register budgets (setmaxnreg) and its gathers are
-    16-byte copies."""
+def _compile_gluon_sm90(fn, consts: dict, pointers: dict, aligned: tuple, regs: tuple) -> str:
+    """A Gluon kernel compiled for sm_90 as a launch on contiguous tensors sees it (``aligned``:
+    the integer arguments known divisible by 16): it fits the shared memory and its partitions
+    take the register budgets ``regs`` (setmaxnreg); returns its PTX."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental import gluon
     from megatron_dsa.kernels import sparse_attn_ws as W
 
-    fn = W._sparse_fwd_ws_kernel
-    consts = dict(NT=9, PRODUCER_WARPS=4, WG1_REGS=W.CONSUMER_REGS, PRODUCER_REGS=W.PRODUCER_REGS)
     names = fn.arg_names
-    sig = {n: "constexpr" if n in consts else POINTERS.get(n, "i32") for n in names}
-    aligned = ("s_qb", "s_qs", "s_qh", "s_kb", "s_ks", "s_ob", "s_os", "s_oh")
+    types = dict(POINTERS, **pointers)
+    sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if sig[n].startswith("*") or n in aligned}
     src = gluon._runtime.GluonASTSource(fn=fn, signature=sig, attrs=attrs,
                                         constexprs={(names.index(n),): v for n, v in consts.items()})
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=W.LAUNCH_REGS))
     ptx = k.asm["ptx"]
     assert 0 < k.metadata.shared <= SM90_SHARED_BYTES
-    regs = set(re.findall(r"setmaxnreg\.(?:inc|dec)\.sync\.aligned\.u32\s+(\d+)", ptx))
-    assert {str(W.CONSUMER_REGS), str(W.PRODUCER_REGS)} <= regs, regs
+    found = set(re.findall(r"setmaxnreg\.(?:inc|dec)\.sync\.aligned\.u32\s+(\d+)", ptx))
+    assert {str(r) for r in regs} <= found, found
+    print(fn.__name__, k.metadata.shared, sorted(found))
+    return ptx
+
+
+# what a launch on contiguous tensors with top-k 2048 tells the compiler
+GLUON_ALIGNED = ("TOPK", "s_qb", "s_qs", "s_qh", "s_kb", "s_ks", "s_ob", "s_os", "s_oh", "s_ib", "s_is", "s_gb",
+                 "s_gs", "s_gh", "s_dkb", "s_dks")
+
+
+def check_sparse_forward_ws() -> None:
+    """The warp-specialised Gluon forward at DeepSeek-V3.2's latent (576 = 9 tiles of 64): its
+    gathers are 16-byte copies, its output products m64n256."""
+    from megatron_dsa.kernels import sparse_attn_ws as W
+
+    consts = dict(NT=9, PRODUCER_WARPS=4, WG1_REGS=W.CONSUMER_REGS, PRODUCER_REGS=W.PRODUCER_REGS)
+    ptx = _compile_gluon_sm90(W._sparse_fwd_ws_kernel, consts, {}, GLUON_ALIGNED, (W.CONSUMER_REGS, W.PRODUCER_REGS))
     assert "cp.async.cg.shared.global" in ptx and "wgmma.mma_async.sync.aligned.m64n256k16" in ptx
-    print("_sparse_fwd_ws_kernel", k.metadata.shared, sorted(regs))
 
 
 def check_sparse_scores_ws() -> None:
-    """The Gluon stored-scores kernel at DeepSeek-V3.2's latent, with and without the head sum: it
-    fits the shared memory (q and dO of 64 heads held, two 32-key buffers), its partitions take
-    their register budgets and its stores of the probabilities and score gradients are 4-byte
-    (two keys a thread)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental import gluon
+    """The Gluon stored-scores kernel, with and without the head sum (q and dO of 64 heads held,
+    two 32-key buffers): its stores of the probabilities and score gradients are 4-byte (two
+    keys a thread)."""
     from megatron_dsa.kernels import sparse_attn_ws as W
 
-    fn = W._sparse_scores_ws_kernel
-    names = fn.arg_names
-    pointers = dict(POINTERS, P="*bf16", DS="*bf16", scale="fp32")
-    # what a launch on contiguous tensors with top-k 2048 tells the compiler
-    aligned = ("TOPK", "s_qb", "s_qs", "s_qh", "s_kb", "s_ks", "s_ib", "s_is", "s_ob", "s_os", "s_oh", "s_gb", "s_gs",
-               "s_gh")
+    regs = (W.SCORES_CONSUMER_REGS, W.SCORES_PRODUCER_REGS)
     for head_sum in (False, True):
-        consts = dict(NT=9, HEAD_SUM=head_sum, CONSUMER_REGS=W.SCORES_CONSUMER_REGS,
-                      PRODUCER_REGS=W.SCORES_PRODUCER_REGS)
-        sig = {n: "constexpr" if n in consts else pointers.get(n, "i32") for n in names}
-        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
-                 if sig[n].startswith("*") or n in aligned}
-        src = gluon._runtime.GluonASTSource(fn=fn, signature=sig, attrs=attrs,
-                                            constexprs={(names.index(n),): v for n, v in consts.items()})
-        k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=W.LAUNCH_REGS))
-        ptx = k.asm["ptx"]
-        assert 0 < k.metadata.shared <= SM90_SHARED_BYTES
-        regs = set(re.findall(r"setmaxnreg\.(?:inc|dec)\.sync\.aligned\.u32\s+(\d+)", ptx))
-        assert {str(W.SCORES_CONSUMER_REGS), str(W.SCORES_PRODUCER_REGS)} <= regs, regs
+        consts = dict(NT=9, HEAD_SUM=head_sum, CONSUMER_REGS=regs[0], PRODUCER_REGS=regs[1])
+        ptx = _compile_gluon_sm90(W._sparse_scores_ws_kernel, consts, dict(P="*bf16", DS="*bf16", scale="fp32"),
+                                  GLUON_ALIGNED, regs)
         assert "cp.async.cg.shared.global" in ptx and "wgmma.mma_async.sync.aligned.m64n32k16" in ptx
         assert "st.global.b32" in ptx and "st.global.b16" not in ptx
-        print("_sparse_scores_ws_kernel", head_sum, k.metadata.shared, sorted(regs))
 
 
 def check_dkv_product_ws() -> None:
-    """The Gluon dkv product for DeepSeek-V3.2's latent: the value columns in blocks of 128 with
-    dO's term and key ranges, the rope columns without, and 32 heads: it fits the shared memory,
-    its partitions take their register budgets, and its adds are 16-byte (4 columns a thread)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental import gluon
+    """The Gluon dkv product: the value columns in blocks of 128 with dO's term and key ranges, the
+    rope columns without, and 32 heads; its adds are 16-byte (4 columns a thread)."""
     from megatron_dsa.kernels import sparse_attn_ws as W
 
-    fn = W._sparse_dkv_product_ws_kernel
-    names = fn.arg_names
-    pointers = dict(POINTERS, P="*bf16", DS="*bf16", SEG="*i32")
-    aligned = ("TOPK", "s_gb", "s_gs", "s_gh", "s_qb", "s_qs", "s_qh", "s_ob", "s_os", "s_oh", "s_ib", "s_is",
-               "s_dkb", "s_dks")
+    regs = (W.DKV_CONSUMER_REGS, W.DKV_PRODUCER_REGS)
     for col0, BC, has_do, HP, passes in ((0, 128, True, 128, 4), (512, 64, False, 128, 1), (0, 128, True, 32, 1)):
-        consts = dict(COL0=col0, BC=BC, HP=HP, HAS_DO=has_do, PASSES=passes, CONSUMER_REGS=W.DKV_CONSUMER_REGS,
-                      PRODUCER_REGS=W.DKV_PRODUCER_REGS)
-        sig = {n: "constexpr" if n in consts else pointers.get(n, "i32") for n in names}
-        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
-                 if sig[n].startswith("*") or n in aligned}
-        src = gluon._runtime.GluonASTSource(fn=fn, signature=sig, attrs=attrs,
-                                            constexprs={(names.index(n),): v for n, v in consts.items()})
-        k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=W.LAUNCH_REGS))
-        ptx = k.asm["ptx"]
-        assert 0 < k.metadata.shared <= SM90_SHARED_BYTES
-        regs = set(re.findall(r"setmaxnreg\.(?:inc|dec)\.sync\.aligned\.u32\s+(\d+)", ptx))
-        assert {str(W.DKV_CONSUMER_REGS), str(W.DKV_PRODUCER_REGS)} <= regs, regs
+        consts = dict(COL0=col0, BC=BC, HP=HP, HAS_DO=has_do, PASSES=passes, CONSUMER_REGS=regs[0],
+                      PRODUCER_REGS=regs[1])
+        ptx = _compile_gluon_sm90(W._sparse_dkv_product_ws_kernel, consts, dict(P="*bf16", DS="*bf16", SEG="*i32"),
+                                  GLUON_ALIGNED, regs)
         assert f"wgmma.mma_async.sync.aligned.m64n{BC}k16" in ptx and "cp.async.cg.shared.global" in ptx
         assert "atom.global.gpu.relaxed.add.v4.f32" in ptx
-        print("_sparse_dkv_product_ws_kernel", BC, HP, k.metadata.shared, sorted(regs))
 
 
-def test_gluon_dkv_product_compiles():
+@pytest.mark.parametrize("check,kernel,count", [
+    ("check_sparse_forward_ws()", "_sparse_fwd_ws_kernel", 1),
+    ("check_sparse_scores_ws()", "_sparse_scores_ws_kernel", 2),
+    ("check_dkv_product_ws()", "_sparse_dkv_product_ws_kernel", 3),
+])
+def test_gluon_kernels_compile(check, kernel, count):
     pytest.importorskip("triton.experimental.gluon")
-    assert _compiled_in_a_fresh_process("check_dkv_product_ws()").count("_sparse_dkv_product_ws_kernel") == 3
-
-
-def test_gluon_stored_scores_compile():
-    pytest.importorskip("triton.experimental.gluon")
-    assert _compiled_in_a_fresh_process("check_sparse_scores_ws()").count("_sparse_scores_ws_kernel") == 2
-
-
-def test_gluon_sparse_forward_compiles():
-    pytest.importorskip("triton.experimental.gluon")
-    assert _compiled_in_a_fresh_process("check_sparse_forward_ws()").count("_sparse_fwd_ws_kernel") == 1
+    assert _compiled_in_a_fresh_process(check).count(kernel) == count
 
 
 def check_scoring() -> None:

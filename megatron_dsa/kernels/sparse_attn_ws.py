@@ -365,6 +365,17 @@ if HAS_GLUON:
         ], [4, PRODUCER_WARPS], [WG1_REGS, PRODUCER_REGS])
 
 
+    @gluon.jit
+    def _two_buffer_barriers():
+        # two buffers' barriers: ready (the 4-warp producer's copies have landed), free (the
+        # consumer that reads the buffer is done with it)
+        k_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        k_free = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        for j in gl.static_range(2):
+            mbarrier.init(k_ready.index(j), count=4 * 32)
+            mbarrier.init(k_free.index(j), count=1)
+        return k_ready, k_free
+
     # The backward's stored scores: 32-key blocks (two buffers, the two consumers take alternate
     # ones), the products [64 heads, 32 keys]
     SBK = gl.constexpr(32)
@@ -444,11 +455,7 @@ if HAS_GLUON:
         q_s = gl.allocate_shared_memory(gl.bfloat16, [NT, HB, TW], SMEM_L)
         do_s = gl.allocate_shared_memory(gl.bfloat16, [NT - 1, HB, TW], SMEM_L)
         kv_s = gl.allocate_shared_memory(gl.bfloat16, [2 * NT, SBK, TW], SMEM_L)  # two buffers of NT tiles
-        k_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        k_free = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        for j in gl.static_range(2):
-            mbarrier.init(k_ready.index(j), count=4 * 32)
-            mbarrier.init(k_free.index(j), count=1)
+        k_ready, k_free = _two_buffer_barriers()
         # the block's q and dO, once; missing heads are zero rows
         ld: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
         rows = gl.arange(0, HB, layout=gl.SliceLayout(1, ld))
@@ -558,11 +565,7 @@ if HAS_GLUON:
         ds_s = gl.allocate_shared_memory(gl.bfloat16, [2, HP, DBK], SMEM_L)
         p_s = gl.allocate_shared_memory(gl.bfloat16, [2 if HAS_DO else 1, HP, DBK], SMEM_L)
         acc_s = gl.allocate_shared_memory(gl.float32, [2, DBK, BC], PLAIN_L)
-        k_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        k_free = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        for j in gl.static_range(2):
-            mbarrier.init(k_ready.index(j), count=4 * 32)
-            mbarrier.init(k_free.index(j), count=1)
+        k_ready, k_free = _two_buffer_barriers()
         # the token's q (and dO) columns col0.. for every head, once; missing heads are zero rows
         ld: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])
         h = gl.arange(0, HP, layout=gl.SliceLayout(1, ld))
