@@ -488,7 +488,9 @@ if HAS_GLUON:
     # blocked layout (4 columns a thread: 16-byte atomic adds)
     DBK = gl.constexpr(64)
     ADD_L = gl.constexpr(gl.BlockedLayout([1, 4], [2, 16], [4, 1], [1, 0]))
-    PLAIN_L = gl.constexpr(gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0]))
+    # the products' copy for the adds: 16-byte units of a row permuted by the row (rows 512 B apart
+    # would put the 8 rows of an accumulator store in the same banks)
+    ACC_SMEM_L = gl.constexpr(gl.SwizzledSharedLayout(vec=4, per_phase=1, max_phase=8, order=[1, 0]))
 
     @gluon.jit
     def _key_range(SEG, seg_off, pass_id, TOPK, PASSES: gl.constexpr):
@@ -564,7 +566,7 @@ if HAS_GLUON:
         do_s = gl.allocate_shared_memory(gl.bfloat16, [HP if HAS_DO else 16, BC], op_l)
         ds_s = gl.allocate_shared_memory(gl.bfloat16, [2, HP, DBK], SMEM_L)
         p_s = gl.allocate_shared_memory(gl.bfloat16, [2 if HAS_DO else 1, HP, DBK], SMEM_L)
-        acc_s = gl.allocate_shared_memory(gl.float32, [2, DBK, BC], PLAIN_L)
+        acc_s = gl.allocate_shared_memory(gl.float32, [2, DBK, BC], ACC_SMEM_L)
         k_ready, k_free = _two_buffer_barriers()
         # the token's q (and dO) columns col0.. for every head, once; missing heads are zero rows
         ld: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])
