@@ -55,7 +55,7 @@ HEADS = 64  # heads a program: the products' M
 AUTO_MIN_HEADS = 32
 # The stored-scores kernel's: None until it measures faster than the Triton kernel somewhere.
 SCORES_AUTO_MIN_HEADS = None
-DKV_AUTO_MIN_HEADS = None  # the dkv product's, likewise
+DKV_AUTO_MIN_HEADS = 128  # the dkv product's, likewise
 V_DIM = 512  # value columns: two halves of 256, one a consumer
 TILE = 64  # latent columns a shared tile (128-byte rows, the 128-byte swizzle)
 # Registers a thread (setmaxnreg): 168 a thread at launch over 12 warps; the consumers take 232,
