@@ -98,12 +98,10 @@ def variants(stage: str, heads: int) -> list[tuple[str, KernelOptions]]:
         gluon = [("fwd gluon", KernelOptions(attn_fwd_kernel="gluon"))]
         return gluon + [(f"fwd{t}", KernelOptions(attn_fwd_kernel="triton", attn_fwd=Tiles(*t))) for t in tiles]
     if stage == "bwd":
-        # the stored scores' two kernels in Gluon or Triton (the storing kernel: 64 heads a program,
-        # q and dO held in shared memory; the dkv product: every head a program, its adds from
-        # one warpgroup while the other multiplies), the rest of the backward as by default
-        kernels = [(f"stored_scores {s} dkv {d}", KernelOptions(attn_bwd_split=True, split_bwd="stored_scores",
-                                                                 attn_scores_kernel=s, attn_dkv_product_kernel=d))
-                   for s, d in (("gluon", "triton"), ("triton", "gluon"), ("gluon", "gluon"), ("triton", "triton"))]
+        # the stored scores' dkv product in Gluon (every head a program, one warpgroup adds while
+        # the other multiplies) or Triton, the rest of the backward as by default
+        kernels = [(f"stored_scores dkv {k}", KernelOptions(attn_bwd_split=True, split_bwd="stored_scores",
+                                                             attn_dkv_product_kernel=k)) for k in ("gluon", "triton")]
         if big:
             rc = "recompute"
             out = kernels + [("split p1 dq(64,8,1) dkv(64,4,1)", KernelOptions(key_passes=1, split_bwd=rc))]

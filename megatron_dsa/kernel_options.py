@@ -50,11 +50,9 @@ class KernelOptions:
     "auto": Gluon wherever it can run from ``sparse_attn_ws.AUTO_MIN_HEADS`` heads (where it
     measured faster), else Triton; "gluon": at any head count, an error where it cannot run;
     "triton": always Triton.
-    attn_scores_kernel: the same choice for the "stored_scores" backward's first kernel (the
-    probabilities and score gradients; Gluon: ``sparse_attn_ws.sparse_scores_ws``, "auto" from
-    ``sparse_attn_ws.SCORES_AUTO_MIN_HEADS`` heads).
-    attn_dkv_product_kernel: the same for its dkv product (Gluon: ``sparse_attn_ws.dkv_product_ws``,
-    up to 128 heads, top-k a multiple of 16; "auto" from ``sparse_attn_ws.DKV_AUTO_MIN_HEADS``).
+    attn_dkv_product_kernel: the same choice for the "stored_scores" backward's dkv product
+    (Gluon: ``sparse_attn_ws.dkv_product_ws``, up to 128 heads, top-k a multiple of 16; "auto"
+    from ``sparse_attn_ws.DKV_AUTO_MIN_HEADS`` heads).
     key_passes: how many key ranges the sparse attention's backward splits its fp32 dkv adds
     into, so each range's targets stay in L2 (0: chosen from the sizes, see
     ``sparse_attn.key_passes``; 1: one pass).
@@ -136,7 +134,6 @@ class KernelOptions:
 
     dense_kl: str = "fused"
     attn_fwd_kernel: str = "auto"
-    attn_scores_kernel: str = "auto"
     attn_dkv_product_kernel: str = "auto"
     key_passes: int = 0
     attn_bwd_split: Optional[bool] = None
@@ -172,7 +169,7 @@ class KernelOptions:
     def __post_init__(self):
         if self.dense_kl not in DENSE_KL:
             raise ValueError(f"dense_kl must be one of {list(DENSE_KL)}, got {self.dense_kl!r}")
-        for name in ("attn_fwd_kernel", "attn_scores_kernel", "attn_dkv_product_kernel"):
+        for name in ("attn_fwd_kernel", "attn_dkv_product_kernel"):
             if getattr(self, name) not in GLUON_CHOICES:
                 raise ValueError(f"{name} must be one of {list(GLUON_CHOICES)}, got {getattr(self, name)!r}")
         if self.split_bwd is not None and self.split_bwd not in SPLIT_BWD:

@@ -5,7 +5,7 @@ the sparse attention / KL target kernels with their default tiles at 16 heads an
 blocks (the split backward's dq and dkv kernels, the target with the keys as rows; the backward
 adding the KL's target as training runs it), their row gathers as 16-byte asynchronous copies;
 and the top-k selection with and without a register cap, and the indexer's FP8 scoring; and the
-warp-specialised Gluon kernels (the forward, the stored scores, the dkv product: their partitions'
+warp-specialised Gluon kernels (the forward and the backward's dkv product: their partitions'
 register budgets, 16-byte copies and adds, their products' shapes).
 
 No GPU needed: Triton lowers to PTX and assembles it with its bundled ptxas. The interpreter tests
@@ -239,21 +239,6 @@ def check_sparse_forward_ws() -> None:
     assert "cp.async.cg.shared.global" in ptx and "wgmma.mma_async.sync.aligned.m64n256k16" in ptx
 
 
-def check_sparse_scores_ws() -> None:
-    """The Gluon stored-scores kernel, with and without the head sum (q and dO of 64 heads held,
-    two 32-key buffers): its stores of the probabilities and score gradients are 4-byte (two
-    keys a thread)."""
-    from megatron_dsa.kernels import sparse_attn_ws as W
-
-    regs = (W.SCORES_CONSUMER_REGS, W.SCORES_PRODUCER_REGS)
-    for head_sum in (False, True):
-        consts = dict(NT=9, HEAD_SUM=head_sum, CONSUMER_REGS=regs[0], PRODUCER_REGS=regs[1])
-        ptx = _compile_gluon_sm90(W._sparse_scores_ws_kernel, consts, dict(P="*bf16", DS="*bf16", scale="fp32"),
-                                  GLUON_ALIGNED, regs)
-        assert "cp.async.cg.shared.global" in ptx and "wgmma.mma_async.sync.aligned.m64n32k16" in ptx
-        assert "st.global.b32" in ptx and "st.global.b16" not in ptx
-
-
 def check_dkv_product_ws() -> None:
     """The Gluon dkv product: the value columns in blocks of 128 with dO's term and key ranges, the
     rope columns without, and 32 heads; its adds are 16-byte (4 columns a thread)."""
@@ -271,7 +256,6 @@ def check_dkv_product_ws() -> None:
 
 @pytest.mark.parametrize("check,kernel,count", [
     ("check_sparse_forward_ws()", "_sparse_fwd_ws_kernel", 1),
-    ("check_sparse_scores_ws()", "_sparse_scores_ws_kernel", 2),
     ("check_dkv_product_ws()", "_sparse_dkv_product_ws_kernel", 3),
 ])
 def test_gluon_kernels_compile(check, kernel, count):

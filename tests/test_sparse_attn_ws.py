@@ -1,10 +1,11 @@
-"""The warp-specialised Gluon forward (``kernels/sparse_attn_ws.py``) against the reference, and the
-option that chooses it.
+"""The warp-specialised Gluon kernels (``kernels/sparse_attn_ws.py``: the forward, the backward's
+dkv product) against the reference and the Triton kernels, and the options that choose them.
 
-The kernel runs only on an sm_90 GPU (Triton's interpreter does not run Gluon): there it is
-compared with the reference in fp32 at 64 and 128 heads, with selections shorter than a key
-block pair, -1 slots inside and at the end of rows, and rows with no valid key. Everywhere, the
-option's values are checked and a forced Gluon forward that cannot run is one clear error.
+The kernels run only on an sm_90 GPU (Triton's interpreter does not run Gluon): there they are
+compared with the reference in fp32 at 16 to 128 heads (partial head blocks included), with
+selections shorter than a key block pair, -1 slots inside and at the end of rows, rows with no
+valid key and key ranges. Everywhere, the options' values and the head count "auto" takes the
+forward from are checked, and a forced Gluon kernel that cannot run is one clear error.
 """
 
 import os
@@ -141,9 +142,9 @@ def _rel(a, b):
     (1, 128, 40, 3000, 1024, 0, 4),  # key ranges at 128 heads
     (1, 32, 33, 700, 304, 0, 1),     # half a head block
 ])
-def test_gluon_backward_kernels_equal_the_reference(B, H, S, Sk, K, masked_rows, passes):
-    # the stored scores' two Gluon kernels (the probabilities and score gradients; the dkv
-    # product), each beside the Triton one and both together, against the reference in fp32
+def test_gluon_dkv_product_equals_the_reference(B, H, S, Sk, K, masked_rows, passes):
+    # the stored-scores backward with its dkv product in Gluon and in Triton, against the
+    # reference in fp32
     q = torch.randn(B, S, H, 576, device="cuda", dtype=torch.bfloat16)
     kv = torch.randn(B, Sk, 576, device="cuda", dtype=torch.bfloat16)
     idx = torch.cat([_selection(S, Sk, K, masked_rows) for _ in range(B)])
@@ -152,31 +153,29 @@ def test_gluon_backward_kernels_equal_the_reference(B, H, S, Sk, K, masked_rows,
     out, lse = SA.sparse_attn_fwd(q, kv, idx, 512, scale)
     ref = R.sparse_mla_attention_backward(q.float(), kv.float(), idx, out.float(), lse, dout.float(), 512, scale)
     grads = {}
-    for scores, dkv in (("triton", "triton"), ("gluon", "triton"), ("triton", "gluon"), ("gluon", "gluon")):
+    for kernel in ("triton", "gluon"):
         opts = KernelOptions(attn_bwd_split=True, split_bwd="stored_scores", key_passes=passes,
-                             attn_scores_kernel=scores, attn_dkv_product_kernel=dkv)
-        grads[scores, dkv] = SA.sparse_attn_bwd(q, kv, idx, out, lse, dout, 512, scale, opts, head_sum=True)
-    base = grads["triton", "triton"]
+                             attn_dkv_product_kernel=kernel)
+        grads[kernel] = SA.sparse_attn_bwd(q, kv, idx, out, lse, dout, 512, scale, opts, head_sum=True)
+    base = grads["triton"]
     for kernels, got in grads.items():
         for g, want, b, name in zip(got, ref, base, ("dq", "dkv", "head sum")):
             assert torch.isfinite(g).all(), (kernels, name)
             assert _rel(g, want) < 2e-2, (kernels, name, _rel(g, want))
             assert _rel(g, b) < 1e-2, (kernels, name, _rel(g, b))
-        # the head sum is fp32 from fp32 probabilities in both storing kernels
-        assert _rel(got[2], base[2]) < 1e-5, kernels
+        # dq and the head sum come from the same Triton kernels (the head sum's adds in any order)
+        assert _rel(got[0], base[0]) < 1e-6 and _rel(got[2], base[2]) < 1e-6, kernels
 
 
 def test_backward_kernel_options():
-    assert KernelOptions().attn_scores_kernel == KernelOptions().attn_dkv_product_kernel == "auto"
-    for name in ("attn_scores_kernel", "attn_dkv_product_kernel"):
-        with pytest.raises(ValueError, match=f"{name} must be one of"):
-            KernelOptions(**{name: "cuda"})
+    assert KernelOptions().attn_dkv_product_kernel == "auto"
+    with pytest.raises(ValueError, match="attn_dkv_product_kernel must be one of"):
+        KernelOptions(attn_dkv_product_kernel="cuda")
     # forced where it cannot run (fp32 here; on a machine without an sm_90 GPU, the device)
     q = torch.randn(1, 8, 16, 576, device=DEV)
     kv = torch.randn(1, 8, 576, device=DEV)
     idx = torch.zeros(1, 8, 4, dtype=torch.int32, device=DEV)
     out, lse = SA.sparse_attn_fwd(q, kv, idx, 512, 576**-0.5)
-    for name in ("attn_scores_kernel", "attn_dkv_product_kernel"):
-        opts = KernelOptions(attn_bwd_split=True, split_bwd="stored_scores", **{name: "gluon"})
-        with pytest.raises(ValueError, match=f"{name}='gluon' cannot run these inputs"):
-            SA.sparse_attn_bwd(q, kv, idx, out, lse, torch.randn_like(out), 512, 576**-0.5, opts)
+    opts = KernelOptions(attn_bwd_split=True, split_bwd="stored_scores", attn_dkv_product_kernel="gluon")
+    with pytest.raises(ValueError, match="attn_dkv_product_kernel='gluon' cannot run these inputs"):
+        SA.sparse_attn_bwd(q, kv, idx, out, lse, torch.randn_like(out), 512, 576**-0.5, opts)

@@ -917,14 +917,7 @@ def sparse_attn_bwd(q, kv, idx, out, lse, dout, v_dim, scale, options: KernelOpt
                 num_warps=tiles.num_warps, num_stages=tiles.num_stages,
             )
 
-        gluon_scores = scores and sparse_attn_ws.chosen(
-            options.attn_scores_kernel, H, sparse_attn_ws.SCORES_AUTO_MIN_HEADS,
-            lambda: sparse_attn_ws.supported(q, kv, v_dim, dout), "attn_scores_kernel")
-
         def scores_kernel(t0, t1):
-            if gluon_scores:
-                sparse_attn_ws.sparse_scores_ws(q, kv, idx, dout, lse, delta, psum, ds, pbuf, t0, t1, scale, head_sum)
-                return
             st = _tiles(options.attn_scores, q.is_cuda, HB, "scores")
             HN = min(next_pow2(H, 16), SCORES_HEADS)
             BD = SCORES_SLICE if q.is_cuda else 16  # narrow slices in the interpreter: several per dim

@@ -1,4 +1,5 @@
-"""The sparse MLA forward on Hopper as a warp-specialised Gluon kernel, 64 heads a program.
+"""Warp-specialised Gluon kernels on Hopper: the sparse MLA forward (64 heads a program) and the
+stored-scores backward's dkv product (every head a program).
 
 One program per (query token, block of 64 heads): three warpgroups that share one shared-memory
 plan (Q 72 KB, two 64-key buffers of the gathered latent rows, 144 KB; 225 KB in all):
@@ -20,6 +21,13 @@ The log-sum-exp and the output follow ``_softmax_finish``'s rules: a row without
 Needs sm_90 (wgmma, setmaxnreg), bf16 and the 512 + 64 latent of DeepSeek-V3.2 and GLM-5;
 ``supported`` says why not otherwise, and the Triton kernel (``sparse_attn.sparse_attn_fwd``) is
 the fallback.
+
+The dkv product (``dkv_product_ws``): one program per (token, 128 latent columns; the 64 rope
+columns apart) holds the token's q (and dO) columns for every head, up to 128; a producer copies
+64-key blocks of the stored score gradients (and probabilities) into two buffers, and two
+consumers take alternate blocks: [64 keys, 128 columns] products with the stored [heads, keys]
+tiles read transposed as A, then a row-swizzled shared copy to 4 columns a thread and one 16-byte
+fp32 add per (key, 4 columns). One consumer adds while the other multiplies.
 """
 
 from __future__ import annotations
@@ -53,23 +61,20 @@ HEADS = 64  # heads a program: the products' M
 # a full one does: ``attn_fwd_kernel="auto"`` takes this kernel from AUTO_MIN_HEADS heads, where it
 # measured faster than the Triton kernel.
 AUTO_MIN_HEADS = 32
-# The stored-scores kernel's: None until it measures faster than the Triton kernel somewhere.
-SCORES_AUTO_MIN_HEADS = None
-DKV_AUTO_MIN_HEADS = 128  # the dkv product's, likewise
+# The backward's dkv product: at 128 heads it measured faster than the Triton kernel, below not.
+DKV_AUTO_MIN_HEADS = 128
 V_DIM = 512  # value columns: two halves of 256, one a consumer
 TILE = 64  # latent columns a shared tile (128-byte rows, the 128-byte swizzle)
 # Registers a thread (setmaxnreg): 168 a thread at launch over 12 warps; the consumers take 232,
 # the producer 40 (ptxas, sm_90a: no spills).
 LAUNCH_REGS, CONSUMER_REGS, PRODUCER_REGS = 168, 232, 40
-# The stored-scores kernel's consumers hold two [64, 32] fp32 products
-SCORES_CONSUMER_REGS, SCORES_PRODUCER_REGS = 160, 56
 # The dkv product's: a [64 keys, 128 columns] fp32 product and its copy in the add layout
 DKV_CONSUMER_REGS, DKV_PRODUCER_REGS = 192, 56
 DKV_HEADS = 128  # heads the dkv product sums in one program (its products' K)
 
 
 def supported(q: torch.Tensor, kv: torch.Tensor, v_dim: int, dout: Optional[torch.Tensor] = None) -> Optional[str]:
-    """None when the kernels can run these inputs (``dout``: the stored-scores kernel's dO), else why not."""
+    """None when the kernels can run these inputs (``dout``: the dkv product's dO), else why not."""
     if not HAS_GLUON:
         return "needs Triton 3.6 or later (its Gluon API)"
     if interpreting() or not q.is_cuda:
@@ -376,113 +381,6 @@ if HAS_GLUON:
             mbarrier.init(k_free.index(j), count=1)
         return k_ready, k_free
 
-    # The backward's stored scores: 32-key blocks (two buffers, the two consumers take alternate
-    # ones), the products [64 heads, 32 keys]
-    SBK = gl.constexpr(32)
-    S_SCORES_L = gl.constexpr(gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 32, 16]))
-
-    @gluon.jit
-    def _scores_consumer(q_s, do_s, kv_s, k_ready, k_free, IDX, ib_off, LSE, DELTA, PSUM, DS, P, lb, gb, s_gh,
-                         nh, Sk, TOPK, scale, scale_log2, NT: gl.constexpr, C: gl.constexpr,
-                         HEAD_SUM: gl.constexpr):
-        # Blocks C, C + 2, ... (buffer C): both products over the gathered rows, then the
-        # probabilities and score gradients stored; missing heads have p = 0 (their lse is -inf).
-        ib = IDX + ib_off
-        rows = gl.arange(0, HB, layout=gl.SliceLayout(1, S_SCORES_L))
-        hm = rows < nh
-        lse = gl.load(LSE + lb + rows, mask=hm, other=float("-inf"))
-        lse2 = gl.where(lse == float("-inf"), float("inf"), lse * LOG2E_C)
-        delta = gl.load(DELTA + lb + rows, mask=hm, other=0.0)
-        n_blocks = gl.cdiv(TOPK, SBK)
-        for i in range((n_blocks + 1 - C) // 2):
-            ph = i & 1
-            z = (i >> 30) & 1  # 0; unknown to the compiler, it keeps the descriptors in the loop
-            kk = (2 * i + C) * SBK + gl.arange(0, SBK, layout=gl.SliceLayout(0, S_SCORES_L))
-            idx = gl.load(ib + kk, mask=kk < TOPK, other=-1)
-            valid = (idx >= 0) & (idx < Sk)
-            s = hopper.warpgroup_mma_init(gl.zeros([HB, SBK], gl.float32, layout=S_SCORES_L))
-            dp = hopper.warpgroup_mma_init(gl.zeros([HB, SBK], gl.float32, layout=S_SCORES_L))
-            mbarrier.wait(k_ready.index(C), ph)
-            hopper.fence_async_shared()
-            for c in range(NT - 1):  # the value tiles: scores and dO . v
-                kt = kv_s.index(C * NT + c + z).permute((1, 0))
-                s = hopper.warpgroup_mma(q_s.index(c), kt, s, is_async=True)
-                dp = hopper.warpgroup_mma(do_s.index(c), kt, dp, is_async=True)
-            s = hopper.warpgroup_mma(q_s.index(NT - 1), kv_s.index(C * NT + NT - 1 + z).permute((1, 0)), s,
-                                     is_async=True)
-            s, dp = hopper.warpgroup_mma_wait(num_outstanding=0, deps=(s, dp))
-            mbarrier.arrive(k_free.index(C))
-            p = gl.where(valid[None, :], gl.exp2(s * scale_log2 - lse2[:, None]), 0.0)
-            ds = p * (dp - delta[:, None]) * scale
-            slot = gb + rows[:, None] * s_gh + kk[None, :]
-            ok = hm[:, None] & (kk < TOPK)[None, :]
-            gl.store(DS + slot, ds.to(DS.dtype.element_ty), mask=ok)
-            gl.store(P + slot, p.to(P.dtype.element_ty), mask=ok)
-            if HEAD_SUM:  # the sparse KL's target: p summed over the heads (the head blocks share a row)
-                gl.atomic_add(PSUM + ib_off + kk, gl.sum(p, axis=0), mask=kk < TOPK, sem="relaxed")
-
-    @gluon.jit
-    def _scores_producer(q_s, do_s, kv_s, k_ready, k_free, IDX, ib_off, KV, kv_off, s_ks, Sk, TOPK,
-                         NT: gl.constexpr):
-        # Gathers block j's selected latent rows into buffer j % 2.
-        ld: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
-        ib = IDX + ib_off
-        kvb = KV + kv_off
-        cols = gl.arange(0, TW, layout=gl.SliceLayout(0, ld))
-        for j in range(gl.cdiv(TOPK, SBK)):
-            buf = j & 1
-            kk = j * SBK + gl.arange(0, SBK, layout=gl.SliceLayout(1, ld))
-            idx = gl.load(ib + kk, mask=kk < TOPK, other=-1)
-            valid = (idx >= 0) & (idx < Sk)
-            rows = kvb + gl.where(valid, idx, 0).to(gl.int64) * s_ks
-            mbarrier.wait(k_free.index(buf), ((j >> 1) & 1) ^ 1)
-            for c in gl.static_range(NT):
-                cp.async_copy_global_to_shared(kv_s.index(buf * NT + c), rows[:, None] + (c * TW + cols)[None, :],
-                                               mask=valid[:, None])
-            cp.mbarrier_arrive(k_ready.index(buf), increment_count=False)
-
-    @gluon.jit
-    def _sparse_scores_ws_kernel(Q, KV, IDX, DO, LSE, DELTA, PSUM, DS, P, H, Sk, TOPK, NHB, scale, scale_log2, t0,
-                                 s_qb, s_qs, s_qh, s_kb, s_ks, s_ib, s_is, s_ob, s_os, s_oh, s_lb, s_ls,
-                                 s_gb, s_gs, s_gh, NT: gl.constexpr, HEAD_SUM: gl.constexpr,
-                                 CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
-        pid = gl.program_id(0)
-        t = (t0 + pid // NHB).to(gl.int64)
-        hb = pid % NHB
-        b = gl.program_id(1).to(gl.int64)
-        h0 = hb * HB
-        nh = H - h0
-        q_s = gl.allocate_shared_memory(gl.bfloat16, [NT, HB, TW], SMEM_L)
-        do_s = gl.allocate_shared_memory(gl.bfloat16, [NT - 1, HB, TW], SMEM_L)
-        kv_s = gl.allocate_shared_memory(gl.bfloat16, [2 * NT, SBK, TW], SMEM_L)  # two buffers of NT tiles
-        k_ready, k_free = _two_buffer_barriers()
-        # the block's q and dO, once; missing heads are zero rows
-        ld: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
-        rows = gl.arange(0, HB, layout=gl.SliceLayout(1, ld))
-        cols = gl.arange(0, TW, layout=gl.SliceLayout(0, ld))
-        hm = (rows < nh)[:, None]
-        qb = Q + b * s_qb + t * s_qs + (h0 + rows).to(gl.int64)[:, None] * s_qh
-        ob = DO + b * s_ob + t * s_os + (h0 + rows).to(gl.int64)[:, None] * s_oh
-        for c in gl.static_range(NT):
-            cp.async_copy_global_to_shared(q_s.index(c), qb + (c * TW + cols)[None, :], mask=hm)
-        for c in gl.static_range(NT - 1):
-            cp.async_copy_global_to_shared(do_s.index(c), ob + (c * TW + cols)[None, :], mask=hm)
-        cp.commit_group()
-        cp.wait_group(0)
-        hopper.fence_async_shared()
-        _cta_barrier()
-        ib_off = b * s_ib + t * s_is
-        lb = b * s_lb + t * s_ls + h0
-        gb = b * s_gb + (t - t0) * s_gs + h0.to(gl.int64) * s_gh
-        gl.warp_specialize([
-            (_scores_consumer, (q_s, do_s, kv_s, k_ready, k_free, IDX, ib_off, LSE, DELTA, PSUM, DS, P, lb, gb, s_gh,
-                                nh, Sk, TOPK, scale, scale_log2, NT, 0, HEAD_SUM)),
-            (_scores_consumer, (q_s, do_s, kv_s, k_ready, k_free, IDX, ib_off, LSE, DELTA, PSUM, DS, P, lb, gb, s_gh,
-                                nh, Sk, TOPK, scale, scale_log2, NT, 1, HEAD_SUM)),
-            (_scores_producer, (q_s, do_s, kv_s, k_ready, k_free, IDX, ib_off, KV, b * s_kb, s_ks, Sk, TOPK, NT)),
-        ], [4, 4], [CONSUMER_REGS, PRODUCER_REGS])
-
-
     # The backward's dkv product: 64-key blocks of the stored scores (two buffers, the consumers
     # take alternate ones), [64 keys, BC columns] products over every head, added to dkv from a
     # blocked layout (4 columns a thread: 16-byte atomic adds)
@@ -615,26 +513,6 @@ def sparse_attn_fwd_ws(q, kv, idx, v_dim, scale):
         NT=D // TILE, PRODUCER_WARPS=4, WG1_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS,
         num_warps=4, maxnreg=LAUNCH_REGS)
     return out, lse
-
-
-def sparse_scores_ws(q, kv, idx, dout, lse, delta, psum, ds, p, t0: int, t1: int, scale: float, head_sum: bool):
-    """The stored-scores backward's first kernel (``sparse_attn._sparse_scores_kernel``'s contract)
-    for rows t0..t1: ds and p [B, rows from t0, H, K] in kv's dtype, and with ``head_sum`` p's sum
-    over the heads added to ``psum`` (addressed with idx's strides)."""
-    why = supported(q, kv, dout.shape[-1], dout)
-    if why is not None:
-        raise ValueError(f"the Gluon stored-scores kernel cannot run these inputs: {why}")
-    B, _, H, D = q.shape
-    NHB = triton.cdiv(H, HEADS)
-    if t1 <= t0 or H == 0 or idx.shape[-1] == 0:
-        return
-    _sparse_scores_ws_kernel[((t1 - t0) * NHB, B)](
-        q, kv, idx, dout, lse, delta, psum, ds, p, H, kv.shape[1], idx.shape[-1], NHB, scale, scale * LOG2E, t0,
-        q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1), idx.stride(0), idx.stride(1),
-        dout.stride(0), dout.stride(1), dout.stride(2), lse.stride(0), lse.stride(1),
-        ds.stride(0), ds.stride(1), ds.stride(2),
-        NT=D // TILE, HEAD_SUM=head_sum, CONSUMER_REGS=SCORES_CONSUMER_REGS, PRODUCER_REGS=SCORES_PRODUCER_REGS,
-        num_warps=4, maxnreg=LAUNCH_REGS)
 
 
 def dkv_product_supported(ds, q, dout) -> Optional[str]:
