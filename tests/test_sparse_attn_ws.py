@@ -62,6 +62,14 @@ def test_supported_names_each_requirement():
         assert "512 + 64 latent" in W.supported(q, kv, 256)
         wide = torch.randn(1, 2, 64, 584, device="cuda", dtype=torch.bfloat16)[..., :576]  # rows 584 apart
         assert "multiples of 16 elements" in W.supported(wide, kv, 512)
+        # the dkv product: q, dO and the stored scores
+        dout = torch.randn(1, 2, 64, 512, device="cuda", dtype=torch.bfloat16)
+        ds = torch.empty(1, 2, 64, 2048, device="cuda", dtype=torch.bfloat16)
+        assert W.dkv_product_supported(ds, q, dout) is None
+        assert "dO (got torch.float32)" in W.dkv_product_supported(ds, q, dout.float())
+        assert "top-k a multiple of 16" in W.dkv_product_supported(ds[..., :130], q, dout)
+        wide_q = torch.randn(1, 2, 256, 576, device="cuda", dtype=torch.bfloat16)
+        assert "at most 128 heads" in W.dkv_product_supported(ds, wide_q, dout)
     else:
         q = torch.randn(1, 2, 64, 576, dtype=torch.bfloat16)
         assert W.supported(q, q[:, :, 0], 512) is not None

@@ -73,27 +73,26 @@ DKV_CONSUMER_REGS, DKV_PRODUCER_REGS = 192, 56
 DKV_HEADS = 128  # heads the dkv product sums in one program (its products' K)
 
 
-def supported(q: torch.Tensor, kv: torch.Tensor, v_dim: int, dout: Optional[torch.Tensor] = None) -> Optional[str]:
-    """None when the kernels can run these inputs (``dout``: the dkv product's dO), else why not."""
+def supported(q: torch.Tensor, kv: Optional[torch.Tensor], v_dim: int,
+              dout: Optional[torch.Tensor] = None) -> Optional[str]:
+    """None when the kernels can run these inputs (the forward's q and kv; the dkv product's q and
+    dO, ``kv`` None), else why not."""
     if not HAS_GLUON:
         return "needs Triton 3.6 or later (its Gluon API)"
     if interpreting() or not q.is_cuda:
         return "needs a CUDA device (Triton's interpreter does not run Gluon)"
     if torch.cuda.get_device_capability(q.device) != (9, 0):
         return "needs an sm_90 GPU (Hopper's wgmma and setmaxnreg)"
-    if q.dtype != torch.bfloat16 or kv.dtype != torch.bfloat16:
-        return f"needs bf16 q and kv, got {q.dtype} / {kv.dtype}"
+    named = [(n, t) for n, t in (("q", q), ("kv", kv), ("dO", dout)) if t is not None]
+    if any(t.dtype != torch.bfloat16 for _, t in named):
+        return "needs bf16 " + " / ".join(f"{n} (got {t.dtype})" for n, t in named)
     D = q.shape[3]
     if v_dim != V_DIM or D != V_DIM + TILE:
         return f"needs the {V_DIM} + {TILE} latent (Dqk {V_DIM + TILE} / Dv {V_DIM}), got Dqk {D} / Dv {v_dim}"
-    # the gathers are 16-byte copies: every row must start 16-byte aligned, and the compiler only
-    # knows it from strides that are multiples of 16 elements (and aligned base pointers)
-    strides = (*q.stride()[:3], *kv.stride()[:2])
-    if q.stride(-1) != 1 or kv.stride(-1) != 1 or any(s % 16 for s in strides) or (q.data_ptr() | kv.data_ptr()) % 16:
+    # the copies are 16 bytes: every row must start 16-byte aligned, and the compiler only knows
+    # it from strides that are multiples of 16 elements (and aligned base pointers)
+    if any(t.stride(-1) != 1 or t.data_ptr() % 16 or any(s % 16 for s in t.stride()[:-1]) for _, t in named):
         return "needs unit-stride rows, 16-byte aligned, with strides in multiples of 16 elements"
-    if dout is not None and (dout.dtype != torch.bfloat16 or dout.stride(-1) != 1 or dout.data_ptr() % 16
-                             or any(s % 16 for s in dout.stride()[:3])):
-        return "needs dO in bf16 with unit-stride rows, 16-byte aligned, strides in multiples of 16 elements"
     return None
 
 
@@ -518,11 +517,12 @@ def sparse_attn_fwd_ws(q, kv, idx, v_dim, scale):
 def dkv_product_supported(ds, q, dout) -> Optional[str]:
     """None when the Gluon dkv product can run (``supported``'s conditions, every head in one
     program: up to 128, the stored scores' rows 16-byte aligned), else why not."""
-    why = supported(q, q[:, :, 0], dout.shape[-1] if dout is not None else 0, dout)
+    why = supported(q, None, dout.shape[-1], dout)
     if why is None and q.shape[2] > DKV_HEADS:
         why = f"sums at most {DKV_HEADS} heads in one program, got {q.shape[2]}"
-    if why is None and (ds.stride(-1) != 1 or any(s % 16 for s in ds.stride()[:3]) or ds.data_ptr() % 16):
-        why = "needs the stored scores' rows 16-byte aligned (top-k a multiple of 16)"
+    if why is None and (ds.shape[-1] % 16 or ds.stride(-1) != 1 or any(s % 16 for s in ds.stride()[:3])
+                        or ds.data_ptr() % 16):
+        why = f"needs top-k a multiple of 16 and the stored scores' rows 16-byte aligned, got top-k {ds.shape[-1]}"
     return why
 
 
