@@ -610,8 +610,11 @@ def _tiles(chosen, on_gpu: bool, HB: int, kernel: str, D1: int = 512) -> Tiles:
         if kernel == "bwd":
             return Tiles(32, 4, 2)
     # Measured on the H200 (benchmarks/results/tune_dsa_*.json; 576 / 512 dims, top-k 2048).
-    if kernel == "fwd":  # 32K x 64 heads: 36 ms vs (32, 8, 2) 51; 128K x 16 heads: 74 ms vs (64, 4, 2) 99
-        return Tiles(64, 8, 2)
+    if kernel == "fwd":  # 32K x 64 heads: 36 ms vs (32, 8, 2) 51. One head block of 16 or 32 rows:
+        # 4 warps (128K on an H100, results/h100/tune_dsa_fwd_gluon_128k_32_16heads.json: 16 heads
+        # 57.7 ms vs (64, 8, 2) 73.3, 32 heads 85.8 vs 136.5; an earlier kernel on the H200,
+        # results/tune_dsa_fwd_128k_16heads.json, had 8 warps faster at 16 heads, 74 against 99)
+        return Tiles(64, 8, 2) if HB >= MAX_HEAD_BLOCK else Tiles(64, 4, 2)
     if kernel == "dkv":  # keys are the products' rows, 64 for the tensor cores; 128K x 128 heads:
         return Tiles(64, 4, 1)  # 912 ms, (64, 8, 1) 1338
     if kernel == "dq" and HB >= MAX_HEAD_BLOCK:  # 32K x 128 heads: 133 ms, (32, 8, 2) 226, (32, 8, 1) 176
