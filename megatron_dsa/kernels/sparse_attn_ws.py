@@ -429,7 +429,7 @@ if HAS_GLUON:
             gl.atomic_add(rows[:, None] + cols[None, :], vals, mask=valid[:, None], sem="relaxed")
 
     @gluon.jit
-    def _dkv_producer(q_s, do_s, ds_s, p_s, acc_s, k_ready, k_free, DS, P, gb, s_gh, SEG, seg_off, pass_id, H, TOPK,
+    def _dkv_producer(ds_s, p_s, k_ready, k_free, DS, P, gb, s_gh, SEG, seg_off, pass_id, H, TOPK,
                       HP: gl.constexpr, HAS_DO: gl.constexpr, PASSES: gl.constexpr):
         # Copies the stored score gradients (and probabilities) of block j into buffer j % 2.
         ld: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
@@ -487,8 +487,8 @@ if HAS_GLUON:
                              b * s_dkb, s_dks, col0, Sk, TOPK, BC, HAS_DO, 0, PASSES)),
             (_dkv_consumer, (q_s, do_s, ds_s, p_s, acc_s, k_ready, k_free, IDX, ib_off, SEG, seg_off, pass_id, DKV,
                              b * s_dkb, s_dks, col0, Sk, TOPK, BC, HAS_DO, 1, PASSES)),
-            (_dkv_producer, (q_s, do_s, ds_s, p_s, acc_s, k_ready, k_free, DS, P, gb, s_gh, SEG, seg_off, pass_id,
-                             H, TOPK, HP, HAS_DO, PASSES)),
+            (_dkv_producer, (ds_s, p_s, k_ready, k_free, DS, P, gb, s_gh, SEG, seg_off, pass_id, H, TOPK, HP,
+                             HAS_DO, PASSES)),
         ], [4, 4], [CONSUMER_REGS, PRODUCER_REGS])
 
 
