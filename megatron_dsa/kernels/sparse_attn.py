@@ -49,6 +49,7 @@ import torch
 from ._common import (HAS_TRITON, LOG2E, _dot, _softmax_finish, _softmax_step, interpreting, is_fp32, next_pow2,
                       rows_within, selection, triton, tl)
 from . import sparse_attn_ws
+from ._gluon import chosen
 from ..kernel_options import DEFAULT_OPTIONS, KernelOptions, Tiles
 
 MAX_HEAD_BLOCK = 64  # rows of one program's products: the tensor cores' M at 64 and above
@@ -632,8 +633,8 @@ def _tiles(chosen, on_gpu: bool, HB: int, kernel: str, D1: int = 512) -> Tiles:
 
 
 def sparse_attn_fwd(q, kv, idx, v_dim, scale, options: KernelOptions = DEFAULT_OPTIONS):
-    if sparse_attn_ws.chosen(options.attn_fwd_kernel, q.shape[2], sparse_attn_ws.AUTO_MIN_HEADS,
-                             lambda: sparse_attn_ws.supported(q, kv, v_dim), "attn_fwd_kernel"):
+    if chosen(options.attn_fwd_kernel, q.shape[2], sparse_attn_ws.AUTO_MIN_HEADS,
+              lambda: sparse_attn_ws.supported(q, kv, v_dim), "attn_fwd_kernel"):
         return sparse_attn_ws.sparse_attn_fwd_ws(q, kv, idx, v_dim, scale)
     B, Sq, H, D = q.shape
     Sk = kv.shape[1]
@@ -771,8 +772,8 @@ def _dkv_product(ds, p, q, dout, idx, seg, dkv, t0: int, t1: int, pass_id: int, 
     ``options.dkv_product_columns`` with dO's term, then the rope columns; every head at once up
     to ``options.dkv_product_heads`` (more: one add per group of that many)."""
     B, _, H, D = q.shape
-    if sparse_attn_ws.chosen(options.attn_dkv_product_kernel, H, sparse_attn_ws.DKV_AUTO_MIN_HEADS,
-                             lambda: sparse_attn_ws.dkv_product_supported(ds, q, dout), "attn_dkv_product_kernel"):
+    if chosen(options.attn_dkv_product_kernel, H, sparse_attn_ws.DKV_AUTO_MIN_HEADS,
+              lambda: sparse_attn_ws.dkv_product_supported(ds, q, dout), "attn_dkv_product_kernel"):
         sparse_attn_ws.dkv_product_ws(ds, p, q, dout, idx, seg, dkv, t0, t1, pass_id, passes, v_dim)
         return
     K = idx.shape[-1]

@@ -36,24 +36,11 @@ from typing import Optional
 
 import torch
 
-try:  # Gluon's API as written here is Triton 3.6's (run on the GPU) and 3.8's (compiled in CI)
-    import triton
+from ._common import LOG2E
+from ._gluon import HAS_GLUON, aligned_rows, device_why_not
 
-    if tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 6):
-        raise ImportError(f"Triton {triton.__version__}: the Gluon forward needs 3.6 or later")
-    from triton.experimental import gluon
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia import hopper
-    from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
-    from triton.experimental.gluon.language.nvidia.hopper import mbarrier
-
-    # the CTA-wide barrier's name: thread_barrier up to Triton 3.6, barrier after
-    _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
-    HAS_GLUON = True
-except Exception:  # pragma: no cover - depends on the environment
-    HAS_GLUON = False
-
-from ._common import LOG2E, interpreting
+if HAS_GLUON:
+    from ._gluon import cp, cta_barrier, gl, gluon, hopper, mbarrier, triton
 
 HEADS = 64  # heads a program: the products' M
 # A last block of fewer heads runs with its missing rows zero (their outputs are not stored). The
@@ -77,38 +64,18 @@ def supported(q: torch.Tensor, kv: Optional[torch.Tensor], v_dim: int,
               dout: Optional[torch.Tensor] = None) -> Optional[str]:
     """None when the kernels can run these inputs (the forward's q and kv; the dkv product's q and
     dO, ``kv`` None), else why not."""
-    if not HAS_GLUON:
-        return "needs Triton 3.6 or later (its Gluon API)"
-    if interpreting() or not q.is_cuda:
-        return "needs a CUDA device (Triton's interpreter does not run Gluon)"
-    if torch.cuda.get_device_capability(q.device) != (9, 0):
-        return "needs an sm_90 GPU (Hopper's wgmma and setmaxnreg)"
+    why = device_why_not(q)
+    if why is not None:
+        return why
     named = [(n, t) for n, t in (("q", q), ("kv", kv), ("dO", dout)) if t is not None]
     if any(t.dtype != torch.bfloat16 for _, t in named):
         return "needs bf16 " + " / ".join(f"{n} (got {t.dtype})" for n, t in named)
     D = q.shape[3]
     if v_dim != V_DIM or D != V_DIM + TILE:
         return f"needs the {V_DIM} + {TILE} latent (Dqk {V_DIM + TILE} / Dv {V_DIM}), got Dqk {D} / Dv {v_dim}"
-    # the copies are 16 bytes: every row must start 16-byte aligned, and the compiler only knows
-    # it from strides that are multiples of 16 elements (and aligned base pointers)
-    if any(t.stride(-1) != 1 or t.data_ptr() % 16 or any(s % 16 for s in t.stride()[:-1]) for _, t in named):
+    if not aligned_rows(*(t for _, t in named)):
         return "needs unit-stride rows, 16-byte aligned, with strides in multiples of 16 elements"
     return None
-
-
-def chosen(choice: str, heads: int, auto_min_heads: Optional[int], why_not, option: str) -> bool:
-    """Whether a stage runs its Gluon kernel (``choice``: its ``KernelOptions`` field, named
-    ``option``): "triton" never; "auto" from ``auto_min_heads`` heads (None: not measured faster
-    anywhere) where it can run; "gluon" wherever it can, one error where not. ``why_not()``: the
-    kernel's ``supported`` for these inputs."""
-    if choice == "triton" or (choice == "auto" and (auto_min_heads is None or heads < auto_min_heads)):
-        return False
-    why = why_not()
-    if why is None:
-        return True
-    if choice == "gluon":
-        raise ValueError(f"{option}='gluon' cannot run these inputs: {why}")
-    return False
 
 
 if HAS_GLUON:
@@ -354,7 +321,7 @@ if HAS_GLUON:
         cp.commit_group()
         cp.wait_group(0)
         hopper.fence_async_shared()
-        _cta_barrier()
+        cta_barrier()
         bars = (k_ready, k_free, one.index(0), one.index(1), one.index(2), one.index(3), one.index(4), one.index(5))
         ib_off = b * s_ib + t * s_is
         ob = b * s_ob + t * s_os + h0.to(gl.int64) * s_oh
@@ -478,7 +445,7 @@ if HAS_GLUON:
         cp.commit_group()
         cp.wait_group(0)
         hopper.fence_async_shared()
-        _cta_barrier()
+        cta_barrier()
         ib_off = b * s_ib + t * s_is
         seg_off = b * s_sb + t * s_ss
         gb = b * s_gb + (t - t0) * s_gs
@@ -520,8 +487,7 @@ def dkv_product_supported(ds, q, dout) -> Optional[str]:
     why = supported(q, None, dout.shape[-1], dout)
     if why is None and q.shape[2] > DKV_HEADS:
         why = f"sums at most {DKV_HEADS} heads in one program, got {q.shape[2]}"
-    if why is None and (ds.shape[-1] % 16 or ds.stride(-1) != 1 or any(s % 16 for s in ds.stride()[:3])
-                        or ds.data_ptr() % 16):
+    if why is None and (ds.shape[-1] % 16 or not aligned_rows(ds)):
         why = f"needs top-k a multiple of 16 and the stored scores' rows 16-byte aligned, got top-k {ds.shape[-1]}"
     return why
 
