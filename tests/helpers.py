@@ -115,3 +115,25 @@ def skip_repeated_interpreter_patching() -> None:
     interp._patch_lang = patch_lang_once
     interp.GridExecutor.__call__ = tracked_launch
     interp._mdsa_skip_repeated_patching = True
+
+
+def check_topk(got, ref, scores, mask, tol):
+    """Same sets per row up to near-ties at the threshold; -1 counts equal; order descending."""
+    assert got.shape == ref.shape and got.dtype == ref.dtype == torch.int32
+    B, Sq, k = got.shape
+    masked = scores.masked_fill(~mask, float("-inf"))
+    for b in range(B):
+        for t in range(Sq):
+            g, r = got[b, t], ref[b, t]
+            assert int((g < 0).sum()) == int((r < 0).sum()), (b, t)
+            assert bool((g[: int((g >= 0).sum())] >= 0).all()), "-1 must trail"
+            gs, rs = set(g[g >= 0].tolist()), set(r[r >= 0].tolist())
+            assert len(gs) == int((g >= 0).sum()), "duplicate index"
+            if gs != rs:
+                row = masked[b, t]
+                thr = row[r[r >= 0]].min()
+                diff = torch.tensor(sorted(gs ^ rs))
+                assert bool(mask[t, diff].all()), "ineligible key selected"
+                assert float((row[diff] - thr).abs().max()) <= tol * (1 + abs(float(thr))), (b, t)
+            v = masked[b, t, g[g >= 0]]
+            assert bool((v[1:] <= v[:-1] + tol * (1 + v.abs().max())).all()), "not score-descending"

@@ -17,7 +17,7 @@ triton = pytest.importorskip("triton")
 from megatron_dsa import kernels as K  # noqa: E402
 from megatron_dsa import reference as R  # noqa: E402
 from megatron_dsa.kernel_options import KernelOptions, Tiles  # noqa: E402
-from helpers import key_ordered_selection  # noqa: E402
+from helpers import check_topk, key_ordered_selection  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not K.available(), reason="needs Triton with CUDA or TRITON_INTERPRET=1")
 
@@ -71,28 +71,6 @@ def _fp32_leaves(*ts):
     return [t.detach().float().requires_grad_(t.requires_grad) for t in ts]
 
 
-def _check_topk(got, ref, scores, mask, tol):
-    """Same sets per row up to near-ties at the threshold; -1 counts equal; order descending."""
-    assert got.shape == ref.shape and got.dtype == ref.dtype == torch.int32
-    B, Sq, k = got.shape
-    masked = scores.masked_fill(~mask, float("-inf"))
-    for b in range(B):
-        for t in range(Sq):
-            g, r = got[b, t], ref[b, t]
-            assert int((g < 0).sum()) == int((r < 0).sum()), (b, t)
-            assert bool((g[: int((g >= 0).sum())] >= 0).all()), "-1 must trail"
-            gs, rs = set(g[g >= 0].tolist()), set(r[r >= 0].tolist())
-            assert len(gs) == int((g >= 0).sum()), "duplicate index"
-            if gs != rs:
-                row = masked[b, t]
-                thr = row[r[r >= 0]].min()
-                diff = torch.tensor(sorted(gs ^ rs))
-                assert bool(mask[t, diff].all()), "ineligible key selected"
-                assert float((row[diff] - thr).abs().max()) <= tol * (1 + abs(float(thr))), (b, t)
-            v = masked[b, t, g[g >= 0]]
-            assert bool((v[1:] <= v[:-1] + tol * (1 + v.abs().max())).all()), "not score-descending"
-
-
 TOPK_CASES = [
     # B, Sq, Sk, HI, DI, topk, dtype, positions
     (1, 70, 70, 4, 32, 16, torch.float32, "causal"),
@@ -119,7 +97,7 @@ def test_indexer_topk(B, Sq, Sk, HI, DI, topk, dtype, pos):
     ref = R.indexer_topk(q, k, w, topk, q_pos, k_pos)
     qp = R._positions(q_pos, Sq, DEV)
     kp = R._positions(k_pos, Sk, DEV)
-    _check_topk(got, ref, R.indexer_scores(q, k, w), R.causal_mask(qp, kp), 1e-4)
+    check_topk(got, ref, R.indexer_scores(q, k, w), R.causal_mask(qp, kp), 1e-4)
 
 
 def test_indexer_topk_ties_go_to_smaller_index():
@@ -167,7 +145,7 @@ def test_indexer_topk_selection_launch():
     k[1, S // 3 :] = k[1, : S - S // 3].clone()  # exact ties at the threshold
     got = K.indexer_topk(q, k, w, topk, options=KernelOptions(select=Tiles(32, 2, 2), score=Tiles(16, 2, 2)))
     mask = R.causal_mask(torch.arange(S, device=DEV), torch.arange(S, device=DEV))
-    _check_topk(got, R.indexer_topk(q, k, w, topk), R.indexer_scores(q, k, w), mask, 1e-4)
+    check_topk(got, R.indexer_topk(q, k, w, topk), R.indexer_scores(q, k, w), mask, 1e-4)
 
 
 def test_selection_register_cap_reaches_its_launch(monkeypatch):
@@ -191,7 +169,7 @@ def test_selection_register_cap_reaches_its_launch(monkeypatch):
     got = K.indexer_topk(q, k, w, topk, options=KernelOptions(select_max_registers=64))
     assert launches and set(launches) == {64}
     mask = R.causal_mask(torch.arange(S, device=DEV), torch.arange(S, device=DEV))
-    _check_topk(got, R.indexer_topk(q, k, w, topk), R.indexer_scores(q, k, w), mask, 1e-4)
+    check_topk(got, R.indexer_topk(q, k, w, topk), R.indexer_scores(q, k, w), mask, 1e-4)
     launches.clear()
     assert torch.equal(K.indexer_topk(q, k, w, topk), got) and set(launches) == {None}
 
@@ -212,7 +190,7 @@ def test_selection_overlapping_the_next_chunks_scoring_selects_the_same():
     assert torch.equal(sets, K.indexer_topk(q, k, w, topk, ordered=False, options=one_buffer))
     assert torch.equal(sets.sort(dim=-1).values, got.sort(dim=-1).values)
     mask = R.causal_mask(torch.arange(S, device=DEV), torch.arange(S, device=DEV))
-    _check_topk(got, R.indexer_topk(q, k, w, topk), R.indexer_scores(q, k, w), mask, 1e-4)
+    check_topk(got, R.indexer_topk(q, k, w, topk), R.indexer_scores(q, k, w), mask, 1e-4)
 
 
 @pytest.mark.parametrize("cap,group,bits", [(0, 2, None), (2, 2, None), (4096, 0, None), (4096, 2, None), (36, 2, None),
@@ -234,7 +212,7 @@ def test_indexer_topk_selection_paths(cap, group, bits):
     got = K.indexer_topk(q, k, w, topk, options=opts)
     ref = R.indexer_topk(q, k, w, topk)
     mask = R.causal_mask(torch.arange(S, device=DEV), torch.arange(S, device=DEV))
-    _check_topk(got, ref, R.indexer_scores(q, k, w), mask, 1e-4)
+    check_topk(got, ref, R.indexer_scores(q, k, w), mask, 1e-4)
     unordered = K.indexer_topk(q, k, w, topk, ordered=False, options=opts)
     assert torch.equal(unordered.sort(-1).values, got.sort(-1).values)
     keys = torch.where(unordered >= 0, unordered, torch.iinfo(unordered.dtype).max)
@@ -293,7 +271,7 @@ def test_indexer_topk_fp8(B, S, HI, DI, topk):
     mask = R.causal_mask(torch.arange(S, device=DEV), torch.arange(S, device=DEV))
     # fp8 tensor-core products accumulate with reduced precision on Hopper (the H200 showed
     # order swaps beyond 2e-3 of the row max): near-ties within 1e-2 may swap.
-    _check_topk(got, oracle, R.indexer_scores(qd, kd, w), mask, 1e-2)
+    check_topk(got, oracle, R.indexer_scores(qd, kd, w), mask, 1e-2)
     # Overlap with the full-precision top-k (rows with fewer eligible keys than topk count 1).
     ref = R.indexer_topk(q, k, w, topk)
     hits = ((got[..., :, None] == ref[..., None, :]) & (ref[..., None, :] >= 0)).any(-1).sum(-1)
