@@ -150,6 +150,8 @@ def variants(stage: str, heads: int) -> list[tuple[str, KernelOptions]]:
         return [(f"warmup kl target {form}", KernelOptions()) for form in WARMUP_TARGET_FORMS]
     if stage == "topk":  # the FP8 indexer's scoring + selection: the runs' maxima bound or not; the selection's launch
         out = [(f"indexer_topk fp8 select_runs={r}", KernelOptions(select_runs=r)) for r in (8, 0, 4, 16)]
+        # the scoring as the warp-specialised Gluon kernel or the Triton kernel
+        out += [(f"indexer_topk fp8 score_kernel={k}", KernelOptions(score_kernel=k)) for k in ("gluon", "triton")]
         return out + [(f"indexer_topk fp8 select{t}", KernelOptions(select=Tiles(*t)))
                       for t in ((1024, 4, 1), (2048, 4, 1), (1024, 8, 1), (4096, 8, 1), (4096, 16, 1), (2048, 8, 2))] + [
             (f"indexer_topk fp8 score{t}", KernelOptions(score=Tiles(*t)))
@@ -306,6 +308,8 @@ def run(heads, seqs, stages, reps, out_dir, only=(), profile=False, record=None,
                             for label, (a, b, c) in (("random", (qi, ki, wi)), ("recency", recency_inputs(qi, ki, wi))):
                                 fn = lambda: KN.indexer_topk(a, b, c, TOPK, fp8=True, ordered=False, options=opt)  # noqa
                                 row[f"{label}_ms"] = cuda_ms(fn, reps)
+                                if profile and label == "random":  # the scoring's and the selection's shares
+                                    row["kernels"] = profile_step(fn, True, 8)
                                 got.append(fn().sort(-1).values.float())
                             row["ms"] = row["random_ms"]
                         elif stage == "fwd":

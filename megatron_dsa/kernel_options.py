@@ -53,6 +53,9 @@ class KernelOptions:
     attn_dkv_product_kernel: the same choice for the "stored_scores" backward's dkv product
     (Gluon: ``sparse_attn_ws.dkv_product_ws``, up to 128 heads, top-k a multiple of 16; "auto"
     from ``sparse_attn_ws.DKV_AUTO_MIN_HEADS`` heads).
+    score_kernel: the same choice for the FP8 indexer's scoring (Gluon: ``indexer_ws``, Hopper,
+    16-128 indexer heads of 128 dims; "auto" from ``indexer_ws.AUTO_MIN_HEADS`` indexer heads,
+    None while it has not measured faster).
     key_passes: how many key ranges the sparse attention's backward splits its fp32 dkv adds
     into, so each range's targets stay in L2 (0: chosen from the sizes, see
     ``sparse_attn.key_passes``; 1: one pass).
@@ -135,6 +138,7 @@ class KernelOptions:
     dense_kl: str = "fused"
     attn_fwd_kernel: str = "auto"
     attn_dkv_product_kernel: str = "auto"
+    score_kernel: str = "auto"
     key_passes: int = 0
     attn_bwd_split: Optional[bool] = None
     split_bwd: Optional[str] = None
@@ -169,7 +173,7 @@ class KernelOptions:
     def __post_init__(self):
         if self.dense_kl not in DENSE_KL:
             raise ValueError(f"dense_kl must be one of {list(DENSE_KL)}, got {self.dense_kl!r}")
-        for name in ("attn_fwd_kernel", "attn_dkv_product_kernel"):
+        for name in ("attn_fwd_kernel", "attn_dkv_product_kernel", "score_kernel"):
             if getattr(self, name) not in GLUON_CHOICES:
                 raise ValueError(f"{name} must be one of {list(GLUON_CHOICES)}, got {getattr(self, name)!r}")
         if self.split_bwd is not None and self.split_bwd not in SPLIT_BWD:

@@ -36,7 +36,9 @@ import torch
 
 from ..kernel_options import DEFAULT_OPTIONS, KernelOptions, Tiles
 from ..reference import FP8_AMAX_MIN, FP8_MAX
+from . import indexer_ws
 from ._common import FP8_MIN_K, HAS_TRITON, _dot, interpreting, is_fp32, next_pow2, rows_within, triton, tl
+from ._gluon import chosen
 
 # Scoring-kernel launch configs per operand type (GPU; KernelOptions.score overrides the keys
 # per tile, warps and stages); benchmarks/tune_dsa.py measures others.
@@ -514,6 +516,11 @@ def indexer_topk(
         return out
     if Sk == 0 or topk == 0:
         return out.fill_(-1)
+    on_gpu = q.is_cuda
+    G = options.select_runs if options.select_runs is not None else (SELECT_RUNS if on_gpu else SELECT_RUNS_INTERPRETER)
+    # The FP8 scoring as the warp-specialised Gluon kernel (Hopper) or the Triton kernel
+    gluon_scoring = chosen(options.score_kernel, HI, indexer_ws.AUTO_MIN_HEADS,
+                           lambda: indexer_ws.supported(q, k, fp8, G), "score_kernel")
     if fp8:
         q_in, qs = fp8_quantize(q)
         k_in, ks = fp8_quantize(k)
@@ -536,24 +543,24 @@ def indexer_topk(
     k_doc32 = _documents(k_doc, Sk, dev)
     row_lo = _first_keys(q_doc32, k_doc32) if has_doc else torch.zeros(Sq, dtype=torch.int64, device=dev)
 
-    on_gpu = q.is_cuda
     kind = "fp8" if fp8 else ("fp32" if ieee else "bf16")
     cfg = dict(SCORE_CFG[kind]) if on_gpu else dict(BM=16, BN=32, num_warps=4, num_stages=1)
     if options.score is not None:  # keys per tile, warps, stages; the tile's query rows stay
         cfg.update(BN=options.score.BK, num_warps=options.score.num_warps, num_stages=options.score.num_stages)
     BM, BN = cfg.pop("BM"), cfg.pop("BN")
     DIP = next_pow2(DI, FP8_MIN_K if fp8 else 16)  # padded columns are masked zeros
+    sel = options.select or (SELECT_TILES if on_gpu else Tiles(256, 4, 1))
+    CAP = options.select_cap if options.select_cap is not None else (SELECT_CAP if on_gpu else SELECT_CAP_INTERPRETER)
+    if gluon_scoring:  # its own blocks of query rows, 64-key blocks
+        BM, BN = indexer_ws.queries_per_block(HI), indexer_ws.KEYS
+    if G and BN % G:
+        raise ValueError(f"select_runs={G} must divide the scoring tile's {BN} keys")
     # The selection of one chunk of rows overlaps the scoring of the next: two score buffers,
     # each within half the options' workspace (2 GiB by default) of fp32 scores [B, chunk, Sk].
     overlap = options.select_overlap if options.select_overlap is not None else on_gpu
     nbuf = 2 if overlap else 1
     chunk = max(BM, rows_within(options.workspace_bytes // nbuf, B * Sk * 4) // BM * BM)
     chunk = min(chunk, triton.cdiv(Sq, BM) * BM)
-    sel = options.select or (SELECT_TILES if on_gpu else Tiles(256, 4, 1))
-    CAP = options.select_cap if options.select_cap is not None else (SELECT_CAP if on_gpu else SELECT_CAP_INTERPRETER)
-    G = options.select_runs if options.select_runs is not None else (SELECT_RUNS if on_gpu else SELECT_RUNS_INTERPRETER)
-    if G and BN % G:
-        raise ValueError(f"select_runs={G} must divide the scoring tile's {BN} keys")
     bits = options.select_digit_bits or SELECT_DIGIT_BITS
     m = options.select_max_registers
     select_registers = {} if m is None else {"maxnreg": m}
@@ -589,22 +596,25 @@ def indexer_topk(
             if pad:
                 lo = torch.cat((lo, lo.new_full((pad,), Sk)))
             blo = lo.view(nmb, BM).amin(dim=1).to(torch.int32).expand(B, nmb).contiguous()
-            grid = (nmb, triton.cdiv(Sk, BN), B)
-            _score_kernel[grid](
-                q_in, k_in, w_in, ks if ks is not None else w_in, buf, gmax, blim, blo, bfull,
-                q_pos32, k_pos32, q_doc32, k_doc32,
-                Sk, n, t0,
-                q_in.stride(0), q_in.stride(1), q_in.stride(2),
-                k_in.stride(0), k_in.stride(1),
-                w_in.stride(0), w_in.stride(1), w_in.stride(2),
-                ks.stride(0) if ks is not None else 0,
-                buf.stride(0), buf.stride(1),
-                gmax.stride(0), gmax.stride(1),
-                nmb,
-                HI=HI, DI=DI, DIP=DIP, BM=BM, BN=BN, HAS_KS=ks is not None, IEEE=ieee, UPCAST=interpreting(),
-                HAS_DOC=has_doc, G=G,
-                **cfg,
-            )
+            if gluon_scoring:
+                indexer_ws.score_chunk_ws(q_in, k_in, w_in, ks, buf, gmax, blim, blo, bfull, q_pos32, k_pos32,
+                                          q_doc32, k_doc32, n, t0, G, has_doc)
+            else:
+                _score_kernel[(nmb, triton.cdiv(Sk, BN), B)](
+                    q_in, k_in, w_in, ks if ks is not None else w_in, buf, gmax, blim, blo, bfull,
+                    q_pos32, k_pos32, q_doc32, k_doc32,
+                    Sk, n, t0,
+                    q_in.stride(0), q_in.stride(1), q_in.stride(2),
+                    k_in.stride(0), k_in.stride(1),
+                    w_in.stride(0), w_in.stride(1), w_in.stride(2),
+                    ks.stride(0) if ks is not None else 0,
+                    buf.stride(0), buf.stride(1),
+                    gmax.stride(0), gmax.stride(1),
+                    nmb,
+                    HI=HI, DI=DI, DIP=DIP, BM=BM, BN=BN, HAS_KS=ks is not None, IEEE=ieee, UPCAST=interpreting(),
+                    HAS_DOC=has_doc, G=G,
+                    **cfg,
+                )
             with streams.selecting(i % nbuf):
                 o = out[:, t0:t1]
                 rl_b = rlim.expand(B, Sq)
