@@ -111,3 +111,22 @@ def test_gluon_scoring_checks_its_inputs():
     assert "16, 32, 64 or 128 indexer heads" in X.supported(q[:, :, :48], k, True, 8)
     assert "divide 64" in X.supported(q, k, True, 128)
     assert X.queries_per_block(64) == 8 and X.queries_per_block(128) == 4
+
+
+def test_auto_takes_gluon_from_its_measured_indexer_heads(monkeypatch):
+    # where the kernel could run, "auto" takes it from AUTO_MIN_HEADS indexer heads; the device's
+    # answer is replaced so that the choice is seen on any machine (the patched launch scores
+    # nothing: only the choice is checked)
+    ran = []
+    monkeypatch.setattr(X, "supported", lambda q, k, fp8, runs: None)
+    monkeypatch.setattr(X, "score_chunk_ws", lambda q8, *a: ran.append(q8.shape[2]))
+    monkeypatch.setattr(X, "AUTO_MIN_HEADS", 8)
+    k = torch.randn(1, 24, 32, device=DEV)
+    for HI in (4, 8, 16):
+        q = torch.randn(1, 24, HI, 32, device=DEV)
+        K.indexer_topk(q, k, torch.randn(1, 24, HI, device=DEV), 4, fp8=True)
+    assert ran[0] == 8 and set(ran) == {8, 16}
+    monkeypatch.setattr(X, "AUTO_MIN_HEADS", None)  # not measured faster: never
+    ran.clear()
+    K.indexer_topk(q, k, torch.randn(1, 24, 16, device=DEV), 4, fp8=True)
+    assert ran == []
