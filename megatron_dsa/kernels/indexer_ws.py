@@ -33,8 +33,9 @@ if HAS_GLUON:
 DIM = 128  # the indexer's head dim: one 128-byte (swizzled) row of e4m3 a head
 KEYS = 64  # keys a block: the products' M
 NBUF = 4  # key blocks in flight (8 KB each)
-# ``score_kernel="auto"`` takes this kernel from this many indexer heads (None: not yet measured
-# faster than the Triton kernel anywhere).
+# ``score_kernel="auto"`` takes this kernel from this many indexer heads; None: nowhere. At
+# DeepSeek-V3.2's 64 x 128 indexer and 128K it measured slower than the Triton kernel on an H100
+# (benchmarks/results/h100/tune_dsa_topk_score_gluon_128k.json: 172.3 against 155.4 ms).
 AUTO_MIN_HEADS: Optional[int] = None
 # Registers a thread (setmaxnreg): 168 at launch over 12 warps; the consumers hold two [64, 128]
 # fp32 products and 64 weights.
