@@ -78,8 +78,6 @@ if HAS_GLUON:
     # the operands' 128-byte swizzled e4m3 tiles (both K-major); 16-byte copies of 128-byte rows
     OP_L = gl.constexpr(gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=2))
     LD_L = gl.constexpr(gl.BlockedLayout([1, 16], [8, 4], [4, 1], [1, 0]))
-    # a group's scores [64 keys, its queries]: consecutive keys in consecutive lanes
-    OUT_L = gl.constexpr(gl.BlockedLayout([1, 1], [32, 1], [2, 2], [0, 1]))
 
     @gluon.constexpr_function
     def _acc_layout(NQ):
@@ -95,32 +93,42 @@ if HAS_GLUON:
         return gl.load(W + wb + (q_off + r).to(gl.int64) * s_ws + (n % HI) * s_wh, mask=r < n_rows, other=0.0)
 
     @gluon.jit
-    def _head_sum(acc, w, HI: gl.constexpr, QH: gl.constexpr):
-        # sum_j w[t, j] * relu(s[key, (t, j)]) for each key and query t of the group
-        v = gl.maximum(acc, 0.0) * w[None, :]
-        return gl.convert_layout(gl.sum(gl.reshape(v, [BK, QH, HI]), axis=2), OUT_L)
+    def _per_query(x, HI: gl.constexpr, QH: gl.constexpr):
+        # [64 keys, QH x HI columns] -> [64 keys, QH]: the sum over each query's heads, left in
+        # the layout the reduction gives (each key's value in its quad of lanes), so that nothing
+        # after it goes through shared memory
+        return gl.sum(gl.reshape(x, [BK, QH, HI]), axis=2)
 
     @gluon.jit
-    def _write(s, keys, rows, OUT, ob, s_or, GMAX, gb, s_gr, k0, Sk, n_rows, G: gl.constexpr, QH: gl.constexpr):
+    def _runs(x, G: gl.constexpr, QH: gl.constexpr):
+        # [64 keys, QH] -> [64 // G runs, QH]: each run of G consecutive keys' maximum (G keys sit
+        # in G lane groups of a warp: shuffles)
+        return gl.max(gl.reshape(x, [BK // G, G, QH]), axis=1)
+
+    @gluon.jit
+    def _write(s, keys, rows, OUT, ob, s_or, GMAX, gb, s_gr, Sk, n_rows, G: gl.constexpr, QH: gl.constexpr):
         # the scores [64 keys, QH rows] and each run of G keys' maximum
         row_ok = rows < n_rows
-        gl.store(OUT + ob + rows.to(gl.int64)[None, :] * s_or + keys[:, None], s,
-                 mask=row_ok[None, :] & (keys < Sk)[:, None])
+        gl.store(OUT + ob + rows.to(gl.int64) * s_or + keys, s, mask=row_ok & (keys < Sk))
         if G > 0:
-            gm = gl.convert_layout(gl.max(gl.reshape(s, [BK // G, G, QH]), axis=1), OUT_L)
-            runs = k0 // G + gl.arange(0, BK // G, layout=gl.SliceLayout(1, OUT_L))
-            gl.store(GMAX + gb + rows.to(gl.int64)[None, :] * s_gr + runs[:, None], gm,
-                     mask=row_ok[None, :] & (runs < gl.cdiv(Sk, G))[:, None])
+            run = _runs(keys, G, QH) // G  # a run's last key // G
+            run_rows = _runs(rows, G, QH)
+            gl.store(GMAX + gb + run_rows.to(gl.int64) * s_gr + run, _runs(s, G, QH),
+                     mask=(run_rows < n_rows) & (run < gl.cdiv(Sk, G)))
 
     @gluon.jit
-    def _finish(s, ks, kp, kd, qp, qd, keys, full, Sk, HAS_DOC: gl.constexpr):
-        # the key scales, then -inf where a key is not eligible for a row (the Triton kernel's order)
-        s = s * ks[:, None]
+    def _finish(s, ks, keys, rows, QPOS, KPOS, QDOC, KDOC, q_off, full, Sk, n_rows, HAS_DOC: gl.constexpr):
+        # the key scales, then -inf where a key is not eligible for a row (the Triton kernel's
+        # order); the positions are read only for the blocks that need them (the diagonal's)
+        s = s * ks
         if not full:
-            elig = (kp[:, None] <= qp[None, :]) & (keys < Sk)[:, None]
+            kin = keys < Sk
+            rin = rows < n_rows
+            elig = gl.load(KPOS + keys, mask=kin, other=0) <= gl.load(QPOS + q_off + rows, mask=rin, other=0)
             if HAS_DOC:
-                elig = elig & (kd[:, None] == qd[None, :])
-            s = gl.where(elig, s, float("-inf"))
+                elig = elig & (gl.load(KDOC + keys, mask=kin, other=-2) == gl.load(QDOC + q_off + rows, mask=rin,
+                                                                                    other=-1))
+            s = gl.where(elig & kin, s, float("-inf"))
         return s
 
     @gluon.jit
@@ -129,26 +137,22 @@ if HAS_GLUON:
                         C: gl.constexpr, HI: gl.constexpr, QH: gl.constexpr, HAS_DOC: gl.constexpr,
                         G: gl.constexpr, NB: gl.constexpr):
         NQ: gl.constexpr = QH * HI
+        acc_l: gl.constexpr = _acc_layout(NQ)
         ra = row0 + 2 * C * QH  # this consumer's two groups of QH rows (chunk-relative)
         rb = ra + QH
         w_a = _weights(W, wb, q_off, ra, n_rows, s_ws, s_wh, HI, QH)
         w_b = _weights(W, wb, q_off, rb, n_rows, s_ws, s_wh, HI, QH)
-        rows_a = ra + gl.arange(0, QH, layout=gl.SliceLayout(0, OUT_L))
-        rows_b = rb + gl.arange(0, QH, layout=gl.SliceLayout(0, OUT_L))
-        qp_a = gl.load(QPOS + q_off + rows_a, mask=rows_a < n_rows, other=0)
-        qp_b = gl.load(QPOS + q_off + rows_b, mask=rows_b < n_rows, other=0)
-        qd_a = qp_a
-        qd_b = qp_b
-        if HAS_DOC:
-            qd_a = gl.load(QDOC + q_off + rows_a, mask=rows_a < n_rows, other=-1)
-            qd_b = gl.load(QDOC + q_off + rows_b, mask=rows_b < n_rows, other=-1)
-        kidx = gl.arange(0, BK, layout=gl.SliceLayout(1, OUT_L))
+        # each [64 keys, QH] value's key (within the block) and query (within the group), in the
+        # layout the head sums come in
+        cells = gl.zeros([BK, NQ], gl.int32, layout=acc_l)
+        kidx = _per_query(cells + gl.arange(0, BK, layout=gl.SliceLayout(1, acc_l))[:, None], HI, QH) // HI
+        qidx = _per_query(cells + (gl.arange(0, NQ, layout=gl.SliceLayout(0, acc_l)) // HI)[None, :], HI, QH) // HI
         # key blocks wholly before the block's earliest document (packed sequences): -inf, unscored
+        none = gl.where(kidx < 0, 0.0, float("-inf"))
         for i in range(0, gl.minimum(i_lo, i_hi)):
-            none = gl.full([BK, QH], float("-inf"), gl.float32, layout=OUT_L)
-            _write(none, i * BK + kidx, rows_a, OUT, ob, s_or, GMAX, gb, s_gr, i * BK, Sk, n_rows, G, QH)
-            _write(none, i * BK + kidx, rows_b, OUT, ob, s_or, GMAX, gb, s_gr, i * BK, Sk, n_rows, G, QH)
-        zero = gl.zeros([BK, NQ], gl.float32, layout=_acc_layout(NQ))
+            _write(none, i * BK + kidx, ra + qidx, OUT, ob, s_or, GMAX, gb, s_gr, Sk, n_rows, G, QH)
+            _write(none, i * BK + kidx, rb + qidx, OUT, ob, s_or, GMAX, gb, s_gr, Sk, n_rows, G, QH)
+        zero = gl.zeros([BK, NQ], gl.float32, layout=acc_l)
         for i in range(i_lo, i_hi):
             j = i - i_lo
             buf = j % NB
@@ -161,23 +165,17 @@ if HAS_GLUON:
             acc_a = hopper.warpgroup_mma(kb, q_s.index(2 * C).permute((1, 0)), zero, use_acc=False, is_async=True)
             acc_b = hopper.warpgroup_mma(kb, q_s.index(2 * C + 1).permute((1, 0)), zero, use_acc=False,
                                          is_async=True)
-            # the block's key scales, positions and documents while the products run
+            # the block's key scales while the products run
             ks = gl.load(KS + ksb + keys, mask=keys < Sk, other=0.0)
-            kp = gl.zeros([BK], gl.int64, layout=gl.SliceLayout(1, OUT_L))
-            kd = kp
-            if not full:
-                kp = gl.load(KPOS + keys, mask=keys < Sk, other=0)
-                if HAS_DOC:
-                    kd = gl.load(KDOC + keys, mask=keys < Sk, other=-2)
             acc_a = hopper.warpgroup_mma_wait(num_outstanding=1, deps=(acc_a,))
-            s_a = _head_sum(acc_a, w_a, HI, QH)
+            s_a = _per_query(gl.maximum(acc_a, 0.0) * w_a[None, :], HI, QH)
             acc_b = hopper.warpgroup_mma_wait(num_outstanding=0, deps=(acc_b,))
             mbarrier.arrive(free.index(buf))
-            s_b = _head_sum(acc_b, w_b, HI, QH)
-            s_a = _finish(s_a, ks, kp, kd, qp_a, qd_a, keys, full, Sk, HAS_DOC)
-            _write(s_a, keys, rows_a, OUT, ob, s_or, GMAX, gb, s_gr, k0, Sk, n_rows, G, QH)
-            s_b = _finish(s_b, ks, kp, kd, qp_b, qd_b, keys, full, Sk, HAS_DOC)
-            _write(s_b, keys, rows_b, OUT, ob, s_or, GMAX, gb, s_gr, k0, Sk, n_rows, G, QH)
+            s_b = _per_query(gl.maximum(acc_b, 0.0) * w_b[None, :], HI, QH)
+            s_a = _finish(s_a, ks, keys, ra + qidx, QPOS, KPOS, QDOC, KDOC, q_off, full, Sk, n_rows, HAS_DOC)
+            _write(s_a, keys, ra + qidx, OUT, ob, s_or, GMAX, gb, s_gr, Sk, n_rows, G, QH)
+            s_b = _finish(s_b, ks, keys, rb + qidx, QPOS, KPOS, QDOC, KDOC, q_off, full, Sk, n_rows, HAS_DOC)
+            _write(s_b, keys, rb + qidx, OUT, ob, s_or, GMAX, gb, s_gr, Sk, n_rows, G, QH)
 
     @gluon.jit
     def _score_producer(q_s, k_s, ready, free, K, kb_off, s_ks, Sk, i_lo, i_hi, NB: gl.constexpr):
