@@ -5,7 +5,9 @@ Design (chosen for correctness first, then measured, see benchmarks/NOTES.md):
 * ``_score_kernel``: one program per (query block BM, key block BN); loops over the HI indexer
   heads, ``acc += w[:, j] * relu(q_j @ k^T)`` on the tensor cores, masks ineligible keys with
   -inf and writes the fp32 tile into a buffer that holds ONE QUERY CHUNK x Sk (never S x S).
-  Key blocks past the query block's last eligible key are skipped (causal).
+  Key blocks past the query block's last eligible key are skipped (causal). On Hopper the FP8
+  scoring can run as ``indexer_ws``'s warp-specialised Gluon kernel instead, which writes the
+  same buffers (``KernelOptions.score_kernel``).
 * ``_select_kernel``: one program per row, exact radix select on the order-preserving uint32 key
   of the fp32 score, ``select_digit_bits`` (7) bits per digit (``tl.histogram``).  The scoring
   also writes the largest score of every run of ``select_runs`` keys (8); the top-k-th largest

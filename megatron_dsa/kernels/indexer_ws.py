@@ -4,19 +4,21 @@ It writes what ``indexer._score_kernel`` writes for one chunk of query rows: the
 ``ks[s] * sum_j w[t, j] * relu(q8[t, j] . k8[s])`` of every key up to the query block's last
 eligible one (-inf where a key is not eligible) and the largest score of every run of G keys.
 
-The keys are the products' rows and the heads of a few queries their columns: a [64 keys, 128]
-product holds 128 // HI queries' heads side by side, so the sum over the heads runs along each
-accumulator row (in-thread adds, then two shuffles), with every column's weight held in
-registers. One program scores a block of 4 x (128 // HI) queries (8 at DeepSeek-V3.2's 64
-indexer heads) against all of their keys:
+The keys are the products' rows and the heads of two queries their columns (one query at 128
+heads): a [64 keys, 2 x HI] product, so the sum over each query's heads runs along accumulator
+rows (in-thread adds, then two shuffles), with every column's weight held in registers. The key
+scales, the mask, the stores and the run maxima stay in the layout that sum leaves (each key's
+value in its quad of lanes): nothing after the products goes through shared memory. One program
+scores a block of 8 queries (4 at 128 heads) against all of their keys:
 - a producer warpgroup copies 64-key blocks of k (8 KB, 16-byte ``cp.async``) into NBUF buffers;
 - two consumer warpgroups each own half of the block's queries, held in shared memory for the
-  whole program (64 KB in all), as two groups of 128 columns. Each key block is two
-  m64n128k32 products a consumer; the first group's relu-weight-sum runs while the second's
-  product does, and the other consumer's products fill the tensor cores meanwhile.
-A block of k is read from L2 once per 8 queries (the Triton kernel reloads each query tile, 8 KB
-a head, once per 128-key tile). Needs sm_90, e4m3 q and k with 128 dims, and 16 to 128 indexer
-heads; ``supported`` says why not otherwise, and the Triton kernel is the fallback.
+  whole program (64 KB in all at 64 heads), as two groups. Each key block is two m64nNk32
+  products a consumer; the first group's relu-weight-sum runs while the second's product does,
+  and the other consumer's products fill the tensor cores meanwhile.
+A block of k is read from L2 once per program (the Triton kernel reloads each query tile, 8 KB a
+head, once per 128-key tile). Needs sm_90, e4m3 q and k with 128 dims, and 16, 32, 64 or 128
+indexer heads; ``supported`` says why not otherwise, and the Triton kernel is the fallback
+(``benchmarks/NOTES.md`` has the measurements).
 """
 
 from __future__ import annotations
