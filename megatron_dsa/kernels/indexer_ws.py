@@ -66,7 +66,7 @@ def supported(q: torch.Tensor, k: torch.Tensor, fp8: bool, runs: int) -> Optiona
         return "needs the FP8 indexer (fp8=True)"
     HI, DI = q.shape[2], q.shape[3]
     if DI != DIM or k.shape[-1] != DIM:
-        return f"needs the indexer's head dim {DIM}, got {DI}"
+        return f"needs the indexer's head dim {DIM} for q and k, got {DI} / {k.shape[-1]}"
     if HI not in (16, 32, 64, 128):
         return f"needs 16, 32, 64 or 128 indexer heads, got {HI}"
     if runs and (runs > KEYS or KEYS % runs):
