@@ -13,6 +13,8 @@ from typing import Any, Optional
 DENSE_KL = ("fused", "blockwise")
 SPLIT_BWD = ("recompute", "stored_ds", "stored_scores")
 GLUON_CHOICES = ("auto", "triton", "gluon")  # a stage with a Gluon kernel beside its Triton one
+# each such stage's choice and the tiles of its Triton kernel (the Gluon kernels' launches are fixed)
+GLUON_STAGES = {"attn_fwd_kernel": "attn_fwd", "attn_dkv_product_kernel": "attn_dkv_product", "score_kernel": "score"}
 TILE_FIELDS = ("attn_fwd", "attn_bwd", "attn_dkv", "attn_scores", "attn_dq_product", "attn_dkv_product", "kl_target",
                "kl_fwd", "kl_bwd", "decode_attn", "decode_index", "score", "select")
 
@@ -84,9 +86,10 @@ class KernelOptions:
     and stores the probabilities and score gradients; None: measured defaults).
     decode_attn / decode_index: the paged decode's attention (cached rows per block) and indexer
     scoring (keys per program) launches (None: measured defaults, ``kernels.decode``).
-    score: the indexer's scoring launch: keys per tile (BK; a multiple of ``select_runs``), warps
-    and stages, for 64 query rows a tile (None: the measured default per operand type,
-    ``kernels.indexer``).
+    score: the indexer's Triton scoring launch: keys per tile (BK; a multiple of ``select_runs``),
+    warps and stages, for 64 query rows a tile (None: the measured default per operand type,
+    ``kernels.indexer``). Tiles are the Triton kernels' only: with a stage's kernel "gluon",
+    setting its tiles (attn_fwd, attn_dkv_product, score) is an error.
     select: the indexer's top-k selection launch: keys a program reads per step (BK), warps and
     stages (None: the measured default, ``kernels.indexer``).
     select_runs: keys per run whose largest score the indexer's scoring keeps, so that the top-k
@@ -173,9 +176,11 @@ class KernelOptions:
     def __post_init__(self):
         if self.dense_kl not in DENSE_KL:
             raise ValueError(f"dense_kl must be one of {list(DENSE_KL)}, got {self.dense_kl!r}")
-        for name in ("attn_fwd_kernel", "attn_dkv_product_kernel", "score_kernel"):
+        for name, tiles in GLUON_STAGES.items():
             if getattr(self, name) not in GLUON_CHOICES:
                 raise ValueError(f"{name} must be one of {list(GLUON_CHOICES)}, got {getattr(self, name)!r}")
+            if getattr(self, name) == "gluon" and getattr(self, tiles) is not None:
+                raise ValueError(f"{tiles} tiles launch the Triton kernel, which {name}='gluon' never runs")
         if self.split_bwd is not None and self.split_bwd not in SPLIT_BWD:
             raise ValueError(f"split_bwd must be one of {list(SPLIT_BWD)} or null, got {self.split_bwd!r}")
         if not _count(self.key_passes):

@@ -40,6 +40,17 @@ def test_the_option_takes_three_values():
         KernelOptions(attn_fwd_kernel="cuda")
 
 
+@pytest.mark.parametrize("choice, tiles", [("attn_fwd_kernel", "attn_fwd"),
+                                           ("attn_dkv_product_kernel", "attn_dkv_product"),
+                                           ("score_kernel", "score")])
+def test_triton_tiles_for_a_stage_forced_to_gluon_are_refused(choice, tiles):
+    # the tiles would never apply: a forced Gluon kernel runs or raises, it does not fall back
+    with pytest.raises(ValueError, match=f"{tiles} tiles launch the Triton kernel, which {choice}='gluon' never"):
+        KernelOptions.from_dict({choice: "gluon", tiles: [64, 4, 2]})
+    for other in ("auto", "triton"):
+        assert getattr(KernelOptions.from_dict({choice: other, tiles: [64, 4, 2]}), tiles).BK == 64
+
+
 def test_forcing_gluon_where_it_cannot_run_is_one_error():
     # fp32 inputs; on a machine without an sm_90 GPU the reason is the device
     dev = "cuda" if torch.cuda.is_available() else "cpu"
