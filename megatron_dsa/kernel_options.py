@@ -14,7 +14,7 @@ DENSE_KL = ("fused", "blockwise")
 SPLIT_BWD = ("recompute", "stored_ds", "stored_scores")
 GLUON_CHOICES = ("auto", "triton", "gluon")  # a stage with a Gluon kernel beside its Triton one
 # each such stage's choice and the tiles of its Triton kernel (the Gluon kernels' launches are fixed)
-GLUON_STAGES = {"attn_fwd_kernel": "attn_fwd", "attn_dkv_product_kernel": "attn_dkv_product", "score_kernel": "score"}
+GLUON_STAGES = {"attn_fwd_kernel": "attn_fwd", "attn_dkv_product_kernel": "attn_dkv_product"}
 TILE_FIELDS = ("attn_fwd", "attn_bwd", "attn_dkv", "attn_scores", "attn_dq_product", "attn_dkv_product", "kl_target",
                "kl_fwd", "kl_bwd", "decode_attn", "decode_index", "score", "select")
 
@@ -55,9 +55,6 @@ class KernelOptions:
     attn_dkv_product_kernel: the same choice for the "stored_scores" backward's dkv product
     (Gluon: ``sparse_attn_ws.dkv_product_ws``, up to 128 heads, top-k a multiple of 16; "auto"
     from ``sparse_attn_ws.DKV_AUTO_MIN_HEADS`` heads).
-    score_kernel: the same choice for the FP8 indexer's scoring (Gluon: ``indexer_ws``, Hopper,
-    16-128 indexer heads of 128 dims; "auto" from ``indexer_ws.AUTO_MIN_HEADS`` indexer heads:
-    None, as it measured slower than the Triton scoring, 172 against 155 ms at 128K on an H100).
     key_passes: how many key ranges the sparse attention's backward splits its fp32 dkv adds
     into, so each range's targets stay in L2 (0: chosen from the sizes, see
     ``sparse_attn.key_passes``; 1: one pass).
@@ -83,13 +80,14 @@ class KernelOptions:
     attn_fwd / attn_bwd / attn_dkv / attn_scores / attn_dq_product / attn_dkv_product / kl_target /
     kl_fwd / kl_bwd: launch tiles of those kernels (attn_bwd: the one-kernel backward, or the split
     backward's recomputing dq kernel; attn_scores: the "stored_scores" form's kernel that makes
-    and stores the probabilities and score gradients; None: measured defaults).
+    and stores the probabilities and score gradients; None: measured defaults). They launch the
+    Triton kernels only: with attn_fwd_kernel or attn_dkv_product_kernel "gluon", setting that
+    stage's tiles (attn_fwd, attn_dkv_product) is an error.
     decode_attn / decode_index: the paged decode's attention (cached rows per block) and indexer
     scoring (keys per program) launches (None: measured defaults, ``kernels.decode``).
-    score: the indexer's Triton scoring launch: keys per tile (BK; a multiple of ``select_runs``),
-    warps and stages, for 64 query rows a tile (None: the measured default per operand type,
-    ``kernels.indexer``). Tiles are the Triton kernels' only: with a stage's kernel "gluon",
-    setting its tiles (attn_fwd, attn_dkv_product, score) is an error.
+    score: the indexer's scoring launch: keys per tile (BK; a multiple of ``select_runs``), warps
+    and stages, for 64 query rows a tile (None: the measured default per operand type,
+    ``kernels.indexer``).
     select: the indexer's top-k selection launch: keys a program reads per step (BK), warps and
     stages (None: the measured default, ``kernels.indexer``).
     select_runs: keys per run whose largest score the indexer's scoring keeps, so that the top-k
@@ -141,7 +139,6 @@ class KernelOptions:
     dense_kl: str = "fused"
     attn_fwd_kernel: str = "auto"
     attn_dkv_product_kernel: str = "auto"
-    score_kernel: str = "auto"
     key_passes: int = 0
     attn_bwd_split: Optional[bool] = None
     split_bwd: Optional[str] = None

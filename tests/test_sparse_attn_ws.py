@@ -41,8 +41,7 @@ def test_the_option_takes_three_values():
 
 
 @pytest.mark.parametrize("choice, tiles", [("attn_fwd_kernel", "attn_fwd"),
-                                           ("attn_dkv_product_kernel", "attn_dkv_product"),
-                                           ("score_kernel", "score")])
+                                           ("attn_dkv_product_kernel", "attn_dkv_product")])
 def test_triton_tiles_for_a_stage_forced_to_gluon_are_refused(choice, tiles):
     # the tiles would never apply: a forced Gluon kernel runs or raises, it does not fall back
     with pytest.raises(ValueError, match=f"{tiles} tiles launch the Triton kernel, which {choice}='gluon' never"):

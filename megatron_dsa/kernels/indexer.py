@@ -5,9 +5,7 @@ Design (chosen for correctness first, then measured, see benchmarks/NOTES.md):
 * ``_score_kernel``: one program per (query block BM, key block BN); loops over the HI indexer
   heads, ``acc += w[:, j] * relu(q_j @ k^T)`` on the tensor cores, masks ineligible keys with
   -inf and writes the fp32 tile into a buffer that holds ONE QUERY CHUNK x Sk (never S x S).
-  Key blocks past the query block's last eligible key are skipped (causal). On Hopper the FP8
-  scoring can run as ``indexer_ws``'s warp-specialised Gluon kernel instead, which writes the
-  same buffers (``KernelOptions.score_kernel``).
+  Key blocks past the query block's last eligible key are skipped (causal).
 * ``_select_kernel``: one program per row, exact radix select on the order-preserving uint32 key
   of the fp32 score, ``select_digit_bits`` (7) bits per digit (``tl.histogram``).  The scoring
   also writes the largest score of every run of ``select_runs`` keys (8); the top-k-th largest
@@ -38,9 +36,7 @@ import torch
 
 from ..kernel_options import DEFAULT_OPTIONS, KernelOptions, Tiles
 from ..reference import FP8_AMAX_MIN, FP8_MAX
-from . import indexer_ws
 from ._common import FP8_MIN_K, HAS_TRITON, _dot, interpreting, is_fp32, next_pow2, rows_within, triton, tl
-from ._gluon import chosen
 
 # Scoring-kernel launch configs per operand type (GPU; KernelOptions.score overrides the keys
 # per tile, warps and stages); benchmarks/tune_dsa.py measures others.
@@ -520,9 +516,6 @@ def indexer_topk(
         return out.fill_(-1)
     on_gpu = q.is_cuda
     G = options.select_runs if options.select_runs is not None else (SELECT_RUNS if on_gpu else SELECT_RUNS_INTERPRETER)
-    # The FP8 scoring as the warp-specialised Gluon kernel (Hopper) or the Triton kernel
-    gluon_scoring = chosen(options.score_kernel, HI, indexer_ws.AUTO_MIN_HEADS,
-                           lambda: indexer_ws.supported(q, k, fp8, G), "score_kernel")
     if fp8:
         q_in, qs = fp8_quantize(q)
         k_in, ks = fp8_quantize(k)
@@ -553,8 +546,6 @@ def indexer_topk(
     DIP = next_pow2(DI, FP8_MIN_K if fp8 else 16)  # padded columns are masked zeros
     sel = options.select or (SELECT_TILES if on_gpu else Tiles(256, 4, 1))
     CAP = options.select_cap if options.select_cap is not None else (SELECT_CAP if on_gpu else SELECT_CAP_INTERPRETER)
-    if gluon_scoring:  # its own blocks of query rows, 64-key blocks
-        BM, BN = indexer_ws.queries_per_block(HI), indexer_ws.KEYS
     if G and BN % G:
         raise ValueError(f"select_runs={G} must divide the scoring tile's {BN} keys")
     # The selection of one chunk of rows overlaps the scoring of the next: two score buffers,
@@ -598,25 +589,21 @@ def indexer_topk(
             if pad:
                 lo = torch.cat((lo, lo.new_full((pad,), Sk)))
             blo = lo.view(nmb, BM).amin(dim=1).to(torch.int32).expand(B, nmb).contiguous()
-            if gluon_scoring:
-                indexer_ws.score_chunk_ws(q_in, k_in, w_in, ks, buf, gmax, blim, blo, bfull, q_pos32, k_pos32,
-                                          q_doc32, k_doc32, n, t0, G, has_doc)
-            else:
-                _score_kernel[(nmb, triton.cdiv(Sk, BN), B)](
-                    q_in, k_in, w_in, ks if ks is not None else w_in, buf, gmax, blim, blo, bfull,
-                    q_pos32, k_pos32, q_doc32, k_doc32,
-                    Sk, n, t0,
-                    q_in.stride(0), q_in.stride(1), q_in.stride(2),
-                    k_in.stride(0), k_in.stride(1),
-                    w_in.stride(0), w_in.stride(1), w_in.stride(2),
-                    ks.stride(0) if ks is not None else 0,
-                    buf.stride(0), buf.stride(1),
-                    gmax.stride(0), gmax.stride(1),
-                    nmb,
-                    HI=HI, DI=DI, DIP=DIP, BM=BM, BN=BN, HAS_KS=ks is not None, IEEE=ieee, UPCAST=interpreting(),
-                    HAS_DOC=has_doc, G=G,
-                    **cfg,
-                )
+            _score_kernel[(nmb, triton.cdiv(Sk, BN), B)](
+                q_in, k_in, w_in, ks if ks is not None else w_in, buf, gmax, blim, blo, bfull,
+                q_pos32, k_pos32, q_doc32, k_doc32,
+                Sk, n, t0,
+                q_in.stride(0), q_in.stride(1), q_in.stride(2),
+                k_in.stride(0), k_in.stride(1),
+                w_in.stride(0), w_in.stride(1), w_in.stride(2),
+                ks.stride(0) if ks is not None else 0,
+                buf.stride(0), buf.stride(1),
+                gmax.stride(0), gmax.stride(1),
+                nmb,
+                HI=HI, DI=DI, DIP=DIP, BM=BM, BN=BN, HAS_KS=ks is not None, IEEE=ieee, UPCAST=interpreting(),
+                HAS_DOC=has_doc, G=G,
+                **cfg,
+            )
             with streams.selecting(i % nbuf):
                 o = out[:, t0:t1]
                 rl_b = rlim.expand(B, Sq)
