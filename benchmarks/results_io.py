@@ -18,7 +18,7 @@ import shlex
 import subprocess
 import sys
 import time
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 REPO = Path(__file__).resolve().parents[1]
 # What the timings depend on: our package, the benchmarks themselves and megatron-core's patches.
@@ -61,15 +61,86 @@ def save_figure(fig, path: str | os.PathLike, **kwargs) -> None:
     _into_place(path, lambda tmp: fig.savefig(tmp, format=Path(path).suffix.lstrip(".") or "png", **kwargs))
 
 
+def _digest(files) -> str:
+    """12 hex digits of sha256 over (path relative to the root, contents) pairs, each top
+    directory's files in path order."""
+    h = hashlib.sha256()
+    for top in SOURCE_DIRS:
+        for rel, read in sorted(((PurePosixPath(r), f) for r, f in files if r.split("/", 1)[0] == top),
+                                key=lambda x: x[0]):
+            h.update(rel.as_posix().encode() + b"\0")
+            h.update(read() + b"\0")
+    return h.hexdigest()[:12]
+
+
 def source_digest(root: Path = REPO) -> str:
     """12 hex digits of sha256 over the .py files under SOURCE_DIRS (paths and contents), so a
     table measured from a copy without git still names its code."""
-    h = hashlib.sha256()
-    for top in SOURCE_DIRS:
-        for path in sorted((root / top).rglob("*.py")):
-            h.update(path.relative_to(root).as_posix().encode() + b"\0")
-            h.update(path.read_bytes() + b"\0")
-    return h.hexdigest()[:12]
+    return _digest([(p.relative_to(root).as_posix(), p.read_bytes) for top in SOURCE_DIRS
+                    for p in (root / top).rglob("*.py")])
+
+
+def commit_of_sources(digest: str, root: Path = REPO, depth: int = 1000) -> str | None:
+    """The newest of HEAD's last ``depth`` commits whose SOURCE_DIRS hold the sources ``digest``
+    names (short hash), or None. A machine that runs a copy of the working tree may carry an older
+    git checkout beside it, and so records a stale commit "(modified)"; the digest is exact."""
+    def git(*args, **kw):
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, check=True, timeout=60, **kw).stdout
+
+    try:
+        commits = git("rev-list", f"--max-count={depth}", "HEAD").decode().split()
+        blobs: dict[str, bytes] = {}
+        for commit in commits:
+            listing = git("ls-tree", "-r", commit, "--", *SOURCE_DIRS).decode().splitlines()
+            files = []
+            for line in listing:
+                meta, path = line.split("\t", 1)
+                kind, sha = meta.split()[1:3]
+                if kind == "blob" and path.endswith(".py"):
+                    if sha not in blobs:
+                        blobs[sha] = git("cat-file", "blob", sha)
+                    files.append((path, lambda sha=sha: blobs[sha]))
+            if _digest(files) == digest:
+                return git("rev-parse", "--short", commit).decode().strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return None
+
+
+def restamp(path: str | os.PathLike, root: Path = REPO) -> list[str]:
+    """Rewrite the run records of results file ``path`` (json; its .md beside it, if any) whose
+    commit is missing or "(modified)" with the commit whose sources match their digest, where one
+    does. Returns the "old -> new" changes."""
+    path = Path(path)
+    obj = json.loads(path.read_text())
+    changes: dict[tuple, str] = {}
+
+    def walk(o):
+        if isinstance(o, dict):
+            commit, digest = o.get("commit"), o.get("source")
+            if isinstance(digest, str) and "command" in o and (commit is None or str(commit).endswith("(modified)")):
+                key = (commit, digest)
+                if key not in changes:
+                    changes[key] = commit_of_sources(digest, root)
+                if changes[key]:
+                    o["commit"] = changes[key]
+            for v in o.values():
+                walk(v)
+        elif isinstance(o, list):
+            for v in o:
+                walk(v)
+
+    walk(obj)
+    done = {k: v for k, v in changes.items() if v}
+    if done:
+        write_json(path, obj)
+        md = path.with_suffix(".md")
+        if md.exists():
+            text = md.read_text()
+            for (old, digest), new in done.items():
+                text = text.replace(f"commit {old or 'not recorded'}, sources {digest}", f"commit {new}, sources {digest}")
+            write_atomic(md, text)
+    return [f"{old} -> {new} (sources {digest})" for (old, digest), new in done.items()]
 
 
 def git_commit(root: Path = REPO) -> str | None:
@@ -153,3 +224,13 @@ def measured_by(runs: list[dict], rows: list[dict]) -> list[str]:
     used = sorted({r["run"] for r in rows if isinstance(r.get("run"), int) and 0 <= r["run"] < len(runs)})
     return [f"Measured by `{runs[i]['command']}` ({runs[i]['date']}; commit {runs[i]['commit'] or 'not recorded'}, "
             f"sources {runs[i]['source']})." for i in used]
+
+
+if __name__ == "__main__":
+    # python benchmarks/results_io.py restamp FILE.json ...: name the commits of results measured
+    # on a machine whose git checkout was older than the code it ran
+    if len(sys.argv) < 3 or sys.argv[1] != "restamp":
+        sys.exit("usage: python benchmarks/results_io.py restamp FILE.json [FILE.json ...]")
+    for name in sys.argv[2:]:
+        for change in restamp(name) or ["nothing to restamp"]:
+            print(f"{name}: {change}")

@@ -3,6 +3,7 @@ and code that measured them."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -143,3 +144,45 @@ def test_result_files_are_named_after_the_gpu_and_its_own_ceilings(tmp_path):
     assert bench_dsa.load_ceilings(str(tmp_path), "NVIDIA H200")["atomic_adds_per_s"] == 3.9e11
     with pytest.raises(SystemExit, match="measured on 'NVIDIA H200', not on 'NVIDIA H100 80GB HBM3'"):
         bench_dsa.load_ceilings(str(tmp_path), "NVIDIA H100 80GB HBM3")
+
+
+def test_restamp_names_the_commit_whose_sources_a_run_measured(tmp_path):
+    # a machine running a copy of the working tree beside an older git checkout records that
+    # checkout's commit "(modified)"; the sources' digest finds the right one
+    def git(*args):
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                              capture_output=True, text=True).stdout.strip()
+
+    git("init", "-q")
+    for top in io.SOURCE_DIRS:
+        (tmp_path / top).mkdir()
+        (tmp_path / top / "a.py").write_text(f"# {top}\n")
+    (tmp_path / "megatron_dsa" / "a-b.py").write_text("x = 0\n")  # '-' sorts before '/' in git's listing
+    (tmp_path / "megatron_dsa" / "a").mkdir()
+    (tmp_path / "megatron_dsa" / "a" / "k.py").write_text("x = 1\n")
+    git("add", "-A")
+    git("commit", "-qm", "one")
+    old = git("rev-parse", "--short", "HEAD")
+    measured = io.source_digest(tmp_path)
+    (tmp_path / "megatron_dsa" / "a" / "k.py").write_text("x = 2\n")
+    git("commit", "-qam", "two")
+    (tmp_path / "README.md").write_text("docs only\n")
+    git("add", "-A")
+    git("commit", "-qm", "three")
+    assert io.commit_of_sources(measured, tmp_path) == old
+    assert io.commit_of_sources(io.source_digest(tmp_path), tmp_path) == git("rev-parse", "--short", "HEAD")
+
+    table = tmp_path / "t.json"
+    runs = [{"command": "python b.py", "commit": "0123abc (modified)", "source": measured},
+            {"command": "python b.py --x", "commit": "0123abc (modified)", "source": "ffffffffffff"},
+            {"command": "python b.py --y", "commit": "4567def", "source": "ffffffffffff"}]
+    for run in runs:
+        run["date"] = "2026-12-07 04:10 UTC"
+    io.write_json(table, {"runs": runs, "rows": [{"run": 0}, {"run": 1}, {"run": 2}]})
+    (tmp_path / "t.md").write_text("\n".join(io.measured_by(runs, [{"run": 0}, {"run": 1}, {"run": 2}])) + "\n")
+    assert io.restamp(table, tmp_path) == [f"0123abc (modified) -> {old} (sources {measured})"]
+    got = [r["commit"] for r in json.loads(table.read_text())["runs"]]
+    assert got == [old, "0123abc (modified)", "4567def"]  # no commit holds those sources: left as it was
+    md = (tmp_path / "t.md").read_text()
+    assert f"commit {old}, sources {measured}" in md and "commit 0123abc (modified), sources ffffffffffff" in md
+    assert io.restamp(table, tmp_path) == []
