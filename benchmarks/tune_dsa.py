@@ -150,7 +150,6 @@ def variants(stage: str, heads: int) -> list[tuple[str, KernelOptions]]:
         return [(f"warmup kl target {form}", KernelOptions()) for form in WARMUP_TARGET_FORMS]
     if stage == "topk":  # the FP8 indexer's scoring + selection: the runs' maxima bound or not; the selection's launch
         out = [(f"indexer_topk fp8 select_runs={r}", KernelOptions(select_runs=r)) for r in (8, 0, 4, 16)]
-        # the scoring as the warp-specialised Gluon kernel or the Triton kernel
         return out + [(f"indexer_topk fp8 select{t}", KernelOptions(select=Tiles(*t)))
                       for t in ((1024, 4, 1), (2048, 4, 1), (1024, 8, 1), (4096, 8, 1), (4096, 16, 1), (2048, 8, 2))] + [
             (f"indexer_topk fp8 score{t}", KernelOptions(score=Tiles(*t)))
