@@ -242,22 +242,26 @@ def check_sparse_forward_ws() -> None:
 
 def check_dkv_product_ws() -> None:
     """The Gluon dkv product: the value columns in blocks of 128 with dO's term and key ranges, the
-    rope columns without, and 32 heads; its adds are 16-byte (4 columns a thread)."""
+    rope columns without, and 32 heads, at its default pipeline (its adds 8-byte, from the
+    products' registers) and with the adds through shared memory (16-byte)."""
     from megatron_dsa.kernels import sparse_attn_ws as W
 
     regs = (W.DKV_CONSUMER_REGS, W.DKV_PRODUCER_REGS)
-    for col0, BC, has_do, HP, passes in ((0, 128, True, 128, 4), (512, 64, False, 128, 1), (0, 128, True, 32, 1)):
-        consts = dict(COL0=col0, BC=BC, HP=HP, HAS_DO=has_do, PASSES=passes, CONSUMER_REGS=regs[0],
-                      PRODUCER_REGS=regs[1])
+    default = (W.DKV_Q_SLOTS, W.DKV_BUFFERS, W.DKV_VIA_SMEM)
+    for col0, BC, has_do, HP, passes, (nq, nbuf, via_smem) in (
+            (0, 128, True, 128, 4, default), (512, 64, False, 128, 1, default), (0, 128, True, 32, 1, default),
+            (0, 128, True, 128, 4, (1, 2, True))):
+        consts = dict(COL0=col0, BC=BC, HP=HP, HAS_DO=has_do, PASSES=passes, NQ=nq, NBUF=nbuf, VIA_SMEM=via_smem,
+                      CONSUMER_REGS=regs[0], PRODUCER_REGS=regs[1])
         ptx = _compile_gluon_sm90(W._sparse_dkv_product_ws_kernel, consts, dict(P="*bf16", DS="*bf16", SEG="*i32"),
-                                  GLUON_ALIGNED, regs)
+                                  GLUON_ALIGNED + ("n_work",), regs)
         assert f"wgmma.mma_async.sync.aligned.m64n{BC}k16" in ptx and "cp.async.cg.shared.global" in ptx
-        assert "atom.global.gpu.relaxed.add.v4.f32" in ptx
+        assert f"atom.global.gpu.relaxed.add.v{4 if via_smem else 2}.f32" in ptx
 
 
 @pytest.mark.parametrize("check,kernel,count", [
     ("check_sparse_forward_ws()", "_sparse_fwd_ws_kernel", 1),
-    ("check_dkv_product_ws()", "_sparse_dkv_product_ws_kernel", 3),
+    ("check_dkv_product_ws()", "_sparse_dkv_product_ws_kernel", 4),
 ])
 def test_gluon_kernels_compile(check, kernel, count):
     pytest.importorskip("triton.experimental.gluon")

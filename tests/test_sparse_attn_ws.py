@@ -185,6 +185,36 @@ def test_gluon_dkv_product_equals_the_reference(B, H, S, Sk, K, masked_rows, pas
         assert _rel(got[0], base[0]) < 1e-6 and _rel(got[2], base[2]) < 1e-6, kernels
 
 
+@pytest.mark.skipif(not ON_HOPPER, reason=NEEDS_HOPPER)
+@pytest.mark.parametrize("q_slots,buffers,via_smem", [(W.DKV_Q_SLOTS, W.DKV_BUFFERS, W.DKV_VIA_SMEM), (1, 2, True)])
+@pytest.mark.parametrize("B,H,S,passes", [(2, 128, 700, 3), (1, 48, 1000, 1)])
+def test_gluon_dkv_product_pipelines_equal_a_pytorch_sum(q_slots, buffers, via_smem, B, H, S, passes):
+    # the kernel alone at each pipeline depth and add path, with many work items a program (more
+    # tokens x column blocks than SMs), rows from t0, key ranges, -1 slots: against the fp32 sum
+    # over heads of ds^T q + p^T dO, added per selected key
+    Sk, K, t0 = 3000, 256, 37
+    q = torch.randn(B, S, H, 576, device="cuda", dtype=torch.bfloat16)
+    dout = torch.randn(B, S, H, 512, device="cuda", dtype=torch.bfloat16)
+    idx = torch.cat([_selection(S, Sk, K, 2) for _ in range(B)])
+    idx_s, _, seg = SA.key_segments(idx, Sk, passes)
+    rows = S - t0
+    ds = torch.randn(B, rows, H, K, device="cuda", dtype=torch.bfloat16)
+    p = torch.randn(B, rows, H, K, device="cuda", dtype=torch.bfloat16)
+    dkv = torch.zeros(B, Sk, 576, device="cuda")
+    for pass_id in range(passes):
+        W.dkv_product_ws(ds, p, q, dout, idx_s, seg, dkv, t0, S, pass_id, passes, 512, q_slots=q_slots,
+                         buffers=buffers, via_smem=via_smem)
+    part = torch.einsum("bthk,bthd->btkd", ds.float(), q[:, t0:].float())
+    part[..., :512] += torch.einsum("bthk,bthd->btkd", p.float(), dout[:, t0:].float())
+    keys = idx_s[:, t0:].long()
+    ok = keys >= 0
+    want = torch.zeros_like(dkv)
+    for b in range(B):
+        want[b].index_add_(0, keys[b][ok[b]], part[b][ok[b]])
+    assert torch.isfinite(dkv).all()
+    assert _rel(dkv, want) < 1e-5, _rel(dkv, want)
+
+
 def test_backward_kernel_options():
     assert KernelOptions().attn_dkv_product_kernel == "auto"
     with pytest.raises(ValueError, match="attn_dkv_product_kernel must be one of"):

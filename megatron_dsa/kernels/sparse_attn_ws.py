@@ -22,12 +22,14 @@ Needs sm_90 (wgmma, setmaxnreg), bf16 and the 512 + 64 latent of DeepSeek-V3.2 a
 ``supported`` says why not otherwise, and the Triton kernel (``sparse_attn.sparse_attn_fwd``) is
 the fallback.
 
-The dkv product (``dkv_product_ws``): one program per (token, 128 latent columns; the 64 rope
-columns apart) holds the token's q (and dO) columns for every head, up to 128; a producer copies
-64-key blocks of the stored score gradients (and probabilities) into two buffers, and two
-consumers take alternate blocks: [64 keys, 128 columns] products with the stored [heads, keys]
-tiles read transposed as A, then a row-swizzled shared copy to 4 columns a thread and one 16-byte
-fp32 add per (key, 4 columns). One consumer adds while the other multiplies.
+The dkv product (``dkv_product_ws``), persistent: about one program an SM takes work items
+(token, 128 latent columns; the 64 rope columns in a launch of their own) in turn. Its producer
+copies an item's q (and dO) columns for every head, up to 128, into one of two slots, then the
+item's 64-key blocks of stored score gradients (and probabilities) into three buffers, each as
+soon as it is free, so the next item's copies land while this one's products and adds run. Two
+consumers take alternate blocks of the program's running block count: [64 keys, 128 columns]
+products with the stored [heads, keys] tiles read transposed as A, then one fp32 add per (key, 2
+columns) straight from the products' registers. One consumer adds while the other multiplies.
 """
 
 from __future__ import annotations
@@ -55,8 +57,12 @@ TILE = 64  # latent columns a shared tile (128-byte rows, the 128-byte swizzle)
 # Registers a thread (setmaxnreg): 168 a thread at launch over 12 warps; the consumers take 232,
 # the producer 40 (ptxas, sm_90a: no spills).
 LAUNCH_REGS, CONSUMER_REGS, PRODUCER_REGS = 168, 232, 40
-# The dkv product's: a [64 keys, 128 columns] fp32 product and its copy in the add layout
-DKV_CONSUMER_REGS, DKV_PRODUCER_REGS = 192, 56
+# The dkv product's: a [64 keys, 128 columns] fp32 product; the producer's q, dO and score
+# pointers (ptxas, sm_90a: no spills; 96 registers spilled)
+DKV_CONSUMER_REGS, DKV_PRODUCER_REGS = 192, 104
+# q (and dO) column sets and 64-key blocks of stored scores the dkv product keeps in flight, and
+# whether its adds go through a shared copy of the products (16-byte adds) or from registers
+DKV_Q_SLOTS, DKV_BUFFERS, DKV_VIA_SMEM = 2, 3, False
 DKV_HEADS = 128  # heads the dkv product sums in one program (its products' K)
 
 
@@ -336,24 +342,14 @@ if HAS_GLUON:
         ], [4, PRODUCER_WARPS], [WG1_REGS, PRODUCER_REGS])
 
 
-    @gluon.jit
-    def _two_buffer_barriers():
-        # two buffers' barriers: ready (the 4-warp producer's copies have landed), free (the
-        # consumer that reads the buffer is done with it)
-        k_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        k_free = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        for j in gl.static_range(2):
-            mbarrier.init(k_ready.index(j), count=4 * 32)
-            mbarrier.init(k_free.index(j), count=1)
-        return k_ready, k_free
-
-    # The backward's dkv product: 64-key blocks of the stored scores (two buffers, the consumers
-    # take alternate ones), [64 keys, BC columns] products over every head, added to dkv from a
-    # blocked layout (4 columns a thread: 16-byte atomic adds)
+    # The backward's dkv product, persistent: a program takes work items (token, 128 latent
+    # columns) in turn; its producer fills NQ slots of the items' q (and dO) columns and NBUF
+    # buffers of 64-key blocks of the stored scores, as far ahead as they are free; the two
+    # consumers take alternate blocks of the program's running block count.
     DBK = gl.constexpr(64)
+    # the products' copy for the adds (VIA_SMEM): 4 columns a thread, 16-byte adds; its 16-byte
+    # units permuted by the row (rows 512 B apart would put the 8 rows of a store in the same banks)
     ADD_L = gl.constexpr(gl.BlockedLayout([1, 4], [2, 16], [4, 1], [1, 0]))
-    # the products' copy for the adds: 16-byte units of a row permuted by the row (rows 512 B apart
-    # would put the 8 rows of an accumulator store in the same banks)
     ACC_SMEM_L = gl.constexpr(gl.SwizzledSharedLayout(vec=4, per_phase=1, max_phase=8, order=[1, 0]))
 
     @gluon.jit
@@ -368,94 +364,132 @@ if HAS_GLUON:
         return lo, hi, lo // DBK, gl.cdiv(hi, DBK)
 
     @gluon.jit
-    def _dkv_consumer(q_s, do_s, ds_s, p_s, acc_s, k_ready, k_free, IDX, ib_off, SEG, seg_off, pass_id, DKV, dkv_off,
-                      s_dks, col0, Sk, TOPK, BC: gl.constexpr, HAS_DO: gl.constexpr, C: gl.constexpr,
-                      PASSES: gl.constexpr):
+    def _dkv_item(i, NCB, t0, COL0: gl.constexpr, BC: gl.constexpr):
+        # the program's i-th work item: (token, its first latent column); neighbouring programs
+        # take one token's column blocks together, so its stored scores are read once from HBM
+        w = gl.program_id(0) + i * gl.num_programs(0)
+        return (t0 + w // NCB).to(gl.int64), COL0 + (w % NCB) * BC
+
+    @gluon.jit
+    def _dkv_consumer(q_s, do_s, ds_s, p_s, acc_s, bars, IDX, SEG, DKV, b, n_items, NCB, t0, pass_id, Sk, TOPK,
+                      s_ib, s_is, s_sb, s_ss, s_dkb, s_dks, COL0: gl.constexpr, BC: gl.constexpr,
+                      HAS_DO: gl.constexpr, C: gl.constexpr, PASSES: gl.constexpr, NQ: gl.constexpr,
+                      NBUF: gl.constexpr, VIA_SMEM: gl.constexpr):
+        q_ready, q_free, k_ready, k_free = bars
         acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BC, 16])
-        lo, hi, b0, b1 = _key_range(SEG, seg_off, pass_id, TOPK, PASSES)
-        ib = IDX + ib_off
-        cols = col0 + gl.arange(0, BC, layout=gl.SliceLayout(0, ADD_L))
-        for i in range((b1 - b0 + 1 - C) // 2):
-            ph = i & 1
-            kk = (b0 + 2 * i + C) * DBK + gl.arange(0, DBK, layout=gl.SliceLayout(1, ADD_L))
-            idx = gl.load(ib + kk, mask=(kk >= lo) & (kk < hi), other=-1)
-            valid = (idx >= 0) & (idx < Sk)
-            acc = hopper.warpgroup_mma_init(gl.zeros([DBK, BC], gl.float32, layout=acc_l))
-            mbarrier.wait(k_ready.index(C), ph)
-            hopper.fence_async_shared()
-            # the stored [heads, keys] tiles read as [keys, heads]: the products' A
-            acc = hopper.warpgroup_mma(ds_s.index(C).permute((1, 0)), q_s, acc, is_async=True)
-            if HAS_DO:
-                acc = hopper.warpgroup_mma(p_s.index(C).permute((1, 0)), do_s, acc, is_async=True)
-            acc = hopper.warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-            mbarrier.arrive(k_free.index(C))
-            # to 4 columns a thread through shared memory, then one add per (key, column)
-            acc_s.index(C).store(acc)
-            vals = acc_s.index(C).load(ADD_L)
-            rows = DKV + dkv_off + gl.where(valid, idx, 0).to(gl.int64) * s_dks
-            gl.atomic_add(rows[:, None] + cols[None, :], vals, mask=valid[:, None], sem="relaxed")
+        add_l: gl.constexpr = ADD_L if VIA_SMEM else acc_l
+        g = 0  # blocks of the program's earlier items
+        for i in range(n_items):
+            t, col0 = _dkv_item(i, NCB, t0, COL0, BC)
+            lo, hi, b0, b1 = _key_range(SEG, b * s_sb + t * s_ss, pass_id, TOPK, PASSES)
+            ib = IDX + b * s_ib + t * s_is
+            cols = col0 + gl.arange(0, BC, layout=gl.SliceLayout(0, add_l))
+            slot = i % NQ
+            mbarrier.wait(q_ready.index(slot), (i // NQ) & 1)
+            for j in range((g + C) % 2, b1 - b0, 2):  # the blocks whose running count has this parity
+                gj = g + j
+                buf = gj % NBUF
+                kk = (b0 + j) * DBK + gl.arange(0, DBK, layout=gl.SliceLayout(1, add_l))
+                idx = gl.load(ib + kk, mask=(kk >= lo) & (kk < hi), other=-1)
+                valid = (idx >= 0) & (idx < Sk)
+                acc = hopper.warpgroup_mma_init(gl.zeros([DBK, BC], gl.float32, layout=acc_l))
+                mbarrier.wait(k_ready.index(buf), (gj // NBUF) & 1)
+                hopper.fence_async_shared()
+                # the stored [heads, keys] tiles read as [keys, heads]: the products' A
+                acc = hopper.warpgroup_mma(ds_s.index(buf).permute((1, 0)), q_s.index(slot), acc, is_async=True)
+                if HAS_DO:
+                    acc = hopper.warpgroup_mma(p_s.index(buf).permute((1, 0)), do_s.index(slot), acc, is_async=True)
+                acc = hopper.warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+                mbarrier.arrive(k_free.index(buf))
+                if VIA_SMEM:
+                    acc_s.index(C).store(acc)
+                    vals = acc_s.index(C).load(ADD_L)
+                else:
+                    vals = acc  # two columns a thread: 8-byte adds, no shared-memory copy
+                rows = DKV + b * s_dkb + gl.where(valid, idx, 0).to(gl.int64) * s_dks
+                gl.atomic_add(rows[:, None] + cols[None, :], vals, mask=valid[:, None], sem="relaxed")
+            mbarrier.arrive(q_free.index(slot))
+            g += b1 - b0
 
     @gluon.jit
-    def _dkv_producer(ds_s, p_s, k_ready, k_free, DS, P, gb, s_gh, SEG, seg_off, pass_id, H, TOPK,
-                      HP: gl.constexpr, HAS_DO: gl.constexpr, PASSES: gl.constexpr):
-        # Copies the stored score gradients (and probabilities) of block j into buffer j % 2.
-        ld: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
-        lo, hi, b0, b1 = _key_range(SEG, seg_off, pass_id, TOPK, PASSES)
-        h = gl.arange(0, HP, layout=gl.SliceLayout(1, ld))
-        slots = gl.arange(0, DBK, layout=gl.SliceLayout(0, ld))
-        base = gb + h.to(gl.int64)[:, None] * s_gh
-        for j in range(b1 - b0):
-            buf = j & 1
-            kk = (b0 + j) * DBK + slots
-            # whole blocks (16-byte copies): slots outside the range are multiplied but not added
-            ok = (h < H)[:, None] & (kk < TOPK)[None, :]
-            mbarrier.wait(k_free.index(buf), ((j >> 1) & 1) ^ 1)
-            cp.async_copy_global_to_shared(ds_s.index(buf), DS + base + kk[None, :], mask=ok)
+    def _dkv_producer(q_s, do_s, ds_s, p_s, acc_s, bars, Q, DO, DS, P, SEG, b, n_items, NCB, t0, pass_id, H, TOPK,
+                      s_qb, s_qs, s_qh, s_ob, s_os, s_oh, s_gb, s_gs, s_gh, s_sb, s_ss,
+                      COL0: gl.constexpr, BC: gl.constexpr, HP: gl.constexpr, HAS_DO: gl.constexpr,
+                      PASSES: gl.constexpr, NQ: gl.constexpr, NBUF: gl.constexpr):
+        # An item's q (and dO) columns for every head into slot i % NQ, then its blocks of stored
+        # score gradients (and probabilities) into buffer (running block count) % NBUF; missing
+        # heads are zero rows
+        q_ready, q_free, k_ready, k_free = bars
+        # 16-byte copies, a warp's lanes across a row of the tile (BC or 64 columns)
+        ld_q: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (BC // 8), BC // 8], [4, 1], [1, 0])
+        ld_s: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+        h = gl.arange(0, HP, layout=gl.SliceLayout(1, ld_q))
+        hm = (h < H)[:, None]
+        c = gl.arange(0, BC, layout=gl.SliceLayout(0, ld_q))
+        hs = gl.arange(0, HP, layout=gl.SliceLayout(1, ld_s))
+        hsm = (hs < H)[:, None]
+        slots = gl.arange(0, DBK, layout=gl.SliceLayout(0, ld_s))
+        g = 0
+        for i in range(n_items):
+            t, col0 = _dkv_item(i, NCB, t0, COL0, BC)
+            lo, hi, b0, b1 = _key_range(SEG, b * s_sb + t * s_ss, pass_id, TOPK, PASSES)
+            slot = i % NQ
+            mbarrier.wait(q_free.index(slot), ((i // NQ) & 1) ^ 1)
+            cp.async_copy_global_to_shared(q_s.index(slot), Q + b * s_qb + t * s_qs + (h * s_qh)[:, None]
+                                           + (col0 + c)[None, :], mask=hm)
             if HAS_DO:
-                cp.async_copy_global_to_shared(p_s.index(buf), P + base + kk[None, :], mask=ok)
-            cp.mbarrier_arrive(k_ready.index(buf), increment_count=False)
+                cp.async_copy_global_to_shared(do_s.index(slot), DO + b * s_ob + t * s_os
+                                               + (h * s_oh)[:, None] + (col0 + c)[None, :], mask=hm)
+            cp.mbarrier_arrive(q_ready.index(slot), increment_count=False)
+            base = b * s_gb + (t - t0) * s_gs + (hs * s_gh)[:, None]
+            for j in range(b1 - b0):
+                gj = g + j
+                buf = gj % NBUF
+                kk = (b0 + j) * DBK + slots
+                # whole blocks (16-byte copies): slots outside the range are multiplied but not added
+                ok = hsm & (kk < TOPK)[None, :]
+                mbarrier.wait(k_free.index(buf), ((gj // NBUF) & 1) ^ 1)
+                cp.async_copy_global_to_shared(ds_s.index(buf), DS + base + kk[None, :], mask=ok)
+                if HAS_DO:
+                    cp.async_copy_global_to_shared(p_s.index(buf), P + base + kk[None, :], mask=ok)
+                cp.mbarrier_arrive(k_ready.index(buf), increment_count=False)
+            g += b1 - b0
 
     @gluon.jit
-    def _sparse_dkv_product_ws_kernel(DS, P, Q, DO, IDX, SEG, DKV, H, Sk, TOPK, NCB, t0, pass_id,
+    def _sparse_dkv_product_ws_kernel(DS, P, Q, DO, IDX, SEG, DKV, H, Sk, TOPK, NCB, n_work, t0, pass_id,
                                       s_gb, s_gs, s_gh, s_qb, s_qs, s_qh, s_ob, s_os, s_oh, s_ib, s_is, s_sb, s_ss,
                                       s_dkb, s_dks, COL0: gl.constexpr, BC: gl.constexpr, HP: gl.constexpr,
-                                      HAS_DO: gl.constexpr, PASSES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                                      HAS_DO: gl.constexpr, PASSES: gl.constexpr, NQ: gl.constexpr,
+                                      NBUF: gl.constexpr, VIA_SMEM: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                                       PRODUCER_REGS: gl.constexpr):
-        pid = gl.program_id(0)
-        t = (t0 + pid // NCB).to(gl.int64)
-        col0 = COL0 + (pid % NCB) * BC
         b = gl.program_id(1).to(gl.int64)
+        n_items = gl.cdiv(n_work - gl.program_id(0), gl.num_programs(0))  # this program's work items
         op_l: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
-        q_s = gl.allocate_shared_memory(gl.bfloat16, [HP, BC], op_l)
-        do_s = gl.allocate_shared_memory(gl.bfloat16, [HP if HAS_DO else 16, BC], op_l)
-        ds_s = gl.allocate_shared_memory(gl.bfloat16, [2, HP, DBK], SMEM_L)
-        p_s = gl.allocate_shared_memory(gl.bfloat16, [2 if HAS_DO else 1, HP, DBK], SMEM_L)
-        acc_s = gl.allocate_shared_memory(gl.float32, [2, DBK, BC], ACC_SMEM_L)
-        k_ready, k_free = _two_buffer_barriers()
-        # the token's q (and dO) columns col0.. for every head, once; missing heads are zero rows
-        ld: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])
-        h = gl.arange(0, HP, layout=gl.SliceLayout(1, ld))
-        c = col0 + gl.arange(0, BC, layout=gl.SliceLayout(0, ld))
-        hm = (h < H)[:, None]
-        cp.async_copy_global_to_shared(q_s, Q + b * s_qb + t * s_qs + h.to(gl.int64)[:, None] * s_qh + c[None, :],
-                                       mask=hm)
-        if HAS_DO:
-            cp.async_copy_global_to_shared(do_s, DO + b * s_ob + t * s_os + h.to(gl.int64)[:, None] * s_oh
-                                           + c[None, :], mask=hm)
-        cp.commit_group()
-        cp.wait_group(0)
-        hopper.fence_async_shared()
-        cta_barrier()
-        ib_off = b * s_ib + t * s_is
-        seg_off = b * s_sb + t * s_ss
-        gb = b * s_gb + (t - t0) * s_gs
+        q_s = gl.allocate_shared_memory(gl.bfloat16, [NQ, HP, BC], op_l)
+        do_s = gl.allocate_shared_memory(gl.bfloat16, [NQ if HAS_DO else 1, HP if HAS_DO else 16, BC], op_l)
+        ds_s = gl.allocate_shared_memory(gl.bfloat16, [NBUF, HP, DBK], SMEM_L)
+        p_s = gl.allocate_shared_memory(gl.bfloat16, [NBUF if HAS_DO else 1, HP if HAS_DO else 16, DBK], SMEM_L)
+        acc_s = gl.allocate_shared_memory(gl.float32, [2 if VIA_SMEM else 1, DBK if VIA_SMEM else 1, BC], ACC_SMEM_L)
+        # ready: the 4-warp producer's copies have landed; free: the consumer(s) reading it are done
+        q_ready = gl.allocate_shared_memory(gl.int64, [NQ, 1], mbarrier.MBarrierLayout())
+        q_free = gl.allocate_shared_memory(gl.int64, [NQ, 1], mbarrier.MBarrierLayout())
+        k_ready = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
+        k_free = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
+        for j in gl.static_range(NQ):
+            mbarrier.init(q_ready.index(j), count=4 * 32)
+            mbarrier.init(q_free.index(j), count=2)  # both consumers
+        for j in gl.static_range(NBUF):
+            mbarrier.init(k_ready.index(j), count=4 * 32)
+            mbarrier.init(k_free.index(j), count=1)
+        bars = (q_ready, q_free, k_ready, k_free)
         gl.warp_specialize([
-            (_dkv_consumer, (q_s, do_s, ds_s, p_s, acc_s, k_ready, k_free, IDX, ib_off, SEG, seg_off, pass_id, DKV,
-                             b * s_dkb, s_dks, col0, Sk, TOPK, BC, HAS_DO, 0, PASSES)),
-            (_dkv_consumer, (q_s, do_s, ds_s, p_s, acc_s, k_ready, k_free, IDX, ib_off, SEG, seg_off, pass_id, DKV,
-                             b * s_dkb, s_dks, col0, Sk, TOPK, BC, HAS_DO, 1, PASSES)),
-            (_dkv_producer, (ds_s, p_s, k_ready, k_free, DS, P, gb, s_gh, SEG, seg_off, pass_id, H, TOPK, HP,
-                             HAS_DO, PASSES)),
+            (_dkv_consumer, (q_s, do_s, ds_s, p_s, acc_s, bars, IDX, SEG, DKV, b, n_items, NCB, t0, pass_id, Sk, TOPK,
+                             s_ib, s_is, s_sb, s_ss, s_dkb, s_dks, COL0, BC, HAS_DO, 0, PASSES, NQ, NBUF, VIA_SMEM)),
+            (_dkv_consumer, (q_s, do_s, ds_s, p_s, acc_s, bars, IDX, SEG, DKV, b, n_items, NCB, t0, pass_id, Sk, TOPK,
+                             s_ib, s_is, s_sb, s_ss, s_dkb, s_dks, COL0, BC, HAS_DO, 1, PASSES, NQ, NBUF, VIA_SMEM)),
+            (_dkv_producer, (q_s, do_s, ds_s, p_s, acc_s, bars, Q, DO, DS, P, SEG, b, n_items, NCB, t0, pass_id, H,
+                             TOPK, s_qb, s_qs, s_qh, s_ob, s_os, s_oh, s_gb, s_gs, s_gh, s_sb, s_ss, COL0, BC, HP,
+                             HAS_DO, PASSES, NQ, NBUF)),
         ], [4, 4], [CONSUMER_REGS, PRODUCER_REGS])
 
 
@@ -492,9 +526,13 @@ def dkv_product_supported(ds, q, dout) -> Optional[str]:
     return why
 
 
-def dkv_product_ws(ds, p, q, dout, idx, seg, dkv, t0: int, t1: int, pass_id: int, passes: int, v_dim: int):
+def dkv_product_ws(ds, p, q, dout, idx, seg, dkv, t0: int, t1: int, pass_id: int, passes: int, v_dim: int,
+                   q_slots: int = DKV_Q_SLOTS, buffers: int = DKV_BUFFERS, via_smem: bool = DKV_VIA_SMEM):
     """``sparse_attn._dkv_product``'s contract for rows t0..t1 and key range ``pass_id``: dkv +=
-    (ds^T q + p^T dO) over every head, one fp32 add per (token, selected key, column)."""
+    (ds^T q + p^T dO) over every head, one fp32 add per (token, selected key, column).
+    ``q_slots`` / ``buffers``: items' q (and dO) columns and 64-key blocks of stored scores in
+    flight; ``via_smem``: the adds 16-byte from a shared copy of the products, else 8-byte from
+    their registers (``DKV_*``: the measured defaults)."""
     why = dkv_product_supported(ds, q, dout)
     if why is not None:
         raise ValueError(f"the Gluon dkv product cannot run these inputs: {why}")
@@ -502,12 +540,15 @@ def dkv_product_ws(ds, p, q, dout, idx, seg, dkv, t0: int, t1: int, pass_id: int
     if t1 <= t0 or H == 0 or idx.shape[-1] == 0:
         return
     HP = max(16, triton.next_power_of_2(H))
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count
     for col0, ncol, BC, has_do in ((0, v_dim, 128, True), (v_dim, D - v_dim, TILE, False)):
         ncb = ncol // BC
-        _sparse_dkv_product_ws_kernel[((t1 - t0) * ncb, B)](
-            ds, p, q, dout, idx, seg, dkv, H, dkv.shape[1], idx.shape[-1], ncb, t0, pass_id,
+        n_work = (t1 - t0) * ncb
+        grid = (max(1, min(n_work, -(-sms // B))), B)  # persistent: about one program an SM
+        _sparse_dkv_product_ws_kernel[grid](
+            ds, p, q, dout, idx, seg, dkv, H, dkv.shape[1], idx.shape[-1], ncb, n_work, t0, pass_id,
             ds.stride(0), ds.stride(1), ds.stride(2), q.stride(0), q.stride(1), q.stride(2),
             dout.stride(0), dout.stride(1), dout.stride(2), idx.stride(0), idx.stride(1), seg.stride(0), seg.stride(1),
             dkv.stride(0), dkv.stride(1),
-            COL0=col0, BC=BC, HP=HP, HAS_DO=has_do, PASSES=passes, CONSUMER_REGS=DKV_CONSUMER_REGS,
-            PRODUCER_REGS=DKV_PRODUCER_REGS, num_warps=4, maxnreg=LAUNCH_REGS)
+            COL0=col0, BC=BC, HP=HP, HAS_DO=has_do, PASSES=passes, NQ=q_slots, NBUF=buffers, VIA_SMEM=via_smem,
+            CONSUMER_REGS=DKV_CONSUMER_REGS, PRODUCER_REGS=DKV_PRODUCER_REGS, num_warps=4, maxnreg=LAUNCH_REGS)
