@@ -242,15 +242,15 @@ def check_sparse_forward_ws() -> None:
 
 def check_dkv_product_ws() -> None:
     """The Gluon dkv product: the value columns in blocks of 128 with dO's term and key ranges, the
-    rope columns without, and 32 heads, at its default pipeline (its adds 8-byte, from the
-    products' registers) and with the adds through shared memory (16-byte)."""
+    rope columns without, and 32 heads, at its default pipeline (16-byte adds from a shared copy
+    of the products); and two q slots with three buffers, the adds 8-byte from registers."""
     from megatron_dsa.kernels import sparse_attn_ws as W
 
     regs = (W.DKV_CONSUMER_REGS, W.DKV_PRODUCER_REGS)
     default = (W.DKV_Q_SLOTS, W.DKV_BUFFERS, W.DKV_VIA_SMEM)
     for col0, BC, has_do, HP, passes, (nq, nbuf, via_smem) in (
             (0, 128, True, 128, 4, default), (512, 64, False, 128, 1, default), (0, 128, True, 32, 1, default),
-            (0, 128, True, 128, 4, (1, 2, True))):
+            (0, 128, True, 128, 4, (2, 3, False))):
         consts = dict(COL0=col0, BC=BC, HP=HP, HAS_DO=has_do, PASSES=passes, NQ=nq, NBUF=nbuf, VIA_SMEM=via_smem,
                       CONSUMER_REGS=regs[0], PRODUCER_REGS=regs[1])
         ptx = _compile_gluon_sm90(W._sparse_dkv_product_ws_kernel, consts, dict(P="*bf16", DS="*bf16", SEG="*i32"),

@@ -186,7 +186,7 @@ def test_gluon_dkv_product_equals_the_reference(B, H, S, Sk, K, masked_rows, pas
 
 
 @pytest.mark.skipif(not ON_HOPPER, reason=NEEDS_HOPPER)
-@pytest.mark.parametrize("q_slots,buffers,via_smem", [(W.DKV_Q_SLOTS, W.DKV_BUFFERS, W.DKV_VIA_SMEM), (1, 2, True)])
+@pytest.mark.parametrize("q_slots,buffers,via_smem", [(W.DKV_Q_SLOTS, W.DKV_BUFFERS, W.DKV_VIA_SMEM), (2, 3, False)])
 @pytest.mark.parametrize("B,H,S,passes", [(2, 128, 700, 3), (1, 48, 1000, 1)])
 def test_gluon_dkv_product_pipelines_equal_a_pytorch_sum(q_slots, buffers, via_smem, B, H, S, passes):
     # the kernel alone at each pipeline depth and add path, with many work items a program (more

@@ -24,12 +24,13 @@ the fallback.
 
 The dkv product (``dkv_product_ws``), persistent: about one program an SM takes work items
 (token, 128 latent columns; the 64 rope columns in a launch of their own) in turn. Its producer
-copies an item's q (and dO) columns for every head, up to 128, into one of two slots, then the
-item's 64-key blocks of stored score gradients (and probabilities) into three buffers, each as
-soon as it is free, so the next item's copies land while this one's products and adds run. Two
-consumers take alternate blocks of the program's running block count: [64 keys, 128 columns]
-products with the stored [heads, keys] tiles read transposed as A, then one fp32 add per (key, 2
-columns) straight from the products' registers. One consumer adds while the other multiplies.
+copies an item's q (and dO) columns for every head, up to 128, into a slot, then the item's 64-key
+blocks of stored score gradients (and probabilities) into two buffers, each as soon as it is free
+(``DKV_Q_SLOTS`` / ``DKV_BUFFERS``). Two consumers take alternate blocks of the program's running
+block count: [64 keys, 128 columns] products with the stored [heads, keys] tiles read transposed
+as A, then a row-swizzled shared copy to 4 columns a thread and one 16-byte fp32 add per (key, 4
+columns). One consumer adds while the other multiplies. The adds bound it, at about half the
+rate of random 16-byte adds into an L2-sized target.
 """
 
 from __future__ import annotations
@@ -62,7 +63,10 @@ LAUNCH_REGS, CONSUMER_REGS, PRODUCER_REGS = 168, 232, 40
 DKV_CONSUMER_REGS, DKV_PRODUCER_REGS = 192, 104
 # q (and dO) column sets and 64-key blocks of stored scores the dkv product keeps in flight, and
 # whether its adds go through a shared copy of the products (16-byte adds) or from registers
-DKV_Q_SLOTS, DKV_BUFFERS, DKV_VIA_SMEM = 2, 3, False
+# (8-byte). 64K x 128 heads on an H100, the kernel alone (results/h100/tune_dkv_product_64k_128heads.json):
+# 1 slot, 2 buffers, 16-byte adds 186.7-187.4 ms; 3 buffers 201.2; 2 slots, 3 buffers, 8-byte
+# adds 230.8 (the adds' rate, not their latency, bounds it: more in flight only crowds L2)
+DKV_Q_SLOTS, DKV_BUFFERS, DKV_VIA_SMEM = 1, 2, True
 DKV_HEADS = 128  # heads the dkv product sums in one program (its products' K)
 
 
