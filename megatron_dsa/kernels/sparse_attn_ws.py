@@ -59,7 +59,7 @@ TILE = 64  # latent columns a shared tile (128-byte rows, the 128-byte swizzle)
 # the producer 40 (ptxas, sm_90a: no spills).
 LAUNCH_REGS, CONSUMER_REGS, PRODUCER_REGS = 168, 232, 40
 # The dkv product's: a [64 keys, 128 columns] fp32 product; the producer's q, dO and score
-# pointers (ptxas, sm_90a: no spills; 96 registers spilled)
+# pointers (ptxas, sm_90a: no spills at 104 a thread, spills at 96 with two q slots)
 DKV_CONSUMER_REGS, DKV_PRODUCER_REGS = 192, 104
 # q (and dO) column sets and 64-key blocks of stored scores the dkv product keeps in flight, and
 # whether its adds go through a shared copy of the products (16-byte adds) or from registers
