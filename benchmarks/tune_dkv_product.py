@@ -30,8 +30,9 @@ from megatron_dsa.kernel_options import DEFAULT_OPTIONS, KernelOptions  # noqa: 
 from megatron_dsa.kernels import sparse_attn as SA  # noqa: E402
 from megatron_dsa.kernels import sparse_attn_ws as W  # noqa: E402
 from megatron_dsa.kernels._common import rows_within  # noqa: E402
+import bench_dsa  # noqa: E402
 import tune_dsa  # noqa: E402
-from results_io import invocation, run_record, write_json  # noqa: E402
+from results_io import device_tag, invocation, run_record, write_json  # noqa: E402
 
 # (q slots, score buffers, adds through shared memory): the Gluon kernel's settings timed (the
 # default first); the shared-memory copy for 16-byte adds leaves room for fewer slots and buffers
@@ -60,17 +61,19 @@ def variants(passes: list[int]) -> list[tuple[str, int, object]]:
 
 
 def add_ceilings() -> dict:
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "ceilings.json")
-    tag = "h100" if "H100" in torch.cuda.get_device_name() else None
-    if tag:
-        path = os.path.join(os.path.dirname(path), tag, "ceilings.json")
+    """This GPU's add rates from the ceilings its results directory holds (results/ for the H200,
+    results/<gpu>/ else), if they were measured on it: into an L2-sized target, and into HBM."""
+    device = torch.cuda.get_device_name()
+    tag = device_tag(device)
+    out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", *([] if tag == "h200" else [tag]))
     try:
-        c = json.load(open(path))
-    except OSError:
+        with open(os.path.join(out, "ceilings.json")) as f:
+            if json.load(f).get("device") != device:
+                return {}
+    except (OSError, ValueError):
         return {}
-    if c.get("device") != torch.cuda.get_device_name():
-        return {}
-    return {"l2": c["fp32_atomic_adds_per_s_by_target_mb"]["32"], "hbm": c["fp32_atomic_adds_per_s"]}
+    c = bench_dsa.load_ceilings(out, device)
+    return {"l2": c["atomic_adds_l2_per_s"], "hbm": c["atomic_adds_per_s"]}
 
 
 def run(heads, seqs, passes, reps, out_dir, record):
@@ -122,18 +125,29 @@ def run(heads, seqs, passes, reps, out_dir, record):
     return rows
 
 
+def positive_ints(text: str) -> list[int]:
+    """A comma-separated list of positive integers (argparse type)."""
+    try:
+        values = [bench_dsa.positive_int(x) for x in text.split(",") if x.strip()]
+    except (ValueError, argparse.ArgumentTypeError):
+        raise argparse.ArgumentTypeError(f"must be comma-separated positive integers, got {text!r}") from None
+    return values
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--heads", default="128")
-    p.add_argument("--seqs", default="65536")
-    p.add_argument("--passes", default="", help="key-range counts timed beside the default (comma-separated)")
-    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--heads", type=positive_ints, default="128")
+    p.add_argument("--seqs", type=positive_ints, default="65536")
+    p.add_argument("--passes", type=positive_ints, default="",
+                   help="key-range counts timed beside the default (comma-separated)")
+    p.add_argument("--reps", type=bench_dsa.positive_int, default=3)
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     a = p.parse_args(argv)
+    if not a.heads or not a.seqs:
+        p.error("--heads and --seqs need at least one value")
     if not torch.cuda.is_available():
         sys.exit("error: tune_dkv_product.py times GPU kernels; no CUDA device here")
-    run([int(x) for x in a.heads.split(",")], [int(x) for x in a.seqs.split(",")],
-        [int(x) for x in a.passes.split(",") if x], a.reps, a.out, run_record(invocation(__file__, argv)))
+    run(a.heads, a.seqs, a.passes, a.reps, a.out, run_record(invocation(__file__, argv)))
 
 
 if __name__ == "__main__":
