@@ -221,6 +221,21 @@ def test_indexer_topk_selection_paths(cap, group, bits):
     assert packed is not None and torch.equal(K.expand_selection(*packed), unordered)
 
 
+def test_indexer_topk_refuses_runs_that_split_a_scoring_tile_before_any_compute(monkeypatch):
+    """select_runs must divide the scoring tile's keys: one error, raised before the inputs are
+    quantised or any kernel runs."""
+    from megatron_dsa.kernels import indexer as I
+
+    def no_compute(*_):
+        raise AssertionError("quantised before the options were checked")
+
+    monkeypatch.setattr(I, "fp8_quantize", no_compute)
+    q, k, w = torch.randn(1, 8, 2, 64, device=DEV), torch.randn(1, 8, 64, device=DEV), torch.randn(1, 8, 2, device=DEV)
+    runs = 2 * (I.SCORE_CFG["fp8"]["BN"] if DEV == "cuda" else 32)
+    with pytest.raises(ValueError, match=f"select_runs={runs} must divide the scoring tile"):
+        K.indexer_topk(q, k, w, 4, fp8=True, options=KernelOptions(select_runs=runs))
+
+
 def _rows_in_key_order(B, S, K, n_keys):
     """Rows of distinct keys < n_keys in ascending order, -1 padded, of lengths 0..K (an empty
     row, a full row, one holding the first and last key of a block of 2^16 and the last key)."""

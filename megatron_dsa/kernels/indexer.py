@@ -515,15 +515,21 @@ def indexer_topk(
     if Sk == 0 or topk == 0:
         return out.fill_(-1)
     on_gpu = q.is_cuda
+    ieee = not fp8 and is_fp32(q, k)
+    kind = "fp8" if fp8 else ("fp32" if ieee else "bf16")
+    cfg = dict(SCORE_CFG[kind]) if on_gpu else dict(BM=16, BN=32, num_warps=4, num_stages=1)
+    if options.score is not None:  # keys per tile, warps, stages; the tile's query rows stay
+        cfg.update(BN=options.score.BK, num_warps=options.score.num_warps, num_stages=options.score.num_stages)
+    BM, BN = cfg.pop("BM"), cfg.pop("BN")
     G = options.select_runs if options.select_runs is not None else (SELECT_RUNS if on_gpu else SELECT_RUNS_INTERPRETER)
+    if G and BN % G:
+        raise ValueError(f"select_runs={G} must divide the scoring tile's {BN} keys")
     if fp8:
         q_in, qs = fp8_quantize(q)
         k_in, ks = fp8_quantize(k)
         w_in = (w.float() * qs).contiguous()
         ks = ks.contiguous()
-        ieee = False
     else:
-        ieee = is_fp32(q, k)
         cast = torch.float32 if ieee else q.dtype
         q_in, k_in = q.to(cast), k.to(cast)
         w_in = w.float().contiguous()
@@ -538,16 +544,9 @@ def indexer_topk(
     k_doc32 = _documents(k_doc, Sk, dev)
     row_lo = _first_keys(q_doc32, k_doc32) if has_doc else torch.zeros(Sq, dtype=torch.int64, device=dev)
 
-    kind = "fp8" if fp8 else ("fp32" if ieee else "bf16")
-    cfg = dict(SCORE_CFG[kind]) if on_gpu else dict(BM=16, BN=32, num_warps=4, num_stages=1)
-    if options.score is not None:  # keys per tile, warps, stages; the tile's query rows stay
-        cfg.update(BN=options.score.BK, num_warps=options.score.num_warps, num_stages=options.score.num_stages)
-    BM, BN = cfg.pop("BM"), cfg.pop("BN")
     DIP = next_pow2(DI, FP8_MIN_K if fp8 else 16)  # padded columns are masked zeros
     sel = options.select or (SELECT_TILES if on_gpu else Tiles(256, 4, 1))
     CAP = options.select_cap if options.select_cap is not None else (SELECT_CAP if on_gpu else SELECT_CAP_INTERPRETER)
-    if G and BN % G:
-        raise ValueError(f"select_runs={G} must divide the scoring tile's {BN} keys")
     # The selection of one chunk of rows overlaps the scoring of the next: two score buffers,
     # each within half the options' workspace (2 GiB by default) of fp32 scores [B, chunk, Sk].
     overlap = options.select_overlap if options.select_overlap is not None else on_gpu
