@@ -34,30 +34,30 @@ import bench_dsa  # noqa: E402
 import tune_dsa  # noqa: E402
 from results_io import device_tag, invocation, run_record, write_json  # noqa: E402
 
-# (q slots, score buffers, adds through shared memory): the Gluon kernel's settings timed (the
-# default first); the shared-memory copy for 16-byte adds leaves room for fewer slots and buffers
-GLUON_PIPELINES = ((W.DKV_Q_SLOTS, W.DKV_BUFFERS, W.DKV_VIA_SMEM), (1, 2, True), (1, 3, True), (2, 3, False))
+# (q slots, score buffers, adds through shared memory): the Gluon kernel's settings timed beside
+# its default; the shared-memory copy for 16-byte adds leaves room for fewer slots and buffers
+DEFAULT_PIPELINE = (W.DKV_Q_SLOTS, W.DKV_BUFFERS, W.DKV_VIA_SMEM)
+GLUON_PIPELINES = ((1, 2, True), (1, 3, True), (2, 3, False))
+
+
+def pipeline_name(nq: int, nb: int, smem: bool) -> str:
+    return f"gluon q{nq} b{nb} {'smem' if smem else 'regs'}"
 
 
 def variants(passes: list[int]) -> list[tuple[str, int, object]]:
-    """(name, key ranges (0: the default), launch(ds, p, q, dout, idx, seg, dkv, t0, t1, pass_id, n))."""
+    """(name, key ranges (0: the default), launch(ds, p, q, dout, idx, seg, dkv, t0, t1, pass_id, n)):
+    the Triton kernel, the Gluon kernel's default pipeline and the others, then both kernels at
+    each of ``passes`` key ranges."""
     def triton(*a):
         SA._dkv_product(*a, 512, KernelOptions(attn_dkv_product_kernel="triton"), dict(IEEE=False, UPCAST=False))
 
     def gluon(nq, nb, smem):
         return lambda *a: W.dkv_product_ws(*a, 512, q_slots=nq, buffers=nb, via_smem=smem)
 
-    out = [("triton", 0, triton)]
-    seen = set()
-    for nq, nb, smem in GLUON_PIPELINES:
-        if (nq, nb, smem) in seen:
-            continue
-        seen.add((nq, nb, smem))
-        out.append((f"gluon q{nq} b{nb} {'smem' if smem else 'regs'}", 0, gluon(nq, nb, smem)))
-    d = W.DKV_Q_SLOTS, W.DKV_BUFFERS, W.DKV_VIA_SMEM
-    out += [(f"gluon q{d[0]} b{d[1]} {'smem' if d[2] else 'regs'}", p, gluon(*d)) for p in passes if p]
-    out += [("triton", p, triton) for p in passes if p]
-    return out
+    pipelines = [DEFAULT_PIPELINE] + [pl for pl in GLUON_PIPELINES if pl != DEFAULT_PIPELINE]
+    out = [("triton", 0, triton)] + [(pipeline_name(*pl), 0, gluon(*pl)) for pl in pipelines]
+    out += [(pipeline_name(*DEFAULT_PIPELINE), p, gluon(*DEFAULT_PIPELINE)) for p in passes]
+    return out + [("triton", p, triton) for p in passes]
 
 
 def add_ceilings() -> dict:
