@@ -187,11 +187,12 @@ def test_gluon_dkv_product_equals_the_reference(B, H, S, Sk, K, masked_rows, pas
 
 @pytest.mark.skipif(not ON_HOPPER, reason=NEEDS_HOPPER)
 @pytest.mark.parametrize("q_slots,buffers,via_smem", [(W.DKV_Q_SLOTS, W.DKV_BUFFERS, W.DKV_VIA_SMEM), (2, 3, False)])
-@pytest.mark.parametrize("B,H,S,passes", [(2, 128, 700, 3), (1, 48, 1000, 1)])
+@pytest.mark.parametrize("B,H,S,passes", [(2, 128, 700, 3), (1, 48, 1000, 1), (1, 128, 3000, 4)])
 def test_gluon_dkv_product_pipelines_equal_a_pytorch_sum(q_slots, buffers, via_smem, B, H, S, passes):
     # the kernel alone at each pipeline depth and add path, with many work items a program (more
     # tokens x column blocks than SMs), rows from t0, key ranges, -1 slots: against the fp32 sum
-    # over heads of ds^T q + p^T dO, added per selected key
+    # over heads of ds^T q + p^T dO, added per selected key. At S = Sk the early rows have keys in
+    # the first ranges only: their items in the later passes are skipped
     Sk, K, t0 = 3000, 256, 37
     q = torch.randn(B, S, H, 576, device="cuda", dtype=torch.bfloat16)
     dout = torch.randn(B, S, H, 512, device="cuda", dtype=torch.bfloat16)

@@ -358,14 +358,16 @@ if HAS_GLUON:
 
     @gluon.jit
     def _key_range(SEG, seg_off, pass_id, TOPK, PASSES: gl.constexpr):
-        # this pass's slots [lo, hi) of the key-sorted row, else all of them; as 64-key blocks
+        # this pass's slots [lo, hi) of the key-sorted row, else all of them; as 64-key blocks,
+        # none where the range is empty (no copy of the item's q and dO either)
         if PASSES > 1:
             lo = gl.load(SEG + seg_off + pass_id)
             hi = gl.load(SEG + seg_off + pass_id + 1)
         else:
             lo = 0
             hi = TOPK
-        return lo, hi, lo // DBK, gl.cdiv(hi, DBK)
+        b0 = lo // DBK
+        return lo, hi, b0, gl.where(hi > lo, gl.cdiv(hi, DBK), b0)
 
     @gluon.jit
     def _dkv_item(i, NCB, t0, COL0: gl.constexpr, BC: gl.constexpr):
@@ -383,46 +385,59 @@ if HAS_GLUON:
         acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BC, 16])
         add_l: gl.constexpr = ADD_L if VIA_SMEM else acc_l
         g = 0  # blocks of the program's earlier items
+        u = 0  # its earlier items with keys in this range: the q slots' count
         for i in range(n_items):
             t, col0 = _dkv_item(i, NCB, t0, COL0, BC)
             lo, hi, b0, b1 = _key_range(SEG, b * s_sb + t * s_ss, pass_id, TOPK, PASSES)
-            ib = IDX + b * s_ib + t * s_is
-            cols = col0 + gl.arange(0, BC, layout=gl.SliceLayout(0, add_l))
-            slot = i % NQ
-            mbarrier.wait(q_ready.index(slot), (i // NQ) & 1)
-            for j in range((g + C) % 2, b1 - b0, 2):  # the blocks whose running count has this parity
-                gj = g + j
-                buf = gj % NBUF
-                kk = (b0 + j) * DBK + gl.arange(0, DBK, layout=gl.SliceLayout(1, add_l))
-                idx = gl.load(ib + kk, mask=(kk >= lo) & (kk < hi), other=-1)
-                valid = (idx >= 0) & (idx < Sk)
-                acc = hopper.warpgroup_mma_init(gl.zeros([DBK, BC], gl.float32, layout=acc_l))
-                mbarrier.wait(k_ready.index(buf), (gj // NBUF) & 1)
-                hopper.fence_async_shared()
-                # the stored [heads, keys] tiles read as [keys, heads]: the products' A
-                acc = hopper.warpgroup_mma(ds_s.index(buf).permute((1, 0)), q_s.index(slot), acc, is_async=True)
-                if HAS_DO:
-                    acc = hopper.warpgroup_mma(p_s.index(buf).permute((1, 0)), do_s.index(slot), acc, is_async=True)
-                acc = hopper.warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-                mbarrier.arrive(k_free.index(buf))
-                if VIA_SMEM:
-                    acc_s.index(C).store(acc)
-                    vals = acc_s.index(C).load(ADD_L)
-                else:
-                    vals = acc  # two columns a thread: 8-byte adds, no shared-memory copy
-                rows = DKV + b * s_dkb + gl.where(valid, idx, 0).to(gl.int64) * s_dks
-                gl.atomic_add(rows[:, None] + cols[None, :], vals, mask=valid[:, None], sem="relaxed")
-            mbarrier.arrive(q_free.index(slot))
-            g += b1 - b0
+            if b1 > b0:
+                _dkv_consume_item(q_s, do_s, ds_s, p_s, acc_s, bars, IDX, DKV, b, t, col0, lo, hi, b0, b1, g, u,
+                                  Sk, s_ib, s_is, s_dkb, s_dks, add_l, acc_l, BC, HAS_DO, C, NQ, NBUF, VIA_SMEM)
+                g += b1 - b0
+                u += 1
+
+    @gluon.jit
+    def _dkv_consume_item(q_s, do_s, ds_s, p_s, acc_s, bars, IDX, DKV, b, t, col0, lo, hi, b0, b1, g, u, Sk,
+                          s_ib, s_is, s_dkb, s_dks, add_l: gl.constexpr, acc_l: gl.constexpr, BC: gl.constexpr,
+                          HAS_DO: gl.constexpr, C: gl.constexpr, NQ: gl.constexpr, NBUF: gl.constexpr,
+                          VIA_SMEM: gl.constexpr):
+        # one item's blocks whose running count g + j has this consumer's parity C
+        q_ready, q_free, k_ready, k_free = bars
+        ib = IDX + b * s_ib + t * s_is
+        cols = col0 + gl.arange(0, BC, layout=gl.SliceLayout(0, add_l))
+        slot = u % NQ
+        mbarrier.wait(q_ready.index(slot), (u // NQ) & 1)
+        for j in range((g + C) % 2, b1 - b0, 2):
+            gj = g + j
+            buf = gj % NBUF
+            kk = (b0 + j) * DBK + gl.arange(0, DBK, layout=gl.SliceLayout(1, add_l))
+            idx = gl.load(ib + kk, mask=(kk >= lo) & (kk < hi), other=-1)
+            valid = (idx >= 0) & (idx < Sk)
+            acc = hopper.warpgroup_mma_init(gl.zeros([DBK, BC], gl.float32, layout=acc_l))
+            mbarrier.wait(k_ready.index(buf), (gj // NBUF) & 1)
+            hopper.fence_async_shared()
+            # the stored [heads, keys] tiles read as [keys, heads]: the products' A
+            acc = hopper.warpgroup_mma(ds_s.index(buf).permute((1, 0)), q_s.index(slot), acc, is_async=True)
+            if HAS_DO:
+                acc = hopper.warpgroup_mma(p_s.index(buf).permute((1, 0)), do_s.index(slot), acc, is_async=True)
+            acc = hopper.warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+            mbarrier.arrive(k_free.index(buf))
+            if VIA_SMEM:
+                acc_s.index(C).store(acc)
+                vals = acc_s.index(C).load(ADD_L)
+            else:
+                vals = acc  # two columns a thread: 8-byte adds, no shared-memory copy
+            rows = DKV + b * s_dkb + gl.where(valid, idx, 0).to(gl.int64) * s_dks
+            gl.atomic_add(rows[:, None] + cols[None, :], vals, mask=valid[:, None], sem="relaxed")
+        mbarrier.arrive(q_free.index(slot))
 
     @gluon.jit
     def _dkv_producer(q_s, do_s, ds_s, p_s, acc_s, bars, Q, DO, DS, P, SEG, b, n_items, NCB, t0, pass_id, H, TOPK,
                       s_qb, s_qs, s_qh, s_ob, s_os, s_oh, s_gb, s_gs, s_gh, s_sb, s_ss,
                       COL0: gl.constexpr, BC: gl.constexpr, HP: gl.constexpr, HAS_DO: gl.constexpr,
                       PASSES: gl.constexpr, NQ: gl.constexpr, NBUF: gl.constexpr):
-        # An item's q (and dO) columns for every head into slot i % NQ, then its blocks of stored
-        # score gradients (and probabilities) into buffer (running block count) % NBUF; missing
-        # heads are zero rows
+        # Each item with keys in this range: its q (and dO) columns for every head into the next
+        # of NQ slots, then its blocks of stored score gradients (and probabilities) into buffer
+        # (running block count) % NBUF; missing heads are zero rows
         q_ready, q_free, k_ready, k_free = bars
         # 16-byte copies, a warp's lanes across a row of the tile (BC or 64 columns)
         ld_q: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (BC // 8), BC // 8], [4, 1], [1, 0])
@@ -434,30 +449,42 @@ if HAS_GLUON:
         hsm = (hs < H)[:, None]
         slots = gl.arange(0, DBK, layout=gl.SliceLayout(0, ld_s))
         g = 0
+        u = 0  # items with keys in this range (the others are skipped by both sides)
         for i in range(n_items):
             t, col0 = _dkv_item(i, NCB, t0, COL0, BC)
             lo, hi, b0, b1 = _key_range(SEG, b * s_sb + t * s_ss, pass_id, TOPK, PASSES)
-            slot = i % NQ
-            mbarrier.wait(q_free.index(slot), ((i // NQ) & 1) ^ 1)
-            cp.async_copy_global_to_shared(q_s.index(slot), Q + b * s_qb + t * s_qs + (h * s_qh)[:, None]
-                                           + (col0 + c)[None, :], mask=hm)
+            if b1 > b0:
+                _dkv_produce_item(q_s, do_s, ds_s, p_s, bars, Q, DO, DS, P, b, t, t0, col0, b0, b1, g, u, TOPK,
+                                  h, hm, c, hs, hsm, slots, s_qb, s_qs, s_qh, s_ob, s_os, s_oh, s_gb, s_gs, s_gh,
+                                  HAS_DO, NQ, NBUF)
+                g += b1 - b0
+                u += 1
+
+    @gluon.jit
+    def _dkv_produce_item(q_s, do_s, ds_s, p_s, bars, Q, DO, DS, P, b, t, t0, col0, b0, b1, g, u, TOPK,
+                          h, hm, c, hs, hsm, slots, s_qb, s_qs, s_qh, s_ob, s_os, s_oh, s_gb, s_gs, s_gh,
+                          HAS_DO: gl.constexpr, NQ: gl.constexpr, NBUF: gl.constexpr):
+        q_ready, q_free, k_ready, k_free = bars
+        slot = u % NQ
+        mbarrier.wait(q_free.index(slot), ((u // NQ) & 1) ^ 1)
+        cp.async_copy_global_to_shared(q_s.index(slot), Q + b * s_qb + t * s_qs + (h * s_qh)[:, None]
+                                       + (col0 + c)[None, :], mask=hm)
+        if HAS_DO:
+            cp.async_copy_global_to_shared(do_s.index(slot), DO + b * s_ob + t * s_os
+                                           + (h * s_oh)[:, None] + (col0 + c)[None, :], mask=hm)
+        cp.mbarrier_arrive(q_ready.index(slot), increment_count=False)
+        base = b * s_gb + (t - t0) * s_gs + (hs * s_gh)[:, None]
+        for j in range(b1 - b0):
+            gj = g + j
+            buf = gj % NBUF
+            kk = (b0 + j) * DBK + slots
+            # whole blocks (16-byte copies): slots outside the range are multiplied but not added
+            ok = hsm & (kk < TOPK)[None, :]
+            mbarrier.wait(k_free.index(buf), ((gj // NBUF) & 1) ^ 1)
+            cp.async_copy_global_to_shared(ds_s.index(buf), DS + base + kk[None, :], mask=ok)
             if HAS_DO:
-                cp.async_copy_global_to_shared(do_s.index(slot), DO + b * s_ob + t * s_os
-                                               + (h * s_oh)[:, None] + (col0 + c)[None, :], mask=hm)
-            cp.mbarrier_arrive(q_ready.index(slot), increment_count=False)
-            base = b * s_gb + (t - t0) * s_gs + (hs * s_gh)[:, None]
-            for j in range(b1 - b0):
-                gj = g + j
-                buf = gj % NBUF
-                kk = (b0 + j) * DBK + slots
-                # whole blocks (16-byte copies): slots outside the range are multiplied but not added
-                ok = hsm & (kk < TOPK)[None, :]
-                mbarrier.wait(k_free.index(buf), ((gj // NBUF) & 1) ^ 1)
-                cp.async_copy_global_to_shared(ds_s.index(buf), DS + base + kk[None, :], mask=ok)
-                if HAS_DO:
-                    cp.async_copy_global_to_shared(p_s.index(buf), P + base + kk[None, :], mask=ok)
-                cp.mbarrier_arrive(k_ready.index(buf), increment_count=False)
-            g += b1 - b0
+                cp.async_copy_global_to_shared(p_s.index(buf), P + base + kk[None, :], mask=ok)
+            cp.mbarrier_arrive(k_ready.index(buf), increment_count=False)
 
     @gluon.jit
     def _sparse_dkv_product_ws_kernel(DS, P, Q, DO, IDX, SEG, DKV, H, Sk, TOPK, NCB, n_work, t0, pass_id,
