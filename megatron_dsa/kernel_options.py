@@ -124,8 +124,11 @@ class KernelOptions:
     stream).
     dq_product_columns / dkv_product_columns: q's value columns one program of the dq product makes,
     the latent's value columns one program of the dkv product adds (powers of two >= 16; None: 256
-    and 128, which fit an H200 SM's registers and shared memory). dkv_product_heads: the heads one
-    dkv product program sums before its adds (None: 128; more heads are added in groups of it).
+    (128 where a dq program takes 128 heads) and 128, which fit an SM's registers and shared
+    memory). dkv_product_heads: the heads one dkv product program sums before its adds (None: 128;
+    more heads are added in groups of it). dq_product_heads: the heads one dq product program
+    makes (None: 128; each program gathers its token's selected rows, so fewer programs a token
+    gather them fewer times).
     dense_kl_span / dense_kl_rows: the fused warm-up KL's keys per program (None: 4096 on the GPU)
     and the dot rows its folded indexer heads fill (a power of two >= 16; None: 128 on the GPU).
     workspace_bytes: the largest temporary the kernels split into chunks of rows may hold: the
@@ -166,6 +169,7 @@ class KernelOptions:
     dq_product_columns: Optional[int] = None
     dkv_product_columns: Optional[int] = None
     dkv_product_heads: Optional[int] = None
+    dq_product_heads: Optional[int] = None
     dense_kl_span: Optional[int] = None
     dense_kl_rows: Optional[int] = None
     workspace_bytes: int = 2 << 30
@@ -193,7 +197,8 @@ class KernelOptions:
         d = self.select_digit_bits
         if d is not None and not (_count(d) and 5 <= d <= 8):
             raise ValueError(f"select_digit_bits must be an integer from 5 to 8 or null, got {d!r}")
-        for name in ("dq_product_columns", "dkv_product_columns", "dkv_product_heads", "dense_kl_rows"):
+        for name in ("dq_product_columns", "dkv_product_columns", "dkv_product_heads", "dq_product_heads",
+                     "dense_kl_rows"):
             v = getattr(self, name)
             if v is not None and not (_count(v) and v >= 16 and not v & (v - 1)):
                 raise ValueError(f"{name} must be a power of two >= 16 or null, got {v!r}")

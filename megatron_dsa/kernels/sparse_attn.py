@@ -664,8 +664,13 @@ def sparse_attn_fwd(q, kv, idx, v_dim, scale, options: KernelOptions = DEFAULT_O
 L2_TARGET_BYTES = 32 << 20  # dkv bytes one pass keeps in L2 (the H200 has 60 MB in two halves)
 DKV_PRODUCT_RANGE_BYTES = 40 << 20  # the same for the dkv product, whose other operands stream past L2
 # Defaults of the product kernels' widths (``KernelOptions``): an [HB, 256] fp32 dq accumulator
-# stays in registers; 128 heads' q and dO columns for 128 latent columns fit shared memory.
+# stays in registers up to 64 heads a program, [128, 128] at 128 (each program gathers its
+# token's selected rows, so every head in one program gathers them once: 64K x 128 heads on an
+# H100, the backward's dq product 57.1 ms against 61.0 at 64 heads and 256 columns, 64.0 at 128
+# and 256 with two stages, as three spill; results/h100/tune_dsa_bwd_dq_heads_64k_128heads.json);
+# 128 heads' q and dO columns for 128 latent columns fit shared memory.
 DQ_PRODUCT_COLUMNS = 256
+DQ_PRODUCT_HEADS = 128
 DKV_PRODUCT_COLUMNS = 128
 DKV_PRODUCT_HEADS = 128
 SCORES_HEADS = 128  # heads one program of the stored-scores kernel takes as its products' columns
@@ -741,14 +746,16 @@ def key_segments(idx: torch.Tensor, Sk: int, passes: int, chunk_rows: Optional[i
     return keys, order, seg
 
 
-def _dq_product(ds, kv, idx, dq, t0: int, t1: int, v_dim: int, HB: int, NHB: int, options: KernelOptions,
-                common: dict) -> None:
-    """dq of rows t0..t1 from their stored score gradients ds (rows from t0): the value columns in
-    blocks of up to ``options.dq_product_columns``, then the rope columns."""
+def _dq_product(ds, kv, idx, dq, t0: int, t1: int, v_dim: int, options: KernelOptions, common: dict) -> None:
+    """dq of rows t0..t1 from their stored score gradients ds (rows from t0): up to
+    ``options.dq_product_heads`` heads a program, the value columns in blocks of up to
+    ``options.dq_product_columns``, then the rope columns."""
     B, _, H, D = dq.shape
     DR, D1, D2 = _dims(D, v_dim)
+    HB = min(next_pow2(H, 16), options.dq_product_heads or DQ_PRODUCT_HEADS)
+    NHB = triton.cdiv(H, HB)
     tiles = _tiles(options.attn_dq_product, dq.is_cuda, HB, "dq_product")
-    columns = options.dq_product_columns or DQ_PRODUCT_COLUMNS
+    columns = options.dq_product_columns or (DQ_PRODUCT_COLUMNS if HB <= MAX_HEAD_BLOCK else DQ_PRODUCT_COLUMNS // 2)
     parts = [(0, v_dim, min(D1, columns))] + ([(v_dim, DR, D2)] if DR > 0 else [])
     for col0, ncol, BD in parts:
         ncb = triton.cdiv(ncol, BD)
@@ -950,7 +957,7 @@ def sparse_attn_bwd(q, kv, idx, out, lse, dout, v_dim, scale, options: KernelOpt
                 for p in range(passes):
                     dkv_kernel(t0, t1, p, passes)
             if stored:
-                _dq_product(ds, kv, idx, dq, t0, t1, v_dim, HB, NHB, options, common)
+                _dq_product(ds, kv, idx, dq, t0, t1, v_dim, options, common)
         return results(dq)
     if passes == 1:
         dq = torch.empty_like(q)
