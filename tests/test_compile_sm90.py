@@ -134,9 +134,10 @@ def check_sparse(HB: int, DV: int = 512, DR: int = 64) -> None:
     if split:  # dq, then dkv in value quarters; the KL target with the keys as rows above 64 heads
         quarters = dict(HB=HB, DV=DV, DQ4=DV // 4, EXACT=True, DR=DR, D2=DR, IEEE=False, UPCAST=False, PASSES=1)
         keys_rows = {k: v for k, v in target.items() if k != "HB"}
-        product = dict(HB=HB, EVEN_K=True, IEEE=False, UPCAST=False)
-        tiles_product = A._tiles(None, True, HB, "dq_product")
         heads = HB if HB < A.MAX_HEAD_BLOCK else 2 * HB  # the products' heads: all of them (128 at 64-head blocks)
+        dq_heads, dq_columns = A.dq_product_blocks(heads, KernelOptions())
+        product = dict(HB=dq_heads, EVEN_K=True, IEEE=False, UPCAST=False)
+        tiles_product = A._tiles(None, True, dq_heads, "dq_product")
         dkv_product = dict(HC=heads, PASSES=1, EVEN_K=True, IEEE=False, UPCAST=False)
         tiles_dkv_product = A._tiles(None, True, HB, "dkv_product")
         dkv_tiles = A._tiles(None, True, HB, "dkv")
@@ -153,7 +154,7 @@ def check_sparse(HB: int, DV: int = 512, DR: int = 64) -> None:
                      dict(dkv_product, COL0=0, NCOL=DV, BC=A.DKV_PRODUCT_COLUMNS, HAS_DO=True), tiles_dkv_product),
                     (A._sparse_dkv_product_kernel, dict(dkv_product, COL0=DV, NCOL=DR, BC=DR, HAS_DO=False),
                      tiles_dkv_product),
-                    (A._sparse_dq_product_kernel, dict(product, COL0=0, NCOL=DV, BD=A.DQ_PRODUCT_COLUMNS),
+                    (A._sparse_dq_product_kernel, dict(product, COL0=0, NCOL=DV, BD=dq_columns),
                      tiles_product),
                     (A._sparse_dq_product_kernel, dict(product, COL0=DV, NCOL=DR, BD=DR), tiles_product),
                     (L._target_keys_kernel, dict(keys_rows, HN=L.KEYS_ROWS_HEADS), L._target_tiles(None, True, True, HB))]

@@ -746,16 +746,21 @@ def key_segments(idx: torch.Tensor, Sk: int, passes: int, chunk_rows: Optional[i
     return keys, order, seg
 
 
+def dq_product_blocks(H: int, options: KernelOptions) -> tuple[int, int]:
+    """The dq product's heads a program (padded) and value columns a program."""
+    HB = min(next_pow2(H, 16), options.dq_product_heads or DQ_PRODUCT_HEADS)
+    return HB, options.dq_product_columns or (DQ_PRODUCT_COLUMNS if HB <= MAX_HEAD_BLOCK else DQ_PRODUCT_COLUMNS // 2)
+
+
 def _dq_product(ds, kv, idx, dq, t0: int, t1: int, v_dim: int, options: KernelOptions, common: dict) -> None:
     """dq of rows t0..t1 from their stored score gradients ds (rows from t0): up to
     ``options.dq_product_heads`` heads a program, the value columns in blocks of up to
     ``options.dq_product_columns``, then the rope columns."""
     B, _, H, D = dq.shape
     DR, D1, D2 = _dims(D, v_dim)
-    HB = min(next_pow2(H, 16), options.dq_product_heads or DQ_PRODUCT_HEADS)
+    HB, columns = dq_product_blocks(H, options)
     NHB = triton.cdiv(H, HB)
     tiles = _tiles(options.attn_dq_product, dq.is_cuda, HB, "dq_product")
-    columns = options.dq_product_columns or (DQ_PRODUCT_COLUMNS if HB <= MAX_HEAD_BLOCK else DQ_PRODUCT_COLUMNS // 2)
     parts = [(0, v_dim, min(D1, columns))] + ([(v_dim, DR, D2)] if DR > 0 else [])
     for col0, ncol, BD in parts:
         ncb = triton.cdiv(ncol, BD)
