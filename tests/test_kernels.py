@@ -863,7 +863,8 @@ def test_split_backward_form_and_key_ranges_by_default():
 def test_stored_scores_in_row_chunks(passes, form, monkeypatch):
     """The split backward's stored score gradients (and probabilities), a chunk of rows at a time
     (ragged last chunk, two head blocks, value columns in two blocks plus the rope's, heads
-    summed in two groups; with key ranges the dq product's heads in one padded block of 128):
+    summed in two groups; the dq product's heads in two blocks of 64, or with key ranges in one
+    padded block of 128, its default):
     dq and dkv equal the reference's, with and without key-sorted ranges.
     Fresh buffers are NaN-filled, so a slot that no launch wrote and a product reads would show."""
     from megatron_dsa.kernels import sparse_attn
@@ -886,7 +887,7 @@ def test_stored_scores_in_row_chunks(passes, form, monkeypatch):
     options = KernelOptions(key_passes=passes, attn_bwd_split=True, split_bwd=form,
                             workspace_bytes=5 * B * H * topk * 4,  # stored rows: 5 per chunk
                             dq_product_columns=16, dkv_product_columns=16, dkv_product_heads=64,
-                            dq_product_heads=128 if passes > 1 else None)
+                            dq_product_heads=64 if passes == 1 else None)
     o, _ = K.sparse_mla_attention(q, kv, idx, V, D**-0.5, options=options)
     o_r, _ = R.sparse_mla_attention(q, kv, idx, V, D**-0.5)
     for a, b in zip(torch.autograd.grad(o, (q, kv), g), torch.autograd.grad(o_r, (q, kv), g)):
