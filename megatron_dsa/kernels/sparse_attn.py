@@ -32,7 +32,8 @@ the dkv kernel adds every (token, key, column) twice, once per head block. The s
 (``KernelOptions.split_bwd``) keep what one kernel made, in kv's dtype (the rounding the products
 apply anyway), a chunk of rows at a time (``KernelOptions.workspace_bytes``):
 - "stored_ds": the dkv kernel stores its score gradients and dq is their product with the
-  gathered rows, in column blocks (no recomputation, an [HB, 256] accumulator);
+  gathered rows, in column blocks (no recomputation; a [64, 256] or [128, 128] accumulator,
+  every head up to 128 in one program, so that a token's rows are gathered once);
 - "stored_scores" (the default): a kernel of its own makes and stores the probabilities and
   score gradients, a gathered product over 64-wide slices of the latent with q and dO streamed
   from L2 (holding them whole left one program of 4 warps an SM); dkv is then their product with
@@ -747,7 +748,9 @@ def key_segments(idx: torch.Tensor, Sk: int, passes: int, chunk_rows: Optional[i
 
 
 def dq_product_blocks(H: int, options: KernelOptions) -> tuple[int, int]:
-    """The dq product's heads a program (padded) and value columns a program."""
+    """The dq product's heads a program (padded to a power of two) and value columns a program:
+    every head up to 128, 256 columns at up to 64 heads and 128 at 128 (the [128, 256] fp32
+    accumulator spills)."""
     HB = min(next_pow2(H, 16), options.dq_product_heads or DQ_PRODUCT_HEADS)
     return HB, options.dq_product_columns or (DQ_PRODUCT_COLUMNS if HB <= MAX_HEAD_BLOCK else DQ_PRODUCT_COLUMNS // 2)
 
