@@ -185,6 +185,15 @@ def test_gluon_dkv_product_equals_the_reference(B, H, S, Sk, K, masked_rows, pas
         assert _rel(got[0], base[0]) < 1e-6 and _rel(got[2], base[2]) < 1e-6, kernels
 
 
+@pytest.mark.parametrize("q_slots,buffers", [(1, 1), (0, 2)])
+def test_gluon_dkv_product_refuses_a_pipeline_that_cannot_work(q_slots, buffers):
+    # one score buffer: the second consumer's first wait would pass before the first block is
+    # copied (the consumers take alternate blocks); the error comes before any device check
+    x = torch.zeros(1, 4, 2, 576)
+    with pytest.raises(ValueError, match="needs q_slots >= 1 and buffers >= 2"):
+        W.dkv_product_ws(x, x, x, x, x, x, x, 0, 4, 0, 1, 512, q_slots=q_slots, buffers=buffers)
+
+
 @pytest.mark.skipif(not ON_HOPPER, reason=NEEDS_HOPPER)
 @pytest.mark.parametrize("q_slots,buffers,via_smem", [(W.DKV_Q_SLOTS, W.DKV_BUFFERS, W.DKV_VIA_SMEM), (2, 3, False)])
 @pytest.mark.parametrize("B,H,S,passes", [(2, 128, 700, 3), (1, 48, 1000, 1), (1, 128, 3000, 4)])

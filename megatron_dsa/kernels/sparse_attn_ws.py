@@ -565,6 +565,10 @@ def dkv_product_ws(ds, p, q, dout, idx, seg, dkv, t0: int, t1: int, pass_id: int
     ``q_slots`` / ``buffers``: items' q (and dO) columns and 64-key blocks of stored scores in
     flight; ``via_smem``: the adds 16-byte from a shared copy of the products, else 8-byte from
     their registers (``DKV_*``: the measured defaults)."""
+    if q_slots < 1 or buffers < 2:
+        # the consumers take alternate blocks: with one buffer the second consumer's first wait
+        # (the barrier's second phase) would pass at once, before the first block is even copied
+        raise ValueError(f"the Gluon dkv product needs q_slots >= 1 and buffers >= 2, got {q_slots} and {buffers}")
     why = dkv_product_supported(ds, q, dout)
     if why is not None:
         raise ValueError(f"the Gluon dkv product cannot run these inputs: {why}")
