@@ -34,14 +34,16 @@ import bench_dsa  # noqa: E402
 import tune_dsa  # noqa: E402
 from results_io import device_tag, invocation, run_record, write_json  # noqa: E402
 
-# (q slots, score buffers, adds through shared memory): the Gluon kernel's settings timed beside
-# its default; the shared-memory copy for 16-byte adds leaves room for fewer slots and buffers
-DEFAULT_PIPELINE = (W.DKV_Q_SLOTS, W.DKV_BUFFERS, W.DKV_VIA_SMEM)
-GLUON_PIPELINES = ((1, 2, True), (1, 3, True), (2, 3, False))
+# (q slots, score buffers, adds through shared memory, value columns in pairs): the Gluon kernel's
+# settings timed beside its default; the shared-memory copy for 16-byte adds leaves room for fewer
+# slots and buffers, the pairs' two q and dO tiles for one buffer
+DEFAULT_PIPELINE = (W.DKV_Q_SLOTS, W.DKV_BUFFERS, W.DKV_VIA_SMEM, W.DKV_PAIRS)
+GLUON_PIPELINES = ((1, 1, True, True), (1, 2, False, True), (1, 2, True, False), (1, 3, True, False),
+                   (2, 3, False, False))
 
 
-def pipeline_name(nq: int, nb: int, smem: bool) -> str:
-    return f"gluon q{nq} b{nb} {'smem' if smem else 'regs'}"
+def pipeline_name(nq: int, nb: int, smem: bool, pairs: bool) -> str:
+    return f"gluon{' pairs' if pairs else ''} q{nq} b{nb} {'smem' if smem else 'regs'}"
 
 
 def variants(passes: list[int]) -> list[tuple[str, int, object]]:
@@ -51,8 +53,8 @@ def variants(passes: list[int]) -> list[tuple[str, int, object]]:
     def triton(*a):
         SA._dkv_product(*a, 512, KernelOptions(attn_dkv_product_kernel="triton"), dict(IEEE=False, UPCAST=False))
 
-    def gluon(nq, nb, smem):
-        return lambda *a: W.dkv_product_ws(*a, 512, q_slots=nq, buffers=nb, via_smem=smem)
+    def gluon(nq, nb, smem, pairs):
+        return lambda *a: W.dkv_product_ws(*a, 512, q_slots=nq, buffers=nb, via_smem=smem, pairs=pairs)
 
     pipelines = [DEFAULT_PIPELINE] + [pl for pl in GLUON_PIPELINES if pl != DEFAULT_PIPELINE]
     out = [("triton", 0, triton)] + [(pipeline_name(*pl), 0, gluon(*pl)) for pl in pipelines]

@@ -15,7 +15,7 @@ from megatron_dsa.kernels import sparse_attn_ws as W  # noqa: E402
 
 def test_the_triton_kernel_comes_first_then_each_pipeline_once_then_the_ranges():
     names = [(name, n) for name, n, _ in T.variants([8, 16])]
-    default = f"gluon q{W.DKV_Q_SLOTS} b{W.DKV_BUFFERS} {'smem' if W.DKV_VIA_SMEM else 'regs'}"
+    default = T.pipeline_name(W.DKV_Q_SLOTS, W.DKV_BUFFERS, W.DKV_VIA_SMEM, W.DKV_PAIRS)
     assert names[0] == ("triton", 0) and names[1] == (default, 0)
     pipelines = [name for name, n in names if name.startswith("gluon") and n == 0]
     assert len(pipelines) == len(set(pipelines)) == len(set(T.GLUON_PIPELINES) | {T.DEFAULT_PIPELINE})

@@ -23,15 +23,18 @@ Needs sm_90 (wgmma, setmaxnreg), bf16 and the 512 + 64 latent of DeepSeek-V3.2 a
 the fallback.
 
 The dkv product (``dkv_product_ws``), persistent: about one program an SM takes work items
-(token, 128 latent columns; the 64 rope columns in a launch of their own) in turn, skipping the
-items whose token has no key in the launch's key range. Its producer
-copies an item's q (and dO) columns for every head, up to 128, into a slot, then the item's 64-key
-blocks of stored score gradients (and probabilities) into two buffers, each as soon as it is free
-(``DKV_Q_SLOTS`` / ``DKV_BUFFERS``). Two consumers take alternate blocks of the program's running
-block count: [64 keys, 128 columns] products with the stored [heads, keys] tiles read transposed
-as A, then a row-swizzled shared copy to 4 columns a thread and one 16-byte fp32 add per (key, 4
-columns). One consumer adds while the other multiplies. L2 bounds it: Nsight Compute puts the
-L2 at 87% of its peak throughput, with the adds into the dkv rows and the stored scores' reads.
+(token, 256 value columns; the 64 rope columns in a launch of their own, 64 an item) in turn,
+skipping the items whose token has no key in the launch's key range. Its producer copies an
+item's q (and dO) columns for every head, up to 128, into a slot, then the item's 64-key blocks of
+stored score gradients (and probabilities) into a buffer as soon as it is free (``DKV_Q_SLOTS`` /
+``DKV_BUFFERS``). In the value launch both consumers read every block, each for its half of the
+item's columns (``DKV_PAIRS``: the stored scores pass through shared memory once for 256
+columns); in the rope launch they take alternate blocks. A consumer's step is a [64 keys, 128
+columns] product with the stored [heads, keys] tiles read transposed as A, then a row-swizzled
+shared copy to 4 columns a thread and one 16-byte fp32 add per (key, 4 columns); a buffer is free
+again once both products are issued and done, so the next block's copy overlaps the adds. L2
+bounds it: Nsight Compute puts the L2 at 87% of its peak throughput, with the adds into the dkv
+rows and the stored scores' reads.
 """
 
 from __future__ import annotations
@@ -62,12 +65,19 @@ LAUNCH_REGS, CONSUMER_REGS, PRODUCER_REGS = 168, 232, 40
 # The dkv product's: a [64 keys, 128 columns] fp32 product; the producer's q, dO and score
 # pointers (ptxas, sm_90a: no spills at 104 a thread, spills at 96 with two q slots)
 DKV_CONSUMER_REGS, DKV_PRODUCER_REGS = 192, 104
-# q (and dO) column sets and 64-key blocks of stored scores the dkv product keeps in flight, and
+# in pairs (two column blocks an item, one a consumer) the producer copies two q and dO tiles:
+# no spills at 184 / 120
+DKV_PAIRS_REGS = (184, 120)
+# q (and dO) column sets and 64-key blocks of stored scores the dkv product keeps in flight,
 # whether its adds go through a shared copy of the products (16-byte adds) or from registers
-# (8-byte). 64K x 128 heads on an H100, the kernel alone (results/h100/tune_dkv_product_64k_128heads.json):
-# 1 slot, 2 buffers, 16-byte adds 186.7-187.4 ms; 3 buffers 201.2; 2 slots, 3 buffers, 8-byte
-# adds 230.8 (the adds' rate, not their latency, bounds it: more in flight only crowds L2)
-DKV_Q_SLOTS, DKV_BUFFERS, DKV_VIA_SMEM = 1, 2, True
+# (8-byte), and whether the value columns go in pairs of 128-column blocks. 64K x 128 heads on an
+# H100, the kernel alone (results/h100/tune_dkv_product_pairs_128heads.json): pairs with 1 slot,
+# 1 buffer (all the shared memory the 16-byte adds leave) 171.2 ms, 391.2 at 128K; unpaired with 1
+# slot, 2 buffers 181.0 / 405.5; pairs with 8-byte adds and 2-3 buffers 207.5 / 462.6; earlier
+# (results/h100/tune_dkv_product_64k_128heads.json) unpaired with 3 buffers 201.2, 2 slots, 3
+# buffers, 8-byte adds 230.8 (the adds' rate, not their latency, bounds it: more in flight only
+# crowds L2). The rope launch is never paired and keeps at least 2 buffers.
+DKV_Q_SLOTS, DKV_BUFFERS, DKV_VIA_SMEM, DKV_PAIRS = 1, 1, True, True
 DKV_HEADS = 128  # heads the dkv product sums in one program (its products' K)
 
 
@@ -371,28 +381,30 @@ if HAS_GLUON:
         return lo, hi, b0, gl.where(hi > lo, gl.cdiv(hi, DBK), b0)
 
     @gluon.jit
-    def _dkv_item(i, NCB, t0, COL0: gl.constexpr, BC: gl.constexpr):
+    def _dkv_item(i, NCB, t0, COL0: gl.constexpr, ITEM: gl.constexpr):
         # the program's i-th work item: (token, its first latent column); neighbouring programs
         # take one token's column blocks together, so its stored scores are read once from HBM
         w = gl.program_id(0) + i * gl.num_programs(0)
-        return (t0 + w // NCB).to(gl.int64), COL0 + (w % NCB) * BC
+        return (t0 + w // NCB).to(gl.int64), COL0 + (w % NCB) * ITEM
 
     @gluon.jit
     def _dkv_consumer(q_s, do_s, ds_s, p_s, acc_s, bars, IDX, SEG, DKV, b, n_items, NCB, t0, pass_id, Sk, TOPK,
                       s_ib, s_is, s_sb, s_ss, s_dkb, s_dks, COL0: gl.constexpr, BC: gl.constexpr,
                       HAS_DO: gl.constexpr, C: gl.constexpr, PASSES: gl.constexpr, NQ: gl.constexpr,
-                      NBUF: gl.constexpr, VIA_SMEM: gl.constexpr):
+                      NBUF: gl.constexpr, VIA_SMEM: gl.constexpr, PAIRS: gl.constexpr):
         q_ready, q_free, k_ready, k_free = bars
+        ITEM: gl.constexpr = 2 * BC if PAIRS else BC
         acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BC, 16])
         add_l: gl.constexpr = ADD_L if VIA_SMEM else acc_l
         g = 0  # blocks of the program's earlier items
         u = 0  # its earlier items with keys in this range: the q slots' count
         for i in range(n_items):
-            t, col0 = _dkv_item(i, NCB, t0, COL0, BC)
+            t, col0 = _dkv_item(i, NCB, t0, COL0, ITEM)
             lo, hi, b0, b1 = _key_range(SEG, b * s_sb + t * s_ss, pass_id, TOPK, PASSES)
             if b1 > b0:
                 _dkv_consume_item(q_s, do_s, ds_s, p_s, acc_s, bars, IDX, DKV, b, t, col0, lo, hi, b0, b1, g, u,
-                                  Sk, s_ib, s_is, s_dkb, s_dks, add_l, acc_l, BC, HAS_DO, C, NQ, NBUF, VIA_SMEM)
+                                  Sk, s_ib, s_is, s_dkb, s_dks, add_l, acc_l, BC, HAS_DO, C, NQ, NBUF, VIA_SMEM,
+                                  PAIRS)
                 g += b1 - b0
                 u += 1
 
@@ -400,14 +412,26 @@ if HAS_GLUON:
     def _dkv_consume_item(q_s, do_s, ds_s, p_s, acc_s, bars, IDX, DKV, b, t, col0, lo, hi, b0, b1, g, u, Sk,
                           s_ib, s_is, s_dkb, s_dks, add_l: gl.constexpr, acc_l: gl.constexpr, BC: gl.constexpr,
                           HAS_DO: gl.constexpr, C: gl.constexpr, NQ: gl.constexpr, NBUF: gl.constexpr,
-                          VIA_SMEM: gl.constexpr):
-        # one item's blocks whose running count g + j has this consumer's parity C
+                          VIA_SMEM: gl.constexpr, PAIRS: gl.constexpr):
+        # one item's blocks whose running count g + j has this consumer's parity C; in pairs,
+        # every block, for this consumer's half of the item's columns
         q_ready, q_free, k_ready, k_free = bars
         ib = IDX + b * s_ib + t * s_is
-        cols = col0 + gl.arange(0, BC, layout=gl.SliceLayout(0, add_l))
+        if PAIRS:
+            cols = col0 + C * BC + gl.arange(0, BC, layout=gl.SliceLayout(0, add_l))
+            j0 = 0
+            STEP: gl.constexpr = 1
+            QT: gl.constexpr = 2
+            QC: gl.constexpr = C
+        else:
+            cols = col0 + gl.arange(0, BC, layout=gl.SliceLayout(0, add_l))
+            j0 = (g + C) % 2
+            STEP: gl.constexpr = 2
+            QT: gl.constexpr = 1
+            QC: gl.constexpr = 0
         slot = u % NQ
         mbarrier.wait(q_ready.index(slot), (u // NQ) & 1)
-        for j in range((g + C) % 2, b1 - b0, 2):
+        for j in range(j0, b1 - b0, STEP):
             gj = g + j
             buf = gj % NBUF
             kk = (b0 + j) * DBK + gl.arange(0, DBK, layout=gl.SliceLayout(1, add_l))
@@ -417,9 +441,10 @@ if HAS_GLUON:
             mbarrier.wait(k_ready.index(buf), (gj // NBUF) & 1)
             hopper.fence_async_shared()
             # the stored [heads, keys] tiles read as [keys, heads]: the products' A
-            acc = hopper.warpgroup_mma(ds_s.index(buf).permute((1, 0)), q_s.index(slot), acc, is_async=True)
+            acc = hopper.warpgroup_mma(ds_s.index(buf).permute((1, 0)), q_s.index(slot * QT + QC), acc, is_async=True)
             if HAS_DO:
-                acc = hopper.warpgroup_mma(p_s.index(buf).permute((1, 0)), do_s.index(slot), acc, is_async=True)
+                acc = hopper.warpgroup_mma(p_s.index(buf).permute((1, 0)), do_s.index(slot * QT + QC), acc,
+                                           is_async=True)
             acc = hopper.warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
             mbarrier.arrive(k_free.index(buf))
             if VIA_SMEM:
@@ -435,7 +460,7 @@ if HAS_GLUON:
     def _dkv_producer(q_s, do_s, ds_s, p_s, acc_s, bars, Q, DO, DS, P, SEG, b, n_items, NCB, t0, pass_id, H, TOPK,
                       s_qb, s_qs, s_qh, s_ob, s_os, s_oh, s_gb, s_gs, s_gh, s_sb, s_ss,
                       COL0: gl.constexpr, BC: gl.constexpr, HP: gl.constexpr, HAS_DO: gl.constexpr,
-                      PASSES: gl.constexpr, NQ: gl.constexpr, NBUF: gl.constexpr):
+                      PASSES: gl.constexpr, NQ: gl.constexpr, NBUF: gl.constexpr, PAIRS: gl.constexpr):
         # Each item with keys in this range: its q (and dO) columns for every head into the next
         # of NQ slots, then its blocks of stored score gradients (and probabilities) into buffer
         # (running block count) % NBUF; missing heads are zero rows
@@ -449,30 +474,33 @@ if HAS_GLUON:
         hs = gl.arange(0, HP, layout=gl.SliceLayout(1, ld_s))
         hsm = (hs < H)[:, None]
         slots = gl.arange(0, DBK, layout=gl.SliceLayout(0, ld_s))
+        QT: gl.constexpr = 2 if PAIRS else 1  # q (and dO) tiles of BC columns an item
         g = 0
         u = 0  # items with keys in this range (the others are skipped by both sides)
         for i in range(n_items):
-            t, col0 = _dkv_item(i, NCB, t0, COL0, BC)
+            t, col0 = _dkv_item(i, NCB, t0, COL0, QT * BC)
             lo, hi, b0, b1 = _key_range(SEG, b * s_sb + t * s_ss, pass_id, TOPK, PASSES)
             if b1 > b0:
                 _dkv_produce_item(q_s, do_s, ds_s, p_s, bars, Q, DO, DS, P, b, t, t0, col0, b0, b1, g, u, TOPK,
                                   h, hm, c, hs, hsm, slots, s_qb, s_qs, s_qh, s_ob, s_os, s_oh, s_gb, s_gs, s_gh,
-                                  HAS_DO, NQ, NBUF)
+                                  HAS_DO, NQ, NBUF, QT)
                 g += b1 - b0
                 u += 1
 
     @gluon.jit
     def _dkv_produce_item(q_s, do_s, ds_s, p_s, bars, Q, DO, DS, P, b, t, t0, col0, b0, b1, g, u, TOPK,
                           h, hm, c, hs, hsm, slots, s_qb, s_qs, s_qh, s_ob, s_os, s_oh, s_gb, s_gs, s_gh,
-                          HAS_DO: gl.constexpr, NQ: gl.constexpr, NBUF: gl.constexpr):
+                          HAS_DO: gl.constexpr, NQ: gl.constexpr, NBUF: gl.constexpr, QT: gl.constexpr):
         q_ready, q_free, k_ready, k_free = bars
         slot = u % NQ
         mbarrier.wait(q_free.index(slot), ((u // NQ) & 1) ^ 1)
-        cp.async_copy_global_to_shared(q_s.index(slot), Q + b * s_qb + t * s_qs + (h * s_qh)[:, None]
-                                       + (col0 + c)[None, :], mask=hm)
-        if HAS_DO:
-            cp.async_copy_global_to_shared(do_s.index(slot), DO + b * s_ob + t * s_os
-                                           + (h * s_oh)[:, None] + (col0 + c)[None, :], mask=hm)
+        for x in range(QT):  # a loop, not unrolled: one set of pointers in registers
+            cx = col0 + x * c.shape[0] + c
+            cp.async_copy_global_to_shared(q_s.index(slot * QT + x), Q + b * s_qb + t * s_qs + (h * s_qh)[:, None]
+                                           + cx[None, :], mask=hm)
+            if HAS_DO:
+                cp.async_copy_global_to_shared(do_s.index(slot * QT + x), DO + b * s_ob + t * s_os
+                                               + (h * s_oh)[:, None] + cx[None, :], mask=hm)
         cp.mbarrier_arrive(q_ready.index(slot), increment_count=False)
         base = b * s_gb + (t - t0) * s_gs + (hs * s_gh)[:, None]
         for j in range(b1 - b0):
@@ -492,13 +520,15 @@ if HAS_GLUON:
                                       s_gb, s_gs, s_gh, s_qb, s_qs, s_qh, s_ob, s_os, s_oh, s_ib, s_is, s_sb, s_ss,
                                       s_dkb, s_dks, COL0: gl.constexpr, BC: gl.constexpr, HP: gl.constexpr,
                                       HAS_DO: gl.constexpr, PASSES: gl.constexpr, NQ: gl.constexpr,
-                                      NBUF: gl.constexpr, VIA_SMEM: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                                      NBUF: gl.constexpr, VIA_SMEM: gl.constexpr, PAIRS: gl.constexpr,
+                                      CONSUMER_REGS: gl.constexpr,
                                       PRODUCER_REGS: gl.constexpr):
         b = gl.program_id(1).to(gl.int64)
         n_items = gl.cdiv(n_work - gl.program_id(0), gl.num_programs(0))  # this program's work items
         op_l: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
-        q_s = gl.allocate_shared_memory(gl.bfloat16, [NQ, HP, BC], op_l)
-        do_s = gl.allocate_shared_memory(gl.bfloat16, [NQ if HAS_DO else 1, HP if HAS_DO else 16, BC], op_l)
+        QT: gl.constexpr = 2 if PAIRS else 1  # q (and dO) tiles an item
+        q_s = gl.allocate_shared_memory(gl.bfloat16, [NQ * QT, HP, BC], op_l)
+        do_s = gl.allocate_shared_memory(gl.bfloat16, [NQ * QT if HAS_DO else 1, HP if HAS_DO else 16, BC], op_l)
         ds_s = gl.allocate_shared_memory(gl.bfloat16, [NBUF, HP, DBK], SMEM_L)
         p_s = gl.allocate_shared_memory(gl.bfloat16, [NBUF if HAS_DO else 1, HP if HAS_DO else 16, DBK], SMEM_L)
         acc_s = gl.allocate_shared_memory(gl.float32, [2 if VIA_SMEM else 1, DBK if VIA_SMEM else 1, BC], ACC_SMEM_L)
@@ -512,16 +542,18 @@ if HAS_GLUON:
             mbarrier.init(q_free.index(j), count=2)  # both consumers
         for j in gl.static_range(NBUF):
             mbarrier.init(k_ready.index(j), count=4 * 32)
-            mbarrier.init(k_free.index(j), count=1)
+            mbarrier.init(k_free.index(j), count=QT)  # in pairs both consumers read every block
         bars = (q_ready, q_free, k_ready, k_free)
         gl.warp_specialize([
             (_dkv_consumer, (q_s, do_s, ds_s, p_s, acc_s, bars, IDX, SEG, DKV, b, n_items, NCB, t0, pass_id, Sk, TOPK,
-                             s_ib, s_is, s_sb, s_ss, s_dkb, s_dks, COL0, BC, HAS_DO, 0, PASSES, NQ, NBUF, VIA_SMEM)),
+                             s_ib, s_is, s_sb, s_ss, s_dkb, s_dks, COL0, BC, HAS_DO, 0, PASSES, NQ, NBUF, VIA_SMEM,
+                             PAIRS)),
             (_dkv_consumer, (q_s, do_s, ds_s, p_s, acc_s, bars, IDX, SEG, DKV, b, n_items, NCB, t0, pass_id, Sk, TOPK,
-                             s_ib, s_is, s_sb, s_ss, s_dkb, s_dks, COL0, BC, HAS_DO, 1, PASSES, NQ, NBUF, VIA_SMEM)),
+                             s_ib, s_is, s_sb, s_ss, s_dkb, s_dks, COL0, BC, HAS_DO, 1, PASSES, NQ, NBUF, VIA_SMEM,
+                             PAIRS)),
             (_dkv_producer, (q_s, do_s, ds_s, p_s, acc_s, bars, Q, DO, DS, P, SEG, b, n_items, NCB, t0, pass_id, H,
                              TOPK, s_qb, s_qs, s_qh, s_ob, s_os, s_oh, s_gb, s_gs, s_gh, s_sb, s_ss, COL0, BC, HP,
-                             HAS_DO, PASSES, NQ, NBUF)),
+                             HAS_DO, PASSES, NQ, NBUF, PAIRS)),
         ], [4, 4], [CONSUMER_REGS, PRODUCER_REGS])
 
 
@@ -559,16 +591,19 @@ def dkv_product_supported(ds, q, dout) -> Optional[str]:
 
 
 def dkv_product_ws(ds, p, q, dout, idx, seg, dkv, t0: int, t1: int, pass_id: int, passes: int, v_dim: int,
-                   q_slots: int = DKV_Q_SLOTS, buffers: int = DKV_BUFFERS, via_smem: bool = DKV_VIA_SMEM):
+                   q_slots: int = DKV_Q_SLOTS, buffers: int = DKV_BUFFERS, via_smem: bool = DKV_VIA_SMEM,
+                   pairs: bool = DKV_PAIRS):
     """``sparse_attn._dkv_product``'s contract for rows t0..t1 and key range ``pass_id``: dkv +=
     (ds^T q + p^T dO) over every head, one fp32 add per (token, selected key, column).
     ``q_slots`` / ``buffers``: items' q (and dO) columns and 64-key blocks of stored scores in
-    flight; ``via_smem``: the adds 16-byte from a shared copy of the products, else 8-byte from
-    their registers (``DKV_*``: the measured defaults)."""
-    if q_slots < 1 or buffers < 2:
-        # the consumers take alternate blocks: with one buffer the second consumer's first wait
-        # (the barrier's second phase) would pass at once, before the first block is even copied
-        raise ValueError(f"the Gluon dkv product needs q_slots >= 1 and buffers >= 2, got {q_slots} and {buffers}")
+    flight (the rope launch takes at least 2 buffers); ``via_smem``: the adds 16-byte from a shared
+    copy of the products, else 8-byte from their registers; ``pairs``: the value columns 256 an
+    item, both consumers on every block (``DKV_*``: the measured defaults)."""
+    if q_slots < 1 or buffers < (1 if pairs else 2):
+        # unpaired, the consumers take alternate blocks: with one buffer the second consumer's
+        # first wait (the barrier's second phase) would pass at once, before the block is copied
+        raise ValueError(f"the Gluon dkv product needs q_slots >= 1 and buffers >= {1 if pairs else 2}"
+                         f"{'' if pairs else ' unpaired'}, got {q_slots} and {buffers}")
     why = dkv_product_supported(ds, q, dout)
     if why is not None:
         raise ValueError(f"the Gluon dkv product cannot run these inputs: {why}")
@@ -578,7 +613,8 @@ def dkv_product_ws(ds, p, q, dout, idx, seg, dkv, t0: int, t1: int, pass_id: int
     HP = max(16, triton.next_power_of_2(H))
     sms = torch.cuda.get_device_properties(q.device).multi_processor_count
     for col0, ncol, BC, has_do in ((0, v_dim, 128, True), (v_dim, D - v_dim, TILE, False)):
-        ncb = ncol // BC
+        paired = pairs and has_do
+        ncb = ncol // (BC * (2 if paired else 1))
         n_work = (t1 - t0) * ncb
         grid = (max(1, min(n_work, -(-sms // B))), B)  # persistent: about one program an SM
         _sparse_dkv_product_ws_kernel[grid](
@@ -586,5 +622,7 @@ def dkv_product_ws(ds, p, q, dout, idx, seg, dkv, t0: int, t1: int, pass_id: int
             ds.stride(0), ds.stride(1), ds.stride(2), q.stride(0), q.stride(1), q.stride(2),
             dout.stride(0), dout.stride(1), dout.stride(2), idx.stride(0), idx.stride(1), seg.stride(0), seg.stride(1),
             dkv.stride(0), dkv.stride(1),
-            COL0=col0, BC=BC, HP=HP, HAS_DO=has_do, PASSES=passes, NQ=q_slots, NBUF=buffers, VIA_SMEM=via_smem,
-            CONSUMER_REGS=DKV_CONSUMER_REGS, PRODUCER_REGS=DKV_PRODUCER_REGS, num_warps=4, maxnreg=LAUNCH_REGS)
+            COL0=col0, BC=BC, HP=HP, HAS_DO=has_do, PASSES=passes, NQ=q_slots,
+            NBUF=buffers if paired else max(buffers, 2), VIA_SMEM=via_smem, PAIRS=paired,
+            CONSUMER_REGS=DKV_PAIRS_REGS[0] if paired else DKV_CONSUMER_REGS,
+            PRODUCER_REGS=DKV_PAIRS_REGS[1] if paired else DKV_PRODUCER_REGS, num_warps=4, maxnreg=LAUNCH_REGS)
