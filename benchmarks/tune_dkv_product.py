@@ -38,8 +38,8 @@ from results_io import device_tag, invocation, run_record, write_json  # noqa: E
 # settings timed beside its default; the shared-memory copy for 16-byte adds leaves room for fewer
 # slots and buffers, the pairs' two q and dO tiles for one buffer
 DEFAULT_PIPELINE = (W.DKV_Q_SLOTS, W.DKV_BUFFERS, W.DKV_VIA_SMEM, W.DKV_PAIRS)
-GLUON_PIPELINES = ((1, 1, True, True), (1, 2, False, True), (1, 2, True, False), (1, 3, True, False),
-                   (2, 3, False, False))
+GLUON_PIPELINES = ((1, 1, True, True), (1, 2, False, True), (1, 3, False, True), (1, 2, True, False),
+                   (1, 3, True, False), (1, 4, False, False), (2, 3, False, False))
 
 
 def pipeline_name(nq: int, nb: int, smem: bool, pairs: bool) -> str:

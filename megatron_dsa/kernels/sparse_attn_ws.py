@@ -69,14 +69,17 @@ DKV_CONSUMER_REGS, DKV_PRODUCER_REGS = 192, 104
 # no spills at 184 / 120
 DKV_PAIRS_REGS = (184, 120)
 # q (and dO) column sets and 64-key blocks of stored scores the dkv product keeps in flight,
-# whether its adds go through a shared copy of the products (16-byte adds) or from registers
-# (8-byte), and whether the value columns go in pairs of 128-column blocks. 64K x 128 heads on an
-# H100, the kernel alone (results/h100/tune_dkv_product_pairs_128heads.json): pairs with 1 slot,
-# 1 buffer (all the shared memory the 16-byte adds leave) 171.2 ms, 391.2 at 128K; unpaired with 1
-# slot, 2 buffers 181.0 / 405.5; pairs with 8-byte adds and 2-3 buffers 207.5 / 462.6; earlier
-# (results/h100/tune_dkv_product_64k_128heads.json) unpaired with 3 buffers 201.2, 2 slots, 3
-# buffers, 8-byte adds 230.8 (the adds' rate, not their latency, bounds it: more in flight only
-# crowds L2). The rope launch is never paired and keeps at least 2 buffers.
+# whether its 16-byte adds come from a shared copy of the products or straight from their
+# registers (the q and dO columns permuted), and whether the value columns go in pairs of
+# 128-column blocks. 64K x 128 heads on an H100, the kernel alone
+# (results/h100/tune_dkv_product_permuted_adds_128heads.json): pairs with 1 slot, 1 buffer (all
+# the shared memory the shared copy leaves) 171.7 ms, 393.9 at 128K; unpaired with 1 slot, 2
+# buffers 182.1 / 410.0; pairs with adds from registers and 2-3 buffers 182.6 / 425.4 (8-byte
+# adds from unpermuted registers took 207.5 / 462.6): a warp's adds from the products' registers
+# touch 8 rows of 64 bytes, from the shared copy 2 rows of 256. Earlier
+# (results/h100/tune_dkv_product_64k_128heads.json) unpaired with 3 buffers 201.2 (the adds' rate,
+# not their latency, bounds it: more in flight only crowds L2). The rope launch is never paired
+# and keeps at least 2 buffers.
 DKV_Q_SLOTS, DKV_BUFFERS, DKV_VIA_SMEM, DKV_PAIRS = 1, 1, True, True
 DKV_HEADS = 128  # heads the dkv product sums in one program (its products' K)
 
@@ -367,6 +370,52 @@ if HAS_GLUON:
     ADD_L = gl.constexpr(gl.BlockedLayout([1, 4], [2, 16], [4, 1], [1, 0]))
     ACC_SMEM_L = gl.constexpr(gl.SwizzledSharedLayout(vec=4, per_phase=1, max_phase=8, order=[1, 0]))
 
+    def _permuted_adds_layout(BC: int) -> gl.DistributedLinearLayout:
+        # The adds straight from the products' registers: a [64, BC] m64nBC accumulator holds, a
+        # thread, columns 8i + 2c + (0, 1) (c: lane % 4) of rows r and r + 8. With the q and dO
+        # columns permuted as ``_permuted_columns`` copies them, the accumulator regrouped as
+        # below has a thread's registers 0-3 on 4 adjacent dkv columns: one 16-byte add each.
+        return gl.DistributedLinearLayout(
+            reg_bases=[[0, 1], [0, 2], [8, 0]] + [[0, 16 << j] for j in range((BC // 16).bit_length() - 1)],
+            lane_bases=[[0, 4], [0, 8], [1, 0], [2, 0], [4, 0]], warp_bases=[[16, 0], [32, 0]], block_bases=[],
+            shape=[64, BC])
+
+    PERMUTED_ADD_L128 = gl.constexpr(_permuted_adds_layout(128))
+    PERMUTED_ADD_L64 = gl.constexpr(_permuted_adds_layout(64))
+    # the producer's 4-byte copies of the permuted columns, 32 rows of a tile at a time
+    PERMUTED_LD_L = gl.constexpr(gl.BlockedLayout([1, 2], [1, 32], [4, 1], [1, 0]))
+    PERMUTED_ROWS = gl.constexpr(32)
+
+    @gluon.jit
+    def _permuted_columns(c):
+        # the dkv column that shared column c of a q (dO) tile holds: within each 16 columns,
+        # 8b + 4c1 + 2c0 + e holds 8c1 + 4c0 + 2b + e (pairs of bf16 stay together)
+        pc = (c & -16) | ((c & 6) << 1) | ((c >> 2) & 2) | (c & 1)
+        return gl.max_contiguous(gl.multiple_of(pc, [2]), [2])  # what the compiler cannot see: 4-byte runs
+
+    @gluon.jit
+    def _copy_permuted(dst, row0, s_h, col0, H):
+        # a [heads, BC] q (dO) tile with its columns permuted, 4-byte copies, PERMUTED_ROWS rows
+        # at a time (a whole tile's pointers would not fit the producer's registers)
+        HP: gl.constexpr = dst.shape[0]
+        BC: gl.constexpr = dst.shape[1]
+        RC: gl.constexpr = PERMUTED_ROWS if HP > PERMUTED_ROWS else HP
+        hc = gl.arange(0, RC, layout=gl.SliceLayout(1, PERMUTED_LD_L))
+        cols = col0 + _permuted_columns(gl.arange(0, BC, layout=gl.SliceLayout(0, PERMUTED_LD_L)))
+        for r in range(HP // RC):  # a loop, not unrolled: one chunk's pointers in registers
+            hh = r * RC + hc
+            src = row0 + (hh * s_h)[:, None] + cols[None, :]
+            for k in gl.static_range(HP // RC):  # a shared subview's start must be a constant
+                if r == k:
+                    cp.async_copy_global_to_shared(dst.slice(k * RC, RC), src, mask=(hh < H)[:, None])
+
+    @gluon.jit
+    def _permuted_adds(acc, BC: gl.constexpr):
+        # the accumulator's columns 8b + 4c1 + 2c0 + e regrouped as 8c1 + 4c0 + 2b + e: no data
+        # moves, the registers are only renamed (the conversion is asserted trivial)
+        x = acc.reshape([64, BC // 16, 2, 2, 2, 2]).permute([0, 1, 3, 4, 2, 5]).reshape([64, BC])
+        return gl.convert_layout(x, PERMUTED_ADD_L128 if BC == 128 else PERMUTED_ADD_L64, assert_trivial=True)
+
     @gluon.jit
     def _key_range(SEG, seg_off, pass_id, TOPK, PASSES: gl.constexpr):
         # this pass's slots [lo, hi) of the key-sorted row, else all of them; as 64-key blocks,
@@ -395,7 +444,7 @@ if HAS_GLUON:
         q_ready, q_free, k_ready, k_free = bars
         ITEM: gl.constexpr = 2 * BC if PAIRS else BC
         acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BC, 16])
-        add_l: gl.constexpr = ADD_L if VIA_SMEM else acc_l
+        add_l: gl.constexpr = ADD_L if VIA_SMEM else (PERMUTED_ADD_L128 if BC == 128 else PERMUTED_ADD_L64)
         g = 0  # blocks of the program's earlier items
         u = 0  # its earlier items with keys in this range: the q slots' count
         for i in range(n_items):
@@ -451,7 +500,7 @@ if HAS_GLUON:
                 acc_s.index(C).store(acc)
                 vals = acc_s.index(C).load(ADD_L)
             else:
-                vals = acc  # two columns a thread: 8-byte adds, no shared-memory copy
+                vals = _permuted_adds(acc, BC)  # 16-byte adds from registers, no shared-memory copy
             rows = DKV + b * s_dkb + gl.where(valid, idx, 0).to(gl.int64) * s_dks
             gl.atomic_add(rows[:, None] + cols[None, :], vals, mask=valid[:, None], sem="relaxed")
         mbarrier.arrive(q_free.index(slot))
@@ -460,7 +509,8 @@ if HAS_GLUON:
     def _dkv_producer(q_s, do_s, ds_s, p_s, acc_s, bars, Q, DO, DS, P, SEG, b, n_items, NCB, t0, pass_id, H, TOPK,
                       s_qb, s_qs, s_qh, s_ob, s_os, s_oh, s_gb, s_gs, s_gh, s_sb, s_ss,
                       COL0: gl.constexpr, BC: gl.constexpr, HP: gl.constexpr, HAS_DO: gl.constexpr,
-                      PASSES: gl.constexpr, NQ: gl.constexpr, NBUF: gl.constexpr, PAIRS: gl.constexpr):
+                      PASSES: gl.constexpr, NQ: gl.constexpr, NBUF: gl.constexpr, PAIRS: gl.constexpr,
+                      VIA_SMEM: gl.constexpr):
         # Each item with keys in this range: its q (and dO) columns for every head into the next
         # of NQ slots, then its blocks of stored score gradients (and probabilities) into buffer
         # (running block count) % NBUF; missing heads are zero rows
@@ -481,26 +531,33 @@ if HAS_GLUON:
             t, col0 = _dkv_item(i, NCB, t0, COL0, QT * BC)
             lo, hi, b0, b1 = _key_range(SEG, b * s_sb + t * s_ss, pass_id, TOPK, PASSES)
             if b1 > b0:
-                _dkv_produce_item(q_s, do_s, ds_s, p_s, bars, Q, DO, DS, P, b, t, t0, col0, b0, b1, g, u, TOPK,
+                _dkv_produce_item(q_s, do_s, ds_s, p_s, bars, Q, DO, DS, P, b, t, t0, col0, b0, b1, g, u, H, TOPK,
                                   h, hm, c, hs, hsm, slots, s_qb, s_qs, s_qh, s_ob, s_os, s_oh, s_gb, s_gs, s_gh,
-                                  HAS_DO, NQ, NBUF, QT)
+                                  HAS_DO, NQ, NBUF, QT, VIA_SMEM)
                 g += b1 - b0
                 u += 1
 
     @gluon.jit
-    def _dkv_produce_item(q_s, do_s, ds_s, p_s, bars, Q, DO, DS, P, b, t, t0, col0, b0, b1, g, u, TOPK,
+    def _dkv_produce_item(q_s, do_s, ds_s, p_s, bars, Q, DO, DS, P, b, t, t0, col0, b0, b1, g, u, H, TOPK,
                           h, hm, c, hs, hsm, slots, s_qb, s_qs, s_qh, s_ob, s_os, s_oh, s_gb, s_gs, s_gh,
-                          HAS_DO: gl.constexpr, NQ: gl.constexpr, NBUF: gl.constexpr, QT: gl.constexpr):
+                          HAS_DO: gl.constexpr, NQ: gl.constexpr, NBUF: gl.constexpr, QT: gl.constexpr,
+                          VIA_SMEM: gl.constexpr):
         q_ready, q_free, k_ready, k_free = bars
         slot = u % NQ
         mbarrier.wait(q_free.index(slot), ((u // NQ) & 1) ^ 1)
         for x in range(QT):  # a loop, not unrolled: one set of pointers in registers
-            cx = col0 + x * c.shape[0] + c
-            cp.async_copy_global_to_shared(q_s.index(slot * QT + x), Q + b * s_qb + t * s_qs + (h * s_qh)[:, None]
-                                           + cx[None, :], mask=hm)
-            if HAS_DO:
-                cp.async_copy_global_to_shared(do_s.index(slot * QT + x), DO + b * s_ob + t * s_os
-                                               + (h * s_oh)[:, None] + cx[None, :], mask=hm)
+            if VIA_SMEM:
+                cx = col0 + x * c.shape[0] + c
+                cp.async_copy_global_to_shared(q_s.index(slot * QT + x), Q + b * s_qb + t * s_qs
+                                               + (h * s_qh)[:, None] + cx[None, :], mask=hm)
+                if HAS_DO:
+                    cp.async_copy_global_to_shared(do_s.index(slot * QT + x), DO + b * s_ob + t * s_os
+                                                   + (h * s_oh)[:, None] + cx[None, :], mask=hm)
+            else:
+                _copy_permuted(q_s.index(slot * QT + x), Q + b * s_qb + t * s_qs, s_qh, col0 + x * c.shape[0], H)
+                if HAS_DO:
+                    _copy_permuted(do_s.index(slot * QT + x), DO + b * s_ob + t * s_os, s_oh, col0 + x * c.shape[0],
+                                   H)
         cp.mbarrier_arrive(q_ready.index(slot), increment_count=False)
         base = b * s_gb + (t - t0) * s_gs + (hs * s_gh)[:, None]
         for j in range(b1 - b0):
@@ -553,7 +610,7 @@ if HAS_GLUON:
                              PAIRS)),
             (_dkv_producer, (q_s, do_s, ds_s, p_s, acc_s, bars, Q, DO, DS, P, SEG, b, n_items, NCB, t0, pass_id, H,
                              TOPK, s_qb, s_qs, s_qh, s_ob, s_os, s_oh, s_gb, s_gs, s_gh, s_sb, s_ss, COL0, BC, HP,
-                             HAS_DO, PASSES, NQ, NBUF, PAIRS)),
+                             HAS_DO, PASSES, NQ, NBUF, PAIRS, VIA_SMEM)),
         ], [4, 4], [CONSUMER_REGS, PRODUCER_REGS])
 
 
@@ -596,9 +653,10 @@ def dkv_product_ws(ds, p, q, dout, idx, seg, dkv, t0: int, t1: int, pass_id: int
     """``sparse_attn._dkv_product``'s contract for rows t0..t1 and key range ``pass_id``: dkv +=
     (ds^T q + p^T dO) over every head, one fp32 add per (token, selected key, column).
     ``q_slots`` / ``buffers``: items' q (and dO) columns and 64-key blocks of stored scores in
-    flight (the rope launch takes at least 2 buffers); ``via_smem``: the adds 16-byte from a shared
-    copy of the products, else 8-byte from their registers; ``pairs``: the value columns 256 an
-    item, both consumers on every block (``DKV_*``: the measured defaults)."""
+    flight (the rope launch takes at least 2 buffers); ``via_smem``: the 16-byte adds from a shared
+    copy of the products, else from their registers (the q and dO columns copied permuted);
+    ``pairs``: the value columns 256 an item, both consumers on every block (``DKV_*``: the
+    measured defaults)."""
     if q_slots < 1 or buffers < (1 if pairs else 2):
         # unpaired, the consumers take alternate blocks: with one buffer the second consumer's
         # first wait (the barrier's second phase) would pass at once, before the block is copied
