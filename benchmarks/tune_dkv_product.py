@@ -1,5 +1,5 @@
 """The sparse backward's dkv product alone, side by side in one process (not a test): the Triton
-kernel and the Gluon one at several pipeline depths and add paths, over several key-range counts.
+kernel and the Gluon one, over several key-range counts.
 
     python benchmarks/tune_dkv_product.py --heads 128 --seqs 65536 [--passes 0,2,4,8] [--out DIR]
 
@@ -34,31 +34,18 @@ import bench_dsa  # noqa: E402
 import tune_dsa  # noqa: E402
 from results_io import device_tag, invocation, run_record, write_json  # noqa: E402
 
-# (q slots, score buffers, adds through shared memory, value columns in pairs): the Gluon kernel's
-# settings timed beside its default; the shared-memory copy for 16-byte adds leaves room for fewer
-# slots and buffers, the pairs' two q and dO tiles for one buffer
-DEFAULT_PIPELINE = (W.DKV_Q_SLOTS, W.DKV_BUFFERS, W.DKV_VIA_SMEM, W.DKV_PAIRS)
-GLUON_PIPELINES = ((1, 1, True, True), (1, 2, False, True), (1, 3, False, True), (1, 2, True, False),
-                   (1, 3, True, False), (1, 4, False, False), (2, 3, False, False))
-
-
-def pipeline_name(nq: int, nb: int, smem: bool, pairs: bool) -> str:
-    return f"gluon{' pairs' if pairs else ''} q{nq} b{nb} {'smem' if smem else 'regs'}"
-
-
 def variants(passes: list[int]) -> list[tuple[str, int, object]]:
     """(name, key ranges (0: the default), launch(ds, p, q, dout, idx, seg, dkv, t0, t1, pass_id, n)):
-    the Triton kernel, the Gluon kernel's default pipeline and the others, then both kernels at
-    each of ``passes`` key ranges."""
+    the Triton kernel and the Gluon one at the default key ranges, then both at each of
+    ``passes``."""
     def triton(*a):
         SA._dkv_product(*a, 512, KernelOptions(attn_dkv_product_kernel="triton"), dict(IEEE=False, UPCAST=False))
 
-    def gluon(nq, nb, smem, pairs):
-        return lambda *a: W.dkv_product_ws(*a, 512, q_slots=nq, buffers=nb, via_smem=smem, pairs=pairs)
+    def gluon(*a):
+        W.dkv_product_ws(*a, 512)
 
-    pipelines = [DEFAULT_PIPELINE] + [pl for pl in GLUON_PIPELINES if pl != DEFAULT_PIPELINE]
-    out = [("triton", 0, triton)] + [(pipeline_name(*pl), 0, gluon(*pl)) for pl in pipelines]
-    out += [(pipeline_name(*DEFAULT_PIPELINE), p, gluon(*DEFAULT_PIPELINE)) for p in passes]
+    out = [("triton", 0, triton), ("gluon", 0, gluon)]
+    out += [("gluon", p, gluon) for p in passes]
     return out + [("triton", p, triton) for p in passes]
 
 

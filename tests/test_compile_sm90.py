@@ -242,33 +242,25 @@ def check_sparse_forward_ws() -> None:
 
 
 def check_dkv_product_ws() -> None:
-    """The Gluon dkv product: the value columns with dO's term and key ranges at its default
-    pipeline (pairs of 128-column blocks, 16-byte adds from a shared copy of the products) and
-    unpaired, the rope columns without dO, 32 heads; and the adds from the registers of permuted
-    columns, unpaired with two q slots and three buffers, in pairs, for the rope columns and at
-    16 heads."""
+    """The Gluon dkv product's two launches: the value columns in pairs of 128-column blocks with
+    dO's term and key ranges, the rope columns without dO, and the value launch at 32 and 16
+    heads; their 16-byte adds from a shared copy of the products."""
     from megatron_dsa.kernels import sparse_attn_ws as W
 
-    default = (W.DKV_Q_SLOTS, W.DKV_BUFFERS, W.DKV_VIA_SMEM, W.DKV_PAIRS)
-    unpaired = (1, 2, True, False)
-    for col0, BC, has_do, HP, passes, (nq, nbuf, via_smem, pairs) in (
-            (0, 128, True, 128, 4, default), (0, 128, True, 128, 4, unpaired), (512, 64, False, 128, 1, unpaired),
-            (0, 128, True, 32, 1, default), (0, 128, True, 128, 4, (2, 3, False, False)),
-            (0, 128, True, 128, 4, (1, 2, False, True)), (512, 64, False, 128, 4, (1, 2, False, False)),
-            (0, 128, True, 16, 1, (1, 2, False, True))):
-        r = W.DKV_PAIRS_REGS if pairs else (W.DKV_CONSUMER_REGS, W.DKV_PRODUCER_REGS)
-        consts = dict(COL0=col0, BC=BC, HP=HP, HAS_DO=has_do, PASSES=passes, NQ=nq, NBUF=nbuf, VIA_SMEM=via_smem,
-                      PAIRS=pairs, CONSUMER_REGS=r[0], PRODUCER_REGS=r[1])
+    for col0, BC, has_do, HP, passes, (nq, nbuf, consumer_regs, producer_regs) in (
+            (0, 128, True, 128, 4, W.DKV_VALUE_PIPELINE), (512, 64, False, 128, 4, W.DKV_ROPE_PIPELINE),
+            (0, 128, True, 32, 1, W.DKV_VALUE_PIPELINE), (0, 128, True, 16, 1, W.DKV_VALUE_PIPELINE)):
+        consts = dict(COL0=col0, BC=BC, HP=HP, HAS_DO=has_do, PASSES=passes, NQ=nq, NBUF=nbuf, PAIRS=has_do,
+                      CONSUMER_REGS=consumer_regs, PRODUCER_REGS=producer_regs)
         ptx = _compile_gluon_sm90(W._sparse_dkv_product_ws_kernel, consts, dict(P="*bf16", DS="*bf16", SEG="*i32"),
-                                  GLUON_ALIGNED + ("n_work",), r)
+                                  GLUON_ALIGNED + ("n_work",), (consumer_regs, producer_regs))
         assert f"wgmma.mma_async.sync.aligned.m64n{BC}k16" in ptx and "cp.async.cg.shared.global" in ptx
-        # 16-byte adds either way: from the shared copy, or from the registers of the permuted columns
         assert "atom.global.gpu.relaxed.add.v4.f32" in ptx and "atom.global.gpu.relaxed.add.v2.f32" not in ptx
 
 
 @pytest.mark.parametrize("check,kernel,count", [
     ("check_sparse_forward_ws()", "_sparse_fwd_ws_kernel", 1),
-    ("check_dkv_product_ws()", "_sparse_dkv_product_ws_kernel", 8),
+    ("check_dkv_product_ws()", "_sparse_dkv_product_ws_kernel", 4),
 ])
 def test_gluon_kernels_compile(check, kernel, count):
     pytest.importorskip("triton.experimental.gluon")

@@ -185,28 +185,14 @@ def test_gluon_dkv_product_equals_the_reference(B, H, S, Sk, K, masked_rows, pas
         assert _rel(got[0], base[0]) < 1e-6 and _rel(got[2], base[2]) < 1e-6, kernels
 
 
-@pytest.mark.parametrize("q_slots,buffers,pairs,message", [(1, 1, False, "buffers >= 2 unpaired"),
-                                                            (0, 2, False, "q_slots >= 1"),
-                                                            (0, 1, True, "q_slots >= 1"),
-                                                            (1, 0, True, "buffers >= 1")])
-def test_gluon_dkv_product_refuses_a_pipeline_that_cannot_work(q_slots, buffers, pairs, message):
-    # unpaired, one score buffer: the second consumer's first wait would pass before the first
-    # block is copied (the consumers take alternate blocks); the error comes before any device check
-    x = torch.zeros(1, 4, 2, 576)
-    with pytest.raises(ValueError, match=message):
-        W.dkv_product_ws(x, x, x, x, x, x, x, 0, 4, 0, 1, 512, q_slots=q_slots, buffers=buffers, pairs=pairs)
-
-
 @pytest.mark.skipif(not ON_HOPPER, reason=NEEDS_HOPPER)
-@pytest.mark.parametrize("q_slots,buffers,via_smem,pairs", [(W.DKV_Q_SLOTS, W.DKV_BUFFERS, W.DKV_VIA_SMEM, W.DKV_PAIRS),
-                                                         (1, 2, True, False), (2, 3, False, False),
-                                                         (1, 2, False, True)])
 @pytest.mark.parametrize("B,H,S,passes", [(2, 128, 700, 3), (1, 48, 1000, 1), (1, 128, 3000, 4)])
-def test_gluon_dkv_product_pipelines_equal_a_pytorch_sum(q_slots, buffers, via_smem, pairs, B, H, S, passes):
-    # the kernel alone at each pipeline depth and add path, with many work items a program (more
-    # tokens x column blocks than SMs), rows from t0, key ranges, -1 slots: against the fp32 sum
-    # over heads of ds^T q + p^T dO, added per selected key. At S = Sk the early rows have keys in
-    # the first ranges only: their items in the later passes are skipped
+def test_gluon_dkv_product_equals_a_pytorch_sum(B, H, S, passes):
+    # the kernel alone (the value columns in pairs, the rope columns on alternate blocks), with
+    # many work items a program (more tokens x column blocks than SMs), rows from t0, key ranges,
+    # -1 slots: against the fp32 sum over heads of ds^T q + p^T dO, added per selected key. At
+    # S = Sk the early rows have keys in the first ranges only: their items in the later passes
+    # are skipped
     Sk, K, t0 = 3000, 256, 37
     q = torch.randn(B, S, H, 576, device="cuda", dtype=torch.bfloat16)
     dout = torch.randn(B, S, H, 512, device="cuda", dtype=torch.bfloat16)
@@ -217,8 +203,7 @@ def test_gluon_dkv_product_pipelines_equal_a_pytorch_sum(q_slots, buffers, via_s
     p = torch.randn(B, rows, H, K, device="cuda", dtype=torch.bfloat16)
     dkv = torch.zeros(B, Sk, 576, device="cuda")
     for pass_id in range(passes):
-        W.dkv_product_ws(ds, p, q, dout, idx_s, seg, dkv, t0, S, pass_id, passes, 512, q_slots=q_slots,
-                         buffers=buffers, via_smem=via_smem, pairs=pairs)
+        W.dkv_product_ws(ds, p, q, dout, idx_s, seg, dkv, t0, S, pass_id, passes, 512)
     part = torch.einsum("bthk,bthd->btkd", ds.float(), q[:, t0:].float())
     part[..., :512] += torch.einsum("bthk,bthd->btkd", p.float(), dout[:, t0:].float())
     keys = idx_s[:, t0:].long()

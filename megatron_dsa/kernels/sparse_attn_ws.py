@@ -26,13 +26,13 @@ The dkv product (``dkv_product_ws``), persistent: about one program an SM takes 
 (token, 256 value columns; the 64 rope columns in a launch of their own, 64 an item) in turn,
 skipping the items whose token has no key in the launch's key range. Its producer copies an
 item's q (and dO) columns for every head, up to 128, into a slot, then the item's 64-key blocks of
-stored score gradients (and probabilities) into a buffer as soon as it is free (``DKV_Q_SLOTS`` /
-``DKV_BUFFERS``). In the value launch both consumers read every block, each for its half of the
-item's columns (``DKV_PAIRS``: the stored scores pass through shared memory once for 256
-columns); in the rope launch they take alternate blocks. A consumer's step is a [64 keys, 128
-columns] product with the stored [heads, keys] tiles read transposed as A, then a row-swizzled
-shared copy to 4 columns a thread and one 16-byte fp32 add per (key, 4 columns); a buffer is free
-again once both products are issued and done, so the next block's copy overlaps the adds. L2
+stored score gradients (and probabilities) into a buffer as soon as it is free
+(``DKV_VALUE_PIPELINE`` / ``DKV_ROPE_PIPELINE``). In the value launch both consumers read every
+block, each for its half of the item's columns (the stored scores pass through shared memory once
+for 256 columns); in the rope launch they take alternate blocks. A consumer's step is a [64 keys,
+128 columns] product with the stored [heads, keys] tiles read transposed as A, then a
+row-swizzled shared copy to 4 columns a thread and one 16-byte fp32 add per (key, 4 columns); a
+buffer is free again once its products are done, so the next block's copy overlaps the adds. L2
 bounds it: Nsight Compute puts the L2 at 87% of its peak throughput, with the adds into the dkv
 rows and the stored scores' reads.
 """
@@ -62,25 +62,18 @@ TILE = 64  # latent columns a shared tile (128-byte rows, the 128-byte swizzle)
 # Registers a thread (setmaxnreg): 168 a thread at launch over 12 warps; the consumers take 232,
 # the producer 40 (ptxas, sm_90a: no spills).
 LAUNCH_REGS, CONSUMER_REGS, PRODUCER_REGS = 168, 232, 40
-# The dkv product's: a [64 keys, 128 columns] fp32 product; the producer's q, dO and score
-# pointers (ptxas, sm_90a: no spills at 104 a thread, spills at 96 with two q slots)
-DKV_CONSUMER_REGS, DKV_PRODUCER_REGS = 192, 104
-# in pairs (two column blocks an item, one a consumer) the producer copies two q and dO tiles:
-# no spills at 184 / 120
-DKV_PAIRS_REGS = (184, 120)
-# q (and dO) column sets and 64-key blocks of stored scores the dkv product keeps in flight,
-# whether its 16-byte adds come from a shared copy of the products or straight from their
-# registers (the q and dO columns permuted), and whether the value columns go in pairs of
-# 128-column blocks. 64K x 128 heads on an H100, the kernel alone
-# (results/h100/tune_dkv_product_permuted_adds_128heads.json): pairs with 1 slot, 1 buffer (all
-# the shared memory the shared copy leaves) 171.7 ms, 393.9 at 128K; unpaired with 1 slot, 2
-# buffers 182.1 / 410.0; pairs with adds from registers and 2-3 buffers 182.6 / 425.4 (8-byte
-# adds from unpermuted registers took 207.5 / 462.6): a warp's adds from the products' registers
-# touch 8 rows of 64 bytes, from the shared copy 2 rows of 256. Earlier
-# (results/h100/tune_dkv_product_64k_128heads.json) unpaired with 3 buffers 201.2 (the adds' rate,
-# not their latency, bounds it: more in flight only crowds L2). The rope launch is never paired
-# and keeps at least 2 buffers.
-DKV_Q_SLOTS, DKV_BUFFERS, DKV_VIA_SMEM, DKV_PAIRS = 1, 1, True, True
+# The dkv product's two launches as (q and dO slots, 64-key score buffers, registers a thread of
+# a consumer and of the producer; ptxas, sm_90a: no spills). The value columns go in pairs of
+# 128-column blocks, both consumers on every block: the stored scores pass through shared memory
+# twice for the 512 columns, not four times. Their two q and two dO tiles (128 KB) and the adds'
+# shared copy (64 KB) leave room for one buffer. The rope columns go unpaired, the consumers on
+# alternate blocks, which needs two buffers. 64K x 128 heads on an H100, the kernel alone: pairs
+# 171.2 ms, 391.2 at 128K; unpaired (every launch as the rope one) 181.0 / 405.5, with three
+# buffers 201.2; the adds from the products' registers 8-byte 207.5 / 462.6, 16-byte with the q
+# and dO columns copied permuted 182.8 / 425.4 (a warp's adds then touch 8 rows of 64 bytes, from
+# the shared copy 2 rows of 256; results/h100/tune_dkv_product_{pairs,permuted_adds}_128heads.json).
+DKV_VALUE_PIPELINE = (1, 1, 184, 120)
+DKV_ROPE_PIPELINE = (1, 2, 192, 104)
 DKV_HEADS = 128  # heads the dkv product sums in one program (its products' K)
 
 
@@ -360,61 +353,15 @@ if HAS_GLUON:
         ], [4, PRODUCER_WARPS], [WG1_REGS, PRODUCER_REGS])
 
 
-    # The backward's dkv product, persistent: a program takes work items (token, 128 latent
-    # columns) in turn; its producer fills NQ slots of the items' q (and dO) columns and NBUF
-    # buffers of 64-key blocks of the stored scores, as far ahead as they are free; the two
-    # consumers take alternate blocks of the program's running block count.
+    # The backward's dkv product, persistent: a program takes work items (token, 256 value or 64
+    # rope columns) in turn; its producer fills NQ slots of the items' q (and dO) columns and NBUF
+    # buffers of 64-key blocks of the stored scores, as far ahead as they are free; in pairs both
+    # consumers take every block (each its 128 of the item's columns), else alternate blocks.
     DBK = gl.constexpr(64)
-    # the products' copy for the adds (VIA_SMEM): 4 columns a thread, 16-byte adds; its 16-byte
-    # units permuted by the row (rows 512 B apart would put the 8 rows of a store in the same banks)
+    # the products' copy for the adds: 4 columns a thread, 16-byte adds; its 16-byte units
+    # permuted by the row (rows 512 B apart would put the 8 rows of a store in the same banks)
     ADD_L = gl.constexpr(gl.BlockedLayout([1, 4], [2, 16], [4, 1], [1, 0]))
     ACC_SMEM_L = gl.constexpr(gl.SwizzledSharedLayout(vec=4, per_phase=1, max_phase=8, order=[1, 0]))
-
-    def _permuted_adds_layout(BC: int) -> gl.DistributedLinearLayout:
-        # The adds straight from the products' registers: a [64, BC] m64nBC accumulator holds, a
-        # thread, columns 8i + 2c + (0, 1) (c: lane % 4) of rows r and r + 8. With the q and dO
-        # columns permuted as ``_permuted_columns`` copies them, the accumulator regrouped as
-        # below has a thread's registers 0-3 on 4 adjacent dkv columns: one 16-byte add each.
-        return gl.DistributedLinearLayout(
-            reg_bases=[[0, 1], [0, 2], [8, 0]] + [[0, 16 << j] for j in range((BC // 16).bit_length() - 1)],
-            lane_bases=[[0, 4], [0, 8], [1, 0], [2, 0], [4, 0]], warp_bases=[[16, 0], [32, 0]], block_bases=[],
-            shape=[64, BC])
-
-    PERMUTED_ADD_L128 = gl.constexpr(_permuted_adds_layout(128))
-    PERMUTED_ADD_L64 = gl.constexpr(_permuted_adds_layout(64))
-    # the producer's 4-byte copies of the permuted columns, 32 rows of a tile at a time
-    PERMUTED_LD_L = gl.constexpr(gl.BlockedLayout([1, 2], [1, 32], [4, 1], [1, 0]))
-    PERMUTED_ROWS = gl.constexpr(32)
-
-    @gluon.jit
-    def _permuted_columns(c):
-        # the dkv column that shared column c of a q (dO) tile holds: within each 16 columns,
-        # 8b + 4c1 + 2c0 + e holds 8c1 + 4c0 + 2b + e (pairs of bf16 stay together)
-        pc = (c & -16) | ((c & 6) << 1) | ((c >> 2) & 2) | (c & 1)
-        return gl.max_contiguous(gl.multiple_of(pc, [2]), [2])  # what the compiler cannot see: 4-byte runs
-
-    @gluon.jit
-    def _copy_permuted(dst, row0, s_h, col0, H):
-        # a [heads, BC] q (dO) tile with its columns permuted, 4-byte copies, PERMUTED_ROWS rows
-        # at a time (a whole tile's pointers would not fit the producer's registers)
-        HP: gl.constexpr = dst.shape[0]
-        BC: gl.constexpr = dst.shape[1]
-        RC: gl.constexpr = PERMUTED_ROWS if HP > PERMUTED_ROWS else HP
-        hc = gl.arange(0, RC, layout=gl.SliceLayout(1, PERMUTED_LD_L))
-        cols = col0 + _permuted_columns(gl.arange(0, BC, layout=gl.SliceLayout(0, PERMUTED_LD_L)))
-        for r in range(HP // RC):  # a loop, not unrolled: one chunk's pointers in registers
-            hh = r * RC + hc
-            src = row0 + (hh * s_h)[:, None] + cols[None, :]
-            for k in gl.static_range(HP // RC):  # a shared subview's start must be a constant
-                if r == k:
-                    cp.async_copy_global_to_shared(dst.slice(k * RC, RC), src, mask=(hh < H)[:, None])
-
-    @gluon.jit
-    def _permuted_adds(acc, BC: gl.constexpr):
-        # the accumulator's columns 8b + 4c1 + 2c0 + e regrouped as 8c1 + 4c0 + 2b + e: no data
-        # moves, the registers are only renamed (the conversion is asserted trivial)
-        x = acc.reshape([64, BC // 16, 2, 2, 2, 2]).permute([0, 1, 3, 4, 2, 5]).reshape([64, BC])
-        return gl.convert_layout(x, PERMUTED_ADD_L128 if BC == 128 else PERMUTED_ADD_L64, assert_trivial=True)
 
     @gluon.jit
     def _key_range(SEG, seg_off, pass_id, TOPK, PASSES: gl.constexpr):
@@ -440,11 +387,10 @@ if HAS_GLUON:
     def _dkv_consumer(q_s, do_s, ds_s, p_s, acc_s, bars, IDX, SEG, DKV, b, n_items, NCB, t0, pass_id, Sk, TOPK,
                       s_ib, s_is, s_sb, s_ss, s_dkb, s_dks, COL0: gl.constexpr, BC: gl.constexpr,
                       HAS_DO: gl.constexpr, C: gl.constexpr, PASSES: gl.constexpr, NQ: gl.constexpr,
-                      NBUF: gl.constexpr, VIA_SMEM: gl.constexpr, PAIRS: gl.constexpr):
+                      NBUF: gl.constexpr, PAIRS: gl.constexpr):
         q_ready, q_free, k_ready, k_free = bars
         ITEM: gl.constexpr = 2 * BC if PAIRS else BC
         acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BC, 16])
-        add_l: gl.constexpr = ADD_L if VIA_SMEM else (PERMUTED_ADD_L128 if BC == 128 else PERMUTED_ADD_L64)
         g = 0  # blocks of the program's earlier items
         u = 0  # its earlier items with keys in this range: the q slots' count
         for i in range(n_items):
@@ -452,28 +398,26 @@ if HAS_GLUON:
             lo, hi, b0, b1 = _key_range(SEG, b * s_sb + t * s_ss, pass_id, TOPK, PASSES)
             if b1 > b0:
                 _dkv_consume_item(q_s, do_s, ds_s, p_s, acc_s, bars, IDX, DKV, b, t, col0, lo, hi, b0, b1, g, u,
-                                  Sk, s_ib, s_is, s_dkb, s_dks, add_l, acc_l, BC, HAS_DO, C, NQ, NBUF, VIA_SMEM,
-                                  PAIRS)
+                                  Sk, s_ib, s_is, s_dkb, s_dks, acc_l, BC, HAS_DO, C, NQ, NBUF, PAIRS)
                 g += b1 - b0
                 u += 1
 
     @gluon.jit
     def _dkv_consume_item(q_s, do_s, ds_s, p_s, acc_s, bars, IDX, DKV, b, t, col0, lo, hi, b0, b1, g, u, Sk,
-                          s_ib, s_is, s_dkb, s_dks, add_l: gl.constexpr, acc_l: gl.constexpr, BC: gl.constexpr,
-                          HAS_DO: gl.constexpr, C: gl.constexpr, NQ: gl.constexpr, NBUF: gl.constexpr,
-                          VIA_SMEM: gl.constexpr, PAIRS: gl.constexpr):
+                          s_ib, s_is, s_dkb, s_dks, acc_l: gl.constexpr, BC: gl.constexpr, HAS_DO: gl.constexpr,
+                          C: gl.constexpr, NQ: gl.constexpr, NBUF: gl.constexpr, PAIRS: gl.constexpr):
         # one item's blocks whose running count g + j has this consumer's parity C; in pairs,
         # every block, for this consumer's half of the item's columns
         q_ready, q_free, k_ready, k_free = bars
         ib = IDX + b * s_ib + t * s_is
         if PAIRS:
-            cols = col0 + C * BC + gl.arange(0, BC, layout=gl.SliceLayout(0, add_l))
+            cols = col0 + C * BC + gl.arange(0, BC, layout=gl.SliceLayout(0, ADD_L))
             j0 = 0
             STEP: gl.constexpr = 1
             QT: gl.constexpr = 2
             QC: gl.constexpr = C
         else:
-            cols = col0 + gl.arange(0, BC, layout=gl.SliceLayout(0, add_l))
+            cols = col0 + gl.arange(0, BC, layout=gl.SliceLayout(0, ADD_L))
             j0 = (g + C) % 2
             STEP: gl.constexpr = 2
             QT: gl.constexpr = 1
@@ -483,7 +427,7 @@ if HAS_GLUON:
         for j in range(j0, b1 - b0, STEP):
             gj = g + j
             buf = gj % NBUF
-            kk = (b0 + j) * DBK + gl.arange(0, DBK, layout=gl.SliceLayout(1, add_l))
+            kk = (b0 + j) * DBK + gl.arange(0, DBK, layout=gl.SliceLayout(1, ADD_L))
             idx = gl.load(ib + kk, mask=(kk >= lo) & (kk < hi), other=-1)
             valid = (idx >= 0) & (idx < Sk)
             acc = hopper.warpgroup_mma_init(gl.zeros([DBK, BC], gl.float32, layout=acc_l))
@@ -496,11 +440,8 @@ if HAS_GLUON:
                                            is_async=True)
             acc = hopper.warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
             mbarrier.arrive(k_free.index(buf))
-            if VIA_SMEM:
-                acc_s.index(C).store(acc)
-                vals = acc_s.index(C).load(ADD_L)
-            else:
-                vals = _permuted_adds(acc, BC)  # 16-byte adds from registers, no shared-memory copy
+            acc_s.index(C).store(acc)
+            vals = acc_s.index(C).load(ADD_L)
             rows = DKV + b * s_dkb + gl.where(valid, idx, 0).to(gl.int64) * s_dks
             gl.atomic_add(rows[:, None] + cols[None, :], vals, mask=valid[:, None], sem="relaxed")
         mbarrier.arrive(q_free.index(slot))
@@ -509,8 +450,7 @@ if HAS_GLUON:
     def _dkv_producer(q_s, do_s, ds_s, p_s, acc_s, bars, Q, DO, DS, P, SEG, b, n_items, NCB, t0, pass_id, H, TOPK,
                       s_qb, s_qs, s_qh, s_ob, s_os, s_oh, s_gb, s_gs, s_gh, s_sb, s_ss,
                       COL0: gl.constexpr, BC: gl.constexpr, HP: gl.constexpr, HAS_DO: gl.constexpr,
-                      PASSES: gl.constexpr, NQ: gl.constexpr, NBUF: gl.constexpr, PAIRS: gl.constexpr,
-                      VIA_SMEM: gl.constexpr):
+                      PASSES: gl.constexpr, NQ: gl.constexpr, NBUF: gl.constexpr, PAIRS: gl.constexpr):
         # Each item with keys in this range: its q (and dO) columns for every head into the next
         # of NQ slots, then its blocks of stored score gradients (and probabilities) into buffer
         # (running block count) % NBUF; missing heads are zero rows
@@ -531,33 +471,26 @@ if HAS_GLUON:
             t, col0 = _dkv_item(i, NCB, t0, COL0, QT * BC)
             lo, hi, b0, b1 = _key_range(SEG, b * s_sb + t * s_ss, pass_id, TOPK, PASSES)
             if b1 > b0:
-                _dkv_produce_item(q_s, do_s, ds_s, p_s, bars, Q, DO, DS, P, b, t, t0, col0, b0, b1, g, u, H, TOPK,
+                _dkv_produce_item(q_s, do_s, ds_s, p_s, bars, Q, DO, DS, P, b, t, t0, col0, b0, b1, g, u, TOPK,
                                   h, hm, c, hs, hsm, slots, s_qb, s_qs, s_qh, s_ob, s_os, s_oh, s_gb, s_gs, s_gh,
-                                  HAS_DO, NQ, NBUF, QT, VIA_SMEM)
+                                  HAS_DO, NQ, NBUF, QT)
                 g += b1 - b0
                 u += 1
 
     @gluon.jit
-    def _dkv_produce_item(q_s, do_s, ds_s, p_s, bars, Q, DO, DS, P, b, t, t0, col0, b0, b1, g, u, H, TOPK,
+    def _dkv_produce_item(q_s, do_s, ds_s, p_s, bars, Q, DO, DS, P, b, t, t0, col0, b0, b1, g, u, TOPK,
                           h, hm, c, hs, hsm, slots, s_qb, s_qs, s_qh, s_ob, s_os, s_oh, s_gb, s_gs, s_gh,
-                          HAS_DO: gl.constexpr, NQ: gl.constexpr, NBUF: gl.constexpr, QT: gl.constexpr,
-                          VIA_SMEM: gl.constexpr):
+                          HAS_DO: gl.constexpr, NQ: gl.constexpr, NBUF: gl.constexpr, QT: gl.constexpr):
         q_ready, q_free, k_ready, k_free = bars
         slot = u % NQ
         mbarrier.wait(q_free.index(slot), ((u // NQ) & 1) ^ 1)
         for x in range(QT):  # a loop, not unrolled: one set of pointers in registers
-            if VIA_SMEM:
-                cx = col0 + x * c.shape[0] + c
-                cp.async_copy_global_to_shared(q_s.index(slot * QT + x), Q + b * s_qb + t * s_qs
-                                               + (h * s_qh)[:, None] + cx[None, :], mask=hm)
-                if HAS_DO:
-                    cp.async_copy_global_to_shared(do_s.index(slot * QT + x), DO + b * s_ob + t * s_os
-                                                   + (h * s_oh)[:, None] + cx[None, :], mask=hm)
-            else:
-                _copy_permuted(q_s.index(slot * QT + x), Q + b * s_qb + t * s_qs, s_qh, col0 + x * c.shape[0], H)
-                if HAS_DO:
-                    _copy_permuted(do_s.index(slot * QT + x), DO + b * s_ob + t * s_os, s_oh, col0 + x * c.shape[0],
-                                   H)
+            cx = col0 + x * c.shape[0] + c
+            cp.async_copy_global_to_shared(q_s.index(slot * QT + x), Q + b * s_qb + t * s_qs + (h * s_qh)[:, None]
+                                           + cx[None, :], mask=hm)
+            if HAS_DO:
+                cp.async_copy_global_to_shared(do_s.index(slot * QT + x), DO + b * s_ob + t * s_os
+                                               + (h * s_oh)[:, None] + cx[None, :], mask=hm)
         cp.mbarrier_arrive(q_ready.index(slot), increment_count=False)
         base = b * s_gb + (t - t0) * s_gs + (hs * s_gh)[:, None]
         for j in range(b1 - b0):
@@ -577,7 +510,7 @@ if HAS_GLUON:
                                       s_gb, s_gs, s_gh, s_qb, s_qs, s_qh, s_ob, s_os, s_oh, s_ib, s_is, s_sb, s_ss,
                                       s_dkb, s_dks, COL0: gl.constexpr, BC: gl.constexpr, HP: gl.constexpr,
                                       HAS_DO: gl.constexpr, PASSES: gl.constexpr, NQ: gl.constexpr,
-                                      NBUF: gl.constexpr, VIA_SMEM: gl.constexpr, PAIRS: gl.constexpr,
+                                      NBUF: gl.constexpr, PAIRS: gl.constexpr,
                                       CONSUMER_REGS: gl.constexpr,
                                       PRODUCER_REGS: gl.constexpr):
         b = gl.program_id(1).to(gl.int64)
@@ -588,7 +521,7 @@ if HAS_GLUON:
         do_s = gl.allocate_shared_memory(gl.bfloat16, [NQ * QT if HAS_DO else 1, HP if HAS_DO else 16, BC], op_l)
         ds_s = gl.allocate_shared_memory(gl.bfloat16, [NBUF, HP, DBK], SMEM_L)
         p_s = gl.allocate_shared_memory(gl.bfloat16, [NBUF if HAS_DO else 1, HP if HAS_DO else 16, DBK], SMEM_L)
-        acc_s = gl.allocate_shared_memory(gl.float32, [2 if VIA_SMEM else 1, DBK if VIA_SMEM else 1, BC], ACC_SMEM_L)
+        acc_s = gl.allocate_shared_memory(gl.float32, [2, DBK, BC], ACC_SMEM_L)
         # ready: the 4-warp producer's copies have landed; free: the consumer(s) reading it are done
         q_ready = gl.allocate_shared_memory(gl.int64, [NQ, 1], mbarrier.MBarrierLayout())
         q_free = gl.allocate_shared_memory(gl.int64, [NQ, 1], mbarrier.MBarrierLayout())
@@ -603,14 +536,12 @@ if HAS_GLUON:
         bars = (q_ready, q_free, k_ready, k_free)
         gl.warp_specialize([
             (_dkv_consumer, (q_s, do_s, ds_s, p_s, acc_s, bars, IDX, SEG, DKV, b, n_items, NCB, t0, pass_id, Sk, TOPK,
-                             s_ib, s_is, s_sb, s_ss, s_dkb, s_dks, COL0, BC, HAS_DO, 0, PASSES, NQ, NBUF, VIA_SMEM,
-                             PAIRS)),
+                             s_ib, s_is, s_sb, s_ss, s_dkb, s_dks, COL0, BC, HAS_DO, 0, PASSES, NQ, NBUF, PAIRS)),
             (_dkv_consumer, (q_s, do_s, ds_s, p_s, acc_s, bars, IDX, SEG, DKV, b, n_items, NCB, t0, pass_id, Sk, TOPK,
-                             s_ib, s_is, s_sb, s_ss, s_dkb, s_dks, COL0, BC, HAS_DO, 1, PASSES, NQ, NBUF, VIA_SMEM,
-                             PAIRS)),
+                             s_ib, s_is, s_sb, s_ss, s_dkb, s_dks, COL0, BC, HAS_DO, 1, PASSES, NQ, NBUF, PAIRS)),
             (_dkv_producer, (q_s, do_s, ds_s, p_s, acc_s, bars, Q, DO, DS, P, SEG, b, n_items, NCB, t0, pass_id, H,
                              TOPK, s_qb, s_qs, s_qh, s_ob, s_os, s_oh, s_gb, s_gs, s_gh, s_sb, s_ss, COL0, BC, HP,
-                             HAS_DO, PASSES, NQ, NBUF, PAIRS, VIA_SMEM)),
+                             HAS_DO, PASSES, NQ, NBUF, PAIRS)),
         ], [4, 4], [CONSUMER_REGS, PRODUCER_REGS])
 
 
@@ -647,21 +578,9 @@ def dkv_product_supported(ds, q, dout) -> Optional[str]:
     return why
 
 
-def dkv_product_ws(ds, p, q, dout, idx, seg, dkv, t0: int, t1: int, pass_id: int, passes: int, v_dim: int,
-                   q_slots: int = DKV_Q_SLOTS, buffers: int = DKV_BUFFERS, via_smem: bool = DKV_VIA_SMEM,
-                   pairs: bool = DKV_PAIRS):
+def dkv_product_ws(ds, p, q, dout, idx, seg, dkv, t0: int, t1: int, pass_id: int, passes: int, v_dim: int):
     """``sparse_attn._dkv_product``'s contract for rows t0..t1 and key range ``pass_id``: dkv +=
-    (ds^T q + p^T dO) over every head, one fp32 add per (token, selected key, column).
-    ``q_slots`` / ``buffers``: items' q (and dO) columns and 64-key blocks of stored scores in
-    flight (the rope launch takes at least 2 buffers); ``via_smem``: the 16-byte adds from a shared
-    copy of the products, else from their registers (the q and dO columns copied permuted);
-    ``pairs``: the value columns 256 an item, both consumers on every block (``DKV_*``: the
-    measured defaults)."""
-    if q_slots < 1 or buffers < (1 if pairs else 2):
-        # unpaired, the consumers take alternate blocks: with one buffer the second consumer's
-        # first wait (the barrier's second phase) would pass at once, before the block is copied
-        raise ValueError(f"the Gluon dkv product needs q_slots >= 1 and buffers >= {1 if pairs else 2}"
-                         f"{'' if pairs else ' unpaired'}, got {q_slots} and {buffers}")
+    (ds^T q + p^T dO) over every head, one fp32 add per (token, selected key, column)."""
     why = dkv_product_supported(ds, q, dout)
     if why is not None:
         raise ValueError(f"the Gluon dkv product cannot run these inputs: {why}")
@@ -670,9 +589,9 @@ def dkv_product_ws(ds, p, q, dout, idx, seg, dkv, t0: int, t1: int, pass_id: int
         return
     HP = max(16, triton.next_power_of_2(H))
     sms = torch.cuda.get_device_properties(q.device).multi_processor_count
-    for col0, ncol, BC, has_do in ((0, v_dim, 128, True), (v_dim, D - v_dim, TILE, False)):
-        paired = pairs and has_do
-        ncb = ncol // (BC * (2 if paired else 1))
+    for col0, ncol, BC, has_do, (nq, nbuf, consumer_regs, producer_regs) in (
+            (0, v_dim, 128, True, DKV_VALUE_PIPELINE), (v_dim, D - v_dim, TILE, False, DKV_ROPE_PIPELINE)):
+        ncb = ncol // (BC * (2 if has_do else 1))  # the value columns in pairs
         n_work = (t1 - t0) * ncb
         grid = (max(1, min(n_work, -(-sms // B))), B)  # persistent: about one program an SM
         _sparse_dkv_product_ws_kernel[grid](
@@ -680,7 +599,5 @@ def dkv_product_ws(ds, p, q, dout, idx, seg, dkv, t0: int, t1: int, pass_id: int
             ds.stride(0), ds.stride(1), ds.stride(2), q.stride(0), q.stride(1), q.stride(2),
             dout.stride(0), dout.stride(1), dout.stride(2), idx.stride(0), idx.stride(1), seg.stride(0), seg.stride(1),
             dkv.stride(0), dkv.stride(1),
-            COL0=col0, BC=BC, HP=HP, HAS_DO=has_do, PASSES=passes, NQ=q_slots,
-            NBUF=buffers if paired else max(buffers, 2), VIA_SMEM=via_smem, PAIRS=paired,
-            CONSUMER_REGS=DKV_PAIRS_REGS[0] if paired else DKV_CONSUMER_REGS,
-            PRODUCER_REGS=DKV_PAIRS_REGS[1] if paired else DKV_PRODUCER_REGS, num_warps=4, maxnreg=LAUNCH_REGS)
+            COL0=col0, BC=BC, HP=HP, HAS_DO=has_do, PASSES=passes, NQ=nq, NBUF=nbuf, PAIRS=has_do,
+            CONSUMER_REGS=consumer_regs, PRODUCER_REGS=producer_regs, num_warps=4, maxnreg=LAUNCH_REGS)
