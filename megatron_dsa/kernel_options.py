@@ -128,7 +128,9 @@ class KernelOptions:
     memory). dkv_product_heads: the heads one dkv product program sums before its adds (None: 128;
     more heads are added in groups of it). dq_product_heads: the heads one dq product program
     makes (None: 128; each program gathers its token's selected rows, so fewer programs a token
-    gather them fewer times).
+    gather them fewer times). scores_heads: the heads one program of the stored-scores kernel
+    takes as its products' columns (None: 128; fewer take fewer registers and shared memory, so
+    more programs an SM, and gather each selected row once per group of them).
     dense_kl_span / dense_kl_rows: the fused warm-up KL's keys per program (None: 4096 on the GPU)
     and the dot rows its folded indexer heads fill (a power of two >= 16; None: 128 on the GPU).
     workspace_bytes: the largest temporary the kernels split into chunks of rows may hold: the
@@ -170,6 +172,7 @@ class KernelOptions:
     dkv_product_columns: Optional[int] = None
     dkv_product_heads: Optional[int] = None
     dq_product_heads: Optional[int] = None
+    scores_heads: Optional[int] = None
     dense_kl_span: Optional[int] = None
     dense_kl_rows: Optional[int] = None
     workspace_bytes: int = 2 << 30
@@ -198,7 +201,7 @@ class KernelOptions:
         if d is not None and not (_count(d) and 5 <= d <= 8):
             raise ValueError(f"select_digit_bits must be an integer from 5 to 8 or null, got {d!r}")
         for name in ("dq_product_columns", "dkv_product_columns", "dkv_product_heads", "dq_product_heads",
-                     "dense_kl_rows"):
+                     "scores_heads", "dense_kl_rows"):
             v = getattr(self, name)
             if v is not None and not (_count(v) and v >= 16 and not v & (v - 1)):
                 raise ValueError(f"{name} must be a power of two >= 16 or null, got {v!r}")

@@ -42,7 +42,9 @@ VARIANTS = {
     "split_key_ranges": KernelOptions(key_passes=4, attn_bwd_split=True, split_bwd="recompute",
                                       workspace_bytes=1 << 10),
     "split_stored_ds": KernelOptions(key_passes=4, attn_bwd_split=True, split_bwd="stored_ds"),
-    "split_stored_scores": KernelOptions(key_passes=4, attn_bwd_split=True, split_bwd="stored_scores"),
+    # the storing kernel's heads in groups of 16 (the head sum added across the groups)
+    "split_stored_scores": KernelOptions(key_passes=4, attn_bwd_split=True, split_bwd="stored_scores",
+                                         scores_heads=16),
 }
 
 

@@ -938,7 +938,7 @@ def sparse_attn_bwd(q, kv, idx, out, lse, dout, v_dim, scale, options: KernelOpt
 
         def scores_kernel(t0, t1):
             st = _tiles(options.attn_scores, q.is_cuda, HB, "scores")
-            HN = min(next_pow2(H, 16), SCORES_HEADS)
+            HN = min(next_pow2(H, 16), options.scores_heads or SCORES_HEADS)
             BD = SCORES_SLICE if q.is_cuda else 16  # narrow slices in the interpreter: several per dim
             nkb, nhg = triton.cdiv(K, st.BK), triton.cdiv(H, HN)
             _sparse_scores_kernel[((t1 - t0) * nhg * nkb, B)](
