@@ -510,8 +510,7 @@ if HAS_GLUON:
                                       s_gb, s_gs, s_gh, s_qb, s_qs, s_qh, s_ob, s_os, s_oh, s_ib, s_is, s_sb, s_ss,
                                       s_dkb, s_dks, COL0: gl.constexpr, BC: gl.constexpr, HP: gl.constexpr,
                                       HAS_DO: gl.constexpr, PASSES: gl.constexpr, NQ: gl.constexpr,
-                                      NBUF: gl.constexpr, PAIRS: gl.constexpr,
-                                      CONSUMER_REGS: gl.constexpr,
+                                      NBUF: gl.constexpr, PAIRS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                                       PRODUCER_REGS: gl.constexpr):
         b = gl.program_id(1).to(gl.int64)
         n_items = gl.cdiv(n_work - gl.program_id(0), gl.num_programs(0))  # this program's work items
