@@ -447,7 +447,7 @@ if HAS_GLUON:
         mbarrier.arrive(q_free.index(slot))
 
     @gluon.jit
-    def _dkv_producer(q_s, do_s, ds_s, p_s, acc_s, bars, Q, DO, DS, P, SEG, b, n_items, NCB, t0, pass_id, H, TOPK,
+    def _dkv_producer(q_s, do_s, ds_s, p_s, bars, Q, DO, DS, P, SEG, b, n_items, NCB, t0, pass_id, H, TOPK,
                       s_qb, s_qs, s_qh, s_ob, s_os, s_oh, s_gb, s_gs, s_gh, s_sb, s_ss,
                       COL0: gl.constexpr, BC: gl.constexpr, HP: gl.constexpr, HAS_DO: gl.constexpr,
                       PASSES: gl.constexpr, NQ: gl.constexpr, NBUF: gl.constexpr, PAIRS: gl.constexpr):
@@ -538,7 +538,7 @@ if HAS_GLUON:
                              s_ib, s_is, s_sb, s_ss, s_dkb, s_dks, COL0, BC, HAS_DO, 0, PASSES, NQ, NBUF, PAIRS)),
             (_dkv_consumer, (q_s, do_s, ds_s, p_s, acc_s, bars, IDX, SEG, DKV, b, n_items, NCB, t0, pass_id, Sk, TOPK,
                              s_ib, s_is, s_sb, s_ss, s_dkb, s_dks, COL0, BC, HAS_DO, 1, PASSES, NQ, NBUF, PAIRS)),
-            (_dkv_producer, (q_s, do_s, ds_s, p_s, acc_s, bars, Q, DO, DS, P, SEG, b, n_items, NCB, t0, pass_id, H,
+            (_dkv_producer, (q_s, do_s, ds_s, p_s, bars, Q, DO, DS, P, SEG, b, n_items, NCB, t0, pass_id, H,
                              TOPK, s_qb, s_qs, s_qh, s_ob, s_os, s_oh, s_gb, s_gs, s_gh, s_sb, s_ss, COL0, BC, HP,
                              HAS_DO, PASSES, NQ, NBUF, PAIRS)),
         ], [4, 4], [CONSUMER_REGS, PRODUCER_REGS])
