@@ -130,12 +130,14 @@ def variants(stage: str, heads: int) -> list[tuple[str, KernelOptions]]:
             out += [(f"split stored_scores scores{t}", KernelOptions(split_bwd="stored_scores", attn_scores=Tiles(*t)))
                     for t in ((128, 8, 2), (128, 8, 3), (64, 8, 2), (64, 8, 3), (64, 4, 3))]
             # Its heads in groups of 64: more programs an SM (sm_90 compile, Triton 3.6: 128 keys,
-            # 8 warps, 2 stages 122 registers and 64 KB, two programs; 64 keys, 4 warps, 3 stages
-            # 128 and 72 KB, three; the default, every head, 204 and 144 KB, one), each selected
-            # row gathered once per group
+            # 8 warps, 2 stages 122 registers and 64 KB, two programs; 3 stages 120 and 96 KB,
+            # two; 64 keys, 4 warps, 3 stages 128 and 72 KB, three; the default, every head, 204
+            # and 144 KB, one), each selected row gathered once per group. 256 keys (206
+            # registers, 96 KB, one program) read a token's q and dO half as often.
             out += [(f"stored_scores scores heads{h} {t}",
                      KernelOptions(split_bwd="stored_scores", scores_heads=h, attn_scores=Tiles(*t)))
-                    for h, t in ((64, (128, 8, 2)), (64, (64, 4, 3)), (64, (128, 4, 2)))]
+                    for h, t in ((64, (128, 8, 2)), (64, (128, 8, 3)), (64, (64, 4, 3)), (64, (128, 4, 2)),
+                                 (64, (256, 8, 2)))]
             return out
         out = kernels + [("fused p1 (32,8,2)", KernelOptions(key_passes=1, attn_bwd_split=False))]
         out += [(f"fused p{p}", KernelOptions(key_passes=p, attn_bwd_split=False)) for p in (4, 10, 20)]
@@ -188,7 +190,12 @@ def variants(stage: str, heads: int) -> list[tuple[str, KernelOptions]]:
         # attention's backward and runs only these)
         return out + [(f"kl fwd{f} bwd{b}", KernelOptions(kl_fwd=Tiles(*f), kl_bwd=Tiles(*b)))
                       for f, b in (((64, 4, 2), (64, 4, 2)), ((128, 4, 2), (128, 4, 2)), ((64, 2, 2), (64, 2, 2)),
-                                   ((128, 8, 2), (128, 8, 2)))]
+                                   ((128, 8, 2), (128, 8, 2)))] + [
+            # the backward's key blocks deeper in flight or across two warpgroups, the forward as
+            # by default (sm_90 compile, 64 x 128 indexer: (64, 4, 2) 255 registers with 8 spill
+            # stores, 82 KB, two programs an SM; (64, 4, 3) the same, 9 spills; (32, 4, 3) 244, 58
+            # KB, two; (64, 8, 2) 215, 82 KB, one)
+            (f"kl bwd{b}", KernelOptions(kl_bwd=Tiles(*b))) for b in ((64, 4, 3), (32, 4, 3), (64, 8, 2), (32, 4, 2))]
     raise ValueError(stage)
 
 
