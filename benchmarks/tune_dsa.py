@@ -129,14 +129,15 @@ def variants(stage: str, heads: int) -> list[tuple[str, KernelOptions]]:
             # from L2 instead of held whole: pipeline stages, more programs an SM), every head at once
             out += [(f"split stored_scores scores{t}", KernelOptions(split_bwd="stored_scores", attn_scores=Tiles(*t)))
                     for t in ((128, 8, 2), (128, 8, 3), (64, 8, 2), (64, 8, 3), (64, 4, 3))]
-            # Its heads in groups of 64: more programs an SM (sm_90 compile, Triton 3.6: 128 keys,
-            # 8 warps, 2 stages 122 registers and 64 KB, two programs; 3 stages 120 and 96 KB,
-            # two; 64 keys, 4 warps, 3 stages 128 and 72 KB, three; the default, every head, 204
-            # and 144 KB, one), each selected row gathered once per group. 256 keys (206
-            # registers, 96 KB, one program) read a token's q and dO half as often.
+            # Its heads a program (the default 64: 120 registers and 96 KB at (128, 8, 3), two
+            # programs an SM; sm_90 compile, Triton 3.6): every head at once (204 and 144 KB, one
+            # program), which gathers each selected row once rather than once per group of 64;
+            # at 64 heads 128 keys, 8 warps, 2 stages (122, 64 KB, two), 64 keys, 4 warps,
+            # 3 stages (128, 72 KB, three), and 256 keys (206, 96 KB, one), which read a token's q
+            # and dO half as often
             out += [(f"stored_scores scores heads{h} {t}",
                      KernelOptions(split_bwd="stored_scores", scores_heads=h, attn_scores=Tiles(*t)))
-                    for h, t in ((64, (128, 8, 2)), (64, (128, 8, 3)), (64, (64, 4, 3)), (64, (128, 4, 2)),
+                    for h, t in ((128, (128, 8, 3)), (64, (128, 8, 2)), (64, (64, 4, 3)), (64, (128, 4, 2)),
                                  (64, (256, 8, 2)))]
             return out
         out = kernels + [("fused p1 (32,8,2)", KernelOptions(key_passes=1, attn_bwd_split=False))]

@@ -129,8 +129,8 @@ class KernelOptions:
     more heads are added in groups of it). dq_product_heads: the heads one dq product program
     makes (None: 128; each program gathers its token's selected rows, so fewer programs a token
     gather them fewer times). scores_heads: the heads one program of the stored-scores kernel
-    takes as its products' columns (None: 128; fewer take fewer registers and shared memory, so
-    more programs an SM, and gather each selected row once per group of them).
+    takes as its products' columns (None: 64, two programs an SM; more take more registers and
+    shared memory, fewer gather each selected row fewer times: once per group of them).
     dense_kl_span / dense_kl_rows: the fused warm-up KL's keys per program (None: 4096 on the GPU)
     and the dot rows its folded indexer heads fill (a power of two >= 16; None: 128 on the GPU).
     workspace_bytes: the largest temporary the kernels split into chunks of rows may hold: the

@@ -621,7 +621,8 @@ def _tiles(chosen, on_gpu: bool, HB: int, kernel: str, D1: int = 512) -> Tiles:
         return Tiles(64, 4, 1)  # 912 ms, (64, 8, 1) 1338
     if kernel == "dq" and HB >= MAX_HEAD_BLOCK:  # 32K x 128 heads: 133 ms, (32, 8, 2) 226, (32, 8, 1) 176
         return Tiles(64, 8, 1)
-    if kernel == "scores":  # 64K x 128 heads (H100): 108 ms, (64, 8, 2) 122, (128, 8, 2) 137, (64, 4, 3) 140
+    if kernel == "scores":  # 64K x 128 heads (H100), 128 heads a program: 108 ms, (64, 8, 2) 122, (128, 8, 2)
+        # 137, (64, 4, 3) 140; 64 heads a program (SCORES_HEADS): 100.5 ms, (64, 4, 3) 112, (128, 8, 2) 120
         # Below 64 heads (16 or 32 product columns) 4 warps: 128K on an H100, the backward 338 ms
         # at 16 heads against 346 at 8 warps, 390 against 398 at 32 heads.
         return Tiles(128, 8, 3) if HB >= MAX_HEAD_BLOCK else Tiles(128, 4, 3)
@@ -674,7 +675,10 @@ DQ_PRODUCT_COLUMNS = 256
 DQ_PRODUCT_HEADS = 128
 DKV_PRODUCT_COLUMNS = 128
 DKV_PRODUCT_HEADS = 128
-SCORES_HEADS = 128  # heads one program of the stored-scores kernel takes as its products' columns
+# Heads one program of the stored-scores kernel takes as its products' columns. 64K x 128 heads on
+# an H100 (results/h100/tune_dsa_bwd_scores_heads_64k_128heads.json): 100.5 ms in groups of 64 at
+# (128, 8, 3) (120 registers, 96 KB: two programs an SM) against 107.4 at 128 (204, 144 KB: one).
+SCORES_HEADS = 64
 SCORES_SLICE = 64  # latent columns a step of its products reads (q, dO and the gathered rows)
 
 
