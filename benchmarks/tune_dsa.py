@@ -125,8 +125,8 @@ def variants(stage: str, heads: int) -> list[tuple[str, KernelOptions]]:
                      KernelOptions(split_bwd="stored_scores", dq_product_heads=h, dq_product_columns=c,
                                    attn_dq_product=Tiles(*t)))
                     for h, c, t in ((64, 256, (64, 8, 3)), (128, 256, (64, 8, 2)), (128, 256, (32, 8, 3)))]
-            # The storing kernel as a gathered product over slices of the latent (q and dO streamed
-            # from L2 instead of held whole: pipeline stages, more programs an SM), every head at once
+            # The storing kernel's tiles: a gathered product over slices of the latent (q and dO
+            # streamed from L2 instead of held whole: pipeline stages, more programs an SM)
             out += [(f"split stored_scores scores{t}", KernelOptions(split_bwd="stored_scores", attn_scores=Tiles(*t)))
                     for t in ((128, 8, 2), (128, 8, 3), (64, 8, 2), (64, 8, 3), (64, 4, 3))]
             # Its heads a program (the default 64: 120 registers and 96 KB at (128, 8, 3), two
