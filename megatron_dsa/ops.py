@@ -3,7 +3,8 @@
 Both expose the same functions with the same signatures (``megatron_dsa.reference`` is the
 spec): ``indexer_topk``, ``dense_attention`` (MLA's MHA form), ``dense_mla_attention``, ``sparse_mla_attention``,
 ``dense_indexer_kl``, ``sparse_indexer_kl``, the sparse KL in two steps for tensor
-parallelism (``sparse_target_head_sum``, ``sparse_indexer_kl_from_target``), and the sparse
+parallelism (``sparse_target_head_sum``, ``sparse_indexer_kl_from_target``; its value and
+gradients in one call, ``sparse_indexer_kl_and_grads``, where the gradient is known first), the sparse
 attention's backward that also returns that target (``sparse_mla_attention_backward``), and the
 selection kept for it in 16 bits a key (``compact_selection``, ``expand_selection``). ``auto`` takes
 Triton on CUDA tensors when the kernels import, the reference everywhere else. The Triton ops
@@ -29,6 +30,8 @@ from megatron_dsa.kernel_options import DEFAULT_OPTIONS, KernelOptions
 OPS = ("indexer_topk", "dense_attention", "dense_mla_attention", "sparse_mla_attention", "dense_indexer_kl", "sparse_indexer_kl",
        # the sparse KL in two steps, for a target summed over the heads of several TP ranks
        "sparse_target_head_sum", "sparse_indexer_kl_from_target",
+       # that KL's value and gradients in one call, where the gradient is known first
+       "sparse_indexer_kl_and_grads",
        # the sparse attention's backward with that target from the same pass (training's KL)
        "sparse_mla_attention_backward",
        # a selection kept for that backward in 16 bits a key, and rebuilt from them

@@ -835,6 +835,37 @@ def sparse_indexer_kl_from_target(
     return kl
 
 
+def sparse_indexer_kl_and_grads(
+    q_idx: torch.Tensor, k_idx: torch.Tensor, w_idx: torch.Tensor, topk_idx: torch.Tensor, weights: torch.Tensor,
+    grad_kl: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``sparse_indexer_kl_from_target``'s kl [B, Sq] and, in the same call, the gradients of
+    sum(grad_kl * kl) for q_idx, k_idx and w_idx (``grad_kl``: [B, Sq] or what broadcasts to it): for a caller
+    that knows the KL's gradient before its value (the sparse attention's backward, which trains
+    the indexer), so that a backend may make both in one pass."""
+    grad_rows = kl_grad_rows(topk_idx, weights, grad_kl)
+    with torch.enable_grad():
+        leaves = [x.detach().requires_grad_() for x in (q_idx, k_idx, w_idx)]
+        kl = sparse_indexer_kl_from_target(*leaves, topk_idx, weights)
+        grads = torch.autograd.grad(kl, leaves, grad_rows)
+    return (kl.detach(), *grads)
+
+
+def kl_grad_rows(topk_idx: torch.Tensor, weights: torch.Tensor, grad_kl: torch.Tensor) -> torch.Tensor:
+    """``sparse_indexer_kl_and_grads``' check of its target weights [B, Sq, K] and KL gradient
+    (anything that broadcasts to the rows [B, Sq]); the gradient as fp32 rows."""
+    B, Sq, K = topk_idx.shape
+    try:
+        rows_ok = torch.broadcast_shapes(grad_kl.shape, (B, Sq)) == (B, Sq)
+    except RuntimeError:
+        rows_ok = False
+    if weights.shape != (B, Sq, K) or not rows_ok:
+        raise ValueError(f"sparse_indexer_kl_and_grads: weights {tuple(weights.shape)} and grad_kl "
+                         f"{tuple(grad_kl.shape)} for a selection of {(B, Sq, K)}: want weights {(B, Sq, K)} "
+                         f"and a grad_kl that broadcasts to {(B, Sq)}")
+    return grad_kl.float().expand(B, Sq)
+
+
 # --------------------------------------------------------------------------------------------
 # Decoding over a paged cache
 # --------------------------------------------------------------------------------------------

@@ -115,7 +115,7 @@ def test_recomputation_computes_each_layers_kl_once(megatron_world, monkeypatch,
 
     backend = ops.backend("reference", torch.device("cpu"))  # the namespace the layers call
     calls = {"forward": 0, "backward": 0}
-    forward_kl, from_target = backend.sparse_indexer_kl, backend.sparse_indexer_kl_from_target
+    forward_kl, in_backward = backend.sparse_indexer_kl, backend.sparse_indexer_kl_and_grads
 
     def counted(key, fn):
         def wrapper(*args, **kwargs):
@@ -124,6 +124,6 @@ def test_recomputation_computes_each_layers_kl_once(megatron_world, monkeypatch,
         return wrapper
 
     monkeypatch.setattr(backend, "sparse_indexer_kl", counted("forward", forward_kl))
-    monkeypatch.setattr(backend, "sparse_indexer_kl_from_target", counted("backward", from_target))
+    monkeypatch.setattr(backend, "sparse_indexer_kl_and_grads", counted("backward", in_backward))
     _loss_and_grads("sparse", **RECOMPUTE[how])
     assert calls == {"forward": 0, "backward": 3}, calls

@@ -17,6 +17,8 @@
 * ``sparse_target_head_sum(q_main, kv, topk_idx, scale, lse=None)`` -> [B, Sq, K] and
   ``sparse_indexer_kl_from_target(q_idx, k_idx, w_idx, topk_idx, p)`` -> kl [B, Sq], autograd:
   the same KL in two steps, for a target summed over several TP ranks' heads
+* ``sparse_indexer_kl_and_grads(q_idx, k_idx, w_idx, topk_idx, p, grad_kl)`` -> (kl, dq_idx, dk_idx, dw_idx):
+  that KL's value and its gradients in one call, for a caller that has the gradient first
 * ``dense_indexer_kl(q_main, kv, q_idx, k_idx, w_idx, scale, topk, q_pos=None, k_pos=None, ..., q_doc=None,
   k_doc=None)``
   -> (kl, recall), autograd (blockwise PyTorch, analytic backward)
@@ -36,7 +38,8 @@ from ._common import available
 from .compact import compact_selection, expand_selection
 from .dense_attn import dense_attention, dense_mla_attention
 from .indexer import fp8_quantize, indexer_topk
-from .indexer_kl import dense_indexer_kl, sparse_indexer_kl, sparse_indexer_kl_from_target, sparse_target_head_sum
+from .indexer_kl import (dense_indexer_kl, sparse_indexer_kl, sparse_indexer_kl_and_grads, sparse_indexer_kl_from_target,
+                         sparse_target_head_sum)
 from .sparse_attn import sparse_mla_attention, sparse_mla_attention_backward
 
 __all__ = [
@@ -52,5 +55,6 @@ __all__ = [
     "sparse_indexer_kl",
     "sparse_target_head_sum",
     "sparse_indexer_kl_from_target",
+    "sparse_indexer_kl_and_grads",
     "dense_indexer_kl",
 ]
