@@ -182,9 +182,6 @@ def variants(stage: str, heads: int) -> list[tuple[str, KernelOptions]]:
         out += [(f"indexer_topk fp8 select_digit_bits={d}", KernelOptions(select_digit_bits=d)) for d in (5, 6, 8)]
         return out + [("indexer_topk fp8 select_digit_bits=5 select_max_registers=64",
                        KernelOptions(select_digit_bits=5, select_max_registers=64))]
-    if stage == "kl_in_bwd":  # training's KL in the attention's backward: value and gradients, one kernel or two
-        return [(f"kl and grads {'one kernel' if one else 'two kernels'}", KernelOptions(kl_one_kernel=one))
-                for one in (False, True)]
     if stage == "kl":  # the target kernel with the heads or the selected keys as the products' rows
         out = [(f"kl target {'keys' if rows else 'heads'} as rows {t}",
                 KernelOptions(kl_target_keys_rows=rows, kl_target=Tiles(*t)))
@@ -286,7 +283,6 @@ def run(heads, seqs, stages, reps, out_dir, only=(), profile=False, record=None,
             q, kv, qi, ki, wi, idx = inputs(S, H)
             gout = torch.randn(1, S, H, DV, device="cuda", dtype=torch.bfloat16)
             gkl = torch.full((1, S), 1.0 / S, device="cuda")
-            cache = {}
             for stage in stages:
                 ref = None
                 for i, (name, opt) in enumerate(variants(stage, H)):
@@ -316,15 +312,6 @@ def run(heads, seqs, stages, reps, out_dir, only=(), profile=False, record=None,
                             timed(row, fn)
                             got = [x.detach() for x in fn()]
                             del qm, keys
-                        elif stage == "kl_in_bwd":  # against the attention's head-summed target
-                            if "target" not in cache:
-                                lse = KN.sparse_mla_attention(q, kv, idx, DV, scale)[1]
-                                cache["target"] = KN.sparse_target_head_sum(q, kv, idx, scale, lse=lse)
-                                del lse
-                            fn = lambda: KN.sparse_indexer_kl_and_grads(qi, ki, wi, idx, cache["target"], gkl,  # noqa
-                                                                        options=opt)
-                            timed(row, fn)
-                            got = list(fn())
                         elif stage == "delta":
                             out = KN.sparse_mla_attention(q, kv, idx, DV, scale)[0]
                             fn = ((lambda: sparse_attn._rowwise_dot(gout, out)) if name == "delta kernel"
@@ -378,11 +365,10 @@ def run(heads, seqs, stages, reps, out_dir, only=(), profile=False, record=None,
                     torch.cuda.empty_cache()
                     keep(row)
             q = kv = qi = ki = wi = idx = gout = None
-            cache.clear()
     return rows
 
 
-STAGES = ("base", "topk", "select", "fwd", "bwd", "kl", "kl_in_bwd", "warmup_kl", "delta")
+STAGES = ("base", "topk", "select", "fwd", "bwd", "kl", "warmup_kl", "delta")
 
 
 def chosen_variants(text: str, stages: list[str], heads: list[int]) -> list[str]:

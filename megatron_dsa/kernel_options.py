@@ -77,12 +77,6 @@ class KernelOptions:
     (once per 64-head block); None: keys as rows above one 64-head block. That kernel serves the
     KL of a forward without gradients (evaluation); training takes the target from the sparse
     attention's backward.
-    kl_one_kernel: where the KL's gradient is known before its value (training takes the KL in
-    the sparse attention's backward), make a row's value and then its gradients in one program,
-    so that its selection, target and indexer keys are read again from cache and one row's
-    logits run beside another's atomic adds (``kl_fwd``'s keys a step for the value, ``kl_bwd``'s
-    tiles for the rest); else the forward's and the backward's kernels one after the other (None:
-    ``indexer_kl.KL_ONE_KERNEL``).
     attn_fwd / attn_bwd / attn_dkv / attn_scores / attn_dq_product / attn_dkv_product / kl_target /
     kl_fwd / kl_bwd: launch tiles of those kernels (attn_bwd: the one-kernel backward, or the split
     backward's recomputing dq kernel; attn_scores: the "stored_scores" form's kernel that makes
@@ -154,7 +148,6 @@ class KernelOptions:
     attn_bwd_split: Optional[bool] = None
     split_bwd: Optional[str] = None
     kl_target_keys_rows: Optional[bool] = None
-    kl_one_kernel: Optional[bool] = None
     attn_fwd: Optional[Tiles] = None
     attn_bwd: Optional[Tiles] = None
     attn_dkv: Optional[Tiles] = None
@@ -219,7 +212,7 @@ class KernelOptions:
         for name in ("compact_selection", "offload_selection"):
             if getattr(self, name) not in (True, False):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
-        for name in ("attn_bwd_split", "kl_target_keys_rows", "kl_one_kernel", "select_overlap"):
+        for name in ("attn_bwd_split", "kl_target_keys_rows", "select_overlap"):
             if getattr(self, name) not in (None, True, False):
                 raise ValueError(f"{name} must be true, false or null, got {getattr(self, name)!r}")
         for name in TILE_FIELDS:

@@ -78,11 +78,6 @@ def check_fits(H: int, D: int, HI: int, DI: int) -> None:
         tiles = L._kl_tiles(None, True, bwd, HIP * DIP)
         kernels.append((fn, dict(HI=HI, HIP=HIP, DI=DI, DIP=DIP, BK=tiles.BK, IEEE_I=False, UPCAST=False),
                         dict(num_warps=tiles.num_warps, num_stages=tiles.num_stages)))
-    # both in one kernel: the forward's keys a step for the value, the backward's launch
-    value, tiles = L._kl_tiles(None, True, False, HIP * DIP), L._kl_tiles(None, True, True, HIP * DIP)
-    kernels.append((L._kl_value_and_grads_kernel, dict(HI=HI, HIP=HIP, DI=DI, DIP=DIP, BKV=value.BK, BK=tiles.BK,
-                                                       IEEE_I=False, UPCAST=False),
-                    dict(num_warps=tiles.num_warps, num_stages=tiles.num_stages)))
     for fn, consts, options in kernels:
         # With the runtime's alignment hints: they let the compiler pipeline the KV tiles through
         # shared memory (without them the log-sum-exp kernel compiled to 139 KB at three stages
@@ -113,7 +108,7 @@ def _compiled_in_a_fresh_process(call: str, timeout: int = 600) -> str:
                          ids=["small", "671b", "671b_mha_form"])
 def test_kl_kernels_fit_an_h200(H, D, HI, DI):
     out = _compiled_in_a_fresh_process(f"check_fits({H}, {D}, {HI}, {DI})")
-    assert out.count("\n") == 6, out
+    assert out.count("\n") == 5, out
 
 
 def _pointers(fn) -> dict:

@@ -511,17 +511,16 @@ def test_sparse_kl_in_two_steps(dtype, with_lse):
     assert rel(R.sparse_indexer_kl_from_target(qi32, ki32, wi32, idx, scaled), kl_r) < 1e-5
 
 
-@pytest.mark.parametrize("one_kernel", [True, False])
 @pytest.mark.parametrize("B,S,HI,DI,topk,dtype,crowded", [
     (2, 33, 3, 16, 24, torch.float32, False),
     (1, 37, 5, 48, 40, torch.bfloat16, False),  # rows shorter than top-k, odd heads and dims
     (1, 29, 4, 32, 16, torch.float32, True),  # many rows add into the same few keys
     (1, 9, 64, 128, 8, torch.bfloat16, False),  # DeepSeek-V3.2's indexer, 64 x 128
 ])
-def test_sparse_kl_and_grads(B, S, HI, DI, topk, dtype, crowded, one_kernel):
+def test_sparse_kl_and_grads(B, S, HI, DI, topk, dtype, crowded):
     """The KL's value and gradients in one call (the attention's backward, which has the KL's
-    gradient first) equal the reference's autograd through ``sparse_indexer_kl_from_target``,
-    in one kernel and in the forward's and backward's two; a row with no key or no target weight
+    gradient first) equal the reference's autograd through ``sparse_indexer_kl_from_target``;
+    a row with no key or no target weight
     gives KL 0 (and the latter no gradient), no NaN."""
     if BIG:
         S, topk = S * 20, topk * 4
@@ -533,8 +532,7 @@ def test_sparse_kl_and_grads(B, S, HI, DI, topk, dtype, crowded, one_kernel):
     zero_row = min(2, S - 1)
     weights[0, zero_row] = 0.0  # keys but no target: KL 0 whatever the logits, so no gradient
     g = torch.randn(B, S, device=DEV)
-    opts = KernelOptions(kl_one_kernel=one_kernel)
-    kl, dq, dk, dw = K.sparse_indexer_kl_and_grads(qi, ki, wi, idx, weights, g, options=opts)
+    kl, dq, dk, dw = K.sparse_indexer_kl_and_grads(qi, ki, wi, idx, weights, g)
     assert float(kl[0, zero_row]) == 0.0 and not dq[0, zero_row].any() and not dw[0, zero_row].any()
     qi32, ki32, wi32 = _fp32_leaves(qi, ki, wi)
     kl_r, *grads_r = R.sparse_indexer_kl_and_grads(qi32, ki32, wi32, idx, weights, g)
@@ -545,7 +543,7 @@ def test_sparse_kl_and_grads(B, S, HI, DI, topk, dtype, crowded, one_kernel):
     for got, want, x in zip((dq, dk, dw), grads_r, (qi, ki, wi)):
         assert got.dtype == x.dtype and got.shape == x.shape and rel(got, want) < tol
     # a scalar gradient (or one of shape [1], as the layers pass it) is every row's
-    kl_s, *grads_s = K.sparse_indexer_kl_and_grads(qi, ki, wi, idx, weights, torch.tensor(0.5, device=DEV), options=opts)
+    kl_s, *grads_s = K.sparse_indexer_kl_and_grads(qi, ki, wi, idx, weights, torch.tensor([0.5], device=DEV))
     _, *grads_sr = R.sparse_indexer_kl_and_grads(qi32, ki32, wi32, idx, weights, torch.full((B, S), 0.5, device=DEV))
     assert rel(kl_s, kl) < 1e-6
     for got, want in zip(grads_s, grads_sr):

@@ -9,8 +9,9 @@
   indexer logits over the same keys and KL = sum p log p - sum p I + lse_I * sum p, with p
   renormalised (divided by its row sum, which the kernel adds up first from the row it then
   reads again from cache; the backward takes the forward's sums). The backward recomputes the
-  logits and pushes dI = g * (softmax(I) - p) into q_idx, w_idx (per program) and k_idx (fp32
-  atomic adds; the attention's L2-sized key ranges measured slower here: 89 -> 109 ms at 128K).
+  logits and pushes dI = g * (softmax(I) sum(p) - p) into q_idx, w_idx (per program) and k_idx
+  (fp32 atomic adds; the attention's L2-sized key ranges measured slower here: 89 -> 109 ms at
+  128K). sum(p) is 1 unless a row's weights sum below the floor KL_EPS.
 * Under tensor parallelism the two kernels run as two ops (``sparse_target_head_sum``, summed
   over the ranks' heads by the caller, then ``sparse_indexer_kl_from_target``).
 * ``dense_indexer_kl``: the fused Triton kernels of ``dense_kl`` for the KL (the default), or
@@ -224,11 +225,26 @@ if HAS_TRITON:
         return idx, valid, p, ki, _dot(qi, tl.trans(ki), IEEE_I, UPCAST)
 
     @triton.jit
-    def _kl_row(ib, pb, kib, s_kis, qi, wi, di, total, TOPK, Sk,
-                DI: tl.constexpr, BK: tl.constexpr, IEEE_I: tl.constexpr, UPCAST: tl.constexpr):
-        """One row's KL(p || softmax(I)) over its selected set and the lse of its logits I
-        (``total``: its target weights' sum)."""
+    def _kl_fwd_kernel(
+        QI, KI, WI, IDX, P, KL, LSEI, PSUM,
+        Sk, TOPK,
+        s_qib, s_qis, s_qih,
+        s_kib, s_kis,
+        s_wib, s_wis, s_wih,
+        s_ib, s_is,
+        s_lb, s_ls,
+        HI: tl.constexpr, HIP: tl.constexpr, DI: tl.constexpr, DIP: tl.constexpr,
+        BK: tl.constexpr, IEEE_I: tl.constexpr, UPCAST: tl.constexpr,
+    ):
+        # KL(p || softmax(I)) over the selected set, p = P / its row sum (P has IDX's strides).
+        t = tl.program_id(0).to(tl.int64)
+        b = tl.program_id(1).to(tl.int64)
+        ib = IDX + b * s_ib + t * s_is
+        pb = P + b * s_ib + t * s_is
+        total = _target_row_sum(ib, pb, TOPK, Sk, BK)
         psum_row = tl.maximum(total, _KL_EPS)
+        qi, wi, _, _, _, _, di = _indexer_row(QI, WI, b, t, s_qib, s_qis, s_qih, s_wib, s_wis, s_wih, HI, HIP, DI, DIP)
+        kib = KI + b * s_kib
         mI = float("-inf")
         lI = 0.0
         plogp = 0.0
@@ -250,55 +266,6 @@ if HAS_TRITON:
         hasI = lI > 0.0
         lseI = tl.where(hasI, mI + tl.log(tl.where(hasI, lI, 1.0)), float("-inf"))
         kl = tl.where(hasI, plogp - pI + tl.where(hasI, lseI, 0.0) * psum, 0.0)
-        return kl, lseI
-
-    @triton.jit
-    def _kl_row_grads(ib, pb, kib, s_kis, dkb, s_dks, qi, wi, di, total, lseI, g, TOPK, Sk,
-                      HIP: tl.constexpr, DI: tl.constexpr, DIP: tl.constexpr, BK: tl.constexpr,
-                      IEEE_I: tl.constexpr, UPCAST: tl.constexpr):
-        """One row's dI = g (softmax(I) sum(p) - p) pushed into its q and head weights (returned,
-        fp32) and into the selected keys' rows of DKI (fp32 atomic adds). sum(p) is 1 unless the
-        weights' ``total`` is below the floor (0 for a row of zeros, whose KL is 0 for any I)."""
-        psum_row = tl.maximum(total, _KL_EPS)
-        mass = tl.math.div_rn(total, psum_row)
-        lse_safe = tl.where(lseI == float("-inf"), float("inf"), lseI)
-        dq = tl.zeros((HIP, DIP), tl.float32)
-        dw = tl.zeros((HIP,), tl.float32)
-        for k0 in range(0, TOPK, BK):
-            idx, valid, p, ki, si = _selected_scores(ib, pb, k0, TOPK, Sk, kib, s_kis, qi, di, psum_row,
-                                                     DI, BK, IEEE_I, UPCAST)
-            r = tl.maximum(si, 0.0)
-            logit = tl.sum(r * wi[:, None], axis=0)
-            sm = tl.exp(logit - lse_safe)
-            dI = tl.where(valid, g * (sm * mass - p), 0.0)
-            dw += tl.sum(r * dI[None, :], axis=1)
-            dS = tl.where(si > 0.0, dI[None, :] * wi[:, None], 0.0).to(ki.dtype)
-            dq += _dot(dS, ki, IEEE_I, UPCAST)
-            dk = _dot(tl.trans(dS), qi, IEEE_I, UPCAST)
-            tl.atomic_add(dkb + idx[:, None] * s_dks + di[None, :], dk, mask=valid[:, None] & (di < DI)[None, :],
-                          sem="relaxed")
-        return dq, dw
-
-    @triton.jit
-    def _kl_fwd_kernel(
-        QI, KI, WI, IDX, P, KL, LSEI, PSUM,
-        Sk, TOPK,
-        s_qib, s_qis, s_qih,
-        s_kib, s_kis,
-        s_wib, s_wis, s_wih,
-        s_ib, s_is,
-        s_lb, s_ls,
-        HI: tl.constexpr, HIP: tl.constexpr, DI: tl.constexpr, DIP: tl.constexpr,
-        BK: tl.constexpr, IEEE_I: tl.constexpr, UPCAST: tl.constexpr,
-    ):
-        # KL(p || softmax(I)) over the selected set, p = P / its row sum (P has IDX's strides).
-        t = tl.program_id(0).to(tl.int64)
-        b = tl.program_id(1).to(tl.int64)
-        ib = IDX + b * s_ib + t * s_is
-        pb = P + b * s_ib + t * s_is
-        total = _target_row_sum(ib, pb, TOPK, Sk, BK)
-        qi, wi, _, _, _, _, di = _indexer_row(QI, WI, b, t, s_qib, s_qis, s_qih, s_wib, s_wis, s_wih, HI, HIP, DI, DIP)
-        kl, lseI = _kl_row(ib, pb, KI + b * s_kib, s_kis, qi, wi, di, total, TOPK, Sk, DI, BK, IEEE_I, UPCAST)
         tl.store(KL + b * s_lb + t * s_ls, kl)
         tl.store(LSEI + b * s_lb + t * s_ls, lseI)
         tl.store(PSUM + b * s_lb + t * s_ls, total)
@@ -317,7 +284,8 @@ if HAS_TRITON:
         BK: tl.constexpr, IEEE_I: tl.constexpr, UPCAST: tl.constexpr,
     ):
         # DQI/DWI: fp32 buffers with QI/WI's strides; P has IDX's strides, PSUM the forward's row
-        # sums of the target weights.
+        # sums of the target weights. dI = g (softmax(I) sum(p) - p): sum(p) is 1 unless the
+        # weights' sum is below the floor (0 for a row of zeros, whose KL is 0 for any I).
         t = tl.program_id(0).to(tl.int64)
         b = tl.program_id(1).to(tl.int64)
         qi, wi, qoff, qm, woff, jm, di = _indexer_row(QI, WI, b, t, s_qib, s_qis, s_qih, s_wib, s_wis, s_wih,
@@ -325,49 +293,32 @@ if HAS_TRITON:
         lseI = tl.load(LSEI + b * s_lb + t * s_ls)
         g = tl.load(GKL + b * s_lb + t * s_ls)
         total = tl.load(PSUM + b * s_lb + t * s_ls)
-        dq, dw = _kl_row_grads(IDX + b * s_ib + t * s_is, P + b * s_ib + t * s_is, KI + b * s_kib, s_kis,
-                               DKI + b * s_dkb, s_dks, qi, wi, di, total, lseI, g, TOPK, Sk,
-                               HIP, DI, DIP, BK, IEEE_I, UPCAST)
-        tl.store(DQI + qoff, dq, mask=qm)
-        tl.store(DWI + woff, dw, mask=jm)
-
-    @triton.jit
-    def _kl_value_and_grads_kernel(
-        QI, KI, WI, IDX, P, GKL, KL, DQI, DKI, DWI,
-        Sk, TOPK,
-        s_qib, s_qis, s_qih,
-        s_kib, s_kis,
-        s_wib, s_wis, s_wih,
-        s_ib, s_is,
-        s_lb, s_ls,
-        s_dkb, s_dks,
-        HI: tl.constexpr, HIP: tl.constexpr, DI: tl.constexpr, DIP: tl.constexpr,
-        BKV: tl.constexpr, BK: tl.constexpr, IEEE_I: tl.constexpr, UPCAST: tl.constexpr,
-    ):
-        # The two kernels above in one program a row, for a caller that has the KL's gradient
-        # (GKL) before its value: the row's selection, target and indexer keys, read by the
-        # value's pass (BKV slots a step), are read again from cache by the gradients' pass
-        # (BK), and one row's value pass runs beside another's atomic adds.
-        t = tl.program_id(0).to(tl.int64)
-        b = tl.program_id(1).to(tl.int64)
+        psum_row = tl.maximum(total, _KL_EPS)
+        mass = tl.math.div_rn(total, psum_row)
+        lse_safe = tl.where(lseI == float("-inf"), float("inf"), lseI)
         ib = IDX + b * s_ib + t * s_is
         pb = P + b * s_ib + t * s_is
         kib = KI + b * s_kib
-        total = _target_row_sum(ib, pb, TOPK, Sk, BKV)
-        qi, wi, qoff, qm, woff, jm, di = _indexer_row(QI, WI, b, t, s_qib, s_qis, s_qih, s_wib, s_wis, s_wih,
-                                                      HI, HIP, DI, DIP)
-        kl, lseI = _kl_row(ib, pb, kib, s_kis, qi, wi, di, total, TOPK, Sk, DI, BKV, IEEE_I, UPCAST)
-        tl.store(KL + b * s_lb + t * s_ls, kl)
-        g = tl.load(GKL + b * s_lb + t * s_ls)
-        dq, dw = _kl_row_grads(ib, pb, kib, s_kis, DKI + b * s_dkb, s_dks, qi, wi, di, total, lseI, g, TOPK, Sk,
-                               HIP, DI, DIP, BK, IEEE_I, UPCAST)
+        dkb = DKI + b * s_dkb
+        dq = tl.zeros((HIP, DIP), tl.float32)
+        dw = tl.zeros((HIP,), tl.float32)
+        for k0 in range(0, TOPK, BK):
+            idx, valid, p, ki, si = _selected_scores(ib, pb, k0, TOPK, Sk, kib, s_kis, qi, di, psum_row,
+                                                     DI, BK, IEEE_I, UPCAST)
+            r = tl.maximum(si, 0.0)
+            logit = tl.sum(r * wi[:, None], axis=0)
+            sm = tl.exp(logit - lse_safe)
+            dI = tl.where(valid, g * (sm * mass - p), 0.0)
+            dw += tl.sum(r * dI[None, :], axis=1)
+            dS = tl.where(si > 0.0, dI[None, :] * wi[:, None], 0.0).to(ki.dtype)
+            dq += _dot(dS, ki, IEEE_I, UPCAST)
+            dk = _dot(tl.trans(dS), qi, IEEE_I, UPCAST)
+            tl.atomic_add(dkb + idx[:, None] * s_dks + di[None, :], dk, mask=valid[:, None] & (di < DI)[None, :],
+                          sem="relaxed")
         tl.store(DQI + qoff, dq, mask=qm)
         tl.store(DWI + woff, dw, mask=jm)
 
 
-# The KL's value and gradients in one kernel where the caller has the gradient first
-# (KernelOptions.kl_one_kernel): not yet timed against the two kernels, which stay the default.
-KL_ONE_KERNEL = False
 SMALL_INDEXER = 16 * 64  # indexer heads x dims (padded) up to which the KL's forward takes longer key blocks
 
 
@@ -465,21 +416,14 @@ def _kl_forward(qi, ki, wi, idx, P, options: KernelOptions):
     return kl, lseI, psum
 
 
-def _kl_grad_buffers(qi, ki, wi):
-    """fp32 gradients with the inputs' strides (the kernels store at the inputs' offsets); the
-    keys' zeroed for the adds."""
-    dqi = torch.empty(qi.shape, dtype=torch.float32, device=qi.device)
-    dwi = torch.empty(wi.shape, dtype=torch.float32, device=qi.device)
-    dki = torch.zeros(ki.shape, dtype=torch.float32, device=qi.device)
-    assert dqi.stride() == qi.stride() and dwi.stride() == wi.stride()
-    return dqi, dki, dwi
-
-
 def _kl_backward(qi, ki, wi, idx, P, lseI, psum, gkl, options: KernelOptions):
     B, Sq, HI, DI = qi.shape
     K = idx.shape[-1]
     gkl = torch.empty_like(lseI).copy_(gkl)  # the kernel reads it with lseI's strides
-    dqi, dki, dwi = _kl_grad_buffers(qi, ki, wi)
+    dqi = torch.empty(qi.shape, dtype=torch.float32, device=qi.device)
+    dwi = torch.empty(wi.shape, dtype=torch.float32, device=qi.device)
+    dki = torch.zeros(ki.shape, dtype=torch.float32, device=qi.device)
+    assert dqi.stride() == qi.stride() and dwi.stride() == wi.stride()
     if not Sq:
         return dqi, dki, dwi
     HIP, DIP = next_pow2(HI, 16), next_pow2(DI, 16)
@@ -498,34 +442,6 @@ def _kl_backward(qi, ki, wi, idx, P, lseI, psum, gkl, options: KernelOptions):
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     return dqi, dki, dwi
-
-
-def _kl_value_and_grads(qi, ki, wi, idx, P, gkl, options: KernelOptions):
-    """(kl [B, Sq], dq, dk, dw in fp32) in one kernel: a row's value, then its gradients."""
-    B, Sq, HI, DI = qi.shape
-    K = idx.shape[-1]
-    kl = torch.empty(B, Sq, dtype=torch.float32, device=idx.device)
-    gkl = torch.empty_like(kl).copy_(gkl)  # the kernel reads it with kl's strides
-    dqi, dki, dwi = _kl_grad_buffers(qi, ki, wi)
-    if not Sq:
-        return kl, dqi, dki, dwi
-    HIP, DIP = next_pow2(HI, 16), next_pow2(DI, 16)
-    value = _kl_tiles(options.kl_fwd, qi.is_cuda, False, HIP * DIP)
-    tiles = _kl_tiles(options.kl_bwd, qi.is_cuda, True, HIP * DIP)
-    _kl_value_and_grads_kernel[(Sq, B)](
-        qi, ki, wi, idx, P, gkl, kl, dqi, dki, dwi,
-        ki.shape[1], K,
-        qi.stride(0), qi.stride(1), qi.stride(2),
-        ki.stride(0), ki.stride(1),
-        wi.stride(0), wi.stride(1), wi.stride(2),
-        idx.stride(0), idx.stride(1),
-        kl.stride(0), kl.stride(1),
-        dki.stride(0), dki.stride(1),
-        HI=HI, HIP=HIP, DI=DI, DIP=DIP,
-        BKV=value.BK, BK=tiles.BK, IEEE_I=is_fp32(qi, ki), UPCAST=interpreting(),
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
-    )
-    return kl, dqi, dki, dwi
 
 
 class SparseIndexerKL(torch.autograd.Function):
@@ -594,18 +510,15 @@ def sparse_indexer_kl_and_grads(q_idx, k_idx, w_idx, topk_idx, weights, grad_kl,
                                 options: KernelOptions = DEFAULT_OPTIONS):
     """Same contract as ``reference.sparse_indexer_kl_and_grads``: (kl [B, Sq], and the gradients
     of sum(grad_kl * kl) for q_idx, k_idx, w_idx in their dtypes), against target weights as
-    ``sparse_indexer_kl_from_target``'s. ``options.kl_one_kernel``: the value and the gradients
-    in one kernel (a row's gradients follow its value in the same program), else the forward's
-    and the backward's kernels one after the other."""
+    ``sparse_indexer_kl_from_target``'s: the forward's kernel, then the backward's. (Both in one
+    kernel, a row's gradients after its value in the same program, measured slower: 149 against
+    115 ms at 128K on an H100, benchmarks/results/h100/tune_dsa_kl_one_kernel_not_kept.json.)"""
     gkl = R.kl_grad_rows(topk_idx, weights, grad_kl)
     qi, ki, wi = q_idx.detach().contiguous(), k_idx.detach().contiguous(), w_idx.detach().contiguous()
     idx = selection(topk_idx)
     P = weights.detach().float().contiguous()
-    if KL_ONE_KERNEL if options.kl_one_kernel is None else options.kl_one_kernel:
-        kl, dqi, dki, dwi = _kl_value_and_grads(qi, ki, wi, idx, P, gkl, options)
-    else:
-        kl, lseI, psum = _kl_forward(qi, ki, wi, idx, P, options)
-        dqi, dki, dwi = _kl_backward(qi, ki, wi, idx, P, lseI, psum, gkl, options)
+    kl, lseI, psum = _kl_forward(qi, ki, wi, idx, P, options)
+    dqi, dki, dwi = _kl_backward(qi, ki, wi, idx, P, lseI, psum, gkl, options)
     return kl, dqi.to(q_idx.dtype), dki.to(k_idx.dtype), dwi.to(w_idx.dtype)
 
 
