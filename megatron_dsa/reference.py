@@ -840,9 +840,9 @@ def sparse_indexer_kl_and_grads(
     grad_kl: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``sparse_indexer_kl_from_target``'s kl [B, Sq] and, in the same call, the gradients of
-    sum(grad_kl * kl) for q_idx, k_idx and w_idx (``grad_kl``: [B, Sq] or what broadcasts to it): for a caller
-    that knows the KL's gradient before its value (the sparse attention's backward, which trains
-    the indexer), so that a backend may make both in one pass."""
+    sum(grad_kl * kl) for q_idx, k_idx and w_idx (``grad_kl``: [B, Sq] or what broadcasts to
+    it), for a caller that knows the KL's gradient before its value: the sparse attention's
+    backward, which trains the indexer there without building an autograd graph."""
     grad_rows = kl_grad_rows(topk_idx, weights, grad_kl)
     with torch.enable_grad():
         leaves = [x.detach().requires_grad_() for x in (q_idx, k_idx, w_idx)]
