@@ -520,8 +520,7 @@ def test_sparse_kl_in_two_steps(dtype, with_lse):
 def test_sparse_kl_and_grads(B, S, HI, DI, topk, dtype, crowded):
     """The KL's value and gradients in one call (the attention's backward, which has the KL's
     gradient first) equal the reference's autograd through ``sparse_indexer_kl_from_target``;
-    a row with no key or no target weight
-    gives KL 0 (and the latter no gradient), no NaN."""
+    a row with no key or no target weight gives KL 0 (and the latter no gradient), no NaN."""
     if BIG:
         S, topk = S * 20, topk * 4
     _, _, qi, ki, wi, idx = _sparse_kl_inputs(B, S, 1, 16, HI, DI, topk, dtype)
