@@ -119,12 +119,14 @@ def variants(stage: str, heads: int) -> list[tuple[str, KernelOptions]]:
                                                                        attn_dkv_product=Tiles(*t)))
                     for p, t in ((1, (64, 4, 3)), (1, (64, 8, 2)), (1, (32, 4, 3)), (4, (64, 4, 3)), (10, (64, 4, 3)),
                                  (16, (64, 4, 3)))]
-            # The dq product at 64 heads a program (the default: every head, 128 columns), or with 256
-            # columns (each token's selected rows gathered once per program; (64, 8, 3) spills there)
+            # The dq product at 64 heads a program (the default: every head), and its columns a
+            # program (the default 192: three programs a token, each reading the row's score
+            # gradients; 64 reads them nine times, 128 and 256 leave a half-masked group)
             out += [(f"stored_scores dq heads{h} cols{c} dq{t}",
                      KernelOptions(split_bwd="stored_scores", dq_product_heads=h, dq_product_columns=c,
                                    attn_dq_product=Tiles(*t)))
-                    for h, c, t in ((64, 256, (64, 8, 3)), (128, 256, (64, 8, 2)), (128, 256, (32, 8, 3)))]
+                    for h, c, t in ((64, 192, (64, 8, 3)), (128, 256, (64, 8, 2)), (128, 192, (64, 8, 2)),
+                                    (128, 64, (64, 8, 3)), (128, 192, (32, 8, 3)))]
             # The storing kernel's tiles: a gathered product over slices of the latent (q and dO
             # streamed from L2 instead of held whole: pipeline stages, more programs an SM)
             out += [(f"split stored_scores scores{t}", KernelOptions(split_bwd="stored_scores", attn_scores=Tiles(*t)))

@@ -13,6 +13,8 @@ from typing import Any, Optional
 DENSE_KL = ("fused", "blockwise")
 SPLIT_BWD = ("recompute", "stored_ds", "stored_scores")
 GLUON_CHOICES = ("auto", "triton", "gluon")  # a stage with a Gluon kernel beside its Triton one
+# the dq product's columns a program: up to four tiles of 16, 32 or 64 columns
+DQ_PRODUCT_COLUMN_CHOICES = (16, 32, 48, 64, 96, 128, 192, 256)
 # each such stage's choice and the tiles of its Triton kernel (the Gluon kernels' launches are fixed)
 GLUON_STAGES = {"attn_fwd_kernel": "attn_fwd", "attn_dkv_product_kernel": "attn_dkv_product"}
 TILE_FIELDS = ("attn_fwd", "attn_bwd", "attn_dkv", "attn_scores", "attn_dq_product", "attn_dkv_product", "kl_target",
@@ -122,10 +124,11 @@ class KernelOptions:
     (bound by the tensor cores); the scores are then double-buffered, two chunks of half the
     workspace each (None: on for CUDA tensors; without CUDA the same buffers alternate on one
     stream).
-    dq_product_columns / dkv_product_columns: q's value columns one program of the dq product makes,
-    the latent's value columns one program of the dkv product adds (powers of two >= 16; None: 256
-    (128 where a dq program takes 128 heads) and 128, which fit an SM's registers and shared
-    memory). dkv_product_heads: the heads one dkv product program sums before its adds (None: 128;
+    dq_product_columns: q's latent columns (values and rope alike) one program of the dq product
+    makes, as up to four tiles of 16, 32 or 64 (``DQ_PRODUCT_COLUMN_CHOICES``; None: 192, the
+    576-wide latent in three programs a token). dkv_product_columns: the latent's value columns one
+    program of the dkv product adds (a power of two >= 16; None: 128, which fits an SM's registers
+    and shared memory). dkv_product_heads: the heads one dkv product program sums before its adds (None: 128;
     more heads are added in groups of it). dq_product_heads: the heads one dq product program
     makes (None: 128; each program gathers its token's selected rows, so fewer programs a token
     gather them fewer times). scores_heads: the heads one program of the stored-scores kernel
@@ -200,8 +203,12 @@ class KernelOptions:
         d = self.select_digit_bits
         if d is not None and not (_count(d) and 5 <= d <= 8):
             raise ValueError(f"select_digit_bits must be an integer from 5 to 8 or null, got {d!r}")
-        for name in ("dq_product_columns", "dkv_product_columns", "dkv_product_heads", "dq_product_heads",
-                     "scores_heads", "dense_kl_rows"):
+        c = self.dq_product_columns
+        if c is not None and c not in DQ_PRODUCT_COLUMN_CHOICES:
+            raise ValueError(f"dq_product_columns must be one of {DQ_PRODUCT_COLUMN_CHOICES} (up to four tiles of "
+                             f"16, 32 or 64 columns) or null, got {c!r}")
+        for name in ("dkv_product_columns", "dkv_product_heads", "dq_product_heads", "scores_heads",
+                     "dense_kl_rows"):
             v = getattr(self, name)
             if v is not None and not (_count(v) and v >= 16 and not v & (v - 1)):
                 raise ValueError(f"{name} must be a power of two >= 16 or null, got {v!r}")

@@ -51,6 +51,7 @@ from megatron_dsa.model import SIZES, model_config
         (dict(mdsa_kernel_options={"split_bwd": "stored"}), "split_bwd must be one of"),
         (dict(mdsa_kernel_options={"attn_dkv_product": [48, 4, 3]}), "tiles.BK must be a power of two"),
         (dict(mdsa_kernel_options={"dkv_product_columns": 96}), "dkv_product_columns must be a power of two >= 16"),
+        (dict(mdsa_kernel_options={"dq_product_columns": 80}), "dq_product_columns must be one of"),
         (dict(mdsa_kernel_options={"dense_kl_rows": 8}), "dense_kl_rows must be a power of two >= 16"),
         (dict(mdsa_kernel_options={"scores_heads": 48}), "scores_heads must be a power of two >= 16"),
         (dict(mdsa_kernel_options={"dense_kl_span": 0}), "dense_kl_span must be a positive integer"),

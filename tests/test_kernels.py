@@ -908,13 +908,15 @@ def test_split_backward_form_and_key_ranges_by_default():
     assert key_passes(KernelOptions(key_passes=3), 1, S, D, "recompute", True) == 3
 
 
-@pytest.mark.parametrize("form", ["stored_ds", "stored_scores"])
+@pytest.mark.parametrize("form,dq_columns", [("stored_ds", 16), ("stored_scores", 16), ("stored_scores", 48),
+                                             ("stored_scores", 96)])
 @pytest.mark.parametrize("passes", [1, 3])
-def test_stored_scores_in_row_chunks(passes, form, monkeypatch):
+def test_stored_scores_in_row_chunks(passes, form, dq_columns, monkeypatch):
     """The split backward's stored score gradients (and probabilities), a chunk of rows at a time
     (ragged last chunk, two head blocks, value columns in two blocks plus the rope's, heads
     summed in two groups; the dq product's heads in two blocks of 64, or with key ranges in one
-    padded block of 128, its default):
+    padded block of 128, its default; its 48 columns in one tile a program, in three, or in two
+    of 32 with the last half past the latent):
     dq and dkv equal the reference's, with and without key-sorted ranges.
     Fresh buffers are NaN-filled, so a slot that no launch wrote and a product reads would show."""
     from megatron_dsa.kernels import sparse_attn
@@ -936,7 +938,7 @@ def test_stored_scores_in_row_chunks(passes, form, monkeypatch):
     g = torch.randn(B, S, H, V, device=DEV)
     options = KernelOptions(key_passes=passes, attn_bwd_split=True, split_bwd=form,
                             workspace_bytes=5 * B * H * topk * 4,  # stored rows: 5 per chunk
-                            dq_product_columns=16, dkv_product_columns=16, dkv_product_heads=64,
+                            dq_product_columns=dq_columns, dkv_product_columns=16, dkv_product_heads=64,
                             dq_product_heads=64 if passes == 1 else None)
     o, _ = K.sparse_mla_attention(q, kv, idx, V, D**-0.5, options=options)
     o_r, _ = R.sparse_mla_attention(q, kv, idx, V, D**-0.5)

@@ -460,35 +460,57 @@ if HAS_TRITON:
         stride_kb, stride_ks,
         stride_ib, stride_is,
         stride_qb, stride_qs, stride_qh,
-        HB: tl.constexpr, COL0: tl.constexpr, NCOL: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr,
+        HB: tl.constexpr, D: tl.constexpr, TW: tl.constexpr, NT: tl.constexpr, BK: tl.constexpr,
         EVEN_K: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     ):
-        # dq from the stored score gradients, one program per (token, head block, block of BD of
-        # q's NCOL columns from COL0): dq[t, h, c] = sum over the row's slots of ds[t, h, slot] *
-        # kv[idx[t, slot], c]. No recomputation; the accumulator is [HB, BD]. A token's programs
-        # are neighbours, so its gathered rows and score gradients are read from L2 again. Every
-        # slot of DS holds a value (0 where no key), so its tiles need the row mask alone.
+        # dq from the stored score gradients, one program per (token, head block, group of NT
+        # tiles of TW of q's D columns, values and rope alike): dq[t, h, c] = sum over the row's
+        # slots of ds[t, h, slot] * kv[idx[t, slot], c]. No recomputation; NT [HB, TW]
+        # accumulators. A token's programs are neighbours, so each one's read of the row's score
+        # gradients after the first comes from L2; fewer, wider groups read them fewer times.
+        # Every slot of DS holds a value (0 where no key), so its tiles need the row mask alone.
         pid = tl.program_id(0)
         t = t0 + pid // (NHB * NCB)
         r = pid % (NHB * NCB)
         h = (r // NCB) * HB + tl.arange(0, HB)
         hm = h < H
-        cb = (r % NCB) * BD + tl.arange(0, BD)
-        c = COL0 + cb
+        c0 = (r % NCB) * (NT * TW) + tl.arange(0, TW)
+        c1 = c0 + TW
+        c2 = c1 + TW
+        c3 = c2 + TW
         t = t.to(tl.int64)
         b = tl.program_id(1).to(tl.int64)
         ib = IDX + b * stride_ib + t * stride_is
         gb = DS + b * stride_gb + (t - t0) * stride_gs + h[:, None] * stride_gh
         kvb = KV + b * stride_kb
-        acc = tl.zeros((HB, BD), tl.float32)
+        EXACT: tl.constexpr = D % (NT * TW) == 0  # every group's columns exist: row masks alone
+        acc0 = tl.zeros((HB, TW), tl.float32)
+        acc1 = tl.zeros((HB, TW), tl.float32)
+        acc2 = tl.zeros((HB, TW), tl.float32)
+        acc3 = tl.zeros((HB, TW), tl.float32)
         for k0 in range(0, TOPK, BK):
             idx, valid, rowoff = _selected(ib, k0, TOPK, Sk, stride_ks, BK)
             kk = k0 + tl.arange(0, BK)
             ds = tl.load(gb + kk[None, :], mask=_cols(hm, kk, TOPK, EVEN_K), other=0.0)
-            rows = tl.load(kvb + (rowoff[:, None] + c[None, :]), mask=_tile_mask(valid, cb, NCOL, BD), other=0.0)
-            acc += _dot(ds, rows, IEEE, UPCAST)
-        qb = DQ + b * stride_qb + t * stride_qs + h[:, None] * stride_qh + c[None, :]
-        tl.store(qb, acc.to(DQ.dtype.element_ty), mask=_tile_mask(hm, cb, NCOL, BD))
+            acc0 += _dot(ds, tl.load(kvb + (rowoff[:, None] + c0[None, :]), mask=_cols(valid, c0, D, EXACT),
+                                     other=0.0), IEEE, UPCAST)
+            if NT > 1:
+                acc1 += _dot(ds, tl.load(kvb + (rowoff[:, None] + c1[None, :]), mask=_cols(valid, c1, D, EXACT),
+                                         other=0.0), IEEE, UPCAST)
+            if NT > 2:
+                acc2 += _dot(ds, tl.load(kvb + (rowoff[:, None] + c2[None, :]), mask=_cols(valid, c2, D, EXACT),
+                                         other=0.0), IEEE, UPCAST)
+            if NT > 3:
+                acc3 += _dot(ds, tl.load(kvb + (rowoff[:, None] + c3[None, :]), mask=_cols(valid, c3, D, EXACT),
+                                         other=0.0), IEEE, UPCAST)
+        qb = DQ + b * stride_qb + t * stride_qs + h[:, None] * stride_qh
+        tl.store(qb + c0[None, :], acc0.to(DQ.dtype.element_ty), mask=_cols(hm, c0, D, EXACT))
+        if NT > 1:
+            tl.store(qb + c1[None, :], acc1.to(DQ.dtype.element_ty), mask=_cols(hm, c1, D, EXACT))
+        if NT > 2:
+            tl.store(qb + c2[None, :], acc2.to(DQ.dtype.element_ty), mask=_cols(hm, c2, D, EXACT))
+        if NT > 3:
+            tl.store(qb + c3[None, :], acc3.to(DQ.dtype.element_ty), mask=_cols(hm, c3, D, EXACT))
 
 
     @triton.jit
@@ -626,8 +648,10 @@ def _tiles(chosen, on_gpu: bool, HB: int, kernel: str, D1: int = 512) -> Tiles:
         # Below 64 heads (16 or 32 product columns) 4 warps: 128K on an H100, the backward 338 ms
         # at 16 heads against 346 at 8 warps, 390 against 398 at 32 heads.
         return Tiles(128, 8, 3) if HB >= MAX_HEAD_BLOCK else Tiles(128, 4, 3)
-    if kernel == "dq_product":  # 128K x 128 heads, stored_ds backward: 1014 ms, (32, 8, 3) 1061
-        return Tiles(64, 8, 3)
+    if kernel == "dq_product":  # four 4096-row chunks at 64K on an H100 (tune_dq_product_grouped_64k.json):
+        # 128 heads 11.4 ms vs (64, 8, 3) 18.9 (162 registers either way, one program an SM); 64
+        # heads 7.4 vs (64, 8, 2) 7.7; 16 heads (64, 4, 3) 5.5 vs (64, 8, 3) 6.0, (64, 8, 2) 5.7
+        return Tiles(64, 8, 2) if HB > MAX_HEAD_BLOCK else Tiles(64, 8, 3) if HB == MAX_HEAD_BLOCK else Tiles(64, 4, 3)
     if kernel == "dkv_product":  # 128K x 128 heads, stored_scores backward: 984 ms, (64, 8, 2) 1055,
         return Tiles(64, 4, 3)  # (32, 4, 3) 1026
     # one kernel, 128K x 16 heads with 10 key ranges: 414 ms vs (32, 8, 2) 432, (16, 8, 2) 572
@@ -665,13 +689,18 @@ def sparse_attn_fwd(q, kv, idx, v_dim, scale, options: KernelOptions = DEFAULT_O
 
 L2_TARGET_BYTES = 32 << 20  # dkv bytes one pass keeps in L2 (the H200 has 60 MB in two halves)
 DKV_PRODUCT_RANGE_BYTES = 40 << 20  # the same for the dkv product, whose other operands stream past L2
-# Defaults of the product kernels' widths (``KernelOptions``): an [HB, 256] fp32 dq accumulator
-# stays in registers up to 64 heads a program, [128, 128] at 128 (each program gathers its
-# token's selected rows, so every head in one program gathers them once: 64K x 128 heads on an
-# H100, the backward's dq product 57.1 ms against 61.0 at 64 heads and 256 columns, 64.0 at 128
-# and 256 with two stages, as three spill; results/h100/tune_dsa_bwd_dq_heads_64k_128heads.json);
-# 128 heads' q and dO columns for 128 latent columns fit shared memory.
-DQ_PRODUCT_COLUMNS = 256
+# Defaults of the product kernels' widths (``KernelOptions``). A dq program takes every head up
+# to 128 (each program gathers its token's selected rows, so every head in one program gathers them
+# once: 64K x 128 heads on an H100, 57.1 ms against 61.0 at 64 heads a program;
+# results/h100/tune_dsa_bwd_dq_heads_64k_128heads.json) and 192 of the latent's columns, values and
+# rope alike: three programs a token read its score gradients where a launch of 256 (128 at 128
+# heads) value columns and one of the rope's read them three (five) times, the last from HBM. The
+# dq product alone, four 4096-row chunks at 64K on an H100
+# (results/h100/tune_dq_product_grouped_64k.json): 11.4 ms against 15.5 at 128 heads, 7.4 / 8.6 at
+# 64, 5.5 / 6.5 at 16; 32 heads 7.3 / 7.2. 128 and 256 columns leave a half-masked last group
+# (14.9-16.0 and 19.0 ms at 128 heads), 64 reads the scores nine times (15.1-15.4).
+# 128 heads' q and dO columns for 128 latent columns fit shared memory (the dkv product).
+DQ_PRODUCT_COLUMNS = 192
 DQ_PRODUCT_HEADS = 128
 DKV_PRODUCT_COLUMNS = 128
 DKV_PRODUCT_HEADS = 128
@@ -752,36 +781,44 @@ def key_segments(idx: torch.Tensor, Sk: int, passes: int, chunk_rows: Optional[i
 
 
 def dq_product_blocks(H: int, options: KernelOptions) -> tuple[int, int]:
-    """The dq product's heads a program (padded to a power of two) and value columns a program:
-    every head up to 128, 256 columns at up to 64 heads and 128 at 128 (the [128, 256] fp32
-    accumulator spills)."""
+    """The dq product's heads a program (padded to a power of two) and latent columns a program
+    (values and rope alike): every head up to 128, 192 columns (three 64-column tiles: the 576-wide
+    latent in three programs a token)."""
     HB = min(next_pow2(H, 16), options.dq_product_heads or DQ_PRODUCT_HEADS)
-    return HB, options.dq_product_columns or (DQ_PRODUCT_COLUMNS if HB <= MAX_HEAD_BLOCK else DQ_PRODUCT_COLUMNS // 2)
+    return HB, options.dq_product_columns or DQ_PRODUCT_COLUMNS
 
 
-def _dq_product(ds, kv, idx, dq, t0: int, t1: int, v_dim: int, options: KernelOptions, common: dict) -> None:
+def dq_product_tiles(columns: int) -> tuple[int, int]:
+    """A dq program's columns as (tile width, tiles): the widest power of two up to 64 that
+    divides them, at most four tiles (``KernelOptions`` checks the columns)."""
+    tw = 64
+    while columns % tw:
+        tw //= 2
+    return tw, columns // tw
+
+
+def _dq_product(ds, kv, idx, dq, t0: int, t1: int, options: KernelOptions, common: dict) -> None:
     """dq of rows t0..t1 from their stored score gradients ds (rows from t0): up to
-    ``options.dq_product_heads`` heads a program, the value columns in blocks of up to
-    ``options.dq_product_columns``, then the rope columns."""
+    ``options.dq_product_heads`` heads a program, the latent's columns (values and rope in one
+    launch) in groups of ``options.dq_product_columns``."""
     B, _, H, D = dq.shape
-    DR, D1, D2 = _dims(D, v_dim)
     HB, columns = dq_product_blocks(H, options)
+    TW, NT = dq_product_tiles(columns)
+    NT = min(NT, triton.cdiv(D, TW))  # a narrow latent needs fewer tiles
     NHB = triton.cdiv(H, HB)
+    ncb = triton.cdiv(D, NT * TW)
     tiles = _tiles(options.attn_dq_product, dq.is_cuda, HB, "dq_product")
-    parts = [(0, v_dim, min(D1, columns))] + ([(v_dim, DR, D2)] if DR > 0 else [])
-    for col0, ncol, BD in parts:
-        ncb = triton.cdiv(ncol, BD)
-        _sparse_dq_product_kernel[((t1 - t0) * NHB * ncb, B)](
-            ds, kv, idx, dq,
-            kv.shape[1], idx.shape[-1], NHB, ncb, H, t0,
-            ds.stride(0), ds.stride(1), ds.stride(2),
-            kv.stride(0), kv.stride(1),
-            idx.stride(0), idx.stride(1),
-            dq.stride(0), dq.stride(1), dq.stride(2),
-            HB=HB, COL0=col0, NCOL=ncol, BD=BD, BK=tiles.BK, EVEN_K=idx.shape[-1] % tiles.BK == 0,
-            IEEE=common["IEEE"], UPCAST=common["UPCAST"],
-            num_warps=tiles.num_warps, num_stages=tiles.num_stages,
-        )
+    _sparse_dq_product_kernel[((t1 - t0) * NHB * ncb, B)](
+        ds, kv, idx, dq,
+        kv.shape[1], idx.shape[-1], NHB, ncb, H, t0,
+        ds.stride(0), ds.stride(1), ds.stride(2),
+        kv.stride(0), kv.stride(1),
+        idx.stride(0), idx.stride(1),
+        dq.stride(0), dq.stride(1), dq.stride(2),
+        HB=HB, D=D, TW=TW, NT=NT, BK=tiles.BK, EVEN_K=idx.shape[-1] % tiles.BK == 0,
+        IEEE=common["IEEE"], UPCAST=common["UPCAST"],
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+    )
 
 
 def _dkv_product(ds, p, q, dout, idx, seg, dkv, t0: int, t1: int, pass_id: int, passes: int, v_dim: int,
@@ -969,7 +1006,7 @@ def sparse_attn_bwd(q, kv, idx, out, lse, dout, v_dim, scale, options: KernelOpt
                 for p in range(passes):
                     dkv_kernel(t0, t1, p, passes)
             if stored:
-                _dq_product(ds, kv, idx, dq, t0, t1, v_dim, options, common)
+                _dq_product(ds, kv, idx, dq, t0, t1, options, common)
         return results(dq)
     if passes == 1:
         dq = torch.empty_like(q)
