@@ -648,10 +648,12 @@ def _tiles(chosen, on_gpu: bool, HB: int, kernel: str, D1: int = 512) -> Tiles:
         # Below 64 heads (16 or 32 product columns) 4 warps: 128K on an H100, the backward 338 ms
         # at 16 heads against 346 at 8 warps, 390 against 398 at 32 heads.
         return Tiles(128, 8, 3) if HB >= MAX_HEAD_BLOCK else Tiles(128, 4, 3)
-    if kernel == "dq_product":  # four 4096-row chunks at 64K on an H100 (tune_dq_product_grouped_64k.json):
-        # 128 heads 11.4 ms vs (64, 8, 3) 18.9 (162 registers either way, one program an SM); 64
-        # heads 7.4 vs (64, 8, 2) 7.7; 16 heads (64, 4, 3) 5.5 vs (64, 8, 3) 6.0, (64, 8, 2) 5.7
-        return Tiles(64, 8, 2) if HB > MAX_HEAD_BLOCK else Tiles(64, 8, 3) if HB == MAX_HEAD_BLOCK else Tiles(64, 4, 3)
+    if kernel == "dq_product":  # on an H100: 128 heads, four 4096-row chunks at 64K alone, 11.4 ms vs
+        # (64, 8, 3) 18.9 (162 registers either way, one program an SM; tune_dq_product_grouped_64k.json);
+        # the whole backward at 128K (tune_dq_product_in_backward_128k.json): 64 heads 474 ms vs
+        # (64, 8, 2) 477; 32 heads 385.8 vs (64, 8, 3) 388.1, (64, 4, 3) 386.7; 16 heads 331.8 vs
+        # (64, 8, 3) 333.4, (64, 4, 3) 349.1 (which the product alone had fastest)
+        return Tiles(64, 8, 3) if HB == MAX_HEAD_BLOCK else Tiles(64, 8, 2)
     if kernel == "dkv_product":  # 128K x 128 heads, stored_scores backward: 984 ms, (64, 8, 2) 1055,
         return Tiles(64, 4, 3)  # (32, 4, 3) 1026
     # one kernel, 128K x 16 heads with 10 key ranges: 414 ms vs (32, 8, 2) 432, (16, 8, 2) 572
@@ -698,7 +700,9 @@ DKV_PRODUCT_RANGE_BYTES = 40 << 20  # the same for the dkv product, whose other 
 # dq product alone, four 4096-row chunks at 64K on an H100
 # (results/h100/tune_dq_product_grouped_64k.json): 11.4 ms against 15.5 at 128 heads, 7.4 / 8.6 at
 # 64, 5.5 / 6.5 at 16; 32 heads 7.3 / 7.2. 128 and 256 columns leave a half-masked last group
-# (14.9-16.0 and 19.0 ms at 128 heads), 64 reads the scores nine times (15.1-15.4).
+# (14.9-16.0 and 19.0 ms at 128 heads), 64 reads the scores nine times (15.1-15.4). The whole
+# backward at 128K (results/h100/tune_dq_product_in_backward_128k.json): 64 heads 474 against
+# 484 ms, 32 heads 385.8 / 393.0, 16 heads 331.8 / 340.9.
 # 128 heads' q and dO columns for 128 latent columns fit shared memory (the dkv product).
 DQ_PRODUCT_COLUMNS = 192
 DQ_PRODUCT_HEADS = 128
