@@ -125,7 +125,7 @@ def variants(stage: str, heads: int) -> list[tuple[str, KernelOptions]]:
             out += [(f"stored_scores dq heads{h} cols{c} dq{t}",
                      KernelOptions(split_bwd="stored_scores", dq_product_heads=h, dq_product_columns=c,
                                    attn_dq_product=Tiles(*t)))
-                    for h, c, t in ((64, 192, (64, 8, 3)), (128, 256, (64, 8, 2)), (128, 192, (64, 8, 2)),
+                    for h, c, t in ((64, 192, (64, 8, 3)), (128, 256, (64, 8, 2)), (128, 192, (64, 8, 3)),
                                     (128, 64, (64, 8, 3)), (128, 192, (32, 8, 3)))]
             # The storing kernel's tiles: a gathered product over slices of the latent (q and dO
             # streamed from L2 instead of held whole: pipeline stages, more programs an SM)
@@ -154,6 +154,10 @@ def variants(stage: str, heads: int) -> list[tuple[str, KernelOptions]]:
         out += [(f"split stored_scores scores{t}", KernelOptions(attn_bwd_split=True, split_bwd="stored_scores",
                                                                   attn_scores=Tiles(*t)))
                 for t in ((64, 4, 3), (128, 4, 3), (64, 8, 3))]
+        # the dq product's tiles below 64 heads (the default (64, 8, 2))
+        out += [(f"split stored_scores dq{t}", KernelOptions(attn_bwd_split=True, split_bwd="stored_scores",
+                                                              attn_dq_product=Tiles(*t)))
+                for t in ((64, 8, 3), (64, 4, 3))]
         out += [(f"fused p10 {t}", KernelOptions(key_passes=10, attn_bwd_split=False, attn_bwd=Tiles(*t)))
                 for t in ((16, 8, 2), (32, 8, 3))]
         # a narrow latent (the small models' 160 = 128 + 32) leaves 8 warps little to share
