@@ -126,10 +126,10 @@ class KernelOptions:
     stream).
     dq_product_columns: q's latent columns (values and rope alike) one program of the dq product
     makes, as up to four tiles of 16, 32 or 64 (``DQ_PRODUCT_COLUMN_CHOICES``; None: 192, the
-    576-wide latent in three programs a token). dkv_product_columns: the latent's value columns one
-    program of the dkv product adds (a power of two >= 16; None: 128, which fits an SM's registers
-    and shared memory). dkv_product_heads: the heads one dkv product program sums before its adds (None: 128;
-    more heads are added in groups of it). dq_product_heads: the heads one dq product program
+    576-wide latent in three programs a token). dkv_product_columns: the latent's value columns
+    one program of the dkv product adds (a power of two >= 16; None: 128, which fits an SM's
+    registers and shared memory). dkv_product_heads: the heads one dkv product program sums
+    before its adds (None: 128; more heads are added in groups of it). dq_product_heads: the heads one dq product program
     makes (None: 128; each program gathers its token's selected rows, so fewer programs a token
     gather them fewer times). scores_heads: the heads one program of the stored-scores kernel
     takes as its products' columns (None: 64, two programs an SM; more take more registers and

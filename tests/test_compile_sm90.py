@@ -136,7 +136,7 @@ def check_sparse(HB: int, DV: int = 512, DR: int = 64) -> None:
         keys_rows = {k: v for k, v in target.items() if k != "HB"}
         heads = HB if HB < A.MAX_HEAD_BLOCK else 2 * HB  # the products' heads: all of them (128 at 64-head blocks)
         dq_heads, dq_columns = A.dq_product_blocks(heads, KernelOptions())
-        dq_tw, dq_nt = A.dq_product_tiles(dq_columns)
+        dq_tw, dq_nt = A.dq_product_tiles(dq_columns, DV + DR)
         product = dict(HB=dq_heads, EVEN_K=True, IEEE=False, UPCAST=False)
         tiles_product = A._tiles(None, True, dq_heads, "dq_product")
         dkv_product = dict(HC=heads, PASSES=1, EVEN_K=True, IEEE=False, UPCAST=False)
@@ -155,8 +155,7 @@ def check_sparse(HB: int, DV: int = 512, DR: int = 64) -> None:
                      dict(dkv_product, COL0=0, NCOL=DV, BC=A.DKV_PRODUCT_COLUMNS, HAS_DO=True), tiles_dkv_product),
                     (A._sparse_dkv_product_kernel, dict(dkv_product, COL0=DV, NCOL=DR, BC=DR, HAS_DO=False),
                      tiles_dkv_product),
-                    (A._sparse_dq_product_kernel, dict(product, D=DV + DR, TW=dq_tw, NT=min(dq_nt, -(-(DV + DR) // dq_tw))),
-                     tiles_product),
+                    (A._sparse_dq_product_kernel, dict(product, D=DV + DR, TW=dq_tw, NT=dq_nt), tiles_product),
                     (L._target_keys_kernel, dict(keys_rows, HN=L.KEYS_ROWS_HEADS), L._target_tiles(None, True, True, HB))]
     if HB < A.MAX_HEAD_BLOCK:  # the one-kernel backward: the default on a narrow latent, or when set
         kernels.append((A._sparse_bwd_kernel, dict(dims, PASSES=8, FIRST=False, HEAD_SUM=True),

@@ -792,13 +792,14 @@ def dq_product_blocks(H: int, options: KernelOptions) -> tuple[int, int]:
     return HB, options.dq_product_columns or DQ_PRODUCT_COLUMNS
 
 
-def dq_product_tiles(columns: int) -> tuple[int, int]:
+def dq_product_tiles(columns: int, D: int) -> tuple[int, int]:
     """A dq program's columns as (tile width, tiles): the widest power of two up to 64 that
-    divides them, at most four tiles (``KernelOptions`` checks the columns)."""
+    divides them, at most four tiles (``KernelOptions`` checks the columns), no more than a
+    D-wide latent needs."""
     tw = 64
     while columns % tw:
         tw //= 2
-    return tw, columns // tw
+    return tw, min(columns // tw, triton.cdiv(D, tw))
 
 
 def _dq_product(ds, kv, idx, dq, t0: int, t1: int, options: KernelOptions, common: dict) -> None:
@@ -807,8 +808,7 @@ def _dq_product(ds, kv, idx, dq, t0: int, t1: int, options: KernelOptions, commo
     launch) in groups of ``options.dq_product_columns``."""
     B, _, H, D = dq.shape
     HB, columns = dq_product_blocks(H, options)
-    TW, NT = dq_product_tiles(columns)
-    NT = min(NT, triton.cdiv(D, TW))  # a narrow latent needs fewer tiles
+    TW, NT = dq_product_tiles(columns, D)
     NHB = triton.cdiv(H, HB)
     ncb = triton.cdiv(D, NT * TW)
     tiles = _tiles(options.attn_dq_product, dq.is_cuda, HB, "dq_product")
