@@ -444,6 +444,13 @@ def _kl_backward(qi, ki, wi, idx, P, lseI, psum, gkl, options: KernelOptions):
     return dqi, dki, dwi
 
 
+def _kl_inputs(q_idx, k_idx, w_idx, topk_idx):
+    """The sparse KL kernels' indexer inputs, detached and contiguous, and the selection as int32
+    (kept for the backward: half of int64's bytes)."""
+    return (q_idx.detach().contiguous(), k_idx.detach().contiguous(), w_idx.detach().contiguous(),
+            selection(topk_idx))
+
+
 class SparseIndexerKL(torch.autograd.Function):
     """The sparse KL against p = P / its row sum: P is the head sum of the main attention over the
     set (built from q_main, kv, scale, ``lse`` optional) or given target weights."""
@@ -452,8 +459,7 @@ class SparseIndexerKL(torch.autograd.Function):
     def forward(ctx, q_main, kv, q_idx, k_idx, w_idx, topk_idx, scale, lse, target, options):
         B, Sq = topk_idx.shape[:2]
         K = topk_idx.shape[-1]
-        qi, ki, wi = q_idx.detach().contiguous(), k_idx.detach().contiguous(), w_idx.detach().contiguous()
-        idx = selection(topk_idx)  # int32: kept for the backward, half of int64's bytes
+        qi, ki, wi, idx = _kl_inputs(q_idx, k_idx, w_idx, topk_idx)
         if target is None:
             P = _head_sum(q_main.detach().contiguous(), kv.detach().contiguous(), idx, scale, lse, options)
         else:
@@ -514,8 +520,7 @@ def sparse_indexer_kl_and_grads(q_idx, k_idx, w_idx, topk_idx, weights, grad_kl,
     kernel, a row's gradients after its value in the same program, measured slower: 149 against
     115 ms at 128K on an H100, benchmarks/results/h100/tune_dsa_kl_one_kernel_not_kept.json.)"""
     gkl = R.kl_grad_rows(topk_idx, weights, grad_kl)
-    qi, ki, wi = q_idx.detach().contiguous(), k_idx.detach().contiguous(), w_idx.detach().contiguous()
-    idx = selection(topk_idx)
+    qi, ki, wi, idx = _kl_inputs(q_idx, k_idx, w_idx, topk_idx)
     P = weights.detach().float().contiguous()
     kl, lseI, psum = _kl_forward(qi, ki, wi, idx, P, options)
     dqi, dki, dwi = _kl_backward(qi, ki, wi, idx, P, lseI, psum, gkl, options)
