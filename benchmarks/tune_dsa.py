@@ -180,6 +180,8 @@ def variants(stage: str, heads: int) -> list[tuple[str, KernelOptions]]:
         out = [(f"indexer_topk fp8 select_overlap={o} select_max_registers={m}",
                 KernelOptions(select_overlap=o, select_max_registers=m))
                for o, m in ((True, None), (False, None), (True, 64))]
+        # the sampled bound's keys between samples (0: the runs' bound alone)
+        out += [(f"indexer_topk fp8 select_sample={n}", KernelOptions(select_sample=n)) for n in (0, 16, 64)]
         # fewer warps a row: no barriers across warps, more rows in flight an SM
         out += [(f"indexer_topk fp8 select_overlap=True select{t}", KernelOptions(select=Tiles(*t)))
                 for t in ((256, 1, 1), (512, 1, 1), (512, 2, 1), (1024, 4, 1))]

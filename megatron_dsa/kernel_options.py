@@ -95,6 +95,12 @@ class KernelOptions:
     select_runs: keys per run whose largest score the indexer's scoring keeps, so that the top-k
     selection bounds its threshold from the runs' maxima and passes over each row once (0: no
     bound, three passes; None: the measured default, ``kernels.indexer``).
+    select_sample: keys between the samples (every n-th key of a row) whose large values bound
+    the selection's threshold from below on the rows where the runs' bound lists more than
+    ``select_cap`` keys: where the top-k crowds together (a recency bias), the runs' bound is
+    loose and the sample's is not, so those rows list their candidates from the runs again
+    instead of passing over the whole row (0: no sample; None: the measured default,
+    ``kernels.indexer``).
     select_cap: keys a row's candidate list holds (those at or above the runs' bound, or those
     sharing the threshold's top bits) before the selection passes over the row again instead
     (0: always the passes; None: the default, ``kernels.indexer``).
@@ -165,6 +171,7 @@ class KernelOptions:
     score: Optional[Tiles] = None
     select: Optional[Tiles] = None
     select_runs: Optional[int] = None
+    select_sample: Optional[int] = None
     select_cap: Optional[int] = None
     select_max_registers: Optional[int] = None
     select_digit_bits: Optional[int] = None
@@ -195,6 +202,8 @@ class KernelOptions:
         r = self.select_runs
         if r is not None and (not _count(r) or r & (r - 1)):
             raise ValueError(f"select_runs must be 0, a power of two or null, got {r!r}")
+        if self.select_sample is not None and not _count(self.select_sample):
+            raise ValueError(f"select_sample must be an integer >= 0 or null, got {self.select_sample!r}")
         if self.select_cap is not None and not _count(self.select_cap):
             raise ValueError(f"select_cap must be an integer >= 0 or null, got {self.select_cap!r}")
         m = self.select_max_registers

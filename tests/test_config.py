@@ -41,6 +41,7 @@ from megatron_dsa.model import SIZES, model_config
         (dict(mdsa_fp8_indexer=1), "mdsa_fp8_indexer must be true or false"),
         (dict(mdsa_kernel_options={"select_runs": 3}), "select_runs must be 0, a power of two or null"),
         (dict(mdsa_kernel_options={"select_cap": -1}), "select_cap must be an integer >= 0 or null"),
+        (dict(mdsa_kernel_options={"select_sample": -4}), "select_sample must be an integer >= 0 or null"),
         (dict(mdsa_kernel_options={"select_max_registers": 8}), "select_max_registers must be an integer from 16"),
         (dict(mdsa_kernel_options={"select_max_registers": 64.0}), "select_max_registers must be an integer from 16"),
         (dict(mdsa_kernel_options={"select_overlap": "yes"}), "select_overlap must be true, false or null"),

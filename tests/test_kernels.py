@@ -195,22 +195,26 @@ def test_selection_overlapping_the_next_chunks_scoring_selects_the_same():
     check_topk(got, R.indexer_topk(q, k, w, topk), R.indexer_scores(q, k, w), mask, 1e-4)
 
 
-@pytest.mark.parametrize("cap,group,bits", [(0, 2, None), (2, 2, None), (4096, 0, None), (4096, 2, None), (36, 2, None),
-                                            (0, 2, 5), (4096, 2, 8), (36, 2, 6)])
-def test_indexer_topk_selection_paths(cap, group, bits):
+@pytest.mark.parametrize("cap,group,bits,sample", [
+    (0, 2, None, None), (2, 2, None, None), (4096, 0, None, None), (4096, 2, None, None), (36, 2, None, None),
+    (0, 2, 5, None), (4096, 2, 8, None), (36, 2, 6, None),
+    (4096, 2, None, 0), (36, 2, None, 0), (4096, 0, None, 0), (4096, 2, None, 2), (36, 0, None, 8)])
+def test_indexer_topk_selection_paths(cap, group, bits, sample):
     """Every selection path equals the reference: the threshold resolved from the keys at or
-    above the run maxima's bound (group > 0, cap large: long rows; cap 36: the rows whose list
-    fits), from the listed keys sharing its top bits (group 0, or short rows),
-    from more row passes (cap 0), or per row either way (cap 2: random rows fit, rows with
-    crowded ties do not); with the default 7-bit digits and 5-, 6- and 8-bit ones (the last
-    digit is what is left of the 32 bits).  ``ordered=False`` returns the same sets, each row in key
-    order (-1 last) on every path: the attention's backward takes such rows without sorting them."""
+    above a sample's bound (sample > 0; listed from the runs whose maximum reaches it, or from
+    the row with group 0) or the run maxima's bound (group > 0, cap large: long rows; cap 36:
+    the rows whose list fits), from the listed keys sharing its top bits (group 0, or short
+    rows), from more row passes (cap 0), or per row either way (cap 2: random rows fit, rows
+    with crowded ties do not); with the default 7-bit digits and 5-, 6- and 8-bit ones (the
+    last digit is what is left of the 32 bits).  ``ordered=False`` returns the same sets, each
+    row in key order (-1 last) on every path: the attention's backward takes such rows without
+    sorting them."""
     S, HI, DI, topk = (2000, 8, 64, 256) if BIG else (90, 3, 16, 24)
     q = torch.randn(2, S, HI, DI, device=DEV)
     k = torch.randn(2, S, DI, device=DEV)
     k[1, S // 3 :] = k[1, : S - S // 3].clone()  # batch 1: keys repeat: exact ties at the threshold
     w = torch.randn(2, S, HI, device=DEV)
-    opts = KernelOptions(select_runs=group, select_cap=cap, select_digit_bits=bits)
+    opts = KernelOptions(select_runs=group, select_cap=cap, select_digit_bits=bits, select_sample=sample)
     got = K.indexer_topk(q, k, w, topk, options=opts)
     ref = R.indexer_topk(q, k, w, topk)
     mask = R.causal_mask(torch.arange(S, device=DEV), torch.arange(S, device=DEV))
@@ -221,6 +225,38 @@ def test_indexer_topk_selection_paths(cap, group, bits):
     assert bool((keys[..., 1:] >= keys[..., :-1]).all()), "unordered rows are not in key order"
     packed = K.compact_selection(unordered, S)  # what a training step keeps for its backward
     assert packed is not None and torch.equal(K.expand_selection(*packed), unordered)
+
+
+@pytest.mark.parametrize("group", [2, 0])
+def test_selection_checks_its_sampled_bound(group):
+    """A sample unlike its row: every 4th key's score is 10x (positive weights, so relu scales
+    it), so the sampled keys crowd the top and the sample's bound lies above the threshold
+    (fewer than top-k keys reach it). The selection must notice and take the row's passes: the
+    same top-k as the reference. Rows whose scores rise with the key's position (the top-k
+    crowded at the recent end, where the runs' bound is loosest) too."""
+    S, HI, DI, topk = (2000, 8, 64, 256) if BIG else (90, 3, 16, 24)
+    q = torch.randn(1, S, HI, DI, device=DEV)
+    k = torch.randn(1, S, DI, device=DEV)
+    k[0, ::4] *= 10.0
+    w = torch.rand(1, S, HI, device=DEV) + 0.1
+    # A cap below top-k: the runs' list always passes it, so every long row tries the sample.
+    opts = KernelOptions(select_runs=group, select_sample=4, select_cap=topk - 1)
+    mask = R.causal_mask(torch.arange(S, device=DEV), torch.arange(S, device=DEV))
+    check_topk(K.indexer_topk(q, k, w, topk, options=opts), R.indexer_topk(q, k, w, topk),
+               R.indexer_scores(q, k, w), mask, 1e-4)
+    # Scores that rise with the key's position (q = e0, w = 1: a key's score is its k[0]),
+    # the top-k crowded at the recent end: the runs' bound lists about 200 keys of a long row,
+    # past the cap, and the sample's (every other key) about 145, which the selection takes.
+    S, topk = 260, 100
+    q = torch.zeros(1, S, 1, DI, device=DEV)
+    q[..., 0] = 1.0
+    k = torch.zeros(1, S, DI, device=DEV)
+    k[0, :, 0] = torch.arange(S, device=DEV) + 5.0 + 3.0 * torch.randn(S, device=DEV)
+    w = torch.ones(1, S, 1, device=DEV)
+    opts = KernelOptions(select_runs=group, select_sample=2, select_cap=170)
+    mask = R.causal_mask(torch.arange(S, device=DEV), torch.arange(S, device=DEV))
+    check_topk(K.indexer_topk(q, k, w, topk, options=opts), R.indexer_topk(q, k, w, topk),
+               R.indexer_scores(q, k, w), mask, 1e-4)
 
 
 def test_indexer_topk_refuses_runs_that_split_a_scoring_tile_before_any_compute(monkeypatch):

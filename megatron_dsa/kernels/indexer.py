@@ -13,10 +13,15 @@ Design (chosen for correctness first, then measured, see benchmarks/NOTES.md):
   (about top-k of them) can hold a key that does: a pass over the maxima lists those runs, one
   pass over their keys lists the few keys at or above the bound (about top-k on a long row),
   and the threshold is resolved from that list: the top digits' passes and one more over the
-  run maxima, and one over about top-k x G keys, not the row.  Short rows, and rows whose list
-  passes CAP, take the general path: histogram passes over the row fix the threshold's top bits
-  (about 16); another lists the few keys that share them, whose low digits are resolved from
-  that list, and a last pass over the row takes the selected keys.  Keys equal to the
+  run maxima, and one over about top-k x G keys, not the row.  Where the top-k crowds together
+  (a recency bias) the runs' bound is loose and its list passes CAP; such rows bound the
+  threshold from a sample instead: the ``select_sample_rank``-th largest of every
+  ``select_sample``-th key (32) is below the threshold on all but about one row in a thousand
+  (checked: at least top-k keys must reach it), and its list is made from the runs the same
+  way.  Short rows, and rows whose lists pass CAP, take the general path: histogram passes
+  over the row fix the threshold's top bits (about 16); another lists the few keys that share
+  them, whose low digits are resolved from that list, and a last pass over the row takes the
+  selected keys.  Keys equal to the
   threshold are taken in key-index order (ties toward the smaller index, as the reference's
   stable sort); -1 pads past the eligible count.  Either way a row lists its keys in key
   order, which the attention's backward uses (its key ranges need no sort).  The selected
@@ -30,6 +35,7 @@ read back), so writing a chunk of scores costs a few percent of the scoring time
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Optional
 
 import torch
@@ -62,12 +68,25 @@ SELECT_CAP_INTERPRETER = 64
 # interpreter, so that its short rows hold top-k runs.
 SELECT_RUNS = 8
 SELECT_RUNS_INTERPRETER = 2
+# Keys between the samples whose select_sample_rank-th largest bounds the threshold from below
+# where the runs' bound lists more than CAP keys (KernelOptions.select_sample overrides; 0 = no
+# sample). Dense in the interpreter, so that its short rows hold enough samples.
+SELECT_SAMPLE = 32
+SELECT_SAMPLE_INTERPRETER = 4
 # Bits of the order key the selection fixes per histogram pass (KernelOptions.select_digit_bits
 # overrides). Triton 3.6's histogram takes a ballot per bit and, per bin a lane holds (2^BITS /
 # 32), a popcount and a few logic operations: narrower digits make more, cheaper passes.
 # H100, 128K, FP8 top-k (results/h100/tune_dsa_select_digit_bits_128k.json): the small MoE's
 # 77.8 ms at 7 bits against 80.5 at 8, 84.9 at 6, 80.8 at 5.
 SELECT_DIGIT_BITS = 7
+
+
+def select_sample_rank(topk: int, sample: int) -> int:
+    """The rank, among every ``sample``-th key of a row, of the sampled bound: about topk / sample
+    samples reach the threshold, so three binomial standard deviations more make a bound below
+    it on all but about one row in a thousand (those take the runs' bound instead)."""
+    m = topk / sample
+    return math.ceil(m + 3 * math.sqrt(m)) + 1
 
 
 def select_top_digits(bits: int) -> int:
@@ -155,13 +174,15 @@ if HAS_TRITON:
         return (key ^ -2147483648).to(tl.uint32, bitcast=True)  # the sign bit flipped: unsigned order
 
     @triton.jit
-    def _load_keys(srow, cand, start, n, INDIRECT: tl.constexpr, TILE: tl.constexpr):
-        """One tile of a row's scores: the row itself, or (INDIRECT) the key indices listed in
-        ``cand``.  Returns (order key, key index, valid)."""
+    def _load_keys(srow, cand, start, n, INDIRECT: tl.constexpr, TILE: tl.constexpr, STEP: tl.constexpr = 1):
+        """One tile of a row's scores: the row itself (every STEP-th key of it: n of them), or
+        (INDIRECT) the key indices listed in ``cand``.  Returns (order key, key index, valid)."""
         offs = start + tl.arange(0, TILE)
         inb = offs < n
         if INDIRECT:
             kidx = tl.load(cand + offs, mask=inb, other=0)
+        elif STEP > 1:
+            kidx = offs * STEP
         else:
             kidx = offs
         x = tl.load(srow + kidx, mask=inb, other=float("-inf"))
@@ -169,13 +190,13 @@ if HAS_TRITON:
 
     @triton.jit
     def _digit_hist(srow, cand, n, prefix, SHIFT: tl.constexpr, INDIRECT: tl.constexpr, TILE: tl.constexpr,
-                    WIDTH: tl.constexpr = 8, NB: tl.constexpr = 256):
+                    WIDTH: tl.constexpr = 8, NB: tl.constexpr = 256, STEP: tl.constexpr = 1):
         """NB-bin histogram of the WIDTH-bit digit (u >> SHIFT) over the valid scores whose bits
         above the digit equal ``prefix``'s (all valid scores for the top digit)."""
         bins = tl.arange(0, NB)
         hist = tl.zeros((NB,), dtype=tl.int32)
         for start in range(0, n, TILE):
-            u, _, valid = _load_keys(srow, cand, start, n, INDIRECT, TILE)
+            u, _, valid = _load_keys(srow, cand, start, n, INDIRECT, TILE, STEP)
             if SHIFT + WIDTH < 32:
                 valid = valid & ((u >> (SHIFT + WIDTH)) == (prefix >> (SHIFT + WIDTH)))
             dig = tl.where(valid, (u >> SHIFT) & ((1 << WIDTH) - 1), 0).to(tl.int32)
@@ -197,23 +218,23 @@ if HAS_TRITON:
 
     @triton.jit
     def _next_digit(srow, cand, n, prefix, want, SHIFT: tl.constexpr, INDIRECT: tl.constexpr, TILE: tl.constexpr,
-                    WIDTH: tl.constexpr = 8, NB: tl.constexpr = 256):
+                    WIDTH: tl.constexpr = 8, NB: tl.constexpr = 256, STEP: tl.constexpr = 1):
         """Fix the threshold's WIDTH-bit digit at SHIFT: returns the prefix with it set, the rank
         still wanted among the scores sharing the prefix, how many share it, and the valid count."""
-        hist = _digit_hist(srow, cand, n, prefix, SHIFT, INDIRECT, TILE, WIDTH, NB)
+        hist = _digit_hist(srow, cand, n, prefix, SHIFT, INDIRECT, TILE, WIDTH, NB, STEP)
         d, above, inside, total = _threshold_digit(hist, want, NB)
         return prefix | (d.to(tl.uint32) << SHIFT), want - above, inside, total
 
     @triton.jit
     def _top_digits(srow, cand, n, prefix, want, INDIRECT: tl.constexpr, TILE: tl.constexpr,
-                    BITS: tl.constexpr, TOPD: tl.constexpr):
+                    BITS: tl.constexpr, TOPD: tl.constexpr, STEP: tl.constexpr = 1):
         """The threshold's top TOPD digits of BITS bits (``select_digit_bits``): the prefix, the
         rank still wanted among the scores sharing it, how many share it, and the valid count."""
         prefix, want, inside, total = _next_digit(srow, cand, n, prefix, want, 32 - BITS, INDIRECT, TILE,
-                                                  BITS, 1 << BITS)
+                                                  BITS, 1 << BITS, STEP)
         for i in tl.static_range(1, TOPD):
             prefix, want, inside, _ = _next_digit(srow, cand, n, prefix, want, 32 - (i + 1) * BITS, INDIRECT, TILE,
-                                                  BITS, 1 << BITS)
+                                                  BITS, 1 << BITS, STEP)
         return prefix, want, inside, total
 
     @triton.jit
@@ -307,19 +328,25 @@ if HAS_TRITON:
         S, OUT, RLIM, CAND, GMAX, RUNS,
         stride_sb, stride_sr, stride_ob, stride_or, stride_rb, stride_cb, stride_cr, stride_gb, stride_gr, r_off,
         TOPK: tl.constexpr, TILE: tl.constexpr, OTILE: tl.constexpr, CAP: tl.constexpr, G: tl.constexpr,
-        RT: tl.constexpr, BITS: tl.constexpr, TOPD: tl.constexpr,
+        RT: tl.constexpr, BITS: tl.constexpr, TOPD: tl.constexpr, SAMPLE: tl.constexpr, RANK: tl.constexpr,
     ):
         # Exact radix select on the 32-bit order key, BITS bits per digit; the top TOPD digits
         # (about 16 bits) are "the top bits" below, the 32 - TOPD * BITS others the low bits.
         #
-        # With the runs' maxima (G > 0) and at least TOPK runs holding a score: the TOPK-th
-        # largest run maximum is a lower bound of the threshold (TOPK distinct keys reach it).
-        # Its top bits come from TOPD histogram passes over the maxima (1/G of the row); a
-        # pass more lists the runs whose maximum reaches them (about TOPK), and one pass over
-        # those runs' keys lists the keys at or above them (about TOPK on long rows); the
-        # threshold's digits are resolved from that list. A row whose list passes CAP (or
-        # without runs) takes the path below.
-        #
+        # A candidate list holds every key at or above a bound's top bits, in key order; when
+        # it holds TOPK keys or more and fits CAP, the threshold's digits are resolved from the
+        # list alone. Bounds, in the order tried:
+        # - the runs' maxima (G > 0, at least TOPK runs holding a score): the TOPK-th largest
+        #   run maximum is a lower bound of the threshold (TOPK distinct keys reach it). Its top
+        #   bits from TOPD histogram passes over the maxima (1/G of the row); a pass more lists
+        #   the runs whose maximum reaches them (about TOPK), and one over those runs' keys lists
+        #   the keys at or above them (about TOPK on long rows).
+        # - sampled (SAMPLE > 0; tried where the runs' list passes CAP, or without runs): where
+        #   the top-k crowds together (a recency bias) the runs' bound is loose. The top bits of
+        #   the RANK-th largest of every SAMPLE-th key (RANK about TOPK / SAMPLE plus three
+        #   standard deviations of it), from TOPD histogram passes over 1/SAMPLE of the row, then
+        #   the list as above (G = 0: one pass over the row). A sample unlike its row (fewer than
+        #   TOPK keys reach its bound, or more than CAP) falls through to the row's passes.
         # Otherwise: TOPD histogram passes over the row fix the top bits of the threshold; a
         # pass more lists the few keys sharing them (tens at 128K) in CAND, where the low
         # digits are resolved (more than CAP sharing them, heavy ties: from the row); a last
@@ -331,18 +358,36 @@ if HAS_TRITON:
         srow = S + b * stride_sb + r * stride_sr
         orow = OUT + b * stride_ob + r * stride_or
         crow = CAND + b * stride_cb + r * stride_cr
+        rrow = RUNS + b * stride_cb + r * stride_cr
+        grow = GMAX + b * stride_gb + r * stride_gr
         want = tl.zeros((), dtype=tl.int32) + TOPK
         cnt = tl.zeros((), dtype=tl.int32)
         prefix = tl.zeros((), dtype=tl.uint32)
         listed = tl.zeros((), dtype=tl.int32) + CAP + 1
+        sampled = tl.zeros((), dtype=tl.int32) + (0 if G > 0 else 1)  # whether to try the sampled bound
         if G > 0:
-            grow = GMAX + b * stride_gb + r * stride_gr
             ng = tl.cdiv(lim, G)
-            gp, gwant, _, nruns = _top_digits(grow, crow, ng, prefix, want, False, TILE, BITS, TOPD)
+            gp, _, _, nruns = _top_digits(grow, crow, ng, prefix, want, False, TILE, BITS, TOPD)
             if nruns >= TOPK:
-                rrow = RUNS + b * stride_cb + r * stride_cr
                 listed = _gather_runs_at_least(srow, grow, ng, lim, rrow, crow, gp, CAP, TILE, G, RT, LOW)
-                tl.debug_barrier()  # the candidate list, read back as above
+                # Other threads of the program read the list back: without a barrier they may
+                # read stale slots.
+                tl.debug_barrier()
+                sampled += (listed > CAP).to(tl.int32)
+        if SAMPLE > 0:
+            if sampled > 0:
+                rank = tl.zeros((), dtype=tl.int32) + RANK
+                sp, _, _, nsampled = _top_digits(srow, crow, tl.cdiv(lim, SAMPLE), prefix, rank, False, TILE, BITS,
+                                                 TOPD, SAMPLE)
+                if nsampled >= RANK:
+                    if G > 0:
+                        listed = _gather_runs_at_least(srow, grow, tl.cdiv(lim, G), lim, rrow, crow, sp, CAP, TILE,
+                                                       G, RT, LOW)
+                    else:
+                        listed = _gather_at_least(srow, lim, crow, sp, CAP, TILE, False, LOW)
+                    tl.debug_barrier()  # the candidate list, read back as above
+                    if listed < TOPK:  # the bound lies above the threshold: not every selected key is listed
+                        listed = CAP + 1
         if listed <= CAP:
             prefix, want, _, _ = _top_digits(srow, crow, listed, prefix, want, True, TILE, BITS, TOPD)
             cnt = _last_digits(srow, crow, listed, orow, cnt, prefix, want, True, TOPK, TILE, BITS, TOPD)
@@ -554,6 +599,8 @@ def indexer_topk(
     chunk = max(BM, rows_within(options.workspace_bytes // nbuf, B * Sk * 4) // BM * BM)
     chunk = min(chunk, triton.cdiv(Sq, BM) * BM)
     bits = options.select_digit_bits or SELECT_DIGIT_BITS
+    sample = options.select_sample if options.select_sample is not None else (
+        SELECT_SAMPLE if on_gpu else SELECT_SAMPLE_INTERPRETER)
     m = options.select_max_registers
     select_registers = {} if m is None else {"maxnreg": m}
     bufs = [torch.empty(B, chunk, Sk, dtype=torch.float32, device=dev) for _ in range(nbuf)]
@@ -612,6 +659,7 @@ def indexer_topk(
                     cand.stride(0), cand.stride(1), gmax.stride(0), gmax.stride(1), t0,
                     TOPK=topk, TILE=sel.BK, OTILE=OTILE, CAP=CAP, G=G, RT=max(sel.BK // max(G, 1), 1),
                     BITS=bits, TOPD=select_top_digits(bits),
+                    SAMPLE=sample, RANK=select_sample_rank(topk, sample) if sample else 0,
                     num_warps=sel.num_warps, num_stages=sel.num_stages, **select_registers,
                 )
                 if ordered:
