@@ -21,9 +21,8 @@ Design (chosen for correctness first, then measured, see benchmarks/NOTES.md):
   way.  Short rows, and rows whose lists pass CAP, take the general path: histogram passes
   over the row fix the threshold's top bits (about 16); another lists the few keys that share
   them, whose low digits are resolved from that list, and a last pass over the row takes the
-  selected keys.  Keys equal to the
-  threshold are taken in key-index order (ties toward the smaller index, as the reference's
-  stable sort); -1 pads past the eligible count.  Either way a row lists its keys in key
+  selected keys.  Keys equal to the threshold are taken in key-index order (ties toward the
+  smaller index, as the reference's stable sort); -1 pads past the eligible count.  Either way a row lists its keys in key
   order, which the attention's backward uses (its key ranges need no sort).  The selected
   indices are then sorted by score descending (stable), as the reference, unless the caller
   asks for the set only (``ordered=False``).
@@ -324,6 +323,19 @@ if HAS_TRITON:
         return cnt
 
     @triton.jit
+    def _list_at_least(srow, grow, lim, runs, cand, prefix, CAP: tl.constexpr, TILE: tl.constexpr, G: tl.constexpr,
+                       RT: tl.constexpr, LOW: tl.constexpr):
+        """The candidate list of a bound: in ``cand``, in key order, the keys whose bits above the
+        LOW lowest are at least prefix's, from the runs that reach it (G > 0) or the row; returns
+        its length (more than CAP: too long, not all listed)."""
+        if G > 0:
+            listed = _gather_runs_at_least(srow, grow, tl.cdiv(lim, G), lim, runs, cand, prefix, CAP, TILE, G, RT, LOW)
+        else:
+            listed = _gather_at_least(srow, lim, cand, prefix, CAP, TILE, False, LOW)
+        tl.debug_barrier()  # other threads read the list back (see _gather_runs_at_least)
+        return listed
+
+    @triton.jit
     def _select_kernel(
         S, OUT, RLIM, CAND, GMAX, RUNS,
         stride_sb, stride_sr, stride_ob, stride_or, stride_rb, stride_cb, stride_cr, stride_gb, stride_gr, r_off,
@@ -366,13 +378,9 @@ if HAS_TRITON:
         listed = tl.zeros((), dtype=tl.int32) + CAP + 1
         sampled = tl.zeros((), dtype=tl.int32) + (0 if G > 0 else 1)  # whether to try the sampled bound
         if G > 0:
-            ng = tl.cdiv(lim, G)
-            gp, _, _, nruns = _top_digits(grow, crow, ng, prefix, want, False, TILE, BITS, TOPD)
+            gp, _, _, nruns = _top_digits(grow, crow, tl.cdiv(lim, G), prefix, want, False, TILE, BITS, TOPD)
             if nruns >= TOPK:
-                listed = _gather_runs_at_least(srow, grow, ng, lim, rrow, crow, gp, CAP, TILE, G, RT, LOW)
-                # Other threads of the program read the list back: without a barrier they may
-                # read stale slots.
-                tl.debug_barrier()
+                listed = _list_at_least(srow, grow, lim, rrow, crow, gp, CAP, TILE, G, RT, LOW)
                 sampled += (listed > CAP).to(tl.int32)
         if SAMPLE > 0:
             if sampled > 0:
@@ -380,12 +388,7 @@ if HAS_TRITON:
                 sp, _, _, nsampled = _top_digits(srow, crow, tl.cdiv(lim, SAMPLE), prefix, rank, False, TILE, BITS,
                                                  TOPD, SAMPLE)
                 if nsampled >= RANK:
-                    if G > 0:
-                        listed = _gather_runs_at_least(srow, grow, tl.cdiv(lim, G), lim, rrow, crow, sp, CAP, TILE,
-                                                       G, RT, LOW)
-                    else:
-                        listed = _gather_at_least(srow, lim, crow, sp, CAP, TILE, False, LOW)
-                    tl.debug_barrier()  # the candidate list, read back as above
+                    listed = _list_at_least(srow, grow, lim, rrow, crow, sp, CAP, TILE, G, RT, LOW)
                     if listed < TOPK:  # the bound lies above the threshold: not every selected key is listed
                         listed = CAP + 1
         if listed <= CAP:
