@@ -17,7 +17,8 @@ outputs and gradients.
 ``--tp8``: also the per-rank case of TP=8 at 16 heads (the indexer scores the rows one of 8 ranks
 scores under the causally balanced split; attention and KL as the rank runs them).
 ``--pattern``: also the attention stages on a selection shaped like a trained indexer's
-(a local window, the first tokens and the rest spread), against random selections.
+(a local window, the first tokens and the rest spread), against random selections, and the
+FP8 top-k of indexer inputs whose scores rise with the key's position (a recency bias).
 ``--kl-two-pass``: also the step with the sparse KL's target from its own pass over the selected
 rows in the forward (the form before the attention's backward supplied it).
 Writes dsa_<gpu>.json, .md and .png to --out (default benchmarks/results), named after the GPU
@@ -34,6 +35,7 @@ import statistics
 import sys
 import time
 import traceback
+from functools import partial
 from types import SimpleNamespace
 
 import torch
@@ -133,6 +135,18 @@ def pattern_idx(S, dev="cuda", window=1024, sinks=64):
     idx = torch.where(j < window, t - j, torch.where(j < window + sinks, j - window, far))
     idx = torch.where(t < TOPK, torch.where(j <= t, j, -1), idx)
     return idx[None].to(torch.int32).contiguous()  # the selection's dtype
+
+
+def recency_inputs(qi, ki, wi):
+    """Indexer inputs whose scores rise with the key's position (a recency bias: the top-k
+    crowds the recent end, where the runs' bound is loosest): a shared direction added to every
+    query and, ramped from 0 to 3 standard deviations of a product, to the keys; positive weights."""
+    g = torch.Generator(device=qi.device).manual_seed(1)
+    u = torch.nn.functional.normalize(torch.randn(DI, device=qi.device, generator=g), dim=0)
+    ramp = torch.linspace(0.0, 3.0 * DI**0.5, ki.shape[1], device=ki.device)
+    q = (qi.float() + u).to(qi.dtype)
+    k = (ki.float() + ramp[None, :, None] * u).to(ki.dtype)
+    return q, k, wi.abs()
 
 
 def ours_step(t, fp8, stages=None, idx=None, rows=None, kl_two_pass=False):
@@ -444,6 +458,11 @@ def bench_row(S, H, args, c, label=None, tp8=False, run=None):
             idx = pattern_idx(S)
             row["ours_fp8_pattern"] = time_ours(t, True, args.reps, idx=idx)
             del idx
+            # the FP8 top-k of indexer inputs whose scores crowd the recent end
+            rq, rk, rw = recency_inputs(t.qi.detach(), t.ki.detach(), t.wi.detach())
+            topk = partial(KN.indexer_topk, rq, rk, rw, TOPK, fp8=True, ordered=False, options=t.options)
+            row["ours_fp8_pattern"]["topk_recency_ms"] = cuda_time(topk, reps=args.reps)[0]
+            del rq, rk, rw, topk
         except Exception as e:
             row["ours_fp8_pattern"] = {"error": repr(e)[:400]}
         print(S, H, "pattern", row["ours_fp8_pattern"].get("stages_ms"), flush=True)
@@ -487,7 +506,7 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--no-bf16", dest="bf16", action="store_false", help="time the FP8 indexer only")
     ap.add_argument("--tp8", action="store_true", help="also the TP=8 rank case (16 heads)")
-    ap.add_argument("--pattern", action="store_true", help="also a trained-indexer-shaped selection")
+    ap.add_argument("--pattern", action="store_true", help="also a trained-indexer-shaped selection, and a recency-biased top-k")
     ap.add_argument("--kl-two-pass", action="store_true",
                     help="also the sparse KL with its target from a pass of its own in the forward (FP8 indexer)")
     ap.add_argument("--no-checks", action="store_true")
@@ -663,12 +682,16 @@ def to_markdown(res):
         lines.append(f"| {r['case']} | {r['seq'] // 1024}K | " + " | ".join(cells) + " |")
     pats = [r for r in res["rows"] if r.get("ours_fp8_pattern", {}).get("stages_ms")]
     if pats:
-        lines += ["", "Random selections vs a trained-indexer-shaped one (last 1024 keys, first 64, the rest spread), ms:",
-                  "", "| case | seq | selection | " + " | ".join(STAGES[1:]) + " |", "|---|---|---|" + "---|" * 4]
+        lines += ["", "Random selections vs a trained-indexer-shaped one (last 1024 keys, first 64, the rest spread), ms; "
+                  "the second's indexer_topk on indexer inputs whose scores rise with the key's position "
+                  "(a recency bias; - where not measured):",
+                  "", "| case | seq | selection | " + " | ".join(STAGES) + " |", "|---|---|---|" + "---|" * len(STAGES)]
         for r in pats:
             for lab, k in (("random", "ours_fp8"), ("window + sinks + spread", "ours_fp8_pattern")):
-                st = r[k]["stages_ms"]
-                lines.append(f"| {r['case']} | {r['seq'] // 1024}K | {lab} | " + " | ".join(f"{st[s]:.1f}" for s in STAGES[1:]) + " |")
+                st = dict(r[k]["stages_ms"])
+                st["indexer_topk"] = st["indexer_topk"] if k == "ours_fp8" else r[k].get("topk_recency_ms")
+                lines.append(f"| {r['case']} | {r['seq'] // 1024}K | {lab} | "
+                             + " | ".join("-" if st[s] is None else f"{st[s]:.1f}" for s in STAGES) + " |")
     two = [r for r in res["rows"] if r.get("ours_fp8_kl_two_pass", {}).get("stages_ms") and r.get("ours_fp8", {}).get("stages_ms")]
     if two:
         lines += ["", "The sparse KL's target from the attention's backward (the training step) vs from a pass of its own "

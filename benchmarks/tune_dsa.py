@@ -258,18 +258,6 @@ def warmup_target_inputs(q, kv, seed: int = 2) -> dict:
     return {"absorbed": (R.absorb_query(q, k_up), kv), "mha": (q_mha, k_mha)}
 
 
-def recency_inputs(qi, ki, wi):
-    """Indexer inputs whose scores rise with the key's position (a recency bias: the top-k
-    crowds the recent end, where the runs' bound is loosest): a shared direction added to every
-    query and, ramped from 0 to 3 standard deviations of a product, to the keys; positive weights."""
-    g = torch.Generator(device=qi.device).manual_seed(1)
-    u = torch.nn.functional.normalize(torch.randn(DI, device=qi.device, generator=g), dim=0)
-    ramp = torch.linspace(0.0, 3.0 * DI**0.5, ki.shape[1], device=ki.device)
-    q = (qi.float() + u).to(qi.dtype)
-    k = (ki.float() + ramp[None, :, None] * u).to(ki.dtype)
-    return q, k, wi.abs()
-
-
 def run(heads, seqs, stages, reps, out_dir, only=(), profile=False, record=None, shape=None):
     rows = []
     scale = DQK**-0.5
@@ -332,7 +320,7 @@ def run(heads, seqs, stages, reps, out_dir, only=(), profile=False, record=None,
                             if H != heads[0]:  # the indexer does not depend on the attention's heads
                                 continue
                             got = []
-                            for label, (a, b, c) in (("random", (qi, ki, wi)), ("recency", recency_inputs(qi, ki, wi))):
+                            for label, (a, b, c) in (("random", (qi, ki, wi)), ("recency", bench_dsa.recency_inputs(qi, ki, wi))):
                                 fn = lambda: KN.indexer_topk(a, b, c, TOPK, fp8=True, ordered=False, options=opt)  # noqa
                                 row[f"{label}_ms"] = cuda_ms(fn, reps)
                                 if profile and label == "random":  # the scoring's and the selection's shares

@@ -142,3 +142,21 @@ def test_the_table_names_the_runs_behind_its_rows(tmp_path):
     assert "Measured by `python benchmarks/bench_dsa.py --heads 64 --update` (2026-12-04 10:00 UTC; commit not recorded" in md
     fresh["rows"] = [dict(_row("128 heads", 128, 4096, 3), run=1), fresh["rows"][1]]
     assert "--heads 128,64" not in bench_dsa.to_markdown(fresh)
+
+
+def test_the_pattern_table_gives_the_top_k_on_recency_biased_scores():
+    """--pattern rows: the random selection's line gives its own top-k, the trained-indexer-shaped
+    one's the top-k of recency-biased indexer inputs, or - where a row predates that timing."""
+    import bench_dsa
+
+    stages = dict(zip(bench_dsa.STAGES, (11.0, 2.0, 3.0, 4.0, 5.0)))
+    row = dict(_row("16 heads", 16, 4096, 1), bounds_ms=dict(stages), flops={},
+               ours_fp8={"ms": 25.0, "stages_ms": dict(stages)},
+               ours_fp8_pattern={"ms": 15.0, "stages_ms": dict(stages, indexer_topk=0.0), "topk_recency_ms": 17.5})
+    res = {"device": "H200", "ceilings": bench_dsa.CEILINGS, "rows": [row],
+           "config": dict(batch=1, dqk=576, dv=512, idx_heads=64, idx_dim=128, topk=2048, dtype="bf16")}
+    md = bench_dsa.to_markdown(res)
+    assert "| 16 heads | 4K | random | 11.0 | 2.0 | 3.0 | 4.0 | 5.0 |" in md
+    assert "| 16 heads | 4K | window + sinks + spread | 17.5 | 2.0 | 3.0 | 4.0 | 5.0 |" in md
+    del row["ours_fp8_pattern"]["topk_recency_ms"]
+    assert "| 16 heads | 4K | window + sinks + spread | - | 2.0 | 3.0 | 4.0 | 5.0 |" in bench_dsa.to_markdown(res)
