@@ -135,9 +135,9 @@ class KernelOptions:
     576-wide latent in three programs a token). dkv_product_columns: the latent's value columns
     one program of the dkv product adds (a power of two >= 16; None: 128, which fits an SM's
     registers and shared memory). dkv_product_heads: the heads one dkv product program sums
-    before its adds (None: 128; more heads are added in groups of it). dq_product_heads: the heads one dq product program
-    makes (None: 128; each program gathers its token's selected rows, so fewer programs a token
-    gather them fewer times). scores_heads: the heads one program of the stored-scores kernel
+    before its adds (None: 128; more heads are added in groups of it). dq_product_heads: the
+    heads one dq product program makes (None: 128; each program gathers its token's selected
+    rows, so fewer programs a token gather them fewer times). scores_heads: the heads one program of the stored-scores kernel
     takes as its products' columns (None: 64, two programs an SM; more take more registers and
     shared memory, fewer gather each selected row fewer times: once per group of them).
     dense_kl_span / dense_kl_rows: the fused warm-up KL's keys per program (None: 4096 on the GPU)

@@ -453,6 +453,13 @@ if HAS_TRITON:
                                   mask=_tile_mask(valid, d2, DR, D2), sem="relaxed")
 
     @triton.jit
+    def _gathered_cols_dot(ds, kvb, rowoff, valid, c, D: tl.constexpr, EXACT: tl.constexpr, IEEE: tl.constexpr,
+                           UPCAST: tl.constexpr):
+        """ds [HB, BK] times the selected rows' columns c (a [BK, TW] gather at ``rowoff``)."""
+        return _dot(ds, tl.load(kvb + (rowoff[:, None] + c[None, :]), mask=_cols(valid, c, D, EXACT), other=0.0),
+                    IEEE, UPCAST)
+
+    @triton.jit
     def _sparse_dq_product_kernel(
         DS, KV, IDX, DQ,
         Sk, TOPK, NHB, NCB, H, t0,
@@ -492,17 +499,13 @@ if HAS_TRITON:
             idx, valid, rowoff = _selected(ib, k0, TOPK, Sk, stride_ks, BK)
             kk = k0 + tl.arange(0, BK)
             ds = tl.load(gb + kk[None, :], mask=_cols(hm, kk, TOPK, EVEN_K), other=0.0)
-            acc0 += _dot(ds, tl.load(kvb + (rowoff[:, None] + c0[None, :]), mask=_cols(valid, c0, D, EXACT),
-                                     other=0.0), IEEE, UPCAST)
+            acc0 += _gathered_cols_dot(ds, kvb, rowoff, valid, c0, D, EXACT, IEEE, UPCAST)
             if NT > 1:
-                acc1 += _dot(ds, tl.load(kvb + (rowoff[:, None] + c1[None, :]), mask=_cols(valid, c1, D, EXACT),
-                                         other=0.0), IEEE, UPCAST)
+                acc1 += _gathered_cols_dot(ds, kvb, rowoff, valid, c1, D, EXACT, IEEE, UPCAST)
             if NT > 2:
-                acc2 += _dot(ds, tl.load(kvb + (rowoff[:, None] + c2[None, :]), mask=_cols(valid, c2, D, EXACT),
-                                         other=0.0), IEEE, UPCAST)
+                acc2 += _gathered_cols_dot(ds, kvb, rowoff, valid, c2, D, EXACT, IEEE, UPCAST)
             if NT > 3:
-                acc3 += _dot(ds, tl.load(kvb + (rowoff[:, None] + c3[None, :]), mask=_cols(valid, c3, D, EXACT),
-                                         other=0.0), IEEE, UPCAST)
+                acc3 += _gathered_cols_dot(ds, kvb, rowoff, valid, c3, D, EXACT, IEEE, UPCAST)
         qb = DQ + b * stride_qb + t * stride_qs + h[:, None] * stride_qh
         tl.store(qb + c0[None, :], acc0.to(DQ.dtype.element_ty), mask=_cols(hm, c0, D, EXACT))
         if NT > 1:
@@ -703,10 +706,9 @@ DKV_PRODUCT_RANGE_BYTES = 40 << 20  # the same for the dkv product, whose other 
 # (14.9-16.0 and 19.0 ms at 128 heads), 64 reads the scores nine times (15.1-15.4). The whole
 # backward at 128K (results/h100/tune_dq_product_in_backward_128k.json): 64 heads 474 against
 # 484 ms, 32 heads 385.8 / 393.0, 16 heads 331.8 / 340.9.
-# 128 heads' q and dO columns for 128 latent columns fit shared memory (the dkv product).
 DQ_PRODUCT_COLUMNS = 192
 DQ_PRODUCT_HEADS = 128
-DKV_PRODUCT_COLUMNS = 128
+DKV_PRODUCT_COLUMNS = 128  # 128 heads' q and dO columns for 128 latent columns fit shared memory
 DKV_PRODUCT_HEADS = 128
 # Heads one program of the stored-scores kernel takes as its products' columns. 64K x 128 heads on
 # an H100 (results/h100/tune_dsa_bwd_scores_heads_64k_128heads.json): 100.5 ms in groups of 64 at
