@@ -106,9 +106,10 @@ class KernelOptions:
     (0: always the passes; None: the default, ``kernels.indexer``).
     select_max_registers: registers a thread of the selection may hold (the compiler's maxnreg,
     16-255; it spills above them): fewer let more programs share an SM, which hides the latency
-    of a kernel bound by instructions, not bytes (None: the compiler's choice, 80 at the default
-    launch with Triton 3.6 on sm_90: three programs of 8 warps an SM; 64 fits four, and measured
-    slower: 91 against 81 ms for the small MoE's top-k at 128K on an H100 with 5-bit digits).
+    of a kernel bound by instructions, not bytes (None: the measured default on the GPU, 80:
+    three programs of 8 warps an SM, where Triton 3.6 takes 116 on sm_90, two; ``kernels.indexer``;
+    none in the interpreter). 64 fits four and measured slower (91 against 81 ms for the small
+    MoE's top-k at 128K on an H100 with 5-bit digits).
     select_digit_bits: bits of the 32-bit order key the selection fixes per histogram pass (5-8;
     the last digit takes what is left). Triton 3.6's histogram takes a ballot per bit and a
     popcount per bin a lane holds, so narrower digits make more, cheaper passes (None: the

@@ -78,6 +78,12 @@ SELECT_SAMPLE_INTERPRETER = 4
 # H100, 128K, FP8 top-k (results/h100/tune_dsa_select_digit_bits_128k.json): the small MoE's
 # 77.8 ms at 7 bits against 80.5 at 8, 84.9 at 6, 80.8 at 5.
 SELECT_DIGIT_BITS = 7
+# Registers a thread of the selection holds on the GPU (KernelOptions.select_max_registers
+# overrides): the compiler takes 116 (Triton 3.6, sm_90: two programs of 8 warps an SM); 80 fit
+# three, for a few bytes of spills. H100, 128K, FP8 top-k, random / recency-biased scores: the
+# small MoE's 78.1 / 65.4 ms against 77.3 / 68.0 uncapped, DeepSeek's 199.5 / 201.5 against
+# 198.4 / 204.5 (benchmarks/NOTES.md).
+SELECT_MAX_REGISTERS = 80
 
 
 def select_sample_rank(topk: int, sample: int) -> int:
@@ -173,23 +179,22 @@ if HAS_TRITON:
         return (key ^ -2147483648).to(tl.uint32, bitcast=True)  # the sign bit flipped: unsigned order
 
     @triton.jit
-    def _load_keys(srow, cand, start, n, INDIRECT: tl.constexpr, TILE: tl.constexpr, STEP: tl.constexpr = 1):
-        """One tile of a row's scores: the row itself (every STEP-th key of it: n of them), or
-        (INDIRECT) the key indices listed in ``cand``.  Returns (order key, key index, valid)."""
+    def _load_keys(srow, cand, start, n, INDIRECT: tl.constexpr, TILE: tl.constexpr, STEP=1):
+        """One tile of a row's scores: the row itself (every STEP-th key of it: n of them; STEP a
+        run-time value where one pass serves both the run maxima and a sample), or (INDIRECT) the
+        key indices listed in ``cand``.  Returns (order key, key index, valid)."""
         offs = start + tl.arange(0, TILE)
         inb = offs < n
         if INDIRECT:
             kidx = tl.load(cand + offs, mask=inb, other=0)
-        elif STEP > 1:
-            kidx = offs * STEP
         else:
-            kidx = offs
+            kidx = offs * STEP
         x = tl.load(srow + kidx, mask=inb, other=float("-inf"))
         return _order_key(x), kidx, inb & (x != float("-inf"))
 
     @triton.jit
     def _digit_hist(srow, cand, n, prefix, SHIFT: tl.constexpr, INDIRECT: tl.constexpr, TILE: tl.constexpr,
-                    WIDTH: tl.constexpr = 8, NB: tl.constexpr = 256, STEP: tl.constexpr = 1):
+                    WIDTH: tl.constexpr = 8, NB: tl.constexpr = 256, STEP=1):
         """NB-bin histogram of the WIDTH-bit digit (u >> SHIFT) over the valid scores whose bits
         above the digit equal ``prefix``'s (all valid scores for the top digit)."""
         bins = tl.arange(0, NB)
@@ -217,7 +222,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _next_digit(srow, cand, n, prefix, want, SHIFT: tl.constexpr, INDIRECT: tl.constexpr, TILE: tl.constexpr,
-                    WIDTH: tl.constexpr = 8, NB: tl.constexpr = 256, STEP: tl.constexpr = 1):
+                    WIDTH: tl.constexpr = 8, NB: tl.constexpr = 256, STEP=1):
         """Fix the threshold's WIDTH-bit digit at SHIFT: returns the prefix with it set, the rank
         still wanted among the scores sharing the prefix, how many share it, and the valid count."""
         hist = _digit_hist(srow, cand, n, prefix, SHIFT, INDIRECT, TILE, WIDTH, NB, STEP)
@@ -226,7 +231,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _top_digits(srow, cand, n, prefix, want, INDIRECT: tl.constexpr, TILE: tl.constexpr,
-                    BITS: tl.constexpr, TOPD: tl.constexpr, STEP: tl.constexpr = 1):
+                    BITS: tl.constexpr, TOPD: tl.constexpr, STEP=1):
         """The threshold's top TOPD digits of BITS bits (``select_digit_bits``): the prefix, the
         rank still wanted among the scores sharing it, how many share it, and the valid count."""
         prefix, want, inside, total = _next_digit(srow, cand, n, prefix, want, 32 - BITS, INDIRECT, TILE,
@@ -376,21 +381,29 @@ if HAS_TRITON:
         cnt = tl.zeros((), dtype=tl.int32)
         prefix = tl.zeros((), dtype=tl.uint32)
         listed = tl.zeros((), dtype=tl.int32) + CAP + 1
-        sampled = tl.zeros((), dtype=tl.int32) + (0 if G > 0 else 1)  # whether to try the sampled bound
-        if G > 0:
-            gp, _, _, nruns = _top_digits(grow, crow, tl.cdiv(lim, G), prefix, want, False, TILE, BITS, TOPD)
-            if nruns >= TOPK:
-                listed = _list_at_least(srow, grow, lim, rrow, crow, gp, CAP, TILE, G, RT, LOW)
-                sampled += (listed > CAP).to(tl.int32)
-        if SAMPLE > 0:
-            if sampled > 0:
-                rank = tl.zeros((), dtype=tl.int32) + RANK
-                sp, _, _, nsampled = _top_digits(srow, crow, tl.cdiv(lim, SAMPLE), prefix, rank, False, TILE, BITS,
-                                                 TOPD, SAMPLE)
-                if nsampled >= RANK:
-                    listed = _list_at_least(srow, grow, lim, rrow, crow, sp, CAP, TILE, G, RT, LOW)
-                    if listed < TOPK:  # the bound lies above the threshold: not every selected key is listed
-                        listed = CAP + 1
+        # The bounds in one loop, so that their passes are one code path (the kernel compiles
+        # smaller, and faster): bound 0 the runs' maxima, 1 the sample; 2 ends the loop.
+        bound = tl.zeros((), dtype=tl.int32) + (0 if G > 0 else 1)
+        last = 1 if SAMPLE > 0 else 0
+        while bound <= last:
+            src = grow  # the bound's values: every run maximum, or every SAMPLE-th key
+            step = tl.zeros((), dtype=tl.int32) + 1
+            n = tl.cdiv(lim, max(G, 1))
+            rank = tl.zeros((), dtype=tl.int32) + TOPK
+            if bound > 0:
+                src = srow
+                step = step * max(SAMPLE, 1)
+                n = tl.cdiv(lim, max(SAMPLE, 1))
+                rank = rank * 0 + RANK
+            bp, _, _, counted = _top_digits(src, crow, n, prefix, rank, False, TILE, BITS, TOPD, step)
+            following = tl.zeros((), dtype=tl.int32) + 2  # too few values for a bound: the row's passes
+            if counted >= rank:
+                listed = _list_at_least(srow, grow, lim, rrow, crow, bp, CAP, TILE, G, RT, LOW)
+                if bound > 0 and listed < TOPK:  # the sample's bound lies above the threshold
+                    listed = CAP + 1
+                if listed > CAP:
+                    following = bound + 1
+            bound = following
         if listed <= CAP:
             prefix, want, _, _ = _top_digits(srow, crow, listed, prefix, want, True, TILE, BITS, TOPD)
             cnt = _last_digits(srow, crow, listed, orow, cnt, prefix, want, True, TOPK, TILE, BITS, TOPD)
@@ -604,7 +617,8 @@ def indexer_topk(
     bits = options.select_digit_bits or SELECT_DIGIT_BITS
     sample = options.select_sample if options.select_sample is not None else (
         SELECT_SAMPLE if on_gpu else SELECT_SAMPLE_INTERPRETER)
-    m = options.select_max_registers
+    m = options.select_max_registers if options.select_max_registers is not None else (
+        SELECT_MAX_REGISTERS if on_gpu else None)
     select_registers = {} if m is None else {"maxnreg": m}
     bufs = [torch.empty(B, chunk, Sk, dtype=torch.float32, device=dev) for _ in range(nbuf)]
     gmaxs = [torch.empty(B, chunk, triton.cdiv(Sk, G) if G else 1, dtype=torch.float32, device=dev)
