@@ -181,26 +181,28 @@ def test_sparse_kernels_fit_an_h200(HB, DV, DR):
 def check_selection() -> None:
     """The top-k selection at its default launch, with the compiler's registers and with
     ``select_max_registers`` 64 (the PTX then carries the cap; the kernel spills instead), with
-    5-bit digits (a last digit of 2 bits), and without the sampled bound."""
+    5-bit digits (a last digit of 2 bits), and with either bound or none (the runs' maxima, the
+    sampled bound; Triton 3.6 once failed to compile the kernel without both)."""
     from megatron_dsa.kernels import indexer as I
 
     sel = I.SELECT_TILES
     pointers = dict(S="*fp32", OUT="*i32", RLIM="*i32", CAND="*i32", GMAX="*fp32", RUNS="*i32")
-    for bits, cap, sample in ((I.SELECT_DIGIT_BITS, None, I.SELECT_SAMPLE), (I.SELECT_DIGIT_BITS, 64, I.SELECT_SAMPLE),
-                              (5, None, I.SELECT_SAMPLE), (I.SELECT_DIGIT_BITS, None, 0)):
-        consts = dict(TOPK=2048, TILE=sel.BK, OTILE=1024, CAP=I.SELECT_CAP, G=I.SELECT_RUNS,
-                      RT=sel.BK // I.SELECT_RUNS, BITS=bits, TOPD=I.select_top_digits(bits), SAMPLE=sample,
+    D, S, G = I.SELECT_DIGIT_BITS, I.SELECT_SAMPLE, I.SELECT_RUNS
+    for bits, cap, sample, runs in ((D, None, S, G), (D, 64, S, G), (5, None, S, G), (D, None, 0, G),
+                                    (D, None, S, 0), (D, None, 0, 0)):
+        consts = dict(TOPK=2048, TILE=sel.BK, OTILE=1024, CAP=I.SELECT_CAP, G=runs,
+                      RT=sel.BK // max(runs, 1), BITS=bits, TOPD=I.select_top_digits(bits), SAMPLE=sample,
                       RANK=I.select_sample_rank(2048, sample) if sample else 0)
         options = dict(num_warps=sel.num_warps, num_stages=sel.num_stages, **({} if cap is None else {"maxnreg": cap}))
         k = _compile_sm90(I._select_kernel, consts, options, hints=True, pointers=pointers)
         caps = re.findall(r"\.maxnreg (\d+)", k.asm["ptx"])
         assert caps == ([] if cap is None else [str(cap)]), caps
         assert 0 < k.metadata.shared <= SM90_SHARED_BYTES
-        print("_select_kernel", bits, cap, sample, k.metadata.shared)
+        print("_select_kernel", bits, cap, sample, runs, k.metadata.shared)
 
 
 def test_selection_compiles_with_and_without_a_register_cap():
-    assert _compiled_in_a_fresh_process("check_selection()").count("_select_kernel") == 4
+    assert _compiled_in_a_fresh_process("check_selection()").count("_select_kernel") == 6
 
 
 def _compile_gluon_sm90(fn, consts: dict, pointers: dict, aligned: tuple, regs: tuple) -> str:

@@ -383,27 +383,28 @@ if HAS_TRITON:
         listed = tl.zeros((), dtype=tl.int32) + CAP + 1
         # The bounds in one loop, so that their passes are one code path (the kernel compiles
         # smaller, and faster): bound 0 the runs' maxima, 1 the sample; 2 ends the loop.
-        bound = tl.zeros((), dtype=tl.int32) + (0 if G > 0 else 1)
-        last = 1 if SAMPLE > 0 else 0
-        while bound <= last:
-            src = grow  # the bound's values: every run maximum, or every SAMPLE-th key
-            step = tl.zeros((), dtype=tl.int32) + 1
-            n = tl.cdiv(lim, max(G, 1))
-            rank = tl.zeros((), dtype=tl.int32) + TOPK
-            if bound > 0:
-                src = srow
-                step = step * max(SAMPLE, 1)
-                n = tl.cdiv(lim, max(SAMPLE, 1))
-                rank = rank * 0 + RANK
-            bp, _, _, counted = _top_digits(src, crow, n, prefix, rank, False, TILE, BITS, TOPD, step)
-            following = tl.zeros((), dtype=tl.int32) + 2  # too few values for a bound: the row's passes
-            if counted >= rank:
-                listed = _list_at_least(srow, grow, lim, rrow, crow, bp, CAP, TILE, G, RT, LOW)
-                if bound > 0 and listed < TOPK:  # the sample's bound lies above the threshold
-                    listed = CAP + 1
-                if listed > CAP:
-                    following = bound + 1
-            bound = following
+        if G + SAMPLE > 0:  # (without either: no loop, on which Triton 3.6's coalescing pass fails)
+            bound = tl.zeros((), dtype=tl.int32) + (0 if G > 0 else 1)
+            last = 1 if SAMPLE > 0 else 0
+            while bound <= last:
+                src = grow  # the bound's values: every run maximum, or every SAMPLE-th key
+                step = tl.zeros((), dtype=tl.int32) + 1
+                n = tl.cdiv(lim, max(G, 1))
+                rank = tl.zeros((), dtype=tl.int32) + TOPK
+                if bound > 0:
+                    src = srow
+                    step = step * max(SAMPLE, 1)
+                    n = tl.cdiv(lim, max(SAMPLE, 1))
+                    rank = rank * 0 + RANK
+                bp, _, _, counted = _top_digits(src, crow, n, prefix, rank, False, TILE, BITS, TOPD, step)
+                following = tl.zeros((), dtype=tl.int32) + 2  # too few values for a bound: the row's passes
+                if counted >= rank:
+                    listed = _list_at_least(srow, grow, lim, rrow, crow, bp, CAP, TILE, G, RT, LOW)
+                    if bound > 0 and listed < TOPK:  # the sample's bound lies above the threshold
+                        listed = CAP + 1
+                    if listed > CAP:
+                        following = bound + 1
+                bound = following
         if listed <= CAP:
             prefix, want, _, _ = _top_digits(srow, crow, listed, prefix, want, True, TILE, BITS, TOPD)
             cnt = _last_digits(srow, crow, listed, orow, cnt, prefix, want, True, TOPK, TILE, BITS, TOPD)
