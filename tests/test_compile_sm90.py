@@ -10,7 +10,9 @@ partitions' register budgets, 16-byte copies and adds, their products' shapes).
 
 No GPU needed: Triton lowers to PTX and assembles it with its bundled ptxas. The interpreter tests
 check the math; this catches what only the compiler sees (an unrolled loop once put 315 KB of
-shared memory into a kernel at the 671B shapes: it would not have launched).
+shared memory into a kernel at the 671B shapes: it would not have launched). With
+``MDSA_SM90_TRITON`` (a directory holding another Triton) every check compiles with that one too:
+compilers differ (Triton 3.6, the GPUs', failed on a loop that 3.8 compiled).
 """
 
 from __future__ import annotations
@@ -92,11 +94,29 @@ def check_fits(H: int, D: int, HI: int, DI: int) -> None:
         print(name, k.metadata.shared)
 
 
-def _compiled_in_a_fresh_process(call: str, timeout: int = 600) -> str:
+# A directory holding another Triton (``pip install --target DIR triton==...``) to compile every
+# check with too: CI gives the one the GPUs run (torch 2.11's 3.6), whose compiler has failed
+# on a kernel the installed one compiled.
+OTHER_TRITON = os.environ.get("MDSA_SM90_TRITON")
+
+
+@pytest.fixture(params=[None] + ([OTHER_TRITON] if OTHER_TRITON else []),
+                ids=lambda d: "installed_triton" if d is None else "MDSA_SM90_TRITON")
+def triton_dir(request):
+    """Each check's compiler: the installed Triton, then the one in ``MDSA_SM90_TRITON``."""
+    if request.param is not None and not os.path.isdir(os.path.join(request.param, "triton")):
+        pytest.fail(f"MDSA_SM90_TRITON={request.param} holds no triton package")
+    return request.param
+
+
+def _compiled_in_a_fresh_process(call: str, triton_dir, timeout: int = 600) -> str:
     """Run ``test_compile_sm90.<call>`` in a fresh process and return what it printed: the compiler
     needs the kernels as JIT functions, and this test session may have them as interpreter
-    functions (TRITON_INTERPRET=1, set for the CPU kernel tests)."""
+    functions (TRITON_INTERPRET=1, set for the CPU kernel tests). ``triton_dir``: a directory
+    whose Triton that process imports instead of the installed one."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if triton_dir is not None:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (triton_dir, env.get("PYTHONPATH")) if p)
     code = f"import sys; sys.path.insert(0, 'tests'); import test_compile_sm90 as t; t.{call}"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO,
                           timeout=timeout)
@@ -106,8 +126,8 @@ def _compiled_in_a_fresh_process(call: str, timeout: int = 600) -> str:
 
 @pytest.mark.parametrize("H,D,HI,DI", [(8, 160, 4, 64), (128, 576, 64, 128), (128, 192, 64, 128)],
                          ids=["small", "671b", "671b_mha_form"])
-def test_kl_kernels_fit_an_h200(H, D, HI, DI):
-    out = _compiled_in_a_fresh_process(f"check_fits({H}, {D}, {HI}, {DI})")
+def test_kl_kernels_fit_an_h200(H, D, HI, DI, triton_dir):
+    out = _compiled_in_a_fresh_process(f"check_fits({H}, {D}, {HI}, {DI})", triton_dir)
     assert out.count("\n") == 5, out
 
 
@@ -173,8 +193,8 @@ def check_sparse(HB: int, DV: int = 512, DR: int = 64) -> None:
 
 @pytest.mark.parametrize("HB,DV,DR", [(16, 512, 64), (64, 512, 64), (16, 128, 32)],
                          ids=["16_heads", "64_head_blocks", "16_heads_narrow_latent"])
-def test_sparse_kernels_fit_an_h200(HB, DV, DR):
-    out = _compiled_in_a_fresh_process(f"check_sparse({HB}, {DV}, {DR})", timeout=900)
+def test_sparse_kernels_fit_an_h200(HB, DV, DR, triton_dir):
+    out = _compiled_in_a_fresh_process(f"check_sparse({HB}, {DV}, {DR})", triton_dir, timeout=900)
     assert out.count("\n") == {64: 10, 16: 11 if DV > 128 else 3}[HB], out
 
 
@@ -201,8 +221,8 @@ def check_selection() -> None:
         print("_select_kernel", bits, cap, sample, runs, k.metadata.shared)
 
 
-def test_selection_compiles_with_and_without_a_register_cap():
-    assert _compiled_in_a_fresh_process("check_selection()").count("_select_kernel") == 6
+def test_selection_compiles_with_and_without_a_register_cap(triton_dir):
+    assert _compiled_in_a_fresh_process("check_selection()", triton_dir).count("_select_kernel") == 6
 
 
 def _compile_gluon_sm90(fn, consts: dict, pointers: dict, aligned: tuple, regs: tuple) -> str:
@@ -265,9 +285,9 @@ def check_dkv_product_ws() -> None:
     ("check_sparse_forward_ws()", "_sparse_fwd_ws_kernel", 1),
     ("check_dkv_product_ws()", "_sparse_dkv_product_ws_kernel", 4),
 ])
-def test_gluon_kernels_compile(check, kernel, count):
+def test_gluon_kernels_compile(check, kernel, count, triton_dir):
     pytest.importorskip("triton.experimental.gluon")
-    assert _compiled_in_a_fresh_process(check).count(kernel) == count
+    assert _compiled_in_a_fresh_process(check, triton_dir).count(kernel) == count
 
 
 def check_scoring() -> None:
@@ -287,5 +307,5 @@ def check_scoring() -> None:
         print("_score_kernel", HI, DI, k.metadata.shared)
 
 
-def test_scoring_compiles_for_both_indexer_shapes():
-    assert _compiled_in_a_fresh_process("check_scoring()").count("_score_kernel") == 2
+def test_scoring_compiles_for_both_indexer_shapes(triton_dir):
+    assert _compiled_in_a_fresh_process("check_scoring()", triton_dir).count("_score_kernel") == 2
