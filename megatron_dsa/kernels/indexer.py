@@ -22,10 +22,10 @@ Design (chosen for correctness first, then measured, see benchmarks/NOTES.md):
   over the row fix the threshold's top bits (about 16); another lists the few keys that share
   them, whose low digits are resolved from that list, and a last pass over the row takes the
   selected keys.  Keys equal to the threshold are taken in key-index order (ties toward the
-  smaller index, as the reference's stable sort); -1 pads past the eligible count.  Either way a row lists its keys in key
-  order, which the attention's backward uses (its key ranges need no sort).  The selected
-  indices are then sorted by score descending (stable), as the reference, unless the caller
-  asks for the set only (``ordered=False``).
+  smaller index, as the reference's stable sort); -1 pads past the eligible count.  Either way
+  a row lists its keys in key order, which the attention's backward uses (its key ranges need
+  no sort).  The selected indices are then sorted by score descending (stable), as the
+  reference, unless the caller asks for the set only (``ordered=False``).
 
 The scoring is compute bound (HI * DI * 2 = 16K FLOP per score against 4 bytes written and
 read back), so writing a chunk of scores costs a few percent of the scoring time.
@@ -395,7 +395,7 @@ if HAS_TRITON:
                     src = srow
                     step = step * max(SAMPLE, 1)
                     n = tl.cdiv(lim, max(SAMPLE, 1))
-                    rank = rank * 0 + RANK
+                    rank = tl.zeros((), dtype=tl.int32) + RANK
                 bp, _, _, counted = _top_digits(src, crow, n, prefix, rank, False, TILE, BITS, TOPD, step)
                 following = tl.zeros((), dtype=tl.int32) + 2  # too few values for a bound: the row's passes
                 if counted >= rank:
