@@ -182,6 +182,8 @@ def variants(stage: str, heads: int) -> list[tuple[str, KernelOptions]]:
                for o, m in ((True, None), (False, None), (True, 64))]
         # the sampled bound's keys between samples (0: the runs' bound alone)
         out += [(f"indexer_topk fp8 select_sample={n}", KernelOptions(select_sample=n)) for n in (0, 16, 64)]
+        # the bound guessed from the last row's threshold, that many standard deviations lower
+        out += [(f"indexer_topk fp8 select_guess={g}", KernelOptions(select_guess=g)) for g in (0.1, 0.25, 0.5)]
         # fewer warps a row: no barriers across warps, more rows in flight an SM
         out += [(f"indexer_topk fp8 select_overlap=True select{t}", KernelOptions(select=Tiles(*t)))
                 for t in ((256, 1, 1), (512, 1, 1), (512, 2, 1), (1024, 4, 1))]
@@ -323,6 +325,10 @@ def run(heads, seqs, stages, reps, out_dir, only=(), profile=False, record=None,
                             for label, (a, b, c) in (("random", (qi, ki, wi)), ("recency", bench_dsa.recency_inputs(qi, ki, wi))):
                                 fn = lambda: KN.indexer_topk(a, b, c, TOPK, fp8=True, ordered=False, options=opt)  # noqa
                                 row[f"{label}_ms"] = cuda_ms(fn, reps)
+                                paths = torch.zeros(4, dtype=torch.int32, device=a.device)
+                                KN.indexer_topk(a, b, c, TOPK, fp8=True, ordered=False, options=opt, path_counts=paths)
+                                # rows listed from the guess, the runs' maxima, the sample; rows passed over
+                                row[f"{label}_paths"] = paths.tolist()
                                 if profile and label == "random":  # the scoring's and the selection's shares
                                     row["kernels"] = profile_step(fn, True, 8)
                                 got.append(fn().sort(-1).values.float())

@@ -101,6 +101,12 @@ class KernelOptions:
     loose and the sample's is not, so those rows list their candidates from the runs again
     instead of passing over the whole row (0: no sample; None: the measured default,
     ``kernels.indexer``).
+    select_guess: standard deviations of a row's run maxima below where the last selected row's
+    threshold lay (counted in its row's standard deviations above its mean) at which the
+    selection first bounds the row's threshold: the scoring sums each row's run maxima and
+    their squares, so that bound takes no histogram pass. Checked as the sample's is (fewer
+    than top-k keys at or above it, or more than ``select_cap``: the runs' bound instead). 0: no
+    guess; it needs ``select_runs``; None: the measured default, ``kernels.indexer``.
     select_cap: keys a row's candidate list holds (those at or above the runs' bound, or those
     sharing the threshold's top bits) before the selection passes over the row again instead
     (0: always the passes; None: the default, ``kernels.indexer``).
@@ -173,6 +179,7 @@ class KernelOptions:
     select: Optional[Tiles] = None
     select_runs: Optional[int] = None
     select_sample: Optional[int] = None
+    select_guess: Optional[float] = None
     select_cap: Optional[int] = None
     select_max_registers: Optional[int] = None
     select_digit_bits: Optional[int] = None
@@ -205,6 +212,9 @@ class KernelOptions:
             raise ValueError(f"select_runs must be 0, a power of two or null, got {r!r}")
         if self.select_sample is not None and not _count(self.select_sample):
             raise ValueError(f"select_sample must be an integer >= 0 or null, got {self.select_sample!r}")
+        g = self.select_guess
+        if g is not None and (isinstance(g, bool) or not isinstance(g, (int, float)) or not 0 <= g < float("inf")):
+            raise ValueError(f"select_guess must be a number >= 0 or null, got {g!r}")
         if self.select_cap is not None and not _count(self.select_cap):
             raise ValueError(f"select_cap must be an integer >= 0 or null, got {self.select_cap!r}")
         m = self.select_max_registers

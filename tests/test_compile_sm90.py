@@ -201,28 +201,32 @@ def test_sparse_kernels_fit_an_h200(HB, DV, DR, triton_dir):
 def check_selection() -> None:
     """The top-k selection at its default launch, with the compiler's registers and with
     ``select_max_registers`` 64 (the PTX then carries the cap; the kernel spills instead), with
-    5-bit digits (a last digit of 2 bits), and with either bound or none (the runs' maxima, the
-    sampled bound; Triton 3.6 once failed to compile the kernel without both)."""
+    5-bit digits (a last digit of 2 bits) and the path counts, and with every combination of
+    its bounds (the guess, the runs' maxima, the sampled bound; Triton 3.6 once failed to
+    compile the kernel without the last two)."""
     from megatron_dsa.kernels import indexer as I
 
     sel = I.SELECT_TILES
-    pointers = dict(S="*fp32", OUT="*i32", RLIM="*i32", CAND="*i32", GMAX="*fp32", RUNS="*i32")
+    pointers = dict(S="*fp32", OUT="*i32", RLIM="*i32", CAND="*i32", GMAX="*fp32", RUNS="*i32", GSTAT="*fp32",
+                    ZBUF="*fp32", PATHS="*i32", margin="fp32")
     D, S, G = I.SELECT_DIGIT_BITS, I.SELECT_SAMPLE, I.SELECT_RUNS
-    for bits, cap, sample, runs in ((D, None, S, G), (D, 64, S, G), (5, None, S, G), (D, None, 0, G),
-                                    (D, None, S, 0), (D, None, 0, 0)):
+    for bits, cap, sample, runs, guess, count in (
+            (D, None, S, G, True, False), (D, 64, S, G, True, False), (5, None, S, G, True, True),
+            (D, None, 0, G, True, False), (D, None, S, G, False, False), (D, None, S, 0, False, False),
+            (D, None, 0, 0, False, False)):
         consts = dict(TOPK=2048, TILE=sel.BK, OTILE=1024, CAP=I.SELECT_CAP, G=runs,
                       RT=sel.BK // max(runs, 1), BITS=bits, TOPD=I.select_top_digits(bits), SAMPLE=sample,
-                      RANK=I.select_sample_rank(2048, sample) if sample else 0)
+                      RANK=I.select_sample_rank(2048, sample) if sample else 0, GUESS=guess, COUNT=count)
         options = dict(num_warps=sel.num_warps, num_stages=sel.num_stages, **({} if cap is None else {"maxnreg": cap}))
         k = _compile_sm90(I._select_kernel, consts, options, hints=True, pointers=pointers)
         caps = re.findall(r"\.maxnreg (\d+)", k.asm["ptx"])
         assert caps == ([] if cap is None else [str(cap)]), caps
         assert 0 < k.metadata.shared <= SM90_SHARED_BYTES
-        print("_select_kernel", bits, cap, sample, runs, k.metadata.shared)
+        print("_select_kernel", bits, cap, sample, runs, guess, count, k.metadata.shared)
 
 
 def test_selection_compiles_with_and_without_a_register_cap(triton_dir):
-    assert _compiled_in_a_fresh_process("check_selection()", triton_dir).count("_select_kernel") == 6
+    assert _compiled_in_a_fresh_process("check_selection()", triton_dir).count("_select_kernel") == 7
 
 
 def _compile_gluon_sm90(fn, consts: dict, pointers: dict, aligned: tuple, regs: tuple) -> str:
@@ -292,15 +296,16 @@ def test_gluon_kernels_compile(check, kernel, count, triton_dir):
 
 def check_scoring() -> None:
     """The indexer's FP8 scoring at its default launch for the small MoE's 4 x 64 indexer and
-    DeepSeek-V3.2's 64 x 128, with the per-block bounds of its causal skip and unmasked tiles."""
+    DeepSeek-V3.2's 64 x 128, with the per-block bounds of its causal skip and unmasked tiles
+    and the run maxima's moments (what the selection's guessed bound takes)."""
     from megatron_dsa.kernels import indexer as I
 
     cfg = I.SCORE_CFG["fp8"]
-    pointers = dict(Q="*fp8e4nv", K="*fp8e4nv", W="*fp32", KS="*fp32", OUT="*fp32", GMAX="*fp32", BLIM="*i32",
-                    BLO="*i32", BFULL="*i32")  # the positions and documents as in POINTERS
+    pointers = dict(Q="*fp8e4nv", K="*fp8e4nv", W="*fp32", KS="*fp32", OUT="*fp32", GMAX="*fp32", GSTAT="*fp32",
+                    BLIM="*i32", BLO="*i32", BFULL="*i32")  # the positions and documents as in POINTERS
     for HI, DI in ((4, 64), (64, 128)):
         consts = dict(HI=HI, DI=DI, DIP=DI, BM=cfg["BM"], BN=cfg["BN"], HAS_KS=True, IEEE=False, UPCAST=False,
-                      HAS_DOC=False, G=I.SELECT_RUNS)
+                      HAS_DOC=False, G=I.SELECT_RUNS, STATS=True)
         k = _compile_sm90(I._score_kernel, consts, dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]),
                           hints=True, pointers=pointers)
         assert 0 < k.metadata.shared <= SM90_SHARED_BYTES

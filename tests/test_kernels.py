@@ -4,6 +4,7 @@ Without CUDA the kernels run on CPU tensors through Triton's interpreter (TRITON
 set below before triton is imported), at small shapes.  With CUDA they run on the GPU.
 """
 
+import dataclasses
 import os
 
 import pytest
@@ -216,7 +217,8 @@ def test_indexer_topk_selection_paths(cap, group, bits, sample):
     k = torch.randn(2, S, DI, device=DEV)
     k[1, S // 3 :] = k[1, : S - S // 3].clone()  # batch 1: keys repeat: exact ties at the threshold
     w = torch.randn(2, S, HI, device=DEV)
-    opts = KernelOptions(select_runs=group, select_cap=cap, select_digit_bits=bits, select_sample=sample)
+    opts = KernelOptions(select_runs=group, select_cap=cap, select_digit_bits=bits, select_sample=sample,
+                         select_guess=0)  # the guessed bound: test_selection_checks_its_guessed_bound
     got = K.indexer_topk(q, k, w, topk, options=opts)
     ref = R.indexer_topk(q, k, w, topk)
     mask = R.causal_mask(torch.arange(S, device=DEV), torch.arange(S, device=DEV))
@@ -241,11 +243,14 @@ def test_selection_checks_its_sampled_bound(group):
     k = torch.randn(1, S, DI, device=DEV)
     k[0, ::4] *= 10.0
     w = torch.rand(1, S, HI, device=DEV) + 0.1
-    # A cap below top-k: the runs' list always passes it, so every long row tries the sample.
-    opts = KernelOptions(select_runs=group, select_sample=4, select_cap=topk - 1)
+    # A cap below top-k: the runs' list always passes it, so every long row tries the sample
+    # (no guessed bound first, which the same cap would refuse too).
+    opts = KernelOptions(select_runs=group, select_sample=4, select_cap=topk - 1, select_guess=0)
     mask = R.causal_mask(torch.arange(S, device=DEV), torch.arange(S, device=DEV))
-    check_topk(K.indexer_topk(q, k, w, topk, options=opts), R.indexer_topk(q, k, w, topk),
+    counts = torch.zeros(4, dtype=torch.int32, device=DEV)
+    check_topk(K.indexer_topk(q, k, w, topk, options=opts, path_counts=counts), R.indexer_topk(q, k, w, topk),
                R.indexer_scores(q, k, w), mask, 1e-4)
+    assert counts[0] == 0 and counts[1] == 0 and counts[3] > 0, counts  # no list fits a cap below top-k
     # Scores that rise with the key's position (q = e0, w = 1: a key's score is its k[0]),
     # the top-k crowded at the recent end: the runs' bound lists about 100 keys of a long row,
     # past the cap, and the sample's (every other key) about 82, which the selection takes.
@@ -255,10 +260,48 @@ def test_selection_checks_its_sampled_bound(group):
     k = torch.zeros(1, S, DI, device=DEV)
     k[0, :, 0] = torch.arange(S, device=DEV) + 5.0 + 3.0 * torch.randn(S, device=DEV)
     w = torch.ones(1, S, 1, device=DEV)
-    opts = KernelOptions(select_runs=group, select_sample=2, select_cap=90)
+    opts = KernelOptions(select_runs=group, select_sample=2, select_cap=90, select_guess=0)
     mask = R.causal_mask(torch.arange(S, device=DEV), torch.arange(S, device=DEV))
-    check_topk(K.indexer_topk(q, k, w, topk, options=opts), R.indexer_topk(q, k, w, topk),
+    counts = torch.zeros(4, dtype=torch.int32, device=DEV)
+    check_topk(K.indexer_topk(q, k, w, topk, options=opts, path_counts=counts), R.indexer_topk(q, k, w, topk),
                R.indexer_scores(q, k, w), mask, 1e-4)
+    assert counts[0] == 0 and counts[2] > 0, counts  # the sample's list served the long rows
+
+
+@pytest.mark.parametrize("margin,cap", [(0.25, 4096), (0.01, 4096), (0.25, 36), (50.0, 36)])
+def test_selection_checks_its_guessed_bound(margin, cap):
+    """The bound guessed from the last selected row's threshold (``select_guess``: that many
+    standard deviations of the row's run maxima lower): rows it serves, rows where it lies above
+    the threshold (margin 0.01: fewer than top-k keys reach it) and rows where it lists past the
+    cap (margin 50) take the runs' bound instead; ``path_counts`` shows which bounds served,
+    and every case equals the reference (ties included) and the selection without a guess."""
+    S, HI, DI, topk = (2000, 8, 64, 256) if BIG else (90, 3, 16, 24)
+    q = torch.randn(2, S, HI, DI, device=DEV)
+    k = torch.randn(2, S, DI, device=DEV)
+    k[1, S // 3 :] = k[1, : S - S // 3].clone()  # batch 1: keys repeat: exact ties at the threshold
+    w = torch.randn(2, S, HI, device=DEV)
+    counts = torch.zeros(4, dtype=torch.int32, device=DEV)
+    opts = KernelOptions(select_runs=2, select_guess=margin, select_cap=cap, select_sample=0)
+    got = K.indexer_topk(q, k, w, topk, options=opts, path_counts=counts)
+    guessed, runs, sampled, passes = counts.tolist()
+    assert guessed + runs + sampled + passes == 2 * S and sampled == 0
+    if margin == 50.0:
+        assert guessed == 0 and runs > 0, counts
+    else:
+        assert guessed > 0 and runs > 0, counts  # served, and fell through on some rows
+    ref = R.indexer_topk(q, k, w, topk)
+    mask = R.causal_mask(torch.arange(S, device=DEV), torch.arange(S, device=DEV))
+    check_topk(got, ref, R.indexer_scores(q, k, w), mask, 1e-4)
+    assert torch.equal(got, K.indexer_topk(q, k, w, topk, options=dataclasses.replace(opts, select_guess=0)))
+
+
+def test_selection_path_counts_refuses_a_wrong_buffer():
+    """``path_counts`` must be int32 [4] on the inputs' device: one clear error, nothing run."""
+    q, k, w = torch.randn(1, 8, 2, 16, device=DEV), torch.randn(1, 8, 16, device=DEV), torch.randn(1, 8, 2, device=DEV)
+    with pytest.raises(ValueError, match="path_counts must be an int32 tensor of shape"):
+        K.indexer_topk(q, k, w, 4, path_counts=torch.zeros(3, dtype=torch.int32, device=DEV))
+    with pytest.raises(ValueError, match="path_counts must be an int32 tensor of shape"):
+        K.indexer_topk(q, k, w, 4, path_counts=torch.zeros(4, dtype=torch.int64, device=DEV))
 
 
 def test_indexer_topk_refuses_runs_that_split_a_scoring_tile_before_any_compute(monkeypatch):

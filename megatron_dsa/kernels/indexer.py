@@ -84,6 +84,12 @@ SELECT_DIGIT_BITS = 7
 # small MoE's 78.1 / 65.4 ms against 77.3 / 68.0 uncapped, DeepSeek's 199.5 / 201.5 against
 # 198.4 / 204.5 (benchmarks/NOTES.md).
 SELECT_MAX_REGISTERS = 80
+# Standard deviations of a row's run maxima below where the last selected row's threshold lay
+# (in those units) at which the selection first bounds the row's threshold, without histogram
+# passes (KernelOptions.select_guess overrides; 0 = no guess). On random and recency-biased
+# scores that z varies by a few hundredths from row to row (0.01-0.06 at 4 x 64 and 64 x 128
+# indexers, 0.2 for the small one's recency-biased rows). Not measured on a GPU yet: off.
+SELECT_GUESS = 0.0
 
 
 def select_sample_rank(topk: int, sample: int) -> int:
@@ -103,19 +109,19 @@ if HAS_TRITON:
 
     @triton.jit
     def _score_kernel(
-        Q, K, W, KS, OUT, GMAX, BLIM, BLO, BFULL, QPOS, KPOS, QDOC, KDOC,
+        Q, K, W, KS, OUT, GMAX, GSTAT, BLIM, BLO, BFULL, QPOS, KPOS, QDOC, KDOC,
         Sk, n_rows, q_off,
         stride_qb, stride_qs, stride_qh,
         stride_kb, stride_ks,
         stride_wb, stride_ws, stride_wh,
         stride_ksb,
         stride_ob, stride_or,
-        stride_gb, stride_gr,
+        stride_gb, stride_gr, stride_tb,
         n_mblocks,
         HI: tl.constexpr, DI: tl.constexpr, DIP: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr,
         HAS_KS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, HAS_DOC: tl.constexpr,
-        G: tl.constexpr,
+        G: tl.constexpr, STATS: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
@@ -168,6 +174,15 @@ if HAS_TRITON:
                 gcols = kstart // G + tl.arange(0, BN // G)
                 tl.store(GMAX + b * stride_gb + rows[:, None] * stride_gr + gcols[None, :], gmax,
                          mask=rmask[:, None] & (gcols < tl.cdiv(Sk, G))[None, :])
+                if STATS:  # the count, sum and sum of squares of each row's finite run maxima
+                    fin = gmax > float("-inf")
+                    gv = tl.where(fin, gmax, 0.0)
+                    c = tl.sum(fin.to(tl.float32), axis=1)
+                    trow = GSTAT + b * stride_tb + rows * 3
+                    tmask = rmask & (c > 0)
+                    tl.atomic_add(trow, c, mask=tmask, sem="relaxed")
+                    tl.atomic_add(trow + 1, tl.sum(gv, axis=1), mask=tmask, sem="relaxed")
+                    tl.atomic_add(trow + 2, tl.sum(gv * gv, axis=1), mask=tmask, sem="relaxed")
 
     @triton.jit
     def _order_key(x):
@@ -177,6 +192,13 @@ if HAS_TRITON:
         sgn = bits >> 31  # 0 or -1 (arithmetic shift)
         key = bits ^ (sgn & 0x7FFFFFFF)  # signed int32, float order
         return (key ^ -2147483648).to(tl.uint32, bitcast=True)  # the sign bit flipped: unsigned order
+
+    @triton.jit
+    def _key_value(u):
+        # _order_key's inverse: the fp32 score of a uint32 order key.
+        key = (u ^ 0x80000000).to(tl.int32, bitcast=True)
+        bits = key ^ ((key >> 31) & 0x7FFFFFFF)
+        return bits.to(tl.float32, bitcast=True)
 
     @triton.jit
     def _load_keys(srow, cand, start, n, INDIRECT: tl.constexpr, TILE: tl.constexpr, STEP=1):
@@ -251,14 +273,6 @@ if HAS_TRITON:
         if 32 % BITS > 0:
             prefix, want, _, _ = _next_digit(srow, cand, n, prefix, want, 0, INDIRECT, TILE, 32 % BITS, 1 << BITS)
         return prefix, want
-
-    @triton.jit
-    def _last_digits(srow, cand, n, orow, cnt, prefix, want, INDIRECT: tl.constexpr, TOPK: tl.constexpr,
-                     TILE: tl.constexpr, BITS: tl.constexpr, TOPD: tl.constexpr):
-        """The threshold's digits below its top ones over n scores (the row, or INDIRECT the keys
-        listed in ``cand``), then the keys above the threshold and the first ``want`` equal to it."""
-        prefix, want = _low_digits(srow, cand, n, prefix, want, INDIRECT, TILE, BITS, TOPD)
-        return _collect(srow, cand, n, orow, cnt, prefix, want, INDIRECT, TOPK, TILE)
 
     @triton.jit
     def _collect(srow, cand, n, orow, cnt, prefix, want, INDIRECT: tl.constexpr, TOPK: tl.constexpr,
@@ -342,10 +356,12 @@ if HAS_TRITON:
 
     @triton.jit
     def _select_kernel(
-        S, OUT, RLIM, CAND, GMAX, RUNS,
-        stride_sb, stride_sr, stride_ob, stride_or, stride_rb, stride_cb, stride_cr, stride_gb, stride_gr, r_off,
+        S, OUT, RLIM, CAND, GMAX, RUNS, GSTAT, ZBUF, PATHS,
+        stride_sb, stride_sr, stride_ob, stride_or, stride_rb, stride_cb, stride_cr, stride_gb, stride_gr,
+        stride_tb, r_off, margin,
         TOPK: tl.constexpr, TILE: tl.constexpr, OTILE: tl.constexpr, CAP: tl.constexpr, G: tl.constexpr,
         RT: tl.constexpr, BITS: tl.constexpr, TOPD: tl.constexpr, SAMPLE: tl.constexpr, RANK: tl.constexpr,
+        GUESS: tl.constexpr, COUNT: tl.constexpr,
     ):
         # Exact radix select on the 32-bit order key, BITS bits per digit; the top TOPD digits
         # (about 16 bits) are "the top bits" below, the 32 - TOPD * BITS others the low bits.
@@ -353,6 +369,11 @@ if HAS_TRITON:
         # A candidate list holds every key at or above a bound's top bits, in key order; when
         # it holds TOPK keys or more and fits CAP, the threshold's digits are resolved from the
         # list alone. Bounds, in the order tried:
+        # - guessed (GUESS, with the runs): a threshold lies at about the same number of
+        #   standard deviations above the mean of its row's run maxima on every row of a
+        #   sequence, so the last row selected (ZBUF, written by any earlier program) gives it,
+        #   ``margin`` standard deviations lower, from this row's moments of its run maxima
+        #   (GSTAT, summed by the scoring): no histogram pass. Checked like the sample's.
         # - the runs' maxima (G > 0, at least TOPK runs holding a score): the TOPK-th largest
         #   run maximum is a lower bound of the threshold (TOPK distinct keys reach it). Its top
         #   bits from TOPD histogram passes over the maxima (1/G of the row); a pass more lists
@@ -368,7 +389,10 @@ if HAS_TRITON:
         # pass more lists the few keys sharing them (tens at 128K) in CAND, where the low
         # digits are resolved (more than CAP sharing them, heavy ties: from the row); a last
         # pass takes the keys above the threshold and its first ties, in key order.
+        # COUNT: PATHS[bound + 1] counts the rows each bound listed (bound 2: the row's passes).
         LOW: tl.constexpr = 32 - TOPD * BITS
+        FIRST: tl.constexpr = 0 if G > 0 else 1
+        LAST: tl.constexpr = 1 if SAMPLE > 0 else 0
         r = tl.program_id(0)
         b = tl.program_id(1).to(tl.int64)  # b * stride_ob passes 2^31 elements from B * Sq * TOPK
         lim = tl.load(RLIM + b * stride_rb + r_off + r)
@@ -381,34 +405,56 @@ if HAS_TRITON:
         cnt = tl.zeros((), dtype=tl.int32)
         prefix = tl.zeros((), dtype=tl.uint32)
         listed = tl.zeros((), dtype=tl.int32) + CAP + 1
+        bound = tl.zeros((), dtype=tl.int32) + FIRST
+        mean = tl.zeros((), dtype=tl.float32)
+        sd = tl.zeros((), dtype=tl.float32)
+        guess = tl.zeros((), dtype=tl.uint32)
+        if GUESS:
+            nmax = tl.load(GSTAT + b * stride_tb + r * 3)
+            mean = tl.load(GSTAT + b * stride_tb + r * 3 + 1) / tl.maximum(nmax, 1.0)
+            sd = tl.sqrt(tl.maximum(tl.load(GSTAT + b * stride_tb + r * 3 + 2) / tl.maximum(nmax, 1.0) - mean * mean,
+                                    0.0))
+            z = tl.load(ZBUF + b, volatile=True)  # another program's: any finite value will do
+            if (nmax >= TOPK) & (sd > 0.0) & (z == z):
+                guess = _order_key(mean + (z - margin) * sd)
+                bound = bound * 0 - 1
         # The bounds in one loop, so that their passes are one code path (the kernel compiles
-        # smaller, and faster): bound 0 the runs' maxima, 1 the sample; 2 ends the loop.
+        # smaller, and faster): -1 the guess, 0 the runs' maxima, 1 the sample; LAST + 1 ends it.
         if G + SAMPLE > 0:  # (without either: no loop, on which Triton 3.6's coalescing pass fails)
-            bound = tl.zeros((), dtype=tl.int32) + (0 if G > 0 else 1)
-            last = 1 if SAMPLE > 0 else 0
-            while bound <= last:
-                src = grow  # the bound's values: every run maximum, or every SAMPLE-th key
-                step = tl.zeros((), dtype=tl.int32) + 1
-                n = tl.cdiv(lim, max(G, 1))
+            while bound <= LAST:
+                bp = guess
+                counted = tl.zeros((), dtype=tl.int32) + TOPK
                 rank = tl.zeros((), dtype=tl.int32) + TOPK
-                if bound > 0:
-                    src = srow
-                    step = step * max(SAMPLE, 1)
-                    n = tl.cdiv(lim, max(SAMPLE, 1))
-                    rank = tl.zeros((), dtype=tl.int32) + RANK
-                bp, _, _, counted = _top_digits(src, crow, n, prefix, rank, False, TILE, BITS, TOPD, step)
-                following = tl.zeros((), dtype=tl.int32) + 2  # too few values for a bound: the row's passes
+                if bound >= 0:
+                    src = grow  # the bound's values: every run maximum, or every SAMPLE-th key
+                    step = tl.zeros((), dtype=tl.int32) + 1
+                    n = tl.cdiv(lim, max(G, 1))
+                    if bound > 0:
+                        src = srow
+                        step = step * max(SAMPLE, 1)
+                        n = tl.cdiv(lim, max(SAMPLE, 1))
+                        rank = rank * 0 + RANK
+                    bp, _, _, counted = _top_digits(src, crow, n, prefix, rank, False, TILE, BITS, TOPD, step)
+                following = tl.zeros((), dtype=tl.int32) + LAST + 1  # too few values for a bound: the row's passes
                 if counted >= rank:
                     listed = _list_at_least(srow, grow, lim, rrow, crow, bp, CAP, TILE, G, RT, LOW)
-                    if bound > 0 and listed < TOPK:  # the sample's bound lies above the threshold
+                    if bound != 0 and listed < TOPK:  # a guess or sample above the threshold
                         listed = CAP + 1
                     if listed > CAP:
-                        following = bound + 1
+                        following = tl.maximum(bound + 1, FIRST)
+                    else:
+                        following = LAST + 1
+                        if COUNT:
+                            tl.atomic_add(PATHS + bound + 1, 1, sem="relaxed")
                 bound = following
+        nvalid = tl.zeros((), dtype=tl.int32) + TOPK + 1
         if listed <= CAP:
             prefix, want, _, _ = _top_digits(srow, crow, listed, prefix, want, True, TILE, BITS, TOPD)
-            cnt = _last_digits(srow, crow, listed, orow, cnt, prefix, want, True, TOPK, TILE, BITS, TOPD)
+            prefix, want = _low_digits(srow, crow, listed, prefix, want, True, TILE, BITS, TOPD)
+            cnt = _collect(srow, crow, listed, orow, cnt, prefix, want, True, TOPK, TILE)
         else:
+            if COUNT:
+                tl.atomic_add(PATHS + 3, 1, sem="relaxed")
             prefix, want, inside, nvalid = _top_digits(srow, crow, lim, prefix, want, False, TILE, BITS, TOPD)
             if nvalid <= TOPK:  # every eligible key: those above 0 and up to TOPK equal to it
                 prefix = tl.zeros((), dtype=tl.uint32)
@@ -422,6 +468,9 @@ if HAS_TRITON:
             # One pass over the row takes the keys in key order, as the list above does: the
             # attention's backward then finds its key ranges without sorting the rows.
             cnt = _collect(srow, crow, lim, orow, cnt, prefix, want, False, TOPK, TILE)
+        if GUESS:  # where this row's threshold lay, for the rows selected after it
+            if (nvalid > TOPK) & (sd > 0.0):
+                tl.store(ZBUF + b, (_key_value(prefix) - mean) / sd)
         for start in range(0, TOPK, OTILE):
             offs = start + tl.arange(0, OTILE)
             tl.store(orow + offs, tl.full((OTILE,), -1, tl.int32), mask=(offs >= cnt) & (offs < TOPK))
@@ -554,6 +603,7 @@ def indexer_topk(
     q_doc: Optional[torch.Tensor] = None,
     k_doc: Optional[torch.Tensor] = None,
     options: KernelOptions = DEFAULT_OPTIONS,
+    path_counts: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Causal top-k of the indexer scores: [B, Sq, topk] int32, -1 padded (as the reference).
 
@@ -566,8 +616,16 @@ def indexer_topk(
     q [B, Sq, HI, DI], k [B, Sk, DI], w [B, Sq, HI]. ``fp8=True`` quantises q (per head vector)
     and k (per token) to e4m3 (the caller has Hadamard-rotated them) and folds the q scales into
     w and the k scales into the scores, as the reference inference code does.
+
+    ``path_counts`` (int32 [4] on q's device, optional): the selection adds to it how many rows
+    each bound's candidate list served (the guess, the runs' maxima, the sample) and how many
+    took the passes over their row.
     """
     B, Sq, HI, DI = q.shape
+    if path_counts is not None and (path_counts.shape != (4,) or path_counts.dtype != torch.int32
+                                    or path_counts.device != q.device):
+        raise ValueError(f"path_counts must be an int32 tensor of shape [4] on {q.device}, got "
+                         f"{path_counts.dtype} {tuple(path_counts.shape)} on {path_counts.device}")
     Sk = k.shape[1]
     dev = q.device
     q_pos, k_pos = _positions(q_pos, Sq, dev), _positions(k_pos, Sk, dev)
@@ -621,9 +679,13 @@ def indexer_topk(
     m = options.select_max_registers if options.select_max_registers is not None else (
         SELECT_MAX_REGISTERS if on_gpu else None)
     select_registers = {} if m is None else {"maxnreg": m}
+    margin = options.select_guess if options.select_guess is not None else SELECT_GUESS
+    guess = bool(G) and margin > 0  # the moments come from the run maxima
     bufs = [torch.empty(B, chunk, Sk, dtype=torch.float32, device=dev) for _ in range(nbuf)]
     gmaxs = [torch.empty(B, chunk, triton.cdiv(Sk, G) if G else 1, dtype=torch.float32, device=dev)
              for _ in range(nbuf)]
+    gstats = [torch.empty(B, chunk, 3 if guess else 1, dtype=torch.float32, device=dev) for _ in range(nbuf)]
+    zlast = torch.full((B,), float("nan"), dtype=torch.float32, device=dev)  # no row selected yet
     cand = torch.empty(B, chunk, max(CAP, 1), dtype=torch.int32, device=dev)
     runs = torch.empty_like(cand) if G else cand  # the runs a row's list is read from
     OTILE = min(next_pow2(topk), 1024)
@@ -633,8 +695,10 @@ def indexer_topk(
             t1 = min(Sq, t0 + chunk)
             n = t1 - t0
             nmb = triton.cdiv(n, BM)
-            buf, gmax = bufs[i % nbuf], gmaxs[i % nbuf]
+            buf, gmax, gstat = bufs[i % nbuf], gmaxs[i % nbuf], gstats[i % nbuf]
             streams.before_scoring(i % nbuf)
+            if guess:
+                gstat.zero_()
             # Key limit of each query block: max row limit over its rows.
             rl = rlim[t0:t1]
             pad = nmb * BM - n
@@ -654,7 +718,7 @@ def indexer_topk(
                 lo = torch.cat((lo, lo.new_full((pad,), Sk)))
             blo = lo.view(nmb, BM).amin(dim=1).to(torch.int32).expand(B, nmb).contiguous()
             _score_kernel[(nmb, triton.cdiv(Sk, BN), B)](
-                q_in, k_in, w_in, ks if ks is not None else w_in, buf, gmax, blim, blo, bfull,
+                q_in, k_in, w_in, ks if ks is not None else w_in, buf, gmax, gstat, blim, blo, bfull,
                 q_pos32, k_pos32, q_doc32, k_doc32,
                 Sk, n, t0,
                 q_in.stride(0), q_in.stride(1), q_in.stride(2),
@@ -662,22 +726,23 @@ def indexer_topk(
                 w_in.stride(0), w_in.stride(1), w_in.stride(2),
                 ks.stride(0) if ks is not None else 0,
                 buf.stride(0), buf.stride(1),
-                gmax.stride(0), gmax.stride(1),
+                gmax.stride(0), gmax.stride(1), gstat.stride(0),
                 nmb,
                 HI=HI, DI=DI, DIP=DIP, BM=BM, BN=BN, HAS_KS=ks is not None, IEEE=ieee, UPCAST=interpreting(),
-                HAS_DOC=has_doc, G=G,
+                HAS_DOC=has_doc, G=G, STATS=guess,
                 **cfg,
             )
             with streams.selecting(i % nbuf):
                 o = out[:, t0:t1]
                 rl_b = rlim.expand(B, Sq)
                 _select_kernel[(n, B)](
-                    buf, o, rl_b, cand, gmax, runs,
+                    buf, o, rl_b, cand, gmax, runs, gstat, zlast, path_counts if path_counts is not None else cand,
                     buf.stride(0), buf.stride(1), o.stride(0), o.stride(1), rl_b.stride(0),
-                    cand.stride(0), cand.stride(1), gmax.stride(0), gmax.stride(1), t0,
-                    TOPK=topk, TILE=sel.BK, OTILE=OTILE, CAP=CAP, G=G, RT=max(sel.BK // max(G, 1), 1),
+                    cand.stride(0), cand.stride(1), gmax.stride(0), gmax.stride(1), gstat.stride(0), t0,
+                    float(margin), TOPK=topk, TILE=sel.BK, OTILE=OTILE, CAP=CAP, G=G, RT=max(sel.BK // max(G, 1), 1),
                     BITS=bits, TOPD=select_top_digits(bits),
                     SAMPLE=sample, RANK=select_sample_rank(topk, sample) if sample else 0,
+                    GUESS=guess, COUNT=path_counts is not None,
                     num_warps=sel.num_warps, num_stages=sel.num_stages, **select_registers,
                 )
                 if ordered:
