@@ -183,7 +183,7 @@ def variants(stage: str, heads: int) -> list[tuple[str, KernelOptions]]:
         # the sampled bound's keys between samples (0: the runs' bound alone)
         out += [(f"indexer_topk fp8 select_sample={n}", KernelOptions(select_sample=n)) for n in (0, 16, 64)]
         # the bound guessed from the last row's threshold, that many standard deviations lower
-        out += [(f"indexer_topk fp8 select_guess={g}", KernelOptions(select_guess=g)) for g in (0.1, 0.25, 0.5)]
+        out += [(f"indexer_topk fp8 select_guess={g}", KernelOptions(select_guess=g)) for g in (0.05, 0.1, 0.25)]
         # fewer warps a row: no barriers across warps, more rows in flight an SM
         out += [(f"indexer_topk fp8 select_overlap=True select{t}", KernelOptions(select=Tiles(*t)))
                 for t in ((256, 1, 1), (512, 1, 1), (512, 2, 1), (1024, 4, 1))]

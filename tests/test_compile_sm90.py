@@ -208,7 +208,7 @@ def check_selection() -> None:
 
     sel = I.SELECT_TILES
     pointers = dict(S="*fp32", OUT="*i32", RLIM="*i32", CAND="*i32", GMAX="*fp32", RUNS="*i32", GSTAT="*fp32",
-                    ZBUF="*fp32", PATHS="*i32", margin="fp32")
+                    ZIN="*fp32", ZOUT="*fp32", PATHS="*i32", margin="fp32")
     D, S, G = I.SELECT_DIGIT_BITS, I.SELECT_SAMPLE, I.SELECT_RUNS
     for bits, cap, sample, runs, guess, count in (
             (D, None, S, G, True, False), (D, 64, S, G, True, False), (5, None, S, G, True, True),

@@ -268,20 +268,23 @@ def test_selection_checks_its_sampled_bound(group):
     assert counts[0] == 0 and counts[2] > 0, counts  # the sample's list served the long rows
 
 
-@pytest.mark.parametrize("margin,cap", [(0.25, 4096), (0.01, 4096), (0.25, 36), (50.0, 36)])
-def test_selection_checks_its_guessed_bound(margin, cap):
-    """The bound guessed from the last selected row's threshold (``select_guess``: that many
-    standard deviations of the row's run maxima lower): rows it serves, rows where it lies above
-    the threshold (margin 0.01: fewer than top-k keys reach it) and rows where it lists past the
-    cap (margin 50) take the runs' bound instead; ``path_counts`` shows which bounds served,
-    and every case equals the reference (ties included) and the selection without a guess."""
+@pytest.mark.parametrize("margin,tight", [(0.25, False), (0.01, False), (0.25, True), (50.0, True)])
+def test_selection_checks_its_guessed_bound(margin, tight):
+    """The bound guessed from the threshold of a row of the chunk selected before
+    (``select_guess``: that many standard deviations of the row's run maxima lower): rows it
+    serves, rows where it lies above the threshold (margin 0.01: fewer than top-k keys reach it)
+    and rows where it lists past the cap (``tight``: 1.5 x top-k; margin 50) take the runs' bound
+    instead; ``path_counts`` shows which bounds served, and every case equals the reference
+    (ties included) and the selection without a guess."""
     S, HI, DI, topk = (2000, 8, 64, 256) if BIG else (90, 3, 16, 24)
     q = torch.randn(2, S, HI, DI, device=DEV)
     k = torch.randn(2, S, DI, device=DEV)
     k[1, S // 3 :] = k[1, : S - S // 3].clone()  # batch 1: keys repeat: exact ties at the threshold
     w = torch.randn(2, S, HI, device=DEV)
     counts = torch.zeros(4, dtype=torch.int32, device=DEV)
-    opts = KernelOptions(select_runs=2, select_guess=margin, select_cap=cap, select_sample=0)
+    rows = 64 if BIG else 16  # the scoring tile's query rows: chunks of one or two tiles
+    opts = KernelOptions(select_runs=2, select_guess=margin, select_cap=topk * 3 // 2 if tight else 4096,
+                         select_sample=0, workspace_bytes=2 * rows * 2 * S * 4)
     got = K.indexer_topk(q, k, w, topk, options=opts, path_counts=counts)
     guessed, runs, sampled, passes = counts.tolist()
     assert guessed + runs + sampled + passes == 2 * S and sampled == 0

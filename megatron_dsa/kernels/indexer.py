@@ -356,7 +356,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _select_kernel(
-        S, OUT, RLIM, CAND, GMAX, RUNS, GSTAT, ZBUF, PATHS,
+        S, OUT, RLIM, CAND, GMAX, RUNS, GSTAT, ZIN, ZOUT, PATHS,
         stride_sb, stride_sr, stride_ob, stride_or, stride_rb, stride_cb, stride_cr, stride_gb, stride_gr,
         stride_tb, r_off, margin,
         TOPK: tl.constexpr, TILE: tl.constexpr, OTILE: tl.constexpr, CAP: tl.constexpr, G: tl.constexpr,
@@ -371,9 +371,11 @@ if HAS_TRITON:
         # list alone. Bounds, in the order tried:
         # - guessed (GUESS, with the runs): a threshold lies at about the same number of
         #   standard deviations above the mean of its row's run maxima on every row of a
-        #   sequence, so the last row selected (ZBUF, written by any earlier program) gives it,
-        #   ``margin`` standard deviations lower, from this row's moments of its run maxima
-        #   (GSTAT, summed by the scoring): no histogram pass. Checked like the sample's.
+        #   sequence, so a row of the chunk selected before (ZIN; this launch's rows write
+        #   ZOUT) gives it, ``margin`` standard deviations lower, from this row's moments of
+        #   its run maxima (GSTAT, summed by the scoring): no histogram pass. Checked like the
+        #   sample's. (Read from another launch: every thread of the program reads the same
+        #   value, which the paths below need.)
         # - the runs' maxima (G > 0, at least TOPK runs holding a score): the TOPK-th largest
         #   run maximum is a lower bound of the threshold (TOPK distinct keys reach it). Its top
         #   bits from TOPD histogram passes over the maxima (1/G of the row); a pass more lists
@@ -414,7 +416,7 @@ if HAS_TRITON:
             mean = tl.load(GSTAT + b * stride_tb + r * 3 + 1) / tl.maximum(nmax, 1.0)
             sd = tl.sqrt(tl.maximum(tl.load(GSTAT + b * stride_tb + r * 3 + 2) / tl.maximum(nmax, 1.0) - mean * mean,
                                     0.0))
-            z = tl.load(ZBUF + b, volatile=True)  # another program's: any finite value will do
+            z = tl.load(ZIN + b)
             if (nmax >= TOPK) & (sd > 0.0) & (z == z):
                 guess = _order_key(mean + (z - margin) * sd)
                 bound = bound * 0 - 1
@@ -470,7 +472,7 @@ if HAS_TRITON:
             cnt = _collect(srow, crow, lim, orow, cnt, prefix, want, False, TOPK, TILE)
         if GUESS:  # where this row's threshold lay, for the rows selected after it
             if (nvalid > TOPK) & (sd > 0.0):
-                tl.store(ZBUF + b, (_key_value(prefix) - mean) / sd)
+                tl.store(ZOUT + b, (_key_value(prefix) - mean) / sd)
         for start in range(0, TOPK, OTILE):
             offs = start + tl.arange(0, OTILE)
             tl.store(orow + offs, tl.full((OTILE,), -1, tl.int32), mask=(offs >= cnt) & (offs < TOPK))
@@ -685,7 +687,8 @@ def indexer_topk(
     gmaxs = [torch.empty(B, chunk, triton.cdiv(Sk, G) if G else 1, dtype=torch.float32, device=dev)
              for _ in range(nbuf)]
     gstats = [torch.empty(B, chunk, 3 if guess else 1, dtype=torch.float32, device=dev) for _ in range(nbuf)]
-    zlast = torch.full((B,), float("nan"), dtype=torch.float32, device=dev)  # no row selected yet
+    # Where a chunk's rows put their thresholds, read by the next chunk's (none before the first).
+    zlast = torch.full((2, B), float("nan"), dtype=torch.float32, device=dev)
     cand = torch.empty(B, chunk, max(CAP, 1), dtype=torch.int32, device=dev)
     runs = torch.empty_like(cand) if G else cand  # the runs a row's list is read from
     OTILE = min(next_pow2(topk), 1024)
@@ -736,7 +739,8 @@ def indexer_topk(
                 o = out[:, t0:t1]
                 rl_b = rlim.expand(B, Sq)
                 _select_kernel[(n, B)](
-                    buf, o, rl_b, cand, gmax, runs, gstat, zlast, path_counts if path_counts is not None else cand,
+                    buf, o, rl_b, cand, gmax, runs, gstat, zlast[(i + 1) % 2], zlast[i % 2],
+                    path_counts if path_counts is not None else cand,
                     buf.stride(0), buf.stride(1), o.stride(0), o.stride(1), rl_b.stride(0),
                     cand.stride(0), cand.stride(1), gmax.stride(0), gmax.stride(1), gstat.stride(0), t0,
                     float(margin), TOPK=topk, TILE=sel.BK, OTILE=OTILE, CAP=CAP, G=G, RT=max(sel.BK // max(G, 1), 1),
