@@ -88,7 +88,10 @@ SELECT_MAX_REGISTERS = 80
 # (in those units) at which the selection first bounds the row's threshold, without histogram
 # passes (KernelOptions.select_guess overrides; 0 = no guess). On random and recency-biased
 # scores that z varies by a few hundredths from row to row (0.01-0.06 at 4 x 64 and 64 x 128
-# indexers, 0.2 for the small one's recency-biased rows). Not measured on a GPU yet: off.
+# indexers, 0.2 for the small one's recency-biased rows). Off: at 0.1 on an H100 it sped up
+# the recency-biased 128K top-k (DeepSeek's indexer 179 against 205 ms, the small MoE's 63.1
+# against 67.6) but not the small MoE's random one (84.5 against 82.0), and the form measured
+# read z while other programs wrote it (benchmarks/NOTES.md).
 SELECT_GUESS = 0.0
 
 
