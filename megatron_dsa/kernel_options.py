@@ -101,9 +101,9 @@ class KernelOptions:
     loose and the sample's is not, so those rows list their candidates from the runs again
     instead of passing over the whole row (0: no sample; None: the measured default,
     ``kernels.indexer``).
-    select_guess: standard deviations of a row's run maxima below where the last selected row's
-    threshold lay (counted in its row's standard deviations above its mean) at which the
-    selection first bounds the row's threshold: the scoring sums each row's run maxima and
+    select_guess: standard deviations of a row's run maxima below where a row of the chunk
+    selected before had its threshold (counted in that row's standard deviations above its
+    mean) at which the selection first bounds the row's threshold: the scoring sums each row's run maxima and
     their squares, so that bound takes no histogram pass. Checked as the sample's is (fewer
     than top-k keys at or above it, or more than ``select_cap``: the runs' bound instead). 0: no
     guess; it needs ``select_runs``; None: the measured default, ``kernels.indexer``.

@@ -84,9 +84,9 @@ SELECT_DIGIT_BITS = 7
 # small MoE's 78.1 / 65.4 ms against 77.3 / 68.0 uncapped, DeepSeek's 199.5 / 201.5 against
 # 198.4 / 204.5 (benchmarks/NOTES.md).
 SELECT_MAX_REGISTERS = 80
-# Standard deviations of a row's run maxima below where the last selected row's threshold lay
-# (in those units) at which the selection first bounds the row's threshold, without histogram
-# passes (KernelOptions.select_guess overrides; 0 = no guess). On random and recency-biased
+# Standard deviations of a row's run maxima below where a row of the chunk selected before had
+# its threshold (in those units) at which the selection first bounds the row's threshold,
+# without histogram passes (KernelOptions.select_guess overrides; 0 = no guess). On random and recency-biased
 # scores that z varies by a few hundredths from row to row (0.01-0.06 at 4 x 64 and 64 x 128
 # indexers, 0.2 for the small one's recency-biased rows). Off: at 0.1 on an H100 it sped up
 # the recency-biased 128K top-k (DeepSeek's indexer 179 against 205 ms, the small MoE's 63.1
