@@ -277,21 +277,28 @@ def test_selection_checks_its_guessed_bound(margin, tight):
     instead; ``path_counts`` shows which bounds served, and every case equals the reference
     (ties included) and the selection without a guess."""
     S, HI, DI, topk = (2000, 8, 64, 256) if BIG else (90, 3, 16, 24)
-    q = torch.randn(2, S, HI, DI, device=DEV)
-    k = torch.randn(2, S, DI, device=DEV)
+    # At margin 0.01 the interpreter's short rows fall through on 4-21 of 88 guessed rows a two-
+    # sequence batch: four sequences make a batch where none does unlikely enough to rely on.
+    B = 4 if margin == 0.01 and not BIG else 2
+    q = torch.randn(B, S, HI, DI, device=DEV)
+    k = torch.randn(B, S, DI, device=DEV)
     k[1, S // 3 :] = k[1, : S - S // 3].clone()  # batch 1: keys repeat: exact ties at the threshold
-    w = torch.randn(2, S, HI, device=DEV)
+    w = torch.randn(B, S, HI, device=DEV)
     counts = torch.zeros(4, dtype=torch.int32, device=DEV)
     rows = 64 if BIG else 16  # the scoring tile's query rows: chunks of one or two tiles
     opts = KernelOptions(select_runs=2, select_guess=margin, select_cap=topk * 3 // 2 if tight else 4096,
-                         select_sample=0, workspace_bytes=2 * rows * 2 * S * 4)
+                         select_sample=0, workspace_bytes=2 * rows * B * S * 4)
     got = K.indexer_topk(q, k, w, topk, options=opts, path_counts=counts)
     guessed, runs, sampled, passes = counts.tolist()
-    assert guessed + runs + sampled + passes == 2 * S and sampled == 0
-    if margin == 50.0:
+    assert guessed + runs + sampled + passes == B * S and sampled == 0
+    if margin == 50.0:  # every guess lists past the cap
         assert guessed == 0 and runs > 0, counts
+    elif tight:  # some lists pass the cap, those rows fall through
+        assert runs > 0, counts
+    elif margin == 0.01:  # some guesses lie above the threshold
+        assert guessed > 0 and runs > 0, counts
     else:
-        assert guessed > 0 and runs > 0, counts  # served, and fell through on some rows
+        assert guessed > 0, counts
     ref = R.indexer_topk(q, k, w, topk)
     mask = R.causal_mask(torch.arange(S, device=DEV), torch.arange(S, device=DEV))
     check_topk(got, ref, R.indexer_scores(q, k, w), mask, 1e-4)
