@@ -184,6 +184,10 @@ def variants(stage: str, heads: int) -> list[tuple[str, KernelOptions]]:
         out += [(f"indexer_topk fp8 select_sample={n}", KernelOptions(select_sample=n)) for n in (0, 16, 64)]
         # the bound guessed from the last row's threshold, that many standard deviations lower
         out += [(f"indexer_topk fp8 select_guess={g}", KernelOptions(select_guess=g)) for g in (0.05, 0.1, 0.25)]
+        # lists holding their keys' scores, alone and with the guess (whose lists are longer)
+        out += [("indexer_topk fp8 select_list_values=True", KernelOptions(select_list_values=True))]
+        out += [(f"indexer_topk fp8 select_list_values=True select_guess={g}",
+                 KernelOptions(select_list_values=True, select_guess=g)) for g in (0.1, 0.25)]
         # fewer warps a row: no barriers across warps, more rows in flight an SM
         out += [(f"indexer_topk fp8 select_overlap=True select{t}", KernelOptions(select=Tiles(*t)))
                 for t in ((256, 1, 1), (512, 1, 1), (512, 2, 1), (1024, 4, 1))]

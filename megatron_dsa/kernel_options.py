@@ -107,6 +107,10 @@ class KernelOptions:
     their squares, so that bound takes no histogram pass. Checked as the sample's is (fewer
     than top-k keys at or above it, or more than ``select_cap``: the runs' bound instead). 0: no
     guess; it needs ``select_runs``; None: the measured default, ``kernels.indexer``.
+    select_list_values: a row's candidate list also holds each listed key's score (as its order
+    key), so the passes that resolve the threshold from the list read those in order instead
+    of gathering each score from the row again (one 32-byte sector a key); the list's buffer
+    doubles (None: the measured default, ``kernels.indexer``).
     select_cap: keys a row's candidate list holds (those at or above the runs' bound, or those
     sharing the threshold's top bits) before the selection passes over the row again instead
     (0: always the passes; None: the default, ``kernels.indexer``).
@@ -180,6 +184,7 @@ class KernelOptions:
     select_runs: Optional[int] = None
     select_sample: Optional[int] = None
     select_guess: Optional[float] = None
+    select_list_values: Optional[bool] = None
     select_cap: Optional[int] = None
     select_max_registers: Optional[int] = None
     select_digit_bits: Optional[int] = None
@@ -237,10 +242,10 @@ class KernelOptions:
         if not (_count(self.workspace_bytes) and self.workspace_bytes > 0):
             raise ValueError(f"workspace_bytes must be a positive integer, got {self.workspace_bytes!r}")
         for name in ("compact_selection", "offload_selection"):
-            if getattr(self, name) not in (True, False):
+            if not isinstance(getattr(self, name), bool):  # (1 == True: a membership test would pass it)
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
-        for name in ("attn_bwd_split", "kl_target_keys_rows", "select_overlap"):
-            if getattr(self, name) not in (None, True, False):
+        for name in ("attn_bwd_split", "kl_target_keys_rows", "select_overlap", "select_list_values"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true, false or null, got {getattr(self, name)!r}")
         for name in TILE_FIELDS:
             v = getattr(self, name)

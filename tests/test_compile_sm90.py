@@ -203,26 +203,28 @@ def check_selection() -> None:
     ``select_max_registers`` 64 (the PTX then carries the cap; the kernel spills instead), with
     5-bit digits (a last digit of 2 bits) and the path counts, and with every combination of
     its bounds (the guess, the runs' maxima, the sampled bound; Triton 3.6 once failed to
-    compile the kernel without the last two)."""
+    compile the kernel without the last two); the lists with their keys' scores (values) in
+    two of them."""
     from megatron_dsa.kernels import indexer as I
 
     sel = I.SELECT_TILES
     pointers = dict(S="*fp32", OUT="*i32", RLIM="*i32", CAND="*i32", GMAX="*fp32", RUNS="*i32", GSTAT="*fp32",
                     ZIN="*fp32", ZOUT="*fp32", PATHS="*i32", margin="fp32")
     D, S, G = I.SELECT_DIGIT_BITS, I.SELECT_SAMPLE, I.SELECT_RUNS
-    for bits, cap, sample, runs, guess, count in (
-            (D, None, S, G, True, False), (D, 64, S, G, True, False), (5, None, S, G, True, True),
-            (D, None, 0, G, True, False), (D, None, S, G, False, False), (D, None, S, 0, False, False),
-            (D, None, 0, 0, False, False)):
+    for bits, cap, sample, runs, guess, count, values in (
+            (D, None, S, G, True, False, False), (D, 64, S, G, True, False, True), (5, None, S, G, True, True, False),
+            (D, None, 0, G, True, False, False), (D, None, S, G, False, False, False),
+            (D, None, S, 0, False, False, False), (D, None, 0, 0, False, False, True)):
         consts = dict(TOPK=2048, TILE=sel.BK, OTILE=1024, CAP=I.SELECT_CAP, G=runs,
                       RT=sel.BK // max(runs, 1), BITS=bits, TOPD=I.select_top_digits(bits), SAMPLE=sample,
-                      RANK=I.select_sample_rank(2048, sample) if sample else 0, GUESS=guess, COUNT=count)
+                      RANK=I.select_sample_rank(2048, sample) if sample else 0, GUESS=guess, COUNT=count,
+                      VALUES=values)
         options = dict(num_warps=sel.num_warps, num_stages=sel.num_stages, **({} if cap is None else {"maxnreg": cap}))
         k = _compile_sm90(I._select_kernel, consts, options, hints=True, pointers=pointers)
         caps = re.findall(r"\.maxnreg (\d+)", k.asm["ptx"])
         assert caps == ([] if cap is None else [str(cap)]), caps
         assert 0 < k.metadata.shared <= SM90_SHARED_BYTES
-        print("_select_kernel", bits, cap, sample, runs, guess, count, k.metadata.shared)
+        print("_select_kernel", bits, cap, sample, runs, guess, count, values, k.metadata.shared)
 
 
 def test_selection_compiles_with_and_without_a_register_cap(triton_dir):

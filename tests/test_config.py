@@ -45,6 +45,7 @@ from megatron_dsa.model import SIZES, model_config
         (dict(mdsa_kernel_options={"select_guess": -0.5}), "select_guess must be a number >= 0 or null"),
         (dict(mdsa_kernel_options={"select_guess": float("nan")}), "select_guess must be a number >= 0 or null"),
         (dict(mdsa_kernel_options={"select_guess": True}), "select_guess must be a number >= 0 or null"),
+        (dict(mdsa_kernel_options={"select_list_values": 1}), "select_list_values must be true, false or null"),
         (dict(mdsa_kernel_options={"select_max_registers": 8}), "select_max_registers must be an integer from 16"),
         (dict(mdsa_kernel_options={"select_max_registers": 64.0}), "select_max_registers must be an integer from 16"),
         (dict(mdsa_kernel_options={"select_overlap": "yes"}), "select_overlap must be true, false or null"),

@@ -198,18 +198,19 @@ def test_selection_overlapping_the_next_chunks_scoring_selects_the_same():
     check_topk(got, R.indexer_topk(q, k, w, topk), R.indexer_scores(q, k, w), mask, 1e-4)
 
 
-@pytest.mark.parametrize("cap,group,bits,sample", [
-    (0, 2, None, None), (2, 2, None, None), (4096, 0, None, None), (4096, 2, None, None), (36, 2, None, None),
-    (0, 2, 5, None), (4096, 2, 8, None), (36, 2, 6, None),
-    (36, 2, None, 0), (4096, 0, None, 0), (36, 0, None, 8)])
-def test_indexer_topk_selection_paths(cap, group, bits, sample):
+@pytest.mark.parametrize("cap,group,bits,sample,values", [
+    (0, 2, None, None, False), (2, 2, None, None, True), (4096, 0, None, None, True), (4096, 2, None, None, False),
+    (36, 2, None, None, True), (0, 2, 5, None, False), (4096, 2, 8, None, True), (36, 2, 6, None, False),
+    (36, 2, None, 0, False), (4096, 0, None, 0, True), (36, 0, None, 8, True)])
+def test_indexer_topk_selection_paths(cap, group, bits, sample, values):
     """Every selection path equals the reference: the threshold resolved from the keys at or
     above the run maxima's bound (group > 0, cap large: long rows; cap 36: the rows whose list
     fits) or a sample's (where the runs' list passes the cap, or group 0: listed from the row;
     sample 0: none), from the listed keys sharing its top bits (group 0, or short rows), from
     more row passes (cap 0), or per row either way (cap 2: random rows fit, rows with crowded
     ties do not); with the default 7-bit digits and 5-, 6- and 8-bit ones (the last digit is
-    what is left of the 32 bits).  ``ordered=False`` returns the same sets, each
+    what is left of the 32 bits); the lists holding their keys' scores (``values``) or
+    gathering them from the row.  ``ordered=False`` returns the same sets, each
     row in key order (-1 last) on every path: the attention's backward takes such rows without
     sorting them."""
     S, HI, DI, topk = (2000, 8, 64, 256) if BIG else (90, 3, 16, 24)
@@ -218,6 +219,7 @@ def test_indexer_topk_selection_paths(cap, group, bits, sample):
     k[1, S // 3 :] = k[1, : S - S // 3].clone()  # batch 1: keys repeat: exact ties at the threshold
     w = torch.randn(2, S, HI, device=DEV)
     opts = KernelOptions(select_runs=group, select_cap=cap, select_digit_bits=bits, select_sample=sample,
+                         select_list_values=values,
                          select_guess=0)  # the guessed bound: test_selection_checks_its_guessed_bound
     got = K.indexer_topk(q, k, w, topk, options=opts)
     ref = R.indexer_topk(q, k, w, topk)
@@ -275,7 +277,7 @@ def test_selection_checks_its_guessed_bound(margin, tight):
     serves, rows where it lies above the threshold (margin 0.01: fewer than top-k keys reach it)
     and rows where it lists past the cap (``tight``: 1.5 x top-k; margin 50) take the runs' bound
     instead; ``path_counts`` shows which bounds served, and every case equals the reference
-    (ties included) and the selection without a guess."""
+    (ties included) and the selection without a guess (its lists holding their keys' scores)."""
     S, HI, DI, topk = (2000, 8, 64, 256) if BIG else (90, 3, 16, 24)
     # At margin 0.01 the interpreter's short rows fall through on 4-21 of 88 guessed rows a two-
     # sequence batch: four sequences make a batch where none does unlikely enough to rely on.
@@ -302,7 +304,8 @@ def test_selection_checks_its_guessed_bound(margin, tight):
     ref = R.indexer_topk(q, k, w, topk)
     mask = R.causal_mask(torch.arange(S, device=DEV), torch.arange(S, device=DEV))
     check_topk(got, ref, R.indexer_scores(q, k, w), mask, 1e-4)
-    assert torch.equal(got, K.indexer_topk(q, k, w, topk, options=dataclasses.replace(opts, select_guess=0)))
+    unguessed = dataclasses.replace(opts, select_guess=0, select_list_values=True)
+    assert torch.equal(got, K.indexer_topk(q, k, w, topk, options=unguessed))
 
 
 def test_selection_path_counts_refuses_a_wrong_buffer():

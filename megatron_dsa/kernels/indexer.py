@@ -61,6 +61,10 @@ SELECT_TILES = Tiles(2048, 8, 1)
 # instead (KernelOptions.select_cap overrides; 0 = always the passes). Small in the
 # interpreter, so CPU tests take every path.
 SELECT_CAP = 8192
+# Whether a candidate list holds its keys' scores beside their indices
+# (KernelOptions.select_list_values overrides): the passes over the list then read them in
+# order instead of gathering each from the row. Off until timed on a GPU.
+SELECT_LIST_VALUES = False
 SELECT_CAP_INTERPRETER = 64
 # Keys per run whose maximum the scoring keeps for the selection's first bound
 # (KernelOptions.select_runs overrides; a divisor of the scoring tile's BN). Short runs in the
@@ -205,17 +209,24 @@ if HAS_TRITON:
 
     @triton.jit
     def _load_keys(srow, cand, start, n, INDIRECT: tl.constexpr, TILE: tl.constexpr, STEP=1):
-        """One tile of a row's scores: the row itself (every STEP-th key of it: n of them; STEP a
-        run-time value where one pass serves both the run maxima and a sample), or (INDIRECT) the
-        key indices listed in ``cand``.  Returns (order key, key index, valid)."""
+        """One tile of a row's scores: the row itself (INDIRECT 0; every STEP-th key of it: n of
+        them; STEP a run-time value where one pass serves both the run maxima and a sample), or
+        the keys of a candidate list: the key indices in ``cand``, their scores gathered from
+        the row (INDIRECT < 0) or their order keys read INDIRECT slots after them (> 0).
+        Returns (order key, key index, valid)."""
         offs = start + tl.arange(0, TILE)
         inb = offs < n
-        if INDIRECT:
+        if INDIRECT > 0:
             kidx = tl.load(cand + offs, mask=inb, other=0)
+            u = tl.load(cand + INDIRECT + offs, mask=inb, other=0).to(tl.uint32, bitcast=True)
+            return u, kidx, inb  # only valid keys are listed
         else:
-            kidx = offs * STEP
-        x = tl.load(srow + kidx, mask=inb, other=float("-inf"))
-        return _order_key(x), kidx, inb & (x != float("-inf"))
+            if INDIRECT < 0:
+                kidx = tl.load(cand + offs, mask=inb, other=0)
+            else:
+                kidx = offs * STEP
+            x = tl.load(srow + kidx, mask=inb, other=float("-inf"))
+            return _order_key(x), kidx, inb & (x != float("-inf"))
 
     @triton.jit
     def _digit_hist(srow, cand, n, prefix, SHIFT: tl.constexpr, INDIRECT: tl.constexpr, TILE: tl.constexpr,
@@ -298,9 +309,10 @@ if HAS_TRITON:
 
     @triton.jit
     def _gather_at_least(srow, n, cand, prefix, CAP: tl.constexpr, TILE: tl.constexpr, EQUAL: tl.constexpr,
-                         LOW: tl.constexpr):
+                         LOW: tl.constexpr, VALUES: tl.constexpr):
         """List, in key order, the keys whose bits above the LOW lowest are at least prefix's
-        (EQUAL: equal to them) in ``cand`` (the first CAP of them); returns how many there are."""
+        (EQUAL: equal to them) in ``cand`` (the first CAP of them; VALUES: their order keys CAP
+        slots after them); returns how many there are."""
         cnt = tl.zeros((), dtype=tl.int32)
         for start in range(0, n, TILE):
             u, kidx, valid = _load_keys(srow, cand, start, n, False, TILE)
@@ -311,18 +323,20 @@ if HAS_TRITON:
             take_i = take.to(tl.int32)
             pos = cnt + tl.cumsum(take_i, axis=0) - take_i
             tl.store(cand + pos, kidx.to(tl.int32), mask=take & (pos < CAP))
+            if VALUES:
+                tl.store(cand + CAP + pos, u.to(tl.int32, bitcast=True), mask=take & (pos < CAP))
             cnt += tl.sum(take_i, axis=0)
         return cnt
 
     @triton.jit
     def _gather_runs_at_least(srow, grow, ng, n, runs, cand, prefix,
                               CAP: tl.constexpr, TILE: tl.constexpr, G: tl.constexpr, RT: tl.constexpr,
-                              LOW: tl.constexpr):
+                              LOW: tl.constexpr, VALUES: tl.constexpr):
         """``_gather_at_least`` reading only the runs of G keys whose maximum reaches prefix's bits
         above the LOW lowest (no other run holds such a key): those runs listed in ``runs`` from the maxima
         ``grow``, then their keys, RT runs a step. The same list in key order, from about
         TOPK * G keys instead of the whole row; returns its length (CAP + 1: too long)."""
-        nr = _gather_at_least(grow, ng, runs, prefix, CAP, TILE, False, LOW)
+        nr = _gather_at_least(grow, ng, runs, prefix, CAP, TILE, False, LOW, False)
         # Other threads of the program read the list back: without a barrier they may read stale
         # slots (a 32-key tile on 2 warps, where no reduction crosses warps, selected wrong sets).
         tl.debug_barrier()
@@ -336,35 +350,39 @@ if HAS_TRITON:
                 kidx = run[:, None] * G + tl.arange(0, G)[None, :]  # [RT, G], in key order row-major
                 inb = (slot < nr)[:, None] & (kidx < n)
                 x = tl.load(srow + kidx, mask=inb, other=float("-inf"))
-                take = inb & (x != float("-inf")) & ((_order_key(x) >> LOW) >= (prefix >> LOW))
+                u = _order_key(x)
+                take = inb & (x != float("-inf")) & ((u >> LOW) >= (prefix >> LOW))
                 t = take.to(tl.int32)
                 per_run = tl.sum(t, axis=1)
                 pos = cnt + (tl.cumsum(per_run, axis=0) - per_run)[:, None] + tl.cumsum(t, axis=1) - t
                 tl.store(cand + pos, kidx.to(tl.int32), mask=take & (pos < CAP))
+                if VALUES:
+                    tl.store(cand + CAP + pos, u.to(tl.int32, bitcast=True), mask=take & (pos < CAP))
                 cnt += tl.sum(per_run, axis=0)
         return cnt
 
     @triton.jit
     def _list_at_least(srow, grow, lim, runs, cand, prefix, CAP: tl.constexpr, TILE: tl.constexpr, G: tl.constexpr,
-                       RT: tl.constexpr, LOW: tl.constexpr):
+                       RT: tl.constexpr, LOW: tl.constexpr, VALUES: tl.constexpr):
         """The candidate list of a bound: in ``cand``, in key order, the keys whose bits above the
-        LOW lowest are at least prefix's, from the runs that reach it (G > 0) or the row; returns
+        LOW lowest are at least prefix's (VALUES: their order keys CAP slots after them), from the runs that reach it (G > 0) or the row; returns
         its length (more than CAP: too long, not all listed)."""
         if G > 0:
-            listed = _gather_runs_at_least(srow, grow, tl.cdiv(lim, G), lim, runs, cand, prefix, CAP, TILE, G, RT, LOW)
+            listed = _gather_runs_at_least(srow, grow, tl.cdiv(lim, G), lim, runs, cand, prefix, CAP, TILE, G, RT, LOW,
+                                           VALUES)
         else:
-            listed = _gather_at_least(srow, lim, cand, prefix, CAP, TILE, False, LOW)
+            listed = _gather_at_least(srow, lim, cand, prefix, CAP, TILE, False, LOW, VALUES)
         tl.debug_barrier()  # other threads read the list back (see _gather_runs_at_least)
         return listed
 
     @triton.jit
     def _select_kernel(
         S, OUT, RLIM, CAND, GMAX, RUNS, GSTAT, ZIN, ZOUT, PATHS,
-        stride_sb, stride_sr, stride_ob, stride_or, stride_rb, stride_cb, stride_cr, stride_gb, stride_gr,
-        stride_tb, r_off, margin,
+        stride_sb, stride_sr, stride_ob, stride_or, stride_rb, stride_cb, stride_cr, stride_ub, stride_ur,
+        stride_gb, stride_gr, stride_tb, r_off, margin,
         TOPK: tl.constexpr, TILE: tl.constexpr, OTILE: tl.constexpr, CAP: tl.constexpr, G: tl.constexpr,
         RT: tl.constexpr, BITS: tl.constexpr, TOPD: tl.constexpr, SAMPLE: tl.constexpr, RANK: tl.constexpr,
-        GUESS: tl.constexpr, COUNT: tl.constexpr,
+        GUESS: tl.constexpr, COUNT: tl.constexpr, VALUES: tl.constexpr,
     ):
         # Exact radix select on the 32-bit order key, BITS bits per digit; the top TOPD digits
         # (about 16 bits) are "the top bits" below, the 32 - TOPD * BITS others the low bits.
@@ -390,6 +408,8 @@ if HAS_TRITON:
         #   standard deviations of it), from TOPD histogram passes over 1/SAMPLE of the row, then
         #   the list as above (G = 0: one pass over the row). A sample unlike its row (fewer than
         #   TOPK keys reach its bound, or more than CAP) falls through to the row's passes.
+        # VALUES: a list holds each key's index and, CAP slots after it, its order key, so the
+        # passes over it read both in order instead of gathering each score from the row again.
         # Otherwise: TOPD histogram passes over the row fix the top bits of the threshold; a
         # pass more lists the few keys sharing them (tens at 128K) in CAND, where the low
         # digits are resolved (more than CAP sharing them, heavy ties: from the row); a last
@@ -398,13 +418,14 @@ if HAS_TRITON:
         LOW: tl.constexpr = 32 - TOPD * BITS
         FIRST: tl.constexpr = 0 if G > 0 else 1
         LAST: tl.constexpr = 1 if SAMPLE > 0 else 0
+        LIST: tl.constexpr = max(CAP, 1) if VALUES else -1  # how _load_keys reads a list
         r = tl.program_id(0)
         b = tl.program_id(1).to(tl.int64)  # b * stride_ob passes 2^31 elements from B * Sq * TOPK
         lim = tl.load(RLIM + b * stride_rb + r_off + r)
         srow = S + b * stride_sb + r * stride_sr
         orow = OUT + b * stride_ob + r * stride_or
         crow = CAND + b * stride_cb + r * stride_cr
-        rrow = RUNS + b * stride_cb + r * stride_cr
+        rrow = RUNS + b * stride_ub + r * stride_ur
         grow = GMAX + b * stride_gb + r * stride_gr
         want = tl.zeros((), dtype=tl.int32) + TOPK
         cnt = tl.zeros((), dtype=tl.int32)
@@ -442,7 +463,7 @@ if HAS_TRITON:
                     bp, _, _, counted = _top_digits(src, crow, n, prefix, rank, False, TILE, BITS, TOPD, step)
                 following = tl.zeros((), dtype=tl.int32) + LAST + 1  # too few values for a bound: the row's passes
                 if counted >= rank:
-                    listed = _list_at_least(srow, grow, lim, rrow, crow, bp, CAP, TILE, G, RT, LOW)
+                    listed = _list_at_least(srow, grow, lim, rrow, crow, bp, CAP, TILE, G, RT, LOW, VALUES)
                     if bound != 0 and listed < TOPK:  # a guess or sample above the threshold
                         listed = CAP + 1
                     if listed > CAP:
@@ -454,9 +475,9 @@ if HAS_TRITON:
                 bound = following
         nvalid = tl.zeros((), dtype=tl.int32) + TOPK + 1
         if listed <= CAP:
-            prefix, want, _, _ = _top_digits(srow, crow, listed, prefix, want, True, TILE, BITS, TOPD)
-            prefix, want = _low_digits(srow, crow, listed, prefix, want, True, TILE, BITS, TOPD)
-            cnt = _collect(srow, crow, listed, orow, cnt, prefix, want, True, TOPK, TILE)
+            prefix, want, _, _ = _top_digits(srow, crow, listed, prefix, want, LIST, TILE, BITS, TOPD)
+            prefix, want = _low_digits(srow, crow, listed, prefix, want, LIST, TILE, BITS, TOPD)
+            cnt = _collect(srow, crow, listed, orow, cnt, prefix, want, LIST, TOPK, TILE)
         else:
             if COUNT:
                 tl.atomic_add(PATHS + 3, 1, sem="relaxed")
@@ -465,9 +486,9 @@ if HAS_TRITON:
                 prefix = tl.zeros((), dtype=tl.uint32)
                 want = tl.zeros((), dtype=tl.int32) + TOPK
             elif inside <= CAP:  # the low digits from the keys sharing the top bits
-                ncand = _gather_at_least(srow, lim, crow, prefix, CAP, TILE, True, LOW)
+                ncand = _gather_at_least(srow, lim, crow, prefix, CAP, TILE, True, LOW, VALUES)
                 tl.debug_barrier()  # the listed keys, read back as above
-                prefix, want = _low_digits(srow, crow, ncand, prefix, want, True, TILE, BITS, TOPD)
+                prefix, want = _low_digits(srow, crow, ncand, prefix, want, LIST, TILE, BITS, TOPD)
             else:  # heavy ties: from the row
                 prefix, want = _low_digits(srow, crow, lim, prefix, want, False, TILE, BITS, TOPD)
             # One pass over the row takes the keys in key order, as the list above does: the
@@ -692,8 +713,10 @@ def indexer_topk(
     gstats = [torch.empty(B, chunk, 3 if guess else 1, dtype=torch.float32, device=dev) for _ in range(nbuf)]
     # Where a chunk's rows put their thresholds, read by the next chunk's (none before the first).
     zlast = torch.full((2, B), float("nan"), dtype=torch.float32, device=dev)
-    cand = torch.empty(B, chunk, max(CAP, 1), dtype=torch.int32, device=dev)
-    runs = torch.empty_like(cand) if G else cand  # the runs a row's list is read from
+    values = options.select_list_values if options.select_list_values is not None else SELECT_LIST_VALUES
+    # A row's list: key indices, then (values) their order keys.
+    cand = torch.empty(B, chunk, (2 if values else 1) * max(CAP, 1), dtype=torch.int32, device=dev)
+    runs = torch.empty(B, chunk, max(CAP, 1) if G else 1, dtype=torch.int32, device=dev)  # the runs a row's list is read from
     OTILE = min(next_pow2(topk), 1024)
     streams = _SelectStreams(dev if overlap and on_gpu else None)
     try:  # a failed launch still leaves nothing running on the side stream
@@ -745,11 +768,12 @@ def indexer_topk(
                     buf, o, rl_b, cand, gmax, runs, gstat, zlast[(i + 1) % 2], zlast[i % 2],
                     path_counts if path_counts is not None else cand,
                     buf.stride(0), buf.stride(1), o.stride(0), o.stride(1), rl_b.stride(0),
-                    cand.stride(0), cand.stride(1), gmax.stride(0), gmax.stride(1), gstat.stride(0), t0,
+                    cand.stride(0), cand.stride(1), runs.stride(0), runs.stride(1),
+                    gmax.stride(0), gmax.stride(1), gstat.stride(0), t0,
                     float(margin), TOPK=topk, TILE=sel.BK, OTILE=OTILE, CAP=CAP, G=G, RT=max(sel.BK // max(G, 1), 1),
                     BITS=bits, TOPD=select_top_digits(bits),
                     SAMPLE=sample, RANK=select_sample_rank(topk, sample) if sample else 0,
-                    GUESS=guess, COUNT=path_counts is not None,
+                    GUESS=guess, COUNT=path_counts is not None, VALUES=values,
                     num_warps=sel.num_warps, num_stages=sel.num_stages, **select_registers,
                 )
                 if ordered:
