@@ -61,11 +61,11 @@ SELECT_TILES = Tiles(2048, 8, 1)
 # instead (KernelOptions.select_cap overrides; 0 = always the passes). Small in the
 # interpreter, so CPU tests take every path.
 SELECT_CAP = 8192
+SELECT_CAP_INTERPRETER = 64
 # Whether a candidate list holds its keys' scores beside their indices
 # (KernelOptions.select_list_values overrides): the passes over the list then read them in
 # order instead of gathering each from the row. Off until timed on a GPU.
 SELECT_LIST_VALUES = False
-SELECT_CAP_INTERPRETER = 64
 # Keys per run whose maximum the scoring keeps for the selection's first bound
 # (KernelOptions.select_runs overrides; a divisor of the scoring tile's BN). Short runs in the
 # interpreter, so that its short rows hold top-k runs.
@@ -365,8 +365,9 @@ if HAS_TRITON:
     def _list_at_least(srow, grow, lim, runs, cand, prefix, CAP: tl.constexpr, TILE: tl.constexpr, G: tl.constexpr,
                        RT: tl.constexpr, LOW: tl.constexpr, VALUES: tl.constexpr):
         """The candidate list of a bound: in ``cand``, in key order, the keys whose bits above the
-        LOW lowest are at least prefix's (VALUES: their order keys CAP slots after them), from the runs that reach it (G > 0) or the row; returns
-        its length (more than CAP: too long, not all listed)."""
+        LOW lowest are at least prefix's (VALUES: their order keys CAP slots after them), from the
+        runs that reach it (G > 0) or the row; returns its length (more than CAP: too long, not
+        all listed)."""
         if G > 0:
             listed = _gather_runs_at_least(srow, grow, tl.cdiv(lim, G), lim, runs, cand, prefix, CAP, TILE, G, RT, LOW,
                                            VALUES)
@@ -716,7 +717,7 @@ def indexer_topk(
     values = options.select_list_values if options.select_list_values is not None else SELECT_LIST_VALUES
     # A row's list: key indices, then (values) their order keys.
     cand = torch.empty(B, chunk, (2 if values else 1) * max(CAP, 1), dtype=torch.int32, device=dev)
-    runs = torch.empty(B, chunk, max(CAP, 1) if G else 1, dtype=torch.int32, device=dev)  # the runs a row's list is read from
+    runs = torch.empty(B, chunk, max(CAP, 1) if G else 1, dtype=torch.int32, device=dev)  # the runs it is read from
     OTILE = min(next_pow2(topk), 1024)
     streams = _SelectStreams(dev if overlap and on_gpu else None)
     try:  # a failed launch still leaves nothing running on the side stream
