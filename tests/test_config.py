@@ -52,6 +52,8 @@ from megatron_dsa.model import SIZES, model_config
         (dict(mdsa_kernel_options={"select_digit_bits": 4}), "select_digit_bits must be an integer from 5 to 8"),
         (dict(mdsa_kernel_options={"compact_selection": None}), "compact_selection must be true or false"),
         (dict(mdsa_kernel_options={"offload_selection": "on"}), "offload_selection must be true or false"),
+        (dict(mdsa_kernel_options={"compact_selection": 0}), "compact_selection must be true or false"),
+        (dict(mdsa_kernel_options={"select_overlap": 1}), "select_overlap must be true, false or null"),
         (dict(mdsa_kernel_options={"select_runs": 32, "score": [16, 4, 2]}), "must be a multiple of select_runs"),
         (dict(mdsa_kernel_options={"split_bwd": "stored"}), "split_bwd must be one of"),
         (dict(mdsa_kernel_options={"attn_dkv_product": [48, 4, 3]}), "tiles.BK must be a power of two"),
