@@ -308,6 +308,14 @@ if HAS_TRITON:
         return cnt
 
     @triton.jit
+    def _store_listed(cand, pos, kidx, u, take, CAP: tl.constexpr, VALUES: tl.constexpr):
+        """A candidate list's layout: key indices at their positions (the first CAP), and
+        (VALUES) their order keys CAP slots after them, which _load_keys reads back."""
+        tl.store(cand + pos, kidx.to(tl.int32), mask=take & (pos < CAP))
+        if VALUES:
+            tl.store(cand + CAP + pos, u.to(tl.int32, bitcast=True), mask=take & (pos < CAP))
+
+    @triton.jit
     def _gather_at_least(srow, n, cand, prefix, CAP: tl.constexpr, TILE: tl.constexpr, EQUAL: tl.constexpr,
                          LOW: tl.constexpr, VALUES: tl.constexpr):
         """List, in key order, the keys whose bits above the LOW lowest are at least prefix's
@@ -322,9 +330,7 @@ if HAS_TRITON:
                 take = valid & ((u >> LOW) >= (prefix >> LOW))
             take_i = take.to(tl.int32)
             pos = cnt + tl.cumsum(take_i, axis=0) - take_i
-            tl.store(cand + pos, kidx.to(tl.int32), mask=take & (pos < CAP))
-            if VALUES:
-                tl.store(cand + CAP + pos, u.to(tl.int32, bitcast=True), mask=take & (pos < CAP))
+            _store_listed(cand, pos, kidx, u, take, CAP, VALUES)
             cnt += tl.sum(take_i, axis=0)
         return cnt
 
@@ -355,9 +361,7 @@ if HAS_TRITON:
                 t = take.to(tl.int32)
                 per_run = tl.sum(t, axis=1)
                 pos = cnt + (tl.cumsum(per_run, axis=0) - per_run)[:, None] + tl.cumsum(t, axis=1) - t
-                tl.store(cand + pos, kidx.to(tl.int32), mask=take & (pos < CAP))
-                if VALUES:
-                    tl.store(cand + CAP + pos, u.to(tl.int32, bitcast=True), mask=take & (pos < CAP))
+                _store_listed(cand, pos, kidx, u, take, CAP, VALUES)
                 cnt += tl.sum(per_run, axis=0)
         return cnt
 
