@@ -492,7 +492,7 @@ def positive_int(text: str) -> int:
     return v
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", choices=list(MODELS), default=DEFAULT_MODEL,
                     help="the model whose attention shape is benchmarked")
@@ -523,7 +523,7 @@ def main():
                          "(when the bounds' formula or the ceilings changed; no GPU needed)")
     ap.add_argument("--device-tag", default="h200",
                     help="--render: whose table, e.g. h100 for dsa_h100.json (a run names its files after its GPU)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     try:
         given = args.kernel_options
         args.kernel_options = KernelOptions.from_dict(given)

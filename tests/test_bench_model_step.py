@@ -62,9 +62,15 @@ def test_workspace_sizes_and_offload_label_the_sparse_arms(tmp_path):
                                   ["--saved", "-1"], ["--compact-selection", "yes"], ["--offload-selection", ""],
                                   ["--workspace-mib", "0"],
                                   ["--workspace-mib", "1.5"]])
-def test_bad_variants_fail_before_any_run(tmp_path, flag):
-    proc = _bench(tmp_path, *flag)
-    assert proc.returncode != 0 and "error:" in proc.stderr + proc.stdout
+def test_bad_variants_fail_before_any_run(tmp_path, flag, monkeypatch):
+    # main() itself (not a process): a bad value stops before any arm runs and writes nothing.
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import bench_model_step
+
+    with pytest.raises(SystemExit) as stop:
+        bench_model_step.main(["--size", "tiny", "--seq", "64", "--topk", "8", "--iters", "1", "--warmup-iters", "0",
+                               "--out", str(tmp_path), *flag])
+    assert str(stop.value.code).startswith("error:")
     assert not list(tmp_path.iterdir())
 
 
