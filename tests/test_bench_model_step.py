@@ -13,10 +13,12 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+TINY = ["--size", "tiny", "--seq", "64", "--topk", "8", "--iters", "1", "--warmup-iters", "0"]
+
+
 def _bench(tmp_path, *args):
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    return subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_model_step.py"), "--size", "tiny",
-                           "--seq", "64", "--topk", "8", "--iters", "1", "--warmup-iters", "0",
+    return subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_model_step.py"), *TINY,
                            "--out", str(tmp_path), *args], capture_output=True, text=True, env=env, cwd=REPO)
 
 
@@ -68,8 +70,7 @@ def test_bad_variants_fail_before_any_run(tmp_path, flag, monkeypatch):
     import bench_model_step
 
     with pytest.raises(SystemExit) as stop:
-        bench_model_step.main(["--size", "tiny", "--seq", "64", "--topk", "8", "--iters", "1", "--warmup-iters", "0",
-                               "--out", str(tmp_path), *flag])
+        bench_model_step.main([*TINY, "--out", str(tmp_path), *flag])
     assert str(stop.value.code).startswith("error:")
     assert not list(tmp_path.iterdir())
 
